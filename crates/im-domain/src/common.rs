@@ -1,0 +1,298 @@
+//! Value objects shared by every aggregate: identifiers, concurrency tokens, paging, time.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::error::{DomainError, FieldViolation};
+
+fn is_token_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':' | '@')
+}
+
+macro_rules! string_id {
+    ($(#[$meta:meta])* $name:ident, $what:literal) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(try_from = "String", into = "String")]
+        pub struct $name(String);
+
+        impl $name {
+            /// Accepts 1 to 128 characters of `[A-Za-z0-9-_.:@]`.
+            pub fn new(value: impl Into<String>) -> Result<Self, FieldViolation> {
+                let value = value.into();
+                if value.is_empty() || value.len() > 128 || !value.chars().all(is_token_char) {
+                    return Err(FieldViolation::invalid(
+                        "",
+                        concat!($what, " must be 1 to 128 characters of letters, digits, '-', '_', '.', ':' or '@'"),
+                    ));
+                }
+                Ok(Self(value))
+            }
+
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl TryFrom<String> for $name {
+            type Error = String;
+            fn try_from(value: String) -> Result<Self, Self::Error> {
+                Self::new(value).map_err(|v| v.message)
+            }
+        }
+
+        impl From<$name> for String {
+            fn from(value: $name) -> String {
+                value.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+    };
+}
+
+string_id!(
+    /// The tenant that owns a resource; every tenant-scoped read and write is confined to it.
+    TenantId,
+    "a tenant id"
+);
+string_id!(
+    /// The user (JWT `sub`) who made a change.
+    UserId,
+    "a user id"
+);
+
+/// Identifier of an integration: a UUID (version 7, so ids sort by creation time).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct IntegrationId(pub Uuid);
+
+impl IntegrationId {
+    /// Parses the textual form; anything that is not a UUID is `None` (the API answers 404).
+    pub fn parse(value: &str) -> Option<Self> {
+        Uuid::try_parse(value).ok().map(Self)
+    }
+}
+
+impl fmt::Display for IntegrationId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// Opaque optimistic-concurrency token of a stored document (the HTTP `ETag`, unquoted).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ETag(String);
+
+impl ETag {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ETag {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A value as stored, with the concurrency token of that version.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stored<T> {
+    pub value: T,
+    pub etag: ETag,
+}
+
+/// Largest page a caller may ask for.
+pub const MAX_PAGE_SIZE: u32 = 200;
+/// Page size when the caller names none.
+pub const DEFAULT_PAGE_SIZE: u32 = 50;
+
+/// Which page of a listing to read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageRequest {
+    pub limit: u32,
+    /// The opaque token of the previous page, exactly as the store returned it.
+    pub continuation: Option<String>,
+}
+
+impl PageRequest {
+    /// Validates a caller's paging input (`limit` 1..=200, default 50).
+    pub fn new(limit: Option<u32>, continuation: Option<String>) -> Result<Self, DomainError> {
+        let limit = limit.unwrap_or(DEFAULT_PAGE_SIZE);
+        if limit == 0 || limit > MAX_PAGE_SIZE {
+            return Err(DomainError::invalid("limit", format!("must be between 1 and {MAX_PAGE_SIZE}")));
+        }
+        let continuation = continuation.filter(|c| !c.is_empty());
+        if continuation.as_ref().is_some_and(|c| c.len() > 4096) {
+            return Err(DomainError::invalid("continuationToken", "is not a valid continuation token"));
+        }
+        Ok(Self { limit, continuation })
+    }
+
+    pub fn first(limit: u32) -> Self {
+        Self { limit, continuation: None }
+    }
+}
+
+/// One page of a listing. `continuation` is `None` on the last page.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub continuation: Option<String>,
+}
+
+impl<T> Page<T> {
+    pub fn map<U>(self, f: impl FnMut(T) -> U) -> Page<U> {
+        Page { items: self.items.into_iter().map(f).collect(), continuation: self.continuation }
+    }
+}
+
+/// The error every store adapter returns for a continuation token it did not issue.
+pub fn invalid_continuation() -> DomainError {
+    DomainError::invalid("continuationToken", "is not a valid continuation token")
+}
+
+/// Source of the current time, injected so tests are deterministic.
+#[cfg_attr(any(test, feature = "test-support"), mockall::automock)]
+pub trait Clock: Send + Sync {
+    fn now(&self) -> OffsetDateTime;
+}
+
+/// The wall clock, truncated to milliseconds so that stored and returned timestamps agree.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> OffsetDateTime {
+        let now = OffsetDateTime::now_utc();
+        now.replace_nanosecond(now.millisecond() as u32 * 1_000_000).unwrap_or(now)
+    }
+}
+
+/// Source of new identifiers, injected so tests are deterministic.
+#[cfg_attr(any(test, feature = "test-support"), mockall::automock)]
+pub trait IdGenerator: Send + Sync {
+    fn new_uuid(&self) -> Uuid;
+}
+
+/// UUID version 7: unique, and ordered by creation time.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct UuidV7;
+
+impl IdGenerator for UuidV7 {
+    fn new_uuid(&self) -> Uuid {
+        Uuid::now_v7()
+    }
+}
+
+/// Checks an absolute `https` URL of at most 2048 characters (or `http` when `allow_http`).
+pub fn validate_url(value: &str, allow_http: bool) -> Result<(), FieldViolation> {
+    if value.len() > 2048 {
+        return Err(FieldViolation::invalid("", "must be at most 2048 characters"));
+    }
+    let rest = if let Some(rest) = value.strip_prefix("https://") {
+        rest
+    } else if let Some(rest) = value.strip_prefix("http://").filter(|_| allow_http) {
+        rest
+    } else {
+        let wanted = if allow_http { "an absolute http(s) URL" } else { "an absolute https URL" };
+        return Err(FieldViolation::invalid("", format!("must be {wanted}")));
+    };
+    let host_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority = &rest[..host_end];
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let (host, port) = if let Some(inner) = host.strip_prefix('[') {
+        match inner.split_once(']') {
+            Some((ip, rest)) => (ip, rest.strip_prefix(':')),
+            None => return Err(FieldViolation::invalid("", "is not a valid URL")),
+        }
+    } else {
+        match host.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (host, None),
+        }
+    };
+    if port.is_some_and(|p| p.parse::<u16>().is_err()) {
+        return Err(FieldViolation::invalid("", "has an invalid port"));
+    }
+    let is_ip6 = authority.contains('[');
+    let valid_host = !host.is_empty()
+        && (is_ip6 && host.chars().all(|c| c.is_ascii_hexdigit() || c == ':' || c == '.')
+            || !is_ip6
+                && host.split('.').all(|label| {
+                    !label.is_empty()
+                        && label.len() <= 63
+                        && label.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '{' | '}'))
+                }));
+    if !valid_host || value.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(FieldViolation::invalid("", "is not a valid URL"));
+    }
+    Ok(())
+}
+
+/// Checks a human-readable text: trimmed, within `max` characters and free of control characters.
+pub fn validate_text(value: &str, min: usize, max: usize) -> Result<(), FieldViolation> {
+    let chars = value.chars().count();
+    if chars < min || value.trim().chars().count() < min {
+        return Err(FieldViolation::invalid("", if min == 1 { "must not be empty".to_owned() } else { format!("must have at least {min} characters") }));
+    }
+    if chars > max {
+        return Err(FieldViolation::invalid("", format!("must be at most {max} characters")));
+    }
+    if value.chars().any(|c| c.is_control() && c != '\n' && c != '\t') {
+        return Err(FieldViolation::invalid("", "must not contain control characters"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        for ok in ["https://api.github.com", "https://x.example.com:8443/a?b=c", "https://{subdomain}.zendesk.com/api/v2", "https://[::1]:443/x"] {
+            assert!(validate_url(ok, false).is_ok(), "{ok}");
+        }
+        for bad in ["http://api.github.com", "ftp://x", "https://", "https:// x.com", "not a url", "https://a..b", "https://x.com:99999"] {
+            assert!(validate_url(bad, false).is_err(), "{bad}");
+        }
+        assert!(validate_url("http://localhost:8080", true).is_ok());
+    }
+
+    #[test]
+    fn texts() {
+        assert!(validate_text("ok", 1, 10).is_ok());
+        assert!(validate_text("  ", 1, 10).is_err());
+        assert!(validate_text("elevenchars", 1, 10).is_err());
+        assert!(validate_text("a\u{0}b", 1, 10).is_err());
+    }
+
+    #[test]
+    fn page_limits() {
+        assert_eq!(PageRequest::new(None, None).unwrap().limit, 50);
+        assert!(PageRequest::new(Some(0), None).is_err());
+        assert!(PageRequest::new(Some(201), None).is_err());
+        assert!(PageRequest::new(Some(200), Some(String::new())).unwrap().continuation.is_none());
+    }
+
+    #[test]
+    fn tenant_ids() {
+        assert!(TenantId::new("acme-01").is_ok());
+        assert!(TenantId::new("").is_err());
+        assert!(TenantId::new("a b").is_err());
+        assert!(TenantId::new("x".repeat(129)).is_err());
+    }
+}

@@ -1,0 +1,115 @@
+//! Integrations: a tenant's instance of a catalog provider or of its own custom API definition.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use time::OffsetDateTime;
+
+use crate::common::{IntegrationId, TenantId, UserId, validate_text};
+use crate::custom::CustomApiDefinition;
+use crate::error::{DomainError, Violations};
+use crate::provider::ProviderId;
+
+/// Largest `config` accepted, in bytes of JSON.
+pub const MAX_CONFIG_BYTES: usize = 64 * 1024;
+/// Longest integration name, in characters.
+pub const MAX_NAME_CHARS: usize = 100;
+/// Longest description, in characters.
+pub const MAX_DESCRIPTION_CHARS: usize = 1000;
+
+/// Lifecycle state of an integration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub enum IntegrationStatus {
+    Active,
+    Inactive,
+    /// Set by the service when the integration cannot work (for example its credentials were refused).
+    Error,
+}
+
+impl IntegrationStatus {
+    pub fn parse(value: &str) -> Option<Self> {
+        serde_json::from_value(Value::String(value.to_owned())).ok()
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IntegrationStatus::Active => "active",
+            IntegrationStatus::Inactive => "inactive",
+            IntegrationStatus::Error => "error",
+        }
+    }
+}
+
+/// What a tenant states about an integration when it creates or replaces one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IntegrationSpec {
+    pub provider_id: ProviderId,
+    pub name: String,
+    pub description: String,
+    pub status: IntegrationStatus,
+    pub config: Map<String, Value>,
+    pub custom_definition: Option<CustomApiDefinition>,
+}
+
+impl IntegrationSpec {
+    /// Checks the rules that need no provider: text lengths, the custom definition, sizes.
+    /// The provider-dependent rules (existence, config schema) are the service's.
+    pub(crate) fn violations(&self, previous_status: Option<IntegrationStatus>) -> Violations {
+        let mut v = Violations::new();
+        v.check("name", validate_text(&self.name, 1, MAX_NAME_CHARS));
+        v.check("description", validate_text(&self.description, 0, MAX_DESCRIPTION_CHARS));
+        if self.status == IntegrationStatus::Error && previous_status != Some(IntegrationStatus::Error) {
+            v.invalid("status", "'error' is set by the service; use 'active' or 'inactive'");
+        }
+        if serde_json::to_vec(&self.config).map_or(usize::MAX, |b| b.len()) > MAX_CONFIG_BYTES {
+            v.invalid("config", format!("must be at most {MAX_CONFIG_BYTES} bytes"));
+        }
+        match (&self.custom_definition, self.provider_id.is_custom()) {
+            (Some(definition), true) => {
+                if let Err(DomainError::Validation(nested)) = definition.validate() {
+                    v.extend_nested("customDefinition", nested);
+                }
+            }
+            (None, true) => v.invalid("customDefinition", "is required when providerId is 'custom'"),
+            (Some(_), false) => v.invalid("customDefinition", "is only allowed when providerId is 'custom'"),
+            (None, false) => {}
+        }
+        v
+    }
+}
+
+/// An integration as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Integration {
+    pub id: IntegrationId,
+    pub tenant_id: TenantId,
+    pub provider_id: ProviderId,
+    pub name: String,
+    pub description: String,
+    pub status: IntegrationStatus,
+    pub config: Map<String, Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub custom_definition: Option<CustomApiDefinition>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+    pub created_by: UserId,
+    pub updated_by: UserId,
+}
+
+/// Filters of an integration listing; all given filters must match.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IntegrationFilter {
+    pub provider_id: Option<ProviderId>,
+    pub status: Option<IntegrationStatus>,
+}
+
+impl IntegrationFilter {
+    pub fn matches(&self, integration: &Integration) -> bool {
+        self.provider_id.as_ref().is_none_or(|p| *p == integration.provider_id)
+            && self.status.is_none_or(|s| s == integration.status)
+    }
+}

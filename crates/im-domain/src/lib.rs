@@ -1,0 +1,19 @@
+//! The domain of Integration Manager: aggregates, value objects, port traits and use-case
+//! services.
+//!
+//! This crate depends on no web framework, no async runtime, no HTTP client and no database
+//! driver (a tidy test enforces it), so sibling services can reuse it as a library.
+
+pub mod auth;
+pub mod common;
+pub mod custom;
+pub mod error;
+pub mod integration;
+pub mod ports;
+pub mod provider;
+pub mod schema;
+pub mod services;
+
+pub use auth::{Caller, Role};
+pub use common::{Clock, ETag, IdGenerator, IntegrationId, Page, PageRequest, Stored, SystemClock, TenantId, UserId, UuidV7};
+pub use error::{DomainError, DomainResult, FieldViolation, ViolationKind, Violations};

@@ -1,0 +1,118 @@
+//! Port traits: what the domain needs from the outside world. Adapters implement them; the
+//! conformance suite in `im-testkit` checks every implementation against the contracts below.
+
+use async_trait::async_trait;
+
+use crate::common::{ETag, IntegrationId, Page, PageRequest, Stored, TenantId};
+use crate::error::DomainError;
+use crate::integration::{Integration, IntegrationFilter};
+use crate::provider::{Provider, ProviderFilter, ProviderId, SeedReport};
+
+/// Storage of tenant integrations, partitioned by tenant.
+#[cfg_attr(any(test, feature = "test-support"), mockall::automock)]
+#[async_trait]
+pub trait IntegrationRepository: Send + Sync {
+    /// Stores a new integration and returns its concurrency token.
+    ///
+    /// # Errors
+    /// - MUST return [`DomainError::Conflict`] if an integration with the same id exists in the tenant.
+    /// - MUST return [`DomainError::Unavailable`] when the store cannot be reached, having written nothing.
+    async fn create(&self, integration: &Integration) -> Result<ETag, DomainError>;
+
+    /// Reads one integration of one tenant.
+    ///
+    /// # Errors
+    /// - MUST return [`DomainError::NotFound`] if the tenant has no integration with that id,
+    ///   including when another tenant has one.
+    async fn get(&self, tenant: &TenantId, id: IntegrationId) -> Result<Stored<Integration>, DomainError>;
+
+    /// Lists one tenant's integrations matching `filter`, oldest first, one page at a time.
+    /// MUST return every matching integration exactly once across the pages of an unchanged
+    /// partition, never another tenant's, and `continuation: None` on the last page.
+    ///
+    /// # Errors
+    /// - MUST return [`DomainError::Validation`] on field `continuationToken` for a token it did not issue.
+    async fn list(
+        &self,
+        tenant: &TenantId,
+        filter: &IntegrationFilter,
+        page: &PageRequest,
+    ) -> Result<Page<Stored<Integration>>, DomainError>;
+
+    /// Replaces a stored integration (same tenant and id) and returns the new concurrency token.
+    ///
+    /// # Errors
+    /// - MUST return [`DomainError::NotFound`] if it does not exist.
+    /// - MUST return [`DomainError::PreconditionFailed`] if `if_match` is given and is not the
+    ///   current token, having written nothing.
+    async fn replace(&self, integration: &Integration, if_match: Option<ETag>) -> Result<ETag, DomainError>;
+
+    /// Deletes an integration.
+    ///
+    /// # Errors
+    /// - MUST return [`DomainError::NotFound`] if it does not exist.
+    /// - MUST return [`DomainError::PreconditionFailed`] if `if_match` is given and stale.
+    async fn delete(&self, tenant: &TenantId, id: IntegrationId, if_match: Option<ETag>) -> Result<(), DomainError>;
+}
+
+/// Storage of the global provider catalog, partitioned by category. Provider ids are unique
+/// across categories.
+#[cfg_attr(any(test, feature = "test-support"), mockall::automock)]
+#[async_trait]
+pub trait ProviderRepository: Send + Sync {
+    /// Stores a new provider.
+    ///
+    /// # Errors
+    /// - MUST return [`DomainError::Conflict`] if a provider with the same id exists in any category.
+    async fn create(&self, provider: &Provider) -> Result<ETag, DomainError>;
+
+    /// Reads a provider by id, whatever its category.
+    ///
+    /// # Errors
+    /// - MUST return [`DomainError::NotFound`] if there is none.
+    async fn get(&self, id: &ProviderId) -> Result<Stored<Provider>, DomainError>;
+
+    /// Lists providers matching `filter`, ordered by id, one page at a time. With a category
+    /// filter the query MUST stay inside that partition.
+    ///
+    /// # Errors
+    /// - MUST return [`DomainError::Validation`] on field `continuationToken` for a token it did not issue.
+    async fn list(&self, filter: &ProviderFilter, page: &PageRequest) -> Result<Page<Stored<Provider>>, DomainError>;
+
+    /// Replaces a provider, possibly moving it to another category.
+    ///
+    /// # Errors
+    /// - MUST return [`DomainError::NotFound`] if it does not exist.
+    /// - MUST return [`DomainError::PreconditionFailed`] if `if_match` is given and stale.
+    async fn replace(&self, provider: &Provider, if_match: Option<ETag>) -> Result<ETag, DomainError>;
+
+    /// Deletes a provider.
+    ///
+    /// # Errors
+    /// - MUST return [`DomainError::NotFound`] if it does not exist.
+    /// - MUST return [`DomainError::PreconditionFailed`] if `if_match` is given and stale.
+    async fn delete(&self, id: &ProviderId, if_match: Option<ETag>) -> Result<(), DomainError>;
+
+    /// Seeds the catalog. MUST write only providers whose id was never seeded before, MUST NOT
+    /// change or re-create a provider that was seeded once (an administrator may have edited or
+    /// deleted it since), and MUST be safe to call on every start.
+    async fn seed(&self, providers: &[Provider]) -> Result<SeedReport, DomainError>;
+}
+
+/// State of one dependency, for readiness reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DependencyHealth {
+    pub name: String,
+    pub ready: bool,
+    /// What was observed (latency, error, pending counts...).
+    pub detail: String,
+}
+
+/// Something whose reachability decides whether the service is ready.
+#[cfg_attr(any(test, feature = "test-support"), mockall::automock)]
+#[async_trait]
+pub trait HealthCheck: Send + Sync {
+    /// Checks the dependency. MUST answer within a few seconds and MUST NOT fail: problems are
+    /// reported as `ready: false`.
+    async fn check(&self) -> DependencyHealth;
+}

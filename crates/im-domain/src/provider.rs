@@ -1,0 +1,324 @@
+//! The provider catalog: system-wide descriptions of the third-party tools tenants can connect.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use time::OffsetDateTime;
+
+use crate::common::{validate_text, validate_url};
+use crate::error::{DomainError, FieldViolation, Violations};
+use crate::schema::compile_config_schema;
+
+/// The reserved provider id of tenant-defined custom API integrations.
+pub const CUSTOM_PROVIDER_ID: &str = "custom";
+
+fn validate_slug(value: &str, what: &str) -> Result<(), FieldViolation> {
+    let ok = (2..=64).contains(&value.len())
+        && value.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && value.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+    if ok {
+        Ok(())
+    } else {
+        Err(FieldViolation::invalid("", format!("{what} must be 2 to 64 characters of lowercase letters, digits and '-', starting with a letter or digit")))
+    }
+}
+
+macro_rules! slug {
+    ($(#[$meta:meta])* $name:ident, $what:literal) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(try_from = "String", into = "String")]
+        #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema), schema(value_type = String))]
+        pub struct $name(String);
+
+        impl $name {
+            pub fn new(value: impl Into<String>) -> Result<Self, FieldViolation> {
+                let value = value.into();
+                validate_slug(&value, $what)?;
+                Ok(Self(value))
+            }
+
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl TryFrom<String> for $name {
+            type Error = String;
+            fn try_from(value: String) -> Result<Self, Self::Error> {
+                Self::new(value).map_err(|v| v.message)
+            }
+        }
+
+        impl From<$name> for String {
+            fn from(value: $name) -> String {
+                value.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+    };
+}
+
+slug!(
+    /// A provider's id: a lowercase slug such as `github`; `custom` names custom API integrations.
+    ProviderId,
+    "a provider id"
+);
+slug!(
+    /// A catalog category such as `source-control`: the catalog's partition key.
+    Category,
+    "a category"
+);
+
+impl ProviderId {
+    pub fn is_custom(&self) -> bool {
+        self.0 == CUSTOM_PROVIDER_ID
+    }
+}
+
+/// How a provider authenticates API calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub enum AuthMode {
+    /// OAuth 2.0 authorization code flow (needs authorization and token URLs).
+    Oauth2,
+    /// OAuth 2.0 client credentials (needs a token URL).
+    Oauth2ClientCredentials,
+    ApiKey,
+    Basic,
+    None,
+}
+
+impl AuthMode {
+    pub fn parse(value: &str) -> Option<Self> {
+        serde_json::from_value(Value::String(value.to_owned())).ok()
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthMode::Oauth2 => "oauth2",
+            AuthMode::Oauth2ClientCredentials => "oauth2_client_credentials",
+            AuthMode::ApiKey => "api_key",
+            AuthMode::Basic => "basic",
+            AuthMode::None => "none",
+        }
+    }
+}
+
+/// What a provider can do beyond plain API calls.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Capabilities {
+    /// The provider can push events to us.
+    #[serde(default)]
+    pub webhooks: bool,
+    /// Entities (snake_case names) that sync tasks can exchange with the provider.
+    #[serde(default)]
+    pub sync_entities: Vec<String>,
+}
+
+/// Everything a catalog administrator states about a provider.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProviderSpec {
+    pub id: ProviderId,
+    pub name: String,
+    pub category: Category,
+    pub description: String,
+    pub auth_mode: AuthMode,
+    pub authorization_url: Option<String>,
+    pub token_url: Option<String>,
+    pub default_scopes: Vec<String>,
+    pub api_base_url: String,
+    pub docs_url: String,
+    /// JSON Schema of the settings an integration of this provider needs (its `config`).
+    pub config_schema: Value,
+    pub capabilities: Capabilities,
+}
+
+/// Most entities a provider may list for sync.
+pub const MAX_SYNC_ENTITIES: usize = 100;
+
+impl ProviderSpec {
+    /// Checks every rule at once.
+    ///
+    /// # Errors
+    /// [`DomainError::Validation`] listing each offending field.
+    pub fn validate(&self) -> Result<(), DomainError> {
+        let mut v = Violations::new();
+        if self.id.is_custom() {
+            v.invalid("id", format!("'{CUSTOM_PROVIDER_ID}' is reserved for custom API integrations"));
+        }
+        v.check("name", validate_text(&self.name, 1, 100));
+        v.check("description", validate_text(&self.description, 0, 1000));
+        match (self.auth_mode, &self.authorization_url) {
+            (AuthMode::Oauth2, None) => v.invalid("authorizationUrl", "is required when authMode is oauth2"),
+            (AuthMode::Oauth2, Some(url)) => {
+                v.check("authorizationUrl", validate_url(url, false));
+            }
+            (_, Some(_)) => v.invalid("authorizationUrl", "is only allowed when authMode is oauth2"),
+            (_, None) => {}
+        }
+        let needs_token_url = matches!(self.auth_mode, AuthMode::Oauth2 | AuthMode::Oauth2ClientCredentials);
+        match (&self.token_url, needs_token_url) {
+            (None, true) => v.invalid("tokenUrl", "is required when authMode is oauth2 or oauth2_client_credentials"),
+            (Some(url), true) => {
+                v.check("tokenUrl", validate_url(url, false));
+            }
+            (Some(_), false) => v.invalid("tokenUrl", "is only allowed when authMode is oauth2 or oauth2_client_credentials"),
+            (None, false) => {}
+        }
+        if self.default_scopes.len() > 100 {
+            v.invalid("defaultScopes", "must have at most 100 scopes");
+        }
+        for (i, scope) in self.default_scopes.iter().enumerate() {
+            if scope.is_empty() || scope.len() > 200 || scope.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                v.invalid(format!("defaultScopes[{i}]"), "must be 1 to 200 characters without spaces");
+            }
+        }
+        v.check("apiBaseUrl", validate_url(&self.api_base_url, false));
+        v.check("docsUrl", validate_url(&self.docs_url, false));
+        if let Err(violations) = compile_config_schema(&self.config_schema) {
+            v.extend_nested("configSchema", violations);
+        }
+        if self.capabilities.sync_entities.len() > MAX_SYNC_ENTITIES {
+            v.invalid("capabilities.syncEntities", format!("must have at most {MAX_SYNC_ENTITIES} entities"));
+        }
+        for (i, entity) in self.capabilities.sync_entities.iter().enumerate() {
+            if !is_entity_name(entity) {
+                v.invalid(format!("capabilities.syncEntities[{i}]"), "must be a snake_case name of 1 to 64 characters");
+            }
+        }
+        v.finish(|| ())
+    }
+}
+
+/// `snake_case`, 1 to 64 characters, starting with a letter.
+pub fn is_entity_name(value: &str) -> bool {
+    (1..=64).contains(&value.len())
+        && value.starts_with(|c: char| c.is_ascii_lowercase())
+        && value.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+}
+
+/// A catalog entry as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Provider {
+    #[serde(flatten)]
+    pub spec: ProviderSpec,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+}
+
+impl Provider {
+    pub fn id(&self) -> &ProviderId {
+        &self.spec.id
+    }
+}
+
+/// Filters of a catalog listing; all given filters must match.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProviderFilter {
+    pub category: Option<Category>,
+    pub auth_mode: Option<AuthMode>,
+    /// Case-insensitive text searched in the id, name and description.
+    pub query: Option<String>,
+}
+
+impl ProviderFilter {
+    /// Whether a provider matches; stores may use this to filter, and tests to check them.
+    pub fn matches(&self, provider: &ProviderSpec) -> bool {
+        self.category.as_ref().is_none_or(|c| *c == provider.category)
+            && self.auth_mode.is_none_or(|m| m == provider.auth_mode)
+            && self.query.as_ref().is_none_or(|q| {
+                let q = q.to_lowercase();
+                provider.id.as_str().contains(&q)
+                    || provider.name.to_lowercase().contains(&q)
+                    || provider.description.to_lowercase().contains(&q)
+            })
+    }
+}
+
+/// The outcome of seeding the catalog.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SeedReport {
+    /// Providers written because they had never been seeded.
+    pub inserted: usize,
+    /// Providers left alone because they were seeded before (and may have been edited or deleted since).
+    pub skipped: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    pub(crate) fn spec() -> ProviderSpec {
+        ProviderSpec {
+            id: ProviderId::new("github").unwrap(),
+            name: "GitHub".into(),
+            category: Category::new("source-control").unwrap(),
+            description: "Code hosting".into(),
+            auth_mode: AuthMode::Oauth2,
+            authorization_url: Some("https://github.com/login/oauth/authorize".into()),
+            token_url: Some("https://github.com/login/oauth/access_token".into()),
+            default_scopes: vec!["repo".into()],
+            api_base_url: "https://api.github.com".into(),
+            docs_url: "https://docs.github.com/en/rest".into(),
+            config_schema: json!({"type": "object", "properties": {"organization": {"type": "string"}}}),
+            capabilities: Capabilities { webhooks: true, sync_entities: vec!["issue".into()] },
+        }
+    }
+
+    #[test]
+    fn valid_spec_passes() {
+        spec().validate().unwrap();
+    }
+
+    #[test]
+    fn every_violation_is_listed() {
+        let mut s = spec();
+        s.name = String::new();
+        s.authorization_url = None;
+        s.api_base_url = "http://insecure".into();
+        s.config_schema = json!({"type": 12});
+        s.capabilities.sync_entities = vec!["Bad Name".into()];
+        let Err(DomainError::Validation(v)) = s.validate() else { panic!("expected validation error") };
+        let fields: Vec<_> = v.iter().map(|v| v.field.as_str()).collect();
+        for f in ["name", "authorizationUrl", "apiBaseUrl", "configSchema", "capabilities.syncEntities[0]"] {
+            assert!(fields.iter().any(|x| x.starts_with(f)), "{f} missing in {fields:?}");
+        }
+    }
+
+    #[test]
+    fn slugs() {
+        assert!(ProviderId::new("azure-devops").is_ok());
+        assert!(ProviderId::new("Azure").is_err());
+        assert!(ProviderId::new("-x").is_err());
+        assert!(ProviderId::new("x").is_err());
+    }
+
+    #[test]
+    fn custom_is_reserved() {
+        let mut s = spec();
+        s.id = ProviderId::new("custom").unwrap();
+        assert!(s.validate().is_err());
+    }
+
+    #[test]
+    fn filter_matches() {
+        let s = spec();
+        assert!(ProviderFilter { query: Some("HUB".into()), ..Default::default() }.matches(&s));
+        assert!(!ProviderFilter { auth_mode: Some(AuthMode::ApiKey), ..Default::default() }.matches(&s));
+    }
+}

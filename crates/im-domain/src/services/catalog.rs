@@ -1,0 +1,88 @@
+use std::sync::Arc;
+
+use crate::auth::{Caller, Role};
+use crate::common::{Clock, ETag, Page, PageRequest, Stored};
+use crate::error::DomainError;
+use crate::ports::ProviderRepository;
+use crate::provider::{Provider, ProviderFilter, ProviderId, ProviderSpec, SeedReport};
+
+use super::read_modify_write;
+
+/// Reads and administers the global provider catalog.
+#[derive(Clone)]
+pub struct CatalogService {
+    providers: Arc<dyn ProviderRepository>,
+    clock: Arc<dyn Clock>,
+}
+
+impl std::fmt::Debug for CatalogService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CatalogService").finish_non_exhaustive()
+    }
+}
+
+impl CatalogService {
+    pub fn new(providers: Arc<dyn ProviderRepository>, clock: Arc<dyn Clock>) -> Self {
+        Self { providers, clock }
+    }
+
+    pub async fn get(&self, caller: &Caller, id: &ProviderId) -> Result<Stored<Provider>, DomainError> {
+        caller.require(Role::Viewer)?;
+        self.providers.get(id).await
+    }
+
+    pub async fn list(&self, caller: &Caller, filter: &ProviderFilter, page: &PageRequest) -> Result<Page<Stored<Provider>>, DomainError> {
+        caller.require(Role::Viewer)?;
+        self.providers.list(filter, page).await
+    }
+
+    /// # Errors
+    /// `Forbidden` without the admin role, `Validation` listing every offending field,
+    /// `Conflict` when the id is taken.
+    pub async fn create(&self, caller: &Caller, spec: ProviderSpec) -> Result<Stored<Provider>, DomainError> {
+        caller.require(Role::Admin)?;
+        spec.validate()?;
+        let now = self.clock.now();
+        let provider = Provider { spec, created_at: now, updated_at: now };
+        let etag = self.providers.create(&provider).await?;
+        Ok(Stored { value: provider, etag })
+    }
+
+    /// Replaces a provider's description; its id cannot change, its category can.
+    pub async fn update(&self, caller: &Caller, id: &ProviderId, spec: ProviderSpec, if_match: Option<&ETag>) -> Result<Stored<Provider>, DomainError> {
+        caller.require(Role::Admin)?;
+        if spec.id != *id {
+            return Err(DomainError::invalid("id", "cannot be changed"));
+        }
+        spec.validate()?;
+        read_modify_write(if_match, async |token| {
+            let current = self.providers.get(id).await?;
+            if token.is_some_and(|t| *t != current.etag) {
+                return Err(DomainError::PreconditionFailed);
+            }
+            let provider = Provider { spec: spec.clone(), created_at: current.value.created_at, updated_at: self.clock.now() };
+            let etag = self.providers.replace(&provider, Some(token.unwrap_or(&current.etag).clone())).await?;
+            Ok(Stored { value: provider, etag })
+        })
+        .await
+    }
+
+    pub async fn delete(&self, caller: &Caller, id: &ProviderId, if_match: Option<&ETag>) -> Result<(), DomainError> {
+        caller.require(Role::Admin)?;
+        self.providers.delete(id, if_match.cloned()).await
+    }
+
+    /// Seeds the catalog with the built-in providers (idempotent; never overwrites edits).
+    ///
+    /// # Errors
+    /// `Validation` if a built-in provider breaks the rules (a defect of the shipped data).
+    pub async fn seed(&self, specs: Vec<ProviderSpec>) -> Result<SeedReport, DomainError> {
+        let now = self.clock.now();
+        let mut providers = Vec::with_capacity(specs.len());
+        for spec in specs {
+            spec.validate().map_err(|e| DomainError::Unexpected(anyhow::anyhow!("built-in provider '{}' is invalid: {e}", spec.id)))?;
+            providers.push(Provider { spec, created_at: now, updated_at: now });
+        }
+        self.providers.seed(&providers).await
+    }
+}

@@ -1,0 +1,153 @@
+use std::sync::Arc;
+
+use serde_json::{Map, Value};
+
+use crate::auth::{Caller, Role};
+use crate::common::{Clock, ETag, IdGenerator, IntegrationId, Page, PageRequest, Stored};
+use crate::error::{DomainError, Violations};
+use crate::integration::{Integration, IntegrationFilter, IntegrationSpec, IntegrationStatus};
+use crate::ports::{IntegrationRepository, ProviderRepository};
+use crate::schema::{compile_config_schema, validate_against};
+
+use super::read_modify_write;
+
+/// Creates, reads, changes and deletes a tenant's integrations.
+#[derive(Clone)]
+pub struct IntegrationService {
+    integrations: Arc<dyn IntegrationRepository>,
+    providers: Arc<dyn ProviderRepository>,
+    clock: Arc<dyn Clock>,
+    ids: Arc<dyn IdGenerator>,
+}
+
+impl std::fmt::Debug for IntegrationService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IntegrationService").finish_non_exhaustive()
+    }
+}
+
+impl IntegrationService {
+    pub fn new(
+        integrations: Arc<dyn IntegrationRepository>,
+        providers: Arc<dyn ProviderRepository>,
+        clock: Arc<dyn Clock>,
+        ids: Arc<dyn IdGenerator>,
+    ) -> Self {
+        Self { integrations, providers, clock, ids }
+    }
+
+    /// Validates every rule of a spec, including those that need its provider.
+    async fn validate(&self, spec: &IntegrationSpec, previous_status: Option<IntegrationStatus>) -> Result<(), DomainError> {
+        let mut v = spec.violations(previous_status);
+        if !spec.provider_id.is_custom() {
+            match self.providers.get(&spec.provider_id).await {
+                Ok(provider) => check_config(&provider.value.spec.config_schema, &spec.config, &mut v)?,
+                Err(DomainError::NotFound { .. }) => {
+                    v.invalid("providerId", format!("no provider '{}' in the catalog", spec.provider_id));
+                }
+                Err(other) => return Err(other),
+            }
+        }
+        v.finish(|| ())
+    }
+
+    /// # Errors
+    /// `Forbidden` without the member role; `Validation` listing every offending field
+    /// (unknown provider, config breaking the provider's schema, invalid custom definition).
+    pub async fn create(&self, caller: &Caller, spec: IntegrationSpec) -> Result<Stored<Integration>, DomainError> {
+        caller.require(Role::Member)?;
+        self.validate(&spec, None).await?;
+        let now = self.clock.now();
+        let integration = Integration {
+            id: IntegrationId(self.ids.new_uuid()),
+            tenant_id: caller.tenant_id.clone(),
+            provider_id: spec.provider_id,
+            name: spec.name,
+            description: spec.description,
+            status: spec.status,
+            config: spec.config,
+            custom_definition: spec.custom_definition,
+            created_at: now,
+            updated_at: now,
+            created_by: caller.user_id.clone(),
+            updated_by: caller.user_id.clone(),
+        };
+        let etag = self.integrations.create(&integration).await?;
+        Ok(Stored { value: integration, etag })
+    }
+
+    /// # Errors
+    /// `NotFound` when the caller's tenant has no such integration.
+    pub async fn get(&self, caller: &Caller, id: IntegrationId) -> Result<Stored<Integration>, DomainError> {
+        caller.require(Role::Viewer)?;
+        self.integrations.get(&caller.tenant_id, id).await
+    }
+
+    pub async fn list(
+        &self,
+        caller: &Caller,
+        filter: &IntegrationFilter,
+        page: &PageRequest,
+    ) -> Result<Page<Stored<Integration>>, DomainError> {
+        caller.require(Role::Viewer)?;
+        self.integrations.list(&caller.tenant_id, filter, page).await
+    }
+
+    /// Replaces the mutable fields of an integration. The provider cannot change.
+    ///
+    /// # Errors
+    /// `NotFound`, `PreconditionFailed` when `if_match` is stale, `Validation` as for create.
+    pub async fn update(
+        &self,
+        caller: &Caller,
+        id: IntegrationId,
+        spec: IntegrationSpec,
+        if_match: Option<&ETag>,
+    ) -> Result<Stored<Integration>, DomainError> {
+        caller.require(Role::Member)?;
+        read_modify_write(if_match, async |token| {
+            let current = self.integrations.get(&caller.tenant_id, id).await?;
+            if spec.provider_id != current.value.provider_id {
+                return Err(DomainError::invalid("providerId", "cannot be changed; create a new integration instead"));
+            }
+            if token.is_some_and(|t| *t != current.etag) {
+                return Err(DomainError::PreconditionFailed);
+            }
+            self.validate(&spec, Some(current.value.status)).await?;
+            let spec = spec.clone();
+            let integration = Integration {
+                name: spec.name,
+                description: spec.description,
+                status: spec.status,
+                config: spec.config,
+                custom_definition: spec.custom_definition,
+                updated_at: self.clock.now(),
+                updated_by: caller.user_id.clone(),
+                ..current.value
+            };
+            let etag = self.integrations.replace(&integration, Some(token.unwrap_or(&current.etag).clone())).await?;
+            Ok(Stored { value: integration, etag })
+        })
+        .await
+    }
+
+    /// # Errors
+    /// `NotFound`, `PreconditionFailed` when `if_match` is stale.
+    pub async fn delete(&self, caller: &Caller, id: IntegrationId, if_match: Option<&ETag>) -> Result<(), DomainError> {
+        caller.require(Role::Member)?;
+        self.integrations.delete(&caller.tenant_id, id, if_match.cloned()).await
+    }
+}
+
+fn check_config(schema: &Value, config: &Map<String, Value>, v: &mut Violations) -> Result<(), DomainError> {
+    // The schema was validated when the provider was written; a stored schema that no longer
+    // compiles is a defect of the catalog, not of the caller's input.
+    let validator = compile_config_schema(schema)
+        .map_err(|e| DomainError::Unexpected(anyhow::anyhow!("stored provider config schema does not compile: {e:?}")))?;
+    if let Err(violations) = validate_against(&validator, &Value::Object(config.clone()), "config") {
+        for violation in violations {
+            v.push(violation);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,35 @@
+//! Use-case services: they check who may do what, validate input against the rules of the
+//! domain and orchestrate the ports. Handlers in the app call these and nothing else.
+
+mod catalog;
+mod integrations;
+
+pub use catalog::CatalogService;
+pub use integrations::IntegrationService;
+
+use crate::common::ETag;
+use crate::error::DomainError;
+
+/// How many times a read-modify-write without the caller's `If-Match` is retried when another
+/// writer got in between.
+const UNCONDITIONAL_RETRIES: usize = 5;
+
+/// Runs a read-modify-write. `op(token)` reads the current version, applies the change and
+/// writes it conditionally on `token`, or on the version it just read when `token` is `None`.
+/// With the caller's `If-Match` a stale token is the caller's problem (412). Without one, a
+/// concurrent change makes the operation read and apply again, so no update is ever lost.
+async fn read_modify_write<T>(
+    if_match: Option<&ETag>,
+    mut op: impl AsyncFnMut(Option<&ETag>) -> Result<T, DomainError>,
+) -> Result<T, DomainError> {
+    if if_match.is_some() {
+        return op(if_match).await;
+    }
+    for _ in 0..UNCONDITIONAL_RETRIES {
+        match op(None).await {
+            Err(DomainError::PreconditionFailed) => continue,
+            other => return other,
+        }
+    }
+    op(None).await
+}
