@@ -1,1 +1,100 @@
-//! placeholder
+//! The embedded store: every repository port of the domain on one SQLite database file in the
+//! data directory (WAL mode), so the service runs on one machine with nothing else installed.
+//!
+//! Documents are kept the way Cosmos DB keeps them, in containers with a partition key, an
+//! opaque concurrency token and an optional expiry, so both store adapters pass the same
+//! conformance suite. Schema changes are numbered migrations applied by [`EmbeddedStore::migrate`].
+
+mod db;
+pub mod documents;
+mod integrations;
+mod migrations;
+mod providers;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use im_domain::ports::{DependencyHealth, HealthCheck, IntegrationRepository, ProviderRepository};
+use im_domain::{Clock, DomainError};
+
+pub use db::Db;
+pub use documents::Documents;
+pub use migrations::MigrationReport;
+
+/// Containers, named as in Cosmos DB.
+pub mod containers {
+    pub const PROVIDERS: &str = "integration_providers";
+    pub const INTEGRATIONS: &str = "integration_integrations";
+    pub const CONNECTIONS: &str = "integration_connections";
+    pub const WEBHOOKS: &str = "integration_webhooks";
+    pub const WEBHOOK_DELIVERIES: &str = "integration_webhook_deliveries";
+    pub const SYNC_TASKS: &str = "integration_sync_tasks";
+    pub const SYNC_EXECUTIONS: &str = "integration_sync_executions";
+}
+
+/// File name of the database inside the data directory.
+pub const DATABASE_FILE: &str = "integration-manager.db";
+
+/// The embedded store. Cheap to clone; every clone shares the same connections.
+#[derive(Debug, Clone)]
+pub struct EmbeddedStore {
+    db: Arc<Db>,
+    path: PathBuf,
+}
+
+impl EmbeddedStore {
+    /// Opens (creating if needed) the database in `data_dir`. Does not migrate.
+    ///
+    /// # Errors
+    /// When the directory or the file cannot be created or opened.
+    pub fn open(data_dir: &Path, clock: Arc<dyn Clock>) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(data_dir).map_err(|e| anyhow::anyhow!("cannot create data directory {}: {e}", data_dir.display()))?;
+        let path = data_dir.join(DATABASE_FILE);
+        let db = Db::open(&path, clock)?;
+        Ok(Self { db: Arc::new(db), path })
+    }
+
+    /// Applies the migrations that were not applied yet. Idempotent.
+    ///
+    /// # Errors
+    /// When a migration fails (the failing one is rolled back whole).
+    pub async fn migrate(&self) -> Result<MigrationReport, DomainError> {
+        self.db.write(migrations::apply).await
+    }
+
+    /// Deletes the documents whose time to live has passed; returns how many.
+    pub async fn purge_expired(&self) -> Result<usize, DomainError> {
+        self.documents().purge_expired().await
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Low-level document access, for repositories of later resources and for tests.
+    pub fn documents(&self) -> Documents {
+        Documents::new(self.db.clone())
+    }
+
+    pub fn integrations(&self) -> Arc<dyn IntegrationRepository> {
+        Arc::new(integrations::SqliteIntegrations::new(self.documents()))
+    }
+
+    pub fn providers(&self) -> Arc<dyn ProviderRepository> {
+        Arc::new(providers::SqliteProviders::new(self.documents()))
+    }
+}
+
+#[async_trait]
+impl HealthCheck for EmbeddedStore {
+    async fn check(&self) -> DependencyHealth {
+        let started = std::time::Instant::now();
+        let result = self.db.read(|conn| conn.query_row("SELECT count(*) FROM schema_migrations", [], |r| r.get::<_, i64>(0))).await;
+        let (ready, detail) = match result {
+            Ok(applied) => (true, format!("sqlite {}: {applied} migrations, {} µs", self.path.display(), started.elapsed().as_micros())),
+            Err(e) => (false, format!("sqlite {}: {e}", self.path.display())),
+        };
+        DependencyHealth { name: "store".into(), ready, detail }
+    }
+}

@@ -1,0 +1,271 @@
+//! Container/partition/id documents with concurrency tokens, expiry and paging: the
+//! Cosmos-like layer every repository of this crate is written on.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use im_domain::common::invalid_continuation;
+use im_domain::{DomainError, ETag, PageRequest};
+use rusqlite::{OptionalExtension, Transaction, params};
+use rusqlite::types::Value as SqlValue;
+
+use crate::db::{Db, map_sqlite};
+
+/// A stored document.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Doc {
+    pub pk: String,
+    pub id: String,
+    pub etag: ETag,
+    pub body: String,
+}
+
+/// A query inside one container: optionally one partition, equality filters on JSON paths,
+/// a case-insensitive text search, ordered by id and paged.
+#[derive(Debug, Clone)]
+pub struct Query {
+    pub container: &'static str,
+    /// `None` queries across partitions.
+    pub pk: Option<String>,
+    /// `(json path such as "$.status", value)`; all must match.
+    pub filters: Vec<(&'static str, String)>,
+    /// `(json paths, text)`: matches when any path contains the text, ignoring ASCII case.
+    pub search: Option<(Vec<&'static str>, String)>,
+    pub page: PageRequest,
+}
+
+const TOKEN_PREFIX: &str = "v1:";
+
+fn encode_token(last_id: &str) -> String {
+    URL_SAFE_NO_PAD.encode(format!("{TOKEN_PREFIX}{last_id}"))
+}
+
+fn decode_token(token: &str) -> Result<String, DomainError> {
+    let bytes = URL_SAFE_NO_PAD.decode(token).map_err(|_| invalid_continuation())?;
+    let text = String::from_utf8(bytes).map_err(|_| invalid_continuation())?;
+    text.strip_prefix(TOKEN_PREFIX).map(str::to_owned).ok_or_else(invalid_continuation)
+}
+
+fn new_etag() -> ETag {
+    ETag::new(uuid::Uuid::new_v4().simple().to_string())
+}
+
+fn expiry(now: i64, ttl: Option<Duration>) -> Option<i64> {
+    ttl.map(|ttl| now.saturating_add(i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX)))
+}
+
+const LIVE: &str = "(expires_at IS NULL OR expires_at > ?now)";
+
+/// Document operations on the embedded database.
+#[derive(Debug, Clone)]
+pub struct Documents {
+    db: Arc<Db>,
+}
+
+impl Documents {
+    pub fn new(db: Arc<Db>) -> Self {
+        Self { db }
+    }
+
+    /// Creates a document; `ttl` makes it expire.
+    ///
+    /// # Errors
+    /// `Conflict` if a live document has the same container, partition and id.
+    pub async fn create(&self, container: &'static str, pk: String, id: String, body: String, ttl: Option<Duration>) -> Result<ETag, DomainError> {
+        let now = self.db.now();
+        self.db.write(move |tx| insert(tx, container, &pk, &id, &body, expiry(now, ttl), now)).await
+    }
+
+    /// Runs several writes in one transaction (all or nothing).
+    pub async fn transaction<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Transaction<'_>, i64) -> Result<R, DomainError> + Send + 'static,
+    ) -> Result<R, DomainError> {
+        let now = self.db.now();
+        self.db.write(move |tx| f(tx, now)).await
+    }
+
+    pub async fn get(&self, container: &'static str, pk: String, id: String) -> Result<Option<Doc>, DomainError> {
+        let now = self.db.now();
+        self.db
+            .read(move |conn| {
+                let sql = format!("SELECT etag, body FROM documents WHERE container = ?1 AND pk = ?2 AND id = ?3 AND {}", LIVE.replace("?now", "?4"));
+                conn.prepare_cached(&sql)?
+                    .query_row(params![container, pk, id, now], |r| Ok(Doc { pk: pk.clone(), id: id.clone(), etag: ETag::new(r.get::<_, String>(0)?), body: r.get(1)? }))
+                    .optional()
+            })
+            .await
+    }
+
+    /// Finds a document by id in any partition of the container.
+    pub async fn find_by_id(&self, container: &'static str, id: String) -> Result<Option<Doc>, DomainError> {
+        let now = self.db.now();
+        self.db.read(move |conn| find(conn, container, &id, now)).await
+    }
+
+    /// Replaces a document, optionally moving it to partition `new_pk`, conditionally on `if_match`.
+    ///
+    /// # Errors
+    /// `NotFound` (named `resource`) if absent; `PreconditionFailed` if `if_match` is stale;
+    /// `Conflict` if the target partition already holds the id.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn replace(
+        &self,
+        container: &'static str,
+        resource: &'static str,
+        pk: String,
+        new_pk: String,
+        id: String,
+        body: String,
+        if_match: Option<ETag>,
+        ttl: Option<Duration>,
+    ) -> Result<ETag, DomainError> {
+        let now = self.db.now();
+        self.db
+            .write(move |tx| {
+                check_current(tx, container, resource, &pk, &id, if_match.as_ref(), now)?;
+                if new_pk == pk {
+                    let etag = new_etag();
+                    tx.prepare_cached("UPDATE documents SET etag = ?4, body = ?5, expires_at = ?6 WHERE container = ?1 AND pk = ?2 AND id = ?3")
+                        .and_then(|mut s| s.execute(params![container, pk, id, etag.as_str(), body, expiry(now, ttl)]))
+                        .map_err(map_sqlite)?;
+                    Ok(etag)
+                } else {
+                    remove(tx, container, &pk, &id)?;
+                    insert(tx, container, &new_pk, &id, &body, expiry(now, ttl), now)
+                }
+            })
+            .await
+    }
+
+    /// Deletes a document conditionally on `if_match`.
+    ///
+    /// # Errors
+    /// `NotFound` (named `resource`) if absent; `PreconditionFailed` if `if_match` is stale.
+    pub async fn delete(&self, container: &'static str, resource: &'static str, pk: String, id: String, if_match: Option<ETag>) -> Result<(), DomainError> {
+        let now = self.db.now();
+        self.db
+            .write(move |tx| {
+                check_current(tx, container, resource, &pk, &id, if_match.as_ref(), now)?;
+                remove(tx, container, &pk, &id)
+            })
+            .await
+    }
+
+    /// Runs a query; returns one page of documents and the token of the next page.
+    ///
+    /// # Errors
+    /// `Validation` on `continuationToken` for a token this store did not issue.
+    pub async fn query(&self, query: Query) -> Result<(Vec<Doc>, Option<String>), DomainError> {
+        let after = query.page.continuation.as_deref().map(decode_token).transpose()?;
+        let now = self.db.now();
+        self.db
+            .read(move |conn| {
+                let mut sql = String::from("SELECT pk, id, etag, body FROM documents WHERE container = ? AND ");
+                sql.push_str(&LIVE.replace("?now", "?"));
+                let mut args: Vec<SqlValue> = vec![query.container.to_owned().into(), now.into()];
+                if let Some(pk) = query.pk {
+                    sql.push_str(" AND pk = ?");
+                    args.push(pk.into());
+                }
+                if let Some(after) = after {
+                    sql.push_str(" AND id > ?");
+                    args.push(after.into());
+                }
+                for (path, value) in query.filters {
+                    sql.push_str(" AND json_extract(body, ?) = ?");
+                    args.push(path.to_owned().into());
+                    args.push(value.into());
+                }
+                if let Some((paths, text)) = query.search {
+                    let ors: Vec<_> = paths.iter().map(|_| "instr(lower(coalesce(json_extract(body, ?), '')), lower(?)) > 0").collect();
+                    sql.push_str(&format!(" AND ({})", ors.join(" OR ")));
+                    for path in paths {
+                        args.push(path.to_owned().into());
+                        args.push(text.clone().into());
+                    }
+                }
+                sql.push_str(" ORDER BY id LIMIT ?");
+                args.push(i64::from(query.page.limit + 1).into());
+                let mut statement = conn.prepare_cached(&sql)?;
+                let mut docs = statement
+                    .query_map(rusqlite::params_from_iter(args), |r| {
+                        Ok(Doc { pk: r.get(0)?, id: r.get(1)?, etag: ETag::new(r.get::<_, String>(2)?), body: r.get(3)? })
+                    })?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                let next = if docs.len() > query.page.limit as usize {
+                    docs.truncate(query.page.limit as usize);
+                    docs.last().map(|d| encode_token(&d.id))
+                } else {
+                    None
+                };
+                Ok((docs, next))
+            })
+            .await
+    }
+
+    /// Deletes expired documents; returns how many.
+    pub async fn purge_expired(&self) -> Result<usize, DomainError> {
+        let now = self.db.now();
+        self.db
+            .write(move |tx| tx.execute("DELETE FROM documents WHERE expires_at IS NOT NULL AND expires_at <= ?1", [now]).map_err(map_sqlite))
+            .await
+    }
+}
+
+pub(crate) fn find(conn: &rusqlite::Connection, container: &str, id: &str, now: i64) -> rusqlite::Result<Option<Doc>> {
+    let sql = format!("SELECT pk, etag, body FROM documents WHERE container = ?1 AND id = ?2 AND {} LIMIT 1", LIVE.replace("?now", "?3"));
+    conn.prepare_cached(&sql)?
+        .query_row(params![container, id, now], |r| Ok(Doc { pk: r.get(0)?, id: id.to_owned(), etag: ETag::new(r.get::<_, String>(1)?), body: r.get(2)? }))
+        .optional()
+}
+
+/// Inserts a document inside a transaction; an expired document with the same key is replaced.
+pub(crate) fn insert(tx: &Transaction<'_>, container: &str, pk: &str, id: &str, body: &str, expires_at: Option<i64>, now: i64) -> Result<ETag, DomainError> {
+    tx.prepare_cached("DELETE FROM documents WHERE container = ?1 AND pk = ?2 AND id = ?3 AND expires_at IS NOT NULL AND expires_at <= ?4")
+        .and_then(|mut s| s.execute(params![container, pk, id, now]))
+        .map_err(map_sqlite)?;
+    let etag = new_etag();
+    let inserted = tx
+        .prepare_cached("INSERT INTO documents (container, pk, id, etag, body, expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT DO NOTHING")
+        .and_then(|mut s| s.execute(params![container, pk, id, etag.as_str(), body, expires_at]))
+        .map_err(map_sqlite)?;
+    if inserted == 0 {
+        return Err(DomainError::Conflict(format!("a document with id '{id}' already exists")));
+    }
+    Ok(etag)
+}
+
+fn check_current(tx: &Transaction<'_>, container: &str, resource: &'static str, pk: &str, id: &str, if_match: Option<&ETag>, now: i64) -> Result<(), DomainError> {
+    let sql = format!("SELECT etag FROM documents WHERE container = ?1 AND pk = ?2 AND id = ?3 AND {}", LIVE.replace("?now", "?4"));
+    let current: Option<String> = tx
+        .prepare_cached(&sql)
+        .and_then(|mut s| s.query_row(params![container, pk, id, now], |r| r.get(0)).optional())
+        .map_err(map_sqlite)?;
+    match current {
+        None => Err(DomainError::not_found(resource, id)),
+        Some(etag) if if_match.is_some_and(|m| m.as_str() != etag) => Err(DomainError::PreconditionFailed),
+        Some(_) => Ok(()),
+    }
+}
+
+fn remove(tx: &Transaction<'_>, container: &str, pk: &str, id: &str) -> Result<(), DomainError> {
+    tx.prepare_cached("DELETE FROM documents WHERE container = ?1 AND pk = ?2 AND id = ?3")
+        .and_then(|mut s| s.execute(params![container, pk, id]))
+        .map_err(map_sqlite)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_round_trip_and_foreign_tokens_are_refused() {
+        assert_eq!(decode_token(&encode_token("abc")).unwrap(), "abc");
+        assert!(decode_token("not-a-token!").is_err());
+        assert!(decode_token(&URL_SAFE_NO_PAD.encode("v2:abc")).is_err());
+    }
+}

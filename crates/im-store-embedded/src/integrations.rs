@@ -1,0 +1,71 @@
+//! [`IntegrationRepository`] on the documents table: container `integration_integrations`,
+//! partitioned by tenant.
+
+use async_trait::async_trait;
+use im_domain::integration::{Integration, IntegrationFilter};
+use im_domain::ports::IntegrationRepository;
+use im_domain::{DomainError, ETag, IntegrationId, Page, PageRequest, Stored, TenantId};
+
+use crate::containers::INTEGRATIONS;
+use crate::documents::{Doc, Documents, Query};
+
+const RESOURCE: &str = "integration";
+
+pub(crate) struct SqliteIntegrations {
+    docs: Documents,
+}
+
+impl SqliteIntegrations {
+    pub(crate) fn new(docs: Documents) -> Self {
+        Self { docs }
+    }
+}
+
+pub(crate) fn encode<T: serde::Serialize>(value: &T) -> Result<String, DomainError> {
+    serde_json::to_string(value).map_err(|e| DomainError::Unexpected(anyhow::Error::new(e).context("encoding a document")))
+}
+
+pub(crate) fn decode<T: serde::de::DeserializeOwned>(doc: Doc) -> Result<Stored<T>, DomainError> {
+    let value = serde_json::from_str(&doc.body)
+        .map_err(|e| DomainError::Unexpected(anyhow::Error::new(e).context(format!("decoding stored document '{}'", doc.id))))?;
+    Ok(Stored { value, etag: doc.etag })
+}
+
+#[async_trait]
+impl IntegrationRepository for SqliteIntegrations {
+    async fn create(&self, integration: &Integration) -> Result<ETag, DomainError> {
+        let body = encode(integration)?;
+        self.docs.create(INTEGRATIONS, integration.tenant_id.to_string(), integration.id.to_string(), body, None).await
+    }
+
+    async fn get(&self, tenant: &TenantId, id: IntegrationId) -> Result<Stored<Integration>, DomainError> {
+        match self.docs.get(INTEGRATIONS, tenant.to_string(), id.to_string()).await? {
+            Some(doc) => decode(doc),
+            None => Err(DomainError::not_found(RESOURCE, id)),
+        }
+    }
+
+    async fn list(&self, tenant: &TenantId, filter: &IntegrationFilter, page: &PageRequest) -> Result<Page<Stored<Integration>>, DomainError> {
+        let mut filters = Vec::new();
+        if let Some(provider) = &filter.provider_id {
+            filters.push(("$.providerId", provider.to_string()));
+        }
+        if let Some(status) = filter.status {
+            filters.push(("$.status", status.as_str().to_owned()));
+        }
+        let query = Query { container: INTEGRATIONS, pk: Some(tenant.to_string()), filters, search: None, page: page.clone() };
+        let (docs, continuation) = self.docs.query(query).await?;
+        let items = docs.into_iter().map(decode).collect::<Result<Vec<_>, _>>()?;
+        Ok(Page { items, continuation })
+    }
+
+    async fn replace(&self, integration: &Integration, if_match: Option<ETag>) -> Result<ETag, DomainError> {
+        let body = encode(integration)?;
+        let pk = integration.tenant_id.to_string();
+        self.docs.replace(INTEGRATIONS, RESOURCE, pk.clone(), pk, integration.id.to_string(), body, if_match, None).await
+    }
+
+    async fn delete(&self, tenant: &TenantId, id: IntegrationId, if_match: Option<ETag>) -> Result<(), DomainError> {
+        self.docs.delete(INTEGRATIONS, RESOURCE, tenant.to_string(), id.to_string(), if_match).await
+    }
+}

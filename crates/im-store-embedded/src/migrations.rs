@@ -1,0 +1,66 @@
+//! Numbered schema migrations. A migration is never edited once released: add a new one.
+
+use im_domain::DomainError;
+use rusqlite::Transaction;
+
+use crate::db::map_sqlite;
+
+/// `(version, name, sql)`, applied in order.
+const MIGRATIONS: &[(i64, &str, &str)] = &[(
+    1,
+    "documents",
+    r#"
+    -- One table of JSON documents, organised like Cosmos DB containers.
+    CREATE TABLE documents (
+        container  TEXT    NOT NULL,
+        pk         TEXT    NOT NULL,          -- partition key value
+        id         TEXT    NOT NULL,
+        etag       TEXT    NOT NULL,          -- opaque concurrency token, new on every write
+        body       TEXT    NOT NULL,          -- the document, JSON
+        expires_at INTEGER,                   -- unix seconds; NULL = kept until deleted
+        PRIMARY KEY (container, pk, id)
+    ) WITHOUT ROWID;
+    CREATE INDEX documents_by_id ON documents (container, id);
+    CREATE INDEX documents_by_expiry ON documents (expires_at) WHERE expires_at IS NOT NULL;
+
+    -- Ids of built-in catalog providers that were seeded once: never seeded again, so an
+    -- administrator's edit or deletion survives restarts.
+    CREATE TABLE catalog_seed (
+        provider_id TEXT PRIMARY KEY,
+        seeded_at   INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    "#,
+)];
+
+/// What [`crate::EmbeddedStore::migrate`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MigrationReport {
+    /// Names of the migrations applied by this call.
+    pub applied: Vec<String>,
+    /// The schema version after the call.
+    pub version: i64,
+}
+
+pub(crate) fn apply(tx: &Transaction<'_>) -> Result<MigrationReport, DomainError> {
+    tx.execute_batch(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (
+             version    INTEGER PRIMARY KEY,
+             name       TEXT    NOT NULL,
+             applied_at INTEGER NOT NULL
+         )",
+    )
+    .map_err(map_sqlite)?;
+    let current: i64 = tx.query_row("SELECT coalesce(max(version), 0) FROM schema_migrations", [], |r| r.get(0)).map_err(map_sqlite)?;
+    let mut report = MigrationReport { applied: Vec::new(), version: current };
+    for (version, name, sql) in MIGRATIONS.iter().filter(|(v, _, _)| *v > current) {
+        tx.execute_batch(sql).map_err(map_sqlite)?;
+        tx.execute(
+            "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?1, ?2, unixepoch())",
+            rusqlite::params![version, name],
+        )
+        .map_err(map_sqlite)?;
+        report.applied.push(format!("{version:04}_{name}"));
+        report.version = *version;
+    }
+    Ok(report)
+}

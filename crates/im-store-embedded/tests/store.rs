@@ -1,0 +1,72 @@
+//! The embedded store against the conformance suite, plus what only this adapter promises:
+//! data survives reopening, migrations are idempotent, documents expire.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use im_domain::{Clock, SystemClock};
+use im_store_embedded::{EmbeddedStore, containers};
+use time::OffsetDateTime;
+
+async fn store(dir: &std::path::Path) -> EmbeddedStore {
+    let store = EmbeddedStore::open(dir, Arc::new(SystemClock)).expect("open");
+    store.migrate().await.expect("migrate");
+    store
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passes_the_conformance_suite() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(dir.path()).await;
+    im_testkit::run_all(store.integrations().as_ref(), store.providers().as_ref()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_survives_reopening_and_migrations_are_idempotent() {
+    let dir = tempfile::tempdir().unwrap();
+    let tenant = im_testkit::fresh_tenant();
+    let item = im_testkit::integrations::integration(&tenant, "github");
+    {
+        let store = EmbeddedStore::open(dir.path(), Arc::new(SystemClock)).unwrap();
+        let report = store.migrate().await.unwrap();
+        assert_eq!(report.applied.len(), 1);
+        store.integrations().create(&item).await.unwrap();
+    }
+    let store = EmbeddedStore::open(dir.path(), Arc::new(SystemClock)).unwrap();
+    let report = store.migrate().await.unwrap();
+    assert!(report.applied.is_empty(), "a second migrate applies nothing");
+    assert_eq!(store.integrations().get(&tenant, item.id).await.unwrap().value, item);
+}
+
+struct ManualClock(Mutex<OffsetDateTime>);
+
+impl Clock for ManualClock {
+    fn now(&self) -> OffsetDateTime {
+        *self.0.lock().unwrap()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn documents_expire_after_their_ttl() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock(Mutex::new(OffsetDateTime::now_utc())));
+    let store = EmbeddedStore::open(dir.path(), clock.clone()).unwrap();
+    store.migrate().await.unwrap();
+    let docs = store.documents();
+    let week = Duration::from_secs(7 * 24 * 3600);
+    docs.create(containers::WEBHOOK_DELIVERIES, "t1".into(), "d1".into(), "{}".into(), Some(week)).await.unwrap();
+    docs.create(containers::SYNC_EXECUTIONS, "t1".into(), "e1".into(), "{}".into(), Some(Duration::from_secs(30 * 24 * 3600))).await.unwrap();
+    docs.create(containers::WEBHOOKS, "t1".into(), "w1".into(), "{}".into(), None).await.unwrap();
+
+    *clock.0.lock().unwrap() += time::Duration::days(7) - time::Duration::seconds(1);
+    assert!(docs.get(containers::WEBHOOK_DELIVERIES, "t1".into(), "d1".into()).await.unwrap().is_some(), "alive just before 7 days");
+    *clock.0.lock().unwrap() += time::Duration::seconds(2);
+    assert!(docs.get(containers::WEBHOOK_DELIVERIES, "t1".into(), "d1".into()).await.unwrap().is_none(), "gone after 7 days");
+    assert!(docs.get(containers::SYNC_EXECUTIONS, "t1".into(), "e1".into()).await.unwrap().is_some(), "executions live 30 days");
+    // An expired id can be used again.
+    docs.create(containers::WEBHOOK_DELIVERIES, "t1".into(), "d1".into(), "{}".into(), Some(week)).await.unwrap();
+
+    *clock.0.lock().unwrap() += time::Duration::days(30);
+    assert_eq!(store.purge_expired().await.unwrap(), 2, "the purge deletes both expired documents");
+    assert!(docs.get(containers::WEBHOOKS, "t1".into(), "w1".into()).await.unwrap().is_some(), "documents without TTL stay");
+}
