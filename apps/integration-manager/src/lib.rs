@@ -1,1 +1,12 @@
-//! x
+//! Integration Manager: the service. This crate is the only one that knows HTTP shapes and
+//! the only one that picks adapters; `main.rs` only parses the command line.
+
+pub mod api;
+pub mod catalog;
+pub mod cli;
+pub mod config;
+pub mod startup;
+pub mod telemetry;
+
+pub use config::Settings;
+pub use startup::{AppState, Application, build_app};

@@ -85,3 +85,32 @@ mod tests {
         assert!(caller(&[]).require(Role::Viewer).is_err());
     }
 }
+
+/// Why a caller could not be authenticated.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("no bearer token was given")]
+    Missing,
+    #[error("the token has expired")]
+    Expired,
+    #[error("the token is invalid: {0}")]
+    Invalid(String),
+    /// The identity provider (for example its key set) cannot be reached.
+    #[error("the identity provider is unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Turns a bearer token into a caller (User Management's tokens in production, locally
+/// signed tokens in the embedded default).
+#[cfg_attr(any(test, feature = "test-support"), mockall::automock)]
+#[async_trait::async_trait]
+pub trait Authenticator: Send + Sync {
+    /// Verifies the token's signature and validity period and reads its claims.
+    ///
+    /// # Errors
+    /// - MUST return [`AuthError::Expired`] for a token past its `exp`.
+    /// - MUST return [`AuthError::Invalid`] for a bad signature, a wrong issuer or audience, or
+    ///   claims without `sub` or `tenant_id`.
+    /// - MUST return [`AuthError::Unavailable`] only when the verification keys cannot be had.
+    async fn authenticate(&self, bearer_token: &str) -> Result<Caller, AuthError>;
+}

@@ -47,7 +47,8 @@ pub struct IntegrationSpec {
     pub provider_id: ProviderId,
     pub name: String,
     pub description: String,
-    pub status: IntegrationStatus,
+    /// `None`: `active` for a new integration, unchanged for an update.
+    pub status: Option<IntegrationStatus>,
     pub config: Map<String, Value>,
     pub custom_definition: Option<CustomApiDefinition>,
 }
@@ -59,7 +60,7 @@ impl IntegrationSpec {
         let mut v = Violations::new();
         v.check("name", validate_text(&self.name, 1, MAX_NAME_CHARS));
         v.check("description", validate_text(&self.description, 0, MAX_DESCRIPTION_CHARS));
-        if self.status == IntegrationStatus::Error && previous_status != Some(IntegrationStatus::Error) {
+        if self.status == Some(IntegrationStatus::Error) && previous_status != Some(IntegrationStatus::Error) {
             v.invalid("status", "'error' is set by the service; use 'active' or 'inactive'");
         }
         if serde_json::to_vec(&self.config).map_or(usize::MAX, |b| b.len()) > MAX_CONFIG_BYTES {
@@ -82,21 +83,29 @@ impl IntegrationSpec {
 /// An integration as stored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Integration {
+    #[cfg_attr(feature = "openapi", schema(value_type = uuid::Uuid))]
     pub id: IntegrationId,
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub tenant_id: TenantId,
     pub provider_id: ProviderId,
     pub name: String,
     pub description: String,
     pub status: IntegrationStatus,
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
     pub config: Map<String, Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub custom_definition: Option<CustomApiDefinition>,
     #[serde(with = "time::serde::rfc3339")]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = DateTime))]
     pub created_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339")]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = DateTime))]
     pub updated_at: OffsetDateTime,
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub created_by: UserId,
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub updated_by: UserId,
 }
 

@@ -128,6 +128,7 @@ pub struct Capabilities {
 /// Everything a catalog administrator states about a provider.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ProviderSpec {
     pub id: ProviderId,
     pub name: String,
@@ -140,6 +141,7 @@ pub struct ProviderSpec {
     pub api_base_url: String,
     pub docs_url: String,
     /// JSON Schema of the settings an integration of this provider needs (its `config`).
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
     pub config_schema: Value,
     pub capabilities: Capabilities,
 }
@@ -211,12 +213,15 @@ pub fn is_entity_name(value: &str) -> bool {
 /// A catalog entry as stored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Provider {
     #[serde(flatten)]
     pub spec: ProviderSpec,
     #[serde(with = "time::serde::rfc3339")]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = DateTime))]
     pub created_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339")]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = DateTime))]
     pub updated_at: OffsetDateTime,
 }
 

@@ -64,7 +64,7 @@ impl IntegrationService {
             provider_id: spec.provider_id,
             name: spec.name,
             description: spec.description,
-            status: spec.status,
+            status: spec.status.unwrap_or(IntegrationStatus::Active),
             config: spec.config,
             custom_definition: spec.custom_definition,
             created_at: now,
@@ -118,7 +118,7 @@ impl IntegrationService {
             let integration = Integration {
                 name: spec.name,
                 description: spec.description,
-                status: spec.status,
+                status: spec.status.unwrap_or(current.value.status),
                 config: spec.config,
                 custom_definition: spec.custom_definition,
                 updated_at: self.clock.now(),

@@ -1,0 +1,118 @@
+//! Extractors: the authenticated caller, JSON bodies with clear errors, `If-Match`.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use actix_web::dev::Payload;
+use actix_web::http::header;
+use actix_web::{FromRequest, HttpRequest, web};
+use im_domain::auth::AuthError;
+use im_domain::{Caller, ETag};
+use serde_json::Value;
+
+use super::problem::ApiError;
+use crate::startup::AppState;
+
+/// The authenticated caller of a `/api/v1` request.
+#[derive(Debug, Clone)]
+pub struct Authenticated(pub Caller);
+
+impl FromRequest for Authenticated {
+    type Error = ApiError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self, ApiError>>>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        let state = req.app_data::<web::Data<AppState>>().cloned();
+        let token = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .map(|v| v.to_str().ok().and_then(|s| s.strip_prefix("Bearer ").or_else(|| s.strip_prefix("bearer "))).map(|t| t.trim().to_owned()));
+        Box::pin(async move {
+            let state = state.ok_or_else(|| ApiError::Domain(anyhow::anyhow!("application state is missing").into()))?;
+            let token = match token {
+                None => return Err(AuthError::Missing.into()),
+                Some(None) => return Err(AuthError::Invalid("the Authorization header must be 'Bearer <token>'".into()).into()),
+                Some(Some(token)) if token.is_empty() => return Err(AuthError::Missing.into()),
+                Some(Some(token)) => token,
+            };
+            let caller = state.authenticator.authenticate(&token).await?;
+            tracing::Span::current().record("tenant_id", caller.tenant_id.as_str());
+            Ok(Authenticated(caller))
+        })
+    }
+}
+
+/// A JSON body, refused with 415 (not JSON), 413 (over the limit) or 400 (malformed).
+#[derive(Debug)]
+pub struct JsonBody(pub Value);
+
+impl FromRequest for JsonBody {
+    type Error = ApiError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self, ApiError>>>>;
+
+    fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
+        let limit = req.app_data::<web::Data<AppState>>().map_or(1024 * 1024, |s| s.body_limit);
+        let json = web::Json::<Value>::from_request(req, payload);
+        Box::pin(async move {
+            match json.await {
+                Ok(json) => Ok(JsonBody(json.into_inner())),
+                Err(e) => Err(match e.as_error::<actix_web::error::JsonPayloadError>() {
+                    Some(actix_web::error::JsonPayloadError::ContentType) => ApiError::UnsupportedMediaType,
+                    Some(actix_web::error::JsonPayloadError::Overflow { .. } | actix_web::error::JsonPayloadError::OverflowKnownLength { .. }) => {
+                        ApiError::PayloadTooLarge(limit)
+                    }
+                    Some(actix_web::error::JsonPayloadError::Deserialize(e)) => ApiError::Malformed(format!("the body is not valid JSON: {e}")),
+                    Some(other) => ApiError::Malformed(format!("the body could not be read: {other}")),
+                    None => ApiError::Malformed(e.to_string()),
+                }),
+            }
+        })
+    }
+}
+
+/// Formats a concurrency token as a strong HTTP entity tag.
+pub fn etag_header(etag: &ETag) -> (header::HeaderName, String) {
+    (header::ETAG, format!("\"{etag}\""))
+}
+
+fn parse_entity_tag(raw: &str) -> Option<&str> {
+    let raw = raw.trim();
+    let raw = raw.strip_prefix("W/").unwrap_or(raw);
+    raw.strip_prefix('"')?.strip_suffix('"').filter(|t| !t.contains('"'))
+}
+
+/// Reads `If-Match`: absent or `*` is `None` (the resource must merely exist).
+///
+/// # Errors
+/// [`ApiError::BadHeader`] when the header is not one entity tag.
+pub fn if_match(req: &HttpRequest) -> Result<Option<ETag>, ApiError> {
+    let Some(value) = req.headers().get(header::IF_MATCH) else { return Ok(None) };
+    let text = value.to_str().map_err(|_| ApiError::BadHeader("If-Match is not ASCII".into()))?.trim();
+    if text == "*" {
+        return Ok(None);
+    }
+    parse_entity_tag(text)
+        .map(|t| Some(ETag::new(t)))
+        .ok_or_else(|| ApiError::BadHeader("If-Match must be one entity tag in double quotes, as given in ETag".into()))
+}
+
+/// Whether `If-None-Match` names the current version (the GET can answer 304).
+pub fn not_modified(req: &HttpRequest, current: &ETag) -> bool {
+    req.headers()
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == "*" || parse_entity_tag(t) == Some(current.as_str())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entity_tags() {
+        assert_eq!(parse_entity_tag("\"abc\""), Some("abc"));
+        assert_eq!(parse_entity_tag("W/\"abc\""), Some("abc"));
+        assert_eq!(parse_entity_tag("abc"), None);
+        assert_eq!(parse_entity_tag("\"a\"b\""), None);
+    }
+}

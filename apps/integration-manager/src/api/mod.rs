@@ -1,0 +1,107 @@
+//! The HTTP API: routes, DTOs, extractors, problem details. Handlers convert DTOs to domain
+//! values, call a service and map the result; no business rule lives here.
+
+pub mod extract;
+pub mod health;
+pub mod input;
+pub mod integrations;
+pub mod openapi;
+pub mod problem;
+pub mod providers;
+pub mod request_id;
+
+use std::collections::HashMap;
+
+use actix_web::{HttpRequest, web};
+use im_domain::{FieldViolation, PageRequest, ViolationKind};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use problem::ApiError;
+
+/// Registers every route.
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.service(
+        web::scope("/api/v1")
+            .service(
+                web::resource("/integrations")
+                    .route(web::get().to(integrations::list))
+                    .route(web::post().to(integrations::create)),
+            )
+            .service(
+                web::resource("/integrations/{id}")
+                    .route(web::get().to(integrations::get))
+                    .route(web::put().to(integrations::update))
+                    .route(web::delete().to(integrations::delete)),
+            )
+            .service(web::resource("/providers").route(web::get().to(providers::list)).route(web::post().to(providers::create)))
+            .service(
+                web::resource("/providers/{id}")
+                    .route(web::get().to(providers::get))
+                    .route(web::put().to(providers::update))
+                    .route(web::delete().to(providers::delete)),
+            ),
+    )
+    .route("/health/live", web::get().to(health::live))
+    .route("/health/ready", web::get().to(health::ready))
+    .route("/openapi.json", web::get().to(openapi::serve));
+}
+
+/// Answer of routes that do not exist.
+pub async fn not_found(req: HttpRequest) -> Result<actix_web::HttpResponse, ApiError> {
+    Err(ApiError::NotFound(format!("no route for {} {}", req.method(), req.path())))
+}
+
+/// A page of a listing.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ListResponse<T: ToSchema> {
+    pub items: Vec<T>,
+    /// Pass as `continuationToken` to read the next page; `null` on the last page.
+    pub continuation_token: Option<String>,
+}
+
+/// Query-string parameters, each checked with an error naming it.
+pub struct QueryParams {
+    params: HashMap<String, String>,
+    violations: im_domain::Violations,
+}
+
+impl QueryParams {
+    /// # Errors
+    /// [`ApiError::Malformed`] for a query string that cannot be decoded.
+    pub fn parse(req: &HttpRequest) -> Result<Self, ApiError> {
+        let params = web::Query::<HashMap<String, String>>::from_query(req.query_string())
+            .map_err(|e| ApiError::Malformed(format!("the query string cannot be decoded: {e}")))?
+            .into_inner();
+        Ok(Self { params, violations: im_domain::Violations::new() })
+    }
+
+    /// An optional parameter parsed by `parse`.
+    pub fn get<T>(&mut self, name: &str, parse: impl FnOnce(&str) -> Result<T, FieldViolation>) -> Option<T> {
+        let raw = self.params.get(name)?;
+        self.violations.check(name, parse(raw))
+    }
+
+    /// `limit` and `continuationToken`.
+    pub fn page(&mut self) -> Option<PageRequest> {
+        let limit = self.get("limit", |raw| {
+            raw.parse::<u32>().map_err(|_| FieldViolation::new("", ViolationKind::WrongType, "must be a whole number"))
+        });
+        let continuation = self.params.get("continuationToken").cloned();
+        match PageRequest::new(limit, continuation) {
+            Ok(page) => Some(page),
+            Err(im_domain::DomainError::Validation(v)) => {
+                v.into_iter().for_each(|v| self.violations.push(v));
+                None
+            }
+            Err(_) => None,
+        }
+    }
+
+    /// # Errors
+    /// Every invalid parameter.
+    pub fn finish(self) -> Result<(), ApiError> {
+        self.violations.finish(|| ()).map_err(ApiError::from)
+    }
+}

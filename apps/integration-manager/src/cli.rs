@@ -1,0 +1,130 @@
+//! Subcommands: `serve` (default), `token`, `migrate`, `openapi`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use im_domain::{Role, TenantId, UserId};
+
+use crate::config::Settings;
+use crate::startup::{Application, local_jwt, open_store};
+
+#[derive(Debug, Parser)]
+#[command(name = "integration-manager", version, about = "Connect tenants' third-party tools: integrations, catalog, webhooks, sync")]
+pub struct Cli {
+    /// TOML configuration file (overrides the defaults; IM_* environment variables override it).
+    #[arg(long, global = true, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the API (the default).
+    Serve,
+    /// Print a token for a tenant, user and roles, signed with the server's key.
+    Token {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        user: String,
+        /// Comma-separated: viewer, member, admin.
+        #[arg(long, default_value = "member", value_delimiter = ',')]
+        roles: Vec<String>,
+        /// Lifetime in seconds (default: auth.token_ttl_secs).
+        #[arg(long)]
+        ttl: Option<i64>,
+    },
+    /// Prepare the configured store (idempotent).
+    Migrate,
+    /// Print the OpenAPI document.
+    Openapi,
+}
+
+fn settings(cli: &Cli) -> Result<Settings, ExitCode> {
+    Settings::load(cli.config.as_deref()).map_err(|e| {
+        eprintln!("configuration error: {e}");
+        ExitCode::from(2)
+    })
+}
+
+fn fail(context: &str, e: &anyhow::Error) -> ExitCode {
+    tracing::error!(error = format!("{e:#}"), "{context}");
+    eprintln!("{context}: {e:#}");
+    ExitCode::FAILURE
+}
+
+/// Runs the command line; returns the process exit code.
+#[allow(clippy::print_stdout)]
+pub async fn run(cli: Cli) -> ExitCode {
+    match cli.command {
+        Some(Command::Openapi) => {
+            print!("{}", crate::api::openapi::document());
+            ExitCode::SUCCESS
+        }
+        Some(Command::Token { ref tenant, ref user, ref roles, ttl }) => {
+            let settings = match settings(&cli) {
+                Ok(s) => s,
+                Err(code) => return code,
+            };
+            let (tenant, user) = match (TenantId::new(tenant.as_str()), UserId::new(user.as_str())) {
+                (Ok(t), Ok(u)) => (t, u),
+                (Err(e), _) => return usage(&format!("--tenant: {}", e.message)),
+                (_, Err(e)) => return usage(&format!("--user: {}", e.message)),
+            };
+            let mut parsed = Vec::new();
+            for role in roles {
+                match Role::parse(role.trim()) {
+                    Some(r) => parsed.push(r),
+                    None => return usage(&format!("--roles: unknown role '{role}' (viewer, member, admin)")),
+                }
+            }
+            let ttl = ttl.unwrap_or(settings.auth.token_ttl_secs);
+            match local_jwt(&settings).and_then(|jwt| jwt.mint(&tenant, &user, &parsed, ttl)) {
+                Ok(token) => {
+                    println!("{token}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail("cannot mint a token", &e),
+            }
+        }
+        Some(Command::Migrate) => {
+            let settings = match settings(&cli) {
+                Ok(s) => s,
+                Err(code) => return code,
+            };
+            crate::telemetry::init(&settings.log);
+            match open_store(&settings, std::sync::Arc::new(im_domain::SystemClock)).await {
+                Ok(store) => {
+                    println!("store ready: {}", store.path().display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail("migration failed", &e),
+            }
+        }
+        None | Some(Command::Serve) => {
+            let settings = match settings(&cli) {
+                Ok(s) => s,
+                Err(code) => return code,
+            };
+            crate::telemetry::init(&settings.log);
+            let app = match Application::build(settings).await {
+                Ok(app) => app,
+                Err(e) => return fail("cannot start", &e),
+            };
+            match app.run_until_stopped().await {
+                Ok(()) => {
+                    tracing::info!("stopped");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail("server failed", &e.into()),
+            }
+        }
+    }
+}
+
+fn usage(message: &str) -> ExitCode {
+    eprintln!("{message}");
+    ExitCode::from(2)
+}

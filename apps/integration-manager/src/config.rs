@@ -1,0 +1,275 @@
+//! Configuration: embedded commented defaults, then an optional TOML file, then environment
+//! variables (`IM_` prefix, `__` between levels), then validation that names the bad key.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use serde::Deserialize;
+
+/// The built-in defaults, every key commented.
+pub const DEFAULTS: &str = include_str!("../config/default.toml");
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub server: ServerSettings,
+    pub storage: StorageSettings,
+    pub auth: AuthSettings,
+    pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSettings {
+    pub host: String,
+    pub port: u16,
+    pub workers: usize,
+    pub body_limit_bytes: usize,
+    pub shutdown_timeout_secs: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageBackend {
+    Embedded,
+    Cosmos,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageSettings {
+    pub backend: StorageBackend,
+    pub data_dir: PathBuf,
+    pub ttl_sweep_interval_secs: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    Local,
+}
+
+/// A secret string: never printed by `Debug`.
+#[derive(Clone, Default, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_empty() { "Secret(<empty>)" } else { "Secret(<redacted>)" })
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSettings {
+    pub mode: AuthMode,
+    pub hs256_key: Secret,
+    pub issuer: String,
+    pub audience: String,
+    pub leeway_secs: u64,
+    pub token_ttl_secs: i64,
+}
+
+impl AuthSettings {
+    pub fn issuer(&self) -> Option<String> {
+        Some(self.issuer.clone()).filter(|s| !s.is_empty())
+    }
+
+    pub fn audience(&self) -> Option<String> {
+        Some(self.audience.clone()).filter(|s| !s.is_empty())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+/// A configuration problem, naming the key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() { write!(f, "{}", self.message) } else { write!(f, "{}: {}", self.key, self.message) }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn err(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError { key: key.to_owned(), message: message.into() }
+}
+
+/// The layered configuration sources. `file` is `--config`, else `IM_CONFIG`.
+pub fn figment(file: Option<&Path>) -> Figment {
+    let mut figment = Figment::from(Toml::string(DEFAULTS));
+    let file = file.map(Path::to_owned).or_else(|| std::env::var_os("IM_CONFIG").map(PathBuf::from));
+    if let Some(path) = file {
+        figment = figment.merge(Toml::file_exact(path));
+    }
+    figment.merge(Env::prefixed("IM_").split("__").ignore(&["config"]))
+}
+
+impl Settings {
+    /// Loads and validates the configuration.
+    ///
+    /// # Errors
+    /// The first problem found, naming its key.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::from_figment(figment(file))
+    }
+
+    /// # Errors
+    /// The first problem found, naming its key.
+    pub fn from_figment(figment: Figment) -> Result<Self, ConfigError> {
+        let settings: Settings = figment.extract().map_err(|e| {
+            let key = e.path.join(".");
+            let message = match &e.kind {
+                figment::error::Kind::UnknownField(field, _) => format!("unknown key '{field}'"),
+                figment::error::Kind::MissingField(field) => format!("missing key '{field}'"),
+                _ => e.kind.to_string(),
+            };
+            let source = e.metadata.as_ref().map(|m| format!(" (from {})", m.name)).unwrap_or_default();
+            err(&key, format!("{message}{source}"))
+        })?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks the values that types alone cannot.
+    ///
+    /// # Errors
+    /// The first problem found, naming its key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.server.host != "localhost" && self.server.host.parse::<IpAddr>().is_err() {
+            return Err(err("server.host", format!("'{}' is not an IP address or 'localhost'", self.server.host)));
+        }
+        if !(1024..=64 * 1024 * 1024).contains(&self.server.body_limit_bytes) {
+            return Err(err("server.body_limit_bytes", "must be between 1024 and 67108864"));
+        }
+        if self.server.workers > 1024 {
+            return Err(err("server.workers", "must be at most 1024"));
+        }
+        if self.storage.backend == StorageBackend::Cosmos {
+            return Err(err("storage.backend", "'cosmos' is not available in this build; use 'embedded'"));
+        }
+        if self.storage.data_dir.as_os_str().is_empty() {
+            return Err(err("storage.data_dir", "must not be empty"));
+        }
+        if self.storage.ttl_sweep_interval_secs == 0 {
+            return Err(err("storage.ttl_sweep_interval_secs", "must be at least 1"));
+        }
+        if !self.auth.hs256_key.is_empty() {
+            use base64::Engine as _;
+            match base64::engine::general_purpose::STANDARD.decode(self.auth.hs256_key.expose()) {
+                Ok(key) if key.len() >= im_auth::MIN_KEY_BYTES => {}
+                _ => return Err(err("auth.hs256_key", format!("must be base64 of at least {} bytes", im_auth::MIN_KEY_BYTES))),
+            }
+        }
+        if self.auth.token_ttl_secs <= 0 {
+            return Err(err("auth.token_ttl_secs", "must be positive"));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return Err(err("log.level", format!("'{}' is not a valid filter", self.log.level)));
+        }
+        Ok(())
+    }
+
+    /// The key file used when `auth.hs256_key` is empty.
+    pub fn auth_key_file(&self) -> PathBuf {
+        self.storage.data_dir.join("auth-hs256.key")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    #[test]
+    fn defaults_load() {
+        Jail::expect_with(|_| {
+            let s = Settings::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(s.server.port, 3026);
+            assert_eq!(s.storage.backend, StorageBackend::Embedded);
+            assert_eq!(s.log.format, LogFormat::Pretty);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn file_then_environment() {
+        Jail::expect_with(|jail| {
+            jail.create_file("im.toml", "[server]\nport = 4000\nhost = \"0.0.0.0\"\n[log]\nformat = \"json\"")?;
+            jail.set_env("IM_SERVER__PORT", "5000");
+            let s = Settings::load(Some(Path::new("im.toml"))).map_err(|e| e.to_string())?;
+            assert_eq!(s.server.port, 5000, "environment wins over the file");
+            assert_eq!(s.server.host, "0.0.0.0", "the file wins over the defaults");
+            assert_eq!(s.log.format, LogFormat::Json);
+            jail.set_env("IM_CONFIG", "im.toml");
+            jail.set_env("IM_SERVER__PORT", "5001");
+            let s = Settings::load(None).map_err(|e| e.to_string())?;
+            assert_eq!((s.server.port, s.server.host.as_str()), (5001, "0.0.0.0"), "IM_CONFIG names the file");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        Jail::expect_with(|jail| {
+            jail.set_env("IM_SERVER__PORT", "not-a-port");
+            assert_eq!(Settings::load(None).unwrap_err().key, "server.port");
+            jail.set_env("IM_SERVER__PORT", "3026");
+            jail.set_env("IM_LOG__FORMAT", "xml");
+            assert_eq!(Settings::load(None).unwrap_err().key, "log.format");
+            jail.set_env("IM_LOG__FORMAT", "json");
+            jail.set_env("IM_SERVER__HOST", "not an address");
+            assert_eq!(Settings::load(None).unwrap_err().key, "server.host");
+            jail.set_env("IM_SERVER__HOST", "127.0.0.1");
+            jail.set_env("IM_AUTH__HS256_KEY", "c2hvcnQ=");
+            assert_eq!(Settings::load(None).unwrap_err().key, "auth.hs256_key");
+            jail.set_env("IM_AUTH__HS256_KEY", "");
+            jail.set_env("IM_SERVER__PROT", "1");
+            let e = Settings::load(None).unwrap_err();
+            assert!(e.to_string().contains("prot"), "{e}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let s = Secret::new("hunter2");
+        assert!(!format!("{s:?}").contains("hunter2"));
+    }
+}

@@ -1,0 +1,153 @@
+//! Wiring: picks the adapters the configuration names, builds the services and the HTTP
+//! server. `build_app` serves both the real server and in-process tests.
+
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::body::MessageBody;
+use actix_web::dev::{Server, ServerHandle, ServiceFactory, ServiceRequest, ServiceResponse};
+use actix_web::middleware::from_fn;
+use actix_web::{App, HttpServer, web};
+use anyhow::Context as _;
+use base64::Engine as _;
+use im_auth::LocalJwt;
+use im_domain::auth::Authenticator;
+use im_domain::ports::HealthCheck;
+use im_domain::services::{CatalogService, IntegrationService};
+use im_domain::{Clock, SystemClock, UuidV7};
+use im_store_embedded::EmbeddedStore;
+
+use crate::api;
+use crate::config::{AuthMode, Settings, StorageBackend};
+
+/// What every handler can reach.
+pub struct AppState {
+    pub integrations: IntegrationService,
+    pub catalog: CatalogService,
+    pub authenticator: Arc<dyn Authenticator>,
+    pub health: Vec<Arc<dyn HealthCheck>>,
+    pub body_limit: usize,
+}
+
+/// The actix application: routes, body limits, request ids, problem+json for unknown routes.
+pub fn build_app(
+    state: web::Data<AppState>,
+) -> App<impl ServiceFactory<ServiceRequest, Config = (), Response = ServiceResponse<impl MessageBody>, Error = actix_web::Error, InitError = ()>> {
+    let limit = state.body_limit;
+    App::new()
+        .app_data(state)
+        .app_data(web::JsonConfig::default().limit(limit))
+        .configure(api::routes)
+        .default_service(web::to(api::not_found))
+        .wrap(from_fn(api::request_id::middleware))
+}
+
+/// The local token signer/verifier, with the key from configuration or the key file.
+///
+/// # Errors
+/// When the key cannot be read or created.
+pub fn local_jwt(settings: &Settings) -> anyhow::Result<LocalJwt> {
+    let AuthMode::Local = settings.auth.mode;
+    let key = if settings.auth.hs256_key.is_empty() {
+        im_auth::load_or_create_key(&settings.auth_key_file())?
+    } else {
+        base64::engine::general_purpose::STANDARD.decode(settings.auth.hs256_key.expose()).context("auth.hs256_key is not base64")?
+    };
+    LocalJwt::new(&key, settings.auth.issuer(), settings.auth.audience(), settings.auth.leeway_secs)
+}
+
+/// Opens the configured store and applies its migrations.
+///
+/// # Errors
+/// When the store cannot be opened or migrated.
+pub async fn open_store(settings: &Settings, clock: Arc<dyn Clock>) -> anyhow::Result<EmbeddedStore> {
+    match settings.storage.backend {
+        StorageBackend::Embedded => {
+            let store = EmbeddedStore::open(&settings.storage.data_dir, clock)?;
+            let report = store.migrate().await.context("migrating the embedded store")?;
+            if !report.applied.is_empty() {
+                tracing::info!(applied = ?report.applied, version = report.version, "store migrated");
+            }
+            Ok(store)
+        }
+        StorageBackend::Cosmos => anyhow::bail!("storage.backend 'cosmos' is not available in this build"),
+    }
+}
+
+/// A built server, bound to its port, not yet running.
+pub struct Application {
+    port: u16,
+    server: Server,
+}
+
+impl Application {
+    /// Builds everything and binds the port.
+    ///
+    /// # Errors
+    /// When the store, the keys, the catalog or the port fail.
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let store = open_store(&settings, clock.clone()).await?;
+        let authenticator: Arc<dyn Authenticator> = Arc::new(local_jwt(&settings)?);
+
+        let catalog = CatalogService::new(store.providers(), clock.clone());
+        let report = catalog.seed(crate::catalog::builtin_providers()?).await.context("seeding the provider catalog")?;
+        tracing::info!(inserted = report.inserted, already_seeded = report.skipped, "provider catalog seeded");
+        let integrations = IntegrationService::new(store.integrations(), store.providers(), clock, Arc::new(UuidV7));
+
+        let state = web::Data::new(AppState {
+            integrations,
+            catalog,
+            authenticator,
+            health: vec![Arc::new(store.clone())],
+            body_limit: settings.server.body_limit_bytes,
+        });
+
+        let listener = TcpListener::bind((settings.server.host.as_str(), settings.server.port))
+            .with_context(|| format!("cannot listen on {}:{}", settings.server.host, settings.server.port))?;
+        let port = listener.local_addr()?.port();
+        let workers = if settings.server.workers == 0 { std::thread::available_parallelism().map_or(2, |n| n.get()) } else { settings.server.workers };
+        let server = HttpServer::new(move || build_app(state.clone()))
+            .workers(workers)
+            .shutdown_timeout(settings.server.shutdown_timeout_secs)
+            .listen(listener)?
+            .run();
+
+        spawn_ttl_sweeper(store, Duration::from_secs(settings.storage.ttl_sweep_interval_secs));
+        tracing::info!(address = %format!("{}:{port}", settings.server.host), workers, "listening");
+        Ok(Self { port, server })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// A handle that stops the server gracefully.
+    pub fn handle(&self) -> ServerHandle {
+        self.server.handle()
+    }
+
+    /// Serves until stopped (SIGTERM/SIGINT stop it gracefully: in-flight requests finish).
+    ///
+    /// # Errors
+    /// When the server fails.
+    pub async fn run_until_stopped(self) -> std::io::Result<()> {
+        self.server.await
+    }
+}
+
+fn spawn_ttl_sweeper(store: EmbeddedStore, every: Duration) {
+    tokio::spawn(async move {
+        let mut interval = tokio::time::interval(every);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            interval.tick().await;
+            match store.purge_expired().await {
+                Ok(0) => {}
+                Ok(purged) => tracing::debug!(purged, "expired documents purged"),
+                Err(e) => tracing::warn!(error = %e, "purging expired documents failed"),
+            }
+        }
+    });
+}

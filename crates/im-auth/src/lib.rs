@@ -1,0 +1,198 @@
+//! Caller authentication with JSON Web Tokens.
+//!
+//! [`LocalJwt`] is the embedded default: HS256 tokens signed with a key from configuration or
+//! from a key file created (mode 0600) in the data directory on first run. It verifies tokens
+//! and mints them for the `token` subcommand, with the same key, so a minted token works
+//! against a running server.
+
+use std::io::Write as _;
+use std::path::Path;
+
+use async_trait::async_trait;
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use im_domain::auth::{AuthError, Authenticator};
+use im_domain::{Caller, Role, TenantId, UserId};
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+
+/// Shortest HS256 key accepted, in bytes.
+pub const MIN_KEY_BYTES: usize = 32;
+
+/// The claims this service reads (and writes when minting).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Claims {
+    pub sub: String,
+    pub tenant_id: String,
+    #[serde(default)]
+    pub roles: Vec<String>,
+    pub exp: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iat: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iss: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aud: Option<String>,
+}
+
+/// HS256 verification and minting with one shared key.
+pub struct LocalJwt {
+    encoding: EncodingKey,
+    decoding: DecodingKey,
+    validation: Validation,
+    issuer: Option<String>,
+    audience: Option<String>,
+}
+
+impl std::fmt::Debug for LocalJwt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the key.
+        f.debug_struct("LocalJwt").field("issuer", &self.issuer).field("audience", &self.audience).finish_non_exhaustive()
+    }
+}
+
+impl LocalJwt {
+    /// # Errors
+    /// When the key is shorter than [`MIN_KEY_BYTES`].
+    pub fn new(key: &[u8], issuer: Option<String>, audience: Option<String>, leeway_secs: u64) -> anyhow::Result<Self> {
+        anyhow::ensure!(key.len() >= MIN_KEY_BYTES, "the HS256 key must have at least {MIN_KEY_BYTES} bytes");
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.leeway = leeway_secs;
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        validation.validate_nbf = true;
+        match &issuer {
+            Some(iss) => validation.set_issuer(&[iss]),
+            None => validation.iss = None,
+        }
+        match &audience {
+            Some(aud) => validation.set_audience(&[aud]),
+            None => validation.validate_aud = false,
+        }
+        Ok(Self { encoding: EncodingKey::from_secret(key), decoding: DecodingKey::from_secret(key), validation, issuer, audience })
+    }
+
+    /// Signs a token for a tenant, user and roles, valid for `ttl_secs`.
+    ///
+    /// # Errors
+    /// When signing fails.
+    pub fn mint(&self, tenant: &TenantId, user: &UserId, roles: &[Role], ttl_secs: i64) -> anyhow::Result<String> {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let claims = Claims {
+            sub: user.to_string(),
+            tenant_id: tenant.to_string(),
+            roles: roles.iter().map(|r| r.as_str().to_owned()).collect(),
+            exp: now + ttl_secs,
+            iat: Some(now),
+            iss: self.issuer.clone(),
+            aud: self.audience.clone(),
+        };
+        Ok(jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)?)
+    }
+}
+
+#[async_trait]
+impl Authenticator for LocalJwt {
+    async fn authenticate(&self, bearer_token: &str) -> Result<Caller, AuthError> {
+        let data = jsonwebtoken::decode::<Claims>(bearer_token, &self.decoding, &self.validation).map_err(|e| match e.kind() {
+            ErrorKind::ExpiredSignature => AuthError::Expired,
+            ErrorKind::InvalidSignature => AuthError::Invalid("bad signature".into()),
+            ErrorKind::InvalidIssuer => AuthError::Invalid("wrong issuer".into()),
+            ErrorKind::InvalidAudience => AuthError::Invalid("wrong audience".into()),
+            ErrorKind::ImmatureSignature => AuthError::Invalid("not valid yet".into()),
+            ErrorKind::InvalidAlgorithm => AuthError::Invalid("unexpected algorithm".into()),
+            ErrorKind::MissingRequiredClaim(claim) => AuthError::Invalid(format!("missing claim '{claim}'")),
+            _ => AuthError::Invalid("malformed token".into()),
+        })?;
+        caller_from_claims(data.claims)
+    }
+}
+
+/// Builds a caller from verified claims; unknown role names are ignored.
+///
+/// # Errors
+/// [`AuthError::Invalid`] when `sub` or `tenant_id` is not a valid id.
+pub fn caller_from_claims(claims: Claims) -> Result<Caller, AuthError> {
+    let tenant = TenantId::new(claims.tenant_id).map_err(|_| AuthError::Invalid("claim 'tenant_id' is not a valid tenant id".into()))?;
+    let user = UserId::new(claims.sub).map_err(|_| AuthError::Invalid("claim 'sub' is not a valid user id".into()))?;
+    let roles = claims.roles.iter().filter_map(|r| Role::parse(r)).collect();
+    Ok(Caller::new(tenant, user, roles))
+}
+
+/// Reads the base64 key in `path`, or creates the file with a new random 32-byte key and mode
+/// 0600 when it does not exist. Two processes racing to create it end up with the same key.
+///
+/// # Errors
+/// When the file cannot be read or created, or holds no valid key.
+pub fn load_or_create_key(path: &Path) -> anyhow::Result<Vec<u8>> {
+    if !path.exists() {
+        let mut key = [0u8; MIN_KEY_BYTES];
+        getrandom::fill(&mut key).map_err(|e| anyhow::anyhow!("no randomness for a new key: {e}"))?;
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        match options.open(path) {
+            Ok(mut file) => {
+                file.write_all(STANDARD.encode(key).as_bytes())?;
+                file.sync_all()?;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(anyhow::anyhow!("cannot create key file {}: {e}", path.display())),
+        }
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("cannot read key file {}: {e}", path.display()))?;
+    let key = STANDARD.decode(text.trim()).map_err(|_| anyhow::anyhow!("key file {} does not hold base64", path.display()))?;
+    anyhow::ensure!(key.len() >= MIN_KEY_BYTES, "key file {} holds fewer than {MIN_KEY_BYTES} bytes", path.display());
+    Ok(key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn jwt() -> LocalJwt {
+        LocalJwt::new(&[7u8; 32], Some("im".into()), None, 0).unwrap()
+    }
+
+    fn ids() -> (TenantId, UserId) {
+        (TenantId::new("acme").unwrap(), UserId::new("alice").unwrap())
+    }
+
+    #[tokio::test]
+    async fn minted_tokens_verify() {
+        let (t, u) = ids();
+        let token = jwt().mint(&t, &u, &[Role::Member], 60).unwrap();
+        let caller = jwt().authenticate(&token).await.unwrap();
+        assert_eq!(caller, Caller::new(t, u, vec![Role::Member]));
+    }
+
+    #[tokio::test]
+    async fn bad_tokens_are_refused() {
+        let (t, u) = ids();
+        let expired = jwt().mint(&t, &u, &[Role::Member], -120).unwrap();
+        assert_eq!(jwt().authenticate(&expired).await, Err(AuthError::Expired));
+        let other_key = LocalJwt::new(&[8u8; 32], Some("im".into()), None, 0).unwrap().mint(&t, &u, &[], 60).unwrap();
+        assert!(matches!(jwt().authenticate(&other_key).await, Err(AuthError::Invalid(_))));
+        let other_issuer = LocalJwt::new(&[7u8; 32], Some("else".into()), None, 0).unwrap().mint(&t, &u, &[], 60).unwrap();
+        assert!(matches!(jwt().authenticate(&other_issuer).await, Err(AuthError::Invalid(_))));
+        assert!(matches!(jwt().authenticate("garbage").await, Err(AuthError::Invalid(_))));
+    }
+
+    #[test]
+    fn key_files_are_created_once_with_mode_0600() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys/jwt.key");
+        let first = load_or_create_key(&path).unwrap();
+        assert_eq!(load_or_create_key(&path).unwrap(), first);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        }
+        assert!(LocalJwt::new(&[1u8; 8], None, None, 0).is_err(), "short keys are refused");
+    }
+}
