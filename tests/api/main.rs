@@ -1,1 +1,10 @@
+//! Black-box tests of the whole service over real HTTP: the app is built as in production
+//! (embedded store in a fresh directory, real JWTs) and served on a free port.
 
+mod auth;
+mod bad_input;
+mod helpers;
+mod integrations;
+mod operations;
+mod providers;
+mod tidy;

@@ -28,7 +28,29 @@ mod tests {
             p.validate().unwrap_or_else(|e| panic!("{}: {e}", p.id));
             assert!(ids.insert(p.id.clone()), "{} is listed twice", p.id);
         }
-        for wanted in ["github", "gitlab", "bitbucket", "azure-devops", "jira", "linear", "asana", "slack", "microsoft-teams", "discord", "notion", "confluence", "google-drive", "dropbox", "salesforce", "hubspot", "zendesk", "stripe", "pagerduty", "sentry", "datadog"] {
+        for wanted in [
+            "github",
+            "gitlab",
+            "bitbucket",
+            "azure-devops",
+            "jira",
+            "linear",
+            "asana",
+            "slack",
+            "microsoft-teams",
+            "discord",
+            "notion",
+            "confluence",
+            "google-drive",
+            "dropbox",
+            "salesforce",
+            "hubspot",
+            "zendesk",
+            "stripe",
+            "pagerduty",
+            "sentry",
+            "datadog",
+        ] {
             assert!(ids.iter().any(|id| id.as_str() == wanted), "{wanted} is missing");
         }
     }

@@ -150,6 +150,14 @@ impl Settings {
         Self::from_figment(figment(file))
     }
 
+    /// The built-in defaults alone (no file, no environment): a base for tests.
+    ///
+    /// # Panics
+    /// Never: the defaults are checked by a test.
+    pub fn defaults() -> Self {
+        Self::from_figment(Figment::from(Toml::string(DEFAULTS))).expect("the built-in defaults are valid")
+    }
+
     /// # Errors
     /// The first problem found, naming its key.
     pub fn from_figment(figment: Figment) -> Result<Self, ConfigError> {
@@ -213,6 +221,7 @@ impl Settings {
 }
 
 #[cfg(test)]
+#[allow(clippy::result_large_err)] // figment::Jail's closures return figment::Error
 mod tests {
     use super::*;
     use figment::Jail;

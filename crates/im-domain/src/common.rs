@@ -246,7 +246,10 @@ pub fn validate_url(value: &str, allow_http: bool) -> Result<(), FieldViolation>
 pub fn validate_text(value: &str, min: usize, max: usize) -> Result<(), FieldViolation> {
     let chars = value.chars().count();
     if chars < min || value.trim().chars().count() < min {
-        return Err(FieldViolation::invalid("", if min == 1 { "must not be empty".to_owned() } else { format!("must have at least {min} characters") }));
+        return Err(FieldViolation::invalid(
+            "",
+            if min == 1 { "must not be empty".to_owned() } else { format!("must have at least {min} characters") },
+        ));
     }
     if chars > max {
         return Err(FieldViolation::invalid("", format!("must be at most {max} characters")));
@@ -263,7 +266,9 @@ mod tests {
 
     #[test]
     fn urls() {
-        for ok in ["https://api.github.com", "https://x.example.com:8443/a?b=c", "https://{subdomain}.zendesk.com/api/v2", "https://[::1]:443/x"] {
+        for ok in
+            ["https://api.github.com", "https://x.example.com:8443/a?b=c", "https://{subdomain}.zendesk.com/api/v2", "https://[::1]:443/x"]
+        {
             assert!(validate_url(ok, false).is_ok(), "{ok}");
         }
         for bad in ["http://api.github.com", "ftp://x", "https://", "https:// x.com", "not a url", "https://a..b", "https://x.com:99999"] {

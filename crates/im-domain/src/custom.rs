@@ -23,7 +23,7 @@ pub struct CustomApiDefinition {
     pub base_url: String,
     pub auth: CustomAuth,
     /// Headers sent with every request (never `Authorization`: the auth scheme sets it).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub default_headers: BTreeMap<String, String>,
     pub pagination: Pagination,
     pub entities: Vec<EntityDefinition>,
@@ -71,7 +71,9 @@ pub enum Pagination {
         cursor_param: String,
         /// Dotted path of the next cursor in the response body (`meta.next_cursor`).
         next_cursor_path: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         limit_param: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         page_size: Option<u32>,
     },
     /// Numbered pages.
@@ -79,7 +81,9 @@ pub enum Pagination {
         page_param: String,
         #[serde(default = "one")]
         start_page: u32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         limit_param: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         page_size: Option<u32>,
     },
     /// Offset and limit.
@@ -104,10 +108,14 @@ pub struct EntityDefinition {
     /// Dotted path of the record's id in a record (`id`).
     pub id_field: String,
     /// Dotted path of the record's last-modified timestamp, used for incremental sync.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub updated_at_field: Option<String>,
     pub list: RequestTemplate,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub get: Option<RequestTemplate>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upsert: Option<RequestTemplate>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delete: Option<RequestTemplate>,
 }
 
@@ -130,16 +138,15 @@ pub enum HttpMethod {
 pub struct RequestTemplate {
     pub method: HttpMethod,
     pub path: String,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub query: BTreeMap<String, String>,
     /// Dotted path of the records array in a list response (`data.items`); absent = the body is the array.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub items_path: Option<String>,
 }
 
 fn is_header_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 128
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c))
+    !name.is_empty() && name.len() <= 128 && name.chars().all(|c| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c))
 }
 
 fn is_dotted_path(path: &str) -> bool {
@@ -186,7 +193,9 @@ impl RequestTemplate {
             v.invalid("method", format!("must be one of {}", names.join(", ")));
         }
         match check_path(&self.path) {
-            Ok(placeholders) if needs_id && !placeholders.iter().any(|p| p == "id") => v.invalid("path", "must contain the {id} placeholder"),
+            Ok(placeholders) if needs_id && !placeholders.iter().any(|p| p == "id") => {
+                v.invalid("path", "must contain the {id} placeholder")
+            }
             Ok(_) => {}
             Err(reason) => v.invalid("path", reason),
         }
@@ -362,8 +371,17 @@ mod tests {
 
     #[test]
     fn all_auth_and_pagination_styles_parse() {
-        for auth in [json!({"type": "bearer"}), json!({"type": "basic"}), json!({"type": "oauth2_client_credentials", "tokenUrl": "https://auth.example.com/token", "scopes": ["read"]})] {
-            for pagination in [json!({"style": "page", "pageParam": "page"}), json!({"style": "offset", "offsetParam": "offset", "limitParam": "limit", "pageSize": 50}), json!({"style": "link"}), json!({"style": "none"})] {
+        for auth in [
+            json!({"type": "bearer"}),
+            json!({"type": "basic"}),
+            json!({"type": "oauth2_client_credentials", "tokenUrl": "https://auth.example.com/token", "scopes": ["read"]}),
+        ] {
+            for pagination in [
+                json!({"style": "page", "pageParam": "page"}),
+                json!({"style": "offset", "offsetParam": "offset", "limitParam": "limit", "pageSize": 50}),
+                json!({"style": "link"}),
+                json!({"style": "none"}),
+            ] {
                 let mut d = definition();
                 d["auth"] = auth.clone();
                 d["pagination"] = pagination;
@@ -384,7 +402,14 @@ mod tests {
         let d: CustomApiDefinition = serde_json::from_value(d).unwrap();
         let Err(DomainError::Validation(v)) = d.validate() else { panic!() };
         let fields: Vec<_> = v.iter().map(|v| v.field.as_str()).collect();
-        for f in ["baseUrl", "defaultHeaders.Authorization", "defaultHeaders.bad header", "entities[0].get.path", "entities[0].delete.method", "entities[0].list.path"] {
+        for f in [
+            "baseUrl",
+            "defaultHeaders.Authorization",
+            "defaultHeaders.bad header",
+            "entities[0].get.path",
+            "entities[0].delete.method",
+            "entities[0].list.path",
+        ] {
             assert!(fields.contains(&f), "{f} not in {fields:?}");
         }
     }

@@ -118,7 +118,6 @@ pub struct IntegrationFilter {
 
 impl IntegrationFilter {
     pub fn matches(&self, integration: &Integration) -> bool {
-        self.provider_id.as_ref().is_none_or(|p| *p == integration.provider_id)
-            && self.status.is_none_or(|s| s == integration.status)
+        self.provider_id.as_ref().is_none_or(|p| *p == integration.provider_id) && self.status.is_none_or(|s| s == integration.status)
     }
 }

@@ -20,7 +20,10 @@ fn validate_slug(value: &str, what: &str) -> Result<(), FieldViolation> {
     if ok {
         Ok(())
     } else {
-        Err(FieldViolation::invalid("", format!("{what} must be 2 to 64 characters of lowercase letters, digits and '-', starting with a letter or digit")))
+        Err(FieldViolation::invalid(
+            "",
+            format!("{what} must be 2 to 64 characters of lowercase letters, digits and '-', starting with a letter or digit"),
+        ))
     }
 }
 

@@ -39,11 +39,12 @@ fn configure(conn: &Connection) -> rusqlite::Result<()> {
 pub(crate) fn map_sqlite(error: rusqlite::Error) -> DomainError {
     use rusqlite::ErrorCode;
     match error.sqlite_error_code() {
-        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => DomainError::Unavailable {
-            reason: "the embedded database is busy".into(),
-            retry_after: Some(Duration::from_secs(1)),
-        },
-        Some(ErrorCode::DiskFull | ErrorCode::CannotOpen | ErrorCode::SystemIoFailure) => DomainError::unavailable(format!("embedded database: {error}")),
+        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => {
+            DomainError::Unavailable { reason: "the embedded database is busy".into(), retry_after: Some(Duration::from_secs(1)) }
+        }
+        Some(ErrorCode::DiskFull | ErrorCode::CannotOpen | ErrorCode::SystemIoFailure) => {
+            DomainError::unavailable(format!("embedded database: {error}"))
+        }
         _ => DomainError::Unexpected(anyhow::Error::new(error).context("embedded database")),
     }
 }
@@ -68,7 +69,10 @@ impl Db {
         if let Some(conn) = pool.lock().unwrap_or_else(|p| p.into_inner()).pop() {
             return Ok(conn);
         }
-        let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI)?;
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI,
+        )?;
         conn.busy_timeout(Duration::from_secs(5))?;
         Ok(conn)
     }

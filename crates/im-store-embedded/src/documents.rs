@@ -8,8 +8,8 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use im_domain::common::invalid_continuation;
 use im_domain::{DomainError, ETag, PageRequest};
-use rusqlite::{OptionalExtension, Transaction, params};
 use rusqlite::types::Value as SqlValue;
+use rusqlite::{OptionalExtension, Transaction, params};
 
 use crate::db::{Db, map_sqlite};
 
@@ -73,7 +73,14 @@ impl Documents {
     ///
     /// # Errors
     /// `Conflict` if a live document has the same container, partition and id.
-    pub async fn create(&self, container: &'static str, pk: String, id: String, body: String, ttl: Option<Duration>) -> Result<ETag, DomainError> {
+    pub async fn create(
+        &self,
+        container: &'static str,
+        pk: String,
+        id: String,
+        body: String,
+        ttl: Option<Duration>,
+    ) -> Result<ETag, DomainError> {
         let now = self.db.now();
         self.db.write(move |tx| insert(tx, container, &pk, &id, &body, expiry(now, ttl), now)).await
     }
@@ -91,9 +98,14 @@ impl Documents {
         let now = self.db.now();
         self.db
             .read(move |conn| {
-                let sql = format!("SELECT etag, body FROM documents WHERE container = ?1 AND pk = ?2 AND id = ?3 AND {}", LIVE.replace("?now", "?4"));
+                let sql = format!(
+                    "SELECT etag, body FROM documents WHERE container = ?1 AND pk = ?2 AND id = ?3 AND {}",
+                    LIVE.replace("?now", "?4")
+                );
                 conn.prepare_cached(&sql)?
-                    .query_row(params![container, pk, id, now], |r| Ok(Doc { pk: pk.clone(), id: id.clone(), etag: ETag::new(r.get::<_, String>(0)?), body: r.get(1)? }))
+                    .query_row(params![container, pk, id, now], |r| {
+                        Ok(Doc { pk: pk.clone(), id: id.clone(), etag: ETag::new(r.get::<_, String>(0)?), body: r.get(1)? })
+                    })
                     .optional()
             })
             .await
@@ -128,9 +140,11 @@ impl Documents {
                 check_current(tx, container, resource, &pk, &id, if_match.as_ref(), now)?;
                 if new_pk == pk {
                     let etag = new_etag();
-                    tx.prepare_cached("UPDATE documents SET etag = ?4, body = ?5, expires_at = ?6 WHERE container = ?1 AND pk = ?2 AND id = ?3")
-                        .and_then(|mut s| s.execute(params![container, pk, id, etag.as_str(), body, expiry(now, ttl)]))
-                        .map_err(map_sqlite)?;
+                    tx.prepare_cached(
+                        "UPDATE documents SET etag = ?4, body = ?5, expires_at = ?6 WHERE container = ?1 AND pk = ?2 AND id = ?3",
+                    )
+                    .and_then(|mut s| s.execute(params![container, pk, id, etag.as_str(), body, expiry(now, ttl)]))
+                    .map_err(map_sqlite)?;
                     Ok(etag)
                 } else {
                     remove(tx, container, &pk, &id)?;
@@ -144,7 +158,14 @@ impl Documents {
     ///
     /// # Errors
     /// `NotFound` (named `resource`) if absent; `PreconditionFailed` if `if_match` is stale.
-    pub async fn delete(&self, container: &'static str, resource: &'static str, pk: String, id: String, if_match: Option<ETag>) -> Result<(), DomainError> {
+    pub async fn delete(
+        &self,
+        container: &'static str,
+        resource: &'static str,
+        pk: String,
+        id: String,
+        if_match: Option<ETag>,
+    ) -> Result<(), DomainError> {
         let now = self.db.now();
         self.db
             .write(move |tx| {
@@ -210,7 +231,9 @@ impl Documents {
     pub async fn purge_expired(&self) -> Result<usize, DomainError> {
         let now = self.db.now();
         self.db
-            .write(move |tx| tx.execute("DELETE FROM documents WHERE expires_at IS NOT NULL AND expires_at <= ?1", [now]).map_err(map_sqlite))
+            .write(move |tx| {
+                tx.execute("DELETE FROM documents WHERE expires_at IS NOT NULL AND expires_at <= ?1", [now]).map_err(map_sqlite)
+            })
             .await
     }
 }
@@ -218,18 +241,30 @@ impl Documents {
 pub(crate) fn find(conn: &rusqlite::Connection, container: &str, id: &str, now: i64) -> rusqlite::Result<Option<Doc>> {
     let sql = format!("SELECT pk, etag, body FROM documents WHERE container = ?1 AND id = ?2 AND {} LIMIT 1", LIVE.replace("?now", "?3"));
     conn.prepare_cached(&sql)?
-        .query_row(params![container, id, now], |r| Ok(Doc { pk: r.get(0)?, id: id.to_owned(), etag: ETag::new(r.get::<_, String>(1)?), body: r.get(2)? }))
+        .query_row(params![container, id, now], |r| {
+            Ok(Doc { pk: r.get(0)?, id: id.to_owned(), etag: ETag::new(r.get::<_, String>(1)?), body: r.get(2)? })
+        })
         .optional()
 }
 
 /// Inserts a document inside a transaction; an expired document with the same key is replaced.
-pub(crate) fn insert(tx: &Transaction<'_>, container: &str, pk: &str, id: &str, body: &str, expires_at: Option<i64>, now: i64) -> Result<ETag, DomainError> {
+pub(crate) fn insert(
+    tx: &Transaction<'_>,
+    container: &str,
+    pk: &str,
+    id: &str,
+    body: &str,
+    expires_at: Option<i64>,
+    now: i64,
+) -> Result<ETag, DomainError> {
     tx.prepare_cached("DELETE FROM documents WHERE container = ?1 AND pk = ?2 AND id = ?3 AND expires_at IS NOT NULL AND expires_at <= ?4")
         .and_then(|mut s| s.execute(params![container, pk, id, now]))
         .map_err(map_sqlite)?;
     let etag = new_etag();
     let inserted = tx
-        .prepare_cached("INSERT INTO documents (container, pk, id, etag, body, expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT DO NOTHING")
+        .prepare_cached(
+            "INSERT INTO documents (container, pk, id, etag, body, expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT DO NOTHING",
+        )
         .and_then(|mut s| s.execute(params![container, pk, id, etag.as_str(), body, expires_at]))
         .map_err(map_sqlite)?;
     if inserted == 0 {
@@ -238,7 +273,15 @@ pub(crate) fn insert(tx: &Transaction<'_>, container: &str, pk: &str, id: &str, 
     Ok(etag)
 }
 
-fn check_current(tx: &Transaction<'_>, container: &str, resource: &'static str, pk: &str, id: &str, if_match: Option<&ETag>, now: i64) -> Result<(), DomainError> {
+fn check_current(
+    tx: &Transaction<'_>,
+    container: &str,
+    resource: &'static str,
+    pk: &str,
+    id: &str,
+    if_match: Option<&ETag>,
+    now: i64,
+) -> Result<(), DomainError> {
     let sql = format!("SELECT etag FROM documents WHERE container = ?1 AND pk = ?2 AND id = ?3 AND {}", LIVE.replace("?now", "?4"));
     let current: Option<String> = tx
         .prepare_cached(&sql)

@@ -45,7 +45,12 @@ impl IntegrationRepository for SqliteIntegrations {
         }
     }
 
-    async fn list(&self, tenant: &TenantId, filter: &IntegrationFilter, page: &PageRequest) -> Result<Page<Stored<Integration>>, DomainError> {
+    async fn list(
+        &self,
+        tenant: &TenantId,
+        filter: &IntegrationFilter,
+        page: &PageRequest,
+    ) -> Result<Page<Stored<Integration>>, DomainError> {
         let mut filters = Vec::new();
         if let Some(provider) = &filter.provider_id {
             filters.push(("$.providerId", provider.to_string()));

@@ -61,7 +61,8 @@ impl ProviderRepository for SqliteProviders {
             filters.push(("$.authMode", mode.as_str().to_owned()));
         }
         let search = filter.query.clone().map(|q| (vec!["$.id", "$.name", "$.description"], q));
-        let query = Query { container: PROVIDERS, pk: filter.category.as_ref().map(ToString::to_string), filters, search, page: page.clone() };
+        let query =
+            Query { container: PROVIDERS, pk: filter.category.as_ref().map(ToString::to_string), filters, search, page: page.clone() };
         let (docs, continuation) = self.docs.query(query).await?;
         let items = docs.into_iter().map(decode).collect::<Result<Vec<_>, _>>()?;
         Ok(Page { items, continuation })
@@ -97,7 +98,8 @@ impl ProviderRepository for SqliteProviders {
                         report.skipped += 1;
                         continue;
                     }
-                    tx.execute("INSERT INTO catalog_seed (provider_id, seeded_at) VALUES (?1, ?2)", params![id, now]).map_err(map_sqlite)?;
+                    tx.execute("INSERT INTO catalog_seed (provider_id, seeded_at) VALUES (?1, ?2)", params![id, now])
+                        .map_err(map_sqlite)?;
                     // An administrator may have created the id before it was ever seeded: keep theirs.
                     if find(tx, PROVIDERS, &id, now).map_err(map_sqlite)?.is_some() {
                         report.skipped += 1;

@@ -55,7 +55,9 @@ async fn documents_expire_after_their_ttl() {
     let docs = store.documents();
     let week = Duration::from_secs(7 * 24 * 3600);
     docs.create(containers::WEBHOOK_DELIVERIES, "t1".into(), "d1".into(), "{}".into(), Some(week)).await.unwrap();
-    docs.create(containers::SYNC_EXECUTIONS, "t1".into(), "e1".into(), "{}".into(), Some(Duration::from_secs(30 * 24 * 3600))).await.unwrap();
+    docs.create(containers::SYNC_EXECUTIONS, "t1".into(), "e1".into(), "{}".into(), Some(Duration::from_secs(30 * 24 * 3600)))
+        .await
+        .unwrap();
     docs.create(containers::WEBHOOKS, "t1".into(), "w1".into(), "{}".into(), None).await.unwrap();
 
     *clock.0.lock().unwrap() += time::Duration::days(7) - time::Duration::seconds(1);

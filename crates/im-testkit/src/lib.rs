@@ -25,10 +25,7 @@ pub fn timestamp() -> OffsetDateTime {
 }
 
 /// Runs every check of the suite against the given repositories.
-pub async fn run_all(
-    integrations: &dyn im_domain::ports::IntegrationRepository,
-    providers: &dyn im_domain::ports::ProviderRepository,
-) {
+pub async fn run_all(integrations: &dyn im_domain::ports::IntegrationRepository, providers: &dyn im_domain::ports::ProviderRepository) {
     integrations::crud(integrations).await;
     integrations::duplicate_id_conflicts(integrations).await;
     integrations::stale_etag_is_refused(integrations).await;

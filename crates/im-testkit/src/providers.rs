@@ -114,6 +114,13 @@ pub async fn seed_is_idempotent_and_keeps_edits(repo: &dyn ProviderRepository) {
     repo.replace(&edited, None).await.expect("admin edit");
     repo.delete(&ProviderId::new(&b).unwrap(), None).await.expect("admin delete");
     repo.seed(&seeds).await.expect("seed after edits");
-    assert_eq!(repo.get(&ProviderId::new(&a).unwrap()).await.expect("get").value.spec.name, "Edited by an admin", "seeding never overwrites an edit");
-    assert!(matches!(repo.get(&ProviderId::new(&b).unwrap()).await, Err(DomainError::NotFound { .. })), "seeding never re-creates a deleted provider");
+    assert_eq!(
+        repo.get(&ProviderId::new(&a).unwrap()).await.expect("get").value.spec.name,
+        "Edited by an admin",
+        "seeding never overwrites an edit"
+    );
+    assert!(
+        matches!(repo.get(&ProviderId::new(&b).unwrap()).await, Err(DomainError::NotFound { .. })),
+        "seeding never re-creates a deleted provider"
+    );
 }

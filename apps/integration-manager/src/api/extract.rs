@@ -23,10 +23,9 @@ impl FromRequest for Authenticated {
 
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
         let state = req.app_data::<web::Data<AppState>>().cloned();
-        let token = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .map(|v| v.to_str().ok().and_then(|s| s.strip_prefix("Bearer ").or_else(|| s.strip_prefix("bearer "))).map(|t| t.trim().to_owned()));
+        let token = req.headers().get(header::AUTHORIZATION).map(|v| {
+            v.to_str().ok().and_then(|s| s.strip_prefix("Bearer ").or_else(|| s.strip_prefix("bearer "))).map(|t| t.trim().to_owned())
+        });
         Box::pin(async move {
             let state = state.ok_or_else(|| ApiError::Domain(anyhow::anyhow!("application state is missing").into()))?;
             let token = match token {
@@ -58,10 +57,13 @@ impl FromRequest for JsonBody {
                 Ok(json) => Ok(JsonBody(json.into_inner())),
                 Err(e) => Err(match e.as_error::<actix_web::error::JsonPayloadError>() {
                     Some(actix_web::error::JsonPayloadError::ContentType) => ApiError::UnsupportedMediaType,
-                    Some(actix_web::error::JsonPayloadError::Overflow { .. } | actix_web::error::JsonPayloadError::OverflowKnownLength { .. }) => {
-                        ApiError::PayloadTooLarge(limit)
+                    Some(
+                        actix_web::error::JsonPayloadError::Overflow { .. }
+                        | actix_web::error::JsonPayloadError::OverflowKnownLength { .. },
+                    ) => ApiError::PayloadTooLarge(limit),
+                    Some(actix_web::error::JsonPayloadError::Deserialize(e)) => {
+                        ApiError::Malformed(format!("the body is not valid JSON: {e}"))
                     }
-                    Some(actix_web::error::JsonPayloadError::Deserialize(e)) => ApiError::Malformed(format!("the body is not valid JSON: {e}")),
                     Some(other) => ApiError::Malformed(format!("the body could not be read: {other}")),
                     None => ApiError::Malformed(e.to_string()),
                 }),

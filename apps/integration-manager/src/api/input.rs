@@ -37,7 +37,11 @@ impl Input {
         };
         let mut violations = Violations::new();
         for key in map.keys().filter(|k| !known.contains(&k.as_str())) {
-            violations.push(FieldViolation::new(key.clone(), ViolationKind::UnknownField, format!("is not a field of this resource (known: {})", known.join(", "))));
+            violations.push(FieldViolation::new(
+                key.clone(),
+                ViolationKind::UnknownField,
+                format!("is not a field of this resource (known: {})", known.join(", ")),
+            ));
         }
         Ok(Self { map, violations })
     }

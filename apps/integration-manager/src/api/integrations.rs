@@ -38,14 +38,24 @@ pub struct IntegrationInput {
 }
 
 const FIELDS: &[&str] = &[
-    "providerId", "name", "description", "status", "config", "customDefinition",
+    "providerId",
+    "name",
+    "description",
+    "status",
+    "config",
+    "customDefinition",
     // read-only, ignored
-    "id", "tenantId", "createdAt", "updatedAt", "createdBy", "updatedBy",
+    "id",
+    "tenantId",
+    "createdAt",
+    "updatedAt",
+    "createdBy",
+    "updatedBy",
 ];
 
 fn read_spec(body: Value) -> ApiResult<IntegrationSpec> {
     let mut input = Input::new(body, FIELDS)?;
-    let provider_id = input.validated("providerId", true, |s| ProviderId::new(s));
+    let provider_id = input.validated("providerId", true, ProviderId::new);
     // Values are checked by the domain, which lists every invalid one at once; here only the
     // shape of the body is read.
     let name: Option<String> = input.required("name");
@@ -96,7 +106,8 @@ pub async fn list(state: web::Data<AppState>, caller: Authenticated, req: HttpRe
     query.finish()?;
     let filter = IntegrationFilter { provider_id, status };
     let page = state.integrations.list(&caller.0, &filter, &page.unwrap_or_else(|| im_domain::PageRequest::first(50))).await?;
-    Ok(HttpResponse::Ok().json(ListResponse { items: page.items.into_iter().map(|s| s.value).collect(), continuation_token: page.continuation }))
+    Ok(HttpResponse::Ok()
+        .json(ListResponse { items: page.items.into_iter().map(|s| s.value).collect(), continuation_token: page.continuation }))
 }
 
 /// Create an integration from a catalog provider or a custom API definition.
@@ -155,7 +166,13 @@ pub async fn get(state: web::Data<AppState>, caller: Authenticated, id: web::Pat
         (status = 422, description = "Invalid values", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = [])))]
-pub async fn update(state: web::Data<AppState>, caller: Authenticated, id: web::Path<String>, req: HttpRequest, body: JsonBody) -> ApiResult<HttpResponse> {
+pub async fn update(
+    state: web::Data<AppState>,
+    caller: Authenticated,
+    id: web::Path<String>,
+    req: HttpRequest,
+    body: JsonBody,
+) -> ApiResult<HttpResponse> {
     caller.0.require(im_domain::Role::Member)?;
     let id = path_id(&id)?;
     let if_match = if_match(&req)?;

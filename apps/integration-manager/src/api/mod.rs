@@ -23,11 +23,7 @@ use problem::ApiError;
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(
         web::scope("/api/v1")
-            .service(
-                web::resource("/integrations")
-                    .route(web::get().to(integrations::list))
-                    .route(web::post().to(integrations::create)),
-            )
+            .service(web::resource("/integrations").route(web::get().to(integrations::list)).route(web::post().to(integrations::create)))
             .service(
                 web::resource("/integrations/{id}")
                     .route(web::get().to(integrations::get))

@@ -81,7 +81,9 @@ impl ApiError {
 
     fn detail(&self) -> String {
         match self {
-            ApiError::Domain(DomainError::Unexpected(_)) => "An unexpected error occurred; the request id identifies it in the service's logs.".into(),
+            ApiError::Domain(DomainError::Unexpected(_)) => {
+                "An unexpected error occurred; the request id identifies it in the service's logs.".into()
+            }
             ApiError::Domain(DomainError::Validation(v)) => format!("{} field(s) are invalid", v.len()),
             ApiError::Domain(e) => e.to_string(),
             ApiError::Unauthorized(e) => e.to_string(),
@@ -117,7 +119,13 @@ impl ResponseError for ApiError {
         } else {
             tracing::debug!(%status, error = %self, "request refused");
         }
-        let problem = Problem { kind: format!("urn:integration-manager:problem:{kind}"), title, status: status.as_u16(), detail: self.detail(), errors: self.fields() };
+        let problem = Problem {
+            kind: format!("urn:integration-manager:problem:{kind}"),
+            title,
+            status: status.as_u16(),
+            detail: self.detail(),
+            errors: self.fields(),
+        };
         let mut response = HttpResponse::build(status);
         response.insert_header((header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON)));
         match self {

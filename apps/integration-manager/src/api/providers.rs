@@ -41,22 +41,33 @@ pub struct ProviderInput {
 }
 
 const FIELDS: &[&str] = &[
-    "id", "name", "category", "description", "authMode", "authorizationUrl", "tokenUrl", "defaultScopes", "apiBaseUrl", "docsUrl",
-    "configSchema", "capabilities",
+    "id",
+    "name",
+    "category",
+    "description",
+    "authMode",
+    "authorizationUrl",
+    "tokenUrl",
+    "defaultScopes",
+    "apiBaseUrl",
+    "docsUrl",
+    "configSchema",
+    "capabilities",
     // read-only, ignored
-    "createdAt", "updatedAt",
+    "createdAt",
+    "updatedAt",
 ];
 
 fn read_spec(body: Value, path_id: Option<&ProviderId>) -> ApiResult<ProviderSpec> {
     let mut input = Input::new(body, FIELDS)?;
-    let id = input.validated("id", path_id.is_none(), |s| ProviderId::new(s));
+    let id = input.validated("id", path_id.is_none(), ProviderId::new);
     if let (Some(given), Some(path)) = (&id, path_id) {
         if given != path {
             input.invalid("id", "does not match the id in the path; a provider's id cannot change");
         }
     }
     let name: Option<String> = input.required("name");
-    let category = input.validated("category", true, |s| Category::new(s));
+    let category = input.validated("category", true, Category::new);
     let description: Option<String> = input.optional("description");
     let auth_mode: Option<AuthMode> = input.required("authMode");
     let authorization_url: Option<String> = input.optional("authorizationUrl");
@@ -110,7 +121,8 @@ pub async fn list(state: web::Data<AppState>, caller: Authenticated, req: HttpRe
     let mut query = QueryParams::parse(&req)?;
     let category = query.get("category", |s| Category::new(s));
     let auth_mode = query.get("authMode", |s| {
-        AuthMode::parse(s).ok_or_else(|| FieldViolation::invalid("", "must be one of oauth2, oauth2_client_credentials, api_key, basic, none"))
+        AuthMode::parse(s)
+            .ok_or_else(|| FieldViolation::invalid("", "must be one of oauth2, oauth2_client_credentials, api_key, basic, none"))
     });
     let q = query.get("q", |s| {
         if s.chars().count() > 100 { Err(FieldViolation::invalid("", "must be at most 100 characters")) } else { Ok(s.trim().to_owned()) }
@@ -119,7 +131,8 @@ pub async fn list(state: web::Data<AppState>, caller: Authenticated, req: HttpRe
     query.finish()?;
     let filter = ProviderFilter { category, auth_mode, query: q.filter(|q| !q.is_empty()) };
     let page = state.catalog.list(&caller.0, &filter, &page.unwrap_or_else(|| im_domain::PageRequest::first(50))).await?;
-    Ok(HttpResponse::Ok().json(ListResponse { items: page.items.into_iter().map(|s| s.value).collect(), continuation_token: page.continuation }))
+    Ok(HttpResponse::Ok()
+        .json(ListResponse { items: page.items.into_iter().map(|s| s.value).collect(), continuation_token: page.continuation }))
 }
 
 /// Read a provider.
@@ -175,7 +188,13 @@ pub async fn create(state: web::Data<AppState>, caller: Authenticated, body: Jso
         (status = 422, description = "Invalid values", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = [])))]
-pub async fn update(state: web::Data<AppState>, caller: Authenticated, id: web::Path<String>, req: HttpRequest, body: JsonBody) -> ApiResult<HttpResponse> {
+pub async fn update(
+    state: web::Data<AppState>,
+    caller: Authenticated,
+    id: web::Path<String>,
+    req: HttpRequest,
+    body: JsonBody,
+) -> ApiResult<HttpResponse> {
     caller.0.require(Role::Admin)?;
     let id = path_id(&id)?;
     let if_match = if_match(&req)?;

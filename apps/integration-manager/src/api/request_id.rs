@@ -20,7 +20,8 @@ fn incoming(req: &ServiceRequest) -> Option<String> {
 
 pub async fn middleware(req: ServiceRequest, next: Next<impl MessageBody>) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
     let id = incoming(&req).unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-    let span = tracing::info_span!("request", request_id = %id, method = %req.method(), path = %req.path(), tenant_id = tracing::field::Empty);
+    let span =
+        tracing::info_span!("request", request_id = %id, method = %req.method(), path = %req.path(), tenant_id = tracing::field::Empty);
     let started = Instant::now();
     let mut response = next.call(req).instrument(span.clone()).await?;
     let status = response.status();

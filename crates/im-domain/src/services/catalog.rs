@@ -49,7 +49,13 @@ impl CatalogService {
     }
 
     /// Replaces a provider's description; its id cannot change, its category can.
-    pub async fn update(&self, caller: &Caller, id: &ProviderId, spec: ProviderSpec, if_match: Option<&ETag>) -> Result<Stored<Provider>, DomainError> {
+    pub async fn update(
+        &self,
+        caller: &Caller,
+        id: &ProviderId,
+        spec: ProviderSpec,
+        if_match: Option<&ETag>,
+    ) -> Result<Stored<Provider>, DomainError> {
         caller.require(Role::Admin)?;
         if spec.id != *id {
             return Err(DomainError::invalid("id", "cannot be changed"));

@@ -1,0 +1,26 @@
+# Integration Manager: every target is a one-liner that mirrors CI.
+.PHONY: run test lint fmt fmt-check bench openapi build
+
+run:        ## build and serve on :3026 with the embedded store
+	cargo run --release -p integration-manager -- serve
+
+build:
+	cargo build --workspace --all-targets
+
+test:       ## the whole suite
+	cargo test --workspace
+
+lint:
+	cargo clippy --workspace --all-targets -- -D warnings
+
+fmt:
+	cargo fmt --all
+
+fmt-check:
+	cargo fmt --all -- --check
+
+openapi:    ## regenerate docs/openapi.json from the code
+	cargo run -q -p integration-manager -- openapi > docs/openapi.json
+
+bench:      ## API benchmark against a bare actix-web baseline (release build, wrk)
+	bash tests/bench/run.sh

@@ -1,0 +1,137 @@
+//! The real binary: subcommands, configuration errors, tokens against a running server,
+//! graceful shutdown.
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_integration-manager");
+
+fn command(data_dir: &Path) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.env_remove("IM_CONFIG")
+        .env("IM_STORAGE__DATA_DIR", data_dir)
+        .env("IM_LOG__LEVEL", "info")
+        .env("IM_LOG__FORMAT", "json")
+        .env("IM_SERVER__SHUTDOWN_TIMEOUT_SECS", "5")
+        .env_remove("RUST_LOG");
+    cmd
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+struct Server {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn serve(data_dir: &Path) -> Server {
+    let port = free_port();
+    let log = std::fs::File::create(data_dir.join("server.log")).unwrap();
+    let child = command(data_dir)
+        .env("IM_SERVER__PORT", port.to_string())
+        .arg("serve")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("the binary starts");
+    let server = Server { child, url: format!("http://127.0.0.1:{port}") };
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(30) {
+        if let Ok(r) = reqwest::get(format!("{}/health/ready", server.url)).await {
+            if r.status().is_success() {
+                return server;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the server did not become ready");
+}
+
+fn token(data_dir: &Path, roles: &str) -> String {
+    let out = command(data_dir).args(["token", "--tenant", "acme", "--user", "alice", "--roles", roles]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(stdout.lines().count(), 1, "the token alone on stdout");
+    stdout.trim().to_owned()
+}
+
+#[tokio::test]
+async fn a_minted_token_works_against_the_running_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve(dir.path()).await;
+    let token = token(dir.path(), "member,admin");
+    assert_eq!(token.split('.').count(), 3, "a JWT");
+    let client = reqwest::Client::new();
+    let response = client
+        .post(format!("{}/api/v1/integrations", server.url))
+        .bearer_auth(&token)
+        .json(&serde_json::json!({"providerId": "github", "name": "cli", "config": {"organization": "acme"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    let bad = command(dir.path()).args(["token", "--tenant", "acme", "--user", "alice", "--roles", "overlord"]).output().unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("overlord"));
+}
+
+#[tokio::test]
+async fn sigterm_stops_gracefully_with_exit_code_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = serve(dir.path()).await;
+    let pid = server.child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = server.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "the server did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(0));
+    let stderr = std::fs::read_to_string(dir.path().join("server.log")).unwrap();
+    assert!(stderr.contains("\"request_id\"") || stderr.contains("listening"), "JSON logs were written: {stderr}");
+    assert!(!stderr.contains("hs256"), "no key material in logs");
+}
+
+#[test]
+fn configuration_errors_name_the_key_and_exit_before_binding() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let out = command(dir.path()).env("IM_SERVER__PORT", port.to_string()).env("IM_LOG__FORMAT", "yaml").arg("serve").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("log.format"), "{stderr}");
+    assert!(TcpListener::bind(("127.0.0.1", port)).is_ok(), "the port was never bound");
+
+    let file = dir.path().join("bad.toml");
+    std::fs::write(&file, "[server]\nport = \"high\"\n").unwrap();
+    let out = command(dir.path()).args(["--config", file.to_str().unwrap(), "serve"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("server.port"));
+}
+
+#[test]
+fn migrate_is_idempotent_and_openapi_prints_the_document() {
+    let dir = tempfile::tempdir().unwrap();
+    for _ in 0..2 {
+        let out = command(dir.path()).arg("migrate").output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    assert!(dir.path().join("integration-manager.db").exists());
+    let out = command(dir.path()).arg("openapi").output().unwrap();
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(doc["paths"]["/api/v1/integrations"].is_object());
+}

@@ -1,0 +1,153 @@
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use actix_web::dev::ServerHandle;
+use im_domain::{Role, TenantId, UserId};
+use integration_manager::{Application, Settings};
+use reqwest::{Method, RequestBuilder, Response, StatusCode};
+use serde_json::{Value, json};
+
+/// A running service and what a test needs to talk to it.
+pub struct TestApp {
+    pub address: String,
+    pub client: reqwest::Client,
+    pub settings: Settings,
+    handle: ServerHandle,
+    /// Keeps the data directory alive as long as the app (and across restarts).
+    pub dir: Arc<tempfile::TempDir>,
+}
+
+fn init_logs() {
+    // Quiet unless RUST_LOG asks otherwise.
+    integration_manager::telemetry::init(&integration_manager::config::LogSettings {
+        format: integration_manager::config::LogFormat::Pretty,
+        level: "warn".into(),
+    });
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(|_| {}).await
+}
+
+pub async fn spawn_app_with(configure: impl FnOnce(&mut Settings)) -> TestApp {
+    spawn_in(Arc::new(tempfile::tempdir().expect("temp dir")), configure).await
+}
+
+pub async fn spawn_in(dir: Arc<tempfile::TempDir>, configure: impl FnOnce(&mut Settings)) -> TestApp {
+    init_logs();
+    let mut settings = Settings::defaults();
+    settings.server.host = "127.0.0.1".into();
+    settings.server.port = 0;
+    settings.server.workers = 2;
+    settings.server.shutdown_timeout_secs = 1;
+    settings.storage.data_dir = dir.path().to_owned();
+    configure(&mut settings);
+    let app = Application::build(settings.clone()).await.expect("the app builds");
+    let address = format!("http://127.0.0.1:{}", app.port());
+    let handle = app.handle();
+    tokio::spawn(app.run_until_stopped());
+    TestApp { address, client: reqwest::Client::new(), settings, handle, dir }
+}
+
+impl TestApp {
+    /// Stops this instance and starts another on the same data directory.
+    pub async fn restart(self) -> TestApp {
+        self.handle.stop(true).await;
+        let settings = self.settings.clone();
+        spawn_in(self.dir.clone(), move |s| *s = settings).await
+    }
+
+    pub fn token(&self, tenant: &str, user: &str, roles: &[Role]) -> String {
+        let jwt = integration_manager::startup::local_jwt(&self.settings).expect("jwt");
+        jwt.mint(&TenantId::new(tenant).unwrap(), &UserId::new(user).unwrap(), roles, 600).expect("mint")
+    }
+
+    /// A fresh tenant's member token.
+    pub fn member(&self) -> String {
+        self.token(&format!("t-{}", uuid::Uuid::new_v4().simple()), "alice", &[Role::Member])
+    }
+
+    pub fn admin(&self) -> String {
+        self.token("platform", "root", &[Role::Admin])
+    }
+
+    pub fn request(&self, method: Method, path: &str, token: &str) -> RequestBuilder {
+        self.client.request(method, format!("{}{path}", self.address)).bearer_auth(token)
+    }
+
+    pub async fn get(&self, path: &str, token: &str) -> Response {
+        self.request(Method::GET, path, token).send().await.expect("request")
+    }
+
+    pub async fn post(&self, path: &str, token: &str, body: &Value) -> Response {
+        self.request(Method::POST, path, token).json(body).send().await.expect("request")
+    }
+
+    pub async fn put(&self, path: &str, token: &str, body: &Value, if_match: Option<&str>) -> Response {
+        let mut req = self.request(Method::PUT, path, token).json(body);
+        if let Some(etag) = if_match {
+            req = req.header("if-match", etag);
+        }
+        req.send().await.expect("request")
+    }
+
+    pub async fn delete(&self, path: &str, token: &str, if_match: Option<&str>) -> Response {
+        let mut req = self.request(Method::DELETE, path, token);
+        if let Some(etag) = if_match {
+            req = req.header("if-match", etag);
+        }
+        req.send().await.expect("request")
+    }
+
+    /// Creates a GitHub integration and returns its body and ETag.
+    pub async fn create_github(&self, token: &str, name: &str) -> (Value, String) {
+        let response = self.post("/api/v1/integrations", token, &github(name)).await;
+        assert_eq!(response.status(), StatusCode::CREATED);
+        let etag = header(&response, "etag");
+        (response.json().await.expect("json"), etag)
+    }
+}
+
+pub fn github(name: &str) -> Value {
+    json!({"providerId": "github", "name": name, "config": {"organization": "acme"}})
+}
+
+pub fn header(response: &Response, name: &str) -> String {
+    response.headers().get(name).unwrap_or_else(|| panic!("no {name} header")).to_str().unwrap().to_owned()
+}
+
+/// Asserts a problem+json answer with `status` and returns it.
+pub async fn problem(response: Response, status: StatusCode) -> Value {
+    assert_eq!(response.status(), status, "status");
+    assert_eq!(header(&response, "content-type"), "application/problem+json");
+    let body: Value = response.json().await.expect("problem body");
+    assert_eq!(body["status"], status.as_u16());
+    assert!(body["type"].as_str().is_some_and(|t| !t.is_empty()) && body["title"].is_string() && body["detail"].is_string(), "{body}");
+    body
+}
+
+/// The `field` of every listed error.
+pub fn fields(problem: &Value) -> Vec<String> {
+    problem["errors"].as_array().map(|e| e.iter().map(|e| e["field"].as_str().unwrap_or_default().to_owned()).collect()).unwrap_or_default()
+}
+
+/// The workspace root.
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_owned()
+}
+
+pub fn custom_definition() -> Value {
+    json!({
+        "baseUrl": "https://api.example.com/v2",
+        "auth": {"type": "api_key", "in": "header", "name": "X-Api-Key"},
+        "defaultHeaders": {"Accept": "application/json"},
+        "pagination": {"style": "cursor", "cursorParam": "cursor", "nextCursorPath": "meta.next", "limitParam": "limit", "pageSize": 100},
+        "entities": [{
+            "name": "ticket", "idField": "id", "updatedAtField": "updated_at",
+            "list": {"method": "GET", "path": "/tickets", "itemsPath": "data"},
+            "get": {"method": "GET", "path": "/tickets/{id}"},
+            "upsert": {"method": "PUT", "path": "/tickets/{id}"},
+            "delete": {"method": "DELETE", "path": "/tickets/{id}"}
+        }]
+    })
+}
