@@ -17,6 +17,8 @@ pub const DEFAULTS: &str = include_str!("../config/default.toml");
 pub struct Settings {
     pub server: ServerSettings,
     pub storage: StorageSettings,
+    pub events: EventSettings,
+    pub rabbitmq: RabbitSettings,
     pub auth: AuthSettings,
     pub log: LogSettings,
 }
@@ -44,6 +46,29 @@ pub struct StorageSettings {
     pub backend: StorageBackend,
     pub data_dir: PathBuf,
     pub ttl_sweep_interval_secs: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventsBackend {
+    Embedded,
+    Rabbitmq,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventSettings {
+    pub backend: EventsBackend,
+    pub relay_batch_size: u32,
+    pub outbox_max_age_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RabbitSettings {
+    pub url: Secret,
+    pub exchange: String,
+    pub confirm_timeout_secs: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -197,6 +222,22 @@ impl Settings {
         }
         if self.storage.ttl_sweep_interval_secs == 0 {
             return Err(err("storage.ttl_sweep_interval_secs", "must be at least 1"));
+        }
+        if !(1..=10_000).contains(&self.events.relay_batch_size) {
+            return Err(err("events.relay_batch_size", "must be between 1 and 10000"));
+        }
+        if self.events.backend == EventsBackend::Rabbitmq {
+            let url = self.rabbitmq.url.expose();
+            if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
+                return Err(err("rabbitmq.url", "must be an amqp:// or amqps:// URL"));
+            }
+            let valid_name = |n: &str| !n.is_empty() && n.len() <= 255 && n.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c));
+            if !valid_name(&self.rabbitmq.exchange) || self.rabbitmq.exchange.starts_with("amq.") {
+                return Err(err("rabbitmq.exchange", "must be 1 to 255 of letters, digits, '-', '_', '.', ':' and not start with 'amq.'"));
+            }
+            if self.rabbitmq.confirm_timeout_secs == 0 {
+                return Err(err("rabbitmq.confirm_timeout_secs", "must be at least 1"));
+            }
         }
         if !self.auth.hs256_key.is_empty() {
             use base64::Engine as _;

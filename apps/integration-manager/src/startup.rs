@@ -13,13 +13,15 @@ use anyhow::Context as _;
 use base64::Engine as _;
 use im_auth::LocalJwt;
 use im_domain::auth::Authenticator;
-use im_domain::ports::HealthCheck;
-use im_domain::services::{CatalogService, IntegrationService};
+use im_bus_rabbitmq::RabbitPublisher;
+use im_domain::ports::{EventPublisher, HealthCheck};
+use im_domain::services::{CatalogService, EventRelay, InProcessBus, IntegrationService};
 use im_domain::{Clock, SystemClock, UuidV7};
 use im_store_embedded::EmbeddedStore;
 
 use crate::api;
-use crate::config::{AuthMode, Settings, StorageBackend};
+use crate::config::{AuthMode, EventsBackend, Settings, StorageBackend};
+use crate::events::OutboxHealth;
 
 /// What every handler can reach.
 pub struct AppState {
@@ -27,6 +29,8 @@ pub struct AppState {
     pub catalog: CatalogService,
     pub authenticator: Arc<dyn Authenticator>,
     pub health: Vec<Arc<dyn HealthCheck>>,
+    /// In-process subscribers register here (embedded events backend).
+    pub bus: Arc<InProcessBus>,
     pub body_limit: usize,
 }
 
@@ -81,6 +85,8 @@ pub async fn open_store(settings: &Settings, clock: Arc<dyn Clock>) -> anyhow::R
 pub struct Application {
     port: u16,
     server: Server,
+    background: Vec<tokio::task::JoinHandle<()>>,
+    state: web::Data<AppState>,
 }
 
 impl Application {
@@ -98,11 +104,33 @@ impl Application {
         tracing::info!(inserted = report.inserted, already_seeded = report.skipped, "provider catalog seeded");
         let integrations = IntegrationService::new(store.integrations(), store.providers(), clock, Arc::new(UuidV7));
 
+        let mut health: Vec<Arc<dyn HealthCheck>> = vec![Arc::new(store.clone())];
+        let bus = Arc::new(InProcessBus::new());
+        let publisher: Arc<dyn EventPublisher> = match settings.events.backend {
+            EventsBackend::Embedded => bus.clone(),
+            EventsBackend::Rabbitmq => {
+                let rabbit = Arc::new(RabbitPublisher::new(im_bus_rabbitmq::RabbitSettings {
+                    url: settings.rabbitmq.url.expose().to_owned(),
+                    exchange: settings.rabbitmq.exchange.clone(),
+                    confirm_timeout: Duration::from_secs(settings.rabbitmq.confirm_timeout_secs),
+                }));
+                health.push(rabbit.clone());
+                rabbit
+            }
+        };
+        let wake = Arc::new(tokio::sync::Notify::new());
+        let notify = wake.clone();
+        store.on_events_recorded(move || notify.notify_one());
+        let relay = EventRelay::new(store.outbox(), publisher);
+        health.push(Arc::new(OutboxHealth { outbox: store.outbox(), max_age: Duration::from_secs(settings.events.outbox_max_age_secs) }));
+        let relay_task = crate::events::spawn_relay(relay, wake, settings.events.relay_batch_size);
+
         let state = web::Data::new(AppState {
             integrations,
             catalog,
             authenticator,
-            health: vec![Arc::new(store.clone())],
+            health,
+            bus,
             body_limit: settings.server.body_limit_bytes,
         });
 
@@ -114,19 +142,25 @@ impl Application {
         } else {
             settings.server.workers
         };
+        let state_for_tests = state.clone();
         let server = HttpServer::new(move || build_app(state.clone()))
             .workers(workers)
             .shutdown_timeout(settings.server.shutdown_timeout_secs)
             .listen(listener)?
             .run();
 
-        spawn_ttl_sweeper(store, Duration::from_secs(settings.storage.ttl_sweep_interval_secs));
-        tracing::info!(address = %format!("{}:{port}", settings.server.host), workers, "listening");
-        Ok(Self { port, server })
+        let sweeper = spawn_ttl_sweeper(store, Duration::from_secs(settings.storage.ttl_sweep_interval_secs));
+        tracing::info!(address = %format!("{}:{port}", settings.server.host), workers, events = ?settings.events.backend, "listening");
+        Ok(Self { port, server, background: vec![relay_task, sweeper], state: state_for_tests })
     }
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The shared state (tests subscribe to the in-process bus through it).
+    pub fn state(&self) -> web::Data<AppState> {
+        self.state.clone()
     }
 
     /// A handle that stops the server gracefully.
@@ -139,11 +173,15 @@ impl Application {
     /// # Errors
     /// When the server fails.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
-        self.server.await
+        let result = self.server.await;
+        for task in self.background {
+            task.abort();
+        }
+        result
     }
 }
 
-fn spawn_ttl_sweeper(store: EmbeddedStore, every: Duration) {
+fn spawn_ttl_sweeper(store: EmbeddedStore, every: Duration) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut interval = tokio::time::interval(every);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -155,5 +193,5 @@ fn spawn_ttl_sweeper(store: EmbeddedStore, every: Duration) {
                 Err(e) => tracing::warn!(error = %e, "purging expired documents failed"),
             }
         }
-    });
+    })
 }

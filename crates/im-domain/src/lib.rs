@@ -8,6 +8,7 @@ pub mod auth;
 pub mod common;
 pub mod custom;
 pub mod error;
+pub mod events;
 pub mod integration;
 pub mod ports;
 pub mod provider;

@@ -5,6 +5,7 @@ use async_trait::async_trait;
 
 use crate::common::{ETag, IntegrationId, Page, PageRequest, Stored, TenantId};
 use crate::error::DomainError;
+use crate::events::{DomainEvent, OutboxStats};
 use crate::integration::{Integration, IntegrationFilter};
 use crate::provider::{Provider, ProviderFilter, ProviderId, SeedReport};
 
@@ -12,12 +13,14 @@ use crate::provider::{Provider, ProviderFilter, ProviderId, SeedReport};
 #[cfg_attr(any(test, feature = "test-support"), mockall::automock)]
 #[async_trait]
 pub trait IntegrationRepository: Send + Sync {
-    /// Stores a new integration and returns its concurrency token.
+    /// Stores a new integration, and records `events` in the outbox in the same atomic write,
+    /// and returns its concurrency token.
     ///
     /// # Errors
-    /// - MUST return [`DomainError::Conflict`] if an integration with the same id exists in the tenant.
+    /// - MUST return [`DomainError::Conflict`] if an integration with the same id exists in the
+    ///   tenant, having written nothing (no event either).
     /// - MUST return [`DomainError::Unavailable`] when the store cannot be reached, having written nothing.
-    async fn create(&self, integration: &Integration) -> Result<ETag, DomainError>;
+    async fn create(&self, integration: &Integration, events: &[DomainEvent]) -> Result<ETag, DomainError>;
 
     /// Reads one integration of one tenant.
     ///
@@ -39,20 +42,22 @@ pub trait IntegrationRepository: Send + Sync {
         page: &PageRequest,
     ) -> Result<Page<Stored<Integration>>, DomainError>;
 
-    /// Replaces a stored integration (same tenant and id) and returns the new concurrency token.
+    /// Replaces a stored integration (same tenant and id), records `events` atomically with it,
+    /// and returns the new concurrency token.
     ///
     /// # Errors
     /// - MUST return [`DomainError::NotFound`] if it does not exist.
     /// - MUST return [`DomainError::PreconditionFailed`] if `if_match` is given and is not the
-    ///   current token, having written nothing.
-    async fn replace(&self, integration: &Integration, if_match: Option<ETag>) -> Result<ETag, DomainError>;
+    ///   current token, having written nothing (no event either).
+    async fn replace(&self, integration: &Integration, if_match: Option<ETag>, events: &[DomainEvent]) -> Result<ETag, DomainError>;
 
-    /// Deletes an integration.
+    /// Deletes an integration and records `events` atomically with the deletion.
     ///
     /// # Errors
     /// - MUST return [`DomainError::NotFound`] if it does not exist.
-    /// - MUST return [`DomainError::PreconditionFailed`] if `if_match` is given and stale.
-    async fn delete(&self, tenant: &TenantId, id: IntegrationId, if_match: Option<ETag>) -> Result<(), DomainError>;
+    /// - MUST return [`DomainError::PreconditionFailed`] if `if_match` is given and stale,
+    ///   having written nothing.
+    async fn delete(&self, tenant: &TenantId, id: IntegrationId, if_match: Option<ETag>, events: &[DomainEvent]) -> Result<(), DomainError>;
 }
 
 /// Storage of the global provider catalog, partitioned by category. Provider ids are unique
@@ -104,6 +109,9 @@ pub trait ProviderRepository: Send + Sync {
 pub struct DependencyHealth {
     pub name: String,
     pub ready: bool,
+    /// Whether the service cannot serve without it. A non-critical dependency that is down
+    /// degrades the service (work waits durably) without making it unready.
+    pub critical: bool,
     /// What was observed (latency, error, pending counts...).
     pub detail: String,
 }
@@ -115,4 +123,44 @@ pub trait HealthCheck: Send + Sync {
     /// Checks the dependency. MUST answer within a few seconds and MUST NOT fail: problems are
     /// reported as `ready: false`.
     async fn check(&self) -> DependencyHealth;
+}
+
+/// The transactional outbox: events recorded by repository writes, waiting to be published.
+#[cfg_attr(any(test, feature = "test-support"), mockall::automock)]
+#[async_trait]
+pub trait Outbox: Send + Sync {
+    /// Up to `limit` events not yet marked published, oldest first. MUST include every event
+    /// whose write committed, and none whose write failed.
+    async fn pending(&self, limit: u32) -> Result<Vec<DomainEvent>, DomainError>;
+
+    /// Marks events as published (they are then purged). MUST be idempotent, and MUST ignore ids
+    /// it does not hold.
+    async fn mark_published(&self, ids: &[uuid::Uuid]) -> Result<(), DomainError>;
+
+    /// How many events wait, and since when.
+    async fn stats(&self) -> Result<OutboxStats, DomainError>;
+}
+
+/// Where events go: a message broker, or subscribers in this process.
+#[cfg_attr(any(test, feature = "test-support"), mockall::automock)]
+#[async_trait]
+pub trait EventPublisher: Send + Sync {
+    /// Publishes events in order.
+    ///
+    /// # Errors
+    /// MUST return `Ok` only once every event is durably accepted (the broker confirmed it, or
+    /// every subscriber handled it); otherwise [`DomainError::Unavailable`], and the caller
+    /// publishes them again later (consumers drop duplicates by event id).
+    async fn publish(&self, events: &[DomainEvent]) -> Result<(), DomainError>;
+}
+
+/// Something in this process that reacts to events (webhook fan-out, sync triggers).
+#[cfg_attr(any(test, feature = "test-support"), mockall::automock)]
+#[async_trait]
+pub trait EventSubscriber: Send + Sync {
+    /// Handles one event. MUST be idempotent by event id (events arrive at least once).
+    ///
+    /// # Errors
+    /// When the event could not be handled durably; it is then delivered again later.
+    async fn handle(&self, event: &DomainEvent) -> Result<(), DomainError>;
 }

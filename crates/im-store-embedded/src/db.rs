@@ -11,8 +11,12 @@ use rusqlite::{Connection, OpenFlags, Transaction, TransactionBehavior};
 /// Readers kept open between requests.
 const MAX_IDLE_READERS: usize = 8;
 
+/// Called after a transaction that recorded events commits (wakes the outbox relay).
+pub type Notifier = Arc<dyn Fn() + Send + Sync>;
+
 pub struct Db {
     path: PathBuf,
+    notifier: std::sync::RwLock<Option<Notifier>>,
     writer: Arc<Mutex<Connection>>,
     readers: Arc<Mutex<Vec<Connection>>>,
     clock: Arc<dyn Clock>,
@@ -57,7 +61,19 @@ impl Db {
     pub fn open(path: &Path, clock: Arc<dyn Clock>) -> anyhow::Result<Self> {
         let writer = Connection::open(path).map_err(|e| anyhow::anyhow!("cannot open database {}: {e}", path.display()))?;
         configure(&writer)?;
-        Ok(Self { path: path.to_owned(), writer: Arc::new(Mutex::new(writer)), readers: Arc::new(Mutex::new(Vec::new())), clock })
+        Ok(Self { path: path.to_owned(), notifier: std::sync::RwLock::new(None), writer: Arc::new(Mutex::new(writer)), readers: Arc::new(Mutex::new(Vec::new())), clock })
+    }
+
+    pub fn set_notifier(&self, notifier: Notifier) {
+        *self.notifier.write().unwrap_or_else(|p| p.into_inner()) = Some(notifier);
+    }
+
+    pub(crate) fn notify_if(&self, recorded_events: bool) {
+        if recorded_events {
+            if let Some(notify) = self.notifier.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
+                notify();
+            }
+        }
     }
 
     /// Current time in unix seconds, from the injected clock (TTL expiry uses it).

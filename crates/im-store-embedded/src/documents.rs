@@ -7,6 +7,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use im_domain::common::invalid_continuation;
+use im_domain::events::DomainEvent;
 use im_domain::{DomainError, ETag, PageRequest};
 use rusqlite::types::Value as SqlValue;
 use rusqlite::{OptionalExtension, Transaction, params};
@@ -81,8 +82,34 @@ impl Documents {
         body: String,
         ttl: Option<Duration>,
     ) -> Result<ETag, DomainError> {
+        self.create_with_events(container, pk, id, body, ttl, &[]).await
+    }
+
+    /// Creates a document and records `events` in the outbox, in one transaction.
+    ///
+    /// # Errors
+    /// `Conflict` if a live document has the same container, partition and id (no event is recorded).
+    pub async fn create_with_events(
+        &self,
+        container: &'static str,
+        pk: String,
+        id: String,
+        body: String,
+        ttl: Option<Duration>,
+        events: &[DomainEvent],
+    ) -> Result<ETag, DomainError> {
         let now = self.db.now();
-        self.db.write(move |tx| insert(tx, container, &pk, &id, &body, expiry(now, ttl), now)).await
+        let rows = outbox_rows(events)?;
+        let etag = self
+            .db
+            .write(move |tx| {
+                let etag = insert(tx, container, &pk, &id, &body, expiry(now, ttl), now)?;
+                record_events(tx, &rows)?;
+                Ok(etag)
+            })
+            .await?;
+        self.db.notify_if(!events.is_empty());
+        Ok(etag)
     }
 
     /// Runs several writes in one transaction (all or nothing).
@@ -117,11 +144,12 @@ impl Documents {
         self.db.read(move |conn| find(conn, container, &id, now)).await
     }
 
-    /// Replaces a document, optionally moving it to partition `new_pk`, conditionally on `if_match`.
+    /// Replaces a document, optionally moving it to partition `new_pk`, conditionally on
+    /// `if_match`, and records `events` in the same transaction.
     ///
     /// # Errors
     /// `NotFound` (named `resource`) if absent; `PreconditionFailed` if `if_match` is stale;
-    /// `Conflict` if the target partition already holds the id.
+    /// `Conflict` if the target partition already holds the id. Nothing is written then.
     #[allow(clippy::too_many_arguments)]
     pub async fn replace(
         &self,
@@ -133,28 +161,35 @@ impl Documents {
         body: String,
         if_match: Option<ETag>,
         ttl: Option<Duration>,
+        events: &[DomainEvent],
     ) -> Result<ETag, DomainError> {
         let now = self.db.now();
-        self.db
+        let rows = outbox_rows(events)?;
+        let etag = self
+            .db
             .write(move |tx| {
                 check_current(tx, container, resource, &pk, &id, if_match.as_ref(), now)?;
-                if new_pk == pk {
+                let etag = if new_pk == pk {
                     let etag = new_etag();
                     tx.prepare_cached(
                         "UPDATE documents SET etag = ?4, body = ?5, expires_at = ?6 WHERE container = ?1 AND pk = ?2 AND id = ?3",
                     )
                     .and_then(|mut s| s.execute(params![container, pk, id, etag.as_str(), body, expiry(now, ttl)]))
                     .map_err(map_sqlite)?;
-                    Ok(etag)
+                    etag
                 } else {
                     remove(tx, container, &pk, &id)?;
-                    insert(tx, container, &new_pk, &id, &body, expiry(now, ttl), now)
-                }
+                    insert(tx, container, &new_pk, &id, &body, expiry(now, ttl), now)?
+                };
+                record_events(tx, &rows)?;
+                Ok(etag)
             })
-            .await
+            .await?;
+        self.db.notify_if(!events.is_empty());
+        Ok(etag)
     }
 
-    /// Deletes a document conditionally on `if_match`.
+    /// Deletes a document conditionally on `if_match`, recording `events` in the same transaction.
     ///
     /// # Errors
     /// `NotFound` (named `resource`) if absent; `PreconditionFailed` if `if_match` is stale.
@@ -165,14 +200,19 @@ impl Documents {
         pk: String,
         id: String,
         if_match: Option<ETag>,
+        events: &[DomainEvent],
     ) -> Result<(), DomainError> {
         let now = self.db.now();
+        let rows = outbox_rows(events)?;
         self.db
             .write(move |tx| {
                 check_current(tx, container, resource, &pk, &id, if_match.as_ref(), now)?;
-                remove(tx, container, &pk, &id)
+                remove(tx, container, &pk, &id)?;
+                record_events(tx, &rows)
             })
-            .await
+            .await?;
+        self.db.notify_if(!events.is_empty());
+        Ok(())
     }
 
     /// Runs a query; returns one page of documents and the token of the next page.
@@ -236,6 +276,28 @@ impl Documents {
             })
             .await
     }
+}
+
+/// `(event id, JSON, recorded at in unix milliseconds)` rows for the outbox table.
+type OutboxRow = (String, String, i64);
+
+fn outbox_rows(events: &[DomainEvent]) -> Result<Vec<OutboxRow>, DomainError> {
+    events
+        .iter()
+        .map(|e| {
+            let body = serde_json::to_string(e).map_err(|err| DomainError::Unexpected(anyhow::Error::new(err).context("encoding an event")))?;
+            Ok((e.id.to_string(), body, (e.time.unix_timestamp_nanos() / 1_000_000) as i64))
+        })
+        .collect()
+}
+
+fn record_events(tx: &Transaction<'_>, rows: &[OutboxRow]) -> Result<(), DomainError> {
+    for (id, body, at) in rows {
+        tx.prepare_cached("INSERT INTO outbox (id, body, created_at) VALUES (?1, ?2, ?3)")
+            .and_then(|mut s| s.execute(params![id, body, at]))
+            .map_err(map_sqlite)?;
+    }
+    Ok(())
 }
 
 pub(crate) fn find(conn: &rusqlite::Connection, container: &str, id: &str, now: i64) -> rusqlite::Result<Option<Doc>> {

@@ -2,6 +2,7 @@
 //! partitioned by tenant.
 
 use async_trait::async_trait;
+use im_domain::events::DomainEvent;
 use im_domain::integration::{Integration, IntegrationFilter};
 use im_domain::ports::IntegrationRepository;
 use im_domain::{DomainError, ETag, IntegrationId, Page, PageRequest, Stored, TenantId};
@@ -33,9 +34,9 @@ pub(crate) fn decode<T: serde::de::DeserializeOwned>(doc: Doc) -> Result<Stored<
 
 #[async_trait]
 impl IntegrationRepository for SqliteIntegrations {
-    async fn create(&self, integration: &Integration) -> Result<ETag, DomainError> {
+    async fn create(&self, integration: &Integration, events: &[DomainEvent]) -> Result<ETag, DomainError> {
         let body = encode(integration)?;
-        self.docs.create(INTEGRATIONS, integration.tenant_id.to_string(), integration.id.to_string(), body, None).await
+        self.docs.create_with_events(INTEGRATIONS, integration.tenant_id.to_string(), integration.id.to_string(), body, None, events).await
     }
 
     async fn get(&self, tenant: &TenantId, id: IntegrationId) -> Result<Stored<Integration>, DomainError> {
@@ -64,13 +65,13 @@ impl IntegrationRepository for SqliteIntegrations {
         Ok(Page { items, continuation })
     }
 
-    async fn replace(&self, integration: &Integration, if_match: Option<ETag>) -> Result<ETag, DomainError> {
+    async fn replace(&self, integration: &Integration, if_match: Option<ETag>, events: &[DomainEvent]) -> Result<ETag, DomainError> {
         let body = encode(integration)?;
         let pk = integration.tenant_id.to_string();
-        self.docs.replace(INTEGRATIONS, RESOURCE, pk.clone(), pk, integration.id.to_string(), body, if_match, None).await
+        self.docs.replace(INTEGRATIONS, RESOURCE, pk.clone(), pk, integration.id.to_string(), body, if_match, None, events).await
     }
 
-    async fn delete(&self, tenant: &TenantId, id: IntegrationId, if_match: Option<ETag>) -> Result<(), DomainError> {
-        self.docs.delete(INTEGRATIONS, RESOURCE, tenant.to_string(), id.to_string(), if_match).await
+    async fn delete(&self, tenant: &TenantId, id: IntegrationId, if_match: Option<ETag>, events: &[DomainEvent]) -> Result<(), DomainError> {
+        self.docs.delete(INTEGRATIONS, RESOURCE, tenant.to_string(), id.to_string(), if_match, events).await
     }
 }

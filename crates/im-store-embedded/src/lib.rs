@@ -9,13 +9,14 @@ mod db;
 pub mod documents;
 mod integrations;
 mod migrations;
+mod outbox;
 mod providers;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use im_domain::ports::{DependencyHealth, HealthCheck, IntegrationRepository, ProviderRepository};
+use im_domain::ports::{DependencyHealth, HealthCheck, IntegrationRepository, Outbox, ProviderRepository};
 use im_domain::{Clock, DomainError};
 
 pub use db::Db;
@@ -81,6 +82,15 @@ impl EmbeddedStore {
         Arc::new(integrations::SqliteIntegrations::new(self.documents()))
     }
 
+    pub fn outbox(&self) -> Arc<dyn Outbox> {
+        Arc::new(outbox::SqliteOutbox::new(self.db.clone()))
+    }
+
+    /// Calls `notify` after every commit that recorded events (to wake the relay at once).
+    pub fn on_events_recorded(&self, notify: impl Fn() + Send + Sync + 'static) {
+        self.db.set_notifier(Arc::new(notify));
+    }
+
     pub fn providers(&self) -> Arc<dyn ProviderRepository> {
         Arc::new(providers::SqliteProviders::new(self.documents()))
     }
@@ -95,6 +105,6 @@ impl HealthCheck for EmbeddedStore {
             Ok(applied) => (true, format!("sqlite {}: {applied} migrations, {} µs", self.path.display(), started.elapsed().as_micros())),
             Err(e) => (false, format!("sqlite {}: {e}", self.path.display())),
         };
-        DependencyHealth { name: "store".into(), ready, detail }
+        DependencyHealth { name: "store".into(), ready, critical: true, detail }
     }
 }

@@ -6,7 +6,8 @@ use rusqlite::Transaction;
 use crate::db::map_sqlite;
 
 /// `(version, name, sql)`, applied in order.
-const MIGRATIONS: &[(i64, &str, &str)] = &[(
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
     1,
     "documents",
     r#"
@@ -29,6 +30,19 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[(
         provider_id TEXT PRIMARY KEY,
         seeded_at   INTEGER NOT NULL
     ) WITHOUT ROWID;
+    "#,
+), (
+    2,
+    "outbox",
+    r#"
+    -- The transactional outbox: events written in the same transaction as the change they
+    -- describe, deleted once the publisher confirmed them.
+    CREATE TABLE outbox (
+        seq        INTEGER PRIMARY KEY AUTOINCREMENT,  -- publication order
+        id         TEXT    NOT NULL UNIQUE,            -- the event id
+        body       TEXT    NOT NULL,                   -- the event, JSON
+        created_at INTEGER NOT NULL                    -- unix milliseconds
+    );
     "#,
 )];
 

@@ -72,13 +72,13 @@ impl ProviderRepository for SqliteProviders {
         let body = encode(provider)?;
         let current = self.current_category(&provider.spec.id).await?;
         self.docs
-            .replace(PROVIDERS, RESOURCE, current, provider.spec.category.to_string(), provider.spec.id.to_string(), body, if_match, None)
+            .replace(PROVIDERS, RESOURCE, current, provider.spec.category.to_string(), provider.spec.id.to_string(), body, if_match, None, &[])
             .await
     }
 
     async fn delete(&self, id: &ProviderId, if_match: Option<ETag>) -> Result<(), DomainError> {
         let current = self.current_category(id).await?;
-        self.docs.delete(PROVIDERS, RESOURCE, current, id.to_string(), if_match).await
+        self.docs.delete(PROVIDERS, RESOURCE, current, id.to_string(), if_match, &[]).await
     }
 
     async fn seed(&self, providers: &[Provider]) -> Result<SeedReport, DomainError> {

@@ -19,6 +19,7 @@ async fn passes_the_conformance_suite() {
     let dir = tempfile::tempdir().unwrap();
     let store = store(dir.path()).await;
     im_testkit::run_all(store.integrations().as_ref(), store.providers().as_ref()).await;
+    im_testkit::outbox::events_are_recorded_atomically(store.integrations().as_ref(), store.outbox().as_ref()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -29,8 +30,8 @@ async fn data_survives_reopening_and_migrations_are_idempotent() {
     {
         let store = EmbeddedStore::open(dir.path(), Arc::new(SystemClock)).unwrap();
         let report = store.migrate().await.unwrap();
-        assert_eq!(report.applied.len(), 1);
-        store.integrations().create(&item).await.unwrap();
+        assert_eq!(report.applied.len(), 2);
+        store.integrations().create(&item, &[]).await.unwrap();
     }
     let store = EmbeddedStore::open(dir.path(), Arc::new(SystemClock)).unwrap();
     let report = store.migrate().await.unwrap();

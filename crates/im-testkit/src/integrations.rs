@@ -31,58 +31,58 @@ pub fn integration(tenant: &TenantId, provider: &str) -> Integration {
 pub async fn crud(repo: &dyn IntegrationRepository) {
     let tenant = fresh_tenant();
     let mut item = integration(&tenant, "github");
-    let etag = repo.create(&item).await.expect("create");
+    let etag = repo.create(&item, &[]).await.expect("create");
     let read = repo.get(&tenant, item.id).await.expect("get after create");
     assert_eq!(read.value, item, "a read returns what was written");
     assert_eq!(read.etag, etag, "a read returns the token of the write");
 
     item.name = "Renamed".into();
     item.status = IntegrationStatus::Inactive;
-    let etag2 = repo.replace(&item, Some(etag.clone())).await.expect("replace with current token");
+    let etag2 = repo.replace(&item, Some(etag.clone()), &[]).await.expect("replace with current token");
     assert_ne!(etag2, etag, "every write issues a new token");
     assert_eq!(repo.get(&tenant, item.id).await.expect("get after replace").value, item);
 
-    repo.delete(&tenant, item.id, Some(etag2)).await.expect("delete with current token");
+    repo.delete(&tenant, item.id, Some(etag2), &[]).await.expect("delete with current token");
     assert!(matches!(repo.get(&tenant, item.id).await, Err(DomainError::NotFound { .. })), "deleted is not found");
-    assert!(matches!(repo.delete(&tenant, item.id, None).await, Err(DomainError::NotFound { .. })), "deleting twice is not found");
-    assert!(matches!(repo.replace(&item, None).await, Err(DomainError::NotFound { .. })), "replacing a deleted item is not found");
+    assert!(matches!(repo.delete(&tenant, item.id, None, &[]).await, Err(DomainError::NotFound { .. })), "deleting twice is not found");
+    assert!(matches!(repo.replace(&item, None, &[]).await, Err(DomainError::NotFound { .. })), "replacing a deleted item is not found");
 }
 
 pub async fn duplicate_id_conflicts(repo: &dyn IntegrationRepository) {
     let tenant = fresh_tenant();
     let item = integration(&tenant, "github");
-    repo.create(&item).await.expect("create");
+    repo.create(&item, &[]).await.expect("create");
     let mut again = item.clone();
     again.name = "Other".into();
-    assert!(matches!(repo.create(&again).await, Err(DomainError::Conflict(_))), "a duplicate id is a conflict");
+    assert!(matches!(repo.create(&again, &[]).await, Err(DomainError::Conflict(_))), "a duplicate id is a conflict");
     assert_eq!(repo.get(&tenant, item.id).await.expect("get").value.name, item.name, "a refused create writes nothing");
 }
 
 pub async fn stale_etag_is_refused(repo: &dyn IntegrationRepository) {
     let tenant = fresh_tenant();
     let mut item = integration(&tenant, "github");
-    let first = repo.create(&item).await.expect("create");
+    let first = repo.create(&item, &[]).await.expect("create");
     item.name = "Second".into();
-    repo.replace(&item, Some(first.clone())).await.expect("replace");
+    repo.replace(&item, Some(first.clone()), &[]).await.expect("replace");
     item.name = "Third".into();
-    assert!(matches!(repo.replace(&item, Some(first.clone())).await, Err(DomainError::PreconditionFailed)), "stale replace is refused");
+    assert!(matches!(repo.replace(&item, Some(first.clone()), &[]).await, Err(DomainError::PreconditionFailed)), "stale replace is refused");
     assert!(
-        matches!(repo.replace(&item, Some(ETag::new("no-such-token"))).await, Err(DomainError::PreconditionFailed)),
+        matches!(repo.replace(&item, Some(ETag::new("no-such-token")), &[]).await, Err(DomainError::PreconditionFailed)),
         "unknown token is refused"
     );
-    assert!(matches!(repo.delete(&tenant, item.id, Some(first)).await, Err(DomainError::PreconditionFailed)), "stale delete is refused");
+    assert!(matches!(repo.delete(&tenant, item.id, Some(first), &[]).await, Err(DomainError::PreconditionFailed)), "stale delete is refused");
     assert_eq!(repo.get(&tenant, item.id).await.expect("still there").value.name, "Second", "refused writes change nothing");
 }
 
 pub async fn tenants_are_isolated(repo: &dyn IntegrationRepository) {
     let (a, b) = (fresh_tenant(), fresh_tenant());
     let item = integration(&a, "github");
-    repo.create(&item).await.expect("create in tenant A");
+    repo.create(&item, &[]).await.expect("create in tenant A");
     assert!(matches!(repo.get(&b, item.id).await, Err(DomainError::NotFound { .. })), "tenant B cannot read A's item");
-    assert!(matches!(repo.delete(&b, item.id, None).await, Err(DomainError::NotFound { .. })), "tenant B cannot delete A's item");
+    assert!(matches!(repo.delete(&b, item.id, None, &[]).await, Err(DomainError::NotFound { .. })), "tenant B cannot delete A's item");
     let mut forged = item.clone();
     forged.tenant_id = b.clone();
-    assert!(matches!(repo.replace(&forged, None).await, Err(DomainError::NotFound { .. })), "tenant B cannot replace A's item");
+    assert!(matches!(repo.replace(&forged, None, &[]).await, Err(DomainError::NotFound { .. })), "tenant B cannot replace A's item");
     let page = repo.list(&b, &IntegrationFilter::default(), &PageRequest::first(200)).await.expect("list B");
     assert!(page.items.is_empty(), "tenant B's listing holds none of A's items");
     assert!(repo.get(&a, item.id).await.is_ok(), "A's item is untouched");
@@ -93,7 +93,7 @@ pub async fn pages_cover_everything_once(repo: &dyn IntegrationRepository) {
     let mut created = Vec::new();
     for _ in 0..7 {
         let item = integration(&tenant, "github");
-        repo.create(&item).await.expect("create");
+        repo.create(&item, &[]).await.expect("create");
         created.push(item.id);
     }
     let mut seen = Vec::new();
@@ -120,8 +120,8 @@ pub async fn filters(repo: &dyn IntegrationRepository) {
     let github = integration(&tenant, "github");
     let mut jira = integration(&tenant, "jira");
     jira.status = IntegrationStatus::Inactive;
-    repo.create(&github).await.expect("create");
-    repo.create(&jira).await.expect("create");
+    repo.create(&github, &[]).await.expect("create");
+    repo.create(&jira, &[]).await.expect("create");
     let by_provider = IntegrationFilter { provider_id: Some(ProviderId::new("jira").unwrap()), status: None };
     let page = repo.list(&tenant, &by_provider, &PageRequest::first(50)).await.expect("list");
     assert_eq!(page.items.iter().map(|s| s.value.id).collect::<Vec<_>>(), vec![jira.id], "provider filter");

@@ -5,7 +5,10 @@
 //! The functions panic with a message naming the contract that was broken.
 
 pub mod integrations;
+pub mod outbox;
 pub mod providers;
+pub mod proxy;
+pub mod services;
 
 use im_domain::{TenantId, UserId};
 use time::OffsetDateTime;

@@ -10,12 +10,14 @@ use crate::startup::AppState;
 pub struct DependencyReport {
     pub name: String,
     pub ready: bool,
+    /// A critical dependency that is not ready makes the service unready; another one degrades it.
+    pub critical: bool,
     pub detail: String,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct HealthReport {
-    /// `live`, `ready` or `not_ready`.
+    /// `live`, `ready`, `degraded` (a non-critical dependency is down; work waits durably) or `not_ready`.
     pub status: &'static str,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub dependencies: Vec<DependencyReport>,
@@ -38,9 +40,15 @@ pub async fn ready(state: web::Data<AppState>) -> HttpResponse {
     let mut dependencies = Vec::with_capacity(state.health.len());
     for check in &state.health {
         let health = check.check().await;
-        dependencies.push(DependencyReport { name: health.name, ready: health.ready, detail: health.detail });
+        dependencies.push(DependencyReport { name: health.name, ready: health.ready, critical: health.critical, detail: health.detail });
     }
-    let ready = dependencies.iter().all(|d| d.ready);
-    let report = HealthReport { status: if ready { "ready" } else { "not_ready" }, dependencies };
+    let ready = dependencies.iter().all(|d| d.ready || !d.critical);
+    let degraded = dependencies.iter().any(|d| !d.ready);
+    let status = match (ready, degraded) {
+        (false, _) => "not_ready",
+        (true, true) => "degraded",
+        (true, false) => "ready",
+    };
+    let report = HealthReport { status, dependencies };
     if ready { HttpResponse::Ok().json(report) } else { HttpResponse::ServiceUnavailable().json(report) }
 }

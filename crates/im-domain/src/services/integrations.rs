@@ -5,6 +5,7 @@ use serde_json::{Map, Value};
 use crate::auth::{Caller, Role};
 use crate::common::{Clock, ETag, IdGenerator, IntegrationId, Page, PageRequest, Stored};
 use crate::error::{DomainError, Violations};
+use crate::events::{DomainEvent, EventType};
 use crate::integration::{Integration, IntegrationFilter, IntegrationSpec, IntegrationStatus};
 use crate::ports::{IntegrationRepository, ProviderRepository};
 use crate::schema::{compile_config_schema, validate_against};
@@ -72,7 +73,8 @@ impl IntegrationService {
             created_by: caller.user_id.clone(),
             updated_by: caller.user_id.clone(),
         };
-        let etag = self.integrations.create(&integration).await?;
+        let event = self.event(EventType::IntegrationCreated, &integration)?;
+        let etag = self.integrations.create(&integration, &[event]).await?;
         Ok(Stored { value: integration, etag })
     }
 
@@ -125,7 +127,8 @@ impl IntegrationService {
                 updated_by: caller.user_id.clone(),
                 ..current.value
             };
-            let etag = self.integrations.replace(&integration, Some(token.unwrap_or(&current.etag).clone())).await?;
+            let event = self.event(EventType::IntegrationUpdated, &integration)?;
+            let etag = self.integrations.replace(&integration, Some(token.unwrap_or(&current.etag).clone()), &[event]).await?;
             Ok(Stored { value: integration, etag })
         })
         .await
@@ -135,7 +138,27 @@ impl IntegrationService {
     /// `NotFound`, `PreconditionFailed` when `if_match` is stale.
     pub async fn delete(&self, caller: &Caller, id: IntegrationId, if_match: Option<&ETag>) -> Result<(), DomainError> {
         caller.require(Role::Member)?;
-        self.integrations.delete(&caller.tenant_id, id, if_match.cloned()).await
+        read_modify_write(if_match, async |token| {
+            let current = self.integrations.get(&caller.tenant_id, id).await?;
+            if token.is_some_and(|t| *t != current.etag) {
+                return Err(DomainError::PreconditionFailed);
+            }
+            let event = self.event(EventType::IntegrationDeleted, &current.value)?;
+            self.integrations.delete(&caller.tenant_id, id, Some(current.etag), &[event]).await
+        })
+        .await
+    }
+
+    /// An event about `integration`, carrying it as the API returns it.
+    fn event(&self, event_type: EventType, integration: &Integration) -> Result<DomainEvent, DomainError> {
+        Ok(DomainEvent {
+            id: self.ids.new_uuid(),
+            event_type,
+            tenant_id: integration.tenant_id.clone(),
+            subject: integration.id.to_string(),
+            time: self.clock.now(),
+            data: serde_json::to_value(integration).map_err(|e| DomainError::Unexpected(e.into()))?,
+        })
     }
 }
 

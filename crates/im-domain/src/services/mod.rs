@@ -1,11 +1,15 @@
 //! Use-case services: they check who may do what, validate input against the rules of the
 //! domain and orchestrate the ports. Handlers in the app call these and nothing else.
 
+mod bus;
 mod catalog;
 mod integrations;
+mod relay;
 
+pub use bus::InProcessBus;
 pub use catalog::CatalogService;
 pub use integrations::IntegrationService;
+pub use relay::EventRelay;
 
 use crate::common::ETag;
 use crate::error::DomainError;

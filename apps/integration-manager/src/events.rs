@@ -1,0 +1,78 @@
+//! Driving the outbox relay: publish as soon as a write records events, retry with backoff
+//! while the publisher is unavailable, and report how far behind the outbox is.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use im_domain::ports::{DependencyHealth, HealthCheck, Outbox};
+use im_domain::services::EventRelay;
+use tokio::sync::Notify;
+
+/// Longest wait between two relay attempts while the publisher is failing.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Poll interval when nothing wakes the relay (events written by another process, retries).
+const IDLE_POLL: Duration = Duration::from_secs(1);
+
+/// Runs the relay until the runtime stops. `wake` is notified after every commit that recorded events.
+pub fn spawn_relay(relay: EventRelay, wake: Arc<Notify>, batch: u32) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut backoff = Duration::from_millis(100);
+        let mut failing_since: Option<std::time::Instant> = None;
+        loop {
+            match relay.relay_once(batch).await {
+                Ok(published) => {
+                    if let Some(since) = failing_since.take() {
+                        tracing::info!(after_secs = since.elapsed().as_secs(), "event publishing recovered");
+                    }
+                    backoff = Duration::from_millis(100);
+                    if published as u32 == batch {
+                        continue;
+                    }
+                    tokio::select! {
+                        () = wake.notified() => {}
+                        () = tokio::time::sleep(IDLE_POLL) => {}
+                    }
+                }
+                Err(error) => {
+                    let since = *failing_since.get_or_insert_with(std::time::Instant::now);
+                    let stats = relay.outbox().stats().await.ok();
+                    tracing::warn!(
+                        %error,
+                        pending = stats.map(|s| s.pending),
+                        failing_for_secs = since.elapsed().as_secs(),
+                        retry_in_ms = backoff.as_millis() as u64,
+                        "publishing events failed; they stay in the outbox"
+                    );
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+    })
+}
+
+/// Readiness detail of the outbox: how many events wait and for how long.
+pub struct OutboxHealth {
+    pub outbox: Arc<dyn Outbox>,
+    pub max_age: Duration,
+}
+
+#[async_trait]
+impl HealthCheck for OutboxHealth {
+    async fn check(&self) -> DependencyHealth {
+        match self.outbox.stats().await {
+            Ok(stats) => {
+                let age = stats.oldest.map(|t| (time::OffsetDateTime::now_utc() - t).whole_seconds().max(0) as u64).unwrap_or(0);
+                let lagging = age > self.max_age.as_secs();
+                DependencyHealth {
+                    name: "outbox".into(),
+                    ready: !lagging,
+                    critical: false,
+                    detail: format!("{} event(s) pending, oldest {age} s", stats.pending),
+                }
+            }
+            Err(e) => DependencyHealth { name: "outbox".into(), ready: false, critical: true, detail: e.to_string() },
+        }
+    }
+}

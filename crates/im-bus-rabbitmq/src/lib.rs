@@ -1,0 +1,220 @@
+//! The RabbitMQ adapter: [`EventPublisher`] on a durable topic exchange.
+//!
+//! Each event is published as a persistent message whose body is the CloudEvents 1.0 JSON
+//! document and whose routing key is the event type (`integration.created`, ...). The channel
+//! is in confirm mode: `publish` returns only after the broker acknowledged every message. A
+//! negative acknowledgement, a timeout or a lost connection is [`DomainError::Unavailable`]; the
+//! connection is then dropped and re-established on the next call (the relay retries with
+//! backoff), so a broker restart loses nothing. Messages the broker returns as unroutable (no
+//! queue bound) are logged: the broker accepted them, and no consumer was there to take them.
+
+use std::fmt;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use im_domain::DomainError;
+use im_domain::events::DomainEvent;
+use im_domain::ports::{DependencyHealth, EventPublisher, HealthCheck};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
+use lapin::Confirmation;
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+
+/// How to reach the broker.
+#[derive(Clone)]
+pub struct RabbitSettings {
+    /// `amqp://user:password@host:port/vhost` or `amqps://...`; a secret (it holds a password).
+    pub url: String,
+    /// The durable topic exchange events are published to.
+    pub exchange: String,
+    /// How long to wait for the broker's confirms of one batch.
+    pub confirm_timeout: Duration,
+}
+
+impl fmt::Debug for RabbitSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RabbitSettings").field("url", &redact(&self.url)).field("exchange", &self.exchange).finish()
+    }
+}
+
+/// The URL without its password, for logs.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            let user = userinfo.split(':').next().unwrap_or_default();
+            format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+struct Link {
+    connection: Connection,
+    channel: Channel,
+}
+
+/// Publishes events to RabbitMQ with publisher confirms.
+pub struct RabbitPublisher {
+    settings: RabbitSettings,
+    link: tokio::sync::Mutex<Option<Link>>,
+    last_error: Mutex<Option<String>>,
+}
+
+impl fmt::Debug for RabbitPublisher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RabbitPublisher").field("settings", &self.settings).finish_non_exhaustive()
+    }
+}
+
+fn unavailable(context: &str, error: impl fmt::Display) -> DomainError {
+    DomainError::Unavailable { reason: format!("rabbitmq: {context}: {error}"), retry_after: Some(Duration::from_secs(1)) }
+}
+
+impl RabbitPublisher {
+    /// Does not connect yet: the first publish (or readiness check) does.
+    pub fn new(settings: RabbitSettings) -> Self {
+        Self { settings, link: tokio::sync::Mutex::new(None), last_error: Mutex::new(None) }
+    }
+
+    pub fn settings(&self) -> &RabbitSettings {
+        &self.settings
+    }
+
+    async fn connect(&self) -> Result<Link, DomainError> {
+        let properties = ConnectionProperties::default().with_connection_name("integration-manager".into());
+        let connection = Connection::connect(&self.settings.url, properties).await.map_err(|e| unavailable("connect", e))?;
+        let channel = connection.create_channel().await.map_err(|e| unavailable("open channel", e))?;
+        channel.confirm_select(ConfirmSelectOptions::default()).await.map_err(|e| unavailable("confirm mode", e))?;
+        channel
+            .exchange_declare(
+                self.settings.exchange.as_str().into(),
+                ExchangeKind::Topic,
+                ExchangeDeclareOptions { durable: true, ..ExchangeDeclareOptions::default() },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| unavailable("declare exchange", e))?;
+        tracing::info!(url = %redact(&self.settings.url), exchange = %self.settings.exchange, "connected to rabbitmq");
+        Ok(Link { connection, channel })
+    }
+
+    async fn publish_on(&self, channel: &Channel, events: &[DomainEvent]) -> Result<(), DomainError> {
+        let mut confirms = Vec::with_capacity(events.len());
+        for event in events {
+            let payload = serde_json::to_vec(&event.cloud_event()).map_err(|e| DomainError::Unexpected(e.into()))?;
+            let properties = BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_content_type("application/cloudevents+json".into())
+                .with_message_id(event.id.to_string().into())
+                .with_type(event.event_type.as_str().into())
+                .with_app_id("integration-manager".into())
+                .with_timestamp(u64::try_from(event.time.unix_timestamp()).unwrap_or_default());
+            let confirm = channel
+                .basic_publish(
+                    self.settings.exchange.as_str().into(),
+                    event.event_type.as_str().into(),
+                    BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() },
+                    &payload,
+                    properties,
+                )
+                .await
+                .map_err(|e| unavailable("publish", e))?;
+            confirms.push((event, confirm));
+        }
+        let deadline = Instant::now() + self.settings.confirm_timeout;
+        for (event, confirm) in confirms {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, confirm).await {
+                Err(_) => return Err(unavailable("confirm", "the broker did not confirm in time")),
+                Ok(Err(e)) => return Err(unavailable("confirm", e)),
+                Ok(Ok(Confirmation::Nack(_))) => return Err(unavailable("confirm", format!("the broker refused event {}", event.id))),
+                Ok(Ok(Confirmation::Ack(Some(_)))) => {
+                    tracing::warn!(event_id = %event.id, routing_key = event.event_type.as_str(), "event was unroutable: no queue is bound for it");
+                }
+                Ok(Ok(Confirmation::NotRequested)) => return Err(unavailable("confirm", "the channel is not in confirm mode")),
+                Ok(Ok(Confirmation::Ack(None))) => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn record(&self, error: Option<String>) {
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = error;
+    }
+}
+
+#[async_trait]
+impl EventPublisher for RabbitPublisher {
+    async fn publish(&self, events: &[DomainEvent]) -> Result<(), DomainError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let mut link = self.link.lock().await;
+        if link.as_ref().is_some_and(|l| !l.connection.status().connected() || !l.channel.status().connected()) {
+            *link = None;
+        }
+        if link.is_none() {
+            match self.connect().await {
+                Ok(new) => *link = Some(new),
+                Err(e) => {
+                    self.record(Some(e.to_string()));
+                    return Err(e);
+                }
+            }
+        }
+        let channel = link.as_ref().map(|l| l.channel.clone()).ok_or_else(|| unavailable("connect", "no channel"))?;
+        match self.publish_on(&channel, events).await {
+            Ok(()) => {
+                self.record(None);
+                Ok(())
+            }
+            Err(e) => {
+                // Start afresh next time: a channel with an unconfirmed publish is in an unknown state.
+                if let Some(old) = link.take() {
+                    let _ = old.connection.close(320, "reconnecting".into()).await;
+                }
+                self.record(Some(e.to_string()));
+                Err(e)
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl HealthCheck for RabbitPublisher {
+    async fn check(&self) -> DependencyHealth {
+        let mut link = self.link.lock().await;
+        let connected = link.as_ref().is_some_and(|l| l.connection.status().connected());
+        let (ready, detail) = if connected {
+            (true, format!("connected to {}, exchange {}", redact(&self.settings.url), self.settings.exchange))
+        } else {
+            match tokio::time::timeout(Duration::from_secs(3), self.connect()).await {
+                Ok(Ok(new)) => {
+                    *link = Some(new);
+                    (true, format!("connected to {}, exchange {}", redact(&self.settings.url), self.settings.exchange))
+                }
+                Ok(Err(e)) => (false, e.to_string()),
+                Err(_) => (false, format!("rabbitmq: connect to {} timed out", redact(&self.settings.url))),
+            }
+        };
+        let detail = match self.last_error.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            Some(last) if ready => format!("{detail}; last publish error: {last}"),
+            _ => detail,
+        };
+        // Writes go to the outbox while the broker is away: degraded, not unready.
+        DependencyHealth { name: "rabbitmq".into(), ready, critical: false, detail }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(redact("amqp://guest:secret@127.0.0.1:5672/%2f"), "amqp://guest:***@127.0.0.1:5672/%2f");
+        assert_eq!(redact("amqp://127.0.0.1:5672"), "amqp://127.0.0.1:5672");
+    }
+}

@@ -1,0 +1,134 @@
+//! Domain events: what happened, recorded atomically with the change it describes (the
+//! transactional outbox) and published at least once, as CloudEvents 1.0.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::common::TenantId;
+
+/// The events this service publishes. The routing key on the bus is the event name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum EventType {
+    #[serde(rename = "integration.created")]
+    IntegrationCreated,
+    #[serde(rename = "integration.updated")]
+    IntegrationUpdated,
+    #[serde(rename = "integration.deleted")]
+    IntegrationDeleted,
+    #[serde(rename = "webhook.delivered")]
+    WebhookDelivered,
+    #[serde(rename = "webhook.failed")]
+    WebhookFailed,
+    #[serde(rename = "sync.task.completed")]
+    SyncTaskCompleted,
+}
+
+impl EventType {
+    pub const ALL: [EventType; 6] = [
+        EventType::IntegrationCreated,
+        EventType::IntegrationUpdated,
+        EventType::IntegrationDeleted,
+        EventType::WebhookDelivered,
+        EventType::WebhookFailed,
+        EventType::SyncTaskCompleted,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventType::IntegrationCreated => "integration.created",
+            EventType::IntegrationUpdated => "integration.updated",
+            EventType::IntegrationDeleted => "integration.deleted",
+            EventType::WebhookDelivered => "webhook.delivered",
+            EventType::WebhookFailed => "webhook.failed",
+            EventType::SyncTaskCompleted => "sync.task.completed",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|t| t.as_str() == name)
+    }
+}
+
+impl fmt::Display for EventType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One event. `id` is unique: consumers drop duplicates by it (publication is at least once).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DomainEvent {
+    pub id: Uuid,
+    pub event_type: EventType,
+    pub tenant_id: TenantId,
+    /// The id of the resource the event is about.
+    pub subject: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub time: OffsetDateTime,
+    /// The resource as the API returns it, without secrets.
+    pub data: Value,
+}
+
+/// The CloudEvents `source` of every event of this service.
+pub const EVENT_SOURCE: &str = "/integration-manager";
+
+impl DomainEvent {
+    /// The event as a CloudEvents 1.0 structured-mode JSON document.
+    pub fn cloud_event(&self) -> Value {
+        json!({
+            "specversion": "1.0",
+            "id": self.id.to_string(),
+            "source": EVENT_SOURCE,
+            "type": self.event_type.as_str(),
+            "subject": self.subject,
+            "time": self.time.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
+            "datacontenttype": "application/json",
+            "tenantid": self.tenant_id.as_str(),
+            "data": self.data,
+        })
+    }
+}
+
+/// Outbox statistics, for readiness and logs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OutboxStats {
+    pub pending: u64,
+    /// When the oldest pending event was recorded.
+    pub oldest: Option<OffsetDateTime>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        for t in EventType::ALL {
+            assert_eq!(EventType::parse(t.as_str()), Some(t));
+            assert_eq!(serde_json::to_value(t).unwrap(), t.as_str());
+        }
+    }
+
+    #[test]
+    fn cloud_event_envelope() {
+        let event = DomainEvent {
+            id: Uuid::nil(),
+            event_type: EventType::IntegrationCreated,
+            tenant_id: TenantId::new("acme").unwrap(),
+            subject: "abc".into(),
+            time: OffsetDateTime::UNIX_EPOCH,
+            data: json!({"id": "abc"}),
+        };
+        let ce = event.cloud_event();
+        assert_eq!(ce["specversion"], "1.0");
+        assert_eq!(ce["type"], "integration.created");
+        assert_eq!(ce["tenantid"], "acme");
+        assert_eq!(ce["time"], "1970-01-01T00:00:00Z");
+        assert_eq!(ce["data"]["id"], "abc");
+    }
+}

@@ -1,0 +1,44 @@
+use std::sync::{Arc, RwLock};
+
+use async_trait::async_trait;
+
+use crate::error::DomainError;
+use crate::events::DomainEvent;
+use crate::ports::{EventPublisher, EventSubscriber};
+
+/// The embedded event bus: publishing hands every event to each subscriber in this process, in
+/// order, and succeeds only once all of them handled it, so the outbox keeps an event until
+/// every subscriber has it (at least once, like the broker).
+#[derive(Default)]
+pub struct InProcessBus {
+    subscribers: RwLock<Vec<Arc<dyn EventSubscriber>>>,
+}
+
+impl std::fmt::Debug for InProcessBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InProcessBus").finish_non_exhaustive()
+    }
+}
+
+impl InProcessBus {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn subscribe(&self, subscriber: Arc<dyn EventSubscriber>) {
+        self.subscribers.write().unwrap_or_else(|p| p.into_inner()).push(subscriber);
+    }
+}
+
+#[async_trait]
+impl EventPublisher for InProcessBus {
+    async fn publish(&self, events: &[DomainEvent]) -> Result<(), DomainError> {
+        let subscribers = self.subscribers.read().unwrap_or_else(|p| p.into_inner()).clone();
+        for event in events {
+            for subscriber in &subscribers {
+                subscriber.handle(event).await?;
+            }
+        }
+        Ok(())
+    }
+}
