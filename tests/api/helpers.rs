@@ -10,6 +10,7 @@ use serde_json::{Value, json};
 /// A running service and what a test needs to talk to it.
 pub struct TestApp {
     pub address: String,
+    pub state: actix_web::web::Data<integration_manager::AppState>,
     pub client: reqwest::Client,
     pub settings: Settings,
     handle: ServerHandle,
@@ -45,8 +46,9 @@ pub async fn spawn_in(dir: Arc<tempfile::TempDir>, configure: impl FnOnce(&mut S
     let app = Application::build(settings.clone()).await.expect("the app builds");
     let address = format!("http://127.0.0.1:{}", app.port());
     let handle = app.handle();
+    let state = app.state();
     tokio::spawn(app.run_until_stopped());
-    TestApp { address, client: reqwest::Client::new(), settings, handle, dir }
+    TestApp { address, state, client: reqwest::Client::new(), settings, handle, dir }
 }
 
 impl TestApp {

@@ -18,8 +18,20 @@ async fn main() -> std::io::Result<()> {
     HttpServer::new(move || {
         let (item, list) = (item.clone(), list.clone());
         App::new()
-            .route("/item", web::get().to(move || { let b = item.clone(); async move { HttpResponse::Ok().content_type("application/json").body(b) } }))
-            .route("/list", web::get().to(move || { let b = list.clone(); async move { HttpResponse::Ok().content_type("application/json").body(b) } }))
+            .route(
+                "/item",
+                web::get().to(move || {
+                    let b = item.clone();
+                    async move { HttpResponse::Ok().content_type("application/json").body(b) }
+                }),
+            )
+            .route(
+                "/list",
+                web::get().to(move || {
+                    let b = list.clone();
+                    async move { HttpResponse::Ok().content_type("application/json").body(b) }
+                }),
+            )
     })
     .bind(("127.0.0.1", port))?
     .run()

@@ -231,7 +231,8 @@ impl Settings {
             if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
                 return Err(err("rabbitmq.url", "must be an amqp:// or amqps:// URL"));
             }
-            let valid_name = |n: &str| !n.is_empty() && n.len() <= 255 && n.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c));
+            let valid_name =
+                |n: &str| !n.is_empty() && n.len() <= 255 && n.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c));
             if !valid_name(&self.rabbitmq.exchange) || self.rabbitmq.exchange.starts_with("amq.") {
                 return Err(err("rabbitmq.exchange", "must be 1 to 255 of letters, digits, '-', '_', '.', ':' and not start with 'amq.'"));
             }

@@ -12,8 +12,8 @@ use actix_web::{App, HttpServer, web};
 use anyhow::Context as _;
 use base64::Engine as _;
 use im_auth::LocalJwt;
-use im_domain::auth::Authenticator;
 use im_bus_rabbitmq::RabbitPublisher;
+use im_domain::auth::Authenticator;
 use im_domain::ports::{EventPublisher, HealthCheck};
 use im_domain::services::{CatalogService, EventRelay, InProcessBus, IntegrationService};
 use im_domain::{Clock, SystemClock, UuidV7};
@@ -125,14 +125,8 @@ impl Application {
         health.push(Arc::new(OutboxHealth { outbox: store.outbox(), max_age: Duration::from_secs(settings.events.outbox_max_age_secs) }));
         let relay_task = crate::events::spawn_relay(relay, wake, settings.events.relay_batch_size);
 
-        let state = web::Data::new(AppState {
-            integrations,
-            catalog,
-            authenticator,
-            health,
-            bus,
-            body_limit: settings.server.body_limit_bytes,
-        });
+        let state =
+            web::Data::new(AppState { integrations, catalog, authenticator, health, bus, body_limit: settings.server.body_limit_bytes });
 
         let listener = TcpListener::bind((settings.server.host.as_str(), settings.server.port))
             .with_context(|| format!("cannot listen on {}:{}", settings.server.host, settings.server.port))?;

@@ -36,9 +36,14 @@ impl Drop for Server {
 }
 
 async fn serve(data_dir: &Path) -> Server {
+    serve_with(data_dir, &[]).await
+}
+
+async fn serve_with(data_dir: &Path, env: &[(&str, String)]) -> Server {
     let port = free_port();
-    let log = std::fs::File::create(data_dir.join("server.log")).unwrap();
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(data_dir.join("server.log")).unwrap();
     let child = command(data_dir)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .env("IM_SERVER__PORT", port.to_string())
         .arg("serve")
         .stdout(Stdio::null())
@@ -134,4 +139,62 @@ fn migrate_is_idempotent_and_openapi_prints_the_document() {
     let out = command(dir.path()).arg("openapi").output().unwrap();
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(doc["paths"]["/api/v1/integrations"].is_object());
+}
+
+/// SIGKILL while writes are committing and events are being published: after a restart, every
+/// write that was acknowledged has its event on the broker (the outbox kept what was not sent).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_between_commit_and_publish_loses_no_event() {
+    use std::collections::HashSet;
+    use std::sync::{Arc, Mutex};
+
+    let Some(addr) = im_testkit::services::rabbitmq("a_crash_between_commit_and_publish_loses_no_event") else { return };
+    let url = im_testkit::services::amqp_url(addr);
+    let exchange = format!("im-crash-test-{}", uuid::Uuid::new_v4().simple());
+    let mut queue = im_testkit::rabbit::TestQueue::bind(&url, &exchange).await;
+    let env =
+        [("IM_EVENTS__BACKEND", "rabbitmq".to_owned()), ("IM_RABBITMQ__URL", url.clone()), ("IM_RABBITMQ__EXCHANGE", exchange.clone())];
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = serve_with(dir.path(), &env).await;
+    let token = token(dir.path(), "member");
+
+    let acknowledged = Arc::new(Mutex::new(HashSet::new()));
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        let (url, token, acknowledged) = (server.url.clone(), token.clone(), acknowledged.clone());
+        writers.push(tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            for i in 0..10_000 {
+                let body = serde_json::json!({"providerId": "github", "name": format!("w{w}-{i}"), "config": {"organization": "acme"}});
+                let Ok(response) = client.post(format!("{url}/api/v1/integrations")).bearer_auth(&token).json(&body).send().await else {
+                    return;
+                };
+                if response.status() != 201 {
+                    return;
+                }
+                let created: serde_json::Value = response.json().await.unwrap();
+                acknowledged.lock().unwrap().insert(created["id"].as_str().unwrap().to_owned());
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    server.child.kill().expect("SIGKILL");
+    server.child.wait().unwrap();
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    let acknowledged = acknowledged.lock().unwrap().clone();
+    assert!(acknowledged.len() > 10, "the load committed writes before the crash ({})", acknowledged.len());
+
+    let _restarted = serve_with(dir.path(), &env).await;
+    let mut seen = HashSet::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !acknowledged.is_subset(&seen) && Instant::now() < deadline {
+        if let Some(message) = queue.next(Duration::from_secs(2)).await {
+            assert_eq!(message.routing_key, "integration.created");
+            seen.insert(message.body["subject"].as_str().unwrap().to_owned());
+        }
+    }
+    let missing: Vec<_> = acknowledged.difference(&seen).collect();
+    assert!(missing.is_empty(), "{} of {} acknowledged writes have no event: {missing:?}", missing.len(), acknowledged.len());
 }

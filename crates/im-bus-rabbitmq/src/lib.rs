@@ -16,8 +16,8 @@ use async_trait::async_trait;
 use im_domain::DomainError;
 use im_domain::events::DomainEvent;
 use im_domain::ports::{DependencyHealth, EventPublisher, HealthCheck};
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
 use lapin::Confirmation;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 

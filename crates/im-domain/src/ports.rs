@@ -57,7 +57,8 @@ pub trait IntegrationRepository: Send + Sync {
     /// - MUST return [`DomainError::NotFound`] if it does not exist.
     /// - MUST return [`DomainError::PreconditionFailed`] if `if_match` is given and stale,
     ///   having written nothing.
-    async fn delete(&self, tenant: &TenantId, id: IntegrationId, if_match: Option<ETag>, events: &[DomainEvent]) -> Result<(), DomainError>;
+    async fn delete(&self, tenant: &TenantId, id: IntegrationId, if_match: Option<ETag>, events: &[DomainEvent])
+    -> Result<(), DomainError>;
 }
 
 /// Storage of the global provider catalog, partitioned by category. Provider ids are unique

@@ -1,24 +1,44 @@
 //! Connections: one writer behind a mutex, a small pool of readers (WAL lets them read while
 //! the writer writes), all used from tokio's blocking pool.
 
+use std::cell::RefCell;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
 use im_domain::{Clock, DomainError};
 use rusqlite::{Connection, OpenFlags, Transaction, TransactionBehavior};
+use tokio::sync::oneshot;
 
-/// Readers kept open between requests.
-const MAX_IDLE_READERS: usize = 8;
+/// Most writes committed together in one transaction (group commit).
+const MAX_GROUP: usize = 128;
+
+/// A write waiting for the writer thread: runs inside the group's transaction and returns what
+/// to do once the group's commit is known.
+type Job = Box<dyn FnOnce(&Transaction<'_>) -> Completion + Send>;
+type Completion = Box<dyn FnOnce(Option<&str>) + Send>;
 
 /// Called after a transaction that recorded events commits (wakes the outbox relay).
 pub type Notifier = Arc<dyn Fn() + Send + Sync>;
 
+static NEXT_DB_ID: AtomicU64 = AtomicU64::new(1);
+
+thread_local! {
+    /// This thread's read connections, one per open database (keyed by [`Db::id`]).
+    static READERS: RefCell<Vec<(u64, Connection)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The database: reads run at once on the calling thread (a point read from SQLite's page
+/// cache takes microseconds, less than a hop to another thread), on a read-only connection of
+/// that thread; WAL lets them run while the writer writes. Writes go to one writer thread that
+/// commits whatever is queued in one transaction (group commit), each write in its own
+/// savepoint so that a failing write rolls back alone.
 pub struct Db {
+    id: u64,
     path: PathBuf,
     notifier: std::sync::RwLock<Option<Notifier>>,
-    writer: Arc<Mutex<Connection>>,
-    readers: Arc<Mutex<Vec<Connection>>>,
+    writes: Mutex<mpsc::Sender<Job>>,
     clock: Arc<dyn Clock>,
 }
 
@@ -53,15 +73,19 @@ pub(crate) fn map_sqlite(error: rusqlite::Error) -> DomainError {
     }
 }
 
-fn join_error(error: tokio::task::JoinError) -> DomainError {
-    DomainError::Unexpected(anyhow::anyhow!("embedded database task failed: {error}"))
-}
-
 impl Db {
     pub fn open(path: &Path, clock: Arc<dyn Clock>) -> anyhow::Result<Self> {
         let writer = Connection::open(path).map_err(|e| anyhow::anyhow!("cannot open database {}: {e}", path.display()))?;
         configure(&writer)?;
-        Ok(Self { path: path.to_owned(), notifier: std::sync::RwLock::new(None), writer: Arc::new(Mutex::new(writer)), readers: Arc::new(Mutex::new(Vec::new())), clock })
+        let (writes, jobs) = mpsc::channel::<Job>();
+        std::thread::Builder::new().name("im-sqlite-writer".into()).spawn(move || write_loop(writer, &jobs))?;
+        Ok(Self {
+            id: NEXT_DB_ID.fetch_add(1, Ordering::Relaxed),
+            path: path.to_owned(),
+            notifier: std::sync::RwLock::new(None),
+            writes: Mutex::new(writes),
+            clock,
+        })
     }
 
     pub fn set_notifier(&self, notifier: Notifier) {
@@ -81,52 +105,95 @@ impl Db {
         self.clock.now().unix_timestamp()
     }
 
-    fn reader(path: &Path, pool: &Mutex<Vec<Connection>>) -> rusqlite::Result<Connection> {
-        if let Some(conn) = pool.lock().unwrap_or_else(|p| p.into_inner()).pop() {
-            return Ok(conn);
-        }
-        let conn = Connection::open_with_flags(
-            path,
-            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI,
-        )?;
-        conn.busy_timeout(Duration::from_secs(5))?;
-        Ok(conn)
-    }
-
-    /// Runs `f` on a reader connection in the blocking pool.
-    pub async fn read<R: Send + 'static>(
-        &self,
-        f: impl FnOnce(&Connection) -> rusqlite::Result<R> + Send + 'static,
-    ) -> Result<R, DomainError> {
-        let (path, pool) = (self.path.clone(), self.readers.clone());
-        tokio::task::spawn_blocking(move || {
-            let conn = Self::reader(&path, &pool).map_err(map_sqlite)?;
-            let result = f(&conn).map_err(map_sqlite);
-            let mut idle = pool.lock().unwrap_or_else(|p| p.into_inner());
-            if idle.len() < MAX_IDLE_READERS {
-                idle.push(conn);
-            }
-            result
+    /// Runs `f` on this thread's read connection to the database.
+    pub async fn read<R>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<R>) -> Result<R, DomainError> {
+        READERS.with(|cell| {
+            let mut readers = cell.borrow_mut();
+            let index = match readers.iter().position(|(id, _)| *id == self.id) {
+                Some(index) => index,
+                None => {
+                    let conn = Connection::open_with_flags(
+                        &self.path,
+                        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI,
+                    )
+                    .map_err(map_sqlite)?;
+                    conn.busy_timeout(Duration::from_secs(5)).map_err(map_sqlite)?;
+                    conn.set_prepared_statement_cache_capacity(64);
+                    readers.push((self.id, conn));
+                    readers.len() - 1
+                }
+            };
+            f(&readers[index].1).map_err(map_sqlite)
         })
-        .await
-        .map_err(join_error)?
     }
 
-    /// Runs `f` in one immediate transaction on the writer, committed when `f` succeeds and
-    /// rolled back whole when it fails.
+    /// Runs `f` inside a transaction of the writer thread; its changes commit (with the other
+    /// writes of its group) when it succeeds and roll back when it fails. Resolves after the commit.
     pub async fn write<R: Send + 'static>(
         &self,
         f: impl FnOnce(&Transaction<'_>) -> Result<R, DomainError> + Send + 'static,
     ) -> Result<R, DomainError> {
-        let writer = self.writer.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut conn = writer.lock().unwrap_or_else(|p| p.into_inner());
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(map_sqlite)?;
-            let value = f(&tx)?;
-            tx.commit().map_err(map_sqlite)?;
+        let (done, result) = oneshot::channel::<Result<R, DomainError>>();
+        let job: Job = Box::new(move |tx| {
+            let outcome = in_savepoint(tx, f);
+            Box::new(move |commit_error: Option<&str>| {
+                let _ = done.send(match commit_error {
+                    Some(e) => Err(DomainError::unavailable(format!("embedded database commit failed: {e}"))),
+                    None => outcome,
+                });
+            })
+        });
+        self.writes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send(job)
+            .map_err(|_| DomainError::Unexpected(anyhow::anyhow!("the embedded database writer has stopped")))?;
+        result.await.map_err(|_| DomainError::Unexpected(anyhow::anyhow!("the embedded database writer has stopped")))?
+    }
+}
+
+fn in_savepoint<R>(tx: &Transaction<'_>, f: impl FnOnce(&Transaction<'_>) -> Result<R, DomainError>) -> Result<R, DomainError> {
+    tx.execute_batch("SAVEPOINT write").map_err(map_sqlite)?;
+    match f(tx) {
+        Ok(value) => {
+            tx.execute_batch("RELEASE write").map_err(map_sqlite)?;
             Ok(value)
-        })
-        .await
-        .map_err(join_error)?
+        }
+        Err(e) => {
+            tx.execute_batch("ROLLBACK TO write; RELEASE write").map_err(map_sqlite)?;
+            Err(e)
+        }
+    }
+}
+
+/// The writer thread: takes every queued write (up to [`MAX_GROUP`]), runs them in one
+/// transaction, commits once, then answers each. Ends when the database is dropped.
+fn write_loop(mut conn: Connection, jobs: &mpsc::Receiver<Job>) {
+    while let Ok(first) = jobs.recv() {
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP {
+            match jobs.try_recv() {
+                Ok(job) => group.push(job),
+                Err(_) => break,
+            }
+        }
+        let tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
+            Ok(tx) => tx,
+            Err(e) => {
+                let reason = e.to_string();
+                tracing::error!(error = %reason, "embedded database: cannot begin a transaction");
+                // Dropping the jobs unrun answers each waiting caller with an error.
+                drop(group);
+                continue;
+            }
+        };
+        let completions: Vec<Completion> = group.into_iter().map(|job| job(&tx)).collect();
+        let commit_error = tx.commit().err().map(|e| e.to_string());
+        if let Some(e) = &commit_error {
+            tracing::error!(error = %e, "embedded database: commit failed");
+        }
+        for complete in completions {
+            complete(commit_error.as_deref());
+        }
     }
 }

@@ -285,7 +285,8 @@ fn outbox_rows(events: &[DomainEvent]) -> Result<Vec<OutboxRow>, DomainError> {
     events
         .iter()
         .map(|e| {
-            let body = serde_json::to_string(e).map_err(|err| DomainError::Unexpected(anyhow::Error::new(err).context("encoding an event")))?;
+            let body =
+                serde_json::to_string(e).map_err(|err| DomainError::Unexpected(anyhow::Error::new(err).context("encoding an event")))?;
             Ok((e.id.to_string(), body, (e.time.unix_timestamp_nanos() / 1_000_000) as i64))
         })
         .collect()

@@ -71,7 +71,13 @@ impl IntegrationRepository for SqliteIntegrations {
         self.docs.replace(INTEGRATIONS, RESOURCE, pk.clone(), pk, integration.id.to_string(), body, if_match, None, events).await
     }
 
-    async fn delete(&self, tenant: &TenantId, id: IntegrationId, if_match: Option<ETag>, events: &[DomainEvent]) -> Result<(), DomainError> {
+    async fn delete(
+        &self,
+        tenant: &TenantId,
+        id: IntegrationId,
+        if_match: Option<ETag>,
+        events: &[DomainEvent],
+    ) -> Result<(), DomainError> {
         self.docs.delete(INTEGRATIONS, RESOURCE, tenant.to_string(), id.to_string(), if_match, events).await
     }
 }

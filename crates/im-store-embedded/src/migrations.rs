@@ -8,9 +8,9 @@ use crate::db::map_sqlite;
 /// `(version, name, sql)`, applied in order.
 const MIGRATIONS: &[(i64, &str, &str)] = &[
     (
-    1,
-    "documents",
-    r#"
+        1,
+        "documents",
+        r#"
     -- One table of JSON documents, organised like Cosmos DB containers.
     CREATE TABLE documents (
         container  TEXT    NOT NULL,
@@ -31,10 +31,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         seeded_at   INTEGER NOT NULL
     ) WITHOUT ROWID;
     "#,
-), (
-    2,
-    "outbox",
-    r#"
+    ),
+    (
+        2,
+        "outbox",
+        r#"
     -- The transactional outbox: events written in the same transaction as the change they
     -- describe, deleted once the publisher confirmed them.
     CREATE TABLE outbox (
@@ -44,7 +45,8 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         created_at INTEGER NOT NULL                    -- unix milliseconds
     );
     "#,
-)];
+    ),
+];
 
 /// What [`crate::EmbeddedStore::migrate`] did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

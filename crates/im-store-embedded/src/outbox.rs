@@ -32,7 +32,9 @@ impl Outbox for SqliteOutbox {
             .await?;
         bodies
             .iter()
-            .map(|b| serde_json::from_str(b).map_err(|e| DomainError::Unexpected(anyhow::Error::new(e).context("decoding an outbox event"))))
+            .map(|b| {
+                serde_json::from_str(b).map_err(|e| DomainError::Unexpected(anyhow::Error::new(e).context("decoding an outbox event")))
+            })
             .collect()
     }
 
@@ -55,7 +57,11 @@ impl Outbox for SqliteOutbox {
     async fn stats(&self) -> Result<OutboxStats, DomainError> {
         let (pending, oldest) = self
             .db
-            .read(|conn| conn.query_row("SELECT count(*), min(created_at) FROM outbox", [], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Option<i64>>(1)?))))
+            .read(|conn| {
+                conn.query_row("SELECT count(*), min(created_at) FROM outbox", [], |r| {
+                    Ok((r.get::<_, i64>(0)?, r.get::<_, Option<i64>>(1)?))
+                })
+            })
             .await?;
         let oldest = oldest.and_then(|ms| time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).ok());
         Ok(OutboxStats { pending: pending.max(0) as u64, oldest })

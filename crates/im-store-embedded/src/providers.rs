@@ -72,7 +72,17 @@ impl ProviderRepository for SqliteProviders {
         let body = encode(provider)?;
         let current = self.current_category(&provider.spec.id).await?;
         self.docs
-            .replace(PROVIDERS, RESOURCE, current, provider.spec.category.to_string(), provider.spec.id.to_string(), body, if_match, None, &[])
+            .replace(
+                PROVIDERS,
+                RESOURCE,
+                current,
+                provider.spec.category.to_string(),
+                provider.spec.id.to_string(),
+                body,
+                if_match,
+                None,
+                &[],
+            )
             .await
     }
 

@@ -65,12 +65,18 @@ pub async fn stale_etag_is_refused(repo: &dyn IntegrationRepository) {
     item.name = "Second".into();
     repo.replace(&item, Some(first.clone()), &[]).await.expect("replace");
     item.name = "Third".into();
-    assert!(matches!(repo.replace(&item, Some(first.clone()), &[]).await, Err(DomainError::PreconditionFailed)), "stale replace is refused");
+    assert!(
+        matches!(repo.replace(&item, Some(first.clone()), &[]).await, Err(DomainError::PreconditionFailed)),
+        "stale replace is refused"
+    );
     assert!(
         matches!(repo.replace(&item, Some(ETag::new("no-such-token")), &[]).await, Err(DomainError::PreconditionFailed)),
         "unknown token is refused"
     );
-    assert!(matches!(repo.delete(&tenant, item.id, Some(first), &[]).await, Err(DomainError::PreconditionFailed)), "stale delete is refused");
+    assert!(
+        matches!(repo.delete(&tenant, item.id, Some(first), &[]).await, Err(DomainError::PreconditionFailed)),
+        "stale delete is refused"
+    );
     assert_eq!(repo.get(&tenant, item.id).await.expect("still there").value.name, "Second", "refused writes change nothing");
 }
 

@@ -8,6 +8,7 @@ pub mod integrations;
 pub mod outbox;
 pub mod providers;
 pub mod proxy;
+pub mod rabbit;
 pub mod services;
 
 use im_domain::{TenantId, UserId};

@@ -40,9 +40,12 @@ pub async fn events_are_recorded_atomically(repo: &dyn IntegrationRepository, ou
     let etag = repo.create(&item, std::slice::from_ref(&created)).await.expect("create");
 
     let duplicate = event(&tenant, EventType::IntegrationCreated, &item.id.to_string());
-    assert!(matches!(repo.create(&item, &[duplicate.clone()]).await, Err(DomainError::Conflict(_))));
+    assert!(matches!(repo.create(&item, std::slice::from_ref(&duplicate)).await, Err(DomainError::Conflict(_))));
     let stale = event(&tenant, EventType::IntegrationUpdated, &item.id.to_string());
-    assert!(matches!(repo.replace(&item, Some(im_domain::ETag::new("stale")), &[stale.clone()]).await, Err(DomainError::PreconditionFailed)));
+    assert!(matches!(
+        repo.replace(&item, Some(im_domain::ETag::new("stale")), std::slice::from_ref(&stale)).await,
+        Err(DomainError::PreconditionFailed)
+    ));
 
     let updated = event(&tenant, EventType::IntegrationUpdated, &item.id.to_string());
     let etag = repo.replace(&item, Some(etag), std::slice::from_ref(&updated)).await.expect("replace");
@@ -50,7 +53,11 @@ pub async fn events_are_recorded_atomically(repo: &dyn IntegrationRepository, ou
     repo.delete(&tenant, item.id, Some(etag), std::slice::from_ref(&deleted)).await.expect("delete");
 
     let pending = outbox.pending(100).await.expect("pending");
-    assert_eq!(pending, vec![created.clone(), updated.clone(), deleted.clone()], "committed events, in order, and no event of a refused write");
+    assert_eq!(
+        pending,
+        vec![created.clone(), updated.clone(), deleted.clone()],
+        "committed events, in order, and no event of a refused write"
+    );
     let stats = outbox.stats().await.expect("stats");
     assert_eq!(stats.pending, 3);
     assert!(stats.oldest.is_some());

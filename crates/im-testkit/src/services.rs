@@ -17,7 +17,8 @@ pub fn in_ci() -> bool {
 /// # Panics
 /// In CI, when RabbitMQ cannot be reached.
 pub fn rabbitmq(test: &str) -> Option<SocketAddr> {
-    let addr: SocketAddr = std::env::var("IM_TEST_RABBITMQ_ADDR").unwrap_or_else(|_| RABBITMQ_ADDR.into()).parse().expect("a socket address");
+    let addr: SocketAddr =
+        std::env::var("IM_TEST_RABBITMQ_ADDR").unwrap_or_else(|_| RABBITMQ_ADDR.into()).parse().expect("a socket address");
     match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
         Ok(_) => Some(addr),
         Err(e) if in_ci() => panic!("{test}: RabbitMQ is required in CI and {addr} is unreachable: {e}"),

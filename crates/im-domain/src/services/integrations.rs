@@ -1,16 +1,21 @@
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use crate::auth::{Caller, Role};
 use crate::common::{Clock, ETag, IdGenerator, IntegrationId, Page, PageRequest, Stored};
-use crate::error::{DomainError, Violations};
+use crate::error::DomainError;
 use crate::events::{DomainEvent, EventType};
 use crate::integration::{Integration, IntegrationFilter, IntegrationSpec, IntegrationStatus};
 use crate::ports::{IntegrationRepository, ProviderRepository};
+use crate::provider::{Provider, ProviderId};
 use crate::schema::{compile_config_schema, validate_against};
 
 use super::read_modify_write;
+
+/// Compiled config schemas by provider id, with the provider version they were compiled from.
+type ValidatorCache = HashMap<ProviderId, (ETag, Arc<jsonschema::Validator>)>;
 
 /// Creates, reads, changes and deletes a tenant's integrations.
 #[derive(Clone)]
@@ -19,6 +24,8 @@ pub struct IntegrationService {
     providers: Arc<dyn ProviderRepository>,
     clock: Arc<dyn Clock>,
     ids: Arc<dyn IdGenerator>,
+    /// Compiled config schemas by provider, valid for the provider version (etag) they came from.
+    validators: Arc<Mutex<ValidatorCache>>,
 }
 
 impl std::fmt::Debug for IntegrationService {
@@ -34,7 +41,7 @@ impl IntegrationService {
         clock: Arc<dyn Clock>,
         ids: Arc<dyn IdGenerator>,
     ) -> Self {
-        Self { integrations, providers, clock, ids }
+        Self { integrations, providers, clock, ids, validators: Arc::default() }
     }
 
     /// Validates every rule of a spec, including those that need its provider.
@@ -42,7 +49,12 @@ impl IntegrationService {
         let mut v = spec.violations(previous_status);
         if !spec.provider_id.is_custom() {
             match self.providers.get(&spec.provider_id).await {
-                Ok(provider) => check_config(&provider.value.spec.config_schema, &spec.config, &mut v)?,
+                Ok(provider) => {
+                    let validator = self.validator(&provider)?;
+                    if let Err(violations) = validate_against(&validator, &Value::Object(spec.config.clone()), "config") {
+                        violations.into_iter().for_each(|violation| v.push(violation));
+                    }
+                }
                 Err(DomainError::NotFound { .. }) => {
                     v.invalid("providerId", format!("no provider '{}' in the catalog", spec.provider_id));
                 }
@@ -162,15 +174,26 @@ impl IntegrationService {
     }
 }
 
-fn check_config(schema: &Value, config: &Map<String, Value>, v: &mut Violations) -> Result<(), DomainError> {
-    // The schema was validated when the provider was written; a stored schema that no longer
-    // compiles is a defect of the catalog, not of the caller's input.
-    let validator = compile_config_schema(schema)
-        .map_err(|e| DomainError::Unexpected(anyhow::anyhow!("stored provider config schema does not compile: {e:?}")))?;
-    if let Err(violations) = validate_against(&validator, &Value::Object(config.clone()), "config") {
-        for violation in violations {
-            v.push(violation);
+impl IntegrationService {
+    /// The compiled config schema of a provider version, compiled once per version.
+    fn validator(&self, provider: &Stored<Provider>) -> Result<Arc<jsonschema::Validator>, DomainError> {
+        let id = &provider.value.spec.id;
+        let mut cache = self.validators.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((etag, validator)) = cache.get(id) {
+            if *etag == provider.etag {
+                return Ok(validator.clone());
+            }
         }
+        // The schema was validated when the provider was written; a stored schema that no longer
+        // compiles is a defect of the catalog, not of the caller's input.
+        let validator =
+            Arc::new(compile_config_schema(&provider.value.spec.config_schema).map_err(|e| {
+                DomainError::Unexpected(anyhow::anyhow!("stored config schema of provider '{id}' does not compile: {e:?}"))
+            })?);
+        if cache.len() >= 1024 {
+            cache.clear();
+        }
+        cache.insert(id.clone(), (provider.etag.clone(), validator.clone()));
+        Ok(validator)
     }
-    Ok(())
 }

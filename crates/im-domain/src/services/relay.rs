@@ -46,9 +46,9 @@ impl EventRelay {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::TenantId;
     use crate::events::{DomainEvent, EventType};
     use crate::ports::{MockEventPublisher, MockOutbox};
-    use crate::TenantId;
 
     fn event() -> DomainEvent {
         DomainEvent {

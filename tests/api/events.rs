@@ -1,0 +1,167 @@
+//! Domain events: one per committed change, none for a refused one, CloudEvents envelopes that
+//! match the published schemas, nothing lost while the broker is away.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use im_domain::DomainError;
+use im_domain::events::DomainEvent;
+use im_domain::ports::EventSubscriber;
+use im_testkit::proxy::Proxy;
+use im_testkit::rabbit::TestQueue;
+use im_testkit::services::{amqp_url, rabbitmq};
+use integration_manager::config::{EventsBackend, Secret};
+use reqwest::StatusCode;
+use serde_json::Value;
+
+use crate::helpers::{TestApp, github, header, spawn_app, spawn_app_with, workspace};
+
+/// Checks a CloudEvent against `docs/events/<type>.schema.json`.
+fn assert_matches_schema(event: &Value) {
+    let event_type = event["type"].as_str().expect("a type");
+    let path = workspace().join(format!("docs/events/{event_type}.schema.json"));
+    let schema: Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap_or_else(|_| panic!("{} exists", path.display()))).unwrap();
+    let validator = jsonschema::options().should_validate_formats(true).build(&schema).expect("a valid schema");
+    let errors: Vec<String> = validator.iter_errors(event).map(|e| format!("{}: {e}", e.instance_path)).collect();
+    assert!(errors.is_empty(), "{event_type} breaks its schema: {errors:?}\n{event}");
+}
+
+#[derive(Default)]
+struct Recorder(Mutex<Vec<DomainEvent>>);
+
+#[async_trait]
+impl EventSubscriber for Recorder {
+    async fn handle(&self, event: &DomainEvent) -> Result<(), DomainError> {
+        self.0.lock().unwrap().push(event.clone());
+        Ok(())
+    }
+}
+
+/// Creates, updates (and fails an update), deletes; returns the integration id.
+async fn change_an_integration(app: &TestApp, token: &str) -> String {
+    let (created, etag) = app.create_github(token, "evented").await;
+    let id = created["id"].as_str().unwrap().to_owned();
+    let path = format!("/api/v1/integrations/{id}");
+    let response = app.put(&path, token, &github("evented, renamed"), Some(&etag)).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let etag2 = header(&response, "etag");
+    assert_eq!(app.put(&path, token, &github("lost"), Some(&etag)).await.status(), StatusCode::PRECONDITION_FAILED);
+    assert_eq!(
+        app.post("/api/v1/integrations", token, &serde_json::json!({"providerId": "nope", "name": "x"})).await.status(),
+        StatusCode::UNPROCESSABLE_ENTITY
+    );
+    assert_eq!(app.delete(&path, token, Some(&etag2)).await.status(), StatusCode::NO_CONTENT);
+    id
+}
+
+#[tokio::test]
+async fn the_embedded_bus_gets_one_event_per_change() {
+    let app = spawn_app().await;
+    let recorder = Arc::new(Recorder::default());
+    app.state.bus.subscribe(recorder.clone());
+    let token = app.member();
+    let id = change_an_integration(&app, &token).await;
+
+    let mut events = Vec::new();
+    for _ in 0..100 {
+        events = recorder.0.lock().unwrap().clone();
+        if events.len() >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let events = {
+        let all = recorder.0.lock().unwrap().clone();
+        assert_eq!(all.len(), events.len().max(3), "no extra events");
+        all
+    };
+    let types: Vec<_> = events.iter().map(|e| e.event_type.as_str()).collect();
+    assert_eq!(
+        types,
+        ["integration.created", "integration.updated", "integration.deleted"],
+        "one event per committed change, none for refused ones"
+    );
+    assert!(events.iter().all(|e| e.subject == id));
+    assert_eq!(events[1].data["name"], "evented, renamed");
+    assert_eq!(events.iter().map(|e| e.id).collect::<HashSet<_>>().len(), 3, "unique ids");
+    for event in &events {
+        assert_matches_schema(&event.cloud_event());
+    }
+}
+
+fn rabbit_app(url: String, exchange: &str) -> impl FnOnce(&mut integration_manager::Settings) {
+    let exchange = exchange.to_owned();
+    move |s| {
+        s.events.backend = EventsBackend::Rabbitmq;
+        s.rabbitmq.url = Secret::new(url);
+        s.rabbitmq.exchange = exchange;
+        s.rabbitmq.confirm_timeout_secs = 3;
+    }
+}
+
+#[tokio::test]
+async fn rabbitmq_gets_one_event_per_change_with_routing_keys_and_envelopes() {
+    let Some(addr) = rabbitmq("rabbitmq_gets_one_event_per_change_with_routing_keys_and_envelopes") else { return };
+    let exchange = format!("im-api-test-{}", uuid::Uuid::new_v4().simple());
+    let mut queue = TestQueue::bind(&amqp_url(addr), &exchange).await;
+    let app = spawn_app_with(rabbit_app(amqp_url(addr), &exchange)).await;
+    let token = app.member();
+    let id = change_an_integration(&app, &token).await;
+
+    let messages = queue.drain(Duration::from_secs(2)).await;
+    let keys: Vec<_> = messages.iter().map(|m| m.routing_key.as_str()).collect();
+    assert_eq!(keys, ["integration.created", "integration.updated", "integration.deleted"]);
+    for m in &messages {
+        assert_eq!(m.body["subject"], id.as_str());
+        assert_eq!(m.body["type"], m.routing_key.as_str());
+        assert_eq!(m.message_id.as_deref(), m.body["id"].as_str(), "the message id is the event id");
+        assert_eq!(m.delivery_mode, Some(2));
+        assert!(m.body["tenantid"].as_str().unwrap().starts_with("t-"));
+        assert_matches_schema(&m.body);
+    }
+    let ready: Value = app.client.get(format!("{}/health/ready", app.address)).send().await.unwrap().json().await.unwrap();
+    let broker = ready["dependencies"].as_array().unwrap().iter().find(|d| d["name"] == "rabbitmq").expect("the broker is reported");
+    assert_eq!(broker["ready"], true);
+    assert!(!ready.to_string().contains("guest:guest"), "no password in readiness");
+}
+
+#[tokio::test]
+async fn a_broker_outage_loses_no_event() {
+    let Some(addr) = rabbitmq("a_broker_outage_loses_no_event") else { return };
+    let exchange = format!("im-api-test-{}", uuid::Uuid::new_v4().simple());
+    let mut queue = TestQueue::bind(&amqp_url(addr), &exchange).await;
+    let proxy = Proxy::start(addr).await;
+    let app = spawn_app_with(rabbit_app(format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port()), &exchange)).await;
+    let token = app.member();
+
+    proxy.cut();
+    let mut created = HashSet::new();
+    for i in 0..20 {
+        let (body, _) = app.create_github(&token, &format!("during outage {i}")).await;
+        created.insert(body["id"].as_str().unwrap().to_owned());
+    }
+    let ready: Value = app.client.get(format!("{}/health/ready", app.address)).send().await.unwrap().json().await.unwrap();
+    assert_eq!(ready["status"], "degraded", "{ready}");
+    assert!(queue.next(Duration::from_millis(300)).await.is_none(), "nothing got through the outage");
+
+    proxy.restore();
+    let mut seen_subjects = HashSet::new();
+    let mut ids_by_subject = std::collections::HashMap::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while seen_subjects.len() < created.len() && std::time::Instant::now() < deadline {
+        if let Some(m) = queue.next(Duration::from_secs(1)).await {
+            let subject = m.body["subject"].as_str().unwrap().to_owned();
+            let id = m.message_id.clone().unwrap();
+            // A duplicate (at-least-once) must carry the same event id.
+            if let Some(previous) = ids_by_subject.insert(subject.clone(), id.clone()) {
+                assert_eq!(previous, id, "duplicates share the event id");
+            }
+            seen_subjects.insert(subject);
+        }
+    }
+    assert_eq!(seen_subjects, created, "every write made during the outage has its event");
+}
