@@ -18,6 +18,12 @@ pub struct TestApp {
     pub dir: Arc<tempfile::TempDir>,
 }
 
+/// The black-box suite runs once per store backend: `IM_TEST_BACKEND=cosmos` selects Cosmos DB
+/// (the Cosmos test server), anything else the embedded store.
+pub fn backend_is_cosmos() -> bool {
+    std::env::var("IM_TEST_BACKEND").is_ok_and(|b| b == "cosmos")
+}
+
 fn init_logs() {
     // Quiet unless RUST_LOG asks otherwise.
     integration_manager::telemetry::init(&integration_manager::config::LogSettings {
@@ -42,6 +48,17 @@ pub async fn spawn_in(dir: Arc<tempfile::TempDir>, configure: impl FnOnce(&mut S
     settings.server.workers = 2;
     settings.server.shutdown_timeout_secs = 1;
     settings.storage.data_dir = dir.path().to_owned();
+    if backend_is_cosmos() {
+        let endpoint = im_testkit::cosmos::endpoint("the API suite on the cosmos backend")
+            .expect("IM_TEST_BACKEND=cosmos needs the Cosmos test server (node and npm)");
+        settings.storage.backend = integration_manager::config::StorageBackend::Cosmos;
+        settings.cosmos_db.endpoint = endpoint;
+        settings.cosmos_db.key = integration_manager::config::Secret::new(im_store_cosmos::EMULATOR_KEY);
+        settings.cosmos_db.database = im_testkit::cosmos::fresh_database();
+        settings.cosmos_db.emulator = true;
+        settings.cosmos_db.auto_provision = true;
+        settings.cosmos_db.request_timeout_secs = 30;
+    }
     configure(&mut settings);
     let app = Application::build(settings.clone()).await.expect("the app builds");
     let address = format!("http://127.0.0.1:{}", app.port());

@@ -482,6 +482,14 @@ function main() {
   };
   process.on("SIGTERM", () => stop("SIGTERM"));
   process.on("SIGINT", () => stop("SIGINT"));
+  // A test harness that spawns the launcher with a piped stdin can die without a chance to
+  // send a signal (a panicking or killed test binary): the closed pipe then stops the server,
+  // so no stray server outlives its tests.
+  if (process.env.COSMOS_LAUNCHER_EXIT_ON_STDIN_EOF === "1") {
+    process.stdin.on("end", () => stop("stdin EOF"));
+    process.stdin.on("error", () => stop("stdin error"));
+    process.stdin.resume();
+  }
 }
 
 main();

@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 use im_domain::{Role, TenantId, UserId};
 
 use crate::config::Settings;
-use crate::startup::{Application, local_jwt, open_store};
+use crate::startup::{Application, local_jwt, open_storage};
 
 #[derive(Debug, Parser)]
 #[command(name = "integration-manager", version, about = "Connect tenants' third-party tools: integrations, catalog, webhooks, sync")]
@@ -95,9 +95,12 @@ pub async fn run(cli: Cli) -> ExitCode {
                 Err(code) => return code,
             };
             crate::telemetry::init(&settings.log);
-            match open_store(&settings, std::sync::Arc::new(im_domain::SystemClock)).await {
-                Ok(store) => {
-                    println!("store ready: {}", store.path().display());
+            match open_storage(&settings, std::sync::Arc::new(im_domain::SystemClock), true).await {
+                Ok(storage) => {
+                    for line in &storage.report {
+                        println!("{line}");
+                    }
+                    println!("store ready");
                     ExitCode::SUCCESS
                 }
                 Err(e) => fail("migration failed", &e),

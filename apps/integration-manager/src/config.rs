@@ -17,6 +17,7 @@ pub const DEFAULTS: &str = include_str!("../config/default.toml");
 pub struct Settings {
     pub server: ServerSettings,
     pub storage: StorageSettings,
+    pub cosmos_db: CosmosDbSettings,
     pub events: EventSettings,
     pub rabbitmq: RabbitSettings,
     pub auth: AuthSettings,
@@ -46,6 +47,19 @@ pub struct StorageSettings {
     pub backend: StorageBackend,
     pub data_dir: PathBuf,
     pub ttl_sweep_interval_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CosmosDbSettings {
+    pub endpoint: String,
+    pub key: Secret,
+    pub database: String,
+    pub emulator: bool,
+    pub request_timeout_secs: u64,
+    pub preferred_regions: Vec<String>,
+    pub max_throttle_retries: u32,
+    pub auto_provision: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -215,7 +229,27 @@ impl Settings {
             return Err(err("server.workers", "must be at most 1024"));
         }
         if self.storage.backend == StorageBackend::Cosmos {
-            return Err(err("storage.backend", "'cosmos' is not available in this build; use 'embedded'"));
+            let endpoint = &self.cosmos_db.endpoint;
+            if endpoint.is_empty() {
+                return Err(err("cosmos_db.endpoint", "is required when storage.backend is 'cosmos'"));
+            }
+            if !endpoint.starts_with("https://") || endpoint.contains(char::is_whitespace) {
+                return Err(err("cosmos_db.endpoint", format!("'{endpoint}' is not an https:// account endpoint")));
+            }
+            use base64::Engine as _;
+            if self.cosmos_db.key.is_empty() || base64::engine::general_purpose::STANDARD.decode(self.cosmos_db.key.expose()).is_err() {
+                return Err(err("cosmos_db.key", "is required (the account key, base64) when storage.backend is 'cosmos'"));
+            }
+            let db = &self.cosmos_db.database;
+            if db.is_empty() || db.len() > 255 || db.contains(['/', '\\', '?', '#']) {
+                return Err(err("cosmos_db.database", "must be 1 to 255 characters without '/', '\\', '?' or '#'"));
+            }
+            if self.cosmos_db.request_timeout_secs == 0 {
+                return Err(err("cosmos_db.request_timeout_secs", "must be at least 1"));
+            }
+            if self.cosmos_db.max_throttle_retries > 20 {
+                return Err(err("cosmos_db.max_throttle_retries", "must be at most 20"));
+            }
         }
         if self.storage.data_dir.as_os_str().is_empty() {
             return Err(err("storage.data_dir", "must not be empty"));

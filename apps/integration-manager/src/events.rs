@@ -5,8 +5,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use im_domain::ports::{DependencyHealth, HealthCheck, Outbox};
+use im_domain::events::DomainEvent;
+use im_domain::integration::{Integration, IntegrationFilter};
+use im_domain::ports::{DependencyHealth, HealthCheck, IntegrationRepository, Outbox};
 use im_domain::services::EventRelay;
+use im_domain::{DomainError, ETag, IntegrationId, Page, PageRequest, Stored, TenantId};
 use tokio::sync::Notify;
 
 /// Longest wait between two relay attempts while the publisher is failing.
@@ -74,5 +77,55 @@ impl HealthCheck for OutboxHealth {
             }
             Err(e) => DependencyHealth { name: "outbox".into(), ready: false, critical: true, detail: e.to_string() },
         }
+    }
+}
+
+/// Wakes the relay after every write that recorded events, whatever the store, so events leave
+/// at once instead of at the next poll.
+pub struct WakeOnEvents {
+    pub inner: Arc<dyn IntegrationRepository>,
+    pub wake: Arc<Notify>,
+}
+
+impl WakeOnEvents {
+    fn woke<T>(&self, result: Result<T, DomainError>, events: &[DomainEvent]) -> Result<T, DomainError> {
+        if result.is_ok() && !events.is_empty() {
+            self.wake.notify_one();
+        }
+        result
+    }
+}
+
+#[async_trait]
+impl IntegrationRepository for WakeOnEvents {
+    async fn create(&self, integration: &Integration, events: &[DomainEvent]) -> Result<ETag, DomainError> {
+        self.woke(self.inner.create(integration, events).await, events)
+    }
+
+    async fn get(&self, tenant: &TenantId, id: IntegrationId) -> Result<Stored<Integration>, DomainError> {
+        self.inner.get(tenant, id).await
+    }
+
+    async fn list(
+        &self,
+        tenant: &TenantId,
+        filter: &IntegrationFilter,
+        page: &PageRequest,
+    ) -> Result<Page<Stored<Integration>>, DomainError> {
+        self.inner.list(tenant, filter, page).await
+    }
+
+    async fn replace(&self, integration: &Integration, if_match: Option<ETag>, events: &[DomainEvent]) -> Result<ETag, DomainError> {
+        self.woke(self.inner.replace(integration, if_match, events).await, events)
+    }
+
+    async fn delete(
+        &self,
+        tenant: &TenantId,
+        id: IntegrationId,
+        if_match: Option<ETag>,
+        events: &[DomainEvent],
+    ) -> Result<(), DomainError> {
+        self.woke(self.inner.delete(tenant, id, if_match, events).await, events)
     }
 }

@@ -14,14 +14,15 @@ use base64::Engine as _;
 use im_auth::LocalJwt;
 use im_bus_rabbitmq::RabbitPublisher;
 use im_domain::auth::Authenticator;
-use im_domain::ports::{EventPublisher, HealthCheck};
+use im_domain::ports::{EventPublisher, HealthCheck, IntegrationRepository, Outbox, ProviderRepository};
 use im_domain::services::{CatalogService, EventRelay, InProcessBus, IntegrationService};
 use im_domain::{Clock, SystemClock, UuidV7};
+use im_store_cosmos::{CosmosSettings, CosmosStore};
 use im_store_embedded::EmbeddedStore;
 
 use crate::api;
 use crate::config::{AuthMode, EventsBackend, Settings, StorageBackend};
-use crate::events::OutboxHealth;
+use crate::events::{OutboxHealth, WakeOnEvents};
 
 /// What every handler can reach.
 pub struct AppState {
@@ -63,21 +64,70 @@ pub fn local_jwt(settings: &Settings) -> anyhow::Result<LocalJwt> {
     LocalJwt::new(&key, settings.auth.issuer(), settings.auth.audience(), settings.auth.leeway_secs)
 }
 
-/// Opens the configured store and applies its migrations.
+/// The configured store, as the ports the services need.
+pub struct Storage {
+    pub integrations: Arc<dyn IntegrationRepository>,
+    pub providers: Arc<dyn ProviderRepository>,
+    pub outbox: Arc<dyn Outbox>,
+    pub health: Arc<dyn HealthCheck>,
+    /// The embedded store, whose expired documents a sweeper deletes (Cosmos expires its own).
+    pub embedded: Option<EmbeddedStore>,
+    /// What `migrate` did or found, for people.
+    pub report: Vec<String>,
+}
+
+/// Opens the configured store: the embedded one is migrated; Cosmos DB is provisioned when
+/// `provision` (the `migrate` command, or `cosmos_db.auto_provision`), then checked.
 ///
 /// # Errors
-/// When the store cannot be opened or migrated.
-pub async fn open_store(settings: &Settings, clock: Arc<dyn Clock>) -> anyhow::Result<EmbeddedStore> {
+/// When the store cannot be opened, migrated, provisioned, or misses a container.
+pub async fn open_storage(settings: &Settings, clock: Arc<dyn Clock>, provision: bool) -> anyhow::Result<Storage> {
     match settings.storage.backend {
         StorageBackend::Embedded => {
             let store = EmbeddedStore::open(&settings.storage.data_dir, clock)?;
-            let report = store.migrate().await.context("migrating the embedded store")?;
-            if !report.applied.is_empty() {
-                tracing::info!(applied = ?report.applied, version = report.version, "store migrated");
+            let migrated = store.migrate().await.context("migrating the embedded store")?;
+            if !migrated.applied.is_empty() {
+                tracing::info!(applied = ?migrated.applied, version = migrated.version, "store migrated");
             }
-            Ok(store)
+            let mut report = vec![format!("embedded store {} at schema version {}", store.path().display(), migrated.version)];
+            report.extend(migrated.applied.iter().map(|m| format!("applied migration {m}")));
+            Ok(Storage {
+                integrations: store.integrations(),
+                providers: store.providers(),
+                outbox: store.outbox(),
+                health: Arc::new(store.clone()),
+                embedded: Some(store),
+                report,
+            })
         }
-        StorageBackend::Cosmos => anyhow::bail!("storage.backend 'cosmos' is not available in this build"),
+        StorageBackend::Cosmos => {
+            let cosmos = &settings.cosmos_db;
+            let cosmos_settings = CosmosSettings {
+                endpoint: cosmos.endpoint.clone(),
+                key: cosmos.key.expose().to_owned(),
+                database: cosmos.database.clone(),
+                emulator: cosmos.emulator,
+                request_timeout: Duration::from_secs(cosmos.request_timeout_secs),
+                preferred_regions: cosmos.preferred_regions.clone(),
+                max_throttle_retries: cosmos.max_throttle_retries,
+            };
+            let mut report = Vec::new();
+            if provision || cosmos.auto_provision {
+                let provisioned = im_store_cosmos::provision(&cosmos_settings).await.context("provisioning Cosmos DB")?;
+                report.extend(provisioned.created.iter().map(|c| format!("created {c}")));
+                report.extend(provisioned.existing.iter().map(|c| format!("exists {c}")));
+                tracing::info!(created = ?provisioned.created, existing = provisioned.existing.len(), "cosmos db provisioned");
+            }
+            let store = CosmosStore::connect(cosmos_settings).await?;
+            Ok(Storage {
+                integrations: store.integrations(),
+                providers: store.providers(),
+                outbox: store.outbox(),
+                health: Arc::new(store),
+                embedded: None,
+                report,
+            })
+        }
     }
 }
 
@@ -96,15 +146,17 @@ impl Application {
     /// When the store, the keys, the catalog or the port fail.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-        let store = open_store(&settings, clock.clone()).await?;
+        let storage = open_storage(&settings, clock.clone(), false).await?;
         let authenticator: Arc<dyn Authenticator> = Arc::new(local_jwt(&settings)?);
 
-        let catalog = CatalogService::new(store.providers(), clock.clone());
+        let catalog = CatalogService::new(storage.providers.clone(), clock.clone());
         let report = catalog.seed(crate::catalog::builtin_providers()?).await.context("seeding the provider catalog")?;
         tracing::info!(inserted = report.inserted, already_seeded = report.skipped, "provider catalog seeded");
-        let integrations = IntegrationService::new(store.integrations(), store.providers(), clock, Arc::new(UuidV7));
+        let wake = Arc::new(tokio::sync::Notify::new());
+        let repository = Arc::new(WakeOnEvents { inner: storage.integrations.clone(), wake: wake.clone() });
+        let integrations = IntegrationService::new(repository, storage.providers.clone(), clock, Arc::new(UuidV7));
 
-        let mut health: Vec<Arc<dyn HealthCheck>> = vec![Arc::new(store.clone())];
+        let mut health: Vec<Arc<dyn HealthCheck>> = vec![storage.health.clone()];
         let bus = Arc::new(InProcessBus::new());
         let publisher: Arc<dyn EventPublisher> = match settings.events.backend {
             EventsBackend::Embedded => bus.clone(),
@@ -118,11 +170,11 @@ impl Application {
                 rabbit
             }
         };
-        let wake = Arc::new(tokio::sync::Notify::new());
-        let notify = wake.clone();
-        store.on_events_recorded(move || notify.notify_one());
-        let relay = EventRelay::new(store.outbox(), publisher);
-        health.push(Arc::new(OutboxHealth { outbox: store.outbox(), max_age: Duration::from_secs(settings.events.outbox_max_age_secs) }));
+        let relay = EventRelay::new(storage.outbox.clone(), publisher);
+        health.push(Arc::new(OutboxHealth {
+            outbox: storage.outbox.clone(),
+            max_age: Duration::from_secs(settings.events.outbox_max_age_secs),
+        }));
         let relay_task = crate::events::spawn_relay(relay, wake, settings.events.relay_batch_size);
 
         let state =
@@ -143,9 +195,12 @@ impl Application {
             .listen(listener)?
             .run();
 
-        let sweeper = spawn_ttl_sweeper(store, Duration::from_secs(settings.storage.ttl_sweep_interval_secs));
+        let mut background = vec![relay_task];
+        if let Some(store) = storage.embedded {
+            background.push(spawn_ttl_sweeper(store, Duration::from_secs(settings.storage.ttl_sweep_interval_secs)));
+        }
         tracing::info!(address = %format!("{}:{port}", settings.server.host), workers, events = ?settings.events.backend, "listening");
-        Ok(Self { port, server, background: vec![relay_task, sweeper], state: state_for_tests })
+        Ok(Self { port, server, background, state: state_for_tests })
     }
 
     pub fn port(&self) -> u16 {

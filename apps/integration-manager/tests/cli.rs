@@ -53,10 +53,10 @@ async fn serve_with(data_dir: &Path, env: &[(&str, String)]) -> Server {
     let server = Server { child, url: format!("http://127.0.0.1:{port}") };
     let started = Instant::now();
     while started.elapsed() < Duration::from_secs(30) {
-        if let Ok(r) = reqwest::get(format!("{}/health/ready", server.url)).await {
-            if r.status().is_success() {
-                return server;
-            }
+        if let Ok(r) = reqwest::get(format!("{}/health/ready", server.url)).await
+            && r.status().is_success()
+        {
+            return server;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -52,10 +52,10 @@ pub fn validate_against(validator: &jsonschema::Validator, value: &Value, prefix
         .iter_errors(value)
         .map(|error| {
             let mut path = pointer_to_path(&error.instance_path.to_string());
-            if let jsonschema::error::ValidationErrorKind::Required { property } = &error.kind {
-                if let Some(name) = property.as_str() {
-                    path = if path.is_empty() { name.to_owned() } else { format!("{path}.{name}") };
-                }
+            if let jsonschema::error::ValidationErrorKind::Required { property } = &error.kind
+                && let Some(name) = property.as_str()
+            {
+                path = if path.is_empty() { name.to_owned() } else { format!("{path}.{name}") };
             }
             FieldViolation::invalid(path, error.to_string()).nested_in(prefix)
         })

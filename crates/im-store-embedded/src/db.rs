@@ -19,9 +19,6 @@ const MAX_GROUP: usize = 128;
 type Job = Box<dyn FnOnce(&Transaction<'_>) -> Completion + Send>;
 type Completion = Box<dyn FnOnce(Option<&str>) + Send>;
 
-/// Called after a transaction that recorded events commits (wakes the outbox relay).
-pub type Notifier = Arc<dyn Fn() + Send + Sync>;
-
 static NEXT_DB_ID: AtomicU64 = AtomicU64::new(1);
 
 thread_local! {
@@ -37,7 +34,6 @@ thread_local! {
 pub struct Db {
     id: u64,
     path: PathBuf,
-    notifier: std::sync::RwLock<Option<Notifier>>,
     writes: Mutex<mpsc::Sender<Job>>,
     clock: Arc<dyn Clock>,
 }
@@ -79,25 +75,7 @@ impl Db {
         configure(&writer)?;
         let (writes, jobs) = mpsc::channel::<Job>();
         std::thread::Builder::new().name("im-sqlite-writer".into()).spawn(move || write_loop(writer, &jobs))?;
-        Ok(Self {
-            id: NEXT_DB_ID.fetch_add(1, Ordering::Relaxed),
-            path: path.to_owned(),
-            notifier: std::sync::RwLock::new(None),
-            writes: Mutex::new(writes),
-            clock,
-        })
-    }
-
-    pub fn set_notifier(&self, notifier: Notifier) {
-        *self.notifier.write().unwrap_or_else(|p| p.into_inner()) = Some(notifier);
-    }
-
-    pub(crate) fn notify_if(&self, recorded_events: bool) {
-        if recorded_events {
-            if let Some(notify) = self.notifier.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
-                notify();
-            }
-        }
+        Ok(Self { id: NEXT_DB_ID.fetch_add(1, Ordering::Relaxed), path: path.to_owned(), writes: Mutex::new(writes), clock })
     }
 
     /// Current time in unix seconds, from the injected clock (TTL expiry uses it).

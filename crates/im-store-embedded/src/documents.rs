@@ -108,7 +108,6 @@ impl Documents {
                 Ok(etag)
             })
             .await?;
-        self.db.notify_if(!events.is_empty());
         Ok(etag)
     }
 
@@ -185,7 +184,6 @@ impl Documents {
                 Ok(etag)
             })
             .await?;
-        self.db.notify_if(!events.is_empty());
         Ok(etag)
     }
 
@@ -211,7 +209,6 @@ impl Documents {
                 record_events(tx, &rows)
             })
             .await?;
-        self.db.notify_if(!events.is_empty());
         Ok(())
     }
 

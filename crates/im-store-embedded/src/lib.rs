@@ -86,11 +86,6 @@ impl EmbeddedStore {
         Arc::new(outbox::SqliteOutbox::new(self.db.clone()))
     }
 
-    /// Calls `notify` after every commit that recorded events (to wake the relay at once).
-    pub fn on_events_recorded(&self, notify: impl Fn() + Send + Sync + 'static) {
-        self.db.set_notifier(Arc::new(notify));
-    }
-
     pub fn providers(&self) -> Arc<dyn ProviderRepository> {
         Arc::new(providers::SqliteProviders::new(self.documents()))
     }

@@ -4,6 +4,7 @@
 //!
 //! The functions panic with a message naming the contract that was broken.
 
+pub mod cosmos;
 pub mod integrations;
 pub mod outbox;
 pub mod providers;

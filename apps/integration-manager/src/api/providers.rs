@@ -61,10 +61,10 @@ const FIELDS: &[&str] = &[
 fn read_spec(body: Value, path_id: Option<&ProviderId>) -> ApiResult<ProviderSpec> {
     let mut input = Input::new(body, FIELDS)?;
     let id = input.validated("id", path_id.is_none(), ProviderId::new);
-    if let (Some(given), Some(path)) = (&id, path_id) {
-        if given != path {
-            input.invalid("id", "does not match the id in the path; a provider's id cannot change");
-        }
+    if let (Some(given), Some(path)) = (&id, path_id)
+        && given != path
+    {
+        input.invalid("id", "does not match the id in the path; a provider's id cannot change");
     }
     let name: Option<String> = input.required("name");
     let category = input.validated("category", true, Category::new);

@@ -179,10 +179,10 @@ impl IntegrationService {
     fn validator(&self, provider: &Stored<Provider>) -> Result<Arc<jsonschema::Validator>, DomainError> {
         let id = &provider.value.spec.id;
         let mut cache = self.validators.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((etag, validator)) = cache.get(id) {
-            if *etag == provider.etag {
-                return Ok(validator.clone());
-            }
+        if let Some((etag, validator)) = cache.get(id)
+            && *etag == provider.etag
+        {
+            return Ok(validator.clone());
         }
         // The schema was validated when the provider was written; a stored schema that no longer
         // compiles is a defect of the catalog, not of the caller's input.

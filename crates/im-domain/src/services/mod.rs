@@ -16,7 +16,7 @@ use crate::error::DomainError;
 
 /// How many times a read-modify-write without the caller's `If-Match` is retried when another
 /// writer got in between.
-const UNCONDITIONAL_RETRIES: usize = 5;
+const UNCONDITIONAL_RETRIES: usize = 20;
 
 /// Runs a read-modify-write. `op(token)` reads the current version, applies the change and
 /// writes it conditionally on `token`, or on the version it just read when `token` is `None`.

@@ -1,0 +1,145 @@
+//! The documents this adapter stores: camelCase JSON with `id`, the partition key, a `type`
+//! discriminator and a `schemaVersion`. Reads also take Cosmos' `_etag`.
+
+use im_domain::ETag;
+use im_domain::events::DomainEvent;
+use im_domain::integration::Integration;
+use im_domain::provider::Provider;
+use serde::{Deserialize, Serialize};
+
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// An integration in `integration_integrations` (partition key `/tenantId`).
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IntegrationDoc {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub schema_version: u32,
+    #[serde(flatten)]
+    pub integration: Integration,
+    #[serde(rename = "_etag", default, skip_serializing)]
+    pub etag: Option<String>,
+}
+
+impl IntegrationDoc {
+    pub const TYPE: &'static str = "integration";
+
+    pub fn new(integration: Integration) -> Self {
+        Self { kind: Self::TYPE.into(), schema_version: SCHEMA_VERSION, integration, etag: None }
+    }
+}
+
+/// A provider in `integration_providers` (partition key `/category`).
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProviderDoc {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub schema_version: u32,
+    #[serde(flatten)]
+    pub provider: Provider,
+    #[serde(rename = "_etag", default, skip_serializing)]
+    pub etag: Option<String>,
+}
+
+impl ProviderDoc {
+    pub const TYPE: &'static str = "provider";
+
+    pub fn new(provider: Provider) -> Self {
+        Self { kind: Self::TYPE.into(), schema_version: SCHEMA_VERSION, provider, etag: None }
+    }
+}
+
+/// The partition of `integration_providers` that remembers seeded provider ids (not a valid
+/// category, so it never mixes with providers).
+pub const SEED_PARTITION: &str = "_seed";
+
+/// Marks a built-in provider id as seeded once.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SeedDoc {
+    pub id: String,
+    pub category: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub schema_version: u32,
+    pub provider_id: String,
+    pub seeded_at: i64,
+}
+
+impl SeedDoc {
+    pub const TYPE: &'static str = "seed";
+
+    pub fn id_for(provider_id: &str) -> String {
+        format!("seed-{provider_id}")
+    }
+}
+
+/// An outbox entry, in the partition (and container) of the change it describes.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OutboxDoc {
+    pub id: String,
+    pub tenant_id: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub schema_version: u32,
+    /// Unix milliseconds; the relay publishes oldest first.
+    pub recorded_at: i64,
+    pub event: DomainEvent,
+}
+
+impl OutboxDoc {
+    pub const TYPE: &'static str = "outbox";
+
+    pub fn id_for(event: &DomainEvent) -> String {
+        format!("outbox-{}", event.id)
+    }
+
+    pub fn new(event: &DomainEvent) -> Self {
+        Self {
+            id: Self::id_for(event),
+            tenant_id: event.tenant_id.to_string(),
+            kind: Self::TYPE.into(),
+            schema_version: SCHEMA_VERSION,
+            recorded_at: (event.time.unix_timestamp_nanos() / 1_000_000) as i64,
+            event: event.clone(),
+        }
+    }
+}
+
+/// Cosmos etags come quoted (`"0000-..."`), some emulators' unquoted. The domain token is the
+/// value without quotes, prefixed `q.` when Cosmos quoted it, so it can be sent back verbatim.
+pub fn etag_to_domain(raw: &str) -> ETag {
+    match raw.strip_prefix('"').and_then(|r| r.strip_suffix('"')) {
+        Some(inner) => ETag::new(format!("q.{inner}")),
+        None => ETag::new(raw),
+    }
+}
+
+/// The concurrency token of a write's response.
+pub(crate) fn header_etag(etag: Option<&azure_core::http::Etag>) -> Result<ETag, im_domain::DomainError> {
+    etag.map(|e| etag_to_domain(e.as_ref()))
+        .ok_or_else(|| im_domain::DomainError::Unexpected(anyhow::anyhow!("cosmos: a write answered without an etag")))
+}
+
+pub fn etag_to_cosmos(etag: &ETag) -> String {
+    match etag.as_str().strip_prefix("q.") {
+        Some(inner) => format!("\"{inner}\""),
+        None => etag.as_str().to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn etags_round_trip() {
+        for raw in ["\"00000a00-0000-0000-0000-5f9a5c2c0000\"", "5b6c7d8e-unquoted"] {
+            assert_eq!(etag_to_cosmos(&etag_to_domain(raw)), raw);
+            assert!(!etag_to_domain(raw).as_str().contains('"'));
+        }
+    }
+}

@@ -1,0 +1,162 @@
+//! [`IntegrationRepository`] on `integration_integrations`, partitioned by tenant. Events go
+//! into the same partition in the same transactional batch.
+
+use async_trait::async_trait;
+use azure_core::http::Etag;
+use azure_data_cosmos::models::TransactionalBatchResponse;
+use azure_data_cosmos::options::{BatchDeleteOptions, BatchReplaceOptions, ItemWriteOptions, Precondition};
+use azure_data_cosmos::{Query, TransactionalBatch};
+use im_domain::events::DomainEvent;
+use im_domain::integration::{Integration, IntegrationFilter};
+use im_domain::ports::IntegrationRepository;
+use im_domain::{DomainError, ETag, IntegrationId, Page, PageRequest, Stored, TenantId};
+
+use crate::client::{CosmosStore, INTEGRATIONS};
+use crate::docs::{IntegrationDoc, OutboxDoc, etag_to_cosmos, etag_to_domain, header_etag};
+use crate::errors::batch_failure;
+
+const RESOURCE: &str = "integration";
+
+pub(crate) struct CosmosIntegrations {
+    store: CosmosStore,
+}
+
+impl CosmosIntegrations {
+    pub(crate) fn new(store: CosmosStore) -> Self {
+        Self { store }
+    }
+}
+
+fn unexpected(e: impl std::fmt::Display) -> DomainError {
+    DomainError::Unexpected(anyhow::anyhow!("cosmos: {e}"))
+}
+
+pub(crate) fn precondition(if_match: Option<&ETag>) -> Option<Precondition> {
+    if_match.map(|e| Precondition::if_match(Etag::from(etag_to_cosmos(e))))
+}
+
+/// Runs a batch whose first operation is the change; returns that operation's etag.
+pub(crate) async fn run_batch(
+    store: &CosmosStore,
+    container: &'static str,
+    batch: TransactionalBatch,
+    resource: &'static str,
+    id: &str,
+) -> Result<Option<ETag>, DomainError> {
+    let response =
+        store.call("a transactional batch", store.container(container).execute_transactional_batch(batch, None), resource, id).await?;
+    let ok = response.status().status_code().is_success() && u16::from(response.status()) != 207;
+    let model: TransactionalBatchResponse = response.into_model().map_err(unexpected)?;
+    let codes: Vec<u16> = model.results().iter().map(|r| r.status_code()).collect();
+    if !ok || codes.iter().any(|c| *c >= 400) {
+        return Err(batch_failure(&codes, resource, id));
+    }
+    Ok(model.results().first().and_then(|r| r.etag()).map(etag_to_domain))
+}
+
+pub(crate) fn with_events(mut batch: TransactionalBatch, events: &[DomainEvent]) -> Result<TransactionalBatch, DomainError> {
+    for event in events {
+        batch = batch.create_item(OutboxDoc::new(event)).map_err(unexpected)?;
+    }
+    Ok(batch)
+}
+
+#[async_trait]
+impl IntegrationRepository for CosmosIntegrations {
+    async fn create(&self, integration: &Integration, events: &[DomainEvent]) -> Result<ETag, DomainError> {
+        let pk = integration.tenant_id.to_string();
+        let id = integration.id.to_string();
+        let doc = IntegrationDoc::new(integration.clone());
+        if events.is_empty() {
+            let response =
+                self.store.call("a create", self.store.container(INTEGRATIONS).create_item(pk, &id, &doc, None), RESOURCE, &id).await?;
+            return header_etag(response.headers().etag());
+        }
+        let batch = with_events(TransactionalBatch::new(pk).create_item(&doc).map_err(unexpected)?, events)?;
+        run_batch(&self.store, INTEGRATIONS, batch, RESOURCE, &id).await?.ok_or_else(|| unexpected("no etag in the batch result"))
+    }
+
+    async fn get(&self, tenant: &TenantId, id: IntegrationId) -> Result<Stored<Integration>, DomainError> {
+        let key = id.to_string();
+        let response =
+            self.store.call("a read", self.store.container(INTEGRATIONS).read_item(tenant.to_string(), &key, None), RESOURCE, &key).await?;
+        let etag = response.headers().etag().map(|e| etag_to_domain(e.as_ref()));
+        let doc: IntegrationDoc = response.into_model().map_err(unexpected)?;
+        if doc.kind != IntegrationDoc::TYPE {
+            return Err(DomainError::not_found(RESOURCE, id));
+        }
+        let etag = etag.or_else(|| doc.etag.as_deref().map(etag_to_domain)).ok_or_else(|| unexpected("no etag"))?;
+        Ok(Stored { value: doc.integration, etag })
+    }
+
+    async fn list(
+        &self,
+        tenant: &TenantId,
+        filter: &IntegrationFilter,
+        page: &PageRequest,
+    ) -> Result<Page<Stored<Integration>>, DomainError> {
+        let mut text = String::from("SELECT * FROM c WHERE c.type = @type");
+        if filter.provider_id.is_some() {
+            text.push_str(" AND c.providerId = @providerId");
+        }
+        if filter.status.is_some() {
+            text.push_str(" AND c.status = @status");
+        }
+        text.push_str(" ORDER BY c.id");
+        let mut query = Query::from(text).with_parameter("@type", IntegrationDoc::TYPE).map_err(unexpected)?;
+        if let Some(provider) = &filter.provider_id {
+            query = query.with_parameter("@providerId", provider.as_str()).map_err(unexpected)?;
+        }
+        if let Some(status) = filter.status {
+            query = query.with_parameter("@status", status.as_str()).map_err(unexpected)?;
+        }
+        let (docs, continuation) = self.store.query_page::<IntegrationDoc>(INTEGRATIONS, query, Some(tenant.to_string()), page).await?;
+        let items = docs
+            .into_iter()
+            .map(|d| {
+                Ok(Stored { etag: d.etag.as_deref().map(etag_to_domain).ok_or_else(|| unexpected("no _etag"))?, value: d.integration })
+            })
+            .collect::<Result<Vec<_>, DomainError>>()?;
+        Ok(Page { items, continuation })
+    }
+
+    async fn replace(&self, integration: &Integration, if_match: Option<ETag>, events: &[DomainEvent]) -> Result<ETag, DomainError> {
+        let pk = integration.tenant_id.to_string();
+        let id = integration.id.to_string();
+        let doc = IntegrationDoc::new(integration.clone());
+        let precondition = precondition(if_match.as_ref());
+        if events.is_empty() {
+            let options = precondition.map(|p| ItemWriteOptions::default().with_precondition(p));
+            let response = self
+                .store
+                .call("a replace", self.store.container(INTEGRATIONS).replace_item(pk, &id, &doc, options), RESOURCE, &id)
+                .await?;
+            return header_etag(response.headers().etag());
+        }
+        let options = precondition.map(|p| BatchReplaceOptions::default().with_precondition(p));
+        let batch = with_events(TransactionalBatch::new(pk).replace_item(id.clone(), &doc, options).map_err(unexpected)?, events)?;
+        run_batch(&self.store, INTEGRATIONS, batch, RESOURCE, &id).await?.ok_or_else(|| unexpected("no etag in the batch result"))
+    }
+
+    async fn delete(
+        &self,
+        tenant: &TenantId,
+        id: IntegrationId,
+        if_match: Option<ETag>,
+        events: &[DomainEvent],
+    ) -> Result<(), DomainError> {
+        let key = id.to_string();
+        let precondition = precondition(if_match.as_ref());
+        if events.is_empty() {
+            let options = precondition.map(|p| ItemWriteOptions::default().with_precondition(p));
+            self.store
+                .call("a delete", self.store.container(INTEGRATIONS).delete_item(tenant.to_string(), &key, options), RESOURCE, &key)
+                .await?;
+            return Ok(());
+        }
+        let options = precondition.map(|p| BatchDeleteOptions::default().with_precondition(p));
+        let batch = with_events(TransactionalBatch::new(tenant.to_string()).delete_item(key.clone(), options), events)?;
+        run_batch(&self.store, INTEGRATIONS, batch, RESOURCE, &key).await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,103 @@
+//! [`Outbox`] on the outbox documents that repository batches write next to their changes.
+//! Reading them is a cross-partition query ordered by the time they were recorded.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+use azure_data_cosmos::Query;
+use im_domain::events::{DomainEvent, OutboxStats};
+use im_domain::ports::Outbox;
+use im_domain::{DomainError, PageRequest};
+use serde::Deserialize;
+
+use crate::client::{CosmosStore, INTEGRATIONS};
+use crate::docs::OutboxDoc;
+
+pub(crate) struct CosmosOutbox {
+    store: CosmosStore,
+    /// Partition of each event handed out by `pending`, to delete it with a point operation.
+    partitions: Mutex<HashMap<uuid::Uuid, String>>,
+}
+
+impl CosmosOutbox {
+    pub(crate) fn new(store: CosmosStore) -> Self {
+        Self { store, partitions: Mutex::new(HashMap::new()) }
+    }
+}
+
+fn unexpected(e: impl std::fmt::Display) -> DomainError {
+    DomainError::Unexpected(anyhow::anyhow!("cosmos: {e}"))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Located {
+    tenant_id: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Recorded {
+    recorded_at: i64,
+}
+
+#[async_trait]
+impl Outbox for CosmosOutbox {
+    async fn pending(&self, limit: u32) -> Result<Vec<DomainEvent>, DomainError> {
+        let query = Query::from("SELECT * FROM c WHERE c.type = @type ORDER BY c.recordedAt")
+            .with_parameter("@type", OutboxDoc::TYPE)
+            .map_err(unexpected)?;
+        let (docs, _) = self.store.query_page::<OutboxDoc>(INTEGRATIONS, query, None, &PageRequest::first(limit.clamp(1, 1000))).await?;
+        let mut partitions = self.partitions.lock().unwrap_or_else(|p| p.into_inner());
+        if partitions.len() > 100_000 {
+            partitions.clear();
+        }
+        Ok(docs
+            .into_iter()
+            .map(|d| {
+                partitions.insert(d.event.id, d.tenant_id);
+                d.event
+            })
+            .collect())
+    }
+
+    async fn mark_published(&self, ids: &[uuid::Uuid]) -> Result<(), DomainError> {
+        for id in ids {
+            let known = self.partitions.lock().unwrap_or_else(|p| p.into_inner()).get(id).cloned();
+            let doc_id = format!("outbox-{id}");
+            let partition = match known {
+                Some(p) => Some(p),
+                None => {
+                    let query = Query::from("SELECT c.tenantId FROM c WHERE c.id = @id")
+                        .with_parameter("@id", doc_id.as_str())
+                        .map_err(unexpected)?;
+                    let (found, _) = self.store.query_page::<Located>(INTEGRATIONS, query, None, &PageRequest::first(1)).await?;
+                    found.into_iter().next().map(|l| l.tenant_id)
+                }
+            };
+            let Some(partition) = partition else { continue };
+            match self
+                .store
+                .call("an outbox delete", self.store.container(INTEGRATIONS).delete_item(partition, &doc_id, None), "outbox event", &doc_id)
+                .await
+            {
+                Ok(_) | Err(DomainError::NotFound { .. }) => {}
+                Err(e) => return Err(e),
+            }
+            self.partitions.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+        }
+        Ok(())
+    }
+
+    async fn stats(&self) -> Result<OutboxStats, DomainError> {
+        // Cross-partition aggregates are not available: count what a bounded scan sees.
+        let query = Query::from("SELECT c.recordedAt FROM c WHERE c.type = @type ORDER BY c.recordedAt")
+            .with_parameter("@type", OutboxDoc::TYPE)
+            .map_err(unexpected)?;
+        let (rows, more) = self.store.query_page::<Recorded>(INTEGRATIONS, query, None, &PageRequest::first(1000)).await?;
+        let oldest = rows.first().and_then(|r| time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(r.recorded_at) * 1_000_000).ok());
+        let pending = rows.len() as u64 + u64::from(more.is_some());
+        Ok(OutboxStats { pending, oldest })
+    }
+}
