@@ -13,7 +13,9 @@ pub mod integration;
 pub mod ports;
 pub mod provider;
 pub mod schema;
+pub mod secrets;
 pub mod services;
+pub mod webhooks;
 
 pub use auth::{Caller, Role};
 pub use common::{Clock, ETag, IdGenerator, IntegrationId, Page, PageRequest, Stored, SystemClock, TenantId, UserId, UuidV7};

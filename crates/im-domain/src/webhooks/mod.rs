@@ -1,0 +1,3 @@
+//! Webhooks: signing and verifying deliveries the Standard Webhooks way.
+
+pub mod signature;

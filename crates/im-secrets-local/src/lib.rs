@@ -1,0 +1,221 @@
+//! The embedded default of the Secret Management port: secrets encrypted with AES-256-GCM and
+//! kept in `secrets.db` in the data directory. The key comes from configuration or from a key
+//! file created with mode 0600 on first run; the database holds only ciphertext. Each value is
+//! bound to its name and version (associated data), so a ciphertext cannot be moved to another
+//! secret.
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::path::Path;
+use std::sync::Mutex;
+
+use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::{Aes256Gcm, Nonce};
+use async_trait::async_trait;
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use im_domain::DomainError;
+use im_domain::secrets::{SecretName, SecretRef, SecretStore, SecretValue};
+use rusqlite::{Connection, OptionalExtension, params};
+
+/// AES-256 key length.
+pub const KEY_BYTES: usize = 32;
+
+/// Secrets encrypted at rest in a local SQLite file.
+pub struct LocalSecretStore {
+    cipher: Aes256Gcm,
+    conn: Mutex<Connection>,
+}
+
+impl std::fmt::Debug for LocalSecretStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalSecretStore").finish_non_exhaustive()
+    }
+}
+
+fn unexpected(e: impl std::fmt::Display) -> DomainError {
+    DomainError::Unexpected(anyhow::anyhow!("local secret store: {e}"))
+}
+
+/// Reads the base64 key in `path`, or creates the file (mode 0600) with a new random key.
+///
+/// # Errors
+/// When the file cannot be read or created, or holds no 32-byte key.
+pub fn load_or_create_key(path: &Path) -> anyhow::Result<[u8; KEY_BYTES]> {
+    if !path.exists() {
+        let mut key = [0u8; KEY_BYTES];
+        getrandom::fill(&mut key).map_err(|e| anyhow::anyhow!("no randomness for a new key: {e}"))?;
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        match options.open(path) {
+            Ok(mut file) => {
+                file.write_all(STANDARD.encode(key).as_bytes())?;
+                file.sync_all()?;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => anyhow::bail!("cannot create key file {}: {e}", path.display()),
+        }
+    }
+    parse_key(std::fs::read_to_string(path)?.trim()).map_err(|e| anyhow::anyhow!("key file {}: {e}", path.display()))
+}
+
+/// Parses a base64 32-byte key.
+///
+/// # Errors
+/// When it is not base64 of exactly 32 bytes.
+pub fn parse_key(text: &str) -> anyhow::Result<[u8; KEY_BYTES]> {
+    let bytes = STANDARD.decode(text).map_err(|_| anyhow::anyhow!("the key is not base64"))?;
+    bytes.try_into().map_err(|_| anyhow::anyhow!("the key must be {KEY_BYTES} bytes"))
+}
+
+impl LocalSecretStore {
+    /// Opens (creating if needed) `secrets.db` in `data_dir`.
+    ///
+    /// # Errors
+    /// When the file cannot be opened or its schema created.
+    pub fn open(data_dir: &Path, key: &[u8; KEY_BYTES]) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(data_dir)?;
+        let conn = Connection::open(data_dir.join("secrets.db"))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS secrets (
+                 name       TEXT    NOT NULL,
+                 version    INTEGER NOT NULL,
+                 nonce      BLOB    NOT NULL,
+                 ciphertext BLOB    NOT NULL,
+                 metadata   TEXT    NOT NULL,
+                 created_at INTEGER NOT NULL DEFAULT (unixepoch()),
+                 PRIMARY KEY (name, version)
+             ) WITHOUT ROWID",
+        )?;
+        let cipher = Aes256Gcm::new_from_slice(key).map_err(|_| anyhow::anyhow!("the key must be {KEY_BYTES} bytes"))?;
+        Ok(Self { cipher, conn: Mutex::new(conn) })
+    }
+
+    fn aad(name: &SecretName, version: i64) -> Vec<u8> {
+        format!("{name}#{version}").into_bytes()
+    }
+}
+
+#[async_trait]
+impl SecretStore for LocalSecretStore {
+    async fn put(&self, name: &SecretName, value: &SecretValue, metadata: &BTreeMap<String, String>) -> Result<SecretRef, DomainError> {
+        let plaintext = serde_json::to_vec(&value.0).map_err(unexpected)?;
+        let metadata = serde_json::to_string(metadata).map_err(unexpected)?;
+        let mut nonce = [0u8; 12];
+        getrandom::fill(&mut nonce).map_err(unexpected)?;
+        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let tx = conn.transaction().map_err(unexpected)?;
+        let version: i64 = tx
+            .query_row("SELECT coalesce(max(version), 0) + 1 FROM secrets WHERE name = ?1", [name.as_str()], |r| r.get(0))
+            .map_err(unexpected)?;
+        let aad = Self::aad(name, version);
+        let ciphertext = self.cipher.encrypt(&Nonce::from(nonce), Payload { msg: &plaintext, aad: &aad }).map_err(unexpected)?;
+        tx.execute(
+            "INSERT INTO secrets (name, version, nonce, ciphertext, metadata) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![name.as_str(), version, nonce.as_slice(), ciphertext, metadata],
+        )
+        .map_err(unexpected)?;
+        tx.commit().map_err(unexpected)?;
+        Ok(SecretRef { secret_name: name.clone(), version: version.to_string() })
+    }
+
+    async fn get(&self, reference: &SecretRef) -> Result<SecretValue, DomainError> {
+        let not_found = || DomainError::not_found("secret", &reference.secret_name);
+        let version: i64 = reference.version.parse().map_err(|_| not_found())?;
+        let row: Option<(Vec<u8>, Vec<u8>)> = self
+            .conn
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .query_row(
+                "SELECT nonce, ciphertext FROM secrets WHERE name = ?1 AND version = ?2",
+                params![reference.secret_name.as_str(), version],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(unexpected)?;
+        let (nonce, ciphertext) = row.ok_or_else(not_found)?;
+        let nonce: [u8; 12] = nonce.try_into().map_err(|_| unexpected("a stored nonce is damaged"))?;
+        let aad = Self::aad(&reference.secret_name, version);
+        let plaintext = self
+            .cipher
+            .decrypt(&Nonce::from(nonce), Payload { msg: &ciphertext, aad: &aad })
+            .map_err(|_| unexpected("a secret failed authentication (wrong key, or tampered data)"))?;
+        Ok(SecretValue(serde_json::from_slice(&plaintext).map_err(unexpected)?))
+    }
+
+    async fn delete(&self, name: &SecretName) -> Result<(), DomainError> {
+        self.conn
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .execute("DELETE FROM secrets WHERE name = ?1", [name.as_str()])
+            .map_err(unexpected)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use im_domain::TenantId;
+    use serde_json::json;
+
+    fn name(id: &str) -> SecretName {
+        SecretName::new(&TenantId::new("acme").unwrap(), "webhook", id)
+    }
+
+    #[tokio::test]
+    async fn versions_round_trip_encrypted_and_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = load_or_create_key(&dir.path().join("secrets.key")).unwrap();
+        let store = LocalSecretStore::open(dir.path(), &key).unwrap();
+        let v1 = store.put(&name("w1"), &SecretValue(json!({"secret": "whsec_first"})), &BTreeMap::new()).await.unwrap();
+        let v2 = store.put(&name("w1"), &SecretValue(json!({"secret": "whsec_second"})), &BTreeMap::new()).await.unwrap();
+        assert_eq!((v1.version.as_str(), v2.version.as_str()), ("1", "2"));
+        assert_eq!(store.get(&v1).await.unwrap().0["secret"], "whsec_first");
+        drop(store);
+
+        let raw = std::fs::read(dir.path().join("secrets.db")).unwrap();
+        assert!(!raw.windows(12).any(|w| w == b"whsec_second"), "no plaintext on disk");
+
+        let store = LocalSecretStore::open(dir.path(), &load_or_create_key(&dir.path().join("secrets.key")).unwrap()).unwrap();
+        assert_eq!(store.get(&v2).await.unwrap().0["secret"], "whsec_second");
+        store.delete(&name("w1")).await.unwrap();
+        store.delete(&name("w1")).await.unwrap();
+        assert!(matches!(store.get(&v2).await, Err(DomainError::NotFound { .. })));
+    }
+
+    #[tokio::test]
+    async fn a_wrong_key_or_moved_ciphertext_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalSecretStore::open(dir.path(), &[1u8; 32]).unwrap();
+        let reference = store.put(&name("w1"), &SecretValue(json!("s")), &BTreeMap::new()).await.unwrap();
+        drop(store);
+        let other = LocalSecretStore::open(dir.path(), &[2u8; 32]).unwrap();
+        assert!(matches!(other.get(&reference).await, Err(DomainError::Unexpected(_))));
+        let conn = Connection::open(dir.path().join("secrets.db")).unwrap();
+        conn.execute("UPDATE secrets SET name = 'integration-manager/acme/webhook/w2'", []).unwrap();
+        let store = LocalSecretStore::open(dir.path(), &[1u8; 32]).unwrap();
+        let moved = SecretRef { secret_name: name("w2"), version: "1".into() };
+        assert!(matches!(store.get(&moved).await, Err(DomainError::Unexpected(_))), "bound to its name");
+    }
+
+    #[test]
+    fn key_files_are_0600() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k/secrets.key");
+        let key = load_or_create_key(&path).unwrap();
+        assert_eq!(load_or_create_key(&path).unwrap(), key);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        }
+        assert!(parse_key("c2hvcnQ=").is_err());
+    }
+}
