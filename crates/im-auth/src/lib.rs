@@ -5,7 +5,9 @@
 //! and mints them for the `token` subcommand, with the same key, so a minted token works
 //! against a running server.
 
+use std::collections::HashMap;
 use std::io::Write as _;
+use std::sync::Mutex;
 use std::path::Path;
 
 use async_trait::async_trait;
@@ -36,13 +38,18 @@ pub struct Claims {
     pub aud: Option<String>,
 }
 
-/// HS256 verification and minting with one shared key.
+/// Most verified tokens remembered; the cache is emptied when it is full.
+const CACHE_CAPACITY: usize = 10_000;
+
+/// HS256 verification and minting with one shared key. Verified tokens are remembered until
+/// they expire, so a client that reuses its token is not re-verified on every request.
 pub struct LocalJwt {
     encoding: EncodingKey,
     decoding: DecodingKey,
     validation: Validation,
     issuer: Option<String>,
     audience: Option<String>,
+    verified: Mutex<HashMap<String, (Caller, i64)>>,
 }
 
 impl std::fmt::Debug for LocalJwt {
@@ -69,7 +76,7 @@ impl LocalJwt {
             Some(aud) => validation.set_audience(&[aud]),
             None => validation.validate_aud = false,
         }
-        Ok(Self { encoding: EncodingKey::from_secret(key), decoding: DecodingKey::from_secret(key), validation, issuer, audience })
+        Ok(Self { encoding: EncodingKey::from_secret(key), decoding: DecodingKey::from_secret(key), validation, issuer, audience, verified: Mutex::default() })
     }
 
     /// Signs a token for a tenant, user and roles, valid for `ttl_secs`.
@@ -94,6 +101,13 @@ impl LocalJwt {
 #[async_trait]
 impl Authenticator for LocalJwt {
     async fn authenticate(&self, bearer_token: &str) -> Result<Caller, AuthError> {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        if let Some((caller, exp)) = self.verified.lock().unwrap_or_else(|p| p.into_inner()).get(bearer_token) {
+            // Remembered tokens expire exactly as verified ones do (leeway included).
+            if now <= exp.saturating_add(self.validation.leeway as i64) {
+                return Ok(caller.clone());
+            }
+        }
         let data = jsonwebtoken::decode::<Claims>(bearer_token, &self.decoding, &self.validation).map_err(|e| match e.kind() {
             ErrorKind::ExpiredSignature => AuthError::Expired,
             ErrorKind::InvalidSignature => AuthError::Invalid("bad signature".into()),
@@ -104,7 +118,14 @@ impl Authenticator for LocalJwt {
             ErrorKind::MissingRequiredClaim(claim) => AuthError::Invalid(format!("missing claim '{claim}'")),
             _ => AuthError::Invalid("malformed token".into()),
         })?;
-        caller_from_claims(data.claims)
+        let exp = data.claims.exp;
+        let caller = caller_from_claims(data.claims)?;
+        let mut verified = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+        if verified.len() >= CACHE_CAPACITY {
+            verified.clear();
+        }
+        verified.insert(bearer_token.to_owned(), (caller.clone(), exp));
+        Ok(caller)
     }
 }
 
@@ -168,6 +189,17 @@ mod tests {
         let token = jwt().mint(&t, &u, &[Role::Member], 60).unwrap();
         let caller = jwt().authenticate(&token).await.unwrap();
         assert_eq!(caller, Caller::new(t, u, vec![Role::Member]));
+    }
+
+    #[tokio::test]
+    async fn remembered_tokens_still_expire() {
+        let (t, u) = ids();
+        let jwt = LocalJwt::new(&[7u8; 32], Some("im".into()), None, 0).unwrap();
+        let token = jwt.mint(&t, &u, &[Role::Member], 1).unwrap();
+        assert!(jwt.authenticate(&token).await.is_ok());
+        assert!(jwt.authenticate(&token).await.is_ok(), "served from the cache");
+        std::thread::sleep(std::time::Duration::from_millis(2100));
+        assert_eq!(jwt.authenticate(&token).await, Err(AuthError::Expired), "the cache never outlives exp");
     }
 
     #[tokio::test]

@@ -45,6 +45,7 @@ pub const CONTAINERS: [ContainerSpec; 7] = [
 
 pub(crate) const PROVIDERS: &str = "integration_providers";
 pub(crate) const INTEGRATIONS: &str = "integration_integrations";
+pub(crate) const WEBHOOKS: &str = "integration_webhooks";
 
 /// The well-known key of the Cosmos DB emulator (any key works against the test server).
 pub const EMULATOR_KEY: &str = "C2y6yDjf5/R+ob0N8A7Cgv30VRDJIWEHLM+4QDU5DE2nQ9nDuVTqobD4b8mGGyPMbIZnqyMsEcaGQy67XIw/Jw==";
@@ -207,6 +208,10 @@ impl CosmosStore {
 
     pub fn providers(&self) -> Arc<dyn ProviderRepository> {
         Arc::new(crate::providers::CosmosProviders::new(self.clone()))
+    }
+
+    pub fn webhooks(&self) -> Arc<dyn im_domain::webhooks::ports::WebhookRepository> {
+        Arc::new(crate::webhooks::CosmosWebhooks::new(self.clone()))
     }
 
     pub fn outbox(&self) -> Arc<dyn Outbox> {

@@ -19,5 +19,6 @@ mod errors;
 mod integrations;
 mod outbox;
 mod providers;
+mod webhooks;
 
 pub use client::{CONTAINERS, ContainerSpec, CosmosSettings, CosmosStore, EMULATOR_KEY, ProvisionReport, provision};

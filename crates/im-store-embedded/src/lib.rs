@@ -11,6 +11,7 @@ mod integrations;
 mod migrations;
 mod outbox;
 mod providers;
+mod webhooks;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -84,6 +85,10 @@ impl EmbeddedStore {
 
     pub fn outbox(&self) -> Arc<dyn Outbox> {
         Arc::new(outbox::SqliteOutbox::new(self.db.clone()))
+    }
+
+    pub fn webhooks(&self) -> Arc<dyn im_domain::webhooks::ports::WebhookRepository> {
+        Arc::new(webhooks::SqliteWebhooks::new(self.documents()))
     }
 
     pub fn providers(&self) -> Arc<dyn ProviderRepository> {

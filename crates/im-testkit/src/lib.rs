@@ -11,6 +11,7 @@ pub mod providers;
 pub mod proxy;
 pub mod rabbit;
 pub mod services;
+pub mod webhooks;
 
 use im_domain::{TenantId, UserId};
 use time::OffsetDateTime;

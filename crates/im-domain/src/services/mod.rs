@@ -5,11 +5,13 @@ mod bus;
 mod catalog;
 mod integrations;
 mod relay;
+mod webhooks;
 
 pub use bus::InProcessBus;
 pub use catalog::CatalogService;
 pub use integrations::IntegrationService;
 pub use relay::EventRelay;
+pub use webhooks::{WebhookService, WithSecret};
 
 use crate::common::ETag;
 use crate::error::DomainError;

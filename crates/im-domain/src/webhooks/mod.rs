@@ -1,3 +1,5 @@
 //! Webhooks: signing and verifying deliveries the Standard Webhooks way.
 
+pub mod endpoint;
+pub mod ports;
 pub mod signature;

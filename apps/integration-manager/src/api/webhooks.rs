@@ -1,0 +1,243 @@
+//! `/api/v1/webhooks`: a tenant's webhook endpoints and their signing secrets.
+
+use std::collections::BTreeMap;
+
+use actix_web::http::header;
+use actix_web::{HttpRequest, HttpResponse, web};
+use im_domain::Stored;
+use im_domain::services::WithSecret;
+use im_domain::webhooks::endpoint::{Webhook, WebhookId, WebhookSpec, WebhookStatus};
+use im_domain::{IntegrationId, Role};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::ToSchema;
+
+use super::extract::{Authenticated, JsonBody, etag_header, if_match, not_modified};
+use super::input::Input;
+use super::problem::{ApiError, ApiResult, Problem};
+use super::{ListResponse, QueryParams};
+use crate::startup::AppState;
+
+/// Body of `POST /webhooks` and `PUT /webhooks/{id}`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+#[allow(dead_code)]
+pub struct WebhookInput {
+    /// https URL of the receiver (http and private addresses only where configuration allows).
+    url: String,
+    description: Option<String>,
+    /// Exact event names or wildcards (`integration.*`, `*`); empty or absent: every deliverable event.
+    event_types: Option<Vec<String>>,
+    /// Only events of these integrations; empty or absent: all.
+    integration_ids: Option<Vec<uuid::Uuid>>,
+    /// `enabled` (default) or `disabled`; absent on update keeps the current status.
+    status: Option<WebhookStatus>,
+    /// Extra request headers (not the signature headers, content-type, user-agent or host).
+    headers: Option<BTreeMap<String, String>>,
+    /// Deliveries beyond this rate wait (never dropped).
+    rate_limit_per_second: Option<u32>,
+}
+
+/// A webhook endpoint. `secret` appears only in the answers of create and rotate-secret.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WebhookView {
+    id: String,
+    tenant_id: String,
+    url: String,
+    description: String,
+    event_types: Vec<String>,
+    integration_ids: Vec<String>,
+    status: WebhookStatus,
+    disabled_reason: Option<String>,
+    headers: BTreeMap<String, String>,
+    rate_limit_per_second: Option<u32>,
+    /// Until when the secret before the last rotation still signs deliveries.
+    previous_secret_expires_at: Option<String>,
+    created_at: String,
+    updated_at: String,
+    created_by: String,
+    updated_by: String,
+    /// The signing secret (`whsec_...`): shown once, never again.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    secret: Option<String>,
+}
+
+fn rfc3339(t: time::OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+}
+
+impl WebhookView {
+    fn of(w: &Webhook, secret: Option<String>) -> Self {
+        Self {
+            id: w.id.to_string(),
+            tenant_id: w.tenant_id.to_string(),
+            url: w.url.clone(),
+            description: w.description.clone(),
+            event_types: w.event_types.clone(),
+            integration_ids: w.integration_ids.iter().map(ToString::to_string).collect(),
+            status: w.status,
+            disabled_reason: w.disabled_reason.clone(),
+            headers: w.headers.clone(),
+            rate_limit_per_second: w.rate_limit_per_second,
+            previous_secret_expires_at: w.previous_secret.as_ref().map(|p| rfc3339(p.expires_at)),
+            created_at: rfc3339(w.created_at),
+            updated_at: rfc3339(w.updated_at),
+            created_by: w.created_by.to_string(),
+            updated_by: w.updated_by.to_string(),
+            secret,
+        }
+    }
+}
+
+const FIELDS: &[&str] = &[
+    "url", "description", "eventTypes", "integrationIds", "status", "headers", "rateLimitPerSecond",
+    // read-only, ignored
+    "id", "tenantId", "disabledReason", "previousSecretExpiresAt", "createdAt", "updatedAt", "createdBy", "updatedBy",
+];
+
+fn read_spec(body: Value) -> ApiResult<WebhookSpec> {
+    let mut input = Input::new(body, FIELDS)?;
+    let url: Option<String> = input.required("url");
+    let description: Option<String> = input.optional("description");
+    let event_types: Option<Vec<String>> = input.optional("eventTypes");
+    let integration_ids: Option<Vec<uuid::Uuid>> = input.optional("integrationIds");
+    let status: Option<WebhookStatus> = input.optional("status");
+    let headers: Option<BTreeMap<String, String>> = input.optional("headers");
+    let rate_limit_per_second: Option<u32> = input.optional("rateLimitPerSecond");
+    input.finish()?;
+    Ok(WebhookSpec {
+        url: url.ok_or_else(|| ApiError::Malformed("url is required".into()))?,
+        description: description.unwrap_or_default(),
+        event_types: event_types.unwrap_or_default(),
+        integration_ids: integration_ids.unwrap_or_default().into_iter().map(IntegrationId).collect(),
+        status,
+        headers: headers.unwrap_or_default(),
+        rate_limit_per_second,
+    })
+}
+
+fn path_id(raw: &str) -> ApiResult<WebhookId> {
+    WebhookId::parse(raw).ok_or_else(|| ApiError::NotFound(format!("webhook '{raw}' was not found")))
+}
+
+fn respond(mut builder: actix_web::HttpResponseBuilder, stored: &Stored<Webhook>, secret: Option<String>) -> HttpResponse {
+    builder.insert_header(etag_header(&stored.etag)).json(WebhookView::of(&stored.value, secret))
+}
+
+/// List the caller's webhook endpoints.
+#[utoipa::path(get, path = "/api/v1/webhooks", tag = "webhooks",
+    params(
+        ("limit" = Option<u32>, Query, description = "Page size, 1 to 200 (default 50)"),
+        ("continuationToken" = Option<String>, Query, description = "Token of the next page"),
+    ),
+    responses((status = 200, description = "A page of endpoints, oldest first; never their secrets", body = ListResponse<WebhookView>)),
+    security(("bearer" = [])))]
+pub async fn list(state: web::Data<AppState>, caller: Authenticated, req: HttpRequest) -> ApiResult<HttpResponse> {
+    let mut query = QueryParams::parse(&req)?;
+    let page = query.page();
+    query.finish()?;
+    let page = state.webhooks.list(&caller.0, &page.unwrap_or_else(|| im_domain::PageRequest::first(50))).await?;
+    let items = page.items.iter().map(|s| WebhookView::of(&s.value, None)).collect();
+    Ok(HttpResponse::Ok().json(ListResponse { items, continuation_token: page.continuation }))
+}
+
+/// Register an endpoint. The answer carries its signing secret, once.
+#[utoipa::path(post, path = "/api/v1/webhooks", tag = "webhooks",
+    request_body = WebhookInput,
+    responses(
+        (status = 201, description = "Created; `secret` is shown this once", body = WebhookView),
+        (status = 400, description = "Malformed body", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid values (an https URL, a refused address, unknown event types...)", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])))]
+pub async fn create(state: web::Data<AppState>, caller: Authenticated, body: JsonBody) -> ApiResult<HttpResponse> {
+    caller.0.require(Role::Member)?;
+    let spec = read_spec(body.0)?;
+    let WithSecret { webhook, secret } = state.webhooks.create(&caller.0, spec).await?;
+    tracing::info!(target: "audit", action = "webhook.create", tenant_id = %caller.0.tenant_id, actor = %caller.0.user_id, webhook_id = %webhook.value.id, "webhook created");
+    let mut builder = HttpResponse::Created();
+    builder.insert_header((header::LOCATION, format!("/api/v1/webhooks/{}", webhook.value.id)));
+    Ok(respond(builder, &webhook, Some(secret.expose())))
+}
+
+/// Read an endpoint (never its secret).
+#[utoipa::path(get, path = "/api/v1/webhooks/{id}", tag = "webhooks",
+    params(("id" = uuid::Uuid, Path, description = "Webhook id")),
+    responses(
+        (status = 200, description = "The endpoint; `ETag` is set", body = WebhookView),
+        (status = 404, description = "No such endpoint in the caller's tenant", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])))]
+pub async fn get(state: web::Data<AppState>, caller: Authenticated, id: web::Path<String>, req: HttpRequest) -> ApiResult<HttpResponse> {
+    let stored = state.webhooks.get(&caller.0, path_id(&id)?).await?;
+    if not_modified(&req, &stored.etag) {
+        return Ok(HttpResponse::NotModified().insert_header(etag_header(&stored.etag)).finish());
+    }
+    Ok(respond(HttpResponse::Ok(), &stored, None))
+}
+
+/// Replace an endpoint's settings.
+#[utoipa::path(put, path = "/api/v1/webhooks/{id}", tag = "webhooks",
+    params(
+        ("id" = uuid::Uuid, Path, description = "Webhook id"),
+        ("If-Match" = Option<String>, Header, description = "The ETag read before; a stale one is refused with 412"),
+    ),
+    request_body = WebhookInput,
+    responses(
+        (status = 200, description = "Updated", body = WebhookView),
+        (status = 404, description = "No such endpoint", body = Problem, content_type = "application/problem+json"),
+        (status = 412, description = "`If-Match` is stale", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid values", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])))]
+pub async fn update(state: web::Data<AppState>, caller: Authenticated, id: web::Path<String>, req: HttpRequest, body: JsonBody) -> ApiResult<HttpResponse> {
+    caller.0.require(Role::Member)?;
+    let id = path_id(&id)?;
+    let if_match = if_match(&req)?;
+    let spec = read_spec(body.0)?;
+    let stored = state.webhooks.update(&caller.0, id, spec, if_match.as_ref()).await?;
+    tracing::info!(target: "audit", action = "webhook.update", tenant_id = %caller.0.tenant_id, actor = %caller.0.user_id, webhook_id = %id, "webhook updated");
+    Ok(respond(HttpResponse::Ok(), &stored, None))
+}
+
+/// Delete an endpoint and its signing secrets.
+#[utoipa::path(delete, path = "/api/v1/webhooks/{id}", tag = "webhooks",
+    params(
+        ("id" = uuid::Uuid, Path, description = "Webhook id"),
+        ("If-Match" = Option<String>, Header, description = "The ETag read before; a stale one is refused with 412"),
+    ),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 404, description = "No such endpoint", body = Problem, content_type = "application/problem+json"),
+        (status = 412, description = "`If-Match` is stale", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])))]
+pub async fn delete(state: web::Data<AppState>, caller: Authenticated, id: web::Path<String>, req: HttpRequest) -> ApiResult<HttpResponse> {
+    let id = path_id(&id)?;
+    let if_match = if_match(&req)?;
+    state.webhooks.delete(&caller.0, id, if_match.as_ref()).await?;
+    tracing::info!(target: "audit", action = "webhook.delete", tenant_id = %caller.0.tenant_id, actor = %caller.0.user_id, webhook_id = %id, "webhook deleted");
+    Ok(HttpResponse::NoContent().finish())
+}
+
+/// Issue a new signing secret (shown once). The previous one keeps signing, beside the new
+/// one, for `webhooks.previous_secret_grace`.
+#[utoipa::path(post, path = "/api/v1/webhooks/{id}/rotate-secret", tag = "webhooks",
+    params(
+        ("id" = uuid::Uuid, Path, description = "Webhook id"),
+        ("If-Match" = Option<String>, Header, description = "The ETag read before; a stale one is refused with 412"),
+    ),
+    responses(
+        (status = 200, description = "Rotated; `secret` is shown this once", body = WebhookView),
+        (status = 404, description = "No such endpoint", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])))]
+pub async fn rotate_secret(state: web::Data<AppState>, caller: Authenticated, id: web::Path<String>, req: HttpRequest) -> ApiResult<HttpResponse> {
+    caller.0.require(Role::Member)?;
+    let id = path_id(&id)?;
+    let if_match = if_match(&req)?;
+    let WithSecret { webhook, secret } = state.webhooks.rotate_secret(&caller.0, id, if_match.as_ref()).await?;
+    tracing::info!(target: "audit", action = "webhook.rotate_secret", tenant_id = %caller.0.tenant_id, actor = %caller.0.user_id, webhook_id = %id, "webhook secret rotated");
+    Ok(respond(HttpResponse::Ok(), &webhook, Some(secret.expose())))
+}

@@ -1,0 +1,202 @@
+//! The platform's Secret Management service behind the [`SecretStore`] port
+//! (`docs/contracts/secret-management.md`):
+//!
+//! - `PUT {url}/api/v1/secrets/{name}` `{"value": <json>, "metadata": {...}}` -> `{"name", "version"}`
+//! - `GET {url}/api/v1/secrets/{name}?version=V` -> `{"name", "version", "value"}`
+//! - `DELETE {url}/api/v1/secrets/{name}` -> 204
+//!
+//! Authenticated with a service token. 404 is `NotFound`; 5xx, 429 and timeouts are retried with
+//! backoff and then `Unavailable`; 401/403 mean our configuration is wrong and are reported so.
+//! Secret values never reach a log.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use im_domain::DomainError;
+use im_domain::secrets::{SecretName, SecretRef, SecretStore, SecretValue};
+use reqwest::{Method, StatusCode};
+use serde::{Deserialize, Serialize};
+
+/// How to reach the service.
+#[derive(Clone)]
+pub struct HttpSecretSettings {
+    /// Base URL, e.g. `https://secrets.platform.internal`.
+    pub url: String,
+    /// Service token sent as `Authorization: Bearer`; a secret, never logged.
+    pub token: String,
+    /// Timeout of one attempt.
+    pub timeout: Duration,
+    /// Attempts for a request that fails with a retryable error (at least 1).
+    pub attempts: u32,
+    /// Wait before the second attempt; doubled for each further one.
+    pub backoff: Duration,
+}
+
+impl std::fmt::Debug for HttpSecretSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpSecretSettings").field("url", &self.url).field("token", &"<redacted>").field("timeout", &self.timeout).finish()
+    }
+}
+
+/// The HTTP client of the Secret Management service.
+#[derive(Debug)]
+pub struct HttpSecretStore {
+    settings: HttpSecretSettings,
+    client: reqwest::Client,
+}
+
+#[derive(Serialize)]
+struct PutBody<'a> {
+    value: &'a serde_json::Value,
+    metadata: &'a BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+struct PutAnswer {
+    version: serde_json::Value,
+}
+
+#[derive(Deserialize)]
+struct GetAnswer {
+    value: serde_json::Value,
+}
+
+fn path_of(name: &SecretName) -> String {
+    // Names are namespaced paths; each segment is percent-encoded on its own.
+    name.as_str().split('/').map(encode_segment).collect::<Vec<_>>().join("/")
+}
+
+fn encode_segment(segment: &str) -> String {
+    let mut out = String::with_capacity(segment.len());
+    for byte in segment.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+enum Attempt {
+    Done(reqwest::Response),
+    Retry(String),
+}
+
+impl HttpSecretStore {
+    /// # Errors
+    /// When the HTTP client cannot be built.
+    pub fn new(settings: HttpSecretSettings) -> Result<Self, DomainError> {
+        let client = reqwest::Client::builder()
+            .timeout(settings.timeout)
+            .connect_timeout(settings.timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| DomainError::Unexpected(e.into()))?;
+        Ok(Self { settings, client })
+    }
+
+    async fn send(&self, method: Method, name: &SecretName, query: Option<(&str, &str)>, body: Option<&serde_json::Value>) -> Result<reqwest::Response, DomainError> {
+        let url = format!("{}/api/v1/secrets/{}", self.settings.url.trim_end_matches('/'), path_of(name));
+        let attempts = self.settings.attempts.max(1);
+        let mut wait = self.settings.backoff;
+        let mut last = String::new();
+        for attempt in 1..=attempts {
+            let mut request = self.client.request(method.clone(), &url).bearer_auth(&self.settings.token);
+            if let Some((k, v)) = query {
+                request = request.query(&[(k, v)]);
+            }
+            if let Some(body) = body {
+                request = request.json(body);
+            }
+            let outcome = match request.send().await {
+                Ok(response) => match response.status() {
+                    s if s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS => Attempt::Retry(format!("answered {s}")),
+                    StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+                        return Err(DomainError::Unexpected(anyhow::anyhow!(
+                            "Secret Management refused the service token ({}): check secrets.token",
+                            response.status()
+                        )));
+                    }
+                    _ => Attempt::Done(response),
+                },
+                Err(e) if e.is_timeout() => Attempt::Retry("timed out".into()),
+                Err(e) => Attempt::Retry(format!("cannot be reached: {}", without_url(&e))),
+            };
+            match outcome {
+                Attempt::Done(response) => return Ok(response),
+                Attempt::Retry(reason) => {
+                    tracing::warn!(%method, secret = %name, attempt, attempts, %reason, "secret management request failed");
+                    last = reason;
+                    if attempt < attempts {
+                        tokio::time::sleep(wait).await;
+                        wait *= 2;
+                    }
+                }
+            }
+        }
+        Err(DomainError::Unavailable { reason: format!("Secret Management {last}"), retry_after: Some(Duration::from_secs(5)) })
+    }
+}
+
+fn without_url(error: &reqwest::Error) -> String {
+    let mut text = error.to_string();
+    if let Some(url) = error.url() {
+        text = text.replace(url.as_str(), "<url>");
+    }
+    text
+}
+
+async fn refused(response: reqwest::Response, what: &str) -> DomainError {
+    let status = response.status();
+    DomainError::Unexpected(anyhow::anyhow!("Secret Management refused to {what}: {status}"))
+}
+
+#[async_trait]
+impl SecretStore for HttpSecretStore {
+    async fn put(&self, name: &SecretName, value: &SecretValue, metadata: &BTreeMap<String, String>) -> Result<SecretRef, DomainError> {
+        let body = serde_json::to_value(PutBody { value: &value.0, metadata }).map_err(|e| DomainError::Unexpected(e.into()))?;
+        let response = self.send(Method::PUT, name, None, Some(&body)).await?;
+        if !response.status().is_success() {
+            return Err(refused(response, "store a secret").await);
+        }
+        let answer: PutAnswer = response.json().await.map_err(|e| DomainError::unavailable(format!("Secret Management answered an unreadable body: {}", without_url(&e))))?;
+        let version = match answer.version {
+            serde_json::Value::String(v) => v,
+            other => other.to_string(),
+        };
+        Ok(SecretRef { secret_name: name.clone(), version })
+    }
+
+    async fn get(&self, reference: &SecretRef) -> Result<SecretValue, DomainError> {
+        let response = self.send(Method::GET, &reference.secret_name, Some(("version", &reference.version)), None).await?;
+        match response.status() {
+            StatusCode::NOT_FOUND => Err(DomainError::not_found("secret", &reference.secret_name)),
+            s if s.is_success() => {
+                let answer: GetAnswer =
+                    response.json().await.map_err(|e| DomainError::unavailable(format!("Secret Management answered an unreadable body: {}", without_url(&e))))?;
+                Ok(SecretValue(answer.value))
+            }
+            _ => Err(refused(response, "read a secret").await),
+        }
+    }
+
+    async fn delete(&self, name: &SecretName) -> Result<(), DomainError> {
+        let response = self.send(Method::DELETE, name, None, None).await?;
+        match response.status() {
+            StatusCode::NOT_FOUND => Ok(()),
+            s if s.is_success() => Ok(()),
+            _ => Err(refused(response, "delete a secret").await),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn segments_are_encoded() {
+        assert_eq!(super::encode_segment("a b/c"), "a%20b%2Fc");
+        assert_eq!(super::encode_segment("acme-01_x.y~"), "acme-01_x.y~");
+    }
+}

@@ -1,0 +1,52 @@
+//! [`WebhookRepository`] on the documents table: container `integration_webhooks`, partitioned
+//! by tenant.
+
+use async_trait::async_trait;
+use im_domain::webhooks::endpoint::{Webhook, WebhookId};
+use im_domain::webhooks::ports::WebhookRepository;
+use im_domain::{DomainError, ETag, Page, PageRequest, Stored, TenantId};
+
+use crate::containers::WEBHOOKS;
+use crate::documents::{Documents, Query};
+use crate::integrations::{decode, encode};
+
+const RESOURCE: &str = "webhook";
+
+pub(crate) struct SqliteWebhooks {
+    docs: Documents,
+}
+
+impl SqliteWebhooks {
+    pub(crate) fn new(docs: Documents) -> Self {
+        Self { docs }
+    }
+}
+
+#[async_trait]
+impl WebhookRepository for SqliteWebhooks {
+    async fn create(&self, webhook: &Webhook) -> Result<ETag, DomainError> {
+        self.docs.create(WEBHOOKS, webhook.tenant_id.to_string(), webhook.id.to_string(), encode(webhook)?, None).await
+    }
+
+    async fn get(&self, tenant: &TenantId, id: WebhookId) -> Result<Stored<Webhook>, DomainError> {
+        match self.docs.get(WEBHOOKS, tenant.to_string(), id.to_string()).await? {
+            Some(doc) => decode(doc),
+            None => Err(DomainError::not_found(RESOURCE, id)),
+        }
+    }
+
+    async fn list(&self, tenant: &TenantId, page: &PageRequest) -> Result<Page<Stored<Webhook>>, DomainError> {
+        let query = Query { container: WEBHOOKS, pk: Some(tenant.to_string()), filters: Vec::new(), search: None, page: page.clone() };
+        let (docs, continuation) = self.docs.query(query).await?;
+        Ok(Page { items: docs.into_iter().map(decode).collect::<Result<_, _>>()?, continuation })
+    }
+
+    async fn replace(&self, webhook: &Webhook, if_match: Option<ETag>) -> Result<ETag, DomainError> {
+        let pk = webhook.tenant_id.to_string();
+        self.docs.replace(WEBHOOKS, RESOURCE, pk.clone(), pk, webhook.id.to_string(), encode(webhook)?, if_match, None, &[]).await
+    }
+
+    async fn delete(&self, tenant: &TenantId, id: WebhookId, if_match: Option<ETag>) -> Result<(), DomainError> {
+        self.docs.delete(WEBHOOKS, RESOURCE, tenant.to_string(), id.to_string(), if_match, &[]).await
+    }
+}
