@@ -9,3 +9,4 @@ mod integrations;
 mod operations;
 mod providers;
 mod tidy;
+mod webhooks;

@@ -5,12 +5,13 @@
 //!
 //! Usage: bench-events [AMQP_URL] [EVENTS]
 
+#![allow(clippy::print_stdout)] // a report on stdout is what this tool is for
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use im_bus_rabbitmq::{RabbitPublisher, RabbitSettings};
 use im_domain::events::{DomainEvent, EventType};
-use im_domain::ports::IntegrationRepository;
 use im_domain::services::EventRelay;
 use im_domain::{SystemClock, TenantId};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};

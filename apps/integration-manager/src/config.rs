@@ -20,6 +20,8 @@ pub struct Settings {
     pub cosmos_db: CosmosDbSettings,
     pub events: EventSettings,
     pub rabbitmq: RabbitSettings,
+    pub secrets: SecretSettings,
+    pub webhooks: WebhookSettings,
     pub auth: AuthSettings,
     pub log: LogSettings,
 }
@@ -60,6 +62,73 @@ pub struct CosmosDbSettings {
     pub preferred_regions: Vec<String>,
     pub max_throttle_retries: u32,
     pub auto_provision: bool,
+}
+
+/// A duration written with a unit: `250ms`, `5s`, `30m`, `2h`, `5d`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub std::time::Duration);
+
+impl HumanDuration {
+    /// # Errors
+    /// A message when the text is not a number followed by ms, s, m, h or d.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+        let (number, unit) = text.split_at(split);
+        let n: u64 = number.parse().map_err(|_| format!("'{text}' is not a duration such as 500ms, 5s, 30m, 2h or 5d"))?;
+        let millis = match unit {
+            "ms" => n,
+            "s" => n * 1000,
+            "m" => n * 60_000,
+            "h" => n * 3_600_000,
+            "d" => n * 86_400_000,
+            _ => return Err(format!("'{text}' is not a duration such as 500ms, 5s, 30m, 2h or 5d")),
+        };
+        Ok(Self(std::time::Duration::from_millis(millis)))
+    }
+}
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        Self::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SecretsBackend {
+    Local,
+    Http,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretSettings {
+    pub backend: SecretsBackend,
+    pub local_key: Secret,
+    pub url: String,
+    pub token: Secret,
+    pub timeout: HumanDuration,
+    pub attempts: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookSettings {
+    pub allowed_private_cidrs: Vec<String>,
+    pub allow_http: bool,
+    pub previous_secret_grace: HumanDuration,
+}
+
+impl WebhookSettings {
+    /// The destination policy of endpoint URLs and delivery connections.
+    pub fn url_policy(&self) -> im_domain::webhooks::endpoint::UrlPolicy {
+        im_domain::webhooks::endpoint::UrlPolicy {
+            allow_http: self.allow_http,
+            allowed_private: self.allowed_private_cidrs.iter().filter_map(|c| im_domain::webhooks::endpoint::Cidr::parse(c).ok()).collect(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -274,6 +343,33 @@ impl Settings {
                 return Err(err("rabbitmq.confirm_timeout_secs", "must be at least 1"));
             }
         }
+        match self.secrets.backend {
+            SecretsBackend::Local if !self.secrets.local_key.is_empty() => {
+                if im_secrets_local::parse_key(self.secrets.local_key.expose()).is_err() {
+                    return Err(err("secrets.local_key", "must be base64 of 32 bytes"));
+                }
+            }
+            SecretsBackend::Http => {
+                if !(self.secrets.url.starts_with("https://") || self.secrets.url.starts_with("http://")) {
+                    return Err(err("secrets.url", "is required (an http(s) URL) when secrets.backend is 'http'"));
+                }
+                if self.secrets.token.is_empty() {
+                    return Err(err("secrets.token", "is required when secrets.backend is 'http'"));
+                }
+                if !(1..=10).contains(&self.secrets.attempts) {
+                    return Err(err("secrets.attempts", "must be between 1 and 10"));
+                }
+            }
+            SecretsBackend::Local => {}
+        }
+        for (i, cidr) in self.webhooks.allowed_private_cidrs.iter().enumerate() {
+            if let Err(reason) = im_domain::webhooks::endpoint::Cidr::parse(cidr) {
+                return Err(err(&format!("webhooks.allowed_private_cidrs[{i}]"), reason));
+            }
+        }
+        if self.secrets.timeout.0.is_zero() {
+            return Err(err("secrets.timeout", "must be positive"));
+        }
         if !self.auth.hs256_key.is_empty() {
             use base64::Engine as _;
             match base64::engine::general_purpose::STANDARD.decode(self.auth.hs256_key.expose()) {
@@ -288,6 +384,11 @@ impl Settings {
             return Err(err("log.level", format!("'{}' is not a valid filter", self.log.level)));
         }
         Ok(())
+    }
+
+    /// The key file of the local secret store when `secrets.local_key` is empty.
+    pub fn secrets_key_file(&self) -> PathBuf {
+        self.storage.data_dir.join("secrets.key")
     }
 
     /// The key file used when `auth.hs256_key` is empty.
@@ -348,6 +449,24 @@ mod tests {
             jail.set_env("IM_SERVER__PROT", "1");
             let e = Settings::load(None).unwrap_err();
             assert!(e.to_string().contains("prot"), "{e}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(HumanDuration::parse("250ms").unwrap().0, std::time::Duration::from_millis(250));
+        assert_eq!(HumanDuration::parse("5d").unwrap().0, std::time::Duration::from_secs(5 * 86_400));
+        assert!(HumanDuration::parse("5 parsecs").is_err());
+        Jail::expect_with(|jail| {
+            jail.set_env("IM_WEBHOOKS__PREVIOUS_SECRET_GRACE", "90m");
+            let s = Settings::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(s.webhooks.previous_secret_grace.0, std::time::Duration::from_secs(5400));
+            jail.set_env("IM_WEBHOOKS__ALLOWED_PRIVATE_CIDRS", "[\"127.0.0.0/88\"]");
+            assert_eq!(Settings::load(None).unwrap_err().key, "webhooks.allowed_private_cidrs[0]");
+            jail.set_env("IM_WEBHOOKS__ALLOWED_PRIVATE_CIDRS", "[]");
+            jail.set_env("IM_SECRETS__TIMEOUT", "soon");
+            assert_eq!(Settings::load(None).unwrap_err().key, "secrets.timeout");
             Ok(())
         });
     }

@@ -15,19 +15,22 @@ use im_auth::LocalJwt;
 use im_bus_rabbitmq::RabbitPublisher;
 use im_domain::auth::Authenticator;
 use im_domain::ports::{EventPublisher, HealthCheck, IntegrationRepository, Outbox, ProviderRepository};
-use im_domain::services::{CatalogService, EventRelay, InProcessBus, IntegrationService};
+use im_domain::secrets::SecretStore;
+use im_domain::services::{CatalogService, EventRelay, InProcessBus, IntegrationService, WebhookService};
+use im_domain::webhooks::ports::{OsEntropy, WebhookRepository};
 use im_domain::{Clock, SystemClock, UuidV7};
 use im_store_cosmos::{CosmosSettings, CosmosStore};
 use im_store_embedded::EmbeddedStore;
 
 use crate::api;
-use crate::config::{AuthMode, EventsBackend, Settings, StorageBackend};
+use crate::config::{AuthMode, EventsBackend, SecretsBackend, Settings, StorageBackend};
 use crate::events::{OutboxHealth, WakeOnEvents};
 
 /// What every handler can reach.
 pub struct AppState {
     pub integrations: IntegrationService,
     pub catalog: CatalogService,
+    pub webhooks: WebhookService,
     pub authenticator: Arc<dyn Authenticator>,
     pub health: Vec<Arc<dyn HealthCheck>>,
     /// In-process subscribers register here (embedded events backend).
@@ -64,9 +67,37 @@ pub fn local_jwt(settings: &Settings) -> anyhow::Result<LocalJwt> {
     LocalJwt::new(&key, settings.auth.issuer(), settings.auth.audience(), settings.auth.leeway_secs)
 }
 
+/// The configured secret store: local and encrypted, or the Secret Management service.
+///
+/// # Errors
+/// When the local key cannot be had or the HTTP client cannot be built.
+pub fn secret_store(settings: &Settings) -> anyhow::Result<Arc<dyn SecretStore>> {
+    match settings.secrets.backend {
+        SecretsBackend::Local => {
+            let key = if settings.secrets.local_key.is_empty() {
+                im_secrets_local::load_or_create_key(&settings.secrets_key_file())?
+            } else {
+                im_secrets_local::parse_key(settings.secrets.local_key.expose())?
+            };
+            Ok(Arc::new(im_secrets_local::LocalSecretStore::open(&settings.storage.data_dir, &key)?))
+        }
+        SecretsBackend::Http => Ok(Arc::new(
+            im_secrets_http::HttpSecretStore::new(im_secrets_http::HttpSecretSettings {
+                url: settings.secrets.url.clone(),
+                token: settings.secrets.token.expose().to_owned(),
+                timeout: settings.secrets.timeout.0,
+                attempts: settings.secrets.attempts,
+                backoff: Duration::from_millis(100),
+            })
+            .map_err(|e| anyhow::anyhow!("secret management client: {e}"))?,
+        )),
+    }
+}
+
 /// The configured store, as the ports the services need.
 pub struct Storage {
     pub integrations: Arc<dyn IntegrationRepository>,
+    pub webhooks: Arc<dyn WebhookRepository>,
     pub providers: Arc<dyn ProviderRepository>,
     pub outbox: Arc<dyn Outbox>,
     pub health: Arc<dyn HealthCheck>,
@@ -93,6 +124,7 @@ pub async fn open_storage(settings: &Settings, clock: Arc<dyn Clock>, provision:
             report.extend(migrated.applied.iter().map(|m| format!("applied migration {m}")));
             Ok(Storage {
                 integrations: store.integrations(),
+                webhooks: store.webhooks(),
                 providers: store.providers(),
                 outbox: store.outbox(),
                 health: Arc::new(store.clone()),
@@ -121,6 +153,7 @@ pub async fn open_storage(settings: &Settings, clock: Arc<dyn Clock>, provision:
             let store = CosmosStore::connect(cosmos_settings).await?;
             Ok(Storage {
                 integrations: store.integrations(),
+                webhooks: store.webhooks(),
                 providers: store.providers(),
                 outbox: store.outbox(),
                 health: Arc::new(store),
@@ -177,8 +210,25 @@ impl Application {
         }));
         let relay_task = crate::events::spawn_relay(relay, wake, settings.events.relay_batch_size);
 
-        let state =
-            web::Data::new(AppState { integrations, catalog, authenticator, health, bus, body_limit: settings.server.body_limit_bytes });
+        let secrets = secret_store(&settings)?;
+        let webhooks = WebhookService::new(
+            storage.webhooks.clone(),
+            secrets,
+            Arc::new(SystemClock),
+            Arc::new(UuidV7),
+            Arc::new(OsEntropy),
+            settings.webhooks.url_policy(),
+            settings.webhooks.previous_secret_grace.0,
+        );
+        let state = web::Data::new(AppState {
+            integrations,
+            catalog,
+            webhooks,
+            authenticator,
+            health,
+            bus,
+            body_limit: settings.server.body_limit_bytes,
+        });
 
         let listener = TcpListener::bind((settings.server.host.as_str(), settings.server.port))
             .with_context(|| format!("cannot listen on {}:{}", settings.server.host, settings.server.port))?;

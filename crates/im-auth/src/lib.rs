@@ -7,8 +7,8 @@
 
 use std::collections::HashMap;
 use std::io::Write as _;
-use std::sync::Mutex;
 use std::path::Path;
+use std::sync::Mutex;
 
 use async_trait::async_trait;
 use base64::Engine as _;
@@ -76,7 +76,14 @@ impl LocalJwt {
             Some(aud) => validation.set_audience(&[aud]),
             None => validation.validate_aud = false,
         }
-        Ok(Self { encoding: EncodingKey::from_secret(key), decoding: DecodingKey::from_secret(key), validation, issuer, audience, verified: Mutex::default() })
+        Ok(Self {
+            encoding: EncodingKey::from_secret(key),
+            decoding: DecodingKey::from_secret(key),
+            validation,
+            issuer,
+            audience,
+            verified: Mutex::default(),
+        })
     }
 
     /// Signs a token for a tenant, user and roles, valid for `ttl_secs`.

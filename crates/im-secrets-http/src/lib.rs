@@ -97,7 +97,13 @@ impl HttpSecretStore {
         Ok(Self { settings, client })
     }
 
-    async fn send(&self, method: Method, name: &SecretName, query: Option<(&str, &str)>, body: Option<&serde_json::Value>) -> Result<reqwest::Response, DomainError> {
+    async fn send(
+        &self,
+        method: Method,
+        name: &SecretName,
+        query: Option<(&str, &str)>,
+        body: Option<&serde_json::Value>,
+    ) -> Result<reqwest::Response, DomainError> {
         let url = format!("{}/api/v1/secrets/{}", self.settings.url.trim_end_matches('/'), path_of(name));
         let attempts = self.settings.attempts.max(1);
         let mut wait = self.settings.backoff;
@@ -161,7 +167,10 @@ impl SecretStore for HttpSecretStore {
         if !response.status().is_success() {
             return Err(refused(response, "store a secret").await);
         }
-        let answer: PutAnswer = response.json().await.map_err(|e| DomainError::unavailable(format!("Secret Management answered an unreadable body: {}", without_url(&e))))?;
+        let answer: PutAnswer = response
+            .json()
+            .await
+            .map_err(|e| DomainError::unavailable(format!("Secret Management answered an unreadable body: {}", without_url(&e))))?;
         let version = match answer.version {
             serde_json::Value::String(v) => v,
             other => other.to_string(),
@@ -174,8 +183,10 @@ impl SecretStore for HttpSecretStore {
         match response.status() {
             StatusCode::NOT_FOUND => Err(DomainError::not_found("secret", &reference.secret_name)),
             s if s.is_success() => {
-                let answer: GetAnswer =
-                    response.json().await.map_err(|e| DomainError::unavailable(format!("Secret Management answered an unreadable body: {}", without_url(&e))))?;
+                let answer: GetAnswer = response
+                    .json()
+                    .await
+                    .map_err(|e| DomainError::unavailable(format!("Secret Management answered an unreadable body: {}", without_url(&e))))?;
                 Ok(SecretValue(answer.value))
             }
             _ => Err(refused(response, "read a secret").await),

@@ -33,7 +33,9 @@ async fn put_sends_value_and_metadata_with_the_service_token() {
         .and(path("/api/v1/secrets/integration-manager/acme/webhook/0192f3c4"))
         .and(header("authorization", "Bearer service-token"))
         .and(body_json(json!({"value": {"secret": "whsec_x"}, "metadata": {"kind": "webhook"}})))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"name": "integration-manager/acme/webhook/0192f3c4", "version": "7"})))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(json!({"name": "integration-manager/acme/webhook/0192f3c4", "version": "7"})),
+        )
         .expect(1)
         .mount(&server)
         .await;

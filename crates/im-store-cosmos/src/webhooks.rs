@@ -60,7 +60,8 @@ impl WebhookRepository for CosmosWebhooks {
 
     async fn get(&self, tenant: &TenantId, id: WebhookId) -> Result<Stored<Webhook>, DomainError> {
         let key = id.to_string();
-        let response = self.store.call("a read", self.store.container(WEBHOOKS).read_item(tenant.to_string(), &key, None), RESOURCE, &key).await?;
+        let response =
+            self.store.call("a read", self.store.container(WEBHOOKS).read_item(tenant.to_string(), &key, None), RESOURCE, &key).await?;
         let etag = header_etag(response.headers().etag())?;
         let doc: WebhookDoc = response.into_model().map_err(unexpected)?;
         if doc.kind != WebhookDoc::TYPE {
@@ -70,7 +71,9 @@ impl WebhookRepository for CosmosWebhooks {
     }
 
     async fn list(&self, tenant: &TenantId, page: &PageRequest) -> Result<Page<Stored<Webhook>>, DomainError> {
-        let query = Query::from("SELECT * FROM c WHERE c.type = @type ORDER BY c.id").with_parameter("@type", WebhookDoc::TYPE).map_err(unexpected)?;
+        let query = Query::from("SELECT * FROM c WHERE c.type = @type ORDER BY c.id")
+            .with_parameter("@type", WebhookDoc::TYPE)
+            .map_err(unexpected)?;
         let (docs, continuation) = self.store.query_page::<WebhookDoc>(WEBHOOKS, query, Some(tenant.to_string()), page).await?;
         let items = docs
             .into_iter()

@@ -9,6 +9,7 @@ pub mod openapi;
 pub mod problem;
 pub mod providers;
 pub mod request_id;
+pub mod webhooks;
 
 use std::collections::HashMap;
 
@@ -30,6 +31,14 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
                     .route(web::put().to(integrations::update))
                     .route(web::delete().to(integrations::delete)),
             )
+            .service(web::resource("/webhooks").route(web::get().to(webhooks::list)).route(web::post().to(webhooks::create)))
+            .service(
+                web::resource("/webhooks/{id}")
+                    .route(web::get().to(webhooks::get))
+                    .route(web::put().to(webhooks::update))
+                    .route(web::delete().to(webhooks::delete)),
+            )
+            .service(web::resource("/webhooks/{id}/rotate-secret").route(web::post().to(webhooks::rotate_secret)))
             .service(web::resource("/providers").route(web::get().to(providers::list)).route(web::post().to(providers::create)))
             .service(
                 web::resource("/providers/{id}")

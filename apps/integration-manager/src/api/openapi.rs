@@ -5,7 +5,7 @@ use actix_web::HttpResponse;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{health, integrations, problem, providers};
+use super::{health, integrations, problem, providers, webhooks};
 
 struct BearerAuth;
 
@@ -30,13 +30,15 @@ impl Modify for BearerAuth {
     paths(
         integrations::list, integrations::create, integrations::get, integrations::update, integrations::delete,
         providers::list, providers::create, providers::get, providers::update, providers::delete,
+        webhooks::list, webhooks::create, webhooks::get, webhooks::update, webhooks::delete, webhooks::rotate_secret,
         health::live, health::ready,
     ),
-    components(schemas(problem::Problem, problem::ProblemField, integrations::IntegrationInput, providers::ProviderInput)),
+    components(schemas(problem::Problem, problem::ProblemField, integrations::IntegrationInput, providers::ProviderInput, webhooks::WebhookInput, webhooks::WebhookView)),
     modifiers(&BearerAuth),
     tags(
         (name = "integrations", description = "A tenant's integrations"),
         (name = "providers", description = "The global provider catalog"),
+        (name = "webhooks", description = "A tenant's webhook endpoints and their signing secrets"),
         (name = "operations", description = "Health"),
     )
 )]

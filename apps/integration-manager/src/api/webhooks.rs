@@ -91,9 +91,22 @@ impl WebhookView {
 }
 
 const FIELDS: &[&str] = &[
-    "url", "description", "eventTypes", "integrationIds", "status", "headers", "rateLimitPerSecond",
+    "url",
+    "description",
+    "eventTypes",
+    "integrationIds",
+    "status",
+    "headers",
+    "rateLimitPerSecond",
     // read-only, ignored
-    "id", "tenantId", "disabledReason", "previousSecretExpiresAt", "createdAt", "updatedAt", "createdBy", "updatedBy",
+    "id",
+    "tenantId",
+    "disabledReason",
+    "previousSecretExpiresAt",
+    "createdAt",
+    "updatedAt",
+    "createdBy",
+    "updatedBy",
 ];
 
 fn read_spec(body: Value) -> ApiResult<WebhookSpec> {
@@ -191,7 +204,13 @@ pub async fn get(state: web::Data<AppState>, caller: Authenticated, id: web::Pat
         (status = 422, description = "Invalid values", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = [])))]
-pub async fn update(state: web::Data<AppState>, caller: Authenticated, id: web::Path<String>, req: HttpRequest, body: JsonBody) -> ApiResult<HttpResponse> {
+pub async fn update(
+    state: web::Data<AppState>,
+    caller: Authenticated,
+    id: web::Path<String>,
+    req: HttpRequest,
+    body: JsonBody,
+) -> ApiResult<HttpResponse> {
     caller.0.require(Role::Member)?;
     let id = path_id(&id)?;
     let if_match = if_match(&req)?;
@@ -233,7 +252,12 @@ pub async fn delete(state: web::Data<AppState>, caller: Authenticated, id: web::
         (status = 404, description = "No such endpoint", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = [])))]
-pub async fn rotate_secret(state: web::Data<AppState>, caller: Authenticated, id: web::Path<String>, req: HttpRequest) -> ApiResult<HttpResponse> {
+pub async fn rotate_secret(
+    state: web::Data<AppState>,
+    caller: Authenticated,
+    id: web::Path<String>,
+    req: HttpRequest,
+) -> ApiResult<HttpResponse> {
     caller.0.require(Role::Member)?;
     let id = path_id(&id)?;
     let if_match = if_match(&req)?;

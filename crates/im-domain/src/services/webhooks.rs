@@ -68,7 +68,8 @@ impl WebhookService {
 
     async fn store_secret(&self, webhook: &Webhook, secret: &SigningSecret) -> Result<SecretRef, DomainError> {
         let name = SecretName::new(&webhook.tenant_id, "webhook", &webhook.id.to_string());
-        let metadata = BTreeMap::from([("kind".to_owned(), "webhook-signing-secret".to_owned()), ("webhookId".to_owned(), webhook.id.to_string())]);
+        let metadata =
+            BTreeMap::from([("kind".to_owned(), "webhook-signing-secret".to_owned()), ("webhookId".to_owned(), webhook.id.to_string())]);
         self.secrets.put(&name, &SecretValue(json!({ "secret": secret.expose() })), &metadata).await
     }
 
@@ -119,7 +120,13 @@ impl WebhookService {
     }
 
     /// Replaces an endpoint's settings; re-enabling clears the disabled reason.
-    pub async fn update(&self, caller: &Caller, id: WebhookId, spec: WebhookSpec, if_match: Option<&ETag>) -> Result<Stored<Webhook>, DomainError> {
+    pub async fn update(
+        &self,
+        caller: &Caller,
+        id: WebhookId,
+        spec: WebhookSpec,
+        if_match: Option<&ETag>,
+    ) -> Result<Stored<Webhook>, DomainError> {
         caller.require(Role::Member)?;
         spec.validate(&self.policy)?;
         read_modify_write(if_match, async |token| {
@@ -133,7 +140,11 @@ impl WebhookService {
                 description: spec.description.clone(),
                 event_types: spec.event_types.clone(),
                 integration_ids: spec.integration_ids.clone(),
-                disabled_reason: if status == WebhookStatus::Enabled { None } else { current.value.disabled_reason.clone().or(Some("disabled by a user".into())) },
+                disabled_reason: if status == WebhookStatus::Enabled {
+                    None
+                } else {
+                    current.value.disabled_reason.clone().or(Some("disabled by a user".into()))
+                },
                 status,
                 headers: spec.headers.clone(),
                 rate_limit_per_second: spec.rate_limit_per_second,
@@ -195,7 +206,11 @@ impl WebhookService {
         let mut secrets = Vec::with_capacity(references.len());
         for reference in references {
             let value = self.secrets.get(reference).await?;
-            let text = value.0.get("secret").and_then(|s| s.as_str()).ok_or_else(|| DomainError::Unexpected(anyhow::anyhow!("a stored signing secret has no 'secret'")))?;
+            let text = value
+                .0
+                .get("secret")
+                .and_then(|s| s.as_str())
+                .ok_or_else(|| DomainError::Unexpected(anyhow::anyhow!("a stored signing secret has no 'secret'")))?;
             secrets.push(SigningSecret::parse(text).map_err(|e| DomainError::Unexpected(anyhow::anyhow!("{e}")))?);
         }
         Ok(secrets)

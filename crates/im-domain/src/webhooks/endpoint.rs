@@ -47,8 +47,17 @@ pub const DELIVERABLE: [EventType; 4] =
 pub const TEST_EVENT_TYPE: &str = "webhook.test";
 
 /// Headers the service sets itself; an endpoint's custom headers cannot override them.
-pub const RESERVED_HEADERS: [&str; 9] =
-    ["webhook-id", "webhook-timestamp", "webhook-signature", "content-type", "content-length", "host", "user-agent", "transfer-encoding", "connection"];
+pub const RESERVED_HEADERS: [&str; 9] = [
+    "webhook-id",
+    "webhook-timestamp",
+    "webhook-signature",
+    "content-type",
+    "content-length",
+    "host",
+    "user-agent",
+    "transfer-encoding",
+    "connection",
+];
 
 /// Whether a filter (`integration.created`, `integration.*`, `*`) matches an event type.
 pub fn pattern_matches(pattern: &str, event_type: &str) -> bool {
@@ -91,7 +100,8 @@ impl Cidr {
         let (ip, prefix) = text.split_once('/').ok_or_else(|| format!("'{text}' is not a CIDR such as 127.0.0.0/8"))?;
         let network: IpAddr = ip.parse().map_err(|_| format!("'{ip}' is not an IP address"))?;
         let max = if network.is_ipv4() { 32 } else { 128 };
-        let prefix: u8 = prefix.parse().ok().filter(|p| *p <= max).ok_or_else(|| format!("'/{prefix}' is not a prefix length up to {max}"))?;
+        let prefix: u8 =
+            prefix.parse().ok().filter(|p| *p <= max).ok_or_else(|| format!("'/{prefix}' is not a prefix length up to {max}"))?;
         Ok(Self { network, prefix })
     }
 
@@ -145,7 +155,11 @@ pub fn forbidden_reason(ip: IpAddr) -> Option<&'static str> {
                 Some("multicast or reserved")
             } else if v4.is_unspecified() || o[0] == 0 {
                 Some("unspecified")
-            } else if v4.is_broadcast() || v4.is_documentation() || (o[0] == 198 && (o[1] == 18 || o[1] == 19)) || (o[0] == 192 && o[1] == 0 && o[2] == 0) {
+            } else if v4.is_broadcast()
+                || v4.is_documentation()
+                || (o[0] == 198 && (o[1] == 18 || o[1] == 19))
+                || (o[0] == 192 && o[1] == 0 && o[2] == 0)
+            {
                 Some("reserved")
             } else {
                 None
@@ -303,9 +317,12 @@ impl Webhook {
         let type_ok = self.event_types.is_empty() || self.event_types.iter().any(|p| pattern_matches(p, event.event_type.as_str()));
         let deliverable = DELIVERABLE.contains(&event.event_type);
         let integration_ok = self.integration_ids.is_empty()
-            || event.data.get("integrationId").or_else(|| event.data.get("id")).and_then(|v| v.as_str()).is_some_and(|id| {
-                self.integration_ids.iter().any(|i| i.to_string() == id)
-            });
+            || event
+                .data
+                .get("integrationId")
+                .or_else(|| event.data.get("id"))
+                .and_then(|v| v.as_str())
+                .is_some_and(|id| self.integration_ids.iter().any(|i| i.to_string() == id));
         deliverable && type_ok && integration_ok && event.tenant_id == self.tenant_id
     }
 }

@@ -1,0 +1,136 @@
+//! Webhook endpoint management: signing secrets shown once, SSRF-safe destinations, filters.
+
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+use crate::helpers::{backend_is_cosmos, fields, header, problem, spawn_app};
+
+fn endpoint(url: &str) -> Value {
+    json!({"url": url, "description": "ops receiver", "eventTypes": ["integration.*"], "headers": {"X-Team": "platform"}, "rateLimitPerSecond": 20})
+}
+
+#[tokio::test]
+async fn the_signing_secret_is_shown_once_and_never_stored_with_the_endpoint() {
+    let app = spawn_app().await;
+    let token = app.member();
+    let response = app.post("/api/v1/webhooks", &token, &endpoint("https://hooks.example.com/im")).await;
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let location = header(&response, "location");
+    let created: Value = response.json().await.unwrap();
+    let secret = created["secret"].as_str().expect("the secret, once").to_owned();
+    let signing = im_domain::webhooks::signature::SigningSecret::parse(&secret).expect("a whsec_ secret of 24-64 bytes");
+    assert_eq!(signing.expose(), secret);
+    assert_eq!(created["status"], "enabled");
+    assert_eq!(created["eventTypes"], json!(["integration.*"]));
+    assert_eq!(created["headers"]["X-Team"], "platform");
+
+    let read: Value = app.get(&location, &token).await.json().await.unwrap();
+    assert!(read.get("secret").is_none(), "never again: {read}");
+    let list: Value = app.get("/api/v1/webhooks", &token).await.json().await.unwrap();
+    assert!(!list.to_string().contains(&secret), "not in listings");
+    assert!(!read.to_string().contains("secretName"), "no internal references either");
+
+    if !backend_is_cosmos() {
+        let db = std::fs::read(app.dir.path().join("integration-manager.db")).unwrap();
+        let wal = std::fs::read(app.dir.path().join("integration-manager.db-wal")).unwrap_or_default();
+        for bytes in [db, wal] {
+            assert!(!bytes.windows(secret.len()).any(|w| w == secret.as_bytes()), "the database keeps only a reference");
+        }
+    }
+}
+
+#[tokio::test]
+async fn rotation_returns_a_new_secret_and_keeps_the_previous_one_for_the_grace_period() {
+    let app = spawn_app().await;
+    let token = app.member();
+    let created: Value = app.post("/api/v1/webhooks", &token, &endpoint("https://hooks.example.com/im")).await.json().await.unwrap();
+    let path = format!("/api/v1/webhooks/{}", created["id"].as_str().unwrap());
+    let response = app.request(Method::POST, &format!("{path}/rotate-secret"), &token).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let rotated: Value = response.json().await.unwrap();
+    assert_ne!(rotated["secret"], created["secret"]);
+    let expires =
+        time::OffsetDateTime::parse(rotated["previousSecretExpiresAt"].as_str().unwrap(), &time::format_description::well_known::Rfc3339)
+            .unwrap();
+    let hours = (expires - time::OffsetDateTime::now_utc()).whole_hours();
+    assert!((23..=24).contains(&hours), "24 h grace by default ({hours} h)");
+    let read: Value = app.get(&path, &token).await.json().await.unwrap();
+    assert!(read.get("secret").is_none());
+}
+
+#[tokio::test]
+async fn destinations_filters_and_headers_are_validated_field_by_field() {
+    let app = spawn_app().await;
+    let token = app.member();
+    let body = json!({
+        "url": "http://hooks.example.com/plain",
+        "eventTypes": ["integration.created", "webhook.delivered", "bogus.*"],
+        "headers": {"webhook-signature": "forged", "Content-Type": "text/plain", "X-Fine": "ok"},
+        "rateLimitPerSecond": 0
+    });
+    let bad = problem(app.post("/api/v1/webhooks", &token, &body).await, StatusCode::UNPROCESSABLE_ENTITY).await;
+    let f = fields(&bad);
+    for wanted in ["url", "eventTypes[1]", "eventTypes[2]", "headers.webhook-signature", "headers.Content-Type", "rateLimitPerSecond"] {
+        assert!(f.contains(&wanted.to_owned()), "{wanted} not in {f:?}");
+    }
+    assert!(!f.contains(&"headers.X-Fine".to_owned()));
+
+    for refused in [
+        "https://127.0.0.1/h",
+        "https://10.0.0.8/h",
+        "https://169.254.169.254/latest/meta-data",
+        "https://[::1]/h",
+        "https://[::ffff:192.168.0.1]/h",
+        "https://100.64.1.1/h",
+        "https://0.0.0.0/h",
+    ] {
+        let bad = problem(app.post("/api/v1/webhooks", &token, &json!({"url": refused})).await, StatusCode::UNPROCESSABLE_ENTITY).await;
+        assert_eq!(fields(&bad), vec!["url"], "{refused}");
+        assert!(bad["errors"][0]["message"].as_str().unwrap().contains("not an allowed destination"), "{bad}");
+    }
+    let bad = problem(app.post("/api/v1/webhooks", &token, &json!({"url": 5, "extra": true})).await, StatusCode::BAD_REQUEST).await;
+    assert_eq!(fields(&bad).len(), 2);
+    let list: Value = app.get("/api/v1/webhooks", &token).await.json().await.unwrap();
+    assert!(list["items"].as_array().unwrap().is_empty(), "nothing was written");
+}
+
+#[tokio::test]
+async fn the_private_allowlist_opens_exceptions() {
+    let app = crate::helpers::spawn_app_with(|s| {
+        s.webhooks.allowed_private_cidrs = vec!["127.0.0.0/8".into()];
+        s.webhooks.allow_http = true;
+    })
+    .await;
+    let token = app.member();
+    assert_eq!(app.post("/api/v1/webhooks", &token, &json!({"url": "http://127.0.0.1:9000/hook"})).await.status(), StatusCode::CREATED);
+    problem(app.post("/api/v1/webhooks", &token, &json!({"url": "http://10.0.0.1/hook"})).await, StatusCode::UNPROCESSABLE_ENTITY).await;
+}
+
+#[tokio::test]
+async fn endpoints_are_tenant_scoped_and_concurrency_controlled() {
+    let app = spawn_app().await;
+    let (owner, stranger) = (app.member(), app.member());
+    let response = app.post("/api/v1/webhooks", &owner, &endpoint("https://hooks.example.com/a")).await;
+    let etag = header(&response, "etag");
+    let created: Value = response.json().await.unwrap();
+    let path = format!("/api/v1/webhooks/{}", created["id"].as_str().unwrap());
+    problem(app.get(&path, &stranger).await, StatusCode::NOT_FOUND).await;
+    problem(app.delete(&path, &stranger, None).await, StatusCode::NOT_FOUND).await;
+    problem(app.request(Method::POST, &format!("{path}/rotate-secret"), &stranger).send().await.unwrap(), StatusCode::NOT_FOUND).await;
+    problem(app.get("/api/v1/webhooks/not-a-uuid", &owner).await, StatusCode::NOT_FOUND).await;
+
+    let mut change = endpoint("https://hooks.example.com/b");
+    change["status"] = json!("disabled");
+    let response = app.put(&path, &owner, &change, Some(&etag)).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let updated: Value = response.json().await.unwrap();
+    assert_eq!((updated["status"].as_str(), updated["disabledReason"].as_str()), (Some("disabled"), Some("disabled by a user")));
+    problem(app.put(&path, &owner, &change, Some(&etag)).await, StatusCode::PRECONDITION_FAILED).await;
+    change["status"] = json!("enabled");
+    let enabled: Value = app.put(&path, &owner, &change, None).await.json().await.unwrap();
+    assert!(enabled["disabledReason"].is_null(), "re-enabling clears the reason");
+    let viewer = app.token("x", "v", &[im_domain::Role::Viewer]);
+    problem(app.post("/api/v1/webhooks", &viewer, &endpoint("https://hooks.example.com/a")).await, StatusCode::FORBIDDEN).await;
+    assert_eq!(app.delete(&path, &owner, None).await.status(), StatusCode::NO_CONTENT);
+    problem(app.get(&path, &owner).await, StatusCode::NOT_FOUND).await;
+}
