@@ -3,6 +3,7 @@
 
 mod auth;
 mod bad_input;
+mod deliveries;
 mod events;
 mod helpers;
 mod integrations;

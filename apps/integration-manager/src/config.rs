@@ -116,6 +116,10 @@ pub struct SecretSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WebhookSettings {
+    pub retry_schedule: Vec<HumanDuration>,
+    pub connect_timeout: HumanDuration,
+    pub request_timeout: HumanDuration,
+    pub concurrency: usize,
     pub allowed_private_cidrs: Vec<String>,
     pub allow_http: bool,
     pub previous_secret_grace: HumanDuration,
@@ -366,6 +370,18 @@ impl Settings {
             if let Err(reason) = im_domain::webhooks::endpoint::Cidr::parse(cidr) {
                 return Err(err(&format!("webhooks.allowed_private_cidrs[{i}]"), reason));
             }
+        }
+        if self.webhooks.retry_schedule.len() > 50 {
+            return Err(err("webhooks.retry_schedule", "must have at most 50 entries"));
+        }
+        if self.webhooks.request_timeout.0.is_zero() {
+            return Err(err("webhooks.request_timeout", "must be positive"));
+        }
+        if self.webhooks.connect_timeout.0.is_zero() {
+            return Err(err("webhooks.connect_timeout", "must be positive"));
+        }
+        if !(1..=10_000).contains(&self.webhooks.concurrency) {
+            return Err(err("webhooks.concurrency", "must be between 1 and 10000"));
         }
         if self.secrets.timeout.0.is_zero() {
             return Err(err("secrets.timeout", "must be positive"));

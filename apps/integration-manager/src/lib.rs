@@ -5,6 +5,7 @@ pub mod api;
 pub mod catalog;
 pub mod cli;
 pub mod config;
+pub mod deliveries;
 pub mod events;
 pub mod startup;
 pub mod telemetry;

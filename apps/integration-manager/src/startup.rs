@@ -16,14 +16,18 @@ use im_bus_rabbitmq::RabbitPublisher;
 use im_domain::auth::Authenticator;
 use im_domain::ports::{EventPublisher, HealthCheck, IntegrationRepository, Outbox, ProviderRepository};
 use im_domain::secrets::SecretStore;
-use im_domain::services::{CatalogService, EventRelay, InProcessBus, IntegrationService, WebhookService};
-use im_domain::webhooks::ports::{OsEntropy, WebhookRepository};
+use im_domain::services::{
+    CatalogService, DeliveryService, DeliverySettings, EventRelay, InProcessBus, IntegrationService, WebhookService,
+};
+use im_domain::webhooks::ports::{DeliveryRepository, OsEntropy, WebhookRepository};
 use im_domain::{Clock, SystemClock, UuidV7};
 use im_store_cosmos::{CosmosSettings, CosmosStore};
 use im_store_embedded::EmbeddedStore;
+use im_webhook_sender::{HttpWebhookSender, SenderSettings};
 
 use crate::api;
 use crate::config::{AuthMode, EventsBackend, SecretsBackend, Settings, StorageBackend};
+use crate::deliveries::{BrokerThenLocal, FanOut, spawn_dispatcher};
 use crate::events::{OutboxHealth, WakeOnEvents};
 
 /// What every handler can reach.
@@ -31,6 +35,7 @@ pub struct AppState {
     pub integrations: IntegrationService,
     pub catalog: CatalogService,
     pub webhooks: WebhookService,
+    pub deliveries: DeliveryService,
     pub authenticator: Arc<dyn Authenticator>,
     pub health: Vec<Arc<dyn HealthCheck>>,
     /// In-process subscribers register here (embedded events backend).
@@ -98,6 +103,7 @@ pub fn secret_store(settings: &Settings) -> anyhow::Result<Arc<dyn SecretStore>>
 pub struct Storage {
     pub integrations: Arc<dyn IntegrationRepository>,
     pub webhooks: Arc<dyn WebhookRepository>,
+    pub deliveries: Arc<dyn DeliveryRepository>,
     pub providers: Arc<dyn ProviderRepository>,
     pub outbox: Arc<dyn Outbox>,
     pub health: Arc<dyn HealthCheck>,
@@ -125,6 +131,7 @@ pub async fn open_storage(settings: &Settings, clock: Arc<dyn Clock>, provision:
             Ok(Storage {
                 integrations: store.integrations(),
                 webhooks: store.webhooks(),
+                deliveries: store.deliveries(),
                 providers: store.providers(),
                 outbox: store.outbox(),
                 health: Arc::new(store.clone()),
@@ -154,6 +161,7 @@ pub async fn open_storage(settings: &Settings, clock: Arc<dyn Clock>, provision:
             Ok(Storage {
                 integrations: store.integrations(),
                 webhooks: store.webhooks(),
+                deliveries: store.deliveries(),
                 providers: store.providers(),
                 outbox: store.outbox(),
                 health: Arc::new(store),
@@ -200,7 +208,7 @@ impl Application {
                     confirm_timeout: Duration::from_secs(settings.rabbitmq.confirm_timeout_secs),
                 }));
                 health.push(rabbit.clone());
-                rabbit
+                Arc::new(BrokerThenLocal { broker: rabbit, local: bus.clone() })
             }
         };
         let relay = EventRelay::new(storage.outbox.clone(), publisher);
@@ -208,7 +216,6 @@ impl Application {
             outbox: storage.outbox.clone(),
             max_age: Duration::from_secs(settings.events.outbox_max_age_secs),
         }));
-        let relay_task = crate::events::spawn_relay(relay, wake, settings.events.relay_batch_size);
 
         let secrets = secret_store(&settings)?;
         let webhooks = WebhookService::new(
@@ -220,10 +227,44 @@ impl Application {
             settings.webhooks.url_policy(),
             settings.webhooks.previous_secret_grace.0,
         );
+        // The delivery queue is durable in the embedded database of the data directory, whatever the store.
+        let queue_store = match &storage.embedded {
+            Some(store) => store.clone(),
+            None => {
+                let store = EmbeddedStore::open(&settings.storage.data_dir, Arc::new(SystemClock))?;
+                store.migrate().await.context("migrating the delivery queue")?;
+                store
+            }
+        };
+        let sender = HttpWebhookSender::new(SenderSettings {
+            connect_timeout: settings.webhooks.connect_timeout.0,
+            request_timeout: settings.webhooks.request_timeout.0,
+            policy: settings.webhooks.url_policy(),
+        })
+        .map_err(|e| anyhow::anyhow!("webhook sender: {e}"))?;
+        let deliveries = DeliveryService::new(
+            storage.webhooks.clone(),
+            webhooks.clone(),
+            storage.deliveries.clone(),
+            queue_store.delivery_queue(),
+            Arc::new(sender),
+            Arc::new(SystemClock),
+            Arc::new(UuidV7),
+            DeliverySettings {
+                retry_schedule: settings.webhooks.retry_schedule.iter().map(|d| d.0).collect(),
+                user_agent: format!("IntegrationManager-Webhooks/{}", env!("CARGO_PKG_VERSION")),
+            },
+        );
+        let dispatch = Arc::new(tokio::sync::Notify::new());
+        bus.subscribe(Arc::new(FanOut { service: deliveries.clone(), wake: dispatch.clone() }));
+        let dispatcher = spawn_dispatcher(deliveries.clone(), dispatch, settings.webhooks.concurrency);
+        // Only now, with every in-process subscriber registered, may events flow.
+        let relay_task = crate::events::spawn_relay(relay, wake, settings.events.relay_batch_size);
         let state = web::Data::new(AppState {
             integrations,
             catalog,
             webhooks,
+            deliveries,
             authenticator,
             health,
             bus,
@@ -245,7 +286,7 @@ impl Application {
             .listen(listener)?
             .run();
 
-        let mut background = vec![relay_task];
+        let mut background = vec![relay_task, dispatcher];
         if let Some(store) = storage.embedded {
             background.push(spawn_ttl_sweeper(store, Duration::from_secs(settings.storage.ttl_sweep_interval_secs)));
         }

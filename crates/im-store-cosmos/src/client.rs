@@ -46,6 +46,7 @@ pub const CONTAINERS: [ContainerSpec; 7] = [
 pub(crate) const PROVIDERS: &str = "integration_providers";
 pub(crate) const INTEGRATIONS: &str = "integration_integrations";
 pub(crate) const WEBHOOKS: &str = "integration_webhooks";
+pub(crate) const DELIVERIES: &str = "integration_webhook_deliveries";
 
 /// The well-known key of the Cosmos DB emulator (any key works against the test server).
 pub const EMULATOR_KEY: &str = "C2y6yDjf5/R+ob0N8A7Cgv30VRDJIWEHLM+4QDU5DE2nQ9nDuVTqobD4b8mGGyPMbIZnqyMsEcaGQy67XIw/Jw==";
@@ -212,6 +213,10 @@ impl CosmosStore {
 
     pub fn webhooks(&self) -> Arc<dyn im_domain::webhooks::ports::WebhookRepository> {
         Arc::new(crate::webhooks::CosmosWebhooks::new(self.clone()))
+    }
+
+    pub fn deliveries(&self) -> Arc<dyn im_domain::webhooks::ports::DeliveryRepository> {
+        Arc::new(crate::deliveries::CosmosDeliveries::new(self.clone()))
     }
 
     pub fn outbox(&self) -> Arc<dyn Outbox> {

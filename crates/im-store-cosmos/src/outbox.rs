@@ -11,13 +11,16 @@ use im_domain::ports::Outbox;
 use im_domain::{DomainError, PageRequest};
 use serde::Deserialize;
 
-use crate::client::{CosmosStore, INTEGRATIONS};
+use crate::client::{CosmosStore, DELIVERIES, INTEGRATIONS};
 use crate::docs::OutboxDoc;
+
+/// Containers whose writes record events.
+const SOURCES: [&str; 2] = [INTEGRATIONS, DELIVERIES];
 
 pub(crate) struct CosmosOutbox {
     store: CosmosStore,
-    /// Partition of each event handed out by `pending`, to delete it with a point operation.
-    partitions: Mutex<HashMap<uuid::Uuid, String>>,
+    /// Container and partition of each event handed out by `pending`, to delete it with a point operation.
+    partitions: Mutex<HashMap<uuid::Uuid, (&'static str, String)>>,
 }
 
 impl CosmosOutbox {
@@ -45,18 +48,24 @@ struct Recorded {
 #[async_trait]
 impl Outbox for CosmosOutbox {
     async fn pending(&self, limit: u32) -> Result<Vec<DomainEvent>, DomainError> {
-        let query = Query::from("SELECT * FROM c WHERE c.type = @type ORDER BY c.recordedAt")
-            .with_parameter("@type", OutboxDoc::TYPE)
-            .map_err(unexpected)?;
-        let (docs, _) = self.store.query_page::<OutboxDoc>(INTEGRATIONS, query, None, &PageRequest::first(limit.clamp(1, 1000))).await?;
+        let mut found = Vec::new();
+        for container in SOURCES {
+            let query = Query::from("SELECT * FROM c WHERE c.type = @type ORDER BY c.recordedAt")
+                .with_parameter("@type", OutboxDoc::TYPE)
+                .map_err(unexpected)?;
+            let (docs, _) = self.store.query_page::<OutboxDoc>(container, query, None, &PageRequest::first(limit.clamp(1, 1000))).await?;
+            found.extend(docs.into_iter().map(|d| (container, d)));
+        }
+        found.sort_by_key(|(_, d)| d.recorded_at);
+        found.truncate(limit as usize);
         let mut partitions = self.partitions.lock().unwrap_or_else(|p| p.into_inner());
         if partitions.len() > 100_000 {
             partitions.clear();
         }
-        Ok(docs
+        Ok(found
             .into_iter()
-            .map(|d| {
-                partitions.insert(d.event.id, d.tenant_id);
+            .map(|(container, d)| {
+                partitions.insert(d.event.id, (container, d.tenant_id));
                 d.event
             })
             .collect())
@@ -66,22 +75,26 @@ impl Outbox for CosmosOutbox {
         for id in ids {
             let known = self.partitions.lock().unwrap_or_else(|p| p.into_inner()).get(id).cloned();
             let doc_id = format!("outbox-{id}");
-            let partition = match known {
-                Some(p) => Some(p),
+            let location = match known {
+                Some(location) => Some(location),
                 None => {
-                    let query = Query::from("SELECT c.tenantId FROM c WHERE c.id = @id")
-                        .with_parameter("@id", doc_id.as_str())
-                        .map_err(unexpected)?;
-                    let (found, _) = self.store.query_page::<Located>(INTEGRATIONS, query, None, &PageRequest::first(1)).await?;
-                    found.into_iter().next().map(|l| l.tenant_id)
+                    let mut location = None;
+                    for container in SOURCES {
+                        let query = Query::from("SELECT c.tenantId FROM c WHERE c.id = @id")
+                            .with_parameter("@id", doc_id.as_str())
+                            .map_err(unexpected)?;
+                        let (found, _) = self.store.query_page::<Located>(container, query, None, &PageRequest::first(1)).await?;
+                        if let Some(l) = found.into_iter().next() {
+                            location = Some((container, l.tenant_id));
+                            break;
+                        }
+                    }
+                    location
                 }
             };
-            let Some(partition) = partition else { continue };
-            match self
-                .store
-                .call("an outbox delete", self.store.container(INTEGRATIONS).delete_item(partition, &doc_id, None), "outbox event", &doc_id)
-                .await
-            {
+            let Some((container, partition)) = location else { continue };
+            let delete = self.store.container(container).delete_item(partition, &doc_id, None);
+            match self.store.call("an outbox delete", delete, "outbox event", &doc_id).await {
                 Ok(_) | Err(DomainError::NotFound { .. }) => {}
                 Err(e) => return Err(e),
             }
@@ -92,12 +105,18 @@ impl Outbox for CosmosOutbox {
 
     async fn stats(&self) -> Result<OutboxStats, DomainError> {
         // Cross-partition aggregates are not available: count what a bounded scan sees.
-        let query = Query::from("SELECT c.recordedAt FROM c WHERE c.type = @type ORDER BY c.recordedAt")
-            .with_parameter("@type", OutboxDoc::TYPE)
-            .map_err(unexpected)?;
-        let (rows, more) = self.store.query_page::<Recorded>(INTEGRATIONS, query, None, &PageRequest::first(1000)).await?;
-        let oldest = rows.first().and_then(|r| time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(r.recorded_at) * 1_000_000).ok());
-        let pending = rows.len() as u64 + u64::from(more.is_some());
+        let (mut pending, mut oldest_ms): (u64, Option<i64>) = (0, None);
+        for container in SOURCES {
+            let query = Query::from("SELECT c.recordedAt FROM c WHERE c.type = @type ORDER BY c.recordedAt")
+                .with_parameter("@type", OutboxDoc::TYPE)
+                .map_err(unexpected)?;
+            let (rows, more) = self.store.query_page::<Recorded>(container, query, None, &PageRequest::first(1000)).await?;
+            pending += rows.len() as u64 + u64::from(more.is_some());
+            if let Some(first) = rows.first() {
+                oldest_ms = Some(oldest_ms.map_or(first.recorded_at, |o| o.min(first.recorded_at)));
+            }
+        }
+        let oldest = oldest_ms.and_then(|ms| time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).ok());
         Ok(OutboxStats { pending, oldest })
     }
 }

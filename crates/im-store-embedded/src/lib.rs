@@ -6,6 +6,7 @@
 //! conformance suite. Schema changes are numbered migrations applied by [`EmbeddedStore::migrate`].
 
 mod db;
+mod deliveries;
 pub mod documents;
 mod integrations;
 mod migrations;
@@ -89,6 +90,15 @@ impl EmbeddedStore {
 
     pub fn webhooks(&self) -> Arc<dyn im_domain::webhooks::ports::WebhookRepository> {
         Arc::new(webhooks::SqliteWebhooks::new(self.documents()))
+    }
+
+    pub fn deliveries(&self) -> Arc<dyn im_domain::webhooks::ports::DeliveryRepository> {
+        Arc::new(deliveries::SqliteDeliveries::new(self.documents()))
+    }
+
+    /// The durable queue of delivery attempts.
+    pub fn delivery_queue(&self) -> Arc<dyn im_domain::webhooks::ports::DeliveryQueue> {
+        Arc::new(deliveries::SqliteDeliveryQueue::new(self.db.clone()))
     }
 
     pub fn providers(&self) -> Arc<dyn ProviderRepository> {

@@ -46,6 +46,20 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     );
     "#,
     ),
+    (
+        3,
+        "delivery_jobs",
+        r#"
+    -- The durable queue of webhook delivery attempts: a row per delivery waiting for an attempt.
+    CREATE TABLE delivery_jobs (
+        delivery_id  TEXT    PRIMARY KEY,
+        tenant_id    TEXT    NOT NULL,
+        due_at       INTEGER NOT NULL,   -- unix milliseconds
+        leased_until INTEGER NOT NULL    -- unix milliseconds; a worker holds the job until then
+    ) WITHOUT ROWID;
+    CREATE INDEX delivery_jobs_by_due ON delivery_jobs (due_at);
+    "#,
+    ),
 ];
 
 /// What [`crate::EmbeddedStore::migrate`] did.

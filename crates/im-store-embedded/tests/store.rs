@@ -31,7 +31,7 @@ async fn data_survives_reopening_and_migrations_are_idempotent() {
     {
         let store = EmbeddedStore::open(dir.path(), Arc::new(SystemClock)).unwrap();
         let report = store.migrate().await.unwrap();
-        assert_eq!(report.applied.len(), 2);
+        assert_eq!(report.applied.len(), 3);
         store.integrations().create(&item, &[]).await.unwrap();
     }
     let store = EmbeddedStore::open(dir.path(), Arc::new(SystemClock)).unwrap();

@@ -1,6 +1,7 @@
 //! The HTTP API: routes, DTOs, extractors, problem details. Handlers convert DTOs to domain
 //! values, call a service and map the result; no business rule lives here.
 
+pub mod deliveries;
 pub mod extract;
 pub mod health;
 pub mod input;
@@ -39,6 +40,11 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
                     .route(web::delete().to(webhooks::delete)),
             )
             .service(web::resource("/webhooks/{id}/rotate-secret").route(web::post().to(webhooks::rotate_secret)))
+            .service(web::resource("/webhooks/{id}/deliveries").route(web::get().to(deliveries::list)))
+            .service(web::resource("/webhooks/{id}/deliveries/{delivery}").route(web::get().to(deliveries::get)))
+            .service(web::resource("/webhooks/{id}/deliveries/{delivery}/retry").route(web::post().to(deliveries::retry)))
+            .service(web::resource("/webhooks/{id}/recover").route(web::post().to(deliveries::recover)))
+            .service(web::resource("/webhooks/{id}/test").route(web::post().to(deliveries::test)))
             .service(web::resource("/providers").route(web::get().to(providers::list)).route(web::post().to(providers::create)))
             .service(
                 web::resource("/providers/{id}")

@@ -5,7 +5,7 @@ use actix_web::HttpResponse;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{health, integrations, problem, providers, webhooks};
+use super::{deliveries, health, integrations, problem, providers, webhooks};
 
 struct BearerAuth;
 
@@ -31,9 +31,10 @@ impl Modify for BearerAuth {
         integrations::list, integrations::create, integrations::get, integrations::update, integrations::delete,
         providers::list, providers::create, providers::get, providers::update, providers::delete,
         webhooks::list, webhooks::create, webhooks::get, webhooks::update, webhooks::delete, webhooks::rotate_secret,
+        deliveries::list, deliveries::get, deliveries::retry, deliveries::recover, deliveries::test,
         health::live, health::ready,
     ),
-    components(schemas(problem::Problem, problem::ProblemField, integrations::IntegrationInput, providers::ProviderInput, webhooks::WebhookInput, webhooks::WebhookView)),
+    components(schemas(problem::Problem, problem::ProblemField, integrations::IntegrationInput, providers::ProviderInput, webhooks::WebhookInput, webhooks::WebhookView, deliveries::DeliveryView, deliveries::RecoverInput, deliveries::RecoverReport)),
     modifiers(&BearerAuth),
     tags(
         (name = "integrations", description = "A tenant's integrations"),

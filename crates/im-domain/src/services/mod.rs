@@ -3,12 +3,14 @@
 
 mod bus;
 mod catalog;
+mod deliveries;
 mod integrations;
 mod relay;
 mod webhooks;
 
 pub use bus::InProcessBus;
 pub use catalog::CatalogService;
+pub use deliveries::{AttemptReport, DeliveryService, DeliverySettings};
 pub use integrations::IntegrationService;
 pub use relay::EventRelay;
 pub use webhooks::{WebhookService, WithSecret};

@@ -51,3 +51,87 @@ impl Entropy for OsEntropy {
         getrandom::fill(bytes).unwrap_or_else(|e| panic!("the operating system has no randomness: {e}"));
     }
 }
+
+/// Storage of deliveries, partitioned by tenant, kept 7 days.
+#[cfg_attr(any(test, feature = "test-support"), mockall::automock)]
+#[async_trait]
+pub trait DeliveryRepository: Send + Sync {
+    /// # Errors
+    /// MUST return [`DomainError::Conflict`] when the id exists (the event was fanned out before).
+    async fn create(&self, delivery: &super::delivery::Delivery) -> Result<ETag, DomainError>;
+
+    /// # Errors
+    /// MUST return [`DomainError::NotFound`] when absent, expired or another tenant's.
+    async fn get(&self, tenant: &TenantId, id: uuid::Uuid) -> Result<Stored<super::delivery::Delivery>, DomainError>;
+
+    /// One endpoint's deliveries matching `filter`, oldest first, paged.
+    async fn list(
+        &self,
+        tenant: &TenantId,
+        webhook: WebhookId,
+        filter: &super::delivery::DeliveryFilter,
+        page: &PageRequest,
+    ) -> Result<Page<Stored<super::delivery::Delivery>>, DomainError>;
+
+    /// Replaces a delivery and records `events` atomically with it.
+    ///
+    /// # Errors
+    /// MUST return [`DomainError::PreconditionFailed`] when `if_match` is stale, writing nothing.
+    async fn replace(
+        &self,
+        delivery: &super::delivery::Delivery,
+        if_match: Option<ETag>,
+        events: &[crate::events::DomainEvent],
+    ) -> Result<ETag, DomainError>;
+}
+
+/// A delivery attempt waiting to run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryJob {
+    pub tenant_id: TenantId,
+    pub delivery_id: uuid::Uuid,
+}
+
+/// The durable queue of delivery attempts: nothing scheduled is lost by a restart or a crash.
+#[cfg_attr(any(test, feature = "test-support"), mockall::automock)]
+#[async_trait]
+pub trait DeliveryQueue: Send + Sync {
+    /// Schedules (or reschedules) the attempt of a delivery at `due`. MUST be durable when it returns.
+    async fn schedule(&self, job: &DeliveryJob, due: time::OffsetDateTime) -> Result<(), DomainError>;
+
+    /// Takes up to `max` jobs that are due, leasing them for `lease`: a job taken by a worker
+    /// that dies comes back when the lease ends.
+    async fn take_due(&self, max: u32, lease: std::time::Duration) -> Result<Vec<DeliveryJob>, DomainError>;
+
+    /// Removes a job (after its attempt was recorded).
+    async fn complete(&self, job: &DeliveryJob) -> Result<(), DomainError>;
+
+    /// When the next job is due, if any (so the dispatcher can sleep until then).
+    async fn next_due(&self) -> Result<Option<time::OffsetDateTime>, DomainError>;
+}
+
+/// The HTTP request of one attempt, signed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutgoingRequest {
+    pub url: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+/// What a receiver answered, or why it could not be reached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SendResult {
+    pub status: Option<u16>,
+    pub retry_after: Option<std::time::Duration>,
+    pub body_excerpt: Option<String>,
+    pub error: Option<String>,
+    pub duration: std::time::Duration,
+}
+
+/// Sends webhook requests (HTTP POST, no redirects, timeouts, SSRF checks after DNS resolution).
+#[cfg_attr(any(test, feature = "test-support"), mockall::automock)]
+#[async_trait]
+pub trait WebhookSender: Send + Sync {
+    /// MUST NOT fail: every problem is described in the result.
+    async fn send(&self, request: OutgoingRequest) -> SendResult;
+}

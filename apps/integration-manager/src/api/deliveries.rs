@@ -1,0 +1,179 @@
+//! `/api/v1/webhooks/{id}/deliveries`, `/recover`, `/test`: the delivery log and its operations.
+
+use actix_web::{HttpRequest, HttpResponse, web};
+use im_domain::webhooks::delivery::{Attempt, Delivery, DeliveryFilter, DeliveryStatus};
+use im_domain::webhooks::endpoint::WebhookId;
+use im_domain::{FieldViolation, ViolationKind};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+use utoipa::ToSchema;
+
+use super::extract::{Authenticated, JsonBody};
+use super::input::Input;
+use super::problem::{ApiError, ApiResult, Problem};
+use super::{ListResponse, QueryParams};
+use crate::startup::AppState;
+
+/// One message to one endpoint, with every attempt.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DeliveryView {
+    id: String,
+    webhook_id: String,
+    /// The `webhook-id` header of every attempt (the receiver's idempotency key).
+    message_id: String,
+    event_type: String,
+    status: DeliveryStatus,
+    attempts: Vec<Attempt>,
+    next_attempt_at: Option<String>,
+    created_at: String,
+    updated_at: String,
+    /// The body that was (or will be) sent: the event's CloudEvents document.
+    #[schema(value_type = Object)]
+    payload: Value,
+}
+
+fn rfc3339(t: OffsetDateTime) -> String {
+    t.format(&Rfc3339).unwrap_or_default()
+}
+
+impl From<Delivery> for DeliveryView {
+    fn from(d: Delivery) -> Self {
+        Self {
+            id: d.id.to_string(),
+            webhook_id: d.webhook_id.to_string(),
+            message_id: d.message_id,
+            event_type: d.event_type,
+            status: d.status,
+            attempts: d.attempts,
+            next_attempt_at: d.next_attempt_at.map(rfc3339),
+            created_at: rfc3339(d.created_at),
+            updated_at: rfc3339(d.updated_at),
+            payload: d.payload,
+        }
+    }
+}
+
+fn webhook_id(raw: &str) -> ApiResult<WebhookId> {
+    WebhookId::parse(raw).ok_or_else(|| ApiError::NotFound(format!("webhook '{raw}' was not found")))
+}
+
+fn delivery_id(raw: &str) -> ApiResult<uuid::Uuid> {
+    uuid::Uuid::try_parse(raw).map_err(|_| ApiError::NotFound(format!("delivery '{raw}' was not found")))
+}
+
+fn time_param(raw: &str) -> Result<OffsetDateTime, FieldViolation> {
+    OffsetDateTime::parse(raw, &Rfc3339).map_err(|_| FieldViolation::new("", ViolationKind::WrongType, "must be an RFC 3339 timestamp"))
+}
+
+/// The delivery log of an endpoint.
+#[utoipa::path(get, path = "/api/v1/webhooks/{id}/deliveries", tag = "webhooks",
+    params(
+        ("id" = uuid::Uuid, Path, description = "Webhook id"),
+        ("status" = Option<DeliveryStatus>, Query, description = "pending, succeeded, failed or skipped"),
+        ("eventType" = Option<String>, Query, description = "Only this event type"),
+        ("since" = Option<String>, Query, description = "Created at or after (RFC 3339)"),
+        ("until" = Option<String>, Query, description = "Created before (RFC 3339)"),
+        ("limit" = Option<u32>, Query, description = "Page size, 1 to 200 (default 50)"),
+        ("continuationToken" = Option<String>, Query, description = "Token of the next page"),
+    ),
+    responses(
+        (status = 200, description = "A page of deliveries (kept 7 days)", body = ListResponse<DeliveryView>),
+        (status = 404, description = "No such endpoint", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])))]
+pub async fn list(state: web::Data<AppState>, caller: Authenticated, id: web::Path<String>, req: HttpRequest) -> ApiResult<HttpResponse> {
+    let webhook = webhook_id(&id)?;
+    let mut query = QueryParams::parse(&req)?;
+    let status = query.get("status", |s| {
+        DeliveryStatus::parse(s).ok_or_else(|| FieldViolation::invalid("", "must be one of pending, succeeded, failed, skipped"))
+    });
+    let event_type = query.get("eventType", |s| Ok(s.to_owned()));
+    let since = query.get("since", time_param);
+    let until = query.get("until", time_param);
+    let page = query.page();
+    query.finish()?;
+    let filter = DeliveryFilter { status, event_type, since, until };
+    let page = state.deliveries.list(&caller.0, webhook, &filter, &page.unwrap_or_else(|| im_domain::PageRequest::first(50))).await?;
+    let items = page.items.into_iter().map(|s| DeliveryView::from(s.value)).collect();
+    Ok(HttpResponse::Ok().json(ListResponse { items, continuation_token: page.continuation }))
+}
+
+/// One delivery with every attempt.
+#[utoipa::path(get, path = "/api/v1/webhooks/{id}/deliveries/{deliveryId}", tag = "webhooks",
+    params(("id" = uuid::Uuid, Path, description = "Webhook id"), ("deliveryId" = uuid::Uuid, Path, description = "Delivery id")),
+    responses(
+        (status = 200, description = "The delivery", body = DeliveryView),
+        (status = 404, description = "No such delivery", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])))]
+pub async fn get(state: web::Data<AppState>, caller: Authenticated, path: web::Path<(String, String)>) -> ApiResult<HttpResponse> {
+    let (webhook, delivery) = (webhook_id(&path.0)?, delivery_id(&path.1)?);
+    let stored = state.deliveries.get(&caller.0, webhook, delivery).await?;
+    Ok(HttpResponse::Ok().json(DeliveryView::from(stored.value)))
+}
+
+/// A manual attempt now; the answer shows its outcome.
+#[utoipa::path(post, path = "/api/v1/webhooks/{id}/deliveries/{deliveryId}/retry", tag = "webhooks",
+    params(("id" = uuid::Uuid, Path, description = "Webhook id"), ("deliveryId" = uuid::Uuid, Path, description = "Delivery id")),
+    responses(
+        (status = 200, description = "The delivery after the attempt", body = DeliveryView),
+        (status = 404, description = "No such delivery", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])))]
+pub async fn retry(state: web::Data<AppState>, caller: Authenticated, path: web::Path<(String, String)>) -> ApiResult<HttpResponse> {
+    let (webhook, delivery) = (webhook_id(&path.0)?, delivery_id(&path.1)?);
+    let stored = state.deliveries.retry(&caller.0, webhook, delivery).await?;
+    Ok(HttpResponse::Ok().json(DeliveryView::from(stored.value)))
+}
+
+/// Body of `POST /webhooks/{id}/recover`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[allow(dead_code)]
+pub struct RecoverInput {
+    /// Re-queue every failed or skipped delivery created since then (RFC 3339).
+    since: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RecoverReport {
+    /// How many deliveries were queued again.
+    recovered: usize,
+}
+
+/// Re-queue the failed and skipped deliveries of an endpoint since a time.
+#[utoipa::path(post, path = "/api/v1/webhooks/{id}/recover", tag = "webhooks",
+    params(("id" = uuid::Uuid, Path, description = "Webhook id")),
+    request_body = RecoverInput,
+    responses(
+        (status = 202, description = "Queued again", body = RecoverReport),
+        (status = 404, description = "No such endpoint", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])))]
+pub async fn recover(state: web::Data<AppState>, caller: Authenticated, id: web::Path<String>, body: JsonBody) -> ApiResult<HttpResponse> {
+    caller.0.require(im_domain::Role::Member)?;
+    let webhook = webhook_id(&id)?;
+    let mut input = Input::new(body.0, &["since"])?;
+    let since = input.validated("since", true, |s| time_param(&s).map_err(|v| FieldViolation::invalid("", v.message)));
+    input.finish()?;
+    let since = since.ok_or_else(|| ApiError::Malformed("since is required".into()))?;
+    let recovered = state.deliveries.recover(&caller.0, webhook, since).await?;
+    tracing::info!(target: "audit", action = "webhook.recover", tenant_id = %caller.0.tenant_id, actor = %caller.0.user_id, webhook_id = %webhook, recovered, "deliveries recovered");
+    Ok(HttpResponse::Accepted().json(RecoverReport { recovered }))
+}
+
+/// Send a `webhook.test` event now and answer with the attempt's outcome.
+#[utoipa::path(post, path = "/api/v1/webhooks/{id}/test", tag = "webhooks",
+    params(("id" = uuid::Uuid, Path, description = "Webhook id")),
+    responses(
+        (status = 200, description = "The test delivery with its attempt", body = DeliveryView),
+        (status = 404, description = "No such endpoint", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])))]
+pub async fn test(state: web::Data<AppState>, caller: Authenticated, id: web::Path<String>) -> ApiResult<HttpResponse> {
+    let webhook = webhook_id(&id)?;
+    let stored = state.deliveries.test(&caller.0, webhook).await?;
+    Ok(HttpResponse::Ok().json(DeliveryView::from(stored.value)))
+}

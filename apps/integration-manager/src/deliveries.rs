@@ -1,0 +1,92 @@
+//! The delivery dispatcher: takes due attempts from the durable queue and runs them
+//! concurrently (bounded), so one slow or hanging receiver never holds up the others.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use im_domain::DomainError;
+use im_domain::events::DomainEvent;
+use im_domain::ports::{EventPublisher, EventSubscriber};
+use im_domain::services::DeliveryService;
+use im_domain::webhooks::delivery::AttemptTrigger;
+use tokio::sync::{Notify, Semaphore};
+
+/// How long a taken job stays leased to this process (a crash releases it after this).
+const LEASE: Duration = Duration::from_secs(120);
+/// Longest sleep when nothing is due.
+const IDLE: Duration = Duration::from_millis(500);
+
+/// Runs until the runtime stops. `wake` is notified when new attempts are queued.
+pub fn spawn_dispatcher(service: DeliveryService, wake: Arc<Notify>, concurrency: usize) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let permits = Arc::new(Semaphore::new(concurrency));
+        loop {
+            let available = permits.available_permits().max(1) as u32;
+            match service.queue().take_due(available, LEASE).await {
+                Ok(jobs) if !jobs.is_empty() => {
+                    for job in jobs {
+                        let Ok(permit) = permits.clone().acquire_owned().await else { return };
+                        let service = service.clone();
+                        tokio::spawn(async move {
+                            if let Err(error) = service.attempt(&job, AttemptTrigger::Scheduled).await {
+                                // The job keeps its lease and comes back when it ends.
+                                tracing::warn!(%error, delivery_id = %job.delivery_id, "delivery attempt failed to complete");
+                            }
+                            drop(permit);
+                        });
+                    }
+                }
+                Ok(_) => {
+                    let wait = match service.queue().next_due().await {
+                        Ok(Some(due)) => {
+                            let millis = (due - time::OffsetDateTime::now_utc()).whole_milliseconds().clamp(1, IDLE.as_millis() as i128);
+                            Duration::from_millis(millis as u64)
+                        }
+                        _ => IDLE,
+                    };
+                    tokio::select! {
+                        () = wake.notified() => {}
+                        () = tokio::time::sleep(wait) => {}
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "reading the delivery queue failed");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    })
+}
+
+/// Fans events out to webhooks and wakes the dispatcher.
+pub struct FanOut {
+    pub service: DeliveryService,
+    pub wake: Arc<Notify>,
+}
+
+#[async_trait]
+impl EventSubscriber for FanOut {
+    async fn handle(&self, event: &DomainEvent) -> Result<(), DomainError> {
+        if self.service.fan_out(event).await? > 0 {
+            self.wake.notify_one();
+        }
+        Ok(())
+    }
+}
+
+/// Publishes to the broker, then hands the events to this process's subscribers (webhook
+/// fan-out), so both happen in every events mode; an event is marked published only when both
+/// took it.
+pub struct BrokerThenLocal {
+    pub broker: Arc<dyn EventPublisher>,
+    pub local: Arc<dyn EventPublisher>,
+}
+
+#[async_trait]
+impl EventPublisher for BrokerThenLocal {
+    async fn publish(&self, events: &[DomainEvent]) -> Result<(), DomainError> {
+        self.broker.publish(events).await?;
+        self.local.publish(events).await
+    }
+}

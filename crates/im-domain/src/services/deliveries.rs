@@ -1,0 +1,436 @@
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::json;
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::auth::{Caller, Role};
+use crate::common::{Clock, IdGenerator, Page, PageRequest, Stored, TenantId};
+use crate::error::DomainError;
+use crate::events::{DomainEvent, EventType};
+use crate::ports::EventSubscriber;
+use crate::webhooks::delivery::{
+    Attempt, AttemptTrigger, DELIVERY_TTL, Delivery, DeliveryFilter, DeliveryStatus, Outcome, RESPONSE_EXCERPT_BYTES, classify,
+    delivery_id, next_wait,
+};
+use crate::webhooks::endpoint::{TEST_EVENT_TYPE, Webhook, WebhookId, WebhookStatus};
+use crate::webhooks::ports::{
+    DeliveryJob, DeliveryQueue, DeliveryRepository, OutgoingRequest, SendResult, WebhookRepository, WebhookSender,
+};
+use crate::webhooks::signature::signature_header;
+
+use super::WebhookService;
+
+/// Delivery settings.
+#[derive(Debug, Clone)]
+pub struct DeliverySettings {
+    /// Waits before each retry (the first attempt is immediate).
+    pub retry_schedule: Vec<Duration>,
+    /// The `user-agent` of every request.
+    pub user_agent: String,
+}
+
+/// Fans events out to endpoints, makes signed attempts, records them, retries on schedule,
+/// and publishes `webhook.delivered` / `webhook.failed` through the outbox.
+#[derive(Clone)]
+pub struct DeliveryService {
+    webhooks: Arc<dyn WebhookRepository>,
+    endpoints: WebhookService,
+    deliveries: Arc<dyn DeliveryRepository>,
+    queue: Arc<dyn DeliveryQueue>,
+    sender: Arc<dyn WebhookSender>,
+    clock: Arc<dyn Clock>,
+    ids: Arc<dyn IdGenerator>,
+    settings: DeliverySettings,
+    /// Per-endpoint send times of the last second, for `rateLimitPerSecond`.
+    rates: Arc<Mutex<HashMap<WebhookId, Vec<OffsetDateTime>>>>,
+}
+
+impl std::fmt::Debug for DeliveryService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeliveryService").field("settings", &self.settings).finish_non_exhaustive()
+    }
+}
+
+fn excerpt(text: Option<String>) -> Option<String> {
+    text.map(|mut t| {
+        if t.len() > RESPONSE_EXCERPT_BYTES {
+            let mut cut = RESPONSE_EXCERPT_BYTES;
+            while !t.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            t.truncate(cut);
+        }
+        t
+    })
+}
+
+/// What [`DeliveryService::attempt`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AttemptReport {
+    Delivered,
+    RetryAt(OffsetDateTime),
+    Failed,
+    /// Waiting for the endpoint's rate limit; the job was rescheduled.
+    Throttled,
+    /// Nothing to do (already final, or the delivery or endpoint is gone).
+    Nothing,
+}
+
+impl DeliveryService {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        webhooks: Arc<dyn WebhookRepository>,
+        endpoints: WebhookService,
+        deliveries: Arc<dyn DeliveryRepository>,
+        queue: Arc<dyn DeliveryQueue>,
+        sender: Arc<dyn WebhookSender>,
+        clock: Arc<dyn Clock>,
+        ids: Arc<dyn IdGenerator>,
+        settings: DeliverySettings,
+    ) -> Self {
+        Self { webhooks, endpoints, deliveries, queue, sender, clock, ids, settings, rates: Arc::default() }
+    }
+
+    pub fn queue(&self) -> &Arc<dyn DeliveryQueue> {
+        &self.queue
+    }
+
+    async fn all_endpoints(&self, tenant: &TenantId) -> Result<Vec<Webhook>, DomainError> {
+        let mut all = Vec::new();
+        let mut page = PageRequest::first(200);
+        loop {
+            let result = self.webhooks.list(tenant, &page).await?;
+            all.extend(result.items.into_iter().map(|s| s.value));
+            match result.continuation {
+                Some(token) => page = PageRequest { limit: 200, continuation: Some(token) },
+                None => return Ok(all),
+            }
+        }
+    }
+
+    fn new_delivery(
+        &self,
+        webhook: &Webhook,
+        message_id: String,
+        event_type: &str,
+        payload: serde_json::Value,
+        status: DeliveryStatus,
+    ) -> Delivery {
+        let now = self.clock.now();
+        Delivery {
+            id: delivery_id(webhook.id, &message_id),
+            tenant_id: webhook.tenant_id.clone(),
+            webhook_id: webhook.id,
+            message_id,
+            event_type: event_type.to_owned(),
+            payload,
+            status,
+            attempts: Vec::new(),
+            next_attempt_at: (status == DeliveryStatus::Pending).then_some(now),
+            created_at: now,
+            updated_at: now,
+        }
+    }
+
+    /// Records a delivery for every endpoint of the event's tenant that wants it (skipped when
+    /// the endpoint is disabled) and queues its first attempt. Idempotent by event id.
+    pub async fn fan_out(&self, event: &DomainEvent) -> Result<usize, DomainError> {
+        let endpoints = self.all_endpoints(&event.tenant_id).await?;
+        let mut queued = 0;
+        for webhook in endpoints.iter().filter(|w| w.wants(event)) {
+            let status = if webhook.status == WebhookStatus::Enabled { DeliveryStatus::Pending } else { DeliveryStatus::Skipped };
+            let delivery = self.new_delivery(webhook, event.id.to_string(), event.event_type.as_str(), event.cloud_event(), status);
+            match self.deliveries.create(&delivery).await {
+                Ok(_) => {}
+                Err(DomainError::Conflict(_)) => {
+                    // Fanned out before (events arrive at least once); make sure it is queued.
+                    let existing = self.deliveries.get(&delivery.tenant_id, delivery.id).await?;
+                    if existing.value.status != DeliveryStatus::Pending {
+                        continue;
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+            if status == DeliveryStatus::Pending {
+                self.queue
+                    .schedule(&DeliveryJob { tenant_id: delivery.tenant_id.clone(), delivery_id: delivery.id }, self.clock.now())
+                    .await?;
+                queued += 1;
+            }
+        }
+        Ok(queued)
+    }
+
+    fn over_rate(&self, webhook: &Webhook) -> Option<OffsetDateTime> {
+        let limit = webhook.rate_limit_per_second? as usize;
+        let now = self.clock.now();
+        let mut rates = self.rates.lock().unwrap_or_else(|p| p.into_inner());
+        let sent = rates.entry(webhook.id).or_default();
+        sent.retain(|t| now - *t < time::Duration::SECOND);
+        if sent.len() >= limit {
+            return Some(sent[0] + time::Duration::SECOND);
+        }
+        sent.push(now);
+        None
+    }
+
+    /// Sends one signed attempt of a delivery and records it.
+    async fn send(&self, webhook: &Webhook, delivery: &Delivery) -> Result<SendResult, DomainError> {
+        let secrets = self.endpoints.signing_secrets(webhook).await?;
+        let body = serde_json::to_vec(&delivery.payload).map_err(|e| DomainError::Unexpected(e.into()))?;
+        let timestamp = self.clock.now().unix_timestamp();
+        let refs: Vec<_> = secrets.iter().collect();
+        let mut headers = vec![
+            ("content-type".to_owned(), "application/json".to_owned()),
+            ("user-agent".to_owned(), self.settings.user_agent.clone()),
+            ("webhook-id".to_owned(), delivery.message_id.clone()),
+            ("webhook-timestamp".to_owned(), timestamp.to_string()),
+            ("webhook-signature".to_owned(), signature_header(&refs, &delivery.message_id, timestamp, &body)),
+        ];
+        headers.extend(webhook.headers.iter().map(|(k, v)| (k.clone(), v.clone())));
+        Ok(self.sender.send(OutgoingRequest { url: webhook.url.clone(), headers, body }).await)
+    }
+
+    fn outcome_event(&self, delivery: &Delivery, event_type: EventType) -> DomainEvent {
+        let last = delivery.attempts.last();
+        DomainEvent {
+            id: self.ids.new_uuid(),
+            event_type,
+            tenant_id: delivery.tenant_id.clone(),
+            subject: delivery.id.to_string(),
+            time: self.clock.now(),
+            data: json!({
+                "deliveryId": delivery.id.to_string(),
+                "webhookId": delivery.webhook_id.to_string(),
+                "messageId": delivery.message_id,
+                "eventType": delivery.event_type,
+                "status": delivery.status.as_str(),
+                "attempts": delivery.attempts.len(),
+                "lastStatusCode": last.and_then(|a| a.status_code),
+                "lastError": last.and_then(|a| a.error.clone()),
+            }),
+        }
+    }
+
+    /// Makes the attempt a queued job stands for (or a manual one), records it, and decides
+    /// what comes next. The job is completed or rescheduled before this returns.
+    pub async fn attempt(&self, job: &DeliveryJob, trigger: AttemptTrigger) -> Result<AttemptReport, DomainError> {
+        let stored = match self.deliveries.get(&job.tenant_id, job.delivery_id).await {
+            Ok(stored) => stored,
+            Err(DomainError::NotFound { .. }) => {
+                self.queue.complete(job).await?;
+                return Ok(AttemptReport::Nothing);
+            }
+            Err(e) => return Err(e),
+        };
+        if trigger == AttemptTrigger::Scheduled && stored.value.status != DeliveryStatus::Pending {
+            self.queue.complete(job).await?;
+            return Ok(AttemptReport::Nothing);
+        }
+        let webhook = match self.webhooks.get(&job.tenant_id, stored.value.webhook_id).await {
+            Ok(w) => w,
+            Err(DomainError::NotFound { .. }) => {
+                self.queue.complete(job).await?;
+                return Ok(AttemptReport::Nothing);
+            }
+            Err(e) => return Err(e),
+        };
+        if trigger == AttemptTrigger::Scheduled && webhook.value.status == WebhookStatus::Disabled {
+            let mut delivery = stored.value.clone();
+            delivery.status = DeliveryStatus::Skipped;
+            delivery.next_attempt_at = None;
+            delivery.updated_at = self.clock.now();
+            self.deliveries.replace(&delivery, Some(stored.etag), &[]).await?;
+            self.queue.complete(job).await?;
+            return Ok(AttemptReport::Nothing);
+        }
+        if let Some(at) = self.over_rate(&webhook.value) {
+            self.queue.schedule(job, at).await?;
+            return Ok(AttemptReport::Throttled);
+        }
+
+        let result = self.send(&webhook.value, &stored.value).await?;
+        let now = self.clock.now();
+        let mut delivery = stored.value.clone();
+        delivery.attempts.push(Attempt {
+            at: now,
+            trigger,
+            status_code: result.status,
+            duration_ms: result.duration.as_millis() as u64,
+            response_excerpt: excerpt(result.body_excerpt.clone()),
+            error: result.error.clone(),
+        });
+        delivery.updated_at = now;
+        let scheduled_attempts = delivery.attempts.iter().filter(|a| a.trigger == AttemptTrigger::Scheduled).count();
+        let (report, events) = match classify(result.status, result.retry_after) {
+            Outcome::Delivered => {
+                delivery.status = DeliveryStatus::Succeeded;
+                delivery.next_attempt_at = None;
+                (AttemptReport::Delivered, vec![EventType::WebhookDelivered])
+            }
+            Outcome::Gone => {
+                delivery.status = DeliveryStatus::Failed;
+                delivery.next_attempt_at = None;
+                self.disable(&webhook.value, "the endpoint answered 410 Gone").await?;
+                (AttemptReport::Failed, vec![EventType::WebhookFailed])
+            }
+            Outcome::Retry { retry_after } => {
+                let jitter = f64::from(self.ids.new_uuid().as_u128() as u32) / f64::from(u32::MAX);
+                let retries_done = scheduled_attempts.saturating_sub(1);
+                match (trigger, next_wait(&self.settings.retry_schedule, retries_done, jitter, retry_after)) {
+                    (AttemptTrigger::Manual, _) if delivery.status != DeliveryStatus::Pending => (AttemptReport::Failed, Vec::new()),
+                    (_, Some(wait)) => {
+                        let at = now + time::Duration::try_from(wait).unwrap_or(time::Duration::HOUR);
+                        delivery.status = DeliveryStatus::Pending;
+                        delivery.next_attempt_at = Some(at);
+                        (AttemptReport::RetryAt(at), Vec::new())
+                    }
+                    (_, None) => {
+                        delivery.status = DeliveryStatus::Failed;
+                        delivery.next_attempt_at = None;
+                        (AttemptReport::Failed, vec![EventType::WebhookFailed])
+                    }
+                }
+            }
+        };
+        let events: Vec<_> = events.into_iter().map(|t| self.outcome_event(&delivery, t)).collect();
+        self.deliveries.replace(&delivery, Some(stored.etag), &events).await?;
+        match report {
+            AttemptReport::RetryAt(at) => self.queue.schedule(job, at).await?,
+            _ => self.queue.complete(job).await?,
+        }
+        Ok(report)
+    }
+
+    async fn disable(&self, webhook: &Webhook, reason: &str) -> Result<(), DomainError> {
+        let current = self.webhooks.get(&webhook.tenant_id, webhook.id).await?;
+        if current.value.status == WebhookStatus::Disabled {
+            return Ok(());
+        }
+        let disabled = Webhook {
+            status: WebhookStatus::Disabled,
+            disabled_reason: Some(reason.to_owned()),
+            updated_at: self.clock.now(),
+            ..current.value
+        };
+        match self.webhooks.replace(&disabled, Some(current.etag)).await {
+            Ok(_) | Err(DomainError::PreconditionFailed) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub async fn list(
+        &self,
+        caller: &Caller,
+        webhook: WebhookId,
+        filter: &DeliveryFilter,
+        page: &PageRequest,
+    ) -> Result<Page<Stored<Delivery>>, DomainError> {
+        caller.require(Role::Viewer)?;
+        self.webhooks.get(&caller.tenant_id, webhook).await?;
+        self.deliveries.list(&caller.tenant_id, webhook, filter, page).await
+    }
+
+    pub async fn get(&self, caller: &Caller, webhook: WebhookId, id: Uuid) -> Result<Stored<Delivery>, DomainError> {
+        caller.require(Role::Viewer)?;
+        let delivery = self.deliveries.get(&caller.tenant_id, id).await?;
+        if delivery.value.webhook_id != webhook {
+            return Err(DomainError::not_found("delivery", id));
+        }
+        Ok(delivery)
+    }
+
+    /// A manual attempt now, whatever the delivery's status.
+    pub async fn retry(&self, caller: &Caller, webhook: WebhookId, id: Uuid) -> Result<Stored<Delivery>, DomainError> {
+        caller.require(Role::Member)?;
+        let delivery = self.get(caller, webhook, id).await?;
+        let job = DeliveryJob { tenant_id: caller.tenant_id.clone(), delivery_id: delivery.value.id };
+        self.attempt(&job, AttemptTrigger::Manual).await?;
+        self.deliveries.get(&caller.tenant_id, id).await
+    }
+
+    /// Re-queues every failed or skipped delivery of an endpoint created since `since`.
+    pub async fn recover(&self, caller: &Caller, webhook: WebhookId, since: OffsetDateTime) -> Result<usize, DomainError> {
+        caller.require(Role::Member)?;
+        self.webhooks.get(&caller.tenant_id, webhook).await?;
+        let mut recovered = 0;
+        for status in [DeliveryStatus::Failed, DeliveryStatus::Skipped] {
+            let filter = DeliveryFilter { status: Some(status), since: Some(since), ..DeliveryFilter::default() };
+            let mut page = PageRequest::first(200);
+            loop {
+                let result = self.deliveries.list(&caller.tenant_id, webhook, &filter, &page).await?;
+                for stored in result.items {
+                    let mut delivery = stored.value;
+                    delivery.status = DeliveryStatus::Pending;
+                    delivery.next_attempt_at = Some(self.clock.now());
+                    delivery.updated_at = self.clock.now();
+                    match self.deliveries.replace(&delivery, Some(stored.etag), &[]).await {
+                        Ok(_) => {
+                            self.queue
+                                .schedule(
+                                    &DeliveryJob { tenant_id: delivery.tenant_id.clone(), delivery_id: delivery.id },
+                                    self.clock.now(),
+                                )
+                                .await?;
+                            recovered += 1;
+                        }
+                        Err(DomainError::PreconditionFailed) => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                match result.continuation {
+                    Some(token) => page = PageRequest { limit: 200, continuation: Some(token) },
+                    None => break,
+                }
+            }
+        }
+        Ok(recovered)
+    }
+
+    /// Sends a `webhook.test` event now, recorded like any delivery, and returns it.
+    pub async fn test(&self, caller: &Caller, webhook: WebhookId) -> Result<Stored<Delivery>, DomainError> {
+        caller.require(Role::Member)?;
+        let endpoint = self.webhooks.get(&caller.tenant_id, webhook).await?;
+        let message_id = self.ids.new_uuid().to_string();
+        let payload = json!({
+            "specversion": "1.0", "id": message_id, "source": crate::events::EVENT_SOURCE, "type": TEST_EVENT_TYPE,
+            "subject": webhook.to_string(), "time": self.clock.now().format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
+            "datacontenttype": "application/json", "tenantid": caller.tenant_id.as_str(),
+            "data": {"message": "This is a test event from Integration Manager."}
+        });
+        let delivery = self.new_delivery(&endpoint.value, message_id, TEST_EVENT_TYPE, payload, DeliveryStatus::Pending);
+        self.deliveries.create(&delivery).await?;
+        let job = DeliveryJob { tenant_id: caller.tenant_id.clone(), delivery_id: delivery.id };
+        self.attempt(&job, AttemptTrigger::Manual).await?;
+        let mut stored = self.deliveries.get(&caller.tenant_id, delivery.id).await?;
+        if stored.value.status == DeliveryStatus::Pending {
+            // A test is one attempt, never retried.
+            stored.value.status = if stored.value.attempts.last().is_some_and(|a| a.status_code.is_some_and(|s| (200..300).contains(&s))) {
+                DeliveryStatus::Succeeded
+            } else {
+                DeliveryStatus::Failed
+            };
+            stored.value.next_attempt_at = None;
+            let etag = self.deliveries.replace(&stored.value, Some(stored.etag.clone()), &[]).await?;
+            stored.etag = etag;
+            self.queue.complete(&job).await?;
+        }
+        Ok(stored)
+    }
+
+    /// How long a delivery record is kept.
+    pub fn retention(&self) -> Duration {
+        DELIVERY_TTL
+    }
+}
+
+#[async_trait]
+impl EventSubscriber for DeliveryService {
+    async fn handle(&self, event: &DomainEvent) -> Result<(), DomainError> {
+        self.fan_out(event).await.map(|_| ())
+    }
+}

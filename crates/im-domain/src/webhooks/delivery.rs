@@ -1,0 +1,198 @@
+//! Deliveries: one message to one endpoint, with every attempt recorded (kept 7 days).
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use super::endpoint::WebhookId;
+use crate::common::TenantId;
+
+/// How long delivery records are kept.
+pub const DELIVERY_TTL: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+/// Response bodies are recorded up to this many bytes.
+pub const RESPONSE_EXCERPT_BYTES: usize = 4096;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub enum DeliveryStatus {
+    /// Waiting for its first attempt or a retry.
+    Pending,
+    Succeeded,
+    /// Every attempt failed (or the endpoint answered 410 Gone).
+    Failed,
+    /// Recorded while the endpoint was disabled; can be recovered later.
+    Skipped,
+}
+
+impl DeliveryStatus {
+    pub fn parse(value: &str) -> Option<Self> {
+        serde_json::from_value(Value::String(value.to_owned())).ok()
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryStatus::Pending => "pending",
+            DeliveryStatus::Succeeded => "succeeded",
+            DeliveryStatus::Failed => "failed",
+            DeliveryStatus::Skipped => "skipped",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub enum AttemptTrigger {
+    Scheduled,
+    Manual,
+}
+
+/// One HTTP attempt.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Attempt {
+    #[serde(with = "time::serde::rfc3339")]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = DateTime))]
+    pub at: OffsetDateTime,
+    pub trigger: AttemptTrigger,
+    /// The receiver's HTTP status, when it answered.
+    pub status_code: Option<u16>,
+    pub duration_ms: u64,
+    /// The first 4 KiB of the response body.
+    pub response_excerpt: Option<String>,
+    /// Why the attempt failed, when it did.
+    pub error: Option<String>,
+}
+
+/// A message to one endpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Delivery {
+    pub id: Uuid,
+    pub tenant_id: TenantId,
+    pub webhook_id: WebhookId,
+    /// The `webhook-id` header: the event id, the same on every retry.
+    pub message_id: String,
+    pub event_type: String,
+    /// The CloudEvents document sent as the body.
+    pub payload: Value,
+    pub status: DeliveryStatus,
+    pub attempts: Vec<Attempt>,
+    /// When the next scheduled attempt is due (pending deliveries).
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub next_attempt_at: Option<OffsetDateTime>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+}
+
+/// The deterministic id of the delivery of `event_id` to `webhook`: fanning the same event out
+/// twice finds the delivery already there.
+pub fn delivery_id(webhook: WebhookId, event_id: &str) -> Uuid {
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(format!("{webhook}/{event_id}").as_bytes());
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    uuid::Builder::from_custom_bytes(bytes).into_uuid()
+}
+
+/// Filters of a delivery listing.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeliveryFilter {
+    pub status: Option<DeliveryStatus>,
+    pub event_type: Option<String>,
+    pub since: Option<OffsetDateTime>,
+    pub until: Option<OffsetDateTime>,
+}
+
+impl DeliveryFilter {
+    pub fn matches(&self, delivery: &Delivery) -> bool {
+        self.status.is_none_or(|s| s == delivery.status)
+            && self.event_type.as_ref().is_none_or(|t| *t == delivery.event_type)
+            && self.since.is_none_or(|s| delivery.created_at >= s)
+            && self.until.is_none_or(|u| delivery.created_at < u)
+    }
+}
+
+/// What an attempt's outcome means for the delivery and the endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Delivered,
+    /// Retry at the next step of the schedule, or after the receiver's `Retry-After` (bounded).
+    Retry {
+        retry_after: Option<std::time::Duration>,
+    },
+    /// 410 Gone: the receiver asks never to be called again.
+    Gone,
+}
+
+/// Classifies an HTTP answer: only 2xx succeeds; 410 disables; 429 and 503 may name a wait.
+pub fn classify(status: Option<u16>, retry_after: Option<std::time::Duration>) -> Outcome {
+    match status {
+        Some(s) if (200..300).contains(&s) => Outcome::Delivered,
+        Some(410) => Outcome::Gone,
+        Some(429 | 503) => Outcome::Retry { retry_after },
+        _ => Outcome::Retry { retry_after: None },
+    }
+}
+
+/// The wait before retry number `retry` (0-based) with ±20% jitter (`jitter` in [0, 1)), or
+/// `None` when the schedule is exhausted. A receiver's `Retry-After` is honoured, clamped to
+/// between the scheduled wait and one hour.
+pub fn next_wait(
+    schedule: &[std::time::Duration],
+    retry: usize,
+    jitter: f64,
+    retry_after: Option<std::time::Duration>,
+) -> Option<std::time::Duration> {
+    let base = *schedule.get(retry)?;
+    let factor = 0.8 + 0.4 * jitter.clamp(0.0, 1.0);
+    let scheduled = base.mul_f64(factor);
+    Some(match retry_after {
+        Some(asked) => asked.clamp(scheduled, std::time::Duration::from_secs(3600).max(scheduled)),
+        None => scheduled,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn only_2xx_succeeds() {
+        assert_eq!(classify(Some(200), None), Outcome::Delivered);
+        assert_eq!(classify(Some(204), None), Outcome::Delivered);
+        assert_eq!(classify(Some(301), None), Outcome::Retry { retry_after: None });
+        assert_eq!(classify(Some(410), None), Outcome::Gone);
+        assert_eq!(classify(Some(500), Some(Duration::from_secs(9))), Outcome::Retry { retry_after: None });
+        assert_eq!(classify(Some(429), Some(Duration::from_secs(9))), Outcome::Retry { retry_after: Some(Duration::from_secs(9)) });
+        assert_eq!(classify(None, None), Outcome::Retry { retry_after: None });
+    }
+
+    #[test]
+    fn schedule_with_jitter_and_retry_after() {
+        let schedule = [Duration::from_secs(5), Duration::from_secs(300)];
+        assert_eq!(next_wait(&schedule, 0, 0.0, None), Some(Duration::from_secs(4)));
+        assert_eq!(next_wait(&schedule, 0, 1.0, None), Some(Duration::from_secs(6)));
+        assert_eq!(next_wait(&schedule, 2, 0.5, None), None, "exhausted");
+        assert_eq!(next_wait(&schedule, 0, 0.5, Some(Duration::from_secs(60))), Some(Duration::from_secs(60)));
+        assert_eq!(
+            next_wait(&schedule, 0, 0.5, Some(Duration::from_millis(1))),
+            Some(Duration::from_secs(5)),
+            "never sooner than scheduled"
+        );
+        assert_eq!(next_wait(&schedule, 0, 0.5, Some(Duration::from_secs(99_999))), Some(Duration::from_secs(3600)), "bounded");
+    }
+
+    #[test]
+    fn delivery_ids_are_deterministic() {
+        let w = WebhookId(Uuid::nil());
+        assert_eq!(delivery_id(w, "e1"), delivery_id(w, "e1"));
+        assert_ne!(delivery_id(w, "e1"), delivery_id(w, "e2"));
+    }
+}

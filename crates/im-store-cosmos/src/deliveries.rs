@@ -1,0 +1,122 @@
+//! [`DeliveryRepository`] on `integration_webhook_deliveries` (partition key `/tenantId`, the
+//! container's default TTL of 7 days expires them). Outcome events go into the outbox of the
+//! same partition in the same batch.
+
+use async_trait::async_trait;
+use azure_data_cosmos::options::{BatchReplaceOptions, ItemWriteOptions};
+use azure_data_cosmos::{Query, TransactionalBatch};
+use im_domain::events::DomainEvent;
+use im_domain::webhooks::delivery::{Delivery, DeliveryFilter};
+use im_domain::webhooks::endpoint::WebhookId;
+use im_domain::webhooks::ports::DeliveryRepository;
+use im_domain::{DomainError, ETag, Page, PageRequest, Stored, TenantId};
+use serde::{Deserialize, Serialize};
+
+use crate::client::{CosmosStore, DELIVERIES};
+use crate::docs::{SCHEMA_VERSION, etag_to_domain, header_etag};
+use crate::integrations::{precondition, run_batch, with_events};
+
+const RESOURCE: &str = "delivery";
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct DeliveryDoc {
+    #[serde(rename = "type")]
+    kind: String,
+    schema_version: u32,
+    #[serde(flatten)]
+    delivery: Delivery,
+    #[serde(rename = "_etag", default, skip_serializing)]
+    etag: Option<String>,
+}
+
+impl DeliveryDoc {
+    const TYPE: &'static str = "delivery";
+
+    fn new(delivery: &Delivery) -> Self {
+        Self { kind: Self::TYPE.into(), schema_version: SCHEMA_VERSION, delivery: delivery.clone(), etag: None }
+    }
+}
+
+fn unexpected(e: impl std::fmt::Display) -> DomainError {
+    DomainError::Unexpected(anyhow::anyhow!("cosmos: {e}"))
+}
+
+pub(crate) struct CosmosDeliveries {
+    store: CosmosStore,
+}
+
+impl CosmosDeliveries {
+    pub(crate) fn new(store: CosmosStore) -> Self {
+        Self { store }
+    }
+}
+
+#[async_trait]
+impl DeliveryRepository for CosmosDeliveries {
+    async fn create(&self, delivery: &Delivery) -> Result<ETag, DomainError> {
+        let id = delivery.id.to_string();
+        let doc = DeliveryDoc::new(delivery);
+        let create = self.store.container(DELIVERIES).create_item(delivery.tenant_id.to_string(), &id, &doc, None);
+        header_etag(self.store.call("a create", create, RESOURCE, &id).await?.headers().etag())
+    }
+
+    async fn get(&self, tenant: &TenantId, id: uuid::Uuid) -> Result<Stored<Delivery>, DomainError> {
+        let key = id.to_string();
+        let response =
+            self.store.call("a read", self.store.container(DELIVERIES).read_item(tenant.to_string(), &key, None), RESOURCE, &key).await?;
+        let etag = header_etag(response.headers().etag())?;
+        let doc: DeliveryDoc = response.into_model().map_err(unexpected)?;
+        Ok(Stored { value: doc.delivery, etag })
+    }
+
+    async fn list(
+        &self,
+        tenant: &TenantId,
+        webhook: WebhookId,
+        filter: &DeliveryFilter,
+        page: &PageRequest,
+    ) -> Result<Page<Stored<Delivery>>, DomainError> {
+        let mut text = String::from("SELECT * FROM c WHERE c.type = @type AND c.webhookId = @webhook");
+        if filter.status.is_some() {
+            text.push_str(" AND c.status = @status");
+        }
+        if filter.event_type.is_some() {
+            text.push_str(" AND c.eventType = @eventType");
+        }
+        text.push_str(" ORDER BY c.id");
+        let mut query = Query::from(text)
+            .with_parameter("@type", DeliveryDoc::TYPE)
+            .and_then(|q| q.with_parameter("@webhook", webhook.to_string()))
+            .map_err(unexpected)?;
+        if let Some(status) = filter.status {
+            query = query.with_parameter("@status", status.as_str()).map_err(unexpected)?;
+        }
+        if let Some(event_type) = &filter.event_type {
+            query = query.with_parameter("@eventType", event_type.as_str()).map_err(unexpected)?;
+        }
+        let (docs, continuation) = self.store.query_page::<DeliveryDoc>(DELIVERIES, query, Some(tenant.to_string()), page).await?;
+        let items = docs
+            .into_iter()
+            .filter(|d| filter.matches(&d.delivery))
+            .map(|d| Ok(Stored { etag: d.etag.as_deref().map(etag_to_domain).ok_or_else(|| unexpected("no _etag"))?, value: d.delivery }))
+            .collect::<Result<Vec<_>, DomainError>>()?;
+        Ok(Page { items, continuation })
+    }
+
+    async fn replace(&self, delivery: &Delivery, if_match: Option<ETag>, events: &[DomainEvent]) -> Result<ETag, DomainError> {
+        let id = delivery.id.to_string();
+        let doc = DeliveryDoc::new(delivery);
+        if events.is_empty() {
+            let options = precondition(if_match.as_ref()).map(|p| ItemWriteOptions::default().with_precondition(p));
+            let replace = self.store.container(DELIVERIES).replace_item(delivery.tenant_id.to_string(), &id, &doc, options);
+            return header_etag(self.store.call("a replace", replace, RESOURCE, &id).await?.headers().etag());
+        }
+        let options = precondition(if_match.as_ref()).map(|p| BatchReplaceOptions::default().with_precondition(p));
+        let batch = with_events(
+            TransactionalBatch::new(delivery.tenant_id.to_string()).replace_item(id.clone(), &doc, options).map_err(unexpected)?,
+            events,
+        )?;
+        run_batch(&self.store, DELIVERIES, batch, RESOURCE, &id).await?.ok_or_else(|| unexpected("no etag in the batch result"))
+    }
+}

@@ -1,0 +1,177 @@
+//! Deliveries on the documents table (container `integration_webhook_deliveries`, partitioned
+//! by tenant, expiring after 7 days) and the durable delivery queue (`delivery_jobs`).
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use im_domain::events::DomainEvent;
+use im_domain::webhooks::delivery::{DELIVERY_TTL, Delivery, DeliveryFilter};
+use im_domain::webhooks::endpoint::WebhookId;
+use im_domain::webhooks::ports::{DeliveryJob, DeliveryQueue, DeliveryRepository};
+use im_domain::{DomainError, ETag, Page, PageRequest, Stored, TenantId};
+use rusqlite::{OptionalExtension, params};
+use std::sync::Arc;
+
+use crate::containers::WEBHOOK_DELIVERIES;
+use crate::db::{Db, map_sqlite};
+use crate::documents::{Documents, Query};
+use crate::integrations::{decode, encode};
+
+const RESOURCE: &str = "delivery";
+
+pub(crate) struct SqliteDeliveries {
+    docs: Documents,
+}
+
+impl SqliteDeliveries {
+    pub(crate) fn new(docs: Documents) -> Self {
+        Self { docs }
+    }
+}
+
+#[async_trait]
+impl DeliveryRepository for SqliteDeliveries {
+    async fn create(&self, delivery: &Delivery) -> Result<ETag, DomainError> {
+        self.docs
+            .create(WEBHOOK_DELIVERIES, delivery.tenant_id.to_string(), delivery.id.to_string(), encode(delivery)?, Some(DELIVERY_TTL))
+            .await
+    }
+
+    async fn get(&self, tenant: &TenantId, id: uuid::Uuid) -> Result<Stored<Delivery>, DomainError> {
+        match self.docs.get(WEBHOOK_DELIVERIES, tenant.to_string(), id.to_string()).await? {
+            Some(doc) => decode(doc),
+            None => Err(DomainError::not_found(RESOURCE, id)),
+        }
+    }
+
+    async fn list(
+        &self,
+        tenant: &TenantId,
+        webhook: WebhookId,
+        filter: &DeliveryFilter,
+        page: &PageRequest,
+    ) -> Result<Page<Stored<Delivery>>, DomainError> {
+        // Time-range filters are applied on the page read (ids are not time-ordered); the
+        // equality filters run in SQLite.
+        let mut filters = vec![("$.webhookId", webhook.to_string())];
+        if let Some(status) = filter.status {
+            filters.push(("$.status", status.as_str().to_owned()));
+        }
+        if let Some(event_type) = &filter.event_type {
+            filters.push(("$.eventType", event_type.clone()));
+        }
+        let query = Query { container: WEBHOOK_DELIVERIES, pk: Some(tenant.to_string()), filters, search: None, page: page.clone() };
+        let (docs, continuation) = self.docs.query(query).await?;
+        let items = docs
+            .into_iter()
+            .map(decode::<Delivery>)
+            .filter(|d| d.as_ref().map_or(true, |d| filter.matches(&d.value)))
+            .collect::<Result<_, _>>()?;
+        Ok(Page { items, continuation })
+    }
+
+    async fn replace(&self, delivery: &Delivery, if_match: Option<ETag>, events: &[DomainEvent]) -> Result<ETag, DomainError> {
+        let pk = delivery.tenant_id.to_string();
+        self.docs
+            .replace(
+                WEBHOOK_DELIVERIES,
+                RESOURCE,
+                pk.clone(),
+                pk,
+                delivery.id.to_string(),
+                encode(delivery)?,
+                if_match,
+                Some(DELIVERY_TTL),
+                events,
+            )
+            .await
+    }
+}
+
+/// The delivery queue in the embedded database: a job is a row with its due time and lease.
+pub(crate) struct SqliteDeliveryQueue {
+    db: Arc<Db>,
+}
+
+impl SqliteDeliveryQueue {
+    pub(crate) fn new(db: Arc<Db>) -> Self {
+        Self { db }
+    }
+}
+
+fn millis(t: time::OffsetDateTime) -> i64 {
+    (t.unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+fn now_millis() -> i64 {
+    millis(time::OffsetDateTime::now_utc())
+}
+
+#[async_trait]
+impl DeliveryQueue for SqliteDeliveryQueue {
+    async fn schedule(&self, job: &DeliveryJob, due: time::OffsetDateTime) -> Result<(), DomainError> {
+        let (tenant, id, due) = (job.tenant_id.to_string(), job.delivery_id.to_string(), millis(due));
+        self.db
+            .write(move |tx| {
+                tx.prepare_cached(
+                    "INSERT INTO delivery_jobs (delivery_id, tenant_id, due_at, leased_until) VALUES (?1, ?2, ?3, 0)
+                     ON CONFLICT (delivery_id) DO UPDATE SET due_at = excluded.due_at, leased_until = 0",
+                )
+                .and_then(|mut s| s.execute(params![id, tenant, due]))
+                .map_err(map_sqlite)?;
+                Ok(())
+            })
+            .await
+    }
+
+    async fn take_due(&self, max: u32, lease: Duration) -> Result<Vec<DeliveryJob>, DomainError> {
+        let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
+        let rows = self
+            .db
+            .write(move |tx| {
+                let now = now_millis();
+                let rows: Vec<(String, String)> = tx
+                    .prepare_cached("SELECT delivery_id, tenant_id FROM delivery_jobs WHERE due_at <= ?1 AND leased_until <= ?1 ORDER BY due_at LIMIT ?2")
+                    .and_then(|mut s| s.query_map(params![now, i64::from(max)], |r| Ok((r.get(0)?, r.get(1)?)))?.collect())
+                    .map_err(map_sqlite)?;
+                for (id, _) in &rows {
+                    tx.prepare_cached("UPDATE delivery_jobs SET leased_until = ?2 WHERE delivery_id = ?1")
+                        .and_then(|mut s| s.execute(params![id, now.saturating_add(lease_ms)]))
+                        .map_err(map_sqlite)?;
+                }
+                Ok(rows)
+            })
+            .await?;
+        rows.into_iter()
+            .map(|(id, tenant)| {
+                Ok(DeliveryJob {
+                    tenant_id: TenantId::new(tenant)
+                        .map_err(|e| DomainError::Unexpected(anyhow::anyhow!("a queued job's tenant: {}", e.message)))?,
+                    delivery_id: uuid::Uuid::parse_str(&id).map_err(|e| DomainError::Unexpected(e.into()))?,
+                })
+            })
+            .collect()
+    }
+
+    async fn complete(&self, job: &DeliveryJob) -> Result<(), DomainError> {
+        let id = job.delivery_id.to_string();
+        self.db
+            .write(move |tx| {
+                tx.prepare_cached("DELETE FROM delivery_jobs WHERE delivery_id = ?1")
+                    .and_then(|mut s| s.execute([id]))
+                    .map_err(map_sqlite)?;
+                Ok(())
+            })
+            .await
+    }
+
+    async fn next_due(&self) -> Result<Option<time::OffsetDateTime>, DomainError> {
+        let due: Option<i64> = self
+            .db
+            .read(|conn| {
+                conn.query_row("SELECT min(max(due_at, leased_until)) FROM delivery_jobs", [], |r| r.get(0)).optional().map(Option::flatten)
+            })
+            .await?;
+        Ok(due.and_then(|ms| time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).ok()))
+    }
+}

@@ -1,0 +1,252 @@
+//! Webhook delivery against real receivers on loopback: every request's signature is checked
+//! with the shipped verifier.
+
+use std::time::{Duration, Instant};
+
+use im_domain::webhooks::signature::{SigningSecret, Verifier};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+use wiremock::matchers::method;
+use wiremock::{Mock, MockServer, Request, ResponseTemplate};
+
+use crate::helpers::{TestApp, github, spawn_app_with};
+
+async fn app() -> TestApp {
+    spawn_app_with(|s| {
+        s.webhooks.allowed_private_cidrs = vec!["127.0.0.0/8".into()];
+        s.webhooks.allow_http = true;
+        s.webhooks.retry_schedule =
+            ["100ms", "200ms"].iter().map(|d| integration_manager::config::HumanDuration::parse(d).unwrap()).collect();
+    })
+    .await
+}
+
+/// Registers an endpoint; returns its id and signing secret.
+async fn register(app: &TestApp, token: &str, url: &str, extra: Value) -> (String, SigningSecret) {
+    let mut body = json!({"url": url});
+    body.as_object_mut().unwrap().extend(extra.as_object().cloned().unwrap_or_default());
+    let response = app.post("/api/v1/webhooks", token, &body).await;
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let created: Value = response.json().await.unwrap();
+    (created["id"].as_str().unwrap().to_owned(), SigningSecret::parse(created["secret"].as_str().unwrap()).unwrap())
+}
+
+fn header(request: &Request, name: &str) -> String {
+    request.headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned()
+}
+
+/// Checks the Standard Webhooks signature of a received request.
+fn verify(request: &Request, secrets: Vec<SigningSecret>) {
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    Verifier::new(secrets)
+        .verify(
+            &header(request, "webhook-id"),
+            &header(request, "webhook-timestamp"),
+            &header(request, "webhook-signature"),
+            &request.body,
+            now,
+        )
+        .unwrap_or_else(|e| panic!("signature refused: {e}"));
+}
+
+async fn wait_for(server: &MockServer, count: usize) -> Vec<Request> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let received = server.received_requests().await.unwrap_or_default();
+        if received.len() >= count || Instant::now() > deadline {
+            return received;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+async fn deliveries(app: &TestApp, token: &str, webhook: &str, query: &str) -> Vec<Value> {
+    let page: Value = app.get(&format!("/api/v1/webhooks/{webhook}/deliveries{query}"), token).await.json().await.unwrap();
+    page["items"].as_array().cloned().unwrap_or_default()
+}
+
+async fn wait_status(app: &TestApp, token: &str, webhook: &str, status: &str, count: usize) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let found = deliveries(app, token, webhook, &format!("?status={status}")).await;
+        if found.len() >= count || Instant::now() > deadline {
+            return found;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn events_fan_out_to_matching_endpoints_signed() {
+    let app = app().await;
+    let token = app.member();
+    let (all, only_created) = (MockServer::start().await, MockServer::start().await);
+    for server in [&all, &only_created] {
+        Mock::given(method("POST")).respond_with(ResponseTemplate::new(204)).mount(server).await;
+    }
+    let (all_id, all_secret) =
+        register(&app, &token, &format!("{}/all", all.uri()), json!({"eventTypes": ["integration.*"], "headers": {"X-Team": "ops"}})).await;
+    let (_, created_secret) =
+        register(&app, &token, &format!("{}/created", only_created.uri()), json!({"eventTypes": ["integration.created"]})).await;
+    let (disabled_id, _) = register(&app, &token, &format!("{}/off", all.uri()), json!({"status": "disabled"})).await;
+
+    let (integration, etag) = app.create_github(&token, "fanned").await;
+    let path = format!("/api/v1/integrations/{}", integration["id"].as_str().unwrap());
+    assert_eq!(app.put(&path, &token, &github("fanned again"), Some(&etag)).await.status(), StatusCode::OK);
+
+    let to_all = wait_for(&all, 2).await;
+    let to_created = wait_for(&only_created, 1).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(all.received_requests().await.unwrap().len(), 2, "created and updated");
+    assert_eq!(only_created.received_requests().await.unwrap().len(), 1, "only created");
+    for request in &to_all {
+        verify(request, vec![all_secret.clone()]);
+        assert_eq!(header(request, "content-type"), "application/json");
+        assert!(header(request, "user-agent").starts_with("IntegrationManager-Webhooks/"));
+        assert_eq!(header(request, "x-team"), "ops");
+        let body: Value = serde_json::from_slice(&request.body).unwrap();
+        assert_eq!(body["specversion"], "1.0");
+        assert_eq!(header(request, "webhook-id"), body["id"].as_str().unwrap(), "webhook-id is the event id");
+    }
+    verify(&to_created[0], vec![created_secret]);
+
+    let log = wait_status(&app, &token, &all_id, "succeeded", 2).await;
+    assert_eq!(log.len(), 2);
+    assert_eq!(log[0]["attempts"][0]["statusCode"], 204);
+    assert_eq!(log[0]["attempts"][0]["trigger"], "scheduled");
+    let skipped = wait_status(&app, &token, &disabled_id, "skipped", 2).await;
+    assert_eq!(skipped.len(), 2, "a disabled endpoint's messages are kept as skipped");
+}
+
+#[tokio::test]
+async fn failures_retry_with_the_same_webhook_id_until_success() {
+    let app = app().await;
+    let token = app.member();
+    let server = MockServer::start().await;
+    Mock::given(method("POST")).respond_with(ResponseTemplate::new(500).set_body_string("boom")).up_to_n_times(2).mount(&server).await;
+    Mock::given(method("POST")).respond_with(ResponseTemplate::new(200)).mount(&server).await;
+    let (id, secret) = register(&app, &token, &format!("{}/h", server.uri()), json!({})).await;
+    app.create_github(&token, "retried").await;
+
+    let received = wait_for(&server, 3).await;
+    assert_eq!(received.len(), 3);
+    let ids: Vec<_> = received.iter().map(|r| header(r, "webhook-id")).collect();
+    assert!(ids.iter().all(|i| *i == ids[0]), "the same webhook-id on every retry: {ids:?}");
+    for request in &received {
+        verify(request, vec![secret.clone()]);
+    }
+    let done = wait_status(&app, &token, &id, "succeeded", 1).await;
+    let attempts = done[0]["attempts"].as_array().unwrap();
+    assert_eq!(attempts.iter().map(|a| a["statusCode"].as_u64().unwrap()).collect::<Vec<_>>(), vec![500, 500, 200]);
+    assert_eq!(attempts[0]["responseExcerpt"], "boom");
+    assert!(attempts[0]["error"].as_str().unwrap().contains("500"));
+}
+
+#[tokio::test]
+async fn exhausted_retries_fail_and_gone_disables_the_endpoint() {
+    let app = app().await;
+    let token = app.member();
+    let failing = MockServer::start().await;
+    Mock::given(method("POST")).respond_with(ResponseTemplate::new(503)).mount(&failing).await;
+    let gone = MockServer::start().await;
+    Mock::given(method("POST")).respond_with(ResponseTemplate::new(410)).mount(&gone).await;
+    let (failing_id, _) = register(&app, &token, &format!("{}/f", failing.uri()), json!({})).await;
+    let (gone_id, _) = register(&app, &token, &format!("{}/g", gone.uri()), json!({})).await;
+    app.create_github(&token, "doomed").await;
+
+    let failed = wait_status(&app, &token, &failing_id, "failed", 1).await;
+    assert_eq!(failed[0]["attempts"].as_array().unwrap().len(), 3, "the first attempt and two retries");
+    assert_eq!(failing.received_requests().await.unwrap().len(), 3);
+
+    wait_status(&app, &token, &gone_id, "failed", 1).await;
+    let endpoint: Value = app.get(&format!("/api/v1/webhooks/{gone_id}"), &token).await.json().await.unwrap();
+    assert_eq!(endpoint["status"], "disabled");
+    assert!(endpoint["disabledReason"].as_str().unwrap().contains("410"));
+    assert_eq!(gone.received_requests().await.unwrap().len(), 1, "410 is never retried");
+}
+
+#[tokio::test]
+async fn rotation_signs_with_both_secrets_and_manual_operations_work() {
+    let app = app().await;
+    let token = app.member();
+    let server = MockServer::start().await;
+    Mock::given(method("POST")).respond_with(ResponseTemplate::new(200).set_body_string("ok")).mount(&server).await;
+    let (id, first) = register(&app, &token, &format!("{}/h", server.uri()), json!({})).await;
+    let rotated: Value =
+        app.request(Method::POST, &format!("/api/v1/webhooks/{id}/rotate-secret"), &token).send().await.unwrap().json().await.unwrap();
+    let second = SigningSecret::parse(rotated["secret"].as_str().unwrap()).unwrap();
+
+    let response = app.request(Method::POST, &format!("/api/v1/webhooks/{id}/test"), &token).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let test: Value = response.json().await.unwrap();
+    assert_eq!(test["eventType"], "webhook.test");
+    assert_eq!(test["status"], "succeeded");
+    assert_eq!(test["attempts"][0]["trigger"], "manual");
+    assert_eq!(test["attempts"][0]["responseExcerpt"], "ok");
+    let request = &server.received_requests().await.unwrap()[0];
+    assert_eq!(header(request, "webhook-signature").split(' ').count(), 2, "both secrets sign during the grace period");
+    verify(request, vec![first]);
+    verify(request, vec![second]);
+
+    let delivery = test["id"].as_str().unwrap();
+    let retried: Value = app
+        .request(Method::POST, &format!("/api/v1/webhooks/{id}/deliveries/{delivery}/retry"), &token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(retried["attempts"].as_array().unwrap().len(), 2);
+    let one: Value = app.get(&format!("/api/v1/webhooks/{id}/deliveries/{delivery}"), &token).await.json().await.unwrap();
+    assert_eq!(one["id"], delivery);
+    let stranger = app.member();
+    assert_eq!(app.get(&format!("/api/v1/webhooks/{id}/deliveries/{delivery}"), &stranger).await.status(), StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn skipped_deliveries_are_recovered() {
+    let app = app().await;
+    let token = app.member();
+    let server = MockServer::start().await;
+    Mock::given(method("POST")).respond_with(ResponseTemplate::new(200)).mount(&server).await;
+    let (id, secret) = register(&app, &token, &format!("{}/h", server.uri()), json!({"status": "disabled"})).await;
+    let since = time::OffsetDateTime::now_utc() - time::Duration::MINUTE;
+    app.create_github(&token, "while disabled").await;
+    wait_status(&app, &token, &id, "skipped", 1).await;
+    assert!(server.received_requests().await.unwrap().is_empty());
+
+    let enable = json!({"url": format!("{}/h", server.uri()), "status": "enabled"});
+    assert_eq!(app.put(&format!("/api/v1/webhooks/{id}"), &token, &enable, None).await.status(), StatusCode::OK);
+    let since = since.format(&time::format_description::well_known::Rfc3339).unwrap();
+    let response = app.post(&format!("/api/v1/webhooks/{id}/recover"), &token, &json!({"since": since})).await;
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    assert_eq!(response.json::<Value>().await.unwrap()["recovered"], 1);
+    let received = wait_for(&server, 1).await;
+    verify(&received[0], vec![secret]);
+    wait_status(&app, &token, &id, "succeeded", 1).await;
+    let bad = app.post(&format!("/api/v1/webhooks/{id}/recover"), &token, &json!({"since": "yesterday"})).await;
+    assert_eq!(bad.status(), StatusCode::UNPROCESSABLE_ENTITY);
+}
+
+#[tokio::test]
+async fn a_hanging_receiver_does_not_block_others() {
+    let app = spawn_app_with(|s| {
+        s.webhooks.allowed_private_cidrs = vec!["127.0.0.0/8".into()];
+        s.webhooks.allow_http = true;
+        s.webhooks.request_timeout = integration_manager::config::HumanDuration::parse("3s").unwrap();
+    })
+    .await;
+    let token = app.member();
+    let (hanging, quick) = (MockServer::start().await, MockServer::start().await);
+    Mock::given(method("POST")).respond_with(ResponseTemplate::new(200).set_delay(Duration::from_secs(10))).mount(&hanging).await;
+    Mock::given(method("POST")).respond_with(ResponseTemplate::new(200)).mount(&quick).await;
+    register(&app, &token, &format!("{}/slow", hanging.uri()), json!({})).await;
+    register(&app, &token, &format!("{}/fast", quick.uri()), json!({})).await;
+    let started = Instant::now();
+    for i in 0..3 {
+        app.create_github(&token, &format!("e{i}")).await;
+    }
+    assert_eq!(wait_for(&quick, 3).await.len(), 3);
+    assert!(started.elapsed() < Duration::from_secs(3), "the quick receiver got everything while the other hung");
+}
