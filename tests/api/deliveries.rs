@@ -11,6 +11,30 @@ use wiremock::{Mock, MockServer, Request, ResponseTemplate};
 
 use crate::helpers::{TestApp, github, spawn_app_with};
 
+/// Records what the in-process bus publishes.
+struct Recorder(std::sync::Mutex<Vec<im_domain::events::DomainEvent>>);
+
+#[async_trait::async_trait]
+impl im_domain::ports::EventSubscriber for Recorder {
+    async fn handle(&self, event: &im_domain::events::DomainEvent) -> Result<(), im_domain::DomainError> {
+        self.0.lock().unwrap().push(event.clone());
+        Ok(())
+    }
+}
+
+/// Waits for an event of `event_type` and checks it against its published schema.
+async fn published(recorder: &Recorder, event_type: &str) -> im_domain::events::DomainEvent {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(event) = recorder.0.lock().unwrap().iter().find(|e| e.event_type.as_str() == event_type).cloned() {
+            crate::events::assert_matches_schema(&event.cloud_event());
+            return event;
+        }
+        assert!(Instant::now() < deadline, "{event_type} was published");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn app() -> TestApp {
     spawn_app_with(|s| {
         s.webhooks.allowed_private_cidrs = vec!["127.0.0.0/8".into()];
@@ -79,6 +103,8 @@ async fn wait_status(app: &TestApp, token: &str, webhook: &str, status: &str, co
 #[tokio::test]
 async fn events_fan_out_to_matching_endpoints_signed() {
     let app = app().await;
+    let recorder = std::sync::Arc::new(Recorder(std::sync::Mutex::new(Vec::new())));
+    app.state.bus.subscribe(recorder.clone());
     let token = app.member();
     let (all, only_created) = (MockServer::start().await, MockServer::start().await);
     for server in [&all, &only_created] {
@@ -116,6 +142,13 @@ async fn events_fan_out_to_matching_endpoints_signed() {
     assert_eq!(log[0]["attempts"][0]["trigger"], "scheduled");
     let skipped = wait_status(&app, &token, &disabled_id, "skipped", 2).await;
     assert_eq!(skipped.len(), 2, "a disabled endpoint's messages are kept as skipped");
+    let delivered = published(&recorder, "webhook.delivered").await;
+    assert_eq!(delivered.data["status"], "succeeded");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for request in all.received_requests().await.unwrap() {
+        let body: Value = serde_json::from_slice(&request.body).unwrap();
+        assert!(body["type"].as_str().unwrap().starts_with("integration."), "webhook.* events are never sent to webhooks: {body}");
+    }
 }
 
 #[tokio::test]
@@ -136,6 +169,7 @@ async fn failures_retry_with_the_same_webhook_id_until_success() {
         verify(request, vec![secret.clone()]);
     }
     let done = wait_status(&app, &token, &id, "succeeded", 1).await;
+    assert_eq!(done.len(), 1);
     let attempts = done[0]["attempts"].as_array().unwrap();
     assert_eq!(attempts.iter().map(|a| a["statusCode"].as_u64().unwrap()).collect::<Vec<_>>(), vec![500, 500, 200]);
     assert_eq!(attempts[0]["responseExcerpt"], "boom");
@@ -145,6 +179,8 @@ async fn failures_retry_with_the_same_webhook_id_until_success() {
 #[tokio::test]
 async fn exhausted_retries_fail_and_gone_disables_the_endpoint() {
     let app = app().await;
+    let recorder = std::sync::Arc::new(Recorder(std::sync::Mutex::new(Vec::new())));
+    app.state.bus.subscribe(recorder.clone());
     let token = app.member();
     let failing = MockServer::start().await;
     Mock::given(method("POST")).respond_with(ResponseTemplate::new(503)).mount(&failing).await;
@@ -163,6 +199,9 @@ async fn exhausted_retries_fail_and_gone_disables_the_endpoint() {
     assert_eq!(endpoint["status"], "disabled");
     assert!(endpoint["disabledReason"].as_str().unwrap().contains("410"));
     assert_eq!(gone.received_requests().await.unwrap().len(), 1, "410 is never retried");
+    let failed = published(&recorder, "webhook.failed").await;
+    assert_eq!(failed.data["status"], "failed");
+    published(&recorder, "webhook.endpoint.disabled").await;
 }
 
 #[tokio::test]
@@ -249,4 +288,39 @@ async fn a_hanging_receiver_does_not_block_others() {
     }
     assert_eq!(wait_for(&quick, 3).await.len(), 3);
     assert!(started.elapsed() < Duration::from_secs(3), "the quick receiver got everything while the other hung");
+}
+
+#[tokio::test]
+async fn an_endpoint_failing_for_too_long_is_disabled_with_an_event() {
+    let app = spawn_app_with(|s| {
+        s.webhooks.allowed_private_cidrs = vec!["127.0.0.0/8".into()];
+        s.webhooks.allow_http = true;
+        s.webhooks.retry_schedule =
+            ["100ms", "100ms", "100ms"].iter().map(|d| integration_manager::config::HumanDuration::parse(d).unwrap()).collect();
+        s.webhooks.disable_after = integration_manager::config::HumanDuration::parse("0s").unwrap();
+        s.webhooks.disable_min_failures = 2;
+    })
+    .await;
+    let recorder = std::sync::Arc::new(Recorder(std::sync::Mutex::new(Vec::new())));
+    app.state.bus.subscribe(recorder.clone());
+    let token = app.member();
+    let server = MockServer::start().await;
+    Mock::given(method("POST")).respond_with(ResponseTemplate::new(500)).mount(&server).await;
+    let (id, _) = register(&app, &token, &format!("{}/h", server.uri()), json!({})).await;
+    app.create_github(&token, "doomed").await;
+
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let endpoint = loop {
+        let endpoint: Value = app.get(&format!("/api/v1/webhooks/{id}"), &token).await.json().await.unwrap();
+        if endpoint["status"] == "disabled" || Instant::now() > deadline {
+            break endpoint;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(endpoint["status"], "disabled");
+    assert!(endpoint["disabledReason"].as_str().unwrap().contains("2 in a row"), "{endpoint}");
+    wait_status(&app, &token, &id, "skipped", 1).await;
+    assert_eq!(server.received_requests().await.unwrap().len(), 2, "no attempt after the endpoint was disabled");
+    let disabled = published(&recorder, "webhook.endpoint.disabled").await;
+    assert_eq!(disabled.subject, id);
 }

@@ -19,7 +19,7 @@ use serde_json::Value;
 use crate::helpers::{TestApp, github, header, spawn_app, spawn_app_with, workspace};
 
 /// Checks a CloudEvent against `docs/events/<type>.schema.json`.
-fn assert_matches_schema(event: &Value) {
+pub(crate) fn assert_matches_schema(event: &Value) {
     let event_type = event["type"].as_str().expect("a type");
     let path = workspace().join(format!("docs/events/{event_type}.schema.json"));
     let schema: Value =

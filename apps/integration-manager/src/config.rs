@@ -123,6 +123,8 @@ pub struct WebhookSettings {
     pub allowed_private_cidrs: Vec<String>,
     pub allow_http: bool,
     pub previous_secret_grace: HumanDuration,
+    pub disable_after: HumanDuration,
+    pub disable_min_failures: u32,
 }
 
 impl WebhookSettings {

@@ -252,6 +252,8 @@ impl Application {
             Arc::new(UuidV7),
             DeliverySettings {
                 retry_schedule: settings.webhooks.retry_schedule.iter().map(|d| d.0).collect(),
+                disable_after: settings.webhooks.disable_after.0,
+                disable_min_failures: settings.webhooks.disable_min_failures,
                 user_agent: format!("IntegrationManager-Webhooks/{}", env!("CARGO_PKG_VERSION")),
             },
         );

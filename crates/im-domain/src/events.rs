@@ -25,16 +25,20 @@ pub enum EventType {
     WebhookFailed,
     #[serde(rename = "sync.task.completed")]
     SyncTaskCompleted,
+    /// An endpoint was disabled by the service (410 Gone, or failing for too long).
+    #[serde(rename = "webhook.endpoint.disabled")]
+    WebhookEndpointDisabled,
 }
 
 impl EventType {
-    pub const ALL: [EventType; 6] = [
+    pub const ALL: [EventType; 7] = [
         EventType::IntegrationCreated,
         EventType::IntegrationUpdated,
         EventType::IntegrationDeleted,
         EventType::WebhookDelivered,
         EventType::WebhookFailed,
         EventType::SyncTaskCompleted,
+        EventType::WebhookEndpointDisabled,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -45,6 +49,7 @@ impl EventType {
             EventType::WebhookDelivered => "webhook.delivered",
             EventType::WebhookFailed => "webhook.failed",
             EventType::SyncTaskCompleted => "sync.task.completed",
+            EventType::WebhookEndpointDisabled => "webhook.endpoint.disabled",
         }
     }
 

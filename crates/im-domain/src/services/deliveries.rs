@@ -29,6 +29,10 @@ use super::WebhookService;
 pub struct DeliverySettings {
     /// Waits before each retry (the first attempt is immediate).
     pub retry_schedule: Vec<Duration>,
+    /// An endpoint failing without a success for this long is disabled...
+    pub disable_after: Duration,
+    /// ...once it has failed at least this many attempts in a row.
+    pub disable_min_failures: u32,
     /// The `user-agent` of every request.
     pub user_agent: String,
 }
@@ -266,7 +270,9 @@ impl DeliveryService {
         });
         delivery.updated_at = now;
         let scheduled_attempts = delivery.attempts.iter().filter(|a| a.trigger == AttemptTrigger::Scheduled).count();
-        let (report, events) = match classify(result.status, result.retry_after) {
+        let outcome = classify(result.status, result.retry_after);
+        let disabled_because = self.track_health(&webhook.value, &outcome).await?;
+        let (report, mut events) = match outcome {
             Outcome::Delivered => {
                 delivery.status = DeliveryStatus::Succeeded;
                 delivery.next_attempt_at = None;
@@ -275,7 +281,6 @@ impl DeliveryService {
             Outcome::Gone => {
                 delivery.status = DeliveryStatus::Failed;
                 delivery.next_attempt_at = None;
-                self.disable(&webhook.value, "the endpoint answered 410 Gone").await?;
                 (AttemptReport::Failed, vec![EventType::WebhookFailed])
             }
             Outcome::Retry { retry_after } => {
@@ -297,7 +302,16 @@ impl DeliveryService {
                 }
             }
         };
-        let events: Vec<_> = events.into_iter().map(|t| self.outcome_event(&delivery, t)).collect();
+        if disabled_because.is_some() {
+            events.push(EventType::WebhookEndpointDisabled);
+        }
+        let events: Vec<_> = events
+            .into_iter()
+            .map(|t| match (t, &disabled_because) {
+                (EventType::WebhookEndpointDisabled, Some(reason)) => self.disabled_event(&webhook.value, reason),
+                (t, _) => self.outcome_event(&delivery, t),
+            })
+            .collect();
         self.deliveries.replace(&delivery, Some(stored.etag), &events).await?;
         match report {
             AttemptReport::RetryAt(at) => self.queue.schedule(job, at).await?,
@@ -306,20 +320,63 @@ impl DeliveryService {
         Ok(report)
     }
 
-    async fn disable(&self, webhook: &Webhook, reason: &str) -> Result<(), DomainError> {
-        let current = self.webhooks.get(&webhook.tenant_id, webhook.id).await?;
-        if current.value.status == WebhookStatus::Disabled {
-            return Ok(());
+    /// Updates the endpoint's failure streak after an attempt and disables it on 410 Gone, or
+    /// when it has failed without a success for `disable_after` and at least
+    /// `disable_min_failures` attempts. Returns the reason when it was disabled now.
+    async fn track_health(&self, webhook: &Webhook, outcome: &Outcome) -> Result<Option<String>, DomainError> {
+        for _ in 0..5 {
+            let current = self.webhooks.get(&webhook.tenant_id, webhook.id).await?;
+            let now = self.clock.now();
+            let mut next = current.value.clone();
+            let mut disabled_now = None;
+            match outcome {
+                Outcome::Delivered => {
+                    if next.failing_since.is_none() && next.consecutive_failures == 0 {
+                        return Ok(None);
+                    }
+                    next.failing_since = None;
+                    next.consecutive_failures = 0;
+                }
+                Outcome::Gone | Outcome::Retry { .. } => {
+                    let since = *next.failing_since.get_or_insert(now);
+                    next.consecutive_failures = next.consecutive_failures.saturating_add(1);
+                    let too_long = now - since >= time::Duration::try_from(self.settings.disable_after).unwrap_or(time::Duration::MAX);
+                    let reason = match outcome {
+                        Outcome::Gone => Some("the endpoint answered 410 Gone".to_owned()),
+                        _ if too_long && next.consecutive_failures >= self.settings.disable_min_failures => Some(format!(
+                            "every attempt failed since {} ({} in a row)",
+                            since.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
+                            next.consecutive_failures
+                        )),
+                        _ => None,
+                    };
+                    if let Some(reason) = reason
+                        && next.status == WebhookStatus::Enabled
+                    {
+                        next.status = WebhookStatus::Disabled;
+                        next.disabled_reason = Some(reason.clone());
+                        disabled_now = Some(reason);
+                    }
+                }
+            }
+            next.updated_at = now;
+            match self.webhooks.replace(&next, Some(current.etag)).await {
+                Ok(_) => return Ok(disabled_now),
+                Err(DomainError::PreconditionFailed) => continue,
+                Err(e) => return Err(e),
+            }
         }
-        let disabled = Webhook {
-            status: WebhookStatus::Disabled,
-            disabled_reason: Some(reason.to_owned()),
-            updated_at: self.clock.now(),
-            ..current.value
-        };
-        match self.webhooks.replace(&disabled, Some(current.etag)).await {
-            Ok(_) | Err(DomainError::PreconditionFailed) => Ok(()),
-            Err(e) => Err(e),
+        Ok(None)
+    }
+
+    fn disabled_event(&self, webhook: &Webhook, reason: &str) -> DomainEvent {
+        DomainEvent {
+            id: self.ids.new_uuid(),
+            event_type: EventType::WebhookEndpointDisabled,
+            tenant_id: webhook.tenant_id.clone(),
+            subject: webhook.id.to_string(),
+            time: self.clock.now(),
+            data: json!({"webhookId": webhook.id.to_string(), "url": webhook.url, "reason": reason}),
         }
     }
 

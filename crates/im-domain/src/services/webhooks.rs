@@ -93,6 +93,8 @@ impl WebhookService {
             rate_limit_per_second: spec.rate_limit_per_second,
             secret: SecretRef { secret_name: SecretName::new(&caller.tenant_id, "webhook", "pending"), version: String::new() },
             previous_secret: None,
+            failing_since: None,
+            consecutive_failures: 0,
             created_at: now,
             updated_at: now,
             created_by: caller.user_id.clone(),
@@ -135,7 +137,10 @@ impl WebhookService {
                 return Err(DomainError::PreconditionFailed);
             }
             let status = spec.status.unwrap_or(current.value.status);
+            let reenabled = status == WebhookStatus::Enabled && current.value.status == WebhookStatus::Disabled;
             let webhook = Webhook {
+                failing_since: if reenabled { None } else { current.value.failing_since },
+                consecutive_failures: if reenabled { 0 } else { current.value.consecutive_failures },
                 url: spec.url.clone(),
                 description: spec.description.clone(),
                 event_types: spec.event_types.clone(),

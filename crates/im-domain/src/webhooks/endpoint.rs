@@ -303,6 +303,12 @@ pub struct Webhook {
     pub rate_limit_per_second: Option<u32>,
     pub secret: SecretRef,
     pub previous_secret: Option<PreviousSecret>,
+    /// Since when every attempt has failed (none succeeded since); `None` while healthy.
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub failing_since: Option<OffsetDateTime>,
+    /// Failed attempts since the last success.
+    #[serde(default)]
+    pub consecutive_failures: u32,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339")]
