@@ -14,7 +14,7 @@ AMQP_URL=${BENCH_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
 
 command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
 command -v curl >/dev/null || { apt-get update -qq && apt-get install -y -qq curl; }
-cargo build --release -q -p integration-manager -p im-system-tests --bin integration-manager --bin bench-baseline --bin bench-events
+cargo build --release -q -p integration-manager -p im-system-tests --bin integration-manager --bin bench-baseline --bin bench-events --bin bench-webhooks
 BIN=target/release/integration-manager
 BASELINE=target/release/bench-baseline
 
@@ -121,4 +121,11 @@ if (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; then
   target/release/bench-events "$AMQP_URL" "${BENCH_EVENTS:-20000}"
 else
   echo "events benchmark not run: RabbitMQ is not listening on 127.0.0.1:5672"
+fi
+
+# --- webhooks ------------------------------------------------------------------------------
+target/release/bench-webhooks "$BIN" "${BENCH_WEBHOOK_EVENTS:-2000}" 1 embedded
+target/release/bench-webhooks "$BIN" "${BENCH_WEBHOOK_EVENTS:-1000}" 10 embedded
+if (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; then
+  target/release/bench-webhooks "$BIN" "${BENCH_WEBHOOK_EVENTS:-1000}" 10 rabbitmq
 fi

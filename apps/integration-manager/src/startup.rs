@@ -236,6 +236,10 @@ impl Application {
                 store
             }
         };
+        let released = queue_store.release_delivery_leases().await?;
+        if released > 0 {
+            tracing::info!(released, "delivery attempts interrupted by the last stop are due again");
+        }
         let sender = HttpWebhookSender::new(SenderSettings {
             connect_timeout: settings.webhooks.connect_timeout.0,
             request_timeout: settings.webhooks.request_timeout.0,

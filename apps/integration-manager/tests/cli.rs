@@ -198,3 +198,62 @@ async fn a_crash_between_commit_and_publish_loses_no_event() {
     let missing: Vec<_> = acknowledged.difference(&seen).collect();
     assert!(missing.is_empty(), "{} of {} acknowledged writes have no event: {missing:?}", missing.len(), acknowledged.len());
 }
+
+/// SIGKILL while deliveries are pending: after a restart every one is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_deliveries_survive_a_crash() {
+    use std::collections::HashSet;
+    use wiremock::matchers::method;
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+
+    let receiver = MockServer::start().await;
+    Mock::given(method("POST")).respond_with(ResponseTemplate::new(503)).mount(&receiver).await;
+    let env = [
+        ("IM_WEBHOOKS__ALLOWED_PRIVATE_CIDRS", "[\"127.0.0.0/8\"]".to_owned()),
+        ("IM_WEBHOOKS__ALLOW_HTTP", "true".to_owned()),
+        ("IM_WEBHOOKS__RETRY_SCHEDULE", "[\"1s\", \"1s\", \"1s\", \"1s\", \"1s\", \"1s\", \"1s\", \"1s\"]".to_owned()),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = serve_with(dir.path(), &env).await;
+    let token = token(dir.path(), "member");
+    let client = reqwest::Client::new();
+    let hook = serde_json::json!({"url": format!("{}/hook", receiver.uri())});
+    let response = client.post(format!("{}/api/v1/webhooks", server.url)).bearer_auth(&token).json(&hook).send().await.unwrap();
+    assert_eq!(response.status(), 201);
+    let mut subjects = HashSet::new();
+    for i in 0..10 {
+        let body = serde_json::json!({"providerId": "github", "name": format!("crash {i}"), "config": {"organization": "acme"}});
+        let created: serde_json::Value = client
+            .post(format!("{}/api/v1/integrations", server.url))
+            .bearer_auth(&token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        subjects.insert(created["id"].as_str().unwrap().to_owned());
+    }
+    let started = Instant::now();
+    while receiver.received_requests().await.unwrap().len() < 10 && started.elapsed() < Duration::from_secs(20) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    server.child.kill().expect("SIGKILL");
+    server.child.wait().unwrap();
+
+    receiver.reset().await;
+    Mock::given(method("POST")).respond_with(ResponseTemplate::new(200)).mount(&receiver).await;
+    let _restarted = serve_with(dir.path(), &env).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut delivered = HashSet::new();
+    while !subjects.is_subset(&delivered) && Instant::now() < deadline {
+        for request in receiver.received_requests().await.unwrap() {
+            let body: serde_json::Value = serde_json::from_slice(&request.body).unwrap();
+            delivered.insert(body["subject"].as_str().unwrap_or_default().to_owned());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let missing: Vec<_> = subjects.difference(&delivered).collect();
+    assert!(missing.is_empty(), "{} of 10 pending deliveries were lost: {missing:?}", missing.len());
+}

@@ -96,6 +96,12 @@ impl EmbeddedStore {
         Arc::new(deliveries::SqliteDeliveries::new(self.documents()))
     }
 
+    /// Releases every lease of the delivery queue. The embedded queue has one consumer, this
+    /// process: at start, jobs a crashed predecessor had taken are due again at once.
+    pub async fn release_delivery_leases(&self) -> Result<usize, DomainError> {
+        self.db.write(|tx| tx.execute("UPDATE delivery_jobs SET leased_until = 0 WHERE leased_until > 0", []).map_err(db::map_sqlite)).await
+    }
+
     /// The durable queue of delivery attempts.
     pub fn delivery_queue(&self) -> Arc<dyn im_domain::webhooks::ports::DeliveryQueue> {
         Arc::new(deliveries::SqliteDeliveryQueue::new(self.db.clone()))
