@@ -7,8 +7,8 @@ run:        ## build and serve on :3026 with the embedded store
 build:
 	cargo build --workspace --all-targets
 
-test:       ## the whole suite: every crate, then the black-box API suite again on the Cosmos DB backend
-	cargo test --workspace && IM_TEST_BACKEND=cosmos cargo test -p im-system-tests --test api
+test:       ## the whole suite: every crate, the API suite again on Cosmos DB, the webhook suite on RabbitMQ
+	cargo test --workspace && IM_TEST_BACKEND=cosmos cargo test -p im-system-tests --test api && IM_TEST_EVENTS=rabbitmq cargo test -p im-system-tests --test api -- webhooks deliveries events
 
 lint:
 	cargo clippy --workspace --all-targets -- -D warnings

@@ -324,3 +324,51 @@ async fn an_endpoint_failing_for_too_long_is_disabled_with_an_event() {
     let disabled = published(&recorder, "webhook.endpoint.disabled").await;
     assert_eq!(disabled.subject, id);
 }
+
+#[tokio::test]
+async fn retry_after_is_honoured() {
+    let app = app().await;
+    let token = app.member();
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(429).insert_header("retry-after", "2"))
+        .up_to_n_times(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST")).respond_with(ResponseTemplate::new(200)).mount(&server).await;
+    let (id, _) = register(&app, &token, &format!("{}/h", server.uri()), json!({})).await;
+    app.create_github(&token, "throttled").await;
+    let done = wait_status(&app, &token, &id, "succeeded", 1).await;
+    let attempts = done[0]["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 2);
+    let at = |i: usize| {
+        time::OffsetDateTime::parse(attempts[i]["at"].as_str().unwrap(), &time::format_description::well_known::Rfc3339).unwrap()
+    };
+    let waited = at(1) - at(0);
+    assert!(waited >= time::Duration::milliseconds(1900), "the receiver asked for 2 s; the schedule alone says 100 ms: waited {waited}");
+}
+
+#[tokio::test]
+async fn the_rate_limit_spreads_deliveries_without_dropping_any() {
+    let app = app().await;
+    let token = app.member();
+    let server = MockServer::start().await;
+    Mock::given(method("POST")).respond_with(ResponseTemplate::new(200)).mount(&server).await;
+    let (id, _) = register(&app, &token, &format!("{}/h", server.uri()), json!({"rateLimitPerSecond": 2})).await;
+    for i in 0..6 {
+        app.create_github(&token, &format!("r{i}")).await;
+    }
+    let received = wait_for(&server, 6).await;
+    assert_eq!(received.len(), 6, "every delivery arrives");
+    let done = wait_status(&app, &token, &id, "succeeded", 6).await;
+    let mut times: Vec<_> = done
+        .iter()
+        .map(|d| {
+            time::OffsetDateTime::parse(d["attempts"][0]["at"].as_str().unwrap(), &time::format_description::well_known::Rfc3339).unwrap()
+        })
+        .collect();
+    times.sort();
+    for window in times.windows(3) {
+        assert!(window[2] - window[0] >= time::Duration::milliseconds(950), "at most 2 per second: {times:?}");
+    }
+}

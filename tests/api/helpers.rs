@@ -24,6 +24,11 @@ pub fn backend_is_cosmos() -> bool {
     std::env::var("IM_TEST_BACKEND").is_ok_and(|b| b == "cosmos")
 }
 
+/// `IM_TEST_EVENTS=rabbitmq` runs the suite with events and delivery jobs on RabbitMQ.
+pub fn events_on_rabbitmq() -> bool {
+    std::env::var("IM_TEST_EVENTS").is_ok_and(|b| b == "rabbitmq")
+}
+
 fn init_logs() {
     // Quiet unless RUST_LOG asks otherwise.
     integration_manager::telemetry::init(&integration_manager::config::LogSettings {
@@ -58,6 +63,15 @@ pub async fn spawn_in(dir: Arc<tempfile::TempDir>, configure: impl FnOnce(&mut S
         settings.cosmos_db.emulator = true;
         settings.cosmos_db.auto_provision = true;
         settings.cosmos_db.request_timeout_secs = 30;
+    }
+    if events_on_rabbitmq() {
+        let addr = im_testkit::services::rabbitmq("the API suite on the rabbitmq events backend")
+            .expect("IM_TEST_EVENTS=rabbitmq needs RabbitMQ on 127.0.0.1:5672");
+        settings.events.backend = integration_manager::config::EventsBackend::Rabbitmq;
+        settings.rabbitmq.url = integration_manager::config::Secret::new(im_testkit::services::amqp_url(addr));
+        let unique = uuid::Uuid::new_v4().simple().to_string();
+        settings.rabbitmq.exchange = format!("im-api-test-{unique}");
+        settings.rabbitmq.delivery_queue_prefix = format!("im-api-test-{unique}");
     }
     configure(&mut settings);
     let app = Application::build(settings.clone()).await.expect("the app builds");

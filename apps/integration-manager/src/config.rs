@@ -158,6 +158,7 @@ pub struct RabbitSettings {
     pub url: Secret,
     pub exchange: String,
     pub confirm_timeout_secs: u64,
+    pub delivery_queue_prefix: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -344,6 +345,12 @@ impl Settings {
                 |n: &str| !n.is_empty() && n.len() <= 255 && n.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c));
             if !valid_name(&self.rabbitmq.exchange) || self.rabbitmq.exchange.starts_with("amq.") {
                 return Err(err("rabbitmq.exchange", "must be 1 to 255 of letters, digits, '-', '_', '.', ':' and not start with 'amq.'"));
+            }
+            if !valid_name(&self.rabbitmq.delivery_queue_prefix) || self.rabbitmq.delivery_queue_prefix.starts_with("amq.") {
+                return Err(err(
+                    "rabbitmq.delivery_queue_prefix",
+                    "must be 1 to 255 of letters, digits, '-', '_', '.', ':' and not start with 'amq.'",
+                ));
             }
             if self.rabbitmq.confirm_timeout_secs == 0 {
                 return Err(err("rabbitmq.confirm_timeout_secs", "must be at least 1"));

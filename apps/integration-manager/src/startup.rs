@@ -12,6 +12,7 @@ use actix_web::{App, HttpServer, web};
 use anyhow::Context as _;
 use base64::Engine as _;
 use im_auth::LocalJwt;
+use im_bus_rabbitmq::RabbitDeliveryQueue;
 use im_bus_rabbitmq::RabbitPublisher;
 use im_domain::auth::Authenticator;
 use im_domain::ports::{EventPublisher, HealthCheck, IntegrationRepository, Outbox, ProviderRepository};
@@ -19,7 +20,7 @@ use im_domain::secrets::SecretStore;
 use im_domain::services::{
     CatalogService, DeliveryService, DeliverySettings, EventRelay, InProcessBus, IntegrationService, WebhookService,
 };
-use im_domain::webhooks::ports::{DeliveryRepository, OsEntropy, WebhookRepository};
+use im_domain::webhooks::ports::{DeliveryQueue, DeliveryRepository, OsEntropy, WebhookRepository};
 use im_domain::{Clock, SystemClock, UuidV7};
 use im_store_cosmos::{CosmosSettings, CosmosStore};
 use im_store_embedded::EmbeddedStore;
@@ -227,19 +228,29 @@ impl Application {
             settings.webhooks.url_policy(),
             settings.webhooks.previous_secret_grace.0,
         );
-        // The delivery queue is durable in the embedded database of the data directory, whatever the store.
-        let queue_store = match &storage.embedded {
-            Some(store) => store.clone(),
-            None => {
-                let store = EmbeddedStore::open(&settings.storage.data_dir, Arc::new(SystemClock))?;
-                store.migrate().await.context("migrating the delivery queue")?;
-                store
+        // Delivery jobs: a RabbitMQ work queue shared by every instance, or the embedded
+        // database of the data directory (whatever the store).
+        let queue: Arc<dyn DeliveryQueue> = match settings.events.backend {
+            EventsBackend::Embedded => {
+                let queue_store = match &storage.embedded {
+                    Some(store) => store.clone(),
+                    None => {
+                        let store = EmbeddedStore::open(&settings.storage.data_dir, Arc::new(SystemClock))?;
+                        store.migrate().await.context("migrating the delivery queue")?;
+                        store
+                    }
+                };
+                let released = queue_store.release_delivery_leases().await?;
+                if released > 0 {
+                    tracing::info!(released, "delivery attempts interrupted by the last stop are due again");
+                }
+                queue_store.delivery_queue()
             }
+            EventsBackend::Rabbitmq => Arc::new(RabbitDeliveryQueue::new(
+                settings.rabbitmq.url.expose().to_owned(),
+                settings.rabbitmq.delivery_queue_prefix.clone(),
+            )),
         };
-        let released = queue_store.release_delivery_leases().await?;
-        if released > 0 {
-            tracing::info!(released, "delivery attempts interrupted by the last stop are due again");
-        }
         let sender = HttpWebhookSender::new(SenderSettings {
             connect_timeout: settings.webhooks.connect_timeout.0,
             request_timeout: settings.webhooks.request_timeout.0,
@@ -250,7 +261,7 @@ impl Application {
             storage.webhooks.clone(),
             webhooks.clone(),
             storage.deliveries.clone(),
-            queue_store.delivery_queue(),
+            queue,
             Arc::new(sender),
             Arc::new(SystemClock),
             Arc::new(UuidV7),

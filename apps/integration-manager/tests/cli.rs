@@ -109,6 +109,8 @@ async fn sigterm_stops_gracefully_with_exit_code_0() {
     let stderr = std::fs::read_to_string(dir.path().join("server.log")).unwrap();
     assert!(stderr.contains("\"request_id\"") || stderr.contains("listening"), "JSON logs were written: {stderr}");
     assert!(!stderr.contains("hs256"), "no key material in logs");
+    let key = std::fs::read_to_string(dir.path().join("auth-hs256.key")).unwrap();
+    assert!(!stderr.contains(key.trim()), "the signing key never reaches the log");
 }
 
 #[test]
@@ -220,6 +222,7 @@ async fn pending_deliveries_survive_a_crash() {
     let hook = serde_json::json!({"url": format!("{}/hook", receiver.uri())});
     let response = client.post(format!("{}/api/v1/webhooks", server.url)).bearer_auth(&token).json(&hook).send().await.unwrap();
     assert_eq!(response.status(), 201);
+    let response_body: serde_json::Value = response.json().await.unwrap();
     let mut subjects = HashSet::new();
     for i in 0..10 {
         let body = serde_json::json!({"providerId": "github", "name": format!("crash {i}"), "config": {"organization": "acme"}});
@@ -256,4 +259,10 @@ async fn pending_deliveries_survive_a_crash() {
     }
     let missing: Vec<_> = subjects.difference(&delivered).collect();
     assert!(missing.is_empty(), "{} of 10 pending deliveries were lost: {missing:?}", missing.len());
+
+    // Signing secrets are shown once, in the creation answer, and never written to the log.
+    let created = response_body;
+    let secret = created["secret"].as_str().unwrap();
+    let log = std::fs::read_to_string(dir.path().join("server.log")).unwrap();
+    assert!(!log.contains(secret) && !log.contains(&secret[6..]), "the signing secret never reaches the log");
 }

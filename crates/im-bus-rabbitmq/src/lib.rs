@@ -8,6 +8,10 @@
 //! backoff), so a broker restart loses nothing. Messages the broker returns as unroutable (no
 //! queue bound) are logged: the broker accepted them, and no consumer was there to take them.
 
+mod queue;
+
+pub use queue::RabbitDeliveryQueue;
+
 use std::fmt;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};

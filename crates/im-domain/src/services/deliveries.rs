@@ -143,6 +143,9 @@ impl DeliveryService {
     /// Records a delivery for every endpoint of the event's tenant that wants it (skipped when
     /// the endpoint is disabled) and queues its first attempt. Idempotent by event id.
     pub async fn fan_out(&self, event: &DomainEvent) -> Result<usize, DomainError> {
+        if !crate::webhooks::endpoint::DELIVERABLE.contains(&event.event_type) {
+            return Ok(0);
+        }
         let endpoints = self.all_endpoints(&event.tenant_id).await?;
         let mut queued = 0;
         for webhook in endpoints.iter().filter(|w| w.wants(event)) {
@@ -324,6 +327,10 @@ impl DeliveryService {
     /// when it has failed without a success for `disable_after` and at least
     /// `disable_min_failures` attempts. Returns the reason when it was disabled now.
     async fn track_health(&self, webhook: &Webhook, outcome: &Outcome) -> Result<Option<String>, DomainError> {
+        if *outcome == Outcome::Delivered && webhook.failing_since.is_none() && webhook.consecutive_failures == 0 {
+            // Healthy and still healthy: nothing to write (the common case).
+            return Ok(None);
+        }
         for _ in 0..5 {
             let current = self.webhooks.get(&webhook.tenant_id, webhook.id).await?;
             let now = self.clock.now();

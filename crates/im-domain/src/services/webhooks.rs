@@ -27,6 +27,8 @@ pub struct WebhookService {
     entropy: Arc<dyn Entropy>,
     policy: UrlPolicy,
     previous_secret_grace: Duration,
+    /// Signing secrets already read, by reference (a reference names one immutable version).
+    secret_cache: Arc<std::sync::Mutex<std::collections::HashMap<(String, String), SigningSecret>>>,
 }
 
 impl std::fmt::Debug for WebhookService {
@@ -53,7 +55,7 @@ impl WebhookService {
         policy: UrlPolicy,
         previous_secret_grace: Duration,
     ) -> Self {
-        Self { webhooks, secrets, clock, ids, entropy, policy, previous_secret_grace }
+        Self { webhooks, secrets, clock, ids, entropy, policy, previous_secret_grace, secret_cache: Arc::default() }
     }
 
     pub fn policy(&self) -> &UrlPolicy {
@@ -210,13 +212,24 @@ impl WebhookService {
         }
         let mut secrets = Vec::with_capacity(references.len());
         for reference in references {
+            let key = (reference.secret_name.to_string(), reference.version.clone());
+            if let Some(secret) = self.secret_cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+                secrets.push(secret.clone());
+                continue;
+            }
             let value = self.secrets.get(reference).await?;
             let text = value
                 .0
                 .get("secret")
                 .and_then(|s| s.as_str())
                 .ok_or_else(|| DomainError::Unexpected(anyhow::anyhow!("a stored signing secret has no 'secret'")))?;
-            secrets.push(SigningSecret::parse(text).map_err(|e| DomainError::Unexpected(anyhow::anyhow!("{e}")))?);
+            let secret = SigningSecret::parse(text).map_err(|e| DomainError::Unexpected(anyhow::anyhow!("{e}")))?;
+            let mut cache = self.secret_cache.lock().unwrap_or_else(|p| p.into_inner());
+            if cache.len() >= 10_000 {
+                cache.clear();
+            }
+            cache.insert(key, secret.clone());
+            secrets.push(secret);
         }
         Ok(secrets)
     }
