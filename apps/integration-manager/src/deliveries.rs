@@ -65,11 +65,34 @@ pub struct FanOut {
     pub wake: Arc<Notify>,
 }
 
+/// Events of one batch fanned out at once.
+const FAN_OUT_CONCURRENCY: usize = 32;
+
 #[async_trait]
 impl EventSubscriber for FanOut {
     async fn handle(&self, event: &DomainEvent) -> Result<(), DomainError> {
         if self.service.fan_out(event).await? > 0 {
             self.wake.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Fans out the events of a batch concurrently (fan-out is idempotent per event and
+    /// endpoint, so a failed batch is simply handled again).
+    async fn handle_all(&self, events: &[DomainEvent]) -> Result<(), DomainError> {
+        for chunk in events.chunks(FAN_OUT_CONCURRENCY) {
+            let mut tasks = tokio::task::JoinSet::new();
+            for event in chunk {
+                let (service, event) = (self.service.clone(), event.clone());
+                tasks.spawn(async move { service.fan_out(&event).await });
+            }
+            let mut queued = 0;
+            while let Some(result) = tasks.join_next().await {
+                queued += result.map_err(|e| DomainError::Unexpected(anyhow::anyhow!("fan-out task failed: {e}")))??;
+            }
+            if queued > 0 {
+                self.wake.notify_one();
+            }
         }
         Ok(())
     }

@@ -201,20 +201,39 @@ async fn a_crash_between_commit_and_publish_loses_no_event() {
     assert!(missing.is_empty(), "{} of {} acknowledged writes have no event: {missing:?}", missing.len(), acknowledged.len());
 }
 
-/// SIGKILL while deliveries are pending: after a restart every one is delivered.
+/// SIGKILL while deliveries are pending (embedded queue): after a restart every one is delivered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pending_deliveries_survive_a_crash() {
+    crash_with_pending_deliveries(Vec::new()).await;
+}
+
+/// The same with delivery jobs on the RabbitMQ work queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_deliveries_on_rabbitmq_survive_a_crash() {
+    let Some(addr) = im_testkit::services::rabbitmq("pending_deliveries_on_rabbitmq_survive_a_crash") else { return };
+    let unique = format!("im-crash-deliveries-{}", uuid::Uuid::new_v4().simple());
+    crash_with_pending_deliveries(vec![
+        ("IM_EVENTS__BACKEND", "rabbitmq".to_owned()),
+        ("IM_RABBITMQ__URL", im_testkit::services::amqp_url(addr)),
+        ("IM_RABBITMQ__EXCHANGE", unique.clone()),
+        ("IM_RABBITMQ__DELIVERY_QUEUE_PREFIX", unique),
+    ])
+    .await;
+}
+
+async fn crash_with_pending_deliveries(extra: Vec<(&'static str, String)>) {
     use std::collections::HashSet;
     use wiremock::matchers::method;
     use wiremock::{Mock, MockServer, ResponseTemplate};
 
     let receiver = MockServer::start().await;
     Mock::given(method("POST")).respond_with(ResponseTemplate::new(503)).mount(&receiver).await;
-    let env = [
+    let mut env = vec![
         ("IM_WEBHOOKS__ALLOWED_PRIVATE_CIDRS", "[\"127.0.0.0/8\"]".to_owned()),
         ("IM_WEBHOOKS__ALLOW_HTTP", "true".to_owned()),
         ("IM_WEBHOOKS__RETRY_SCHEDULE", "[\"1s\", \"1s\", \"1s\", \"1s\", \"1s\", \"1s\", \"1s\", \"1s\"]".to_owned()),
     ];
+    env.extend(extra);
     let dir = tempfile::tempdir().unwrap();
     let mut server = serve_with(dir.path(), &env).await;
     let token = token(dir.path(), "member");

@@ -164,4 +164,16 @@ pub trait EventSubscriber: Send + Sync {
     /// # Errors
     /// When the event could not be handled durably; it is then delivered again later.
     async fn handle(&self, event: &DomainEvent) -> Result<(), DomainError>;
+
+    /// Handles a batch; the default handles the events one after the other. A subscriber that
+    /// can work on several at once overrides it.
+    ///
+    /// # Errors
+    /// When any event could not be handled (the whole batch is delivered again later).
+    async fn handle_all(&self, events: &[DomainEvent]) -> Result<(), DomainError> {
+        for event in events {
+            self.handle(event).await?;
+        }
+        Ok(())
+    }
 }

@@ -6,8 +6,8 @@ use crate::error::DomainError;
 use crate::events::DomainEvent;
 use crate::ports::{EventPublisher, EventSubscriber};
 
-/// The embedded event bus: publishing hands every event to each subscriber in this process, in
-/// order, and succeeds only once all of them handled it, so the outbox keeps an event until
+/// The embedded event bus: publishing hands the events to each subscriber in this process and
+/// succeeds only once all of them handled every event, so the outbox keeps an event until
 /// every subscriber has it (at least once, like the broker).
 #[derive(Default)]
 pub struct InProcessBus {
@@ -34,10 +34,8 @@ impl InProcessBus {
 impl EventPublisher for InProcessBus {
     async fn publish(&self, events: &[DomainEvent]) -> Result<(), DomainError> {
         let subscribers = self.subscribers.read().unwrap_or_else(|p| p.into_inner()).clone();
-        for event in events {
-            for subscriber in &subscribers {
-                subscriber.handle(event).await?;
-            }
+        for subscriber in &subscribers {
+            subscriber.handle_all(events).await?;
         }
         Ok(())
     }
