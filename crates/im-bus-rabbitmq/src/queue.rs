@@ -65,7 +65,9 @@ impl RabbitDeliveryQueue {
         format!("{}.work", self.prefix)
     }
 
-    async fn channel(&self) -> Result<tokio::sync::MutexGuard<'_, Option<Link>>, DomainError> {
+    /// The channel, connecting first when needed. The lock is held only while connecting: the
+    /// channel itself is shared by concurrent publishes, gets and acks.
+    async fn channel(&self) -> Result<Channel, DomainError> {
         let mut link = self.link.lock().await;
         if link.as_ref().is_some_and(|l| !l.connection.status().connected() || !l.channel.status().connected()) {
             *link = None;
@@ -87,7 +89,7 @@ impl RabbitDeliveryQueue {
                 .map_err(|e| unavailable("declare the work queue", e))?;
             *link = Some(Link { connection, channel });
         }
-        Ok(link)
+        link.as_ref().map(|l| l.channel.clone()).ok_or_else(|| unavailable("connect", "no channel"))
     }
 
     async fn publish(&self, channel: &Channel, queue: &str, job: &DeliveryJob) -> Result<(), DomainError> {
@@ -123,8 +125,7 @@ impl RabbitDeliveryQueue {
 #[async_trait]
 impl DeliveryQueue for RabbitDeliveryQueue {
     async fn schedule(&self, job: &DeliveryJob, due: time::OffsetDateTime) -> Result<(), DomainError> {
-        let guard = self.channel().await?;
-        let channel = guard.as_ref().map(|l| l.channel.clone()).ok_or_else(|| unavailable("connect", "no channel"))?;
+        let channel = self.channel().await?;
         let delay = (due - time::OffsetDateTime::now_utc()).try_into().unwrap_or(Duration::ZERO);
         if delay < Duration::from_millis(50) {
             self.publish(&channel, &self.work_queue(), job).await?;
@@ -147,8 +148,7 @@ impl DeliveryQueue for RabbitDeliveryQueue {
     }
 
     async fn take_due(&self, max: u32, _lease: Duration) -> Result<Vec<DeliveryJob>, DomainError> {
-        let guard = self.channel().await?;
-        let channel = guard.as_ref().map(|l| l.channel.clone()).ok_or_else(|| unavailable("connect", "no channel"))?;
+        let channel = self.channel().await?;
         let mut jobs = Vec::new();
         while jobs.len() < max as usize {
             let Some(message) = channel
@@ -185,8 +185,7 @@ impl DeliveryQueue for RabbitDeliveryQueue {
     }
 
     async fn complete(&self, job: &DeliveryJob) -> Result<(), DomainError> {
-        let guard = self.channel().await?;
-        let channel = guard.as_ref().map(|l| l.channel.clone()).ok_or_else(|| unavailable("connect", "no channel"))?;
+        let channel = self.channel().await?;
         self.ack(&channel, job).await
     }
 
