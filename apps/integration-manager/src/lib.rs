@@ -7,6 +7,7 @@ pub mod cli;
 pub mod config;
 pub mod deliveries;
 pub mod events;
+pub mod keys;
 pub mod startup;
 pub mod telemetry;
 

@@ -66,7 +66,7 @@ pub fn build_app(
 pub fn local_jwt(settings: &Settings) -> anyhow::Result<LocalJwt> {
     let AuthMode::Local = settings.auth.mode;
     let key = if settings.auth.hs256_key.is_empty() {
-        im_auth::load_or_create_key(&settings.auth_key_file())?
+        crate::keys::load_or_create_key(&settings.auth_key_file(), im_auth::MIN_KEY_BYTES)?
     } else {
         base64::engine::general_purpose::STANDARD.decode(settings.auth.hs256_key.expose()).context("auth.hs256_key is not base64")?
     };
@@ -81,7 +81,9 @@ pub fn secret_store(settings: &Settings) -> anyhow::Result<Arc<dyn SecretStore>>
     match settings.secrets.backend {
         SecretsBackend::Local => {
             let key = if settings.secrets.local_key.is_empty() {
-                im_secrets_local::load_or_create_key(&settings.secrets_key_file())?
+                let bytes = crate::keys::load_or_create_key(&settings.secrets_key_file(), im_secrets_local::KEY_BYTES)?;
+                <[u8; im_secrets_local::KEY_BYTES]>::try_from(bytes.as_slice())
+                    .map_err(|_| anyhow::anyhow!("the secrets key file must hold 32 bytes"))?
             } else {
                 im_secrets_local::parse_key(settings.secrets.local_key.expose())?
             };

@@ -1,18 +1,14 @@
 //! Caller authentication with JSON Web Tokens.
 //!
 //! [`LocalJwt`] is the embedded default: HS256 tokens signed with a key from configuration or
-//! from a key file created (mode 0600) in the data directory on first run. It verifies tokens
+//! from a key file the app creates (mode 0600) in the data directory on first run. It verifies tokens
 //! and mints them for the `token` subcommand, with the same key, so a minted token works
 //! against a running server.
 
 use std::collections::HashMap;
-use std::io::Write as _;
-use std::path::Path;
 use std::sync::Mutex;
 
 use async_trait::async_trait;
-use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD;
 use im_domain::auth::{AuthError, Authenticator};
 use im_domain::{Caller, Role, TenantId, UserId};
 use jsonwebtoken::errors::ErrorKind;
@@ -147,37 +143,6 @@ pub fn caller_from_claims(claims: Claims) -> Result<Caller, AuthError> {
     Ok(Caller::new(tenant, user, roles))
 }
 
-/// Reads the base64 key in `path`, or creates the file with a new random 32-byte key and mode
-/// 0600 when it does not exist. Two processes racing to create it end up with the same key.
-///
-/// # Errors
-/// When the file cannot be read or created, or holds no valid key.
-pub fn load_or_create_key(path: &Path) -> anyhow::Result<Vec<u8>> {
-    if !path.exists() {
-        let mut key = [0u8; MIN_KEY_BYTES];
-        getrandom::fill(&mut key).map_err(|e| anyhow::anyhow!("no randomness for a new key: {e}"))?;
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        let mut options = std::fs::OpenOptions::new();
-        options.write(true).create_new(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-        match options.open(path) {
-            Ok(mut file) => {
-                file.write_all(STANDARD.encode(key).as_bytes())?;
-                file.sync_all()?;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(anyhow::anyhow!("cannot create key file {}: {e}", path.display())),
-        }
-    }
-    let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("cannot read key file {}: {e}", path.display()))?;
-    let key = STANDARD.decode(text.trim()).map_err(|_| anyhow::anyhow!("key file {} does not hold base64", path.display()))?;
-    anyhow::ensure!(key.len() >= MIN_KEY_BYTES, "key file {} holds fewer than {MIN_KEY_BYTES} bytes", path.display());
-    Ok(key)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -222,16 +187,7 @@ mod tests {
     }
 
     #[test]
-    fn key_files_are_created_once_with_mode_0600() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("keys/jwt.key");
-        let first = load_or_create_key(&path).unwrap();
-        assert_eq!(load_or_create_key(&path).unwrap(), first);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
-        }
-        assert!(LocalJwt::new(&[1u8; 8], None, None, 0).is_err(), "short keys are refused");
+    fn short_keys_are_refused() {
+        assert!(LocalJwt::new(&[1u8; 8], None, None, 0).is_err());
     }
 }

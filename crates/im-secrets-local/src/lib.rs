@@ -1,11 +1,10 @@
 //! The embedded default of the Secret Management port: secrets encrypted with AES-256-GCM and
 //! kept in `secrets.db` in the data directory. The key comes from configuration or from a key
-//! file created with mode 0600 on first run; the database holds only ciphertext. Each value is
+//! file the app creates with mode 0600 on first run; the database holds only ciphertext. Each value is
 //! bound to its name and version (associated data), so a ciphertext cannot be moved to another
 //! secret.
 
 use std::collections::BTreeMap;
-use std::io::Write as _;
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -35,33 +34,6 @@ impl std::fmt::Debug for LocalSecretStore {
 
 fn unexpected(e: impl std::fmt::Display) -> DomainError {
     DomainError::Unexpected(anyhow::anyhow!("local secret store: {e}"))
-}
-
-/// Reads the base64 key in `path`, or creates the file (mode 0600) with a new random key.
-///
-/// # Errors
-/// When the file cannot be read or created, or holds no 32-byte key.
-pub fn load_or_create_key(path: &Path) -> anyhow::Result<[u8; KEY_BYTES]> {
-    if !path.exists() {
-        let mut key = [0u8; KEY_BYTES];
-        getrandom::fill(&mut key).map_err(|e| anyhow::anyhow!("no randomness for a new key: {e}"))?;
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        let mut options = std::fs::OpenOptions::new();
-        options.write(true).create_new(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-        match options.open(path) {
-            Ok(mut file) => {
-                file.write_all(STANDARD.encode(key).as_bytes())?;
-                file.sync_all()?;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => anyhow::bail!("cannot create key file {}: {e}", path.display()),
-        }
-    }
-    parse_key(std::fs::read_to_string(path)?.trim()).map_err(|e| anyhow::anyhow!("key file {}: {e}", path.display()))
 }
 
 /// Parses a base64 32-byte key.
@@ -172,7 +144,7 @@ mod tests {
     #[tokio::test]
     async fn versions_round_trip_encrypted_and_survive_reopening() {
         let dir = tempfile::tempdir().unwrap();
-        let key = load_or_create_key(&dir.path().join("secrets.key")).unwrap();
+        let key = [5u8; KEY_BYTES];
         let store = LocalSecretStore::open(dir.path(), &key).unwrap();
         let v1 = store.put(&name("w1"), &SecretValue(json!({"secret": "whsec_first"})), &BTreeMap::new()).await.unwrap();
         let v2 = store.put(&name("w1"), &SecretValue(json!({"secret": "whsec_second"})), &BTreeMap::new()).await.unwrap();
@@ -183,7 +155,7 @@ mod tests {
         let raw = std::fs::read(dir.path().join("secrets.db")).unwrap();
         assert!(!raw.windows(12).any(|w| w == b"whsec_second"), "no plaintext on disk");
 
-        let store = LocalSecretStore::open(dir.path(), &load_or_create_key(&dir.path().join("secrets.key")).unwrap()).unwrap();
+        let store = LocalSecretStore::open(dir.path(), &key).unwrap();
         assert_eq!(store.get(&v2).await.unwrap().0["secret"], "whsec_second");
         store.delete(&name("w1")).await.unwrap();
         store.delete(&name("w1")).await.unwrap();
@@ -206,16 +178,8 @@ mod tests {
     }
 
     #[test]
-    fn key_files_are_0600() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("k/secrets.key");
-        let key = load_or_create_key(&path).unwrap();
-        assert_eq!(load_or_create_key(&path).unwrap(), key);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
-        }
+    fn keys_are_32_bytes_of_base64() {
         assert!(parse_key("c2hvcnQ=").is_err());
+        assert!(parse_key(&STANDARD.encode([9u8; 32])).is_ok());
     }
 }
