@@ -52,6 +52,8 @@ fn configure(conn: &Connection) -> rusqlite::Result<()> {
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
     conn.pragma_update(None, "temp_store", "MEMORY")?;
+    // Memory-mapped reads: no copy through read() for pages another connection changed.
+    conn.pragma_update(None, "mmap_size", 268_435_456)?;
     Ok(())
 }
 
@@ -73,6 +75,7 @@ impl Db {
     pub fn open(path: &Path, clock: Arc<dyn Clock>) -> anyhow::Result<Self> {
         let writer = Connection::open(path).map_err(|e| anyhow::anyhow!("cannot open database {}: {e}", path.display()))?;
         configure(&writer)?;
+        writer.set_prepared_statement_cache_capacity(64);
         let (writes, jobs) = mpsc::channel::<Job>();
         std::thread::Builder::new().name("im-sqlite-writer".into()).spawn(move || write_loop(writer, &jobs))?;
         Ok(Self { id: NEXT_DB_ID.fetch_add(1, Ordering::Relaxed), path: path.to_owned(), writes: Mutex::new(writes), clock })
@@ -96,6 +99,7 @@ impl Db {
                     )
                     .map_err(map_sqlite)?;
                     conn.busy_timeout(Duration::from_secs(5)).map_err(map_sqlite)?;
+                    conn.pragma_update(None, "mmap_size", 268_435_456).map_err(map_sqlite)?;
                     conn.set_prepared_statement_cache_capacity(64);
                     readers.push((self.id, conn));
                     readers.len() - 1
@@ -131,14 +135,16 @@ impl Db {
 }
 
 fn in_savepoint<R>(tx: &Transaction<'_>, f: impl FnOnce(&Transaction<'_>) -> Result<R, DomainError>) -> Result<R, DomainError> {
-    tx.execute_batch("SAVEPOINT write").map_err(map_sqlite)?;
+    let run = |sql: &str| tx.prepare_cached(sql).and_then(|mut s| s.execute([])).map_err(map_sqlite);
+    run("SAVEPOINT write")?;
     match f(tx) {
         Ok(value) => {
-            tx.execute_batch("RELEASE write").map_err(map_sqlite)?;
+            run("RELEASE write")?;
             Ok(value)
         }
         Err(e) => {
-            tx.execute_batch("ROLLBACK TO write; RELEASE write").map_err(map_sqlite)?;
+            run("ROLLBACK TO write")?;
+            run("RELEASE write")?;
             Err(e)
         }
     }
