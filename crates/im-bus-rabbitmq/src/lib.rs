@@ -82,10 +82,6 @@ impl RabbitPublisher {
         Self { settings, link: tokio::sync::Mutex::new(None), last_error: Mutex::new(None) }
     }
 
-    pub fn settings(&self) -> &RabbitSettings {
-        &self.settings
-    }
-
     async fn connect(&self) -> Result<Link, DomainError> {
         let properties = ConnectionProperties::default().with_connection_name("integration-manager".into());
         let connection = Connection::connect(&self.settings.url, properties).await.map_err(|e| unavailable("connect", e))?;

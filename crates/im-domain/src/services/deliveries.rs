@@ -13,8 +13,7 @@ use crate::error::DomainError;
 use crate::events::{DomainEvent, EventType};
 use crate::ports::EventSubscriber;
 use crate::webhooks::delivery::{
-    Attempt, AttemptTrigger, DELIVERY_TTL, Delivery, DeliveryFilter, DeliveryStatus, Outcome, RESPONSE_EXCERPT_BYTES, classify,
-    delivery_id, next_wait,
+    Attempt, AttemptTrigger, Delivery, DeliveryFilter, DeliveryStatus, Outcome, RESPONSE_EXCERPT_BYTES, classify, delivery_id, next_wait,
 };
 use crate::webhooks::endpoint::{TEST_EVENT_TYPE, Webhook, WebhookId, WebhookStatus};
 use crate::webhooks::ports::{
@@ -484,11 +483,6 @@ impl DeliveryService {
             self.queue.complete(&job).await?;
         }
         Ok(stored)
-    }
-
-    /// How long a delivery record is kept.
-    pub fn retention(&self) -> Duration {
-        DELIVERY_TTL
     }
 }
 

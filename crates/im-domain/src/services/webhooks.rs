@@ -58,10 +58,6 @@ impl WebhookService {
         Self { webhooks, secrets, clock, ids, entropy, policy, previous_secret_grace, secret_cache: Arc::default() }
     }
 
-    pub fn policy(&self) -> &UrlPolicy {
-        &self.policy
-    }
-
     fn new_secret(&self) -> Result<SigningSecret, DomainError> {
         let mut bytes = vec![0u8; SECRET_BYTES];
         self.entropy.fill(&mut bytes);
