@@ -9,7 +9,9 @@ pub mod deliveries;
 pub mod events;
 pub mod keys;
 pub mod startup;
+pub mod state;
 pub mod telemetry;
 
 pub use config::Settings;
-pub use startup::{AppState, Application, build_app};
+pub use startup::{Application, build_app};
+pub use state::AppState;

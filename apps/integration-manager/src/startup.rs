@@ -30,19 +30,7 @@ use crate::api;
 use crate::config::{AuthMode, EventsBackend, SecretsBackend, Settings, StorageBackend};
 use crate::deliveries::{BrokerThenLocal, FanOut, spawn_dispatcher};
 use crate::events::{OutboxHealth, WakeOnEvents};
-
-/// What every handler can reach.
-pub struct AppState {
-    pub integrations: IntegrationService,
-    pub catalog: CatalogService,
-    pub webhooks: WebhookService,
-    pub deliveries: DeliveryService,
-    pub authenticator: Arc<dyn Authenticator>,
-    pub health: Vec<Arc<dyn HealthCheck>>,
-    /// In-process subscribers register here (embedded events backend).
-    pub bus: Arc<InProcessBus>,
-    pub body_limit: usize,
-}
+use crate::state::AppState;
 
 /// The actix application: routes, body limits, request ids, problem+json for unknown routes.
 pub fn build_app(

@@ -14,7 +14,7 @@ use super::extract::{Authenticated, JsonBody};
 use super::input::Input;
 use super::problem::{ApiError, ApiResult, Problem};
 use super::{ListResponse, QueryParams};
-use crate::startup::AppState;
+use crate::state::AppState;
 
 /// One message to one endpoint, with every attempt.
 #[derive(Debug, Serialize, ToSchema)]

@@ -11,7 +11,7 @@ use im_domain::{Caller, ETag};
 use serde_json::Value;
 
 use super::problem::ApiError;
-use crate::startup::AppState;
+use crate::state::AppState;
 
 /// The authenticated caller of a `/api/v1` request.
 #[derive(Debug, Clone)]

@@ -14,7 +14,7 @@ use super::extract::{Authenticated, JsonBody, etag_header, if_match, not_modifie
 use super::input::Input;
 use super::problem::{ApiError, ApiResult, Problem};
 use super::{ListResponse, QueryParams};
-use crate::startup::AppState;
+use crate::state::AppState;
 
 /// Body of `POST /integrations` and `PUT /integrations/{id}`. Read-only fields of the
 /// resource (`id`, `tenantId`, timestamps, authors) may be sent back and are ignored.

@@ -13,7 +13,7 @@ use super::extract::{Authenticated, JsonBody, etag_header, if_match, not_modifie
 use super::input::Input;
 use super::problem::{ApiError, ApiResult, Problem};
 use super::{ListResponse, QueryParams};
-use crate::startup::AppState;
+use crate::state::AppState;
 
 /// Body of `POST /providers` and `PUT /providers/{id}` (where `id` may be omitted).
 #[derive(Debug, Deserialize, ToSchema)]
