@@ -17,7 +17,6 @@ pub const MAX_HEADERS: usize = 50;
 /// An inline API definition.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CustomApiDefinition {
     /// Base URL of every request (https).
     pub base_url: String,
@@ -32,7 +31,6 @@ pub struct CustomApiDefinition {
 /// How requests to a custom API authenticate. Credentials themselves live in the connection.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", rename_all_fields = "camelCase", deny_unknown_fields)]
-#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum CustomAuth {
     /// An API key sent in a header or a query parameter.
     ApiKey {
@@ -55,7 +53,6 @@ pub enum CustomAuth {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum ApiKeyLocation {
     Header,
     Query,
@@ -64,7 +61,6 @@ pub enum ApiKeyLocation {
 /// How a list endpoint pages.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "style", rename_all = "snake_case", rename_all_fields = "camelCase", deny_unknown_fields)]
-#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum Pagination {
     /// The response carries the next cursor; the request sends it back in `cursorParam`.
     Cursor {
@@ -101,7 +97,6 @@ fn one() -> u32 {
 /// One kind of record the API exposes, and the requests that read and write it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct EntityDefinition {
     /// snake_case entity name (`ticket`).
     pub name: String,
@@ -121,7 +116,6 @@ pub struct EntityDefinition {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "UPPERCASE")]
-#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum HttpMethod {
     Get,
     Post,
@@ -134,7 +128,6 @@ pub enum HttpMethod {
 /// parameters, and where the records are in the response.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RequestTemplate {
     pub method: HttpMethod,
     pub path: String,

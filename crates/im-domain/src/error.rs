@@ -120,9 +120,20 @@ impl Violations {
         self.0
     }
 
+    /// The violations as an error, whether or not any were recorded.
+    pub fn into_error(self) -> DomainError {
+        DomainError::Validation(self.0)
+    }
+
     /// `Ok(value)` when nothing was recorded, otherwise [`DomainError::Validation`].
     pub fn finish<T>(self, value: impl FnOnce() -> T) -> Result<T, DomainError> {
         if self.0.is_empty() { Ok(value()) } else { Err(DomainError::Validation(self.0)) }
+    }
+}
+
+impl FromIterator<FieldViolation> for Violations {
+    fn from_iter<I: IntoIterator<Item = FieldViolation>>(iter: I) -> Self {
+        Self(iter.into_iter().collect())
     }
 }
 

@@ -19,7 +19,6 @@ pub const MAX_DESCRIPTION_CHARS: usize = 1000;
 /// Lifecycle state of an integration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum IntegrationStatus {
     Active,
     Inactive,
@@ -83,29 +82,21 @@ impl IntegrationSpec {
 /// An integration as stored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Integration {
-    #[cfg_attr(feature = "openapi", schema(value_type = uuid::Uuid))]
     pub id: IntegrationId,
-    #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub tenant_id: TenantId,
     pub provider_id: ProviderId,
     pub name: String,
     pub description: String,
     pub status: IntegrationStatus,
-    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
     pub config: Map<String, Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub custom_definition: Option<CustomApiDefinition>,
     #[serde(with = "time::serde::rfc3339")]
-    #[cfg_attr(feature = "openapi", schema(value_type = String, format = DateTime))]
     pub created_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339")]
-    #[cfg_attr(feature = "openapi", schema(value_type = String, format = DateTime))]
     pub updated_at: OffsetDateTime,
-    #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub created_by: UserId,
-    #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub updated_by: UserId,
 }
 

@@ -32,7 +32,6 @@ macro_rules! slug {
         $(#[$meta])*
         #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
         #[serde(try_from = "String", into = "String")]
-        #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema), schema(value_type = String))]
         pub struct $name(String);
 
         impl $name {
@@ -88,7 +87,6 @@ impl ProviderId {
 /// How a provider authenticates API calls.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum AuthMode {
     /// OAuth 2.0 authorization code flow (needs authorization and token URLs).
     Oauth2,
@@ -118,7 +116,6 @@ impl AuthMode {
 /// What a provider can do beyond plain API calls.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Capabilities {
     /// The provider can push events to us.
     #[serde(default)]
@@ -131,7 +128,6 @@ pub struct Capabilities {
 /// Everything a catalog administrator states about a provider.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ProviderSpec {
     pub id: ProviderId,
     pub name: String,
@@ -144,7 +140,6 @@ pub struct ProviderSpec {
     pub api_base_url: String,
     pub docs_url: String,
     /// JSON Schema of the settings an integration of this provider needs (its `config`).
-    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
     pub config_schema: Value,
     pub capabilities: Capabilities,
 }
@@ -216,15 +211,12 @@ pub fn is_entity_name(value: &str) -> bool {
 /// A catalog entry as stored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Provider {
     #[serde(flatten)]
     pub spec: ProviderSpec,
     #[serde(with = "time::serde::rfc3339")]
-    #[cfg_attr(feature = "openapi", schema(value_type = String, format = DateTime))]
     pub created_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339")]
-    #[cfg_attr(feature = "openapi", schema(value_type = String, format = DateTime))]
     pub updated_at: OffsetDateTime,
 }
 

@@ -1,53 +1,120 @@
 //! `/api/v1/webhooks/{id}/deliveries`, `/recover`, `/test`: the delivery log and its operations.
 
 use actix_web::{HttpRequest, HttpResponse, web};
-use im_domain::webhooks::delivery::{Attempt, Delivery, DeliveryFilter, DeliveryStatus};
+use im_domain::webhooks::delivery::{Attempt, AttemptTrigger, Delivery, DeliveryFilter, DeliveryStatus};
 use im_domain::webhooks::endpoint::WebhookId;
-use im_domain::{FieldViolation, ViolationKind};
+use im_domain::{DomainError, FieldViolation, ViolationKind};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use utoipa::ToSchema;
 
+use super::body;
 use super::extract::{Authenticated, JsonBody};
-use super::input::Input;
 use super::problem::{ApiError, ApiResult, Problem};
-use super::{ListResponse, QueryParams};
+use super::{ListResponse, QueryParams, rfc3339};
 use crate::state::AppState;
+
+/// Where a delivery stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+#[schema(as = DeliveryStatus)]
+pub enum DeliveryStatusDto {
+    /// Waiting for its first attempt or a retry.
+    Pending,
+    Succeeded,
+    /// Every attempt failed (or the endpoint answered 410 Gone).
+    Failed,
+    /// Recorded while the endpoint was disabled; can be recovered later.
+    Skipped,
+}
+
+impl From<DeliveryStatus> for DeliveryStatusDto {
+    fn from(status: DeliveryStatus) -> Self {
+        match status {
+            DeliveryStatus::Pending => DeliveryStatusDto::Pending,
+            DeliveryStatus::Succeeded => DeliveryStatusDto::Succeeded,
+            DeliveryStatus::Failed => DeliveryStatusDto::Failed,
+            DeliveryStatus::Skipped => DeliveryStatusDto::Skipped,
+        }
+    }
+}
+
+/// What started an attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+#[schema(as = AttemptTrigger)]
+pub enum AttemptTriggerDto {
+    Scheduled,
+    Manual,
+}
+
+/// One HTTP attempt.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+#[schema(as = Attempt)]
+pub struct AttemptView {
+    #[schema(format = DateTime)]
+    at: String,
+    trigger: AttemptTriggerDto,
+    /// The receiver's HTTP status, when it answered.
+    status_code: Option<u16>,
+    duration_ms: u64,
+    /// The first 4 KiB of the response body.
+    response_excerpt: Option<String>,
+    /// Why the attempt failed, when it did.
+    error: Option<String>,
+}
+
+impl From<Attempt> for AttemptView {
+    fn from(a: Attempt) -> Self {
+        Self {
+            at: rfc3339(a.at),
+            trigger: match a.trigger {
+                AttemptTrigger::Scheduled => AttemptTriggerDto::Scheduled,
+                AttemptTrigger::Manual => AttemptTriggerDto::Manual,
+            },
+            status_code: a.status_code,
+            duration_ms: a.duration_ms,
+            response_excerpt: a.response_excerpt,
+            error: a.error,
+        }
+    }
+}
 
 /// One message to one endpoint, with every attempt.
 #[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
+#[schema(as = Delivery)]
 pub struct DeliveryView {
-    id: String,
-    webhook_id: String,
+    id: uuid::Uuid,
+    webhook_id: uuid::Uuid,
     /// The `webhook-id` header of every attempt (the receiver's idempotency key).
     message_id: String,
     event_type: String,
-    status: DeliveryStatus,
-    attempts: Vec<Attempt>,
+    status: DeliveryStatusDto,
+    attempts: Vec<AttemptView>,
+    #[schema(format = DateTime)]
     next_attempt_at: Option<String>,
+    #[schema(format = DateTime)]
     created_at: String,
+    #[schema(format = DateTime)]
     updated_at: String,
     /// The body that was (or will be) sent: the event's CloudEvents document.
     #[schema(value_type = Object)]
     payload: Value,
 }
 
-fn rfc3339(t: OffsetDateTime) -> String {
-    t.format(&Rfc3339).unwrap_or_default()
-}
-
 impl From<Delivery> for DeliveryView {
     fn from(d: Delivery) -> Self {
         Self {
-            id: d.id.to_string(),
-            webhook_id: d.webhook_id.to_string(),
+            id: d.id,
+            webhook_id: d.webhook_id.0,
             message_id: d.message_id,
             event_type: d.event_type,
-            status: d.status,
-            attempts: d.attempts,
+            status: d.status.into(),
+            attempts: d.attempts.into_iter().map(Into::into).collect(),
             next_attempt_at: d.next_attempt_at.map(rfc3339),
             created_at: rfc3339(d.created_at),
             updated_at: rfc3339(d.updated_at),
@@ -72,7 +139,7 @@ fn time_param(raw: &str) -> Result<OffsetDateTime, FieldViolation> {
 #[utoipa::path(get, path = "/api/v1/webhooks/{id}/deliveries", tag = "webhooks",
     params(
         ("id" = uuid::Uuid, Path, description = "Webhook id"),
-        ("status" = Option<DeliveryStatus>, Query, description = "pending, succeeded, failed or skipped"),
+        ("status" = Option<DeliveryStatusDto>, Query, description = "pending, succeeded, failed or skipped"),
         ("eventType" = Option<String>, Query, description = "Only this event type"),
         ("since" = Option<String>, Query, description = "Created at or after (RFC 3339)"),
         ("until" = Option<String>, Query, description = "Created before (RFC 3339)"),
@@ -131,9 +198,10 @@ pub async fn retry(state: web::Data<AppState>, caller: Authenticated, path: web:
 
 /// Body of `POST /webhooks/{id}/recover`.
 #[derive(Debug, Deserialize, ToSchema)]
-#[allow(dead_code)]
+#[serde(deny_unknown_fields)]
 pub struct RecoverInput {
     /// Re-queue every failed or skipped delivery created since then (RFC 3339).
+    #[schema(format = DateTime, example = "2026-01-31T12:00:00Z")]
     since: String,
 }
 
@@ -155,10 +223,8 @@ pub struct RecoverReport {
 pub async fn recover(state: web::Data<AppState>, caller: Authenticated, id: web::Path<String>, body: JsonBody) -> ApiResult<HttpResponse> {
     caller.0.require(im_domain::Role::Member)?;
     let webhook = webhook_id(&id)?;
-    let mut input = Input::new(body.0, &["since"])?;
-    let since = input.validated("since", true, |s| time_param(&s).map_err(|v| FieldViolation::invalid("", v.message)));
-    input.finish()?;
-    let since = since.ok_or_else(|| ApiError::Malformed("since is required".into()))?;
+    let convert = |input: RecoverInput| time_param(&input.since).map_err(|v| DomainError::invalid("since", v.message));
+    let since = body::read(body.0, convert, async |_: &OffsetDateTime| Ok(())).await?;
     let recovered = state.deliveries.recover(&caller.0, webhook, since).await?;
     tracing::info!(target: "audit", action = "webhook.recover", tenant_id = %caller.0.tenant_id, actor = %caller.0.user_id, webhook_id = %webhook, recovered, "deliveries recovered");
     Ok(HttpResponse::Accepted().json(RecoverReport { recovered }))

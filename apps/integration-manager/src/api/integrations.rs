@@ -2,76 +2,157 @@
 
 use actix_web::http::header;
 use actix_web::{HttpRequest, HttpResponse, web};
-use im_domain::custom::CustomApiDefinition;
 use im_domain::integration::{Integration, IntegrationFilter, IntegrationSpec, IntegrationStatus};
 use im_domain::provider::ProviderId;
-use im_domain::{FieldViolation, IntegrationId, Stored};
-use serde::Deserialize;
+use im_domain::{DomainError, FieldViolation, IntegrationId, Stored};
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use utoipa::ToSchema;
 
+use super::body::{self, IgnoredField};
+use super::custom::CustomDefinitionDto;
 use super::extract::{Authenticated, JsonBody, etag_header, if_match, not_modified};
-use super::input::Input;
 use super::problem::{ApiError, ApiResult, Problem};
-use super::{ListResponse, QueryParams};
+use super::{ListResponse, QueryParams, rfc3339};
 use crate::state::AppState;
 
-/// Body of `POST /integrations` and `PUT /integrations/{id}`. Read-only fields of the
-/// resource (`id`, `tenantId`, timestamps, authors) may be sent back and are ignored.
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-#[allow(dead_code)]
-pub struct IntegrationInput {
-    /// A catalog provider id, or `custom` for a custom API integration. Cannot change on update.
-    provider_id: String,
-    /// 1 to 100 characters.
-    name: String,
-    /// At most 1000 characters.
-    description: Option<String>,
-    /// `active` (default for new integrations) or `inactive`; absent on update keeps the current status.
-    status: Option<IntegrationStatus>,
-    /// Settings checked against the provider's `configSchema`.
-    #[schema(value_type = Object)]
-    config: Option<Map<String, Value>>,
-    /// Required when `providerId` is `custom`, refused otherwise.
-    custom_definition: Option<CustomApiDefinition>,
+/// Lifecycle state of an integration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+#[schema(as = IntegrationStatus)]
+pub enum IntegrationStatusDto {
+    Active,
+    Inactive,
+    /// Set by the service when the integration cannot work (for example its credentials were refused).
+    Error,
 }
 
-const FIELDS: &[&str] = &[
-    "providerId",
-    "name",
-    "description",
-    "status",
-    "config",
-    "customDefinition",
-    // read-only, ignored
-    "id",
-    "tenantId",
-    "createdAt",
-    "updatedAt",
-    "createdBy",
-    "updatedBy",
-];
+impl From<IntegrationStatusDto> for IntegrationStatus {
+    fn from(dto: IntegrationStatusDto) -> Self {
+        match dto {
+            IntegrationStatusDto::Active => IntegrationStatus::Active,
+            IntegrationStatusDto::Inactive => IntegrationStatus::Inactive,
+            IntegrationStatusDto::Error => IntegrationStatus::Error,
+        }
+    }
+}
 
-fn read_spec(body: Value) -> ApiResult<IntegrationSpec> {
-    let mut input = Input::new(body, FIELDS)?;
-    let provider_id = input.validated("providerId", true, ProviderId::new);
-    // Values are checked by the domain, which lists every invalid one at once; here only the
-    // shape of the body is read.
-    let name: Option<String> = input.required("name");
-    let description: Option<String> = input.optional("description");
-    let status: Option<IntegrationStatus> = input.optional("status");
-    let config: Option<Map<String, Value>> = input.optional("config");
-    let custom_definition: Option<CustomApiDefinition> = input.optional("customDefinition");
-    input.finish()?;
-    Ok(IntegrationSpec {
-        provider_id: provider_id.ok_or_else(|| ApiError::Malformed("providerId".into()))?,
-        name: name.ok_or_else(|| ApiError::Malformed("name".into()))?,
-        description: description.unwrap_or_default(),
-        status,
-        config: config.unwrap_or_default(),
-        custom_definition,
-    })
+impl From<IntegrationStatus> for IntegrationStatusDto {
+    fn from(status: IntegrationStatus) -> Self {
+        match status {
+            IntegrationStatus::Active => IntegrationStatusDto::Active,
+            IntegrationStatus::Inactive => IntegrationStatusDto::Inactive,
+            IntegrationStatus::Error => IntegrationStatusDto::Error,
+        }
+    }
+}
+
+/// Body of `POST /integrations` and `PUT /integrations/{id}`. The read-only fields of the
+/// resource (`id`, `tenantId`, timestamps, authors) may be sent back and are ignored.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IntegrationInput {
+    /// A catalog provider id, or `custom` for a custom API integration. Cannot change on update.
+    #[schema(min_length = 2, max_length = 64, pattern = r"^[a-z0-9][a-z0-9-]*$", example = "github")]
+    provider_id: String,
+    #[schema(min_length = 1, max_length = 100, example = "Acme GitHub")]
+    name: String,
+    #[serde(default)]
+    #[schema(max_length = 1000)]
+    description: Option<String>,
+    /// `active` (default for new integrations) or `inactive`; absent on update keeps the current status.
+    #[serde(default)]
+    status: Option<IntegrationStatusDto>,
+    /// Settings checked against the provider's `configSchema` (at most 64 KiB of JSON).
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    config: Option<Map<String, Value>>,
+    /// Required when `providerId` is `custom`, refused otherwise.
+    #[serde(default)]
+    custom_definition: Option<CustomDefinitionDto>,
+    #[serde(default)]
+    #[schema(read_only, value_type = Option<uuid::Uuid>)]
+    #[allow(dead_code, reason = "read-only: accepted and ignored")]
+    id: Option<IgnoredField>,
+    #[serde(default)]
+    #[schema(read_only, value_type = Option<String>)]
+    #[allow(dead_code, reason = "read-only: accepted and ignored")]
+    tenant_id: Option<IgnoredField>,
+    #[serde(default)]
+    #[schema(read_only, value_type = Option<String>, format = DateTime)]
+    #[allow(dead_code, reason = "read-only: accepted and ignored")]
+    created_at: Option<IgnoredField>,
+    #[serde(default)]
+    #[schema(read_only, value_type = Option<String>, format = DateTime)]
+    #[allow(dead_code, reason = "read-only: accepted and ignored")]
+    updated_at: Option<IgnoredField>,
+    #[serde(default)]
+    #[schema(read_only, value_type = Option<String>)]
+    #[allow(dead_code, reason = "read-only: accepted and ignored")]
+    created_by: Option<IgnoredField>,
+    #[serde(default)]
+    #[schema(read_only, value_type = Option<String>)]
+    #[allow(dead_code, reason = "read-only: accepted and ignored")]
+    updated_by: Option<IgnoredField>,
+}
+
+impl TryFrom<IntegrationInput> for IntegrationSpec {
+    type Error = DomainError;
+
+    fn try_from(input: IntegrationInput) -> Result<Self, DomainError> {
+        let provider_id = ProviderId::new(input.provider_id).map_err(|v| DomainError::invalid("providerId", v.message))?;
+        Ok(IntegrationSpec {
+            provider_id,
+            name: input.name,
+            description: input.description.unwrap_or_default(),
+            status: input.status.map(Into::into),
+            config: input.config.unwrap_or_default(),
+            custom_definition: input.custom_definition.map(Into::into),
+        })
+    }
+}
+
+/// An integration.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+#[schema(as = Integration)]
+pub struct IntegrationView {
+    id: uuid::Uuid,
+    tenant_id: String,
+    provider_id: String,
+    name: String,
+    description: String,
+    status: IntegrationStatusDto,
+    #[schema(value_type = Object)]
+    config: Map<String, Value>,
+    /// Present for custom API integrations.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    custom_definition: Option<CustomDefinitionDto>,
+    #[schema(format = DateTime)]
+    created_at: String,
+    #[schema(format = DateTime)]
+    updated_at: String,
+    created_by: String,
+    updated_by: String,
+}
+
+impl From<&Integration> for IntegrationView {
+    fn from(i: &Integration) -> Self {
+        Self {
+            id: i.id.0,
+            tenant_id: i.tenant_id.to_string(),
+            provider_id: i.provider_id.to_string(),
+            name: i.name.clone(),
+            description: i.description.clone(),
+            status: i.status.into(),
+            config: i.config.clone(),
+            custom_definition: i.custom_definition.as_ref().map(Into::into),
+            created_at: rfc3339(i.created_at),
+            updated_at: rfc3339(i.updated_at),
+            created_by: i.created_by.to_string(),
+            updated_by: i.updated_by.to_string(),
+        }
+    }
 }
 
 fn path_id(raw: &str) -> ApiResult<IntegrationId> {
@@ -79,19 +160,29 @@ fn path_id(raw: &str) -> ApiResult<IntegrationId> {
 }
 
 fn respond(mut builder: actix_web::HttpResponseBuilder, stored: &Stored<Integration>) -> HttpResponse {
-    builder.insert_header(etag_header(&stored.etag)).json(&stored.value)
+    builder.insert_header(etag_header(&stored.etag)).json(IntegrationView::from(&stored.value))
+}
+
+/// Reads and checks a body; on any problem, every field the schema or the domain refuses.
+async fn read_spec(state: &AppState, body: Value) -> ApiResult<IntegrationSpec> {
+    body::read(
+        body,
+        |input: IntegrationInput| IntegrationSpec::try_from(input),
+        async |spec: &IntegrationSpec| state.integrations.check(spec).await,
+    )
+    .await
 }
 
 /// List the caller's integrations.
 #[utoipa::path(get, path = "/api/v1/integrations", tag = "integrations",
     params(
         ("providerId" = Option<String>, Query, description = "Only integrations of this provider"),
-        ("status" = Option<IntegrationStatus>, Query, description = "Only integrations in this status"),
+        ("status" = Option<IntegrationStatusDto>, Query, description = "Only integrations in this status"),
         ("limit" = Option<u32>, Query, description = "Page size, 1 to 200 (default 50)"),
         ("continuationToken" = Option<String>, Query, description = "Token of the next page, from the previous response"),
     ),
     responses(
-        (status = 200, description = "A page of integrations, oldest first", body = ListResponse<Integration>),
+        (status = 200, description = "A page of integrations, oldest first", body = ListResponse<IntegrationView>),
         (status = 400, description = "Invalid parameter", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
     ),
@@ -106,15 +197,17 @@ pub async fn list(state: web::Data<AppState>, caller: Authenticated, req: HttpRe
     query.finish()?;
     let filter = IntegrationFilter { provider_id, status };
     let page = state.integrations.list(&caller.0, &filter, &page.unwrap_or_else(|| im_domain::PageRequest::first(50))).await?;
-    Ok(HttpResponse::Ok()
-        .json(ListResponse { items: page.items.into_iter().map(|s| s.value).collect(), continuation_token: page.continuation }))
+    Ok(HttpResponse::Ok().json(ListResponse {
+        items: page.items.iter().map(|s| IntegrationView::from(&s.value)).collect(),
+        continuation_token: page.continuation,
+    }))
 }
 
 /// Create an integration from a catalog provider or a custom API definition.
 #[utoipa::path(post, path = "/api/v1/integrations", tag = "integrations",
     request_body = IntegrationInput,
     responses(
-        (status = 201, description = "Created; `Location` and `ETag` are set", body = Integration),
+        (status = 201, description = "Created; `Location` and `ETag` are set", body = IntegrationView),
         (status = 400, description = "Malformed body, unknown or missing fields, wrong types", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "The member role is needed", body = Problem, content_type = "application/problem+json"),
@@ -125,7 +218,7 @@ pub async fn list(state: web::Data<AppState>, caller: Authenticated, req: HttpRe
     security(("bearer" = [])))]
 pub async fn create(state: web::Data<AppState>, caller: Authenticated, body: JsonBody) -> ApiResult<HttpResponse> {
     caller.0.require(im_domain::Role::Member)?;
-    let spec = read_spec(body.0)?;
+    let spec = read_spec(&state, body.0).await?;
     let stored = state.integrations.create(&caller.0, spec).await?;
     tracing::info!(target: "audit", action = "integration.create", tenant_id = %caller.0.tenant_id, actor = %caller.0.user_id, integration_id = %stored.value.id, "integration created");
     let mut builder = HttpResponse::Created();
@@ -137,7 +230,7 @@ pub async fn create(state: web::Data<AppState>, caller: Authenticated, body: Jso
 #[utoipa::path(get, path = "/api/v1/integrations/{id}", tag = "integrations",
     params(("id" = uuid::Uuid, Path, description = "Integration id")),
     responses(
-        (status = 200, description = "The integration; `ETag` is set", body = Integration),
+        (status = 200, description = "The integration; `ETag` is set", body = IntegrationView),
         (status = 304, description = "`If-None-Match` names the current version"),
         (status = 404, description = "No such integration in the caller's tenant", body = Problem, content_type = "application/problem+json"),
     ),
@@ -159,7 +252,7 @@ pub async fn get(state: web::Data<AppState>, caller: Authenticated, id: web::Pat
     ),
     request_body = IntegrationInput,
     responses(
-        (status = 200, description = "Updated; the new `ETag` is set", body = Integration),
+        (status = 200, description = "Updated; the new `ETag` is set", body = IntegrationView),
         (status = 400, description = "Malformed body", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such integration", body = Problem, content_type = "application/problem+json"),
         (status = 412, description = "`If-Match` is stale", body = Problem, content_type = "application/problem+json"),
@@ -176,7 +269,7 @@ pub async fn update(
     caller.0.require(im_domain::Role::Member)?;
     let id = path_id(&id)?;
     let if_match = if_match(&req)?;
-    let spec = read_spec(body.0)?;
+    let spec = read_spec(&state, body.0).await?;
     let stored = state.integrations.update(&caller.0, id, spec, if_match.as_ref()).await?;
     tracing::info!(target: "audit", action = "integration.update", tenant_id = %caller.0.tenant_id, actor = %caller.0.user_id, integration_id = %id, "integration updated");
     Ok(respond(HttpResponse::Ok(), &stored))

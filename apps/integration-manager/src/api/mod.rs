@@ -1,15 +1,17 @@
 //! The HTTP API: routes, DTOs, extractors, problem details. Handlers convert DTOs to domain
 //! values, call a service and map the result; no business rule lives here.
 
+pub mod body;
+pub mod custom;
 pub mod deliveries;
 pub mod extract;
 pub mod health;
-pub mod input;
 pub mod integrations;
 pub mod openapi;
 pub mod problem;
 pub mod providers;
 pub mod request_id;
+pub mod schemas;
 pub mod webhooks;
 
 use std::collections::HashMap;
@@ -115,4 +117,9 @@ impl QueryParams {
     pub fn finish(self) -> Result<(), ApiError> {
         self.violations.finish(|| ()).map_err(ApiError::from)
     }
+}
+
+/// A timestamp as RFC 3339 text, as every resource shows it.
+pub fn rfc3339(t: time::OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
 }

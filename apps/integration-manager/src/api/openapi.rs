@@ -34,7 +34,11 @@ impl Modify for BearerAuth {
         deliveries::list, deliveries::get, deliveries::retry, deliveries::recover, deliveries::test,
         health::live, health::ready,
     ),
-    components(schemas(problem::Problem, problem::ProblemField, integrations::IntegrationInput, providers::ProviderInput, webhooks::WebhookInput, webhooks::WebhookView, deliveries::DeliveryView, deliveries::RecoverInput, deliveries::RecoverReport)),
+    components(schemas(
+        problem::Problem, problem::ProblemField, integrations::IntegrationInput, integrations::IntegrationView, providers::ProviderInput,
+        providers::ProviderView, webhooks::WebhookInput, webhooks::WebhookView, deliveries::DeliveryView, deliveries::RecoverInput,
+        deliveries::RecoverReport,
+    )),
     modifiers(&BearerAuth),
     tags(
         (name = "integrations", description = "A tenant's integrations"),

@@ -4,95 +4,206 @@ use actix_web::http::header;
 use actix_web::{HttpRequest, HttpResponse, web};
 use im_domain::Stored;
 use im_domain::provider::{AuthMode, Capabilities, Category, Provider, ProviderFilter, ProviderId, ProviderSpec};
-use im_domain::{FieldViolation, Role};
-use serde::Deserialize;
+use im_domain::{DomainError, FieldViolation, Role, Violations};
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::ToSchema;
 
+use super::body::{self, IgnoredField};
 use super::extract::{Authenticated, JsonBody, etag_header, if_match, not_modified};
-use super::input::Input;
 use super::problem::{ApiError, ApiResult, Problem};
-use super::{ListResponse, QueryParams};
+use super::{ListResponse, QueryParams, rfc3339};
 use crate::state::AppState;
 
-/// Body of `POST /providers` and `PUT /providers/{id}` (where `id` may be omitted).
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-#[allow(dead_code)]
-pub struct ProviderInput {
-    /// Lowercase slug, unique in the catalog; `custom` is reserved.
-    id: String,
-    name: String,
-    /// Lowercase slug; the catalog's partition key.
-    category: String,
-    description: Option<String>,
-    auth_mode: AuthMode,
-    /// Required for `oauth2`.
-    authorization_url: Option<String>,
-    /// Required for `oauth2` and `oauth2_client_credentials`.
-    token_url: Option<String>,
-    default_scopes: Option<Vec<String>>,
-    api_base_url: String,
-    docs_url: String,
-    /// JSON Schema (type object) of an integration's `config`.
-    #[schema(value_type = Object)]
-    config_schema: Option<Value>,
-    capabilities: Option<Capabilities>,
+/// How a provider authenticates API calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+#[schema(as = AuthMode)]
+pub enum AuthModeDto {
+    /// OAuth 2.0 authorization code flow (needs authorization and token URLs).
+    Oauth2,
+    /// OAuth 2.0 client credentials (needs a token URL).
+    Oauth2ClientCredentials,
+    ApiKey,
+    Basic,
+    None,
 }
 
-const FIELDS: &[&str] = &[
-    "id",
-    "name",
-    "category",
-    "description",
-    "authMode",
-    "authorizationUrl",
-    "tokenUrl",
-    "defaultScopes",
-    "apiBaseUrl",
-    "docsUrl",
-    "configSchema",
-    "capabilities",
-    // read-only, ignored
-    "createdAt",
-    "updatedAt",
-];
-
-fn read_spec(body: Value, path_id: Option<&ProviderId>) -> ApiResult<ProviderSpec> {
-    let mut input = Input::new(body, FIELDS)?;
-    let id = input.validated("id", path_id.is_none(), ProviderId::new);
-    if let (Some(given), Some(path)) = (&id, path_id)
-        && given != path
-    {
-        input.invalid("id", "does not match the id in the path; a provider's id cannot change");
+impl From<AuthModeDto> for AuthMode {
+    fn from(dto: AuthModeDto) -> Self {
+        match dto {
+            AuthModeDto::Oauth2 => AuthMode::Oauth2,
+            AuthModeDto::Oauth2ClientCredentials => AuthMode::Oauth2ClientCredentials,
+            AuthModeDto::ApiKey => AuthMode::ApiKey,
+            AuthModeDto::Basic => AuthMode::Basic,
+            AuthModeDto::None => AuthMode::None,
+        }
     }
-    let name: Option<String> = input.required("name");
-    let category = input.validated("category", true, Category::new);
-    let description: Option<String> = input.optional("description");
-    let auth_mode: Option<AuthMode> = input.required("authMode");
-    let authorization_url: Option<String> = input.optional("authorizationUrl");
-    let token_url: Option<String> = input.optional("tokenUrl");
-    let default_scopes: Option<Vec<String>> = input.optional("defaultScopes");
-    let api_base_url: Option<String> = input.required("apiBaseUrl");
-    let docs_url: Option<String> = input.required("docsUrl");
-    let config_schema: Option<Value> = input.optional("configSchema");
-    let capabilities: Option<Capabilities> = input.optional("capabilities");
-    input.finish()?;
-    let missing = |f: &str| ApiError::Malformed(format!("{f} is required"));
-    Ok(ProviderSpec {
-        id: id.or_else(|| path_id.cloned()).ok_or_else(|| missing("id"))?,
-        name: name.ok_or_else(|| missing("name"))?,
-        category: category.ok_or_else(|| missing("category"))?,
-        description: description.unwrap_or_default(),
-        auth_mode: auth_mode.ok_or_else(|| missing("authMode"))?,
-        authorization_url,
-        token_url,
-        default_scopes: default_scopes.unwrap_or_default(),
-        api_base_url: api_base_url.ok_or_else(|| missing("apiBaseUrl"))?,
-        docs_url: docs_url.ok_or_else(|| missing("docsUrl"))?,
-        config_schema: config_schema.unwrap_or_else(|| serde_json::json!({"type": "object", "additionalProperties": false})),
-        capabilities: capabilities.unwrap_or_default(),
-    })
+}
+
+impl From<AuthMode> for AuthModeDto {
+    fn from(mode: AuthMode) -> Self {
+        match mode {
+            AuthMode::Oauth2 => AuthModeDto::Oauth2,
+            AuthMode::Oauth2ClientCredentials => AuthModeDto::Oauth2ClientCredentials,
+            AuthMode::ApiKey => AuthModeDto::ApiKey,
+            AuthMode::Basic => AuthModeDto::Basic,
+            AuthMode::None => AuthModeDto::None,
+        }
+    }
+}
+
+/// What a provider can do beyond plain API calls.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schema(as = Capabilities)]
+pub struct CapabilitiesDto {
+    /// The provider can push events to us.
+    #[serde(default)]
+    webhooks: bool,
+    /// Entities that sync tasks can exchange with the provider.
+    #[serde(default)]
+    #[schema(schema_with = super::schemas::entity_names)]
+    sync_entities: Vec<String>,
+}
+
+/// Body of `POST /providers` and `PUT /providers/{id}` (where `id` must be the one in the path).
+/// The read-only timestamps may be sent back and are ignored.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ProviderInput {
+    /// Lowercase slug, unique in the catalog; `custom` is reserved.
+    #[schema(min_length = 2, max_length = 64, pattern = r"^[a-z0-9][a-z0-9-]*$", example = "acme-tracker")]
+    id: String,
+    #[schema(min_length = 1, max_length = 100)]
+    name: String,
+    /// Lowercase slug; the catalog's partition key.
+    #[schema(min_length = 2, max_length = 64, pattern = r"^[a-z0-9][a-z0-9-]*$", example = "project-management")]
+    category: String,
+    #[serde(default)]
+    #[schema(max_length = 1000)]
+    description: Option<String>,
+    auth_mode: AuthModeDto,
+    /// https; required for `oauth2`, refused otherwise.
+    #[serde(default)]
+    #[schema(max_length = 2048, pattern = r"^https://")]
+    authorization_url: Option<String>,
+    /// https; required for `oauth2` and `oauth2_client_credentials`, refused otherwise.
+    #[serde(default)]
+    #[schema(max_length = 2048, pattern = r"^https://")]
+    token_url: Option<String>,
+    #[serde(default)]
+    #[schema(schema_with = super::schemas::scopes)]
+    default_scopes: Vec<String>,
+    /// https.
+    #[schema(max_length = 2048, pattern = r"^https://")]
+    api_base_url: String,
+    /// https.
+    #[schema(max_length = 2048, pattern = r"^https://")]
+    docs_url: String,
+    /// JSON Schema (type object) of an integration's `config`; default: an empty object.
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    config_schema: Option<Value>,
+    #[serde(default)]
+    capabilities: Option<CapabilitiesDto>,
+    #[serde(default)]
+    #[schema(read_only, value_type = Option<String>, format = DateTime)]
+    #[allow(dead_code, reason = "read-only: accepted and ignored")]
+    created_at: Option<IgnoredField>,
+    #[serde(default)]
+    #[schema(read_only, value_type = Option<String>, format = DateTime)]
+    #[allow(dead_code, reason = "read-only: accepted and ignored")]
+    updated_at: Option<IgnoredField>,
+}
+
+impl TryFrom<ProviderInput> for ProviderSpec {
+    type Error = DomainError;
+
+    fn try_from(input: ProviderInput) -> Result<Self, DomainError> {
+        let mut v = Violations::new();
+        let id = v.check("id", ProviderId::new(input.id));
+        let category = v.check("category", Category::new(input.category));
+        let capabilities = input.capabilities.unwrap_or_default();
+        let (Some(id), Some(category)) = (id, category) else { return Err(v.into_error()) };
+        Ok(ProviderSpec {
+            id,
+            name: input.name,
+            category,
+            description: input.description.unwrap_or_default(),
+            auth_mode: input.auth_mode.into(),
+            authorization_url: input.authorization_url,
+            token_url: input.token_url,
+            default_scopes: input.default_scopes,
+            api_base_url: input.api_base_url,
+            docs_url: input.docs_url,
+            config_schema: input.config_schema.unwrap_or_else(|| serde_json::json!({"type": "object", "additionalProperties": false})),
+            capabilities: Capabilities { webhooks: capabilities.webhooks, sync_entities: capabilities.sync_entities },
+        })
+    }
+}
+
+/// A catalog provider.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+#[schema(as = Provider)]
+pub struct ProviderView {
+    id: String,
+    name: String,
+    category: String,
+    description: String,
+    auth_mode: AuthModeDto,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    authorization_url: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    token_url: Option<String>,
+    default_scopes: Vec<String>,
+    api_base_url: String,
+    docs_url: String,
+    /// JSON Schema of an integration's `config`.
+    #[schema(value_type = Object)]
+    config_schema: Value,
+    capabilities: CapabilitiesDto,
+    #[schema(format = DateTime)]
+    created_at: String,
+    #[schema(format = DateTime)]
+    updated_at: String,
+}
+
+impl From<&Provider> for ProviderView {
+    fn from(p: &Provider) -> Self {
+        let spec = &p.spec;
+        Self {
+            id: spec.id.to_string(),
+            name: spec.name.clone(),
+            category: spec.category.to_string(),
+            description: spec.description.clone(),
+            auth_mode: spec.auth_mode.into(),
+            authorization_url: spec.authorization_url.clone(),
+            token_url: spec.token_url.clone(),
+            default_scopes: spec.default_scopes.clone(),
+            api_base_url: spec.api_base_url.clone(),
+            docs_url: spec.docs_url.clone(),
+            config_schema: spec.config_schema.clone(),
+            capabilities: CapabilitiesDto { webhooks: spec.capabilities.webhooks, sync_entities: spec.capabilities.sync_entities.clone() },
+            created_at: rfc3339(p.created_at),
+            updated_at: rfc3339(p.updated_at),
+        }
+    }
+}
+
+/// Reads and checks a body; on `PUT` its id must be the path's.
+async fn read_spec(body: Value, path_id: Option<&ProviderId>) -> ApiResult<ProviderSpec> {
+    let convert = |input: ProviderInput| {
+        let spec = ProviderSpec::try_from(input)?;
+        match path_id {
+            Some(path) if *path != spec.id => {
+                Err(DomainError::invalid("id", "does not match the id in the path; a provider's id cannot change"))
+            }
+            _ => Ok(spec),
+        }
+    };
+    body::read(body, convert, async |spec: &ProviderSpec| spec.validate()).await
 }
 
 fn path_id(raw: &str) -> ApiResult<ProviderId> {
@@ -100,20 +211,20 @@ fn path_id(raw: &str) -> ApiResult<ProviderId> {
 }
 
 fn respond(mut builder: actix_web::HttpResponseBuilder, stored: &Stored<Provider>) -> HttpResponse {
-    builder.insert_header(etag_header(&stored.etag)).json(&stored.value)
+    builder.insert_header(etag_header(&stored.etag)).json(ProviderView::from(&stored.value))
 }
 
 /// List the catalog.
 #[utoipa::path(get, path = "/api/v1/providers", tag = "providers",
     params(
         ("category" = Option<String>, Query, description = "Only this category (stays inside one partition)"),
-        ("authMode" = Option<AuthMode>, Query, description = "Only providers with this auth mode"),
+        ("authMode" = Option<AuthModeDto>, Query, description = "Only providers with this auth mode"),
         ("q" = Option<String>, Query, description = "Case-insensitive text in id, name or description"),
         ("limit" = Option<u32>, Query, description = "Page size, 1 to 200 (default 50)"),
         ("continuationToken" = Option<String>, Query, description = "Token of the next page"),
     ),
     responses(
-        (status = 200, description = "A page of providers, ordered by id", body = ListResponse<Provider>),
+        (status = 200, description = "A page of providers, ordered by id", body = ListResponse<ProviderView>),
         (status = 400, description = "Invalid parameter", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = [])))]
@@ -131,15 +242,17 @@ pub async fn list(state: web::Data<AppState>, caller: Authenticated, req: HttpRe
     query.finish()?;
     let filter = ProviderFilter { category, auth_mode, query: q.filter(|q| !q.is_empty()) };
     let page = state.catalog.list(&caller.0, &filter, &page.unwrap_or_else(|| im_domain::PageRequest::first(50))).await?;
-    Ok(HttpResponse::Ok()
-        .json(ListResponse { items: page.items.into_iter().map(|s| s.value).collect(), continuation_token: page.continuation }))
+    Ok(HttpResponse::Ok().json(ListResponse {
+        items: page.items.iter().map(|s| ProviderView::from(&s.value)).collect(),
+        continuation_token: page.continuation,
+    }))
 }
 
 /// Read a provider.
 #[utoipa::path(get, path = "/api/v1/providers/{id}", tag = "providers",
     params(("id" = String, Path, description = "Provider id")),
     responses(
-        (status = 200, description = "The provider; `ETag` is set", body = Provider),
+        (status = 200, description = "The provider; `ETag` is set", body = ProviderView),
         (status = 404, description = "No such provider", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = [])))]
@@ -156,7 +269,7 @@ pub async fn get(state: web::Data<AppState>, caller: Authenticated, id: web::Pat
 #[utoipa::path(post, path = "/api/v1/providers", tag = "providers",
     request_body = ProviderInput,
     responses(
-        (status = 201, description = "Created; `Location` and `ETag` are set", body = Provider),
+        (status = 201, description = "Created; `Location` and `ETag` are set", body = ProviderView),
         (status = 400, description = "Malformed body", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "The admin role is needed", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "The id is taken", body = Problem, content_type = "application/problem+json"),
@@ -165,7 +278,7 @@ pub async fn get(state: web::Data<AppState>, caller: Authenticated, id: web::Pat
     security(("bearer" = [])))]
 pub async fn create(state: web::Data<AppState>, caller: Authenticated, body: JsonBody) -> ApiResult<HttpResponse> {
     caller.0.require(Role::Admin)?;
-    let spec = read_spec(body.0, None)?;
+    let spec = read_spec(body.0, None).await?;
     let stored = state.catalog.create(&caller.0, spec).await?;
     tracing::info!(target: "audit", action = "provider.create", actor = %caller.0.user_id, provider_id = %stored.value.spec.id, "provider created");
     let mut builder = HttpResponse::Created();
@@ -181,7 +294,7 @@ pub async fn create(state: web::Data<AppState>, caller: Authenticated, body: Jso
     ),
     request_body = ProviderInput,
     responses(
-        (status = 200, description = "Updated", body = Provider),
+        (status = 200, description = "Updated", body = ProviderView),
         (status = 403, description = "The admin role is needed", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such provider", body = Problem, content_type = "application/problem+json"),
         (status = 412, description = "`If-Match` is stale", body = Problem, content_type = "application/problem+json"),
@@ -198,7 +311,7 @@ pub async fn update(
     caller.0.require(Role::Admin)?;
     let id = path_id(&id)?;
     let if_match = if_match(&req)?;
-    let spec = read_spec(body.0, Some(&id))?;
+    let spec = read_spec(body.0, Some(&id)).await?;
     let stored = state.catalog.update(&caller.0, &id, spec, if_match.as_ref()).await?;
     tracing::info!(target: "audit", action = "provider.update", actor = %caller.0.user_id, provider_id = %id, "provider updated");
     Ok(respond(HttpResponse::Ok(), &stored))

@@ -12,49 +12,136 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::ToSchema;
 
+use super::body::{self, IgnoredField};
 use super::extract::{Authenticated, JsonBody, etag_header, if_match, not_modified};
-use super::input::Input;
 use super::problem::{ApiError, ApiResult, Problem};
-use super::{ListResponse, QueryParams};
+use super::{ListResponse, QueryParams, rfc3339};
 use crate::state::AppState;
 
-/// Body of `POST /webhooks` and `PUT /webhooks/{id}`.
+/// Whether an endpoint receives deliveries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+#[schema(as = WebhookStatus)]
+pub enum WebhookStatusDto {
+    Enabled,
+    Disabled,
+}
+
+impl From<WebhookStatusDto> for WebhookStatus {
+    fn from(dto: WebhookStatusDto) -> Self {
+        match dto {
+            WebhookStatusDto::Enabled => WebhookStatus::Enabled,
+            WebhookStatusDto::Disabled => WebhookStatus::Disabled,
+        }
+    }
+}
+
+impl From<WebhookStatus> for WebhookStatusDto {
+    fn from(status: WebhookStatus) -> Self {
+        match status {
+            WebhookStatus::Enabled => WebhookStatusDto::Enabled,
+            WebhookStatus::Disabled => WebhookStatusDto::Disabled,
+        }
+    }
+}
+
+/// Body of `POST /webhooks` and `PUT /webhooks/{id}`. The read-only fields of the resource may
+/// be sent back and are ignored.
 #[derive(Debug, Deserialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-#[allow(dead_code)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct WebhookInput {
     /// https URL of the receiver (http and private addresses only where configuration allows).
+    #[schema(max_length = 2048, pattern = r"^https?://", example = "https://hooks.example.com/integration-manager")]
     url: String,
+    #[serde(default)]
+    #[schema(max_length = 1000)]
     description: Option<String>,
-    /// Exact event names or wildcards (`integration.*`, `*`); empty or absent: every deliverable event.
-    event_types: Option<Vec<String>>,
+    #[serde(default)]
+    #[schema(schema_with = super::schemas::event_type_filters)]
+    event_types: Vec<String>,
     /// Only events of these integrations; empty or absent: all.
+    #[serde(default)]
+    #[schema(max_items = 100)]
     integration_ids: Option<Vec<uuid::Uuid>>,
     /// `enabled` (default) or `disabled`; absent on update keeps the current status.
-    status: Option<WebhookStatus>,
-    /// Extra request headers (not the signature headers, content-type, user-agent or host).
-    headers: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    status: Option<WebhookStatusDto>,
+    #[serde(default)]
+    #[schema(schema_with = super::schemas::webhook_headers)]
+    headers: BTreeMap<String, String>,
     /// Deliveries beyond this rate wait (never dropped).
+    #[serde(default)]
+    #[schema(minimum = 1, maximum = 10000)]
     rate_limit_per_second: Option<u32>,
+    #[serde(default)]
+    #[schema(read_only, value_type = Option<uuid::Uuid>)]
+    #[allow(dead_code, reason = "read-only: accepted and ignored")]
+    id: Option<IgnoredField>,
+    #[serde(default)]
+    #[schema(read_only, value_type = Option<String>)]
+    #[allow(dead_code, reason = "read-only: accepted and ignored")]
+    tenant_id: Option<IgnoredField>,
+    #[serde(default)]
+    #[schema(read_only, value_type = Option<String>)]
+    #[allow(dead_code, reason = "read-only: accepted and ignored")]
+    disabled_reason: Option<IgnoredField>,
+    #[serde(default)]
+    #[schema(read_only, value_type = Option<String>, format = DateTime)]
+    #[allow(dead_code, reason = "read-only: accepted and ignored")]
+    previous_secret_expires_at: Option<IgnoredField>,
+    #[serde(default)]
+    #[schema(read_only, value_type = Option<String>, format = DateTime)]
+    #[allow(dead_code, reason = "read-only: accepted and ignored")]
+    created_at: Option<IgnoredField>,
+    #[serde(default)]
+    #[schema(read_only, value_type = Option<String>, format = DateTime)]
+    #[allow(dead_code, reason = "read-only: accepted and ignored")]
+    updated_at: Option<IgnoredField>,
+    #[serde(default)]
+    #[schema(read_only, value_type = Option<String>)]
+    #[allow(dead_code, reason = "read-only: accepted and ignored")]
+    created_by: Option<IgnoredField>,
+    #[serde(default)]
+    #[schema(read_only, value_type = Option<String>)]
+    #[allow(dead_code, reason = "read-only: accepted and ignored")]
+    updated_by: Option<IgnoredField>,
+}
+
+impl From<WebhookInput> for WebhookSpec {
+    fn from(input: WebhookInput) -> Self {
+        WebhookSpec {
+            url: input.url,
+            description: input.description.unwrap_or_default(),
+            event_types: input.event_types,
+            integration_ids: input.integration_ids.unwrap_or_default().into_iter().map(IntegrationId).collect(),
+            status: input.status.map(Into::into),
+            headers: input.headers,
+            rate_limit_per_second: input.rate_limit_per_second,
+        }
+    }
 }
 
 /// A webhook endpoint. `secret` appears only in the answers of create and rotate-secret.
 #[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
+#[schema(as = Webhook)]
 pub struct WebhookView {
-    id: String,
+    id: uuid::Uuid,
     tenant_id: String,
     url: String,
     description: String,
     event_types: Vec<String>,
-    integration_ids: Vec<String>,
-    status: WebhookStatus,
+    integration_ids: Vec<uuid::Uuid>,
+    status: WebhookStatusDto,
     disabled_reason: Option<String>,
     headers: BTreeMap<String, String>,
     rate_limit_per_second: Option<u32>,
     /// Until when the secret before the last rotation still signs deliveries.
+    #[schema(format = DateTime)]
     previous_secret_expires_at: Option<String>,
+    #[schema(format = DateTime)]
     created_at: String,
+    #[schema(format = DateTime)]
     updated_at: String,
     created_by: String,
     updated_by: String,
@@ -63,20 +150,16 @@ pub struct WebhookView {
     secret: Option<String>,
 }
 
-fn rfc3339(t: time::OffsetDateTime) -> String {
-    t.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
-}
-
 impl WebhookView {
     fn of(w: &Webhook, secret: Option<String>) -> Self {
         Self {
-            id: w.id.to_string(),
+            id: w.id.0,
             tenant_id: w.tenant_id.to_string(),
             url: w.url.clone(),
             description: w.description.clone(),
             event_types: w.event_types.clone(),
-            integration_ids: w.integration_ids.iter().map(ToString::to_string).collect(),
-            status: w.status,
+            integration_ids: w.integration_ids.iter().map(|i| i.0).collect(),
+            status: w.status.into(),
             disabled_reason: w.disabled_reason.clone(),
             headers: w.headers.clone(),
             rate_limit_per_second: w.rate_limit_per_second,
@@ -90,44 +173,9 @@ impl WebhookView {
     }
 }
 
-const FIELDS: &[&str] = &[
-    "url",
-    "description",
-    "eventTypes",
-    "integrationIds",
-    "status",
-    "headers",
-    "rateLimitPerSecond",
-    // read-only, ignored
-    "id",
-    "tenantId",
-    "disabledReason",
-    "previousSecretExpiresAt",
-    "createdAt",
-    "updatedAt",
-    "createdBy",
-    "updatedBy",
-];
-
-fn read_spec(body: Value) -> ApiResult<WebhookSpec> {
-    let mut input = Input::new(body, FIELDS)?;
-    let url: Option<String> = input.required("url");
-    let description: Option<String> = input.optional("description");
-    let event_types: Option<Vec<String>> = input.optional("eventTypes");
-    let integration_ids: Option<Vec<uuid::Uuid>> = input.optional("integrationIds");
-    let status: Option<WebhookStatus> = input.optional("status");
-    let headers: Option<BTreeMap<String, String>> = input.optional("headers");
-    let rate_limit_per_second: Option<u32> = input.optional("rateLimitPerSecond");
-    input.finish()?;
-    Ok(WebhookSpec {
-        url: url.ok_or_else(|| ApiError::Malformed("url is required".into()))?,
-        description: description.unwrap_or_default(),
-        event_types: event_types.unwrap_or_default(),
-        integration_ids: integration_ids.unwrap_or_default().into_iter().map(IntegrationId).collect(),
-        status,
-        headers: headers.unwrap_or_default(),
-        rate_limit_per_second,
-    })
+/// Reads and checks a body.
+async fn read_spec(state: &AppState, body: Value) -> ApiResult<WebhookSpec> {
+    body::read(body, |input: WebhookInput| Ok(WebhookSpec::from(input)), async |spec: &WebhookSpec| state.webhooks.check(spec)).await
 }
 
 fn path_id(raw: &str) -> ApiResult<WebhookId> {
@@ -166,7 +214,7 @@ pub async fn list(state: web::Data<AppState>, caller: Authenticated, req: HttpRe
     security(("bearer" = [])))]
 pub async fn create(state: web::Data<AppState>, caller: Authenticated, body: JsonBody) -> ApiResult<HttpResponse> {
     caller.0.require(Role::Member)?;
-    let spec = read_spec(body.0)?;
+    let spec = read_spec(&state, body.0).await?;
     let WithSecret { webhook, secret } = state.webhooks.create(&caller.0, spec).await?;
     tracing::info!(target: "audit", action = "webhook.create", tenant_id = %caller.0.tenant_id, actor = %caller.0.user_id, webhook_id = %webhook.value.id, "webhook created");
     let mut builder = HttpResponse::Created();
@@ -214,7 +262,7 @@ pub async fn update(
     caller.0.require(Role::Member)?;
     let id = path_id(&id)?;
     let if_match = if_match(&req)?;
-    let spec = read_spec(body.0)?;
+    let spec = read_spec(&state, body.0).await?;
     let stored = state.webhooks.update(&caller.0, id, spec, if_match.as_ref()).await?;
     tracing::info!(target: "audit", action = "webhook.update", tenant_id = %caller.0.tenant_id, actor = %caller.0.user_id, webhook_id = %id, "webhook updated");
     Ok(respond(HttpResponse::Ok(), &stored, None))

@@ -64,6 +64,15 @@ impl IntegrationService {
         v.finish(|| ())
     }
 
+    /// Checks a spec as `create` would, writing nothing (the API merges these findings with
+    /// its own when a body is refused).
+    ///
+    /// # Errors
+    /// `Validation` listing every offending field; `Unavailable` when the catalog cannot be read.
+    pub async fn check(&self, spec: &IntegrationSpec) -> Result<(), DomainError> {
+        self.validate(spec, None).await
+    }
+
     /// # Errors
     /// `Forbidden` without the member role; `Validation` listing every offending field
     /// (unknown provider, config breaking the provider's schema, invalid custom definition).

@@ -71,6 +71,14 @@ impl WebhookService {
         self.secrets.put(&name, &SecretValue(json!({ "secret": secret.expose() })), &metadata).await
     }
 
+    /// Checks a spec as `create` and `update` would, writing nothing.
+    ///
+    /// # Errors
+    /// `Validation` listing every offending field.
+    pub fn check(&self, spec: &WebhookSpec) -> Result<(), DomainError> {
+        spec.validate(&self.policy)
+    }
+
     /// # Errors
     /// `Forbidden` without the member role; `Validation` listing every offending field.
     pub async fn create(&self, caller: &Caller, spec: WebhookSpec) -> Result<WithSecret, DomainError> {

@@ -32,7 +32,6 @@ impl fmt::Display for WebhookId {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum WebhookStatus {
     Enabled,
     Disabled,

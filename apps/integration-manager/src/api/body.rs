@@ -1,0 +1,250 @@
+//! Request bodies: one DTO per body both parses and documents it.
+//!
+//! A body is first checked against the DTO's schema *in the served OpenAPI document*, so the
+//! document and the parser cannot disagree: every offending field is collected with its JSON
+//! path (`400` for the shape of the body: unknown fields, missing ones, wrong types; `422` for
+//! values: lengths, patterns, ranges, item counts). Only then is it deserialised into the DTO,
+//! which converts into the domain's type with `TryFrom`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock, RwLock};
+
+use im_domain::{DomainError, FieldViolation, ViolationKind, Violations};
+use jsonschema::Validator;
+use jsonschema::error::{TypeKind, ValidationErrorKind};
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+use utoipa::{OpenApi, ToSchema};
+
+use super::problem::ApiError;
+
+/// Where the OpenAPI document is registered for `$ref`s of the compiled validators.
+const DOCUMENT_URI: &str = "urn:integration-manager:openapi";
+
+/// The document's JSON, built once.
+static DOCUMENT: LazyLock<Value> = LazyLock::new(|| serde_json::to_value(super::openapi::ApiDoc::openapi()).unwrap_or(Value::Null));
+
+/// Compiled validators by schema name.
+static VALIDATORS: LazyLock<RwLock<HashMap<String, Arc<Validator>>>> = LazyLock::new(RwLock::default);
+
+/// A DTO read from a body, with the value problems found by its schema. The caller merges those
+/// with the domain's own checks (so one answer lists every field) and writes nothing unless both
+/// are empty.
+#[derive(Debug)]
+pub struct Checked<T> {
+    pub value: T,
+    pub violations: Violations,
+}
+
+impl<T> Checked<T> {
+    /// Combines the schema's problems with the result of the domain's checks; `Ok` only when
+    /// neither found anything.
+    ///
+    /// # Errors
+    /// [`DomainError::Validation`] with every problem, once per field and message.
+    pub fn merge(self, domain: Result<(), DomainError>) -> Result<T, DomainError> {
+        let mut all = self.violations.into_vec();
+        match domain {
+            Ok(()) => {}
+            Err(DomainError::Validation(found)) => {
+                for violation in found {
+                    // The domain words its rules best; it replaces the schema's note on the same field.
+                    all.retain(|v| v.field != violation.field);
+                    all.push(violation);
+                }
+            }
+            Err(other) => return Err(other),
+        }
+        let value = self.value;
+        all.into_iter().collect::<Violations>().finish(|| value)
+    }
+}
+
+fn validator(name: &str) -> Result<Arc<Validator>, ApiError> {
+    if let Some(found) = VALIDATORS.read().unwrap_or_else(|p| p.into_inner()).get(name) {
+        return Ok(found.clone());
+    }
+    let resource = jsonschema::Draft::Draft202012.create_resource(DOCUMENT.clone());
+    let compiled = jsonschema::options()
+        .with_draft(jsonschema::Draft::Draft202012)
+        .with_resource(DOCUMENT_URI, resource)
+        .build(&json!({"$ref": format!("{DOCUMENT_URI}#/components/schemas/{name}")}))
+        .map_err(|e| ApiError::Domain(DomainError::Unexpected(anyhow::anyhow!("the schema {name} does not compile: {e}"))))?;
+    let compiled = Arc::new(compiled);
+    VALIDATORS.write().unwrap_or_else(|p| p.into_inner()).insert(name.to_owned(), compiled.clone());
+    Ok(compiled)
+}
+
+/// `/a/0/b` -> `a[0].b`, with `child` appended.
+fn path(pointer: &str, child: Option<&str>) -> String {
+    let mut out = String::new();
+    for segment in pointer.split('/').skip(1).map(|s| s.replace("~1", "/").replace("~0", "~")).chain(child.map(str::to_owned)) {
+        if !segment.is_empty() && segment.chars().all(|c| c.is_ascii_digit()) {
+            out.push_str(&format!("[{segment}]"));
+        } else {
+            if !out.is_empty() {
+                out.push('.');
+            }
+            out.push_str(&segment);
+        }
+    }
+    out
+}
+
+fn type_name(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn expected(kind: &TypeKind) -> String {
+    let names: Vec<String> = match kind {
+        TypeKind::Single(t) => vec![t.to_string()],
+        TypeKind::Multiple(set) => set.iter().map(|t| t.to_string()).filter(|t| t != "null").collect(),
+    };
+    names.join(" or ")
+}
+
+/// The branch of a failed union (`oneOf`, `anyOf`) that the instance meant: not the ones whose
+/// type differs (`null` of an optional value) or whose tag (`type`, `style`) names another variant.
+fn meant_branch<'a>(
+    at: &str,
+    branches: &'a [Vec<jsonschema::ValidationError<'static>>],
+) -> Option<&'a [jsonschema::ValidationError<'static>]> {
+    let is_child = |p: &str| p.strip_prefix(at).is_some_and(|rest| rest.starts_with('/') && !rest[1..].contains('/'));
+    let mut candidates = branches.iter().filter(|errors| {
+        !errors.iter().any(|e| match &e.kind {
+            ValidationErrorKind::Type { .. } => e.instance_path.as_str() == at,
+            ValidationErrorKind::Enum { .. } | ValidationErrorKind::Constant { .. } => is_child(e.instance_path.as_str()),
+            _ => false,
+        })
+    });
+    match (candidates.next(), candidates.next()) {
+        (Some(only), None) => Some(only.as_slice()),
+        _ => None,
+    }
+}
+
+/// One schema error as the violations it stands for.
+fn violations_of(error: &jsonschema::ValidationError<'_>, out: &mut Vec<FieldViolation>) {
+    let at = error.instance_path.as_str();
+    match &error.kind {
+        ValidationErrorKind::AdditionalProperties { unexpected } | ValidationErrorKind::UnevaluatedProperties { unexpected } => {
+            for name in unexpected {
+                out.push(FieldViolation::new(path(at, Some(name)), ViolationKind::UnknownField, "is not a field of this resource"));
+            }
+        }
+        ValidationErrorKind::Required { property } => {
+            let name = property.as_str().unwrap_or_default();
+            out.push(FieldViolation::new(path(at, Some(name)), ViolationKind::Missing, "is required"));
+        }
+        ValidationErrorKind::Type { kind } => out.push(FieldViolation::new(
+            path(at, None),
+            ViolationKind::WrongType,
+            format!("must be {} (got {})", expected(kind), type_name(&error.instance)),
+        )),
+        ValidationErrorKind::Enum { options } => {
+            let names: Vec<String> = options.as_array().into_iter().flatten().filter(|o| !o.is_null()).map(ToString::to_string).collect();
+            out.push(FieldViolation::new(path(at, None), ViolationKind::WrongType, format!("must be one of {}", names.join(", "))));
+        }
+        ValidationErrorKind::Constant { expected_value } => {
+            out.push(FieldViolation::new(path(at, None), ViolationKind::WrongType, format!("must be {expected_value}")));
+        }
+        ValidationErrorKind::OneOfNotValid { context } | ValidationErrorKind::AnyOf { context } => match meant_branch(at, context) {
+            Some(errors) => errors.iter().for_each(|e| violations_of(e, out)),
+            None => out.push(FieldViolation::new(path(at, None), ViolationKind::WrongType, "matches none of the allowed forms")),
+        },
+        _ => out.push(FieldViolation::new(path(at, None), ViolationKind::Invalid, error.to_string())),
+    }
+}
+
+fn structural(found: Vec<FieldViolation>) -> ApiError {
+    ApiError::Domain(found.into_iter().collect::<Violations>().into_error())
+}
+
+/// Reads `body` into the DTO `T` (whose schema is registered in the OpenAPI document under
+/// `T::name()`).
+///
+/// # Errors
+/// [`ApiError::Malformed`] when the body is not a JSON object; [`DomainError::Validation`] with
+/// every problem when the shape is wrong (400). Value problems alone come back in
+/// [`Checked::violations`].
+pub fn parse<T: DeserializeOwned + ToSchema>(body: Value) -> Result<Checked<T>, ApiError> {
+    if !body.is_object() {
+        return Err(ApiError::Malformed(format!("the body must be a JSON object, not {}", type_name(&body))));
+    }
+    let validator = validator(&T::name())?;
+    let mut found = Vec::new();
+    validator.iter_errors(&body).for_each(|error| violations_of(&error, &mut found));
+    if found.iter().any(|v| v.kind.is_structural()) {
+        return Err(structural(found));
+    }
+    match serde_path_to_error::deserialize::<_, T>(body) {
+        Ok(value) => Ok(Checked { value, violations: found.into_iter().collect() }),
+        Err(e) => {
+            // The schema let through what the type refuses (a format the schema only annotates,
+            // such as a UUID): the type's word, at its path.
+            let at = e.path().to_string();
+            let at = if at == "." { String::new() } else { at };
+            found.retain(|v| v.field != at);
+            found.push(FieldViolation::new(at, ViolationKind::WrongType, e.into_inner().to_string()));
+            Err(structural(found))
+        }
+    }
+}
+
+/// Reads a body into the domain's type: the DTO `T` is checked and parsed, then converted. When
+/// the schema found value problems, the domain's own checks (`check`, which writes nothing) run
+/// too, so one answer lists every offending field; nothing is accepted unless both pass.
+///
+/// # Errors
+/// 400 for the shape of the body, 422 for its values (see [`parse`]).
+pub async fn read<T, S>(
+    body: Value,
+    convert: impl FnOnce(T) -> Result<S, DomainError>,
+    check: impl AsyncFnOnce(&S) -> Result<(), DomainError>,
+) -> Result<S, ApiError>
+where
+    T: DeserializeOwned + ToSchema,
+{
+    let Checked { value, violations } = parse::<T>(body)?;
+    // A value that cannot even be converted (an unreadable id or partition key) is reported
+    // alone: the other rules depend on it.
+    let converted = convert(value)?;
+    if violations.is_empty() {
+        return Ok(converted);
+    }
+    let outcome = check(&converted).await;
+    match (Checked { value: (), violations }).merge(outcome) {
+        Err(e) => Err(e.into()),
+        Ok(()) => Err(ApiError::Domain(DomainError::invalid("", "is not valid"))),
+    }
+}
+
+/// A read-only field of a resource that a client may send back: accepted and ignored.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct IgnoredField;
+
+impl<'de> serde::Deserialize<'de> for IgnoredField {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        serde::de::IgnoredAny::deserialize(deserializer).map(|_| IgnoredField)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths() {
+        assert_eq!(path("", None), "");
+        assert_eq!(path("", Some("name")), "name");
+        assert_eq!(path("/entities/2", Some("name")), "entities[2].name");
+        assert_eq!(path("/a~1b/c", None), "a/b.c");
+    }
+}

@@ -1,0 +1,340 @@
+//! The wire form of a custom API definition (`customDefinition` of an integration): one set of
+//! DTOs that parses, documents (every constraint the domain enforces) and renders it, converted
+//! to and from the domain's value objects.
+
+use std::collections::BTreeMap;
+
+use im_domain::custom::{ApiKeyLocation, CustomApiDefinition, CustomAuth, EntityDefinition, HttpMethod, Pagination, RequestTemplate};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// An inline description of an HTTP API, used instead of a catalog provider.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schema(as = CustomDefinition)]
+pub struct CustomDefinitionDto {
+    /// Base URL of every request: an absolute https URL without query or fragment.
+    #[schema(max_length = 2048, pattern = r"^https://[^?#]+$", example = "https://api.example.com/v2")]
+    pub base_url: String,
+    pub auth: CustomAuthDto,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schema(schema_with = super::schemas::default_headers)]
+    pub default_headers: BTreeMap<String, String>,
+    pub pagination: PaginationDto,
+    /// 1 to 50 entities with distinct names.
+    #[schema(min_items = 1, max_items = 50)]
+    pub entities: Vec<EntityDto>,
+}
+
+/// How requests to the API authenticate; the credentials themselves belong to a connection.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+#[schema(as = CustomAuth)]
+pub enum CustomAuthDto {
+    /// An API key sent in a header or a query parameter.
+    ApiKey {
+        #[serde(rename = "in")]
+        location: ApiKeyLocationDto,
+        /// The header or query parameter name.
+        #[schema(min_length = 1, max_length = 128, pattern = r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")]
+        name: String,
+    },
+    /// `Authorization: Bearer <token>`.
+    Bearer,
+    /// HTTP basic authentication.
+    Basic,
+    /// OAuth 2.0 client credentials grant.
+    #[serde(rename_all = "camelCase")]
+    Oauth2ClientCredentials {
+        /// An absolute https URL.
+        #[schema(max_length = 2048, pattern = r"^https://")]
+        token_url: String,
+        #[serde(default)]
+        #[schema(schema_with = super::schemas::scopes)]
+        scopes: Vec<String>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+#[schema(as = ApiKeyLocation)]
+pub enum ApiKeyLocationDto {
+    Header,
+    Query,
+}
+
+/// How a list request pages.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "style", rename_all = "snake_case", deny_unknown_fields)]
+#[schema(as = Pagination)]
+pub enum PaginationDto {
+    /// The response carries the next cursor; the request sends it back in `cursorParam`.
+    #[serde(rename_all = "camelCase")]
+    Cursor {
+        #[schema(min_length = 1, max_length = 128, pattern = r"^[A-Za-z0-9_\-.\[\]]+$")]
+        cursor_param: String,
+        /// Dotted path of the next cursor in the response body (`meta.next_cursor`).
+        #[schema(min_length = 1, max_length = 256, pattern = r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")]
+        next_cursor_path: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[schema(min_length = 1, max_length = 128, pattern = r"^[A-Za-z0-9_\-.\[\]]+$")]
+        limit_param: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[schema(minimum = 1, maximum = 10000)]
+        page_size: Option<u32>,
+    },
+    /// Numbered pages, from `startPage` (0 or 1).
+    #[serde(rename_all = "camelCase")]
+    Page {
+        #[schema(min_length = 1, max_length = 128, pattern = r"^[A-Za-z0-9_\-.\[\]]+$")]
+        page_param: String,
+        #[serde(default = "one")]
+        #[schema(minimum = 0, maximum = 1, default = 1)]
+        start_page: u32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[schema(min_length = 1, max_length = 128, pattern = r"^[A-Za-z0-9_\-.\[\]]+$")]
+        limit_param: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[schema(minimum = 1, maximum = 10000)]
+        page_size: Option<u32>,
+    },
+    /// Offset and limit.
+    #[serde(rename_all = "camelCase")]
+    Offset {
+        #[schema(min_length = 1, max_length = 128, pattern = r"^[A-Za-z0-9_\-.\[\]]+$")]
+        offset_param: String,
+        #[schema(min_length = 1, max_length = 128, pattern = r"^[A-Za-z0-9_\-.\[\]]+$")]
+        limit_param: String,
+        #[schema(minimum = 1, maximum = 10000)]
+        page_size: u32,
+    },
+    /// RFC 8288 `Link: <...>; rel="next"` headers.
+    #[serde(rename_all = "camelCase")]
+    Link {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[schema(min_length = 1, max_length = 128, pattern = r"^[A-Za-z0-9_\-.\[\]]+$")]
+        limit_param: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[schema(minimum = 1, maximum = 10000)]
+        page_size: Option<u32>,
+    },
+    /// Everything comes in one response.
+    None,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// One kind of record the API exposes, and the requests that read and write it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schema(as = Entity)]
+pub struct EntityDto {
+    /// snake_case entity name (`ticket`), unique in the definition.
+    #[schema(min_length = 1, max_length = 64, pattern = r"^[a-z][a-z0-9_]*$")]
+    pub name: String,
+    /// Dotted path of the record's id in a record (`id`).
+    #[schema(min_length = 1, max_length = 256, pattern = r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")]
+    pub id_field: String,
+    /// Dotted path of the record's last-modified timestamp, used for incremental sync.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(min_length = 1, max_length = 256, pattern = r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")]
+    pub updated_at_field: Option<String>,
+    /// The list request: `GET` or `POST`; `itemsPath` locates the records.
+    pub list: RequestTemplateDto,
+    /// Reads one record: `GET`, path with `{id}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub get: Option<RequestTemplateDto>,
+    /// Creates or updates a record: `POST`, `PUT` or `PATCH`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upsert: Option<RequestTemplateDto>,
+    /// Deletes a record: `DELETE` or `POST`, path with `{id}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delete: Option<RequestTemplateDto>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "UPPERCASE")]
+#[schema(as = HttpMethod)]
+pub enum HttpMethodDto {
+    Get,
+    Post,
+    Put,
+    Patch,
+    Delete,
+}
+
+/// A request: method, path template relative to the base URL (`/tickets/{id}`), fixed query
+/// parameters (at most 50, values at most 1024 characters), and where the records are in a list
+/// response.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schema(as = RequestTemplate)]
+pub struct RequestTemplateDto {
+    pub method: HttpMethodDto,
+    /// Starts with `/`; no spaces, `?` or `#`; placeholders such as `{id}`.
+    #[schema(min_length = 1, max_length = 1024, pattern = r"^/[^\s?#]*$")]
+    pub path: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schema(schema_with = super::schemas::query_parameters)]
+    pub query: BTreeMap<String, String>,
+    /// Dotted path of the records array in a list response (`data.items`); absent: the body is the array.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(min_length = 1, max_length = 256, pattern = r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")]
+    pub items_path: Option<String>,
+}
+
+impl From<CustomDefinitionDto> for CustomApiDefinition {
+    fn from(dto: CustomDefinitionDto) -> Self {
+        Self {
+            base_url: dto.base_url,
+            auth: dto.auth.into(),
+            default_headers: dto.default_headers,
+            pagination: dto.pagination.into(),
+            entities: dto.entities.into_iter().map(Into::into).collect(),
+        }
+    }
+}
+
+impl From<&CustomApiDefinition> for CustomDefinitionDto {
+    fn from(d: &CustomApiDefinition) -> Self {
+        Self {
+            base_url: d.base_url.clone(),
+            auth: (&d.auth).into(),
+            default_headers: d.default_headers.clone(),
+            pagination: (&d.pagination).into(),
+            entities: d.entities.iter().map(Into::into).collect(),
+        }
+    }
+}
+
+impl From<CustomAuthDto> for CustomAuth {
+    fn from(dto: CustomAuthDto) -> Self {
+        match dto {
+            CustomAuthDto::ApiKey { location, name } => CustomAuth::ApiKey {
+                location: match location {
+                    ApiKeyLocationDto::Header => ApiKeyLocation::Header,
+                    ApiKeyLocationDto::Query => ApiKeyLocation::Query,
+                },
+                name,
+            },
+            CustomAuthDto::Bearer => CustomAuth::Bearer,
+            CustomAuthDto::Basic => CustomAuth::Basic,
+            CustomAuthDto::Oauth2ClientCredentials { token_url, scopes } => CustomAuth::Oauth2ClientCredentials { token_url, scopes },
+        }
+    }
+}
+
+impl From<&CustomAuth> for CustomAuthDto {
+    fn from(auth: &CustomAuth) -> Self {
+        match auth {
+            CustomAuth::ApiKey { location, name } => CustomAuthDto::ApiKey {
+                location: match location {
+                    ApiKeyLocation::Header => ApiKeyLocationDto::Header,
+                    ApiKeyLocation::Query => ApiKeyLocationDto::Query,
+                },
+                name: name.clone(),
+            },
+            CustomAuth::Bearer => CustomAuthDto::Bearer,
+            CustomAuth::Basic => CustomAuthDto::Basic,
+            CustomAuth::Oauth2ClientCredentials { token_url, scopes } => {
+                CustomAuthDto::Oauth2ClientCredentials { token_url: token_url.clone(), scopes: scopes.clone() }
+            }
+        }
+    }
+}
+
+impl From<PaginationDto> for Pagination {
+    fn from(dto: PaginationDto) -> Self {
+        match dto {
+            PaginationDto::Cursor { cursor_param, next_cursor_path, limit_param, page_size } => {
+                Pagination::Cursor { cursor_param, next_cursor_path, limit_param, page_size }
+            }
+            PaginationDto::Page { page_param, start_page, limit_param, page_size } => {
+                Pagination::Page { page_param, start_page, limit_param, page_size }
+            }
+            PaginationDto::Offset { offset_param, limit_param, page_size } => Pagination::Offset { offset_param, limit_param, page_size },
+            PaginationDto::Link { limit_param, page_size } => Pagination::Link { limit_param, page_size },
+            PaginationDto::None => Pagination::None,
+        }
+    }
+}
+
+impl From<&Pagination> for PaginationDto {
+    fn from(p: &Pagination) -> Self {
+        match p.clone() {
+            Pagination::Cursor { cursor_param, next_cursor_path, limit_param, page_size } => {
+                PaginationDto::Cursor { cursor_param, next_cursor_path, limit_param, page_size }
+            }
+            Pagination::Page { page_param, start_page, limit_param, page_size } => {
+                PaginationDto::Page { page_param, start_page, limit_param, page_size }
+            }
+            Pagination::Offset { offset_param, limit_param, page_size } => PaginationDto::Offset { offset_param, limit_param, page_size },
+            Pagination::Link { limit_param, page_size } => PaginationDto::Link { limit_param, page_size },
+            Pagination::None => PaginationDto::None,
+        }
+    }
+}
+
+impl From<EntityDto> for EntityDefinition {
+    fn from(dto: EntityDto) -> Self {
+        Self {
+            name: dto.name,
+            id_field: dto.id_field,
+            updated_at_field: dto.updated_at_field,
+            list: dto.list.into(),
+            get: dto.get.map(Into::into),
+            upsert: dto.upsert.map(Into::into),
+            delete: dto.delete.map(Into::into),
+        }
+    }
+}
+
+impl From<&EntityDefinition> for EntityDto {
+    fn from(e: &EntityDefinition) -> Self {
+        Self {
+            name: e.name.clone(),
+            id_field: e.id_field.clone(),
+            updated_at_field: e.updated_at_field.clone(),
+            list: (&e.list).into(),
+            get: e.get.as_ref().map(Into::into),
+            upsert: e.upsert.as_ref().map(Into::into),
+            delete: e.delete.as_ref().map(Into::into),
+        }
+    }
+}
+
+impl From<RequestTemplateDto> for RequestTemplate {
+    fn from(dto: RequestTemplateDto) -> Self {
+        Self {
+            method: match dto.method {
+                HttpMethodDto::Get => HttpMethod::Get,
+                HttpMethodDto::Post => HttpMethod::Post,
+                HttpMethodDto::Put => HttpMethod::Put,
+                HttpMethodDto::Patch => HttpMethod::Patch,
+                HttpMethodDto::Delete => HttpMethod::Delete,
+            },
+            path: dto.path,
+            query: dto.query,
+            items_path: dto.items_path,
+        }
+    }
+}
+
+impl From<&RequestTemplate> for RequestTemplateDto {
+    fn from(t: &RequestTemplate) -> Self {
+        Self {
+            method: match t.method {
+                HttpMethod::Get => HttpMethodDto::Get,
+                HttpMethod::Post => HttpMethodDto::Post,
+                HttpMethod::Put => HttpMethodDto::Put,
+                HttpMethod::Patch => HttpMethodDto::Patch,
+                HttpMethod::Delete => HttpMethodDto::Delete,
+            },
+            path: t.path.clone(),
+            query: t.query.clone(),
+            items_path: t.items_path.clone(),
+        }
+    }
+}

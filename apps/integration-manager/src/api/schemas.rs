@@ -1,0 +1,70 @@
+//! Schemas of collection fields whose item or key constraints the derive cannot state
+//! (`#[schema(schema_with = ...)]`), so the document still names every rule the API enforces.
+
+use utoipa::openapi::schema::{AdditionalProperties, ArrayBuilder, ObjectBuilder, Schema, Type};
+use utoipa::openapi::{Array, Object};
+
+/// A header or parameter name (RFC 9110 token), 1 to 128 characters.
+pub const HEADER_NAME: &str = r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,128}$";
+
+fn string(min: usize, max: usize, pattern: Option<&str>) -> Object {
+    ObjectBuilder::new().schema_type(Type::String).min_length(Some(min)).max_length(Some(max)).pattern(pattern).build()
+}
+
+fn array_of(item: Object, max_items: usize, description: &str) -> Array {
+    ArrayBuilder::new()
+        .items(utoipa::openapi::RefOr::T(Schema::Object(item)))
+        .max_items(Some(max_items))
+        .description(Some(description))
+        .build()
+}
+
+fn map_of(max_properties: usize, value_max: usize, description: &str) -> Object {
+    ObjectBuilder::new()
+        .schema_type(Type::Object)
+        .property_names(Some(Schema::Object(string(1, 128, Some(HEADER_NAME)))))
+        .additional_properties(Some(AdditionalProperties::RefOr(string(0, value_max, None).into())))
+        .max_properties(Some(max_properties))
+        .description(Some(description))
+        .build()
+}
+
+/// OAuth 2.0 scopes: at most 100, each 1 to 200 characters without spaces.
+pub fn scopes() -> Array {
+    array_of(string(1, 200, Some(r"^\S+$")), 100, "OAuth 2.0 scopes, each 1 to 200 characters without spaces")
+}
+
+/// Entity names: at most 100 snake_case names.
+pub fn entity_names() -> Array {
+    array_of(string(1, 64, Some("^[a-z][a-z0-9_]*$")), 100, "snake_case entity names, 1 to 64 characters")
+}
+
+/// Event-type filters: at most 50 exact deliverable types or wildcards.
+pub fn event_type_filters() -> Array {
+    array_of(
+        string(1, 100, Some(r"^(\*|[a-z]+(\.[a-z_]+)*(\.\*)?)$")),
+        50,
+        "Exact event types or wildcards (`integration.*`, `*`); empty: every deliverable event",
+    )
+}
+
+/// Request headers of a webhook endpoint: at most 20.
+pub fn webhook_headers() -> Object {
+    map_of(20, 4096, "Extra request headers; not the signature headers, content-type, user-agent or host")
+}
+
+/// Default headers of a custom API: at most 50 (never `Authorization`).
+pub fn default_headers() -> Object {
+    map_of(50, 4096, "Headers sent with every request (never `Authorization`: the auth scheme sets it)")
+}
+
+/// Fixed query parameters of a request template: at most 50.
+pub fn query_parameters() -> Object {
+    ObjectBuilder::new()
+        .schema_type(Type::Object)
+        .property_names(Some(Schema::Object(string(1, 128, Some(r"^[A-Za-z0-9_\-.\[\]]+$")))))
+        .additional_properties(Some(AdditionalProperties::RefOr(string(0, 1024, None).into())))
+        .max_properties(Some(50))
+        .description(Some("Fixed query parameters"))
+        .build()
+}
