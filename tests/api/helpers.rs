@@ -7,6 +7,49 @@ use integration_manager::{Application, Settings};
 use reqwest::{Method, RequestBuilder, Response, StatusCode};
 use serde_json::{Value, json};
 
+/// A request being built; [`Checked::send`] checks the exchange against the OpenAPI document
+/// (`crate::contract`).
+pub struct Checked {
+    inner: RequestBuilder,
+    method: Method,
+    path: String,
+    body: Option<Value>,
+}
+
+impl Checked {
+    pub fn header(mut self, name: &str, value: &str) -> Self {
+        self.inner = self.inner.header(name, value);
+        self
+    }
+
+    pub fn json(mut self, body: &Value) -> Self {
+        self.inner = self.inner.json(body);
+        self.body = Some(body.clone());
+        self
+    }
+
+    /// A raw body: the exchange's answer is checked, the body itself is not (it may not be JSON).
+    pub fn body(mut self, body: impl Into<reqwest::Body>) -> Self {
+        self.inner = self.inner.body(body);
+        self
+    }
+
+    pub async fn send(self) -> reqwest::Result<Response> {
+        let response = self.inner.send().await?;
+        let status = response.status();
+        let headers = response.headers().clone();
+        let version = response.version();
+        let bytes = response.bytes().await?;
+        let content_type = headers.get("content-type").and_then(|v| v.to_str().ok());
+        crate::contract::check(&self.method, &self.path, self.body.as_ref(), status, content_type, &bytes);
+        let mut rebuilt = http::Response::new(bytes);
+        *rebuilt.status_mut() = status;
+        *rebuilt.headers_mut() = headers;
+        *rebuilt.version_mut() = version;
+        Ok(Response::from(rebuilt))
+    }
+}
+
 /// A running service and what a test needs to talk to it.
 pub struct TestApp {
     pub address: String,
@@ -104,8 +147,14 @@ impl TestApp {
         self.token("platform", "root", &[Role::Admin])
     }
 
-    pub fn request(&self, method: Method, path: &str, token: &str) -> RequestBuilder {
-        self.client.request(method, format!("{}{path}", self.address)).bearer_auth(token)
+    /// A request whose exchange is checked against the OpenAPI document when sent.
+    pub fn request(&self, method: Method, path: &str, token: &str) -> Checked {
+        Checked {
+            inner: self.client.request(method.clone(), format!("{}{path}", self.address)).bearer_auth(token),
+            method,
+            path: path.to_owned(),
+            body: None,
+        }
     }
 
     pub async fn get(&self, path: &str, token: &str) -> Response {

@@ -3,6 +3,7 @@
 
 mod auth;
 mod bad_input;
+mod contract;
 mod deliveries;
 mod events;
 mod helpers;

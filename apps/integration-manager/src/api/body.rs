@@ -14,7 +14,7 @@ use jsonschema::Validator;
 use jsonschema::error::{TypeKind, ValidationErrorKind};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
-use utoipa::{OpenApi, ToSchema};
+use utoipa::ToSchema;
 
 use super::problem::ApiError;
 
@@ -22,7 +22,7 @@ use super::problem::ApiError;
 const DOCUMENT_URI: &str = "urn:integration-manager:openapi";
 
 /// The document's JSON, built once.
-static DOCUMENT: LazyLock<Value> = LazyLock::new(|| serde_json::to_value(super::openapi::ApiDoc::openapi()).unwrap_or(Value::Null));
+static DOCUMENT: LazyLock<Value> = LazyLock::new(super::openapi::spec);
 
 /// Compiled validators by schema name.
 static VALIDATORS: LazyLock<RwLock<HashMap<String, Arc<Validator>>>> = LazyLock::new(RwLock::default);

@@ -2,6 +2,7 @@
 //! document, committed; a test fails when they drift (`integration-manager openapi` prints it).
 
 use actix_web::HttpResponse;
+use serde_json::{Value, json};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
@@ -49,11 +50,79 @@ impl Modify for BearerAuth {
 )]
 pub struct ApiDoc;
 
-/// The document as pretty JSON, with a trailing newline (as committed).
-pub fn document() -> String {
+/// Unions whose variants refuse unknown fields (`deny_unknown_fields`), which the derive does
+/// not state for enum variants.
+const CLOSED_UNIONS: [&str; 2] = ["CustomAuth", "Pagination"];
+
+fn problem_response(description: &str) -> Value {
+    json!({"description": description, "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}})
+}
+
+/// Adds the answers every operation can give and the handlers do not list one by one, so the
+/// document names every status the API answers with.
+fn common_responses(path: &str, method: &str, op: &mut Value) {
+    let params = op["parameters"].as_array().cloned().unwrap_or_default();
+    let has_query = params.iter().any(|p| p["in"] == "query");
+    let has_if_match = params.iter().any(|p| p["in"] == "header" && p["name"] == "If-Match");
+    let has_body = op.get("requestBody").is_some();
+    let mut add = |code: &str, description: &str| {
+        if let Some(responses) = op["responses"].as_object_mut() {
+            responses.entry(code).or_insert_with(|| problem_response(description));
+        }
+    };
+    if path.starts_with("/api/") {
+        add("401", "Missing or invalid token");
+        add("403", "The caller's role does not allow this");
+        add("429", "Too many requests; `Retry-After` says when to try again");
+    }
+    if has_query || has_body || has_if_match {
+        add("400", "Malformed request: unknown or missing fields, wrong types, a bad header");
+    }
+    if has_query || has_body {
+        add("422", "Invalid values, each named by its JSON path");
+    }
+    if path.contains('{') {
+        add("404", "No such resource in the caller's tenant");
+    }
+    if has_if_match {
+        add("412", "`If-Match` is stale");
+    }
+    if has_body {
+        add("413", "Body over the size limit");
+        add("415", "Body is not JSON");
+    }
+    if method != "get" || path.starts_with("/api/") {
+        add("500", "Unexpected error; the request id identifies it in the logs");
+    }
+    add("503", "A dependency is unavailable; `Retry-After` says when to try again");
+}
+
+/// The document as JSON: generated from the handlers and DTOs, completed with the common
+/// answers and closed unions.
+pub fn spec() -> Value {
     let mut doc = ApiDoc::openapi();
     doc.info.version = env!("CARGO_PKG_VERSION").to_owned();
-    let mut text = doc.to_pretty_json().unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"));
+    let mut value = serde_json::to_value(&doc).unwrap_or(Value::Null);
+    if let Some(paths) = value["paths"].as_object_mut() {
+        for (path, item) in paths.iter_mut() {
+            for (method, op) in item.as_object_mut().into_iter().flatten() {
+                common_responses(path, method, op);
+            }
+        }
+    }
+    for name in CLOSED_UNIONS {
+        for variant in value["components"]["schemas"][name]["oneOf"].as_array_mut().into_iter().flatten() {
+            if variant["type"] == "object" {
+                variant["additionalProperties"] = Value::Bool(false);
+            }
+        }
+    }
+    value
+}
+
+/// The document as pretty JSON, with a trailing newline (as committed).
+pub fn document() -> String {
+    let mut text = serde_json::to_string_pretty(&spec()).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"));
     text.push('\n');
     text
 }

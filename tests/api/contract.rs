@@ -1,0 +1,127 @@
+//! The OpenAPI document as a contract: every request the suite sends through [`crate::helpers`]
+//! and every answer it receives is checked against the served document. A mismatch fails the
+//! test with the operation, the status and the JSON path.
+//!
+//! - the operation (method and path template) and the answer's status must be documented;
+//! - an answer's body must match the schema of its status (problem bodies included);
+//! - a request body the document accepts must not be refused for its shape (`400`), and one it
+//!   refuses must not be accepted (`2xx`): the document and the parser agree both ways.
+
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock, Mutex};
+
+use jsonschema::Validator;
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+const DOCUMENT_URI: &str = "urn:integration-manager:openapi";
+
+static DOCUMENT: LazyLock<Value> =
+    LazyLock::new(|| serde_json::from_str(&integration_manager::api::openapi::document()).expect("the OpenAPI document is JSON"));
+
+static VALIDATORS: LazyLock<Mutex<HashMap<String, Arc<Validator>>>> = LazyLock::new(Mutex::default);
+
+/// A validator of the schema at `pointer` in the document.
+fn validator(pointer: &str) -> Arc<Validator> {
+    let mut cache = VALIDATORS.lock().unwrap_or_else(|p| p.into_inner());
+    cache
+        .entry(pointer.to_owned())
+        .or_insert_with(|| {
+            let resource = jsonschema::Draft::Draft202012.create_resource(DOCUMENT.clone());
+            Arc::new(
+                jsonschema::options()
+                    .with_draft(jsonschema::Draft::Draft202012)
+                    .with_resource(DOCUMENT_URI, resource)
+                    .build(&json!({"$ref": format!("{DOCUMENT_URI}#{}", pointer.replace('{', "%7B").replace('}', "%7D"))}))
+                    .unwrap_or_else(|e| panic!("the schema at {pointer} does not compile: {e}")),
+            )
+        })
+        .clone()
+}
+
+fn escape(segment: &str) -> String {
+    segment.replace('~', "~0").replace('/', "~1")
+}
+
+/// The document's path template matching `path` (query string removed).
+fn template(path: &str) -> Option<String> {
+    let path = path.split('?').next().unwrap_or(path);
+    let wanted: Vec<&str> = path.split('/').collect();
+    DOCUMENT["paths"]
+        .as_object()?
+        .keys()
+        .find(|t| {
+            let parts: Vec<&str> = t.split('/').collect();
+            parts.len() == wanted.len() && parts.iter().zip(&wanted).all(|(t, w)| (t.starts_with('{') && t.ends_with('}')) || t == w)
+        })
+        .cloned()
+}
+
+/// Problems of `instance` against the schema at `pointer`, as `path: message` lines.
+fn problems(pointer: &str, instance: &Value) -> Vec<String> {
+    validator(pointer).iter_errors(instance).map(|e| format!("{}: {e}", e.instance_path)).collect()
+}
+
+/// Checks one exchange; panics with the operation, status and JSON path of any mismatch.
+pub fn check(method: &Method, path: &str, request: Option<&Value>, status: StatusCode, content_type: Option<&str>, body: &[u8]) {
+    let Some(template) = template(path) else {
+        // Unknown routes answer a problem 404, which is all the document can say of them.
+        assert_eq!(status, StatusCode::NOT_FOUND, "contract: {method} {path} is not in the OpenAPI document");
+        let value: Value = serde_json::from_slice(body).expect("a problem body");
+        let found = problems("/components/schemas/Problem", &value);
+        assert!(found.is_empty(), "contract: {method} {path} 404: {found:?}");
+        return;
+    };
+    let op_pointer = format!("/paths/{}/{}", escape(&template), method.as_str().to_lowercase());
+    let op = DOCUMENT.pointer(&op_pointer).unwrap_or_else(|| panic!("contract: {method} {template} is not documented"));
+    let operation = format!("{method} {template}");
+
+    if let Some(request) = request
+        && op.pointer("/requestBody/content/application~1json/schema").is_some()
+    {
+        let refused = problems(&format!("{op_pointer}/requestBody/content/application~1json/schema"), request);
+        if refused.is_empty() {
+            let shape_refused = status == StatusCode::BAD_REQUEST
+                && serde_json::from_slice::<Value>(body).is_ok_and(|b| b["type"] == "urn:integration-manager:problem:invalid-request");
+            assert!(
+                !shape_refused,
+                "contract: {operation}: the document accepts the body but the API refused its shape: {}\n{request}",
+                String::from_utf8_lossy(body)
+            );
+        } else {
+            assert!(
+                !status.is_success(),
+                "contract: {operation}: the API accepted ({status}) a body the document refuses: {refused:?}\n{request}"
+            );
+        }
+    }
+
+    let code = status.as_u16().to_string();
+    let response = op
+        .pointer(&format!("/responses/{code}"))
+        .or_else(|| op.pointer("/responses/default"))
+        .unwrap_or_else(|| panic!("contract: {operation}: status {status} is not documented"));
+    let Some(content) = response.get("content").and_then(Value::as_object) else {
+        return;
+    };
+    if body.is_empty() && status == StatusCode::NOT_MODIFIED {
+        return;
+    }
+    let media = content_type.unwrap_or_default().split(';').next().unwrap_or_default().trim().to_owned();
+    let (media, entry) = content.get_key_value(media.as_str()).unwrap_or_else(|| {
+        panic!("contract: {operation} {status}: content type {media:?} is not documented (documented: {:?})", content.keys())
+    });
+    if entry.get("schema").is_none() {
+        return;
+    }
+    let value: Value = serde_json::from_slice(body).unwrap_or_else(|e| panic!("contract: {operation} {status}: the body is not JSON: {e}"));
+    let pointer =
+        format!("/paths/{}/{}/responses/{code}/content/{}/schema", escape(&template), method.as_str().to_lowercase(), escape(media));
+    let pointer = if DOCUMENT.pointer(&pointer).is_some() {
+        pointer
+    } else {
+        format!("/paths/{}/{}/responses/default/content/{}/schema", escape(&template), method.as_str().to_lowercase(), escape(media))
+    };
+    let found = problems(&pointer, &value);
+    assert!(found.is_empty(), "contract: {operation} {status}: the body does not match the document: {found:?}\n{value}");
+}
