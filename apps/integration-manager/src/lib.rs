@@ -2,6 +2,7 @@
 //! the only one that picks adapters; `main.rs` only parses the command line.
 
 pub mod api;
+pub mod audit;
 pub mod catalog;
 pub mod cli;
 pub mod config;

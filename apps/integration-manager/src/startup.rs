@@ -14,6 +14,7 @@ use base64::Engine as _;
 use im_auth::LocalJwt;
 use im_bus_rabbitmq::RabbitDeliveryQueue;
 use im_bus_rabbitmq::RabbitPublisher;
+use im_domain::audit::Audit;
 use im_domain::auth::Authenticator;
 use im_domain::ports::{EventPublisher, HealthCheck, IntegrationRepository, Outbox, ProviderRepository};
 use im_domain::secrets::SecretStore;
@@ -27,6 +28,7 @@ use im_store_embedded::EmbeddedStore;
 use im_webhook_sender::{HttpWebhookSender, SenderSettings};
 
 use crate::api;
+use crate::audit::TracingAudit;
 use crate::config::{AuthMode, EventsBackend, SecretsBackend, Settings, StorageBackend};
 use crate::deliveries::{BrokerThenLocal, FanOut, spawn_dispatcher};
 use crate::events::{OutboxHealth, WakeOnEvents};
@@ -181,12 +183,13 @@ impl Application {
         let storage = open_storage(&settings, clock.clone(), false).await?;
         let authenticator: Arc<dyn Authenticator> = Arc::new(local_jwt(&settings)?);
 
-        let catalog = CatalogService::new(storage.providers.clone(), clock.clone());
+        let audit = Audit::new(Arc::new(TracingAudit), clock.clone());
+        let catalog = CatalogService::new(storage.providers.clone(), clock.clone(), audit.clone());
         let report = catalog.seed(crate::catalog::builtin_providers()?).await.context("seeding the provider catalog")?;
         tracing::info!(inserted = report.inserted, already_seeded = report.skipped, "provider catalog seeded");
         let wake = Arc::new(tokio::sync::Notify::new());
         let repository = Arc::new(WakeOnEvents { inner: storage.integrations.clone(), wake: wake.clone() });
-        let integrations = IntegrationService::new(repository, storage.providers.clone(), clock, Arc::new(UuidV7));
+        let integrations = IntegrationService::new(repository, storage.providers.clone(), clock, Arc::new(UuidV7), audit.clone());
 
         let mut health: Vec<Arc<dyn HealthCheck>> = vec![storage.health.clone()];
         let bus = Arc::new(InProcessBus::new());
@@ -217,6 +220,7 @@ impl Application {
             Arc::new(OsEntropy),
             settings.webhooks.url_policy(),
             settings.webhooks.previous_secret_grace.0,
+            audit.clone(),
         );
         // Delivery jobs: a RabbitMQ work queue shared by every instance, or the embedded
         // database of the data directory (whatever the store).
@@ -261,6 +265,7 @@ impl Application {
                 disable_min_failures: settings.webhooks.disable_min_failures,
                 user_agent: format!("IntegrationManager-Webhooks/{}", env!("CARGO_PKG_VERSION")),
             },
+            audit,
         );
         let dispatch = Arc::new(tokio::sync::Notify::new());
         bus.subscribe(Arc::new(FanOut { service: deliveries.clone(), wake: dispatch.clone() }));

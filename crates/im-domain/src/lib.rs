@@ -4,6 +4,7 @@
 //! This crate depends on no web framework, no async runtime, no HTTP client and no database
 //! driver (a tidy test enforces it), so sibling services can reuse it as a library.
 
+pub mod audit;
 pub mod auth;
 pub mod common;
 pub mod custom;

@@ -10,6 +10,8 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use utoipa::ToSchema;
 
+use im_domain::audit::AuditAction;
+
 use super::body;
 use super::extract::{Authenticated, JsonBody};
 use super::problem::{ApiError, ApiResult, Problem};
@@ -221,12 +223,11 @@ pub struct RecoverReport {
     ),
     security(("bearer" = [])))]
 pub async fn recover(state: web::Data<AppState>, caller: Authenticated, id: web::Path<String>, body: JsonBody) -> ApiResult<HttpResponse> {
-    caller.0.require(im_domain::Role::Member)?;
+    state.deliveries.authorize(&caller.0, AuditAction::Recover).await?;
     let webhook = webhook_id(&id)?;
     let convert = |input: RecoverInput| time_param(&input.since).map_err(|v| DomainError::invalid("since", v.message));
     let since = body::read(body.0, convert, async |_: &OffsetDateTime| Ok(())).await?;
     let recovered = state.deliveries.recover(&caller.0, webhook, since).await?;
-    tracing::info!(target: "audit", action = "webhook.recover", tenant_id = %caller.0.tenant_id, actor = %caller.0.user_id, webhook_id = %webhook, recovered, "deliveries recovered");
     Ok(HttpResponse::Accepted().json(RecoverReport { recovered }))
 }
 

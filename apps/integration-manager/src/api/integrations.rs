@@ -9,6 +9,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use utoipa::ToSchema;
 
+use im_domain::audit::AuditAction;
+
 use super::body::{self, IgnoredField};
 use super::custom::CustomDefinitionDto;
 use super::extract::{Authenticated, JsonBody, etag_header, if_match, not_modified};
@@ -217,10 +219,9 @@ pub async fn list(state: web::Data<AppState>, caller: Authenticated, req: HttpRe
     ),
     security(("bearer" = [])))]
 pub async fn create(state: web::Data<AppState>, caller: Authenticated, body: JsonBody) -> ApiResult<HttpResponse> {
-    caller.0.require(im_domain::Role::Member)?;
+    state.integrations.authorize(&caller.0, AuditAction::Create).await?;
     let spec = read_spec(&state, body.0).await?;
     let stored = state.integrations.create(&caller.0, spec).await?;
-    tracing::info!(target: "audit", action = "integration.create", tenant_id = %caller.0.tenant_id, actor = %caller.0.user_id, integration_id = %stored.value.id, "integration created");
     let mut builder = HttpResponse::Created();
     builder.insert_header((header::LOCATION, format!("/api/v1/integrations/{}", stored.value.id)));
     Ok(respond(builder, &stored))
@@ -266,12 +267,11 @@ pub async fn update(
     req: HttpRequest,
     body: JsonBody,
 ) -> ApiResult<HttpResponse> {
-    caller.0.require(im_domain::Role::Member)?;
+    state.integrations.authorize(&caller.0, AuditAction::Update).await?;
     let id = path_id(&id)?;
     let if_match = if_match(&req)?;
     let spec = read_spec(&state, body.0).await?;
     let stored = state.integrations.update(&caller.0, id, spec, if_match.as_ref()).await?;
-    tracing::info!(target: "audit", action = "integration.update", tenant_id = %caller.0.tenant_id, actor = %caller.0.user_id, integration_id = %id, "integration updated");
     Ok(respond(HttpResponse::Ok(), &stored))
 }
 
@@ -291,6 +291,5 @@ pub async fn delete(state: web::Data<AppState>, caller: Authenticated, id: web::
     let id = path_id(&id)?;
     let if_match = if_match(&req)?;
     state.integrations.delete(&caller.0, id, if_match.as_ref()).await?;
-    tracing::info!(target: "audit", action = "integration.delete", tenant_id = %caller.0.tenant_id, actor = %caller.0.user_id, integration_id = %id, "integration deleted");
     Ok(HttpResponse::NoContent().finish())
 }

@@ -4,10 +4,12 @@ use actix_web::http::header;
 use actix_web::{HttpRequest, HttpResponse, web};
 use im_domain::Stored;
 use im_domain::provider::{AuthMode, Capabilities, Category, Provider, ProviderFilter, ProviderId, ProviderSpec};
-use im_domain::{DomainError, FieldViolation, Role, Violations};
+use im_domain::{DomainError, FieldViolation, Violations};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::ToSchema;
+
+use im_domain::audit::AuditAction;
 
 use super::body::{self, IgnoredField};
 use super::extract::{Authenticated, JsonBody, etag_header, if_match, not_modified};
@@ -277,10 +279,9 @@ pub async fn get(state: web::Data<AppState>, caller: Authenticated, id: web::Pat
     ),
     security(("bearer" = [])))]
 pub async fn create(state: web::Data<AppState>, caller: Authenticated, body: JsonBody) -> ApiResult<HttpResponse> {
-    caller.0.require(Role::Admin)?;
+    state.catalog.authorize(&caller.0, AuditAction::Create).await?;
     let spec = read_spec(body.0, None).await?;
     let stored = state.catalog.create(&caller.0, spec).await?;
-    tracing::info!(target: "audit", action = "provider.create", actor = %caller.0.user_id, provider_id = %stored.value.spec.id, "provider created");
     let mut builder = HttpResponse::Created();
     builder.insert_header((header::LOCATION, format!("/api/v1/providers/{}", stored.value.spec.id)));
     Ok(respond(builder, &stored))
@@ -308,12 +309,11 @@ pub async fn update(
     req: HttpRequest,
     body: JsonBody,
 ) -> ApiResult<HttpResponse> {
-    caller.0.require(Role::Admin)?;
+    state.catalog.authorize(&caller.0, AuditAction::Update).await?;
     let id = path_id(&id)?;
     let if_match = if_match(&req)?;
     let spec = read_spec(body.0, Some(&id)).await?;
     let stored = state.catalog.update(&caller.0, &id, spec, if_match.as_ref()).await?;
-    tracing::info!(target: "audit", action = "provider.update", actor = %caller.0.user_id, provider_id = %id, "provider updated");
     Ok(respond(HttpResponse::Ok(), &stored))
 }
 
@@ -331,10 +331,8 @@ pub async fn update(
     ),
     security(("bearer" = [])))]
 pub async fn delete(state: web::Data<AppState>, caller: Authenticated, id: web::Path<String>, req: HttpRequest) -> ApiResult<HttpResponse> {
-    caller.0.require(Role::Admin)?;
     let id = path_id(&id)?;
     let if_match = if_match(&req)?;
     state.catalog.delete(&caller.0, &id, if_match.as_ref()).await?;
-    tracing::info!(target: "audit", action = "provider.delete", actor = %caller.0.user_id, provider_id = %id, "provider deleted");
     Ok(HttpResponse::NoContent().finish())
 }

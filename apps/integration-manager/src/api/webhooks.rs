@@ -4,13 +4,15 @@ use std::collections::BTreeMap;
 
 use actix_web::http::header;
 use actix_web::{HttpRequest, HttpResponse, web};
+use im_domain::IntegrationId;
 use im_domain::Stored;
 use im_domain::services::WithSecret;
 use im_domain::webhooks::endpoint::{Webhook, WebhookId, WebhookSpec, WebhookStatus};
-use im_domain::{IntegrationId, Role};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::ToSchema;
+
+use im_domain::audit::AuditAction;
 
 use super::body::{self, IgnoredField};
 use super::extract::{Authenticated, JsonBody, etag_header, if_match, not_modified};
@@ -213,10 +215,9 @@ pub async fn list(state: web::Data<AppState>, caller: Authenticated, req: HttpRe
     ),
     security(("bearer" = [])))]
 pub async fn create(state: web::Data<AppState>, caller: Authenticated, body: JsonBody) -> ApiResult<HttpResponse> {
-    caller.0.require(Role::Member)?;
+    state.webhooks.authorize(&caller.0, AuditAction::Create).await?;
     let spec = read_spec(&state, body.0).await?;
     let WithSecret { webhook, secret } = state.webhooks.create(&caller.0, spec).await?;
-    tracing::info!(target: "audit", action = "webhook.create", tenant_id = %caller.0.tenant_id, actor = %caller.0.user_id, webhook_id = %webhook.value.id, "webhook created");
     let mut builder = HttpResponse::Created();
     builder.insert_header((header::LOCATION, format!("/api/v1/webhooks/{}", webhook.value.id)));
     Ok(respond(builder, &webhook, Some(secret.expose())))
@@ -259,12 +260,11 @@ pub async fn update(
     req: HttpRequest,
     body: JsonBody,
 ) -> ApiResult<HttpResponse> {
-    caller.0.require(Role::Member)?;
+    state.webhooks.authorize(&caller.0, AuditAction::Update).await?;
     let id = path_id(&id)?;
     let if_match = if_match(&req)?;
     let spec = read_spec(&state, body.0).await?;
     let stored = state.webhooks.update(&caller.0, id, spec, if_match.as_ref()).await?;
-    tracing::info!(target: "audit", action = "webhook.update", tenant_id = %caller.0.tenant_id, actor = %caller.0.user_id, webhook_id = %id, "webhook updated");
     Ok(respond(HttpResponse::Ok(), &stored, None))
 }
 
@@ -284,7 +284,6 @@ pub async fn delete(state: web::Data<AppState>, caller: Authenticated, id: web::
     let id = path_id(&id)?;
     let if_match = if_match(&req)?;
     state.webhooks.delete(&caller.0, id, if_match.as_ref()).await?;
-    tracing::info!(target: "audit", action = "webhook.delete", tenant_id = %caller.0.tenant_id, actor = %caller.0.user_id, webhook_id = %id, "webhook deleted");
     Ok(HttpResponse::NoContent().finish())
 }
 
@@ -306,10 +305,8 @@ pub async fn rotate_secret(
     id: web::Path<String>,
     req: HttpRequest,
 ) -> ApiResult<HttpResponse> {
-    caller.0.require(Role::Member)?;
     let id = path_id(&id)?;
     let if_match = if_match(&req)?;
     let WithSecret { webhook, secret } = state.webhooks.rotate_secret(&caller.0, id, if_match.as_ref()).await?;
-    tracing::info!(target: "audit", action = "webhook.rotate_secret", tenant_id = %caller.0.tenant_id, actor = %caller.0.user_id, webhook_id = %id, "webhook secret rotated");
     Ok(respond(HttpResponse::Ok(), &webhook, Some(secret.expose())))
 }

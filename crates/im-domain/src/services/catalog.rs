@@ -1,5 +1,6 @@
 use std::sync::Arc;
 
+use crate::audit::{Audit, AuditAction, AuditResource};
 use crate::auth::{Caller, Role};
 use crate::common::{Clock, ETag, Page, PageRequest, Stored};
 use crate::error::DomainError;
@@ -13,6 +14,7 @@ use super::read_modify_write;
 pub struct CatalogService {
     providers: Arc<dyn ProviderRepository>,
     clock: Arc<dyn Clock>,
+    audit: Audit,
 }
 
 impl std::fmt::Debug for CatalogService {
@@ -22,8 +24,16 @@ impl std::fmt::Debug for CatalogService {
 }
 
 impl CatalogService {
-    pub fn new(providers: Arc<dyn ProviderRepository>, clock: Arc<dyn Clock>) -> Self {
-        Self { providers, clock }
+    pub fn new(providers: Arc<dyn ProviderRepository>, clock: Arc<dyn Clock>, audit: Audit) -> Self {
+        Self { providers, clock, audit }
+    }
+
+    /// Checks, before a change is even read, that the caller may change the catalog (admins).
+    ///
+    /// # Errors
+    /// `Forbidden`, recorded in the audit log.
+    pub async fn authorize(&self, caller: &Caller, action: AuditAction) -> Result<(), DomainError> {
+        self.audit.require(caller, Role::Admin, AuditResource::Provider, action).await
     }
 
     pub async fn get(&self, caller: &Caller, id: &ProviderId) -> Result<Stored<Provider>, DomainError> {
@@ -40,6 +50,16 @@ impl CatalogService {
     /// `Forbidden` without the admin role, `Validation` listing every offending field,
     /// `Conflict` when the id is taken.
     pub async fn create(&self, caller: &Caller, spec: ProviderSpec) -> Result<Stored<Provider>, DomainError> {
+        let result = self.create_unaudited(caller, spec).await;
+        self.audit
+            .result(caller, AuditResource::Provider, AuditAction::Create, None, &result, |s| {
+                (s.value.spec.id.to_string(), serde_json::Value::Null)
+            })
+            .await;
+        result
+    }
+
+    async fn create_unaudited(&self, caller: &Caller, spec: ProviderSpec) -> Result<Stored<Provider>, DomainError> {
         caller.require(Role::Admin)?;
         spec.validate()?;
         let now = self.clock.now();
@@ -50,6 +70,22 @@ impl CatalogService {
 
     /// Replaces a provider's description; its id cannot change, its category can.
     pub async fn update(
+        &self,
+        caller: &Caller,
+        id: &ProviderId,
+        spec: ProviderSpec,
+        if_match: Option<&ETag>,
+    ) -> Result<Stored<Provider>, DomainError> {
+        let result = self.update_unaudited(caller, id, spec, if_match).await;
+        self.audit
+            .result(caller, AuditResource::Provider, AuditAction::Update, Some(id.to_string()), &result, |_| {
+                (String::new(), serde_json::Value::Null)
+            })
+            .await;
+        result
+    }
+
+    async fn update_unaudited(
         &self,
         caller: &Caller,
         id: &ProviderId,
@@ -74,6 +110,16 @@ impl CatalogService {
     }
 
     pub async fn delete(&self, caller: &Caller, id: &ProviderId, if_match: Option<&ETag>) -> Result<(), DomainError> {
+        let result = self.delete_unaudited(caller, id, if_match).await;
+        self.audit
+            .result(caller, AuditResource::Provider, AuditAction::Delete, Some(id.to_string()), &result, |_| {
+                (String::new(), serde_json::Value::Null)
+            })
+            .await;
+        result
+    }
+
+    async fn delete_unaudited(&self, caller: &Caller, id: &ProviderId, if_match: Option<&ETag>) -> Result<(), DomainError> {
         caller.require(Role::Admin)?;
         self.providers.delete(id, if_match.cloned()).await
     }

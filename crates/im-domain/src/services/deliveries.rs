@@ -7,6 +7,7 @@ use serde_json::json;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
+use crate::audit::{Audit, AuditAction, AuditResource};
 use crate::auth::{Caller, Role};
 use crate::common::{Clock, IdGenerator, Page, PageRequest, Stored, TenantId};
 use crate::error::DomainError;
@@ -50,6 +51,7 @@ pub struct DeliveryService {
     settings: DeliverySettings,
     /// Per-endpoint send times of the last second, for `rateLimitPerSecond`.
     rates: Arc<Mutex<HashMap<WebhookId, Vec<OffsetDateTime>>>>,
+    audit: Audit,
 }
 
 impl std::fmt::Debug for DeliveryService {
@@ -94,8 +96,17 @@ impl DeliveryService {
         clock: Arc<dyn Clock>,
         ids: Arc<dyn IdGenerator>,
         settings: DeliverySettings,
+        audit: Audit,
     ) -> Self {
-        Self { webhooks, endpoints, deliveries, queue, sender, clock, ids, settings, rates: Arc::default() }
+        Self { webhooks, endpoints, deliveries, queue, sender, clock, ids, settings, rates: Arc::default(), audit }
+    }
+
+    /// Checks, before a request is even read, that the caller may act on deliveries (members).
+    ///
+    /// # Errors
+    /// `Forbidden`, recorded in the audit log.
+    pub async fn authorize(&self, caller: &Caller, action: AuditAction) -> Result<(), DomainError> {
+        self.audit.require(caller, Role::Member, AuditResource::Webhook, action).await
     }
 
     pub fn queue(&self) -> &Arc<dyn DeliveryQueue> {
@@ -409,6 +420,16 @@ impl DeliveryService {
 
     /// A manual attempt now, whatever the delivery's status.
     pub async fn retry(&self, caller: &Caller, webhook: WebhookId, id: Uuid) -> Result<Stored<Delivery>, DomainError> {
+        let result = self.retry_unaudited(caller, webhook, id).await;
+        self.audit
+            .result(caller, AuditResource::Delivery, AuditAction::Retry, Some(id.to_string()), &result, |_| {
+                (String::new(), serde_json::Value::Null)
+            })
+            .await;
+        result
+    }
+
+    async fn retry_unaudited(&self, caller: &Caller, webhook: WebhookId, id: Uuid) -> Result<Stored<Delivery>, DomainError> {
         caller.require(Role::Member)?;
         let delivery = self.get(caller, webhook, id).await?;
         let job = DeliveryJob { tenant_id: caller.tenant_id.clone(), delivery_id: delivery.value.id };
@@ -418,6 +439,16 @@ impl DeliveryService {
 
     /// Re-queues every failed or skipped delivery of an endpoint created since `since`.
     pub async fn recover(&self, caller: &Caller, webhook: WebhookId, since: OffsetDateTime) -> Result<usize, DomainError> {
+        let result = self.recover_unaudited(caller, webhook, since).await;
+        self.audit
+            .result(caller, AuditResource::Webhook, AuditAction::Recover, Some(webhook.to_string()), &result, |n| {
+                (String::new(), serde_json::json!({ "recovered": n }))
+            })
+            .await;
+        result
+    }
+
+    async fn recover_unaudited(&self, caller: &Caller, webhook: WebhookId, since: OffsetDateTime) -> Result<usize, DomainError> {
         caller.require(Role::Member)?;
         self.webhooks.get(&caller.tenant_id, webhook).await?;
         let mut recovered = 0;
@@ -456,6 +487,16 @@ impl DeliveryService {
 
     /// Sends a `webhook.test` event now, recorded like any delivery, and returns it.
     pub async fn test(&self, caller: &Caller, webhook: WebhookId) -> Result<Stored<Delivery>, DomainError> {
+        let result = self.test_unaudited(caller, webhook).await;
+        self.audit
+            .result(caller, AuditResource::Webhook, AuditAction::Test, Some(webhook.to_string()), &result, |d| {
+                (String::new(), serde_json::json!({ "deliveryId": d.value.id.to_string() }))
+            })
+            .await;
+        result
+    }
+
+    async fn test_unaudited(&self, caller: &Caller, webhook: WebhookId) -> Result<Stored<Delivery>, DomainError> {
         caller.require(Role::Member)?;
         let endpoint = self.webhooks.get(&caller.tenant_id, webhook).await?;
         let message_id = self.ids.new_uuid().to_string();

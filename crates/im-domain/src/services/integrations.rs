@@ -3,6 +3,7 @@ use std::sync::{Arc, Mutex};
 
 use serde_json::Value;
 
+use crate::audit::{Audit, AuditAction, AuditResource};
 use crate::auth::{Caller, Role};
 use crate::common::{Clock, ETag, IdGenerator, IntegrationId, Page, PageRequest, Stored};
 use crate::error::DomainError;
@@ -26,6 +27,7 @@ pub struct IntegrationService {
     ids: Arc<dyn IdGenerator>,
     /// Compiled config schemas by provider, valid for the provider version (etag) they came from.
     validators: Arc<Mutex<ValidatorCache>>,
+    audit: Audit,
 }
 
 impl std::fmt::Debug for IntegrationService {
@@ -40,8 +42,9 @@ impl IntegrationService {
         providers: Arc<dyn ProviderRepository>,
         clock: Arc<dyn Clock>,
         ids: Arc<dyn IdGenerator>,
+        audit: Audit,
     ) -> Self {
-        Self { integrations, providers, clock, ids, validators: Arc::default() }
+        Self { integrations, providers, clock, ids, validators: Arc::default(), audit }
     }
 
     /// Validates every rule of a spec, including those that need its provider.
@@ -64,6 +67,14 @@ impl IntegrationService {
         v.finish(|| ())
     }
 
+    /// Checks, before a change is even read, that the caller may make it (members and admins).
+    ///
+    /// # Errors
+    /// `Forbidden`, recorded in the audit log.
+    pub async fn authorize(&self, caller: &Caller, action: AuditAction) -> Result<(), DomainError> {
+        self.audit.require(caller, Role::Member, AuditResource::Integration, action).await
+    }
+
     /// Checks a spec as `create` would, writing nothing (the API merges these findings with
     /// its own when a body is refused).
     ///
@@ -77,6 +88,14 @@ impl IntegrationService {
     /// `Forbidden` without the member role; `Validation` listing every offending field
     /// (unknown provider, config breaking the provider's schema, invalid custom definition).
     pub async fn create(&self, caller: &Caller, spec: IntegrationSpec) -> Result<Stored<Integration>, DomainError> {
+        let result = self.create_unaudited(caller, spec).await;
+        self.audit
+            .result(caller, AuditResource::Integration, AuditAction::Create, None, &result, |s| (s.value.id.to_string(), Value::Null))
+            .await;
+        result
+    }
+
+    async fn create_unaudited(&self, caller: &Caller, spec: IntegrationSpec) -> Result<Stored<Integration>, DomainError> {
         caller.require(Role::Member)?;
         self.validate(&spec, None).await?;
         let now = self.clock.now();
@@ -127,6 +146,22 @@ impl IntegrationService {
         spec: IntegrationSpec,
         if_match: Option<&ETag>,
     ) -> Result<Stored<Integration>, DomainError> {
+        let result = self.update_unaudited(caller, id, spec, if_match).await;
+        self.audit
+            .result(caller, AuditResource::Integration, AuditAction::Update, Some(id.to_string()), &result, |_| {
+                (String::new(), Value::Null)
+            })
+            .await;
+        result
+    }
+
+    async fn update_unaudited(
+        &self,
+        caller: &Caller,
+        id: IntegrationId,
+        spec: IntegrationSpec,
+        if_match: Option<&ETag>,
+    ) -> Result<Stored<Integration>, DomainError> {
         caller.require(Role::Member)?;
         read_modify_write(if_match, async |token| {
             let current = self.integrations.get(&caller.tenant_id, id).await?;
@@ -158,6 +193,16 @@ impl IntegrationService {
     /// # Errors
     /// `NotFound`, `PreconditionFailed` when `if_match` is stale.
     pub async fn delete(&self, caller: &Caller, id: IntegrationId, if_match: Option<&ETag>) -> Result<(), DomainError> {
+        let result = self.delete_unaudited(caller, id, if_match).await;
+        self.audit
+            .result(caller, AuditResource::Integration, AuditAction::Delete, Some(id.to_string()), &result, |_| {
+                (String::new(), Value::Null)
+            })
+            .await;
+        result
+    }
+
+    async fn delete_unaudited(&self, caller: &Caller, id: IntegrationId, if_match: Option<&ETag>) -> Result<(), DomainError> {
         caller.require(Role::Member)?;
         read_modify_write(if_match, async |token| {
             let current = self.integrations.get(&caller.tenant_id, id).await?;

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
+use crate::audit::{Audit, AuditAction, AuditResource};
 use crate::auth::{Caller, Role};
 use crate::common::{Clock, ETag, IdGenerator, Page, PageRequest, Stored};
 use crate::error::DomainError;
@@ -29,6 +30,7 @@ pub struct WebhookService {
     previous_secret_grace: Duration,
     /// Signing secrets already read, by reference (a reference names one immutable version).
     secret_cache: Arc<std::sync::Mutex<std::collections::HashMap<(String, String), SigningSecret>>>,
+    audit: Audit,
 }
 
 impl std::fmt::Debug for WebhookService {
@@ -54,8 +56,9 @@ impl WebhookService {
         entropy: Arc<dyn Entropy>,
         policy: UrlPolicy,
         previous_secret_grace: Duration,
+        audit: Audit,
     ) -> Self {
-        Self { webhooks, secrets, clock, ids, entropy, policy, previous_secret_grace, secret_cache: Arc::default() }
+        Self { webhooks, secrets, clock, ids, entropy, policy, previous_secret_grace, secret_cache: Arc::default(), audit }
     }
 
     fn new_secret(&self) -> Result<SigningSecret, DomainError> {
@@ -71,6 +74,14 @@ impl WebhookService {
         self.secrets.put(&name, &SecretValue(json!({ "secret": secret.expose() })), &metadata).await
     }
 
+    /// Checks, before a change is even read, that the caller may make it (members and admins).
+    ///
+    /// # Errors
+    /// `Forbidden`, recorded in the audit log.
+    pub async fn authorize(&self, caller: &Caller, action: AuditAction) -> Result<(), DomainError> {
+        self.audit.require(caller, Role::Member, AuditResource::Webhook, action).await
+    }
+
     /// Checks a spec as `create` and `update` would, writing nothing.
     ///
     /// # Errors
@@ -82,6 +93,16 @@ impl WebhookService {
     /// # Errors
     /// `Forbidden` without the member role; `Validation` listing every offending field.
     pub async fn create(&self, caller: &Caller, spec: WebhookSpec) -> Result<WithSecret, DomainError> {
+        let result = self.create_unaudited(caller, spec).await;
+        self.audit
+            .result(caller, AuditResource::Webhook, AuditAction::Create, None, &result, |s| {
+                (s.webhook.value.id.to_string(), serde_json::Value::Null)
+            })
+            .await;
+        result
+    }
+
+    async fn create_unaudited(&self, caller: &Caller, spec: WebhookSpec) -> Result<WithSecret, DomainError> {
         caller.require(Role::Member)?;
         spec.validate(&self.policy)?;
         let now = self.clock.now();
@@ -135,6 +156,22 @@ impl WebhookService {
         spec: WebhookSpec,
         if_match: Option<&ETag>,
     ) -> Result<Stored<Webhook>, DomainError> {
+        let result = self.update_unaudited(caller, id, spec, if_match).await;
+        self.audit
+            .result(caller, AuditResource::Webhook, AuditAction::Update, Some(id.to_string()), &result, |_| {
+                (String::new(), serde_json::Value::Null)
+            })
+            .await;
+        result
+    }
+
+    async fn update_unaudited(
+        &self,
+        caller: &Caller,
+        id: WebhookId,
+        spec: WebhookSpec,
+        if_match: Option<&ETag>,
+    ) -> Result<Stored<Webhook>, DomainError> {
         caller.require(Role::Member)?;
         spec.validate(&self.policy)?;
         read_modify_write(if_match, async |token| {
@@ -171,6 +208,16 @@ impl WebhookService {
 
     /// Deletes an endpoint and its signing secrets.
     pub async fn delete(&self, caller: &Caller, id: WebhookId, if_match: Option<&ETag>) -> Result<(), DomainError> {
+        let result = self.delete_unaudited(caller, id, if_match).await;
+        self.audit
+            .result(caller, AuditResource::Webhook, AuditAction::Delete, Some(id.to_string()), &result, |_| {
+                (String::new(), serde_json::Value::Null)
+            })
+            .await;
+        result
+    }
+
+    async fn delete_unaudited(&self, caller: &Caller, id: WebhookId, if_match: Option<&ETag>) -> Result<(), DomainError> {
         caller.require(Role::Member)?;
         let current = self.webhooks.get(&caller.tenant_id, id).await?;
         self.webhooks.delete(&caller.tenant_id, id, if_match.cloned()).await?;
@@ -182,6 +229,16 @@ impl WebhookService {
 
     /// Issues a new signing secret; the previous one keeps signing for the grace period.
     pub async fn rotate_secret(&self, caller: &Caller, id: WebhookId, if_match: Option<&ETag>) -> Result<WithSecret, DomainError> {
+        let result = self.rotate_secret_unaudited(caller, id, if_match).await;
+        self.audit
+            .result(caller, AuditResource::Webhook, AuditAction::RotateSecret, Some(id.to_string()), &result, |_| {
+                (String::new(), serde_json::Value::Null)
+            })
+            .await;
+        result
+    }
+
+    async fn rotate_secret_unaudited(&self, caller: &Caller, id: WebhookId, if_match: Option<&ETag>) -> Result<WithSecret, DomainError> {
         caller.require(Role::Member)?;
         let secret = self.new_secret()?;
         read_modify_write(if_match, async |token| {
