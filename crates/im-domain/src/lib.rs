@@ -7,6 +7,7 @@
 pub mod auth;
 pub mod common;
 pub mod custom;
+pub mod duration;
 pub mod error;
 pub mod events;
 pub mod integration;
@@ -19,4 +20,5 @@ pub mod webhooks;
 
 pub use auth::{Caller, Role};
 pub use common::{Clock, ETag, IdGenerator, IntegrationId, Page, PageRequest, Stored, SystemClock, TenantId, UserId, UuidV7};
+pub use duration::HumanDuration;
 pub use error::{DomainError, DomainResult, FieldViolation, ViolationKind, Violations};
