@@ -372,3 +372,28 @@ async fn the_rate_limit_spreads_deliveries_without_dropping_any() {
         assert!(window[2] - window[0] >= time::Duration::milliseconds(950), "at most 2 per second: {times:?}");
     }
 }
+
+#[tokio::test]
+async fn a_stop_lets_the_attempt_in_flight_finish_and_records_it() {
+    let app = spawn_app_with(|s| {
+        s.webhooks.allowed_private_cidrs = vec!["127.0.0.0/8".into()];
+        s.webhooks.allow_http = true;
+    })
+    .await;
+    let token = app.member();
+    let slow = MockServer::start().await;
+    Mock::given(method("POST")).respond_with(ResponseTemplate::new(200).set_delay(Duration::from_secs(2))).mount(&slow).await;
+    let (id, _) = register(&app, &token, &format!("{}/slow", slow.uri()), json!({})).await;
+    app.create_github(&token, "in flight at the stop").await;
+    assert_eq!(wait_for(&slow, 1).await.len(), 1, "the attempt is in flight");
+
+    // Stop as SIGTERM does, then start again on the same data.
+    let stopping = Instant::now();
+    let app = app.restart().await;
+    assert!(stopping.elapsed() >= Duration::from_millis(1500), "the stop waited for the attempt in flight");
+    let succeeded = deliveries(&app, &token, &id, "?status=succeeded").await;
+    assert_eq!(succeeded.len(), 1, "the attempt was recorded before the stop completed: {succeeded:?}");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(slow.received_requests().await.unwrap().len(), 1, "nothing was cut off, so nothing is delivered twice");
+    assert!(deliveries(&app, &token, &id, "?status=pending").await.is_empty());
+}

@@ -12,7 +12,7 @@ use im_domain::ports::EventSubscriber;
 use im_testkit::proxy::Proxy;
 use im_testkit::rabbit::TestQueue;
 use im_testkit::services::{amqp_url, rabbitmq};
-use integration_manager::config::{EventsBackend, Secret};
+use integration_manager::config::EventsBackend;
 use reqwest::StatusCode;
 use serde_json::Value;
 
@@ -97,9 +97,9 @@ fn rabbit_app(url: String, exchange: &str) -> impl FnOnce(&mut integration_manag
     let exchange = exchange.to_owned();
     move |s| {
         s.events.backend = EventsBackend::Rabbitmq;
-        s.rabbitmq.url = Secret::new(url);
+        s.rabbitmq.url = url.into();
         s.rabbitmq.exchange = exchange;
-        s.rabbitmq.confirm_timeout_secs = 3;
+        s.rabbitmq.confirm_timeout = integration_manager::config::HumanDuration::parse("3s").unwrap();
     }
 }
 

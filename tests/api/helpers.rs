@@ -1,7 +1,6 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use actix_web::dev::ServerHandle;
 use im_domain::{Role, TenantId, UserId};
 use integration_manager::{Application, Settings};
 use reqwest::{Method, RequestBuilder, Response, StatusCode};
@@ -56,7 +55,8 @@ pub struct TestApp {
     pub state: actix_web::web::Data<integration_manager::AppState>,
     pub client: reqwest::Client,
     pub settings: Settings,
-    handle: ServerHandle,
+    shutdown: integration_manager::startup::Shutdown,
+    running: tokio::task::JoinHandle<std::io::Result<()>>,
     /// Keeps the data directory alive as long as the app (and across restarts).
     pub dir: Arc<tempfile::TempDir>,
 }
@@ -94,24 +94,24 @@ pub async fn spawn_in(dir: Arc<tempfile::TempDir>, configure: impl FnOnce(&mut S
     settings.server.host = "127.0.0.1".into();
     settings.server.port = 0;
     settings.server.workers = 2;
-    settings.server.shutdown_timeout_secs = 1;
+    settings.server.shutdown_timeout = integration_manager::config::HumanDuration::parse("5s").unwrap();
     settings.storage.data_dir = dir.path().to_owned();
     if backend_is_cosmos() {
         let endpoint = im_testkit::cosmos::endpoint("the API suite on the cosmos backend")
             .expect("IM_TEST_BACKEND=cosmos needs the Cosmos test server (node and npm)");
         settings.storage.backend = integration_manager::config::StorageBackend::Cosmos;
         settings.cosmos_db.endpoint = endpoint;
-        settings.cosmos_db.key = integration_manager::config::Secret::new(im_store_cosmos::EMULATOR_KEY);
+        settings.cosmos_db.key = im_store_cosmos::EMULATOR_KEY.into();
         settings.cosmos_db.database = im_testkit::cosmos::fresh_database();
         settings.cosmos_db.emulator = true;
         settings.cosmos_db.auto_provision = true;
-        settings.cosmos_db.request_timeout_secs = 30;
+        settings.cosmos_db.request_timeout = integration_manager::config::HumanDuration::parse("30s").unwrap();
     }
     if events_on_rabbitmq() {
         let addr = im_testkit::services::rabbitmq("the API suite on the rabbitmq events backend")
             .expect("IM_TEST_EVENTS=rabbitmq needs RabbitMQ on 127.0.0.1:5672");
         settings.events.backend = integration_manager::config::EventsBackend::Rabbitmq;
-        settings.rabbitmq.url = integration_manager::config::Secret::new(im_testkit::services::amqp_url(addr));
+        settings.rabbitmq.url = im_testkit::services::amqp_url(addr).into();
         let unique = uuid::Uuid::new_v4().simple().to_string();
         settings.rabbitmq.exchange = format!("im-api-test-{unique}");
         settings.rabbitmq.delivery_queue_prefix = format!("im-api-test-{unique}");
@@ -119,18 +119,24 @@ pub async fn spawn_in(dir: Arc<tempfile::TempDir>, configure: impl FnOnce(&mut S
     configure(&mut settings);
     let app = Application::build(settings.clone()).await.expect("the app builds");
     let address = format!("http://127.0.0.1:{}", app.port());
-    let handle = app.handle();
+    let shutdown = app.shutdown();
     let state = app.state();
-    tokio::spawn(app.run_until_stopped());
-    TestApp { address, state, client: reqwest::Client::new(), settings, handle, dir }
+    let running = tokio::spawn(app.run_until_stopped());
+    TestApp { address, state, client: reqwest::Client::new(), settings, shutdown, running, dir }
 }
 
 impl TestApp {
     /// Stops this instance and starts another on the same data directory.
     pub async fn restart(self) -> TestApp {
-        self.handle.stop(true).await;
-        let settings = self.settings.clone();
-        spawn_in(self.dir.clone(), move |s| *s = settings).await
+        let (settings, dir) = (self.settings.clone(), self.dir.clone());
+        self.stop().await;
+        spawn_in(dir, move |s| *s = settings).await
+    }
+
+    /// Stops this instance as SIGTERM does and waits until it has drained.
+    pub async fn stop(self) {
+        self.shutdown.trigger();
+        self.running.await.expect("the app task").expect("the app stops cleanly");
     }
 
     pub fn token(&self, tenant: &str, user: &str, roles: &[Role]) -> String {

@@ -110,9 +110,9 @@ async fn main() {
         repo.create(&integration, &[event(i)]).await.expect("create");
     }
     let publisher = Arc::new(RabbitPublisher::new(RabbitSettings {
-        url: url.clone(),
         exchange: exchange.clone(),
-        confirm_timeout: Duration::from_secs(30),
+        confirm_timeout: im_domain::HumanDuration(Duration::from_secs(30)),
+        ..RabbitSettings::new(url.clone())
     }));
     let relay = EventRelay::new(store.outbox(), publisher);
 

@@ -89,7 +89,7 @@ if command -v node >/dev/null; then
   read -r _ CPORT <&"${LAUNCHER[0]}"
   start_service IM_STORAGE__DATA_DIR="$WORK/cosmos-data" IM_STORAGE__BACKEND=cosmos IM_COSMOS_DB__ENDPOINT="https://127.0.0.1:$CPORT/" \
     IM_COSMOS_DB__KEY="C2y6yDjf5/R+ob0N8A7Cgv30VRDJIWEHLM+4QDU5DE2nQ9nDuVTqobD4b8mGGyPMbIZnqyMsEcaGQy67XIw/Jw==" \
-    IM_COSMOS_DB__EMULATOR=true IM_COSMOS_DB__AUTO_PROVISION=true IM_COSMOS_DB__REQUEST_TIMEOUT_SECS=30
+    IM_COSMOS_DB__EMULATOR=true IM_COSMOS_DB__AUTO_PROVISION=true IM_COSMOS_DB__REQUEST_TIMEOUT=30s
   RESULTS+=("$(run cosmos-get-by-id "$API/integrations/$ID" tests/bench/get.lua)")
   RESULTS+=("$(run cosmos-list-50 "$API/integrations?limit=50" tests/bench/get.lua)")
   RESULTS+=("$(run cosmos-create "$API/integrations" tests/bench/post.lua)")

@@ -32,7 +32,7 @@ pub enum Command {
         /// Comma-separated: viewer, member, admin.
         #[arg(long, default_value = "member", value_delimiter = ',')]
         roles: Vec<String>,
-        /// Lifetime in seconds (default: auth.token_ttl_secs).
+        /// Lifetime in seconds (default: auth.token_ttl).
         #[arg(long)]
         ttl: Option<i64>,
     },
@@ -80,7 +80,7 @@ pub async fn run(cli: Cli) -> ExitCode {
                     None => return usage(&format!("--roles: unknown role '{role}' (viewer, member, admin)")),
                 }
             }
-            let ttl = ttl.unwrap_or(settings.auth.token_ttl_secs);
+            let ttl = ttl.unwrap_or_else(|| i64::try_from(settings.auth.token_ttl.get().as_secs()).unwrap_or(i64::MAX));
             match local_jwt(&settings).and_then(|jwt| jwt.mint(&tenant, &user, &parsed, ttl)) {
                 Ok(token) => {
                     println!("{token}");

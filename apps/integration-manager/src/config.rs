@@ -1,23 +1,36 @@
 //! Configuration: embedded commented defaults, then an optional TOML file, then environment
 //! variables (`IM_` prefix, `__` between levels), then validation that names the bad key.
+//!
+//! Each adapter owns the settings of its section (`cosmos_db`: [`CosmosSettings`], `rabbitmq`:
+//! [`RabbitSettings`], `auth`: [`AuthSettings`], the HTTP keys of `secrets`:
+//! [`HttpSecretSettings`]); this module only embeds them. Every section is read on its own and
+//! every problem is collected, so one run reports every invalid key at once.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use figment::Figment;
 use figment::providers::{Env, Format, Toml};
+pub use im_auth::{AuthMode, AuthSettings};
+pub use im_bus_rabbitmq::RabbitSettings;
+pub use im_domain::HumanDuration;
+pub use im_secrets_http::HttpSecretSettings;
+pub use im_store_cosmos::CosmosSettings;
+use secrecy::ExposeSecret as _;
+pub use secrecy::SecretString;
 use serde::Deserialize;
+use serde::de::DeserializeOwned;
 
 /// The built-in defaults, every key commented.
 pub const DEFAULTS: &str = include_str!("../config/default.toml");
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone)]
 pub struct Settings {
     pub server: ServerSettings,
     pub storage: StorageSettings,
-    pub cosmos_db: CosmosDbSettings,
+    pub cosmos_db: CosmosSettings,
     pub events: EventSettings,
     pub rabbitmq: RabbitSettings,
     pub secrets: SecretSettings,
@@ -27,13 +40,13 @@ pub struct Settings {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ServerSettings {
     pub host: String,
     pub port: u16,
     pub workers: usize,
     pub body_limit_bytes: usize,
-    pub shutdown_timeout_secs: u64,
+    /// What in-flight requests and background work get to finish after SIGTERM/SIGINT.
+    pub shutdown_timeout: HumanDuration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -44,55 +57,10 @@ pub enum StorageBackend {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct StorageSettings {
     pub backend: StorageBackend,
     pub data_dir: PathBuf,
-    pub ttl_sweep_interval_secs: u64,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CosmosDbSettings {
-    pub endpoint: String,
-    pub key: Secret,
-    pub database: String,
-    pub emulator: bool,
-    pub request_timeout_secs: u64,
-    pub preferred_regions: Vec<String>,
-    pub max_throttle_retries: u32,
-    pub auto_provision: bool,
-}
-
-/// A duration written with a unit: `250ms`, `5s`, `30m`, `2h`, `5d`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HumanDuration(pub std::time::Duration);
-
-impl HumanDuration {
-    /// # Errors
-    /// A message when the text is not a number followed by ms, s, m, h or d.
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let text = text.trim();
-        let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
-        let (number, unit) = text.split_at(split);
-        let n: u64 = number.parse().map_err(|_| format!("'{text}' is not a duration such as 500ms, 5s, 30m, 2h or 5d"))?;
-        let millis = match unit {
-            "ms" => n,
-            "s" => n * 1000,
-            "m" => n * 60_000,
-            "h" => n * 3_600_000,
-            "d" => n * 86_400_000,
-            _ => return Err(format!("'{text}' is not a duration such as 500ms, 5s, 30m, 2h or 5d")),
-        };
-        Ok(Self(std::time::Duration::from_millis(millis)))
-    }
-}
-
-impl<'de> Deserialize<'de> for HumanDuration {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        Self::parse(&text).map_err(serde::de::Error::custom)
-    }
+    pub ttl_sweep_interval: HumanDuration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -102,19 +70,24 @@ pub enum SecretsBackend {
     Http,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// The `secrets` section: which store, the local store's key, and the HTTP store's settings
+/// (the `url`, `token`, `timeout` and `attempts` keys, read by [`HttpSecretSettings`]).
+#[derive(Debug, Clone)]
 pub struct SecretSettings {
     pub backend: SecretsBackend,
-    pub local_key: Secret,
-    pub url: String,
-    pub token: Secret,
-    pub timeout: HumanDuration,
-    pub attempts: u32,
+    /// Base64 of 32 bytes; empty: the key file in the data directory. A secret.
+    pub local_key: SecretString,
+    pub http: HttpSecretSettings,
+}
+
+/// The keys of `secrets` that pick the store and key the local one.
+#[derive(Deserialize)]
+struct SecretsChoice {
+    backend: SecretsBackend,
+    local_key: SecretString,
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct WebhookSettings {
     pub retry_schedule: Vec<HumanDuration>,
     pub connect_timeout: HumanDuration,
@@ -145,72 +118,10 @@ pub enum EventsBackend {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct EventSettings {
     pub backend: EventsBackend,
     pub relay_batch_size: u32,
-    pub outbox_max_age_secs: u64,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RabbitSettings {
-    pub url: Secret,
-    pub exchange: String,
-    pub confirm_timeout_secs: u64,
-    pub delivery_queue_prefix: String,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum AuthMode {
-    Local,
-}
-
-/// A secret string: never printed by `Debug`.
-#[derive(Clone, Default, Deserialize)]
-#[serde(transparent)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: impl Into<String>) -> Self {
-        Self(value.into())
-    }
-
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(if self.0.is_empty() { "Secret(<empty>)" } else { "Secret(<redacted>)" })
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AuthSettings {
-    pub mode: AuthMode,
-    pub hs256_key: Secret,
-    pub issuer: String,
-    pub audience: String,
-    pub leeway_secs: u64,
-    pub token_ttl_secs: i64,
-}
-
-impl AuthSettings {
-    pub fn issuer(&self) -> Option<String> {
-        Some(self.issuer.clone()).filter(|s| !s.is_empty())
-    }
-
-    pub fn audience(&self) -> Option<String> {
-        Some(self.audience.clone()).filter(|s| !s.is_empty())
-    }
+    pub outbox_max_age: HumanDuration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -221,7 +132,6 @@ pub enum LogFormat {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct LogSettings {
     pub format: LogFormat,
     pub level: String,
@@ -242,9 +152,45 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+/// Every problem of a configuration (at least one), in the order of the sections.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl ConfigErrors {
+    /// The keys named, in order.
+    pub fn keys(&self) -> Vec<&str> {
+        self.0.iter().map(|e| e.key.as_str()).collect()
+    }
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0.as_slice() {
+            [one] => write!(f, "{one}"),
+            all => {
+                write!(f, "{} problems", all.len())?;
+                all.iter().try_for_each(|e| write!(f, "\n  {e}"))
+            }
+        }
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
 fn err(key: &str, message: impl Into<String>) -> ConfigError {
     ConfigError { key: key.to_owned(), message: message.into() }
 }
+
+/// Keys that were renamed, with their new names (their values became durations with a unit).
+const RENAMED: [(&str, &str); 7] = [
+    ("server.shutdown_timeout_secs", "server.shutdown_timeout"),
+    ("storage.ttl_sweep_interval_secs", "storage.ttl_sweep_interval"),
+    ("cosmos_db.request_timeout_secs", "cosmos_db.request_timeout"),
+    ("events.outbox_max_age_secs", "events.outbox_max_age"),
+    ("rabbitmq.confirm_timeout_secs", "rabbitmq.confirm_timeout"),
+    ("auth.leeway_secs", "auth.leeway"),
+    ("auth.token_ttl_secs", "auth.token_ttl"),
+];
 
 /// The layered configuration sources. `file` is `--config`, else `IM_CONFIG`.
 pub fn figment(file: Option<&Path>) -> Figment {
@@ -256,12 +202,133 @@ pub fn figment(file: Option<&Path>) -> Figment {
     figment.merge(Env::prefixed("IM_").split("__").ignore(&["config"]))
 }
 
+/// Reads sections one type at a time and collects every problem: a key whose value does not
+/// deserialize is reported and read again as its built-in default, so the keys after it are
+/// still checked; keys that no type of their section reads are reported at the end.
+struct Reader {
+    figment: Figment,
+    defaults: Figment,
+    read: BTreeMap<&'static str, BTreeSet<&'static str>>,
+    errors: Vec<ConfigError>,
+}
+
+impl Reader {
+    fn new(figment: Figment) -> Self {
+        Self { figment, defaults: Figment::from(Toml::string(DEFAULTS)), read: BTreeMap::new(), errors: Vec::new() }
+    }
+
+    fn section<T: DeserializeOwned>(&mut self, section: &'static str) -> T {
+        self.read.entry(section).or_default().extend(keys_of::<T>());
+        let mut figment = self.figment.clone();
+        for _ in 0..=keys_of::<T>().len() {
+            match figment.focus(section).extract::<T>() {
+                Ok(value) => return value,
+                Err(error) => {
+                    let Some(field) = error.path.first().cloned() else {
+                        self.errors.push(describe(section, &error));
+                        break;
+                    };
+                    let key = format!("{section}.{field}");
+                    self.errors.push(describe(&key, &error));
+                    match self.defaults.find_value(&key) {
+                        Ok(default) => figment = figment.merge((key, default)),
+                        Err(_) => break,
+                    }
+                }
+            }
+        }
+        self.defaults.focus(section).extract().expect("the built-in defaults are valid")
+    }
+
+    /// Reports the sections and keys that nothing reads, naming the new key of a renamed one.
+    fn unknown_keys(&mut self) {
+        let Ok(root) = self.figment.extract::<figment::value::Dict>() else { return };
+        for (section, value) in root {
+            let Some(known) = self.read.get(section.as_str()) else {
+                self.errors.push(err(&section, format!("unknown section '{section}'{}", self.source_of(&section))));
+                continue;
+            };
+            let Some(dict) = value.into_dict() else { continue };
+            for field in dict.keys().filter(|k| !known.contains(k.as_str())) {
+                let key = format!("{section}.{field}");
+                let hint = match RENAMED.iter().find(|(old, _)| *old == key) {
+                    Some((_, new)) => format!(": renamed to '{new}', a duration such as 30s"),
+                    None => String::new(),
+                };
+                let source = self.source_of(&key);
+                self.errors.push(err(&key, format!("unknown key '{field}'{hint}{source}")));
+            }
+        }
+    }
+
+    fn source_of(&self, key: &str) -> String {
+        self.figment.find_metadata(key).map(from).unwrap_or_default()
+    }
+}
+
+/// Where a value came from, for people: ` (from TOML file /etc/im.toml)`.
+fn from(metadata: &figment::Metadata) -> String {
+    match &metadata.source {
+        Some(figment::Source::File(path)) => format!(" (from {} {})", metadata.name, path.display()),
+        _ => format!(" (from {})", metadata.name),
+    }
+}
+
+fn describe(key: &str, error: &figment::Error) -> ConfigError {
+    let message = match &error.kind {
+        figment::error::Kind::MissingField(field) => format!("missing key '{field}'"),
+        kind => kind.to_string(),
+    };
+    let source = error.metadata.as_ref().map(from).unwrap_or_default();
+    err(key, format!("{message}{source}"))
+}
+
+/// The keys a settings type reads, as its `Deserialize` implementation names them.
+fn keys_of<T: DeserializeOwned>() -> &'static [&'static str] {
+    #[derive(Debug)]
+    struct Fields(&'static [&'static str]);
+    impl fmt::Display for Fields {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "fields {:?}", self.0)
+        }
+    }
+    impl std::error::Error for Fields {}
+    impl serde::de::Error for Fields {
+        fn custom<M: fmt::Display>(_: M) -> Self {
+            Self(&[])
+        }
+    }
+    struct Probe;
+    impl<'de> serde::Deserializer<'de> for Probe {
+        type Error = Fields;
+        fn deserialize_any<V: serde::de::Visitor<'de>>(self, _: V) -> Result<V::Value, Fields> {
+            Err(Fields(&[]))
+        }
+        fn deserialize_struct<V: serde::de::Visitor<'de>>(
+            self,
+            _: &'static str,
+            fields: &'static [&'static str],
+            _: V,
+        ) -> Result<V::Value, Fields> {
+            Err(Fields(fields))
+        }
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf option unit unit_struct
+            newtype_struct seq tuple tuple_struct map enum identifier ignored_any
+        }
+    }
+    match T::deserialize(Probe) {
+        Err(Fields(fields)) => fields,
+        Ok(_) => &[],
+    }
+}
+
 impl Settings {
     /// Loads and validates the configuration.
     ///
     /// # Errors
-    /// The first problem found, naming its key.
-    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+    /// Every problem found, each naming its key.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigErrors> {
         Self::from_figment(figment(file))
     }
 
@@ -274,141 +341,130 @@ impl Settings {
     }
 
     /// # Errors
-    /// The first problem found, naming its key.
-    pub fn from_figment(figment: Figment) -> Result<Self, ConfigError> {
-        let settings: Settings = figment.extract().map_err(|e| {
-            let key = e.path.join(".");
-            let message = match &e.kind {
-                figment::error::Kind::UnknownField(field, _) => format!("unknown key '{field}'"),
-                figment::error::Kind::MissingField(field) => format!("missing key '{field}'"),
-                _ => e.kind.to_string(),
-            };
-            let source = e.metadata.as_ref().map(|m| format!(" (from {})", m.name)).unwrap_or_default();
-            err(&key, format!("{message}{source}"))
-        })?;
-        settings.validate()?;
-        Ok(settings)
+    /// Every problem found, each naming its key.
+    pub fn from_figment(figment: Figment) -> Result<Self, ConfigErrors> {
+        let mut reader = Reader::new(figment);
+        let settings = Settings {
+            server: reader.section("server"),
+            storage: reader.section("storage"),
+            cosmos_db: reader.section("cosmos_db"),
+            events: reader.section("events"),
+            rabbitmq: reader.section("rabbitmq"),
+            secrets: {
+                let choice: SecretsChoice = reader.section("secrets");
+                SecretSettings { backend: choice.backend, local_key: choice.local_key, http: reader.section("secrets") }
+            },
+            webhooks: reader.section("webhooks"),
+            auth: reader.section("auth"),
+            log: reader.section("log"),
+        };
+        reader.unknown_keys();
+        let mut errors = reader.errors;
+        errors.extend(settings.validate());
+        if errors.is_empty() { Ok(settings) } else { Err(ConfigErrors(errors)) }
     }
 
-    /// Checks the values that types alone cannot.
-    ///
-    /// # Errors
-    /// The first problem found, naming its key.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.server.host != "localhost" && self.server.host.parse::<IpAddr>().is_err() {
-            return Err(err("server.host", format!("'{}' is not an IP address or 'localhost'", self.server.host)));
-        }
-        if !(1024..=64 * 1024 * 1024).contains(&self.server.body_limit_bytes) {
-            return Err(err("server.body_limit_bytes", "must be between 1024 and 67108864"));
-        }
-        if self.server.workers > 1024 {
-            return Err(err("server.workers", "must be at most 1024"));
-        }
+    /// Checks the values that types alone cannot; returns every problem found.
+    pub fn validate(&self) -> Vec<ConfigError> {
+        let mut problems = Vec::new();
+        let mut check = |ok: bool, key: &str, message: &dyn Fn() -> String| {
+            if !ok {
+                problems.push(err(key, message()));
+            }
+        };
+        let server = &self.server;
+        check(server.host == "localhost" || server.host.parse::<IpAddr>().is_ok(), "server.host", &|| {
+            format!("'{}' is not an IP address or 'localhost'", server.host)
+        });
+        check((1024..=64 * 1024 * 1024).contains(&server.body_limit_bytes), "server.body_limit_bytes", &|| {
+            "must be between 1024 and 67108864".into()
+        });
+        check(server.workers <= 1024, "server.workers", &|| "must be at most 1024".into());
         if self.storage.backend == StorageBackend::Cosmos {
-            let endpoint = &self.cosmos_db.endpoint;
-            if endpoint.is_empty() {
-                return Err(err("cosmos_db.endpoint", "is required when storage.backend is 'cosmos'"));
-            }
-            if !endpoint.starts_with("https://") || endpoint.contains(char::is_whitespace) {
-                return Err(err("cosmos_db.endpoint", format!("'{endpoint}' is not an https:// account endpoint")));
-            }
+            let cosmos = &self.cosmos_db;
+            check(!cosmos.endpoint.is_empty(), "cosmos_db.endpoint", &|| "is required when storage.backend is 'cosmos'".into());
+            check(
+                cosmos.endpoint.is_empty() || (cosmos.endpoint.starts_with("https://") && !cosmos.endpoint.contains(char::is_whitespace)),
+                "cosmos_db.endpoint",
+                &|| format!("'{}' is not an https:// account endpoint", cosmos.endpoint),
+            );
             use base64::Engine as _;
-            if self.cosmos_db.key.is_empty() || base64::engine::general_purpose::STANDARD.decode(self.cosmos_db.key.expose()).is_err() {
-                return Err(err("cosmos_db.key", "is required (the account key, base64) when storage.backend is 'cosmos'"));
-            }
-            let db = &self.cosmos_db.database;
-            if db.is_empty() || db.len() > 255 || db.contains(['/', '\\', '?', '#']) {
-                return Err(err("cosmos_db.database", "must be 1 to 255 characters without '/', '\\', '?' or '#'"));
-            }
-            if self.cosmos_db.request_timeout_secs == 0 {
-                return Err(err("cosmos_db.request_timeout_secs", "must be at least 1"));
-            }
-            if self.cosmos_db.max_throttle_retries > 20 {
-                return Err(err("cosmos_db.max_throttle_retries", "must be at most 20"));
-            }
+            let key = cosmos.key.expose_secret();
+            check(!key.is_empty() && base64::engine::general_purpose::STANDARD.decode(key).is_ok(), "cosmos_db.key", &|| {
+                "is required (the account key, base64) when storage.backend is 'cosmos'".into()
+            });
+            let db = &cosmos.database;
+            check(!db.is_empty() && db.len() <= 255 && !db.contains(['/', '\\', '?', '#']), "cosmos_db.database", &|| {
+                "must be 1 to 255 characters without '/', '\\', '?' or '#'".into()
+            });
+            check(cosmos.request_timeout.get().as_secs() >= 1, "cosmos_db.request_timeout", &|| "must be at least 1s".into());
+            check(cosmos.max_throttle_retries <= 20, "cosmos_db.max_throttle_retries", &|| "must be at most 20".into());
         }
-        if self.storage.data_dir.as_os_str().is_empty() {
-            return Err(err("storage.data_dir", "must not be empty"));
-        }
-        if self.storage.ttl_sweep_interval_secs == 0 {
-            return Err(err("storage.ttl_sweep_interval_secs", "must be at least 1"));
-        }
-        if !(1..=10_000).contains(&self.events.relay_batch_size) {
-            return Err(err("events.relay_batch_size", "must be between 1 and 10000"));
-        }
+        check(!self.storage.data_dir.as_os_str().is_empty(), "storage.data_dir", &|| "must not be empty".into());
+        check(self.storage.ttl_sweep_interval.get().as_secs() >= 1, "storage.ttl_sweep_interval", &|| "must be at least 1s".into());
+        check((1..=10_000).contains(&self.events.relay_batch_size), "events.relay_batch_size", &|| "must be between 1 and 10000".into());
+        check(self.events.outbox_max_age.get().as_secs() >= 1, "events.outbox_max_age", &|| "must be at least 1s".into());
         if self.events.backend == EventsBackend::Rabbitmq {
-            let url = self.rabbitmq.url.expose();
-            if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
-                return Err(err("rabbitmq.url", "must be an amqp:// or amqps:// URL"));
-            }
-            let valid_name =
-                |n: &str| !n.is_empty() && n.len() <= 255 && n.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c));
-            if !valid_name(&self.rabbitmq.exchange) || self.rabbitmq.exchange.starts_with("amq.") {
-                return Err(err("rabbitmq.exchange", "must be 1 to 255 of letters, digits, '-', '_', '.', ':' and not start with 'amq.'"));
-            }
-            if !valid_name(&self.rabbitmq.delivery_queue_prefix) || self.rabbitmq.delivery_queue_prefix.starts_with("amq.") {
-                return Err(err(
-                    "rabbitmq.delivery_queue_prefix",
-                    "must be 1 to 255 of letters, digits, '-', '_', '.', ':' and not start with 'amq.'",
-                ));
-            }
-            if self.rabbitmq.confirm_timeout_secs == 0 {
-                return Err(err("rabbitmq.confirm_timeout_secs", "must be at least 1"));
-            }
+            let rabbit = &self.rabbitmq;
+            let url = rabbit.url.expose_secret();
+            check(url.starts_with("amqp://") || url.starts_with("amqps://"), "rabbitmq.url", &|| {
+                "must be an amqp:// or amqps:// URL".into()
+            });
+            let valid_name = |n: &str| {
+                !n.is_empty()
+                    && n.len() <= 255
+                    && !n.starts_with("amq.")
+                    && n.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
+            };
+            let name_rule = || "must be 1 to 255 of letters, digits, '-', '_', '.', ':' and not start with 'amq.'".to_owned();
+            check(valid_name(&rabbit.exchange), "rabbitmq.exchange", &name_rule);
+            check(valid_name(&rabbit.delivery_queue_prefix), "rabbitmq.delivery_queue_prefix", &name_rule);
+            check(rabbit.confirm_timeout.get().as_secs() >= 1, "rabbitmq.confirm_timeout", &|| "must be at least 1s".into());
         }
-        match self.secrets.backend {
-            SecretsBackend::Local if !self.secrets.local_key.is_empty() => {
-                if im_secrets_local::parse_key(self.secrets.local_key.expose()).is_err() {
-                    return Err(err("secrets.local_key", "must be base64 of 32 bytes"));
-                }
+        let secrets = &self.secrets;
+        match secrets.backend {
+            SecretsBackend::Local => {
+                let key = secrets.local_key.expose_secret();
+                check(key.is_empty() || im_secrets_local::parse_key(key).is_ok(), "secrets.local_key", &|| {
+                    "must be base64 of 32 bytes".into()
+                });
             }
             SecretsBackend::Http => {
-                if !(self.secrets.url.starts_with("https://") || self.secrets.url.starts_with("http://")) {
-                    return Err(err("secrets.url", "is required (an http(s) URL) when secrets.backend is 'http'"));
-                }
-                if self.secrets.token.is_empty() {
-                    return Err(err("secrets.token", "is required when secrets.backend is 'http'"));
-                }
-                if !(1..=10).contains(&self.secrets.attempts) {
-                    return Err(err("secrets.attempts", "must be between 1 and 10"));
-                }
+                let http = &secrets.http;
+                check(http.url.starts_with("https://") || http.url.starts_with("http://"), "secrets.url", &|| {
+                    "is required (an http(s) URL) when secrets.backend is 'http'".into()
+                });
+                check(!http.token.expose_secret().is_empty(), "secrets.token", &|| "is required when secrets.backend is 'http'".into());
+                check((1..=10).contains(&http.attempts), "secrets.attempts", &|| "must be between 1 and 10".into());
             }
-            SecretsBackend::Local => {}
         }
-        for (i, cidr) in self.webhooks.allowed_private_cidrs.iter().enumerate() {
+        check(!secrets.http.timeout.is_zero(), "secrets.timeout", &|| "must be positive".into());
+        let webhooks = &self.webhooks;
+        for (i, cidr) in webhooks.allowed_private_cidrs.iter().enumerate() {
             if let Err(reason) = im_domain::webhooks::endpoint::Cidr::parse(cidr) {
-                return Err(err(&format!("webhooks.allowed_private_cidrs[{i}]"), reason));
+                check(false, &format!("webhooks.allowed_private_cidrs[{i}]"), &|| reason.to_string());
             }
         }
-        if self.webhooks.retry_schedule.len() > 50 {
-            return Err(err("webhooks.retry_schedule", "must have at most 50 entries"));
-        }
-        if self.webhooks.request_timeout.0.is_zero() {
-            return Err(err("webhooks.request_timeout", "must be positive"));
-        }
-        if self.webhooks.connect_timeout.0.is_zero() {
-            return Err(err("webhooks.connect_timeout", "must be positive"));
-        }
-        if !(1..=10_000).contains(&self.webhooks.concurrency) {
-            return Err(err("webhooks.concurrency", "must be between 1 and 10000"));
-        }
-        if self.secrets.timeout.0.is_zero() {
-            return Err(err("secrets.timeout", "must be positive"));
-        }
-        if !self.auth.hs256_key.is_empty() {
-            use base64::Engine as _;
-            match base64::engine::general_purpose::STANDARD.decode(self.auth.hs256_key.expose()) {
-                Ok(key) if key.len() >= im_auth::MIN_KEY_BYTES => {}
-                _ => return Err(err("auth.hs256_key", format!("must be base64 of at least {} bytes", im_auth::MIN_KEY_BYTES))),
+        check(webhooks.retry_schedule.len() <= 50, "webhooks.retry_schedule", &|| "must have at most 50 entries".into());
+        check(!webhooks.request_timeout.is_zero(), "webhooks.request_timeout", &|| "must be positive".into());
+        check(!webhooks.connect_timeout.is_zero(), "webhooks.connect_timeout", &|| "must be positive".into());
+        check((1..=10_000).contains(&webhooks.concurrency), "webhooks.concurrency", &|| "must be between 1 and 10000".into());
+        let auth = &self.auth;
+        match auth.mode {
+            AuthMode::Local => {
+                use base64::Engine as _;
+                let key = auth.hs256_key.expose_secret();
+                let decoded = base64::engine::general_purpose::STANDARD.decode(key);
+                check(key.is_empty() || decoded.is_ok_and(|k| k.len() >= im_auth::MIN_KEY_BYTES), "auth.hs256_key", &|| {
+                    format!("must be base64 of at least {} bytes", im_auth::MIN_KEY_BYTES)
+                });
             }
         }
-        if self.auth.token_ttl_secs <= 0 {
-            return Err(err("auth.token_ttl_secs", "must be positive"));
-        }
-        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
-            return Err(err("log.level", format!("'{}' is not a valid filter", self.log.level)));
-        }
-        Ok(())
+        check(auth.token_ttl.get().as_secs() >= 1, "auth.token_ttl", &|| "must be at least 1s".into());
+        check(tracing_subscriber::EnvFilter::try_new(&self.log.level).is_ok(), "log.level", &|| {
+            format!("'{}' is not a valid filter", self.log.level)
+        });
+        problems
     }
 
     /// The key file of the local secret store when `secrets.local_key` is empty.
@@ -427,14 +483,25 @@ impl Settings {
 mod tests {
     use super::*;
     use figment::Jail;
+    use std::time::Duration;
+
+    fn keys(result: Result<Settings, ConfigErrors>) -> Vec<String> {
+        result.expect_err("the configuration is refused").keys().into_iter().map(str::to_owned).collect()
+    }
 
     #[test]
     fn defaults_load() {
         Jail::expect_with(|_| {
             let s = Settings::load(None).map_err(|e| e.to_string())?;
             assert_eq!(s.server.port, 3026);
+            assert_eq!(s.server.shutdown_timeout.get(), Duration::from_secs(30));
             assert_eq!(s.storage.backend, StorageBackend::Embedded);
             assert_eq!(s.log.format, LogFormat::Pretty);
+            assert_eq!(s.auth.mode, AuthMode::Local);
+            assert_eq!(s.auth.token_ttl.get(), Duration::from_secs(3600));
+            assert_eq!(s.cosmos_db.request_timeout.get(), Duration::from_secs(10));
+            assert_eq!(s.rabbitmq.confirm_timeout.get(), Duration::from_secs(10));
+            assert_eq!(s.secrets.http.timeout.get(), Duration::from_secs(5));
             Ok(())
         });
     }
@@ -460,45 +527,121 @@ mod tests {
     fn errors_name_the_key() {
         Jail::expect_with(|jail| {
             jail.set_env("IM_SERVER__PORT", "not-a-port");
-            assert_eq!(Settings::load(None).unwrap_err().key, "server.port");
+            assert_eq!(keys(Settings::load(None)), ["server.port"]);
             jail.set_env("IM_SERVER__PORT", "3026");
             jail.set_env("IM_LOG__FORMAT", "xml");
-            assert_eq!(Settings::load(None).unwrap_err().key, "log.format");
+            assert_eq!(keys(Settings::load(None)), ["log.format"]);
             jail.set_env("IM_LOG__FORMAT", "json");
             jail.set_env("IM_SERVER__HOST", "not an address");
-            assert_eq!(Settings::load(None).unwrap_err().key, "server.host");
+            assert_eq!(keys(Settings::load(None)), ["server.host"]);
             jail.set_env("IM_SERVER__HOST", "127.0.0.1");
             jail.set_env("IM_AUTH__HS256_KEY", "c2hvcnQ=");
-            assert_eq!(Settings::load(None).unwrap_err().key, "auth.hs256_key");
+            assert_eq!(keys(Settings::load(None)), ["auth.hs256_key"]);
             jail.set_env("IM_AUTH__HS256_KEY", "");
             jail.set_env("IM_SERVER__PROT", "1");
             let e = Settings::load(None).unwrap_err();
-            assert!(e.to_string().contains("prot"), "{e}");
+            assert_eq!(e.keys(), ["server.prot"]);
+            assert!(e.to_string().contains("unknown key 'prot'") && e.to_string().contains("IM_"), "{e}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn every_invalid_key_is_reported_at_once() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "bad.toml",
+                r#"
+                [server]
+                port = "high"
+                workers = "many"
+                body_limit_bytes = 10
+                [storage]
+                backend = "cosmos"
+                [cosmos_db]
+                request_timeout = "soon"
+                [secrets]
+                timeout = "0s"
+                surprise = true
+                [auth]
+                mode = "jwks"
+                leeway_secs = 30
+                [nonsense]
+                x = 1
+                "#,
+            )?;
+            jail.set_env("IM_LOG__FORMAT", "xml");
+            let e = Settings::load(Some(Path::new("bad.toml"))).unwrap_err();
+            let mut found = e.keys();
+            found.sort_unstable();
+            assert_eq!(
+                found,
+                [
+                    "auth.leeway_secs",
+                    "auth.mode",
+                    "cosmos_db.endpoint",
+                    "cosmos_db.key",
+                    "cosmos_db.request_timeout",
+                    "log.format",
+                    "nonsense",
+                    "secrets.surprise",
+                    "secrets.timeout",
+                    "server.body_limit_bytes",
+                    "server.port",
+                    "server.workers",
+                ],
+                "{e}"
+            );
+            let text = e.to_string();
+            assert!(text.starts_with("12 problems"), "{text}");
+            assert!(text.contains("auth.leeway_secs: unknown key 'leeway_secs': renamed to 'auth.leeway'"), "{text}");
+            assert!(text.contains("server.port: invalid type") && text.contains("bad.toml"), "the source is named: {text}");
+            assert!(text.contains("cosmos_db.request_timeout: 'soon' is not a duration"), "{text}");
             Ok(())
         });
     }
 
     #[test]
     fn durations() {
-        assert_eq!(HumanDuration::parse("250ms").unwrap().0, std::time::Duration::from_millis(250));
-        assert_eq!(HumanDuration::parse("5d").unwrap().0, std::time::Duration::from_secs(5 * 86_400));
-        assert!(HumanDuration::parse("5 parsecs").is_err());
         Jail::expect_with(|jail| {
             jail.set_env("IM_WEBHOOKS__PREVIOUS_SECRET_GRACE", "90m");
+            jail.set_env("IM_AUTH__LEEWAY", "250ms");
             let s = Settings::load(None).map_err(|e| e.to_string())?;
-            assert_eq!(s.webhooks.previous_secret_grace.0, std::time::Duration::from_secs(5400));
+            assert_eq!(s.webhooks.previous_secret_grace.get(), Duration::from_secs(5400));
+            assert_eq!(s.auth.leeway.get(), Duration::from_millis(250));
             jail.set_env("IM_WEBHOOKS__ALLOWED_PRIVATE_CIDRS", "[\"127.0.0.0/88\"]");
-            assert_eq!(Settings::load(None).unwrap_err().key, "webhooks.allowed_private_cidrs[0]");
+            assert_eq!(keys(Settings::load(None)), ["webhooks.allowed_private_cidrs[0]"]);
             jail.set_env("IM_WEBHOOKS__ALLOWED_PRIVATE_CIDRS", "[]");
             jail.set_env("IM_SECRETS__TIMEOUT", "soon");
-            assert_eq!(Settings::load(None).unwrap_err().key, "secrets.timeout");
+            assert_eq!(keys(Settings::load(None)), ["secrets.timeout"]);
+            jail.set_env("IM_SECRETS__TIMEOUT", "5s");
+            jail.set_env("IM_SERVER__SHUTDOWN_TIMEOUT_SECS", "5");
+            assert_eq!(keys(Settings::load(None)), ["server.shutdown_timeout_secs"]);
             Ok(())
         });
     }
 
     #[test]
     fn secrets_do_not_print() {
-        let s = Secret::new("hunter2");
-        assert!(!format!("{s:?}").contains("hunter2"));
+        Jail::expect_with(|jail| {
+            jail.set_env("IM_STORAGE__BACKEND", "cosmos");
+            jail.set_env("IM_COSMOS_DB__ENDPOINT", "https://localhost:8081/");
+            jail.set_env("IM_COSMOS_DB__KEY", "aHVudGVyMmh1bnRlcjI=");
+            jail.set_env("IM_RABBITMQ__URL", "amqp://user:hunter3@localhost/");
+            jail.set_env("IM_SECRETS__TOKEN", "hunter4");
+            jail.set_env("IM_AUTH__HS256_KEY", "aHVudGVyNWh1bnRlcjVodW50ZXI1aHVudGVyNWh1bnRlcjU=");
+            let s = Settings::load(None).map_err(|e| e.to_string())?;
+            let printed = format!("{s:?}");
+            for secret in ["aHVudGVyMmh1bnRlcjI=", "hunter3", "hunter4", "aHVudGVyNWh1bnRlcjVodW50ZXI1aHVudGVyNWh1bnRlcjU="] {
+                assert!(!printed.contains(secret), "{secret} printed in {printed}");
+            }
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn keys_of_names_what_a_section_reads() {
+        assert_eq!(keys_of::<LogSettings>(), ["format", "level"]);
+        assert!(keys_of::<HttpSecretSettings>().contains(&"token") && !keys_of::<HttpSecretSettings>().contains(&"backoff"));
     }
 }

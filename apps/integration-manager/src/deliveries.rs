@@ -11,24 +11,36 @@ use im_domain::ports::{EventPublisher, EventSubscriber};
 use im_domain::services::DeliveryService;
 use im_domain::webhooks::delivery::AttemptTrigger;
 use tokio::sync::{Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// How long a taken job stays leased to this process (a crash releases it after this).
 const LEASE: Duration = Duration::from_secs(120);
 /// Longest sleep when nothing is due.
 const IDLE: Duration = Duration::from_millis(500);
 
-/// Runs until the runtime stops. `wake` is notified when new attempts are queued.
-pub fn spawn_dispatcher(service: DeliveryService, wake: Arc<Notify>, concurrency: usize) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
+/// Runs until `shutdown`: then it takes no more jobs, and the attempts it started (tracked by
+/// `tasks`, so the app waits for them) finish and are recorded. `wake` is notified when new
+/// attempts are queued.
+pub fn spawn_dispatcher(
+    service: DeliveryService,
+    wake: Arc<Notify>,
+    concurrency: usize,
+    shutdown: &CancellationToken,
+    tasks: &TaskTracker,
+) {
+    let (shutdown, attempts) = (shutdown.clone(), tasks.clone());
+    tasks.spawn(async move {
         let permits = Arc::new(Semaphore::new(concurrency));
-        loop {
+        while !shutdown.is_cancelled() {
             let available = permits.available_permits().max(1) as u32;
             match service.queue().take_due(available, LEASE).await {
                 Ok(jobs) if !jobs.is_empty() => {
+                    // Jobs taken are leased to us: each is attempted, even when a stop comes now.
                     for job in jobs {
                         let Ok(permit) = permits.clone().acquire_owned().await else { return };
                         let service = service.clone();
-                        tokio::spawn(async move {
+                        attempts.spawn(async move {
                             if let Err(error) = service.attempt(&job, AttemptTrigger::Scheduled).await {
                                 // The job keeps its lease and comes back when it ends.
                                 tracing::warn!(%error, delivery_id = %job.delivery_id, "delivery attempt failed to complete");
@@ -46,17 +58,22 @@ pub fn spawn_dispatcher(service: DeliveryService, wake: Arc<Notify>, concurrency
                         _ => IDLE,
                     };
                     tokio::select! {
+                        () = shutdown.cancelled() => {}
                         () = wake.notified() => {}
                         () = tokio::time::sleep(wait) => {}
                     }
                 }
                 Err(error) => {
                     tracing::warn!(%error, "reading the delivery queue failed");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    tokio::select! {
+                        () = shutdown.cancelled() => {}
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
                 }
             }
         }
-    })
+        tracing::debug!("delivery dispatcher stopped; attempts in flight finish");
+    });
 }
 
 /// Fans events out to webhooks and wakes the dispatcher.

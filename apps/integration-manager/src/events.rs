@@ -11,18 +11,23 @@ use im_domain::ports::{DependencyHealth, HealthCheck, IntegrationRepository, Out
 use im_domain::services::EventRelay;
 use im_domain::{DomainError, ETag, IntegrationId, Page, PageRequest, Stored, TenantId};
 use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// Longest wait between two relay attempts while the publisher is failing.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// Poll interval when nothing wakes the relay (events written by another process, retries).
 const IDLE_POLL: Duration = Duration::from_secs(1);
 
-/// Runs the relay until the runtime stops. `wake` is notified after every commit that recorded events.
-pub fn spawn_relay(relay: EventRelay, wake: Arc<Notify>, batch: u32) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
+/// Runs the relay until `shutdown`; a round in progress finishes (events it could not publish
+/// stay in the outbox for the next start). `wake` is notified after every commit that
+/// recorded events.
+pub fn spawn_relay(relay: EventRelay, wake: Arc<Notify>, batch: u32, shutdown: &CancellationToken, tasks: &TaskTracker) {
+    let shutdown = shutdown.clone();
+    tasks.spawn(async move {
         let mut backoff = Duration::from_millis(100);
         let mut failing_since: Option<std::time::Instant> = None;
-        loop {
+        while !shutdown.is_cancelled() {
             match relay.relay_once(batch).await {
                 Ok(published) => {
                     if let Some(since) = failing_since.take() {
@@ -33,6 +38,7 @@ pub fn spawn_relay(relay: EventRelay, wake: Arc<Notify>, batch: u32) -> tokio::t
                         continue;
                     }
                     tokio::select! {
+                        () = shutdown.cancelled() => {}
                         () = wake.notified() => {}
                         () = tokio::time::sleep(IDLE_POLL) => {}
                     }
@@ -47,12 +53,16 @@ pub fn spawn_relay(relay: EventRelay, wake: Arc<Notify>, batch: u32) -> tokio::t
                         retry_in_ms = backoff.as_millis() as u64,
                         "publishing events failed; they stay in the outbox"
                     );
-                    tokio::time::sleep(backoff).await;
+                    tokio::select! {
+                        () = shutdown.cancelled() => {}
+                        () = tokio::time::sleep(backoff) => {}
+                    }
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
             }
         }
-    })
+        tracing::debug!("outbox relay stopped");
+    });
 }
 
 /// Readiness detail of the outbox: how many events wait and for how long.

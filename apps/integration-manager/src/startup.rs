@@ -1,12 +1,20 @@
 //! Wiring: picks the adapters the configuration names, builds the services and the HTTP
-//! server. `build_app` serves both the real server and in-process tests.
+//! server in named steps (store, events, webhooks, HTTP), and runs them until one
+//! cancellation token says stop. `build_app` serves both the real server and in-process tests.
+//!
+//! Lifecycle: SIGTERM or ctrl-c cancels the token ([`Shutdown`]); the HTTP server then stops
+//! accepting and lets in-flight requests finish, while the background workers (outbox relay,
+//! delivery dispatcher, TTL sweeper) finish the round they are in and stop: a delivery attempt
+//! in flight completes and is recorded; nothing is aborted mid-write. Both get
+//! `server.shutdown_timeout`; an attempt still running after it keeps its lease, so the next
+//! start (embedded queue) or another consumer (RabbitMQ) runs it again.
 
 use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::Duration;
 
 use actix_web::body::MessageBody;
-use actix_web::dev::{Server, ServerHandle, ServiceFactory, ServiceRequest, ServiceResponse};
+use actix_web::dev::{Server, ServiceFactory, ServiceRequest, ServiceResponse};
 use actix_web::middleware::from_fn;
 use actix_web::{App, HttpServer, web};
 use anyhow::Context as _;
@@ -23,9 +31,12 @@ use im_domain::services::{
 };
 use im_domain::webhooks::ports::{DeliveryQueue, DeliveryRepository, OsEntropy, WebhookRepository};
 use im_domain::{Clock, SystemClock, UuidV7};
-use im_store_cosmos::{CosmosSettings, CosmosStore};
+use im_store_cosmos::CosmosStore;
 use im_store_embedded::EmbeddedStore;
 use im_webhook_sender::{HttpWebhookSender, SenderSettings};
+use secrecy::ExposeSecret as _;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::api;
 use crate::audit::TracingAudit;
@@ -54,13 +65,18 @@ pub fn build_app(
 /// # Errors
 /// When the key cannot be read or created.
 pub fn local_jwt(settings: &Settings) -> anyhow::Result<LocalJwt> {
-    let AuthMode::Local = settings.auth.mode;
-    let key = if settings.auth.hs256_key.is_empty() {
-        crate::keys::load_or_create_key(&settings.auth_key_file(), im_auth::MIN_KEY_BYTES)?
-    } else {
-        base64::engine::general_purpose::STANDARD.decode(settings.auth.hs256_key.expose()).context("auth.hs256_key is not base64")?
-    };
-    LocalJwt::new(&key, settings.auth.issuer(), settings.auth.audience(), settings.auth.leeway_secs)
+    let auth = &settings.auth;
+    match auth.mode {
+        AuthMode::Local => {
+            let configured = auth.hs256_key.expose_secret();
+            let key = if configured.is_empty() {
+                crate::keys::load_or_create_key(&settings.auth_key_file(), im_auth::MIN_KEY_BYTES)?
+            } else {
+                base64::engine::general_purpose::STANDARD.decode(configured).context("auth.hs256_key is not base64")?
+            };
+            LocalJwt::new(&key, auth.issuer(), auth.audience(), auth.leeway.get().as_secs())
+        }
+    }
 }
 
 /// The configured secret store: local and encrypted, or the Secret Management service.
@@ -70,24 +86,19 @@ pub fn local_jwt(settings: &Settings) -> anyhow::Result<LocalJwt> {
 pub fn secret_store(settings: &Settings) -> anyhow::Result<Arc<dyn SecretStore>> {
     match settings.secrets.backend {
         SecretsBackend::Local => {
-            let key = if settings.secrets.local_key.is_empty() {
+            let configured = settings.secrets.local_key.expose_secret();
+            let key = if configured.is_empty() {
                 let bytes = crate::keys::load_or_create_key(&settings.secrets_key_file(), im_secrets_local::KEY_BYTES)?;
                 <[u8; im_secrets_local::KEY_BYTES]>::try_from(bytes.as_slice())
                     .map_err(|_| anyhow::anyhow!("the secrets key file must hold 32 bytes"))?
             } else {
-                im_secrets_local::parse_key(settings.secrets.local_key.expose())?
+                im_secrets_local::parse_key(configured)?
             };
             Ok(Arc::new(im_secrets_local::LocalSecretStore::open(&settings.storage.data_dir, &key)?))
         }
         SecretsBackend::Http => Ok(Arc::new(
-            im_secrets_http::HttpSecretStore::new(im_secrets_http::HttpSecretSettings {
-                url: settings.secrets.url.clone(),
-                token: settings.secrets.token.expose().to_owned(),
-                timeout: settings.secrets.timeout.0,
-                attempts: settings.secrets.attempts,
-                backoff: Duration::from_millis(100),
-            })
-            .map_err(|e| anyhow::anyhow!("secret management client: {e}"))?,
+            im_secrets_http::HttpSecretStore::new(settings.secrets.http.clone())
+                .map_err(|e| anyhow::anyhow!("secret management client: {e}"))?,
         )),
     }
 }
@@ -134,23 +145,14 @@ pub async fn open_storage(settings: &Settings, clock: Arc<dyn Clock>, provision:
         }
         StorageBackend::Cosmos => {
             let cosmos = &settings.cosmos_db;
-            let cosmos_settings = CosmosSettings {
-                endpoint: cosmos.endpoint.clone(),
-                key: cosmos.key.expose().to_owned(),
-                database: cosmos.database.clone(),
-                emulator: cosmos.emulator,
-                request_timeout: Duration::from_secs(cosmos.request_timeout_secs),
-                preferred_regions: cosmos.preferred_regions.clone(),
-                max_throttle_retries: cosmos.max_throttle_retries,
-            };
             let mut report = Vec::new();
             if provision || cosmos.auto_provision {
-                let provisioned = im_store_cosmos::provision(&cosmos_settings).await.context("provisioning Cosmos DB")?;
+                let provisioned = im_store_cosmos::provision(cosmos).await.context("provisioning Cosmos DB")?;
                 report.extend(provisioned.created.iter().map(|c| format!("created {c}")));
                 report.extend(provisioned.existing.iter().map(|c| format!("exists {c}")));
                 tracing::info!(created = ?provisioned.created, existing = provisioned.existing.len(), "cosmos db provisioned");
             }
-            let store = CosmosStore::connect(cosmos_settings).await?;
+            let store = CosmosStore::connect(cosmos.clone()).await?;
             Ok(Storage {
                 integrations: store.integrations(),
                 webhooks: store.webhooks(),
@@ -165,16 +167,138 @@ pub async fn open_storage(settings: &Settings, clock: Arc<dyn Clock>, provision:
     }
 }
 
+/// Stops a running [`Application`]: the same token SIGTERM and ctrl-c cancel.
+#[derive(Debug, Clone)]
+pub struct Shutdown(CancellationToken);
+
+impl Shutdown {
+    /// Asks the application to stop: HTTP requests and background work in flight finish first.
+    pub fn trigger(&self) {
+        self.0.cancel();
+    }
+}
+
+/// The background workers and the token that stops them; attempts in flight are tracked too.
+struct Workers {
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+}
+
+/// The event step: the in-process bus, the publisher behind the outbox relay, the integration
+/// service whose writes wake the relay.
+struct Events {
+    bus: Arc<InProcessBus>,
+    relay: EventRelay,
+    wake: Arc<tokio::sync::Notify>,
+    integrations: IntegrationService,
+}
+
+fn events(settings: &Settings, storage: &Storage, clock: Arc<dyn Clock>, audit: Audit, health: &mut Vec<Arc<dyn HealthCheck>>) -> Events {
+    let wake = Arc::new(tokio::sync::Notify::new());
+    let repository = Arc::new(WakeOnEvents { inner: storage.integrations.clone(), wake: wake.clone() });
+    let integrations = IntegrationService::new(repository, storage.providers.clone(), clock, Arc::new(UuidV7), audit);
+    let bus = Arc::new(InProcessBus::new());
+    let publisher: Arc<dyn EventPublisher> = match settings.events.backend {
+        EventsBackend::Embedded => bus.clone(),
+        EventsBackend::Rabbitmq => {
+            let rabbit = Arc::new(RabbitPublisher::new(settings.rabbitmq.clone()));
+            health.push(rabbit.clone());
+            Arc::new(BrokerThenLocal { broker: rabbit, local: bus.clone() })
+        }
+    };
+    health.push(Arc::new(OutboxHealth { outbox: storage.outbox.clone(), max_age: settings.events.outbox_max_age.get() }));
+    Events { bus, relay: EventRelay::new(storage.outbox.clone(), publisher), wake, integrations }
+}
+
+/// The webhook step: endpoints, their delivery queue, the sender and the delivery service.
+async fn webhooks(settings: &Settings, storage: &Storage, audit: Audit) -> anyhow::Result<(WebhookService, DeliveryService)> {
+    let webhooks = WebhookService::new(
+        storage.webhooks.clone(),
+        secret_store(settings)?,
+        Arc::new(SystemClock),
+        Arc::new(UuidV7),
+        Arc::new(OsEntropy),
+        settings.webhooks.url_policy(),
+        settings.webhooks.previous_secret_grace.get(),
+        audit.clone(),
+    );
+    let sender = HttpWebhookSender::new(SenderSettings {
+        connect_timeout: settings.webhooks.connect_timeout.get(),
+        request_timeout: settings.webhooks.request_timeout.get(),
+        policy: settings.webhooks.url_policy(),
+    })
+    .map_err(|e| anyhow::anyhow!("webhook sender: {e}"))?;
+    let deliveries = DeliveryService::new(
+        storage.webhooks.clone(),
+        webhooks.clone(),
+        storage.deliveries.clone(),
+        delivery_queue(settings, storage).await?,
+        Arc::new(sender),
+        Arc::new(SystemClock),
+        Arc::new(UuidV7),
+        DeliverySettings {
+            retry_schedule: settings.webhooks.retry_schedule.iter().map(|d| d.get()).collect(),
+            disable_after: settings.webhooks.disable_after.get(),
+            disable_min_failures: settings.webhooks.disable_min_failures,
+            user_agent: format!("IntegrationManager-Webhooks/{}", env!("CARGO_PKG_VERSION")),
+        },
+        audit,
+    );
+    Ok((webhooks, deliveries))
+}
+
+/// Delivery jobs: a RabbitMQ work queue shared by every instance, or the embedded database of
+/// the data directory (whatever the store), whose leases the last stop left are released.
+async fn delivery_queue(settings: &Settings, storage: &Storage) -> anyhow::Result<Arc<dyn DeliveryQueue>> {
+    match settings.events.backend {
+        EventsBackend::Embedded => {
+            let queue_store = match &storage.embedded {
+                Some(store) => store.clone(),
+                None => {
+                    let store = EmbeddedStore::open(&settings.storage.data_dir, Arc::new(SystemClock))?;
+                    store.migrate().await.context("migrating the delivery queue")?;
+                    store
+                }
+            };
+            let released = queue_store.release_delivery_leases().await?;
+            if released > 0 {
+                tracing::info!(released, "delivery attempts interrupted by the last stop are due again");
+            }
+            Ok(queue_store.delivery_queue())
+        }
+        EventsBackend::Rabbitmq => Ok(Arc::new(RabbitDeliveryQueue::new(&settings.rabbitmq))),
+    }
+}
+
+/// The HTTP step: binds the port; the server stops when the token is cancelled (signals are
+/// ours, not actix's, so one token stops everything).
+fn http_server(settings: &Settings, state: web::Data<AppState>) -> anyhow::Result<(Server, u16, usize)> {
+    let listener = TcpListener::bind((settings.server.host.as_str(), settings.server.port))
+        .with_context(|| format!("cannot listen on {}:{}", settings.server.host, settings.server.port))?;
+    let port = listener.local_addr()?.port();
+    let workers =
+        if settings.server.workers == 0 { std::thread::available_parallelism().map_or(2, |n| n.get()) } else { settings.server.workers };
+    let server = HttpServer::new(move || build_app(state.clone()))
+        .workers(workers)
+        .shutdown_timeout(settings.server.shutdown_timeout.get().as_secs())
+        .disable_signals()
+        .listen(listener)?
+        .run();
+    Ok((server, port, workers))
+}
+
 /// A built server, bound to its port, not yet running.
 pub struct Application {
     port: u16,
     server: Server,
-    background: Vec<tokio::task::JoinHandle<()>>,
+    workers: Workers,
+    drain: Duration,
     state: web::Data<AppState>,
 }
 
 impl Application {
-    /// Builds everything and binds the port.
+    /// Builds everything in steps (store, catalog, events, webhooks, workers, HTTP) and binds
+    /// the port.
     ///
     /// # Errors
     /// When the store, the keys, the catalog or the port fail.
@@ -187,123 +311,36 @@ impl Application {
         let catalog = CatalogService::new(storage.providers.clone(), clock.clone(), audit.clone());
         let report = catalog.seed(crate::catalog::builtin_providers()?).await.context("seeding the provider catalog")?;
         tracing::info!(inserted = report.inserted, already_seeded = report.skipped, "provider catalog seeded");
-        let wake = Arc::new(tokio::sync::Notify::new());
-        let repository = Arc::new(WakeOnEvents { inner: storage.integrations.clone(), wake: wake.clone() });
-        let integrations = IntegrationService::new(repository, storage.providers.clone(), clock, Arc::new(UuidV7), audit.clone());
 
         let mut health: Vec<Arc<dyn HealthCheck>> = vec![storage.health.clone()];
-        let bus = Arc::new(InProcessBus::new());
-        let publisher: Arc<dyn EventPublisher> = match settings.events.backend {
-            EventsBackend::Embedded => bus.clone(),
-            EventsBackend::Rabbitmq => {
-                let rabbit = Arc::new(RabbitPublisher::new(im_bus_rabbitmq::RabbitSettings {
-                    url: settings.rabbitmq.url.expose().to_owned(),
-                    exchange: settings.rabbitmq.exchange.clone(),
-                    confirm_timeout: Duration::from_secs(settings.rabbitmq.confirm_timeout_secs),
-                }));
-                health.push(rabbit.clone());
-                Arc::new(BrokerThenLocal { broker: rabbit, local: bus.clone() })
-            }
-        };
-        let relay = EventRelay::new(storage.outbox.clone(), publisher);
-        health.push(Arc::new(OutboxHealth {
-            outbox: storage.outbox.clone(),
-            max_age: Duration::from_secs(settings.events.outbox_max_age_secs),
-        }));
+        let events = events(&settings, &storage, clock, audit.clone(), &mut health);
+        let (webhooks, deliveries) = webhooks(&settings, &storage, audit).await?;
 
-        let secrets = secret_store(&settings)?;
-        let webhooks = WebhookService::new(
-            storage.webhooks.clone(),
-            secrets,
-            Arc::new(SystemClock),
-            Arc::new(UuidV7),
-            Arc::new(OsEntropy),
-            settings.webhooks.url_policy(),
-            settings.webhooks.previous_secret_grace.0,
-            audit.clone(),
-        );
-        // Delivery jobs: a RabbitMQ work queue shared by every instance, or the embedded
-        // database of the data directory (whatever the store).
-        let queue: Arc<dyn DeliveryQueue> = match settings.events.backend {
-            EventsBackend::Embedded => {
-                let queue_store = match &storage.embedded {
-                    Some(store) => store.clone(),
-                    None => {
-                        let store = EmbeddedStore::open(&settings.storage.data_dir, Arc::new(SystemClock))?;
-                        store.migrate().await.context("migrating the delivery queue")?;
-                        store
-                    }
-                };
-                let released = queue_store.release_delivery_leases().await?;
-                if released > 0 {
-                    tracing::info!(released, "delivery attempts interrupted by the last stop are due again");
-                }
-                queue_store.delivery_queue()
-            }
-            EventsBackend::Rabbitmq => Arc::new(RabbitDeliveryQueue::new(
-                settings.rabbitmq.url.expose().to_owned(),
-                settings.rabbitmq.delivery_queue_prefix.clone(),
-            )),
-        };
-        let sender = HttpWebhookSender::new(SenderSettings {
-            connect_timeout: settings.webhooks.connect_timeout.0,
-            request_timeout: settings.webhooks.request_timeout.0,
-            policy: settings.webhooks.url_policy(),
-        })
-        .map_err(|e| anyhow::anyhow!("webhook sender: {e}"))?;
-        let deliveries = DeliveryService::new(
-            storage.webhooks.clone(),
-            webhooks.clone(),
-            storage.deliveries.clone(),
-            queue,
-            Arc::new(sender),
-            Arc::new(SystemClock),
-            Arc::new(UuidV7),
-            DeliverySettings {
-                retry_schedule: settings.webhooks.retry_schedule.iter().map(|d| d.0).collect(),
-                disable_after: settings.webhooks.disable_after.0,
-                disable_min_failures: settings.webhooks.disable_min_failures,
-                user_agent: format!("IntegrationManager-Webhooks/{}", env!("CARGO_PKG_VERSION")),
-            },
-            audit,
-        );
+        let workers = Workers { shutdown: CancellationToken::new(), tasks: TaskTracker::new() };
         let dispatch = Arc::new(tokio::sync::Notify::new());
-        bus.subscribe(Arc::new(FanOut { service: deliveries.clone(), wake: dispatch.clone() }));
-        let dispatcher = spawn_dispatcher(deliveries.clone(), dispatch, settings.webhooks.concurrency);
+        events.bus.subscribe(Arc::new(FanOut { service: deliveries.clone(), wake: dispatch.clone() }));
+        spawn_dispatcher(deliveries.clone(), dispatch, settings.webhooks.concurrency, &workers.shutdown, &workers.tasks);
         // Only now, with every in-process subscriber registered, may events flow.
-        let relay_task = crate::events::spawn_relay(relay, wake, settings.events.relay_batch_size);
+        crate::events::spawn_relay(events.relay, events.wake, settings.events.relay_batch_size, &workers.shutdown, &workers.tasks);
+        if let Some(store) = storage.embedded {
+            spawn_ttl_sweeper(store, settings.storage.ttl_sweep_interval.get(), &workers.shutdown, &workers.tasks);
+        }
+
         let state = web::Data::new(AppState {
-            integrations,
+            integrations: events.integrations,
             catalog,
             webhooks,
             deliveries,
             authenticator,
             health,
-            bus,
+            bus: events.bus,
             body_limit: settings.server.body_limit_bytes,
         });
-
-        let listener = TcpListener::bind((settings.server.host.as_str(), settings.server.port))
-            .with_context(|| format!("cannot listen on {}:{}", settings.server.host, settings.server.port))?;
-        let port = listener.local_addr()?.port();
-        let workers = if settings.server.workers == 0 {
-            std::thread::available_parallelism().map_or(2, |n| n.get())
-        } else {
-            settings.server.workers
-        };
-        let state_for_tests = state.clone();
-        let server = HttpServer::new(move || build_app(state.clone()))
-            .workers(workers)
-            .shutdown_timeout(settings.server.shutdown_timeout_secs)
-            .listen(listener)?
-            .run();
-
-        let mut background = vec![relay_task, dispatcher];
-        if let Some(store) = storage.embedded {
-            background.push(spawn_ttl_sweeper(store, Duration::from_secs(settings.storage.ttl_sweep_interval_secs)));
-        }
-        tracing::info!(address = %format!("{}:{port}", settings.server.host), workers, events = ?settings.events.backend, "listening");
-        Ok(Self { port, server, background, state: state_for_tests })
+        let (server, port, http_workers) = http_server(&settings, state.clone())?;
+        tracing::info!(
+            address = %format!("{}:{port}", settings.server.host), workers = http_workers, events = ?settings.events.backend, "listening"
+        );
+        Ok(Self { port, server, workers, drain: settings.server.shutdown_timeout.get(), state })
     }
 
     pub fn port(&self) -> u16 {
@@ -315,35 +352,97 @@ impl Application {
         self.state.clone()
     }
 
-    /// A handle that stops the server gracefully.
-    pub fn handle(&self) -> ServerHandle {
-        self.server.handle()
+    /// What stops this application gracefully, as SIGTERM and ctrl-c do.
+    pub fn shutdown(&self) -> Shutdown {
+        Shutdown(self.workers.shutdown.clone())
     }
 
-    /// Serves until stopped (SIGTERM/SIGINT stop it gracefully: in-flight requests finish).
+    /// Serves until SIGTERM, ctrl-c or [`Shutdown::trigger`]; then in-flight requests finish,
+    /// the workers drain, and it returns.
     ///
     /// # Errors
     /// When the server fails.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
-        let result = self.server.await;
-        for task in self.background {
-            task.abort();
-        }
+        let Self { server, workers, drain, .. } = self;
+        let token = workers.shutdown;
+        let handle = server.handle();
+        tokio::spawn(cancel_on_signal(token.clone()));
+        tokio::spawn({
+            let token = token.clone();
+            async move {
+                token.cancelled().await;
+                tracing::info!("stopping: in-flight requests and background work finish first");
+                handle.stop(true).await;
+            }
+        });
+        let serve = async {
+            let result = server.await;
+            // Also when the server ended on its own: the workers stop with it.
+            token.cancel();
+            result
+        };
+        // The workers drain while the last requests finish, within the same timeout.
+        let drain_workers = async {
+            token.cancelled().await;
+            workers.tasks.close();
+            if tokio::time::timeout(drain, workers.tasks.wait()).await.is_err() {
+                tracing::warn!(
+                    still_running = workers.tasks.len(),
+                    "background work did not finish within server.shutdown_timeout; its delivery leases bring it back"
+                );
+            }
+        };
+        let (result, ()) = tokio::join!(serve, drain_workers);
         result
     }
 }
 
-fn spawn_ttl_sweeper(store: EmbeddedStore, every: Duration) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
+/// Cancels `token` on SIGTERM or ctrl-c (SIGINT); ends when the token is cancelled otherwise.
+async fn cancel_on_signal(token: CancellationToken) {
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    let interrupt = async {
+        if let Err(error) = tokio::signal::ctrl_c().await {
+            tracing::warn!(%error, "cannot listen for ctrl-c");
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        () = token.cancelled() => return,
+        () = terminate => tracing::info!("SIGTERM received"),
+        () = interrupt => tracing::info!("ctrl-c received"),
+    }
+    token.cancel();
+}
+
+/// Deletes expired documents of the embedded store every `every`, until `shutdown`.
+fn spawn_ttl_sweeper(store: EmbeddedStore, every: Duration, shutdown: &CancellationToken, tasks: &TaskTracker) {
+    let shutdown = shutdown.clone();
+    tasks.spawn(async move {
         let mut interval = tokio::time::interval(every);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            interval.tick().await;
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = interval.tick() => {}
+            }
             match store.purge_expired().await {
                 Ok(0) => {}
                 Ok(purged) => tracing::debug!(purged, "expired documents purged"),
                 Err(e) => tracing::warn!(error = %e, "purging expired documents failed"),
             }
         }
-    })
+    });
 }

@@ -14,7 +14,7 @@ fn command(data_dir: &Path) -> Command {
         .env("IM_STORAGE__DATA_DIR", data_dir)
         .env("IM_LOG__LEVEL", "info")
         .env("IM_LOG__FORMAT", "json")
-        .env("IM_SERVER__SHUTDOWN_TIMEOUT_SECS", "5")
+        .env("IM_SERVER__SHUTDOWN_TIMEOUT", "5s")
         .env_remove("RUST_LOG");
     cmd
 }

@@ -10,13 +10,48 @@ use std::sync::Mutex;
 
 use async_trait::async_trait;
 use im_domain::auth::{AuthError, Authenticator};
-use im_domain::{Caller, Role, TenantId, UserId};
+use im_domain::{Caller, HumanDuration, Role, TenantId, UserId};
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 
 /// Shortest HS256 key accepted, in bytes.
 pub const MIN_KEY_BYTES: usize = 32;
+
+/// How callers are authenticated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// HS256 tokens signed with `hs256_key`, or with a key file the app creates.
+    Local,
+}
+
+/// The `auth` section of the configuration.
+#[derive(Debug, Clone, Deserialize)]
+pub struct AuthSettings {
+    pub mode: AuthMode,
+    /// Base64 of at least [`MIN_KEY_BYTES`] bytes; empty: the app's key file. A secret.
+    pub hs256_key: SecretString,
+    /// When not empty, tokens must carry this `iss` (and minted tokens carry it).
+    pub issuer: String,
+    /// When not empty, tokens must carry this `aud`.
+    pub audience: String,
+    /// Clock skew tolerated when checking `exp` and `nbf`.
+    pub leeway: HumanDuration,
+    /// Lifetime of minted tokens.
+    pub token_ttl: HumanDuration,
+}
+
+impl AuthSettings {
+    pub fn issuer(&self) -> Option<String> {
+        Some(self.issuer.clone()).filter(|s| !s.is_empty())
+    }
+
+    pub fn audience(&self) -> Option<String> {
+        Some(self.audience.clone()).filter(|s| !s.is_empty())
+    }
+}
 
 /// The claims this service reads (and writes when minting).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

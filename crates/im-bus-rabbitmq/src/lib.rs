@@ -18,27 +18,39 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use im_domain::DomainError;
+use im_domain::HumanDuration;
 use im_domain::events::DomainEvent;
 use im_domain::ports::{DependencyHealth, EventPublisher, HealthCheck};
 use lapin::Confirmation;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use secrecy::{ExposeSecret as _, SecretString};
+use serde::Deserialize;
 
-/// How to reach the broker.
-#[derive(Clone)]
+/// How to reach the broker: the `rabbitmq` section of the configuration.
+#[derive(Debug, Clone, Deserialize)]
 pub struct RabbitSettings {
     /// `amqp://user:password@host:port/vhost` or `amqps://...`; a secret (it holds a password).
-    pub url: String,
+    pub url: SecretString,
     /// The durable topic exchange events are published to.
     pub exchange: String,
     /// How long to wait for the broker's confirms of one batch.
-    pub confirm_timeout: Duration,
+    pub confirm_timeout: HumanDuration,
+    /// The durable work queue of webhook delivery jobs is `<prefix>.work`, its delay queues
+    /// `<prefix>.delay.<ms>`.
+    pub delivery_queue_prefix: String,
 }
 
-impl fmt::Debug for RabbitSettings {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RabbitSettings").field("url", &redact(&self.url)).field("exchange", &self.exchange).finish()
+impl RabbitSettings {
+    /// Settings for `url` with the default names and a 10 s confirm timeout.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: SecretString::from(url.into()),
+            exchange: "integration-manager.events".into(),
+            confirm_timeout: HumanDuration(Duration::from_secs(10)),
+            delivery_queue_prefix: "integration-manager.deliveries".into(),
+        }
     }
 }
 
@@ -84,7 +96,7 @@ impl RabbitPublisher {
 
     async fn connect(&self) -> Result<Link, DomainError> {
         let properties = ConnectionProperties::default().with_connection_name("integration-manager".into());
-        let connection = Connection::connect(&self.settings.url, properties).await.map_err(|e| unavailable("connect", e))?;
+        let connection = Connection::connect(self.settings.url.expose_secret(), properties).await.map_err(|e| unavailable("connect", e))?;
         let channel = connection.create_channel().await.map_err(|e| unavailable("open channel", e))?;
         channel.confirm_select(ConfirmSelectOptions::default()).await.map_err(|e| unavailable("confirm mode", e))?;
         channel
@@ -96,7 +108,7 @@ impl RabbitPublisher {
             )
             .await
             .map_err(|e| unavailable("declare exchange", e))?;
-        tracing::info!(url = %redact(&self.settings.url), exchange = %self.settings.exchange, "connected to rabbitmq");
+        tracing::info!(url = %redact(self.settings.url.expose_secret()), exchange = %self.settings.exchange, "connected to rabbitmq");
         Ok(Link { connection, channel })
     }
 
@@ -123,7 +135,7 @@ impl RabbitPublisher {
                 .map_err(|e| unavailable("publish", e))?;
             confirms.push((event, confirm));
         }
-        let deadline = Instant::now() + self.settings.confirm_timeout;
+        let deadline = Instant::now() + self.settings.confirm_timeout.get();
         for (event, confirm) in confirms {
             let left = deadline.saturating_duration_since(Instant::now());
             match tokio::time::timeout(left, confirm).await {
@@ -188,15 +200,15 @@ impl HealthCheck for RabbitPublisher {
         let mut link = self.link.lock().await;
         let connected = link.as_ref().is_some_and(|l| l.connection.status().connected());
         let (ready, detail) = if connected {
-            (true, format!("connected to {}, exchange {}", redact(&self.settings.url), self.settings.exchange))
+            (true, format!("connected to {}, exchange {}", redact(self.settings.url.expose_secret()), self.settings.exchange))
         } else {
             match tokio::time::timeout(Duration::from_secs(3), self.connect()).await {
                 Ok(Ok(new)) => {
                     *link = Some(new);
-                    (true, format!("connected to {}, exchange {}", redact(&self.settings.url), self.settings.exchange))
+                    (true, format!("connected to {}, exchange {}", redact(self.settings.url.expose_secret()), self.settings.exchange))
                 }
                 Ok(Err(e)) => (false, e.to_string()),
-                Err(_) => (false, format!("rabbitmq: connect to {} timed out", redact(&self.settings.url))),
+                Err(_) => (false, format!("rabbitmq: connect to {} timed out", redact(self.settings.url.expose_secret()))),
             }
         };
         let detail = match self.last_error.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {

@@ -16,7 +16,9 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 use serde_json::json;
 
-use crate::redact;
+use secrecy::{ExposeSecret as _, SecretString};
+
+use crate::{RabbitSettings, redact};
 
 fn unavailable(context: &str, error: impl std::fmt::Display) -> DomainError {
     DomainError::Unavailable { reason: format!("rabbitmq delivery queue: {context}: {error}"), retry_after: Some(Duration::from_secs(1)) }
@@ -29,7 +31,7 @@ struct Link {
 
 /// The delivery queue on RabbitMQ.
 pub struct RabbitDeliveryQueue {
-    url: String,
+    url: SecretString,
     prefix: String,
     link: tokio::sync::Mutex<Option<Link>>,
     /// Delivery tags of the jobs this process holds, by delivery id.
@@ -38,7 +40,10 @@ pub struct RabbitDeliveryQueue {
 
 impl std::fmt::Debug for RabbitDeliveryQueue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RabbitDeliveryQueue").field("url", &redact(&self.url)).field("prefix", &self.prefix).finish_non_exhaustive()
+        f.debug_struct("RabbitDeliveryQueue")
+            .field("url", &redact(self.url.expose_secret()))
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
     }
 }
 
@@ -56,9 +61,15 @@ fn bucket(delay: Duration) -> u64 {
 }
 
 impl RabbitDeliveryQueue {
-    /// `prefix` names the queues: `{prefix}.work` and `{prefix}.delay.{ms}`.
-    pub fn new(url: String, prefix: String) -> Self {
-        Self { url, prefix, link: tokio::sync::Mutex::new(None), in_flight: Mutex::default() }
+    /// The broker of `settings.url`; `settings.delivery_queue_prefix` names the queues:
+    /// `{prefix}.work` and `{prefix}.delay.{ms}`.
+    pub fn new(settings: &RabbitSettings) -> Self {
+        Self {
+            url: settings.url.clone(),
+            prefix: settings.delivery_queue_prefix.clone(),
+            link: tokio::sync::Mutex::new(None),
+            in_flight: Mutex::default(),
+        }
     }
 
     fn work_queue(&self) -> String {
@@ -75,8 +86,9 @@ impl RabbitDeliveryQueue {
         if link.is_none() {
             // Tags of an old channel mean nothing now: the broker requeued those jobs.
             self.in_flight.lock().unwrap_or_else(|p| p.into_inner()).clear();
-            let connection =
-                Connection::connect(&self.url, ConnectionProperties::default()).await.map_err(|e| unavailable("connect", e))?;
+            let connection = Connection::connect(self.url.expose_secret(), ConnectionProperties::default())
+                .await
+                .map_err(|e| unavailable("connect", e))?;
             let channel = connection.create_channel().await.map_err(|e| unavailable("channel", e))?;
             channel.confirm_select(ConfirmSelectOptions::default()).await.map_err(|e| unavailable("confirm mode", e))?;
             channel

@@ -9,6 +9,7 @@ use im_domain::{DomainError, TenantId};
 use im_testkit::proxy::Proxy;
 use im_testkit::rabbit::TestQueue;
 use im_testkit::services::{amqp_url, rabbitmq};
+use secrecy::ExposeSecret as _;
 
 fn event(event_type: EventType) -> DomainEvent {
     DomainEvent {
@@ -22,14 +23,18 @@ fn event(event_type: EventType) -> DomainEvent {
 }
 
 fn settings(url: String) -> RabbitSettings {
-    RabbitSettings { url, exchange: format!("im-test-{}", uuid::Uuid::new_v4().simple()), confirm_timeout: Duration::from_secs(5) }
+    RabbitSettings {
+        exchange: format!("im-test-{}", uuid::Uuid::new_v4().simple()),
+        confirm_timeout: im_domain::HumanDuration(Duration::from_secs(5)),
+        ..RabbitSettings::new(url)
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishes_persistent_cloudevents_routed_by_type_with_confirms() {
     let Some(addr) = rabbitmq("publishes_persistent_cloudevents_routed_by_type_with_confirms") else { return };
     let settings = settings(amqp_url(addr));
-    let mut queue = TestQueue::bind(&settings.url, &settings.exchange).await;
+    let mut queue = TestQueue::bind(settings.url.expose_secret(), &settings.exchange).await;
     let publisher = RabbitPublisher::new(settings);
     let events = vec![event(EventType::IntegrationCreated), event(EventType::IntegrationUpdated), event(EventType::IntegrationDeleted)];
     publisher.publish(&events).await.expect("published and confirmed");

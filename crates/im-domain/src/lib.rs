@@ -8,6 +8,7 @@ pub mod audit;
 pub mod auth;
 pub mod common;
 pub mod custom;
+pub mod duration;
 pub mod error;
 pub mod events;
 pub mod integration;
@@ -20,4 +21,5 @@ pub mod webhooks;
 
 pub use auth::{Caller, Role};
 pub use common::{Clock, ETag, IdGenerator, IntegrationId, Page, PageRequest, Stored, SystemClock, TenantId, UserId, UuidV7};
+pub use duration::HumanDuration;
 pub use error::{DomainError, DomainResult, FieldViolation, ViolationKind, Violations};

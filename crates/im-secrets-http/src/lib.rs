@@ -13,30 +13,31 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use im_domain::DomainError;
 use im_domain::secrets::{SecretName, SecretRef, SecretStore, SecretValue};
+use im_domain::{DomainError, HumanDuration};
 use reqwest::{Method, StatusCode};
+use secrecy::{ExposeSecret as _, SecretString};
 use serde::{Deserialize, Serialize};
 
-/// How to reach the service.
-#[derive(Clone)]
+/// How to reach the service: the `url`, `token`, `timeout` and `attempts` keys of the
+/// `secrets` section of the configuration.
+#[derive(Debug, Clone, Deserialize)]
 pub struct HttpSecretSettings {
     /// Base URL, e.g. `https://secrets.platform.internal`.
     pub url: String,
     /// Service token sent as `Authorization: Bearer`; a secret, never logged.
-    pub token: String,
+    pub token: SecretString,
     /// Timeout of one attempt.
-    pub timeout: Duration,
+    pub timeout: HumanDuration,
     /// Attempts for a request that fails with a retryable error (at least 1).
     pub attempts: u32,
-    /// Wait before the second attempt; doubled for each further one.
+    /// Wait before the second attempt; doubled for each further one (not configurable).
+    #[serde(skip, default = "default_backoff")]
     pub backoff: Duration,
 }
 
-impl std::fmt::Debug for HttpSecretSettings {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HttpSecretSettings").field("url", &self.url).field("token", &"<redacted>").field("timeout", &self.timeout).finish()
-    }
+fn default_backoff() -> Duration {
+    Duration::from_millis(100)
 }
 
 /// The HTTP client of the Secret Management service.
@@ -89,8 +90,8 @@ impl HttpSecretStore {
     /// When the HTTP client cannot be built.
     pub fn new(settings: HttpSecretSettings) -> Result<Self, DomainError> {
         let client = reqwest::Client::builder()
-            .timeout(settings.timeout)
-            .connect_timeout(settings.timeout)
+            .timeout(settings.timeout.get())
+            .connect_timeout(settings.timeout.get())
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| DomainError::Unexpected(e.into()))?;
@@ -109,7 +110,7 @@ impl HttpSecretStore {
         let mut wait = self.settings.backoff;
         let mut last = String::new();
         for attempt in 1..=attempts {
-            let mut request = self.client.request(method.clone(), &url).bearer_auth(&self.settings.token);
+            let mut request = self.client.request(method.clone(), &url).bearer_auth(self.settings.token.expose_secret());
             if let Some((k, v)) = query {
                 request = request.query(&[(k, v)]);
             }

@@ -15,7 +15,7 @@ fn store(server: &MockServer) -> HttpSecretStore {
     HttpSecretStore::new(HttpSecretSettings {
         url: server.uri(),
         token: "service-token".into(),
-        timeout: Duration::from_millis(300),
+        timeout: im_domain::HumanDuration(Duration::from_millis(300)),
         attempts: 3,
         backoff: Duration::from_millis(10),
     })

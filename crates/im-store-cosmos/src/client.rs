@@ -19,7 +19,9 @@ use azure_data_cosmos::{AccountEndpoint, AccountReference, CosmosClient, CosmosR
 use futures_util::TryStreamExt as _;
 use im_domain::common::invalid_continuation;
 use im_domain::ports::{DependencyHealth, HealthCheck, IntegrationRepository, Outbox, ProviderRepository};
-use im_domain::{DomainError, PageRequest};
+use im_domain::{DomainError, HumanDuration, PageRequest};
+use secrecy::{ExposeSecret as _, SecretString};
+use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
 use crate::errors::{map, timed_out};
@@ -51,37 +53,26 @@ pub(crate) const DELIVERIES: &str = "integration_webhook_deliveries";
 /// The well-known key of the Cosmos DB emulator (any key works against the test server).
 pub const EMULATOR_KEY: &str = "C2y6yDjf5/R+ob0N8A7Cgv30VRDJIWEHLM+4QDU5DE2nQ9nDuVTqobD4b8mGGyPMbIZnqyMsEcaGQy67XIw/Jw==";
 
-/// How to reach the account.
-#[derive(Clone)]
+/// How to reach the account: the `cosmos_db` section of the configuration.
+#[derive(Debug, Clone, Deserialize)]
 pub struct CosmosSettings {
     /// `https://ACCOUNT.documents.azure.com:443/`
     pub endpoint: String,
-    /// The account key: a secret, never logged.
-    pub key: String,
+    /// The account key (base64): a secret, never logged.
+    pub key: SecretString,
     pub database: String,
     /// Client settings an emulator on loopback needs (its self-signed certificate, HTTP/1.1,
     /// text JSON). Production keeps the SDK defaults.
     pub emulator: bool,
     /// Longest wait for one request, retries included.
-    pub request_timeout: Duration,
+    pub request_timeout: HumanDuration,
     /// Regions to prefer, most preferred first (empty: the account's default order).
     pub preferred_regions: Vec<String>,
     /// How many times the SDK retries a throttled (429) request, honouring `x-ms-retry-after-ms`,
     /// before the store answers "unavailable".
     pub max_throttle_retries: u32,
-}
-
-impl fmt::Debug for CosmosSettings {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CosmosSettings")
-            .field("endpoint", &self.endpoint)
-            .field("key", &"<redacted>")
-            .field("database", &self.database)
-            .field("emulator", &self.emulator)
-            .field("request_timeout", &self.request_timeout)
-            .field("preferred_regions", &self.preferred_regions)
-            .finish()
-    }
+    /// Create the database and containers at start when missing (otherwise `migrate` does).
+    pub auto_provision: bool,
 }
 
 async fn client(settings: &CosmosSettings) -> anyhow::Result<CosmosClient> {
@@ -89,7 +80,7 @@ async fn client(settings: &CosmosSettings) -> anyhow::Result<CosmosClient> {
         .endpoint
         .parse()
         .map_err(|e| anyhow::anyhow!("cosmos_db.endpoint '{}' is not a valid endpoint: {e}", settings.endpoint))?;
-    let account = AccountReference::with_authentication_key(endpoint, Secret::from(settings.key.clone()));
+    let account = AccountReference::with_authentication_key(endpoint, Secret::from(settings.key.expose_secret().to_owned()));
     let throttling = OperationOptionsBuilder::new()
         .with_throttling_retry_options(ThrottlingRetryOptionsBuilder::new().with_max_retry_count(settings.max_throttle_retries).build())
         .build();
@@ -199,7 +190,7 @@ impl CosmosStore {
                 Err(e) => anyhow::bail!("cannot open Cosmos DB container '{}': {e}", spec.name),
             }
         }
-        let timeout = settings.request_timeout;
+        let timeout = settings.request_timeout.get();
         Ok(Self { inner: Arc::new(Inner { containers, timeout, settings }) })
     }
 

@@ -12,9 +12,10 @@ fn settings(endpoint: String, database: String) -> CosmosSettings {
         key: im_store_cosmos::EMULATOR_KEY.into(),
         database,
         emulator: true,
-        request_timeout: Duration::from_secs(20),
+        request_timeout: im_domain::HumanDuration(Duration::from_secs(20)),
         preferred_regions: Vec::new(),
         max_throttle_retries: 3,
+        auto_provision: false,
     }
 }
 
