@@ -52,6 +52,25 @@ async fn the_delivery_queue_passes_the_queue_contract() {
     im_testkit::queue::contract(&queues).await;
 }
 
+/// What only the embedded queue promises: it has one consumer, this process, so at start the
+/// jobs a crashed predecessor had leased are due again at once, not when their lease ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_releases_the_leases_of_the_crashed_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = im_testkit::queue::fresh_job();
+    {
+        let crashed = store(dir.path()).await;
+        let queue = crashed.delivery_queue();
+        queue.schedule(&job, OffsetDateTime::now_utc()).await.unwrap();
+        assert_eq!(queue.take_due(10, Duration::from_secs(3600)).await.unwrap(), vec![job.clone()]);
+    }
+    let restarted = store(dir.path()).await;
+    let queue = restarted.delivery_queue();
+    assert!(queue.take_due(10, Duration::from_secs(60)).await.unwrap().is_empty(), "leased for an hour");
+    assert_eq!(restarted.release_delivery_leases().await.unwrap(), 1);
+    assert_eq!(queue.take_due(10, Duration::from_secs(60)).await.unwrap(), vec![job], "due again at start");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn data_survives_reopening_and_migrations_are_idempotent() {
     let dir = tempfile::tempdir().unwrap();
