@@ -71,6 +71,11 @@ async fn take_until(queue: &dyn DeliveryQueue, job: &DeliveryJob, lease: Duratio
     }
 }
 
+/// How long to watch so that the watch ends a little before `due`, however slow the machine.
+fn shortly_before(due: OffsetDateTime) -> Duration {
+    (due - OffsetDateTime::now_utc() - time::Duration::milliseconds(300)).try_into().unwrap_or(Duration::ZERO)
+}
+
 /// Takes from every consumer for `wait`; returns every job handed out (never completing any).
 async fn watch(consumers: &[&dyn DeliveryQueue], wait: Duration) -> Vec<DeliveryJob> {
     let deadline = tokio::time::Instant::now() + wait;
@@ -161,9 +166,9 @@ pub async fn a_delayed_job_is_due_at_its_time_not_before(backend: &dyn QueueBack
     let due = OffsetDateTime::now_utc() + time::Duration::milliseconds(1_500);
     schedule(queue.as_ref(), &later, due).await;
     if let Some(next) = queue.next_due().await.expect("next_due MUST succeed on a reachable queue") {
-        assert!(next <= due + time::Duration::SECOND, "next_due MUST NOT be later than the earliest job's due time: {next} > {due}");
+        assert!(next <= due, "next_due MUST NOT be later than the earliest job's due time: {next} > {due}");
     }
-    let early = watch(&[queue.as_ref(), other.as_ref()], Duration::from_millis(1_000)).await;
+    let early = watch(&[queue.as_ref(), other.as_ref()], shortly_before(due)).await;
     assert!(early.is_empty(), "a job MUST NOT be handed out before its due time: {:?}", ids(&early));
     let taken = take_until(queue.as_ref(), &later, HELD, PATIENCE).await;
     assert!(OffsetDateTime::now_utc() >= due, "handed out at {} before it was due at {due}", OffsetDateTime::now_utc());
@@ -172,7 +177,7 @@ pub async fn a_delayed_job_is_due_at_its_time_not_before(backend: &dyn QueueBack
     // The worker holding it records a failed attempt and reschedules the retry.
     let retry_at = OffsetDateTime::now_utc() + time::Duration::milliseconds(1_200);
     schedule(queue.as_ref(), &later, retry_at).await;
-    let early = watch(&[queue.as_ref(), other.as_ref()], Duration::from_millis(800)).await;
+    let early = watch(&[queue.as_ref(), other.as_ref()], shortly_before(retry_at)).await;
     assert!(early.is_empty(), "a rescheduled retry MUST NOT be handed out before its time: {:?}", ids(&early));
     let retried = take_until(other.as_ref(), &later, HELD, PATIENCE).await;
     assert!(OffsetDateTime::now_utc() >= retry_at, "the retry was handed out before it was due");
