@@ -1,12 +1,17 @@
-//! The publisher against the real RabbitMQ of this machine (required in CI).
+//! The publisher and the delivery queue against the real RabbitMQ of this machine (required in
+//! CI): the conformance suites of both ports, plus what only this adapter promises.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use im_bus_rabbitmq::{RabbitPublisher, RabbitSettings};
+use im_bus_rabbitmq::{RabbitDeliveryQueue, RabbitPublisher, RabbitSettings};
 use im_domain::events::{DomainEvent, EventType};
 use im_domain::ports::{EventPublisher, HealthCheck};
+use im_domain::webhooks::ports::DeliveryQueue;
 use im_domain::{DomainError, TenantId};
 use im_testkit::proxy::Proxy;
+use im_testkit::publisher::{Observer, PublisherBackend};
+use im_testkit::queue::QueueBackend;
 use im_testkit::rabbit::TestQueue;
 use im_testkit::services::{amqp_url, rabbitmq};
 use secrecy::ExposeSecret as _;
@@ -79,4 +84,99 @@ async fn an_unreachable_broker_is_unavailable() {
     let health = publisher.check().await;
     assert!(!health.ready && !health.critical);
     assert!(!health.detail.contains("guest:guest"), "no password in readiness details");
+}
+
+/// Each publisher publishes to an exchange of its own; the observer is a queue bound to it.
+struct Publishers {
+    url: String,
+}
+
+struct Bound(TestQueue);
+
+#[async_trait::async_trait]
+impl Observer for Bound {
+    async fn received(&mut self, count: usize, wait: Duration) -> Vec<uuid::Uuid> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut seen = Vec::new();
+        while seen.len() < count {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let Some(message) = self.0.next(left).await else { break };
+            seen.push(message.message_id.and_then(|id| uuid::Uuid::parse_str(&id).ok()).expect("every message names its event"));
+        }
+        seen
+    }
+}
+
+#[async_trait::async_trait]
+impl PublisherBackend for Publishers {
+    async fn connected(&self) -> (Arc<dyn EventPublisher>, Box<dyn Observer>) {
+        let settings = settings(self.url.clone());
+        let queue = TestQueue::bind(&settings.url, &settings.exchange).await;
+        (Arc::new(RabbitPublisher::new(settings)), Box::new(Bound(queue)))
+    }
+
+    async fn failing(&self) -> Arc<dyn EventPublisher> {
+        Arc::new(RabbitPublisher::new(settings("amqp://guest:guest@127.0.0.1:1/%2f".into())))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_publisher_passes_the_publisher_contract() {
+    let Some(addr) = rabbitmq("the_publisher_passes_the_publisher_contract") else { return };
+    im_testkit::publisher::contract(&Publishers { url: amqp_url(addr) }).await;
+}
+
+/// Each queue is a prefix of its own; each consumer a connection of its own, as each instance
+/// of the service has.
+struct Queues {
+    url: String,
+    prefixes: Mutex<Vec<String>>,
+}
+
+#[async_trait::async_trait]
+impl QueueBackend for Queues {
+    async fn fresh(&self) -> String {
+        let prefix = format!("im-test-{}", uuid::Uuid::new_v4().simple());
+        self.prefixes.lock().unwrap().push(prefix.clone());
+        prefix
+    }
+
+    async fn consumer(&self, name: &str) -> Arc<dyn DeliveryQueue> {
+        Arc::new(RabbitDeliveryQueue::new(self.url.clone(), name.to_owned()))
+    }
+}
+
+impl Queues {
+    /// Deletes the work queues the checks declared (delay queues expire by themselves).
+    async fn remove(&self) {
+        let connection = lapin::Connection::connect(&self.url, lapin::ConnectionProperties::default()).await.expect("connect");
+        let channel = connection.create_channel().await.expect("channel");
+        let prefixes = self.prefixes.lock().unwrap().clone();
+        for prefix in prefixes {
+            let work = format!("{prefix}.work");
+            channel.queue_delete(work.as_str().into(), lapin::options::QueueDeleteOptions::default()).await.expect("delete the work queue");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_delivery_queue_passes_the_queue_contract() {
+    let Some(addr) = rabbitmq("the_delivery_queue_passes_the_queue_contract") else { return };
+    let queues = Queues { url: amqp_url(addr), prefixes: Mutex::default() };
+    im_testkit::queue::schedule_take_complete(&queues).await;
+    im_testkit::queue::a_taken_job_is_not_handed_out_again_while_leased(&queues).await;
+    im_testkit::queue::a_delayed_job_is_due_at_its_time_not_before(&queues).await;
+    im_testkit::queue::a_crashed_consumers_job_comes_back(&queues).await;
+    queues.remove().await;
+}
+
+/// The queue contract's duplicate check, on its own: today two instances each take one copy of
+/// a job scheduled twice (the work queue holds two messages, and each consumer only drops the
+/// copies it holds itself).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_scheduled_twice_is_held_by_one_consumer_at_a_time() {
+    let Some(addr) = rabbitmq("a_job_scheduled_twice_is_held_by_one_consumer_at_a_time") else { return };
+    let queues = Queues { url: amqp_url(addr), prefixes: Mutex::default() };
+    im_testkit::queue::a_duplicate_schedule_never_yields_two_concurrent_attempts(&queues).await;
+    queues.remove().await;
 }

@@ -177,6 +177,13 @@ mod tests {
         assert!(matches!(store.get(&moved).await, Err(DomainError::Unexpected(_))), "bound to its name");
     }
 
+    #[tokio::test]
+    async fn passes_the_secret_store_contract() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalSecretStore::open(dir.path(), &[7u8; KEY_BYTES]).unwrap();
+        im_testkit::secrets::contract(&store).await;
+    }
+
     #[test]
     fn keys_are_32_bytes_of_base64() {
         assert!(parse_key("c2hvcnQ=").is_err());

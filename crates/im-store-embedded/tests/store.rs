@@ -1,9 +1,11 @@
 //! The embedded store against the conformance suite, plus what only this adapter promises:
 //! data survives reopening, migrations are idempotent, documents expire.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use im_domain::webhooks::ports::DeliveryQueue;
 use im_domain::{Clock, SystemClock};
 use im_store_embedded::{EmbeddedStore, containers};
 use time::OffsetDateTime;
@@ -21,6 +23,52 @@ async fn passes_the_conformance_suite() {
     im_testkit::run_all(store.integrations().as_ref(), store.providers().as_ref()).await;
     im_testkit::outbox::events_are_recorded_atomically(store.integrations().as_ref(), store.outbox().as_ref()).await;
     im_testkit::webhooks::contract(store.webhooks().as_ref()).await;
+}
+
+/// Each queue is a database of its own (the embedded queue hands out any due job); every
+/// consumer of it shares the store, as the one process that owns the data directory does.
+struct Queues {
+    dir: tempfile::TempDir,
+    stores: Mutex<HashMap<String, EmbeddedStore>>,
+}
+
+#[async_trait::async_trait]
+impl im_testkit::queue::QueueBackend for Queues {
+    async fn fresh(&self) -> String {
+        let name = uuid::Uuid::new_v4().simple().to_string();
+        let store = store(&self.dir.path().join(&name)).await;
+        self.stores.lock().unwrap().insert(name.clone(), store);
+        name
+    }
+
+    async fn consumer(&self, name: &str) -> Arc<dyn DeliveryQueue> {
+        self.stores.lock().unwrap()[name].delivery_queue()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_delivery_queue_passes_the_queue_contract() {
+    let queues = Queues { dir: tempfile::tempdir().unwrap(), stores: Mutex::default() };
+    im_testkit::queue::contract(&queues).await;
+}
+
+/// What only the embedded queue promises: it has one consumer, this process, so at start the
+/// jobs a crashed predecessor had leased are due again at once, not when their lease ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_releases_the_leases_of_the_crashed_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = im_testkit::queue::fresh_job();
+    {
+        let crashed = store(dir.path()).await;
+        let queue = crashed.delivery_queue();
+        queue.schedule(&job, OffsetDateTime::now_utc()).await.unwrap();
+        assert_eq!(queue.take_due(10, Duration::from_secs(3600)).await.unwrap(), vec![job.clone()]);
+    }
+    let restarted = store(dir.path()).await;
+    let queue = restarted.delivery_queue();
+    assert!(queue.take_due(10, Duration::from_secs(60)).await.unwrap().is_empty(), "leased for an hour");
+    assert_eq!(restarted.release_delivery_leases().await.unwrap(), 1);
+    assert_eq!(queue.take_due(10, Duration::from_secs(60)).await.unwrap(), vec![job], "due again at start");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,6 +1,8 @@
-//! The port-conformance suite: one async function per port contract. Every store adapter calls
-//! all of them from its own tests, so every backend is held to the same behaviour. Each check
-//! uses fresh tenants and ids, so checks can share one store and run concurrently.
+//! The port-conformance suite: one async function per port contract. Every adapter of a port
+//! calls all of them from its own tests, so every backend is held to the same behaviour: the
+//! stores ([`run_all`], [`outbox`], [`webhooks`]), the delivery queues ([`queue`]), the secret
+//! stores ([`secrets`]) and the event publishers ([`publisher`]). Each check uses fresh tenants
+//! and ids, so checks can share one store and run concurrently.
 //!
 //! The functions panic with a message naming the contract that was broken.
 
@@ -9,7 +11,10 @@ pub mod integrations;
 pub mod outbox;
 pub mod providers;
 pub mod proxy;
+pub mod publisher;
+pub mod queue;
 pub mod rabbit;
+pub mod secrets;
 pub mod services;
 pub mod webhooks;
 

@@ -8,7 +8,8 @@ use crate::ports::{EventPublisher, EventSubscriber};
 
 /// The embedded event bus: publishing hands the events to each subscriber in this process and
 /// succeeds only once all of them handled every event, so the outbox keeps an event until
-/// every subscriber has it (at least once, like the broker).
+/// every subscriber has it (at least once, like the broker). A subscriber's failure is
+/// [`DomainError::Unavailable`], as the port demands: the relay keeps the events and tries again.
 #[derive(Default)]
 pub struct InProcessBus {
     subscribers: RwLock<Vec<Arc<dyn EventSubscriber>>>,
@@ -35,7 +36,10 @@ impl EventPublisher for InProcessBus {
     async fn publish(&self, events: &[DomainEvent]) -> Result<(), DomainError> {
         let subscribers = self.subscribers.read().unwrap_or_else(|p| p.into_inner()).clone();
         for subscriber in &subscribers {
-            subscriber.handle_all(events).await?;
+            subscriber.handle_all(events).await.map_err(|e| match e {
+                DomainError::Unavailable { .. } => e,
+                other => DomainError::unavailable(format!("an in-process subscriber could not handle the events: {other:#}")),
+            })?;
         }
         Ok(())
     }

@@ -533,3 +533,349 @@ impl EventSubscriber for DeliveryService {
         self.fan_out(event).await.map(|_| ())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The attempt logic against the mocks of its ports, with an injected clock and fixed ids.
+
+    use std::collections::BTreeMap;
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use serde_json::json;
+    use time::OffsetDateTime;
+
+    use super::*;
+    use crate::common::{ETag, MockClock, MockIdGenerator, UserId};
+    use crate::secrets::{MockSecretStore, SecretName, SecretRef, SecretValue};
+    use crate::services::block_on;
+    use crate::webhooks::endpoint::UrlPolicy;
+    use crate::webhooks::ports::{MockDeliveryQueue, MockDeliveryRepository, MockEntropy, MockWebhookRepository, MockWebhookSender};
+    use crate::webhooks::signature::{SigningSecret, Verifier};
+
+    const SCHEDULE: [Duration; 2] = [Duration::from_secs(10), Duration::from_secs(60)];
+
+    fn now() -> OffsetDateTime {
+        OffsetDateTime::from_unix_timestamp(1_767_225_600).unwrap()
+    }
+
+    fn tenant() -> TenantId {
+        TenantId::new("acme").unwrap()
+    }
+
+    fn secret() -> SigningSecret {
+        SigningSecret::from_bytes(vec![7; 32]).unwrap()
+    }
+
+    fn webhook() -> Webhook {
+        let id = WebhookId(Uuid::from_u128(1));
+        Webhook {
+            id,
+            tenant_id: tenant(),
+            url: "https://receiver.example.com/hooks".into(),
+            description: String::new(),
+            event_types: Vec::new(),
+            integration_ids: Vec::new(),
+            status: WebhookStatus::Enabled,
+            disabled_reason: None,
+            headers: BTreeMap::from([("x-team".to_owned(), "payments".to_owned())]),
+            rate_limit_per_second: None,
+            secret: SecretRef { secret_name: SecretName::new(&tenant(), "webhook", &id.to_string()), version: "1".into() },
+            previous_secret: None,
+            failing_since: None,
+            consecutive_failures: 0,
+            created_at: now() - time::Duration::days(1),
+            updated_at: now() - time::Duration::days(1),
+            created_by: UserId::new("alice").unwrap(),
+            updated_by: UserId::new("alice").unwrap(),
+        }
+    }
+
+    /// A pending delivery of `webhook` that has had `scheduled_attempts` failed scheduled attempts.
+    fn delivery(webhook: &Webhook, scheduled_attempts: usize) -> Delivery {
+        let failed = Attempt {
+            at: now() - time::Duration::minutes(1),
+            trigger: AttemptTrigger::Scheduled,
+            status_code: Some(500),
+            duration_ms: 12,
+            response_excerpt: None,
+            error: None,
+        };
+        Delivery {
+            id: delivery_id(webhook.id, "event-1"),
+            tenant_id: tenant(),
+            webhook_id: webhook.id,
+            message_id: "event-1".into(),
+            event_type: "integration.created".into(),
+            payload: json!({"id": "event-1", "type": "integration.created"}),
+            status: DeliveryStatus::Pending,
+            attempts: vec![failed; scheduled_attempts],
+            next_attempt_at: Some(now()),
+            created_at: now() - time::Duration::hours(1),
+            updated_at: now() - time::Duration::minutes(1),
+        }
+    }
+
+    fn job(delivery: &Delivery) -> DeliveryJob {
+        DeliveryJob { tenant_id: delivery.tenant_id.clone(), delivery_id: delivery.id }
+    }
+
+    fn answer(status: u16, retry_after: Option<Duration>) -> SendResult {
+        SendResult { status: Some(status), retry_after, body_excerpt: Some("ok".into()), error: None, duration: Duration::from_millis(42) }
+    }
+
+    /// What the service wrote and sent, for the assertions.
+    #[derive(Default)]
+    struct Seen {
+        requests: Vec<OutgoingRequest>,
+        replaced: Vec<(Delivery, Vec<DomainEvent>)>,
+        endpoint_writes: Vec<Webhook>,
+        scheduled: Vec<(DeliveryJob, OffsetDateTime)>,
+        completed: Vec<DeliveryJob>,
+    }
+
+    /// The service with mocks around one endpoint and one delivery; the receiver answers `result`.
+    fn service(webhook: &Webhook, delivery: &Delivery, result: SendResult) -> (DeliveryService, Arc<Mutex<Seen>>) {
+        let seen = Arc::new(Mutex::new(Seen::default()));
+
+        let mut clock = MockClock::new();
+        clock.expect_now().returning(now);
+        let clock: Arc<dyn Clock> = Arc::new(clock);
+        let mut ids = MockIdGenerator::new();
+        // The low 32 bits feed the jitter: 0 means the shortest wait of the ±20% band.
+        ids.expect_new_uuid().returning(|| Uuid::from_u128(0xABCD_0000_0000));
+        let ids: Arc<dyn IdGenerator> = Arc::new(ids);
+
+        let mut webhooks = MockWebhookRepository::new();
+        let stored_webhook = Arc::new(Mutex::new(webhook.clone()));
+        let current = stored_webhook.clone();
+        webhooks.expect_get().returning(move |_, _| Ok(Stored { value: current.lock().unwrap().clone(), etag: ETag::new("w1") }));
+        let (writes, current) = (seen.clone(), stored_webhook);
+        webhooks.expect_replace().returning(move |w, _| {
+            writes.lock().unwrap().endpoint_writes.push(w.clone());
+            *current.lock().unwrap() = w.clone();
+            Ok(ETag::new("w2"))
+        });
+        let webhooks: Arc<dyn WebhookRepository> = Arc::new(webhooks);
+
+        let mut secrets = MockSecretStore::new();
+        let reference = webhook.secret.clone();
+        secrets.expect_get().withf(move |r| *r == reference).returning(|_| Ok(SecretValue(json!({"secret": secret().expose()}))));
+        let endpoints = WebhookService::new(
+            webhooks.clone(),
+            Arc::new(secrets),
+            clock.clone(),
+            ids.clone(),
+            Arc::new(MockEntropy::new()),
+            UrlPolicy::default(),
+            Duration::from_secs(3600),
+        );
+
+        let mut deliveries = MockDeliveryRepository::new();
+        let stored = delivery.clone();
+        deliveries.expect_get().returning(move |_, _| Ok(Stored { value: stored.clone(), etag: ETag::new("d1") }));
+        let replaced = seen.clone();
+        deliveries.expect_replace().withf(|_, if_match, _| *if_match == Some(ETag::new("d1"))).returning(move |d, _, events| {
+            replaced.lock().unwrap().replaced.push((d.clone(), events.to_vec()));
+            Ok(ETag::new("d2"))
+        });
+
+        let mut queue = MockDeliveryQueue::new();
+        let scheduled = seen.clone();
+        queue.expect_schedule().returning(move |job, at| {
+            scheduled.lock().unwrap().scheduled.push((job.clone(), at));
+            Ok(())
+        });
+        let completed = seen.clone();
+        queue.expect_complete().returning(move |job| {
+            completed.lock().unwrap().completed.push(job.clone());
+            Ok(())
+        });
+
+        let mut sender = MockWebhookSender::new();
+        let sent = seen.clone();
+        sender.expect_send().times(1).returning(move |request| {
+            sent.lock().unwrap().requests.push(request);
+            result.clone()
+        });
+
+        let settings = DeliverySettings {
+            retry_schedule: SCHEDULE.to_vec(),
+            disable_after: Duration::from_secs(5 * 24 * 3600),
+            disable_min_failures: 3,
+            user_agent: "IntegrationManager/test".into(),
+        };
+        let service =
+            DeliveryService::new(webhooks, endpoints, Arc::new(deliveries), Arc::new(queue), Arc::new(sender), clock, ids, settings);
+        (service, seen)
+    }
+
+    fn one_replace(seen: &Seen) -> (Delivery, Vec<DomainEvent>) {
+        assert_eq!(seen.replaced.len(), 1, "the attempt is recorded once");
+        seen.replaced[0].clone()
+    }
+
+    #[test]
+    fn a_success_records_the_attempt_and_publishes_webhook_delivered_with_it() {
+        block_on(async {
+            let (webhook, delivery) = (webhook(), delivery(&webhook(), 0));
+            let (service, seen) = service(&webhook, &delivery, answer(204, None));
+
+            let report = service.attempt(&job(&delivery), AttemptTrigger::Scheduled).await.unwrap();
+
+            assert_eq!(report, AttemptReport::Delivered);
+            let seen = seen.lock().unwrap();
+            let (recorded, events) = one_replace(&seen);
+            assert_eq!(recorded.status, DeliveryStatus::Succeeded);
+            assert_eq!(recorded.next_attempt_at, None);
+            assert_eq!(recorded.updated_at, now());
+            let attempt = recorded.attempts.last().unwrap();
+            assert_eq!(
+                (attempt.at, attempt.trigger, attempt.status_code, attempt.duration_ms),
+                (now(), AttemptTrigger::Scheduled, Some(204), 42)
+            );
+            assert_eq!(events.len(), 1, "one outcome event, in the same write as the record: {events:?}");
+            let event = &events[0];
+            assert_eq!(
+                (event.event_type, &event.tenant_id, event.subject.as_str()),
+                (EventType::WebhookDelivered, &tenant(), &*recorded.id.to_string())
+            );
+            assert_eq!(event.time, now());
+            assert_eq!(
+                event.data,
+                json!({
+                    "deliveryId": recorded.id.to_string(), "webhookId": webhook.id.to_string(), "messageId": "event-1",
+                    "eventType": "integration.created", "status": "succeeded", "attempts": 1, "lastStatusCode": 204, "lastError": null,
+                })
+            );
+            assert_eq!(seen.completed, vec![job(&delivery)], "the job is completed");
+            assert!(seen.scheduled.is_empty(), "and not rescheduled");
+            assert!(seen.endpoint_writes.is_empty(), "a healthy endpoint that stays healthy is not written");
+
+            // The request is signed at the injected clock's time, with the endpoint's secret.
+            let request = &seen.requests[0];
+            let header = |name: &str| request.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str()).unwrap();
+            assert_eq!(request.url, webhook.url);
+            assert_eq!(header("webhook-id"), "event-1");
+            assert_eq!(header("webhook-timestamp"), now().unix_timestamp().to_string());
+            assert_eq!(header("x-team"), "payments");
+            assert_eq!(serde_json::from_slice::<serde_json::Value>(&request.body).unwrap(), delivery.payload);
+            Verifier::new(vec![secret()])
+                .verify("event-1", header("webhook-timestamp"), header("webhook-signature"), &request.body, now().unix_timestamp())
+                .expect("signed with the endpoint's secret");
+        });
+    }
+
+    #[test]
+    fn a_failed_attempt_is_retried_on_the_schedule() {
+        block_on(async {
+            for (earlier_attempts, wait) in [(0, SCHEDULE[0]), (1, SCHEDULE[1])] {
+                let (webhook, delivery) = (webhook(), delivery(&webhook(), earlier_attempts));
+                let (service, seen) = service(&webhook, &delivery, answer(500, Some(Duration::from_secs(3000))));
+
+                let report = service.attempt(&job(&delivery), AttemptTrigger::Scheduled).await.unwrap();
+
+                // Jitter 0 is the shortest wait of the band; a Retry-After on a 500 is ignored.
+                let at = now() + time::Duration::try_from(wait.mul_f64(0.8)).unwrap();
+                assert_eq!(report, AttemptReport::RetryAt(at), "after {earlier_attempts} earlier attempts");
+                let seen = seen.lock().unwrap();
+                let (recorded, events) = one_replace(&seen);
+                assert_eq!((recorded.status, recorded.next_attempt_at), (DeliveryStatus::Pending, Some(at)));
+                assert_eq!(recorded.attempts.len(), earlier_attempts + 1);
+                assert_eq!(recorded.attempts.last().unwrap().status_code, Some(500));
+                assert!(events.is_empty(), "no outcome event while retrying: {events:?}");
+                assert_eq!(seen.scheduled, vec![(job(&delivery), at)], "the job is rescheduled for the retry");
+                assert!(seen.completed.is_empty(), "and not completed");
+                let endpoint = seen.endpoint_writes.last().expect("the failure streak is recorded");
+                assert_eq!(
+                    (endpoint.failing_since, endpoint.consecutive_failures, endpoint.status),
+                    (Some(now()), 1, WebhookStatus::Enabled)
+                );
+            }
+        });
+    }
+
+    #[test]
+    fn retry_after_is_honoured_on_429_and_503() {
+        block_on(async {
+            for status in [429, 503] {
+                let (webhook, delivery) = (webhook(), delivery(&webhook(), 0));
+                let (service, seen) = service(&webhook, &delivery, answer(status, Some(Duration::from_secs(120))));
+
+                let report = service.attempt(&job(&delivery), AttemptTrigger::Scheduled).await.unwrap();
+
+                let at = now() + time::Duration::seconds(120);
+                assert_eq!(report, AttemptReport::RetryAt(at), "{status} with Retry-After: 120");
+                let seen = seen.lock().unwrap();
+                assert_eq!(one_replace(&seen).0.next_attempt_at, Some(at));
+                assert_eq!(seen.scheduled, vec![(job(&delivery), at)]);
+            }
+        });
+    }
+
+    #[test]
+    fn gone_fails_the_delivery_and_disables_the_endpoint() {
+        block_on(async {
+            let (webhook, delivery) = (webhook(), delivery(&webhook(), 0));
+            let (service, seen) = service(&webhook, &delivery, answer(410, None));
+
+            let report = service.attempt(&job(&delivery), AttemptTrigger::Scheduled).await.unwrap();
+
+            assert_eq!(report, AttemptReport::Failed);
+            let seen = seen.lock().unwrap();
+            let endpoint = seen.endpoint_writes.last().expect("the endpoint is written");
+            assert_eq!(endpoint.status, WebhookStatus::Disabled);
+            assert!(endpoint.disabled_reason.as_deref().is_some_and(|r| r.contains("410")), "{:?}", endpoint.disabled_reason);
+            let (recorded, events) = one_replace(&seen);
+            assert_eq!((recorded.status, recorded.next_attempt_at), (DeliveryStatus::Failed, None));
+            let types: Vec<_> = events.iter().map(|e| e.event_type).collect();
+            assert_eq!(types, vec![EventType::WebhookFailed, EventType::WebhookEndpointDisabled]);
+            assert_eq!(events[1].data["webhookId"], webhook.id.to_string());
+            assert_eq!(seen.completed, vec![job(&delivery)]);
+            assert!(seen.scheduled.is_empty(), "a 410 is never retried");
+        });
+    }
+
+    #[test]
+    fn an_exhausted_schedule_fails_the_delivery_for_good() {
+        block_on(async {
+            let (webhook, delivery) = (webhook(), delivery(&webhook(), SCHEDULE.len()));
+            let (service, seen) = service(&webhook, &delivery, answer(500, None));
+
+            let report = service.attempt(&job(&delivery), AttemptTrigger::Scheduled).await.unwrap();
+
+            assert_eq!(report, AttemptReport::Failed);
+            let seen = seen.lock().unwrap();
+            let (recorded, events) = one_replace(&seen);
+            assert_eq!((recorded.status, recorded.next_attempt_at), (DeliveryStatus::Failed, None));
+            assert_eq!(recorded.attempts.len(), SCHEDULE.len() + 1);
+            let types: Vec<_> = events.iter().map(|e| e.event_type).collect();
+            assert_eq!(types, vec![EventType::WebhookFailed], "one outcome event with the record");
+            assert_eq!(events[0].data["status"], "failed");
+            assert_eq!(events[0].data["attempts"], SCHEDULE.len() + 1);
+            assert_eq!(events[0].data["lastStatusCode"], 500);
+            assert_eq!(seen.completed, vec![job(&delivery)]);
+            assert!(seen.scheduled.is_empty());
+        });
+    }
+
+    #[test]
+    fn an_endpoint_failing_for_too_long_is_disabled() {
+        block_on(async {
+            let mut webhook = webhook();
+            webhook.failing_since = Some(now() - time::Duration::days(5));
+            webhook.consecutive_failures = 2;
+            let delivery = delivery(&webhook, 0);
+            let (service, seen) = service(&webhook, &delivery, answer(502, None));
+
+            let report = service.attempt(&job(&delivery), AttemptTrigger::Scheduled).await.unwrap();
+
+            assert!(matches!(report, AttemptReport::RetryAt(_)), "this delivery still retries: {report:?}");
+            let seen = seen.lock().unwrap();
+            let endpoint = seen.endpoint_writes.last().unwrap();
+            assert_eq!((endpoint.status, endpoint.consecutive_failures), (WebhookStatus::Disabled, 3));
+            let types: Vec<_> = one_replace(&seen).1.iter().map(|e| e.event_type).collect();
+            assert_eq!(types, vec![EventType::WebhookEndpointDisabled]);
+        });
+    }
+}

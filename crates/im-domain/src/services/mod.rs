@@ -41,3 +41,17 @@ async fn read_modify_write<T>(
     }
     op(None).await
 }
+
+/// Polls a future that never waits (the mocks of service tests answer at once), without an async
+/// runtime (the domain depends on none).
+#[cfg(test)]
+pub(crate) fn block_on<F: Future>(future: F) -> F::Output {
+    let waker = std::task::Waker::noop();
+    let mut cx = std::task::Context::from_waker(waker);
+    let mut future = std::pin::pin!(future);
+    loop {
+        if let std::task::Poll::Ready(out) = future.as_mut().poll(&mut cx) {
+            return out;
+        }
+    }
+}

@@ -49,6 +49,7 @@ mod tests {
     use crate::TenantId;
     use crate::events::{DomainEvent, EventType};
     use crate::ports::{MockEventPublisher, MockOutbox};
+    use crate::services::block_on;
 
     fn event() -> DomainEvent {
         DomainEvent {
@@ -87,19 +88,5 @@ mod tests {
         publisher.expect_publish().withf(move |published| published == events.as_slice()).times(1).returning(|_| Ok(()));
         let relay = EventRelay::new(Arc::new(outbox), Arc::new(publisher));
         assert_eq!(block_on(relay.relay_once(10)).unwrap(), 2);
-    }
-
-    use std::future::Future;
-
-    /// Polls a future that never waits (the mocks answer at once), without an async runtime.
-    fn block_on<F: Future>(future: F) -> F::Output {
-        let waker = std::task::Waker::noop();
-        let mut cx = std::task::Context::from_waker(waker);
-        let mut future = std::pin::pin!(future);
-        loop {
-            if let std::task::Poll::Ready(out) = future.as_mut().poll(&mut cx) {
-                return out;
-            }
-        }
     }
 }

@@ -93,20 +93,26 @@ pub struct DeliveryJob {
 }
 
 /// The durable queue of delivery attempts: nothing scheduled is lost by a restart or a crash.
+/// `im_testkit::queue` checks every clause below against every adapter.
 #[cfg_attr(any(test, feature = "test-support"), mockall::automock)]
 #[async_trait]
 pub trait DeliveryQueue: Send + Sync {
-    /// Schedules (or reschedules) the attempt of a delivery at `due`. MUST be durable when it returns.
+    /// Schedules (or reschedules) the attempt of a delivery at `due`. MUST be durable when it
+    /// returns. A job is one per delivery: scheduling a job that is already pending (an event
+    /// fanned out twice) MUST NOT let two consumers hold it at the same time.
     async fn schedule(&self, job: &DeliveryJob, due: time::OffsetDateTime) -> Result<(), DomainError>;
 
-    /// Takes up to `max` jobs that are due, leasing them for `lease`: a job taken by a worker
-    /// that dies comes back when the lease ends.
+    /// Takes up to `max` jobs that are due, leasing them for `lease`. MUST NOT hand out a job
+    /// before its due time, nor a job that is leased (to this consumer or another); a job taken
+    /// by a worker that dies comes back, at the latest when the lease ends.
     async fn take_due(&self, max: u32, lease: std::time::Duration) -> Result<Vec<DeliveryJob>, DomainError>;
 
-    /// Removes a job (after its attempt was recorded).
+    /// Removes a job (after its attempt was recorded); it is not handed out again. MUST succeed
+    /// for a job that is not queued.
     async fn complete(&self, job: &DeliveryJob) -> Result<(), DomainError>;
 
-    /// When the next job is due, if any (so the dispatcher can sleep until then).
+    /// When the next job is due, if known (so the dispatcher can sleep until then); MUST NOT be
+    /// later than the earliest due job. `None` when the queue is empty or cannot tell.
     async fn next_due(&self) -> Result<Option<time::OffsetDateTime>, DomainError>;
 }
 
