@@ -13,6 +13,7 @@ use serde::Deserialize;
 
 use crate::client::{CosmosStore, DELIVERIES, INTEGRATIONS};
 use crate::docs::OutboxDoc;
+use crate::errors::unexpected;
 
 /// Containers whose writes record events.
 const SOURCES: [&str; 2] = [INTEGRATIONS, DELIVERIES];
@@ -27,10 +28,6 @@ impl CosmosOutbox {
     pub(crate) fn new(store: CosmosStore) -> Self {
         Self { store, partitions: Mutex::new(HashMap::new()) }
     }
-}
-
-fn unexpected(e: impl std::fmt::Display) -> DomainError {
-    DomainError::Unexpected(anyhow::anyhow!("cosmos: {e}"))
 }
 
 #[derive(Deserialize)]

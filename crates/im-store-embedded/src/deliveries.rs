@@ -15,7 +15,7 @@ use std::sync::Arc;
 use crate::containers::WEBHOOK_DELIVERIES;
 use crate::db::{Db, map_sqlite};
 use crate::documents::{Documents, Query};
-use crate::integrations::{decode, encode};
+use crate::support::{decode, encode};
 
 const RESOURCE: &str = "delivery";
 
