@@ -12,8 +12,9 @@ use im_domain::services::DeliveryService;
 use im_domain::webhooks::delivery::AttemptTrigger;
 use tokio::sync::{Notify, Semaphore};
 
-/// How long a taken job stays leased to this process (a crash releases it after this).
-const LEASE: Duration = Duration::from_secs(120);
+/// How long a taken job stays leased to this process (a crash releases it after this): as long
+/// as the attempt holds its delivery.
+const LEASE: Duration = im_domain::webhooks::delivery::ATTEMPT_LEASE;
 /// Longest sleep when nothing is due.
 const IDLE: Duration = Duration::from_millis(500);
 

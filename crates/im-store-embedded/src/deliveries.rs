@@ -124,6 +124,21 @@ impl DeliveryQueue for SqliteDeliveryQueue {
             .await
     }
 
+    async fn schedule_if_absent(&self, job: &DeliveryJob, due: time::OffsetDateTime) -> Result<(), DomainError> {
+        let (tenant, id, due) = (job.tenant_id.to_string(), job.delivery_id.to_string(), millis(due));
+        self.db
+            .write(move |tx| {
+                tx.prepare_cached(
+                    "INSERT INTO delivery_jobs (delivery_id, tenant_id, due_at, leased_until) VALUES (?1, ?2, ?3, 0)
+                     ON CONFLICT (delivery_id) DO NOTHING",
+                )
+                .and_then(|mut s| s.execute(params![id, tenant, due]))
+                .map_err(map_sqlite)?;
+                Ok(())
+            })
+            .await
+    }
+
     async fn take_due(&self, max: u32, lease: Duration) -> Result<Vec<DeliveryJob>, DomainError> {
         let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
         let rows = self

@@ -74,3 +74,28 @@ async fn documents_expire_after_their_ttl() {
     assert_eq!(store.purge_expired().await.unwrap(), 2, "the purge deletes both expired documents");
     assert!(docs.get(containers::WEBHOOKS, "t1".into(), "w1".into()).await.unwrap().is_some(), "documents without TTL stay");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queueing_a_replayed_job_changes_neither_its_due_time_nor_its_lease() {
+    use im_domain::webhooks::ports::DeliveryJob;
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(dir.path()).await;
+    let queue = store.delivery_queue();
+    let now = OffsetDateTime::now_utc();
+    let waiting = DeliveryJob { tenant_id: im_testkit::fresh_tenant(), delivery_id: uuid::Uuid::now_v7() };
+    let running = DeliveryJob { tenant_id: waiting.tenant_id.clone(), delivery_id: uuid::Uuid::now_v7() };
+    queue.schedule(&waiting, now + time::Duration::minutes(5)).await.unwrap();
+    queue.schedule(&running, now).await.unwrap();
+    assert_eq!(queue.take_due(10, Duration::from_secs(120)).await.unwrap(), vec![running.clone()]);
+
+    queue.schedule_if_absent(&waiting, now).await.unwrap();
+    queue.schedule_if_absent(&running, now).await.unwrap();
+
+    assert!(queue.take_due(10, Duration::from_secs(120)).await.unwrap().is_empty(), "a replay made a waiting or leased job due");
+    let next = queue.next_due().await.unwrap().unwrap();
+    assert!(next > now + time::Duration::seconds(100), "the waiting retry moved to {next}");
+
+    let fresh = DeliveryJob { tenant_id: waiting.tenant_id.clone(), delivery_id: uuid::Uuid::now_v7() };
+    queue.schedule_if_absent(&fresh, now).await.unwrap();
+    assert_eq!(queue.take_due(10, Duration::from_secs(120)).await.unwrap(), vec![fresh], "a job that was missing is queued");
+}

@@ -99,6 +99,12 @@ pub trait DeliveryQueue: Send + Sync {
     /// Schedules (or reschedules) the attempt of a delivery at `due`. MUST be durable when it returns.
     async fn schedule(&self, job: &DeliveryJob, due: time::OffsetDateTime) -> Result<(), DomainError>;
 
+    /// Queues the first attempt of a delivery at `due` unless a job for it is queued already:
+    /// MUST NOT change the due time or the lease of a queued job (an event replayed while its
+    /// delivery waits for a retry, or while an attempt is in progress). A queue that cannot tell
+    /// (a broker) MAY queue a second job; the delivery service drops such duplicates.
+    async fn schedule_if_absent(&self, job: &DeliveryJob, due: time::OffsetDateTime) -> Result<(), DomainError>;
+
     /// Takes up to `max` jobs that are due, leasing them for `lease`: a job taken by a worker
     /// that dies comes back when the lease ends.
     async fn take_due(&self, max: u32, lease: std::time::Duration) -> Result<Vec<DeliveryJob>, DomainError>;
