@@ -111,6 +111,9 @@ pub struct SecretSettings {
     pub token: Secret,
     pub timeout: HumanDuration,
     pub attempts: u32,
+    /// With `storage.backend = "cosmos"`: every instance runs on the same `storage.data_dir`
+    /// (one instance, or a shared volume), so the local secret store is the same for all.
+    pub local_shared_data_dir: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -356,6 +359,17 @@ impl Settings {
                 return Err(err("rabbitmq.confirm_timeout_secs", "must be at least 1"));
             }
         }
+        if self.storage.backend == StorageBackend::Cosmos
+            && self.secrets.backend == SecretsBackend::Local
+            && !self.secrets.local_shared_data_dir
+        {
+            return Err(err(
+                "secrets.backend",
+                "is 'local' while storage.backend is 'cosmos': every instance would keep signing secrets in its own data directory, \
+                 so another instance could not sign for an endpoint created here. Set secrets.backend = 'http', or \
+                 secrets.local_shared_data_dir = true when every instance runs on the same storage.data_dir",
+            ));
+        }
         match self.secrets.backend {
             SecretsBackend::Local if !self.secrets.local_key.is_empty() => {
                 if im_secrets_local::parse_key(self.secrets.local_key.expose()).is_err() {
@@ -452,6 +466,21 @@ mod tests {
             jail.set_env("IM_SERVER__PORT", "5001");
             let s = Settings::load(None).map_err(|e| e.to_string())?;
             assert_eq!((s.server.port, s.server.host.as_str()), (5001, "0.0.0.0"), "IM_CONFIG names the file");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn cosmos_with_local_secrets_needs_a_shared_data_dir() {
+        Jail::expect_with(|jail| {
+            jail.set_env("IM_STORAGE__BACKEND", "cosmos");
+            jail.set_env("IM_COSMOS_DB__ENDPOINT", "https://localhost:8081");
+            jail.set_env("IM_COSMOS_DB__KEY", "C2y6yDjf5/R+ob0N8A7Cgv30VRDJIWEHLM+4QDU5DE2nQ9nDuVTqobD4b8mGGyPMbIZnqyMsEcaGQy67XIw/Jw==");
+            let error = Settings::load(None).unwrap_err();
+            assert_eq!(error.key, "secrets.backend");
+            assert!(error.message.contains("storage.backend") && error.message.contains("local_shared_data_dir"), "{error}");
+            jail.set_env("IM_SECRETS__LOCAL_SHARED_DATA_DIR", "true");
+            Settings::load(None).map_err(|e| e.to_string())?;
             Ok(())
         });
     }

@@ -3,13 +3,13 @@
 //! deduplicates them), so only the service's own checks keep one chain of attempts.
 
 use std::collections::{BTreeMap, HashMap};
-use std::future::Future;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::*;
 use crate::common::{ETag, UuidV7};
 use crate::secrets::{MockSecretStore, SecretName, SecretRef, SecretValue};
+use crate::services::block_on;
 use crate::webhooks::endpoint::UrlPolicy;
 use crate::webhooks::ports::OsEntropy;
 
@@ -310,16 +310,4 @@ fn a_job_for_a_delivery_held_by_an_attempt_in_progress_waits_for_the_hold() {
     assert_eq!(w.sends(), 1);
     assert_eq!(w.deliveries.value(w.delivery_id).status, DeliveryStatus::Succeeded);
     assert!(w.queue.dues().is_empty());
-}
-
-/// Polls a future that never waits (every port answers at once), without an async runtime.
-fn block_on<F: Future>(future: F) -> F::Output {
-    let waker = std::task::Waker::noop();
-    let mut cx = std::task::Context::from_waker(waker);
-    let mut future = std::pin::pin!(future);
-    loop {
-        if let std::task::Poll::Ready(out) = future.as_mut().poll(&mut cx) {
-            return out;
-        }
-    }
 }

@@ -16,6 +16,19 @@ pub use relay::EventRelay;
 pub use webhooks::{WebhookService, WithSecret};
 
 use crate::common::ETag;
+
+/// Polls a future that never waits (every port of a test answers at once), without an async runtime.
+#[cfg(test)]
+pub(crate) fn block_on<F: Future>(future: F) -> F::Output {
+    let waker = std::task::Waker::noop();
+    let mut cx = std::task::Context::from_waker(waker);
+    let mut future = std::pin::pin!(future);
+    loop {
+        if let std::task::Poll::Ready(out) = future.as_mut().poll(&mut cx) {
+            return out;
+        }
+    }
+}
 use crate::error::DomainError;
 
 /// How many times a read-modify-write without the caller's `If-Match` is retried when another
