@@ -6,6 +6,7 @@ mod bad_input;
 mod deliveries;
 mod events;
 mod helpers;
+mod instances;
 mod integrations;
 mod operations;
 mod providers;
