@@ -72,6 +72,8 @@ fn excerpt(text: Option<String>) -> Option<String> {
     })
 }
 
+/// Why a delivery whose endpoint's signing secret is gone failed.
+const UNSIGNABLE: &str = "the endpoint's signing secret is gone from the secret store; rotate the secret to deliver again";
 /// Times a scheduled attempt tries to take its delivery when other workers keep changing it.
 const CLAIM_TRIES: usize = 3;
 /// A scheduled job that comes this long before its delivery's next attempt is a duplicate.
@@ -91,6 +93,11 @@ pub enum AttemptReport {
     Failed,
     /// Waiting for the endpoint's rate limit; the job was rescheduled.
     Throttled,
+    /// The attempt could not be made (a dependency failed); it waits for `at`.
+    Postponed {
+        at: OffsetDateTime,
+        reason: String,
+    },
     /// Nothing to do (already final, or the delivery or endpoint is gone).
     Nothing,
 }
@@ -339,7 +346,12 @@ impl DeliveryService {
         stored: Stored<Delivery>,
         webhook: Stored<Webhook>,
     ) -> Result<AttemptReport, DomainError> {
-        let result = self.send(&webhook.value, &stored.value).await?;
+        let result = match self.send(&webhook.value, &stored.value).await {
+            Ok(result) => result,
+            Err(DomainError::NotFound { .. }) => return self.fail_unsignable(job, stored).await,
+            Err(error) if trigger == AttemptTrigger::Scheduled => return self.postpone(job, stored, &error).await,
+            Err(error) => return Err(error),
+        };
         let now = self.clock.now();
         let mut delivery = stored.value.clone();
         delivery.lease_until = None;
@@ -401,6 +413,47 @@ impl DeliveryService {
             _ => self.queue.complete(job).await?,
         }
         Ok(report)
+    }
+
+    /// The endpoint's signing secret is gone from the secret store: no attempt can ever be
+    /// signed, so the delivery ends `failed` with the reason, instead of repeating until it expires.
+    async fn fail_unsignable(&self, job: &DeliveryJob, stored: Stored<Delivery>) -> Result<AttemptReport, DomainError> {
+        let now = self.clock.now();
+        let mut delivery = stored.value;
+        delivery.attempts.push(Attempt {
+            at: now,
+            trigger: AttemptTrigger::Scheduled,
+            status_code: None,
+            duration_ms: 0,
+            response_excerpt: None,
+            error: Some(UNSIGNABLE.to_owned()),
+        });
+        delivery.status = DeliveryStatus::Failed;
+        delivery.next_attempt_at = None;
+        delivery.lease_until = None;
+        delivery.updated_at = now;
+        let failed = self.outcome_event(&delivery, EventType::WebhookFailed);
+        self.deliveries.replace(&delivery, Some(stored.etag), &[failed]).await?;
+        self.queue.complete(job).await?;
+        Ok(AttemptReport::Failed)
+    }
+
+    /// An attempt that could not be made (the secret store is unavailable): the delivery is
+    /// released and waits for the next step of its schedule, and so does its job; no attempt is
+    /// recorded, since no request was sent.
+    async fn postpone(&self, job: &DeliveryJob, stored: Stored<Delivery>, error: &DomainError) -> Result<AttemptReport, DomainError> {
+        let now = self.clock.now();
+        let made = stored.value.attempts.iter().filter(|a| a.trigger == AttemptTrigger::Scheduled).count();
+        let schedule = &self.settings.retry_schedule;
+        let wait = schedule.get(made.saturating_sub(1)).or(schedule.last()).copied().unwrap_or(Duration::from_secs(5));
+        let at = now + time::Duration::try_from(wait).unwrap_or(time::Duration::MINUTE);
+        let mut delivery = stored.value;
+        delivery.lease_until = None;
+        delivery.next_attempt_at = Some(at);
+        delivery.updated_at = now;
+        self.deliveries.replace(&delivery, Some(stored.etag), &[]).await?;
+        self.queue.schedule(job, at).await?;
+        Ok(AttemptReport::Postponed { at, reason: error.to_string() })
     }
 
     /// Updates the endpoint's failure streak after an attempt and disables it on 410 Gone, or

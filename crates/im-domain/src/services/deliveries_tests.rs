@@ -165,6 +165,12 @@ struct World {
 }
 
 fn world(receiver_status: u16) -> World {
+    world_with(receiver_status, |secrets| {
+        secrets.expect_get().returning(|_| Ok(SecretValue(json!({"secret": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"}))));
+    })
+}
+
+fn world_with(receiver_status: u16, secrets_answer: impl FnOnce(&mut MockSecretStore)) -> World {
     let tenant = TenantId::new("tenant-a").unwrap();
     let start = OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
     let clock = Arc::new(TestClock(Mutex::new(start)));
@@ -192,7 +198,7 @@ fn world(receiver_status: u16) -> World {
     };
     let webhooks = Arc::new(Endpoints(Mutex::new(vec![webhook])));
     let mut secrets = MockSecretStore::new();
-    secrets.expect_get().returning(|_| Ok(SecretValue(json!({"secret": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"}))));
+    secrets_answer(&mut secrets);
     let endpoints = WebhookService::new(
         webhooks.clone(),
         Arc::new(secrets),
@@ -310,4 +316,42 @@ fn a_job_for_a_delivery_held_by_an_attempt_in_progress_waits_for_the_hold() {
     assert_eq!(w.sends(), 1);
     assert_eq!(w.deliveries.value(w.delivery_id).status, DeliveryStatus::Succeeded);
     assert!(w.queue.dues().is_empty());
+}
+
+#[test]
+fn an_attempt_the_secret_store_cannot_sign_waits_for_the_schedule_released() {
+    let w = world_with(200, |secrets| {
+        secrets.expect_get().returning(|_| Err(DomainError::unavailable("secret management is down")));
+    });
+    block_on(w.service.fan_out(&w.event)).unwrap();
+    let job = block_on(w.queue.take_due(10, ATTEMPT_LEASE)).unwrap().remove(0);
+
+    let report = block_on(w.service.attempt(&job, AttemptTrigger::Scheduled)).unwrap();
+
+    let AttemptReport::Postponed { at, reason } = report else { panic!("{report:?}") };
+    assert!(reason.contains("secret management is down"), "{reason}");
+    assert_eq!(at, w.clock.now() + time::Duration::seconds(300), "the first step of the schedule");
+    let delivery = w.deliveries.value(w.delivery_id);
+    assert_eq!((delivery.status, delivery.lease_until, delivery.next_attempt_at), (DeliveryStatus::Pending, None, Some(at)));
+    assert!(delivery.attempts.is_empty(), "no request was sent");
+    assert_eq!(w.queue.dues(), vec![at], "the job waits in the queue, not held");
+    assert_eq!(w.sends(), 0);
+}
+
+#[test]
+fn a_delivery_whose_signing_secret_is_gone_fails_with_the_reason() {
+    let w = world_with(200, |secrets| {
+        secrets.expect_get().returning(|r| Err(DomainError::not_found("secret", &r.secret_name)));
+    });
+    block_on(w.service.fan_out(&w.event)).unwrap();
+
+    w.run_queued();
+
+    let delivery = w.deliveries.value(w.delivery_id);
+    assert_eq!(delivery.status, DeliveryStatus::Failed);
+    assert_eq!(delivery.next_attempt_at, None);
+    let reason = delivery.attempts.last().and_then(|a| a.error.clone()).unwrap_or_default();
+    assert!(reason.contains("signing secret is gone"), "{reason}");
+    assert!(w.queue.dues().is_empty(), "nothing is retried");
+    assert_eq!(w.sends(), 0);
 }
