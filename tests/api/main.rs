@@ -7,6 +7,7 @@ mod contract;
 mod deliveries;
 mod events;
 mod helpers;
+mod instances;
 mod integrations;
 mod operations;
 mod providers;

@@ -77,6 +77,9 @@ pub struct SecretSettings {
     pub backend: SecretsBackend,
     /// Base64 of 32 bytes; empty: the key file in the data directory. A secret.
     pub local_key: SecretString,
+    /// With `storage.backend = "cosmos"`: every instance runs on the same `storage.data_dir`
+    /// (one instance, or a shared volume), so the local secret store is the same for all.
+    pub local_shared_data_dir: bool,
     pub http: HttpSecretSettings,
 }
 
@@ -85,6 +88,7 @@ pub struct SecretSettings {
 struct SecretsChoice {
     backend: SecretsBackend,
     local_key: SecretString,
+    local_shared_data_dir: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -352,7 +356,12 @@ impl Settings {
             rabbitmq: reader.section("rabbitmq"),
             secrets: {
                 let choice: SecretsChoice = reader.section("secrets");
-                SecretSettings { backend: choice.backend, local_key: choice.local_key, http: reader.section("secrets") }
+                SecretSettings {
+                    backend: choice.backend,
+                    local_key: choice.local_key,
+                    local_shared_data_dir: choice.local_shared_data_dir,
+                    http: reader.section("secrets"),
+                }
             },
             webhooks: reader.section("webhooks"),
             auth: reader.section("auth"),
@@ -422,6 +431,16 @@ impl Settings {
             check(rabbit.confirm_timeout.get().as_secs() >= 1, "rabbitmq.confirm_timeout", &|| "must be at least 1s".into());
         }
         let secrets = &self.secrets;
+        check(
+            !(self.storage.backend == StorageBackend::Cosmos && secrets.backend == SecretsBackend::Local && !secrets.local_shared_data_dir),
+            "secrets.backend",
+            &|| {
+                "is 'local' while storage.backend is 'cosmos': every instance would keep signing secrets in its own data directory, \
+                 so another instance could not sign for an endpoint created here. Set secrets.backend = 'http', or \
+                 secrets.local_shared_data_dir = true when every instance runs on the same storage.data_dir"
+                    .into()
+            },
+        );
         match secrets.backend {
             SecretsBackend::Local => {
                 let key = secrets.local_key.expose_secret();
@@ -519,6 +538,22 @@ mod tests {
             jail.set_env("IM_SERVER__PORT", "5001");
             let s = Settings::load(None).map_err(|e| e.to_string())?;
             assert_eq!((s.server.port, s.server.host.as_str()), (5001, "0.0.0.0"), "IM_CONFIG names the file");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn cosmos_with_local_secrets_needs_a_shared_data_dir() {
+        Jail::expect_with(|jail| {
+            jail.set_env("IM_STORAGE__BACKEND", "cosmos");
+            jail.set_env("IM_COSMOS_DB__ENDPOINT", "https://localhost:8081");
+            jail.set_env("IM_COSMOS_DB__KEY", "C2y6yDjf5/R+ob0N8A7Cgv30VRDJIWEHLM+4QDU5DE2nQ9nDuVTqobD4b8mGGyPMbIZnqyMsEcaGQy67XIw/Jw==");
+            let errors = Settings::load(None).unwrap_err();
+            assert_eq!(errors.keys(), vec!["secrets.backend"]);
+            let message = &errors.0[0].message;
+            assert!(message.contains("storage.backend") && message.contains("local_shared_data_dir"), "{errors}");
+            jail.set_env("IM_SECRETS__LOCAL_SHARED_DATA_DIR", "true");
+            Settings::load(None).map_err(|e| e.to_string())?;
             Ok(())
         });
     }

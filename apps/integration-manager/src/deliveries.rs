@@ -8,14 +8,17 @@ use async_trait::async_trait;
 use im_domain::DomainError;
 use im_domain::events::DomainEvent;
 use im_domain::ports::{EventPublisher, EventSubscriber};
-use im_domain::services::DeliveryService;
+use im_domain::services::{AttemptReport, DeliveryService};
 use im_domain::webhooks::delivery::AttemptTrigger;
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-/// How long a taken job stays leased to this process (a crash releases it after this).
-const LEASE: Duration = Duration::from_secs(120);
+/// How long a taken job stays leased to this process (a crash releases it after this): as long
+/// as the attempt holds its delivery.
+const LEASE: Duration = im_domain::webhooks::delivery::ATTEMPT_LEASE;
+/// When an attempt that could not complete is tried again.
+const RETRY_INCOMPLETE: time::Duration = time::Duration::seconds(5);
 /// Longest sleep when nothing is due.
 const IDLE: Duration = Duration::from_millis(500);
 
@@ -41,9 +44,20 @@ pub fn spawn_dispatcher(
                         let Ok(permit) = permits.clone().acquire_owned().await else { return };
                         let service = service.clone();
                         attempts.spawn(async move {
-                            if let Err(error) = service.attempt(&job, AttemptTrigger::Scheduled).await {
-                                // The job keeps its lease and comes back when it ends.
-                                tracing::warn!(%error, delivery_id = %job.delivery_id, "delivery attempt failed to complete");
+                            match service.attempt(&job, AttemptTrigger::Scheduled).await {
+                                Ok(AttemptReport::Postponed { at, reason }) => {
+                                    tracing::warn!(%reason, delivery_id = %job.delivery_id, %at, "delivery attempt postponed");
+                                }
+                                Ok(_) => {}
+                                Err(error) => {
+                                    // Never left held: the job comes back after a pause (a broker
+                                    // gets it back through a delay queue), or when its lease ends.
+                                    tracing::warn!(%error, delivery_id = %job.delivery_id, "delivery attempt failed to complete");
+                                    let again = time::OffsetDateTime::now_utc() + RETRY_INCOMPLETE;
+                                    if let Err(error) = service.queue().schedule(&job, again).await {
+                                        tracing::warn!(%error, delivery_id = %job.delivery_id, "rescheduling the attempt failed");
+                                    }
+                                }
                             }
                             drop(permit);
                         });

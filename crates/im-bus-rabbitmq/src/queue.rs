@@ -125,6 +125,28 @@ impl RabbitDeliveryQueue {
         }
     }
 
+    /// Publishes a job to the work queue, or to the delay queue of its wait.
+    async fn publish_at(&self, channel: &Channel, job: &DeliveryJob, due: time::OffsetDateTime) -> Result<(), DomainError> {
+        let delay = (due - time::OffsetDateTime::now_utc()).try_into().unwrap_or(Duration::ZERO);
+        if delay < Duration::from_millis(50) {
+            self.publish(channel, &self.work_queue(), job).await?;
+        } else {
+            let ms = bucket(delay);
+            let queue = format!("{}.delay.{ms}", self.prefix);
+            let mut args = FieldTable::default();
+            args.insert(ShortString::from("x-message-ttl"), AMQPValue::LongLongInt(ms as i64));
+            args.insert(ShortString::from("x-dead-letter-exchange"), AMQPValue::LongString("".into()));
+            args.insert(ShortString::from("x-dead-letter-routing-key"), AMQPValue::LongString(self.work_queue().into()));
+            args.insert(ShortString::from("x-expires"), AMQPValue::LongLongInt(ms as i64 + 600_000));
+            channel
+                .queue_declare(queue.as_str().into(), QueueDeclareOptions { durable: true, ..Default::default() }, args)
+                .await
+                .map_err(|e| unavailable("declare a delay queue", e))?;
+            self.publish(channel, &queue, job).await?;
+        }
+        Ok(())
+    }
+
     async fn ack(&self, channel: &Channel, job: &DeliveryJob) -> Result<(), DomainError> {
         let tag = self.in_flight.lock().unwrap_or_else(|p| p.into_inner()).remove(&job.delivery_id);
         if let Some(tag) = tag {
@@ -138,27 +160,17 @@ impl RabbitDeliveryQueue {
 impl DeliveryQueue for RabbitDeliveryQueue {
     async fn schedule(&self, job: &DeliveryJob, due: time::OffsetDateTime) -> Result<(), DomainError> {
         let channel = self.channel().await?;
-        let delay = (due - time::OffsetDateTime::now_utc()).try_into().unwrap_or(Duration::ZERO);
-        if delay < Duration::from_millis(50) {
-            self.publish(&channel, &self.work_queue(), job).await?;
-        } else {
-            let ms = bucket(delay);
-            let queue = format!("{}.delay.{ms}", self.prefix);
-            let mut args = FieldTable::default();
-            args.insert(ShortString::from("x-message-ttl"), AMQPValue::LongLongInt(ms as i64));
-            args.insert(ShortString::from("x-dead-letter-exchange"), AMQPValue::LongString("".into()));
-            args.insert(ShortString::from("x-dead-letter-routing-key"), AMQPValue::LongString(self.work_queue().into()));
-            args.insert(ShortString::from("x-expires"), AMQPValue::LongLongInt(ms as i64 + 600_000));
-            channel
-                .queue_declare(queue.as_str().into(), QueueDeclareOptions { durable: true, ..Default::default() }, args)
-                .await
-                .map_err(|e| unavailable("declare a delay queue", e))?;
-            self.publish(&channel, &queue, job).await?;
-        }
+        self.publish_at(&channel, job, due).await?;
         // A job rescheduled while held: the new message is safe, the old one can go.
         self.ack(&channel, job).await
     }
 
+    /// The broker cannot tell whether a job is queued: this queues one more, which the delivery
+    /// service drops when it finds the delivery held, not yet due or final.
+    async fn schedule_if_absent(&self, job: &DeliveryJob, due: time::OffsetDateTime) -> Result<(), DomainError> {
+        let channel = self.channel().await?;
+        self.publish_at(&channel, job, due).await
+    }
     async fn take_due(&self, max: u32, _lease: Duration) -> Result<Vec<DeliveryJob>, DomainError> {
         let channel = self.channel().await?;
         let mut jobs = Vec::new();

@@ -111,7 +111,7 @@ impl Observer for Bound {
 impl PublisherBackend for Publishers {
     async fn connected(&self) -> (Arc<dyn EventPublisher>, Box<dyn Observer>) {
         let settings = settings(self.url.clone());
-        let queue = TestQueue::bind(&settings.url, &settings.exchange).await;
+        let queue = TestQueue::bind(settings.url.expose_secret(), &settings.exchange).await;
         (Arc::new(RabbitPublisher::new(settings)), Box::new(Bound(queue)))
     }
 
@@ -142,7 +142,10 @@ impl QueueBackend for Queues {
     }
 
     async fn consumer(&self, name: &str) -> Arc<dyn DeliveryQueue> {
-        Arc::new(RabbitDeliveryQueue::new(self.url.clone(), name.to_owned()))
+        Arc::new(RabbitDeliveryQueue::new(&RabbitSettings {
+            delivery_queue_prefix: name.to_owned(),
+            ..RabbitSettings::new(self.url.clone())
+        }))
     }
 }
 

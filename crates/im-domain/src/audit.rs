@@ -127,6 +127,17 @@ impl Audit {
         Self { log, clock }
     }
 
+    /// An audit that keeps nothing, for tests of the services.
+    #[cfg(any(test, feature = "test-support"))]
+    pub fn discarding() -> Self {
+        struct Discard;
+        #[async_trait]
+        impl AuditLog for Discard {
+            async fn record(&self, _: AuditRecord) {}
+        }
+        Self { log: Arc::new(Discard), clock: Arc::new(crate::SystemClock) }
+    }
+
     /// Checks that `caller` holds `role` before an operation starts (before its input is even
     /// read), recording a denial.
     ///
@@ -185,7 +196,7 @@ impl Audit {
 mod tests {
     use super::*;
     use crate::auth::Role;
-    use std::future::Future;
+    use crate::services::block_on;
 
     fn caller() -> Caller {
         Caller { tenant_id: TenantId::new("t1").unwrap(), user_id: UserId::new("alice").unwrap(), roles: vec![Role::Viewer] }
@@ -195,17 +206,6 @@ mod tests {
     impl crate::Clock for Fixed {
         fn now(&self) -> OffsetDateTime {
             OffsetDateTime::UNIX_EPOCH
-        }
-    }
-
-    fn block_on<F: Future>(f: F) -> F::Output {
-        let waker = std::task::Waker::noop();
-        let mut cx = std::task::Context::from_waker(waker);
-        let mut f = std::pin::pin!(f);
-        loop {
-            if let std::task::Poll::Ready(v) = f.as_mut().poll(&mut cx) {
-                return v;
-            }
         }
     }
 

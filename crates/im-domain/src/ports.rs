@@ -134,6 +134,13 @@ pub trait Outbox: Send + Sync {
     /// whose write committed, and none whose write failed.
     async fn pending(&self, limit: u32) -> Result<Vec<DomainEvent>, DomainError>;
 
+    /// Takes up to `limit` pending events, oldest first, that no other relay holds, and holds
+    /// them for `lease` on behalf of `owner`, so that several instances publish each event once.
+    /// MUST NOT hand an event held by another owner to anyone before its hold ends (a
+    /// conditional write); MUST hand the same owner its own held events again (a retry after a
+    /// failed publish); an event whose holder died comes back when the hold ends.
+    async fn claim(&self, owner: &str, limit: u32, lease: std::time::Duration) -> Result<Vec<DomainEvent>, DomainError>;
+
     /// Marks events as published (they are then purged). MUST be idempotent, and MUST ignore ids
     /// it does not hold.
     async fn mark_published(&self, ids: &[uuid::Uuid]) -> Result<(), DomainError>;

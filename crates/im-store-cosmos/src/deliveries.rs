@@ -14,7 +14,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::client::{CosmosStore, DELIVERIES};
 use crate::docs::{SCHEMA_VERSION, etag_to_domain, header_etag};
-use crate::integrations::{precondition, run_batch, with_events};
+use crate::errors::unexpected;
+use crate::support::{precondition, run_batch, with_events};
 
 const RESOURCE: &str = "delivery";
 
@@ -36,10 +37,6 @@ impl DeliveryDoc {
     fn new(delivery: &Delivery) -> Self {
         Self { kind: Self::TYPE.into(), schema_version: SCHEMA_VERSION, delivery: delivery.clone(), etag: None }
     }
-}
-
-fn unexpected(e: impl std::fmt::Display) -> DomainError {
-    DomainError::Unexpected(anyhow::anyhow!("cosmos: {e}"))
 }
 
 pub(crate) struct CosmosDeliveries {

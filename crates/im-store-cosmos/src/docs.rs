@@ -88,6 +88,21 @@ pub struct OutboxDoc {
     /// Unix milliseconds; the relay publishes oldest first.
     pub recorded_at: i64,
     pub event: DomainEvent,
+    /// The relay holding the event, and until when (unix milliseconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claimed_by: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claimed_until: Option<i64>,
+    /// `-1`: never expires, whatever the default TTL of its container (deliveries expire;
+    /// their events must not vanish unpublished).
+    #[serde(default = "never_expires")]
+    pub ttl: i64,
+    #[serde(rename = "_etag", default, skip_serializing)]
+    pub etag: Option<String>,
+}
+
+fn never_expires() -> i64 {
+    -1
 }
 
 impl OutboxDoc {
@@ -105,6 +120,10 @@ impl OutboxDoc {
             schema_version: SCHEMA_VERSION,
             recorded_at: (event.time.unix_timestamp_nanos() / 1_000_000) as i64,
             event: event.clone(),
+            claimed_by: None,
+            claimed_until: None,
+            ttl: never_expires(),
+            etag: None,
         }
     }
 }

@@ -5,6 +5,11 @@ use std::time::Duration;
 use azure_data_cosmos::CosmosError;
 use im_domain::DomainError;
 
+/// Anything the store cannot classify: a decoding failure, a missing etag, a malformed query.
+pub(crate) fn unexpected(e: impl std::fmt::Display) -> DomainError {
+    DomainError::Unexpected(anyhow::anyhow!("cosmos: {e}"))
+}
+
 /// The HTTP status of an SDK error (0 when the request never got an answer).
 pub(crate) fn status(error: &CosmosError) -> u16 {
     u16::from(error.status())

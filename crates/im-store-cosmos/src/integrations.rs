@@ -2,9 +2,7 @@
 //! into the same partition in the same transactional batch.
 
 use async_trait::async_trait;
-use azure_core::http::Etag;
-use azure_data_cosmos::models::TransactionalBatchResponse;
-use azure_data_cosmos::options::{BatchDeleteOptions, BatchReplaceOptions, ItemWriteOptions, Precondition};
+use azure_data_cosmos::options::{BatchDeleteOptions, BatchReplaceOptions, ItemWriteOptions};
 use azure_data_cosmos::{Query, TransactionalBatch};
 use im_domain::events::DomainEvent;
 use im_domain::integration::{Integration, IntegrationFilter};
@@ -12,8 +10,9 @@ use im_domain::ports::IntegrationRepository;
 use im_domain::{DomainError, ETag, IntegrationId, Page, PageRequest, Stored, TenantId};
 
 use crate::client::{CosmosStore, INTEGRATIONS};
-use crate::docs::{IntegrationDoc, OutboxDoc, etag_to_cosmos, etag_to_domain, header_etag};
-use crate::errors::batch_failure;
+use crate::docs::{IntegrationDoc, etag_to_domain, header_etag};
+use crate::errors::unexpected;
+use crate::support::{precondition, run_batch, with_events};
 
 const RESOURCE: &str = "integration";
 
@@ -25,40 +24,6 @@ impl CosmosIntegrations {
     pub(crate) fn new(store: CosmosStore) -> Self {
         Self { store }
     }
-}
-
-fn unexpected(e: impl std::fmt::Display) -> DomainError {
-    DomainError::Unexpected(anyhow::anyhow!("cosmos: {e}"))
-}
-
-pub(crate) fn precondition(if_match: Option<&ETag>) -> Option<Precondition> {
-    if_match.map(|e| Precondition::if_match(Etag::from(etag_to_cosmos(e))))
-}
-
-/// Runs a batch whose first operation is the change; returns that operation's etag.
-pub(crate) async fn run_batch(
-    store: &CosmosStore,
-    container: &'static str,
-    batch: TransactionalBatch,
-    resource: &'static str,
-    id: &str,
-) -> Result<Option<ETag>, DomainError> {
-    let response =
-        store.call("a transactional batch", store.container(container).execute_transactional_batch(batch, None), resource, id).await?;
-    let ok = response.status().status_code().is_success() && u16::from(response.status()) != 207;
-    let model: TransactionalBatchResponse = response.into_model().map_err(unexpected)?;
-    let codes: Vec<u16> = model.results().iter().map(|r| r.status_code()).collect();
-    if !ok || codes.iter().any(|c| *c >= 400) {
-        return Err(batch_failure(&codes, resource, id));
-    }
-    Ok(model.results().first().and_then(|r| r.etag()).map(etag_to_domain))
-}
-
-pub(crate) fn with_events(mut batch: TransactionalBatch, events: &[DomainEvent]) -> Result<TransactionalBatch, DomainError> {
-    for event in events {
-        batch = batch.create_item(OutboxDoc::new(event)).map_err(unexpected)?;
-    }
-    Ok(batch)
 }
 
 #[async_trait]

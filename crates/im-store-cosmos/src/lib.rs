@@ -20,6 +20,7 @@ mod errors;
 mod integrations;
 mod outbox;
 mod providers;
+mod support;
 mod webhooks;
 
 pub use client::{CONTAINERS, ContainerSpec, CosmosSettings, CosmosStore, EMULATOR_KEY, ProvisionReport, provision};

@@ -3,16 +3,20 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use azure_data_cosmos::Query;
+use azure_data_cosmos::options::ItemWriteOptions;
 use im_domain::events::{DomainEvent, OutboxStats};
 use im_domain::ports::Outbox;
 use im_domain::{DomainError, PageRequest};
 use serde::Deserialize;
 
 use crate::client::{CosmosStore, DELIVERIES, INTEGRATIONS};
-use crate::docs::OutboxDoc;
+use crate::docs::{OutboxDoc, etag_to_domain};
+use crate::errors::unexpected;
+use crate::support::precondition;
 
 /// Containers whose writes record events.
 const SOURCES: [&str; 2] = [INTEGRATIONS, DELIVERIES];
@@ -29,10 +33,6 @@ impl CosmosOutbox {
     }
 }
 
-fn unexpected(e: impl std::fmt::Display) -> DomainError {
-    DomainError::Unexpected(anyhow::anyhow!("cosmos: {e}"))
-}
-
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct Located {
@@ -45,9 +45,9 @@ struct Recorded {
     recorded_at: i64,
 }
 
-#[async_trait]
-impl Outbox for CosmosOutbox {
-    async fn pending(&self, limit: u32) -> Result<Vec<DomainEvent>, DomainError> {
+impl CosmosOutbox {
+    /// Up to `limit` of the oldest events of each source container, oldest first.
+    async fn oldest(&self, limit: u32) -> Result<Vec<(&'static str, OutboxDoc)>, DomainError> {
         let mut found = Vec::new();
         for container in SOURCES {
             let query = Query::from("SELECT * FROM c WHERE c.type = @type ORDER BY c.recordedAt")
@@ -57,18 +57,55 @@ impl Outbox for CosmosOutbox {
             found.extend(docs.into_iter().map(|d| (container, d)));
         }
         found.sort_by_key(|(_, d)| d.recorded_at);
-        found.truncate(limit as usize);
+        Ok(found)
+    }
+
+    /// Notes where each event handed out lives, to delete it with a point operation.
+    fn remember(&self, docs: impl Iterator<Item = (&'static str, OutboxDoc)>) -> Vec<DomainEvent> {
         let mut partitions = self.partitions.lock().unwrap_or_else(|p| p.into_inner());
         if partitions.len() > 100_000 {
             partitions.clear();
         }
-        Ok(found
+        docs.map(|(container, d)| {
+            partitions.insert(d.event.id, (container, d.tenant_id));
+            d.event
+        })
+        .collect()
+    }
+}
+
+#[async_trait]
+impl Outbox for CosmosOutbox {
+    async fn pending(&self, limit: u32) -> Result<Vec<DomainEvent>, DomainError> {
+        let found = self.oldest(limit).await?;
+        Ok(self.remember(found.into_iter().take(limit as usize)))
+    }
+
+    async fn claim(&self, owner: &str, limit: u32, lease: Duration) -> Result<Vec<DomainEvent>, DomainError> {
+        let now = (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64;
+        let until = now.saturating_add(i64::try_from(lease.as_millis()).unwrap_or(i64::MAX));
+        let candidates = self
+            // Look past events other relays hold.
+            .oldest(limit.saturating_mul(4))
+            .await?
             .into_iter()
-            .map(|(container, d)| {
-                partitions.insert(d.event.id, (container, d.tenant_id));
-                d.event
-            })
-            .collect())
+            .filter(|(_, d)| d.claimed_until.is_none_or(|t| t <= now) || d.claimed_by.as_deref() == Some(owner))
+            .take(limit as usize);
+        // Each hold is a write conditional on the version read: of two relays, one wins.
+        let claims = candidates.map(|(container, mut doc)| async move {
+            let etag = doc.etag.take().map(|e| etag_to_domain(&e));
+            doc.claimed_by = Some(owner.to_owned());
+            doc.claimed_until = Some(until);
+            let options = precondition(etag.as_ref()).map(|p| ItemWriteOptions::default().with_precondition(p));
+            let replace = self.store.container(container).replace_item(doc.tenant_id.clone(), &doc.id, &doc, options);
+            match self.store.call("an outbox claim", replace, "outbox event", &doc.id).await {
+                Ok(_) => Ok(Some((container, doc))),
+                Err(DomainError::PreconditionFailed | DomainError::NotFound { .. }) => Ok(None),
+                Err(e) => Err(e),
+            }
+        });
+        let claimed = futures_util::future::join_all(claims).await.into_iter().collect::<Result<Vec<_>, _>>()?;
+        Ok(self.remember(claimed.into_iter().flatten()))
     }
 
     async fn mark_published(&self, ids: &[uuid::Uuid]) -> Result<(), DomainError> {

@@ -10,16 +10,13 @@ use im_domain::{DomainError, ETag, Page, PageRequest, Stored};
 
 use crate::client::{CosmosStore, PROVIDERS};
 use crate::docs::{ProviderDoc, SEED_PARTITION, SeedDoc, etag_to_domain, header_etag};
-use crate::integrations::precondition;
+use crate::errors::unexpected;
+use crate::support::precondition;
 
 const RESOURCE: &str = "provider";
 
 pub(crate) struct CosmosProviders {
     store: CosmosStore,
-}
-
-fn unexpected(e: impl std::fmt::Display) -> DomainError {
-    DomainError::Unexpected(anyhow::anyhow!("cosmos: {e}"))
 }
 
 fn stored(doc: ProviderDoc) -> Result<Stored<Provider>, DomainError> {

@@ -10,7 +10,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::client::{CosmosStore, WEBHOOKS};
 use crate::docs::{SCHEMA_VERSION, etag_to_domain, header_etag};
-use crate::integrations::precondition;
+use crate::errors::unexpected;
+use crate::support::precondition;
 
 const RESOURCE: &str = "webhook";
 
@@ -33,10 +34,6 @@ impl WebhookDoc {
     fn new(webhook: &Webhook) -> Self {
         Self { kind: Self::TYPE.into(), schema_version: SCHEMA_VERSION, webhook: webhook.clone(), etag: None }
     }
-}
-
-fn unexpected(e: impl std::fmt::Display) -> DomainError {
-    DomainError::Unexpected(anyhow::anyhow!("cosmos: {e}"))
 }
 
 pub(crate) struct CosmosWebhooks {

@@ -45,6 +45,7 @@ async fn passes_the_conformance_suite() {
     let store = CosmosStore::connect(settings).await.expect("connect");
     im_testkit::run_all(store.integrations().as_ref(), store.providers().as_ref()).await;
     im_testkit::outbox::events_are_recorded_atomically(store.integrations().as_ref(), store.outbox().as_ref()).await;
+    im_testkit::outbox::claims_are_exclusive(store.integrations().as_ref(), store.outbox().as_ref()).await;
     im_testkit::webhooks::contract(store.webhooks().as_ref()).await;
 }
 

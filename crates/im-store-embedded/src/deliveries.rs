@@ -15,7 +15,7 @@ use std::sync::Arc;
 use crate::containers::WEBHOOK_DELIVERIES;
 use crate::db::{Db, map_sqlite};
 use crate::documents::{Documents, Query};
-use crate::integrations::{decode, encode};
+use crate::support::{decode, encode};
 
 const RESOURCE: &str = "delivery";
 
@@ -99,6 +99,23 @@ impl SqliteDeliveryQueue {
     }
 }
 
+impl SqliteDeliveryQueue {
+    /// Inserts the job's row; `on_conflict` says what becomes of a row already there.
+    async fn insert(&self, job: &DeliveryJob, due: time::OffsetDateTime, on_conflict: &'static str) -> Result<(), DomainError> {
+        let (tenant, id, due) = (job.tenant_id.to_string(), job.delivery_id.to_string(), millis(due));
+        self.db
+            .write(move |tx| {
+                tx.prepare_cached(&format!(
+                    "INSERT INTO delivery_jobs (delivery_id, tenant_id, due_at, leased_until) VALUES (?1, ?2, ?3, 0) {on_conflict}"
+                ))
+                .and_then(|mut s| s.execute(params![id, tenant, due]))
+                .map_err(map_sqlite)?;
+                Ok(())
+            })
+            .await
+    }
+}
+
 fn millis(t: time::OffsetDateTime) -> i64 {
     (t.unix_timestamp_nanos() / 1_000_000) as i64
 }
@@ -110,18 +127,11 @@ fn now_millis() -> i64 {
 #[async_trait]
 impl DeliveryQueue for SqliteDeliveryQueue {
     async fn schedule(&self, job: &DeliveryJob, due: time::OffsetDateTime) -> Result<(), DomainError> {
-        let (tenant, id, due) = (job.tenant_id.to_string(), job.delivery_id.to_string(), millis(due));
-        self.db
-            .write(move |tx| {
-                tx.prepare_cached(
-                    "INSERT INTO delivery_jobs (delivery_id, tenant_id, due_at, leased_until) VALUES (?1, ?2, ?3, 0)
-                     ON CONFLICT (delivery_id) DO UPDATE SET due_at = excluded.due_at, leased_until = 0",
-                )
-                .and_then(|mut s| s.execute(params![id, tenant, due]))
-                .map_err(map_sqlite)?;
-                Ok(())
-            })
-            .await
+        self.insert(job, due, "ON CONFLICT (delivery_id) DO UPDATE SET due_at = excluded.due_at, leased_until = 0").await
+    }
+
+    async fn schedule_if_absent(&self, job: &DeliveryJob, due: time::OffsetDateTime) -> Result<(), DomainError> {
+        self.insert(job, due, "ON CONFLICT (delivery_id) DO NOTHING").await
     }
 
     async fn take_due(&self, max: u32, lease: Duration) -> Result<Vec<DeliveryJob>, DomainError> {

@@ -8,7 +8,8 @@ use im_domain::ports::IntegrationRepository;
 use im_domain::{DomainError, ETag, IntegrationId, Page, PageRequest, Stored, TenantId};
 
 use crate::containers::INTEGRATIONS;
-use crate::documents::{Doc, Documents, Query};
+use crate::documents::{Documents, Query};
+use crate::support::{decode, encode};
 
 const RESOURCE: &str = "integration";
 
@@ -20,16 +21,6 @@ impl SqliteIntegrations {
     pub(crate) fn new(docs: Documents) -> Self {
         Self { docs }
     }
-}
-
-pub(crate) fn encode<T: serde::Serialize>(value: &T) -> Result<String, DomainError> {
-    serde_json::to_string(value).map_err(|e| DomainError::Unexpected(anyhow::Error::new(e).context("encoding a document")))
-}
-
-pub(crate) fn decode<T: serde::de::DeserializeOwned>(doc: Doc) -> Result<Stored<T>, DomainError> {
-    let value = serde_json::from_str(&doc.body)
-        .map_err(|e| DomainError::Unexpected(anyhow::Error::new(e).context(format!("decoding stored document '{}'", doc.id))))?;
-    Ok(Stored { value, etag: doc.etag })
 }
 
 #[async_trait]

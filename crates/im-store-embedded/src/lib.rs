@@ -12,6 +12,7 @@ mod integrations;
 mod migrations;
 mod outbox;
 mod providers;
+mod support;
 mod webhooks;
 
 use std::path::{Path, PathBuf};

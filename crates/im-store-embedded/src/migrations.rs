@@ -60,6 +60,15 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     CREATE INDEX delivery_jobs_by_due ON delivery_jobs (due_at);
     "#,
     ),
+    (
+        4,
+        "outbox_claims",
+        r#"
+    -- The relay holding an outbox event, and until when (unix milliseconds).
+    ALTER TABLE outbox ADD COLUMN claimed_by TEXT;
+    ALTER TABLE outbox ADD COLUMN claimed_until INTEGER NOT NULL DEFAULT 0;
+    "#,
+    ),
 ];
 
 /// What [`crate::EmbeddedStore::migrate`] did.

@@ -1,10 +1,12 @@
 //! [`Outbox`] on the `outbox` table, written in the same transactions as the documents.
 
+use std::time::Duration;
+
 use async_trait::async_trait;
 use im_domain::DomainError;
 use im_domain::events::{DomainEvent, OutboxStats};
 use im_domain::ports::Outbox;
-use rusqlite::params_from_iter;
+use rusqlite::{params, params_from_iter};
 
 use crate::db::{Db, map_sqlite};
 use std::sync::Arc;
@@ -19,6 +21,13 @@ impl SqliteOutbox {
     }
 }
 
+fn decode_all(bodies: &[String]) -> Result<Vec<DomainEvent>, DomainError> {
+    bodies
+        .iter()
+        .map(|b| serde_json::from_str(b).map_err(|e| DomainError::Unexpected(anyhow::Error::new(e).context("decoding an outbox event"))))
+        .collect()
+}
+
 #[async_trait]
 impl Outbox for SqliteOutbox {
     async fn pending(&self, limit: u32) -> Result<Vec<DomainEvent>, DomainError> {
@@ -30,12 +39,29 @@ impl Outbox for SqliteOutbox {
                     .collect::<rusqlite::Result<Vec<_>>>()
             })
             .await?;
-        bodies
-            .iter()
-            .map(|b| {
-                serde_json::from_str(b).map_err(|e| DomainError::Unexpected(anyhow::Error::new(e).context("decoding an outbox event")))
+        decode_all(&bodies)
+    }
+
+    async fn claim(&self, owner: &str, limit: u32, lease: Duration) -> Result<Vec<DomainEvent>, DomainError> {
+        let owner = owner.to_owned();
+        let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
+        let bodies = self
+            .db
+            .write(move |tx| {
+                let now = (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64;
+                let rows: Vec<(i64, String)> = tx
+                    .prepare_cached("SELECT seq, body FROM outbox WHERE claimed_until <= ?1 OR claimed_by = ?2 ORDER BY seq LIMIT ?3")
+                    .and_then(|mut s| s.query_map(params![now, owner, i64::from(limit)], |r| Ok((r.get(0)?, r.get(1)?)))?.collect())
+                    .map_err(map_sqlite)?;
+                for (seq, _) in &rows {
+                    tx.prepare_cached("UPDATE outbox SET claimed_by = ?2, claimed_until = ?3 WHERE seq = ?1")
+                        .and_then(|mut s| s.execute(params![seq, owner, now.saturating_add(lease_ms)]))
+                        .map_err(map_sqlite)?;
+                }
+                Ok(rows.into_iter().map(|(_, body)| body).collect::<Vec<_>>())
             })
-            .collect()
+            .await?;
+        decode_all(&bodies)
     }
 
     async fn mark_published(&self, ids: &[uuid::Uuid]) -> Result<(), DomainError> {

@@ -10,7 +10,7 @@ use rusqlite::{OptionalExtension, params};
 use crate::containers::PROVIDERS;
 use crate::db::map_sqlite;
 use crate::documents::{Documents, Query, find, insert};
-use crate::integrations::{decode, encode};
+use crate::support::{decode, encode};
 
 const RESOURCE: &str = "provider";
 

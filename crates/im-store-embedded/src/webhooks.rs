@@ -8,7 +8,7 @@ use im_domain::{DomainError, ETag, Page, PageRequest, Stored, TenantId};
 
 use crate::containers::WEBHOOKS;
 use crate::documents::{Documents, Query};
-use crate::integrations::{decode, encode};
+use crate::support::{decode, encode};
 
 const RESOURCE: &str = "webhook";
 

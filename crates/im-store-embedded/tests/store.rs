@@ -22,6 +22,7 @@ async fn passes_the_conformance_suite() {
     let store = store(dir.path()).await;
     im_testkit::run_all(store.integrations().as_ref(), store.providers().as_ref()).await;
     im_testkit::outbox::events_are_recorded_atomically(store.integrations().as_ref(), store.outbox().as_ref()).await;
+    im_testkit::outbox::claims_are_exclusive(store.integrations().as_ref(), store.outbox().as_ref()).await;
     im_testkit::webhooks::contract(store.webhooks().as_ref()).await;
 }
 
@@ -79,7 +80,7 @@ async fn data_survives_reopening_and_migrations_are_idempotent() {
     {
         let store = EmbeddedStore::open(dir.path(), Arc::new(SystemClock)).unwrap();
         let report = store.migrate().await.unwrap();
-        assert_eq!(report.applied.len(), 3);
+        assert_eq!(report.applied.len(), 4);
         store.integrations().create(&item, &[]).await.unwrap();
     }
     let store = EmbeddedStore::open(dir.path(), Arc::new(SystemClock)).unwrap();
@@ -121,4 +122,29 @@ async fn documents_expire_after_their_ttl() {
     *clock.0.lock().unwrap() += time::Duration::days(30);
     assert_eq!(store.purge_expired().await.unwrap(), 2, "the purge deletes both expired documents");
     assert!(docs.get(containers::WEBHOOKS, "t1".into(), "w1".into()).await.unwrap().is_some(), "documents without TTL stay");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queueing_a_replayed_job_changes_neither_its_due_time_nor_its_lease() {
+    use im_domain::webhooks::ports::DeliveryJob;
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(dir.path()).await;
+    let queue = store.delivery_queue();
+    let now = OffsetDateTime::now_utc();
+    let waiting = DeliveryJob { tenant_id: im_testkit::fresh_tenant(), delivery_id: uuid::Uuid::now_v7() };
+    let running = DeliveryJob { tenant_id: waiting.tenant_id.clone(), delivery_id: uuid::Uuid::now_v7() };
+    queue.schedule(&waiting, now + time::Duration::minutes(5)).await.unwrap();
+    queue.schedule(&running, now).await.unwrap();
+    assert_eq!(queue.take_due(10, Duration::from_secs(120)).await.unwrap(), vec![running.clone()]);
+
+    queue.schedule_if_absent(&waiting, now).await.unwrap();
+    queue.schedule_if_absent(&running, now).await.unwrap();
+
+    assert!(queue.take_due(10, Duration::from_secs(120)).await.unwrap().is_empty(), "a replay made a waiting or leased job due");
+    let next = queue.next_due().await.unwrap().unwrap();
+    assert!(next > now + time::Duration::seconds(100), "the waiting retry moved to {next}");
+
+    let fresh = DeliveryJob { tenant_id: waiting.tenant_id.clone(), delivery_id: uuid::Uuid::now_v7() };
+    queue.schedule_if_absent(&fresh, now).await.unwrap();
+    assert_eq!(queue.take_due(10, Duration::from_secs(120)).await.unwrap(), vec![fresh], "a job that was missing is queued");
 }

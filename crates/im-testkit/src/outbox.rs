@@ -70,3 +70,34 @@ pub async fn events_are_recorded_atomically(repo: &dyn IntegrationRepository, ou
     let stats = outbox.stats().await.expect("stats");
     assert_eq!((stats.pending, stats.oldest), (0, None));
 }
+
+/// Relays of several instances never hold the same event at once: an event held by one is
+/// handed to another only once the hold ends; its own holder gets it again (a retry).
+/// (Run it alone against its outbox: it drains the outbox first.)
+pub async fn claims_are_exclusive(repo: &dyn IntegrationRepository, outbox: &dyn Outbox) {
+    use std::time::Duration;
+    drain(outbox).await;
+    let tenant = fresh_tenant();
+    let mut recorded = Vec::new();
+    for n in 0..4 {
+        let item = integration(&tenant, "github");
+        let created = event(&tenant, EventType::IntegrationCreated, &format!("{}-{n}", item.id));
+        repo.create(&item, std::slice::from_ref(&created)).await.expect("create");
+        recorded.push(created);
+    }
+    let long = Duration::from_secs(60);
+    let first = outbox.claim("relay-a", 2, long).await.expect("claim");
+    assert_eq!(first, recorded[..2].to_vec(), "the oldest events, in order");
+    let second = outbox.claim("relay-b", 10, long).await.expect("claim");
+    assert_eq!(second, recorded[2..].to_vec(), "another relay gets only what nobody holds");
+    assert!(outbox.claim("relay-c", 10, long).await.expect("claim").is_empty(), "held events are handed to nobody else");
+    assert_eq!(outbox.claim("relay-a", 10, long).await.expect("claim"), recorded[..2].to_vec(), "a holder gets its own events again");
+
+    outbox.mark_published(&[recorded[0].id, recorded[1].id]).await.expect("mark");
+    let short = outbox.claim("relay-b", 10, Duration::from_millis(1)).await.expect("claim");
+    assert_eq!(short, recorded[2..].to_vec());
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(outbox.claim("relay-c", 10, long).await.expect("claim"), recorded[2..].to_vec(), "a hold that ended is taken over");
+    outbox.mark_published(&[recorded[2].id, recorded[3].id]).await.expect("mark");
+    assert!(outbox.pending(10).await.expect("pending").is_empty());
+}

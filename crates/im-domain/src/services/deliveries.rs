@@ -14,7 +14,8 @@ use crate::error::DomainError;
 use crate::events::{DomainEvent, EventType};
 use crate::ports::EventSubscriber;
 use crate::webhooks::delivery::{
-    Attempt, AttemptTrigger, Delivery, DeliveryFilter, DeliveryStatus, Outcome, RESPONSE_EXCERPT_BYTES, classify, delivery_id, next_wait,
+    ATTEMPT_LEASE, Attempt, AttemptTrigger, Delivery, DeliveryFilter, DeliveryStatus, Outcome, RESPONSE_EXCERPT_BYTES, classify,
+    delivery_id, next_wait,
 };
 use crate::webhooks::endpoint::{TEST_EVENT_TYPE, Webhook, WebhookId, WebhookStatus};
 use crate::webhooks::ports::{
@@ -73,6 +74,19 @@ fn excerpt(text: Option<String>) -> Option<String> {
     })
 }
 
+/// Why a delivery whose endpoint's signing secret is gone failed.
+const UNSIGNABLE: &str = "the endpoint's signing secret is gone from the secret store; rotate the secret to deliver again";
+/// Times a scheduled attempt tries to take its delivery when other workers keep changing it.
+const CLAIM_TRIES: usize = 3;
+/// A scheduled job that comes this long before its delivery's next attempt is a duplicate.
+const EARLY_SLACK: time::Duration = time::Duration::seconds(2);
+
+/// Whether an attempt is to be made now.
+enum Prepared {
+    Done(AttemptReport),
+    Ready(Box<(Stored<Delivery>, Stored<Webhook>)>),
+}
+
 /// What [`DeliveryService::attempt`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AttemptReport {
@@ -81,6 +95,11 @@ pub enum AttemptReport {
     Failed,
     /// Waiting for the endpoint's rate limit; the job was rescheduled.
     Throttled,
+    /// The attempt could not be made (a dependency failed); it waits for `at`.
+    Postponed {
+        at: OffsetDateTime,
+        reason: String,
+    },
     /// Nothing to do (already final, or the delivery or endpoint is gone).
     Nothing,
 }
@@ -145,6 +164,7 @@ impl DeliveryService {
             status,
             attempts: Vec::new(),
             next_attempt_at: (status == DeliveryStatus::Pending).then_some(now),
+            lease_until: None,
             created_at: now,
             updated_at: now,
         }
@@ -161,22 +181,24 @@ impl DeliveryService {
         for webhook in endpoints.iter().filter(|w| w.wants(event)) {
             let status = if webhook.status == WebhookStatus::Enabled { DeliveryStatus::Pending } else { DeliveryStatus::Skipped };
             let delivery = self.new_delivery(webhook, event.id.to_string(), event.event_type.as_str(), event.cloud_event(), status);
+            let job = DeliveryJob { tenant_id: delivery.tenant_id.clone(), delivery_id: delivery.id };
             match self.deliveries.create(&delivery).await {
+                Ok(_) if status == DeliveryStatus::Pending => {
+                    self.queue.schedule(&job, self.clock.now()).await?;
+                    queued += 1;
+                }
                 Ok(_) => {}
                 Err(DomainError::Conflict(_)) => {
-                    // Fanned out before (events arrive at least once); make sure it is queued.
-                    let existing = self.deliveries.get(&delivery.tenant_id, delivery.id).await?;
-                    if existing.value.status != DeliveryStatus::Pending {
-                        continue;
+                    // Fanned out before (events arrive at least once). A crash may have come
+                    // between recording the delivery and queueing it: queue it if nothing is,
+                    // at the time it waits for, without touching a queued or running attempt.
+                    let existing = self.deliveries.get(&delivery.tenant_id, delivery.id).await?.value;
+                    if existing.status == DeliveryStatus::Pending {
+                        let due = existing.next_attempt_at.unwrap_or_else(|| self.clock.now());
+                        self.queue.schedule_if_absent(&job, due.max(existing.lease_until.unwrap_or(due))).await?;
                     }
                 }
                 Err(e) => return Err(e),
-            }
-            if status == DeliveryStatus::Pending {
-                self.queue
-                    .schedule(&DeliveryJob { tenant_id: delivery.tenant_id.clone(), delivery_id: delivery.id }, self.clock.now())
-                    .await?;
-                queued += 1;
             }
         }
         Ok(queued)
@@ -235,24 +257,82 @@ impl DeliveryService {
 
     /// Makes the attempt a queued job stands for (or a manual one), records it, and decides
     /// what comes next. The job is completed or rescheduled before this returns.
+    ///
+    /// A scheduled job runs only when its delivery is pending, due, and not held by an attempt
+    /// in progress; it then holds the delivery (a conditional write) for [`ATTEMPT_LEASE`]
+    /// while it sends. A duplicate job (a replayed event, a job queued twice) therefore finds
+    /// the delivery held, not yet due, or final, and is dropped: one chain of attempts per
+    /// delivery, never two.
     pub async fn attempt(&self, job: &DeliveryJob, trigger: AttemptTrigger) -> Result<AttemptReport, DomainError> {
+        for _ in 0..CLAIM_TRIES {
+            match self.prepare(job, trigger).await? {
+                Prepared::Done(report) => return Ok(report),
+                Prepared::Ready(ready) => {
+                    let (stored, webhook) = *ready;
+                    if trigger == AttemptTrigger::Manual {
+                        if let Some(at) = self.over_rate(&webhook.value) {
+                            self.queue.schedule(job, at).await?;
+                            return Ok(AttemptReport::Throttled);
+                        }
+                        return self.send_and_record(job, trigger, stored, webhook).await;
+                    }
+                    let mut held = stored.value.clone();
+                    held.lease_until = Some(self.clock.now() + time::Duration::try_from(ATTEMPT_LEASE).unwrap_or(time::Duration::MINUTE));
+                    match self.deliveries.replace(&held, Some(stored.etag), &[]).await {
+                        Ok(etag) => {
+                            if let Some(at) = self.over_rate(&webhook.value) {
+                                // Hold it only until the endpoint's rate allows the attempt.
+                                held.lease_until = Some(at);
+                                self.deliveries.replace(&held, Some(etag), &[]).await?;
+                                self.queue.schedule(job, at).await?;
+                                return Ok(AttemptReport::Throttled);
+                            }
+                            return self.send_and_record(job, trigger, Stored { value: held, etag }, webhook).await;
+                        }
+                        // Another worker took it first: look again (it is held now, or done).
+                        Err(DomainError::PreconditionFailed) => continue,
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+        }
+        Err(DomainError::unavailable(format!("delivery {} kept changing while being claimed", job.delivery_id)))
+    }
+
+    /// Decides whether the job's attempt is to be made now, and completes or reschedules the
+    /// job when it is not.
+    async fn prepare(&self, job: &DeliveryJob, trigger: AttemptTrigger) -> Result<Prepared, DomainError> {
         let stored = match self.deliveries.get(&job.tenant_id, job.delivery_id).await {
             Ok(stored) => stored,
             Err(DomainError::NotFound { .. }) => {
                 self.queue.complete(job).await?;
-                return Ok(AttemptReport::Nothing);
+                return Ok(Prepared::Done(AttemptReport::Nothing));
             }
             Err(e) => return Err(e),
         };
-        if trigger == AttemptTrigger::Scheduled && stored.value.status != DeliveryStatus::Pending {
-            self.queue.complete(job).await?;
-            return Ok(AttemptReport::Nothing);
+        if trigger == AttemptTrigger::Scheduled {
+            let now = self.clock.now();
+            let delivery = &stored.value;
+            if delivery.status != DeliveryStatus::Pending {
+                self.queue.complete(job).await?;
+                return Ok(Prepared::Done(AttemptReport::Nothing));
+            }
+            if let Some(until) = delivery.lease_until.filter(|until| *until > now) {
+                // An attempt is in progress, or its worker died: look again when its hold ends.
+                self.queue.schedule(job, until).await?;
+                return Ok(Prepared::Done(AttemptReport::Nothing));
+            }
+            if delivery.next_attempt_at.is_some_and(|at| at > now + EARLY_SLACK) {
+                // The attempt due now was made already; the job for the next one is queued.
+                self.queue.complete(job).await?;
+                return Ok(Prepared::Done(AttemptReport::Nothing));
+            }
         }
         let webhook = match self.webhooks.get(&job.tenant_id, stored.value.webhook_id).await {
             Ok(w) => w,
             Err(DomainError::NotFound { .. }) => {
                 self.queue.complete(job).await?;
-                return Ok(AttemptReport::Nothing);
+                return Ok(Prepared::Done(AttemptReport::Nothing));
             }
             Err(e) => return Err(e),
         };
@@ -263,16 +343,29 @@ impl DeliveryService {
             delivery.updated_at = self.clock.now();
             self.deliveries.replace(&delivery, Some(stored.etag), &[]).await?;
             self.queue.complete(job).await?;
-            return Ok(AttemptReport::Nothing);
+            return Ok(Prepared::Done(AttemptReport::Nothing));
         }
-        if let Some(at) = self.over_rate(&webhook.value) {
-            self.queue.schedule(job, at).await?;
-            return Ok(AttemptReport::Throttled);
-        }
+        Ok(Prepared::Ready(Box::new((stored, webhook))))
+    }
 
-        let result = self.send(&webhook.value, &stored.value).await?;
+    /// Sends the attempt of a delivery this worker may make now, records it (releasing the
+    /// hold), and completes or reschedules the job.
+    async fn send_and_record(
+        &self,
+        job: &DeliveryJob,
+        trigger: AttemptTrigger,
+        stored: Stored<Delivery>,
+        webhook: Stored<Webhook>,
+    ) -> Result<AttemptReport, DomainError> {
+        let result = match self.send(&webhook.value, &stored.value).await {
+            Ok(result) => result,
+            Err(DomainError::NotFound { .. }) => return self.fail_unsignable(job, stored).await,
+            Err(error) if trigger == AttemptTrigger::Scheduled => return self.postpone(job, stored, &error).await,
+            Err(error) => return Err(error),
+        };
         let now = self.clock.now();
         let mut delivery = stored.value.clone();
+        delivery.lease_until = None;
         delivery.attempts.push(Attempt {
             at: now,
             trigger,
@@ -331,6 +424,47 @@ impl DeliveryService {
             _ => self.queue.complete(job).await?,
         }
         Ok(report)
+    }
+
+    /// The endpoint's signing secret is gone from the secret store: no attempt can ever be
+    /// signed, so the delivery ends `failed` with the reason, instead of repeating until it expires.
+    async fn fail_unsignable(&self, job: &DeliveryJob, stored: Stored<Delivery>) -> Result<AttemptReport, DomainError> {
+        let now = self.clock.now();
+        let mut delivery = stored.value;
+        delivery.attempts.push(Attempt {
+            at: now,
+            trigger: AttemptTrigger::Scheduled,
+            status_code: None,
+            duration_ms: 0,
+            response_excerpt: None,
+            error: Some(UNSIGNABLE.to_owned()),
+        });
+        delivery.status = DeliveryStatus::Failed;
+        delivery.next_attempt_at = None;
+        delivery.lease_until = None;
+        delivery.updated_at = now;
+        let failed = self.outcome_event(&delivery, EventType::WebhookFailed);
+        self.deliveries.replace(&delivery, Some(stored.etag), &[failed]).await?;
+        self.queue.complete(job).await?;
+        Ok(AttemptReport::Failed)
+    }
+
+    /// An attempt that could not be made (the secret store is unavailable): the delivery is
+    /// released and waits for the next step of its schedule, and so does its job; no attempt is
+    /// recorded, since no request was sent.
+    async fn postpone(&self, job: &DeliveryJob, stored: Stored<Delivery>, error: &DomainError) -> Result<AttemptReport, DomainError> {
+        let now = self.clock.now();
+        let made = stored.value.attempts.iter().filter(|a| a.trigger == AttemptTrigger::Scheduled).count();
+        let schedule = &self.settings.retry_schedule;
+        let wait = schedule.get(made.saturating_sub(1)).or(schedule.last()).copied().unwrap_or(Duration::from_secs(5));
+        let at = now + time::Duration::try_from(wait).unwrap_or(time::Duration::MINUTE);
+        let mut delivery = stored.value;
+        delivery.lease_until = None;
+        delivery.next_attempt_at = Some(at);
+        delivery.updated_at = now;
+        self.deliveries.replace(&delivery, Some(stored.etag), &[]).await?;
+        self.queue.schedule(job, at).await?;
+        Ok(AttemptReport::Postponed { at, reason: error.to_string() })
     }
 
     /// Updates the endpoint's failure streak after an attempt and disables it on 410 Gone, or
@@ -461,6 +595,7 @@ impl DeliveryService {
                     let mut delivery = stored.value;
                     delivery.status = DeliveryStatus::Pending;
                     delivery.next_attempt_at = Some(self.clock.now());
+                    delivery.lease_until = None;
                     delivery.updated_at = self.clock.now();
                     match self.deliveries.replace(&delivery, Some(stored.etag), &[]).await {
                         Ok(_) => {
@@ -535,7 +670,7 @@ impl EventSubscriber for DeliveryService {
 }
 
 #[cfg(test)]
-mod tests {
+mod attempt_tests {
     //! The attempt logic against the mocks of its ports, with an injected clock and fixed ids.
 
     use std::collections::BTreeMap;
@@ -611,6 +746,7 @@ mod tests {
             status: DeliveryStatus::Pending,
             attempts: vec![failed; scheduled_attempts],
             next_attempt_at: Some(now()),
+            lease_until: None,
             created_at: now() - time::Duration::hours(1),
             updated_at: now() - time::Duration::minutes(1),
         }
@@ -669,6 +805,7 @@ mod tests {
             Arc::new(MockEntropy::new()),
             UrlPolicy::default(),
             Duration::from_secs(3600),
+            Audit::discarding(),
         );
 
         let mut deliveries = MockDeliveryRepository::new();
@@ -705,8 +842,17 @@ mod tests {
             disable_min_failures: 3,
             user_agent: "IntegrationManager/test".into(),
         };
-        let service =
-            DeliveryService::new(webhooks, endpoints, Arc::new(deliveries), Arc::new(queue), Arc::new(sender), clock, ids, settings);
+        let service = DeliveryService::new(
+            webhooks,
+            endpoints,
+            Arc::new(deliveries),
+            Arc::new(queue),
+            Arc::new(sender),
+            clock,
+            ids,
+            settings,
+            Audit::discarding(),
+        );
         (service, seen)
     }
 
@@ -879,3 +1025,7 @@ mod tests {
         });
     }
 }
+
+#[cfg(test)]
+#[path = "deliveries_tests.rs"]
+mod tests;

@@ -16,6 +16,7 @@ pub use relay::EventRelay;
 pub use webhooks::{WebhookService, WithSecret};
 
 use crate::common::ETag;
+
 use crate::error::DomainError;
 
 /// How many times a read-modify-write without the caller's `If-Match` is retried when another

@@ -3,13 +3,19 @@ use std::sync::Arc;
 use crate::error::DomainError;
 use crate::ports::{EventPublisher, Outbox};
 
-/// Moves events from the outbox to the publisher: publish, and only once that is confirmed,
-/// mark them published. A crash anywhere in between publishes again (at least once); nothing
-/// is ever lost.
+/// How long a relay holds the events it took: longer than a publish takes; a relay that died
+/// leaves its events to the others after this.
+pub const CLAIM_LEASE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Moves events from the outbox to the publisher: claim them (so that another instance's relay
+/// leaves them alone), publish, and only once that is confirmed, mark them published. A crash
+/// anywhere in between publishes again once the claim ends (at least once); nothing is ever lost.
 #[derive(Clone)]
 pub struct EventRelay {
     outbox: Arc<dyn Outbox>,
     publisher: Arc<dyn EventPublisher>,
+    /// This relay's name in its claims.
+    owner: String,
 }
 
 impl std::fmt::Debug for EventRelay {
@@ -20,7 +26,7 @@ impl std::fmt::Debug for EventRelay {
 
 impl EventRelay {
     pub fn new(outbox: Arc<dyn Outbox>, publisher: Arc<dyn EventPublisher>) -> Self {
-        Self { outbox, publisher }
+        Self { outbox, publisher, owner: uuid::Uuid::new_v4().to_string() }
     }
 
     /// Relays up to `batch` pending events; returns how many were published.
@@ -28,7 +34,7 @@ impl EventRelay {
     /// # Errors
     /// When the outbox cannot be read or the publisher does not confirm; nothing is marked then.
     pub async fn relay_once(&self, batch: u32) -> Result<usize, DomainError> {
-        let events = self.outbox.pending(batch).await?;
+        let events = self.outbox.claim(&self.owner, batch, CLAIM_LEASE).await?;
         if events.is_empty() {
             return Ok(0);
         }
@@ -67,7 +73,7 @@ mod tests {
         let mut outbox = MockOutbox::new();
         let events = vec![event(), event()];
         let returned = events.clone();
-        outbox.expect_pending().returning(move |_| Ok(returned.clone()));
+        outbox.expect_claim().returning(move |_, _, _| Ok(returned.clone()));
         outbox.expect_mark_published().never();
         let mut publisher = MockEventPublisher::new();
         publisher.expect_publish().returning(|_| Err(DomainError::unavailable("broker down")));
@@ -82,7 +88,7 @@ mod tests {
         let events = vec![event(), event()];
         let ids: Vec<_> = events.iter().map(|e| e.id).collect();
         let returned = events.clone();
-        outbox.expect_pending().returning(move |_| Ok(returned.clone()));
+        outbox.expect_claim().returning(move |_, _, _| Ok(returned.clone()));
         outbox.expect_mark_published().withf(move |marked| marked == ids.as_slice()).times(1).returning(|_| Ok(()));
         let mut publisher = MockEventPublisher::new();
         publisher.expect_publish().withf(move |published| published == events.as_slice()).times(1).returning(|_| Ok(()));

@@ -10,6 +10,9 @@ use crate::common::TenantId;
 
 /// How long delivery records are kept.
 pub const DELIVERY_TTL: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+/// How long a scheduled attempt holds its delivery: a worker that dies mid-attempt leaves it
+/// to another after this (longer than any attempt takes).
+pub const ATTEMPT_LEASE: std::time::Duration = std::time::Duration::from_secs(120);
 /// Response bodies are recorded up to this many bytes.
 pub const RESPONSE_EXCERPT_BYTES: usize = 4096;
 
@@ -80,6 +83,10 @@ pub struct Delivery {
     /// When the next scheduled attempt is due (pending deliveries).
     #[serde(with = "time::serde::rfc3339::option")]
     pub next_attempt_at: Option<OffsetDateTime>,
+    /// While a scheduled attempt is in progress, the time until which its worker holds the
+    /// delivery; another worker (a duplicate job, a replayed event) leaves it alone until then.
+    #[serde(default, with = "time::serde::rfc3339::option", skip_serializing_if = "Option::is_none")]
+    pub lease_until: Option<OffsetDateTime>,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339")]

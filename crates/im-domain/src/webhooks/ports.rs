@@ -97,10 +97,17 @@ pub struct DeliveryJob {
 #[cfg_attr(any(test, feature = "test-support"), mockall::automock)]
 #[async_trait]
 pub trait DeliveryQueue: Send + Sync {
-    /// Schedules (or reschedules) the attempt of a delivery at `due`. MUST be durable when it
-    /// returns. A job is one per delivery: scheduling a job that is already pending (an event
-    /// fanned out twice) MUST NOT let two consumers hold it at the same time.
+    /// Schedules (or reschedules, for a retry of the attempt that holds it) the attempt of a
+    /// delivery at `due`. MUST be durable when it returns. A queue that keeps one job per
+    /// delivery MUST NOT let two consumers hold it at the same time; a broker MAY hand out a
+    /// duplicate, which the delivery service drops (an attempt holds its delivery first).
     async fn schedule(&self, job: &DeliveryJob, due: time::OffsetDateTime) -> Result<(), DomainError>;
+
+    /// Queues the first attempt of a delivery at `due` unless a job for it is queued already:
+    /// MUST NOT change the due time or the lease of a queued job (an event replayed while its
+    /// delivery waits for a retry, or while an attempt is in progress). A queue that cannot tell
+    /// (a broker) MAY queue a second job; the delivery service drops such duplicates.
+    async fn schedule_if_absent(&self, job: &DeliveryJob, due: time::OffsetDateTime) -> Result<(), DomainError>;
 
     /// Takes up to `max` jobs that are due, leasing them for `lease`. MUST NOT hand out a job
     /// before its due time, nor a job that is leased (to this consumer or another); a job taken

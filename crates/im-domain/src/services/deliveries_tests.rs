@@ -1,0 +1,360 @@
+//! Replays and duplicate jobs against in-memory ports: a repository with real concurrency
+//! tokens and a queue with a broker's semantics (every scheduled job is a message; nothing
+//! deduplicates them), so only the service's own checks keep one chain of attempts.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use super::*;
+use crate::audit::Audit;
+use crate::common::{ETag, UuidV7};
+use crate::secrets::{MockSecretStore, SecretName, SecretRef, SecretValue};
+use crate::services::block_on;
+use crate::webhooks::endpoint::UrlPolicy;
+use crate::webhooks::ports::OsEntropy;
+
+struct TestClock(Mutex<OffsetDateTime>);
+
+impl TestClock {
+    fn advance(&self, by: Duration) {
+        let mut now = self.0.lock().unwrap();
+        *now += by;
+    }
+}
+
+impl Clock for TestClock {
+    fn now(&self) -> OffsetDateTime {
+        *self.0.lock().unwrap()
+    }
+}
+
+#[derive(Default)]
+struct Deliveries {
+    rows: Mutex<HashMap<Uuid, (Delivery, u64)>>,
+}
+
+impl Deliveries {
+    fn value(&self, id: Uuid) -> Delivery {
+        self.rows.lock().unwrap()[&id].0.clone()
+    }
+}
+
+#[async_trait]
+impl DeliveryRepository for Deliveries {
+    async fn create(&self, delivery: &Delivery) -> Result<ETag, DomainError> {
+        let mut rows = self.rows.lock().unwrap();
+        if rows.contains_key(&delivery.id) {
+            return Err(DomainError::Conflict("exists".into()));
+        }
+        rows.insert(delivery.id, (delivery.clone(), 1));
+        Ok(ETag::new("1"))
+    }
+
+    async fn get(&self, _tenant: &TenantId, id: Uuid) -> Result<Stored<Delivery>, DomainError> {
+        let rows = self.rows.lock().unwrap();
+        let (value, version) = rows.get(&id).ok_or_else(|| DomainError::not_found("delivery", id))?;
+        Ok(Stored { value: value.clone(), etag: ETag::new(version.to_string()) })
+    }
+
+    async fn list(&self, _: &TenantId, _: WebhookId, _: &DeliveryFilter, _: &PageRequest) -> Result<Page<Stored<Delivery>>, DomainError> {
+        Ok(Page { items: Vec::new(), continuation: None })
+    }
+
+    async fn replace(&self, delivery: &Delivery, if_match: Option<ETag>, _events: &[DomainEvent]) -> Result<ETag, DomainError> {
+        let mut rows = self.rows.lock().unwrap();
+        let row = rows.get_mut(&delivery.id).ok_or_else(|| DomainError::not_found("delivery", delivery.id))?;
+        if if_match.is_some_and(|e| e.as_str() != row.1.to_string()) {
+            return Err(DomainError::PreconditionFailed);
+        }
+        *row = (delivery.clone(), row.1 + 1);
+        Ok(ETag::new(row.1.to_string()))
+    }
+}
+
+/// A broker: every schedule is one more message; taking a job removes its message.
+#[derive(Default)]
+struct Broker {
+    messages: Mutex<Vec<(DeliveryJob, OffsetDateTime)>>,
+}
+
+impl Broker {
+    fn dues(&self) -> Vec<OffsetDateTime> {
+        self.messages.lock().unwrap().iter().map(|(_, due)| *due).collect()
+    }
+}
+
+#[async_trait]
+impl DeliveryQueue for Broker {
+    async fn schedule(&self, job: &DeliveryJob, due: OffsetDateTime) -> Result<(), DomainError> {
+        self.messages.lock().unwrap().push((job.clone(), due));
+        Ok(())
+    }
+
+    async fn schedule_if_absent(&self, job: &DeliveryJob, due: OffsetDateTime) -> Result<(), DomainError> {
+        self.schedule(job, due).await
+    }
+
+    async fn take_due(&self, _max: u32, _lease: Duration) -> Result<Vec<DeliveryJob>, DomainError> {
+        Ok(self.messages.lock().unwrap().drain(..).map(|(job, _)| job).collect())
+    }
+
+    async fn complete(&self, _job: &DeliveryJob) -> Result<(), DomainError> {
+        Ok(())
+    }
+
+    async fn next_due(&self) -> Result<Option<OffsetDateTime>, DomainError> {
+        Ok(None)
+    }
+}
+
+struct Receiver {
+    status: u16,
+    calls: AtomicUsize,
+}
+
+#[async_trait]
+impl WebhookSender for Receiver {
+    async fn send(&self, _request: OutgoingRequest) -> SendResult {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        SendResult { status: Some(self.status), retry_after: None, body_excerpt: None, error: None, duration: Duration::from_millis(1) }
+    }
+}
+
+#[derive(Default)]
+struct Endpoints(Mutex<Vec<Webhook>>);
+
+#[async_trait]
+impl WebhookRepository for Endpoints {
+    async fn create(&self, webhook: &Webhook) -> Result<ETag, DomainError> {
+        self.0.lock().unwrap().push(webhook.clone());
+        Ok(ETag::new("1"))
+    }
+
+    async fn get(&self, _tenant: &TenantId, id: WebhookId) -> Result<Stored<Webhook>, DomainError> {
+        let all = self.0.lock().unwrap();
+        let found = all.iter().find(|w| w.id == id).cloned().ok_or_else(|| DomainError::not_found("webhook", id))?;
+        Ok(Stored { value: found, etag: ETag::new("1") })
+    }
+
+    async fn list(&self, _tenant: &TenantId, _page: &PageRequest) -> Result<Page<Stored<Webhook>>, DomainError> {
+        let all = self.0.lock().unwrap();
+        Ok(Page { items: all.iter().map(|w| Stored { value: w.clone(), etag: ETag::new("1") }).collect(), continuation: None })
+    }
+
+    async fn replace(&self, webhook: &Webhook, _if_match: Option<ETag>) -> Result<ETag, DomainError> {
+        let mut all = self.0.lock().unwrap();
+        if let Some(w) = all.iter_mut().find(|w| w.id == webhook.id) {
+            *w = webhook.clone();
+        }
+        Ok(ETag::new("1"))
+    }
+
+    async fn delete(&self, _tenant: &TenantId, _id: WebhookId, _if_match: Option<ETag>) -> Result<(), DomainError> {
+        Ok(())
+    }
+}
+
+struct World {
+    service: DeliveryService,
+    deliveries: Arc<Deliveries>,
+    queue: Arc<Broker>,
+    receiver: Arc<Receiver>,
+    clock: Arc<TestClock>,
+    event: DomainEvent,
+    delivery_id: Uuid,
+}
+
+fn world(receiver_status: u16) -> World {
+    world_with(receiver_status, |secrets| {
+        secrets.expect_get().returning(|_| Ok(SecretValue(json!({"secret": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"}))));
+    })
+}
+
+fn world_with(receiver_status: u16, secrets_answer: impl FnOnce(&mut MockSecretStore)) -> World {
+    let tenant = TenantId::new("tenant-a").unwrap();
+    let start = OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
+    let clock = Arc::new(TestClock(Mutex::new(start)));
+    let webhook_id = WebhookId(Uuid::now_v7());
+    let secret = SecretRef { secret_name: SecretName::new(&tenant, "webhook", &webhook_id.to_string()), version: "1".into() };
+    let webhook = Webhook {
+        id: webhook_id,
+        tenant_id: tenant.clone(),
+        url: "https://hooks.example.com/im".into(),
+        description: String::new(),
+        event_types: Vec::new(),
+        integration_ids: Vec::new(),
+        status: WebhookStatus::Enabled,
+        disabled_reason: None,
+        headers: BTreeMap::new(),
+        rate_limit_per_second: None,
+        secret,
+        previous_secret: None,
+        failing_since: None,
+        consecutive_failures: 0,
+        created_at: start,
+        updated_at: start,
+        created_by: crate::common::UserId::new("u").unwrap(),
+        updated_by: crate::common::UserId::new("u").unwrap(),
+    };
+    let webhooks = Arc::new(Endpoints(Mutex::new(vec![webhook])));
+    let mut secrets = MockSecretStore::new();
+    secrets_answer(&mut secrets);
+    let endpoints = WebhookService::new(
+        webhooks.clone(),
+        Arc::new(secrets),
+        clock.clone(),
+        Arc::new(UuidV7),
+        Arc::new(OsEntropy),
+        UrlPolicy::default(),
+        Duration::from_secs(60),
+        Audit::discarding(),
+    );
+    let deliveries = Arc::new(Deliveries::default());
+    let queue = Arc::new(Broker::default());
+    let receiver = Arc::new(Receiver { status: receiver_status, calls: AtomicUsize::new(0) });
+    let settings = DeliverySettings {
+        retry_schedule: vec![Duration::from_secs(300), Duration::from_secs(3600)],
+        disable_after: Duration::from_secs(86_400 * 5),
+        disable_min_failures: 100,
+        user_agent: "test".into(),
+    };
+    let service = DeliveryService::new(
+        webhooks,
+        endpoints,
+        deliveries.clone(),
+        queue.clone(),
+        receiver.clone(),
+        clock.clone(),
+        Arc::new(UuidV7),
+        settings,
+        Audit::discarding(),
+    );
+    let event = DomainEvent {
+        id: Uuid::now_v7(),
+        event_type: EventType::IntegrationCreated,
+        tenant_id: tenant,
+        subject: "i".into(),
+        time: start,
+        data: json!({"id": "i"}),
+    };
+    let delivery_id = delivery_id(webhook_id, &event.id.to_string());
+    World { service, deliveries, queue, receiver, clock, event, delivery_id }
+}
+
+impl World {
+    /// Takes every queued job and runs it, as several dispatchers would, one after the other.
+    fn run_queued(&self) {
+        let jobs = block_on(self.queue.take_due(100, ATTEMPT_LEASE)).unwrap();
+        for job in jobs {
+            block_on(self.service.attempt(&job, AttemptTrigger::Scheduled)).unwrap();
+        }
+    }
+
+    fn sends(&self) -> usize {
+        self.receiver.calls.load(Ordering::SeqCst)
+    }
+}
+
+#[test]
+fn a_replayed_event_leaves_a_waiting_retry_where_it_is() {
+    let w = world(500);
+    block_on(w.service.fan_out(&w.event)).unwrap();
+    w.run_queued();
+    let retry_at = w.deliveries.value(w.delivery_id).next_attempt_at.expect("a retry is scheduled");
+    assert!(retry_at > w.clock.now());
+
+    block_on(w.service.fan_out(&w.event)).unwrap();
+
+    assert!(w.queue.dues().iter().all(|due| *due >= retry_at), "a replay queued a job before the retry: {:?}", w.queue.dues());
+    assert_eq!(w.deliveries.value(w.delivery_id).next_attempt_at, Some(retry_at), "the delivery was rescheduled");
+    w.run_queued();
+    assert_eq!(w.sends(), 1, "a replayed event started a second chain of attempts");
+}
+
+#[test]
+fn a_duplicate_job_is_dropped_without_a_second_attempt() {
+    let w = world(500);
+    block_on(w.service.fan_out(&w.event)).unwrap();
+    // Relayed again before the first attempt (a crash between publishing and marking).
+    block_on(w.service.fan_out(&w.event)).unwrap();
+    assert_eq!(w.queue.dues().len(), 2, "the broker holds both jobs");
+
+    w.run_queued();
+
+    assert_eq!(w.sends(), 1, "both jobs made an attempt");
+    let delivery = w.deliveries.value(w.delivery_id);
+    assert_eq!(delivery.attempts.len(), 1);
+    assert_eq!(delivery.lease_until, None, "the attempt released its hold");
+    assert_eq!(w.queue.dues(), vec![delivery.next_attempt_at.unwrap()], "exactly one job waits, for the retry");
+
+    w.clock.advance(Duration::from_secs(400));
+    w.run_queued();
+    assert_eq!(w.sends(), 2, "the retry ran once");
+    assert_eq!(w.queue.dues().len(), 1, "one chain of attempts");
+}
+
+#[test]
+fn a_job_for_a_delivery_held_by_an_attempt_in_progress_waits_for_the_hold() {
+    let w = world(200);
+    block_on(w.service.fan_out(&w.event)).unwrap();
+    let held_until = w.clock.now() + time::Duration::seconds(90);
+    {
+        let mut rows = w.deliveries.rows.lock().unwrap();
+        let row = rows.get_mut(&w.delivery_id).unwrap();
+        row.0.lease_until = Some(held_until);
+    }
+    // A replay while the attempt is in progress neither clears the hold nor queues for now.
+    block_on(w.service.fan_out(&w.event)).unwrap();
+    assert_eq!(w.deliveries.value(w.delivery_id).lease_until, Some(held_until));
+    assert!(w.queue.dues().iter().skip(1).all(|due| *due >= held_until), "{:?}", w.queue.dues());
+
+    w.run_queued();
+    assert_eq!(w.sends(), 0, "an attempt was made while another held the delivery");
+    assert!(w.queue.dues().iter().all(|due| *due == held_until), "jobs come back when the hold ends: {:?}", w.queue.dues());
+
+    // The holder died: once the hold ends, exactly one attempt is made.
+    w.clock.advance(Duration::from_secs(91));
+    w.run_queued();
+    assert_eq!(w.sends(), 1);
+    assert_eq!(w.deliveries.value(w.delivery_id).status, DeliveryStatus::Succeeded);
+    assert!(w.queue.dues().is_empty());
+}
+
+#[test]
+fn an_attempt_the_secret_store_cannot_sign_waits_for_the_schedule_released() {
+    let w = world_with(200, |secrets| {
+        secrets.expect_get().returning(|_| Err(DomainError::unavailable("secret management is down")));
+    });
+    block_on(w.service.fan_out(&w.event)).unwrap();
+    let job = block_on(w.queue.take_due(10, ATTEMPT_LEASE)).unwrap().remove(0);
+
+    let report = block_on(w.service.attempt(&job, AttemptTrigger::Scheduled)).unwrap();
+
+    let AttemptReport::Postponed { at, reason } = report else { panic!("{report:?}") };
+    assert!(reason.contains("secret management is down"), "{reason}");
+    assert_eq!(at, w.clock.now() + time::Duration::seconds(300), "the first step of the schedule");
+    let delivery = w.deliveries.value(w.delivery_id);
+    assert_eq!((delivery.status, delivery.lease_until, delivery.next_attempt_at), (DeliveryStatus::Pending, None, Some(at)));
+    assert!(delivery.attempts.is_empty(), "no request was sent");
+    assert_eq!(w.queue.dues(), vec![at], "the job waits in the queue, not held");
+    assert_eq!(w.sends(), 0);
+}
+
+#[test]
+fn a_delivery_whose_signing_secret_is_gone_fails_with_the_reason() {
+    let w = world_with(200, |secrets| {
+        secrets.expect_get().returning(|r| Err(DomainError::not_found("secret", &r.secret_name)));
+    });
+    block_on(w.service.fan_out(&w.event)).unwrap();
+
+    w.run_queued();
+
+    let delivery = w.deliveries.value(w.delivery_id);
+    assert_eq!(delivery.status, DeliveryStatus::Failed);
+    assert_eq!(delivery.next_attempt_at, None);
+    let reason = delivery.attempts.last().and_then(|a| a.error.clone()).unwrap_or_default();
+    assert!(reason.contains("signing secret is gone"), "{reason}");
+    assert!(w.queue.dues().is_empty(), "nothing is retried");
+    assert_eq!(w.sends(), 0);
+}
