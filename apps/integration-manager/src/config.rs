@@ -122,6 +122,8 @@ pub struct WebhookSettings {
     pub concurrency: usize,
     pub allowed_private_cidrs: Vec<String>,
     pub allow_http: bool,
+    /// Proxy for every webhook request; empty: direct connections (proxy environment variables are ignored).
+    pub proxy: Secret,
     pub previous_secret_grace: HumanDuration,
     pub disable_after: HumanDuration,
     pub disable_min_failures: u32,
@@ -379,6 +381,10 @@ impl Settings {
             if let Err(reason) = im_domain::webhooks::endpoint::Cidr::parse(cidr) {
                 return Err(err(&format!("webhooks.allowed_private_cidrs[{i}]"), reason));
             }
+        }
+        let proxy = self.webhooks.proxy.expose();
+        if !(proxy.is_empty() || proxy.starts_with("http://") || proxy.starts_with("https://")) {
+            return Err(err("webhooks.proxy", "must be empty or an http(s) URL such as http://proxy.internal:3128"));
         }
         if self.webhooks.retry_schedule.len() > 50 {
             return Err(err("webhooks.retry_schedule", "must have at most 50 entries"));

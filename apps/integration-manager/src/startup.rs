@@ -257,6 +257,7 @@ impl Application {
             connect_timeout: settings.webhooks.connect_timeout.0,
             request_timeout: settings.webhooks.request_timeout.0,
             policy: settings.webhooks.url_policy(),
+            proxy: Some(settings.webhooks.proxy.expose().to_owned()).filter(|p| !p.is_empty()),
         })
         .map_err(|e| anyhow::anyhow!("webhook sender: {e}"))?;
         let deliveries = DeliveryService::new(
