@@ -15,7 +15,7 @@ use crate::ports::EventSubscriber;
 use crate::webhooks::delivery::{
     Attempt, AttemptTrigger, Delivery, DeliveryFilter, DeliveryStatus, Outcome, RESPONSE_EXCERPT_BYTES, classify, delivery_id, next_wait,
 };
-use crate::webhooks::endpoint::{TEST_EVENT_TYPE, Webhook, WebhookId, WebhookStatus};
+use crate::webhooks::endpoint::{TEST_EVENT_TYPE, Webhook, WebhookId, WebhookStatus, without_credentials};
 use crate::webhooks::ports::{
     DeliveryJob, DeliveryQueue, DeliveryRepository, OutgoingRequest, SendResult, WebhookRepository, WebhookSender,
 };
@@ -197,7 +197,7 @@ impl DeliveryService {
             ("webhook-timestamp".to_owned(), timestamp.to_string()),
             ("webhook-signature".to_owned(), signature_header(&refs, &delivery.message_id, timestamp, &body)),
         ];
-        headers.extend(webhook.headers.iter().map(|(k, v)| (k.clone(), v.clone())));
+        headers.extend(self.endpoints.custom_headers(webhook).await?);
         Ok(self.sender.send(OutgoingRequest { url: webhook.url.clone(), headers, body }).await)
     }
 
@@ -382,7 +382,7 @@ impl DeliveryService {
             tenant_id: webhook.tenant_id.clone(),
             subject: webhook.id.to_string(),
             time: self.clock.now(),
-            data: json!({"webhookId": webhook.id.to_string(), "url": webhook.url, "reason": reason}),
+            data: json!({"webhookId": webhook.id.to_string(), "url": without_credentials(&webhook.url), "reason": reason}),
         }
     }
 

@@ -59,6 +59,25 @@ pub const RESERVED_HEADERS: [&str; 9] = [
     "connection",
 ];
 
+/// How a custom header value is shown on every read. Header values are secrets (an
+/// `Authorization` header, say): they live in the secret store, the endpoint's document keeps the
+/// names with this mask, and an update that sends the mask back keeps the stored value.
+pub const HEADER_MASK: &str = "••••";
+
+/// The URL without a user name or password (such URLs are refused now, but an endpoint stored
+/// earlier may have one): what events and logs may show.
+pub fn without_credentials(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) if !parsed.username().is_empty() || parsed.password().is_some() => {
+            let _ = parsed.set_username("");
+            let _ = parsed.set_password(None);
+            parsed.into()
+        }
+        Ok(_) => url.to_owned(),
+        Err(_) => String::new(),
+    }
+}
+
 /// Whether a filter (`integration.created`, `integration.*`, `*`) matches an event type.
 pub fn pattern_matches(pattern: &str, event_type: &str) -> bool {
     match pattern.strip_suffix('*') {
@@ -374,7 +393,13 @@ pub struct Webhook {
     pub integration_ids: Vec<IntegrationId>,
     pub status: WebhookStatus,
     pub disabled_reason: Option<String>,
+    /// Custom header names, each with [`HEADER_MASK`] as value; the values are in `headers_secret`.
+    /// (An endpoint stored before values were kept in the secret store has them here, and no
+    /// `headers_secret`, until its next update.)
     pub headers: BTreeMap<String, String>,
+    /// The custom header values (`{"headers": {name: value}}`); `None` when there are none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub headers_secret: Option<SecretRef>,
     pub rate_limit_per_second: Option<u32>,
     pub secret: SecretRef,
     pub previous_secret: Option<PreviousSecret>,
@@ -392,7 +417,18 @@ pub struct Webhook {
     pub updated_by: UserId,
 }
 
+/// The header names of `headers`, each with the mask.
+pub fn masked(headers: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    headers.keys().map(|name| (name.clone(), HEADER_MASK.to_owned())).collect()
+}
+
 impl Webhook {
+    /// The endpoint as shown to callers: custom header values masked.
+    #[must_use]
+    pub fn with_masked_headers(mut self) -> Self {
+        self.headers = masked(&self.headers);
+        self
+    }
     /// Whether this endpoint wants `event` (status aside: a disabled endpoint records it as skipped).
     pub fn wants(&self, event: &DomainEvent) -> bool {
         let type_ok = self.event_types.is_empty() || self.event_types.iter().any(|p| pattern_matches(p, event.event_type.as_str()));
@@ -531,6 +567,13 @@ mod tests {
         for url in ["http://example.com/hook", "http://8.8.8.8/", "http://134744072/", "https://[2606:4700:4700::1111]/x"] {
             assert_eq!(policy.check_url(url), Ok(()), "{url}");
         }
+    }
+
+    #[test]
+    fn events_show_urls_without_credentials() {
+        assert_eq!(without_credentials("https://user:pw@hooks.example.com/a?b=c"), "https://hooks.example.com/a?b=c");
+        assert_eq!(without_credentials("https://hooks.example.com/a"), "https://hooks.example.com/a");
+        assert_eq!(without_credentials("not a url"), "");
     }
 
     #[test]
