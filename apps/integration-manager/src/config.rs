@@ -496,6 +496,10 @@ mod tests {
             jail.set_env("IM_WEBHOOKS__ALLOWED_PRIVATE_CIDRS", "[\"127.0.0.0/88\"]");
             assert_eq!(Settings::load(None).unwrap_err().key, "webhooks.allowed_private_cidrs[0]");
             jail.set_env("IM_WEBHOOKS__ALLOWED_PRIVATE_CIDRS", "[]");
+            jail.set_env("IM_WEBHOOKS__PROXY", "egress:3128");
+            assert_eq!(Settings::load(None).unwrap_err().key, "webhooks.proxy");
+            jail.set_env("IM_WEBHOOKS__PROXY", "http://egress.internal:3128");
+            assert_eq!(Settings::load(None).map_err(|e| e.to_string())?.webhooks.proxy.expose(), "http://egress.internal:3128");
             jail.set_env("IM_SECRETS__TIMEOUT", "soon");
             assert_eq!(Settings::load(None).unwrap_err().key, "secrets.timeout");
             Ok(())
