@@ -397,3 +397,53 @@ async fn a_stop_lets_the_attempt_in_flight_finish_and_records_it() {
     assert_eq!(slow.received_requests().await.unwrap().len(), 1, "nothing was cut off, so nothing is delivered twice");
     assert!(deliveries(&app, &token, &id, "?status=pending").await.is_empty());
 }
+
+/// Custom header values are secrets: masked on every read, kept out of the database, sent for
+/// real; an update that sends the mask back keeps the stored value.
+#[tokio::test]
+async fn custom_header_values_are_masked_on_read_and_sent_for_real() {
+    use im_domain::webhooks::endpoint::HEADER_MASK;
+    let app = app().await;
+    let token = app.member();
+    let server = MockServer::start().await;
+    Mock::given(method("POST")).respond_with(ResponseTemplate::new(204)).mount(&server).await;
+    let headers = json!({"headers": {"Authorization": "Bearer s3cr3t-token", "X-Team": "ops"}});
+    let response =
+        app.post("/api/v1/webhooks", &token, &json!({"url": format!("{}/h", server.uri()), "headers": headers["headers"]})).await;
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let created: Value = response.json().await.unwrap();
+    let id = created["id"].as_str().unwrap().to_owned();
+    let path = format!("/api/v1/webhooks/{id}");
+    let read = app.get(&path, &token).await.text().await.unwrap();
+    let list = app.get("/api/v1/webhooks", &token).await.text().await.unwrap();
+    for shown in [created.to_string(), read.clone(), list] {
+        assert!(!shown.contains("s3cr3t-token") && !shown.contains("\"ops\""), "a header value came back: {shown}");
+    }
+    let read: Value = serde_json::from_str(&read).unwrap();
+    assert_eq!(read["headers"], json!({"Authorization": HEADER_MASK, "X-Team": HEADER_MASK}));
+
+    let test = |app: &TestApp| app.request(Method::POST, &format!("/api/v1/webhooks/{id}/test"), &token).send();
+    assert_eq!(test(&app).await.unwrap().status(), StatusCode::OK);
+    let first = &server.received_requests().await.unwrap()[0];
+    assert_eq!((header(first, "authorization"), header(first, "x-team")), ("Bearer s3cr3t-token".to_owned(), "ops".to_owned()));
+
+    // The mask sent back keeps the stored value; a new value replaces it.
+    let change = json!({"url": format!("{}/h", server.uri()), "headers": {"Authorization": HEADER_MASK, "X-Team": "platform"}});
+    let response = app.put(&path, &token, &change, None).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let updated: Value = response.json().await.unwrap();
+    assert_eq!(updated["headers"], json!({"Authorization": HEADER_MASK, "X-Team": HEADER_MASK}));
+    assert_eq!(test(&app).await.unwrap().status(), StatusCode::OK);
+    let second = &server.received_requests().await.unwrap()[1];
+    assert_eq!((header(second, "authorization"), header(second, "x-team")), ("Bearer s3cr3t-token".to_owned(), "platform".to_owned()));
+
+    // A mask for a header that has no stored value is refused, naming the header.
+    let unknown = json!({"url": format!("{}/h", server.uri()), "headers": {"X-New": HEADER_MASK}});
+    let bad = crate::helpers::problem(app.put(&path, &token, &unknown, None).await, StatusCode::UNPROCESSABLE_ENTITY).await;
+    assert_eq!(crate::helpers::fields(&bad), vec!["headers.X-New"]);
+
+    if !crate::helpers::backend_is_cosmos() {
+        assert!(crate::helpers::database_contains(&app, "X-Team"), "the scan sees the endpoint's document");
+        assert!(!crate::helpers::database_contains(&app, "s3cr3t-token"), "the database keeps only header names");
+    }
+}

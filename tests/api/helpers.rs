@@ -239,3 +239,11 @@ pub fn custom_definition() -> Value {
         }]
     })
 }
+
+/// Whether the embedded database files (main file and write-ahead log) hold `needle` anywhere.
+pub fn database_contains(app: &TestApp, needle: &str) -> bool {
+    ["integration-manager.db", "integration-manager.db-wal"]
+        .iter()
+        .map(|name| std::fs::read(app.dir.path().join(name)).unwrap_or_default())
+        .any(|bytes| bytes.windows(needle.len()).any(|w| w == needle.as_bytes()))
+}

@@ -16,6 +16,21 @@ async fn health_reports_each_dependency() {
     assert_eq!(store["ready"], true);
 }
 
+/// Readiness answers without authentication: states only, no paths, URLs, user or host names.
+#[tokio::test]
+async fn readiness_reveals_no_paths_urls_or_user_names() {
+    let app = spawn_app().await;
+    let body = app.client.get(format!("{}/health/ready", app.address)).send().await.unwrap().text().await.unwrap();
+    let data_dir = app.dir.path().display().to_string();
+    for secret in
+        [data_dir.as_str(), "integration-manager.db", ".db", "://", "guest", "127.0.0.1", "localhost", &app.settings.cosmos_db.endpoint]
+    {
+        assert!(secret.is_empty() || !body.contains(secret), "readiness shows {secret:?}: {body}");
+    }
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert!(body["dependencies"].as_array().unwrap().iter().all(|d| d["detail"].is_string()), "{body}");
+}
+
 #[tokio::test]
 async fn every_response_carries_a_request_id() {
     let app = spawn_app().await;

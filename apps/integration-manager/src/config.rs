@@ -99,6 +99,8 @@ pub struct WebhookSettings {
     pub concurrency: usize,
     pub allowed_private_cidrs: Vec<String>,
     pub allow_http: bool,
+    /// Proxy for every webhook request; empty: direct connections (proxy environment variables are ignored).
+    pub proxy: SecretString,
     pub previous_secret_grace: HumanDuration,
     pub disable_after: HumanDuration,
     pub disable_min_failures: u32,
@@ -464,6 +466,10 @@ impl Settings {
                 check(false, &format!("webhooks.allowed_private_cidrs[{i}]"), &|| reason.to_string());
             }
         }
+        let proxy = webhooks.proxy.expose_secret();
+        check(proxy.is_empty() || proxy.starts_with("http://") || proxy.starts_with("https://"), "webhooks.proxy", &|| {
+            "must be empty or an http(s) URL such as http://proxy.internal:3128".into()
+        });
         check(webhooks.retry_schedule.len() <= 50, "webhooks.retry_schedule", &|| "must have at most 50 entries".into());
         check(!webhooks.request_timeout.is_zero(), "webhooks.request_timeout", &|| "must be positive".into());
         check(!webhooks.connect_timeout.is_zero(), "webhooks.connect_timeout", &|| "must be positive".into());
@@ -647,6 +653,10 @@ mod tests {
             jail.set_env("IM_WEBHOOKS__ALLOWED_PRIVATE_CIDRS", "[\"127.0.0.0/88\"]");
             assert_eq!(keys(Settings::load(None)), ["webhooks.allowed_private_cidrs[0]"]);
             jail.set_env("IM_WEBHOOKS__ALLOWED_PRIVATE_CIDRS", "[]");
+            jail.set_env("IM_WEBHOOKS__PROXY", "egress:3128");
+            assert_eq!(Settings::load(None).unwrap_err().keys(), vec!["webhooks.proxy"]);
+            jail.set_env("IM_WEBHOOKS__PROXY", "http://egress.internal:3128");
+            assert_eq!(Settings::load(None).map_err(|e| e.to_string())?.webhooks.proxy.expose_secret(), "http://egress.internal:3128");
             jail.set_env("IM_SECRETS__TIMEOUT", "soon");
             assert_eq!(keys(Settings::load(None)), ["secrets.timeout"]);
             jail.set_env("IM_SECRETS__TIMEOUT", "5s");

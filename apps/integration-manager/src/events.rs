@@ -83,9 +83,16 @@ impl HealthCheck for OutboxHealth {
                     ready: !lagging,
                     critical: false,
                     detail: format!("{} event(s) pending, oldest {age} s", stats.pending),
+                    diagnostic: String::new(),
                 }
             }
-            Err(e) => DependencyHealth { name: "outbox".into(), ready: false, critical: true, detail: e.to_string() },
+            Err(e) => DependencyHealth {
+                name: "outbox".into(),
+                ready: false,
+                critical: true,
+                detail: "not readable".to_owned(),
+                diagnostic: e.to_string(),
+            },
         }
     }
 }

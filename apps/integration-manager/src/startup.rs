@@ -226,6 +226,7 @@ async fn webhooks(settings: &Settings, storage: &Storage, audit: Audit) -> anyho
         connect_timeout: settings.webhooks.connect_timeout.get(),
         request_timeout: settings.webhooks.request_timeout.get(),
         policy: settings.webhooks.url_policy(),
+        proxy: Some(settings.webhooks.proxy.expose_secret().to_owned()).filter(|p| !p.is_empty()),
     })
     .map_err(|e| anyhow::anyhow!("webhook sender: {e}"))?;
     let deliveries = DeliveryService::new(

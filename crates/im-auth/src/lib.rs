@@ -97,7 +97,15 @@ impl LocalJwt {
         anyhow::ensure!(key.len() >= MIN_KEY_BYTES, "the HS256 key must have at least {MIN_KEY_BYTES} bytes");
         let mut validation = Validation::new(Algorithm::HS256);
         validation.leeway = leeway_secs;
-        validation.set_required_spec_claims(&["exp", "sub"]);
+        // A configured issuer or audience is required, not only checked when present.
+        let mut required = vec!["exp", "sub"];
+        if issuer.is_some() {
+            required.push("iss");
+        }
+        if audience.is_some() {
+            required.push("aud");
+        }
+        validation.set_required_spec_claims(&required);
         validation.validate_nbf = true;
         match &issuer {
             Some(iss) => validation.set_issuer(&[iss]),
@@ -219,6 +227,38 @@ mod tests {
         let other_issuer = LocalJwt::new(&[7u8; 32], Some("else".into()), None, 0).unwrap().mint(&t, &u, &[], 60).unwrap();
         assert!(matches!(jwt().authenticate(&other_issuer).await, Err(AuthError::Invalid(_))));
         assert!(matches!(jwt().authenticate("garbage").await, Err(AuthError::Invalid(_))));
+    }
+
+    /// Signs arbitrary claims with the test key (tokens the minting side would never produce).
+    fn signed(claims: &serde_json::Value) -> String {
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), claims, &EncodingKey::from_secret(&[7u8; 32])).unwrap()
+    }
+
+    fn claims(extra: &[(&str, &str)]) -> serde_json::Value {
+        let exp = time::OffsetDateTime::now_utc().unix_timestamp() + 60;
+        let mut claims = serde_json::json!({"sub": "alice", "tenant_id": "acme", "roles": ["member"], "exp": exp});
+        for (k, v) in extra {
+            claims[*k] = serde_json::Value::from(*v);
+        }
+        claims
+    }
+
+    #[tokio::test]
+    async fn configured_issuer_and_audience_are_required() {
+        let strict = LocalJwt::new(&[7u8; 32], Some("im".into()), Some("im-api".into()), 0).unwrap();
+        let refused = |e: &Result<Caller, AuthError>| matches!(e, Err(AuthError::Invalid(_)));
+        assert!(strict.authenticate(&signed(&claims(&[("iss", "im"), ("aud", "im-api")]))).await.is_ok());
+        for (case, extra) in [
+            ("missing iss", vec![("aud", "im-api")]),
+            ("wrong iss", vec![("iss", "other"), ("aud", "im-api")]),
+            ("missing aud", vec![("iss", "im")]),
+            ("wrong aud", vec![("iss", "im"), ("aud", "other")]),
+        ] {
+            let result = strict.authenticate(&signed(&claims(&extra))).await;
+            assert!(refused(&result), "{case}: {result:?}");
+        }
+        let lax = LocalJwt::new(&[7u8; 32], None, None, 0).unwrap();
+        assert!(lax.authenticate(&signed(&claims(&[]))).await.is_ok(), "nothing configured, nothing required");
     }
 
     #[test]

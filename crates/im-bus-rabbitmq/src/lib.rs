@@ -6,7 +6,9 @@
 //! negative acknowledgement, a timeout or a lost connection is [`DomainError::Unavailable`]; the
 //! connection is then dropped and re-established on the next call (the relay retries with
 //! backoff), so a broker restart loses nothing. Messages the broker returns as unroutable (no
-//! queue bound) are logged: the broker accepted them, and no consumer was there to take them.
+//! queue bound) are counted, not logged one by one: an event type nobody consumes (such as
+//! `webhook.delivered`) is normal. The first one is logged at info, then a count at most once a
+//! minute ([`UNROUTABLE_LOG_INTERVAL`]); [`RabbitPublisher::unroutable_count`] has the total.
 
 mod queue;
 
@@ -14,6 +16,7 @@ pub use queue::RabbitDeliveryQueue;
 
 use std::fmt;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -66,6 +69,59 @@ pub fn redact(url: &str) -> String {
     }
 }
 
+/// Shortest time between two log lines about unroutable events.
+pub const UNROUTABLE_LOG_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Counts unroutable events and decides when to say so.
+#[derive(Debug, Default)]
+struct UnroutableCounter {
+    total: AtomicU64,
+    /// When the last line was logged, and how many were counted since.
+    window: Mutex<Option<(Instant, u64)>>,
+}
+
+/// What to log about an unroutable event.
+#[derive(Debug, PartialEq, Eq)]
+enum UnroutableLog {
+    First,
+    Since { count: u64, total: u64 },
+}
+
+impl UnroutableCounter {
+    fn note(&self, now: Instant) -> Option<UnroutableLog> {
+        let total = self.total.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut window = self.window.lock().unwrap_or_else(|p| p.into_inner());
+        match window.as_mut() {
+            None => {
+                *window = Some((now, 0));
+                Some(UnroutableLog::First)
+            }
+            Some((last, count)) => {
+                *count += 1;
+                if now.saturating_duration_since(*last) < UNROUTABLE_LOG_INTERVAL {
+                    return None;
+                }
+                let logged = UnroutableLog::Since { count: *count, total };
+                *window = Some((now, 0));
+                Some(logged)
+            }
+        }
+    }
+
+    fn record(&self, routing_key: &str) {
+        match self.note(Instant::now()) {
+            Some(UnroutableLog::First) => tracing::info!(
+                routing_key,
+                "an event was unroutable: no queue is bound for it; further ones are counted and logged at most once a minute"
+            ),
+            Some(UnroutableLog::Since { count, total }) => {
+                tracing::info!(count, total, routing_key, "events were unroutable (no queue bound) since the last report");
+            }
+            None => {}
+        }
+    }
+}
+
 struct Link {
     connection: Connection,
     channel: Channel,
@@ -76,6 +132,7 @@ pub struct RabbitPublisher {
     settings: RabbitSettings,
     link: tokio::sync::Mutex<Option<Link>>,
     last_error: Mutex<Option<String>>,
+    unroutable: UnroutableCounter,
 }
 
 impl fmt::Debug for RabbitPublisher {
@@ -91,7 +148,12 @@ fn unavailable(context: &str, error: impl fmt::Display) -> DomainError {
 impl RabbitPublisher {
     /// Does not connect yet: the first publish (or readiness check) does.
     pub fn new(settings: RabbitSettings) -> Self {
-        Self { settings, link: tokio::sync::Mutex::new(None), last_error: Mutex::new(None) }
+        Self { settings, link: tokio::sync::Mutex::new(None), last_error: Mutex::new(None), unroutable: UnroutableCounter::default() }
+    }
+
+    /// Events the broker accepted but could route to no queue, since start.
+    pub fn unroutable_count(&self) -> u64 {
+        self.unroutable.total.load(Ordering::Relaxed)
     }
 
     async fn connect(&self) -> Result<Link, DomainError> {
@@ -142,9 +204,7 @@ impl RabbitPublisher {
                 Err(_) => return Err(unavailable("confirm", "the broker did not confirm in time")),
                 Ok(Err(e)) => return Err(unavailable("confirm", e)),
                 Ok(Ok(Confirmation::Nack(_))) => return Err(unavailable("confirm", format!("the broker refused event {}", event.id))),
-                Ok(Ok(Confirmation::Ack(Some(_)))) => {
-                    tracing::warn!(event_id = %event.id, routing_key = event.event_type.as_str(), "event was unroutable: no queue is bound for it");
-                }
+                Ok(Ok(Confirmation::Ack(Some(_)))) => self.unroutable.record(event.event_type.as_str()),
                 Ok(Ok(Confirmation::NotRequested)) => return Err(unavailable("confirm", "the channel is not in confirm mode")),
                 Ok(Ok(Confirmation::Ack(None))) => {}
             }
@@ -199,30 +259,46 @@ impl HealthCheck for RabbitPublisher {
     async fn check(&self) -> DependencyHealth {
         let mut link = self.link.lock().await;
         let connected = link.as_ref().is_some_and(|l| l.connection.status().connected());
-        let (ready, detail) = if connected {
-            (true, format!("connected to {}, exchange {}", redact(self.settings.url.expose_secret()), self.settings.exchange))
+        let place = format!("rabbitmq {}, exchange {}", redact(self.settings.url.expose_secret()), self.settings.exchange);
+        let (ready, detail, diagnostic) = if connected {
+            (true, "connected".to_owned(), place)
         } else {
             match tokio::time::timeout(Duration::from_secs(3), self.connect()).await {
                 Ok(Ok(new)) => {
                     *link = Some(new);
-                    (true, format!("connected to {}, exchange {}", redact(self.settings.url.expose_secret()), self.settings.exchange))
+                    (true, "connected".to_owned(), place)
                 }
-                Ok(Err(e)) => (false, e.to_string()),
-                Err(_) => (false, format!("rabbitmq: connect to {} timed out", redact(self.settings.url.expose_secret()))),
+                Ok(Err(e)) => (false, "not connected".to_owned(), format!("{place}: {e}")),
+                Err(_) => (false, "not connected: timed out".to_owned(), format!("{place}: connecting timed out")),
             }
         };
-        let detail = match self.last_error.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
-            Some(last) if ready => format!("{detail}; last publish error: {last}"),
-            _ => detail,
+        let (detail, diagnostic) = match self.last_error.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            Some(last) if ready => (format!("{detail}; the last publish failed"), format!("{diagnostic}; last publish error: {last}")),
+            _ => (detail, diagnostic),
         };
         // Writes go to the outbox while the broker is away: degraded, not unready.
-        DependencyHealth { name: "rabbitmq".into(), ready, critical: false, detail }
+        DependencyHealth { name: "rabbitmq".into(), ready, critical: false, detail, diagnostic }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::redact;
+    use super::*;
+
+    #[test]
+    fn unroutable_events_are_counted_and_reported_at_most_once_a_minute() {
+        let counter = UnroutableCounter::default();
+        let start = Instant::now();
+        assert_eq!(counter.note(start), Some(UnroutableLog::First));
+        for i in 1..=100 {
+            assert_eq!(counter.note(start + Duration::from_millis(i * 500)), None, "quiet within the minute");
+        }
+        let later = start + UNROUTABLE_LOG_INTERVAL + Duration::from_secs(1);
+        assert_eq!(counter.note(later), Some(UnroutableLog::Since { count: 101, total: 102 }));
+        assert_eq!(counter.note(later + Duration::from_secs(1)), None);
+        assert_eq!(counter.note(later + UNROUTABLE_LOG_INTERVAL), Some(UnroutableLog::Since { count: 2, total: 104 }));
+        assert_eq!(counter.total.load(Ordering::Relaxed), 104);
+    }
 
     #[test]
     fn passwords_are_redacted() {

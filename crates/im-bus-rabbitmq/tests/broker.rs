@@ -56,6 +56,22 @@ async fn publishes_persistent_cloudevents_routed_by_type_with_confirms() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unroutable_events_are_counted_not_logged_one_by_one() {
+    let Some(addr) = rabbitmq("unroutable_events_are_counted_not_logged_one_by_one") else { return };
+    // No queue bound to this fresh exchange: every event is unroutable.
+    let publisher = RabbitPublisher::new(settings(amqp_url(addr)));
+    let events: Vec<_> = (0..5).map(|_| event(EventType::IntegrationCreated)).collect();
+    publisher.publish(&events).await.expect("accepted by the broker");
+    assert_eq!(publisher.unroutable_count(), 5);
+    let health = publisher.check().await;
+    assert!(health.ready);
+    for hidden in ["guest", "127.0.0.1", "amqp", &addr.port().to_string()] {
+        assert!(!health.detail.contains(hidden), "readiness detail shows {hidden}: {}", health.detail);
+    }
+    assert!(health.diagnostic.contains("127.0.0.1"), "the logs get the details: {}", health.diagnostic);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recovers_after_a_broker_outage() {
     let Some(addr) = rabbitmq("recovers_after_a_broker_outage") else { return };
     let proxy = Proxy::start(addr).await;

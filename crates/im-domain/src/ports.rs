@@ -113,8 +113,11 @@ pub struct DependencyHealth {
     /// Whether the service cannot serve without it. A non-critical dependency that is down
     /// degrades the service (work waits durably) without making it unready.
     pub critical: bool,
-    /// What was observed (latency, error, pending counts...).
+    /// What was observed (latency, pending counts...), shown to unauthenticated callers: MUST NOT
+    /// hold file paths, URLs, host or user names, or error texts.
     pub detail: String,
+    /// Everything useful to an operator (paths, endpoints, the error): written to the logs only.
+    pub diagnostic: String,
 }
 
 /// Something whose reachability decides whether the service is ready.

@@ -308,18 +308,11 @@ impl HealthCheck for CosmosStore {
         let query = Query::from("SELECT VALUE COUNT(1) FROM c WHERE c.type = 'seed'");
         let probe =
             self.query_page::<serde_json::Value>(PROVIDERS, query, Some(crate::docs::SEED_PARTITION.into()), &PageRequest::first(1)).await;
-        let (ready, detail) = match probe {
-            Ok(_) => (
-                true,
-                format!(
-                    "cosmos {} database {}: {} ms",
-                    self.inner.settings.endpoint,
-                    self.inner.settings.database,
-                    started.elapsed().as_millis()
-                ),
-            ),
-            Err(e) => (false, format!("cosmos {}: {e}", self.inner.settings.endpoint)),
+        let place = format!("cosmos {} database {}", self.inner.settings.endpoint, self.inner.settings.database);
+        let (ready, detail, diagnostic) = match probe {
+            Ok(_) => (true, format!("cosmos: {} ms", started.elapsed().as_millis()), place),
+            Err(e) => (false, "cosmos: not reachable".to_owned(), format!("{place}: {e}")),
         };
-        DependencyHealth { name: "store".into(), ready, critical: true, detail }
+        DependencyHealth { name: "store".into(), ready, critical: true, detail, diagnostic }
     }
 }

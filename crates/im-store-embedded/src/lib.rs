@@ -118,10 +118,13 @@ impl HealthCheck for EmbeddedStore {
     async fn check(&self) -> DependencyHealth {
         let started = std::time::Instant::now();
         let result = self.db.read(|conn| conn.query_row("SELECT count(*) FROM schema_migrations", [], |r| r.get::<_, i64>(0))).await;
-        let (ready, detail) = match result {
-            Ok(applied) => (true, format!("sqlite {}: {applied} migrations, {} µs", self.path.display(), started.elapsed().as_micros())),
-            Err(e) => (false, format!("sqlite {}: {e}", self.path.display())),
+        let (ready, detail, diagnostic) = match result {
+            Ok(applied) => {
+                let detail = format!("sqlite: {applied} migrations, {} µs", started.elapsed().as_micros());
+                (true, detail, format!("sqlite {}", self.path.display()))
+            }
+            Err(e) => (false, "sqlite: not reachable".to_owned(), format!("sqlite {}: {e}", self.path.display())),
         };
-        DependencyHealth { name: "store".into(), ready, critical: true, detail }
+        DependencyHealth { name: "store".into(), ready, critical: true, detail, diagnostic }
     }
 }

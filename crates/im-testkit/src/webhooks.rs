@@ -24,6 +24,7 @@ pub fn webhook(tenant: &TenantId) -> Webhook {
         rate_limit_per_second: Some(10),
         secret: SecretRef { secret_name: SecretName::new(tenant, "webhook", &id.to_string()), version: "1".into() },
         previous_secret: None,
+        headers_secret: None,
         failing_since: None,
         consecutive_failures: 0,
         created_at: timestamp(),

@@ -1,10 +1,19 @@
 //! The [`WebhookSender`] port on reqwest.
 //!
-//! SSRF protection: host names are resolved by [`SafeResolver`], which drops every address the
-//! [`UrlPolicy`] refuses (loopback, private, link-local and metadata, CGNAT, multicast,
-//! unspecified, and their IPv4-mapped IPv6 forms) unless an allowed network contains it; the
-//! connection then goes to an address that was checked, so DNS rebinding has no window. Literal
-//! addresses in URLs are checked before any connection. Redirects are never followed.
+//! SSRF protection: the URL is judged by [`UrlPolicy::check_destination`], which parses it with
+//! the same WHATWG parser reqwest uses, so an address host in any spelling (`127.1`, `0x7f.1`,
+//! `2130706433`, `[::ffff:7f00:1]`...) is checked before any connection. Host names are resolved
+//! by [`SafeResolver`], which drops every address the [`UrlPolicy`] refuses (loopback, private,
+//! link-local and metadata, CGNAT, multicast, unspecified, NAT64, 6to4, Teredo...) unless an
+//! allowed network contains it; the connection then goes to an address that was checked, so DNS
+//! rebinding has no window. Redirects are never followed.
+//!
+//! Proxy environment variables (`HTTP_PROXY`, `HTTPS_PROXY`, `ALL_PROXY`) are ignored: a proxy
+//! would resolve and connect on the sender's behalf, past the resolver's checks. A proxy is used
+//! only when configured explicitly ([`SenderSettings::proxy`]); it then resolves host names, so
+//! it must apply its own egress rules (address hosts are still checked here).
+//!
+//! Errors stored in delivery attempts name the class of a refused address, never an address.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use im_domain::webhooks::delivery::RESPONSE_EXCERPT_BYTES;
-use im_domain::webhooks::endpoint::{UrlPolicy, literal_host};
+use im_domain::webhooks::endpoint::UrlPolicy;
 use im_domain::webhooks::ports::{OutgoingRequest, SendResult, WebhookSender};
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 
@@ -27,14 +36,17 @@ impl Resolve for SafeResolver {
         let policy = self.policy.clone();
         Box::pin(async move {
             let host = name.as_str().to_owned();
-            let resolved: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
-            let mut refused = Vec::new();
+            let resolved: Vec<SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await.map_err(|_| format!("{host} did not resolve"))?.collect();
+            let mut refused: Vec<&'static str> = Vec::new();
             let allowed: Vec<SocketAddr> = resolved
                 .into_iter()
                 .filter(|addr| match policy.check_ip(addr.ip()) {
                     Ok(()) => true,
-                    Err(reason) => {
-                        refused.push(reason);
+                    Err(class) => {
+                        if !refused.contains(&class) {
+                            refused.push(class);
+                        }
                         false
                     }
                 })
@@ -43,7 +55,7 @@ impl Resolve for SafeResolver {
                 let reason = if refused.is_empty() {
                     format!("{host} did not resolve")
                 } else {
-                    format!("refused destination {host}: {}", refused.join(", "))
+                    format!("destination refused: {host} resolves to {} addresses only", refused.join(", "))
                 };
                 return Err(reason.into());
             }
@@ -58,6 +70,9 @@ pub struct SenderSettings {
     pub connect_timeout: Duration,
     pub request_timeout: Duration,
     pub policy: UrlPolicy,
+    /// An explicit proxy for every webhook request (`http://proxy:3128`); `None`: direct
+    /// connections, whatever the proxy environment variables say.
+    pub proxy: Option<String>,
 }
 
 /// Sends webhook requests.
@@ -72,7 +87,11 @@ impl HttpWebhookSender {
     /// When the HTTP client cannot be built.
     pub fn new(settings: SenderSettings) -> Result<Self, String> {
         let policy = Arc::new(settings.policy);
-        let client = reqwest::Client::builder()
+        let builder = match &settings.proxy {
+            Some(proxy) => reqwest::Client::builder().proxy(reqwest::Proxy::all(proxy).map_err(|e| format!("webhooks.proxy: {e}"))?),
+            None => reqwest::Client::builder().no_proxy(),
+        };
+        let client = builder
             .connect_timeout(settings.connect_timeout)
             .timeout(settings.request_timeout)
             .redirect(reqwest::redirect::Policy::none())
@@ -106,7 +125,33 @@ fn describe(error: &reqwest::Error) -> String {
     if let Some(url) = error.url() {
         text = text.replace(url.as_str(), "<url>");
     }
-    text
+    redact_addresses(&text)
+}
+
+/// Replaces every IP address or socket address in `text` with `<address>`: connection errors
+/// must not reveal which internal address a name resolved to.
+fn redact_addresses(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut token = String::new();
+    let flush = |token: &mut String, out: &mut String| {
+        let bare = token.trim_start_matches('[').trim_end_matches(']');
+        if token.parse::<SocketAddr>().is_ok() || bare.parse::<std::net::IpAddr>().is_ok() {
+            out.push_str("<address>");
+        } else {
+            out.push_str(token);
+        }
+        token.clear();
+    };
+    for c in text.chars() {
+        if c.is_ascii_hexdigit() || matches!(c, '.' | ':' | '[' | ']' | '%') {
+            token.push(c);
+        } else {
+            flush(&mut token, &mut out);
+            out.push(c);
+        }
+    }
+    flush(&mut token, &mut out);
+    out
 }
 
 #[async_trait]
@@ -120,10 +165,8 @@ impl WebhookSender for HttpWebhookSender {
             error: Some(error),
             duration: started.elapsed(),
         };
-        if let Some(ip) = literal_host(&request.url)
-            && let Err(reason) = self.policy.check_ip(ip)
-        {
-            return failed(format!("refused destination: {reason}"), started);
+        if let Err(refusal) = self.policy.check_destination(&request.url) {
+            return failed(refusal.redacted(), started);
         }
         let mut builder = self.client.post(&request.url).body(request.body);
         for (name, value) in &request.headers {
@@ -162,6 +205,7 @@ mod tests {
             connect_timeout: Duration::from_secs(2),
             request_timeout: Duration::from_millis(500),
             policy: UrlPolicy { allow_http: true, allowed_private },
+            proxy: None,
         })
         .unwrap()
     }
@@ -201,16 +245,86 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn refused_destinations_never_get_a_connection() {
+    async fn refused_destinations_never_get_a_connection_in_any_spelling() {
         let server = MockServer::start().await;
         Mock::given(method("POST")).respond_with(ResponseTemplate::new(200)).expect(0).mount(&server).await;
         let port = server.address().port();
-        for url in
-            [format!("http://127.0.0.1:{port}/h"), format!("http://localhost:{port}/h"), format!("http://[::ffff:127.0.0.1]:{port}/h")]
-        {
+        for host in [
+            "127.0.0.1",
+            "localhost",
+            "[::ffff:127.0.0.1]",
+            "127.1",
+            "2130706433",
+            "0x7f.1",
+            "0177.0.0.1",
+            "0",
+            "127.0.0.1.",
+            "[::ffff:7f00:1]",
+        ] {
+            let url = format!("http://{host}:{port}/h");
             let result = sender(false).send(request(url.clone())).await;
             assert_eq!(result.status, None, "{url}");
-            assert!(result.error.as_deref().unwrap_or_default().contains("refused destination"), "{url}: {:?}", result.error);
+            let error = result.error.unwrap_or_default();
+            assert!(error.starts_with("destination refused"), "{url}: {error}");
+            assert!(!error.contains("127.0.0") && !error.contains("::1"), "{url}: the stored error reveals the address: {error}");
         }
+    }
+
+    #[tokio::test]
+    async fn connection_errors_do_not_reveal_addresses() {
+        // A port nothing listens on, on an allowed address.
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let result = sender(true).send(request(format!("http://localhost:{port}/h"))).await;
+        let error = result.error.unwrap();
+        assert!(error.starts_with("could not connect"), "{error}");
+        assert!(!error.contains("127.0.0.1") && !error.contains(&format!(":{port}")), "{error}");
+    }
+
+    #[test]
+    fn addresses_are_redacted_from_error_texts() {
+        assert_eq!(
+            redact_addresses("tcp connect error: 10.1.2.3:8080 refused, also [fd00::1]:443 and 169.254.169.254 (os error 111)"),
+            "tcp connect error: <address> refused, also <address> and <address> (os error 111)"
+        );
+    }
+
+    /// Proxy variables in the environment are ignored (run in a child process: the environment
+    /// of this test process is shared by every test).
+    #[tokio::test]
+    async fn proxy_environment_variables_are_ignored() {
+        if std::env::var_os("IM_SENDER_PROXY_CHILD").is_none() {
+            let status = std::process::Command::new(std::env::current_exe().unwrap())
+                .args(["--exact", "tests::proxy_environment_variables_are_ignored", "--test-threads=1"])
+                .env("IM_SENDER_PROXY_CHILD", "1")
+                .env("HTTP_PROXY", "http://127.0.0.1:9")
+                .env("http_proxy", "http://127.0.0.1:9")
+                .env("ALL_PROXY", "http://127.0.0.1:9")
+                .env_remove("NO_PROXY")
+                .env_remove("no_proxy")
+                .status()
+                .unwrap();
+            assert!(status.success(), "the child run failed");
+            return;
+        }
+        let server = MockServer::start().await;
+        Mock::given(method("POST")).respond_with(ResponseTemplate::new(204)).expect(1).mount(&server).await;
+        let result = sender(true).send(request(format!("{}/direct", server.uri()))).await;
+        assert_eq!(result.status, Some(204), "{:?}", result.error);
+    }
+
+    #[tokio::test]
+    async fn a_configured_proxy_carries_every_request() {
+        let proxy = MockServer::start().await;
+        Mock::given(method("POST")).respond_with(ResponseTemplate::new(202)).expect(1).mount(&proxy).await;
+        let sender = HttpWebhookSender::new(SenderSettings {
+            connect_timeout: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(2),
+            policy: UrlPolicy { allow_http: true, allowed_private: Vec::new() },
+            proxy: Some(proxy.uri()),
+        })
+        .unwrap();
+        // A public destination that never answers directly: only the proxy can answer 202.
+        let result = sender.send(request("http://192.88.100.1/hook".into())).await;
+        assert_eq!(result.status, Some(202), "{:?}", result.error);
     }
 }

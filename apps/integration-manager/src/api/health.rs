@@ -31,6 +31,8 @@ pub async fn live() -> HttpResponse {
 }
 
 /// Every dependency is reachable.
+// Unauthenticated: each dependency's state and a detail free of paths, URLs, user names and
+// error texts; the diagnostics of an unready one go to the logs.
 #[utoipa::path(get, path = "/health/ready", tag = "operations",
     responses(
         (status = 200, description = "Ready; each dependency reported", body = HealthReport),
@@ -40,6 +42,11 @@ pub async fn ready(state: web::Data<AppState>) -> HttpResponse {
     let mut dependencies = Vec::with_capacity(state.health.len());
     for check in &state.health {
         let health = check.check().await;
+        if health.ready {
+            tracing::debug!(dependency = %health.name, diagnostic = %health.diagnostic, "dependency ready");
+        } else {
+            tracing::warn!(dependency = %health.name, diagnostic = %health.diagnostic, "dependency not ready");
+        }
         dependencies.push(DependencyReport { name: health.name, ready: health.ready, critical: health.critical, detail: health.detail });
     }
     let ready = dependencies.iter().all(|d| d.ready || !d.critical);

@@ -17,7 +17,7 @@ use crate::webhooks::delivery::{
     ATTEMPT_LEASE, Attempt, AttemptTrigger, Delivery, DeliveryFilter, DeliveryStatus, Outcome, RESPONSE_EXCERPT_BYTES, classify,
     delivery_id, next_wait,
 };
-use crate::webhooks::endpoint::{TEST_EVENT_TYPE, Webhook, WebhookId, WebhookStatus};
+use crate::webhooks::endpoint::{TEST_EVENT_TYPE, Webhook, WebhookId, WebhookStatus, without_credentials};
 use crate::webhooks::ports::{
     DeliveryJob, DeliveryQueue, DeliveryRepository, OutgoingRequest, SendResult, WebhookRepository, WebhookSender,
 };
@@ -230,7 +230,7 @@ impl DeliveryService {
             ("webhook-timestamp".to_owned(), timestamp.to_string()),
             ("webhook-signature".to_owned(), signature_header(&refs, &delivery.message_id, timestamp, &body)),
         ];
-        headers.extend(webhook.headers.iter().map(|(k, v)| (k.clone(), v.clone())));
+        headers.extend(self.endpoints.custom_headers(webhook).await?);
         Ok(self.sender.send(OutgoingRequest { url: webhook.url.clone(), headers, body }).await)
     }
 
@@ -527,7 +527,7 @@ impl DeliveryService {
             tenant_id: webhook.tenant_id.clone(),
             subject: webhook.id.to_string(),
             time: self.clock.now(),
-            data: json!({"webhookId": webhook.id.to_string(), "url": webhook.url, "reason": reason}),
+            data: json!({"webhookId": webhook.id.to_string(), "url": without_credentials(&webhook.url), "reason": reason}),
         }
     }
 
@@ -717,6 +717,7 @@ mod attempt_tests {
             rate_limit_per_second: None,
             secret: SecretRef { secret_name: SecretName::new(&tenant(), "webhook", &id.to_string()), version: "1".into() },
             previous_secret: None,
+            headers_secret: None,
             failing_since: None,
             consecutive_failures: 0,
             created_at: now() - time::Duration::days(1),

@@ -190,6 +190,7 @@ fn world_with(receiver_status: u16, secrets_answer: impl FnOnce(&mut MockSecretS
         rate_limit_per_second: None,
         secret,
         previous_secret: None,
+        headers_secret: None,
         failing_since: None,
         consecutive_failures: 0,
         created_at: start,

@@ -9,7 +9,7 @@ use crate::auth::{Caller, Role};
 use crate::common::{Clock, ETag, IdGenerator, Page, PageRequest, Stored};
 use crate::error::DomainError;
 use crate::secrets::{SecretName, SecretRef, SecretStore, SecretValue};
-use crate::webhooks::endpoint::{PreviousSecret, UrlPolicy, Webhook, WebhookId, WebhookSpec, WebhookStatus};
+use crate::webhooks::endpoint::{HEADER_MASK, PreviousSecret, UrlPolicy, Webhook, WebhookId, WebhookSpec, WebhookStatus, masked};
 use crate::webhooks::ports::{Entropy, WebhookRepository};
 use crate::webhooks::signature::SigningSecret;
 
@@ -17,6 +17,9 @@ use super::read_modify_write;
 
 /// Length of new signing secrets, in bytes (the Standard Webhooks range is 24 to 64).
 const SECRET_BYTES: usize = 32;
+
+/// Values read from the secret store, by secret name and version (a version never changes).
+type VersionCache<T> = Arc<std::sync::Mutex<std::collections::HashMap<(String, String), T>>>;
 
 /// Registers and manages a tenant's webhook endpoints and their signing secrets.
 #[derive(Clone)]
@@ -29,8 +32,29 @@ pub struct WebhookService {
     policy: UrlPolicy,
     previous_secret_grace: Duration,
     /// Signing secrets already read, by reference (a reference names one immutable version).
-    secret_cache: Arc<std::sync::Mutex<std::collections::HashMap<(String, String), SigningSecret>>>,
+    secret_cache: VersionCache<SigningSecret>,
+    /// Custom header values already read, by reference.
+    header_cache: VersionCache<BTreeMap<String, String>>,
     audit: Audit,
+}
+
+/// Secret-store kind of the custom header values of an endpoint.
+const HEADERS_KIND: &str = "webhook-headers";
+
+/// The header values to store: a value sent as [`HEADER_MASK`] keeps the current one.
+fn resolve_headers(spec: &BTreeMap<String, String>, current: &BTreeMap<String, String>) -> Result<BTreeMap<String, String>, DomainError> {
+    let mut resolved = BTreeMap::new();
+    for (name, value) in spec {
+        let value = if value == HEADER_MASK {
+            current.get(name).ok_or_else(|| {
+                DomainError::invalid(format!("headers.{name}"), "is the mask of a stored value, and none is stored: send the value itself")
+            })?
+        } else {
+            value
+        };
+        resolved.insert(name.clone(), value.clone());
+    }
+    Ok(resolved)
 }
 
 impl std::fmt::Debug for WebhookService {
@@ -58,7 +82,57 @@ impl WebhookService {
         previous_secret_grace: Duration,
         audit: Audit,
     ) -> Self {
-        Self { webhooks, secrets, clock, ids, entropy, policy, previous_secret_grace, secret_cache: Arc::default(), audit }
+        Self {
+            webhooks,
+            secrets,
+            clock,
+            ids,
+            entropy,
+            policy,
+            previous_secret_grace,
+            secret_cache: Arc::default(),
+            header_cache: Arc::default(),
+            audit,
+        }
+    }
+
+    /// Stores custom header values in the secret store; `None` when there are none.
+    async fn store_headers(&self, webhook: &Webhook, headers: &BTreeMap<String, String>) -> Result<Option<SecretRef>, DomainError> {
+        if headers.is_empty() {
+            return Ok(None);
+        }
+        let name = SecretName::new(&webhook.tenant_id, HEADERS_KIND, &webhook.id.to_string());
+        let metadata =
+            BTreeMap::from([("kind".to_owned(), "webhook-custom-headers".to_owned()), ("webhookId".to_owned(), webhook.id.to_string())]);
+        self.secrets.put(&name, &SecretValue(json!({ "headers": headers })), &metadata).await.map(Some)
+    }
+
+    /// The real values of an endpoint's custom headers, for the sender.
+    ///
+    /// # Errors
+    /// When the secret store cannot be read.
+    pub async fn custom_headers(&self, webhook: &Webhook) -> Result<BTreeMap<String, String>, DomainError> {
+        let Some(reference) = &webhook.headers_secret else {
+            // Stored before values moved to the secret store: the document holds them.
+            return Ok(webhook.headers.iter().filter(|(_, v)| v.as_str() != HEADER_MASK).map(|(k, v)| (k.clone(), v.clone())).collect());
+        };
+        let key = (reference.secret_name.to_string(), reference.version.clone());
+        if let Some(headers) = self.header_cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+            return Ok(headers.clone());
+        }
+        let value = self.secrets.get(reference).await?;
+        let headers: BTreeMap<String, String> = value
+            .0
+            .get("headers")
+            .cloned()
+            .and_then(|h| serde_json::from_value(h).ok())
+            .ok_or_else(|| DomainError::Unexpected(anyhow::anyhow!("stored custom headers have no 'headers' map")))?;
+        let mut cache = self.header_cache.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= 10_000 {
+            cache.clear();
+        }
+        cache.insert(key, headers.clone());
+        Ok(headers)
     }
 
     fn new_secret(&self) -> Result<SigningSecret, DomainError> {
@@ -105,6 +179,7 @@ impl WebhookService {
     async fn create_unaudited(&self, caller: &Caller, spec: WebhookSpec) -> Result<WithSecret, DomainError> {
         caller.require(Role::Member)?;
         spec.validate(&self.policy)?;
+        let headers = resolve_headers(&spec.headers, &BTreeMap::new())?;
         let now = self.clock.now();
         let secret = self.new_secret()?;
         let mut webhook = Webhook {
@@ -116,7 +191,8 @@ impl WebhookService {
             integration_ids: spec.integration_ids,
             status: spec.status.unwrap_or(WebhookStatus::Enabled),
             disabled_reason: None,
-            headers: spec.headers,
+            headers: masked(&headers),
+            headers_secret: None,
             rate_limit_per_second: spec.rate_limit_per_second,
             secret: SecretRef { secret_name: SecretName::new(&caller.tenant_id, "webhook", "pending"), version: String::new() },
             previous_secret: None,
@@ -128,11 +204,21 @@ impl WebhookService {
             updated_by: caller.user_id.clone(),
         };
         webhook.secret = self.store_secret(&webhook, &secret).await?;
-        match self.webhooks.create(&webhook).await {
+        let created = match self.store_headers(&webhook, &headers).await {
+            Ok(reference) => {
+                webhook.headers_secret = reference;
+                self.webhooks.create(&webhook).await
+            }
+            Err(e) => Err(e),
+        };
+        match created {
             Ok(etag) => Ok(WithSecret { webhook: Stored { value: webhook, etag }, secret }),
             Err(e) => {
-                // Nothing references the secret: take it back.
+                // Nothing references the secrets: take them back.
                 let _ = self.secrets.delete(&webhook.secret.secret_name).await;
+                if let Some(headers) = &webhook.headers_secret {
+                    let _ = self.secrets.delete(&headers.secret_name).await;
+                }
                 Err(e)
             }
         }
@@ -140,15 +226,21 @@ impl WebhookService {
 
     pub async fn get(&self, caller: &Caller, id: WebhookId) -> Result<Stored<Webhook>, DomainError> {
         caller.require(Role::Viewer)?;
-        self.webhooks.get(&caller.tenant_id, id).await
+        let stored = self.webhooks.get(&caller.tenant_id, id).await?;
+        Ok(Stored { value: stored.value.with_masked_headers(), etag: stored.etag })
     }
 
     pub async fn list(&self, caller: &Caller, page: &PageRequest) -> Result<Page<Stored<Webhook>>, DomainError> {
         caller.require(Role::Viewer)?;
-        self.webhooks.list(&caller.tenant_id, page).await
+        let mut page = self.webhooks.list(&caller.tenant_id, page).await?;
+        for stored in &mut page.items {
+            stored.value.headers = masked(&stored.value.headers);
+        }
+        Ok(page)
     }
 
-    /// Replaces an endpoint's settings; re-enabling clears the disabled reason.
+    /// Replaces an endpoint's settings; re-enabling clears the disabled reason; a custom header
+    /// sent with the mask as value keeps its stored value.
     pub async fn update(
         &self,
         caller: &Caller,
@@ -179,6 +271,13 @@ impl WebhookService {
             if token.is_some_and(|t| *t != current.etag) {
                 return Err(DomainError::PreconditionFailed);
             }
+            let current_headers = self.custom_headers(&current.value).await?;
+            let headers = resolve_headers(&spec.headers, &current_headers)?;
+            let headers_secret = if headers == current_headers && current.value.headers_secret.is_some() {
+                current.value.headers_secret.clone()
+            } else {
+                self.store_headers(&current.value, &headers).await?
+            };
             let status = spec.status.unwrap_or(current.value.status);
             let reenabled = status == WebhookStatus::Enabled && current.value.status == WebhookStatus::Disabled;
             let webhook = Webhook {
@@ -194,13 +293,20 @@ impl WebhookService {
                     current.value.disabled_reason.clone().or(Some("disabled by a user".into()))
                 },
                 status,
-                headers: spec.headers.clone(),
+                headers: masked(&headers),
+                headers_secret: headers_secret.clone(),
                 rate_limit_per_second: spec.rate_limit_per_second,
                 updated_at: self.clock.now(),
                 updated_by: caller.user_id.clone(),
                 ..current.value
             };
             let etag = self.webhooks.replace(&webhook, Some(token.unwrap_or(&current.etag).clone())).await?;
+            if headers_secret.is_none()
+                && let Some(old) = &current.value.headers_secret
+            {
+                // No custom header left: nothing references the stored values any more.
+                let _ = self.secrets.delete(&old.secret_name).await;
+            }
             Ok(Stored { value: webhook, etag })
         })
         .await
@@ -224,6 +330,9 @@ impl WebhookService {
         // The endpoint is gone; a secret the store fails to delete now is unreferenced and
         // harmless, so the caller's deletion stands.
         let _ = self.secrets.delete(&current.value.secret.secret_name).await;
+        if let Some(headers) = &current.value.headers_secret {
+            let _ = self.secrets.delete(&headers.secret_name).await;
+        }
         Ok(())
     }
 

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
@@ -58,6 +58,25 @@ pub const RESERVED_HEADERS: [&str; 9] = [
     "connection",
 ];
 
+/// How a custom header value is shown on every read. Header values are secrets (an
+/// `Authorization` header, say): they live in the secret store, the endpoint's document keeps the
+/// names with this mask, and an update that sends the mask back keeps the stored value.
+pub const HEADER_MASK: &str = "••••";
+
+/// The URL without a user name or password (such URLs are refused now, but an endpoint stored
+/// earlier may have one): what events and logs may show.
+pub fn without_credentials(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) if !parsed.username().is_empty() || parsed.password().is_some() => {
+            let _ = parsed.set_username("");
+            let _ = parsed.set_password(None);
+            parsed.into()
+        }
+        Ok(_) => url.to_owned(),
+        Err(_) => String::new(),
+    }
+}
+
 /// Whether a filter (`integration.created`, `integration.*`, `*`) matches an event type.
 pub fn pattern_matches(pattern: &str, event_type: &str) -> bool {
     match pattern.strip_suffix('*') {
@@ -77,8 +96,14 @@ pub fn validate_event_pattern(pattern: &str) -> Result<(), FieldViolation> {
     Ok(())
 }
 
-/// Which destinations are acceptable: https only unless `allow_http`; literal private,
-/// loopback, link-local... addresses only inside `allowed_private` (SSRF protection).
+/// Which destinations are acceptable: https only unless `allow_http`; no user name or password
+/// in the URL; addresses that are not public (loopback, private, link-local and metadata, ...)
+/// only inside `allowed_private` (SSRF protection).
+///
+/// The host is judged exactly as the sender will connect to it: the URL is parsed with the
+/// `url` crate (the WHATWG URL rules reqwest follows), so `127.1`, `2130706433`, `0x7f.1`,
+/// `0177.0.0.1`, `0` and `127.0.0.1.` are all the IPv4 address the sender would use. Host names
+/// are checked after resolution, by the sender's resolver, with [`UrlPolicy::check_ip`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct UrlPolicy {
     pub allow_http: bool,
@@ -119,70 +144,112 @@ impl Cidr {
     }
 }
 
-/// IPv4-mapped and IPv4-compatible IPv6 addresses as the IPv4 address they carry.
+fn v4_of(high: u16, low: u16) -> Ipv4Addr {
+    Ipv4Addr::from((u32::from(high) << 16) | u32::from(low))
+}
+
+/// IPv6 addresses that carry an IPv4 address the packet ends up at (IPv4-mapped `::ffff:a.b.c.d`,
+/// IPv4-compatible `::a.b.c.d`, IPv4-translated `::ffff:0:a.b.c.d`) as that IPv4 address.
 pub fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => {
-                let s = v6.segments();
-                if s[..6] == [0, 0, 0, 0, 0, 0] && !v6.is_loopback() && !v6.is_unspecified() {
-                    IpAddr::V4(std::net::Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8))
-                } else {
-                    ip
-                }
-            }
-        },
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            let mapped = s[..5] == [0; 5] && s[5] == 0xffff;
+            let compatible = s[..6] == [0; 6] && !v6.is_loopback() && !v6.is_unspecified();
+            let translated = s[..4] == [0; 4] && s[4] == 0xffff && s[5] == 0;
+            if mapped || compatible || translated { IpAddr::V4(v4_of(s[6], s[7])) } else { ip }
+        }
         v4 => v4,
+    }
+}
+
+/// Why an IPv4 address may not be a webhook destination.
+fn forbidden_v4(v4: Ipv4Addr) -> Option<&'static str> {
+    let o = v4.octets();
+    if v4.is_loopback() {
+        Some("loopback")
+    } else if v4.is_private() {
+        Some("private")
+    } else if v4.is_link_local() {
+        Some("link-local (cloud metadata)")
+    } else if o[0] == 100 && (64..128).contains(&o[1]) {
+        Some("carrier-grade NAT")
+    } else if v4.is_broadcast() {
+        Some("broadcast")
+    } else if v4.is_multicast() {
+        Some("multicast")
+    } else if o[0] >= 240 {
+        Some("reserved")
+    } else if o[0] == 0 {
+        Some("unspecified")
+    } else if v4.is_documentation() {
+        Some("documentation")
+    } else if (o[0] == 198 && (o[1] == 18 || o[1] == 19))
+        || (o[0] == 192 && o[1] == 0 && o[2] == 0)
+        || (o[0] == 192 && o[1] == 88 && o[2] == 99)
+    {
+        Some("reserved")
+    } else {
+        None
     }
 }
 
 /// Why an address may not be a webhook destination, or `None` when it is a public address.
 pub fn forbidden_reason(ip: IpAddr) -> Option<&'static str> {
-    match canonical(ip) {
-        IpAddr::V4(v4) => {
-            let o = v4.octets();
-            if v4.is_loopback() {
-                Some("loopback")
-            } else if v4.is_private() {
-                Some("private")
-            } else if v4.is_link_local() {
-                Some("link-local (cloud metadata)")
-            } else if o[0] == 100 && (64..128).contains(&o[1]) {
-                Some("carrier-grade NAT")
-            } else if v4.is_multicast() || o[0] >= 224 {
-                Some("multicast or reserved")
-            } else if v4.is_unspecified() || o[0] == 0 {
-                Some("unspecified")
-            } else if v4.is_broadcast()
-                || v4.is_documentation()
-                || (o[0] == 198 && (o[1] == 18 || o[1] == 19))
-                || (o[0] == 192 && o[1] == 0 && o[2] == 0)
-            {
-                Some("reserved")
-            } else {
-                None
-            }
-        }
-        IpAddr::V6(v6) => {
-            let s = v6.segments();
-            if v6.is_loopback() {
-                Some("loopback")
-            } else if v6.is_unspecified() {
-                Some("unspecified")
-            } else if v6.is_multicast() {
-                Some("multicast")
-            } else if s[0] & 0xfe00 == 0xfc00 {
-                Some("private (unique local)")
-            } else if s[0] & 0xffc0 == 0xfe80 {
-                Some("link-local")
-            } else if s[0] == 0x2001 && s[1] == 0x0db8 {
-                Some("reserved")
-            } else if s[0] == 0x64 && s[1] == 0xff9b {
-                Some("NAT64")
-            } else {
-                None
-            }
+    let v6 = match canonical(ip) {
+        IpAddr::V4(v4) => return forbidden_v4(v4),
+        IpAddr::V6(v6) => v6,
+    };
+    let s = v6.segments();
+    if v6.is_loopback() {
+        Some("loopback")
+    } else if v6.is_unspecified() {
+        Some("unspecified")
+    } else if v6.is_multicast() {
+        Some("multicast")
+    } else if s[0] & 0xfe00 == 0xfc00 {
+        Some("private (unique local)")
+    } else if s[0] & 0xffc0 == 0xfe80 {
+        Some("link-local")
+    } else if s[0] & 0xffc0 == 0xfec0 {
+        Some("site-local")
+    } else if s[0] == 0x64 && s[1] == 0xff9b && (s[2..6] == [0; 4] || s[2] == 1) {
+        Some("NAT64")
+    } else if s[0] == 0x2002 {
+        // 6to4: the relay forwards to the IPv4 address in bits 16..48.
+        forbidden_v4(v4_of(s[1], s[2])).map(|_| "6to4 embedding a non-public")
+    } else if s[0] == 0x2001 && s[1] == 0 {
+        Some("Teredo")
+    } else if (s[0] == 0x2001 && s[1] == 0x0db8) || s[0] & 0xfff0 == 0x3ff0 {
+        Some("documentation")
+    } else if s[0] == 0x0100 && s[1..4] == [0; 3] {
+        Some("discard-only")
+    } else if s[0] & 0xe000 != 0x2000 {
+        // Outside 2000::/3, the only globally routed unicast space.
+        Some("reserved")
+    } else {
+        None
+    }
+}
+
+/// Why a URL cannot be a webhook destination.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UrlRefusal {
+    /// Not an absolute http(s) URL the sender can use; the message says why.
+    Malformed(String),
+    /// The URL carries a user name or password (credentials would be stored and shown).
+    Credentials,
+    /// The host is an address the policy refuses.
+    Destination { address: IpAddr, class: &'static str },
+}
+
+impl UrlRefusal {
+    /// The reason without the address: safe to store in a delivery attempt.
+    pub fn redacted(&self) -> String {
+        match self {
+            Self::Malformed(reason) => format!("invalid URL: {reason}"),
+            Self::Credentials => "the URL carries credentials".to_owned(),
+            Self::Destination { class, .. } => format!("destination refused: {class} address"),
         }
     }
 }
@@ -191,34 +258,61 @@ impl UrlPolicy {
     /// Whether the policy lets a request go to `ip`.
     ///
     /// # Errors
-    /// The reason the address is refused.
-    pub fn check_ip(&self, ip: IpAddr) -> Result<(), String> {
+    /// The class of the refused address (`loopback`, `private`...), without the address.
+    pub fn check_ip(&self, ip: IpAddr) -> Result<(), &'static str> {
         match forbidden_reason(ip) {
             None => Ok(()),
             Some(_) if self.allowed_private.iter().any(|c| c.contains(ip)) => Ok(()),
-            Some(reason) => Err(format!("{ip} is a {reason} address")),
+            Some(class) => Err(class),
         }
     }
 
-    /// Checks an endpoint URL: scheme, shape, and a literal address against the policy.
+    /// Parses `url` as the sender will (WHATWG rules) and checks scheme, credentials and, when
+    /// the host is an address in any spelling, that address. Host names are left to the resolver.
+    ///
+    /// # Errors
+    /// Why the URL is refused.
+    pub fn check_destination(&self, url: &str) -> Result<(), UrlRefusal> {
+        let parsed = url::Url::parse(url).map_err(|e| UrlRefusal::Malformed(e.to_string()))?;
+        match parsed.scheme() {
+            "https" => {}
+            "http" if self.allow_http => {}
+            _ => return Err(UrlRefusal::Malformed(if self.allow_http { "not http(s)" } else { "not https" }.to_owned())),
+        }
+        if !parsed.username().is_empty() || parsed.password().is_some() {
+            return Err(UrlRefusal::Credentials);
+        }
+        let address = match parsed.host() {
+            Some(url::Host::Ipv4(v4)) => IpAddr::V4(v4),
+            Some(url::Host::Ipv6(v6)) => IpAddr::V6(v6),
+            Some(url::Host::Domain(name)) => {
+                // Names that always mean this machine (RFC 6761), with or without the root dot.
+                let name = name.trim_end_matches('.').to_ascii_lowercase();
+                if name == "localhost" || name.ends_with(".localhost") {
+                    return self
+                        .check_ip(IpAddr::V4(Ipv4Addr::LOCALHOST))
+                        .map_err(|class| UrlRefusal::Destination { address: IpAddr::V4(Ipv4Addr::LOCALHOST), class });
+                }
+                return Ok(());
+            }
+            None => return Err(UrlRefusal::Malformed("no host".to_owned())),
+        };
+        self.check_ip(address).map_err(|class| UrlRefusal::Destination { address, class })
+    }
+
+    /// Checks an endpoint URL: shape, scheme, no credentials, and an address host against the policy.
     pub fn check_url(&self, url: &str) -> Result<(), FieldViolation> {
         validate_url(url, self.allow_http)?;
-        if let Some(ip) = literal_host(url) {
-            self.check_ip(ip).map_err(|reason| FieldViolation::invalid("", format!("is not an allowed destination: {reason}")))?;
-        }
-        Ok(())
+        self.check_destination(url).map_err(|refusal| match refusal {
+            UrlRefusal::Malformed(_) => FieldViolation::invalid("", "is not a valid URL"),
+            UrlRefusal::Credentials => {
+                FieldViolation::invalid("", "must not contain a user name or password; send credentials in a custom header")
+            }
+            UrlRefusal::Destination { address, class } => {
+                FieldViolation::invalid("", format!("is not an allowed destination: {address} is a {class} address"))
+            }
+        })
     }
-}
-
-/// The host of a URL when it is a literal IP address.
-pub fn literal_host(url: &str) -> Option<IpAddr> {
-    let rest = url.split_once("://")?.1;
-    let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
-    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-    if let Some(v6) = host.strip_prefix('[') {
-        return v6.split(']').next()?.parse().ok();
-    }
-    host.rsplit_once(':').map_or(host, |(h, _)| h).parse().ok()
 }
 
 /// What a tenant states about an endpoint.
@@ -298,7 +392,13 @@ pub struct Webhook {
     pub integration_ids: Vec<IntegrationId>,
     pub status: WebhookStatus,
     pub disabled_reason: Option<String>,
+    /// Custom header names, each with [`HEADER_MASK`] as value; the values are in `headers_secret`.
+    /// (An endpoint stored before values were kept in the secret store has them here, and no
+    /// `headers_secret`, until its next update.)
     pub headers: BTreeMap<String, String>,
+    /// The custom header values (`{"headers": {name: value}}`); `None` when there are none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub headers_secret: Option<SecretRef>,
     pub rate_limit_per_second: Option<u32>,
     pub secret: SecretRef,
     pub previous_secret: Option<PreviousSecret>,
@@ -316,7 +416,18 @@ pub struct Webhook {
     pub updated_by: UserId,
 }
 
+/// The header names of `headers`, each with the mask.
+pub fn masked(headers: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    headers.keys().map(|name| (name.clone(), HEADER_MASK.to_owned())).collect()
+}
+
 impl Webhook {
+    /// The endpoint as shown to callers: custom header values masked.
+    #[must_use]
+    pub fn with_masked_headers(mut self) -> Self {
+        self.headers = masked(&self.headers);
+        self
+    }
     /// Whether this endpoint wants `event` (status aside: a disabled endpoint records it as skipped).
     pub fn wants(&self, event: &DomainEvent) -> bool {
         let type_ok = self.event_types.is_empty() || self.event_types.iter().any(|p| pattern_matches(p, event.event_type.as_str()));
@@ -353,26 +464,132 @@ mod tests {
     fn ssrf_classes() {
         for (ip, class) in [
             ("127.0.0.1", "loopback"),
+            ("127.255.255.254", "loopback"),
             ("10.1.2.3", "private"),
             ("172.16.0.1", "private"),
             ("192.168.1.1", "private"),
             ("169.254.169.254", "link-local (cloud metadata)"),
             ("100.64.0.1", "carrier-grade NAT"),
-            ("224.0.0.1", "multicast or reserved"),
+            ("100.100.100.200", "carrier-grade NAT"),
+            ("224.0.0.1", "multicast"),
+            ("255.255.255.255", "broadcast"),
+            ("240.0.0.1", "reserved"),
             ("0.0.0.0", "unspecified"),
+            ("0.1.2.3", "unspecified"),
+            ("192.0.2.1", "documentation"),
+            ("198.51.100.7", "documentation"),
+            ("203.0.113.9", "documentation"),
+            ("198.18.0.1", "reserved"),
+            ("192.0.0.8", "reserved"),
             ("::1", "loopback"),
             ("::", "unspecified"),
+            ("ff02::1", "multicast"),
             ("fd00::1", "private (unique local)"),
+            ("fc00::1", "private (unique local)"),
+            ("fd00:ec2::254", "private (unique local)"),
             ("fe80::1", "link-local"),
+            ("febf::1", "link-local"),
+            ("fec0::1", "site-local"),
+            ("2001:db8::1", "documentation"),
+            ("3fff::1", "documentation"),
+            ("100::1", "discard-only"),
+            ("4000::1", "reserved"),
+            // IPv4-mapped, -compatible and -translated forms judge the IPv4 address they carry.
             ("::ffff:127.0.0.1", "loopback"),
+            ("::ffff:7f00:1", "loopback"),
             ("::ffff:169.254.169.254", "link-local (cloud metadata)"),
             ("::10.0.0.1", "private"),
+            ("::127.0.0.1", "loopback"),
+            ("::ffff:0:127.0.0.1", "loopback"),
+            // NAT64 (well-known and local-use prefixes), whatever the IPv4 address.
+            ("64:ff9b::7f00:1", "NAT64"),
+            ("64:ff9b::808:808", "NAT64"),
+            ("64:ff9b:1::a00:1", "NAT64"),
+            // 6to4 embedding a non-public IPv4 address; Teredo.
+            ("2002:7f00:1::1", "6to4 embedding a non-public"),
+            ("2002:a9fe:a9fe::", "6to4 embedding a non-public"),
+            ("2002:c0a8:101::1", "6to4 embedding a non-public"),
+            ("2001::1", "Teredo"),
+            ("2001:0:4136:e378:8000:63bf:3fff:fdd2", "Teredo"),
         ] {
             assert_eq!(forbidden_reason(ip.parse().unwrap()), Some(class), "{ip}");
         }
-        for public in ["8.8.8.8", "1.1.1.1", "2606:4700:4700::1111"] {
+        for public in ["8.8.8.8", "1.1.1.1", "100.128.0.1", "2606:4700:4700::1111", "2002:808:808::1", "2a00:1450:4001::200e"] {
             assert_eq!(forbidden_reason(public.parse().unwrap()), None, "{public}");
         }
+    }
+
+    /// Every spelling the WHATWG parser (and so the sender) reads as a refused address.
+    #[test]
+    fn every_spelling_of_a_refused_address_is_refused() {
+        let policy = UrlPolicy { allow_http: true, allowed_private: Vec::new() };
+        for url in [
+            "http://127.0.0.1:8080/",
+            "http://127.1:8080/",
+            "http://2130706433:8080/",
+            "http://0x7f.1:8080/",
+            "http://0x7f000001/",
+            "http://0177.0.0.1:8080/",
+            "http://0177.1/",
+            "http://0:8080/",
+            "http://0.0.0.0/",
+            "http://127.0.0.1./",
+            "http://0x7f.0.0.1./",
+            "http://%31%32%37.0.0.1/",
+            "http://localhost:8080/",
+            "http://LOCALHOST./",
+            "http://api.localhost/",
+            "http://169.254.169.254/latest/meta-data/",
+            "http://0xa9fea9fe/",
+            "http://10.0.0.1/",
+            "http://012.1/",
+            "http://[::1]/",
+            "http://[0:0:0:0:0:0:0:1]/",
+            "http://[::ffff:127.0.0.1]/",
+            "http://[::ffff:7f00:1]/",
+            "http://[::127.0.0.1]/",
+            "http://[64:ff9b::127.0.0.1]/",
+            "http://[64:ff9b:1::a00:1]/",
+            "http://[2002:7f00:1::]/",
+            "http://[2001::1]/",
+            "http://[fe80::1]/",
+            "http://[fec0::1]/",
+            "http://[fd00::1]/",
+            "http://100.64.0.1/",
+            "http://255.255.255.255/",
+            "http://224.0.0.1/",
+            "http://192.0.2.1/",
+        ] {
+            assert!(policy.check_url(url).is_err(), "accepted {url}");
+            assert!(policy.check_destination(url).is_err(), "the send-time check accepted {url}");
+        }
+        for url in ["http://example.com/hook", "http://8.8.8.8/", "http://134744072/", "https://[2606:4700:4700::1111]/x"] {
+            assert_eq!(policy.check_url(url), Ok(()), "{url}");
+        }
+    }
+
+    #[test]
+    fn events_show_urls_without_credentials() {
+        assert_eq!(without_credentials("https://user:pw@hooks.example.com/a?b=c"), "https://hooks.example.com/a?b=c");
+        assert_eq!(without_credentials("https://hooks.example.com/a"), "https://hooks.example.com/a");
+        assert_eq!(without_credentials("not a url"), "");
+    }
+
+    #[test]
+    fn credentials_in_urls_are_refused() {
+        let policy = UrlPolicy::default();
+        for url in ["https://user:pass@example.com/", "https://user@example.com/", "https://:pass@example.com/"] {
+            assert_eq!(policy.check_destination(url), Err(UrlRefusal::Credentials), "{url}");
+            assert!(policy.check_url(url).unwrap_err().message.contains("user name or password"), "{url}");
+        }
+    }
+
+    #[test]
+    fn refusals_stored_in_attempts_name_the_class_but_not_the_address() {
+        let policy = UrlPolicy { allow_http: true, allowed_private: Vec::new() };
+        let refusal = policy.check_destination("http://0x7f.1/").unwrap_err();
+        assert_eq!(refusal.redacted(), "destination refused: loopback address");
+        assert!(!refusal.redacted().contains("127"));
     }
 
     #[test]
