@@ -51,6 +51,7 @@ impl im_testkit::queue::QueueBackend for Queues {
 async fn the_delivery_queue_passes_the_queue_contract() {
     let queues = Queues { dir: tempfile::tempdir().unwrap(), stores: Mutex::default() };
     im_testkit::queue::contract(&queues).await;
+    im_testkit::queue::a_duplicate_schedule_never_yields_two_concurrent_attempts(&queues).await;
 }
 
 /// What only the embedded queue promises: it has one consumer, this process, so at start the

@@ -812,10 +812,17 @@ mod attempt_tests {
         let mut deliveries = MockDeliveryRepository::new();
         let stored = delivery.clone();
         deliveries.expect_get().returning(move |_, _| Ok(Stored { value: stored.clone(), etag: ETag::new("d1") }));
+        // First the attempt holds its delivery (a conditional write of the lease), then it
+        // records the outcome on the version it holds.
+        deliveries
+            .expect_replace()
+            .withf(|d, if_match, events| *if_match == Some(ETag::new("d1")) && d.lease_until.is_some() && events.is_empty())
+            .times(1)
+            .returning(|_, _, _| Ok(ETag::new("d2")));
         let replaced = seen.clone();
-        deliveries.expect_replace().withf(|_, if_match, _| *if_match == Some(ETag::new("d1"))).returning(move |d, _, events| {
+        deliveries.expect_replace().withf(|_, if_match, _| *if_match == Some(ETag::new("d2"))).returning(move |d, _, events| {
             replaced.lock().unwrap().replaced.push((d.clone(), events.to_vec()));
-            Ok(ETag::new("d2"))
+            Ok(ETag::new("d3"))
         });
 
         let mut queue = MockDeliveryQueue::new();
