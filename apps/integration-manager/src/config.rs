@@ -280,6 +280,11 @@ fn from(metadata: &figment::Metadata) -> String {
     }
 }
 
+/// An adapter's problems, named by their full keys.
+fn section(problems: &mut Vec<ConfigError>, section: &str, found: Vec<(&'static str, String)>) {
+    problems.extend(found.into_iter().map(|(key, message)| err(&format!("{section}.{key}"), message)));
+}
+
 fn describe(key: &str, error: &figment::Error) -> ConfigError {
     let message = match &error.kind {
         figment::error::Kind::MissingField(field) => format!("missing key '{field}'"),
@@ -378,62 +383,36 @@ impl Settings {
     /// Checks the values that types alone cannot; returns every problem found.
     pub fn validate(&self) -> Vec<ConfigError> {
         let mut problems = Vec::new();
-        let mut check = |ok: bool, key: &str, message: &dyn Fn() -> String| {
+        fn check(problems: &mut Vec<ConfigError>, ok: bool, key: &str, message: &dyn Fn() -> String) {
             if !ok {
                 problems.push(err(key, message()));
             }
-        };
+        }
         let server = &self.server;
-        check(server.host == "localhost" || server.host.parse::<IpAddr>().is_ok(), "server.host", &|| {
+        check(&mut problems, server.host == "localhost" || server.host.parse::<IpAddr>().is_ok(), "server.host", &|| {
             format!("'{}' is not an IP address or 'localhost'", server.host)
         });
-        check((1024..=64 * 1024 * 1024).contains(&server.body_limit_bytes), "server.body_limit_bytes", &|| {
+        check(&mut problems, (1024..=64 * 1024 * 1024).contains(&server.body_limit_bytes), "server.body_limit_bytes", &|| {
             "must be between 1024 and 67108864".into()
         });
-        check(server.workers <= 1024, "server.workers", &|| "must be at most 1024".into());
+        check(&mut problems, server.workers <= 1024, "server.workers", &|| "must be at most 1024".into());
         if self.storage.backend == StorageBackend::Cosmos {
-            let cosmos = &self.cosmos_db;
-            check(!cosmos.endpoint.is_empty(), "cosmos_db.endpoint", &|| "is required when storage.backend is 'cosmos'".into());
-            check(
-                cosmos.endpoint.is_empty() || (cosmos.endpoint.starts_with("https://") && !cosmos.endpoint.contains(char::is_whitespace)),
-                "cosmos_db.endpoint",
-                &|| format!("'{}' is not an https:// account endpoint", cosmos.endpoint),
-            );
-            use base64::Engine as _;
-            let key = cosmos.key.expose_secret();
-            check(!key.is_empty() && base64::engine::general_purpose::STANDARD.decode(key).is_ok(), "cosmos_db.key", &|| {
-                "is required (the account key, base64) when storage.backend is 'cosmos'".into()
-            });
-            let db = &cosmos.database;
-            check(!db.is_empty() && db.len() <= 255 && !db.contains(['/', '\\', '?', '#']), "cosmos_db.database", &|| {
-                "must be 1 to 255 characters without '/', '\\', '?' or '#'".into()
-            });
-            check(cosmos.request_timeout.get().as_secs() >= 1, "cosmos_db.request_timeout", &|| "must be at least 1s".into());
-            check(cosmos.max_throttle_retries <= 20, "cosmos_db.max_throttle_retries", &|| "must be at most 20".into());
+            section(&mut problems, "cosmos_db", self.cosmos_db.problems());
         }
-        check(!self.storage.data_dir.as_os_str().is_empty(), "storage.data_dir", &|| "must not be empty".into());
-        check(self.storage.ttl_sweep_interval.get().as_secs() >= 1, "storage.ttl_sweep_interval", &|| "must be at least 1s".into());
-        check((1..=10_000).contains(&self.events.relay_batch_size), "events.relay_batch_size", &|| "must be between 1 and 10000".into());
-        check(self.events.outbox_max_age.get().as_secs() >= 1, "events.outbox_max_age", &|| "must be at least 1s".into());
+        check(&mut problems, !self.storage.data_dir.as_os_str().is_empty(), "storage.data_dir", &|| "must not be empty".into());
+        check(&mut problems, self.storage.ttl_sweep_interval.get().as_secs() >= 1, "storage.ttl_sweep_interval", &|| {
+            "must be at least 1s".into()
+        });
+        check(&mut problems, (1..=10_000).contains(&self.events.relay_batch_size), "events.relay_batch_size", &|| {
+            "must be between 1 and 10000".into()
+        });
+        check(&mut problems, self.events.outbox_max_age.get().as_secs() >= 1, "events.outbox_max_age", &|| "must be at least 1s".into());
         if self.events.backend == EventsBackend::Rabbitmq {
-            let rabbit = &self.rabbitmq;
-            let url = rabbit.url.expose_secret();
-            check(url.starts_with("amqp://") || url.starts_with("amqps://"), "rabbitmq.url", &|| {
-                "must be an amqp:// or amqps:// URL".into()
-            });
-            let valid_name = |n: &str| {
-                !n.is_empty()
-                    && n.len() <= 255
-                    && !n.starts_with("amq.")
-                    && n.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
-            };
-            let name_rule = || "must be 1 to 255 of letters, digits, '-', '_', '.', ':' and not start with 'amq.'".to_owned();
-            check(valid_name(&rabbit.exchange), "rabbitmq.exchange", &name_rule);
-            check(valid_name(&rabbit.delivery_queue_prefix), "rabbitmq.delivery_queue_prefix", &name_rule);
-            check(rabbit.confirm_timeout.get().as_secs() >= 1, "rabbitmq.confirm_timeout", &|| "must be at least 1s".into());
+            section(&mut problems, "rabbitmq", self.rabbitmq.problems());
         }
         let secrets = &self.secrets;
         check(
+            &mut problems,
             !(self.storage.backend == StorageBackend::Cosmos && secrets.backend == SecretsBackend::Local && !secrets.local_shared_data_dir),
             "secrets.backend",
             &|| {
@@ -446,47 +425,31 @@ impl Settings {
         match secrets.backend {
             SecretsBackend::Local => {
                 let key = secrets.local_key.expose_secret();
-                check(key.is_empty() || im_secrets_local::parse_key(key).is_ok(), "secrets.local_key", &|| {
+                check(&mut problems, key.is_empty() || im_secrets_local::parse_key(key).is_ok(), "secrets.local_key", &|| {
                     "must be base64 of 32 bytes".into()
                 });
             }
-            SecretsBackend::Http => {
-                let http = &secrets.http;
-                check(http.url.starts_with("https://") || http.url.starts_with("http://"), "secrets.url", &|| {
-                    "is required (an http(s) URL) when secrets.backend is 'http'".into()
-                });
-                check(!http.token.expose_secret().is_empty(), "secrets.token", &|| "is required when secrets.backend is 'http'".into());
-                check((1..=10).contains(&http.attempts), "secrets.attempts", &|| "must be between 1 and 10".into());
-            }
+            SecretsBackend::Http => section(&mut problems, "secrets", secrets.http.problems()),
         }
-        check(!secrets.http.timeout.is_zero(), "secrets.timeout", &|| "must be positive".into());
+        check(&mut problems, !secrets.http.timeout.is_zero(), "secrets.timeout", &|| "must be positive".into());
         let webhooks = &self.webhooks;
         for (i, cidr) in webhooks.allowed_private_cidrs.iter().enumerate() {
             if let Err(reason) = im_domain::webhooks::endpoint::Cidr::parse(cidr) {
-                check(false, &format!("webhooks.allowed_private_cidrs[{i}]"), &|| reason.to_string());
+                check(&mut problems, false, &format!("webhooks.allowed_private_cidrs[{i}]"), &|| reason.to_string());
             }
         }
         let proxy = webhooks.proxy.expose_secret();
-        check(proxy.is_empty() || proxy.starts_with("http://") || proxy.starts_with("https://"), "webhooks.proxy", &|| {
+        check(&mut problems, proxy.is_empty() || proxy.starts_with("http://") || proxy.starts_with("https://"), "webhooks.proxy", &|| {
             "must be empty or an http(s) URL such as http://proxy.internal:3128".into()
         });
-        check(webhooks.retry_schedule.len() <= 50, "webhooks.retry_schedule", &|| "must have at most 50 entries".into());
-        check(!webhooks.request_timeout.is_zero(), "webhooks.request_timeout", &|| "must be positive".into());
-        check(!webhooks.connect_timeout.is_zero(), "webhooks.connect_timeout", &|| "must be positive".into());
-        check((1..=10_000).contains(&webhooks.concurrency), "webhooks.concurrency", &|| "must be between 1 and 10000".into());
-        let auth = &self.auth;
-        match auth.mode {
-            AuthMode::Local => {
-                use base64::Engine as _;
-                let key = auth.hs256_key.expose_secret();
-                let decoded = base64::engine::general_purpose::STANDARD.decode(key);
-                check(key.is_empty() || decoded.is_ok_and(|k| k.len() >= im_auth::MIN_KEY_BYTES), "auth.hs256_key", &|| {
-                    format!("must be base64 of at least {} bytes", im_auth::MIN_KEY_BYTES)
-                });
-            }
-        }
-        check(auth.token_ttl.get().as_secs() >= 1, "auth.token_ttl", &|| "must be at least 1s".into());
-        check(tracing_subscriber::EnvFilter::try_new(&self.log.level).is_ok(), "log.level", &|| {
+        check(&mut problems, webhooks.retry_schedule.len() <= 50, "webhooks.retry_schedule", &|| "must have at most 50 entries".into());
+        check(&mut problems, !webhooks.request_timeout.is_zero(), "webhooks.request_timeout", &|| "must be positive".into());
+        check(&mut problems, !webhooks.connect_timeout.is_zero(), "webhooks.connect_timeout", &|| "must be positive".into());
+        check(&mut problems, (1..=10_000).contains(&webhooks.concurrency), "webhooks.concurrency", &|| {
+            "must be between 1 and 10000".into()
+        });
+        section(&mut problems, "auth", self.auth.problems());
+        check(&mut problems, tracing_subscriber::EnvFilter::try_new(&self.log.level).is_ok(), "log.level", &|| {
             format!("'{}' is not a valid filter", self.log.level)
         });
         problems
@@ -509,6 +472,12 @@ mod tests {
     use super::*;
     use figment::Jail;
     use std::time::Duration;
+
+    fn set_all(jail: &mut Jail, variables: &[(&str, &str)]) {
+        for (name, value) in variables {
+            jail.set_env(name, value);
+        }
+    }
 
     fn keys(result: Result<Settings, ConfigErrors>) -> Vec<String> {
         result.expect_err("the configuration is refused").keys().into_iter().map(str::to_owned).collect()
@@ -625,6 +594,7 @@ mod tests {
                     "cosmos_db.request_timeout",
                     "log.format",
                     "nonsense",
+                    "secrets.backend",
                     "secrets.surprise",
                     "secrets.timeout",
                     "server.body_limit_bytes",
@@ -634,7 +604,7 @@ mod tests {
                 "{e}"
             );
             let text = e.to_string();
-            assert!(text.starts_with("12 problems"), "{text}");
+            assert!(text.starts_with("13 problems"), "{text}");
             assert!(text.contains("auth.leeway_secs: unknown key 'leeway_secs': renamed to 'auth.leeway'"), "{text}");
             assert!(text.contains("server.port: invalid type") && text.contains("bad.toml"), "the source is named: {text}");
             assert!(text.contains("cosmos_db.request_timeout: 'soon' is not a duration"), "{text}");
@@ -669,17 +639,54 @@ mod tests {
     #[test]
     fn secrets_do_not_print() {
         Jail::expect_with(|jail| {
-            jail.set_env("IM_STORAGE__BACKEND", "cosmos");
-            jail.set_env("IM_COSMOS_DB__ENDPOINT", "https://localhost:8081/");
-            jail.set_env("IM_COSMOS_DB__KEY", "aHVudGVyMmh1bnRlcjI=");
-            jail.set_env("IM_RABBITMQ__URL", "amqp://user:hunter3@localhost/");
-            jail.set_env("IM_SECRETS__TOKEN", "hunter4");
-            jail.set_env("IM_AUTH__HS256_KEY", "aHVudGVyNWh1bnRlcjVodW50ZXI1aHVudGVyNWh1bnRlcjU=");
+            set_all(
+                jail,
+                &[
+                    ("IM_STORAGE__BACKEND", "cosmos"),
+                    ("IM_SECRETS__LOCAL_SHARED_DATA_DIR", "true"),
+                    ("IM_COSMOS_DB__ENDPOINT", "https://localhost:8081/"),
+                    ("IM_COSMOS_DB__KEY", "aHVudGVyMmh1bnRlcjI="),
+                    ("IM_RABBITMQ__URL", "amqp://user:hunter3@localhost/"),
+                    ("IM_SECRETS__TOKEN", "hunter4"),
+                    ("IM_AUTH__HS256_KEY", "aHVudGVyNWh1bnRlcjVodW50ZXI1aHVudGVyNWh1bnRlcjU="),
+                ],
+            );
             let s = Settings::load(None).map_err(|e| e.to_string())?;
             let printed = format!("{s:?}");
             for secret in ["aHVudGVyMmh1bnRlcjI=", "hunter3", "hunter4", "aHVudGVyNWh1bnRlcjVodW50ZXI1aHVudGVyNWh1bnRlcjU="] {
                 assert!(!printed.contains(secret), "{secret} printed in {printed}");
             }
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn adapter_checks_name_their_keys() {
+        Jail::expect_with(|jail| {
+            set_all(
+                jail,
+                &[
+                    ("IM_EVENTS__BACKEND", "rabbitmq"),
+                    ("IM_RABBITMQ__URL", "http://broker"),
+                    ("IM_RABBITMQ__EXCHANGE", "amq.topic"),
+                    ("IM_RABBITMQ__CONFIRM_TIMEOUT", "500ms"),
+                    ("IM_SECRETS__BACKEND", "http"),
+                    ("IM_SECRETS__ATTEMPTS", "0"),
+                    ("IM_AUTH__TOKEN_TTL", "0s"),
+                ],
+            );
+            assert_eq!(
+                keys(Settings::load(None)),
+                [
+                    "rabbitmq.url",
+                    "rabbitmq.exchange",
+                    "rabbitmq.confirm_timeout",
+                    "secrets.url",
+                    "secrets.token",
+                    "secrets.attempts",
+                    "auth.token_ttl"
+                ]
+            );
             Ok(())
         });
     }

@@ -13,7 +13,7 @@ use im_domain::auth::{AuthError, Authenticator};
 use im_domain::{Caller, HumanDuration, Role, TenantId, UserId};
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
-use secrecy::SecretString;
+use secrecy::{ExposeSecret as _, SecretString};
 use serde::{Deserialize, Serialize};
 
 /// Shortest HS256 key accepted, in bytes.
@@ -44,6 +44,25 @@ pub struct AuthSettings {
 }
 
 impl AuthSettings {
+    /// What types alone cannot check: every problem, as (key within the section, message).
+    pub fn problems(&self) -> Vec<(&'static str, String)> {
+        use base64::Engine as _;
+        let mut problems = Vec::new();
+        match self.mode {
+            AuthMode::Local => {
+                let key = self.hs256_key.expose_secret();
+                let decoded = base64::engine::general_purpose::STANDARD.decode(key);
+                if !key.is_empty() && !decoded.is_ok_and(|k| k.len() >= MIN_KEY_BYTES) {
+                    problems.push(("hs256_key", format!("must be base64 of at least {MIN_KEY_BYTES} bytes")));
+                }
+            }
+        }
+        if self.token_ttl.get().as_secs() < 1 {
+            problems.push(("token_ttl", "must be at least 1s".to_owned()));
+        }
+        problems
+    }
+
     pub fn issuer(&self) -> Option<String> {
         Some(self.issuer.clone()).filter(|s| !s.is_empty())
     }

@@ -46,6 +46,27 @@ pub struct RabbitSettings {
 }
 
 impl RabbitSettings {
+    /// What types alone cannot check: every problem, as (key within the section, message).
+    pub fn problems(&self) -> Vec<(&'static str, String)> {
+        let mut problems = Vec::new();
+        let url = self.url.expose_secret();
+        if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
+            problems.push(("url", "must be an amqp:// or amqps:// URL".to_owned()));
+        }
+        let valid_name = |n: &str| {
+            !n.is_empty() && n.len() <= 255 && !n.starts_with("amq.") && n.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
+        };
+        for (key, name) in [("exchange", &self.exchange), ("delivery_queue_prefix", &self.delivery_queue_prefix)] {
+            if !valid_name(name) {
+                problems.push((key, "must be 1 to 255 of letters, digits, '-', '_', '.', ':' and not start with 'amq.'".to_owned()));
+            }
+        }
+        if self.confirm_timeout.get().as_secs() < 1 {
+            problems.push(("confirm_timeout", "must be at least 1s".to_owned()));
+        }
+        problems
+    }
+
     /// Settings for `url` with the default names and a 10 s confirm timeout.
     pub fn new(url: impl Into<String>) -> Self {
         Self {

@@ -36,6 +36,24 @@ pub struct HttpSecretSettings {
     pub backoff: Duration,
 }
 
+impl HttpSecretSettings {
+    /// What types alone cannot check when this store is used: every problem, as (key within
+    /// the section, message).
+    pub fn problems(&self) -> Vec<(&'static str, String)> {
+        let mut problems = Vec::new();
+        if !(self.url.starts_with("https://") || self.url.starts_with("http://")) {
+            problems.push(("url", "is required (an http(s) URL) when secrets.backend is 'http'".to_owned()));
+        }
+        if self.token.expose_secret().is_empty() {
+            problems.push(("token", "is required when secrets.backend is 'http'".to_owned()));
+        }
+        if !(1..=10).contains(&self.attempts) {
+            problems.push(("attempts", "must be between 1 and 10".to_owned()));
+        }
+        problems
+    }
+}
+
 fn default_backoff() -> Duration {
     Duration::from_millis(100)
 }

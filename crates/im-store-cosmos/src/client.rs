@@ -75,6 +75,34 @@ pub struct CosmosSettings {
     pub auto_provision: bool,
 }
 
+impl CosmosSettings {
+    /// What types alone cannot check: every problem, as (key within the section, message).
+    pub fn problems(&self) -> Vec<(&'static str, String)> {
+        use base64::Engine as _;
+        let mut problems = Vec::new();
+        if self.endpoint.is_empty() {
+            problems.push(("endpoint", "is required when storage.backend is 'cosmos'".to_owned()));
+        } else if !self.endpoint.starts_with("https://") || self.endpoint.contains(char::is_whitespace) {
+            problems.push(("endpoint", format!("'{}' is not an https:// account endpoint", self.endpoint)));
+        }
+        let key = self.key.expose_secret();
+        if key.is_empty() || base64::engine::general_purpose::STANDARD.decode(key).is_err() {
+            problems.push(("key", "is required (the account key, base64) when storage.backend is 'cosmos'".to_owned()));
+        }
+        let db = &self.database;
+        if db.is_empty() || db.len() > 255 || db.contains(['/', '\\', '?', '#']) {
+            problems.push(("database", "must be 1 to 255 characters without '/', '\\', '?' or '#'".to_owned()));
+        }
+        if self.request_timeout.get().as_secs() < 1 {
+            problems.push(("request_timeout", "must be at least 1s".to_owned()));
+        }
+        if self.max_throttle_retries > 20 {
+            problems.push(("max_throttle_retries", "must be at most 20".to_owned()));
+        }
+        problems
+    }
+}
+
 async fn client(settings: &CosmosSettings) -> anyhow::Result<CosmosClient> {
     let endpoint: AccountEndpoint = settings
         .endpoint
