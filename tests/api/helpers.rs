@@ -105,6 +105,8 @@ pub async fn spawn_in(dir: Arc<tempfile::TempDir>, configure: impl FnOnce(&mut S
         settings.cosmos_db.database = im_testkit::cosmos::fresh_database();
         settings.cosmos_db.emulator = true;
         settings.cosmos_db.auto_provision = true;
+        // One instance per test: its data directory is the only one.
+        settings.secrets.local_shared_data_dir = true;
         settings.cosmos_db.request_timeout = integration_manager::config::HumanDuration::parse("30s").unwrap();
     }
     if events_on_rabbitmq() {

@@ -72,6 +72,7 @@ pub struct WithSecret {
 }
 
 impl WebhookService {
+    #[allow(clippy::too_many_arguments, reason = "one port or setting each; wired once, in startup")]
     pub fn new(
         webhooks: Arc<dyn WebhookRepository>,
         secrets: Arc<dyn SecretStore>,
