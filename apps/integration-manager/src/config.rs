@@ -128,6 +128,7 @@ pub struct WebhookSettings {
     pub previous_secret_grace: HumanDuration,
     pub disable_after: HumanDuration,
     pub disable_min_failures: u32,
+    pub max_endpoints_per_tenant: usize,
 }
 
 impl WebhookSettings {
@@ -358,6 +359,9 @@ impl Settings {
             if self.rabbitmq.confirm_timeout_secs == 0 {
                 return Err(err("rabbitmq.confirm_timeout_secs", "must be at least 1"));
             }
+        }
+        if !(1..=10_000).contains(&self.webhooks.max_endpoints_per_tenant) {
+            return Err(err("webhooks.max_endpoints_per_tenant", "must be between 1 and 10000"));
         }
         if self.storage.backend == StorageBackend::Cosmos
             && self.secrets.backend == SecretsBackend::Local

@@ -229,7 +229,8 @@ impl Application {
             Arc::new(OsEntropy),
             settings.webhooks.url_policy(),
             settings.webhooks.previous_secret_grace.0,
-        );
+        )
+        .with_max_endpoints(settings.webhooks.max_endpoints_per_tenant);
         // Delivery jobs: a RabbitMQ work queue shared by every instance, or the embedded
         // database of the data directory (whatever the store).
         let queue: Arc<dyn DeliveryQueue> = match settings.events.backend {

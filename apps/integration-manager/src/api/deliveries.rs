@@ -26,7 +26,10 @@ pub struct DeliveryView {
     message_id: String,
     event_type: String,
     status: DeliveryStatus,
+    /// The newest 50 attempts, oldest first.
     attempts: Vec<Attempt>,
+    /// Older attempts, made but no longer kept.
+    older_attempts: u32,
     next_attempt_at: Option<String>,
     created_at: String,
     updated_at: String,
@@ -48,6 +51,7 @@ impl From<Delivery> for DeliveryView {
             event_type: d.event_type,
             status: d.status,
             attempts: d.attempts,
+            older_attempts: d.older_attempts,
             next_attempt_at: d.next_attempt_at.map(rfc3339),
             created_at: rfc3339(d.created_at),
             updated_at: rfc3339(d.updated_at),

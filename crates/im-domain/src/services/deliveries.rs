@@ -152,6 +152,7 @@ impl DeliveryService {
             payload,
             status,
             attempts: Vec::new(),
+            older_attempts: 0,
             next_attempt_at: (status == DeliveryStatus::Pending).then_some(now),
             lease_until: None,
             created_at: now,
@@ -355,7 +356,7 @@ impl DeliveryService {
         let now = self.clock.now();
         let mut delivery = stored.value.clone();
         delivery.lease_until = None;
-        delivery.attempts.push(Attempt {
+        delivery.record(Attempt {
             at: now,
             trigger,
             status_code: result.status,
@@ -420,7 +421,7 @@ impl DeliveryService {
     async fn fail_unsignable(&self, job: &DeliveryJob, stored: Stored<Delivery>) -> Result<AttemptReport, DomainError> {
         let now = self.clock.now();
         let mut delivery = stored.value;
-        delivery.attempts.push(Attempt {
+        delivery.record(Attempt {
             at: now,
             trigger: AttemptTrigger::Scheduled,
             status_code: None,

@@ -5,7 +5,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::auth::{Caller, Role};
-use crate::common::{Clock, ETag, IdGenerator, Page, PageRequest, Stored};
+use crate::common::{Clock, ETag, IdGenerator, Page, PageRequest, Stored, TenantId};
 use crate::error::DomainError;
 use crate::secrets::{SecretName, SecretRef, SecretStore, SecretValue};
 use crate::webhooks::endpoint::{PreviousSecret, UrlPolicy, Webhook, WebhookId, WebhookSpec, WebhookStatus};
@@ -17,6 +17,9 @@ use super::read_modify_write;
 /// Length of new signing secrets, in bytes (the Standard Webhooks range is 24 to 64).
 const SECRET_BYTES: usize = 32;
 
+/// Endpoints a tenant may have unless configured otherwise.
+pub const DEFAULT_MAX_ENDPOINTS: usize = 50;
+
 /// Registers and manages a tenant's webhook endpoints and their signing secrets.
 #[derive(Clone)]
 pub struct WebhookService {
@@ -27,6 +30,8 @@ pub struct WebhookService {
     entropy: Arc<dyn Entropy>,
     policy: UrlPolicy,
     previous_secret_grace: Duration,
+    /// Endpoints a tenant may have.
+    max_endpoints: usize,
     /// Signing secrets already read, by reference (a reference names one immutable version).
     secret_cache: Arc<std::sync::Mutex<std::collections::HashMap<(String, String), SigningSecret>>>,
 }
@@ -55,7 +60,45 @@ impl WebhookService {
         policy: UrlPolicy,
         previous_secret_grace: Duration,
     ) -> Self {
-        Self { webhooks, secrets, clock, ids, entropy, policy, previous_secret_grace, secret_cache: Arc::default() }
+        Self {
+            webhooks,
+            secrets,
+            clock,
+            ids,
+            entropy,
+            policy,
+            previous_secret_grace,
+            max_endpoints: DEFAULT_MAX_ENDPOINTS,
+            secret_cache: Arc::default(),
+        }
+    }
+
+    /// At most `max` endpoints per tenant (a create beyond is a conflict).
+    #[must_use]
+    pub fn with_max_endpoints(mut self, max: usize) -> Self {
+        self.max_endpoints = max;
+        self
+    }
+
+    /// Refuses a new endpoint when the tenant has `max_endpoints` already. (Two creations at
+    /// the same instant may both pass: the cap bounds growth, it is not a quota to the unit.)
+    async fn check_room(&self, tenant: &TenantId) -> Result<(), DomainError> {
+        let mut count = 0;
+        let mut page = PageRequest::first(200);
+        loop {
+            let result = self.webhooks.list(tenant, &page).await?;
+            count += result.items.len();
+            if count >= self.max_endpoints {
+                return Err(DomainError::Conflict(format!(
+                    "a tenant has at most {} webhook endpoints; delete one before adding another",
+                    self.max_endpoints
+                )));
+            }
+            match result.continuation {
+                Some(token) => page = PageRequest { limit: 200, continuation: Some(token) },
+                None => return Ok(()),
+            }
+        }
     }
 
     fn new_secret(&self) -> Result<SigningSecret, DomainError> {
@@ -76,6 +119,7 @@ impl WebhookService {
     pub async fn create(&self, caller: &Caller, spec: WebhookSpec) -> Result<WithSecret, DomainError> {
         caller.require(Role::Member)?;
         spec.validate(&self.policy)?;
+        self.check_room(&caller.tenant_id).await?;
         let now = self.clock.now();
         let secret = self.new_secret()?;
         let mut webhook = Webhook {
