@@ -1,5 +1,5 @@
 # Integration Manager: every target is a one-liner that mirrors CI.
-.PHONY: run test lint fmt fmt-check bench openapi build
+.PHONY: run test lint fmt fmt-check bench openapi build chaos
 
 run:        ## build and serve on :3026 with the embedded store
 	cargo run --release -p integration-manager -- serve
@@ -9,6 +9,9 @@ build:
 
 test:       ## the whole suite: every crate, the API suite again on Cosmos DB, the webhook suite on RabbitMQ
 	cargo test --workspace && IM_TEST_BACKEND=cosmos cargo test -p im-system-tests --test api && IM_TEST_EVENTS=rabbitmq cargo test -p im-system-tests --test api -- webhooks deliveries events
+
+chaos:      ## failure scenarios across three instances (receiver outage), on each store and on RabbitMQ; prints committed/delivered/lost/duplicated
+	cargo test -p im-system-tests --test api -- instances --nocapture && IM_TEST_BACKEND=cosmos cargo test -p im-system-tests --test api -- instances --nocapture && IM_TEST_BACKEND=cosmos IM_TEST_EVENTS=rabbitmq cargo test -p im-system-tests --test api -- instances --nocapture
 
 lint:
 	cargo clippy --workspace --all-targets -- -D warnings

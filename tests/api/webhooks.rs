@@ -179,3 +179,19 @@ async fn endpoints_are_tenant_scoped_and_concurrency_controlled() {
     assert_eq!(app.delete(&path, &owner, None).await.status(), StatusCode::NO_CONTENT);
     problem(app.get(&path, &owner).await, StatusCode::NOT_FOUND).await;
 }
+
+#[tokio::test]
+async fn a_tenant_has_at_most_the_configured_number_of_endpoints() {
+    let app = crate::helpers::spawn_app_with(|s| s.webhooks.max_endpoints_per_tenant = 2).await;
+    let token = app.member();
+    for n in 0..2 {
+        let created = app.post("/api/v1/webhooks", &token, &json!({"url": format!("https://hooks.example.com/{n}")})).await;
+        assert_eq!(created.status(), StatusCode::CREATED);
+    }
+    let refused =
+        problem(app.post("/api/v1/webhooks", &token, &json!({"url": "https://hooks.example.com/3"})).await, StatusCode::CONFLICT).await;
+    assert!(refused["detail"].as_str().unwrap_or_default().contains("at most 2 webhook endpoints"), "{refused}");
+    let other = app.member();
+    let created = app.post("/api/v1/webhooks", &other, &json!({"url": "https://hooks.example.com/other"})).await;
+    assert_eq!(created.status(), StatusCode::CREATED, "the cap is per tenant");
+}

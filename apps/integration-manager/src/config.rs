@@ -104,6 +104,7 @@ pub struct WebhookSettings {
     pub previous_secret_grace: HumanDuration,
     pub disable_after: HumanDuration,
     pub disable_min_failures: u32,
+    pub max_endpoints_per_tenant: usize,
 }
 
 impl WebhookSettings {
@@ -410,6 +411,9 @@ impl Settings {
         if self.events.backend == EventsBackend::Rabbitmq {
             section(&mut problems, "rabbitmq", self.rabbitmq.problems());
         }
+        check(&mut problems, (1..=10_000).contains(&self.webhooks.max_endpoints_per_tenant), "webhooks.max_endpoints_per_tenant", &|| {
+            "must be between 1 and 10000".into()
+        });
         let secrets = &self.secrets;
         check(
             &mut problems,

@@ -26,6 +26,10 @@ use serde::de::DeserializeOwned;
 
 use crate::errors::{map, timed_out};
 
+/// Continuation tokens this store issues: prefix, then a MAC of the SDK's token, then the token.
+const TOKEN_PREFIX: &str = "s1.";
+const TOKEN_MAC_LEN: usize = 43;
+
 /// A container of the specification: name, partition key path, default TTL in seconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ContainerSpec {
@@ -291,6 +295,42 @@ impl CosmosStore {
     }
 
     /// One page of a parameterized query. With `partition`, the query stays in that partition.
+    /// The SDK's continuation token, signed with the account key (and bound to the container),
+    /// so that the service never receives a token this store did not issue: a crafted one is
+    /// refused here as a bad request instead of failing in Cosmos DB.
+    fn sign_token(&self, container: &str, sdk_token: &str) -> String {
+        format!("{TOKEN_PREFIX}{}{sdk_token}", self.token_mac(container, sdk_token))
+    }
+
+    /// The SDK token inside a token [`Self::sign_token`] issued, if it is one.
+    fn verify_token<'t>(&self, container: &str, token: &'t str) -> Option<&'t str> {
+        let rest = token.strip_prefix(TOKEN_PREFIX)?;
+        let (mac, sdk_token) = (rest.get(..TOKEN_MAC_LEN)?, rest.get(TOKEN_MAC_LEN..)?);
+        let expected = self.token_mac(container, sdk_token);
+        let same = mac.len() == expected.len() && mac.bytes().zip(expected.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
+        (same && !sdk_token.is_empty()).then_some(sdk_token)
+    }
+
+    fn token_mac(&self, container: &str, sdk_token: &str) -> String {
+        let key = Secret::from(self.inner.settings.key.expose_secret().to_owned());
+        let mac = azure_core::hmac::hmac_sha256(&format!("{container}\n{sdk_token}"), &key).unwrap_or_default();
+        let mut mac: String = mac
+            .chars()
+            .filter(|c| *c != '=')
+            .map(|c| {
+                if c == '+' {
+                    '-'
+                } else if c == '/' {
+                    '_'
+                } else {
+                    c
+                }
+            })
+            .collect();
+        mac.truncate(TOKEN_MAC_LEN);
+        format!("{mac:A<TOKEN_MAC_LEN$}")
+    }
+
     pub(crate) async fn query_page<T: DeserializeOwned + Send + 'static>(
         &self,
         container: &'static str,
@@ -301,10 +341,8 @@ impl CosmosStore {
         let limit = NonZeroU32::new(page.limit).unwrap_or(NonZeroU32::MIN);
         let mut options = QueryOptions::default().with_max_item_count(MaxItemCountHint::Limit(limit));
         if let Some(token) = &page.continuation {
-            if !token.starts_with("c1.") {
-                return Err(invalid_continuation());
-            }
-            options = options.with_continuation_token(ContinuationToken::from_string(token.clone()));
+            let sdk_token = self.verify_token(container, token).ok_or_else(invalid_continuation)?;
+            options = options.with_continuation_token(ContinuationToken::from_string(sdk_token.to_owned()));
         }
         let single_partition = partition.is_some();
         let scope = match partition {
@@ -317,7 +355,7 @@ impl CosmosStore {
             let Some(first) = pages.try_next().await? else { return Ok((Vec::new(), None)) };
             let more = if single_partition { first.headers().continuation().is_some() } else { first.items().len() as u32 >= page.limit };
             let items = first.into_items();
-            let token = if more { Some(pages.to_continuation_token()?.as_str().to_owned()) } else { None };
+            let token = if more { Some(self.sign_token(container, pages.to_continuation_token()?.as_str())) } else { None };
             Ok::<_, azure_data_cosmos::CosmosError>((items, token))
         };
         match tokio::time::timeout(self.inner.timeout, fetch).await {

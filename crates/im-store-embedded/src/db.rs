@@ -34,7 +34,7 @@ thread_local! {
 pub struct Db {
     id: u64,
     path: PathBuf,
-    writes: Mutex<mpsc::Sender<Job>>,
+    writes: Mutex<mpsc::SyncSender<Job>>,
     clock: Arc<dyn Clock>,
 }
 
@@ -57,6 +57,9 @@ fn configure(conn: &Connection) -> rusqlite::Result<()> {
     Ok(())
 }
 
+/// Writes that may wait for the writer thread before new ones are refused.
+pub const WRITE_QUEUE: usize = 4096;
+
 /// Translates SQLite failures: a busy or locked database is temporary, everything else is a defect.
 pub(crate) fn map_sqlite(error: rusqlite::Error) -> DomainError {
     use rusqlite::ErrorCode;
@@ -73,10 +76,17 @@ pub(crate) fn map_sqlite(error: rusqlite::Error) -> DomainError {
 
 impl Db {
     pub fn open(path: &Path, clock: Arc<dyn Clock>) -> anyhow::Result<Self> {
+        Self::with_write_queue(path, clock, WRITE_QUEUE)
+    }
+
+    /// Opens the database with room for `capacity` writes waiting for the writer: past that,
+    /// writes are refused as [`DomainError::Unavailable`] (overload pushes back instead of
+    /// growing memory).
+    pub fn with_write_queue(path: &Path, clock: Arc<dyn Clock>, capacity: usize) -> anyhow::Result<Self> {
         let writer = Connection::open(path).map_err(|e| anyhow::anyhow!("cannot open database {}: {e}", path.display()))?;
         configure(&writer)?;
         writer.set_prepared_statement_cache_capacity(64);
-        let (writes, jobs) = mpsc::channel::<Job>();
+        let (writes, jobs) = mpsc::sync_channel::<Job>(capacity);
         std::thread::Builder::new().name("im-sqlite-writer".into()).spawn(move || write_loop(writer, &jobs))?;
         Ok(Self { id: NEXT_DB_ID.fetch_add(1, Ordering::Relaxed), path: path.to_owned(), writes: Mutex::new(writes), clock })
     }
@@ -125,12 +135,19 @@ impl Db {
                 });
             })
         });
-        self.writes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .send(job)
-            .map_err(|_| DomainError::Unexpected(anyhow::anyhow!("the embedded database writer has stopped")))?;
-        result.await.map_err(|_| DomainError::Unexpected(anyhow::anyhow!("the embedded database writer has stopped")))?
+        self.writes.lock().unwrap_or_else(|p| p.into_inner()).try_send(job).map_err(|e| match e {
+            mpsc::TrySendError::Full(_) => DomainError::Unavailable {
+                reason: "the embedded database has too many writes waiting".into(),
+                retry_after: Some(Duration::from_secs(1)),
+            },
+            mpsc::TrySendError::Disconnected(_) => DomainError::Unexpected(anyhow::anyhow!("the embedded database writer has stopped")),
+        })?;
+        // Unanswered: the writer could not begin a transaction (the database stayed busy past its
+        // timeout, or failed); temporary as far as the caller can tell.
+        result.await.map_err(|_| DomainError::Unavailable {
+            reason: "the embedded database could not begin a write (busy past its timeout)".into(),
+            retry_after: Some(Duration::from_secs(1)),
+        })?
     }
 }
 

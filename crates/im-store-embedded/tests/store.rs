@@ -149,3 +149,52 @@ async fn queueing_a_replayed_job_changes_neither_its_due_time_nor_its_lease() {
     queue.schedule_if_absent(&fresh, now).await.unwrap();
     assert_eq!(queue.take_due(10, Duration::from_secs(120)).await.unwrap(), vec![fresh], "a job that was missing is queued");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_write_queue_pushes_back_as_unavailable() {
+    use im_domain::DomainError;
+    let dir = tempfile::tempdir().unwrap();
+    let db = Arc::new(im_store_embedded::Db::with_write_queue(&dir.path().join("queue.db"), Arc::new(SystemClock), 1).unwrap());
+    let (release, gate) = std::sync::mpsc::channel::<()>();
+    let gate = Arc::new(Mutex::new(gate));
+    let holding = {
+        let (db, gate) = (db.clone(), gate.clone());
+        tokio::spawn(async move {
+            db.write(move |_| {
+                let _ = gate.lock().unwrap().recv();
+                Ok(())
+            })
+            .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let waiting = {
+        let db = db.clone();
+        tokio::spawn(async move { db.write(|_| Ok(())).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let refused = db.write(|_| Ok(())).await;
+    assert!(matches!(refused, Err(DomainError::Unavailable { retry_after: Some(_), .. })), "{refused:?}");
+
+    release.send(()).unwrap();
+    holding.await.unwrap().unwrap();
+    waiting.await.unwrap().unwrap();
+    db.write(|_| Ok(())).await.expect("room again once the writer caught up");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_busy_past_its_timeout_is_unavailable() {
+    use im_domain::DomainError;
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(dir.path()).await;
+    let other = rusqlite::Connection::open(dir.path().join(im_store_embedded::DATABASE_FILE)).unwrap();
+    other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let item = im_testkit::integrations::integration(&im_testkit::fresh_tenant(), "github");
+
+    let busy = store.integrations().create(&item, &[]).await;
+
+    assert!(matches!(busy, Err(DomainError::Unavailable { retry_after: Some(_), .. })), "{busy:?}");
+    other.execute_batch("ROLLBACK").unwrap();
+    store.integrations().create(&item, &[]).await.expect("writes again once the lock is gone");
+}

@@ -96,7 +96,10 @@ pub struct DeliveryView {
     message_id: String,
     event_type: String,
     status: DeliveryStatusDto,
+    /// The newest 50 attempts, oldest first.
     attempts: Vec<AttemptView>,
+    /// Older attempts, made but no longer kept.
+    older_attempts: u32,
     #[schema(format = DateTime)]
     next_attempt_at: Option<String>,
     #[schema(format = DateTime)]
@@ -117,6 +120,7 @@ impl From<Delivery> for DeliveryView {
             event_type: d.event_type,
             status: d.status.into(),
             attempts: d.attempts.into_iter().map(Into::into).collect(),
+            older_attempts: d.older_attempts,
             next_attempt_at: d.next_attempt_at.map(rfc3339),
             created_at: rfc3339(d.created_at),
             updated_at: rfc3339(d.updated_at),

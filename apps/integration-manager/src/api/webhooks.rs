@@ -211,6 +211,7 @@ pub async fn list(state: web::Data<AppState>, caller: Authenticated, req: HttpRe
     responses(
         (status = 201, description = "Created; `secret` is shown this once", body = WebhookView),
         (status = 400, description = "Malformed body", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The tenant has `webhooks.max_endpoints_per_tenant` endpoints already", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid values (an https URL, a refused address, unknown event types...)", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = [])))]

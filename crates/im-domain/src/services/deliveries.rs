@@ -163,6 +163,7 @@ impl DeliveryService {
             payload,
             status,
             attempts: Vec::new(),
+            older_attempts: 0,
             next_attempt_at: (status == DeliveryStatus::Pending).then_some(now),
             lease_until: None,
             created_at: now,
@@ -366,7 +367,7 @@ impl DeliveryService {
         let now = self.clock.now();
         let mut delivery = stored.value.clone();
         delivery.lease_until = None;
-        delivery.attempts.push(Attempt {
+        delivery.record(Attempt {
             at: now,
             trigger,
             status_code: result.status,
@@ -431,7 +432,7 @@ impl DeliveryService {
     async fn fail_unsignable(&self, job: &DeliveryJob, stored: Stored<Delivery>) -> Result<AttemptReport, DomainError> {
         let now = self.clock.now();
         let mut delivery = stored.value;
-        delivery.attempts.push(Attempt {
+        delivery.record(Attempt {
             at: now,
             trigger: AttemptTrigger::Scheduled,
             status_code: None,
@@ -746,6 +747,7 @@ mod attempt_tests {
             payload: json!({"id": "event-1", "type": "integration.created"}),
             status: DeliveryStatus::Pending,
             attempts: vec![failed; scheduled_attempts],
+            older_attempts: 0,
             next_attempt_at: Some(now()),
             lease_until: None,
             created_at: now() - time::Duration::hours(1),

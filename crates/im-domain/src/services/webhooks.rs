@@ -6,7 +6,7 @@ use serde_json::json;
 
 use crate::audit::{Audit, AuditAction, AuditResource};
 use crate::auth::{Caller, Role};
-use crate::common::{Clock, ETag, IdGenerator, Page, PageRequest, Stored};
+use crate::common::{Clock, ETag, IdGenerator, Page, PageRequest, Stored, TenantId};
 use crate::error::DomainError;
 use crate::secrets::{SecretName, SecretRef, SecretStore, SecretValue};
 use crate::webhooks::endpoint::{HEADER_MASK, PreviousSecret, UrlPolicy, Webhook, WebhookId, WebhookSpec, WebhookStatus, masked};
@@ -20,6 +20,8 @@ const SECRET_BYTES: usize = 32;
 
 /// Values read from the secret store, by secret name and version (a version never changes).
 type VersionCache<T> = Arc<std::sync::Mutex<std::collections::HashMap<(String, String), T>>>;
+/// Endpoints a tenant may have unless configured otherwise.
+pub const DEFAULT_MAX_ENDPOINTS: usize = 50;
 
 /// Registers and manages a tenant's webhook endpoints and their signing secrets.
 #[derive(Clone)]
@@ -31,6 +33,8 @@ pub struct WebhookService {
     entropy: Arc<dyn Entropy>,
     policy: UrlPolicy,
     previous_secret_grace: Duration,
+    /// Endpoints a tenant may have.
+    max_endpoints: usize,
     /// Signing secrets already read, by reference (a reference names one immutable version).
     secret_cache: VersionCache<SigningSecret>,
     /// Custom header values already read, by reference.
@@ -91,6 +95,7 @@ impl WebhookService {
             entropy,
             policy,
             previous_secret_grace,
+            max_endpoints: DEFAULT_MAX_ENDPOINTS,
             secret_cache: Arc::default(),
             header_cache: Arc::default(),
             audit,
@@ -134,6 +139,34 @@ impl WebhookService {
         }
         cache.insert(key, headers.clone());
         Ok(headers)
+    }
+
+    /// At most `max` endpoints per tenant (a create beyond is a conflict).
+    #[must_use]
+    pub fn with_max_endpoints(mut self, max: usize) -> Self {
+        self.max_endpoints = max;
+        self
+    }
+
+    /// Refuses a new endpoint when the tenant has `max_endpoints` already. (Two creations at
+    /// the same instant may both pass: the cap bounds growth, it is not a quota to the unit.)
+    async fn check_room(&self, tenant: &TenantId) -> Result<(), DomainError> {
+        let mut count = 0;
+        let mut page = PageRequest::first(200);
+        loop {
+            let result = self.webhooks.list(tenant, &page).await?;
+            count += result.items.len();
+            if count >= self.max_endpoints {
+                return Err(DomainError::Conflict(format!(
+                    "a tenant has at most {} webhook endpoints; delete one before adding another",
+                    self.max_endpoints
+                )));
+            }
+            match result.continuation {
+                Some(token) => page = PageRequest { limit: 200, continuation: Some(token) },
+                None => return Ok(()),
+            }
+        }
     }
 
     fn new_secret(&self) -> Result<SigningSecret, DomainError> {
@@ -181,6 +214,7 @@ impl WebhookService {
         caller.require(Role::Member)?;
         spec.validate(&self.policy)?;
         let headers = resolve_headers(&spec.headers, &BTreeMap::new())?;
+        self.check_room(&caller.tenant_id).await?;
         let now = self.clock.now();
         let secret = self.new_secret()?;
         let mut webhook = Webhook {

@@ -13,6 +13,8 @@ pub const DELIVERY_TTL: std::time::Duration = std::time::Duration::from_secs(7 *
 /// How long a scheduled attempt holds its delivery: a worker that dies mid-attempt leaves it
 /// to another after this (longer than any attempt takes).
 pub const ATTEMPT_LEASE: std::time::Duration = std::time::Duration::from_secs(120);
+/// Attempts kept per delivery (each with at most a 4 KiB response excerpt).
+pub const ATTEMPTS_KEPT: usize = 50;
 /// Response bodies are recorded up to this many bytes.
 pub const RESPONSE_EXCERPT_BYTES: usize = 4096;
 
@@ -79,7 +81,11 @@ pub struct Delivery {
     /// The CloudEvents document sent as the body.
     pub payload: Value,
     pub status: DeliveryStatus,
+    /// The newest [`ATTEMPTS_KEPT`] attempts, oldest first.
     pub attempts: Vec<Attempt>,
+    /// How many older attempts were made and no longer kept.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub older_attempts: u32,
     /// When the next scheduled attempt is due (pending deliveries).
     #[serde(with = "time::serde::rfc3339::option")]
     pub next_attempt_at: Option<OffsetDateTime>,
@@ -91,6 +97,23 @@ pub struct Delivery {
     pub created_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339")]
     pub updated_at: OffsetDateTime,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+impl Delivery {
+    /// Records an attempt, keeping only the newest [`ATTEMPTS_KEPT`] (a stored delivery stays
+    /// far below Cosmos DB's 2 MB item limit) and counting the older ones.
+    pub fn record(&mut self, attempt: Attempt) {
+        self.attempts.push(attempt);
+        if self.attempts.len() > ATTEMPTS_KEPT {
+            let dropped = self.attempts.len() - ATTEMPTS_KEPT;
+            self.attempts.drain(..dropped);
+            self.older_attempts = self.older_attempts.saturating_add(dropped as u32);
+        }
+    }
 }
 
 /// The deterministic id of the delivery of `event_id` to `webhook`: fanning the same event out
@@ -190,6 +213,41 @@ mod tests {
             "never sooner than scheduled"
         );
         assert_eq!(next_wait(&schedule, 0, 0.5, Some(Duration::from_secs(99_999))), Some(Duration::from_secs(3600)), "bounded");
+    }
+
+    #[test]
+    fn only_the_newest_attempts_are_kept_and_the_older_counted() {
+        let at = OffsetDateTime::UNIX_EPOCH;
+        let mut delivery = Delivery {
+            id: Uuid::nil(),
+            tenant_id: TenantId::new("t").unwrap(),
+            webhook_id: WebhookId(Uuid::nil()),
+            message_id: "m".into(),
+            event_type: "integration.created".into(),
+            payload: Value::Null,
+            status: DeliveryStatus::Pending,
+            attempts: Vec::new(),
+            older_attempts: 0,
+            next_attempt_at: None,
+            lease_until: None,
+            created_at: at,
+            updated_at: at,
+        };
+        for n in 0..(ATTEMPTS_KEPT as u64 + 7) {
+            let attempt = Attempt {
+                at,
+                trigger: AttemptTrigger::Manual,
+                status_code: Some(500),
+                duration_ms: n,
+                response_excerpt: Some("x".repeat(RESPONSE_EXCERPT_BYTES)),
+                error: None,
+            };
+            delivery.record(attempt);
+        }
+        assert_eq!(delivery.attempts.len(), ATTEMPTS_KEPT);
+        assert_eq!(delivery.older_attempts, 7);
+        assert_eq!(delivery.attempts[0].duration_ms, 7, "the oldest went first");
+        assert!(serde_json::to_vec(&delivery).unwrap().len() < 2 * 1024 * 1024 / 4, "far below Cosmos DB's item limit");
     }
 
     #[test]
