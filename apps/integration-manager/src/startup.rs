@@ -221,7 +221,8 @@ async fn webhooks(settings: &Settings, storage: &Storage, audit: Audit) -> anyho
         settings.webhooks.url_policy(),
         settings.webhooks.previous_secret_grace.get(),
         audit.clone(),
-    );
+    )
+    .with_max_endpoints(settings.webhooks.max_endpoints_per_tenant);
     let sender = HttpWebhookSender::new(SenderSettings {
         connect_timeout: settings.webhooks.connect_timeout.get(),
         request_timeout: settings.webhooks.request_timeout.get(),
