@@ -63,8 +63,8 @@ pub fn validate_against(validator: &jsonschema::Validator, value: &Value, prefix
     if violations.is_empty() { Ok(()) } else { Err(violations) }
 }
 
-/// `/a/0/b` -> `a[0].b`.
-fn pointer_to_path(pointer: &str) -> String {
+/// `/a/0/b` -> `a[0].b`: a JSON pointer as the field path problems name.
+pub fn pointer_to_path(pointer: &str) -> String {
     let mut out = String::new();
     for segment in pointer.split('/').skip(1) {
         let segment = segment.replace("~1", "/").replace("~0", "~");

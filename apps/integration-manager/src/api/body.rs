@@ -77,18 +77,12 @@ fn validator(name: &str) -> Result<Arc<Validator>, ApiError> {
 
 /// `/a/0/b` -> `a[0].b`, with `child` appended.
 fn path(pointer: &str, child: Option<&str>) -> String {
-    let mut out = String::new();
-    for segment in pointer.split('/').skip(1).map(|s| s.replace("~1", "/").replace("~0", "~")).chain(child.map(str::to_owned)) {
-        if !segment.is_empty() && segment.chars().all(|c| c.is_ascii_digit()) {
-            out.push_str(&format!("[{segment}]"));
-        } else {
-            if !out.is_empty() {
-                out.push('.');
-            }
-            out.push_str(&segment);
-        }
+    let parent = im_domain::schema::pointer_to_path(pointer);
+    match child {
+        Some(child) if parent.is_empty() => child.to_owned(),
+        Some(child) => format!("{parent}.{child}"),
+        None => parent,
     }
-    out
 }
 
 fn type_name(value: &Value) -> &'static str {

@@ -14,7 +14,7 @@ use im_domain::audit::AuditAction;
 
 use super::body;
 use super::extract::{Authenticated, JsonBody};
-use super::problem::{ApiError, ApiResult, Problem};
+use super::problem::{ApiError, ApiResult};
 use super::{ListResponse, QueryParams, rfc3339};
 use crate::state::AppState;
 
@@ -154,7 +154,6 @@ fn time_param(raw: &str) -> Result<OffsetDateTime, FieldViolation> {
     ),
     responses(
         (status = 200, description = "A page of deliveries (kept 7 days)", body = ListResponse<DeliveryView>),
-        (status = 404, description = "No such endpoint", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = [])))]
 pub async fn list(state: web::Data<AppState>, caller: Authenticated, id: web::Path<String>, req: HttpRequest) -> ApiResult<HttpResponse> {
@@ -179,7 +178,6 @@ pub async fn list(state: web::Data<AppState>, caller: Authenticated, id: web::Pa
     params(("id" = uuid::Uuid, Path, description = "Webhook id"), ("deliveryId" = uuid::Uuid, Path, description = "Delivery id")),
     responses(
         (status = 200, description = "The delivery", body = DeliveryView),
-        (status = 404, description = "No such delivery", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = [])))]
 pub async fn get(state: web::Data<AppState>, caller: Authenticated, path: web::Path<(String, String)>) -> ApiResult<HttpResponse> {
@@ -193,7 +191,6 @@ pub async fn get(state: web::Data<AppState>, caller: Authenticated, path: web::P
     params(("id" = uuid::Uuid, Path, description = "Webhook id"), ("deliveryId" = uuid::Uuid, Path, description = "Delivery id")),
     responses(
         (status = 200, description = "The delivery after the attempt", body = DeliveryView),
-        (status = 404, description = "No such delivery", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = [])))]
 pub async fn retry(state: web::Data<AppState>, caller: Authenticated, path: web::Path<(String, String)>) -> ApiResult<HttpResponse> {
@@ -223,7 +220,6 @@ pub struct RecoverReport {
     request_body = RecoverInput,
     responses(
         (status = 202, description = "Queued again", body = RecoverReport),
-        (status = 404, description = "No such endpoint", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = [])))]
 pub async fn recover(state: web::Data<AppState>, caller: Authenticated, id: web::Path<String>, body: JsonBody) -> ApiResult<HttpResponse> {
@@ -240,7 +236,6 @@ pub async fn recover(state: web::Data<AppState>, caller: Authenticated, id: web:
     params(("id" = uuid::Uuid, Path, description = "Webhook id")),
     responses(
         (status = 200, description = "The test delivery with its attempt", body = DeliveryView),
-        (status = 404, description = "No such endpoint", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = [])))]
 pub async fn test(state: web::Data<AppState>, caller: Authenticated, id: web::Path<String>) -> ApiResult<HttpResponse> {

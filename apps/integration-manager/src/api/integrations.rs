@@ -14,7 +14,7 @@ use im_domain::audit::AuditAction;
 use super::body::{self, IgnoredField};
 use super::custom::CustomDefinitionDto;
 use super::extract::{Authenticated, JsonBody, etag_header, if_match, not_modified};
-use super::problem::{ApiError, ApiResult, Problem};
+use super::problem::{ApiError, ApiResult};
 use super::{ListResponse, QueryParams, rfc3339};
 use crate::state::AppState;
 
@@ -185,8 +185,6 @@ async fn read_spec(state: &AppState, body: Value) -> ApiResult<IntegrationSpec> 
     ),
     responses(
         (status = 200, description = "A page of integrations, oldest first", body = ListResponse<IntegrationView>),
-        (status = 400, description = "Invalid parameter", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = [])))]
 pub async fn list(state: web::Data<AppState>, caller: Authenticated, req: HttpRequest) -> ApiResult<HttpResponse> {
@@ -210,12 +208,6 @@ pub async fn list(state: web::Data<AppState>, caller: Authenticated, req: HttpRe
     request_body = IntegrationInput,
     responses(
         (status = 201, description = "Created; `Location` and `ETag` are set", body = IntegrationView),
-        (status = 400, description = "Malformed body, unknown or missing fields, wrong types", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "Missing or invalid token", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "The member role is needed", body = Problem, content_type = "application/problem+json"),
-        (status = 413, description = "Body over the size limit", body = Problem, content_type = "application/problem+json"),
-        (status = 415, description = "Body is not JSON", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid values: unknown provider, config against the provider's schema, custom definition", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = [])))]
 pub async fn create(state: web::Data<AppState>, caller: Authenticated, body: JsonBody) -> ApiResult<HttpResponse> {
@@ -233,7 +225,6 @@ pub async fn create(state: web::Data<AppState>, caller: Authenticated, body: Jso
     responses(
         (status = 200, description = "The integration; `ETag` is set", body = IntegrationView),
         (status = 304, description = "`If-None-Match` names the current version"),
-        (status = 404, description = "No such integration in the caller's tenant", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = [])))]
 pub async fn get(state: web::Data<AppState>, caller: Authenticated, id: web::Path<String>, req: HttpRequest) -> ApiResult<HttpResponse> {
@@ -254,10 +245,6 @@ pub async fn get(state: web::Data<AppState>, caller: Authenticated, id: web::Pat
     request_body = IntegrationInput,
     responses(
         (status = 200, description = "Updated; the new `ETag` is set", body = IntegrationView),
-        (status = 400, description = "Malformed body", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such integration", body = Problem, content_type = "application/problem+json"),
-        (status = 412, description = "`If-Match` is stale", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid values", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = [])))]
 pub async fn update(
@@ -283,8 +270,6 @@ pub async fn update(
     ),
     responses(
         (status = 204, description = "Deleted"),
-        (status = 404, description = "No such integration", body = Problem, content_type = "application/problem+json"),
-        (status = 412, description = "`If-Match` is stale", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = [])))]
 pub async fn delete(state: web::Data<AppState>, caller: Authenticated, id: web::Path<String>, req: HttpRequest) -> ApiResult<HttpResponse> {

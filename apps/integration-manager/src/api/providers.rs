@@ -227,7 +227,6 @@ fn respond(mut builder: actix_web::HttpResponseBuilder, stored: &Stored<Provider
     ),
     responses(
         (status = 200, description = "A page of providers, ordered by id", body = ListResponse<ProviderView>),
-        (status = 400, description = "Invalid parameter", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = [])))]
 pub async fn list(state: web::Data<AppState>, caller: Authenticated, req: HttpRequest) -> ApiResult<HttpResponse> {
@@ -255,7 +254,6 @@ pub async fn list(state: web::Data<AppState>, caller: Authenticated, req: HttpRe
     params(("id" = String, Path, description = "Provider id")),
     responses(
         (status = 200, description = "The provider; `ETag` is set", body = ProviderView),
-        (status = 404, description = "No such provider", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = [])))]
 pub async fn get(state: web::Data<AppState>, caller: Authenticated, id: web::Path<String>, req: HttpRequest) -> ApiResult<HttpResponse> {
@@ -272,10 +270,7 @@ pub async fn get(state: web::Data<AppState>, caller: Authenticated, id: web::Pat
     request_body = ProviderInput,
     responses(
         (status = 201, description = "Created; `Location` and `ETag` are set", body = ProviderView),
-        (status = 400, description = "Malformed body", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "The admin role is needed", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "The id is taken", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid values", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = [])))]
 pub async fn create(state: web::Data<AppState>, caller: Authenticated, body: JsonBody) -> ApiResult<HttpResponse> {
@@ -296,10 +291,6 @@ pub async fn create(state: web::Data<AppState>, caller: Authenticated, body: Jso
     request_body = ProviderInput,
     responses(
         (status = 200, description = "Updated", body = ProviderView),
-        (status = 403, description = "The admin role is needed", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such provider", body = Problem, content_type = "application/problem+json"),
-        (status = 412, description = "`If-Match` is stale", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid values", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = [])))]
 pub async fn update(
@@ -325,9 +316,6 @@ pub async fn update(
     ),
     responses(
         (status = 204, description = "Deleted"),
-        (status = 403, description = "The admin role is needed", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such provider", body = Problem, content_type = "application/problem+json"),
-        (status = 412, description = "`If-Match` is stale", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = [])))]
 pub async fn delete(state: web::Data<AppState>, caller: Authenticated, id: web::Path<String>, req: HttpRequest) -> ApiResult<HttpResponse> {
