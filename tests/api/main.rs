@@ -11,5 +11,6 @@ mod instances;
 mod integrations;
 mod operations;
 mod providers;
+mod readme;
 mod tidy;
 mod webhooks;

@@ -33,7 +33,7 @@ impl Modify for BearerAuth {
         providers::list, providers::create, providers::get, providers::update, providers::delete,
         webhooks::list, webhooks::create, webhooks::get, webhooks::update, webhooks::delete, webhooks::rotate_secret,
         deliveries::list, deliveries::get, deliveries::retry, deliveries::recover, deliveries::test,
-        health::live, health::ready,
+        health::live, health::ready, serve,
     ),
     components(schemas(
         problem::Problem, problem::ProblemField, integrations::IntegrationInput, integrations::IntegrationView, providers::ProviderInput,
@@ -127,6 +127,9 @@ pub fn document() -> String {
     text
 }
 
+/// This OpenAPI 3.1 document.
+#[utoipa::path(get, path = "/openapi.json", tag = "operations",
+    responses((status = 200, description = "The OpenAPI document of this API", body = serde_json::Value)))]
 pub async fn serve() -> HttpResponse {
     HttpResponse::Ok().content_type("application/json").body(document())
 }
