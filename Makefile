@@ -7,8 +7,8 @@ run:        ## build and serve on :3026 with the embedded store
 build:
 	cargo build --workspace --all-targets
 
-test:       ## the whole suite: every crate, the API suite again on Cosmos DB, the webhook suite on RabbitMQ
-	cargo test --workspace && IM_TEST_BACKEND=cosmos cargo test -p im-system-tests --test api && IM_TEST_EVENTS=rabbitmq cargo test -p im-system-tests --test api -- webhooks deliveries events
+test:       ## the whole suite: every crate, a generated client against the document, the API suite again on Cosmos DB, the webhook suite on RabbitMQ
+	cargo test --workspace && bash tests/client/run.sh && IM_TEST_BACKEND=cosmos cargo test -p im-system-tests --test api && IM_TEST_EVENTS=rabbitmq cargo test -p im-system-tests --test api -- webhooks deliveries events
 
 chaos:      ## failure scenarios across three instances (receiver outage), on each store and on RabbitMQ; prints committed/delivered/lost/duplicated
 	cargo test -p im-system-tests --test api -- instances --nocapture && IM_TEST_BACKEND=cosmos cargo test -p im-system-tests --test api -- instances --nocapture && IM_TEST_BACKEND=cosmos IM_TEST_EVENTS=rabbitmq cargo test -p im-system-tests --test api -- instances --nocapture

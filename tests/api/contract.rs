@@ -125,3 +125,15 @@ pub fn check(method: &Method, path: &str, request: Option<&Value>, status: Statu
     let found = problems(&pointer, &value);
     assert!(found.is_empty(), "contract: {operation} {status}: the body does not match the document: {found:?}\n{value}");
 }
+
+/// Generators name one function per operation id: a duplicate id drops an operation.
+#[test]
+fn every_operation_has_a_unique_id() {
+    let mut seen = std::collections::BTreeSet::new();
+    for (path, item) in DOCUMENT["paths"].as_object().expect("paths") {
+        for (method, op) in item.as_object().expect("operations") {
+            let id = op["operationId"].as_str().unwrap_or_else(|| panic!("{method} {path} has no operationId"));
+            assert!(seen.insert(id.to_owned()), "operationId {id} of {method} {path} is used twice");
+        }
+    }
+}

@@ -142,7 +142,7 @@ fn time_param(raw: &str) -> Result<OffsetDateTime, FieldViolation> {
 }
 
 /// The delivery log of an endpoint.
-#[utoipa::path(get, path = "/api/v1/webhooks/{id}/deliveries", tag = "webhooks",
+#[utoipa::path(get, operation_id = "listDeliveries", path = "/api/v1/webhooks/{id}/deliveries", tag = "webhooks",
     params(
         ("id" = uuid::Uuid, Path, description = "Webhook id"),
         ("status" = Option<DeliveryStatusDto>, Query, description = "pending, succeeded, failed or skipped"),
@@ -174,7 +174,7 @@ pub async fn list(state: web::Data<AppState>, caller: Authenticated, id: web::Pa
 }
 
 /// One delivery with every attempt.
-#[utoipa::path(get, path = "/api/v1/webhooks/{id}/deliveries/{deliveryId}", tag = "webhooks",
+#[utoipa::path(get, operation_id = "getDelivery", path = "/api/v1/webhooks/{id}/deliveries/{deliveryId}", tag = "webhooks",
     params(("id" = uuid::Uuid, Path, description = "Webhook id"), ("deliveryId" = uuid::Uuid, Path, description = "Delivery id")),
     responses(
         (status = 200, description = "The delivery", body = DeliveryView),
@@ -187,7 +187,7 @@ pub async fn get(state: web::Data<AppState>, caller: Authenticated, path: web::P
 }
 
 /// A manual attempt now; the answer shows its outcome.
-#[utoipa::path(post, path = "/api/v1/webhooks/{id}/deliveries/{deliveryId}/retry", tag = "webhooks",
+#[utoipa::path(post, operation_id = "retryDelivery", path = "/api/v1/webhooks/{id}/deliveries/{deliveryId}/retry", tag = "webhooks",
     params(("id" = uuid::Uuid, Path, description = "Webhook id"), ("deliveryId" = uuid::Uuid, Path, description = "Delivery id")),
     responses(
         (status = 200, description = "The delivery after the attempt", body = DeliveryView),
@@ -215,7 +215,7 @@ pub struct RecoverReport {
 }
 
 /// Re-queue the failed and skipped deliveries of an endpoint since a time.
-#[utoipa::path(post, path = "/api/v1/webhooks/{id}/recover", tag = "webhooks",
+#[utoipa::path(post, operation_id = "recoverDeliveries", path = "/api/v1/webhooks/{id}/recover", tag = "webhooks",
     params(("id" = uuid::Uuid, Path, description = "Webhook id")),
     request_body = RecoverInput,
     responses(
@@ -232,7 +232,7 @@ pub async fn recover(state: web::Data<AppState>, caller: Authenticated, id: web:
 }
 
 /// Send a `webhook.test` event now and answer with the attempt's outcome.
-#[utoipa::path(post, path = "/api/v1/webhooks/{id}/test", tag = "webhooks",
+#[utoipa::path(post, operation_id = "testWebhook", path = "/api/v1/webhooks/{id}/test", tag = "webhooks",
     params(("id" = uuid::Uuid, Path, description = "Webhook id")),
     responses(
         (status = 200, description = "The test delivery with its attempt", body = DeliveryView),

@@ -24,7 +24,7 @@ pub struct HealthReport {
 }
 
 /// The process is up.
-#[utoipa::path(get, path = "/health/live", tag = "operations",
+#[utoipa::path(get, operation_id = "live", path = "/health/live", tag = "operations",
     responses((status = 200, description = "Alive", body = HealthReport)))]
 pub async fn live() -> HttpResponse {
     HttpResponse::Ok().json(HealthReport { status: "live", dependencies: Vec::new() })
@@ -33,7 +33,7 @@ pub async fn live() -> HttpResponse {
 /// Every dependency is reachable.
 // Unauthenticated: each dependency's state and a detail free of paths, URLs, user names and
 // error texts; the diagnostics of an unready one go to the logs.
-#[utoipa::path(get, path = "/health/ready", tag = "operations",
+#[utoipa::path(get, operation_id = "ready", path = "/health/ready", tag = "operations",
     responses(
         (status = 200, description = "Ready; each dependency reported", body = HealthReport),
         (status = 503, description = "A dependency is not ready", body = HealthReport),

@@ -176,7 +176,7 @@ async fn read_spec(state: &AppState, body: Value) -> ApiResult<IntegrationSpec> 
 }
 
 /// List the caller's integrations.
-#[utoipa::path(get, path = "/api/v1/integrations", tag = "integrations",
+#[utoipa::path(get, operation_id = "listIntegrations", path = "/api/v1/integrations", tag = "integrations",
     params(
         ("providerId" = Option<String>, Query, description = "Only integrations of this provider"),
         ("status" = Option<IntegrationStatusDto>, Query, description = "Only integrations in this status"),
@@ -204,7 +204,7 @@ pub async fn list(state: web::Data<AppState>, caller: Authenticated, req: HttpRe
 }
 
 /// Create an integration from a catalog provider or a custom API definition.
-#[utoipa::path(post, path = "/api/v1/integrations", tag = "integrations",
+#[utoipa::path(post, operation_id = "createIntegration", path = "/api/v1/integrations", tag = "integrations",
     request_body = IntegrationInput,
     responses(
         (status = 201, description = "Created; `Location` and `ETag` are set", body = IntegrationView),
@@ -220,7 +220,7 @@ pub async fn create(state: web::Data<AppState>, caller: Authenticated, body: Jso
 }
 
 /// Read an integration.
-#[utoipa::path(get, path = "/api/v1/integrations/{id}", tag = "integrations",
+#[utoipa::path(get, operation_id = "getIntegration", path = "/api/v1/integrations/{id}", tag = "integrations",
     params(("id" = uuid::Uuid, Path, description = "Integration id")),
     responses(
         (status = 200, description = "The integration; `ETag` is set", body = IntegrationView),
@@ -237,7 +237,7 @@ pub async fn get(state: web::Data<AppState>, caller: Authenticated, id: web::Pat
 }
 
 /// Replace an integration's mutable fields.
-#[utoipa::path(put, path = "/api/v1/integrations/{id}", tag = "integrations",
+#[utoipa::path(put, operation_id = "updateIntegration", path = "/api/v1/integrations/{id}", tag = "integrations",
     params(
         ("id" = uuid::Uuid, Path, description = "Integration id"),
         ("If-Match" = Option<String>, Header, description = "The ETag read before; a stale one is refused with 412"),
@@ -263,7 +263,7 @@ pub async fn update(
 }
 
 /// Delete an integration.
-#[utoipa::path(delete, path = "/api/v1/integrations/{id}", tag = "integrations",
+#[utoipa::path(delete, operation_id = "deleteIntegration", path = "/api/v1/integrations/{id}", tag = "integrations",
     params(
         ("id" = uuid::Uuid, Path, description = "Integration id"),
         ("If-Match" = Option<String>, Header, description = "The ETag read before; a stale one is refused with 412"),

@@ -128,7 +128,7 @@ pub fn document() -> String {
 }
 
 /// This OpenAPI 3.1 document.
-#[utoipa::path(get, path = "/openapi.json", tag = "operations",
+#[utoipa::path(get, operation_id = "openapi", path = "/openapi.json", tag = "operations",
     responses((status = 200, description = "The OpenAPI document of this API", body = serde_json::Value)))]
 pub async fn serve() -> HttpResponse {
     HttpResponse::Ok().content_type("application/json").body(document())

@@ -217,7 +217,7 @@ fn respond(mut builder: actix_web::HttpResponseBuilder, stored: &Stored<Provider
 }
 
 /// List the catalog.
-#[utoipa::path(get, path = "/api/v1/providers", tag = "providers",
+#[utoipa::path(get, operation_id = "listProviders", path = "/api/v1/providers", tag = "providers",
     params(
         ("category" = Option<String>, Query, description = "Only this category (stays inside one partition)"),
         ("authMode" = Option<AuthModeDto>, Query, description = "Only providers with this auth mode"),
@@ -250,7 +250,7 @@ pub async fn list(state: web::Data<AppState>, caller: Authenticated, req: HttpRe
 }
 
 /// Read a provider.
-#[utoipa::path(get, path = "/api/v1/providers/{id}", tag = "providers",
+#[utoipa::path(get, operation_id = "getProvider", path = "/api/v1/providers/{id}", tag = "providers",
     params(("id" = String, Path, description = "Provider id")),
     responses(
         (status = 200, description = "The provider; `ETag` is set", body = ProviderView),
@@ -266,7 +266,7 @@ pub async fn get(state: web::Data<AppState>, caller: Authenticated, id: web::Pat
 }
 
 /// Add a provider to the catalog (admin).
-#[utoipa::path(post, path = "/api/v1/providers", tag = "providers",
+#[utoipa::path(post, operation_id = "createProvider", path = "/api/v1/providers", tag = "providers",
     request_body = ProviderInput,
     responses(
         (status = 201, description = "Created; `Location` and `ETag` are set", body = ProviderView),
@@ -283,7 +283,7 @@ pub async fn create(state: web::Data<AppState>, caller: Authenticated, body: Jso
 }
 
 /// Replace a provider (admin). Its category may change; its id may not.
-#[utoipa::path(put, path = "/api/v1/providers/{id}", tag = "providers",
+#[utoipa::path(put, operation_id = "updateProvider", path = "/api/v1/providers/{id}", tag = "providers",
     params(
         ("id" = String, Path, description = "Provider id"),
         ("If-Match" = Option<String>, Header, description = "The ETag read before; a stale one is refused with 412"),
@@ -309,7 +309,7 @@ pub async fn update(
 }
 
 /// Remove a provider from the catalog (admin).
-#[utoipa::path(delete, path = "/api/v1/providers/{id}", tag = "providers",
+#[utoipa::path(delete, operation_id = "deleteProvider", path = "/api/v1/providers/{id}", tag = "providers",
     params(
         ("id" = String, Path, description = "Provider id"),
         ("If-Match" = Option<String>, Header, description = "The ETag read before; a stale one is refused with 412"),

@@ -189,7 +189,7 @@ fn respond(mut builder: actix_web::HttpResponseBuilder, stored: &Stored<Webhook>
 }
 
 /// List the caller's webhook endpoints.
-#[utoipa::path(get, path = "/api/v1/webhooks", tag = "webhooks",
+#[utoipa::path(get, operation_id = "listWebhooks", path = "/api/v1/webhooks", tag = "webhooks",
     params(
         ("limit" = Option<u32>, Query, description = "Page size, 1 to 200 (default 50)"),
         ("continuationToken" = Option<String>, Query, description = "Token of the next page"),
@@ -206,7 +206,7 @@ pub async fn list(state: web::Data<AppState>, caller: Authenticated, req: HttpRe
 }
 
 /// Register an endpoint. The answer carries its signing secret, once.
-#[utoipa::path(post, path = "/api/v1/webhooks", tag = "webhooks",
+#[utoipa::path(post, operation_id = "createWebhook", path = "/api/v1/webhooks", tag = "webhooks",
     request_body = WebhookInput,
     responses(
         (status = 201, description = "Created; `secret` is shown this once", body = WebhookView),
@@ -223,7 +223,7 @@ pub async fn create(state: web::Data<AppState>, caller: Authenticated, body: Jso
 }
 
 /// Read an endpoint (never its secret).
-#[utoipa::path(get, path = "/api/v1/webhooks/{id}", tag = "webhooks",
+#[utoipa::path(get, operation_id = "getWebhook", path = "/api/v1/webhooks/{id}", tag = "webhooks",
     params(("id" = uuid::Uuid, Path, description = "Webhook id")),
     responses(
         (status = 200, description = "The endpoint; `ETag` is set", body = WebhookView),
@@ -238,7 +238,7 @@ pub async fn get(state: web::Data<AppState>, caller: Authenticated, id: web::Pat
 }
 
 /// Replace an endpoint's settings.
-#[utoipa::path(put, path = "/api/v1/webhooks/{id}", tag = "webhooks",
+#[utoipa::path(put, operation_id = "updateWebhook", path = "/api/v1/webhooks/{id}", tag = "webhooks",
     params(
         ("id" = uuid::Uuid, Path, description = "Webhook id"),
         ("If-Match" = Option<String>, Header, description = "The ETag read before; a stale one is refused with 412"),
@@ -264,7 +264,7 @@ pub async fn update(
 }
 
 /// Delete an endpoint and its signing secrets.
-#[utoipa::path(delete, path = "/api/v1/webhooks/{id}", tag = "webhooks",
+#[utoipa::path(delete, operation_id = "deleteWebhook", path = "/api/v1/webhooks/{id}", tag = "webhooks",
     params(
         ("id" = uuid::Uuid, Path, description = "Webhook id"),
         ("If-Match" = Option<String>, Header, description = "The ETag read before; a stale one is refused with 412"),
@@ -282,7 +282,7 @@ pub async fn delete(state: web::Data<AppState>, caller: Authenticated, id: web::
 
 /// Issue a new signing secret (shown once). The previous one keeps signing, beside the new
 /// one, for `webhooks.previous_secret_grace`.
-#[utoipa::path(post, path = "/api/v1/webhooks/{id}/rotate-secret", tag = "webhooks",
+#[utoipa::path(post, operation_id = "rotateWebhookSecret", path = "/api/v1/webhooks/{id}/rotate-secret", tag = "webhooks",
     params(
         ("id" = uuid::Uuid, Path, description = "Webhook id"),
         ("If-Match" = Option<String>, Header, description = "The ETag read before; a stale one is refused with 412"),
