@@ -57,6 +57,23 @@ fn template(path: &str) -> Option<String> {
         .cloned()
 }
 
+/// The fields a schema error refuses, with those of every branch of a failed union.
+fn refused_paths(error: &jsonschema::ValidationError<'_>, out: &mut Vec<String>) {
+    use jsonschema::error::ValidationErrorKind::{AnyOf, OneOfNotValid};
+    out.push(im_domain::schema::pointer_to_path(error.instance_path.as_str()));
+    if let OneOfNotValid { context } | AnyOf { context } = &error.kind {
+        context.iter().flatten().for_each(|e| refused_paths(e, out));
+    }
+}
+
+/// Whether a problem's message is a size or range rule (which a schema can state).
+fn states_a_size_rule(message: &str) -> bool {
+    let words: Vec<&str> = message.split_whitespace().collect();
+    words.windows(3).any(|w| matches!((w[0], w[1]), ("at", "most") | ("at", "least")) && w[2].chars().all(|c| c.is_ascii_digit()))
+        || words.windows(4).any(|w| w[0] == "between" && w[1].chars().all(|c| c.is_ascii_digit()) && w[2] == "and")
+        || message == "must not be empty"
+}
+
 /// Problems of `instance` against the schema at `pointer`, as `path: message` lines.
 fn problems(pointer: &str, instance: &Value) -> Vec<String> {
     validator(pointer).iter_errors(instance).map(|e| format!("{}: {e}", e.instance_path)).collect()
@@ -94,6 +111,29 @@ pub fn check(method: &Method, path: &str, request: Option<&Value>, status: Statu
                 "contract: {operation}: the API accepted ({status}) a body the document refuses: {refused:?}\n{request}"
             );
         }
+    }
+
+    // A size or range rule the API enforces must be stated by the document too: every field the
+    // API refuses for one is a field the document refuses.
+    if let Some(request) = request
+        && status == StatusCode::UNPROCESSABLE_ENTITY
+        && op.pointer("/requestBody/content/application~1json/schema").is_some()
+        && let Ok(problem) = serde_json::from_slice::<Value>(body)
+    {
+        let pointer = format!("{op_pointer}/requestBody/content/application~1json/schema");
+        let mut stated = Vec::new();
+        validator(&pointer).iter_errors(request).for_each(|e| refused_paths(&e, &mut stated));
+        let unstated: Vec<&Value> = problem["errors"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|e| e["message"].as_str().is_some_and(states_a_size_rule))
+            .filter(|e| !stated.iter().any(|s| e["field"].as_str() == Some(s.as_str())))
+            .collect();
+        assert!(
+            unstated.is_empty(),
+            "contract: {operation}: the API refused fields for a rule the document does not state: {unstated:?}\n{request}"
+        );
     }
 
     let code = status.as_u16().to_string();
