@@ -7,12 +7,11 @@ use crate::helpers::{github, header, problem, spawn_app};
 #[tokio::test]
 async fn missing_invalid_and_expired_tokens_are_401() {
     let app = spawn_app().await;
-    let response = app.client.get(format!("{}/api/v1/integrations", app.address)).send().await.unwrap();
+    let response = app.anonymous(Method::GET, "/api/v1/integrations").send().await.unwrap();
     assert_eq!(header(&response, "www-authenticate"), "Bearer");
     problem(response, StatusCode::UNAUTHORIZED).await;
 
-    let response =
-        app.client.get(format!("{}/api/v1/integrations", app.address)).header("authorization", "Basic YTpi").send().await.unwrap();
+    let response = app.anonymous(Method::GET, "/api/v1/integrations").header("authorization", "Basic YTpi").send().await.unwrap();
     problem(response, StatusCode::UNAUTHORIZED).await;
     let response = app.get("/api/v1/integrations", "not.a.jwt").await;
     assert!(header(&response, "www-authenticate").contains("invalid_token"));
@@ -32,7 +31,7 @@ async fn missing_invalid_and_expired_tokens_are_401() {
     problem(app.get("/api/v1/integrations", &foreign).await, StatusCode::UNAUTHORIZED).await;
 
     for path in ["/api/v1/providers", "/api/v1/providers/github", "/api/v1/integrations/00000000-0000-0000-0000-000000000000"] {
-        problem(app.client.get(format!("{}{path}", app.address)).send().await.unwrap(), StatusCode::UNAUTHORIZED).await;
+        problem(app.anonymous(Method::GET, path).send().await.unwrap(), StatusCode::UNAUTHORIZED).await;
     }
 }
 

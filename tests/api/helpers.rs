@@ -155,6 +155,11 @@ impl TestApp {
         self.token("platform", "root", &[Role::Admin])
     }
 
+    /// A request without a token, checked against the OpenAPI document when sent.
+    pub fn anonymous(&self, method: Method, path: &str) -> Checked {
+        Checked { inner: self.client.request(method.clone(), format!("{}{path}", self.address)), method, path: path.to_owned(), body: None }
+    }
+
     /// A request whose exchange is checked against the OpenAPI document when sent.
     pub fn request(&self, method: Method, path: &str, token: &str) -> Checked {
         Checked {

@@ -1,3 +1,4 @@
+use reqwest::Method;
 use reqwest::StatusCode;
 use serde_json::Value;
 
@@ -6,9 +7,9 @@ use crate::helpers::{github, header, problem, spawn_app, workspace};
 #[tokio::test]
 async fn health_reports_each_dependency() {
     let app = spawn_app().await;
-    let live = app.client.get(format!("{}/health/live", app.address)).send().await.unwrap();
+    let live = app.anonymous(Method::GET, "/health/live").send().await.unwrap();
     assert_eq!(live.status(), StatusCode::OK);
-    let ready = app.client.get(format!("{}/health/ready", app.address)).send().await.unwrap();
+    let ready = app.anonymous(Method::GET, "/health/ready").send().await.unwrap();
     assert_eq!(ready.status(), StatusCode::OK);
     let body: Value = ready.json().await.unwrap();
     assert_eq!(body["status"], "ready");
@@ -20,7 +21,7 @@ async fn health_reports_each_dependency() {
 #[tokio::test]
 async fn readiness_reveals_no_paths_urls_or_user_names() {
     let app = spawn_app().await;
-    let body = app.client.get(format!("{}/health/ready", app.address)).send().await.unwrap().text().await.unwrap();
+    let body = app.anonymous(Method::GET, "/health/ready").send().await.unwrap().text().await.unwrap();
     let data_dir = app.dir.path().display().to_string();
     for secret in
         [data_dir.as_str(), "integration-manager.db", ".db", "://", "guest", "127.0.0.1", "localhost", &app.settings.cosmos_db.endpoint]
@@ -37,15 +38,10 @@ async fn every_response_carries_a_request_id() {
     let token = app.member();
     let response = app.get("/api/v1/integrations", &token).await;
     assert!(uuid::Uuid::parse_str(&header(&response, "x-request-id")).is_ok());
-    let response =
-        app.request(reqwest::Method::GET, "/api/v1/integrations", &token).header("x-request-id", "trace-abc-123").send().await.unwrap();
+    let response = app.request(Method::GET, "/api/v1/integrations", &token).header("x-request-id", "trace-abc-123").send().await.unwrap();
     assert_eq!(header(&response, "x-request-id"), "trace-abc-123", "a caller's id is kept");
-    let response = app
-        .request(reqwest::Method::GET, "/api/v1/integrations", &token)
-        .header("x-request-id", "bad id with spaces")
-        .send()
-        .await
-        .unwrap();
+    let response =
+        app.request(Method::GET, "/api/v1/integrations", &token).header("x-request-id", "bad id with spaces").send().await.unwrap();
     assert_ne!(header(&response, "x-request-id"), "bad id with spaces", "an unsafe id is replaced");
     let response = app.post("/api/v1/integrations", &token, &serde_json::json!({})).await;
     assert!(!header(&response, "x-request-id").is_empty(), "errors carry it too");
@@ -56,7 +52,7 @@ async fn unknown_routes_are_problem_404() {
     let app = spawn_app().await;
     let token = app.member();
     problem(app.get("/api/v1/nothing-here", &token).await, StatusCode::NOT_FOUND).await;
-    problem(app.client.get(format!("{}/", app.address)).send().await.unwrap(), StatusCode::NOT_FOUND).await;
+    problem(app.anonymous(Method::GET, "/").send().await.unwrap(), StatusCode::NOT_FOUND).await;
 }
 
 #[tokio::test]
@@ -78,7 +74,7 @@ async fn data_survives_a_restart() {
 #[tokio::test]
 async fn openapi_document_matches_the_committed_one() {
     let app = spawn_app().await;
-    let served = app.client.get(format!("{}/openapi.json", app.address)).send().await.unwrap().text().await.unwrap();
+    let served = app.anonymous(Method::GET, "/openapi.json").send().await.unwrap().text().await.unwrap();
     let path = workspace().join("docs/openapi.json");
     if std::env::var_os("UPDATE_OPENAPI").is_some() {
         std::fs::write(&path, &served).unwrap();
