@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::error::{DomainError, FieldViolation};
+use crate::error::{DomainError, FieldViolation, ViolationKind};
 
 fn is_token_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':' | '@')
@@ -136,7 +136,7 @@ impl PageRequest {
         }
         let continuation = continuation.filter(|c| !c.is_empty());
         if continuation.as_ref().is_some_and(|c| c.len() > 4096) {
-            return Err(DomainError::invalid("continuationToken", "is not a valid continuation token"));
+            return Err(invalid_continuation());
         }
         Ok(Self { limit, continuation })
     }
@@ -160,8 +160,11 @@ impl<T> Page<T> {
 }
 
 /// The error every store adapter returns for a continuation token it did not issue.
+///
+/// A token is opaque to the caller, so one the store cannot read is a malformed request
+/// (a structural violation, answered 400), not a rule broken by a well-formed value.
 pub fn invalid_continuation() -> DomainError {
-    DomainError::invalid("continuationToken", "is not a valid continuation token")
+    DomainError::Validation(vec![FieldViolation::new("continuationToken", ViolationKind::WrongType, "is not a valid continuation token")])
 }
 
 /// Source of the current time, injected so tests are deterministic.

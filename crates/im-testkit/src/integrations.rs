@@ -142,7 +142,10 @@ pub async fn foreign_continuation_token_is_refused(repo: &dyn IntegrationReposit
     let tenant = fresh_tenant();
     let page = PageRequest { limit: 10, continuation: Some("this-was-never-issued".into()) };
     match repo.list(&tenant, &IntegrationFilter::default(), &page).await {
-        Err(DomainError::Validation(v)) => assert_eq!(v[0].field, "continuationToken"),
+        Err(DomainError::Validation(v)) => {
+            assert_eq!(v[0].field, "continuationToken");
+            assert!(v[0].kind.is_structural(), "an unreadable token is a malformed request (400), got {:?}", v[0].kind);
+        }
         other => panic!("a foreign continuation token must be a validation error, got {other:?}"),
     }
 }
