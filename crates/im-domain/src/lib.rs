@@ -6,6 +6,7 @@
 
 pub mod audit;
 pub mod auth;
+pub mod cache;
 pub mod common;
 pub mod custom;
 pub mod duration;
