@@ -8,6 +8,7 @@ use async_trait::async_trait;
 use im_domain::events::DomainEvent;
 use im_domain::integration::{Integration, IntegrationFilter};
 use im_domain::ports::{DependencyHealth, HealthCheck, IntegrationRepository, Outbox};
+use im_domain::retry::Backoff;
 use im_domain::services::EventRelay;
 use im_domain::{DomainError, ETag, IntegrationId, Page, PageRequest, Stored, TenantId};
 use tokio::sync::Notify;
@@ -25,7 +26,8 @@ const IDLE_POLL: Duration = Duration::from_secs(1);
 pub fn spawn_relay(relay: EventRelay, wake: Arc<Notify>, batch: u32, shutdown: &CancellationToken, tasks: &TaskTracker) {
     let shutdown = shutdown.clone();
     tasks.spawn(async move {
-        let mut backoff = Duration::from_millis(100);
+        let backoff = Backoff { attempts: u32::MAX, first: Duration::from_millis(100), max: MAX_BACKOFF };
+        let mut failures: u32 = 0;
         let mut failing_since: Option<std::time::Instant> = None;
         while !shutdown.is_cancelled() {
             match relay.relay_once(batch).await {
@@ -33,7 +35,7 @@ pub fn spawn_relay(relay: EventRelay, wake: Arc<Notify>, batch: u32, shutdown: &
                     if let Some(since) = failing_since.take() {
                         tracing::info!(after_secs = since.elapsed().as_secs(), "event publishing recovered");
                     }
-                    backoff = Duration::from_millis(100);
+                    failures = 0;
                     if published as u32 == batch {
                         continue;
                     }
@@ -44,20 +46,21 @@ pub fn spawn_relay(relay: EventRelay, wake: Arc<Notify>, batch: u32, shutdown: &
                     }
                 }
                 Err(error) => {
+                    failures = failures.saturating_add(1);
+                    let wait = backoff.delay(failures);
                     let since = *failing_since.get_or_insert_with(std::time::Instant::now);
                     let stats = relay.outbox().stats().await.ok();
                     tracing::warn!(
                         %error,
                         pending = stats.map(|s| s.pending),
                         failing_for_secs = since.elapsed().as_secs(),
-                        retry_in_ms = backoff.as_millis() as u64,
+                        retry_in_ms = wait.as_millis() as u64,
                         "publishing events failed; they stay in the outbox"
                     );
                     tokio::select! {
                         () = shutdown.cancelled() => {}
-                        () = tokio::time::sleep(backoff) => {}
+                        () = tokio::time::sleep(wait) => {}
                     }
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
             }
         }

@@ -5,11 +5,9 @@
 //! and mints them for the `token` subcommand, with the same key, so a minted token works
 //! against a running server.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-
 use async_trait::async_trait;
 use im_domain::auth::{AuthError, Authenticator};
+use im_domain::cache::{self, BoundedCache};
 use im_domain::{Caller, HumanDuration, Role, TenantId, UserId};
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
@@ -88,7 +86,7 @@ pub struct Claims {
     pub aud: Option<String>,
 }
 
-/// Most verified tokens remembered; the cache is emptied when it is full.
+/// Most verified tokens remembered; a full cache evicts the least used ones.
 const CACHE_CAPACITY: usize = 10_000;
 
 /// HS256 verification and minting with one shared key. Verified tokens are remembered until
@@ -99,7 +97,7 @@ pub struct LocalJwt {
     validation: Validation,
     issuer: Option<String>,
     audience: Option<String>,
-    verified: Mutex<HashMap<String, (Caller, i64)>>,
+    verified: BoundedCache<String, (Caller, i64)>,
 }
 
 impl std::fmt::Debug for LocalJwt {
@@ -140,7 +138,7 @@ impl LocalJwt {
             validation,
             issuer,
             audience,
-            verified: Mutex::default(),
+            verified: cache::bounded(CACHE_CAPACITY),
         })
     }
 
@@ -167,10 +165,10 @@ impl LocalJwt {
 impl Authenticator for LocalJwt {
     async fn authenticate(&self, bearer_token: &str) -> Result<Caller, AuthError> {
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
-        if let Some((caller, exp)) = self.verified.lock().unwrap_or_else(|p| p.into_inner()).get(bearer_token) {
+        if let Some((caller, exp)) = self.verified.get(bearer_token) {
             // Remembered tokens expire exactly as verified ones do (leeway included).
             if now <= exp.saturating_add(self.validation.leeway as i64) {
-                return Ok(caller.clone());
+                return Ok(caller);
             }
         }
         let data = jsonwebtoken::decode::<Claims>(bearer_token, &self.decoding, &self.validation).map_err(|e| match e.kind() {
@@ -185,11 +183,7 @@ impl Authenticator for LocalJwt {
         })?;
         let exp = data.claims.exp;
         let caller = caller_from_claims(data.claims)?;
-        let mut verified = self.verified.lock().unwrap_or_else(|p| p.into_inner());
-        if verified.len() >= CACHE_CAPACITY {
-            verified.clear();
-        }
-        verified.insert(bearer_token.to_owned(), (caller.clone(), exp));
+        self.verified.insert(bearer_token.to_owned(), (caller.clone(), exp));
         Ok(caller)
     }
 }

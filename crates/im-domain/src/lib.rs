@@ -6,6 +6,7 @@
 
 pub mod audit;
 pub mod auth;
+pub mod cache;
 pub mod common;
 pub mod custom;
 pub mod duration;
@@ -14,6 +15,7 @@ pub mod events;
 pub mod integration;
 pub mod ports;
 pub mod provider;
+pub mod retry;
 pub mod schema;
 pub mod secrets;
 pub mod services;

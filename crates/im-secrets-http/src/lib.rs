@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use im_domain::retry::{Backoff, Failure, retry};
 use im_domain::secrets::{SecretName, SecretRef, SecretStore, SecretValue};
 use im_domain::{DomainError, HumanDuration};
 use reqwest::{Method, StatusCode};
@@ -98,10 +99,8 @@ fn encode_segment(segment: &str) -> String {
     out
 }
 
-enum Attempt {
-    Done(reqwest::Response),
-    Retry(String),
-}
+/// Longest wait between two attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
 impl HttpSecretStore {
     /// # Errors
@@ -125,9 +124,8 @@ impl HttpSecretStore {
     ) -> Result<reqwest::Response, DomainError> {
         let url = format!("{}/api/v1/secrets/{}", self.settings.url.trim_end_matches('/'), path_of(name));
         let attempts = self.settings.attempts.max(1);
-        let mut wait = self.settings.backoff;
-        let mut last = String::new();
-        for attempt in 1..=attempts {
+        let backoff = Backoff { attempts, first: self.settings.backoff, max: MAX_BACKOFF };
+        let attempt = |attempt: u32| {
             let mut request = self.client.request(method.clone(), &url).bearer_auth(self.settings.token.expose_secret());
             if let Some((k, v)) = query {
                 request = request.query(&[(k, v)]);
@@ -135,33 +133,30 @@ impl HttpSecretStore {
             if let Some(body) = body {
                 request = request.json(body);
             }
-            let outcome = match request.send().await {
-                Ok(response) => match response.status() {
-                    s if s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS => Attempt::Retry(format!("answered {s}")),
-                    StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
-                        return Err(DomainError::Unexpected(anyhow::anyhow!(
-                            "Secret Management refused the service token ({}): check secrets.token",
-                            response.status()
-                        )));
-                    }
-                    _ => Attempt::Done(response),
-                },
-                Err(e) if e.is_timeout() => Attempt::Retry("timed out".into()),
-                Err(e) => Attempt::Retry(format!("cannot be reached: {}", without_url(&e))),
-            };
-            match outcome {
-                Attempt::Done(response) => return Ok(response),
-                Attempt::Retry(reason) => {
-                    tracing::warn!(%method, secret = %name, attempt, attempts, %reason, "secret management request failed");
-                    last = reason;
-                    if attempt < attempts {
-                        tokio::time::sleep(wait).await;
-                        wait *= 2;
-                    }
-                }
+            let method = &method;
+            async move {
+                let reason = match request.send().await {
+                    Ok(response) => match response.status() {
+                        s if s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS => format!("answered {s}"),
+                        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+                            return Err(Failure::Permanent(DomainError::Unexpected(anyhow::anyhow!(
+                                "Secret Management refused the service token ({}): check secrets.token",
+                                response.status()
+                            ))));
+                        }
+                        _ => return Ok(response),
+                    },
+                    Err(e) if e.is_timeout() => "timed out".into(),
+                    Err(e) => format!("cannot be reached: {}", without_url(&e)),
+                };
+                tracing::warn!(%method, secret = %name, attempt, attempts, %reason, "secret management request failed");
+                Err(Failure::Transient(DomainError::Unavailable {
+                    reason: format!("Secret Management {reason}"),
+                    retry_after: Some(Duration::from_secs(5)),
+                }))
             }
-        }
-        Err(DomainError::Unavailable { reason: format!("Secret Management {last}"), retry_after: Some(Duration::from_secs(5)) })
+        };
+        retry(backoff, attempt, tokio::time::sleep).await
     }
 }
 

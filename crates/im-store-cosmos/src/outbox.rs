@@ -1,13 +1,12 @@
 //! [`Outbox`] on the outbox documents that repository batches write next to their changes.
 //! Reading them is a cross-partition query ordered by the time they were recorded.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use azure_data_cosmos::Query;
 use azure_data_cosmos::options::ItemWriteOptions;
+use im_domain::cache::{self, BoundedCache};
 use im_domain::events::{DomainEvent, OutboxStats};
 use im_domain::ports::Outbox;
 use im_domain::{DomainError, PageRequest};
@@ -18,18 +17,22 @@ use crate::docs::{OutboxDoc, etag_to_domain};
 use crate::errors::unexpected;
 use crate::support::precondition;
 
+/// Events handed out whose location is remembered.
+const PARTITIONS_CAPACITY: usize = 100_000;
+
 /// Containers whose writes record events.
 const SOURCES: [&str; 2] = [INTEGRATIONS, DELIVERIES];
 
 pub(crate) struct CosmosOutbox {
     store: CosmosStore,
     /// Container and partition of each event handed out by `pending`, to delete it with a point operation.
-    partitions: Mutex<HashMap<uuid::Uuid, (&'static str, String)>>,
+    /// Bounded: an event no longer remembered is found again by a query.
+    partitions: BoundedCache<uuid::Uuid, (&'static str, String)>,
 }
 
 impl CosmosOutbox {
     pub(crate) fn new(store: CosmosStore) -> Self {
-        Self { store, partitions: Mutex::new(HashMap::new()) }
+        Self { store, partitions: cache::bounded(PARTITIONS_CAPACITY) }
     }
 }
 
@@ -62,12 +65,8 @@ impl CosmosOutbox {
 
     /// Notes where each event handed out lives, to delete it with a point operation.
     fn remember(&self, docs: impl Iterator<Item = (&'static str, OutboxDoc)>) -> Vec<DomainEvent> {
-        let mut partitions = self.partitions.lock().unwrap_or_else(|p| p.into_inner());
-        if partitions.len() > 100_000 {
-            partitions.clear();
-        }
         docs.map(|(container, d)| {
-            partitions.insert(d.event.id, (container, d.tenant_id));
+            self.partitions.insert(d.event.id, (container, d.tenant_id));
             d.event
         })
         .collect()
@@ -110,7 +109,7 @@ impl Outbox for CosmosOutbox {
 
     async fn mark_published(&self, ids: &[uuid::Uuid]) -> Result<(), DomainError> {
         for id in ids {
-            let known = self.partitions.lock().unwrap_or_else(|p| p.into_inner()).get(id).cloned();
+            let known = self.partitions.get(id);
             let doc_id = format!("outbox-{id}");
             let location = match known {
                 Some(location) => Some(location),
@@ -135,7 +134,7 @@ impl Outbox for CosmosOutbox {
                 Ok(_) | Err(DomainError::NotFound { .. }) => {}
                 Err(e) => return Err(e),
             }
-            self.partitions.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+            self.partitions.remove(id);
         }
         Ok(())
     }

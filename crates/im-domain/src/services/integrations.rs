@@ -1,10 +1,10 @@
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use serde_json::Value;
 
 use crate::audit::{Audit, AuditAction, AuditResource};
 use crate::auth::{Caller, Role};
+use crate::cache::{self, BoundedCache};
 use crate::common::{Clock, ETag, IdGenerator, IntegrationId, Page, PageRequest, Stored};
 use crate::error::DomainError;
 use crate::events::{DomainEvent, EventType};
@@ -16,7 +16,9 @@ use crate::schema::{compile_config_schema, validate_against};
 use super::read_modify_write;
 
 /// Compiled config schemas by provider id, with the provider version they were compiled from.
-type ValidatorCache = HashMap<ProviderId, (ETag, Arc<jsonschema::Validator>)>;
+type ValidatorCache = BoundedCache<ProviderId, (ETag, Arc<jsonschema::Validator>)>;
+/// Providers whose compiled config schema is kept in memory.
+const VALIDATOR_CACHE_CAPACITY: usize = 1024;
 
 /// Creates, reads, changes and deletes a tenant's integrations.
 #[derive(Clone)]
@@ -26,7 +28,7 @@ pub struct IntegrationService {
     clock: Arc<dyn Clock>,
     ids: Arc<dyn IdGenerator>,
     /// Compiled config schemas by provider, valid for the provider version (etag) they came from.
-    validators: Arc<Mutex<ValidatorCache>>,
+    validators: Arc<ValidatorCache>,
     audit: Audit,
 }
 
@@ -44,7 +46,7 @@ impl IntegrationService {
         ids: Arc<dyn IdGenerator>,
         audit: Audit,
     ) -> Self {
-        Self { integrations, providers, clock, ids, validators: Arc::default(), audit }
+        Self { integrations, providers, clock, ids, validators: Arc::new(cache::bounded(VALIDATOR_CACHE_CAPACITY)), audit }
     }
 
     /// Validates every rule of a spec, including those that need its provider.
@@ -232,11 +234,10 @@ impl IntegrationService {
     /// The compiled config schema of a provider version, compiled once per version.
     fn validator(&self, provider: &Stored<Provider>) -> Result<Arc<jsonschema::Validator>, DomainError> {
         let id = &provider.value.spec.id;
-        let mut cache = self.validators.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((etag, validator)) = cache.get(id)
-            && *etag == provider.etag
+        if let Some((etag, validator)) = self.validators.get(id)
+            && etag == provider.etag
         {
-            return Ok(validator.clone());
+            return Ok(validator);
         }
         // The schema was validated when the provider was written; a stored schema that no longer
         // compiles is a defect of the catalog, not of the caller's input.
@@ -244,10 +245,7 @@ impl IntegrationService {
             Arc::new(compile_config_schema(&provider.value.spec.config_schema).map_err(|e| {
                 DomainError::Unexpected(anyhow::anyhow!("stored config schema of provider '{id}' does not compile: {e:?}"))
             })?);
-        if cache.len() >= 1024 {
-            cache.clear();
-        }
-        cache.insert(id.clone(), (provider.etag.clone(), validator.clone()));
+        self.validators.insert(id.clone(), (provider.etag.clone(), validator.clone()));
         Ok(validator)
     }
 }

@@ -6,6 +6,7 @@ use serde_json::json;
 
 use crate::audit::{Audit, AuditAction, AuditResource};
 use crate::auth::{Caller, Role};
+use crate::cache::{self, BoundedCache};
 use crate::common::{Clock, ETag, IdGenerator, Page, PageRequest, Stored, TenantId};
 use crate::error::DomainError;
 use crate::secrets::{SecretName, SecretRef, SecretStore, SecretValue};
@@ -19,7 +20,9 @@ use super::read_modify_write;
 const SECRET_BYTES: usize = 32;
 
 /// Values read from the secret store, by secret name and version (a version never changes).
-type VersionCache<T> = Arc<std::sync::Mutex<std::collections::HashMap<(String, String), T>>>;
+type VersionCache<T> = Arc<BoundedCache<(String, String), T>>;
+/// Versions of secret-store values kept in memory, per kind.
+const VERSION_CACHE_CAPACITY: usize = 10_000;
 /// Endpoints a tenant may have unless configured otherwise.
 pub const DEFAULT_MAX_ENDPOINTS: usize = 50;
 
@@ -96,8 +99,8 @@ impl WebhookService {
             policy,
             previous_secret_grace,
             max_endpoints: DEFAULT_MAX_ENDPOINTS,
-            secret_cache: Arc::default(),
-            header_cache: Arc::default(),
+            secret_cache: Arc::new(cache::bounded(VERSION_CACHE_CAPACITY)),
+            header_cache: Arc::new(cache::bounded(VERSION_CACHE_CAPACITY)),
             audit,
         }
     }
@@ -123,8 +126,8 @@ impl WebhookService {
             return Ok(webhook.headers.iter().filter(|(_, v)| v.as_str() != HEADER_MASK).map(|(k, v)| (k.clone(), v.clone())).collect());
         };
         let key = (reference.secret_name.to_string(), reference.version.clone());
-        if let Some(headers) = self.header_cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
-            return Ok(headers.clone());
+        if let Some(headers) = self.header_cache.get(&key) {
+            return Ok(headers);
         }
         let value = self.secrets.get(reference).await?;
         let headers: BTreeMap<String, String> = value
@@ -133,11 +136,7 @@ impl WebhookService {
             .cloned()
             .and_then(|h| serde_json::from_value(h).ok())
             .ok_or_else(|| DomainError::Unexpected(anyhow::anyhow!("stored custom headers have no 'headers' map")))?;
-        let mut cache = self.header_cache.lock().unwrap_or_else(|p| p.into_inner());
-        if cache.len() >= 10_000 {
-            cache.clear();
-        }
-        cache.insert(key, headers.clone());
+        self.header_cache.insert(key, headers.clone());
         Ok(headers)
     }
 
@@ -418,8 +417,8 @@ impl WebhookService {
         let mut secrets = Vec::with_capacity(references.len());
         for reference in references {
             let key = (reference.secret_name.to_string(), reference.version.clone());
-            if let Some(secret) = self.secret_cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
-                secrets.push(secret.clone());
+            if let Some(secret) = self.secret_cache.get(&key) {
+                secrets.push(secret);
                 continue;
             }
             let value = self.secrets.get(reference).await?;
@@ -429,11 +428,7 @@ impl WebhookService {
                 .and_then(|s| s.as_str())
                 .ok_or_else(|| DomainError::Unexpected(anyhow::anyhow!("a stored signing secret has no 'secret'")))?;
             let secret = SigningSecret::parse(text).map_err(|e| DomainError::Unexpected(anyhow::anyhow!("{e}")))?;
-            let mut cache = self.secret_cache.lock().unwrap_or_else(|p| p.into_inner());
-            if cache.len() >= 10_000 {
-                cache.clear();
-            }
-            cache.insert(key, secret.clone());
+            self.secret_cache.insert(key, secret.clone());
             secrets.push(secret);
         }
         Ok(secrets)
