@@ -94,6 +94,32 @@ async fn the_embedded_bus_gets_one_event_per_change() {
     }
 }
 
+#[tokio::test]
+async fn the_data_of_integration_created_is_the_integration_as_the_api_returns_it() {
+    let app = spawn_app().await;
+    let recorder = Arc::new(Recorder::default());
+    app.state.bus.subscribe(recorder.clone());
+    let token = app.member();
+    let (created, _) = app.create_github(&token, "described by its event").await;
+    let id = created["id"].as_str().unwrap();
+    let response = app.get(&format!("/api/v1/integrations/{id}"), &token).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let fetched: Value = response.json().await.unwrap();
+
+    let mut event = None;
+    for _ in 0..100 {
+        event = recorder.0.lock().unwrap().iter().find(|e| e.event_type.as_str() == "integration.created").cloned();
+        if event.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let event = event.expect("integration.created is published");
+    assert_eq!(event.subject, id);
+    assert_eq!(event.data, fetched, "the event carries the integration exactly as GET returns it");
+    assert_matches_schema(&event.cloud_event());
+}
+
 fn rabbit_app(url: String, exchange: &str) -> impl FnOnce(&mut integration_manager::Settings) {
     let exchange = exchange.to_owned();
     move |s| {

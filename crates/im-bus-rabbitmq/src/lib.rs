@@ -240,6 +240,7 @@ impl RabbitPublisher {
 
 #[async_trait]
 impl EventPublisher for RabbitPublisher {
+    #[tracing::instrument(skip_all, name = "events.publish", fields(count = events.len()))]
     async fn publish(&self, events: &[DomainEvent]) -> Result<(), DomainError> {
         if events.is_empty() {
             return Ok(());
@@ -277,6 +278,7 @@ impl EventPublisher for RabbitPublisher {
 
 #[async_trait]
 impl HealthCheck for RabbitPublisher {
+    #[tracing::instrument(skip_all, name = "health.check")]
     async fn check(&self) -> DependencyHealth {
         let mut link = self.link.lock().await;
         let connected = link.as_ref().is_some_and(|l| l.connection.status().connected());

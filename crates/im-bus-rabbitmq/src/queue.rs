@@ -158,6 +158,7 @@ impl RabbitDeliveryQueue {
 
 #[async_trait]
 impl DeliveryQueue for RabbitDeliveryQueue {
+    #[tracing::instrument(skip_all, name = "delivery_queue.schedule", fields(tenant = %job.tenant_id, delivery = %job.delivery_id))]
     async fn schedule(&self, job: &DeliveryJob, due: time::OffsetDateTime) -> Result<(), DomainError> {
         let channel = self.channel().await?;
         self.publish_at(&channel, job, due).await?;
@@ -167,10 +168,12 @@ impl DeliveryQueue for RabbitDeliveryQueue {
 
     /// The broker cannot tell whether a job is queued: this queues one more, which the delivery
     /// service drops when it finds the delivery held, not yet due or final.
+    #[tracing::instrument(skip_all, name = "delivery_queue.schedule_if_absent", fields(tenant = %job.tenant_id, delivery = %job.delivery_id))]
     async fn schedule_if_absent(&self, job: &DeliveryJob, due: time::OffsetDateTime) -> Result<(), DomainError> {
         let channel = self.channel().await?;
         self.publish_at(&channel, job, due).await
     }
+    #[tracing::instrument(skip_all, name = "delivery_queue.take_due", fields(max = max))]
     async fn take_due(&self, max: u32, _lease: Duration) -> Result<Vec<DeliveryJob>, DomainError> {
         let channel = self.channel().await?;
         let mut jobs = Vec::new();
@@ -208,11 +211,13 @@ impl DeliveryQueue for RabbitDeliveryQueue {
         Ok(jobs)
     }
 
+    #[tracing::instrument(skip_all, name = "delivery_queue.complete", fields(tenant = %job.tenant_id, delivery = %job.delivery_id))]
     async fn complete(&self, job: &DeliveryJob) -> Result<(), DomainError> {
         let channel = self.channel().await?;
         self.ack(&channel, job).await
     }
 
+    #[tracing::instrument(skip_all, name = "delivery_queue.next_due")]
     async fn next_due(&self) -> Result<Option<time::OffsetDateTime>, DomainError> {
         // The broker moves delayed jobs when they are due; poll the work queue.
         Ok(None)

@@ -10,6 +10,8 @@ use uuid::Uuid;
 
 use crate::common::TenantId;
 
+pub mod payloads;
+
 /// The events this service publishes. The routing key on the bus is the event name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum EventType {
@@ -75,7 +77,7 @@ pub struct DomainEvent {
     pub subject: String,
     #[serde(with = "time::serde::rfc3339")]
     pub time: OffsetDateTime,
-    /// The resource as the API returns it, without secrets.
+    /// The event's payload (one of the types of [`payloads`]), as JSON; never secret values.
     pub data: Value,
 }
 

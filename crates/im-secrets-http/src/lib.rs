@@ -175,6 +175,7 @@ async fn refused(response: reqwest::Response, what: &str) -> DomainError {
 
 #[async_trait]
 impl SecretStore for HttpSecretStore {
+    #[tracing::instrument(skip_all, name = "secrets.put", fields(secret = %name))]
     async fn put(&self, name: &SecretName, value: &SecretValue, metadata: &BTreeMap<String, String>) -> Result<SecretRef, DomainError> {
         let body = serde_json::to_value(PutBody { value: &value.0, metadata }).map_err(|e| DomainError::Unexpected(e.into()))?;
         let response = self.send(Method::PUT, name, None, Some(&body)).await?;
@@ -192,6 +193,7 @@ impl SecretStore for HttpSecretStore {
         Ok(SecretRef { secret_name: name.clone(), version })
     }
 
+    #[tracing::instrument(skip_all, name = "secrets.get", fields(secret = %reference.secret_name, version = %reference.version))]
     async fn get(&self, reference: &SecretRef) -> Result<SecretValue, DomainError> {
         let response = self.send(Method::GET, &reference.secret_name, Some(("version", &reference.version)), None).await?;
         match response.status() {
@@ -207,6 +209,7 @@ impl SecretStore for HttpSecretStore {
         }
     }
 
+    #[tracing::instrument(skip_all, name = "secrets.delete", fields(secret = %name))]
     async fn delete(&self, name: &SecretName) -> Result<(), DomainError> {
         let response = self.send(Method::DELETE, name, None, None).await?;
         match response.status() {

@@ -76,6 +76,7 @@ impl LocalSecretStore {
 
 #[async_trait]
 impl SecretStore for LocalSecretStore {
+    #[tracing::instrument(skip_all, name = "secrets.put", fields(secret = %name))]
     async fn put(&self, name: &SecretName, value: &SecretValue, metadata: &BTreeMap<String, String>) -> Result<SecretRef, DomainError> {
         let plaintext = serde_json::to_vec(&value.0).map_err(unexpected)?;
         let metadata = serde_json::to_string(metadata).map_err(unexpected)?;
@@ -97,6 +98,7 @@ impl SecretStore for LocalSecretStore {
         Ok(SecretRef { secret_name: name.clone(), version: version.to_string() })
     }
 
+    #[tracing::instrument(skip_all, name = "secrets.get", fields(secret = %reference.secret_name, version = %reference.version))]
     async fn get(&self, reference: &SecretRef) -> Result<SecretValue, DomainError> {
         let not_found = || DomainError::not_found("secret", &reference.secret_name);
         let version: i64 = reference.version.parse().map_err(|_| not_found())?;
@@ -121,6 +123,7 @@ impl SecretStore for LocalSecretStore {
         Ok(SecretValue(serde_json::from_slice(&plaintext).map_err(unexpected)?))
     }
 
+    #[tracing::instrument(skip_all, name = "secrets.delete", fields(secret = %name))]
     async fn delete(&self, name: &SecretName) -> Result<(), DomainError> {
         self.conn
             .lock()

@@ -51,6 +51,7 @@ impl CosmosDeliveries {
 
 #[async_trait]
 impl DeliveryRepository for CosmosDeliveries {
+    #[tracing::instrument(skip_all, name = "deliveries.create", fields(tenant = %delivery.tenant_id, delivery = %delivery.id))]
     async fn create(&self, delivery: &Delivery) -> Result<ETag, DomainError> {
         let id = delivery.id.to_string();
         let doc = DeliveryDoc::new(delivery);
@@ -58,6 +59,7 @@ impl DeliveryRepository for CosmosDeliveries {
         header_etag(self.store.call("a create", create, RESOURCE, &id).await?.headers().etag())
     }
 
+    #[tracing::instrument(skip_all, name = "deliveries.get", fields(tenant = %tenant, delivery = %id))]
     async fn get(&self, tenant: &TenantId, id: uuid::Uuid) -> Result<Stored<Delivery>, DomainError> {
         let key = id.to_string();
         let response =
@@ -67,6 +69,7 @@ impl DeliveryRepository for CosmosDeliveries {
         Ok(Stored { value: doc.delivery, etag })
     }
 
+    #[tracing::instrument(skip_all, name = "deliveries.list", fields(tenant = %tenant, webhook = %webhook))]
     async fn list(
         &self,
         tenant: &TenantId,
@@ -101,6 +104,7 @@ impl DeliveryRepository for CosmosDeliveries {
         Ok(Page { items, continuation })
     }
 
+    #[tracing::instrument(skip_all, name = "deliveries.replace", fields(tenant = %delivery.tenant_id, delivery = %delivery.id, events = events.len()))]
     async fn replace(&self, delivery: &Delivery, if_match: Option<ETag>, events: &[DomainEvent]) -> Result<ETag, DomainError> {
         let id = delivery.id.to_string();
         let doc = DeliveryDoc::new(delivery);

@@ -28,6 +28,7 @@ impl CosmosIntegrations {
 
 #[async_trait]
 impl IntegrationRepository for CosmosIntegrations {
+    #[tracing::instrument(skip_all, name = "integrations.create", fields(tenant = %integration.tenant_id, integration = %integration.id, events = events.len()))]
     async fn create(&self, integration: &Integration, events: &[DomainEvent]) -> Result<ETag, DomainError> {
         let pk = integration.tenant_id.to_string();
         let id = integration.id.to_string();
@@ -41,6 +42,7 @@ impl IntegrationRepository for CosmosIntegrations {
         run_batch(&self.store, INTEGRATIONS, batch, RESOURCE, &id).await?.ok_or_else(|| unexpected("no etag in the batch result"))
     }
 
+    #[tracing::instrument(skip_all, name = "integrations.get", fields(tenant = %tenant, integration = %id))]
     async fn get(&self, tenant: &TenantId, id: IntegrationId) -> Result<Stored<Integration>, DomainError> {
         let key = id.to_string();
         let response =
@@ -54,6 +56,7 @@ impl IntegrationRepository for CosmosIntegrations {
         Ok(Stored { value: doc.integration, etag })
     }
 
+    #[tracing::instrument(skip_all, name = "integrations.list", fields(tenant = %tenant))]
     async fn list(
         &self,
         tenant: &TenantId,
@@ -85,6 +88,7 @@ impl IntegrationRepository for CosmosIntegrations {
         Ok(Page { items, continuation })
     }
 
+    #[tracing::instrument(skip_all, name = "integrations.replace", fields(tenant = %integration.tenant_id, integration = %integration.id, events = events.len()))]
     async fn replace(&self, integration: &Integration, if_match: Option<ETag>, events: &[DomainEvent]) -> Result<ETag, DomainError> {
         let pk = integration.tenant_id.to_string();
         let id = integration.id.to_string();
@@ -103,6 +107,7 @@ impl IntegrationRepository for CosmosIntegrations {
         run_batch(&self.store, INTEGRATIONS, batch, RESOURCE, &id).await?.ok_or_else(|| unexpected("no etag in the batch result"))
     }
 
+    #[tracing::instrument(skip_all, name = "integrations.delete", fields(tenant = %tenant, integration = %id, events = events.len()))]
     async fn delete(
         &self,
         tenant: &TenantId,

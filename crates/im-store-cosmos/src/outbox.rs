@@ -75,11 +75,13 @@ impl CosmosOutbox {
 
 #[async_trait]
 impl Outbox for CosmosOutbox {
+    #[tracing::instrument(skip_all, name = "outbox.pending", fields(limit = limit))]
     async fn pending(&self, limit: u32) -> Result<Vec<DomainEvent>, DomainError> {
         let found = self.oldest(limit).await?;
         Ok(self.remember(found.into_iter().take(limit as usize)))
     }
 
+    #[tracing::instrument(skip_all, name = "outbox.claim", fields(owner = %owner, limit = limit))]
     async fn claim(&self, owner: &str, limit: u32, lease: Duration) -> Result<Vec<DomainEvent>, DomainError> {
         let now = (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64;
         let until = now.saturating_add(i64::try_from(lease.as_millis()).unwrap_or(i64::MAX));
@@ -107,6 +109,7 @@ impl Outbox for CosmosOutbox {
         Ok(self.remember(claimed.into_iter().flatten()))
     }
 
+    #[tracing::instrument(skip_all, name = "outbox.mark_published", fields(count = ids.len()))]
     async fn mark_published(&self, ids: &[uuid::Uuid]) -> Result<(), DomainError> {
         for id in ids {
             let known = self.partitions.get(id);
@@ -139,6 +142,7 @@ impl Outbox for CosmosOutbox {
         Ok(())
     }
 
+    #[tracing::instrument(skip_all, name = "outbox.stats")]
     async fn stats(&self) -> Result<OutboxStats, DomainError> {
         // Cross-partition aggregates are not available: count what a bounded scan sees.
         let (mut pending, mut oldest_ms): (u64, Option<i64>) = (0, None);

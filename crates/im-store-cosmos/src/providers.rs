@@ -56,6 +56,7 @@ impl CosmosProviders {
 
 #[async_trait]
 impl ProviderRepository for CosmosProviders {
+    #[tracing::instrument(skip_all, name = "providers.create", fields(provider = %provider.spec.id))]
     async fn create(&self, provider: &Provider) -> Result<ETag, DomainError> {
         if self.find(provider.spec.id.as_str()).await?.is_some() {
             return Err(DomainError::Conflict(format!("a provider with id '{}' already exists", provider.spec.id)));
@@ -63,10 +64,12 @@ impl ProviderRepository for CosmosProviders {
         self.insert(provider).await
     }
 
+    #[tracing::instrument(skip_all, name = "providers.get", fields(provider = %id))]
     async fn get(&self, id: &ProviderId) -> Result<Stored<Provider>, DomainError> {
         self.find(id.as_str()).await?.ok_or_else(|| DomainError::not_found(RESOURCE, id))
     }
 
+    #[tracing::instrument(skip_all, name = "providers.list")]
     async fn list(&self, filter: &ProviderFilter, page: &PageRequest) -> Result<Page<Stored<Provider>>, DomainError> {
         let mut text = String::from("SELECT * FROM c WHERE c.type = @type");
         if filter.auth_mode.is_some() {
@@ -88,6 +91,7 @@ impl ProviderRepository for CosmosProviders {
         Ok(Page { items: docs.into_iter().map(stored).collect::<Result<_, _>>()?, continuation })
     }
 
+    #[tracing::instrument(skip_all, name = "providers.replace", fields(provider = %provider.spec.id))]
     async fn replace(&self, provider: &Provider, if_match: Option<ETag>) -> Result<ETag, DomainError> {
         let id = provider.spec.id.to_string();
         let current = self.get(&provider.spec.id).await?;
@@ -121,6 +125,7 @@ impl ProviderRepository for CosmosProviders {
         Ok(etag)
     }
 
+    #[tracing::instrument(skip_all, name = "providers.delete", fields(provider = %id))]
     async fn delete(&self, id: &ProviderId, if_match: Option<ETag>) -> Result<(), DomainError> {
         let current = self.get(id).await?;
         let options =
@@ -137,6 +142,7 @@ impl ProviderRepository for CosmosProviders {
         Ok(())
     }
 
+    #[tracing::instrument(skip_all, name = "providers.seed", fields(count = providers.len()))]
     async fn seed(&self, providers: &[Provider]) -> Result<SeedReport, DomainError> {
         let mut report = SeedReport::default();
         for provider in providers {

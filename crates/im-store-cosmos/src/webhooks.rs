@@ -48,6 +48,7 @@ impl CosmosWebhooks {
 
 #[async_trait]
 impl WebhookRepository for CosmosWebhooks {
+    #[tracing::instrument(skip_all, name = "webhooks.create", fields(tenant = %webhook.tenant_id, webhook = %webhook.id))]
     async fn create(&self, webhook: &Webhook) -> Result<ETag, DomainError> {
         let id = webhook.id.to_string();
         let doc = WebhookDoc::new(webhook);
@@ -55,6 +56,7 @@ impl WebhookRepository for CosmosWebhooks {
         header_etag(self.store.call("a create", create, RESOURCE, &id).await?.headers().etag())
     }
 
+    #[tracing::instrument(skip_all, name = "webhooks.get", fields(tenant = %tenant, webhook = %id))]
     async fn get(&self, tenant: &TenantId, id: WebhookId) -> Result<Stored<Webhook>, DomainError> {
         let key = id.to_string();
         let response =
@@ -67,6 +69,7 @@ impl WebhookRepository for CosmosWebhooks {
         Ok(Stored { value: doc.webhook, etag })
     }
 
+    #[tracing::instrument(skip_all, name = "webhooks.list", fields(tenant = %tenant))]
     async fn list(&self, tenant: &TenantId, page: &PageRequest) -> Result<Page<Stored<Webhook>>, DomainError> {
         let query = Query::from("SELECT * FROM c WHERE c.type = @type ORDER BY c.id")
             .with_parameter("@type", WebhookDoc::TYPE)
@@ -79,6 +82,7 @@ impl WebhookRepository for CosmosWebhooks {
         Ok(Page { items, continuation })
     }
 
+    #[tracing::instrument(skip_all, name = "webhooks.replace", fields(tenant = %webhook.tenant_id, webhook = %webhook.id))]
     async fn replace(&self, webhook: &Webhook, if_match: Option<ETag>) -> Result<ETag, DomainError> {
         let id = webhook.id.to_string();
         let options = precondition(if_match.as_ref()).map(|p| ItemWriteOptions::default().with_precondition(p));
@@ -87,6 +91,7 @@ impl WebhookRepository for CosmosWebhooks {
         header_etag(self.store.call("a replace", replace, RESOURCE, &id).await?.headers().etag())
     }
 
+    #[tracing::instrument(skip_all, name = "webhooks.delete", fields(tenant = %tenant, webhook = %id))]
     async fn delete(&self, tenant: &TenantId, id: WebhookId, if_match: Option<ETag>) -> Result<(), DomainError> {
         let key = id.to_string();
         let options = precondition(if_match.as_ref()).map(|p| ItemWriteOptions::default().with_precondition(p));

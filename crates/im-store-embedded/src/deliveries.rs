@@ -31,12 +31,14 @@ impl SqliteDeliveries {
 
 #[async_trait]
 impl DeliveryRepository for SqliteDeliveries {
+    #[tracing::instrument(skip_all, name = "deliveries.create", fields(tenant = %delivery.tenant_id, delivery = %delivery.id))]
     async fn create(&self, delivery: &Delivery) -> Result<ETag, DomainError> {
         self.docs
             .create(WEBHOOK_DELIVERIES, delivery.tenant_id.to_string(), delivery.id.to_string(), encode(delivery)?, Some(DELIVERY_TTL))
             .await
     }
 
+    #[tracing::instrument(skip_all, name = "deliveries.get", fields(tenant = %tenant, delivery = %id))]
     async fn get(&self, tenant: &TenantId, id: uuid::Uuid) -> Result<Stored<Delivery>, DomainError> {
         match self.docs.get(WEBHOOK_DELIVERIES, tenant.to_string(), id.to_string()).await? {
             Some(doc) => decode(doc),
@@ -44,6 +46,7 @@ impl DeliveryRepository for SqliteDeliveries {
         }
     }
 
+    #[tracing::instrument(skip_all, name = "deliveries.list", fields(tenant = %tenant, webhook = %webhook))]
     async fn list(
         &self,
         tenant: &TenantId,
@@ -70,6 +73,7 @@ impl DeliveryRepository for SqliteDeliveries {
         Ok(Page { items, continuation })
     }
 
+    #[tracing::instrument(skip_all, name = "deliveries.replace", fields(tenant = %delivery.tenant_id, delivery = %delivery.id, events = events.len()))]
     async fn replace(&self, delivery: &Delivery, if_match: Option<ETag>, events: &[DomainEvent]) -> Result<ETag, DomainError> {
         let pk = delivery.tenant_id.to_string();
         self.docs
@@ -126,14 +130,17 @@ fn now_millis() -> i64 {
 
 #[async_trait]
 impl DeliveryQueue for SqliteDeliveryQueue {
+    #[tracing::instrument(skip_all, name = "delivery_queue.schedule", fields(tenant = %job.tenant_id, delivery = %job.delivery_id))]
     async fn schedule(&self, job: &DeliveryJob, due: time::OffsetDateTime) -> Result<(), DomainError> {
         self.insert(job, due, "ON CONFLICT (delivery_id) DO UPDATE SET due_at = excluded.due_at, leased_until = 0").await
     }
 
+    #[tracing::instrument(skip_all, name = "delivery_queue.schedule_if_absent", fields(tenant = %job.tenant_id, delivery = %job.delivery_id))]
     async fn schedule_if_absent(&self, job: &DeliveryJob, due: time::OffsetDateTime) -> Result<(), DomainError> {
         self.insert(job, due, "ON CONFLICT (delivery_id) DO NOTHING").await
     }
 
+    #[tracing::instrument(skip_all, name = "delivery_queue.take_due", fields(max = max))]
     async fn take_due(&self, max: u32, lease: Duration) -> Result<Vec<DeliveryJob>, DomainError> {
         let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
         let rows = self
@@ -163,6 +170,7 @@ impl DeliveryQueue for SqliteDeliveryQueue {
             .collect()
     }
 
+    #[tracing::instrument(skip_all, name = "delivery_queue.complete", fields(tenant = %job.tenant_id, delivery = %job.delivery_id))]
     async fn complete(&self, job: &DeliveryJob) -> Result<(), DomainError> {
         let id = job.delivery_id.to_string();
         self.db
@@ -175,6 +183,7 @@ impl DeliveryQueue for SqliteDeliveryQueue {
             .await
     }
 
+    #[tracing::instrument(skip_all, name = "delivery_queue.next_due")]
     async fn next_due(&self) -> Result<Option<time::OffsetDateTime>, DomainError> {
         let due: Option<i64> = self
             .db

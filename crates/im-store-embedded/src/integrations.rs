@@ -25,11 +25,13 @@ impl SqliteIntegrations {
 
 #[async_trait]
 impl IntegrationRepository for SqliteIntegrations {
+    #[tracing::instrument(skip_all, name = "integrations.create", fields(tenant = %integration.tenant_id, integration = %integration.id, events = events.len()))]
     async fn create(&self, integration: &Integration, events: &[DomainEvent]) -> Result<ETag, DomainError> {
         let body = encode(integration)?;
         self.docs.create_with_events(INTEGRATIONS, integration.tenant_id.to_string(), integration.id.to_string(), body, None, events).await
     }
 
+    #[tracing::instrument(skip_all, name = "integrations.get", fields(tenant = %tenant, integration = %id))]
     async fn get(&self, tenant: &TenantId, id: IntegrationId) -> Result<Stored<Integration>, DomainError> {
         match self.docs.get(INTEGRATIONS, tenant.to_string(), id.to_string()).await? {
             Some(doc) => decode(doc),
@@ -37,6 +39,7 @@ impl IntegrationRepository for SqliteIntegrations {
         }
     }
 
+    #[tracing::instrument(skip_all, name = "integrations.list", fields(tenant = %tenant))]
     async fn list(
         &self,
         tenant: &TenantId,
@@ -56,12 +59,14 @@ impl IntegrationRepository for SqliteIntegrations {
         Ok(Page { items, continuation })
     }
 
+    #[tracing::instrument(skip_all, name = "integrations.replace", fields(tenant = %integration.tenant_id, integration = %integration.id, events = events.len()))]
     async fn replace(&self, integration: &Integration, if_match: Option<ETag>, events: &[DomainEvent]) -> Result<ETag, DomainError> {
         let body = encode(integration)?;
         let pk = integration.tenant_id.to_string();
         self.docs.replace(INTEGRATIONS, RESOURCE, pk.clone(), pk, integration.id.to_string(), body, if_match, None, events).await
     }
 
+    #[tracing::instrument(skip_all, name = "integrations.delete", fields(tenant = %tenant, integration = %id, events = events.len()))]
     async fn delete(
         &self,
         tenant: &TenantId,

@@ -30,6 +30,7 @@ fn decode_all(bodies: &[String]) -> Result<Vec<DomainEvent>, DomainError> {
 
 #[async_trait]
 impl Outbox for SqliteOutbox {
+    #[tracing::instrument(skip_all, name = "outbox.pending", fields(limit = limit))]
     async fn pending(&self, limit: u32) -> Result<Vec<DomainEvent>, DomainError> {
         let bodies = self
             .db
@@ -42,6 +43,7 @@ impl Outbox for SqliteOutbox {
         decode_all(&bodies)
     }
 
+    #[tracing::instrument(skip_all, name = "outbox.claim", fields(owner = %owner, limit = limit))]
     async fn claim(&self, owner: &str, limit: u32, lease: Duration) -> Result<Vec<DomainEvent>, DomainError> {
         let owner = owner.to_owned();
         let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
@@ -64,6 +66,7 @@ impl Outbox for SqliteOutbox {
         decode_all(&bodies)
     }
 
+    #[tracing::instrument(skip_all, name = "outbox.mark_published", fields(count = ids.len()))]
     async fn mark_published(&self, ids: &[uuid::Uuid]) -> Result<(), DomainError> {
         if ids.is_empty() {
             return Ok(());
@@ -80,6 +83,7 @@ impl Outbox for SqliteOutbox {
             .await
     }
 
+    #[tracing::instrument(skip_all, name = "outbox.stats")]
     async fn stats(&self) -> Result<OutboxStats, DomainError> {
         let (pending, oldest) = self
             .db

@@ -33,6 +33,7 @@ impl SqliteProviders {
 
 #[async_trait]
 impl ProviderRepository for SqliteProviders {
+    #[tracing::instrument(skip_all, name = "providers.create", fields(provider = %provider.spec.id))]
     async fn create(&self, provider: &Provider) -> Result<ETag, DomainError> {
         let body = encode(provider)?;
         let (pk, id) = (provider.spec.category.to_string(), provider.spec.id.to_string());
@@ -48,6 +49,7 @@ impl ProviderRepository for SqliteProviders {
             .await
     }
 
+    #[tracing::instrument(skip_all, name = "providers.get", fields(provider = %id))]
     async fn get(&self, id: &ProviderId) -> Result<Stored<Provider>, DomainError> {
         match self.docs.find_by_id(PROVIDERS, id.to_string()).await? {
             Some(doc) => decode(doc),
@@ -55,6 +57,7 @@ impl ProviderRepository for SqliteProviders {
         }
     }
 
+    #[tracing::instrument(skip_all, name = "providers.list")]
     async fn list(&self, filter: &ProviderFilter, page: &PageRequest) -> Result<Page<Stored<Provider>>, DomainError> {
         let mut filters = Vec::new();
         if let Some(mode) = filter.auth_mode {
@@ -68,6 +71,7 @@ impl ProviderRepository for SqliteProviders {
         Ok(Page { items, continuation })
     }
 
+    #[tracing::instrument(skip_all, name = "providers.replace", fields(provider = %provider.spec.id))]
     async fn replace(&self, provider: &Provider, if_match: Option<ETag>) -> Result<ETag, DomainError> {
         let body = encode(provider)?;
         let current = self.current_category(&provider.spec.id).await?;
@@ -86,11 +90,13 @@ impl ProviderRepository for SqliteProviders {
             .await
     }
 
+    #[tracing::instrument(skip_all, name = "providers.delete", fields(provider = %id))]
     async fn delete(&self, id: &ProviderId, if_match: Option<ETag>) -> Result<(), DomainError> {
         let current = self.current_category(id).await?;
         self.docs.delete(PROVIDERS, RESOURCE, current, id.to_string(), if_match, &[]).await
     }
 
+    #[tracing::instrument(skip_all, name = "providers.seed", fields(count = providers.len()))]
     async fn seed(&self, providers: &[Provider]) -> Result<SeedReport, DomainError> {
         let mut docs = Vec::with_capacity(providers.len());
         for provider in providers {

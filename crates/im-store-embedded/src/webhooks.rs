@@ -24,10 +24,12 @@ impl SqliteWebhooks {
 
 #[async_trait]
 impl WebhookRepository for SqliteWebhooks {
+    #[tracing::instrument(skip_all, name = "webhooks.create", fields(tenant = %webhook.tenant_id, webhook = %webhook.id))]
     async fn create(&self, webhook: &Webhook) -> Result<ETag, DomainError> {
         self.docs.create(WEBHOOKS, webhook.tenant_id.to_string(), webhook.id.to_string(), encode(webhook)?, None).await
     }
 
+    #[tracing::instrument(skip_all, name = "webhooks.get", fields(tenant = %tenant, webhook = %id))]
     async fn get(&self, tenant: &TenantId, id: WebhookId) -> Result<Stored<Webhook>, DomainError> {
         match self.docs.get(WEBHOOKS, tenant.to_string(), id.to_string()).await? {
             Some(doc) => decode(doc),
@@ -35,17 +37,20 @@ impl WebhookRepository for SqliteWebhooks {
         }
     }
 
+    #[tracing::instrument(skip_all, name = "webhooks.list", fields(tenant = %tenant))]
     async fn list(&self, tenant: &TenantId, page: &PageRequest) -> Result<Page<Stored<Webhook>>, DomainError> {
         let query = Query { container: WEBHOOKS, pk: Some(tenant.to_string()), filters: Vec::new(), search: None, page: page.clone() };
         let (docs, continuation) = self.docs.query(query).await?;
         Ok(Page { items: docs.into_iter().map(decode).collect::<Result<_, _>>()?, continuation })
     }
 
+    #[tracing::instrument(skip_all, name = "webhooks.replace", fields(tenant = %webhook.tenant_id, webhook = %webhook.id))]
     async fn replace(&self, webhook: &Webhook, if_match: Option<ETag>) -> Result<ETag, DomainError> {
         let pk = webhook.tenant_id.to_string();
         self.docs.replace(WEBHOOKS, RESOURCE, pk.clone(), pk, webhook.id.to_string(), encode(webhook)?, if_match, None, &[]).await
     }
 
+    #[tracing::instrument(skip_all, name = "webhooks.delete", fields(tenant = %tenant, webhook = %id))]
     async fn delete(&self, tenant: &TenantId, id: WebhookId, if_match: Option<ETag>) -> Result<(), DomainError> {
         self.docs.delete(WEBHOOKS, RESOURCE, tenant.to_string(), id.to_string(), if_match, &[]).await
     }

@@ -156,6 +156,7 @@ fn redact_addresses(text: &str) -> String {
 
 #[async_trait]
 impl WebhookSender for HttpWebhookSender {
+    #[tracing::instrument(skip_all, name = "webhooks.send", fields(bytes = request.body.len()))]
     async fn send(&self, request: OutgoingRequest) -> SendResult {
         let started = Instant::now();
         let failed = |error: String, started: Instant| SendResult {

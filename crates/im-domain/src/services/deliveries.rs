@@ -11,13 +11,14 @@ use crate::audit::{Audit, AuditAction, AuditResource};
 use crate::auth::{Caller, Role};
 use crate::common::{Clock, IdGenerator, Page, PageRequest, Stored, TenantId};
 use crate::error::DomainError;
+use crate::events::payloads::{DeliveryOutcomeData, EndpointDisabledData};
 use crate::events::{DomainEvent, EventType};
 use crate::ports::EventSubscriber;
 use crate::webhooks::delivery::{
     ATTEMPT_LEASE, Attempt, AttemptTrigger, Delivery, DeliveryFilter, DeliveryStatus, Outcome, RESPONSE_EXCERPT_BYTES, classify,
     delivery_id, next_wait,
 };
-use crate::webhooks::endpoint::{TEST_EVENT_TYPE, Webhook, WebhookId, WebhookStatus, without_credentials};
+use crate::webhooks::endpoint::{TEST_EVENT_TYPE, Webhook, WebhookId, WebhookStatus};
 use crate::webhooks::ports::{
     DeliveryJob, DeliveryQueue, DeliveryRepository, OutgoingRequest, SendResult, WebhookRepository, WebhookSender,
 };
@@ -236,23 +237,13 @@ impl DeliveryService {
     }
 
     fn outcome_event(&self, delivery: &Delivery, event_type: EventType) -> DomainEvent {
-        let last = delivery.attempts.last();
         DomainEvent {
             id: self.ids.new_uuid(),
             event_type,
             tenant_id: delivery.tenant_id.clone(),
             subject: delivery.id.to_string(),
             time: self.clock.now(),
-            data: json!({
-                "deliveryId": delivery.id.to_string(),
-                "webhookId": delivery.webhook_id.to_string(),
-                "messageId": delivery.message_id,
-                "eventType": delivery.event_type,
-                "status": delivery.status.as_str(),
-                "attempts": delivery.attempts.len(),
-                "lastStatusCode": last.and_then(|a| a.status_code),
-                "lastError": last.and_then(|a| a.error.clone()),
-            }),
+            data: json!(DeliveryOutcomeData::from(delivery)),
         }
     }
 
@@ -528,7 +519,7 @@ impl DeliveryService {
             tenant_id: webhook.tenant_id.clone(),
             subject: webhook.id.to_string(),
             time: self.clock.now(),
-            data: json!({"webhookId": webhook.id.to_string(), "url": without_credentials(&webhook.url), "reason": reason}),
+            data: json!(EndpointDisabledData::new(webhook, reason)),
         }
     }
 

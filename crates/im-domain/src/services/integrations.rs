@@ -7,6 +7,7 @@ use crate::auth::{Caller, Role};
 use crate::cache::{self, BoundedCache};
 use crate::common::{Clock, ETag, IdGenerator, IntegrationId, Page, PageRequest, Stored};
 use crate::error::DomainError;
+use crate::events::payloads::IntegrationEventData;
 use crate::events::{DomainEvent, EventType};
 use crate::integration::{Integration, IntegrationFilter, IntegrationSpec, IntegrationStatus};
 use crate::ports::{IntegrationRepository, ProviderRepository};
@@ -225,7 +226,7 @@ impl IntegrationService {
             tenant_id: integration.tenant_id.clone(),
             subject: integration.id.to_string(),
             time: self.clock.now(),
-            data: serde_json::to_value(integration).map_err(|e| DomainError::Unexpected(e.into()))?,
+            data: serde_json::to_value(IntegrationEventData::from(integration)).map_err(|e| DomainError::Unexpected(e.into()))?,
         })
     }
 }

@@ -1,0 +1,153 @@
+//! The `data` of each event, one type per event, with exactly the fields of its schema in
+//! `docs/events/`. Each is built from the aggregate it describes, so what an event carries is
+//! decided here and not by how the aggregate happens to serialise.
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+use time::OffsetDateTime;
+
+use crate::common::{IntegrationId, TenantId, UserId};
+use crate::custom::CustomApiDefinition;
+use crate::integration::{Integration, IntegrationStatus};
+use crate::provider::ProviderId;
+use crate::webhooks::delivery::Delivery;
+use crate::webhooks::endpoint::{Webhook, without_credentials};
+
+/// `data` of `integration.created`, `integration.updated` and `integration.deleted`: the
+/// integration as the API returns it (it holds no secret values, only references).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IntegrationEventData {
+    pub id: IntegrationId,
+    pub tenant_id: TenantId,
+    pub provider_id: ProviderId,
+    pub name: String,
+    pub description: String,
+    pub status: IntegrationStatus,
+    pub config: Map<String, Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub custom_definition: Option<CustomApiDefinition>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+    pub created_by: UserId,
+    pub updated_by: UserId,
+}
+
+impl From<&Integration> for IntegrationEventData {
+    fn from(i: &Integration) -> Self {
+        Self {
+            id: i.id,
+            tenant_id: i.tenant_id.clone(),
+            provider_id: i.provider_id.clone(),
+            name: i.name.clone(),
+            description: i.description.clone(),
+            status: i.status,
+            config: i.config.clone(),
+            custom_definition: i.custom_definition.clone(),
+            created_at: i.created_at,
+            updated_at: i.updated_at,
+            created_by: i.created_by.clone(),
+            updated_by: i.updated_by.clone(),
+        }
+    }
+}
+
+/// `data` of `webhook.delivered` and `webhook.failed`: the outcome of a delivery and its last attempt.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeliveryOutcomeData {
+    pub delivery_id: String,
+    pub webhook_id: String,
+    pub message_id: String,
+    pub event_type: String,
+    pub status: &'static str,
+    pub attempts: usize,
+    pub last_status_code: Option<u16>,
+    pub last_error: Option<String>,
+}
+
+impl From<&Delivery> for DeliveryOutcomeData {
+    fn from(d: &Delivery) -> Self {
+        let last = d.attempts.last();
+        Self {
+            delivery_id: d.id.to_string(),
+            webhook_id: d.webhook_id.to_string(),
+            message_id: d.message_id.clone(),
+            event_type: d.event_type.clone(),
+            status: d.status.as_str(),
+            attempts: d.attempts.len(),
+            last_status_code: last.and_then(|a| a.status_code),
+            last_error: last.and_then(|a| a.error.clone()),
+        }
+    }
+}
+
+/// `data` of `webhook.endpoint.disabled`: which endpoint, where it pointed (without
+/// credentials in the URL) and why the service disabled it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointDisabledData {
+    pub webhook_id: String,
+    pub url: String,
+    pub reason: String,
+}
+
+impl EndpointDisabledData {
+    pub fn new(webhook: &Webhook, reason: &str) -> Self {
+        Self { webhook_id: webhook.id.to_string(), url: without_credentials(&webhook.url), reason: reason.to_owned() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+    use uuid::Uuid;
+
+    use super::*;
+
+    fn integration() -> Integration {
+        Integration {
+            id: IntegrationId(Uuid::from_u128(7)),
+            tenant_id: TenantId::new("acme").unwrap(),
+            provider_id: ProviderId::new("github").unwrap(),
+            name: "Repos".into(),
+            description: "".into(),
+            status: IntegrationStatus::Active,
+            config: json!({"org": "acme", "token": {"secretRef": "s-1"}}).as_object().unwrap().clone(),
+            custom_definition: None,
+            created_at: OffsetDateTime::UNIX_EPOCH,
+            updated_at: OffsetDateTime::UNIX_EPOCH + time::Duration::seconds(90),
+            created_by: UserId::new("alice").unwrap(),
+            updated_by: UserId::new("bob").unwrap(),
+        }
+    }
+
+    #[test]
+    fn integration_data_has_exactly_the_schema_fields() {
+        let data = serde_json::to_value(IntegrationEventData::from(&integration())).unwrap();
+        assert_eq!(
+            data,
+            json!({
+                "id": Uuid::from_u128(7).to_string(),
+                "tenantId": "acme",
+                "providerId": "github",
+                "name": "Repos",
+                "description": "",
+                "status": "active",
+                "config": {"org": "acme", "token": {"secretRef": "s-1"}},
+                "createdAt": "1970-01-01T00:00:00Z",
+                "updatedAt": "1970-01-01T00:01:30Z",
+                "createdBy": "alice",
+                "updatedBy": "bob",
+            })
+        );
+    }
+
+    #[test]
+    fn integration_data_serialises_like_the_stored_integration() {
+        let i = integration();
+        assert_eq!(serde_json::to_value(IntegrationEventData::from(&i)).unwrap(), serde_json::to_value(&i).unwrap());
+    }
+}
