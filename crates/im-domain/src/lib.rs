@@ -15,6 +15,7 @@ pub mod events;
 pub mod integration;
 pub mod ports;
 pub mod provider;
+pub mod provider_client;
 pub mod retry;
 pub mod schema;
 pub mod secrets;
