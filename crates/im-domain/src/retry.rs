@@ -1,8 +1,11 @@
 //! Retries with a growing, bounded wait between attempts. Runtime-free: the caller passes the
-//! sleep function of its runtime.
+//! sleep function of its runtime. [`on_conflict`] is the wait-free case: an operation that lost
+//! a race for a conditional write reads again and tries again at once.
 
 use std::future::Future;
 use std::time::Duration;
+
+use crate::error::DomainError;
 
 /// How many attempts, and how long to wait between them: `first`, doubled after each attempt,
 /// never more than `max`.
@@ -14,6 +17,12 @@ pub struct Backoff {
 }
 
 impl Backoff {
+    /// `attempts` attempts, one right after the other.
+    #[must_use]
+    pub const fn immediate(attempts: u32) -> Self {
+        Self { attempts, first: Duration::ZERO, max: Duration::ZERO }
+    }
+
     /// The wait after the `failed`-th failed attempt (1-based).
     #[must_use]
     pub fn delay(&self, failed: u32) -> Duration {
@@ -53,6 +62,26 @@ where
                 sleep(backoff.delay(number)).await;
                 number += 1;
             }
+        }
+    }
+}
+
+/// Runs `attempt` up to `attempts` times (at least once) while it fails with
+/// `PreconditionFailed` (another writer changed what it read), with no wait in between: each
+/// attempt reads the current version again. Success and every other error end it at once.
+///
+/// # Errors
+/// The first error other than `PreconditionFailed`, or `PreconditionFailed` when every attempt
+/// lost the race.
+pub async fn on_conflict<T>(attempts: u32, mut attempt: impl AsyncFnMut() -> Result<T, DomainError>) -> Result<T, DomainError> {
+    // `retry` with `Backoff::immediate`, written out: `attempt` may lend its state to the future
+    // it returns, which an `FnMut` returning a future cannot.
+    let attempts = attempts.max(1);
+    let mut made = 1;
+    loop {
+        match attempt().await {
+            Err(DomainError::PreconditionFailed) if made < attempts => made += 1,
+            other => return other,
         }
     }
 }
@@ -124,5 +153,31 @@ mod tests {
             block_on(retry(backoff, |_| async { Err(Failure::Transient("down")) }, |_| async { panic!("waited") }));
         assert_eq!(result, Err("down"));
         assert_eq!(BACKOFF.delay(40), Duration::from_millis(500), "huge attempt numbers stay bounded");
+    }
+
+    #[test]
+    fn conflicts_are_retried_at_once_and_other_errors_end_it() {
+        let tries = RefCell::new(0);
+        let result = block_on(on_conflict(3, async || {
+            *tries.borrow_mut() += 1;
+            if *tries.borrow() < 3 { Err(DomainError::PreconditionFailed) } else { Ok(*tries.borrow()) }
+        }));
+        assert_eq!(result.ok(), Some(3));
+
+        *tries.borrow_mut() = 0;
+        let result: Result<(), _> = block_on(on_conflict(4, async || {
+            *tries.borrow_mut() += 1;
+            Err(DomainError::PreconditionFailed)
+        }));
+        assert!(matches!(result, Err(DomainError::PreconditionFailed)));
+        assert_eq!(*tries.borrow(), 4, "every attempt was made");
+
+        *tries.borrow_mut() = 0;
+        let result: Result<(), _> = block_on(on_conflict(4, async || {
+            *tries.borrow_mut() += 1;
+            Err(DomainError::not_found("webhook", 1))
+        }));
+        assert!(matches!(result, Err(DomainError::NotFound { .. })));
+        assert_eq!(*tries.borrow(), 1, "not a conflict: no second attempt");
     }
 }

@@ -9,11 +9,12 @@ use uuid::Uuid;
 
 use crate::audit::{Audit, AuditAction, AuditResource};
 use crate::auth::{Caller, Role};
-use crate::common::{Clock, IdGenerator, Page, PageRequest, Stored, TenantId};
+use crate::common::{Clock, ETag, IdGenerator, Page, PageRequest, Stored, TenantId};
 use crate::error::DomainError;
 use crate::events::payloads::{DeliveryOutcomeData, EndpointDisabledData};
 use crate::events::{DomainEvent, EventType};
 use crate::ports::EventSubscriber;
+use crate::retry::{Backoff, Failure, retry};
 use crate::webhooks::delivery::{
     ATTEMPT_LEASE, Attempt, AttemptTrigger, Delivery, DeliveryFilter, DeliveryStatus, Outcome, RESPONSE_EXCERPT_BYTES, classify,
     delivery_id, next_wait,
@@ -78,7 +79,10 @@ fn excerpt(text: Option<String>) -> Option<String> {
 /// Why a delivery whose endpoint's signing secret is gone failed.
 const UNSIGNABLE: &str = "the endpoint's signing secret is gone from the secret store; rotate the secret to deliver again";
 /// Times a scheduled attempt tries to take its delivery when other workers keep changing it.
-const CLAIM_TRIES: usize = 3;
+const CLAIM_TRIES: u32 = 3;
+/// How many times the failure streak of an endpoint is read and written again when the endpoint
+/// changed in between.
+const HEALTH_TRIES: u32 = 5;
 /// A scheduled job that comes this long before its delivery's next attempt is a duplicate.
 const EARLY_SLACK: time::Duration = time::Duration::seconds(2);
 
@@ -256,39 +260,52 @@ impl DeliveryService {
     /// the delivery held, not yet due, or final, and is dropped: one chain of attempts per
     /// delivery, never two.
     pub async fn attempt(&self, job: &DeliveryJob, trigger: AttemptTrigger) -> Result<AttemptReport, DomainError> {
-        for _ in 0..CLAIM_TRIES {
-            match self.prepare(job, trigger).await? {
-                Prepared::Done(report) => return Ok(report),
-                Prepared::Ready(ready) => {
-                    let (stored, webhook) = *ready;
-                    if trigger == AttemptTrigger::Manual {
-                        if let Some(at) = self.over_rate(&webhook.value) {
-                            self.queue.schedule(job, at).await?;
-                            return Ok(AttemptReport::Throttled);
-                        }
-                        return self.send_and_record(job, trigger, stored, webhook).await;
-                    }
-                    let mut held = stored.value.clone();
-                    held.lease_until = Some(self.clock.now() + time::Duration::try_from(ATTEMPT_LEASE).unwrap_or(time::Duration::MINUTE));
-                    match self.deliveries.replace(&held, Some(stored.etag), &[]).await {
-                        Ok(etag) => {
-                            if let Some(at) = self.over_rate(&webhook.value) {
-                                // Hold it only until the endpoint's rate allows the attempt.
-                                held.lease_until = Some(at);
-                                self.deliveries.replace(&held, Some(etag), &[]).await?;
-                                self.queue.schedule(job, at).await?;
-                                return Ok(AttemptReport::Throttled);
-                            }
-                            return self.send_and_record(job, trigger, Stored { value: held, etag }, webhook).await;
-                        }
-                        // Another worker took it first: look again (it is held now, or done).
-                        Err(DomainError::PreconditionFailed) => continue,
-                        Err(e) => return Err(e),
-                    }
-                }
+        retry(Backoff::immediate(CLAIM_TRIES), |_| self.claim_and_attempt(job, trigger), |_| std::future::ready(())).await
+    }
+
+    /// One try of [`Self::attempt`]. Losing the race for the hold is the one failure worth
+    /// looking again for (transient); every other error ends the attempt as it is.
+    async fn claim_and_attempt(&self, job: &DeliveryJob, trigger: AttemptTrigger) -> Result<AttemptReport, Failure<DomainError>> {
+        let (stored, webhook) = match self.prepare(job, trigger).await.map_err(Failure::Permanent)? {
+            Prepared::Done(report) => return Ok(report),
+            Prepared::Ready(ready) => *ready,
+        };
+        if trigger == AttemptTrigger::Manual {
+            if let Some(at) = self.over_rate(&webhook.value) {
+                self.queue.schedule(job, at).await.map_err(Failure::Permanent)?;
+                return Ok(AttemptReport::Throttled);
             }
+            return self.send_and_record(job, trigger, stored, webhook).await.map_err(Failure::Permanent);
         }
-        Err(DomainError::unavailable(format!("delivery {} kept changing while being claimed", job.delivery_id)))
+        let mut held = stored.value.clone();
+        held.lease_until = Some(self.clock.now() + time::Duration::try_from(ATTEMPT_LEASE).unwrap_or(time::Duration::MINUTE));
+        match self.deliveries.replace(&held, Some(stored.etag), &[]).await {
+            Ok(etag) => self.hold_and_send(job, trigger, held, etag, webhook).await.map_err(Failure::Permanent),
+            // Another worker took it first: look again (it is held now, or done).
+            Err(DomainError::PreconditionFailed) => {
+                Err(Failure::Transient(DomainError::unavailable(format!("delivery {} kept changing while being claimed", job.delivery_id))))
+            }
+            Err(e) => Err(Failure::Permanent(e)),
+        }
+    }
+
+    /// Sends the attempt of a delivery this worker now holds (as `etag`), or, when the
+    /// endpoint's rate does not allow it yet, holds it only until then and reschedules the job.
+    async fn hold_and_send(
+        &self,
+        job: &DeliveryJob,
+        trigger: AttemptTrigger,
+        mut held: Delivery,
+        etag: ETag,
+        webhook: Stored<Webhook>,
+    ) -> Result<AttemptReport, DomainError> {
+        if let Some(at) = self.over_rate(&webhook.value) {
+            held.lease_until = Some(at);
+            self.deliveries.replace(&held, Some(etag), &[]).await?;
+            self.queue.schedule(job, at).await?;
+            return Ok(AttemptReport::Throttled);
+        }
+        self.send_and_record(job, trigger, Stored { value: held, etag }, webhook).await
     }
 
     /// Decides whether the job's attempt is to be made now, and completes or reschedules the
@@ -467,49 +484,58 @@ impl DeliveryService {
             // Healthy and still healthy: nothing to write (the common case).
             return Ok(None);
         }
-        for _ in 0..5 {
-            let current = self.webhooks.get(&webhook.tenant_id, webhook.id).await?;
-            let now = self.clock.now();
-            let mut next = current.value.clone();
-            let mut disabled_now = None;
-            match outcome {
-                Outcome::Delivered => {
-                    if next.failing_since.is_none() && next.consecutive_failures == 0 {
-                        return Ok(None);
-                    }
-                    next.failing_since = None;
-                    next.consecutive_failures = 0;
+        let tracked =
+            retry(Backoff::immediate(HEALTH_TRIES), |_| self.track_health_once(webhook, outcome), |_| std::future::ready(())).await;
+        match tracked {
+            // Others kept changing the endpoint: their writes carry the streak on.
+            Err(DomainError::PreconditionFailed) => Ok(None),
+            other => other,
+        }
+    }
+
+    /// One read and conditional write of [`Self::track_health`]; losing the race to another
+    /// writer is transient.
+    async fn track_health_once(&self, webhook: &Webhook, outcome: &Outcome) -> Result<Option<String>, Failure<DomainError>> {
+        let current = self.webhooks.get(&webhook.tenant_id, webhook.id).await.map_err(Failure::Permanent)?;
+        let now = self.clock.now();
+        let mut next = current.value.clone();
+        let mut disabled_now = None;
+        match outcome {
+            Outcome::Delivered => {
+                if next.failing_since.is_none() && next.consecutive_failures == 0 {
+                    return Ok(None);
                 }
-                Outcome::Gone | Outcome::Retry { .. } => {
-                    let since = *next.failing_since.get_or_insert(now);
-                    next.consecutive_failures = next.consecutive_failures.saturating_add(1);
-                    let too_long = now - since >= time::Duration::try_from(self.settings.disable_after).unwrap_or(time::Duration::MAX);
-                    let reason = match outcome {
-                        Outcome::Gone => Some("the endpoint answered 410 Gone".to_owned()),
-                        _ if too_long && next.consecutive_failures >= self.settings.disable_min_failures => Some(format!(
-                            "every attempt failed since {} ({} in a row)",
-                            since.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
-                            next.consecutive_failures
-                        )),
-                        _ => None,
-                    };
-                    if let Some(reason) = reason
-                        && next.status == WebhookStatus::Enabled
-                    {
-                        next.status = WebhookStatus::Disabled;
-                        next.disabled_reason = Some(reason.clone());
-                        disabled_now = Some(reason);
-                    }
-                }
+                next.failing_since = None;
+                next.consecutive_failures = 0;
             }
-            next.updated_at = now;
-            match self.webhooks.replace(&next, Some(current.etag)).await {
-                Ok(_) => return Ok(disabled_now),
-                Err(DomainError::PreconditionFailed) => continue,
-                Err(e) => return Err(e),
+            Outcome::Gone | Outcome::Retry { .. } => {
+                let since = *next.failing_since.get_or_insert(now);
+                next.consecutive_failures = next.consecutive_failures.saturating_add(1);
+                let too_long = now - since >= time::Duration::try_from(self.settings.disable_after).unwrap_or(time::Duration::MAX);
+                let reason = match outcome {
+                    Outcome::Gone => Some("the endpoint answered 410 Gone".to_owned()),
+                    _ if too_long && next.consecutive_failures >= self.settings.disable_min_failures => Some(format!(
+                        "every attempt failed since {} ({} in a row)",
+                        since.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
+                        next.consecutive_failures
+                    )),
+                    _ => None,
+                };
+                if let Some(reason) = reason
+                    && next.status == WebhookStatus::Enabled
+                {
+                    next.status = WebhookStatus::Disabled;
+                    next.disabled_reason = Some(reason.clone());
+                    disabled_now = Some(reason);
+                }
             }
         }
-        Ok(None)
+        next.updated_at = now;
+        match self.webhooks.replace(&next, Some(current.etag)).await {
+            Ok(_) => Ok(disabled_now),
+            Err(e @ DomainError::PreconditionFailed) => Err(Failure::Transient(e)),
+            Err(e) => Err(Failure::Permanent(e)),
+        }
     }
 
     fn disabled_event(&self, webhook: &Webhook, reason: &str) -> DomainEvent {

@@ -21,7 +21,7 @@ use crate::error::DomainError;
 
 /// How many times a read-modify-write without the caller's `If-Match` is retried when another
 /// writer got in between.
-const UNCONDITIONAL_RETRIES: usize = 20;
+const UNCONDITIONAL_RETRIES: u32 = 20;
 
 /// Runs a read-modify-write. `op(token)` reads the current version, applies the change and
 /// writes it conditionally on `token`, or on the version it just read when `token` is `None`.
@@ -34,13 +34,7 @@ async fn read_modify_write<T>(
     if if_match.is_some() {
         return op(if_match).await;
     }
-    for _ in 0..UNCONDITIONAL_RETRIES {
-        match op(None).await {
-            Err(DomainError::PreconditionFailed) => continue,
-            other => return other,
-        }
-    }
-    op(None).await
+    crate::retry::on_conflict(UNCONDITIONAL_RETRIES + 1, async || op(None).await).await
 }
 
 /// Polls a future that never waits (the mocks of service tests answer at once), without an async
