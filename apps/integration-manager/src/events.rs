@@ -76,6 +76,7 @@ pub struct OutboxHealth {
 
 #[async_trait]
 impl HealthCheck for OutboxHealth {
+    #[tracing::instrument(skip_all, name = "outbox.check")]
     async fn check(&self) -> DependencyHealth {
         match self.outbox.stats().await {
             Ok(stats) => {

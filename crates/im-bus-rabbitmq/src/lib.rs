@@ -278,7 +278,7 @@ impl EventPublisher for RabbitPublisher {
 
 #[async_trait]
 impl HealthCheck for RabbitPublisher {
-    #[tracing::instrument(skip_all, name = "health.check")]
+    #[tracing::instrument(skip_all, name = "events.check")]
     async fn check(&self) -> DependencyHealth {
         let mut link = self.link.lock().await;
         let connected = link.as_ref().is_some_and(|l| l.connection.status().connected());

@@ -369,7 +369,7 @@ impl CosmosStore {
 
 #[async_trait]
 impl HealthCheck for CosmosStore {
-    #[tracing::instrument(skip_all, name = "health.check")]
+    #[tracing::instrument(skip_all, name = "store.check")]
     async fn check(&self) -> DependencyHealth {
         let started = Instant::now();
         let query = Query::from("SELECT VALUE COUNT(1) FROM c WHERE c.type = 'seed'");

@@ -115,7 +115,7 @@ impl EmbeddedStore {
 
 #[async_trait]
 impl HealthCheck for EmbeddedStore {
-    #[tracing::instrument(skip_all, name = "health.check")]
+    #[tracing::instrument(skip_all, name = "store.check")]
     async fn check(&self) -> DependencyHealth {
         let started = std::time::Instant::now();
         let result = self.db.read(|conn| conn.query_row("SELECT count(*) FROM schema_migrations", [], |r| r.get::<_, i64>(0))).await;
