@@ -37,9 +37,9 @@ async fn published(recorder: &Recorder, event_type: &str) -> im_domain::events::
 
 async fn app() -> TestApp {
     spawn_app_with(|s| {
-        s.webhooks.allowed_private_cidrs = vec!["127.0.0.0/8".into()];
-        s.webhooks.allow_http = true;
-        s.webhooks.retry_schedule =
+        s.webhooks.sender.allowed_private_cidrs = vec!["127.0.0.0/8".into()];
+        s.webhooks.sender.allow_http = true;
+        s.webhooks.service.retry_schedule =
             ["100ms", "200ms"].iter().map(|d| integration_manager::config::HumanDuration::parse(d).unwrap()).collect();
     })
     .await
@@ -271,9 +271,9 @@ async fn skipped_deliveries_are_recovered() {
 #[tokio::test]
 async fn a_hanging_receiver_does_not_block_others() {
     let app = spawn_app_with(|s| {
-        s.webhooks.allowed_private_cidrs = vec!["127.0.0.0/8".into()];
-        s.webhooks.allow_http = true;
-        s.webhooks.request_timeout = integration_manager::config::HumanDuration::parse("3s").unwrap();
+        s.webhooks.sender.allowed_private_cidrs = vec!["127.0.0.0/8".into()];
+        s.webhooks.sender.allow_http = true;
+        s.webhooks.sender.request_timeout = integration_manager::config::HumanDuration::parse("3s").unwrap();
     })
     .await;
     let token = app.member();
@@ -293,12 +293,12 @@ async fn a_hanging_receiver_does_not_block_others() {
 #[tokio::test]
 async fn an_endpoint_failing_for_too_long_is_disabled_with_an_event() {
     let app = spawn_app_with(|s| {
-        s.webhooks.allowed_private_cidrs = vec!["127.0.0.0/8".into()];
-        s.webhooks.allow_http = true;
-        s.webhooks.retry_schedule =
+        s.webhooks.sender.allowed_private_cidrs = vec!["127.0.0.0/8".into()];
+        s.webhooks.sender.allow_http = true;
+        s.webhooks.service.retry_schedule =
             ["100ms", "100ms", "100ms"].iter().map(|d| integration_manager::config::HumanDuration::parse(d).unwrap()).collect();
-        s.webhooks.disable_after = integration_manager::config::HumanDuration::parse("0s").unwrap();
-        s.webhooks.disable_min_failures = 2;
+        s.webhooks.service.disable_after = integration_manager::config::HumanDuration::parse("0s").unwrap();
+        s.webhooks.service.disable_min_failures = 2;
     })
     .await;
     let recorder = std::sync::Arc::new(Recorder(std::sync::Mutex::new(Vec::new())));
@@ -376,8 +376,8 @@ async fn the_rate_limit_spreads_deliveries_without_dropping_any() {
 #[tokio::test]
 async fn a_stop_lets_the_attempt_in_flight_finish_and_records_it() {
     let app = spawn_app_with(|s| {
-        s.webhooks.allowed_private_cidrs = vec!["127.0.0.0/8".into()];
-        s.webhooks.allow_http = true;
+        s.webhooks.sender.allowed_private_cidrs = vec!["127.0.0.0/8".into()];
+        s.webhooks.sender.allow_http = true;
     })
     .await;
     let token = app.member();

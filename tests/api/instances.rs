@@ -42,10 +42,10 @@ async fn instances() -> Vec<TestApp> {
     // `secrets.local_shared_data_dir` requires.
     let dir = Arc::new(tempfile::tempdir().expect("temp dir"));
     let first = spawn_in(dir.clone(), |s| {
-        s.webhooks.allowed_private_cidrs = vec!["127.0.0.0/8".into()];
-        s.webhooks.allow_http = true;
+        s.webhooks.sender.allowed_private_cidrs = vec!["127.0.0.0/8".into()];
+        s.webhooks.sender.allow_http = true;
         // Longer in all than the receiver outage of the chaos scenario, even on a slow store.
-        s.webhooks.retry_schedule = ["200ms", "500ms", "1s", "2s", "4s", "8s", "12s", "15s"]
+        s.webhooks.service.retry_schedule = ["200ms", "500ms", "1s", "2s", "4s", "8s", "12s", "15s"]
             .iter()
             .map(|d| integration_manager::config::HumanDuration::parse(d).unwrap())
             .collect();

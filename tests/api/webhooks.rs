@@ -94,8 +94,8 @@ async fn destinations_filters_and_headers_are_validated_field_by_field() {
 #[tokio::test]
 async fn the_private_allowlist_opens_exceptions() {
     let app = crate::helpers::spawn_app_with(|s| {
-        s.webhooks.allowed_private_cidrs = vec!["127.0.0.0/8".into()];
-        s.webhooks.allow_http = true;
+        s.webhooks.sender.allowed_private_cidrs = vec!["127.0.0.0/8".into()];
+        s.webhooks.sender.allow_http = true;
     })
     .await;
     let token = app.member();
@@ -106,7 +106,7 @@ async fn the_private_allowlist_opens_exceptions() {
 /// The destination is judged as the sender reads the URL (WHATWG rules), at creation and at update.
 #[tokio::test]
 async fn every_spelling_of_an_internal_address_is_refused_even_over_plain_http() {
-    let app = crate::helpers::spawn_app_with(|s| s.webhooks.allow_http = true).await;
+    let app = crate::helpers::spawn_app_with(|s| s.webhooks.sender.allow_http = true).await;
     let token = app.member();
     let created: Value = app.post("/api/v1/webhooks", &token, &endpoint("http://hooks.example.com/a")).await.json().await.unwrap();
     let path = format!("/api/v1/webhooks/{}", created["id"].as_str().unwrap());
@@ -182,7 +182,7 @@ async fn endpoints_are_tenant_scoped_and_concurrency_controlled() {
 
 #[tokio::test]
 async fn a_tenant_has_at_most_the_configured_number_of_endpoints() {
-    let app = crate::helpers::spawn_app_with(|s| s.webhooks.max_endpoints_per_tenant = 2).await;
+    let app = crate::helpers::spawn_app_with(|s| s.webhooks.service.max_endpoints_per_tenant = 2).await;
     let token = app.member();
     for n in 0..2 {
         let created = app.post("/api/v1/webhooks", &token, &json!({"url": format!("https://hooks.example.com/{n}")})).await;

@@ -3,7 +3,8 @@
 //!
 //! Each adapter owns the settings of its section (`cosmos_db`: [`CosmosSettings`], `rabbitmq`:
 //! [`RabbitSettings`], `auth`: [`AuthSettings`], the HTTP keys of `secrets`:
-//! [`HttpSecretSettings`]); this module only embeds them. Every section is read on its own and
+//! [`HttpSecretSettings`], its local key: [`LocalSecretSettings`], the sender's keys of
+//! `webhooks`: [`WebhookSenderSettings`]); this module only embeds them. Every section is read on its own and
 //! every problem is collected, so one run reports every invalid key at once.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -17,8 +18,9 @@ pub use im_auth::{AuthMode, AuthSettings};
 pub use im_bus_rabbitmq::RabbitSettings;
 pub use im_domain::HumanDuration;
 pub use im_secrets_http::HttpSecretSettings;
+pub use im_secrets_local::LocalSecretSettings;
 pub use im_store_cosmos::CosmosSettings;
-use secrecy::ExposeSecret as _;
+pub use im_webhook_sender::WebhookSenderSettings;
 pub use secrecy::SecretString;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
@@ -70,51 +72,43 @@ pub enum SecretsBackend {
     Http,
 }
 
-/// The `secrets` section: which store, the local store's key, and the HTTP store's settings
-/// (the `url`, `token`, `timeout` and `attempts` keys, read by [`HttpSecretSettings`]).
+/// The `secrets` section: which store, the local store's key (`local_key`, read by
+/// [`LocalSecretSettings`]), and the HTTP store's settings (the `url`, `token`, `timeout` and
+/// `attempts` keys, read by [`HttpSecretSettings`]).
 #[derive(Debug, Clone)]
 pub struct SecretSettings {
     pub backend: SecretsBackend,
-    /// Base64 of 32 bytes; empty: the key file in the data directory. A secret.
-    pub local_key: SecretString,
+    pub local: LocalSecretSettings,
     /// With `storage.backend = "cosmos"`: every instance runs on the same `storage.data_dir`
     /// (one instance, or a shared volume), so the local secret store is the same for all.
     pub local_shared_data_dir: bool,
     pub http: HttpSecretSettings,
 }
 
-/// The keys of `secrets` that pick the store and key the local one.
+/// The keys of `secrets` that pick the store.
 #[derive(Deserialize)]
 struct SecretsChoice {
     backend: SecretsBackend,
-    local_key: SecretString,
     local_shared_data_dir: bool,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+/// The `webhooks` section: the sender's keys (timeouts, destination policy, proxy: read by
+/// [`WebhookSenderSettings`]) and those of endpoints and deliveries.
+#[derive(Debug, Clone)]
 pub struct WebhookSettings {
+    pub sender: WebhookSenderSettings,
+    pub service: WebhookServiceSettings,
+}
+
+/// The keys of `webhooks` for endpoints and deliveries.
+#[derive(Debug, Clone, Deserialize)]
+pub struct WebhookServiceSettings {
     pub retry_schedule: Vec<HumanDuration>,
-    pub connect_timeout: HumanDuration,
-    pub request_timeout: HumanDuration,
     pub concurrency: usize,
-    pub allowed_private_cidrs: Vec<String>,
-    pub allow_http: bool,
-    /// Proxy for every webhook request; empty: direct connections (proxy environment variables are ignored).
-    pub proxy: SecretString,
     pub previous_secret_grace: HumanDuration,
     pub disable_after: HumanDuration,
     pub disable_min_failures: u32,
     pub max_endpoints_per_tenant: usize,
-}
-
-impl WebhookSettings {
-    /// The destination policy of endpoint URLs and delivery connections.
-    pub fn url_policy(&self) -> im_domain::webhooks::endpoint::UrlPolicy {
-        im_domain::webhooks::endpoint::UrlPolicy {
-            allow_http: self.allow_http,
-            allowed_private: self.allowed_private_cidrs.iter().filter_map(|c| im_domain::webhooks::endpoint::Cidr::parse(c).ok()).collect(),
-        }
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -282,7 +276,7 @@ fn from(metadata: &figment::Metadata) -> String {
 }
 
 /// An adapter's problems, named by their full keys.
-fn section(problems: &mut Vec<ConfigError>, section: &str, found: Vec<(&'static str, String)>) {
+fn section<K: fmt::Display>(problems: &mut Vec<ConfigError>, section: &str, found: Vec<(K, String)>) {
     problems.extend(found.into_iter().map(|(key, message)| err(&format!("{section}.{key}"), message)));
 }
 
@@ -366,12 +360,12 @@ impl Settings {
                 let choice: SecretsChoice = reader.section("secrets");
                 SecretSettings {
                     backend: choice.backend,
-                    local_key: choice.local_key,
+                    local: reader.section("secrets"),
                     local_shared_data_dir: choice.local_shared_data_dir,
                     http: reader.section("secrets"),
                 }
             },
-            webhooks: reader.section("webhooks"),
+            webhooks: WebhookSettings { sender: reader.section("webhooks"), service: reader.section("webhooks") },
             auth: reader.section("auth"),
             log: reader.section("log"),
         };
@@ -411,9 +405,12 @@ impl Settings {
         if self.events.backend == EventsBackend::Rabbitmq {
             section(&mut problems, "rabbitmq", self.rabbitmq.problems());
         }
-        check(&mut problems, (1..=10_000).contains(&self.webhooks.max_endpoints_per_tenant), "webhooks.max_endpoints_per_tenant", &|| {
-            "must be between 1 and 10000".into()
-        });
+        check(
+            &mut problems,
+            (1..=10_000).contains(&self.webhooks.service.max_endpoints_per_tenant),
+            "webhooks.max_endpoints_per_tenant",
+            &|| "must be between 1 and 10000".into(),
+        );
         let secrets = &self.secrets;
         check(
             &mut problems,
@@ -427,28 +424,13 @@ impl Settings {
             },
         );
         match secrets.backend {
-            SecretsBackend::Local => {
-                let key = secrets.local_key.expose_secret();
-                check(&mut problems, key.is_empty() || im_secrets_local::parse_key(key).is_ok(), "secrets.local_key", &|| {
-                    "must be base64 of 32 bytes".into()
-                });
-            }
+            SecretsBackend::Local => section(&mut problems, "secrets", secrets.local.problems()),
             SecretsBackend::Http => section(&mut problems, "secrets", secrets.http.problems()),
         }
         check(&mut problems, !secrets.http.timeout.is_zero(), "secrets.timeout", &|| "must be positive".into());
-        let webhooks = &self.webhooks;
-        for (i, cidr) in webhooks.allowed_private_cidrs.iter().enumerate() {
-            if let Err(reason) = im_domain::webhooks::endpoint::Cidr::parse(cidr) {
-                check(&mut problems, false, &format!("webhooks.allowed_private_cidrs[{i}]"), &|| reason.to_string());
-            }
-        }
-        let proxy = webhooks.proxy.expose_secret();
-        check(&mut problems, proxy.is_empty() || proxy.starts_with("http://") || proxy.starts_with("https://"), "webhooks.proxy", &|| {
-            "must be empty or an http(s) URL such as http://proxy.internal:3128".into()
-        });
+        let webhooks = &self.webhooks.service;
+        section(&mut problems, "webhooks", self.webhooks.sender.problems());
         check(&mut problems, webhooks.retry_schedule.len() <= 50, "webhooks.retry_schedule", &|| "must have at most 50 entries".into());
-        check(&mut problems, !webhooks.request_timeout.is_zero(), "webhooks.request_timeout", &|| "must be positive".into());
-        check(&mut problems, !webhooks.connect_timeout.is_zero(), "webhooks.connect_timeout", &|| "must be positive".into());
         check(&mut problems, (1..=10_000).contains(&webhooks.concurrency), "webhooks.concurrency", &|| {
             "must be between 1 and 10000".into()
         });
@@ -475,6 +457,7 @@ impl Settings {
 mod tests {
     use super::*;
     use figment::Jail;
+    use secrecy::ExposeSecret as _;
     use std::time::Duration;
 
     fn set_all(jail: &mut Jail, variables: &[(&str, &str)]) {
@@ -577,6 +560,11 @@ mod tests {
                 [secrets]
                 timeout = "0s"
                 surprise = true
+                local_key = "c2hvcnQ="
+                [webhooks]
+                proxy = "egress:3128"
+                connect_timeout = "0s"
+                allowed_private_cidrs = ["10.0.0.0/8", "10.0.0.0/40"]
                 [auth]
                 mode = "jwks"
                 leeway_secs = 30
@@ -599,16 +587,20 @@ mod tests {
                     "log.format",
                     "nonsense",
                     "secrets.backend",
+                    "secrets.local_key",
                     "secrets.surprise",
                     "secrets.timeout",
                     "server.body_limit_bytes",
                     "server.port",
                     "server.workers",
+                    "webhooks.allowed_private_cidrs[1]",
+                    "webhooks.connect_timeout",
+                    "webhooks.proxy",
                 ],
                 "{e}"
             );
             let text = e.to_string();
-            assert!(text.starts_with("13 problems"), "{text}");
+            assert!(text.starts_with("17 problems"), "{text}");
             assert!(text.contains("auth.leeway_secs: unknown key 'leeway_secs': renamed to 'auth.leeway'"), "{text}");
             assert!(text.contains("server.port: invalid type") && text.contains("bad.toml"), "the source is named: {text}");
             assert!(text.contains("cosmos_db.request_timeout: 'soon' is not a duration"), "{text}");
@@ -622,7 +614,7 @@ mod tests {
             jail.set_env("IM_WEBHOOKS__PREVIOUS_SECRET_GRACE", "90m");
             jail.set_env("IM_AUTH__LEEWAY", "250ms");
             let s = Settings::load(None).map_err(|e| e.to_string())?;
-            assert_eq!(s.webhooks.previous_secret_grace.get(), Duration::from_secs(5400));
+            assert_eq!(s.webhooks.service.previous_secret_grace.get(), Duration::from_secs(5400));
             assert_eq!(s.auth.leeway.get(), Duration::from_millis(250));
             jail.set_env("IM_WEBHOOKS__ALLOWED_PRIVATE_CIDRS", "[\"127.0.0.0/88\"]");
             assert_eq!(keys(Settings::load(None)), ["webhooks.allowed_private_cidrs[0]"]);
@@ -630,7 +622,10 @@ mod tests {
             jail.set_env("IM_WEBHOOKS__PROXY", "egress:3128");
             assert_eq!(Settings::load(None).unwrap_err().keys(), vec!["webhooks.proxy"]);
             jail.set_env("IM_WEBHOOKS__PROXY", "http://egress.internal:3128");
-            assert_eq!(Settings::load(None).map_err(|e| e.to_string())?.webhooks.proxy.expose_secret(), "http://egress.internal:3128");
+            assert_eq!(
+                Settings::load(None).map_err(|e| e.to_string())?.webhooks.sender.proxy.expose_secret(),
+                "http://egress.internal:3128"
+            );
             jail.set_env("IM_SECRETS__TIMEOUT", "soon");
             assert_eq!(keys(Settings::load(None)), ["secrets.timeout"]);
             jail.set_env("IM_SECRETS__TIMEOUT", "5s");
@@ -653,11 +648,20 @@ mod tests {
                     ("IM_RABBITMQ__URL", "amqp://user:hunter3@localhost/"),
                     ("IM_SECRETS__TOKEN", "hunter4"),
                     ("IM_AUTH__HS256_KEY", "aHVudGVyNWh1bnRlcjVodW50ZXI1aHVudGVyNWh1bnRlcjU="),
+                    ("IM_SECRETS__LOCAL_KEY", "aHVudGVyNmh1bnRlcjZodW50ZXI2aHVudGVyNmh1bnQ="),
+                    ("IM_WEBHOOKS__PROXY", "http://egress:hunter7@proxy.internal:3128"),
                 ],
             );
             let s = Settings::load(None).map_err(|e| e.to_string())?;
             let printed = format!("{s:?}");
-            for secret in ["aHVudGVyMmh1bnRlcjI=", "hunter3", "hunter4", "aHVudGVyNWh1bnRlcjVodW50ZXI1aHVudGVyNWh1bnRlcjU="] {
+            for secret in [
+                "aHVudGVyMmh1bnRlcjI=",
+                "hunter3",
+                "hunter4",
+                "aHVudGVyNWh1bnRlcjVodW50ZXI1aHVudGVyNWh1bnRlcjU=",
+                "aHVudGVyNmh1bnRlcjZodW50ZXI2aHVudGVyNmh1bnQ=",
+                "hunter7",
+            ] {
                 assert!(!printed.contains(secret), "{secret} printed in {printed}");
             }
             Ok(())

@@ -33,7 +33,7 @@ use im_domain::webhooks::ports::{DeliveryQueue, DeliveryRepository, OsEntropy, W
 use im_domain::{Clock, SystemClock, UuidV7};
 use im_store_cosmos::CosmosStore;
 use im_store_embedded::EmbeddedStore;
-use im_webhook_sender::{HttpWebhookSender, SenderSettings};
+use im_webhook_sender::HttpWebhookSender;
 use secrecy::ExposeSecret as _;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -86,13 +86,13 @@ pub fn local_jwt(settings: &Settings) -> anyhow::Result<LocalJwt> {
 pub fn secret_store(settings: &Settings) -> anyhow::Result<Arc<dyn SecretStore>> {
     match settings.secrets.backend {
         SecretsBackend::Local => {
-            let configured = settings.secrets.local_key.expose_secret();
-            let key = if configured.is_empty() {
-                let bytes = crate::keys::load_or_create_key(&settings.secrets_key_file(), im_secrets_local::KEY_BYTES)?;
-                <[u8; im_secrets_local::KEY_BYTES]>::try_from(bytes.as_slice())
-                    .map_err(|_| anyhow::anyhow!("the secrets key file must hold 32 bytes"))?
-            } else {
-                im_secrets_local::parse_key(configured)?
+            let key = match settings.secrets.local.configured_key()? {
+                Some(key) => key,
+                None => {
+                    let bytes = crate::keys::load_or_create_key(&settings.secrets_key_file(), im_secrets_local::KEY_BYTES)?;
+                    <[u8; im_secrets_local::KEY_BYTES]>::try_from(bytes.as_slice())
+                        .map_err(|_| anyhow::anyhow!("the secrets key file must hold 32 bytes"))?
+                }
             };
             Ok(Arc::new(im_secrets_local::LocalSecretStore::open(&settings.storage.data_dir, &key)?))
         }
@@ -218,18 +218,12 @@ async fn webhooks(settings: &Settings, storage: &Storage, audit: Audit) -> anyho
         Arc::new(SystemClock),
         Arc::new(UuidV7),
         Arc::new(OsEntropy),
-        settings.webhooks.url_policy(),
-        settings.webhooks.previous_secret_grace.get(),
+        settings.webhooks.sender.url_policy(),
+        settings.webhooks.service.previous_secret_grace.get(),
         audit.clone(),
     )
-    .with_max_endpoints(settings.webhooks.max_endpoints_per_tenant);
-    let sender = HttpWebhookSender::new(SenderSettings {
-        connect_timeout: settings.webhooks.connect_timeout.get(),
-        request_timeout: settings.webhooks.request_timeout.get(),
-        policy: settings.webhooks.url_policy(),
-        proxy: Some(settings.webhooks.proxy.expose_secret().to_owned()).filter(|p| !p.is_empty()),
-    })
-    .map_err(|e| anyhow::anyhow!("webhook sender: {e}"))?;
+    .with_max_endpoints(settings.webhooks.service.max_endpoints_per_tenant);
+    let sender = HttpWebhookSender::new(&settings.webhooks.sender).map_err(|e| anyhow::anyhow!("webhook sender: {e}"))?;
     let deliveries = DeliveryService::new(
         storage.webhooks.clone(),
         webhooks.clone(),
@@ -239,9 +233,9 @@ async fn webhooks(settings: &Settings, storage: &Storage, audit: Audit) -> anyho
         Arc::new(SystemClock),
         Arc::new(UuidV7),
         DeliverySettings {
-            retry_schedule: settings.webhooks.retry_schedule.iter().map(|d| d.get()).collect(),
-            disable_after: settings.webhooks.disable_after.get(),
-            disable_min_failures: settings.webhooks.disable_min_failures,
+            retry_schedule: settings.webhooks.service.retry_schedule.iter().map(|d| d.get()).collect(),
+            disable_after: settings.webhooks.service.disable_after.get(),
+            disable_min_failures: settings.webhooks.service.disable_min_failures,
             user_agent: format!("IntegrationManager-Webhooks/{}", env!("CARGO_PKG_VERSION")),
         },
         audit,
@@ -321,7 +315,7 @@ impl Application {
         let workers = Workers { shutdown: CancellationToken::new(), tasks: TaskTracker::new() };
         let dispatch = Arc::new(tokio::sync::Notify::new());
         events.bus.subscribe(Arc::new(FanOut { service: deliveries.clone(), wake: dispatch.clone() }));
-        spawn_dispatcher(deliveries.clone(), dispatch, settings.webhooks.concurrency, &workers.shutdown, &workers.tasks);
+        spawn_dispatcher(deliveries.clone(), dispatch, settings.webhooks.service.concurrency, &workers.shutdown, &workers.tasks);
         // Only now, with every in-process subscriber registered, may events flow.
         crate::events::spawn_relay(events.relay, events.wake, settings.events.relay_batch_size, &workers.shutdown, &workers.tasks);
         if let Some(store) = storage.embedded {

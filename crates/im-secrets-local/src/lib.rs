@@ -16,6 +16,8 @@ use base64::engine::general_purpose::STANDARD;
 use im_domain::DomainError;
 use im_domain::secrets::{SecretName, SecretRef, SecretStore, SecretValue};
 use rusqlite::{Connection, OptionalExtension, params};
+use secrecy::{ExposeSecret as _, SecretString};
+use serde::Deserialize;
 
 /// AES-256 key length.
 pub const KEY_BYTES: usize = 32;
@@ -34,6 +36,35 @@ impl std::fmt::Debug for LocalSecretStore {
 
 fn unexpected(e: impl std::fmt::Display) -> DomainError {
     DomainError::Unexpected(anyhow::anyhow!("local secret store: {e}"))
+}
+
+/// The local store's key of the `secrets` section.
+#[derive(Debug, Clone, Deserialize)]
+pub struct LocalSecretSettings {
+    /// Base64 of 32 bytes; empty: the key file the app keeps in the data directory. A secret.
+    pub local_key: SecretString,
+}
+
+impl LocalSecretSettings {
+    /// Problems of the values, each with its key in the section.
+    #[must_use]
+    pub fn problems(&self) -> Vec<(&'static str, String)> {
+        match self.configured_key() {
+            Ok(_) => Vec::new(),
+            Err(_) => vec![("local_key", "must be base64 of 32 bytes".to_owned())],
+        }
+    }
+
+    /// The configured key; `None` when `local_key` is empty (the key file is used then).
+    ///
+    /// # Errors
+    /// When the key is not base64 of exactly 32 bytes.
+    pub fn configured_key(&self) -> anyhow::Result<Option<[u8; KEY_BYTES]>> {
+        match self.local_key.expose_secret() {
+            "" => Ok(None),
+            text => parse_key(text).map(Some),
+        }
+    }
 }
 
 /// Parses a base64 32-byte key.
@@ -142,6 +173,19 @@ mod tests {
 
     fn name(id: &str) -> SecretName {
         SecretName::new(&TenantId::new("acme").unwrap(), "webhook", id)
+    }
+
+    #[test]
+    fn the_configured_key_is_checked_and_never_prints() {
+        let settings = |key: &str| LocalSecretSettings { local_key: key.into() };
+        let good = STANDARD.encode([7u8; KEY_BYTES]);
+        assert_eq!(settings(&good).configured_key().unwrap(), Some([7u8; KEY_BYTES]));
+        assert_eq!(settings("").configured_key().unwrap(), None);
+        assert!(settings("").problems().is_empty());
+        for bad in ["not base64!", &STANDARD.encode([7u8; 16])] {
+            assert_eq!(settings(bad).problems(), [("local_key", "must be base64 of 32 bytes".to_owned())], "{bad}");
+        }
+        assert!(!format!("{:?}", settings(&good)).contains(&good));
     }
 
     #[tokio::test]

@@ -10,7 +10,7 @@
 //!
 //! Proxy environment variables (`HTTP_PROXY`, `HTTPS_PROXY`, `ALL_PROXY`) are ignored: a proxy
 //! would resolve and connect on the sender's behalf, past the resolver's checks. A proxy is used
-//! only when configured explicitly ([`SenderSettings::proxy`]); it then resolves host names, so
+//! only when configured explicitly ([`WebhookSenderSettings::proxy`]); it then resolves host names, so
 //! it must apply its own egress rules (address hosts are still checked here).
 //!
 //! Errors stored in delivery attempts name the class of a refused address, never an address.
@@ -20,10 +20,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use im_domain::HumanDuration;
 use im_domain::webhooks::delivery::RESPONSE_EXCERPT_BYTES;
-use im_domain::webhooks::endpoint::UrlPolicy;
+use im_domain::webhooks::endpoint::{Cidr, UrlPolicy};
 use im_domain::webhooks::ports::{OutgoingRequest, SendResult, WebhookSender};
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
+use secrecy::{ExposeSecret as _, SecretString};
+use serde::Deserialize;
 
 /// Resolves names and keeps only the addresses the policy allows.
 #[derive(Debug, Clone)]
@@ -64,15 +67,54 @@ impl Resolve for SafeResolver {
     }
 }
 
-/// Timeouts and identity of the sender.
-#[derive(Debug, Clone)]
-pub struct SenderSettings {
-    pub connect_timeout: Duration,
-    pub request_timeout: Duration,
-    pub policy: UrlPolicy,
-    /// An explicit proxy for every webhook request (`http://proxy:3128`); `None`: direct
-    /// connections, whatever the proxy environment variables say.
-    pub proxy: Option<String>,
+/// The sender's keys of the `webhooks` section: timeouts, the destination policy and the
+/// proxy. The app reads the section's other keys itself.
+#[derive(Debug, Clone, Deserialize)]
+pub struct WebhookSenderSettings {
+    pub connect_timeout: HumanDuration,
+    pub request_timeout: HumanDuration,
+    /// Networks whose private addresses may be destinations (`127.0.0.0/8` for local development).
+    pub allowed_private_cidrs: Vec<String>,
+    /// Whether plain `http://` URLs may be destinations.
+    pub allow_http: bool,
+    /// An explicit proxy for every webhook request (`http://proxy:3128`, a secret when it
+    /// carries credentials); empty: direct connections, whatever the proxy environment
+    /// variables say.
+    pub proxy: SecretString,
+}
+
+impl WebhookSenderSettings {
+    /// Problems of the values, each with its key in the section (`proxy`,
+    /// `allowed_private_cidrs[1]`).
+    #[must_use]
+    pub fn problems(&self) -> Vec<(String, String)> {
+        let mut problems = Vec::new();
+        for (i, cidr) in self.allowed_private_cidrs.iter().enumerate() {
+            if let Err(reason) = Cidr::parse(cidr) {
+                problems.push((format!("allowed_private_cidrs[{i}]"), reason.to_string()));
+            }
+        }
+        let proxy = self.proxy.expose_secret();
+        if !(proxy.is_empty() || proxy.starts_with("http://") || proxy.starts_with("https://")) {
+            problems.push(("proxy".into(), "must be empty or an http(s) URL such as http://proxy.internal:3128".into()));
+        }
+        for (key, timeout) in [("request_timeout", self.request_timeout), ("connect_timeout", self.connect_timeout)] {
+            if timeout.is_zero() {
+                problems.push((key.into(), "must be positive".into()));
+            }
+        }
+        problems
+    }
+
+    /// The destination policy of endpoint URLs and delivery connections (networks that do not
+    /// parse are left out; [`Self::problems`] reports them).
+    #[must_use]
+    pub fn url_policy(&self) -> UrlPolicy {
+        UrlPolicy {
+            allow_http: self.allow_http,
+            allowed_private: self.allowed_private_cidrs.iter().filter_map(|c| Cidr::parse(c).ok()).collect(),
+        }
+    }
 }
 
 /// Sends webhook requests.
@@ -85,15 +127,15 @@ pub struct HttpWebhookSender {
 impl HttpWebhookSender {
     /// # Errors
     /// When the HTTP client cannot be built.
-    pub fn new(settings: SenderSettings) -> Result<Self, String> {
-        let policy = Arc::new(settings.policy);
-        let builder = match &settings.proxy {
-            Some(proxy) => reqwest::Client::builder().proxy(reqwest::Proxy::all(proxy).map_err(|e| format!("webhooks.proxy: {e}"))?),
-            None => reqwest::Client::builder().no_proxy(),
+    pub fn new(settings: &WebhookSenderSettings) -> Result<Self, String> {
+        let policy = Arc::new(settings.url_policy());
+        let builder = match settings.proxy.expose_secret() {
+            "" => reqwest::Client::builder().no_proxy(),
+            proxy => reqwest::Client::builder().proxy(reqwest::Proxy::all(proxy).map_err(|e| format!("webhooks.proxy: {e}"))?),
         };
         let client = builder
-            .connect_timeout(settings.connect_timeout)
-            .timeout(settings.request_timeout)
+            .connect_timeout(settings.connect_timeout.get())
+            .timeout(settings.request_timeout.get())
             .redirect(reqwest::redirect::Policy::none())
             .dns_resolver(Arc::new(SafeResolver { policy: policy.clone() }))
             .pool_max_idle_per_host(32)
@@ -196,19 +238,33 @@ impl WebhookSender for HttpWebhookSender {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use im_domain::webhooks::endpoint::Cidr;
     use wiremock::matchers::{header, method};
     use wiremock::{Mock, MockServer, ResponseTemplate};
 
+    fn settings(request_timeout: &str, allowed_private_cidrs: &[&str], proxy: &str) -> WebhookSenderSettings {
+        WebhookSenderSettings {
+            connect_timeout: HumanDuration::parse("2s").unwrap(),
+            request_timeout: HumanDuration::parse(request_timeout).unwrap(),
+            allowed_private_cidrs: allowed_private_cidrs.iter().map(|c| (*c).to_owned()).collect(),
+            allow_http: true,
+            proxy: proxy.into(),
+        }
+    }
+
     fn sender(allow_loopback: bool) -> HttpWebhookSender {
-        let allowed_private = if allow_loopback { vec![Cidr::parse("127.0.0.0/8").unwrap()] } else { Vec::new() };
-        HttpWebhookSender::new(SenderSettings {
-            connect_timeout: Duration::from_secs(2),
-            request_timeout: Duration::from_millis(500),
-            policy: UrlPolicy { allow_http: true, allowed_private },
-            proxy: None,
-        })
-        .unwrap()
+        let allowed: &[&str] = if allow_loopback { &["127.0.0.0/8"] } else { &[] };
+        HttpWebhookSender::new(&settings("500ms", allowed, "")).unwrap()
+    }
+
+    #[test]
+    fn settings_problems_name_every_bad_key() {
+        let mut bad = settings("0s", &["127.0.0.0/8", "10.0.0.0/33"], "socks5://proxy");
+        bad.connect_timeout = HumanDuration::parse("0s").unwrap();
+        let keys: Vec<String> = bad.problems().into_iter().map(|(key, _)| key).collect();
+        assert_eq!(keys, ["allowed_private_cidrs[1]", "proxy", "request_timeout", "connect_timeout"]);
+        assert!(settings("1s", &["127.0.0.0/8"], "http://proxy:3128").problems().is_empty());
+        assert_eq!(settings("1s", &["127.0.0.0/8", "nope"], "").url_policy().allowed_private, [Cidr::parse("127.0.0.0/8").unwrap()]);
+        assert!(!format!("{bad:?}").contains("socks5"), "the proxy URL may carry credentials: it never prints");
     }
 
     fn request(url: String) -> OutgoingRequest {
@@ -317,13 +373,7 @@ mod tests {
     async fn a_configured_proxy_carries_every_request() {
         let proxy = MockServer::start().await;
         Mock::given(method("POST")).respond_with(ResponseTemplate::new(202)).expect(1).mount(&proxy).await;
-        let sender = HttpWebhookSender::new(SenderSettings {
-            connect_timeout: Duration::from_secs(2),
-            request_timeout: Duration::from_secs(2),
-            policy: UrlPolicy { allow_http: true, allowed_private: Vec::new() },
-            proxy: Some(proxy.uri()),
-        })
-        .unwrap();
+        let sender = HttpWebhookSender::new(&settings("2s", &[], &proxy.uri())).unwrap();
         // A public destination that never answers directly: only the proxy can answer 202.
         let result = sender.send(request("http://192.88.100.1/hook".into())).await;
         assert_eq!(result.status, Some(202), "{:?}", result.error);
