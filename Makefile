@@ -1,5 +1,5 @@
 # Integration Manager: every target is a one-liner that mirrors CI.
-.PHONY: run test lint fmt fmt-check bench openapi build chaos
+.PHONY: run test lint fmt fmt-check bench openapi build chaos fuzz
 
 run:        ## build and serve on :3026 with the embedded store
 	cargo run --release -p integration-manager -- serve
@@ -24,6 +24,9 @@ fmt-check:
 
 openapi:    ## regenerate docs/openapi.json from the code
 	cargo run -q -p integration-manager -- openapi > docs/openapi.json
+
+fuzz:       ## schema-driven fuzzing of the served OpenAPI document (schemathesis): no 5xx, every answer as documented
+	bash tests/fuzz/run.sh
 
 bench:      ## API benchmark against a bare actix-web baseline (release build, wrk)
 	bash tests/bench/run.sh

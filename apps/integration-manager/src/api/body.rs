@@ -161,6 +161,16 @@ fn structural(found: Vec<FieldViolation>) -> ApiError {
     ApiError::Domain(found.into_iter().collect::<Violations>().into_error())
 }
 
+/// `body` without the fields its schema marks `readOnly` (a resource's own fields, sent back by
+/// a client that read them: accepted, checked for their type, and ignored).
+fn without_read_only<T: ToSchema>(mut body: Value) -> Value {
+    let properties = DOCUMENT["components"]["schemas"][T::name().as_ref()]["properties"].as_object();
+    if let (Some(object), Some(properties)) = (body.as_object_mut(), properties) {
+        object.retain(|field, _| !properties.get(field).is_some_and(|p| p["readOnly"] == true));
+    }
+    body
+}
+
 /// Reads `body` into the DTO `T` (whose schema is registered in the OpenAPI document under
 /// `T::name()`).
 ///
@@ -178,7 +188,7 @@ pub fn parse<T: DeserializeOwned + ToSchema>(body: Value) -> Result<Checked<T>, 
     if found.iter().any(|v| v.kind.is_structural()) {
         return Err(structural(found));
     }
-    match serde_path_to_error::deserialize::<_, T>(body) {
+    match serde_path_to_error::deserialize::<_, T>(without_read_only::<T>(body)) {
         Ok(value) => Ok(Checked { value, violations: found.into_iter().collect() }),
         Err(e) => {
             // The schema let through what the type refuses (a format the schema only annotates,
@@ -217,16 +227,6 @@ where
     match (Checked { value: (), violations }).merge(outcome) {
         Err(e) => Err(e.into()),
         Ok(()) => Err(ApiError::Domain(DomainError::invalid("", "is not valid"))),
-    }
-}
-
-/// A read-only field of a resource that a client may send back: accepted and ignored.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct IgnoredField;
-
-impl<'de> serde::Deserialize<'de> for IgnoredField {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        serde::de::IgnoredAny::deserialize(deserializer).map(|_| IgnoredField)
     }
 }
 

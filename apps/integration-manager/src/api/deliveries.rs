@@ -147,9 +147,9 @@ fn time_param(raw: &str) -> Result<OffsetDateTime, FieldViolation> {
         ("id" = uuid::Uuid, Path, description = "Webhook id"),
         ("status" = Option<DeliveryStatusDto>, Query, description = "pending, succeeded, failed or skipped"),
         ("eventType" = Option<String>, Query, description = "Only this event type"),
-        ("since" = Option<String>, Query, description = "Created at or after (RFC 3339)"),
-        ("until" = Option<String>, Query, description = "Created before (RFC 3339)"),
-        ("limit" = Option<u32>, Query, description = "Page size, 1 to 200 (default 50)"),
+        ("since" = Option<String>, Query, format = DateTime, description = "Created at or after (RFC 3339)"),
+        ("until" = Option<String>, Query, format = DateTime, description = "Created before (RFC 3339)"),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 200, description = "Page size, 1 to 200 (default 50)"),
         ("continuationToken" = Option<String>, Query, description = "Token of the next page"),
     ),
     responses(

@@ -9,6 +9,9 @@ use actix_web::{FromRequest, HttpRequest, web};
 use im_domain::auth::AuthError;
 use im_domain::{Caller, ETag};
 use serde_json::Value;
+use utoipa::IntoParams;
+use utoipa::openapi::path::{Parameter, ParameterBuilder, ParameterIn};
+use utoipa::openapi::{ObjectBuilder, Required, Type};
 
 use super::problem::ApiError;
 use crate::state::AppState;
@@ -83,14 +86,75 @@ fn parse_entity_tag(raw: &str) -> Option<&str> {
     raw.strip_prefix('"')?.strip_suffix('"').filter(|t| !t.contains('"'))
 }
 
-/// Reads `If-Match`: absent or `*` is `None` (the resource must merely exist).
-///
-/// # Errors
-/// [`ApiError::BadHeader`] when the header is not one entity tag.
-pub fn if_match(req: &HttpRequest) -> Result<Option<ETag>, ApiError> {
+/// `If-Match`: the version a write is conditional on. Absent, empty or `*` is no condition (the
+/// resource must merely exist); anything but one entity tag is refused with 400.
+#[derive(Debug)]
+pub struct IfMatch {
+    tag: Option<ETag>,
+}
+
+/// Documents the header: optional, `*` or one entity tag.
+impl IntoParams for IfMatch {
+    fn into_params(_: impl Fn() -> Option<ParameterIn>) -> Vec<Parameter> {
+        let schema = ObjectBuilder::new().schema_type(Type::String).pattern(Some(r#"^(\*|(W/)?"[!#-~]*")$"#));
+        vec![
+            ParameterBuilder::new()
+                .name("If-Match")
+                .parameter_in(ParameterIn::Header)
+                .required(Required::False)
+                .description(Some("The ETag read before; a stale one is refused with 412"))
+                .schema(Some(schema))
+                .build(),
+        ]
+    }
+}
+
+impl IfMatch {
+    /// The version named, if any.
+    pub fn tag(&self) -> Option<&ETag> {
+        self.tag.as_ref()
+    }
+}
+
+impl FromRequest for IfMatch {
+    type Error = ApiError;
+    type Future = std::future::Ready<Result<Self, ApiError>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        std::future::ready(if_match(req).map(|tag| IfMatch { tag }))
+    }
+}
+
+/// A write to one resource: its caller, and the version it is conditional on (`If-Match`).
+#[derive(Debug)]
+pub struct Write {
+    pub caller: Caller,
+    pub if_match: IfMatch,
+}
+
+impl Write {
+    /// The version named by `If-Match`, if any.
+    pub fn tag(&self) -> Option<&ETag> {
+        self.if_match.tag()
+    }
+}
+
+impl FromRequest for Write {
+    type Error = ApiError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self, ApiError>>>>;
+
+    fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
+        let caller = Authenticated::from_request(req, payload);
+        let if_match = if_match(req);
+        Box::pin(async move { Ok(Write { caller: caller.await?.0, if_match: IfMatch { tag: if_match? } }) })
+    }
+}
+
+fn if_match(req: &HttpRequest) -> Result<Option<ETag>, ApiError> {
     let Some(value) = req.headers().get(header::IF_MATCH) else { return Ok(None) };
     let text = value.to_str().map_err(|_| ApiError::BadHeader("If-Match is not ASCII".into()))?.trim();
-    if text == "*" {
+    if text == "*" || text.is_empty() {
+        // No condition: the resource must merely exist (an empty list of entity tags is none).
         return Ok(None);
     }
     parse_entity_tag(text)

@@ -11,9 +11,9 @@ use utoipa::ToSchema;
 
 use im_domain::audit::AuditAction;
 
-use super::body::{self, IgnoredField};
+use super::body;
 use super::custom::CustomDefinitionDto;
-use super::extract::{Authenticated, JsonBody, etag_header, if_match, not_modified};
+use super::extract::{Authenticated, IfMatch, JsonBody, Write, etag_header, not_modified};
 use super::problem::{ApiError, ApiResult};
 use super::{ListResponse, QueryParams, rfc3339};
 use crate::state::AppState;
@@ -64,6 +64,7 @@ pub struct IntegrationInput {
     description: Option<String>,
     /// `active` (default for new integrations) or `inactive`; absent on update keeps the current status.
     #[serde(default)]
+    #[schema(schema_with = super::schemas::settable_integration_status)]
     status: Option<IntegrationStatusDto>,
     /// Settings checked against the provider's `configSchema` (at most 64 KiB of JSON).
     #[serde(default)]
@@ -72,30 +73,6 @@ pub struct IntegrationInput {
     /// Required when `providerId` is `custom`, refused otherwise.
     #[serde(default)]
     custom_definition: Option<CustomDefinitionDto>,
-    #[serde(default)]
-    #[schema(read_only, value_type = Option<uuid::Uuid>)]
-    #[allow(dead_code, reason = "read-only: accepted and ignored")]
-    id: Option<IgnoredField>,
-    #[serde(default)]
-    #[schema(read_only, value_type = Option<String>)]
-    #[allow(dead_code, reason = "read-only: accepted and ignored")]
-    tenant_id: Option<IgnoredField>,
-    #[serde(default)]
-    #[schema(read_only, value_type = Option<String>, format = DateTime)]
-    #[allow(dead_code, reason = "read-only: accepted and ignored")]
-    created_at: Option<IgnoredField>,
-    #[serde(default)]
-    #[schema(read_only, value_type = Option<String>, format = DateTime)]
-    #[allow(dead_code, reason = "read-only: accepted and ignored")]
-    updated_at: Option<IgnoredField>,
-    #[serde(default)]
-    #[schema(read_only, value_type = Option<String>)]
-    #[allow(dead_code, reason = "read-only: accepted and ignored")]
-    created_by: Option<IgnoredField>,
-    #[serde(default)]
-    #[schema(read_only, value_type = Option<String>)]
-    #[allow(dead_code, reason = "read-only: accepted and ignored")]
-    updated_by: Option<IgnoredField>,
 }
 
 impl TryFrom<IntegrationInput> for IntegrationSpec {
@@ -178,9 +155,9 @@ async fn read_spec(state: &AppState, body: Value) -> ApiResult<IntegrationSpec> 
 /// List the caller's integrations.
 #[utoipa::path(get, operation_id = "listIntegrations", path = "/api/v1/integrations", tag = "integrations",
     params(
-        ("providerId" = Option<String>, Query, description = "Only integrations of this provider"),
+        ("providerId" = Option<String>, Query, min_length = 2, max_length = 64, pattern = r"^[a-z0-9][a-z0-9-]*$", description = "Only integrations of this provider"),
         ("status" = Option<IntegrationStatusDto>, Query, description = "Only integrations in this status"),
-        ("limit" = Option<u32>, Query, description = "Page size, 1 to 200 (default 50)"),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 200, description = "Page size, 1 to 200 (default 50)"),
         ("continuationToken" = Option<String>, Query, description = "Token of the next page, from the previous response"),
     ),
     responses(
@@ -238,43 +215,25 @@ pub async fn get(state: web::Data<AppState>, caller: Authenticated, id: web::Pat
 
 /// Replace an integration's mutable fields.
 #[utoipa::path(put, operation_id = "updateIntegration", path = "/api/v1/integrations/{id}", tag = "integrations",
-    params(
-        ("id" = uuid::Uuid, Path, description = "Integration id"),
-        ("If-Match" = Option<String>, Header, description = "The ETag read before; a stale one is refused with 412"),
-    ),
+    params(("id" = uuid::Uuid, Path, description = "Integration id"), IfMatch),
     request_body = IntegrationInput,
-    responses(
-        (status = 200, description = "Updated; the new `ETag` is set", body = IntegrationView),
-    ),
+    responses((status = 200, description = "Updated; the new `ETag` is set", body = IntegrationView)),
     security(("bearer" = [])))]
-pub async fn update(
-    state: web::Data<AppState>,
-    caller: Authenticated,
-    id: web::Path<String>,
-    req: HttpRequest,
-    body: JsonBody,
-) -> ApiResult<HttpResponse> {
-    state.integrations.authorize(&caller.0, AuditAction::Update).await?;
+pub async fn update(state: web::Data<AppState>, write: Write, id: web::Path<String>, body: JsonBody) -> ApiResult<HttpResponse> {
+    state.integrations.authorize(&write.caller, AuditAction::Update).await?;
     let id = path_id(&id)?;
-    let if_match = if_match(&req)?;
     let spec = read_spec(&state, body.0).await?;
-    let stored = state.integrations.update(&caller.0, id, spec, if_match.as_ref()).await?;
+    let stored = state.integrations.update(&write.caller, id, spec, write.tag()).await?;
     Ok(respond(HttpResponse::Ok(), &stored))
 }
 
 /// Delete an integration.
 #[utoipa::path(delete, operation_id = "deleteIntegration", path = "/api/v1/integrations/{id}", tag = "integrations",
-    params(
-        ("id" = uuid::Uuid, Path, description = "Integration id"),
-        ("If-Match" = Option<String>, Header, description = "The ETag read before; a stale one is refused with 412"),
-    ),
-    responses(
-        (status = 204, description = "Deleted"),
-    ),
+    params(("id" = uuid::Uuid, Path, description = "Integration id"), IfMatch),
+    responses((status = 204, description = "Deleted")),
     security(("bearer" = [])))]
-pub async fn delete(state: web::Data<AppState>, caller: Authenticated, id: web::Path<String>, req: HttpRequest) -> ApiResult<HttpResponse> {
+pub async fn delete(state: web::Data<AppState>, write: Write, id: web::Path<String>) -> ApiResult<HttpResponse> {
     let id = path_id(&id)?;
-    let if_match = if_match(&req)?;
-    state.integrations.delete(&caller.0, id, if_match.as_ref()).await?;
+    state.integrations.delete(&write.caller, id, write.tag()).await?;
     Ok(HttpResponse::NoContent().finish())
 }

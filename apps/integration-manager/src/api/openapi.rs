@@ -110,6 +110,7 @@ pub fn spec() -> Value {
             }
         }
     }
+    read_only_echoes(&mut value["components"]["schemas"]);
     for name in CLOSED_UNIONS {
         for variant in value["components"]["schemas"][name]["oneOf"].as_array_mut().into_iter().flatten() {
             if variant["type"] == "object" {
@@ -118,6 +119,31 @@ pub fn spec() -> Value {
         }
     }
     value
+}
+
+/// Request bodies that may carry the read-only fields of their resource (a client sends back
+/// what it read): the body's schema lists them, as strings (null allowed) in the format the
+/// resource's view gives them, marked `readOnly`; `api::body` checks and then drops them.
+const READ_ONLY_ECHOES: [(&str, &str, &[&str]); 3] = [
+    ("IntegrationInput", "Integration", &["id", "tenantId", "createdAt", "updatedAt", "createdBy", "updatedBy"]),
+    (
+        "WebhookInput",
+        "Webhook",
+        &["id", "tenantId", "disabledReason", "previousSecretExpiresAt", "createdAt", "updatedAt", "createdBy", "updatedBy"],
+    ),
+    ("ProviderInput", "Provider", &["createdAt", "updatedAt"]),
+];
+
+fn read_only_echoes(schemas: &mut Value) {
+    for (input, view, fields) in READ_ONLY_ECHOES {
+        for field in fields {
+            let mut echo = json!({ "type": ["string", "null"], "readOnly": true });
+            if let Some(format) = schemas[view]["properties"][field].get("format") {
+                echo["format"] = format.clone();
+            }
+            schemas[input]["properties"][field] = echo;
+        }
+    }
 }
 
 /// The document as pretty JSON, with a trailing newline (as committed).

@@ -11,8 +11,8 @@ use utoipa::ToSchema;
 
 use im_domain::audit::AuditAction;
 
-use super::body::{self, IgnoredField};
-use super::extract::{Authenticated, JsonBody, etag_header, if_match, not_modified};
+use super::body;
+use super::extract::{Authenticated, IfMatch, JsonBody, Write, etag_header, not_modified};
 use super::problem::{ApiError, ApiResult, Problem};
 use super::{ListResponse, QueryParams, rfc3339};
 use crate::state::AppState;
@@ -109,14 +109,6 @@ pub struct ProviderInput {
     config_schema: Option<Value>,
     #[serde(default)]
     capabilities: Option<CapabilitiesDto>,
-    #[serde(default)]
-    #[schema(read_only, value_type = Option<String>, format = DateTime)]
-    #[allow(dead_code, reason = "read-only: accepted and ignored")]
-    created_at: Option<IgnoredField>,
-    #[serde(default)]
-    #[schema(read_only, value_type = Option<String>, format = DateTime)]
-    #[allow(dead_code, reason = "read-only: accepted and ignored")]
-    updated_at: Option<IgnoredField>,
 }
 
 impl TryFrom<ProviderInput> for ProviderSpec {
@@ -219,10 +211,10 @@ fn respond(mut builder: actix_web::HttpResponseBuilder, stored: &Stored<Provider
 /// List the catalog.
 #[utoipa::path(get, operation_id = "listProviders", path = "/api/v1/providers", tag = "providers",
     params(
-        ("category" = Option<String>, Query, description = "Only this category (stays inside one partition)"),
+        ("category" = Option<String>, Query, min_length = 2, max_length = 64, pattern = r"^[a-z0-9][a-z0-9-]*$", description = "Only this category (stays inside one partition)"),
         ("authMode" = Option<AuthModeDto>, Query, description = "Only providers with this auth mode"),
-        ("q" = Option<String>, Query, description = "Case-insensitive text in id, name or description"),
-        ("limit" = Option<u32>, Query, description = "Page size, 1 to 200 (default 50)"),
+        ("q" = Option<String>, Query, max_length = 100, description = "Case-insensitive text in id, name or description"),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 200, description = "Page size, 1 to 200 (default 50)"),
         ("continuationToken" = Option<String>, Query, description = "Token of the next page"),
     ),
     responses(
@@ -284,43 +276,25 @@ pub async fn create(state: web::Data<AppState>, caller: Authenticated, body: Jso
 
 /// Replace a provider (admin). Its category may change; its id may not.
 #[utoipa::path(put, operation_id = "updateProvider", path = "/api/v1/providers/{id}", tag = "providers",
-    params(
-        ("id" = String, Path, description = "Provider id"),
-        ("If-Match" = Option<String>, Header, description = "The ETag read before; a stale one is refused with 412"),
-    ),
+    params(("id" = String, Path, description = "Provider id"), IfMatch),
     request_body = ProviderInput,
-    responses(
-        (status = 200, description = "Updated", body = ProviderView),
-    ),
+    responses((status = 200, description = "Updated", body = ProviderView)),
     security(("bearer" = [])))]
-pub async fn update(
-    state: web::Data<AppState>,
-    caller: Authenticated,
-    id: web::Path<String>,
-    req: HttpRequest,
-    body: JsonBody,
-) -> ApiResult<HttpResponse> {
-    state.catalog.authorize(&caller.0, AuditAction::Update).await?;
+pub async fn update(state: web::Data<AppState>, write: Write, id: web::Path<String>, body: JsonBody) -> ApiResult<HttpResponse> {
+    state.catalog.authorize(&write.caller, AuditAction::Update).await?;
     let id = path_id(&id)?;
-    let if_match = if_match(&req)?;
     let spec = read_spec(body.0, Some(&id)).await?;
-    let stored = state.catalog.update(&caller.0, &id, spec, if_match.as_ref()).await?;
+    let stored = state.catalog.update(&write.caller, &id, spec, write.tag()).await?;
     Ok(respond(HttpResponse::Ok(), &stored))
 }
 
 /// Remove a provider from the catalog (admin).
 #[utoipa::path(delete, operation_id = "deleteProvider", path = "/api/v1/providers/{id}", tag = "providers",
-    params(
-        ("id" = String, Path, description = "Provider id"),
-        ("If-Match" = Option<String>, Header, description = "The ETag read before; a stale one is refused with 412"),
-    ),
-    responses(
-        (status = 204, description = "Deleted"),
-    ),
+    params(("id" = String, Path, description = "Provider id"), IfMatch),
+    responses((status = 204, description = "Deleted")),
     security(("bearer" = [])))]
-pub async fn delete(state: web::Data<AppState>, caller: Authenticated, id: web::Path<String>, req: HttpRequest) -> ApiResult<HttpResponse> {
+pub async fn delete(state: web::Data<AppState>, write: Write, id: web::Path<String>) -> ApiResult<HttpResponse> {
     let id = path_id(&id)?;
-    let if_match = if_match(&req)?;
-    state.catalog.delete(&caller.0, &id, if_match.as_ref()).await?;
+    state.catalog.delete(&write.caller, &id, write.tag()).await?;
     Ok(HttpResponse::NoContent().finish())
 }

@@ -19,11 +19,14 @@ fn array_of(item: Object, max_items: usize, description: &str) -> Array {
         .build()
 }
 
+/// Header values: no control characters but tab (as `char::is_control` judges them).
+const HEADER_VALUE: &str = r"^[^\x00-\x08\x0A-\x1F\x7F-\x9F]*$";
+
 fn map_of(max_properties: usize, value_max: usize, description: &str) -> Object {
     ObjectBuilder::new()
         .schema_type(Type::Object)
         .property_names(Some(Schema::Object(string(1, 128, Some(HEADER_NAME)))))
-        .additional_properties(Some(AdditionalProperties::RefOr(string(0, value_max, None).into())))
+        .additional_properties(Some(AdditionalProperties::RefOr(string(0, value_max, Some(HEADER_VALUE)).into())))
         .max_properties(Some(max_properties))
         .description(Some(description))
         .build()
@@ -42,10 +45,37 @@ pub fn entity_names() -> Array {
 /// Event-type filters: at most 50 exact deliverable types or wildcards.
 pub fn event_type_filters() -> Array {
     array_of(
-        string(1, 100, Some(r"^(\*|[a-z]+(\.[a-z_]+)*(\.\*)?)$")),
+        string(1, 100, Some(&event_type_filter_pattern())),
         50,
         "Exact event types or wildcards (`integration.*`, `*`); empty: every deliverable event",
     )
+}
+
+/// The states of an integration a client may set: `error` is the service's to set (a body
+/// that sends it is refused for its value, 422).
+pub fn settable_integration_status() -> Object {
+    ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::SchemaType::from_iter([Type::String, Type::Null]))
+        // A pattern, not an enum: `error` is a known state the client may not set, a value
+        // problem (422), where an unknown word is a shape problem (400).
+        .pattern(Some("^(active|inactive)$"))
+        .description(Some("`active` (default for new integrations) or `inactive`; absent on update keeps the current status"))
+        .build()
+}
+
+/// What `validate_event_pattern` accepts: `*`, a deliverable event type, or a prefix of one
+/// that ends at a dot followed by `*` (`integration.*`, `sync.task.*`).
+fn event_type_filter_pattern() -> String {
+    let mut filters = vec!["*".to_owned()];
+    for event_type in im_domain::webhooks::endpoint::DELIVERABLE {
+        let name = event_type.as_str();
+        filters.push(name.to_owned());
+        filters.extend(name.match_indices('.').map(|(dot, _)| format!("{}*", &name[..=dot])));
+    }
+    filters.sort();
+    filters.dedup();
+    let escaped: Vec<String> = filters.iter().map(|f| f.replace('.', r"\.").replace('*', r"\*")).collect();
+    format!("^({})$", escaped.join("|"))
 }
 
 /// Request headers of a webhook endpoint: at most 20.

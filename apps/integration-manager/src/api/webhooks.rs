@@ -14,8 +14,8 @@ use utoipa::ToSchema;
 
 use im_domain::audit::AuditAction;
 
-use super::body::{self, IgnoredField};
-use super::extract::{Authenticated, JsonBody, etag_header, if_match, not_modified};
+use super::body;
+use super::extract::{Authenticated, IfMatch, JsonBody, Write, etag_header, not_modified};
 use super::problem::{ApiError, ApiResult, Problem};
 use super::{ListResponse, QueryParams, rfc3339};
 use crate::state::AppState;
@@ -53,7 +53,11 @@ impl From<WebhookStatus> for WebhookStatusDto {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct WebhookInput {
     /// https URL of the receiver (http and private addresses only where configuration allows).
-    #[schema(max_length = 2048, pattern = r"^https?://", example = "https://hooks.example.com/integration-manager")]
+    #[schema(
+        max_length = 2048,
+        pattern = r"^https?://[^\x00-\x20\x7F-\x9F/?#]+([/?#][^\x00-\x20\x7F-\x9F]*)?$",
+        example = "https://hooks.example.com/integration-manager"
+    )]
     url: String,
     #[serde(default)]
     #[schema(max_length = 1000)]
@@ -75,38 +79,6 @@ pub struct WebhookInput {
     #[serde(default)]
     #[schema(minimum = 1, maximum = 10000)]
     rate_limit_per_second: Option<u32>,
-    #[serde(default)]
-    #[schema(read_only, value_type = Option<uuid::Uuid>)]
-    #[allow(dead_code, reason = "read-only: accepted and ignored")]
-    id: Option<IgnoredField>,
-    #[serde(default)]
-    #[schema(read_only, value_type = Option<String>)]
-    #[allow(dead_code, reason = "read-only: accepted and ignored")]
-    tenant_id: Option<IgnoredField>,
-    #[serde(default)]
-    #[schema(read_only, value_type = Option<String>)]
-    #[allow(dead_code, reason = "read-only: accepted and ignored")]
-    disabled_reason: Option<IgnoredField>,
-    #[serde(default)]
-    #[schema(read_only, value_type = Option<String>, format = DateTime)]
-    #[allow(dead_code, reason = "read-only: accepted and ignored")]
-    previous_secret_expires_at: Option<IgnoredField>,
-    #[serde(default)]
-    #[schema(read_only, value_type = Option<String>, format = DateTime)]
-    #[allow(dead_code, reason = "read-only: accepted and ignored")]
-    created_at: Option<IgnoredField>,
-    #[serde(default)]
-    #[schema(read_only, value_type = Option<String>, format = DateTime)]
-    #[allow(dead_code, reason = "read-only: accepted and ignored")]
-    updated_at: Option<IgnoredField>,
-    #[serde(default)]
-    #[schema(read_only, value_type = Option<String>)]
-    #[allow(dead_code, reason = "read-only: accepted and ignored")]
-    created_by: Option<IgnoredField>,
-    #[serde(default)]
-    #[schema(read_only, value_type = Option<String>)]
-    #[allow(dead_code, reason = "read-only: accepted and ignored")]
-    updated_by: Option<IgnoredField>,
 }
 
 impl From<WebhookInput> for WebhookSpec {
@@ -191,7 +163,7 @@ fn respond(mut builder: actix_web::HttpResponseBuilder, stored: &Stored<Webhook>
 /// List the caller's webhook endpoints.
 #[utoipa::path(get, operation_id = "listWebhooks", path = "/api/v1/webhooks", tag = "webhooks",
     params(
-        ("limit" = Option<u32>, Query, description = "Page size, 1 to 200 (default 50)"),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 200, description = "Page size, 1 to 200 (default 50)"),
         ("continuationToken" = Option<String>, Query, description = "Token of the next page"),
     ),
     responses((status = 200, description = "A page of endpoints, oldest first; never their secrets", body = ListResponse<WebhookView>)),
@@ -239,66 +211,37 @@ pub async fn get(state: web::Data<AppState>, caller: Authenticated, id: web::Pat
 
 /// Replace an endpoint's settings.
 #[utoipa::path(put, operation_id = "updateWebhook", path = "/api/v1/webhooks/{id}", tag = "webhooks",
-    params(
-        ("id" = uuid::Uuid, Path, description = "Webhook id"),
-        ("If-Match" = Option<String>, Header, description = "The ETag read before; a stale one is refused with 412"),
-    ),
+    params(("id" = uuid::Uuid, Path, description = "Webhook id"), IfMatch),
     request_body = WebhookInput,
-    responses(
-        (status = 200, description = "Updated", body = WebhookView),
-    ),
+    responses((status = 200, description = "Updated", body = WebhookView)),
     security(("bearer" = [])))]
-pub async fn update(
-    state: web::Data<AppState>,
-    caller: Authenticated,
-    id: web::Path<String>,
-    req: HttpRequest,
-    body: JsonBody,
-) -> ApiResult<HttpResponse> {
-    state.webhooks.authorize(&caller.0, AuditAction::Update).await?;
+pub async fn update(state: web::Data<AppState>, write: Write, id: web::Path<String>, body: JsonBody) -> ApiResult<HttpResponse> {
+    state.webhooks.authorize(&write.caller, AuditAction::Update).await?;
     let id = path_id(&id)?;
-    let if_match = if_match(&req)?;
     let spec = read_spec(&state, body.0).await?;
-    let stored = state.webhooks.update(&caller.0, id, spec, if_match.as_ref()).await?;
+    let stored = state.webhooks.update(&write.caller, id, spec, write.tag()).await?;
     Ok(respond(HttpResponse::Ok(), &stored, None))
 }
 
 /// Delete an endpoint and its signing secrets.
 #[utoipa::path(delete, operation_id = "deleteWebhook", path = "/api/v1/webhooks/{id}", tag = "webhooks",
-    params(
-        ("id" = uuid::Uuid, Path, description = "Webhook id"),
-        ("If-Match" = Option<String>, Header, description = "The ETag read before; a stale one is refused with 412"),
-    ),
-    responses(
-        (status = 204, description = "Deleted"),
-    ),
+    params(("id" = uuid::Uuid, Path, description = "Webhook id"), IfMatch),
+    responses((status = 204, description = "Deleted")),
     security(("bearer" = [])))]
-pub async fn delete(state: web::Data<AppState>, caller: Authenticated, id: web::Path<String>, req: HttpRequest) -> ApiResult<HttpResponse> {
+pub async fn delete(state: web::Data<AppState>, write: Write, id: web::Path<String>) -> ApiResult<HttpResponse> {
     let id = path_id(&id)?;
-    let if_match = if_match(&req)?;
-    state.webhooks.delete(&caller.0, id, if_match.as_ref()).await?;
+    state.webhooks.delete(&write.caller, id, write.tag()).await?;
     Ok(HttpResponse::NoContent().finish())
 }
 
 /// Issue a new signing secret (shown once). The previous one keeps signing, beside the new
 /// one, for `webhooks.previous_secret_grace`.
 #[utoipa::path(post, operation_id = "rotateWebhookSecret", path = "/api/v1/webhooks/{id}/rotate-secret", tag = "webhooks",
-    params(
-        ("id" = uuid::Uuid, Path, description = "Webhook id"),
-        ("If-Match" = Option<String>, Header, description = "The ETag read before; a stale one is refused with 412"),
-    ),
-    responses(
-        (status = 200, description = "Rotated; `secret` is shown this once", body = WebhookView),
-    ),
+    params(("id" = uuid::Uuid, Path, description = "Webhook id"), IfMatch),
+    responses((status = 200, description = "Rotated; `secret` is shown this once", body = WebhookView)),
     security(("bearer" = [])))]
-pub async fn rotate_secret(
-    state: web::Data<AppState>,
-    caller: Authenticated,
-    id: web::Path<String>,
-    req: HttpRequest,
-) -> ApiResult<HttpResponse> {
+pub async fn rotate_secret(state: web::Data<AppState>, write: Write, id: web::Path<String>) -> ApiResult<HttpResponse> {
     let id = path_id(&id)?;
-    let if_match = if_match(&req)?;
-    let WithSecret { webhook, secret } = state.webhooks.rotate_secret(&caller.0, id, if_match.as_ref()).await?;
+    let WithSecret { webhook, secret } = state.webhooks.rotate_secret(&write.caller, id, write.tag()).await?;
     Ok(respond(HttpResponse::Ok(), &webhook, Some(secret.expose())))
 }
