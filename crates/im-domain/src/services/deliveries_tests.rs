@@ -365,10 +365,10 @@ fn a_delivery_whose_signing_secret_is_gone_fails_with_the_reason() {
 fn manual_sends_of_an_endpoint_are_rate_limited_per_minute() {
     let w = world(200);
     let service = w.service.clone().with_manual_sends_per_minute(2);
-    let caller = crate::auth::Caller {
+    let caller = Caller {
         tenant_id: TenantId::new("tenant-a").unwrap(),
         user_id: crate::common::UserId::new("u").unwrap(),
-        roles: vec![crate::auth::Role::Member],
+        roles: vec![Role::Member],
     };
     let test = block_on(service.test(&caller, w.webhook_id)).unwrap();
     w.clock.advance(Duration::from_secs(20));
