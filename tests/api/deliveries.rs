@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use wiremock::matchers::method;
 use wiremock::{Mock, MockServer, Request, ResponseTemplate};
 
-use crate::helpers::{TestApp, github, spawn_app_with};
+use crate::helpers::{TestApp, github, problem, spawn_app_with};
 
 /// Records what the in-process bus publishes.
 struct Recorder(std::sync::Mutex<Vec<im_domain::events::DomainEvent>>);
@@ -439,11 +439,44 @@ async fn custom_header_values_are_masked_on_read_and_sent_for_real() {
 
     // A mask for a header that has no stored value is refused, naming the header.
     let unknown = json!({"url": format!("{}/h", server.uri()), "headers": {"X-New": HEADER_MASK}});
-    let bad = crate::helpers::problem(app.put(&path, &token, &unknown, None).await, StatusCode::UNPROCESSABLE_ENTITY).await;
+    let bad = problem(app.put(&path, &token, &unknown, None).await, StatusCode::UNPROCESSABLE_ENTITY).await;
     assert_eq!(crate::helpers::fields(&bad), vec!["headers.X-New"]);
 
     if !crate::helpers::backend_is_cosmos() {
         assert!(crate::helpers::database_contains(&app, "X-Team"), "the scan sees the endpoint's document");
         assert!(!crate::helpers::database_contains(&app, "s3cr3t-token"), "the database keeps only header names");
     }
+}
+
+#[tokio::test]
+async fn test_sends_and_manual_retries_are_rate_limited_per_endpoint() {
+    let app = spawn_app_with(|s| {
+        s.webhooks.sender.allowed_private_cidrs = vec!["127.0.0.0/8".into()];
+        s.webhooks.sender.allow_http = true;
+        s.webhooks.service.manual_sends_per_minute = 2;
+    })
+    .await;
+    let token = app.member();
+    let server = MockServer::start().await;
+    Mock::given(method("POST")).respond_with(ResponseTemplate::new(200)).mount(&server).await;
+    let (id, _) = register(&app, &token, &format!("{}/h", server.uri()), json!({})).await;
+    let (other, _) = register(&app, &token, &format!("{}/other", server.uri()), json!({})).await;
+    let send = |path: String| app.request(Method::POST, &path, &token).send();
+
+    let test: Value = send(format!("/api/v1/webhooks/{id}/test")).await.unwrap().json().await.unwrap();
+    let delivery = test["id"].as_str().unwrap().to_owned();
+    let retry = format!("/api/v1/webhooks/{id}/deliveries/{delivery}/retry");
+    assert_eq!(send(retry.clone()).await.unwrap().status(), StatusCode::OK, "tests and retries share the budget");
+
+    for path in [format!("/api/v1/webhooks/{id}/test"), retry] {
+        let refused = send(path).await.unwrap();
+        assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+        let wait: u64 = crate::helpers::header(&refused, "retry-after").parse().expect("Retry-After in seconds");
+        assert!((1..=60).contains(&wait), "{wait}");
+        let body = problem(refused, StatusCode::TOO_MANY_REQUESTS).await;
+        assert!(body["detail"].as_str().unwrap().contains("per minute"), "{body}");
+    }
+    assert_eq!(server.received_requests().await.unwrap().len(), 2, "refused sends reach nobody");
+    let elsewhere = send(format!("/api/v1/webhooks/{other}/test")).await.unwrap();
+    assert_eq!(elsewhere.status(), StatusCode::OK, "the budget is per endpoint");
 }

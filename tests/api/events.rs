@@ -192,3 +192,111 @@ async fn a_broker_outage_loses_no_event() {
     }
     assert_eq!(seen_subjects, created, "every write made during the outage has its event");
 }
+
+/// Records an outbox entry this version cannot read (an unknown event type), as a damaged
+/// write or a newer version would, straight into the app's store; answers its event id.
+async fn insert_unreadable_entry(app: &TestApp, tenant: &str) -> uuid::Uuid {
+    let id = uuid::Uuid::now_v7();
+    let now_ms = time::OffsetDateTime::now_utc().unix_timestamp() * 1000;
+    let event = serde_json::json!({"id": id, "eventType": "integration.exploded", "tenantId": tenant, "subject": "s", "data": {}});
+    if crate::helpers::backend_is_cosmos() {
+        let store = im_store_cosmos::CosmosStore::connect(app.settings.cosmos_db.clone()).await.expect("connect");
+        let doc = serde_json::json!({
+            "id": format!("outbox-{id}"), "tenantId": tenant, "type": "outbox", "schemaVersion": 1,
+            "recordedAt": now_ms, "ttl": -1, "event": event,
+        });
+        store.create_document("integration_integrations", tenant, &doc).await.expect("insert an unreadable entry");
+    } else {
+        let store = im_store_embedded::EmbeddedStore::open(app.dir.path(), Arc::new(im_domain::SystemClock)).expect("open");
+        let row = (id.to_string(), event.to_string(), now_ms);
+        store
+            .documents()
+            .transaction(move |tx, _| {
+                tx.execute("INSERT INTO outbox (id, body, created_at) VALUES (?1, ?2, ?3)", row)
+                    .map_err(|e| DomainError::Unexpected(e.into()))
+            })
+            .await
+            .expect("insert an unreadable entry");
+    }
+    id
+}
+
+/// Every dead letter, across pages.
+async fn dead_letters(app: &TestApp) -> Vec<Value> {
+    let (mut all, mut query) = (Vec::new(), "limit=200".to_owned());
+    loop {
+        let response = app.get(&format!("/api/v1/admin/outbox/dead-letters?{query}"), &app.admin()).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        let page: Value = response.json().await.unwrap();
+        all.extend(page["items"].as_array().cloned().unwrap_or_default());
+        match page["continuationToken"].as_str() {
+            Some(token) => query = format!("limit=200&continuationToken={token}"),
+            None => return all,
+        }
+    }
+}
+
+async fn requeue(app: &TestApp, path: &str, token: &str) -> StatusCode {
+    app.request(Method::POST, path, token).send().await.expect("request").status()
+}
+
+async fn until<T>(what: &str, mut probe: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(found) = probe().await {
+            return found;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what} within 30 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_outbox_entry_blocks_no_later_event_and_an_admin_lists_and_requeues_it() {
+    let app = spawn_app_with(|s| s.events.max_publish_attempts = 2).await;
+    let recorder = Arc::new(Recorder::default());
+    app.state.bus.subscribe(recorder.clone());
+    let tenant = format!("t-{}", uuid::Uuid::new_v4().simple());
+    let token = app.token(&tenant, "alice", &[im_domain::Role::Member]);
+    let poison = insert_unreadable_entry(&app, &tenant).await;
+
+    // Later events leave although the older entry cannot be read.
+    let (created, _) = app.create_github(&token, "after the poison").await;
+    let id = created["id"].as_str().unwrap().to_owned();
+    until("the later event is published", async || recorder.0.lock().unwrap().iter().any(|e| e.subject == id).then_some(())).await;
+
+    // After two failed tries the entry is a dead letter, listed with its reason.
+    let listed =
+        until("the dead letter is listed", async || dead_letters(&app).await.into_iter().find(|d| d["id"] == poison.to_string())).await;
+    assert_eq!(listed["attempts"], 2);
+    assert_eq!(listed["eventType"], "integration.exploded");
+    assert_eq!(listed["tenantId"], tenant.as_str());
+    assert!(listed["lastError"].as_str().unwrap().contains("cannot be read"), "{listed}");
+
+    // Readiness counts it: degraded, not unready.
+    let ready: Value = app.anonymous(Method::GET, "/health/ready").send().await.unwrap().json().await.unwrap();
+    assert_eq!(ready["status"], "degraded", "{ready}");
+    let outbox = ready["dependencies"].as_array().unwrap().iter().find(|d| d["name"] == "outbox").expect("outbox reported").clone();
+    assert!(outbox["detail"].as_str().unwrap().contains("1 dead letter(s)"), "{outbox}");
+
+    // Administrators only; every answer is a problem the document names.
+    let path = format!("/api/v1/admin/outbox/dead-letters/{poison}/requeue");
+    assert_eq!(app.get("/api/v1/admin/outbox/dead-letters", &token).await.status(), StatusCode::FORBIDDEN);
+    assert_eq!(requeue(&app, &path, &token).await, StatusCode::FORBIDDEN);
+    let unknown = format!("/api/v1/admin/outbox/dead-letters/{}/requeue", uuid::Uuid::new_v4());
+    assert_eq!(requeue(&app, &unknown, &app.admin()).await, StatusCode::NOT_FOUND);
+    assert_eq!(requeue(&app, "/api/v1/admin/outbox/dead-letters/nope/requeue", &app.admin()).await, StatusCode::NOT_FOUND);
+    let forged = app.get("/api/v1/admin/outbox/dead-letters?continuationToken=forged", &app.admin()).await;
+    assert_eq!(forged.status(), StatusCode::BAD_REQUEST);
+
+    // Requeued, it is tried again from zero (and, still unreadable, set aside again).
+    let first_dead_at = listed["deadAt"].as_str().unwrap().to_owned();
+    assert_eq!(requeue(&app, &path, &app.admin()).await, StatusCode::NO_CONTENT);
+    assert!(dead_letters(&app).await.iter().all(|d| d["id"] != poison.to_string() || d["deadAt"] != first_dead_at.as_str()));
+    let again = until("the requeued entry is tried again", async || {
+        dead_letters(&app).await.into_iter().find(|d| d["id"] == poison.to_string() && d["deadAt"] != first_dead_at.as_str())
+    })
+    .await;
+    assert_eq!(again["attempts"], 2, "its count started again: {again}");
+    app.stop().await;
+}

@@ -14,6 +14,8 @@ struct Call {
     method: Method,
     path: String,
     body: Option<Value>,
+    /// The README sends it with `$ADMIN_TOKEN`.
+    admin: bool,
 }
 
 /// The `curl` calls of the README's shell blocks (continuation lines joined); calls whose path
@@ -34,7 +36,7 @@ fn curl_calls(readme: &str) -> Vec<Call> {
             let end = text.rfind('\'').expect("a quoted body");
             serde_json::from_str(&text[..end]).unwrap_or_else(|e| panic!("README body is not JSON ({e}): {}", &text[..end]))
         });
-        calls.push(Call { method, path, body });
+        calls.push(Call { method, path, body, admin: line.contains("$ADMIN_TOKEN") });
     }
     calls
 }
@@ -47,7 +49,7 @@ fn json_bodies(readme: &str) -> Vec<Call> {
         .filter_map(|block| block.split("```").next())
         .filter_map(|text| serde_json::from_str::<Value>(text).ok())
         .filter(|value| value.get("providerId").is_some())
-        .map(|body| Call { method: Method::POST, path: "/api/v1/integrations".into(), body: Some(body) })
+        .map(|body| Call { method: Method::POST, path: "/api/v1/integrations".into(), body: Some(body), admin: false })
         .collect()
 }
 
@@ -61,9 +63,10 @@ async fn the_readme_examples_work() {
     assert!(calls.iter().any(|c| c.body.as_ref().is_some_and(|b| b["providerId"] == "custom")), "{calls:?}");
 
     let app = spawn_app().await;
-    let token = app.member();
+    let (token, admin) = (app.member(), app.admin());
+    assert!(calls.iter().any(|c| c.admin), "an admin example is sent as admin: {calls:?}");
     for call in calls {
-        let mut request = app.request(call.method.clone(), &call.path, &token);
+        let mut request = app.request(call.method.clone(), &call.path, if call.admin { &admin } else { &token });
         if let Some(body) = &call.body {
             request = request.json(body);
         }

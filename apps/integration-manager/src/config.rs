@@ -109,6 +109,7 @@ pub struct WebhookServiceSettings {
     pub disable_after: HumanDuration,
     pub disable_min_failures: u32,
     pub max_endpoints_per_tenant: usize,
+    pub manual_sends_per_minute: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -123,6 +124,7 @@ pub struct EventSettings {
     pub backend: EventsBackend,
     pub relay_batch_size: u32,
     pub outbox_max_age: HumanDuration,
+    pub max_publish_attempts: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -402,6 +404,9 @@ impl Settings {
             "must be between 1 and 10000".into()
         });
         check(&mut problems, self.events.outbox_max_age.get().as_secs() >= 1, "events.outbox_max_age", &|| "must be at least 1s".into());
+        check(&mut problems, (1..=1000).contains(&self.events.max_publish_attempts), "events.max_publish_attempts", &|| {
+            "must be between 1 and 1000".into()
+        });
         if self.events.backend == EventsBackend::Rabbitmq {
             section(&mut problems, "rabbitmq", self.rabbitmq.problems());
         }
@@ -409,6 +414,12 @@ impl Settings {
             &mut problems,
             (1..=10_000).contains(&self.webhooks.service.max_endpoints_per_tenant),
             "webhooks.max_endpoints_per_tenant",
+            &|| "must be between 1 and 10000".into(),
+        );
+        check(
+            &mut problems,
+            (1..=10_000).contains(&self.webhooks.service.manual_sends_per_minute),
+            "webhooks.manual_sends_per_minute",
             &|| "must be between 1 and 10000".into(),
         );
         let secrets = &self.secrets;

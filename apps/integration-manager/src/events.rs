@@ -31,12 +31,17 @@ pub fn spawn_relay(relay: EventRelay, wake: Arc<Notify>, batch: u32, shutdown: &
         let mut failing_since: Option<std::time::Instant> = None;
         while !shutdown.is_cancelled() {
             match relay.relay_once(batch).await {
-                Ok(published) => {
+                Ok(round) => {
                     if let Some(since) = failing_since.take() {
                         tracing::info!(after_secs = since.elapsed().as_secs(), "event publishing recovered");
                     }
                     failures = 0;
-                    if published as u32 == batch {
+                    for id in &round.dead_letters {
+                        tracing::warn!(event_id = %id, "an outbox event failed too often and is now a dead letter; it blocks nothing");
+                    }
+                    // A full round of published events: more may wait. A round with failures
+                    // waits for the next poll, so failed tries are spread out.
+                    if round.claimed as u32 == batch && round.published == round.claimed {
                         continue;
                     }
                     tokio::select! {
@@ -68,7 +73,8 @@ pub fn spawn_relay(relay: EventRelay, wake: Arc<Notify>, batch: u32, shutdown: &
     });
 }
 
-/// Readiness detail of the outbox: how many events wait and for how long.
+/// Readiness detail of the outbox: how many events wait and for how long, and how many are
+/// dead letters (either makes readiness `degraded`, never unready: the outbox is not critical).
 pub struct OutboxHealth {
     pub outbox: Arc<dyn Outbox>,
     pub max_age: Duration,
@@ -84,9 +90,9 @@ impl HealthCheck for OutboxHealth {
                 let lagging = age > self.max_age.as_secs();
                 DependencyHealth {
                     name: "outbox".into(),
-                    ready: !lagging,
+                    ready: !lagging && stats.dead_letters == 0,
                     critical: false,
-                    detail: format!("{} event(s) pending, oldest {age} s", stats.pending),
+                    detail: format!("{} event(s) pending, oldest {age} s, {} dead letter(s)", stats.pending, stats.dead_letters),
                     diagnostic: String::new(),
                 }
             }

@@ -27,7 +27,7 @@ use im_domain::auth::Authenticator;
 use im_domain::ports::{EventPublisher, HealthCheck, IntegrationRepository, Outbox, ProviderRepository};
 use im_domain::secrets::SecretStore;
 use im_domain::services::{
-    CatalogService, DeliveryService, DeliverySettings, EventRelay, InProcessBus, IntegrationService, WebhookService,
+    CatalogService, DeliveryService, DeliverySettings, EventRelay, InProcessBus, IntegrationService, OutboxAdmin, WebhookService,
 };
 use im_domain::webhooks::ports::{DeliveryQueue, DeliveryRepository, OsEntropy, WebhookRepository};
 use im_domain::{Clock, SystemClock, UuidV7};
@@ -207,7 +207,8 @@ fn events(settings: &Settings, storage: &Storage, clock: Arc<dyn Clock>, audit: 
         }
     };
     health.push(Arc::new(OutboxHealth { outbox: storage.outbox.clone(), max_age: settings.events.outbox_max_age.get() }));
-    Events { bus, relay: EventRelay::new(storage.outbox.clone(), publisher), wake, integrations }
+    let relay = EventRelay::new(storage.outbox.clone(), publisher).with_max_attempts(settings.events.max_publish_attempts);
+    Events { bus, relay, wake, integrations }
 }
 
 /// The webhook step: endpoints, their delivery queue, the sender and the delivery service.
@@ -239,7 +240,8 @@ async fn webhooks(settings: &Settings, storage: &Storage, audit: Audit) -> anyho
             user_agent: format!("IntegrationManager-Webhooks/{}", env!("CARGO_PKG_VERSION")),
         },
         audit,
-    );
+    )
+    .with_manual_sends_per_minute(settings.webhooks.service.manual_sends_per_minute);
     Ok((webhooks, deliveries))
 }
 
@@ -310,6 +312,7 @@ impl Application {
 
         let mut health: Vec<Arc<dyn HealthCheck>> = vec![storage.health.clone()];
         let events = events(&settings, &storage, clock, audit.clone(), &mut health);
+        let outbox = OutboxAdmin::new(storage.outbox.clone(), audit.clone());
         let (webhooks, deliveries) = webhooks(&settings, &storage, audit).await?;
 
         let workers = Workers { shutdown: CancellationToken::new(), tasks: TaskTracker::new() };
@@ -327,6 +330,7 @@ impl Application {
             catalog,
             webhooks,
             deliveries,
+            outbox,
             authenticator,
             health,
             bus: events.bus,

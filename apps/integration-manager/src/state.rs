@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use im_domain::auth::Authenticator;
 use im_domain::ports::HealthCheck;
-use im_domain::services::{CatalogService, DeliveryService, InProcessBus, IntegrationService, WebhookService};
+use im_domain::services::{CatalogService, DeliveryService, InProcessBus, IntegrationService, OutboxAdmin, WebhookService};
 
 /// What every handler can reach.
 pub struct AppState {
@@ -13,6 +13,8 @@ pub struct AppState {
     pub catalog: CatalogService,
     pub webhooks: WebhookService,
     pub deliveries: DeliveryService,
+    /// The outbox's dead letters (admin).
+    pub outbox: OutboxAdmin,
     pub authenticator: Arc<dyn Authenticator>,
     pub health: Vec<Arc<dyn HealthCheck>>,
     /// In-process subscribers register here (embedded events backend).

@@ -19,6 +19,8 @@ pub enum AuditResource {
     Provider,
     Webhook,
     Delivery,
+    /// An event of the outbox (a dead letter an administrator requeued).
+    OutboxEvent,
 }
 
 impl AuditResource {
@@ -28,6 +30,7 @@ impl AuditResource {
             AuditResource::Provider => "provider",
             AuditResource::Webhook => "webhook",
             AuditResource::Delivery => "delivery",
+            AuditResource::OutboxEvent => "outbox_event",
         }
     }
 }
@@ -42,6 +45,9 @@ pub enum AuditAction {
     Retry,
     Recover,
     Test,
+    Requeue,
+    /// Reading a listing that needs a role (a denial is recorded; a success changes nothing).
+    List,
 }
 
 impl AuditAction {
@@ -54,6 +60,8 @@ impl AuditAction {
             AuditAction::Retry => "retry",
             AuditAction::Recover => "recover",
             AuditAction::Test => "test",
+            AuditAction::Requeue => "requeue",
+            AuditAction::List => "list",
         }
     }
 }

@@ -155,6 +155,10 @@ pub enum DomainError {
     /// The caller is authenticated but lacks the role the operation needs.
     #[error("forbidden: {0}")]
     Forbidden(String),
+    /// The caller asked for a rate-limited operation too often; it may try again after
+    /// `retry_after`.
+    #[error("too many requests: {reason}")]
+    TooManyRequests { reason: String, retry_after: Duration },
     /// A dependency is unavailable for now; the operation may be retried.
     #[error("service unavailable: {reason}")]
     Unavailable { reason: String, retry_after: Option<Duration> },

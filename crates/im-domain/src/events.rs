@@ -104,9 +104,53 @@ impl DomainEvent {
 /// Outbox statistics, for readiness and logs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct OutboxStats {
+    /// Events waiting to be published (dead letters excluded).
     pub pending: u64,
     /// When the oldest pending event was recorded.
     pub oldest: Option<OffsetDateTime>,
+    /// Events set aside after too many failed tries, waiting for an administrator.
+    pub dead_letters: u64,
+}
+
+/// An outbox entry whose stored form this version cannot read (a damaged entry, or one written
+/// by a newer version). It is handed out by id so that its failed tries are counted too.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnreadableEntry {
+    pub id: Uuid,
+    /// Why it cannot be read (a decoding error; never the entry's content).
+    pub reason: String,
+}
+
+/// What [`crate::ports::Outbox::claim`] handed out: readable events, oldest first, and the
+/// entries it could not read.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Claimed {
+    pub events: Vec<DomainEvent>,
+    pub unreadable: Vec<UnreadableEntry>,
+}
+
+impl Claimed {
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty() && self.unreadable.is_empty()
+    }
+}
+
+/// An outbox entry set aside after `max_attempts` failed tries to read or publish it. It
+/// blocks nothing; an administrator lists it and puts it back (`Outbox::requeue`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    /// The event's id.
+    pub id: Uuid,
+    /// The event's type and tenant, when the entry can be read that far.
+    pub event_type: Option<String>,
+    pub tenant_id: Option<String>,
+    /// Failed tries so far.
+    pub attempts: u32,
+    /// Why the last try failed.
+    pub last_error: String,
+    /// When the event was recorded, and when it was set aside.
+    pub recorded_at: OffsetDateTime,
+    pub dead_at: OffsetDateTime,
 }
 
 #[cfg(test)]

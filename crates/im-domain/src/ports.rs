@@ -5,7 +5,7 @@ use async_trait::async_trait;
 
 use crate::common::{ETag, IntegrationId, Page, PageRequest, Stored, TenantId};
 use crate::error::DomainError;
-use crate::events::{DomainEvent, OutboxStats};
+use crate::events::{Claimed, DeadLetter, DomainEvent, OutboxStats};
 use crate::integration::{Integration, IntegrationFilter};
 use crate::provider::{Provider, ProviderFilter, ProviderId, SeedReport};
 
@@ -130,25 +130,53 @@ pub trait HealthCheck: Send + Sync {
 }
 
 /// The transactional outbox: events recorded by repository writes, waiting to be published.
+///
+/// An entry that fails to be read or published `max_attempts` times becomes a dead letter: it
+/// is no longer pending, claimed or counted as pending, so it blocks no later event; an
+/// administrator lists it (`dead_letters`) and puts it back (`requeue`).
 #[cfg_attr(any(test, feature = "test-support"), mockall::automock)]
 #[async_trait]
 pub trait Outbox: Send + Sync {
-    /// Up to `limit` events not yet marked published, oldest first. MUST include every event
-    /// whose write committed, and none whose write failed.
+    /// Up to `limit` readable events not yet marked published and not dead letters, oldest
+    /// first. MUST include every event whose write committed, and none whose write failed;
+    /// MUST skip entries it cannot read instead of failing (`claim` reports them).
     async fn pending(&self, limit: u32) -> Result<Vec<DomainEvent>, DomainError>;
 
-    /// Takes up to `limit` pending events, oldest first, that no other relay holds, and holds
+    /// Takes up to `limit` pending entries, oldest first, that no other relay holds, and holds
     /// them for `lease` on behalf of `owner`, so that several instances publish each event once.
     /// MUST NOT hand an event held by another owner to anyone before its hold ends (a
     /// conditional write); MUST hand the same owner its own held events again (a retry after a
-    /// failed publish); an event whose holder died comes back when the hold ends.
-    async fn claim(&self, owner: &str, limit: u32, lease: std::time::Duration) -> Result<Vec<DomainEvent>, DomainError>;
+    /// failed publish); an event whose holder died comes back when the hold ends. An entry it
+    /// cannot read MUST be held like the others and handed out in `Claimed::unreadable` (never
+    /// fail the whole claim); dead letters MUST NOT be handed out.
+    async fn claim(&self, owner: &str, limit: u32, lease: std::time::Duration) -> Result<Claimed, DomainError>;
 
-    /// Marks events as published (they are then purged). MUST be idempotent, and MUST ignore ids
-    /// it does not hold.
+    /// Marks events as published (they are then purged, dead letters included). MUST be
+    /// idempotent, and MUST ignore ids it does not hold.
     async fn mark_published(&self, ids: &[uuid::Uuid]) -> Result<(), DomainError>;
 
-    /// How many events wait, and since when.
+    /// Counts one more failed try to read or publish the entry `id`, keeping `reason` (never
+    /// the event's content). Once the count reaches `max_attempts` the entry MUST become a dead
+    /// letter in the same conditional write; answers whether it did. MUST ignore (`Ok(false)`)
+    /// an id that is not in the outbox or already a dead letter.
+    async fn record_failure(&self, id: uuid::Uuid, reason: &str, max_attempts: u32) -> Result<bool, DomainError>;
+
+    /// A page of dead letters, ordered by event id.
+    ///
+    /// # Errors
+    /// MUST answer a continuation token it did not issue with `Validation` of
+    /// `continuationToken` ([`crate::common::invalid_continuation`]).
+    async fn dead_letters(&self, page: &PageRequest) -> Result<Page<DeadLetter>, DomainError>;
+
+    /// Puts a dead letter back among the pending events with its failed tries reset, to be
+    /// published in its original place (oldest first).
+    ///
+    /// # Errors
+    /// MUST return [`DomainError::NotFound`] when `id` is not a dead letter (unknown, pending, or
+    /// published); the change MUST be conditional, so two requeues of one entry are one.
+    async fn requeue(&self, id: uuid::Uuid) -> Result<(), DomainError>;
+
+    /// How many events wait, since when, and how many are dead letters.
     async fn stats(&self) -> Result<OutboxStats, DomainError>;
 }
 

@@ -76,7 +76,9 @@ impl SeedDoc {
     }
 }
 
-/// An outbox entry, in the partition (and container) of the change it describes.
+/// An outbox entry, in the partition (and container) of the change it describes. Its `type` is
+/// `outbox` while it waits and `outbox-dead` once it is a dead letter. The event stays raw JSON
+/// until the relay reads it, so that one entry this version cannot read fails alone.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct OutboxDoc {
@@ -84,15 +86,25 @@ pub struct OutboxDoc {
     pub tenant_id: String,
     #[serde(rename = "type")]
     pub kind: String,
+    #[serde(default)]
     pub schema_version: u32,
     /// Unix milliseconds; the relay publishes oldest first.
+    #[serde(default)]
     pub recorded_at: i64,
-    pub event: DomainEvent,
+    pub event: serde_json::Value,
     /// The relay holding the event, and until when (unix milliseconds).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub claimed_by: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub claimed_until: Option<i64>,
+    /// Failed tries to read or publish the event, and why the last one failed.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub attempts: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// When it became a dead letter (unix milliseconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_at: Option<i64>,
     /// `-1`: never expires, whatever the default TTL of its container (deliveries expire;
     /// their events must not vanish unpublished).
     #[serde(default = "never_expires")]
@@ -105,26 +117,40 @@ fn never_expires() -> i64 {
     -1
 }
 
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
 impl OutboxDoc {
     pub const TYPE: &'static str = "outbox";
+    /// The `type` of a dead letter: every query for pending entries leaves it out.
+    pub const DEAD_TYPE: &'static str = "outbox-dead";
 
-    pub fn id_for(event: &DomainEvent) -> String {
-        format!("outbox-{}", event.id)
+    pub fn id_for(id: &uuid::Uuid) -> String {
+        format!("outbox-{id}")
     }
 
     pub fn new(event: &DomainEvent) -> Self {
         Self {
-            id: Self::id_for(event),
+            id: Self::id_for(&event.id),
             tenant_id: event.tenant_id.to_string(),
             kind: Self::TYPE.into(),
             schema_version: SCHEMA_VERSION,
             recorded_at: (event.time.unix_timestamp_nanos() / 1_000_000) as i64,
-            event: event.clone(),
+            event: serde_json::to_value(event).unwrap_or_default(),
             claimed_by: None,
             claimed_until: None,
+            attempts: 0,
+            last_error: None,
+            dead_at: None,
             ttl: never_expires(),
             etag: None,
         }
+    }
+
+    /// The event id, from the document id.
+    pub fn event_id(&self) -> Option<uuid::Uuid> {
+        self.id.strip_prefix("outbox-").and_then(|id| uuid::Uuid::parse_str(id).ok())
     }
 }
 

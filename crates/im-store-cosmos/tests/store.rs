@@ -46,6 +46,17 @@ async fn passes_the_conformance_suite() {
     im_testkit::run_all(store.integrations().as_ref(), store.providers().as_ref()).await;
     im_testkit::outbox::events_are_recorded_atomically(store.integrations().as_ref(), store.outbox().as_ref()).await;
     im_testkit::outbox::claims_are_exclusive(store.integrations().as_ref(), store.outbox().as_ref()).await;
+    im_testkit::outbox::failed_entries_become_dead_letters(store.integrations().as_ref(), store.outbox().as_ref(), async |tenant| {
+        let id = uuid::Uuid::now_v7();
+        let doc = serde_json::json!({
+            "id": format!("outbox-{id}"), "tenantId": tenant.as_str(), "type": "outbox", "schemaVersion": 1,
+            "recordedAt": time::OffsetDateTime::now_utc().unix_timestamp() * 1000, "ttl": -1,
+            "event": {"id": id, "eventType": "integration.created", "tenantId": tenant.as_str(), "unexpected": true},
+        });
+        store.create_document("integration_integrations", tenant.as_str(), &doc).await.expect("insert an unreadable entry");
+        id
+    })
+    .await;
     im_testkit::webhooks::contract(store.webhooks().as_ref()).await;
 }
 

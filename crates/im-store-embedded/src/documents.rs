@@ -39,11 +39,11 @@ pub struct Query {
 
 const TOKEN_PREFIX: &str = "v1:";
 
-fn encode_token(last_id: &str) -> String {
+pub(crate) fn encode_token(last_id: &str) -> String {
     URL_SAFE_NO_PAD.encode(format!("{TOKEN_PREFIX}{last_id}"))
 }
 
-fn decode_token(token: &str) -> Result<String, DomainError> {
+pub(crate) fn decode_token(token: &str) -> Result<String, DomainError> {
     let bytes = URL_SAFE_NO_PAD.decode(token).map_err(|_| invalid_continuation())?;
     let text = String::from_utf8(bytes).map_err(|_| invalid_continuation())?;
     text.strip_prefix(TOKEN_PREFIX).map(str::to_owned).ok_or_else(invalid_continuation)

@@ -69,6 +69,17 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     ALTER TABLE outbox ADD COLUMN claimed_until INTEGER NOT NULL DEFAULT 0;
     "#,
     ),
+    (
+        5,
+        "outbox_dead_letters",
+        r#"
+    -- Failed tries to read or publish an outbox event, why the last one failed, and when the
+    -- event was set aside as a dead letter (unix milliseconds; NULL while it is pending).
+    ALTER TABLE outbox ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE outbox ADD COLUMN last_error TEXT;
+    ALTER TABLE outbox ADD COLUMN dead_at INTEGER;
+    "#,
+    ),
 ];
 
 /// What [`crate::EmbeddedStore::migrate`] did.

@@ -23,6 +23,21 @@ async fn passes_the_conformance_suite() {
     im_testkit::run_all(store.integrations().as_ref(), store.providers().as_ref()).await;
     im_testkit::outbox::events_are_recorded_atomically(store.integrations().as_ref(), store.outbox().as_ref()).await;
     im_testkit::outbox::claims_are_exclusive(store.integrations().as_ref(), store.outbox().as_ref()).await;
+    let documents = store.documents();
+    im_testkit::outbox::failed_entries_become_dead_letters(store.integrations().as_ref(), store.outbox().as_ref(), async |tenant| {
+        let id = uuid::Uuid::now_v7();
+        let body = serde_json::json!({"id": id, "eventType": "integration.created", "tenantId": tenant.as_str(), "unexpected": true});
+        let row = (id.to_string(), body.to_string(), OffsetDateTime::now_utc().unix_timestamp() * 1000);
+        documents
+            .transaction(move |tx, _| {
+                tx.execute("INSERT INTO outbox (id, body, created_at) VALUES (?1, ?2, ?3)", row)
+                    .map_err(|e| im_domain::DomainError::Unexpected(e.into()))
+            })
+            .await
+            .expect("insert an unreadable entry");
+        id
+    })
+    .await;
     im_testkit::webhooks::contract(store.webhooks().as_ref()).await;
 }
 
@@ -81,7 +96,7 @@ async fn data_survives_reopening_and_migrations_are_idempotent() {
     {
         let store = EmbeddedStore::open(dir.path(), Arc::new(SystemClock)).unwrap();
         let report = store.migrate().await.unwrap();
-        assert_eq!(report.applied.len(), 4);
+        assert_eq!(report.applied.len(), 5);
         store.integrations().create(&item, &[]).await.unwrap();
     }
     let store = EmbeddedStore::open(dir.path(), Arc::new(SystemClock)).unwrap();

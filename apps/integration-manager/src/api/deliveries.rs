@@ -14,7 +14,7 @@ use im_domain::audit::AuditAction;
 
 use super::body;
 use super::extract::{Authenticated, JsonBody};
-use super::problem::{ApiError, ApiResult};
+use super::problem::{ApiError, ApiResult, Problem};
 use super::{ListResponse, QueryParams, rfc3339};
 use crate::state::AppState;
 
@@ -191,6 +191,7 @@ pub async fn get(state: web::Data<AppState>, caller: Authenticated, path: web::P
     params(("id" = uuid::Uuid, Path, description = "Webhook id"), ("deliveryId" = uuid::Uuid, Path, description = "Delivery id")),
     responses(
         (status = 200, description = "The delivery after the attempt", body = DeliveryView),
+        (status = 429, description = "The endpoint's manual sends (tests and retries, `webhooks.manual_sends_per_minute`) are used up; `Retry-After` says when to try again", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = [])))]
 pub async fn retry(state: web::Data<AppState>, caller: Authenticated, path: web::Path<(String, String)>) -> ApiResult<HttpResponse> {
@@ -236,6 +237,7 @@ pub async fn recover(state: web::Data<AppState>, caller: Authenticated, id: web:
     params(("id" = uuid::Uuid, Path, description = "Webhook id")),
     responses(
         (status = 200, description = "The test delivery with its attempt", body = DeliveryView),
+        (status = 429, description = "The endpoint's manual sends (tests and retries, `webhooks.manual_sends_per_minute`) are used up; `Retry-After` says when to try again", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = [])))]
 pub async fn test(state: web::Data<AppState>, caller: Authenticated, id: web::Path<String>) -> ApiResult<HttpResponse> {

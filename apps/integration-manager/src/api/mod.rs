@@ -1,6 +1,7 @@
 //! The HTTP API: routes, DTOs, extractors, problem details. Handlers convert DTOs to domain
 //! values, call a service and map the result; no business rule lives here.
 
+pub mod admin;
 pub mod body;
 pub mod custom;
 pub mod deliveries;
@@ -47,6 +48,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             .service(web::resource("/webhooks/{id}/deliveries/{delivery}/retry").route(web::post().to(deliveries::retry)))
             .service(web::resource("/webhooks/{id}/recover").route(web::post().to(deliveries::recover)))
             .service(web::resource("/webhooks/{id}/test").route(web::post().to(deliveries::test)))
+            .service(web::resource("/admin/outbox/dead-letters").route(web::get().to(admin::list_dead_letters)))
+            .service(web::resource("/admin/outbox/dead-letters/{id}/requeue").route(web::post().to(admin::requeue_dead_letter)))
             .service(web::resource("/providers").route(web::get().to(providers::list)).route(web::post().to(providers::create)))
             .service(
                 web::resource("/providers/{id}")

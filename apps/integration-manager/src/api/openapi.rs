@@ -6,7 +6,7 @@ use serde_json::{Value, json};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{deliveries, health, integrations, problem, providers, webhooks};
+use super::{admin, deliveries, health, integrations, problem, providers, webhooks};
 
 struct BearerAuth;
 
@@ -33,19 +33,19 @@ impl Modify for BearerAuth {
         providers::list, providers::create, providers::get, providers::update, providers::delete,
         webhooks::list, webhooks::create, webhooks::get, webhooks::update, webhooks::delete, webhooks::rotate_secret,
         deliveries::list, deliveries::get, deliveries::retry, deliveries::recover, deliveries::test,
-        health::live, health::ready, serve,
+        health::live, health::ready, admin::list_dead_letters, admin::requeue_dead_letter, serve,
     ),
     components(schemas(
         problem::Problem, problem::ProblemField, integrations::IntegrationInput, integrations::IntegrationView, providers::ProviderInput,
         providers::ProviderView, webhooks::WebhookInput, webhooks::WebhookView, deliveries::DeliveryView, deliveries::RecoverInput,
-        deliveries::RecoverReport,
+        deliveries::RecoverReport, admin::DeadLetterView,
     )),
     modifiers(&BearerAuth),
     tags(
         (name = "integrations", description = "A tenant's integrations"),
         (name = "providers", description = "The global provider catalog"),
         (name = "webhooks", description = "A tenant's webhook endpoints and their signing secrets"),
-        (name = "operations", description = "Health"),
+        (name = "operations", description = "Health, and the outbox's dead letters (admin)"),
     )
 )]
 pub struct ApiDoc;

@@ -67,6 +67,7 @@ impl ApiError {
                 }
                 DomainError::Validation(_) => (StatusCode::UNPROCESSABLE_ENTITY, "validation-failed", "Validation Failed"),
                 DomainError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden", "Forbidden"),
+                DomainError::TooManyRequests { .. } => (StatusCode::TOO_MANY_REQUESTS, "too-many-requests", "Too Many Requests"),
                 DomainError::Unavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", "Service Unavailable"),
                 DomainError::Unexpected(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal", "Internal Server Error"),
             },
@@ -136,6 +137,9 @@ impl ResponseError for ApiError {
             ApiError::Domain(DomainError::Unavailable { retry_after, .. }) => {
                 let secs = retry_after.map_or(5, |d| d.as_secs().max(1));
                 response.insert_header((header::RETRY_AFTER, secs.to_string()));
+            }
+            ApiError::Domain(DomainError::TooManyRequests { retry_after, .. }) => {
+                response.insert_header((header::RETRY_AFTER, retry_after.as_secs().max(1).to_string()));
             }
             _ => {}
         }

@@ -54,7 +54,46 @@ pub struct DeliveryService {
     settings: DeliverySettings,
     /// Per-endpoint send times of the last second, for `rateLimitPerSecond`.
     rates: Arc<Mutex<HashMap<WebhookId, Vec<OffsetDateTime>>>>,
+    /// Per-endpoint times of manual sends (tests and retries) in the last window.
+    manual: Arc<ManualSends>,
     audit: Audit,
+}
+
+/// Manual sends (`/test` and manual retries) an endpoint allows per minute, unless configured.
+pub const DEFAULT_MANUAL_SENDS_PER_MINUTE: u32 = 10;
+/// Endpoints whose recent manual sends are remembered (bounded: the least used are forgotten).
+const MANUAL_SENDS_CAPACITY: usize = 10_000;
+
+/// The rate of manual sends per endpoint, in this instance: a sliding window of one minute.
+struct ManualSends {
+    per_minute: u32,
+    sent: crate::cache::BoundedCache<WebhookId, Vec<OffsetDateTime>>,
+    /// Makes each read-check-write of `sent` one step.
+    lock: Mutex<()>,
+}
+
+impl ManualSends {
+    fn new(per_minute: u32) -> Self {
+        Self { per_minute: per_minute.max(1), sent: crate::cache::bounded(MANUAL_SENDS_CAPACITY), lock: Mutex::new(()) }
+    }
+
+    /// Counts a manual send of `endpoint` at `now`, or refuses it with when to try again.
+    fn admit(&self, endpoint: WebhookId, now: OffsetDateTime) -> Result<(), DomainError> {
+        let _one_at_a_time = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut sent = self.sent.get(&endpoint).unwrap_or_default();
+        sent.retain(|t| now - *t < time::Duration::MINUTE);
+        if sent.len() >= self.per_minute as usize {
+            let free_at = sent[0] + time::Duration::MINUTE;
+            let wait = (free_at - now).whole_seconds().max(1) as u64;
+            return Err(DomainError::TooManyRequests {
+                reason: format!("at most {} test sends and manual retries per endpoint per minute", self.per_minute),
+                retry_after: Duration::from_secs(wait),
+            });
+        }
+        sent.push(now);
+        self.sent.insert(endpoint, sent);
+        Ok(())
+    }
 }
 
 impl std::fmt::Debug for DeliveryService {
@@ -122,7 +161,15 @@ impl DeliveryService {
         settings: DeliverySettings,
         audit: Audit,
     ) -> Self {
-        Self { webhooks, endpoints, deliveries, queue, sender, clock, ids, settings, rates: Arc::default(), audit }
+        let manual = Arc::new(ManualSends::new(DEFAULT_MANUAL_SENDS_PER_MINUTE));
+        Self { webhooks, endpoints, deliveries, queue, sender, clock, ids, settings, rates: Arc::default(), manual, audit }
+    }
+
+    /// Manual sends (`/test` and manual retries) each endpoint allows per minute (at least 1).
+    #[must_use]
+    pub fn with_manual_sends_per_minute(mut self, per_minute: u32) -> Self {
+        self.manual = Arc::new(ManualSends::new(per_minute));
+        self
     }
 
     /// Checks, before a request is even read, that the caller may act on deliveries (members).
@@ -584,6 +631,7 @@ impl DeliveryService {
     async fn retry_unaudited(&self, caller: &Caller, webhook: WebhookId, id: Uuid) -> Result<Stored<Delivery>, DomainError> {
         caller.require(Role::Member)?;
         let delivery = self.get(caller, webhook, id).await?;
+        self.manual.admit(webhook, self.clock.now())?;
         let job = DeliveryJob { tenant_id: caller.tenant_id.clone(), delivery_id: delivery.value.id };
         self.attempt(&job, AttemptTrigger::Manual).await?;
         self.deliveries.get(&caller.tenant_id, id).await
@@ -652,6 +700,7 @@ impl DeliveryService {
     async fn test_unaudited(&self, caller: &Caller, webhook: WebhookId) -> Result<Stored<Delivery>, DomainError> {
         caller.require(Role::Member)?;
         let endpoint = self.webhooks.get(&caller.tenant_id, webhook).await?;
+        self.manual.admit(webhook, self.clock.now())?;
         let message_id = self.ids.new_uuid().to_string();
         let payload = json!({
             "specversion": "1.0", "id": message_id, "source": crate::events::EVENT_SOURCE, "type": TEST_EVENT_TYPE,

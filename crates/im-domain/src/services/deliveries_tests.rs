@@ -163,6 +163,7 @@ struct World {
     clock: Arc<TestClock>,
     event: DomainEvent,
     delivery_id: Uuid,
+    webhook_id: WebhookId,
 }
 
 fn world(receiver_status: u16) -> World {
@@ -240,7 +241,7 @@ fn world_with(receiver_status: u16, secrets_answer: impl FnOnce(&mut MockSecretS
         data: json!({"id": "i"}),
     };
     let delivery_id = delivery_id(webhook_id, &event.id.to_string());
-    World { service, deliveries, queue, receiver, clock, event, delivery_id }
+    World { service, deliveries, queue, receiver, clock, event, delivery_id, webhook_id }
 }
 
 impl World {
@@ -358,4 +359,30 @@ fn a_delivery_whose_signing_secret_is_gone_fails_with_the_reason() {
     assert!(reason.contains("signing secret is gone"), "{reason}");
     assert!(w.queue.dues().is_empty(), "nothing is retried");
     assert_eq!(w.sends(), 0);
+}
+
+#[test]
+fn manual_sends_of_an_endpoint_are_rate_limited_per_minute() {
+    let w = world(200);
+    let service = w.service.clone().with_manual_sends_per_minute(2);
+    let caller = Caller {
+        tenant_id: TenantId::new("tenant-a").unwrap(),
+        user_id: crate::common::UserId::new("u").unwrap(),
+        roles: vec![Role::Member],
+    };
+    let test = block_on(service.test(&caller, w.webhook_id)).unwrap();
+    w.clock.advance(Duration::from_secs(20));
+    block_on(service.retry(&caller, w.webhook_id, test.value.id)).unwrap();
+    w.clock.advance(Duration::from_secs(10));
+    let refused = block_on(service.test(&caller, w.webhook_id));
+    match refused {
+        Err(DomainError::TooManyRequests { retry_after, .. }) => {
+            assert_eq!(retry_after, Duration::from_secs(30), "until the oldest send leaves the minute")
+        }
+        other => panic!("expected TooManyRequests, got {other:?}"),
+    }
+    assert!(matches!(block_on(service.retry(&caller, w.webhook_id, test.value.id)), Err(DomainError::TooManyRequests { .. })));
+    assert_eq!(w.sends(), 2, "refused sends reach no receiver");
+    w.clock.advance(Duration::from_secs(30));
+    block_on(service.test(&caller, w.webhook_id)).expect("the window moved on");
 }

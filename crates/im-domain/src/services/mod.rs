@@ -5,14 +5,16 @@ mod bus;
 mod catalog;
 mod deliveries;
 mod integrations;
+mod outbox;
 mod relay;
 mod webhooks;
 
 pub use bus::InProcessBus;
 pub use catalog::CatalogService;
-pub use deliveries::{AttemptReport, DeliveryService, DeliverySettings};
+pub use deliveries::{AttemptReport, DEFAULT_MANUAL_SENDS_PER_MINUTE, DeliveryService, DeliverySettings};
 pub use integrations::IntegrationService;
-pub use relay::EventRelay;
+pub use outbox::OutboxAdmin;
+pub use relay::{DEFAULT_MAX_PUBLISH_ATTEMPTS, EventRelay, Relayed};
 pub use webhooks::{WebhookService, WithSecret};
 
 use crate::common::ETag;

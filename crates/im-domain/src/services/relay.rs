@@ -7,41 +7,105 @@ use crate::ports::{EventPublisher, Outbox};
 /// leaves its events to the others after this.
 pub const CLAIM_LEASE: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// Failed tries after which an outbox entry becomes a dead letter, unless configured.
+pub const DEFAULT_MAX_PUBLISH_ATTEMPTS: u32 = 10;
+
+/// What one round of the relay did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Relayed {
+    /// Entries claimed (readable or not): a full batch means more may wait.
+    pub claimed: usize,
+    /// Events published and marked.
+    pub published: usize,
+    /// Entries that became dead letters in this round.
+    pub dead_letters: Vec<uuid::Uuid>,
+}
+
 /// Moves events from the outbox to the publisher: claim them (so that another instance's relay
 /// leaves them alone), publish, and only once that is confirmed, mark them published. A crash
 /// anywhere in between publishes again once the claim ends (at least once); nothing is ever lost.
+///
+/// An entry that cannot be read, or that the publisher refuses while it accepts other events,
+/// has its failed try counted; after `max_attempts` it is a dead letter and blocks nothing. A
+/// publisher that refuses everything is down: nothing is counted, the relay waits and retries.
 #[derive(Clone)]
 pub struct EventRelay {
     outbox: Arc<dyn Outbox>,
     publisher: Arc<dyn EventPublisher>,
     /// This relay's name in its claims.
     owner: String,
+    max_attempts: u32,
 }
 
 impl std::fmt::Debug for EventRelay {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EventRelay").finish_non_exhaustive()
+        f.debug_struct("EventRelay").field("max_attempts", &self.max_attempts).finish_non_exhaustive()
     }
 }
 
 impl EventRelay {
     pub fn new(outbox: Arc<dyn Outbox>, publisher: Arc<dyn EventPublisher>) -> Self {
-        Self { outbox, publisher, owner: uuid::Uuid::new_v4().to_string() }
+        Self { outbox, publisher, owner: uuid::Uuid::new_v4().to_string(), max_attempts: DEFAULT_MAX_PUBLISH_ATTEMPTS }
     }
 
-    /// Relays up to `batch` pending events; returns how many were published.
+    /// Failed tries (at least 1) after which an entry becomes a dead letter.
+    #[must_use]
+    pub fn with_max_attempts(mut self, max_attempts: u32) -> Self {
+        self.max_attempts = max_attempts.max(1);
+        self
+    }
+
+    /// Relays up to `batch` pending entries: how many events were published, and which
+    /// entries became dead letters.
     ///
     /// # Errors
-    /// When the outbox cannot be read or the publisher does not confirm; nothing is marked then.
-    pub async fn relay_once(&self, batch: u32) -> Result<usize, DomainError> {
-        let events = self.outbox.claim(&self.owner, batch, CLAIM_LEASE).await?;
-        if events.is_empty() {
-            return Ok(0);
+    /// When the outbox cannot be read or the publisher accepts none of the events; nothing is
+    /// marked or counted then.
+    pub async fn relay_once(&self, batch: u32) -> Result<Relayed, DomainError> {
+        let claimed = self.outbox.claim(&self.owner, batch, CLAIM_LEASE).await?;
+        let mut round = Relayed { claimed: claimed.events.len() + claimed.unreadable.len(), ..Relayed::default() };
+        for entry in &claimed.unreadable {
+            self.failed(entry.id, &format!("the entry cannot be read: {}", entry.reason), &mut round).await?;
         }
-        self.publisher.publish(&events).await?;
-        let ids: Vec<_> = events.iter().map(|e| e.id).collect();
-        self.outbox.mark_published(&ids).await?;
-        Ok(ids.len())
+        let events = claimed.events;
+        if events.is_empty() {
+            return Ok(round);
+        }
+        let batch_error = match self.publisher.publish(&events).await {
+            Ok(()) => {
+                let ids: Vec<_> = events.iter().map(|e| e.id).collect();
+                self.outbox.mark_published(&ids).await?;
+                round.published = ids.len();
+                return Ok(round);
+            }
+            Err(e) => e,
+        };
+        // Find the events the publisher refuses: each alone, in order (a batch that failed
+        // half-way may have published some already: at least once).
+        let mut published = Vec::new();
+        let mut refused = Vec::new();
+        for event in &events {
+            match self.publisher.publish(std::slice::from_ref(event)).await {
+                Ok(()) => published.push(event.id),
+                Err(e) => refused.push((event.id, e)),
+            }
+        }
+        if published.is_empty() {
+            return Err(batch_error);
+        }
+        self.outbox.mark_published(&published).await?;
+        round.published = published.len();
+        for (id, error) in refused {
+            self.failed(id, &format!("the publisher refused it: {error}"), &mut round).await?;
+        }
+        Ok(round)
+    }
+
+    async fn failed(&self, id: uuid::Uuid, reason: &str, round: &mut Relayed) -> Result<(), DomainError> {
+        if self.outbox.record_failure(id, reason, self.max_attempts).await? {
+            round.dead_letters.push(id);
+        }
+        Ok(())
     }
 
     pub fn outbox(&self) -> &Arc<dyn Outbox> {
@@ -53,7 +117,7 @@ impl EventRelay {
 mod tests {
     use super::*;
     use crate::TenantId;
-    use crate::events::{DomainEvent, EventType};
+    use crate::events::{Claimed, DomainEvent, EventType, UnreadableEntry};
     use crate::ports::{MockEventPublisher, MockOutbox};
     use crate::services::block_on;
 
@@ -73,7 +137,7 @@ mod tests {
         let mut outbox = MockOutbox::new();
         let events = vec![event(), event()];
         let returned = events.clone();
-        outbox.expect_claim().returning(move |_, _, _| Ok(returned.clone()));
+        outbox.expect_claim().returning(move |_, _, _| Ok(Claimed { events: returned.clone(), unreadable: vec![] }));
         outbox.expect_mark_published().never();
         let mut publisher = MockEventPublisher::new();
         publisher.expect_publish().returning(|_| Err(DomainError::unavailable("broker down")));
@@ -88,11 +152,75 @@ mod tests {
         let events = vec![event(), event()];
         let ids: Vec<_> = events.iter().map(|e| e.id).collect();
         let returned = events.clone();
-        outbox.expect_claim().returning(move |_, _, _| Ok(returned.clone()));
+        outbox.expect_claim().returning(move |_, _, _| Ok(Claimed { events: returned.clone(), unreadable: vec![] }));
         outbox.expect_mark_published().withf(move |marked| marked == ids.as_slice()).times(1).returning(|_| Ok(()));
         let mut publisher = MockEventPublisher::new();
         publisher.expect_publish().withf(move |published| published == events.as_slice()).times(1).returning(|_| Ok(()));
         let relay = EventRelay::new(Arc::new(outbox), Arc::new(publisher));
-        assert_eq!(block_on(relay.relay_once(10)).unwrap(), 2);
+        assert_eq!(block_on(relay.relay_once(10)).unwrap().published, 2);
+    }
+
+    fn claimed(events: &[DomainEvent], unreadable: &[uuid::Uuid]) -> Claimed {
+        Claimed {
+            events: events.to_vec(),
+            unreadable: unreadable.iter().map(|id| UnreadableEntry { id: *id, reason: "expected struct DomainEvent".into() }).collect(),
+        }
+    }
+
+    #[test]
+    fn an_unreadable_entry_is_counted_and_blocks_no_later_event() {
+        let good = vec![event(), event()];
+        let poison = uuid::Uuid::new_v4();
+        let ids: Vec<_> = good.iter().map(|e| e.id).collect();
+        let mut outbox = MockOutbox::new();
+        let returned = claimed(&good, &[poison]);
+        outbox.expect_claim().returning(move |_, _, _| Ok(returned.clone()));
+        outbox
+            .expect_record_failure()
+            .withf(move |id, reason, max| *id == poison && reason.contains("cannot be read") && *max == 3)
+            .times(1)
+            .returning(|_, _, _| Ok(true));
+        outbox.expect_mark_published().withf(move |marked| marked == ids.as_slice()).times(1).returning(|_| Ok(()));
+        let mut publisher = MockEventPublisher::new();
+        publisher.expect_publish().times(1).returning(|_| Ok(()));
+        let relay = EventRelay::new(Arc::new(outbox), Arc::new(publisher)).with_max_attempts(3);
+        let round = block_on(relay.relay_once(10)).unwrap();
+        assert_eq!(round, Relayed { claimed: 3, published: 2, dead_letters: vec![poison] });
+    }
+
+    #[test]
+    fn an_event_the_publisher_refuses_alone_is_counted_and_the_others_are_published() {
+        let events = vec![event(), event(), event()];
+        let poison = events[1].id;
+        let others = vec![events[0].id, events[2].id];
+        let mut outbox = MockOutbox::new();
+        let returned = claimed(&events, &[]);
+        outbox.expect_claim().returning(move |_, _, _| Ok(returned.clone()));
+        outbox.expect_mark_published().withf(move |marked| marked == others.as_slice()).times(1).returning(|_| Ok(()));
+        outbox
+            .expect_record_failure()
+            .withf(move |id, reason, max| *id == poison && reason.contains("refused") && *max == DEFAULT_MAX_PUBLISH_ATTEMPTS)
+            .times(1)
+            .returning(|_, _, _| Ok(false));
+        let mut publisher = MockEventPublisher::new();
+        publisher
+            .expect_publish()
+            .returning(move |batch| if batch.iter().any(|e| e.id == poison) { Err(DomainError::unavailable("too large")) } else { Ok(()) });
+        let relay = EventRelay::new(Arc::new(outbox), Arc::new(publisher));
+        let round = block_on(relay.relay_once(10)).unwrap();
+        assert_eq!(round, Relayed { claimed: 3, published: 2, dead_letters: vec![] });
+    }
+
+    #[test]
+    fn a_publisher_that_refuses_everything_is_down_and_nothing_is_counted() {
+        let mut outbox = MockOutbox::new();
+        let returned = claimed(&[event(), event()], &[]);
+        outbox.expect_claim().returning(move |_, _, _| Ok(returned.clone()));
+        outbox.expect_mark_published().never();
+        outbox.expect_record_failure().never();
+        let mut publisher = MockEventPublisher::new();
+        publisher.expect_publish().times(3).returning(|_| Err(DomainError::unavailable("broker down")));
+        let relay = EventRelay::new(Arc::new(outbox), Arc::new(publisher)).with_max_attempts(1);
+        assert!(matches!(block_on(relay.relay_once(10)), Err(DomainError::Unavailable { .. })));
     }
 }
