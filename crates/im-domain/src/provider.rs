@@ -7,6 +7,7 @@ use serde_json::Value;
 use time::OffsetDateTime;
 
 use crate::common::{validate_text, validate_url};
+use crate::custom::{EntityDefinition, HttpMethod, Pagination, RequestTemplate, entity_violations, pagination_violations};
 use crate::error::{DomainError, FieldViolation, Violations};
 use crate::schema::compile_config_schema;
 
@@ -142,6 +143,18 @@ pub struct ProviderSpec {
     /// JSON Schema of the settings an integration of this provider needs (its `config`).
     pub config_schema: Value,
     pub capabilities: Capabilities,
+    /// The request a connection test sends, relative to `api_base_url` (GitHub: `GET /user`):
+    /// `GET` or `POST`, a 2xx answer means the credentials work.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verification: Option<RequestTemplate>,
+    /// How the list requests of `entities` page; required when there are entities.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pagination: Option<Pagination>,
+    /// Entities sync tasks can read and write, in the custom-definition format; each is listed in
+    /// `capabilities.syncEntities`. Path placeholders other than `{id}` (`{owner}`) are filled
+    /// by the caller, from the integration's configuration.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub entities: Vec<EntityDefinition>,
 }
 
 /// Most entities a provider may list for sync.
@@ -195,6 +208,24 @@ impl ProviderSpec {
         for (i, entity) in self.capabilities.sync_entities.iter().enumerate() {
             if !is_entity_name(entity) {
                 v.invalid(format!("capabilities.syncEntities[{i}]"), "must be a snake_case name of 1 to 64 characters");
+            }
+        }
+        if let Some(verification) = &self.verification {
+            let problems = verification.violations(&[HttpMethod::Get, HttpMethod::Post], false, false);
+            v.extend_nested("verification", problems.into_vec());
+        }
+        if let Some(pagination) = &self.pagination {
+            pagination_violations(pagination, &mut v);
+        } else if !self.entities.is_empty() {
+            v.invalid("pagination", "is required when the provider describes entities");
+        }
+        if self.entities.len() > MAX_SYNC_ENTITIES {
+            v.invalid("entities", format!("must describe at most {MAX_SYNC_ENTITIES} entities"));
+        }
+        entity_violations(&self.entities, &mut v);
+        for (i, entity) in self.entities.iter().enumerate() {
+            if !self.capabilities.sync_entities.contains(&entity.name) {
+                v.invalid(format!("entities[{i}].name"), "must be listed in capabilities.syncEntities");
             }
         }
         v.finish(|| ())
@@ -277,6 +308,21 @@ mod tests {
             docs_url: "https://docs.github.com/en/rest".into(),
             config_schema: json!({"type": "object", "properties": {"organization": {"type": "string"}}}),
             capabilities: Capabilities { webhooks: true, sync_entities: vec!["issue".into()] },
+            verification: Some(RequestTemplate {
+                method: HttpMethod::Get,
+                path: "/user".into(),
+                query: Default::default(),
+                items_path: None,
+            }),
+            pagination: Some(Pagination::Link { limit_param: Some("per_page".into()), page_size: Some(100) }),
+            entities: vec![
+                serde_json::from_value(json!({
+                    "name": "issue", "idField": "number", "updatedAtField": "updated_at",
+                    "list": {"method": "GET", "path": "/repos/{owner}/{repo}/issues", "query": {"state": "all"}},
+                    "get": {"method": "GET", "path": "/repos/{owner}/{repo}/issues/{id}"}
+                }))
+                .unwrap(),
+            ],
         }
     }
 
@@ -298,6 +344,28 @@ mod tests {
         for f in ["name", "authorizationUrl", "apiBaseUrl", "configSchema", "capabilities.syncEntities[0]"] {
             assert!(fields.iter().any(|x| x.starts_with(f)), "{f} missing in {fields:?}");
         }
+    }
+
+    #[test]
+    fn verification_pagination_and_entities_are_checked() {
+        let mut s = spec();
+        s.verification.as_mut().unwrap().method = HttpMethod::Delete;
+        s.verification.as_mut().unwrap().items_path = Some("data".into());
+        s.entities[0].list.path = "repos".into();
+        s.entities.push(s.entities[0].clone());
+        s.entities[1].name = "pull_request".into();
+        let Err(DomainError::Validation(v)) = s.validate() else { panic!("expected validation error") };
+        let fields: Vec<_> = v.iter().map(|v| v.field.as_str()).collect();
+        for f in ["verification.method", "verification.itemsPath", "entities[0].list.path", "entities[1].name"] {
+            assert!(fields.contains(&f), "{f} missing in {fields:?}");
+        }
+        let mut s = spec();
+        s.pagination = None;
+        let Err(DomainError::Validation(v)) = s.validate() else { panic!("expected validation error") };
+        assert_eq!(v[0].field, "pagination");
+        s.entities.clear();
+        s.verification = None;
+        s.validate().unwrap();
     }
 
     #[test]

@@ -352,14 +352,15 @@ impl HttpProviderClient {
             .clone()
     }
 
-    /// The URL of `request` against `target`, with the pagination parameters of `position`.
+    /// The URL of `request` against `target`; for a list request (`paging`), with the pagination
+    /// parameters of the position (`None`: the first page) and page size.
     fn url(
         &self,
         target: &ApiTarget,
         request: &ProviderRequest,
-        position: Option<&Position>,
-        page_size: Option<u32>,
+        paging: Option<(Option<&Position>, Option<u32>)>,
     ) -> Result<Url, DomainError> {
+        let (position, page_size) = paging.unwrap_or((None, None));
         if let Some(Position::Link(next)) = position {
             let url = Url::parse(next).map_err(|_| DomainError::invalid("page", "is not a page token of this listing"))?;
             let base = Url::parse(&target.base_url).map_err(|_| DomainError::invalid("baseUrl", "is not a valid URL"))?;
@@ -385,7 +386,8 @@ impl HttpProviderClient {
                 query.append_pair(k, v);
             }
             let size = |own: &Option<u32>| page_size.or(*own).map(|s| s.to_string());
-            match (&target.pagination, position) {
+            let pagination = if paging.is_some() { &target.pagination } else { &Pagination::None };
+            match (pagination, position) {
                 (Pagination::Cursor { cursor_param, limit_param, page_size: own, .. }, position) => {
                     if let (Some(l), Some(s)) = (limit_param, size(own)) {
                         query.append_pair(l, &s);
@@ -598,7 +600,7 @@ impl ProviderClient for HttpProviderClient {
         credentials: &dyn CredentialSource,
     ) -> Result<ProviderResponse, DomainError> {
         tracing::Span::current().record("connection", connection);
-        let url = self.url(target, request, None, None)?;
+        let url = self.url(target, request, None)?;
         let (answer, latency) =
             self.exchange(connection, &url, target, request.template.method, request.body.as_ref(), credentials).await?;
         tracing::Span::current().record("status", answer.status);
@@ -617,7 +619,7 @@ impl ProviderClient for HttpProviderClient {
     ) -> Result<ProviderPage, DomainError> {
         tracing::Span::current().record("connection", connection);
         let position = page.map(|p| Position::parse(p, &target.pagination)).transpose()?;
-        let url = self.url(target, request, position.as_ref(), page_size)?;
+        let url = self.url(target, request, Some((position.as_ref(), page_size)))?;
         let (answer, _) = self.exchange(connection, &url, target, request.template.method, request.body.as_ref(), credentials).await?;
         let status = answer.status;
         tracing::Span::current().record("status", status);

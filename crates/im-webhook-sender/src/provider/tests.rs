@@ -532,3 +532,49 @@ fn settings_problems_name_their_keys() {
     let keys: Vec<_> = bad.problems().into_iter().map(|(k, _)| k).collect();
     assert_eq!(keys, ["retry_attempts", "max_concurrency_per_connection", "requests_per_second", "burst"]);
 }
+
+/// The connection test of the domain, through this client, against the fake provider.
+#[tokio::test]
+async fn connection_tests_send_the_smallest_list_and_report_the_outcome() {
+    use im_domain::SystemClock;
+    use im_domain::custom::CustomApiDefinition;
+    use im_domain::services::connection_test::{Verification, test_connection};
+
+    let fake = FakeProvider::start(30, FakeAuth::HeaderKey { name: "X-Api-Key".into(), value: "good".into() }).await;
+    let definition: CustomApiDefinition = serde_json::from_value(json!({
+        "baseUrl": fake.base_url(),
+        "auth": {"type": "api_key", "in": "header", "name": "X-Api-Key"},
+        "pagination": {"style": "cursor", "cursorParam": "cursor", "nextCursorPath": "meta.next", "limitParam": "limit", "pageSize": 100},
+        "entities": [{"name": "record", "idField": "id", "list": {"method": "GET", "path": "/cursor/records", "itemsPath": "data"}}]
+    }))
+    .unwrap();
+    let verification = Verification::for_custom(&definition).unwrap();
+    let key = |value: &str| {
+        Source::fixed(AuthMaterial::ApiKey { location: ApiKeyLocation::Header, name: "X-Api-Key".into(), value: value.into() })
+    };
+
+    let outcome = test_connection(&client(), "conn-1", &verification, &key("good"), &SystemClock).await;
+    assert!(outcome.ok && outcome.status == Some(200) && outcome.error.is_none(), "{outcome:?}");
+    assert_eq!(fake.requests().last().unwrap().path_and_query, "/cursor/records?limit=1");
+
+    let outcome = test_connection(&client(), "conn-1", &verification, &key("bad"), &SystemClock).await;
+    assert_eq!((outcome.ok, outcome.status), (false, None), "{outcome:?}");
+    assert!(outcome.error.unwrap().contains("cannot authenticate"), "an API key cannot be refreshed");
+
+    let refreshed = Source {
+        current: AuthMaterial::Bearer("x".into()),
+        refreshed: Some(AuthMaterial::Bearer("y".into())),
+        refreshes: AtomicUsize::new(0),
+    };
+    let outcome = test_connection(&client(), "conn-1", &verification, &refreshed, &SystemClock).await;
+    assert_eq!((outcome.ok, outcome.status), (false, Some(401)), "{outcome:?}");
+    assert!(outcome.error.unwrap().contains("refused the credentials"));
+
+    fake.fail_next(std::iter::repeat_n(Fault::Status(503), 4));
+    let outcome = test_connection(&client(), "conn-1", &verification, &key("good"), &SystemClock).await;
+    assert!(!outcome.ok && outcome.error.as_deref().unwrap().contains("503"), "{outcome:?}");
+
+    let strict = HttpProviderClient::new(settings(), UrlPolicy { allow_http: true, allowed_private: Vec::new() }).unwrap();
+    let outcome = test_connection(&strict, "conn-1", &verification, &key("good"), &SystemClock).await;
+    assert!(!outcome.ok && outcome.error.as_deref().unwrap().contains("refused"), "{outcome:?}");
+}
