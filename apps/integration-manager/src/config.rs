@@ -3,7 +3,7 @@
 //!
 //! Each adapter owns the settings of its section (`cosmos_db`: [`CosmosSettings`], `rabbitmq`:
 //! [`RabbitSettings`], `auth`: [`AuthSettings`], the HTTP keys of `secrets`:
-//! [`HttpSecretSettings`]); this module only embeds them. Every section is read on its own and
+//! [`HttpSecretSettings`], `provider_client`: [`ProviderClientSettings`]); this module only embeds them. Every section is read on its own and
 //! every problem is collected, so one run reports every invalid key at once.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -18,6 +18,7 @@ pub use im_bus_rabbitmq::RabbitSettings;
 pub use im_domain::HumanDuration;
 pub use im_secrets_http::HttpSecretSettings;
 pub use im_store_cosmos::CosmosSettings;
+pub use im_webhook_sender::provider::ProviderClientSettings;
 use secrecy::ExposeSecret as _;
 pub use secrecy::SecretString;
 use serde::Deserialize;
@@ -35,6 +36,7 @@ pub struct Settings {
     pub rabbitmq: RabbitSettings,
     pub secrets: SecretSettings,
     pub webhooks: WebhookSettings,
+    pub provider_client: ProviderClientSettings,
     pub auth: AuthSettings,
     pub log: LogSettings,
 }
@@ -372,6 +374,7 @@ impl Settings {
                 }
             },
             webhooks: reader.section("webhooks"),
+            provider_client: reader.section("provider_client"),
             auth: reader.section("auth"),
             log: reader.section("log"),
         };
@@ -411,6 +414,7 @@ impl Settings {
         if self.events.backend == EventsBackend::Rabbitmq {
             section(&mut problems, "rabbitmq", self.rabbitmq.problems());
         }
+        section(&mut problems, "provider_client", self.provider_client.problems());
         check(&mut problems, (1..=10_000).contains(&self.webhooks.max_endpoints_per_tenant), "webhooks.max_endpoints_per_tenant", &|| {
             "must be between 1 and 10000".into()
         });

@@ -237,25 +237,30 @@ impl CustomApiDefinition {
             }
             CustomAuth::Bearer | CustomAuth::Basic => {}
         }
-        if self.default_headers.len() > MAX_HEADERS {
-            v.invalid("defaultHeaders", format!("must have at most {MAX_HEADERS} headers"));
-        }
-        for (name, value) in &self.default_headers {
-            let field = format!("defaultHeaders.{name}");
-            if !is_header_name(name) {
-                v.invalid(field, "is not a valid header name");
-            } else if name.eq_ignore_ascii_case("authorization") {
-                v.invalid(field, "must not be set: the auth scheme sets Authorization");
-            } else if value.len() > 4096 || value.chars().any(|c| c.is_control() && c != '\t') {
-                v.invalid(field, "must be at most 4096 characters without control characters");
-            }
-        }
+        header_violations(&self.default_headers, &mut v);
         pagination_violations(&self.pagination, &mut v);
         if self.entities.is_empty() || self.entities.len() > MAX_ENTITIES {
             v.invalid("entities", format!("must describe 1 to {MAX_ENTITIES} entities"));
         }
         entity_violations(&self.entities, &mut v);
         v.finish(|| ())
+    }
+}
+
+/// The problems of default headers, each under `defaultHeaders`.
+pub(crate) fn header_violations(headers: &BTreeMap<String, String>, v: &mut Violations) {
+    if headers.len() > MAX_HEADERS {
+        v.invalid("defaultHeaders", format!("must have at most {MAX_HEADERS} headers"));
+    }
+    for (name, value) in headers {
+        let field = format!("defaultHeaders.{name}");
+        if !is_header_name(name) {
+            v.invalid(field, "is not a valid header name");
+        } else if name.eq_ignore_ascii_case("authorization") {
+            v.invalid(field, "must not be set: the auth scheme sets Authorization");
+        } else if value.len() > 4096 || value.chars().any(|c| c.is_control() && c != '\t') {
+            v.invalid(field, "must be at most 4096 characters without control characters");
+        }
     }
 }
 

@@ -45,7 +45,6 @@ use crate::{SafeResolver, describe};
 
 /// The `provider_client` section of the configuration.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ProviderClientSettings {
     /// Longest wait for a connection to be established.
     pub connect_timeout: HumanDuration,
@@ -376,7 +375,9 @@ impl HttpProviderClient {
         {
             let mut segments = url.path_segments_mut().map_err(|()| DomainError::invalid("baseUrl", "is not a valid URL"))?;
             segments.pop_if_empty();
-            for raw in request.template.path.trim_start_matches('/').split('/') {
+            let path = request.template.path.trim_start_matches('/');
+            // `/` is the base URL itself (a GraphQL endpoint), not a trailing slash.
+            for raw in path.split('/').filter(|_| !path.is_empty()) {
                 segments.push(&fill(raw, &request.path_params)?);
             }
         }

@@ -2,6 +2,7 @@
 //! values, call a service and map the result; no business rule lives here.
 
 pub mod body;
+pub mod connection_test;
 pub mod custom;
 pub mod deliveries;
 pub mod extract;

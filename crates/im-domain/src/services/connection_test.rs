@@ -6,9 +6,11 @@
 
 use std::collections::BTreeMap;
 
+use async_trait::async_trait;
 use serde_json::Value;
 
-use crate::common::Clock;
+use crate::auth::Caller;
+use crate::common::{Clock, IntegrationId};
 use crate::custom::{CustomApiDefinition, Pagination};
 use crate::error::DomainError;
 use crate::provider::ProviderSpec;
@@ -31,6 +33,22 @@ pub struct ConnectionTestOutcome {
     pub latency_ms: u64,
     /// Why the test failed; never a credential or an internal address.
     pub error: Option<String>,
+}
+
+/// Tests a connection of an integration for a caller: what `POST
+/// /api/v1/integrations/{id}/connections/{connectionId}/test` needs. The connection service
+/// implements it: it checks the caller's role, reads the integration (in the caller's tenant)
+/// and its catalog provider or custom definition, builds the [`Verification`], runs
+/// [`test_connection`] with the connection's [`CredentialSource`], and sets the connection's
+/// status from the outcome.
+#[async_trait]
+pub trait ConnectionTester: Send + Sync {
+    /// # Errors
+    /// - MUST return [`DomainError::NotFound`] for an integration or connection the caller's
+    ///   tenant does not have.
+    /// - MUST return [`DomainError::Forbidden`] when the caller may not change the connection.
+    /// - A failed test is an `Ok` outcome with `ok: false`, never an error.
+    async fn test(&self, caller: &Caller, integration: &IntegrationId, connection: &str) -> Result<ConnectionTestOutcome, DomainError>;
 }
 
 /// Fills `{name}` placeholders of a base URL (`https://{subdomain}.zendesk.com/api/v2`) with the
@@ -69,16 +87,27 @@ impl Verification {
     /// [`DomainError::Conflict`] when the provider has no verification request;
     /// [`DomainError::Validation`] when `config` lacks a value the base URL needs.
     pub fn for_provider(spec: &ProviderSpec, config: &Value) -> Result<Self, DomainError> {
-        let Some(template) = spec.verification.clone() else {
+        let Some(verification) = &spec.verification else {
             return Err(DomainError::Conflict(format!("provider '{}' has no verification request", spec.id)));
         };
+        // Path placeholders take the configuration's text values of the same name (the client
+        // encodes each as one path segment).
+        let path_params = config
+            .as_object()
+            .map(|c| c.iter().filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_owned()))).collect())
+            .unwrap_or_default();
         Ok(Self {
             target: ApiTarget {
                 base_url: fill_base_url(&spec.api_base_url, config)?,
-                default_headers: BTreeMap::new(),
+                default_headers: spec.default_headers.clone(),
                 pagination: spec.pagination.clone().unwrap_or(Pagination::None),
             },
-            request: ProviderRequest { template, path_params: BTreeMap::new(), extra_query: BTreeMap::new(), body: None },
+            request: ProviderRequest {
+                template: verification.template(),
+                path_params,
+                extra_query: BTreeMap::new(),
+                body: verification.body.clone(),
+            },
         })
     }
 
