@@ -71,6 +71,8 @@ pub struct SeenRequest {
     pub path_and_query: String,
     /// Whether it carried the expected credentials.
     pub authorized: bool,
+    /// Headers by lowercase name; repeated ones joined with `, `.
+    pub headers: BTreeMap<String, String>,
 }
 
 #[derive(Debug)]
@@ -349,7 +351,12 @@ impl Respond for Responder {
             Some(q) => format!("{}?{q}", request.url.path()),
             None => request.url.path().to_owned(),
         };
-        state.seen.push(SeenRequest { method: request.method.to_string(), path_and_query, authorized: ok });
+        let mut headers: BTreeMap<String, String> = BTreeMap::new();
+        for (name, value) in &request.headers {
+            let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
+            headers.entry(name.as_str().to_owned()).and_modify(|v| *v = format!("{v}, {value}")).or_insert(value);
+        }
+        state.seen.push(SeenRequest { method: request.method.to_string(), path_and_query, authorized: ok, headers });
         let mut delay = None;
         match state.faults.pop_front() {
             Some(Fault::TooManyRequests { retry_after_secs }) => {

@@ -450,7 +450,10 @@ impl HttpProviderClient {
                 url.query_pairs().filter(|(k, _)| k != name).map(|(k, v)| (k.into_owned(), v.into_owned())).collect();
             url.query_pairs_mut().clear().extend_pairs(kept).append_pair(name, value);
         }
-        let mut builder = self.client.request(method.clone(), url.clone()).header(reqwest::header::ACCEPT, "application/json");
+        let mut builder = self.client.request(method.clone(), url.clone());
+        if !target.default_headers.keys().any(|k| k.eq_ignore_ascii_case("accept")) {
+            builder = builder.header(reqwest::header::ACCEPT, "application/json");
+        }
         for (name, value) in &target.default_headers {
             builder = builder.header(name, value);
         }

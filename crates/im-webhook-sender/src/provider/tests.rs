@@ -370,6 +370,20 @@ async fn paths_are_built_with_encoded_segments_and_bodies_are_sent() {
 }
 
 #[tokio::test]
+async fn default_headers_are_sent_once_and_may_replace_accept() {
+    let fake = FakeProvider::start(1, FakeAuth::None).await;
+    let me = request(HttpMethod::Get, "/me", None);
+    client().send("c", &target(&fake, Pagination::None), &me, &none()).await.unwrap();
+    let seen = fake.requests().pop().unwrap().headers;
+    assert_eq!((seen["accept"].as_str(), seen["x-tenant"].as_str()), ("application/json", "acme"));
+    assert_eq!(seen["user-agent"], "integration-manager-tests");
+    let mut t = target(&fake, Pagination::None);
+    t.default_headers.insert("Accept".into(), "application/vnd.github+json".into());
+    client().send("c", &t, &me, &none()).await.unwrap();
+    assert_eq!(fake.requests().pop().unwrap().headers["accept"], "application/vnd.github+json");
+}
+
+#[tokio::test]
 async fn refused_destinations_get_no_request() {
     let fake = FakeProvider::start(1, FakeAuth::None).await;
     let strict = HttpProviderClient::new(settings(), UrlPolicy { allow_http: true, allowed_private: Vec::new() }).unwrap();
