@@ -148,3 +148,44 @@ async fn seeding_is_idempotent_and_keeps_admin_edits_across_restarts() {
     assert_eq!(app.get("/api/v1/providers/github", &admin).await.json::<Value>().await.unwrap()["name"], "GitHub (edited)");
     problem(app.get("/api/v1/providers/gitlab", &admin).await, StatusCode::NOT_FOUND).await;
 }
+
+#[tokio::test]
+async fn providers_carry_a_verification_request_and_entities() {
+    let app = spawn_app().await;
+    let member = app.member();
+    let github: Value = app.get("/api/v1/providers/github", &member).await.json().await.unwrap();
+    assert_eq!(github["verification"], json!({"method": "GET", "path": "/user"}));
+    assert_eq!(github["pagination"]["style"], "link");
+    assert_eq!(github["entities"][0]["name"], "issue");
+    let jira: Value = app.get("/api/v1/providers/jira", &member).await.json().await.unwrap();
+    assert_eq!(jira["pagination"]["cursorParam"], "nextPageToken");
+
+    let admin = app.admin();
+    let mut acme = acme_provider("acme-entities");
+    acme["verification"] = json!({"method": "POST", "path": "/graphql", "body": {"query": "{ viewer { id } }"}});
+    acme["defaultHeaders"] = json!({"Acme-Version": "2026-01-01"});
+    acme["pagination"] = json!({"style": "offset", "offsetParam": "startAt", "limitParam": "maxResults", "pageSize": 50});
+    acme["entities"] = json!([{
+        "name": "card", "idField": "id", "updatedAtField": "updated",
+        "list": {"method": "GET", "path": "/boards/{board}/cards", "itemsPath": "values"},
+        "get": {"method": "GET", "path": "/cards/{id}"}
+    }]);
+    let response = app.post("/api/v1/providers", &admin, &acme).await;
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let created: Value = response.json().await.unwrap();
+    for key in ["verification", "defaultHeaders", "pagination", "entities"] {
+        assert_eq!(created[key], acme[key], "{key}");
+    }
+
+    // Every bad value is reported with its path, and nothing is written.
+    let mut bad = acme_provider("acme-bad");
+    bad["verification"] = json!({"method": "DELETE", "path": "/me", "body": {"x": 1}});
+    bad["defaultHeaders"] = json!({"Authorization": "Bearer x"});
+    bad["entities"] = json!([{"name": "ticket", "idField": "id", "list": {"method": "GET", "path": "/tickets"}}]);
+    let problem = problem(app.post("/api/v1/providers", &admin, &bad).await, StatusCode::UNPROCESSABLE_ENTITY).await;
+    let fields = fields(&problem);
+    for f in ["verification.method", "verification.body", "defaultHeaders.Authorization", "pagination", "entities[0].name"] {
+        assert!(fields.contains(&f.to_owned()), "{f} not in {fields:?}");
+    }
+    assert_eq!(app.get("/api/v1/providers/acme-bad", &member).await.status(), StatusCode::NOT_FOUND);
+}

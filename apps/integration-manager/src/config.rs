@@ -4,7 +4,7 @@
 //! Each adapter owns the settings of its section (`cosmos_db`: [`CosmosSettings`], `rabbitmq`:
 //! [`RabbitSettings`], `auth`: [`AuthSettings`], the HTTP keys of `secrets`:
 //! [`HttpSecretSettings`], its local key: [`LocalSecretSettings`], the sender's keys of
-//! `webhooks`: [`WebhookSenderSettings`]); this module only embeds them. Every section is read on its own and
+//! `webhooks`: [`WebhookSenderSettings`], `provider_client`: [`ProviderClientSettings`]); this module only embeds them. Every section is read on its own and
 //! every problem is collected, so one run reports every invalid key at once.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -21,6 +21,7 @@ pub use im_secrets_http::HttpSecretSettings;
 pub use im_secrets_local::LocalSecretSettings;
 pub use im_store_cosmos::CosmosSettings;
 pub use im_webhook_sender::WebhookSenderSettings;
+pub use im_webhook_sender::provider::ProviderClientSettings;
 pub use secrecy::SecretString;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
@@ -37,6 +38,7 @@ pub struct Settings {
     pub rabbitmq: RabbitSettings,
     pub secrets: SecretSettings,
     pub webhooks: WebhookSettings,
+    pub provider_client: ProviderClientSettings,
     pub auth: AuthSettings,
     pub log: LogSettings,
 }
@@ -368,6 +370,7 @@ impl Settings {
                 }
             },
             webhooks: WebhookSettings { sender: reader.section("webhooks"), service: reader.section("webhooks") },
+            provider_client: reader.section("provider_client"),
             auth: reader.section("auth"),
             log: reader.section("log"),
         };
@@ -410,6 +413,7 @@ impl Settings {
         if self.events.backend == EventsBackend::Rabbitmq {
             section(&mut problems, "rabbitmq", self.rabbitmq.problems());
         }
+        section(&mut problems, "provider_client", self.provider_client.problems());
         check(
             &mut problems,
             (1..=10_000).contains(&self.webhooks.service.max_endpoints_per_tenant),

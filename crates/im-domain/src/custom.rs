@@ -179,7 +179,8 @@ fn check_path(path: &str) -> Result<Vec<String>, &'static str> {
 }
 
 impl RequestTemplate {
-    fn violations(&self, allowed: &[HttpMethod], needs_id: bool, is_list: bool) -> Violations {
+    /// The problems of this template for a request of one kind, paths relative to the template.
+    pub(crate) fn violations(&self, allowed: &[HttpMethod], needs_id: bool, is_list: bool) -> Violations {
         let mut v = Violations::new();
         if !allowed.contains(&self.method) {
             let names: Vec<_> = allowed.iter().map(|m| format!("{m:?}").to_uppercase()).collect();
@@ -236,101 +237,113 @@ impl CustomApiDefinition {
             }
             CustomAuth::Bearer | CustomAuth::Basic => {}
         }
-        if self.default_headers.len() > MAX_HEADERS {
-            v.invalid("defaultHeaders", format!("must have at most {MAX_HEADERS} headers"));
-        }
-        for (name, value) in &self.default_headers {
-            let field = format!("defaultHeaders.{name}");
-            if !is_header_name(name) {
-                v.invalid(field, "is not a valid header name");
-            } else if name.eq_ignore_ascii_case("authorization") {
-                v.invalid(field, "must not be set: the auth scheme sets Authorization");
-            } else if value.len() > 4096 || value.chars().any(|c| c.is_control() && c != '\t') {
-                v.invalid(field, "must be at most 4096 characters without control characters");
-            }
-        }
-        self.pagination_violations(&mut v);
+        header_violations(&self.default_headers, &mut v);
+        pagination_violations(&self.pagination, &mut v);
         if self.entities.is_empty() || self.entities.len() > MAX_ENTITIES {
             v.invalid("entities", format!("must describe 1 to {MAX_ENTITIES} entities"));
         }
-        let mut seen = HashSet::new();
-        for (i, entity) in self.entities.iter().enumerate() {
-            let at = format!("entities[{i}]");
-            if !is_entity_name(&entity.name) {
-                v.invalid(format!("{at}.name"), "must be a snake_case name of 1 to 64 characters");
-            } else if !seen.insert(entity.name.as_str()) {
-                v.invalid(format!("{at}.name"), format!("'{}' is described twice", entity.name));
-            }
-            if !is_dotted_path(&entity.id_field) {
-                v.invalid(format!("{at}.idField"), "must be a dotted path such as id");
-            }
-            if entity.updated_at_field.as_deref().is_some_and(|p| !is_dotted_path(p)) {
-                v.invalid(format!("{at}.updatedAtField"), "must be a dotted path such as updated_at");
-            }
-            use HttpMethod::*;
-            v.extend_nested(&format!("{at}.list"), entity.list.violations(&[Get, Post], false, true).into_vec());
-            if let Some(get) = &entity.get {
-                v.extend_nested(&format!("{at}.get"), get.violations(&[Get], true, false).into_vec());
-            }
-            if let Some(upsert) = &entity.upsert {
-                v.extend_nested(&format!("{at}.upsert"), upsert.violations(&[Post, Put, Patch], false, false).into_vec());
-            }
-            if let Some(delete) = &entity.delete {
-                v.extend_nested(&format!("{at}.delete"), delete.violations(&[Delete, Post], true, false).into_vec());
-            }
-        }
+        entity_violations(&self.entities, &mut v);
         v.finish(|| ())
     }
+}
 
-    fn pagination_violations(&self, v: &mut Violations) {
-        let size_ok = |size: &Option<u32>| size.is_none_or(|s| (1..=10_000).contains(&s));
-        let param = |v: &mut Violations, field: &str, name: &str| {
-            if !is_param_name(name) {
-                v.invalid(format!("pagination.{field}"), "must be a query parameter name");
-            }
-        };
-        match &self.pagination {
-            Pagination::Cursor { cursor_param, next_cursor_path, limit_param, page_size } => {
-                param(v, "cursorParam", cursor_param);
-                if !is_dotted_path(next_cursor_path) {
-                    v.invalid("pagination.nextCursorPath", "must be a dotted path such as meta.next_cursor");
-                }
-                if let Some(l) = limit_param {
-                    param(v, "limitParam", l);
-                }
-                if !size_ok(page_size) {
-                    v.invalid("pagination.pageSize", "must be between 1 and 10000");
-                }
-            }
-            Pagination::Page { page_param, limit_param, page_size, start_page } => {
-                param(v, "pageParam", page_param);
-                if let Some(l) = limit_param {
-                    param(v, "limitParam", l);
-                }
-                if !size_ok(page_size) {
-                    v.invalid("pagination.pageSize", "must be between 1 and 10000");
-                }
-                if *start_page > 1 {
-                    v.invalid("pagination.startPage", "must be 0 or 1");
-                }
-            }
-            Pagination::Offset { offset_param, limit_param, page_size } => {
-                param(v, "offsetParam", offset_param);
-                param(v, "limitParam", limit_param);
-                if !size_ok(&Some(*page_size)) {
-                    v.invalid("pagination.pageSize", "must be between 1 and 10000");
-                }
-            }
-            Pagination::Link { limit_param, page_size } => {
-                if let Some(l) = limit_param {
-                    param(v, "limitParam", l);
-                }
-                if !size_ok(page_size) {
-                    v.invalid("pagination.pageSize", "must be between 1 and 10000");
-                }
-            }
-            Pagination::None => {}
+/// The problems of default headers, each under `defaultHeaders`.
+pub(crate) fn header_violations(headers: &BTreeMap<String, String>, v: &mut Violations) {
+    if headers.len() > MAX_HEADERS {
+        v.invalid("defaultHeaders", format!("must have at most {MAX_HEADERS} headers"));
+    }
+    for (name, value) in headers {
+        let field = format!("defaultHeaders.{name}");
+        if !is_header_name(name) {
+            v.invalid(field, "is not a valid header name");
+        } else if name.eq_ignore_ascii_case("authorization") {
+            v.invalid(field, "must not be set: the auth scheme sets Authorization");
+        } else if value.len() > 4096 || value.chars().any(|c| c.is_control() && c != '\t') {
+            v.invalid(field, "must be at most 4096 characters without control characters");
         }
+    }
+}
+
+/// The problems of the entities of a definition (or of a catalog provider), each under
+/// `entities[i]`.
+pub(crate) fn entity_violations(entities: &[EntityDefinition], v: &mut Violations) {
+    let mut seen = HashSet::new();
+    for (i, entity) in entities.iter().enumerate() {
+        let at = format!("entities[{i}]");
+        if !is_entity_name(&entity.name) {
+            v.invalid(format!("{at}.name"), "must be a snake_case name of 1 to 64 characters");
+        } else if !seen.insert(entity.name.as_str()) {
+            v.invalid(format!("{at}.name"), format!("'{}' is described twice", entity.name));
+        }
+        if !is_dotted_path(&entity.id_field) {
+            v.invalid(format!("{at}.idField"), "must be a dotted path such as id");
+        }
+        if entity.updated_at_field.as_deref().is_some_and(|p| !is_dotted_path(p)) {
+            v.invalid(format!("{at}.updatedAtField"), "must be a dotted path such as updated_at");
+        }
+        use HttpMethod::*;
+        v.extend_nested(&format!("{at}.list"), entity.list.violations(&[Get, Post], false, true).into_vec());
+        if let Some(get) = &entity.get {
+            v.extend_nested(&format!("{at}.get"), get.violations(&[Get], true, false).into_vec());
+        }
+        if let Some(upsert) = &entity.upsert {
+            v.extend_nested(&format!("{at}.upsert"), upsert.violations(&[Post, Put, Patch], false, false).into_vec());
+        }
+        if let Some(delete) = &entity.delete {
+            v.extend_nested(&format!("{at}.delete"), delete.violations(&[Delete, Post], true, false).into_vec());
+        }
+    }
+}
+
+/// The problems of a pagination, each under `pagination`.
+pub(crate) fn pagination_violations(pagination: &Pagination, v: &mut Violations) {
+    let size_ok = |size: &Option<u32>| size.is_none_or(|s| (1..=10_000).contains(&s));
+    let param = |v: &mut Violations, field: &str, name: &str| {
+        if !is_param_name(name) {
+            v.invalid(format!("pagination.{field}"), "must be a query parameter name");
+        }
+    };
+    match pagination {
+        Pagination::Cursor { cursor_param, next_cursor_path, limit_param, page_size } => {
+            param(v, "cursorParam", cursor_param);
+            if !is_dotted_path(next_cursor_path) {
+                v.invalid("pagination.nextCursorPath", "must be a dotted path such as meta.next_cursor");
+            }
+            if let Some(l) = limit_param {
+                param(v, "limitParam", l);
+            }
+            if !size_ok(page_size) {
+                v.invalid("pagination.pageSize", "must be between 1 and 10000");
+            }
+        }
+        Pagination::Page { page_param, limit_param, page_size, start_page } => {
+            param(v, "pageParam", page_param);
+            if let Some(l) = limit_param {
+                param(v, "limitParam", l);
+            }
+            if !size_ok(page_size) {
+                v.invalid("pagination.pageSize", "must be between 1 and 10000");
+            }
+            if *start_page > 1 {
+                v.invalid("pagination.startPage", "must be 0 or 1");
+            }
+        }
+        Pagination::Offset { offset_param, limit_param, page_size } => {
+            param(v, "offsetParam", offset_param);
+            param(v, "limitParam", limit_param);
+            if !size_ok(&Some(*page_size)) {
+                v.invalid("pagination.pageSize", "must be between 1 and 10000");
+            }
+        }
+        Pagination::Link { limit_param, page_size } => {
+            if let Some(l) = limit_param {
+                param(v, "limitParam", l);
+            }
+            if !size_ok(page_size) {
+                v.invalid("pagination.pageSize", "must be between 1 and 10000");
+            }
+        }
+        Pagination::None => {}
     }
 }
 

@@ -7,6 +7,11 @@ use serde_json::Value;
 use time::OffsetDateTime;
 
 use crate::common::{validate_text, validate_url};
+use std::collections::BTreeMap;
+
+use crate::custom::{
+    EntityDefinition, HttpMethod, Pagination, RequestTemplate, entity_violations, header_violations, pagination_violations,
+};
 use crate::error::{DomainError, FieldViolation, Violations};
 use crate::schema::compile_config_schema;
 
@@ -142,6 +147,53 @@ pub struct ProviderSpec {
     /// JSON Schema of the settings an integration of this provider needs (its `config`).
     pub config_schema: Value,
     pub capabilities: Capabilities,
+    /// The request a connection test sends, relative to `api_base_url` (GitHub: `GET /user`):
+    /// a 2xx answer means the credentials work.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verification: Option<VerificationRequest>,
+    /// Headers sent with every request to the provider's API (an API version); never `Authorization`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub default_headers: BTreeMap<String, String>,
+    /// How the list requests of `entities` page; required when there are entities.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pagination: Option<Pagination>,
+    /// Entities sync tasks can read and write, in the custom-definition format; each is listed in
+    /// `capabilities.syncEntities`. Path placeholders other than `{id}` (`{owner}`) are filled
+    /// by the caller, from the integration's configuration.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub entities: Vec<EntityDefinition>,
+}
+
+/// The request that tells whether a connection's credentials work.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VerificationRequest {
+    /// `GET` or `POST`.
+    pub method: HttpMethod,
+    /// Relative to the API base URL; `{placeholders}` are filled from the integration's config.
+    pub path: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub query: BTreeMap<String, String>,
+    /// A JSON body for `POST` (a GraphQL query), at most 4096 bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<Value>,
+}
+
+impl VerificationRequest {
+    /// The request as the provider client takes it.
+    pub fn template(&self) -> RequestTemplate {
+        RequestTemplate { method: self.method, path: self.path.clone(), query: self.query.clone(), items_path: None }
+    }
+
+    fn violations(&self) -> Violations {
+        let mut v = self.template().violations(&[HttpMethod::Get, HttpMethod::Post], false, false);
+        match &self.body {
+            Some(_) if self.method != HttpMethod::Post => v.invalid("body", "is only sent with POST"),
+            Some(body) if body.to_string().len() > 4096 => v.invalid("body", "must be at most 4096 bytes of JSON"),
+            _ => {}
+        }
+        v
+    }
 }
 
 /// Most entities a provider may list for sync.
@@ -195,6 +247,24 @@ impl ProviderSpec {
         for (i, entity) in self.capabilities.sync_entities.iter().enumerate() {
             if !is_entity_name(entity) {
                 v.invalid(format!("capabilities.syncEntities[{i}]"), "must be a snake_case name of 1 to 64 characters");
+            }
+        }
+        if let Some(verification) = &self.verification {
+            v.extend_nested("verification", verification.violations().into_vec());
+        }
+        header_violations(&self.default_headers, &mut v);
+        if let Some(pagination) = &self.pagination {
+            pagination_violations(pagination, &mut v);
+        } else if !self.entities.is_empty() {
+            v.invalid("pagination", "is required when the provider describes entities");
+        }
+        if self.entities.len() > MAX_SYNC_ENTITIES {
+            v.invalid("entities", format!("must describe at most {MAX_SYNC_ENTITIES} entities"));
+        }
+        entity_violations(&self.entities, &mut v);
+        for (i, entity) in self.entities.iter().enumerate() {
+            if !self.capabilities.sync_entities.contains(&entity.name) {
+                v.invalid(format!("entities[{i}].name"), "must be listed in capabilities.syncEntities");
             }
         }
         v.finish(|| ())
@@ -277,6 +347,17 @@ mod tests {
             docs_url: "https://docs.github.com/en/rest".into(),
             config_schema: json!({"type": "object", "properties": {"organization": {"type": "string"}}}),
             capabilities: Capabilities { webhooks: true, sync_entities: vec!["issue".into()] },
+            verification: Some(VerificationRequest { method: HttpMethod::Get, path: "/user".into(), query: BTreeMap::new(), body: None }),
+            default_headers: BTreeMap::from([("X-GitHub-Api-Version".into(), "2022-11-28".into())]),
+            pagination: Some(Pagination::Link { limit_param: Some("per_page".into()), page_size: Some(100) }),
+            entities: vec![
+                serde_json::from_value(json!({
+                    "name": "issue", "idField": "number", "updatedAtField": "updated_at",
+                    "list": {"method": "GET", "path": "/repos/{owner}/{repo}/issues", "query": {"state": "all"}},
+                    "get": {"method": "GET", "path": "/repos/{owner}/{repo}/issues/{id}"}
+                }))
+                .unwrap(),
+            ],
         }
     }
 
@@ -298,6 +379,29 @@ mod tests {
         for f in ["name", "authorizationUrl", "apiBaseUrl", "configSchema", "capabilities.syncEntities[0]"] {
             assert!(fields.iter().any(|x| x.starts_with(f)), "{f} missing in {fields:?}");
         }
+    }
+
+    #[test]
+    fn verification_pagination_and_entities_are_checked() {
+        let mut s = spec();
+        s.verification.as_mut().unwrap().method = HttpMethod::Delete;
+        s.verification.as_mut().unwrap().body = Some(json!({"query": "{ viewer { id } }"}));
+        s.default_headers.insert("Authorization".into(), "x".into());
+        s.entities[0].list.path = "repos".into();
+        s.entities.push(s.entities[0].clone());
+        s.entities[1].name = "pull_request".into();
+        let Err(DomainError::Validation(v)) = s.validate() else { panic!("expected validation error") };
+        let fields: Vec<_> = v.iter().map(|v| v.field.as_str()).collect();
+        for f in ["verification.method", "verification.body", "defaultHeaders.Authorization", "entities[0].list.path", "entities[1].name"] {
+            assert!(fields.contains(&f), "{f} missing in {fields:?}");
+        }
+        let mut s = spec();
+        s.pagination = None;
+        let Err(DomainError::Validation(v)) = s.validate() else { panic!("expected validation error") };
+        assert_eq!(v[0].field, "pagination");
+        s.entities.clear();
+        s.verification = None;
+        s.validate().unwrap();
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! The functions panic with a message naming the contract that was broken.
 
 pub mod cosmos;
+pub mod fake_provider;
 pub mod integrations;
 pub mod outbox;
 pub mod providers;

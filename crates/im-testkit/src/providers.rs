@@ -1,7 +1,10 @@
 //! Contracts of [`ProviderRepository`].
 
+use std::collections::BTreeMap;
+
+use im_domain::custom::{HttpMethod, Pagination};
 use im_domain::ports::ProviderRepository;
-use im_domain::provider::{AuthMode, Capabilities, Category, Provider, ProviderFilter, ProviderId, ProviderSpec};
+use im_domain::provider::{AuthMode, Capabilities, Category, Provider, ProviderFilter, ProviderId, ProviderSpec, VerificationRequest};
 use im_domain::{DomainError, PageRequest};
 use serde_json::json;
 
@@ -25,6 +28,22 @@ pub fn provider(id: &str, category: &str, auth_mode: AuthMode) -> Provider {
             docs_url: "https://docs.example.com".into(),
             config_schema: json!({"type": "object", "properties": {"site": {"type": "string"}}, "additionalProperties": false}),
             capabilities: Capabilities { webhooks: true, sync_entities: vec!["ticket".into()] },
+            verification: Some(VerificationRequest {
+                method: HttpMethod::Post,
+                path: "/graphql".into(),
+                query: BTreeMap::new(),
+                body: Some(json!({"query": "{ viewer { id } }"})),
+            }),
+            default_headers: BTreeMap::from([("X-Api-Version".into(), "2".into())]),
+            pagination: Some(Pagination::Offset { offset_param: "startAt".into(), limit_param: "maxResults".into(), page_size: 50 }),
+            entities: vec![
+                serde_json::from_value(json!({
+                    "name": "ticket", "idField": "id", "updatedAtField": "fields.updated",
+                    "list": {"method": "GET", "path": "/tickets", "query": {"order": "updated"}, "itemsPath": "values"},
+                    "get": {"method": "GET", "path": "/tickets/{id}"}
+                }))
+                .expect("valid entity"),
+            ],
         },
         created_at: timestamp(),
         updated_at: timestamp(),

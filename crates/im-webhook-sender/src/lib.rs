@@ -1,4 +1,5 @@
-//! The [`WebhookSender`] port on reqwest.
+//! The outbound HTTP adapter: the [`WebhookSender`] port on reqwest, and the provider client
+//! ([`provider::HttpProviderClient`], the `ProviderClient` port) on the same SSRF-safe path.
 //!
 //! SSRF protection: the URL is judged by [`UrlPolicy::check_destination`], which parses it with
 //! the same WHATWG parser reqwest uses, so an address host in any spelling (`127.1`, `0x7f.1`,
@@ -27,6 +28,8 @@ use im_domain::webhooks::ports::{OutgoingRequest, SendResult, WebhookSender};
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 use secrecy::{ExposeSecret as _, SecretString};
 use serde::Deserialize;
+
+pub mod provider;
 
 /// Resolves names and keeps only the addresses the policy allows.
 #[derive(Debug, Clone)]

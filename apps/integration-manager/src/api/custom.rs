@@ -305,36 +305,38 @@ impl From<&EntityDefinition> for EntityDto {
     }
 }
 
+impl From<HttpMethodDto> for HttpMethod {
+    fn from(dto: HttpMethodDto) -> Self {
+        match dto {
+            HttpMethodDto::Get => HttpMethod::Get,
+            HttpMethodDto::Post => HttpMethod::Post,
+            HttpMethodDto::Put => HttpMethod::Put,
+            HttpMethodDto::Patch => HttpMethod::Patch,
+            HttpMethodDto::Delete => HttpMethod::Delete,
+        }
+    }
+}
+
+impl From<HttpMethod> for HttpMethodDto {
+    fn from(method: HttpMethod) -> Self {
+        match method {
+            HttpMethod::Get => HttpMethodDto::Get,
+            HttpMethod::Post => HttpMethodDto::Post,
+            HttpMethod::Put => HttpMethodDto::Put,
+            HttpMethod::Patch => HttpMethodDto::Patch,
+            HttpMethod::Delete => HttpMethodDto::Delete,
+        }
+    }
+}
+
 impl From<RequestTemplateDto> for RequestTemplate {
     fn from(dto: RequestTemplateDto) -> Self {
-        Self {
-            method: match dto.method {
-                HttpMethodDto::Get => HttpMethod::Get,
-                HttpMethodDto::Post => HttpMethod::Post,
-                HttpMethodDto::Put => HttpMethod::Put,
-                HttpMethodDto::Patch => HttpMethod::Patch,
-                HttpMethodDto::Delete => HttpMethod::Delete,
-            },
-            path: dto.path,
-            query: dto.query,
-            items_path: dto.items_path,
-        }
+        Self { method: dto.method.into(), path: dto.path, query: dto.query, items_path: dto.items_path }
     }
 }
 
 impl From<&RequestTemplate> for RequestTemplateDto {
     fn from(t: &RequestTemplate) -> Self {
-        Self {
-            method: match t.method {
-                HttpMethod::Get => HttpMethodDto::Get,
-                HttpMethod::Post => HttpMethodDto::Post,
-                HttpMethod::Put => HttpMethodDto::Put,
-                HttpMethod::Patch => HttpMethodDto::Patch,
-                HttpMethod::Delete => HttpMethodDto::Delete,
-            },
-            path: t.path.clone(),
-            query: t.query.clone(),
-            items_path: t.items_path.clone(),
-        }
+        Self { method: t.method.into(), path: t.path.clone(), query: t.query.clone(), items_path: t.items_path.clone() }
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod body;
+pub mod connection_test;
 pub mod custom;
 pub mod deliveries;
 pub mod extract;

@@ -3,7 +3,9 @@
 use actix_web::http::header;
 use actix_web::{HttpRequest, HttpResponse, web};
 use im_domain::Stored;
-use im_domain::provider::{AuthMode, Capabilities, Category, Provider, ProviderFilter, ProviderId, ProviderSpec};
+use std::collections::BTreeMap;
+
+use im_domain::provider::{AuthMode, Capabilities, Category, Provider, ProviderFilter, ProviderId, ProviderSpec, VerificationRequest};
 use im_domain::{DomainError, FieldViolation, Violations};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -12,6 +14,7 @@ use utoipa::ToSchema;
 use im_domain::audit::AuditAction;
 
 use super::body;
+use super::custom::{EntityDto, HttpMethodDto, PaginationDto};
 use super::extract::{Authenticated, IfMatch, JsonBody, Write, etag_header, not_modified};
 use super::problem::{ApiError, ApiResult, Problem};
 use super::{ListResponse, QueryParams, rfc3339};
@@ -69,6 +72,38 @@ pub struct CapabilitiesDto {
     sync_entities: Vec<String>,
 }
 
+/// The request a connection test sends to tell whether credentials work (GitHub: `GET /user`).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schema(as = VerificationRequest)]
+pub struct VerificationRequestDto {
+    /// `GET` or `POST`.
+    method: HttpMethodDto,
+    /// Relative to `apiBaseUrl`; starts with `/`; placeholders such as `{organization}` take the
+    /// integration's configuration value of that name.
+    #[schema(min_length = 1, max_length = 1024, pattern = r"^/[^\s?#]*$")]
+    path: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schema(schema_with = super::schemas::query_parameters)]
+    query: BTreeMap<String, String>,
+    /// JSON body of a `POST` (a GraphQL query), at most 4096 bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    body: Option<Value>,
+}
+
+impl From<VerificationRequestDto> for VerificationRequest {
+    fn from(dto: VerificationRequestDto) -> Self {
+        Self { method: dto.method.into(), path: dto.path, query: dto.query, body: dto.body }
+    }
+}
+
+impl From<&VerificationRequest> for VerificationRequestDto {
+    fn from(v: &VerificationRequest) -> Self {
+        Self { method: v.method.into(), path: v.path.clone(), query: v.query.clone(), body: v.body.clone() }
+    }
+}
+
 /// Body of `POST /providers` and `PUT /providers/{id}` (where `id` must be the one in the path).
 /// The read-only timestamps may be sent back and are ignored.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -109,6 +144,20 @@ pub struct ProviderInput {
     config_schema: Option<Value>,
     #[serde(default)]
     capabilities: Option<CapabilitiesDto>,
+    #[serde(default)]
+    verification: Option<VerificationRequestDto>,
+    /// Sent with every request to the provider's API (an API version).
+    #[serde(default)]
+    #[schema(schema_with = super::schemas::default_headers)]
+    default_headers: BTreeMap<String, String>,
+    /// How the list requests of `entities` page; required with entities.
+    #[serde(default)]
+    pagination: Option<PaginationDto>,
+    /// Entities sync tasks can exchange, in the custom-definition format; each named in
+    /// `capabilities.syncEntities`.
+    #[serde(default)]
+    #[schema(max_items = 100)]
+    entities: Vec<EntityDto>,
 }
 
 impl TryFrom<ProviderInput> for ProviderSpec {
@@ -133,6 +182,10 @@ impl TryFrom<ProviderInput> for ProviderSpec {
             docs_url: input.docs_url,
             config_schema: input.config_schema.unwrap_or_else(|| serde_json::json!({"type": "object", "additionalProperties": false})),
             capabilities: Capabilities { webhooks: capabilities.webhooks, sync_entities: capabilities.sync_entities },
+            verification: input.verification.map(Into::into),
+            default_headers: input.default_headers,
+            pagination: input.pagination.map(Into::into),
+            entities: input.entities.into_iter().map(Into::into).collect(),
         })
     }
 }
@@ -158,6 +211,15 @@ pub struct ProviderView {
     #[schema(value_type = Object)]
     config_schema: Value,
     capabilities: CapabilitiesDto,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    verification: Option<VerificationRequestDto>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    #[schema(schema_with = super::schemas::default_headers)]
+    default_headers: BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pagination: Option<PaginationDto>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    entities: Vec<EntityDto>,
     #[schema(format = DateTime)]
     created_at: String,
     #[schema(format = DateTime)]
@@ -180,6 +242,10 @@ impl From<&Provider> for ProviderView {
             docs_url: spec.docs_url.clone(),
             config_schema: spec.config_schema.clone(),
             capabilities: CapabilitiesDto { webhooks: spec.capabilities.webhooks, sync_entities: spec.capabilities.sync_entities.clone() },
+            verification: spec.verification.as_ref().map(Into::into),
+            default_headers: spec.default_headers.clone(),
+            pagination: spec.pagination.as_ref().map(Into::into),
+            entities: spec.entities.iter().map(Into::into).collect(),
             created_at: rfc3339(p.created_at),
             updated_at: rfc3339(p.updated_at),
         }

@@ -3,6 +3,7 @@
 
 mod bus;
 mod catalog;
+pub mod connection_test;
 mod deliveries;
 mod integrations;
 mod outbox;
