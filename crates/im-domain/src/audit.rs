@@ -19,6 +19,7 @@ pub enum AuditResource {
     Provider,
     Webhook,
     Delivery,
+    Connection,
 }
 
 impl AuditResource {
@@ -28,6 +29,7 @@ impl AuditResource {
             AuditResource::Provider => "provider",
             AuditResource::Webhook => "webhook",
             AuditResource::Delivery => "delivery",
+            AuditResource::Connection => "connection",
         }
     }
 }
@@ -42,6 +44,8 @@ pub enum AuditAction {
     Retry,
     Recover,
     Test,
+    /// Credentials were read from the secret store to call a provider.
+    UseCredentials,
 }
 
 impl AuditAction {
@@ -54,6 +58,7 @@ impl AuditAction {
             AuditAction::Retry => "retry",
             AuditAction::Recover => "recover",
             AuditAction::Test => "test",
+            AuditAction::UseCredentials => "use_credentials",
         }
     }
 }

@@ -12,7 +12,7 @@ use im_domain::ports::Outbox;
 use im_domain::{DomainError, PageRequest};
 use serde::Deserialize;
 
-use crate::client::{CosmosStore, DELIVERIES, INTEGRATIONS};
+use crate::client::{CONNECTIONS, CosmosStore, DELIVERIES, INTEGRATIONS};
 use crate::docs::{OutboxDoc, etag_to_domain};
 use crate::errors::unexpected;
 use crate::support::precondition;
@@ -21,7 +21,7 @@ use crate::support::precondition;
 const PARTITIONS_CAPACITY: usize = 100_000;
 
 /// Containers whose writes record events.
-const SOURCES: [&str; 2] = [INTEGRATIONS, DELIVERIES];
+const SOURCES: [&str; 3] = [INTEGRATIONS, DELIVERIES, CONNECTIONS];
 
 pub(crate) struct CosmosOutbox {
     store: CosmosStore,
@@ -40,6 +40,8 @@ impl CosmosOutbox {
 #[serde(rename_all = "camelCase")]
 struct Located {
     tenant_id: String,
+    #[serde(default)]
+    integration_id: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -66,7 +68,7 @@ impl CosmosOutbox {
     /// Notes where each event handed out lives, to delete it with a point operation.
     fn remember(&self, docs: impl Iterator<Item = (&'static str, OutboxDoc)>) -> Vec<DomainEvent> {
         docs.map(|(container, d)| {
-            self.partitions.insert(d.event.id, (container, d.tenant_id));
+            self.partitions.insert(d.event.id, (container, d.partition()));
             d.event
         })
         .collect()
@@ -98,7 +100,7 @@ impl Outbox for CosmosOutbox {
             doc.claimed_by = Some(owner.to_owned());
             doc.claimed_until = Some(until);
             let options = precondition(etag.as_ref()).map(|p| ItemWriteOptions::default().with_precondition(p));
-            let replace = self.store.container(container).replace_item(doc.tenant_id.clone(), &doc.id, &doc, options);
+            let replace = self.store.container(container).replace_item(doc.partition(), &doc.id, &doc, options);
             match self.store.call("an outbox claim", replace, "outbox event", &doc.id).await {
                 Ok(_) => Ok(Some((container, doc))),
                 Err(DomainError::PreconditionFailed | DomainError::NotFound { .. }) => Ok(None),
@@ -119,12 +121,12 @@ impl Outbox for CosmosOutbox {
                 None => {
                     let mut location = None;
                     for container in SOURCES {
-                        let query = Query::from("SELECT c.tenantId FROM c WHERE c.id = @id")
+                        let query = Query::from("SELECT c.tenantId, c.integrationId FROM c WHERE c.id = @id")
                             .with_parameter("@id", doc_id.as_str())
                             .map_err(unexpected)?;
                         let (found, _) = self.store.query_page::<Located>(container, query, None, &PageRequest::first(1)).await?;
                         if let Some(l) = found.into_iter().next() {
-                            location = Some((container, l.tenant_id));
+                            location = Some((container, l.integration_id.unwrap_or(l.tenant_id)));
                             break;
                         }
                     }

@@ -14,7 +14,7 @@ use im_domain::audit::AuditAction;
 use super::body::{self, IgnoredField};
 use super::custom::CustomDefinitionDto;
 use super::extract::{Authenticated, JsonBody, etag_header, if_match, not_modified};
-use super::problem::{ApiError, ApiResult};
+use super::problem::{ApiError, ApiResult, Problem};
 use super::{ListResponse, QueryParams, rfc3339};
 use crate::state::AppState;
 
@@ -270,6 +270,7 @@ pub async fn update(
     ),
     responses(
         (status = 204, description = "Deleted"),
+        (status = 409, description = "The integration still has connections: delete them first", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = [])))]
 pub async fn delete(state: web::Data<AppState>, caller: Authenticated, id: web::Path<String>, req: HttpRequest) -> ApiResult<HttpResponse> {

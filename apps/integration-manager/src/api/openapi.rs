@@ -6,7 +6,7 @@ use serde_json::{Value, json};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{deliveries, health, integrations, problem, providers, webhooks};
+use super::{connections, deliveries, health, integrations, problem, providers, webhooks};
 
 struct BearerAuth;
 
@@ -30,6 +30,7 @@ impl Modify for BearerAuth {
     ),
     paths(
         integrations::list, integrations::create, integrations::get, integrations::update, integrations::delete,
+        connections::list, connections::create, connections::get, connections::update, connections::delete,
         providers::list, providers::create, providers::get, providers::update, providers::delete,
         webhooks::list, webhooks::create, webhooks::get, webhooks::update, webhooks::delete, webhooks::rotate_secret,
         deliveries::list, deliveries::get, deliveries::retry, deliveries::recover, deliveries::test,
@@ -38,11 +39,12 @@ impl Modify for BearerAuth {
     components(schemas(
         problem::Problem, problem::ProblemField, integrations::IntegrationInput, integrations::IntegrationView, providers::ProviderInput,
         providers::ProviderView, webhooks::WebhookInput, webhooks::WebhookView, deliveries::DeliveryView, deliveries::RecoverInput,
-        deliveries::RecoverReport,
+        deliveries::RecoverReport, connections::ConnectionInput, connections::ConnectionView,
     )),
     modifiers(&BearerAuth),
     tags(
         (name = "integrations", description = "A tenant's integrations"),
+        (name = "connections", description = "How an integration authenticates to its provider; credentials are write-only"),
         (name = "providers", description = "The global provider catalog"),
         (name = "webhooks", description = "A tenant's webhook endpoints and their signing secrets"),
         (name = "operations", description = "Health"),

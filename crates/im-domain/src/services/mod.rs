@@ -3,6 +3,7 @@
 
 mod bus;
 mod catalog;
+mod connections;
 mod deliveries;
 mod integrations;
 mod relay;
@@ -10,6 +11,7 @@ mod webhooks;
 
 pub use bus::InProcessBus;
 pub use catalog::CatalogService;
+pub use connections::{ConnectionCredentials, ConnectionService, SECRET_KIND as CONNECTION_SECRET_KIND};
 pub use deliveries::{AttemptReport, DeliveryService, DeliverySettings};
 pub use integrations::IntegrationService;
 pub use relay::EventRelay;
