@@ -6,8 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use im_domain::auth::{Caller, Role};
-use im_domain::connection::ConnectionId;
+use im_domain::connection::{ConnectionId, ConnectionStatus};
 use im_domain::custom::ApiKeyLocation;
+use im_domain::events::DomainEvent;
 use im_domain::provider_client::{AuthMaterial, CredentialSource};
 use im_domain::{DomainError, IntegrationId, TenantId, UserId};
 use reqwest::StatusCode;
@@ -200,26 +201,35 @@ async fn a_custom_api_key_connection_puts_the_key_where_the_definition_says() {
     assert!(!format!("{material:?}").contains("short"), "material never prints");
 }
 
+/// The events about `subject` the recorder got once `count` arrived (or after five seconds), and
+/// a moment later, so that an extra event would show.
+async fn events_about(recorder: &Recorder, subject: &str, count: usize) -> Vec<DomainEvent> {
+    let about = || recorder.0.lock().unwrap().iter().filter(|e| e.subject == subject).cloned().collect::<Vec<_>>();
+    for _ in 0..200 {
+        if about().len() >= count {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    about()
+}
+
 #[tokio::test]
 async fn creating_and_deleting_publish_events_that_match_their_schemas() {
     let app = spawn_app().await;
     let recorder = Arc::new(Recorder::default());
     app.state.bus.subscribe(recorder.clone());
     let token = app.member();
+    let hook = json!({"url": "https://hooks.example.com/im", "eventTypes": ["integration.connection.*"]});
+    assert_eq!(app.post("/api/v1/webhooks", &token, &hook).await.status(), StatusCode::CREATED, "connection events are deliverable");
     let integration = integration(&app, &token).await;
     let base = format!("/api/v1/integrations/{integration}/connections");
     let created: Value = app.post(&base, &token, &bearer("evented", TOKEN)).await.json().await.unwrap();
     let id = created["id"].as_str().unwrap().to_owned();
     assert_eq!(app.delete(&format!("{base}/{id}"), &token, None).await.status(), StatusCode::NO_CONTENT);
 
-    let mut seen = Vec::new();
-    for _ in 0..200 {
-        seen = recorder.0.lock().unwrap().iter().filter(|e| e.subject == id).cloned().collect::<Vec<_>>();
-        if seen.len() >= 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    let seen = events_about(&recorder, &id, 2).await;
     let types: Vec<_> = seen.iter().map(|e| e.event_type.as_str()).collect();
     assert_eq!(types, ["integration.connection.created", "integration.connection.deleted"]);
     for event in &seen {
@@ -228,4 +238,44 @@ async fn creating_and_deleting_publish_events_that_match_their_schemas() {
         assert_eq!(cloud["data"]["integrationId"], integration.as_str());
         assert!(!cloud.to_string().contains(TOKEN), "no credential in an event");
     }
+}
+
+#[tokio::test]
+async fn a_failed_connection_shows_why_refuses_its_credentials_and_publishes_one_event() {
+    let app = spawn_app().await;
+    let recorder = Arc::new(Recorder::default());
+    app.state.bus.subscribe(recorder.clone());
+    let tenant = format!("t-{}", uuid::Uuid::new_v4().simple());
+    let token = app.token(&tenant, "alice", &[Role::Member]);
+    let integration = integration(&app, &token).await;
+    let base = format!("/api/v1/integrations/{integration}/connections");
+    let created: Value = app.post(&base, &token, &bearer("failing", TOKEN)).await.json().await.unwrap();
+    let id = created["id"].as_str().unwrap().to_owned();
+    let (integration_id, connection_id) = (IntegrationId::parse(&integration).unwrap(), ConnectionId::parse(&id).unwrap());
+
+    let reason = "the provider answered 401 to the verification request";
+    for _ in 0..2 {
+        app.state
+            .connections
+            .mark_failed(&caller(&tenant), integration_id, connection_id, ConnectionStatus::Error, reason)
+            .await
+            .expect("marked");
+    }
+    let read: Value = app.get(&format!("{base}/{id}"), &token).await.json().await.unwrap();
+    assert_eq!((read["status"].as_str(), read["statusReason"].as_str()), (Some("error"), Some(reason)));
+    let refused = source(&app, &tenant, &integration, &id).await;
+    assert!(matches!(&refused, Err(DomainError::Conflict(why)) if why.contains(reason)), "{refused:?}");
+    let other = app.state.connections.mark_failed(&caller("intruder"), integration_id, connection_id, ConnectionStatus::Revoked, "x").await;
+    assert!(matches!(other, Err(DomainError::NotFound { .. })), "another tenant cannot mark it");
+
+    let events = events_about(&recorder, &id, 2).await;
+    let failed: Vec<_> = events.iter().filter(|e| e.event_type.as_str() == "integration.connection.failed").collect();
+    assert_eq!(failed.len(), 1, "one event for one change");
+    let cloud = failed[0].cloud_event();
+    assert_matches_schema(&cloud);
+    assert_eq!(cloud["data"]["statusReason"], reason);
+
+    // New credentials make it active again.
+    let response = app.put(&format!("{base}/{id}"), &token, &bearer("failing", NEW_TOKEN), None).await;
+    assert_eq!(response.json::<Value>().await.unwrap()["status"], "active");
 }

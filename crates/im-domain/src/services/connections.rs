@@ -303,6 +303,42 @@ impl ConnectionService {
         Ok(())
     }
 
+    /// Records that a connection stopped working (a failed test, a refused refresh or
+    /// authorization): sets `status` with `reason` and publishes `integration.connection.failed`
+    /// with the change. A connection already in that status with that reason is left as it is
+    /// (no second event).
+    ///
+    /// # Errors
+    /// `NotFound` unless the tenant has that connection; `Validation` on `status` for `active`
+    /// and on `reason` for an empty or over-long one.
+    pub async fn mark_failed(
+        &self,
+        caller: &Caller,
+        integration: IntegrationId,
+        id: ConnectionId,
+        status: ConnectionStatus,
+        reason: &str,
+    ) -> Result<Stored<Connection>, DomainError> {
+        let mut v = crate::error::Violations::new();
+        if status == ConnectionStatus::Active {
+            v.invalid("status", "a failure cannot make a connection active");
+        }
+        v.check("reason", crate::common::validate_text(reason, 1, crate::connection::MAX_REASON_CHARS));
+        v.finish(|| ())?;
+        read_modify_write(None, async |_| {
+            let current = self.connections.get(&caller.tenant_id, integration, id).await?;
+            if current.value.status == status && current.value.status_reason.as_deref() == Some(reason) {
+                return Ok(current);
+            }
+            let connection =
+                Connection { status, status_reason: Some(reason.to_owned()), updated_at: self.clock.now(), ..current.value.clone() };
+            let event = self.event(EventType::ConnectionFailed, &connection)?;
+            let etag = self.connections.replace(&connection, Some(current.etag.clone()), &[event]).await?;
+            Ok(Stored { value: connection, etag })
+        })
+        .await
+    }
+
     /// The credentials of a connection, for provider calls made on behalf of `caller` (a user,
     /// or the service itself for scheduled work). Every read of the secret is an audit record.
     ///
