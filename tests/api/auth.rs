@@ -58,7 +58,7 @@ async fn roles_decide_what_a_caller_may_do() {
     problem(app.get(&path, &nobody).await, StatusCode::FORBIDDEN).await;
 
     // member: tenant writes, not the catalog
-    let provider = json!({"id": "acme-tool", "name": "Acme", "category": "productivity", "authMode": "api_key", "apiBaseUrl": "https://api.acme.example", "docsUrl": "https://docs.acme.example"});
+    let provider = json!({"id": "acme-tool", "name": "Acme", "category": "productivity", "authModes": ["bearer"], "apiBaseUrl": "https://api.acme.example", "docsUrl": "https://docs.acme.example"});
     problem(app.post("/api/v1/providers", &member, &provider).await, StatusCode::FORBIDDEN).await;
     problem(app.delete("/api/v1/providers/github", &member, None).await, StatusCode::FORBIDDEN).await;
 

@@ -30,8 +30,9 @@ pub(crate) fn assert_matches_schema(event: &Value) {
     assert!(errors.is_empty(), "{event_type} breaks its schema: {errors:?}\n{event}");
 }
 
+/// Keeps every event the in-process bus hands it.
 #[derive(Default)]
-struct Recorder(Mutex<Vec<DomainEvent>>);
+pub(crate) struct Recorder(pub(crate) Mutex<Vec<DomainEvent>>);
 
 #[async_trait]
 impl EventSubscriber for Recorder {

@@ -3,6 +3,7 @@
 
 mod auth;
 mod bad_input;
+mod connections;
 mod contract;
 mod deliveries;
 mod events;

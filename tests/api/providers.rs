@@ -6,7 +6,7 @@ use crate::helpers::{fields, header, problem, spawn_app};
 fn acme_provider(id: &str) -> Value {
     json!({
         "id": id, "name": "Acme Tracker", "category": "project-management", "description": "Tracks acme things",
-        "authMode": "oauth2", "authorizationUrl": "https://acme.example/oauth/authorize", "tokenUrl": "https://acme.example/oauth/token",
+        "authModes": ["oauth2_authorization_code", "bearer"], "authorizationUrl": "https://acme.example/oauth/authorize", "tokenUrl": "https://acme.example/oauth/token",
         "defaultScopes": ["read"], "apiBaseUrl": "https://api.acme.example", "docsUrl": "https://docs.acme.example",
         "configSchema": {"type": "object", "properties": {"board": {"type": "string"}}, "required": ["board"], "additionalProperties": false},
         "capabilities": {"webhooks": true, "syncEntities": ["card"]}
@@ -30,7 +30,7 @@ async fn the_catalog_is_seeded_with_real_providers() {
     assert!(all.len() >= 20, "{} providers", all.len());
     let github = all.iter().find(|p| p["id"] == "github").expect("github is seeded");
     assert_eq!(github["category"], "source-control");
-    assert_eq!(github["authMode"], "oauth2");
+    assert_eq!(github["authModes"], json!(["oauth2_authorization_code", "bearer"]));
     assert_eq!(github["authorizationUrl"], "https://github.com/login/oauth/authorize");
     assert_eq!(github["apiBaseUrl"], "https://api.github.com");
     assert_eq!(github["capabilities"]["webhooks"], true);
@@ -38,7 +38,9 @@ async fn the_catalog_is_seeded_with_real_providers() {
     let response = app.get("/api/v1/providers/stripe", &token).await;
     assert_eq!(response.status(), StatusCode::OK);
     assert!(!header(&response, "etag").is_empty());
-    assert_eq!(response.json::<Value>().await.unwrap()["authMode"], "api_key");
+    assert_eq!(response.json::<Value>().await.unwrap()["authModes"], json!(["bearer", "basic"]));
+    let datadog: Value = app.get("/api/v1/providers/datadog", &token).await.json().await.unwrap();
+    assert_eq!(datadog["apiKey"], json!({"in": "header", "name": "DD-API-KEY"}), "an API key provider says where the key goes");
 
     let scm: Value = app.get("/api/v1/providers?category=source-control", &token).await.json().await.unwrap();
     let ids: Vec<_> = scm["items"].as_array().unwrap().iter().map(|p| p["id"].as_str().unwrap()).collect();
@@ -46,8 +48,15 @@ async fn the_catalog_is_seeded_with_real_providers() {
         assert!(ids.contains(&id), "{id} in {ids:?}");
     }
     assert!(scm["items"].as_array().unwrap().iter().all(|p| p["category"] == "source-control"));
-    let keys: Value = app.get("/api/v1/providers?authMode=api_key", &token).await.json().await.unwrap();
-    assert!(keys["items"].as_array().unwrap().iter().all(|p| p["authMode"] == "api_key"));
+    let keys: Value = app.get("/api/v1/providers?authMode=api_key&limit=200", &token).await.json().await.unwrap();
+    let keys = keys["items"].as_array().unwrap();
+    assert!(keys.iter().all(|p| p["authModes"].as_array().unwrap().contains(&json!("api_key"))));
+    let ids: Vec<_> = keys.iter().map(|p| p["id"].as_str().unwrap()).collect();
+    assert!(
+        ids.contains(&"datadog") && ids.contains(&"linear"),
+        "the filter matches providers that support the mode among others: {ids:?}"
+    );
+    assert!(!ids.contains(&"github"), "{ids:?}");
     let search: Value = app.get("/api/v1/providers?q=JIRA", &token).await.json().await.unwrap();
     assert!(search["items"].as_array().unwrap().iter().any(|p| p["id"] == "jira"));
     let bad = problem(app.get("/api/v1/providers?authMode=magic&category=Bad", &token).await, StatusCode::UNPROCESSABLE_ENTITY).await;
@@ -104,7 +113,7 @@ async fn invalid_providers_are_refused_with_every_field() {
     let app = spawn_app().await;
     let admin = app.admin();
     let body = json!({
-        "id": "custom", "name": "", "category": "Not a slug", "authMode": "oauth2",
+        "id": "custom", "name": "", "category": "Not a slug", "authModes": ["oauth2_authorization_code"],
         "apiBaseUrl": "ftp://x", "docsUrl": "https://docs.example",
         "configSchema": {"type": "object", "properties": {"a": {"type": "nonsense"}}}
     });
@@ -119,10 +128,10 @@ async fn invalid_providers_are_refused_with_every_field() {
     }
     assert!(f.iter().any(|x| x.starts_with("configSchema")), "{f:?}");
     let bad =
-        problem(app.post("/api/v1/providers", &admin, &json!({"id": "x1", "authMode": "smoke-signals"})).await, StatusCode::BAD_REQUEST)
+        problem(app.post("/api/v1/providers", &admin, &json!({"id": "x1", "authModes": ["smoke-signals"]})).await, StatusCode::BAD_REQUEST)
             .await;
     let f = fields(&bad);
-    for wanted in ["name", "category", "authMode", "apiBaseUrl", "docsUrl"] {
+    for wanted in ["name", "category", "authModes[0]", "apiBaseUrl", "docsUrl"] {
         assert!(f.contains(&wanted.to_owned()), "{wanted} not in {f:?}");
     }
 }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use im_domain::connection::{Connection, ConnectionId, ConnectionRepository};
 use im_domain::events::DomainEvent;
 use im_domain::integration::{Integration, IntegrationFilter};
 use im_domain::ports::{DependencyHealth, HealthCheck, IntegrationRepository, Outbox};
@@ -109,12 +110,12 @@ impl HealthCheck for OutboxHealth {
 
 /// Wakes the relay after every write that recorded events, whatever the store, so events leave
 /// at once instead of at the next poll.
-pub struct WakeOnEvents {
-    pub inner: Arc<dyn IntegrationRepository>,
+pub struct WakeOnEvents<R: ?Sized> {
+    pub inner: Arc<R>,
     pub wake: Arc<Notify>,
 }
 
-impl WakeOnEvents {
+impl<R: ?Sized> WakeOnEvents<R> {
     fn woke<T>(&self, result: Result<T, DomainError>, events: &[DomainEvent]) -> Result<T, DomainError> {
         if result.is_ok() && !events.is_empty() {
             self.wake.notify_one();
@@ -124,7 +125,7 @@ impl WakeOnEvents {
 }
 
 #[async_trait]
-impl IntegrationRepository for WakeOnEvents {
+impl IntegrationRepository for WakeOnEvents<dyn IntegrationRepository> {
     async fn create(&self, integration: &Integration, events: &[DomainEvent]) -> Result<ETag, DomainError> {
         self.woke(self.inner.create(integration, events).await, events)
     }
@@ -154,5 +155,40 @@ impl IntegrationRepository for WakeOnEvents {
         events: &[DomainEvent],
     ) -> Result<(), DomainError> {
         self.woke(self.inner.delete(tenant, id, if_match, events).await, events)
+    }
+}
+
+#[async_trait]
+impl ConnectionRepository for WakeOnEvents<dyn ConnectionRepository> {
+    async fn create(&self, connection: &Connection, events: &[DomainEvent]) -> Result<ETag, DomainError> {
+        self.woke(self.inner.create(connection, events).await, events)
+    }
+
+    async fn get(&self, tenant: &TenantId, integration: IntegrationId, id: ConnectionId) -> Result<Stored<Connection>, DomainError> {
+        self.inner.get(tenant, integration, id).await
+    }
+
+    async fn list(
+        &self,
+        tenant: &TenantId,
+        integration: IntegrationId,
+        page: &PageRequest,
+    ) -> Result<Page<Stored<Connection>>, DomainError> {
+        self.inner.list(tenant, integration, page).await
+    }
+
+    async fn replace(&self, connection: &Connection, if_match: Option<ETag>, events: &[DomainEvent]) -> Result<ETag, DomainError> {
+        self.woke(self.inner.replace(connection, if_match, events).await, events)
+    }
+
+    async fn delete(
+        &self,
+        tenant: &TenantId,
+        integration: IntegrationId,
+        id: ConnectionId,
+        if_match: Option<ETag>,
+        events: &[DomainEvent],
+    ) -> Result<(), DomainError> {
+        self.woke(self.inner.delete(tenant, integration, id, if_match, events).await, events)
     }
 }

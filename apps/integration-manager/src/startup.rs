@@ -24,10 +24,12 @@ use im_bus_rabbitmq::RabbitDeliveryQueue;
 use im_bus_rabbitmq::RabbitPublisher;
 use im_domain::audit::Audit;
 use im_domain::auth::Authenticator;
+use im_domain::connection::ConnectionRepository;
 use im_domain::ports::{EventPublisher, HealthCheck, IntegrationRepository, Outbox, ProviderRepository};
 use im_domain::secrets::SecretStore;
 use im_domain::services::{
-    CatalogService, DeliveryService, DeliverySettings, EventRelay, InProcessBus, IntegrationService, OutboxAdmin, WebhookService,
+    CatalogService, ConnectionService, DeliveryService, DeliverySettings, EventRelay, InProcessBus, IntegrationService, OutboxAdmin,
+    WebhookService,
 };
 use im_domain::webhooks::ports::{DeliveryQueue, DeliveryRepository, OsEntropy, WebhookRepository};
 use im_domain::{Clock, SystemClock, UuidV7};
@@ -106,6 +108,7 @@ pub fn secret_store(settings: &Settings) -> anyhow::Result<Arc<dyn SecretStore>>
 /// The configured store, as the ports the services need.
 pub struct Storage {
     pub integrations: Arc<dyn IntegrationRepository>,
+    pub connections: Arc<dyn ConnectionRepository>,
     pub webhooks: Arc<dyn WebhookRepository>,
     pub deliveries: Arc<dyn DeliveryRepository>,
     pub providers: Arc<dyn ProviderRepository>,
@@ -134,6 +137,7 @@ pub async fn open_storage(settings: &Settings, clock: Arc<dyn Clock>, provision:
             report.extend(migrated.applied.iter().map(|m| format!("applied migration {m}")));
             Ok(Storage {
                 integrations: store.integrations(),
+                connections: store.connections(),
                 webhooks: store.webhooks(),
                 deliveries: store.deliveries(),
                 providers: store.providers(),
@@ -155,6 +159,7 @@ pub async fn open_storage(settings: &Settings, clock: Arc<dyn Clock>, provision:
             let store = CosmosStore::connect(cosmos.clone()).await?;
             Ok(Storage {
                 integrations: store.integrations(),
+                connections: store.connections(),
                 webhooks: store.webhooks(),
                 deliveries: store.deliveries(),
                 providers: store.providers(),
@@ -191,12 +196,16 @@ struct Events {
     relay: EventRelay,
     wake: Arc<tokio::sync::Notify>,
     integrations: IntegrationService,
+    /// The connection repository whose writes wake the relay.
+    connections: Arc<dyn ConnectionRepository>,
 }
 
 fn events(settings: &Settings, storage: &Storage, clock: Arc<dyn Clock>, audit: Audit, health: &mut Vec<Arc<dyn HealthCheck>>) -> Events {
     let wake = Arc::new(tokio::sync::Notify::new());
     let repository = Arc::new(WakeOnEvents { inner: storage.integrations.clone(), wake: wake.clone() });
-    let integrations = IntegrationService::new(repository, storage.providers.clone(), clock, Arc::new(UuidV7), audit);
+    let connections: Arc<dyn ConnectionRepository> = Arc::new(WakeOnEvents { inner: storage.connections.clone(), wake: wake.clone() });
+    let integrations = IntegrationService::new(repository, storage.providers.clone(), clock, Arc::new(UuidV7), audit)
+        .with_connections(storage.connections.clone());
     let bus = Arc::new(InProcessBus::new());
     let publisher: Arc<dyn EventPublisher> = match settings.events.backend {
         EventsBackend::Embedded => bus.clone(),
@@ -208,14 +217,19 @@ fn events(settings: &Settings, storage: &Storage, clock: Arc<dyn Clock>, audit: 
     };
     health.push(Arc::new(OutboxHealth { outbox: storage.outbox.clone(), max_age: settings.events.outbox_max_age.get() }));
     let relay = EventRelay::new(storage.outbox.clone(), publisher).with_max_attempts(settings.events.max_publish_attempts);
-    Events { bus, relay, wake, integrations }
+    Events { bus, relay, wake, integrations, connections }
 }
 
 /// The webhook step: endpoints, their delivery queue, the sender and the delivery service.
-async fn webhooks(settings: &Settings, storage: &Storage, audit: Audit) -> anyhow::Result<(WebhookService, DeliveryService)> {
+async fn webhooks(
+    settings: &Settings,
+    storage: &Storage,
+    secrets: Arc<dyn SecretStore>,
+    audit: Audit,
+) -> anyhow::Result<(WebhookService, DeliveryService)> {
     let webhooks = WebhookService::new(
         storage.webhooks.clone(),
-        secret_store(settings)?,
+        secrets,
         Arc::new(SystemClock),
         Arc::new(UuidV7),
         Arc::new(OsEntropy),
@@ -313,7 +327,17 @@ impl Application {
         let mut health: Vec<Arc<dyn HealthCheck>> = vec![storage.health.clone()];
         let events = events(&settings, &storage, clock, audit.clone(), &mut health);
         let outbox = OutboxAdmin::new(storage.outbox.clone(), audit.clone());
-        let (webhooks, deliveries) = webhooks(&settings, &storage, audit).await?;
+        let secrets = secret_store(&settings)?;
+        let connections = ConnectionService::new(
+            events.connections.clone(),
+            storage.integrations.clone(),
+            storage.providers.clone(),
+            secrets.clone(),
+            Arc::new(SystemClock),
+            Arc::new(UuidV7),
+            audit.clone(),
+        );
+        let (webhooks, deliveries) = webhooks(&settings, &storage, secrets, audit).await?;
 
         let workers = Workers { shutdown: CancellationToken::new(), tasks: TaskTracker::new() };
         let dispatch = Arc::new(tokio::sync::Notify::new());
@@ -327,6 +351,7 @@ impl Application {
 
         let state = web::Data::new(AppState {
             integrations: events.integrations,
+            connections,
             catalog,
             webhooks,
             deliveries,

@@ -5,11 +5,14 @@ use std::sync::Arc;
 
 use im_domain::auth::Authenticator;
 use im_domain::ports::HealthCheck;
-use im_domain::services::{CatalogService, DeliveryService, InProcessBus, IntegrationService, OutboxAdmin, WebhookService};
+use im_domain::services::{
+    CatalogService, ConnectionService, DeliveryService, InProcessBus, IntegrationService, OutboxAdmin, WebhookService,
+};
 
 /// What every handler can reach.
 pub struct AppState {
     pub integrations: IntegrationService,
+    pub connections: ConnectionService,
     pub catalog: CatalogService,
     pub webhooks: WebhookService,
     pub deliveries: DeliveryService,

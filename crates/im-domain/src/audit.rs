@@ -21,6 +21,7 @@ pub enum AuditResource {
     Delivery,
     /// An event of the outbox (a dead letter an administrator requeued).
     OutboxEvent,
+    Connection,
 }
 
 impl AuditResource {
@@ -31,6 +32,7 @@ impl AuditResource {
             AuditResource::Webhook => "webhook",
             AuditResource::Delivery => "delivery",
             AuditResource::OutboxEvent => "outbox_event",
+            AuditResource::Connection => "connection",
         }
     }
 }
@@ -48,6 +50,8 @@ pub enum AuditAction {
     Requeue,
     /// Reading a listing that needs a role (a denial is recorded; a success changes nothing).
     List,
+    /// Credentials were read from the secret store to call a provider.
+    UseCredentials,
 }
 
 impl AuditAction {
@@ -62,6 +66,7 @@ impl AuditAction {
             AuditAction::Test => "test",
             AuditAction::Requeue => "requeue",
             AuditAction::List => "list",
+            AuditAction::UseCredentials => "use_credentials",
         }
     }
 }

@@ -69,21 +69,46 @@ string_id!(
     "a user id"
 );
 
-/// Identifier of an integration: a UUID (version 7, so ids sort by creation time).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct IntegrationId(pub Uuid);
+/// A UUID identifier type: serialised as the UUID, parsed leniently (anything that is not a
+/// UUID is `None`, which the API answers with 404).
+macro_rules! uuid_id {
+    ($(#[$meta:meta])* $name:ident) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(transparent)]
+        pub struct $name(pub Uuid);
 
-impl IntegrationId {
-    /// Parses the textual form; anything that is not a UUID is `None` (the API answers 404).
-    pub fn parse(value: &str) -> Option<Self> {
-        Uuid::try_parse(value).ok().map(Self)
-    }
+        impl $name {
+            /// Parses the textual form; anything that is not a UUID is `None` (the API answers 404).
+            pub fn parse(value: &str) -> Option<Self> {
+                Uuid::try_parse(value).ok().map(Self)
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                self.0.fmt(f)
+            }
+        }
+    };
 }
+pub(crate) use uuid_id;
 
-impl fmt::Display for IntegrationId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
+uuid_id!(
+    /// Identifier of an integration: a UUID (version 7, so ids sort by creation time).
+    IntegrationId
+);
+
+/// The token a write is conditional on, for adapters that check a document (its tenant, say)
+/// before writing it: the caller's `If-Match` when it names the version checked, else that
+/// version, so a document that changed in between is never written.
+///
+/// # Errors
+/// [`DomainError::PreconditionFailed`] when `if_match` names another version.
+pub fn write_condition(if_match: Option<ETag>, checked: ETag) -> Result<ETag, DomainError> {
+    match if_match {
+        Some(token) if token != checked => Err(DomainError::PreconditionFailed),
+        _ => Ok(checked),
     }
 }
 

@@ -51,6 +51,19 @@ pub enum CustomAuth {
     },
 }
 
+impl CustomAuth {
+    /// The one connection mode this scheme supports.
+    pub fn auth_mode(&self) -> crate::provider::AuthMode {
+        use crate::provider::AuthMode;
+        match self {
+            CustomAuth::ApiKey { .. } => AuthMode::ApiKey,
+            CustomAuth::Bearer => AuthMode::Bearer,
+            CustomAuth::Basic => AuthMode::Basic,
+            CustomAuth::Oauth2ClientCredentials { .. } => AuthMode::Oauth2ClientCredentials,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ApiKeyLocation {

@@ -30,10 +30,17 @@ pub enum EventType {
     /// An endpoint was disabled by the service (410 Gone, or failing for too long).
     #[serde(rename = "webhook.endpoint.disabled")]
     WebhookEndpointDisabled,
+    #[serde(rename = "integration.connection.created")]
+    ConnectionCreated,
+    #[serde(rename = "integration.connection.deleted")]
+    ConnectionDeleted,
+    /// A connection stopped working (a refused refresh, a failed test or authorization).
+    #[serde(rename = "integration.connection.failed")]
+    ConnectionFailed,
 }
 
 impl EventType {
-    pub const ALL: [EventType; 7] = [
+    pub const ALL: [EventType; 10] = [
         EventType::IntegrationCreated,
         EventType::IntegrationUpdated,
         EventType::IntegrationDeleted,
@@ -41,6 +48,9 @@ impl EventType {
         EventType::WebhookFailed,
         EventType::SyncTaskCompleted,
         EventType::WebhookEndpointDisabled,
+        EventType::ConnectionCreated,
+        EventType::ConnectionDeleted,
+        EventType::ConnectionFailed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -52,6 +62,9 @@ impl EventType {
             EventType::WebhookFailed => "webhook.failed",
             EventType::SyncTaskCompleted => "sync.task.completed",
             EventType::WebhookEndpointDisabled => "webhook.endpoint.disabled",
+            EventType::ConnectionCreated => "integration.connection.created",
+            EventType::ConnectionDeleted => "integration.connection.deleted",
+            EventType::ConnectionFailed => "integration.connection.failed",
         }
     }
 

@@ -8,6 +8,7 @@ pub mod audit;
 pub mod auth;
 pub mod cache;
 pub mod common;
+pub mod connection;
 pub mod custom;
 pub mod duration;
 pub mod error;

@@ -89,33 +89,53 @@ impl ProviderId {
     }
 }
 
-/// How a provider authenticates API calls.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// How a connection authenticates API calls; a provider lists the modes it supports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AuthMode {
-    /// OAuth 2.0 authorization code flow (needs authorization and token URLs).
-    Oauth2,
-    /// OAuth 2.0 client credentials (needs a token URL).
-    Oauth2ClientCredentials,
+    /// An API key in a header or a query parameter (where: the provider's `apiKey`).
     ApiKey,
+    /// `Authorization: Bearer <token>` with a token the user created (a personal access token).
+    Bearer,
+    /// HTTP basic authentication.
     Basic,
-    None,
+    /// OAuth 2.0 client credentials grant (needs a token URL).
+    Oauth2ClientCredentials,
+    /// OAuth 2.0 authorization code grant with PKCE (needs authorization and token URLs).
+    Oauth2AuthorizationCode,
 }
 
 impl AuthMode {
+    pub const ALL: [AuthMode; 5] =
+        [AuthMode::ApiKey, AuthMode::Bearer, AuthMode::Basic, AuthMode::Oauth2ClientCredentials, AuthMode::Oauth2AuthorizationCode];
+
     pub fn parse(value: &str) -> Option<Self> {
         serde_json::from_value(Value::String(value.to_owned())).ok()
     }
 
     pub fn as_str(self) -> &'static str {
         match self {
-            AuthMode::Oauth2 => "oauth2",
-            AuthMode::Oauth2ClientCredentials => "oauth2_client_credentials",
             AuthMode::ApiKey => "api_key",
+            AuthMode::Bearer => "bearer",
             AuthMode::Basic => "basic",
-            AuthMode::None => "none",
+            AuthMode::Oauth2ClientCredentials => "oauth2_client_credentials",
+            AuthMode::Oauth2AuthorizationCode => "oauth2_authorization_code",
         }
     }
+
+    pub fn is_oauth2(self) -> bool {
+        matches!(self, AuthMode::Oauth2ClientCredentials | AuthMode::Oauth2AuthorizationCode)
+    }
+}
+
+/// Where a provider expects an API key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ApiKeyPlacement {
+    #[serde(rename = "in")]
+    pub location: crate::custom::ApiKeyLocation,
+    /// The header or query parameter name.
+    pub name: String,
 }
 
 /// What a provider can do beyond plain API calls.
@@ -138,7 +158,11 @@ pub struct ProviderSpec {
     pub name: String,
     pub category: Category,
     pub description: String,
-    pub auth_mode: AuthMode,
+    /// The modes a connection to this provider may use (at least one, no duplicates).
+    pub auth_modes: Vec<AuthMode>,
+    /// Where the API key goes; required when `auth_modes` has `api_key`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key: Option<ApiKeyPlacement>,
     pub authorization_url: Option<String>,
     pub token_url: Option<String>,
     pub default_scopes: Vec<String>,
@@ -211,21 +235,42 @@ impl ProviderSpec {
         }
         v.check("name", validate_text(&self.name, 1, 100));
         v.check("description", validate_text(&self.description, 0, 1000));
-        match (self.auth_mode, &self.authorization_url) {
-            (AuthMode::Oauth2, None) => v.invalid("authorizationUrl", "is required when authMode is oauth2"),
-            (AuthMode::Oauth2, Some(url)) => {
+        if self.auth_modes.is_empty() {
+            v.invalid("authModes", "must list at least one mode");
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, mode) in self.auth_modes.iter().enumerate() {
+            if !seen.insert(*mode) {
+                v.invalid(format!("authModes[{i}]"), format!("'{}' is listed twice", mode.as_str()));
+            }
+        }
+        let supports = |mode| self.auth_modes.contains(&mode);
+        match (&self.api_key, supports(AuthMode::ApiKey)) {
+            (None, true) => v.invalid("apiKey", "is required when authModes has api_key"),
+            (Some(placement), true) => {
+                if placement.name.is_empty() || placement.name.len() > 100 || !placement.name.chars().all(|c| c.is_ascii_graphic()) {
+                    v.invalid("apiKey.name", "must be 1 to 100 visible ASCII characters");
+                }
+            }
+            (Some(_), false) => v.invalid("apiKey", "is only allowed when authModes has api_key"),
+            (None, false) => {}
+        }
+        let code = supports(AuthMode::Oauth2AuthorizationCode);
+        match (code, &self.authorization_url) {
+            (true, None) => v.invalid("authorizationUrl", "is required when authModes has oauth2_authorization_code"),
+            (true, Some(url)) => {
                 v.check("authorizationUrl", validate_url(url, false));
             }
-            (_, Some(_)) => v.invalid("authorizationUrl", "is only allowed when authMode is oauth2"),
-            (_, None) => {}
+            (false, Some(_)) => v.invalid("authorizationUrl", "is only allowed when authModes has oauth2_authorization_code"),
+            (false, None) => {}
         }
-        let needs_token_url = matches!(self.auth_mode, AuthMode::Oauth2 | AuthMode::Oauth2ClientCredentials);
+        let needs_token_url = self.auth_modes.iter().any(|m| m.is_oauth2());
         match (&self.token_url, needs_token_url) {
-            (None, true) => v.invalid("tokenUrl", "is required when authMode is oauth2 or oauth2_client_credentials"),
+            (None, true) => v.invalid("tokenUrl", "is required when authModes has an oauth2 mode"),
             (Some(url), true) => {
                 v.check("tokenUrl", validate_url(url, false));
             }
-            (Some(_), false) => v.invalid("tokenUrl", "is only allowed when authMode is oauth2 or oauth2_client_credentials"),
+            (Some(_), false) => v.invalid("tokenUrl", "is only allowed when authModes has an oauth2 mode"),
             (None, false) => {}
         }
         if self.default_scopes.len() > 100 {
@@ -309,7 +354,7 @@ impl ProviderFilter {
     /// Whether a provider matches; stores may use this to filter, and tests to check them.
     pub fn matches(&self, provider: &ProviderSpec) -> bool {
         self.category.as_ref().is_none_or(|c| *c == provider.category)
-            && self.auth_mode.is_none_or(|m| m == provider.auth_mode)
+            && self.auth_mode.is_none_or(|m| provider.auth_modes.contains(&m))
             && self.query.as_ref().is_none_or(|q| {
                 let q = q.to_lowercase();
                 provider.id.as_str().contains(&q)
@@ -339,7 +384,8 @@ mod tests {
             name: "GitHub".into(),
             category: Category::new("source-control").unwrap(),
             description: "Code hosting".into(),
-            auth_mode: AuthMode::Oauth2,
+            auth_modes: vec![AuthMode::Oauth2AuthorizationCode, AuthMode::Bearer],
+            api_key: None,
             authorization_url: Some("https://github.com/login/oauth/authorize".into()),
             token_url: Some("https://github.com/login/oauth/access_token".into()),
             default_scopes: vec!["repo".into()],
@@ -424,5 +470,9 @@ mod tests {
         let s = spec();
         assert!(ProviderFilter { query: Some("HUB".into()), ..Default::default() }.matches(&s));
         assert!(!ProviderFilter { auth_mode: Some(AuthMode::ApiKey), ..Default::default() }.matches(&s));
+        assert!(
+            ProviderFilter { auth_mode: Some(AuthMode::Bearer), ..Default::default() }.matches(&s),
+            "a filter matches any supported mode"
+        );
     }
 }

@@ -51,6 +51,7 @@ pub const CONTAINERS: [ContainerSpec; 7] = [
 
 pub(crate) const PROVIDERS: &str = "integration_providers";
 pub(crate) const INTEGRATIONS: &str = "integration_integrations";
+pub(crate) const CONNECTIONS: &str = "integration_connections";
 pub(crate) const WEBHOOKS: &str = "integration_webhooks";
 pub(crate) const DELIVERIES: &str = "integration_webhook_deliveries";
 
@@ -228,6 +229,10 @@ impl CosmosStore {
 
     pub fn integrations(&self) -> Arc<dyn IntegrationRepository> {
         Arc::new(crate::integrations::CosmosIntegrations::new(self.clone()))
+    }
+
+    pub fn connections(&self) -> Arc<dyn im_domain::connection::ConnectionRepository> {
+        Arc::new(crate::connections::CosmosConnections::new(self.clone()))
     }
 
     pub fn providers(&self) -> Arc<dyn ProviderRepository> {

@@ -2,6 +2,7 @@
 //! discriminator and a `schemaVersion`. Reads also take Cosmos' `_etag`.
 
 use im_domain::ETag;
+use im_domain::connection::Connection;
 use im_domain::events::DomainEvent;
 use im_domain::integration::Integration;
 use im_domain::provider::Provider;
@@ -27,6 +28,27 @@ impl IntegrationDoc {
 
     pub fn new(integration: Integration) -> Self {
         Self { kind: Self::TYPE.into(), schema_version: SCHEMA_VERSION, integration, etag: None }
+    }
+}
+
+/// A connection in `integration_connections` (partition key `/integrationId`).
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConnectionDoc {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub schema_version: u32,
+    #[serde(flatten)]
+    pub connection: Connection,
+    #[serde(rename = "_etag", default, skip_serializing)]
+    pub etag: Option<String>,
+}
+
+impl ConnectionDoc {
+    pub const TYPE: &'static str = "connection";
+
+    pub fn new(connection: Connection) -> Self {
+        Self { kind: Self::TYPE.into(), schema_version: SCHEMA_VERSION, connection, etag: None }
     }
 }
 
@@ -92,6 +114,10 @@ pub struct OutboxDoc {
     #[serde(default)]
     pub recorded_at: i64,
     pub event: serde_json::Value,
+    /// The partition of an entry in a container partitioned by integration (connections);
+    /// absent where the partition is the tenant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub integration_id: Option<String>,
     /// The relay holding the event, and until when (unix milliseconds).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub claimed_by: Option<String>,
@@ -126,6 +152,11 @@ impl OutboxDoc {
     /// The `type` of a dead letter: every query for pending entries leaves it out.
     pub const DEAD_TYPE: &'static str = "outbox-dead";
 
+    /// The partition-key value of the entry in its container.
+    pub fn partition(&self) -> String {
+        self.integration_id.clone().unwrap_or_else(|| self.tenant_id.clone())
+    }
+
     pub fn id_for(id: &uuid::Uuid) -> String {
         format!("outbox-{id}")
     }
@@ -138,6 +169,7 @@ impl OutboxDoc {
             schema_version: SCHEMA_VERSION,
             recorded_at: (event.time.unix_timestamp_nanos() / 1_000_000) as i64,
             event: serde_json::to_value(event).unwrap_or_default(),
+            integration_id: None,
             claimed_by: None,
             claimed_until: None,
             attempts: 0,

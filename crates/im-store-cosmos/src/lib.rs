@@ -14,6 +14,7 @@
 //!   SDK type crosses a port.
 
 mod client;
+mod connections;
 mod deliveries;
 pub mod docs;
 mod errors;

@@ -14,7 +14,7 @@ use im_domain::ports::Outbox;
 use im_domain::{DomainError, Page, PageRequest};
 use serde::Deserialize;
 
-use crate::client::{CosmosStore, DELIVERIES, INTEGRATIONS};
+use crate::client::{CONNECTIONS, CosmosStore, DELIVERIES, INTEGRATIONS};
 use crate::docs::{OutboxDoc, etag_to_domain};
 use crate::errors::unexpected;
 use crate::support::precondition;
@@ -23,7 +23,7 @@ use crate::support::precondition;
 const PARTITIONS_CAPACITY: usize = 100_000;
 
 /// Containers whose writes record events.
-const SOURCES: [&str; 2] = [INTEGRATIONS, DELIVERIES];
+const SOURCES: [&str; 3] = [INTEGRATIONS, DELIVERIES, CONNECTIONS];
 
 /// Tries of a conditional change that keeps meeting concurrent writes.
 const CONDITIONAL_TRIES: usize = 5;
@@ -45,6 +45,8 @@ impl CosmosOutbox {
 #[serde(rename_all = "camelCase")]
 struct Located {
     tenant_id: String,
+    #[serde(default)]
+    integration_id: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -98,7 +100,7 @@ impl CosmosOutbox {
         let mut claimed = Claimed::default();
         for (container, d) in docs {
             let Some(id) = d.event_id() else { continue };
-            self.partitions.insert(id, (container, d.tenant_id));
+            self.partitions.insert(id, (container, d.partition()));
             match serde_json::from_value::<DomainEvent>(d.event) {
                 Ok(event) => claimed.events.push(event),
                 Err(e) => claimed.unreadable.push(UnreadableEntry { id, reason: e.to_string() }),
@@ -115,10 +117,10 @@ impl CosmosOutbox {
         let doc_id = OutboxDoc::id_for(id);
         for container in SOURCES {
             let query =
-                Query::from("SELECT c.tenantId FROM c WHERE c.id = @id").with_parameter("@id", doc_id.as_str()).map_err(unexpected)?;
+                Query::from("SELECT c.tenantId, c.integrationId FROM c WHERE c.id = @id").with_parameter("@id", doc_id.as_str()).map_err(unexpected)?;
             let (found, _) = self.store.query_page::<Located>(container, query, None, &PageRequest::first(1)).await?;
             if let Some(l) = found.into_iter().next() {
-                return Ok(Some((container, l.tenant_id)));
+                return Ok(Some((container, l.integration_id.unwrap_or(l.tenant_id))));
             }
         }
         Ok(None)
@@ -136,7 +138,7 @@ impl CosmosOutbox {
     async fn replace_if_unchanged(&self, container: &'static str, mut doc: OutboxDoc) -> Result<bool, DomainError> {
         let etag = doc.etag.take().map(|e| etag_to_domain(&e));
         let options = precondition(etag.as_ref()).map(|p| ItemWriteOptions::default().with_precondition(p));
-        let replace = self.store.container(container).replace_item(doc.tenant_id.clone(), &doc.id, &doc, options);
+        let replace = self.store.container(container).replace_item(doc.partition(), &doc.id, &doc, options);
         match self.store.call("an outbox change", replace, "outbox event", &doc.id).await {
             Ok(_) => Ok(true),
             Err(DomainError::PreconditionFailed | DomainError::NotFound { .. }) => Ok(false),
@@ -187,7 +189,7 @@ impl Outbox for CosmosOutbox {
             doc.claimed_by = Some(owner.to_owned());
             doc.claimed_until = Some(until);
             let options = precondition(etag.as_ref()).map(|p| ItemWriteOptions::default().with_precondition(p));
-            let replace = self.store.container(container).replace_item(doc.tenant_id.clone(), &doc.id, &doc, options);
+            let replace = self.store.container(container).replace_item(doc.partition(), &doc.id, &doc, options);
             match self.store.call("an outbox claim", replace, "outbox event", &doc.id).await {
                 Ok(_) => Ok(Some((container, doc))),
                 Err(DomainError::PreconditionFailed | DomainError::NotFound { .. }) => Ok(None),

@@ -73,7 +73,7 @@ impl ProviderRepository for CosmosProviders {
     async fn list(&self, filter: &ProviderFilter, page: &PageRequest) -> Result<Page<Stored<Provider>>, DomainError> {
         let mut text = String::from("SELECT * FROM c WHERE c.type = @type");
         if filter.auth_mode.is_some() {
-            text.push_str(" AND c.authMode = @authMode");
+            text.push_str(" AND ARRAY_CONTAINS(c.authModes, @authMode)");
         }
         if filter.query.is_some() {
             text.push_str(" AND (CONTAINS(LOWER(c.id), @q) OR CONTAINS(LOWER(c.name), @q) OR CONTAINS(LOWER(c.description), @q))");

@@ -35,9 +35,21 @@ pub(crate) async fn run_batch(
     Ok(model.results().first().and_then(|r| r.etag()).map(etag_to_domain))
 }
 
-pub(crate) fn with_events(mut batch: TransactionalBatch, events: &[DomainEvent]) -> Result<TransactionalBatch, DomainError> {
+pub(crate) fn with_events(batch: TransactionalBatch, events: &[DomainEvent]) -> Result<TransactionalBatch, DomainError> {
+    with_events_in(batch, events, None)
+}
+
+/// Adds outbox entries to a batch of a container partitioned by integration (`integration`:
+/// the partition) or by tenant (`None`).
+pub(crate) fn with_events_in(
+    mut batch: TransactionalBatch,
+    events: &[DomainEvent],
+    integration: Option<&str>,
+) -> Result<TransactionalBatch, DomainError> {
     for event in events {
-        batch = batch.create_item(OutboxDoc::new(event)).map_err(unexpected)?;
+        let mut doc = OutboxDoc::new(event);
+        doc.integration_id = integration.map(str::to_owned);
+        batch = batch.create_item(doc).map_err(unexpected)?;
     }
     Ok(batch)
 }

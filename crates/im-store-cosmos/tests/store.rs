@@ -58,6 +58,8 @@ async fn passes_the_conformance_suite() {
     })
     .await;
     im_testkit::webhooks::contract(store.webhooks().as_ref()).await;
+    im_testkit::connections::contract(store.connections().as_ref()).await;
+    im_testkit::connections::events_are_recorded_atomically(store.connections().as_ref(), store.outbox().as_ref()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -63,7 +63,14 @@ impl DeliveryRepository for SqliteDeliveries {
         if let Some(event_type) = &filter.event_type {
             filters.push(("$.eventType", event_type.clone()));
         }
-        let query = Query { container: WEBHOOK_DELIVERIES, pk: Some(tenant.to_string()), filters, search: None, page: page.clone() };
+        let query = Query {
+            container: WEBHOOK_DELIVERIES,
+            pk: Some(tenant.to_string()),
+            filters,
+            search: None,
+            contains: Vec::new(),
+            page: page.clone(),
+        };
         let (docs, continuation) = self.docs.query(query).await?;
         let items = docs
             .into_iter()

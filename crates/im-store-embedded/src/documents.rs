@@ -34,6 +34,8 @@ pub struct Query {
     pub filters: Vec<(&'static str, String)>,
     /// `(json paths, text)`: matches when any path contains the text, ignoring ASCII case.
     pub search: Option<(Vec<&'static str>, String)>,
+    /// `(json path of an array, value)`: the array must hold the value; all must match.
+    pub contains: Vec<(&'static str, String)>,
     pub page: PageRequest,
 }
 
@@ -234,6 +236,11 @@ impl Documents {
                 }
                 for (path, value) in query.filters {
                     sql.push_str(" AND json_extract(body, ?) = ?");
+                    args.push(path.to_owned().into());
+                    args.push(value.into());
+                }
+                for (path, value) in query.contains {
+                    sql.push_str(" AND EXISTS (SELECT 1 FROM json_each(body, ?) WHERE json_each.value = ?)");
                     args.push(path.to_owned().into());
                     args.push(value.into());
                 }

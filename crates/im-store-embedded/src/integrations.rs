@@ -53,7 +53,14 @@ impl IntegrationRepository for SqliteIntegrations {
         if let Some(status) = filter.status {
             filters.push(("$.status", status.as_str().to_owned()));
         }
-        let query = Query { container: INTEGRATIONS, pk: Some(tenant.to_string()), filters, search: None, page: page.clone() };
+        let query = Query {
+            container: INTEGRATIONS,
+            pk: Some(tenant.to_string()),
+            filters,
+            search: None,
+            contains: Vec::new(),
+            page: page.clone(),
+        };
         let (docs, continuation) = self.docs.query(query).await?;
         let items = docs.into_iter().map(decode).collect::<Result<Vec<_>, _>>()?;
         Ok(Page { items, continuation })

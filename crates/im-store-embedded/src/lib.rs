@@ -5,6 +5,7 @@
 //! opaque concurrency token and an optional expiry, so both store adapters pass the same
 //! conformance suite. Schema changes are numbered migrations applied by [`EmbeddedStore::migrate`].
 
+mod connections;
 mod db;
 mod deliveries;
 pub mod documents;
@@ -83,6 +84,10 @@ impl EmbeddedStore {
 
     pub fn integrations(&self) -> Arc<dyn IntegrationRepository> {
         Arc::new(integrations::SqliteIntegrations::new(self.documents()))
+    }
+
+    pub fn connections(&self) -> Arc<dyn im_domain::connection::ConnectionRepository> {
+        Arc::new(connections::SqliteConnections::new(self.documents()))
     }
 
     pub fn outbox(&self) -> Arc<dyn Outbox> {

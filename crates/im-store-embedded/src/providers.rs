@@ -59,13 +59,17 @@ impl ProviderRepository for SqliteProviders {
 
     #[tracing::instrument(skip_all, name = "providers.list")]
     async fn list(&self, filter: &ProviderFilter, page: &PageRequest) -> Result<Page<Stored<Provider>>, DomainError> {
-        let mut filters = Vec::new();
-        if let Some(mode) = filter.auth_mode {
-            filters.push(("$.authMode", mode.as_str().to_owned()));
-        }
+        let filters = Vec::new();
+        let contains = filter.auth_mode.map(|mode| ("$.authModes", mode.as_str().to_owned())).into_iter().collect();
         let search = filter.query.clone().map(|q| (vec!["$.id", "$.name", "$.description"], q));
-        let query =
-            Query { container: PROVIDERS, pk: filter.category.as_ref().map(ToString::to_string), filters, search, page: page.clone() };
+        let query = Query {
+            container: PROVIDERS,
+            pk: filter.category.as_ref().map(ToString::to_string),
+            filters,
+            search,
+            contains,
+            page: page.clone(),
+        };
         let (docs, continuation) = self.docs.query(query).await?;
         let items = docs.into_iter().map(decode).collect::<Result<Vec<_>, _>>()?;
         Ok(Page { items, continuation })

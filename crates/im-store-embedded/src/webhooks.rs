@@ -39,7 +39,14 @@ impl WebhookRepository for SqliteWebhooks {
 
     #[tracing::instrument(skip_all, name = "webhooks.list", fields(tenant = %tenant))]
     async fn list(&self, tenant: &TenantId, page: &PageRequest) -> Result<Page<Stored<Webhook>>, DomainError> {
-        let query = Query { container: WEBHOOKS, pk: Some(tenant.to_string()), filters: Vec::new(), search: None, page: page.clone() };
+        let query = Query {
+            container: WEBHOOKS,
+            pk: Some(tenant.to_string()),
+            filters: Vec::new(),
+            search: None,
+            contains: Vec::new(),
+            page: page.clone(),
+        };
         let (docs, continuation) = self.docs.query(query).await?;
         Ok(Page { items: docs.into_iter().map(decode).collect::<Result<_, _>>()?, continuation })
     }

@@ -39,6 +39,8 @@ async fn passes_the_conformance_suite() {
     })
     .await;
     im_testkit::webhooks::contract(store.webhooks().as_ref()).await;
+    im_testkit::connections::contract(store.connections().as_ref()).await;
+    im_testkit::connections::events_are_recorded_atomically(store.connections().as_ref(), store.outbox().as_ref()).await;
 }
 
 /// Each queue is a database of its own (the embedded queue hands out any due job); every

@@ -6,6 +6,7 @@
 //!
 //! The functions panic with a message naming the contract that was broken.
 
+pub mod connections;
 pub mod cosmos;
 pub mod fake_provider;
 pub mod integrations;

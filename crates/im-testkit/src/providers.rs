@@ -4,23 +4,28 @@ use std::collections::BTreeMap;
 
 use im_domain::custom::{HttpMethod, Pagination};
 use im_domain::ports::ProviderRepository;
-use im_domain::provider::{AuthMode, Capabilities, Category, Provider, ProviderFilter, ProviderId, ProviderSpec, VerificationRequest};
+use im_domain::provider::{ApiKeyPlacement, AuthMode, Capabilities, Category, Provider, ProviderFilter, ProviderId, ProviderSpec, VerificationRequest};
 use im_domain::{DomainError, PageRequest};
 use serde_json::json;
 
 use crate::timestamp;
 
-/// A provider with a fresh id in a fresh category (so checks never see each other's data).
+/// A provider with a fresh id in a fresh category (so checks never see each other's data),
+/// supporting `auth_mode` (and `bearer` too with the authorization code mode).
 pub fn provider(id: &str, category: &str, auth_mode: AuthMode) -> Provider {
-    let oauth = auth_mode == AuthMode::Oauth2;
-    let token = matches!(auth_mode, AuthMode::Oauth2 | AuthMode::Oauth2ClientCredentials);
+    let oauth = auth_mode == AuthMode::Oauth2AuthorizationCode;
+    let token = auth_mode.is_oauth2();
+    let auth_modes = if oauth { vec![auth_mode, AuthMode::Bearer] } else { vec![auth_mode] };
+    let api_key = (auth_mode == AuthMode::ApiKey)
+        .then(|| ApiKeyPlacement { location: im_domain::custom::ApiKeyLocation::Header, name: "X-Api-Key".into() });
     Provider {
         spec: ProviderSpec {
             id: ProviderId::new(id).expect("valid provider id"),
             name: format!("Provider {id}"),
             category: Category::new(category).expect("valid category"),
             description: "A provider made by the conformance suite".into(),
-            auth_mode,
+            auth_modes,
+            api_key,
             authorization_url: oauth.then(|| "https://auth.example.com/authorize".into()),
             token_url: token.then(|| "https://auth.example.com/token".into()),
             default_scopes: vec!["read".into()],
@@ -87,7 +92,16 @@ pub async fn ids_are_unique_across_categories(repo: &dyn ProviderRepository) {
 pub async fn list_filters_and_pages(repo: &dyn ProviderRepository) {
     let category = fresh("cat");
     let mut ids = Vec::new();
-    for (i, mode) in [AuthMode::Oauth2, AuthMode::ApiKey, AuthMode::Oauth2, AuthMode::Basic, AuthMode::Oauth2].into_iter().enumerate() {
+    for (i, mode) in [
+        AuthMode::Oauth2AuthorizationCode,
+        AuthMode::ApiKey,
+        AuthMode::Oauth2AuthorizationCode,
+        AuthMode::Basic,
+        AuthMode::Oauth2AuthorizationCode,
+    ]
+    .into_iter()
+    .enumerate()
+    {
         let id = format!("{}-{i}", fresh("p"));
         let mut p = provider(&id, &category, mode);
         if i == 3 {
@@ -110,8 +124,14 @@ pub async fn list_filters_and_pages(repo: &dyn ProviderRepository) {
     }
     assert_eq!(seen, ids, "pages cover the category once, ordered by id");
 
-    let oauth = ProviderFilter { auth_mode: Some(AuthMode::Oauth2), ..in_category.clone() };
+    let oauth = ProviderFilter { auth_mode: Some(AuthMode::Oauth2AuthorizationCode), ..in_category.clone() };
     assert_eq!(repo.list(&oauth, &PageRequest::first(50)).await.expect("list").items.len(), 3, "auth mode filter");
+    let bearer = ProviderFilter { auth_mode: Some(AuthMode::Bearer), ..in_category.clone() };
+    assert_eq!(
+        repo.list(&bearer, &PageRequest::first(50)).await.expect("list").items.len(),
+        3,
+        "the auth mode filter matches every provider that supports the mode among others"
+    );
     let search = ProviderFilter { query: Some("zEBRA".into()), ..in_category.clone() };
     let found = repo.list(&search, &PageRequest::first(50)).await.expect("list").items;
     assert_eq!(found.len(), 1, "search ignores case and looks in the description");

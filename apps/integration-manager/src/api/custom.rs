@@ -63,6 +63,24 @@ pub enum ApiKeyLocationDto {
     Query,
 }
 
+impl From<ApiKeyLocationDto> for ApiKeyLocation {
+    fn from(dto: ApiKeyLocationDto) -> Self {
+        match dto {
+            ApiKeyLocationDto::Header => ApiKeyLocation::Header,
+            ApiKeyLocationDto::Query => ApiKeyLocation::Query,
+        }
+    }
+}
+
+impl From<ApiKeyLocation> for ApiKeyLocationDto {
+    fn from(location: ApiKeyLocation) -> Self {
+        match location {
+            ApiKeyLocation::Header => ApiKeyLocationDto::Header,
+            ApiKeyLocation::Query => ApiKeyLocationDto::Query,
+        }
+    }
+}
+
 /// How a list request pages.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(tag = "style", rename_all = "snake_case", deny_unknown_fields)]
@@ -212,13 +230,7 @@ impl From<&CustomApiDefinition> for CustomDefinitionDto {
 impl From<CustomAuthDto> for CustomAuth {
     fn from(dto: CustomAuthDto) -> Self {
         match dto {
-            CustomAuthDto::ApiKey { location, name } => CustomAuth::ApiKey {
-                location: match location {
-                    ApiKeyLocationDto::Header => ApiKeyLocation::Header,
-                    ApiKeyLocationDto::Query => ApiKeyLocation::Query,
-                },
-                name,
-            },
+            CustomAuthDto::ApiKey { location, name } => CustomAuth::ApiKey { location: location.into(), name },
             CustomAuthDto::Bearer => CustomAuth::Bearer,
             CustomAuthDto::Basic => CustomAuth::Basic,
             CustomAuthDto::Oauth2ClientCredentials { token_url, scopes } => CustomAuth::Oauth2ClientCredentials { token_url, scopes },
@@ -229,13 +241,7 @@ impl From<CustomAuthDto> for CustomAuth {
 impl From<&CustomAuth> for CustomAuthDto {
     fn from(auth: &CustomAuth) -> Self {
         match auth {
-            CustomAuth::ApiKey { location, name } => CustomAuthDto::ApiKey {
-                location: match location {
-                    ApiKeyLocation::Header => ApiKeyLocationDto::Header,
-                    ApiKeyLocation::Query => ApiKeyLocationDto::Query,
-                },
-                name: name.clone(),
-            },
+            CustomAuth::ApiKey { location, name } => CustomAuthDto::ApiKey { location: (*location).into(), name: name.clone() },
             CustomAuth::Bearer => CustomAuthDto::Bearer,
             CustomAuth::Basic => CustomAuthDto::Basic,
             CustomAuth::Oauth2ClientCredentials { token_url, scopes } => {

@@ -14,7 +14,7 @@ use im_domain::audit::AuditAction;
 use super::body;
 use super::custom::CustomDefinitionDto;
 use super::extract::{Authenticated, IfMatch, JsonBody, Write, etag_header, not_modified};
-use super::problem::{ApiError, ApiResult};
+use super::problem::{ApiError, ApiResult, Problem};
 use super::{ListResponse, QueryParams, rfc3339};
 use crate::state::AppState;
 
@@ -230,7 +230,10 @@ pub async fn update(state: web::Data<AppState>, write: Write, id: web::Path<Stri
 /// Delete an integration.
 #[utoipa::path(delete, operation_id = "deleteIntegration", path = "/api/v1/integrations/{id}", tag = "integrations",
     params(("id" = uuid::Uuid, Path, description = "Integration id"), IfMatch),
-    responses((status = 204, description = "Deleted")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 409, description = "The integration still has connections: delete them first", body = Problem, content_type = "application/problem+json"),
+    ),
     security(("bearer" = [])))]
 pub async fn delete(state: web::Data<AppState>, write: Write, id: web::Path<String>) -> ApiResult<HttpResponse> {
     let id = path_id(&id)?;

@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod body;
 pub mod connection_test;
+pub mod connections;
 pub mod custom;
 pub mod deliveries;
 pub mod extract;
@@ -35,6 +36,17 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
                     .route(web::get().to(integrations::get))
                     .route(web::put().to(integrations::update))
                     .route(web::delete().to(integrations::delete)),
+            )
+            .service(
+                web::resource("/integrations/{id}/connections")
+                    .route(web::get().to(connections::list))
+                    .route(web::post().to(connections::create)),
+            )
+            .service(
+                web::resource("/integrations/{id}/connections/{connection}")
+                    .route(web::get().to(connections::get))
+                    .route(web::put().to(connections::update))
+                    .route(web::delete().to(connections::delete)),
             )
             .service(web::resource("/webhooks").route(web::get().to(webhooks::list)).route(web::post().to(webhooks::create)))
             .service(

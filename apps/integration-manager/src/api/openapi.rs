@@ -6,7 +6,7 @@ use serde_json::{Value, json};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{admin, deliveries, health, integrations, problem, providers, webhooks};
+use super::{admin, connections, deliveries, health, integrations, problem, providers, webhooks};
 
 struct BearerAuth;
 
@@ -30,6 +30,7 @@ impl Modify for BearerAuth {
     ),
     paths(
         integrations::list, integrations::create, integrations::get, integrations::update, integrations::delete,
+        connections::list, connections::create, connections::get, connections::update, connections::delete,
         providers::list, providers::create, providers::get, providers::update, providers::delete,
         webhooks::list, webhooks::create, webhooks::get, webhooks::update, webhooks::delete, webhooks::rotate_secret,
         deliveries::list, deliveries::get, deliveries::retry, deliveries::recover, deliveries::test,
@@ -38,11 +39,12 @@ impl Modify for BearerAuth {
     components(schemas(
         problem::Problem, problem::ProblemField, integrations::IntegrationInput, integrations::IntegrationView, providers::ProviderInput,
         providers::ProviderView, webhooks::WebhookInput, webhooks::WebhookView, deliveries::DeliveryView, deliveries::RecoverInput,
-        deliveries::RecoverReport, admin::DeadLetterView,
+        deliveries::RecoverReport, admin::DeadLetterView, connections::ConnectionInput, connections::ConnectionView,
     )),
     modifiers(&BearerAuth),
     tags(
         (name = "integrations", description = "A tenant's integrations"),
+        (name = "connections", description = "How an integration authenticates to its provider; credentials are write-only"),
         (name = "providers", description = "The global provider catalog"),
         (name = "webhooks", description = "A tenant's webhook endpoints and their signing secrets"),
         (name = "operations", description = "Health, and the outbox's dead letters (admin)"),
@@ -124,7 +126,7 @@ pub fn spec() -> Value {
 /// Request bodies that may carry the read-only fields of their resource (a client sends back
 /// what it read): the body's schema lists them, as strings (null allowed) in the format the
 /// resource's view gives them, marked `readOnly`; `api::body` checks and then drops them.
-const READ_ONLY_ECHOES: [(&str, &str, &[&str]); 3] = [
+const READ_ONLY_ECHOES: [(&str, &str, &[&str]); 4] = [
     ("IntegrationInput", "Integration", &["id", "tenantId", "createdAt", "updatedAt", "createdBy", "updatedBy"]),
     (
         "WebhookInput",
@@ -132,12 +134,35 @@ const READ_ONLY_ECHOES: [(&str, &str, &[&str]); 3] = [
         &["id", "tenantId", "disabledReason", "previousSecretExpiresAt", "createdAt", "updatedAt", "createdBy", "updatedBy"],
     ),
     ("ProviderInput", "Provider", &["createdAt", "updatedAt"]),
+    (
+        "ConnectionInput",
+        "Connection",
+        &[
+            "id",
+            "tenantId",
+            "integrationId",
+            "status",
+            "statusReason",
+            "lastFour",
+            "scopes",
+            "tokenExpiresAt",
+            "createdAt",
+            "updatedAt",
+            "createdBy",
+            "updatedBy",
+        ],
+    ),
 ];
 
 fn read_only_echoes(schemas: &mut Value) {
     for (input, view, fields) in READ_ONLY_ECHOES {
         for field in fields {
-            let mut echo = json!({ "type": ["string", "null"], "readOnly": true });
+            let is_array = schemas[view]["properties"][field]["type"] == json!("array");
+            let mut echo = if is_array {
+                json!({ "type": ["array", "null"], "items": { "type": "string" }, "readOnly": true })
+            } else {
+                json!({ "type": ["string", "null"], "readOnly": true })
+            };
             if let Some(format) = schemas[view]["properties"][field].get("format") {
                 echo["format"] = format.clone();
             }

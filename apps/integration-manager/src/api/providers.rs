@@ -5,7 +5,7 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use im_domain::Stored;
 use std::collections::BTreeMap;
 
-use im_domain::provider::{AuthMode, Capabilities, Category, Provider, ProviderFilter, ProviderId, ProviderSpec, VerificationRequest};
+use im_domain::provider::{ApiKeyPlacement, AuthMode, Capabilities, Category, Provider, ProviderFilter, ProviderId, ProviderSpec, VerificationRequest};
 use im_domain::{DomainError, FieldViolation, Violations};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -20,28 +20,31 @@ use super::problem::{ApiError, ApiResult, Problem};
 use super::{ListResponse, QueryParams, rfc3339};
 use crate::state::AppState;
 
-/// How a provider authenticates API calls.
+/// How a connection authenticates API calls.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 #[schema(as = AuthMode)]
 pub enum AuthModeDto {
-    /// OAuth 2.0 authorization code flow (needs authorization and token URLs).
-    Oauth2,
+    /// An API key in a header or query parameter (where: the provider's `apiKey`).
+    ApiKey,
+    /// `Authorization: Bearer <token>` with a token the user created.
+    Bearer,
+    /// HTTP basic authentication.
+    Basic,
     /// OAuth 2.0 client credentials (needs a token URL).
     Oauth2ClientCredentials,
-    ApiKey,
-    Basic,
-    None,
+    /// OAuth 2.0 authorization code with PKCE (needs authorization and token URLs).
+    Oauth2AuthorizationCode,
 }
 
 impl From<AuthModeDto> for AuthMode {
     fn from(dto: AuthModeDto) -> Self {
         match dto {
-            AuthModeDto::Oauth2 => AuthMode::Oauth2,
-            AuthModeDto::Oauth2ClientCredentials => AuthMode::Oauth2ClientCredentials,
             AuthModeDto::ApiKey => AuthMode::ApiKey,
+            AuthModeDto::Bearer => AuthMode::Bearer,
             AuthModeDto::Basic => AuthMode::Basic,
-            AuthModeDto::None => AuthMode::None,
+            AuthModeDto::Oauth2ClientCredentials => AuthMode::Oauth2ClientCredentials,
+            AuthModeDto::Oauth2AuthorizationCode => AuthMode::Oauth2AuthorizationCode,
         }
     }
 }
@@ -49,12 +52,36 @@ impl From<AuthModeDto> for AuthMode {
 impl From<AuthMode> for AuthModeDto {
     fn from(mode: AuthMode) -> Self {
         match mode {
-            AuthMode::Oauth2 => AuthModeDto::Oauth2,
-            AuthMode::Oauth2ClientCredentials => AuthModeDto::Oauth2ClientCredentials,
             AuthMode::ApiKey => AuthModeDto::ApiKey,
+            AuthMode::Bearer => AuthModeDto::Bearer,
             AuthMode::Basic => AuthModeDto::Basic,
-            AuthMode::None => AuthModeDto::None,
+            AuthMode::Oauth2ClientCredentials => AuthModeDto::Oauth2ClientCredentials,
+            AuthMode::Oauth2AuthorizationCode => AuthModeDto::Oauth2AuthorizationCode,
         }
+    }
+}
+
+/// Where a provider expects an API key.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schema(as = ApiKeyPlacement)]
+pub struct ApiKeyPlacementDto {
+    #[serde(rename = "in")]
+    location: super::custom::ApiKeyLocationDto,
+    /// Header or query parameter name.
+    #[schema(min_length = 1, max_length = 100, pattern = r"^[!-~]+$")]
+    name: String,
+}
+
+impl From<ApiKeyPlacementDto> for ApiKeyPlacement {
+    fn from(dto: ApiKeyPlacementDto) -> Self {
+        ApiKeyPlacement { location: dto.location.into(), name: dto.name }
+    }
+}
+
+impl From<&ApiKeyPlacement> for ApiKeyPlacementDto {
+    fn from(p: &ApiKeyPlacement) -> Self {
+        ApiKeyPlacementDto { location: p.location.into(), name: p.name.clone() }
     }
 }
 
@@ -120,12 +147,17 @@ pub struct ProviderInput {
     #[serde(default)]
     #[schema(max_length = 1000)]
     description: Option<String>,
-    auth_mode: AuthModeDto,
-    /// https; required for `oauth2`, refused otherwise.
+    /// The modes a connection may use; at least one, each once.
+    #[schema(schema_with = super::schemas::auth_modes)]
+    auth_modes: Vec<AuthModeDto>,
+    /// Where the API key goes: required when `authModes` has `api_key`, refused otherwise.
+    #[serde(default)]
+    api_key: Option<ApiKeyPlacementDto>,
+    /// https; required when `authModes` has `oauth2_authorization_code`, refused otherwise.
     #[serde(default)]
     #[schema(max_length = 2048, pattern = r"^https://")]
     authorization_url: Option<String>,
-    /// https; required for `oauth2` and `oauth2_client_credentials`, refused otherwise.
+    /// https; required when `authModes` has an `oauth2_*` mode, refused otherwise.
     #[serde(default)]
     #[schema(max_length = 2048, pattern = r"^https://")]
     token_url: Option<String>,
@@ -174,7 +206,8 @@ impl TryFrom<ProviderInput> for ProviderSpec {
             name: input.name,
             category,
             description: input.description.unwrap_or_default(),
-            auth_mode: input.auth_mode.into(),
+            auth_modes: input.auth_modes.into_iter().map(Into::into).collect(),
+            api_key: input.api_key.map(Into::into),
             authorization_url: input.authorization_url,
             token_url: input.token_url,
             default_scopes: input.default_scopes,
@@ -199,7 +232,10 @@ pub struct ProviderView {
     name: String,
     category: String,
     description: String,
-    auth_mode: AuthModeDto,
+    /// The modes a connection to this provider may use.
+    auth_modes: Vec<AuthModeDto>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    api_key: Option<ApiKeyPlacementDto>,
     #[serde(skip_serializing_if = "Option::is_none")]
     authorization_url: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -234,7 +270,8 @@ impl From<&Provider> for ProviderView {
             name: spec.name.clone(),
             category: spec.category.to_string(),
             description: spec.description.clone(),
-            auth_mode: spec.auth_mode.into(),
+            auth_modes: spec.auth_modes.iter().copied().map(Into::into).collect(),
+            api_key: spec.api_key.as_ref().map(Into::into),
             authorization_url: spec.authorization_url.clone(),
             token_url: spec.token_url.clone(),
             default_scopes: spec.default_scopes.clone(),
@@ -278,7 +315,7 @@ fn respond(mut builder: actix_web::HttpResponseBuilder, stored: &Stored<Provider
 #[utoipa::path(get, operation_id = "listProviders", path = "/api/v1/providers", tag = "providers",
     params(
         ("category" = Option<String>, Query, min_length = 2, max_length = 64, pattern = r"^[a-z0-9][a-z0-9-]*$", description = "Only this category (stays inside one partition)"),
-        ("authMode" = Option<AuthModeDto>, Query, description = "Only providers with this auth mode"),
+        ("authMode" = Option<AuthModeDto>, Query, description = "Only providers that support this auth mode"),
         ("q" = Option<String>, Query, max_length = 100, description = "Case-insensitive text in id, name or description"),
         ("limit" = Option<u32>, Query, minimum = 1, maximum = 200, description = "Page size, 1 to 200 (default 50)"),
         ("continuationToken" = Option<String>, Query, description = "Token of the next page"),
@@ -292,7 +329,7 @@ pub async fn list(state: web::Data<AppState>, caller: Authenticated, req: HttpRe
     let category = query.get("category", |s| Category::new(s));
     let auth_mode = query.get("authMode", |s| {
         AuthMode::parse(s)
-            .ok_or_else(|| FieldViolation::invalid("", "must be one of oauth2, oauth2_client_credentials, api_key, basic, none"))
+            .ok_or_else(|| FieldViolation::invalid("", format!("must be one of {}", AuthMode::ALL.map(AuthMode::as_str).join(", "))))
     });
     let q = query.get("q", |s| {
         if s.chars().count() > 100 { Err(FieldViolation::invalid("", "must be at most 100 characters")) } else { Ok(s.trim().to_owned()) }

@@ -37,6 +37,17 @@ pub fn scopes() -> Array {
     array_of(string(1, 200, Some(r"^\S+$")), 100, "OAuth 2.0 scopes, each 1 to 200 characters without spaces")
 }
 
+/// The auth modes of a provider: 1 to 5, each once.
+pub fn auth_modes() -> Array {
+    ArrayBuilder::new()
+        .items(utoipa::openapi::Ref::from_schema_name("AuthMode"))
+        .min_items(Some(1))
+        .max_items(Some(5))
+        .unique_items(true)
+        .description(Some("The modes a connection may use, each once"))
+        .build()
+}
+
 /// Entity names: at most 100 snake_case names.
 pub fn entity_names() -> Array {
     array_of(string(1, 64, Some("^[a-z][a-z0-9_]*$")), 100, "snake_case entity names, 1 to 64 characters")

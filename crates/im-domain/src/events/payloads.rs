@@ -7,9 +7,10 @@ use serde_json::{Map, Value};
 use time::OffsetDateTime;
 
 use crate::common::{IntegrationId, TenantId, UserId};
+use crate::connection::{Connection, ConnectionId, ConnectionStatus};
 use crate::custom::CustomApiDefinition;
 use crate::integration::{Integration, IntegrationStatus};
-use crate::provider::ProviderId;
+use crate::provider::{AuthMode, ProviderId};
 use crate::webhooks::delivery::Delivery;
 use crate::webhooks::endpoint::{Webhook, without_credentials};
 
@@ -50,6 +51,53 @@ impl From<&Integration> for IntegrationEventData {
             updated_at: i.updated_at,
             created_by: i.created_by.clone(),
             updated_by: i.updated_by.clone(),
+        }
+    }
+}
+
+/// `data` of `integration.connection.created`, `.deleted` and `.failed`: the connection as the
+/// API returns it (hints only, never a credential).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConnectionEventData {
+    pub id: ConnectionId,
+    pub tenant_id: TenantId,
+    pub integration_id: IntegrationId,
+    pub name: String,
+    pub auth_mode: AuthMode,
+    pub status: ConnectionStatus,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status_reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_four: Option<String>,
+    pub scopes: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none", with = "time::serde::rfc3339::option")]
+    pub token_expires_at: Option<OffsetDateTime>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+    pub created_by: UserId,
+    pub updated_by: UserId,
+}
+
+impl From<&Connection> for ConnectionEventData {
+    fn from(c: &Connection) -> Self {
+        Self {
+            id: c.id,
+            tenant_id: c.tenant_id.clone(),
+            integration_id: c.integration_id,
+            name: c.name.clone(),
+            auth_mode: c.auth_mode,
+            status: c.status,
+            status_reason: c.status_reason.clone(),
+            last_four: c.hints.last_four.clone(),
+            scopes: c.hints.scopes.clone(),
+            token_expires_at: c.hints.token_expires_at,
+            created_at: c.created_at,
+            updated_at: c.updated_at,
+            created_by: c.created_by.clone(),
+            updated_by: c.updated_by.clone(),
         }
     }
 }

@@ -6,6 +6,7 @@ use crate::audit::{Audit, AuditAction, AuditResource};
 use crate::auth::{Caller, Role};
 use crate::cache::{self, BoundedCache};
 use crate::common::{Clock, ETag, IdGenerator, IntegrationId, Page, PageRequest, Stored};
+use crate::connection::ConnectionRepository;
 use crate::error::DomainError;
 use crate::events::payloads::IntegrationEventData;
 use crate::events::{DomainEvent, EventType};
@@ -31,6 +32,8 @@ pub struct IntegrationService {
     /// Compiled config schemas by provider, valid for the provider version (etag) they came from.
     validators: Arc<ValidatorCache>,
     audit: Audit,
+    /// Connections of integrations: an integration that has some is not deleted.
+    connections: Option<Arc<dyn ConnectionRepository>>,
 }
 
 impl std::fmt::Debug for IntegrationService {
@@ -47,7 +50,23 @@ impl IntegrationService {
         ids: Arc<dyn IdGenerator>,
         audit: Audit,
     ) -> Self {
-        Self { integrations, providers, clock, ids, validators: Arc::new(cache::bounded(VALIDATOR_CACHE_CAPACITY)), audit }
+        Self {
+            integrations,
+            providers,
+            clock,
+            ids,
+            validators: Arc::new(cache::bounded(VALIDATOR_CACHE_CAPACITY)),
+            audit,
+            connections: None,
+        }
+    }
+
+    /// Refuses to delete an integration that still has connections (their credentials would be
+    /// orphaned in the secret store).
+    #[must_use]
+    pub fn with_connections(mut self, connections: Arc<dyn ConnectionRepository>) -> Self {
+        self.connections = Some(connections);
+        self
     }
 
     /// Validates every rule of a spec, including those that need its provider.
@@ -194,7 +213,8 @@ impl IntegrationService {
     }
 
     /// # Errors
-    /// `NotFound`, `PreconditionFailed` when `if_match` is stale.
+    /// `NotFound`, `PreconditionFailed` when `if_match` is stale, `Conflict` while the
+    /// integration has connections.
     pub async fn delete(&self, caller: &Caller, id: IntegrationId, if_match: Option<&ETag>) -> Result<(), DomainError> {
         let result = self.delete_unaudited(caller, id, if_match).await;
         self.audit
@@ -211,6 +231,13 @@ impl IntegrationService {
             let current = self.integrations.get(&caller.tenant_id, id).await?;
             if token.is_some_and(|t| *t != current.etag) {
                 return Err(DomainError::PreconditionFailed);
+            }
+            if let Some(connections) = &self.connections
+                && !connections.list(&caller.tenant_id, id, &PageRequest::first(1)).await?.items.is_empty()
+            {
+                return Err(DomainError::Conflict(
+                    "the integration has connections; delete them first (DELETE .../connections/{connectionId})".to_owned(),
+                ));
             }
             let event = self.event(EventType::IntegrationDeleted, &current.value)?;
             self.integrations.delete(&caller.tenant_id, id, Some(current.etag), &[event]).await

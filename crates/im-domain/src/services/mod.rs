@@ -4,6 +4,7 @@
 mod bus;
 mod catalog;
 pub mod connection_test;
+mod connections;
 mod deliveries;
 mod integrations;
 mod outbox;
@@ -12,6 +13,7 @@ mod webhooks;
 
 pub use bus::InProcessBus;
 pub use catalog::CatalogService;
+pub use connections::{ConnectionCredentials, ConnectionService, SECRET_KIND as CONNECTION_SECRET_KIND};
 pub use deliveries::{AttemptReport, DEFAULT_MANUAL_SENDS_PER_MINUTE, DeliveryService, DeliverySettings};
 pub use integrations::IntegrationService;
 pub use outbox::OutboxAdmin;

@@ -1,7 +1,6 @@
 //! Webhook endpoints: where a tenant receives the service's events.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::net::{IpAddr, Ipv4Addr};
 
 use serde::{Deserialize, Serialize};
@@ -13,22 +12,10 @@ use crate::error::{DomainError, FieldViolation, Violations};
 use crate::events::{DomainEvent, EventType};
 use crate::secrets::SecretRef;
 
-/// Identifier of a webhook endpoint (UUID v7).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct WebhookId(pub Uuid);
-
-impl WebhookId {
-    pub fn parse(value: &str) -> Option<Self> {
-        Uuid::try_parse(value).ok().map(Self)
-    }
-}
-
-impl fmt::Display for WebhookId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
-    }
-}
+crate::common::uuid_id!(
+    /// Identifier of a webhook endpoint (UUID v7).
+    WebhookId
+);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -39,8 +26,15 @@ pub enum WebhookStatus {
 
 /// Event types an endpoint may subscribe to. `webhook.delivered` and `webhook.failed` are
 /// published on the bus but never delivered to webhooks (no loops).
-pub const DELIVERABLE: [EventType; 4] =
-    [EventType::IntegrationCreated, EventType::IntegrationUpdated, EventType::IntegrationDeleted, EventType::SyncTaskCompleted];
+pub const DELIVERABLE: [EventType; 7] = [
+    EventType::IntegrationCreated,
+    EventType::IntegrationUpdated,
+    EventType::IntegrationDeleted,
+    EventType::SyncTaskCompleted,
+    EventType::ConnectionCreated,
+    EventType::ConnectionDeleted,
+    EventType::ConnectionFailed,
+];
 
 /// The test event of `POST /webhooks/{id}/test`, delivered whatever the filters.
 pub const TEST_EVENT_TYPE: &str = "webhook.test";

@@ -1,0 +1,458 @@
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde_json::json;
+
+use crate::audit::{Audit, AuditAction, AuditResource};
+use crate::auth::{Caller, Role};
+use crate::common::{Clock, ETag, IdGenerator, IntegrationId, Page, PageRequest, Stored, TenantId};
+use crate::connection::{Connection, ConnectionId, ConnectionRepository, ConnectionSpec, ConnectionStatus, Credentials};
+use crate::custom::CustomAuth;
+use crate::error::DomainError;
+use crate::events::payloads::ConnectionEventData;
+use crate::events::{DomainEvent, EventType};
+use crate::integration::Integration;
+use crate::ports::{IntegrationRepository, ProviderRepository};
+use crate::provider::{ApiKeyPlacement, AuthMode};
+use crate::provider_client::{AuthMaterial, CredentialSource};
+use crate::secrets::{SecretName, SecretRef, SecretStore};
+
+use super::read_modify_write;
+
+/// The secret-name kind of connection credentials: `integration-manager/{tenant}/connection/{id}`.
+pub const SECRET_KIND: &str = "connection";
+
+/// Creates, reads, changes and deletes the connections of a tenant's integrations, keeps their
+/// credentials in the secret store, and hands out [`CredentialSource`]s for provider calls.
+#[derive(Clone)]
+pub struct ConnectionService {
+    connections: Arc<dyn ConnectionRepository>,
+    integrations: Arc<dyn IntegrationRepository>,
+    providers: Arc<dyn ProviderRepository>,
+    secrets: Arc<dyn SecretStore>,
+    clock: Arc<dyn Clock>,
+    ids: Arc<dyn IdGenerator>,
+    audit: Audit,
+}
+
+impl std::fmt::Debug for ConnectionService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectionService").finish_non_exhaustive()
+    }
+}
+
+/// What an integration lets its connections do: the modes its provider (or custom definition)
+/// supports and where an API key goes.
+struct AuthOptions {
+    modes: Vec<AuthMode>,
+    api_key: Option<ApiKeyPlacement>,
+}
+
+impl ConnectionService {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        connections: Arc<dyn ConnectionRepository>,
+        integrations: Arc<dyn IntegrationRepository>,
+        providers: Arc<dyn ProviderRepository>,
+        secrets: Arc<dyn SecretStore>,
+        clock: Arc<dyn Clock>,
+        ids: Arc<dyn IdGenerator>,
+        audit: Audit,
+    ) -> Self {
+        Self { connections, integrations, providers, secrets, clock, ids, audit }
+    }
+
+    /// Checks, before a change is even read, that the caller may make it (members and admins).
+    ///
+    /// # Errors
+    /// `Forbidden`, recorded in the audit log.
+    pub async fn authorize(&self, caller: &Caller, action: AuditAction) -> Result<(), DomainError> {
+        self.audit.require(caller, Role::Member, AuditResource::Connection, action).await
+    }
+
+    async fn options(&self, integration: &Integration) -> Result<AuthOptions, DomainError> {
+        if let Some(definition) = &integration.custom_definition {
+            let api_key = match &definition.auth {
+                CustomAuth::ApiKey { location, name } => Some(ApiKeyPlacement { location: *location, name: name.clone() }),
+                _ => None,
+            };
+            return Ok(AuthOptions { modes: vec![definition.auth.auth_mode()], api_key });
+        }
+        match self.providers.get(&integration.provider_id).await {
+            Ok(provider) => Ok(AuthOptions { modes: provider.value.spec.auth_modes, api_key: provider.value.spec.api_key }),
+            // A provider removed from the catalog since: its integrations take no new connection.
+            Err(DomainError::NotFound { .. }) => Ok(AuthOptions { modes: Vec::new(), api_key: None }),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Checks a spec against the integration it is for, writing nothing.
+    ///
+    /// # Errors
+    /// `NotFound` for an unknown integration; `Validation` listing every offending field.
+    pub async fn check(&self, caller: &Caller, integration: IntegrationId, spec: &ConnectionSpec) -> Result<(), DomainError> {
+        let integration = self.integrations.get(&caller.tenant_id, integration).await?;
+        self.validate(&integration.value, spec).await
+    }
+
+    async fn validate(&self, integration: &Integration, spec: &ConnectionSpec) -> Result<(), DomainError> {
+        let mut v = spec.violations();
+        let options = self.options(integration).await?;
+        let mode = spec.credentials.auth_mode();
+        if !options.modes.contains(&mode) {
+            let names: Vec<_> = options.modes.iter().map(|m| m.as_str()).collect();
+            v.invalid(
+                "authMode",
+                format!(
+                    "'{}' is not supported by this integration's provider; supported: {}",
+                    mode.as_str(),
+                    if names.is_empty() { "none".to_owned() } else { names.join(", ") }
+                ),
+            );
+        }
+        v.finish(|| ())
+    }
+
+    async fn store_credentials(&self, connection: &Connection, credentials: &Credentials) -> Result<SecretRef, DomainError> {
+        let name = SecretName::new(&connection.tenant_id, SECRET_KIND, &connection.id.to_string());
+        let metadata = BTreeMap::from([
+            ("integrationId".to_owned(), connection.integration_id.to_string()),
+            ("authMode".to_owned(), connection.auth_mode.as_str().to_owned()),
+        ]);
+        self.secrets.put(&name, &credentials.to_secret(), &metadata).await
+    }
+
+    /// # Errors
+    /// `Forbidden` without the member role; `NotFound` for an unknown integration; `Validation`
+    /// listing every offending field (a mode the provider does not support among them).
+    pub async fn create(
+        &self,
+        caller: &Caller,
+        integration: IntegrationId,
+        spec: ConnectionSpec,
+    ) -> Result<Stored<Connection>, DomainError> {
+        let result = self.create_unaudited(caller, integration, spec).await;
+        self.audit
+            .result(caller, AuditResource::Connection, AuditAction::Create, None, &result, |s| {
+                (s.value.id.to_string(), json!({ "integrationId": integration.to_string(), "authMode": s.value.auth_mode.as_str() }))
+            })
+            .await;
+        result
+    }
+
+    async fn create_unaudited(
+        &self,
+        caller: &Caller,
+        integration: IntegrationId,
+        spec: ConnectionSpec,
+    ) -> Result<Stored<Connection>, DomainError> {
+        caller.require(Role::Member)?;
+        let parent = self.integrations.get(&caller.tenant_id, integration).await?;
+        self.validate(&parent.value, &spec).await?;
+        let now = self.clock.now();
+        let mut connection = Connection {
+            id: ConnectionId(self.ids.new_uuid()),
+            tenant_id: caller.tenant_id.clone(),
+            integration_id: integration,
+            name: spec.name,
+            auth_mode: spec.credentials.auth_mode(),
+            status: ConnectionStatus::Active,
+            status_reason: None,
+            hints: spec.credentials.hints(),
+            credentials: None,
+            refresh_lease: None,
+            created_at: now,
+            updated_at: now,
+            created_by: caller.user_id.clone(),
+            updated_by: caller.user_id.clone(),
+        };
+        connection.credentials = Some(self.store_credentials(&connection, &spec.credentials).await?);
+        let event = self.event(EventType::ConnectionCreated, &connection)?;
+        match self.connections.create(&connection, &[event]).await {
+            Ok(etag) => Ok(Stored { value: connection, etag }),
+            Err(e) => {
+                // Nothing references the secret: take it back.
+                if let Some(secret) = &connection.credentials {
+                    let _ = self.secrets.delete(&secret.secret_name).await;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// # Errors
+    /// `NotFound` unless the caller's tenant has that integration and connection.
+    pub async fn get(&self, caller: &Caller, integration: IntegrationId, id: ConnectionId) -> Result<Stored<Connection>, DomainError> {
+        caller.require(Role::Viewer)?;
+        self.connections.get(&caller.tenant_id, integration, id).await
+    }
+
+    /// # Errors
+    /// `NotFound` for an unknown integration; `Validation` for a foreign continuation token.
+    pub async fn list(
+        &self,
+        caller: &Caller,
+        integration: IntegrationId,
+        page: &PageRequest,
+    ) -> Result<Page<Stored<Connection>>, DomainError> {
+        caller.require(Role::Viewer)?;
+        self.integrations.get(&caller.tenant_id, integration).await?;
+        self.connections.list(&caller.tenant_id, integration, page).await
+    }
+
+    /// Replaces a connection's name and credentials (a new secret version); the connection is
+    /// active again with the new credentials.
+    ///
+    /// # Errors
+    /// `NotFound`, `PreconditionFailed` when `if_match` is stale, `Validation` as for create.
+    pub async fn update(
+        &self,
+        caller: &Caller,
+        integration: IntegrationId,
+        id: ConnectionId,
+        spec: ConnectionSpec,
+        if_match: Option<&ETag>,
+    ) -> Result<Stored<Connection>, DomainError> {
+        let result = self.update_unaudited(caller, integration, id, spec, if_match).await;
+        self.audit
+            .result(caller, AuditResource::Connection, AuditAction::Update, Some(id.to_string()), &result, |s| {
+                (String::new(), json!({ "integrationId": integration.to_string(), "authMode": s.value.auth_mode.as_str() }))
+            })
+            .await;
+        result
+    }
+
+    async fn update_unaudited(
+        &self,
+        caller: &Caller,
+        integration: IntegrationId,
+        id: ConnectionId,
+        spec: ConnectionSpec,
+        if_match: Option<&ETag>,
+    ) -> Result<Stored<Connection>, DomainError> {
+        caller.require(Role::Member)?;
+        let parent = self.integrations.get(&caller.tenant_id, integration).await?;
+        self.validate(&parent.value, &spec).await?;
+        read_modify_write(if_match, async |token| {
+            let current = self.connections.get(&caller.tenant_id, integration, id).await?;
+            if token.is_some_and(|t| *t != current.etag) {
+                return Err(DomainError::PreconditionFailed);
+            }
+            let mut connection = Connection {
+                name: spec.name.clone(),
+                auth_mode: spec.credentials.auth_mode(),
+                status: ConnectionStatus::Active,
+                status_reason: None,
+                hints: spec.credentials.hints(),
+                refresh_lease: None,
+                updated_at: self.clock.now(),
+                updated_by: caller.user_id.clone(),
+                ..current.value.clone()
+            };
+            // A new version of the same secret: the document names the version it uses, so a
+            // version whose write lost is never read (and goes with the connection).
+            connection.credentials = Some(self.store_credentials(&connection, &spec.credentials).await?);
+            let etag = self.connections.replace(&connection, Some(token.unwrap_or(&current.etag).clone()), &[]).await?;
+            Ok(Stored { value: connection, etag })
+        })
+        .await
+    }
+
+    /// Deletes a connection, then its credentials.
+    ///
+    /// # Errors
+    /// `NotFound`, `PreconditionFailed` when `if_match` is stale.
+    pub async fn delete(
+        &self,
+        caller: &Caller,
+        integration: IntegrationId,
+        id: ConnectionId,
+        if_match: Option<&ETag>,
+    ) -> Result<(), DomainError> {
+        let result = self.delete_unaudited(caller, integration, id, if_match).await;
+        self.audit
+            .result(caller, AuditResource::Connection, AuditAction::Delete, Some(id.to_string()), &result, |_| {
+                (String::new(), json!({ "integrationId": integration.to_string() }))
+            })
+            .await;
+        result
+    }
+
+    async fn delete_unaudited(
+        &self,
+        caller: &Caller,
+        integration: IntegrationId,
+        id: ConnectionId,
+        if_match: Option<&ETag>,
+    ) -> Result<(), DomainError> {
+        caller.require(Role::Member)?;
+        let deleted = read_modify_write(if_match, async |token| {
+            let current = self.connections.get(&caller.tenant_id, integration, id).await?;
+            if token.is_some_and(|t| *t != current.etag) {
+                return Err(DomainError::PreconditionFailed);
+            }
+            let event = self.event(EventType::ConnectionDeleted, &current.value)?;
+            self.connections.delete(&caller.tenant_id, integration, id, Some(current.etag), &[event]).await?;
+            Ok(current.value)
+        })
+        .await?;
+        if let Some(secret) = &deleted.credentials {
+            self.secrets.delete(&secret.secret_name).await?;
+        }
+        Ok(())
+    }
+
+    /// Records that a connection stopped working (a failed test, a refused refresh or
+    /// authorization): sets `status` with `reason` and publishes `integration.connection.failed`
+    /// with the change. A connection already in that status with that reason is left as it is
+    /// (no second event).
+    ///
+    /// # Errors
+    /// `NotFound` unless the tenant has that connection; `Validation` on `status` for `active`
+    /// and on `reason` for an empty or over-long one.
+    pub async fn mark_failed(
+        &self,
+        caller: &Caller,
+        integration: IntegrationId,
+        id: ConnectionId,
+        status: ConnectionStatus,
+        reason: &str,
+    ) -> Result<Stored<Connection>, DomainError> {
+        let mut v = crate::error::Violations::new();
+        if status == ConnectionStatus::Active {
+            v.invalid("status", "a failure cannot make a connection active");
+        }
+        v.check("reason", crate::common::validate_text(reason, 1, crate::connection::MAX_REASON_CHARS));
+        v.finish(|| ())?;
+        read_modify_write(None, async |_| {
+            let current = self.connections.get(&caller.tenant_id, integration, id).await?;
+            if current.value.status == status && current.value.status_reason.as_deref() == Some(reason) {
+                return Ok(current);
+            }
+            let connection =
+                Connection { status, status_reason: Some(reason.to_owned()), updated_at: self.clock.now(), ..current.value.clone() };
+            let event = self.event(EventType::ConnectionFailed, &connection)?;
+            let etag = self.connections.replace(&connection, Some(current.etag.clone()), &[event]).await?;
+            Ok(Stored { value: connection, etag })
+        })
+        .await
+    }
+
+    /// The credentials of a connection, for provider calls made on behalf of `caller` (a user,
+    /// or the service itself for scheduled work). Every read of the secret is an audit record.
+    ///
+    /// # Errors
+    /// `Forbidden` without the member role; `NotFound` unless the tenant has that connection.
+    pub async fn credentials(
+        &self,
+        caller: &Caller,
+        integration: IntegrationId,
+        id: ConnectionId,
+    ) -> Result<ConnectionCredentials, DomainError> {
+        self.audit.require(caller, Role::Member, AuditResource::Connection, AuditAction::UseCredentials).await?;
+        let stored = self.connections.get(&caller.tenant_id, integration, id).await?;
+        let parent = self.integrations.get(&caller.tenant_id, integration).await?;
+        let options = self.options(&parent.value).await?;
+        Ok(ConnectionCredentials {
+            service: self.clone(),
+            caller: caller.clone(),
+            tenant: caller.tenant_id.clone(),
+            integration,
+            id: stored.value.id,
+            api_key: options.api_key,
+        })
+    }
+
+    /// An event about `connection`, carrying it as the API returns it.
+    fn event(&self, event_type: EventType, connection: &Connection) -> Result<DomainEvent, DomainError> {
+        Ok(DomainEvent {
+            id: self.ids.new_uuid(),
+            event_type,
+            tenant_id: connection.tenant_id.clone(),
+            subject: connection.id.to_string(),
+            time: self.clock.now(),
+            data: serde_json::to_value(ConnectionEventData::from(connection)).map_err(|e| DomainError::Unexpected(e.into()))?,
+        })
+    }
+}
+
+/// The [`CredentialSource`] of one connection: reads the current credentials from the secret
+/// store on every call (so a replaced credential is used at once) and refuses a connection that
+/// cannot authenticate.
+#[derive(Clone)]
+pub struct ConnectionCredentials {
+    service: ConnectionService,
+    caller: Caller,
+    tenant: TenantId,
+    integration: IntegrationId,
+    id: ConnectionId,
+    api_key: Option<ApiKeyPlacement>,
+}
+
+impl std::fmt::Debug for ConnectionCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectionCredentials").field("connection", &self.id).finish_non_exhaustive()
+    }
+}
+
+impl ConnectionCredentials {
+    async fn material(&self) -> Result<AuthMaterial, DomainError> {
+        let service = &self.service;
+        let stored = service.connections.get(&self.tenant, self.integration, self.id).await?;
+        let connection = stored.value;
+        if connection.status != ConnectionStatus::Active {
+            return Err(DomainError::Conflict(format!(
+                "connection '{}' cannot authenticate: it is {}{}",
+                connection.id,
+                connection.status.as_str(),
+                connection.status_reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default()
+            )));
+        }
+        let reference = connection
+            .credentials
+            .as_ref()
+            .ok_or_else(|| DomainError::Conflict(format!("connection '{}' has no credentials", connection.id)))?;
+        let value = service.secrets.get(reference).await?;
+        let result = Ok::<_, DomainError>(());
+        service
+            .audit
+            .result(&self.caller, AuditResource::Connection, AuditAction::UseCredentials, Some(self.id.to_string()), &result, |_| {
+                (String::new(), json!({ "integrationId": self.integration.to_string() }))
+            })
+            .await;
+        match Credentials::from_secret(connection.auth_mode, &value)? {
+            Credentials::ApiKey { api_key } => {
+                let placement = self
+                    .api_key
+                    .clone()
+                    .ok_or_else(|| DomainError::Conflict("the integration's provider does not say where an API key goes".to_owned()))?;
+                Ok(AuthMaterial::ApiKey { location: placement.location, name: placement.name, value: api_key })
+            }
+            Credentials::Bearer { token } => Ok(AuthMaterial::Bearer(token)),
+            Credentials::Basic { username, password } => Ok(AuthMaterial::Basic { username, password }),
+            Credentials::Oauth2ClientCredentials { .. } => Err(DomainError::Conflict(
+                "client-credentials connections cannot obtain tokens yet: no token client is configured".to_owned(),
+            )),
+        }
+    }
+}
+
+#[async_trait]
+impl CredentialSource for ConnectionCredentials {
+    async fn current(&self) -> Result<AuthMaterial, DomainError> {
+        self.material().await
+    }
+
+    async fn after_unauthorized(&self, stale: &AuthMaterial) -> Result<AuthMaterial, DomainError> {
+        // Static credentials cannot be refreshed; ones replaced since the request are newer.
+        let now = self.material().await?;
+        if &now == stale {
+            return Err(DomainError::Conflict(format!(
+                "the provider refused the credentials of connection '{}' and they cannot be refreshed",
+                self.id
+            )));
+        }
+        Ok(now)
+    }
+}

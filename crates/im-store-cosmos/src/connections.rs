@@ -1,0 +1,117 @@
+//! [`ConnectionRepository`] on `integration_connections`, partitioned by integration. Every call
+//! checks the tenant of the document it reads (and writes conditionally on that version), so
+//! another tenant's connection is not found. Events go into the same partition in the same
+//! transactional batch.
+
+use async_trait::async_trait;
+use azure_data_cosmos::options::{BatchDeleteOptions, BatchReplaceOptions};
+use azure_data_cosmos::{Query, TransactionalBatch};
+use im_domain::common::write_condition;
+use im_domain::connection::{Connection, ConnectionId, ConnectionRepository};
+use im_domain::events::DomainEvent;
+use im_domain::{DomainError, ETag, IntegrationId, Page, PageRequest, Stored, TenantId};
+
+use crate::client::{CONNECTIONS, CosmosStore};
+use crate::docs::{ConnectionDoc, etag_to_domain};
+use crate::errors::unexpected;
+use crate::support::{precondition, run_batch, with_events_in};
+
+const RESOURCE: &str = "connection";
+
+pub(crate) struct CosmosConnections {
+    store: CosmosStore,
+}
+
+impl CosmosConnections {
+    pub(crate) fn new(store: CosmosStore) -> Self {
+        Self { store }
+    }
+
+    /// The tenant's connection, or `NotFound` (also when another tenant owns it).
+    async fn owned(&self, tenant: &TenantId, integration: IntegrationId, id: ConnectionId) -> Result<Stored<Connection>, DomainError> {
+        let key = id.to_string();
+        let response = self
+            .store
+            .call("a read", self.store.container(CONNECTIONS).read_item(integration.to_string(), &key, None), RESOURCE, &key)
+            .await?;
+        let etag = response.headers().etag().map(|e| etag_to_domain(e.as_ref()));
+        let doc: ConnectionDoc = response.into_model().map_err(unexpected)?;
+        if doc.kind != ConnectionDoc::TYPE || doc.connection.tenant_id != *tenant {
+            return Err(DomainError::not_found(RESOURCE, id));
+        }
+        let etag = etag.or_else(|| doc.etag.as_deref().map(etag_to_domain)).ok_or_else(|| unexpected("no etag"))?;
+        Ok(Stored { value: doc.connection, etag })
+    }
+}
+
+#[async_trait]
+impl ConnectionRepository for CosmosConnections {
+    #[tracing::instrument(skip_all, name = "connections.create", fields(tenant = %connection.tenant_id, integration = %connection.integration_id, connection = %connection.id, events = events.len()))]
+    async fn create(&self, connection: &Connection, events: &[DomainEvent]) -> Result<ETag, DomainError> {
+        let pk = connection.integration_id.to_string();
+        let id = connection.id.to_string();
+        let doc = ConnectionDoc::new(connection.clone());
+        let batch = with_events_in(TransactionalBatch::new(pk.clone()).create_item(&doc).map_err(unexpected)?, events, Some(&pk))?;
+        run_batch(&self.store, CONNECTIONS, batch, RESOURCE, &id).await?.ok_or_else(|| unexpected("no etag in the batch result"))
+    }
+
+    #[tracing::instrument(skip_all, name = "connections.get", fields(tenant = %tenant, integration = %integration, connection = %id))]
+    async fn get(&self, tenant: &TenantId, integration: IntegrationId, id: ConnectionId) -> Result<Stored<Connection>, DomainError> {
+        self.owned(tenant, integration, id).await
+    }
+
+    #[tracing::instrument(skip_all, name = "connections.list", fields(tenant = %tenant, integration = %integration))]
+    async fn list(
+        &self,
+        tenant: &TenantId,
+        integration: IntegrationId,
+        page: &PageRequest,
+    ) -> Result<Page<Stored<Connection>>, DomainError> {
+        let query = Query::from("SELECT * FROM c WHERE c.type = @type AND c.tenantId = @tenantId ORDER BY c.id")
+            .with_parameter("@type", ConnectionDoc::TYPE)
+            .map_err(unexpected)?
+            .with_parameter("@tenantId", tenant.as_str())
+            .map_err(unexpected)?;
+        let (docs, continuation) = self.store.query_page::<ConnectionDoc>(CONNECTIONS, query, Some(integration.to_string()), page).await?;
+        let items = docs
+            .into_iter()
+            .map(|d| Ok(Stored { etag: d.etag.as_deref().map(etag_to_domain).ok_or_else(|| unexpected("no _etag"))?, value: d.connection }))
+            .collect::<Result<Vec<_>, DomainError>>()?;
+        Ok(Page { items, continuation })
+    }
+
+    #[tracing::instrument(skip_all, name = "connections.replace", fields(tenant = %connection.tenant_id, integration = %connection.integration_id, connection = %connection.id, events = events.len()))]
+    async fn replace(&self, connection: &Connection, if_match: Option<ETag>, events: &[DomainEvent]) -> Result<ETag, DomainError> {
+        let checked = self.owned(&connection.tenant_id, connection.integration_id, connection.id).await?;
+        let token = write_condition(if_match, checked.etag)?;
+        let pk = connection.integration_id.to_string();
+        let id = connection.id.to_string();
+        let doc = ConnectionDoc::new(connection.clone());
+        let options = precondition(Some(&token)).map(|p| BatchReplaceOptions::default().with_precondition(p));
+        let batch = with_events_in(
+            TransactionalBatch::new(pk.clone()).replace_item(id.clone(), &doc, options).map_err(unexpected)?,
+            events,
+            Some(&pk),
+        )?;
+        run_batch(&self.store, CONNECTIONS, batch, RESOURCE, &id).await?.ok_or_else(|| unexpected("no etag in the batch result"))
+    }
+
+    #[tracing::instrument(skip_all, name = "connections.delete", fields(tenant = %tenant, integration = %integration, connection = %id, events = events.len()))]
+    async fn delete(
+        &self,
+        tenant: &TenantId,
+        integration: IntegrationId,
+        id: ConnectionId,
+        if_match: Option<ETag>,
+        events: &[DomainEvent],
+    ) -> Result<(), DomainError> {
+        let checked = self.owned(tenant, integration, id).await?;
+        let token = write_condition(if_match, checked.etag)?;
+        let pk = integration.to_string();
+        let key = id.to_string();
+        let options = precondition(Some(&token)).map(|p| BatchDeleteOptions::default().with_precondition(p));
+        let batch = with_events_in(TransactionalBatch::new(pk.clone()).delete_item(key.clone(), options), events, Some(&pk))?;
+        run_batch(&self.store, CONNECTIONS, batch, RESOURCE, &key).await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,96 @@
+//! [`ConnectionRepository`] on the documents table: container `integration_connections`,
+//! partitioned by integration. The tenant is checked on every call (inside the write's
+//! transaction for writes), so another tenant's connection is not found.
+
+use async_trait::async_trait;
+use im_domain::common::write_condition;
+use im_domain::connection::{Connection, ConnectionId, ConnectionRepository};
+use im_domain::events::DomainEvent;
+use im_domain::{DomainError, ETag, IntegrationId, Page, PageRequest, Stored, TenantId};
+
+use crate::containers::CONNECTIONS;
+use crate::documents::{Documents, Query};
+use crate::support::{decode, encode};
+
+const RESOURCE: &str = "connection";
+
+pub(crate) struct SqliteConnections {
+    docs: Documents,
+}
+
+impl SqliteConnections {
+    pub(crate) fn new(docs: Documents) -> Self {
+        Self { docs }
+    }
+
+    /// The tenant's connection, or `NotFound` (also when another tenant owns it).
+    async fn owned(&self, tenant: &TenantId, integration: IntegrationId, id: ConnectionId) -> Result<Stored<Connection>, DomainError> {
+        let found = match self.docs.get(CONNECTIONS, integration.to_string(), id.to_string()).await? {
+            Some(doc) => decode::<Connection>(doc)?,
+            None => return Err(DomainError::not_found(RESOURCE, id)),
+        };
+        if found.value.tenant_id != *tenant {
+            return Err(DomainError::not_found(RESOURCE, id));
+        }
+        Ok(found)
+    }
+}
+
+#[async_trait]
+impl ConnectionRepository for SqliteConnections {
+    #[tracing::instrument(skip_all, name = "connections.create", fields(tenant = %connection.tenant_id, integration = %connection.integration_id, connection = %connection.id, events = events.len()))]
+    async fn create(&self, connection: &Connection, events: &[DomainEvent]) -> Result<ETag, DomainError> {
+        let body = encode(connection)?;
+        self.docs
+            .create_with_events(CONNECTIONS, connection.integration_id.to_string(), connection.id.to_string(), body, None, events)
+            .await
+    }
+
+    #[tracing::instrument(skip_all, name = "connections.get", fields(tenant = %tenant, integration = %integration, connection = %id))]
+    async fn get(&self, tenant: &TenantId, integration: IntegrationId, id: ConnectionId) -> Result<Stored<Connection>, DomainError> {
+        self.owned(tenant, integration, id).await
+    }
+
+    #[tracing::instrument(skip_all, name = "connections.list", fields(tenant = %tenant, integration = %integration))]
+    async fn list(
+        &self,
+        tenant: &TenantId,
+        integration: IntegrationId,
+        page: &PageRequest,
+    ) -> Result<Page<Stored<Connection>>, DomainError> {
+        let query = Query {
+            container: CONNECTIONS,
+            pk: Some(integration.to_string()),
+            filters: vec![("$.tenantId", tenant.to_string())],
+            search: None,
+            contains: Vec::new(),
+            page: page.clone(),
+        };
+        let (docs, continuation) = self.docs.query(query).await?;
+        let items = docs.into_iter().map(decode).collect::<Result<Vec<_>, _>>()?;
+        Ok(Page { items, continuation })
+    }
+
+    #[tracing::instrument(skip_all, name = "connections.replace", fields(tenant = %connection.tenant_id, integration = %connection.integration_id, connection = %connection.id, events = events.len()))]
+    async fn replace(&self, connection: &Connection, if_match: Option<ETag>, events: &[DomainEvent]) -> Result<ETag, DomainError> {
+        let checked = self.owned(&connection.tenant_id, connection.integration_id, connection.id).await?;
+        let token = write_condition(if_match, checked.etag)?;
+        let body = encode(connection)?;
+        let pk = connection.integration_id.to_string();
+        self.docs.replace(CONNECTIONS, RESOURCE, pk.clone(), pk, connection.id.to_string(), body, Some(token), None, events).await
+    }
+
+    #[tracing::instrument(skip_all, name = "connections.delete", fields(tenant = %tenant, integration = %integration, connection = %id, events = events.len()))]
+    async fn delete(
+        &self,
+        tenant: &TenantId,
+        integration: IntegrationId,
+        id: ConnectionId,
+        if_match: Option<ETag>,
+        events: &[DomainEvent],
+    ) -> Result<(), DomainError> {
+        let checked = self.owned(tenant, integration, id).await?;
+        let token = write_condition(if_match, checked.etag)?;
+        self.docs.delete(CONNECTIONS, RESOURCE, integration.to_string(), id.to_string(), Some(token), events).await
+    }
+}

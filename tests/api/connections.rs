@@ -1,0 +1,281 @@
+//! Connections: credentials in the secret store and never shown, hints only, tenant isolation
+//! although the container is partitioned by integration, the credential source other features
+//! call providers with, and what deleting an integration with connections does.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use im_domain::auth::{Caller, Role};
+use im_domain::connection::{ConnectionId, ConnectionStatus};
+use im_domain::custom::ApiKeyLocation;
+use im_domain::events::DomainEvent;
+use im_domain::provider_client::{AuthMaterial, CredentialSource};
+use im_domain::{DomainError, IntegrationId, TenantId, UserId};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::events::{Recorder, assert_matches_schema};
+use crate::helpers::{TestApp, backend_is_cosmos, custom_definition, database_contains, fields, header, problem, spawn_app};
+
+const TOKEN: &str = "ghp_Secret0123456789TokenValue";
+const NEW_TOKEN: &str = "ghp_Another0123456789Value9876";
+
+fn bearer(name: &str, token: &str) -> Value {
+    json!({"name": name, "authMode": "bearer", "credentials": {"token": token}})
+}
+
+async fn integration(app: &TestApp, token: &str) -> String {
+    let (created, _) = app.create_github(token, "connected").await;
+    created["id"].as_str().unwrap().to_owned()
+}
+
+/// The caller a token stands for, to reach the services as another feature does.
+fn caller(tenant: &str) -> Caller {
+    Caller::new(TenantId::new(tenant).unwrap(), UserId::new("alice").unwrap(), vec![Role::Member])
+}
+
+async fn source(app: &TestApp, tenant: &str, integration: &str, id: &str) -> Result<AuthMaterial, DomainError> {
+    let integration = IntegrationId::parse(integration).unwrap();
+    let id = ConnectionId::parse(id).unwrap();
+    app.state.connections.credentials(&caller(tenant), integration, id).await?.current().await
+}
+
+#[tokio::test]
+async fn credentials_go_to_the_secret_store_and_only_hints_come_back() {
+    let app = spawn_app().await;
+    let tenant = format!("t-{}", uuid::Uuid::new_v4().simple());
+    let token = app.token(&tenant, "alice", &[Role::Member]);
+    let integration = integration(&app, &token).await;
+    let base = format!("/api/v1/integrations/{integration}/connections");
+
+    let response = app.post(&base, &token, &bearer("Deploy bot", TOKEN)).await;
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let etag = header(&response, "etag");
+    let location = header(&response, "location");
+    let text = response.text().await.unwrap();
+    assert!(!text.contains(TOKEN) && !text.contains("Secret0123"), "no credential in the answer: {text}");
+    let created: Value = serde_json::from_str(&text).unwrap();
+    let id = created["id"].as_str().unwrap().to_owned();
+    assert_eq!(location, format!("{base}/{id}"));
+    assert_eq!(created["authMode"], "bearer");
+    assert_eq!(created["status"], "active");
+    assert_eq!(created["lastFour"], "alue", "the last four characters are the hint");
+    assert_eq!(created["integrationId"], integration.as_str());
+    assert!(created.get("credentials").is_none());
+
+    let listed: Value = app.get(&base, &token).await.json().await.unwrap();
+    assert_eq!(listed["items"].as_array().unwrap().iter().map(|c| c["id"].clone()).collect::<Vec<_>>(), vec![json!(id)]);
+    let read = app.get(&location, &token).await;
+    assert_eq!(header(&read, "etag"), etag);
+    assert!(!read.text().await.unwrap().contains(TOKEN));
+    assert_eq!(source(&app, &tenant, &integration, &id).await.unwrap(), AuthMaterial::Bearer(TOKEN.into()), "the source reads the secret");
+    if !backend_is_cosmos() {
+        assert!(!database_contains(&app, TOKEN), "the database never holds the credential");
+    }
+
+    // Replace: If-Match honoured, new credentials used at once.
+    problem(app.put(&location, &token, &bearer("Deploy bot", NEW_TOKEN), Some("\"stale\"")).await, StatusCode::PRECONDITION_FAILED).await;
+    let mut body = created.clone();
+    body["name"] = json!("Release bot");
+    body["credentials"] = json!({"token": NEW_TOKEN});
+    let response = app.put(&location, &token, &body, Some(&etag)).await;
+    assert_eq!(response.status(), StatusCode::OK, "the view sent back with new credentials is accepted");
+    let updated: Value = response.json().await.unwrap();
+    assert_eq!((updated["name"].as_str(), updated["lastFour"].as_str()), (Some("Release bot"), Some("9876")));
+    assert_eq!(source(&app, &tenant, &integration, &id).await.unwrap(), AuthMaterial::Bearer(NEW_TOKEN.into()));
+
+    // Delete: the document, then the secret.
+    let stored = app
+        .state
+        .connections
+        .get(&caller(&tenant), IntegrationId::parse(&integration).unwrap(), ConnectionId::parse(&id).unwrap())
+        .await
+        .unwrap();
+    let secret = stored.value.credentials.expect("a secret reference");
+    assert_eq!(secret.secret_name.as_str(), format!("integration-manager/{tenant}/connection/{id}"));
+    assert_eq!(app.delete(&location, &token, None).await.status(), StatusCode::NO_CONTENT);
+    problem(app.get(&location, &token).await, StatusCode::NOT_FOUND).await;
+    let secrets = integration_manager::startup::secret_store(&app.settings).unwrap();
+    assert!(matches!(secrets.get(&secret).await, Err(DomainError::NotFound { .. })), "the secret went with the connection");
+    assert!(matches!(source(&app, &tenant, &integration, &id).await, Err(DomainError::NotFound { .. })));
+}
+
+#[tokio::test]
+async fn modes_and_credentials_are_checked_field_by_field() {
+    let app = spawn_app().await;
+    let token = app.member();
+    let integration = integration(&app, &token).await;
+    let base = format!("/api/v1/integrations/{integration}/connections");
+
+    let bad = problem(
+        app.post(&base, &token, &json!({"name": "k", "authMode": "api_key", "credentials": {"apiKey": "sk_0123456789abcdef"}})).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
+    assert_eq!(fields(&bad), ["authMode"], "GitHub takes no API key");
+    assert!(!bad.to_string().contains("sk_0123"), "a refused credential is not echoed: {bad}");
+
+    let bad = problem(
+        app.post(&base, &token, &json!({"name": "", "authMode": "bearer", "credentials": {"username": "alice"}})).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
+    let f = fields(&bad);
+    for wanted in ["credentials.token", "credentials.username"] {
+        assert!(f.contains(&wanted.to_owned()), "{wanted} not in {f:?}");
+    }
+
+    let bad = problem(
+        app.post(&base, &token, &json!({"name": "x", "authMode": "bearer", "credentials": {"token": "t", "pin": 1}})).await,
+        StatusCode::BAD_REQUEST,
+    )
+    .await;
+    assert_eq!(fields(&bad), ["credentials.pin"]);
+    let bad = problem(
+        app.post(&base, &token, &json!({"name": "x", "authMode": "oauth2_authorization_code", "credentials": {}})).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
+    assert_eq!(fields(&bad), ["authMode"]);
+    let listed: Value = app.get(&base, &token).await.json().await.unwrap();
+    assert!(listed["items"].as_array().unwrap().is_empty(), "refused requests wrote nothing");
+    problem(app.post("/api/v1/integrations/not-a-uuid/connections", &token, &bearer("x", TOKEN)).await, StatusCode::NOT_FOUND).await;
+    let unknown = format!("/api/v1/integrations/{}/connections", uuid::Uuid::now_v7());
+    problem(app.post(&unknown, &token, &bearer("x", TOKEN)).await, StatusCode::NOT_FOUND).await;
+}
+
+#[tokio::test]
+async fn another_tenant_finds_nothing_even_with_both_ids() {
+    let app = spawn_app().await;
+    let (owner, other) = (app.member(), app.member());
+    let integration = integration(&app, &owner).await;
+    let base = format!("/api/v1/integrations/{integration}/connections");
+    let created: Value = app.post(&base, &owner, &bearer("mine", TOKEN)).await.json().await.unwrap();
+    let path = format!("{base}/{}", created["id"].as_str().unwrap());
+
+    problem(app.get(&path, &other).await, StatusCode::NOT_FOUND).await;
+    problem(app.get(&base, &other).await, StatusCode::NOT_FOUND).await;
+    problem(app.put(&path, &other, &bearer("taken", NEW_TOKEN), None).await, StatusCode::NOT_FOUND).await;
+    problem(app.delete(&path, &other, None).await, StatusCode::NOT_FOUND).await;
+    problem(app.post(&base, &other, &bearer("planted", NEW_TOKEN)).await, StatusCode::NOT_FOUND).await;
+    let kept: Value = app.get(&path, &owner).await.json().await.unwrap();
+    assert_eq!(kept["name"], "mine");
+
+    let viewer = app.token("someone", "v", &[Role::Viewer]);
+    problem(app.post(&base, &viewer, &bearer("x", TOKEN)).await, StatusCode::FORBIDDEN).await;
+}
+
+#[tokio::test]
+async fn an_integration_with_connections_is_not_deleted() {
+    let app = spawn_app().await;
+    let token = app.member();
+    let integration = integration(&app, &token).await;
+    let path = format!("/api/v1/integrations/{integration}");
+    let created: Value = app.post(&format!("{path}/connections"), &token, &bearer("c", TOKEN)).await.json().await.unwrap();
+
+    let refused = problem(app.delete(&path, &token, None).await, StatusCode::CONFLICT).await;
+    assert!(refused["detail"].as_str().unwrap().contains("connections"), "{refused}");
+    assert_eq!(app.get(&path, &token).await.status(), StatusCode::OK, "the integration is still there");
+
+    let connection = format!("{path}/connections/{}", created["id"].as_str().unwrap());
+    assert_eq!(app.delete(&connection, &token, None).await.status(), StatusCode::NO_CONTENT);
+    assert_eq!(app.delete(&path, &token, None).await.status(), StatusCode::NO_CONTENT, "without connections it goes");
+}
+
+#[tokio::test]
+async fn a_custom_api_key_connection_puts_the_key_where_the_definition_says() {
+    let app = spawn_app().await;
+    let tenant = format!("t-{}", uuid::Uuid::new_v4().simple());
+    let token = app.token(&tenant, "alice", &[Role::Member]);
+    let body = json!({"providerId": "custom", "name": "Ticketing", "customDefinition": custom_definition()});
+    let integration: Value = app.post("/api/v1/integrations", &token, &body).await.json().await.unwrap();
+    let integration = integration["id"].as_str().unwrap().to_owned();
+    let base = format!("/api/v1/integrations/{integration}/connections");
+
+    problem(app.post(&base, &token, &bearer("wrong mode", TOKEN)).await, StatusCode::UNPROCESSABLE_ENTITY).await;
+    let key = json!({"name": "key", "authMode": "api_key", "credentials": {"apiKey": "short"}});
+    let created: Value = app.post(&base, &token, &key).await.json().await.unwrap();
+    assert!(created.get("lastFour").is_none(), "a short secret shows no hint");
+    let material = source(&app, &tenant, &integration, created["id"].as_str().unwrap()).await.unwrap();
+    assert_eq!(material, AuthMaterial::ApiKey { location: ApiKeyLocation::Header, name: "X-Api-Key".into(), value: "short".into() });
+    assert!(!format!("{material:?}").contains("short"), "material never prints");
+}
+
+/// The events about `subject` the recorder got once `count` arrived (or after five seconds), and
+/// a moment later, so that an extra event would show.
+async fn events_about(recorder: &Recorder, subject: &str, count: usize) -> Vec<DomainEvent> {
+    let about = || recorder.0.lock().unwrap().iter().filter(|e| e.subject == subject).cloned().collect::<Vec<_>>();
+    for _ in 0..200 {
+        if about().len() >= count {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    about()
+}
+
+#[tokio::test]
+async fn creating_and_deleting_publish_events_that_match_their_schemas() {
+    let app = spawn_app().await;
+    let recorder = Arc::new(Recorder::default());
+    app.state.bus.subscribe(recorder.clone());
+    let token = app.member();
+    let hook = json!({"url": "https://hooks.example.com/im", "eventTypes": ["integration.connection.*"]});
+    assert_eq!(app.post("/api/v1/webhooks", &token, &hook).await.status(), StatusCode::CREATED, "connection events are deliverable");
+    let integration = integration(&app, &token).await;
+    let base = format!("/api/v1/integrations/{integration}/connections");
+    let created: Value = app.post(&base, &token, &bearer("evented", TOKEN)).await.json().await.unwrap();
+    let id = created["id"].as_str().unwrap().to_owned();
+    assert_eq!(app.delete(&format!("{base}/{id}"), &token, None).await.status(), StatusCode::NO_CONTENT);
+
+    let seen = events_about(&recorder, &id, 2).await;
+    let types: Vec<_> = seen.iter().map(|e| e.event_type.as_str()).collect();
+    assert_eq!(types, ["integration.connection.created", "integration.connection.deleted"]);
+    for event in &seen {
+        let cloud = event.cloud_event();
+        assert_matches_schema(&cloud);
+        assert_eq!(cloud["data"]["integrationId"], integration.as_str());
+        assert!(!cloud.to_string().contains(TOKEN), "no credential in an event");
+    }
+}
+
+#[tokio::test]
+async fn a_failed_connection_shows_why_refuses_its_credentials_and_publishes_one_event() {
+    let app = spawn_app().await;
+    let recorder = Arc::new(Recorder::default());
+    app.state.bus.subscribe(recorder.clone());
+    let tenant = format!("t-{}", uuid::Uuid::new_v4().simple());
+    let token = app.token(&tenant, "alice", &[Role::Member]);
+    let integration = integration(&app, &token).await;
+    let base = format!("/api/v1/integrations/{integration}/connections");
+    let created: Value = app.post(&base, &token, &bearer("failing", TOKEN)).await.json().await.unwrap();
+    let id = created["id"].as_str().unwrap().to_owned();
+    let (integration_id, connection_id) = (IntegrationId::parse(&integration).unwrap(), ConnectionId::parse(&id).unwrap());
+
+    let reason = "the provider answered 401 to the verification request";
+    for _ in 0..2 {
+        app.state
+            .connections
+            .mark_failed(&caller(&tenant), integration_id, connection_id, ConnectionStatus::Error, reason)
+            .await
+            .expect("marked");
+    }
+    let read: Value = app.get(&format!("{base}/{id}"), &token).await.json().await.unwrap();
+    assert_eq!((read["status"].as_str(), read["statusReason"].as_str()), (Some("error"), Some(reason)));
+    let refused = source(&app, &tenant, &integration, &id).await;
+    assert!(matches!(&refused, Err(DomainError::Conflict(why)) if why.contains(reason)), "{refused:?}");
+    let other = app.state.connections.mark_failed(&caller("intruder"), integration_id, connection_id, ConnectionStatus::Revoked, "x").await;
+    assert!(matches!(other, Err(DomainError::NotFound { .. })), "another tenant cannot mark it");
+
+    let events = events_about(&recorder, &id, 2).await;
+    let failed: Vec<_> = events.iter().filter(|e| e.event_type.as_str() == "integration.connection.failed").collect();
+    assert_eq!(failed.len(), 1, "one event for one change");
+    let cloud = failed[0].cloud_event();
+    assert_matches_schema(&cloud);
+    assert_eq!(cloud["data"]["statusReason"], reason);
+
+    // New credentials make it active again.
+    let response = app.put(&format!("{base}/{id}"), &token, &bearer("failing", NEW_TOKEN), None).await;
+    assert_eq!(response.json::<Value>().await.unwrap()["status"], "active");
+}
