@@ -28,8 +28,8 @@ use im_domain::connection::ConnectionRepository;
 use im_domain::ports::{EventPublisher, HealthCheck, IntegrationRepository, Outbox, ProviderRepository};
 use im_domain::secrets::SecretStore;
 use im_domain::services::{
-    CatalogService, ConnectionService, DeliveryService, DeliverySettings, EventRelay, InProcessBus, IntegrationService, OutboxAdmin,
-    WebhookService,
+    CatalogService, ConnectionService, ConnectionTests, DeliveryService, DeliverySettings, EventRelay, InProcessBus, IntegrationService,
+    OutboxAdmin, WebhookService,
 };
 use im_domain::webhooks::ports::{DeliveryQueue, DeliveryRepository, OsEntropy, WebhookRepository};
 use im_domain::{Clock, SystemClock, UuidV7};
@@ -337,6 +337,12 @@ impl Application {
             Arc::new(UuidV7),
             audit.clone(),
         );
+        // One provider client for everything that calls a provider: its per-connection limits
+        // hold across features.
+        let provider_client =
+            im_webhook_sender::provider::HttpProviderClient::new(settings.provider_client.clone(), settings.webhooks.sender.url_policy())
+                .map_err(|e| anyhow::anyhow!("provider client: {e}"))?;
+        let connection_tests = Arc::new(ConnectionTests::new(connections.clone(), Arc::new(provider_client)));
         let (webhooks, deliveries) = webhooks(&settings, &storage, secrets, audit).await?;
 
         let workers = Workers { shutdown: CancellationToken::new(), tasks: TaskTracker::new() };
@@ -352,6 +358,7 @@ impl Application {
         let state = web::Data::new(AppState {
             integrations: events.integrations,
             connections,
+            connection_tests,
             catalog,
             webhooks,
             deliveries,

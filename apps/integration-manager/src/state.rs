@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use im_domain::auth::Authenticator;
 use im_domain::ports::HealthCheck;
+use im_domain::services::connection_test::ConnectionTester;
 use im_domain::services::{
     CatalogService, ConnectionService, DeliveryService, InProcessBus, IntegrationService, OutboxAdmin, WebhookService,
 };
@@ -13,6 +14,8 @@ use im_domain::services::{
 pub struct AppState {
     pub integrations: IntegrationService,
     pub connections: ConnectionService,
+    /// Connection tests (through the provider client).
+    pub connection_tests: Arc<dyn ConnectionTester>,
     pub catalog: CatalogService,
     pub webhooks: WebhookService,
     pub deliveries: DeliveryService,

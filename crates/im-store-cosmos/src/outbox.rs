@@ -116,8 +116,9 @@ impl CosmosOutbox {
         }
         let doc_id = OutboxDoc::id_for(id);
         for container in SOURCES {
-            let query =
-                Query::from("SELECT c.tenantId, c.integrationId FROM c WHERE c.id = @id").with_parameter("@id", doc_id.as_str()).map_err(unexpected)?;
+            let query = Query::from("SELECT c.tenantId, c.integrationId FROM c WHERE c.id = @id")
+                .with_parameter("@id", doc_id.as_str())
+                .map_err(unexpected)?;
             let (found, _) = self.store.query_page::<Located>(container, query, None, &PageRequest::first(1)).await?;
             if let Some(l) = found.into_iter().next() {
                 return Ok(Some((container, l.integration_id.unwrap_or(l.tenant_id))));

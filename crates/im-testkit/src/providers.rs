@@ -4,7 +4,9 @@ use std::collections::BTreeMap;
 
 use im_domain::custom::{HttpMethod, Pagination};
 use im_domain::ports::ProviderRepository;
-use im_domain::provider::{ApiKeyPlacement, AuthMode, Capabilities, Category, Provider, ProviderFilter, ProviderId, ProviderSpec, VerificationRequest};
+use im_domain::provider::{
+    ApiKeyPlacement, AuthMode, Capabilities, Category, Provider, ProviderFilter, ProviderId, ProviderSpec, VerificationRequest,
+};
 use im_domain::{DomainError, PageRequest};
 use serde_json::json;
 

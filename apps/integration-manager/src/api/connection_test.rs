@@ -1,10 +1,8 @@
 //! `POST /api/v1/integrations/{id}/connections/{connectionId}/test`: sends the provider's
 //! verification request with the connection's credentials and answers the outcome.
 //!
-//! The handler reaches the connection model through the domain's [`ConnectionTester`] (the
-//! connection service), registered as `web::Data<Arc<dyn ConnectionTester>>`.
-
-use std::sync::Arc;
+//! The handler reaches the connection model through the domain's [`ConnectionTester`]
+//! (`ConnectionTests`: the connection service and the provider client), kept in `AppState`.
 
 use actix_web::{HttpResponse, web};
 use im_domain::services::connection_test::{ConnectionTestOutcome, ConnectionTester};
@@ -14,6 +12,7 @@ use utoipa::ToSchema;
 
 use super::extract::Authenticated;
 use super::problem::{ApiError, ApiResult};
+use crate::state::AppState;
 
 /// The outcome of a connection test. A failed test is still a `200` answer with `ok: false`;
 /// the connection's status follows the outcome.
@@ -60,13 +59,9 @@ pub async fn answer(tester: &dyn ConnectionTester, caller: &Caller, id: &str, co
         (status = 200, description = "The outcome; `ok` is false when the provider refused or could not be reached", body = ConnectionTestView),
     ),
     security(("bearer" = [])))]
-pub async fn test(
-    tester: web::Data<Arc<dyn ConnectionTester>>,
-    caller: Authenticated,
-    path: web::Path<(String, String)>,
-) -> ApiResult<HttpResponse> {
+pub async fn test(state: web::Data<AppState>, caller: Authenticated, path: web::Path<(String, String)>) -> ApiResult<HttpResponse> {
     let (id, connection_id) = path.into_inner();
-    answer(tester.get_ref().as_ref(), &caller.0, &id, &connection_id).await
+    answer(state.connection_tests.as_ref(), &caller.0, &id, &connection_id).await
 }
 
 #[cfg(test)]
@@ -85,7 +80,7 @@ mod tests {
         asked: Mutex<Vec<(String, String)>>,
     }
 
-    #[async_trait]
+    #[async_trait(?Send)]
     impl ConnectionTester for Fake {
         async fn test(&self, _: &Caller, integration: &IntegrationId, connection: &str) -> Result<ConnectionTestOutcome, DomainError> {
             self.asked.lock().unwrap().push((integration.to_string(), connection.to_owned()));

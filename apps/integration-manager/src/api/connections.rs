@@ -294,7 +294,12 @@ pub async fn get(
         (status = 200, description = "Updated; the new `ETag` is set", body = ConnectionView),
     ),
     security(("bearer" = [])))]
-pub async fn update(state: web::Data<AppState>, write: Write, path: web::Path<(String, String)>, body: JsonBody) -> ApiResult<HttpResponse> {
+pub async fn update(
+    state: web::Data<AppState>,
+    write: Write,
+    path: web::Path<(String, String)>,
+    body: JsonBody,
+) -> ApiResult<HttpResponse> {
     state.connections.authorize(&write.caller, AuditAction::Update).await?;
     let (integration, id) = ids(&path)?;
     let spec = read_spec(&state, &write.caller, integration, body.0).await?;

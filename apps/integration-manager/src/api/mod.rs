@@ -48,6 +48,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
                     .route(web::put().to(connections::update))
                     .route(web::delete().to(connections::delete)),
             )
+            .service(web::resource("/integrations/{id}/connections/{connection}/test").route(web::post().to(connection_test::test)))
             .service(web::resource("/webhooks").route(web::get().to(webhooks::list)).route(web::post().to(webhooks::create)))
             .service(
                 web::resource("/webhooks/{id}")

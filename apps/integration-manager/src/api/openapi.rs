@@ -6,7 +6,7 @@ use serde_json::{Value, json};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{admin, connections, deliveries, health, integrations, problem, providers, webhooks};
+use super::{admin, connection_test, connections, deliveries, health, integrations, problem, providers, webhooks};
 
 struct BearerAuth;
 
@@ -30,7 +30,7 @@ impl Modify for BearerAuth {
     ),
     paths(
         integrations::list, integrations::create, integrations::get, integrations::update, integrations::delete,
-        connections::list, connections::create, connections::get, connections::update, connections::delete,
+        connections::list, connections::create, connections::get, connections::update, connections::delete, connection_test::test,
         providers::list, providers::create, providers::get, providers::update, providers::delete,
         webhooks::list, webhooks::create, webhooks::get, webhooks::update, webhooks::delete, webhooks::rotate_secret,
         deliveries::list, deliveries::get, deliveries::retry, deliveries::recover, deliveries::test,
@@ -40,6 +40,7 @@ impl Modify for BearerAuth {
         problem::Problem, problem::ProblemField, integrations::IntegrationInput, integrations::IntegrationView, providers::ProviderInput,
         providers::ProviderView, webhooks::WebhookInput, webhooks::WebhookView, deliveries::DeliveryView, deliveries::RecoverInput,
         deliveries::RecoverReport, admin::DeadLetterView, connections::ConnectionInput, connections::ConnectionView,
+        connection_test::ConnectionTestView,
     )),
     modifiers(&BearerAuth),
     tags(

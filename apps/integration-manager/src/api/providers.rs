@@ -5,7 +5,9 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use im_domain::Stored;
 use std::collections::BTreeMap;
 
-use im_domain::provider::{ApiKeyPlacement, AuthMode, Capabilities, Category, Provider, ProviderFilter, ProviderId, ProviderSpec, VerificationRequest};
+use im_domain::provider::{
+    ApiKeyPlacement, AuthMode, Capabilities, Category, Provider, ProviderFilter, ProviderId, ProviderSpec, VerificationRequest,
+};
 use im_domain::{DomainError, FieldViolation, Violations};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;

@@ -40,8 +40,9 @@ pub struct ConnectionTestOutcome {
 /// implements it: it checks the caller's role, reads the integration (in the caller's tenant)
 /// and its catalog provider or custom definition, builds the [`Verification`], runs
 /// [`test_connection`] with the connection's [`CredentialSource`], and sets the connection's
-/// status from the outcome.
-#[async_trait]
+/// status from the outcome. Its future need not be `Send`: it runs on the worker that serves
+/// the request.
+#[async_trait(?Send)]
 pub trait ConnectionTester: Send + Sync {
     /// # Errors
     /// - MUST return [`DomainError::NotFound`] for an integration or connection the caller's

@@ -15,9 +15,10 @@ use crate::events::{DomainEvent, EventType};
 use crate::integration::Integration;
 use crate::ports::{IntegrationRepository, ProviderRepository};
 use crate::provider::{ApiKeyPlacement, AuthMode};
-use crate::provider_client::{AuthMaterial, CredentialSource};
+use crate::provider_client::{AuthMaterial, CredentialSource, ProviderClient};
 use crate::secrets::{SecretName, SecretRef, SecretStore};
 
+use super::connection_test::{ConnectionTestOutcome, ConnectionTester, Verification, test_connection};
 use super::read_modify_write;
 
 /// The secret-name kind of connection credentials: `integration-manager/{tenant}/connection/{id}`.
@@ -339,6 +340,22 @@ impl ConnectionService {
         .await
     }
 
+    /// Makes a connection in `error` `active` again (a test passed); leaves any other status.
+    async fn mark_recovered(&self, caller: &Caller, integration: IntegrationId, id: ConnectionId) -> Result<(), DomainError> {
+        read_modify_write(None, async |_| {
+            let current = self.connections.get(&caller.tenant_id, integration, id).await?;
+            if current.value.status != ConnectionStatus::Error {
+                return Ok(current);
+            }
+            let connection =
+                Connection { status: ConnectionStatus::Active, status_reason: None, updated_at: self.clock.now(), ..current.value.clone() };
+            let etag = self.connections.replace(&connection, Some(current.etag.clone()), &[]).await?;
+            Ok(Stored { value: connection, etag })
+        })
+        .await
+        .map(|_| ())
+    }
+
     /// The credentials of a connection, for provider calls made on behalf of `caller` (a user,
     /// or the service itself for scheduled work). Every read of the secret is an audit record.
     ///
@@ -361,6 +378,7 @@ impl ConnectionService {
             integration,
             id: stored.value.id,
             api_key: options.api_key,
+            testing: false,
         })
     }
 
@@ -377,6 +395,50 @@ impl ConnectionService {
     }
 }
 
+/// Tests connections: sends the provider's verification request (or a custom definition's
+/// smallest list) through the provider client with the connection's credentials, and sets the
+/// connection's status from the outcome: a 2xx makes it `active` again, a 401 or 403 makes it
+/// `error` with the reason (and publishes `integration.connection.failed`); an unreachable
+/// provider or another status changes nothing, since it says nothing about the credentials.
+#[derive(Clone)]
+pub struct ConnectionTests {
+    service: ConnectionService,
+    client: Arc<dyn ProviderClient>,
+}
+
+impl ConnectionTests {
+    pub fn new(service: ConnectionService, client: Arc<dyn ProviderClient>) -> Self {
+        Self { service, client }
+    }
+}
+
+#[async_trait(?Send)]
+impl ConnectionTester for ConnectionTests {
+    async fn test(&self, caller: &Caller, integration: &IntegrationId, connection: &str) -> Result<ConnectionTestOutcome, DomainError> {
+        let service = &self.service;
+        let not_found = || DomainError::NotFound { resource: "connection", id: connection.to_owned() };
+        let id = ConnectionId::parse(connection).ok_or_else(not_found)?;
+        let mut credentials = service.credentials(caller, *integration, id).await?;
+        credentials.testing = true;
+        let parent = service.integrations.get(&caller.tenant_id, *integration).await?.value;
+        let verification = match &parent.custom_definition {
+            Some(definition) => Verification::for_custom(definition)?,
+            None => {
+                let provider = service.providers.get(&parent.provider_id).await?.value;
+                Verification::for_provider(&provider.spec, &serde_json::Value::Object(parent.config.clone()))?
+            }
+        };
+        let outcome = test_connection(self.client.as_ref(), &id.to_string(), &verification, &credentials, service.clock.as_ref()).await;
+        if outcome.ok {
+            service.mark_recovered(caller, *integration, id).await?;
+        } else if let Some(status @ (401 | 403)) = outcome.status {
+            let reason = format!("the provider refused the credentials (HTTP {status}) in a connection test");
+            service.mark_failed(caller, *integration, id, ConnectionStatus::Error, &reason).await?;
+        }
+        Ok(outcome)
+    }
+}
+
 /// The [`CredentialSource`] of one connection: reads the current credentials from the secret
 /// store on every call (so a replaced credential is used at once) and refuses a connection that
 /// cannot authenticate.
@@ -388,6 +450,9 @@ pub struct ConnectionCredentials {
     integration: IntegrationId,
     id: ConnectionId,
     api_key: Option<ApiKeyPlacement>,
+    /// A connection test may use the credentials of a connection in `error` (a failed test or
+    /// call): the test is how it recovers.
+    testing: bool,
 }
 
 impl std::fmt::Debug for ConnectionCredentials {
@@ -401,7 +466,8 @@ impl ConnectionCredentials {
         let service = &self.service;
         let stored = service.connections.get(&self.tenant, self.integration, self.id).await?;
         let connection = stored.value;
-        if connection.status != ConnectionStatus::Active {
+        let usable = connection.status == ConnectionStatus::Active || (self.testing && connection.status == ConnectionStatus::Error);
+        if !usable {
             return Err(DomainError::Conflict(format!(
                 "connection '{}' cannot authenticate: it is {}{}",
                 connection.id,

@@ -13,7 +13,7 @@ mod webhooks;
 
 pub use bus::InProcessBus;
 pub use catalog::CatalogService;
-pub use connections::{ConnectionCredentials, ConnectionService, SECRET_KIND as CONNECTION_SECRET_KIND};
+pub use connections::{ConnectionCredentials, ConnectionService, ConnectionTests, SECRET_KIND as CONNECTION_SECRET_KIND};
 pub use deliveries::{AttemptReport, DEFAULT_MANUAL_SENDS_PER_MINUTE, DeliveryService, DeliverySettings};
 pub use integrations::IntegrationService;
 pub use outbox::OutboxAdmin;
