@@ -538,6 +538,24 @@ mod tests {
     }
 
     #[test]
+    fn jwks_mode_needs_a_key_set_an_issuer_and_an_audience() {
+        Jail::expect_with(|jail| {
+            jail.set_env("IM_AUTH__MODE", "jwks");
+            jail.set_env("IM_AUTH__ISSUER", "");
+            let mut missing = keys(Settings::load(None));
+            missing.sort_unstable();
+            assert_eq!(missing, ["auth.audience", "auth.issuer", "auth.jwks_url"]);
+            jail.set_env("IM_AUTH__ISSUER", "https://users.example");
+            jail.set_env("IM_AUTH__AUDIENCE", "integration-manager");
+            jail.set_env("IM_AUTH__JWKS_URL", "https://users.example/.well-known/jwks.json");
+            jail.set_env("IM_AUTH__TENANT_CLAIM", "org");
+            let s = Settings::load(None).expect("complete jwks settings load");
+            assert_eq!((s.auth.mode, s.auth.jwks().tenant_claim.as_str()), (AuthMode::Jwks, "org"));
+            Ok(())
+        });
+    }
+
+    #[test]
     fn errors_name_the_key() {
         Jail::expect_with(|jail| {
             jail.set_env("IM_SERVER__PORT", "not-a-port");
@@ -578,7 +596,7 @@ mod tests {
                 timeout = "0s"
                 surprise = true
                 [auth]
-                mode = "jwks"
+                mode = "ldap"
                 leeway_secs = 30
                 [nonsense]
                 x = 1

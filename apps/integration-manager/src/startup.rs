@@ -19,7 +19,7 @@ use actix_web::middleware::from_fn;
 use actix_web::{App, HttpServer, web};
 use anyhow::Context as _;
 use base64::Engine as _;
-use im_auth::LocalJwt;
+use im_auth::{JwksAuthenticator, LocalJwt};
 use im_bus_rabbitmq::RabbitDeliveryQueue;
 use im_bus_rabbitmq::RabbitPublisher;
 use im_domain::audit::Audit;
@@ -75,6 +75,26 @@ pub fn local_jwt(settings: &Settings) -> anyhow::Result<LocalJwt> {
                 base64::engine::general_purpose::STANDARD.decode(configured).context("auth.hs256_key is not base64")?
             };
             LocalJwt::new(&key, auth.issuer(), auth.audience(), auth.leeway.get().as_secs())
+        }
+        AuthMode::Jwks => anyhow::bail!("local tokens need auth.mode = \"local\"; with \"jwks\" User Management issues them"),
+    }
+}
+
+/// The configured verifier of callers' tokens. With `jwks`, the key set is fetched once now;
+/// a failure is logged and the first request fetches again.
+///
+/// # Errors
+/// When the local key cannot be had or the HTTP client cannot be built.
+pub async fn authenticator(settings: &Settings) -> anyhow::Result<Arc<dyn Authenticator>> {
+    match settings.auth.mode {
+        AuthMode::Local => Ok(Arc::new(local_jwt(settings)?)),
+        AuthMode::Jwks => {
+            let jwks = JwksAuthenticator::new(settings.auth.jwks())?;
+            match jwks.refresh().await {
+                Ok(keys) => tracing::info!(keys, "User Management key set fetched"),
+                Err(error) => tracing::warn!(%error, "User Management key set not fetched yet"),
+            }
+            Ok(Arc::new(jwks))
         }
     }
 }
@@ -307,7 +327,7 @@ impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let storage = open_storage(&settings, clock.clone(), false).await?;
-        let authenticator: Arc<dyn Authenticator> = Arc::new(local_jwt(&settings)?);
+        let authenticator = authenticator(&settings).await?;
 
         let audit = Audit::new(Arc::new(TracingAudit), clock.clone());
         let catalog = CatalogService::new(storage.providers.clone(), clock.clone(), audit.clone());
