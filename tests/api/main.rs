@@ -5,6 +5,7 @@ mod auth;
 mod bad_input;
 mod contract;
 mod deliveries;
+mod deploy;
 mod events;
 mod helpers;
 mod instances;

@@ -36,7 +36,16 @@ pub struct Settings {
     pub secrets: SecretSettings,
     pub webhooks: WebhookSettings,
     pub auth: AuthSettings,
+    pub metrics: MetricsSettings,
     pub log: LogSettings,
+}
+
+/// The `metrics` section: Prometheus metrics at `/metrics`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct MetricsSettings {
+    pub enabled: bool,
+    /// When not empty, a scrape must send `Authorization: Bearer <token>`. A secret.
+    pub token: SecretString,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -373,6 +382,7 @@ impl Settings {
             },
             webhooks: reader.section("webhooks"),
             auth: reader.section("auth"),
+            metrics: reader.section("metrics"),
             log: reader.section("log"),
         };
         reader.unknown_keys();

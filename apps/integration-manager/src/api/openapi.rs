@@ -33,7 +33,7 @@ impl Modify for BearerAuth {
         providers::list, providers::create, providers::get, providers::update, providers::delete,
         webhooks::list, webhooks::create, webhooks::get, webhooks::update, webhooks::delete, webhooks::rotate_secret,
         deliveries::list, deliveries::get, deliveries::retry, deliveries::recover, deliveries::test,
-        health::live, health::ready, serve,
+        health::live, health::ready, health::metrics, serve,
     ),
     components(schemas(
         problem::Problem, problem::ProblemField, integrations::IntegrationInput, integrations::IntegrationView, providers::ProviderInput,
