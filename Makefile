@@ -1,5 +1,7 @@
 # Integration Manager: every target is a one-liner that mirrors CI.
-.PHONY: run test lint fmt fmt-check bench openapi build chaos fuzz
+.PHONY: run test lint fmt fmt-check bench openapi build chaos fuzz image
+
+IMAGE ?= integration-manager:0.1.0
 
 run:        ## build and serve on :3026 with the embedded store
 	cargo run --release -p integration-manager -- serve
@@ -21,6 +23,9 @@ fmt:
 
 fmt-check:
 	cargo fmt --all -- --check
+
+image:      ## the container image (IMAGE=name:tag; needs Docker)
+	command -v docker >/dev/null || { echo "make image needs Docker" >&2; exit 1; }; docker build -f deploy/Dockerfile -t $(IMAGE) .
 
 openapi:    ## regenerate docs/openapi.json from the code
 	cargo run -q -p integration-manager -- openapi > docs/openapi.json

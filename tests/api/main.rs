@@ -6,6 +6,7 @@ mod bad_input;
 mod connections;
 mod contract;
 mod deliveries;
+mod deploy;
 mod events;
 mod helpers;
 mod instances;

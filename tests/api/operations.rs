@@ -91,3 +91,24 @@ async fn openapi_document_matches_the_committed_one() {
         assert!(props.contains(&field.to_owned()), "{field} documented");
     }
 }
+
+/// `/metrics` needs the configured token, and counts requests by route template and status.
+#[tokio::test]
+async fn metrics_count_requests_by_route_template_behind_the_token() {
+    let app = crate::helpers::spawn_app_with(|s| s.metrics.token = "scrape-token-for-tests".to_owned().into()).await;
+    let token = app.member();
+    let (created, _) = app.create_github(&token, "metrics").await;
+    let id = created["id"].as_str().unwrap();
+    assert_eq!(app.get(&format!("/api/v1/integrations/{id}"), &token).await.status(), StatusCode::OK);
+    let refused = app.anonymous(Method::GET, "/metrics").send().await.unwrap();
+    problem(refused, StatusCode::UNAUTHORIZED).await;
+    let wrong = app.anonymous(Method::GET, "/metrics").header("Authorization", "Bearer another-token").send().await.unwrap();
+    problem(wrong, StatusCode::UNAUTHORIZED).await;
+    let scraped = app.anonymous(Method::GET, "/metrics").header("Authorization", "Bearer scrape-token-for-tests").send().await.unwrap();
+    assert_eq!(scraped.status(), StatusCode::OK);
+    let text = scraped.text().await.unwrap();
+    assert!(text.contains(r#"http_requests_total{method="GET",route="/api/v1/integrations/{id}",status="200"}"#), "{text}");
+    assert!(text.contains(r#"http_request_duration_seconds_bucket{method="POST",route="/api/v1/integrations",status="201""#), "{text}");
+    assert!(!text.contains(id), "route templates, never ids");
+    assert!(text.contains("outbox_pending_events"), "{text}");
+}

@@ -1,4 +1,4 @@
-//! Subcommands: `serve` (default), `token`, `migrate`, `openapi`.
+//! Subcommands: `serve` (default), `token`, `migrate`, `openapi`, `probe`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 use im_domain::{Role, TenantId, UserId};
 
 use crate::config::Settings;
-use crate::startup::{Application, local_jwt, open_storage};
+use crate::startup::{Application, ServeRole, local_jwt, open_storage};
 
 #[derive(Debug, Parser)]
 #[command(name = "integration-manager", version, about = "Connect tenants' third-party tools: integrations, catalog, webhooks, sync")]
@@ -21,8 +21,13 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Serve the API (the default).
-    Serve,
+    /// Serve the API and run the background workers (the default).
+    Serve {
+        /// `api`: HTTP only; `worker`: outbox relay, delivery dispatcher and sweeper, with only the
+        /// health endpoints on the port; `all`: both.
+        #[arg(long, value_enum, default_value_t = ServeRole::All)]
+        role: ServeRole,
+    },
     /// Print a token for a tenant, user and roles, signed with the server's key.
     Token {
         #[arg(long)]
@@ -40,6 +45,9 @@ pub enum Command {
     Migrate,
     /// Print the OpenAPI document.
     Openapi,
+    /// Exit 0 when the server configured on this machine answers its liveness check (a
+    /// container health check for images without a shell or curl).
+    Probe,
 }
 
 fn settings(cli: &Cli) -> Result<Settings, ExitCode> {
@@ -106,13 +114,30 @@ pub async fn run(cli: Cli) -> ExitCode {
                 Err(e) => fail("migration failed", &e),
             }
         }
-        None | Some(Command::Serve) => {
+        Some(Command::Probe) => {
+            let settings = match settings(&cli) {
+                Ok(s) => s,
+                Err(code) => return code,
+            };
+            match crate::startup::probe(settings.server.port, std::time::Duration::from_secs(3)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("not live: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        None | Some(Command::Serve { .. }) => {
+            let role = match cli.command {
+                Some(Command::Serve { role }) => role,
+                _ => ServeRole::All,
+            };
             let settings = match settings(&cli) {
                 Ok(s) => s,
                 Err(code) => return code,
             };
             crate::telemetry::init(&settings.log);
-            let app = match Application::build(settings).await {
+            let app = match Application::build_with_role(settings, role).await {
                 Ok(app) => app,
                 Err(e) => return fail("cannot start", &e),
             };

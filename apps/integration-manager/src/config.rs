@@ -40,7 +40,16 @@ pub struct Settings {
     pub webhooks: WebhookSettings,
     pub provider_client: ProviderClientSettings,
     pub auth: AuthSettings,
+    pub metrics: MetricsSettings,
     pub log: LogSettings,
+}
+
+/// The `metrics` section: Prometheus metrics at `/metrics`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct MetricsSettings {
+    pub enabled: bool,
+    /// When not empty, a scrape must send `Authorization: Bearer <token>`. A secret.
+    pub token: SecretString,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -372,6 +381,7 @@ impl Settings {
             webhooks: WebhookSettings { sender: reader.section("webhooks"), service: reader.section("webhooks") },
             provider_client: reader.section("provider_client"),
             auth: reader.section("auth"),
+            metrics: reader.section("metrics"),
             log: reader.section("log"),
         };
         reader.unknown_keys();
@@ -536,6 +546,24 @@ mod tests {
     }
 
     #[test]
+    fn jwks_mode_needs_a_key_set_an_issuer_and_an_audience() {
+        Jail::expect_with(|jail| {
+            jail.set_env("IM_AUTH__MODE", "jwks");
+            jail.set_env("IM_AUTH__ISSUER", "");
+            let mut missing = keys(Settings::load(None));
+            missing.sort_unstable();
+            assert_eq!(missing, ["auth.audience", "auth.issuer", "auth.jwks_url"]);
+            jail.set_env("IM_AUTH__ISSUER", "https://users.example");
+            jail.set_env("IM_AUTH__AUDIENCE", "integration-manager");
+            jail.set_env("IM_AUTH__JWKS_URL", "https://users.example/.well-known/jwks.json");
+            jail.set_env("IM_AUTH__TENANT_CLAIM", "org");
+            let s = Settings::load(None).expect("complete jwks settings load");
+            assert_eq!((s.auth.mode, s.auth.jwks().tenant_claim.as_str()), (AuthMode::Jwks, "org"));
+            Ok(())
+        });
+    }
+
+    #[test]
     fn errors_name_the_key() {
         Jail::expect_with(|jail| {
             jail.set_env("IM_SERVER__PORT", "not-a-port");
@@ -581,7 +609,7 @@ mod tests {
                 connect_timeout = "0s"
                 allowed_private_cidrs = ["10.0.0.0/8", "10.0.0.0/40"]
                 [auth]
-                mode = "jwks"
+                mode = "ldap"
                 leeway_secs = 30
                 [nonsense]
                 x = 1

@@ -44,7 +44,9 @@ pub fn spawn_dispatcher(
                         let Ok(permit) = permits.clone().acquire_owned().await else { return };
                         let service = service.clone();
                         attempts.spawn(async move {
-                            match service.attempt(&job, AttemptTrigger::Scheduled).await {
+                            let report = service.attempt(&job, AttemptTrigger::Scheduled).await;
+                            crate::metrics::record_attempt(&report);
+                            match report {
                                 Ok(AttemptReport::Postponed { at, reason }) => {
                                     tracing::warn!(%reason, delivery_id = %job.delivery_id, %at, "delivery attempt postponed");
                                 }

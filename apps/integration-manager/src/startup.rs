@@ -19,7 +19,7 @@ use actix_web::middleware::from_fn;
 use actix_web::{App, HttpServer, web};
 use anyhow::Context as _;
 use base64::Engine as _;
-use im_auth::LocalJwt;
+use im_auth::{JwksAuthenticator, LocalJwt};
 use im_bus_rabbitmq::RabbitDeliveryQueue;
 use im_bus_rabbitmq::RabbitPublisher;
 use im_domain::audit::Audit;
@@ -47,6 +47,36 @@ use crate::deliveries::{BrokerThenLocal, FanOut, spawn_dispatcher};
 use crate::events::{OutboxHealth, WakeOnEvents};
 use crate::state::AppState;
 
+/// What one instance does, so the API and the background work scale on their own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ServeRole {
+    /// The HTTP API only; no background work.
+    Api,
+    /// The outbox relay, the delivery dispatcher and the TTL sweeper; the port serves only
+    /// the health endpoints.
+    Worker,
+    /// Both (one process does everything: the default).
+    All,
+}
+
+impl ServeRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServeRole::Api => "api",
+            ServeRole::Worker => "worker",
+            ServeRole::All => "all",
+        }
+    }
+
+    pub fn serves_api(self) -> bool {
+        self != ServeRole::Worker
+    }
+
+    pub fn runs_workers(self) -> bool {
+        self != ServeRole::Api
+    }
+}
+
 /// The actix application: routes, body limits, request ids, problem+json for unknown routes.
 pub fn build_app(
     state: web::Data<AppState>,
@@ -54,10 +84,11 @@ pub fn build_app(
     impl ServiceFactory<ServiceRequest, Config = (), Response = ServiceResponse<impl MessageBody>, Error = actix_web::Error, InitError = ()>,
 > {
     let limit = state.body_limit;
+    let role = state.role;
     App::new()
         .app_data(state)
         .app_data(web::JsonConfig::default().limit(limit))
-        .configure(api::routes)
+        .configure(|cfg| if role.serves_api() { api::routes(cfg) } else { api::operation_routes(cfg) })
         .default_service(web::to(api::not_found))
         .wrap(from_fn(api::request_id::middleware))
 }
@@ -77,6 +108,26 @@ pub fn local_jwt(settings: &Settings) -> anyhow::Result<LocalJwt> {
                 base64::engine::general_purpose::STANDARD.decode(configured).context("auth.hs256_key is not base64")?
             };
             LocalJwt::new(&key, auth.issuer(), auth.audience(), auth.leeway.get().as_secs())
+        }
+        AuthMode::Jwks => anyhow::bail!("local tokens need auth.mode = \"local\"; with \"jwks\" User Management issues them"),
+    }
+}
+
+/// The configured verifier of callers' tokens. With `jwks`, the key set is fetched once now;
+/// a failure is logged and the first request fetches again.
+///
+/// # Errors
+/// When the local key cannot be had or the HTTP client cannot be built.
+pub async fn authenticator(settings: &Settings) -> anyhow::Result<Arc<dyn Authenticator>> {
+    match settings.auth.mode {
+        AuthMode::Local => Ok(Arc::new(local_jwt(settings)?)),
+        AuthMode::Jwks => {
+            let jwks = JwksAuthenticator::new(settings.auth.jwks())?;
+            match jwks.refresh().await {
+                Ok(keys) => tracing::info!(keys, "User Management key set fetched"),
+                Err(error) => tracing::warn!(%error, "User Management key set not fetched yet"),
+            }
+            Ok(Arc::new(jwks))
         }
     }
 }
@@ -200,7 +251,14 @@ struct Events {
     connections: Arc<dyn ConnectionRepository>,
 }
 
-fn events(settings: &Settings, storage: &Storage, clock: Arc<dyn Clock>, audit: Audit, health: &mut Vec<Arc<dyn HealthCheck>>) -> Events {
+fn events(
+    settings: &Settings,
+    storage: &Storage,
+    clock: Arc<dyn Clock>,
+    audit: Audit,
+    role: ServeRole,
+    health: &mut Vec<Arc<dyn HealthCheck>>,
+) -> Events {
     let wake = Arc::new(tokio::sync::Notify::new());
     let repository = Arc::new(WakeOnEvents { inner: storage.integrations.clone(), wake: wake.clone() });
     let connections: Arc<dyn ConnectionRepository> = Arc::new(WakeOnEvents { inner: storage.connections.clone(), wake: wake.clone() });
@@ -211,11 +269,16 @@ fn events(settings: &Settings, storage: &Storage, clock: Arc<dyn Clock>, audit: 
         EventsBackend::Embedded => bus.clone(),
         EventsBackend::Rabbitmq => {
             let rabbit = Arc::new(RabbitPublisher::new(settings.rabbitmq.clone()));
-            health.push(rabbit.clone());
+            // Only the relay publishes: the broker and the outbox are the workers' dependencies.
+            if role.runs_workers() {
+                health.push(rabbit.clone());
+            }
             Arc::new(BrokerThenLocal { broker: rabbit, local: bus.clone() })
         }
     };
-    health.push(Arc::new(OutboxHealth { outbox: storage.outbox.clone(), max_age: settings.events.outbox_max_age.get() }));
+    if role.runs_workers() {
+        health.push(Arc::new(OutboxHealth { outbox: storage.outbox.clone(), max_age: settings.events.outbox_max_age.get() }));
+    }
     let relay = EventRelay::new(storage.outbox.clone(), publisher).with_max_attempts(settings.events.max_publish_attempts);
     Events { bus, relay, wake, integrations, connections }
 }
@@ -226,6 +289,7 @@ async fn webhooks(
     storage: &Storage,
     secrets: Arc<dyn SecretStore>,
     audit: Audit,
+    role: ServeRole,
 ) -> anyhow::Result<(WebhookService, DeliveryService)> {
     let webhooks = WebhookService::new(
         storage.webhooks.clone(),
@@ -243,7 +307,7 @@ async fn webhooks(
         storage.webhooks.clone(),
         webhooks.clone(),
         storage.deliveries.clone(),
-        delivery_queue(settings, storage).await?,
+        delivery_queue(settings, storage, role).await?,
         Arc::new(sender),
         Arc::new(SystemClock),
         Arc::new(UuidV7),
@@ -260,8 +324,9 @@ async fn webhooks(
 }
 
 /// Delivery jobs: a RabbitMQ work queue shared by every instance, or the embedded database of
-/// the data directory (whatever the store), whose leases the last stop left are released.
-async fn delivery_queue(settings: &Settings, storage: &Storage) -> anyhow::Result<Arc<dyn DeliveryQueue>> {
+/// the data directory (whatever the store), whose leases the last stop left are released by a
+/// role that runs the dispatcher (an `api` instance must not release a running worker's leases).
+async fn delivery_queue(settings: &Settings, storage: &Storage, role: ServeRole) -> anyhow::Result<Arc<dyn DeliveryQueue>> {
     match settings.events.backend {
         EventsBackend::Embedded => {
             let queue_store = match &storage.embedded {
@@ -272,7 +337,7 @@ async fn delivery_queue(settings: &Settings, storage: &Storage) -> anyhow::Resul
                     store
                 }
             };
-            let released = queue_store.release_delivery_leases().await?;
+            let released = if role.runs_workers() { queue_store.release_delivery_leases().await? } else { 0 };
             if released > 0 {
                 tracing::info!(released, "delivery attempts interrupted by the last stop are due again");
             }
@@ -309,15 +374,24 @@ pub struct Application {
 }
 
 impl Application {
-    /// Builds everything in steps (store, catalog, events, webhooks, workers, HTTP) and binds
-    /// the port.
+    /// Builds an instance of every role; see [`Application::build_with_role`].
     ///
     /// # Errors
     /// When the store, the keys, the catalog or the port fail.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        Self::build_with_role(settings, ServeRole::All).await
+    }
+
+    /// Builds everything in steps (store, catalog, events, webhooks, workers, HTTP) and binds
+    /// the port; the background workers start only in the `worker` and `all` roles, the API
+    /// routes are served only in the `api` and `all` roles.
+    ///
+    /// # Errors
+    /// When the store, the keys, the catalog or the port fail.
+    pub async fn build_with_role(settings: Settings, role: ServeRole) -> anyhow::Result<Self> {
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let storage = open_storage(&settings, clock.clone(), false).await?;
-        let authenticator: Arc<dyn Authenticator> = Arc::new(local_jwt(&settings)?);
+        let authenticator = authenticator(&settings).await?;
 
         let audit = Audit::new(Arc::new(TracingAudit), clock.clone());
         let catalog = CatalogService::new(storage.providers.clone(), clock.clone(), audit.clone());
@@ -325,7 +399,7 @@ impl Application {
         tracing::info!(inserted = report.inserted, already_seeded = report.skipped, "provider catalog seeded");
 
         let mut health: Vec<Arc<dyn HealthCheck>> = vec![storage.health.clone()];
-        let events = events(&settings, &storage, clock, audit.clone(), &mut health);
+        let events = events(&settings, &storage, clock, audit.clone(), role, &mut health);
         let outbox = OutboxAdmin::new(storage.outbox.clone(), audit.clone());
         let secrets = secret_store(&settings)?;
         let connections = ConnectionService::new(
@@ -343,16 +417,18 @@ impl Application {
             im_webhook_sender::provider::HttpProviderClient::new(settings.provider_client.clone(), settings.webhooks.sender.url_policy())
                 .map_err(|e| anyhow::anyhow!("provider client: {e}"))?;
         let connection_tests = Arc::new(ConnectionTests::new(connections.clone(), Arc::new(provider_client)));
-        let (webhooks, deliveries) = webhooks(&settings, &storage, secrets, audit).await?;
+        let (webhooks, deliveries) = webhooks(&settings, &storage, secrets, audit, role).await?;
 
         let workers = Workers { shutdown: CancellationToken::new(), tasks: TaskTracker::new() };
-        let dispatch = Arc::new(tokio::sync::Notify::new());
-        events.bus.subscribe(Arc::new(FanOut { service: deliveries.clone(), wake: dispatch.clone() }));
-        spawn_dispatcher(deliveries.clone(), dispatch, settings.webhooks.service.concurrency, &workers.shutdown, &workers.tasks);
-        // Only now, with every in-process subscriber registered, may events flow.
-        crate::events::spawn_relay(events.relay, events.wake, settings.events.relay_batch_size, &workers.shutdown, &workers.tasks);
-        if let Some(store) = storage.embedded {
-            spawn_ttl_sweeper(store, settings.storage.ttl_sweep_interval.get(), &workers.shutdown, &workers.tasks);
+        if role.runs_workers() {
+            let dispatch = Arc::new(tokio::sync::Notify::new());
+            events.bus.subscribe(Arc::new(FanOut { service: deliveries.clone(), wake: dispatch.clone() }));
+            spawn_dispatcher(deliveries.clone(), dispatch, settings.webhooks.service.concurrency, &workers.shutdown, &workers.tasks);
+            // Only now, with every in-process subscriber registered, may events flow.
+            crate::events::spawn_relay(events.relay, events.wake, settings.events.relay_batch_size, &workers.shutdown, &workers.tasks);
+            if let Some(store) = storage.embedded {
+                spawn_ttl_sweeper(store, settings.storage.ttl_sweep_interval.get(), &workers.shutdown, &workers.tasks);
+            }
         }
 
         let state = web::Data::new(AppState {
@@ -367,10 +443,17 @@ impl Application {
             health,
             bus: events.bus,
             body_limit: settings.server.body_limit_bytes,
+            role,
+            metrics: settings.metrics.enabled.then(|| crate::state::MetricsEndpoint {
+                handle: crate::metrics::handle(),
+                token: settings.metrics.token.clone(),
+                outbox: storage.outbox.clone(),
+            }),
         });
         let (server, port, http_workers) = http_server(&settings, state.clone())?;
         tracing::info!(
-            address = %format!("{}:{port}", settings.server.host), workers = http_workers, events = ?settings.events.backend, "listening"
+            address = %format!("{}:{port}", settings.server.host), workers = http_workers, events = ?settings.events.backend,
+            role = role.as_str(), "listening"
         );
         Ok(Self { port, server, workers, drain: settings.server.shutdown_timeout.get(), state })
     }
@@ -477,4 +560,22 @@ fn spawn_ttl_sweeper(store: EmbeddedStore, every: Duration, shutdown: &Cancellat
             }
         }
     });
+}
+
+/// Asks the server on this machine's `port` for its liveness, with plain HTTP/1.1 over a socket
+/// (the `probe` subcommand: no HTTP client is needed for one GET on loopback).
+///
+/// # Errors
+/// When it cannot connect, or the answer is not `200`.
+pub fn probe(port: u16, timeout: Duration) -> anyhow::Result<()> {
+    use std::io::{Read as _, Write as _};
+    let address = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut stream = std::net::TcpStream::connect_timeout(&address, timeout).with_context(|| format!("cannot connect to {address}"))?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    stream.write_all(b"GET /health/live HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")?;
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head).context("no answer")?;
+    anyhow::ensure!(head.starts_with(b"HTTP/1.1 200"), "answered {:?}", String::from_utf8_lossy(&head));
+    Ok(())
 }

@@ -26,4 +26,16 @@ pub struct AppState {
     /// In-process subscribers register here (embedded events backend).
     pub bus: Arc<InProcessBus>,
     pub body_limit: usize,
+    /// What this instance does: the API routes are served by `api` and `all` only.
+    pub role: crate::startup::ServeRole,
+    /// `/metrics`, when enabled.
+    pub metrics: Option<MetricsEndpoint>,
+}
+
+/// What `/metrics` needs: the recorder, the scrape token, and what it samples at each scrape.
+pub struct MetricsEndpoint {
+    pub handle: metrics_exporter_prometheus::PrometheusHandle,
+    /// Empty: no token needed.
+    pub token: secrecy::SecretString,
+    pub outbox: Arc<dyn im_domain::ports::Outbox>,
 }

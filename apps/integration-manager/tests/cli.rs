@@ -40,12 +40,16 @@ async fn serve(data_dir: &Path) -> Server {
 }
 
 async fn serve_with(data_dir: &Path, env: &[(&str, String)]) -> Server {
+    serve_as(data_dir, env, "all").await
+}
+
+async fn serve_as(data_dir: &Path, env: &[(&str, String)], role: &str) -> Server {
     let port = free_port();
     let log = std::fs::OpenOptions::new().create(true).append(true).open(data_dir.join("server.log")).unwrap();
     let child = command(data_dir)
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .env("IM_SERVER__PORT", port.to_string())
-        .arg("serve")
+        .args(["serve", "--role", role])
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
@@ -89,6 +93,58 @@ async fn a_minted_token_works_against_the_running_server() {
     let bad = command(dir.path()).args(["token", "--tenant", "acme", "--user", "alice", "--roles", "overlord"]).output().unwrap();
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("overlord"));
+}
+
+/// An `api` instance serves the API and publishes nothing; a `worker` on the same store relays
+/// what the API committed and serves only the health endpoints; readiness names the role and
+/// checks what the role uses. `probe` tells a live server from none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_and_worker_roles_split_the_work() {
+    let Some(addr) = im_testkit::services::rabbitmq("api_and_worker_roles_split_the_work") else { return };
+    let url = im_testkit::services::amqp_url(addr);
+    let exchange = format!("im-roles-test-{}", uuid::Uuid::new_v4().simple());
+    let mut queue = im_testkit::rabbit::TestQueue::bind(&url, &exchange).await;
+    let env = [("IM_EVENTS__BACKEND", "rabbitmq".to_owned()), ("IM_RABBITMQ__URL", url), ("IM_RABBITMQ__EXCHANGE", exchange)];
+    let dir = tempfile::tempdir().unwrap();
+    let api = serve_as(dir.path(), &env, "api").await;
+    let token = token(dir.path(), "member");
+    let client = reqwest::Client::new();
+    let ready =
+        |url: String| async move { reqwest::get(format!("{url}/health/ready")).await.unwrap().json::<serde_json::Value>().await.unwrap() };
+    let names = |report: &serde_json::Value| -> Vec<String> {
+        report["dependencies"].as_array().unwrap().iter().map(|d| d["name"].as_str().unwrap().to_owned()).collect()
+    };
+
+    let report = ready(api.url.clone()).await;
+    assert_eq!(report["role"], "api");
+    assert!(!names(&report).contains(&"outbox".to_owned()), "the api role does not relay: {report}");
+    let created: serde_json::Value = client
+        .post(format!("{}/api/v1/integrations", api.url))
+        .bearer_auth(&token)
+        .json(&serde_json::json!({"providerId": "github", "name": "roles", "config": {"organization": "acme"}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = created["id"].as_str().expect("created").to_owned();
+    assert!(queue.next(Duration::from_millis(1500)).await.is_none(), "nothing publishes without a worker");
+
+    let worker = serve_as(dir.path(), &env, "worker").await;
+    let report = ready(worker.url.clone()).await;
+    assert_eq!(report["role"], "worker");
+    assert!(names(&report).contains(&"outbox".to_owned()), "{report}");
+    let message = queue.next(Duration::from_secs(20)).await.expect("the worker relays the api's event");
+    assert_eq!((message.routing_key.as_str(), message.body["subject"].as_str()), ("integration.created", Some(id.as_str())));
+    let listed = client.get(format!("{}/api/v1/integrations", worker.url)).bearer_auth(&token).send().await.unwrap();
+    assert_eq!(listed.status(), 404, "the worker role serves no API");
+    assert_eq!(reqwest::get(format!("{}/health/live", worker.url)).await.unwrap().status(), 200);
+
+    let port = |server: &Server| server.url.rsplit(':').next().unwrap().to_owned();
+    let probe = |port: String| command(dir.path()).env("IM_SERVER__PORT", port).arg("probe").status().unwrap();
+    assert!(probe(port(&worker)).success());
+    assert!(!probe(free_port().to_string()).success(), "no server there");
 }
 
 #[tokio::test]

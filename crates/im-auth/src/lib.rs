@@ -4,6 +4,13 @@
 //! from a key file the app creates (mode 0600) in the data directory on first run. It verifies tokens
 //! and mints them for the `token` subcommand, with the same key, so a minted token works
 //! against a running server.
+//!
+//! [`JwksAuthenticator`] verifies User Management's RS256 and ES256 tokens against its JSON Web
+//! Key Set (`auth.mode = "jwks"`).
+
+mod jwks;
+
+pub use jwks::{FetchError, JwksAuthenticator, JwksConfig};
 
 use async_trait::async_trait;
 use im_domain::auth::{AuthError, Authenticator};
@@ -23,6 +30,8 @@ pub const MIN_KEY_BYTES: usize = 32;
 pub enum AuthMode {
     /// HS256 tokens signed with `hs256_key`, or with a key file the app creates.
     Local,
+    /// RS256 or ES256 tokens of User Management, verified against the key set at `jwks_url`.
+    Jwks,
 }
 
 /// The `auth` section of the configuration.
@@ -39,6 +48,18 @@ pub struct AuthSettings {
     pub leeway: HumanDuration,
     /// Lifetime of minted tokens.
     pub token_ttl: HumanDuration,
+    /// jwks: where User Management serves its JSON Web Key Set.
+    pub jwks_url: String,
+    /// jwks: age after which the key set is fetched again.
+    pub jwks_cache_ttl: HumanDuration,
+    /// jwks: shortest time between two fetches caused by an unknown key id or a failure.
+    pub jwks_refetch_interval: HumanDuration,
+    /// jwks: longest wait for one fetch of the key set.
+    pub jwks_timeout: HumanDuration,
+    /// jwks: the claim that carries the tenant id.
+    pub tenant_claim: String,
+    /// jwks: the claim that carries the roles (an array, or a space-separated string).
+    pub roles_claim: String,
 }
 
 impl AuthSettings {
@@ -54,6 +75,26 @@ impl AuthSettings {
                     problems.push(("hs256_key", format!("must be base64 of at least {MIN_KEY_BYTES} bytes")));
                 }
             }
+            AuthMode::Jwks => {
+                if !(self.jwks_url.starts_with("https://") || self.jwks_url.starts_with("http://")) {
+                    problems.push(("jwks_url", "must be an http(s) URL with auth.mode = \"jwks\"".to_owned()));
+                }
+                if self.issuer.is_empty() {
+                    problems.push(("issuer", "is required with auth.mode = \"jwks\"".to_owned()));
+                }
+                if self.audience.is_empty() {
+                    problems.push(("audience", "is required with auth.mode = \"jwks\"".to_owned()));
+                }
+                if self.tenant_claim.is_empty() {
+                    problems.push(("tenant_claim", "must not be empty".to_owned()));
+                }
+                if self.roles_claim.is_empty() {
+                    problems.push(("roles_claim", "must not be empty".to_owned()));
+                }
+                if self.jwks_timeout.get().is_zero() {
+                    problems.push(("jwks_timeout", "must be more than 0".to_owned()));
+                }
+            }
         }
         if self.token_ttl.get().as_secs() < 1 {
             problems.push(("token_ttl", "must be at least 1s".to_owned()));
@@ -67,6 +108,21 @@ impl AuthSettings {
 
     pub fn audience(&self) -> Option<String> {
         Some(self.audience.clone()).filter(|s| !s.is_empty())
+    }
+
+    /// What the JWKS verifier needs from this section.
+    pub fn jwks(&self) -> JwksConfig {
+        JwksConfig {
+            url: self.jwks_url.clone(),
+            issuer: self.issuer.clone(),
+            audience: self.audience.clone(),
+            leeway_secs: self.leeway.get().as_secs(),
+            cache_ttl: self.jwks_cache_ttl.get(),
+            refetch_interval: self.jwks_refetch_interval.get(),
+            timeout: self.jwks_timeout.get(),
+            tenant_claim: self.tenant_claim.clone(),
+            roles_claim: self.roles_claim.clone(),
+        }
     }
 }
 
@@ -171,21 +227,52 @@ impl Authenticator for LocalJwt {
                 return Ok(caller);
             }
         }
-        let data = jsonwebtoken::decode::<Claims>(bearer_token, &self.decoding, &self.validation).map_err(|e| match e.kind() {
-            ErrorKind::ExpiredSignature => AuthError::Expired,
-            ErrorKind::InvalidSignature => AuthError::Invalid("bad signature".into()),
-            ErrorKind::InvalidIssuer => AuthError::Invalid("wrong issuer".into()),
-            ErrorKind::InvalidAudience => AuthError::Invalid("wrong audience".into()),
-            ErrorKind::ImmatureSignature => AuthError::Invalid("not valid yet".into()),
-            ErrorKind::InvalidAlgorithm => AuthError::Invalid("unexpected algorithm".into()),
-            ErrorKind::MissingRequiredClaim(claim) => AuthError::Invalid(format!("missing claim '{claim}'")),
-            _ => AuthError::Invalid("malformed token".into()),
-        })?;
+        let data = jsonwebtoken::decode::<Claims>(bearer_token, &self.decoding, &self.validation).map_err(|e| verification_error(&e))?;
         let exp = data.claims.exp;
         let caller = caller_from_claims(data.claims)?;
         self.verified.insert(bearer_token.to_owned(), (caller.clone(), exp));
         Ok(caller)
     }
+}
+
+/// What a failed verification tells the caller.
+pub(crate) fn verification_error(e: &jsonwebtoken::errors::Error) -> AuthError {
+    match e.kind() {
+        ErrorKind::ExpiredSignature => AuthError::Expired,
+        ErrorKind::InvalidSignature => AuthError::Invalid("bad signature".into()),
+        ErrorKind::InvalidIssuer => AuthError::Invalid("wrong issuer".into()),
+        ErrorKind::InvalidAudience => AuthError::Invalid("wrong audience".into()),
+        ErrorKind::ImmatureSignature => AuthError::Invalid("not valid yet".into()),
+        ErrorKind::InvalidAlgorithm => AuthError::Invalid("unexpected algorithm".into()),
+        ErrorKind::MissingRequiredClaim(claim) => AuthError::Invalid(format!("missing claim '{claim}'")),
+        _ => AuthError::Invalid("malformed token".into()),
+    }
+}
+
+/// Builds a caller from verified claims read by name: `sub`, the tenant claim (a string) and
+/// the roles claim (an array of strings or one space-separated string; absent: no role).
+/// Unknown role names are ignored.
+///
+/// # Errors
+/// [`AuthError::Invalid`] when `sub` or the tenant claim is missing or not a valid id, or the
+/// roles claim has another shape.
+pub fn caller_from_values(
+    claims: &serde_json::Map<String, serde_json::Value>,
+    tenant_claim: &str,
+    roles_claim: &str,
+) -> Result<Caller, AuthError> {
+    use serde_json::Value;
+    let text = |name: &str| claims.get(name).and_then(Value::as_str).map(str::to_owned).unwrap_or_default();
+    let roles: Vec<String> = match claims.get(roles_claim) {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::String(s)) => s.split_whitespace().map(str::to_owned).collect(),
+        Some(Value::Array(items)) => items.iter().filter_map(Value::as_str).map(str::to_owned).collect(),
+        Some(_) => return Err(AuthError::Invalid(format!("claim '{roles_claim}' must be an array of role names"))),
+    };
+    let tenant =
+        TenantId::new(text(tenant_claim)).map_err(|_| AuthError::Invalid(format!("claim '{tenant_claim}' is not a valid tenant id")))?;
+    let user = UserId::new(text("sub")).map_err(|_| AuthError::Invalid("claim 'sub' is not a valid user id".into()))?;
+    Ok(Caller::new(tenant, user, roles.iter().filter_map(|r| Role::parse(r)).collect()))
 }
 
 /// Builds a caller from verified claims; unknown role names are ignored.

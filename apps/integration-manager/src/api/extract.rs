@@ -37,7 +37,11 @@ impl FromRequest for Authenticated {
                 Some(Some(token)) if token.is_empty() => return Err(AuthError::Missing.into()),
                 Some(Some(token)) => token,
             };
-            let caller = state.authenticator.authenticate(&token).await?;
+            let caller = state.authenticator.authenticate(&token).await.map_err(|e| match e {
+                // The keys cannot be had: the caller may well be right, so 503, not 401.
+                AuthError::Unavailable(reason) => ApiError::Domain(im_domain::DomainError::Unavailable { reason, retry_after: None }),
+                other => ApiError::Unauthorized(other),
+            })?;
             tracing::Span::current().record("tenant_id", caller.tenant_id.as_str());
             Ok(Authenticated(caller))
         })

@@ -1,9 +1,12 @@
 //! Liveness and readiness.
 
-use actix_web::{HttpResponse, web};
+use actix_web::{HttpRequest, HttpResponse, web};
+use im_domain::auth::AuthError;
+use secrecy::ExposeSecret as _;
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use crate::api::problem::{ApiError, Problem};
 use crate::state::AppState;
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -19,6 +22,9 @@ pub struct DependencyReport {
 pub struct HealthReport {
     /// `live`, `ready`, `degraded` (a non-critical dependency is down; work waits durably) or `not_ready`.
     pub status: &'static str,
+    /// What this instance does (`api`, `worker` or `all`); readiness checks what that role uses.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<&'static str>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub dependencies: Vec<DependencyReport>,
 }
@@ -27,7 +33,7 @@ pub struct HealthReport {
 #[utoipa::path(get, operation_id = "live", path = "/health/live", tag = "operations",
     responses((status = 200, description = "Alive", body = HealthReport)))]
 pub async fn live() -> HttpResponse {
-    HttpResponse::Ok().json(HealthReport { status: "live", dependencies: Vec::new() })
+    HttpResponse::Ok().json(HealthReport { status: "live", role: None, dependencies: Vec::new() })
 }
 
 /// Every dependency is reachable.
@@ -56,6 +62,39 @@ pub async fn ready(state: web::Data<AppState>) -> HttpResponse {
         (true, true) => "degraded",
         (true, false) => "ready",
     };
-    let report = HealthReport { status, dependencies };
+    let report = HealthReport { status, role: Some(state.role.as_str()), dependencies };
     if ready { HttpResponse::Ok().json(report) } else { HttpResponse::ServiceUnavailable().json(report) }
+}
+
+/// Prometheus metrics in the text exposition format.
+// Behind `Authorization: Bearer <metrics.token>` when a token is configured; 404 when
+// `metrics.enabled` is false.
+#[utoipa::path(get, operation_id = "metrics", path = "/metrics", tag = "operations",
+    responses(
+        (status = 200, description = "Metrics in the Prometheus text format", content_type = "text/plain", body = String),
+        (status = 401, description = "`metrics.token` is set and the request does not carry it", content_type = "application/problem+json", body = Problem),
+        (status = 404, description = "Metrics are disabled", content_type = "application/problem+json", body = Problem),
+    ))]
+pub async fn metrics(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    let Some(endpoint) = &state.metrics else {
+        return Err(ApiError::NotFound("metrics are disabled (metrics.enabled)".into()));
+    };
+    let expected = endpoint.token.expose_secret();
+    if !expected.is_empty() {
+        let given =
+            req.headers().get(actix_web::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+        if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), expected.as_bytes())) {
+            return Err(ApiError::Unauthorized(AuthError::Invalid("the metrics token is missing or wrong".into())));
+        }
+    }
+    if let Ok(stats) = endpoint.outbox.stats().await {
+        let age = stats.oldest.map_or(0, |t| (time::OffsetDateTime::now_utc() - t).whole_seconds().max(0) as u64);
+        crate::metrics::record_outbox(stats.pending, age);
+    }
+    Ok(HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(endpoint.handle.render()))
+}
+
+/// Compares without stopping at the first difference, so timing does not reveal the token.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

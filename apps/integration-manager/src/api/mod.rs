@@ -28,6 +28,19 @@ use problem::ApiError;
 
 /// Registers every route.
 pub fn routes(cfg: &mut web::ServiceConfig) {
+    api_routes(cfg);
+    operation_routes(cfg);
+}
+
+/// The operations endpoints, which every role serves.
+pub fn operation_routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/health/live", web::get().to(health::live))
+        .route("/health/ready", web::get().to(health::ready))
+        .route("/metrics", web::get().to(health::metrics));
+}
+
+/// The API and its document (the `api` and `all` roles).
+pub fn api_routes(cfg: &mut web::ServiceConfig) {
     cfg.service(
         web::scope("/api/v1")
             .service(web::resource("/integrations").route(web::get().to(integrations::list)).route(web::post().to(integrations::create)))
@@ -72,8 +85,6 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
                     .route(web::delete().to(providers::delete)),
             ),
     )
-    .route("/health/live", web::get().to(health::live))
-    .route("/health/ready", web::get().to(health::ready))
     .route("/openapi.json", web::get().to(openapi::serve));
 }
 

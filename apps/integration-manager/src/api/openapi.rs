@@ -34,7 +34,7 @@ impl Modify for BearerAuth {
         providers::list, providers::create, providers::get, providers::update, providers::delete,
         webhooks::list, webhooks::create, webhooks::get, webhooks::update, webhooks::delete, webhooks::rotate_secret,
         deliveries::list, deliveries::get, deliveries::retry, deliveries::recover, deliveries::test,
-        health::live, health::ready, admin::list_dead_letters, admin::requeue_dead_letter, serve,
+        health::live, health::ready, health::metrics, admin::list_dead_letters, admin::requeue_dead_letter, serve,
     ),
     components(schemas(
         problem::Problem, problem::ProblemField, integrations::IntegrationInput, integrations::IntegrationView, providers::ProviderInput,

@@ -48,8 +48,10 @@ pub async fn middleware(req: ServiceRequest, next: Next<impl MessageBody>) -> Re
     let span =
         tracing::info_span!("request", request_id = %id, method = %req.method(), path = %req.path(), tenant_id = tracing::field::Empty);
     let started = Instant::now();
+    let method = req.method().clone();
     let mut response = next.call(req).instrument(span.clone()).await?;
     let status = response.status();
+    crate::metrics::record_request(&method, response.request().match_pattern(), status, started.elapsed());
     span.in_scope(|| {
         let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
         if status.is_server_error() {
