@@ -12,7 +12,7 @@ use im_domain::ports::Outbox;
 use im_domain::{DomainError, PageRequest};
 use serde::Deserialize;
 
-use crate::client::{CosmosStore, DELIVERIES, INTEGRATIONS};
+use crate::client::{CosmosStore, DELIVERIES, INTEGRATIONS, SYNC_EXECUTIONS, SYNC_TASKS};
 use crate::docs::{OutboxDoc, etag_to_domain};
 use crate::errors::unexpected;
 use crate::support::precondition;
@@ -21,7 +21,7 @@ use crate::support::precondition;
 const PARTITIONS_CAPACITY: usize = 100_000;
 
 /// Containers whose writes record events.
-const SOURCES: [&str; 2] = [INTEGRATIONS, DELIVERIES];
+const SOURCES: [&str; 4] = [INTEGRATIONS, DELIVERIES, SYNC_TASKS, SYNC_EXECUTIONS];
 
 pub(crate) struct CosmosOutbox {
     store: CosmosStore,

@@ -1,0 +1,256 @@
+//! Contracts of [`SyncTaskRepository`], [`SyncExecutionRepository`] and [`SyncStateRepository`].
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use im_domain::common::IntegrationId;
+use im_domain::sync::ports::{SyncExecutionRepository, SyncStateRepository, SyncTaskRepository};
+use im_domain::sync::task::{FieldMappingDraft, ScheduleDraft};
+use im_domain::sync::{
+    ConflictPolicy, DeletePolicy, Direction, ExecutionStatus, Resolution, Side, SyncConflict, SyncExecution, SyncMode, SyncState, SyncTask,
+    SyncTaskDraft, SyncTaskId, TaskLease, TaskStatus, Trigger, fields_hash,
+};
+use im_domain::{DomainError, PageRequest, TenantId};
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::{fresh_tenant, timestamp, user};
+
+/// An active bidirectional task due every 10 minutes after [`timestamp`].
+pub fn task(tenant: &TenantId) -> SyncTask {
+    let draft = SyncTaskDraft {
+        integration_id: IntegrationId(Uuid::now_v7()),
+        connection_id: Uuid::now_v7(),
+        entity: "issues".into(),
+        target: "ticket".into(),
+        direction: Direction::Bidirectional,
+        mode: SyncMode::Incremental,
+        schedule: ScheduleDraft::Every("10m".into()),
+        field_mapping: vec![FieldMappingDraft { provider: "/fields/summary".into(), platform: "/title".into(), direction: None }],
+        conflict_policy: ConflictPolicy::Manual,
+        deletes: DeletePolicy::Propagate,
+        status: TaskStatus::Active,
+    };
+    let settings = draft.validate().expect("a valid draft");
+    SyncTask::new(SyncTaskId(Uuid::now_v7()), tenant.clone(), settings, user(), timestamp())
+}
+
+fn state(tenant: &TenantId, task: SyncTaskId, key: &str, provider_id: &str) -> SyncState {
+    let fields = json!({"/title": key});
+    SyncState {
+        tenant_id: tenant.clone(),
+        task_id: task,
+        platform_key: key.into(),
+        provider_id: Some(provider_id.into()),
+        hash: fields_hash(&fields),
+        fields,
+        provider_version: Some("1".into()),
+        platform_version: Some("v1".into()),
+        origin: Side::Provider,
+        deleted: false,
+        updated_at: timestamp(),
+    }
+}
+
+fn conflict(tenant: &TenantId, task: SyncTaskId) -> SyncConflict {
+    SyncConflict {
+        id: Uuid::now_v7(),
+        tenant_id: tenant.clone(),
+        task_id: task,
+        platform_key: "k/1".into(),
+        provider_id: Some("1".into()),
+        fields: vec!["/title".into()],
+        base: json!({"/title": "a"}),
+        provider: json!({"/title": "b"}),
+        platform: json!({"/title": "c"}),
+        detected_at: timestamp(),
+        resolution: None,
+        resolved_at: None,
+    }
+}
+
+/// CRUD, conflicts, stale tokens, tenant isolation and paging of tasks.
+pub async fn tasks(repo: &dyn SyncTaskRepository, states: &dyn SyncStateRepository) {
+    let (tenant, other) = (fresh_tenant(), fresh_tenant());
+    let mut t = task(&tenant);
+    let etag = repo.create(&t).await.expect("create");
+    assert!(matches!(repo.create(&t).await, Err(DomainError::Conflict(_))), "duplicate id");
+    let read = repo.get(&tenant, t.id).await.expect("get");
+    assert_eq!((read.value.clone(), read.etag.clone()), (t.clone(), etag.clone()), "reads back what was written");
+    assert!(matches!(repo.get(&other, t.id).await, Err(DomainError::NotFound { .. })), "another tenant cannot read it");
+
+    t.status = TaskStatus::Paused;
+    t.status_reason = Some("paused by a caller".into());
+    let etag2 = repo.replace(&t, Some(etag.clone()), &[]).await.expect("replace");
+    assert!(matches!(repo.replace(&t, Some(etag.clone()), &[]).await, Err(DomainError::PreconditionFailed)), "stale token");
+    assert!(matches!(repo.replace(&task(&other), None, &[]).await, Err(DomainError::NotFound { .. })), "replace of a missing task");
+    assert_eq!(repo.get(&tenant, t.id).await.expect("get").value.status, TaskStatus::Paused);
+
+    // Listing pages through the tenant's tasks only, never states or conflicts kept beside them.
+    states.put(&state(&tenant, t.id, "k1", "p1"), None).await.expect("a state");
+    states.create_conflict(&conflict(&tenant, t.id)).await.expect("a conflict");
+    let mut ids = BTreeSet::from([t.id]);
+    for _ in 0..4 {
+        let more = task(&tenant);
+        repo.create(&more).await.expect("create");
+        ids.insert(more.id);
+    }
+    repo.create(&task(&other)).await.expect("another tenant's task");
+    let mut seen = Vec::new();
+    let mut page = PageRequest::first(2);
+    loop {
+        let listed = repo.list(&tenant, &page).await.expect("list");
+        seen.extend(listed.items.iter().map(|s| s.value.id));
+        match listed.continuation {
+            Some(token) => page = PageRequest { limit: 2, continuation: Some(token) },
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), ids.len(), "every task once, nothing else: {seen:?}");
+    assert_eq!(seen.iter().copied().collect::<BTreeSet<_>>(), ids);
+    let forged = PageRequest { limit: 2, continuation: Some("forged".into()) };
+    assert!(matches!(repo.list(&tenant, &forged).await, Err(DomainError::Validation(_))), "a forged continuation token");
+
+    assert!(matches!(repo.delete(&tenant, t.id, Some(etag)).await, Err(DomainError::PreconditionFailed)), "stale delete");
+    repo.delete(&tenant, t.id, Some(etag2)).await.expect("delete");
+    assert!(matches!(repo.get(&tenant, t.id).await, Err(DomainError::NotFound { .. })), "gone");
+    assert!(matches!(repo.delete(&tenant, t.id, None).await, Err(DomainError::NotFound { .. })), "deleted twice");
+}
+
+/// `due` finds active tasks whose time came and tasks whose lease ended, and a claim by
+/// conditional replace succeeds once.
+pub async fn due_tasks_and_exclusive_claims(repo: &dyn SyncTaskRepository) {
+    let tenant = fresh_tenant();
+    let now = timestamp() + Duration::from_secs(3600);
+    let lease = |until| TaskLease { owner: "instance-a".into(), execution_id: Uuid::now_v7(), until };
+
+    let mut due = task(&tenant);
+    due.next_run_at = Some(now - Duration::from_secs(60));
+    let mut at_now = task(&tenant);
+    at_now.next_run_at = Some(now);
+    let mut later = task(&tenant);
+    later.next_run_at = Some(now + Duration::from_secs(60));
+    let mut paused = task(&tenant);
+    paused.status = TaskStatus::Paused;
+    paused.next_run_at = Some(now - Duration::from_secs(60));
+    let mut manual = task(&tenant);
+    manual.next_run_at = None;
+    let mut dead = task(&tenant);
+    dead.next_run_at = None;
+    dead.lease = Some(lease(now - Duration::from_secs(1)));
+    let mut alive = task(&tenant);
+    alive.next_run_at = Some(now + Duration::from_secs(600));
+    alive.lease = Some(lease(now + Duration::from_secs(30)));
+    for t in [&due, &at_now, &later, &paused, &manual, &dead, &alive] {
+        repo.create(t).await.expect("create");
+    }
+
+    let found = repo.due(now, 10_000).await.expect("due");
+    let mine: BTreeSet<_> = found.iter().filter(|s| s.value.tenant_id == tenant).map(|s| s.value.id).collect();
+    assert_eq!(mine, BTreeSet::from([due.id, at_now.id, dead.id]), "due: active and time came, or lease ended");
+
+    let stored = found.into_iter().find(|s| s.value.id == due.id).expect("the due task");
+    let mut claimed = stored.value.clone();
+    claimed.lease = Some(lease(now + Duration::from_secs(60)));
+    claimed.next_run_at = None;
+    repo.replace(&claimed, Some(stored.etag.clone()), &[]).await.expect("the first claim wins");
+    let mut rival = stored.value.clone();
+    rival.lease = Some(TaskLease { owner: "instance-b".into(), execution_id: Uuid::now_v7(), until: now + Duration::from_secs(60) });
+    assert!(
+        matches!(repo.replace(&rival, Some(stored.etag), &[]).await, Err(DomainError::PreconditionFailed)),
+        "a second claim with the same token fails"
+    );
+    let again = repo.due(now, 10_000).await.expect("due");
+    assert!(!again.iter().any(|s| s.value.id == due.id), "a claimed task is not due while its lease runs");
+}
+
+/// CRUD, stale tokens, tenant isolation and per-task listing of executions.
+pub async fn executions(repo: &dyn SyncExecutionRepository) {
+    let (tenant, other) = (fresh_tenant(), fresh_tenant());
+    let (task_a, task_b) = (SyncTaskId(Uuid::now_v7()), SyncTaskId(Uuid::now_v7()));
+    let new = |task| SyncExecution::queued(Uuid::now_v7(), tenant.clone(), task, Trigger::Manual, Default::default(), timestamp());
+    let mut e = new(task_a);
+    let etag = repo.create(&e).await.expect("create");
+    assert!(matches!(repo.create(&e).await, Err(DomainError::Conflict(_))), "duplicate id");
+    assert_eq!(repo.get(&tenant, e.id).await.expect("get").value, e);
+    assert!(matches!(repo.get(&other, e.id).await, Err(DomainError::NotFound { .. })), "another tenant cannot read it");
+
+    e.status = ExecutionStatus::Running;
+    e.counts.inbound.read = 7;
+    let etag2 = repo.replace(&e, Some(etag.clone()), &[]).await.expect("replace");
+    assert!(matches!(repo.replace(&e, Some(etag), &[]).await, Err(DomainError::PreconditionFailed)), "stale token");
+    assert_eq!(repo.get(&tenant, e.id).await.expect("get").etag, etag2);
+
+    let mut expected = vec![e.id];
+    for _ in 0..2 {
+        let more = new(task_a);
+        repo.create(&more).await.expect("create");
+        expected.push(more.id);
+    }
+    repo.create(&new(task_b)).await.expect("another task's execution");
+    let first = repo.list(&tenant, task_a, &PageRequest::first(2)).await.expect("list");
+    let rest = repo.list(&tenant, task_a, &PageRequest { limit: 2, continuation: first.continuation.clone() }).await.expect("list");
+    let seen: Vec<_> = first.items.iter().chain(rest.items.iter()).map(|s| s.value.id).collect();
+    assert_eq!(seen, expected, "one task's executions, oldest first, once");
+    assert!(rest.continuation.is_none());
+}
+
+/// States: create-only without a token, conditional replace, lookups by key and provider id,
+/// per-task listing and clearing; conflicts: CRUD scoped to their task.
+pub async fn states_and_conflicts(repo: &dyn SyncStateRepository) {
+    let (tenant, other) = (fresh_tenant(), fresh_tenant());
+    let (task, task_b) = (SyncTaskId(Uuid::now_v7()), SyncTaskId(Uuid::now_v7()));
+    let mut s = state(&tenant, task, "shard/key?#1", "provider-1");
+    assert!(repo.get(&tenant, task, &s.platform_key).await.expect("get").is_none());
+    let etag = repo.put(&s, None).await.expect("create");
+    assert!(matches!(repo.put(&s, None).await, Err(DomainError::Conflict(_))), "a create of an existing state");
+    let read = repo.get(&tenant, task, &s.platform_key).await.expect("get").expect("present");
+    assert_eq!((read.value.clone(), read.etag.clone()), (s.clone(), etag.clone()));
+    assert!(repo.get(&other, task, &s.platform_key).await.expect("get").is_none(), "another tenant sees nothing");
+    assert!(repo.get(&tenant, task_b, &s.platform_key).await.expect("get").is_none(), "another task sees nothing");
+    let found = repo.find_by_provider_id(&tenant, task, "provider-1").await.expect("find").expect("present");
+    assert_eq!(found.value, s);
+    assert!(repo.find_by_provider_id(&tenant, task_b, "provider-1").await.expect("find").is_none());
+
+    s.fields = json!({"/title": "changed"});
+    s.hash = fields_hash(&s.fields);
+    let etag2 = repo.put(&s, Some(etag.clone())).await.expect("replace");
+    assert!(matches!(repo.put(&s, Some(etag)).await, Err(DomainError::PreconditionFailed)), "stale token");
+    let missing = state(&tenant, task, "never-written", "p");
+    assert!(matches!(repo.put(&missing, Some(etag2)).await, Err(DomainError::PreconditionFailed)), "replace of a missing state");
+
+    repo.put(&state(&tenant, task, "k2", "provider-2"), None).await.expect("create");
+    repo.put(&state(&tenant, task_b, "k3", "provider-3"), None).await.expect("create");
+    let listed = repo.list(&tenant, task, &PageRequest::first(50)).await.expect("list");
+    let keys: BTreeSet<_> = listed.items.iter().map(|s| s.value.platform_key.clone()).collect();
+    assert_eq!(keys, BTreeSet::from(["shard/key?#1".to_owned(), "k2".to_owned()]));
+
+    let mut c = conflict(&tenant, task);
+    let cetag = repo.create_conflict(&c).await.expect("create conflict");
+    assert!(matches!(repo.create_conflict(&c).await, Err(DomainError::Conflict(_))), "duplicate conflict id");
+    assert_eq!(repo.get_conflict(&tenant, task, c.id).await.expect("get").value, c);
+    assert!(matches!(repo.get_conflict(&tenant, task_b, c.id).await, Err(DomainError::NotFound { .. })), "another task's conflict");
+    assert!(matches!(repo.get_conflict(&other, task, c.id).await, Err(DomainError::NotFound { .. })), "another tenant's conflict");
+    c.resolution = Some(Resolution::Winner { side: Side::Platform });
+    c.resolved_at = Some(timestamp());
+    repo.replace_conflict(&c, Some(cetag.clone())).await.expect("resolve");
+    assert!(matches!(repo.replace_conflict(&c, Some(cetag)).await, Err(DomainError::PreconditionFailed)), "stale token");
+    let conflicts = repo.list_conflicts(&tenant, task, &PageRequest::first(50)).await.expect("list");
+    assert_eq!(conflicts.items.iter().map(|c| c.value.clone()).collect::<Vec<_>>(), vec![c.clone()]);
+
+    assert_eq!(repo.clear(&tenant, task, false).await.expect("clear states"), 2);
+    assert!(repo.get(&tenant, task, "k2").await.expect("get").is_none(), "states are gone");
+    assert_eq!(repo.list_conflicts(&tenant, task, &PageRequest::first(50)).await.expect("list").items.len(), 1, "conflicts stay");
+    assert!(repo.get(&tenant, task_b, "k3").await.expect("get").is_some(), "another task's states stay");
+    assert_eq!(repo.clear(&tenant, task, true).await.expect("clear all"), 1);
+    assert_eq!(repo.clear(&tenant, task, true).await.expect("clear again"), 0, "idempotent");
+    assert!(repo.list_conflicts(&tenant, task, &PageRequest::first(50)).await.expect("list").items.is_empty());
+}
+
+/// Every check of the sync stores.
+pub async fn run_all(tasks_repo: &dyn SyncTaskRepository, executions_repo: &dyn SyncExecutionRepository, states: &dyn SyncStateRepository) {
+    tasks(tasks_repo, states).await;
+    due_tasks_and_exclusive_claims(tasks_repo).await;
+    executions(executions_repo).await;
+    states_and_conflicts(states).await;
+}
