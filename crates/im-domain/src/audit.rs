@@ -19,6 +19,8 @@ pub enum AuditResource {
     Provider,
     Webhook,
     Delivery,
+    SyncTask,
+    SyncConflict,
 }
 
 impl AuditResource {
@@ -28,6 +30,8 @@ impl AuditResource {
             AuditResource::Provider => "provider",
             AuditResource::Webhook => "webhook",
             AuditResource::Delivery => "delivery",
+            AuditResource::SyncTask => "sync_task",
+            AuditResource::SyncConflict => "sync_conflict",
         }
     }
 }
@@ -42,6 +46,12 @@ pub enum AuditAction {
     Retry,
     Recover,
     Test,
+    Run,
+    Pause,
+    Resume,
+    Cancel,
+    Reset,
+    Resolve,
 }
 
 impl AuditAction {
@@ -54,6 +64,12 @@ impl AuditAction {
             AuditAction::Retry => "retry",
             AuditAction::Recover => "recover",
             AuditAction::Test => "test",
+            AuditAction::Run => "run",
+            AuditAction::Pause => "pause",
+            AuditAction::Resume => "resume",
+            AuditAction::Cancel => "cancel",
+            AuditAction::Reset => "reset",
+            AuditAction::Resolve => "resolve",
         }
     }
 }

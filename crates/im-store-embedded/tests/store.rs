@@ -25,6 +25,7 @@ async fn passes_the_conformance_suite() {
     im_testkit::outbox::claims_are_exclusive(store.integrations().as_ref(), store.outbox().as_ref()).await;
     im_testkit::webhooks::contract(store.webhooks().as_ref()).await;
     im_testkit::sync::run_all(store.sync_tasks().as_ref(), store.sync_executions().as_ref(), store.sync_states().as_ref()).await;
+    im_testkit::sync::service(store.sync_tasks(), store.sync_executions(), store.sync_states()).await;
 }
 
 /// Each queue is a database of its own (the embedded queue hands out any due job); every

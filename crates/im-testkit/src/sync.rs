@@ -254,3 +254,145 @@ pub async fn run_all(tasks_repo: &dyn SyncTaskRepository, executions_repo: &dyn 
     executions(executions_repo).await;
     states_and_conflicts(states).await;
 }
+
+/// Keeps audit records, to check what the service recorded.
+#[derive(Default)]
+pub struct AuditRecords(std::sync::Mutex<Vec<im_domain::audit::AuditRecord>>);
+
+#[async_trait::async_trait]
+impl im_domain::audit::AuditLog for AuditRecords {
+    async fn record(&self, record: im_domain::audit::AuditRecord) {
+        self.0.lock().expect("audit records").push(record);
+    }
+}
+
+impl AuditRecords {
+    pub fn actions(&self) -> Vec<String> {
+        self.0.lock().expect("audit records").iter().map(|r| format!("{}:{}", r.action_name(), r.outcome.as_str())).collect()
+    }
+}
+
+fn caller(tenant: &TenantId, roles: Vec<im_domain::Role>) -> im_domain::Caller {
+    im_domain::Caller { tenant_id: tenant.clone(), user_id: user(), roles }
+}
+
+fn draft() -> SyncTaskDraft {
+    SyncTaskDraft {
+        integration_id: IntegrationId(Uuid::now_v7()),
+        connection_id: Uuid::now_v7(),
+        entity: "issues".into(),
+        target: "ticket".into(),
+        direction: Direction::Bidirectional,
+        mode: SyncMode::Incremental,
+        schedule: ScheduleDraft::Cron { cron: "*/15 * * * *".into(), timezone: Some("Europe/Berlin".into()) },
+        field_mapping: vec![FieldMappingDraft { provider: "/fields/summary".into(), platform: "/title".into(), direction: None }],
+        conflict_policy: ConflictPolicy::Manual,
+        deletes: DeletePolicy::Propagate,
+        status: TaskStatus::Active,
+    }
+}
+
+/// The use cases of `SyncTaskService` on a real store: validation, runs (one at a time),
+/// cancel, pause and resume, reset, conflicts, tenant isolation and audit records.
+pub async fn service(
+    tasks_repo: std::sync::Arc<dyn SyncTaskRepository>,
+    executions_repo: std::sync::Arc<dyn SyncExecutionRepository>,
+    states: std::sync::Arc<dyn SyncStateRepository>,
+) {
+    use im_domain::services::{ResetScope, SyncTaskService};
+    let audit = std::sync::Arc::new(AuditRecords::default());
+    let service = SyncTaskService::new(
+        tasks_repo,
+        executions_repo,
+        states.clone(),
+        std::sync::Arc::new(im_domain::SystemClock),
+        std::sync::Arc::new(im_domain::UuidV7),
+        im_domain::audit::Audit::new(audit.clone(), std::sync::Arc::new(im_domain::SystemClock)),
+    );
+    let tenant = fresh_tenant();
+    let member = caller(&tenant, vec![im_domain::Role::Member]);
+    let viewer = caller(&tenant, vec![im_domain::Role::Viewer]);
+    let stranger = caller(&fresh_tenant(), vec![im_domain::Role::Member]);
+
+    let mut bad = draft();
+    bad.schedule = ScheduleDraft::Every("30s".into());
+    bad.field_mapping[0].platform = "title".into();
+    let Err(DomainError::Validation(problems)) = service.create(&member, bad).await else { panic!("a bad draft is refused") };
+    let fields: Vec<_> = problems.iter().map(|p| p.field.as_str()).collect();
+    assert_eq!(fields, ["schedule.every", "fieldMapping[0].platform"]);
+    assert!(matches!(service.create(&viewer, draft()).await, Err(DomainError::Forbidden(_))), "viewers do not create");
+
+    let task = service.create(&member, draft()).await.expect("create");
+    assert!(task.value.next_run_at.is_some(), "an active cron task is scheduled");
+    assert!(matches!(service.get(&stranger, task.value.id).await, Err(DomainError::NotFound { .. })), "tenant isolation");
+    let id = task.value.id;
+
+    let queued = service.run(&member, id).await.expect("run");
+    assert_eq!((queued.value.status, queued.value.trigger), (ExecutionStatus::Queued, Trigger::Manual));
+    assert!(matches!(service.run(&member, id).await, Err(DomainError::Conflict(_))), "one execution at a time");
+    assert!(matches!(service.reset(&member, id, ResetScope::Checkpoints).await, Err(DomainError::Conflict(_))), "no reset while queued");
+    let listed = service.executions(&member, id, &PageRequest::first(10)).await.expect("executions");
+    assert_eq!(listed.items.iter().map(|e| e.value.id).collect::<Vec<_>>(), vec![queued.value.id]);
+    assert_eq!(service.execution(&member, id, queued.value.id).await.expect("execution").value.id, queued.value.id);
+    assert!(matches!(service.execution(&stranger, id, queued.value.id).await, Err(DomainError::NotFound { .. })));
+
+    let cancelled = service.cancel(&member, id).await.expect("cancel");
+    assert!(cancelled.value.pending_execution.is_none());
+    let execution = service.execution(&member, id, queued.value.id).await.expect("execution");
+    assert_eq!(execution.value.status, ExecutionStatus::Cancelled, "a queued run is cancelled at once");
+    assert!(matches!(service.cancel(&member, id).await, Err(DomainError::Conflict(_))), "nothing left to cancel");
+
+    let paused = service.pause(&member, id, None).await.expect("pause");
+    assert_eq!((paused.value.status, paused.value.next_run_at), (TaskStatus::Paused, None));
+    assert!(paused.value.status_reason.as_deref().is_some_and(|r| r.contains("paused by")));
+    assert!(matches!(service.run(&member, id).await, Err(DomainError::Conflict(_))), "a paused task does not run");
+    assert!(matches!(service.resume(&member, id, Some(&task.etag)).await, Err(DomainError::PreconditionFailed)), "stale If-Match");
+    let resumed = service.resume(&member, id, Some(&paused.etag)).await.expect("resume");
+    assert_eq!((resumed.value.status, resumed.value.status_reason.clone()), (TaskStatus::Active, None));
+    assert!(resumed.value.next_run_at.is_some());
+
+    states.put(&state(&tenant, id, "k1", "p1"), None).await.expect("a state");
+    let mut open = conflict(&tenant, id);
+    states.create_conflict(&open).await.expect("a conflict");
+    let bad_value = Resolution::Value { value: json!({"/other": 1}) };
+    assert!(matches!(service.resolve(&member, id, open.id, bad_value).await, Err(DomainError::Validation(_))));
+    let resolved = service.resolve(&member, id, open.id, Resolution::Winner { side: Side::Provider }).await.expect("resolve");
+    assert!(resolved.value.resolved_at.is_some());
+    open.id = Uuid::now_v7();
+    assert!(matches!(
+        service.resolve(&member, id, open.id, Resolution::Winner { side: Side::Provider }).await,
+        Err(DomainError::NotFound { .. })
+    ));
+    assert!(matches!(
+        service.resolve(&member, id, resolved.value.id, Resolution::Winner { side: Side::Platform }).await,
+        Err(DomainError::Conflict(_))
+    ));
+    assert_eq!(service.conflicts(&member, id, &PageRequest::first(10)).await.expect("conflicts").items.len(), 1);
+
+    service.reset(&member, id, ResetScope::All).await.expect("reset");
+    assert!(states.get(&tenant, id, "k1").await.expect("get").is_none(), "reset all forgets states");
+    assert!(service.conflicts(&member, id, &PageRequest::first(10)).await.expect("conflicts").items.is_empty());
+
+    let mut changed = draft();
+    changed.status = TaskStatus::Disabled;
+    let updated = service.update(&member, id, changed, None).await.expect("update");
+    assert_eq!((updated.value.status, updated.value.next_run_at), (TaskStatus::Disabled, None));
+    service.delete(&member, id, Some(&updated.etag)).await.expect("delete");
+    assert!(matches!(service.get(&member, id).await, Err(DomainError::NotFound { .. })));
+
+    let actions = audit.actions();
+    for expected in [
+        "sync_task.create:denied",
+        "sync_task.create:succeeded",
+        "sync_task.run:succeeded",
+        "sync_task.cancel:succeeded",
+        "sync_task.pause:succeeded",
+        "sync_task.resume:succeeded",
+        "sync_conflict.resolve:succeeded",
+        "sync_task.reset:succeeded",
+        "sync_task.update:succeeded",
+        "sync_task.delete:succeeded",
+    ] {
+        assert!(actions.iter().any(|a| a == expected), "{expected} in {actions:?}");
+    }
+}

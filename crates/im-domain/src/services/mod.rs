@@ -6,6 +6,7 @@ mod catalog;
 mod deliveries;
 mod integrations;
 mod relay;
+mod sync_tasks;
 mod webhooks;
 
 pub use bus::InProcessBus;
@@ -13,6 +14,7 @@ pub use catalog::CatalogService;
 pub use deliveries::{AttemptReport, DeliveryService, DeliverySettings};
 pub use integrations::IntegrationService;
 pub use relay::EventRelay;
+pub use sync_tasks::{ResetScope, SyncTaskService};
 pub use webhooks::{WebhookService, WithSecret};
 
 use crate::common::ETag;

@@ -3,6 +3,7 @@
 //! conflicts and execution history.
 
 pub mod execution;
+pub mod merge;
 pub mod ports;
 pub mod state;
 pub mod task;

@@ -510,6 +510,9 @@ pub struct SyncTask {
     /// The running execution's hold, if one runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease: Option<TaskLease>,
+    /// A manual run waiting for the scheduler to claim it (its execution is `queued`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_execution: Option<Uuid>,
     /// Set by `cancel`: the running execution stops at its next page boundary.
     #[serde(default)]
     pub cancel_requested: bool,
@@ -544,6 +547,7 @@ impl SyncTask {
             consecutive_failures: 0,
             checkpoints: Checkpoints::default(),
             lease: None,
+            pending_execution: None,
             cancel_requested: false,
             created_at: now,
             updated_at: now,
@@ -585,9 +589,14 @@ impl SyncTask {
         self.reschedule(now, now);
     }
 
-    /// Recomputes `next_run_at` from the schedule, counting from `after`.
+    /// Recomputes `next_run_at` from the schedule, counting from `after`; a queued manual run
+    /// is due at once.
     pub fn reschedule(&mut self, after: OffsetDateTime, now: OffsetDateTime) {
-        self.next_run_at = if self.status == TaskStatus::Active { self.schedule.next_run(after, now) } else { None };
+        self.next_run_at = match self.status {
+            TaskStatus::Active if self.pending_execution.is_some() => Some(now),
+            TaskStatus::Active => self.schedule.next_run(after, now),
+            TaskStatus::Paused | TaskStatus::Disabled => None,
+        };
     }
 
     /// Whether an execution holds the task at `now`.
