@@ -12,6 +12,7 @@ mod integrations;
 mod migrations;
 mod outbox;
 mod providers;
+mod shards;
 mod support;
 mod sync;
 mod webhooks;
@@ -111,6 +112,11 @@ impl EmbeddedStore {
     /// The durable queue of delivery attempts.
     pub fn delivery_queue(&self) -> Arc<dyn im_domain::webhooks::ports::DeliveryQueue> {
         Arc::new(deliveries::SqliteDeliveryQueue::new(self.db.clone()))
+    }
+
+    /// The embedded Shard Manager (`shard_manager.backend = "embedded"`).
+    pub fn shards(&self) -> Arc<dyn im_domain::sync::ports::ShardManager> {
+        Arc::new(shards::EmbeddedShards::new(self.documents()))
     }
 
     pub fn sync_tasks(&self) -> Arc<dyn im_domain::sync::ports::SyncTaskRepository> {

@@ -396,3 +396,119 @@ pub async fn service(
         assert!(actions.iter().any(|a| a == expected), "{expected} in {actions:?}");
     }
 }
+
+/// The [`ShardManager`](im_domain::sync::ports::ShardManager) contract: conditional writes,
+/// changes in order from a cursor (tombstones included), isolation of tenants and shard types.
+pub async fn shard_manager(shards: &dyn im_domain::sync::ports::ShardManager) {
+    use im_domain::sync::ports::ShardWrite;
+    let (tenant, other) = (fresh_tenant(), fresh_tenant());
+    let write = |title: &str| ShardWrite {
+        data: json!({"title": title}),
+        version: Some("7".into()),
+        updated_at: timestamp(),
+        source: "integration-1".into(),
+    };
+
+    let empty = shards.changes(&tenant, "ticket", None, 10).await.expect("changes");
+    assert!(empty.items.is_empty(), "nothing yet");
+    let a = shards.put(&tenant, "ticket", "a/1", &write("first"), None).await.expect("put");
+    let b = shards.put(&tenant, "ticket", "b", &write("second"), None).await.expect("put");
+    shards.put(&other, "ticket", "a/1", &write("another tenant"), None).await.expect("put");
+    shards.put(&tenant, "note", "a/1", &write("another type"), None).await.expect("put");
+    assert_ne!(a.version, b.version);
+
+    let stale = shards.put(&tenant, "ticket", "a/1", &write("stale"), Some("not-the-version".into())).await;
+    assert!(matches!(stale, Err(DomainError::PreconditionFailed)), "a stale If-Match writes nothing");
+    let missing = shards.put(&tenant, "ticket", "never", &write("x"), Some(a.version.clone())).await;
+    assert!(matches!(missing, Err(DomainError::PreconditionFailed)), "If-Match on a missing record");
+    let a2 = shards.put(&tenant, "ticket", "a/1", &write("edited"), Some(a.version.clone())).await.expect("conditional put");
+    assert_ne!(a2.version, a.version, "a write makes a new version");
+
+    let first = shards.changes(&tenant, "ticket", None, 1).await.expect("changes");
+    assert_eq!(
+        first.items.iter().map(|r| r.key.as_str()).collect::<Vec<_>>(),
+        ["b"],
+        "oldest change first, the latest version of each record"
+    );
+    let rest = shards.changes(&tenant, "ticket", Some(first.next_cursor.clone()), 10).await.expect("changes");
+    assert_eq!(rest.items.len(), 1);
+    assert_eq!((rest.items[0].key.as_str(), &rest.items[0].data), ("a/1", &json!({"title": "edited"})));
+    assert_eq!(rest.items[0].source.as_deref(), Some("integration-1"), "the origin of the write");
+    assert!(!rest.items[0].deleted);
+
+    let quiet = shards.changes(&tenant, "ticket", Some(rest.next_cursor.clone()), 10).await.expect("changes");
+    assert!(quiet.items.is_empty(), "nothing after the last change");
+    shards.delete(&tenant, "ticket", "b").await.expect("delete");
+    shards.delete(&tenant, "ticket", "never-existed").await.expect("a delete of a missing record succeeds");
+    let after = shards.changes(&tenant, "ticket", Some(quiet.next_cursor), 10).await.expect("changes");
+    let tombstone = after.items.iter().find(|r| r.key == "b").expect("the tombstone");
+    assert!(tombstone.deleted, "a delete is a tombstone in the changes");
+    assert!(matches!(shards.put(&tenant, "ticket", "b", &write("x"), Some(b.version)).await, Err(DomainError::PreconditionFailed)));
+
+    let forged = shards.changes(&tenant, "ticket", Some("forged!".into()), 10).await;
+    assert!(matches!(forged, Err(DomainError::Validation(_))), "a cursor it did not issue");
+    let others = shards.changes(&other, "ticket", None, 10).await.expect("changes");
+    assert_eq!(others.items.len(), 1, "tenants are isolated");
+    assert_eq!(others.items[0].data, json!({"title": "another tenant"}));
+}
+
+/// `SyncScheduler` on a real store: of two instances claiming at once exactly one runs a due
+/// task; a lease that ends without a heartbeat expires the execution and the task runs again
+/// (the old holder can no longer write); consecutive failures pause the task with a reason.
+pub async fn scheduler(tasks_repo: std::sync::Arc<dyn SyncTaskRepository>, executions_repo: std::sync::Arc<dyn SyncExecutionRepository>) {
+    use im_domain::services::SyncScheduler;
+    let instance = |owner: &str, lease: Duration| {
+        SyncScheduler::new(
+            tasks_repo.clone(),
+            executions_repo.clone(),
+            std::sync::Arc::new(im_domain::SystemClock),
+            std::sync::Arc::new(im_domain::UuidV7),
+            owner,
+            lease,
+        )
+        .with_failure_limit(2)
+    };
+    let (a, b) = (instance("instance-a", Duration::from_secs(60)), instance("instance-b", Duration::from_secs(60)));
+    let tenant = fresh_tenant();
+    let due = task(&tenant);
+    assert!(due.next_run_at.is_some_and(|at| at < time::OffsetDateTime::now_utc()), "due since the fixed timestamp");
+    tasks_repo.create(&due).await.expect("create");
+
+    let (got_a, got_b) = tokio::join!(a.claim_due(1000), b.claim_due(1000));
+    let mine = |claims: &[im_domain::services::Claimed]| claims.iter().filter(|c| c.task.value.id == due.id).cloned().collect::<Vec<_>>();
+    let (mine_a, mine_b) = (mine(&got_a.expect("claim a")), mine(&got_b.expect("claim b")));
+    assert_eq!(mine_a.len() + mine_b.len(), 1, "exactly one instance runs the task: {mine_a:?} {mine_b:?}");
+    let mut winner = mine_a.into_iter().chain(mine_b).next().expect("a claim");
+    assert_eq!((winner.execution.value.status, winner.execution.value.trigger), (ExecutionStatus::Running, Trigger::Schedule));
+    assert!(mine(&a.claim_due(1000).await.expect("claim")).is_empty(), "a held task is not claimed again");
+    let holder = if winner.execution.value.owner.as_deref() == Some("instance-a") { &a } else { &b };
+    assert!(!holder.heartbeat(&mut winner).await.expect("heartbeat"), "no cancel asked");
+    let released = holder.finish(winner, ExecutionStatus::Failed, Some("provider unavailable".into()), &[]).await.expect("finish");
+    assert_eq!((released.value.consecutive_failures, released.value.status), (1, TaskStatus::Active));
+    assert!(released.value.lease.is_none() && released.value.next_run_at.is_some());
+
+    // A dead instance: its lease ends (zero here) without a heartbeat.
+    let mut task_b = task(&tenant);
+    task_b.next_run_at = Some(timestamp());
+    tasks_repo.create(&task_b).await.expect("create");
+    let dying = instance("instance-dying", Duration::ZERO);
+    let mut lost = mine_of(&dying.claim_due(1000).await.expect("claim"), task_b.id).expect("claimed by the dying instance");
+    let expired_id = lost.execution.value.id;
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    assert!(mine_of(&a.claim_due(1000).await.expect("claim"), task_b.id).is_none(), "the first pass expires the dead run");
+    let execution = executions_repo.get(&tenant, expired_id).await.expect("execution");
+    assert_eq!(execution.value.status, ExecutionStatus::Expired);
+    let mut again = mine_of(&a.claim_due(1000).await.expect("claim"), task_b.id).expect("the task runs again at once");
+    assert_ne!(again.execution.value.id, expired_id);
+    assert_eq!(again.task.value.consecutive_failures, 1, "an expired run counts as failed");
+    assert!(matches!(dying.heartbeat(&mut lost).await, Err(DomainError::Conflict(_))), "the old holder must stop");
+    assert!(!a.heartbeat(&mut again).await.expect("heartbeat"));
+    let paused = a.finish(again, ExecutionStatus::Failed, Some("boom".into()), &[]).await.expect("finish");
+    assert_eq!(paused.value.status, TaskStatus::Paused, "two failures in a row pause the task");
+    assert!(paused.value.status_reason.as_deref().is_some_and(|r| r.contains("2 consecutive failed runs") && r.contains("boom")));
+    assert_eq!(paused.value.next_run_at, None);
+}
+
+fn mine_of(claims: &[im_domain::services::Claimed], id: SyncTaskId) -> Option<im_domain::services::Claimed> {
+    claims.iter().find(|c| c.task.value.id == id).cloned()
+}

@@ -6,6 +6,7 @@ mod catalog;
 mod deliveries;
 mod integrations;
 mod relay;
+mod sync_scheduler;
 mod sync_tasks;
 mod webhooks;
 
@@ -14,6 +15,7 @@ pub use catalog::CatalogService;
 pub use deliveries::{AttemptReport, DeliveryService, DeliverySettings};
 pub use integrations::IntegrationService;
 pub use relay::EventRelay;
+pub use sync_scheduler::{Claimed, DEFAULT_FAILURE_LIMIT, SyncScheduler};
 pub use sync_tasks::{ResetScope, SyncTaskService};
 pub use webhooks::{WebhookService, WithSecret};
 

@@ -198,3 +198,84 @@ mod tests {
         assert!(e.status.is_final());
     }
 }
+
+/// `data` of `sync.task.completed`: the outcome of a finished execution.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SyncTaskCompletedData {
+    pub task_id: SyncTaskId,
+    pub execution_id: Uuid,
+    pub status: ExecutionStatus,
+    pub trigger: Trigger,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub started_at: Option<OffsetDateTime>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub ended_at: Option<OffsetDateTime>,
+    pub counts: DirectionCounts,
+    pub checkpoints_from: Checkpoints,
+    pub checkpoints_to: Checkpoints,
+    pub error_count: u64,
+    pub error: Option<String>,
+}
+
+impl SyncExecution {
+    /// The `sync.task.completed` event of this (finished) execution. Its id is the execution's
+    /// id: recording the completion twice yields one event for consumers, who drop duplicates
+    /// by id.
+    pub fn completed_event(&self) -> crate::events::DomainEvent {
+        let data = SyncTaskCompletedData {
+            task_id: self.task_id,
+            execution_id: self.id,
+            status: self.status,
+            trigger: self.trigger,
+            started_at: self.started_at,
+            ended_at: self.ended_at,
+            counts: self.counts,
+            checkpoints_from: self.checkpoints_from.clone(),
+            checkpoints_to: self.checkpoints_to.clone(),
+            error_count: self.error_count,
+            error: self.error.clone(),
+        };
+        crate::events::DomainEvent {
+            id: self.id,
+            event_type: crate::events::EventType::SyncTaskCompleted,
+            tenant_id: self.tenant_id.clone(),
+            subject: self.task_id.to_string(),
+            time: self.ended_at.unwrap_or(self.queued_at),
+            data: serde_json::to_value(data).unwrap_or_default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod event_tests {
+    use super::*;
+
+    #[test]
+    fn the_completion_event_matches_its_schema_and_is_keyed_by_the_execution() {
+        let schema: serde_json::Value =
+            serde_json::from_str(include_str!("../../../../docs/events/sync.task.completed.schema.json")).unwrap();
+        let validator = jsonschema::validator_for(&schema).unwrap();
+        let at = OffsetDateTime::from_unix_timestamp(1_767_225_600).unwrap();
+        let task = SyncTaskId(Uuid::now_v7());
+        let mut e = SyncExecution::queued(Uuid::now_v7(), TenantId::new("t").unwrap(), task, Trigger::Schedule, Checkpoints::default(), at);
+        e.started_at = Some(at);
+        e.counts.inbound.created = 3;
+        e.checkpoints_to.provider = Some("2026-01-01T00:00:00Z".into());
+        e.record_error(RecordError { record_id: "42".into(), side: Side::Platform, message: "refused".into() });
+        e.finish(ExecutionStatus::Partial, None, at);
+        let event = e.completed_event();
+        assert_eq!(event.id, e.id, "the execution id is the idempotency key");
+        let document = event.cloud_event();
+        let problems: Vec<String> = validator.iter_errors(&document).map(|p| p.to_string()).collect();
+        assert!(problems.is_empty(), "{problems:?} in {document}");
+        assert_eq!(document["data"]["counts"]["inbound"]["created"], 3);
+        assert_eq!(document["subject"], task.to_string());
+        let mut failed = e.clone();
+        failed.finish(ExecutionStatus::Failed, Some("provider unavailable".into()), at);
+        assert!(validator.is_valid(&failed.completed_event().cloud_event()));
+        let mut bad = document.clone();
+        bad["data"]["status"] = "exploded".into();
+        assert!(!validator.is_valid(&bad), "the schema checks the status");
+    }
+}
