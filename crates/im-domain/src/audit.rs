@@ -22,6 +22,8 @@ pub enum AuditResource {
     /// An event of the outbox (a dead letter an administrator requeued).
     OutboxEvent,
     Connection,
+    SyncTask,
+    SyncConflict,
 }
 
 impl AuditResource {
@@ -33,6 +35,8 @@ impl AuditResource {
             AuditResource::Delivery => "delivery",
             AuditResource::OutboxEvent => "outbox_event",
             AuditResource::Connection => "connection",
+            AuditResource::SyncTask => "sync_task",
+            AuditResource::SyncConflict => "sync_conflict",
         }
     }
 }
@@ -52,6 +56,12 @@ pub enum AuditAction {
     List,
     /// Credentials were read from the secret store to call a provider.
     UseCredentials,
+    Run,
+    Pause,
+    Resume,
+    Cancel,
+    Reset,
+    Resolve,
 }
 
 impl AuditAction {
@@ -67,6 +77,12 @@ impl AuditAction {
             AuditAction::Requeue => "requeue",
             AuditAction::List => "list",
             AuditAction::UseCredentials => "use_credentials",
+            AuditAction::Run => "run",
+            AuditAction::Pause => "pause",
+            AuditAction::Resume => "resume",
+            AuditAction::Cancel => "cancel",
+            AuditAction::Reset => "reset",
+            AuditAction::Resolve => "resolve",
         }
     }
 }

@@ -21,6 +21,7 @@ pub mod retry;
 pub mod schema;
 pub mod secrets;
 pub mod services;
+pub mod sync;
 pub mod webhooks;
 
 pub use auth::{Caller, Role};

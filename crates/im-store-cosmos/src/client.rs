@@ -54,6 +54,8 @@ pub(crate) const INTEGRATIONS: &str = "integration_integrations";
 pub(crate) const CONNECTIONS: &str = "integration_connections";
 pub(crate) const WEBHOOKS: &str = "integration_webhooks";
 pub(crate) const DELIVERIES: &str = "integration_webhook_deliveries";
+pub(crate) const SYNC_TASKS: &str = "integration_sync_tasks";
+pub(crate) const SYNC_EXECUTIONS: &str = "integration_sync_executions";
 
 /// The well-known key of the Cosmos DB emulator (any key works against the test server).
 pub const EMULATOR_KEY: &str = "C2y6yDjf5/R+ob0N8A7Cgv30VRDJIWEHLM+4QDU5DE2nQ9nDuVTqobD4b8mGGyPMbIZnqyMsEcaGQy67XIw/Jw==";
@@ -245,6 +247,18 @@ impl CosmosStore {
 
     pub fn deliveries(&self) -> Arc<dyn im_domain::webhooks::ports::DeliveryRepository> {
         Arc::new(crate::deliveries::CosmosDeliveries::new(self.clone()))
+    }
+
+    pub fn sync_tasks(&self) -> Arc<dyn im_domain::sync::ports::SyncTaskRepository> {
+        Arc::new(crate::sync::CosmosSync::new(self.clone()))
+    }
+
+    pub fn sync_executions(&self) -> Arc<dyn im_domain::sync::ports::SyncExecutionRepository> {
+        Arc::new(crate::sync::CosmosSync::new(self.clone()))
+    }
+
+    pub fn sync_states(&self) -> Arc<dyn im_domain::sync::ports::SyncStateRepository> {
+        Arc::new(crate::sync::CosmosSync::new(self.clone()))
     }
 
     pub fn outbox(&self) -> Arc<dyn Outbox> {

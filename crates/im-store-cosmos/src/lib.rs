@@ -22,6 +22,7 @@ mod integrations;
 mod outbox;
 mod providers;
 mod support;
+mod sync;
 mod webhooks;
 
 pub use client::{CONTAINERS, ContainerSpec, CosmosSettings, CosmosStore, EMULATOR_KEY, ProvisionReport, provision};

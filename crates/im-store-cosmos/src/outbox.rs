@@ -14,7 +14,7 @@ use im_domain::ports::Outbox;
 use im_domain::{DomainError, Page, PageRequest};
 use serde::Deserialize;
 
-use crate::client::{CONNECTIONS, CosmosStore, DELIVERIES, INTEGRATIONS};
+use crate::client::{CONNECTIONS, CosmosStore, DELIVERIES, INTEGRATIONS, SYNC_EXECUTIONS, SYNC_TASKS};
 use crate::docs::{OutboxDoc, etag_to_domain};
 use crate::errors::unexpected;
 use crate::support::precondition;
@@ -23,7 +23,7 @@ use crate::support::precondition;
 const PARTITIONS_CAPACITY: usize = 100_000;
 
 /// Containers whose writes record events.
-const SOURCES: [&str; 3] = [INTEGRATIONS, DELIVERIES, CONNECTIONS];
+const SOURCES: [&str; 5] = [INTEGRATIONS, DELIVERIES, CONNECTIONS, SYNC_TASKS, SYNC_EXECUTIONS];
 
 /// Tries of a conditional change that keeps meeting concurrent writes.
 const CONDITIONAL_TRIES: usize = 5;

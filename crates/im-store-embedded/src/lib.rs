@@ -13,7 +13,9 @@ mod integrations;
 mod migrations;
 mod outbox;
 mod providers;
+mod shards;
 mod support;
+mod sync;
 mod webhooks;
 
 use std::path::{Path, PathBuf};
@@ -36,6 +38,10 @@ pub mod containers {
     pub const WEBHOOK_DELIVERIES: &str = "integration_webhook_deliveries";
     pub const SYNC_TASKS: &str = "integration_sync_tasks";
     pub const SYNC_EXECUTIONS: &str = "integration_sync_executions";
+    /// Per-record sync states (embedded store only: Cosmos keeps them in `integration_sync_tasks`).
+    pub const SYNC_STATES: &str = "integration_sync_states";
+    /// Sync conflicts (embedded store only: Cosmos keeps them in `integration_sync_tasks`).
+    pub const SYNC_CONFLICTS: &str = "integration_sync_conflicts";
 }
 
 /// File name of the database inside the data directory.
@@ -111,6 +117,23 @@ impl EmbeddedStore {
     /// The durable queue of delivery attempts.
     pub fn delivery_queue(&self) -> Arc<dyn im_domain::webhooks::ports::DeliveryQueue> {
         Arc::new(deliveries::SqliteDeliveryQueue::new(self.db.clone()))
+    }
+
+    /// The embedded Shard Manager (`shard_manager.backend = "embedded"`).
+    pub fn shards(&self) -> Arc<dyn im_domain::sync::ports::ShardManager> {
+        Arc::new(shards::EmbeddedShards::new(self.documents()))
+    }
+
+    pub fn sync_tasks(&self) -> Arc<dyn im_domain::sync::ports::SyncTaskRepository> {
+        Arc::new(sync::SqliteSync::new(self.db.clone()))
+    }
+
+    pub fn sync_executions(&self) -> Arc<dyn im_domain::sync::ports::SyncExecutionRepository> {
+        Arc::new(sync::SqliteSync::new(self.db.clone()))
+    }
+
+    pub fn sync_states(&self) -> Arc<dyn im_domain::sync::ports::SyncStateRepository> {
+        Arc::new(sync::SqliteSync::new(self.db.clone()))
     }
 
     pub fn providers(&self) -> Arc<dyn ProviderRepository> {

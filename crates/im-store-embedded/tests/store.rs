@@ -41,6 +41,10 @@ async fn passes_the_conformance_suite() {
     im_testkit::webhooks::contract(store.webhooks().as_ref()).await;
     im_testkit::connections::contract(store.connections().as_ref()).await;
     im_testkit::connections::events_are_recorded_atomically(store.connections().as_ref(), store.outbox().as_ref()).await;
+    im_testkit::sync::run_all(store.sync_tasks().as_ref(), store.sync_executions().as_ref(), store.sync_states().as_ref()).await;
+    im_testkit::sync::service(store.sync_tasks(), store.sync_executions(), store.sync_states()).await;
+    im_testkit::sync::shard_manager(store.shards().as_ref()).await;
+    im_testkit::sync::scheduler(store.sync_tasks(), store.sync_executions()).await;
 }
 
 /// Each queue is a database of its own (the embedded queue hands out any due job); every

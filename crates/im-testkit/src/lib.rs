@@ -18,6 +18,7 @@ pub mod queue;
 pub mod rabbit;
 pub mod secrets;
 pub mod services;
+pub mod sync;
 pub mod webhooks;
 
 use im_domain::{TenantId, UserId};

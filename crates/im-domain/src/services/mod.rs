@@ -9,6 +9,8 @@ mod deliveries;
 mod integrations;
 mod outbox;
 mod relay;
+mod sync_scheduler;
+mod sync_tasks;
 mod webhooks;
 
 pub use bus::InProcessBus;
@@ -18,6 +20,8 @@ pub use deliveries::{AttemptReport, DEFAULT_MANUAL_SENDS_PER_MINUTE, DeliverySer
 pub use integrations::IntegrationService;
 pub use outbox::OutboxAdmin;
 pub use relay::{DEFAULT_MAX_PUBLISH_ATTEMPTS, EventRelay, Relayed};
+pub use sync_scheduler::{Claimed, DEFAULT_FAILURE_LIMIT, SyncScheduler};
+pub use sync_tasks::{ResetScope, SyncTaskService};
 pub use webhooks::{WebhookService, WithSecret};
 
 use crate::common::ETag;

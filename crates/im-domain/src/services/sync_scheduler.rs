@@ -1,0 +1,188 @@
+//! Claiming due sync tasks, safely with several instances on one store: a task is run by the
+//! instance whose conditional replace put its lease on the task; a lease that ends without a
+//! heartbeat belongs to a dead instance, whose execution becomes `expired` and whose task is due
+//! again at once (the next run resumes from the checkpoint).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use time::OffsetDateTime;
+
+use crate::common::{Clock, IdGenerator, Stored};
+use crate::error::DomainError;
+use crate::sync::ports::{SyncExecutionRepository, SyncTaskRepository};
+use crate::sync::{ExecutionStatus, LastExecution, SyncExecution, SyncTask, TaskLease, TaskStatus, Trigger};
+
+/// Consecutive failed runs after which a task is paused, unless configured otherwise.
+pub const DEFAULT_FAILURE_LIMIT: u32 = 5;
+
+/// A task this instance holds, with the execution it runs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Claimed {
+    pub task: Stored<SyncTask>,
+    pub execution: Stored<SyncExecution>,
+}
+
+/// Claims due tasks for one instance (`owner`) and releases them when their run ends.
+#[derive(Clone)]
+pub struct SyncScheduler {
+    tasks: Arc<dyn SyncTaskRepository>,
+    executions: Arc<dyn SyncExecutionRepository>,
+    clock: Arc<dyn Clock>,
+    ids: Arc<dyn IdGenerator>,
+    owner: String,
+    lease: Duration,
+    failure_limit: u32,
+}
+
+impl SyncScheduler {
+    pub fn new(
+        tasks: Arc<dyn SyncTaskRepository>,
+        executions: Arc<dyn SyncExecutionRepository>,
+        clock: Arc<dyn Clock>,
+        ids: Arc<dyn IdGenerator>,
+        owner: impl Into<String>,
+        lease: Duration,
+    ) -> Self {
+        Self { tasks, executions, clock, ids, owner: owner.into(), lease, failure_limit: DEFAULT_FAILURE_LIMIT }
+    }
+
+    pub fn with_failure_limit(mut self, limit: u32) -> Self {
+        self.failure_limit = limit.max(1);
+        self
+    }
+
+    /// Takes up to `limit` due tasks for this instance: each one's lease is written with the
+    /// etag `due` returned, so of several instances exactly one wins a task; the losers skip it.
+    /// Tasks whose lease ended are released first (their execution `expired`, the task due now).
+    ///
+    /// # Errors
+    /// When the store cannot be read; a task lost to another instance is no error.
+    pub async fn claim_due(&self, limit: u32) -> Result<Vec<Claimed>, DomainError> {
+        let now = self.clock.now();
+        let mut claimed = Vec::new();
+        for stored in self.tasks.due(now, limit).await? {
+            let expired = stored.value.lease.as_ref().is_some_and(|l| l.until <= now);
+            let result = if expired { self.expire(stored, now).await.map(|()| None) } else { self.claim(stored, now).await };
+            match result {
+                Ok(Some(c)) => claimed.push(c),
+                Ok(None) | Err(DomainError::PreconditionFailed | DomainError::NotFound { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(claimed)
+    }
+
+    async fn expire(&self, stored: Stored<SyncTask>, now: OffsetDateTime) -> Result<(), DomainError> {
+        let mut task = stored.value;
+        let Some(lease) = task.lease.take() else { return Ok(()) };
+        task.consecutive_failures += 1;
+        task.last_execution = Some(LastExecution { id: lease.execution_id, status: ExecutionStatus::Expired, ended_at: Some(now) });
+        task.next_run_at = (task.status == TaskStatus::Active).then_some(now);
+        self.tasks.replace(&task, Some(stored.etag), &[]).await?;
+        if let Ok(current) = self.executions.get(&task.tenant_id, lease.execution_id).await
+            && !current.value.status.is_final()
+        {
+            let mut execution = current.value;
+            execution.finish(ExecutionStatus::Expired, Some(format!("the lease of {} ended without a heartbeat", lease.owner)), now);
+            // Another instance finishing it first is fine.
+            let _ = self.executions.replace(&execution, Some(current.etag), &[]).await;
+        }
+        Ok(())
+    }
+
+    async fn claim(&self, stored: Stored<SyncTask>, now: OffsetDateTime) -> Result<Option<Claimed>, DomainError> {
+        let due = stored.value.status == TaskStatus::Active && stored.value.next_run_at.is_some_and(|at| at <= now);
+        if !due || stored.value.lease.is_some() {
+            return Ok(None);
+        }
+        let mut task = stored.value;
+        let (execution_id, trigger) = match task.pending_execution.take() {
+            Some(id) => (id, Trigger::Manual),
+            None => (self.ids.new_uuid(), Trigger::Schedule),
+        };
+        task.lease = Some(TaskLease { owner: self.owner.clone(), execution_id, until: now + self.lease });
+        task.cancel_requested = false;
+        task.next_run_at = None;
+        let etag = self.tasks.replace(&task, Some(stored.etag), &[]).await?;
+        let mut execution = match trigger {
+            Trigger::Manual => self.executions.get(&task.tenant_id, execution_id).await?,
+            Trigger::Schedule => {
+                let e = SyncExecution::queued(execution_id, task.tenant_id.clone(), task.id, trigger, task.checkpoints.clone(), now);
+                let etag = self.executions.create(&e).await?;
+                Stored { value: e, etag }
+            }
+        };
+        execution.value.status = ExecutionStatus::Running;
+        execution.value.started_at = Some(now);
+        execution.value.owner = Some(self.owner.clone());
+        execution.value.checkpoints_from = task.checkpoints.clone();
+        execution.etag = self.executions.replace(&execution.value, Some(execution.etag.clone()), &[]).await?;
+        Ok(Some(Claimed { task: Stored { value: task, etag }, execution }))
+    }
+
+    /// Extends this instance's lease and saves the checkpoints reached; returns whether a
+    /// caller asked to cancel.
+    ///
+    /// # Errors
+    /// `PreconditionFailed` or `Conflict` when the task is no longer held by this execution
+    /// (the lease ended and another instance took over): the run MUST stop without writing.
+    pub async fn heartbeat(&self, claimed: &mut Claimed) -> Result<bool, DomainError> {
+        let now = self.clock.now();
+        let current = self.tasks.get(&claimed.task.value.tenant_id, claimed.task.value.id).await?;
+        let mine = current.value.lease.as_ref().is_some_and(|l| l.owner == self.owner && l.execution_id == claimed.execution.value.id);
+        if !mine {
+            return Err(DomainError::Conflict("the task is no longer held by this execution".into()));
+        }
+        let mut task = current.value;
+        task.checkpoints = claimed.execution.value.checkpoints_to.clone();
+        if let Some(lease) = task.lease.as_mut() {
+            lease.until = now + self.lease;
+        }
+        let etag = self.tasks.replace(&task, Some(current.etag), &[]).await?;
+        let cancel = task.cancel_requested;
+        claimed.task = Stored { value: task, etag };
+        Ok(cancel)
+    }
+
+    /// Ends a run: records the execution's outcome (with `events`, the completion event,
+    /// atomically), releases the task, saves its checkpoints, counts consecutive failures and
+    /// pauses the task after [`DEFAULT_FAILURE_LIMIT`] (or the configured number) in a row.
+    /// Returns the task as released.
+    ///
+    /// # Errors
+    /// As [`SyncScheduler::heartbeat`] when the task is no longer held by this execution.
+    pub async fn finish(
+        &self,
+        mut claimed: Claimed,
+        status: ExecutionStatus,
+        error: Option<String>,
+        events: &[crate::events::DomainEvent],
+    ) -> Result<Stored<SyncTask>, DomainError> {
+        let now = self.clock.now();
+        self.heartbeat(&mut claimed).await?;
+        let mut execution = claimed.execution.value;
+        execution.finish(status, error.clone(), now);
+        self.executions.replace(&execution, Some(claimed.execution.etag), events).await?;
+        let mut task = claimed.task.value;
+        task.lease = None;
+        task.cancel_requested = false;
+        task.last_execution = Some(LastExecution { id: execution.id, status, ended_at: Some(now) });
+        if status == ExecutionStatus::Failed {
+            task.consecutive_failures += 1;
+            if task.consecutive_failures >= self.failure_limit && task.status == TaskStatus::Active {
+                task.status = TaskStatus::Paused;
+                task.status_reason = Some(format!(
+                    "paused after {} consecutive failed runs; last error: {}",
+                    task.consecutive_failures,
+                    error.unwrap_or_default()
+                ));
+            }
+        } else {
+            task.consecutive_failures = 0;
+        }
+        task.reschedule(now, now);
+        let etag = self.tasks.replace(&task, Some(claimed.task.etag), &[]).await?;
+        Ok(Stored { value: task, etag })
+    }
+}
