@@ -220,6 +220,19 @@ async fn chaos_deliveries_survive_a_secret_management_outage() {
         assert_eq!(response.status(), StatusCode::CREATED);
     }
     tokio::time::sleep(Duration::from_millis(if chaos_full() { 5000 } else { 1500 })).await;
+    // Readiness shows the outage (degraded: deliveries wait durably) on the instances that met it.
+    let mut reports = Vec::new();
+    for app in &apps {
+        let response = app.anonymous(reqwest::Method::GET, "/health/ready").send().await.expect("request");
+        assert_eq!(response.status(), StatusCode::OK, "a non-critical dependency leaves the service ready");
+        reports.push(response.json::<Value>().await.unwrap());
+    }
+    let down_seen = |report: &Value| {
+        report["status"] == "degraded"
+            && report["dependencies"].as_array().into_iter().flatten().any(|d| d["name"] == "secret_management" && d["ready"] == false)
+    };
+    assert!(reports.iter().any(down_seen), "readiness reports Secret Management down: {reports:?}");
+    assert!(!reports.iter().any(|r| r.to_string().contains(&secrets.uri())), "no URL in readiness: {reports:?}");
     let delivered_while_down = receiver.received_requests().await.unwrap_or_default().len();
     service.down.store(false, Ordering::SeqCst);
 

@@ -83,7 +83,7 @@ pub fn local_jwt(settings: &Settings) -> anyhow::Result<LocalJwt> {
 ///
 /// # Errors
 /// When the local key cannot be had or the HTTP client cannot be built.
-pub fn secret_store(settings: &Settings) -> anyhow::Result<Arc<dyn SecretStore>> {
+pub fn secret_store(settings: &Settings, health: &mut Vec<Arc<dyn HealthCheck>>) -> anyhow::Result<Arc<dyn SecretStore>> {
     match settings.secrets.backend {
         SecretsBackend::Local => {
             let configured = settings.secrets.local_key.expose_secret();
@@ -96,10 +96,14 @@ pub fn secret_store(settings: &Settings) -> anyhow::Result<Arc<dyn SecretStore>>
             };
             Ok(Arc::new(im_secrets_local::LocalSecretStore::open(&settings.storage.data_dir, &key)?))
         }
-        SecretsBackend::Http => Ok(Arc::new(
-            im_secrets_http::HttpSecretStore::new(settings.secrets.http.clone())
-                .map_err(|e| anyhow::anyhow!("secret management client: {e}"))?,
-        )),
+        SecretsBackend::Http => {
+            let store = Arc::new(
+                im_secrets_http::HttpSecretStore::new(settings.secrets.http.clone())
+                    .map_err(|e| anyhow::anyhow!("secret management client: {e}"))?,
+            );
+            health.push(store.clone());
+            Ok(store)
+        }
     }
 }
 
@@ -212,10 +216,15 @@ fn events(settings: &Settings, storage: &Storage, clock: Arc<dyn Clock>, audit: 
 }
 
 /// The webhook step: endpoints, their delivery queue, the sender and the delivery service.
-async fn webhooks(settings: &Settings, storage: &Storage, audit: Audit) -> anyhow::Result<(WebhookService, DeliveryService)> {
+async fn webhooks(
+    settings: &Settings,
+    storage: &Storage,
+    audit: Audit,
+    health: &mut Vec<Arc<dyn HealthCheck>>,
+) -> anyhow::Result<(WebhookService, DeliveryService)> {
     let webhooks = WebhookService::new(
         storage.webhooks.clone(),
-        secret_store(settings)?,
+        secret_store(settings, health)?,
         Arc::new(SystemClock),
         Arc::new(UuidV7),
         Arc::new(OsEntropy),
@@ -319,7 +328,7 @@ impl Application {
         let mut health: Vec<Arc<dyn HealthCheck>> = vec![storage.health.clone()];
         let events = events(&settings, &storage, clock, audit.clone(), &mut health);
         let outbox = OutboxAdmin::new(storage.outbox.clone(), audit.clone());
-        let (webhooks, deliveries) = webhooks(&settings, &storage, audit).await?;
+        let (webhooks, deliveries) = webhooks(&settings, &storage, audit, &mut health).await?;
 
         let workers = Workers { shutdown: CancellationToken::new(), tasks: TaskTracker::new() };
         let dispatch = Arc::new(tokio::sync::Notify::new());
