@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use wiremock::matchers::method;
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
-use crate::helpers::{TestApp, github, spawn_in};
+use crate::helpers::{TestApp, events_on_rabbitmq, github, spawn_in};
 
 const INSTANCES: usize = 3;
 const EVENTS: usize = 60;
@@ -186,6 +186,17 @@ impl wiremock::Respond for Serving {
     }
 }
 
+/// Every instance's readiness report; each is ready (200), degraded at worst.
+async fn readiness(apps: &[TestApp]) -> Vec<Value> {
+    let mut reports = Vec::new();
+    for app in apps {
+        let response = app.anonymous(reqwest::Method::GET, "/health/ready").send().await.expect("request");
+        assert_eq!(response.status(), StatusCode::OK, "a non-critical dependency leaves the service ready");
+        reports.push(response.json::<Value>().await.unwrap());
+    }
+    reports
+}
+
 /// `make chaos` (`IM_CHAOS_FULL=1`) runs the long variants; `make test` the short ones.
 fn chaos_full() -> bool {
     std::env::var("IM_CHAOS_FULL").is_ok_and(|v| v == "1")
@@ -221,12 +232,7 @@ async fn chaos_deliveries_survive_a_secret_management_outage() {
     }
     tokio::time::sleep(Duration::from_millis(if chaos_full() { 5000 } else { 1500 })).await;
     // Readiness shows the outage (degraded: deliveries wait durably) on the instances that met it.
-    let mut reports = Vec::new();
-    for app in &apps {
-        let response = app.anonymous(reqwest::Method::GET, "/health/ready").send().await.expect("request");
-        assert_eq!(response.status(), StatusCode::OK, "a non-critical dependency leaves the service ready");
-        reports.push(response.json::<Value>().await.unwrap());
-    }
+    let reports = readiness(&apps).await;
     let down_seen = |report: &Value| {
         report["status"] == "degraded"
             && report["dependencies"].as_array().into_iter().flatten().any(|d| d["name"] == "secret_management" && d["ready"] == false)
@@ -246,4 +252,71 @@ async fn chaos_deliveries_survive_a_secret_management_outage() {
     assert_eq!(delivered_while_down, 0, "nothing is sent unsigned while the secret is out of reach");
     assert_eq!(delivered, committed, "nothing is lost");
     assert!(duplicated * 100 <= committed, "duplicates stay within 1%");
+}
+
+/// The local RabbitMQ node's application, stopped by `rabbitmqctl stop_app`; started again when
+/// dropped, even when the test fails.
+struct BrokerStopped;
+
+fn rabbitmqctl(command: &str) -> bool {
+    std::process::Command::new("rabbitmqctl").args(["-q", command]).status().is_ok_and(|s| s.success())
+}
+
+impl BrokerStopped {
+    fn stop() -> Self {
+        assert!(rabbitmqctl("stop_app"), "`rabbitmqctl stop_app` must work for the broker restart scenario");
+        BrokerStopped
+    }
+}
+
+impl Drop for BrokerStopped {
+    fn drop(&mut self) {
+        if !rabbitmqctl("start_app") {
+            eprintln!("`rabbitmqctl start_app` failed: start RabbitMQ again by hand");
+        }
+    }
+}
+
+/// Chaos, RabbitMQ variant only (`IM_TEST_EVENTS=rabbitmq`, run by `make chaos`): the broker's
+/// application is stopped while events are committed across three instances and started again;
+/// the outbox keeps what could not be published and every delivery arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chaos_deliveries_survive_a_broker_restart() {
+    if !events_on_rabbitmq() {
+        return;
+    }
+    let apps = instances().await;
+    let token = apps[0].member();
+    let receiver = MockServer::start().await;
+    Mock::given(method("POST")).respond_with(ResponseTemplate::new(200)).mount(&receiver).await;
+    let created = apps[1].post("/api/v1/webhooks", &token, &json!({"url": format!("{}/hook", receiver.uri())})).await;
+    assert_eq!(created.status(), StatusCode::CREATED);
+    let committed = if chaos_full() { EVENTS * 5 } else { EVENTS };
+    let commit = |n: usize| {
+        let (app, token) = (&apps[n % INSTANCES], &token);
+        async move {
+            let response = app.post("/api/v1/integrations", token, &github(&format!("broker-{n}"))).await;
+            assert_eq!(response.status(), StatusCode::CREATED, "writes go on while the broker is away");
+        }
+    };
+    for n in 0..committed / 2 {
+        commit(n).await;
+    }
+    {
+        let _stopped = BrokerStopped::stop();
+        for n in committed / 2..committed {
+            commit(n).await;
+        }
+        tokio::time::sleep(Duration::from_secs(if chaos_full() { 10 } else { 2 })).await;
+        let reports = readiness(&apps).await;
+        assert!(reports.iter().all(|r| r["status"] == "degraded"), "readiness shows the broker away: {reports:?}");
+    }
+    let (delivered, duplicated) = count_deliveries(&receiver, committed, Duration::from_secs(120)).await;
+    eprintln!(
+        "chaos (RabbitMQ stopped, then started): {committed} events committed, {delivered} delivered, {} lost, {duplicated} duplicated",
+        committed - delivered
+    );
+    assert_eq!(delivered, committed, "nothing is lost");
+    // A duplicate is a job or an event whose acknowledgement the stopping broker lost.
+    assert!(duplicated <= committed / 20 + 2, "duplicates stay bounded: {duplicated} of {committed}");
 }
