@@ -12,8 +12,8 @@ build:
 test:       ## the whole suite: every crate, a generated client against the document, the API suite again on Cosmos DB, the webhook suite on RabbitMQ
 	cargo test --workspace && bash tests/client/run.sh && IM_TEST_BACKEND=cosmos cargo test -p im-system-tests --test api && IM_TEST_EVENTS=rabbitmq cargo test -p im-system-tests --test api -- webhooks deliveries events
 
-chaos:      ## failure scenarios across three instances (receiver outage), on each store and on RabbitMQ; prints committed/delivered/lost/duplicated
-	cargo test -p im-system-tests --test api -- instances --nocapture && IM_TEST_BACKEND=cosmos cargo test -p im-system-tests --test api -- instances --nocapture && IM_TEST_BACKEND=cosmos IM_TEST_EVENTS=rabbitmq cargo test -p im-system-tests --test api -- instances --nocapture
+chaos:      ## long failure scenarios across three instances (receiver down, Secret Management down, kill -9, broker restart), on each store and on RabbitMQ; prints committed/delivered/lost/duplicated
+	export IM_CHAOS_FULL=1 && cargo test -p integration-manager --test cli -- chaos --nocapture && cargo test -p im-system-tests --test api -- instances --nocapture && IM_TEST_BACKEND=cosmos cargo test -p im-system-tests --test api -- instances --nocapture && IM_TEST_BACKEND=cosmos IM_TEST_EVENTS=rabbitmq cargo test -p im-system-tests --test api -- instances --nocapture
 
 lint:
 	cargo clippy --workspace --all-targets -- -D warnings

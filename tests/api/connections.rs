@@ -95,7 +95,7 @@ async fn credentials_go_to_the_secret_store_and_only_hints_come_back() {
     assert_eq!(secret.secret_name.as_str(), format!("integration-manager/{tenant}/connection/{id}"));
     assert_eq!(app.delete(&location, &token, None).await.status(), StatusCode::NO_CONTENT);
     problem(app.get(&location, &token).await, StatusCode::NOT_FOUND).await;
-    let secrets = integration_manager::startup::secret_store(&app.settings).unwrap();
+    let secrets = integration_manager::startup::secret_store(&app.settings, &mut Vec::new()).unwrap();
     assert!(matches!(secrets.get(&secret).await, Err(DomainError::NotFound { .. })), "the secret went with the connection");
     assert!(matches!(source(&app, &tenant, &integration, &id).await, Err(DomainError::NotFound { .. })));
 }

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use wiremock::matchers::method;
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
-use crate::helpers::{TestApp, github, spawn_in};
+use crate::helpers::{TestApp, events_on_rabbitmq, github, spawn_in};
 
 const INSTANCES: usize = 3;
 const EVENTS: usize = 60;
@@ -38,6 +38,11 @@ async fn count_deliveries(receiver: &MockServer, expected: usize, wait: Duration
 }
 
 async fn instances() -> Vec<TestApp> {
+    instances_with(|_| {}).await
+}
+
+/// Three instances with the settings of [`instances`], then `configure`'s.
+async fn instances_with(configure: impl FnOnce(&mut integration_manager::Settings)) -> Vec<TestApp> {
     // One data directory: the key files and the local secret store are the same for all, as
     // `secrets.local_shared_data_dir` requires.
     let dir = Arc::new(tempfile::tempdir().expect("temp dir"));
@@ -49,6 +54,7 @@ async fn instances() -> Vec<TestApp> {
             .iter()
             .map(|d| integration_manager::config::HumanDuration::parse(d).unwrap())
             .collect();
+        configure(s);
     })
     .await;
     let shared = first.settings.clone();
@@ -135,4 +141,182 @@ async fn chaos_deliveries_survive_a_receiver_outage() {
     assert!(refused.load(Ordering::SeqCst) > 0, "the outage was seen");
     assert_eq!(delivered, committed, "nothing is lost");
     assert!(duplicated * 100 <= committed, "duplicates stay within 1%");
+}
+
+/// The Secret Management service, in memory: a secret is kept under its request path, every
+/// version; while `down`, every request gets a 503.
+#[derive(Default)]
+struct SecretManagement {
+    down: std::sync::atomic::AtomicBool,
+    refused: std::sync::atomic::AtomicUsize,
+    versions: std::sync::Mutex<HashMap<String, Vec<Value>>>,
+}
+
+/// The service as mounted on a mock server, sharing its state with the test.
+struct Serving(Arc<SecretManagement>);
+
+impl wiremock::Respond for Serving {
+    fn respond(&self, request: &wiremock::Request) -> ResponseTemplate {
+        use std::sync::atomic::Ordering;
+        let service = &self.0;
+        if service.down.load(Ordering::SeqCst) {
+            service.refused.fetch_add(1, Ordering::SeqCst);
+            return ResponseTemplate::new(503);
+        }
+        let key = request.url.path().to_owned();
+        let mut versions = service.versions.lock().unwrap();
+        match request.method.as_str() {
+            "PUT" => {
+                let body: Value = request.body_json().unwrap_or_default();
+                let kept = versions.entry(key.clone()).or_default();
+                kept.push(body["value"].clone());
+                ResponseTemplate::new(201).set_body_json(json!({"name": key, "version": kept.len().to_string()}))
+            }
+            "GET" => {
+                let wanted = request.url.query_pairs().find(|(k, _)| k == "version").and_then(|(_, v)| v.parse::<usize>().ok());
+                match wanted.and_then(|v| versions.get(&key)?.get(v.checked_sub(1)?).cloned()) {
+                    Some(value) => ResponseTemplate::new(200)
+                        .set_body_json(json!({"name": key, "version": wanted.unwrap().to_string(), "value": value})),
+                    None => ResponseTemplate::new(404),
+                }
+            }
+            "DELETE" => ResponseTemplate::new(if versions.remove(&key).is_some() { 204 } else { 404 }),
+            _ => ResponseTemplate::new(405),
+        }
+    }
+}
+
+/// Every instance's readiness report; each is ready (200), degraded at worst.
+async fn readiness(apps: &[TestApp]) -> Vec<Value> {
+    let mut reports = Vec::new();
+    for app in apps {
+        let response = app.anonymous(reqwest::Method::GET, "/health/ready").send().await.expect("request");
+        assert_eq!(response.status(), StatusCode::OK, "a non-critical dependency leaves the service ready");
+        reports.push(response.json::<Value>().await.unwrap());
+    }
+    reports
+}
+
+/// `make chaos` (`IM_CHAOS_FULL=1`) runs the long variants; `make test` the short ones.
+fn chaos_full() -> bool {
+    std::env::var("IM_CHAOS_FULL").is_ok_and(|v| v == "1")
+}
+
+/// Chaos: Secret Management answers 503 while events are committed across three instances
+/// (signing a delivery needs the endpoint's secret), then recovers: the deliveries wait on
+/// their schedule and all arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chaos_deliveries_survive_a_secret_management_outage() {
+    use std::sync::atomic::Ordering;
+    let service = Arc::new(SecretManagement::default());
+    let secrets = MockServer::start().await;
+    Mock::given(wiremock::matchers::path_regex("^/api/v1/secrets/.+")).respond_with(Serving(service.clone())).mount(&secrets).await;
+    let apps = instances_with(|s| {
+        s.secrets.backend = integration_manager::config::SecretsBackend::Http;
+        s.secrets.http.url = secrets.uri();
+        s.secrets.http.token = "service-token".to_owned().into();
+        s.secrets.http.attempts = 1;
+    })
+    .await;
+    let token = apps[0].member();
+    let receiver = MockServer::start().await;
+    Mock::given(method("POST")).respond_with(ResponseTemplate::new(200)).mount(&receiver).await;
+    let created = apps[1].post("/api/v1/webhooks", &token, &json!({"url": format!("{}/hook", receiver.uri())})).await;
+    assert_eq!(created.status(), StatusCode::CREATED);
+
+    service.down.store(true, Ordering::SeqCst);
+    let committed = if chaos_full() { EVENTS * 5 } else { EVENTS / 2 };
+    for n in 0..committed {
+        let response = apps[n % INSTANCES].post("/api/v1/integrations", &token, &github(&format!("secrets-down-{n}"))).await;
+        assert_eq!(response.status(), StatusCode::CREATED);
+    }
+    tokio::time::sleep(Duration::from_millis(if chaos_full() { 5000 } else { 1500 })).await;
+    // Readiness shows the outage (degraded: deliveries wait durably) on the instances that met it.
+    let reports = readiness(&apps).await;
+    let down_seen = |report: &Value| {
+        report["status"] == "degraded"
+            && report["dependencies"].as_array().into_iter().flatten().any(|d| d["name"] == "secret_management" && d["ready"] == false)
+    };
+    assert!(reports.iter().any(down_seen), "readiness reports Secret Management down: {reports:?}");
+    assert!(!reports.iter().any(|r| r.to_string().contains(&secrets.uri())), "no URL in readiness: {reports:?}");
+    let delivered_while_down = receiver.received_requests().await.unwrap_or_default().len();
+    service.down.store(false, Ordering::SeqCst);
+
+    let (delivered, duplicated) = count_deliveries(&receiver, committed, Duration::from_secs(60)).await;
+    let refused = service.refused.load(Ordering::SeqCst);
+    eprintln!(
+        "chaos (Secret Management down, then up): {committed} events committed, {delivered} delivered, {} lost, {duplicated} duplicated, {refused} secret reads refused during the outage",
+        committed - delivered
+    );
+    assert!(refused > 0, "the outage was seen");
+    assert_eq!(delivered_while_down, 0, "nothing is sent unsigned while the secret is out of reach");
+    assert_eq!(delivered, committed, "nothing is lost");
+    assert!(duplicated * 100 <= committed, "duplicates stay within 1%");
+}
+
+/// The local RabbitMQ node's application, stopped by `rabbitmqctl stop_app`; started again when
+/// dropped, even when the test fails.
+struct BrokerStopped;
+
+fn rabbitmqctl(command: &str) -> bool {
+    std::process::Command::new("rabbitmqctl").args(["-q", command]).status().is_ok_and(|s| s.success())
+}
+
+impl BrokerStopped {
+    fn stop() -> Self {
+        assert!(rabbitmqctl("stop_app"), "`rabbitmqctl stop_app` must work for the broker restart scenario");
+        BrokerStopped
+    }
+}
+
+impl Drop for BrokerStopped {
+    fn drop(&mut self) {
+        if !rabbitmqctl("start_app") {
+            eprintln!("`rabbitmqctl start_app` failed: start RabbitMQ again by hand");
+        }
+    }
+}
+
+/// Chaos, RabbitMQ variant only (`IM_TEST_EVENTS=rabbitmq`, run by `make chaos`): the broker's
+/// application is stopped while events are committed across three instances and started again;
+/// the outbox keeps what could not be published and every delivery arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chaos_deliveries_survive_a_broker_restart() {
+    if !events_on_rabbitmq() {
+        return;
+    }
+    let apps = instances().await;
+    let token = apps[0].member();
+    let receiver = MockServer::start().await;
+    Mock::given(method("POST")).respond_with(ResponseTemplate::new(200)).mount(&receiver).await;
+    let created = apps[1].post("/api/v1/webhooks", &token, &json!({"url": format!("{}/hook", receiver.uri())})).await;
+    assert_eq!(created.status(), StatusCode::CREATED);
+    let committed = if chaos_full() { EVENTS * 5 } else { EVENTS };
+    let commit = |n: usize| {
+        let (app, token) = (&apps[n % INSTANCES], &token);
+        async move {
+            let response = app.post("/api/v1/integrations", token, &github(&format!("broker-{n}"))).await;
+            assert_eq!(response.status(), StatusCode::CREATED, "writes go on while the broker is away");
+        }
+    };
+    for n in 0..committed / 2 {
+        commit(n).await;
+    }
+    {
+        let _stopped = BrokerStopped::stop();
+        for n in committed / 2..committed {
+            commit(n).await;
+        }
+        tokio::time::sleep(Duration::from_secs(if chaos_full() { 10 } else { 2 })).await;
+        let reports = readiness(&apps).await;
+        assert!(reports.iter().all(|r| r["status"] == "degraded"), "readiness shows the broker away: {reports:?}");
+    }
+    let (delivered, duplicated) = count_deliveries(&receiver, committed, Duration::from_secs(120)).await;
+    eprintln!(
+        "chaos (RabbitMQ stopped, then started): {committed} events committed, {delivered} delivered, {} lost, {duplicated} duplicated",
+        committed - delivered
+    );
+    assert_eq!(delivered, committed, "nothing is lost");
+    // A duplicate is a job or an event whose acknowledgement the stopping broker lost.
+    assert!(duplicated <= committed / 20 + 2, "duplicates stay bounded: {duplicated} of {committed}");
 }

@@ -136,7 +136,7 @@ pub async fn authenticator(settings: &Settings) -> anyhow::Result<Arc<dyn Authen
 ///
 /// # Errors
 /// When the local key cannot be had or the HTTP client cannot be built.
-pub fn secret_store(settings: &Settings) -> anyhow::Result<Arc<dyn SecretStore>> {
+pub fn secret_store(settings: &Settings, health: &mut Vec<Arc<dyn HealthCheck>>) -> anyhow::Result<Arc<dyn SecretStore>> {
     match settings.secrets.backend {
         SecretsBackend::Local => {
             let key = match settings.secrets.local.configured_key()? {
@@ -149,10 +149,14 @@ pub fn secret_store(settings: &Settings) -> anyhow::Result<Arc<dyn SecretStore>>
             };
             Ok(Arc::new(im_secrets_local::LocalSecretStore::open(&settings.storage.data_dir, &key)?))
         }
-        SecretsBackend::Http => Ok(Arc::new(
-            im_secrets_http::HttpSecretStore::new(settings.secrets.http.clone())
-                .map_err(|e| anyhow::anyhow!("secret management client: {e}"))?,
-        )),
+        SecretsBackend::Http => {
+            let store = Arc::new(
+                im_secrets_http::HttpSecretStore::new(settings.secrets.http.clone())
+                    .map_err(|e| anyhow::anyhow!("secret management client: {e}"))?,
+            );
+            health.push(store.clone());
+            Ok(store)
+        }
     }
 }
 
@@ -401,7 +405,7 @@ impl Application {
         let mut health: Vec<Arc<dyn HealthCheck>> = vec![storage.health.clone()];
         let events = events(&settings, &storage, clock, audit.clone(), role, &mut health);
         let outbox = OutboxAdmin::new(storage.outbox.clone(), audit.clone());
-        let secrets = secret_store(&settings)?;
+        let secrets = secret_store(&settings, &mut health)?;
         let connections = ConnectionService::new(
             events.connections.clone(),
             storage.integrations.clone(),

@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use im_domain::ports::{DependencyHealth, HealthCheck};
 use im_domain::retry::{Backoff, Failure, retry};
 use im_domain::secrets::{SecretName, SecretRef, SecretStore, SecretValue};
 use im_domain::{DomainError, HumanDuration};
@@ -60,10 +61,16 @@ fn default_backoff() -> Duration {
 }
 
 /// The HTTP client of the Secret Management service.
+///
+/// It is also the service's health check, judged passively from the requests it makes: after
+/// a request that failed (retries exhausted), the service is reported not ready until a request
+/// succeeds again; no probe of its own.
 #[derive(Debug)]
 pub struct HttpSecretStore {
     settings: HttpSecretSettings,
     client: reqwest::Client,
+    /// Why the last request failed; `None` after a success (or before any request).
+    failing: std::sync::Mutex<Option<String>>,
 }
 
 #[derive(Serialize)]
@@ -112,7 +119,7 @@ impl HttpSecretStore {
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| DomainError::Unexpected(e.into()))?;
-        Ok(Self { settings, client })
+        Ok(Self { settings, client, failing: std::sync::Mutex::default() })
     }
 
     async fn send(
@@ -156,7 +163,24 @@ impl HttpSecretStore {
                 }))
             }
         };
-        retry(backoff, attempt, tokio::time::sleep).await
+        let result = retry(backoff, attempt, tokio::time::sleep).await;
+        *self.failing.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = result.as_ref().err().map(ToString::to_string);
+        result
+    }
+}
+
+#[async_trait]
+impl HealthCheck for HttpSecretStore {
+    async fn check(&self) -> DependencyHealth {
+        let failing = self.failing.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        DependencyHealth {
+            name: "secret_management".into(),
+            ready: failing.is_none(),
+            // Reads and writes that need a secret wait or answer 503; nothing is lost.
+            critical: false,
+            detail: if failing.is_some() { "the last request failed" } else { "the last request succeeded" }.into(),
+            diagnostic: failing.unwrap_or_default(),
+        }
     }
 }
 

@@ -168,3 +168,26 @@ async fn deleting_a_missing_secret_succeeds() {
     Mock::given(method("DELETE")).respond_with(ResponseTemplate::new(404)).mount(&server).await;
     store(&server).delete(&name()).await.unwrap();
 }
+
+/// Readiness follows the requests: a failed one (retries exhausted) makes the service not
+/// ready, a later success ready again; no URL or error text in what callers see.
+#[tokio::test]
+async fn health_reports_the_outcome_of_the_last_request() {
+    use im_domain::ports::HealthCheck as _;
+    let server = MockServer::start().await;
+    let store = store(&server);
+    assert!(store.check().await.ready, "ready before any request");
+    Mock::given(method("GET")).respond_with(ResponseTemplate::new(503)).up_to_n_times(3).mount(&server).await;
+    let reference = SecretRef { secret_name: name(), version: "1".into() };
+    assert!(store.get(&reference).await.is_err());
+    let down = store.check().await;
+    assert!(!down.ready && !down.critical, "{down:?}");
+    assert!(!down.detail.contains(&server.uri()) && !down.detail.contains("503"), "{}", down.detail);
+    assert!(down.diagnostic.contains("503"), "the logs get the reason: {}", down.diagnostic);
+    Mock::given(method("GET"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"name": "n", "version": "1", "value": {}})))
+        .mount(&server)
+        .await;
+    store.get(&reference).await.unwrap();
+    assert!(store.check().await.ready, "ready again after a success");
+}
