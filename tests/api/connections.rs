@@ -279,3 +279,73 @@ async fn a_failed_connection_shows_why_refuses_its_credentials_and_publishes_one
     let response = app.put(&format!("{base}/{id}"), &token, &bearer("failing", NEW_TOKEN), None).await;
     assert_eq!(response.json::<Value>().await.unwrap()["status"], "active");
 }
+
+#[tokio::test]
+async fn a_connection_test_calls_the_provider_with_the_credentials_and_its_status_follows() {
+    use wiremock::matchers::{header as has_header, method, path};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+
+    let api = MockServer::start().await;
+    Mock::given(method("GET"))
+        .and(path("/v2/tickets"))
+        .and(has_header("X-Api-Key", "good-key-0123456789"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"data": [], "meta": {}})))
+        .mount(&api)
+        .await;
+    Mock::given(method("GET")).and(path("/v2/tickets")).respond_with(ResponseTemplate::new(401)).with_priority(10).mount(&api).await;
+    let app = crate::helpers::spawn_app_with(|s| {
+        s.webhooks.sender.allowed_private_cidrs = vec!["127.0.0.0/8".into()];
+        s.webhooks.sender.allow_http = true;
+    })
+    .await;
+    let tenant = format!("t-{}", uuid::Uuid::new_v4().simple());
+    let token = app.token(&tenant, "alice", &[Role::Member]);
+    let mut definition = custom_definition();
+    definition["baseUrl"] = json!(format!("{}/v2", api.uri()));
+    let body = json!({"providerId": "custom", "name": "Ticketing", "customDefinition": definition});
+    let integration: Value = app.post("/api/v1/integrations", &token, &body).await.json().await.unwrap();
+    let integration = integration["id"].as_str().unwrap().to_owned();
+    let base = format!("/api/v1/integrations/{integration}/connections");
+    let key = |value: &str| json!({"name": "key", "authMode": "api_key", "credentials": {"apiKey": value}});
+    let created: Value = app.post(&base, &token, &key("good-key-0123456789")).await.json().await.unwrap();
+    let connection = format!("{base}/{}", created["id"].as_str().unwrap());
+
+    // Good credentials: the provider answers 200 to the smallest list.
+    let response = app.request(reqwest::Method::POST, &format!("{connection}/test"), &token).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let outcome: Value = response.json().await.unwrap();
+    assert_eq!((outcome["ok"].clone(), outcome["status"].clone()), (json!(true), json!(200)), "{outcome}");
+    let sent = api.received_requests().await.unwrap();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].url.query_pairs().find(|(k, _)| k == "limit").map(|(_, v)| v.into_owned()).as_deref(), Some("1"));
+
+    // Refused credentials: ok is false with the status, the connection is marked with the reason.
+    let current = app.get(&connection, &token).await;
+    let etag = header(&current, "etag");
+    let replaced = app.put(&connection, &token, &key("wrong-key-0123456789"), Some(etag.as_str())).await;
+    assert_eq!(replaced.status(), StatusCode::OK);
+    let text = app.request(reqwest::Method::POST, &format!("{connection}/test"), &token).send().await.unwrap().text().await.unwrap();
+    assert!(!text.contains("wrong-key"), "no credential in the outcome: {text}");
+    let outcome: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!((outcome["ok"].clone(), outcome["status"].clone()), (json!(false), json!(401)), "{outcome}");
+    let marked: Value = app.get(&connection, &token).await.json().await.unwrap();
+    assert_eq!(marked["status"], "error");
+    assert!(marked["statusReason"].as_str().unwrap().contains("401"), "{marked}");
+
+    // The provider accepts them again: a passing test makes the connection active.
+    Mock::given(method("GET"))
+        .and(path("/v2/tickets"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"data": []})))
+        .mount(&api)
+        .await;
+    let outcome: Value =
+        app.request(reqwest::Method::POST, &format!("{connection}/test"), &token).send().await.unwrap().json().await.unwrap();
+    assert_eq!(outcome["ok"], true, "{outcome}");
+    let recovered: Value = app.get(&connection, &token).await.json().await.unwrap();
+    assert_eq!(recovered["status"], "active");
+    assert!(recovered.get("statusReason").is_none_or(Value::is_null), "{recovered}");
+
+    // Another tenant cannot test it.
+    let other = app.token("t-other-tenant", "mallory", &[Role::Member]);
+    problem(app.request(reqwest::Method::POST, &format!("{connection}/test"), &other).send().await.unwrap(), StatusCode::NOT_FOUND).await;
+}
