@@ -262,7 +262,7 @@ mod tests {
     fn github() -> ProviderSpec {
         serde_json::from_value(json!({
             "id": "github", "name": "GitHub", "category": "source-control", "description": "",
-            "authMode": "oauth2", "authorizationUrl": "https://github.com/login/oauth/authorize",
+            "authModes": ["oauth2_authorization_code"], "authorizationUrl": "https://github.com/login/oauth/authorize",
             "tokenUrl": "https://github.com/login/oauth/access_token", "defaultScopes": [],
             "apiBaseUrl": "https://api.github.com", "docsUrl": "https://docs.github.com/en/rest",
             "configSchema": {"type": "object"}, "capabilities": {"webhooks": true, "syncEntities": []},
