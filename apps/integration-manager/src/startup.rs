@@ -267,7 +267,8 @@ fn events(
     let repository = Arc::new(WakeOnEvents { inner: storage.integrations.clone(), wake: wake.clone() });
     let connections: Arc<dyn ConnectionRepository> = Arc::new(WakeOnEvents { inner: storage.connections.clone(), wake: wake.clone() });
     let integrations = IntegrationService::new(repository, storage.providers.clone(), clock, Arc::new(UuidV7), audit)
-        .with_connections(storage.connections.clone());
+        .with_connections(storage.connections.clone())
+        .with_http_apis(settings.webhooks.sender.allow_http);
     let bus = Arc::new(InProcessBus::new());
     let publisher: Arc<dyn EventPublisher> = match settings.events.backend {
         EventsBackend::Embedded => bus.clone(),

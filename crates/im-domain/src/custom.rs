@@ -229,8 +229,17 @@ impl CustomApiDefinition {
     /// # Errors
     /// [`DomainError::Validation`] listing each offending field.
     pub fn validate(&self) -> Result<(), DomainError> {
+        self.validate_with(false)
+    }
+
+    /// [`CustomApiDefinition::validate`], accepting `http` base and token URLs when
+    /// `allow_http` (the destination policy's `allow_http`, which also judges every request).
+    ///
+    /// # Errors
+    /// [`DomainError::Validation`] listing each offending field.
+    pub fn validate_with(&self, allow_http: bool) -> Result<(), DomainError> {
         let mut v = Violations::new();
-        v.check("baseUrl", validate_url(&self.base_url, false));
+        v.check("baseUrl", validate_url(&self.base_url, allow_http));
         if self.base_url.contains(['?', '#']) {
             v.invalid("baseUrl", "must not contain a query or fragment");
         }
@@ -241,7 +250,7 @@ impl CustomApiDefinition {
                 }
             }
             CustomAuth::Oauth2ClientCredentials { token_url, scopes } => {
-                v.check("auth.tokenUrl", validate_url(token_url, false));
+                v.check("auth.tokenUrl", validate_url(token_url, allow_http));
                 for (i, scope) in scopes.iter().enumerate() {
                     if scope.is_empty() || scope.len() > 200 || scope.contains(char::is_whitespace) {
                         v.invalid(format!("auth.scopes[{i}]"), "must be 1 to 200 characters without spaces");

@@ -34,6 +34,8 @@ pub struct IntegrationService {
     audit: Audit,
     /// Connections of integrations: an integration that has some is not deleted.
     connections: Option<Arc<dyn ConnectionRepository>>,
+    /// Whether custom definitions may name `http` URLs.
+    allow_http: bool,
 }
 
 impl std::fmt::Debug for IntegrationService {
@@ -58,6 +60,7 @@ impl IntegrationService {
             validators: Arc::new(cache::bounded(VALIDATOR_CACHE_CAPACITY)),
             audit,
             connections: None,
+            allow_http: false,
         }
     }
 
@@ -69,9 +72,18 @@ impl IntegrationService {
         self
     }
 
+    /// Accepts `http` URLs in custom definitions: set from the destination policy that judges
+    /// every provider request (`webhooks.allow_http`), so a definition is refused at creation
+    /// only where its requests would be refused.
+    #[must_use]
+    pub fn with_http_apis(mut self, allow_http: bool) -> Self {
+        self.allow_http = allow_http;
+        self
+    }
+
     /// Validates every rule of a spec, including those that need its provider.
     async fn validate(&self, spec: &IntegrationSpec, previous_status: Option<IntegrationStatus>) -> Result<(), DomainError> {
-        let mut v = spec.violations(previous_status);
+        let mut v = spec.violations(previous_status, self.allow_http);
         if !spec.provider_id.is_custom() {
             match self.providers.get(&spec.provider_id).await {
                 Ok(provider) => {
