@@ -29,7 +29,7 @@ fn task(s: &Setup) -> Value {
     json!({
         "integrationId": s.integration,
         "connectionId": s.connection,
-        "entity": "issues",
+        "entity": "issue",
         "target": "tickets",
         "direction": "bidirectional",
         "schedule": {"cron": "*/15 * * * *", "timezone": "Europe/Berlin"},
@@ -131,6 +131,13 @@ async fn validation_names_every_field() {
     let p = problem(app.post("/api/v1/sync-tasks", &s.token, &body).await, StatusCode::UNPROCESSABLE_ENTITY).await;
     assert_eq!(fields(&p), vec!["connectionId"]);
 
+    // The entity must be one the provider describes (GitHub: issue, repository).
+    body = task(&s);
+    body["entity"] = json!("wiki_page");
+    let p = problem(app.post("/api/v1/sync-tasks", &s.token, &body).await, StatusCode::UNPROCESSABLE_ENTITY).await;
+    assert_eq!(fields(&p), vec!["entity"]);
+    assert!(p["errors"][0]["message"].as_str().is_some_and(|m| m.contains("issue")), "{p}");
+
     // Shape problems are 400s naming the field.
     body = task(&s);
     body["direction"] = json!("sideways");
@@ -190,6 +197,12 @@ async fn run_is_accepted_once_then_conflicts() {
 
     let conflicts: Value = app.get(&format!("{path}/conflicts"), &s.token).await.json().await.unwrap();
     assert_eq!(conflicts["items"], json!([]));
+    let resolve = format!("{path}/conflicts/{}/resolve", uuid::Uuid::now_v7());
+    problem(app.post(&resolve, &s.token, &json!({"winner": "provider"})).await, StatusCode::NOT_FOUND).await;
+    for neither_or_both in [json!({}), json!({"winner": "platform", "value": {"/title": "x"}})] {
+        let p = problem(app.post(&resolve, &s.token, &neither_or_both).await, StatusCode::UNPROCESSABLE_ENTITY).await;
+        assert_eq!(fields(&p), vec!["winner"]);
+    }
 }
 
 #[tokio::test]

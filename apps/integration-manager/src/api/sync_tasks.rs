@@ -540,11 +540,31 @@ async fn check(state: &AppState, caller: &Caller, draft: &SyncTaskDraft) -> Resu
         Err(e) => return Err(e),
     }
     match state.connections.get(caller, draft.integration_id, ConnectionId(draft.connection_id)).await {
-        Ok(_) => {}
+        Ok(_) => {
+            let entities = entities(state, caller, draft.integration_id).await?;
+            if !entities.contains(&draft.entity) {
+                v.invalid("entity", format!("must be an entity the integration's provider describes: {}", entities.join(", ")));
+            }
+        }
         Err(DomainError::NotFound { .. }) => v.invalid("connectionId", "must name a connection of the integration integrationId"),
         Err(e) => return Err(e),
     }
     v.finish(|| ())
+}
+
+/// The entities a sync can read and write: those of the integration's custom definition, or
+/// of its catalog provider.
+async fn entities(state: &AppState, caller: &Caller, integration: IntegrationId) -> Result<Vec<String>, DomainError> {
+    let integration = state.integrations.get(caller, integration).await?.value;
+    let described = match integration.custom_definition {
+        Some(definition) => definition.entities,
+        None => match state.catalog.get(caller, &integration.provider_id).await {
+            Ok(provider) => provider.value.spec.entities,
+            Err(DomainError::NotFound { .. }) => Vec::new(),
+            Err(e) => return Err(e),
+        },
+    };
+    Ok(described.into_iter().map(|e| e.name).collect())
 }
 
 async fn read_draft(state: &AppState, caller: &Caller, body: Value) -> ApiResult<SyncTaskDraft> {
