@@ -79,6 +79,10 @@ async fn crud_with_if_match() {
     let mut changed = created.clone();
     changed["schedule"] = json!({"every": "10m"});
     changed["mode"] = json!("full");
+    // Read-only fields as a later read shows them are ignored.
+    changed["lastExecution"] = json!({"id": uuid::Uuid::now_v7(), "status": "succeeded", "endedAt": "2026-01-31T12:00:00Z"});
+    changed["consecutiveFailures"] = json!(2);
+    changed["statusReason"] = json!("paused by bob");
     let stale = app.put(&path, &s.token, &changed, Some("\"stale\"")).await;
     problem(stale, StatusCode::PRECONDITION_FAILED).await;
     let updated = app.put(&path, &s.token, &changed, Some(&etag)).await;
@@ -88,6 +92,7 @@ async fn crud_with_if_match() {
     let updated: Value = updated.json().await.unwrap();
     assert_eq!(updated["schedule"], json!({"every": "10m"}));
     assert_eq!(updated["mode"], "full");
+    assert!(updated.get("lastExecution").is_none() && updated["consecutiveFailures"] == 0, "{updated}");
 
     let listed: Value = app.get("/api/v1/sync-tasks", &s.token).await.json().await.unwrap();
     assert_eq!(listed["items"].as_array().unwrap().len(), 1);

@@ -185,8 +185,8 @@ fn read_only_echoes(schemas: &mut Value) {
                 json!({ "type": ["array", "null"], "items": { "type": "string" }, "readOnly": true })
             } else if shown["type"] == json!("integer") {
                 json!({ "type": ["integer", "null"], "readOnly": true })
-            } else if let Some(reference) = shown.get("$ref") {
-                json!({ "oneOf": [{ "type": "null" }, { "$ref": reference }], "readOnly": true })
+            } else if shown.get("$ref").is_some() || shown.get("oneOf").is_some() {
+                json!({ "anyOf": [{ "type": "null" }, shown], "readOnly": true })
             } else {
                 json!({ "type": ["string", "null"], "readOnly": true })
             };
