@@ -14,5 +14,6 @@ mod integrations;
 mod operations;
 mod providers;
 mod readme;
+mod sync_tasks;
 mod tidy;
 mod webhooks;

@@ -29,7 +29,7 @@ use im_domain::ports::{EventPublisher, HealthCheck, IntegrationRepository, Outbo
 use im_domain::secrets::SecretStore;
 use im_domain::services::{
     CatalogService, ConnectionService, ConnectionTests, DeliveryService, DeliverySettings, EventRelay, InProcessBus, IntegrationService,
-    OutboxAdmin, WebhookService,
+    OutboxAdmin, SyncTaskService, WebhookService,
 };
 use im_domain::webhooks::ports::{DeliveryQueue, DeliveryRepository, OsEntropy, WebhookRepository};
 use im_domain::{Clock, SystemClock, UuidV7};
@@ -167,6 +167,9 @@ pub struct Storage {
     pub webhooks: Arc<dyn WebhookRepository>,
     pub deliveries: Arc<dyn DeliveryRepository>,
     pub providers: Arc<dyn ProviderRepository>,
+    pub sync_tasks: Arc<dyn im_domain::sync::ports::SyncTaskRepository>,
+    pub sync_executions: Arc<dyn im_domain::sync::ports::SyncExecutionRepository>,
+    pub sync_states: Arc<dyn im_domain::sync::ports::SyncStateRepository>,
     pub outbox: Arc<dyn Outbox>,
     pub health: Arc<dyn HealthCheck>,
     /// The embedded store, whose expired documents a sweeper deletes (Cosmos expires its own).
@@ -196,6 +199,9 @@ pub async fn open_storage(settings: &Settings, clock: Arc<dyn Clock>, provision:
                 webhooks: store.webhooks(),
                 deliveries: store.deliveries(),
                 providers: store.providers(),
+                sync_tasks: store.sync_tasks(),
+                sync_executions: store.sync_executions(),
+                sync_states: store.sync_states(),
                 outbox: store.outbox(),
                 health: Arc::new(store.clone()),
                 embedded: Some(store),
@@ -218,6 +224,9 @@ pub async fn open_storage(settings: &Settings, clock: Arc<dyn Clock>, provision:
                 webhooks: store.webhooks(),
                 deliveries: store.deliveries(),
                 providers: store.providers(),
+                sync_tasks: store.sync_tasks(),
+                sync_executions: store.sync_executions(),
+                sync_states: store.sync_states(),
                 outbox: store.outbox(),
                 health: Arc::new(store),
                 embedded: None,
@@ -422,6 +431,14 @@ impl Application {
             im_webhook_sender::provider::HttpProviderClient::new(settings.provider_client.clone(), settings.webhooks.sender.url_policy())
                 .map_err(|e| anyhow::anyhow!("provider client: {e}"))?;
         let connection_tests = Arc::new(ConnectionTests::new(connections.clone(), Arc::new(provider_client)));
+        let sync_tasks = SyncTaskService::new(
+            storage.sync_tasks.clone(),
+            storage.sync_executions.clone(),
+            storage.sync_states.clone(),
+            Arc::new(SystemClock),
+            Arc::new(UuidV7),
+            audit.clone(),
+        );
         let (webhooks, deliveries) = webhooks(&settings, &storage, secrets, audit, role).await?;
 
         let workers = Workers { shutdown: CancellationToken::new(), tasks: TaskTracker::new() };
@@ -441,6 +458,7 @@ impl Application {
             connections,
             connection_tests,
             catalog,
+            sync_tasks,
             webhooks,
             deliveries,
             outbox,

@@ -7,7 +7,7 @@ use im_domain::auth::Authenticator;
 use im_domain::ports::HealthCheck;
 use im_domain::services::connection_test::ConnectionTester;
 use im_domain::services::{
-    CatalogService, ConnectionService, DeliveryService, InProcessBus, IntegrationService, OutboxAdmin, WebhookService,
+    CatalogService, ConnectionService, DeliveryService, InProcessBus, IntegrationService, OutboxAdmin, SyncTaskService, WebhookService,
 };
 
 /// What every handler can reach.
@@ -17,6 +17,7 @@ pub struct AppState {
     /// Connection tests (through the provider client).
     pub connection_tests: Arc<dyn ConnectionTester>,
     pub catalog: CatalogService,
+    pub sync_tasks: SyncTaskService,
     pub webhooks: WebhookService,
     pub deliveries: DeliveryService,
     /// The outbox's dead letters (admin).

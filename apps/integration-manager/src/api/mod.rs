@@ -15,6 +15,7 @@ pub mod problem;
 pub mod providers;
 pub mod request_id;
 pub mod schemas;
+pub mod sync_tasks;
 pub mod webhooks;
 
 use std::collections::HashMap;
@@ -77,6 +78,22 @@ pub fn api_routes(cfg: &mut web::ServiceConfig) {
             .service(web::resource("/webhooks/{id}/test").route(web::post().to(deliveries::test)))
             .service(web::resource("/admin/outbox/dead-letters").route(web::get().to(admin::list_dead_letters)))
             .service(web::resource("/admin/outbox/dead-letters/{id}/requeue").route(web::post().to(admin::requeue_dead_letter)))
+            .service(web::resource("/sync-tasks").route(web::get().to(sync_tasks::list)).route(web::post().to(sync_tasks::create)))
+            .service(
+                web::resource("/sync-tasks/{id}")
+                    .route(web::get().to(sync_tasks::get))
+                    .route(web::put().to(sync_tasks::update))
+                    .route(web::delete().to(sync_tasks::delete)),
+            )
+            .service(web::resource("/sync-tasks/{id}/run").route(web::post().to(sync_tasks::run)))
+            .service(web::resource("/sync-tasks/{id}/pause").route(web::post().to(sync_tasks::pause)))
+            .service(web::resource("/sync-tasks/{id}/resume").route(web::post().to(sync_tasks::resume)))
+            .service(web::resource("/sync-tasks/{id}/cancel").route(web::post().to(sync_tasks::cancel)))
+            .service(web::resource("/sync-tasks/{id}/reset").route(web::post().to(sync_tasks::reset)))
+            .service(web::resource("/sync-tasks/{id}/executions").route(web::get().to(sync_tasks::executions)))
+            .service(web::resource("/sync-tasks/{id}/executions/{execution}").route(web::get().to(sync_tasks::execution)))
+            .service(web::resource("/sync-tasks/{id}/conflicts").route(web::get().to(sync_tasks::conflicts)))
+            .service(web::resource("/sync-tasks/{id}/conflicts/{conflict}/resolve").route(web::post().to(sync_tasks::resolve)))
             .service(web::resource("/providers").route(web::get().to(providers::list)).route(web::post().to(providers::create)))
             .service(
                 web::resource("/providers/{id}")

@@ -6,7 +6,7 @@ use serde_json::{Value, json};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{admin, connection_test, connections, deliveries, health, integrations, problem, providers, webhooks};
+use super::{admin, connection_test, connections, deliveries, health, integrations, problem, providers, sync_tasks, webhooks};
 
 struct BearerAuth;
 
@@ -34,19 +34,24 @@ impl Modify for BearerAuth {
         providers::list, providers::create, providers::get, providers::update, providers::delete,
         webhooks::list, webhooks::create, webhooks::get, webhooks::update, webhooks::delete, webhooks::rotate_secret,
         deliveries::list, deliveries::get, deliveries::retry, deliveries::recover, deliveries::test,
+        sync_tasks::list, sync_tasks::create, sync_tasks::get, sync_tasks::update, sync_tasks::delete, sync_tasks::run, sync_tasks::pause,
+        sync_tasks::resume, sync_tasks::cancel, sync_tasks::reset, sync_tasks::executions, sync_tasks::execution, sync_tasks::conflicts,
+        sync_tasks::resolve,
         health::live, health::ready, health::metrics, admin::list_dead_letters, admin::requeue_dead_letter, serve,
     ),
     components(schemas(
         problem::Problem, problem::ProblemField, integrations::IntegrationInput, integrations::IntegrationView, providers::ProviderInput,
         providers::ProviderView, webhooks::WebhookInput, webhooks::WebhookView, deliveries::DeliveryView, deliveries::RecoverInput,
         deliveries::RecoverReport, admin::DeadLetterView, connections::ConnectionInput, connections::ConnectionView,
-        connection_test::ConnectionTestView,
+        connection_test::ConnectionTestView, sync_tasks::SyncTaskInput, sync_tasks::SyncTaskView, sync_tasks::ExecutionView,
+        sync_tasks::ConflictView, sync_tasks::ResetInput, sync_tasks::ResolutionDto,
     )),
     modifiers(&BearerAuth),
     tags(
         (name = "integrations", description = "A tenant's integrations"),
         (name = "connections", description = "How an integration authenticates to its provider; credentials are write-only"),
         (name = "providers", description = "The global provider catalog"),
+        (name = "sync", description = "Sync tasks between a provider's entity and a Shard Manager shard type, their executions and conflicts"),
         (name = "webhooks", description = "A tenant's webhook endpoints and their signing secrets"),
         (name = "operations", description = "Health, and the outbox's dead letters (admin)"),
     )
@@ -127,7 +132,7 @@ pub fn spec() -> Value {
 /// Request bodies that may carry the read-only fields of their resource (a client sends back
 /// what it read): the body's schema lists them, as strings (null allowed) in the format the
 /// resource's view gives them, marked `readOnly`; `api::body` checks and then drops them.
-const READ_ONLY_ECHOES: [(&str, &str, &[&str]); 4] = [
+const READ_ONLY_ECHOES: [(&str, &str, &[&str]); 5] = [
     ("IntegrationInput", "Integration", &["id", "tenantId", "createdAt", "updatedAt", "createdBy", "updatedBy"]),
     (
         "WebhookInput",
@@ -153,14 +158,35 @@ const READ_ONLY_ECHOES: [(&str, &str, &[&str]); 4] = [
             "updatedBy",
         ],
     ),
+    (
+        "SyncTaskInput",
+        "SyncTask",
+        &[
+            "id",
+            "tenantId",
+            "statusReason",
+            "nextRunAt",
+            "lastExecution",
+            "consecutiveFailures",
+            "createdAt",
+            "updatedAt",
+            "createdBy",
+            "updatedBy",
+        ],
+    ),
 ];
 
 fn read_only_echoes(schemas: &mut Value) {
     for (input, view, fields) in READ_ONLY_ECHOES {
         for field in fields {
-            let is_array = schemas[view]["properties"][field]["type"] == json!("array");
+            let shown = &schemas[view]["properties"][field];
+            let is_array = shown["type"] == json!("array");
             let mut echo = if is_array {
                 json!({ "type": ["array", "null"], "items": { "type": "string" }, "readOnly": true })
+            } else if shown["type"] == json!("integer") {
+                json!({ "type": ["integer", "null"], "readOnly": true })
+            } else if shown.get("$ref").is_some() || shown.get("oneOf").is_some() {
+                json!({ "anyOf": [{ "type": "null" }, shown], "readOnly": true })
             } else {
                 json!({ "type": ["string", "null"], "readOnly": true })
             };
