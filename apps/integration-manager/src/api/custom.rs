@@ -13,8 +13,9 @@ use utoipa::ToSchema;
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[schema(as = CustomDefinition)]
 pub struct CustomDefinitionDto {
-    /// Base URL of every request: an absolute https URL without query or fragment.
-    #[schema(max_length = 2048, pattern = r"^https://[^?#]+$", example = "https://api.example.com/v2")]
+    /// Base URL of every request: an absolute https URL without query or fragment (`http` only
+    /// where the service's destination policy allows it, `webhooks.allow_http`).
+    #[schema(max_length = 2048, pattern = r"^https?://[^?#]+$", example = "https://api.example.com/v2")]
     pub base_url: String,
     pub auth: CustomAuthDto,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -46,8 +47,8 @@ pub enum CustomAuthDto {
     /// OAuth 2.0 client credentials grant.
     #[serde(rename_all = "camelCase")]
     Oauth2ClientCredentials {
-        /// An absolute https URL.
-        #[schema(max_length = 2048, pattern = r"^https://")]
+        /// An absolute https URL (`http` only where `webhooks.allow_http`).
+        #[schema(max_length = 2048, pattern = r"^https?://")]
         token_url: String,
         #[serde(default)]
         #[schema(schema_with = super::schemas::scopes)]

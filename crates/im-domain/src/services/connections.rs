@@ -1,5 +1,6 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_trait::async_trait;
 use serde_json::json;
@@ -428,7 +429,12 @@ impl ConnectionTester for ConnectionTests {
                 Verification::for_provider(&provider.spec, &serde_json::Value::Object(parent.config.clone()))?
             }
         };
-        let outcome = test_connection(self.client.as_ref(), &id.to_string(), &verification, &credentials, service.clock.as_ref()).await;
+        let observed = Observed { inner: &credentials, refused: AtomicBool::new(false) };
+        let mut outcome = test_connection(self.client.as_ref(), &id.to_string(), &verification, &observed, service.clock.as_ref()).await;
+        if observed.refused.load(Ordering::Relaxed) && outcome.status.is_none() {
+            // The provider answered 401 and the credentials could not be refreshed.
+            outcome.status = Some(401);
+        }
         if outcome.ok {
             service.mark_recovered(caller, *integration, id).await?;
         } else if let Some(status @ (401 | 403)) = outcome.status {
@@ -436,6 +442,25 @@ impl ConnectionTester for ConnectionTests {
             service.mark_failed(caller, *integration, id, ConnectionStatus::Error, &reason).await?;
         }
         Ok(outcome)
+    }
+}
+
+/// A credential source that notes whether the provider refused the credentials (the client
+/// asks for newer ones only after a 401).
+struct Observed<'a> {
+    inner: &'a ConnectionCredentials,
+    refused: AtomicBool,
+}
+
+#[async_trait]
+impl CredentialSource for Observed<'_> {
+    async fn current(&self) -> Result<AuthMaterial, DomainError> {
+        self.inner.current().await
+    }
+
+    async fn after_unauthorized(&self, stale: &AuthMaterial) -> Result<AuthMaterial, DomainError> {
+        self.refused.store(true, Ordering::Relaxed);
+        self.inner.after_unauthorized(stale).await
     }
 }
 
