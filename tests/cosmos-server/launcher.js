@@ -11,7 +11,7 @@
  *
  * It serves `@vercel/cosmosdb-server` 1.0.1 (in-memory, no auth check, bundled
  * self-signed certificate) through the package's JS API, after applying the
- * small monkey-patches below. Each patch is named PATCH (a)...(g) and states
+ * small monkey-patches below. Each patch is named PATCH (a)...(h) and states
  * the real Cosmos DB behaviour it restores. The patches replace exported
  * functions of the package's internal modules; they must run BEFORE
  * `lib/index.js` (and through it `lib/routes.js`) is required, because
@@ -415,6 +415,31 @@ function sweepExpired() {
     }
   }
 }
+
+// ---------------------------------------------------------------------------
+// PATCH (h): resource ids of databases and containers are URL-safe.
+// Real Cosmos DB resource ids never hold '/' or '+'; the package encodes its
+// counters in plain base64, so the 63rd database of a run gets an id such as
+// "gAA/AA==" that clients cannot split into database and container parts.
+// Counters whose id would hold either character are skipped (per parent, so
+// every id stays unique and stable).
+// ---------------------------------------------------------------------------
+function urlSafeRids(Cls) {
+  const original = Cls.prototype._rid;
+  Cls.prototype._rid = function (id) {
+    if (!this.__cleanRids) {
+      this.__cleanRids = [];
+      this.__nextRid = 1;
+    }
+    while (this.__cleanRids.length < id) {
+      const rid = original.call(this, this.__nextRid++);
+      if (!/[/+]/.test(rid)) this.__cleanRids.push(rid);
+    }
+    return this.__cleanRids[id - 1];
+  };
+}
+urlSafeRids(lib("account/databases").default);
+urlSafeRids(lib("account/collections").default);
 
 // ---------------------------------------------------------------------------
 // PATCH (g): `_etag` values -- deliberately NOT patched.
