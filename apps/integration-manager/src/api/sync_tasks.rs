@@ -581,7 +581,7 @@ async fn read_draft(state: &AppState, caller: &Caller, body: Value) -> ApiResult
 /// List the tenant's sync tasks.
 #[utoipa::path(get, operation_id = "listSyncTasks", path = "/api/v1/sync-tasks", tag = "sync",
     params(
-        ("limit" = Option<u32>, Query, description = "Page size, 1 to 200 (default 50)"),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 200, description = "Page size, 1 to 200 (default 50)"),
         ("continuationToken" = Option<String>, Query, description = "Token of the next page, from the previous response"),
     ),
     responses((status = 200, description = "A page of sync tasks", body = ListResponse<SyncTaskView>)),
@@ -735,7 +735,7 @@ pub async fn reset(state: web::Data<AppState>, caller: Authenticated, id: web::P
 #[utoipa::path(get, operation_id = "listSyncExecutions", path = "/api/v1/sync-tasks/{id}/executions", tag = "sync",
     params(
         ("id" = uuid::Uuid, Path, description = "Sync task id"),
-        ("limit" = Option<u32>, Query, description = "Page size, 1 to 200 (default 50)"),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 200, description = "Page size, 1 to 200 (default 50)"),
         ("continuationToken" = Option<String>, Query, description = "Token of the next page, from the previous response"),
     ),
     responses((status = 200, description = "A page of executions", body = ListResponse<ExecutionView>)),
@@ -770,7 +770,7 @@ pub async fn execution(state: web::Data<AppState>, caller: Authenticated, path: 
 #[utoipa::path(get, operation_id = "listSyncConflicts", path = "/api/v1/sync-tasks/{id}/conflicts", tag = "sync",
     params(
         ("id" = uuid::Uuid, Path, description = "Sync task id"),
-        ("limit" = Option<u32>, Query, description = "Page size, 1 to 200 (default 50)"),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 200, description = "Page size, 1 to 200 (default 50)"),
         ("continuationToken" = Option<String>, Query, description = "Token of the next page, from the previous response"),
     ),
     responses((status = 200, description = "A page of conflicts", body = ListResponse<ConflictView>)),
@@ -786,7 +786,7 @@ pub async fn conflicts(
     Ok(listing::<_, ConflictView>(state.sync_tasks.conflicts(&caller.0, id, &page).await?))
 }
 
-/// Settle a conflict: the next run writes the chosen version to both sides.
+/// Settle a conflict: the chosen version is recorded on the conflict (no run applies it yet).
 #[utoipa::path(post, operation_id = "resolveSyncConflict", path = "/api/v1/sync-tasks/{id}/conflicts/{conflictId}/resolve", tag = "sync",
     params(
         ("id" = uuid::Uuid, Path, description = "Sync task id"),
