@@ -9,8 +9,8 @@ run:        ## build and serve on :3026 with the embedded store
 build:
 	cargo build --workspace --all-targets
 
-test:       ## the whole suite: every crate, a generated client against the document, the API suite again on Cosmos DB, the webhook suite on RabbitMQ, then the broker restart alone
-	cargo test --workspace && bash tests/client/run.sh && IM_TEST_BACKEND=cosmos cargo test -p im-system-tests --test api && IM_TEST_EVENTS=rabbitmq cargo test -p im-system-tests --test api -- webhooks deliveries events --skip broker_restart && IM_TEST_EVENTS=rabbitmq cargo test -p im-system-tests --test api -- broker_restart
+test:       ## the whole suite: every crate, a generated client against the document, the API suite again on Cosmos DB, the connection suite on the HTTP secret store (a Secret Management fake) on both stores, the webhook suite on RabbitMQ, then the broker restart alone
+	cargo test --workspace && bash tests/client/run.sh && IM_TEST_BACKEND=cosmos cargo test -p im-system-tests --test api && IM_TEST_SECRETS=http cargo test -p im-system-tests --test api -- connections && IM_TEST_SECRETS=http IM_TEST_BACKEND=cosmos cargo test -p im-system-tests --test api -- connections && IM_TEST_EVENTS=rabbitmq cargo test -p im-system-tests --test api -- webhooks deliveries events --skip broker_restart && IM_TEST_EVENTS=rabbitmq cargo test -p im-system-tests --test api -- broker_restart
 
 chaos:      ## long failure scenarios across three instances (receiver down, Secret Management down, kill -9, broker restart), on each store and on RabbitMQ; prints committed/delivered/lost/duplicated
 	export IM_CHAOS_FULL=1 && cargo test -p integration-manager --test cli -- chaos --nocapture && cargo test -p im-system-tests --test api -- instances --nocapture && IM_TEST_BACKEND=cosmos cargo test -p im-system-tests --test api -- instances --nocapture && IM_TEST_BACKEND=cosmos IM_TEST_EVENTS=rabbitmq cargo test -p im-system-tests --test api -- instances --nocapture

@@ -15,7 +15,9 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 use crate::events::{Recorder, assert_matches_schema};
-use crate::helpers::{TestApp, backend_is_cosmos, custom_definition, database_contains, fields, header, problem, spawn_app};
+use crate::helpers::{
+    TestApp, backend_is_cosmos, custom_definition, database_contains, fields, header, problem, spawn_app, spawn_with_secret_management,
+};
 
 const TOKEN: &str = "ghp_Secret0123456789TokenValue";
 const NEW_TOKEN: &str = "ghp_Another0123456789Value9876";
@@ -40,14 +42,25 @@ async fn source(app: &TestApp, tenant: &str, integration: &str, id: &str) -> Res
     app.state.connections.credentials(&caller(tenant), integration, id).await?.current().await
 }
 
+/// A fresh tenant, a member's token, a GitHub integration of it and its connections path.
+async fn fresh_integration(app: &TestApp) -> (String, String, String, String) {
+    let tenant = format!("t-{}", uuid::Uuid::new_v4().simple());
+    let token = app.token(&tenant, "alice", &[Role::Member]);
+    let integration = integration(app, &token).await;
+    let base = format!("/api/v1/integrations/{integration}/connections");
+    (tenant, token, integration, base)
+}
+
+/// The connection as the store keeps it.
+async fn stored(app: &TestApp, tenant: &str, integration: &str, id: &str) -> im_domain::Stored<im_domain::connection::Connection> {
+    let (integration, id) = (IntegrationId::parse(integration).unwrap(), ConnectionId::parse(id).unwrap());
+    app.state.connections.get(&caller(tenant), integration, id).await.unwrap()
+}
+
 #[tokio::test]
 async fn credentials_go_to_the_secret_store_and_only_hints_come_back() {
     let app = spawn_app().await;
-    let tenant = format!("t-{}", uuid::Uuid::new_v4().simple());
-    let token = app.token(&tenant, "alice", &[Role::Member]);
-    let integration = integration(&app, &token).await;
-    let base = format!("/api/v1/integrations/{integration}/connections");
-
+    let (tenant, token, integration, base) = fresh_integration(&app).await;
     let response = app.post(&base, &token, &bearer("Deploy bot", TOKEN)).await;
     assert_eq!(response.status(), StatusCode::CREATED);
     let etag = header(&response, "etag");
@@ -85,12 +98,7 @@ async fn credentials_go_to_the_secret_store_and_only_hints_come_back() {
     assert_eq!(source(&app, &tenant, &integration, &id).await.unwrap(), AuthMaterial::Bearer(NEW_TOKEN.into()));
 
     // Delete: the document, then the secret.
-    let stored = app
-        .state
-        .connections
-        .get(&caller(&tenant), IntegrationId::parse(&integration).unwrap(), ConnectionId::parse(&id).unwrap())
-        .await
-        .unwrap();
+    let stored = stored(&app, &tenant, &integration, &id).await;
     let secret = stored.value.credentials.expect("a secret reference");
     assert_eq!(secret.secret_name.as_str(), format!("integration-manager/{tenant}/connection/{id}"));
     assert_eq!(app.delete(&location, &token, None).await.status(), StatusCode::NO_CONTENT);
@@ -348,4 +356,75 @@ async fn a_connection_test_calls_the_provider_with_the_credentials_and_its_statu
     // Another tenant cannot test it.
     let other = app.token("t-other-tenant", "mallory", &[Role::Member]);
     problem(app.request(reqwest::Method::POST, &format!("{connection}/test"), &other).send().await.unwrap(), StatusCode::NOT_FOUND).await;
+}
+
+/// Every file under `dir` whose bytes hold `needle`.
+fn files_holding(dir: &std::path::Path, needle: &str) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            found.extend(files_holding(&path, needle));
+        } else if std::fs::read(&path).unwrap_or_default().windows(needle.len()).any(|w| w == needle.as_bytes()) {
+            found.push(path);
+        }
+    }
+    found
+}
+
+/// With the HTTP secret store against the Secret Management fake (on whichever store the suite
+/// runs): the credentials are in Secret Management under the connection's name, every version
+/// of them, and nowhere else: not in the stored document, not in the data directory (no local
+/// secret file, no database page), not in any answer; a replaced credential is a new version,
+/// a deleted connection takes its secret along; while the service is down, no connection is
+/// created half-way.
+#[tokio::test]
+async fn credentials_land_in_secret_management_and_nowhere_else() {
+    use std::sync::atomic::Ordering;
+
+    let app = spawn_with_secret_management(|_| {}).await;
+    let fake = app.secret_management.clone().expect("the app keeps secrets in the fake");
+    let (tenant, token, integration, base) = fresh_integration(&app).await;
+    let response = app.post(&base, &token, &bearer("Deploy bot", TOKEN)).await;
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let text = response.text().await.unwrap();
+    assert!(!text.contains(TOKEN), "{text}");
+    let id = serde_json::from_str::<Value>(&text).unwrap()["id"].as_str().unwrap().to_owned();
+    let name = format!("integration-manager/{tenant}/connection/{id}");
+    assert!(fake.service.names().contains(&name), "the secret is kept under {name}: {:?}", fake.service.names());
+    assert!(fake.service.dump().contains(TOKEN), "Secret Management holds the credential");
+
+    let stored = stored(&app, &tenant, &integration, &id).await;
+    let document = serde_json::to_string(&stored.value).unwrap();
+    assert!(!document.contains(TOKEN), "the stored document keeps a reference only: {document}");
+    assert_eq!(stored.value.credentials.as_ref().map(|r| r.secret_name.as_str().to_owned()), Some(name.clone()));
+    assert!(files_holding(app.dir.path(), TOKEN).is_empty(), "nothing under the data directory holds the credential");
+    if !backend_is_cosmos() {
+        assert!(!database_contains(&app, TOKEN));
+    }
+    for read in [app.get(&base, &token).await, app.get(&format!("{base}/{id}"), &token).await] {
+        assert!(!read.text().await.unwrap().contains(TOKEN));
+    }
+    assert_eq!(source(&app, &tenant, &integration, &id).await.unwrap(), AuthMaterial::Bearer(TOKEN.into()), "read back from the service");
+
+    // A replacement is a new version; the source uses it at once.
+    let replaced = app.put(&format!("{base}/{id}"), &token, &bearer("Deploy bot", NEW_TOKEN), None).await;
+    assert_eq!(replaced.status(), StatusCode::OK);
+    assert!(!replaced.text().await.unwrap().contains(NEW_TOKEN));
+    assert!(fake.service.dump().contains(NEW_TOKEN));
+    assert_eq!(source(&app, &tenant, &integration, &id).await.unwrap(), AuthMaterial::Bearer(NEW_TOKEN.into()));
+
+    // Deleting the connection deletes every version.
+    assert_eq!(app.delete(&format!("{base}/{id}"), &token, None).await.status(), StatusCode::NO_CONTENT);
+    assert!(!fake.service.names().contains(&name), "the secret went with the connection");
+    assert!(!fake.service.dump().contains(NEW_TOKEN) && !fake.service.dump().contains(TOKEN));
+
+    // Secret Management down: the create fails as unavailable and leaves no connection behind.
+    fake.service.down.store(true, Ordering::SeqCst);
+    let refused = app.post(&base, &token, &bearer("While down", TOKEN)).await;
+    assert!(refused.status().is_server_error(), "{}", refused.status());
+    assert!(!refused.text().await.unwrap().contains(TOKEN));
+    fake.service.down.store(false, Ordering::SeqCst);
+    let listed: Value = app.get(&base, &token).await.json().await.unwrap();
+    assert!(listed["items"].as_array().unwrap().is_empty(), "nothing half-stored: {listed}");
 }

@@ -59,12 +59,41 @@ pub struct TestApp {
     running: tokio::task::JoinHandle<std::io::Result<()>>,
     /// Keeps the data directory alive as long as the app (and across restarts).
     pub dir: Arc<tempfile::TempDir>,
+    /// The Secret Management fake the app keeps its secrets in, when it uses the HTTP secret store.
+    pub secret_management: Option<SecretManagementFake>,
+}
+
+/// A Secret Management fake and the server it answers on (alive as long as this value).
+#[derive(Clone)]
+pub struct SecretManagementFake {
+    pub service: Arc<im_testkit::secret_management::SecretManagement>,
+    server: Arc<wiremock::MockServer>,
+}
+
+impl SecretManagementFake {
+    pub async fn start() -> Self {
+        let (service, server) = im_testkit::secret_management::SecretManagement::start().await;
+        Self { service, server: Arc::new(server) }
+    }
+
+    /// Points `settings` at this fake with the HTTP secret store.
+    pub fn configure(&self, settings: &mut Settings) {
+        settings.secrets.backend = integration_manager::config::SecretsBackend::Http;
+        settings.secrets.http.url = self.server.uri();
+        settings.secrets.http.token = im_testkit::secret_management::SERVICE_TOKEN.to_owned().into();
+    }
 }
 
 /// The black-box suite runs once per store backend: `IM_TEST_BACKEND=cosmos` selects Cosmos DB
 /// (the Cosmos test server), anything else the embedded store.
 pub fn backend_is_cosmos() -> bool {
     std::env::var("IM_TEST_BACKEND").is_ok_and(|b| b == "cosmos")
+}
+
+/// `IM_TEST_SECRETS=http` runs the suite with the HTTP secret store against a Secret Management
+/// fake (one per app); anything else, the local secret store.
+pub fn secrets_over_http() -> bool {
+    std::env::var("IM_TEST_SECRETS").is_ok_and(|b| b == "http")
 }
 
 /// `IM_TEST_EVENTS=rabbitmq` runs the suite with events and delivery jobs on RabbitMQ.
@@ -89,6 +118,17 @@ pub async fn spawn_app_with(configure: impl FnOnce(&mut Settings)) -> TestApp {
 }
 
 pub async fn spawn_in(dir: Arc<tempfile::TempDir>, configure: impl FnOnce(&mut Settings)) -> TestApp {
+    let fake = if secrets_over_http() { Some(SecretManagementFake::start().await) } else { None };
+    spawn_with(dir, fake, configure).await
+}
+
+/// An app whose secrets are kept by a fresh Secret Management fake, whatever `IM_TEST_SECRETS` says.
+pub async fn spawn_with_secret_management(configure: impl FnOnce(&mut Settings)) -> TestApp {
+    let fake = SecretManagementFake::start().await;
+    spawn_with(Arc::new(tempfile::tempdir().expect("temp dir")), Some(fake), configure).await
+}
+
+async fn spawn_with(dir: Arc<tempfile::TempDir>, fake: Option<SecretManagementFake>, configure: impl FnOnce(&mut Settings)) -> TestApp {
     init_logs();
     let mut settings = Settings::defaults();
     settings.server.host = "127.0.0.1".into();
@@ -118,21 +158,24 @@ pub async fn spawn_in(dir: Arc<tempfile::TempDir>, configure: impl FnOnce(&mut S
         settings.rabbitmq.exchange = format!("im-api-test-{unique}");
         settings.rabbitmq.delivery_queue_prefix = format!("im-api-test-{unique}");
     }
+    if let Some(fake) = &fake {
+        fake.configure(&mut settings);
+    }
     configure(&mut settings);
     let app = Application::build(settings.clone()).await.expect("the app builds");
     let address = format!("http://127.0.0.1:{}", app.port());
     let shutdown = app.shutdown();
     let state = app.state();
     let running = tokio::spawn(app.run_until_stopped());
-    TestApp { address, state, client: reqwest::Client::new(), settings, shutdown, running, dir }
+    TestApp { address, state, client: reqwest::Client::new(), settings, shutdown, running, dir, secret_management: fake }
 }
 
 impl TestApp {
     /// Stops this instance and starts another on the same data directory.
     pub async fn restart(self) -> TestApp {
-        let (settings, dir) = (self.settings.clone(), self.dir.clone());
+        let (settings, dir, fake) = (self.settings.clone(), self.dir.clone(), self.secret_management.clone());
         self.stop().await;
-        spawn_in(dir, move |s| *s = settings).await
+        spawn_with(dir, fake, move |s| *s = settings).await
     }
 
     /// Stops this instance as SIGTERM does and waits until it has drained.

@@ -143,49 +143,6 @@ async fn chaos_deliveries_survive_a_receiver_outage() {
     assert!(duplicated * 100 <= committed, "duplicates stay within 1%");
 }
 
-/// The Secret Management service, in memory: a secret is kept under its request path, every
-/// version; while `down`, every request gets a 503.
-#[derive(Default)]
-struct SecretManagement {
-    down: std::sync::atomic::AtomicBool,
-    refused: std::sync::atomic::AtomicUsize,
-    versions: std::sync::Mutex<HashMap<String, Vec<Value>>>,
-}
-
-/// The service as mounted on a mock server, sharing its state with the test.
-struct Serving(Arc<SecretManagement>);
-
-impl wiremock::Respond for Serving {
-    fn respond(&self, request: &wiremock::Request) -> ResponseTemplate {
-        use std::sync::atomic::Ordering;
-        let service = &self.0;
-        if service.down.load(Ordering::SeqCst) {
-            service.refused.fetch_add(1, Ordering::SeqCst);
-            return ResponseTemplate::new(503);
-        }
-        let key = request.url.path().to_owned();
-        let mut versions = service.versions.lock().unwrap();
-        match request.method.as_str() {
-            "PUT" => {
-                let body: Value = request.body_json().unwrap_or_default();
-                let kept = versions.entry(key.clone()).or_default();
-                kept.push(body["value"].clone());
-                ResponseTemplate::new(201).set_body_json(json!({"name": key, "version": kept.len().to_string()}))
-            }
-            "GET" => {
-                let wanted = request.url.query_pairs().find(|(k, _)| k == "version").and_then(|(_, v)| v.parse::<usize>().ok());
-                match wanted.and_then(|v| versions.get(&key)?.get(v.checked_sub(1)?).cloned()) {
-                    Some(value) => ResponseTemplate::new(200)
-                        .set_body_json(json!({"name": key, "version": wanted.unwrap().to_string(), "value": value})),
-                    None => ResponseTemplate::new(404),
-                }
-            }
-            "DELETE" => ResponseTemplate::new(if versions.remove(&key).is_some() { 204 } else { 404 }),
-            _ => ResponseTemplate::new(405),
-        }
-    }
-}
-
 /// Every instance's readiness report; each is ready (200), degraded at worst.
 async fn readiness(apps: &[TestApp]) -> Vec<Value> {
     let mut reports = Vec::new();
@@ -208,13 +165,11 @@ fn chaos_full() -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn chaos_deliveries_survive_a_secret_management_outage() {
     use std::sync::atomic::Ordering;
-    let service = Arc::new(SecretManagement::default());
-    let secrets = MockServer::start().await;
-    Mock::given(wiremock::matchers::path_regex("^/api/v1/secrets/.+")).respond_with(Serving(service.clone())).mount(&secrets).await;
+    let (service, secrets) = im_testkit::secret_management::SecretManagement::start().await;
     let apps = instances_with(|s| {
         s.secrets.backend = integration_manager::config::SecretsBackend::Http;
         s.secrets.http.url = secrets.uri();
-        s.secrets.http.token = "service-token".to_owned().into();
+        s.secrets.http.token = im_testkit::secret_management::SERVICE_TOKEN.to_owned().into();
         s.secrets.http.attempts = 1;
     })
     .await;

@@ -1,12 +1,26 @@
 //! The README's examples run against the service, so the documentation cannot drift: every
 //! `curl` call it shows (its method, path and body) and every request body it shows in a JSON
-//! block are sent, and each must succeed. Every exchange is also checked against the OpenAPI
-//! document (`crate::contract`), as all requests of this suite are.
+//! block are sent, and each must succeed. The custom-API walkthrough runs as a whole, in order,
+//! against a local server answering the file it creates. Every exchange is also checked against
+//! the OpenAPI document (`crate::contract`), as all requests of this suite are.
+
+use std::collections::HashMap;
 
 use reqwest::Method;
 use serde_json::Value;
 
-use crate::helpers::{spawn_app, workspace};
+use crate::helpers::{spawn_app, spawn_app_with, workspace};
+
+/// The heading of the walkthrough, which runs on its own (it needs a local API and a service
+/// that allows `http` and loopback destinations).
+const WALKTHROUGH: &str = "## A custom API on your machine";
+
+/// The README without the walkthrough, and the walkthrough.
+fn split_walkthrough(readme: &str) -> (String, String) {
+    let start = readme.find(WALKTHROUGH).expect("the README has the custom API walkthrough");
+    let end = readme[start + WALKTHROUGH.len()..].find("\n## ").map_or(readme.len(), |e| start + WALKTHROUGH.len() + e + 1);
+    (format!("{}{}", &readme[..start], &readme[end..]), readme[start..end].to_owned())
+}
 
 /// A call the README shows: method, path (with its query) and body.
 #[derive(Debug)]
@@ -16,29 +30,35 @@ struct Call {
     body: Option<Value>,
     /// The README sends it with `$ADMIN_TOKEN`.
     admin: bool,
+    /// The shell variable the README keeps the answer's `id` in (`INTEGRATION=$(curl ...)`).
+    assigns: Option<String>,
 }
 
-/// The `curl` calls of the README's shell blocks (continuation lines joined); calls whose path
-/// needs a value from an earlier answer (`$WEBHOOK`) are left out.
-fn curl_calls(readme: &str) -> Vec<Call> {
+/// The `curl` calls of the README's shell blocks (continuation lines joined), paths with
+/// shell variables (`$WEBHOOK`) included.
+fn all_curl_calls(readme: &str) -> Vec<Call> {
     let joined = readme.replace("\\\n", " ");
     let mut calls = Vec::new();
     for line in joined.lines().map(str::trim).filter(|l| l.starts_with("curl ") || l.contains("$(") && l.contains("curl ")) {
         let Some(at) = line.find("http://127.0.0.1:3026") else { continue };
         let rest = &line[at + "http://127.0.0.1:3026".len()..];
         let path: String = rest.chars().take_while(|c| !c.is_whitespace() && *c != '\'' && *c != '"').collect();
-        if path.contains('$') {
-            continue;
-        }
+        let assigns =
+            line.split_once("=$(").map(|(name, _)| name.to_owned()).filter(|n| n.chars().all(|c| c.is_ascii_uppercase() || c == '_'));
         let method = if line.contains("-X POST") { Method::POST } else { Method::GET };
         let body = line.find("-d '").map(|start| {
             let text = &line[start + 4..];
             let end = text.rfind('\'').expect("a quoted body");
             serde_json::from_str(&text[..end]).unwrap_or_else(|e| panic!("README body is not JSON ({e}): {}", &text[..end]))
         });
-        calls.push(Call { method, path, body, admin: line.contains("$ADMIN_TOKEN") });
+        calls.push(Call { method, path, body, admin: line.contains("$ADMIN_TOKEN"), assigns });
     }
     calls
+}
+
+/// The calls that need no value from an earlier answer.
+fn curl_calls(readme: &str) -> Vec<Call> {
+    all_curl_calls(readme).into_iter().filter(|c| !c.path.contains('$')).collect()
 }
 
 /// The request bodies shown in JSON blocks: an integration body goes to `/api/v1/integrations`.
@@ -49,13 +69,14 @@ fn json_bodies(readme: &str) -> Vec<Call> {
         .filter_map(|block| block.split("```").next())
         .filter_map(|text| serde_json::from_str::<Value>(text).ok())
         .filter(|value| value.get("providerId").is_some())
-        .map(|body| Call { method: Method::POST, path: "/api/v1/integrations".into(), body: Some(body), admin: false })
+        .map(|body| Call { method: Method::POST, path: "/api/v1/integrations".into(), body: Some(body), admin: false, assigns: None })
         .collect()
 }
 
 #[tokio::test]
 async fn the_readme_examples_work() {
     let readme = std::fs::read_to_string(workspace().join("README.md")).expect("README.md");
+    let (readme, _) = split_walkthrough(&readme);
     let mut calls = curl_calls(&readme);
     calls.extend(json_bodies(&readme));
     assert!(calls.len() >= 6, "the README's examples were found: {calls:?}");
@@ -75,4 +96,66 @@ async fn the_readme_examples_work() {
         let text = response.text().await.unwrap_or_default();
         assert!(status.is_success(), "README example {} {} answered {status}: {text}", call.method, call.path);
     }
+}
+
+/// The walkthrough, in order: the file it writes is served where it serves it (the port told
+/// apart), the service allows what its `make run` line allows, each `$VARIABLE` takes the `id`
+/// of the answer the README assigned it from, and the connection test passes, having sent the
+/// README's key.
+#[tokio::test]
+async fn the_custom_api_walkthrough_works() {
+    use wiremock::matchers::{header, method, path};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+
+    let readme = std::fs::read_to_string(workspace().join("README.md")).expect("README.md");
+    let (_, walkthrough) = split_walkthrough(&readme);
+    // `echo '<json>' > /tmp/tickets-api/v1/tickets`, served from `--directory /tmp/tickets-api`.
+    let echo = walkthrough.lines().find(|l| l.starts_with("echo '")).expect("the walkthrough writes the API's file");
+    let (content, file) = echo["echo '".len()..].split_once("' > ").expect("echo '...' > file");
+    let root = walkthrough.split("--directory ").nth(1).and_then(|r| r.split_whitespace().next()).expect("the served directory");
+    let served_path = file.strip_prefix(root).expect("the file is under the served directory");
+    let records: Value = serde_json::from_str(content).expect("the API's file is JSON");
+    assert!(walkthrough.contains("IM_WEBHOOKS__ALLOW_HTTP=true IM_WEBHOOKS__ALLOWED_PRIVATE_CIDRS='[\"127.0.0.0/8\"]'"));
+
+    let api = MockServer::start().await;
+    let key = "local-demo-key-0001";
+    assert!(walkthrough.contains(key));
+    Mock::given(method("GET"))
+        .and(path(served_path))
+        .and(header("X-Api-Key", key))
+        .respond_with(ResponseTemplate::new(200).set_body_json(&records))
+        .expect(1)
+        .mount(&api)
+        .await;
+    let app = spawn_app_with(|s| {
+        s.webhooks.sender.allow_http = true;
+        s.webhooks.sender.allowed_private_cidrs = vec!["127.0.0.0/8".into()];
+    })
+    .await;
+    let token = app.member();
+    let calls = all_curl_calls(&walkthrough);
+    assert_eq!(calls.len(), 3, "create, connect, test: {calls:?}");
+    let mut vars: HashMap<String, String> = HashMap::new();
+    let mut last = Value::Null;
+    for call in calls {
+        let mut path = call.path.clone();
+        for (name, value) in &vars {
+            path = path.replace(&format!("${name}"), value);
+        }
+        assert!(!path.contains('$'), "every variable was assigned before {path}");
+        let mut request = app.request(call.method.clone(), &path, &token);
+        if let Some(body) = &call.body {
+            let body: Value = serde_json::from_str(&body.to_string().replace("http://127.0.0.1:8000", &api.uri())).unwrap();
+            request = request.json(&body);
+        }
+        let response = request.send().await.expect("request");
+        let status = response.status();
+        last = response.json().await.unwrap_or_default();
+        assert!(status.is_success(), "walkthrough {} {path} answered {status}: {last}", call.method);
+        if let Some(name) = call.assigns {
+            vars.insert(name, last["id"].as_str().expect("an id to keep").to_owned());
+        }
+    }
+    assert_eq!((last["ok"].clone(), last["status"].clone()), (serde_json::json!(true), serde_json::json!(200)), "{last}");
+    api.verify().await;
 }

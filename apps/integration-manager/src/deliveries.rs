@@ -8,6 +8,7 @@ use async_trait::async_trait;
 use im_domain::DomainError;
 use im_domain::events::DomainEvent;
 use im_domain::ports::{EventPublisher, EventSubscriber};
+use im_domain::retry::Backoff;
 use im_domain::services::{AttemptReport, DeliveryService};
 use im_domain::webhooks::delivery::AttemptTrigger;
 use tokio::sync::{Notify, Semaphore};
@@ -19,8 +20,12 @@ use tokio_util::task::TaskTracker;
 const LEASE: Duration = im_domain::webhooks::delivery::ATTEMPT_LEASE;
 /// When an attempt that could not complete is tried again.
 const RETRY_INCOMPLETE: time::Duration = time::Duration::seconds(5);
-/// Longest sleep when nothing is due.
-const IDLE: Duration = Duration::from_millis(500);
+/// Sleeps when nothing is due: from 25 ms, doubling while the queue stays empty, at most 500 ms
+/// (jobs queued by another instance wake nobody here, so an idle dispatcher still looks at the
+/// shared queue that often); a wake-up or a taken job starts over from the shortest.
+const IDLE: Backoff = Backoff { attempts: u32::MAX, first: Duration::from_millis(25), max: Duration::from_millis(500) };
+/// Sleeps after failed reads of the queue: from 250 ms, doubling while they fail, at most 30 s.
+const FAILING: Backoff = Backoff { attempts: u32::MAX, first: Duration::from_millis(250), max: Duration::from_secs(30) };
 
 /// Runs until `shutdown`: then it takes no more jobs, and the attempts it started (tracked by
 /// `tasks`, so the app waits for them) finish and are recorded. `wake` is notified when new
@@ -35,10 +40,15 @@ pub fn spawn_dispatcher(
     let (shutdown, attempts) = (shutdown.clone(), tasks.clone());
     tasks.spawn(async move {
         let permits = Arc::new(Semaphore::new(concurrency));
+        // Empty takes and failed reads in a row: how far each backoff has grown.
+        let (mut idle, mut failed) = (0u32, 0u32);
         while !shutdown.is_cancelled() {
             let available = permits.available_permits().max(1) as u32;
-            match service.queue().take_due(available, LEASE).await {
+            let taken = service.queue().take_due(available, LEASE).await;
+            failed = if taken.is_err() { failed.saturating_add(1) } else { 0 };
+            match taken {
                 Ok(jobs) if !jobs.is_empty() => {
+                    idle = 0;
                     // Jobs taken are leased to us: each is attempted, even when a stop comes now.
                     for job in jobs {
                         let Ok(permit) = permits.clone().acquire_owned().await else { return };
@@ -66,24 +76,27 @@ pub fn spawn_dispatcher(
                     }
                 }
                 Ok(_) => {
+                    idle = idle.saturating_add(1);
+                    let longest = IDLE.delay(idle);
                     let wait = match service.queue().next_due().await {
                         Ok(Some(due)) => {
-                            let millis = (due - time::OffsetDateTime::now_utc()).whole_milliseconds().clamp(1, IDLE.as_millis() as i128);
+                            let millis = (due - time::OffsetDateTime::now_utc()).whole_milliseconds().clamp(1, longest.as_millis() as i128);
                             Duration::from_millis(millis as u64)
                         }
-                        _ => IDLE,
+                        _ => longest,
                     };
                     tokio::select! {
                         () = shutdown.cancelled() => {}
-                        () = wake.notified() => {}
+                        () = wake.notified() => idle = 0,
                         () = tokio::time::sleep(wait) => {}
                     }
                 }
                 Err(error) => {
-                    tracing::warn!(%error, "reading the delivery queue failed");
+                    let wait = FAILING.delay(failed);
+                    tracing::warn!(%error, retry_in_ms = wait.as_millis() as u64, "reading the delivery queue failed");
                     tokio::select! {
                         () = shutdown.cancelled() => {}
-                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        () = tokio::time::sleep(wait) => {}
                     }
                 }
             }

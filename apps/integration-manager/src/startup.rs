@@ -277,7 +277,7 @@ fn events(
     let connections: Arc<dyn ConnectionRepository> = Arc::new(WakeOnEvents { inner: storage.connections.clone(), wake: wake.clone() });
     let integrations = IntegrationService::new(repository, storage.providers.clone(), clock, Arc::new(UuidV7), audit)
         .with_connections(storage.connections.clone())
-        .with_http_apis(settings.webhooks.sender.allow_http);
+        .with_url_policy(settings.webhooks.sender.url_policy());
     let bus = Arc::new(InProcessBus::new());
     let publisher: Arc<dyn EventPublisher> = match settings.events.backend {
         EventsBackend::Embedded => bus.clone(),

@@ -186,6 +186,20 @@ impl Audit {
         result
     }
 
+    /// Records the result of an operation on the resource `id` (a success without details, or a
+    /// denial) and returns it.
+    pub async fn of<T>(
+        &self,
+        caller: &Caller,
+        resource: AuditResource,
+        action: AuditAction,
+        id: impl ToString,
+        result: Result<T, DomainError>,
+    ) -> Result<T, DomainError> {
+        self.result(caller, resource, action, Some(id.to_string()), &result, |_| (String::new(), Value::Null)).await;
+        result
+    }
+
     /// Records the result of an operation: a success (with the id `id_of` finds in it, or
     /// `known_id`) or a denial. Other failures changed nothing and are not audit records.
     pub async fn result<T>(

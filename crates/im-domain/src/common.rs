@@ -8,27 +8,34 @@ use uuid::Uuid;
 
 use crate::error::{DomainError, FieldViolation, ViolationKind};
 
-fn is_token_char(c: char) -> bool {
-    c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':' | '@')
+/// Checks an identifier token: 1 to 128 characters of `[A-Za-z0-9-_.:@]`; `what` names it.
+fn check_token(value: &str, what: &str) -> Result<(), FieldViolation> {
+    let token_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':' | '@');
+    if value.is_empty() || value.len() > 128 || !value.chars().all(token_char) {
+        return Err(FieldViolation::invalid(
+            "",
+            format!("{what} must be 1 to 128 characters of letters, digits, '-', '_', '.', ':' or '@'"),
+        ));
+    }
+    Ok(())
 }
 
-macro_rules! string_id {
-    ($(#[$meta:meta])* $name:ident, $what:literal) => {
+/// A string value type whose every value passed `$check` (a `fn(&str) -> Result<(),
+/// FieldViolation>`): built by `new`, parsed from and serialised as the string.
+macro_rules! checked_string {
+    ($(#[$meta:meta])* $name:ident, $check:expr) => {
         $(#[$meta])*
-        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
         #[serde(try_from = "String", into = "String")]
         pub struct $name(String);
 
         impl $name {
-            /// Accepts 1 to 128 characters of `[A-Za-z0-9-_.:@]`.
-            pub fn new(value: impl Into<String>) -> Result<Self, FieldViolation> {
+            /// # Errors
+            /// The violation (without a field name) when the value is not acceptable.
+            pub fn new(value: impl Into<String>) -> Result<Self, $crate::error::FieldViolation> {
                 let value = value.into();
-                if value.is_empty() || value.len() > 128 || !value.chars().all(is_token_char) {
-                    return Err(FieldViolation::invalid(
-                        "",
-                        concat!($what, " must be 1 to 128 characters of letters, digits, '-', '_', '.', ':' or '@'"),
-                    ));
-                }
+                let check: fn(&str) -> Result<(), $crate::error::FieldViolation> = $check;
+                check(&value)?;
                 Ok(Self(value))
             }
 
@@ -50,23 +57,24 @@ macro_rules! string_id {
             }
         }
 
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
                 f.write_str(&self.0)
             }
         }
     };
 }
+pub(crate) use checked_string;
 
-string_id!(
+checked_string!(
     /// The tenant that owns a resource; every tenant-scoped read and write is confined to it.
     TenantId,
-    "a tenant id"
+    |v| check_token(v, "a tenant id")
 );
-string_id!(
+checked_string!(
     /// The user (JWT `sub`) who made a change.
     UserId,
-    "a user id"
+    |v| check_token(v, "a user id")
 );
 
 /// A UUID identifier type: serialised as the UUID, parsed leniently (anything that is not a

@@ -242,6 +242,30 @@ impl ConnectionSpec {
     }
 }
 
+/// The tenant check of every connection store: the document a store read by partition (the
+/// integration) and id, as the tenant's connection; `NotFound` when there was none or another
+/// tenant owns it (the partition key alone does not confine a tenant).
+///
+/// # Errors
+/// [`DomainError::NotFound`] unless `tenant` owns the connection.
+pub fn owned_by(found: Option<Stored<Connection>>, tenant: &TenantId, id: ConnectionId) -> Result<Stored<Connection>, DomainError> {
+    found.filter(|f| f.value.tenant_id == *tenant).ok_or_else(|| DomainError::not_found("connection", id))
+}
+
+/// The condition of a store's write to a connection it read: [`owned_by`], then the caller's
+/// `If-Match` against the version read ([`crate::common::write_condition`]).
+///
+/// # Errors
+/// `NotFound` as [`owned_by`]; `PreconditionFailed` when `if_match` names another version.
+pub fn owned_write(
+    found: Option<Stored<Connection>>,
+    tenant: &TenantId,
+    id: ConnectionId,
+    if_match: Option<ETag>,
+) -> Result<ETag, DomainError> {
+    crate::common::write_condition(if_match, owned_by(found, tenant, id)?.etag)
+}
+
 /// Storage of connections. The container is partitioned by integration, but every call names
 /// the tenant and is confined to it.
 #[cfg_attr(any(test, feature = "test-support"), mockall::automock)]

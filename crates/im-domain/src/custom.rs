@@ -5,9 +5,9 @@ use std::collections::{BTreeMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
-use crate::common::validate_url;
 use crate::error::{DomainError, Violations};
 use crate::provider::is_entity_name;
+use crate::webhooks::endpoint::UrlPolicy;
 
 /// Most entities one custom definition may describe.
 pub const MAX_ENTITIES: usize = 50;
@@ -38,6 +38,9 @@ pub enum CustomAuth {
         location: ApiKeyLocation,
         /// The header or query parameter name.
         name: String,
+        /// Text sent before the key in a header value (`Token token=`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        prefix: Option<String>,
     },
     /// `Authorization: Bearer <token>`.
     Bearer,
@@ -161,7 +164,7 @@ fn is_dotted_path(path: &str) -> bool {
         && path.split('.').all(|s| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-'))
 }
 
-fn is_param_name(name: &str) -> bool {
+pub(crate) fn is_param_name(name: &str) -> bool {
     !name.is_empty() && name.len() <= 128 && name.chars().all(|c| c.is_ascii_alphanumeric() || "_-.[]".contains(c))
 }
 
@@ -173,8 +176,13 @@ fn check_path(path: &str) -> Result<Vec<String>, &'static str> {
     if path.chars().any(|c| c.is_whitespace() || c.is_control() || c == '?' || c == '#') {
         return Err("must not contain spaces, '?' or '#'; put query parameters in 'query'");
     }
+    placeholders(path)
+}
+
+/// The `{name}` placeholders of a template, braces balanced around identifiers.
+pub(crate) fn placeholders(template: &str) -> Result<Vec<String>, &'static str> {
     let mut placeholders = Vec::new();
-    let mut rest = path;
+    let mut rest = template;
     while let Some(open) = rest.find(['{', '}']) {
         if rest.as_bytes()[open] == b'}' {
             return Err("has an unbalanced '}'");
@@ -229,28 +237,32 @@ impl CustomApiDefinition {
     /// # Errors
     /// [`DomainError::Validation`] listing each offending field.
     pub fn validate(&self) -> Result<(), DomainError> {
-        self.validate_with(false)
+        self.validate_with(&UrlPolicy::default())
     }
 
-    /// [`CustomApiDefinition::validate`], accepting `http` base and token URLs when
-    /// `allow_http` (the destination policy's `allow_http`, which also judges every request).
+    /// [`CustomApiDefinition::validate`], judging the base and token URLs with the destination
+    /// `policy` that judges every provider request (WHATWG parsing, `http` only where the policy
+    /// allows it, no credentials, addresses only where allowed): a definition is refused at
+    /// creation exactly where its requests would be.
     ///
     /// # Errors
     /// [`DomainError::Validation`] listing each offending field.
-    pub fn validate_with(&self, allow_http: bool) -> Result<(), DomainError> {
+    pub fn validate_with(&self, policy: &UrlPolicy) -> Result<(), DomainError> {
         let mut v = Violations::new();
-        v.check("baseUrl", validate_url(&self.base_url, allow_http));
+        v.check("baseUrl", policy.check_url(&self.base_url));
         if self.base_url.contains(['?', '#']) {
             v.invalid("baseUrl", "must not contain a query or fragment");
         }
         match &self.auth {
-            CustomAuth::ApiKey { name, .. } => {
+            CustomAuth::ApiKey { location, name, prefix } => {
                 if !is_header_name(name) {
                     v.invalid("auth.name", "must be a header or parameter name of 1 to 128 characters");
                 }
+                let placement = crate::provider::ApiKeyPlacement { location: *location, name: name.clone(), prefix: prefix.clone() };
+                v.extend_nested("auth", placement.violations().into_vec().into_iter().filter(|x| x.field == "prefix").collect::<Vec<_>>());
             }
             CustomAuth::Oauth2ClientCredentials { token_url, scopes } => {
-                v.check("auth.tokenUrl", validate_url(token_url, allow_http));
+                v.check("auth.tokenUrl", policy.check_url(token_url));
                 for (i, scope) in scopes.iter().enumerate() {
                     if scope.is_empty() || scope.len() > 200 || scope.contains(char::is_whitespace) {
                         v.invalid(format!("auth.scopes[{i}]"), "must be 1 to 200 characters without spaces");
@@ -440,6 +452,52 @@ mod tests {
         ] {
             assert!(fields.contains(&f), "{f} not in {fields:?}");
         }
+    }
+
+    /// The URLs are judged as the provider client parses and sends them (WHATWG rules), not by
+    /// their text: spellings the text check refused are accepted, and spellings that reach a
+    /// refused address or carry credentials are refused, each under its JSON path.
+    #[test]
+    fn urls_are_judged_as_the_client_will_send_them() {
+        let judged = |base: &str, token: &str, policy: &UrlPolicy| {
+            let mut d = definition();
+            d["baseUrl"] = json!(base);
+            d["auth"] = json!({"type": "oauth2_client_credentials", "tokenUrl": token});
+            let d: CustomApiDefinition = serde_json::from_value(d).unwrap();
+            match d.validate_with(policy) {
+                Ok(()) => Vec::new(),
+                Err(DomainError::Validation(v)) => v.into_iter().map(|v| v.field).collect(),
+                Err(other) => panic!("{other}"),
+            }
+        };
+        let strict = UrlPolicy::default();
+        for fine in [
+            "HTTPS://API.Example.COM/v2",
+            "https://api.example.com./v2",
+            "https://bücher.example/api",
+            "https://api.example.com:443/v2",
+            "https://[2606:4700:4700::1111]/v2",
+        ] {
+            assert_eq!(judged(fine, fine, &strict), Vec::<String>::new(), "{fine}");
+        }
+        for refused in [
+            "https://user:secret@api.example.com/v2",
+            "https://127.0.0.1/v2",
+            "https://0x7f.1/v2",
+            "https://2130706433/v2",
+            "https://[::ffff:169.254.169.254]/latest",
+            "https://localhost/v2",
+            "https://{tenant}.example.com/v2",
+            "https://a..b/v2",
+            "http://api.example.com/v2",
+            "https://x.example.com:99999",
+            "not a url",
+        ] {
+            assert_eq!(judged(refused, refused, &strict), ["baseUrl", "auth.tokenUrl"], "{refused}");
+        }
+        let local = UrlPolicy { allow_http: true, allowed_private: vec![crate::webhooks::endpoint::Cidr::parse("127.0.0.0/8").unwrap()] };
+        assert_eq!(judged("http://localhost:8080/api", "http://127.0.0.1:9000/token", &local), Vec::<String>::new());
+        assert_eq!(judged("http://10.0.0.8/api", "ftp://127.0.0.1/token", &local), ["baseUrl", "auth.tokenUrl"]);
     }
 
     #[test]

@@ -8,6 +8,7 @@ use crate::common::{IntegrationId, TenantId, UserId, validate_text};
 use crate::custom::CustomApiDefinition;
 use crate::error::{DomainError, Violations};
 use crate::provider::ProviderId;
+use crate::webhooks::endpoint::UrlPolicy;
 
 /// Largest `config` accepted, in bytes of JSON.
 pub const MAX_CONFIG_BYTES: usize = 64 * 1024;
@@ -55,7 +56,7 @@ pub struct IntegrationSpec {
 impl IntegrationSpec {
     /// Checks the rules that need no provider: text lengths, the custom definition, sizes.
     /// The provider-dependent rules (existence, config schema) are the service's.
-    pub(crate) fn violations(&self, previous_status: Option<IntegrationStatus>, allow_http: bool) -> Violations {
+    pub(crate) fn violations(&self, previous_status: Option<IntegrationStatus>, policy: &UrlPolicy) -> Violations {
         let mut v = Violations::new();
         v.check("name", validate_text(&self.name, 1, MAX_NAME_CHARS));
         v.check("description", validate_text(&self.description, 0, MAX_DESCRIPTION_CHARS));
@@ -67,7 +68,7 @@ impl IntegrationSpec {
         }
         match (&self.custom_definition, self.provider_id.is_custom()) {
             (Some(definition), true) => {
-                if let Err(DomainError::Validation(nested)) = definition.validate_with(allow_http) {
+                if let Err(DomainError::Validation(nested)) = definition.validate_with(policy) {
                     v.extend_nested("customDefinition", nested);
                 }
             }

@@ -1,7 +1,5 @@
 //! The provider catalog: system-wide descriptions of the third-party tools tenants can connect.
 
-use std::fmt;
-
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use time::OffsetDateTime;
@@ -32,55 +30,15 @@ fn validate_slug(value: &str, what: &str) -> Result<(), FieldViolation> {
     }
 }
 
-macro_rules! slug {
-    ($(#[$meta:meta])* $name:ident, $what:literal) => {
-        $(#[$meta])*
-        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-        #[serde(try_from = "String", into = "String")]
-        pub struct $name(String);
-
-        impl $name {
-            pub fn new(value: impl Into<String>) -> Result<Self, FieldViolation> {
-                let value = value.into();
-                validate_slug(&value, $what)?;
-                Ok(Self(value))
-            }
-
-            pub fn as_str(&self) -> &str {
-                &self.0
-            }
-        }
-
-        impl TryFrom<String> for $name {
-            type Error = String;
-            fn try_from(value: String) -> Result<Self, Self::Error> {
-                Self::new(value).map_err(|v| v.message)
-            }
-        }
-
-        impl From<$name> for String {
-            fn from(value: $name) -> String {
-                value.0
-            }
-        }
-
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(&self.0)
-            }
-        }
-    };
-}
-
-slug!(
+crate::common::checked_string!(
     /// A provider's id: a lowercase slug such as `github`; `custom` names custom API integrations.
     ProviderId,
-    "a provider id"
+    |v| validate_slug(v, "a provider id")
 );
-slug!(
+crate::common::checked_string!(
     /// A catalog category such as `source-control`: the catalog's partition key.
     Category,
-    "a category"
+    |v| validate_slug(v, "a category")
 );
 
 impl ProviderId {
@@ -136,6 +94,32 @@ pub struct ApiKeyPlacement {
     pub location: crate::custom::ApiKeyLocation,
     /// The header or query parameter name.
     pub name: String,
+    /// Text sent before the key in a header value (PagerDuty `Token token=`, Opsgenie `GenieKey `).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+}
+
+impl ApiKeyPlacement {
+    /// The header or parameter value that carries `key`.
+    pub fn value(&self, key: &str) -> String {
+        format!("{}{key}", self.prefix.as_deref().unwrap_or_default())
+    }
+
+    /// The problems of the placement, paths relative to it.
+    pub(crate) fn violations(&self) -> Violations {
+        let mut v = Violations::new();
+        if self.name.is_empty() || self.name.len() > 100 || !self.name.chars().all(|c| c.is_ascii_graphic()) {
+            v.invalid("name", "must be 1 to 100 visible ASCII characters");
+        }
+        match &self.prefix {
+            Some(_) if self.location != crate::custom::ApiKeyLocation::Header => v.invalid("prefix", "is only used with in: header"),
+            Some(prefix) if prefix.is_empty() || prefix.len() > 64 || !prefix.chars().all(|c| c == ' ' || c.is_ascii_graphic()) => {
+                v.invalid("prefix", "must be 1 to 64 visible ASCII characters or spaces")
+            }
+            _ => {}
+        }
+        v
+    }
 }
 
 /// What a provider can do beyond plain API calls.
@@ -178,6 +162,10 @@ pub struct ProviderSpec {
     /// Headers sent with every request to the provider's API (an API version); never `Authorization`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub default_headers: BTreeMap<String, String>,
+    /// Query parameters sent with every request to the provider's API; `{name}` placeholders in a
+    /// value take the integration's configuration value of that name (Trello's public `key`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub default_query: BTreeMap<String, String>,
     /// How the list requests of `entities` page; required when there are entities.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pagination: Option<Pagination>,
@@ -201,6 +189,36 @@ pub struct VerificationRequest {
     /// A JSON body for `POST` (a GraphQL query), at most 4096 bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub body: Option<Value>,
+    /// What a 2xx answer's body must hold for the credentials to count as working, for APIs
+    /// that answer 200 to refused credentials (Slack: `{"ok": false, "error": "invalid_auth"}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expect: Option<BodyExpectation>,
+}
+
+/// A value a JSON answer must hold: the value at `pointer` (RFC 6901, `/ok`) equals `equals`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BodyExpectation {
+    pub pointer: String,
+    pub equals: Value,
+}
+
+impl BodyExpectation {
+    /// Whether `body` holds the expected value.
+    pub fn holds(&self, body: Option<&Value>) -> bool {
+        body.and_then(|b| b.pointer(&self.pointer)) == Some(&self.equals)
+    }
+
+    fn violations(&self) -> Violations {
+        let mut v = Violations::new();
+        if !self.pointer.starts_with('/') || self.pointer.len() > 256 || self.pointer.chars().any(char::is_control) {
+            v.invalid("pointer", "must be a JSON pointer such as /ok, at most 256 characters");
+        }
+        if self.equals.is_array() || self.equals.is_object() || self.equals.to_string().len() > 256 {
+            v.invalid("equals", "must be a string, number, boolean or null of at most 256 bytes of JSON");
+        }
+        v
+    }
 }
 
 impl VerificationRequest {
@@ -215,6 +233,9 @@ impl VerificationRequest {
             Some(_) if self.method != HttpMethod::Post => v.invalid("body", "is only sent with POST"),
             Some(body) if body.to_string().len() > 4096 => v.invalid("body", "must be at most 4096 bytes of JSON"),
             _ => {}
+        }
+        if let Some(expect) = &self.expect {
+            v.extend_nested("expect", expect.violations().into_vec());
         }
         v
     }
@@ -247,11 +268,7 @@ impl ProviderSpec {
         let supports = |mode| self.auth_modes.contains(&mode);
         match (&self.api_key, supports(AuthMode::ApiKey)) {
             (None, true) => v.invalid("apiKey", "is required when authModes has api_key"),
-            (Some(placement), true) => {
-                if placement.name.is_empty() || placement.name.len() > 100 || !placement.name.chars().all(|c| c.is_ascii_graphic()) {
-                    v.invalid("apiKey.name", "must be 1 to 100 visible ASCII characters");
-                }
-            }
+            (Some(placement), true) => v.extend_nested("apiKey", placement.violations().into_vec()),
             (Some(_), false) => v.invalid("apiKey", "is only allowed when authModes has api_key"),
             (None, false) => {}
         }
@@ -298,6 +315,7 @@ impl ProviderSpec {
             v.extend_nested("verification", verification.violations().into_vec());
         }
         header_violations(&self.default_headers, &mut v);
+        default_query_violations(&self.default_query, &mut v);
         if let Some(pagination) = &self.pagination {
             pagination_violations(pagination, &mut v);
         } else if !self.entities.is_empty() {
@@ -313,6 +331,21 @@ impl ProviderSpec {
             }
         }
         v.finish(|| ())
+    }
+}
+
+/// The problems of a provider's default query, each under `defaultQuery`.
+fn default_query_violations(query: &BTreeMap<String, String>, v: &mut Violations) {
+    if query.len() > 20 {
+        v.invalid("defaultQuery", "must have at most 20 parameters");
+    }
+    for (name, value) in query {
+        let placeholders_ok = crate::custom::placeholders(value).is_ok();
+        if !crate::custom::is_param_name(name) || value.is_empty() || value.len() > 1024 || value.chars().any(char::is_control) {
+            v.invalid(format!("defaultQuery.{name}"), "must be a parameter name with a value of 1 to 1024 characters");
+        } else if !placeholders_ok {
+            v.invalid(format!("defaultQuery.{name}"), "placeholders must be configuration names like {apiKey}");
+        }
     }
 }
 
@@ -393,8 +426,15 @@ mod tests {
             docs_url: "https://docs.github.com/en/rest".into(),
             config_schema: json!({"type": "object", "properties": {"organization": {"type": "string"}}}),
             capabilities: Capabilities { webhooks: true, sync_entities: vec!["issue".into()] },
-            verification: Some(VerificationRequest { method: HttpMethod::Get, path: "/user".into(), query: BTreeMap::new(), body: None }),
+            verification: Some(VerificationRequest {
+                method: HttpMethod::Get,
+                path: "/user".into(),
+                query: BTreeMap::new(),
+                body: None,
+                expect: None,
+            }),
             default_headers: BTreeMap::from([("X-GitHub-Api-Version".into(), "2022-11-28".into())]),
+            default_query: BTreeMap::new(),
             pagination: Some(Pagination::Link { limit_param: Some("per_page".into()), page_size: Some(100) }),
             entities: vec![
                 serde_json::from_value(json!({
@@ -448,6 +488,34 @@ mod tests {
         s.entities.clear();
         s.verification = None;
         s.validate().unwrap();
+    }
+
+    #[test]
+    fn key_prefixes_default_queries_and_body_expectations_are_checked() {
+        let mut s = spec();
+        s.auth_modes.push(AuthMode::ApiKey);
+        s.api_key = Some(ApiKeyPlacement {
+            location: crate::custom::ApiKeyLocation::Header,
+            name: "Authorization".into(),
+            prefix: Some("Token token=".into()),
+        });
+        s.default_query = BTreeMap::from([("key".into(), "{apiKey}".into())]);
+        s.verification.as_mut().unwrap().expect = Some(BodyExpectation { pointer: "/ok".into(), equals: json!(true) });
+        s.validate().unwrap();
+        assert_eq!(s.api_key.as_ref().unwrap().value("k3y"), "Token token=k3y");
+
+        s.api_key.as_mut().unwrap().location = crate::custom::ApiKeyLocation::Query;
+        s.default_query.insert("bad".into(), "{unclosed".into());
+        s.verification.as_mut().unwrap().expect = Some(BodyExpectation { pointer: "ok".into(), equals: json!({"a": 1}) });
+        let Err(DomainError::Validation(v)) = s.validate() else { panic!("expected validation error") };
+        let fields: Vec<_> = v.iter().map(|v| v.field.as_str()).collect();
+        assert_eq!(fields, ["apiKey.prefix", "verification.expect.pointer", "verification.expect.equals", "defaultQuery.bad"]);
+
+        let expect = BodyExpectation { pointer: "/ok".into(), equals: json!(true) };
+        assert!(expect.holds(Some(&json!({"ok": true, "user": "u"}))));
+        assert!(!expect.holds(Some(&json!({"ok": false, "error": "invalid_auth"}))));
+        assert!(!expect.holds(Some(&json!({"ok": "true"}))));
+        assert!(!expect.holds(None));
     }
 
     #[test]

@@ -2,16 +2,15 @@
 //! secret store conformance suite), and against a local mock of it: request shape, error
 //! mapping, timeouts and retries.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use im_domain::secrets::{SecretName, SecretRef, SecretStore, SecretValue};
 use im_domain::{DomainError, TenantId};
 use im_secrets_http::{HttpSecretSettings, HttpSecretStore};
 use serde_json::json;
-use wiremock::matchers::{body_json, header, method, path, path_regex, query_param};
-use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
+use wiremock::matchers::{body_json, header, method, path, query_param};
+use wiremock::{Mock, MockServer, ResponseTemplate};
 
 fn store(server: &MockServer) -> HttpSecretStore {
     HttpSecretStore::new(HttpSecretSettings {
@@ -28,67 +27,9 @@ fn name() -> SecretName {
     SecretName::new(&TenantId::new("acme").unwrap(), "webhook", "0192f3c4")
 }
 
-/// The Secret Management service as `docs/contracts/secret-management.md` describes it: every
-/// version of every name, in memory, behind the service token.
-#[derive(Default)]
-struct FakeSecretManagement {
-    secrets: Mutex<HashMap<String, Vec<serde_json::Value>>>,
-}
-
-fn percent_decoded(path: &str) -> String {
-    let bytes = path.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match (bytes[i], bytes.get(i + 1..i + 3).and_then(|h| u8::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok())) {
-            (b'%', Some(byte)) => {
-                out.push(byte);
-                i += 3;
-            }
-            (byte, _) => {
-                out.push(byte);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8(out).expect("a UTF-8 name")
-}
-
-impl Respond for FakeSecretManagement {
-    fn respond(&self, request: &Request) -> ResponseTemplate {
-        if request.headers.get("authorization").and_then(|v| v.to_str().ok()) != Some("Bearer service-token") {
-            return ResponseTemplate::new(401);
-        }
-        let name = percent_decoded(request.url.path().trim_start_matches("/api/v1/secrets/"));
-        let mut secrets = self.secrets.lock().unwrap();
-        match request.method.as_str() {
-            "PUT" => {
-                let Ok(body) = request.body_json::<serde_json::Value>() else { return ResponseTemplate::new(400) };
-                let versions = secrets.entry(name.clone()).or_default();
-                versions.push(body["value"].clone());
-                // Versions as numbers: the adapter takes a string or a number.
-                ResponseTemplate::new(201).set_body_json(json!({"name": name, "version": versions.len()}))
-            }
-            "GET" => {
-                let version = request.url.query_pairs().find(|(k, _)| k == "version").and_then(|(_, v)| v.parse::<usize>().ok());
-                match version.and_then(|v| secrets.get(&name)?.get(v.checked_sub(1)?)) {
-                    Some(value) => ResponseTemplate::new(200).set_body_json(json!({"name": name, "version": version, "value": value})),
-                    None => ResponseTemplate::new(404),
-                }
-            }
-            "DELETE" => match secrets.remove(&name) {
-                Some(_) => ResponseTemplate::new(204),
-                None => ResponseTemplate::new(404),
-            },
-            _ => ResponseTemplate::new(405),
-        }
-    }
-}
-
 #[tokio::test]
 async fn passes_the_secret_store_contract_against_a_fake_service() {
-    let server = MockServer::start().await;
-    Mock::given(path_regex("^/api/v1/secrets/.+")).respond_with(FakeSecretManagement::default()).mount(&server).await;
+    let (_, server) = im_testkit::secret_management::SecretManagement::start().await;
     im_testkit::secrets::contract(&store(&server)).await;
 }
 

@@ -6,8 +6,7 @@
 use async_trait::async_trait;
 use azure_data_cosmos::options::{BatchDeleteOptions, BatchReplaceOptions};
 use azure_data_cosmos::{Query, TransactionalBatch};
-use im_domain::common::write_condition;
-use im_domain::connection::{Connection, ConnectionId, ConnectionRepository};
+use im_domain::connection::{Connection, ConnectionId, ConnectionRepository, owned_by, owned_write};
 use im_domain::events::DomainEvent;
 use im_domain::{DomainError, ETag, IntegrationId, Page, PageRequest, Stored, TenantId};
 
@@ -27,20 +26,23 @@ impl CosmosConnections {
         Self { store }
     }
 
-    /// The tenant's connection, or `NotFound` (also when another tenant owns it).
-    async fn owned(&self, tenant: &TenantId, integration: IntegrationId, id: ConnectionId) -> Result<Stored<Connection>, DomainError> {
+    /// The connection in the integration's partition, whoever owns it.
+    async fn read(&self, integration: IntegrationId, id: ConnectionId) -> Result<Option<Stored<Connection>>, DomainError> {
         let key = id.to_string();
-        let response = self
-            .store
-            .call("a read", self.store.container(CONNECTIONS).read_item(integration.to_string(), &key, None), RESOURCE, &key)
-            .await?;
+        let read =
+            self.store.call("a read", self.store.container(CONNECTIONS).read_item(integration.to_string(), &key, None), RESOURCE, &key);
+        let response = match read.await {
+            Ok(response) => response,
+            Err(DomainError::NotFound { .. }) => return Ok(None),
+            Err(other) => return Err(other),
+        };
         let etag = response.headers().etag().map(|e| etag_to_domain(e.as_ref()));
         let doc: ConnectionDoc = response.into_model().map_err(unexpected)?;
-        if doc.kind != ConnectionDoc::TYPE || doc.connection.tenant_id != *tenant {
-            return Err(DomainError::not_found(RESOURCE, id));
+        if doc.kind != ConnectionDoc::TYPE {
+            return Ok(None);
         }
         let etag = etag.or_else(|| doc.etag.as_deref().map(etag_to_domain)).ok_or_else(|| unexpected("no etag"))?;
-        Ok(Stored { value: doc.connection, etag })
+        Ok(Some(Stored { value: doc.connection, etag }))
     }
 }
 
@@ -57,7 +59,7 @@ impl ConnectionRepository for CosmosConnections {
 
     #[tracing::instrument(skip_all, name = "connections.get", fields(tenant = %tenant, integration = %integration, connection = %id))]
     async fn get(&self, tenant: &TenantId, integration: IntegrationId, id: ConnectionId) -> Result<Stored<Connection>, DomainError> {
-        self.owned(tenant, integration, id).await
+        owned_by(self.read(integration, id).await?, tenant, id)
     }
 
     #[tracing::instrument(skip_all, name = "connections.list", fields(tenant = %tenant, integration = %integration))]
@@ -82,8 +84,8 @@ impl ConnectionRepository for CosmosConnections {
 
     #[tracing::instrument(skip_all, name = "connections.replace", fields(tenant = %connection.tenant_id, integration = %connection.integration_id, connection = %connection.id, events = events.len()))]
     async fn replace(&self, connection: &Connection, if_match: Option<ETag>, events: &[DomainEvent]) -> Result<ETag, DomainError> {
-        let checked = self.owned(&connection.tenant_id, connection.integration_id, connection.id).await?;
-        let token = write_condition(if_match, checked.etag)?;
+        let found = self.read(connection.integration_id, connection.id).await?;
+        let token = owned_write(found, &connection.tenant_id, connection.id, if_match)?;
         let pk = connection.integration_id.to_string();
         let id = connection.id.to_string();
         let doc = ConnectionDoc::new(connection.clone());
@@ -105,8 +107,7 @@ impl ConnectionRepository for CosmosConnections {
         if_match: Option<ETag>,
         events: &[DomainEvent],
     ) -> Result<(), DomainError> {
-        let checked = self.owned(tenant, integration, id).await?;
-        let token = write_condition(if_match, checked.etag)?;
+        let token = owned_write(self.read(integration, id).await?, tenant, id, if_match)?;
         let pk = integration.to_string();
         let key = id.to_string();
         let options = precondition(Some(&token)).map(|p| BatchDeleteOptions::default().with_precondition(p));

@@ -3,8 +3,7 @@
 //! transaction for writes), so another tenant's connection is not found.
 
 use async_trait::async_trait;
-use im_domain::common::write_condition;
-use im_domain::connection::{Connection, ConnectionId, ConnectionRepository};
+use im_domain::connection::{Connection, ConnectionId, ConnectionRepository, owned_by, owned_write};
 use im_domain::events::DomainEvent;
 use im_domain::{DomainError, ETag, IntegrationId, Page, PageRequest, Stored, TenantId};
 
@@ -23,16 +22,9 @@ impl SqliteConnections {
         Self { docs }
     }
 
-    /// The tenant's connection, or `NotFound` (also when another tenant owns it).
-    async fn owned(&self, tenant: &TenantId, integration: IntegrationId, id: ConnectionId) -> Result<Stored<Connection>, DomainError> {
-        let found = match self.docs.get(CONNECTIONS, integration.to_string(), id.to_string()).await? {
-            Some(doc) => decode::<Connection>(doc)?,
-            None => return Err(DomainError::not_found(RESOURCE, id)),
-        };
-        if found.value.tenant_id != *tenant {
-            return Err(DomainError::not_found(RESOURCE, id));
-        }
-        Ok(found)
+    /// The connection in the integration's partition, whoever owns it.
+    async fn read(&self, integration: IntegrationId, id: ConnectionId) -> Result<Option<Stored<Connection>>, DomainError> {
+        self.docs.get(CONNECTIONS, integration.to_string(), id.to_string()).await?.map(decode::<Connection>).transpose()
     }
 }
 
@@ -48,7 +40,7 @@ impl ConnectionRepository for SqliteConnections {
 
     #[tracing::instrument(skip_all, name = "connections.get", fields(tenant = %tenant, integration = %integration, connection = %id))]
     async fn get(&self, tenant: &TenantId, integration: IntegrationId, id: ConnectionId) -> Result<Stored<Connection>, DomainError> {
-        self.owned(tenant, integration, id).await
+        owned_by(self.read(integration, id).await?, tenant, id)
     }
 
     #[tracing::instrument(skip_all, name = "connections.list", fields(tenant = %tenant, integration = %integration))]
@@ -73,8 +65,8 @@ impl ConnectionRepository for SqliteConnections {
 
     #[tracing::instrument(skip_all, name = "connections.replace", fields(tenant = %connection.tenant_id, integration = %connection.integration_id, connection = %connection.id, events = events.len()))]
     async fn replace(&self, connection: &Connection, if_match: Option<ETag>, events: &[DomainEvent]) -> Result<ETag, DomainError> {
-        let checked = self.owned(&connection.tenant_id, connection.integration_id, connection.id).await?;
-        let token = write_condition(if_match, checked.etag)?;
+        let found = self.read(connection.integration_id, connection.id).await?;
+        let token = owned_write(found, &connection.tenant_id, connection.id, if_match)?;
         let body = encode(connection)?;
         let pk = connection.integration_id.to_string();
         self.docs.replace(CONNECTIONS, RESOURCE, pk.clone(), pk, connection.id.to_string(), body, Some(token), None, events).await
@@ -89,8 +81,7 @@ impl ConnectionRepository for SqliteConnections {
         if_match: Option<ETag>,
         events: &[DomainEvent],
     ) -> Result<(), DomainError> {
-        let checked = self.owned(tenant, integration, id).await?;
-        let token = write_condition(if_match, checked.etag)?;
+        let token = owned_write(self.read(integration, id).await?, tenant, id, if_match)?;
         self.docs.delete(CONNECTIONS, RESOURCE, integration.to_string(), id.to_string(), Some(token), events).await
     }
 }

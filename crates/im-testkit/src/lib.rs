@@ -16,6 +16,7 @@ pub mod proxy;
 pub mod publisher;
 pub mod queue;
 pub mod rabbit;
+pub mod secret_management;
 pub mod secrets;
 pub mod services;
 pub mod sync;

@@ -18,8 +18,11 @@ pub fn provider(id: &str, category: &str, auth_mode: AuthMode) -> Provider {
     let oauth = auth_mode == AuthMode::Oauth2AuthorizationCode;
     let token = auth_mode.is_oauth2();
     let auth_modes = if oauth { vec![auth_mode, AuthMode::Bearer] } else { vec![auth_mode] };
-    let api_key = (auth_mode == AuthMode::ApiKey)
-        .then(|| ApiKeyPlacement { location: im_domain::custom::ApiKeyLocation::Header, name: "X-Api-Key".into() });
+    let api_key = (auth_mode == AuthMode::ApiKey).then(|| ApiKeyPlacement {
+        location: im_domain::custom::ApiKeyLocation::Header,
+        name: "X-Api-Key".into(),
+        prefix: None,
+    });
     Provider {
         spec: ProviderSpec {
             id: ProviderId::new(id).expect("valid provider id"),
@@ -40,8 +43,10 @@ pub fn provider(id: &str, category: &str, auth_mode: AuthMode) -> Provider {
                 path: "/graphql".into(),
                 query: BTreeMap::new(),
                 body: Some(json!({"query": "{ viewer { id } }"})),
+                expect: None,
             }),
             default_headers: BTreeMap::from([("X-Api-Version".into(), "2".into())]),
+            default_query: BTreeMap::new(),
             pagination: Some(Pagination::Offset { offset_param: "startAt".into(), limit_param: "maxResults".into(), page_size: 50 }),
             entities: vec![
                 serde_json::from_value(json!({

@@ -48,8 +48,7 @@ impl From<&DeadLetter> for DeadLetterView {
 /// List the outbox's dead letters (admin).
 #[utoipa::path(get, operation_id = "listDeadLetters", path = "/api/v1/admin/outbox/dead-letters", tag = "operations",
     params(
-        ("limit" = Option<u32>, Query, minimum = 1, maximum = 200, description = "Page size, 1 to 200 (default 50)"),
-        ("continuationToken" = Option<String>, Query, description = "Token of the next page"),
+        super::Paging,
     ),
     responses(
         (status = 200, description = "A page of dead letters (a page may be shorter than `limit` while a token follows)", body = ListResponse<DeadLetterView>),

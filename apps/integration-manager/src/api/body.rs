@@ -171,6 +171,22 @@ fn without_read_only<T: ToSchema>(mut body: Value) -> Value {
     body
 }
 
+/// `body` with every number written with a fraction of zero (`955.0`) as the integer it is: JSON
+/// Schema's `integer` accepts it, and the document is what a client goes by, so the parser takes
+/// it too (serde refuses a float for an integer field). Other numbers are left alone.
+fn whole_numbers_as_integers(body: Value) -> Value {
+    match body {
+        Value::Number(n) if n.is_f64() => {
+            let f = n.as_f64().unwrap_or(f64::NAN);
+            // Within ±2^53 a whole f64 is exactly the integer it prints as.
+            if f.fract() == 0.0 && f.abs() <= 9_007_199_254_740_992.0 { Value::from(f as i64) } else { Value::Number(n) }
+        }
+        Value::Array(items) => Value::Array(items.into_iter().map(whole_numbers_as_integers).collect()),
+        Value::Object(fields) => Value::Object(fields.into_iter().map(|(k, v)| (k, whole_numbers_as_integers(v))).collect()),
+        other => other,
+    }
+}
+
 /// Reads `body` into the DTO `T` (whose schema is registered in the OpenAPI document under
 /// `T::name()`).
 ///
@@ -188,7 +204,7 @@ pub fn parse<T: DeserializeOwned + ToSchema>(body: Value) -> Result<Checked<T>, 
     if found.iter().any(|v| v.kind.is_structural()) {
         return Err(structural(found));
     }
-    match serde_path_to_error::deserialize::<_, T>(without_read_only::<T>(body)) {
+    match serde_path_to_error::deserialize::<_, T>(whole_numbers_as_integers(without_read_only::<T>(body))) {
         Ok(value) => Ok(Checked { value, violations: found.into_iter().collect() }),
         Err(e) => {
             // The schema let through what the type refuses (a format the schema only annotates,
@@ -233,6 +249,22 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn whole_numbers_are_integers() {
+        let body = json!({"a": 955.0, "b": [1.5, -3.0, 7], "c": {"d": 1e300, "e": "2.0"}});
+        let normal = whole_numbers_as_integers(body);
+        assert!(normal["a"].is_i64() && normal["a"] == 955);
+        assert_eq!(normal["b"], json!([1.5, -3, 7]));
+        assert!(normal["c"]["d"].is_f64(), "beyond 2^53 stays a float");
+        assert_eq!(normal["c"]["e"], "2.0");
+        #[derive(serde::Deserialize)]
+        struct Sized {
+            #[allow(dead_code)]
+            size: u32,
+        }
+        assert!(serde_json::from_value::<Sized>(whole_numbers_as_integers(json!({"size": 955.0}))).is_ok());
+    }
 
     #[test]
     fn paths() {

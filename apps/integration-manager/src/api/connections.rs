@@ -220,8 +220,7 @@ async fn read_spec(state: &AppState, caller: &Caller, integration: IntegrationId
 #[utoipa::path(get, operation_id = "listConnections", path = "/api/v1/integrations/{id}/connections", tag = "connections",
     params(
         ("id" = uuid::Uuid, Path, description = "Integration id"),
-        ("limit" = Option<u32>, Query, minimum = 1, maximum = 200, description = "Page size, 1 to 200 (default 50)"),
-        ("continuationToken" = Option<String>, Query, description = "Token of the next page, from the previous response"),
+        super::Paging,
     ),
     responses(
         (status = 200, description = "A page of connections, oldest first", body = ListResponse<ConnectionView>),

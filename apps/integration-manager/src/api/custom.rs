@@ -13,9 +13,11 @@ use utoipa::ToSchema;
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[schema(as = CustomDefinition)]
 pub struct CustomDefinitionDto {
-    /// Base URL of every request: an absolute https URL without query or fragment (`http` only
-    /// where the service's destination policy allows it, `webhooks.allow_http`).
-    #[schema(max_length = 2048, pattern = r"^https?://[^?#]+$", example = "https://api.example.com/v2")]
+    /// Base URL of every request: an absolute https URL without query or fragment, judged as the
+    /// provider client sends it (WHATWG URL parsing; `http` only where the service's destination
+    /// policy allows it, `webhooks.allow_http`; no user name or password; an address host only
+    /// where `webhooks.allowed_private_cidrs` allows it).
+    #[schema(max_length = 2048, pattern = r"^[Hh][Tt][Tt][Pp][Ss]?://[^\x00-\x20\x7F-\x9F?#]+$", example = "https://api.example.com/v2")]
     pub base_url: String,
     pub auth: CustomAuthDto,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -39,6 +41,10 @@ pub enum CustomAuthDto {
         /// The header or query parameter name.
         #[schema(min_length = 1, max_length = 128, pattern = r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")]
         name: String,
+        /// Text sent before the key in a header value (`Token token=`); only with `in: header`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[schema(min_length = 1, max_length = 64, pattern = r"^[ -~]+$")]
+        prefix: Option<String>,
     },
     /// `Authorization: Bearer <token>`.
     Bearer,
@@ -47,8 +53,8 @@ pub enum CustomAuthDto {
     /// OAuth 2.0 client credentials grant.
     #[serde(rename_all = "camelCase")]
     Oauth2ClientCredentials {
-        /// An absolute https URL (`http` only where `webhooks.allow_http`).
-        #[schema(max_length = 2048, pattern = r"^https?://")]
+        /// An absolute https URL, judged as `baseUrl` is (`http` only where `webhooks.allow_http`).
+        #[schema(max_length = 2048, pattern = r"^[Hh][Tt][Tt][Pp][Ss]?://[^\x00-\x20\x7F-\x9F]+$")]
         token_url: String,
         #[serde(default)]
         #[schema(schema_with = super::schemas::scopes)]
@@ -231,7 +237,7 @@ impl From<&CustomApiDefinition> for CustomDefinitionDto {
 impl From<CustomAuthDto> for CustomAuth {
     fn from(dto: CustomAuthDto) -> Self {
         match dto {
-            CustomAuthDto::ApiKey { location, name } => CustomAuth::ApiKey { location: location.into(), name },
+            CustomAuthDto::ApiKey { location, name, prefix } => CustomAuth::ApiKey { location: location.into(), name, prefix },
             CustomAuthDto::Bearer => CustomAuth::Bearer,
             CustomAuthDto::Basic => CustomAuth::Basic,
             CustomAuthDto::Oauth2ClientCredentials { token_url, scopes } => CustomAuth::Oauth2ClientCredentials { token_url, scopes },
@@ -242,7 +248,9 @@ impl From<CustomAuthDto> for CustomAuth {
 impl From<&CustomAuth> for CustomAuthDto {
     fn from(auth: &CustomAuth) -> Self {
         match auth {
-            CustomAuth::ApiKey { location, name } => CustomAuthDto::ApiKey { location: (*location).into(), name: name.clone() },
+            CustomAuth::ApiKey { location, name, prefix } => {
+                CustomAuthDto::ApiKey { location: (*location).into(), name: name.clone(), prefix: prefix.clone() }
+            }
             CustomAuth::Bearer => CustomAuthDto::Bearer,
             CustomAuth::Basic => CustomAuthDto::Basic,
             CustomAuth::Oauth2ClientCredentials { token_url, scopes } => {

@@ -149,8 +149,7 @@ fn time_param(raw: &str) -> Result<OffsetDateTime, FieldViolation> {
         ("eventType" = Option<String>, Query, description = "Only this event type"),
         ("since" = Option<String>, Query, format = DateTime, description = "Created at or after (RFC 3339)"),
         ("until" = Option<String>, Query, format = DateTime, description = "Created before (RFC 3339)"),
-        ("limit" = Option<u32>, Query, minimum = 1, maximum = 200, description = "Page size, 1 to 200 (default 50)"),
-        ("continuationToken" = Option<String>, Query, description = "Token of the next page"),
+        super::Paging,
     ),
     responses(
         (status = 200, description = "A page of deliveries (kept 7 days)", body = ListResponse<DeliveryView>),

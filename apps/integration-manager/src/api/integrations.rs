@@ -157,8 +157,7 @@ async fn read_spec(state: &AppState, body: Value) -> ApiResult<IntegrationSpec> 
     params(
         ("providerId" = Option<String>, Query, min_length = 2, max_length = 64, pattern = r"^[a-z0-9][a-z0-9-]*$", description = "Only integrations of this provider"),
         ("status" = Option<IntegrationStatusDto>, Query, description = "Only integrations in this status"),
-        ("limit" = Option<u32>, Query, minimum = 1, maximum = 200, description = "Page size, 1 to 200 (default 50)"),
-        ("continuationToken" = Option<String>, Query, description = "Token of the next page, from the previous response"),
+        super::Paging,
     ),
     responses(
         (status = 200, description = "A page of integrations, oldest first", body = ListResponse<IntegrationView>),

@@ -119,6 +119,36 @@ pub struct ListResponse<T: ToSchema> {
     pub continuation_token: Option<String>,
 }
 
+/// The paging parameters of every listing, as the document states them.
+pub struct Paging;
+
+impl utoipa::IntoParams for Paging {
+    fn into_params(_: impl Fn() -> Option<utoipa::openapi::path::ParameterIn>) -> Vec<utoipa::openapi::path::Parameter> {
+        use utoipa::openapi::path::{ParameterBuilder, ParameterIn};
+        use utoipa::openapi::{ObjectBuilder, Required, Type};
+        let limit = ObjectBuilder::new().schema_type(Type::Integer).minimum(Some(1)).maximum(Some(200));
+        vec![
+            ParameterBuilder::new()
+                .name("limit")
+                .parameter_in(ParameterIn::Query)
+                .required(Required::False)
+                .description(Some("Page size, 1 to 200 (default 50)"))
+                .schema(Some(limit))
+                .build(),
+            ParameterBuilder::new()
+                .name("continuationToken")
+                .parameter_in(ParameterIn::Query)
+                .required(Required::False)
+                .description(Some(
+                    "The `continuationToken` of the previous page, as it was given: opaque and bound to this listing. \
+                     Any other value is refused with 400 naming `continuationToken`.",
+                ))
+                .schema(Some(ObjectBuilder::new().schema_type(Type::String)))
+                .build(),
+        ]
+    }
+}
+
 /// Query-string parameters, each checked with an error naming it.
 pub struct QueryParams {
     params: HashMap<String, String>,
@@ -144,7 +174,12 @@ impl QueryParams {
     /// `limit` and `continuationToken`.
     pub fn page(&mut self) -> Option<PageRequest> {
         let limit = self.get("limit", |raw| {
-            raw.parse::<u32>().map_err(|_| FieldViolation::new("", ViolationKind::WrongType, "must be a whole number"))
+            // `955.0` is a whole number too (JSON Schema's `integer`).
+            let whole = || raw.parse::<f64>().ok().filter(|f| f.fract() == 0.0 && (0.0..=f64::from(u32::MAX)).contains(f));
+            raw.parse::<u32>()
+                .ok()
+                .or_else(|| whole().map(|f| f as u32))
+                .ok_or_else(|| FieldViolation::new("", ViolationKind::WrongType, "must be a whole number"))
         });
         let continuation = self.params.get("continuationToken").cloned();
         match PageRequest::new(limit, continuation) {

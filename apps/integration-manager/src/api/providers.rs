@@ -6,7 +6,8 @@ use im_domain::Stored;
 use std::collections::BTreeMap;
 
 use im_domain::provider::{
-    ApiKeyPlacement, AuthMode, Capabilities, Category, Provider, ProviderFilter, ProviderId, ProviderSpec, VerificationRequest,
+    ApiKeyPlacement, AuthMode, BodyExpectation, Capabilities, Category, Provider, ProviderFilter, ProviderId, ProviderSpec,
+    VerificationRequest,
 };
 use im_domain::{DomainError, FieldViolation, Violations};
 use serde::{Deserialize, Serialize};
@@ -73,18 +74,37 @@ pub struct ApiKeyPlacementDto {
     /// Header or query parameter name.
     #[schema(min_length = 1, max_length = 100, pattern = r"^[!-~]+$")]
     name: String,
+    /// Text sent before the key in a header value (PagerDuty `Token token=`, Opsgenie
+    /// `GenieKey `); only with `in: header`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(min_length = 1, max_length = 64, pattern = r"^[ -~]+$")]
+    prefix: Option<String>,
 }
 
 impl From<ApiKeyPlacementDto> for ApiKeyPlacement {
     fn from(dto: ApiKeyPlacementDto) -> Self {
-        ApiKeyPlacement { location: dto.location.into(), name: dto.name }
+        ApiKeyPlacement { location: dto.location.into(), name: dto.name, prefix: dto.prefix }
     }
 }
 
 impl From<&ApiKeyPlacement> for ApiKeyPlacementDto {
     fn from(p: &ApiKeyPlacement) -> Self {
-        ApiKeyPlacementDto { location: p.location.into(), name: p.name.clone() }
+        ApiKeyPlacementDto { location: p.location.into(), name: p.name.clone(), prefix: p.prefix.clone() }
     }
+}
+
+/// What a 2xx answer to the verification request must hold for the credentials to count as
+/// working (Slack answers 200 with `{"ok": false}` to a refused token).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schema(as = BodyExpectation)]
+pub struct BodyExpectationDto {
+    /// JSON pointer (RFC 6901) into the answer, such as `/ok`.
+    #[schema(min_length = 1, max_length = 256, pattern = r"^/[^\x00-\x1F]*$", example = "/ok")]
+    pointer: String,
+    /// The value that must be there: a string, number, boolean or null.
+    #[schema(value_type = Object, example = true)]
+    equals: Value,
 }
 
 /// What a provider can do beyond plain API calls.
@@ -119,17 +139,32 @@ pub struct VerificationRequestDto {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
     body: Option<Value>,
+    /// What the answer's body must hold besides a 2xx status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    expect: Option<BodyExpectationDto>,
 }
 
 impl From<VerificationRequestDto> for VerificationRequest {
     fn from(dto: VerificationRequestDto) -> Self {
-        Self { method: dto.method.into(), path: dto.path, query: dto.query, body: dto.body }
+        Self {
+            method: dto.method.into(),
+            path: dto.path,
+            query: dto.query,
+            body: dto.body,
+            expect: dto.expect.map(|e| BodyExpectation { pointer: e.pointer, equals: e.equals }),
+        }
     }
 }
 
 impl From<&VerificationRequest> for VerificationRequestDto {
     fn from(v: &VerificationRequest) -> Self {
-        Self { method: v.method.into(), path: v.path.clone(), query: v.query.clone(), body: v.body.clone() }
+        Self {
+            method: v.method.into(),
+            path: v.path.clone(),
+            query: v.query.clone(),
+            body: v.body.clone(),
+            expect: v.expect.as_ref().map(|e| BodyExpectationDto { pointer: e.pointer.clone(), equals: e.equals.clone() }),
+        }
     }
 }
 
@@ -184,6 +219,11 @@ pub struct ProviderInput {
     #[serde(default)]
     #[schema(schema_with = super::schemas::default_headers)]
     default_headers: BTreeMap<String, String>,
+    /// Query parameters sent with every request; `{name}` in a value takes the integration's
+    /// configuration value of that name (Trello: `{"key": "{apiKey}"}`).
+    #[serde(default)]
+    #[schema(schema_with = super::schemas::default_query)]
+    default_query: BTreeMap<String, String>,
     /// How the list requests of `entities` page; required with entities.
     #[serde(default)]
     pagination: Option<PaginationDto>,
@@ -219,6 +259,7 @@ impl TryFrom<ProviderInput> for ProviderSpec {
             capabilities: Capabilities { webhooks: capabilities.webhooks, sync_entities: capabilities.sync_entities },
             verification: input.verification.map(Into::into),
             default_headers: input.default_headers,
+            default_query: input.default_query,
             pagination: input.pagination.map(Into::into),
             entities: input.entities.into_iter().map(Into::into).collect(),
         })
@@ -254,6 +295,9 @@ pub struct ProviderView {
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     #[schema(schema_with = super::schemas::default_headers)]
     default_headers: BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    #[schema(schema_with = super::schemas::default_query)]
+    default_query: BTreeMap<String, String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pagination: Option<PaginationDto>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -283,6 +327,7 @@ impl From<&Provider> for ProviderView {
             capabilities: CapabilitiesDto { webhooks: spec.capabilities.webhooks, sync_entities: spec.capabilities.sync_entities.clone() },
             verification: spec.verification.as_ref().map(Into::into),
             default_headers: spec.default_headers.clone(),
+            default_query: spec.default_query.clone(),
             pagination: spec.pagination.as_ref().map(Into::into),
             entities: spec.entities.iter().map(Into::into).collect(),
             created_at: rfc3339(p.created_at),
@@ -319,8 +364,7 @@ fn respond(mut builder: actix_web::HttpResponseBuilder, stored: &Stored<Provider
         ("category" = Option<String>, Query, min_length = 2, max_length = 64, pattern = r"^[a-z0-9][a-z0-9-]*$", description = "Only this category (stays inside one partition)"),
         ("authMode" = Option<AuthModeDto>, Query, description = "Only providers that support this auth mode"),
         ("q" = Option<String>, Query, max_length = 100, description = "Case-insensitive text in id, name or description"),
-        ("limit" = Option<u32>, Query, minimum = 1, maximum = 200, description = "Page size, 1 to 200 (default 50)"),
-        ("continuationToken" = Option<String>, Query, description = "Token of the next page"),
+        super::Paging,
     ),
     responses(
         (status = 200, description = "A page of providers, ordered by id", body = ListResponse<ProviderView>),

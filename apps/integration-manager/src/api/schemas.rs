@@ -99,6 +99,18 @@ pub fn default_headers() -> Object {
     map_of(50, 4096, "Headers sent with every request (never `Authorization`: the auth scheme sets it)")
 }
 
+/// Query parameters a provider sends with every request: at most 20, values with `{config}`
+/// placeholders.
+pub fn default_query() -> Object {
+    ObjectBuilder::new()
+        .schema_type(Type::Object)
+        .property_names(Some(Schema::Object(string(1, 128, Some(r"^[A-Za-z0-9_\-.\[\]]+$")))))
+        .additional_properties(Some(AdditionalProperties::RefOr(string(1, 1024, Some(r"^[^\x00-\x1F\x7F-\x9F]*$")).into())))
+        .max_properties(Some(20))
+        .description(Some("Query parameters sent with every request; `{name}` takes the integration's configuration value"))
+        .build()
+}
+
 /// Fixed query parameters of a request template: at most 50.
 pub fn query_parameters() -> Object {
     ObjectBuilder::new()

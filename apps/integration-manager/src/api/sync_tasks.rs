@@ -581,8 +581,7 @@ async fn read_draft(state: &AppState, caller: &Caller, body: Value) -> ApiResult
 /// List the tenant's sync tasks.
 #[utoipa::path(get, operation_id = "listSyncTasks", path = "/api/v1/sync-tasks", tag = "sync",
     params(
-        ("limit" = Option<u32>, Query, minimum = 1, maximum = 200, description = "Page size, 1 to 200 (default 50)"),
-        ("continuationToken" = Option<String>, Query, description = "Token of the next page, from the previous response"),
+        super::Paging,
     ),
     responses((status = 200, description = "A page of sync tasks", body = ListResponse<SyncTaskView>)),
     security(("bearer" = [])))]
@@ -735,8 +734,7 @@ pub async fn reset(state: web::Data<AppState>, caller: Authenticated, id: web::P
 #[utoipa::path(get, operation_id = "listSyncExecutions", path = "/api/v1/sync-tasks/{id}/executions", tag = "sync",
     params(
         ("id" = uuid::Uuid, Path, description = "Sync task id"),
-        ("limit" = Option<u32>, Query, minimum = 1, maximum = 200, description = "Page size, 1 to 200 (default 50)"),
-        ("continuationToken" = Option<String>, Query, description = "Token of the next page, from the previous response"),
+        super::Paging,
     ),
     responses((status = 200, description = "A page of executions", body = ListResponse<ExecutionView>)),
     security(("bearer" = [])))]
@@ -770,8 +768,7 @@ pub async fn execution(state: web::Data<AppState>, caller: Authenticated, path: 
 #[utoipa::path(get, operation_id = "listSyncConflicts", path = "/api/v1/sync-tasks/{id}/conflicts", tag = "sync",
     params(
         ("id" = uuid::Uuid, Path, description = "Sync task id"),
-        ("limit" = Option<u32>, Query, minimum = 1, maximum = 200, description = "Page size, 1 to 200 (default 50)"),
-        ("continuationToken" = Option<String>, Query, description = "Token of the next page, from the previous response"),
+        super::Paging,
     ),
     responses((status = 200, description = "A page of conflicts", body = ListResponse<ConflictView>)),
     security(("bearer" = [])))]

@@ -55,7 +55,7 @@ pub struct WebhookInput {
     /// https URL of the receiver (http and private addresses only where configuration allows).
     #[schema(
         max_length = 2048,
-        pattern = r"^https?://[^\x00-\x20\x7F-\x9F/?#]+([/?#][^\x00-\x20\x7F-\x9F]*)?$",
+        pattern = r"^[Hh][Tt][Tt][Pp][Ss]?://[^\x00-\x20\x7F-\x9F/?#]+([/?#][^\x00-\x20\x7F-\x9F]*)?$",
         example = "https://hooks.example.com/integration-manager"
     )]
     url: String,
@@ -163,8 +163,7 @@ fn respond(mut builder: actix_web::HttpResponseBuilder, stored: &Stored<Webhook>
 /// List the caller's webhook endpoints.
 #[utoipa::path(get, operation_id = "listWebhooks", path = "/api/v1/webhooks", tag = "webhooks",
     params(
-        ("limit" = Option<u32>, Query, minimum = 1, maximum = 200, description = "Page size, 1 to 200 (default 50)"),
-        ("continuationToken" = Option<String>, Query, description = "Token of the next page"),
+        super::Paging,
     ),
     responses((status = 200, description = "A page of endpoints, oldest first; never their secrets", body = ListResponse<WebhookView>)),
     security(("bearer" = [])))]

@@ -7,7 +7,7 @@ use crate::error::DomainError;
 use crate::ports::ProviderRepository;
 use crate::provider::{Provider, ProviderFilter, ProviderId, ProviderSpec, SeedReport};
 
-use super::read_modify_write;
+use super::{matching, read_modify_write};
 
 /// Reads and administers the global provider catalog.
 #[derive(Clone)]
@@ -77,12 +77,7 @@ impl CatalogService {
         if_match: Option<&ETag>,
     ) -> Result<Stored<Provider>, DomainError> {
         let result = self.update_unaudited(caller, id, spec, if_match).await;
-        self.audit
-            .result(caller, AuditResource::Provider, AuditAction::Update, Some(id.to_string()), &result, |_| {
-                (String::new(), serde_json::Value::Null)
-            })
-            .await;
-        result
+        self.audit.of(caller, AuditResource::Provider, AuditAction::Update, id, result).await
     }
 
     async fn update_unaudited(
@@ -98,10 +93,7 @@ impl CatalogService {
         }
         spec.validate()?;
         read_modify_write(if_match, async |token| {
-            let current = self.providers.get(id).await?;
-            if token.is_some_and(|t| *t != current.etag) {
-                return Err(DomainError::PreconditionFailed);
-            }
+            let current = matching(self.providers.get(id).await?, token)?;
             let provider = Provider { spec: spec.clone(), created_at: current.value.created_at, updated_at: self.clock.now() };
             let etag = self.providers.replace(&provider, Some(token.unwrap_or(&current.etag).clone())).await?;
             Ok(Stored { value: provider, etag })
@@ -111,12 +103,7 @@ impl CatalogService {
 
     pub async fn delete(&self, caller: &Caller, id: &ProviderId, if_match: Option<&ETag>) -> Result<(), DomainError> {
         let result = self.delete_unaudited(caller, id, if_match).await;
-        self.audit
-            .result(caller, AuditResource::Provider, AuditAction::Delete, Some(id.to_string()), &result, |_| {
-                (String::new(), serde_json::Value::Null)
-            })
-            .await;
-        result
+        self.audit.of(caller, AuditResource::Provider, AuditAction::Delete, id, result).await
     }
 
     async fn delete_unaudited(&self, caller: &Caller, id: &ProviderId, if_match: Option<&ETag>) -> Result<(), DomainError> {

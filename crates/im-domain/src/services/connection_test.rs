@@ -13,7 +13,7 @@ use crate::auth::Caller;
 use crate::common::{Clock, IntegrationId};
 use crate::custom::{CustomApiDefinition, Pagination};
 use crate::error::DomainError;
-use crate::provider::ProviderSpec;
+use crate::provider::{BodyExpectation, ProviderSpec};
 use crate::provider_client::{ApiTarget, CredentialSource, ProviderClient, ProviderRequest};
 
 /// What a connection test sends, and where.
@@ -21,6 +21,8 @@ use crate::provider_client::{ApiTarget, CredentialSource, ProviderClient, Provid
 pub struct Verification {
     pub target: ApiTarget,
     pub request: ProviderRequest,
+    /// What a 2xx answer's body must also hold (Slack's `/ok` must be `true`).
+    pub expect: Option<BodyExpectation>,
 }
 
 /// The outcome of a connection test, as the API answers it.
@@ -52,15 +54,16 @@ pub trait ConnectionTester: Send + Sync {
     async fn test(&self, caller: &Caller, integration: &IntegrationId, connection: &str) -> Result<ConnectionTestOutcome, DomainError>;
 }
 
-/// Fills `{name}` placeholders of a base URL (`https://{subdomain}.zendesk.com/api/v2`) with the
-/// integration's configuration values of the same name.
-fn fill_base_url(template: &str, config: &Value) -> Result<String, DomainError> {
+/// Fills the `{name}` placeholders of `template` (a base URL such as
+/// `https://{subdomain}.zendesk.com/api/v2`, a default query value) with the integration's
+/// configuration values of the same name; `field` names the template in errors.
+fn fill_from_config(template: &str, config: &Value, field: &str) -> Result<String, DomainError> {
     let mut out = String::with_capacity(template.len());
     let mut rest = template;
     while let Some(open) = rest.find('{') {
         out.push_str(&rest[..open]);
         let Some(close) = rest[open..].find('}').map(|c| c + open) else {
-            return Err(DomainError::invalid("apiBaseUrl", "has an unbalanced '{'"));
+            return Err(DomainError::invalid(field, "has an unbalanced '{'"));
         };
         let name = &rest[open + 1..close];
         let value = config
@@ -97,18 +100,19 @@ impl Verification {
             .as_object()
             .map(|c| c.iter().filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_owned()))).collect())
             .unwrap_or_default();
+        let extra_query = spec
+            .default_query
+            .iter()
+            .map(|(name, value)| Ok((name.clone(), fill_from_config(value, config, &format!("defaultQuery.{name}"))?)))
+            .collect::<Result<_, DomainError>>()?;
         Ok(Self {
             target: ApiTarget {
-                base_url: fill_base_url(&spec.api_base_url, config)?,
+                base_url: fill_from_config(&spec.api_base_url, config, "apiBaseUrl")?,
                 default_headers: spec.default_headers.clone(),
                 pagination: spec.pagination.clone().unwrap_or(Pagination::None),
             },
-            request: ProviderRequest {
-                template: verification.template(),
-                path_params,
-                extra_query: BTreeMap::new(),
-                body: verification.body.clone(),
-            },
+            request: ProviderRequest { template: verification.template(), path_params, extra_query, body: verification.body.clone() },
+            expect: verification.expect.clone(),
         })
     }
 
@@ -145,6 +149,7 @@ impl Verification {
                 pagination: definition.pagination.clone(),
             },
             request: ProviderRequest { template: entity.list.clone(), path_params: BTreeMap::new(), extra_query, body: None },
+            expect: None,
         })
     }
 }
@@ -166,7 +171,11 @@ pub async fn test_connection(
             let latency_ms = u64::try_from(answer.latency.as_millis()).unwrap_or(u64::MAX);
             let status = answer.status;
             let error = match status {
-                200..=299 => None,
+                200..=299 => verification
+                    .expect
+                    .as_ref()
+                    .filter(|e| !e.holds(answer.body.as_ref()))
+                    .map(|e| format!("the provider answered {status} but refused the credentials ({} is not {})", e.pointer, e.equals)),
                 401 | 403 => Some(format!("the provider refused the credentials ({status})")),
                 _ => Some(format!("the provider answered {status} to the verification request")),
             };
@@ -300,6 +309,38 @@ mod tests {
         let mut none = github();
         none.verification = None;
         assert!(matches!(Verification::for_provider(&none, &json!({})), Err(DomainError::Conflict(_))));
+    }
+
+    #[test]
+    fn default_query_values_come_from_the_configuration() {
+        let mut trello = github();
+        trello.default_query = BTreeMap::from([("key".into(), "{apiKey}".into())]);
+        let v = Verification::for_provider(&trello, &json!({"apiKey": "0123abcd"})).unwrap();
+        assert_eq!(v.request.extra_query, BTreeMap::from([("key".into(), "0123abcd".into())]));
+        let Err(DomainError::Validation(problems)) = Verification::for_provider(&trello, &json!({})) else { panic!() };
+        assert_eq!(problems[0].field, "config.apiKey");
+    }
+
+    #[test]
+    fn a_2xx_whose_body_refuses_the_credentials_is_a_failed_test() {
+        let mut slack = github();
+        slack.verification.as_mut().unwrap().expect = Some(BodyExpectation { pointer: "/ok".into(), equals: json!(true) });
+        let v = Verification::for_provider(&slack, &json!({})).unwrap();
+        let with_body = |body: Value| Ok(ProviderResponse { status: 200, body: Some(body), latency: Duration::from_millis(5) });
+        let refused = block_on(test_connection(
+            &Scripted::new(with_body(json!({"ok": false, "error": "invalid_auth"}))),
+            "c",
+            &v,
+            &credentials(),
+            &clock(),
+        ));
+        assert!(!refused.ok);
+        assert_eq!(refused.status, Some(200));
+        assert!(refused.error.as_deref().unwrap().contains("/ok is not true"), "{refused:?}");
+        let accepted = block_on(test_connection(&Scripted::new(with_body(json!({"ok": true}))), "c", &v, &credentials(), &clock()));
+        assert!(accepted.ok && accepted.error.is_none(), "{accepted:?}");
+        let no_body = block_on(test_connection(&Scripted::new(answer(200)), "c", &v, &credentials(), &clock()));
+        assert!(!no_body.ok, "an answer without the value does not pass");
     }
 
     #[test]

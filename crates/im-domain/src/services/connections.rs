@@ -20,7 +20,7 @@ use crate::provider_client::{AuthMaterial, CredentialSource, ProviderClient};
 use crate::secrets::{SecretName, SecretRef, SecretStore};
 
 use super::connection_test::{ConnectionTestOutcome, ConnectionTester, Verification, test_connection};
-use super::read_modify_write;
+use super::{matching, read_modify_write};
 
 /// The secret-name kind of connection credentials: `integration-manager/{tenant}/connection/{id}`.
 pub const SECRET_KIND: &str = "connection";
@@ -76,7 +76,9 @@ impl ConnectionService {
     async fn options(&self, integration: &Integration) -> Result<AuthOptions, DomainError> {
         if let Some(definition) = &integration.custom_definition {
             let api_key = match &definition.auth {
-                CustomAuth::ApiKey { location, name } => Some(ApiKeyPlacement { location: *location, name: name.clone() }),
+                CustomAuth::ApiKey { location, name, prefix } => {
+                    Some(ApiKeyPlacement { location: *location, name: name.clone(), prefix: prefix.clone() })
+                }
                 _ => None,
             };
             return Ok(AuthOptions { modes: vec![definition.auth.auth_mode()], api_key });
@@ -237,10 +239,7 @@ impl ConnectionService {
         let parent = self.integrations.get(&caller.tenant_id, integration).await?;
         self.validate(&parent.value, &spec).await?;
         read_modify_write(if_match, async |token| {
-            let current = self.connections.get(&caller.tenant_id, integration, id).await?;
-            if token.is_some_and(|t| *t != current.etag) {
-                return Err(DomainError::PreconditionFailed);
-            }
+            let current = matching(self.connections.get(&caller.tenant_id, integration, id).await?, token)?;
             let mut connection = Connection {
                 name: spec.name.clone(),
                 auth_mode: spec.credentials.auth_mode(),
@@ -290,10 +289,7 @@ impl ConnectionService {
     ) -> Result<(), DomainError> {
         caller.require(Role::Member)?;
         let deleted = read_modify_write(if_match, async |token| {
-            let current = self.connections.get(&caller.tenant_id, integration, id).await?;
-            if token.is_some_and(|t| *t != current.etag) {
-                return Err(DomainError::PreconditionFailed);
-            }
+            let current = matching(self.connections.get(&caller.tenant_id, integration, id).await?, token)?;
             let event = self.event(EventType::ConnectionDeleted, &current.value)?;
             self.connections.delete(&caller.tenant_id, integration, id, Some(current.etag), &[event]).await?;
             Ok(current.value)
@@ -398,8 +394,8 @@ impl ConnectionService {
 
 /// Tests connections: sends the provider's verification request (or a custom definition's
 /// smallest list) through the provider client with the connection's credentials, and sets the
-/// connection's status from the outcome: a 2xx makes it `active` again, a 401 or 403 makes it
-/// `error` with the reason (and publishes `integration.connection.failed`); an unreachable
+/// connection's status from the outcome: a 2xx makes it `active` again, a 401 or 403 (or a 2xx
+/// whose body refuses them, as Slack's `"ok": false`) makes it `error` with the reason (and publishes `integration.connection.failed`); an unreachable
 /// provider or another status changes nothing, since it says nothing about the credentials.
 #[derive(Clone)]
 pub struct ConnectionTests {
@@ -435,10 +431,18 @@ impl ConnectionTester for ConnectionTests {
             // The provider answered 401 and the credentials could not be refreshed.
             outcome.status = Some(401);
         }
+        let refusal = match outcome.status {
+            _ if outcome.ok => None,
+            Some(status @ (401 | 403)) => Some(format!("the provider refused the credentials (HTTP {status}) in a connection test")),
+            // A 2xx whose body says no (Slack's `"ok": false`).
+            Some(status @ 200..=299) => {
+                Some(format!("the provider refused the credentials in its answer (HTTP {status}) to a connection test"))
+            }
+            _ => None,
+        };
         if outcome.ok {
             service.mark_recovered(caller, *integration, id).await?;
-        } else if let Some(status @ (401 | 403)) = outcome.status {
-            let reason = format!("the provider refused the credentials (HTTP {status}) in a connection test");
+        } else if let Some(reason) = refusal {
             service.mark_failed(caller, *integration, id, ConnectionStatus::Error, &reason).await?;
         }
         Ok(outcome)
@@ -518,7 +522,7 @@ impl ConnectionCredentials {
                     .api_key
                     .clone()
                     .ok_or_else(|| DomainError::Conflict("the integration's provider does not say where an API key goes".to_owned()))?;
-                Ok(AuthMaterial::ApiKey { location: placement.location, name: placement.name, value: api_key })
+                Ok(AuthMaterial::ApiKey { location: placement.location, value: placement.value(&api_key), name: placement.name })
             }
             Credentials::Bearer { token } => Ok(AuthMaterial::Bearer(token)),
             Credentials::Basic { username, password } => Ok(AuthMaterial::Basic { username, password }),

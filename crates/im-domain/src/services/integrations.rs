@@ -14,8 +14,9 @@ use crate::integration::{Integration, IntegrationFilter, IntegrationSpec, Integr
 use crate::ports::{IntegrationRepository, ProviderRepository};
 use crate::provider::{Provider, ProviderId};
 use crate::schema::{compile_config_schema, validate_against};
+use crate::webhooks::endpoint::UrlPolicy;
 
-use super::read_modify_write;
+use super::{matching, read_modify_write};
 
 /// Compiled config schemas by provider id, with the provider version they were compiled from.
 type ValidatorCache = BoundedCache<ProviderId, (ETag, Arc<jsonschema::Validator>)>;
@@ -34,8 +35,8 @@ pub struct IntegrationService {
     audit: Audit,
     /// Connections of integrations: an integration that has some is not deleted.
     connections: Option<Arc<dyn ConnectionRepository>>,
-    /// Whether custom definitions may name `http` URLs.
-    allow_http: bool,
+    /// Which URLs custom definitions may name: the policy of every provider request.
+    url_policy: UrlPolicy,
 }
 
 impl std::fmt::Debug for IntegrationService {
@@ -60,7 +61,7 @@ impl IntegrationService {
             validators: Arc::new(cache::bounded(VALIDATOR_CACHE_CAPACITY)),
             audit,
             connections: None,
-            allow_http: false,
+            url_policy: UrlPolicy::default(),
         }
     }
 
@@ -72,18 +73,18 @@ impl IntegrationService {
         self
     }
 
-    /// Accepts `http` URLs in custom definitions: set from the destination policy that judges
-    /// every provider request (`webhooks.allow_http`), so a definition is refused at creation
-    /// only where its requests would be refused.
+    /// Judges the URLs of custom definitions with the destination policy of every provider
+    /// request (`webhooks.allow_http`, `webhooks.allowed_private_cidrs`), so a definition is
+    /// refused at creation exactly where its requests would be refused.
     #[must_use]
-    pub fn with_http_apis(mut self, allow_http: bool) -> Self {
-        self.allow_http = allow_http;
+    pub fn with_url_policy(mut self, policy: UrlPolicy) -> Self {
+        self.url_policy = policy;
         self
     }
 
     /// Validates every rule of a spec, including those that need its provider.
     async fn validate(&self, spec: &IntegrationSpec, previous_status: Option<IntegrationStatus>) -> Result<(), DomainError> {
-        let mut v = spec.violations(previous_status, self.allow_http);
+        let mut v = spec.violations(previous_status, &self.url_policy);
         if !spec.provider_id.is_custom() {
             match self.providers.get(&spec.provider_id).await {
                 Ok(provider) => {
@@ -181,12 +182,7 @@ impl IntegrationService {
         if_match: Option<&ETag>,
     ) -> Result<Stored<Integration>, DomainError> {
         let result = self.update_unaudited(caller, id, spec, if_match).await;
-        self.audit
-            .result(caller, AuditResource::Integration, AuditAction::Update, Some(id.to_string()), &result, |_| {
-                (String::new(), Value::Null)
-            })
-            .await;
-        result
+        self.audit.of(caller, AuditResource::Integration, AuditAction::Update, id, result).await
     }
 
     async fn update_unaudited(
@@ -229,21 +225,13 @@ impl IntegrationService {
     /// integration has connections.
     pub async fn delete(&self, caller: &Caller, id: IntegrationId, if_match: Option<&ETag>) -> Result<(), DomainError> {
         let result = self.delete_unaudited(caller, id, if_match).await;
-        self.audit
-            .result(caller, AuditResource::Integration, AuditAction::Delete, Some(id.to_string()), &result, |_| {
-                (String::new(), Value::Null)
-            })
-            .await;
-        result
+        self.audit.of(caller, AuditResource::Integration, AuditAction::Delete, id, result).await
     }
 
     async fn delete_unaudited(&self, caller: &Caller, id: IntegrationId, if_match: Option<&ETag>) -> Result<(), DomainError> {
         caller.require(Role::Member)?;
         read_modify_write(if_match, async |token| {
-            let current = self.integrations.get(&caller.tenant_id, id).await?;
-            if token.is_some_and(|t| *t != current.etag) {
-                return Err(DomainError::PreconditionFailed);
-            }
+            let current = matching(self.integrations.get(&caller.tenant_id, id).await?, token)?;
             if let Some(connections) = &self.connections
                 && !connections.list(&caller.tenant_id, id, &PageRequest::first(1)).await?.items.is_empty()
             {

@@ -24,7 +24,7 @@ pub use sync_scheduler::{Claimed, DEFAULT_FAILURE_LIMIT, SyncScheduler};
 pub use sync_tasks::{ResetScope, SyncTaskService};
 pub use webhooks::{WebhookService, WithSecret};
 
-use crate::common::ETag;
+use crate::common::{ETag, Stored};
 
 use crate::error::DomainError;
 
@@ -44,6 +44,15 @@ async fn read_modify_write<T>(
         return op(if_match).await;
     }
     crate::retry::on_conflict(UNCONDITIONAL_RETRIES + 1, async || op(None).await).await
+}
+
+/// The version a read-modify-write read, refused with `PreconditionFailed` when the caller's
+/// token names another one.
+fn matching<T>(current: Stored<T>, token: Option<&ETag>) -> Result<Stored<T>, DomainError> {
+    if token.is_some_and(|t| *t != current.etag) {
+        return Err(DomainError::PreconditionFailed);
+    }
+    Ok(current)
 }
 
 /// Polls a future that never waits (the mocks of service tests answer at once), without an async

@@ -44,12 +44,7 @@ impl OutboxAdmin {
             Ok(()) => self.outbox.requeue(id).await,
             Err(e) => Err(e),
         };
-        self.audit
-            .result(caller, AuditResource::OutboxEvent, AuditAction::Requeue, Some(id.to_string()), &result, |()| {
-                (String::new(), serde_json::Value::Null)
-            })
-            .await;
-        result
+        self.audit.of(caller, AuditResource::OutboxEvent, AuditAction::Requeue, id, result).await
     }
 }
 

@@ -16,7 +16,7 @@ use crate::sync::{
     Checkpoints, ExecutionStatus, Resolution, SyncConflict, SyncExecution, SyncTask, SyncTaskDraft, SyncTaskId, TaskStatus, Trigger,
 };
 
-use super::read_modify_write;
+use super::{matching, read_modify_write};
 
 /// What `reset` forgets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,10 +115,7 @@ impl SyncTaskService {
     ) -> Result<Stored<SyncTask>, DomainError> {
         caller.require(Role::Member)?;
         read_modify_write(if_match, async |token| {
-            let current = self.tasks.get(&caller.tenant_id, id).await?;
-            if token.is_some_and(|t| *t != current.etag) {
-                return Err(DomainError::PreconditionFailed);
-            }
+            let current = matching(self.tasks.get(&caller.tenant_id, id).await?, token)?;
             let mut task = current.value;
             change(&mut task)?;
             task.updated_at = self.clock.now();

@@ -14,7 +14,7 @@ use crate::webhooks::endpoint::{HEADER_MASK, PreviousSecret, UrlPolicy, Webhook,
 use crate::webhooks::ports::{Entropy, WebhookRepository};
 use crate::webhooks::signature::SigningSecret;
 
-use super::read_modify_write;
+use super::{matching, read_modify_write};
 
 /// Length of new signing secrets, in bytes (the Standard Webhooks range is 24 to 64).
 const SECRET_BYTES: usize = 32;
@@ -283,12 +283,7 @@ impl WebhookService {
         if_match: Option<&ETag>,
     ) -> Result<Stored<Webhook>, DomainError> {
         let result = self.update_unaudited(caller, id, spec, if_match).await;
-        self.audit
-            .result(caller, AuditResource::Webhook, AuditAction::Update, Some(id.to_string()), &result, |_| {
-                (String::new(), serde_json::Value::Null)
-            })
-            .await;
-        result
+        self.audit.of(caller, AuditResource::Webhook, AuditAction::Update, id, result).await
     }
 
     async fn update_unaudited(
@@ -301,10 +296,7 @@ impl WebhookService {
         caller.require(Role::Member)?;
         spec.validate(&self.policy)?;
         read_modify_write(if_match, async |token| {
-            let current = self.webhooks.get(&caller.tenant_id, id).await?;
-            if token.is_some_and(|t| *t != current.etag) {
-                return Err(DomainError::PreconditionFailed);
-            }
+            let current = matching(self.webhooks.get(&caller.tenant_id, id).await?, token)?;
             let current_headers = self.custom_headers(&current.value).await?;
             let headers = resolve_headers(&spec.headers, &current_headers)?;
             let headers_secret = if headers == current_headers && current.value.headers_secret.is_some() {
@@ -349,12 +341,7 @@ impl WebhookService {
     /// Deletes an endpoint and its signing secrets.
     pub async fn delete(&self, caller: &Caller, id: WebhookId, if_match: Option<&ETag>) -> Result<(), DomainError> {
         let result = self.delete_unaudited(caller, id, if_match).await;
-        self.audit
-            .result(caller, AuditResource::Webhook, AuditAction::Delete, Some(id.to_string()), &result, |_| {
-                (String::new(), serde_json::Value::Null)
-            })
-            .await;
-        result
+        self.audit.of(caller, AuditResource::Webhook, AuditAction::Delete, id, result).await
     }
 
     async fn delete_unaudited(&self, caller: &Caller, id: WebhookId, if_match: Option<&ETag>) -> Result<(), DomainError> {
@@ -373,22 +360,14 @@ impl WebhookService {
     /// Issues a new signing secret; the previous one keeps signing for the grace period.
     pub async fn rotate_secret(&self, caller: &Caller, id: WebhookId, if_match: Option<&ETag>) -> Result<WithSecret, DomainError> {
         let result = self.rotate_secret_unaudited(caller, id, if_match).await;
-        self.audit
-            .result(caller, AuditResource::Webhook, AuditAction::RotateSecret, Some(id.to_string()), &result, |_| {
-                (String::new(), serde_json::Value::Null)
-            })
-            .await;
-        result
+        self.audit.of(caller, AuditResource::Webhook, AuditAction::RotateSecret, id, result).await
     }
 
     async fn rotate_secret_unaudited(&self, caller: &Caller, id: WebhookId, if_match: Option<&ETag>) -> Result<WithSecret, DomainError> {
         caller.require(Role::Member)?;
         let secret = self.new_secret()?;
         read_modify_write(if_match, async |token| {
-            let current = self.webhooks.get(&caller.tenant_id, id).await?;
-            if token.is_some_and(|t| *t != current.etag) {
-                return Err(DomainError::PreconditionFailed);
-            }
+            let current = matching(self.webhooks.get(&caller.tenant_id, id).await?, token)?;
             let now = self.clock.now();
             let reference = self.store_secret(&current.value, &secret).await?;
             let grace = time::Duration::try_from(self.previous_secret_grace).unwrap_or(time::Duration::DAY);

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::common::{IntegrationId, TenantId, UserId, validate_text, validate_url};
+use crate::common::{IntegrationId, TenantId, UserId, validate_text};
 use crate::error::{DomainError, FieldViolation, Violations};
 use crate::events::{DomainEvent, EventType};
 use crate::secrets::SecretRef;
@@ -294,19 +294,57 @@ impl UrlPolicy {
         self.check_ip(address).map_err(|class| UrlRefusal::Destination { address, class })
     }
 
-    /// Checks an endpoint URL: shape, scheme, no credentials, and an address host against the policy.
+    /// Checks a URL the service will call (a webhook endpoint, a custom API's base or token URL)
+    /// exactly as the senders will: parsed with the WHATWG rules ([`UrlPolicy::check_destination`]),
+    /// at most [`MAX_URL_CHARS`] characters, https (or http where allowed), no credentials, a host
+    /// name made of DNS labels or an address the policy allows.
+    ///
+    /// # Errors
+    /// The violation, without a field name (the caller names it).
     pub fn check_url(&self, url: &str) -> Result<(), FieldViolation> {
-        validate_url(url, self.allow_http)?;
+        if url.chars().count() > MAX_URL_CHARS {
+            return Err(FieldViolation::invalid("", format!("must be at most {MAX_URL_CHARS} characters")));
+        }
+        let wanted = if self.allow_http { "an absolute http(s) URL" } else { "an absolute https URL" };
+        // The parser would drop these silently; the stored text would not be what is sent.
+        if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(FieldViolation::invalid("", format!("must be {wanted} without spaces or control characters")));
+        }
         self.check_destination(url).map_err(|refusal| match refusal {
-            UrlRefusal::Malformed(_) => FieldViolation::invalid("", "is not a valid URL"),
+            UrlRefusal::Malformed(reason) => FieldViolation::invalid("", format!("must be {wanted}: {reason}")),
             UrlRefusal::Credentials => {
                 FieldViolation::invalid("", "must not contain a user name or password; send credentials in a custom header")
             }
             UrlRefusal::Destination { address, class } => {
                 FieldViolation::invalid("", format!("is not an allowed destination: {address} is a {class} address"))
             }
-        })
+        })?;
+        // The parser accepts host names no resolver can look up (`a..b`, `{x}.example.com`).
+        if let Ok(parsed) = url::Url::parse(url)
+            && let Some(url::Host::Domain(name)) = parsed.host()
+            && !is_dns_name(name)
+        {
+            return Err(FieldViolation::invalid("", format!("must be {wanted}: the host is not a DNS name")));
+        }
+        Ok(())
     }
+}
+
+/// Longest URL the service stores, in characters.
+pub const MAX_URL_CHARS: usize = 2048;
+
+/// Whether a (parsed, so lowercase ASCII) host name is made of DNS labels: 1 to 63 letters,
+/// digits, '-' or '_' each, at most 253 characters, with an optional root dot.
+fn is_dns_name(name: &str) -> bool {
+    let name = name.strip_suffix('.').unwrap_or(name);
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            (1..=63).contains(&label.len())
+                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
 }
 
 /// What a tenant states about an endpoint.
