@@ -102,8 +102,7 @@ pub struct BodyExpectationDto {
     /// JSON pointer (RFC 6901) into the answer, such as `/ok`.
     #[schema(min_length = 1, max_length = 256, pattern = r"^/[^\x00-\x1F]*$", example = "/ok")]
     pointer: String,
-    /// The value that must be there: a string, number, boolean or null.
-    #[schema(value_type = Object, example = true)]
+    #[schema(schema_with = super::schemas::json_scalar)]
     equals: Value,
 }
 

@@ -99,6 +99,14 @@ pub fn default_headers() -> Object {
     map_of(50, 4096, "Headers sent with every request (never `Authorization`: the auth scheme sets it)")
 }
 
+/// A JSON scalar: a string, number, boolean or null.
+pub fn json_scalar() -> Object {
+    ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::SchemaType::from_iter([Type::String, Type::Number, Type::Boolean, Type::Null]))
+        .description(Some("The value that must be there: a string, number, boolean or null (at most 256 bytes of JSON)"))
+        .build()
+}
+
 /// Query parameters a provider sends with every request: at most 20, values with `{config}`
 /// placeholders.
 pub fn default_query() -> Object {
