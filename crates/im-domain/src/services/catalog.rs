@@ -15,6 +15,7 @@ pub struct CatalogService {
     providers: Arc<dyn ProviderRepository>,
     clock: Arc<dyn Clock>,
     audit: Audit,
+    allow_http: bool,
 }
 
 impl std::fmt::Debug for CatalogService {
@@ -25,7 +26,15 @@ impl std::fmt::Debug for CatalogService {
 
 impl CatalogService {
     pub fn new(providers: Arc<dyn ProviderRepository>, clock: Arc<dyn Clock>, audit: Audit) -> Self {
-        Self { providers, clock, audit }
+        Self { providers, clock, audit, allow_http: false }
+    }
+
+    /// Accepts `http` OAuth2 URLs in provider definitions when the destination policy of
+    /// provider calls allows `http` (`webhooks.allow_http`, local development and tests).
+    #[must_use]
+    pub fn with_http_urls(mut self, allow_http: bool) -> Self {
+        self.allow_http = allow_http;
+        self
     }
 
     /// Checks, before a change is even read, that the caller may change the catalog (admins).
@@ -61,7 +70,7 @@ impl CatalogService {
 
     async fn create_unaudited(&self, caller: &Caller, spec: ProviderSpec) -> Result<Stored<Provider>, DomainError> {
         caller.require(Role::Admin)?;
-        spec.validate()?;
+        spec.validate_with(self.allow_http)?;
         let now = self.clock.now();
         let provider = Provider { spec, created_at: now, updated_at: now };
         let etag = self.providers.create(&provider).await?;
@@ -96,7 +105,7 @@ impl CatalogService {
         if spec.id != *id {
             return Err(DomainError::invalid("id", "cannot be changed"));
         }
-        spec.validate()?;
+        spec.validate_with(self.allow_http)?;
         read_modify_write(if_match, async |token| {
             let current = self.providers.get(id).await?;
             if token.is_some_and(|t| *t != current.etag) {
