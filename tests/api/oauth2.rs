@@ -54,8 +54,12 @@ async fn setup() -> Setup {
     });
     let created = app.post("/api/v1/providers", &app.admin(), &body).await;
     assert_eq!(created.status(), StatusCode::CREATED, "{}", created.text().await.unwrap());
-    let integration: Value =
-        app.post("/api/v1/integrations", &token, &json!({"providerId": provider, "name": "Acme", "config": {}})).await.json().await.unwrap();
+    let integration: Value = app
+        .post("/api/v1/integrations", &token, &json!({"providerId": provider, "name": "Acme", "config": {}}))
+        .await
+        .json()
+        .await
+        .unwrap();
     let integration = integration["id"].as_str().expect("an integration").to_owned();
     let browser = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
     Setup { app, fake, tenant, token, integration, browser }
@@ -260,7 +264,8 @@ fn provider_client() -> im_webhook_sender::provider::HttpProviderClient {
         allow_http: true,
         allowed_private: vec![im_domain::webhooks::endpoint::Cidr::parse("127.0.0.0/8").unwrap()],
     };
-    let settings = im_webhook_sender::provider::ProviderClientSettings { max_concurrency_per_connection: 32, burst: 100, ..Default::default() };
+    let settings =
+        im_webhook_sender::provider::ProviderClientSettings { max_concurrency_per_connection: 32, burst: 100, ..Default::default() };
     im_webhook_sender::provider::HttpProviderClient::new(settings, policy).unwrap()
 }
 
@@ -282,7 +287,8 @@ async fn twenty_concurrent_calls_with_an_expiring_token_cause_one_refresh_and_a_
     let (target, request) = me(&api);
     let calls: Vec<_> = (0..20)
         .map(|_| {
-            let (client, credentials, target, request, id) = (client.clone(), credentials.clone(), target.clone(), request.clone(), id.clone());
+            let (client, credentials, target, request, id) =
+                (client.clone(), credentials.clone(), target.clone(), request.clone(), id.clone());
             tokio::spawn(async move { client.send(&id, &target, &request, credentials.as_ref()).await })
         })
         .collect();

@@ -74,7 +74,7 @@ impl OAuth2Config {
         if !key.is_empty() {
             use base64::Engine as _;
             let decoded = base64::engine::general_purpose::STANDARD.decode(key.trim());
-            if decoded.map_or(true, |k| k.len() < im_domain::oauth2::MIN_STATE_KEY_BYTES) {
+            if !decoded.is_ok_and(|k| k.len() >= im_domain::oauth2::MIN_STATE_KEY_BYTES) {
                 problems.push(("state_key", "must be empty or base64 of at least 32 bytes".to_owned()));
             }
         }

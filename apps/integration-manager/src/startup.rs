@@ -433,8 +433,8 @@ impl Application {
         let authenticator = authenticator(&settings).await?;
 
         let audit = Audit::new(Arc::new(TracingAudit), clock.clone());
-        let catalog =
-            CatalogService::new(storage.providers.clone(), clock.clone(), audit.clone()).with_http_urls(settings.webhooks.sender.allow_http);
+        let catalog = CatalogService::new(storage.providers.clone(), clock.clone(), audit.clone())
+            .with_http_urls(settings.webhooks.sender.allow_http);
         let report = catalog.seed(crate::catalog::builtin_providers()?).await.context("seeding the provider catalog")?;
         tracing::info!(inserted = report.inserted, already_seeded = report.skipped, "provider catalog seeded");
 

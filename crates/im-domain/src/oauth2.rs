@@ -266,7 +266,8 @@ mod tests {
     fn debug_output_hides_secrets() {
         let app = OAuth2App { client_id: "id".into(), client_secret: "s3cr3t-value".into() };
         assert!(!format!("{app:?}").contains("s3cr3t"));
-        let grant = TokenGrant { access_token: "tok-value".into(), refresh_token: Some("ref-value".into()), expires_in: None, scopes: None };
+        let grant =
+            TokenGrant { access_token: "tok-value".into(), refresh_token: Some("ref-value".into()), expires_in: None, scopes: None };
         let text = format!("{grant:?}");
         assert!(!text.contains("tok-value") && !text.contains("ref-value"));
     }

@@ -86,8 +86,10 @@ fn count<T>(result: Result<T, DomainError>) -> Result<T, DomainError> {
 #[async_trait]
 impl OAuth2Client for HttpOAuth2Client {
     fn authorization_url(&self, request: &AuthorizationRequest<'_>) -> Result<String, DomainError> {
-        let auth_url = AuthUrl::new(request.authorization_url.to_owned()).map_err(|_| DomainError::invalid("authorizationUrl", "is not a URL"))?;
-        let redirect = RedirectUrl::new(request.redirect_url.to_owned()).map_err(|_| DomainError::invalid("redirectUrl", "is not a URL"))?;
+        let auth_url =
+            AuthUrl::new(request.authorization_url.to_owned()).map_err(|_| DomainError::invalid("authorizationUrl", "is not a URL"))?;
+        let redirect =
+            RedirectUrl::new(request.redirect_url.to_owned()).map_err(|_| DomainError::invalid("redirectUrl", "is not a URL"))?;
         let client = BasicClient::new(ClientId::new(request.client_id.to_owned())).set_auth_uri(auth_url).set_redirect_uri(redirect);
         let state = request.state.to_owned();
         let challenge = PkceCodeChallenge::from_code_verifier_sha256(&PkceCodeVerifier::new(request.pkce_verifier.to_owned()));

@@ -80,12 +80,20 @@ pub struct AuthorizationView {
         (status = 409, description = "`oauth2.redirect_url` is not configured", content_type = "application/problem+json", body = super::problem::Problem),
     ),
     security(("bearer" = [])))]
-pub async fn authorize(state: web::Data<AppState>, caller: Authenticated, id: web::Path<String>, body: JsonBody) -> ApiResult<HttpResponse> {
+pub async fn authorize(
+    state: web::Data<AppState>,
+    caller: Authenticated,
+    id: web::Path<String>,
+    body: JsonBody,
+) -> ApiResult<HttpResponse> {
     state.connections.authorize(&caller.0, AuditAction::Create).await?;
     let integration =
         im_domain::IntegrationId::parse(&id).ok_or_else(|| ApiError::NotFound(format!("integration '{}' was not found", id.as_str())))?;
-    let input = body::parse::<AuthorizeInput>(body.0)?.merge(Ok(()))?;
-    let started = state.connections.start_authorization(&caller.0, integration, input.into()).await?;
+    let checked = body::parse::<AuthorizeInput>(body.0)?;
+    let spec = AuthorizeSpec::from(checked.value);
+    let found = state.connections.check_authorization(&caller.0, integration, &spec).await;
+    let spec = body::Checked { value: spec, violations: checked.violations }.merge(found)?;
+    let started = state.connections.start_authorization(&caller.0, integration, spec).await?;
     let connection = &started.connection;
     Ok(HttpResponse::Created()
         .insert_header((header::LOCATION, format!("/api/v1/integrations/{integration}/connections/{}", connection.value.id)))
@@ -127,6 +135,8 @@ pub async fn callback(state: web::Data<AppState>, query: web::Query<CallbackQuer
     let outcome = state.connections.complete_authorization(params).await?;
     Ok(match outcome.return_url {
         Some(url) => HttpResponse::Found().insert_header((header::LOCATION, url)).finish(),
-        None => HttpResponse::Ok().insert_header(etag_header(&outcome.connection.etag)).json(ConnectionView::from(&outcome.connection.value)),
+        None => {
+            HttpResponse::Ok().insert_header(etag_header(&outcome.connection.etag)).json(ConnectionView::from(&outcome.connection.value))
+        }
     })
 }

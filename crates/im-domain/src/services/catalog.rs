@@ -45,6 +45,14 @@ impl CatalogService {
         self.audit.require(caller, Role::Admin, AuditResource::Provider, action).await
     }
 
+    /// Checks a provider definition under this catalog's rules, writing nothing.
+    ///
+    /// # Errors
+    /// `Validation` listing every offending field.
+    pub fn check(&self, spec: &ProviderSpec) -> Result<(), DomainError> {
+        spec.validate_with(self.allow_http)
+    }
+
     pub async fn get(&self, caller: &Caller, id: &ProviderId) -> Result<Stored<Provider>, DomainError> {
         caller.require(Role::Viewer)?;
         self.providers.get(id).await

@@ -1,4 +1,3 @@
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -17,13 +16,13 @@ use crate::integration::Integration;
 use crate::ports::{IntegrationRepository, ProviderRepository};
 use crate::provider::{ApiKeyPlacement, AuthMode};
 use crate::provider_client::{AuthMaterial, CredentialSource, ProviderClient};
-use crate::secrets::{SecretName, SecretRef, SecretStore};
+use crate::secrets::{SecretRef, SecretStore};
 
 use super::connection_test::{ConnectionTestOutcome, ConnectionTester, Verification, test_connection};
 use super::read_modify_write;
 
 mod oauth2;
-pub use oauth2::{AuthorizeSpec, CallbackParams, CallbackOutcome, OAuth2Settings, StartedAuthorization};
+pub use oauth2::{AuthorizeSpec, CallbackOutcome, CallbackParams, OAuth2Settings, StartedAuthorization};
 
 /// The secret-name kind of connection credentials: `integration-manager/{tenant}/connection/{id}`.
 pub const SECRET_KIND: &str = "connection";
@@ -135,12 +134,7 @@ impl ConnectionService {
     }
 
     async fn store_credentials(&self, connection: &Connection, credentials: &Credentials) -> Result<SecretRef, DomainError> {
-        let name = SecretName::new(&connection.tenant_id, SECRET_KIND, &connection.id.to_string());
-        let metadata = BTreeMap::from([
-            ("integrationId".to_owned(), connection.integration_id.to_string()),
-            ("authMode".to_owned(), connection.auth_mode.as_str().to_owned()),
-        ]);
-        self.secrets.put(&name, &credentials.to_secret(), &metadata).await
+        self.put_secret(connection, credentials.to_secret().0).await
     }
 
     /// # Errors
@@ -188,11 +182,16 @@ impl ConnectionService {
             updated_by: caller.user_id.clone(),
         };
         connection.credentials = Some(self.store_credentials(&connection, &spec.credentials).await?);
+        self.insert(connection).await
+    }
+
+    /// Stores a new connection whose secret was just written, with `integration.connection.created`;
+    /// when that fails, deletes the secret (nothing references it).
+    async fn insert(&self, connection: Connection) -> Result<Stored<Connection>, DomainError> {
         let event = self.event(EventType::ConnectionCreated, &connection)?;
         match self.connections.create(&connection, &[event]).await {
             Ok(etag) => Ok(Stored { value: connection, etag }),
             Err(e) => {
-                // Nothing references the secret: take it back.
                 if let Some(secret) = &connection.credentials {
                     let _ = self.secrets.delete(&secret.secret_name).await;
                 }

@@ -120,7 +120,11 @@ struct Tokens {
 impl Tokens {
     fn read(value: &SecretValue) -> Self {
         let text = |key: &str| value.0.get(key).and_then(Value::as_str).map(str::to_owned);
-        Self { access_token: text("accessToken"), refresh_token: text("refreshToken"), expires_at: value.0.get("expiresAt").and_then(Value::as_i64) }
+        Self {
+            access_token: text("accessToken"),
+            refresh_token: text("refreshToken"),
+            expires_at: value.0.get("expiresAt").and_then(Value::as_i64),
+        }
     }
 
     /// The access token when it is good for at least `skew` and is not `stale`.
@@ -150,9 +154,9 @@ fn bad_callback(field: &str, message: &str) -> DomainError {
 
 impl ConnectionService {
     fn oauth2_support(&self) -> Result<&OAuth2Support, DomainError> {
-        self.oauth2
-            .as_deref()
-            .ok_or_else(|| DomainError::Conflict("OAuth2 connections cannot obtain tokens: no OAuth2 token client is configured".to_owned()))
+        self.oauth2.as_deref().ok_or_else(|| {
+            DomainError::Conflict("OAuth2 connections cannot obtain tokens: no OAuth2 token client is configured".to_owned())
+        })
     }
 
     async fn endpoints(&self, integration: &Integration) -> Result<Endpoints, DomainError> {
@@ -168,16 +172,68 @@ impl ConnectionService {
         Ok(Endpoints { authorization_url: spec.authorization_url, token_url: spec.token_url, default_scopes: spec.default_scopes })
     }
 
-    fn secret_name(tenant: &TenantId, id: ConnectionId) -> SecretName {
-        SecretName::new(tenant, SECRET_KIND, &id.to_string())
+    /// The token URL of an integration's provider or custom definition.
+    async fn token_url(&self, tenant: &TenantId, integration: IntegrationId) -> Result<String, DomainError> {
+        let parent = self.integrations.get(tenant, integration).await?;
+        self.endpoints(&parent.value)
+            .await?
+            .token_url
+            .ok_or_else(|| DomainError::Conflict("the integration's provider has no token URL".to_owned()))
     }
 
-    async fn put_secret(&self, connection: &Connection, value: Value) -> Result<SecretRef, DomainError> {
+    /// Stores a new version of a connection's secret.
+    pub(super) async fn put_secret(&self, connection: &Connection, value: Value) -> Result<SecretRef, DomainError> {
         let metadata = BTreeMap::from([
             ("integrationId".to_owned(), connection.integration_id.to_string()),
             ("authMode".to_owned(), connection.auth_mode.as_str().to_owned()),
         ]);
-        self.secrets.put(&Self::secret_name(&connection.tenant_id, connection.id), &SecretValue(value), &metadata).await
+        let name = SecretName::new(&connection.tenant_id, SECRET_KIND, &connection.id.to_string());
+        self.secrets.put(&name, &SecretValue(value), &metadata).await
+    }
+
+    /// Checks a request to start an authorization, writing nothing.
+    ///
+    /// # Errors
+    /// `NotFound` for an unknown integration; `Validation` listing every offending field.
+    pub async fn check_authorization(&self, caller: &Caller, integration: IntegrationId, spec: &AuthorizeSpec) -> Result<(), DomainError> {
+        let support = self.oauth2_support()?;
+        let parent = self.integrations.get(&caller.tenant_id, integration).await?;
+        self.authorization_checks(support, &parent.value, spec).await.map(|_| ())
+    }
+
+    /// Every problem of `spec` for `integration`; else the provider's authorization URL and endpoints.
+    async fn authorization_checks(
+        &self,
+        support: &OAuth2Support,
+        integration: &Integration,
+        spec: &AuthorizeSpec,
+    ) -> Result<(String, Endpoints), DomainError> {
+        let mut v = Violations::new();
+        v.check("name", validate_text(&spec.name, 1, MAX_NAME_CHARS));
+        if let Some(scopes) = &spec.scopes {
+            check_scopes(&mut v, "scopes", scopes);
+        }
+        if let Some(url) = &spec.return_url {
+            v.check("returnUrl", validate_url(url, support.settings.allow_http_return_url));
+        }
+        let id_chars = spec.app.client_id.chars().count();
+        if id_chars == 0 || id_chars > 256 || spec.app.client_id.chars().any(char::is_control) {
+            v.invalid("clientId", "must be 1 to 256 characters without control characters");
+        }
+        let secret_chars = spec.app.client_secret.chars().count();
+        if secret_chars == 0 || secret_chars > 1024 || spec.app.client_secret.chars().any(char::is_control) {
+            v.invalid("clientSecret", "must be 1 to 1024 characters without control characters");
+        }
+        let options = self.options(integration).await?;
+        let endpoints = self.endpoints(integration).await?;
+        let authorization_url = match (&endpoints.authorization_url, endpoints.token_url.is_some()) {
+            (Some(url), true) if options.modes.contains(&AuthMode::Oauth2AuthorizationCode) => url.clone(),
+            _ => {
+                v.invalid("integrationId", "the integration's provider does not support oauth2_authorization_code");
+                String::new()
+            }
+        };
+        v.finish(|| (authorization_url, endpoints))
     }
 
     /// Starts an authorization code flow: creates the connection `pending_authorization` with
@@ -196,7 +252,10 @@ impl ConnectionService {
         let result = self.start_authorization_unaudited(caller, integration, spec).await;
         self.audit
             .result(caller, AuditResource::Connection, AuditAction::Create, None, &result, |s| {
-                (s.connection.value.id.to_string(), json!({ "integrationId": integration.to_string(), "authMode": "oauth2_authorization_code" }))
+                (
+                    s.connection.value.id.to_string(),
+                    json!({ "integrationId": integration.to_string(), "authMode": "oauth2_authorization_code" }),
+                )
             })
             .await;
         result
@@ -211,37 +270,7 @@ impl ConnectionService {
         caller.require(Role::Member)?;
         let support = self.oauth2_support()?;
         let parent = self.integrations.get(&caller.tenant_id, integration).await?;
-        let mut v = Violations::new();
-        v.check("name", validate_text(&spec.name, 1, MAX_NAME_CHARS));
-        if let Some(scopes) = &spec.scopes {
-            check_scopes(&mut v, "scopes", scopes);
-        }
-        if let Some(url) = &spec.return_url
-            && let Err(e) = validate_url(url, support.settings.allow_http_return_url)
-        {
-            v.push(e.nested_in("returnUrl"));
-        }
-        let id_chars = spec.app.client_id.chars().count();
-        if id_chars == 0 || id_chars > 256 || spec.app.client_id.chars().any(char::is_control) {
-            v.invalid("clientId", "must be 1 to 256 characters without control characters");
-        }
-        let secret_chars = spec.app.client_secret.chars().count();
-        if secret_chars == 0 || secret_chars > 1024 || spec.app.client_secret.chars().any(char::is_control) {
-            v.invalid("clientSecret", "must be 1 to 1024 characters without control characters");
-        }
-        let options = self.options(&parent.value).await?;
-        let endpoints = self.endpoints(&parent.value).await?;
-        let authorization_url = match (&endpoints.authorization_url, endpoints.token_url.is_some()) {
-            (Some(url), true) if options.modes.contains(&AuthMode::Oauth2AuthorizationCode) => Some(url.clone()),
-            _ => {
-                v.invalid("integrationId", "the integration's provider does not support oauth2_authorization_code");
-                None
-            }
-        };
-        v.finish(|| ())?;
-        let Some(authorization_url) = authorization_url else {
-            return Err(DomainError::Unexpected(anyhow::anyhow!("checked above")));
-        };
+        let (authorization_url, endpoints) = self.authorization_checks(support, &parent.value, &spec).await?;
         if support.settings.redirect_url.is_empty() {
             return Err(DomainError::Conflict("OAuth2 authorizations need oauth2.redirect_url in the configuration".to_owned()));
         }
@@ -289,14 +318,7 @@ impl ConnectionService {
             "pending": { "nonceHash": nonce_hash(&nonce), "returnUrl": spec.return_url },
         });
         connection.credentials = Some(self.put_secret(&connection, secret).await?);
-        let event = self.event(EventType::ConnectionCreated, &connection)?;
-        match self.connections.create(&connection, &[event]).await {
-            Ok(etag) => Ok(StartedAuthorization { connection: Stored { value: connection, etag }, authorization_url: url }),
-            Err(e) => {
-                let _ = self.secrets.delete(&Self::secret_name(&connection.tenant_id, connection.id)).await;
-                Err(e)
-            }
-        }
+        Ok(StartedAuthorization { connection: self.insert(connection).await?, authorization_url: url })
     }
 
     /// Completes an authorization: checks the state (signature, expiry, single use), exchanges
@@ -366,12 +388,7 @@ impl ConnectionService {
             return Err(DomainError::Conflict(reason));
         }
         let code = params.code.as_deref().filter(|c| !c.is_empty()).ok_or_else(|| bad_callback("code", "is required"))?;
-        let parent = self.integrations.get(&caller.tenant_id, integration).await?;
-        let token_url = self
-            .endpoints(&parent.value)
-            .await?
-            .token_url
-            .ok_or_else(|| DomainError::Conflict("the integration's provider has no token URL".to_owned()))?;
+        let token_url = self.token_url(&caller.tenant_id, integration).await?;
         let app = app_of(&secret)?;
         let verifier = support.key.pkce_verifier(&state.nonce);
         let grant = match support.client.exchange_code(&app, &token_url, &support.settings.redirect_url, code, &verifier).await {
@@ -487,7 +504,8 @@ impl ConnectionCredentials {
                 continue;
             }
             let owner = service.ids.new_uuid().to_string();
-            let leased = Connection { refresh_lease: Some(RefreshLease { owner, until: now + settings.refresh_lease }), ..stored.value.clone() };
+            let leased =
+                Connection { refresh_lease: Some(RefreshLease { owner, until: now + settings.refresh_lease }), ..stored.value.clone() };
             match service.connections.replace(&leased, Some(stored.etag.clone()), &[]).await {
                 Ok(etag) => return self.refresh_leased(support, Stored { value: leased, etag }, secret, tokens).await,
                 // Another caller changed the connection (took the lease, most likely): look again.
@@ -508,12 +526,7 @@ impl ConnectionCredentials {
         let service = &self.service;
         let connection = &leased.value;
         let outcome = async {
-            let parent = service.integrations.get(&self.tenant, self.integration).await?;
-            let token_url = service
-                .endpoints(&parent.value)
-                .await?
-                .token_url
-                .ok_or_else(|| DomainError::Conflict("the integration's provider has no token URL".to_owned()))?;
+            let token_url = service.token_url(&self.tenant, self.integration).await?;
             let app = app_of(&secret)?;
             match (connection.auth_mode, tokens.refresh_token.as_deref()) {
                 (AuthMode::Oauth2ClientCredentials, _) => support.client.client_credentials(&app, &token_url, &scopes_of(&secret)).await,
@@ -535,7 +548,8 @@ impl ConnectionCredentials {
                     }
                 };
                 let hints = CredentialHints { scopes, token_expires_at: expiry(&grant, now), ..connection.hints.clone() };
-                let updated = Connection { credentials: Some(reference), hints, refresh_lease: None, updated_at: now, ..connection.clone() };
+                let updated =
+                    Connection { credentials: Some(reference), hints, refresh_lease: None, updated_at: now, ..connection.clone() };
                 match service.connections.replace(&updated, Some(leased.etag.clone()), &[]).await {
                     // Changed meanwhile (new credentials, deleted): the caller uses this token once;
                     // the next call reads whatever is current.
@@ -595,13 +609,15 @@ mod tests {
     fn a_grant_replaces_the_tokens_and_keeps_a_refresh_token_it_does_not_rotate() {
         let now = OffsetDateTime::from_unix_timestamp(1_700_000_000).expect("time");
         let mut value = json!({"clientId": "c", "refreshToken": "r1", "scopes": ["a"]}).as_object().cloned().expect("object");
-        let grant = TokenGrant { access_token: "t2".into(), refresh_token: None, expires_in: Some(Duration::from_secs(3600)), scopes: None };
+        let grant =
+            TokenGrant { access_token: "t2".into(), refresh_token: None, expires_in: Some(Duration::from_secs(3600)), scopes: None };
         assert_eq!(apply_grant(&mut value, &grant, now), vec!["a".to_owned()]);
         let tokens = Tokens::read(&SecretValue(Value::Object(value.clone())));
         assert_eq!(tokens.access_token.as_deref(), Some("t2"));
         assert_eq!(tokens.refresh_token.as_deref(), Some("r1"));
         assert_eq!(tokens.expires_at, Some(now.unix_timestamp() + 3600));
-        let rotated = TokenGrant { access_token: "t3".into(), refresh_token: Some("r2".into()), expires_in: None, scopes: Some(vec!["b".into()]) };
+        let rotated =
+            TokenGrant { access_token: "t3".into(), refresh_token: Some("r2".into()), expires_in: None, scopes: Some(vec!["b".into()]) };
         assert_eq!(apply_grant(&mut value, &rotated, now), vec!["b".to_owned()]);
         let tokens = Tokens::read(&SecretValue(Value::Object(value)));
         assert_eq!((tokens.refresh_token.as_deref(), tokens.expires_at), (Some("r2"), None));
