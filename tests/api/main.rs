@@ -11,6 +11,7 @@ mod events;
 mod helpers;
 mod instances;
 mod integrations;
+mod oauth2;
 mod operations;
 mod providers;
 mod readme;

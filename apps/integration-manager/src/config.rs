@@ -40,8 +40,46 @@ pub struct Settings {
     pub webhooks: WebhookSettings,
     pub provider_client: ProviderClientSettings,
     pub auth: AuthSettings,
+    pub oauth2: OAuth2Config,
     pub metrics: MetricsSettings,
     pub log: LogSettings,
+}
+
+/// The `oauth2` section: OAuth2 connections (authorizations and token refreshes).
+#[derive(Debug, Clone, Deserialize)]
+pub struct OAuth2Config {
+    /// The public URL of `GET /api/v1/oauth2/callback`; empty: authorizations are refused.
+    pub redirect_url: String,
+    pub refresh_skew: HumanDuration,
+    pub refresh_lease: HumanDuration,
+    pub allow_http_return_url: bool,
+    /// Base64 of at least 32 bytes; empty: a key file in the data directory. A secret.
+    pub state_key: SecretString,
+}
+
+impl OAuth2Config {
+    fn problems(&self) -> Vec<(&'static str, String)> {
+        let mut problems = Vec::new();
+        let url = &self.redirect_url;
+        if !url.is_empty() && im_domain::common::validate_url(url, true).is_err() {
+            problems.push(("redirect_url", "must be empty or an absolute http(s) URL".to_owned()));
+        }
+        if self.refresh_skew.get() > std::time::Duration::from_secs(3600) {
+            problems.push(("refresh_skew", "must be at most 1h".to_owned()));
+        }
+        if !(1..=600).contains(&self.refresh_lease.get().as_secs()) {
+            problems.push(("refresh_lease", "must be between 1s and 10m".to_owned()));
+        }
+        let key = secrecy::ExposeSecret::expose_secret(&self.state_key);
+        if !key.is_empty() {
+            use base64::Engine as _;
+            let decoded = base64::engine::general_purpose::STANDARD.decode(key.trim());
+            if !decoded.is_ok_and(|k| k.len() >= im_domain::oauth2::MIN_STATE_KEY_BYTES) {
+                problems.push(("state_key", "must be empty or base64 of at least 32 bytes".to_owned()));
+            }
+        }
+        problems
+    }
 }
 
 /// The `metrics` section: Prometheus metrics at `/metrics`.
@@ -381,6 +419,7 @@ impl Settings {
             webhooks: WebhookSettings { sender: reader.section("webhooks"), service: reader.section("webhooks") },
             provider_client: reader.section("provider_client"),
             auth: reader.section("auth"),
+            oauth2: reader.section("oauth2"),
             metrics: reader.section("metrics"),
             log: reader.section("log"),
         };
@@ -460,6 +499,7 @@ impl Settings {
             "must be between 1 and 10000".into()
         });
         section(&mut problems, "auth", self.auth.problems());
+        section(&mut problems, "oauth2", self.oauth2.problems());
         check(&mut problems, tracing_subscriber::EnvFilter::try_new(&self.log.level).is_ok(), "log.level", &|| {
             format!("'{}' is not a valid filter", self.log.level)
         });
@@ -469,6 +509,11 @@ impl Settings {
     /// The key file of the local secret store when `secrets.local_key` is empty.
     pub fn secrets_key_file(&self) -> PathBuf {
         self.storage.data_dir.join("secrets.key")
+    }
+
+    /// The key file used when `oauth2.state_key` is empty.
+    pub fn oauth2_key_file(&self) -> PathBuf {
+        self.storage.data_dir.join("oauth2-state.key")
     }
 
     /// The key file used when `auth.hs256_key` is empty.

@@ -93,6 +93,31 @@ pub fn build_app(
         .wrap(from_fn(api::request_id::middleware))
 }
 
+/// The key of OAuth2 authorization states, from configuration or the key file.
+///
+/// # Errors
+/// When the key cannot be read or created.
+fn oauth2_state_key(settings: &Settings) -> anyhow::Result<im_domain::oauth2::StateKey> {
+    let configured = settings.oauth2.state_key.expose_secret();
+    let key = if configured.is_empty() {
+        crate::keys::load_or_create_key(&settings.oauth2_key_file(), im_domain::oauth2::MIN_STATE_KEY_BYTES)?
+    } else {
+        base64::engine::general_purpose::STANDARD.decode(configured.trim()).context("oauth2.state_key is not base64")?
+    };
+    im_domain::oauth2::StateKey::new(key).map_err(|e| anyhow::anyhow!("oauth2.state_key: {e}"))
+}
+
+fn oauth2_settings(settings: &Settings) -> im_domain::services::OAuth2Settings {
+    let oauth2 = &settings.oauth2;
+    im_domain::services::OAuth2Settings {
+        redirect_url: oauth2.redirect_url.clone(),
+        refresh_skew: oauth2.refresh_skew.get(),
+        refresh_lease: oauth2.refresh_lease.get(),
+        allow_http_return_url: oauth2.allow_http_return_url,
+        ..Default::default()
+    }
+}
+
 /// The local token signer/verifier, with the key from configuration or the key file.
 ///
 /// # Errors
@@ -408,7 +433,8 @@ impl Application {
         let authenticator = authenticator(&settings).await?;
 
         let audit = Audit::new(Arc::new(TracingAudit), clock.clone());
-        let catalog = CatalogService::new(storage.providers.clone(), clock.clone(), audit.clone());
+        let catalog = CatalogService::new(storage.providers.clone(), clock.clone(), audit.clone())
+            .with_http_urls(settings.webhooks.sender.allow_http);
         let report = catalog.seed(crate::catalog::builtin_providers()?).await.context("seeding the provider catalog")?;
         tracing::info!(inserted = report.inserted, already_seeded = report.skipped, "provider catalog seeded");
 
@@ -424,6 +450,14 @@ impl Application {
             Arc::new(SystemClock),
             Arc::new(UuidV7),
             audit.clone(),
+        )
+        .with_oauth2(
+            Arc::new(
+                im_webhook_sender::oauth2::HttpOAuth2Client::new(&settings.provider_client, settings.webhooks.sender.url_policy())
+                    .map_err(|e| anyhow::anyhow!("OAuth2 token client: {e}"))?,
+            ),
+            oauth2_state_key(&settings)?,
+            oauth2_settings(&settings),
         );
         // One provider client for everything that calls a provider: its per-connection limits
         // hold across features.

@@ -14,6 +14,7 @@ pub mod duration;
 pub mod error;
 pub mod events;
 pub mod integration;
+pub mod oauth2;
 pub mod ports;
 pub mod provider;
 pub mod provider_client;

@@ -250,6 +250,15 @@ impl ProviderSpec {
     /// # Errors
     /// [`DomainError::Validation`] listing each offending field.
     pub fn validate(&self) -> Result<(), DomainError> {
+        self.validate_with(false)
+    }
+
+    /// [`ProviderSpec::validate`], with `http` OAuth2 URLs (`authorizationUrl`, `tokenUrl`)
+    /// allowed when `allow_http` (the destination policy of provider calls allows them).
+    ///
+    /// # Errors
+    /// `Validation` listing every offending field.
+    pub fn validate_with(&self, allow_http: bool) -> Result<(), DomainError> {
         let mut v = Violations::new();
         if self.id.is_custom() {
             v.invalid("id", format!("'{CUSTOM_PROVIDER_ID}' is reserved for custom API integrations"));
@@ -276,7 +285,7 @@ impl ProviderSpec {
         match (code, &self.authorization_url) {
             (true, None) => v.invalid("authorizationUrl", "is required when authModes has oauth2_authorization_code"),
             (true, Some(url)) => {
-                v.check("authorizationUrl", validate_url(url, false));
+                v.check("authorizationUrl", validate_url(url, allow_http));
             }
             (false, Some(_)) => v.invalid("authorizationUrl", "is only allowed when authModes has oauth2_authorization_code"),
             (false, None) => {}
@@ -285,7 +294,7 @@ impl ProviderSpec {
         match (&self.token_url, needs_token_url) {
             (None, true) => v.invalid("tokenUrl", "is required when authModes has an oauth2 mode"),
             (Some(url), true) => {
-                v.check("tokenUrl", validate_url(url, false));
+                v.check("tokenUrl", validate_url(url, allow_http));
             }
             (Some(_), false) => v.invalid("tokenUrl", "is only allowed when authModes has an oauth2 mode"),
             (None, false) => {}

@@ -8,6 +8,7 @@
 
 pub mod connections;
 pub mod cosmos;
+pub mod fake_oauth2;
 pub mod fake_provider;
 pub mod integrations;
 pub mod outbox;

@@ -29,6 +29,7 @@ use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 use secrecy::{ExposeSecret as _, SecretString};
 use serde::Deserialize;
 
+pub mod oauth2;
 pub mod provider;
 
 /// Resolves names and keeps only the addresses the policy allows.

@@ -122,6 +122,21 @@ impl ProviderClientSettings {
     }
 }
 
+/// The HTTP client of calls to providers (their APIs and token endpoints): no proxy, no
+/// redirects, names resolved by the [`SafeResolver`], the settings' timeouts and user agent.
+pub(crate) fn http_client(settings: &ProviderClientSettings, policy: &Arc<UrlPolicy>) -> Result<reqwest::Client, String> {
+    reqwest::Client::builder()
+        .no_proxy()
+        .connect_timeout(settings.connect_timeout.get())
+        .timeout(settings.request_timeout.get())
+        .redirect(reqwest::redirect::Policy::none())
+        .dns_resolver(Arc::new(SafeResolver { policy: policy.clone() }))
+        .user_agent(settings.user_agent.clone())
+        .pool_max_idle_per_host(16)
+        .build()
+        .map_err(|e| e.to_string())
+}
+
 /// A token bucket that lends tokens ahead (the balance may go negative: each caller waits for
 /// its own token), plus a pause until a provider's announced rate-limit reset.
 #[derive(Debug)]
@@ -323,16 +338,7 @@ impl HttpProviderClient {
     /// When the HTTP client cannot be built.
     pub fn new(settings: ProviderClientSettings, policy: UrlPolicy) -> Result<Self, String> {
         let policy = Arc::new(policy);
-        let client = reqwest::Client::builder()
-            .no_proxy()
-            .connect_timeout(settings.connect_timeout.get())
-            .timeout(settings.request_timeout.get())
-            .redirect(reqwest::redirect::Policy::none())
-            .dns_resolver(Arc::new(SafeResolver { policy: policy.clone() }))
-            .user_agent(settings.user_agent.clone())
-            .pool_max_idle_per_host(16)
-            .build()
-            .map_err(|e| e.to_string())?;
+        let client = http_client(&settings, &policy)?;
         Ok(Self { client, policy, settings: Arc::new(settings), limits: Arc::new(Mutex::new(HashMap::new())) })
     }
 

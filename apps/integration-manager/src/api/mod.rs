@@ -10,6 +10,7 @@ pub mod deliveries;
 pub mod extract;
 pub mod health;
 pub mod integrations;
+pub mod oauth2;
 pub mod openapi;
 pub mod problem;
 pub mod providers;
@@ -63,6 +64,8 @@ pub fn api_routes(cfg: &mut web::ServiceConfig) {
                     .route(web::delete().to(connections::delete)),
             )
             .service(web::resource("/integrations/{id}/connections/{connection}/test").route(web::post().to(connection_test::test)))
+            .service(web::resource("/integrations/{id}/connections/oauth2/authorize").route(web::post().to(oauth2::authorize)))
+            .service(web::resource("/oauth2/callback").route(web::get().to(oauth2::callback)))
             .service(web::resource("/webhooks").route(web::get().to(webhooks::list)).route(web::post().to(webhooks::create)))
             .service(
                 web::resource("/webhooks/{id}")

@@ -6,7 +6,7 @@ use serde_json::{Value, json};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{admin, connection_test, connections, deliveries, health, integrations, problem, providers, sync_tasks, webhooks};
+use super::{admin, connection_test, connections, deliveries, health, integrations, oauth2, problem, providers, sync_tasks, webhooks};
 
 struct BearerAuth;
 
@@ -31,6 +31,7 @@ impl Modify for BearerAuth {
     paths(
         integrations::list, integrations::create, integrations::get, integrations::update, integrations::delete,
         connections::list, connections::create, connections::get, connections::update, connections::delete, connection_test::test,
+        oauth2::authorize, oauth2::callback,
         providers::list, providers::create, providers::get, providers::update, providers::delete,
         webhooks::list, webhooks::create, webhooks::get, webhooks::update, webhooks::delete, webhooks::rotate_secret,
         deliveries::list, deliveries::get, deliveries::retry, deliveries::recover, deliveries::test,
@@ -43,6 +44,7 @@ impl Modify for BearerAuth {
         problem::Problem, problem::ProblemField, integrations::IntegrationInput, integrations::IntegrationView, providers::ProviderInput,
         providers::ProviderView, webhooks::WebhookInput, webhooks::WebhookView, deliveries::DeliveryView, deliveries::RecoverInput,
         deliveries::RecoverReport, admin::DeadLetterView, connections::ConnectionInput, connections::ConnectionView,
+        oauth2::AuthorizeInput, oauth2::AuthorizationView,
         connection_test::ConnectionTestView, sync_tasks::SyncTaskInput, sync_tasks::SyncTaskView, sync_tasks::ExecutionView,
         sync_tasks::ConflictView, sync_tasks::ResetInput, sync_tasks::ResolutionDto,
     )),

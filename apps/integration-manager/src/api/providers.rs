@@ -189,13 +189,15 @@ pub struct ProviderInput {
     /// Where the API key goes: required when `authModes` has `api_key`, refused otherwise.
     #[serde(default)]
     api_key: Option<ApiKeyPlacementDto>,
-    /// https; required when `authModes` has `oauth2_authorization_code`, refused otherwise.
+    /// https (http only where the service's destination policy allows it); required when
+    /// `authModes` has `oauth2_authorization_code`, refused otherwise.
     #[serde(default)]
-    #[schema(max_length = 2048, pattern = r"^https://")]
+    #[schema(max_length = 2048, pattern = r"^https?://")]
     authorization_url: Option<String>,
-    /// https; required when `authModes` has an `oauth2_*` mode, refused otherwise.
+    /// https (http only where the service's destination policy allows it); required when
+    /// `authModes` has an `oauth2_*` mode, refused otherwise.
     #[serde(default)]
-    #[schema(max_length = 2048, pattern = r"^https://")]
+    #[schema(max_length = 2048, pattern = r"^https?://")]
     token_url: Option<String>,
     #[serde(default)]
     #[schema(schema_with = super::schemas::scopes)]
@@ -336,7 +338,7 @@ impl From<&Provider> for ProviderView {
 }
 
 /// Reads and checks a body; on `PUT` its id must be the path's.
-async fn read_spec(body: Value, path_id: Option<&ProviderId>) -> ApiResult<ProviderSpec> {
+async fn read_spec(state: &AppState, body: Value, path_id: Option<&ProviderId>) -> ApiResult<ProviderSpec> {
     let convert = |input: ProviderInput| {
         let spec = ProviderSpec::try_from(input)?;
         match path_id {
@@ -346,7 +348,7 @@ async fn read_spec(body: Value, path_id: Option<&ProviderId>) -> ApiResult<Provi
             _ => Ok(spec),
         }
     };
-    body::read(body, convert, async |spec: &ProviderSpec| spec.validate()).await
+    body::read(body, convert, async |spec: &ProviderSpec| state.catalog.check(spec)).await
 }
 
 fn path_id(raw: &str) -> ApiResult<ProviderId> {
@@ -415,7 +417,7 @@ pub async fn get(state: web::Data<AppState>, caller: Authenticated, id: web::Pat
     security(("bearer" = [])))]
 pub async fn create(state: web::Data<AppState>, caller: Authenticated, body: JsonBody) -> ApiResult<HttpResponse> {
     state.catalog.authorize(&caller.0, AuditAction::Create).await?;
-    let spec = read_spec(body.0, None).await?;
+    let spec = read_spec(&state, body.0, None).await?;
     let stored = state.catalog.create(&caller.0, spec).await?;
     let mut builder = HttpResponse::Created();
     builder.insert_header((header::LOCATION, format!("/api/v1/providers/{}", stored.value.spec.id)));
@@ -431,7 +433,7 @@ pub async fn create(state: web::Data<AppState>, caller: Authenticated, body: Jso
 pub async fn update(state: web::Data<AppState>, write: Write, id: web::Path<String>, body: JsonBody) -> ApiResult<HttpResponse> {
     state.catalog.authorize(&write.caller, AuditAction::Update).await?;
     let id = path_id(&id)?;
-    let spec = read_spec(body.0, Some(&id)).await?;
+    let spec = read_spec(&state, body.0, Some(&id)).await?;
     let stored = state.catalog.update(&write.caller, &id, spec, write.tag()).await?;
     Ok(respond(HttpResponse::Ok(), &stored))
 }

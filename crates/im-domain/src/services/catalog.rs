@@ -15,6 +15,7 @@ pub struct CatalogService {
     providers: Arc<dyn ProviderRepository>,
     clock: Arc<dyn Clock>,
     audit: Audit,
+    allow_http: bool,
 }
 
 impl std::fmt::Debug for CatalogService {
@@ -25,7 +26,15 @@ impl std::fmt::Debug for CatalogService {
 
 impl CatalogService {
     pub fn new(providers: Arc<dyn ProviderRepository>, clock: Arc<dyn Clock>, audit: Audit) -> Self {
-        Self { providers, clock, audit }
+        Self { providers, clock, audit, allow_http: false }
+    }
+
+    /// Accepts `http` OAuth2 URLs in provider definitions when the destination policy of
+    /// provider calls allows `http` (`webhooks.allow_http`, local development and tests).
+    #[must_use]
+    pub fn with_http_urls(mut self, allow_http: bool) -> Self {
+        self.allow_http = allow_http;
+        self
     }
 
     /// Checks, before a change is even read, that the caller may change the catalog (admins).
@@ -34,6 +43,14 @@ impl CatalogService {
     /// `Forbidden`, recorded in the audit log.
     pub async fn authorize(&self, caller: &Caller, action: AuditAction) -> Result<(), DomainError> {
         self.audit.require(caller, Role::Admin, AuditResource::Provider, action).await
+    }
+
+    /// Checks a provider definition under this catalog's rules, writing nothing.
+    ///
+    /// # Errors
+    /// `Validation` listing every offending field.
+    pub fn check(&self, spec: &ProviderSpec) -> Result<(), DomainError> {
+        spec.validate_with(self.allow_http)
     }
 
     pub async fn get(&self, caller: &Caller, id: &ProviderId) -> Result<Stored<Provider>, DomainError> {
@@ -61,7 +78,7 @@ impl CatalogService {
 
     async fn create_unaudited(&self, caller: &Caller, spec: ProviderSpec) -> Result<Stored<Provider>, DomainError> {
         caller.require(Role::Admin)?;
-        spec.validate()?;
+        spec.validate_with(self.allow_http)?;
         let now = self.clock.now();
         let provider = Provider { spec, created_at: now, updated_at: now };
         let etag = self.providers.create(&provider).await?;
@@ -91,7 +108,7 @@ impl CatalogService {
         if spec.id != *id {
             return Err(DomainError::invalid("id", "cannot be changed"));
         }
-        spec.validate()?;
+        spec.validate_with(self.allow_http)?;
         read_modify_write(if_match, async |token| {
             let current = matching(self.providers.get(id).await?, token)?;
             let provider = Provider { spec: spec.clone(), created_at: current.value.created_at, updated_at: self.clock.now() };

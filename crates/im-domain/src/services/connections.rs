@@ -1,4 +1,3 @@
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -17,10 +16,13 @@ use crate::integration::Integration;
 use crate::ports::{IntegrationRepository, ProviderRepository};
 use crate::provider::{ApiKeyPlacement, AuthMode};
 use crate::provider_client::{AuthMaterial, CredentialSource, ProviderClient};
-use crate::secrets::{SecretName, SecretRef, SecretStore};
+use crate::secrets::{SecretRef, SecretStore};
 
 use super::connection_test::{ConnectionTestOutcome, ConnectionTester, Verification, test_connection};
 use super::{matching, read_modify_write};
+
+mod oauth2;
+pub use oauth2::{AuthorizeSpec, CallbackOutcome, CallbackParams, OAuth2Settings, StartedAuthorization};
 
 /// The secret-name kind of connection credentials: `integration-manager/{tenant}/connection/{id}`.
 pub const SECRET_KIND: &str = "connection";
@@ -36,6 +38,8 @@ pub struct ConnectionService {
     clock: Arc<dyn Clock>,
     ids: Arc<dyn IdGenerator>,
     audit: Audit,
+    /// OAuth2 token endpoints and the state key; `None`: OAuth2 connections cannot get tokens.
+    oauth2: Option<Arc<oauth2::OAuth2Support>>,
 }
 
 impl std::fmt::Debug for ConnectionService {
@@ -62,7 +66,20 @@ impl ConnectionService {
         ids: Arc<dyn IdGenerator>,
         audit: Audit,
     ) -> Self {
-        Self { connections, integrations, providers, secrets, clock, ids, audit }
+        Self { connections, integrations, providers, secrets, clock, ids, audit, oauth2: None }
+    }
+
+    /// Lets OAuth2 connections get and refresh tokens through `client`, and authorizations start
+    /// with states signed by `key`.
+    #[must_use]
+    pub fn with_oauth2(
+        mut self,
+        client: Arc<dyn crate::oauth2::OAuth2Client>,
+        key: crate::oauth2::StateKey,
+        settings: OAuth2Settings,
+    ) -> Self {
+        self.oauth2 = Some(Arc::new(oauth2::OAuth2Support { client, key, settings }));
+        self
     }
 
     /// Checks, before a change is even read, that the caller may make it (members and admins).
@@ -119,12 +136,7 @@ impl ConnectionService {
     }
 
     async fn store_credentials(&self, connection: &Connection, credentials: &Credentials) -> Result<SecretRef, DomainError> {
-        let name = SecretName::new(&connection.tenant_id, SECRET_KIND, &connection.id.to_string());
-        let metadata = BTreeMap::from([
-            ("integrationId".to_owned(), connection.integration_id.to_string()),
-            ("authMode".to_owned(), connection.auth_mode.as_str().to_owned()),
-        ]);
-        self.secrets.put(&name, &credentials.to_secret(), &metadata).await
+        self.put_secret(connection, credentials.to_secret().0).await
     }
 
     /// # Errors
@@ -172,11 +184,16 @@ impl ConnectionService {
             updated_by: caller.user_id.clone(),
         };
         connection.credentials = Some(self.store_credentials(&connection, &spec.credentials).await?);
+        self.insert(connection).await
+    }
+
+    /// Stores a new connection whose secret was just written, with `integration.connection.created`;
+    /// when that fails, deletes the secret (nothing references it).
+    async fn insert(&self, connection: Connection) -> Result<Stored<Connection>, DomainError> {
         let event = self.event(EventType::ConnectionCreated, &connection)?;
         match self.connections.create(&connection, &[event]).await {
             Ok(etag) => Ok(Stored { value: connection, etag }),
             Err(e) => {
-                // Nothing references the secret: take it back.
                 if let Some(secret) = &connection.credentials {
                     let _ = self.secrets.delete(&secret.secret_name).await;
                 }
@@ -491,10 +508,8 @@ impl std::fmt::Debug for ConnectionCredentials {
 }
 
 impl ConnectionCredentials {
-    async fn material(&self) -> Result<AuthMaterial, DomainError> {
-        let service = &self.service;
-        let stored = service.connections.get(&self.tenant, self.integration, self.id).await?;
-        let connection = stored.value;
+    /// Refuses a connection that cannot authenticate now.
+    fn check_usable(&self, connection: &Connection) -> Result<(), DomainError> {
         let usable = connection.status == ConnectionStatus::Active || (self.testing && connection.status == ConnectionStatus::Error);
         if !usable {
             return Err(DomainError::Conflict(format!(
@@ -504,18 +519,40 @@ impl ConnectionCredentials {
                 connection.status_reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default()
             )));
         }
-        let reference = connection
-            .credentials
-            .as_ref()
-            .ok_or_else(|| DomainError::Conflict(format!("connection '{}' has no credentials", connection.id)))?;
-        let value = service.secrets.get(reference).await?;
+        Ok(())
+    }
+
+    async fn audit_use(&self) {
         let result = Ok::<_, DomainError>(());
-        service
+        self.service
             .audit
             .result(&self.caller, AuditResource::Connection, AuditAction::UseCredentials, Some(self.id.to_string()), &result, |_| {
                 (String::new(), json!({ "integrationId": self.integration.to_string() }))
             })
             .await;
+    }
+
+    /// The credentials now; for OAuth2 connections a token fresh for at least the refresh skew
+    /// (refreshed first when needed), or newer than `stale`.
+    async fn material(&self, stale: Option<&AuthMaterial>) -> Result<AuthMaterial, DomainError> {
+        let service = &self.service;
+        let stored = service.connections.get(&self.tenant, self.integration, self.id).await?;
+        let connection = stored.value;
+        self.check_usable(&connection)?;
+        if connection.auth_mode.is_oauth2() {
+            self.audit_use().await;
+            let stale = match stale {
+                Some(AuthMaterial::Bearer(token)) => Some(token.as_str()),
+                _ => None,
+            };
+            return self.oauth2_token(stale).await.map(AuthMaterial::Bearer);
+        }
+        let reference = connection
+            .credentials
+            .as_ref()
+            .ok_or_else(|| DomainError::Conflict(format!("connection '{}' has no credentials", connection.id)))?;
+        let value = service.secrets.get(reference).await?;
+        self.audit_use().await;
         match Credentials::from_secret(connection.auth_mode, &value)? {
             Credentials::ApiKey { api_key } => {
                 let placement = self
@@ -526,9 +563,9 @@ impl ConnectionCredentials {
             }
             Credentials::Bearer { token } => Ok(AuthMaterial::Bearer(token)),
             Credentials::Basic { username, password } => Ok(AuthMaterial::Basic { username, password }),
-            Credentials::Oauth2ClientCredentials { .. } => Err(DomainError::Conflict(
-                "client-credentials connections cannot obtain tokens yet: no token client is configured".to_owned(),
-            )),
+            Credentials::Oauth2ClientCredentials { .. } => {
+                Err(DomainError::Unexpected(anyhow::anyhow!("OAuth2 credentials are handled as tokens")))
+            }
         }
     }
 }
@@ -536,12 +573,13 @@ impl ConnectionCredentials {
 #[async_trait]
 impl CredentialSource for ConnectionCredentials {
     async fn current(&self) -> Result<AuthMaterial, DomainError> {
-        self.material().await
+        self.material(None).await
     }
 
     async fn after_unauthorized(&self, stale: &AuthMaterial) -> Result<AuthMaterial, DomainError> {
-        // Static credentials cannot be refreshed; ones replaced since the request are newer.
-        let now = self.material().await?;
+        // Static credentials cannot be refreshed; ones replaced since the request are newer. An
+        // OAuth2 token the provider refused is refreshed once (unless another caller already did).
+        let now = self.material(Some(stale)).await?;
         if &now == stale {
             return Err(DomainError::Conflict(format!(
                 "the provider refused the credentials of connection '{}' and they cannot be refreshed",

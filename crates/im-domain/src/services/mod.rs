@@ -15,7 +15,10 @@ mod webhooks;
 
 pub use bus::InProcessBus;
 pub use catalog::CatalogService;
-pub use connections::{ConnectionCredentials, ConnectionService, ConnectionTests, SECRET_KIND as CONNECTION_SECRET_KIND};
+pub use connections::{
+    AuthorizeSpec, CallbackOutcome, CallbackParams, ConnectionCredentials, ConnectionService, ConnectionTests, OAuth2Settings,
+    SECRET_KIND as CONNECTION_SECRET_KIND, StartedAuthorization,
+};
 pub use deliveries::{AttemptReport, DEFAULT_MANUAL_SENDS_PER_MINUTE, DeliveryService, DeliverySettings};
 pub use integrations::IntegrationService;
 pub use outbox::OutboxAdmin;
