@@ -102,6 +102,8 @@ fn the_production_configuration_loads_with_the_secret() {
         assert_eq!(table["events"]["backend"].as_str(), Some("rabbitmq"), "{name}");
         assert_eq!(table["secrets"]["backend"].as_str(), Some("http"), "{name}: Secret Management");
         assert_eq!(table["auth"]["mode"].as_str(), Some("jwks"), "{name}: User Management's tokens");
+        assert_eq!(table["shard_manager"]["backend"].as_str(), Some("http"), "{name}: the Shard Manager");
+        assert_eq!(table["logging"]["backend"].as_str(), Some("http"), "{name}: the Logging Service");
     }
 }
 

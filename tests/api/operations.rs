@@ -112,3 +112,94 @@ async fn metrics_count_requests_by_route_template_behind_the_token() {
     assert!(!text.contains(id), "route templates, never ids");
     assert!(text.contains("outbox_pending_events"), "{text}");
 }
+
+/// The readiness entry named `name`, if reported.
+async fn dependency(app: &crate::helpers::TestApp, name: &str) -> Option<Value> {
+    let body: Value = app.anonymous(Method::GET, "/health/ready").send().await.unwrap().json().await.unwrap();
+    body["dependencies"].as_array().unwrap().iter().find(|d| d["name"] == name).cloned()
+}
+
+/// With `logging.backend = "http"`, audit records are kept in the store while the Logging
+/// Service is down (readiness shows the backlog) and arrive whole, with their request id, once
+/// it is up; then the backlog is empty.
+#[tokio::test]
+async fn audit_records_wait_for_the_logging_service() {
+    use im_testkit::audit::FakeLoggingService;
+    let logging = FakeLoggingService::start("logging-token").await;
+    logging.set_down(true);
+    let url = logging.url();
+    let app = crate::helpers::spawn_app_with(|s| {
+        s.logging.backend = integration_manager::config::PlatformBackend::Http;
+        s.logging.http.url = url;
+        s.logging.http.token = "logging-token".into();
+        s.logging.http.attempts = 1;
+        s.logging.shipper.interval = integration_manager::config::HumanDuration::parse("100ms").unwrap();
+        s.logging.shipper.max_backlog_age = integration_manager::config::HumanDuration::parse("1s").unwrap();
+    })
+    .await;
+    let tenant = format!("t-{}", uuid::Uuid::new_v4().simple());
+    let member = app.token(&tenant, "alice", &[im_domain::Role::Member]);
+    let viewer = app.token(&tenant, "victor", &[im_domain::Role::Viewer]);
+    let created =
+        app.request(Method::POST, "/api/v1/integrations", &member).header("x-request-id", "req-audit-1").json(&github("a")).send().await;
+    assert_eq!(created.unwrap().status(), StatusCode::CREATED);
+    let denied = app.post("/api/v1/integrations", &viewer, &github("b")).await;
+    assert_eq!(denied.status(), StatusCode::FORBIDDEN);
+
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let backlog = dependency(&app, "audit_backlog").await.expect("the backlog is reported");
+    assert_eq!(backlog["ready"], false, "older than logging.max_backlog_age: {backlog}");
+    assert!(backlog["detail"].as_str().unwrap().starts_with("2 audit record(s) waiting"), "{backlog}");
+    assert_eq!(dependency(&app, "logging_service").await.expect("the service is reported")["ready"], false);
+    assert!(logging.records().is_empty());
+
+    logging.set_down(false);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while logging.records().len() < 2 {
+        assert!(std::time::Instant::now() < deadline, "the records never arrived");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let records: Vec<Value> = logging.records().into_values().filter(|r| r["tenantId"] == tenant.as_str()).collect();
+    let outcomes: Vec<(&str, &str, &str)> =
+        records.iter().map(|r| (r["action"].as_str().unwrap(), r["outcome"].as_str().unwrap(), r["actorId"].as_str().unwrap())).collect();
+    assert!(outcomes.contains(&("integration.create", "succeeded", "alice")), "{records:?}");
+    assert!(outcomes.contains(&("integration.create", "denied", "victor")), "{records:?}");
+    let success = records.iter().find(|r| r["outcome"] == "succeeded").unwrap();
+    assert_eq!(success["requestId"], "req-audit-1", "the request id rides along");
+    assert!(success["resourceId"].as_str().is_some_and(|id| !id.is_empty()) && success["id"].is_string(), "{success}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let backlog = dependency(&app, "audit_backlog").await.unwrap();
+        if backlog["detail"].as_str().unwrap().starts_with("0 audit record(s)") && backlog["ready"] == true {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "acknowledged records are deleted: {backlog}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// With `shard_manager.backend = "http"` the app talks to the configured Shard Manager and
+/// readiness reports it.
+#[tokio::test]
+async fn the_http_shard_manager_is_wired_and_in_readiness() {
+    use im_testkit::fake_shard_manager::FakeShardManager;
+    let shards = FakeShardManager::start("shard-token").await;
+    let url = shards.url();
+    let app = crate::helpers::spawn_app_with(|s| {
+        s.shard_manager.backend = integration_manager::config::PlatformBackend::Http;
+        s.shard_manager.http.url = url;
+        s.shard_manager.http.token = "shard-token".into();
+    })
+    .await;
+    assert_eq!(dependency(&app, "shard_manager").await.expect("reported")["ready"], true);
+    let write = im_domain::sync::ports::ShardWrite {
+        data: serde_json::json!({"title": "x"}),
+        version: None,
+        updated_at: time::OffsetDateTime::now_utc(),
+        source: "integration-1".into(),
+    };
+    let tenant = im_domain::TenantId::new("acme").unwrap();
+    app.state.shards.put(&tenant, "ticket", "k1", &write, None).await.expect("a write through the configured adapter");
+    assert_eq!(shards.record("acme", "ticket", "k1"), Some(serde_json::json!({"title": "x"})));
+    assert!(dependency(&spawn_app().await, "shard_manager").await.is_none(), "the embedded one is the store's");
+}

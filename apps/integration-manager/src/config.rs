@@ -4,8 +4,10 @@
 //! Each adapter owns the settings of its section (`cosmos_db`: [`CosmosSettings`], `rabbitmq`:
 //! [`RabbitSettings`], `auth`: [`AuthSettings`], the HTTP keys of `secrets`:
 //! [`HttpSecretSettings`], its local key: [`LocalSecretSettings`], the sender's keys of
-//! `webhooks`: [`WebhookSenderSettings`], `provider_client`: [`ProviderClientSettings`]); this module only embeds them. Every section is read on its own and
-//! every problem is collected, so one run reports every invalid key at once.
+//! `webhooks`: [`WebhookSenderSettings`], `provider_client`: [`ProviderClientSettings`], the HTTP
+//! keys of `shard_manager`: [`HttpShardSettings`] and of `logging`: [`HttpLoggingSettings`]); this
+//! module only embeds them. Every section is read on its own and every problem is collected, so
+//! one run reports every invalid key at once.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -17,8 +19,10 @@ use figment::providers::{Env, Format, Toml};
 pub use im_auth::{AuthMode, AuthSettings};
 pub use im_bus_rabbitmq::RabbitSettings;
 pub use im_domain::HumanDuration;
+pub use im_logging_http::HttpLoggingSettings;
 pub use im_secrets_http::HttpSecretSettings;
 pub use im_secrets_local::LocalSecretSettings;
+pub use im_shard_http::HttpShardSettings;
 pub use im_store_cosmos::CosmosSettings;
 pub use im_webhook_sender::WebhookSenderSettings;
 pub use im_webhook_sender::provider::ProviderClientSettings;
@@ -41,6 +45,8 @@ pub struct Settings {
     pub provider_client: ProviderClientSettings,
     pub auth: AuthSettings,
     pub oauth2: OAuth2Config,
+    pub shard_manager: ShardManagerSettings,
+    pub logging: LoggingSettings,
     pub metrics: MetricsSettings,
     pub log: LogSettings,
 }
@@ -80,6 +86,41 @@ impl OAuth2Config {
         }
         problems
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PlatformBackend {
+    Embedded,
+    Http,
+}
+
+/// The `shard_manager` section: `backend`, and the HTTP adapter's keys ([`HttpShardSettings`]).
+#[derive(Debug, Clone)]
+pub struct ShardManagerSettings {
+    pub backend: PlatformBackend,
+    pub http: HttpShardSettings,
+}
+
+#[derive(Deserialize)]
+struct BackendChoice {
+    backend: PlatformBackend,
+}
+
+/// The `logging` section: `backend`, the shipper's keys, and the HTTP sink's keys ([`HttpLoggingSettings`]).
+#[derive(Debug, Clone)]
+pub struct LoggingSettings {
+    pub backend: PlatformBackend,
+    pub shipper: AuditShipperSettings,
+    pub http: HttpLoggingSettings,
+}
+
+/// The keys of `logging` for the buffer and its shipper.
+#[derive(Debug, Clone, Deserialize)]
+pub struct AuditShipperSettings {
+    pub batch_size: u32,
+    pub interval: HumanDuration,
+    pub max_backlog_age: HumanDuration,
 }
 
 /// The `metrics` section: Prometheus metrics at `/metrics`.
@@ -420,6 +461,14 @@ impl Settings {
             provider_client: reader.section("provider_client"),
             auth: reader.section("auth"),
             oauth2: reader.section("oauth2"),
+            shard_manager: {
+                let choice: BackendChoice = reader.section("shard_manager");
+                ShardManagerSettings { backend: choice.backend, http: reader.section("shard_manager") }
+            },
+            logging: {
+                let choice: BackendChoice = reader.section("logging");
+                LoggingSettings { backend: choice.backend, shipper: reader.section("logging"), http: reader.section("logging") }
+            },
             metrics: reader.section("metrics"),
             log: reader.section("log"),
         };
@@ -500,6 +549,16 @@ impl Settings {
         });
         section(&mut problems, "auth", self.auth.problems());
         section(&mut problems, "oauth2", self.oauth2.problems());
+        if self.shard_manager.backend == PlatformBackend::Http {
+            section(&mut problems, "shard_manager", self.shard_manager.http.problems());
+        }
+        if self.logging.backend == PlatformBackend::Http {
+            section(&mut problems, "logging", self.logging.http.problems());
+        }
+        let shipper = &self.logging.shipper;
+        check(&mut problems, (1..=1000).contains(&shipper.batch_size), "logging.batch_size", &|| "must be between 1 and 1000".into());
+        check(&mut problems, !shipper.interval.is_zero(), "logging.interval", &|| "must be positive".into());
+        check(&mut problems, !shipper.max_backlog_age.is_zero(), "logging.max_backlog_age", &|| "must be positive".into());
         check(&mut problems, tracing_subscriber::EnvFilter::try_new(&self.log.level).is_ok(), "log.level", &|| {
             format!("'{}' is not a valid filter", self.log.level)
         });
@@ -738,6 +797,8 @@ mod tests {
                     ("IM_AUTH__HS256_KEY", "aHVudGVyNWh1bnRlcjVodW50ZXI1aHVudGVyNWh1bnRlcjU="),
                     ("IM_SECRETS__LOCAL_KEY", "aHVudGVyNmh1bnRlcjZodW50ZXI2aHVudGVyNmh1bnQ="),
                     ("IM_WEBHOOKS__PROXY", "http://egress:hunter7@proxy.internal:3128"),
+                    ("IM_SHARD_MANAGER__TOKEN", "hunter8"),
+                    ("IM_LOGGING__TOKEN", "hunter9"),
                 ],
             );
             let s = Settings::load(None).map_err(|e| e.to_string())?;
@@ -749,6 +810,8 @@ mod tests {
                 "aHVudGVyNWh1bnRlcjVodW50ZXI1aHVudGVyNWh1bnRlcjU=",
                 "aHVudGVyNmh1bnRlcjZodW50ZXI2aHVudGVyNmh1bnQ=",
                 "hunter7",
+                "hunter8",
+                "hunter9",
             ] {
                 assert!(!printed.contains(secret), "{secret} printed in {printed}");
             }
@@ -783,6 +846,33 @@ mod tests {
                     "auth.token_ttl"
                 ]
             );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn platform_services_need_a_url_and_a_token_over_http() {
+        Jail::expect_with(|jail| {
+            set_all(jail, &[("IM_SHARD_MANAGER__BACKEND", "http"), ("IM_LOGGING__BACKEND", "http"), ("IM_LOGGING__BATCH_SIZE", "0")]);
+            assert_eq!(
+                keys(Settings::load(None)),
+                ["shard_manager.url", "shard_manager.token", "logging.url", "logging.token", "logging.batch_size"]
+            );
+            set_all(
+                jail,
+                &[
+                    ("IM_SHARD_MANAGER__URL", "https://shards.internal"),
+                    ("IM_SHARD_MANAGER__TOKEN", "s"),
+                    ("IM_SHARD_MANAGER__CONNECT_TIMEOUT", "250ms"),
+                    ("IM_LOGGING__URL", "https://logging.internal"),
+                    ("IM_LOGGING__TOKEN", "l"),
+                    ("IM_LOGGING__BATCH_SIZE", "50"),
+                ],
+            );
+            let s = Settings::load(None).map_err(|e| e.to_string())?;
+            assert_eq!((s.shard_manager.backend, s.logging.backend), (PlatformBackend::Http, PlatformBackend::Http));
+            assert_eq!(s.shard_manager.http.connect_timeout.get(), Duration::from_millis(250));
+            assert_eq!(s.logging.shipper.batch_size, 50);
             Ok(())
         });
     }

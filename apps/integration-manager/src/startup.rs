@@ -28,8 +28,8 @@ use im_domain::connection::ConnectionRepository;
 use im_domain::ports::{EventPublisher, HealthCheck, IntegrationRepository, Outbox, ProviderRepository};
 use im_domain::secrets::SecretStore;
 use im_domain::services::{
-    CatalogService, ConnectionService, ConnectionTests, DeliveryService, DeliverySettings, EventRelay, InProcessBus, IntegrationService,
-    OutboxAdmin, SyncTaskService, WebhookService,
+    AuditShipper, CatalogService, ConnectionService, ConnectionTests, DeliveryService, DeliverySettings, EventRelay, InProcessBus,
+    IntegrationService, OutboxAdmin, SyncTaskService, WebhookService,
 };
 use im_domain::webhooks::ports::{DeliveryQueue, DeliveryRepository, OsEntropy, WebhookRepository};
 use im_domain::{Clock, SystemClock, UuidV7};
@@ -41,8 +41,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::api;
-use crate::audit::TracingAudit;
-use crate::config::{AuthMode, EventsBackend, SecretsBackend, Settings, StorageBackend};
+use crate::audit::{AuditBacklogHealth, BufferedAudit, TracingAudit};
+use crate::config::{AuthMode, EventsBackend, PlatformBackend, SecretsBackend, Settings, StorageBackend};
 use crate::deliveries::{BrokerThenLocal, FanOut, spawn_dispatcher};
 use crate::events::{OutboxHealth, WakeOnEvents};
 use crate::state::AppState;
@@ -185,6 +185,63 @@ pub fn secret_store(settings: &Settings, health: &mut Vec<Arc<dyn HealthCheck>>)
     }
 }
 
+/// The configured Shard Manager: the embedded one on the data directory's database (whatever the
+/// store), or the platform's service over HTTP (then in readiness).
+///
+/// # Errors
+/// When the embedded database cannot be opened or the HTTP client cannot be built.
+pub async fn shard_manager(
+    settings: &Settings,
+    storage: &Storage,
+    health: &mut Vec<Arc<dyn HealthCheck>>,
+) -> anyhow::Result<Arc<dyn im_domain::sync::ports::ShardManager>> {
+    match settings.shard_manager.backend {
+        PlatformBackend::Embedded => Ok(embedded_store(settings, storage).await?.shards()),
+        PlatformBackend::Http => {
+            let client = Arc::new(
+                im_shard_http::HttpShardManager::new(settings.shard_manager.http.clone())
+                    .map_err(|e| anyhow::anyhow!("shard manager client: {e}"))?,
+            );
+            health.push(client.clone());
+            Ok(client)
+        }
+    }
+}
+
+/// The configured audit log: the `audit` log target, or the store's buffer for the Logging
+/// Service, whose backlog is in readiness; with the buffer, the shipper the worker roles run.
+///
+/// # Errors
+/// When the HTTP client cannot be built.
+fn audit_log(
+    settings: &Settings,
+    storage: &Storage,
+    role: ServeRole,
+    health: &mut Vec<Arc<dyn HealthCheck>>,
+) -> anyhow::Result<(Arc<dyn im_domain::audit::AuditLog>, Option<AuditShipper>)> {
+    let logging = &settings.logging;
+    match logging.backend {
+        PlatformBackend::Embedded => Ok((Arc::new(TracingAudit), None)),
+        PlatformBackend::Http => {
+            health.push(Arc::new(AuditBacklogHealth {
+                buffer: storage.audit_buffer.clone(),
+                max_age: logging.shipper.max_backlog_age.get(),
+            }));
+            let shipper = if role.runs_workers() {
+                let sink = Arc::new(
+                    im_logging_http::HttpAuditSink::new(logging.http.clone())
+                        .map_err(|e| anyhow::anyhow!("logging service client: {e}"))?,
+                );
+                health.push(sink.clone());
+                Some(AuditShipper::new(storage.audit_buffer.clone(), sink))
+            } else {
+                None
+            };
+            Ok((Arc::new(BufferedAudit { buffer: storage.audit_buffer.clone() }), shipper))
+        }
+    }
+}
+
 /// The configured store, as the ports the services need.
 pub struct Storage {
     pub integrations: Arc<dyn IntegrationRepository>,
@@ -196,6 +253,7 @@ pub struct Storage {
     pub sync_executions: Arc<dyn im_domain::sync::ports::SyncExecutionRepository>,
     pub sync_states: Arc<dyn im_domain::sync::ports::SyncStateRepository>,
     pub outbox: Arc<dyn Outbox>,
+    pub audit_buffer: Arc<dyn im_domain::audit::AuditBuffer>,
     pub health: Arc<dyn HealthCheck>,
     /// The embedded store, whose expired documents a sweeper deletes (Cosmos expires its own).
     pub embedded: Option<EmbeddedStore>,
@@ -228,6 +286,7 @@ pub async fn open_storage(settings: &Settings, clock: Arc<dyn Clock>, provision:
                 sync_executions: store.sync_executions(),
                 sync_states: store.sync_states(),
                 outbox: store.outbox(),
+                audit_buffer: store.audit_buffer(),
                 health: Arc::new(store.clone()),
                 embedded: Some(store),
                 report,
@@ -253,6 +312,7 @@ pub async fn open_storage(settings: &Settings, clock: Arc<dyn Clock>, provision:
                 sync_executions: store.sync_executions(),
                 sync_states: store.sync_states(),
                 outbox: store.outbox(),
+                audit_buffer: store.audit_buffer(),
                 health: Arc::new(store),
                 embedded: None,
                 report,
@@ -368,14 +428,7 @@ async fn webhooks(
 async fn delivery_queue(settings: &Settings, storage: &Storage, role: ServeRole) -> anyhow::Result<Arc<dyn DeliveryQueue>> {
     match settings.events.backend {
         EventsBackend::Embedded => {
-            let queue_store = match &storage.embedded {
-                Some(store) => store.clone(),
-                None => {
-                    let store = EmbeddedStore::open(&settings.storage.data_dir, Arc::new(SystemClock))?;
-                    store.migrate().await.context("migrating the delivery queue")?;
-                    store
-                }
-            };
+            let queue_store = embedded_store(settings, storage).await?;
             let released = if role.runs_workers() { queue_store.release_delivery_leases().await? } else { 0 };
             if released > 0 {
                 tracing::info!(released, "delivery attempts interrupted by the last stop are due again");
@@ -383,6 +436,19 @@ async fn delivery_queue(settings: &Settings, storage: &Storage, role: ServeRole)
             Ok(queue_store.delivery_queue())
         }
         EventsBackend::Rabbitmq => Ok(Arc::new(RabbitDeliveryQueue::new(&settings.rabbitmq))),
+    }
+}
+
+/// The embedded database of the data directory: the store itself, or (with Cosmos DB) the same
+/// file opened and migrated for what always lives there.
+async fn embedded_store(settings: &Settings, storage: &Storage) -> anyhow::Result<EmbeddedStore> {
+    match &storage.embedded {
+        Some(store) => Ok(store.clone()),
+        None => {
+            let store = EmbeddedStore::open(&settings.storage.data_dir, Arc::new(SystemClock))?;
+            store.migrate().await.context("migrating the data directory's database")?;
+            Ok(store)
+        }
     }
 }
 
@@ -432,13 +498,15 @@ impl Application {
         let storage = open_storage(&settings, clock.clone(), false).await?;
         let authenticator = authenticator(&settings).await?;
 
-        let audit = Audit::new(Arc::new(TracingAudit), clock.clone());
+        let mut health: Vec<Arc<dyn HealthCheck>> = vec![storage.health.clone()];
+        let (audit_log, audit_shipper) = audit_log(&settings, &storage, role, &mut health)?;
+        let audit = Audit::new(audit_log, clock.clone());
+        let shards = shard_manager(&settings, &storage, &mut health).await?;
         let catalog = CatalogService::new(storage.providers.clone(), clock.clone(), audit.clone())
             .with_http_urls(settings.webhooks.sender.allow_http);
         let report = catalog.seed(crate::catalog::builtin_providers()?).await.context("seeding the provider catalog")?;
         tracing::info!(inserted = report.inserted, already_seeded = report.skipped, "provider catalog seeded");
 
-        let mut health: Vec<Arc<dyn HealthCheck>> = vec![storage.health.clone()];
         let events = events(&settings, &storage, clock, audit.clone(), role, &mut health);
         let outbox = OutboxAdmin::new(storage.outbox.clone(), audit.clone());
         let secrets = secret_store(&settings, &mut health)?;
@@ -482,6 +550,10 @@ impl Application {
             spawn_dispatcher(deliveries.clone(), dispatch, settings.webhooks.service.concurrency, &workers.shutdown, &workers.tasks);
             // Only now, with every in-process subscriber registered, may events flow.
             crate::events::spawn_relay(events.relay, events.wake, settings.events.relay_batch_size, &workers.shutdown, &workers.tasks);
+            if let Some(shipper) = audit_shipper {
+                let shipping = &settings.logging.shipper;
+                crate::audit::spawn_shipper(shipper, shipping.batch_size, shipping.interval.get(), &workers.shutdown, &workers.tasks);
+            }
             if let Some(store) = storage.embedded {
                 spawn_ttl_sweeper(store, settings.storage.ttl_sweep_interval.get(), &workers.shutdown, &workers.tasks);
             }
@@ -493,6 +565,7 @@ impl Application {
             connection_tests,
             catalog,
             sync_tasks,
+            shards,
             webhooks,
             deliveries,
             outbox,

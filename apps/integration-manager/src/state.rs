@@ -18,6 +18,8 @@ pub struct AppState {
     pub connection_tests: Arc<dyn ConnectionTester>,
     pub catalog: CatalogService,
     pub sync_tasks: SyncTaskService,
+    /// The configured Shard Manager (`shard_manager.backend`).
+    pub shards: Arc<dyn im_domain::sync::ports::ShardManager>,
     pub webhooks: WebhookService,
     pub deliveries: DeliveryService,
     /// The outbox's dead letters (admin).

@@ -261,6 +261,11 @@ impl CosmosStore {
         Arc::new(crate::sync::CosmosSync::new(self.clone()))
     }
 
+    /// The durable buffer of audit records waiting for the Logging Service.
+    pub fn audit_buffer(&self) -> Arc<dyn im_domain::audit::AuditBuffer> {
+        Arc::new(crate::audit::CosmosAuditBuffer::new(self.clone()))
+    }
+
     pub fn outbox(&self) -> Arc<dyn Outbox> {
         Arc::new(crate::outbox::CosmosOutbox::new(self.clone()))
     }

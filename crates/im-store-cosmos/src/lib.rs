@@ -13,6 +13,7 @@
 //! - SDK errors are mapped here (404, 409, 412, 429 with its retry-after, 5xx, timeouts); no
 //!   SDK type crosses a port.
 
+mod audit;
 mod client;
 mod connections;
 mod deliveries;

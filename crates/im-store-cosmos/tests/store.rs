@@ -63,6 +63,7 @@ async fn passes_the_conformance_suite() {
     im_testkit::sync::run_all(store.sync_tasks().as_ref(), store.sync_executions().as_ref(), store.sync_states().as_ref()).await;
     im_testkit::sync::service(store.sync_tasks(), store.sync_executions(), store.sync_states()).await;
     im_testkit::sync::scheduler(store.sync_tasks(), store.sync_executions()).await;
+    im_testkit::audit::buffer(store.audit_buffer().as_ref()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

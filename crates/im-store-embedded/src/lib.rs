@@ -5,6 +5,7 @@
 //! opaque concurrency token and an optional expiry, so both store adapters pass the same
 //! conformance suite. Schema changes are numbered migrations applied by [`EmbeddedStore::migrate`].
 
+mod audit;
 mod connections;
 mod db;
 mod deliveries;
@@ -98,6 +99,11 @@ impl EmbeddedStore {
 
     pub fn outbox(&self) -> Arc<dyn Outbox> {
         Arc::new(outbox::SqliteOutbox::new(self.db.clone()))
+    }
+
+    /// The durable buffer of audit records waiting for the Logging Service.
+    pub fn audit_buffer(&self) -> Arc<dyn im_domain::audit::AuditBuffer> {
+        Arc::new(audit::SqliteAuditBuffer::new(self.db.clone()))
     }
 
     pub fn webhooks(&self) -> Arc<dyn im_domain::webhooks::ports::WebhookRepository> {

@@ -80,6 +80,23 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     ALTER TABLE outbox ADD COLUMN dead_at INTEGER;
     "#,
     ),
+    (
+        7,
+        "audit_buffer",
+        r#"
+    -- Audit records waiting for the Logging Service: written in the request that makes them,
+    -- deleted once the service acknowledged them. `seq` orders them; a shipper holds a batch
+    -- until `claimed_until` (unix milliseconds).
+    CREATE TABLE audit_buffer (
+        seq           INTEGER PRIMARY KEY AUTOINCREMENT,
+        id            TEXT    NOT NULL UNIQUE,
+        recorded_at   INTEGER NOT NULL,   -- the record's timestamp, unix milliseconds
+        body          TEXT    NOT NULL,   -- the record in its wire form (JSON)
+        claimed_by    TEXT,
+        claimed_until INTEGER NOT NULL DEFAULT 0
+    );
+    "#,
+    ),
 ];
 
 /// What [`crate::EmbeddedStore::migrate`] did.

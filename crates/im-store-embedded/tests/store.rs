@@ -45,6 +45,7 @@ async fn passes_the_conformance_suite() {
     im_testkit::sync::service(store.sync_tasks(), store.sync_executions(), store.sync_states()).await;
     im_testkit::sync::shard_manager(store.shards().as_ref()).await;
     im_testkit::sync::scheduler(store.sync_tasks(), store.sync_executions()).await;
+    im_testkit::audit::buffer(store.audit_buffer().as_ref()).await;
 }
 
 /// Each queue is a database of its own (the embedded queue hands out any due job); every
@@ -102,7 +103,7 @@ async fn data_survives_reopening_and_migrations_are_idempotent() {
     {
         let store = EmbeddedStore::open(dir.path(), Arc::new(SystemClock)).unwrap();
         let report = store.migrate().await.unwrap();
-        assert_eq!(report.applied.len(), 5);
+        assert_eq!(report.applied.len(), 6, "every migration: 1 to 5 and 7 (audit_buffer)");
         store.integrations().create(&item, &[]).await.unwrap();
     }
     let store = EmbeddedStore::open(dir.path(), Arc::new(SystemClock)).unwrap();

@@ -6,10 +6,12 @@
 //!
 //! The functions panic with a message naming the contract that was broken.
 
+pub mod audit;
 pub mod connections;
 pub mod cosmos;
 pub mod fake_oauth2;
 pub mod fake_provider;
+pub mod fake_shard_manager;
 pub mod integrations;
 pub mod outbox;
 pub mod providers;

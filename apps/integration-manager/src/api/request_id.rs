@@ -49,7 +49,8 @@ pub async fn middleware(req: ServiceRequest, next: Next<impl MessageBody>) -> Re
         tracing::info_span!("request", request_id = %id, method = %req.method(), path = %req.path(), tenant_id = tracing::field::Empty);
     let started = Instant::now();
     let method = req.method().clone();
-    let mut response = next.call(req).instrument(span.clone()).await?;
+    // The id also rides in a task-local, so audit records made while serving carry it.
+    let mut response = crate::audit::REQUEST_ID.scope(id.clone(), next.call(req)).instrument(span.clone()).await?;
     let status = response.status();
     crate::metrics::record_request(&method, response.request().match_pattern(), status, started.elapsed());
     span.in_scope(|| {

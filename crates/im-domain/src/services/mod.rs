@@ -1,6 +1,7 @@
 //! Use-case services: they check who may do what, validate input against the rules of the
 //! domain and orchestrate the ports. Handlers in the app call these and nothing else.
 
+mod audit_shipper;
 mod bus;
 mod catalog;
 pub mod connection_test;
@@ -13,6 +14,7 @@ mod sync_scheduler;
 mod sync_tasks;
 mod webhooks;
 
+pub use audit_shipper::{AUDIT_CLAIM_LEASE, AuditShipper, Shipped};
 pub use bus::InProcessBus;
 pub use catalog::CatalogService;
 pub use connections::{

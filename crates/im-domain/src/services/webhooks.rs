@@ -130,6 +130,8 @@ impl WebhookService {
             return Ok(headers);
         }
         let value = self.secrets.get(reference).await?;
+        let detail = serde_json::json!({"secret": "custom_headers"});
+        self.audit.service_read_secret(&webhook.tenant_id, AuditResource::Webhook, webhook.id.to_string(), detail).await;
         let headers: BTreeMap<String, String> = value
             .0
             .get("headers")
@@ -401,6 +403,8 @@ impl WebhookService {
                 continue;
             }
             let value = self.secrets.get(reference).await?;
+            let detail = serde_json::json!({"secret": "signing_secret", "version": reference.version});
+            self.audit.service_read_secret(&webhook.tenant_id, AuditResource::Webhook, webhook.id.to_string(), detail).await;
             let text = value
                 .0
                 .get("secret")
