@@ -12,6 +12,7 @@ mod helpers;
 mod instances;
 mod integrations;
 mod operations;
+mod platform;
 mod providers;
 mod readme;
 mod sync_tasks;

@@ -41,7 +41,22 @@ pub struct Settings {
     pub provider_client: ProviderClientSettings,
     pub auth: AuthSettings,
     pub metrics: MetricsSettings,
+    pub rate_limits: RateLimitSettings,
     pub log: LogSettings,
+}
+
+/// The `rate_limits` section: API requests each tenant may make, per instance.
+#[derive(Debug, Clone, Deserialize)]
+pub struct RateLimitSettings {
+    pub per_tenant: TenantRateLimit,
+}
+
+/// A token bucket: `rate` requests a second on average, up to `burst` at once (0: `rate`).
+/// `rate = 0` turns the limit off.
+#[derive(Debug, Clone, Copy, Deserialize)]
+pub struct TenantRateLimit {
+    pub rate: u32,
+    pub burst: u32,
 }
 
 /// The `metrics` section: Prometheus metrics at `/metrics`.
@@ -50,6 +65,8 @@ pub struct MetricsSettings {
     pub enabled: bool,
     /// When not empty, a scrape must send `Authorization: Bearer <token>`. A secret.
     pub token: SecretString,
+    /// When not 0, `/metrics` is served on this port of `server.host` only, not on the API port.
+    pub port: u16,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -382,6 +399,7 @@ impl Settings {
             provider_client: reader.section("provider_client"),
             auth: reader.section("auth"),
             metrics: reader.section("metrics"),
+            rate_limits: reader.section("rate_limits"),
             log: reader.section("log"),
         };
         reader.unknown_keys();
@@ -460,6 +478,12 @@ impl Settings {
             "must be between 1 and 10000".into()
         });
         section(&mut problems, "auth", self.auth.problems());
+        check(&mut problems, self.metrics.port == 0 || self.metrics.port != self.server.port, "metrics.port", &|| {
+            "must differ from server.port (0: serve /metrics on the API port)".into()
+        });
+        let limit = self.rate_limits.per_tenant;
+        check(&mut problems, limit.rate <= 1_000_000, "rate_limits.per_tenant.rate", &|| "must be at most 1000000".into());
+        check(&mut problems, limit.burst <= 1_000_000, "rate_limits.per_tenant.burst", &|| "must be at most 1000000".into());
         check(&mut problems, tracing_subscriber::EnvFilter::try_new(&self.log.level).is_ok(), "log.level", &|| {
             format!("'{}' is not a valid filter", self.log.level)
         });

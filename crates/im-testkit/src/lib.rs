@@ -9,6 +9,7 @@
 pub mod connections;
 pub mod cosmos;
 pub mod fake_provider;
+pub mod idempotency;
 pub mod integrations;
 pub mod outbox;
 pub mod providers;
