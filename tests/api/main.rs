@@ -13,6 +13,7 @@ mod instances;
 mod integrations;
 mod oauth2;
 mod operations;
+mod platform;
 mod providers;
 mod readme;
 mod sync_tasks;

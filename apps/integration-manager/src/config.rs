@@ -48,6 +48,7 @@ pub struct Settings {
     pub shard_manager: ShardManagerSettings,
     pub logging: LoggingSettings,
     pub metrics: MetricsSettings,
+    pub rate_limits: RateLimitSettings,
     pub log: LogSettings,
 }
 
@@ -123,12 +124,28 @@ pub struct AuditShipperSettings {
     pub max_backlog_age: HumanDuration,
 }
 
+/// The `rate_limits` section: API requests each tenant may make, per instance.
+#[derive(Debug, Clone, Deserialize)]
+pub struct RateLimitSettings {
+    pub per_tenant: TenantRateLimit,
+}
+
+/// A token bucket: `rate` requests a second on average, up to `burst` at once (0: `rate`).
+/// `rate = 0` turns the limit off.
+#[derive(Debug, Clone, Copy, Deserialize)]
+pub struct TenantRateLimit {
+    pub rate: u32,
+    pub burst: u32,
+}
+
 /// The `metrics` section: Prometheus metrics at `/metrics`.
 #[derive(Debug, Clone, Deserialize)]
 pub struct MetricsSettings {
     pub enabled: bool,
     /// When not empty, a scrape must send `Authorization: Bearer <token>`. A secret.
     pub token: SecretString,
+    /// When not 0, `/metrics` is served on this port of `server.host` only, not on the API port.
+    pub port: u16,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -470,6 +487,7 @@ impl Settings {
                 LoggingSettings { backend: choice.backend, shipper: reader.section("logging"), http: reader.section("logging") }
             },
             metrics: reader.section("metrics"),
+            rate_limits: reader.section("rate_limits"),
             log: reader.section("log"),
         };
         reader.unknown_keys();
@@ -559,6 +577,12 @@ impl Settings {
         check(&mut problems, (1..=1000).contains(&shipper.batch_size), "logging.batch_size", &|| "must be between 1 and 1000".into());
         check(&mut problems, !shipper.interval.is_zero(), "logging.interval", &|| "must be positive".into());
         check(&mut problems, !shipper.max_backlog_age.is_zero(), "logging.max_backlog_age", &|| "must be positive".into());
+        check(&mut problems, self.metrics.port == 0 || self.metrics.port != self.server.port, "metrics.port", &|| {
+            "must differ from server.port (0: serve /metrics on the API port)".into()
+        });
+        let limit = self.rate_limits.per_tenant;
+        check(&mut problems, limit.rate <= 1_000_000, "rate_limits.per_tenant.rate", &|| "must be at most 1000000".into());
+        check(&mut problems, limit.burst <= 1_000_000, "rate_limits.per_tenant.burst", &|| "must be at most 1000000".into());
         check(&mut problems, tracing_subscriber::EnvFilter::try_new(&self.log.level).is_ok(), "log.level", &|| {
             format!("'{}' is not a valid filter", self.log.level)
         });

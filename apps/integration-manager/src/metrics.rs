@@ -2,19 +2,29 @@
 //! own HTTP server at `/metrics` (the exporter runs no listener of its own).
 //!
 //! Recorded as things happen: `http_requests_total` and `http_request_duration_seconds` by
-//! method, route template and status (the request middleware), and
-//! `webhook_delivery_attempts_total` by outcome (the delivery dispatcher). Sampled at each scrape:
-//! `outbox_pending_events` and `outbox_oldest_event_age_seconds`.
+//! method, route template and status (the request middleware);
+//! `webhook_delivery_attempts_total` by outcome and `im_delivery_commit_to_success_seconds`
+//! (the delivery dispatcher); `im_secret_store_request_duration_seconds` by operation (every
+//! secret store, through [`TimedSecrets`]); `im_provider_request_duration_seconds` by provider
+//! host and status (the provider client). Sampled at each scrape: `outbox_pending_events`,
+//! `outbox_oldest_event_age_seconds`, `im_outbox_dead_letters`, `im_delivery_queue_depth`.
+//! Labels are static text or values already at hand: nothing is formatted per request.
 
-use std::sync::OnceLock;
-use std::time::Duration;
+use std::collections::BTreeMap;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use actix_web::http::{Method, StatusCode};
+use im_domain::DomainError;
+use im_domain::secrets::{SecretName, SecretRef, SecretStore, SecretValue};
 use im_domain::services::AttemptReport;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Latency buckets, in seconds: 1 ms to 10 s.
 const BUCKETS: [f64; 14] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 7.5, 10.0];
+/// From an event's commit to its receipt, in seconds: 10 ms to 6 h (retries take hours).
+const RECEIPT_BUCKETS: [f64; 14] = [0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0, 21600.0];
+const COMMIT_TO_SUCCESS: &str = "im_delivery_commit_to_success_seconds";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -23,7 +33,8 @@ pub fn handle() -> PrometheusHandle {
     HANDLE
         .get_or_init(|| {
             let recorder = PrometheusBuilder::new()
-                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &BUCKETS)
+                .set_buckets_for_metric(Matcher::Full(COMMIT_TO_SUCCESS.into()), &RECEIPT_BUCKETS)
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &BUCKETS))
                 .map(PrometheusBuilder::build_recorder)
                 .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder());
             let handle = recorder.handle();
@@ -85,9 +96,15 @@ fn status_label(status: StatusCode) -> &'static str {
 }
 
 /// One delivery attempt the dispatcher made, by outcome.
-pub fn record_attempt(report: &Result<AttemptReport, im_domain::DomainError>) {
+pub fn record_attempt(report: &Result<AttemptReport, DomainError>) {
     let outcome = match report {
-        Ok(AttemptReport::Delivered) => "delivered",
+        Ok(AttemptReport::Delivered { committed_at }) => {
+            if let Some(committed_at) = committed_at {
+                let elapsed = (time::OffsetDateTime::now_utc() - *committed_at).as_seconds_f64().max(0.0);
+                metrics::histogram!(COMMIT_TO_SUCCESS).record(elapsed);
+            }
+            "delivered"
+        }
         Ok(AttemptReport::RetryAt(_)) => "retry_scheduled",
         Ok(AttemptReport::Failed) => "failed",
         Ok(AttemptReport::Throttled) => "throttled",
@@ -98,10 +115,47 @@ pub fn record_attempt(report: &Result<AttemptReport, im_domain::DomainError>) {
     metrics::counter!("webhook_delivery_attempts_total", "outcome" => outcome).increment(1);
 }
 
-/// The outbox's backlog, sampled at a scrape.
-pub fn record_outbox(pending: u64, oldest_age_secs: u64) {
+/// The outbox's backlog and dead letters, sampled at a scrape.
+pub fn record_outbox(pending: u64, oldest_age_secs: u64, dead_letters: u64) {
     metrics::gauge!("outbox_pending_events").set(pending as f64);
     metrics::gauge!("outbox_oldest_event_age_seconds").set(oldest_age_secs as f64);
+    metrics::gauge!("im_outbox_dead_letters").set(dead_letters as f64);
+}
+
+/// Delivery jobs waiting for an attempt, sampled at a scrape.
+pub fn record_queue_depth(depth: u64) {
+    metrics::gauge!("im_delivery_queue_depth").set(depth as f64);
+}
+
+/// Any secret store, timed: `im_secret_store_request_duration_seconds{op}` whatever the backend.
+pub struct TimedSecrets(pub Arc<dyn SecretStore>);
+
+fn timed_secret_call(op: &'static str, started: Instant) {
+    metrics::histogram!("im_secret_store_request_duration_seconds", "op" => op).record(started.elapsed().as_secs_f64());
+}
+
+#[async_trait::async_trait]
+impl SecretStore for TimedSecrets {
+    async fn put(&self, name: &SecretName, value: &SecretValue, metadata: &BTreeMap<String, String>) -> Result<SecretRef, DomainError> {
+        let started = Instant::now();
+        let result = self.0.put(name, value, metadata).await;
+        timed_secret_call("put", started);
+        result
+    }
+
+    async fn get(&self, reference: &SecretRef) -> Result<SecretValue, DomainError> {
+        let started = Instant::now();
+        let result = self.0.get(reference).await;
+        timed_secret_call("get", started);
+        result
+    }
+
+    async fn delete(&self, name: &SecretName) -> Result<(), DomainError> {
+        let started = Instant::now();
+        let result = self.0.delete(name).await;
+        timed_secret_call("delete", started);
+        result
+    }
 }
 
 #[cfg(test)]
@@ -113,7 +167,9 @@ mod tests {
         let handle = handle();
         record_request(&Method::POST, Some("/api/v1/integrations".into()), StatusCode::CREATED, Duration::from_millis(3));
         record_request(&Method::GET, None, StatusCode::NOT_FOUND, Duration::from_millis(1));
-        record_attempt(&Ok(AttemptReport::Delivered));
+        record_attempt(&Ok(AttemptReport::Delivered { committed_at: Some(time::OffsetDateTime::now_utc() - time::Duration::seconds(2)) }));
+        record_outbox(3, 4, 5);
+        record_queue_depth(6);
         let text = handle.render();
         assert!(text.contains(r#"http_requests_total{method="POST",route="/api/v1/integrations",status="201"} 1"#), "{text}");
         assert!(text.contains(r#"route="unmatched",status="404""#), "{text}");
@@ -122,5 +178,11 @@ mod tests {
             "{text}"
         );
         assert!(text.contains(r#"webhook_delivery_attempts_total{outcome="delivered"}"#), "{text}");
+        // Two seconds from commit to receipt: in the 2.5 s bucket, not in the 1 s one.
+        assert!(text.contains(r#"im_delivery_commit_to_success_seconds_bucket{le="1"} 0"#), "{text}");
+        assert!(text.contains(r#"im_delivery_commit_to_success_seconds_bucket{le="2.5"} 1"#), "{text}");
+        assert!(text.contains(r#"im_delivery_commit_to_success_seconds_bucket{le="21600"} 1"#), "{text}");
+        assert!(text.contains("im_outbox_dead_letters 5"), "{text}");
+        assert!(text.contains("im_delivery_queue_depth 6"), "{text}");
     }
 }

@@ -172,7 +172,8 @@ pub fn secret_store(settings: &Settings, health: &mut Vec<Arc<dyn HealthCheck>>)
                         .map_err(|_| anyhow::anyhow!("the secrets key file must hold 32 bytes"))?
                 }
             };
-            Ok(Arc::new(im_secrets_local::LocalSecretStore::open(&settings.storage.data_dir, &key)?))
+            let store = Arc::new(im_secrets_local::LocalSecretStore::open(&settings.storage.data_dir, &key)?);
+            Ok(Arc::new(crate::metrics::TimedSecrets(store)))
         }
         SecretsBackend::Http => {
             let store = Arc::new(
@@ -180,7 +181,7 @@ pub fn secret_store(settings: &Settings, health: &mut Vec<Arc<dyn HealthCheck>>)
                     .map_err(|e| anyhow::anyhow!("secret management client: {e}"))?,
             );
             health.push(store.clone());
-            Ok(store)
+            Ok(Arc::new(crate::metrics::TimedSecrets(store)))
         }
     }
 }
@@ -254,6 +255,7 @@ pub struct Storage {
     pub sync_states: Arc<dyn im_domain::sync::ports::SyncStateRepository>,
     pub outbox: Arc<dyn Outbox>,
     pub audit_buffer: Arc<dyn im_domain::audit::AuditBuffer>,
+    pub idempotency: Arc<dyn im_domain::idempotency::IdempotencyRepository>,
     pub health: Arc<dyn HealthCheck>,
     /// The embedded store, whose expired documents a sweeper deletes (Cosmos expires its own).
     pub embedded: Option<EmbeddedStore>,
@@ -287,6 +289,7 @@ pub async fn open_storage(settings: &Settings, clock: Arc<dyn Clock>, provision:
                 sync_states: store.sync_states(),
                 outbox: store.outbox(),
                 audit_buffer: store.audit_buffer(),
+                idempotency: store.idempotency(),
                 health: Arc::new(store.clone()),
                 embedded: Some(store),
                 report,
@@ -313,6 +316,7 @@ pub async fn open_storage(settings: &Settings, clock: Arc<dyn Clock>, provision:
                 sync_states: store.sync_states(),
                 outbox: store.outbox(),
                 audit_buffer: store.audit_buffer(),
+                idempotency: store.idempotency(),
                 health: Arc::new(store),
                 embedded: None,
                 report,
@@ -389,7 +393,7 @@ async fn webhooks(
     secrets: Arc<dyn SecretStore>,
     audit: Audit,
     role: ServeRole,
-) -> anyhow::Result<(WebhookService, DeliveryService)> {
+) -> anyhow::Result<(WebhookService, DeliveryService, Arc<dyn DeliveryQueue>)> {
     let webhooks = WebhookService::new(
         storage.webhooks.clone(),
         secrets,
@@ -402,11 +406,12 @@ async fn webhooks(
     )
     .with_max_endpoints(settings.webhooks.service.max_endpoints_per_tenant);
     let sender = HttpWebhookSender::new(&settings.webhooks.sender).map_err(|e| anyhow::anyhow!("webhook sender: {e}"))?;
+    let queue = delivery_queue(settings, storage, role).await?;
     let deliveries = DeliveryService::new(
         storage.webhooks.clone(),
         webhooks.clone(),
         storage.deliveries.clone(),
-        delivery_queue(settings, storage, role).await?,
+        queue.clone(),
         Arc::new(sender),
         Arc::new(SystemClock),
         Arc::new(UuidV7),
@@ -419,7 +424,7 @@ async fn webhooks(
         audit,
     )
     .with_manual_sends_per_minute(settings.webhooks.service.manual_sends_per_minute);
-    Ok((webhooks, deliveries))
+    Ok((webhooks, deliveries, queue))
 }
 
 /// Delivery jobs: a RabbitMQ work queue shared by every instance, or the embedded database of
@@ -469,10 +474,34 @@ fn http_server(settings: &Settings, state: web::Data<AppState>) -> anyhow::Resul
     Ok((server, port, workers))
 }
 
+/// `/metrics` alone on `metrics.port` (when set and enabled), one worker: scrapes are rare.
+fn metrics_server(settings: &Settings, state: web::Data<AppState>) -> anyhow::Result<Option<(Server, u16)>> {
+    if settings.metrics.port == 0 || !settings.metrics.enabled {
+        return Ok(None);
+    }
+    let listener = TcpListener::bind((settings.server.host.as_str(), settings.metrics.port))
+        .with_context(|| format!("cannot listen on {}:{} (metrics.port)", settings.server.host, settings.metrics.port))?;
+    let port = listener.local_addr()?.port();
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(state.clone())
+            .app_data(crate::state::MetricsListener)
+            .route("/metrics", web::get().to(api::health::metrics))
+            .default_service(web::to(api::not_found))
+    })
+    .workers(1)
+    .disable_signals()
+    .listen(listener)?
+    .run();
+    Ok(Some((server, port)))
+}
+
 /// A built server, bound to its port, not yet running.
 pub struct Application {
     port: u16,
     server: Server,
+    /// `/metrics` on `metrics.port`, and the port it is bound to.
+    metrics_server: Option<(Server, u16)>,
     workers: Workers,
     drain: Duration,
     state: web::Data<AppState>,
@@ -541,7 +570,7 @@ impl Application {
             Arc::new(UuidV7),
             audit.clone(),
         );
-        let (webhooks, deliveries) = webhooks(&settings, &storage, secrets, audit, role).await?;
+        let (webhooks, deliveries, queue) = webhooks(&settings, &storage, secrets, audit, role).await?;
 
         let workers = Workers { shutdown: CancellationToken::new(), tasks: TaskTracker::new() };
         if role.runs_workers() {
@@ -578,18 +607,28 @@ impl Application {
                 handle: crate::metrics::handle(),
                 token: settings.metrics.token.clone(),
                 outbox: storage.outbox.clone(),
+                queue,
+                own_port: settings.metrics.port != 0,
             }),
+            rate_limits: api::gate::TenantLimiter::new(settings.rate_limits.per_tenant),
+            idempotency: im_domain::idempotency::IdempotencyService::new(storage.idempotency.clone(), Arc::new(SystemClock)),
         });
         let (server, port, http_workers) = http_server(&settings, state.clone())?;
+        let metrics_server = metrics_server(&settings, state.clone())?;
         tracing::info!(
             address = %format!("{}:{port}", settings.server.host), workers = http_workers, events = ?settings.events.backend,
             role = role.as_str(), "listening"
         );
-        Ok(Self { port, server, workers, drain: settings.server.shutdown_timeout.get(), state })
+        Ok(Self { port, server, metrics_server, workers, drain: settings.server.shutdown_timeout.get(), state })
     }
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The port `/metrics` is served on when `metrics.port` is set.
+    pub fn metrics_port(&self) -> Option<u16> {
+        self.metrics_server.as_ref().map(|(_, port)| *port)
     }
 
     /// The shared state (tests subscribe to the in-process bus through it).
@@ -608,9 +647,17 @@ impl Application {
     /// # Errors
     /// When the server fails.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
-        let Self { server, workers, drain, .. } = self;
+        let Self { server, metrics_server, workers, drain, .. } = self;
         let token = workers.shutdown;
         let handle = server.handle();
+        if let Some((metrics, _)) = metrics_server {
+            let (stop, token) = (metrics.handle(), token.clone());
+            tokio::spawn(metrics);
+            tokio::spawn(async move {
+                token.cancelled().await;
+                stop.stop(true).await;
+            });
+        }
         tokio::spawn(cancel_on_signal(token.clone()));
         tokio::spawn({
             let token = token.clone();

@@ -33,6 +33,10 @@ pub struct AppState {
     pub role: crate::startup::ServeRole,
     /// `/metrics`, when enabled.
     pub metrics: Option<MetricsEndpoint>,
+    /// Per-tenant token buckets (`None`: no limit).
+    pub rate_limits: Option<crate::api::gate::TenantLimiter>,
+    /// `Idempotency-Key` records.
+    pub idempotency: im_domain::idempotency::IdempotencyService,
 }
 
 /// What `/metrics` needs: the recorder, the scrape token, and what it samples at each scrape.
@@ -41,4 +45,12 @@ pub struct MetricsEndpoint {
     /// Empty: no token needed.
     pub token: secrecy::SecretString,
     pub outbox: Arc<dyn im_domain::ports::Outbox>,
+    /// The delivery queue, whose depth is sampled at each scrape.
+    pub queue: Arc<dyn im_domain::webhooks::ports::DeliveryQueue>,
+    /// Served on a port of its own (`metrics.port`), not on the API port.
+    pub own_port: bool,
 }
+
+/// Marks the application of the metrics port.
+#[derive(Debug, Clone, Copy)]
+pub struct MetricsListener;

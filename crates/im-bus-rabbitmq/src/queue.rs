@@ -222,6 +222,20 @@ impl DeliveryQueue for RabbitDeliveryQueue {
         // The broker moves delayed jobs when they are due; poll the work queue.
         Ok(None)
     }
+
+    /// The jobs that are due (ready in the work queue); delayed ones wait in their delay queues.
+    async fn depth(&self) -> Result<Option<u64>, DomainError> {
+        let channel = self.channel().await?;
+        let queue = channel
+            .queue_declare(
+                self.work_queue().as_str().into(),
+                QueueDeclareOptions { durable: true, passive: true, ..Default::default() },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| unavailable("inspect the work queue", e))?;
+        Ok(Some(u64::from(queue.message_count())))
+    }
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@ pub mod custom;
 pub mod duration;
 pub mod error;
 pub mod events;
+pub mod idempotency;
 pub mod integration;
 pub mod oauth2;
 pub mod ports;

@@ -266,6 +266,11 @@ impl CosmosStore {
         Arc::new(crate::audit::CosmosAuditBuffer::new(self.clone()))
     }
 
+    /// `Idempotency-Key` records, in `integration_webhook_deliveries` with a TTL of their own.
+    pub fn idempotency(&self) -> Arc<dyn im_domain::idempotency::IdempotencyRepository> {
+        Arc::new(crate::idempotency::CosmosIdempotency::new(self.clone()))
+    }
+
     pub fn outbox(&self) -> Arc<dyn Outbox> {
         Arc::new(crate::outbox::CosmosOutbox::new(self.clone()))
     }

@@ -19,6 +19,7 @@ mod connections;
 mod deliveries;
 pub mod docs;
 mod errors;
+mod idempotency;
 mod integrations;
 mod outbox;
 mod providers;

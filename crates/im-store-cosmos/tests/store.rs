@@ -103,3 +103,13 @@ async fn delivery_and_execution_documents_expire() {
     );
     assert!(store.read_document("integration_webhooks", "t1", "w1").await.unwrap().is_some(), "no TTL on webhooks");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_records_pass_the_conformance_suite() {
+    let Some(endpoint) = endpoint("idempotency_records_pass_the_conformance_suite") else { return };
+    let settings = settings(endpoint, fresh_database());
+    provision(&settings).await.expect("provision");
+    let store = CosmosStore::connect(settings).await.expect("connect");
+    im_testkit::idempotency::contract(store.idempotency().as_ref()).await;
+    im_testkit::idempotency::service(store.idempotency()).await;
+}

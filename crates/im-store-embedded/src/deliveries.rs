@@ -200,4 +200,9 @@ impl DeliveryQueue for SqliteDeliveryQueue {
             .await?;
         Ok(due.and_then(|ms| time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).ok()))
     }
+
+    async fn depth(&self) -> Result<Option<u64>, DomainError> {
+        let jobs: i64 = self.db.read(|conn| conn.query_row("SELECT count(*) FROM delivery_jobs", [], |r| r.get(0))).await?;
+        Ok(Some(u64::try_from(jobs).unwrap_or_default()))
+    }
 }

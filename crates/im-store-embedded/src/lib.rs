@@ -10,6 +10,7 @@ mod connections;
 mod db;
 mod deliveries;
 pub mod documents;
+mod idempotency;
 mod integrations;
 mod migrations;
 mod outbox;
@@ -43,6 +44,8 @@ pub mod containers {
     pub const SYNC_STATES: &str = "integration_sync_states";
     /// Sync conflicts (embedded store only: Cosmos keeps them in `integration_sync_tasks`).
     pub const SYNC_CONFLICTS: &str = "integration_sync_conflicts";
+    /// `Idempotency-Key` records (Cosmos keeps them in `integration_webhook_deliveries`).
+    pub const IDEMPOTENCY_KEYS: &str = "integration_idempotency_keys";
 }
 
 /// File name of the database inside the data directory.
@@ -140,6 +143,10 @@ impl EmbeddedStore {
 
     pub fn sync_states(&self) -> Arc<dyn im_domain::sync::ports::SyncStateRepository> {
         Arc::new(sync::SqliteSync::new(self.db.clone()))
+    }
+
+    pub fn idempotency(&self) -> Arc<dyn im_domain::idempotency::IdempotencyRepository> {
+        Arc::new(idempotency::SqliteIdempotency::new(self.documents()))
     }
 
     pub fn providers(&self) -> Arc<dyn ProviderRepository> {

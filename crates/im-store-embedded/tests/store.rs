@@ -220,3 +220,11 @@ async fn a_database_busy_past_its_timeout_is_unavailable() {
     other.execute_batch("ROLLBACK").unwrap();
     store.integrations().create(&item, &[]).await.expect("writes again once the lock is gone");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_records_pass_the_conformance_suite() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(dir.path()).await;
+    im_testkit::idempotency::contract(store.idempotency().as_ref()).await;
+    im_testkit::idempotency::service(store.idempotency()).await;
+}

@@ -12,6 +12,7 @@ pub mod cosmos;
 pub mod fake_oauth2;
 pub mod fake_provider;
 pub mod fake_shard_manager;
+pub mod idempotency;
 pub mod integrations;
 pub mod outbox;
 pub mod providers;

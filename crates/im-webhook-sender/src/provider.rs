@@ -480,7 +480,14 @@ impl HttpProviderClient {
         if let Some(body) = body {
             builder = builder.json(body);
         }
-        let mut response = builder.send().await.map_err(|e| Failure::Transient(unavailable(describe(&e.without_url()), None)))?;
+        let started = Instant::now();
+        let sent = builder.send().await;
+        // The provider's host names the series: bounded by the providers in use, never a path or a tenant.
+        let provider = url.host_str().unwrap_or("unknown").to_owned();
+        let status_label = sent.as_ref().map_or_else(|_| "error".to_owned(), |r| r.status().as_u16().to_string());
+        metrics::histogram!("im_provider_request_duration_seconds", "provider" => provider, "status" => status_label)
+            .record(started.elapsed().as_secs_f64());
+        let mut response = sent.map_err(|e| Failure::Transient(unavailable(describe(&e.without_url()), None)))?;
         let status = response.status().as_u16();
         let headers = response.headers().clone();
         let cap = self.settings.max_response_bytes;

@@ -5,7 +5,7 @@ use std::pin::Pin;
 
 use actix_web::dev::Payload;
 use actix_web::http::header;
-use actix_web::{FromRequest, HttpRequest, web};
+use actix_web::{FromRequest, HttpMessage as _, HttpRequest, web};
 use im_domain::auth::AuthError;
 use im_domain::{Caller, ETag};
 use serde_json::Value;
@@ -25,27 +25,47 @@ impl FromRequest for Authenticated {
     type Future = Pin<Box<dyn Future<Output = Result<Self, ApiError>>>>;
 
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        // Authenticated already in front of the handler (rate limits, idempotency keys).
+        if let Some(done) = req.extensions().get::<Authenticated>().cloned() {
+            return Box::pin(std::future::ready(Ok(done)));
+        }
         let state = req.app_data::<web::Data<AppState>>().cloned();
-        let token = req.headers().get(header::AUTHORIZATION).map(|v| {
-            v.to_str().ok().and_then(|s| s.strip_prefix("Bearer ").or_else(|| s.strip_prefix("bearer "))).map(|t| t.trim().to_owned())
-        });
+        let token = bearer(req.headers());
         Box::pin(async move {
             let state = state.ok_or_else(|| ApiError::Domain(anyhow::anyhow!("application state is missing").into()))?;
-            let token = match token {
-                None => return Err(AuthError::Missing.into()),
-                Some(None) => return Err(AuthError::Invalid("the Authorization header must be 'Bearer <token>'".into()).into()),
-                Some(Some(token)) if token.is_empty() => return Err(AuthError::Missing.into()),
-                Some(Some(token)) => token,
-            };
-            let caller = state.authenticator.authenticate(&token).await.map_err(|e| match e {
-                // The keys cannot be had: the caller may well be right, so 503, not 401.
-                AuthError::Unavailable(reason) => ApiError::Domain(im_domain::DomainError::Unavailable { reason, retry_after: None }),
-                other => ApiError::Unauthorized(other),
-            })?;
-            tracing::Span::current().record("tenant_id", caller.tenant_id.as_str());
-            Ok(Authenticated(caller))
+            verify(&state, token?).await.map(Authenticated)
         })
     }
+}
+
+/// The caller named by the `Authorization` header.
+///
+/// # Errors
+/// 401 without a valid bearer token; 503 when the keys to check it cannot be had.
+pub async fn authenticate(state: &AppState, headers: &header::HeaderMap) -> Result<Caller, ApiError> {
+    verify(state, bearer(headers)?).await
+}
+
+fn bearer(headers: &header::HeaderMap) -> Result<String, ApiError> {
+    let token = headers.get(header::AUTHORIZATION).map(|v| {
+        v.to_str().ok().and_then(|s| s.strip_prefix("Bearer ").or_else(|| s.strip_prefix("bearer "))).map(|t| t.trim().to_owned())
+    });
+    match token {
+        None => Err(AuthError::Missing.into()),
+        Some(None) => Err(AuthError::Invalid("the Authorization header must be 'Bearer <token>'".into()).into()),
+        Some(Some(token)) if token.is_empty() => Err(AuthError::Missing.into()),
+        Some(Some(token)) => Ok(token),
+    }
+}
+
+async fn verify(state: &AppState, token: String) -> Result<Caller, ApiError> {
+    let caller = state.authenticator.authenticate(&token).await.map_err(|e| match e {
+        // The keys cannot be had: the caller may well be right, so 503, not 401.
+        AuthError::Unavailable(reason) => ApiError::Domain(im_domain::DomainError::Unavailable { reason, retry_after: None }),
+        other => ApiError::Unauthorized(other),
+    })?;
+    tracing::Span::current().record("tenant_id", caller.tenant_id.as_str());
+    Ok(caller)
 }
 
 /// A JSON body, refused with 415 (not JSON), 413 (over the limit) or 400 (malformed).

@@ -73,12 +73,15 @@ pub async fn ready(state: web::Data<AppState>) -> HttpResponse {
     responses(
         (status = 200, description = "Metrics in the Prometheus text format", content_type = "text/plain", body = String),
         (status = 401, description = "`metrics.token` is set and the request does not carry it", content_type = "application/problem+json", body = Problem),
-        (status = 404, description = "Metrics are disabled", content_type = "application/problem+json", body = Problem),
+        (status = 404, description = "Metrics are disabled, or served on their own port (`metrics.port`)", content_type = "application/problem+json", body = Problem),
     ))]
 pub async fn metrics(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
     let Some(endpoint) = &state.metrics else {
         return Err(ApiError::NotFound("metrics are disabled (metrics.enabled)".into()));
     };
+    if endpoint.own_port && req.app_data::<crate::state::MetricsListener>().is_none() {
+        return Err(ApiError::NotFound("metrics are served on their own port (metrics.port)".into()));
+    }
     let expected = endpoint.token.expose_secret();
     if !expected.is_empty() {
         let given =
@@ -89,7 +92,10 @@ pub async fn metrics(state: web::Data<AppState>, req: HttpRequest) -> Result<Htt
     }
     if let Ok(stats) = endpoint.outbox.stats().await {
         let age = stats.oldest.map_or(0, |t| (time::OffsetDateTime::now_utc() - t).whole_seconds().max(0) as u64);
-        crate::metrics::record_outbox(stats.pending, age);
+        crate::metrics::record_outbox(stats.pending, age, stats.dead_letters);
+    }
+    if let Ok(Some(depth)) = endpoint.queue.depth().await {
+        crate::metrics::record_queue_depth(depth);
     }
     Ok(HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(endpoint.handle.render()))
 }

@@ -8,6 +8,7 @@ pub mod connections;
 pub mod custom;
 pub mod deliveries;
 pub mod extract;
+pub mod gate;
 pub mod health;
 pub mod integrations;
 pub mod oauth2;
@@ -45,6 +46,7 @@ pub fn operation_routes(cfg: &mut web::ServiceConfig) {
 pub fn api_routes(cfg: &mut web::ServiceConfig) {
     cfg.service(
         web::scope("/api/v1")
+            .wrap(actix_web::middleware::from_fn(gate::middleware))
             .service(web::resource("/integrations").route(web::get().to(integrations::list)).route(web::post().to(integrations::create)))
             .service(
                 web::resource("/integrations/{id}")

@@ -83,7 +83,24 @@ fn common_responses(path: &str, method: &str, op: &mut Value) {
     if path.starts_with("/api/") {
         add("401", "Missing or invalid token");
         add("403", "The caller's role does not allow this");
-        add("429", "Too many requests; `Retry-After` says when to try again");
+        add("429", "Too many requests (the tenant's rate limit, or a limit of the operation); `Retry-After` says when to try again");
+        op["responses"]["429"]["headers"] = rate_limit_headers();
+    }
+    let idempotent = method == "post" && path.starts_with("/api/");
+    if idempotent {
+        if let Some(params) = op.as_object_mut().map(|o| o.entry("parameters").or_insert_with(|| json!([]))) {
+            params.as_array_mut().into_iter().for_each(|p| p.push(idempotency_key()));
+        }
+    }
+    let mut add = |code: &str, description: &str| {
+        if let Some(responses) = op["responses"].as_object_mut() {
+            responses.entry(code).or_insert_with(|| problem_response(description));
+        }
+    };
+    if idempotent {
+        add("400", "Malformed request: unknown or missing fields, wrong types, a bad header");
+        add("409", "A request with the same `Idempotency-Key` is still in progress");
+        add("422", "Invalid values, each named by its JSON path; or `Idempotency-Key` was used with another request");
     }
     if has_query || has_body || has_if_match {
         add("400", "Malformed request: unknown or missing fields, wrong types, a bad header");
@@ -105,6 +122,30 @@ fn common_responses(path: &str, method: &str, op: &mut Value) {
         add("500", "Unexpected error; the request id identifies it in the logs");
     }
     add("503", "A dependency is unavailable; `Retry-After` says when to try again");
+}
+
+/// `RateLimit-*` (IETF draft) and `Retry-After`, as a refusal carries them.
+fn rate_limit_headers() -> Value {
+    let integer = |description: &str| json!({"description": description, "schema": {"type": "integer", "minimum": 0}});
+    json!({
+        "Retry-After": integer("Seconds until a request may pass"),
+        "RateLimit-Limit": integer("Requests the tenant may make at once (the bucket's size); sent on every answer when limits are on"),
+        "RateLimit-Remaining": integer("Requests left in the bucket now"),
+        "RateLimit-Reset": integer("Seconds until the bucket is full again"),
+    })
+}
+
+/// The optional `Idempotency-Key` header of every POST.
+fn idempotency_key() -> Value {
+    json!({
+        "name": "Idempotency-Key",
+        "in": "header",
+        "required": false,
+        "description": "Makes the POST safe to repeat: the same key with the same request within 24 hours answers the first \
+            (successful) response again (`Idempotent-Replayed: true`) without doing it twice; with another request it is 422; \
+            while the first still runs, 409. Keys belong to the caller's tenant.",
+        "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[!-~]+$"}
+    })
 }
 
 /// The document as JSON: generated from the handlers and DTOs, completed with the common

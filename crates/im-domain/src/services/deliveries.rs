@@ -134,7 +134,11 @@ enum Prepared {
 /// What [`DeliveryService::attempt`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AttemptReport {
-    Delivered,
+    /// The receiver took it; `committed_at`: when the event it carries was committed (its
+    /// CloudEvents `time`), for the commit-to-receipt latency.
+    Delivered {
+        committed_at: Option<OffsetDateTime>,
+    },
     RetryAt(OffsetDateTime),
     Failed,
     /// Waiting for the endpoint's rate limit; the job was rescheduled.
@@ -438,7 +442,12 @@ impl DeliveryService {
             Outcome::Delivered => {
                 delivery.status = DeliveryStatus::Succeeded;
                 delivery.next_attempt_at = None;
-                (AttemptReport::Delivered, vec![EventType::WebhookDelivered])
+                let committed_at = delivery
+                    .payload
+                    .get("time")
+                    .and_then(serde_json::Value::as_str)
+                    .and_then(|t| OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok());
+                (AttemptReport::Delivered { committed_at }, vec![EventType::WebhookDelivered])
             }
             Outcome::Gone => {
                 delivery.status = DeliveryStatus::Failed;
@@ -810,7 +819,7 @@ mod attempt_tests {
             webhook_id: webhook.id,
             message_id: "event-1".into(),
             event_type: "integration.created".into(),
-            payload: json!({"id": "event-1", "type": "integration.created"}),
+            payload: json!({"id": "event-1", "type": "integration.created", "time": "2026-01-01T00:00:00Z"}),
             status: DeliveryStatus::Pending,
             attempts: vec![failed; scheduled_attempts],
             older_attempts: 0,
@@ -945,7 +954,7 @@ mod attempt_tests {
 
             let report = service.attempt(&job(&delivery), AttemptTrigger::Scheduled).await.unwrap();
 
-            assert_eq!(report, AttemptReport::Delivered);
+            assert!(matches!(report, AttemptReport::Delivered { committed_at: Some(_) }), "{report:?}");
             let seen = seen.lock().unwrap();
             let (recorded, events) = one_replace(&seen);
             assert_eq!(recorded.status, DeliveryStatus::Succeeded);

@@ -121,6 +121,15 @@ pub trait DeliveryQueue: Send + Sync {
     /// When the next job is due, if known (so the dispatcher can sleep until then); MUST NOT be
     /// later than the earliest due job. `None` when the queue is empty or cannot tell.
     async fn next_due(&self) -> Result<Option<time::OffsetDateTime>, DomainError>;
+
+    /// How many jobs wait for an attempt (due or not), for metrics; `None` when the queue
+    /// cannot tell cheaply. A broker MAY count only the jobs that are due.
+    ///
+    /// # Errors
+    /// - MUST return [`DomainError::Unavailable`] when the queue cannot be reached.
+    async fn depth(&self) -> Result<Option<u64>, DomainError> {
+        Ok(None)
+    }
 }
 
 /// The HTTP request of one attempt, signed.
