@@ -14,6 +14,7 @@ mod integrations;
 mod operations;
 mod providers;
 mod readme;
+mod sync_runs;
 mod sync_tasks;
 mod tidy;
 mod webhooks;

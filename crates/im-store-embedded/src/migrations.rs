@@ -80,6 +80,15 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     ALTER TABLE outbox ADD COLUMN dead_at INTEGER;
     "#,
     ),
+    (
+        9,
+        "shard_records_by_seq",
+        r#"
+    -- The embedded Shard Manager's change sequence per partition: the next number and the
+    -- changes after a cursor are index reads, not scans of the partition.
+    CREATE INDEX shard_records_by_seq ON documents (pk, json_extract(body, '$.seq')) WHERE container = 'shard_records';
+    "#,
+    ),
 ];
 
 /// What [`crate::EmbeddedStore::migrate`] did.

@@ -54,7 +54,7 @@ pub trait ConnectionTester: Send + Sync {
 
 /// Fills `{name}` placeholders of a base URL (`https://{subdomain}.zendesk.com/api/v2`) with the
 /// integration's configuration values of the same name.
-fn fill_base_url(template: &str, config: &Value) -> Result<String, DomainError> {
+pub(crate) fn fill_base_url(template: &str, config: &Value) -> Result<String, DomainError> {
     let mut out = String::with_capacity(template.len());
     let mut rest = template;
     while let Some(open) = rest.find('{') {
