@@ -104,7 +104,7 @@ async fn main() {
     let policy = UrlPolicy { allow_http: true, allowed_private: vec![Cidr::parse("127.0.0.0/8").expect("cidr")] };
     let client: Arc<dyn ProviderClient> = Arc::new(
         HttpProviderClient::new(
-            ProviderClientSettings { requests_per_second: 100_000.0, burst: 100_000, ..ProviderClientSettings::default() },
+            ProviderClientSettings { requests_per_second: 10_000.0, burst: 10_000, ..ProviderClientSettings::default() },
             policy,
         )
         .expect("client"),

@@ -893,7 +893,11 @@ impl Run<'_> {
             return Ok(updated_at);
         };
         let mut state = engine.states.get(self.tenant(), self.task.id, &id).await?;
-        if state.is_none() && self.task.direction == Direction::Bidirectional {
+        // A record the sync created at the provider has the platform key as its id when the
+        // upsert request names the id (`PUT /records/{id}`); only when the provider assigns ids
+        // is it looked up by provider id (a query, not a read by key).
+        let provider_assigns_ids = self.source.entity.upsert.as_ref().is_some_and(|u| !u.path.contains("{id}"));
+        if state.is_none() && self.task.direction == Direction::Bidirectional && provider_assigns_ids {
             state = engine.states.find_by_provider_id(self.tenant(), self.task.id, &id).await?;
         }
         let live = state.as_ref().filter(|s| !s.value.deleted);
