@@ -16,6 +16,7 @@ mod operations;
 mod platform;
 mod providers;
 mod readme;
+mod sync_runs;
 mod sync_tasks;
 mod tidy;
 mod webhooks;

@@ -157,7 +157,9 @@ async fn validation_names_every_field() {
 
 #[tokio::test]
 async fn run_is_accepted_once_then_conflicts() {
-    let app = spawn_app().await;
+    // The sync worker looks once at start-up, then not for an hour: the run stays queued.
+    let app =
+        crate::helpers::spawn_app_with(|s| s.sync.poll_interval = integration_manager::config::HumanDuration::parse("1h").unwrap()).await;
     let s = setup(&app).await;
     let mut body = task(&s);
     body["schedule"] = json!({"manual": true});

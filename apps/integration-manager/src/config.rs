@@ -50,6 +50,25 @@ pub struct Settings {
     pub metrics: MetricsSettings,
     pub rate_limits: RateLimitSettings,
     pub log: LogSettings,
+    pub sync: SyncSettings,
+}
+
+/// The `sync` section: the sync worker (in roles `worker` and `all`) and its engine.
+#[derive(Debug, Clone, Deserialize)]
+pub struct SyncSettings {
+    /// How often an instance looks for due sync tasks.
+    pub poll_interval: HumanDuration,
+    /// How long a claimed task stays held without a heartbeat (one per page); a run whose
+    /// instance died is marked expired after it and resumed from its checkpoint.
+    pub lease: HumanDuration,
+    /// Runs at once on one instance.
+    pub concurrency: usize,
+    /// Consecutive failed runs after which a task is paused.
+    pub failure_limit: u32,
+    /// Records per provider page and per Shard Manager changes page.
+    pub page_size: u32,
+    /// How far before its checkpoint an incremental read starts again.
+    pub lookback: HumanDuration,
 }
 
 /// The `oauth2` section: OAuth2 connections (authorizations and token refreshes).
@@ -489,6 +508,7 @@ impl Settings {
             metrics: reader.section("metrics"),
             rate_limits: reader.section("rate_limits"),
             log: reader.section("log"),
+            sync: reader.section("sync"),
         };
         reader.unknown_keys();
         let mut errors = reader.errors;
@@ -530,6 +550,14 @@ impl Settings {
             section(&mut problems, "rabbitmq", self.rabbitmq.problems());
         }
         section(&mut problems, "provider_client", self.provider_client.problems());
+        let sync = &self.sync;
+        check(&mut problems, sync.poll_interval.get() >= std::time::Duration::from_millis(100), "sync.poll_interval", &|| {
+            "must be at least 100ms".into()
+        });
+        check(&mut problems, sync.lease.get().as_secs() >= 5, "sync.lease", &|| "must be at least 5s".into());
+        check(&mut problems, (1..=256).contains(&sync.concurrency), "sync.concurrency", &|| "must be between 1 and 256".into());
+        check(&mut problems, (1..=1000).contains(&sync.failure_limit), "sync.failure_limit", &|| "must be between 1 and 1000".into());
+        check(&mut problems, (1..=1000).contains(&sync.page_size), "sync.page_size", &|| "must be between 1 and 1000".into());
         check(
             &mut problems,
             (1..=10_000).contains(&self.webhooks.service.max_endpoints_per_tenant),

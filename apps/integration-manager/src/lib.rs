@@ -12,6 +12,7 @@ pub mod keys;
 pub mod metrics;
 pub mod startup;
 pub mod state;
+pub mod sync;
 pub mod telemetry;
 
 pub use config::Settings;

@@ -115,6 +115,27 @@ pub fn record_attempt(report: &Result<AttemptReport, DomainError>) {
     metrics::counter!("webhook_delivery_attempts_total", "outcome" => outcome).increment(1);
 }
 
+/// A finished sync execution, by status, and its records by direction and action.
+pub fn record_sync(status: im_domain::sync::ExecutionStatus, counts: &im_domain::sync::DirectionCounts) {
+    metrics::counter!("im_sync_executions_total", "status" => status.as_str()).increment(1);
+    for (direction, c) in [("inbound", &counts.inbound), ("outbound", &counts.outbound)] {
+        for (action, n) in [
+            ("read", c.read),
+            ("created", c.created),
+            ("updated", c.updated),
+            ("deleted", c.deleted),
+            ("unchanged", c.unchanged),
+            ("echo_skipped", c.echoes_skipped),
+            ("conflict", c.conflicts),
+            ("failed", c.failed),
+        ] {
+            if n > 0 {
+                metrics::counter!("im_sync_records_total", "direction" => direction, "action" => action).increment(n);
+            }
+        }
+    }
+}
+
 /// The outbox's backlog and dead letters, sampled at a scrape.
 pub fn record_outbox(pending: u64, oldest_age_secs: u64, dead_letters: u64) {
     metrics::gauge!("outbox_pending_events").set(pending as f64);
@@ -184,5 +205,11 @@ mod tests {
         assert!(text.contains(r#"im_delivery_commit_to_success_seconds_bucket{le="21600"} 1"#), "{text}");
         assert!(text.contains("im_outbox_dead_letters 5"), "{text}");
         assert!(text.contains("im_delivery_queue_depth 6"), "{text}");
+        let mut counts = im_domain::sync::DirectionCounts::default();
+        counts.inbound.created = 7;
+        record_sync(im_domain::sync::ExecutionStatus::Partial, &counts);
+        let text = handle.render();
+        assert!(text.contains(r#"im_sync_executions_total{status="partial"} 1"#), "{text}");
+        assert!(text.contains(r#"im_sync_records_total{direction="inbound",action="created"} 7"#), "{text}");
     }
 }

@@ -26,11 +26,13 @@ use im_domain::audit::Audit;
 use im_domain::auth::Authenticator;
 use im_domain::connection::ConnectionRepository;
 use im_domain::ports::{EventPublisher, HealthCheck, IntegrationRepository, Outbox, ProviderRepository};
+use im_domain::provider_client::ProviderClient;
 use im_domain::secrets::SecretStore;
 use im_domain::services::{
-    AuditShipper, CatalogService, ConnectionService, ConnectionTests, DeliveryService, DeliverySettings, EventRelay, InProcessBus,
-    IntegrationService, OutboxAdmin, SyncTaskService, WebhookService,
+    AuditShipper, CatalogService, ConnectionService, ConnectionTests, DeliveryService, DeliverySettings, EngineSettings, EventRelay,
+    InProcessBus, IntegrationService, OutboxAdmin, SyncEngine, SyncScheduler, SyncTaskService, WebhookService,
 };
+use im_domain::sync::ports::ShardManager;
 use im_domain::webhooks::ports::{DeliveryQueue, DeliveryRepository, OsEntropy, WebhookRepository};
 use im_domain::{Clock, SystemClock, UuidV7};
 use im_store_cosmos::CosmosStore;
@@ -52,7 +54,7 @@ use crate::state::AppState;
 pub enum ServeRole {
     /// The HTTP API only; no background work.
     Api,
-    /// The outbox relay, the delivery dispatcher and the TTL sweeper; the port serves only
+    /// The outbox relay, the delivery dispatcher, the sync worker and the TTL sweeper; the port serves only
     /// the health endpoints.
     Worker,
     /// Both (one process does everything: the default).
@@ -325,6 +327,55 @@ pub async fn open_storage(settings: &Settings, clock: Arc<dyn Clock>, provision:
     }
 }
 
+/// The Shard Manager sync tasks write to: the embedded one, on the embedded store (with Cosmos
+/// DB as the store, on an embedded store in `storage.data_dir` of its own).
+async fn shard_manager(settings: &Settings, storage: &Storage) -> anyhow::Result<Arc<dyn ShardManager>> {
+    if let Some(store) = &storage.embedded {
+        return Ok(store.shards());
+    }
+    let store = EmbeddedStore::open(&settings.storage.data_dir, Arc::new(SystemClock))?;
+    store.migrate().await.context("migrating the embedded store of the Shard Manager")?;
+    Ok(store.shards())
+}
+
+/// The sync worker of this instance: its scheduler (an owner id of its own), the engine and
+/// where credentials and sources come from.
+async fn sync_worker(
+    settings: &Settings,
+    storage: &Storage,
+    connections: ConnectionService,
+    client: Arc<dyn ProviderClient>,
+) -> anyhow::Result<crate::sync::SyncWorker> {
+    let sync = &settings.sync;
+    let owner = format!("instance-{}", uuid::Uuid::now_v7().simple());
+    let scheduler = SyncScheduler::new(
+        storage.sync_tasks.clone(),
+        storage.sync_executions.clone(),
+        Arc::new(SystemClock),
+        Arc::new(UuidV7),
+        owner,
+        sync.lease.get(),
+    )
+    .with_failure_limit(sync.failure_limit);
+    let engine = SyncEngine::new(
+        client,
+        shard_manager(settings, storage).await?,
+        storage.sync_states.clone(),
+        Arc::new(SystemClock),
+        Arc::new(UuidV7),
+        EngineSettings { page_size: sync.page_size, lookback: sync.lookback.get() },
+    );
+    Ok(crate::sync::SyncWorker {
+        scheduler,
+        engine,
+        connections,
+        integrations: storage.integrations.clone(),
+        providers: storage.providers.clone(),
+        concurrency: sync.concurrency,
+        poll: sync.poll_interval.get(),
+    })
+}
+
 /// Stops a running [`Application`]: the same token SIGTERM and ctrl-c cancel.
 #[derive(Debug, Clone)]
 pub struct Shutdown(CancellationToken);
@@ -558,10 +609,11 @@ impl Application {
         );
         // One provider client for everything that calls a provider: its per-connection limits
         // hold across features.
-        let provider_client =
+        let provider_client: Arc<dyn ProviderClient> = Arc::new(
             im_webhook_sender::provider::HttpProviderClient::new(settings.provider_client.clone(), settings.webhooks.sender.url_policy())
-                .map_err(|e| anyhow::anyhow!("provider client: {e}"))?;
-        let connection_tests = Arc::new(ConnectionTests::new(connections.clone(), Arc::new(provider_client)));
+                .map_err(|e| anyhow::anyhow!("provider client: {e}"))?,
+        );
+        let connection_tests = Arc::new(ConnectionTests::new(connections.clone(), provider_client.clone()));
         let sync_tasks = SyncTaskService::new(
             storage.sync_tasks.clone(),
             storage.sync_executions.clone(),
@@ -583,6 +635,8 @@ impl Application {
                 let shipping = &settings.logging.shipper;
                 crate::audit::spawn_shipper(shipper, shipping.batch_size, shipping.interval.get(), &workers.shutdown, &workers.tasks);
             }
+            let worker = sync_worker(&settings, &storage, connections.clone(), provider_client.clone()).await?;
+            crate::sync::spawn_sync_worker(worker, &workers.shutdown, &workers.tasks);
             if let Some(store) = storage.embedded {
                 spawn_ttl_sweeper(store, settings.storage.ttl_sweep_interval.get(), &workers.shutdown, &workers.tasks);
             }

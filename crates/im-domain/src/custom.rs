@@ -121,6 +121,11 @@ pub struct EntityDefinition {
     /// Dotted path of the record's last-modified timestamp, used for incremental sync.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub updated_at_field: Option<String>,
+    /// The list request's query parameter that keeps records updated at or after an RFC 3339
+    /// time (`since`, `updated_after`); without it an incremental sync reads every page and
+    /// skips older records itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub updated_since_param: Option<String>,
     pub list: RequestTemplate,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub get: Option<RequestTemplate>,
@@ -314,6 +319,13 @@ pub(crate) fn entity_violations(entities: &[EntityDefinition], v: &mut Violation
         }
         if entity.updated_at_field.as_deref().is_some_and(|p| !is_dotted_path(p)) {
             v.invalid(format!("{at}.updatedAtField"), "must be a dotted path such as updated_at");
+        }
+        if let Some(param) = &entity.updated_since_param {
+            if !is_param_name(param) {
+                v.invalid(format!("{at}.updatedSinceParam"), "must be a query parameter name");
+            } else if entity.updated_at_field.is_none() {
+                v.invalid(format!("{at}.updatedSinceParam"), "needs updatedAtField");
+            }
         }
         use HttpMethod::*;
         v.extend_nested(&format!("{at}.list"), entity.list.violations(&[Get, Post], false, true).into_vec());

@@ -27,6 +27,9 @@ pub enum EventType {
     WebhookFailed,
     #[serde(rename = "sync.task.completed")]
     SyncTaskCompleted,
+    /// A sync task was paused by the service after consecutive failed runs.
+    #[serde(rename = "sync.task.paused")]
+    SyncTaskPaused,
     /// An endpoint was disabled by the service (410 Gone, or failing for too long).
     #[serde(rename = "webhook.endpoint.disabled")]
     WebhookEndpointDisabled,
@@ -40,13 +43,14 @@ pub enum EventType {
 }
 
 impl EventType {
-    pub const ALL: [EventType; 10] = [
+    pub const ALL: [EventType; 11] = [
         EventType::IntegrationCreated,
         EventType::IntegrationUpdated,
         EventType::IntegrationDeleted,
         EventType::WebhookDelivered,
         EventType::WebhookFailed,
         EventType::SyncTaskCompleted,
+        EventType::SyncTaskPaused,
         EventType::WebhookEndpointDisabled,
         EventType::ConnectionCreated,
         EventType::ConnectionDeleted,
@@ -61,6 +65,7 @@ impl EventType {
             EventType::WebhookDelivered => "webhook.delivered",
             EventType::WebhookFailed => "webhook.failed",
             EventType::SyncTaskCompleted => "sync.task.completed",
+            EventType::SyncTaskPaused => "sync.task.paused",
             EventType::WebhookEndpointDisabled => "webhook.endpoint.disabled",
             EventType::ConnectionCreated => "integration.connection.created",
             EventType::ConnectionDeleted => "integration.connection.deleted",

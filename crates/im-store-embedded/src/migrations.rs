@@ -81,7 +81,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     "#,
     ),
     (
-        7,
+        6,
         "audit_buffer",
         r#"
     -- Audit records waiting for the Logging Service: written in the request that makes them,
@@ -95,6 +95,15 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         claimed_by    TEXT,
         claimed_until INTEGER NOT NULL DEFAULT 0
     );
+    "#,
+    ),
+    (
+        7,
+        "shard_records_by_seq",
+        r#"
+    -- The embedded Shard Manager's change sequence per partition: the next number and the
+    -- changes after a cursor are index reads, not scans of the partition.
+    CREATE INDEX shard_records_by_seq ON documents (pk, json_extract(body, '$.seq')) WHERE container = 'shard_records';
     "#,
     ),
 ];

@@ -77,9 +77,10 @@ impl EmbeddedShards {
                         return Err(DomainError::PreconditionFailed);
                     }
                 }
+                // The container is written out so the partial index `shard_records_by_seq` serves it.
                 let last: Option<i64> = tx
-                    .prepare_cached("SELECT max(json_extract(body, '$.seq')) FROM documents WHERE container = ?1 AND pk = ?2")
-                    .and_then(|mut s| s.query_row(params![SHARDS, pk], |r| r.get(0)))
+                    .prepare_cached("SELECT max(json_extract(body, '$.seq')) FROM documents WHERE container = 'shard_records' AND pk = ?1")
+                    .and_then(|mut s| s.query_row(params![pk], |r| r.get(0)))
                     .map_err(map_sqlite)?;
                 doc.seq = last.unwrap_or(0) + 1;
                 let body = encode(&doc)?;
@@ -135,12 +136,12 @@ impl ShardManager for EmbeddedShards {
             .transaction(move |tx, _| {
                 let mut statement = tx
                     .prepare_cached(
-                        "SELECT id, body FROM documents WHERE container = ?1 AND pk = ?2 AND json_extract(body, '$.seq') > ?3 \
-                         ORDER BY json_extract(body, '$.seq') LIMIT ?4",
+                        "SELECT id, body FROM documents WHERE container = 'shard_records' AND pk = ?1 AND json_extract(body, '$.seq') > ?2 \
+                         ORDER BY json_extract(body, '$.seq') LIMIT ?3",
                     )
                     .map_err(map_sqlite)?;
                 let rows = statement
-                    .query_map(params![SHARDS, pk, after, limit], |r| Ok((r.get::<_, String>(0)?, decode(&r.get::<_, String>(1)?)?)))
+                    .query_map(params![pk, after, limit], |r| Ok((r.get::<_, String>(0)?, decode(&r.get::<_, String>(1)?)?)))
                     .and_then(Iterator::collect::<rusqlite::Result<Vec<_>>>)
                     .map_err(map_sqlite)?;
                 Ok(rows)

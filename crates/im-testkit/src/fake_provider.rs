@@ -11,7 +11,7 @@
 //! | `GET /offset/records?offset=&limit=` | `offset` | `{"data": [...]}` |
 //! | `GET /link/records?page=&per_page=` | `link` (`Link: <...>; rel="next"`) | `[...]` |
 //! | `GET /none/records` | `none` | `{"data": [...]}` (every record) |
-//! | `GET /records/{id}`, `PUT /records/{id}`, `DELETE /records/{id}` | | one record |
+//! | `GET /records/{id}`, `PUT /records/{id}` (an upsert), `DELETE /records/{id}` | | one record |
 //! | `GET /me` | | the verification request: `{"login": "fake"}` |
 //!
 //! Every list takes `updated_since` (RFC 3339, inclusive). Records are
@@ -85,6 +85,8 @@ struct State {
     seen: Vec<SeenRequest>,
     /// Origin written into `Link` headers instead of the fake's own (to test cross-origin links).
     link_origin: Option<String>,
+    /// `PUT` and `DELETE` requests answered.
+    writes: usize,
 }
 
 const EPOCH: i64 = 1_767_225_600; // 2026-01-01T00:00:00Z
@@ -107,6 +109,14 @@ impl State {
         merge(&mut record, fields);
         self.records.insert(id.clone(), record);
         id
+    }
+
+    fn create(&mut self, id: &str, fields: Value) -> Value {
+        let updated_at = self.tick();
+        let mut record = json!({"id": id, "version": 1, "updated_at": updated_at});
+        merge(&mut record, fields);
+        self.records.insert(id.to_owned(), record.clone());
+        record
     }
 
     fn edit(&mut self, id: &str, fields: Value) -> Option<Value> {
@@ -154,6 +164,7 @@ impl FakeProvider {
             faults: VecDeque::new(),
             seen: Vec::new(),
             link_origin: None,
+            writes: 0,
         };
         let state = Arc::new(Mutex::new(state));
         {
@@ -217,6 +228,11 @@ impl FakeProvider {
     /// The `updated_at` the next change will get (to build an updated-since filter).
     pub fn now(&self) -> String {
         rfc3339(self.state().clock + 1)
+    }
+
+    /// How many `PUT` and `DELETE` requests were answered (writes made through the API).
+    pub fn writes(&self) -> usize {
+        self.state().writes
     }
 
     /// How many requests arrived (faulted ones and refused ones included).
@@ -328,14 +344,17 @@ impl Responder {
             }
             ("PUT", ["records", id]) => {
                 let fields = request.body_json().unwrap_or(Value::Null);
+                state.writes += 1;
+                if !state.records.contains_key(*id) {
+                    // An upsert: a record the caller names is created with that id.
+                    let created = state.create(id, fields);
+                    return ResponseTemplate::new(201).set_body_json(created);
+                }
                 state.edit(id, fields).map_or_else(not_found, |r| ResponseTemplate::new(200).set_body_json(r))
             }
             ("DELETE", ["records", id]) => {
-                if state.records.remove(*id).is_some() {
-                    ResponseTemplate::new(204)
-                } else {
-                    not_found()
-                }
+                state.writes += 1;
+                if state.records.remove(*id).is_some() { ResponseTemplate::new(204) } else { not_found() }
             }
             _ => not_found(),
         }

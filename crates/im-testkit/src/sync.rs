@@ -49,6 +49,9 @@ fn state(tenant: &TenantId, task: SyncTaskId, key: &str, provider_id: &str) -> S
         origin: Side::Provider,
         deleted: false,
         updated_at: timestamp(),
+        platform_data: None,
+        open_conflict: None,
+        seen_in: None,
     }
 }
 
@@ -66,6 +69,7 @@ fn conflict(tenant: &TenantId, task: SyncTaskId) -> SyncConflict {
         detected_at: timestamp(),
         resolution: None,
         resolved_at: None,
+        applied_at: None,
     }
 }
 

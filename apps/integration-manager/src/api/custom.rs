@@ -166,6 +166,12 @@ pub struct EntityDto {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(min_length = 1, max_length = 256, pattern = r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")]
     pub updated_at_field: Option<String>,
+    /// The list request's query parameter that keeps records updated at or after an RFC 3339
+    /// time (`since`); needs `updatedAtField`. Without it an incremental sync reads every page
+    /// and skips older records itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(min_length = 1, max_length = 128)]
+    pub updated_since_param: Option<String>,
     /// The list request: `GET` or `POST`; `itemsPath` locates the records.
     pub list: RequestTemplateDto,
     /// Reads one record: `GET`, path with `{id}`.
@@ -298,6 +304,7 @@ impl From<EntityDto> for EntityDefinition {
             name: dto.name,
             id_field: dto.id_field,
             updated_at_field: dto.updated_at_field,
+            updated_since_param: dto.updated_since_param,
             list: dto.list.into(),
             get: dto.get.map(Into::into),
             upsert: dto.upsert.map(Into::into),
@@ -312,6 +319,7 @@ impl From<&EntityDefinition> for EntityDto {
             name: e.name.clone(),
             id_field: e.id_field.clone(),
             updated_at_field: e.updated_at_field.clone(),
+            updated_since_param: e.updated_since_param.clone(),
             list: (&e.list).into(),
             get: e.get.as_ref().map(Into::into),
             upsert: e.upsert.as_ref().map(Into::into),

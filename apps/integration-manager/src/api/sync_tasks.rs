@@ -465,6 +465,10 @@ pub struct ConflictView {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(format = DateTime)]
     resolved_at: Option<String>,
+    /// When a run wrote the resolution to both sides.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(format = DateTime)]
+    applied_at: Option<String>,
 }
 
 impl From<&SyncConflict> for ConflictView {
@@ -481,6 +485,7 @@ impl From<&SyncConflict> for ConflictView {
             detected_at: rfc3339(c.detected_at),
             resolution: c.resolution.as_ref().map(Into::into),
             resolved_at: c.resolved_at.map(rfc3339),
+            applied_at: c.applied_at.map(rfc3339),
         }
     }
 }
@@ -783,7 +788,8 @@ pub async fn conflicts(
     Ok(listing::<_, ConflictView>(state.sync_tasks.conflicts(&caller.0, id, &page).await?))
 }
 
-/// Settle a conflict: the chosen version is recorded on the conflict (no run applies it yet).
+/// Settle a conflict: the chosen version is recorded on the conflict, and the task's next run
+/// writes it to both sides (then `appliedAt` is set).
 #[utoipa::path(post, operation_id = "resolveSyncConflict", path = "/api/v1/sync-tasks/{id}/conflicts/{conflictId}/resolve", tag = "sync",
     params(
         ("id" = uuid::Uuid, Path, description = "Sync task id"),

@@ -57,7 +57,7 @@ pub trait ConnectionTester: Send + Sync {
 /// Fills the `{name}` placeholders of `template` (a base URL such as
 /// `https://{subdomain}.zendesk.com/api/v2`, a default query value) with the integration's
 /// configuration values of the same name; `field` names the template in errors.
-fn fill_from_config(template: &str, config: &Value, field: &str) -> Result<String, DomainError> {
+pub(crate) fn fill_from_config(template: &str, config: &Value, field: &str) -> Result<String, DomainError> {
     let mut out = String::with_capacity(template.len());
     let mut rest = template;
     while let Some(open) = rest.find('{') {

@@ -10,6 +10,9 @@ mod deliveries;
 mod integrations;
 mod outbox;
 mod relay;
+mod sync_engine;
+#[cfg(test)]
+mod sync_engine_tests;
 mod sync_scheduler;
 mod sync_tasks;
 mod webhooks;
@@ -25,6 +28,7 @@ pub use deliveries::{AttemptReport, DEFAULT_MANUAL_SENDS_PER_MINUTE, DeliverySer
 pub use integrations::IntegrationService;
 pub use outbox::OutboxAdmin;
 pub use relay::{DEFAULT_MAX_PUBLISH_ATTEMPTS, EventRelay, Relayed};
+pub use sync_engine::{EngineSettings, RunControl, SyncEngine, SyncSource};
 pub use sync_scheduler::{Claimed, DEFAULT_FAILURE_LIMIT, SyncScheduler};
 pub use sync_tasks::{ResetScope, SyncTaskService};
 pub use webhooks::{WebhookService, WithSecret};

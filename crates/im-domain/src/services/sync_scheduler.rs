@@ -10,8 +10,19 @@ use time::OffsetDateTime;
 
 use crate::common::{Clock, IdGenerator, Stored};
 use crate::error::DomainError;
+use crate::events::{DomainEvent, EventType};
 use crate::sync::ports::{SyncExecutionRepository, SyncTaskRepository};
 use crate::sync::{ExecutionStatus, LastExecution, SyncExecution, SyncTask, TaskLease, TaskStatus, Trigger};
+
+/// `data` of `sync.task.paused`: a task the service paused after consecutive failed runs.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SyncTaskPausedData {
+    pub task_id: crate::sync::SyncTaskId,
+    pub reason: String,
+    pub consecutive_failures: u32,
+    pub last_execution_id: uuid::Uuid,
+}
 
 /// Consecutive failed runs after which a task is paused, unless configured otherwise.
 pub const DEFAULT_FAILURE_LIMIT: u32 = 5;
@@ -76,19 +87,42 @@ impl SyncScheduler {
     async fn expire(&self, stored: Stored<SyncTask>, now: OffsetDateTime) -> Result<(), DomainError> {
         let mut task = stored.value;
         let Some(lease) = task.lease.take() else { return Ok(()) };
-        task.consecutive_failures += 1;
+        let reason = format!("the lease of {} ended without a heartbeat", lease.owner);
         task.last_execution = Some(LastExecution { id: lease.execution_id, status: ExecutionStatus::Expired, ended_at: Some(now) });
+        let paused = self.count_failure(&mut task, &reason, lease.execution_id, now);
         task.next_run_at = (task.status == TaskStatus::Active).then_some(now);
-        self.tasks.replace(&task, Some(stored.etag), &[]).await?;
+        self.tasks.replace(&task, Some(stored.etag), paused.as_slice()).await?;
         if let Ok(current) = self.executions.get(&task.tenant_id, lease.execution_id).await
             && !current.value.status.is_final()
         {
             let mut execution = current.value;
-            execution.finish(ExecutionStatus::Expired, Some(format!("the lease of {} ended without a heartbeat", lease.owner)), now);
+            execution.finish(ExecutionStatus::Expired, Some(reason), now);
             // Another instance finishing it first is fine.
-            let _ = self.executions.replace(&execution, Some(current.etag), &[]).await;
+            let _ = self.executions.replace(&execution, Some(current.etag), &[execution.completed_event()]).await;
         }
         Ok(())
+    }
+
+    /// Counts a failed run; pauses an active task after the configured number in a row and
+    /// returns the `sync.task.paused` event then.
+    fn count_failure(&self, task: &mut SyncTask, error: &str, execution: uuid::Uuid, now: OffsetDateTime) -> Option<DomainEvent> {
+        task.consecutive_failures += 1;
+        if task.consecutive_failures < self.failure_limit || task.status != TaskStatus::Active {
+            return None;
+        }
+        task.status = TaskStatus::Paused;
+        let reason = format!("paused after {} consecutive failed runs; last error: {error}", task.consecutive_failures);
+        task.status_reason = Some(reason.clone());
+        let data =
+            SyncTaskPausedData { task_id: task.id, reason, consecutive_failures: task.consecutive_failures, last_execution_id: execution };
+        Some(DomainEvent {
+            id: self.ids.new_uuid(),
+            event_type: EventType::SyncTaskPaused,
+            tenant_id: task.tenant_id.clone(),
+            subject: task.id.to_string(),
+            time: now,
+            data: serde_json::to_value(data).unwrap_or_default(),
+        })
     }
 
     async fn claim(&self, stored: Stored<SyncTask>, now: OffsetDateTime) -> Result<Option<Claimed>, DomainError> {
@@ -145,10 +179,10 @@ impl SyncScheduler {
         Ok(cancel)
     }
 
-    /// Ends a run: records the execution's outcome (with `events`, the completion event,
-    /// atomically), releases the task, saves its checkpoints, counts consecutive failures and
-    /// pauses the task after [`DEFAULT_FAILURE_LIMIT`] (or the configured number) in a row.
-    /// Returns the task as released.
+    /// Ends a run: records the execution's outcome with its `sync.task.completed` event (and
+    /// `events`) atomically, releases the task, saves its checkpoints, counts consecutive
+    /// failures and pauses the task after [`DEFAULT_FAILURE_LIMIT`] (or the configured number) in
+    /// a row, with a `sync.task.paused` event. Returns the task as released.
     ///
     /// # Errors
     /// As [`SyncScheduler::heartbeat`] when the task is no longer held by this execution.
@@ -157,32 +191,27 @@ impl SyncScheduler {
         mut claimed: Claimed,
         status: ExecutionStatus,
         error: Option<String>,
-        events: &[crate::events::DomainEvent],
+        events: &[DomainEvent],
     ) -> Result<Stored<SyncTask>, DomainError> {
         let now = self.clock.now();
         self.heartbeat(&mut claimed).await?;
         let mut execution = claimed.execution.value;
         execution.finish(status, error.clone(), now);
-        self.executions.replace(&execution, Some(claimed.execution.etag), events).await?;
+        let mut all = events.to_vec();
+        all.push(execution.completed_event());
+        self.executions.replace(&execution, Some(claimed.execution.etag), &all).await?;
         let mut task = claimed.task.value;
         task.lease = None;
         task.cancel_requested = false;
         task.last_execution = Some(LastExecution { id: execution.id, status, ended_at: Some(now) });
+        let mut paused = None;
         if status == ExecutionStatus::Failed {
-            task.consecutive_failures += 1;
-            if task.consecutive_failures >= self.failure_limit && task.status == TaskStatus::Active {
-                task.status = TaskStatus::Paused;
-                task.status_reason = Some(format!(
-                    "paused after {} consecutive failed runs; last error: {}",
-                    task.consecutive_failures,
-                    error.unwrap_or_default()
-                ));
-            }
+            paused = self.count_failure(&mut task, error.as_deref().unwrap_or_default(), execution.id, now);
         } else {
             task.consecutive_failures = 0;
         }
         task.reschedule(now, now);
-        let etag = self.tasks.replace(&task, Some(claimed.task.etag), &[]).await?;
+        let etag = self.tasks.replace(&task, Some(claimed.task.etag), paused.as_slice()).await?;
         Ok(Stored { value: task, etag })
     }
 }

@@ -355,7 +355,8 @@ impl SyncTaskService {
         self.states.list_conflicts(&caller.tenant_id, id, page).await
     }
 
-    /// Settles a conflict: the next run writes the chosen version to both sides.
+    /// Settles a conflict: records the choice; the task's next run (the instance holding its
+    /// lease) writes it to both sides and marks the conflict applied.
     ///
     /// # Errors
     /// `Conflict` when it was resolved already; `Validation` on `value` when a given value is not

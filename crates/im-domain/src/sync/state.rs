@@ -38,6 +38,17 @@ pub struct SyncState {
     pub deleted: bool,
     #[serde(with = "time::serde::rfc3339")]
     pub updated_at: OffsetDateTime,
+    /// The platform's whole record at `platform_version` when it holds more than the mapped
+    /// fields (unmapped fields, or a value in conflict): what a write to the platform starts from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform_data: Option<Value>,
+    /// The open conflict of this record, if one is kept for a person.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub open_conflict: Option<Uuid>,
+    /// The full enumeration of the provider that last saw this record (a `full` run deletes
+    /// the records its complete enumeration did not see).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seen_in: Option<Uuid>,
 }
 
 /// The store id of a state: one per task and platform key, made of characters every store
@@ -119,6 +130,9 @@ pub struct SyncConflict {
     pub resolution: Option<Resolution>,
     #[serde(with = "time::serde::rfc3339::option", default)]
     pub resolved_at: Option<OffsetDateTime>,
+    /// When a run wrote the resolution to both sides.
+    #[serde(with = "time::serde::rfc3339::option", default)]
+    pub applied_at: Option<OffsetDateTime>,
 }
 
 impl SyncConflict {

@@ -26,11 +26,12 @@ pub enum WebhookStatus {
 
 /// Event types an endpoint may subscribe to. `webhook.delivered` and `webhook.failed` are
 /// published on the bus but never delivered to webhooks (no loops).
-pub const DELIVERABLE: [EventType; 7] = [
+pub const DELIVERABLE: [EventType; 8] = [
     EventType::IntegrationCreated,
     EventType::IntegrationUpdated,
     EventType::IntegrationDeleted,
     EventType::SyncTaskCompleted,
+    EventType::SyncTaskPaused,
     EventType::ConnectionCreated,
     EventType::ConnectionDeleted,
     EventType::ConnectionFailed,
