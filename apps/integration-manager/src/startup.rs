@@ -197,7 +197,7 @@ pub async fn shard_manager(
     settings: &Settings,
     storage: &Storage,
     health: &mut Vec<Arc<dyn HealthCheck>>,
-) -> anyhow::Result<Arc<dyn im_domain::sync::ports::ShardManager>> {
+) -> anyhow::Result<Arc<dyn ShardManager>> {
     match settings.shard_manager.backend {
         PlatformBackend::Embedded => Ok(embedded_store(settings, storage).await?.shards()),
         PlatformBackend::Http => {
@@ -327,17 +327,6 @@ pub async fn open_storage(settings: &Settings, clock: Arc<dyn Clock>, provision:
     }
 }
 
-/// The Shard Manager sync tasks write to: the embedded one, on the embedded store (with Cosmos
-/// DB as the store, on an embedded store in `storage.data_dir` of its own).
-async fn shard_manager(settings: &Settings, storage: &Storage) -> anyhow::Result<Arc<dyn ShardManager>> {
-    if let Some(store) = &storage.embedded {
-        return Ok(store.shards());
-    }
-    let store = EmbeddedStore::open(&settings.storage.data_dir, Arc::new(SystemClock))?;
-    store.migrate().await.context("migrating the embedded store of the Shard Manager")?;
-    Ok(store.shards())
-}
-
 /// The sync worker of this instance: its scheduler (an owner id of its own), the engine and
 /// where credentials and sources come from.
 async fn sync_worker(
@@ -345,6 +334,7 @@ async fn sync_worker(
     storage: &Storage,
     connections: ConnectionService,
     client: Arc<dyn ProviderClient>,
+    shards: Arc<dyn ShardManager>,
 ) -> anyhow::Result<crate::sync::SyncWorker> {
     let sync = &settings.sync;
     let owner = format!("instance-{}", uuid::Uuid::now_v7().simple());
@@ -359,7 +349,7 @@ async fn sync_worker(
     .with_failure_limit(sync.failure_limit);
     let engine = SyncEngine::new(
         client,
-        shard_manager(settings, storage).await?,
+        shards,
         storage.sync_states.clone(),
         Arc::new(SystemClock),
         Arc::new(UuidV7),
@@ -635,7 +625,7 @@ impl Application {
                 let shipping = &settings.logging.shipper;
                 crate::audit::spawn_shipper(shipper, shipping.batch_size, shipping.interval.get(), &workers.shutdown, &workers.tasks);
             }
-            let worker = sync_worker(&settings, &storage, connections.clone(), provider_client.clone()).await?;
+            let worker = sync_worker(&settings, &storage, connections.clone(), provider_client.clone(), shards.clone()).await?;
             crate::sync::spawn_sync_worker(worker, &workers.shutdown, &workers.tasks);
             if let Some(store) = storage.embedded {
                 spawn_ttl_sweeper(store, settings.storage.ttl_sweep_interval.get(), &workers.shutdown, &workers.tasks);
