@@ -74,8 +74,8 @@ pub struct AuthorizationRequest<'a> {
 
 /// Talks to providers' OAuth2 token endpoints (RFC 6749, PKCE per RFC 7636). The adapter
 /// connects to token URLs through the same destination policy as every provider call and never
-/// puts a secret or token in a log, span or error.
-#[cfg_attr(any(test, feature = "test-support"), mockall::automock)]
+/// puts a secret or token in a log, span or error. Tests use the real adapter against
+/// `im_testkit::fake_oauth2` rather than a mock.
 #[async_trait]
 pub trait OAuth2Client: Send + Sync {
     /// Builds the URL the user opens to authorize (pure: nothing is sent).
