@@ -259,7 +259,7 @@ mod tests {
         assert_ne!(a, k.pkce_verifier("n2"));
         assert_eq!(a, k.pkce_verifier("n1"));
         // RFC 7636, appendix B.
-        assert_eq!(pkce_challenge("dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk"), "E9Melhoa2OwvFrEMTJguCjoFAEKrsZXvS4ZYknsMLkA");
+        assert_eq!(pkce_challenge("dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk"), "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM");
     }
 
     #[test]
