@@ -74,8 +74,8 @@ pub struct AuthorizationRequest<'a> {
 
 /// Talks to providers' OAuth2 token endpoints (RFC 6749, PKCE per RFC 7636). The adapter
 /// connects to token URLs through the same destination policy as every provider call and never
-/// puts a secret or token in a log, span or error.
-#[cfg_attr(any(test, feature = "test-support"), mockall::automock)]
+/// puts a secret or token in a log, span or error. Tests use the real adapter against
+/// `im_testkit::fake_oauth2` rather than a mock.
 #[async_trait]
 pub trait OAuth2Client: Send + Sync {
     /// Builds the URL the user opens to authorize (pure: nothing is sent).
@@ -259,7 +259,7 @@ mod tests {
         assert_ne!(a, k.pkce_verifier("n2"));
         assert_eq!(a, k.pkce_verifier("n1"));
         // RFC 7636, appendix B.
-        assert_eq!(pkce_challenge("dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk"), "E9Melhoa2OwvFrEMTJguCjoFAEKrsZXvS4ZYknsMLkA");
+        assert_eq!(pkce_challenge("dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk"), "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM");
     }
 
     #[test]
