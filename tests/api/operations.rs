@@ -146,7 +146,7 @@ async fn audit_records_wait_for_the_logging_service() {
     let denied = app.post("/api/v1/integrations", &viewer, &github("b")).await;
     assert_eq!(denied.status(), StatusCode::FORBIDDEN);
 
-    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
     let backlog = dependency(&app, "audit_backlog").await.expect("the backlog is reported");
     assert_eq!(backlog["ready"], false, "older than logging.max_backlog_age: {backlog}");
     assert!(backlog["detail"].as_str().unwrap().starts_with("2 audit record(s) waiting"), "{backlog}");
