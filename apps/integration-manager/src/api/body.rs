@@ -172,8 +172,9 @@ fn without_read_only<T: ToSchema>(mut body: Value) -> Value {
 }
 
 /// `body` with every number written with a fraction of zero (`955.0`) as the integer it is: JSON
-/// Schema's `integer` accepts it, and the document is what a client goes by, so the parser takes
-/// it too (serde refuses a float for an integer field). Other numbers are left alone.
+/// Schema's `integer` means it, and the document is what a client goes by, so the checks and the
+/// parser take it too (the validator and serde refuse a float for an integer). Other numbers are
+/// left alone.
 fn whole_numbers_as_integers(body: Value) -> Value {
     match body {
         Value::Number(n) if n.is_f64() => {
@@ -198,13 +199,14 @@ pub fn parse<T: DeserializeOwned + ToSchema>(body: Value) -> Result<Checked<T>, 
     if !body.is_object() {
         return Err(ApiError::Malformed(format!("the body must be a JSON object, not {}", type_name(&body))));
     }
+    let body = whole_numbers_as_integers(body);
     let validator = validator(&T::name())?;
     let mut found = Vec::new();
     validator.iter_errors(&body).for_each(|error| violations_of(&error, &mut found));
     if found.iter().any(|v| v.kind.is_structural()) {
         return Err(structural(found));
     }
-    match serde_path_to_error::deserialize::<_, T>(whole_numbers_as_integers(without_read_only::<T>(body))) {
+    match serde_path_to_error::deserialize::<_, T>(without_read_only::<T>(body)) {
         Ok(value) => Ok(Checked { value, violations: found.into_iter().collect() }),
         Err(e) => {
             // The schema let through what the type refuses (a format the schema only annotates,
