@@ -21,15 +21,20 @@ async fn scrape(app: &TestApp) -> String {
     response.text().await.expect("text")
 }
 
+/// An app that may deliver to receivers on loopback over HTTP.
+async fn loopback_app() -> TestApp {
+    spawn_app_with(|s| {
+        s.webhooks.sender.allowed_private_cidrs = vec!["127.0.0.0/8".into()];
+        s.webhooks.sender.allow_http = true;
+    })
+    .await
+}
+
 /// A delivered webhook shows in the commit-to-receipt histogram; the secret store's calls, the
 /// delivery queue and the dead letters are series with sane values.
 #[tokio::test]
 async fn metrics_show_receipt_latency_queue_depth_dead_letters_and_secret_calls() {
-    let app = spawn_app_with(|s| {
-        s.webhooks.sender.allowed_private_cidrs = vec!["127.0.0.0/8".into()];
-        s.webhooks.sender.allow_http = true;
-    })
-    .await;
+    let app = loopback_app().await;
     let receiver = MockServer::start().await;
     Mock::given(method("POST")).respond_with(ResponseTemplate::new(204)).mount(&receiver).await;
     let token = app.member();
@@ -198,11 +203,7 @@ async fn concurrent_duplicates_create_once() {
 /// Every POST takes a key (a webhook here); a malformed key is 400.
 #[tokio::test]
 async fn keys_work_on_other_creates_and_are_checked() {
-    let app = spawn_app_with(|s| {
-        s.webhooks.sender.allowed_private_cidrs = vec!["127.0.0.0/8".into()];
-        s.webhooks.sender.allow_http = true;
-    })
-    .await;
+    let app = loopback_app().await;
     let token = app.member();
     let body = json!({"url": "http://127.0.0.1:9/hook"});
     let first = post_with_key(&app, "/api/v1/webhooks", &token, "hook-1", &body).await;

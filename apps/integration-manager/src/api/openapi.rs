@@ -87,10 +87,8 @@ fn common_responses(path: &str, method: &str, op: &mut Value) {
         op["responses"]["429"]["headers"] = rate_limit_headers();
     }
     let idempotent = method == "post" && path.starts_with("/api/");
-    if idempotent {
-        if let Some(params) = op.as_object_mut().map(|o| o.entry("parameters").or_insert_with(|| json!([]))) {
-            params.as_array_mut().into_iter().for_each(|p| p.push(idempotency_key()));
-        }
+    if idempotent && let Some(params) = op.as_object_mut().map(|o| o.entry("parameters").or_insert_with(|| json!([]))) {
+        params.as_array_mut().into_iter().for_each(|p| p.push(idempotency_key()));
     }
     let mut add = |code: &str, description: &str| {
         if let Some(responses) = op["responses"].as_object_mut() {
