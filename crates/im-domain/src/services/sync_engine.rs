@@ -865,10 +865,11 @@ impl Run<'_> {
                 break;
             }
         }
-        if full && self.execution.error_count == 0 {
-            if let Some(enumeration) = enumeration {
-                self.sweep(enumeration).await?;
-            }
+        if full
+            && self.execution.error_count == 0
+            && let Some(enumeration) = enumeration
+        {
+            self.sweep(enumeration).await?;
         }
         Ok(())
     }
