@@ -1,5 +1,5 @@
 //! Sync runs end to end: a custom integration whose API is the fake provider (10,000 records
-//! on the embedded store, 2,000 on Cosmos DB), the app's sync worker, and the embedded Shard
+//! on the embedded store, 1,000 on Cosmos DB), the app's sync worker, and the embedded Shard
 //! Manager. A run pulls every record, a second run over unchanged data writes nothing on either
 //! side, edits on each side between runs go to the other side, a platform delete reaches the
 //! provider, 429 and 503 answers are retried, and two instances never run one task at once.
@@ -132,7 +132,7 @@ async fn platform(app: &TestApp, s: &Synced) -> std::collections::BTreeMap<Strin
 }
 
 fn records() -> usize {
-    if backend_is_cosmos() { 2_000 } else { 10_000 }
+    if backend_is_cosmos() { 1_000 } else { 10_000 }
 }
 
 #[tokio::test]

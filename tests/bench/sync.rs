@@ -168,7 +168,7 @@ async fn main() {
         store.sync_states(),
         Arc::new(SystemClock),
         Arc::new(UuidV7),
-        EngineSettings { page_size, lookback: std::time::Duration::from_secs(300) },
+        EngineSettings { page_size, lookback: std::time::Duration::from_secs(300), heartbeat: std::time::Duration::from_secs(20) },
     );
     let task = task("ours");
     let mut execution = SyncExecution::queued(

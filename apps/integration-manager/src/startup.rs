@@ -353,7 +353,8 @@ async fn sync_worker(
         storage.sync_states.clone(),
         Arc::new(SystemClock),
         Arc::new(UuidV7),
-        EngineSettings { page_size: sync.page_size, lookback: sync.lookback.get() },
+        // A heartbeat at least four times per lease.
+        EngineSettings { page_size: sync.page_size, lookback: sync.lookback.get(), heartbeat: sync.lease.get() / 4 },
     );
     Ok(crate::sync::SyncWorker {
         scheduler,

@@ -58,11 +58,14 @@ pub struct EngineSettings {
     /// How far before the checkpoint an incremental read starts again (clock skew between the
     /// provider and this service, records committed late): records read twice are deduplicated.
     pub lookback: Duration,
+    /// How often a run renews its hold inside a long page (the checkpoint saved is still the
+    /// previous page's): well under the scheduler's lease.
+    pub heartbeat: Duration,
 }
 
 impl Default for EngineSettings {
     fn default() -> Self {
-        Self { page_size: 100, lookback: Duration::from_secs(300) }
+        Self { page_size: 100, lookback: Duration::from_secs(300), heartbeat: Duration::from_secs(20) }
     }
 }
 
@@ -268,6 +271,8 @@ impl SyncEngine {
             connection: task.connection_id.to_string(),
             origin: task.integration_id.to_string(),
             pages: 0,
+            last_beat: self.clock.now(),
+            cancel_pending: false,
         };
         let result = run.all().await;
         let pages = run.pages;
@@ -317,6 +322,9 @@ struct Run<'a> {
     /// The `source` of the sync's writes to the Shard Manager: the integration id.
     origin: String,
     pages: u32,
+    /// When the hold was last renewed, and whether a cancellation came inside a page.
+    last_beat: OffsetDateTime,
+    cancel_pending: bool,
 }
 
 impl Run<'_> {
@@ -367,8 +375,23 @@ impl Run<'_> {
 
     async fn page_done(&mut self) -> Result<(), Stop> {
         self.pages += 1;
-        if self.control.page_done(self.execution).await? {
+        self.last_beat = self.engine.clock.now();
+        if self.control.page_done(self.execution).await? || self.cancel_pending {
             return Err(Stop::Cancelled);
+        }
+        Ok(())
+    }
+
+    /// Inside a page: renews the hold when a heartbeat is due. The checkpoints handed over are
+    /// still the previous page's; a cancellation waits for the page boundary.
+    async fn keep_alive(&mut self) -> Result<(), Stop> {
+        let now = self.engine.clock.now();
+        if (now - self.last_beat).unsigned_abs() < self.engine.settings.heartbeat {
+            return Ok(());
+        }
+        self.last_beat = now;
+        if self.control.page_done(self.execution).await? {
+            self.cancel_pending = true;
         }
         Ok(())
     }
@@ -713,6 +736,7 @@ impl Run<'_> {
             let changes = engine.shards.changes(self.tenant(), &self.task.target, cursor.clone(), size).await?;
             let count = changes.items.len();
             for item in &changes.items {
+                self.keep_alive().await?;
                 self.platform_change(item).await?;
             }
             let moved = cursor.as_deref() != Some(changes.next_cursor.as_str());
@@ -839,6 +863,7 @@ impl Run<'_> {
                 )
                 .await?;
             for record in page.records {
+                self.keep_alive().await?;
                 if let Some(at) = self.provider_record(record, skip_older, full.then_some(enumeration).flatten()).await? {
                     newest = newest.max(Some(at));
                 }
@@ -865,10 +890,11 @@ impl Run<'_> {
                 break;
             }
         }
-        if full && self.execution.error_count == 0 {
-            if let Some(enumeration) = enumeration {
-                self.sweep(enumeration).await?;
-            }
+        if full
+            && self.execution.error_count == 0
+            && let Some(enumeration) = enumeration
+        {
+            self.sweep(enumeration).await?;
         }
         Ok(())
     }

@@ -449,7 +449,7 @@ fn world(api: Api, direction: Direction, mode: SyncMode, policy: ConflictPolicy)
         Arc::new(states.clone()),
         Arc::new(Now),
         Arc::new(Ids),
-        EngineSettings { page_size: 10, lookback: std::time::Duration::from_secs(5) },
+        EngineSettings { page_size: 10, lookback: std::time::Duration::from_secs(5), heartbeat: std::time::Duration::from_secs(20) },
     );
     World { api, shards, states, engine, task, source }
 }
