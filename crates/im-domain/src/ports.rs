@@ -78,6 +78,16 @@ pub trait ProviderRepository: Send + Sync {
     /// - MUST return [`DomainError::NotFound`] if there is none.
     async fn get(&self, id: &ProviderId) -> Result<Stored<Provider>, DomainError>;
 
+    /// The concurrency token of a provider's current version, which `get` would return with it,
+    /// without reading the provider: what keeps something derived from a version (a compiled
+    /// config schema) checks that it is still current.
+    ///
+    /// # Errors
+    /// - MUST return [`DomainError::NotFound`] if there is none.
+    async fn etag(&self, id: &ProviderId) -> Result<ETag, DomainError> {
+        Ok(self.get(id).await?.etag)
+    }
+
     /// Lists providers matching `filter`, ordered by id, one page at a time. With a category
     /// filter the query MUST stay inside that partition.
     ///

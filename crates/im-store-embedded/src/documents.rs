@@ -146,6 +146,21 @@ impl Documents {
         self.db.read(move |conn| find(conn, container, &id, now)).await
     }
 
+    /// The concurrency token of a document found by id in any partition of the container,
+    /// without reading its body.
+    pub async fn etag_by_id(&self, container: &'static str, id: String) -> Result<Option<ETag>, DomainError> {
+        let now = self.db.now();
+        self.db
+            .read(move |conn| {
+                conn.prepare_cached(
+                    "SELECT etag FROM documents WHERE container = ?1 AND id = ?2 AND (expires_at IS NULL OR expires_at > ?3) LIMIT 1",
+                )?
+                .query_row(params![container, id, now], |r| Ok(ETag::new(r.get::<_, String>(0)?)))
+                .optional()
+            })
+            .await
+    }
+
     /// Replaces a document, optionally moving it to partition `new_pk`, conditionally on
     /// `if_match`, and records `events` in the same transaction.
     ///

@@ -85,9 +85,8 @@ impl IntegrationService {
     async fn validate(&self, spec: &IntegrationSpec, previous_status: Option<IntegrationStatus>) -> Result<(), DomainError> {
         let mut v = spec.violations(previous_status, self.allow_http);
         if !spec.provider_id.is_custom() {
-            match self.providers.get(&spec.provider_id).await {
-                Ok(provider) => {
-                    let validator = self.validator(&provider)?;
+            match self.config_validator(&spec.provider_id).await {
+                Ok(validator) => {
                     if let Err(violations) = validate_against(&validator, &Value::Object(spec.config.clone()), "config") {
                         violations.into_iter().for_each(|violation| v.push(violation));
                     }
@@ -271,6 +270,23 @@ impl IntegrationService {
 }
 
 impl IntegrationService {
+    /// The compiled config schema of a provider's current version: the provider is read (and its
+    /// schema compiled) only when the version is not the one compiled last, so a change made
+    /// through any instance is seen at once.
+    ///
+    /// # Errors
+    /// `NotFound` when there is no such provider.
+    async fn config_validator(&self, id: &ProviderId) -> Result<Arc<jsonschema::Validator>, DomainError> {
+        let current = self.providers.etag(id).await?;
+        if let Some((etag, validator)) = self.validators.get(id)
+            && etag == current
+        {
+            return Ok(validator);
+        }
+        let provider = self.providers.get(id).await?;
+        self.validator(&provider)
+    }
+
     /// The compiled config schema of a provider version, compiled once per version.
     fn validator(&self, provider: &Stored<Provider>) -> Result<Arc<jsonschema::Validator>, DomainError> {
         let id = &provider.value.spec.id;
