@@ -5,7 +5,7 @@ use serde_json::Value;
 use crate::audit::{Audit, AuditAction, AuditResource};
 use crate::auth::{Caller, Role};
 use crate::cache::{self, BoundedCache};
-use crate::common::{Clock, ETag, IdGenerator, IntegrationId, Page, PageRequest, Stored};
+use crate::common::{Clock, ETag, IdGenerator, IntegrationId, JsonText, Page, PageRequest, Stored};
 use crate::connection::ConnectionRepository;
 use crate::error::DomainError;
 use crate::events::payloads::IntegrationEventData;
@@ -166,6 +166,30 @@ impl IntegrationService {
     ) -> Result<Page<Stored<Integration>>, DomainError> {
         caller.require(Role::Viewer)?;
         self.integrations.list(&caller.tenant_id, filter, page).await
+    }
+
+    /// [`IntegrationService::get`], as the integration's JSON text (for readers that only pass
+    /// it on: the store may hand it out without decoding it).
+    ///
+    /// # Errors
+    /// As `get`.
+    pub async fn get_json(&self, caller: &Caller, id: IntegrationId) -> Result<Stored<JsonText<Integration>>, DomainError> {
+        caller.require(Role::Viewer)?;
+        self.integrations.get_json(&caller.tenant_id, id).await
+    }
+
+    /// [`IntegrationService::list`], as the integrations' JSON texts.
+    ///
+    /// # Errors
+    /// As `list`.
+    pub async fn list_json(
+        &self,
+        caller: &Caller,
+        filter: &IntegrationFilter,
+        page: &PageRequest,
+    ) -> Result<Page<Stored<JsonText<Integration>>>, DomainError> {
+        caller.require(Role::Viewer)?;
+        self.integrations.list_json(&caller.tenant_id, filter, page).await
     }
 
     /// Replaces the mutable fields of an integration. The provider cannot change.
