@@ -11,7 +11,7 @@ use im_domain::integration::{Integration, IntegrationFilter};
 use im_domain::ports::{DependencyHealth, HealthCheck, IntegrationRepository, Outbox};
 use im_domain::retry::Backoff;
 use im_domain::services::EventRelay;
-use im_domain::{DomainError, ETag, IntegrationId, Page, PageRequest, Stored, TenantId};
+use im_domain::{DomainError, ETag, IntegrationId, JsonText, Page, PageRequest, Stored, TenantId};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -141,6 +141,19 @@ impl IntegrationRepository for WakeOnEvents<dyn IntegrationRepository> {
         page: &PageRequest,
     ) -> Result<Page<Stored<Integration>>, DomainError> {
         self.inner.list(tenant, filter, page).await
+    }
+
+    async fn get_json(&self, tenant: &TenantId, id: IntegrationId) -> Result<Stored<JsonText<Integration>>, DomainError> {
+        self.inner.get_json(tenant, id).await
+    }
+
+    async fn list_json(
+        &self,
+        tenant: &TenantId,
+        filter: &IntegrationFilter,
+        page: &PageRequest,
+    ) -> Result<Page<Stored<JsonText<Integration>>>, DomainError> {
+        self.inner.list_json(tenant, filter, page).await
     }
 
     async fn replace(&self, integration: &Integration, if_match: Option<ETag>, events: &[DomainEvent]) -> Result<ETag, DomainError> {

@@ -10,7 +10,8 @@
 //! `outbox_oldest_event_age_seconds`, `im_outbox_dead_letters`, `im_delivery_queue_depth`.
 //! Labels are static text or values already at hand: nothing is formatted per request.
 
-use std::collections::BTreeMap;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -46,9 +47,38 @@ pub fn handle() -> PrometheusHandle {
         .clone()
 }
 
+/// How often histogram samples are folded into their buckets when nobody scrapes: the recorder
+/// keeps every sample until then, so without it memory would grow with the request count.
+pub const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// The route template of a resource, set as its `app_data` where routes are registered, so the
+/// request middleware labels a request without matching its path against every route again.
+#[derive(Debug, Clone, Copy)]
+pub struct Route(pub &'static str);
+
+/// The route label of a finished request.
+pub enum RouteLabel {
+    /// A resource registered with its [`Route`].
+    Known(&'static str),
+    /// Another template actix matched (operations endpoints); `None` for unmatched paths.
+    Matched(Option<String>),
+}
+
+type SeriesKey = (&'static str, &'static str, &'static str);
+
+thread_local! {
+    /// This thread's handles of the request series, by (method, route, status): recording a
+    /// request is two atomic updates instead of building and looking up two keys.
+    static SERIES: RefCell<HashMap<SeriesKey, (metrics::Counter, metrics::Histogram)>> = RefCell::new(HashMap::new());
+}
+
 /// One finished request. Labels are static text except the route template, which actix already
-/// built (unmatched paths are one label, so unknown URLs cannot grow the series).
-pub fn record_request(method: &Method, route: Option<String>, status: StatusCode, elapsed: Duration) {
+/// built (unmatched paths are one label, so unknown URLs cannot grow the series). Nothing is
+/// recorded before the process-wide recorder is installed ([`handle`]).
+pub fn record_request(method: &Method, route: RouteLabel, status: StatusCode, elapsed: Duration) {
+    if HANDLE.get().is_none() {
+        return;
+    }
     let method = match *method {
         Method::GET => "GET",
         Method::POST => "POST",
@@ -59,11 +89,29 @@ pub fn record_request(method: &Method, route: Option<String>, status: StatusCode
         Method::OPTIONS => "OPTIONS",
         _ => "other",
     };
-    let route: metrics::SharedString = route.map_or("unmatched".into(), Into::into);
     let status = status_label(status);
+    let seconds = elapsed.as_secs_f64();
+    let route = match route {
+        RouteLabel::Known(route) => route,
+        RouteLabel::Matched(route) => {
+            // Not a registered API resource: not worth a cached handle.
+            let (counter, histogram) = series(method, route.map_or("unmatched".into(), Into::into), status);
+            counter.increment(1);
+            histogram.record(seconds);
+            return;
+        }
+    };
+    SERIES.with(|cell| {
+        let mut cached = cell.borrow_mut();
+        let (counter, histogram) = cached.entry((method, route, status)).or_insert_with(|| series(method, route.into(), status));
+        counter.increment(1);
+        histogram.record(seconds);
+    });
+}
+
+fn series(method: &'static str, route: metrics::SharedString, status: &'static str) -> (metrics::Counter, metrics::Histogram) {
     let labels = [("method", metrics::SharedString::from(method)), ("route", route), ("status", status.into())];
-    metrics::counter!("http_requests_total", &labels).increment(1);
-    metrics::histogram!("http_request_duration_seconds", &labels).record(elapsed.as_secs_f64());
+    (metrics::counter!("http_requests_total", &labels), metrics::histogram!("http_request_duration_seconds", &labels))
 }
 
 fn status_label(status: StatusCode) -> &'static str {
@@ -186,16 +234,19 @@ mod tests {
     #[test]
     fn requests_and_attempts_are_rendered_with_their_labels() {
         let handle = handle();
-        record_request(&Method::POST, Some("/api/v1/integrations".into()), StatusCode::CREATED, Duration::from_millis(3));
-        record_request(&Method::GET, None, StatusCode::NOT_FOUND, Duration::from_millis(1));
+        record_request(&Method::POST, RouteLabel::Known("/api/v1/integrations"), StatusCode::CREATED, Duration::from_millis(3));
+        record_request(&Method::POST, RouteLabel::Known("/api/v1/integrations"), StatusCode::CREATED, Duration::from_millis(3));
+        record_request(&Method::GET, RouteLabel::Matched(Some("/health/live".into())), StatusCode::OK, Duration::from_millis(1));
+        record_request(&Method::GET, RouteLabel::Matched(None), StatusCode::NOT_FOUND, Duration::from_millis(1));
         record_attempt(&Ok(AttemptReport::Delivered { committed_at: Some(time::OffsetDateTime::now_utc() - time::Duration::seconds(2)) }));
         record_outbox(3, 4, 5);
         record_queue_depth(6);
         let text = handle.render();
-        assert!(text.contains(r#"http_requests_total{method="POST",route="/api/v1/integrations",status="201"} 1"#), "{text}");
+        assert!(text.contains(r#"http_requests_total{method="POST",route="/api/v1/integrations",status="201"} 2"#), "{text}");
+        assert!(text.contains(r#"http_requests_total{method="GET",route="/health/live",status="200"} 1"#), "{text}");
         assert!(text.contains(r#"route="unmatched",status="404""#), "{text}");
         assert!(
-            text.contains(r#"http_request_duration_seconds_bucket{method="POST",route="/api/v1/integrations",status="201",le="0.005"} 1"#),
+            text.contains(r#"http_request_duration_seconds_bucket{method="POST",route="/api/v1/integrations",status="201",le="0.005"} 2"#),
             "{text}"
         );
         assert!(text.contains(r#"webhook_delivery_attempts_total{outcome="delivered"}"#), "{text}");

@@ -658,6 +658,9 @@ impl Application {
             rate_limits: api::gate::TenantLimiter::new(settings.rate_limits.per_tenant),
             idempotency: im_domain::idempotency::IdempotencyService::new(storage.idempotency.clone(), Arc::new(SystemClock)),
         });
+        if let Some(metrics) = &state.metrics {
+            spawn_metrics_upkeep(metrics.handle.clone(), &workers.shutdown, &workers.tasks);
+        }
         let (server, port, http_workers) = http_server(&settings, state.clone())?;
         let metrics_server = metrics_server(&settings, state.clone())?;
         tracing::info!(
@@ -762,6 +765,22 @@ async fn cancel_on_signal(token: CancellationToken) {
         () = interrupt => tracing::info!("ctrl-c received"),
     }
     token.cancel();
+}
+
+/// Folds the recorded histogram samples into their buckets every
+/// [`crate::metrics::UPKEEP_INTERVAL`], until `shutdown`, whether or not `/metrics` is scraped.
+fn spawn_metrics_upkeep(handle: metrics_exporter_prometheus::PrometheusHandle, shutdown: &CancellationToken, tasks: &TaskTracker) {
+    let shutdown = shutdown.clone();
+    tasks.spawn(async move {
+        let mut interval = tokio::time::interval(crate::metrics::UPKEEP_INTERVAL);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = interval.tick() => handle.run_upkeep(),
+            }
+        }
+    });
 }
 
 /// Deletes expired documents of the embedded store every `every`, until `shutdown`.

@@ -147,6 +147,58 @@ pub struct Stored<T> {
     pub etag: ETag,
 }
 
+/// The JSON text of a `T`, exactly as `T`'s `Serialize` writes it, kept as text: what a store
+/// hands out when the reader only passes the value on (no parse, no re-encoding). Only
+/// [`JsonText::encode`] and an adapter that stores values as this very text make one.
+pub struct JsonText<T> {
+    text: String,
+    of: std::marker::PhantomData<fn() -> T>,
+}
+
+impl<T> JsonText<T> {
+    /// Text an adapter read back from where it stored [`JsonText::encode`]'s output unchanged.
+    /// The caller vouches that it is `T`'s current encoding.
+    pub fn stored(text: String) -> Self {
+        Self { text, of: std::marker::PhantomData }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    pub fn into_string(self) -> String {
+        self.text
+    }
+}
+
+impl<T: Serialize> JsonText<T> {
+    /// # Errors
+    /// `Unexpected` when `value` cannot be encoded (a defect).
+    pub fn encode(value: &T) -> Result<Self, DomainError> {
+        serde_json::to_string(value)
+            .map(Self::stored)
+            .map_err(|e| DomainError::Unexpected(anyhow::Error::new(e).context("encoding a value as JSON")))
+    }
+}
+
+impl<T> Clone for JsonText<T> {
+    fn clone(&self) -> Self {
+        Self::stored(self.text.clone())
+    }
+}
+
+impl<T> fmt::Debug for JsonText<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("JsonText").field(&self.text).finish()
+    }
+}
+
+impl<T> PartialEq for JsonText<T> {
+    fn eq(&self, other: &Self) -> bool {
+        self.text == other.text
+    }
+}
+
 /// Largest page a caller may ask for.
 pub const MAX_PAGE_SIZE: u32 = 200;
 /// Page size when the caller names none.

@@ -3,7 +3,7 @@
 
 use async_trait::async_trait;
 
-use crate::common::{ETag, IntegrationId, Page, PageRequest, Stored, TenantId};
+use crate::common::{ETag, IntegrationId, JsonText, Page, PageRequest, Stored, TenantId};
 use crate::error::DomainError;
 use crate::events::{Claimed, DeadLetter, DomainEvent, OutboxStats};
 use crate::integration::{Integration, IntegrationFilter};
@@ -42,6 +42,35 @@ pub trait IntegrationRepository: Send + Sync {
         page: &PageRequest,
     ) -> Result<Page<Stored<Integration>>, DomainError>;
 
+    /// [`IntegrationRepository::get`], as the integration's JSON text (what an adapter that
+    /// stores integrations as that text returns without decoding them).
+    ///
+    /// # Errors
+    /// - MUST fail exactly when `get` fails, with the same error.
+    async fn get_json(&self, tenant: &TenantId, id: IntegrationId) -> Result<Stored<JsonText<Integration>>, DomainError> {
+        let stored = self.get(tenant, id).await?;
+        Ok(Stored { value: JsonText::encode(&stored.value)?, etag: stored.etag })
+    }
+
+    /// [`IntegrationRepository::list`], as the integrations' JSON texts: the same page, in the
+    /// same order, with the same continuation.
+    ///
+    /// # Errors
+    /// - MUST fail exactly when `list` fails, with the same error.
+    async fn list_json(
+        &self,
+        tenant: &TenantId,
+        filter: &IntegrationFilter,
+        page: &PageRequest,
+    ) -> Result<Page<Stored<JsonText<Integration>>>, DomainError> {
+        let page = self.list(tenant, filter, page).await?;
+        let mut items = Vec::with_capacity(page.items.len());
+        for stored in page.items {
+            items.push(Stored { value: JsonText::encode(&stored.value)?, etag: stored.etag });
+        }
+        Ok(Page { items, continuation: page.continuation })
+    }
+
     /// Replaces a stored integration (same tenant and id), records `events` atomically with it,
     /// and returns the new concurrency token.
     ///
@@ -77,6 +106,16 @@ pub trait ProviderRepository: Send + Sync {
     /// # Errors
     /// - MUST return [`DomainError::NotFound`] if there is none.
     async fn get(&self, id: &ProviderId) -> Result<Stored<Provider>, DomainError>;
+
+    /// The concurrency token of a provider's current version, which `get` would return with it,
+    /// without reading the provider: what keeps something derived from a version (a compiled
+    /// config schema) checks that it is still current.
+    ///
+    /// # Errors
+    /// - MUST return [`DomainError::NotFound`] if there is none.
+    async fn etag(&self, id: &ProviderId) -> Result<ETag, DomainError> {
+        Ok(self.get(id).await?.etag)
+    }
 
     /// Lists providers matching `filter`, ordered by id, one page at a time. With a category
     /// filter the query MUST stay inside that partition.

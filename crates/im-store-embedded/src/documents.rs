@@ -59,7 +59,9 @@ fn expiry(now: i64, ttl: Option<Duration>) -> Option<i64> {
     ttl.map(|ttl| now.saturating_add(i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX)))
 }
 
-const LIVE: &str = "(expires_at IS NULL OR expires_at > ?now)";
+/// Not expired, with the current time as the next parameter (the statements written out in full
+/// repeat it, so that they are constant text for the statement cache).
+const LIVE: &str = "(expires_at IS NULL OR expires_at > ?)";
 
 /// Document operations on the embedded database.
 #[derive(Debug, Clone)]
@@ -126,15 +128,14 @@ impl Documents {
         let now = self.db.now();
         self.db
             .read(move |conn| {
-                let sql = format!(
-                    "SELECT etag, body FROM documents WHERE container = ?1 AND pk = ?2 AND id = ?3 AND {}",
-                    LIVE.replace("?now", "?4")
-                );
-                conn.prepare_cached(&sql)?
-                    .query_row(params![container, pk, id, now], |r| {
-                        Ok(Doc { pk: pk.clone(), id: id.clone(), etag: ETag::new(r.get::<_, String>(0)?), body: r.get(1)? })
-                    })
-                    .optional()
+                conn.prepare_cached(
+                    "SELECT etag, body FROM documents WHERE container = ?1 AND pk = ?2 AND id = ?3 \
+                     AND (expires_at IS NULL OR expires_at > ?4)",
+                )?
+                .query_row(params![container, pk, id, now], |r| {
+                    Ok(Doc { pk: pk.clone(), id: id.clone(), etag: ETag::new(r.get::<_, String>(0)?), body: r.get(1)? })
+                })
+                .optional()
             })
             .await
     }
@@ -143,6 +144,21 @@ impl Documents {
     pub async fn find_by_id(&self, container: &'static str, id: String) -> Result<Option<Doc>, DomainError> {
         let now = self.db.now();
         self.db.read(move |conn| find(conn, container, &id, now)).await
+    }
+
+    /// The concurrency token of a document found by id in any partition of the container,
+    /// without reading its body.
+    pub async fn etag_by_id(&self, container: &'static str, id: String) -> Result<Option<ETag>, DomainError> {
+        let now = self.db.now();
+        self.db
+            .read(move |conn| {
+                conn.prepare_cached(
+                    "SELECT etag FROM documents WHERE container = ?1 AND id = ?2 AND (expires_at IS NULL OR expires_at > ?3) LIMIT 1",
+                )?
+                .query_row(params![container, id, now], |r| Ok(ETag::new(r.get::<_, String>(0)?)))
+                .optional()
+            })
+            .await
     }
 
     /// Replaces a document, optionally moving it to partition `new_pk`, conditionally on
@@ -224,7 +240,7 @@ impl Documents {
         self.db
             .read(move |conn| {
                 let mut sql = String::from("SELECT pk, id, etag, body FROM documents WHERE container = ? AND ");
-                sql.push_str(&LIVE.replace("?now", "?"));
+                sql.push_str(LIVE);
                 let mut args: Vec<SqlValue> = vec![query.container.to_owned().into(), now.into()];
                 if let Some(pk) = query.pk {
                     sql.push_str(" AND pk = ?");
@@ -306,12 +322,13 @@ fn record_events(tx: &Transaction<'_>, rows: &[OutboxRow]) -> Result<(), DomainE
 }
 
 pub(crate) fn find(conn: &rusqlite::Connection, container: &str, id: &str, now: i64) -> rusqlite::Result<Option<Doc>> {
-    let sql = format!("SELECT pk, etag, body FROM documents WHERE container = ?1 AND id = ?2 AND {} LIMIT 1", LIVE.replace("?now", "?3"));
-    conn.prepare_cached(&sql)?
-        .query_row(params![container, id, now], |r| {
-            Ok(Doc { pk: r.get(0)?, id: id.to_owned(), etag: ETag::new(r.get::<_, String>(1)?), body: r.get(2)? })
-        })
-        .optional()
+    conn.prepare_cached(
+        "SELECT pk, etag, body FROM documents WHERE container = ?1 AND id = ?2 AND (expires_at IS NULL OR expires_at > ?3) LIMIT 1",
+    )?
+    .query_row(params![container, id, now], |r| {
+        Ok(Doc { pk: r.get(0)?, id: id.to_owned(), etag: ETag::new(r.get::<_, String>(1)?), body: r.get(2)? })
+    })
+    .optional()
 }
 
 /// Inserts a document inside a transaction; an expired document with the same key is replaced.
@@ -349,9 +366,10 @@ fn check_current(
     if_match: Option<&ETag>,
     now: i64,
 ) -> Result<(), DomainError> {
-    let sql = format!("SELECT etag FROM documents WHERE container = ?1 AND pk = ?2 AND id = ?3 AND {}", LIVE.replace("?now", "?4"));
     let current: Option<String> = tx
-        .prepare_cached(&sql)
+        .prepare_cached(
+            "SELECT etag FROM documents WHERE container = ?1 AND pk = ?2 AND id = ?3 AND (expires_at IS NULL OR expires_at > ?4)",
+        )
         .and_then(|mut s| s.query_row(params![container, pk, id, now], |r| r.get(0)).optional())
         .map_err(map_sqlite)?;
     match current {

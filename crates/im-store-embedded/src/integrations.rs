@@ -1,11 +1,12 @@
 //! [`IntegrationRepository`] on the documents table: container `integration_integrations`,
-//! partitioned by tenant.
+//! partitioned by tenant. A document's body is the integration's JSON text as written (its
+//! `Serialize`), so `get_json` and `list_json` hand it out as stored.
 
 use async_trait::async_trait;
 use im_domain::events::DomainEvent;
 use im_domain::integration::{Integration, IntegrationFilter};
 use im_domain::ports::IntegrationRepository;
-use im_domain::{DomainError, ETag, IntegrationId, Page, PageRequest, Stored, TenantId};
+use im_domain::{DomainError, ETag, IntegrationId, JsonText, Page, PageRequest, Stored, TenantId};
 
 use crate::containers::INTEGRATIONS;
 use crate::documents::{Documents, Query};
@@ -20,6 +21,17 @@ pub(crate) struct SqliteIntegrations {
 impl SqliteIntegrations {
     pub(crate) fn new(docs: Documents) -> Self {
         Self { docs }
+    }
+
+    fn query(tenant: &TenantId, filter: &IntegrationFilter, page: &PageRequest) -> Query {
+        let mut filters = Vec::new();
+        if let Some(provider) = &filter.provider_id {
+            filters.push(("$.providerId", provider.to_string()));
+        }
+        if let Some(status) = filter.status {
+            filters.push(("$.status", status.as_str().to_owned()));
+        }
+        Query { container: INTEGRATIONS, pk: Some(tenant.to_string()), filters, search: None, contains: Vec::new(), page: page.clone() }
     }
 }
 
@@ -46,23 +58,28 @@ impl IntegrationRepository for SqliteIntegrations {
         filter: &IntegrationFilter,
         page: &PageRequest,
     ) -> Result<Page<Stored<Integration>>, DomainError> {
-        let mut filters = Vec::new();
-        if let Some(provider) = &filter.provider_id {
-            filters.push(("$.providerId", provider.to_string()));
-        }
-        if let Some(status) = filter.status {
-            filters.push(("$.status", status.as_str().to_owned()));
-        }
-        let query = Query {
-            container: INTEGRATIONS,
-            pk: Some(tenant.to_string()),
-            filters,
-            search: None,
-            contains: Vec::new(),
-            page: page.clone(),
-        };
-        let (docs, continuation) = self.docs.query(query).await?;
+        let (docs, continuation) = self.docs.query(Self::query(tenant, filter, page)).await?;
         let items = docs.into_iter().map(decode).collect::<Result<Vec<_>, _>>()?;
+        Ok(Page { items, continuation })
+    }
+
+    #[tracing::instrument(skip_all, name = "integrations.get_json", fields(tenant = %tenant, integration = %id))]
+    async fn get_json(&self, tenant: &TenantId, id: IntegrationId) -> Result<Stored<JsonText<Integration>>, DomainError> {
+        match self.docs.get(INTEGRATIONS, tenant.to_string(), id.to_string()).await? {
+            Some(doc) => Ok(Stored { value: JsonText::stored(doc.body), etag: doc.etag }),
+            None => Err(DomainError::not_found(RESOURCE, id)),
+        }
+    }
+
+    #[tracing::instrument(skip_all, name = "integrations.list_json", fields(tenant = %tenant))]
+    async fn list_json(
+        &self,
+        tenant: &TenantId,
+        filter: &IntegrationFilter,
+        page: &PageRequest,
+    ) -> Result<Page<Stored<JsonText<Integration>>>, DomainError> {
+        let (docs, continuation) = self.docs.query(Self::query(tenant, filter, page)).await?;
+        let items = docs.into_iter().map(|doc| Stored { value: JsonText::stored(doc.body), etag: doc.etag }).collect();
         Ok(Page { items, continuation })
     }
 

@@ -57,6 +57,11 @@ impl ProviderRepository for SqliteProviders {
         }
     }
 
+    #[tracing::instrument(skip_all, name = "providers.etag", fields(provider = %id))]
+    async fn etag(&self, id: &ProviderId) -> Result<ETag, DomainError> {
+        self.docs.etag_by_id(PROVIDERS, id.to_string()).await?.ok_or_else(|| DomainError::not_found(RESOURCE, id))
+    }
+
     #[tracing::instrument(skip_all, name = "providers.list")]
     async fn list(&self, filter: &ProviderFilter, page: &PageRequest) -> Result<Page<Stored<Provider>>, DomainError> {
         let filters = Vec::new();

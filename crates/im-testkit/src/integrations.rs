@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use im_domain::integration::{Integration, IntegrationFilter, IntegrationStatus};
 use im_domain::ports::IntegrationRepository;
 use im_domain::provider::ProviderId;
-use im_domain::{DomainError, ETag, IntegrationId, PageRequest, TenantId};
+use im_domain::{DomainError, ETag, IntegrationId, JsonText, PageRequest, TenantId};
 use serde_json::json;
 
 use crate::{fresh_tenant, timestamp, user};
@@ -148,4 +148,36 @@ pub async fn foreign_continuation_token_is_refused(repo: &dyn IntegrationReposit
         }
         other => panic!("a foreign continuation token must be a validation error, got {other:?}"),
     }
+}
+
+/// The JSON texts are the encodings of what `get` and `list` return: same items, order, tokens,
+/// continuation and errors.
+pub async fn json_texts_are_the_encoding(repo: &dyn IntegrationRepository) {
+    let tenant = fresh_tenant();
+    for _ in 0..3 {
+        repo.create(&integration(&tenant, "github"), &[]).await.expect("create");
+    }
+    let mut page = PageRequest::first(2);
+    loop {
+        let values = repo.list(&tenant, &IntegrationFilter::default(), &page).await.expect("list");
+        let texts = repo.list_json(&tenant, &IntegrationFilter::default(), &page).await.expect("list_json");
+        assert_eq!(texts.continuation, values.continuation, "the same continuation");
+        assert_eq!(texts.items.len(), values.items.len(), "the same page");
+        for (text, value) in texts.items.iter().zip(&values.items) {
+            assert_eq!(text.value, JsonText::encode(&value.value).expect("encode"), "a listed text is the encoding");
+            assert_eq!(text.etag, value.etag, "a listed text carries its token");
+            let one = repo.get_json(&tenant, value.value.id).await.expect("get_json");
+            assert_eq!(one.value, text.value, "a read text is the encoding");
+            assert_eq!(one.etag, value.etag, "a read text carries its token");
+        }
+        match texts.continuation {
+            Some(token) => page = PageRequest { limit: 2, continuation: Some(token) },
+            None => break,
+        }
+    }
+    let other = fresh_tenant();
+    let id = repo.list(&tenant, &IntegrationFilter::default(), &PageRequest::first(1)).await.expect("list").items[0].value.id;
+    assert!(matches!(repo.get_json(&other, id).await, Err(DomainError::NotFound { .. })), "another tenant's text is not found");
+    let foreign = PageRequest { limit: 10, continuation: Some("this-was-never-issued".into()) };
+    assert!(matches!(repo.list_json(&tenant, &IntegrationFilter::default(), &foreign).await, Err(DomainError::Validation(_))));
 }

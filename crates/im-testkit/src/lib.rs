@@ -52,6 +52,7 @@ pub async fn run_all(integrations: &dyn im_domain::ports::IntegrationRepository,
     integrations::pages_cover_everything_once(integrations).await;
     integrations::filters(integrations).await;
     integrations::foreign_continuation_token_is_refused(integrations).await;
+    integrations::json_texts_are_the_encoding(integrations).await;
     providers::crud_and_category_move(providers).await;
     providers::ids_are_unique_across_categories(providers).await;
     providers::list_filters_and_pages(providers).await;

@@ -72,6 +72,7 @@ pub async fn crud_and_category_move(repo: &dyn ProviderRepository) {
     let read = repo.get(&item.spec.id).await.expect("get");
     assert_eq!(read.value, item, "a read returns what was written");
     assert_eq!(read.etag, etag);
+    assert_eq!(repo.etag(&item.spec.id).await.expect("etag"), etag, "the token of the current version");
 
     let old_category = item.spec.category.clone();
     item.spec.category = Category::new(fresh("cat")).unwrap();
@@ -80,12 +81,14 @@ pub async fn crud_and_category_move(repo: &dyn ProviderRepository) {
     let read = repo.get(&item.spec.id).await.expect("get after move");
     assert_eq!(read.value, item, "the moved provider reads back");
     assert_eq!(read.etag, etag2);
+    assert_eq!(repo.etag(&item.spec.id).await.expect("etag after move"), etag2, "a write changes the token");
     let old = ProviderFilter { category: Some(old_category), ..Default::default() };
     assert!(repo.list(&old, &PageRequest::first(10)).await.expect("list").items.is_empty(), "nothing is left in the old category");
 
     assert!(matches!(repo.replace(&item, Some(etag)).await, Err(DomainError::PreconditionFailed)), "stale replace is refused");
     assert!(matches!(repo.delete(&item.spec.id, Some(etag2.clone())).await, Ok(())), "delete with the current token");
     assert!(matches!(repo.get(&item.spec.id).await, Err(DomainError::NotFound { .. })), "deleted is not found");
+    assert!(matches!(repo.etag(&item.spec.id).await, Err(DomainError::NotFound { .. })), "a deleted provider has no token");
     assert!(matches!(repo.delete(&item.spec.id, None).await, Err(DomainError::NotFound { .. })));
 }
 

@@ -1,10 +1,10 @@
 //! `/api/v1/integrations`: a tenant's integrations.
 
-use actix_web::http::header;
+use actix_web::http::header::{self, ContentType};
 use actix_web::{HttpRequest, HttpResponse, web};
 use im_domain::integration::{Integration, IntegrationFilter, IntegrationSpec, IntegrationStatus};
 use im_domain::provider::ProviderId;
-use im_domain::{DomainError, FieldViolation, IntegrationId, Stored};
+use im_domain::{DomainError, FieldViolation, IntegrationId, JsonText, Stored};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use utoipa::ToSchema;
@@ -15,7 +15,7 @@ use super::body;
 use super::custom::CustomDefinitionDto;
 use super::extract::{Authenticated, IfMatch, JsonBody, Write, etag_header, not_modified};
 use super::problem::{ApiError, ApiResult, Problem};
-use super::{ListResponse, QueryParams, rfc3339};
+use super::{ListResponse, QueryParams, json_list, rfc3339};
 use crate::state::AppState;
 
 /// Lifecycle state of an integration.
@@ -91,6 +91,8 @@ impl TryFrom<IntegrationInput> for IntegrationSpec {
     }
 }
 
+// Without a custom definition the view's JSON is the domain's encoding of an `Integration` (a
+// test holds them equal), so reads serve the stored text as it is.
 /// An integration.
 #[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
@@ -172,11 +174,9 @@ pub async fn list(state: web::Data<AppState>, caller: Authenticated, req: HttpRe
     let page = query.page();
     query.finish()?;
     let filter = IntegrationFilter { provider_id, status };
-    let page = state.integrations.list(&caller.0, &filter, &page.unwrap_or_else(|| im_domain::PageRequest::first(50))).await?;
-    Ok(HttpResponse::Ok().json(ListResponse {
-        items: page.items.iter().map(|s| IntegrationView::from(&s.value)).collect(),
-        continuation_token: page.continuation,
-    }))
+    let page = state.integrations.list_json(&caller.0, &filter, &page.unwrap_or_else(|| im_domain::PageRequest::first(50))).await?;
+    let items = page.items.into_iter().map(|s| view_json(s.value)).collect::<ApiResult<Vec<_>>>()?;
+    Ok(json_list(&items, page.continuation.as_deref()))
 }
 
 /// Create an integration from a catalog provider or a custom API definition.
@@ -205,11 +205,24 @@ pub async fn create(state: web::Data<AppState>, caller: Authenticated, body: Jso
     security(("bearer" = [])))]
 pub async fn get(state: web::Data<AppState>, caller: Authenticated, id: web::Path<String>, req: HttpRequest) -> ApiResult<HttpResponse> {
     let id = path_id(&id)?;
-    let stored = state.integrations.get(&caller.0, id).await?;
+    let stored = state.integrations.get_json(&caller.0, id).await?;
     if not_modified(&req, &stored.etag) {
         return Ok(HttpResponse::NotModified().insert_header(etag_header(&stored.etag)).finish());
     }
-    Ok(respond(HttpResponse::Ok(), &stored))
+    Ok(HttpResponse::Ok().insert_header(etag_header(&stored.etag)).content_type(ContentType::json()).body(view_json(stored.value)?))
+}
+
+/// The view of an integration from its JSON text: the text itself when it has no custom
+/// definition (the view writes exactly the domain's encoding then); otherwise decoded and written
+/// as the view (the view of a custom definition leaves out what is not set).
+fn view_json(text: JsonText<Integration>) -> ApiResult<String> {
+    if !text.as_str().contains(r#""customDefinition":"#) {
+        return Ok(text.into_string());
+    }
+    let integration: Integration = serde_json::from_str(text.as_str())
+        .map_err(|e| ApiError::Domain(DomainError::Unexpected(anyhow::Error::new(e).context("decoding a stored integration"))))?;
+    serde_json::to_string(&IntegrationView::from(&integration))
+        .map_err(|e| ApiError::Domain(DomainError::Unexpected(anyhow::Error::new(e).context("encoding an integration"))))
 }
 
 /// Replace an integration's mutable fields.
@@ -238,4 +251,99 @@ pub async fn delete(state: web::Data<AppState>, write: Write, id: web::Path<Stri
     let id = path_id(&id)?;
     state.integrations.delete(&write.caller, id, write.tag()).await?;
     Ok(HttpResponse::NoContent().finish())
+}
+
+#[cfg(test)]
+mod tests {
+    use im_domain::custom::CustomApiDefinition;
+    use serde_json::json;
+
+    use super::*;
+
+    fn integration(custom: Option<Value>) -> Integration {
+        let now = time::OffsetDateTime::now_utc();
+        Integration {
+            id: IntegrationId(uuid::Uuid::now_v7()),
+            tenant_id: im_domain::TenantId::new("t1").unwrap(),
+            provider_id: ProviderId::new(if custom.is_some() { "custom" } else { "github" }).unwrap(),
+            name: "Acme \"GitHub\" ✓".into(),
+            description: "line\nbreak".into(),
+            status: IntegrationStatus::Error,
+            config: json!({"organization": "acme", "n": 1.5, "list": [1, null, true], "nested": {"z": 1, "a": 2}})
+                .as_object()
+                .cloned()
+                .unwrap(),
+            custom_definition: custom.map(|d| serde_json::from_value::<CustomApiDefinition>(d).unwrap()),
+            created_at: now,
+            updated_at: now + time::Duration::seconds(1),
+            created_by: im_domain::UserId::new("alice").unwrap(),
+            updated_by: im_domain::UserId::new("bob").unwrap(),
+        }
+    }
+
+    fn definitions() -> Vec<Value> {
+        let entity = json!({
+            "name": "ticket", "idField": "id", "updatedAtField": "updated_at",
+            "list": {"method": "GET", "path": "/tickets", "itemsPath": "data", "query": {"a": "b"}},
+            "get": {"method": "GET", "path": "/tickets/{id}"},
+            "upsert": {"method": "PUT", "path": "/tickets/{id}"},
+            "delete": {"method": "DELETE", "path": "/tickets/{id}"}
+        });
+        let mut all = Vec::new();
+        for auth in [
+            json!({"type": "api_key", "in": "query", "name": "key"}),
+            json!({"type": "bearer"}),
+            json!({"type": "basic"}),
+            json!({"type": "oauth2_client_credentials", "tokenUrl": "https://auth.example.com/token", "scopes": ["read"]}),
+        ] {
+            for pagination in [
+                json!({"style": "cursor", "cursorParam": "cursor", "nextCursorPath": "meta.next", "limitParam": "limit", "pageSize": 100}),
+                json!({"style": "cursor", "cursorParam": "cursor", "nextCursorPath": "meta.next"}),
+                json!({"style": "page", "pageParam": "page"}),
+                json!({"style": "offset", "offsetParam": "offset", "limitParam": "limit", "pageSize": 50}),
+                json!({"style": "link"}),
+                json!({"style": "link", "limitParam": "per_page", "pageSize": 10}),
+                json!({"style": "none"}),
+            ] {
+                all.push(json!({
+                    "baseUrl": "https://api.example.com/v2", "auth": auth, "defaultHeaders": {"Accept": "application/json"},
+                    "pagination": pagination, "entities": [entity]
+                }));
+            }
+        }
+        all
+    }
+
+    /// Reads serve the view of what is stored: the stored text itself, or the view written from it.
+    #[test]
+    fn reads_answer_the_view() {
+        let plain = integration(None);
+        assert_eq!(serde_json::to_string(&IntegrationView::from(&plain)).unwrap(), JsonText::encode(&plain).unwrap().into_string());
+        let mut cases = vec![plain];
+        cases.extend(definitions().into_iter().map(|d| integration(Some(d))));
+        for i in cases {
+            let view = serde_json::to_string(&IntegrationView::from(&i)).unwrap();
+            assert_eq!(view_json(JsonText::encode(&i).unwrap()).unwrap(), view, "the answer is not the view");
+        }
+    }
+
+    #[test]
+    fn a_page_of_texts_is_the_list_response() {
+        let items = [integration(None), integration(None)];
+        for continuation in [None, Some("djE6YWJj\"\\".to_owned())] {
+            let texts: Vec<String> = items.iter().map(|i| JsonText::encode(i).unwrap().into_string()).collect();
+            let expected = serde_json::to_vec(&ListResponse {
+                items: items.iter().map(IntegrationView::from).collect(),
+                continuation_token: continuation.clone(),
+            })
+            .unwrap();
+            assert_eq!(body_of(json_list(&texts, continuation.as_deref())), expected);
+        }
+        assert_eq!(body_of(json_list(&[], None)), br#"{"items":[],"continuationToken":null}"#.to_vec());
+    }
+
+    fn body_of(response: HttpResponse) -> Vec<u8> {
+        let bytes = actix_web::body::to_bytes(response.into_body());
+        tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(bytes).unwrap().to_vec()
+    }
 }

@@ -22,12 +22,20 @@ pub mod webhooks;
 
 use std::collections::HashMap;
 
-use actix_web::{HttpRequest, web};
+use actix_web::http::header::ContentType;
+use actix_web::{HttpRequest, HttpResponse, web};
 use im_domain::{FieldViolation, PageRequest, ViolationKind};
 use serde::Serialize;
 use utoipa::ToSchema;
 
 use problem::ApiError;
+
+/// A resource of `/api/v1`, carrying its route template for the request metrics.
+macro_rules! resource {
+    ($path:literal) => {
+        web::resource($path).app_data(crate::metrics::Route(concat!("/api/v1", $path)))
+    };
+}
 
 /// Registers every route.
 pub fn routes(cfg: &mut web::ServiceConfig) {
@@ -47,61 +55,61 @@ pub fn api_routes(cfg: &mut web::ServiceConfig) {
     cfg.service(
         web::scope("/api/v1")
             .wrap(actix_web::middleware::from_fn(gate::middleware))
-            .service(web::resource("/integrations").route(web::get().to(integrations::list)).route(web::post().to(integrations::create)))
+            .service(resource!("/integrations").route(web::get().to(integrations::list)).route(web::post().to(integrations::create)))
             .service(
-                web::resource("/integrations/{id}")
+                resource!("/integrations/{id}")
                     .route(web::get().to(integrations::get))
                     .route(web::put().to(integrations::update))
                     .route(web::delete().to(integrations::delete)),
             )
             .service(
-                web::resource("/integrations/{id}/connections")
+                resource!("/integrations/{id}/connections")
                     .route(web::get().to(connections::list))
                     .route(web::post().to(connections::create)),
             )
             .service(
-                web::resource("/integrations/{id}/connections/{connection}")
+                resource!("/integrations/{id}/connections/{connection}")
                     .route(web::get().to(connections::get))
                     .route(web::put().to(connections::update))
                     .route(web::delete().to(connections::delete)),
             )
-            .service(web::resource("/integrations/{id}/connections/{connection}/test").route(web::post().to(connection_test::test)))
-            .service(web::resource("/integrations/{id}/connections/oauth2/authorize").route(web::post().to(oauth2::authorize)))
-            .service(web::resource("/oauth2/callback").route(web::get().to(oauth2::callback)))
-            .service(web::resource("/webhooks").route(web::get().to(webhooks::list)).route(web::post().to(webhooks::create)))
+            .service(resource!("/integrations/{id}/connections/{connection}/test").route(web::post().to(connection_test::test)))
+            .service(resource!("/integrations/{id}/connections/oauth2/authorize").route(web::post().to(oauth2::authorize)))
+            .service(resource!("/oauth2/callback").route(web::get().to(oauth2::callback)))
+            .service(resource!("/webhooks").route(web::get().to(webhooks::list)).route(web::post().to(webhooks::create)))
             .service(
-                web::resource("/webhooks/{id}")
+                resource!("/webhooks/{id}")
                     .route(web::get().to(webhooks::get))
                     .route(web::put().to(webhooks::update))
                     .route(web::delete().to(webhooks::delete)),
             )
-            .service(web::resource("/webhooks/{id}/rotate-secret").route(web::post().to(webhooks::rotate_secret)))
-            .service(web::resource("/webhooks/{id}/deliveries").route(web::get().to(deliveries::list)))
-            .service(web::resource("/webhooks/{id}/deliveries/{delivery}").route(web::get().to(deliveries::get)))
-            .service(web::resource("/webhooks/{id}/deliveries/{delivery}/retry").route(web::post().to(deliveries::retry)))
-            .service(web::resource("/webhooks/{id}/recover").route(web::post().to(deliveries::recover)))
-            .service(web::resource("/webhooks/{id}/test").route(web::post().to(deliveries::test)))
-            .service(web::resource("/admin/outbox/dead-letters").route(web::get().to(admin::list_dead_letters)))
-            .service(web::resource("/admin/outbox/dead-letters/{id}/requeue").route(web::post().to(admin::requeue_dead_letter)))
-            .service(web::resource("/sync-tasks").route(web::get().to(sync_tasks::list)).route(web::post().to(sync_tasks::create)))
+            .service(resource!("/webhooks/{id}/rotate-secret").route(web::post().to(webhooks::rotate_secret)))
+            .service(resource!("/webhooks/{id}/deliveries").route(web::get().to(deliveries::list)))
+            .service(resource!("/webhooks/{id}/deliveries/{delivery}").route(web::get().to(deliveries::get)))
+            .service(resource!("/webhooks/{id}/deliveries/{delivery}/retry").route(web::post().to(deliveries::retry)))
+            .service(resource!("/webhooks/{id}/recover").route(web::post().to(deliveries::recover)))
+            .service(resource!("/webhooks/{id}/test").route(web::post().to(deliveries::test)))
+            .service(resource!("/admin/outbox/dead-letters").route(web::get().to(admin::list_dead_letters)))
+            .service(resource!("/admin/outbox/dead-letters/{id}/requeue").route(web::post().to(admin::requeue_dead_letter)))
+            .service(resource!("/sync-tasks").route(web::get().to(sync_tasks::list)).route(web::post().to(sync_tasks::create)))
             .service(
-                web::resource("/sync-tasks/{id}")
+                resource!("/sync-tasks/{id}")
                     .route(web::get().to(sync_tasks::get))
                     .route(web::put().to(sync_tasks::update))
                     .route(web::delete().to(sync_tasks::delete)),
             )
-            .service(web::resource("/sync-tasks/{id}/run").route(web::post().to(sync_tasks::run)))
-            .service(web::resource("/sync-tasks/{id}/pause").route(web::post().to(sync_tasks::pause)))
-            .service(web::resource("/sync-tasks/{id}/resume").route(web::post().to(sync_tasks::resume)))
-            .service(web::resource("/sync-tasks/{id}/cancel").route(web::post().to(sync_tasks::cancel)))
-            .service(web::resource("/sync-tasks/{id}/reset").route(web::post().to(sync_tasks::reset)))
-            .service(web::resource("/sync-tasks/{id}/executions").route(web::get().to(sync_tasks::executions)))
-            .service(web::resource("/sync-tasks/{id}/executions/{execution}").route(web::get().to(sync_tasks::execution)))
-            .service(web::resource("/sync-tasks/{id}/conflicts").route(web::get().to(sync_tasks::conflicts)))
-            .service(web::resource("/sync-tasks/{id}/conflicts/{conflict}/resolve").route(web::post().to(sync_tasks::resolve)))
-            .service(web::resource("/providers").route(web::get().to(providers::list)).route(web::post().to(providers::create)))
+            .service(resource!("/sync-tasks/{id}/run").route(web::post().to(sync_tasks::run)))
+            .service(resource!("/sync-tasks/{id}/pause").route(web::post().to(sync_tasks::pause)))
+            .service(resource!("/sync-tasks/{id}/resume").route(web::post().to(sync_tasks::resume)))
+            .service(resource!("/sync-tasks/{id}/cancel").route(web::post().to(sync_tasks::cancel)))
+            .service(resource!("/sync-tasks/{id}/reset").route(web::post().to(sync_tasks::reset)))
+            .service(resource!("/sync-tasks/{id}/executions").route(web::get().to(sync_tasks::executions)))
+            .service(resource!("/sync-tasks/{id}/executions/{execution}").route(web::get().to(sync_tasks::execution)))
+            .service(resource!("/sync-tasks/{id}/conflicts").route(web::get().to(sync_tasks::conflicts)))
+            .service(resource!("/sync-tasks/{id}/conflicts/{conflict}/resolve").route(web::post().to(sync_tasks::resolve)))
+            .service(resource!("/providers").route(web::get().to(providers::list)).route(web::post().to(providers::create)))
             .service(
-                web::resource("/providers/{id}")
+                resource!("/providers/{id}")
                     .route(web::get().to(providers::get))
                     .route(web::put().to(providers::update))
                     .route(web::delete().to(providers::delete)),
@@ -111,7 +119,7 @@ pub fn api_routes(cfg: &mut web::ServiceConfig) {
 }
 
 /// Answer of routes that do not exist.
-pub async fn not_found(req: HttpRequest) -> Result<actix_web::HttpResponse, ApiError> {
+pub async fn not_found(req: HttpRequest) -> Result<HttpResponse, ApiError> {
     Err(ApiError::NotFound(format!("no route for {} {}", req.method(), req.path())))
 }
 
@@ -152,6 +160,27 @@ impl utoipa::IntoParams for Paging {
                 .build(),
         ]
     }
+}
+
+/// A page of items already written as JSON, answered as a [`ListResponse`] without decoding them.
+pub fn json_list(items: &[String], continuation: Option<&str>) -> HttpResponse {
+    let continuation = match continuation {
+        Some(token) => serde_json::Value::from(token).to_string(),
+        None => "null".to_owned(),
+    };
+    let size = items.iter().map(|s| s.len() + 1).sum::<usize>() + continuation.len() + 36;
+    let mut body = String::with_capacity(size);
+    body.push_str(r#"{"items":["#);
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            body.push(',');
+        }
+        body.push_str(item);
+    }
+    body.push_str(r#"],"continuationToken":"#);
+    body.push_str(&continuation);
+    body.push('}');
+    HttpResponse::Ok().content_type(ContentType::json()).body(body)
 }
 
 /// Query-string parameters, each checked with an error naming it.

@@ -52,7 +52,11 @@ pub async fn middleware(req: ServiceRequest, next: Next<impl MessageBody>) -> Re
     // The id also rides in a task-local, so audit records made while serving carry it.
     let mut response = crate::audit::REQUEST_ID.scope(id.clone(), next.call(req)).instrument(span.clone()).await?;
     let status = response.status();
-    crate::metrics::record_request(&method, response.request().match_pattern(), status, started.elapsed());
+    let route = match response.request().app_data::<crate::metrics::Route>() {
+        Some(route) => crate::metrics::RouteLabel::Known(route.0),
+        None => crate::metrics::RouteLabel::Matched(response.request().match_pattern()),
+    };
+    crate::metrics::record_request(&method, route, status, started.elapsed());
     span.in_scope(|| {
         let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
         if status.is_server_error() {

@@ -5,7 +5,7 @@ use serde_json::Value;
 use crate::audit::{Audit, AuditAction, AuditResource};
 use crate::auth::{Caller, Role};
 use crate::cache::{self, BoundedCache};
-use crate::common::{Clock, ETag, IdGenerator, IntegrationId, Page, PageRequest, Stored};
+use crate::common::{Clock, ETag, IdGenerator, IntegrationId, JsonText, Page, PageRequest, Stored};
 use crate::connection::ConnectionRepository;
 use crate::error::DomainError;
 use crate::events::payloads::IntegrationEventData;
@@ -86,9 +86,8 @@ impl IntegrationService {
     async fn validate(&self, spec: &IntegrationSpec, previous_status: Option<IntegrationStatus>) -> Result<(), DomainError> {
         let mut v = spec.violations(previous_status, &self.url_policy);
         if !spec.provider_id.is_custom() {
-            match self.providers.get(&spec.provider_id).await {
-                Ok(provider) => {
-                    let validator = self.validator(&provider)?;
+            match self.config_validator(&spec.provider_id).await {
+                Ok(validator) => {
                     if let Err(violations) = validate_against(&validator, &Value::Object(spec.config.clone()), "config") {
                         violations.into_iter().for_each(|violation| v.push(violation));
                     }
@@ -168,6 +167,30 @@ impl IntegrationService {
     ) -> Result<Page<Stored<Integration>>, DomainError> {
         caller.require(Role::Viewer)?;
         self.integrations.list(&caller.tenant_id, filter, page).await
+    }
+
+    /// [`IntegrationService::get`], as the integration's JSON text (for readers that only pass
+    /// it on: the store may hand it out without decoding it).
+    ///
+    /// # Errors
+    /// As `get`.
+    pub async fn get_json(&self, caller: &Caller, id: IntegrationId) -> Result<Stored<JsonText<Integration>>, DomainError> {
+        caller.require(Role::Viewer)?;
+        self.integrations.get_json(&caller.tenant_id, id).await
+    }
+
+    /// [`IntegrationService::list`], as the integrations' JSON texts.
+    ///
+    /// # Errors
+    /// As `list`.
+    pub async fn list_json(
+        &self,
+        caller: &Caller,
+        filter: &IntegrationFilter,
+        page: &PageRequest,
+    ) -> Result<Page<Stored<JsonText<Integration>>>, DomainError> {
+        caller.require(Role::Viewer)?;
+        self.integrations.list_json(&caller.tenant_id, filter, page).await
     }
 
     /// Replaces the mutable fields of an integration. The provider cannot change.
@@ -259,6 +282,23 @@ impl IntegrationService {
 }
 
 impl IntegrationService {
+    /// The compiled config schema of a provider's current version: the provider is read (and its
+    /// schema compiled) only when the version is not the one compiled last, so a change made
+    /// through any instance is seen at once.
+    ///
+    /// # Errors
+    /// `NotFound` when there is no such provider.
+    async fn config_validator(&self, id: &ProviderId) -> Result<Arc<jsonschema::Validator>, DomainError> {
+        let current = self.providers.etag(id).await?;
+        if let Some((etag, validator)) = self.validators.get(id)
+            && etag == current
+        {
+            return Ok(validator);
+        }
+        let provider = self.providers.get(id).await?;
+        self.validator(&provider)
+    }
+
     /// The compiled config schema of a provider version, compiled once per version.
     fn validator(&self, provider: &Stored<Provider>) -> Result<Arc<jsonschema::Validator>, DomainError> {
         let id = &provider.value.spec.id;
