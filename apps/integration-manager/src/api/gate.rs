@@ -243,9 +243,9 @@ mod tests {
         let (a, b) = (TenantId::new("tenant-a").unwrap(), TenantId::new("tenant-b").unwrap());
         let remaining: Vec<u32> = (0..3).map(|_| limiter.check(&a).map(|d| d.remaining).expect("within the burst")).collect();
         assert_eq!(remaining, [2, 1, 0]);
-        let refused = limiter.check(&a).err().expect("over the burst");
+        let Err(refused) = limiter.check(&a) else { panic!("over the burst") };
         assert_eq!((refused.limit, refused.remaining, refused.reset), (3, 0, 1));
-        let other = limiter.check(&b).ok().expect("another tenant has its own bucket");
+        let Ok(other) = limiter.check(&b) else { panic!("another tenant has its own bucket") };
         assert_eq!((other.limit, other.remaining, other.reset), (3, 2, 1));
         assert!(TenantLimiter::new(TenantRateLimit { rate: 0, burst: 5 }).is_none(), "rate 0 is off");
     }
