@@ -33,5 +33,5 @@ openapi:    ## regenerate docs/openapi.json from the code
 fuzz:       ## schema-driven fuzzing of the served OpenAPI document (schemathesis): no 5xx, every answer as documented
 	bash tests/fuzz/run.sh
 
-bench:      ## API benchmark against a bare actix-web baseline (release build, wrk)
+bench:      ## API, events, webhook delivery and sync benchmarks against baselines (release build, wrk); writes docs/benchmarks.md
 	bash tests/bench/run.sh

@@ -140,6 +140,7 @@ async fn main() {
         rate(through_relay) / rate(bare)
     );
     println!("{count} events, batches of {BATCH}, persistent, mandatory, publisher confirms; relay includes outbox reads and deletes");
+    println!("ROW events-relay {:.0} {:.0} {:.2} - - -", rate(through_relay), rate(bare), rate(through_relay) / rate(bare));
 }
 
 mod fixtures {

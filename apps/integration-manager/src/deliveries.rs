@@ -112,7 +112,7 @@ pub struct FanOut {
 }
 
 /// Events of one batch fanned out at once.
-const FAN_OUT_CONCURRENCY: usize = 32;
+const FAN_OUT_CONCURRENCY: usize = 128;
 
 #[async_trait]
 impl EventSubscriber for FanOut {

@@ -154,15 +154,17 @@ impl DeliveryQueue for SqliteDeliveryQueue {
             .db
             .write(move |tx| {
                 let now = now_millis();
+                // One statement: the due jobs are found and leased together.
                 let rows: Vec<(String, String)> = tx
-                    .prepare_cached("SELECT delivery_id, tenant_id FROM delivery_jobs WHERE due_at <= ?1 AND leased_until <= ?1 ORDER BY due_at LIMIT ?2")
-                    .and_then(|mut s| s.query_map(params![now, i64::from(max)], |r| Ok((r.get(0)?, r.get(1)?)))?.collect())
+                    .prepare_cached(
+                        "UPDATE delivery_jobs SET leased_until = ?3 WHERE delivery_id IN \
+                         (SELECT delivery_id FROM delivery_jobs WHERE due_at <= ?1 AND leased_until <= ?1 ORDER BY due_at LIMIT ?2) \
+                         RETURNING delivery_id, tenant_id",
+                    )
+                    .and_then(|mut s| {
+                        s.query_map(params![now, i64::from(max), now.saturating_add(lease_ms)], |r| Ok((r.get(0)?, r.get(1)?)))?.collect()
+                    })
                     .map_err(map_sqlite)?;
-                for (id, _) in &rows {
-                    tx.prepare_cached("UPDATE delivery_jobs SET leased_until = ?2 WHERE delivery_id = ?1")
-                        .and_then(|mut s| s.execute(params![id, now.saturating_add(lease_ms)]))
-                        .map_err(map_sqlite)?;
-                }
                 Ok(rows)
             })
             .await?;

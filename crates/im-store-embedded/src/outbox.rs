@@ -70,20 +70,21 @@ impl Outbox for SqliteOutbox {
             .db
             .write(move |tx| {
                 let now = now_ms();
-                let rows: Vec<(i64, String, String)> = tx
+                // One statement: the entries are found and held together (oldest first once sorted).
+                let mut rows: Vec<(i64, String, String)> = tx
                     .prepare_cached(
-                        "SELECT seq, id, body FROM outbox WHERE dead_at IS NULL AND (claimed_until <= ?1 OR claimed_by = ?2) \
-                         ORDER BY seq LIMIT ?3",
+                        "UPDATE outbox SET claimed_by = ?2, claimed_until = ?4 WHERE seq IN \
+                         (SELECT seq FROM outbox WHERE dead_at IS NULL AND (claimed_until <= ?1 OR claimed_by = ?2) ORDER BY seq LIMIT ?3) \
+                         RETURNING seq, id, body",
                     )
                     .and_then(|mut s| {
-                        s.query_map(params![now, owner, i64::from(limit)], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect()
+                        s.query_map(params![now, owner, i64::from(limit), now.saturating_add(lease_ms)], |r| {
+                            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                        })?
+                        .collect()
                     })
                     .map_err(map_sqlite)?;
-                for (seq, _, _) in &rows {
-                    tx.prepare_cached("UPDATE outbox SET claimed_by = ?2, claimed_until = ?3 WHERE seq = ?1")
-                        .and_then(|mut s| s.execute(params![seq, owner, now.saturating_add(lease_ms)]))
-                        .map_err(map_sqlite)?;
-                }
+                rows.sort_unstable_by_key(|(seq, _, _)| *seq);
                 Ok(rows.into_iter().map(|(_, id, body)| (id, body)).collect::<Vec<_>>())
             })
             .await?;
