@@ -81,20 +81,20 @@ async fn delivery_and_execution_documents_expire() {
         }
         d
     };
-    store.create_document("integration_webhook_deliveries", "t1", &doc("d1", Some(1))).await.unwrap();
-    store.create_document("integration_sync_executions", "t1", &doc("e1", Some(1))).await.unwrap();
+    store.create_document("integration_webhook_deliveries", "t1", &doc("d1", Some(5))).await.unwrap();
+    store.create_document("integration_sync_executions", "t1", &doc("e1", Some(5))).await.unwrap();
     store.create_document("integration_webhook_deliveries", "t1", &doc("d2", None)).await.unwrap();
     store.create_document("integration_webhooks", "t1", &doc("w1", None)).await.unwrap();
     assert!(store.read_document("integration_webhook_deliveries", "t1", "d1").await.unwrap().is_some());
 
-    let deadline = Instant::now() + Duration::from_secs(15);
+    let deadline = Instant::now() + Duration::from_secs(25);
     loop {
         let d1 = store.read_document("integration_webhook_deliveries", "t1", "d1").await.unwrap();
         let e1 = store.read_document("integration_sync_executions", "t1", "e1").await.unwrap();
         if d1.is_none() && e1.is_none() {
             break;
         }
-        assert!(Instant::now() < deadline, "documents with ttl 1 s did not expire");
+        assert!(Instant::now() < deadline, "documents with ttl 5 s did not expire");
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     assert!(
