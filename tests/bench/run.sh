@@ -160,7 +160,7 @@ if [ -f tests/bench/sync.sh ]; then
   out=$(bash tests/bench/sync.sh) || { echo "$out"; echo "benchmark failed: tests/bench/sync.sh" >&2; exit 1; }
   grep -v '^sync-inbound ' <<<"$out" || true
   read -r name ours base ratio rss < <(grep '^sync-inbound ' <<<"$out" | tail -n 1)
-  ROWS+=("$name $ours $base $ratio - - $rss")
+  ROWS+=("$name $ours $base $ratio - - $(( rss / 1024 ))")  # sync.sh prints KB
 fi
 
 # --- the table -----------------------------------------------------------------------------
