@@ -87,7 +87,7 @@ impl OAuth2Config {
     fn problems(&self) -> Vec<(&'static str, String)> {
         let mut problems = Vec::new();
         let url = &self.redirect_url;
-        if !url.is_empty() && im_domain::common::validate_url(url, true).is_err() {
+        if !url.is_empty() && im_domain::common::validate_redirect_url(url, true).is_err() {
             problems.push(("redirect_url", "must be empty or an absolute http(s) URL".to_owned()));
         }
         if self.refresh_skew.get() > std::time::Duration::from_secs(3600) {

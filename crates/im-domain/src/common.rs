@@ -330,6 +330,17 @@ pub fn validate_url(value: &str, allow_http: bool) -> Result<(), FieldViolation>
     Ok(())
 }
 
+/// Checks a URL a browser is sent to (an OAuth2 redirect or return URL): [`validate_url`], and
+/// then the WHATWG parse the `oauth2` crate and browsers apply, with no credentials in it.
+pub fn validate_redirect_url(value: &str, allow_http: bool) -> Result<(), FieldViolation> {
+    validate_url(value, allow_http)?;
+    match url::Url::parse(value) {
+        Ok(parsed) if parsed.username().is_empty() && parsed.password().is_none() && parsed.host().is_some() => Ok(()),
+        Ok(_) => Err(FieldViolation::invalid("", "must name a host and carry no credentials")),
+        Err(_) => Err(FieldViolation::invalid("", "is not a valid URL")),
+    }
+}
+
 /// Checks a human-readable text: trimmed, within `max` characters and free of control characters.
 pub fn validate_text(value: &str, min: usize, max: usize) -> Result<(), FieldViolation> {
     let chars = value.chars().count();
@@ -363,6 +374,14 @@ mod tests {
             assert!(validate_url(bad, false).is_err(), "{bad}");
         }
         assert!(validate_url("http://localhost:8080", true).is_ok());
+    }
+
+    #[test]
+    fn redirect_urls_are_parsed_as_browsers_parse_them() {
+        assert!(validate_redirect_url("https://app.example.com/done?x=1", false).is_ok());
+        for bad in ["https://app.example.com@evil.example/", "https://u:p@app.example.com/", "http://a.com"] {
+            assert!(validate_redirect_url(bad, false).is_err(), "{bad}");
+        }
     }
 
     #[test]

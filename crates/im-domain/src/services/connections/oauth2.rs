@@ -22,7 +22,7 @@ use time::OffsetDateTime;
 
 use crate::audit::{AuditAction, AuditResource};
 use crate::auth::{Caller, Role};
-use crate::common::{IntegrationId, Stored, TenantId, UserId, validate_text, validate_url};
+use crate::common::{IntegrationId, Stored, TenantId, UserId, validate_redirect_url, validate_text};
 use crate::connection::{Connection, ConnectionId, ConnectionStatus, CredentialHints, MAX_NAME_CHARS, RefreshLease, check_scopes};
 use crate::custom::CustomAuth;
 use crate::error::{DomainError, FieldViolation, ViolationKind, Violations};
@@ -214,7 +214,7 @@ impl ConnectionService {
             check_scopes(&mut v, "scopes", scopes);
         }
         if let Some(url) = &spec.return_url {
-            v.check("returnUrl", validate_url(url, support.settings.allow_http_return_url));
+            v.check("returnUrl", validate_redirect_url(url, support.settings.allow_http_return_url));
         }
         let id_chars = spec.app.client_id.chars().count();
         if id_chars == 0 || id_chars > 256 || spec.app.client_id.chars().any(char::is_control) {
