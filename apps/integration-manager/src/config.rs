@@ -583,10 +583,13 @@ impl Settings {
             },
         );
         match secrets.backend {
-            SecretsBackend::Local => section(&mut problems, "secrets", secrets.local.problems()),
-            SecretsBackend::Http => section(&mut problems, "secrets", secrets.http.problems()),
+            SecretsBackend::Local => {
+                section(&mut problems, "secrets", secrets.local.problems());
+                // Unused until the backend is switched, but never valid.
+                check(&mut problems, !secrets.http.timeout.is_zero(), "secrets.timeout", &|| "must be positive".into());
+            }
+            SecretsBackend::Http => section(&mut problems, "secrets", secrets.http.problems("secrets")),
         }
-        check(&mut problems, !secrets.http.timeout.is_zero(), "secrets.timeout", &|| "must be positive".into());
         let webhooks = &self.webhooks.service;
         section(&mut problems, "webhooks", self.webhooks.sender.problems());
         check(&mut problems, webhooks.retry_schedule.len() <= 50, "webhooks.retry_schedule", &|| "must have at most 50 entries".into());
@@ -596,10 +599,10 @@ impl Settings {
         section(&mut problems, "auth", self.auth.problems());
         section(&mut problems, "oauth2", self.oauth2.problems());
         if self.shard_manager.backend == PlatformBackend::Http {
-            section(&mut problems, "shard_manager", self.shard_manager.http.problems());
+            section(&mut problems, "shard_manager", self.shard_manager.http.problems("shard_manager"));
         }
         if self.logging.backend == PlatformBackend::Http {
-            section(&mut problems, "logging", self.logging.http.problems());
+            section(&mut problems, "logging", self.logging.http.problems("logging"));
         }
         let shipper = &self.logging.shipper;
         check(&mut problems, (1..=1000).contains(&shipper.batch_size), "logging.batch_size", &|| "must be between 1 and 1000".into());

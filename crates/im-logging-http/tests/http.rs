@@ -17,6 +17,7 @@ fn sink(url: &str) -> HttpAuditSink {
         url: url.to_owned(),
         token: "service-token".into(),
         timeout: HumanDuration(Duration::from_millis(300)),
+        connect_timeout: HumanDuration(Duration::from_millis(300)),
         attempts: 3,
         backoff: Duration::from_millis(10),
     })

@@ -13,52 +13,17 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use im_domain::DomainError;
 use im_domain::ports::{DependencyHealth, HealthCheck};
-use im_domain::retry::{Backoff, Failure, retry};
+use im_domain::retry::{Failure, retry};
 use im_domain::secrets::{SecretName, SecretRef, SecretStore, SecretValue};
-use im_domain::{DomainError, HumanDuration};
+use im_platform_http::{PassiveHealth, PlatformHttpSettings, transport_reason, without_url};
 use reqwest::{Method, StatusCode};
-use secrecy::{ExposeSecret as _, SecretString};
 use serde::{Deserialize, Serialize};
 
-/// How to reach the service: the `url`, `token`, `timeout` and `attempts` keys of the
-/// `secrets` section of the configuration.
-#[derive(Debug, Clone, Deserialize)]
-pub struct HttpSecretSettings {
-    /// Base URL, e.g. `https://secrets.platform.internal`.
-    pub url: String,
-    /// Service token sent as `Authorization: Bearer`; a secret, never logged.
-    pub token: SecretString,
-    /// Timeout of one attempt.
-    pub timeout: HumanDuration,
-    /// Attempts for a request that fails with a retryable error (at least 1).
-    pub attempts: u32,
-    /// Wait before the second attempt; doubled for each further one (not configurable).
-    #[serde(skip, default = "default_backoff")]
-    pub backoff: Duration,
-}
-
-impl HttpSecretSettings {
-    /// What types alone cannot check when this store is used: every problem, as (key within
-    /// the section, message).
-    pub fn problems(&self) -> Vec<(&'static str, String)> {
-        let mut problems = Vec::new();
-        if !(self.url.starts_with("https://") || self.url.starts_with("http://")) {
-            problems.push(("url", "is required (an http(s) URL) when secrets.backend is 'http'".to_owned()));
-        }
-        if self.token.expose_secret().is_empty() {
-            problems.push(("token", "is required when secrets.backend is 'http'".to_owned()));
-        }
-        if !(1..=10).contains(&self.attempts) {
-            problems.push(("attempts", "must be between 1 and 10".to_owned()));
-        }
-        problems
-    }
-}
-
-fn default_backoff() -> Duration {
-    Duration::from_millis(100)
-}
+/// How to reach the service: the `url`, `token`, `timeout`, `connect_timeout` and `attempts`
+/// keys of the `secrets` section of the configuration.
+pub type HttpSecretSettings = PlatformHttpSettings;
 
 /// The HTTP client of the Secret Management service.
 ///
@@ -69,8 +34,7 @@ fn default_backoff() -> Duration {
 pub struct HttpSecretStore {
     settings: HttpSecretSettings,
     client: reqwest::Client,
-    /// Why the last request failed; `None` after a success (or before any request).
-    failing: std::sync::Mutex<Option<String>>,
+    health: PassiveHealth,
 }
 
 #[derive(Serialize)]
@@ -113,13 +77,9 @@ impl HttpSecretStore {
     /// # Errors
     /// When the HTTP client cannot be built.
     pub fn new(settings: HttpSecretSettings) -> Result<Self, DomainError> {
-        let client = reqwest::Client::builder()
-            .timeout(settings.timeout.get())
-            .connect_timeout(settings.timeout.get())
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .map_err(|e| DomainError::Unexpected(e.into()))?;
-        Ok(Self { settings, client, failing: std::sync::Mutex::default() })
+        let client = settings.client()?;
+        let health = PassiveHealth::new("secret_management", ("the last request succeeded", "the last request failed"));
+        Ok(Self { settings, client, health })
     }
 
     async fn send(
@@ -129,11 +89,11 @@ impl HttpSecretStore {
         query: Option<(&str, &str)>,
         body: Option<&serde_json::Value>,
     ) -> Result<reqwest::Response, DomainError> {
-        let url = format!("{}/api/v1/secrets/{}", self.settings.url.trim_end_matches('/'), path_of(name));
-        let attempts = self.settings.attempts.max(1);
-        let backoff = Backoff { attempts, first: self.settings.backoff, max: MAX_BACKOFF };
+        let url = self.settings.endpoint(&format!("api/v1/secrets/{}", path_of(name)));
+        let backoff = self.settings.retries(MAX_BACKOFF);
+        let attempts = backoff.attempts;
         let attempt = |attempt: u32| {
-            let mut request = self.client.request(method.clone(), &url).bearer_auth(self.settings.token.expose_secret());
+            let mut request = self.client.request(method.clone(), &url).bearer_auth(self.settings.token());
             if let Some((k, v)) = query {
                 request = request.query(&[(k, v)]);
             }
@@ -153,8 +113,7 @@ impl HttpSecretStore {
                         }
                         _ => return Ok(response),
                     },
-                    Err(e) if e.is_timeout() => "timed out".into(),
-                    Err(e) => format!("cannot be reached: {}", without_url(&e)),
+                    Err(e) => transport_reason(e),
                 };
                 tracing::warn!(%method, secret = %name, attempt, attempts, %reason, "secret management request failed");
                 Err(Failure::Transient(DomainError::Unavailable {
@@ -164,7 +123,7 @@ impl HttpSecretStore {
             }
         };
         let result = retry(backoff, attempt, tokio::time::sleep).await;
-        *self.failing.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = result.as_ref().err().map(ToString::to_string);
+        self.health.record(result.as_ref().err().map(ToString::to_string));
         result
     }
 }
@@ -172,24 +131,9 @@ impl HttpSecretStore {
 #[async_trait]
 impl HealthCheck for HttpSecretStore {
     async fn check(&self) -> DependencyHealth {
-        let failing = self.failing.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
-        DependencyHealth {
-            name: "secret_management".into(),
-            ready: failing.is_none(),
-            // Reads and writes that need a secret wait or answer 503; nothing is lost.
-            critical: false,
-            detail: if failing.is_some() { "the last request failed" } else { "the last request succeeded" }.into(),
-            diagnostic: failing.unwrap_or_default(),
-        }
+        // Reads and writes that need a secret wait or answer 503; nothing is lost.
+        self.health.report()
     }
-}
-
-fn without_url(error: &reqwest::Error) -> String {
-    let mut text = error.to_string();
-    if let Some(url) = error.url() {
-        text = text.replace(url.as_str(), "<url>");
-    }
-    text
 }
 
 async fn refused(response: reqwest::Response, what: &str) -> DomainError {
@@ -209,7 +153,7 @@ impl SecretStore for HttpSecretStore {
         let answer: PutAnswer = response
             .json()
             .await
-            .map_err(|e| DomainError::unavailable(format!("Secret Management answered an unreadable body: {}", without_url(&e))))?;
+            .map_err(|e| DomainError::unavailable(format!("Secret Management answered an unreadable body: {}", without_url(e))))?;
         let version = match answer.version {
             serde_json::Value::String(v) => v,
             other => other.to_string(),
@@ -226,7 +170,7 @@ impl SecretStore for HttpSecretStore {
                 let answer: GetAnswer = response
                     .json()
                     .await
-                    .map_err(|e| DomainError::unavailable(format!("Secret Management answered an unreadable body: {}", without_url(&e))))?;
+                    .map_err(|e| DomainError::unavailable(format!("Secret Management answered an unreadable body: {}", without_url(e))))?;
                 Ok(SecretValue(answer.value))
             }
             _ => Err(refused(response, "read a secret").await),

@@ -17,6 +17,7 @@ fn store(server: &MockServer) -> HttpSecretStore {
         url: server.uri(),
         token: "service-token".into(),
         timeout: im_domain::HumanDuration(Duration::from_millis(300)),
+        connect_timeout: im_domain::HumanDuration(Duration::from_millis(300)),
         attempts: 3,
         backoff: Duration::from_millis(10),
     })

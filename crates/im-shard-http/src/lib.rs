@@ -16,12 +16,12 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use im_domain::ports::{DependencyHealth, HealthCheck};
-use im_domain::retry::{Backoff, Failure, retry};
+use im_domain::retry::{Failure, retry};
 use im_domain::sync::ports::{ShardChanges, ShardManager, ShardRecord, ShardWrite, ShardWritten};
-use im_domain::{DomainError, FieldViolation, HumanDuration, TenantId};
+use im_domain::{DomainError, FieldViolation, TenantId};
+use im_platform_http::{PassiveHealth, PlatformHttpSettings, transport_reason, without_url};
 use reqwest::StatusCode;
 use reqwest::header::{HeaderMap, IF_MATCH, RETRY_AFTER};
-use secrecy::{ExposeSecret as _, SecretString};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use time::OffsetDateTime;
@@ -31,50 +31,7 @@ pub const DURATION_METRIC: &str = "im_shard_manager_request_duration_seconds";
 
 /// How to reach the service: the `url`, `token`, `timeout`, `connect_timeout` and `attempts`
 /// keys of the `shard_manager` section of the configuration.
-#[derive(Debug, Clone, Deserialize)]
-pub struct HttpShardSettings {
-    /// Base URL, e.g. `https://shards.platform.internal`.
-    pub url: String,
-    /// Service token sent as `Authorization: Bearer`; a secret, never logged.
-    pub token: SecretString,
-    /// Timeout of one attempt, the answer's body included.
-    pub timeout: HumanDuration,
-    /// Timeout of establishing a connection.
-    pub connect_timeout: HumanDuration,
-    /// Attempts for a request that fails with a retryable error (at least 1).
-    pub attempts: u32,
-    /// Wait before the second attempt; doubled for each further one (not configurable).
-    #[serde(skip, default = "default_backoff")]
-    pub backoff: Duration,
-}
-
-impl HttpShardSettings {
-    /// What types alone cannot check when this adapter is used: every problem, as (key within
-    /// the section, message).
-    pub fn problems(&self) -> Vec<(&'static str, String)> {
-        let mut problems = Vec::new();
-        if url::Url::parse(&self.url).map_or(true, |u| !matches!(u.scheme(), "http" | "https") || u.cannot_be_a_base()) {
-            problems.push(("url", "is required (an http(s) URL) when shard_manager.backend is 'http'".to_owned()));
-        }
-        if self.token.expose_secret().is_empty() {
-            problems.push(("token", "is required when shard_manager.backend is 'http'".to_owned()));
-        }
-        if self.timeout.is_zero() {
-            problems.push(("timeout", "must be positive".to_owned()));
-        }
-        if self.connect_timeout.is_zero() {
-            problems.push(("connect_timeout", "must be positive".to_owned()));
-        }
-        if !(1..=10).contains(&self.attempts) {
-            problems.push(("attempts", "must be between 1 and 10".to_owned()));
-        }
-        problems
-    }
-}
-
-fn default_backoff() -> Duration {
-    Duration::from_millis(100)
-}
+pub type HttpShardSettings = PlatformHttpSettings;
 
 /// Longest wait between two attempts, and the longest `Retry-After` waited for before another
 /// attempt (a longer one ends the call with `Unavailable` carrying it).
@@ -94,7 +51,7 @@ pub struct HttpShardManager {
     settings: HttpShardSettings,
     base: url::Url,
     client: reqwest::Client,
-    failing: Mutex<Option<String>>,
+    health: PassiveHealth,
 }
 
 #[derive(Serialize)]
@@ -188,15 +145,7 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     headers.get(RETRY_AFTER)?.to_str().ok()?.trim().parse().ok().map(Duration::from_secs)
 }
 
-fn without_url(error: &reqwest::Error) -> String {
-    let mut text = error.to_string();
-    if let Some(url) = error.url() {
-        text = text.replace(url.as_str(), "<url>");
-    }
-    text
-}
-
-fn unreadable(error: &reqwest::Error) -> DomainError {
+fn unreadable(error: reqwest::Error) -> DomainError {
     DomainError::unavailable(format!("the Shard Manager answered an unreadable body: {}", without_url(error)))
 }
 
@@ -204,17 +153,10 @@ impl HttpShardManager {
     /// # Errors
     /// When the URL is not an http(s) base URL or the HTTP client cannot be built.
     pub fn new(settings: HttpShardSettings) -> Result<Self, DomainError> {
-        let base = url::Url::parse(&settings.url)
-            .ok()
-            .filter(|u| matches!(u.scheme(), "http" | "https") && !u.cannot_be_a_base())
-            .ok_or_else(|| DomainError::invalid("shard_manager.url", "is not an http(s) URL"))?;
-        let client = reqwest::Client::builder()
-            .timeout(settings.timeout.get())
-            .connect_timeout(settings.connect_timeout.get())
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .map_err(|e| DomainError::Unexpected(e.into()))?;
-        Ok(Self { settings, base, client, failing: Mutex::default() })
+        let base = settings.base_url().ok_or_else(|| DomainError::invalid("shard_manager.url", "is not an http(s) URL"))?;
+        let client = settings.client()?;
+        let health = PassiveHealth::new("shard_manager", ("the last request succeeded", "the last request failed"));
+        Ok(Self { settings, base, client, health })
     }
 
     /// `{url}/api/v1/tenants/{tenant}/shards/{shardType}[/{key}]`, each segment percent-encoded
@@ -230,10 +172,6 @@ impl HttpShardManager {
         url
     }
 
-    fn set_failing(&self, reason: Option<String>) {
-        *self.failing.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = reason;
-    }
-
     /// Sends one request with bounded retries; answers the first response that is not retried
     /// (any status but 401, 403, 429, 5xx and, when `retry_conflicts`, 409).
     async fn send(
@@ -242,12 +180,12 @@ impl HttpShardManager {
         build: impl Fn() -> reqwest::RequestBuilder + Send + Sync,
         retry_conflicts: bool,
     ) -> Result<reqwest::Response, DomainError> {
-        let attempts = self.settings.attempts.max(1);
-        let backoff = Backoff { attempts, first: self.settings.backoff, max: MAX_BACKOFF };
+        let backoff = self.settings.retries(MAX_BACKOFF);
+        let attempts = backoff.attempts;
         // The wait the service asked for in its last answer, honoured before the next attempt.
         let asked = Mutex::new(None::<Duration>);
         let attempt = |attempt: u32| {
-            let request = build().bearer_auth(self.settings.token.expose_secret());
+            let request = build().bearer_auth(self.settings.token());
             let asked = &asked;
             async move {
                 let (reason, wait) = match request.send().await {
@@ -268,8 +206,7 @@ impl HttpShardManager {
                             _ => return Ok(response),
                         }
                     }
-                    Err(e) if e.is_timeout() => ("timed out".to_owned(), None),
-                    Err(e) => (format!("cannot be reached: {}", without_url(&e)), None),
+                    Err(e) => (transport_reason(e), None),
                 };
                 tracing::warn!(op = op.as_str(), attempt, attempts, %reason, "shard manager request failed");
                 let error = DomainError::Unavailable {
@@ -294,11 +231,11 @@ impl HttpShardManager {
         metrics::histogram!(DURATION_METRIC, "op" => op.as_str()).record(started.elapsed().as_secs_f64());
         match result {
             Ok(response) => {
-                self.set_failing(None);
+                self.health.record(None);
                 Ok(response)
             }
             Err((error, reason)) => {
-                self.set_failing(reason);
+                self.health.record(reason);
                 Err(error)
             }
         }
@@ -358,7 +295,7 @@ impl ShardManager for HttpShardManager {
         let response = self.send(Op::Put, build, !conditional).await?;
         match response.status() {
             s if s.is_success() => {
-                let answer: PutAnswer = response.json().await.map_err(|e| unreadable(&e))?;
+                let answer: PutAnswer = response.json().await.map_err(unreadable)?;
                 Ok(ShardWritten { key: answer.key, version: version_text(answer.version), updated_at: answer.updated_at })
             }
             StatusCode::PRECONDITION_FAILED | StatusCode::CONFLICT => Err(DomainError::PreconditionFailed),
@@ -384,7 +321,7 @@ impl ShardManager for HttpShardManager {
         let response = self.send(Op::Changes, || self.client.get(url.clone()), false).await?;
         match response.status() {
             s if s.is_success() => {
-                let answer: ChangesAnswer = response.json().await.map_err(|e| unreadable(&e))?;
+                let answer: ChangesAnswer = response.json().await.map_err(unreadable)?;
                 let items = answer
                     .items
                     .into_iter()
@@ -420,21 +357,15 @@ impl ShardManager for HttpShardManager {
 #[async_trait]
 impl HealthCheck for HttpShardManager {
     async fn check(&self) -> DependencyHealth {
-        let failing = self.failing.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
-        DependencyHealth {
-            name: "shard_manager".into(),
-            ready: failing.is_none(),
-            // Sync runs fail and are retried on their schedule; the API is unaffected.
-            critical: false,
-            detail: if failing.is_some() { "the last request failed" } else { "the last request succeeded" }.into(),
-            diagnostic: failing.unwrap_or_default(),
-        }
+        // Sync runs fail and are retried on their schedule; the API is unaffected.
+        self.health.report()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use im_domain::HumanDuration;
 
     fn settings(url: &str) -> HttpShardSettings {
         HttpShardSettings {
@@ -455,15 +386,5 @@ mod tests {
             shards.url(&tenant, "ticket", Some("a/1 ?#")).as_str(),
             "https://shards.internal/base/api/v1/tenants/acme/shards/ticket/a%2F1%20%3F%23"
         );
-    }
-
-    #[test]
-    fn settings_problems_name_their_keys() {
-        let mut bad = settings("shards.internal");
-        bad.token = "".into();
-        bad.attempts = 0;
-        let keys: Vec<_> = bad.problems().into_iter().map(|(k, _)| k).collect();
-        assert_eq!(keys, ["url", "token", "attempts"]);
-        assert!(settings("http://127.0.0.1:9000").problems().is_empty());
     }
 }
