@@ -40,6 +40,20 @@ fn default_backoff() -> Duration {
 }
 
 impl PlatformHttpSettings {
+    /// The service at `url` with `token`, and the configuration's defaults for the rest: 5 s a
+    /// try, 3 s to connect, 3 attempts 100 ms apart (then doubled).
+    #[must_use]
+    pub fn new(url: impl Into<String>, token: impl Into<SecretString>) -> Self {
+        Self {
+            url: url.into(),
+            token: token.into(),
+            timeout: HumanDuration(Duration::from_secs(5)),
+            connect_timeout: HumanDuration(Duration::from_secs(3)),
+            attempts: 3,
+            backoff: default_backoff(),
+        }
+    }
+
     /// What types alone cannot check when the service is used (`section.backend` is `http`):
     /// every problem, as (key within the section, message).
     #[must_use]
@@ -157,14 +171,7 @@ mod tests {
     use super::*;
 
     fn settings(url: &str) -> PlatformHttpSettings {
-        PlatformHttpSettings {
-            url: url.into(),
-            token: "t".into(),
-            timeout: HumanDuration(Duration::from_secs(1)),
-            connect_timeout: HumanDuration(Duration::from_secs(1)),
-            attempts: 1,
-            backoff: Duration::ZERO,
-        }
+        PlatformHttpSettings { attempts: 1, ..PlatformHttpSettings::new(url, "t") }
     }
 
     #[test]

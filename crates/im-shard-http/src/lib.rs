@@ -365,22 +365,10 @@ impl HealthCheck for HttpShardManager {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use im_domain::HumanDuration;
-
-    fn settings(url: &str) -> HttpShardSettings {
-        HttpShardSettings {
-            url: url.into(),
-            token: "t".into(),
-            timeout: HumanDuration(Duration::from_secs(1)),
-            connect_timeout: HumanDuration(Duration::from_secs(1)),
-            attempts: 1,
-            backoff: Duration::ZERO,
-        }
-    }
 
     #[test]
     fn segments_are_encoded_one_by_one() {
-        let shards = HttpShardManager::new(settings("https://shards.internal/base/")).unwrap();
+        let shards = HttpShardManager::new(HttpShardSettings::new("https://shards.internal/base/", "t")).unwrap();
         let tenant = TenantId::new("acme").unwrap();
         assert_eq!(
             shards.url(&tenant, "ticket", Some("a/1 ?#")).as_str(),
