@@ -6,9 +6,13 @@ use std::time::Duration;
 use async_trait::async_trait;
 use im_domain::DomainError;
 use im_domain::audit::{AuditBacklog, AuditBuffer, AuditEntry};
-use rusqlite::{params, params_from_iter};
+use rusqlite::params;
 
 use crate::db::{Db, map_sqlite};
+use crate::support::LeasedQueue;
+
+/// Every buffered record may be claimed.
+const AUDIT_BUFFER: LeasedQueue = LeasedQueue { table: "audit_buffer", eligible: "TRUE" };
 
 pub(crate) struct SqliteAuditBuffer {
     db: Arc<Db>,
@@ -44,29 +48,14 @@ impl AuditBuffer for SqliteAuditBuffer {
     async fn claim(&self, owner: &str, limit: u32, lease: Duration) -> Result<Vec<AuditEntry>, DomainError> {
         let owner = owner.to_owned();
         let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
-        let rows = self
-            .db
-            .write(move |tx| {
-                let now = ms(time::OffsetDateTime::now_utc());
-                let rows: Vec<(i64, String)> = tx
-                    .prepare_cached("SELECT seq, body FROM audit_buffer WHERE claimed_until <= ?1 OR claimed_by = ?2 ORDER BY seq LIMIT ?3")
-                    .and_then(|mut s| s.query_map(params![now, owner, i64::from(limit)], |r| Ok((r.get(0)?, r.get(1)?)))?.collect())
-                    .map_err(map_sqlite)?;
-                for (seq, _) in &rows {
-                    tx.prepare_cached("UPDATE audit_buffer SET claimed_by = ?2, claimed_until = ?3 WHERE seq = ?1")
-                        .and_then(|mut s| s.execute(params![seq, owner, now.saturating_add(lease_ms)]))
-                        .map_err(map_sqlite)?;
-                }
-                Ok(rows)
-            })
-            .await?;
+        let rows = self.db.write(move |tx| AUDIT_BUFFER.claim(tx, &owner, limit, ms(time::OffsetDateTime::now_utc()), lease_ms)).await?;
         Ok(rows
             .into_iter()
-            .filter_map(|(seq, body)| match serde_json::from_str(&body) {
+            .filter_map(|(id, body)| match serde_json::from_str(&body) {
                 Ok(entry) => Some(entry),
                 Err(error) => {
                     // Written by this service in this form; it stays (and counts in the backlog).
-                    tracing::error!(seq, %error, "an audit buffer entry cannot be read");
+                    tracing::error!(id, %error, "an audit buffer entry cannot be read");
                     None
                 }
             })
@@ -79,15 +68,7 @@ impl AuditBuffer for SqliteAuditBuffer {
             return Ok(());
         }
         let ids: Vec<String> = ids.iter().map(ToString::to_string).collect();
-        self.db
-            .write(move |tx| {
-                for chunk in ids.chunks(500) {
-                    let marks = vec!["?"; chunk.len()].join(",");
-                    tx.execute(&format!("DELETE FROM audit_buffer WHERE id IN ({marks})"), params_from_iter(chunk)).map_err(map_sqlite)?;
-                }
-                Ok(())
-            })
-            .await
+        self.db.write(move |tx| AUDIT_BUFFER.delete(tx, &ids)).await
     }
 
     #[tracing::instrument(skip_all, name = "audit_buffer.backlog")]

@@ -7,10 +7,14 @@ use async_trait::async_trait;
 use im_domain::events::{Claimed, DeadLetter, DomainEvent, OutboxStats, UnreadableEntry};
 use im_domain::ports::Outbox;
 use im_domain::{DomainError, Page, PageRequest};
-use rusqlite::{OptionalExtension, params, params_from_iter};
+use rusqlite::{OptionalExtension, params};
 
 use crate::db::{Db, map_sqlite};
 use crate::documents::{decode_token, encode_token};
+use crate::support::LeasedQueue;
+
+/// Dead letters wait for an operator; every other entry may be claimed.
+const OUTBOX: LeasedQueue = LeasedQueue { table: "outbox", eligible: "dead_at IS NULL" };
 use std::sync::Arc;
 
 pub(crate) struct SqliteOutbox {
@@ -69,23 +73,8 @@ impl Outbox for SqliteOutbox {
         let rows = self
             .db
             .write(move |tx| {
-                let now = now_ms();
-                // One statement: the entries are found and held together (oldest first once sorted).
-                let mut rows: Vec<(i64, String, String)> = tx
-                    .prepare_cached(
-                        "UPDATE outbox SET claimed_by = ?2, claimed_until = ?4 WHERE seq IN \
-                         (SELECT seq FROM outbox WHERE dead_at IS NULL AND (claimed_until <= ?1 OR claimed_by = ?2) ORDER BY seq LIMIT ?3) \
-                         RETURNING seq, id, body",
-                    )
-                    .and_then(|mut s| {
-                        s.query_map(params![now, owner, i64::from(limit), now.saturating_add(lease_ms)], |r| {
-                            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-                        })?
-                        .collect()
-                    })
-                    .map_err(map_sqlite)?;
-                rows.sort_unstable_by_key(|(seq, _, _)| *seq);
-                Ok(rows.into_iter().map(|(_, id, body)| (id, body)).collect::<Vec<_>>())
+                let rows = OUTBOX.claim(tx, &owner, limit, now_ms(), lease_ms)?;
+                Ok(rows)
             })
             .await?;
         Ok(decode_all(rows))
@@ -97,15 +86,7 @@ impl Outbox for SqliteOutbox {
             return Ok(());
         }
         let ids: Vec<String> = ids.iter().map(ToString::to_string).collect();
-        self.db
-            .write(move |tx| {
-                for chunk in ids.chunks(500) {
-                    let marks = vec!["?"; chunk.len()].join(",");
-                    tx.execute(&format!("DELETE FROM outbox WHERE id IN ({marks})"), params_from_iter(chunk)).map_err(map_sqlite)?;
-                }
-                Ok(())
-            })
-            .await
+        self.db.write(move |tx| OUTBOX.delete(tx, &ids)).await
     }
 
     #[tracing::instrument(skip_all, name = "outbox.record_failure", fields(event_id = %id))]

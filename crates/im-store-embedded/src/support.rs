@@ -1,8 +1,61 @@
-//! Repository support shared by the containers: documents to and from JSON.
+//! Repository support shared by the containers: documents to and from JSON, and the leased
+//! queues (outbox, audit buffer) claimed and emptied the same way.
 
 use im_domain::{DomainError, Stored};
+use rusqlite::{Transaction, params, params_from_iter};
 
+use crate::db::map_sqlite;
 use crate::documents::Doc;
+
+/// A table worked through by several instances: rows with `seq`, `id`, `body`, `claimed_by`
+/// and `claimed_until` (unix milliseconds), and a condition a row must meet to be worked on.
+pub(crate) struct LeasedQueue {
+    pub table: &'static str,
+    /// SQL over the table's columns, `TRUE` when every row may be claimed.
+    pub eligible: &'static str,
+}
+
+impl LeasedQueue {
+    /// Holds the oldest `limit` eligible rows that are unleased (or already held by `owner`)
+    /// for `owner` until `now_ms + lease_ms`, in one statement so that two instances never hold
+    /// one row; answers their `(id, body)`, oldest first.
+    pub(crate) fn claim(
+        &self,
+        tx: &Transaction<'_>,
+        owner: &str,
+        limit: u32,
+        now_ms: i64,
+        lease_ms: i64,
+    ) -> Result<Vec<(String, String)>, DomainError> {
+        let sql = format!(
+            "UPDATE {table} SET claimed_by = ?2, claimed_until = ?4 WHERE seq IN \
+             (SELECT seq FROM {table} WHERE ({eligible}) AND (claimed_until <= ?1 OR claimed_by = ?2) ORDER BY seq LIMIT ?3) \
+             RETURNING seq, id, body",
+            table = self.table,
+            eligible = self.eligible
+        );
+        let mut rows: Vec<(i64, String, String)> = tx
+            .prepare_cached(&sql)
+            .and_then(|mut s| {
+                s.query_map(params![now_ms, owner, i64::from(limit), now_ms.saturating_add(lease_ms)], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })?
+                .collect()
+            })
+            .map_err(map_sqlite)?;
+        rows.sort_unstable_by_key(|(seq, _, _)| *seq);
+        Ok(rows.into_iter().map(|(_, id, body)| (id, body)).collect())
+    }
+
+    /// Deletes the rows of these ids (done with), in statements of at most 500 ids.
+    pub(crate) fn delete(&self, tx: &Transaction<'_>, ids: &[String]) -> Result<(), DomainError> {
+        for chunk in ids.chunks(500) {
+            let marks = vec!["?"; chunk.len()].join(",");
+            tx.execute(&format!("DELETE FROM {} WHERE id IN ({marks})", self.table), params_from_iter(chunk)).map_err(map_sqlite)?;
+        }
+        Ok(())
+    }
+}
 
 pub(crate) fn encode<T: serde::Serialize>(value: &T) -> Result<String, DomainError> {
     serde_json::to_string(value).map_err(|e| DomainError::Unexpected(anyhow::Error::new(e).context("encoding a document")))
