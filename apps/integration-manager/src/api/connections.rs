@@ -1,7 +1,6 @@
 //! `/api/v1/integrations/{id}/connections`: how an integration authenticates to its provider.
 //! Credentials go to the secret store and are never returned; views show hints only.
 
-use actix_web::http::header;
 use actix_web::{HttpRequest, HttpResponse, web};
 use im_domain::audit::AuditAction;
 use im_domain::connection::{Connection, ConnectionId, ConnectionSpec, ConnectionStatus, Credentials};
@@ -12,7 +11,7 @@ use serde_json::Value;
 use utoipa::ToSchema;
 
 use super::body;
-use super::extract::{Authenticated, IfMatch, JsonBody, Write, etag_header, not_modified};
+use super::extract::{Authenticated, IfMatch, JsonBody, Write, created, etag_header, unchanged};
 use super::problem::{ApiError, ApiResult};
 use super::providers::AuthModeDto;
 use super::{ListResponse, QueryParams, rfc3339};
@@ -251,9 +250,7 @@ pub async fn create(state: web::Data<AppState>, caller: Authenticated, id: web::
     let integration = integration_id(&id)?;
     let spec = read_spec(&state, &caller.0, integration, body.0).await?;
     let stored = state.connections.create(&caller.0, integration, spec).await?;
-    let mut builder = HttpResponse::Created();
-    builder.insert_header((header::LOCATION, format!("/api/v1/integrations/{integration}/connections/{}", stored.value.id)));
-    Ok(respond(builder, &stored))
+    Ok(respond(created(format!("/api/v1/integrations/{integration}/connections/{}", stored.value.id)), &stored))
 }
 
 /// Read a connection.
@@ -275,10 +272,7 @@ pub async fn get(
 ) -> ApiResult<HttpResponse> {
     let (integration, id) = ids(&path)?;
     let stored = state.connections.get(&caller.0, integration, id).await?;
-    if not_modified(&req, &stored.etag) {
-        return Ok(HttpResponse::NotModified().insert_header(etag_header(&stored.etag)).finish());
-    }
-    Ok(respond(HttpResponse::Ok(), &stored))
+    Ok(unchanged(&req, &stored.etag).unwrap_or_else(|| respond(HttpResponse::Ok(), &stored)))
 }
 
 /// Replace a connection's name and credentials; it is active again with the new credentials.

@@ -186,6 +186,18 @@ fn if_match(req: &HttpRequest) -> Result<Option<ETag>, ApiError> {
         .ok_or_else(|| ApiError::BadHeader("If-Match must be one entity tag in double quotes, as given in ETag".into()))
 }
 
+/// The answer to a read when `If-None-Match` names the current version: 304 with its `ETag`.
+pub fn unchanged(req: &HttpRequest, current: &ETag) -> Option<actix_web::HttpResponse> {
+    not_modified(req, current).then(|| actix_web::HttpResponse::NotModified().insert_header(etag_header(current)).finish())
+}
+
+/// The start of a 201 answer: `Location` names the new resource.
+pub fn created(location: String) -> actix_web::HttpResponseBuilder {
+    let mut builder = actix_web::HttpResponse::Created();
+    builder.insert_header((header::LOCATION, location));
+    builder
+}
+
 /// Whether `If-None-Match` names the current version (the GET can answer 304).
 pub fn not_modified(req: &HttpRequest, current: &ETag) -> bool {
     req.headers()

@@ -1,6 +1,6 @@
 //! `/api/v1/integrations`: a tenant's integrations.
 
-use actix_web::http::header::{self, ContentType};
+use actix_web::http::header::ContentType;
 use actix_web::{HttpRequest, HttpResponse, web};
 use im_domain::integration::{Integration, IntegrationFilter, IntegrationSpec, IntegrationStatus};
 use im_domain::provider::ProviderId;
@@ -13,7 +13,7 @@ use im_domain::audit::AuditAction;
 
 use super::body;
 use super::custom::CustomDefinitionDto;
-use super::extract::{Authenticated, IfMatch, JsonBody, Write, etag_header, not_modified};
+use super::extract::{Authenticated, IfMatch, JsonBody, Write, created, etag_header, unchanged};
 use super::problem::{ApiError, ApiResult, Problem};
 use super::{ListResponse, QueryParams, json_list, rfc3339};
 use crate::state::AppState;
@@ -190,9 +190,7 @@ pub async fn create(state: web::Data<AppState>, caller: Authenticated, body: Jso
     state.integrations.authorize(&caller.0, AuditAction::Create).await?;
     let spec = read_spec(&state, body.0).await?;
     let stored = state.integrations.create(&caller.0, spec).await?;
-    let mut builder = HttpResponse::Created();
-    builder.insert_header((header::LOCATION, format!("/api/v1/integrations/{}", stored.value.id)));
-    Ok(respond(builder, &stored))
+    Ok(respond(created(format!("/api/v1/integrations/{}", stored.value.id)), &stored))
 }
 
 /// Read an integration.
@@ -206,8 +204,8 @@ pub async fn create(state: web::Data<AppState>, caller: Authenticated, body: Jso
 pub async fn get(state: web::Data<AppState>, caller: Authenticated, id: web::Path<String>, req: HttpRequest) -> ApiResult<HttpResponse> {
     let id = path_id(&id)?;
     let stored = state.integrations.get_json(&caller.0, id).await?;
-    if not_modified(&req, &stored.etag) {
-        return Ok(HttpResponse::NotModified().insert_header(etag_header(&stored.etag)).finish());
+    if let Some(answer) = unchanged(&req, &stored.etag) {
+        return Ok(answer);
     }
     Ok(HttpResponse::Ok().insert_header(etag_header(&stored.etag)).content_type(ContentType::json()).body(view_json(stored.value)?))
 }

@@ -1,6 +1,5 @@
 //! `/api/v1/providers`: the global provider catalog (writes need the admin role).
 
-use actix_web::http::header;
 use actix_web::{HttpRequest, HttpResponse, web};
 use im_domain::Stored;
 use std::collections::BTreeMap;
@@ -18,7 +17,7 @@ use im_domain::audit::AuditAction;
 
 use super::body;
 use super::custom::{EntityDto, HttpMethodDto, PaginationDto};
-use super::extract::{Authenticated, IfMatch, JsonBody, Write, etag_header, not_modified};
+use super::extract::{Authenticated, IfMatch, JsonBody, Write, created, etag_header, unchanged};
 use super::problem::{ApiError, ApiResult, Problem};
 use super::{ListResponse, QueryParams, rfc3339};
 use crate::state::AppState;
@@ -401,10 +400,7 @@ pub async fn list(state: web::Data<AppState>, caller: Authenticated, req: HttpRe
 pub async fn get(state: web::Data<AppState>, caller: Authenticated, id: web::Path<String>, req: HttpRequest) -> ApiResult<HttpResponse> {
     let id = path_id(&id)?;
     let stored = state.catalog.get(&caller.0, &id).await?;
-    if not_modified(&req, &stored.etag) {
-        return Ok(HttpResponse::NotModified().insert_header(etag_header(&stored.etag)).finish());
-    }
-    Ok(respond(HttpResponse::Ok(), &stored))
+    Ok(unchanged(&req, &stored.etag).unwrap_or_else(|| respond(HttpResponse::Ok(), &stored)))
 }
 
 /// Add a provider to the catalog (admin).
@@ -419,9 +415,7 @@ pub async fn create(state: web::Data<AppState>, caller: Authenticated, body: Jso
     state.catalog.authorize(&caller.0, AuditAction::Create).await?;
     let spec = read_spec(&state, body.0, None).await?;
     let stored = state.catalog.create(&caller.0, spec).await?;
-    let mut builder = HttpResponse::Created();
-    builder.insert_header((header::LOCATION, format!("/api/v1/providers/{}", stored.value.spec.id)));
-    Ok(respond(builder, &stored))
+    Ok(respond(created(format!("/api/v1/providers/{}", stored.value.spec.id)), &stored))
 }
 
 /// Replace a provider (admin). Its category may change; its id may not.

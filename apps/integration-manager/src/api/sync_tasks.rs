@@ -17,7 +17,7 @@ use serde_json::Value;
 use utoipa::ToSchema;
 
 use super::body;
-use super::extract::{Authenticated, IfMatch, JsonBody, Write, etag_header, not_modified};
+use super::extract::{Authenticated, IfMatch, JsonBody, Write, created, etag_header, unchanged};
 use super::problem::{self, ApiError, ApiResult};
 use super::{ListResponse, QueryParams, rfc3339};
 use crate::state::AppState;
@@ -604,9 +604,7 @@ pub async fn create(state: web::Data<AppState>, caller: Authenticated, body: Jso
     state.sync_tasks.authorize(&caller.0, AuditAction::Create).await?;
     let draft = read_draft(&state, &caller.0, body.0).await?;
     let stored = state.sync_tasks.create(&caller.0, draft).await?;
-    let mut builder = HttpResponse::Created();
-    builder.insert_header((header::LOCATION, format!("/api/v1/sync-tasks/{}", stored.value.id)));
-    Ok(respond(builder, &stored))
+    Ok(respond(created(format!("/api/v1/sync-tasks/{}", stored.value.id)), &stored))
 }
 
 /// Read a sync task.
@@ -619,10 +617,7 @@ pub async fn create(state: web::Data<AppState>, caller: Authenticated, body: Jso
     security(("bearer" = [])))]
 pub async fn get(state: web::Data<AppState>, caller: Authenticated, id: web::Path<String>, req: HttpRequest) -> ApiResult<HttpResponse> {
     let stored = state.sync_tasks.get(&caller.0, task_id(&id)?).await?;
-    if not_modified(&req, &stored.etag) {
-        return Ok(HttpResponse::NotModified().insert_header(etag_header(&stored.etag)).finish());
-    }
-    Ok(respond(HttpResponse::Ok(), &stored))
+    Ok(unchanged(&req, &stored.etag).unwrap_or_else(|| respond(HttpResponse::Ok(), &stored)))
 }
 
 /// Replace a sync task's settings; a new source or direction starts from empty checkpoints.

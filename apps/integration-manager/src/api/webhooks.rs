@@ -2,7 +2,6 @@
 
 use std::collections::BTreeMap;
 
-use actix_web::http::header;
 use actix_web::{HttpRequest, HttpResponse, web};
 use im_domain::IntegrationId;
 use im_domain::Stored;
@@ -15,7 +14,7 @@ use utoipa::ToSchema;
 use im_domain::audit::AuditAction;
 
 use super::body;
-use super::extract::{Authenticated, IfMatch, JsonBody, Write, etag_header, not_modified};
+use super::extract::{Authenticated, IfMatch, JsonBody, Write, created, etag_header, unchanged};
 use super::problem::{ApiError, ApiResult, Problem};
 use super::{ListResponse, QueryParams, rfc3339};
 use crate::state::AppState;
@@ -188,9 +187,7 @@ pub async fn create(state: web::Data<AppState>, caller: Authenticated, body: Jso
     state.webhooks.authorize(&caller.0, AuditAction::Create).await?;
     let spec = read_spec(&state, body.0).await?;
     let WithSecret { webhook, secret } = state.webhooks.create(&caller.0, spec).await?;
-    let mut builder = HttpResponse::Created();
-    builder.insert_header((header::LOCATION, format!("/api/v1/webhooks/{}", webhook.value.id)));
-    Ok(respond(builder, &webhook, Some(secret.expose())))
+    Ok(respond(created(format!("/api/v1/webhooks/{}", webhook.value.id)), &webhook, Some(secret.expose())))
 }
 
 /// Read an endpoint (never its secret).
@@ -202,10 +199,7 @@ pub async fn create(state: web::Data<AppState>, caller: Authenticated, body: Jso
     security(("bearer" = [])))]
 pub async fn get(state: web::Data<AppState>, caller: Authenticated, id: web::Path<String>, req: HttpRequest) -> ApiResult<HttpResponse> {
     let stored = state.webhooks.get(&caller.0, path_id(&id)?).await?;
-    if not_modified(&req, &stored.etag) {
-        return Ok(HttpResponse::NotModified().insert_header(etag_header(&stored.etag)).finish());
-    }
-    Ok(respond(HttpResponse::Ok(), &stored, None))
+    Ok(unchanged(&req, &stored.etag).unwrap_or_else(|| respond(HttpResponse::Ok(), &stored, None)))
 }
 
 /// Replace an endpoint's settings.
