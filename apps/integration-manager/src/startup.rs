@@ -265,6 +265,28 @@ pub struct Storage {
     pub report: Vec<String>,
 }
 
+/// Every repository of one store (both stores have the same constructors).
+macro_rules! repositories_of {
+    ($store:expr, $health:expr, $embedded:expr, $report:expr) => {
+        Storage {
+            integrations: $store.integrations(),
+            connections: $store.connections(),
+            webhooks: $store.webhooks(),
+            deliveries: $store.deliveries(),
+            providers: $store.providers(),
+            sync_tasks: $store.sync_tasks(),
+            sync_executions: $store.sync_executions(),
+            sync_states: $store.sync_states(),
+            outbox: $store.outbox(),
+            audit_buffer: $store.audit_buffer(),
+            idempotency: $store.idempotency(),
+            health: $health,
+            embedded: $embedded,
+            report: $report,
+        }
+    };
+}
+
 /// Opens the configured store: the embedded one is migrated; Cosmos DB is provisioned when
 /// `provision` (the `migrate` command, or `cosmos_db.auto_provision`), then checked.
 ///
@@ -280,22 +302,7 @@ pub async fn open_storage(settings: &Settings, clock: Arc<dyn Clock>, provision:
             }
             let mut report = vec![format!("embedded store {} at schema version {}", store.path().display(), migrated.version)];
             report.extend(migrated.applied.iter().map(|m| format!("applied migration {m}")));
-            Ok(Storage {
-                integrations: store.integrations(),
-                connections: store.connections(),
-                webhooks: store.webhooks(),
-                deliveries: store.deliveries(),
-                providers: store.providers(),
-                sync_tasks: store.sync_tasks(),
-                sync_executions: store.sync_executions(),
-                sync_states: store.sync_states(),
-                outbox: store.outbox(),
-                audit_buffer: store.audit_buffer(),
-                idempotency: store.idempotency(),
-                health: Arc::new(store.clone()),
-                embedded: Some(store),
-                report,
-            })
+            Ok(repositories_of!(store, Arc::new(store.clone()), Some(store), report))
         }
         StorageBackend::Cosmos => {
             let cosmos = &settings.cosmos_db;
@@ -307,22 +314,7 @@ pub async fn open_storage(settings: &Settings, clock: Arc<dyn Clock>, provision:
                 tracing::info!(created = ?provisioned.created, existing = provisioned.existing.len(), "cosmos db provisioned");
             }
             let store = CosmosStore::connect(cosmos.clone()).await?;
-            Ok(Storage {
-                integrations: store.integrations(),
-                connections: store.connections(),
-                webhooks: store.webhooks(),
-                deliveries: store.deliveries(),
-                providers: store.providers(),
-                sync_tasks: store.sync_tasks(),
-                sync_executions: store.sync_executions(),
-                sync_states: store.sync_states(),
-                outbox: store.outbox(),
-                audit_buffer: store.audit_buffer(),
-                idempotency: store.idempotency(),
-                health: Arc::new(store),
-                embedded: None,
-                report,
-            })
+            Ok(repositories_of!(store, Arc::new(store), None, report))
         }
     }
 }
