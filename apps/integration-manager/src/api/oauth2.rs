@@ -118,7 +118,7 @@ pub struct CallbackQuery {
 #[utoipa::path(get, operation_id = "oauth2Callback", path = "/api/v1/oauth2/callback", tag = "connections",
     params(
         ("code" = Option<String>, Query, description = "The authorization code"),
-        ("state" = Option<String>, Query, description = "The state of the authorization URL"),
+        ("state" = String, Query, description = "The state of the authorization URL (required: a callback without one is 400)"),
         ("error" = Option<String>, Query, description = "The provider's error (`access_denied` when the user refused)"),
         ("error_description" = Option<String>, Query, description = "The provider's description of the error"),
     ),
