@@ -34,6 +34,8 @@ token=$("$bin" token --tenant fuzz --user fuzzer --roles member,admin)
 
 checks=not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance,positive_data_acceptance
 status=0
+# tests/fuzz/hooks.py: a new Idempotency-Key for each generated request, as a client sends.
+export PYTHONPATH="$PWD/tests/fuzz${PYTHONPATH:+:$PYTHONPATH}" SCHEMATHESIS_HOOKS=hooks
 schemathesis --config-file tests/fuzz/schemathesis.toml run "http://127.0.0.1:$port/openapi.json" --url "http://127.0.0.1:$port" \
   --header "Authorization: Bearer $token" --checks "$checks" --max-examples "${FUZZ_EXAMPLES:-50}" \
   --seed "${FUZZ_SEED:-1}" --no-color "$@" || status=$?
