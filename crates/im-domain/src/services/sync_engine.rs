@@ -306,14 +306,19 @@ impl SyncEngine {
             cancel_pending: false,
             outbound_attempt: None,
             outbound_failure: None,
+            retried: (0, 0),
         };
         let result = run.all().await;
-        let pages = run.pages;
+        let (pages, (retried, retried_failed)) = (run.pages, run.retried);
         let counts = execution.counts;
-        let read = counts.inbound.read + counts.outbound.read;
-        let failed = counts.inbound.failed + counts.outbound.failed;
+        // Retries of changes that failed before do not make a run failed: one record the
+        // provider keeps refusing must not pause its task.
+        let read = (counts.inbound.read + counts.outbound.read).saturating_sub(retried);
+        let failed = (counts.inbound.failed + counts.outbound.failed).saturating_sub(retried_failed);
         match result {
-            Ok(()) if execution.error_count > 0 && failed >= read => (ExecutionStatus::Failed, Some("every record read failed".into())),
+            Ok(()) if execution.error_count > 0 && failed > 0 && failed >= read => {
+                (ExecutionStatus::Failed, Some("every record read failed".into()))
+            }
             Ok(()) if execution.error_count > 0 => (ExecutionStatus::Partial, None),
             Ok(()) => (ExecutionStatus::Succeeded, None),
             Err(Stop::Cancelled) => (ExecutionStatus::Cancelled, Some("cancelled at a page boundary".into())),
@@ -362,6 +367,8 @@ struct Run<'a> {
     /// feed), and why it failed.
     outbound_attempt: Option<u32>,
     outbound_failure: Option<String>,
+    /// Earlier failed changes tried again, and how many of them failed again.
+    retried: (u64, u64),
 }
 
 impl Run<'_> {
@@ -826,6 +833,8 @@ impl Run<'_> {
                 deleted: entry.deleted,
             };
             let failure = self.outbound(&item, entry.attempts).await?;
+            self.retried.0 += 1;
+            self.retried.1 += u64::from(failure.is_some());
             let list = &mut self.execution.checkpoints_to.pending_outbound;
             list.retain(|p| p.key != entry.key);
             if let Some(error) = failure
