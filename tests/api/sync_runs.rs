@@ -2,7 +2,9 @@
 //! on the embedded store, 1,000 on Cosmos DB), the app's sync worker, and the embedded Shard
 //! Manager. A run pulls every record, a second run over unchanged data writes nothing on either
 //! side, edits on each side between runs go to the other side, a platform delete reaches the
-//! provider, 429 and 503 answers are retried, and two instances never run one task at once.
+//! provider, 429 and 503 answers are retried, two instances never run one task at once, a change
+//! the provider refused is retried by the next run, a bidirectional task needs the entity's `get`
+//! request, and deletions the entity marks in its list reach the platform.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,21 +31,6 @@ async fn sync_app(dir: Arc<tempfile::TempDir>) -> TestApp {
     spawn_in(dir, configure).await
 }
 
-fn definition(fake: &FakeProvider) -> Value {
-    json!({
-        "baseUrl": fake.base_url(),
-        "auth": {"type": "bearer"},
-        "pagination": {"style": "cursor", "cursorParam": "cursor", "nextCursorPath": "meta.next", "limitParam": "limit"},
-        "entities": [{
-            "name": "record", "idField": "id", "updatedAtField": "updated_at", "updatedSinceParam": "updated_since",
-            "list": {"method": "GET", "path": "/cursor/records", "itemsPath": "data"},
-            "get": {"method": "GET", "path": "/records/{id}"},
-            "upsert": {"method": "PUT", "path": "/records/{id}"},
-            "delete": {"method": "DELETE", "path": "/records/{id}"}
-        }]
-    })
-}
-
 struct Synced {
     token: String,
     tenant: TenantId,
@@ -55,7 +42,7 @@ struct Synced {
 async fn synced(app: &TestApp, fake: &FakeProvider) -> Synced {
     let tenant = format!("t-{}", uuid::Uuid::new_v4().simple());
     let token = app.token(&tenant, "alice", &[im_domain::Role::Member]);
-    let body = json!({"providerId": "custom", "name": "Local API", "customDefinition": definition(fake)});
+    let body = json!({"providerId": "custom", "name": "Local API", "customDefinition": fake.definition()});
     let created = app.post("/api/v1/integrations", &token, &body).await;
     assert_eq!(created.status(), StatusCode::CREATED);
     let integration = created.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
@@ -222,4 +209,117 @@ async fn two_instances_on_one_store_never_run_one_task_at_once() {
     let lists = fake.requests().iter().filter(|r| r.path_and_query.starts_with("/cursor/records")).count();
     assert_eq!(lists, 2, "one instance paged through once (1,000 records, pages of 500)");
     assert_eq!(platform(&a, &s).await.len(), 1_000);
+}
+
+#[tokio::test]
+async fn a_platform_change_the_provider_refused_is_retried_by_the_next_run_without_changing_again() {
+    let fake = FakeProvider::start(50, FakeAuth::Bearer(TOKEN.into())).await;
+    let app = sync_app(Arc::new(tempfile::tempdir().unwrap())).await;
+    let s = synced(&app, &fake).await;
+    assert_eq!(run(&app, &s).await["status"], "succeeded");
+
+    let write = ShardWrite {
+        data: json!({"title": "edited on the platform"}),
+        version: None,
+        updated_at: time::OffsetDateTime::now_utc(),
+        source: "someone".into(),
+    };
+    shards(&app).put(&s.tenant, "records", "r000003", &write, None).await.unwrap();
+    fake.refuse_writes("r000003", 422);
+    let refused = run(&app, &s).await;
+    assert_eq!(refused["status"], "partial", "{refused}");
+    assert_eq!(refused["errors"][0]["recordId"], "r000003", "{refused}");
+    assert!(refused["errors"][0]["message"].as_str().unwrap().contains("attempt 1 of 5"), "{refused}");
+    let pending = &refused["checkpointsTo"]["pendingOutbound"];
+    assert_eq!((pending[0]["key"].clone(), pending[0]["attempts"].clone()), (json!("r000003"), json!(1)), "{refused}");
+    assert_eq!(fake.record("r000003").unwrap()["name"], "record 3");
+
+    // The provider takes it now: the next run writes it, though the platform did not change again.
+    fake.accept_writes("r000003");
+    let retried = run(&app, &s).await;
+    assert_eq!(retried["status"], "succeeded", "{retried}");
+    assert_eq!(retried["counts"]["outbound"]["updated"], 1, "{retried}");
+    assert_eq!(fake.record("r000003").unwrap()["name"], "edited on the platform");
+    let writes = fake.writes();
+    let settled = run(&app, &s).await;
+    assert_eq!((settled["status"].clone(), fake.writes()), (json!("succeeded"), writes), "{settled}");
+}
+
+#[tokio::test]
+async fn a_bidirectional_task_needs_an_entity_with_a_get_request() {
+    let fake = FakeProvider::start(1, FakeAuth::Bearer(TOKEN.into())).await;
+    let app = sync_app(Arc::new(tempfile::tempdir().unwrap())).await;
+    let mut definition = fake.definition();
+    definition["entities"][0].as_object_mut().unwrap().remove("get");
+    let token = app.member();
+    let body = json!({"providerId": "custom", "name": "No reads", "customDefinition": definition});
+    let integration =
+        app.post("/api/v1/integrations", &token, &body).await.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    let connection = json!({"name": "bot", "authMode": "bearer", "credentials": {"token": TOKEN}});
+    let created = app.post(&format!("/api/v1/integrations/{integration}/connections"), &token, &connection).await;
+    let connection = created.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    let mut task = json!({
+        "integrationId": integration, "connectionId": connection, "entity": "record", "target": "records",
+        "direction": "bidirectional", "schedule": {"manual": true},
+        "fieldMapping": [{"provider": "/name", "platform": "/title"}],
+    });
+    let refused = app.post("/api/v1/sync-tasks", &token, &task).await;
+    assert_eq!(refused.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let problem: Value = refused.json().await.unwrap();
+    assert_eq!(problem["errors"][0]["field"], "direction", "{problem}");
+    assert!(problem["errors"][0]["message"].as_str().unwrap().contains("no get request"), "{problem}");
+    for direction in ["inbound", "outbound"] {
+        task["direction"] = json!(direction);
+        assert_eq!(app.post("/api/v1/sync-tasks", &token, &task).await.status(), StatusCode::CREATED, "{direction}");
+    }
+}
+
+#[tokio::test]
+async fn an_incremental_run_deletes_what_the_entity_marks_deleted_in_its_list() {
+    let fake = FakeProvider::start(20, FakeAuth::Bearer(TOKEN.into())).await;
+    let app = sync_app(Arc::new(tempfile::tempdir().unwrap())).await;
+    let tenant = format!("t-{}", uuid::Uuid::new_v4().simple());
+    let token = app.token(&tenant, "alice", &[im_domain::Role::Member]);
+    let mut definition = fake.definition();
+    // The marker is checked: a dotted path and a scalar value.
+    definition["entities"][0]["deleted"] = json!({"field": "/archived", "value": {"yes": 1}});
+    let body = json!({"providerId": "custom", "name": "Soft deletes", "customDefinition": definition});
+    let refused = app.post("/api/v1/integrations", &token, &body).await;
+    assert_eq!(refused.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let problem: Value = refused.json().await.unwrap();
+    let fields = crate::helpers::fields(&problem);
+    assert_eq!(fields, ["customDefinition.entities[0].deleted.field", "customDefinition.entities[0].deleted.value"], "{problem}");
+
+    definition["entities"][0]["deleted"] = json!({"field": "archived", "value": true});
+    let body = json!({"providerId": "custom", "name": "Soft deletes", "customDefinition": definition});
+    let created = app.post("/api/v1/integrations", &token, &body).await;
+    assert_eq!(created.status(), StatusCode::CREATED);
+    let integration = created.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    let connection = json!({"name": "bot", "authMode": "bearer", "credentials": {"token": TOKEN}});
+    let created = app.post(&format!("/api/v1/integrations/{integration}/connections"), &token, &connection).await;
+    let connection = created.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    let task = json!({
+        "integrationId": integration, "connectionId": connection, "entity": "record", "target": "records",
+        "direction": "inbound", "mode": "incremental", "schedule": {"manual": true},
+        "fieldMapping": [{"provider": "/name", "platform": "/title"}], "deletes": "propagate",
+    });
+    let created = app.post("/api/v1/sync-tasks", &token, &task).await;
+    assert_eq!(created.status(), StatusCode::CREATED);
+    let s = Synced {
+        token,
+        tenant: TenantId::new(tenant).unwrap(),
+        task: created.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned(),
+        integration,
+    };
+    assert_eq!(run(&app, &s).await["status"], "succeeded");
+    assert_eq!(platform(&app, &s).await.len(), 20);
+
+    fake.edit("r000004", json!({"archived": true}));
+    let second = run(&app, &s).await;
+    assert_eq!(second["status"], "succeeded", "{second}");
+    assert_eq!(second["counts"]["inbound"]["deleted"], 1, "{second}");
+    let now = platform(&app, &s).await;
+    assert_eq!(now.len(), 19);
+    assert!(!now.contains_key("r000004"));
+    assert!(fake.record("r000004").is_some(), "nothing goes back to the provider");
 }

@@ -143,6 +143,25 @@ async fn validation_names_every_field() {
     assert_eq!(fields(&p), vec!["entity"]);
     assert!(p["errors"][0]["message"].as_str().is_some_and(|m| m.contains("issue")), "{p}");
 
+    // A direction the entity's requests cannot carry out is named (GitHub's repository is
+    // listed only: no get request to compare a bidirectional change with, no upsert to write).
+    for direction in ["bidirectional", "outbound"] {
+        body = task(&s);
+        body["entity"] = json!("repository");
+        body["direction"] = json!(direction);
+        body["fieldMapping"] = json!([{"provider": "/name", "platform": "/name"}]);
+        let p = problem(app.post("/api/v1/sync-tasks", &s.token, &body).await, StatusCode::UNPROCESSABLE_ENTITY).await;
+        assert_eq!(fields(&p), vec!["direction"], "{direction}");
+        assert!(p["errors"][0]["message"].as_str().is_some_and(|m| m.contains("upsert")), "{p}");
+    }
+    body["direction"] = json!("inbound");
+    let (inbound, etag) = create(&app, &s, &body).await;
+    body["direction"] = json!("bidirectional");
+    let path = format!("/api/v1/sync-tasks/{}", inbound["id"].as_str().unwrap());
+    let p = problem(app.put(&path, &s.token, &body, Some(&etag)).await, StatusCode::UNPROCESSABLE_ENTITY).await;
+    assert_eq!(fields(&p), vec!["direction"]);
+    assert_eq!(app.delete(&path, &s.token, Some(&etag)).await.status(), StatusCode::NO_CONTENT);
+
     // Shape problems are 400s naming the field.
     body = task(&s);
     body["direction"] = json!("sideways");

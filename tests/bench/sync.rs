@@ -129,6 +129,7 @@ async fn main() {
             get: None,
             upsert: None,
             delete: None,
+            deleted: None,
         },
         path_params: BTreeMap::new(),
     };

@@ -16,8 +16,12 @@ fn command(data_dir: &Path) -> Command {
         .env("IM_LOG__FORMAT", "json")
         .env("IM_SERVER__SHUTDOWN_TIMEOUT", "5s")
         .env_remove("RUST_LOG")
-        // A switch of the tests, not a configuration key (`IM_` is the configuration's prefix).
-        .env_remove("IM_CHAOS_FULL");
+        // Switches of the tests, not configuration keys (`IM_` is the configuration's prefix).
+        .env_remove("IM_CHAOS_FULL")
+        .env_remove("IM_TEST_BACKEND")
+        .env_remove("IM_TEST_EVENTS")
+        .env_remove("IM_TEST_SECRETS")
+        .env_remove("IM_TEST_COSMOS_ENDPOINT");
     cmd
 }
 
@@ -466,4 +470,185 @@ async fn chaos_kill_9_of_an_instance_under_load_loses_no_delivery() {
     assert_eq!(lost, 0, "every committed event is delivered");
     // A duplicate is an attempt that was in flight (or sent, not yet recorded) when its instance died.
     assert!(duplicated <= committed.len() / 20 + 2 * rounds, "duplicates stay bounded: {duplicated} of {}", committed.len());
+}
+
+/// The store of the crash test: the embedded one, or with `IM_TEST_BACKEND=cosmos` a fresh
+/// database on the Cosmos test server (`None`: skipped, the server is not available).
+fn store_env() -> Option<Vec<(&'static str, String)>> {
+    if !std::env::var("IM_TEST_BACKEND").is_ok_and(|b| b == "cosmos") {
+        return Some(Vec::new());
+    }
+    let endpoint = im_testkit::cosmos::endpoint("a_killed_sync_run_resumes_from_its_checkpoint")?;
+    Some(vec![
+        ("IM_STORAGE__BACKEND", "cosmos".to_owned()),
+        ("IM_COSMOS_DB__ENDPOINT", endpoint),
+        ("IM_COSMOS_DB__KEY", im_store_cosmos::EMULATOR_KEY.to_owned()),
+        ("IM_COSMOS_DB__DATABASE", im_testkit::cosmos::fresh_database()),
+        ("IM_COSMOS_DB__EMULATOR", "true".to_owned()),
+        ("IM_COSMOS_DB__AUTO_PROVISION", "true".to_owned()),
+        ("IM_COSMOS_DB__REQUEST_TIMEOUT", "30s".to_owned()),
+        ("IM_SECRETS__LOCAL_SHARED_DATA_DIR", "true".to_owned()),
+    ])
+}
+
+/// SIGKILL in the middle of a bidirectional run against a slow provider: a second instance on the
+/// same store marks the first execution `expired`, the next run continues from the checkpoint
+/// the dead run saved (its first page request carries the saved cursor), and in the end every
+/// provider record is in the Shard Manager once with its content, and every platform record
+/// reached the provider once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_sync_run_resumes_from_its_checkpoint() {
+    use im_domain::TenantId;
+    use im_domain::sync::ports::ShardWrite;
+    use im_testkit::fake_provider::{FakeAuth, FakeProvider, Fault};
+    use serde_json::{Value, json};
+
+    let Some(mut env) = store_env() else { return };
+    let cosmos = !env.is_empty();
+    // Modest on Cosmos DB: its test server is slow.
+    let (records, page, platform_only) = if cosmos { (600, 50, 10) } else { (3_000, 100, 20) };
+    env.extend([
+        ("IM_WEBHOOKS__ALLOWED_PRIVATE_CIDRS", "[\"127.0.0.0/8\"]".to_owned()),
+        ("IM_WEBHOOKS__ALLOW_HTTP", "true".to_owned()),
+        ("IM_SYNC__POLL_INTERVAL", "100ms".to_owned()),
+        ("IM_SYNC__LEASE", "5s".to_owned()),
+        ("IM_SYNC__PAGE_SIZE", page.to_string()),
+    ]);
+    let token_value = "fake-provider-token-0123456789";
+    let fake = FakeProvider::start(records, FakeAuth::Bearer(token_value.into())).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut first = serve_with(dir.path(), &env).await;
+    let token = token(dir.path(), "member");
+    let client = reqwest::Client::new();
+    let post = |url: String, body: Value| {
+        let (client, token) = (client.clone(), token.clone());
+        async move {
+            let response = client.post(url).bearer_auth(token).json(&body).send().await.unwrap();
+            assert!(response.status().is_success(), "{}", response.status());
+            response.json::<Value>().await.unwrap()
+        }
+    };
+    let definition = fake.definition();
+    let integration = post(
+        format!("{}/api/v1/integrations", first.url),
+        json!({"providerId": "custom", "name": "Local API", "customDefinition": definition}),
+    )
+    .await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let connection = post(
+        format!("{}/api/v1/integrations/{integration}/connections", first.url),
+        json!({"name": "bot", "authMode": "bearer", "credentials": {"token": token_value}}),
+    )
+    .await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let task = json!({
+        "integrationId": integration, "connectionId": connection, "entity": "record", "target": "records",
+        "direction": "bidirectional", "schedule": {"manual": true},
+        "fieldMapping": [{"provider": "/name", "platform": "/title"}],
+        "conflictPolicy": "provider_wins", "deletes": "propagate",
+    });
+    let task = post(format!("{}/api/v1/sync-tasks", first.url), task).await["id"].as_str().unwrap().to_owned();
+
+    // Records only the platform has: the run writes them to the provider first.
+    let tenant = TenantId::new("acme").unwrap();
+    let shards = || {
+        im_store_embedded::EmbeddedStore::open(dir.path(), std::sync::Arc::new(im_domain::SystemClock)).expect("the store opens").shards()
+    };
+    for n in 0..platform_only {
+        let write = ShardWrite {
+            data: json!({"title": format!("platform {n}")}),
+            version: None,
+            updated_at: time::OffsetDateTime::now_utc(),
+            source: "someone".into(),
+        };
+        shards().put(&tenant, "records", &format!("p{n:04}"), &write, None).await.unwrap();
+    }
+
+    // A slow provider: the run is killed with pages still to read.
+    let pages = records / page;
+    fake.fail_next((0..platform_only + pages / 2).map(|_| Fault::Slow(Duration::from_millis(150))));
+    let lists = |fake: &FakeProvider| fake.requests().into_iter().filter(|r| r.path_and_query.starts_with("/cursor/records")).count();
+    let execution = post(format!("{}/api/v1/sync-tasks/{task}/run", first.url), json!({})).await["id"].as_str().unwrap().to_owned();
+    let started = Instant::now();
+    while lists(&fake) < pages / 3 {
+        assert!(started.elapsed() < Duration::from_secs(60), "the run did not get going");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    first.child.kill().expect("SIGKILL");
+    first.child.wait().unwrap();
+    let seen_before = fake.requests().len();
+    assert_eq!(fake.writes(), platform_only, "the platform's records were written to the provider before the crash");
+
+    let second = serve_with(dir.path(), &env).await;
+    let get = |path: String| {
+        let (client, token, url) = (client.clone(), token.clone(), second.url.clone());
+        async move { client.get(format!("{url}{path}")).bearer_auth(token).send().await.unwrap().json::<Value>().await.unwrap() }
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let next = loop {
+        let listed = get(format!("/api/v1/sync-tasks/{task}/executions")).await;
+        let items = listed["items"].as_array().cloned().unwrap_or_default();
+        let finished = items
+            .iter()
+            .find(|e| e["id"] != execution.as_str() && ["succeeded", "partial", "failed"].contains(&e["status"].as_str().unwrap_or("")));
+        if let Some(finished) = finished {
+            break finished.clone();
+        }
+        assert!(Instant::now() < deadline, "no run after the crash finished: {listed}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let dead = get(format!("/api/v1/sync-tasks/{task}/executions/{execution}")).await;
+    assert_eq!(dead["status"], "expired", "{dead}");
+    assert_eq!(next["status"], "succeeded", "{next}");
+    assert_eq!(next["trigger"], "schedule", "the expired task was due again at once: {next}");
+
+    // Resumed, not restarted: the saved cursor names a page, the first list request after the
+    // crash carries it, and fewer records were read than the provider has.
+    let from: Value = serde_json::from_str(next["checkpointsFrom"]["provider"].as_str().expect("a provider checkpoint")).unwrap();
+    let page_token = from["page"].as_str().expect("the checkpoint is inside the enumeration");
+    let cursor = page_token.strip_prefix("c:").expect("a cursor position").to_owned();
+    let after: Vec<_> =
+        fake.requests()[seen_before..].iter().filter(|r| r.path_and_query.starts_with("/cursor/records")).cloned().collect();
+    assert!(after[0].path_and_query.ends_with(&format!("cursor={cursor}")), "{cursor}: {:?}", after[0]);
+    assert!(after.len() < pages, "{} pages read after the crash of {pages}", after.len());
+    let read = next["counts"]["inbound"]["read"].as_u64().unwrap();
+    assert!(read < (records + platform_only) as u64, "{read} records read again: {next}");
+    assert_eq!(
+        next["counts"]["outbound"]["created"].as_u64().unwrap() + next["counts"]["outbound"]["updated"].as_u64().unwrap(),
+        0,
+        "{next}"
+    );
+
+    // Every record once, with its content: each write takes the next change number of the shard
+    // type, so as many changes as records means nothing was written twice.
+    let mut live = std::collections::BTreeMap::new();
+    let mut cursor = None;
+    let mut changes = 0;
+    loop {
+        let page = shards().changes(&tenant, "records", cursor.clone(), 1000).await.unwrap();
+        if page.items.is_empty() {
+            break;
+        }
+        for item in page.items {
+            changes += 1;
+            assert!(!item.deleted, "{}", item.key);
+            live.insert(item.key, item.data);
+        }
+        cursor = Some(page.next_cursor);
+    }
+    assert_eq!(live.len(), records + platform_only);
+    assert_eq!(cursor.as_deref(), Some((records + platform_only).to_string().as_str()), "one write per record");
+    assert_eq!(changes, records + platform_only);
+    for provider in fake.records() {
+        let id = provider["id"].as_str().unwrap();
+        assert_eq!(live[id], json!({"title": provider["name"]}), "{id}");
+    }
+    for n in 0..platform_only {
+        assert_eq!(fake.record(&format!("p{n:04}")).expect("written to the provider")["name"], format!("platform {n}"));
+    }
+    assert_eq!(fake.writes(), platform_only, "each platform record was written to the provider once");
 }

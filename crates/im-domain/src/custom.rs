@@ -133,6 +133,28 @@ pub struct EntityDefinition {
     pub upsert: Option<RequestTemplate>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delete: Option<RequestTemplate>,
+    /// How a record deleted at the provider shows up in the list (a soft delete), so an
+    /// incremental sync sees deletions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deleted: Option<DeletedMarker>,
+}
+
+/// A listed record is deleted when the value at `field` equals `value` (HubSpot's
+/// `archived: true`, Zendesk's `status: "deleted"`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DeletedMarker {
+    /// Dotted path in a record (`archived`, `properties.status`).
+    pub field: String,
+    /// A string, number or boolean.
+    pub value: serde_json::Value,
+}
+
+impl DeletedMarker {
+    /// Whether `record` is marked deleted.
+    pub fn marks(&self, record: &serde_json::Value) -> bool {
+        self.field.split('.').try_fold(record, |v, key| v.get(key)) == Some(&self.value)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -337,6 +359,16 @@ pub(crate) fn entity_violations(entities: &[EntityDefinition], v: &mut Violation
         }
         if let Some(delete) = &entity.delete {
             v.extend_nested(&format!("{at}.delete"), delete.violations(&[Delete, Post], true, false).into_vec());
+        }
+        if let Some(deleted) = &entity.deleted {
+            if !is_dotted_path(&deleted.field) {
+                v.invalid(format!("{at}.deleted.field"), "must be a dotted path such as archived");
+            }
+            let scalar = matches!(&deleted.value, serde_json::Value::Bool(_) | serde_json::Value::Number(_))
+                || deleted.value.as_str().is_some_and(|t| !t.is_empty() && t.len() <= 256);
+            if !scalar {
+                v.invalid(format!("{at}.deleted.value"), "must be a boolean, a number or a string of 1 to 256 characters");
+            }
         }
     }
 }

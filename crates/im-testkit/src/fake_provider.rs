@@ -6,7 +6,7 @@
 //!
 //! | path | pagination | answer |
 //! |---|---|---|
-//! | `GET /cursor/records?cursor=&limit=` | `cursor` (`nextCursorPath` = `meta.next`) | `{"data": [...], "meta": {"next": "..." or null}}` |
+//! | `GET /cursor/records?cursor=&limit=` (and `GET /records?...`) | `cursor` (`nextCursorPath` = `meta.next`) | `{"data": [...], "meta": {"next": "..." or null}}` |
 //! | `GET /page/records?page=&per_page=` | `page` (from 1) | `{"data": [...]}` |
 //! | `GET /offset/records?offset=&limit=` | `offset` | `{"data": [...]}` |
 //! | `GET /link/records?page=&per_page=` | `link` (`Link: <...>; rel="next"`) | `[...]` |
@@ -87,6 +87,8 @@ struct State {
     link_origin: Option<String>,
     /// `PUT` and `DELETE` requests answered.
     writes: usize,
+    /// Records whose writes (`PUT`, `DELETE`) are answered with this status.
+    refused: BTreeMap<String, u16>,
 }
 
 const EPOCH: i64 = 1_767_225_600; // 2026-01-01T00:00:00Z
@@ -165,6 +167,7 @@ impl FakeProvider {
             seen: Vec::new(),
             link_origin: None,
             writes: 0,
+            refused: BTreeMap::new(),
         };
         let state = Arc::new(Mutex::new(state));
         {
@@ -186,6 +189,24 @@ impl FakeProvider {
         lock(&self.state)
     }
 
+    /// A custom definition (the `customDefinition` of an integration) of entity `record` on
+    /// this fake: cursor pages of `/cursor/records` with the `updated_since` filter, and the
+    /// `get`, `upsert` (`PUT`) and `delete` requests of `/records/{id}`, with a bearer token.
+    pub fn definition(&self) -> Value {
+        json!({
+            "baseUrl": self.base_url(),
+            "auth": {"type": "bearer"},
+            "pagination": {"style": "cursor", "cursorParam": "cursor", "nextCursorPath": "meta.next", "limitParam": "limit"},
+            "entities": [{
+                "name": "record", "idField": "id", "updatedAtField": "updated_at", "updatedSinceParam": "updated_since",
+                "list": {"method": "GET", "path": "/cursor/records", "itemsPath": "data"},
+                "get": {"method": "GET", "path": "/records/{id}"},
+                "upsert": {"method": "PUT", "path": "/records/{id}"},
+                "delete": {"method": "DELETE", "path": "/records/{id}"}
+            }]
+        })
+    }
+
     /// Accept other credentials from now on (a rotated token: the old one gets 401).
     pub fn set_auth(&self, auth: FakeAuth) {
         self.state().auth = auth;
@@ -199,6 +220,16 @@ impl FakeProvider {
     /// Writes this origin into `Link` headers instead of the fake's own.
     pub fn set_link_origin(&self, origin: Option<String>) {
         self.state().link_origin = origin;
+    }
+
+    /// Answers every write (`PUT`, `DELETE`) of record `id` with `status` (a 422, say), until
+    /// [`FakeProvider::accept_writes`].
+    pub fn refuse_writes(&self, id: &str, status: u16) {
+        self.state().refused.insert(id.to_owned(), status);
+    }
+
+    pub fn accept_writes(&self, id: &str) {
+        self.state().refused.remove(id);
     }
 
     /// Adds a record with these fields; returns its id.
@@ -334,10 +365,17 @@ impl Responder {
         let not_found = || ResponseTemplate::new(404).set_body_json(json!({"error": "not found"}));
         match (method, segments.as_slice()) {
             ("GET", ["me"]) => ResponseTemplate::new(200).set_body_json(json!({"login": "fake"})),
+            // `/records` lists with cursors, as `/cursor/records` does.
+            ("GET", ["records"]) => self
+                .list(state, "cursor", query)
+                .unwrap_or_else(|message| ResponseTemplate::new(400).set_body_json(json!({"error": message}))),
             ("GET", [style, "records"]) => {
                 self.list(state, style, query).unwrap_or_else(|message| ResponseTemplate::new(400).set_body_json(json!({"error": message})))
             }
             ("GET", ["records", id]) => state.records.get(*id).map_or_else(not_found, |r| ResponseTemplate::new(200).set_body_json(r)),
+            ("PUT" | "DELETE", ["records", id]) if state.refused.contains_key(*id) => {
+                ResponseTemplate::new(state.refused[*id]).set_body_json(json!({"error": "refused"}))
+            }
             ("POST", ["records"]) => {
                 let id = state.insert(request.body_json().unwrap_or(Value::Null));
                 ResponseTemplate::new(201).set_body_json(&state.records[&id])

@@ -85,7 +85,20 @@ pub async fn tasks(repo: &dyn SyncTaskRepository, states: &dyn SyncStateReposito
 
     t.status = TaskStatus::Paused;
     t.status_reason = Some("paused by a caller".into());
+    // Checkpoints keep the platform changes to retry, as read.
+    t.checkpoints.platform = Some("42".into());
+    t.checkpoints.pending_outbound = vec![im_domain::sync::PendingOutbound {
+        key: "k/7".into(),
+        data: json!({"title": "refused", "nested": {"n": 1}}),
+        version: "41".into(),
+        updated_at: timestamp(),
+        source: None,
+        deleted: false,
+        attempts: 2,
+        last_error: "the provider refused the write (HTTP 422)".into(),
+    }];
     let etag2 = repo.replace(&t, Some(etag.clone()), &[]).await.expect("replace");
+    assert_eq!(repo.get(&tenant, t.id).await.expect("get").value.checkpoints, t.checkpoints, "checkpoints read back");
     assert!(matches!(repo.replace(&t, Some(etag.clone()), &[]).await, Err(DomainError::PreconditionFailed)), "stale token");
     assert!(matches!(repo.replace(&task(&other), None, &[]).await, Err(DomainError::NotFound { .. })), "replace of a missing task");
     assert_eq!(repo.get(&tenant, t.id).await.expect("get").value.status, TaskStatus::Paused);
@@ -511,6 +524,24 @@ pub async fn scheduler(tasks_repo: std::sync::Arc<dyn SyncTaskRepository>, execu
     assert_eq!(paused.value.status, TaskStatus::Paused, "two failures in a row pause the task");
     assert!(paused.value.status_reason.as_deref().is_some_and(|r| r.contains("2 consecutive failed runs") && r.contains("boom")));
     assert_eq!(paused.value.next_run_at, None);
+
+    // A manual run is claimed only once its execution can be read (it is written just after
+    // the task names it), then with that execution.
+    let mut manual = task(&tenant);
+    let queued_id = Uuid::now_v7();
+    manual.pending_execution = Some(queued_id);
+    manual.next_run_at = Some(timestamp());
+    manual.updated_at = time::OffsetDateTime::now_utc();
+    tasks_repo.create(&manual).await.expect("create");
+    assert!(mine_of(&a.claim_due(1000).await.expect("claim"), manual.id).is_none(), "not before its execution exists");
+    let stored = tasks_repo.get(&tenant, manual.id).await.expect("task");
+    assert!(stored.value.lease.is_none() && stored.value.pending_execution == Some(queued_id), "left as it was: {:?}", stored.value);
+    let queued =
+        SyncExecution::queued(queued_id, tenant.clone(), manual.id, Trigger::Manual, Default::default(), time::OffsetDateTime::now_utc());
+    executions_repo.create(&queued).await.expect("create the execution");
+    let claimed = mine_of(&a.claim_due(1000).await.expect("claim"), manual.id).expect("claimed now");
+    assert_eq!((claimed.execution.value.id, claimed.execution.value.trigger), (queued_id, Trigger::Manual));
+    assert_eq!(claimed.execution.value.status, ExecutionStatus::Running);
 }
 
 fn mine_of(claims: &[im_domain::services::Claimed], id: SyncTaskId) -> Option<im_domain::services::Claimed> {

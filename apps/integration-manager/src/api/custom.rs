@@ -4,7 +4,9 @@
 
 use std::collections::BTreeMap;
 
-use im_domain::custom::{ApiKeyLocation, CustomApiDefinition, CustomAuth, EntityDefinition, HttpMethod, Pagination, RequestTemplate};
+use im_domain::custom::{
+    ApiKeyLocation, CustomApiDefinition, CustomAuth, DeletedMarker, EntityDefinition, HttpMethod, Pagination, RequestTemplate,
+};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -183,6 +185,22 @@ pub struct EntityDto {
     /// Deletes a record: `DELETE` or `POST`, path with `{id}`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delete: Option<RequestTemplateDto>,
+    /// How a record deleted at the provider shows up in the list (a soft delete such as
+    /// HubSpot's `archived: true`): an incremental sync then applies the task's `deletes` to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deleted: Option<DeletedMarkerDto>,
+}
+
+/// A listed record is deleted when the value at `field` equals `value`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schema(as = DeletedMarker)]
+pub struct DeletedMarkerDto {
+    /// Dotted path in a record (`archived`, `properties.status`).
+    #[schema(min_length = 1, max_length = 256, pattern = r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")]
+    pub field: String,
+    /// A boolean, a number or a string (`true`, `"deleted"`).
+    pub value: serde_json::Value,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
@@ -309,6 +327,7 @@ impl From<EntityDto> for EntityDefinition {
             get: dto.get.map(Into::into),
             upsert: dto.upsert.map(Into::into),
             delete: dto.delete.map(Into::into),
+            deleted: dto.deleted.map(|d| DeletedMarker { field: d.field, value: d.value }),
         }
     }
 }
@@ -324,6 +343,7 @@ impl From<&EntityDefinition> for EntityDto {
             get: e.get.as_ref().map(Into::into),
             upsert: e.upsert.as_ref().map(Into::into),
             delete: e.delete.as_ref().map(Into::into),
+            deleted: e.deleted.as_ref().map(|d| DeletedMarkerDto { field: d.field.clone(), value: d.value.clone() }),
         }
     }
 }

@@ -5,6 +5,7 @@ use actix_web::http::header;
 use actix_web::{HttpRequest, HttpResponse, web};
 use im_domain::audit::AuditAction;
 use im_domain::connection::ConnectionId;
+use im_domain::custom::EntityDefinition;
 use im_domain::services::ResetScope;
 use im_domain::sync::task::{FieldMappingDraft, ScheduleDraft};
 use im_domain::sync::{
@@ -333,16 +334,41 @@ pub struct DirectionCountsView {
 /// Where a run starts (or ended) reading on each side: opaque cursors.
 #[derive(Debug, Serialize, ToSchema)]
 #[schema(as = SyncCheckpoints)]
+#[serde(rename_all = "camelCase")]
 pub struct CheckpointsView {
     #[serde(skip_serializing_if = "Option::is_none")]
     provider: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     platform: Option<String>,
+    /// Platform changes before the platform cursor whose write to the provider failed: the
+    /// next runs retry them (each up to 5 attempts in all).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pending_outbound: Vec<PendingOutboundView>,
+}
+
+/// A platform change the next run writes to the provider again.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+#[schema(as = SyncPendingOutbound)]
+pub struct PendingOutboundView {
+    /// The record's key in the Shard Manager.
+    key: String,
+    /// Failed attempts so far.
+    attempts: u32,
+    last_error: String,
 }
 
 impl From<&Checkpoints> for CheckpointsView {
     fn from(c: &Checkpoints) -> Self {
-        Self { provider: c.provider.clone(), platform: c.platform.clone() }
+        Self {
+            provider: c.provider.clone(),
+            platform: c.platform.clone(),
+            pending_outbound: c
+                .pending_outbound
+                .iter()
+                .map(|p| PendingOutboundView { key: p.key.clone(), attempts: p.attempts, last_error: p.last_error.clone() })
+                .collect(),
+        }
     }
 }
 
@@ -547,8 +573,16 @@ async fn check(state: &AppState, caller: &Caller, draft: &SyncTaskDraft) -> Resu
     match state.connections.get(caller, draft.integration_id, ConnectionId(draft.connection_id)).await {
         Ok(_) => {
             let entities = entities(state, caller, draft.integration_id).await?;
-            if !entities.contains(&draft.entity) {
-                v.invalid("entity", format!("must be an entity the integration's provider describes: {}", entities.join(", ")));
+            match entities.iter().find(|e| e.name == draft.entity) {
+                None => {
+                    let names: Vec<&str> = entities.iter().map(|e| e.name.as_str()).collect();
+                    v.invalid("entity", format!("must be an entity the integration's provider describes: {}", names.join(", ")));
+                }
+                Some(entity) => {
+                    if let Some(problem) = im_domain::services::direction_problem(entity, draft.direction) {
+                        v.invalid("direction", problem);
+                    }
+                }
             }
         }
         Err(DomainError::NotFound { .. }) => v.invalid("connectionId", "must name a connection of the integration integrationId"),
@@ -559,7 +593,7 @@ async fn check(state: &AppState, caller: &Caller, draft: &SyncTaskDraft) -> Resu
 
 /// The entities a sync can read and write: those of the integration's custom definition, or
 /// of its catalog provider.
-async fn entities(state: &AppState, caller: &Caller, integration: IntegrationId) -> Result<Vec<String>, DomainError> {
+async fn entities(state: &AppState, caller: &Caller, integration: IntegrationId) -> Result<Vec<EntityDefinition>, DomainError> {
     let integration = state.integrations.get(caller, integration).await?.value;
     let described = match integration.custom_definition {
         Some(definition) => definition.entities,
@@ -569,7 +603,7 @@ async fn entities(state: &AppState, caller: &Caller, integration: IntegrationId)
             Err(e) => return Err(e),
         },
     };
-    Ok(described.into_iter().map(|e| e.name).collect())
+    Ok(described)
 }
 
 async fn read_draft(state: &AppState, caller: &Caller, body: Value) -> ApiResult<SyncTaskDraft> {

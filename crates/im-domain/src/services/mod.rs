@@ -28,7 +28,7 @@ pub use deliveries::{AttemptReport, DEFAULT_MANUAL_SENDS_PER_MINUTE, DeliverySer
 pub use integrations::IntegrationService;
 pub use outbox::OutboxAdmin;
 pub use relay::{DEFAULT_MAX_PUBLISH_ATTEMPTS, EventRelay, Relayed};
-pub use sync_engine::{EngineSettings, RunControl, SyncEngine, SyncSource};
+pub use sync_engine::{EngineSettings, RunControl, SyncEngine, SyncSource, direction_problem};
 pub use sync_scheduler::{Claimed, DEFAULT_FAILURE_LIMIT, SyncScheduler};
 pub use sync_tasks::{ResetScope, SyncTaskService};
 pub use webhooks::{WebhookService, WithSecret};

@@ -46,8 +46,8 @@ use crate::provider_client::{ApiTarget, CredentialSource, PageToken, ProviderCli
 use crate::sync::merge::{self, Version};
 use crate::sync::ports::{ShardManager, ShardRecord, ShardWrite, SyncStateRepository};
 use crate::sync::{
-    Counts, DeletePolicy, Direction, ExecutionStatus, FieldMapping, RecordError, Resolution, Side, SyncConflict, SyncExecution, SyncMode,
-    SyncState, SyncTask, fields_hash,
+    Counts, DeletePolicy, Direction, ExecutionStatus, FieldMapping, MAX_OUTBOUND_ATTEMPTS, MAX_PENDING_OUTBOUND, PendingOutbound,
+    RecordError, Resolution, Side, SyncConflict, SyncExecution, SyncMode, SyncState, SyncTask, fields_hash,
 };
 
 /// How the engine reads.
@@ -211,6 +211,37 @@ fn provider_projection(mapping: &[FieldMapping], fields: &Value) -> Value {
     record
 }
 
+/// Why `entity` cannot be synced in `direction`, if it cannot: writing to the provider needs
+/// its `upsert` request, and a bidirectional task its `get` request (a platform change is
+/// compared with the provider's current record; without reading it, a provider change not yet
+/// listed would be overwritten).
+pub fn direction_problem(entity: &EntityDefinition, direction: Direction) -> Option<String> {
+    if direction.reads_platform() && entity.upsert.is_none() {
+        return Some("the entity has no upsert request: records cannot be written to the provider; use direction inbound".into());
+    }
+    if direction == Direction::Bidirectional && entity.get.is_none() {
+        return Some(
+            "the entity has no get request: a bidirectional task reads the provider's current record before writing a platform change; use inbound or outbound"
+                .into(),
+        );
+    }
+    None
+}
+
+/// A platform change to retry, after `attempts` failed ones.
+fn pending_outbound(item: &ShardRecord, attempts: u32, last_error: String) -> PendingOutbound {
+    PendingOutbound {
+        key: item.key.clone(),
+        data: item.data.clone(),
+        version: item.version.clone(),
+        updated_at: item.updated_at,
+        source: item.source.clone(),
+        deleted: item.deleted,
+        attempts,
+        last_error,
+    }
+}
+
 /// Why a run stopped early.
 enum Stop {
     Cancelled,
@@ -273,14 +304,21 @@ impl SyncEngine {
             pages: 0,
             last_beat: self.clock.now(),
             cancel_pending: false,
+            outbound_attempt: None,
+            outbound_failure: None,
+            retried: (0, 0),
         };
         let result = run.all().await;
-        let pages = run.pages;
+        let (pages, (retried, retried_failed)) = (run.pages, run.retried);
         let counts = execution.counts;
-        let read = counts.inbound.read + counts.outbound.read;
-        let failed = counts.inbound.failed + counts.outbound.failed;
+        // Retries of changes that failed before do not make a run failed: one record the
+        // provider keeps refusing must not pause its task.
+        let read = (counts.inbound.read + counts.outbound.read).saturating_sub(retried);
+        let failed = (counts.inbound.failed + counts.outbound.failed).saturating_sub(retried_failed);
         match result {
-            Ok(()) if execution.error_count > 0 && failed >= read => (ExecutionStatus::Failed, Some("every record read failed".into())),
+            Ok(()) if execution.error_count > 0 && failed > 0 && failed >= read => {
+                (ExecutionStatus::Failed, Some("every record read failed".into()))
+            }
             Ok(()) if execution.error_count > 0 => (ExecutionStatus::Partial, None),
             Ok(()) => (ExecutionStatus::Succeeded, None),
             Err(Stop::Cancelled) => (ExecutionStatus::Cancelled, Some("cancelled at a page boundary".into())),
@@ -325,16 +363,19 @@ struct Run<'a> {
     /// When the hold was last renewed, and whether a cancellation came inside a page.
     last_beat: OffsetDateTime,
     cancel_pending: bool,
+    /// The attempt at writing the platform change being handled (1 for a change read from the
+    /// feed), and why it failed.
+    outbound_attempt: Option<u32>,
+    outbound_failure: Option<String>,
+    /// Earlier failed changes tried again, and how many of them failed again.
+    retried: (u64, u64),
 }
 
 impl Run<'_> {
     async fn all(&mut self) -> Result<(), Stop> {
         let direction = self.task.direction;
-        if direction.reads_platform() && self.source.entity.upsert.is_none() {
-            return Err(Stop::Failed(DomainError::Conflict(format!(
-                "entity '{}' has no upsert request: records cannot be written to the provider",
-                self.source.entity.name
-            ))));
+        if let Some(problem) = direction_problem(&self.source.entity, direction) {
+            return Err(Stop::Failed(DomainError::Conflict(format!("entity '{}': {problem}", self.source.entity.name))));
         }
         if direction == Direction::Bidirectional {
             self.apply_resolutions().await?;
@@ -367,8 +408,18 @@ impl Run<'_> {
     }
 
     /// `side` is where the record was read from.
-    fn record_failed(&mut self, side: Side, record_id: &str, message: String) {
+    fn record_failed(&mut self, side: Side, record_id: &str, mut message: String) {
         self.counts(side).failed += 1;
+        if side == Side::Platform
+            && let Some(attempt) = self.outbound_attempt
+        {
+            self.outbound_failure = Some(message.clone());
+            message = if attempt >= MAX_OUTBOUND_ATTEMPTS {
+                format!("{message}; given up after {attempt} attempts, until the record changes again")
+            } else {
+                format!("{message} (attempt {attempt} of {MAX_OUTBOUND_ATTEMPTS}; the next run retries it)")
+            };
+        }
         let write_side = if side == Side::Provider { Side::Platform } else { Side::Provider };
         self.execution.record_error(RecordError { record_id: record_id.to_owned(), side: write_side, message });
     }
@@ -731,13 +782,28 @@ impl Run<'_> {
     async fn platform_changes(&mut self) -> Result<(), Stop> {
         let engine = self.engine;
         let size = engine.settings.page_size;
+        self.retry_pending_outbound().await?;
         loop {
             let cursor = self.execution.checkpoints_to.platform.clone();
             let changes = engine.shards.changes(self.tenant(), &self.task.target, cursor.clone(), size).await?;
             let count = changes.items.len();
             for item in &changes.items {
                 self.keep_alive().await?;
-                self.platform_change(item).await?;
+                let failure = self.outbound(item, 0).await?;
+                let pending = &mut self.execution.checkpoints_to.pending_outbound;
+                // A newer change of a pending record supersedes it, written or failed anew.
+                pending.retain(|p| p.key != item.key);
+                if let Some(error) = failure {
+                    if pending.len() >= MAX_PENDING_OUTBOUND {
+                        return Err(Stop::Failed(DomainError::Unavailable {
+                            reason: format!(
+                                "more than {MAX_PENDING_OUTBOUND} platform changes could not be written to the provider: the run stops before the rest of this page"
+                            ),
+                            retry_after: None,
+                        }));
+                    }
+                    pending.push(pending_outbound(item, 1, error));
+                }
             }
             let moved = cursor.as_deref() != Some(changes.next_cursor.as_str());
             self.execution.checkpoints_to.platform = Some(changes.next_cursor);
@@ -746,6 +812,48 @@ impl Run<'_> {
             }
             self.page_done().await?;
         }
+    }
+
+    /// The platform changes whose write to the provider failed in earlier runs, each tried
+    /// again: kept with one more attempt when it fails again, dropped (reported) after
+    /// [`MAX_OUTBOUND_ATTEMPTS`].
+    async fn retry_pending_outbound(&mut self) -> Result<(), Stop> {
+        let pending = self.execution.checkpoints_to.pending_outbound.clone();
+        if pending.is_empty() {
+            return Ok(());
+        }
+        for entry in pending {
+            self.keep_alive().await?;
+            let item = ShardRecord {
+                key: entry.key.clone(),
+                data: entry.data.clone(),
+                version: entry.version.clone(),
+                updated_at: entry.updated_at,
+                source: entry.source.clone(),
+                deleted: entry.deleted,
+            };
+            let failure = self.outbound(&item, entry.attempts).await?;
+            self.retried.0 += 1;
+            self.retried.1 += u64::from(failure.is_some());
+            let list = &mut self.execution.checkpoints_to.pending_outbound;
+            list.retain(|p| p.key != entry.key);
+            if let Some(error) = failure
+                && entry.attempts + 1 < MAX_OUTBOUND_ATTEMPTS
+            {
+                list.push(pending_outbound(&item, entry.attempts + 1, error));
+            }
+        }
+        self.page_done().await
+    }
+
+    /// Handles one platform change as attempt `failed_before + 1`; returns why it failed.
+    async fn outbound(&mut self, item: &ShardRecord, failed_before: u32) -> Result<Option<String>, Stop> {
+        self.outbound_attempt = Some(failed_before + 1);
+        self.outbound_failure = None;
+        let result = self.platform_change(item).await;
+        self.outbound_attempt = None;
+        result?;
+        Ok(self.outbound_failure.take())
     }
 
     async fn platform_change(&mut self, item: &ShardRecord) -> Result<(), Stop> {
@@ -767,13 +875,12 @@ impl Run<'_> {
             None => None,
             Some(s) => {
                 let id = s.value.provider_id.clone().unwrap_or_else(|| item.key.clone());
-                let current =
-                    if self.task.direction.reads_provider() && self.source.entity.get.is_some() { self.fetch(&id).await? } else { None };
+                let reads = self.task.direction.reads_provider();
+                let current = if reads { self.fetch(&id).await? } else { None };
                 match current {
                     Some(record) => Some(ProviderSide { updated_at: self.updated_at(&record), record, id }),
-                    // Without a read request (or in an outbound task) the provider is taken to
-                    // hold what was last synced.
-                    None if self.source.entity.get.is_none() || !self.task.direction.reads_provider() => Some(ProviderSide {
+                    // In an outbound task the provider is taken to hold what was last synced.
+                    None if !reads => Some(ProviderSide {
                         record: provider_projection(&self.task.field_mapping, &s.value.fields),
                         id,
                         updated_at: s.value.provider_version.as_ref().and_then(|v| parse_time(&Value::String(v.clone()))),
@@ -926,6 +1033,10 @@ impl Run<'_> {
         if state.is_none() && self.task.direction == Direction::Bidirectional && provider_assigns_ids {
             state = engine.states.find_by_provider_id(self.tenant(), self.task.id, &id).await?;
         }
+        if self.source.entity.deleted.as_ref().is_some_and(|d| d.marks(&record)) {
+            self.provider_deleted(state).await?;
+            return Ok(updated_at);
+        }
         let live = state.as_ref().filter(|s| !s.value.deleted);
         // A record deleted on the platform (the delete ignored) stays deleted until the
         // provider changes it.
@@ -960,6 +1071,30 @@ impl Run<'_> {
         Ok(updated_at)
     }
 
+    /// A listed record the entity's `deleted` marker marks: with `deletes: propagate` a synced
+    /// record is deleted from the platform; a record never synced is not created.
+    async fn provider_deleted(&mut self, state: Option<Stored<SyncState>>) -> Result<(), Stop> {
+        match state.filter(|s| !s.value.deleted) {
+            Some(current) if self.task.deletes == DeletePolicy::Propagate => self.delete_on_platform(&current).await,
+            _ => {
+                self.skipped(Side::Provider, false);
+                Ok(())
+            }
+        }
+    }
+
+    /// Deletes a synced record from the platform because the provider deleted it.
+    async fn delete_on_platform(&mut self, stored: &Stored<SyncState>) -> Result<(), Stop> {
+        let engine = self.engine;
+        engine.shards.delete(self.tenant(), &self.task.target, &stored.value.platform_key).await?;
+        self.execution.counts.inbound.deleted += 1;
+        let mut next = stored.value.clone();
+        next.deleted = true;
+        next.origin = Side::Provider;
+        next.updated_at = engine.clock.now();
+        self.save_state(Side::Provider, next, Some(stored)).await
+    }
+
     /// After a complete, error-free full enumeration: records it did not see are gone from the
     /// provider; with `deletes: propagate` they are deleted from the platform.
     async fn sweep(&mut self, enumeration: Uuid) -> Result<(), Stop> {
@@ -975,13 +1110,7 @@ impl Run<'_> {
                 if s.deleted || s.provider_id.is_none() || s.seen_in == Some(enumeration) {
                     continue;
                 }
-                engine.shards.delete(self.tenant(), &self.task.target, &s.platform_key).await?;
-                self.execution.counts.inbound.deleted += 1;
-                let mut next = s.clone();
-                next.deleted = true;
-                next.origin = Side::Provider;
-                next.updated_at = engine.clock.now();
-                self.save_state(Side::Provider, next, Some(&stored)).await?;
+                self.delete_on_platform(&stored).await?;
             }
             match states.continuation {
                 Some(next) => page.continuation = Some(next),

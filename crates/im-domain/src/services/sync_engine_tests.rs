@@ -439,6 +439,7 @@ fn world(api: Api, direction: Direction, mode: SyncMode, policy: ConflictPolicy)
             get: Some(template(HttpMethod::Get, "/records/{id}")),
             upsert: Some(template(HttpMethod::Put, "/records/{id}")),
             delete: Some(template(HttpMethod::Delete, "/records/{id}")),
+            deleted: None,
         },
         path_params: BTreeMap::new(),
     };
@@ -699,4 +700,141 @@ fn outbound_sends_platform_changes_and_deletes() {
     assert_eq!((run.counts.outbound.deleted, run.counts.outbound.failed), (1, 1));
     assert!(w.api.get("k4").is_none());
     assert_eq!(w.api.writes(), (12, 1));
+}
+
+#[test]
+fn a_refused_outbound_record_is_retried_by_the_next_runs_without_changing_again() {
+    let mut w = world(Api::default(), Direction::Outbound, SyncMode::Incremental, ConflictPolicy::PlatformWins);
+    for i in 0..3 {
+        w.shards.edit(&format!("k{i}"), json!({"name": format!("n{i}"), "status": "open"}));
+    }
+    w.api.0.lock().unwrap().refuse.insert("k1".into());
+    let (status, run) = w.run();
+    assert_eq!(status, ExecutionStatus::Partial);
+    assert_eq!((run.counts.outbound.created, run.counts.outbound.failed), (2, 1));
+    assert!(run.errors[0].message.contains("attempt 1 of 5"), "{:?}", run.errors);
+    let pending = &w.task.checkpoints.pending_outbound;
+    assert_eq!((pending.len(), pending[0].key.as_str(), pending[0].attempts), (1, "k1", 1));
+    assert!(pending[0].last_error.contains("422"), "{pending:?}");
+
+    // The provider accepts it now: the next run writes it though the platform did not change.
+    w.api.0.lock().unwrap().refuse.clear();
+    let (status, run) = w.run();
+    assert_eq!(status, ExecutionStatus::Succeeded, "{:?}", run.errors);
+    assert_eq!((run.counts.outbound.created, run.counts.outbound.failed), (1, 0));
+    assert_eq!(w.api.get("k1").unwrap()["title"], "n1");
+    assert!(w.task.checkpoints.pending_outbound.is_empty());
+    let writes = w.api.writes();
+    w.run();
+    assert_eq!(w.api.writes(), writes, "written once");
+}
+
+#[test]
+fn a_record_refused_every_time_is_given_up_after_the_last_attempt_until_it_changes() {
+    let mut w = world(Api::default(), Direction::Outbound, SyncMode::Incremental, ConflictPolicy::PlatformWins);
+    w.shards.edit("k0", json!({"name": "n0", "status": "open"}));
+    w.api.0.lock().unwrap().refuse.insert("k0".into());
+    for attempt in 1..=crate::sync::MAX_OUTBOUND_ATTEMPTS {
+        let (status, run) = w.run();
+        // The first attempt is the only record read, failed; later ones are retries, which
+        // leave the run partial (a refused record must not pause its task).
+        let expected = if attempt == 1 { ExecutionStatus::Failed } else { ExecutionStatus::Partial };
+        assert_eq!(status, expected, "attempt {attempt}");
+        assert_eq!(run.counts.outbound.failed, 1, "attempt {attempt}");
+        let kept = w.task.checkpoints.pending_outbound.len();
+        if attempt < crate::sync::MAX_OUTBOUND_ATTEMPTS {
+            assert_eq!(kept, 1, "attempt {attempt}");
+            assert_eq!(w.task.checkpoints.pending_outbound[0].attempts, attempt);
+        } else {
+            assert_eq!(kept, 0, "given up");
+            assert!(run.errors[0].message.contains("given up after 5 attempts"), "{:?}", run.errors);
+        }
+    }
+    let (status, run) = w.run();
+    assert_eq!((status, run.counts.outbound.read), (ExecutionStatus::Succeeded, 0), "left alone");
+    // A new change is tried again.
+    w.api.0.lock().unwrap().refuse.clear();
+    w.shards.edit("k0", json!({"name": "changed", "status": "open"}));
+    let (status, _) = w.run();
+    assert_eq!(status, ExecutionStatus::Succeeded);
+    assert_eq!(w.api.get("k0").unwrap()["title"], "changed");
+}
+
+#[test]
+fn a_newer_change_of_a_pending_record_supersedes_it_and_too_many_failures_stop_before_the_page() {
+    let mut w = world(Api::default(), Direction::Outbound, SyncMode::Incremental, ConflictPolicy::PlatformWins);
+    w.shards.edit("k0", json!({"name": "first", "status": "open"}));
+    w.api.0.lock().unwrap().refuse.insert("k0".into());
+    w.run();
+    assert_eq!(w.task.checkpoints.pending_outbound.len(), 1);
+    w.shards.edit("k0", json!({"name": "second", "status": "open"}));
+    w.run();
+    let pending = &w.task.checkpoints.pending_outbound;
+    assert_eq!(pending.len(), 1, "one entry per record: {pending:?}");
+    assert_eq!(pending[0].data["name"], "second");
+
+    // More failures than the list keeps: the run stops before the cursor passes them.
+    let mut w = world(Api::default(), Direction::Outbound, SyncMode::Incremental, ConflictPolicy::PlatformWins);
+    for i in 0..=crate::sync::MAX_PENDING_OUTBOUND {
+        let key = format!("k{i:04}");
+        w.shards.edit(&key, json!({"name": "x", "status": "open"}));
+        w.api.0.lock().unwrap().refuse.insert(key);
+    }
+    let (status, _, run) = w.run_with(&mut Control::default());
+    assert_ne!(status, ExecutionStatus::Succeeded);
+    assert_eq!(w.task.checkpoints.pending_outbound.len(), crate::sync::MAX_PENDING_OUTBOUND);
+    let cursor: i64 = w.task.checkpoints.platform.as_deref().unwrap_or("0").parse().unwrap();
+    assert!(cursor < (crate::sync::MAX_PENDING_OUTBOUND + 1) as i64, "the last change is read again: {cursor} {:?}", run.error);
+    w.api.0.lock().unwrap().refuse.clear();
+    let (status, _) = w.run();
+    assert_eq!(status, ExecutionStatus::Succeeded);
+    assert_eq!(w.api.0.lock().unwrap().records.len(), crate::sync::MAX_PENDING_OUTBOUND + 1, "every record reached the provider");
+}
+
+#[test]
+fn a_bidirectional_task_needs_the_entity_get_request_and_writing_needs_its_upsert() {
+    let mut w = world(Api::with(3), Direction::Bidirectional, SyncMode::Incremental, ConflictPolicy::ProviderWins);
+    w.source.entity.get = None;
+    let (status, error, _) = w.run_with(&mut Control::default());
+    assert_eq!(status, ExecutionStatus::Failed);
+    assert!(error.as_deref().is_some_and(|e| e.contains("no get request")), "{error:?}");
+    assert_eq!(w.shards.writes(), 0, "nothing is written");
+    // Inbound and outbound tasks do without it.
+    for direction in [Direction::Inbound, Direction::Outbound] {
+        w.task.direction = direction;
+        let (status, _) = w.run();
+        assert_eq!(status, ExecutionStatus::Succeeded, "{direction:?}");
+    }
+    w.source.entity.upsert = None;
+    let (status, error, _) = w.run_with(&mut Control::default());
+    assert_eq!(status, ExecutionStatus::Failed);
+    assert!(error.as_deref().is_some_and(|e| e.contains("no upsert request")), "{error:?}");
+}
+
+#[test]
+fn an_incremental_run_applies_deletions_the_entity_marks_in_its_list() {
+    for (direction, deletes) in [
+        (Direction::Inbound, DeletePolicy::Propagate),
+        (Direction::Bidirectional, DeletePolicy::Propagate),
+        (Direction::Inbound, DeletePolicy::Ignore),
+    ] {
+        let mut w = world(Api::with(5), direction, SyncMode::Incremental, ConflictPolicy::ProviderWins);
+        w.task.deletes = deletes;
+        w.source.entity.deleted = Some(crate::custom::DeletedMarker { field: "state".into(), value: json!("deleted") });
+        w.api.upsert("r00004", json!({"state": "deleted"}));
+        let (status, first) = w.run();
+        assert_eq!(status, ExecutionStatus::Succeeded);
+        assert_eq!((first.counts.inbound.created, w.shards.live()), (4, 4), "a record deleted before it was synced is not created");
+
+        w.api.upsert("r00002", json!({"state": "deleted"}));
+        let (status, run) = w.run();
+        assert_eq!(status, ExecutionStatus::Succeeded, "{direction:?} {deletes:?}");
+        let propagate = deletes == DeletePolicy::Propagate;
+        assert_eq!(run.counts.inbound.deleted, u64::from(propagate), "{direction:?} {deletes:?}: {:?}", run.counts);
+        assert_eq!(w.shards.data("r00002").is_none(), propagate, "{direction:?} {deletes:?}");
+        assert_eq!(w.api.writes(), (0, 0), "{direction:?}: nothing goes back to the provider");
+        let writes = w.shards.writes();
+        w.run();
+        assert_eq!(w.shards.writes(), writes, "{direction:?} {deletes:?}: settled");
+    }
 }

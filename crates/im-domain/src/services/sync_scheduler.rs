@@ -131,18 +131,28 @@ impl SyncScheduler {
             return Ok(None);
         }
         let mut task = stored.value;
-        let (execution_id, trigger) = match task.pending_execution.take() {
-            Some(id) => (id, Trigger::Manual),
-            None => (self.ids.new_uuid(), Trigger::Schedule),
+        // A manual run's execution is written just after the task names it: until it can be
+        // read the task is left for a later look (taking it would hold it with no execution).
+        // One never written (its request failed half-way) is run as a scheduled one.
+        let queued = match task.pending_execution.take() {
+            Some(id) => match self.executions.get(&task.tenant_id, id).await {
+                Ok(found) => Some(found),
+                Err(DomainError::NotFound { .. }) if now - task.updated_at < self.lease => return Ok(None),
+                Err(DomainError::NotFound { .. }) => None,
+                Err(e) => return Err(e),
+            },
+            None => None,
         };
+        let execution_id = queued.as_ref().map_or_else(|| self.ids.new_uuid(), |e| e.value.id);
         task.lease = Some(TaskLease { owner: self.owner.clone(), execution_id, until: now + self.lease });
         task.cancel_requested = false;
         task.next_run_at = None;
         let etag = self.tasks.replace(&task, Some(stored.etag), &[]).await?;
-        let mut execution = match trigger {
-            Trigger::Manual => self.executions.get(&task.tenant_id, execution_id).await?,
-            Trigger::Schedule => {
-                let e = SyncExecution::queued(execution_id, task.tenant_id.clone(), task.id, trigger, task.checkpoints.clone(), now);
+        let mut execution = match queued {
+            Some(found) => found,
+            None => {
+                let e =
+                    SyncExecution::queued(execution_id, task.tenant_id.clone(), task.id, Trigger::Schedule, task.checkpoints.clone(), now);
                 let etag = self.executions.create(&e).await?;
                 Stored { value: e, etag }
             }

@@ -11,8 +11,9 @@ pub mod task;
 pub use execution::{Counts, DirectionCounts, EXECUTION_TTL, ExecutionStatus, RecordError, Side, SyncExecution, Trigger};
 pub use state::{Resolution, SyncConflict, SyncState, fields_hash, state_id};
 pub use task::{
-    Checkpoints, ConflictPolicy, CronSchedule, DeletePolicy, Direction, FieldMapping, JsonPointer, LastExecution, Schedule, SyncMode,
-    SyncTask, SyncTaskDraft, SyncTaskId, SyncTaskSettings, TaskLease, TaskStatus,
+    Checkpoints, ConflictPolicy, CronSchedule, DeletePolicy, Direction, FieldMapping, JsonPointer, LastExecution, MAX_OUTBOUND_ATTEMPTS,
+    MAX_PENDING_OUTBOUND, PendingOutbound, Schedule, SyncMode, SyncTask, SyncTaskDraft, SyncTaskId, SyncTaskSettings, TaskLease,
+    TaskStatus,
 };
 
 /// Timestamps stored as unix milliseconds (an `i64`), so stores can compare them in queries.

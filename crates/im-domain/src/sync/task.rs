@@ -338,6 +338,40 @@ pub struct Checkpoints {
     /// The Shard Manager's `changedSince` cursor.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub platform: Option<String>,
+    /// Platform changes before the platform cursor whose write to the provider failed: the
+    /// next runs retry them first (at most [`MAX_PENDING_OUTBOUND`], each up to
+    /// [`MAX_OUTBOUND_ATTEMPTS`] times).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pending_outbound: Vec<PendingOutbound>,
+}
+
+/// Failed outbound records a task keeps for retry; when a page would add more, the run stops
+/// before that page (its cursor is not passed) and the page is read again by the next run.
+pub const MAX_PENDING_OUTBOUND: usize = 100;
+
+/// Attempts at writing one platform change to the provider (the first included); after the
+/// last failed one the change is reported in the execution's record errors and left until the
+/// record changes again.
+pub const MAX_OUTBOUND_ATTEMPTS: u32 = 5;
+
+/// A platform change whose write to the provider failed, as it was read, with its attempts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PendingOutbound {
+    pub key: String,
+    /// The record as the change carried it (`null` for a delete).
+    #[serde(default)]
+    pub data: serde_json::Value,
+    pub version: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deleted: bool,
+    /// Failed attempts so far.
+    pub attempts: u32,
+    pub last_error: String,
 }
 
 /// An instance's hold on a task while it runs one execution of it (a conditional write on the
