@@ -4,6 +4,7 @@
 //! - `PUT {url}/api/v1/secrets/{name}` `{"value": <json>, "metadata": {...}}` -> `{"name", "version"}`
 //! - `GET {url}/api/v1/secrets/{name}?version=V` -> `{"name", "version", "value"}`
 //! - `DELETE {url}/api/v1/secrets/{name}` -> 204
+//! - `DELETE {url}/api/v1/secrets/{name}/versions?before=V` -> 204 (the versions issued before V)
 //!
 //! Authenticated with a service token. 404 is `NotFound`; 5xx, 429 and timeouts are retried with
 //! backoff and then `Unavailable`; 401/403 mean our configuration is wrong and are reported so.
@@ -129,7 +130,19 @@ impl HttpSecretStore {
         query: Option<(&str, &str)>,
         body: Option<&serde_json::Value>,
     ) -> Result<reqwest::Response, DomainError> {
-        let url = format!("{}/api/v1/secrets/{}", self.settings.url.trim_end_matches('/'), path_of(name));
+        self.send_to(method, name, "", query, body).await
+    }
+
+    /// Sends to `{url}/api/v1/secrets/{name}{suffix}`.
+    async fn send_to(
+        &self,
+        method: Method,
+        name: &SecretName,
+        suffix: &str,
+        query: Option<(&str, &str)>,
+        body: Option<&serde_json::Value>,
+    ) -> Result<reqwest::Response, DomainError> {
+        let url = format!("{}/api/v1/secrets/{}{suffix}", self.settings.url.trim_end_matches('/'), path_of(name));
         let attempts = self.settings.attempts.max(1);
         let backoff = Backoff { attempts, first: self.settings.backoff, max: MAX_BACKOFF };
         let attempt = |attempt: u32| {
@@ -240,6 +253,16 @@ impl SecretStore for HttpSecretStore {
             StatusCode::NOT_FOUND => Ok(()),
             s if s.is_success() => Ok(()),
             _ => Err(refused(response, "delete a secret").await),
+        }
+    }
+
+    #[tracing::instrument(skip_all, name = "secrets.prune", fields(secret = %current.secret_name, version = %current.version))]
+    async fn prune(&self, current: &SecretRef) -> Result<(), DomainError> {
+        let response = self.send_to(Method::DELETE, &current.secret_name, "/versions", Some(("before", &current.version)), None).await?;
+        match response.status() {
+            StatusCode::NOT_FOUND => Ok(()),
+            s if s.is_success() => Ok(()),
+            _ => Err(refused(response, "delete older versions of a secret").await),
         }
     }
 }

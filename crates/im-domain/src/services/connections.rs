@@ -255,7 +255,7 @@ impl ConnectionService {
         caller.require(Role::Member)?;
         let parent = self.integrations.get(&caller.tenant_id, integration).await?;
         self.validate(&parent.value, &spec).await?;
-        read_modify_write(if_match, async |token| {
+        let updated = read_modify_write(if_match, async |token| {
             let current = matching(self.connections.get(&caller.tenant_id, integration, id).await?, token)?;
             let mut connection = Connection {
                 name: spec.name.clone(),
@@ -274,7 +274,11 @@ impl ConnectionService {
             let etag = self.connections.replace(&connection, Some(token.unwrap_or(&current.etag).clone()), &[]).await?;
             Ok(Stored { value: connection, etag })
         })
-        .await
+        .await?;
+        // The connection references the new version: the ones before it go (a reader holding an
+        // older reference reads the connection again).
+        self.prune_superseded(&updated.value).await;
+        Ok(updated)
     }
 
     /// Deletes a connection, then its credentials.
@@ -534,6 +538,28 @@ impl ConnectionCredentials {
 
     /// The credentials now; for OAuth2 connections a token fresh for at least the refresh skew
     /// (refreshed first when needed), or newer than `stale`.
+    /// The connection, checked usable, and the secret version it references now. A version
+    /// pruned after the connection was read (a refresh or a replacement referenced a newer one
+    /// meanwhile) is not an error: the connection is read again.
+    async fn read_current(&self) -> Result<(Stored<Connection>, crate::secrets::SecretValue), DomainError> {
+        let service = &self.service;
+        let mut missing: Option<SecretRef> = None;
+        loop {
+            let stored = service.connections.get(&self.tenant, self.integration, self.id).await?;
+            self.check_usable(&stored.value)?;
+            let reference = stored
+                .value
+                .credentials
+                .clone()
+                .ok_or_else(|| DomainError::Conflict(format!("connection '{}' has no credentials", self.id)))?;
+            match service.secrets.get(&reference).await {
+                Ok(value) => return Ok((stored, value)),
+                Err(DomainError::NotFound { .. }) if missing.as_ref() != Some(&reference) => missing = Some(reference),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     async fn material(&self, stale: Option<&AuthMaterial>) -> Result<AuthMaterial, DomainError> {
         let service = &self.service;
         let stored = service.connections.get(&self.tenant, self.integration, self.id).await?;
@@ -547,11 +573,8 @@ impl ConnectionCredentials {
             };
             return self.oauth2_token(stale).await.map(AuthMaterial::Bearer);
         }
-        let reference = connection
-            .credentials
-            .as_ref()
-            .ok_or_else(|| DomainError::Conflict(format!("connection '{}' has no credentials", connection.id)))?;
-        let value = service.secrets.get(reference).await?;
+        let (stored, value) = self.read_current().await?;
+        let connection = stored.value;
         self.audit_use().await;
         match Credentials::from_secret(connection.auth_mode, &value)? {
             Credentials::ApiKey { api_key } => {
