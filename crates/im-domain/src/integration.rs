@@ -171,3 +171,41 @@ impl IntegrationFilter {
         self.provider_id.as_ref().is_none_or(|p| *p == integration.provider_id) && self.status.is_none_or(|s| s == integration.status)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::secrets::SecretName;
+
+    fn fields(spec: &OAuth2AppSpec, stored: Option<Option<&IntegrationOAuth2App>>) -> Vec<String> {
+        let mut v = Violations::new();
+        spec.check(&mut v, stored);
+        match v.into_error() {
+            DomainError::Validation(found) => found.into_iter().map(|f| f.field).collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    #[test]
+    fn an_app_needs_its_secret_unless_the_stored_app_has_the_same_client_id() {
+        let stored = IntegrationOAuth2App {
+            client_id: "app-1".into(),
+            client_secret_hint: None,
+            client_secret: SecretRef {
+                secret_name: SecretName::new(&TenantId::new("t1").unwrap(), "oauth2-app", "i"),
+                version: "1".into(),
+            },
+        };
+        let keep = OAuth2AppSpec { client_id: "app-1".into(), client_secret: None };
+        let other = OAuth2AppSpec { client_id: "app-2".into(), client_secret: None };
+        let given = OAuth2AppSpec { client_id: "app-2".into(), client_secret: Some("s3cret-value-0123".into()) };
+        assert!(fields(&keep, Some(Some(&stored))).is_empty(), "the same client id keeps the stored secret");
+        assert_eq!(fields(&other, Some(Some(&stored))), ["oauth2App.clientSecret"], "a changed client id needs a secret");
+        assert_eq!(fields(&keep, Some(None)), ["oauth2App.clientSecret"], "a new app needs a secret");
+        assert!(fields(&keep, None).is_empty(), "not known yet: left to the write");
+        assert!(fields(&given, Some(None)).is_empty());
+        let bad = OAuth2AppSpec { client_id: String::new(), client_secret: Some("tab\there".into()) };
+        assert_eq!(fields(&bad, Some(None)), ["oauth2App.clientId", "oauth2App.clientSecret"]);
+        assert!(!format!("{given:?}").contains("s3cret"), "Debug hides the secret");
+    }
+}
