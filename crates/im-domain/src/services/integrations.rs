@@ -309,10 +309,12 @@ impl IntegrationService {
         if_match: Option<&ETag>,
     ) -> Result<Stored<Integration>, DomainError> {
         caller.require(Role::Member)?;
-        // A new client secret is written once, before the document that references it; the
-        // versions it supersedes are pruned once the document references it. A write that loses
-        // (or a process that dies) leaves a version nothing references, which the next prune or
-        // the integration's deletion removes.
+        // A new client secret is written in each attempt, after the read the replace is
+        // conditional on: a prune can only delete it when another writer replaced the document
+        // since that read, and then this replace fails and the attempt is made again with a new
+        // version. The versions it supersedes are pruned once the document references it. An
+        // attempt that loses (or a process that dies) leaves a version nothing references, which
+        // the next prune or the integration's deletion removes.
         let mut written: Option<IntegrationOAuth2App> = None;
         let updated = read_modify_write(if_match, async |token| {
             let current = self.integrations.get(&caller.tenant_id, id).await?;
@@ -327,9 +329,7 @@ impl IntegrationService {
                 None => current.value.oauth2_app.clone(),
                 Some(app) if app.client_secret.is_none() => current.value.oauth2_app.clone(),
                 Some(app) => {
-                    if written.is_none() {
-                        written = self.write_app_secret(&current.value, app).await?;
-                    }
+                    written = self.write_app_secret(&current.value, app).await?;
                     written.clone()
                 }
             };
