@@ -458,7 +458,16 @@ async fn a_callback_after_the_state_ttl_is_422_and_the_connection_expires_withou
 
 #[tokio::test]
 async fn the_oauth_app_is_the_integrations_and_a_refresh_keeps_only_the_current_secret_version() {
-    let s = setup_with(true, |_| {}).await;
+    // Audit records go to a Logging Service fake, so they can be read back.
+    let logging = im_testkit::audit::FakeLoggingService::start("logging-token").await;
+    let url = logging.url();
+    let s = setup_with(true, |s| {
+        s.logging.backend = integration_manager::config::PlatformBackend::Http;
+        s.logging.http.url = url;
+        s.logging.http.token = "logging-token".into();
+        s.logging.shipper.interval = im_domain::HumanDuration(Duration::from_millis(100));
+    })
+    .await;
     let secrets = s.app.secret_management.clone().expect("a Secret Management fake").service;
     let app_secret = format!("integration-manager/{}/oauth2-app/{}", s.tenant, s.integration);
     assert_eq!(secrets.versions_kept(&app_secret), 1, "the client secret is kept under {app_secret}: {:?}", secrets.names());
@@ -523,4 +532,24 @@ async fn the_oauth_app_is_the_integrations_and_a_refresh_keeps_only_the_current_
     assert_eq!(s.app.delete(&path, &s.token, None).await.status(), StatusCode::NO_CONTENT);
     assert_eq!(secrets.versions_kept(&app_secret), 0, "the app's secret went with the integration");
     assert!(!secrets.dump().contains(wrong));
+
+    // The secret's writes and reads are audit records, which never hold it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let records = loop {
+        let records: Vec<Value> = logging.records().into_values().filter(|r| r["tenantId"] == s.tenant.as_str()).collect();
+        if records.iter().any(|r| r["action"] == "integration.delete") {
+            break records;
+        }
+        assert!(std::time::Instant::now() < deadline, "the audit records never arrived: {records:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let text = Value::from(records.clone()).to_string();
+    assert!(!text.contains(CLIENT_SECRET) && !text.contains(wrong), "{text}");
+    let of = |action: &str| records.iter().filter(|r| r["action"] == action).cloned().collect::<Vec<_>>();
+    assert_eq!(of("integration.create")[0]["details"]["oauth2App"], json!({"clientId": CLIENT_ID, "clientSecret": "written"}));
+    let updates: Vec<Value> = of("integration.update").iter().map(|r| r["details"]["oauth2App"]["clientSecret"].clone()).collect();
+    assert!(updates.contains(&json!("kept")) && updates.contains(&json!("written")), "{updates:?}");
+    let reads = of("integration.use_credentials");
+    assert!(reads.len() >= 3, "the code exchange and each refresh read the client secret: {reads:?}");
+    assert!(reads.iter().all(|r| r["details"]["secret"] == "oauth2App.clientSecret" && r["resourceId"] == s.integration.as_str()));
 }
