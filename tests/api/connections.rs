@@ -428,3 +428,88 @@ async fn credentials_land_in_secret_management_and_nowhere_else() {
     let listed: Value = app.get(&base, &token).await.json().await.unwrap();
     assert!(listed["items"].as_array().unwrap().is_empty(), "nothing half-stored: {listed}");
 }
+
+#[tokio::test]
+async fn the_oauth_client_secret_lands_in_secret_management_and_nowhere_else() {
+    use std::sync::atomic::Ordering;
+
+    const APP_SECRET: &str = "app_Secret0123456789ClientValue";
+    const NEW_APP_SECRET: &str = "app_Another0123456789ClientValue";
+    let app = spawn_with_secret_management(|_| {}).await;
+    let fake = app.secret_management.clone().expect("the app keeps secrets in the fake");
+    let recorder = Arc::new(Recorder::default());
+    app.state.bus.subscribe(recorder.clone());
+    let tenant = format!("t-{}", uuid::Uuid::new_v4().simple());
+    let token = app.token(&tenant, "alice", &[Role::Member]);
+    let body = |secret: &str| {
+        json!({"providerId": "github", "name": "With an app", "config": {"organization": "acme"},
+            "oauth2App": {"clientId": "Iv1.app", "clientSecret": secret}})
+    };
+    let response = app.post("/api/v1/integrations", &token, &body(APP_SECRET)).await;
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let text = response.text().await.unwrap();
+    assert!(!text.contains(APP_SECRET), "{text}");
+    let created: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(created["oauth2App"], json!({"clientId": "Iv1.app", "clientSecretHint": "alue"}));
+    let id = created["id"].as_str().unwrap().to_owned();
+    let path = format!("/api/v1/integrations/{id}");
+    let name = format!("integration-manager/{tenant}/oauth2-app/{id}");
+    assert!(fake.service.dump().contains(APP_SECRET), "Secret Management holds the client secret");
+    assert_eq!(fake.service.versions_kept(&name), 1, "kept under {name}: {:?}", fake.service.names());
+
+    let stored = app.state.integrations.get(&caller(&tenant), IntegrationId::parse(&id).unwrap()).await.unwrap();
+    let document = serde_json::to_string(&stored.value).unwrap();
+    assert!(!document.contains(APP_SECRET), "the stored document keeps a reference only: {document}");
+    assert_eq!(stored.value.oauth2_app.as_ref().map(|a| a.client_secret.secret_name.as_str().to_owned()), Some(name.clone()));
+
+    // A replacement: the response hides it, Secret Management keeps only the new one.
+    let replaced = app.put(&path, &token, &body(NEW_APP_SECRET), None).await;
+    assert_eq!(replaced.status(), StatusCode::OK);
+    assert!(!replaced.text().await.unwrap().contains(NEW_APP_SECRET));
+    assert_eq!(fake.service.versions_kept(&name), 1);
+    assert!(fake.service.dump().contains(NEW_APP_SECRET) && !fake.service.dump().contains(APP_SECRET));
+    // A refused value is not echoed either.
+    let refused = app.put(&path, &token, &body("bad\u{7}Secret0123456789"), None).await;
+    assert_eq!(refused.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(!refused.text().await.unwrap().contains("Secret0123456789"));
+
+    for read in [app.get(&path, &token).await, app.get("/api/v1/integrations", &token).await] {
+        let text = read.text().await.unwrap();
+        assert!(!text.contains(APP_SECRET) && !text.contains(NEW_APP_SECRET), "{text}");
+    }
+    for secret in [APP_SECRET, NEW_APP_SECRET] {
+        assert!(files_holding(app.dir.path(), secret).is_empty(), "nothing under the data directory holds the client secret");
+        if !backend_is_cosmos() {
+            assert!(!database_contains(&app, secret));
+        }
+    }
+    let mut events = Vec::new();
+    for _ in 0..200 {
+        events = recorder.0.lock().unwrap().iter().filter(|e| e.subject == id).cloned().collect::<Vec<DomainEvent>>();
+        if events.len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(events.len() >= 2, "created and updated: {events:?}");
+    for event in &events {
+        let cloud = event.cloud_event();
+        assert_matches_schema(&cloud);
+        let text = cloud.to_string();
+        assert!(!text.contains(APP_SECRET) && !text.contains(NEW_APP_SECRET) && !text.contains(&name), "{text}");
+        assert_eq!(cloud["data"]["oauth2App"]["clientId"], "Iv1.app");
+    }
+
+    // Deleting the integration deletes every version.
+    assert_eq!(app.delete(&path, &token, None).await.status(), StatusCode::NO_CONTENT);
+    assert_eq!(fake.service.versions_kept(&name), 0, "the secret went with the integration");
+
+    // Secret Management down: the create fails as unavailable and leaves no integration behind.
+    fake.service.down.store(true, Ordering::SeqCst);
+    let refused = app.post("/api/v1/integrations", &token, &body(APP_SECRET)).await;
+    assert!(refused.status().is_server_error(), "{}", refused.status());
+    assert!(!refused.text().await.unwrap().contains(APP_SECRET));
+    fake.service.down.store(false, Ordering::SeqCst);
+    let listed: Value = app.get("/api/v1/integrations", &token).await.json().await.unwrap();
+    assert!(listed["items"].as_array().unwrap().is_empty(), "nothing half-stored: {listed}");
+}

@@ -1,7 +1,8 @@
-//! OAuth2 connections against a fake authorization server on loopback: the authorization code
-//! flow with PKCE (S256), refused and reused states, tokens in the secret store only, refreshes
-//! serialised per connection (20 concurrent calls, one refresh), a refused refresh, and cached
-//! client-credentials tokens.
+//! OAuth2 connections against a fake authorization server on loopback: the tenant's OAuth app on
+//! the integration (client secret in the secret store, never shown), the authorization code flow
+//! with PKCE (S256), refused, reused and expired states, tokens in the secret store only (one
+//! version kept), refreshes serialised per connection (20 concurrent calls, one refresh), a
+//! refused refresh, and cached client-credentials tokens.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -18,7 +19,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 use crate::events::{Recorder, assert_matches_schema};
-use crate::helpers::{TestApp, backend_is_cosmos, database_contains, header, problem, spawn_app_with};
+use crate::helpers::{TestApp, backend_is_cosmos, database_contains, header, problem, spawn_app_with, spawn_with_secret_management};
 
 const CLIENT_ID: &str = "tenant-app";
 const CLIENT_SECRET: &str = "app-Secret-0123456789-value";
@@ -36,13 +37,21 @@ struct Setup {
 }
 
 async fn setup() -> Setup {
+    setup_with(false, |_| {}).await
+}
+
+/// The app (with a Secret Management fake of its own when `secret_management`, whatever
+/// `IM_TEST_SECRETS` says), a provider with the authorization code flow at the fake, and an
+/// integration of it with the tenant's OAuth app.
+async fn setup_with(secret_management: bool, configure: impl FnOnce(&mut integration_manager::Settings)) -> Setup {
     let fake = FakeOAuth2::start(CLIENT_ID, CLIENT_SECRET).await;
-    let app = spawn_app_with(|s| {
+    let settings = |s: &mut integration_manager::Settings| {
         s.webhooks.sender.allowed_private_cidrs = vec!["127.0.0.0/8".into()];
         s.webhooks.sender.allow_http = true;
         s.oauth2.redirect_url = CALLBACK.into();
-    })
-    .await;
+        configure(s);
+    };
+    let app = if secret_management { spawn_with_secret_management(settings).await } else { spawn_app_with(settings).await };
     let tenant = format!("t-{}", uuid::Uuid::new_v4().simple());
     let token = app.token(&tenant, "alice", &[Role::Member]);
     let provider = format!("acme-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
@@ -54,12 +63,15 @@ async fn setup() -> Setup {
     });
     let created = app.post("/api/v1/providers", &app.admin(), &body).await;
     assert_eq!(created.status(), StatusCode::CREATED, "{}", created.text().await.unwrap());
-    let integration: Value = app
-        .post("/api/v1/integrations", &token, &json!({"providerId": provider, "name": "Acme", "config": {}}))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let app_body = json!({"clientId": CLIENT_ID, "clientSecret": CLIENT_SECRET});
+    let created = app
+        .post("/api/v1/integrations", &token, &json!({"providerId": provider, "name": "Acme", "config": {}, "oauth2App": app_body}))
+        .await;
+    assert_eq!(created.status(), StatusCode::CREATED);
+    let text = created.text().await.unwrap();
+    assert!(!text.contains(CLIENT_SECRET), "the client secret is never echoed: {text}");
+    let integration: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(integration["oauth2App"], json!({"clientId": CLIENT_ID, "clientSecretHint": "alue"}), "{integration}");
     let integration = integration["id"].as_str().expect("an integration").to_owned();
     let browser = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
     Setup { app, fake, tenant, token, integration, browser }
@@ -76,7 +88,7 @@ impl Setup {
 
     /// Starts an authorization; returns the connection id and the authorization URL.
     async fn start(&self, return_url: Option<&str>) -> (String, String) {
-        let mut body = json!({"name": "Acme (alice)", "clientId": CLIENT_ID, "clientSecret": CLIENT_SECRET, "scopes": ["read", "write"]});
+        let mut body = json!({"name": "Acme (alice)", "scopes": ["read", "write"]});
         if let Some(url) = return_url {
             body["returnUrl"] = json!(url);
         }
@@ -222,26 +234,69 @@ async fn forged_denied_and_mismatched_authorizations_are_refused_and_the_connect
 async fn authorize_bodies_are_checked_and_return_urls_must_be_https() {
     let s = setup().await;
     let path = s.authorize_path();
-    let bad = json!({"name": "", "clientId": CLIENT_ID, "clientSecret": CLIENT_SECRET, "returnUrl": "javascript:alert(1)"});
+    let bad = json!({"name": "", "returnUrl": "javascript:alert(1)"});
     let found = problem(s.app.post(&path, &s.token, &bad).await, StatusCode::UNPROCESSABLE_ENTITY).await;
     let fields = crate::helpers::fields(&found);
     assert!(fields.contains(&"name".to_owned()) && fields.contains(&"returnUrl".to_owned()), "{found}");
-    let http = json!({"name": "x", "clientId": CLIENT_ID, "clientSecret": CLIENT_SECRET, "returnUrl": "http://evil.example/"});
+    let http = json!({"name": "x", "returnUrl": "http://evil.example/"});
     let found = problem(s.app.post(&path, &s.token, &http).await, StatusCode::UNPROCESSABLE_ENTITY).await;
     assert_eq!(crate::helpers::fields(&found), ["returnUrl"]);
-    let missing = json!({"name": "x"});
+    let missing = json!({"scopes": ["read"]});
     problem(s.app.post(&path, &s.token, &missing).await, StatusCode::BAD_REQUEST).await;
-    let unknown = json!({"name": "x", "clientId": CLIENT_ID, "clientSecret": CLIENT_SECRET, "password": "p"});
+    // The app is the integration's: an authorization no longer takes one.
+    let app_in_body = json!({"name": "x", "clientId": CLIENT_ID, "clientSecret": CLIENT_SECRET});
+    let refused = problem(s.app.post(&path, &s.token, &app_in_body).await, StatusCode::BAD_REQUEST).await;
+    assert!(!refused.to_string().contains(CLIENT_SECRET), "{refused}");
+    let unknown = json!({"name": "x", "password": "p"});
     problem(s.app.post(&path, &s.token, &unknown).await, StatusCode::BAD_REQUEST).await;
+    // An integration of the same provider without an app: 422 naming oauth2App, nothing created.
+    let provider =
+        s.app.get(&format!("/api/v1/integrations/{}", s.integration), &s.token).await.json::<Value>().await.unwrap()["providerId"].clone();
+    let bare: Value = s
+        .app
+        .post("/api/v1/integrations", &s.token, &json!({"providerId": provider, "name": "No app", "config": {}}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let bare_base = format!("/api/v1/integrations/{}/connections", bare["id"].as_str().unwrap());
+    let no_app = problem(
+        s.app.post(&format!("{bare_base}/oauth2/authorize"), &s.token, &json!({"name": "x"})).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
+    assert_eq!(crate::helpers::fields(&no_app), ["oauth2App"], "{no_app}");
+    let listed: Value = s.app.get(&bare_base, &s.token).await.json().await.unwrap();
+    assert!(listed["items"].as_array().unwrap().is_empty(), "nothing was created: {listed}");
     // A GitHub integration of the built-in catalog has OAuth2 too; an api-key-only custom one does not.
     let custom = json!({"providerId": "custom", "name": "Keyed", "customDefinition": crate::helpers::custom_definition()});
     let keyed: Value = s.app.post("/api/v1/integrations", &s.token, &custom).await.json().await.unwrap();
     let keyed_path = format!("/api/v1/integrations/{}/connections/oauth2/authorize", keyed["id"].as_str().unwrap());
-    let body = json!({"name": "x", "clientId": CLIENT_ID, "clientSecret": CLIENT_SECRET});
+    let body = json!({"name": "x"});
     problem(s.app.post(&keyed_path, &s.token, &body).await, StatusCode::UNPROCESSABLE_ENTITY).await;
     // Another tenant's integration is not found.
     let other = s.app.token("t-other-tenant", "mallory", &[Role::Member]);
     problem(s.app.post(&path, &other, &body).await, StatusCode::NOT_FOUND).await;
+}
+
+/// The `integration.connection.failed` events of connection `id` once one arrived (or none after 5 s).
+async fn failed_events(recorder: &Recorder, id: &str) -> Vec<im_domain::events::DomainEvent> {
+    let mut failed = Vec::new();
+    for _ in 0..200 {
+        failed = recorder
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| e.subject == id && e.event_type.as_str() == "integration.connection.failed")
+            .cloned()
+            .collect::<Vec<_>>();
+        if !failed.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    failed
 }
 
 /// A provider API that accepts one bearer token.
@@ -328,21 +383,7 @@ async fn a_refresh_the_provider_refuses_marks_the_connection_refresh_failed_with
     let again = s.credentials(&id).await.current().await;
     assert!(matches!(again, Err(DomainError::Conflict(_))));
     assert_eq!(s.fake.requests("refresh_token"), 1);
-    let mut failed = Vec::new();
-    for _ in 0..200 {
-        failed = recorder
-            .0
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|e| e.subject == id && e.event_type.as_str() == "integration.connection.failed")
-            .cloned()
-            .collect::<Vec<_>>();
-        if !failed.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    let failed = failed_events(&recorder, &id).await;
     assert_eq!(failed.len(), 1, "one event");
     let cloud = failed[0].cloud_event();
     assert_matches_schema(&cloud);
@@ -386,4 +427,129 @@ async fn client_credentials_tokens_are_fetched_and_cached_until_shortly_before_e
     let refused = setup.credentials(&wrong_id).await.current().await;
     assert!(matches!(&refused, Err(DomainError::Conflict(why)) if why.contains("invalid_client")), "{refused:?}");
     assert_eq!(setup.connection(&wrong_id).await["status"], "refresh_failed");
+}
+
+#[tokio::test]
+async fn a_callback_after_the_state_ttl_is_422_and_the_connection_expires_without_a_token() {
+    let s = setup_with(false, |s| s.oauth2.state_ttl = im_domain::HumanDuration(Duration::from_secs(1))).await;
+    let recorder = Arc::new(Recorder::default());
+    s.app.state.bus.subscribe(recorder.clone());
+    let (id, url) = s.start(None).await;
+    let (code, state) = s.approve(&url).await;
+    // Past the 1 s lifetime (states count whole seconds).
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let expired = problem(s.callback(&[("code", &code), ("state", &state)]).await, StatusCode::UNPROCESSABLE_ENTITY).await;
+    assert_eq!(crate::helpers::fields(&expired), ["state"], "{expired}");
+    assert!(expired.to_string().contains("expired"), "{expired}");
+    let shown = s.connection(&id).await;
+    assert_eq!(shown["status"], "expired", "{shown}");
+    assert!(shown["statusReason"].as_str().is_some_and(|r| r.contains("not completed within 1s")), "{shown}");
+    assert!(shown.get("tokenExpiresAt").is_none_or(Value::is_null), "no token: {shown}");
+    assert_eq!(s.fake.requests("authorization_code"), 0, "an expired state exchanges no code");
+    assert!(s.fake.issued().is_empty(), "no token was issued, so none can be stored");
+    let unusable = s.credentials(&id).await.current().await;
+    assert!(matches!(unusable, Err(DomainError::Conflict(_))), "{unusable:?}");
+    // The state stays spent: the connection is no longer pending.
+    problem(s.callback(&[("code", &code), ("state", &state)]).await, StatusCode::CONFLICT).await;
+    let failed = failed_events(&recorder, &id).await;
+    assert_eq!(failed.len(), 1, "one event");
+    assert_eq!(failed[0].cloud_event()["data"]["status"], "expired");
+}
+
+#[tokio::test]
+async fn the_oauth_app_is_the_integrations_and_a_refresh_keeps_only_the_current_secret_version() {
+    // Audit records go to a Logging Service fake, so they can be read back.
+    let logging = im_testkit::audit::FakeLoggingService::start("logging-token").await;
+    let url = logging.url();
+    let s = setup_with(true, |s| {
+        s.logging.backend = integration_manager::config::PlatformBackend::Http;
+        s.logging.http.url = url;
+        s.logging.http.token = "logging-token".into();
+        s.logging.shipper.interval = im_domain::HumanDuration(Duration::from_millis(100));
+    })
+    .await;
+    let secrets = s.app.secret_management.clone().expect("a Secret Management fake").service;
+    let app_secret = format!("integration-manager/{}/oauth2-app/{}", s.tenant, s.integration);
+    assert_eq!(secrets.versions_kept(&app_secret), 1, "the client secret is kept under {app_secret}: {:?}", secrets.names());
+
+    // Authorized with the integration's app (the fake checks the client secret), the pending
+    // version of the connection's secret is gone once the tokens are referenced.
+    let id = s.authorized(30).await;
+    let name = format!("integration-manager/{}/connection/{id}", s.tenant);
+    assert_eq!(secrets.versions_kept(&name), 1, "only the tokens' version is kept");
+    let kept = secrets.latest(&name).expect("the connection's secret");
+    assert_eq!(kept["accessToken"], "access-1");
+    assert!(kept.get("pending").is_none(), "the pending version was pruned: it is not the one kept");
+    assert!(kept.get("clientSecret").is_none() && kept.get("clientId").is_none(), "the connection keeps no app");
+    assert!(!secrets.dump().contains("nonceHash"));
+
+    // A refresh (the token expires within the skew) writes a new version and prunes the old one;
+    // a source made before the refresh keeps working with the version current at each call.
+    let source = s.credentials(&id).await;
+    assert_eq!(source.current().await.expect("a refreshed token"), AuthMaterial::Bearer("access-2".into()));
+    assert_eq!(s.fake.requests("refresh_token"), 1);
+    assert_eq!(secrets.versions_kept(&name), 1, "the superseded version is deleted");
+    let after = secrets.dump();
+    assert!(after.contains("access-2") && !after.contains("access-1"), "only the current token is kept");
+    assert_eq!(source.current().await.expect("the cached token"), AuthMaterial::Bearer("access-2".into()));
+
+    // Keeping the app: the same clientId without a secret. Changing the clientId needs one (422).
+    let path = format!("/api/v1/integrations/{}", s.integration);
+    let current: Value = s.app.get(&path, &s.token).await.json().await.unwrap();
+    let mut body = json!({"providerId": current["providerId"], "name": "Acme", "config": {}, "oauth2App": {"clientId": CLIENT_ID}});
+    let kept = s.app.put(&path, &s.token, &body, None).await;
+    assert_eq!(kept.status(), StatusCode::OK);
+    assert_eq!(kept.json::<Value>().await.unwrap()["oauth2App"], json!({"clientId": CLIENT_ID, "clientSecretHint": "alue"}));
+    assert_eq!(secrets.versions_kept(&app_secret), 1);
+    body["oauth2App"] = json!({"clientId": "another-app"});
+    let refused = problem(s.app.put(&path, &s.token, &body, None).await, StatusCode::UNPROCESSABLE_ENTITY).await;
+    assert_eq!(crate::helpers::fields(&refused), ["oauth2App.clientSecret"], "{refused}");
+    // The read-only hint may be sent back (ignored); an absent app is kept.
+    body["oauth2App"] = json!({"clientId": CLIENT_ID, "clientSecretHint": "alue"});
+    assert_eq!(s.app.put(&path, &s.token, &body, None).await.status(), StatusCode::OK);
+    body.as_object_mut().unwrap().remove("oauth2App");
+    let absent = s.app.put(&path, &s.token, &body, None).await;
+    assert_eq!(absent.json::<Value>().await.unwrap()["oauth2App"]["clientId"], CLIENT_ID);
+
+    // Replacing the secret: the next refresh uses the new one (the fake refuses it: invalid_client),
+    // and only the new secret is kept.
+    let wrong = "replaced-Secret-9876543210";
+    body["oauth2App"] = json!({"clientId": CLIENT_ID, "clientSecret": wrong});
+    let replaced = s.app.put(&path, &s.token, &body, None).await;
+    assert_eq!(replaced.status(), StatusCode::OK);
+    let text = replaced.text().await.unwrap();
+    assert!(!text.contains(wrong), "{text}");
+    assert_eq!(serde_json::from_str::<Value>(&text).unwrap()["oauth2App"]["clientSecretHint"], "3210");
+    assert_eq!(secrets.versions_kept(&app_secret), 1, "the old secret is deleted");
+    assert!(secrets.dump().contains(wrong) && !secrets.dump().contains(CLIENT_SECRET));
+    let stale = source.after_unauthorized(&AuthMaterial::Bearer("access-2".into())).await;
+    assert!(matches!(&stale, Err(DomainError::Conflict(why)) if why.contains("invalid_client")), "{stale:?}");
+    assert_eq!(s.connection(&id).await["status"], "refresh_failed");
+
+    // Deleting the integration (after its connection) deletes the app's secret.
+    let connection = format!("{path}/connections/{id}");
+    assert_eq!(s.app.delete(&connection, &s.token, None).await.status(), StatusCode::NO_CONTENT);
+    assert_eq!(s.app.delete(&path, &s.token, None).await.status(), StatusCode::NO_CONTENT);
+    assert_eq!(secrets.versions_kept(&app_secret), 0, "the app's secret went with the integration");
+    assert!(!secrets.dump().contains(wrong));
+
+    // The secret's writes and reads are audit records, which never hold it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let records = loop {
+        let records: Vec<Value> = logging.records().into_values().filter(|r| r["tenantId"] == s.tenant.as_str()).collect();
+        if records.iter().any(|r| r["action"] == "integration.delete") {
+            break records;
+        }
+        assert!(std::time::Instant::now() < deadline, "the audit records never arrived: {records:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let text = Value::from(records.clone()).to_string();
+    assert!(!text.contains(CLIENT_SECRET) && !text.contains(wrong), "{text}");
+    let of = |action: &str| records.iter().filter(|r| r["action"] == action).cloned().collect::<Vec<_>>();
+    assert_eq!(of("integration.create")[0]["details"]["oauth2App"], json!({"clientId": CLIENT_ID, "clientSecret": "written"}));
+    let updates: Vec<Value> = of("integration.update").iter().map(|r| r["details"]["oauth2App"]["clientSecret"].clone()).collect();
+    assert!(updates.contains(&json!("kept")) && updates.contains(&json!("written")), "{updates:?}");
+    let reads = of("integration.use_credentials");
+    assert!(reads.len() >= 3, "the code exchange and each refresh read the client secret: {reads:?}");
+    assert!(reads.iter().all(|r| r["details"]["secret"] == "oauth2App.clientSecret" && r["resourceId"] == s.integration.as_str()));
 }

@@ -159,6 +159,7 @@ mod fixtures {
             status: IntegrationStatus::Active,
             config: serde_json::Map::new(),
             custom_definition: None,
+            oauth2_app: None,
             created_at: now,
             updated_at: now,
             created_by: UserId::new("bench").expect("user"),

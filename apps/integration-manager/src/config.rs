@@ -78,6 +78,8 @@ pub struct OAuth2Config {
     pub redirect_url: String,
     pub refresh_skew: HumanDuration,
     pub refresh_lease: HumanDuration,
+    /// How long an authorization's `state` is accepted.
+    pub state_ttl: HumanDuration,
     pub allow_http_return_url: bool,
     /// Base64 of at least 32 bytes; empty: a key file in the data directory. A secret.
     pub state_key: SecretString,
@@ -95,6 +97,9 @@ impl OAuth2Config {
         }
         if !(1..=600).contains(&self.refresh_lease.get().as_secs()) {
             problems.push(("refresh_lease", "must be between 1s and 10m".to_owned()));
+        }
+        if !(1..=3600).contains(&self.state_ttl.get().as_secs()) {
+            problems.push(("state_ttl", "must be between 1s and 1h".to_owned()));
         }
         let key = secrecy::ExposeSecret::expose_secret(&self.state_key);
         if !key.is_empty() {

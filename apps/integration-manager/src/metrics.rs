@@ -225,6 +225,13 @@ impl SecretStore for TimedSecrets {
         timed_secret_call("delete", started);
         result
     }
+
+    async fn prune(&self, current: &SecretRef) -> Result<(), DomainError> {
+        let started = Instant::now();
+        let result = self.0.prune(current).await;
+        timed_secret_call("prune", started);
+        result
+    }
 }
 
 #[cfg(test)]

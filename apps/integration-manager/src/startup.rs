@@ -115,6 +115,7 @@ fn oauth2_settings(settings: &Settings) -> im_domain::services::OAuth2Settings {
         redirect_url: oauth2.redirect_url.clone(),
         refresh_skew: oauth2.refresh_skew.get(),
         refresh_lease: oauth2.refresh_lease.get(),
+        state_ttl: oauth2.state_ttl.get(),
         allow_http_return_url: oauth2.allow_http_return_url,
         ..Default::default()
     }
@@ -392,6 +393,7 @@ fn events(
     storage: &Storage,
     clock: Arc<dyn Clock>,
     audit: Audit,
+    secrets: Arc<dyn SecretStore>,
     role: ServeRole,
     health: &mut Vec<Arc<dyn HealthCheck>>,
 ) -> Events {
@@ -400,7 +402,8 @@ fn events(
     let connections: Arc<dyn ConnectionRepository> = Arc::new(WakeOnEvents { inner: storage.connections.clone(), wake: wake.clone() });
     let integrations = IntegrationService::new(repository, storage.providers.clone(), clock, Arc::new(UuidV7), audit)
         .with_connections(storage.connections.clone())
-        .with_url_policy(settings.webhooks.sender.url_policy());
+        .with_url_policy(settings.webhooks.sender.url_policy())
+        .with_secrets(secrets);
     let bus = Arc::new(InProcessBus::new());
     let publisher: Arc<dyn EventPublisher> = match settings.events.backend {
         EventsBackend::Embedded => bus.clone(),
@@ -570,9 +573,9 @@ impl Application {
         let report = catalog.seed(crate::catalog::builtin_providers()?).await.context("seeding the provider catalog")?;
         tracing::info!(inserted = report.inserted, already_seeded = report.skipped, "provider catalog seeded");
 
-        let events = events(&settings, &storage, clock, audit.clone(), role, &mut health);
-        let outbox = OutboxAdmin::new(storage.outbox.clone(), audit.clone());
         let secrets = secret_store(&settings, &mut health)?;
+        let events = events(&settings, &storage, clock, audit.clone(), secrets.clone(), role, &mut health);
+        let outbox = OutboxAdmin::new(storage.outbox.clone(), audit.clone());
         let connections = ConnectionService::new(
             events.connections.clone(),
             storage.integrations.clone(),

@@ -21,7 +21,7 @@ use sha2::{Digest, Sha256};
 
 use crate::error::DomainError;
 
-/// How long an authorization `state` is accepted.
+/// How long an authorization `state` is accepted by default (`oauth2.state_ttl`).
 pub const STATE_LIFETIME: Duration = Duration::from_secs(10 * 60);
 /// Fewest bytes of a state key.
 pub const MIN_STATE_KEY_BYTES: usize = 32;

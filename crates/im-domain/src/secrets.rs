@@ -69,4 +69,15 @@ pub trait SecretStore: Send + Sync {
 
     /// Deletes every version of `name`. MUST succeed when it does not exist.
     async fn delete(&self, name: &SecretName) -> Result<(), DomainError>;
+
+    /// Deletes the versions of `current.secret_name` issued before `current.version`, keeping
+    /// that version and any issued after it (a newer one may be about to be referenced).
+    /// Called once a document references `current`, so what it deletes is referenced by
+    /// nothing; it is idempotent and cumulative: a prune that never ran (the process died after
+    /// the new version was written) is made up for by the next one, or by [`SecretStore::delete`].
+    ///
+    /// # Errors
+    /// MUST succeed when `current` or its name does not exist (nothing older is kept then);
+    /// MUST return [`DomainError::Unavailable`] when the store cannot be reached.
+    async fn prune(&self, current: &SecretRef) -> Result<(), DomainError>;
 }

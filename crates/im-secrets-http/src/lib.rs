@@ -4,6 +4,7 @@
 //! - `PUT {url}/api/v1/secrets/{name}` `{"value": <json>, "metadata": {...}}` -> `{"name", "version"}`
 //! - `GET {url}/api/v1/secrets/{name}?version=V` -> `{"name", "version", "value"}`
 //! - `DELETE {url}/api/v1/secrets/{name}` -> 204
+//! - `DELETE {url}/api/v1/secrets/{name}/versions?before=V` -> 204 (the versions issued before V)
 //!
 //! Authenticated with a service token. 404 is `NotFound`; 5xx, 429 and timeouts are retried with
 //! backoff and then `Unavailable`; 401/403 mean our configuration is wrong and are reported so.
@@ -89,7 +90,19 @@ impl HttpSecretStore {
         query: Option<(&str, &str)>,
         body: Option<&serde_json::Value>,
     ) -> Result<reqwest::Response, DomainError> {
-        let url = self.settings.endpoint(&format!("api/v1/secrets/{}", path_of(name)));
+        self.send_to(method, name, "", query, body).await
+    }
+
+    /// Sends to `{url}/api/v1/secrets/{name}{suffix}`.
+    async fn send_to(
+        &self,
+        method: Method,
+        name: &SecretName,
+        suffix: &str,
+        query: Option<(&str, &str)>,
+        body: Option<&serde_json::Value>,
+    ) -> Result<reqwest::Response, DomainError> {
+        let url = self.settings.endpoint(&format!("api/v1/secrets/{}{suffix}", path_of(name)));
         let backoff = self.settings.retries(MAX_BACKOFF);
         let attempts = backoff.attempts;
         let attempt = |attempt: u32| {
@@ -181,9 +194,23 @@ impl SecretStore for HttpSecretStore {
     async fn delete(&self, name: &SecretName) -> Result<(), DomainError> {
         let response = self.send(Method::DELETE, name, None, None).await?;
         match response.status() {
-            StatusCode::NOT_FOUND => Ok(()),
+            // Nothing to delete, or a service without version deletion (the older versions then
+            // stay until the secret is deleted): pruning is housekeeping, never a failure.
+            StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED => Ok(()),
             s if s.is_success() => Ok(()),
             _ => Err(refused(response, "delete a secret").await),
+        }
+    }
+
+    #[tracing::instrument(skip_all, name = "secrets.prune", fields(secret = %current.secret_name, version = %current.version))]
+    async fn prune(&self, current: &SecretRef) -> Result<(), DomainError> {
+        let response = self.send_to(Method::DELETE, &current.secret_name, "/versions", Some(("before", &current.version)), None).await?;
+        match response.status() {
+            // Nothing to delete, or a service without version deletion (the older versions then
+            // stay until the secret is deleted): pruning is housekeeping, never a failure.
+            StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED => Ok(()),
+            s if s.is_success() => Ok(()),
+            _ => Err(refused(response, "delete older versions of a secret").await),
         }
     }
 }

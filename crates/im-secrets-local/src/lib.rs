@@ -163,6 +163,19 @@ impl SecretStore for LocalSecretStore {
             .map_err(unexpected)?;
         Ok(())
     }
+
+    #[tracing::instrument(skip_all, name = "secrets.prune", fields(secret = %current.secret_name, version = %current.version))]
+    async fn prune(&self, current: &SecretRef) -> Result<(), DomainError> {
+        // A version that is not ours (not a number) has nothing older in this store.
+        let Ok(version) = current.version.parse::<i64>() else { return Ok(()) };
+        // One statement: a reader sees the old versions or not, never a half-deleted row.
+        self.conn
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .execute("DELETE FROM secrets WHERE name = ?1 AND version < ?2", params![current.secret_name.as_str(), version])
+            .map_err(unexpected)?;
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -20,6 +20,15 @@ pub fn integration(tenant: &TenantId, provider: &str) -> Integration {
         status: IntegrationStatus::Active,
         config: json!({"organization": "acme", "nested": {"list": [1, 2, 3]}}).as_object().cloned().unwrap_or_default(),
         custom_definition: None,
+        // Round-tripped by every store: the app's id and the reference of its secret.
+        oauth2_app: Some(im_domain::integration::IntegrationOAuth2App {
+            client_id: "conformance-app".into(),
+            client_secret_hint: Some("wxyz".into()),
+            client_secret: im_domain::secrets::SecretRef {
+                secret_name: im_domain::secrets::SecretName::new(tenant, "oauth2-app", "conformance"),
+                version: "3".into(),
+            },
+        }),
         created_at: timestamp(),
         updated_at: timestamp(),
         created_by: user(),

@@ -21,7 +21,9 @@ pub struct SecretManagement {
     pub down: AtomicBool,
     /// Requests refused during outages.
     pub refused: AtomicUsize,
-    versions: Mutex<HashMap<String, Vec<Value>>>,
+    /// Every version ever issued per name, in order (version `n` at index `n - 1`); a deleted
+    /// version is `None`, so version numbers are never reused.
+    versions: Mutex<HashMap<String, Vec<Option<Value>>>>,
 }
 
 impl SecretManagement {
@@ -40,10 +42,20 @@ impl SecretManagement {
 
     /// Every version of every secret kept now, as JSON text: what a test searches for a value.
     pub fn dump(&self) -> String {
-        Value::from(self.lock().values().flatten().cloned().collect::<Vec<_>>()).to_string()
+        Value::from(self.lock().values().flatten().flatten().cloned().collect::<Vec<_>>()).to_string()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<Value>>> {
+    /// How many versions of `name` are kept now.
+    pub fn versions_kept(&self, name: &str) -> usize {
+        self.lock().get(name).map_or(0, |versions| versions.iter().flatten().count())
+    }
+
+    /// The newest version of `name` kept now.
+    pub fn latest(&self, name: &str) -> Option<Value> {
+        self.lock().get(name)?.iter().rev().flatten().next().cloned()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<Option<Value>>>> {
         self.versions.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
@@ -81,19 +93,32 @@ impl Respond for Serving {
         if request.headers.get("authorization").and_then(|v| v.to_str().ok()) != Some(expected.as_str()) {
             return ResponseTemplate::new(401);
         }
-        let name = percent_decoded(request.url.path().trim_start_matches("/api/v1/secrets/"));
+        let path = request.url.path().trim_start_matches("/api/v1/secrets/");
+        let query = |key: &str| request.url.query_pairs().find(|(k, _)| k == key).and_then(|(_, v)| v.parse::<usize>().ok());
         let mut secrets = service.lock();
+        if let (Some(name), "DELETE") = (path.strip_suffix("/versions"), request.method.as_str()) {
+            // Every version issued before `before`.
+            let Some(before) = query("before") else { return ResponseTemplate::new(400) };
+            return match secrets.get_mut(&percent_decoded(name)) {
+                Some(versions) => {
+                    versions.iter_mut().take(before.saturating_sub(1)).for_each(|v| *v = None);
+                    ResponseTemplate::new(204)
+                }
+                None => ResponseTemplate::new(404),
+            };
+        }
+        let name = percent_decoded(path);
         match request.method.as_str() {
             "PUT" => {
                 let Ok(body) = request.body_json::<Value>() else { return ResponseTemplate::new(400) };
                 let versions = secrets.entry(name.clone()).or_default();
-                versions.push(body["value"].clone());
+                versions.push(Some(body["value"].clone()));
                 // Versions as numbers: the adapter takes a string or a number.
                 ResponseTemplate::new(201).set_body_json(json!({"name": name, "version": versions.len()}))
             }
             "GET" => {
-                let version = request.url.query_pairs().find(|(k, _)| k == "version").and_then(|(_, v)| v.parse::<usize>().ok());
-                match version.and_then(|v| secrets.get(&name)?.get(v.checked_sub(1)?)) {
+                let version = query("version");
+                match version.and_then(|v| secrets.get(&name)?.get(v.checked_sub(1)?)?.as_ref()) {
                     Some(value) => ResponseTemplate::new(200).set_body_json(json!({"name": name, "version": version, "value": value})),
                     None => ResponseTemplate::new(404),
                 }

@@ -1,5 +1,6 @@
 //! The contract of the [`SecretStore`] port: versions that stay readable, overwrite by new
-//! version, missing secrets, deletion of every version, and values that never print.
+//! version, missing secrets, deletion of every version, pruning of superseded versions, and
+//! values that never print.
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
@@ -42,6 +43,7 @@ pub async fn contract<S: SecretStore + Debug>(store: &S) {
     put_get_and_overwrite(store).await;
     a_missing_secret_is_not_found(store).await;
     delete_removes_every_version_and_is_idempotent(store).await;
+    prune_keeps_the_current_version_and_newer_ones(store).await;
     values_never_print(store).await;
 }
 
@@ -98,6 +100,54 @@ pub async fn delete_removes_every_version_and_is_idempotent(store: &dyn SecretSt
 
     store.delete(&name).await.unwrap_or_else(|e| panic!("deleting a deleted secret MUST succeed: {e}"));
     store.delete(&fresh_name()).await.unwrap_or_else(|e| panic!("deleting a secret never stored MUST succeed: {e}"));
+}
+
+/// Pruning at a version deletes the versions issued before it and keeps it, any version issued
+/// after it, and other names; it is idempotent, a later prune makes up for one that never ran,
+/// and pruning a name or version that does not exist succeeds.
+pub async fn prune_keeps_the_current_version_and_newer_ones(store: &dyn SecretStore) {
+    let name = fresh_name();
+    let other = fresh_name();
+    let v1 = put(store, &name, &value().0).await;
+    let v2 = put(store, &name, &value().0).await;
+    let (current, _) = value();
+    let v3 = put(store, &name, &current).await;
+    let (newer, _) = value();
+    let v4 = put(store, &name, &newer).await;
+    let (kept_value, _) = value();
+    let kept = put(store, &other, &kept_value).await;
+
+    store.prune(&v3).await.unwrap_or_else(|e| panic!("prune MUST succeed: {e}"));
+    assert_not_found(store.get(&v1).await, "a version issued before the one pruned at");
+    assert_not_found(store.get(&v2).await, "the version just before the one pruned at");
+    assert!(get(store, &v3).await == current, "prune MUST keep the version it names");
+    assert!(get(store, &v4).await == newer, "prune MUST keep a version issued after the one it names");
+    assert!(get(store, &kept).await == kept_value, "prune MUST NOT touch another name");
+    store.prune(&v3).await.unwrap_or_else(|e| panic!("pruning again MUST succeed: {e}"));
+    assert!(get(store, &v3).await == current, "a second prune keeps the version too");
+
+    // A prune that never ran (the process died after writing v5) is made up for by the next.
+    let v5 = put(store, &name, &value().0).await;
+    let (latest, _) = value();
+    let v6 = put(store, &name, &latest).await;
+    store.prune(&v6).await.unwrap_or_else(|e| panic!("prune MUST succeed: {e}"));
+    for (old, what) in [(&v3, "v3"), (&v4, "v4"), (&v5, "v5")] {
+        assert_not_found(store.get(old).await, what);
+    }
+    assert!(get(store, &v6).await == latest);
+    let next = put(store, &name, &value().0).await;
+    assert!(
+        ![&v1, &v2, &v3, &v4, &v5, &v6].iter().any(|old| old.version == next.version),
+        "a version number MUST NOT be issued again after a prune"
+    );
+
+    store
+        .prune(&SecretRef { secret_name: fresh_name(), version: v3.version.clone() })
+        .await
+        .unwrap_or_else(|e| panic!("pruning a name never stored MUST succeed: {e}"));
+    store.delete(&name).await.unwrap_or_else(|e| panic!("delete: {e}"));
+    store.prune(&v6).await.unwrap_or_else(|e| panic!("pruning a deleted name MUST succeed: {e}"));
+    assert_not_found(store.get(&next).await, "delete after prune removes the rest");
 }
 
 /// Neither a value, nor the store that holds it, nor a reference or an error shows the value.

@@ -2,7 +2,7 @@
 
 use actix_web::http::header::ContentType;
 use actix_web::{HttpRequest, HttpResponse, web};
-use im_domain::integration::{Integration, IntegrationFilter, IntegrationSpec, IntegrationStatus};
+use im_domain::integration::{Integration, IntegrationFilter, IntegrationOAuth2App, IntegrationSpec, IntegrationStatus, OAuth2AppSpec};
 use im_domain::provider::ProviderId;
 use im_domain::{DomainError, FieldViolation, IntegrationId, JsonText, Stored};
 use serde::{Deserialize, Serialize};
@@ -73,6 +73,58 @@ pub struct IntegrationInput {
     /// Required when `providerId` is `custom`, refused otherwise.
     #[serde(default)]
     custom_definition: Option<CustomDefinitionDto>,
+    /// The tenant's OAuth app at the provider, used by OAuth2 authorization code connections.
+    /// Absent (or null) on update: the current app is kept.
+    #[serde(default)]
+    oauth2_app: Option<OAuth2AppInput>,
+}
+
+/// The tenant's OAuth app at the provider (its redirect URL must be the service's
+/// `oauth2.redirect_url`). The client id is kept on the integration; the client secret goes to
+/// the secret store and is never returned.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schema(as = OAuth2AppInput)]
+pub struct OAuth2AppInput {
+    /// The client id of the tenant's OAuth app.
+    #[schema(min_length = 1, max_length = 256, example = "Iv1.8a61f9b3a7aba766")]
+    client_id: String,
+    /// The client secret: kept in the secret store, never returned. Required on create and
+    /// whenever `clientId` changes; omitted on update with the same `clientId`, the stored
+    /// secret is kept. Given, it replaces the stored one (the old one is deleted).
+    #[serde(default)]
+    #[schema(write_only, min_length = 1, max_length = 1024)]
+    client_secret: Option<String>,
+    /// The last four characters of the stored secret, as reads show them: may be sent back, ignored.
+    #[serde(default)]
+    #[schema(read_only, max_length = 4)]
+    #[allow(dead_code)]
+    client_secret_hint: Option<String>,
+}
+
+impl From<OAuth2AppInput> for OAuth2AppSpec {
+    fn from(input: OAuth2AppInput) -> Self {
+        OAuth2AppSpec { client_id: input.client_id, client_secret: input.client_secret }
+    }
+}
+
+/// An integration's OAuth app as reads show it: the client id and a hint of the secret, never
+/// the secret.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+#[schema(as = OAuth2App)]
+pub struct OAuth2AppView {
+    /// The client id of the tenant's OAuth app.
+    client_id: String,
+    /// The last four characters of the client secret (secrets of at least 12 characters).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client_secret_hint: Option<String>,
+}
+
+impl From<&IntegrationOAuth2App> for OAuth2AppView {
+    fn from(app: &IntegrationOAuth2App) -> Self {
+        Self { client_id: app.client_id.clone(), client_secret_hint: app.client_secret_hint.clone() }
+    }
 }
 
 impl TryFrom<IntegrationInput> for IntegrationSpec {
@@ -87,6 +139,7 @@ impl TryFrom<IntegrationInput> for IntegrationSpec {
             status: input.status.map(Into::into),
             config: input.config.unwrap_or_default(),
             custom_definition: input.custom_definition.map(Into::into),
+            oauth2_app: input.oauth2_app.map(Into::into),
         })
     }
 }
@@ -109,6 +162,9 @@ pub struct IntegrationView {
     /// Present for custom API integrations.
     #[serde(skip_serializing_if = "Option::is_none")]
     custom_definition: Option<CustomDefinitionDto>,
+    /// The tenant's OAuth app, when one is set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    oauth2_app: Option<OAuth2AppView>,
     #[schema(format = DateTime)]
     created_at: String,
     #[schema(format = DateTime)]
@@ -128,6 +184,7 @@ impl From<&Integration> for IntegrationView {
             status: i.status.into(),
             config: i.config.clone(),
             custom_definition: i.custom_definition.as_ref().map(Into::into),
+            oauth2_app: i.oauth2_app.as_ref().map(Into::into),
             created_at: rfc3339(i.created_at),
             updated_at: rfc3339(i.updated_at),
             created_by: i.created_by.to_string(),
@@ -211,10 +268,11 @@ pub async fn get(state: web::Data<AppState>, caller: Authenticated, id: web::Pat
 }
 
 /// The view of an integration from its JSON text: the text itself when it has no custom
-/// definition (the view writes exactly the domain's encoding then); otherwise decoded and written
-/// as the view (the view of a custom definition leaves out what is not set).
+/// definition and no OAuth app (the view writes exactly the domain's encoding then); otherwise
+/// decoded and written as the view (the view of a custom definition leaves out what is not set;
+/// that of an app leaves out where its secret is kept).
 fn view_json(text: JsonText<Integration>) -> ApiResult<String> {
-    if !text.as_str().contains(r#""customDefinition":"#) {
+    if !text.as_str().contains(r#""customDefinition":"#) && !text.as_str().contains(r#""oauth2App":"#) {
         return Ok(text.into_string());
     }
     let integration: Integration = serde_json::from_str(text.as_str())
@@ -272,6 +330,7 @@ mod tests {
                 .cloned()
                 .unwrap(),
             custom_definition: custom.map(|d| serde_json::from_value::<CustomApiDefinition>(d).unwrap()),
+            oauth2_app: None,
             created_at: now,
             updated_at: now + time::Duration::seconds(1),
             created_by: im_domain::UserId::new("alice").unwrap(),
@@ -317,7 +376,17 @@ mod tests {
     fn reads_answer_the_view() {
         let plain = integration(None);
         assert_eq!(serde_json::to_string(&IntegrationView::from(&plain)).unwrap(), JsonText::encode(&plain).unwrap().into_string());
-        let mut cases = vec![plain];
+        let mut with_app = integration(None);
+        let secret_name = im_domain::secrets::SecretName::new(&with_app.tenant_id, "oauth2-app", "i-1");
+        with_app.oauth2_app = Some(IntegrationOAuth2App {
+            client_id: "app-1".into(),
+            client_secret_hint: Some("wxyz".into()),
+            client_secret: im_domain::secrets::SecretRef { secret_name, version: "2".into() },
+        });
+        let shown = view_json(JsonText::encode(&with_app).unwrap()).unwrap();
+        assert!(shown.contains(r#""oauth2App":{"clientId":"app-1","clientSecretHint":"wxyz"}"#), "{shown}");
+        assert!(!shown.contains("oauth2-app/i-1") && !shown.contains("secretName"), "where the secret is kept is not shown: {shown}");
+        let mut cases = vec![plain, with_app];
         cases.extend(definitions().into_iter().map(|d| integration(Some(d))));
         for i in cases {
             let view = serde_json::to_string(&IntegrationView::from(&i)).unwrap();

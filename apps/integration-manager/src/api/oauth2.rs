@@ -12,7 +12,6 @@
 use actix_web::http::header;
 use actix_web::{HttpResponse, web};
 use im_domain::audit::AuditAction;
-use im_domain::oauth2::OAuth2App;
 use im_domain::services::{AuthorizeSpec, CallbackParams};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -23,8 +22,8 @@ use super::extract::{Authenticated, JsonBody, etag_header};
 use super::problem::{ApiError, ApiResult};
 use crate::state::AppState;
 
-/// Body of `POST .../connections/oauth2/authorize`: the connection to create and the tenant's
-/// OAuth app at the provider (its redirect URL must be the service's `oauth2.redirect_url`).
+/// Body of `POST .../connections/oauth2/authorize`: the connection to create. The tenant's OAuth
+/// app is the integration's `oauth2App` (set on the integration first).
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AuthorizeInput {
@@ -39,22 +38,11 @@ pub struct AuthorizeInput {
     #[serde(default)]
     #[schema(max_length = 2048, example = "https://app.example.com/integrations/done")]
     return_url: Option<String>,
-    /// The client id of the tenant's OAuth app.
-    #[schema(min_length = 1, max_length = 256)]
-    client_id: String,
-    /// The client secret of the tenant's OAuth app: kept in the secret store, never returned.
-    #[schema(write_only, min_length = 1, max_length = 1024)]
-    client_secret: String,
 }
 
 impl From<AuthorizeInput> for AuthorizeSpec {
     fn from(input: AuthorizeInput) -> Self {
-        AuthorizeSpec {
-            name: input.name,
-            scopes: input.scopes,
-            return_url: input.return_url,
-            app: OAuth2App { client_id: input.client_id, client_secret: input.client_secret },
-        }
+        AuthorizeSpec { name: input.name, scopes: input.scopes, return_url: input.return_url }
     }
 }
 
@@ -65,8 +53,9 @@ impl From<AuthorizeInput> for AuthorizeSpec {
 pub struct AuthorizationView {
     /// The new connection, `pending_authorization` until the callback.
     connection: ConnectionView,
-    /// The provider's authorization URL to open in a browser, with `state` (signed, single use,
-    /// valid for 10 minutes) and the S256 `code_challenge`.
+    /// The provider's authorization URL to open in a browser, with the integration's client id,
+    /// `state` (signed, single use, valid for `oauth2.state_ttl`, 10 minutes by default) and the
+    /// S256 `code_challenge`.
     authorization_url: String,
 }
 
@@ -78,6 +67,7 @@ pub struct AuthorizationView {
     responses(
         (status = 201, description = "The pending connection and the URL to open; `Location` and `ETag` are set", body = AuthorizationView),
         (status = 409, description = "`oauth2.redirect_url` is not configured", content_type = "application/problem+json", body = super::problem::Problem),
+        (status = 422, description = "A value is refused, or the integration has no OAuth app (`oauth2App`) or its provider no authorization code flow; each problem names its field", content_type = "application/problem+json", body = super::problem::Problem),
     ),
     security(("bearer" = [])))]
 pub async fn authorize(
@@ -127,7 +117,7 @@ pub struct CallbackQuery {
         (status = 302, description = "Authorized: the browser goes to the `returnUrl` given when the authorization started"),
         (status = 400, description = "`state` or `code` is missing, malformed or forged", content_type = "application/problem+json", body = super::problem::Problem),
         (status = 409, description = "The state was used already, the user or provider refused (`error=access_denied`), or the token endpoint refused the code; the connection shows why", content_type = "application/problem+json", body = super::problem::Problem),
-        (status = 422, description = "The state expired (10 minutes); the connection is `expired`", content_type = "application/problem+json", body = super::problem::Problem),
+        (status = 422, description = "The state expired (`oauth2.state_ttl`, 10 minutes by default); the connection is `expired` with the reason and no code was exchanged", content_type = "application/problem+json", body = super::problem::Problem),
     ))]
 pub async fn callback(state: web::Data<AppState>, query: web::Query<CallbackQuery>) -> ApiResult<HttpResponse> {
     let query = query.into_inner();

@@ -28,12 +28,24 @@ pub struct IntegrationEventData {
     pub config: Map<String, Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub custom_definition: Option<CustomApiDefinition>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub oauth2_app: Option<OAuth2AppData>,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339")]
     pub updated_at: OffsetDateTime,
     pub created_by: UserId,
     pub updated_by: UserId,
+}
+
+/// An integration's OAuth app as events show it: the client id and the hint, never the secret
+/// or where it is kept.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OAuth2AppData {
+    pub client_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_secret_hint: Option<String>,
 }
 
 impl From<&Integration> for IntegrationEventData {
@@ -47,6 +59,10 @@ impl From<&Integration> for IntegrationEventData {
             status: i.status,
             config: i.config.clone(),
             custom_definition: i.custom_definition.clone(),
+            oauth2_app: i
+                .oauth2_app
+                .as_ref()
+                .map(|app| OAuth2AppData { client_id: app.client_id.clone(), client_secret_hint: app.client_secret_hint.clone() }),
             created_at: i.created_at,
             updated_at: i.updated_at,
             created_by: i.created_by.clone(),
@@ -165,6 +181,7 @@ mod tests {
             status: IntegrationStatus::Active,
             config: json!({"org": "acme", "token": {"secretRef": "s-1"}}).as_object().unwrap().clone(),
             custom_definition: None,
+            oauth2_app: None,
             created_at: OffsetDateTime::UNIX_EPOCH,
             updated_at: OffsetDateTime::UNIX_EPOCH + time::Duration::seconds(90),
             created_by: UserId::new("alice").unwrap(),

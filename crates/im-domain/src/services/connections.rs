@@ -255,7 +255,7 @@ impl ConnectionService {
         caller.require(Role::Member)?;
         let parent = self.integrations.get(&caller.tenant_id, integration).await?;
         self.validate(&parent.value, &spec).await?;
-        read_modify_write(if_match, async |token| {
+        let updated = read_modify_write(if_match, async |token| {
             let current = matching(self.connections.get(&caller.tenant_id, integration, id).await?, token)?;
             let mut connection = Connection {
                 name: spec.name.clone(),
@@ -274,7 +274,11 @@ impl ConnectionService {
             let etag = self.connections.replace(&connection, Some(token.unwrap_or(&current.etag).clone()), &[]).await?;
             Ok(Stored { value: connection, etag })
         })
-        .await
+        .await?;
+        // The connection references the new version: the ones before it go (a reader holding an
+        // older reference reads the connection again).
+        self.prune_superseded(&updated.value).await;
+        Ok(updated)
     }
 
     /// Deletes a connection, then its credentials.
@@ -534,6 +538,28 @@ impl ConnectionCredentials {
 
     /// The credentials now; for OAuth2 connections a token fresh for at least the refresh skew
     /// (refreshed first when needed), or newer than `stale`.
+    /// The connection, checked usable, and the secret version it references now. A version
+    /// pruned after the connection was read (a refresh or a replacement referenced a newer one
+    /// meanwhile) is not an error: the connection is read again.
+    async fn read_current(&self) -> Result<(Stored<Connection>, crate::secrets::SecretValue), DomainError> {
+        let service = &self.service;
+        let mut missing: Option<SecretRef> = None;
+        loop {
+            let stored = service.connections.get(&self.tenant, self.integration, self.id).await?;
+            self.check_usable(&stored.value)?;
+            let reference = stored
+                .value
+                .credentials
+                .clone()
+                .ok_or_else(|| DomainError::Conflict(format!("connection '{}' has no credentials", self.id)))?;
+            match service.secrets.get(&reference).await {
+                Ok(value) => return Ok((stored, value)),
+                Err(DomainError::NotFound { .. }) if missing.as_ref() != Some(&reference) => missing = Some(reference),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     async fn material(&self, stale: Option<&AuthMaterial>) -> Result<AuthMaterial, DomainError> {
         let service = &self.service;
         let stored = service.connections.get(&self.tenant, self.integration, self.id).await?;
@@ -547,11 +573,8 @@ impl ConnectionCredentials {
             };
             return self.oauth2_token(stale).await.map(AuthMaterial::Bearer);
         }
-        let reference = connection
-            .credentials
-            .as_ref()
-            .ok_or_else(|| DomainError::Conflict(format!("connection '{}' has no credentials", connection.id)))?;
-        let value = service.secrets.get(reference).await?;
+        let (stored, value) = self.read_current().await?;
+        let connection = stored.value;
         self.audit_use().await;
         match Credentials::from_secret(connection.auth_mode, &value)? {
             Credentials::ApiKey { api_key } => {
@@ -587,5 +610,99 @@ impl CredentialSource for ConnectionCredentials {
             )));
         }
         Ok(now)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+    use crate::common::{SystemClock, UserId, UuidV7};
+    use crate::connection::{CredentialHints, MockConnectionRepository};
+    use crate::ports::{MockIntegrationRepository, MockProviderRepository};
+    use crate::secrets::{MockSecretStore, SecretName, SecretValue};
+    use crate::services::block_on;
+
+    fn tenant() -> TenantId {
+        TenantId::new("t1").expect("tenant")
+    }
+
+    fn reference(version: &str) -> SecretRef {
+        SecretRef { secret_name: SecretName::new(&tenant(), SECRET_KIND, "c1"), version: version.into() }
+    }
+
+    fn connection(version: &str) -> Stored<Connection> {
+        let now = time::OffsetDateTime::from_unix_timestamp(1_700_000_000).expect("time");
+        let user = UserId::new("alice").expect("user");
+        Stored {
+            value: Connection {
+                id: ConnectionId(uuid::Uuid::from_u128(1)),
+                tenant_id: tenant(),
+                integration_id: IntegrationId(uuid::Uuid::from_u128(2)),
+                name: "bot".into(),
+                auth_mode: AuthMode::Bearer,
+                status: ConnectionStatus::Active,
+                status_reason: None,
+                hints: CredentialHints::default(),
+                credentials: Some(reference(version)),
+                refresh_lease: None,
+                created_at: now,
+                updated_at: now,
+                created_by: user.clone(),
+                updated_by: user,
+            },
+            etag: ETag::new(format!("e{version}")),
+        }
+    }
+
+    /// A source whose connection reads as `versions[i]` at the i-th read (the last one after).
+    fn source(versions: &'static [&'static str], secrets: MockSecretStore) -> ConnectionCredentials {
+        let reads = Arc::new(AtomicUsize::new(0));
+        let mut connections = MockConnectionRepository::new();
+        connections.expect_get().returning(move |_, _, _| {
+            let i = reads.fetch_add(1, Ordering::SeqCst).min(versions.len() - 1);
+            Ok(connection(versions[i]))
+        });
+        let service = ConnectionService::new(
+            Arc::new(connections),
+            Arc::new(MockIntegrationRepository::new()),
+            Arc::new(MockProviderRepository::new()),
+            Arc::new(secrets),
+            Arc::new(SystemClock),
+            Arc::new(UuidV7),
+            Audit::discarding(),
+        );
+        let caller = Caller::new(tenant(), UserId::new("alice").expect("user"), vec![Role::Member]);
+        ConnectionCredentials {
+            service,
+            caller,
+            tenant: tenant(),
+            integration: IntegrationId(uuid::Uuid::from_u128(2)),
+            id: ConnectionId(uuid::Uuid::from_u128(1)),
+            api_key: None,
+            testing: false,
+        }
+    }
+
+    #[test]
+    fn a_reader_whose_version_was_pruned_meanwhile_reads_the_connection_again() {
+        // The reader read version 1; a refresh or replacement then referenced version 2 and
+        // pruned version 1 before the reader asked the store for it.
+        let mut secrets = MockSecretStore::new();
+        secrets.expect_get().returning(|r| match r.version.as_str() {
+            "2" => Ok(SecretValue(json!({"token": "new-token"}))),
+            _ => Err(DomainError::not_found("secret", &r.secret_name)),
+        });
+        let credentials = source(&["1", "2"], secrets);
+        assert_eq!(block_on(credentials.current()).expect("the current version"), AuthMaterial::Bearer("new-token".into()));
+    }
+
+    #[test]
+    fn a_reference_that_stays_missing_is_not_found_not_a_loop() {
+        let mut secrets = MockSecretStore::new();
+        secrets.expect_get().times(2).returning(|r| Err(DomainError::not_found("secret", &r.secret_name)));
+        let credentials = source(&["1"], secrets);
+        assert!(matches!(block_on(credentials.current()), Err(DomainError::NotFound { .. })));
     }
 }

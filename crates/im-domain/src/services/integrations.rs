@@ -10,10 +10,11 @@ use crate::connection::ConnectionRepository;
 use crate::error::DomainError;
 use crate::events::payloads::IntegrationEventData;
 use crate::events::{DomainEvent, EventType};
-use crate::integration::{Integration, IntegrationFilter, IntegrationSpec, IntegrationStatus};
+use crate::integration::{Integration, IntegrationFilter, IntegrationOAuth2App, IntegrationSpec, IntegrationStatus, OAuth2AppSpec};
 use crate::ports::{IntegrationRepository, ProviderRepository};
 use crate::provider::{Provider, ProviderId};
 use crate::schema::{compile_config_schema, validate_against};
+use crate::secrets::{SecretName, SecretRef, SecretStore, SecretValue};
 use crate::webhooks::endpoint::UrlPolicy;
 
 use super::{matching, read_modify_write};
@@ -22,6 +23,14 @@ use super::{matching, read_modify_write};
 type ValidatorCache = BoundedCache<ProviderId, (ETag, Arc<jsonschema::Validator>)>;
 /// Providers whose compiled config schema is kept in memory.
 const VALIDATOR_CACHE_CAPACITY: usize = 1024;
+
+/// The secret-name kind of an integration's OAuth app: `integration-manager/{tenant}/oauth2-app/{id}`.
+pub const OAUTH2_APP_SECRET_KIND: &str = "oauth2-app";
+
+/// The secret name of an integration's OAuth app client secret (one name, a version per secret).
+pub fn oauth2_app_secret_name(integration: &Integration) -> SecretName {
+    SecretName::new(&integration.tenant_id, OAUTH2_APP_SECRET_KIND, &integration.id.to_string())
+}
 
 /// Creates, reads, changes and deletes a tenant's integrations.
 #[derive(Clone)]
@@ -37,6 +46,8 @@ pub struct IntegrationService {
     connections: Option<Arc<dyn ConnectionRepository>>,
     /// Which URLs custom definitions may name: the policy of every provider request.
     url_policy: UrlPolicy,
+    /// Where OAuth app client secrets are kept; `None`: an `oauth2App` is refused.
+    secrets: Option<Arc<dyn SecretStore>>,
 }
 
 impl std::fmt::Debug for IntegrationService {
@@ -62,7 +73,16 @@ impl IntegrationService {
             audit,
             connections: None,
             url_policy: UrlPolicy::default(),
+            secrets: None,
         }
+    }
+
+    /// Keeps the client secrets of integrations' OAuth apps in `secrets` (the store of
+    /// connection credentials).
+    #[must_use]
+    pub fn with_secrets(mut self, secrets: Arc<dyn SecretStore>) -> Self {
+        self.secrets = Some(secrets);
+        self
     }
 
     /// Refuses to delete an integration that still has connections (their credentials would be
@@ -82,9 +102,22 @@ impl IntegrationService {
         self
     }
 
-    /// Validates every rule of a spec, including those that need its provider.
-    async fn validate(&self, spec: &IntegrationSpec, previous_status: Option<IntegrationStatus>) -> Result<(), DomainError> {
+    /// Validates every rule of a spec, including those that need its provider. `stored` is the
+    /// integration's OAuth app now: `Some(None)` on create, `None` when unknown (a check before
+    /// the integration is read, which cannot tell whether an omitted client secret may be kept).
+    async fn validate(
+        &self,
+        spec: &IntegrationSpec,
+        previous_status: Option<IntegrationStatus>,
+        stored: Option<Option<&IntegrationOAuth2App>>,
+    ) -> Result<(), DomainError> {
         let mut v = spec.violations(previous_status, &self.url_policy);
+        if let Some(app) = &spec.oauth2_app {
+            if self.secrets.is_none() {
+                v.invalid("oauth2App", "cannot be kept: no secret store is configured");
+            }
+            app.check(&mut v, stored);
+        }
         if !spec.provider_id.is_custom() {
             match self.config_validator(&spec.provider_id).await {
                 Ok(validator) => {
@@ -115,7 +148,45 @@ impl IntegrationService {
     /// # Errors
     /// `Validation` listing every offending field; `Unavailable` when the catalog cannot be read.
     pub async fn check(&self, spec: &IntegrationSpec) -> Result<(), DomainError> {
-        self.validate(spec, None).await
+        self.validate(spec, None, None).await
+    }
+
+    fn secret_store(&self) -> Result<&Arc<dyn SecretStore>, DomainError> {
+        self.secrets.as_ref().ok_or_else(|| DomainError::invalid("oauth2App", "cannot be kept: no secret store is configured"))
+    }
+
+    /// Writes a new version of the integration's OAuth app secret when `spec` carries one.
+    async fn write_app_secret(&self, integration: &Integration, spec: &OAuth2AppSpec) -> Result<Option<IntegrationOAuth2App>, DomainError> {
+        let Some(secret) = &spec.client_secret else { return Ok(None) };
+        let metadata = std::collections::BTreeMap::from([
+            ("integrationId".to_owned(), integration.id.to_string()),
+            ("kind".to_owned(), "oauth2-client-secret".to_owned()),
+        ]);
+        let value = SecretValue(serde_json::json!({ "clientSecret": secret }));
+        let reference = self.secret_store()?.put(&oauth2_app_secret_name(integration), &value, &metadata).await?;
+        Ok(Some(IntegrationOAuth2App {
+            client_id: spec.client_id.clone(),
+            client_secret_hint: crate::connection::last_four(secret),
+            client_secret: reference,
+        }))
+    }
+
+    /// Deletes the app secret versions the integration no longer references (best effort: a
+    /// failed prune is made up for by the next one, or by the integration's deletion).
+    async fn prune_app_secret(&self, current: &SecretRef) {
+        if let Some(secrets) = &self.secrets {
+            let _ = secrets.prune(current).await;
+        }
+    }
+
+    /// Audit details of a write: whether an OAuth app client secret was written (never its value).
+    fn app_details(written: bool, integration: &Integration) -> Value {
+        match &integration.oauth2_app {
+            Some(app) => {
+                serde_json::json!({ "oauth2App": { "clientId": app.client_id, "clientSecret": if written { "written" } else { "kept" } } })
+            }
+            None => Value::Null,
+        }
     }
 
     /// # Errors
@@ -124,16 +195,18 @@ impl IntegrationService {
     pub async fn create(&self, caller: &Caller, spec: IntegrationSpec) -> Result<Stored<Integration>, DomainError> {
         let result = self.create_unaudited(caller, spec).await;
         self.audit
-            .result(caller, AuditResource::Integration, AuditAction::Create, None, &result, |s| (s.value.id.to_string(), Value::Null))
+            .result(caller, AuditResource::Integration, AuditAction::Create, None, &result, |s| {
+                (s.value.id.to_string(), Self::app_details(true, &s.value))
+            })
             .await;
         result
     }
 
     async fn create_unaudited(&self, caller: &Caller, spec: IntegrationSpec) -> Result<Stored<Integration>, DomainError> {
         caller.require(Role::Member)?;
-        self.validate(&spec, None).await?;
+        self.validate(&spec, None, Some(None)).await?;
         let now = self.clock.now();
-        let integration = Integration {
+        let mut integration = Integration {
             id: IntegrationId(self.ids.new_uuid()),
             tenant_id: caller.tenant_id.clone(),
             provider_id: spec.provider_id,
@@ -142,14 +215,28 @@ impl IntegrationService {
             status: spec.status.unwrap_or(IntegrationStatus::Active),
             config: spec.config,
             custom_definition: spec.custom_definition,
+            oauth2_app: None,
             created_at: now,
             updated_at: now,
             created_by: caller.user_id.clone(),
             updated_by: caller.user_id.clone(),
         };
+        if let Some(app) = &spec.oauth2_app {
+            integration.oauth2_app = self.write_app_secret(&integration, app).await?;
+        }
         let event = self.event(EventType::IntegrationCreated, &integration)?;
-        let etag = self.integrations.create(&integration, &[event]).await?;
-        Ok(Stored { value: integration, etag })
+        match self.integrations.create(&integration, &[event]).await {
+            Ok(etag) => Ok(Stored { value: integration, etag }),
+            Err(e) => {
+                // Nothing references the secret just written.
+                if integration.oauth2_app.is_some()
+                    && let Some(secrets) = &self.secrets
+                {
+                    let _ = secrets.delete(&oauth2_app_secret_name(&integration)).await;
+                }
+                Err(e)
+            }
+        }
     }
 
     /// # Errors
@@ -204,8 +291,14 @@ impl IntegrationService {
         spec: IntegrationSpec,
         if_match: Option<&ETag>,
     ) -> Result<Stored<Integration>, DomainError> {
+        let written = spec.oauth2_app.as_ref().is_some_and(|app| app.client_secret.is_some());
         let result = self.update_unaudited(caller, id, spec, if_match).await;
-        self.audit.of(caller, AuditResource::Integration, AuditAction::Update, id, result).await
+        self.audit
+            .result(caller, AuditResource::Integration, AuditAction::Update, Some(id.to_string()), &result, |s| {
+                (String::new(), Self::app_details(written, &s.value))
+            })
+            .await;
+        result
     }
 
     async fn update_unaudited(
@@ -216,7 +309,14 @@ impl IntegrationService {
         if_match: Option<&ETag>,
     ) -> Result<Stored<Integration>, DomainError> {
         caller.require(Role::Member)?;
-        read_modify_write(if_match, async |token| {
+        // A new client secret is written in each attempt, after the read the replace is
+        // conditional on: a prune can only delete it when another writer replaced the document
+        // since that read, and then this replace fails and the attempt is made again with a new
+        // version. The versions it supersedes are pruned once the document references it. An
+        // attempt that loses (or a process that dies) leaves a version nothing references, which
+        // the next prune or the integration's deletion removes.
+        let mut written: Option<IntegrationOAuth2App> = None;
+        let updated = read_modify_write(if_match, async |token| {
             let current = self.integrations.get(&caller.tenant_id, id).await?;
             if spec.provider_id != current.value.provider_id {
                 return Err(DomainError::invalid("providerId", "cannot be changed; create a new integration instead"));
@@ -224,7 +324,15 @@ impl IntegrationService {
             if token.is_some_and(|t| *t != current.etag) {
                 return Err(DomainError::PreconditionFailed);
             }
-            self.validate(&spec, Some(current.value.status)).await?;
+            self.validate(&spec, Some(current.value.status), Some(current.value.oauth2_app.as_ref())).await?;
+            let oauth2_app = match &spec.oauth2_app {
+                None => current.value.oauth2_app.clone(),
+                Some(app) if app.client_secret.is_none() => current.value.oauth2_app.clone(),
+                Some(app) => {
+                    written = self.write_app_secret(&current.value, app).await?;
+                    written.clone()
+                }
+            };
             let spec = spec.clone();
             let integration = Integration {
                 name: spec.name,
@@ -232,6 +340,7 @@ impl IntegrationService {
                 status: spec.status.unwrap_or(current.value.status),
                 config: spec.config,
                 custom_definition: spec.custom_definition,
+                oauth2_app,
                 updated_at: self.clock.now(),
                 updated_by: caller.user_id.clone(),
                 ..current.value
@@ -240,7 +349,11 @@ impl IntegrationService {
             let etag = self.integrations.replace(&integration, Some(token.unwrap_or(&current.etag).clone()), &[event]).await?;
             Ok(Stored { value: integration, etag })
         })
-        .await
+        .await?;
+        if let Some(app) = &written {
+            self.prune_app_secret(&app.client_secret).await;
+        }
+        Ok(updated)
     }
 
     /// # Errors
@@ -253,7 +366,7 @@ impl IntegrationService {
 
     async fn delete_unaudited(&self, caller: &Caller, id: IntegrationId, if_match: Option<&ETag>) -> Result<(), DomainError> {
         caller.require(Role::Member)?;
-        read_modify_write(if_match, async |token| {
+        let deleted = read_modify_write(if_match, async |token| {
             let current = matching(self.integrations.get(&caller.tenant_id, id).await?, token)?;
             if let Some(connections) = &self.connections
                 && !connections.list(&caller.tenant_id, id, &PageRequest::first(1)).await?.items.is_empty()
@@ -263,9 +376,15 @@ impl IntegrationService {
                 ));
             }
             let event = self.event(EventType::IntegrationDeleted, &current.value)?;
-            self.integrations.delete(&caller.tenant_id, id, Some(current.etag), &[event]).await
+            self.integrations.delete(&caller.tenant_id, id, Some(current.etag), &[event]).await?;
+            Ok(current.value)
         })
-        .await
+        .await?;
+        // The OAuth app's client secret goes with the integration (every version of it).
+        if deleted.oauth2_app.is_some() {
+            self.secret_store()?.delete(&oauth2_app_secret_name(&deleted)).await?;
+        }
+        Ok(())
     }
 
     /// An event about `integration`, carrying it as the API returns it.

@@ -1,9 +1,21 @@
 //! OAuth2 connections: the authorization code flow with PKCE (start and callback), and tokens
 //! kept fresh without races.
 //!
-//! The connection's secret holds the OAuth app (`clientId`, `clientSecret`), the scopes and,
-//! once granted, `accessToken`, `refreshToken` and `expiresAt` (unix seconds). While an
-//! authorization is pending it holds `pending` (`nonceHash`, `returnUrl`) instead of tokens.
+//! The tenant's OAuth app is the integration's (`oauth2App`: the client id on the integration,
+//! the client secret in the secret store); the code exchange and every refresh read it from the
+//! integration, so a replaced app applies to the next refresh. The connection's secret holds the
+//! scopes and, once granted, `accessToken`, `refreshToken` and `expiresAt` (unix seconds). While
+//! an authorization is pending it holds `pending` (`nonceHash`, `returnUrl`) instead of tokens.
+//! (Client-credentials connections keep their own `clientId` and `clientSecret` in their secret;
+//! authorization code connections authorized before apps moved to integrations may too, and use
+//! them while their integration has no app.)
+//!
+//! Each token refresh or completed authorization writes a new version of the connection's
+//! secret, makes the connection reference it (a conditional replace), and only then prunes the
+//! versions before it ([`crate::secrets::SecretStore::prune`]): a reader holding the previous
+//! reference that finds it gone reads the connection again. A process that dies between the
+//! write and the prune leaves old versions that the next prune, or the connection's deletion,
+//! removes.
 //!
 //! A token is refreshed when it expires within the refresh skew, or once when the provider
 //! refused it (a 401). Refreshes are serialised per connection across instances by the
@@ -20,6 +32,7 @@ use std::time::Duration;
 use serde_json::{Map, Value, json};
 use time::OffsetDateTime;
 
+use crate::HumanDuration;
 use crate::audit::{AuditAction, AuditResource};
 use crate::auth::{Caller, Role};
 use crate::common::{IntegrationId, Stored, TenantId, UserId, validate_redirect_url, validate_text};
@@ -49,6 +62,8 @@ pub struct OAuth2Settings {
     pub refresh_poll: Duration,
     /// Whether `returnUrl` may be plain `http`.
     pub allow_http_return_url: bool,
+    /// How long an authorization's `state` is accepted.
+    pub state_ttl: Duration,
 }
 
 impl Default for OAuth2Settings {
@@ -59,6 +74,7 @@ impl Default for OAuth2Settings {
             refresh_lease: Duration::from_secs(30),
             refresh_poll: Duration::from_millis(50),
             allow_http_return_url: false,
+            state_ttl: STATE_LIFETIME,
         }
     }
 }
@@ -76,8 +92,6 @@ pub struct AuthorizeSpec {
     /// `None`: the provider's default scopes.
     pub scopes: Option<Vec<String>>,
     pub return_url: Option<String>,
-    /// The tenant's OAuth app at the provider.
-    pub app: OAuth2App,
 }
 
 /// A started authorization: the pending connection and the URL the user opens.
@@ -216,13 +230,8 @@ impl ConnectionService {
         if let Some(url) = &spec.return_url {
             v.check("returnUrl", validate_redirect_url(url, support.settings.allow_http_return_url));
         }
-        let id_chars = spec.app.client_id.chars().count();
-        if id_chars == 0 || id_chars > 256 || spec.app.client_id.chars().any(char::is_control) {
-            v.invalid("clientId", "must be 1 to 256 characters without control characters");
-        }
-        let secret_chars = spec.app.client_secret.chars().count();
-        if secret_chars == 0 || secret_chars > 1024 || spec.app.client_secret.chars().any(char::is_control) {
-            v.invalid("clientSecret", "must be 1 to 1024 characters without control characters");
+        if integration.oauth2_app.is_none() {
+            v.invalid("oauth2App", "the integration has no OAuth app: set oauth2App (clientId, clientSecret) on the integration first");
         }
         let options = self.options(integration).await?;
         let endpoints = self.endpoints(integration).await?;
@@ -299,12 +308,14 @@ impl ConnectionService {
             connection: connection.id.to_string(),
             user: caller.user_id.to_string(),
             nonce: nonce.clone(),
-            expires_at: (now + STATE_LIFETIME).unix_timestamp(),
+            expires_at: (now + support.settings.state_ttl).unix_timestamp(),
         };
         let signed = support.key.sign(&state);
         let verifier = support.key.pkce_verifier(&nonce);
+        // Checked above: the integration has an app.
+        let client_id = parent.value.oauth2_app.as_ref().map(|app| app.client_id.clone()).unwrap_or_default();
         let url = support.client.authorization_url(&AuthorizationRequest {
-            client_id: &spec.app.client_id,
+            client_id: &client_id,
             authorization_url: &authorization_url,
             redirect_url: &support.settings.redirect_url,
             scopes: &scopes,
@@ -312,8 +323,6 @@ impl ConnectionService {
             pkce_verifier: &verifier,
         })?;
         let secret = json!({
-            "clientId": spec.app.client_id,
-            "clientSecret": spec.app.client_secret,
             "scopes": scopes,
             "pending": { "nonceHash": nonce_hash(&nonce), "returnUrl": spec.return_url },
         });
@@ -376,8 +385,8 @@ impl ConnectionService {
         }
         let return_url = pending.get("returnUrl").and_then(Value::as_str).map(str::to_owned);
         if state.expires_at <= self.clock.now().unix_timestamp() {
-            self.fail_authorization(caller, &current, ConnectionStatus::Expired, "the authorization was not completed within 10 minutes")
-                .await?;
+            let reason = format!("the authorization was not completed within {}", HumanDuration(support.settings.state_ttl));
+            self.fail_authorization(caller, &current, ConnectionStatus::Expired, &reason).await?;
             return Err(DomainError::invalid("state", "has expired; start a new authorization"));
         }
         if let Some(error) = params.error.as_deref() {
@@ -389,7 +398,7 @@ impl ConnectionService {
         }
         let code = params.code.as_deref().filter(|c| !c.is_empty()).ok_or_else(|| bad_callback("code", "is required"))?;
         let token_url = self.token_url(&caller.tenant_id, integration).await?;
-        let app = app_of(&secret)?;
+        let app = self.app_for(caller, &current.value, &secret).await?;
         let verifier = support.key.pkce_verifier(&state.nonce);
         let grant = match support.client.exchange_code(&app, &token_url, &support.settings.redirect_url, code, &verifier).await {
             Ok(grant) => grant,
@@ -421,10 +430,71 @@ impl ConnectionService {
             ..current.value.clone()
         };
         match self.connections.replace(&connection, Some(current.etag.clone()), &[]).await {
-            Ok(etag) => Ok(CallbackOutcome { connection: Stored { value: connection, etag }, return_url }),
+            Ok(etag) => {
+                self.prune_superseded(&connection).await;
+                Ok(CallbackOutcome { connection: Stored { value: connection, etag }, return_url })
+            }
             // Another callback with the same state got there first.
             Err(DomainError::PreconditionFailed) => Err(used()),
             Err(e) => Err(e),
+        }
+    }
+
+    /// The OAuth app to ask the token endpoint with for `connection`: a client-credentials
+    /// connection's own; otherwise its integration's (the client secret read from the secret
+    /// store, an audit record), or, for a connection authorized while apps were given with each
+    /// authorization, the app in its secret while the integration has none.
+    ///
+    /// # Errors
+    /// `Conflict` when there is no app; `Unavailable` when the secret store cannot be reached.
+    pub(super) async fn app_for(&self, caller: &Caller, connection: &Connection, secret: &SecretValue) -> Result<OAuth2App, DomainError> {
+        if connection.auth_mode == AuthMode::Oauth2ClientCredentials {
+            return app_of(secret);
+        }
+        let mut missing: Option<SecretRef> = None;
+        loop {
+            let parent = self.integrations.get(&connection.tenant_id, connection.integration_id).await?;
+            let Some(app) = parent.value.oauth2_app else {
+                return app_of(secret).map_err(|_| {
+                    DomainError::Conflict("the integration has no OAuth app (oauth2App); set it on the integration".to_owned())
+                });
+            };
+            match self.secrets.get(&app.client_secret).await {
+                Ok(value) => {
+                    let read = Ok::<_, DomainError>(());
+                    self.audit
+                        .result(
+                            caller,
+                            AuditResource::Integration,
+                            AuditAction::UseCredentials,
+                            Some(connection.integration_id.to_string()),
+                            &read,
+                            |_| (String::new(), json!({ "secret": "oauth2App.clientSecret", "connectionId": connection.id.to_string() })),
+                        )
+                        .await;
+                    let client_secret = value
+                        .0
+                        .get("clientSecret")
+                        .and_then(Value::as_str)
+                        .map(str::to_owned)
+                        .ok_or_else(|| DomainError::Unexpected(anyhow::anyhow!("the stored OAuth app secret has no client secret")))?;
+                    return Ok(OAuth2App { client_id: app.client_id, client_secret });
+                }
+                // Replaced (and the old version pruned) since the integration was read: read it
+                // again, once per reference.
+                Err(DomainError::NotFound { .. }) if missing.as_ref() != Some(&app.client_secret) => {
+                    missing = Some(app.client_secret);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Deletes the versions of a connection's secret before the one it now references (best
+    /// effort: a failed prune is made up for by the next one, or by the connection's deletion).
+    pub(super) async fn prune_superseded(&self, connection: &Connection) {
+        if let Some(current) = &connection.credentials {
+            let _ = self.secrets.prune(current).await;
         }
     }
 
@@ -487,14 +557,7 @@ impl ConnectionCredentials {
                     retry_after: Some(Duration::from_secs(5)),
                 });
             }
-            let stored = service.connections.get(&self.tenant, self.integration, self.id).await?;
-            self.check_usable(&stored.value)?;
-            let reference = stored
-                .value
-                .credentials
-                .clone()
-                .ok_or_else(|| DomainError::Conflict(format!("connection '{}' has no credentials", self.id)))?;
-            let secret = service.secrets.get(&reference).await?;
+            let (stored, secret) = self.read_current().await?;
             let tokens = Tokens::read(&secret);
             if let Some(token) = tokens.usable(now, settings.refresh_skew, stale) {
                 return Ok(token.to_owned());
@@ -527,7 +590,7 @@ impl ConnectionCredentials {
         let connection = &leased.value;
         let outcome = async {
             let token_url = service.token_url(&self.tenant, self.integration).await?;
-            let app = app_of(&secret)?;
+            let app = service.app_for(&self.caller, connection, &secret).await?;
             match (connection.auth_mode, tokens.refresh_token.as_deref()) {
                 (AuthMode::Oauth2ClientCredentials, _) => support.client.client_credentials(&app, &token_url, &scopes_of(&secret)).await,
                 (_, Some(refresh)) => support.client.refresh(&app, &token_url, refresh).await,
@@ -551,9 +614,14 @@ impl ConnectionCredentials {
                 let updated =
                     Connection { credentials: Some(reference), hints, refresh_lease: None, updated_at: now, ..connection.clone() };
                 match service.connections.replace(&updated, Some(leased.etag.clone()), &[]).await {
+                    // The connection references the new version: the older ones go.
+                    Ok(_) => {
+                        service.prune_superseded(&updated).await;
+                        Ok(grant.access_token)
+                    }
                     // Changed meanwhile (new credentials, deleted): the caller uses this token once;
                     // the next call reads whatever is current.
-                    Ok(_) | Err(DomainError::PreconditionFailed | DomainError::NotFound { .. }) => Ok(grant.access_token),
+                    Err(DomainError::PreconditionFailed | DomainError::NotFound { .. }) => Ok(grant.access_token),
                     Err(e) => Err(e),
                 }
             }
