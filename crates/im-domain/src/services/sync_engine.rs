@@ -1021,8 +1021,8 @@ impl Run<'_> {
     }
 
     /// Handles one page of provider records; returns the newest `updatedAt` among them. The
-    /// page goes in batches of distinct records (the whole page, unless an id repeats): see
-    /// [`Run::provider_batch`].
+    /// page goes in batches (the whole page, unless two records write the same platform key):
+    /// see [`Run::provider_batch`].
     async fn provider_page(
         &mut self,
         records: Vec<Value>,
@@ -1046,25 +1046,21 @@ impl Run<'_> {
             };
             batch.push(ProviderSide { record, id, updated_at });
         }
+        // Each batch settles at least its first record; what it leaves goes in the next.
         while !batch.is_empty() {
-            let cut = {
-                let mut ids = HashSet::new();
-                batch.iter().position(|r| !ids.insert(r.id.as_str())).unwrap_or(batch.len())
-            };
-            let rest = batch.split_off(cut);
             batch = self.provider_batch(batch, seen_in).await?;
-            batch.extend(rest);
         }
         Ok(newest)
     }
 
-    /// Records of one page with distinct ids, with one call for each step: their states are
+    /// Records of one page, with one call for each step: their states are
     /// read together; each record is compared with its state (and written to the provider when
     /// the policy says so); the page's Shard Manager writes go in one batch, then its states in
     /// one batch. Both are durable before the caller saves the page's checkpoint, so a crash
     /// loses nothing (records after the checkpoint are read again and deduplicated by hash).
-    /// Returns the records left for a later batch: one whose platform key another record of
-    /// the batch writes too (a state found by provider id), read again once that one is saved.
+    /// Returns the records left for a later batch: one whose platform key an earlier record of
+    /// the batch writes (an id repeated in the page, or a state found by provider id), read
+    /// again once that one is saved.
     async fn provider_batch(&mut self, records: Vec<ProviderSide>, seen_in: Option<Uuid>) -> Result<Vec<ProviderSide>, Stop> {
         let engine = self.engine;
         let ids: Vec<String> = records.iter().map(|r| r.id.clone()).collect();
