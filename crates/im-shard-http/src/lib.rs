@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use im_domain::ports::{DependencyHealth, HealthCheck};
 use im_domain::retry::{Failure, retry};
-use im_domain::sync::ports::{ShardChanges, ShardManager, ShardRecord, ShardWrite, ShardWritten};
+use im_domain::sync::ports::{ShardChanges, ShardManager, ShardPut, ShardRecord, ShardWrite, ShardWritten};
 use im_domain::{DomainError, FieldViolation, TenantId};
 use im_platform_http::{PassiveHealth, PlatformHttpSettings, transport_reason, without_url};
 use reqwest::StatusCode;
@@ -268,6 +268,9 @@ fn unexpected(op: Op, status: StatusCode) -> DomainError {
     DomainError::Unexpected(anyhow::anyhow!("the Shard Manager answered {} with {status}, which the contract does not have", op.as_str()))
 }
 
+/// Puts in flight at once in [`ShardManager::put_many`].
+const PUT_CONCURRENCY: usize = 8;
+
 #[async_trait]
 impl ShardManager for HttpShardManager {
     #[tracing::instrument(skip_all, name = "shards.put", fields(tenant = %tenant, shard_type, conditional = if_match.is_some()))]
@@ -306,6 +309,28 @@ impl ShardManager for HttpShardManager {
             }
             s => Err(unexpected(Op::Put, s)),
         }
+    }
+
+    /// The contract has no bulk write: the puts go out [`PUT_CONCURRENCY`] at a time, each
+    /// with its own retries and outcome.
+    #[tracing::instrument(skip_all, name = "shards.put_many", fields(tenant = %tenant, shard_type, count = puts.len()))]
+    async fn put_many(
+        &self,
+        tenant: &TenantId,
+        shard_type: &str,
+        puts: &[ShardPut],
+    ) -> Result<Vec<Result<ShardWritten, DomainError>>, DomainError> {
+        use futures_util::StreamExt as _;
+        let calls: Vec<_> = puts.iter().map(|p| self.put(tenant, shard_type, &p.key, &p.write, p.if_match.clone())).collect();
+        let outcomes: Vec<_> = futures_util::stream::iter(calls).buffered(PUT_CONCURRENCY).collect().await;
+        outcomes
+            .into_iter()
+            .map(|outcome| match outcome {
+                Err(e @ (DomainError::PreconditionFailed | DomainError::Validation(_))) => Ok(Err(e)),
+                Err(e) => Err(e),
+                Ok(written) => Ok(Ok(written)),
+            })
+            .collect()
     }
 
     #[tracing::instrument(skip_all, name = "shards.changes", fields(tenant = %tenant, shard_type, limit))]

@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use azure_data_cosmos::options::{BatchReplaceOptions, ItemWriteOptions};
 use azure_data_cosmos::{Query, TransactionalBatch};
 use im_domain::events::DomainEvent;
-use im_domain::sync::ports::{SyncExecutionRepository, SyncStateRepository, SyncTaskRepository};
+use im_domain::sync::ports::{StatePut, SyncExecutionRepository, SyncStateRepository, SyncTaskRepository};
 use im_domain::sync::unix_millis::to_millis;
 use im_domain::sync::{SyncConflict, SyncExecution, SyncState, SyncTask, SyncTaskId, state_id};
 use im_domain::{DomainError, ETag, Page, PageRequest, Stored, TenantId};
@@ -60,6 +60,21 @@ fn stored<T>(docs: Vec<SyncDoc<T>>) -> Result<Vec<Stored<T>>, DomainError> {
     docs.into_iter()
         .map(|d| Ok(Stored { etag: d.etag.as_deref().map(etag_to_domain).ok_or_else(|| unexpected("no _etag"))?, value: d.value }))
         .collect()
+}
+
+/// Requests in flight at once for the batch calls of [`SyncStateRepository`].
+const BATCH_CONCURRENCY: usize = 16;
+
+/// `call` for each item, [`BATCH_CONCURRENCY`] at a time; the answers in the order of `items`.
+async fn bounded<'a, T, R, F>(items: &'a [T], call: impl Fn(&'a T) -> F) -> Vec<R>
+where
+    F: Future<Output = R> + 'a,
+{
+    let mut answers = Vec::with_capacity(items.len());
+    for chunk in items.chunks(BATCH_CONCURRENCY) {
+        answers.extend(futures_util::future::join_all(chunk.iter().map(&call)).await);
+    }
+    answers
 }
 
 pub(crate) struct CosmosSync {
@@ -253,6 +268,36 @@ impl SyncStateRepository for CosmosSync {
                 other => other,
             },
         }
+    }
+
+    /// Point reads (the cheapest request), [`BATCH_CONCURRENCY`] at a time.
+    async fn get_many(&self, tenant: &TenantId, task: SyncTaskId, keys: &[String]) -> Result<Vec<Option<Stored<SyncState>>>, DomainError> {
+        bounded(keys, |key| SyncStateRepository::get(self, tenant, task, key)).await.into_iter().collect()
+    }
+
+    async fn find_many_by_provider_ids(
+        &self,
+        tenant: &TenantId,
+        task: SyncTaskId,
+        provider_ids: &[String],
+    ) -> Result<Vec<Option<Stored<SyncState>>>, DomainError> {
+        bounded(provider_ids, |id| self.find_by_provider_id(tenant, task, id)).await.into_iter().collect()
+    }
+
+    /// Conditional writes, [`BATCH_CONCURRENCY`] at a time (a transactional batch would make
+    /// them all or nothing; each item keeps its own outcome instead). Each write is durable
+    /// when its answer comes, so all are when this returns.
+    #[tracing::instrument(skip_all, name = "sync_states.put_many", fields(count = puts.len()))]
+    async fn put_many(&self, puts: &[StatePut]) -> Result<Vec<Result<ETag, DomainError>>, DomainError> {
+        bounded(puts, |p| self.put(&p.state, p.if_match.clone()))
+            .await
+            .into_iter()
+            .map(|outcome| match outcome {
+                Err(e @ (DomainError::PreconditionFailed | DomainError::Conflict(_))) => Ok(Err(e)),
+                Err(e) => Err(e),
+                Ok(etag) => Ok(Ok(etag)),
+            })
+            .collect()
     }
 
     async fn list(&self, tenant: &TenantId, task: SyncTaskId, page: &PageRequest) -> Result<Page<Stored<SyncState>>, DomainError> {

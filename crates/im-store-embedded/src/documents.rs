@@ -140,6 +140,72 @@ impl Documents {
             .await
     }
 
+    /// Several documents of one partition by id, in one statement: one answer per id, in the
+    /// order of `ids` (`None` where absent or expired).
+    pub async fn get_many(&self, container: &'static str, pk: String, ids: Vec<String>) -> Result<Vec<Option<Doc>>, DomainError> {
+        let now = self.db.now();
+        let wanted = serde_json::to_string(&ids).map_err(|e| DomainError::Unexpected(anyhow::Error::new(e).context("encoding ids")))?;
+        let mut found = self
+            .db
+            .read(move |conn| {
+                conn.prepare_cached(
+                    "SELECT id, etag, body FROM documents WHERE container = ?1 AND pk = ?2 \
+                     AND id IN (SELECT value FROM json_each(?3)) AND (expires_at IS NULL OR expires_at > ?4)",
+                )?
+                .query_map(params![container, pk, wanted, now], |r| {
+                    Ok(Doc { pk: pk.clone(), id: r.get(0)?, etag: ETag::new(r.get::<_, String>(1)?), body: r.get(2)? })
+                })?
+                .map(|d| d.map(|d| (d.id.clone(), d)))
+                .collect::<rusqlite::Result<std::collections::HashMap<_, _>>>()
+            })
+            .await?;
+        Ok(ids.iter().map(|id| found.remove(id)).collect())
+    }
+
+    /// Writes several documents of one partition in one transaction, each on its own terms: a
+    /// create when its `if_match` is `None` (`Conflict` when a live one exists), else a
+    /// replace conditional on `if_match` (`NotFound` named `resource` when absent,
+    /// `PreconditionFailed` when stale). A failing item writes nothing and the others go on;
+    /// the outcomes come in the order of `items`, after the commit.
+    pub async fn write_each(
+        &self,
+        container: &'static str,
+        resource: &'static str,
+        pk: String,
+        items: Vec<(String, String, Option<ETag>)>,
+    ) -> Result<Vec<Result<ETag, DomainError>>, DomainError> {
+        let now = self.db.now();
+        self.db
+            .write(move |tx| {
+                let mut outcomes = Vec::with_capacity(items.len());
+                for (id, body, if_match) in items {
+                    let outcome = match if_match {
+                        None => match insert(tx, container, &pk, &id, &body, None, now) {
+                            Err(DomainError::Conflict(m)) => Err(DomainError::Conflict(m)),
+                            Err(e) => return Err(e),
+                            Ok(etag) => Ok(etag),
+                        },
+                        Some(etag) => match check_current(tx, container, resource, &pk, &id, Some(&etag), now) {
+                            Err(e @ (DomainError::NotFound { .. } | DomainError::PreconditionFailed)) => Err(e),
+                            Err(e) => return Err(e),
+                            Ok(()) => {
+                                let etag = new_etag();
+                                tx.prepare_cached(
+                                    "UPDATE documents SET etag = ?4, body = ?5, expires_at = NULL WHERE container = ?1 AND pk = ?2 AND id = ?3",
+                                )
+                                .and_then(|mut s| s.execute(params![container, pk, id, etag.as_str(), body]))
+                                .map_err(map_sqlite)?;
+                                Ok(etag)
+                            }
+                        },
+                    };
+                    outcomes.push(outcome);
+                }
+                Ok(outcomes)
+            })
+            .await
+    }
+
     /// Finds a document by id in any partition of the container.
     pub async fn find_by_id(&self, container: &'static str, id: String) -> Result<Option<Doc>, DomainError> {
         let now = self.db.now();

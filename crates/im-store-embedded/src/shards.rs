@@ -6,7 +6,7 @@
 //! number read. The version of a record is its `seq`.
 
 use async_trait::async_trait;
-use im_domain::sync::ports::{ShardChanges, ShardManager, ShardRecord, ShardWrite, ShardWritten};
+use im_domain::sync::ports::{ShardChanges, ShardManager, ShardPut, ShardRecord, ShardWrite, ShardWritten};
 use im_domain::{DomainError, TenantId};
 use rusqlite::{OptionalExtension, params};
 use serde::{Deserialize, Serialize};
@@ -63,38 +63,75 @@ impl EmbeddedShards {
 
     /// Writes `doc` (data or tombstone) as the next change of the partition, conditionally on
     /// `if_match` (the current live version).
-    async fn write(&self, pk: String, key: String, mut doc: RecordDoc, if_match: Option<String>) -> Result<i64, DomainError> {
+    async fn write(&self, pk: String, key: String, doc: RecordDoc, if_match: Option<String>) -> Result<i64, DomainError> {
         self.docs
             .transaction(move |tx, _| {
-                let current: Option<String> = tx
-                    .prepare_cached("SELECT body FROM documents WHERE container = ?1 AND pk = ?2 AND id = ?3")
-                    .and_then(|mut s| s.query_row(params![SHARDS, pk, key], |r| r.get(0)).optional())
-                    .map_err(map_sqlite)?;
-                let current = current.map(|b| decode(&b)).transpose().map_err(map_sqlite)?;
-                if let Some(expected) = &if_match {
-                    let live = current.as_ref().filter(|c| !c.deleted).map(|c| c.seq.to_string());
-                    if live.as_ref() != Some(expected) {
-                        return Err(DomainError::PreconditionFailed);
-                    }
-                }
-                // The container is written out so the partial index `shard_records_by_seq` serves it.
-                let last: Option<i64> = tx
-                    .prepare_cached("SELECT max(json_extract(body, '$.seq')) FROM documents WHERE container = 'shard_records' AND pk = ?1")
-                    .and_then(|mut s| s.query_row(params![pk], |r| r.get(0)))
-                    .map_err(map_sqlite)?;
-                doc.seq = last.unwrap_or(0) + 1;
-                let body = encode(&doc)?;
-                let etag = uuid::Uuid::new_v4().simple().to_string();
-                tx.prepare_cached(
-                    "INSERT INTO documents (container, pk, id, etag, body, expires_at) VALUES (?1, ?2, ?3, ?4, ?5, NULL) \
-                     ON CONFLICT (container, pk, id) DO UPDATE SET etag = excluded.etag, body = excluded.body",
-                )
-                .and_then(|mut s| s.execute(params![SHARDS, pk, key, etag, body]))
-                .map_err(map_sqlite)?;
-                Ok(doc.seq)
+                let last = last_seq(tx, &pk)?;
+                write_in(tx, &pk, &key, doc, if_match.as_ref(), last + 1)
             })
             .await
     }
+}
+
+fn validate_key(key: &str) -> Result<(), DomainError> {
+    if key.is_empty() || key.len() > 1024 {
+        return Err(DomainError::invalid("key", "must be 1 to 1024 characters"));
+    }
+    Ok(())
+}
+
+fn record_doc(write: &ShardWrite) -> RecordDoc {
+    RecordDoc {
+        seq: 0,
+        data: write.data.clone(),
+        updated_at: write.updated_at,
+        source: Some(write.source.clone()),
+        provider_version: write.version.clone(),
+        deleted: false,
+    }
+}
+
+/// The partition's last change number (0 before the first).
+fn last_seq(tx: &rusqlite::Transaction<'_>, pk: &str) -> Result<i64, DomainError> {
+    // The container is written out so the partial index `shard_records_by_seq` serves it.
+    let last: Option<i64> = tx
+        .prepare_cached("SELECT max(json_extract(body, '$.seq')) FROM documents WHERE container = 'shard_records' AND pk = ?1")
+        .and_then(|mut s| s.query_row(params![pk], |r| r.get(0)))
+        .map_err(map_sqlite)?;
+    Ok(last.unwrap_or(0))
+}
+
+/// Writes `doc` as change number `seq` inside the writer's transaction, conditionally on
+/// `if_match` (the current live version); writes nothing when the condition fails.
+fn write_in(
+    tx: &rusqlite::Transaction<'_>,
+    pk: &str,
+    key: &str,
+    mut doc: RecordDoc,
+    if_match: Option<&String>,
+    seq: i64,
+) -> Result<i64, DomainError> {
+    if let Some(expected) = if_match {
+        let current: Option<String> = tx
+            .prepare_cached("SELECT body FROM documents WHERE container = ?1 AND pk = ?2 AND id = ?3")
+            .and_then(|mut s| s.query_row(params![SHARDS, pk, key], |r| r.get(0)).optional())
+            .map_err(map_sqlite)?;
+        let current = current.map(|b| decode(&b)).transpose().map_err(map_sqlite)?;
+        let live = current.as_ref().filter(|c| !c.deleted).map(|c| c.seq.to_string());
+        if live.as_ref() != Some(expected) {
+            return Err(DomainError::PreconditionFailed);
+        }
+    }
+    doc.seq = seq;
+    let body = encode(&doc)?;
+    let etag = uuid::Uuid::new_v4().simple().to_string();
+    tx.prepare_cached(
+        "INSERT INTO documents (container, pk, id, etag, body, expires_at) VALUES (?1, ?2, ?3, ?4, ?5, NULL) \
+         ON CONFLICT (container, pk, id) DO UPDATE SET etag = excluded.etag, body = excluded.body",
+    )
+    .and_then(|mut s| s.execute(params![SHARDS, pk, key, etag, body]))
+    .map_err(map_sqlite)?;
+    Ok(doc.seq)
 }
 
 #[async_trait]
@@ -108,19 +145,47 @@ impl ShardManager for EmbeddedShards {
         write: &ShardWrite,
         if_match: Option<String>,
     ) -> Result<ShardWritten, DomainError> {
-        if key.is_empty() || key.len() > 1024 {
-            return Err(DomainError::invalid("key", "must be 1 to 1024 characters"));
-        }
-        let doc = RecordDoc {
-            seq: 0,
-            data: write.data.clone(),
-            updated_at: write.updated_at,
-            source: Some(write.source.clone()),
-            provider_version: write.version.clone(),
-            deleted: false,
-        };
-        let seq = self.write(partition(tenant, shard_type), key.to_owned(), doc, if_match).await?;
+        validate_key(key)?;
+        let seq = self.write(partition(tenant, shard_type), key.to_owned(), record_doc(write), if_match).await?;
         Ok(ShardWritten { key: key.to_owned(), version: seq.to_string(), updated_at: write.updated_at })
+    }
+
+    /// One transaction of the single writer for the whole batch: consecutive change numbers,
+    /// one commit.
+    #[tracing::instrument(skip_all, name = "shards.put_many", fields(tenant = %tenant, shard_type, count = puts.len()))]
+    async fn put_many(
+        &self,
+        tenant: &TenantId,
+        shard_type: &str,
+        puts: &[ShardPut],
+    ) -> Result<Vec<Result<ShardWritten, DomainError>>, DomainError> {
+        let pk = partition(tenant, shard_type);
+        let items: Vec<_> =
+            puts.iter().map(|p| (p.key.clone(), validate_key(&p.key).map(|()| record_doc(&p.write)), p.if_match.clone())).collect();
+        let versions = self
+            .docs
+            .transaction(move |tx, _| {
+                let mut next = last_seq(tx, &pk)? + 1;
+                let mut outcomes = Vec::with_capacity(items.len());
+                for (key, doc, if_match) in items {
+                    let outcome = match doc.and_then(|doc| write_in(tx, &pk, &key, doc, if_match.as_ref(), next)) {
+                        Err(e @ (DomainError::PreconditionFailed | DomainError::Validation(_))) => Err(e),
+                        Err(e) => return Err(e),
+                        Ok(seq) => {
+                            next += 1;
+                            Ok(seq)
+                        }
+                    };
+                    outcomes.push(outcome);
+                }
+                Ok(outcomes)
+            })
+            .await?;
+        Ok(puts
+            .iter()
+            .zip(versions)
+            .map(|(p, seq)| seq.map(|seq| ShardWritten { key: p.key.clone(), version: seq.to_string(), updated_at: p.write.updated_at }))
+            .collect())
     }
 
     #[tracing::instrument(skip_all, name = "shards.changes", fields(tenant = %tenant, shard_type))]

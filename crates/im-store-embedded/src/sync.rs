@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use im_domain::events::DomainEvent;
-use im_domain::sync::ports::{SyncExecutionRepository, SyncStateRepository, SyncTaskRepository};
+use im_domain::sync::ports::{StatePut, SyncExecutionRepository, SyncStateRepository, SyncTaskRepository};
 use im_domain::sync::unix_millis::to_millis;
 use im_domain::sync::{EXECUTION_TTL, SyncConflict, SyncExecution, SyncState, SyncTask, SyncTaskId, state_id};
 use im_domain::{DomainError, ETag, Page, PageRequest, Stored, TenantId};
@@ -169,6 +169,73 @@ impl SyncStateRepository for SqliteSync {
                 other => other,
             },
         }
+    }
+
+    async fn get_many(&self, tenant: &TenantId, task: SyncTaskId, keys: &[String]) -> Result<Vec<Option<Stored<SyncState>>>, DomainError> {
+        let ids = keys.iter().map(|k| state_id(task, k)).collect();
+        self.docs.get_many(SYNC_STATES, tenant.to_string(), ids).await?.into_iter().map(|d| d.map(decode).transpose()).collect()
+    }
+
+    async fn find_many_by_provider_ids(
+        &self,
+        tenant: &TenantId,
+        task: SyncTaskId,
+        provider_ids: &[String],
+    ) -> Result<Vec<Option<Stored<SyncState>>>, DomainError> {
+        let (pk, task_text) = (tenant.to_string(), task.to_string());
+        let wanted = encode(&provider_ids)?;
+        let now = self.db.now();
+        let mut found = self
+            .db
+            .read(move |conn| {
+                conn.prepare_cached(
+                    "SELECT etag, body, json_extract(body, '$.providerId') FROM documents WHERE container = ?1 AND pk = ?2 \
+                     AND json_extract(body, '$.taskId') = ?3 AND json_extract(body, '$.providerId') IN (SELECT value FROM json_each(?4)) \
+                     AND (expires_at IS NULL OR expires_at > ?5) ORDER BY id",
+                )?
+                .query_map(params![SYNC_STATES, pk, task_text, wanted, now], |r| {
+                    Ok((
+                        r.get::<_, String>(2)?,
+                        Doc { pk: pk.clone(), id: String::new(), etag: ETag::new(r.get::<_, String>(0)?), body: r.get(1)? },
+                    ))
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .await?;
+        // The first state of each provider id, as `find_by_provider_id` answers.
+        found.reverse();
+        let mut by_id: std::collections::HashMap<String, Doc> = found.into_iter().collect();
+        provider_ids.iter().map(|id| by_id.remove(id).map(decode).transpose()).collect()
+    }
+
+    #[tracing::instrument(skip_all, name = "sync_states.put_many", fields(count = puts.len()))]
+    async fn put_many(&self, puts: &[StatePut]) -> Result<Vec<Result<ETag, DomainError>>, DomainError> {
+        let mut by_tenant: Vec<(String, Vec<usize>)> = Vec::new();
+        for (i, p) in puts.iter().enumerate() {
+            let pk = p.state.tenant_id.to_string();
+            match by_tenant.iter_mut().find(|(t, _)| *t == pk) {
+                Some((_, indexes)) => indexes.push(i),
+                None => by_tenant.push((pk, vec![i])),
+            }
+        }
+        let mut outcomes: Vec<Option<Result<ETag, DomainError>>> = puts.iter().map(|_| None).collect();
+        for (pk, indexes) in by_tenant {
+            let items = indexes
+                .iter()
+                .map(|&i| {
+                    let p = &puts[i];
+                    Ok((state_id(p.state.task_id, &p.state.platform_key), encode(&p.state)?, p.if_match.clone()))
+                })
+                .collect::<Result<Vec<_>, DomainError>>()?;
+            let written = self.docs.write_each(SYNC_STATES, "sync state", pk, items).await?;
+            for (i, outcome) in indexes.into_iter().zip(written) {
+                outcomes[i] = Some(match outcome {
+                    Err(DomainError::NotFound { .. }) => Err(DomainError::PreconditionFailed),
+                    other => other,
+                });
+            }
+        }
+        Ok(outcomes.into_iter().map(|o| o.unwrap_or(Err(DomainError::PreconditionFailed))).collect())
     }
 
     async fn list(&self, tenant: &TenantId, task: SyncTaskId, page: &PageRequest) -> Result<Page<Stored<SyncState>>, DomainError> {

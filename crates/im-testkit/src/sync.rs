@@ -4,13 +4,13 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use im_domain::common::IntegrationId;
-use im_domain::sync::ports::{SyncExecutionRepository, SyncStateRepository, SyncTaskRepository};
+use im_domain::sync::ports::{StatePut, SyncExecutionRepository, SyncStateRepository, SyncTaskRepository};
 use im_domain::sync::task::{FieldMappingDraft, ScheduleDraft};
 use im_domain::sync::{
     ConflictPolicy, DeletePolicy, Direction, ExecutionStatus, Resolution, Side, SyncConflict, SyncExecution, SyncMode, SyncState, SyncTask,
     SyncTaskDraft, SyncTaskId, TaskLease, TaskStatus, Trigger, fields_hash,
 };
-use im_domain::{DomainError, PageRequest, TenantId};
+use im_domain::{DomainError, ETag, PageRequest, TenantId};
 use serde_json::json;
 use uuid::Uuid;
 
@@ -264,12 +264,71 @@ pub async fn states_and_conflicts(repo: &dyn SyncStateRepository) {
     assert!(repo.list_conflicts(&tenant, task, &PageRequest::first(50)).await.expect("list").items.is_empty());
 }
 
+/// The batch calls of states: reads by key and by provider id answer in the order asked
+/// (`None` for what is missing, nothing of another tenant or task), and a batch of writes keeps
+/// each item's condition and outcome (a stale or duplicate item writes nothing and does not
+/// stop the others).
+pub async fn state_batches(repo: &dyn SyncStateRepository) {
+    let (tenant, other) = (fresh_tenant(), fresh_tenant());
+    let (task, task_b) = (SyncTaskId(Uuid::now_v7()), SyncTaskId(Uuid::now_v7()));
+    let a = state(&tenant, task, "a/1", "provider-a");
+    let b = state(&tenant, task, "b?#", "provider-b");
+    let put = |state: &SyncState, if_match| StatePut { state: state.clone(), if_match };
+    let created = repo.put_many(&[put(&a, None), put(&b, None)]).await.expect("put_many");
+    let [Ok(etag_a), Ok(etag_b)] = created.as_slice() else { panic!("both created: {created:?}") };
+    repo.put(&state(&other, task, "a/1", "provider-a"), None).await.expect("another tenant's");
+    repo.put(&state(&tenant, task_b, "b?#", "provider-b"), None).await.expect("another task's");
+
+    let keys = ["b?#".to_owned(), "missing".to_owned(), "a/1".to_owned()];
+    let found = repo.get_many(&tenant, task, &keys).await.expect("get_many");
+    let found: Vec<_> = found.into_iter().map(|s| s.map(|s| (s.value, s.etag))).collect();
+    assert_eq!(found, vec![Some((b.clone(), etag_b.clone())), None, Some((a.clone(), etag_a.clone()))], "in the order asked");
+    let other_task = repo.get_many(&tenant, SyncTaskId(Uuid::now_v7()), &keys).await.expect("get_many");
+    assert!(other_task.iter().all(Option::is_none), "another task's keys are not this one's");
+    assert!(repo.get_many(&tenant, task, &[]).await.expect("get_many").is_empty());
+
+    let ids = ["provider-b".to_owned(), "nobody".to_owned(), "provider-a".to_owned()];
+    let by_provider = repo.find_many_by_provider_ids(&tenant, task, &ids).await.expect("find_many");
+    let by_provider: Vec<_> = by_provider.into_iter().map(|s| s.map(|s| s.value.platform_key)).collect();
+    assert_eq!(by_provider, vec![Some("b?#".to_owned()), None, Some("a/1".to_owned())]);
+    let in_b = repo.find_many_by_provider_ids(&tenant, task_b, &ids).await.expect("find_many");
+    assert_eq!(in_b.into_iter().map(|s| s.is_some()).collect::<Vec<_>>(), [true, false, false], "only that task's states");
+
+    let mut a2 = a.clone();
+    a2.fields = json!({"/title": "a changed"});
+    a2.hash = fields_hash(&a2.fields);
+    let mut b2 = b.clone();
+    b2.fields = json!({"/title": "b changed"});
+    let c = state(&tenant, task, "c", "provider-c");
+    let outcomes = repo
+        .put_many(&[
+            put(&a2, Some(etag_a.clone())),
+            put(&b2, Some(ETag::new("stale"))),
+            put(&c, None),
+            put(&b2, None),
+            put(&state(&tenant, task, "never", "p"), Some(etag_b.clone())),
+        ])
+        .await
+        .expect("put_many");
+    assert_eq!(outcomes.len(), 5);
+    let etag_a2 = outcomes[0].as_ref().expect("a replaced with its etag").clone();
+    assert!(matches!(outcomes[1], Err(DomainError::PreconditionFailed)), "a stale etag: {:?}", outcomes[1]);
+    let etag_c = outcomes[2].as_ref().expect("c created").clone();
+    assert!(matches!(outcomes[3], Err(DomainError::Conflict(_))), "a create of an existing state: {:?}", outcomes[3]);
+    assert!(matches!(outcomes[4], Err(DomainError::PreconditionFailed)), "a replace of a missing state: {:?}", outcomes[4]);
+    let now =
+        repo.get_many(&tenant, task, &["a/1".to_owned(), "b?#".to_owned(), "c".to_owned(), "never".to_owned()]).await.expect("get_many");
+    let now: Vec<_> = now.into_iter().map(|s| s.map(|s| (s.value, s.etag))).collect();
+    assert_eq!(now, vec![Some((a2, etag_a2)), Some((b, etag_b.clone())), Some((c, etag_c)), None], "only the good items were written");
+}
+
 /// Every check of the sync stores.
 pub async fn run_all(tasks_repo: &dyn SyncTaskRepository, executions_repo: &dyn SyncExecutionRepository, states: &dyn SyncStateRepository) {
     tasks(tasks_repo, states).await;
     due_tasks_and_exclusive_claims(tasks_repo).await;
     executions(executions_repo).await;
     states_and_conflicts(states).await;
+    state_batches(states).await;
 }
 
 /// Keeps audit records, to check what the service recorded.
@@ -417,7 +476,7 @@ pub async fn service(
 /// The [`ShardManager`](im_domain::sync::ports::ShardManager) contract: conditional writes,
 /// changes in order from a cursor (tombstones included), isolation of tenants and shard types.
 pub async fn shard_manager(shards: &dyn im_domain::sync::ports::ShardManager) {
-    use im_domain::sync::ports::ShardWrite;
+    use im_domain::sync::ports::{ShardPut, ShardWrite};
     let (tenant, other) = (fresh_tenant(), fresh_tenant());
     let write = |title: &str| ShardWrite {
         data: json!({"title": title}),
@@ -461,6 +520,40 @@ pub async fn shard_manager(shards: &dyn im_domain::sync::ports::ShardManager) {
     let tombstone = after.items.iter().find(|r| r.key == "b").expect("the tombstone");
     assert!(tombstone.deleted, "a delete is a tombstone in the changes");
     assert!(matches!(shards.put(&tenant, "ticket", "b", &write("x"), Some(b.version)).await, Err(DomainError::PreconditionFailed)));
+
+    // A batch: each item on its own terms, the outcomes in order, consecutive changes.
+    let cursor = shards.changes(&tenant, "ticket", None, 100).await.expect("changes").next_cursor;
+    let a3 = shards.put(&tenant, "ticket", "a/1", &write("before the batch"), None).await.expect("put");
+    let cursor = shards.changes(&tenant, "ticket", Some(cursor), 100).await.expect("changes").next_cursor;
+    let item = |key: &str, title: &str, if_match: Option<String>| ShardPut { key: key.into(), write: write(title), if_match };
+    let outcomes = shards
+        .put_many(
+            &tenant,
+            "ticket",
+            &[
+                item("c", "batched", None),
+                item("a/1", "stale", Some(a.version.clone())),
+                item("a/1", "batched too", Some(a3.version.clone())),
+                item("never", "x", Some(a3.version.clone())),
+            ],
+        )
+        .await
+        .expect("put_many");
+    assert_eq!(outcomes.len(), 4);
+    let c = outcomes[0].as_ref().expect("an unconditional item");
+    assert_eq!(c.key, "c");
+    assert!(matches!(outcomes[1], Err(DomainError::PreconditionFailed)), "a stale item: {:?}", outcomes[1]);
+    let a4 = outcomes[2].as_ref().expect("a conditional item on the current version");
+    assert!(matches!(outcomes[3], Err(DomainError::PreconditionFailed)), "an item on a missing record: {:?}", outcomes[3]);
+    assert_ne!(a4.version, a3.version);
+    let batch = shards.changes(&tenant, "ticket", Some(cursor), 100).await.expect("changes");
+    let seen: Vec<_> = batch.items.iter().map(|r| (r.key.as_str(), r.version.as_str(), r.data.clone())).collect();
+    assert_eq!(
+        seen,
+        vec![("c", c.version.as_str(), json!({"title": "batched"})), ("a/1", a4.version.as_str(), json!({"title": "batched too"}))],
+        "the batch's writes, in order, and nothing of the refused items"
+    );
+    assert!(shards.put_many(&tenant, "ticket", &[]).await.expect("an empty batch").is_empty());
 
     let forged = shards.changes(&tenant, "ticket", Some("forged!".into()), 10).await;
     assert!(matches!(forged, Err(DomainError::Validation(_))), "a cursor it did not issue");

@@ -26,7 +26,7 @@
 //! the enumeration completed without a failed page or record are the records it did not see
 //! deleted from the platform (with `deletes: propagate`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -44,7 +44,7 @@ use crate::integration::Integration;
 use crate::provider::ProviderSpec;
 use crate::provider_client::{ApiTarget, CredentialSource, PageToken, ProviderClient, ProviderRequest};
 use crate::sync::merge::{self, Version};
-use crate::sync::ports::{ShardManager, ShardRecord, ShardWrite, SyncStateRepository};
+use crate::sync::ports::{ShardManager, ShardPut, ShardRecord, ShardWrite, ShardWritten, StatePut, SyncStateRepository};
 use crate::sync::{
     Counts, DeletePolicy, Direction, ExecutionStatus, FieldMapping, MAX_OUTBOUND_ATTEMPTS, MAX_PENDING_OUTBOUND, PendingOutbound,
     RecordError, Resolution, Side, SyncConflict, SyncExecution, SyncMode, SyncState, SyncTask, fields_hash,
@@ -343,6 +343,40 @@ struct PlatformSide {
     ours: bool,
 }
 
+/// What [`Run::settle_begin`] decided for one record, up to its Shard Manager write.
+struct Settling {
+    read_from: Side,
+    key: String,
+    state: Option<Stored<SyncState>>,
+    provider: Option<ProviderSide>,
+    platform: Option<PlatformSide>,
+    seen_in: Option<Uuid>,
+    decision: merge::Decision,
+    provider_id: Option<String>,
+    provider_version: Option<String>,
+    origin: Side,
+    /// The platform's record and version before the write.
+    platform_data: Option<Value>,
+    platform_version: Option<String>,
+    /// The write to the Shard Manager, conditional on `platform_version`, when the platform
+    /// takes fields.
+    write: Option<ShardWrite>,
+}
+
+/// A state to save: `next` replaces `current` (created when there is none).
+struct PendingState {
+    read_from: Side,
+    next: SyncState,
+    current: Option<Stored<SyncState>>,
+}
+
+/// A provider record compared with its state.
+enum Compared {
+    Nothing,
+    Save(Box<PendingState>),
+    Settle(Box<Settling>),
+}
+
 /// The outcome of a write to the provider.
 enum ProviderWrite {
     Done { id: String, record: Option<Value> },
@@ -528,6 +562,35 @@ impl Run<'_> {
         platform: Option<PlatformSide>,
         seen_in: Option<Uuid>,
     ) -> Result<(), Stop> {
+        let Some(mut settling) = self.settle_begin(read_from, key.to_owned(), state, provider, platform, seen_in).await? else {
+            return Ok(());
+        };
+        let written = match settling.write.take() {
+            Some(write) => {
+                let engine = self.engine;
+                let outcome = engine.shards.put(self.tenant(), &self.task.target, key, &write, settling.platform_version.clone()).await;
+                Some((write, outcome))
+            }
+            None => None,
+        };
+        match self.settle_finish(settling, written).await? {
+            Some(pending) => self.save_states(vec![pending]).await,
+            None => Ok(()),
+        }
+    }
+
+    /// The first half of [`Run::settle`]: the three-way decision, the provider write it calls
+    /// for, and the Shard Manager write (left to the caller, in [`Settling::write`]). `None`
+    /// when the provider refused its write (recorded as failed).
+    async fn settle_begin(
+        &mut self,
+        read_from: Side,
+        key: String,
+        state: Option<Stored<SyncState>>,
+        provider: Option<ProviderSide>,
+        platform: Option<PlatformSide>,
+        seen_in: Option<Uuid>,
+    ) -> Result<Option<Settling>, Stop> {
         let task = self.task;
         let live = state.as_ref().filter(|s| !s.value.deleted);
         let base = live.and_then(|s| s.value.fields.as_object());
@@ -547,7 +610,7 @@ impl Run<'_> {
             let creating = provider_id.is_none();
             let mut body = json!({});
             merge::apply(&mut body, fields);
-            match self.write_provider(provider_id.as_deref().unwrap_or(key), body).await? {
+            match self.write_provider(provider_id.as_deref().unwrap_or(&key), body).await? {
                 ProviderWrite::Done { id, record } => {
                     provider_id = Some(id);
                     if let Some(version) = record.as_ref().and_then(|r| self.provider_version(r)) {
@@ -558,49 +621,93 @@ impl Run<'_> {
                     if creating { counts.created += 1 } else { counts.updated += 1 }
                 }
                 ProviderWrite::Refused(message) => {
-                    self.record_failed(read_from, key, message);
-                    return Ok(());
+                    self.record_failed(read_from, &key, message);
+                    return Ok(None);
                 }
             }
         }
-        let (mut platform_data, mut platform_version) = match (&platform, live) {
+        let (platform_data, platform_version) = match (&platform, live) {
             (Some(p), _) => (Some(p.data.clone()), p.version.clone()),
             (None, Some(s)) => (Some(platform_record(&s.value)), s.value.platform_version.clone()),
             (None, None) => (None, None),
         };
-        if let Some(fields) = &decision.to_platform {
-            let creating = platform_data.is_none();
+        let write = decision.to_platform.as_ref().map(|fields| {
             let mut data = platform_data.clone().unwrap_or_else(|| json!({}));
             merge::apply(&mut data, fields);
-            let write = ShardWrite {
-                data: data.clone(),
+            ShardWrite {
+                data,
                 version: provider_version.clone(),
                 updated_at: provider.as_ref().and_then(|p| p.updated_at).unwrap_or_else(|| self.engine.clock.now()),
                 source: self.origin.clone(),
-            };
-            let engine = self.engine;
-            match engine.shards.put(self.tenant(), &task.target, key, &write, platform_version.clone()).await {
+            }
+        });
+        Ok(Some(Settling {
+            read_from,
+            key,
+            state,
+            provider,
+            platform,
+            seen_in,
+            decision,
+            provider_id,
+            provider_version,
+            origin,
+            platform_data,
+            platform_version,
+            write,
+        }))
+    }
+
+    /// The second half of [`Run::settle`], with the outcome of the Shard Manager write (when
+    /// there was one): the conflict to open, the counts, and the state to save (`None` when
+    /// nothing is to be saved: the platform changed since, or refused the record).
+    async fn settle_finish(
+        &mut self,
+        settling: Settling,
+        written: Option<(ShardWrite, Result<ShardWritten, DomainError>)>,
+    ) -> Result<Option<PendingState>, Stop> {
+        let Settling {
+            read_from,
+            key,
+            state,
+            provider,
+            platform,
+            seen_in,
+            decision,
+            provider_id,
+            provider_version,
+            mut origin,
+            mut platform_data,
+            mut platform_version,
+            write: _,
+        } = settling;
+        if let Some((write, outcome)) = written {
+            match outcome {
                 Ok(written) => {
+                    let creating = platform_data.is_none();
                     platform_version = Some(written.version);
-                    platform_data = Some(data);
+                    platform_data = Some(write.data);
                     origin = Side::Provider;
                     let counts = &mut self.execution.counts.inbound;
                     if creating { counts.created += 1 } else { counts.updated += 1 }
                 }
                 // The platform changed since its version was read: its change is read as a
                 // platform change by this run or the next, which compares the sides again.
-                Err(DomainError::PreconditionFailed) => return Ok(()),
+                Err(DomainError::PreconditionFailed) => return Ok(None),
                 Err(DomainError::Validation(v)) => {
                     let message = v.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
-                    self.record_failed(read_from, key, format!("the Shard Manager refused the record: {message}"));
-                    return Ok(());
+                    self.record_failed(read_from, &key, format!("the Shard Manager refused the record: {message}"));
+                    return Ok(None);
                 }
                 Err(e) => return Err(Stop::Failed(e)),
             }
         }
+        let task = self.task;
+        let live = state.as_ref().filter(|s| !s.value.deleted);
+        let base = live.and_then(|s| s.value.fields.as_object());
         let mut open_conflict = live.and_then(|s| s.value.open_conflict);
         if !decision.conflicts.is_empty() && open_conflict.is_none() {
-            let conflict = self.conflict(key, provider_id.clone(), base, &decision.conflicts, provider.as_ref(), platform.as_ref());
+            let conflict = self.conflict(&key, provider_id.clone(), base, &decision.conflicts, provider.as_ref(), platform.as_ref());
             let engine = self.engine;
             engine.states.create_conflict(&conflict).await?;
             open_conflict = Some(conflict.id);
@@ -613,7 +720,7 @@ impl Run<'_> {
         let next = SyncState {
             tenant_id: task.tenant_id.clone(),
             task_id: task.id,
-            platform_key: key.to_owned(),
+            platform_key: key,
             hash: fields_hash(&fields),
             fields,
             provider_id,
@@ -626,27 +733,45 @@ impl Run<'_> {
             open_conflict,
             seen_in: seen_in.or_else(|| live.and_then(|s| s.value.seen_in)),
         };
-        self.save_state(read_from, next, state.as_ref()).await
+        Ok(Some(PendingState { read_from, next, current: state }))
     }
 
     /// Writes a state unless it is what the store has.
     async fn save_state(&mut self, read_from: Side, next: SyncState, current: Option<&Stored<SyncState>>) -> Result<(), Stop> {
-        if let Some(current) = current {
-            let mut same = next.clone();
-            same.updated_at = current.value.updated_at;
-            if same == current.value {
-                return Ok(());
+        self.save_states(vec![PendingState { read_from, next, current: current.cloned() }]).await
+    }
+
+    /// Writes states in one batch, leaving out those that are what the store has (but for
+    /// their time); a state another writer changed since it was read fails its record.
+    async fn save_states(&mut self, pending: Vec<PendingState>) -> Result<(), Stop> {
+        let mut puts = Vec::with_capacity(pending.len());
+        let mut sides = Vec::with_capacity(pending.len());
+        for PendingState { read_from, mut next, current } in pending {
+            if let Some(current) = &current {
+                let at = std::mem::replace(&mut next.updated_at, current.value.updated_at);
+                if next == current.value {
+                    continue;
+                }
+                next.updated_at = at;
             }
+            sides.push(read_from);
+            puts.push(StatePut { state: next, if_match: current.map(|c| c.etag) });
+        }
+        if puts.is_empty() {
+            return Ok(());
         }
         let engine = self.engine;
-        match engine.states.put(&next, current.map(|c| c.etag.clone())).await {
-            Ok(_) => Ok(()),
-            Err(DomainError::PreconditionFailed | DomainError::Conflict(_)) => {
-                self.record_failed(read_from, &next.platform_key, "its sync state was changed by another writer".into());
-                Ok(())
+        let outcomes = engine.states.put_many(&puts).await?;
+        for ((put, side), outcome) in puts.iter().zip(sides).zip(outcomes) {
+            match outcome {
+                Ok(_) => {}
+                Err(DomainError::PreconditionFailed | DomainError::Conflict(_)) => {
+                    self.record_failed(side, &put.state.platform_key, "its sync state was changed by another writer".into());
+                }
+                Err(e) => return Err(Stop::Failed(e)),
             }
-            Err(e) => Err(Stop::Failed(e)),
         }
+        Ok(())
     }
 
     fn conflict(
@@ -969,12 +1094,8 @@ impl Run<'_> {
                     self.credentials,
                 )
                 .await?;
-            for record in page.records {
-                self.keep_alive().await?;
-                if let Some(at) = self.provider_record(record, skip_older, full.then_some(enumeration).flatten()).await? {
-                    newest = newest.max(Some(at));
-                }
-            }
+            let page_newest = self.provider_page(page.records, skip_older, full.then_some(enumeration).flatten()).await?;
+            newest = newest.max(page_newest);
             cursor.newest = newest.map(format_time);
             cursor.page = page.next.map(|t| t.0);
             let complete = cursor.page.is_none();
@@ -1006,69 +1127,163 @@ impl Run<'_> {
         Ok(())
     }
 
-    /// Handles one provider record; returns its `updatedAt`.
-    async fn provider_record(
+    /// Handles one page of provider records; returns the newest `updatedAt` among them. The
+    /// page goes in batches (the whole page, unless two records write the same platform key):
+    /// see [`Run::provider_batch`].
+    async fn provider_page(
         &mut self,
-        record: Value,
+        records: Vec<Value>,
         skip_older: Option<OffsetDateTime>,
         seen_in: Option<Uuid>,
     ) -> Result<Option<OffsetDateTime>, Stop> {
-        let engine = self.engine;
-        let updated_at = self.updated_at(&record);
-        if let (Some(since), Some(at)) = (skip_older, updated_at)
-            && at < since
-        {
-            return Ok(None);
+        let mut newest = None;
+        let mut batch = Vec::with_capacity(records.len());
+        for record in records {
+            let updated_at = self.updated_at(&record);
+            if let (Some(since), Some(at)) = (skip_older, updated_at)
+                && at < since
+            {
+                continue;
+            }
+            newest = newest.max(updated_at);
+            self.execution.counts.inbound.read += 1;
+            let Some(id) = record_id(&record, &self.source.entity.id_field) else {
+                self.record_failed(Side::Provider, "", format!("the record has no id at '{}'", self.source.entity.id_field));
+                continue;
+            };
+            batch.push(ProviderSide { record, id, updated_at });
         }
-        self.execution.counts.inbound.read += 1;
-        let Some(id) = record_id(&record, &self.source.entity.id_field) else {
-            self.record_failed(Side::Provider, "", format!("the record has no id at '{}'", self.source.entity.id_field));
-            return Ok(updated_at);
-        };
-        let mut state = engine.states.get(self.tenant(), self.task.id, &id).await?;
+        // Each batch settles at least its first record; what it leaves goes in the next.
+        while !batch.is_empty() {
+            batch = self.provider_batch(batch, seen_in).await?;
+        }
+        Ok(newest)
+    }
+
+    /// Records of one page, with one call for each step: their states are
+    /// read together; each record is compared with its state (and written to the provider when
+    /// the policy says so); the page's Shard Manager writes go in one batch, then its states in
+    /// one batch. Both are durable before the caller saves the page's checkpoint, so a crash
+    /// loses nothing (records after the checkpoint are read again and deduplicated by hash).
+    /// Returns the records left for a later batch: one whose platform key an earlier record of
+    /// the batch writes (an id repeated in the page, or a state found by provider id), read
+    /// again once that one is saved.
+    async fn provider_batch(&mut self, records: Vec<ProviderSide>, seen_in: Option<Uuid>) -> Result<Vec<ProviderSide>, Stop> {
+        let engine = self.engine;
+        let ids: Vec<String> = records.iter().map(|r| r.id.clone()).collect();
+        let mut states = engine.states.get_many(self.tenant(), self.task.id, &ids).await?;
         // A record the sync created at the provider has the platform key as its id when the
         // upsert request names the id (`PUT /records/{id}`); only when the provider assigns ids
         // is it looked up by provider id (a query, not a read by key).
         let provider_assigns_ids = self.source.entity.upsert.as_ref().is_some_and(|u| !u.path.contains("{id}"));
-        if state.is_none() && self.task.direction == Direction::Bidirectional && provider_assigns_ids {
-            state = engine.states.find_by_provider_id(self.tenant(), self.task.id, &id).await?;
+        if self.task.direction == Direction::Bidirectional && provider_assigns_ids {
+            let missing: Vec<usize> = states.iter().enumerate().filter(|(_, s)| s.is_none()).map(|(i, _)| i).collect();
+            if !missing.is_empty() {
+                let wanted: Vec<String> = missing.iter().map(|&i| ids[i].clone()).collect();
+                let found = engine.states.find_many_by_provider_ids(self.tenant(), self.task.id, &wanted).await?;
+                for (i, state) in missing.into_iter().zip(found) {
+                    states[i] = state;
+                }
+            }
         }
-        if self.source.entity.deleted.as_ref().is_some_and(|d| d.marks(&record)) {
+        let mut keys = HashSet::new();
+        let mut later = Vec::new();
+        let mut pending = Vec::new();
+        let mut settling = Vec::new();
+        let mut failure = None;
+        for (provider, state) in records.into_iter().zip(states) {
+            self.keep_alive().await?;
+            let key = state.as_ref().map_or(provider.id.as_str(), |s| s.value.platform_key.as_str());
+            if !keys.insert(key.to_owned()) {
+                later.push(provider);
+                continue;
+            }
+            match self.provider_compare(provider, state, seen_in).await {
+                Ok(Compared::Nothing) => {}
+                Ok(Compared::Save(state)) => pending.push(*state),
+                Ok(Compared::Settle(s)) => settling.push(*s),
+                // What was decided before is still written (a provider write may have been made).
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        let mut puts = Vec::new();
+        let mut writing = Vec::new();
+        for (i, s) in settling.iter_mut().enumerate() {
+            if let Some(write) = s.write.take() {
+                puts.push(ShardPut { key: s.key.clone(), write, if_match: s.platform_version.clone() });
+                writing.push(i);
+            }
+        }
+        let mut written: Vec<_> = settling.iter().map(|_| None).collect();
+        if !puts.is_empty() {
+            let outcomes = engine.shards.put_many(self.tenant(), &self.task.target, &puts).await?;
+            for ((i, put), outcome) in writing.into_iter().zip(puts).zip(outcomes) {
+                written[i] = Some((put.write, outcome));
+            }
+        }
+        for (s, written) in settling.into_iter().zip(written) {
+            match self.settle_finish(s, written).await {
+                Ok(Some(state)) => pending.push(state),
+                Ok(None) => {}
+                Err(e) => {
+                    failure = failure.or(Some(e));
+                    break;
+                }
+            }
+        }
+        let saved = self.save_states(pending).await;
+        match failure {
+            Some(e) => Err(e),
+            None => saved.map(|()| later),
+        }
+    }
+
+    /// Compares one provider record with its state: unchanged (perhaps only to be marked seen
+    /// by the enumeration), or to be settled.
+    async fn provider_compare(
+        &mut self,
+        provider: ProviderSide,
+        state: Option<Stored<SyncState>>,
+        seen_in: Option<Uuid>,
+    ) -> Result<Compared, Stop> {
+        if self.source.entity.deleted.as_ref().is_some_and(|d| d.marks(&provider.record)) {
             self.provider_deleted(state).await?;
-            return Ok(updated_at);
+            return Ok(Compared::Nothing);
         }
         let live = state.as_ref().filter(|s| !s.value.deleted);
         // A record deleted on the platform (the delete ignored) stays deleted until the
         // provider changes it.
         if let Some(s) = state.as_ref().filter(|s| s.value.deleted && self.task.direction == Direction::Bidirectional) {
-            let theirs = Value::Object(merge::extract(&self.task.field_mapping, &record, Side::Provider));
+            let theirs = Value::Object(merge::extract(&self.task.field_mapping, &provider.record, Side::Provider));
             if fields_hash(&theirs) == s.value.hash {
                 self.skipped(Side::Provider, false);
-                return Ok(updated_at);
+                return Ok(Compared::Nothing);
             }
         }
         if let Some(s) = live {
-            let theirs = Value::Object(merge::extract(&self.task.field_mapping, &record, Side::Provider));
+            let theirs = Value::Object(merge::extract(&self.task.field_mapping, &provider.record, Side::Provider));
             if fields_hash(&theirs) == s.value.hash {
                 self.skipped(Side::Provider, s.value.origin == Side::Platform);
                 if seen_in.is_some() && s.value.seen_in != seen_in {
                     let mut next = s.value.clone();
                     next.seen_in = seen_in;
-                    self.save_state(Side::Provider, next, state.as_ref()).await?;
+                    return Ok(Compared::Save(Box::new(PendingState { read_from: Side::Provider, next, current: state })));
                 }
-                return Ok(updated_at);
+                return Ok(Compared::Nothing);
             }
         }
-        let key = live.map_or_else(|| id.clone(), |s| s.value.platform_key.clone());
+        let key = live.map_or_else(|| provider.id.clone(), |s| s.value.platform_key.clone());
         let platform = live.map(|s| PlatformSide {
             data: platform_record(&s.value),
             version: s.value.platform_version.clone(),
             updated_at: Some(s.value.updated_at),
             ours: false,
         });
-        let provider = ProviderSide { updated_at, record, id };
-        self.settle(Side::Provider, &key, state, Some(provider), platform, seen_in).await?;
-        Ok(updated_at)
+        let settling = self.settle_begin(Side::Provider, key, state, Some(provider), platform, seen_in).await?;
+        Ok(settling.map_or(Compared::Nothing, |s| Compared::Settle(Box::new(s))))
     }
 
     /// A listed record the entity's `deleted` marker marks: with `deletes: propagate` a synced

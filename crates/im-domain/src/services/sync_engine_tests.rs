@@ -62,6 +62,8 @@ struct ApiState {
     refuse: BTreeSet<String>,
     writes: usize,
     deletes: usize,
+    /// Every page ends with its first record again (a provider that repeats records).
+    repeat_first: bool,
 }
 
 /// A provider API: records `{"id", "title", "state", "updated_at"}`, pages by offset, filter
@@ -159,7 +161,12 @@ impl ProviderClient for Api {
             s.records.values().filter(|r| since.as_ref().is_none_or(|since| r["updated_at"].as_str().unwrap() >= since.as_str())).collect();
         let start: usize = page.map_or(0, |p| p.0.parse().unwrap());
         let size = page_size.unwrap_or(10) as usize;
-        let records: Vec<Value> = matching.iter().skip(start).take(size).map(|r| (*r).clone()).collect();
+        let mut records: Vec<Value> = matching.iter().skip(start).take(size).map(|r| (*r).clone()).collect();
+        if s.repeat_first
+            && let Some(first) = records.first().cloned()
+        {
+            records.push(first);
+        }
         let next = (start + size < matching.len()).then(|| PageToken((start + size).to_string()));
         Ok(ProviderPage { records, next, status: 200 })
     }
@@ -509,6 +516,18 @@ fn inbound_writes_every_record_with_its_source_and_saves_a_checkpoint_per_page()
     assert_eq!(execution.counts.inbound.updated, 1);
     assert!(execution.counts.inbound.read < 25, "the updated-since filter limits the read: {:?}", execution.counts.inbound);
     assert_eq!(w.shards.data("r00007").unwrap()["name"], "renamed");
+}
+
+#[test]
+fn a_record_repeated_in_one_page_is_written_once_and_then_found_unchanged() {
+    let mut w = world(Api::with(12), Direction::Inbound, SyncMode::Incremental, ConflictPolicy::ProviderWins);
+    w.api.0.lock().unwrap().repeat_first = true;
+    let (status, run) = w.run();
+    assert_eq!(status, ExecutionStatus::Succeeded, "{:?}", run.errors);
+    let counts = run.counts.inbound;
+    assert_eq!((counts.read, counts.created, counts.unchanged, counts.failed), (14, 12, 2, 0));
+    assert_eq!(w.shards.writes(), 12);
+    assert_eq!(w.states.0.lock().unwrap().states.len(), 12);
 }
 
 #[test]

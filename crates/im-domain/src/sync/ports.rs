@@ -81,6 +81,18 @@ pub trait SyncExecutionRepository: Send + Sync {
     async fn replace(&self, execution: &SyncExecution, if_match: Option<ETag>, events: &[DomainEvent]) -> Result<ETag, DomainError>;
 }
 
+/// The most items the sync engine hands to one batch call ([`SyncStateRepository::get_many`],
+/// [`SyncStateRepository::put_many`], [`ShardManager::put_many`]): its largest page.
+pub const MAX_BATCH: usize = 1000;
+
+/// A conditional write of one state in [`SyncStateRepository::put_many`]: created when
+/// `if_match` is `None`, replaced when `if_match` is its current etag.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StatePut {
+    pub state: SyncState,
+    pub if_match: Option<ETag>,
+}
+
 /// Storage of per-record sync states and conflicts, partitioned by tenant. Cosmos keeps them in
 /// `integration_sync_tasks` beside their task (documents of type `syncState`, `syncConflict`);
 /// the embedded store in containers of their own.
@@ -107,6 +119,54 @@ pub trait SyncStateRepository: Send + Sync {
     /// deleted, and [`DomainError::Conflict`] when `if_match` is `None` and the state exists,
     /// having written nothing.
     async fn put(&self, state: &SyncState, if_match: Option<ETag>) -> Result<ETag, DomainError>;
+
+    /// The states of several records of one task, by platform key: one answer per key, in the
+    /// order of `keys` (`None` where there is none), each as [`SyncStateRepository::get`]
+    /// answers. The sync engine reads a page's states with one call (up to
+    /// [`MAX_BATCH`] keys; a store MAY split a longer list).
+    async fn get_many(&self, tenant: &TenantId, task: SyncTaskId, keys: &[String]) -> Result<Vec<Option<Stored<SyncState>>>, DomainError> {
+        let mut found = Vec::with_capacity(keys.len());
+        for key in keys {
+            found.push(self.get(tenant, task, key).await?);
+        }
+        Ok(found)
+    }
+
+    /// The states of several records of one task, by provider id: one answer per id, in the
+    /// order of `provider_ids`, each as [`SyncStateRepository::find_by_provider_id`] answers.
+    async fn find_many_by_provider_ids(
+        &self,
+        tenant: &TenantId,
+        task: SyncTaskId,
+        provider_ids: &[String],
+    ) -> Result<Vec<Option<Stored<SyncState>>>, DomainError> {
+        let mut found = Vec::with_capacity(provider_ids.len());
+        for id in provider_ids {
+            found.push(self.find_by_provider_id(tenant, task, id).await?);
+        }
+        Ok(found)
+    }
+
+    /// Writes several states (of one tenant, distinct records), each exactly as
+    /// [`SyncStateRepository::put`] would: its own condition and its own outcome, returned in
+    /// the order of `puts`. An item that fails its condition (`PreconditionFailed`, `Conflict`)
+    /// writes nothing and does not stop the others. Every item that succeeded is durable when
+    /// the call returns `Ok`, so a caller may then save a checkpoint past them.
+    ///
+    /// # Errors
+    /// A failure of the store itself (`Unavailable`, `Unexpected`): an item may or may not have
+    /// been written (each wholly or not at all); the caller MUST NOT move a checkpoint past them.
+    async fn put_many(&self, puts: &[StatePut]) -> Result<Vec<Result<ETag, DomainError>>, DomainError> {
+        let mut outcomes = Vec::with_capacity(puts.len());
+        for p in puts {
+            outcomes.push(match self.put(&p.state, p.if_match.clone()).await {
+                Err(e @ (DomainError::PreconditionFailed | DomainError::Conflict(_))) => Err(e),
+                Err(e) => return Err(e),
+                Ok(etag) => Ok(etag),
+            });
+        }
+        Ok(outcomes)
+    }
 
     /// One task's states, by platform key order of the store, one page at a time.
     async fn list(&self, tenant: &TenantId, task: SyncTaskId, page: &PageRequest) -> Result<Page<Stored<SyncState>>, DomainError>;
@@ -162,6 +222,14 @@ pub struct ShardWrite {
     pub source: String,
 }
 
+/// One write of [`ShardManager::put_many`]: `write` to `key`, conditionally on `if_match`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShardPut {
+    pub key: String,
+    pub write: ShardWrite,
+    pub if_match: Option<String>,
+}
+
 /// The Shard Manager's answer to a write.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ShardWritten {
@@ -198,6 +266,31 @@ pub trait ShardManager: Send + Sync {
         write: &ShardWrite,
         if_match: Option<String>,
     ) -> Result<ShardWritten, DomainError>;
+
+    /// Creates or replaces several records of one shard type, each exactly as
+    /// [`ShardManager::put`] would: its own condition and its own outcome (in the order of
+    /// `puts`); a refused or stale item writes nothing and does not stop the others. Every item
+    /// that succeeded is durable when the call returns `Ok`.
+    ///
+    /// # Errors
+    /// `Unavailable` (or `Unexpected`) when the service fails as a whole: an item may or may
+    /// not have been written.
+    async fn put_many(
+        &self,
+        tenant: &TenantId,
+        shard_type: &str,
+        puts: &[ShardPut],
+    ) -> Result<Vec<Result<ShardWritten, DomainError>>, DomainError> {
+        let mut outcomes = Vec::with_capacity(puts.len());
+        for p in puts {
+            outcomes.push(match self.put(tenant, shard_type, &p.key, &p.write, p.if_match.clone()).await {
+                Err(e @ (DomainError::PreconditionFailed | DomainError::Validation(_))) => Err(e),
+                Err(e) => return Err(e),
+                Ok(written) => Ok(written),
+            });
+        }
+        Ok(outcomes)
+    }
 
     /// Records changed after `cursor` (from the beginning when `None`), tombstones included,
     /// oldest change first, at most `limit`. Reading from the returned cursor MUST NOT skip a

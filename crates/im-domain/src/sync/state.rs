@@ -55,8 +55,19 @@ pub struct SyncState {
 /// accepts in an id whatever the key holds (`/`, `?`, `#`...).
 pub fn state_id(task: SyncTaskId, platform_key: &str) -> String {
     let digest = sha2::Sha256::digest(platform_key.as_bytes());
-    let hex: String = digest.iter().take(16).map(|b| format!("{b:02x}")).collect();
-    format!("state-{task}-{hex}")
+    let mut id = format!("state-{task}-");
+    push_hex(&mut id, &digest[..16]);
+    id
+}
+
+/// Appends `bytes` in lowercase hex (what `{:02x}` writes for each), without an allocation per byte.
+fn push_hex(out: &mut String, bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    out.reserve(bytes.len() * 2);
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0x0f)]));
+    }
 }
 
 /// A stable hash of a JSON value, whatever the order of its object keys: hex SHA-256 of a
@@ -64,7 +75,9 @@ pub fn state_id(task: SyncTaskId, platform_key: &str) -> String {
 pub fn fields_hash(fields: &Value) -> String {
     let mut hasher = sha2::Sha256::new();
     canonical(fields, &mut hasher);
-    hasher.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    let mut hex = String::with_capacity(64);
+    push_hex(&mut hex, &hasher.finalize());
+    hex
 }
 
 fn canonical(value: &Value, hasher: &mut sha2::Sha256) {
@@ -74,7 +87,7 @@ fn canonical(value: &Value, hasher: &mut sha2::Sha256) {
             keys.sort();
             hasher.update(b"{");
             for key in keys {
-                hasher.update(serde_json::to_string(key).unwrap_or_default().as_bytes());
+                write_json(hasher, key);
                 hasher.update(b":");
                 canonical(&map[key], hasher);
                 hasher.update(b",");
@@ -89,8 +102,25 @@ fn canonical(value: &Value, hasher: &mut sha2::Sha256) {
             }
             hasher.update(b"]");
         }
-        other => hasher.update(other.to_string().as_bytes()),
+        other => write_json(hasher, other),
     }
+}
+
+/// Feeds the compact JSON text of `value` to the hasher (the bytes `serde_json::to_string`
+/// makes, without making the string).
+fn write_json<T: Serialize + ?Sized>(hasher: &mut sha2::Sha256, value: &T) {
+    struct Feed<'a>(&'a mut sha2::Sha256);
+    impl std::io::Write for Feed<'_> {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.update(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    // Writing to a hasher cannot fail, nor can serializing a string or a JSON value.
+    let _ = serde_json::to_writer(Feed(hasher), value);
 }
 
 /// How a conflict was settled.
@@ -152,5 +182,18 @@ mod tests {
         assert_eq!(fields_hash(&a), fields_hash(&b));
         assert_ne!(fields_hash(&a), fields_hash(&serde_json::json!({"a": 2})));
         assert_eq!(fields_hash(&a).len(), 64);
+        // The text hashed is the keys sorted, then each key and value as compact JSON.
+        let text = r#"{"a":1,"b":{"c":"x\"y","d":[true,null,2.5,],},}"#;
+        let b = serde_json::json!({"b": {"d": [true, null, 2.5], "c": "x\"y"}, "a": 1});
+        let expected: String = sha2::Sha256::digest(text.as_bytes()).iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(fields_hash(&b), expected);
+    }
+
+    #[test]
+    fn state_ids_are_the_task_and_half_the_key_digest_in_hex() {
+        let task = SyncTaskId(Uuid::nil());
+        let digest: String = sha2::Sha256::digest(b"shard/key?#1").iter().take(16).map(|b| format!("{b:02x}")).collect();
+        assert_eq!(state_id(task, "shard/key?#1"), format!("state-{task}-{digest}"));
+        assert_eq!(digest.len(), 32);
     }
 }
