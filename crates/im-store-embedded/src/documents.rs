@@ -59,6 +59,11 @@ fn expiry(now: i64, ttl: Option<Duration>) -> Option<i64> {
     ttl.map(|ttl| now.saturating_add(i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX)))
 }
 
+// The container is compared as `+?`, not `?`: a partial index on `container = '<literal>'`
+// (`shard_records_by_seq`) makes SQLite check each bound container against that literal and
+// then prepare the statement again on every new binding; `+?` is the same value, compared
+// the same way and still served by the key index, but never matched against the literal.
+
 /// Not expired, with the current time as the next parameter (the statements written out in full
 /// repeat it, so that they are constant text for the statement cache).
 const LIVE: &str = "(expires_at IS NULL OR expires_at > ?)";
@@ -129,7 +134,7 @@ impl Documents {
         self.db
             .read(move |conn| {
                 conn.prepare_cached(
-                    "SELECT etag, body FROM documents WHERE container = ?1 AND pk = ?2 AND id = ?3 \
+                    "SELECT etag, body FROM documents WHERE container = +?1 AND pk = ?2 AND id = ?3 \
                      AND (expires_at IS NULL OR expires_at > ?4)",
                 )?
                 .query_row(params![container, pk, id, now], |r| {
@@ -219,7 +224,7 @@ impl Documents {
         self.db
             .read(move |conn| {
                 conn.prepare_cached(
-                    "SELECT etag FROM documents WHERE container = ?1 AND id = ?2 AND (expires_at IS NULL OR expires_at > ?3) LIMIT 1",
+                    "SELECT etag FROM documents WHERE container = +?1 AND id = ?2 AND (expires_at IS NULL OR expires_at > ?3) LIMIT 1",
                 )?
                 .query_row(params![container, id, now], |r| Ok(ETag::new(r.get::<_, String>(0)?)))
                 .optional()
@@ -255,7 +260,7 @@ impl Documents {
                 let etag = if new_pk == pk {
                     let etag = new_etag();
                     tx.prepare_cached(
-                        "UPDATE documents SET etag = ?4, body = ?5, expires_at = ?6 WHERE container = ?1 AND pk = ?2 AND id = ?3",
+                        "UPDATE documents SET etag = ?4, body = ?5, expires_at = ?6 WHERE container = +?1 AND pk = ?2 AND id = ?3",
                     )
                     .and_then(|mut s| s.execute(params![container, pk, id, etag.as_str(), body, expiry(now, ttl)]))
                     .map_err(map_sqlite)?;
@@ -305,7 +310,7 @@ impl Documents {
         let now = self.db.now();
         self.db
             .read(move |conn| {
-                let mut sql = String::from("SELECT pk, id, etag, body FROM documents WHERE container = ? AND ");
+                let mut sql = String::from("SELECT pk, id, etag, body FROM documents WHERE container = +? AND ");
                 sql.push_str(LIVE);
                 let mut args: Vec<SqlValue> = vec![query.container.to_owned().into(), now.into()];
                 if let Some(pk) = query.pk {
@@ -389,7 +394,7 @@ fn record_events(tx: &Transaction<'_>, rows: &[OutboxRow]) -> Result<(), DomainE
 
 pub(crate) fn find(conn: &rusqlite::Connection, container: &str, id: &str, now: i64) -> rusqlite::Result<Option<Doc>> {
     conn.prepare_cached(
-        "SELECT pk, etag, body FROM documents WHERE container = ?1 AND id = ?2 AND (expires_at IS NULL OR expires_at > ?3) LIMIT 1",
+        "SELECT pk, etag, body FROM documents WHERE container = +?1 AND id = ?2 AND (expires_at IS NULL OR expires_at > ?3) LIMIT 1",
     )?
     .query_row(params![container, id, now], |r| {
         Ok(Doc { pk: r.get(0)?, id: id.to_owned(), etag: ETag::new(r.get::<_, String>(1)?), body: r.get(2)? })
@@ -407,9 +412,11 @@ pub(crate) fn insert(
     expires_at: Option<i64>,
     now: i64,
 ) -> Result<ETag, DomainError> {
-    tx.prepare_cached("DELETE FROM documents WHERE container = ?1 AND pk = ?2 AND id = ?3 AND expires_at IS NOT NULL AND expires_at <= ?4")
-        .and_then(|mut s| s.execute(params![container, pk, id, now]))
-        .map_err(map_sqlite)?;
+    tx.prepare_cached(
+        "DELETE FROM documents WHERE container = +?1 AND pk = ?2 AND id = ?3 AND expires_at IS NOT NULL AND expires_at <= ?4",
+    )
+    .and_then(|mut s| s.execute(params![container, pk, id, now]))
+    .map_err(map_sqlite)?;
     let etag = new_etag();
     let inserted = tx
         .prepare_cached(
@@ -434,7 +441,7 @@ fn check_current(
 ) -> Result<(), DomainError> {
     let current: Option<String> = tx
         .prepare_cached(
-            "SELECT etag FROM documents WHERE container = ?1 AND pk = ?2 AND id = ?3 AND (expires_at IS NULL OR expires_at > ?4)",
+            "SELECT etag FROM documents WHERE container = +?1 AND pk = ?2 AND id = ?3 AND (expires_at IS NULL OR expires_at > ?4)",
         )
         .and_then(|mut s| s.query_row(params![container, pk, id, now], |r| r.get(0)).optional())
         .map_err(map_sqlite)?;
@@ -446,7 +453,7 @@ fn check_current(
 }
 
 fn remove(tx: &Transaction<'_>, container: &str, pk: &str, id: &str) -> Result<(), DomainError> {
-    tx.prepare_cached("DELETE FROM documents WHERE container = ?1 AND pk = ?2 AND id = ?3")
+    tx.prepare_cached("DELETE FROM documents WHERE container = +?1 AND pk = ?2 AND id = ?3")
         .and_then(|mut s| s.execute(params![container, pk, id]))
         .map_err(map_sqlite)?;
     Ok(())

@@ -106,6 +106,32 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     CREATE INDEX shard_records_by_seq ON documents (pk, json_extract(body, '$.seq')) WHERE container = 'shard_records';
     "#,
     ),
+    (
+        8,
+        "documents_rowid",
+        r#"
+    -- Documents in a rowid table, their key in a unique index. In a WITHOUT ROWID table each
+    -- row, JSON body included, lives in the key's B-tree: a body larger than a cell spills into
+    -- overflow pages, and every key comparison of a lookup or insert read the whole document
+    -- again. The index holds only the key, so a lookup compares keys and then reads one row.
+    CREATE TABLE documents_by_rowid (
+        container  TEXT    NOT NULL,
+        pk         TEXT    NOT NULL,          -- partition key value
+        id         TEXT    NOT NULL,
+        etag       TEXT    NOT NULL,          -- opaque concurrency token, new on every write
+        body       TEXT    NOT NULL,          -- the document, JSON
+        expires_at INTEGER                    -- unix seconds; NULL = kept until deleted
+    );
+    INSERT INTO documents_by_rowid (container, pk, id, etag, body, expires_at)
+        SELECT container, pk, id, etag, body, expires_at FROM documents ORDER BY container, pk, id;
+    DROP TABLE documents;
+    ALTER TABLE documents_by_rowid RENAME TO documents;
+    CREATE UNIQUE INDEX documents_key ON documents (container, pk, id);
+    CREATE INDEX documents_by_id ON documents (container, id);
+    CREATE INDEX documents_by_expiry ON documents (expires_at) WHERE expires_at IS NOT NULL;
+    CREATE INDEX shard_records_by_seq ON documents (pk, json_extract(body, '$.seq')) WHERE container = 'shard_records';
+    "#,
+    ),
 ];
 
 /// What [`crate::EmbeddedStore::migrate`] did.
@@ -139,4 +165,54 @@ pub(crate) fn apply(tx: &Transaction<'_>) -> Result<MigrationReport, DomainError
         report.version = *version;
     }
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A database written before the documents moved to a rowid table keeps every document,
+    /// and its key stays unique.
+    #[test]
+    fn documents_written_before_the_rowid_table_survive_it() {
+        let mut conn = rusqlite::Connection::open_in_memory().unwrap();
+        let tx = conn.transaction().unwrap();
+        tx.execute_batch("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at INTEGER NOT NULL)")
+            .unwrap();
+        for (version, name, sql) in MIGRATIONS.iter().filter(|(v, _, _)| *v < 8) {
+            tx.execute_batch(sql).unwrap();
+            tx.execute("INSERT INTO schema_migrations (version, name, applied_at) VALUES (?1, ?2, 0)", rusqlite::params![version, name])
+                .unwrap();
+        }
+        let body = format!("{{\"text\":\"{}\"}}", "x".repeat(20_000));
+        for id in ["a", "b"] {
+            tx.execute(
+                "INSERT INTO documents (container, pk, id, etag, body, expires_at) VALUES ('c', 'p', ?1, 'e', ?2, NULL)",
+                rusqlite::params![id, body],
+            )
+            .unwrap();
+        }
+
+        let report = apply(&tx).unwrap();
+
+        assert_eq!(report.applied, vec!["0008_documents_rowid".to_owned()]);
+        let kept: Vec<(String, String)> = tx
+            .prepare("SELECT id, body FROM documents ORDER BY id")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(kept, vec![("a".to_owned(), body.clone()), ("b".to_owned(), body)]);
+        let again = tx.execute("INSERT INTO documents (container, pk, id, etag, body) VALUES ('c', 'p', 'a', 'e2', '{}')", []);
+        assert!(again.is_err(), "the key (container, pk, id) stays unique");
+        let upserted = tx
+            .execute(
+                "INSERT INTO documents (container, pk, id, etag, body) VALUES ('c', 'p', 'a', 'e3', '{}') \
+                 ON CONFLICT (container, pk, id) DO UPDATE SET etag = excluded.etag",
+                [],
+            )
+            .unwrap();
+        assert_eq!(upserted, 1);
+    }
 }
