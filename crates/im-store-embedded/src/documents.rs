@@ -154,7 +154,7 @@ impl Documents {
             .db
             .read(move |conn| {
                 conn.prepare_cached(
-                    "SELECT id, etag, body FROM documents WHERE container = ?1 AND pk = ?2 \
+                    "SELECT id, etag, body FROM documents WHERE container = +?1 AND pk = ?2 \
                      AND id IN (SELECT value FROM json_each(?3)) AND (expires_at IS NULL OR expires_at > ?4)",
                 )?
                 .query_map(params![container, pk, wanted, now], |r| {
@@ -196,7 +196,7 @@ impl Documents {
                             Ok(()) => {
                                 let etag = new_etag();
                                 tx.prepare_cached(
-                                    "UPDATE documents SET etag = ?4, body = ?5, expires_at = NULL WHERE container = ?1 AND pk = ?2 AND id = ?3",
+                                    "UPDATE documents SET etag = ?4, body = ?5, expires_at = NULL WHERE container = +?1 AND pk = ?2 AND id = ?3",
                                 )
                                 .and_then(|mut s| s.execute(params![container, pk, id, etag.as_str(), body]))
                                 .map_err(map_sqlite)?;

@@ -113,7 +113,7 @@ fn write_in(
 ) -> Result<i64, DomainError> {
     if let Some(expected) = if_match {
         let current: Option<String> = tx
-            .prepare_cached("SELECT body FROM documents WHERE container = ?1 AND pk = ?2 AND id = ?3")
+            .prepare_cached("SELECT body FROM documents WHERE container = +?1 AND pk = ?2 AND id = ?3")
             .and_then(|mut s| s.query_row(params![SHARDS, pk, key], |r| r.get(0)).optional())
             .map_err(map_sqlite)?;
         let current = current.map(|b| decode(&b)).transpose().map_err(map_sqlite)?;

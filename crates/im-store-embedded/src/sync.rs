@@ -94,7 +94,7 @@ impl SyncTaskRepository for SqliteSync {
         let docs = self
             .db
             .read(move |conn| {
-                let sql = "SELECT pk, id, etag, body FROM documents WHERE container = ?1 \
+                let sql = "SELECT pk, id, etag, body FROM documents WHERE container = +?1 \
                     AND (expires_at IS NULL OR expires_at > ?2) \
                     AND ((json_extract(body, '$.status') = 'active' AND json_extract(body, '$.nextRunAt') <= ?3) \
                          OR json_extract(body, '$.lease.until') < ?3) \
@@ -189,7 +189,7 @@ impl SyncStateRepository for SqliteSync {
             .db
             .read(move |conn| {
                 conn.prepare_cached(
-                    "SELECT etag, body, json_extract(body, '$.providerId') FROM documents WHERE container = ?1 AND pk = ?2 \
+                    "SELECT etag, body, json_extract(body, '$.providerId') FROM documents WHERE container = +?1 AND pk = ?2 \
                      AND json_extract(body, '$.taskId') = ?3 AND json_extract(body, '$.providerId') IN (SELECT value FROM json_each(?4)) \
                      AND (expires_at IS NULL OR expires_at > ?5) ORDER BY id",
                 )?
@@ -252,7 +252,7 @@ impl SyncStateRepository for SqliteSync {
                 for container in containers {
                     removed += tx
                         .execute(
-                            "DELETE FROM documents WHERE container = ?1 AND pk = ?2 AND json_extract(body, '$.taskId') = ?3",
+                            "DELETE FROM documents WHERE container = +?1 AND pk = ?2 AND json_extract(body, '$.taskId') = ?3",
                             params![container, pk, task],
                         )
                         .map_err(map_sqlite)?;
