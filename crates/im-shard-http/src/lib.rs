@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use im_domain::ports::{DependencyHealth, HealthCheck};
 use im_domain::retry::{Failure, retry};
-use im_domain::sync::ports::{ShardChanges, ShardManager, ShardPut, ShardRecord, ShardWrite, ShardWritten};
+use im_domain::sync::ports::{ShardChanges, ShardManager, ShardPut, ShardRecord, ShardWrite, ShardWritten, put_outcome};
 use im_domain::{DomainError, FieldViolation, TenantId};
 use im_platform_http::{PassiveHealth, PlatformHttpSettings, transport_reason, without_url};
 use reqwest::StatusCode;
@@ -323,14 +323,7 @@ impl ShardManager for HttpShardManager {
         use futures_util::StreamExt as _;
         let calls: Vec<_> = puts.iter().map(|p| self.put(tenant, shard_type, &p.key, &p.write, p.if_match.clone())).collect();
         let outcomes: Vec<_> = futures_util::stream::iter(calls).buffered(PUT_CONCURRENCY).collect().await;
-        outcomes
-            .into_iter()
-            .map(|outcome| match outcome {
-                Err(e @ (DomainError::PreconditionFailed | DomainError::Validation(_))) => Ok(Err(e)),
-                Err(e) => Err(e),
-                Ok(written) => Ok(Ok(written)),
-            })
-            .collect()
+        outcomes.into_iter().map(put_outcome).collect()
     }
 
     #[tracing::instrument(skip_all, name = "shards.changes", fields(tenant = %tenant, shard_type, limit))]

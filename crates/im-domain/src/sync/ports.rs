@@ -283,11 +283,7 @@ pub trait ShardManager: Send + Sync {
     ) -> Result<Vec<Result<ShardWritten, DomainError>>, DomainError> {
         let mut outcomes = Vec::with_capacity(puts.len());
         for p in puts {
-            outcomes.push(match self.put(tenant, shard_type, &p.key, &p.write, p.if_match.clone()).await {
-                Err(e @ (DomainError::PreconditionFailed | DomainError::Validation(_))) => Err(e),
-                Err(e) => return Err(e),
-                Ok(written) => Ok(written),
-            });
+            outcomes.push(put_outcome(self.put(tenant, shard_type, &p.key, &p.write, p.if_match.clone()).await)?);
         }
         Ok(outcomes)
     }
@@ -307,4 +303,17 @@ pub trait ShardManager: Send + Sync {
     /// # Errors
     /// [`DomainError::Unavailable`] as for `put`.
     async fn delete(&self, tenant: &TenantId, shard_type: &str, key: &str) -> Result<(), DomainError>;
+}
+
+/// One item of [`ShardManager::put_many`] from the outcome of its [`ShardManager::put`]: a
+/// stale or refused record is that item's outcome; any other error fails the whole call.
+///
+/// # Errors
+/// The error of a put that failed for the service's sake.
+pub fn put_outcome(outcome: Result<ShardWritten, DomainError>) -> Result<Result<ShardWritten, DomainError>, DomainError> {
+    match outcome {
+        Err(e @ (DomainError::PreconditionFailed | DomainError::Validation(_))) => Ok(Err(e)),
+        Err(e) => Err(e),
+        Ok(written) => Ok(Ok(written)),
+    }
 }
