@@ -11,9 +11,9 @@ use im_domain::events::DomainEvent;
 use im_domain::{DomainError, ETag, IntegrationId, Page, PageRequest, Stored, TenantId};
 
 use crate::client::{CONNECTIONS, CosmosStore};
-use crate::docs::{ConnectionDoc, etag_to_domain};
+use crate::docs::{ConnectionDoc, stored_all};
 use crate::errors::unexpected;
-use crate::support::{precondition, run_batch, with_events_in};
+use crate::support::{precondition, read_doc, run_batch, with_events_in};
 
 const RESOURCE: &str = "connection";
 
@@ -28,21 +28,7 @@ impl CosmosConnections {
 
     /// The connection in the integration's partition, whoever owns it.
     async fn read(&self, integration: IntegrationId, id: ConnectionId) -> Result<Option<Stored<Connection>>, DomainError> {
-        let key = id.to_string();
-        let read =
-            self.store.call("a read", self.store.container(CONNECTIONS).read_item(integration.to_string(), &key, None), RESOURCE, &key);
-        let response = match read.await {
-            Ok(response) => response,
-            Err(DomainError::NotFound { .. }) => return Ok(None),
-            Err(other) => return Err(other),
-        };
-        let etag = response.headers().etag().map(|e| etag_to_domain(e.as_ref()));
-        let doc: ConnectionDoc = response.into_model().map_err(unexpected)?;
-        if doc.kind != ConnectionDoc::TYPE {
-            return Ok(None);
-        }
-        let etag = etag.or_else(|| doc.etag.as_deref().map(etag_to_domain)).ok_or_else(|| unexpected("no etag"))?;
-        Ok(Some(Stored { value: doc.connection, etag }))
+        read_doc(&self.store, CONNECTIONS, integration.to_string(), &id.to_string(), ConnectionDoc::TYPE, RESOURCE).await
     }
 }
 
@@ -75,11 +61,7 @@ impl ConnectionRepository for CosmosConnections {
             .with_parameter("@tenantId", tenant.as_str())
             .map_err(unexpected)?;
         let (docs, continuation) = self.store.query_page::<ConnectionDoc>(CONNECTIONS, query, Some(integration.to_string()), page).await?;
-        let items = docs
-            .into_iter()
-            .map(|d| Ok(Stored { etag: d.etag.as_deref().map(etag_to_domain).ok_or_else(|| unexpected("no _etag"))?, value: d.connection }))
-            .collect::<Result<Vec<_>, DomainError>>()?;
-        Ok(Page { items, continuation })
+        Ok(Page { items: stored_all(docs)?, continuation })
     }
 
     #[tracing::instrument(skip_all, name = "connections.replace", fields(tenant = %connection.tenant_id, integration = %connection.integration_id, connection = %connection.id, events = events.len()))]

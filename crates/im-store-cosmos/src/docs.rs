@@ -1,77 +1,93 @@
 //! The documents this adapter stores: camelCase JSON with `id`, the partition key, a `type`
 //! discriminator and a `schemaVersion`. Reads also take Cosmos' `_etag`.
 
-use im_domain::ETag;
 use im_domain::connection::Connection;
 use im_domain::events::DomainEvent;
 use im_domain::integration::Integration;
 use im_domain::provider::Provider;
+use im_domain::webhooks::endpoint::Webhook;
+use im_domain::{DomainError, ETag, Stored};
 use serde::{Deserialize, Serialize};
+
+use crate::errors::unexpected;
 
 pub const SCHEMA_VERSION: u32 = 1;
 
+/// The `type` of the documents of a domain value.
+pub trait Kind {
+    const TYPE: &'static str;
+}
+
+impl Kind for Integration {
+    const TYPE: &'static str = "integration";
+}
+
+impl Kind for Connection {
+    const TYPE: &'static str = "connection";
+}
+
+impl Kind for Provider {
+    const TYPE: &'static str = "provider";
+}
+
+impl Kind for Webhook {
+    const TYPE: &'static str = "webhook";
+}
+
+/// A domain value as a document: its `type`, the `schemaVersion`, and the value's own fields
+/// beside them. Reads also take Cosmos' `_etag`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Doc<T> {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub schema_version: u32,
+    #[serde(flatten)]
+    pub value: T,
+    #[serde(rename = "_etag", default, skip_serializing)]
+    pub etag: Option<String>,
+}
+
+impl<T> Doc<T> {
+    /// `value` as a document of type `kind`.
+    pub fn of(kind: &str, value: T) -> Self {
+        Self { kind: kind.into(), schema_version: SCHEMA_VERSION, value, etag: None }
+    }
+
+    /// The value with the document's `_etag` (as a query returns it).
+    ///
+    /// # Errors
+    /// `Unexpected` when the document has no `_etag`.
+    pub fn stored(self) -> Result<Stored<T>, DomainError> {
+        let etag = self.etag.as_deref().map(etag_to_domain).ok_or_else(|| unexpected("no _etag"))?;
+        Ok(Stored { value: self.value, etag })
+    }
+}
+
+impl<T: Kind> Doc<T> {
+    pub const TYPE: &'static str = T::TYPE;
+
+    pub fn new(value: T) -> Self {
+        Self::of(T::TYPE, value)
+    }
+}
+
+/// Every document's value with its `_etag`.
+///
+/// # Errors
+/// `Unexpected` when one has no `_etag`.
+pub fn stored_all<T>(docs: Vec<Doc<T>>) -> Result<Vec<Stored<T>>, DomainError> {
+    docs.into_iter().map(Doc::stored).collect()
+}
+
 /// An integration in `integration_integrations` (partition key `/tenantId`).
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct IntegrationDoc {
-    #[serde(rename = "type")]
-    pub kind: String,
-    pub schema_version: u32,
-    #[serde(flatten)]
-    pub integration: Integration,
-    #[serde(rename = "_etag", default, skip_serializing)]
-    pub etag: Option<String>,
-}
-
-impl IntegrationDoc {
-    pub const TYPE: &'static str = "integration";
-
-    pub fn new(integration: Integration) -> Self {
-        Self { kind: Self::TYPE.into(), schema_version: SCHEMA_VERSION, integration, etag: None }
-    }
-}
-
+pub type IntegrationDoc = Doc<Integration>;
 /// A connection in `integration_connections` (partition key `/integrationId`).
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ConnectionDoc {
-    #[serde(rename = "type")]
-    pub kind: String,
-    pub schema_version: u32,
-    #[serde(flatten)]
-    pub connection: Connection,
-    #[serde(rename = "_etag", default, skip_serializing)]
-    pub etag: Option<String>,
-}
-
-impl ConnectionDoc {
-    pub const TYPE: &'static str = "connection";
-
-    pub fn new(connection: Connection) -> Self {
-        Self { kind: Self::TYPE.into(), schema_version: SCHEMA_VERSION, connection, etag: None }
-    }
-}
-
+pub type ConnectionDoc = Doc<Connection>;
 /// A provider in `integration_providers` (partition key `/category`).
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ProviderDoc {
-    #[serde(rename = "type")]
-    pub kind: String,
-    pub schema_version: u32,
-    #[serde(flatten)]
-    pub provider: Provider,
-    #[serde(rename = "_etag", default, skip_serializing)]
-    pub etag: Option<String>,
-}
-
-impl ProviderDoc {
-    pub const TYPE: &'static str = "provider";
-
-    pub fn new(provider: Provider) -> Self {
-        Self { kind: Self::TYPE.into(), schema_version: SCHEMA_VERSION, provider, etag: None }
-    }
-}
+pub type ProviderDoc = Doc<Provider>;
+/// A webhook endpoint in `integration_webhooks` (partition key `/tenantId`).
+pub type WebhookDoc = Doc<Webhook>;
 
 /// The partition of `integration_providers` that remembers seeded provider ids (not a valid
 /// category, so it never mixes with providers).
@@ -196,9 +212,9 @@ pub fn etag_to_domain(raw: &str) -> ETag {
 }
 
 /// The concurrency token of a write's response.
-pub(crate) fn header_etag(etag: Option<&azure_core::http::Etag>) -> Result<ETag, im_domain::DomainError> {
+pub(crate) fn header_etag(etag: Option<&azure_core::http::Etag>) -> Result<ETag, DomainError> {
     etag.map(|e| etag_to_domain(e.as_ref()))
-        .ok_or_else(|| im_domain::DomainError::Unexpected(anyhow::anyhow!("cosmos: a write answered without an etag")))
+        .ok_or_else(|| DomainError::Unexpected(anyhow::anyhow!("cosmos: a write answered without an etag")))
 }
 
 pub fn etag_to_cosmos(etag: &ETag) -> String {

@@ -2,7 +2,7 @@
 //! into the same partition in the same transactional batch.
 
 use async_trait::async_trait;
-use azure_data_cosmos::options::{BatchDeleteOptions, BatchReplaceOptions, ItemWriteOptions};
+use azure_data_cosmos::options::{BatchDeleteOptions, ItemWriteOptions};
 use azure_data_cosmos::{Query, TransactionalBatch};
 use im_domain::events::DomainEvent;
 use im_domain::integration::{Integration, IntegrationFilter};
@@ -10,9 +10,9 @@ use im_domain::ports::IntegrationRepository;
 use im_domain::{DomainError, ETag, IntegrationId, Page, PageRequest, Stored, TenantId};
 
 use crate::client::{CosmosStore, INTEGRATIONS};
-use crate::docs::{IntegrationDoc, etag_to_domain, header_etag};
+use crate::docs::{IntegrationDoc, stored_all};
 use crate::errors::unexpected;
-use crate::support::{precondition, run_batch, with_events};
+use crate::support::{create_doc, precondition, read_doc, replace_doc, run_batch, with_events};
 
 const RESOURCE: &str = "integration";
 
@@ -30,30 +30,15 @@ impl CosmosIntegrations {
 impl IntegrationRepository for CosmosIntegrations {
     #[tracing::instrument(skip_all, name = "integrations.create", fields(tenant = %integration.tenant_id, integration = %integration.id, events = events.len()))]
     async fn create(&self, integration: &Integration, events: &[DomainEvent]) -> Result<ETag, DomainError> {
-        let pk = integration.tenant_id.to_string();
-        let id = integration.id.to_string();
-        let doc = IntegrationDoc::new(integration.clone());
-        if events.is_empty() {
-            let response =
-                self.store.call("a create", self.store.container(INTEGRATIONS).create_item(pk, &id, &doc, None), RESOURCE, &id).await?;
-            return header_etag(response.headers().etag());
-        }
-        let batch = with_events(TransactionalBatch::new(pk).create_item(&doc).map_err(unexpected)?, events)?;
-        run_batch(&self.store, INTEGRATIONS, batch, RESOURCE, &id).await?.ok_or_else(|| unexpected("no etag in the batch result"))
+        let (pk, id) = (integration.tenant_id.to_string(), integration.id.to_string());
+        create_doc(&self.store, INTEGRATIONS, pk, id, &IntegrationDoc::new(integration.clone()), events, RESOURCE).await
     }
 
     #[tracing::instrument(skip_all, name = "integrations.get", fields(tenant = %tenant, integration = %id))]
     async fn get(&self, tenant: &TenantId, id: IntegrationId) -> Result<Stored<Integration>, DomainError> {
-        let key = id.to_string();
-        let response =
-            self.store.call("a read", self.store.container(INTEGRATIONS).read_item(tenant.to_string(), &key, None), RESOURCE, &key).await?;
-        let etag = response.headers().etag().map(|e| etag_to_domain(e.as_ref()));
-        let doc: IntegrationDoc = response.into_model().map_err(unexpected)?;
-        if doc.kind != IntegrationDoc::TYPE {
-            return Err(DomainError::not_found(RESOURCE, id));
-        }
-        let etag = etag.or_else(|| doc.etag.as_deref().map(etag_to_domain)).ok_or_else(|| unexpected("no etag"))?;
-        Ok(Stored { value: doc.integration, etag })
+        read_doc(&self.store, INTEGRATIONS, tenant.to_string(), &id.to_string(), IntegrationDoc::TYPE, RESOURCE)
+            .await?
+            .ok_or_else(|| DomainError::not_found(RESOURCE, id))
     }
 
     #[tracing::instrument(skip_all, name = "integrations.list", fields(tenant = %tenant))]
@@ -79,32 +64,13 @@ impl IntegrationRepository for CosmosIntegrations {
             query = query.with_parameter("@status", status.as_str()).map_err(unexpected)?;
         }
         let (docs, continuation) = self.store.query_page::<IntegrationDoc>(INTEGRATIONS, query, Some(tenant.to_string()), page).await?;
-        let items = docs
-            .into_iter()
-            .map(|d| {
-                Ok(Stored { etag: d.etag.as_deref().map(etag_to_domain).ok_or_else(|| unexpected("no _etag"))?, value: d.integration })
-            })
-            .collect::<Result<Vec<_>, DomainError>>()?;
-        Ok(Page { items, continuation })
+        Ok(Page { items: stored_all(docs)?, continuation })
     }
 
     #[tracing::instrument(skip_all, name = "integrations.replace", fields(tenant = %integration.tenant_id, integration = %integration.id, events = events.len()))]
     async fn replace(&self, integration: &Integration, if_match: Option<ETag>, events: &[DomainEvent]) -> Result<ETag, DomainError> {
-        let pk = integration.tenant_id.to_string();
-        let id = integration.id.to_string();
-        let doc = IntegrationDoc::new(integration.clone());
-        let precondition = precondition(if_match.as_ref());
-        if events.is_empty() {
-            let options = precondition.map(|p| ItemWriteOptions::default().with_precondition(p));
-            let response = self
-                .store
-                .call("a replace", self.store.container(INTEGRATIONS).replace_item(pk, &id, &doc, options), RESOURCE, &id)
-                .await?;
-            return header_etag(response.headers().etag());
-        }
-        let options = precondition.map(|p| BatchReplaceOptions::default().with_precondition(p));
-        let batch = with_events(TransactionalBatch::new(pk).replace_item(id.clone(), &doc, options).map_err(unexpected)?, events)?;
-        run_batch(&self.store, INTEGRATIONS, batch, RESOURCE, &id).await?.ok_or_else(|| unexpected("no etag in the batch result"))
+        let (pk, id) = (integration.tenant_id.to_string(), integration.id.to_string());
+        replace_doc(&self.store, INTEGRATIONS, pk, id, &IntegrationDoc::new(integration.clone()), if_match, events, RESOURCE).await
     }
 
     #[tracing::instrument(skip_all, name = "integrations.delete", fields(tenant = %tenant, integration = %id, events = events.len()))]

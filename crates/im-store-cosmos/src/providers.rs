@@ -9,7 +9,7 @@ use im_domain::provider::{Provider, ProviderFilter, ProviderId, SeedReport};
 use im_domain::{DomainError, ETag, Page, PageRequest, Stored};
 
 use crate::client::{CosmosStore, PROVIDERS};
-use crate::docs::{ProviderDoc, SEED_PARTITION, SeedDoc, etag_to_domain, header_etag};
+use crate::docs::{ProviderDoc, SEED_PARTITION, SeedDoc, header_etag, stored_all};
 use crate::errors::unexpected;
 use crate::support::precondition;
 
@@ -17,11 +17,6 @@ const RESOURCE: &str = "provider";
 
 pub(crate) struct CosmosProviders {
     store: CosmosStore,
-}
-
-fn stored(doc: ProviderDoc) -> Result<Stored<Provider>, DomainError> {
-    let etag = doc.etag.as_deref().map(etag_to_domain).ok_or_else(|| unexpected("no _etag"))?;
-    Ok(Stored { value: doc.provider, etag })
 }
 
 impl CosmosProviders {
@@ -35,7 +30,7 @@ impl CosmosProviders {
             .and_then(|q| q.with_parameter("@id", id))
             .map_err(unexpected)?;
         let (docs, _) = self.store.query_page::<ProviderDoc>(PROVIDERS, query, None, &PageRequest::first(1)).await?;
-        docs.into_iter().next().map(stored).transpose()
+        docs.into_iter().next().map(ProviderDoc::stored).transpose()
     }
 
     async fn insert(&self, provider: &Provider) -> Result<ETag, DomainError> {
@@ -88,7 +83,7 @@ impl ProviderRepository for CosmosProviders {
         }
         let partition = filter.category.as_ref().map(ToString::to_string);
         let (docs, continuation) = self.store.query_page::<ProviderDoc>(PROVIDERS, query, partition, page).await?;
-        Ok(Page { items: docs.into_iter().map(stored).collect::<Result<_, _>>()?, continuation })
+        Ok(Page { items: stored_all(docs)?, continuation })
     }
 
     #[tracing::instrument(skip_all, name = "providers.replace", fields(provider = %provider.spec.id))]

@@ -4,8 +4,8 @@
 //! expires them). Completion events go into the outbox of the same partition in the same batch.
 
 use async_trait::async_trait;
-use azure_data_cosmos::options::{BatchReplaceOptions, ItemWriteOptions};
-use azure_data_cosmos::{Query, TransactionalBatch};
+use azure_data_cosmos::Query;
+use azure_data_cosmos::options::ItemWriteOptions;
 use im_domain::events::DomainEvent;
 use im_domain::sync::ports::{StatePut, SyncExecutionRepository, SyncStateRepository, SyncTaskRepository};
 use im_domain::sync::unix_millis::to_millis;
@@ -17,23 +17,9 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::client::{CosmosStore, SYNC_EXECUTIONS, SYNC_TASKS};
-use crate::docs::{SCHEMA_VERSION, etag_to_domain, header_etag};
+use crate::docs::{Doc, stored_all};
 use crate::errors::unexpected;
-use crate::support::{precondition, run_batch, with_events};
-
-/// A document of one of the sync types: `type`, `schemaVersion`, the value's fields (with its
-/// `id`), and Cosmos' `_etag` on reads.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct SyncDoc<T> {
-    #[serde(rename = "type")]
-    kind: String,
-    schema_version: u32,
-    #[serde(flatten)]
-    value: T,
-    #[serde(rename = "_etag", default, skip_serializing)]
-    etag: Option<String>,
-}
+use crate::support::{create_doc, precondition, read_doc, replace_doc};
 
 const TASK: &str = "syncTask";
 const EXECUTION: &str = "syncExecution";
@@ -48,18 +34,12 @@ struct Keyed<T> {
     value: T,
 }
 
-fn doc<T: Clone>(kind: &str, value: &T) -> SyncDoc<T> {
-    SyncDoc { kind: kind.into(), schema_version: SCHEMA_VERSION, value: value.clone(), etag: None }
+fn doc<T: Clone>(kind: &str, value: &T) -> Doc<T> {
+    Doc::of(kind, value.clone())
 }
 
 fn unkey<T>(stored: Stored<Keyed<T>>) -> Stored<T> {
     Stored { value: stored.value.value, etag: stored.etag }
-}
-
-fn stored<T>(docs: Vec<SyncDoc<T>>) -> Result<Vec<Stored<T>>, DomainError> {
-    docs.into_iter()
-        .map(|d| Ok(Stored { etag: d.etag.as_deref().map(etag_to_domain).ok_or_else(|| unexpected("no _etag"))?, value: d.value }))
-        .collect()
 }
 
 /// Requests in flight at once for the batch calls of [`SyncStateRepository`].
@@ -86,58 +66,6 @@ impl CosmosSync {
         Self { store }
     }
 
-    async fn create<T: Serialize + Clone + Send + Sync>(
-        &self,
-        container: &'static str,
-        pk: String,
-        id: String,
-        document: &SyncDoc<T>,
-        resource: &'static str,
-    ) -> Result<ETag, DomainError> {
-        let create = self.store.container(container).create_item(pk, &id, document, None);
-        header_etag(self.store.call("a create", create, resource, &id).await?.headers().etag())
-    }
-
-    /// Reads a document of `kind`; `None` when absent or of another type.
-    async fn read<T: DeserializeOwned + Send + 'static>(
-        &self,
-        container: &'static str,
-        pk: String,
-        id: &str,
-        kind: &str,
-        resource: &'static str,
-    ) -> Result<Option<Stored<T>>, DomainError> {
-        let response = match self.store.call("a read", self.store.container(container).read_item(pk, id, None), resource, id).await {
-            Ok(response) => response,
-            Err(DomainError::NotFound { .. }) => return Ok(None),
-            Err(e) => return Err(e),
-        };
-        let etag = header_etag(response.headers().etag())?;
-        let document: SyncDoc<T> = response.into_model().map_err(unexpected)?;
-        Ok((document.kind == kind).then_some(Stored { value: document.value, etag }))
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    async fn replace<T: Serialize + Clone + Send + Sync>(
-        &self,
-        container: &'static str,
-        pk: String,
-        id: String,
-        document: &SyncDoc<T>,
-        if_match: Option<ETag>,
-        events: &[DomainEvent],
-        resource: &'static str,
-    ) -> Result<ETag, DomainError> {
-        if events.is_empty() {
-            let options = precondition(if_match.as_ref()).map(|p| ItemWriteOptions::default().with_precondition(p));
-            let replace = self.store.container(container).replace_item(pk, &id, document, options);
-            return header_etag(self.store.call("a replace", replace, resource, &id).await?.headers().etag());
-        }
-        let options = precondition(if_match.as_ref()).map(|p| BatchReplaceOptions::default().with_precondition(p));
-        let batch = with_events(TransactionalBatch::new(pk).replace_item(id.clone(), document, options).map_err(unexpected)?, events)?;
-        run_batch(&self.store, container, batch, resource, &id).await?.ok_or_else(|| unexpected("no etag in the batch result"))
-    }
-
     async fn by_task<T: DeserializeOwned + Send + 'static>(
         &self,
         container: &'static str,
@@ -150,8 +78,8 @@ impl CosmosSync {
             .with_parameter("@type", kind)
             .and_then(|q| q.with_parameter("@task", task.to_string()))
             .map_err(unexpected)?;
-        let (docs, continuation) = self.store.query_page::<SyncDoc<T>>(container, query, Some(tenant.to_string()), page).await?;
-        Ok(Page { items: stored(docs)?, continuation })
+        let (docs, continuation) = self.store.query_page::<Doc<T>>(container, query, Some(tenant.to_string()), page).await?;
+        Ok(Page { items: stored_all(docs)?, continuation })
     }
 }
 
@@ -159,12 +87,12 @@ impl CosmosSync {
 impl SyncTaskRepository for CosmosSync {
     #[tracing::instrument(skip_all, name = "sync_tasks.create", fields(tenant = %task.tenant_id, task = %task.id))]
     async fn create(&self, task: &SyncTask) -> Result<ETag, DomainError> {
-        self.create(SYNC_TASKS, task.tenant_id.to_string(), task.id.to_string(), &doc(TASK, task), "sync task").await
+        create_doc(&self.store, SYNC_TASKS, task.tenant_id.to_string(), task.id.to_string(), &doc(TASK, task), &[], "sync task").await
     }
 
     #[tracing::instrument(skip_all, name = "sync_tasks.get", fields(tenant = %tenant, task = %id))]
     async fn get(&self, tenant: &TenantId, id: SyncTaskId) -> Result<Stored<SyncTask>, DomainError> {
-        self.read(SYNC_TASKS, tenant.to_string(), &id.to_string(), TASK, "sync task")
+        read_doc(&self.store, SYNC_TASKS, tenant.to_string(), &id.to_string(), TASK, "sync task")
             .await?
             .ok_or_else(|| DomainError::not_found("sync task", id))
     }
@@ -172,14 +100,14 @@ impl SyncTaskRepository for CosmosSync {
     #[tracing::instrument(skip_all, name = "sync_tasks.list", fields(tenant = %tenant))]
     async fn list(&self, tenant: &TenantId, page: &PageRequest) -> Result<Page<Stored<SyncTask>>, DomainError> {
         let query = Query::from("SELECT * FROM c WHERE c.type = @type ORDER BY c.id").with_parameter("@type", TASK).map_err(unexpected)?;
-        let (docs, continuation) = self.store.query_page::<SyncDoc<SyncTask>>(SYNC_TASKS, query, Some(tenant.to_string()), page).await?;
-        Ok(Page { items: stored(docs)?, continuation })
+        let (docs, continuation) = self.store.query_page::<Doc<SyncTask>>(SYNC_TASKS, query, Some(tenant.to_string()), page).await?;
+        Ok(Page { items: stored_all(docs)?, continuation })
     }
 
     #[tracing::instrument(skip_all, name = "sync_tasks.replace", fields(tenant = %task.tenant_id, task = %task.id, events = events.len()))]
     async fn replace(&self, task: &SyncTask, if_match: Option<ETag>, events: &[DomainEvent]) -> Result<ETag, DomainError> {
         let (pk, id) = (task.tenant_id.to_string(), task.id.to_string());
-        self.replace(SYNC_TASKS, pk, id, &doc(TASK, task), if_match, events, "sync task").await
+        replace_doc(&self.store, SYNC_TASKS, pk, id, &doc(TASK, task), if_match, events, "sync task").await
     }
 
     #[tracing::instrument(skip_all, name = "sync_tasks.delete", fields(tenant = %tenant, task = %id))]
@@ -199,8 +127,8 @@ impl SyncTaskRepository for CosmosSync {
                 .and_then(|q| q.with_parameter("@now", to_millis(now)))
                 .map_err(unexpected)?;
         let page = PageRequest::first(limit.clamp(1, 1000));
-        let (docs, _) = self.store.query_page::<SyncDoc<SyncTask>>(SYNC_TASKS, query, None, &page).await?;
-        let mut due = stored(docs)?;
+        let (docs, _) = self.store.query_page::<Doc<SyncTask>>(SYNC_TASKS, query, None, &page).await?;
+        let mut due = stored_all(docs)?;
         due.sort_by_key(|s| s.value.lease.as_ref().map(|l| l.until).or(s.value.next_run_at));
         Ok(due)
     }
@@ -211,12 +139,12 @@ impl SyncExecutionRepository for CosmosSync {
     #[tracing::instrument(skip_all, name = "sync_executions.create", fields(tenant = %execution.tenant_id, execution = %execution.id))]
     async fn create(&self, execution: &SyncExecution) -> Result<ETag, DomainError> {
         let (pk, id) = (execution.tenant_id.to_string(), execution.id.to_string());
-        self.create(SYNC_EXECUTIONS, pk, id, &doc(EXECUTION, execution), "sync execution").await
+        create_doc(&self.store, SYNC_EXECUTIONS, pk, id, &doc(EXECUTION, execution), &[], "sync execution").await
     }
 
     #[tracing::instrument(skip_all, name = "sync_executions.get", fields(tenant = %tenant, execution = %id))]
     async fn get(&self, tenant: &TenantId, id: Uuid) -> Result<Stored<SyncExecution>, DomainError> {
-        self.read(SYNC_EXECUTIONS, tenant.to_string(), &id.to_string(), EXECUTION, "sync execution")
+        read_doc(&self.store, SYNC_EXECUTIONS, tenant.to_string(), &id.to_string(), EXECUTION, "sync execution")
             .await?
             .ok_or_else(|| DomainError::not_found("sync execution", id))
     }
@@ -229,7 +157,7 @@ impl SyncExecutionRepository for CosmosSync {
     #[tracing::instrument(skip_all, name = "sync_executions.replace", fields(tenant = %execution.tenant_id, execution = %execution.id, events = events.len()))]
     async fn replace(&self, execution: &SyncExecution, if_match: Option<ETag>, events: &[DomainEvent]) -> Result<ETag, DomainError> {
         let (pk, id) = (execution.tenant_id.to_string(), execution.id.to_string());
-        self.replace(SYNC_EXECUTIONS, pk, id, &doc(EXECUTION, execution), if_match, events, "sync execution").await
+        replace_doc(&self.store, SYNC_EXECUTIONS, pk, id, &doc(EXECUTION, execution), if_match, events, "sync execution").await
     }
 }
 
@@ -237,7 +165,8 @@ impl SyncExecutionRepository for CosmosSync {
 impl SyncStateRepository for CosmosSync {
     async fn get(&self, tenant: &TenantId, task: SyncTaskId, platform_key: &str) -> Result<Option<Stored<SyncState>>, DomainError> {
         let found =
-            self.read::<Keyed<SyncState>>(SYNC_TASKS, tenant.to_string(), &state_id(task, platform_key), STATE, "sync state").await?;
+            read_doc::<Keyed<SyncState>>(&self.store, SYNC_TASKS, tenant.to_string(), &state_id(task, platform_key), STATE, "sync state")
+                .await?;
         Ok(found.map(unkey))
     }
 
@@ -253,8 +182,8 @@ impl SyncStateRepository for CosmosSync {
             .and_then(|q| q.with_parameter("@provider", provider_id))
             .map_err(unexpected)?;
         let (docs, _) =
-            self.store.query_page::<SyncDoc<Keyed<SyncState>>>(SYNC_TASKS, query, Some(tenant.to_string()), &PageRequest::first(1)).await?;
-        Ok(stored(docs)?.into_iter().next().map(unkey))
+            self.store.query_page::<Doc<Keyed<SyncState>>>(SYNC_TASKS, query, Some(tenant.to_string()), &PageRequest::first(1)).await?;
+        Ok(stored_all(docs)?.into_iter().next().map(unkey))
     }
 
     #[tracing::instrument(skip_all, name = "sync_states.put", fields(tenant = %state.tenant_id, task = %state.task_id))]
@@ -262,8 +191,8 @@ impl SyncStateRepository for CosmosSync {
         let (pk, id) = (state.tenant_id.to_string(), state_id(state.task_id, &state.platform_key));
         let document = doc(STATE, &Keyed { id: id.clone(), value: state.clone() });
         match if_match {
-            None => self.create(SYNC_TASKS, pk, id, &document, "sync state").await,
-            Some(etag) => match self.replace(SYNC_TASKS, pk, id, &document, Some(etag), &[], "sync state").await {
+            None => create_doc(&self.store, SYNC_TASKS, pk, id, &document, &[], "sync state").await,
+            Some(etag) => match replace_doc(&self.store, SYNC_TASKS, pk, id, &document, Some(etag), &[], "sync state").await {
                 Err(DomainError::NotFound { .. }) => Err(DomainError::PreconditionFailed),
                 other => other,
             },
@@ -339,12 +268,12 @@ impl SyncStateRepository for CosmosSync {
 
     async fn create_conflict(&self, conflict: &SyncConflict) -> Result<ETag, DomainError> {
         let (pk, id) = (conflict.tenant_id.to_string(), conflict.id.to_string());
-        self.create(SYNC_TASKS, pk, id, &doc(CONFLICT, conflict), "sync conflict").await
+        create_doc(&self.store, SYNC_TASKS, pk, id, &doc(CONFLICT, conflict), &[], "sync conflict").await
     }
 
     async fn get_conflict(&self, tenant: &TenantId, task: SyncTaskId, id: Uuid) -> Result<Stored<SyncConflict>, DomainError> {
         let found: Option<Stored<SyncConflict>> =
-            self.read(SYNC_TASKS, tenant.to_string(), &id.to_string(), CONFLICT, "sync conflict").await?;
+            read_doc(&self.store, SYNC_TASKS, tenant.to_string(), &id.to_string(), CONFLICT, "sync conflict").await?;
         found.filter(|c| c.value.task_id == task).ok_or_else(|| DomainError::not_found("sync conflict", id))
     }
 
@@ -359,7 +288,7 @@ impl SyncStateRepository for CosmosSync {
 
     async fn replace_conflict(&self, conflict: &SyncConflict, if_match: Option<ETag>) -> Result<ETag, DomainError> {
         let (pk, id) = (conflict.tenant_id.to_string(), conflict.id.to_string());
-        self.replace(SYNC_TASKS, pk, id, &doc(CONFLICT, conflict), if_match, &[], "sync conflict").await
+        replace_doc(&self.store, SYNC_TASKS, pk, id, &doc(CONFLICT, conflict), if_match, &[], "sync conflict").await
     }
 }
 
@@ -370,33 +299,13 @@ mod tests {
     #[test]
     fn documents_read_back_with_the_fields_cosmos_adds() {
         let tenant = TenantId::new("t").unwrap();
-        let task = im_testkit_free_task(&tenant);
+        let task = im_testkit::sync::task(&tenant);
         let mut json = serde_json::to_value(doc(TASK, &task)).unwrap();
         json["_rid"] = "abc".into();
         json["_ts"] = 1_767_225_600.into();
         json["_etag"] = "\"e\"".into();
-        let back: SyncDoc<SyncTask> = serde_json::from_value(json).unwrap();
+        let back: Doc<SyncTask> = serde_json::from_value(json).unwrap();
         assert_eq!(back.value, task);
         assert_eq!(back.etag.as_deref(), Some("\"e\""));
-    }
-
-    fn im_testkit_free_task(tenant: &TenantId) -> SyncTask {
-        use im_domain::sync::task::{FieldMappingDraft, ScheduleDraft};
-        use im_domain::sync::*;
-        let draft = SyncTaskDraft {
-            integration_id: im_domain::IntegrationId(Uuid::nil()),
-            connection_id: Uuid::nil(),
-            entity: "issues".into(),
-            target: "ticket".into(),
-            direction: Direction::Bidirectional,
-            mode: SyncMode::Incremental,
-            schedule: ScheduleDraft::Every("10m".into()),
-            field_mapping: vec![FieldMappingDraft { provider: "/a".into(), platform: "/b".into(), direction: None }],
-            conflict_policy: ConflictPolicy::Manual,
-            deletes: DeletePolicy::Propagate,
-            status: TaskStatus::Active,
-        };
-        let now = OffsetDateTime::from_unix_timestamp(1_767_225_600).unwrap();
-        SyncTask::new(SyncTaskId(Uuid::nil()), tenant.clone(), draft.validate().unwrap(), im_domain::UserId::new("u").unwrap(), now)
     }
 }

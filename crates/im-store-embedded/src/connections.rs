@@ -8,8 +8,8 @@ use im_domain::events::DomainEvent;
 use im_domain::{DomainError, ETag, IntegrationId, Page, PageRequest, Stored, TenantId};
 
 use crate::containers::CONNECTIONS;
-use crate::documents::{Documents, Query};
-use crate::support::{decode, encode};
+use crate::documents::Documents;
+use crate::support::{decode, decode_page, encode, partition_query};
 
 const RESOURCE: &str = "connection";
 
@@ -50,17 +50,8 @@ impl ConnectionRepository for SqliteConnections {
         integration: IntegrationId,
         page: &PageRequest,
     ) -> Result<Page<Stored<Connection>>, DomainError> {
-        let query = Query {
-            container: CONNECTIONS,
-            pk: Some(integration.to_string()),
-            filters: vec![("$.tenantId", tenant.to_string())],
-            search: None,
-            contains: Vec::new(),
-            page: page.clone(),
-        };
-        let (docs, continuation) = self.docs.query(query).await?;
-        let items = docs.into_iter().map(decode).collect::<Result<Vec<_>, _>>()?;
-        Ok(Page { items, continuation })
+        let query = partition_query(CONNECTIONS, integration.to_string(), vec![("$.tenantId", tenant.to_string())], page);
+        decode_page(self.docs.query(query).await?)
     }
 
     #[tracing::instrument(skip_all, name = "connections.replace", fields(tenant = %connection.tenant_id, integration = %connection.integration_id, connection = %connection.id, events = events.len()))]

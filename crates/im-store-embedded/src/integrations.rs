@@ -10,7 +10,7 @@ use im_domain::{DomainError, ETag, IntegrationId, JsonText, Page, PageRequest, S
 
 use crate::containers::INTEGRATIONS;
 use crate::documents::{Documents, Query};
-use crate::support::{decode, encode};
+use crate::support::{decode_page, encode, get_decoded, partition_query};
 
 const RESOURCE: &str = "integration";
 
@@ -31,7 +31,7 @@ impl SqliteIntegrations {
         if let Some(status) = filter.status {
             filters.push(("$.status", status.as_str().to_owned()));
         }
-        Query { container: INTEGRATIONS, pk: Some(tenant.to_string()), filters, search: None, contains: Vec::new(), page: page.clone() }
+        partition_query(INTEGRATIONS, tenant.to_string(), filters, page)
     }
 }
 
@@ -45,10 +45,7 @@ impl IntegrationRepository for SqliteIntegrations {
 
     #[tracing::instrument(skip_all, name = "integrations.get", fields(tenant = %tenant, integration = %id))]
     async fn get(&self, tenant: &TenantId, id: IntegrationId) -> Result<Stored<Integration>, DomainError> {
-        match self.docs.get(INTEGRATIONS, tenant.to_string(), id.to_string()).await? {
-            Some(doc) => decode(doc),
-            None => Err(DomainError::not_found(RESOURCE, id)),
-        }
+        get_decoded(&self.docs, INTEGRATIONS, RESOURCE, tenant.to_string(), id).await
     }
 
     #[tracing::instrument(skip_all, name = "integrations.list", fields(tenant = %tenant))]
@@ -58,9 +55,7 @@ impl IntegrationRepository for SqliteIntegrations {
         filter: &IntegrationFilter,
         page: &PageRequest,
     ) -> Result<Page<Stored<Integration>>, DomainError> {
-        let (docs, continuation) = self.docs.query(Self::query(tenant, filter, page)).await?;
-        let items = docs.into_iter().map(decode).collect::<Result<Vec<_>, _>>()?;
-        Ok(Page { items, continuation })
+        decode_page(self.docs.query(Self::query(tenant, filter, page)).await?)
     }
 
     #[tracing::instrument(skip_all, name = "integrations.get_json", fields(tenant = %tenant, integration = %id))]

@@ -1,11 +1,12 @@
-//! Repository support shared by the containers: documents to and from JSON, and the leased
-//! queues (outbox, audit buffer) claimed and emptied the same way.
+//! Repository support shared by the containers: documents to and from JSON, reads and listings
+//! of one partition, and the leased queues (outbox, audit buffer) claimed and emptied the same
+//! way.
 
-use im_domain::{DomainError, Stored};
+use im_domain::{DomainError, Page, PageRequest, Stored};
 use rusqlite::{Transaction, params, params_from_iter};
 
 use crate::db::map_sqlite;
-use crate::documents::Doc;
+use crate::documents::{Doc, Documents, Query};
 
 /// A table worked through by several instances: rows with `seq`, `id`, `body`, `claimed_by`
 /// and `claimed_until` (unix milliseconds), and a condition a row must meet to be worked on.
@@ -65,4 +66,37 @@ pub(crate) fn decode<T: serde::de::DeserializeOwned>(doc: Doc) -> Result<Stored<
     let value = serde_json::from_str(&doc.body)
         .map_err(|e| DomainError::Unexpected(anyhow::Error::new(e).context(format!("decoding stored document '{}'", doc.id))))?;
     Ok(Stored { value, etag: doc.etag })
+}
+
+/// The document `id` of partition `pk` of `container`, decoded.
+///
+/// # Errors
+/// `NotFound` naming `resource` and `id` when there is none.
+pub(crate) async fn get_decoded<T: serde::de::DeserializeOwned>(
+    docs: &Documents,
+    container: &'static str,
+    resource: &'static str,
+    pk: String,
+    id: impl std::fmt::Display,
+) -> Result<Stored<T>, DomainError> {
+    match docs.get(container, pk, id.to_string()).await? {
+        Some(doc) => decode(doc),
+        None => Err(DomainError::not_found(resource, id)),
+    }
+}
+
+/// A listing of the partition `pk` of `container`, of the documents that match every filter
+/// (`(json path such as "$.status", value)`).
+pub(crate) fn partition_query(container: &'static str, pk: String, filters: Vec<(&'static str, String)>, page: &PageRequest) -> Query {
+    Query { container, pk: Some(pk), filters, search: None, contains: Vec::new(), page: page.clone() }
+}
+
+/// A page of a listing, decoded.
+///
+/// # Errors
+/// `Unexpected` when a document does not decode.
+pub(crate) fn decode_page<T: serde::de::DeserializeOwned>(
+    (docs, continuation): (Vec<Doc>, Option<String>),
+) -> Result<Page<Stored<T>>, DomainError> {
+    Ok(Page { items: docs.into_iter().map(decode).collect::<Result<_, _>>()?, continuation })
 }

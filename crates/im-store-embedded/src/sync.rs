@@ -17,25 +17,14 @@ use uuid::Uuid;
 use crate::containers::{SYNC_CONFLICTS, SYNC_EXECUTIONS, SYNC_STATES, SYNC_TASKS};
 use crate::db::{Db, map_sqlite};
 use crate::documents::{Doc, Documents, Query};
-use crate::support::{decode, encode};
+use crate::support::{decode, decode_page, encode, get_decoded, partition_query};
 
 const TASK: &str = "sync task";
 const EXECUTION: &str = "sync execution";
 const CONFLICT: &str = "sync conflict";
 
-fn decode_page<T: serde::de::DeserializeOwned>((docs, continuation): (Vec<Doc>, Option<String>)) -> Result<Page<Stored<T>>, DomainError> {
-    Ok(Page { items: docs.into_iter().map(decode).collect::<Result<_, _>>()?, continuation })
-}
-
 fn by_task(container: &'static str, tenant: &TenantId, task: SyncTaskId, page: &PageRequest) -> Query {
-    Query {
-        container,
-        pk: Some(tenant.to_string()),
-        filters: vec![("$.taskId", task.to_string())],
-        search: None,
-        contains: Vec::new(),
-        page: page.clone(),
-    }
+    partition_query(container, tenant.to_string(), vec![("$.taskId", task.to_string())], page)
 }
 
 pub(crate) struct SqliteSync {
@@ -58,23 +47,12 @@ impl SyncTaskRepository for SqliteSync {
 
     #[tracing::instrument(skip_all, name = "sync_tasks.get", fields(tenant = %tenant, task = %id))]
     async fn get(&self, tenant: &TenantId, id: SyncTaskId) -> Result<Stored<SyncTask>, DomainError> {
-        match self.docs.get(SYNC_TASKS, tenant.to_string(), id.to_string()).await? {
-            Some(doc) => decode(doc),
-            None => Err(DomainError::not_found(TASK, id)),
-        }
+        get_decoded(&self.docs, SYNC_TASKS, TASK, tenant.to_string(), id).await
     }
 
     #[tracing::instrument(skip_all, name = "sync_tasks.list", fields(tenant = %tenant))]
     async fn list(&self, tenant: &TenantId, page: &PageRequest) -> Result<Page<Stored<SyncTask>>, DomainError> {
-        let query = Query {
-            container: SYNC_TASKS,
-            pk: Some(tenant.to_string()),
-            filters: Vec::new(),
-            search: None,
-            contains: Vec::new(),
-            page: page.clone(),
-        };
-        decode_page(self.docs.query(query).await?)
+        decode_page(self.docs.query(partition_query(SYNC_TASKS, tenant.to_string(), Vec::new(), page)).await?)
     }
 
     #[tracing::instrument(skip_all, name = "sync_tasks.replace", fields(tenant = %task.tenant_id, task = %task.id))]
@@ -120,10 +98,7 @@ impl SyncExecutionRepository for SqliteSync {
 
     #[tracing::instrument(skip_all, name = "sync_executions.get", fields(tenant = %tenant, execution = %id))]
     async fn get(&self, tenant: &TenantId, id: Uuid) -> Result<Stored<SyncExecution>, DomainError> {
-        match self.docs.get(SYNC_EXECUTIONS, tenant.to_string(), id.to_string()).await? {
-            Some(doc) => decode(doc),
-            None => Err(DomainError::not_found(EXECUTION, id)),
-        }
+        get_decoded(&self.docs, SYNC_EXECUTIONS, EXECUTION, tenant.to_string(), id).await
     }
 
     #[tracing::instrument(skip_all, name = "sync_executions.list", fields(tenant = %tenant, task = %task))]

@@ -7,8 +7,8 @@ use im_domain::webhooks::ports::WebhookRepository;
 use im_domain::{DomainError, ETag, Page, PageRequest, Stored, TenantId};
 
 use crate::containers::WEBHOOKS;
-use crate::documents::{Documents, Query};
-use crate::support::{decode, encode};
+use crate::documents::Documents;
+use crate::support::{decode_page, encode, get_decoded, partition_query};
 
 const RESOURCE: &str = "webhook";
 
@@ -31,24 +31,12 @@ impl WebhookRepository for SqliteWebhooks {
 
     #[tracing::instrument(skip_all, name = "webhooks.get", fields(tenant = %tenant, webhook = %id))]
     async fn get(&self, tenant: &TenantId, id: WebhookId) -> Result<Stored<Webhook>, DomainError> {
-        match self.docs.get(WEBHOOKS, tenant.to_string(), id.to_string()).await? {
-            Some(doc) => decode(doc),
-            None => Err(DomainError::not_found(RESOURCE, id)),
-        }
+        get_decoded(&self.docs, WEBHOOKS, RESOURCE, tenant.to_string(), id).await
     }
 
     #[tracing::instrument(skip_all, name = "webhooks.list", fields(tenant = %tenant))]
     async fn list(&self, tenant: &TenantId, page: &PageRequest) -> Result<Page<Stored<Webhook>>, DomainError> {
-        let query = Query {
-            container: WEBHOOKS,
-            pk: Some(tenant.to_string()),
-            filters: Vec::new(),
-            search: None,
-            contains: Vec::new(),
-            page: page.clone(),
-        };
-        let (docs, continuation) = self.docs.query(query).await?;
-        Ok(Page { items: docs.into_iter().map(decode).collect::<Result<_, _>>()?, continuation })
+        decode_page(self.docs.query(partition_query(WEBHOOKS, tenant.to_string(), Vec::new(), page)).await?)
     }
 
     #[tracing::instrument(skip_all, name = "webhooks.replace", fields(tenant = %webhook.tenant_id, webhook = %webhook.id))]
