@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 use im_domain::custom::{EntityDefinition, HttpMethod, Pagination, RequestTemplate};
-use im_domain::provider_client::{ApiTarget, AuthMaterial, CredentialSource, PageToken, ProviderClient, ProviderRequest};
+use im_domain::provider_client::{ApiTarget, NoCredentials, PageToken, ProviderClient, ProviderRequest};
 use im_domain::services::{EngineSettings, RunControl, SyncEngine, SyncSource};
 use im_domain::sync::ports::ShardWrite;
 use im_domain::sync::task::{FieldMappingDraft, ScheduleDraft};
@@ -30,19 +30,6 @@ use im_domain::webhooks::endpoint::{Cidr, UrlPolicy};
 use im_domain::{DomainError, IntegrationId, SystemClock, TenantId, UserId, UuidV7};
 use im_testkit::fake_provider::{FakeAuth, FakeProvider};
 use im_webhook_sender::provider::{HttpProviderClient, ProviderClientSettings};
-
-struct NoAuth;
-
-#[async_trait]
-impl CredentialSource for NoAuth {
-    async fn current(&self) -> Result<AuthMaterial, DomainError> {
-        Ok(AuthMaterial::None)
-    }
-
-    async fn after_unauthorized(&self, _: &AuthMaterial) -> Result<AuthMaterial, DomainError> {
-        Err(DomainError::Conflict("no credentials".into()))
-    }
-}
 
 /// Keeps the checkpoints as the scheduler would (in memory here: the task store is not measured).
 struct Checkpoints(usize);
@@ -153,7 +140,8 @@ async fn main() {
     let mut token: Option<PageToken> = None;
     let mut written = 0usize;
     loop {
-        let page = client.list_page("bench", &source.target, &request, token.as_ref(), Some(page_size), &NoAuth).await.expect("page");
+        let page =
+            client.list_page("bench", &source.target, &request, token.as_ref(), Some(page_size), &NoCredentials).await.expect("page");
         for record in page.records {
             let key = record["id"].as_str().expect("id").to_owned();
             let write = ShardWrite {
@@ -207,7 +195,7 @@ async fn main() {
         })
     };
     let started = Instant::now();
-    let (status, error) = engine.run(&task, &source, &NoAuth, &mut execution, &mut Checkpoints(0)).await;
+    let (status, error) = engine.run(&task, &source, &NoCredentials, &mut execution, &mut Checkpoints(0)).await;
     let ours = execution.counts.inbound.created as f64 / started.elapsed().as_secs_f64();
     assert_eq!(status, ExecutionStatus::Succeeded, "{error:?}");
     assert_eq!(execution.counts.inbound.created as usize, records, "the engine wrote every record");

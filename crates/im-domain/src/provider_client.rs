@@ -62,6 +62,22 @@ pub trait CredentialSource: Send + Sync {
     async fn after_unauthorized(&self, stale: &AuthMaterial) -> Result<AuthMaterial, DomainError>;
 }
 
+/// The credentials of a provider that needs none: nothing is sent, and a 401 is final
+/// ([`DomainError::Conflict`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoCredentials;
+
+#[async_trait]
+impl CredentialSource for NoCredentials {
+    async fn current(&self) -> Result<AuthMaterial, DomainError> {
+        Ok(AuthMaterial::None)
+    }
+
+    async fn after_unauthorized(&self, _: &AuthMaterial) -> Result<AuthMaterial, DomainError> {
+        Err(DomainError::Conflict("the provider refused a request without credentials".into()))
+    }
+}
+
 /// The API a request goes to: a catalog provider's or a custom definition's.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiTarget {

@@ -18,19 +18,7 @@ use crate::{fresh_tenant, timestamp, user};
 
 /// An active bidirectional task due every 10 minutes after [`timestamp`].
 pub fn task(tenant: &TenantId) -> SyncTask {
-    let draft = SyncTaskDraft {
-        integration_id: IntegrationId(Uuid::now_v7()),
-        connection_id: Uuid::now_v7(),
-        entity: "issues".into(),
-        target: "ticket".into(),
-        direction: Direction::Bidirectional,
-        mode: SyncMode::Incremental,
-        schedule: ScheduleDraft::Every("10m".into()),
-        field_mapping: vec![FieldMappingDraft { provider: "/fields/summary".into(), platform: "/title".into(), direction: None }],
-        conflict_policy: ConflictPolicy::Manual,
-        deletes: DeletePolicy::Propagate,
-        status: TaskStatus::Active,
-    };
+    let draft = SyncTaskDraft { schedule: ScheduleDraft::Every("10m".into()), ..draft() };
     let settings = draft.validate().expect("a valid draft");
     SyncTask::new(SyncTaskId(Uuid::now_v7()), tenant.clone(), settings, user(), timestamp())
 }
@@ -352,6 +340,8 @@ fn caller(tenant: &TenantId, roles: Vec<im_domain::Role>) -> im_domain::Caller {
     im_domain::Caller { tenant_id: tenant.clone(), user_id: user(), roles }
 }
 
+/// An active bidirectional task's settings, due every 15 minutes in Berlin, of a new
+/// integration and connection.
 fn draft() -> SyncTaskDraft {
     SyncTaskDraft {
         integration_id: IntegrationId(Uuid::now_v7()),

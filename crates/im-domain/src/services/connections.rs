@@ -7,7 +7,7 @@ use serde_json::json;
 use crate::audit::{Audit, AuditAction, AuditResource};
 use crate::auth::{Caller, Role};
 use crate::common::{Clock, ETag, IdGenerator, IntegrationId, Page, PageRequest, Stored, TenantId};
-use crate::connection::{Connection, ConnectionId, ConnectionRepository, ConnectionSpec, ConnectionStatus, Credentials};
+use crate::connection::{Connection, ConnectionId, ConnectionRepository, ConnectionSpec, ConnectionStatus, CredentialHints, Credentials};
 use crate::custom::CustomAuth;
 use crate::error::DomainError;
 use crate::events::payloads::ConnectionEventData;
@@ -166,25 +166,41 @@ impl ConnectionService {
         caller.require(Role::Member)?;
         let parent = self.integrations.get(&caller.tenant_id, integration).await?;
         self.validate(&parent.value, &spec).await?;
+        let hints = spec.credentials.hints();
+        let mut connection =
+            self.new_connection(caller, integration, spec.name, spec.credentials.auth_mode(), ConnectionStatus::Active, hints);
+        connection.credentials = Some(self.store_credentials(&connection, &spec.credentials).await?);
+        self.insert(connection).await
+    }
+
+    /// A new connection of the caller's `integration`, made by the caller now, with a fresh id,
+    /// no credentials stored yet and no refresh lease.
+    fn new_connection(
+        &self,
+        caller: &Caller,
+        integration: IntegrationId,
+        name: String,
+        auth_mode: AuthMode,
+        status: ConnectionStatus,
+        hints: CredentialHints,
+    ) -> Connection {
         let now = self.clock.now();
-        let mut connection = Connection {
+        Connection {
             id: ConnectionId(self.ids.new_uuid()),
             tenant_id: caller.tenant_id.clone(),
             integration_id: integration,
-            name: spec.name,
-            auth_mode: spec.credentials.auth_mode(),
-            status: ConnectionStatus::Active,
+            name,
+            auth_mode,
+            status,
             status_reason: None,
-            hints: spec.credentials.hints(),
+            hints,
             credentials: None,
             refresh_lease: None,
             created_at: now,
             updated_at: now,
             created_by: caller.user_id.clone(),
             updated_by: caller.user_id.clone(),
-        };
-        connection.credentials = Some(self.store_credentials(&connection, &spec.credentials).await?);
-        self.insert(connection).await
+        }
     }
 
     /// Stores a new connection whose secret was just written, with `integration.connection.created`;

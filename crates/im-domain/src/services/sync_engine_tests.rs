@@ -15,7 +15,7 @@ use crate::common::{Clock, ETag, IdGenerator, IntegrationId, Page, PageRequest, 
 use crate::custom::{EntityDefinition, HttpMethod, Pagination, RequestTemplate};
 use crate::error::DomainError;
 use crate::provider_client::{
-    ApiTarget, AuthMaterial, CredentialSource, PageToken, ProviderClient, ProviderPage, ProviderRequest, ProviderResponse,
+    ApiTarget, CredentialSource, NoCredentials, PageToken, ProviderClient, ProviderPage, ProviderRequest, ProviderResponse,
 };
 use crate::sync::ports::{ShardChanges, ShardManager, ShardRecord, ShardWrite, ShardWritten, SyncStateRepository};
 use crate::sync::task::{FieldMappingDraft, ScheduleDraft};
@@ -37,17 +37,6 @@ struct Ids;
 impl IdGenerator for Ids {
     fn new_uuid(&self) -> Uuid {
         Uuid::now_v7()
-    }
-}
-
-struct NoAuth;
-#[async_trait]
-impl CredentialSource for NoAuth {
-    async fn current(&self) -> Result<AuthMaterial, DomainError> {
-        Ok(AuthMaterial::None)
-    }
-    async fn after_unauthorized(&self, _: &AuthMaterial) -> Result<AuthMaterial, DomainError> {
-        Err(DomainError::Conflict("no credentials".into()))
     }
 }
 
@@ -473,7 +462,7 @@ impl World {
             self.task.checkpoints.clone(),
             OffsetDateTime::now_utc(),
         );
-        let (status, error) = block_on(self.engine.run(&self.task, &self.source, &NoAuth, &mut execution, control));
+        let (status, error) = block_on(self.engine.run(&self.task, &self.source, &NoCredentials, &mut execution, control));
         // What the scheduler saved last: the final checkpoints on an ending run, the last page's
         // on a lost lease.
         self.task.checkpoints = if control.crash_after.is_some() {

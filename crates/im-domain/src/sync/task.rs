@@ -386,21 +386,25 @@ pub struct TaskLease {
     pub until: OffsetDateTime,
 }
 
-/// What a caller sets on a task (create and replace), validated.
+/// What a caller sets on a task (create and replace): as written ([`SyncTaskDraft`], schedule
+/// and mappings unchecked) or validated ([`SyncTaskSettings`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SyncTaskSettings {
+pub struct TaskSettings<S, M> {
     pub integration_id: IntegrationId,
     pub connection_id: Uuid,
     pub entity: String,
     pub target: String,
     pub direction: Direction,
     pub mode: SyncMode,
-    pub schedule: Schedule,
-    pub field_mapping: Vec<FieldMapping>,
+    pub schedule: S,
+    pub field_mapping: Vec<M>,
     pub conflict_policy: ConflictPolicy,
     pub deletes: DeletePolicy,
     pub status: TaskStatus,
 }
+
+/// The settings of a task, validated.
+pub type SyncTaskSettings = TaskSettings<Schedule, FieldMapping>;
 
 /// A schedule as a caller writes it, before validation.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -419,20 +423,7 @@ pub struct FieldMappingDraft {
 }
 
 /// The settings as a caller writes them; [`SyncTaskDraft::validate`] checks them all at once.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SyncTaskDraft {
-    pub integration_id: IntegrationId,
-    pub connection_id: Uuid,
-    pub entity: String,
-    pub target: String,
-    pub direction: Direction,
-    pub mode: SyncMode,
-    pub schedule: ScheduleDraft,
-    pub field_mapping: Vec<FieldMappingDraft>,
-    pub conflict_policy: ConflictPolicy,
-    pub deletes: DeletePolicy,
-    pub status: TaskStatus,
-}
+pub type SyncTaskDraft = TaskSettings<ScheduleDraft, FieldMappingDraft>;
 
 /// The largest number of mapped fields of one task.
 pub const MAX_FIELDS: usize = 200;

@@ -284,23 +284,16 @@ impl ConnectionService {
             return Err(DomainError::Conflict("OAuth2 authorizations need oauth2.redirect_url in the configuration".to_owned()));
         }
         let scopes = spec.scopes.clone().unwrap_or(endpoints.default_scopes);
-        let now = self.clock.now();
-        let mut connection = Connection {
-            id: ConnectionId(self.ids.new_uuid()),
-            tenant_id: caller.tenant_id.clone(),
-            integration_id: integration,
-            name: spec.name.clone(),
-            auth_mode: AuthMode::Oauth2AuthorizationCode,
-            status: ConnectionStatus::PendingAuthorization,
-            status_reason: None,
-            hints: CredentialHints { last_four: None, scopes: scopes.clone(), token_expires_at: None },
-            credentials: None,
-            refresh_lease: None,
-            created_at: now,
-            updated_at: now,
-            created_by: caller.user_id.clone(),
-            updated_by: caller.user_id.clone(),
-        };
+        let hints = CredentialHints { last_four: None, scopes: scopes.clone(), token_expires_at: None };
+        let mut connection = self.new_connection(
+            caller,
+            integration,
+            spec.name.clone(),
+            AuthMode::Oauth2AuthorizationCode,
+            ConnectionStatus::PendingAuthorization,
+            hints,
+        );
+        let now = connection.created_at;
         let nonce = new_nonce()?;
         let state = AuthorizationState {
             tenant: caller.tenant_id.to_string(),
