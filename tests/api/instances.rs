@@ -37,6 +37,15 @@ async fn count_deliveries(receiver: &MockServer, expected: usize, wait: Duration
     (delivered, received - delivered)
 }
 
+/// A receiver that accepts every delivery, subscribed by a webhook created through `app`.
+async fn accepting_receiver(app: &TestApp, token: &str) -> MockServer {
+    let receiver = MockServer::start().await;
+    Mock::given(method("POST")).respond_with(ResponseTemplate::new(200)).mount(&receiver).await;
+    let created = app.post("/api/v1/webhooks", token, &json!({"url": format!("{}/hook", receiver.uri())})).await;
+    assert_eq!(created.status(), StatusCode::CREATED);
+    receiver
+}
+
 async fn instances() -> Vec<TestApp> {
     instances_with(|_| {}).await
 }
@@ -70,10 +79,7 @@ async fn instances_with(configure: impl FnOnce(&mut integration_manager::Setting
 async fn deliveries_from_three_instances_arrive_once() {
     let apps = instances().await;
     let token = apps[0].member();
-    let receiver = MockServer::start().await;
-    Mock::given(method("POST")).respond_with(ResponseTemplate::new(200)).mount(&receiver).await;
-    let created = apps[1].post("/api/v1/webhooks", &token, &json!({"url": format!("{}/hook", receiver.uri())})).await;
-    assert_eq!(created.status(), StatusCode::CREATED);
+    let receiver = accepting_receiver(&apps[1], &token).await;
 
     for n in 0..EVENTS {
         let response = apps[n % INSTANCES].post("/api/v1/integrations", &token, &github(&format!("across-{n}"))).await;
@@ -174,10 +180,7 @@ async fn chaos_deliveries_survive_a_secret_management_outage() {
     })
     .await;
     let token = apps[0].member();
-    let receiver = MockServer::start().await;
-    Mock::given(method("POST")).respond_with(ResponseTemplate::new(200)).mount(&receiver).await;
-    let created = apps[1].post("/api/v1/webhooks", &token, &json!({"url": format!("{}/hook", receiver.uri())})).await;
-    assert_eq!(created.status(), StatusCode::CREATED);
+    let receiver = accepting_receiver(&apps[1], &token).await;
 
     service.down.store(true, Ordering::SeqCst);
     let committed = if chaos_full() { EVENTS * 5 } else { EVENTS / 2 };
@@ -242,10 +245,7 @@ async fn chaos_deliveries_survive_a_broker_restart() {
     }
     let apps = instances().await;
     let token = apps[0].member();
-    let receiver = MockServer::start().await;
-    Mock::given(method("POST")).respond_with(ResponseTemplate::new(200)).mount(&receiver).await;
-    let created = apps[1].post("/api/v1/webhooks", &token, &json!({"url": format!("{}/hook", receiver.uri())})).await;
-    assert_eq!(created.status(), StatusCode::CREATED);
+    let receiver = accepting_receiver(&apps[1], &token).await;
     let committed = if chaos_full() { EVENTS * 5 } else { EVENTS };
     let commit = |n: usize| {
         let (app, token) = (&apps[n % INSTANCES], &token);

@@ -14,9 +14,9 @@ use im_bus_rabbitmq::{RabbitPublisher, RabbitSettings};
 use im_domain::events::{DomainEvent, EventType};
 use im_domain::services::EventRelay;
 use im_domain::{SystemClock, TenantId};
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties};
 
 const BATCH: u32 = 256;
 
@@ -34,28 +34,9 @@ fn event(i: usize) -> DomainEvent {
 /// An exchange with a short bounded queue bound to it, so messages are routable and the broker
 /// does not accumulate them.
 async fn declare(url: &str, exchange: &str) -> Connection {
-    let connection = Connection::connect(url, ConnectionProperties::default()).await.expect("connect");
-    let channel = connection.create_channel().await.expect("channel");
-    channel
-        .exchange_declare(
-            exchange.into(),
-            ExchangeKind::Topic,
-            ExchangeDeclareOptions { durable: true, ..Default::default() },
-            FieldTable::default(),
-        )
-        .await
-        .expect("exchange");
     let mut args = FieldTable::default();
     args.insert(ShortString::from("x-max-length"), AMQPValue::LongInt(1000));
-    let queue = channel
-        .queue_declare("".into(), QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() }, args)
-        .await
-        .expect("queue");
-    channel
-        .queue_bind(queue.name().clone(), exchange.into(), "#".into(), QueueBindOptions::default(), FieldTable::default())
-        .await
-        .expect("bind");
-    connection
+    im_testkit::rabbit::bound_queue(url, exchange, args).await.0
 }
 
 async fn bare_loop(url: &str, exchange: &str, events: &[DomainEvent]) -> Duration {

@@ -76,6 +76,15 @@ async fn serve_as(data_dir: &Path, env: &[(&str, String)], role: &str) -> Server
     panic!("the server did not become ready (last answer: {last:?}); the log ends with {tail:#?}");
 }
 
+/// The broker's URL, an exchange no other test uses (named `{prefix}-…`) and a queue bound to
+/// it; `None` when `test` runs without RabbitMQ.
+async fn fresh_exchange(test: &str, prefix: &str) -> Option<(String, String, im_testkit::rabbit::TestQueue)> {
+    let url = im_testkit::services::amqp_url(im_testkit::services::rabbitmq(test)?);
+    let exchange = format!("{prefix}-{}", uuid::Uuid::new_v4().simple());
+    let queue = im_testkit::rabbit::TestQueue::bind(&url, &exchange).await;
+    Some((url, exchange, queue))
+}
+
 fn token(data_dir: &Path, roles: &str) -> String {
     let out = command(data_dir).args(["token", "--tenant", "acme", "--user", "alice", "--roles", roles]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -109,10 +118,7 @@ async fn a_minted_token_works_against_the_running_server() {
 /// checks what the role uses. `probe` tells a live server from none.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_and_worker_roles_split_the_work() {
-    let Some(addr) = im_testkit::services::rabbitmq("api_and_worker_roles_split_the_work") else { return };
-    let url = im_testkit::services::amqp_url(addr);
-    let exchange = format!("im-roles-test-{}", uuid::Uuid::new_v4().simple());
-    let mut queue = im_testkit::rabbit::TestQueue::bind(&url, &exchange).await;
+    let Some((url, exchange, mut queue)) = fresh_exchange("api_and_worker_roles_split_the_work", "im-roles-test").await else { return };
     let env = [("IM_EVENTS__BACKEND", "rabbitmq".to_owned()), ("IM_RABBITMQ__URL", url), ("IM_RABBITMQ__EXCHANGE", exchange)];
     let dir = tempfile::tempdir().unwrap();
     let api = serve_as(dir.path(), &env, "api").await;
@@ -215,10 +221,10 @@ async fn a_crash_between_commit_and_publish_loses_no_event() {
     use std::collections::HashSet;
     use std::sync::{Arc, Mutex};
 
-    let Some(addr) = im_testkit::services::rabbitmq("a_crash_between_commit_and_publish_loses_no_event") else { return };
-    let url = im_testkit::services::amqp_url(addr);
-    let exchange = format!("im-crash-test-{}", uuid::Uuid::new_v4().simple());
-    let mut queue = im_testkit::rabbit::TestQueue::bind(&url, &exchange).await;
+    let Some((url, exchange, mut queue)) = fresh_exchange("a_crash_between_commit_and_publish_loses_no_event", "im-crash-test").await
+    else {
+        return;
+    };
     let env =
         [("IM_EVENTS__BACKEND", "rabbitmq".to_owned()), ("IM_RABBITMQ__URL", url.clone()), ("IM_RABBITMQ__EXCHANGE", exchange.clone())];
     let dir = tempfile::tempdir().unwrap();

@@ -4,24 +4,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use im_domain::DomainError;
 use im_domain::audit::{AuditEntry, AuditSink as _};
 use im_domain::ports::HealthCheck as _;
-use im_domain::{DomainError, HumanDuration};
 use im_logging_http::{HttpAuditSink, HttpLoggingSettings};
 use im_testkit::audit::{FakeLoggingService, LoggingFault, entry};
 use wiremock::matchers::{body_json, header, method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
 fn sink(url: &str) -> HttpAuditSink {
-    HttpAuditSink::new(HttpLoggingSettings {
-        url: url.to_owned(),
-        token: "service-token".into(),
-        timeout: HumanDuration(Duration::from_millis(300)),
-        connect_timeout: HumanDuration(Duration::from_millis(300)),
-        attempts: 3,
-        backoff: Duration::from_millis(10),
-    })
-    .unwrap()
+    HttpAuditSink::new(HttpLoggingSettings::for_tests(url)).unwrap()
 }
 
 fn batch() -> Vec<AuditEntry> {

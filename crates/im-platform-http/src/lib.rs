@@ -54,6 +54,19 @@ impl PlatformHttpSettings {
         }
     }
 
+    /// The service at `url` on loopback, as the adapters' tests reach it: token `service-token`,
+    /// 300 ms a try and to connect, 3 attempts 10 ms apart (then doubled).
+    #[cfg(feature = "test-support")]
+    #[must_use]
+    pub fn for_tests(url: impl Into<String>) -> Self {
+        Self {
+            timeout: HumanDuration(Duration::from_millis(300)),
+            connect_timeout: HumanDuration(Duration::from_millis(300)),
+            backoff: Duration::from_millis(10),
+            ..Self::new(url, "service-token")
+        }
+    }
+
     /// What types alone cannot check when the service is used (`section.backend` is `http`):
     /// every problem, as (key within the section, message).
     #[must_use]

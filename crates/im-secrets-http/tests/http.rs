@@ -13,15 +13,7 @@ use wiremock::matchers::{body_json, header, method, path, query_param};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
 fn store(server: &MockServer) -> HttpSecretStore {
-    HttpSecretStore::new(HttpSecretSettings {
-        url: server.uri(),
-        token: "service-token".into(),
-        timeout: im_domain::HumanDuration(Duration::from_millis(300)),
-        connect_timeout: im_domain::HumanDuration(Duration::from_millis(300)),
-        attempts: 3,
-        backoff: Duration::from_millis(10),
-    })
-    .unwrap()
+    HttpSecretStore::new(HttpSecretSettings::for_tests(server.uri())).unwrap()
 }
 
 fn name() -> SecretName {

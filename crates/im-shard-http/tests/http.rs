@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use im_domain::ports::HealthCheck as _;
 use im_domain::sync::ports::{ShardManager as _, ShardWrite};
-use im_domain::{DomainError, HumanDuration, TenantId};
+use im_domain::{DomainError, TenantId};
 use im_shard_http::{HttpShardManager, HttpShardSettings};
 use im_testkit::fake_shard_manager::{FakeShardManager, ShardFault};
 use serde_json::json;
@@ -13,15 +13,7 @@ use wiremock::matchers::{body_json, header, method, path, query_param};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
 fn client(url: &str) -> HttpShardManager {
-    HttpShardManager::new(HttpShardSettings {
-        url: url.to_owned(),
-        token: "service-token".into(),
-        timeout: HumanDuration(Duration::from_millis(300)),
-        connect_timeout: HumanDuration(Duration::from_millis(300)),
-        attempts: 3,
-        backoff: Duration::from_millis(10),
-    })
-    .unwrap()
+    HttpShardManager::new(HttpShardSettings::for_tests(url)).unwrap()
 }
 
 fn tenant() -> TenantId {

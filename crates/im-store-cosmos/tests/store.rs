@@ -43,10 +43,7 @@ async fn passes_the_conformance_suite() {
     let settings = settings(endpoint, fresh_database());
     provision(&settings).await.expect("provision");
     let store = CosmosStore::connect(settings).await.expect("connect");
-    im_testkit::run_all(store.integrations().as_ref(), store.providers().as_ref()).await;
-    im_testkit::outbox::events_are_recorded_atomically(store.integrations().as_ref(), store.outbox().as_ref()).await;
-    im_testkit::outbox::claims_are_exclusive(store.integrations().as_ref(), store.outbox().as_ref()).await;
-    im_testkit::outbox::failed_entries_become_dead_letters(store.integrations().as_ref(), store.outbox().as_ref(), async |tenant| {
+    im_testkit::store_suite!(store, async |tenant: &im_domain::TenantId| {
         let id = uuid::Uuid::now_v7();
         let doc = serde_json::json!({
             "id": format!("outbox-{id}"), "tenantId": tenant.as_str(), "type": "outbox", "schemaVersion": 1,
@@ -55,15 +52,7 @@ async fn passes_the_conformance_suite() {
         });
         store.create_document("integration_integrations", tenant.as_str(), &doc).await.expect("insert an unreadable entry");
         id
-    })
-    .await;
-    im_testkit::webhooks::contract(store.webhooks().as_ref()).await;
-    im_testkit::connections::contract(store.connections().as_ref()).await;
-    im_testkit::connections::events_are_recorded_atomically(store.connections().as_ref(), store.outbox().as_ref()).await;
-    im_testkit::sync::run_all(store.sync_tasks().as_ref(), store.sync_executions().as_ref(), store.sync_states().as_ref()).await;
-    im_testkit::sync::service(store.sync_tasks(), store.sync_executions(), store.sync_states()).await;
-    im_testkit::sync::scheduler(store.sync_tasks(), store.sync_executions()).await;
-    im_testkit::audit::buffer(store.audit_buffer().as_ref()).await;
+    });
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

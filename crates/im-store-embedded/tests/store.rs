@@ -20,11 +20,8 @@ async fn store(dir: &std::path::Path) -> EmbeddedStore {
 async fn passes_the_conformance_suite() {
     let dir = tempfile::tempdir().unwrap();
     let store = store(dir.path()).await;
-    im_testkit::run_all(store.integrations().as_ref(), store.providers().as_ref()).await;
-    im_testkit::outbox::events_are_recorded_atomically(store.integrations().as_ref(), store.outbox().as_ref()).await;
-    im_testkit::outbox::claims_are_exclusive(store.integrations().as_ref(), store.outbox().as_ref()).await;
     let documents = store.documents();
-    im_testkit::outbox::failed_entries_become_dead_letters(store.integrations().as_ref(), store.outbox().as_ref(), async |tenant| {
+    im_testkit::store_suite!(store, async |tenant: &im_domain::TenantId| {
         let id = uuid::Uuid::now_v7();
         let body = serde_json::json!({"id": id, "eventType": "integration.created", "tenantId": tenant.as_str(), "unexpected": true});
         let row = (id.to_string(), body.to_string(), OffsetDateTime::now_utc().unix_timestamp() * 1000);
@@ -36,16 +33,8 @@ async fn passes_the_conformance_suite() {
             .await
             .expect("insert an unreadable entry");
         id
-    })
-    .await;
-    im_testkit::webhooks::contract(store.webhooks().as_ref()).await;
-    im_testkit::connections::contract(store.connections().as_ref()).await;
-    im_testkit::connections::events_are_recorded_atomically(store.connections().as_ref(), store.outbox().as_ref()).await;
-    im_testkit::sync::run_all(store.sync_tasks().as_ref(), store.sync_executions().as_ref(), store.sync_states().as_ref()).await;
-    im_testkit::sync::service(store.sync_tasks(), store.sync_executions(), store.sync_states()).await;
+    });
     im_testkit::sync::shard_manager(store.shards().as_ref()).await;
-    im_testkit::sync::scheduler(store.sync_tasks(), store.sync_executions()).await;
-    im_testkit::audit::buffer(store.audit_buffer().as_ref()).await;
 }
 
 /// Each queue is a database of its own (the embedded queue hands out any due job); every

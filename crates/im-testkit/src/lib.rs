@@ -58,3 +58,27 @@ pub async fn run_all(integrations: &dyn im_domain::ports::IntegrationRepository,
     providers::list_filters_and_pages(providers).await;
     providers::seed_is_idempotent_and_keeps_edits(providers).await;
 }
+
+/// Runs every store check of the suite against `$store`, which has the accessors both stores
+/// (`im-store-embedded`, `im-store-cosmos`) have: integrations, providers, the outbox (with
+/// `$insert_unreadable`, an async closure that writes an outbox entry of the tenant the store
+/// cannot read and returns its id), webhooks, connections, sync tasks, executions and states,
+/// the sync service and scheduler on them, and the audit buffer.
+#[macro_export]
+macro_rules! store_suite {
+    ($store:expr, $insert_unreadable:expr) => {{
+        let store = &$store;
+        $crate::run_all(store.integrations().as_ref(), store.providers().as_ref()).await;
+        $crate::outbox::events_are_recorded_atomically(store.integrations().as_ref(), store.outbox().as_ref()).await;
+        $crate::outbox::claims_are_exclusive(store.integrations().as_ref(), store.outbox().as_ref()).await;
+        $crate::outbox::failed_entries_become_dead_letters(store.integrations().as_ref(), store.outbox().as_ref(), $insert_unreadable)
+            .await;
+        $crate::webhooks::contract(store.webhooks().as_ref()).await;
+        $crate::connections::contract(store.connections().as_ref()).await;
+        $crate::connections::events_are_recorded_atomically(store.connections().as_ref(), store.outbox().as_ref()).await;
+        $crate::sync::run_all(store.sync_tasks().as_ref(), store.sync_executions().as_ref(), store.sync_states().as_ref()).await;
+        $crate::sync::service(store.sync_tasks(), store.sync_executions(), store.sync_states()).await;
+        $crate::sync::scheduler(store.sync_tasks(), store.sync_executions()).await;
+        $crate::audit::buffer(store.audit_buffer().as_ref()).await;
+    }};
+}

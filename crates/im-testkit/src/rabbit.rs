@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
-use lapin::{Connection, ConnectionProperties, Consumer, ExchangeKind};
+use lapin::types::{FieldTable, ShortString};
+use lapin::{Channel, Connection, ConnectionProperties, Consumer, ExchangeKind};
 
 /// One message as a test sees it.
 #[derive(Debug, Clone)]
@@ -28,37 +28,41 @@ impl std::fmt::Debug for TestQueue {
     }
 }
 
+/// A connection to the broker at `url` with `exchange` declared (a durable topic exchange, as the
+/// service declares it) and a fresh exclusive queue with `arguments` bound to it by `#`.
+///
+/// # Panics
+/// When the broker refuses.
+pub async fn bound_queue(url: &str, exchange: &str, arguments: FieldTable) -> (Connection, Channel, ShortString) {
+    let connection = Connection::connect(url, ConnectionProperties::default()).await.expect("connect to rabbitmq");
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .exchange_declare(
+            exchange.into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions { durable: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await
+        .expect("declare exchange");
+    let queue = channel
+        .queue_declare("".into(), QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() }, arguments)
+        .await
+        .expect("declare queue");
+    channel
+        .queue_bind(queue.name().clone(), exchange.into(), "#".into(), QueueBindOptions::default(), FieldTable::default())
+        .await
+        .expect("bind");
+    (connection, channel, queue.name().clone())
+}
+
 impl TestQueue {
     /// # Panics
     /// When the broker refuses.
     pub async fn bind(url: &str, exchange: &str) -> Self {
-        let connection = Connection::connect(url, ConnectionProperties::default()).await.expect("connect to rabbitmq");
-        let channel = connection.create_channel().await.expect("channel");
-        channel
-            .exchange_declare(
-                exchange.into(),
-                ExchangeKind::Topic,
-                ExchangeDeclareOptions { durable: true, ..Default::default() },
-                FieldTable::default(),
-            )
-            .await
-            .expect("declare exchange");
-        let queue = channel
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() },
-                FieldTable::default(),
-            )
-            .await
-            .expect("declare queue");
-        channel
-            .queue_bind(queue.name().clone(), exchange.into(), "#".into(), QueueBindOptions::default(), FieldTable::default())
-            .await
-            .expect("bind");
-        let consumer = channel
-            .basic_consume(queue.name().clone(), "test".into(), BasicConsumeOptions::default(), FieldTable::default())
-            .await
-            .expect("consume");
+        let (connection, channel, queue) = bound_queue(url, exchange, FieldTable::default()).await;
+        let consumer =
+            channel.basic_consume(queue, "test".into(), BasicConsumeOptions::default(), FieldTable::default()).await.expect("consume");
         Self { _connection: connection, consumer }
     }
 
