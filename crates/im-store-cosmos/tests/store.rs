@@ -58,6 +58,8 @@ async fn passes_the_conformance_suite() {
     })
     .await;
     im_testkit::webhooks::contract(store.webhooks().as_ref()).await;
+    im_testkit::deliveries::contract(store.deliveries().as_ref()).await;
+    im_testkit::deliveries::without_a_queue_the_queued_writes_are_refused(store.deliveries().as_ref()).await;
     im_testkit::connections::contract(store.connections().as_ref()).await;
     im_testkit::connections::events_are_recorded_atomically(store.connections().as_ref(), store.outbox().as_ref()).await;
     im_testkit::sync::run_all(store.sync_tasks().as_ref(), store.sync_executions().as_ref(), store.sync_states().as_ref()).await;

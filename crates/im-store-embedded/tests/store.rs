@@ -39,6 +39,9 @@ async fn passes_the_conformance_suite() {
     })
     .await;
     im_testkit::webhooks::contract(store.webhooks().as_ref()).await;
+    im_testkit::deliveries::contract(store.deliveries().as_ref()).await;
+    im_testkit::deliveries::contract(store.deliveries_with_queue().as_ref()).await;
+    im_testkit::deliveries::without_a_queue_the_queued_writes_are_refused(store.deliveries().as_ref()).await;
     im_testkit::connections::contract(store.connections().as_ref()).await;
     im_testkit::connections::events_are_recorded_atomically(store.connections().as_ref(), store.outbox().as_ref()).await;
     im_testkit::sync::run_all(store.sync_tasks().as_ref(), store.sync_executions().as_ref(), store.sync_states().as_ref()).await;
@@ -74,6 +77,15 @@ async fn the_delivery_queue_passes_the_queue_contract() {
     let queues = Queues { dir: tempfile::tempdir().unwrap(), stores: Mutex::default() };
     im_testkit::queue::contract(&queues).await;
     im_testkit::queue::a_duplicate_schedule_never_yields_two_concurrent_attempts(&queues).await;
+}
+
+/// With the embedded queue, a delivery and its job are written in one transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_and_their_jobs_are_written_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(dir.path()).await;
+    im_testkit::deliveries::records_and_jobs_are_written_together(store.deliveries_with_queue().as_ref(), store.delivery_queue().as_ref())
+        .await;
 }
 
 /// What only the embedded queue promises: it has one consumer, this process, so at start the

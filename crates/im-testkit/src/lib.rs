@@ -1,6 +1,6 @@
 //! The port-conformance suite: one async function per port contract. Every adapter of a port
 //! calls all of them from its own tests, so every backend is held to the same behaviour: the
-//! stores ([`run_all`], [`outbox`], [`webhooks`]), the delivery queues ([`queue`]), the secret
+//! stores ([`run_all`], [`outbox`], [`webhooks`], [`deliveries`]), the delivery queues ([`queue`]), the secret
 //! stores ([`secrets`]) and the event publishers ([`publisher`]). Each check uses fresh tenants
 //! and ids, so checks can share one store and run concurrently.
 //!
@@ -9,6 +9,7 @@
 pub mod audit;
 pub mod connections;
 pub mod cosmos;
+pub mod deliveries;
 pub mod fake_oauth2;
 pub mod fake_provider;
 pub mod fake_shard_manager;
