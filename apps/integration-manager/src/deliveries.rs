@@ -111,7 +111,7 @@ pub struct FanOut {
     pub wake: Arc<Notify>,
 }
 
-/// Events of one batch fanned out at once.
+/// Events of one batch fanned out at once (concurrently, or in one write).
 const FAN_OUT_CONCURRENCY: usize = 128;
 
 #[async_trait]
@@ -123,9 +123,19 @@ impl EventSubscriber for FanOut {
         Ok(())
     }
 
-    /// Fans out the events of a batch concurrently (fan-out is idempotent per event and
-    /// endpoint, so a failed batch is simply handled again).
+    /// Fans out the events of a batch: at once when the queue lives in the store (each
+    /// tenant's endpoints listed once, its deliveries and jobs in one write), else concurrently
+    /// (each job then goes to the broker on its own). Fan-out is idempotent per event and
+    /// endpoint, so a failed batch is simply handled again.
     async fn handle_all(&self, events: &[DomainEvent]) -> Result<(), DomainError> {
+        if self.service.queue_in_store() {
+            for chunk in events.chunks(FAN_OUT_CONCURRENCY) {
+                if self.service.fan_out_all(chunk).await? > 0 {
+                    self.wake.notify_one();
+                }
+            }
+            return Ok(());
+        }
         for chunk in events.chunks(FAN_OUT_CONCURRENCY) {
             let mut tasks = tokio::task::JoinSet::new();
             for event in chunk {

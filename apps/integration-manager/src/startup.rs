@@ -444,10 +444,16 @@ async fn webhooks(
     .with_max_endpoints(settings.webhooks.service.max_endpoints_per_tenant);
     let sender = HttpWebhookSender::new(&settings.webhooks.sender).map_err(|e| anyhow::anyhow!("webhook sender: {e}"))?;
     let queue = delivery_queue(settings, storage, role).await?;
+    // The embedded queue in the embedded store's own database: a record and its job are
+    // written in one transaction.
+    let records = match (&storage.embedded, settings.events.backend) {
+        (Some(store), EventsBackend::Embedded) => store.deliveries_with_queue(),
+        _ => storage.deliveries.clone(),
+    };
     let deliveries = DeliveryService::new(
         storage.webhooks.clone(),
         webhooks.clone(),
-        storage.deliveries.clone(),
+        records,
         queue.clone(),
         Arc::new(sender),
         Arc::new(SystemClock),

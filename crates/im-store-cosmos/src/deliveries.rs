@@ -51,6 +51,12 @@ impl CosmosDeliveries {
 
 #[async_trait]
 impl DeliveryRepository for CosmosDeliveries {
+    /// The delivery queue is never in Cosmos DB (RabbitMQ, or the data directory's SQLite file):
+    /// a record and its job are two writes, the record first.
+    fn keeps_queue(&self) -> bool {
+        false
+    }
+
     #[tracing::instrument(skip_all, name = "deliveries.create", fields(tenant = %delivery.tenant_id, delivery = %delivery.id))]
     async fn create(&self, delivery: &Delivery) -> Result<ETag, DomainError> {
         let id = delivery.id.to_string();

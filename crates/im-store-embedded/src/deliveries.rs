@@ -5,28 +5,81 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use im_domain::events::DomainEvent;
-use im_domain::webhooks::delivery::{DELIVERY_TTL, Delivery, DeliveryFilter};
+use im_domain::webhooks::delivery::{DELIVERY_TTL, Delivery, DeliveryFilter, DeliveryStatus};
 use im_domain::webhooks::endpoint::WebhookId;
-use im_domain::webhooks::ports::{DeliveryJob, DeliveryQueue, DeliveryRepository};
+use im_domain::webhooks::ports::{DeliveryJob, DeliveryQueue, DeliveryRepository, JobAfter};
 use im_domain::{DomainError, ETag, Page, PageRequest, Stored, TenantId};
-use rusqlite::{OptionalExtension, params};
+use rusqlite::{OptionalExtension, Transaction, params};
 use std::sync::Arc;
 
 use crate::containers::WEBHOOK_DELIVERIES;
 use crate::db::{Db, map_sqlite};
-use crate::documents::{Documents, Query};
+use crate::documents::{Documents, Query, expiry, insert};
 use crate::support::{decode, encode};
 
 const RESOURCE: &str = "delivery";
 
 pub(crate) struct SqliteDeliveries {
     docs: Documents,
+    /// The delivery queue in use is this database's `delivery_jobs` (`events.backend = "embedded"`).
+    keeps_queue: bool,
 }
 
 impl SqliteDeliveries {
-    pub(crate) fn new(docs: Documents) -> Self {
-        Self { docs }
+    pub(crate) fn new(docs: Documents, keeps_queue: bool) -> Self {
+        Self { docs, keeps_queue }
     }
+
+    /// Creates each delivery in one transaction (a conflict fails its item alone); with
+    /// `queue`, each created pending delivery's job is queued at its `next_attempt_at` in the
+    /// same transaction.
+    async fn create_many(&self, deliveries: &[Delivery], queue: bool) -> Result<Vec<Result<ETag, DomainError>>, DomainError> {
+        let items = deliveries
+            .iter()
+            .map(|d| {
+                let due = d.next_attempt_at.filter(|_| queue && d.status == DeliveryStatus::Pending).map(millis);
+                Ok((d.tenant_id.to_string(), d.id.to_string(), encode(d)?, due))
+            })
+            .collect::<Result<Vec<_>, DomainError>>()?;
+        self.docs
+            .transaction(move |tx, now| {
+                let expires_at = expiry(now, Some(DELIVERY_TTL));
+                let mut outcomes = Vec::with_capacity(items.len());
+                for (pk, id, body, due) in items {
+                    match insert(tx, WEBHOOK_DELIVERIES, &pk, &id, &body, expires_at, now) {
+                        Ok(etag) => {
+                            if let Some(due) = due {
+                                put_job(tx, &id, &pk, due, SCHEDULE)?;
+                            }
+                            outcomes.push(Ok(etag));
+                        }
+                        Err(e @ DomainError::Conflict(_)) => outcomes.push(Err(e)),
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(outcomes)
+            })
+            .await
+    }
+}
+
+/// Queues the job of a delivery; a job already there is moved to the new time, unleased (what
+/// [`DeliveryQueue::schedule`] does).
+const SCHEDULE: &str = "INSERT INTO delivery_jobs (delivery_id, tenant_id, due_at, leased_until) VALUES (?1, ?2, ?3, 0) \
+                        ON CONFLICT (delivery_id) DO UPDATE SET due_at = excluded.due_at, leased_until = 0";
+/// Queues the job of a delivery unless one is there (what [`DeliveryQueue::schedule_if_absent`] does).
+const IF_ABSENT: &str =
+    "INSERT INTO delivery_jobs (delivery_id, tenant_id, due_at, leased_until) VALUES (?1, ?2, ?3, 0) ON CONFLICT (delivery_id) DO NOTHING";
+
+/// Runs `statement` (`SCHEDULE` or `IF_ABSENT`) for the job of a delivery inside a transaction.
+fn put_job(tx: &Transaction<'_>, id: &str, tenant: &str, due: i64, statement: &'static str) -> Result<(), DomainError> {
+    tx.prepare_cached(statement).and_then(|mut s| s.execute(params![id, tenant, due])).map_err(map_sqlite)?;
+    Ok(())
+}
+
+fn remove_job(tx: &Transaction<'_>, id: &str) -> Result<(), DomainError> {
+    tx.prepare_cached("DELETE FROM delivery_jobs WHERE delivery_id = ?1").and_then(|mut s| s.execute([id])).map_err(map_sqlite)?;
+    Ok(())
 }
 
 #[async_trait]
@@ -97,6 +150,56 @@ impl DeliveryRepository for SqliteDeliveries {
             )
             .await
     }
+
+    #[tracing::instrument(skip_all, name = "deliveries.create_each", fields(deliveries = deliveries.len()))]
+    async fn create_each(&self, deliveries: &[Delivery]) -> Result<Vec<Result<ETag, DomainError>>, DomainError> {
+        self.create_many(deliveries, false).await
+    }
+
+    fn keeps_queue(&self) -> bool {
+        self.keeps_queue
+    }
+
+    #[tracing::instrument(skip_all, name = "deliveries.create_each_queued", fields(deliveries = deliveries.len()))]
+    async fn create_each_queued(&self, deliveries: &[Delivery]) -> Result<Vec<Result<ETag, DomainError>>, DomainError> {
+        if !self.keeps_queue {
+            return Err(DomainError::Unexpected(anyhow::anyhow!("this delivery repository keeps no delivery queue")));
+        }
+        self.create_many(deliveries, true).await
+    }
+
+    #[tracing::instrument(skip_all, name = "deliveries.replace_queued", fields(tenant = %delivery.tenant_id, delivery = %delivery.id, events = events.len()))]
+    async fn replace_queued(
+        &self,
+        delivery: &Delivery,
+        if_match: Option<ETag>,
+        events: &[DomainEvent],
+        job: JobAfter,
+    ) -> Result<ETag, DomainError> {
+        if !self.keeps_queue {
+            return Err(DomainError::Unexpected(anyhow::anyhow!("this delivery repository keeps no delivery queue")));
+        }
+        let pk = delivery.tenant_id.to_string();
+        let id = delivery.id.to_string();
+        let (job_id, job_tenant) = (id.clone(), pk.clone());
+        self.docs
+            .replace_then(
+                WEBHOOK_DELIVERIES,
+                RESOURCE,
+                pk.clone(),
+                pk,
+                id,
+                encode(delivery)?,
+                if_match,
+                Some(DELIVERY_TTL),
+                events,
+                move |tx| match job {
+                    JobAfter::Complete => remove_job(tx, &job_id),
+                    JobAfter::RetryAt(at) => put_job(tx, &job_id, &job_tenant, millis(at), SCHEDULE),
+                },
+            )
+            .await
+    }
 }
 
 /// The delivery queue in the embedded database: a job is a row with its due time and lease.
@@ -111,19 +214,10 @@ impl SqliteDeliveryQueue {
 }
 
 impl SqliteDeliveryQueue {
-    /// Inserts the job's row; `on_conflict` says what becomes of a row already there.
-    async fn insert(&self, job: &DeliveryJob, due: time::OffsetDateTime, on_conflict: &'static str) -> Result<(), DomainError> {
+    /// Runs `statement` (`SCHEDULE` or `IF_ABSENT`) for the job's row.
+    async fn insert(&self, job: &DeliveryJob, due: time::OffsetDateTime, statement: &'static str) -> Result<(), DomainError> {
         let (tenant, id, due) = (job.tenant_id.to_string(), job.delivery_id.to_string(), millis(due));
-        self.db
-            .write(move |tx| {
-                tx.prepare_cached(&format!(
-                    "INSERT INTO delivery_jobs (delivery_id, tenant_id, due_at, leased_until) VALUES (?1, ?2, ?3, 0) {on_conflict}"
-                ))
-                .and_then(|mut s| s.execute(params![id, tenant, due]))
-                .map_err(map_sqlite)?;
-                Ok(())
-            })
-            .await
+        self.db.write(move |tx| put_job(tx, &id, &tenant, due, statement)).await
     }
 }
 
@@ -139,12 +233,12 @@ fn now_millis() -> i64 {
 impl DeliveryQueue for SqliteDeliveryQueue {
     #[tracing::instrument(skip_all, name = "delivery_queue.schedule", fields(tenant = %job.tenant_id, delivery = %job.delivery_id))]
     async fn schedule(&self, job: &DeliveryJob, due: time::OffsetDateTime) -> Result<(), DomainError> {
-        self.insert(job, due, "ON CONFLICT (delivery_id) DO UPDATE SET due_at = excluded.due_at, leased_until = 0").await
+        self.insert(job, due, SCHEDULE).await
     }
 
     #[tracing::instrument(skip_all, name = "delivery_queue.schedule_if_absent", fields(tenant = %job.tenant_id, delivery = %job.delivery_id))]
     async fn schedule_if_absent(&self, job: &DeliveryJob, due: time::OffsetDateTime) -> Result<(), DomainError> {
-        self.insert(job, due, "ON CONFLICT (delivery_id) DO NOTHING").await
+        self.insert(job, due, IF_ABSENT).await
     }
 
     #[tracing::instrument(skip_all, name = "delivery_queue.take_due", fields(max = max))]
@@ -182,14 +276,7 @@ impl DeliveryQueue for SqliteDeliveryQueue {
     #[tracing::instrument(skip_all, name = "delivery_queue.complete", fields(tenant = %job.tenant_id, delivery = %job.delivery_id))]
     async fn complete(&self, job: &DeliveryJob) -> Result<(), DomainError> {
         let id = job.delivery_id.to_string();
-        self.db
-            .write(move |tx| {
-                tx.prepare_cached("DELETE FROM delivery_jobs WHERE delivery_id = ?1")
-                    .and_then(|mut s| s.execute([id]))
-                    .map_err(map_sqlite)?;
-                Ok(())
-            })
-            .await
+        self.db.write(move |tx| remove_job(tx, &id)).await
     }
 
     #[tracing::instrument(skip_all, name = "delivery_queue.next_due")]

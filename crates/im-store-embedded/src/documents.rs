@@ -55,7 +55,7 @@ fn new_etag() -> ETag {
     ETag::new(uuid::Uuid::new_v4().simple().to_string())
 }
 
-fn expiry(now: i64, ttl: Option<Duration>) -> Option<i64> {
+pub(crate) fn expiry(now: i64, ttl: Option<Duration>) -> Option<i64> {
     ttl.map(|ttl| now.saturating_add(i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX)))
 }
 
@@ -251,6 +251,27 @@ impl Documents {
         ttl: Option<Duration>,
         events: &[DomainEvent],
     ) -> Result<ETag, DomainError> {
+        self.replace_then(container, resource, pk, new_pk, id, body, if_match, ttl, events, |_| Ok(())).await
+    }
+
+    /// [`Self::replace`], then `then` in the same transaction (a failure of `then` writes nothing).
+    ///
+    /// # Errors
+    /// As [`Self::replace`], or what `then` returns.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn replace_then(
+        &self,
+        container: &'static str,
+        resource: &'static str,
+        pk: String,
+        new_pk: String,
+        id: String,
+        body: String,
+        if_match: Option<ETag>,
+        ttl: Option<Duration>,
+        events: &[DomainEvent],
+        then: impl FnOnce(&Transaction<'_>) -> Result<(), DomainError> + Send + 'static,
+    ) -> Result<ETag, DomainError> {
         let now = self.db.now();
         let rows = outbox_rows(events)?;
         let etag = self
@@ -270,6 +291,7 @@ impl Documents {
                     insert(tx, container, &new_pk, &id, &body, expiry(now, ttl), now)?
                 };
                 record_events(tx, &rows)?;
+                then(tx)?;
                 Ok(etag)
             })
             .await?;
@@ -370,9 +392,9 @@ impl Documents {
 }
 
 /// `(event id, JSON, recorded at in unix milliseconds)` rows for the outbox table.
-type OutboxRow = (String, String, i64);
+pub(crate) type OutboxRow = (String, String, i64);
 
-fn outbox_rows(events: &[DomainEvent]) -> Result<Vec<OutboxRow>, DomainError> {
+pub(crate) fn outbox_rows(events: &[DomainEvent]) -> Result<Vec<OutboxRow>, DomainError> {
     events
         .iter()
         .map(|e| {

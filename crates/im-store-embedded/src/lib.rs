@@ -113,8 +113,16 @@ impl EmbeddedStore {
         Arc::new(webhooks::SqliteWebhooks::new(self.documents()))
     }
 
+    /// Deliveries, when the delivery queue is elsewhere (RabbitMQ).
     pub fn deliveries(&self) -> Arc<dyn im_domain::webhooks::ports::DeliveryRepository> {
-        Arc::new(deliveries::SqliteDeliveries::new(self.documents()))
+        Arc::new(deliveries::SqliteDeliveries::new(self.documents(), false))
+    }
+
+    /// Deliveries whose queue is this database's [`Self::delivery_queue`]
+    /// (`events.backend = "embedded"`): a delivery and its job are written in one transaction
+    /// (`DeliveryRepository::keeps_queue`).
+    pub fn deliveries_with_queue(&self) -> Arc<dyn im_domain::webhooks::ports::DeliveryRepository> {
+        Arc::new(deliveries::SqliteDeliveries::new(self.documents(), true))
     }
 
     /// Releases every lease of the delivery queue. The embedded queue has one consumer, this

@@ -34,6 +34,7 @@ async fn passes_the_conformance_suite() {
             .expect("insert an unreadable entry");
         id
     });
+    im_testkit::deliveries::contract(store.deliveries_with_queue().as_ref()).await;
     im_testkit::sync::shard_manager(store.shards().as_ref()).await;
 }
 
@@ -63,6 +64,15 @@ async fn the_delivery_queue_passes_the_queue_contract() {
     let queues = Queues { dir: tempfile::tempdir().unwrap(), stores: Mutex::default() };
     im_testkit::queue::contract(&queues).await;
     im_testkit::queue::a_duplicate_schedule_never_yields_two_concurrent_attempts(&queues).await;
+}
+
+/// With the embedded queue, a delivery and its job are written in one transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_and_their_jobs_are_written_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(dir.path()).await;
+    im_testkit::deliveries::records_and_jobs_are_written_together(store.deliveries_with_queue().as_ref(), store.delivery_queue().as_ref())
+        .await;
 }
 
 /// What only the embedded queue promises: it has one consumer, this process, so at start the

@@ -1,6 +1,6 @@
 //! The port-conformance suite: one async function per port contract. Every adapter of a port
 //! calls all of them from its own tests, so every backend is held to the same behaviour: the
-//! stores ([`run_all`], [`outbox`], [`webhooks`]), the delivery queues ([`queue`]), the secret
+//! stores ([`run_all`], [`outbox`], [`webhooks`], [`deliveries`]), the delivery queues ([`queue`]), the secret
 //! stores ([`secrets`]) and the event publishers ([`publisher`]). Each check uses fresh tenants
 //! and ids, so checks can share one store and run concurrently.
 //!
@@ -9,6 +9,7 @@
 pub mod audit;
 pub mod connections;
 pub mod cosmos;
+pub mod deliveries;
 pub mod fake_oauth2;
 pub mod fake_provider;
 pub mod fake_shard_manager;
@@ -74,6 +75,8 @@ macro_rules! store_suite {
         $crate::outbox::failed_entries_become_dead_letters(store.integrations().as_ref(), store.outbox().as_ref(), $insert_unreadable)
             .await;
         $crate::webhooks::contract(store.webhooks().as_ref()).await;
+        $crate::deliveries::contract(store.deliveries().as_ref()).await;
+        $crate::deliveries::without_a_queue_the_queued_writes_are_refused(store.deliveries().as_ref()).await;
         $crate::connections::contract(store.connections().as_ref()).await;
         $crate::connections::events_are_recorded_atomically(store.connections().as_ref(), store.outbox().as_ref()).await;
         $crate::sync::run_all(store.sync_tasks().as_ref(), store.sync_executions().as_ref(), store.sync_states().as_ref()).await;

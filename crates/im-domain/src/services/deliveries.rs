@@ -21,7 +21,7 @@ use crate::webhooks::delivery::{
 };
 use crate::webhooks::endpoint::{TEST_EVENT_TYPE, Webhook, WebhookId, WebhookStatus};
 use crate::webhooks::ports::{
-    DeliveryJob, DeliveryQueue, DeliveryRepository, OutgoingRequest, SendResult, WebhookRepository, WebhookSender,
+    DeliveryJob, DeliveryQueue, DeliveryRepository, JobAfter, OutgoingRequest, SendResult, WebhookRepository, WebhookSender,
 };
 use crate::webhooks::signature::signature_header;
 
@@ -48,6 +48,9 @@ pub struct DeliveryService {
     endpoints: WebhookService,
     deliveries: Arc<dyn DeliveryRepository>,
     queue: Arc<dyn DeliveryQueue>,
+    /// The queue lives in the repository's database ([`DeliveryRepository::keeps_queue`]): a
+    /// record and its job are written in one transaction.
+    queue_in_store: bool,
     sender: Arc<dyn WebhookSender>,
     clock: Arc<dyn Clock>,
     ids: Arc<dyn IdGenerator>,
@@ -166,7 +169,15 @@ impl DeliveryService {
         audit: Audit,
     ) -> Self {
         let manual = Arc::new(ManualSends::new(DEFAULT_MANUAL_SENDS_PER_MINUTE));
-        Self { webhooks, endpoints, deliveries, queue, sender, clock, ids, settings, rates: Arc::default(), manual, audit }
+        let queue_in_store = deliveries.keeps_queue();
+        Self { webhooks, endpoints, deliveries, queue, queue_in_store, sender, clock, ids, settings, rates: Arc::default(), manual, audit }
+    }
+
+    /// Whether deliveries and their jobs are written in one transaction (the queue lives in the
+    /// repository's database), so that fanning out a batch at once costs one write.
+    #[must_use]
+    pub fn queue_in_store(&self) -> bool {
+        self.queue_in_store
     }
 
     /// Manual sends (`/test` and manual retries) each endpoint allows per minute (at least 1).
@@ -230,32 +241,72 @@ impl DeliveryService {
     /// Records a delivery for every endpoint of the event's tenant that wants it (skipped when
     /// the endpoint is disabled) and queues its first attempt. Idempotent by event id.
     pub async fn fan_out(&self, event: &DomainEvent) -> Result<usize, DomainError> {
-        if !crate::webhooks::endpoint::DELIVERABLE.contains(&event.event_type) {
-            return Ok(0);
+        self.fan_out_all(std::slice::from_ref(event)).await
+    }
+
+    /// [`Self::fan_out`] for a batch of events: each tenant's endpoints are listed once for the
+    /// batch, and each tenant's deliveries are created in one write, with their jobs when the
+    /// queue lives in the same database (else each job is queued after its record). Idempotent
+    /// by event id: returns how many first attempts were queued.
+    pub async fn fan_out_all(&self, events: &[DomainEvent]) -> Result<usize, DomainError> {
+        let mut tenants: Vec<(&TenantId, Vec<&DomainEvent>)> = Vec::new();
+        for event in events.iter().filter(|e| crate::webhooks::endpoint::DELIVERABLE.contains(&e.event_type)) {
+            match tenants.iter_mut().find(|(tenant, _)| **tenant == event.tenant_id) {
+                Some((_, of_tenant)) => of_tenant.push(event),
+                None => tenants.push((&event.tenant_id, vec![event])),
+            }
         }
-        let endpoints = self.all_endpoints(&event.tenant_id).await?;
         let mut queued = 0;
-        for webhook in endpoints.iter().filter(|w| w.wants(event)) {
-            let status = if webhook.status == WebhookStatus::Enabled { DeliveryStatus::Pending } else { DeliveryStatus::Skipped };
-            let delivery = self.new_delivery(webhook, event.id.to_string(), event.event_type.as_str(), event.cloud_event(), status);
-            let job = DeliveryJob { tenant_id: delivery.tenant_id.clone(), delivery_id: delivery.id };
-            match self.deliveries.create(&delivery).await {
-                Ok(_) if status == DeliveryStatus::Pending => {
-                    self.queue.schedule(&job, self.clock.now()).await?;
-                    queued += 1;
-                }
-                Ok(_) => {}
-                Err(DomainError::Conflict(_)) => {
-                    // Fanned out before (events arrive at least once). A crash may have come
-                    // between recording the delivery and queueing it: queue it if nothing is,
-                    // at the time it waits for, without touching a queued or running attempt.
-                    let existing = self.deliveries.get(&delivery.tenant_id, delivery.id).await?.value;
-                    if existing.status == DeliveryStatus::Pending {
-                        let due = existing.next_attempt_at.unwrap_or_else(|| self.clock.now());
-                        self.queue.schedule_if_absent(&job, due.max(existing.lease_until.unwrap_or(due))).await?;
+        for (tenant, events) in tenants {
+            let endpoints = self.all_endpoints(tenant).await?;
+            let deliveries: Vec<Delivery> = events
+                .iter()
+                .flat_map(|event| {
+                    endpoints.iter().filter(|w| w.wants(event)).map(|webhook| {
+                        let status =
+                            if webhook.status == WebhookStatus::Enabled { DeliveryStatus::Pending } else { DeliveryStatus::Skipped };
+                        self.new_delivery(webhook, event.id.to_string(), event.event_type.as_str(), event.cloud_event(), status)
+                    })
+                })
+                .collect();
+            if deliveries.is_empty() {
+                continue;
+            }
+            let outcomes = if self.queue_in_store {
+                self.deliveries.create_each_queued(&deliveries).await?
+            } else {
+                self.deliveries.create_each(&deliveries).await?
+            };
+            if outcomes.len() != deliveries.len() {
+                return Err(DomainError::Unexpected(anyhow::anyhow!(
+                    "the delivery store answered {} outcomes for {} deliveries",
+                    outcomes.len(),
+                    deliveries.len()
+                )));
+            }
+            for (delivery, outcome) in deliveries.iter().zip(outcomes) {
+                let job = DeliveryJob { tenant_id: delivery.tenant_id.clone(), delivery_id: delivery.id };
+                match outcome {
+                    Ok(_) if delivery.status == DeliveryStatus::Pending => {
+                        if !self.queue_in_store {
+                            self.queue.schedule(&job, delivery.next_attempt_at.unwrap_or(delivery.created_at)).await?;
+                        }
+                        queued += 1;
                     }
+                    Ok(_) => {}
+                    Err(DomainError::Conflict(_)) => {
+                        // Fanned out before (events arrive at least once). A crash may have come
+                        // between recording the delivery and queueing it (a queue elsewhere):
+                        // queue it if nothing is, at the time it waits for, without touching a
+                        // queued or running attempt.
+                        let existing = self.deliveries.get(&delivery.tenant_id, delivery.id).await?.value;
+                        if existing.status == DeliveryStatus::Pending {
+                            let due = existing.next_attempt_at.unwrap_or_else(|| self.clock.now());
+                            self.queue.schedule_if_absent(&job, due.max(existing.lease_until.unwrap_or(due))).await?;
+                        }
+                    }
+                    Err(e) => return Err(e),
                 }
-                Err(e) => return Err(e),
             }
         }
         Ok(queued)
@@ -401,8 +452,7 @@ impl DeliveryService {
             delivery.status = DeliveryStatus::Skipped;
             delivery.next_attempt_at = None;
             delivery.updated_at = self.clock.now();
-            self.deliveries.replace(&delivery, Some(stored.etag), &[]).await?;
-            self.queue.complete(job).await?;
+            self.record(job, &delivery, stored.etag, &[], JobAfter::Complete).await?;
             return Ok(Prepared::Done(AttemptReport::Nothing));
         }
         Ok(Prepared::Ready(Box::new((stored, webhook))))
@@ -483,12 +533,34 @@ impl DeliveryService {
                 (t, _) => self.outcome_event(&delivery, t),
             })
             .collect();
-        self.deliveries.replace(&delivery, Some(stored.etag), &events).await?;
-        match report {
-            AttemptReport::RetryAt(at) => self.queue.schedule(job, at).await?,
-            _ => self.queue.complete(job).await?,
-        }
+        let next = match report {
+            AttemptReport::RetryAt(at) => JobAfter::RetryAt(at),
+            _ => JobAfter::Complete,
+        };
+        self.record(job, &delivery, stored.etag, &events, next).await?;
         Ok(report)
+    }
+
+    /// Writes a delivery conditionally on `etag`, with `events`, and then its job: in one
+    /// transaction when the queue lives in the same database, else the record first (a crash
+    /// in between leaves the job leased: it runs again and finds the delivery recorded).
+    async fn record(
+        &self,
+        job: &DeliveryJob,
+        delivery: &Delivery,
+        etag: ETag,
+        events: &[DomainEvent],
+        next: JobAfter,
+    ) -> Result<(), DomainError> {
+        if self.queue_in_store {
+            self.deliveries.replace_queued(delivery, Some(etag), events, next).await?;
+            return Ok(());
+        }
+        self.deliveries.replace(delivery, Some(etag), events).await?;
+        match next {
+            JobAfter::RetryAt(at) => self.queue.schedule(job, at).await,
+            JobAfter::Complete => self.queue.complete(job).await,
+        }
     }
 
     /// The endpoint's signing secret is gone from the secret store: no attempt can ever be
@@ -509,8 +581,7 @@ impl DeliveryService {
         delivery.lease_until = None;
         delivery.updated_at = now;
         let failed = self.outcome_event(&delivery, EventType::WebhookFailed);
-        self.deliveries.replace(&delivery, Some(stored.etag), &[failed]).await?;
-        self.queue.complete(job).await?;
+        self.record(job, &delivery, stored.etag, &[failed], JobAfter::Complete).await?;
         Ok(AttemptReport::Failed)
     }
 
@@ -527,8 +598,7 @@ impl DeliveryService {
         delivery.lease_until = None;
         delivery.next_attempt_at = Some(at);
         delivery.updated_at = now;
-        self.deliveries.replace(&delivery, Some(stored.etag), &[]).await?;
-        self.queue.schedule(job, at).await?;
+        self.record(job, &delivery, stored.etag, &[], JobAfter::RetryAt(at)).await?;
         Ok(AttemptReport::Postponed { at, reason: error.to_string() })
     }
 
@@ -887,6 +957,7 @@ mod attempt_tests {
         );
 
         let mut deliveries = MockDeliveryRepository::new();
+        deliveries.expect_keeps_queue().return_const(false);
         let stored = delivery.clone();
         deliveries.expect_get().returning(move |_, _| Ok(Stored { value: stored.clone(), etag: ETag::new("d1") }));
         // First the attempt holds its delivery (a conditional write of the lease), then it

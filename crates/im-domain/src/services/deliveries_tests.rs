@@ -32,6 +32,10 @@ impl Clock for TestClock {
 #[derive(Default)]
 struct Deliveries {
     rows: Mutex<HashMap<Uuid, (Delivery, u64)>>,
+    /// Keeps the delivery queue itself: the job of each delivery and its due time, written
+    /// with the record.
+    keeps_queue: bool,
+    jobs: Mutex<HashMap<Uuid, OffsetDateTime>>,
 }
 
 impl Deliveries {
@@ -69,6 +73,38 @@ impl DeliveryRepository for Deliveries {
         }
         *row = (delivery.clone(), row.1 + 1);
         Ok(ETag::new(row.1.to_string()))
+    }
+
+    fn keeps_queue(&self) -> bool {
+        self.keeps_queue
+    }
+
+    async fn create_each_queued(&self, deliveries: &[Delivery]) -> Result<Vec<Result<ETag, DomainError>>, DomainError> {
+        assert!(self.keeps_queue, "create_each_queued on a repository without the queue");
+        let outcomes = self.create_each(deliveries).await?;
+        for (delivery, outcome) in deliveries.iter().zip(&outcomes) {
+            if let (Ok(_), Some(due)) = (outcome, delivery.next_attempt_at.filter(|_| delivery.status == DeliveryStatus::Pending)) {
+                self.jobs.lock().unwrap().insert(delivery.id, due);
+            }
+        }
+        Ok(outcomes)
+    }
+
+    async fn replace_queued(
+        &self,
+        delivery: &Delivery,
+        if_match: Option<ETag>,
+        events: &[DomainEvent],
+        job: JobAfter,
+    ) -> Result<ETag, DomainError> {
+        assert!(self.keeps_queue, "replace_queued on a repository without the queue");
+        let etag = self.replace(delivery, if_match, events).await?;
+        let mut jobs = self.jobs.lock().unwrap();
+        match job {
+            JobAfter::Complete => jobs.remove(&delivery.id),
+            JobAfter::RetryAt(at) => jobs.insert(delivery.id, at),
+        };
+        Ok(etag)
     }
 }
 
@@ -122,7 +158,7 @@ impl WebhookSender for Receiver {
 }
 
 #[derive(Default)]
-struct Endpoints(Mutex<Vec<Webhook>>);
+struct Endpoints(Mutex<Vec<Webhook>>, AtomicUsize);
 
 #[async_trait]
 impl WebhookRepository for Endpoints {
@@ -138,6 +174,7 @@ impl WebhookRepository for Endpoints {
     }
 
     async fn list(&self, _tenant: &TenantId, _page: &PageRequest) -> Result<Page<Stored<Webhook>>, DomainError> {
+        self.1.fetch_add(1, Ordering::SeqCst);
         let all = self.0.lock().unwrap();
         Ok(Page { items: all.iter().map(|w| Stored { value: w.clone(), etag: ETag::new("1") }).collect(), continuation: None })
     }
@@ -164,6 +201,7 @@ struct World {
     event: DomainEvent,
     delivery_id: Uuid,
     webhook_id: WebhookId,
+    webhooks: Arc<Endpoints>,
 }
 
 fn world(receiver_status: u16) -> World {
@@ -173,6 +211,10 @@ fn world(receiver_status: u16) -> World {
 }
 
 fn world_with(receiver_status: u16, secrets_answer: impl FnOnce(&mut MockSecretStore)) -> World {
+    world_of(receiver_status, secrets_answer, false)
+}
+
+fn world_of(receiver_status: u16, secrets_answer: impl FnOnce(&mut MockSecretStore), keeps_queue: bool) -> World {
     let tenant = TenantId::new("tenant-a").unwrap();
     let start = OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
     let clock = Arc::new(TestClock(Mutex::new(start)));
@@ -199,7 +241,7 @@ fn world_with(receiver_status: u16, secrets_answer: impl FnOnce(&mut MockSecretS
         created_by: crate::common::UserId::new("u").unwrap(),
         updated_by: crate::common::UserId::new("u").unwrap(),
     };
-    let webhooks = Arc::new(Endpoints(Mutex::new(vec![webhook])));
+    let webhooks = Arc::new(Endpoints(Mutex::new(vec![webhook]), AtomicUsize::new(0)));
     let mut secrets = MockSecretStore::new();
     secrets_answer(&mut secrets);
     let endpoints = WebhookService::new(
@@ -212,7 +254,7 @@ fn world_with(receiver_status: u16, secrets_answer: impl FnOnce(&mut MockSecretS
         Duration::from_secs(60),
         Audit::discarding(),
     );
-    let deliveries = Arc::new(Deliveries::default());
+    let deliveries = Arc::new(Deliveries { keeps_queue, ..Deliveries::default() });
     let queue = Arc::new(Broker::default());
     let receiver = Arc::new(Receiver { status: receiver_status, calls: AtomicUsize::new(0) });
     let settings = DeliverySettings {
@@ -222,7 +264,7 @@ fn world_with(receiver_status: u16, secrets_answer: impl FnOnce(&mut MockSecretS
         user_agent: "test".into(),
     };
     let service = DeliveryService::new(
-        webhooks,
+        webhooks.clone(),
         endpoints,
         deliveries.clone(),
         queue.clone(),
@@ -241,7 +283,7 @@ fn world_with(receiver_status: u16, secrets_answer: impl FnOnce(&mut MockSecretS
         data: json!({"id": "i"}),
     };
     let delivery_id = delivery_id(webhook_id, &event.id.to_string());
-    World { service, deliveries, queue, receiver, clock, event, delivery_id, webhook_id }
+    World { service, deliveries, queue, receiver, clock, event, delivery_id, webhook_id, webhooks }
 }
 
 impl World {
@@ -385,4 +427,33 @@ fn manual_sends_of_an_endpoint_are_rate_limited_per_minute() {
     assert_eq!(w.sends(), 2, "refused sends reach no receiver");
     w.clock.advance(Duration::from_secs(30));
     block_on(service.test(&caller, w.webhook_id)).expect("the window moved on");
+}
+
+#[test]
+fn with_the_queue_in_the_store_a_batch_is_recorded_with_its_jobs_and_an_attempt_moves_or_removes_its_job() {
+    let w = world_of(
+        500,
+        |secrets| {
+            secrets.expect_get().returning(|_| Ok(SecretValue(json!({"secret": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"}))));
+        },
+        true,
+    );
+    let second = DomainEvent { id: Uuid::now_v7(), ..w.event.clone() };
+    let second_id = delivery_id(w.webhook_id, &second.id.to_string());
+
+    let queued = block_on(w.service.fan_out_all(&[w.event.clone(), second])).unwrap();
+
+    assert_eq!(queued, 2);
+    assert_eq!(w.webhooks.1.load(Ordering::SeqCst), 1, "the tenant's endpoints are listed once for the batch");
+    let jobs = w.deliveries.jobs.lock().unwrap().clone();
+    assert_eq!(jobs, HashMap::from([(w.delivery_id, w.clock.now()), (second_id, w.clock.now())]), "each record with its job");
+    assert!(w.queue.dues().is_empty(), "no job goes to the queue on its own");
+
+    // A failed attempt moves the job to the retry with the record.
+    let job = DeliveryJob { tenant_id: w.event.tenant_id.clone(), delivery_id: w.delivery_id };
+    let report = block_on(w.service.attempt(&job, AttemptTrigger::Scheduled)).unwrap();
+    let AttemptReport::RetryAt(at) = report else { panic!("{report:?}") };
+    assert_eq!(w.deliveries.value(w.delivery_id).next_attempt_at, Some(at));
+    assert_eq!(w.deliveries.jobs.lock().unwrap()[&w.delivery_id], at, "the job waits for the retry");
+    assert!(w.queue.dues().is_empty(), "nothing was scheduled on its own");
 }

@@ -83,6 +83,73 @@ pub trait DeliveryRepository: Send + Sync {
         if_match: Option<ETag>,
         events: &[crate::events::DomainEvent],
     ) -> Result<ETag, DomainError>;
+
+    /// Creates each delivery on its own terms, in one write where the store allows it (the
+    /// embedded store: one transaction): an id that exists is `Err(Conflict)` for that item
+    /// alone, and the others are created. The outcomes come in the order of `deliveries`.
+    ///
+    /// # Errors
+    /// When the store cannot be written (then none was created).
+    async fn create_each(&self, deliveries: &[super::delivery::Delivery]) -> Result<Vec<Result<ETag, DomainError>>, DomainError> {
+        let mut outcomes = Vec::with_capacity(deliveries.len());
+        for delivery in deliveries {
+            match self.create(delivery).await {
+                Ok(etag) => outcomes.push(Ok(etag)),
+                Err(e @ DomainError::Conflict(_)) => outcomes.push(Err(e)),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(outcomes)
+    }
+
+    /// Whether the delivery queue the service uses lives in this repository's database, so that
+    /// [`Self::create_each_queued`] and [`Self::replace_queued`] write a delivery and its job in
+    /// one transaction. `false` by default (Cosmos DB, or the embedded store when the queue is
+    /// RabbitMQ): the service then writes the record and the job one after the other.
+    fn keeps_queue(&self) -> bool {
+        false
+    }
+
+    /// [`Self::create_each`], and in the same transaction, for each delivery created `pending`,
+    /// its first job at its `next_attempt_at` (as [`DeliveryQueue::schedule`] would): a delivery
+    /// is never recorded without its job, nor a job queued without its delivery.
+    ///
+    /// # Errors
+    /// MUST return [`DomainError::Unexpected`] when [`Self::keeps_queue`] is `false`, writing nothing.
+    async fn create_each_queued(&self, deliveries: &[super::delivery::Delivery]) -> Result<Vec<Result<ETag, DomainError>>, DomainError> {
+        let _ = deliveries;
+        Err(keeps_no_queue())
+    }
+
+    /// [`Self::replace`], and in the same transaction the job of the delivery: removed
+    /// ([`JobAfter::Complete`]) or due again at a time, unleased ([`JobAfter::RetryAt`]).
+    ///
+    /// # Errors
+    /// MUST return [`DomainError::PreconditionFailed`] when `if_match` is stale, writing neither;
+    /// [`DomainError::Unexpected`] when [`Self::keeps_queue`] is `false`, writing nothing.
+    async fn replace_queued(
+        &self,
+        delivery: &super::delivery::Delivery,
+        if_match: Option<ETag>,
+        events: &[crate::events::DomainEvent],
+        job: JobAfter,
+    ) -> Result<ETag, DomainError> {
+        let _ = (delivery, if_match, events, job);
+        Err(keeps_no_queue())
+    }
+}
+
+fn keeps_no_queue() -> DomainError {
+    DomainError::Unexpected(anyhow::anyhow!("this delivery repository keeps no delivery queue"))
+}
+
+/// What becomes of a delivery's job when an attempt is recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobAfter {
+    /// The delivery is final (or nothing is left to do): the job is removed.
+    Complete,
+    /// The next attempt is due at this time: the job waits for it, unleased.
+    RetryAt(time::OffsetDateTime),
 }
 
 /// A delivery attempt waiting to run.
