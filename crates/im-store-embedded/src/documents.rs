@@ -434,20 +434,25 @@ pub(crate) fn insert(
     expires_at: Option<i64>,
     now: i64,
 ) -> Result<ETag, DomainError> {
-    tx.prepare_cached(
-        "DELETE FROM documents WHERE container = +?1 AND pk = ?2 AND id = ?3 AND expires_at IS NOT NULL AND expires_at <= ?4",
-    )
-    .and_then(|mut s| s.execute(params![container, pk, id, now]))
-    .map_err(map_sqlite)?;
     let etag = new_etag();
-    let inserted = tx
-        .prepare_cached(
+    let add = || {
+        tx.prepare_cached(
             "INSERT INTO documents (container, pk, id, etag, body, expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT DO NOTHING",
         )
         .and_then(|mut s| s.execute(params![container, pk, id, etag.as_str(), body, expires_at]))
-        .map_err(map_sqlite)?;
-    if inserted == 0 {
-        return Err(DomainError::Conflict(format!("a document with id '{id}' already exists")));
+        .map_err(map_sqlite)
+    };
+    // The insert first: a key is rarely taken, so the expired one is looked for only when it is.
+    if add()? == 0 {
+        let expired = tx
+            .prepare_cached(
+                "DELETE FROM documents WHERE container = +?1 AND pk = ?2 AND id = ?3 AND expires_at IS NOT NULL AND expires_at <= ?4",
+            )
+            .and_then(|mut s| s.execute(params![container, pk, id, now]))
+            .map_err(map_sqlite)?;
+        if expired == 0 || add()? == 0 {
+            return Err(DomainError::Conflict(format!("a document with id '{id}' already exists")));
+        }
     }
     Ok(etag)
 }

@@ -175,16 +175,18 @@ fn without_read_only<T: ToSchema>(mut body: Value) -> Value {
 /// Schema's `integer` means it, and the document is what a client goes by, so the checks and the
 /// parser take it too (the validator and serde refuse a float for an integer). Other numbers are
 /// left alone.
-fn whole_numbers_as_integers(body: Value) -> Value {
+fn whole_numbers_as_integers(body: &mut Value) {
     match body {
         Value::Number(n) if n.is_f64() => {
             let f = n.as_f64().unwrap_or(f64::NAN);
             // Within ±2^53 a whole f64 is exactly the integer it prints as.
-            if f.fract() == 0.0 && f.abs() <= 9_007_199_254_740_992.0 { Value::from(f as i64) } else { Value::Number(n) }
+            if f.fract() == 0.0 && f.abs() <= 9_007_199_254_740_992.0 {
+                *body = Value::from(f as i64);
+            }
         }
-        Value::Array(items) => Value::Array(items.into_iter().map(whole_numbers_as_integers).collect()),
-        Value::Object(fields) => Value::Object(fields.into_iter().map(|(k, v)| (k, whole_numbers_as_integers(v))).collect()),
-        other => other,
+        Value::Array(items) => items.iter_mut().for_each(whole_numbers_as_integers),
+        Value::Object(fields) => fields.values_mut().for_each(whole_numbers_as_integers),
+        _ => {}
     }
 }
 
@@ -195,14 +197,17 @@ fn whole_numbers_as_integers(body: Value) -> Value {
 /// [`ApiError::Malformed`] when the body is not a JSON object; [`DomainError::Validation`] with
 /// every problem when the shape is wrong (400). Value problems alone come back in
 /// [`Checked::violations`].
-pub fn parse<T: DeserializeOwned + ToSchema>(body: Value) -> Result<Checked<T>, ApiError> {
+pub fn parse<T: DeserializeOwned + ToSchema>(mut body: Value) -> Result<Checked<T>, ApiError> {
     if !body.is_object() {
         return Err(ApiError::Malformed(format!("the body must be a JSON object, not {}", type_name(&body))));
     }
-    let body = whole_numbers_as_integers(body);
+    whole_numbers_as_integers(&mut body);
     let validator = validator(&T::name())?;
     let mut found = Vec::new();
-    validator.iter_errors(&body).for_each(|error| violations_of(&error, &mut found));
+    // Most bodies are valid: the short-circuiting check is far cheaper than collecting errors.
+    if !validator.is_valid(&body) {
+        validator.iter_errors(&body).for_each(|error| violations_of(&error, &mut found));
+    }
     if found.iter().any(|v| v.kind.is_structural()) {
         return Err(structural(found));
     }
@@ -254,8 +259,8 @@ mod tests {
 
     #[test]
     fn whole_numbers_are_integers() {
-        let body = json!({"a": 955.0, "b": [1.5, -3.0, 7], "c": {"d": 1e300, "e": "2.0"}});
-        let normal = whole_numbers_as_integers(body);
+        let mut normal = json!({"a": 955.0, "b": [1.5, -3.0, 7], "c": {"d": 1e300, "e": "2.0"}});
+        whole_numbers_as_integers(&mut normal);
         assert!(normal["a"].is_i64() && normal["a"] == 955);
         assert_eq!(normal["b"], json!([1.5, -3, 7]));
         assert!(normal["c"]["d"].is_f64(), "beyond 2^53 stays a float");
@@ -265,7 +270,9 @@ mod tests {
             #[allow(dead_code)]
             size: u32,
         }
-        assert!(serde_json::from_value::<Sized>(whole_numbers_as_integers(json!({"size": 955.0}))).is_ok());
+        let mut sized = json!({"size": 955.0});
+        whole_numbers_as_integers(&mut sized);
+        assert!(serde_json::from_value::<Sized>(sized).is_ok());
     }
 
     #[test]

@@ -121,7 +121,11 @@ impl IntegrationService {
         if !spec.provider_id.is_custom() {
             match self.config_validator(&spec.provider_id).await {
                 Ok(validator) => {
-                    if let Err(violations) = validate_against(&validator, &Value::Object(spec.config.clone()), "config") {
+                    let config = Value::Object(spec.config.clone());
+                    // The short-circuiting check first: most configs are valid.
+                    if !validator.is_valid(&config)
+                        && let Err(violations) = validate_against(&validator, &config, "config")
+                    {
                         violations.into_iter().for_each(|violation| v.push(violation));
                     }
                 }
