@@ -1,8 +1,116 @@
-"""Schemathesis hooks of `make fuzz` (loaded through SCHEMATHESIS_HOOKS by tests/fuzz/run.sh)."""
+"""Schemathesis hooks of `make fuzz` (loaded through SCHEMATHESIS_HOOKS by tests/fuzz/run.sh).
 
+The document gives the shape of every request; some values must also name data the service
+holds, which a client takes from earlier answers. These hooks do what such a client does: they
+create a few resources first, through the API (`fixtures()`, once, with the run's token from
+IM_FUZZ_URL and IM_FUZZ_TOKEN), and put their ids where a request must name one:
+
+- `fuzz-open`, a catalog provider with every auth mode, an open `configSchema` and one entity
+  (`items`): `createIntegration`/`updateIntegration` bodies without a `customDefinition` name it
+  as `providerId` (with one, `custom`), as a client picks a provider from `GET /providers`;
+- an integration of `fuzz-open` with a bearer connection and a manual sync task: the `id` of
+  the connection operations (not the deletes) is that integration, `connectionId` that
+  connection; `createSyncTask`/`updateSyncTask` bodies name that integration, connection and
+  entity; the sync task operations (not the delete) address that task;
+- `fuzz-edit`, a second catalog provider: `updateProvider` addresses it, and its body's `id` is
+  the path's (the id of a provider cannot change, as the operation says);
+- provider bodies list their entities' names in `capabilities.syncEntities` (a rule between two
+  fields of one body, stated in the field's description);
+- `oauth2Callback` gets a `state` this service issued: the hook starts an authorization first
+  (`authorizeOAuth2Connection`), as the user's browser comes back with the state of the
+  authorization URL it was sent to, with `error=access_denied` (the fixture provider's token
+  endpoint is not reachable, so a code could not be exchanged).
+"""
+
+import json
+import os
+import urllib.error
+import urllib.parse
+import urllib.request
 import uuid
 
 import schemathesis
+
+_FIXTURES = None
+
+
+def _call(method, path, body=None):
+    url = os.environ["IM_FUZZ_URL"].rstrip("/") + path
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method)
+    request.add_header("Authorization", "Bearer " + os.environ["IM_FUZZ_TOKEN"])
+    if data is not None:
+        request.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            text = answer.read()
+            return answer.status, (json.loads(text) if text else None)
+    except urllib.error.HTTPError as refused:
+        return refused.code, None
+
+
+def _provider(provider_id):
+    return {
+        "id": provider_id,
+        "name": "Fuzz " + provider_id,
+        "category": "fuzzing",
+        "authModes": ["api_key", "bearer", "basic", "oauth2_client_credentials", "oauth2_authorization_code"],
+        "apiKey": {"in": "header", "name": "X-Api-Key"},
+        "authorizationUrl": "https://auth.example.com/authorize",
+        "tokenUrl": "https://auth.example.com/token",
+        "apiBaseUrl": "https://api.example.com",
+        "docsUrl": "https://docs.example.com",
+        "configSchema": {"type": "object"},
+        "capabilities": {"webhooks": False, "syncEntities": ["items"]},
+        "pagination": {"style": "none"},
+        "entities": [
+            {
+                "name": "items",
+                "idField": "id",
+                "list": {"method": "GET", "path": "/items"},
+                "get": {"method": "GET", "path": "/items/{id}"},
+                "upsert": {"method": "PUT", "path": "/items/{id}"},
+                "delete": {"method": "DELETE", "path": "/items/{id}"},
+            }
+        ],
+    }
+
+
+def fixtures():
+    """The resources the hooks name, created once through the API."""
+    global _FIXTURES
+    if _FIXTURES is not None:
+        return _FIXTURES
+    for provider_id in ("fuzz-open", "fuzz-edit"):
+        _call("POST", "/api/v1/providers", _provider(provider_id))
+    _, integration = _call(
+        "POST",
+        "/api/v1/integrations",
+        {"providerId": "fuzz-open", "name": "fuzz", "config": {}, "oauth2App": {"clientId": "fuzz", "clientSecret": "fuzz-secret-0123"}},
+    )
+    if integration is None:
+        _, integration = _call("POST", "/api/v1/integrations", {"providerId": "fuzz-open", "name": "fuzz", "config": {}})
+    integration_id = integration["id"]
+    _, connection = _call(
+        "POST",
+        f"/api/v1/integrations/{integration_id}/connections",
+        {"name": "fuzz", "authMode": "bearer", "credentials": {"token": "fuzz-token-0123456789"}},
+    )
+    _, task = _call(
+        "POST",
+        "/api/v1/sync-tasks",
+        {
+            "integrationId": integration_id,
+            "connectionId": connection["id"],
+            "entity": "items",
+            "target": "items",
+            "direction": "inbound",
+            "schedule": {"manual": True},
+            "fieldMapping": [{"provider": "/title", "platform": "/title"}],
+        },
+    )
+    _FIXTURES = {"integration": integration_id, "connection": connection["id"], "task": task["id"]}
+    return _FIXTURES
 
 
 @schemathesis.hook
@@ -13,3 +121,61 @@ def before_call(ctx, case, kwargs):
     # most POSTs. Every phase sends requests through this hook.
     if case.headers and "Idempotency-Key" in case.headers:
         case.headers["Idempotency-Key"] = str(uuid.uuid4())
+    operation = case.operation.definition.raw.get("operationId", "")
+    if operation == "oauth2Callback" and isinstance(case.query, dict) and "state" in case.query:
+        # The browser comes back with the state of an authorization this service started.
+        status, started = _call(
+            "POST", f"/api/v1/integrations/{fixtures()['integration']}/connections/oauth2/authorize", {"name": "fuzz"}
+        )
+        if status == 201:
+            query = urllib.parse.parse_qs(urllib.parse.urlsplit(started["authorizationUrl"]).query)
+            case.query["state"] = query["state"][0]
+            # The fixture's provider has no reachable token endpoint (the exchange would be 503,
+            # a dependency down): the user refused, so the callback judges the state and
+            # records the refusal (409) without calling the provider.
+            case.query["error"] = "access_denied"
+
+
+CONNECTION_OPERATIONS = ("listConnections", "createConnection", "getConnection", "updateConnection", "testConnection",
+                         "authorizeOAuth2Connection")
+TASK_OPERATIONS = ("getSyncTask", "updateSyncTask", "runSyncTask", "pauseSyncTask", "resumeSyncTask", "cancelSyncTaskRun",
+                   "resetSyncTask", "listSyncExecutions", "getSyncExecution", "listSyncConflicts", "resolveSyncConflict")
+
+
+@schemathesis.hook
+def map_path_parameters(ctx, path_parameters):
+    operation = ctx.operation.definition.raw.get("operationId", "") if ctx.operation else ""
+    if path_parameters is None:
+        return path_parameters
+    if operation in CONNECTION_OPERATIONS:
+        path_parameters["id"] = fixtures()["integration"]
+        if "connectionId" in path_parameters:
+            path_parameters["connectionId"] = fixtures()["connection"]
+    elif operation in TASK_OPERATIONS:
+        path_parameters["id"] = fixtures()["task"]
+    elif operation == "updateProvider":
+        path_parameters["id"] = "fuzz-edit"
+    return path_parameters
+
+
+@schemathesis.hook
+def map_body(ctx, body):
+    operation = ctx.operation.definition.raw.get("operationId", "") if ctx.operation else ""
+    if not isinstance(body, dict):
+        return body
+    if operation in ("createIntegration", "updateIntegration"):
+        body["providerId"] = "custom" if body.get("customDefinition") is not None else "fuzz-open"
+    elif operation in ("createSyncTask", "updateSyncTask"):
+        body["integrationId"] = fixtures()["integration"]
+        body["connectionId"] = fixtures()["connection"]
+        body["entity"] = "items"
+    elif operation in ("createProvider", "updateProvider"):
+        if operation == "updateProvider":
+            body["id"] = "fuzz-edit"
+        names = [e["name"] for e in body.get("entities") or [] if isinstance(e, dict) and isinstance(e.get("name"), str)]
+        if names:
+            capabilities = body.get("capabilities") if isinstance(body.get("capabilities"), dict) else {}
+            listed = capabilities.get("syncEntities") if isinstance(capabilities.get("syncEntities"), list) else []
+            capabilities["syncEntities"] = list(dict.fromkeys(listed + names))[:100]
+            body["capabilities"] = capabilities
+    return body

@@ -24,6 +24,8 @@ target=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json, 
 bin="$target/debug/integration-manager"
 port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 export IM_STORAGE__DATA_DIR="$work/data" IM_SERVER__HOST=127.0.0.1 IM_SERVER__PORT="$port" IM_LOG__LEVEL=warn
+# The callback URL of OAuth2 authorizations (the hooks start some for the callback).
+export IM_OAUTH2__REDIRECT_URL="http://127.0.0.1:$port/api/v1/oauth2/callback"
 "$bin" serve 2>"$work/server.log" &
 server=$!
 for _ in $(seq 1 100); do
@@ -34,8 +36,11 @@ token=$("$bin" token --tenant fuzz --user fuzzer --roles member,admin)
 
 checks=not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance,positive_data_acceptance
 status=0
-# tests/fuzz/hooks.py: a new Idempotency-Key for each generated request, as a client sends.
+# tests/fuzz/hooks.py: a new Idempotency-Key for each generated request, as a client sends, and
+# the ids of resources it creates first through the API (IM_FUZZ_URL, IM_FUZZ_TOKEN) where a
+# request must name data the service holds.
 export PYTHONPATH="$PWD/tests/fuzz${PYTHONPATH:+:$PYTHONPATH}" SCHEMATHESIS_HOOKS=hooks
+export IM_FUZZ_URL="http://127.0.0.1:$port" IM_FUZZ_TOKEN="$token"
 schemathesis --config-file tests/fuzz/schemathesis.toml run "http://127.0.0.1:$port/openapi.json" --url "http://127.0.0.1:$port" \
   --header "Authorization: Bearer $token" --checks "$checks" --max-examples "${FUZZ_EXAMPLES:-50}" \
   --seed "${FUZZ_SEED:-1}" --no-color "$@" || status=$?

@@ -105,38 +105,125 @@ fn expected(kind: &TypeKind) -> String {
 }
 
 /// The branch of a failed union (`oneOf`, `anyOf`) that the instance meant: not the ones whose
-/// type differs (`null` of an optional value) or whose tag (`type`, `style`) names another variant.
+/// type differs (`null` of an optional value) or whose tag (`type`, `style`, `authMode`) names
+/// another variant.
+/// Of a union with a value rule, the one branch nearest to the instance (the fewest problems)
+/// when several remain.
 fn meant_branch<'a>(
     at: &str,
     branches: &'a [Vec<jsonschema::ValidationError<'static>>],
+    ruled: bool,
 ) -> Option<&'a [jsonschema::ValidationError<'static>]> {
-    let is_child = |p: &str| p.strip_prefix(at).is_some_and(|rest| rest.starts_with('/') && !rest[1..].contains('/'));
-    let mut candidates = branches.iter().filter(|errors| {
-        !errors.iter().any(|e| match &e.kind {
-            ValidationErrorKind::Type { .. } => e.instance_path.as_str() == at,
-            ValidationErrorKind::Enum { .. } | ValidationErrorKind::Constant { .. } => is_child(e.instance_path.as_str()),
-            _ => false,
+    let candidates: Vec<&Vec<_>> = branches
+        .iter()
+        .filter(|errors| {
+            !errors.iter().any(|e| match &e.kind {
+                ValidationErrorKind::Type { .. } => e.instance_path.as_str() == at,
+                ValidationErrorKind::Enum { .. } | ValidationErrorKind::Constant { .. } => is_child(at, e.instance_path.as_str()),
+                _ => false,
+            })
         })
-    });
-    match (candidates.next(), candidates.next()) {
-        (Some(only), None) => Some(only.as_slice()),
+        .collect();
+    match candidates.as_slice() {
+        [only] => Some(only.as_slice()),
+        [_, _, ..] if ruled => {
+            let fewest = candidates.iter().map(|errors| errors.len()).min().unwrap_or_default();
+            let mut nearest = candidates.iter().filter(|errors| errors.len() == fewest);
+            match (nearest.next(), nearest.next()) {
+                (Some(only), None) => Some(only.as_slice()),
+                _ => None,
+            }
+        }
         _ => None,
     }
 }
 
+/// Whether `path` is a field of the object at `parent`.
+fn is_child(parent: &str, path: &str) -> bool {
+    path.strip_prefix(parent).is_some_and(|rest| rest.starts_with('/') && !rest[1..].contains('/'))
+}
+
+/// The tag of a union that no branch takes: the field whose `const` every branch refuses, with
+/// the values the branches take.
+fn refused_tag(at: &str, branches: &[Vec<jsonschema::ValidationError<'static>>]) -> Option<(String, Vec<String>)> {
+    let mut tag: Option<String> = None;
+    let mut values = Vec::new();
+    for errors in branches {
+        let (path, value) = errors.iter().find_map(|e| match &e.kind {
+            ValidationErrorKind::Constant { expected_value } if is_child(at, e.instance_path.as_str()) => {
+                Some((e.instance_path.as_str().to_owned(), expected_value.to_string()))
+            }
+            _ => None,
+        })?;
+        if tag.get_or_insert_with(|| path.clone()) != &path {
+            return None;
+        }
+        values.push(value);
+    }
+    tag.map(|tag| (tag, values))
+}
+
+/// The value rule (`x-rule`) stated beside the `oneOf` at `schema_path` in the document, if any.
+///
+/// A union with a rule is chosen by values, not by shape: by a tag (a connection's `authMode`
+/// picks the fields of its `credentials`) or by which of several fields is given (a schedule has
+/// exactly one of `cron`, `every`, `manual`). What the chosen branch requires or refuses is then
+/// a value problem (422), and a body that no branch (or more than one) takes is reported at the
+/// rule's `field` (relative to the union) with its `message`.
+fn rule_of(root: &str, schema_path: &str) -> Option<&'static Value> {
+    let mut node: &Value = &DOCUMENT["components"]["schemas"][root];
+    let mut segments: Vec<&str> = schema_path.split('/').skip(1).collect();
+    // The path ends at the `oneOf`; the rule is its sibling.
+    segments.pop();
+    // The root validator is `{"$ref": ...}` to the named schema: its first `$ref` is `root`.
+    let segments = segments.strip_prefix(&["$ref"]).unwrap_or(&segments);
+    for segment in segments {
+        node = if *segment == "$ref" {
+            let target = node["$ref"].as_str()?;
+            let pointer = target.strip_prefix(DOCUMENT_URI).unwrap_or(target).strip_prefix('#')?;
+            DOCUMENT.pointer(pointer)?
+        } else if let Some(items) = node.as_array() {
+            items.get(segment.parse::<usize>().ok()?)?
+        } else {
+            node.get(*segment)?
+        };
+    }
+    node.get(RULE)
+}
+
+/// The extension keyword of a union's value rule (see [`rule_of`]).
+pub const RULE: &str = "x-rule";
+
+/// How a union's failure reads.
+struct Union<'a> {
+    /// The schema the body is checked against (its name in the document).
+    root: &'a str,
+    /// Inside the branch chosen by a rule's values: what it requires or refuses is a value problem.
+    ruled: bool,
+}
+
 /// One schema error as the violations it stands for.
-fn violations_of(error: &jsonschema::ValidationError<'_>, out: &mut Vec<FieldViolation>) {
+fn violations_of(error: &jsonschema::ValidationError<'_>, ctx: &Union<'_>, out: &mut Vec<FieldViolation>) {
     let at = error.instance_path.as_str();
+    // What `then` or `else` requires depends on the value its `if` looked at.
+    let conditional = error.schema_path.as_str().split('/').any(|s| s == "then" || s == "else");
+    let ctx = &Union { root: ctx.root, ruled: ctx.ruled || conditional };
     match &error.kind {
         ValidationErrorKind::AdditionalProperties { unexpected } | ValidationErrorKind::UnevaluatedProperties { unexpected } => {
             for name in unexpected {
                 out.push(FieldViolation::new(path(at, Some(name)), ViolationKind::UnknownField, "is not a field of this resource"));
             }
         }
+        ValidationErrorKind::Required { property } if ctx.ruled => {
+            let name = property.as_str().unwrap_or_default();
+            out.push(FieldViolation::invalid(path(at, Some(name)), "is required with the values given"));
+        }
         ValidationErrorKind::Required { property } => {
             let name = property.as_str().unwrap_or_default();
             out.push(FieldViolation::new(path(at, Some(name)), ViolationKind::Missing, "is required"));
         }
+        // A field a rule refuses (never echoing its value: it may be a credential).
+        ValidationErrorKind::FalseSchema => out.push(FieldViolation::invalid(path(at, None), "is not used with the values given")),
         ValidationErrorKind::Type { kind } => out.push(FieldViolation::new(
             path(at, None),
             ViolationKind::WrongType,
@@ -149,12 +236,34 @@ fn violations_of(error: &jsonschema::ValidationError<'_>, out: &mut Vec<FieldVio
         ValidationErrorKind::Constant { expected_value } => {
             out.push(FieldViolation::new(path(at, None), ViolationKind::WrongType, format!("must be {expected_value}")));
         }
-        ValidationErrorKind::OneOfNotValid { context } | ValidationErrorKind::AnyOf { context } => match meant_branch(at, context) {
-            Some(errors) => errors.iter().for_each(|e| violations_of(e, out)),
-            None => out.push(FieldViolation::new(path(at, None), ViolationKind::WrongType, "matches none of the allowed forms")),
-        },
+        ValidationErrorKind::OneOfNotValid { context } | ValidationErrorKind::AnyOf { context } => {
+            let rule = rule_of(ctx.root, error.schema_path.as_str());
+            let ruled = Union { root: ctx.root, ruled: ctx.ruled || rule.is_some() };
+            match (meant_branch(at, context, rule.is_some()), rule) {
+                (Some(errors), _) => errors.iter().for_each(|e| violations_of(e, &ruled, out)),
+                (None, Some(rule)) => match refused_tag(at, context) {
+                    Some((tag, values)) => {
+                        out.push(FieldViolation::invalid(path(&tag, None), format!("must be one of {}", values.join(", "))));
+                    }
+                    None => out.push(broken_rule(at, rule)),
+                },
+                (None, None) => {
+                    out.push(FieldViolation::new(path(at, None), ViolationKind::WrongType, "matches none of the allowed forms"))
+                }
+            }
+        }
+        ValidationErrorKind::OneOfMultipleValid { .. } if let Some(rule) = rule_of(ctx.root, error.schema_path.as_str()) => {
+            out.push(broken_rule(at, rule));
+        }
         _ => out.push(FieldViolation::new(path(at, None), ViolationKind::Invalid, error.to_string())),
     }
+}
+
+/// A union's rule that no branch (or more than one) meets, at the rule's field.
+fn broken_rule(at: &str, rule: &Value) -> FieldViolation {
+    let field = rule["field"].as_str().filter(|f| !f.is_empty());
+    let message = rule["message"].as_str().unwrap_or("matches none of the allowed forms");
+    FieldViolation::invalid(path(at, field), message)
 }
 
 fn structural(found: Vec<FieldViolation>) -> ApiError {
@@ -206,7 +315,9 @@ pub fn parse<T: DeserializeOwned + ToSchema>(mut body: Value) -> Result<Checked<
     let mut found = Vec::new();
     // Most bodies are valid: the short-circuiting check is far cheaper than collecting errors.
     if !validator.is_valid(&body) {
-        validator.iter_errors(&body).for_each(|error| violations_of(&error, &mut found));
+        let name = T::name();
+        let ctx = Union { root: &name, ruled: false };
+        validator.iter_errors(&body).for_each(|error| violations_of(&error, &ctx, &mut found));
     }
     if found.iter().any(|v| v.kind.is_structural()) {
         return Err(structural(found));

@@ -7,7 +7,7 @@ use im_domain::connection::{Connection, ConnectionId, ConnectionSpec, Connection
 use im_domain::provider::AuthMode;
 use im_domain::{Caller, DomainError, IntegrationId, PageRequest, Stored, Violations};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{Value, json};
 use utoipa::ToSchema;
 
 use super::body;
@@ -76,13 +76,51 @@ pub struct CredentialsDto {
     scopes: Option<Vec<String>>,
 }
 
+/// The credentials of each mode a connection is created with here: the fields it requires and
+/// those it may have; every other field of [`CredentialsDto`] is refused. The document states
+/// it (`ConnectionInput`'s `oneOf`, [`rules`]) and [`CredentialsDto::into_credentials`] applies it.
+const MODES: [(AuthMode, &[&str], &[&str]); 4] = [
+    (AuthMode::ApiKey, &["apiKey"], &[]),
+    (AuthMode::Bearer, &["token"], &[]),
+    (AuthMode::Basic, &["username", "password"], &[]),
+    (AuthMode::Oauth2ClientCredentials, &["clientId", "clientSecret"], &["scopes"]),
+];
+
+/// Every field of [`CredentialsDto`].
+const CREDENTIAL_FIELDS: [&str; 7] = ["apiKey", "token", "username", "password", "clientId", "clientSecret", "scopes"];
+
+/// The rules of `ConnectionInput` beside its fields: `authMode` picks the fields of
+/// `credentials` (see [`MODES`]).
+pub fn rules() -> Value {
+    let branches: Vec<Value> = MODES
+        .iter()
+        .map(|(mode, required, optional)| {
+            // A required field must have a value (`null` reads as absent); the other modes' are refused.
+            let refused: serde_json::Map<String, Value> = CREDENTIAL_FIELDS
+                .iter()
+                .filter(|f| !optional.contains(f))
+                .map(|f| ((*f).to_owned(), if required.contains(f) { json!({"not": {"type": "null"}}) } else { Value::Bool(false) }))
+                .collect();
+            json!({"properties": {"authMode": {"const": mode.as_str()}, "credentials": {"required": required, "properties": refused}}})
+        })
+        .collect();
+    json!({
+        "oneOf": branches,
+        body::RULE: {
+            "field": "authMode",
+            "message": "must be a mode with its credentials (oauth2_authorization_code connections are created by POST .../connections/oauth2/authorize)"
+        }
+    })
+}
+
 impl CredentialsDto {
     /// The credentials of `mode`, with every missing field of the mode and every field of
     /// another mode reported.
     fn into_credentials(self, mode: AuthMode) -> Result<Credentials, DomainError> {
         let mut v = Violations::new();
-        let mut take = |field: &str, value: Option<String>, used: bool| -> String {
-            match (value, used) {
+        let (required, optional) = MODES.iter().find(|(m, ..)| *m == mode).map_or((&[][..], &[][..]), |(_, r, o)| (*r, *o));
+        let mut take = |field: &str, value: Option<String>| -> String {
+            match (value, required.contains(&field)) {
                 (Some(value), true) => value,
                 (None, true) => {
                     v.invalid(format!("credentials.{field}"), format!("is required when authMode is {}", mode.as_str()));
@@ -95,13 +133,13 @@ impl CredentialsDto {
                 (None, false) => String::new(),
             }
         };
-        let api_key = take("apiKey", self.api_key, mode == AuthMode::ApiKey);
-        let token = take("token", self.token, mode == AuthMode::Bearer);
-        let username = take("username", self.username, mode == AuthMode::Basic);
-        let password = take("password", self.password, mode == AuthMode::Basic);
-        let client_id = take("clientId", self.client_id, mode == AuthMode::Oauth2ClientCredentials);
-        let client_secret = take("clientSecret", self.client_secret, mode == AuthMode::Oauth2ClientCredentials);
-        if self.scopes.is_some() && mode != AuthMode::Oauth2ClientCredentials {
+        let api_key = take("apiKey", self.api_key);
+        let token = take("token", self.token);
+        let username = take("username", self.username);
+        let password = take("password", self.password);
+        let client_id = take("clientId", self.client_id);
+        let client_secret = take("clientSecret", self.client_secret);
+        if self.scopes.is_some() && !optional.contains(&"scopes") {
             v.invalid("credentials.scopes", format!("is not used when authMode is {}", mode.as_str()));
         }
         let credentials = match mode {

@@ -57,10 +57,15 @@ pub struct IntegrationInput {
     /// A catalog provider id, or `custom` for a custom API integration. Cannot change on update.
     #[schema(min_length = 2, max_length = 64, pattern = r"^[a-z0-9][a-z0-9-]*$", example = "github")]
     provider_id: String,
-    #[schema(min_length = 1, max_length = 100, example = "Acme GitHub")]
+    #[schema(
+        min_length = 1,
+        max_length = 100,
+        pattern = r"^[^\x00-\x08\x0B-\x1F\x7F-\x9F]*[^\s\x00-\x1F\x7F-\x9F][^\x00-\x08\x0B-\x1F\x7F-\x9F]*$",
+        example = "Acme GitHub"
+    )]
     name: String,
     #[serde(default)]
-    #[schema(max_length = 1000)]
+    #[schema(max_length = 1000, pattern = r"^[^\x00-\x08\x0B-\x1F\x7F-\x9F]*$")]
     description: Option<String>,
     /// `active` (default for new integrations) or `inactive`; absent on update keeps the current status.
     #[serde(default)]

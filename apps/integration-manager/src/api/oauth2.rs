@@ -36,7 +36,7 @@ pub struct AuthorizeInput {
     /// Where the browser goes after a successful authorization: an absolute `https` URL
     /// (`http` only where the service allows it). Absent: the callback answers JSON.
     #[serde(default)]
-    #[schema(max_length = 2048, example = "https://app.example.com/integrations/done")]
+    #[schema(max_length = 2048, pattern = r"^https?://[^\s\x00-\x1F\x7F-\x9F]+$", example = "https://app.example.com/integrations/done")]
     return_url: Option<String>,
 }
 

@@ -64,6 +64,18 @@ pub struct ApiDoc;
 /// not state for enum variants.
 const CLOSED_UNIONS: [&str; 2] = ["CustomAuth", "Pagination"];
 
+/// Rules between the fields of a body, stated beside them by the DTO's module (`oneOf` or
+/// `if`/`then` with an `x-rule`, see `api::body`): the derive states each field alone.
+/// The schema's name and the function that gives its rules.
+type Rules = (&'static str, fn() -> Value);
+
+const RULES: [Rules; 4] = [
+    ("ConnectionInput", connections::rules),
+    ("ProviderInput", providers::ProviderInput::rules),
+    ("SyncSchedule", sync_tasks::ScheduleDto::rules),
+    ("SyncConflictResolution", sync_tasks::ResolutionDto::rules),
+];
+
 fn problem_response(description: &str) -> Value {
     json!({"description": description, "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}})
 }
@@ -160,6 +172,11 @@ pub fn spec() -> Value {
         }
     }
     read_only_echoes(&mut value["components"]["schemas"]);
+    for (name, rules) in RULES {
+        if let (Some(schema), Value::Object(rules)) = (value["components"]["schemas"][name].as_object_mut(), rules()) {
+            schema.extend(rules);
+        }
+    }
     for name in CLOSED_UNIONS {
         for variant in value["components"]["schemas"][name]["oneOf"].as_array_mut().into_iter().flatten() {
             if variant["type"] == "object" {

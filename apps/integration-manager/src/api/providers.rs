@@ -10,7 +10,7 @@ use im_domain::provider::{
 };
 use im_domain::{DomainError, FieldViolation, Violations};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{Value, json};
 use utoipa::ToSchema;
 
 use im_domain::audit::AuditAction;
@@ -174,13 +174,17 @@ pub struct ProviderInput {
     /// Lowercase slug, unique in the catalog; `custom` is reserved.
     #[schema(min_length = 2, max_length = 64, pattern = r"^[a-z0-9][a-z0-9-]*$", example = "acme-tracker")]
     id: String,
-    #[schema(min_length = 1, max_length = 100)]
+    #[schema(
+        min_length = 1,
+        max_length = 100,
+        pattern = r"^[^\x00-\x08\x0B-\x1F\x7F-\x9F]*[^\s\x00-\x1F\x7F-\x9F][^\x00-\x08\x0B-\x1F\x7F-\x9F]*$"
+    )]
     name: String,
     /// Lowercase slug; the catalog's partition key.
     #[schema(min_length = 2, max_length = 64, pattern = r"^[a-z0-9][a-z0-9-]*$", example = "project-management")]
     category: String,
     #[serde(default)]
-    #[schema(max_length = 1000)]
+    #[schema(max_length = 1000, pattern = r"^[^\x00-\x08\x0B-\x1F\x7F-\x9F]*$")]
     description: Option<String>,
     /// The modes a connection may use; at least one, each once.
     #[schema(schema_with = super::schemas::auth_modes)]
@@ -191,21 +195,33 @@ pub struct ProviderInput {
     /// https (http only where the service's destination policy allows it); required when
     /// `authModes` has `oauth2_authorization_code`, refused otherwise.
     #[serde(default)]
-    #[schema(max_length = 2048, pattern = r"^https?://")]
+    #[schema(
+        max_length = 2048,
+        pattern = r"^https?://([^\s/?#@]*@)?([A-Za-z0-9_{}-]{1,63}(\.[A-Za-z0-9_{}-]{1,63})*|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?([/?#][^\s\x00-\x1F\x7F-\x9F]*)?$"
+    )]
     authorization_url: Option<String>,
     /// https (http only where the service's destination policy allows it); required when
     /// `authModes` has an `oauth2_*` mode, refused otherwise.
     #[serde(default)]
-    #[schema(max_length = 2048, pattern = r"^https?://")]
+    #[schema(
+        max_length = 2048,
+        pattern = r"^https?://([^\s/?#@]*@)?([A-Za-z0-9_{}-]{1,63}(\.[A-Za-z0-9_{}-]{1,63})*|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?([/?#][^\s\x00-\x1F\x7F-\x9F]*)?$"
+    )]
     token_url: Option<String>,
     #[serde(default)]
     #[schema(schema_with = super::schemas::scopes)]
     default_scopes: Vec<String>,
     /// https.
-    #[schema(max_length = 2048, pattern = r"^https://")]
+    #[schema(
+        max_length = 2048,
+        pattern = r"^https://([^\s/?#@]*@)?([A-Za-z0-9_{}-]{1,63}(\.[A-Za-z0-9_{}-]{1,63})*|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?([/?#][^\s\x00-\x1F\x7F-\x9F]*)?$"
+    )]
     api_base_url: String,
     /// https.
-    #[schema(max_length = 2048, pattern = r"^https://")]
+    #[schema(
+        max_length = 2048,
+        pattern = r"^https://([^\s/?#@]*@)?([A-Za-z0-9_{}-]{1,63}(\.[A-Za-z0-9_{}-]{1,63})*|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?([/?#][^\s\x00-\x1F\x7F-\x9F]*)?$"
+    )]
     docs_url: String,
     /// JSON Schema (type object) of an integration's `config`; default: an empty object.
     #[serde(default)]
@@ -232,6 +248,33 @@ pub struct ProviderInput {
     #[serde(default)]
     #[schema(max_items = 100)]
     entities: Vec<EntityDto>,
+}
+
+impl ProviderInput {
+    /// The rules of `ProviderInput` between its fields: `authModes` decides whether `apiKey`,
+    /// `authorizationUrl` and `tokenUrl` are required or refused (as `ProviderSpec::validate`
+    /// does), and entities need `pagination`.
+    pub fn rules() -> Value {
+        let by_modes = |modes: &[AuthMode], field: &str| {
+            let modes: Vec<&str> = modes.iter().map(|m| m.as_str()).collect();
+            json!({
+                "if": {"properties": {"authModes": {"contains": {"enum": modes}}}, "required": ["authModes"]},
+                "then": {"required": [field], "properties": {field: {"not": {"type": "null"}}}},
+                "else": {"properties": {field: false}},
+            })
+        };
+        json!({
+            "allOf": [
+                by_modes(&[AuthMode::ApiKey], "apiKey"),
+                by_modes(&[AuthMode::Oauth2AuthorizationCode], "authorizationUrl"),
+                by_modes(&[AuthMode::Oauth2AuthorizationCode, AuthMode::Oauth2ClientCredentials], "tokenUrl"),
+                {
+                    "if": {"properties": {"entities": {"minItems": 1}}, "required": ["entities"]},
+                    "then": {"required": ["pagination"], "properties": {"pagination": {"not": {"type": "null"}}}},
+                },
+            ]
+        })
+    }
 }
 
 impl TryFrom<ProviderInput> for ProviderSpec {

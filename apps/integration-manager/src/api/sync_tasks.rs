@@ -14,7 +14,7 @@ use im_domain::sync::{
 };
 use im_domain::{Caller, DomainError, IntegrationId, Page, PageRequest, Stored, Violations};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{Value, json};
 use utoipa::ToSchema;
 
 use super::body;
@@ -106,6 +106,19 @@ pub struct ScheduleDto {
 }
 
 impl ScheduleDto {
+    /// The rules of `SyncSchedule` beside its fields: exactly one of `cron` (with its
+    /// `timezone`), `every` or `manual: true`.
+    pub fn rules() -> Value {
+        json!({
+            "oneOf": [
+                {"required": ["cron"], "properties": {"cron": {"not": {"type": "null"}}, "every": false, "manual": false}},
+                {"required": ["every"], "properties": {"every": {"not": {"type": "null"}}, "cron": false, "manual": false, "timezone": false}},
+                {"required": ["manual"], "properties": {"manual": {"const": true}, "cron": false, "every": false, "timezone": false}},
+            ],
+            body::RULE: {"message": "must have exactly one of cron, every or manual"}
+        })
+    }
+
     fn into_draft(self, v: &mut Violations) -> ScheduleDraft {
         match (self.cron, self.every, self.manual) {
             (Some(cron), None, None) => return ScheduleDraft::Cron { cron, timezone: self.timezone },
@@ -134,9 +147,11 @@ impl ScheduleDto {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[schema(as = SyncFieldMapping)]
 pub struct FieldMappingDto {
-    #[schema(example = "/fields/summary", max_length = 512)]
+    /// A JSON pointer (RFC 6901).
+    #[schema(example = "/fields/summary", min_length = 2, max_length = 512, pattern = r"^(/([^~]|~[01])*)+$")]
     provider: String,
-    #[schema(example = "/title", max_length = 512)]
+    /// A JSON pointer (RFC 6901).
+    #[schema(example = "/title", min_length = 2, max_length = 512, pattern = r"^(/([^~]|~[01])*)+$")]
     platform: String,
     /// Limits this field to one way; absent follows the task.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -443,8 +458,23 @@ impl From<&SyncExecution> for ExecutionView {
 pub struct ResolutionDto {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     winner: Option<SideDto>,
+    /// The conflicting fields' values, by platform pointer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
     value: Option<Value>,
+}
+
+impl ResolutionDto {
+    /// The rules of `SyncConflictResolution` beside its fields: exactly one of `winner` or `value`.
+    pub fn rules() -> Value {
+        json!({
+            "oneOf": [
+                {"required": ["winner"], "properties": {"winner": {"not": {"type": "null"}}, "value": false}},
+                {"required": ["value"], "properties": {"value": {"not": {"type": "null"}}, "winner": false}},
+            ],
+            body::RULE: {"field": "winner", "message": "give exactly one of winner or value"}
+        })
+    }
 }
 
 impl TryFrom<ResolutionDto> for Resolution {
