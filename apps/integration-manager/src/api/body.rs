@@ -202,6 +202,12 @@ struct Union<'a> {
     ruled: bool,
 }
 
+/// The schema of a field a rule refuses: `{"not": {}}`, which every value fails (the document
+/// avoids the boolean schema `false`, which generated clients cannot read).
+pub fn refused() -> Value {
+    json!({"not": {}})
+}
+
 /// One schema error as the violations it stands for.
 fn violations_of(error: &jsonschema::ValidationError<'_>, ctx: &Union<'_>, out: &mut Vec<FieldViolation>) {
     let at = error.instance_path.as_str();
@@ -223,7 +229,11 @@ fn violations_of(error: &jsonschema::ValidationError<'_>, ctx: &Union<'_>, out: 
             out.push(FieldViolation::new(path(at, Some(name)), ViolationKind::Missing, "is required"));
         }
         // A field a rule refuses (never echoing its value: it may be a credential).
+        // The document says `{"not": {}}` rather than `false`: generated clients read only object schemas.
         ValidationErrorKind::FalseSchema => out.push(FieldViolation::invalid(path(at, None), "is not used with the values given")),
+        ValidationErrorKind::Not { schema } if schema.as_object().is_some_and(serde_json::Map::is_empty) => {
+            out.push(FieldViolation::invalid(path(at, None), "is not used with the values given"));
+        }
         ValidationErrorKind::Type { kind } => out.push(FieldViolation::new(
             path(at, None),
             ViolationKind::WrongType,

@@ -99,7 +99,7 @@ pub fn rules() -> Value {
             let refused: serde_json::Map<String, Value> = CREDENTIAL_FIELDS
                 .iter()
                 .filter(|f| !optional.contains(f))
-                .map(|f| ((*f).to_owned(), if required.contains(f) { json!({"not": {"type": "null"}}) } else { Value::Bool(false) }))
+                .map(|f| ((*f).to_owned(), if required.contains(f) { json!({"not": {"type": "null"}}) } else { body::refused() }))
                 .collect();
             json!({"properties": {"authMode": {"const": mode.as_str()}, "credentials": {"required": required, "properties": refused}}})
         })

@@ -87,51 +87,48 @@ fn common_responses(path: &str, method: &str, op: &mut Value) {
     let has_query = params.iter().any(|p| p["in"] == "query");
     let has_if_match = params.iter().any(|p| p["in"] == "header" && p["name"] == "If-Match");
     let has_body = op.get("requestBody").is_some();
-    let mut add = |code: &str, description: &str| {
-        if let Some(responses) = op["responses"].as_object_mut() {
-            responses.entry(code).or_insert_with(|| problem_response(description));
-        }
-    };
     if path.starts_with("/api/") {
-        add("401", "Missing or invalid token");
-        add("403", "The caller's role does not allow this");
-        add("429", "Too many requests (the tenant's rate limit, or a limit of the operation); `Retry-After` says when to try again");
+        add(op, "401", "Missing or invalid token");
+        add(op, "403", "The caller's role does not allow this");
+        add(op, "429", "Too many requests (the tenant's rate limit, or a limit of the operation); `Retry-After` says when to try again");
         op["responses"]["429"]["headers"] = rate_limit_headers();
     }
     let idempotent = method == "post" && path.starts_with("/api/");
     if idempotent && let Some(params) = op.as_object_mut().map(|o| o.entry("parameters").or_insert_with(|| json!([]))) {
         params.as_array_mut().into_iter().for_each(|p| p.push(idempotency_key()));
     }
-    let mut add = |code: &str, description: &str| {
-        if let Some(responses) = op["responses"].as_object_mut() {
-            responses.entry(code).or_insert_with(|| problem_response(description));
-        }
-    };
     if idempotent {
-        add("400", "Malformed request: unknown or missing fields, wrong types, a bad header");
-        add("409", "A request with the same `Idempotency-Key` is still in progress");
-        add("422", "Invalid values, each named by its JSON path; or `Idempotency-Key` was used with another request");
+        add(op, "400", "Malformed request: unknown or missing fields, wrong types, a bad header");
+        add(op, "409", "A request with the same `Idempotency-Key` is still in progress");
+        add(op, "422", "Invalid values, each named by its JSON path; or `Idempotency-Key` was used with another request");
     }
     if has_query || has_body || has_if_match {
-        add("400", "Malformed request: unknown or missing fields, wrong types, a bad header");
+        add(op, "400", "Malformed request: unknown or missing fields, wrong types, a bad header");
     }
     if has_query || has_body {
-        add("422", "Invalid values, each named by its JSON path");
+        add(op, "422", "Invalid values, each named by its JSON path");
     }
     if path.contains('{') {
-        add("404", "No such resource in the caller's tenant");
+        add(op, "404", "No such resource in the caller's tenant");
     }
     if has_if_match {
-        add("412", "`If-Match` is stale");
+        add(op, "412", "`If-Match` is stale");
     }
     if has_body {
-        add("413", "Body over the size limit");
-        add("415", "Body is not JSON");
+        add(op, "413", "Body over the size limit");
+        add(op, "415", "Body is not JSON");
     }
     if method != "get" || path.starts_with("/api/") {
-        add("500", "Unexpected error; the request id identifies it in the logs");
+        add(op, "500", "Unexpected error; the request id identifies it in the logs");
     }
-    add("503", "A dependency is unavailable; `Retry-After` says when to try again");
+    add(op, "503", "A dependency is unavailable; `Retry-After` says when to try again");
+}
+
+/// Adds a problem answer with `code` unless the operation lists its own.
+fn add(op: &mut Value, code: &str, description: &str) {
+    if let Some(responses) = op["responses"].as_object_mut() {
+        responses.entry(code).or_insert_with(|| problem_response(description));
+    }
 }
 
 /// `RateLimit-*` (IETF draft) and `Retry-After`, as a refusal carries them.

@@ -260,7 +260,7 @@ impl ProviderInput {
             json!({
                 "if": {"properties": {"authModes": {"contains": {"enum": modes}}}, "required": ["authModes"]},
                 "then": {"required": [field], "properties": {field: {"not": {"type": "null"}}}},
-                "else": {"properties": {field: false}},
+                "else": {"properties": {field: body::refused()}},
             })
         };
         json!({

@@ -111,9 +111,9 @@ impl ScheduleDto {
     pub fn rules() -> Value {
         json!({
             "oneOf": [
-                {"required": ["cron"], "properties": {"cron": {"not": {"type": "null"}}, "every": false, "manual": false}},
-                {"required": ["every"], "properties": {"every": {"not": {"type": "null"}}, "cron": false, "manual": false, "timezone": false}},
-                {"required": ["manual"], "properties": {"manual": {"const": true}, "cron": false, "every": false, "timezone": false}},
+                {"required": ["cron"], "properties": {"cron": {"not": {"type": "null"}}, "every": body::refused(), "manual": body::refused()}},
+                {"required": ["every"], "properties": {"every": {"not": {"type": "null"}}, "cron": body::refused(), "manual": body::refused(), "timezone": body::refused()}},
+                {"required": ["manual"], "properties": {"manual": {"const": true}, "cron": body::refused(), "every": body::refused(), "timezone": body::refused()}},
             ],
             body::RULE: {"message": "must have exactly one of cron, every or manual"}
         })
@@ -469,8 +469,8 @@ impl ResolutionDto {
     pub fn rules() -> Value {
         json!({
             "oneOf": [
-                {"required": ["winner"], "properties": {"winner": {"not": {"type": "null"}}, "value": false}},
-                {"required": ["value"], "properties": {"value": {"not": {"type": "null"}}, "winner": false}},
+                {"required": ["winner"], "properties": {"winner": {"not": {"type": "null"}}, "value": body::refused()}},
+                {"required": ["value"], "properties": {"value": {"not": {"type": "null"}}, "winner": body::refused()}},
             ],
             body::RULE: {"field": "winner", "message": "give exactly one of winner or value"}
         })
