@@ -78,7 +78,7 @@ pub struct CredentialsDto {
 
 /// The credentials of each mode a connection is created with here: the fields it requires and
 /// those it may have; every other field of [`CredentialsDto`] is refused. The document states
-/// it (`ConnectionInput`'s `oneOf`, [`rules`]) and [`CredentialsDto::into_credentials`] applies it.
+/// it (`ConnectionInput`'s `if`/`then` by mode, [`rules`]) and [`CredentialsDto::into_credentials`] applies it.
 const MODES: [(AuthMode, &[&str], &[&str]); 4] = [
     (AuthMode::ApiKey, &["apiKey"], &[]),
     (AuthMode::Bearer, &["token"], &[]),
@@ -90,9 +90,10 @@ const MODES: [(AuthMode, &[&str], &[&str]); 4] = [
 const CREDENTIAL_FIELDS: [&str; 7] = ["apiKey", "token", "username", "password", "clientId", "clientSecret", "scopes"];
 
 /// The rules of `ConnectionInput` beside its fields: `authMode` picks the fields of
-/// `credentials` (see [`MODES`]).
+/// `credentials` (see [`MODES`]), one `if`/`then` a mode (generated clients read these; a
+/// `oneOf` of whole bodies makes them generate one model per branch).
 pub fn rules() -> Value {
-    let branches: Vec<Value> = MODES
+    let by_mode: Vec<Value> = MODES
         .iter()
         .map(|(mode, required, optional)| {
             // A required field must have a value (`null` reads as absent); the other modes' are refused.
@@ -101,16 +102,13 @@ pub fn rules() -> Value {
                 .filter(|f| !optional.contains(f))
                 .map(|f| ((*f).to_owned(), if required.contains(f) { json!({"not": {"type": "null"}}) } else { body::refused() }))
                 .collect();
-            json!({"properties": {"authMode": {"const": mode.as_str()}, "credentials": {"required": required, "properties": refused}}})
+            json!({
+                "if": {"properties": {"authMode": {"const": mode.as_str()}}, "required": ["authMode"]},
+                "then": {"properties": {"credentials": {"required": required, "properties": refused}}},
+            })
         })
         .collect();
-    json!({
-        "oneOf": branches,
-        body::RULE: {
-            "field": "authMode",
-            "message": "must be a mode with its credentials (oauth2_authorization_code connections are created by POST .../connections/oauth2/authorize)"
-        }
-    })
+    json!({"allOf": by_mode})
 }
 
 impl CredentialsDto {
