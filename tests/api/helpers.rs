@@ -109,6 +109,12 @@ fn init_logs() {
     });
 }
 
+/// A client whose every request fails after a minute: a request that hangs fails its test
+/// instead of holding the run.
+fn test_client() -> reqwest::Client {
+    reqwest::Client::builder().timeout(std::time::Duration::from_secs(60)).build().expect("a client")
+}
+
 pub async fn spawn_app() -> TestApp {
     spawn_app_with(|_| {}).await
 }
@@ -167,7 +173,7 @@ async fn spawn_with(dir: Arc<tempfile::TempDir>, fake: Option<SecretManagementFa
     let shutdown = app.shutdown();
     let state = app.state();
     let running = tokio::spawn(app.run_until_stopped());
-    TestApp { address, state, client: reqwest::Client::new(), settings, shutdown, running, dir, secret_management: fake }
+    TestApp { address, state, client: test_client(), settings, shutdown, running, dir, secret_management: fake }
 }
 
 impl TestApp {

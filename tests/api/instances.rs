@@ -153,7 +153,7 @@ async fn chaos_deliveries_survive_a_receiver_outage() {
 async fn readiness(apps: &[TestApp]) -> Vec<Value> {
     let mut reports = Vec::new();
     for app in apps {
-        let response = app.anonymous(reqwest::Method::GET, "/health/ready").send().await.expect("request");
+        let response = app.anonymous(reqwest::Method::GET, "/health/ready").send().await.expect("readiness answers");
         assert_eq!(response.status(), StatusCode::OK, "a non-critical dependency leaves the service ready");
         reports.push(response.json::<Value>().await.unwrap());
     }

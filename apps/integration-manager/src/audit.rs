@@ -138,6 +138,10 @@ pub struct AuditBacklogHealth {
 
 #[async_trait]
 impl HealthCheck for AuditBacklogHealth {
+    fn describe(&self) -> (&'static str, bool) {
+        ("audit_backlog", false)
+    }
+
     #[tracing::instrument(skip_all, name = "audit_buffer.check")]
     async fn check(&self) -> DependencyHealth {
         match sample(self.buffer.as_ref()).await {

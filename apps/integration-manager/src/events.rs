@@ -83,6 +83,10 @@ pub struct OutboxHealth {
 
 #[async_trait]
 impl HealthCheck for OutboxHealth {
+    fn describe(&self) -> (&'static str, bool) {
+        ("outbox", true)
+    }
+
     #[tracing::instrument(skip_all, name = "outbox.check")]
     async fn check(&self) -> DependencyHealth {
         match self.outbox.stats().await {

@@ -40,6 +40,10 @@ pub struct RabbitSettings {
     pub exchange: String,
     /// How long to wait for the broker's confirms of one batch.
     pub confirm_timeout: HumanDuration,
+    /// How long to wait for the broker to connect or to answer one operation (declare, publish,
+    /// get, ack, close). A broker that stops answering is then treated as away, so no caller,
+    /// lock or readiness check waits on it for longer.
+    pub operation_timeout: HumanDuration,
     /// The durable work queue of webhook delivery jobs is `<prefix>.work`, its delay queues
     /// `<prefix>.delay.<ms>`.
     pub delivery_queue_prefix: String,
@@ -64,15 +68,20 @@ impl RabbitSettings {
         if self.confirm_timeout.get().as_secs() < 1 {
             problems.push(("confirm_timeout", "must be at least 1s".to_owned()));
         }
+        if self.operation_timeout.get().as_secs() < 1 {
+            problems.push(("operation_timeout", "must be at least 1s".to_owned()));
+        }
         problems
     }
 
-    /// Settings for `url` with the default names and a 10 s confirm timeout.
+    /// Settings for `url` with the default names, a 10 s confirm timeout and a 5 s operation
+    /// timeout.
     pub fn new(url: impl Into<String>) -> Self {
         Self {
             url: SecretString::from(url.into()),
             exchange: "integration-manager.events".into(),
             confirm_timeout: HumanDuration(Duration::from_secs(10)),
+            operation_timeout: HumanDuration(Duration::from_secs(5)),
             delivery_queue_prefix: "integration-manager.deliveries".into(),
         }
     }
@@ -87,6 +96,15 @@ pub fn redact(url: &str) -> String {
             format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
         }
         _ => url.to_owned(),
+    }
+}
+
+/// Waits at most `limit` for one broker operation; the error, or the wait that ran out, as text.
+async fn bounded<T, E: fmt::Display>(limit: Duration, operation: impl Future<Output = Result<T, E>>) -> Result<T, String> {
+    match tokio::time::timeout(limit, operation).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer within {}", HumanDuration(limit))),
     }
 }
 
@@ -178,19 +196,20 @@ impl RabbitPublisher {
     }
 
     async fn connect(&self) -> Result<Link, DomainError> {
+        let limit = self.settings.operation_timeout.get();
         let properties = ConnectionProperties::default().with_connection_name("integration-manager".into());
-        let connection = Connection::connect(self.settings.url.expose_secret(), properties).await.map_err(|e| unavailable("connect", e))?;
-        let channel = connection.create_channel().await.map_err(|e| unavailable("open channel", e))?;
-        channel.confirm_select(ConfirmSelectOptions::default()).await.map_err(|e| unavailable("confirm mode", e))?;
-        channel
-            .exchange_declare(
-                self.settings.exchange.as_str().into(),
-                ExchangeKind::Topic,
-                ExchangeDeclareOptions { durable: true, ..ExchangeDeclareOptions::default() },
-                FieldTable::default(),
-            )
+        let connection = bounded(limit, Connection::connect(self.settings.url.expose_secret(), properties))
             .await
-            .map_err(|e| unavailable("declare exchange", e))?;
+            .map_err(|e| unavailable("connect", e))?;
+        let channel = bounded(limit, connection.create_channel()).await.map_err(|e| unavailable("open channel", e))?;
+        bounded(limit, channel.confirm_select(ConfirmSelectOptions::default())).await.map_err(|e| unavailable("confirm mode", e))?;
+        let declare = channel.exchange_declare(
+            self.settings.exchange.as_str().into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions { durable: true, ..ExchangeDeclareOptions::default() },
+            FieldTable::default(),
+        );
+        bounded(limit, declare).await.map_err(|e| unavailable("declare exchange", e))?;
         tracing::info!(url = %redact(self.settings.url.expose_secret()), exchange = %self.settings.exchange, "connected to rabbitmq");
         Ok(Link { connection, channel })
     }
@@ -206,16 +225,14 @@ impl RabbitPublisher {
                 .with_type(event.event_type.as_str().into())
                 .with_app_id("integration-manager".into())
                 .with_timestamp(u64::try_from(event.time.unix_timestamp()).unwrap_or_default());
-            let confirm = channel
-                .basic_publish(
-                    self.settings.exchange.as_str().into(),
-                    event.event_type.as_str().into(),
-                    BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() },
-                    &payload,
-                    properties,
-                )
-                .await
-                .map_err(|e| unavailable("publish", e))?;
+            let publish = channel.basic_publish(
+                self.settings.exchange.as_str().into(),
+                event.event_type.as_str().into(),
+                BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() },
+                &payload,
+                properties,
+            );
+            let confirm = bounded(self.settings.operation_timeout.get(), publish).await.map_err(|e| unavailable("publish", e))?;
             confirms.push((event, confirm));
         }
         let deadline = Instant::now() + self.settings.confirm_timeout.get();
@@ -267,7 +284,7 @@ impl EventPublisher for RabbitPublisher {
             Err(e) => {
                 // Start afresh next time: a channel with an unconfirmed publish is in an unknown state.
                 if let Some(old) = link.take() {
-                    let _ = old.connection.close(320, "reconnecting".into()).await;
+                    let _ = bounded(self.settings.operation_timeout.get(), old.connection.close(320, "reconnecting".into())).await;
                 }
                 self.record(Some(e.to_string()));
                 Err(e)
@@ -278,15 +295,30 @@ impl EventPublisher for RabbitPublisher {
 
 #[async_trait]
 impl HealthCheck for RabbitPublisher {
+    fn describe(&self) -> (&'static str, bool) {
+        ("rabbitmq", false)
+    }
+
     #[tracing::instrument(skip_all, name = "events.check")]
     async fn check(&self) -> DependencyHealth {
-        let mut link = self.link.lock().await;
-        let connected = link.as_ref().is_some_and(|l| l.connection.status().connected());
         let place = format!("rabbitmq {}, exchange {}", redact(self.settings.url.expose_secret()), self.settings.exchange);
+        let limit = self.settings.operation_timeout.get();
+        // A publish holds the link while it waits for confirms: wait for it no longer than for
+        // any broker operation.
+        let Ok(mut link) = tokio::time::timeout(limit, self.link.lock()).await else {
+            return DependencyHealth {
+                name: "rabbitmq".into(),
+                ready: false,
+                critical: false,
+                detail: "not answering: a publish is still waiting".to_owned(),
+                diagnostic: format!("{place}: a publish held the connection for more than {}", HumanDuration(limit)),
+            };
+        };
+        let connected = link.as_ref().is_some_and(|l| l.connection.status().connected());
         let (ready, detail, diagnostic) = if connected {
             (true, "connected".to_owned(), place)
         } else {
-            match tokio::time::timeout(Duration::from_secs(3), self.connect()).await {
+            match tokio::time::timeout(limit, self.connect()).await {
                 Ok(Ok(new)) => {
                     *link = Some(new);
                     (true, "connected".to_owned(), place)

@@ -18,7 +18,7 @@ use serde_json::json;
 
 use secrecy::{ExposeSecret as _, SecretString};
 
-use crate::{RabbitSettings, redact};
+use crate::{RabbitSettings, bounded, redact};
 
 fn unavailable(context: &str, error: impl std::fmt::Display) -> DomainError {
     DomainError::Unavailable { reason: format!("rabbitmq delivery queue: {context}: {error}"), retry_after: Some(Duration::from_secs(1)) }
@@ -33,6 +33,10 @@ struct Link {
 pub struct RabbitDeliveryQueue {
     url: SecretString,
     prefix: String,
+    /// How long one broker operation may take (`operation_timeout`); a confirm waits for
+    /// `confirm_timeout`.
+    limit: Duration,
+    confirm_timeout: Duration,
     link: tokio::sync::Mutex<Option<Link>>,
     /// Delivery tags of the jobs this process holds, by delivery id.
     in_flight: Mutex<HashMap<uuid::Uuid, u64>>,
@@ -67,6 +71,8 @@ impl RabbitDeliveryQueue {
         Self {
             url: settings.url.clone(),
             prefix: settings.delivery_queue_prefix.clone(),
+            limit: settings.operation_timeout.get(),
+            confirm_timeout: settings.confirm_timeout.get(),
             link: tokio::sync::Mutex::new(None),
             in_flight: Mutex::default(),
         }
@@ -86,19 +92,19 @@ impl RabbitDeliveryQueue {
         if link.is_none() {
             // Tags of an old channel mean nothing now: the broker requeued those jobs.
             self.in_flight.lock().unwrap_or_else(|p| p.into_inner()).clear();
-            let connection = Connection::connect(self.url.expose_secret(), ConnectionProperties::default())
+            let connection = bounded(self.limit, Connection::connect(self.url.expose_secret(), ConnectionProperties::default()))
                 .await
                 .map_err(|e| unavailable("connect", e))?;
-            let channel = connection.create_channel().await.map_err(|e| unavailable("channel", e))?;
-            channel.confirm_select(ConfirmSelectOptions::default()).await.map_err(|e| unavailable("confirm mode", e))?;
-            channel
-                .queue_declare(
-                    self.work_queue().as_str().into(),
-                    QueueDeclareOptions { durable: true, ..Default::default() },
-                    FieldTable::default(),
-                )
+            let channel = bounded(self.limit, connection.create_channel()).await.map_err(|e| unavailable("channel", e))?;
+            bounded(self.limit, channel.confirm_select(ConfirmSelectOptions::default()))
                 .await
-                .map_err(|e| unavailable("declare the work queue", e))?;
+                .map_err(|e| unavailable("confirm mode", e))?;
+            let declare = channel.queue_declare(
+                self.work_queue().as_str().into(),
+                QueueDeclareOptions { durable: true, ..Default::default() },
+                FieldTable::default(),
+            );
+            bounded(self.limit, declare).await.map_err(|e| unavailable("declare the work queue", e))?;
             *link = Some(Link { connection, channel });
         }
         link.as_ref().map(|l| l.channel.clone()).ok_or_else(|| unavailable("connect", "no channel"))
@@ -107,17 +113,15 @@ impl RabbitDeliveryQueue {
     async fn publish(&self, channel: &Channel, queue: &str, job: &DeliveryJob) -> Result<(), DomainError> {
         let payload = serde_json::to_vec(&json!({"tenantId": job.tenant_id.as_str(), "deliveryId": job.delivery_id.to_string()}))
             .map_err(|e| DomainError::Unexpected(e.into()))?;
-        let confirm = channel
-            .basic_publish(
-                "".into(),
-                queue.into(),
-                BasicPublishOptions::default(),
-                &payload,
-                BasicProperties::default().with_delivery_mode(2),
-            )
-            .await
-            .map_err(|e| unavailable("publish", e))?;
-        match tokio::time::timeout(Duration::from_secs(10), confirm).await {
+        let publish = channel.basic_publish(
+            "".into(),
+            queue.into(),
+            BasicPublishOptions::default(),
+            &payload,
+            BasicProperties::default().with_delivery_mode(2),
+        );
+        let confirm = bounded(self.limit, publish).await.map_err(|e| unavailable("publish", e))?;
+        match tokio::time::timeout(self.confirm_timeout, confirm).await {
             Ok(Ok(Confirmation::Ack(_))) => Ok(()),
             Ok(Ok(_)) => Err(unavailable("publish", "the broker did not accept the job")),
             Ok(Err(e)) => Err(unavailable("confirm", e)),
@@ -138,10 +142,8 @@ impl RabbitDeliveryQueue {
             args.insert(ShortString::from("x-dead-letter-exchange"), AMQPValue::LongString("".into()));
             args.insert(ShortString::from("x-dead-letter-routing-key"), AMQPValue::LongString(self.work_queue().into()));
             args.insert(ShortString::from("x-expires"), AMQPValue::LongLongInt(ms as i64 + 600_000));
-            channel
-                .queue_declare(queue.as_str().into(), QueueDeclareOptions { durable: true, ..Default::default() }, args)
-                .await
-                .map_err(|e| unavailable("declare a delay queue", e))?;
+            let declare = channel.queue_declare(queue.as_str().into(), QueueDeclareOptions { durable: true, ..Default::default() }, args);
+            bounded(self.limit, declare).await.map_err(|e| unavailable("declare a delay queue", e))?;
             self.publish(channel, &queue, job).await?;
         }
         Ok(())
@@ -150,7 +152,7 @@ impl RabbitDeliveryQueue {
     async fn ack(&self, channel: &Channel, job: &DeliveryJob) -> Result<(), DomainError> {
         let tag = self.in_flight.lock().unwrap_or_else(|p| p.into_inner()).remove(&job.delivery_id);
         if let Some(tag) = tag {
-            channel.basic_ack(tag, BasicAckOptions::default()).await.map_err(|e| unavailable("ack", e))?;
+            bounded(self.limit, channel.basic_ack(tag, BasicAckOptions::default())).await.map_err(|e| unavailable("ack", e))?;
         }
         Ok(())
     }
@@ -178,11 +180,8 @@ impl DeliveryQueue for RabbitDeliveryQueue {
         let channel = self.channel().await?;
         let mut jobs = Vec::new();
         while jobs.len() < max as usize {
-            let Some(message) = channel
-                .basic_get(self.work_queue().as_str().into(), BasicGetOptions { no_ack: false })
-                .await
-                .map_err(|e| unavailable("get", e))?
-            else {
+            let get = channel.basic_get(self.work_queue().as_str().into(), BasicGetOptions { no_ack: false });
+            let Some(message) = bounded(self.limit, get).await.map_err(|e| unavailable("get", e))? else {
                 break;
             };
             let tag = message.delivery.delivery_tag;
@@ -197,14 +196,14 @@ impl DeliveryQueue for RabbitDeliveryQueue {
                     let duplicate = self.in_flight.lock().unwrap_or_else(|p| p.into_inner()).insert(job.delivery_id, tag);
                     if let Some(older) = duplicate {
                         // The same delivery twice (a reschedule raced a redelivery): keep one.
-                        let _ = channel.basic_ack(older, BasicAckOptions::default()).await;
+                        let _ = bounded(self.limit, channel.basic_ack(older, BasicAckOptions::default())).await;
                         continue;
                     }
                     jobs.push(job);
                 }
                 None => {
                     tracing::warn!("dropping an unreadable delivery job");
-                    channel.basic_ack(tag, BasicAckOptions::default()).await.map_err(|e| unavailable("ack", e))?;
+                    bounded(self.limit, channel.basic_ack(tag, BasicAckOptions::default())).await.map_err(|e| unavailable("ack", e))?;
                 }
             }
         }
@@ -226,14 +225,12 @@ impl DeliveryQueue for RabbitDeliveryQueue {
     /// The jobs that are due (ready in the work queue); delayed ones wait in their delay queues.
     async fn depth(&self) -> Result<Option<u64>, DomainError> {
         let channel = self.channel().await?;
-        let queue = channel
-            .queue_declare(
-                self.work_queue().as_str().into(),
-                QueueDeclareOptions { durable: true, passive: true, ..Default::default() },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| unavailable("inspect the work queue", e))?;
+        let inspect = channel.queue_declare(
+            self.work_queue().as_str().into(),
+            QueueDeclareOptions { durable: true, passive: true, ..Default::default() },
+            FieldTable::default(),
+        );
+        let queue = bounded(self.limit, inspect).await.map_err(|e| unavailable("inspect the work queue", e))?;
         Ok(Some(u64::from(queue.message_count())))
     }
 }

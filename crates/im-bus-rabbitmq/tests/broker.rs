@@ -102,6 +102,45 @@ async fn an_unreachable_broker_is_unavailable() {
     assert!(!health.detail.contains("guest:guest"), "no password in readiness details");
 }
 
+/// A broker that accepts the connection and then says nothing (a stopping node, a half-open
+/// socket): every call gives up after `operation_timeout` instead of waiting, and holds no lock
+/// that readiness would then wait on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_that_stops_answering_is_unavailable_within_the_operation_timeout() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepted = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    let settings = RabbitSettings {
+        operation_timeout: im_domain::HumanDuration(Duration::from_secs(1)),
+        delivery_queue_prefix: "im-test-silent".into(),
+        ..settings(format!("amqp://guest:guest@127.0.0.1:{port}/%2f"))
+    };
+    let publisher = Arc::new(RabbitPublisher::new(settings.clone()));
+    let queue = RabbitDeliveryQueue::new(&settings);
+    let job = im_domain::webhooks::ports::DeliveryJob { tenant_id: TenantId::new("acme").unwrap(), delivery_id: uuid::Uuid::now_v7() };
+    let bounded = Duration::from_secs(8);
+
+    let publishing = {
+        let publisher = publisher.clone();
+        tokio::spawn(async move { publisher.publish(&[event(EventType::IntegrationCreated)]).await })
+    };
+    let health = tokio::time::timeout(bounded, publisher.check()).await.expect("readiness answers while a publish waits");
+    assert!(!health.ready && !health.critical, "{health:?}");
+    let published = tokio::time::timeout(bounded, publishing).await.expect("the publish gives up").unwrap();
+    assert!(matches!(published, Err(DomainError::Unavailable { .. })), "{published:?}");
+    let scheduled =
+        tokio::time::timeout(bounded, queue.schedule(&job, time::OffsetDateTime::now_utc())).await.expect("scheduling gives up");
+    assert!(matches!(scheduled, Err(DomainError::Unavailable { .. })), "{scheduled:?}");
+    let taken = tokio::time::timeout(bounded, queue.take_due(10, Duration::from_secs(30))).await.expect("taking gives up");
+    assert!(matches!(taken, Err(DomainError::Unavailable { .. })), "{taken:?}");
+    accepted.abort();
+}
+
 /// Each publisher publishes to an exchange of its own; the observer is a queue bound to it.
 struct Publishers {
     url: String,

@@ -163,6 +163,10 @@ pub struct DependencyHealth {
 #[cfg_attr(any(test, feature = "test-support"), mockall::automock)]
 #[async_trait]
 pub trait HealthCheck: Send + Sync {
+    /// The dependency's name in readiness reports and whether it is critical: what readiness
+    /// reports for it when `check` does not answer in time.
+    fn describe(&self) -> (&'static str, bool);
+
     /// Checks the dependency. MUST answer within a few seconds and MUST NOT fail: problems are
     /// reported as `ready: false`.
     async fn check(&self) -> DependencyHealth;

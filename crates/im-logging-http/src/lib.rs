@@ -99,6 +99,10 @@ impl AuditSink for HttpAuditSink {
 
 #[async_trait]
 impl HealthCheck for HttpAuditSink {
+    fn describe(&self) -> (&'static str, bool) {
+        self.health.describe()
+    }
+
     async fn check(&self) -> DependencyHealth {
         // Records wait in the store's buffer meanwhile; nothing is lost.
         self.health.report()

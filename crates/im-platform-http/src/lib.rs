@@ -165,6 +165,12 @@ impl PassiveHealth {
         *self.failing.lock().unwrap_or_else(PoisonError::into_inner) = failing;
     }
 
+    /// The service's name in `/health/ready`; never critical.
+    #[must_use]
+    pub fn describe(&self) -> (&'static str, bool) {
+        (self.name, false)
+    }
+
     /// The service's entry in `/health/ready`.
     #[must_use]
     pub fn report(&self) -> DependencyHealth {

@@ -143,6 +143,10 @@ impl HttpSecretStore {
 
 #[async_trait]
 impl HealthCheck for HttpSecretStore {
+    fn describe(&self) -> (&'static str, bool) {
+        self.health.describe()
+    }
+
     async fn check(&self) -> DependencyHealth {
         // Reads and writes that need a secret wait or answer 503; nothing is lost.
         self.health.report()

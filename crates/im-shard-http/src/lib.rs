@@ -374,6 +374,10 @@ impl ShardManager for HttpShardManager {
 
 #[async_trait]
 impl HealthCheck for HttpShardManager {
+    fn describe(&self) -> (&'static str, bool) {
+        self.health.describe()
+    }
+
     async fn check(&self) -> DependencyHealth {
         // Sync runs fail and are retried on their schedule; the API is unaffected.
         self.health.report()

@@ -398,6 +398,10 @@ impl CosmosStore {
 
 #[async_trait]
 impl HealthCheck for CosmosStore {
+    fn describe(&self) -> (&'static str, bool) {
+        ("store", true)
+    }
+
     #[tracing::instrument(skip_all, name = "store.check")]
     async fn check(&self) -> DependencyHealth {
         let started = Instant::now();

@@ -164,6 +164,10 @@ impl EmbeddedStore {
 
 #[async_trait]
 impl HealthCheck for EmbeddedStore {
+    fn describe(&self) -> (&'static str, bool) {
+        ("store", true)
+    }
+
     #[tracing::instrument(skip_all, name = "store.check")]
     async fn check(&self) -> DependencyHealth {
         let started = std::time::Instant::now();

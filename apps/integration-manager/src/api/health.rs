@@ -2,6 +2,7 @@
 
 use actix_web::{HttpRequest, HttpResponse, web};
 use im_domain::auth::AuthError;
+use im_domain::ports::DependencyHealth;
 use secrecy::ExposeSecret as _;
 use serde::Serialize;
 use utoipa::ToSchema;
@@ -29,6 +30,9 @@ pub struct HealthReport {
     pub dependencies: Vec<DependencyReport>,
 }
 
+/// How long readiness waits for the checks (each MUST answer within a few seconds).
+const CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(8);
+
 /// The process is up.
 #[utoipa::path(get, operation_id = "live", path = "/health/live", tag = "operations",
     responses((status = 200, description = "Alive", body = HealthReport)))]
@@ -45,9 +49,31 @@ pub async fn live() -> HttpResponse {
         (status = 503, description = "A dependency is not ready", body = HealthReport),
     ))]
 pub async fn ready(state: web::Data<AppState>) -> HttpResponse {
-    let mut dependencies = Vec::with_capacity(state.health.len());
-    for check in &state.health {
-        let health = check.check().await;
+    // Every check runs at once; one that does not answer in time is reported unready, so a
+    // dependency that hangs never holds the probe.
+    let checks: Vec<_> = state
+        .health
+        .iter()
+        .map(|check| {
+            let check = check.clone();
+            (check.describe(), tokio::spawn(async move { check.check().await }))
+        })
+        .collect();
+    let deadline = tokio::time::Instant::now() + CHECK_TIMEOUT;
+    let mut dependencies = Vec::with_capacity(checks.len());
+    for ((name, critical), task) in checks {
+        let abort = task.abort_handle();
+        let health = match tokio::time::timeout_at(deadline, task).await {
+            Ok(Ok(health)) => health,
+            outcome => {
+                abort.abort();
+                let diagnostic = match outcome {
+                    Ok(Err(e)) => format!("the check failed: {e}"),
+                    _ => format!("the check did not answer within {} s", CHECK_TIMEOUT.as_secs()),
+                };
+                DependencyHealth { name: name.into(), ready: false, critical, detail: "not answering".into(), diagnostic }
+            }
+        };
         if health.ready {
             tracing::debug!(dependency = %health.name, diagnostic = %health.diagnostic, "dependency ready");
         } else {
