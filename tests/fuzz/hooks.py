@@ -6,8 +6,9 @@ create a few resources first, through the API (`fixtures()`, once, with the run'
 IM_FUZZ_URL and IM_FUZZ_TOKEN), and put their ids where a request must name one:
 
 - `fuzz-open`, a catalog provider with every auth mode, an open `configSchema` and one entity
-  (`items`): `createIntegration`/`updateIntegration` bodies without a `customDefinition` name it
-  as `providerId` (with one, `custom`), as a client picks a provider from `GET /providers`;
+  (`items`): `createIntegration` bodies without a `customDefinition` name it as `providerId`
+  (with one, `custom`), as a client picks a provider from `GET /providers`; `updateIntegration`
+  addresses the integration below, whose provider (`fuzz-open`) cannot change;
 - an integration of `fuzz-open` with a bearer connection and a manual sync task: the `id` of
   the connection operations (not the deletes) is that integration, `connectionId` that
   connection; `createSyncTask`/`updateSyncTask` bodies name that integration, connection and
@@ -155,6 +156,8 @@ def map_path_parameters(ctx, path_parameters):
         path_parameters["id"] = fixtures()["task"]
     elif operation == "updateProvider":
         path_parameters["id"] = "fuzz-edit"
+    elif operation == "updateIntegration":
+        path_parameters["id"] = fixtures()["integration"]
     return path_parameters
 
 
@@ -163,8 +166,13 @@ def map_body(ctx, body):
     operation = ctx.operation.definition.raw.get("operationId", "") if ctx.operation else ""
     if not isinstance(body, dict):
         return body
-    if operation in ("createIntegration", "updateIntegration"):
+    if operation == "createIntegration":
+        fixtures()  # creates fuzz-open before the first body names it
         body["providerId"] = "custom" if body.get("customDefinition") is not None else "fuzz-open"
+    elif operation == "updateIntegration":
+        # The fixture integration: its provider cannot change, and it is no custom integration.
+        body["providerId"] = "fuzz-open"
+        body.pop("customDefinition", None)
     elif operation in ("createSyncTask", "updateSyncTask"):
         body["integrationId"] = fixtures()["integration"]
         body["connectionId"] = fixtures()["connection"]

@@ -24,6 +24,9 @@ target=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json, 
 bin="$target/debug/integration-manager"
 port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 export IM_STORAGE__DATA_DIR="$work/data" IM_SERVER__HOST=127.0.0.1 IM_SERVER__PORT="$port" IM_LOG__LEVEL=warn
+# URLs: the document allows `http` where the destination policy does (`webhooks.allow_http`,
+# stated in each URL field's description); this run allows it, so the patterns are exact.
+export IM_WEBHOOKS__ALLOW_HTTP=true
 # The callback URL of OAuth2 authorizations (the hooks start some for the callback).
 export IM_OAUTH2__REDIRECT_URL="http://127.0.0.1:$port/api/v1/oauth2/callback"
 "$bin" serve 2>"$work/server.log" &

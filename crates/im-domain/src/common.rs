@@ -327,7 +327,26 @@ pub fn validate_url(value: &str, allow_http: bool) -> Result<(), FieldViolation>
     if !valid_host || value.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(FieldViolation::invalid("", "is not a valid URL"));
     }
-    Ok(())
+    // Then as it will be used: with each `{placeholder}` filled, the WHATWG parse of the client.
+    let filled = fill_placeholders(value, "x");
+    match url::Url::parse(&filled) {
+        Ok(parsed) if parsed.host().is_some() => Ok(()),
+        _ => Err(FieldViolation::invalid("", "is not a valid URL")),
+    }
+}
+
+/// `template` with every `{name}` replaced by `with`.
+fn fill_placeholders(template: &str, with: &str) -> String {
+    let mut out = String::with_capacity(template.len());
+    let mut rest = template;
+    while let Some(open) = rest.find('{') {
+        let Some(close) = rest[open..].find('}') else { break };
+        out.push_str(&rest[..open]);
+        out.push_str(with);
+        rest = &rest[open + close + 1..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Checks a URL a browser is sent to (an OAuth2 redirect or return URL): [`validate_url`], and

@@ -75,6 +75,11 @@ impl fmt::Debug for Credentials {
     }
 }
 
+/// An OAuth 2.0 scope: 1 to 200 characters without spaces or control characters.
+pub(crate) fn is_scope(scope: &str) -> bool {
+    (1..=200).contains(&scope.chars().count()) && !scope.chars().any(|c| c.is_whitespace() || c.is_control())
+}
+
 fn check_secret_text(v: &mut Violations, field: &str, value: &str, min: usize, max: usize) {
     let chars = value.chars().count();
     if chars < min || chars > max || value.chars().any(char::is_control) {
@@ -88,7 +93,7 @@ pub fn check_scopes(v: &mut Violations, field: &str, scopes: &[String]) {
         v.invalid(field, format!("must have at most {MAX_SCOPES} scopes"));
     }
     for (i, scope) in scopes.iter().enumerate() {
-        if scope.is_empty() || scope.len() > 200 || scope.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        if !is_scope(scope) {
             v.invalid(format!("{field}[{i}]"), "must be 1 to 200 characters without spaces");
         }
     }

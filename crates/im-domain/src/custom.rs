@@ -197,7 +197,7 @@ pub(crate) fn is_param_name(name: &str) -> bool {
 
 /// Checks a path template: starts with `/`, no spaces, braces balanced around identifiers.
 fn check_path(path: &str) -> Result<Vec<String>, &'static str> {
-    if !path.starts_with('/') || path.len() > 1024 {
+    if !path.starts_with('/') || path.chars().count() > 1024 {
         return Err("must start with '/' and be at most 1024 characters");
     }
     if path.chars().any(|c| c.is_whitespace() || c.is_control() || c == '?' || c == '#') {
@@ -245,7 +245,7 @@ impl RequestTemplate {
             v.invalid("query", "must have at most 50 parameters");
         }
         for (name, value) in &self.query {
-            if !is_param_name(name) || value.len() > 1024 || value.chars().any(char::is_control) {
+            if !is_param_name(name) || value.chars().count() > 1024 || value.chars().any(char::is_control) {
                 v.invalid(format!("query.{name}"), "must be a parameter name with a value of at most 1024 characters");
             }
         }
@@ -291,7 +291,7 @@ impl CustomApiDefinition {
             CustomAuth::Oauth2ClientCredentials { token_url, scopes } => {
                 v.check("auth.tokenUrl", policy.check_url(token_url));
                 for (i, scope) in scopes.iter().enumerate() {
-                    if scope.is_empty() || scope.len() > 200 || scope.contains(char::is_whitespace) {
+                    if !crate::connection::is_scope(scope) {
                         v.invalid(format!("auth.scopes[{i}]"), "must be 1 to 200 characters without spaces");
                     }
                 }
@@ -365,7 +365,7 @@ pub(crate) fn entity_violations(entities: &[EntityDefinition], v: &mut Violation
                 v.invalid(format!("{at}.deleted.field"), "must be a dotted path such as archived");
             }
             let scalar = matches!(&deleted.value, serde_json::Value::Bool(_) | serde_json::Value::Number(_))
-                || deleted.value.as_str().is_some_and(|t| !t.is_empty() && t.len() <= 256);
+                || deleted.value.as_str().is_some_and(|t| (1..=256).contains(&t.chars().count()));
             if !scalar {
                 v.invalid(format!("{at}.deleted.value"), "must be a boolean, a number or a string of 1 to 256 characters");
             }

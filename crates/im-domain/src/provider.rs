@@ -303,7 +303,7 @@ impl ProviderSpec {
             v.invalid("defaultScopes", "must have at most 100 scopes");
         }
         for (i, scope) in self.default_scopes.iter().enumerate() {
-            if scope.is_empty() || scope.len() > 200 || scope.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            if !crate::connection::is_scope(scope) {
                 v.invalid(format!("defaultScopes[{i}]"), "must be 1 to 200 characters without spaces");
             }
         }

@@ -119,7 +119,10 @@ fn meant_branch<'a>(
         .filter(|errors| {
             !errors.iter().any(|e| match &e.kind {
                 ValidationErrorKind::Type { .. } => e.instance_path.as_str() == at,
-                ValidationErrorKind::Enum { .. } | ValidationErrorKind::Constant { .. } => is_child(at, e.instance_path.as_str()),
+                // A tag names the branch; a value a rule's `then` refuses does not.
+                ValidationErrorKind::Enum { .. } | ValidationErrorKind::Constant { .. } => {
+                    is_child(at, e.instance_path.as_str()) && !conditional(e)
+                }
                 _ => false,
             })
         })
@@ -208,12 +211,16 @@ pub fn refused() -> Value {
     json!({"not": {}})
 }
 
+/// Whether a `then` or `else` found the error: what it requires depends on the value its `if`
+/// looked at.
+fn conditional(error: &jsonschema::ValidationError<'_>) -> bool {
+    error.schema_path.as_str().split('/').any(|s| s == "then" || s == "else")
+}
+
 /// One schema error as the violations it stands for.
 fn violations_of(error: &jsonschema::ValidationError<'_>, ctx: &Union<'_>, out: &mut Vec<FieldViolation>) {
     let at = error.instance_path.as_str();
-    // What `then` or `else` requires depends on the value its `if` looked at.
-    let conditional = error.schema_path.as_str().split('/').any(|s| s == "then" || s == "else");
-    let ctx = &Union { root: ctx.root, ruled: ctx.ruled || conditional };
+    let ctx = &Union { root: ctx.root, ruled: ctx.ruled || conditional(error) };
     match &error.kind {
         ValidationErrorKind::AdditionalProperties { unexpected } | ValidationErrorKind::UnevaluatedProperties { unexpected } => {
             for name in unexpected {
@@ -234,17 +241,30 @@ fn violations_of(error: &jsonschema::ValidationError<'_>, ctx: &Union<'_>, out: 
         ValidationErrorKind::Not { schema } if schema.as_object().is_some_and(serde_json::Map::is_empty) => {
             out.push(FieldViolation::invalid(path(at, None), "is not used with the values given"));
         }
+        // Never the value itself: it may be a credential.
+        ValidationErrorKind::Pattern { .. } => {
+            out.push(FieldViolation::invalid(path(at, None), "does not have the form the document gives for this field (its pattern)"));
+        }
+        ValidationErrorKind::MaxLength { limit } => {
+            out.push(FieldViolation::invalid(path(at, None), format!("must be at most {limit} characters")));
+        }
+        ValidationErrorKind::MinLength { limit } => {
+            out.push(FieldViolation::invalid(path(at, None), format!("must be at least {limit} characters")));
+        }
         ValidationErrorKind::Type { kind } => out.push(FieldViolation::new(
             path(at, None),
             ViolationKind::WrongType,
             format!("must be {} (got {})", expected(kind), type_name(&error.instance)),
         )),
+        // A value another field's value rules out (a rule's `then`) is a value problem, not one of shape.
         ValidationErrorKind::Enum { options } => {
             let names: Vec<String> = options.as_array().into_iter().flatten().filter(|o| !o.is_null()).map(ToString::to_string).collect();
-            out.push(FieldViolation::new(path(at, None), ViolationKind::WrongType, format!("must be one of {}", names.join(", "))));
+            let kind = if ctx.ruled { ViolationKind::Invalid } else { ViolationKind::WrongType };
+            out.push(FieldViolation::new(path(at, None), kind, format!("must be one of {}", names.join(", "))));
         }
         ValidationErrorKind::Constant { expected_value } => {
-            out.push(FieldViolation::new(path(at, None), ViolationKind::WrongType, format!("must be {expected_value}")));
+            let kind = if ctx.ruled { ViolationKind::Invalid } else { ViolationKind::WrongType };
+            out.push(FieldViolation::new(path(at, None), kind, format!("must be {expected_value}")));
         }
         ValidationErrorKind::OneOfNotValid { context } | ValidationErrorKind::AnyOf { context } => {
             let rule = rule_of(ctx.root, error.schema_path.as_str());

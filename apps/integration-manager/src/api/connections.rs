@@ -54,22 +54,22 @@ impl From<ConnectionStatus> for ConnectionStatusDto {
 #[schema(as = ConnectionCredentials)]
 pub struct CredentialsDto {
     #[serde(default)]
-    #[schema(write_only, min_length = 1, max_length = 4096)]
+    #[schema(write_only, min_length = 1, max_length = 4096, pattern = r"^[^\x00-\x1F\x7F-\x9F]*$")]
     api_key: Option<String>,
     #[serde(default)]
-    #[schema(write_only, min_length = 1, max_length = 8192)]
+    #[schema(write_only, min_length = 1, max_length = 8192, pattern = r"^[^\x00-\x1F\x7F-\x9F]*$")]
     token: Option<String>,
     #[serde(default)]
-    #[schema(write_only, min_length = 1, max_length = 256)]
+    #[schema(write_only, min_length = 1, max_length = 256, pattern = r"^[^\x00-\x1F\x7F-\x9F]*$")]
     username: Option<String>,
     #[serde(default)]
-    #[schema(write_only, max_length = 1024)]
+    #[schema(write_only, max_length = 1024, pattern = r"^[^\x00-\x1F\x7F-\x9F]*$")]
     password: Option<String>,
     #[serde(default)]
-    #[schema(write_only, min_length = 1, max_length = 256)]
+    #[schema(write_only, min_length = 1, max_length = 256, pattern = r"^[^\x00-\x1F\x7F-\x9F]*$")]
     client_id: Option<String>,
     #[serde(default)]
-    #[schema(write_only, min_length = 1, max_length = 1024)]
+    #[schema(write_only, min_length = 1, max_length = 1024, pattern = r"^[^\x00-\x1F\x7F-\x9F]*$")]
     client_secret: Option<String>,
     #[serde(default)]
     #[schema(schema_with = super::schemas::scopes)]
@@ -108,7 +108,13 @@ pub fn rules() -> Value {
             })
         })
         .collect();
-    json!({"allOf": by_mode})
+    // Authorization code connections are made by `.../connections/oauth2/authorize`.
+    let authorize = json!({
+        "if": {"required": ["authMode"], "properties": {"authMode": {"const": AuthMode::Oauth2AuthorizationCode.as_str()}}},
+        "then": {"properties": {"authMode": body::refused()}},
+    });
+    let all = [by_mode, vec![authorize]].concat();
+    json!({"allOf": all})
 }
 
 impl CredentialsDto {
@@ -162,7 +168,12 @@ impl CredentialsDto {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ConnectionInput {
-    #[schema(min_length = 1, max_length = 100, example = "Deploy bot")]
+    #[schema(
+        min_length = 1,
+        max_length = 100,
+        example = "Deploy bot",
+        pattern = r"^[^\x00-\x08\x0B-\x1F\x7F-\x9F]*[^\s\x00-\x1F\x7F-\x9F][^\x00-\x08\x0B-\x1F\x7F-\x9F]*$"
+    )]
     name: String,
     /// One of the modes the integration's provider (or custom definition) supports.
     auth_mode: AuthModeDto,

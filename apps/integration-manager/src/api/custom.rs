@@ -15,11 +15,15 @@ use utoipa::ToSchema;
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[schema(as = CustomDefinition)]
 pub struct CustomDefinitionDto {
-    /// Base URL of every request: an absolute https URL without query or fragment, judged as the
-    /// provider client sends it (WHATWG URL parsing; `http` only where the service's destination
-    /// policy allows it, `webhooks.allow_http`; no user name or password; an address host only
+    /// Base URL of every request: an absolute https URL without query or fragment (a host name
+    /// in ASCII, `xn--` for international names, or an IP address), judged as the provider
+    /// client sends it (WHATWG URL parsing; `http` only where the service's destination policy allows it, `webhooks.allow_http`; no user name or password; an address host only
     /// where `webhooks.allowed_private_cidrs` allows it).
-    #[schema(max_length = 2048, pattern = r"^[Hh][Tt][Tt][Pp][Ss]?://[^\x00-\x20\x7F-\x9F?#]+$", example = "https://api.example.com/v2")]
+    #[schema(
+        max_length = 2048,
+        pattern = r"^[Hh][Tt][Tt][Pp][Ss]?://(([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?|(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])(\.(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])){3}|\[(([0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}|([0-9A-Fa-f]{1,4}(:[0-9A-Fa-f]{1,4}){0,2})?::([0-9A-Fa-f]{1,4}(:[0-9A-Fa-f]{1,4}){0,2})?)\])(:([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5]))?(/[^\s\x00-\x1F\x7F-\x9F?#]*)?$",
+        example = "https://api.example.com/v2"
+    )]
     pub base_url: String,
     pub auth: CustomAuthDto,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -56,7 +60,10 @@ pub enum CustomAuthDto {
     #[serde(rename_all = "camelCase")]
     Oauth2ClientCredentials {
         /// An absolute https URL, judged as `baseUrl` is (`http` only where `webhooks.allow_http`).
-        #[schema(max_length = 2048, pattern = r"^[Hh][Tt][Tt][Pp][Ss]?://[^\x00-\x20\x7F-\x9F]+$")]
+        #[schema(
+            max_length = 2048,
+            pattern = r"^[Hh][Tt][Tt][Pp][Ss]?://(([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?|(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])(\.(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])){3}|\[(([0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}|([0-9A-Fa-f]{1,4}(:[0-9A-Fa-f]{1,4}){0,2})?::([0-9A-Fa-f]{1,4}(:[0-9A-Fa-f]{1,4}){0,2})?)\])(:([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5]))?(/[^\s\x00-\x1F\x7F-\x9F?#]*)?$"
+        )]
         token_url: String,
         #[serde(default)]
         #[schema(schema_with = super::schemas::scopes)]
@@ -153,6 +160,50 @@ fn one() -> u32 {
     1
 }
 
+/// A path template: `/`, then characters other than spaces, control characters, `?`, `#` and
+/// braces, and `{name}` placeholders.
+const PATH: &str = r"^/([^\s\x00-\x1F\x7F-\x9F?#{}]|\{[A-Za-z0-9_]+\})*$";
+
+/// The same with an `{id}` placeholder.
+const PATH_WITH_ID: &str = r"^/([^\s\x00-\x1F\x7F-\x9F?#{}]|\{[A-Za-z0-9_]+\})*\{id\}([^\s\x00-\x1F\x7F-\x9F?#{}]|\{[A-Za-z0-9_]+\})*$";
+
+/// The rules of `CustomAuth` beside its fields: an API key's `prefix` only with `in: header`.
+pub fn auth_rules() -> serde_json::Value {
+    serde_json::json!({
+        "if": {"required": ["type", "in"], "properties": {"type": {"const": "api_key"}, "in": {"const": "query"}}},
+        "then": {"properties": {"prefix": super::body::refused()}},
+    })
+}
+
+impl EntityDto {
+    /// The rules of `Entity` beside its fields: `updatedSinceParam` needs `updatedAtField`; what
+    /// each of its requests may be (the methods, an `{id}` in the path of `get` and `delete`,
+    /// `itemsPath` only on `list`).
+    pub fn rules() -> serde_json::Value {
+        let request = |name: &str, methods: &[&str], path: &str, list: bool| {
+            let mut rule = serde_json::json!({"method": {"enum": methods}, "path": {"pattern": path}});
+            if !list {
+                rule["itemsPath"] = super::body::refused();
+            }
+            serde_json::json!({
+                "if": {"required": [name], "properties": {name: {"type": "object"}}},
+                "then": {"properties": {name: {"properties": rule}}},
+            })
+        };
+        let since_needs_updated_at = serde_json::json!({
+            "if": {"required": ["updatedSinceParam"], "properties": {"updatedSinceParam": {"type": "string"}}},
+            "then": {"required": ["updatedAtField"], "properties": {"updatedAtField": {"type": "string"}}},
+        });
+        serde_json::json!({"allOf": [
+            since_needs_updated_at,
+            request("list", &["GET", "POST"], PATH, true),
+            request("get", &["GET"], PATH_WITH_ID, false),
+            request("upsert", &["POST", "PUT", "PATCH"], PATH, false),
+            request("delete", &["DELETE", "POST"], PATH_WITH_ID, false),
+        ]})
+    }
+}
+
 /// One kind of record the API exposes, and the requests that read and write it.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -172,7 +223,7 @@ pub struct EntityDto {
     /// time (`since`); needs `updatedAtField`. Without it an incremental sync reads every page
     /// and skips older records itself.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(min_length = 1, max_length = 128)]
+    #[schema(min_length = 1, max_length = 128, pattern = r"^[A-Za-z0-9_\-.\[\]]+$")]
     pub updated_since_param: Option<String>,
     /// The list request: `GET` or `POST`; `itemsPath` locates the records.
     pub list: RequestTemplateDto,
@@ -199,7 +250,7 @@ pub struct DeletedMarkerDto {
     /// Dotted path in a record (`archived`, `properties.status`).
     #[schema(min_length = 1, max_length = 256, pattern = r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")]
     pub field: String,
-    /// A boolean, a number or a string (`true`, `"deleted"`).
+    #[schema(schema_with = super::schemas::deleted_value)]
     pub value: serde_json::Value,
 }
 
@@ -222,8 +273,8 @@ pub enum HttpMethodDto {
 #[schema(as = RequestTemplate)]
 pub struct RequestTemplateDto {
     pub method: HttpMethodDto,
-    /// Starts with `/`; no spaces, `?` or `#`; placeholders such as `{id}`.
-    #[schema(min_length = 1, max_length = 1024, pattern = r"^/[^\s?#]*$")]
+    /// Starts with `/`; no spaces, control characters, `?` or `#`; placeholders such as `{id}`.
+    #[schema(min_length = 1, max_length = 1024, pattern = r"^/([^\s\x00-\x1F\x7F-\x9F?#{}]|\{[A-Za-z0-9_]+\})*$")]
     pub path: String,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schema(schema_with = super::schemas::query_parameters)]

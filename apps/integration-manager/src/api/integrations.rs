@@ -92,13 +92,13 @@ pub struct IntegrationInput {
 #[schema(as = OAuth2AppInput)]
 pub struct OAuth2AppInput {
     /// The client id of the tenant's OAuth app.
-    #[schema(min_length = 1, max_length = 256, example = "Iv1.8a61f9b3a7aba766")]
+    #[schema(min_length = 1, max_length = 256, example = "Iv1.8a61f9b3a7aba766", pattern = r"^[^\x00-\x1F\x7F-\x9F]*$")]
     client_id: String,
     /// The client secret: kept in the secret store, never returned. Required on create and
     /// whenever `clientId` changes; omitted on update with the same `clientId`, the stored
     /// secret is kept. Given, it replaces the stored one (the old one is deleted).
     #[serde(default)]
-    #[schema(write_only, min_length = 1, max_length = 1024)]
+    #[schema(write_only, min_length = 1, max_length = 1024, pattern = r"^[^\x00-\x1F\x7F-\x9F]*$")]
     client_secret: Option<String>,
     /// The last four characters of the stored secret, as reads show them: may be sent back, ignored.
     #[serde(default)]

@@ -6,7 +6,9 @@ use serde_json::{Value, json};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{admin, connection_test, connections, deliveries, health, integrations, oauth2, problem, providers, sync_tasks, webhooks};
+use super::{
+    admin, connection_test, connections, custom, deliveries, health, integrations, oauth2, problem, providers, sync_tasks, webhooks,
+};
 
 struct BearerAuth;
 
@@ -69,9 +71,14 @@ const CLOSED_UNIONS: [&str; 2] = ["CustomAuth", "Pagination"];
 /// The schema's name and the function that gives its rules.
 type Rules = (&'static str, fn() -> Value);
 
-const RULES: [Rules; 4] = [
+const RULES: [Rules; 9] = [
     ("ConnectionInput", connections::rules),
     ("ProviderInput", providers::ProviderInput::rules),
+    ("ApiKeyPlacement", providers::api_key_rules),
+    ("VerificationRequest", providers::verification_rules),
+    ("SyncTaskInput", sync_tasks::SyncTaskInput::rules),
+    ("Entity", custom::EntityDto::rules),
+    ("CustomAuth", custom::auth_rules),
     ("SyncSchedule", sync_tasks::ScheduleDto::rules),
     ("SyncConflictResolution", sync_tasks::ResolutionDto::rules),
 ];

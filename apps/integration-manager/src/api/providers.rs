@@ -128,7 +128,7 @@ pub struct VerificationRequestDto {
     method: HttpMethodDto,
     /// Relative to `apiBaseUrl`; starts with `/`; placeholders such as `{organization}` take the
     /// integration's configuration value of that name.
-    #[schema(min_length = 1, max_length = 1024, pattern = r"^/[^\s?#]*$")]
+    #[schema(min_length = 1, max_length = 1024, pattern = r"^/([^\s\x00-\x1F\x7F-\x9F?#{}]|\{[A-Za-z0-9_]+\})*$")]
     path: String,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schema(schema_with = super::schemas::query_parameters)]
@@ -197,7 +197,7 @@ pub struct ProviderInput {
     #[serde(default)]
     #[schema(
         max_length = 2048,
-        pattern = r"^https?://([^\s/?#@]*@)?([A-Za-z0-9_{}-]{1,63}(\.[A-Za-z0-9_{}-]{1,63})*|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?([/?#][^\s\x00-\x1F\x7F-\x9F]*)?$"
+        pattern = r"^https?://([^\s\x00-\x1F\x7F-\x9F/?#@\[\]]*@)?([A-Za-z0-9_{}-]{1,63}(\.[A-Za-z0-9_{}-]{1,63})*|\[(([0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}|([0-9A-Fa-f]{1,4}(:[0-9A-Fa-f]{1,4}){0,2})?::([0-9A-Fa-f]{1,4}(:[0-9A-Fa-f]{1,4}){0,2})?)\])(:([0-9]{1,4}|[0-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5]))?([/?#][^\s\x00-\x1F\x7F-\x9F]*)?$"
     )]
     authorization_url: Option<String>,
     /// https (http only where the service's destination policy allows it); required when
@@ -205,7 +205,7 @@ pub struct ProviderInput {
     #[serde(default)]
     #[schema(
         max_length = 2048,
-        pattern = r"^https?://([^\s/?#@]*@)?([A-Za-z0-9_{}-]{1,63}(\.[A-Za-z0-9_{}-]{1,63})*|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?([/?#][^\s\x00-\x1F\x7F-\x9F]*)?$"
+        pattern = r"^https?://([^\s\x00-\x1F\x7F-\x9F/?#@\[\]]*@)?([A-Za-z0-9_{}-]{1,63}(\.[A-Za-z0-9_{}-]{1,63})*|\[(([0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}|([0-9A-Fa-f]{1,4}(:[0-9A-Fa-f]{1,4}){0,2})?::([0-9A-Fa-f]{1,4}(:[0-9A-Fa-f]{1,4}){0,2})?)\])(:([0-9]{1,4}|[0-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5]))?([/?#][^\s\x00-\x1F\x7F-\x9F]*)?$"
     )]
     token_url: Option<String>,
     #[serde(default)]
@@ -214,13 +214,13 @@ pub struct ProviderInput {
     /// https.
     #[schema(
         max_length = 2048,
-        pattern = r"^https://([^\s/?#@]*@)?([A-Za-z0-9_{}-]{1,63}(\.[A-Za-z0-9_{}-]{1,63})*|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?([/?#][^\s\x00-\x1F\x7F-\x9F]*)?$"
+        pattern = r"^https://([^\s\x00-\x1F\x7F-\x9F/?#@\[\]]*@)?([A-Za-z0-9_{}-]{1,63}(\.[A-Za-z0-9_{}-]{1,63})*|\[(([0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}|([0-9A-Fa-f]{1,4}(:[0-9A-Fa-f]{1,4}){0,2})?::([0-9A-Fa-f]{1,4}(:[0-9A-Fa-f]{1,4}){0,2})?)\])(:([0-9]{1,4}|[0-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5]))?([/?#][^\s\x00-\x1F\x7F-\x9F]*)?$"
     )]
     api_base_url: String,
     /// https.
     #[schema(
         max_length = 2048,
-        pattern = r"^https://([^\s/?#@]*@)?([A-Za-z0-9_{}-]{1,63}(\.[A-Za-z0-9_{}-]{1,63})*|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?([/?#][^\s\x00-\x1F\x7F-\x9F]*)?$"
+        pattern = r"^https://([^\s\x00-\x1F\x7F-\x9F/?#@\[\]]*@)?([A-Za-z0-9_{}-]{1,63}(\.[A-Za-z0-9_{}-]{1,63})*|\[(([0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}|([0-9A-Fa-f]{1,4}(:[0-9A-Fa-f]{1,4}){0,2})?::([0-9A-Fa-f]{1,4}(:[0-9A-Fa-f]{1,4}){0,2})?)\])(:([0-9]{1,4}|[0-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5]))?([/?#][^\s\x00-\x1F\x7F-\x9F]*)?$"
     )]
     docs_url: String,
     /// JSON Schema (type object) of an integration's `config`; default: an empty object.
@@ -265,6 +265,10 @@ impl ProviderInput {
         };
         json!({
             "allOf": [
+                {
+                    "if": {"required": ["configSchema"], "properties": {"configSchema": {"type": "object"}}},
+                    "then": {"properties": {"configSchema": {"required": ["type"], "properties": {"type": {"const": "object"}}}}},
+                },
                 by_modes(&[AuthMode::ApiKey], "apiKey"),
                 by_modes(&[AuthMode::Oauth2AuthorizationCode], "authorizationUrl"),
                 by_modes(&[AuthMode::Oauth2AuthorizationCode, AuthMode::Oauth2ClientCredentials], "tokenUrl"),
@@ -275,6 +279,19 @@ impl ProviderInput {
             ]
         })
     }
+}
+
+/// The rules of `ApiKeyPlacement` beside its fields: `prefix` only with `in: header`.
+pub fn api_key_rules() -> Value {
+    json!({
+        "if": {"required": ["in"], "properties": {"in": {"const": "query"}}},
+        "then": {"properties": {"prefix": body::refused()}},
+    })
+}
+
+/// The rules of `VerificationRequest` beside its fields: `GET` or `POST`.
+pub fn verification_rules() -> Value {
+    json!({"if": {"required": ["method"]}, "then": {"properties": {"method": {"enum": ["GET", "POST"]}}}})
 }
 
 impl TryFrom<ProviderInput> for ProviderSpec {

@@ -32,9 +32,83 @@ fn map_of(max_properties: usize, value_max: usize, description: &str) -> Object 
         .build()
 }
 
-/// OAuth 2.0 scopes: at most 100, each 1 to 200 characters without spaces.
+/// OAuth 2.0 scopes: at most 100, each 1 to 200 characters without spaces or control characters.
 pub fn scopes() -> Array {
-    array_of(string(1, 200, Some(r"^\S+$")), 100, "OAuth 2.0 scopes, each 1 to 200 characters without spaces")
+    array_of(string(1, 200, Some(r"^[^\s\x00-\x1F\x7F-\x9F]+$")), 100, "OAuth 2.0 scopes, each 1 to 200 characters without spaces")
+}
+
+/// Text without control characters (as `char::is_control` judges them).
+pub const TEXT: &str = r"^[^\x00-\x1F\x7F-\x9F]*$";
+
+/// What a soft-deleted record's field equals: a boolean, a number or a string of 1 to 256
+/// characters; a value rule (`x-rule`), so any other value is a value problem (422) worded as
+/// the domain words it.
+pub fn deleted_value() -> Schema {
+    let of = |kind: Type| ObjectBuilder::new().schema_type(kind);
+    let any_of = utoipa::openapi::schema::AnyOfBuilder::new()
+        .item(of(Type::Boolean).build())
+        .item(of(Type::Number).build())
+        .item(of(Type::String).min_length(Some(1)).max_length(Some(256)).build())
+        .description(Some("A boolean, a number or a string of 1 to 256 characters (`true`, `\"deleted\"`)"))
+        .extensions(Some(
+            utoipa::openapi::extensions::ExtensionsBuilder::new()
+                .add(super::body::RULE, serde_json::json!({"message": "must be a boolean, a number or a string of 1 to 256 characters"}))
+                .build(),
+        ))
+        .build();
+    Schema::AnyOf(any_of)
+}
+
+/// A five-field cron expression as the scheduler parses it: minute, hour, day of month, month,
+/// day of week; each `*` (with an optional `/step`) or a list of values and ranges (a range
+/// with an optional `/step`); month and day names in any case; `L` in the day of month, `?`
+/// alone as the day of month or week. A range goes upwards (`1-5`, not `5-1`).
+pub fn cron() -> Object {
+    ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::SchemaType::from_iter([Type::String, Type::Null]))
+        .max_length(Some(256))
+        .pattern(Some(CRON.as_str()))
+        .examples([serde_json::json!("*/15 * * * *"), serde_json::json!("0 9 * * MON-FRI")])
+        .description(Some("A five-field cron expression: minute hour day-of-month month day-of-week"))
+        .build()
+}
+
+static CRON: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let any_case = |words: &str| -> Vec<String> {
+        words.split(' ').map(|w| w.chars().map(|c| format!("[{}{}]", c.to_ascii_uppercase(), c.to_ascii_lowercase())).collect()).collect()
+    };
+    let months = any_case("JAN FEB MAR APR MAY JUN JUL AUG SEP OCT NOV DEC").join("|");
+    let days = any_case("SUN MON TUE WED THU FRI SAT").join("|");
+    // `*` (with a step) or `?` stand alone; a list has values and ranges (a step only on a range).
+    let field = |value: &str, alone: &str, item: &str| {
+        let range = format!(r"({value})(-({value})(/[1-9][0-9]?)?)?");
+        let range = if item.is_empty() { range } else { format!("({range}|{item})") };
+        format!(r"(\*(/[1-9][0-9]?)?{alone}|{range}(,{range})*)")
+    };
+    let fields = [
+        field("[1-5]?[0-9]", "", ""),
+        field("1?[0-9]|2[0-3]", "", ""),
+        field("[1-9]|[12][0-9]|3[01]", "|[?]", "[Ll]"),
+        field(&format!("[1-9]|1[0-2]|{months}"), "", ""),
+        field(&format!("[0-7]|{days}"), "|[?]", ""),
+    ];
+    format!("^ *{} *$", fields.join(" +"))
+});
+
+/// An interval of 1 minute to 365 days: a whole number of `s`, `m`, `h` or `d`.
+pub fn every() -> Object {
+    ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::SchemaType::from_iter([Type::String, Type::Null]))
+        .max_length(Some(32))
+        .pattern(Some(concat!(
+            r"^(([1-9]|[1-9][0-9]|[12][0-9]{2}|3[0-5][0-9]|36[0-5])d",
+            r"|([1-9][0-9]{0,2}|[1-7][0-9]{3}|8[0-6][0-9]{2}|87[0-5][0-9]|8760)h",
+            r"|([1-9][0-9]{0,4}|[1-4][0-9]{5}|5[01][0-9]{4}|52[0-4][0-9]{3}|525[0-5][0-9]{2}|525600)m",
+            r"|([6-9][0-9]|[1-9][0-9]{2,6}|[12][0-9]{7}|30[0-9]{6}|31[0-4][0-9]{5}|315[0-2][0-9]{4}|3153[0-5][0-9]{3}|31536000)s)$"
+        )))
+        .examples([serde_json::json!("10m")])
+        .description(Some("An interval of `1m` to `365d`: a whole number of `s`, `m`, `h` or `d`"))
+        .build()
 }
 
 /// The auth modes of a provider: 1 to 5, each once.
@@ -124,7 +198,7 @@ pub fn query_parameters() -> Object {
     ObjectBuilder::new()
         .schema_type(Type::Object)
         .property_names(Some(Schema::Object(string(1, 128, Some(r"^[A-Za-z0-9_\-.\[\]]+$")))))
-        .additional_properties(Some(AdditionalProperties::RefOr(string(0, 1024, None).into())))
+        .additional_properties(Some(AdditionalProperties::RefOr(string(0, 1024, Some(TEXT)).into())))
         .max_properties(Some(50))
         .description(Some("Fixed query parameters"))
         .build()

@@ -86,20 +86,20 @@ mirror!(
 );
 
 /// When the task runs: exactly one of `cron` (with an optional IANA `timezone`, UTC by
-/// default), `every` (a duration of at least `1m`, such as `10m`), or `manual: true`.
+/// default), `every` (a duration of `1m` to `365d`, such as `10m`), or `manual: true`.
 #[derive(Debug, Default, Deserialize, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[schema(as = SyncSchedule)]
 pub struct ScheduleDto {
     /// A five-field cron expression.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(example = "*/15 * * * *", max_length = 256)]
+    #[schema(schema_with = super::schemas::cron)]
     cron: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(example = "Europe/Berlin", max_length = 64)]
     timezone: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(example = "10m", max_length = 32)]
+    #[schema(schema_with = super::schemas::every)]
     every: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     manual: Option<bool>,
@@ -170,7 +170,7 @@ pub struct SyncTaskInput {
     #[schema(example = "issues", max_length = 128)]
     entity: String,
     /// The Shard Manager shard type records go to and come from.
-    #[schema(example = "tickets", max_length = 128)]
+    #[schema(example = "tickets", min_length = 1, max_length = 128, pattern = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")]
     target: String,
     direction: DirectionDto,
     /// `incremental` when absent.
@@ -188,6 +188,25 @@ pub struct SyncTaskInput {
     /// `active` when absent.
     #[serde(default)]
     status: Option<TaskStatusDto>,
+}
+
+impl SyncTaskInput {
+    /// The rules of `SyncTaskInput` beside its fields: a mapped field's `direction` is the
+    /// task's, or one way in a `bidirectional` task.
+    pub fn rules() -> Value {
+        let allowed = |direction: &str, items: &[Value]| {
+            let items = [items, &[Value::Null]].concat();
+            json!({
+                "if": {"properties": {"direction": {"const": direction}}, "required": ["direction"]},
+                "then": {"properties": {"fieldMapping": {"items": {"properties": {"direction": {"enum": items}}}}}},
+            })
+        };
+        json!({"allOf": [
+            allowed("inbound", &[json!("inbound")]),
+            allowed("outbound", &[json!("outbound")]),
+            allowed("bidirectional", &[json!("inbound"), json!("outbound")]),
+        ]})
+    }
 }
 
 impl TryFrom<SyncTaskInput> for SyncTaskDraft {

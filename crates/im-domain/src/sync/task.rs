@@ -111,6 +111,9 @@ impl TaskStatus {
 /// The shortest interval of an `every` schedule.
 pub const MIN_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// The longest interval of a task's `every` schedule.
+pub const MAX_INTERVAL: std::time::Duration = std::time::Duration::from_secs(365 * 86_400);
+
 /// A five-field cron expression evaluated in an IANA time zone (`*/15 * * * *` in
 /// `Europe/Berlin`): each matching wall-clock minute of the zone, daylight-saving changes
 /// included.
@@ -227,8 +230,8 @@ impl Schedule {
     /// A violation on `every` when it is not a duration of at least one minute.
     pub fn every(text: &str) -> Result<Self, FieldViolation> {
         let every = HumanDuration::parse(text).map_err(|e| FieldViolation::invalid("every", e))?;
-        if every.get() < MIN_INTERVAL {
-            return Err(FieldViolation::invalid("every", "must be at least 1m"));
+        if every.get() < MIN_INTERVAL || every.get() > MAX_INTERVAL {
+            return Err(FieldViolation::invalid("every", "must be between 1m and 365d"));
         }
         Ok(Schedule::Every { every })
     }
@@ -241,8 +244,8 @@ impl Schedule {
             Schedule::Manual => None,
             Schedule::Every { every } => {
                 let every = every.get();
-                let from = if after + every < now { now } else { after };
-                Some(from + every)
+                let from = if after.checked_add(every.try_into().ok()?)? < now { now } else { after };
+                from.checked_add(every.try_into().ok()?)
             }
             Schedule::Cron(cron) => cron.next_after(after.max(now)),
         }
