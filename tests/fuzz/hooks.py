@@ -17,6 +17,8 @@ IM_FUZZ_URL and IM_FUZZ_TOKEN), and put their ids where a request must name one:
   the path's (the id of a provider cannot change, as the operation says);
 - provider bodies list their entities' names in `capabilities.syncEntities` (a rule between two
   fields of one body, stated in the field's description);
+- `deleteConnection` deletes a connection made for it;
+- the fixtures are made again when a request of the run deleted one;
 - `oauth2Callback` gets a `state` this service issued: the hook starts an authorization first
   (`authorizeOAuth2Connection`), as the user's browser comes back with the state of the
   authorization URL it was sent to, with `error=access_denied` (the fixture provider's token
@@ -77,10 +79,18 @@ def _provider(provider_id):
     }
 
 
-def fixtures():
-    """The resources the hooks name, created once through the API."""
+def _still_there(fixture):
+    """Whether the fixtures still exist: the stateful phase follows links from their answers,
+    some of them deletes."""
+    task_status, _ = _call("GET", f"/api/v1/sync-tasks/{fixture['task']}")
+    connection_status, _ = _call("GET", f"/api/v1/integrations/{fixture['integration']}/connections/{fixture['connection']}")
+    return task_status == 200 and connection_status == 200
+
+
+def fixtures(check=False):
+    """The resources the hooks name, created through the API (again when one was deleted)."""
     global _FIXTURES
-    if _FIXTURES is not None:
+    if _FIXTURES is not None and (not check or _still_there(_FIXTURES)):
         return _FIXTURES
     for provider_id in ("fuzz-open", "fuzz-edit"):
         _call("POST", "/api/v1/providers", _provider(provider_id))
@@ -123,6 +133,24 @@ def before_call(ctx, case, kwargs):
     if case.headers and "Idempotency-Key" in case.headers:
         case.headers["Idempotency-Key"] = str(uuid.uuid4())
     operation = case.operation.definition.raw.get("operationId", "")
+    if operation in CONNECTION_OPERATIONS + TASK_OPERATIONS + ("createSyncTask", "updateSyncTask", "updateIntegration"):
+        fixtures(check=True)
+    if operation == "deleteConnection" and isinstance(case.path_parameters, dict):
+        # A connection to delete, made for this request.
+        integration = fixtures()["integration"]
+        status, made = _call(
+            "POST",
+            f"/api/v1/integrations/{integration}/connections",
+            {"name": "fuzz delete", "authMode": "bearer", "credentials": {"token": "fuzz-token-0123456789"}},
+        )
+        if status == 201:
+            case.path_parameters.update({"id": integration, "connectionId": made["id"]})
+    # The examples and coverage phases build requests without `map_path_parameters` and
+    # `map_body`: address and name the same data.
+    if isinstance(case.path_parameters, dict):
+        case.path_parameters = _adjust_path(operation, case.path_parameters)
+    if isinstance(case.body, dict):
+        case.body = _adjust_body(operation, case.body)
     if operation == "oauth2Callback" and isinstance(case.query, dict) and "state" in case.query:
         # The browser comes back with the state of an authorization this service started.
         status, started = _call(
@@ -145,7 +173,10 @@ TASK_OPERATIONS = ("getSyncTask", "updateSyncTask", "runSyncTask", "pauseSyncTas
 
 @schemathesis.hook
 def map_path_parameters(ctx, path_parameters):
-    operation = ctx.operation.definition.raw.get("operationId", "") if ctx.operation else ""
+    return _adjust_path(ctx.operation.definition.raw.get("operationId", "") if ctx.operation else "", path_parameters)
+
+
+def _adjust_path(operation, path_parameters):
     if path_parameters is None:
         return path_parameters
     if operation in CONNECTION_OPERATIONS:
@@ -163,7 +194,10 @@ def map_path_parameters(ctx, path_parameters):
 
 @schemathesis.hook
 def map_body(ctx, body):
-    operation = ctx.operation.definition.raw.get("operationId", "") if ctx.operation else ""
+    return _adjust_body(ctx.operation.definition.raw.get("operationId", "") if ctx.operation else "", body)
+
+
+def _adjust_body(operation, body):
     if not isinstance(body, dict):
         return body
     if operation == "createIntegration":

@@ -238,9 +238,7 @@ fn violations_of(error: &jsonschema::ValidationError<'_>, ctx: &Union<'_>, out: 
         // A field a rule refuses (never echoing its value: it may be a credential).
         // The document says `{"not": {}}` rather than `false`: generated clients read only object schemas.
         ValidationErrorKind::FalseSchema => out.push(FieldViolation::invalid(path(at, None), "is not used with the values given")),
-        ValidationErrorKind::Not { schema } if schema.as_object().is_some_and(serde_json::Map::is_empty) => {
-            out.push(FieldViolation::invalid(path(at, None), "is not used with the values given"));
-        }
+        ValidationErrorKind::Not { .. } => out.push(FieldViolation::invalid(path(at, None), "is not used with the values given")),
         // Never the value itself: it may be a credential.
         ValidationErrorKind::Pattern { .. } => {
             out.push(FieldViolation::invalid(path(at, None), "does not have the form the document gives for this field (its pattern)"));

@@ -84,6 +84,19 @@ pub struct IntegrationInput {
     oauth2_app: Option<OAuth2AppInput>,
 }
 
+impl IntegrationInput {
+    /// The rules of `IntegrationInput` beside its fields: `customDefinition` is required with
+    /// `providerId: custom` and refused with a catalog provider.
+    pub fn rules() -> Value {
+        let custom = im_domain::provider::CUSTOM_PROVIDER_ID;
+        serde_json::json!({
+            "if": {"required": ["providerId"], "properties": {"providerId": {"const": custom}}},
+            "then": {"required": ["customDefinition"], "properties": {"customDefinition": {"type": "object"}}},
+            "else": {"properties": {"customDefinition": {"not": {"type": "object"}}}},
+        })
+    }
+}
+
 /// The tenant's OAuth app at the provider (its redirect URL must be the service's
 /// `oauth2.redirect_url`). The client id is kept on the integration; the client secret goes to
 /// the secret store and is never returned.

@@ -71,7 +71,8 @@ const CLOSED_UNIONS: [&str; 2] = ["CustomAuth", "Pagination"];
 /// The schema's name and the function that gives its rules.
 type Rules = (&'static str, fn() -> Value);
 
-const RULES: [Rules; 9] = [
+const RULES: [Rules; 10] = [
+    ("IntegrationInput", integrations::IntegrationInput::rules),
     ("ConnectionInput", connections::rules),
     ("ProviderInput", providers::ProviderInput::rules),
     ("ApiKeyPlacement", providers::api_key_rules),
