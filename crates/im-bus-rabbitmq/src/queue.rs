@@ -1,6 +1,8 @@
 //! [`DeliveryQueue`] on RabbitMQ: a durable work queue that several instances consume as
-//! competing consumers. A job is taken with `basic.get` and acknowledged only once its attempt
-//! is recorded (manual ack): if the process dies, the broker gives the job to another consumer.
+//! competing consumers. Each instance consumes with a prefetch limit ([`PREFETCH`]): the broker
+//! pushes jobs ahead, and a take hands out those already here without a round trip per job. A
+//! job is acknowledged only once its attempt is recorded (manual ack): if the process dies, the
+//! broker gives its unacknowledged jobs (taken or only pushed) to another consumer.
 //! Jobs due later wait in delay queues (one per delay bucket, with a queue-level TTL, so none
 //! blocks another) that dead-letter into the work queue when the time comes.
 
@@ -9,11 +11,14 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures_util::{FutureExt as _, StreamExt as _};
 use im_domain::webhooks::ports::{DeliveryJob, DeliveryQueue};
 use im_domain::{DomainError, TenantId};
-use lapin::options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, QueueDeclareOptions,
+};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer, PublisherConfirm};
 use serde_json::json;
 
 use secrecy::{ExposeSecret as _, SecretString};
@@ -27,6 +32,17 @@ fn unavailable(context: &str, error: impl std::fmt::Display) -> DomainError {
 struct Link {
     connection: Connection,
     channel: Channel,
+    /// Counts connections: a consumer of an earlier one is gone.
+    generation: u64,
+}
+
+/// How many unacknowledged jobs the broker pushes to one instance ahead of its takes.
+pub const PREFETCH: u16 = 256;
+
+/// The consumer of the work queue, on the connection of `generation`.
+struct Consuming {
+    generation: u64,
+    consumer: std::pin::Pin<Box<Consumer>>,
 }
 
 /// The delivery queue on RabbitMQ.
@@ -38,6 +54,10 @@ pub struct RabbitDeliveryQueue {
     limit: Duration,
     confirm_timeout: Duration,
     link: tokio::sync::Mutex<Option<Link>>,
+    /// Connections made so far.
+    generations: std::sync::atomic::AtomicU64,
+    /// The work queue's consumer; taken by one take at a time.
+    consuming: tokio::sync::Mutex<Option<Consuming>>,
     /// Delivery tags of the jobs this process holds, by delivery id.
     in_flight: Mutex<HashMap<uuid::Uuid, u64>>,
 }
@@ -50,6 +70,9 @@ impl std::fmt::Debug for RabbitDeliveryQueue {
             .finish_non_exhaustive()
     }
 }
+
+/// How long a take waits for the first job when none has been pushed here yet.
+const FIRST_JOB_WAIT: Duration = Duration::from_millis(20);
 
 /// The delay bucket of a wait: 100 ms steps up to a second, seconds up to a minute, minutes beyond.
 fn bucket(delay: Duration) -> u64 {
@@ -74,6 +97,8 @@ impl RabbitDeliveryQueue {
             limit: settings.operation_timeout.get(),
             confirm_timeout: settings.confirm_timeout.get(),
             link: tokio::sync::Mutex::new(None),
+            generations: std::sync::atomic::AtomicU64::new(0),
+            consuming: tokio::sync::Mutex::new(None),
             in_flight: Mutex::default(),
         }
     }
@@ -85,6 +110,11 @@ impl RabbitDeliveryQueue {
     /// The channel, connecting first when needed. The lock is held only while connecting: the
     /// channel itself is shared by concurrent publishes, gets and acks.
     async fn channel(&self) -> Result<Channel, DomainError> {
+        self.link().await.map(|(channel, _)| channel)
+    }
+
+    /// The channel and the generation of its connection.
+    async fn link(&self) -> Result<(Channel, u64), DomainError> {
         let mut link = self.link.lock().await;
         if link.as_ref().is_some_and(|l| !l.connection.status().connected() || !l.channel.status().connected()) {
             *link = None;
@@ -105,12 +135,32 @@ impl RabbitDeliveryQueue {
                 FieldTable::default(),
             );
             bounded(self.limit, declare).await.map_err(|e| unavailable("declare the work queue", e))?;
-            *link = Some(Link { connection, channel });
+            let generation = self.generations.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+            *link = Some(Link { connection, channel, generation });
         }
-        link.as_ref().map(|l| l.channel.clone()).ok_or_else(|| unavailable("connect", "no channel"))
+        link.as_ref().map(|l| (l.channel.clone(), l.generation)).ok_or_else(|| unavailable("connect", "no channel"))
+    }
+
+    /// Starts consuming the work queue on `channel`, with the prefetch limit.
+    async fn consume(&self, channel: &Channel, generation: u64) -> Result<Consuming, DomainError> {
+        bounded(self.limit, channel.basic_qos(PREFETCH, BasicQosOptions::default())).await.map_err(|e| unavailable("prefetch", e))?;
+        let consume = channel.basic_consume(
+            self.work_queue().as_str().into(),
+            "".into(),
+            BasicConsumeOptions { no_ack: false, ..BasicConsumeOptions::default() },
+            FieldTable::default(),
+        );
+        let consumer = bounded(self.limit, consume).await.map_err(|e| unavailable("consume", e))?;
+        Ok(Consuming { generation, consumer: Box::pin(consumer) })
     }
 
     async fn publish(&self, channel: &Channel, queue: &str, job: &DeliveryJob) -> Result<(), DomainError> {
+        let confirm = self.send(channel, queue, job).await?;
+        self.confirmed(confirm).await
+    }
+
+    /// Publishes a job; the broker's confirm is awaited by [`Self::confirmed`].
+    async fn send(&self, channel: &Channel, queue: &str, job: &DeliveryJob) -> Result<PublisherConfirm, DomainError> {
         let payload = serde_json::to_vec(&json!({"tenantId": job.tenant_id.as_str(), "deliveryId": job.delivery_id.to_string()}))
             .map_err(|e| DomainError::Unexpected(e.into()))?;
         let publish = channel.basic_publish(
@@ -120,7 +170,10 @@ impl RabbitDeliveryQueue {
             &payload,
             BasicProperties::default().with_delivery_mode(2),
         );
-        let confirm = bounded(self.limit, publish).await.map_err(|e| unavailable("publish", e))?;
+        bounded(self.limit, publish).await.map_err(|e| unavailable("publish", e))
+    }
+
+    async fn confirmed(&self, confirm: PublisherConfirm) -> Result<(), DomainError> {
         match tokio::time::timeout(self.confirm_timeout, confirm).await {
             Ok(Ok(Confirmation::Ack(_))) => Ok(()),
             Ok(Ok(_)) => Err(unavailable("publish", "the broker did not accept the job")),
@@ -168,6 +221,26 @@ impl DeliveryQueue for RabbitDeliveryQueue {
         self.ack(&channel, job).await
     }
 
+    /// Jobs due now are published together and their confirms awaited together (one round trip,
+    /// not one a job); jobs due later go one by one through their delay queues.
+    #[tracing::instrument(skip_all, name = "delivery_queue.schedule_each", fields(count = jobs.len()))]
+    async fn schedule_each(&self, jobs: &[(DeliveryJob, time::OffsetDateTime)]) -> Result<(), DomainError> {
+        let channel = self.channel().await?;
+        let soon = time::OffsetDateTime::now_utc() + time::Duration::milliseconds(50);
+        let mut confirms = Vec::with_capacity(jobs.len());
+        for (job, due) in jobs {
+            if *due < soon {
+                confirms.push(self.send(&channel, &self.work_queue(), job).await?);
+            } else {
+                self.publish_at(&channel, job, *due).await?;
+            }
+        }
+        for confirm in confirms {
+            self.confirmed(confirm).await?;
+        }
+        Ok(())
+    }
+
     /// The broker cannot tell whether a job is queued: this queues one more, which the delivery
     /// service drops when it finds the delivery held, not yet due or final.
     #[tracing::instrument(skip_all, name = "delivery_queue.schedule_if_absent", fields(tenant = %job.tenant_id, delivery = %job.delivery_id))]
@@ -175,17 +248,44 @@ impl DeliveryQueue for RabbitDeliveryQueue {
         let channel = self.channel().await?;
         self.publish_at(&channel, job, due).await
     }
+    /// The jobs the broker has pushed here, up to `max`; when none is here yet, waits a moment
+    /// for the first (a job published just now is on its way).
     #[tracing::instrument(skip_all, name = "delivery_queue.take_due", fields(max = max))]
     async fn take_due(&self, max: u32, _lease: Duration) -> Result<Vec<DeliveryJob>, DomainError> {
-        let channel = self.channel().await?;
+        let (channel, generation) = self.link().await?;
+        let mut consuming = self.consuming.lock().await;
+        if consuming.as_ref().is_none_or(|c| c.generation != generation) {
+            *consuming = Some(self.consume(&channel, generation).await?);
+        }
+        let Some(Consuming { consumer, .. }) = consuming.as_mut() else { return Ok(Vec::new()) };
         let mut jobs = Vec::new();
+        let mut first = true;
         while jobs.len() < max as usize {
-            let get = channel.basic_get(self.work_queue().as_str().into(), BasicGetOptions { no_ack: false });
-            let Some(message) = bounded(self.limit, get).await.map_err(|e| unavailable("get", e))? else {
-                break;
+            let next = if std::mem::take(&mut first) {
+                match tokio::time::timeout(FIRST_JOB_WAIT, consumer.next()).await {
+                    Ok(next) => next,
+                    Err(_) => break,
+                }
+            } else {
+                match consumer.next().now_or_never() {
+                    Some(next) => next,
+                    None => break,
+                }
             };
-            let tag = message.delivery.delivery_tag;
-            let parsed: Option<DeliveryJob> = serde_json::from_slice::<serde_json::Value>(&message.delivery.data).ok().and_then(|v| {
+            let delivery = match next {
+                Some(Ok(delivery)) => delivery,
+                Some(Err(e)) => {
+                    *consuming = None;
+                    return if jobs.is_empty() { Err(unavailable("consume", e)) } else { Ok(jobs) };
+                }
+                None => {
+                    // The broker cancelled the consumer (the queue was deleted, say): consume again next time.
+                    *consuming = None;
+                    break;
+                }
+            };
+            let tag = delivery.delivery_tag;
+            let parsed: Option<DeliveryJob> = serde_json::from_slice::<serde_json::Value>(&delivery.data).ok().and_then(|v| {
                 Some(DeliveryJob {
                     tenant_id: TenantId::new(v["tenantId"].as_str()?).ok()?,
                     delivery_id: uuid::Uuid::parse_str(v["deliveryId"].as_str()?).ok()?,

@@ -96,6 +96,7 @@ const DUE_PRECISION: time::Duration = time::Duration::milliseconds(1);
 
 pub async fn contract(backend: &dyn QueueBackend) {
     schedule_take_complete(backend).await;
+    jobs_scheduled_together_are_each_due_at_their_time(backend).await;
     a_taken_job_is_not_handed_out_again_while_leased(backend).await;
     a_delayed_job_is_due_at_its_time_not_before(backend).await;
     a_crashed_consumers_job_comes_back(backend).await;
@@ -137,6 +138,30 @@ pub async fn schedule_take_complete(backend: &dyn QueueBackend) {
     let other = backend.consumer(&name).await;
     let elsewhere = watch(&[other.as_ref()], Duration::from_millis(300)).await;
     assert!(elsewhere.is_empty(), "a completed job is gone for every consumer: {:?}", ids(&elsewhere));
+}
+
+/// `schedule_each` schedules every job at its own time: the due ones are handed out, each
+/// once; a later one not before its time.
+pub async fn jobs_scheduled_together_are_each_due_at_their_time(backend: &dyn QueueBackend) {
+    let name = backend.fresh().await;
+    let queue = backend.consumer(&name).await;
+    let now = [fresh_job(), fresh_job(), fresh_job()];
+    let later = fresh_job();
+    let due_later = OffsetDateTime::now_utc() + time::Duration::seconds(2);
+    let mut jobs: Vec<_> = now.iter().map(|j| (j.clone(), ago(Duration::from_secs(1)))).collect();
+    jobs.push((later.clone(), due_later));
+    queue.schedule_each(&jobs).await.unwrap_or_else(|e| panic!("schedule_each MUST succeed on a reachable queue: {e}"));
+
+    let early = watch(&[queue.as_ref()], shortly_before(due_later)).await;
+    assert!(!early.contains(&later), "a job MUST NOT be handed out before its due time: {:?}", ids(&early));
+    let expected: BTreeSet<_> = ids(&now).into_iter().collect();
+    assert_eq!(early.len(), now.len(), "every due job MUST be handed out exactly once: {:?}", ids(&early));
+    assert_eq!(ids(&early).into_iter().collect::<BTreeSet<_>>(), expected, "the jobs handed out MUST be the ones scheduled");
+    let got = take_until(queue.as_ref(), &later, HELD, PATIENCE).await;
+    assert!(got.contains(&later), "a job scheduled later MUST be handed out once due: {:?}", ids(&got));
+    for job in now.iter().chain([&later]) {
+        complete(queue.as_ref(), job).await;
+    }
 }
 
 /// While a job is leased, neither its holder nor another consumer gets it again.

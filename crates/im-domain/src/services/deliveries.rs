@@ -284,12 +284,14 @@ impl DeliveryService {
                     deliveries.len()
                 )));
             }
+            // New deliveries' first jobs, sent together when the queue is elsewhere.
+            let mut first_jobs = Vec::new();
             for (delivery, outcome) in deliveries.iter().zip(outcomes) {
                 let job = DeliveryJob { tenant_id: delivery.tenant_id.clone(), delivery_id: delivery.id };
                 match outcome {
                     Ok(_) if delivery.status == DeliveryStatus::Pending => {
                         if !self.queue_in_store {
-                            self.queue.schedule(&job, delivery.next_attempt_at.unwrap_or(delivery.created_at)).await?;
+                            first_jobs.push((job, delivery.next_attempt_at.unwrap_or(delivery.created_at)));
                         }
                         queued += 1;
                     }
@@ -307,6 +309,9 @@ impl DeliveryService {
                     }
                     Err(e) => return Err(e),
                 }
+            }
+            if !first_jobs.is_empty() {
+                self.queue.schedule_each(&first_jobs).await?;
             }
         }
         Ok(queued)

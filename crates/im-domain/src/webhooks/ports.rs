@@ -170,6 +170,16 @@ pub trait DeliveryQueue: Send + Sync {
     /// duplicate, which the delivery service drops (an attempt holds its delivery first).
     async fn schedule(&self, job: &DeliveryJob, due: time::OffsetDateTime) -> Result<(), DomainError>;
 
+    /// [`Self::schedule`] for several jobs (a fan-out's new deliveries): durable when it returns
+    /// `Ok`; on an error some MAY be scheduled (scheduling again is safe). A queue may send them
+    /// together; by default one after the other.
+    async fn schedule_each(&self, jobs: &[(DeliveryJob, time::OffsetDateTime)]) -> Result<(), DomainError> {
+        for (job, due) in jobs {
+            self.schedule(job, *due).await?;
+        }
+        Ok(())
+    }
+
     /// Queues the first attempt of a delivery at `due` unless a job for it is queued already:
     /// MUST NOT change the due time or the lease of a queued job (an event replayed while its
     /// delivery waits for a retry, or while an attempt is in progress). A queue that cannot tell
