@@ -18,6 +18,9 @@ IM_FUZZ_URL and IM_FUZZ_TOKEN), and put their ids where a request must name one:
 - provider bodies list their entities' names in `capabilities.syncEntities` (a rule between two
   fields of one body, stated in the field's description);
 - `deleteConnection` deletes a connection made for it;
+- an endpoint made before the integration, so its `integration.created` event makes a delivery:
+  `retryDelivery` addresses that endpoint and delivery; `createWebhook` first deletes the run's
+  other endpoints when the tenant nears its limit of 50 (a documented 409);
 - the fixtures are made again when a request of the run deleted one;
 - `oauth2Callback` gets a `state` this service issued: the hook starts an authorization first
   (`authorizeOAuth2Connection`), as the user's browser comes back with the state of the
@@ -27,6 +30,7 @@ IM_FUZZ_URL and IM_FUZZ_TOKEN), and put their ids where a request must name one:
 
 import json
 import os
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -94,6 +98,8 @@ def fixtures(check=False):
         return _FIXTURES
     for provider_id in ("fuzz-open", "fuzz-edit"):
         _call("POST", "/api/v1/providers", _provider(provider_id))
+    # An endpoint first, so that the integration's `integration.created` makes a delivery.
+    _, webhook = _call("POST", "/api/v1/webhooks", {"url": "https://fuzz.example.com/hook", "eventTypes": ["integration.created"]})
     _, integration = _call(
         "POST",
         "/api/v1/integrations",
@@ -120,8 +126,30 @@ def fixtures(check=False):
             "fieldMapping": [{"provider": "/title", "platform": "/title"}],
         },
     )
-    _FIXTURES = {"integration": integration_id, "connection": connection["id"], "task": task["id"]}
+    _FIXTURES = {"integration": integration_id, "connection": connection["id"], "task": task["id"], "webhook": None, "delivery": None}
+    if webhook is not None:
+        _FIXTURES["webhook"] = webhook["id"]
+        for _ in range(50):  # the relay fans the event out within moments
+            status, page = _call("GET", f"/api/v1/webhooks/{webhook['id']}/deliveries")
+            items = (page or {}).get("items") or []
+            if status == 200 and items:
+                _FIXTURES["delivery"] = items[0]["id"]
+                break
+            time.sleep(0.1)
     return _FIXTURES
+
+
+def _make_room_for_a_webhook():
+    """A tenant has at most 50 endpoints (a documented 409): like a client that cleans up after
+    itself, delete the run's endpoints (not the fixture's) when the tenant nears the limit."""
+    status, page = _call("GET", "/api/v1/webhooks?limit=100")
+    endpoints = (page or {}).get("items") or []
+    if status != 200 or len(endpoints) < 40:
+        return
+    keep = (_FIXTURES or {}).get("webhook")
+    for endpoint in endpoints:
+        if endpoint["id"] != keep:
+            _call("DELETE", f"/api/v1/webhooks/{endpoint['id']}")
 
 
 @schemathesis.hook
@@ -135,6 +163,8 @@ def before_call(ctx, case, kwargs):
     operation = case.operation.definition.raw.get("operationId", "")
     if operation in CONNECTION_OPERATIONS + TASK_OPERATIONS + ("createSyncTask", "updateSyncTask", "updateIntegration"):
         fixtures(check=True)
+    if operation == "createWebhook":
+        _make_room_for_a_webhook()
     if operation == "deleteConnection" and isinstance(case.path_parameters, dict):
         # A connection to delete, made for this request.
         integration = fixtures()["integration"]
@@ -189,6 +219,9 @@ def _adjust_path(operation, path_parameters):
         path_parameters["id"] = "fuzz-edit"
     elif operation == "updateIntegration":
         path_parameters["id"] = fixtures()["integration"]
+    elif operation == "retryDelivery" and fixtures()["delivery"] is not None:
+        path_parameters["id"] = fixtures()["webhook"]
+        path_parameters["deliveryId"] = fixtures()["delivery"]
     return path_parameters
 
 
