@@ -327,26 +327,30 @@ pub fn validate_url(value: &str, allow_http: bool) -> Result<(), FieldViolation>
     if !valid_host || value.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(FieldViolation::invalid("", "is not a valid URL"));
     }
-    // Then as it will be used: with each `{placeholder}` filled, the WHATWG parse of the client.
-    let filled = fill_placeholders(value, "x");
+    // Then as it will be used: its placeholders filled as the provider client fills them, and
+    // the WHATWG parse of the client.
+    let filled = fill_placeholders(value, |_| Ok::<_, ()>("x")).map_err(|_| FieldViolation::invalid("", "is not a valid URL"))?;
     match url::Url::parse(&filled) {
         Ok(parsed) if parsed.host().is_some() => Ok(()),
         _ => Err(FieldViolation::invalid("", "is not a valid URL")),
     }
 }
 
-/// `template` with every `{name}` replaced by `with`.
-fn fill_placeholders(template: &str, with: &str) -> String {
+/// `template` with every `{name}` replaced by `value_of(name)`.
+///
+/// # Errors
+/// `value_of`'s error, or `None` when a `{` is not closed.
+pub(crate) fn fill_placeholders<'a, E>(template: &str, mut value_of: impl FnMut(&str) -> Result<&'a str, E>) -> Result<String, Option<E>> {
     let mut out = String::with_capacity(template.len());
     let mut rest = template;
     while let Some(open) = rest.find('{') {
-        let Some(close) = rest[open..].find('}') else { break };
         out.push_str(&rest[..open]);
-        out.push_str(with);
-        rest = &rest[open + close + 1..];
+        let close = rest[open..].find('}').map(|c| c + open).ok_or(None)?;
+        out.push_str(value_of(&rest[open + 1..close]).map_err(Some)?);
+        rest = &rest[close + 1..];
     }
     out.push_str(rest);
-    out
+    Ok(out)
 }
 
 /// Checks a URL a browser is sent to (an OAuth2 redirect or return URL): [`validate_url`], and
@@ -389,7 +393,18 @@ mod tests {
         {
             assert!(validate_url(ok, false).is_ok(), "{ok}");
         }
-        for bad in ["http://api.github.com", "ftp://x", "https://", "https:// x.com", "not a url", "https://a..b", "https://x.com:99999"] {
+        // Also judged as the client uses it: placeholders filled, then the WHATWG parse.
+        for bad in [
+            "http://api.github.com",
+            "ftp://x",
+            "https://",
+            "https:// x.com",
+            "not a url",
+            "https://a..b",
+            "https://x.com:99999",
+            "https://[d]/",
+            "https://{subdomain.zendesk.com/",
+        ] {
             assert!(validate_url(bad, false).is_err(), "{bad}");
         }
         assert!(validate_url("http://localhost:8080", true).is_ok());

@@ -93,7 +93,7 @@ const CREDENTIAL_FIELDS: [&str; 7] = ["apiKey", "token", "username", "password",
 /// `credentials` (see [`MODES`]), one `if`/`then` a mode (generated clients read these; a
 /// `oneOf` of whole bodies makes them generate one model per branch).
 pub fn rules() -> Value {
-    let by_mode: Vec<Value> = MODES
+    let mut by_mode: Vec<Value> = MODES
         .iter()
         .map(|(mode, required, optional)| {
             // A required field must have a value (`null` reads as absent); the other modes' are refused.
@@ -113,8 +113,8 @@ pub fn rules() -> Value {
         "if": {"required": ["authMode"], "properties": {"authMode": {"const": AuthMode::Oauth2AuthorizationCode.as_str()}}},
         "then": {"properties": {"authMode": body::refused()}},
     });
-    let all = [by_mode, vec![authorize]].concat();
-    json!({"allOf": all})
+    by_mode.push(authorize);
+    json!({"allOf": by_mode})
 }
 
 impl CredentialsDto {

@@ -160,11 +160,7 @@ fn one() -> u32 {
     1
 }
 
-/// A path template: `/`, then characters other than spaces, control characters, `?`, `#` and
-/// braces, and `{name}` placeholders.
-const PATH: &str = r"^/([^\s\x00-\x1F\x7F-\x9F?#{}]|\{[A-Za-z0-9_]+\})*$";
-
-/// The same with an `{id}` placeholder.
+/// A path template (as `RequestTemplate.path`) with an `{id}` placeholder.
 const PATH_WITH_ID: &str = r"^/([^\s\x00-\x1F\x7F-\x9F?#{}]|\{[A-Za-z0-9_]+\})*\{id\}([^\s\x00-\x1F\x7F-\x9F?#{}]|\{[A-Za-z0-9_]+\})*$";
 
 /// The rules of `CustomAuth` beside its fields: an API key's `prefix` only with `in: header`.
@@ -180,8 +176,11 @@ impl EntityDto {
     /// each of its requests may be (the methods, an `{id}` in the path of `get` and `delete`,
     /// `itemsPath` only on `list`).
     pub fn rules() -> serde_json::Value {
-        let request = |name: &str, methods: &[&str], path: &str, list: bool| {
-            let mut rule = serde_json::json!({"method": {"enum": methods}, "path": {"pattern": path}});
+        let request = |name: &str, methods: &[&str], needs_id: bool, list: bool| {
+            let mut rule = serde_json::json!({"method": {"enum": methods}});
+            if needs_id {
+                rule["path"] = serde_json::json!({"pattern": PATH_WITH_ID});
+            }
             if !list {
                 rule["itemsPath"] = super::body::refused();
             }
@@ -196,10 +195,10 @@ impl EntityDto {
         });
         serde_json::json!({"allOf": [
             since_needs_updated_at,
-            request("list", &["GET", "POST"], PATH, true),
-            request("get", &["GET"], PATH_WITH_ID, false),
-            request("upsert", &["POST", "PUT", "PATCH"], PATH, false),
-            request("delete", &["DELETE", "POST"], PATH_WITH_ID, false),
+            request("list", &["GET", "POST"], false, true),
+            request("get", &["GET"], true, false),
+            request("upsert", &["POST", "PUT", "PATCH"], false, false),
+            request("delete", &["DELETE", "POST"], true, false),
         ]})
     }
 }

@@ -58,29 +58,16 @@ pub trait ConnectionTester: Send + Sync {
 /// `https://{subdomain}.zendesk.com/api/v2`, a default query value) with the integration's
 /// configuration values of the same name; `field` names the template in errors.
 pub(crate) fn fill_from_config(template: &str, config: &Value, field: &str) -> Result<String, DomainError> {
-    let mut out = String::with_capacity(template.len());
-    let mut rest = template;
-    while let Some(open) = rest.find('{') {
-        out.push_str(&rest[..open]);
-        let Some(close) = rest[open..].find('}').map(|c| c + open) else {
-            return Err(DomainError::invalid(field, "has an unbalanced '{'"));
-        };
-        let name = &rest[open + 1..close];
-        let value = config
+    crate::common::fill_placeholders(template, |name| {
+        config
             .get(name)
             .and_then(Value::as_str)
-            .filter(|v| !v.is_empty() && v.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.'));
-        let Some(value) = value else {
-            return Err(DomainError::invalid(
-                format!("config.{name}"),
-                "is needed to reach the provider's API: letters, digits, '-', '_' or '.'",
-            ));
-        };
-        out.push_str(value);
-        rest = &rest[close + 1..];
-    }
-    out.push_str(rest);
-    Ok(out)
+            .filter(|v| !v.is_empty() && v.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.'))
+            .ok_or_else(|| {
+                DomainError::invalid(format!("config.{name}"), "is needed to reach the provider's API: letters, digits, '-', '_' or '.'")
+            })
+    })
+    .map_err(|e| e.unwrap_or_else(|| DomainError::invalid(field, "has an unbalanced '{'")))
 }
 
 impl Verification {
