@@ -36,7 +36,12 @@ pub struct Db {
     path: PathBuf,
     writes: Mutex<mpsc::SyncSender<Job>>,
     clock: Arc<dyn Clock>,
+    /// Dropped with the database: the checkpointer thread then ends.
+    _checkpoints: mpsc::Sender<()>,
 }
+
+/// How often the checkpointer looks for commits to copy from the WAL into the database file.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 
 impl std::fmt::Debug for Db {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -86,9 +91,24 @@ impl Db {
         let writer = Connection::open(path).map_err(|e| anyhow::anyhow!("cannot open database {}: {e}", path.display()))?;
         configure(&writer)?;
         writer.set_prepared_statement_cache_capacity(64);
+        // Checkpoints run on a thread of their own, not in the commit of a group (where the
+        // copy and its fsyncs would hold every waiting write).
+        writer.pragma_update(None, "wal_autocheckpoint", 0)?;
+        let checkpointer = Connection::open(path).map_err(|e| anyhow::anyhow!("cannot open database {}: {e}", path.display()))?;
+        checkpointer.busy_timeout(Duration::from_secs(5))?;
+        let commits = Arc::new(AtomicU64::new(0));
         let (writes, jobs) = mpsc::sync_channel::<Job>(capacity);
-        std::thread::Builder::new().name("im-sqlite-writer".into()).spawn(move || write_loop(writer, &jobs))?;
-        Ok(Self { id: NEXT_DB_ID.fetch_add(1, Ordering::Relaxed), path: path.to_owned(), writes: Mutex::new(writes), clock })
+        let committed = commits.clone();
+        std::thread::Builder::new().name("im-sqlite-writer".into()).spawn(move || write_loop(writer, &jobs, &committed))?;
+        let (checkpoints, stop) = mpsc::channel::<()>();
+        std::thread::Builder::new().name("im-sqlite-ckpt".into()).spawn(move || checkpoint_loop(&checkpointer, &commits, &stop))?;
+        Ok(Self {
+            id: NEXT_DB_ID.fetch_add(1, Ordering::Relaxed),
+            path: path.to_owned(),
+            writes: Mutex::new(writes),
+            clock,
+            _checkpoints: checkpoints,
+        })
     }
 
     /// Current time in unix seconds, from the injected clock (TTL expiry uses it).
@@ -169,7 +189,7 @@ fn in_savepoint<R>(tx: &Transaction<'_>, f: impl FnOnce(&Transaction<'_>) -> Res
 
 /// The writer thread: takes every queued write (up to [`MAX_GROUP`]), runs them in one
 /// transaction, commits once, then answers each. Ends when the database is dropped.
-fn write_loop(mut conn: Connection, jobs: &mpsc::Receiver<Job>) {
+fn write_loop(mut conn: Connection, jobs: &mpsc::Receiver<Job>, commits: &AtomicU64) {
     while let Ok(first) = jobs.recv() {
         let mut group = vec![first];
         while group.len() < MAX_GROUP {
@@ -193,8 +213,26 @@ fn write_loop(mut conn: Connection, jobs: &mpsc::Receiver<Job>) {
         if let Some(e) = &commit_error {
             tracing::error!(error = %e, "embedded database: commit failed");
         }
+        commits.fetch_add(1, Ordering::Relaxed);
         for complete in completions {
             complete(commit_error.as_deref());
+        }
+    }
+}
+
+/// The checkpointer thread: every [`CHECKPOINT_EVERY`] that saw a commit, copies what the WAL
+/// holds into the database file (`PASSIVE`: it waits for no reader and no writer, so the WAL
+/// starts over once readers have moved on). Ends when the database is dropped.
+fn checkpoint_loop(conn: &Connection, commits: &AtomicU64, stop: &mpsc::Receiver<()>) {
+    let mut seen = 0;
+    while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_EVERY) {
+        let now = commits.load(Ordering::Relaxed);
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::warn!(error = %e, "embedded database: checkpoint failed");
         }
     }
 }

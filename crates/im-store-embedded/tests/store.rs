@@ -205,6 +205,33 @@ async fn a_full_write_queue_pushes_back_as_unavailable() {
     db.write(|_| Ok(())).await.expect("room again once the writer caught up");
 }
 
+/// Commits reach the database file through the checkpointer thread, not in the writer's commits
+/// (the writer never checkpoints: `wal_autocheckpoint` is 0 there), so the WAL does not grow
+/// without end while the writer keeps committing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_checkpointer_copies_commits_into_the_database_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ckpt.db");
+    let db = im_store_embedded::Db::open(&path, Arc::new(SystemClock)).unwrap();
+    db.write(|tx| tx.execute_batch("CREATE TABLE blobs (b BLOB)").map_err(|e| im_domain::DomainError::Unexpected(e.into()))).await.unwrap();
+    let empty = std::fs::metadata(&path).unwrap().len();
+    for _ in 0..64 {
+        db.write(|tx| {
+            tx.execute("INSERT INTO blobs (b) VALUES (zeroblob(65536))", [])
+                .map(|_| ())
+                .map_err(|e| im_domain::DomainError::Unexpected(e.into()))
+        })
+        .await
+        .unwrap();
+    }
+    // 4 MiB committed: only a checkpoint puts it into the database file.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while std::fs::metadata(&path).unwrap().len() < empty + 4 * 1024 * 1024 {
+        assert!(std::time::Instant::now() < deadline, "no checkpoint copied the commits into {}", path.display());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_busy_past_its_timeout_is_unavailable() {
     use im_domain::DomainError;

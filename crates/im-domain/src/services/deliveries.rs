@@ -365,7 +365,8 @@ impl DeliveryService {
     /// in progress; it then holds the delivery (a conditional write) for [`ATTEMPT_LEASE`]
     /// while it sends. A duplicate job (a replayed event, a job queued twice) therefore finds
     /// the delivery held, not yet due, or final, and is dropped: one chain of attempts per
-    /// delivery, never two.
+    /// delivery, never two. When the queue lives in the store, a scheduled job must have been
+    /// taken from it (leased for [`ATTEMPT_LEASE`]): that lease is the hold, so no hold is written.
     pub async fn attempt(&self, job: &DeliveryJob, trigger: AttemptTrigger) -> Result<AttemptReport, DomainError> {
         retry(Backoff::immediate(CLAIM_TRIES), |_| self.claim_and_attempt(job, trigger), |_| std::future::ready(())).await
     }
@@ -383,6 +384,12 @@ impl DeliveryService {
                 return Ok(AttemptReport::Throttled);
             }
             return self.send_and_record(job, trigger, stored, webhook).await.map_err(Failure::Permanent);
+        }
+        if self.queue_in_store {
+            // The job, leased to this worker by the take in the same database (one job per
+            // delivery, never handed to two workers while leased), already holds the delivery:
+            // no second write. Both leases are `ATTEMPT_LEASE` long.
+            return self.hold_and_send(job, trigger, stored.value, stored.etag, webhook).await.map_err(Failure::Permanent);
         }
         let mut held = stored.value.clone();
         held.lease_until = Some(self.clock.now() + time::Duration::try_from(ATTEMPT_LEASE).unwrap_or(time::Duration::MINUTE));
