@@ -5,8 +5,9 @@
 //!
 //! 1. saturation: EVENTS creates from 64 concurrent writers; the rate is deliveries received
 //!    per second from the first create to the last receipt (for 1 endpoint, messages/s);
-//! 2. paced: creates at half the saturation rate of events for `BENCH_PACED_SECS` (default 3 s),
-//!    an open loop (each create starts on its own schedule).
+//! 2. paced: once the service is at rest again (its outbox empty: the saturation phase's
+//!    `webhook.delivered` events published), creates at half the saturation rate of events for
+//!    `BENCH_PACED_SECS` (default 3 s), an open loop (each create starts on its own schedule).
 //!
 //! Latency is commit to receipt: the event's `time` (set when its change is written) to the
 //! receiver's clock. The receiver counts each (endpoint, `webhook-id`) it got against what was
@@ -210,6 +211,23 @@ async fn drain(receipts: &Mutex<Receipts>, expected: usize) {
     }
 }
 
+/// Waits until the service's outbox is empty (its `/metrics`), at most 60 s.
+async fn settle(client: &reqwest::Client, base: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        let text = match client.get(format!("{base}/metrics")).send().await {
+            Ok(answer) => answer.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        let pending = text.lines().find_map(|l| l.strip_prefix("outbox_pending_events ")).and_then(|v| v.trim().parse::<f64>().ok());
+        if pending == Some(0.0) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!("bench-webhooks: the outbox did not empty within 60 s; pacing anyway");
+}
+
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -277,6 +295,9 @@ async fn main() {
     let saturation = summarize(&saturated, committed, endpoints, elapsed);
 
     // --- 2. paced at half the saturation rate of events ---------------------------------------
+    // Measured at rest, not while the service still publishes the saturation phase's
+    // `webhook.delivered` events: the outbox is empty first.
+    settle(&client, &service.base).await;
     let paced_rate = (saturation.rate / endpoints as f64 / 2.0).max(1.0);
     let paced_events = (paced_rate * paced_secs).round().max(1.0) as usize;
     let interval = Duration::from_secs_f64(1.0 / paced_rate);
