@@ -232,6 +232,32 @@ async fn the_checkpointer_copies_commits_into_the_database_file() {
     }
 }
 
+/// A bound `LIMIT` does not make SQLite prepare the statement again at each run (the planner
+/// looks at no bound value): the cached statements stay prepared.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_with_a_bound_limit_are_prepared_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = im_store_embedded::Db::open(&dir.path().join("plans.db"), Arc::new(SystemClock)).unwrap();
+    db.write(|tx| {
+        tx.execute_batch("CREATE TABLE t (a INTEGER); CREATE INDEX t_a ON t (a) WHERE a > 0; INSERT INTO t VALUES (1), (2), (3);")
+            .map_err(|e| im_domain::DomainError::Unexpected(e.into()))
+    })
+    .await
+    .unwrap();
+    let prepared_again = db
+        .read(|conn| {
+            let sql = "SELECT a FROM t WHERE a > ?1 ORDER BY a LIMIT ?2";
+            for limit in 1..=3 {
+                let rows = conn.prepare_cached(sql)?.query_map(rusqlite::params![0, limit], |r| r.get::<_, i64>(0))?.count();
+                assert_eq!(rows, limit as usize);
+            }
+            Ok(conn.prepare_cached(sql)?.get_status(rusqlite::StatementStatus::RePrepare))
+        })
+        .await
+        .unwrap();
+    assert_eq!(prepared_again, 0, "the statement was prepared again at each run");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_busy_past_its_timeout_is_unavailable() {
     use im_domain::DomainError;
