@@ -121,6 +121,11 @@ impl WebhookSenderSettings {
     }
 }
 
+/// Idle connections kept per destination host (closed after 90 s unused). More than the
+/// attempts in flight at once (`webhooks.concurrency`, 64 by default), so that endpoints on one
+/// host do not close and open connections between bursts.
+const IDLE_PER_HOST: usize = 256;
+
 /// Sends webhook requests.
 #[derive(Debug, Clone)]
 pub struct HttpWebhookSender {
@@ -142,7 +147,7 @@ impl HttpWebhookSender {
             .timeout(settings.request_timeout.get())
             .redirect(reqwest::redirect::Policy::none())
             .dns_resolver(Arc::new(SafeResolver { policy: policy.clone() }))
-            .pool_max_idle_per_host(32)
+            .pool_max_idle_per_host(IDLE_PER_HOST)
             .build()
             .map_err(|e| e.to_string())?;
         Ok(Self { client, policy })
@@ -287,6 +292,73 @@ mod tests {
         assert_eq!(result.status, Some(429));
         assert_eq!(result.retry_after, Some(Duration::from_secs(7)));
         assert_eq!(result.body_excerpt.map(|b| b.len()), Some(RESPONSE_EXCERPT_BYTES));
+    }
+
+    /// A receiver that counts the connections it accepted and answers every request (after
+    /// `delay`, so that concurrent requests need a connection each) with 204, keeping the
+    /// connection open.
+    async fn counting_receiver(delay: Duration) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buffer = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    loop {
+                        // One request: its head, then a body of `content-length` bytes.
+                        let head_end = loop {
+                            if let Some(at) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+                                break at + 4;
+                            }
+                            match stream.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+                            }
+                        };
+                        let head = String::from_utf8_lossy(&buffer[..head_end]).to_ascii_lowercase();
+                        let length: usize =
+                            head.lines().find_map(|l| l.strip_prefix("content-length:")).and_then(|v| v.trim().parse().ok()).unwrap_or(0);
+                        while buffer.len() < head_end + length {
+                            match stream.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                        buffer.drain(..head_end + length);
+                        tokio::time::sleep(delay).await;
+                        if stream.write_all(b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n").await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (url, accepted)
+    }
+
+    /// As many attempts at once as the dispatcher runs by default (64) to endpoints on one host,
+    /// twice: the second burst reuses the first one's connections instead of opening new ones.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bursts_to_one_host_reuse_their_connections() {
+        let (url, accepted) = counting_receiver(Duration::from_millis(200)).await;
+        let sender = HttpWebhookSender::new(&settings("5s", &["127.0.0.0/8"], "")).unwrap();
+        for burst in 0..2 {
+            let mut sends = tokio::task::JoinSet::new();
+            for _ in 0..64 {
+                let (sender, url) = (sender.clone(), url.clone());
+                sends.spawn(async move { sender.send(request(url)).await.status });
+            }
+            while let Some(status) = sends.join_next().await {
+                assert_eq!(status.unwrap(), Some(204), "burst {burst}");
+            }
+        }
+        let opened = accepted.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(opened <= 64, "{opened} connections for two bursts of 64 requests: the second burst did not reuse the first one's");
     }
 
     #[tokio::test]
