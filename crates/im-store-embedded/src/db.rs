@@ -57,8 +57,11 @@ fn configure(conn: &Connection) -> rusqlite::Result<()> {
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
     conn.pragma_update(None, "temp_store", "MEMORY")?;
-    // Memory-mapped reads: no copy through read() for pages another connection changed.
-    conn.pragma_update(None, "mmap_size", 268_435_456)?;
+    // No memory-mapped reads: a connection unmaps the whole file at its first read after any
+    // commit (SQLite resets its view of the file then), so with writes going on all the time
+    // mapping costs an munmap (with its TLB shootdown on the other cores) and page faults per
+    // read. The page cache serves what did not change.
+    conn.pragma_update(None, "mmap_size", 0)?;
     plan_without_bound_values(conn)?;
     Ok(())
 }
@@ -139,7 +142,7 @@ impl Db {
                     )
                     .map_err(map_sqlite)?;
                     conn.busy_timeout(Duration::from_secs(5)).map_err(map_sqlite)?;
-                    conn.pragma_update(None, "mmap_size", 268_435_456).map_err(map_sqlite)?;
+                    conn.pragma_update(None, "mmap_size", 0).map_err(map_sqlite)?;
                     plan_without_bound_values(&conn).map_err(map_sqlite)?;
                     conn.set_prepared_statement_cache_capacity(64);
                     readers.push((self.id, conn));
