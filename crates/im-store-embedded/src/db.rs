@@ -49,29 +49,42 @@ impl std::fmt::Debug for Db {
     }
 }
 
-fn configure(conn: &Connection) -> rusqlite::Result<()> {
+/// What every connection to the file is set to, whatever it does (writer, readers,
+/// checkpointer).
+fn configure_connection(conn: &Connection) -> rusqlite::Result<()> {
     conn.busy_timeout(Duration::from_secs(5))?;
+    // No memory-mapped reads: a connection unmaps the whole file at its first read after any
+    // commit (SQLite resets its view of the file then), so with writes going on all the time
+    // mapping costs an munmap (with its TLB shootdown on the other cores) and page faults per
+    // read. The page cache serves what did not change.
+    conn.pragma_update(None, "mmap_size", 0)?;
+    // Plans never look at bound values (the query planner stability guarantee). Otherwise a
+    // statement whose plan could depend on a value (a bound `LIMIT`, a value compared with a
+    // partial index's condition) is prepared again at every run, since every run binds anew:
+    // that was a fifth of the cost of a page of a list, and of every take of the delivery queue.
+    conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)?;
+    conn.set_prepared_statement_cache_capacity(64);
+    Ok(())
+}
+
+/// A read-write connection to the file.
+fn open_for_writing(path: &Path) -> anyhow::Result<Connection> {
+    let conn = Connection::open(path).map_err(|e| anyhow::anyhow!("cannot open database {}: {e}", path.display()))?;
+    configure_connection(&conn)?;
+    Ok(conn)
+}
+
+/// The writer's settings of the file (WAL, durability, foreign keys).
+fn configure_writer(conn: &Connection) -> rusqlite::Result<()> {
     // WAL: readers never block the writer; NORMAL sync is durable against a crash of the
     // process (a committed transaction is in the WAL before the call returns).
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
     conn.pragma_update(None, "temp_store", "MEMORY")?;
-    // No memory-mapped reads: a connection unmaps the whole file at its first read after any
-    // commit (SQLite resets its view of the file then), so with writes going on all the time
-    // mapping costs an munmap (with its TLB shootdown on the other cores) and page faults per
-    // read. The page cache serves what did not change.
-    conn.pragma_update(None, "mmap_size", 0)?;
-    plan_without_bound_values(conn)?;
-    Ok(())
-}
-
-/// Plans never look at bound values (the query planner stability guarantee). Otherwise a
-/// statement whose plan could depend on a value (a bound `LIMIT`, a value compared with a
-/// partial index's condition) is prepared again at every run, since every run binds anew: that
-/// was a fifth of the cost of a page of a list, and of every take of the delivery queue.
-fn plan_without_bound_values(conn: &Connection) -> rusqlite::Result<()> {
-    conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)?;
+    // Checkpoints run on a thread of their own, not in the commit of a group (where the copy
+    // and its fsyncs would hold every waiting write).
+    conn.pragma_update(None, "wal_autocheckpoint", 0)?;
     Ok(())
 }
 
@@ -101,14 +114,9 @@ impl Db {
     /// writes are refused as [`DomainError::Unavailable`] (overload pushes back instead of
     /// growing memory).
     pub fn with_write_queue(path: &Path, clock: Arc<dyn Clock>, capacity: usize) -> anyhow::Result<Self> {
-        let writer = Connection::open(path).map_err(|e| anyhow::anyhow!("cannot open database {}: {e}", path.display()))?;
-        configure(&writer)?;
-        writer.set_prepared_statement_cache_capacity(64);
-        // Checkpoints run on a thread of their own, not in the commit of a group (where the
-        // copy and its fsyncs would hold every waiting write).
-        writer.pragma_update(None, "wal_autocheckpoint", 0)?;
-        let checkpointer = Connection::open(path).map_err(|e| anyhow::anyhow!("cannot open database {}: {e}", path.display()))?;
-        checkpointer.busy_timeout(Duration::from_secs(5))?;
+        let writer = open_for_writing(path)?;
+        configure_writer(&writer)?;
+        let checkpointer = open_for_writing(path)?;
         let commits = Arc::new(AtomicU64::new(0));
         let (writes, jobs) = mpsc::sync_channel::<Job>(capacity);
         let committed = commits.clone();
@@ -141,10 +149,7 @@ impl Db {
                         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI,
                     )
                     .map_err(map_sqlite)?;
-                    conn.busy_timeout(Duration::from_secs(5)).map_err(map_sqlite)?;
-                    conn.pragma_update(None, "mmap_size", 0).map_err(map_sqlite)?;
-                    plan_without_bound_values(&conn).map_err(map_sqlite)?;
-                    conn.set_prepared_statement_cache_capacity(64);
+                    configure_connection(&conn).map_err(map_sqlite)?;
                     readers.push((self.id, conn));
                     readers.len() - 1
                 }
