@@ -27,11 +27,14 @@ fn validator(pointer: &str) -> Arc<Validator> {
     cache
         .entry(pointer.to_owned())
         .or_insert_with(|| {
-            let resource = jsonschema::Draft::Draft202012.create_resource(DOCUMENT.clone());
+            let registry = jsonschema::Registry::new()
+                .add(DOCUMENT_URI, jsonschema::Draft::Draft202012.create_resource(DOCUMENT.clone()))
+                .and_then(jsonschema::RegistryBuilder::prepare)
+                .expect("the document is a schema resource");
             Arc::new(
                 jsonschema::options()
                     .with_draft(jsonschema::Draft::Draft202012)
-                    .with_resource(DOCUMENT_URI, resource)
+                    .with_registry(&registry)
                     .build(&json!({"$ref": format!("{DOCUMENT_URI}#{}", pointer.replace('{', "%7B").replace('}', "%7D"))}))
                     .unwrap_or_else(|e| panic!("the schema at {pointer} does not compile: {e}")),
             )
@@ -60,8 +63,8 @@ fn template(path: &str) -> Option<String> {
 /// The fields a schema error refuses, with those of every branch of a failed union.
 fn refused_paths(error: &jsonschema::ValidationError<'_>, out: &mut Vec<String>) {
     use jsonschema::error::ValidationErrorKind::{AnyOf, OneOfNotValid};
-    out.push(im_domain::schema::pointer_to_path(error.instance_path.as_str()));
-    if let OneOfNotValid { context } | AnyOf { context } = &error.kind {
+    out.push(im_domain::schema::pointer_to_path(error.instance_path().as_str()));
+    if let OneOfNotValid { context } | AnyOf { context } = error.kind() {
         context.iter().flatten().for_each(|e| refused_paths(e, out));
     }
 }
@@ -76,7 +79,7 @@ fn states_a_size_rule(message: &str) -> bool {
 
 /// Problems of `instance` against the schema at `pointer`, as `path: message` lines.
 fn problems(pointer: &str, instance: &Value) -> Vec<String> {
-    validator(pointer).iter_errors(instance).map(|e| format!("{}: {e}", e.instance_path)).collect()
+    validator(pointer).iter_errors(instance).map(|e| format!("{}: {e}", e.instance_path())).collect()
 }
 
 /// Checks one exchange; panics with the operation, status and JSON path of any mismatch.

@@ -26,7 +26,7 @@ pub(crate) fn assert_matches_schema(event: &Value) {
     let schema: Value =
         serde_json::from_str(&std::fs::read_to_string(&path).unwrap_or_else(|_| panic!("{} exists", path.display()))).unwrap();
     let validator = jsonschema::options().should_validate_formats(true).build(&schema).expect("a valid schema");
-    let errors: Vec<String> = validator.iter_errors(event).map(|e| format!("{}: {e}", e.instance_path)).collect();
+    let errors: Vec<String> = validator.iter_errors(event).map(|e| format!("{}: {e}", e.instance_path())).collect();
     assert!(errors.is_empty(), "{event_type} breaks its schema: {errors:?}\n{event}");
 }
 

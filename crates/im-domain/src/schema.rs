@@ -26,7 +26,7 @@ pub fn compile_config_schema(schema: &Value) -> Result<jsonschema::Validator, Ve
         return Err(vec![FieldViolation::invalid("", format!("must not reference external documents ({reference})"))]);
     }
     jsonschema::validator_for(schema).map_err(|e| {
-        let path = pointer_to_path(&e.instance_path.to_string());
+        let path = pointer_to_path(&e.instance_path().to_string());
         vec![FieldViolation::invalid(path, format!("is not a valid JSON Schema: {e}"))]
     })
 }
@@ -51,8 +51,8 @@ pub fn validate_against(validator: &jsonschema::Validator, value: &Value, prefix
     let violations: Vec<FieldViolation> = validator
         .iter_errors(value)
         .map(|error| {
-            let mut path = pointer_to_path(&error.instance_path.to_string());
-            if let jsonschema::error::ValidationErrorKind::Required { property } = &error.kind
+            let mut path = pointer_to_path(&error.instance_path().to_string());
+            if let jsonschema::error::ValidationErrorKind::Required { property } = error.kind()
                 && let Some(name) = property.as_str()
             {
                 path = if path.is_empty() { name.to_owned() } else { format!("{path}.{name}") };

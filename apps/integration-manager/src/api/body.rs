@@ -66,12 +66,16 @@ fn validator(name: &str) -> Result<Arc<Validator>, ApiError> {
     }
     // The schemas alone: the operations are most of the document and no `$ref` points there.
     let schemas = json!({"components": {"schemas": DOCUMENT["components"]["schemas"].clone()}});
-    let resource = jsonschema::Draft::Draft202012.create_resource(schemas);
+    let broken = |e: &dyn std::fmt::Display| ApiError::Domain(DomainError::Unexpected(anyhow::anyhow!("the schema {name} does not compile: {e}")));
+    let registry = jsonschema::Registry::new()
+        .add(DOCUMENT_URI, jsonschema::Draft::Draft202012.create_resource(schemas))
+        .and_then(jsonschema::RegistryBuilder::prepare)
+        .map_err(|e| broken(&e))?;
     let compiled = jsonschema::options()
         .with_draft(jsonschema::Draft::Draft202012)
-        .with_resource(DOCUMENT_URI, resource)
+        .with_registry(&registry)
         .build(&json!({"$ref": format!("{DOCUMENT_URI}#/components/schemas/{name}")}))
-        .map_err(|e| ApiError::Domain(DomainError::Unexpected(anyhow::anyhow!("the schema {name} does not compile: {e}"))))?;
+        .map_err(|e| broken(&e))?;
     let compiled = Arc::new(compiled);
     VALIDATORS.write().unwrap_or_else(|p| p.into_inner()).insert(name.to_owned(), compiled.clone());
     Ok(compiled)
@@ -119,11 +123,11 @@ fn meant_branch<'a>(
     let candidates: Vec<&Vec<_>> = branches
         .iter()
         .filter(|errors| {
-            !errors.iter().any(|e| match &e.kind {
-                ValidationErrorKind::Type { .. } => e.instance_path.as_str() == at,
+            !errors.iter().any(|e| match e.kind() {
+                ValidationErrorKind::Type { .. } => e.instance_path().as_str() == at,
                 // A tag names the branch; a value a rule's `then` refuses does not.
                 ValidationErrorKind::Enum { .. } | ValidationErrorKind::Constant { .. } => {
-                    is_child(at, e.instance_path.as_str()) && !conditional(e)
+                    is_child(at, e.instance_path().as_str()) && !conditional(e)
                 }
                 _ => false,
             })
@@ -154,9 +158,9 @@ fn refused_tag(at: &str, branches: &[Vec<jsonschema::ValidationError<'static>>])
     let mut tag: Option<String> = None;
     let mut values = Vec::new();
     for errors in branches {
-        let (path, value) = errors.iter().find_map(|e| match &e.kind {
-            ValidationErrorKind::Constant { expected_value } if is_child(at, e.instance_path.as_str()) => {
-                Some((e.instance_path.as_str().to_owned(), expected_value.to_string()))
+        let (path, value) = errors.iter().find_map(|e| match e.kind() {
+            ValidationErrorKind::Constant { expected_value } if is_child(at, e.instance_path().as_str()) => {
+                Some((e.instance_path().as_str().to_owned(), expected_value.to_string()))
             }
             _ => None,
         })?;
@@ -216,14 +220,14 @@ pub fn refused() -> Value {
 /// Whether a `then` or `else` found the error: what it requires depends on the value its `if`
 /// looked at.
 fn conditional(error: &jsonschema::ValidationError<'_>) -> bool {
-    error.schema_path.as_str().split('/').any(|s| s == "then" || s == "else")
+    error.schema_path().as_str().split('/').any(|s| s == "then" || s == "else")
 }
 
 /// One schema error as the violations it stands for.
 fn violations_of(error: &jsonschema::ValidationError<'_>, ctx: &Union<'_>, out: &mut Vec<FieldViolation>) {
-    let at = error.instance_path.as_str();
+    let at = error.instance_path().as_str();
     let ctx = &Union { root: ctx.root, ruled: ctx.ruled || conditional(error) };
-    match &error.kind {
+    match error.kind() {
         ValidationErrorKind::AdditionalProperties { unexpected } | ValidationErrorKind::UnevaluatedProperties { unexpected } => {
             for name in unexpected {
                 out.push(FieldViolation::new(path(at, Some(name)), ViolationKind::UnknownField, "is not a field of this resource"));
@@ -254,7 +258,7 @@ fn violations_of(error: &jsonschema::ValidationError<'_>, ctx: &Union<'_>, out: 
         ValidationErrorKind::Type { kind } => out.push(FieldViolation::new(
             path(at, None),
             ViolationKind::WrongType,
-            format!("must be {} (got {})", expected(kind), type_name(&error.instance)),
+            format!("must be {} (got {})", expected(kind), type_name(error.instance())),
         )),
         // A value another field's value rules out (a rule's `then`) is a value problem, not one of shape.
         ValidationErrorKind::Enum { options } => {
@@ -267,7 +271,7 @@ fn violations_of(error: &jsonschema::ValidationError<'_>, ctx: &Union<'_>, out: 
             out.push(FieldViolation::new(path(at, None), kind, format!("must be {expected_value}")));
         }
         ValidationErrorKind::OneOfNotValid { context } | ValidationErrorKind::AnyOf { context } => {
-            let rule = rule_of(ctx.root, error.schema_path.as_str());
+            let rule = rule_of(ctx.root, error.schema_path().as_str());
             let ruled = Union { root: ctx.root, ruled: ctx.ruled || rule.is_some() };
             match (meant_branch(at, context, rule.is_some()), rule) {
                 (Some(errors), _) => errors.iter().for_each(|e| violations_of(e, &ruled, out)),
@@ -282,7 +286,7 @@ fn violations_of(error: &jsonschema::ValidationError<'_>, ctx: &Union<'_>, out: 
                 }
             }
         }
-        ValidationErrorKind::OneOfMultipleValid { .. } if let Some(rule) = rule_of(ctx.root, error.schema_path.as_str()) => {
+        ValidationErrorKind::OneOfMultipleValid { .. } if let Some(rule) = rule_of(ctx.root, error.schema_path().as_str()) => {
             out.push(broken_rule(at, rule));
         }
         _ => out.push(FieldViolation::new(path(at, None), ViolationKind::Invalid, error.to_string())),
