@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use im_domain::DomainError;
-use im_domain::events::DomainEvent;
+use im_domain::events::{DomainEvent, EventType};
 use im_domain::ports::{EventPublisher, EventSubscriber};
 use im_domain::retry::Backoff;
 use im_domain::services::{AttemptReport, DeliveryService};
@@ -151,6 +151,11 @@ impl EventSubscriber for FanOut {
             }
         }
         Ok(())
+    }
+
+    /// Webhooks receive only the deliverable events (never `webhook.*`).
+    fn wants(&self, event_type: EventType) -> bool {
+        im_domain::webhooks::endpoint::DELIVERABLE.contains(&event_type)
     }
 }
 

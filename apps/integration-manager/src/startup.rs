@@ -615,6 +615,12 @@ impl Application {
             audit.clone(),
         );
         let (webhooks, deliveries, queue) = webhooks(&settings, &storage, secrets, audit, role).await?;
+        // With no broker, the in-process subscribers are the only readers of events: an outcome
+        // event none of them wants is not written.
+        let deliveries = match settings.events.backend {
+            EventsBackend::Embedded => deliveries.with_event_readers(events.bus.clone()),
+            EventsBackend::Rabbitmq => deliveries,
+        };
 
         let workers = Workers { shutdown: CancellationToken::new(), tasks: TaskTracker::new() };
         if role.runs_workers() {

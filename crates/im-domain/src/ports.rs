@@ -5,7 +5,7 @@ use async_trait::async_trait;
 
 use crate::common::{ETag, IntegrationId, JsonText, Page, PageRequest, Stored, TenantId};
 use crate::error::DomainError;
-use crate::events::{Claimed, DeadLetter, DomainEvent, OutboxStats};
+use crate::events::{Claimed, DeadLetter, DomainEvent, EventType, OutboxStats};
 use crate::integration::{Integration, IntegrationFilter};
 use crate::provider::{Provider, ProviderFilter, ProviderId, SeedReport};
 
@@ -256,5 +256,28 @@ pub trait EventSubscriber: Send + Sync {
             self.handle(event).await?;
         }
         Ok(())
+    }
+
+    /// Whether events of this type mean anything to the subscriber (the default: all do). With
+    /// no broker, an event that no subscriber wants is not written at all ([`EventReaders`]).
+    fn wants(&self, _event_type: EventType) -> bool {
+        true
+    }
+}
+
+/// Who reads the events of a type once they are published: an event that nobody reads need not
+/// be written to the outbox. A broker's readers are unknown, so with a broker every event is
+/// read ([`AllEventsRead`]); the in-process bus knows its subscribers.
+pub trait EventReaders: Send + Sync {
+    fn reads(&self, event_type: EventType) -> bool;
+}
+
+/// Every event has readers (a broker's consumers are not known here).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AllEventsRead;
+
+impl EventReaders for AllEventsRead {
+    fn reads(&self, _event_type: EventType) -> bool {
+        true
     }
 }

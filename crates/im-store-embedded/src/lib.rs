@@ -56,6 +56,8 @@ pub const DATABASE_FILE: &str = "integration-manager.db";
 pub struct EmbeddedStore {
     db: Arc<Db>,
     path: PathBuf,
+    /// Records the delivery queue's take read for the gets that follow.
+    leased: Arc<deliveries::LeasedRecords>,
 }
 
 impl EmbeddedStore {
@@ -67,7 +69,7 @@ impl EmbeddedStore {
         std::fs::create_dir_all(data_dir).map_err(|e| anyhow::anyhow!("cannot create data directory {}: {e}", data_dir.display()))?;
         let path = data_dir.join(DATABASE_FILE);
         let db = Db::open(&path, clock)?;
-        Ok(Self { db: Arc::new(db), path })
+        Ok(Self { db: Arc::new(db), path, leased: Arc::default() })
     }
 
     /// Applies the migrations that were not applied yet. Idempotent.
@@ -115,14 +117,14 @@ impl EmbeddedStore {
 
     /// Deliveries, when the delivery queue is elsewhere (RabbitMQ).
     pub fn deliveries(&self) -> Arc<dyn im_domain::webhooks::ports::DeliveryRepository> {
-        Arc::new(deliveries::SqliteDeliveries::new(self.documents(), false))
+        Arc::new(deliveries::SqliteDeliveries::new(self.documents()))
     }
 
     /// Deliveries whose queue is this database's [`Self::delivery_queue`]
     /// (`events.backend = "embedded"`): a delivery and its job are written in one transaction
     /// (`DeliveryRepository::keeps_queue`).
     pub fn deliveries_with_queue(&self) -> Arc<dyn im_domain::webhooks::ports::DeliveryRepository> {
-        Arc::new(deliveries::SqliteDeliveries::new(self.documents(), true))
+        Arc::new(deliveries::SqliteDeliveries::with_queue(self.documents(), self.leased.clone()))
     }
 
     /// Releases every lease of the delivery queue. The embedded queue has one consumer, this
@@ -133,7 +135,7 @@ impl EmbeddedStore {
 
     /// The durable queue of delivery attempts.
     pub fn delivery_queue(&self) -> Arc<dyn im_domain::webhooks::ports::DeliveryQueue> {
-        Arc::new(deliveries::SqliteDeliveryQueue::new(self.db.clone()))
+        Arc::new(deliveries::SqliteDeliveryQueue::new(self.db.clone(), self.leased.clone()))
     }
 
     /// The embedded Shard Manager (`shard_manager.backend = "embedded"`).

@@ -75,6 +75,52 @@ async fn deliveries_and_their_jobs_are_written_together() {
         .await;
 }
 
+/// The take reads the records of the jobs it leases in its own transaction and hands each to
+/// the next get of that delivery (one read less per attempt); a write through the repository
+/// forgets it, and only the delivery's tenant is handed it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_take_hands_the_records_it_read_to_the_next_get() {
+    use im_domain::webhooks::delivery::DeliveryStatus;
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(dir.path()).await;
+    let (deliveries, queue) = (store.deliveries_with_queue(), store.delivery_queue());
+    let tenant = im_testkit::fresh_tenant();
+    let records: Vec<_> = (0..3).map(|_| im_testkit::deliveries::delivery(&tenant, DeliveryStatus::Pending)).collect();
+    for outcome in deliveries.create_each_queued(&records).await.unwrap() {
+        outcome.unwrap();
+    }
+    assert_eq!(queue.take_due(10, Duration::from_secs(60)).await.unwrap().len(), 3);
+    // Behind the repository's back, so that where each get's answer came from shows.
+    let ids: Vec<String> = records.iter().map(|d| d.id.to_string()).collect();
+    let changed = ids.clone();
+    store
+        .documents()
+        .transaction(move |tx, _| {
+            for id in &changed {
+                tx.execute("UPDATE documents SET etag = 'rewritten' WHERE id = ?1", [id])
+                    .map_err(|e| im_domain::DomainError::Unexpected(e.into()))?;
+            }
+            Ok(())
+        })
+        .await
+        .unwrap();
+
+    let first = deliveries.get(&tenant, records[0].id).await.unwrap();
+    assert_ne!(first.etag.as_str(), "rewritten", "the get after the take is the take's read");
+    assert_eq!(first.value, records[0]);
+    assert_eq!(deliveries.get(&tenant, records[0].id).await.unwrap().etag.as_str(), "rewritten", "handed once, then read");
+
+    let mut done = records[1].clone();
+    done.status = DeliveryStatus::Succeeded;
+    deliveries.replace(&done, None, &[]).await.unwrap();
+    let after_write = deliveries.get(&tenant, records[1].id).await.unwrap();
+    assert_eq!(after_write.value.status, DeliveryStatus::Succeeded, "a write forgets what the take read");
+
+    let other = im_testkit::fresh_tenant();
+    assert!(matches!(deliveries.get(&other, records[2].id).await, Err(im_domain::DomainError::NotFound { .. })));
+    assert_eq!(deliveries.get(&tenant, records[2].id).await.unwrap().etag.as_str(), "rewritten");
+}
+
 /// What only the embedded queue promises: it has one consumer, this process, so at start the
 /// jobs a crashed predecessor had leased are due again at once, not when their lease ends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

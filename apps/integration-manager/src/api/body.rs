@@ -21,8 +21,21 @@ use super::problem::ApiError;
 /// Where the OpenAPI document is registered for `$ref`s of the compiled validators.
 const DOCUMENT_URI: &str = "urn:integration-manager:openapi";
 
-/// The document's JSON, built once.
-static DOCUMENT: LazyLock<Value> = LazyLock::new(super::openapi::spec);
+/// The document's schemas, built once, in the document's shape (`{"components": {"schemas"}}`,
+/// so that its `$ref`s resolve): the operations are most of the document and no `$ref` points
+/// there.
+static DOCUMENT: LazyLock<Value> = LazyLock::new(|| {
+    let mut spec = super::openapi::spec();
+    json!({"components": {"schemas": spec["components"]["schemas"].take()}})
+});
+
+/// The schemas as one resource, indexed once for every validator.
+static REGISTRY: LazyLock<Result<jsonschema::Registry<'static>, String>> = LazyLock::new(|| {
+    jsonschema::Registry::new()
+        .add(DOCUMENT_URI, jsonschema::Draft::Draft202012.create_resource_ref(&DOCUMENT))
+        .and_then(jsonschema::RegistryBuilder::prepare)
+        .map_err(|e| e.to_string())
+});
 
 /// Compiled validators by schema name.
 static VALIDATORS: LazyLock<RwLock<HashMap<String, Arc<Validator>>>> = LazyLock::new(RwLock::default);
@@ -64,16 +77,11 @@ fn validator(name: &str) -> Result<Arc<Validator>, ApiError> {
     if let Some(found) = VALIDATORS.read().unwrap_or_else(|p| p.into_inner()).get(name) {
         return Ok(found.clone());
     }
-    // The schemas alone: the operations are most of the document and no `$ref` points there.
-    let schemas = json!({"components": {"schemas": DOCUMENT["components"]["schemas"].clone()}});
     let broken = |e: &dyn std::fmt::Display| ApiError::Domain(DomainError::Unexpected(anyhow::anyhow!("the schema {name} does not compile: {e}")));
-    let registry = jsonschema::Registry::new()
-        .add(DOCUMENT_URI, jsonschema::Draft::Draft202012.create_resource(schemas))
-        .and_then(jsonschema::RegistryBuilder::prepare)
-        .map_err(|e| broken(&e))?;
+    let registry = REGISTRY.as_ref().map_err(|e| broken(e))?;
     let compiled = jsonschema::options()
         .with_draft(jsonschema::Draft::Draft202012)
-        .with_registry(&registry)
+        .with_registry(registry)
         .build(&json!({"$ref": format!("{DOCUMENT_URI}#/components/schemas/{name}")}))
         .map_err(|e| broken(&e))?;
     let compiled = Arc::new(compiled);

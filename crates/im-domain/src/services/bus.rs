@@ -3,13 +3,16 @@ use std::sync::{Arc, RwLock};
 use async_trait::async_trait;
 
 use crate::error::DomainError;
-use crate::events::DomainEvent;
-use crate::ports::{EventPublisher, EventSubscriber};
+use crate::events::{DomainEvent, EventType};
+use crate::ports::{EventPublisher, EventReaders, EventSubscriber};
 
 /// The embedded event bus: publishing hands the events to each subscriber in this process and
 /// succeeds only once all of them handled every event, so the outbox keeps an event until
 /// every subscriber has it (at least once, like the broker). A subscriber's failure is
 /// [`DomainError::Unavailable`], as the port demands: the relay keeps the events and tries again.
+///
+/// Its readers ([`EventReaders`]) are its subscribers: with no broker, an event type none of
+/// them wants (`webhook.delivered` for the webhook fan-out) need not be written.
 #[derive(Default)]
 pub struct InProcessBus {
     subscribers: RwLock<Vec<Arc<dyn EventSubscriber>>>,
@@ -28,6 +31,12 @@ impl InProcessBus {
 
     pub fn subscribe(&self, subscriber: Arc<dyn EventSubscriber>) {
         self.subscribers.write().unwrap_or_else(|p| p.into_inner()).push(subscriber);
+    }
+}
+
+impl EventReaders for InProcessBus {
+    fn reads(&self, event_type: EventType) -> bool {
+        self.subscribers.read().unwrap_or_else(|p| p.into_inner()).iter().any(|s| s.wants(event_type))
     }
 }
 

@@ -13,7 +13,7 @@ use crate::common::{Clock, ETag, IdGenerator, Page, PageRequest, Stored, TenantI
 use crate::error::DomainError;
 use crate::events::payloads::{DeliveryOutcomeData, EndpointDisabledData};
 use crate::events::{DomainEvent, EventType};
-use crate::ports::EventSubscriber;
+use crate::ports::{AllEventsRead, EventReaders, EventSubscriber};
 use crate::retry::{Backoff, Failure, retry};
 use crate::webhooks::delivery::{
     ATTEMPT_LEASE, Attempt, AttemptTrigger, Delivery, DeliveryFilter, DeliveryStatus, Outcome, RESPONSE_EXCERPT_BYTES, classify,
@@ -60,6 +60,9 @@ pub struct DeliveryService {
     /// Per-endpoint times of manual sends (tests and retries) in the last window.
     manual: Arc<ManualSends>,
     audit: Audit,
+    /// Who reads the outcome events (`webhook.delivered`, `webhook.failed`,
+    /// `webhook.endpoint.disabled`): an outcome nobody reads is not written.
+    readers: Arc<dyn EventReaders>,
 }
 
 /// Manual sends (`/test` and manual retries) an endpoint allows per minute, unless configured.
@@ -170,7 +173,32 @@ impl DeliveryService {
     ) -> Self {
         let manual = Arc::new(ManualSends::new(DEFAULT_MANUAL_SENDS_PER_MINUTE));
         let queue_in_store = deliveries.keeps_queue();
-        Self { webhooks, endpoints, deliveries, queue, queue_in_store, sender, clock, ids, settings, rates: Arc::default(), manual, audit }
+        let readers = Arc::new(AllEventsRead);
+        Self {
+            webhooks,
+            endpoints,
+            deliveries,
+            queue,
+            queue_in_store,
+            sender,
+            clock,
+            ids,
+            settings,
+            rates: Arc::default(),
+            manual,
+            audit,
+            readers,
+        }
+    }
+
+    /// Writes an outcome event only when `readers` read its type (by default every event is
+    /// written). With no broker, the in-process bus is the only reader, and its webhook fan-out
+    /// never sends `webhook.*` events: writing them would cost three writes per delivery
+    /// (the event, its claim, its removal) for nobody.
+    #[must_use]
+    pub fn with_event_readers(mut self, readers: Arc<dyn EventReaders>) -> Self {
+        self.readers = readers;
+        self
     }
 
     /// Whether deliveries and their jobs are written in one transaction (the queue lives in the
@@ -540,6 +568,7 @@ impl DeliveryService {
         }
         let events: Vec<_> = events
             .into_iter()
+            .filter(|t| self.readers.reads(*t))
             .map(|t| match (t, &disabled_because) {
                 (EventType::WebhookEndpointDisabled, Some(reason)) => self.disabled_event(&webhook.value, reason),
                 (t, _) => self.outcome_event(&delivery, t),
@@ -592,8 +621,9 @@ impl DeliveryService {
         delivery.next_attempt_at = None;
         delivery.lease_until = None;
         delivery.updated_at = now;
-        let failed = self.outcome_event(&delivery, EventType::WebhookFailed);
-        self.record(job, &delivery, stored.etag, &[failed], JobAfter::Complete).await?;
+        let failed: Vec<_> =
+            self.readers.reads(EventType::WebhookFailed).then(|| self.outcome_event(&delivery, EventType::WebhookFailed)).into_iter().collect();
+        self.record(job, &delivery, stored.etag, &failed, JobAfter::Complete).await?;
         Ok(AttemptReport::Failed)
     }
 
@@ -824,6 +854,11 @@ impl DeliveryService {
 impl EventSubscriber for DeliveryService {
     async fn handle(&self, event: &DomainEvent) -> Result<(), DomainError> {
         self.fan_out(event).await.map(|_| ())
+    }
+
+    /// Webhooks receive only the deliverable events.
+    fn wants(&self, event_type: EventType) -> bool {
+        crate::webhooks::endpoint::DELIVERABLE.contains(&event_type)
     }
 }
 
@@ -1124,6 +1159,69 @@ mod attempt_tests {
                 assert_eq!(one_replace(&seen).0.next_attempt_at, Some(at));
                 assert_eq!(seen.scheduled, vec![(job(&delivery), at)]);
             }
+        });
+    }
+
+    /// An in-process subscriber that wants only the events webhooks receive, as the fan-out.
+    struct WebhooksOnly;
+
+    #[async_trait]
+    impl EventSubscriber for WebhooksOnly {
+        async fn handle(&self, _: &DomainEvent) -> Result<(), DomainError> {
+            Ok(())
+        }
+
+        fn wants(&self, event_type: EventType) -> bool {
+            crate::webhooks::endpoint::DELIVERABLE.contains(&event_type)
+        }
+    }
+
+    /// A bus whose subscribers are `webhooks_only` fan-outs and `others` that read everything.
+    fn bus(webhooks_only: usize, others: usize) -> Arc<crate::services::InProcessBus> {
+        struct ReadsAll;
+        #[async_trait]
+        impl EventSubscriber for ReadsAll {
+            async fn handle(&self, _: &DomainEvent) -> Result<(), DomainError> {
+                Ok(())
+            }
+        }
+        let bus = Arc::new(crate::services::InProcessBus::new());
+        (0..webhooks_only).for_each(|_| bus.subscribe(Arc::new(WebhooksOnly)));
+        (0..others).for_each(|_| bus.subscribe(Arc::new(ReadsAll)));
+        bus
+    }
+
+    #[test]
+    fn an_outcome_event_no_subscriber_reads_is_not_written() {
+        block_on(async {
+            for (status, bus) in [(204, bus(1, 0)), (410, bus(1, 0)), (204, bus(0, 0))] {
+                let (webhook, delivery) = (webhook(), delivery(&webhook(), 0));
+                let (service, seen) = service(&webhook, &delivery, answer(status, None));
+                let service = service.with_event_readers(bus);
+
+                service.attempt(&job(&delivery), AttemptTrigger::Scheduled).await.unwrap();
+
+                let seen = seen.lock().unwrap();
+                let (recorded, events) = one_replace(&seen);
+                assert!(matches!(recorded.status, DeliveryStatus::Succeeded | DeliveryStatus::Failed), "{:?}", recorded.status);
+                assert!(events.is_empty(), "{status}: nobody reads webhook.* events, none is written: {events:?}");
+                assert_eq!(seen.completed, vec![job(&delivery)]);
+            }
+        });
+    }
+
+    #[test]
+    fn an_outcome_event_is_written_when_a_subscriber_reads_it() {
+        block_on(async {
+            let (webhook, delivery) = (webhook(), delivery(&webhook(), 0));
+            let (service, seen) = service(&webhook, &delivery, answer(410, None));
+            let service = service.with_event_readers(bus(1, 1));
+
+            service.attempt(&job(&delivery), AttemptTrigger::Scheduled).await.unwrap();
+
+            let seen = seen.lock().unwrap();
+            let types: Vec<_> = one_replace(&seen).1.iter().map(|e| e.event_type).collect();
+            assert_eq!(types, vec![EventType::WebhookFailed, EventType::WebhookEndpointDisabled]);
         });
     }
 
