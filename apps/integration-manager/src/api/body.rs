@@ -77,7 +77,8 @@ fn validator(name: &str) -> Result<Arc<Validator>, ApiError> {
     if let Some(found) = VALIDATORS.read().unwrap_or_else(|p| p.into_inner()).get(name) {
         return Ok(found.clone());
     }
-    let broken = |e: &dyn std::fmt::Display| ApiError::Domain(DomainError::Unexpected(anyhow::anyhow!("the schema {name} does not compile: {e}")));
+    let broken =
+        |e: &dyn std::fmt::Display| ApiError::Domain(DomainError::Unexpected(anyhow::anyhow!("the schema {name} does not compile: {e}")));
     let registry = REGISTRY.as_ref().map_err(|e| broken(e))?;
     let compiled = jsonschema::options()
         .with_draft(jsonschema::Draft::Draft202012)
@@ -187,34 +188,18 @@ fn refused_tag(at: &str, branches: &[Vec<jsonschema::ValidationError<'static>>])
 /// exactly one of `cron`, `every`, `manual`). What the chosen branch requires or refuses is then
 /// a value problem (422), and a body that no branch (or more than one) takes is reported at the
 /// rule's `field` (relative to the union) with its `message`.
-fn rule_of(root: &str, schema_path: &str) -> Option<&'static Value> {
-    let mut node: &Value = &DOCUMENT["components"]["schemas"][root];
-    let mut segments: Vec<&str> = schema_path.split('/').skip(1).collect();
-    // The path ends at the `oneOf`; the rule is its sibling.
-    segments.pop();
-    // The root validator is `{"$ref": ...}` to the named schema: its first `$ref` is `root`.
-    let segments = segments.strip_prefix(&["$ref"]).unwrap_or(&segments);
-    for segment in segments {
-        node = if *segment == "$ref" {
-            let target = node["$ref"].as_str()?;
-            let pointer = target.strip_prefix(DOCUMENT_URI).unwrap_or(target).strip_prefix('#')?;
-            DOCUMENT.pointer(pointer)?
-        } else if let Some(items) = node.as_array() {
-            items.get(segment.parse::<usize>().ok()?)?
-        } else {
-            node.get(*segment)?
-        };
-    }
-    node.get(RULE)
+fn rule_of(schema_path: &str) -> Option<&'static Value> {
+    // The path is the union's place in the document (where its `oneOf` is written, whatever
+    // `$ref`s led there), and the rule is the `oneOf`'s sibling.
+    let union = schema_path.strip_suffix("/oneOf").or_else(|| schema_path.strip_suffix("/anyOf"))?;
+    DOCUMENT.pointer(union)?.get(RULE)
 }
 
 /// The extension keyword of a union's value rule (see [`rule_of`]).
 pub const RULE: &str = "x-rule";
 
 /// How a union's failure reads.
-struct Union<'a> {
-    /// The schema the body is checked against (its name in the document).
-    root: &'a str,
+struct Union {
     /// Inside the branch chosen by a rule's values: what it requires or refuses is a value problem.
     ruled: bool,
 }
@@ -232,9 +217,9 @@ fn conditional(error: &jsonschema::ValidationError<'_>) -> bool {
 }
 
 /// One schema error as the violations it stands for.
-fn violations_of(error: &jsonschema::ValidationError<'_>, ctx: &Union<'_>, out: &mut Vec<FieldViolation>) {
+fn violations_of(error: &jsonschema::ValidationError<'_>, ctx: &Union, out: &mut Vec<FieldViolation>) {
     let at = error.instance_path().as_str();
-    let ctx = &Union { root: ctx.root, ruled: ctx.ruled || conditional(error) };
+    let ctx = &Union { ruled: ctx.ruled || conditional(error) };
     match error.kind() {
         ValidationErrorKind::AdditionalProperties { unexpected } | ValidationErrorKind::UnevaluatedProperties { unexpected } => {
             for name in unexpected {
@@ -279,8 +264,8 @@ fn violations_of(error: &jsonschema::ValidationError<'_>, ctx: &Union<'_>, out: 
             out.push(FieldViolation::new(path(at, None), kind, format!("must be {expected_value}")));
         }
         ValidationErrorKind::OneOfNotValid { context } | ValidationErrorKind::AnyOf { context } => {
-            let rule = rule_of(ctx.root, error.schema_path().as_str());
-            let ruled = Union { root: ctx.root, ruled: ctx.ruled || rule.is_some() };
+            let rule = rule_of(error.schema_path().as_str());
+            let ruled = Union { ruled: ctx.ruled || rule.is_some() };
             match (meant_branch(at, context, rule.is_some()), rule) {
                 (Some(errors), _) => errors.iter().for_each(|e| violations_of(e, &ruled, out)),
                 (None, Some(rule)) => match refused_tag(at, context) {
@@ -294,7 +279,7 @@ fn violations_of(error: &jsonschema::ValidationError<'_>, ctx: &Union<'_>, out: 
                 }
             }
         }
-        ValidationErrorKind::OneOfMultipleValid { .. } if let Some(rule) = rule_of(ctx.root, error.schema_path().as_str()) => {
+        ValidationErrorKind::OneOfMultipleValid { .. } if let Some(rule) = rule_of(error.schema_path().as_str()) => {
             out.push(broken_rule(at, rule));
         }
         _ => out.push(FieldViolation::new(path(at, None), ViolationKind::Invalid, error.to_string())),
@@ -357,8 +342,7 @@ pub fn parse<T: DeserializeOwned + ToSchema>(mut body: Value) -> Result<Checked<
     let mut found = Vec::new();
     // Most bodies are valid: the short-circuiting check is far cheaper than collecting errors.
     if !validator.is_valid(&body) {
-        let name = T::name();
-        let ctx = Union { root: &name, ruled: false };
+        let ctx = Union { ruled: false };
         validator.iter_errors(&body).for_each(|error| violations_of(&error, &ctx, &mut found));
     }
     if found.iter().any(|v| v.kind.is_structural()) {

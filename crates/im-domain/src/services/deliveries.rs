@@ -621,8 +621,12 @@ impl DeliveryService {
         delivery.next_attempt_at = None;
         delivery.lease_until = None;
         delivery.updated_at = now;
-        let failed: Vec<_> =
-            self.readers.reads(EventType::WebhookFailed).then(|| self.outcome_event(&delivery, EventType::WebhookFailed)).into_iter().collect();
+        let failed: Vec<_> = self
+            .readers
+            .reads(EventType::WebhookFailed)
+            .then(|| self.outcome_event(&delivery, EventType::WebhookFailed))
+            .into_iter()
+            .collect();
         self.record(job, &delivery, stored.etag, &failed, JobAfter::Complete).await?;
         Ok(AttemptReport::Failed)
     }
