@@ -5,8 +5,8 @@
 //!
 //! 1. saturation: EVENTS creates from 64 concurrent writers; the rate is deliveries received
 //!    per second from the first create to the last receipt (for 1 endpoint, messages/s);
-//! 2. paced: once the service is at rest again (its outbox empty: the saturation phase's
-//!    `webhook.delivered` events published), creates at half the saturation rate of events for
+//! 2. paced: once the service is at rest again (its outbox empty: with RabbitMQ, the saturation
+//!    phase's `webhook.delivered` events published), creates at half the saturation rate of events for
 //!    `BENCH_PACED_SECS` (default 3 s), an open loop (each create starts on its own schedule).
 //!
 //! Latency is commit to receipt: the event's `time` (set when its change is written) to the
@@ -296,7 +296,7 @@ async fn main() {
 
     // --- 2. paced at half the saturation rate of events ---------------------------------------
     // Measured at rest, not while the service still publishes the saturation phase's
-    // `webhook.delivered` events: the outbox is empty first.
+    // `webhook.delivered` events (RabbitMQ mode): the outbox is empty first.
     settle(&client, &service.base).await;
     let paced_rate = (saturation.rate / endpoints as f64 / 2.0).max(1.0);
     let paced_events = (paced_rate * paced_secs).round().max(1.0) as usize;

@@ -153,9 +153,8 @@ impl EventSubscriber for FanOut {
         Ok(())
     }
 
-    /// Webhooks receive only the deliverable events (never `webhook.*`).
     fn wants(&self, event_type: EventType) -> bool {
-        im_domain::webhooks::endpoint::DELIVERABLE.contains(&event_type)
+        self.service.wants(event_type)
     }
 }
 

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::containers::WEBHOOK_DELIVERIES;
 use crate::db::{Db, map_sqlite};
-use crate::documents::{Doc, Documents, Query, expiry, insert};
+use crate::documents::{Doc, Documents, Query, expiry, insert, read_one};
 use crate::support::{decode, encode};
 
 const RESOURCE: &str = "delivery";
@@ -337,20 +337,8 @@ impl DeliveryQueue for SqliteDeliveryQueue {
                     .map_err(map_sqlite)?;
                 let mut records = Vec::new();
                 if read_records {
-                    let mut read = tx
-                        .prepare_cached(
-                            "SELECT etag, body FROM documents WHERE container = +?1 AND pk = ?2 AND id = ?3 \
-                             AND (expires_at IS NULL OR expires_at > ?4)",
-                        )
-                        .map_err(map_sqlite)?;
                     for (id, tenant) in &rows {
-                        let found = read
-                            .query_row(params![WEBHOOK_DELIVERIES, tenant, id, today], |r| Ok((r.get::<_, String>(0)?, r.get(1)?)))
-                            .optional()
-                            .map_err(map_sqlite)?;
-                        if let Some((etag, body)) = found {
-                            records.push(Doc { pk: tenant.clone(), id: id.clone(), etag: ETag::new(etag), body });
-                        }
+                        records.extend(read_one(tx, WEBHOOK_DELIVERIES, tenant.clone(), id.clone(), today).map_err(map_sqlite)?);
                     }
                 }
                 Ok((rows, records))

@@ -131,18 +131,7 @@ impl Documents {
 
     pub async fn get(&self, container: &'static str, pk: String, id: String) -> Result<Option<Doc>, DomainError> {
         let now = self.db.now();
-        self.db
-            .read(move |conn| {
-                conn.prepare_cached(
-                    "SELECT etag, body FROM documents WHERE container = +?1 AND pk = ?2 AND id = ?3 \
-                     AND (expires_at IS NULL OR expires_at > ?4)",
-                )?
-                .query_row(params![container, pk, id, now], |r| {
-                    Ok(Doc { pk: pk.clone(), id: id.clone(), etag: ETag::new(r.get::<_, String>(0)?), body: r.get(1)? })
-                })
-                .optional()
-            })
-            .await
+        self.db.read(move |conn| read_one(conn, container, pk, id, now)).await
     }
 
     /// Several documents of one partition by id, in one statement: one answer per id, in the
@@ -484,6 +473,18 @@ fn remove(tx: &Transaction<'_>, container: &str, pk: &str, id: &str) -> Result<(
         .and_then(|mut s| s.execute(params![container, pk, id]))
         .map_err(map_sqlite)?;
     Ok(())
+}
+
+/// The live document `id` of a partition, on any connection (a reader, or the writer inside a
+/// transaction); `now` in unix seconds decides expiry.
+pub(crate) fn read_one(conn: &rusqlite::Connection, container: &str, pk: String, id: String, now: i64) -> rusqlite::Result<Option<Doc>> {
+    conn.prepare_cached(
+        "SELECT etag, body FROM documents WHERE container = +?1 AND pk = ?2 AND id = ?3 \
+         AND (expires_at IS NULL OR expires_at > ?4)",
+    )?
+    .query_row(params![container, pk, id, now], |r| Ok((ETag::new(r.get::<_, String>(0)?), r.get(1)?)))
+    .optional()
+    .map(|found| found.map(|(etag, body)| Doc { pk, id, etag, body }))
 }
 
 #[cfg(test)]
