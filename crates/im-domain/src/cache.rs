@@ -1,5 +1,10 @@
 //! Bounded in-memory caches: a full cache evicts the entries least worth keeping (S3-FIFO, from
 //! `quick_cache`) instead of emptying itself, so recently used entries keep being served.
+//!
+//! Keys are hashed with `quick_cache`'s seeded foldhash (its `custom-hasher` feature), not SipHash:
+//! the verified-token cache hashes a whole bearer token on every request. Keys are only what the
+//! service made or verified (ids of stored resources and events, verified tokens), so no client
+//! can fill a cache with colliding keys.
 
 /// A concurrent cache holding at most a fixed number of entries; values are cloned out.
 pub type BoundedCache<K, V> = quick_cache::sync::Cache<K, V>;

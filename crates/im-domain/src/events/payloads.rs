@@ -15,58 +15,59 @@ use crate::webhooks::delivery::Delivery;
 use crate::webhooks::endpoint::{Webhook, without_credentials};
 
 /// `data` of `integration.created`, `integration.updated` and `integration.deleted`: the
-/// integration as the API returns it (it holds no secret values, only references).
+/// integration as the API returns it (it holds no secret values, only references). It borrows
+/// the integration: an event's data is written once, so nothing is copied to write it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct IntegrationEventData {
+pub struct IntegrationEventData<'a> {
     pub id: IntegrationId,
-    pub tenant_id: TenantId,
-    pub provider_id: ProviderId,
-    pub name: String,
-    pub description: String,
+    pub tenant_id: &'a TenantId,
+    pub provider_id: &'a ProviderId,
+    pub name: &'a str,
+    pub description: &'a str,
     pub status: IntegrationStatus,
-    pub config: Map<String, Value>,
+    pub config: &'a Map<String, Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub custom_definition: Option<CustomApiDefinition>,
+    pub custom_definition: Option<&'a CustomApiDefinition>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub oauth2_app: Option<OAuth2AppData>,
+    pub oauth2_app: Option<OAuth2AppData<'a>>,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339")]
     pub updated_at: OffsetDateTime,
-    pub created_by: UserId,
-    pub updated_by: UserId,
+    pub created_by: &'a UserId,
+    pub updated_by: &'a UserId,
 }
 
 /// An integration's OAuth app as events show it: the client id and the hint, never the secret
 /// or where it is kept.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct OAuth2AppData {
-    pub client_id: String,
+pub struct OAuth2AppData<'a> {
+    pub client_id: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub client_secret_hint: Option<String>,
+    pub client_secret_hint: Option<&'a str>,
 }
 
-impl From<&Integration> for IntegrationEventData {
-    fn from(i: &Integration) -> Self {
+impl<'a> From<&'a Integration> for IntegrationEventData<'a> {
+    fn from(i: &'a Integration) -> Self {
         Self {
             id: i.id,
-            tenant_id: i.tenant_id.clone(),
-            provider_id: i.provider_id.clone(),
-            name: i.name.clone(),
-            description: i.description.clone(),
+            tenant_id: &i.tenant_id,
+            provider_id: &i.provider_id,
+            name: &i.name,
+            description: &i.description,
             status: i.status,
-            config: i.config.clone(),
-            custom_definition: i.custom_definition.clone(),
+            config: &i.config,
+            custom_definition: i.custom_definition.as_ref(),
             oauth2_app: i
                 .oauth2_app
                 .as_ref()
-                .map(|app| OAuth2AppData { client_id: app.client_id.clone(), client_secret_hint: app.client_secret_hint.clone() }),
+                .map(|app| OAuth2AppData { client_id: &app.client_id, client_secret_hint: app.client_secret_hint.as_deref() }),
             created_at: i.created_at,
             updated_at: i.updated_at,
-            created_by: i.created_by.clone(),
-            updated_by: i.updated_by.clone(),
+            created_by: &i.created_by,
+            updated_by: &i.updated_by,
         }
     }
 }
