@@ -1,10 +1,13 @@
 //! `/api/v1/integrations`: a tenant's integrations.
 
+use std::sync::LazyLock;
+
 use actix_web::http::header::ContentType;
 use actix_web::{HttpRequest, HttpResponse, web};
 use im_domain::integration::{Integration, IntegrationFilter, IntegrationOAuth2App, IntegrationSpec, IntegrationStatus, OAuth2AppSpec};
 use im_domain::provider::ProviderId;
 use im_domain::{DomainError, FieldViolation, IntegrationId, JsonText, Stored};
+use memchr::memmem;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use utoipa::ToSchema;
@@ -290,7 +293,12 @@ pub async fn get(state: web::Data<AppState>, caller: Authenticated, id: web::Pat
 /// decoded and written as the view (the view of a custom definition leaves out what is not set;
 /// that of an app leaves out where its secret is kept).
 fn view_json(text: JsonText<Integration>) -> ApiResult<String> {
-    if !text.as_str().contains(r#""customDefinition":"#) && !text.as_str().contains(r#""oauth2App":"#) {
+    // Searchers built once (`str::contains` prepares its search at every call: a tenth of the
+    // instructions of a page of 50).
+    static CUSTOM: LazyLock<memmem::Finder<'static>> = LazyLock::new(|| memmem::Finder::new(br#""customDefinition":"#));
+    static APP: LazyLock<memmem::Finder<'static>> = LazyLock::new(|| memmem::Finder::new(br#""oauth2App":"#));
+    let bytes = text.as_str().as_bytes();
+    if CUSTOM.find(bytes).is_none() && APP.find(bytes).is_none() {
         return Ok(text.into_string());
     }
     let integration: Integration = serde_json::from_str(text.as_str())
