@@ -109,6 +109,38 @@ async fn admins_manage_the_catalog() {
 }
 
 #[tokio::test]
+async fn creates_follow_the_providers_current_schema() {
+    let app = spawn_app().await;
+    let (admin, member) = (app.admin(), app.member());
+    let response = app.post("/api/v1/providers", &admin, &acme_provider("acme-versions")).await;
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let etag = header(&response, "etag");
+    let create = |config: Value| json!({"providerId": "acme-versions", "name": "x", "config": config});
+    // The first schema is compiled, and used
+    assert_eq!(app.post("/api/v1/integrations", &member, &create(json!({"board": "b1"}))).await.status(), StatusCode::CREATED);
+    let bad = problem(app.post("/api/v1/integrations", &member, &create(json!({}))).await, StatusCode::UNPROCESSABLE_ENTITY).await;
+    assert_eq!(fields(&bad), vec!["config.board"]);
+
+    // A new version requires a team and no longer a board: a config valid for the old schema is
+    // refused, and one the old schema refused is taken
+    let mut changed = acme_provider("acme-versions");
+    changed["configSchema"] = json!({"type": "object", "properties": {"team": {"type": "string"}}, "required": ["team"]});
+    let response = app.put("/api/v1/providers/acme-versions", &admin, &changed, Some(&etag)).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let etag = header(&response, "etag");
+    let bad =
+        problem(app.post("/api/v1/integrations", &member, &create(json!({"board": "b1"}))).await, StatusCode::UNPROCESSABLE_ENTITY).await;
+    assert_eq!(fields(&bad), vec!["config.team"]);
+    assert_eq!(app.post("/api/v1/integrations", &member, &create(json!({"team": "t1"}))).await.status(), StatusCode::CREATED);
+
+    // A deleted provider takes no more integrations
+    assert_eq!(app.delete("/api/v1/providers/acme-versions", &admin, Some(&etag)).await.status(), StatusCode::NO_CONTENT);
+    let bad =
+        problem(app.post("/api/v1/integrations", &member, &create(json!({"team": "t1"}))).await, StatusCode::UNPROCESSABLE_ENTITY).await;
+    assert_eq!(fields(&bad), vec!["providerId"]);
+}
+
+#[tokio::test]
 async fn invalid_providers_are_refused_with_every_field() {
     let app = spawn_app().await;
     let admin = app.admin();

@@ -134,6 +134,19 @@ impl IntegrationRepository for WakeOnEvents<dyn IntegrationRepository> {
         self.woke(self.inner.create(integration, events).await, events)
     }
 
+    fn checks_provider_in_write(&self) -> bool {
+        self.inner.checks_provider_in_write()
+    }
+
+    async fn create_for_provider(
+        &self,
+        integration: &Integration,
+        provider_version: &ETag,
+        events: &[DomainEvent],
+    ) -> Result<ETag, DomainError> {
+        self.woke(self.inner.create_for_provider(integration, provider_version, events).await, events)
+    }
+
     async fn get(&self, tenant: &TenantId, id: IntegrationId) -> Result<Stored<Integration>, DomainError> {
         self.inner.get(tenant, id).await
     }

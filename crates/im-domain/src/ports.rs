@@ -22,6 +22,32 @@ pub trait IntegrationRepository: Send + Sync {
     /// - MUST return [`DomainError::Unavailable`] when the store cannot be reached, having written nothing.
     async fn create(&self, integration: &Integration, events: &[DomainEvent]) -> Result<ETag, DomainError>;
 
+    /// Whether [`IntegrationRepository::create_for_provider`] checks the provider's version in
+    /// the write. When it does, the service validates a config with the provider's schema it
+    /// compiled last without reading the provider first, and lets the write catch a change.
+    fn checks_provider_in_write(&self) -> bool {
+        false
+    }
+
+    /// [`IntegrationRepository::create`], only while the catalog holds the integration's
+    /// provider at version `provider_version` (the version whose config schema the integration
+    /// was validated against), checked in the same atomic write. Called only when
+    /// [`IntegrationRepository::checks_provider_in_write`] says so; the default does not check.
+    ///
+    /// # Errors
+    /// - As `create`;
+    /// - MUST return [`DomainError::PreconditionFailed`] when the provider is at another version
+    ///   or gone, having written nothing.
+    async fn create_for_provider(
+        &self,
+        integration: &Integration,
+        provider_version: &ETag,
+        events: &[DomainEvent],
+    ) -> Result<ETag, DomainError> {
+        let _ = provider_version;
+        self.create(integration, events).await
+    }
+
     /// Reads one integration of one tenant.
     ///
     /// # Errors

@@ -107,11 +107,37 @@ impl Documents {
         ttl: Option<Duration>,
         events: &[DomainEvent],
     ) -> Result<ETag, DomainError> {
+        self.create_requiring(container, pk, id, body, ttl, events, None).await
+    }
+
+    /// [`Documents::create_with_events`], only while the document `required.1` of container
+    /// `required.0` (any partition) is live at version `required.2`, checked in the same
+    /// transaction.
+    ///
+    /// # Errors
+    /// As `create_with_events`; `PreconditionFailed` when the required document is at another
+    /// version or gone (nothing is written).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn create_requiring(
+        &self,
+        container: &'static str,
+        pk: String,
+        id: String,
+        body: String,
+        ttl: Option<Duration>,
+        events: &[DomainEvent],
+        required: Option<(&'static str, String, ETag)>,
+    ) -> Result<ETag, DomainError> {
         let now = self.db.now();
         let rows = outbox_rows(events)?;
         let etag = self
             .db
             .write(move |tx| {
+                if let Some((container, id, version)) = &required
+                    && etag_of(tx, container, id, now).map_err(map_sqlite)?.as_ref() != Some(version)
+                {
+                    return Err(DomainError::PreconditionFailed);
+                }
                 let etag = insert(tx, container, &pk, &id, &body, expiry(now, ttl), now)?;
                 record_events(tx, &rows)?;
                 Ok(etag)
@@ -210,15 +236,7 @@ impl Documents {
     /// without reading its body.
     pub async fn etag_by_id(&self, container: &'static str, id: String) -> Result<Option<ETag>, DomainError> {
         let now = self.db.now();
-        self.db
-            .read(move |conn| {
-                conn.prepare_cached(
-                    "SELECT etag FROM documents WHERE container = +?1 AND id = ?2 AND (expires_at IS NULL OR expires_at > ?3) LIMIT 1",
-                )?
-                .query_row(params![container, id, now], |r| Ok(ETag::new(r.get::<_, String>(0)?)))
-                .optional()
-            })
-            .await
+        self.db.read(move |conn| etag_of(conn, container, &id, now)).await
     }
 
     /// Replaces a document, optionally moving it to partition `new_pk`, conditionally on
@@ -409,6 +427,13 @@ fn record_events(tx: &Transaction<'_>, rows: &[OutboxRow]) -> Result<(), DomainE
             .map_err(map_sqlite)?;
     }
     Ok(())
+}
+
+/// The concurrency token of the live document `id` of a container, in any partition.
+fn etag_of(conn: &rusqlite::Connection, container: &str, id: &str, now: i64) -> rusqlite::Result<Option<ETag>> {
+    conn.prepare_cached("SELECT etag FROM documents WHERE container = +?1 AND id = ?2 AND (expires_at IS NULL OR expires_at > ?3) LIMIT 1")?
+        .query_row(params![container, id, now], |r| Ok(ETag::new(r.get::<_, String>(0)?)))
+        .optional()
 }
 
 pub(crate) fn find(conn: &rusqlite::Connection, container: &str, id: &str, now: i64) -> rusqlite::Result<Option<Doc>> {

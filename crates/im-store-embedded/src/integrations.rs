@@ -8,7 +8,7 @@ use im_domain::integration::{Integration, IntegrationFilter};
 use im_domain::ports::IntegrationRepository;
 use im_domain::{DomainError, ETag, IntegrationId, JsonText, Page, PageRequest, Stored, TenantId};
 
-use crate::containers::INTEGRATIONS;
+use crate::containers::{INTEGRATIONS, PROVIDERS};
 use crate::documents::{Documents, Query};
 use crate::support::{decode_page, encode, get_decoded, partition_query};
 
@@ -41,6 +41,23 @@ impl IntegrationRepository for SqliteIntegrations {
     async fn create(&self, integration: &Integration, events: &[DomainEvent]) -> Result<ETag, DomainError> {
         let body = encode(integration)?;
         self.docs.create_with_events(INTEGRATIONS, integration.tenant_id.to_string(), integration.id.to_string(), body, None, events).await
+    }
+
+    fn checks_provider_in_write(&self) -> bool {
+        true
+    }
+
+    #[tracing::instrument(skip_all, name = "integrations.create", fields(tenant = %integration.tenant_id, integration = %integration.id, events = events.len()))]
+    async fn create_for_provider(
+        &self,
+        integration: &Integration,
+        provider_version: &ETag,
+        events: &[DomainEvent],
+    ) -> Result<ETag, DomainError> {
+        let body = encode(integration)?;
+        let provider = (PROVIDERS, integration.provider_id.to_string(), provider_version.clone());
+        let (tenant, id) = (integration.tenant_id.to_string(), integration.id.to_string());
+        self.docs.create_requiring(INTEGRATIONS, tenant, id, body, None, events, Some(provider)).await
     }
 
     #[tracing::instrument(skip_all, name = "integrations.get", fields(tenant = %tenant, integration = %id))]

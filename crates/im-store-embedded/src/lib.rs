@@ -77,7 +77,7 @@ impl EmbeddedStore {
     /// # Errors
     /// When a migration fails (the failing one is rolled back whole).
     pub async fn migrate(&self) -> Result<MigrationReport, DomainError> {
-        self.db.write(migrations::apply).await
+        self.db.write_in_savepoint(migrations::apply).await
     }
 
     /// Deletes the documents whose time to live has passed; returns how many.

@@ -251,6 +251,83 @@ async fn a_full_write_queue_pushes_back_as_unavailable() {
     db.write(|_| Ok(())).await.expect("room again once the writer caught up");
 }
 
+/// Writes queued together commit together. A write that fails having changed nothing leaves
+/// the others of its group alone; one that fails after changing rows (`Db::write` runs no
+/// savepoint per write) rolls back its whole group, whose other writes are told `Unavailable`:
+/// nothing is ever half-written. `Db::write_in_savepoint` rolls back alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_failing_after_changes_never_commits_half_of_it() {
+    use im_domain::DomainError;
+    let dir = tempfile::tempdir().unwrap();
+    let db = Arc::new(im_store_embedded::Db::open(&dir.path().join("groups.db"), Arc::new(SystemClock)).unwrap());
+    db.write(|tx| tx.execute_batch("CREATE TABLE t (v TEXT PRIMARY KEY)").map_err(|e| DomainError::Unexpected(e.into()))).await.unwrap();
+    let insert = |tx: &rusqlite::Transaction<'_>, v: &str| {
+        tx.execute("INSERT INTO t (v) VALUES (?1)", [v]).map(|_| ()).map_err(|e| DomainError::Unexpected(e.into()))
+    };
+    let refused = || DomainError::Conflict("refused".into());
+    // Holds the writer until the writes of one round are all queued, so they form one group.
+    let round = |writes: Vec<(&'static str, bool, bool)>| {
+        let db = db.clone();
+        async move {
+            let (release, gate) = std::sync::mpsc::channel::<()>();
+            let holding = {
+                let db = db.clone();
+                tokio::spawn(async move { db.write(move |_| Ok(gate.recv().map_err(|_| ()))).await })
+            };
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let mut answers = Vec::new();
+            for (value, fail, savepoint) in writes {
+                let db = db.clone();
+                let job = move |tx: &rusqlite::Transaction<'_>| {
+                    if value != "-" {
+                        insert(tx, value)?;
+                    }
+                    if fail { Err(refused()) } else { Ok(()) }
+                };
+                answers.push(tokio::spawn(async move { if savepoint { db.write_in_savepoint(job).await } else { db.write(job).await } }));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            release.send(()).unwrap();
+            holding.await.unwrap().unwrap().unwrap();
+            let mut results = Vec::new();
+            for answer in answers {
+                results.push(answer.await.unwrap());
+            }
+            results
+        }
+    };
+    let stored = || {
+        let db = db.clone();
+        async move {
+            db.write(|tx| {
+                let mut s = tx.prepare("SELECT v FROM t ORDER BY v").unwrap();
+                Ok(s.query_map([], |r| r.get::<_, String>(0)).unwrap().map(Result::unwrap).collect::<Vec<_>>())
+            })
+            .await
+            .unwrap()
+        }
+    };
+
+    // Failing before changing anything: the others commit.
+    let results = round(vec![("a", false, false), ("-", true, false), ("b", false, false)]).await;
+    assert!(results[0].is_ok() && results[2].is_ok(), "{results:?}");
+    assert!(matches!(results[1], Err(DomainError::Conflict(_))), "{results:?}");
+    assert_eq!(stored().await, vec!["a", "b"]);
+
+    // Failing after a change: its group is rolled back, the failed write keeps its own error.
+    let results = round(vec![("c", false, false), ("d", true, false), ("e", false, false)]).await;
+    assert!(matches!(results[0], Err(DomainError::Unavailable { .. })), "{results:?}");
+    assert!(matches!(results[1], Err(DomainError::Conflict(_))), "{results:?}");
+    assert!(matches!(results[2], Err(DomainError::Unavailable { .. })), "{results:?}");
+    assert_eq!(stored().await, vec!["a", "b"], "nothing of the group is committed");
+
+    // In a savepoint of its own, it rolls back alone.
+    let results = round(vec![("f", false, false), ("g", true, true), ("h", false, false)]).await;
+    assert!(results[0].is_ok() && results[2].is_ok(), "{results:?}");
+    assert!(matches!(results[1], Err(DomainError::Conflict(_))), "{results:?}");
+    assert_eq!(stored().await, vec!["a", "b", "f", "h"]);
+}
+
 /// Commits reach the database file through the checkpointer thread, not in the writer's commits
 /// (the writer never checkpoints: `wal_autocheckpoint` is 0 there), so the WAL does not grow
 /// without end while the writer keeps committing.

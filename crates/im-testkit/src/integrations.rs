@@ -190,3 +190,33 @@ pub async fn json_texts_are_the_encoding(repo: &dyn IntegrationRepository) {
     let foreign = PageRequest { limit: 10, continuation: Some("this-was-never-issued".into()) };
     assert!(matches!(repo.list_json(&tenant, &IntegrationFilter::default(), &foreign).await, Err(DomainError::Validation(_))));
 }
+
+/// A store that checks the provider's version in the write (`checks_provider_in_write`)
+/// creates only while the provider is at that version: a stale or deleted provider is
+/// `PreconditionFailed` and nothing is written.
+pub async fn creates_for_a_provider_version(repo: &dyn IntegrationRepository, providers: &dyn im_domain::ports::ProviderRepository) {
+    if !repo.checks_provider_in_write() {
+        return;
+    }
+    let provider_id = format!("versioned-{}", uuid::Uuid::now_v7().simple());
+    let category = format!("cat-{}", uuid::Uuid::now_v7().simple());
+    let provider = crate::providers::provider(&provider_id, &category, im_domain::provider::AuthMode::Bearer);
+    let first = providers.create(&provider).await.expect("create provider");
+    let second = providers.replace(&provider, Some(first.clone())).await.expect("replace provider");
+    let tenant = fresh_tenant();
+
+    let stale = integration(&tenant, &provider_id);
+    let err = repo.create_for_provider(&stale, &first, &[]).await.expect_err("a stale provider version is refused");
+    assert!(matches!(err, DomainError::PreconditionFailed), "{err:?}");
+    assert!(matches!(repo.get(&tenant, stale.id).await, Err(DomainError::NotFound { .. })), "nothing written");
+
+    let current = integration(&tenant, &provider_id);
+    repo.create_for_provider(&current, &second, &[]).await.expect("the current provider version creates");
+    assert_eq!(repo.get(&tenant, current.id).await.expect("written").value, current);
+
+    providers.delete(&provider.spec.id, None).await.expect("delete provider");
+    let orphan = integration(&tenant, &provider_id);
+    let err = repo.create_for_provider(&orphan, &second, &[]).await.expect_err("a deleted provider is refused");
+    assert!(matches!(err, DomainError::PreconditionFailed), "{err:?}");
+    assert!(matches!(repo.get(&tenant, orphan.id).await, Err(DomainError::NotFound { .. })), "nothing written");
+}

@@ -54,6 +54,7 @@ pub async fn run_all(integrations: &dyn im_domain::ports::IntegrationRepository,
     integrations::filters(integrations).await;
     integrations::foreign_continuation_token_is_refused(integrations).await;
     integrations::json_texts_are_the_encoding(integrations).await;
+    integrations::creates_for_a_provider_version(integrations, providers).await;
     providers::crud_and_category_move(providers).await;
     providers::ids_are_unique_across_categories(providers).await;
     providers::list_filters_and_pages(providers).await;

@@ -7,7 +7,7 @@ use crate::auth::{Caller, Role};
 use crate::cache::{self, BoundedCache};
 use crate::common::{Clock, ETag, IdGenerator, IntegrationId, JsonText, Page, PageRequest, Stored};
 use crate::connection::ConnectionRepository;
-use crate::error::DomainError;
+use crate::error::{DomainError, Violations};
 use crate::events::payloads::IntegrationEventData;
 use crate::events::{DomainEvent, EventType};
 use crate::integration::{Integration, IntegrationFilter, IntegrationOAuth2App, IntegrationSpec, IntegrationStatus, OAuth2AppSpec};
@@ -23,6 +23,8 @@ use super::{matching, read_modify_write};
 type ValidatorCache = BoundedCache<ProviderId, (ETag, Arc<jsonschema::Validator>)>;
 /// Providers whose compiled config schema is kept in memory.
 const VALIDATOR_CACHE_CAPACITY: usize = 1024;
+/// Writes of a create tried while its provider changes under it.
+const PROVIDER_CHANGED_ATTEMPTS: u32 = 3;
 
 /// The secret-name kind of an integration's OAuth app: `integration-manager/{tenant}/oauth2-app/{id}`.
 pub const OAUTH2_APP_SECRET_KIND: &str = "oauth2-app";
@@ -105,12 +107,17 @@ impl IntegrationService {
     /// Validates every rule of a spec, including those that need its provider. `stored` is the
     /// integration's OAuth app now: `Some(None)` on create, `None` when unknown (a check before
     /// the integration is read, which cannot tell whether an omitted client secret may be kept).
+    /// Returns the provider version the config was checked against (`None` for a custom
+    /// integration). With `trust_cache`, a config schema compiled earlier is used without
+    /// reading the provider's current version: the caller then has the store check that
+    /// version in the write.
     async fn validate(
         &self,
         spec: &IntegrationSpec,
         previous_status: Option<IntegrationStatus>,
         stored: Option<Option<&IntegrationOAuth2App>>,
-    ) -> Result<(), DomainError> {
+        trust_cache: bool,
+    ) -> Result<Option<ETag>, DomainError> {
         let mut v = spec.violations(previous_status, &self.url_policy);
         if let Some(app) = &spec.oauth2_app {
             if self.secrets.is_none() {
@@ -118,24 +125,39 @@ impl IntegrationService {
             }
             app.check(&mut v, stored);
         }
-        if !spec.provider_id.is_custom() {
-            match self.config_validator(&spec.provider_id).await {
-                Ok(validator) => {
-                    let config = Value::Object(spec.config.clone());
-                    // The short-circuiting check first: most configs are valid.
-                    if !validator.is_valid(&config)
-                        && let Err(violations) = validate_against(&validator, &config, "config")
-                    {
-                        violations.into_iter().for_each(|violation| v.push(violation));
-                    }
-                }
-                Err(DomainError::NotFound { .. }) => {
-                    v.invalid("providerId", format!("no provider '{}' in the catalog", spec.provider_id));
-                }
-                Err(other) => return Err(other),
-            }
+        let version = self.check_config(&spec.provider_id, &spec.config, &mut v, trust_cache).await?;
+        v.finish(|| version)
+    }
+
+    /// Checks `config` against the config schema of the provider (none for a custom
+    /// integration), adding what it breaks to `v`; returns the provider version checked against.
+    async fn check_config(
+        &self,
+        provider: &ProviderId,
+        config: &serde_json::Map<String, Value>,
+        v: &mut Violations,
+        trust_cache: bool,
+    ) -> Result<Option<ETag>, DomainError> {
+        if provider.is_custom() {
+            return Ok(None);
         }
-        v.finish(|| ())
+        match self.config_validator(provider, trust_cache).await {
+            Ok((version, validator)) => {
+                let config = Value::Object(config.clone());
+                // The short-circuiting check first: most configs are valid.
+                if !validator.is_valid(&config)
+                    && let Err(violations) = validate_against(&validator, &config, "config")
+                {
+                    violations.into_iter().for_each(|violation| v.push(violation));
+                }
+                Ok(Some(version))
+            }
+            Err(DomainError::NotFound { .. }) => {
+                v.invalid("providerId", format!("no provider '{provider}' in the catalog"));
+                Ok(None)
+            }
+            Err(other) => Err(other),
+        }
     }
 
     /// Checks, before a change is even read, that the caller may make it (members and admins).
@@ -152,7 +174,7 @@ impl IntegrationService {
     /// # Errors
     /// `Validation` listing every offending field; `Unavailable` when the catalog cannot be read.
     pub async fn check(&self, spec: &IntegrationSpec) -> Result<(), DomainError> {
-        self.validate(spec, None, None).await
+        self.validate(spec, None, None, false).await.map(|_| ())
     }
 
     fn secret_store(&self) -> Result<&Arc<dyn SecretStore>, DomainError> {
@@ -208,7 +230,14 @@ impl IntegrationService {
 
     async fn create_unaudited(&self, caller: &Caller, spec: IntegrationSpec) -> Result<Stored<Integration>, DomainError> {
         caller.require(Role::Member)?;
-        self.validate(&spec, None, Some(None)).await?;
+        // A store that checks the provider's version in the write lets the config be checked
+        // with the schema compiled last, unread: a version changed since is caught by the write.
+        let in_write = self.integrations.checks_provider_in_write();
+        let mut version = match self.validate(&spec, None, Some(None), in_write).await {
+            // Refused by a schema compiled earlier: judged by the provider's current version.
+            Err(DomainError::Validation(_)) if in_write => self.validate(&spec, None, Some(None), false).await?,
+            other => other?,
+        };
         let now = self.clock.now();
         let mut integration = Integration {
             id: IntegrationId(self.ids.new_uuid()),
@@ -229,7 +258,33 @@ impl IntegrationService {
             integration.oauth2_app = self.write_app_secret(&integration, app).await?;
         }
         let event = self.event(EventType::IntegrationCreated, &integration)?;
-        match self.integrations.create(&integration, &[event]).await {
+        let mut attempt = 1;
+        let written = loop {
+            let result = match (&version, in_write) {
+                (Some(version), true) => self.integrations.create_for_provider(&integration, version, std::slice::from_ref(&event)).await,
+                _ => self.integrations.create(&integration, std::slice::from_ref(&event)).await,
+            };
+            match result {
+                // The provider changed since its schema was compiled: check the config against
+                // its current version (read now), then write again.
+                Err(DomainError::PreconditionFailed) if attempt < PROVIDER_CHANGED_ATTEMPTS => {
+                    attempt += 1;
+                    let mut v = Violations::new();
+                    version = self.check_config(&integration.provider_id, &integration.config, &mut v, false).await?;
+                    if let Err(e) = v.finish(|| ()) {
+                        break Err(e);
+                    }
+                }
+                Err(DomainError::PreconditionFailed) => {
+                    break Err(DomainError::Conflict(format!(
+                        "provider '{}' kept changing while the integration was created; try again",
+                        integration.provider_id
+                    )));
+                }
+                other => break other,
+            }
+        };
+        match written {
             Ok(etag) => Ok(Stored { value: integration, etag }),
             Err(e) => {
                 // Nothing references the secret just written.
@@ -328,7 +383,7 @@ impl IntegrationService {
             if token.is_some_and(|t| *t != current.etag) {
                 return Err(DomainError::PreconditionFailed);
             }
-            self.validate(&spec, Some(current.value.status), Some(current.value.oauth2_app.as_ref())).await?;
+            self.validate(&spec, Some(current.value.status), Some(current.value.oauth2_app.as_ref()), false).await?;
             let oauth2_app = match &spec.oauth2_app {
                 None => current.value.oauth2_app.clone(),
                 Some(app) if app.client_secret.is_none() => current.value.oauth2_app.clone(),
@@ -405,21 +460,29 @@ impl IntegrationService {
 }
 
 impl IntegrationService {
-    /// The compiled config schema of a provider's current version: the provider is read (and its
-    /// schema compiled) only when the version is not the one compiled last, so a change made
-    /// through any instance is seen at once.
+    /// The compiled config schema of a provider's current version, with that version: the
+    /// provider is read (and its schema compiled) only when the version is not the one compiled
+    /// last, so a change made through any instance is seen at once. With `trust_cache`, the
+    /// schema compiled last is returned without reading the current version (the write that
+    /// follows checks it).
     ///
     /// # Errors
     /// `NotFound` when there is no such provider.
-    async fn config_validator(&self, id: &ProviderId) -> Result<Arc<jsonschema::Validator>, DomainError> {
-        let current = self.providers.etag(id).await?;
-        if let Some((etag, validator)) = self.validators.get(id)
-            && etag == current
-        {
-            return Ok(validator);
+    async fn config_validator(&self, id: &ProviderId, trust_cache: bool) -> Result<(ETag, Arc<jsonschema::Validator>), DomainError> {
+        if trust_cache {
+            if let Some(cached) = self.validators.get(id) {
+                return Ok(cached);
+            }
+        } else {
+            let current = self.providers.etag(id).await?;
+            if let Some((etag, validator)) = self.validators.get(id)
+                && etag == current
+            {
+                return Ok((etag, validator));
+            }
         }
         let provider = self.providers.get(id).await?;
-        self.validator(&provider)
+        Ok((provider.etag.clone(), self.validator(&provider)?))
     }
 
     /// The compiled config schema of a provider version, compiled once per version.
