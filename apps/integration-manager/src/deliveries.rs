@@ -156,6 +156,10 @@ impl EventSubscriber for FanOut {
     fn wants(&self, event_type: EventType) -> bool {
         self.service.wants(event_type)
     }
+
+    fn only_for_tenants_with_webhooks(&self) -> bool {
+        self.service.only_for_tenants_with_webhooks()
+    }
 }
 
 /// Publishes to the broker, then hands the events to this process's subscribers (webhook

@@ -626,6 +626,15 @@ impl Application {
         if role.runs_workers() {
             let dispatch = Arc::new(tokio::sync::Notify::new());
             events.bus.subscribe(Arc::new(FanOut { service: deliveries.clone(), wake: dispatch.clone() }));
+            // With no broker, this process's subscribers read every event the store relays; an
+            // event only the webhook fan-out reads is not written for a tenant without webhook
+            // endpoints. (An instance without workers has none, and writes every event: the
+            // fan-out of another instance reads them.)
+            if settings.events.backend == EventsBackend::Embedded
+                && let Some(store) = &storage.embedded
+            {
+                store.write_events_for(events.bus.clone());
+            }
             spawn_dispatcher(deliveries.clone(), dispatch, settings.webhooks.service.concurrency, &workers.shutdown, &workers.tasks);
             // Only now, with every in-process subscriber registered, may events flow.
             crate::events::spawn_relay(events.relay, events.wake, settings.events.relay_batch_size, &workers.shutdown, &workers.tasks);

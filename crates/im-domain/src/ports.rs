@@ -289,6 +289,14 @@ pub trait EventSubscriber: Send + Sync {
     fn wants(&self, _event_type: EventType) -> bool {
         true
     }
+
+    /// Whether the subscriber acts on an event only for a tenant that has webhook endpoints
+    /// when the event is written (the webhook fan-out; the default: no). When every subscriber
+    /// that wants a type says so, a store may skip the event of a tenant without any endpoint
+    /// ([`EventReaders::only_for_tenants_with_webhooks`]).
+    fn only_for_tenants_with_webhooks(&self) -> bool {
+        false
+    }
 }
 
 /// Who reads the events of a type once they are published: an event that nobody reads need not
@@ -296,6 +304,14 @@ pub trait EventSubscriber: Send + Sync {
 /// read ([`AllEventsRead`]); the in-process bus knows its subscribers.
 pub trait EventReaders: Send + Sync {
     fn reads(&self, event_type: EventType) -> bool;
+
+    /// Whether every reader of `event_type` reads it only for tenants that have webhook
+    /// endpoints when it is written (the webhook fan-out): a store that can see the tenant's
+    /// endpoints in the write then need not write the event of a tenant without any. The
+    /// default (and a broker's): no.
+    fn only_for_tenants_with_webhooks(&self, _event_type: EventType) -> bool {
+        false
+    }
 }
 
 /// Every event has readers (a broker's consumers are not known here).

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
+use im_domain::ports::EventReaders;
 use im_domain::{Clock, DomainError};
 use rusqlite::{Connection, OpenFlags, Transaction, TransactionBehavior};
 use tokio::sync::oneshot;
@@ -43,6 +44,8 @@ pub struct Db {
     path: PathBuf,
     writes: Mutex<mpsc::SyncSender<Job>>,
     clock: Arc<dyn Clock>,
+    /// Who reads the events written to the outbox, once told ([`Db::write_events_for`]).
+    readers: std::sync::OnceLock<Arc<dyn EventReaders>>,
     /// Dropped with the database: the checkpointer thread then ends.
     _checkpoints: mpsc::Sender<()>,
 }
@@ -135,8 +138,23 @@ impl Db {
             path: path.to_owned(),
             writes: Mutex::new(writes),
             clock,
+            readers: std::sync::OnceLock::new(),
             _checkpoints: checkpoints,
         })
+    }
+
+    /// Writes events to the outbox only when `readers` may act on them: an event of a type
+    /// that only the webhook fan-out reads is not written when its tenant has no webhook
+    /// endpoint at the write (checked in the write's transaction). Until this is called (and
+    /// with a broker, whose readers are unknown: never call it then), every event is written.
+    /// Only the first call counts.
+    pub fn write_events_for(&self, readers: Arc<dyn EventReaders>) {
+        let _ = self.readers.set(readers);
+    }
+
+    /// Who reads the events written to the outbox; `None`: anyone may.
+    pub(crate) fn event_readers(&self) -> Option<&Arc<dyn EventReaders>> {
+        self.readers.get()
     }
 
     /// Current time in unix seconds, from the injected clock (TTL expiry uses it).

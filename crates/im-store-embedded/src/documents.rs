@@ -129,7 +129,7 @@ impl Documents {
         required: Option<(&'static str, String, ETag)>,
     ) -> Result<ETag, DomainError> {
         let now = self.db.now();
-        let rows = outbox_rows(events)?;
+        let rows = self.outbox_rows(events)?;
         let etag = self
             .db
             .write(move |tx| {
@@ -280,7 +280,7 @@ impl Documents {
         then: impl FnOnce(&Transaction<'_>) -> Result<(), DomainError> + Send + 'static,
     ) -> Result<ETag, DomainError> {
         let now = self.db.now();
-        let rows = outbox_rows(events)?;
+        let rows = self.outbox_rows(events)?;
         let etag = self
             .db
             .write(move |tx| {
@@ -319,7 +319,7 @@ impl Documents {
         events: &[DomainEvent],
     ) -> Result<(), DomainError> {
         let now = self.db.now();
-        let rows = outbox_rows(events)?;
+        let rows = self.outbox_rows(events)?;
         self.db
             .write(move |tx| {
                 check_current(tx, container, resource, &pk, &id, if_match.as_ref(), now)?;
@@ -406,27 +406,57 @@ impl Documents {
     }
 }
 
-/// `(event id, JSON, recorded at in unix milliseconds)` rows for the outbox table.
-pub(crate) type OutboxRow = (String, String, i64);
-
-pub(crate) fn outbox_rows(events: &[DomainEvent]) -> Result<Vec<OutboxRow>, DomainError> {
-    events
-        .iter()
-        .map(|e| {
-            let body =
-                serde_json::to_string(e).map_err(|err| DomainError::Unexpected(anyhow::Error::new(err).context("encoding an event")))?;
-            Ok((e.id.to_string(), body, (e.time.unix_timestamp_nanos() / 1_000_000) as i64))
-        })
-        .collect()
+/// An event for the outbox table.
+pub(crate) struct OutboxRow {
+    id: String,
+    /// The event, JSON.
+    body: String,
+    /// Recorded at, in unix milliseconds.
+    at: i64,
+    /// Written only if this tenant has a webhook endpoint at the write: the event's readers
+    /// act on it only for such tenants ([`Db::write_events_for`]).
+    needs_webhooks_of: Option<String>,
 }
 
+impl Documents {
+    /// The outbox rows of `events`.
+    pub(crate) fn outbox_rows(&self, events: &[DomainEvent]) -> Result<Vec<OutboxRow>, DomainError> {
+        let readers = self.db.event_readers();
+        events
+            .iter()
+            .map(|e| {
+                let body = serde_json::to_string(e)
+                    .map_err(|err| DomainError::Unexpected(anyhow::Error::new(err).context("encoding an event")))?;
+                let needs_webhooks_of =
+                    readers.filter(|r| r.only_for_tenants_with_webhooks(e.event_type)).map(|_| e.tenant_id.to_string());
+                Ok(OutboxRow { id: e.id.to_string(), body, at: (e.time.unix_timestamp_nanos() / 1_000_000) as i64, needs_webhooks_of })
+            })
+            .collect()
+    }
+}
+
+/// Writes the rows to the outbox, but not an event whose readers act on it only for tenants
+/// with webhook endpoints when its tenant has none (seen in this transaction, so an endpoint
+/// committed before it is seen, and one committed after it receives only later events).
 fn record_events(tx: &Transaction<'_>, rows: &[OutboxRow]) -> Result<(), DomainError> {
-    for (id, body, at) in rows {
+    for row in rows {
+        if let Some(tenant) = &row.needs_webhooks_of
+            && !has_webhooks(tx, tenant)?
+        {
+            continue;
+        }
         tx.prepare_cached("INSERT INTO outbox (id, body, created_at) VALUES (?1, ?2, ?3)")
-            .and_then(|mut s| s.execute(params![id, body, at]))
+            .and_then(|mut s| s.execute(params![row.id, row.body, row.at]))
             .map_err(map_sqlite)?;
     }
     Ok(())
+}
+
+/// Whether the tenant has a webhook endpoint (enabled or not).
+fn has_webhooks(tx: &Transaction<'_>, tenant: &str) -> Result<bool, DomainError> {
+    tx.prepare_cached("SELECT EXISTS (SELECT 1 FROM documents WHERE container = +?1 AND pk = ?2)")
+        .and_then(|mut s| s.query_row(params![crate::containers::WEBHOOKS, tenant], |r| r.get(0)))
+        .map_err(map_sqlite)
 }
 
 /// The concurrency token of the live document `id` of a container, in any partition.

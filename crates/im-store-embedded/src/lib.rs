@@ -72,6 +72,14 @@ impl EmbeddedStore {
         Ok(Self { db: Arc::new(db), path, leased: Arc::default() })
     }
 
+    /// Writes an event to the outbox only when `readers` may act on it (see
+    /// [`Db::write_events_for`]): for the in-process bus, whose webhook fan-out is the only
+    /// reader of the deliverable events, an event of a tenant without webhook endpoints is not
+    /// written. Never with a broker.
+    pub fn write_events_for(&self, readers: Arc<dyn im_domain::ports::EventReaders>) {
+        self.db.write_events_for(readers);
+    }
+
     /// Applies the migrations that were not applied yet. Idempotent.
     ///
     /// # Errors

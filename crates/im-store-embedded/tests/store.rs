@@ -404,3 +404,51 @@ async fn idempotency_records_pass_the_conformance_suite() {
     im_testkit::idempotency::contract(store.idempotency().as_ref()).await;
     im_testkit::idempotency::service(store.idempotency()).await;
 }
+
+/// Told who reads the events, the store does not write an event that only the webhook fan-out
+/// reads when its tenant has no webhook endpoint at the write; it writes it once the tenant has
+/// one, and always writes the events something else reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_only_the_webhook_fan_out_reads_need_a_tenant_with_webhooks() {
+    use im_domain::events::EventType;
+    use im_domain::ports::EventReaders;
+    use im_domain::webhooks::endpoint::DELIVERABLE;
+
+    /// The deliverable events are read by the webhook fan-out alone; `sync.task.paused` by
+    /// someone else too.
+    struct FanOutReads;
+    impl EventReaders for FanOutReads {
+        fn reads(&self, _: EventType) -> bool {
+            true
+        }
+        fn only_for_tenants_with_webhooks(&self, event_type: EventType) -> bool {
+            DELIVERABLE.contains(&event_type) && event_type != EventType::SyncTaskPaused
+        }
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(dir.path()).await;
+    let (integrations, outbox) = (store.integrations(), store.outbox());
+    let pending = async || outbox.stats().await.unwrap().pending;
+    let create = async |tenant: &im_domain::TenantId, event_type: EventType| {
+        let integration = im_testkit::integrations::integration(tenant, "github");
+        let event = im_testkit::outbox::event(tenant, event_type, &integration.id.to_string());
+        integrations.create(&integration, &[event]).await.unwrap();
+    };
+    let tenant = im_testkit::fresh_tenant();
+
+    create(&tenant, EventType::IntegrationCreated).await;
+    assert_eq!(pending().await, 1, "until told its readers, the store writes every event");
+
+    store.write_events_for(Arc::new(FanOutReads));
+    create(&tenant, EventType::IntegrationCreated).await;
+    assert_eq!(pending().await, 1, "no webhook endpoint: not written");
+    create(&tenant, EventType::SyncTaskPaused).await;
+    assert_eq!(pending().await, 2, "read by something else: written");
+
+    store.documents().create(containers::WEBHOOKS, tenant.to_string(), "wh-1".into(), "{}".into(), None).await.unwrap();
+    create(&tenant, EventType::IntegrationCreated).await;
+    assert_eq!(pending().await, 3, "the tenant has an endpoint now: written");
+    create(&im_testkit::fresh_tenant(), EventType::IntegrationCreated).await;
+    assert_eq!(pending().await, 3, "another tenant's endpoint does not count");
+}

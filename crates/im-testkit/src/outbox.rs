@@ -7,7 +7,7 @@ use im_domain::{DomainError, PageRequest, TenantId};
 use crate::fresh_tenant;
 use crate::integrations::integration;
 
-fn event(tenant: &TenantId, event_type: EventType, subject: &str) -> DomainEvent {
+pub fn event(tenant: &TenantId, event_type: EventType, subject: &str) -> DomainEvent {
     DomainEvent {
         id: uuid::Uuid::now_v7(),
         event_type,

@@ -12,7 +12,8 @@ use crate::ports::{EventPublisher, EventReaders, EventSubscriber};
 /// [`DomainError::Unavailable`], as the port demands: the relay keeps the events and tries again.
 ///
 /// Its readers ([`EventReaders`]) are its subscribers: with no broker, an event type none of
-/// them wants (`webhook.delivered` for the webhook fan-out) need not be written.
+/// them wants (`webhook.delivered` for the webhook fan-out) need not be written, nor one that
+/// only the webhook fan-out wants for a tenant without webhook endpoints.
 #[derive(Default)]
 pub struct InProcessBus {
     subscribers: RwLock<Vec<Arc<dyn EventSubscriber>>>,
@@ -37,6 +38,13 @@ impl InProcessBus {
 impl EventReaders for InProcessBus {
     fn reads(&self, event_type: EventType) -> bool {
         self.subscribers.read().unwrap_or_else(|p| p.into_inner()).iter().any(|s| s.wants(event_type))
+    }
+
+    /// Some subscriber wants the type, and each that does acts only for tenants with webhooks.
+    fn only_for_tenants_with_webhooks(&self, event_type: EventType) -> bool {
+        let subscribers = self.subscribers.read().unwrap_or_else(|p| p.into_inner());
+        let mut readers = subscribers.iter().filter(|s| s.wants(event_type)).peekable();
+        readers.peek().is_some() && readers.all(|s| s.only_for_tenants_with_webhooks())
     }
 }
 

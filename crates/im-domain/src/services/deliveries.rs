@@ -864,6 +864,11 @@ impl EventSubscriber for DeliveryService {
     fn wants(&self, event_type: EventType) -> bool {
         crate::webhooks::endpoint::DELIVERABLE.contains(&event_type)
     }
+
+    /// An event goes to the endpoints its tenant has: a tenant without any gets nothing.
+    fn only_for_tenants_with_webhooks(&self) -> bool {
+        true
+    }
 }
 
 #[cfg(test)]
@@ -1178,6 +1183,10 @@ mod attempt_tests {
         fn wants(&self, event_type: EventType) -> bool {
             crate::webhooks::endpoint::DELIVERABLE.contains(&event_type)
         }
+
+        fn only_for_tenants_with_webhooks(&self) -> bool {
+            true
+        }
     }
 
     /// A bus whose subscribers are `webhooks_only` fan-outs and `others` that read everything.
@@ -1193,6 +1202,17 @@ mod attempt_tests {
         (0..webhooks_only).for_each(|_| bus.subscribe(Arc::new(WebhooksOnly)));
         (0..others).for_each(|_| bus.subscribe(Arc::new(ReadsAll)));
         bus
+    }
+
+    #[test]
+    fn only_events_the_fan_out_alone_reads_are_for_tenants_with_webhooks() {
+        use crate::ports::EventReaders;
+        let created = EventType::IntegrationCreated;
+        assert!(bus(1, 0).only_for_tenants_with_webhooks(created), "the fan-out is its only reader");
+        assert!(bus(2, 0).only_for_tenants_with_webhooks(created));
+        assert!(!bus(1, 1).only_for_tenants_with_webhooks(created), "another subscriber reads it for every tenant");
+        assert!(!bus(0, 0).only_for_tenants_with_webhooks(created), "nobody reads it (reads() says so)");
+        assert!(!bus(1, 0).only_for_tenants_with_webhooks(EventType::WebhookDelivered), "the fan-out does not want it");
     }
 
     #[test]
