@@ -427,8 +427,7 @@ impl Documents {
             .map(|e| {
                 let body = serde_json::to_string(e)
                     .map_err(|err| DomainError::Unexpected(anyhow::Error::new(err).context("encoding an event")))?;
-                let needs_webhooks_of =
-                    readers.filter(|r| r.only_for_tenants_with_webhooks(e.event_type)).map(|_| e.tenant_id.to_string());
+                let needs_webhooks_of = readers.filter(|r| r.only_for_tenants_with_webhooks(e.event_type)).map(|_| e.tenant_id.to_string());
                 Ok(OutboxRow { id: e.id.to_string(), body, at: (e.time.unix_timestamp_nanos() / 1_000_000) as i64, needs_webhooks_of })
             })
             .collect()
