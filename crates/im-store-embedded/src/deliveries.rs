@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::containers::WEBHOOK_DELIVERIES;
+use crate::containers::{WEBHOOK_DELIVERIES, WEBHOOKS};
 use crate::db::{Db, map_sqlite};
 use crate::documents::{Doc, Documents, Query, expiry, insert, read_one};
 use crate::support::{decode, encode};
@@ -31,12 +31,25 @@ const RESOURCE: &str = "delivery";
 /// goes through [`SqliteDeliveries`], which forgets the record first, and the job's lease keeps
 /// other workers off it. Bounded: past [`LEASED_RECORDS_MAX`] waiting records, all are dropped
 /// (their gets read the database).
+///
+/// The endpoints of those deliveries are read in the same transaction too, and each handed to
+/// as many `get`s of the endpoint as the take leased deliveries of it (the attempts read their
+/// endpoint next). An endpoint changed after the take is seen by an attempt as it was at the
+/// take, as if the attempt had read it then: a write through [`SqliteWebhooks`] forgets it,
+/// before and after writing, and one not taken within [`LEASED_WEBHOOK_MAX_AGE`] is dropped.
+///
+/// [`SqliteWebhooks`]: crate::webhooks::SqliteWebhooks
 #[derive(Default)]
 pub(crate) struct LeasedRecords {
     /// Records are read only once deliveries are kept in this database with their queue.
     enabled: AtomicBool,
     by_id: Mutex<HashMap<String, Doc>>,
+    /// Endpoints by (tenant, id): the document, the gets still to serve, when it was read.
+    webhooks: Mutex<HashMap<(String, String), (Doc, u32, std::time::Instant)>>,
 }
+
+/// How long an endpoint read by a take may be handed to an attempt's get.
+const LEASED_WEBHOOK_MAX_AGE: Duration = Duration::from_secs(1);
 
 /// Records of leased jobs waiting for their `get`.
 const LEASED_RECORDS_MAX: usize = 4096;
@@ -69,6 +82,45 @@ impl LeasedRecords {
     fn forget(&self, id: &str) {
         self.by_id.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
     }
+
+    /// Endpoint documents read by a take, each with the number of its leased deliveries.
+    fn put_webhooks(&self, docs: Vec<(Doc, u32)>) {
+        let now = std::time::Instant::now();
+        let mut webhooks = self.webhooks.lock().unwrap_or_else(|p| p.into_inner());
+        if webhooks.len() + docs.len() > LEASED_RECORDS_MAX {
+            webhooks.clear();
+        }
+        for (doc, uses) in docs {
+            webhooks.insert((doc.pk.clone(), doc.id.clone()), (doc, uses, now));
+        }
+    }
+
+    /// The endpoint `id` of `tenant` as the last take read it, if recent and not used up.
+    pub(crate) fn take_webhook(&self, tenant: &str, id: &str) -> Option<Doc> {
+        let mut webhooks = self.webhooks.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (tenant.to_owned(), id.to_owned());
+        let (doc, uses, read_at) = webhooks.get_mut(&key)?;
+        if read_at.elapsed() > LEASED_WEBHOOK_MAX_AGE {
+            webhooks.remove(&key);
+            return None;
+        }
+        *uses -= 1;
+        if *uses == 0 { webhooks.remove(&key).map(|(doc, _, _)| doc) } else { Some(doc.clone()) }
+    }
+
+    pub(crate) fn forget_webhook(&self, tenant: &str, id: &str) {
+        self.webhooks.lock().unwrap_or_else(|p| p.into_inner()).remove(&(tenant.to_owned(), id.to_owned()));
+    }
+}
+
+/// The endpoint a delivery record names.
+fn webhook_of(delivery: &Doc) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Named {
+        webhook_id: String,
+    }
+    serde_json::from_str::<Named>(&delivery.body).ok().map(|n| n.webhook_id)
 }
 
 pub(crate) struct SqliteDeliveries {
@@ -336,16 +388,30 @@ impl DeliveryQueue for SqliteDeliveryQueue {
                     })
                     .map_err(map_sqlite)?;
                 let mut records = Vec::new();
+                let mut webhooks: Vec<(Doc, u32)> = Vec::new();
                 if read_records {
                     for (id, tenant) in &rows {
                         records.extend(read_one(tx, WEBHOOK_DELIVERIES, tenant.clone(), id.clone(), today).map_err(map_sqlite)?);
                     }
+                    for webhook in records.iter().filter_map(|r| webhook_of(r).map(|w| (&r.pk, w))) {
+                        match webhooks.iter_mut().find(|(doc, _)| doc.pk == *webhook.0 && doc.id == webhook.1) {
+                            Some((_, uses)) => *uses += 1,
+                            None => {
+                                let doc = read_one(tx, WEBHOOKS, webhook.0.clone(), webhook.1, today).map_err(map_sqlite)?;
+                                webhooks.extend(doc.map(|d| (d, 1)));
+                            }
+                        }
+                    }
                 }
-                Ok((rows, records))
+                Ok((rows, (records, webhooks)))
             })
             .await?;
+        let (records, webhooks) = records;
         if !records.is_empty() {
             self.leased.put(records);
+        }
+        if !webhooks.is_empty() {
+            self.leased.put_webhooks(webhooks);
         }
         rows.into_iter()
             .map(|(id, tenant)| {

@@ -120,7 +120,7 @@ impl EmbeddedStore {
     }
 
     pub fn webhooks(&self) -> Arc<dyn im_domain::webhooks::ports::WebhookRepository> {
-        Arc::new(webhooks::SqliteWebhooks::new(self.documents()))
+        Arc::new(webhooks::SqliteWebhooks::new(self.documents(), self.leased.clone()))
     }
 
     /// Deliveries, when the delivery queue is elsewhere (RabbitMQ).

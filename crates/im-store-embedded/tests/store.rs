@@ -121,6 +121,67 @@ async fn the_take_hands_the_records_it_read_to_the_next_get() {
     assert_eq!(deliveries.get(&tenant, records[2].id).await.unwrap().etag.as_str(), "rewritten");
 }
 
+/// The take also reads the endpoints of the deliveries it leased, and hands each to as many
+/// gets as it leased deliveries of it (each attempt reads its endpoint); a write through the
+/// repository forgets it; only the endpoint's tenant is handed it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_take_hands_the_endpoints_it_read_to_the_attempts() {
+    use im_domain::webhooks::delivery::DeliveryStatus;
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(dir.path()).await;
+    let (deliveries, queue, webhooks) = (store.deliveries_with_queue(), store.delivery_queue(), store.webhooks());
+    let tenant = im_testkit::fresh_tenant();
+    let webhook = im_testkit::webhooks::webhook(&tenant);
+    webhooks.create(&webhook).await.unwrap();
+    let queued = |n: usize| {
+        let records: Vec<_> = (0..n)
+            .map(|_| {
+                let mut d = im_testkit::deliveries::delivery(&tenant, DeliveryStatus::Pending);
+                d.webhook_id = webhook.id;
+                d
+            })
+            .collect();
+        let deliveries = deliveries.clone();
+        async move {
+            for outcome in deliveries.create_each_queued(&records).await.unwrap() {
+                outcome.unwrap();
+            }
+        }
+    };
+    // Behind the repository's back, so that where each get's answer came from shows.
+    let rewrite = |etag: &'static str| {
+        let id = webhook.id.to_string();
+        let documents = store.documents();
+        async move {
+            documents
+                .transaction(move |tx, _| {
+                    tx.execute("UPDATE documents SET etag = ?2 WHERE id = ?1", [id.as_str(), etag])
+                        .map_err(|e| im_domain::DomainError::Unexpected(e.into()))
+                })
+                .await
+                .unwrap();
+        }
+    };
+
+    queued(2).await;
+    assert_eq!(queue.take_due(10, Duration::from_secs(60)).await.unwrap().len(), 2);
+    rewrite("rewritten").await;
+    assert!(matches!(webhooks.get(&im_testkit::fresh_tenant(), webhook.id).await, Err(im_domain::DomainError::NotFound { .. })));
+    for _ in 0..2 {
+        let handed = webhooks.get(&tenant, webhook.id).await.unwrap();
+        assert_ne!(handed.etag.as_str(), "rewritten", "each attempt of the take gets the take's read");
+        assert_eq!(handed.value, webhook);
+    }
+    assert_eq!(webhooks.get(&tenant, webhook.id).await.unwrap().etag.as_str(), "rewritten", "then it is read");
+
+    queued(1).await;
+    assert_eq!(queue.take_due(10, Duration::from_secs(60)).await.unwrap().len(), 1);
+    let mut changed = webhook.clone();
+    changed.description = "changed through the repository".into();
+    webhooks.replace(&changed, None).await.unwrap();
+    assert_eq!(webhooks.get(&tenant, webhook.id).await.unwrap().value, changed, "a write forgets what the take read");
+}
+
 /// What only the embedded queue promises: it has one consumer, this process, so at start the
 /// jobs a crashed predecessor had leased are due again at once, not when their lease ends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
