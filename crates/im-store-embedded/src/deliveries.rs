@@ -44,9 +44,12 @@ pub(crate) struct LeasedRecords {
     /// Records are read only once deliveries are kept in this database with their queue.
     enabled: AtomicBool,
     by_id: Mutex<HashMap<String, Doc>>,
-    /// Endpoints by (tenant, id): the document, the gets still to serve, when it was read.
-    webhooks: Mutex<HashMap<(String, String), (Doc, u32, std::time::Instant)>>,
+    /// Endpoints by (tenant, id).
+    webhooks: Mutex<HashMap<(String, String), LeasedWebhook>>,
 }
+
+/// An endpoint a take read: the document, the gets it still serves, when it was read.
+type LeasedWebhook = (Doc, u32, std::time::Instant);
 
 /// How long an endpoint read by a take may be handed to an attempt's get.
 const LEASED_WEBHOOK_MAX_AGE: Duration = Duration::from_secs(1);
