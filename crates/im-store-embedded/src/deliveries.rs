@@ -99,9 +99,13 @@ impl LeasedRecords {
     }
 
     /// The endpoint `id` of `tenant` as the last take read it, if recent and not used up.
-    pub(crate) fn take_webhook(&self, tenant: &str, id: &str) -> Option<Doc> {
+    pub(crate) fn take_webhook(&self, tenant: &str, id: WebhookId) -> Option<Doc> {
         let mut webhooks = self.webhooks.lock().unwrap_or_else(|p| p.into_inner());
-        let key = (tenant.to_owned(), id.to_owned());
+        // Most reads find nothing waiting (every read outside attempts): no key is built then.
+        if webhooks.is_empty() {
+            return None;
+        }
+        let key = (tenant.to_owned(), id.to_string());
         let (doc, uses, read_at) = webhooks.get_mut(&key)?;
         if read_at.elapsed() > LEASED_WEBHOOK_MAX_AGE {
             webhooks.remove(&key);
@@ -112,7 +116,10 @@ impl LeasedRecords {
     }
 
     pub(crate) fn forget_webhook(&self, tenant: &str, id: &str) {
-        self.webhooks.lock().unwrap_or_else(|p| p.into_inner()).remove(&(tenant.to_owned(), id.to_owned()));
+        let mut webhooks = self.webhooks.lock().unwrap_or_else(|p| p.into_inner());
+        if !webhooks.is_empty() {
+            webhooks.remove(&(tenant.to_owned(), id.to_owned()));
+        }
     }
 }
 

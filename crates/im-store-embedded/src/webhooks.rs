@@ -46,7 +46,7 @@ impl WebhookRepository for SqliteWebhooks {
     #[tracing::instrument(skip_all, name = "webhooks.get", fields(tenant = %tenant, webhook = %id))]
     async fn get(&self, tenant: &TenantId, id: WebhookId) -> Result<Stored<Webhook>, DomainError> {
         let pk = tenant.to_string();
-        if let Some(doc) = self.leased.take_webhook(&pk, &id.to_string()) {
+        if let Some(doc) = self.leased.take_webhook(&pk, id) {
             return decode(doc);
         }
         get_decoded(&self.docs, WEBHOOKS, RESOURCE, pk, id).await
