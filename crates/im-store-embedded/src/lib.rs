@@ -27,7 +27,7 @@ use async_trait::async_trait;
 use im_domain::ports::{DependencyHealth, HealthCheck, IntegrationRepository, Outbox, ProviderRepository};
 use im_domain::{Clock, DomainError};
 
-pub use db::Db;
+pub use db::{Db, DbOptions, WAL_RESTART_FRAMES};
 pub use documents::Documents;
 pub use migrations::MigrationReport;
 
