@@ -319,6 +319,8 @@ fn write_loop(mut conn: Connection, jobs: &mpsc::Receiver<Job>, commits: &Atomic
             }
         }
         let held = gate.lock().unwrap_or_else(|p| p.into_inner());
+        let began = std::time::Instant::now();
+        let size = group.len();
         let tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
             Ok(tx) => tx,
             Err(e) => {
@@ -349,6 +351,10 @@ fn write_loop(mut conn: Connection, jobs: &mpsc::Receiver<Job>, commits: &Atomic
             tracing::error!(error = %e, "embedded database: commit failed");
         }
         drop(held);
+        let took = began.elapsed();
+        if took > Duration::from_millis(5) {
+            tracing::debug!(target: "im_store_embedded::groups", size, took_ms = took.as_secs_f64() * 1e3, "embedded database: a slow group");
+        }
         commits.fetch_add(1, Ordering::Relaxed);
         for complete in completions {
             complete(commit_error.as_deref());
