@@ -169,7 +169,7 @@ impl IntegrationRepository for WakeOnEvents<dyn IntegrationRepository> {
         tenant: &TenantId,
         filter: &IntegrationFilter,
         page: &PageRequest,
-    ) -> Result<Page<Stored<JsonText<Integration>>>, DomainError> {
+    ) -> Result<im_domain::TextPage<Integration>, DomainError> {
         self.inner.list_json(tenant, filter, page).await
     }
 

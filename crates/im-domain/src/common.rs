@@ -188,6 +188,82 @@ impl<T: Serialize> JsonText<T> {
     }
 }
 
+/// A page of [`JsonText`]s of `T` kept in one buffer: what a store that keeps values as their
+/// JSON text hands out for a list, without an allocation per item.
+pub struct JsonTexts<T> {
+    text: String,
+    /// Where each item ends in `text`.
+    ends: Vec<usize>,
+    of: std::marker::PhantomData<fn() -> T>,
+}
+
+impl<T> JsonTexts<T> {
+    /// Room for `items` texts of `bytes` in all.
+    pub fn with_capacity(items: usize, bytes: usize) -> Self {
+        Self { text: String::with_capacity(bytes), ends: Vec::with_capacity(items), of: std::marker::PhantomData }
+    }
+
+    /// Appends text an adapter read back from where it stored [`JsonText::encode`]'s output
+    /// unchanged. The caller vouches that it is `T`'s current encoding.
+    pub fn push_stored(&mut self, text: &str) {
+        self.text.push_str(text);
+        self.ends.push(self.text.len());
+    }
+
+    pub fn push(&mut self, text: &JsonText<T>) {
+        self.push_stored(text.as_str());
+    }
+
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    /// Keeps the first `len` texts.
+    pub fn truncate(&mut self, len: usize) {
+        if len < self.ends.len() {
+            self.text.truncate(if len == 0 { 0 } else { self.ends[len - 1] });
+            self.ends.truncate(len);
+        }
+    }
+
+    /// The texts, in order.
+    pub fn iter(&self) -> impl Iterator<Item = &str> + '_ {
+        self.ends.iter().scan(0, |start, &end| {
+            let text = &self.text[*start..end];
+            *start = end;
+            Some(text)
+        })
+    }
+
+    /// Every text's bytes together.
+    pub fn total_len(&self) -> usize {
+        self.text.len()
+    }
+}
+
+/// A page of JSON texts of `T`: [`Page`] with its items in one buffer.
+#[derive(Debug)]
+pub struct TextPage<T> {
+    pub items: JsonTexts<T>,
+    pub continuation: Option<String>,
+}
+
+impl<T> Default for JsonTexts<T> {
+    fn default() -> Self {
+        Self::with_capacity(0, 0)
+    }
+}
+
+impl<T> fmt::Debug for JsonTexts<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
+}
+
 impl<T> Clone for JsonText<T> {
     fn clone(&self) -> Self {
         Self::stored(self.text.clone())
@@ -392,6 +468,23 @@ pub fn validate_text(value: &str, min: usize, max: usize) -> Result<(), FieldVio
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_texts_keep_each_text_apart() {
+        let mut texts = JsonTexts::<u32>::with_capacity(1, 0);
+        assert!(texts.is_empty());
+        for t in ["1", "{\"a\":[2,3]}", "\"\"", "45"] {
+            texts.push_stored(t);
+        }
+        assert_eq!(texts.iter().collect::<Vec<_>>(), ["1", "{\"a\":[2,3]}", "\"\"", "45"]);
+        assert_eq!((texts.len(), texts.total_len()), (4, 1 + 11 + 2 + 2));
+        texts.truncate(2);
+        assert_eq!(texts.iter().collect::<Vec<_>>(), ["1", "{\"a\":[2,3]}"]);
+        texts.push(&JsonText::encode(&7).unwrap());
+        assert_eq!(texts.iter().collect::<Vec<_>>(), ["1", "{\"a\":[2,3]}", "7"]);
+        texts.truncate(0);
+        assert!(texts.is_empty() && texts.total_len() == 0 && texts.iter().next().is_none());
+    }
 
     #[test]
     fn urls() {

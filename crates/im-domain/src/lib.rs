@@ -27,6 +27,9 @@ pub mod sync;
 pub mod webhooks;
 
 pub use auth::{Caller, Role};
-pub use common::{Clock, ETag, IdGenerator, IntegrationId, JsonText, Page, PageRequest, Stored, SystemClock, TenantId, UserId, UuidV7};
+pub use common::{
+    Clock, ETag, IdGenerator, IntegrationId, JsonText, JsonTexts, Page, PageRequest, Stored, SystemClock, TenantId, TextPage, UserId,
+    UuidV7,
+};
 pub use duration::HumanDuration;
 pub use error::{DomainError, DomainResult, FieldViolation, ViolationKind, Violations};

@@ -3,7 +3,7 @@
 
 use async_trait::async_trait;
 
-use crate::common::{ETag, IntegrationId, JsonText, Page, PageRequest, Stored, TenantId};
+use crate::common::{ETag, IntegrationId, JsonText, JsonTexts, Page, PageRequest, Stored, TenantId, TextPage};
 use crate::error::DomainError;
 use crate::events::{Claimed, DeadLetter, DomainEvent, EventType, OutboxStats};
 use crate::integration::{Integration, IntegrationFilter};
@@ -78,8 +78,8 @@ pub trait IntegrationRepository: Send + Sync {
         Ok(Stored { value: JsonText::encode(&stored.value)?, etag: stored.etag })
     }
 
-    /// [`IntegrationRepository::list`], as the integrations' JSON texts: the same page, in the
-    /// same order, with the same continuation.
+    /// [`IntegrationRepository::list`], as the integrations' JSON texts in one buffer: the same
+    /// page, in the same order, with the same continuation.
     ///
     /// # Errors
     /// - MUST fail exactly when `list` fails, with the same error.
@@ -88,13 +88,13 @@ pub trait IntegrationRepository: Send + Sync {
         tenant: &TenantId,
         filter: &IntegrationFilter,
         page: &PageRequest,
-    ) -> Result<Page<Stored<JsonText<Integration>>>, DomainError> {
+    ) -> Result<TextPage<Integration>, DomainError> {
         let page = self.list(tenant, filter, page).await?;
-        let mut items = Vec::with_capacity(page.items.len());
+        let mut items = JsonTexts::with_capacity(page.items.len(), 0);
         for stored in page.items {
-            items.push(Stored { value: JsonText::encode(&stored.value)?, etag: stored.etag });
+            items.push(&JsonText::encode(&stored.value)?);
         }
-        Ok(Page { items, continuation: page.continuation })
+        Ok(TextPage { items, continuation: page.continuation })
     }
 
     /// Replaces a stored integration (same tenant and id), records `events` atomically with it,

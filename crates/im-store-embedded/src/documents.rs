@@ -8,7 +8,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use im_domain::common::invalid_continuation;
 use im_domain::events::DomainEvent;
-use im_domain::{DomainError, ETag, PageRequest};
+use im_domain::{DomainError, ETag, JsonTexts, PageRequest};
 use rusqlite::types::Value as SqlValue;
 use rusqlite::{OptionalExtension, Transaction, params};
 
@@ -342,38 +342,8 @@ impl Documents {
                 // Within one partition every row's pk is the one asked for: it is not read back
                 // (a column read is a UTF-8 check and a copy, per row of every page).
                 let known_pk = query.pk.clone();
-                let mut sql = String::from(if known_pk.is_some() { "SELECT id, etag, body" } else { "SELECT id, etag, body, pk" });
-                sql.push_str(" FROM documents WHERE container = +? AND ");
-                sql.push_str(LIVE);
-                let mut args: Vec<SqlValue> = vec![query.container.to_owned().into(), now.into()];
-                if let Some(pk) = query.pk {
-                    sql.push_str(" AND pk = ?");
-                    args.push(pk.into());
-                }
-                if let Some(after) = after {
-                    sql.push_str(" AND id > ?");
-                    args.push(after.into());
-                }
-                for (path, value) in query.filters {
-                    sql.push_str(" AND json_extract(body, ?) = ?");
-                    args.push(path.to_owned().into());
-                    args.push(value.into());
-                }
-                for (path, value) in query.contains {
-                    sql.push_str(" AND EXISTS (SELECT 1 FROM json_each(body, ?) WHERE json_each.value = ?)");
-                    args.push(path.to_owned().into());
-                    args.push(value.into());
-                }
-                if let Some((paths, text)) = query.search {
-                    let ors: Vec<_> = paths.iter().map(|_| "instr(lower(coalesce(json_extract(body, ?), '')), lower(?)) > 0").collect();
-                    sql.push_str(&format!(" AND ({})", ors.join(" OR ")));
-                    for path in paths {
-                        args.push(path.to_owned().into());
-                        args.push(text.clone().into());
-                    }
-                }
-                sql.push_str(" ORDER BY id LIMIT ?");
-                args.push(i64::from(query.page.limit + 1).into());
+                let limit = query.page.limit as usize;
+                let (sql, args) = page_sql(query, after, now, if known_pk.is_some() { "id, etag, body" } else { "id, etag, body, pk" });
                 let mut statement = conn.prepare_cached(&sql)?;
                 let mut docs = statement
                     .query_map(rusqlite::params_from_iter(args), |r| {
@@ -384,13 +354,47 @@ impl Documents {
                         Ok(Doc { pk, id: r.get(0)?, etag: ETag::new(r.get::<_, String>(1)?), body: r.get(2)? })
                     })?
                     .collect::<rusqlite::Result<Vec<_>>>()?;
-                let next = if docs.len() > query.page.limit as usize {
-                    docs.truncate(query.page.limit as usize);
+                let next = if docs.len() > limit {
+                    docs.truncate(limit);
                     docs.last().map(|d| encode_token(&d.id))
                 } else {
                     None
                 };
                 Ok((docs, next))
+            })
+            .await
+    }
+
+    /// [`Documents::query`], as the documents' texts in one buffer (no copy per row of its id,
+    /// token or text: what a list that passes the stored texts on needs).
+    ///
+    /// # Errors
+    /// As [`Documents::query`].
+    pub async fn query_texts<T>(&self, query: Query) -> Result<(JsonTexts<T>, Option<String>), DomainError> {
+        let after = query.page.continuation.as_deref().map(decode_token).transpose()?;
+        let now = self.db.now();
+        self.db
+            .read(move |conn| {
+                let limit = query.page.limit as usize;
+                let (sql, args) = page_sql(query, after, now, "id, body");
+                let mut statement = conn.prepare_cached(&sql)?;
+                let mut rows = statement.query(rusqlite::params_from_iter(args))?;
+                let mut texts = JsonTexts::with_capacity(limit, limit * 512);
+                // The id of the page's last row (copied once a page), for the continuation.
+                let mut last_id = String::new();
+                let mut next = None;
+                while let Some(row) = rows.next()? {
+                    if texts.len() == limit {
+                        // A row past the page: there is a next page, after the last row kept.
+                        next = Some(encode_token(&last_id));
+                        break;
+                    }
+                    texts.push_stored(row.get_ref(1)?.as_str()?);
+                    if texts.len() == limit {
+                        last_id.push_str(row.get_ref(0)?.as_str()?);
+                    }
+                }
+                Ok((texts, next))
             })
             .await
     }
@@ -404,6 +408,43 @@ impl Documents {
             })
             .await
     }
+}
+
+/// The SQL and arguments of a page of `query` after the id `after`, selecting `columns`: one
+/// row more than the page, so a next page shows.
+fn page_sql(query: Query, after: Option<String>, now: i64, columns: &str) -> (String, Vec<SqlValue>) {
+    let mut sql = format!("SELECT {columns} FROM documents WHERE container = +? AND ");
+    sql.push_str(LIVE);
+    let mut args: Vec<SqlValue> = vec![query.container.to_owned().into(), now.into()];
+    if let Some(pk) = query.pk {
+        sql.push_str(" AND pk = ?");
+        args.push(pk.into());
+    }
+    if let Some(after) = after {
+        sql.push_str(" AND id > ?");
+        args.push(after.into());
+    }
+    for (path, value) in query.filters {
+        sql.push_str(" AND json_extract(body, ?) = ?");
+        args.push(path.to_owned().into());
+        args.push(value.into());
+    }
+    for (path, value) in query.contains {
+        sql.push_str(" AND EXISTS (SELECT 1 FROM json_each(body, ?) WHERE json_each.value = ?)");
+        args.push(path.to_owned().into());
+        args.push(value.into());
+    }
+    if let Some((paths, text)) = query.search {
+        let ors: Vec<_> = paths.iter().map(|_| "instr(lower(coalesce(json_extract(body, ?), '')), lower(?)) > 0").collect();
+        sql.push_str(&format!(" AND ({})", ors.join(" OR ")));
+        for path in paths {
+            args.push(path.to_owned().into());
+            args.push(text.clone().into());
+        }
+    }
+    sql.push_str(" ORDER BY id LIMIT ?");
+    args.push(i64::from(query.page.limit + 1).into());
+    (sql, args)
 }
 
 /// An event for the outbox table.

@@ -6,7 +6,7 @@ use async_trait::async_trait;
 use im_domain::events::DomainEvent;
 use im_domain::integration::{Integration, IntegrationFilter};
 use im_domain::ports::IntegrationRepository;
-use im_domain::{DomainError, ETag, IntegrationId, JsonText, Page, PageRequest, Stored, TenantId};
+use im_domain::{DomainError, ETag, IntegrationId, JsonText, Page, PageRequest, Stored, TenantId, TextPage};
 
 use crate::containers::{INTEGRATIONS, PROVIDERS};
 use crate::documents::{Documents, Query};
@@ -89,10 +89,9 @@ impl IntegrationRepository for SqliteIntegrations {
         tenant: &TenantId,
         filter: &IntegrationFilter,
         page: &PageRequest,
-    ) -> Result<Page<Stored<JsonText<Integration>>>, DomainError> {
-        let (docs, continuation) = self.docs.query(Self::query(tenant, filter, page)).await?;
-        let items = docs.into_iter().map(|doc| Stored { value: JsonText::stored(doc.body), etag: doc.etag }).collect();
-        Ok(Page { items, continuation })
+    ) -> Result<TextPage<Integration>, DomainError> {
+        let (items, continuation) = self.docs.query_texts(Self::query(tenant, filter, page)).await?;
+        Ok(TextPage { items, continuation })
     }
 
     #[tracing::instrument(skip_all, name = "integrations.replace", fields(tenant = %integration.tenant_id, integration = %integration.id, events = events.len()))]

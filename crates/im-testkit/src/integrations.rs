@@ -173,10 +173,9 @@ pub async fn json_texts_are_the_encoding(repo: &dyn IntegrationRepository) {
         assert_eq!(texts.continuation, values.continuation, "the same continuation");
         assert_eq!(texts.items.len(), values.items.len(), "the same page");
         for (text, value) in texts.items.iter().zip(&values.items) {
-            assert_eq!(text.value, JsonText::encode(&value.value).expect("encode"), "a listed text is the encoding");
-            assert_eq!(text.etag, value.etag, "a listed text carries its token");
+            assert_eq!(text, JsonText::encode(&value.value).expect("encode").as_str(), "a listed text is the encoding");
             let one = repo.get_json(&tenant, value.value.id).await.expect("get_json");
-            assert_eq!(one.value, text.value, "a read text is the encoding");
+            assert_eq!(one.value.as_str(), text, "a read text is the encoding");
             assert_eq!(one.etag, value.etag, "a read text carries its token");
         }
         match texts.continuation {

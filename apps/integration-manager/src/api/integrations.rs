@@ -18,7 +18,7 @@ use super::body;
 use super::custom::CustomDefinitionDto;
 use super::extract::{Authenticated, IfMatch, JsonBody, Write, created, etag_header, unchanged};
 use super::problem::{ApiError, ApiResult, Problem};
-use super::{ListResponse, QueryParams, json_list, rfc3339};
+use super::{JsonList, ListResponse, QueryParams, rfc3339};
 use crate::state::AppState;
 
 /// Lifecycle state of an integration.
@@ -253,8 +253,14 @@ pub async fn list(state: web::Data<AppState>, caller: Authenticated, req: HttpRe
     query.finish()?;
     let filter = IntegrationFilter { provider_id, status };
     let page = state.integrations.list_json(&caller.0, &filter, &page.unwrap_or_else(|| im_domain::PageRequest::first(50))).await?;
-    let items = page.items.into_iter().map(|s| view_json(s.value)).collect::<ApiResult<Vec<_>>>()?;
-    Ok(json_list(&items, page.continuation.as_deref()))
+    let mut list = JsonList::with_capacity(page.items.total_len() + page.items.len());
+    for text in page.items.iter() {
+        match view_of(text)? {
+            Some(view) => list.push(&view),
+            None => list.push(text),
+        }
+    }
+    Ok(list.finish(page.continuation.as_deref()))
 }
 
 /// Create an integration from a catalog provider or a custom API definition.
@@ -293,17 +299,24 @@ pub async fn get(state: web::Data<AppState>, caller: Authenticated, id: web::Pat
 /// decoded and written as the view (the view of a custom definition leaves out what is not set;
 /// that of an app leaves out where its secret is kept).
 fn view_json(text: JsonText<Integration>) -> ApiResult<String> {
+    Ok(view_of(text.as_str())?.unwrap_or_else(|| text.into_string()))
+}
+
+/// The view of the integration whose stored JSON text is `text`, when it is not `text` itself
+/// ([`view_json`]).
+fn view_of(text: &str) -> ApiResult<Option<String>> {
     // Searchers built once (`str::contains` prepares its search at every call: a tenth of the
     // instructions of a page of 50).
     static CUSTOM: LazyLock<memmem::Finder<'static>> = LazyLock::new(|| memmem::Finder::new(br#""customDefinition":"#));
     static APP: LazyLock<memmem::Finder<'static>> = LazyLock::new(|| memmem::Finder::new(br#""oauth2App":"#));
-    let bytes = text.as_str().as_bytes();
+    let bytes = text.as_bytes();
     if CUSTOM.find(bytes).is_none() && APP.find(bytes).is_none() {
-        return Ok(text.into_string());
+        return Ok(None);
     }
-    let integration: Integration = serde_json::from_str(text.as_str())
+    let integration: Integration = serde_json::from_str(text)
         .map_err(|e| ApiError::Domain(DomainError::Unexpected(anyhow::Error::new(e).context("decoding a stored integration"))))?;
     serde_json::to_string(&IntegrationView::from(&integration))
+        .map(Some)
         .map_err(|e| ApiError::Domain(DomainError::Unexpected(anyhow::Error::new(e).context("encoding an integration"))))
 }
 
@@ -430,9 +443,9 @@ mod tests {
                 continuation_token: continuation.clone(),
             })
             .unwrap();
-            assert_eq!(body_of(json_list(&texts, continuation.as_deref())), expected);
+            assert_eq!(body_of(crate::api::json_list(&texts, continuation.as_deref())), expected);
         }
-        assert_eq!(body_of(json_list(&[], None)), br#"{"items":[],"continuationToken":null}"#.to_vec());
+        assert_eq!(body_of(crate::api::json_list(&[], None)), br#"{"items":[],"continuationToken":null}"#.to_vec());
     }
 
     fn body_of(response: HttpResponse) -> Vec<u8> {

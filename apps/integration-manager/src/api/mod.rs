@@ -164,23 +164,47 @@ impl utoipa::IntoParams for Paging {
 
 /// A page of items already written as JSON, answered as a [`ListResponse`] without decoding them.
 pub fn json_list(items: &[String], continuation: Option<&str>) -> HttpResponse {
-    let continuation = match continuation {
-        Some(token) => serde_json::Value::from(token).to_string(),
-        None => "null".to_owned(),
-    };
-    let size = items.iter().map(|s| s.len() + 1).sum::<usize>() + continuation.len() + 36;
-    let mut body = String::with_capacity(size);
-    body.push_str(r#"{"items":["#);
-    for (i, item) in items.iter().enumerate() {
-        if i > 0 {
-            body.push(',');
-        }
-        body.push_str(item);
+    let mut list = JsonList::with_capacity(items.iter().map(|s| s.len() + 1).sum());
+    for item in items {
+        list.push(item);
     }
-    body.push_str(r#"],"continuationToken":"#);
-    body.push_str(&continuation);
-    body.push('}');
-    HttpResponse::Ok().content_type(ContentType::json()).body(body)
+    list.finish(continuation)
+}
+
+/// The body of a list answer, written item by item into one buffer:
+/// `{"items":[...],"continuationToken":...}`.
+pub struct JsonList {
+    body: String,
+    items: usize,
+}
+
+impl JsonList {
+    /// Room for items of `bytes` in all (commas included).
+    pub fn with_capacity(bytes: usize) -> Self {
+        let mut body = String::with_capacity(bytes + 64);
+        body.push_str(r#"{"items":["#);
+        Self { body, items: 0 }
+    }
+
+    /// Appends an item, a JSON value's text.
+    pub fn push(&mut self, item: &str) {
+        if self.items > 0 {
+            self.body.push(',');
+        }
+        self.body.push_str(item);
+        self.items += 1;
+    }
+
+    /// The answer, with the continuation token of the next page.
+    pub fn finish(mut self, continuation: Option<&str>) -> HttpResponse {
+        self.body.push_str(r#"],"continuationToken":"#);
+        match continuation {
+            Some(token) => self.body.push_str(&serde_json::Value::from(token).to_string()),
+            None => self.body.push_str("null"),
+        }
+        self.body.push('}');
+        HttpResponse::Ok().content_type(ContentType::json()).body(self.body)
+    }
 }
 
 /// Query-string parameters, each checked with an error naming it.

@@ -5,7 +5,7 @@ use serde_json::Value;
 use crate::audit::{Audit, AuditAction, AuditResource};
 use crate::auth::{Caller, Role};
 use crate::cache::{self, BoundedCache};
-use crate::common::{Clock, ETag, IdGenerator, IntegrationId, JsonText, Page, PageRequest, Stored};
+use crate::common::{Clock, ETag, IdGenerator, IntegrationId, JsonText, Page, PageRequest, Stored, TextPage};
 use crate::connection::ConnectionRepository;
 use crate::error::{DomainError, Violations};
 use crate::events::payloads::IntegrationEventData;
@@ -334,7 +334,7 @@ impl IntegrationService {
         caller: &Caller,
         filter: &IntegrationFilter,
         page: &PageRequest,
-    ) -> Result<Page<Stored<JsonText<Integration>>>, DomainError> {
+    ) -> Result<TextPage<Integration>, DomainError> {
         caller.require(Role::Viewer)?;
         self.integrations.list_json(&caller.tenant_id, filter, page).await
     }
