@@ -222,14 +222,6 @@ impl<T> JsonTexts<T> {
         self.ends.is_empty()
     }
 
-    /// Keeps the first `len` texts.
-    pub fn truncate(&mut self, len: usize) {
-        if len < self.ends.len() {
-            self.text.truncate(if len == 0 { 0 } else { self.ends[len - 1] });
-            self.ends.truncate(len);
-        }
-    }
-
     /// The texts, in order.
     pub fn iter(&self) -> impl Iterator<Item = &str> + '_ {
         self.ends.iter().scan(0, |start, &end| {
@@ -245,23 +237,17 @@ impl<T> JsonTexts<T> {
     }
 }
 
+impl<T> fmt::Debug for JsonTexts<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
+}
+
 /// A page of JSON texts of `T`: [`Page`] with its items in one buffer.
 #[derive(Debug)]
 pub struct TextPage<T> {
     pub items: JsonTexts<T>,
     pub continuation: Option<String>,
-}
-
-impl<T> Default for JsonTexts<T> {
-    fn default() -> Self {
-        Self::with_capacity(0, 0)
-    }
-}
-
-impl<T> fmt::Debug for JsonTexts<T> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_list().entries(self.iter()).finish()
-    }
 }
 
 impl<T> Clone for JsonText<T> {
@@ -478,12 +464,9 @@ mod tests {
         }
         assert_eq!(texts.iter().collect::<Vec<_>>(), ["1", "{\"a\":[2,3]}", "\"\"", "45"]);
         assert_eq!((texts.len(), texts.total_len()), (4, 1 + 11 + 2 + 2));
-        texts.truncate(2);
-        assert_eq!(texts.iter().collect::<Vec<_>>(), ["1", "{\"a\":[2,3]}"]);
         texts.push(&JsonText::encode(&7).unwrap());
-        assert_eq!(texts.iter().collect::<Vec<_>>(), ["1", "{\"a\":[2,3]}", "7"]);
-        texts.truncate(0);
-        assert!(texts.is_empty() && texts.total_len() == 0 && texts.iter().next().is_none());
+        assert_eq!(texts.iter().collect::<Vec<_>>(), ["1", "{\"a\":[2,3]}", "\"\"", "45", "7"]);
+        assert!(JsonTexts::<u32>::with_capacity(0, 0).iter().next().is_none());
     }
 
     #[test]

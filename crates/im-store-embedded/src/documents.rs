@@ -385,8 +385,9 @@ impl Documents {
                 let mut next = None;
                 while let Some(row) = rows.next()? {
                     if texts.len() == limit {
-                        // A row past the page: there is a next page, after the last row kept.
-                        next = Some(encode_token(&last_id));
+                        // A row past the page: there is a next page, after the last row kept
+                        // (none after an empty page, as `query` answers).
+                        next = (limit > 0).then(|| encode_token(&last_id));
                         break;
                     }
                     texts.push_stored(row.get_ref(1)?.as_str()?);

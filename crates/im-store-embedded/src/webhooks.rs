@@ -1,16 +1,16 @@
 //! [`WebhookRepository`] on the documents table: container `integration_webhooks`, partitioned
 //! by tenant.
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use im_domain::webhooks::endpoint::{Webhook, WebhookId};
 use im_domain::webhooks::ports::WebhookRepository;
 use im_domain::{DomainError, ETag, Page, PageRequest, Stored, TenantId};
 
 use crate::containers::WEBHOOKS;
-use crate::documents::Documents;
-use std::sync::Arc;
-
 use crate::deliveries::LeasedRecords;
+use crate::documents::Documents;
 use crate::support::{decode, decode_page, encode, get_decoded, partition_query};
 
 const RESOURCE: &str = "webhook";
