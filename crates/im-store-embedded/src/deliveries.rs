@@ -11,8 +11,10 @@ use im_domain::webhooks::ports::{DeliveryJob, DeliveryQueue, DeliveryRepository,
 use im_domain::{DomainError, ETag, Page, PageRequest, Stored, TenantId};
 use rusqlite::{OptionalExtension, Transaction, params};
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use crate::containers::{WEBHOOK_DELIVERIES, WEBHOOKS};
 use crate::db::{Db, map_sqlite};
@@ -21,38 +23,47 @@ use crate::support::{decode, encode};
 
 const RESOURCE: &str = "delivery";
 
-/// Records of the deliveries whose jobs the take just leased, read in the take's own
-/// transaction on the writer (whose page cache holds them: it wrote them moments ago), each
-/// handed to the next `get` of its delivery. The attempt that follows a take reads its delivery
-/// first; without this, that read is a read transaction of its own on a reader whose cache
-/// every commit empties (a fifth of the service's time when delivering at saturation).
+/// Records of the deliveries whose first attempts come next, each handed to the next `get` of
+/// its delivery: with the embedded queue, the records of the jobs the take just leased, read in
+/// the take's own transaction on the writer (whose page cache holds them: it wrote them moments
+/// ago); with a queue elsewhere (RabbitMQ), the records the fan-out just created, as written.
+/// The attempt that follows reads its delivery first; without this, that read is a read
+/// transaction of its own on a reader whose cache every commit empties (a fifth of the
+/// service's time when delivering at saturation).
 ///
-/// What a `get` is handed is what the take's transaction saw: any later write of the delivery
-/// goes through [`SqliteDeliveries`], which forgets the record first, and the job's lease keeps
-/// other workers off it. Bounded: past [`LEASED_RECORDS_MAX`] waiting records, all are dropped
-/// (their gets read the database).
+/// What a `get` is handed is what that transaction wrote or saw: any later write of the
+/// delivery through [`SqliteDeliveries`] forgets the record first, and the job's lease (the
+/// embedded queue) keeps other workers off it. With a queue elsewhere, another instance may
+/// attempt the delivery meanwhile: the attempt's hold is a write conditional on the handed
+/// version, which then fails and the attempt reads the delivery again from the database.
+/// Bounded: a record not taken within [`LEASED_MAX_AGE`] is not handed out, and past
+/// [`LEASED_RECORDS_MAX`] waiting records the old ones, then all, are dropped (their gets read
+/// the database).
 ///
 /// The endpoints of those deliveries are read in the same transaction too, and each handed to
-/// as many `get`s of the endpoint as the take leased deliveries of it (the attempts read their
-/// endpoint next). An endpoint changed after the take is seen by an attempt as it was at the
-/// take, as if the attempt had read it then: a write through [`SqliteWebhooks`] forgets it,
-/// before and after writing, and one not taken within [`LEASED_WEBHOOK_MAX_AGE`] is dropped.
+/// as many `get`s of the endpoint as the transaction leased or created deliveries of it (the
+/// attempts read their endpoint next). An endpoint changed after that transaction is seen by an
+/// attempt as it was then, as if the attempt had read it then: a write through
+/// [`SqliteWebhooks`] forgets it, before and after writing, and one not taken within
+/// [`LEASED_MAX_AGE`] is dropped.
 ///
 /// [`SqliteWebhooks`]: crate::webhooks::SqliteWebhooks
 #[derive(Default)]
 pub(crate) struct LeasedRecords {
     /// Records are read only once deliveries are kept in this database with their queue.
     enabled: AtomicBool,
-    by_id: Mutex<HashMap<String, Doc>>,
+    /// Records by delivery id, with when they were read or written.
+    by_id: Mutex<HashMap<String, (Doc, Instant)>>,
     /// Endpoints by (tenant, id).
     webhooks: Mutex<HashMap<(String, String), LeasedWebhook>>,
 }
 
 /// An endpoint a take read: the document, the gets it still serves, when it was read.
-type LeasedWebhook = (Doc, u32, std::time::Instant);
+type LeasedWebhook = (Doc, u32, Instant);
 
-/// How long an endpoint read by a take may be handed to an attempt's get.
-const LEASED_WEBHOOK_MAX_AGE: Duration = Duration::from_secs(1);
+/// How long a record or an endpoint read or written for the attempts that follow may be handed
+/// to their gets.
+const LEASED_MAX_AGE: Duration = Duration::from_secs(1);
 
 /// Records of leased jobs waiting for their `get`.
 const LEASED_RECORDS_MAX: usize = 4096;
@@ -70,31 +81,56 @@ impl LeasedRecords {
     }
 
     fn put(&self, docs: Vec<Doc>) {
+        let now = Instant::now();
         let mut by_id = self.by_id.lock().unwrap_or_else(|p| p.into_inner());
         if by_id.len() + docs.len() > LEASED_RECORDS_MAX {
-            by_id.clear();
+            // Records whose attempts ran elsewhere (another instance consumed their jobs).
+            by_id.retain(|_, (_, at)| now.duration_since(*at) <= LEASED_MAX_AGE);
+            if by_id.len() + docs.len() > LEASED_RECORDS_MAX {
+                by_id.clear();
+            }
         }
-        by_id.extend(docs.into_iter().map(|d| (d.id.clone(), d)));
+        by_id.extend(docs.into_iter().map(|d| (d.id.clone(), (d, now))));
     }
 
-    /// The record of `id` if the take left it, and only to a caller of its own tenant.
+    /// The record of `id` if it was left recently, and only to a caller of its own tenant.
     fn take(&self, tenant: &str, id: &str) -> Option<Doc> {
-        self.by_id.lock().unwrap_or_else(|p| p.into_inner()).remove(id).filter(|d| d.pk == tenant)
+        let mut by_id = self.by_id.lock().unwrap_or_else(|p| p.into_inner());
+        // Most reads find nothing waiting (every read outside attempts).
+        if by_id.is_empty() {
+            return None;
+        }
+        if by_id.get(id)?.0.pk != tenant {
+            return None;
+        }
+        let (doc, at) = by_id.remove(id)?;
+        (at.elapsed() <= LEASED_MAX_AGE).then_some(doc)
     }
 
     fn forget(&self, id: &str) {
         self.by_id.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
     }
 
-    /// Endpoint documents read by a take, each with the number of its leased deliveries.
+    /// Endpoint documents read by a take or a fan-out, each with the number of its deliveries
+    /// about to be attempted; the uses an earlier read left add up.
     fn put_webhooks(&self, docs: Vec<(Doc, u32)>) {
-        let now = std::time::Instant::now();
+        let now = Instant::now();
         let mut webhooks = self.webhooks.lock().unwrap_or_else(|p| p.into_inner());
         if webhooks.len() + docs.len() > LEASED_RECORDS_MAX {
             webhooks.clear();
         }
         for (doc, uses) in docs {
-            webhooks.insert((doc.pk.clone(), doc.id.clone()), (doc, uses, now));
+            match webhooks.entry((doc.pk.clone(), doc.id.clone())) {
+                Entry::Occupied(mut waiting) => {
+                    let (old, left, read_at) = waiting.get_mut();
+                    *left = if read_at.elapsed() > LEASED_MAX_AGE { uses } else { left.saturating_add(uses) };
+                    *old = doc;
+                    *read_at = now;
+                }
+                Entry::Vacant(slot) => {
+                    slot.insert((doc, uses, now));
+                }
+            }
         }
     }
 
@@ -107,7 +143,7 @@ impl LeasedRecords {
         }
         let key = (tenant.to_owned(), id.to_string());
         let (doc, uses, read_at) = webhooks.get_mut(&key)?;
-        if read_at.elapsed() > LEASED_WEBHOOK_MAX_AGE {
+        if read_at.elapsed() > LEASED_MAX_AGE {
             webhooks.remove(&key);
             return None;
         }
@@ -137,48 +173,66 @@ pub(crate) struct SqliteDeliveries {
     docs: Documents,
     /// The delivery queue in use is this database's `delivery_jobs` (`events.backend = "embedded"`).
     keeps_queue: bool,
-    /// Records the queue's take read, when the queue is here.
-    leased: Option<Arc<LeasedRecords>>,
+    /// Records (and endpoints) handed to the attempts that follow: those the queue's take read
+    /// when the queue is here, those the fan-out created when it is elsewhere.
+    leased: Arc<LeasedRecords>,
 }
 
 impl SqliteDeliveries {
-    pub(crate) fn new(docs: Documents) -> Self {
-        Self { docs, keeps_queue: false, leased: None }
+    /// Deliveries whose queue is elsewhere (RabbitMQ): the records the fan-out creates, and
+    /// their endpoints, are handed to the gets of their first attempts.
+    pub(crate) fn new(docs: Documents, leased: Arc<LeasedRecords>) -> Self {
+        Self { docs, keeps_queue: false, leased }
     }
 
     /// Deliveries whose queue is this database's: a record and its job are written in one
     /// transaction, and the records the take reads are handed to the gets that follow.
     pub(crate) fn with_queue(docs: Documents, leased: Arc<LeasedRecords>) -> Self {
         leased.enabled.store(true, Ordering::Relaxed);
-        Self { docs, keeps_queue: true, leased: Some(leased) }
+        Self { docs, keeps_queue: true, leased }
     }
 
     fn forget_leased(&self, id: uuid::Uuid) {
-        if let Some(leased) = &self.leased {
-            leased.forget(&id.to_string());
-        }
+        self.leased.forget(&id.to_string());
     }
 
     /// Creates each delivery in one transaction (a conflict fails its item alone); with
     /// `queue`, each created pending delivery's job is queued at its `next_attempt_at` in the
-    /// same transaction.
+    /// same transaction. Without (the queue is elsewhere), each created pending record, and
+    /// its endpoint as this transaction reads it, is handed to the get of its first attempt
+    /// (see [`LeasedRecords`]); the take does that with the queue here.
     async fn create_many(&self, deliveries: &[Delivery], queue: bool) -> Result<Vec<Result<ETag, DomainError>>, DomainError> {
         let items = deliveries
             .iter()
             .map(|d| {
-                let due = d.next_attempt_at.filter(|_| queue && d.status == DeliveryStatus::Pending).map(millis);
-                Ok((d.tenant_id.to_string(), d.id.to_string(), encode(d)?, due))
+                let pending = d.status == DeliveryStatus::Pending;
+                let due = d.next_attempt_at.filter(|_| queue && pending).map(millis);
+                let hand = (!queue && pending).then(|| d.webhook_id.to_string());
+                Ok((d.tenant_id.to_string(), d.id.to_string(), encode(d)?, due, hand))
             })
             .collect::<Result<Vec<_>, DomainError>>()?;
-        self.docs
+        let (outcomes, handed) = self
+            .docs
             .transaction(move |tx, now| {
                 let expires_at = expiry(now, Some(DELIVERY_TTL));
                 let mut outcomes = Vec::with_capacity(items.len());
-                for (pk, id, body, due) in items {
+                let mut records = Vec::new();
+                let mut webhooks: Vec<(Doc, u32)> = Vec::new();
+                for (pk, id, body, due, hand) in items {
                     match insert(tx, WEBHOOK_DELIVERIES, &pk, &id, &body, expires_at, now) {
                         Ok(etag) => {
                             if let Some(due) = due {
                                 put_job(tx, &id, &pk, due, SCHEDULE)?;
+                            }
+                            if let Some(webhook) = hand {
+                                match webhooks.iter_mut().find(|(doc, _)| doc.pk == pk && doc.id == webhook) {
+                                    Some((_, uses)) => *uses += 1,
+                                    None => {
+                                        let doc = read_one(tx, WEBHOOKS, pk.clone(), webhook, now).map_err(map_sqlite)?;
+                                        webhooks.extend(doc.map(|d| (d, 1)));
+                                    }
+                                }
+                                records.push(Doc { pk, id, etag: etag.clone(), body });
                             }
                             outcomes.push(Ok(etag));
                         }
@@ -186,9 +240,17 @@ impl SqliteDeliveries {
                         Err(e) => return Err(e),
                     }
                 }
-                Ok(outcomes)
+                Ok((outcomes, (records, webhooks)))
             })
-            .await
+            .await?;
+        let (records, webhooks) = handed;
+        if !records.is_empty() {
+            self.leased.put(records);
+        }
+        if !webhooks.is_empty() {
+            self.leased.put_webhooks(webhooks);
+        }
+        Ok(outcomes)
     }
 }
 
@@ -223,7 +285,7 @@ impl DeliveryRepository for SqliteDeliveries {
     #[tracing::instrument(skip_all, name = "deliveries.get", fields(tenant = %tenant, delivery = %id))]
     async fn get(&self, tenant: &TenantId, id: uuid::Uuid) -> Result<Stored<Delivery>, DomainError> {
         let (pk, id_text) = (tenant.to_string(), id.to_string());
-        if let Some(doc) = self.leased.as_ref().and_then(|l| l.take(&pk, &id_text)) {
+        if let Some(doc) = self.leased.take(&pk, &id_text) {
             return decode(doc);
         }
         match self.docs.get(WEBHOOK_DELIVERIES, pk, id_text).await? {

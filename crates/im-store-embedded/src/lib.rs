@@ -125,7 +125,7 @@ impl EmbeddedStore {
 
     /// Deliveries, when the delivery queue is elsewhere (RabbitMQ).
     pub fn deliveries(&self) -> Arc<dyn im_domain::webhooks::ports::DeliveryRepository> {
-        Arc::new(deliveries::SqliteDeliveries::new(self.documents()))
+        Arc::new(deliveries::SqliteDeliveries::new(self.documents(), self.leased.clone()))
     }
 
     /// Deliveries whose queue is this database's [`Self::delivery_queue`]

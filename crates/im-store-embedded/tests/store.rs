@@ -118,6 +118,7 @@ async fn the_take_hands_the_records_it_read_to_the_next_get() {
 
     let other = im_testkit::fresh_tenant();
     assert!(matches!(deliveries.get(&other, records[2].id).await, Err(im_domain::DomainError::NotFound { .. })));
+    assert_ne!(deliveries.get(&tenant, records[2].id).await.unwrap().etag.as_str(), "rewritten", "kept for its own tenant");
     assert_eq!(deliveries.get(&tenant, records[2].id).await.unwrap().etag.as_str(), "rewritten");
 }
 
@@ -180,6 +181,81 @@ async fn the_take_hands_the_endpoints_it_read_to_the_attempts() {
     changed.description = "changed through the repository".into();
     webhooks.replace(&changed, None).await.unwrap();
     assert_eq!(webhooks.get(&tenant, webhook.id).await.unwrap().value, changed, "a write forgets what the take read");
+}
+
+/// With the delivery queue elsewhere (RabbitMQ), the records the fan-out creates, and their
+/// endpoints, are handed to the gets of the first attempts, once each; what another instance
+/// writes meanwhile makes the handed version's conditional write fail, never overwritten.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fan_out_hands_its_records_and_endpoints_to_the_first_attempts() {
+    use im_domain::webhooks::delivery::DeliveryStatus;
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(dir.path()).await;
+    let (deliveries, webhooks) = (store.deliveries(), store.webhooks());
+    let tenant = im_testkit::fresh_tenant();
+    let webhook = im_testkit::webhooks::webhook(&tenant);
+    webhooks.create(&webhook).await.unwrap();
+    let record = |status| {
+        let mut d = im_testkit::deliveries::delivery(&tenant, status);
+        d.webhook_id = webhook.id;
+        d
+    };
+    // Behind the repositories' backs, so that where each get's answer came from shows.
+    let rewrite = || {
+        let documents = store.documents();
+        async move {
+            documents
+                .transaction(|tx, _| {
+                    tx.execute("UPDATE documents SET etag = 'rewritten'", []).map_err(|e| im_domain::DomainError::Unexpected(e.into()))
+                })
+                .await
+                .unwrap();
+        }
+    };
+
+    let created = [record(DeliveryStatus::Pending), record(DeliveryStatus::Pending), record(DeliveryStatus::Skipped)];
+    for outcome in deliveries.create_each(&created).await.unwrap() {
+        outcome.unwrap();
+    }
+    rewrite().await;
+    assert!(deliveries.get(&im_testkit::fresh_tenant(), created[0].id).await.is_err(), "never to another tenant");
+    for pending in &created[..2] {
+        let handed = deliveries.get(&tenant, pending.id).await.unwrap();
+        assert_ne!(handed.etag.as_str(), "rewritten", "the first attempt gets the record as written");
+        assert_eq!(&handed.value, pending);
+        assert_eq!(deliveries.get(&tenant, pending.id).await.unwrap().etag.as_str(), "rewritten", "then it is read");
+    }
+    assert_eq!(deliveries.get(&tenant, created[2].id).await.unwrap().etag.as_str(), "rewritten", "a skipped one is not attempted");
+    for _ in 0..2 {
+        let handed = webhooks.get(&tenant, webhook.id).await.unwrap();
+        assert_ne!(handed.etag.as_str(), "rewritten", "each first attempt gets the endpoint as the fan-out read it");
+        assert_eq!(handed.value, webhook);
+    }
+    assert_eq!(webhooks.get(&tenant, webhook.id).await.unwrap().etag.as_str(), "rewritten", "then it is read");
+
+    // A write through the repository forgets the handed record.
+    let mine = record(DeliveryStatus::Pending);
+    deliveries.create_each(std::slice::from_ref(&mine)).await.unwrap().remove(0).unwrap();
+    let mut changed = mine.clone();
+    changed.status = DeliveryStatus::Succeeded;
+    deliveries.replace(&changed, None, &[]).await.unwrap();
+    assert_eq!(deliveries.get(&tenant, mine.id).await.unwrap().value, changed);
+
+    // Another instance on the same database attempts the delivery first: the handed version's
+    // conditional write fails, and the attempt reads the delivery again.
+    let theirs = record(DeliveryStatus::Pending);
+    deliveries.create_each(std::slice::from_ref(&theirs)).await.unwrap().remove(0).unwrap();
+    let other = crate::store(dir.path()).await.deliveries();
+    let current = other.get(&tenant, theirs.id).await.unwrap();
+    let mut delivered = theirs.clone();
+    delivered.status = DeliveryStatus::Succeeded;
+    other.replace(&delivered, Some(current.etag), &[]).await.unwrap();
+    let handed = deliveries.get(&tenant, theirs.id).await.unwrap();
+    assert_eq!(handed.value.status, DeliveryStatus::Pending, "handed as the fan-out wrote it");
+    let mut held = handed.value.clone();
+    held.lease_until = Some(OffsetDateTime::now_utc());
+    assert!(matches!(deliveries.replace(&held, Some(handed.etag), &[]).await, Err(im_domain::DomainError::PreconditionFailed)));
+    assert_eq!(deliveries.get(&tenant, theirs.id).await.unwrap().value.status, DeliveryStatus::Succeeded);
 }
 
 /// What only the embedded queue promises: it has one consumer, this process, so at start the
