@@ -1,7 +1,7 @@
 //! Events benchmark: events/s published with publisher confirms through the service's outbox
 //! relay (embedded store outbox -> EventRelay -> RabbitPublisher), beside a bare `lapin`
 //! publish-with-confirms loop to the same broker in the same run, with the same batch size,
-//! message size and properties.
+//! message size and properties; the median of three alternating rounds of each.
 //!
 //! Usage: bench-events [AMQP_URL] [EVENTS]
 
@@ -19,6 +19,8 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties};
 
 const BATCH: u32 = 256;
+/// Rounds of each side, alternating.
+const ROUNDS: usize = 3;
 
 fn event(i: usize) -> DomainEvent {
     DomainEvent {
@@ -85,11 +87,6 @@ async fn main() {
     store.migrate().await.expect("migrate");
     let repo = store.integrations();
     let tenant = TenantId::new("bench").expect("tenant");
-    for i in 0..count {
-        let mut integration = fixtures::integration(&tenant);
-        integration.name = format!("bench {i}");
-        repo.create(&integration, &[event(i)]).await.expect("create");
-    }
     let publisher = Arc::new(RabbitPublisher::new(RabbitSettings {
         exchange: exchange.clone(),
         confirm_timeout: im_domain::HumanDuration(Duration::from_secs(30)),
@@ -97,18 +94,34 @@ async fn main() {
     }));
     let relay = EventRelay::new(store.outbox(), publisher);
 
-    let bare_events: Vec<_> = (0..count).map(event).collect();
-    let bare = bare_loop(&url, &exchange, &bare_events).await;
+    // Rounds alternate the two sides (a broker's speed drifts within seconds); each side's
+    // median round is reported.
+    let (mut bares, mut relays) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        // The relay's input: events committed to the outbox of an embedded store (not timed).
+        for i in 0..count {
+            let mut integration = fixtures::integration(&tenant);
+            integration.name = format!("bench {i}");
+            repo.create(&integration, &[event(i)]).await.expect("create");
+        }
+        let bare_events: Vec<_> = (0..count).map(event).collect();
+        bares.push(bare_loop(&url, &exchange, &bare_events).await);
 
-    let started = Instant::now();
-    let mut relayed = 0;
-    while relayed < count {
-        let n = relay.relay_once(BATCH).await.expect("relay").published;
-        assert!(n > 0, "the outbox ran dry after {relayed} events");
-        relayed += n;
+        let started = Instant::now();
+        let mut relayed = 0;
+        while relayed < count {
+            let n = relay.relay_once(BATCH).await.expect("relay").published;
+            assert!(n > 0, "the outbox ran dry after {relayed} events");
+            relayed += n;
+        }
+        relays.push(started.elapsed());
     }
-    let through_relay = started.elapsed();
     let _ = std::fs::remove_dir_all(&dir);
+    let median = |mut runs: Vec<Duration>| {
+        runs.sort();
+        runs[runs.len() / 2]
+    };
+    let (bare, through_relay) = (median(bares), median(relays));
 
     let rate = |d: Duration| count as f64 / d.as_secs_f64();
     println!("\n{:<26} {:>10} {:>10} {:>8}", "events (confirms)", "events/s", "seconds", "ratio");
@@ -120,7 +133,9 @@ async fn main() {
         through_relay.as_secs_f64(),
         rate(through_relay) / rate(bare)
     );
-    println!("{count} events, batches of {BATCH}, persistent, mandatory, publisher confirms; relay includes outbox reads and deletes");
+    println!(
+        "{count} events, batches of {BATCH}, persistent, mandatory, publisher confirms; relay includes outbox reads and deletes; median of {ROUNDS} alternating rounds"
+    );
     println!("ROW events-relay {:.0} {:.0} {:.2} - - -", rate(through_relay), rate(bare), rate(through_relay) / rate(bare));
 }
 
