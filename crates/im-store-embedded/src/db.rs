@@ -4,7 +4,7 @@
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, mpsc};
 use std::time::Duration;
 
 use im_domain::ports::EventReaders;
@@ -162,7 +162,7 @@ impl Db {
         configure_writer(&writer)?;
         let checkpointer = open_for_writing(path)?;
         let commits = Arc::new(AtomicU64::new(0));
-        let gate = Arc::new(Mutex::new(()));
+        let gate = Arc::new(Gate::default());
         let (writes, jobs) = mpsc::sync_channel::<Job>(capacity);
         let (committed, writing) = (commits.clone(), gate.clone());
         std::thread::Builder::new().name("im-sqlite-writer".into()).spawn(move || write_loop(writer, &jobs, &committed, &writing))?;
@@ -308,8 +308,8 @@ fn in_savepoint<R>(
 
 /// The writer thread: takes every queued write (up to [`MAX_GROUP`]), runs them in one
 /// transaction, commits once, then answers each. Each transaction holds `gate` (the
-/// checkpointer's second pass waits for it). Ends when the database is dropped.
-fn write_loop(mut conn: Connection, jobs: &mpsc::Receiver<Job>, commits: &AtomicU64, gate: &Mutex<()>) {
+/// checkpointer's held pass waits for it). Ends when the database is dropped.
+fn write_loop(mut conn: Connection, jobs: &mpsc::Receiver<Job>, commits: &AtomicU64, gate: &Gate) {
     while let Ok(first) = jobs.recv() {
         let mut group = vec![first];
         while group.len() < MAX_GROUP {
@@ -318,7 +318,7 @@ fn write_loop(mut conn: Connection, jobs: &mpsc::Receiver<Job>, commits: &Atomic
                 Err(_) => break,
             }
         }
-        let held = gate.lock().unwrap_or_else(|p| p.into_inner());
+        let held = gate.for_write();
         let began = std::time::Instant::now();
         let size = group.len();
         let tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
@@ -371,14 +371,15 @@ fn write_loop(mut conn: Connection, jobs: &mpsc::Receiver<Job>, commits: &Atomic
 /// writes made meanwhile), and the WAL file grew by the whole volume written (100 MB/s when
 /// delivering at saturation), never shrinking. So when a pass leaves at least
 /// `restart_frames` ([`WAL_RESTART_FRAMES`]) in the WAL, more passes copy what was written
-/// during the one before until that is a few frames ([`CATCH_UP_FRAMES`]), and a last pass runs
-/// with `gate` held, so that no write of this process runs meanwhile: it copies only those few
-/// frames (its time, writes held, is its two `fsync`s and the pages it writes: with the first
-/// pass alone before it, 6 to 10 ms at 4,000 deliveries a second, and the paced p99 of
-/// `make bench` 13 ms instead of 9 to 10), and the next write transaction starts the WAL over (unless a reader still reads an
-/// old snapshot of it: then a later pass does). The file is cut back to [`WAL_SIZE_LIMIT`]
+/// during the one before until that is a few frames ([`CatchUp`]: or until the writes outrun
+/// the copying, or the WAL holds twice `restart_frames`), and a last pass runs with `gate`
+/// held, so that no write of this process runs meanwhile: it copies only what the passes
+/// before it left (its time, writes held, is its two `fsync`s and the pages it writes: with the
+/// first pass alone before it, 6 to 10 ms at 4,000 deliveries a second, and the paced p99 of
+/// `make bench` 13 ms instead of 9 to 10), and the next write transaction starts the WAL over
+/// (unless a reader still reads an old snapshot of it: then a later pass does). The file is cut back to [`WAL_SIZE_LIMIT`]
 /// when it starts over after having grown past it.
-fn checkpoint_loop(conn: &Connection, commits: &AtomicU64, gate: &Mutex<()>, restart_frames: i64, stop: &mpsc::Receiver<()>) {
+fn checkpoint_loop(conn: &Connection, commits: &AtomicU64, gate: &Gate, restart_frames: i64, stop: &mpsc::Receiver<()>) {
     let mut seen = 0;
     while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_EVERY) {
         let now = commits.load(Ordering::Relaxed);
@@ -392,12 +393,13 @@ fn checkpoint_loop(conn: &Connection, commits: &AtomicU64, gate: &Mutex<()>, res
                 // Catch up without holding writes: each pass copies what was written during
                 // the one before, until that is a few frames; the held pass then copies, and
                 // flushes to the disk, only those (its time grows with the pages it writes).
+                let mut catch_up = CatchUp::new(restart_frames);
                 for _ in 0..CATCH_UP_PASSES {
                     match checkpoint(conn) {
                         Ok(next) => {
-                            let grown = next.log - pass.log;
+                            let go_on = catch_up.go_on(pass, next);
                             pass = next;
-                            if grown <= CATCH_UP_FRAMES {
+                            if !go_on {
                                 break;
                             }
                         }
@@ -412,7 +414,7 @@ fn checkpoint_loop(conn: &Connection, commits: &AtomicU64, gate: &Mutex<()>, res
                     continue;
                 }
                 let copied = started.elapsed();
-                let held = gate.lock().unwrap_or_else(|p| p.into_inner());
+                let held = gate.for_checkpoint();
                 let holding = std::time::Instant::now();
                 match checkpoint(conn) {
                     Ok(last) => tracing::debug!(
@@ -434,10 +436,64 @@ fn checkpoint_loop(conn: &Connection, commits: &AtomicU64, gate: &Mutex<()>, res
     }
 }
 
+/// What the writer holds around each transaction and the checkpointer around its held pass.
+///
+/// A plain mutex would let the writer, taking it again as soon as it lets it go under a
+/// stream of writes, keep the checkpointer waiting for hundreds of milliseconds (measured:
+/// thousands of frames written between the last pass without writes held and the held one).
+/// So both first pass a turnstile: the checkpointer waits in it for the writer's transaction
+/// to end, and the writer's next transaction waits for the held pass.
+#[derive(Debug, Default)]
+struct Gate {
+    turnstile: Mutex<()>,
+    writes: Mutex<()>,
+}
+
+impl Gate {
+    fn for_write(&self) -> MutexGuard<'_, ()> {
+        let turn = self.turnstile.lock().unwrap_or_else(PoisonError::into_inner);
+        let held = self.writes.lock().unwrap_or_else(PoisonError::into_inner);
+        drop(turn);
+        held
+    }
+
+    fn for_checkpoint(&self) -> (MutexGuard<'_, ()>, MutexGuard<'_, ()>) {
+        let turn = self.turnstile.lock().unwrap_or_else(PoisonError::into_inner);
+        let held = self.writes.lock().unwrap_or_else(PoisonError::into_inner);
+        (turn, held)
+    }
+}
+
 /// Passes without holding writes, at most, after the first and before the held one.
 const CATCH_UP_PASSES: usize = 6;
 /// Frames written during a pass that are few enough for the held pass.
 const CATCH_UP_FRAMES: i64 = 32;
+
+/// When the passes before the held one stop: once one leaves few new frames
+/// ([`CATCH_UP_FRAMES`]: the held pass will be short); once one leaves no fewer new frames than
+/// the pass before it (the writes outrun the copying: holding them sooner is shorter than
+/// letting the WAL grow); or once the WAL holds twice `restart_frames` (the file stays
+/// bounded however slow the disk's flushes are).
+#[derive(Debug)]
+struct CatchUp {
+    restart_frames: i64,
+    grown_before: i64,
+}
+
+impl CatchUp {
+    fn new(restart_frames: i64) -> Self {
+        Self { restart_frames, grown_before: i64::MAX }
+    }
+
+    /// Whether to make another pass without holding writes, after `next` followed `before`.
+    fn go_on(&mut self, before: Pass, next: Pass) -> bool {
+        let grown = next.log - before.log;
+        let converging = grown < self.grown_before;
+        self.grown_before = grown;
+        // A WAL that started over (fewer frames than before) is for the caller to see.
+        grown > CATCH_UP_FRAMES && converging && next.log < 2 * self.restart_frames
+    }
+}
 
 /// What a checkpoint pass left: frames in the WAL, frames copied into the database file.
 #[derive(Debug, Clone, Copy)]
@@ -455,4 +511,42 @@ impl Pass {
 /// A `PASSIVE` checkpoint.
 fn checkpoint(conn: &Connection) -> rusqlite::Result<Pass> {
     conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| Ok(Pass { log: r.get(1)?, copied: r.get(2)? }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{CATCH_UP_FRAMES, CatchUp, Pass};
+
+    fn pass(log: i64) -> Pass {
+        Pass { log, copied: log }
+    }
+
+    #[test]
+    fn catching_up_goes_on_while_each_pass_leaves_fewer_new_frames() {
+        let mut catch_up = CatchUp::new(16_384);
+        assert!(catch_up.go_on(pass(16_400), pass(17_000)), "600 new frames: another pass");
+        assert!(catch_up.go_on(pass(17_000), pass(17_200)), "200, fewer than 600");
+        assert!(!catch_up.go_on(pass(17_200), pass(17_200 + CATCH_UP_FRAMES)), "few enough to hold writes for");
+    }
+
+    #[test]
+    fn catching_up_stops_when_the_writes_outrun_the_copying() {
+        let mut catch_up = CatchUp::new(16_384);
+        assert!(catch_up.go_on(pass(16_400), pass(17_000)));
+        assert!(!catch_up.go_on(pass(17_000), pass(17_600)), "as many new frames as the pass before");
+    }
+
+    #[test]
+    fn catching_up_stops_at_twice_the_restart_limit() {
+        let mut catch_up = CatchUp::new(64);
+        assert!(!catch_up.go_on(pass(100), pass(128)), "at 2 x 64 frames the WAL is held for");
+        let mut catch_up = CatchUp::new(64);
+        assert!(catch_up.go_on(pass(64), pass(127)));
+    }
+
+    #[test]
+    fn a_wal_that_started_over_ends_the_catching_up() {
+        let mut catch_up = CatchUp::new(64);
+        assert!(!catch_up.go_on(pass(100), pass(3)));
+    }
 }

@@ -594,10 +594,12 @@ async fn events_only_the_webhook_fan_out_reads_need_a_tenant_with_webhooks() {
 /// process's writes for a last pass once the WAL is past its limit, so the file stays bounded
 /// instead of growing by everything written (SQLite starts the WAL over only when a write
 /// begins with all of it copied, which a stream of writes never lets a plain checkpoint reach).
+/// Each start over is seen in the WAL header's checkpoint sequence number.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_wal_stays_bounded_under_a_steady_stream_of_writes() {
     use im_domain::DomainError;
     use im_store_embedded::{Db, DbOptions};
+    const STARTS_OVER: usize = 4;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("wal.db");
     let options = DbOptions { wal_restart_frames: 64, ..DbOptions::default() };
@@ -606,15 +608,20 @@ async fn the_wal_stays_bounded_under_a_steady_stream_of_writes() {
     db.write(|tx| tx.execute_batch("CREATE TABLE t (k INTEGER PRIMARY KEY, v BLOB)").map_err(|e| DomainError::Unexpected(e.into())))
         .await
         .unwrap();
-    // Eight writers back to back for 1.5 s (the writer thread is never idle, a checkpoint
-    // every 100 ms), each write a 4 KiB row: at least a 4 KiB frame in the WAL each.
-    let until = std::time::Instant::now() + Duration::from_millis(1_500);
+    // The WAL header's checkpoint sequence number (bytes 12 to 16), counted up at each start over.
+    let sequence = |wal: &std::path::Path| {
+        let header = std::fs::read(wal).ok()?;
+        Some(u32::from_be_bytes(header.get(12..16)?.try_into().ok()?))
+    };
+    // Eight writers back to back (the writer thread is never idle), each write a 4 KiB row:
+    // at least a 4 KiB frame in the WAL each, until the WAL started over a few times (or 20 s).
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writers: Vec<_> = (0..8i64)
         .map(|w| {
-            let db = db.clone();
+            let (db, done) = (db.clone(), done.clone());
             tokio::spawn(async move {
                 let mut writes = 0u64;
-                while std::time::Instant::now() < until {
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
                     let key = w * 1_000 + (writes % 50) as i64;
                     db.write(move |tx| {
                         tx.execute("INSERT OR REPLACE INTO t (k, v) VALUES (?1, zeroblob(4096))", [key])
@@ -629,12 +636,31 @@ async fn the_wal_stays_bounded_under_a_steady_stream_of_writes() {
             })
         })
         .collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut seen = Vec::new();
+    while seen.len() <= STARTS_OVER && std::time::Instant::now() < deadline {
+        // Read from a file that is written meanwhile: a torn header reads as another number,
+        // so only a number seen twice in a row counts.
+        let (a, b) = (sequence(&wal), sequence(&wal));
+        if let (Some(a), Some(b)) = (a, b)
+            && a == b
+            && seen.last() != Some(&a)
+        {
+            seen.push(a);
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
     let mut written = 0;
     for w in writers {
         written += w.await.unwrap() * 4096;
     }
     let size = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
-    assert!(size < written / 3, "the WAL grew to {size} bytes for {written} bytes written");
+    assert!(
+        seen.len() > STARTS_OVER,
+        "the WAL started over {} times under a stream of writes (header sequence numbers {seen:?}; {size} bytes of WAL for {written} written)",
+        seen.len().saturating_sub(1)
+    );
     let rows: i64 = db.read(|c| c.query_row("SELECT count(*) FROM t", [], |r| r.get(0))).await.unwrap();
     assert_eq!(rows, 400, "every write is in the database");
 }
