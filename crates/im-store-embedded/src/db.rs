@@ -320,6 +320,7 @@ fn write_loop(mut conn: Connection, jobs: &mpsc::Receiver<Job>, commits: &Atomic
         }
         let held = gate.for_write();
         let began = std::time::Instant::now();
+        let sched = tracing::enabled!(target: "im_store_embedded::groups", tracing::Level::DEBUG).then(Schedstat::of_this_thread).flatten();
         let size = group.len();
         let tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
             Ok(tx) => tx,
@@ -353,7 +354,15 @@ fn write_loop(mut conn: Connection, jobs: &mpsc::Receiver<Job>, commits: &Atomic
         drop(held);
         let took = began.elapsed();
         if took > Duration::from_millis(5) {
-            tracing::debug!(target: "im_store_embedded::groups", size, took_ms = took.as_secs_f64() * 1e3, "embedded database: a slow group");
+            let (cpu_ms, runnable_ms) = Schedstat::since(sched);
+            tracing::debug!(
+                target: "im_store_embedded::groups",
+                size,
+                took_ms = took.as_secs_f64() * 1e3,
+                cpu_ms,
+                runnable_ms,
+                "embedded database: a slow group"
+            );
         }
         commits.fetch_add(1, Ordering::Relaxed);
         for complete in completions {
@@ -416,22 +425,60 @@ fn checkpoint_loop(conn: &Connection, commits: &AtomicU64, gate: &Gate, restart_
                 let copied = started.elapsed();
                 let held = gate.for_checkpoint();
                 let holding = std::time::Instant::now();
-                match checkpoint(conn) {
-                    Ok(last) => tracing::debug!(
-                        target: "im_store_embedded::checkpoints",
-                        frames = pass.log,
-                        behind = pass.behind(),
-                        left = last.log,
-                        first_passes_ms = copied.as_secs_f64() * 1e3,
-                        writes_held_ms = holding.elapsed().as_secs_f64() * 1e3,
-                        "embedded database: checkpoint with writes held"
-                    ),
+                let sched = tracing::enabled!(target: "im_store_embedded::checkpoints", tracing::Level::DEBUG)
+                    .then(Schedstat::of_this_thread)
+                    .flatten();
+                let last = checkpoint(conn);
+                let writes_held = holding.elapsed();
+                drop(held);
+                match last {
+                    Ok(last) => {
+                        let (cpu_ms, runnable_ms) = Schedstat::since(sched);
+                        tracing::debug!(
+                            target: "im_store_embedded::checkpoints",
+                            frames = pass.log,
+                            behind = pass.behind(),
+                            left = last.log,
+                            first_passes_ms = copied.as_secs_f64() * 1e3,
+                            writes_held_ms = writes_held.as_secs_f64() * 1e3,
+                            cpu_ms,
+                            runnable_ms,
+                            "embedded database: checkpoint with writes held"
+                        );
+                    }
                     Err(e) => tracing::warn!(error = %e, "embedded database: checkpoint failed"),
                 }
-                drop(held);
             }
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "embedded database: checkpoint failed"),
+        }
+    }
+}
+
+/// This thread's time on a CPU and waiting for one (runnable, not running), from Linux's
+/// `/proc/thread-self/schedstat`: the debug logs of slow writer groups and held checkpoint
+/// passes tell from them whether a long one computed, waited for a core, or waited for the disk
+/// (the rest). Read only when those logs are on.
+#[derive(Debug, Clone, Copy)]
+struct Schedstat {
+    cpu_ns: u64,
+    runnable_ns: u64,
+}
+
+impl Schedstat {
+    fn of_this_thread() -> Option<Self> {
+        let text = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+        let mut fields = text.split_ascii_whitespace().map(str::parse::<u64>);
+        Some(Self { cpu_ns: fields.next()?.ok()?, runnable_ns: fields.next()?.ok()? })
+    }
+
+    /// Milliseconds on a CPU and runnable since `before` (NaN when unknown).
+    fn since(before: Option<Self>) -> (f64, f64) {
+        match (before, Self::of_this_thread()) {
+            (Some(before), Some(now)) => {
+                (now.cpu_ns.saturating_sub(before.cpu_ns) as f64 / 1e6, now.runnable_ns.saturating_sub(before.runnable_ns) as f64 / 1e6)
+            }
+            _ => (f64::NAN, f64::NAN),
         }
     }
 }
@@ -542,6 +589,27 @@ mod tests {
         assert!(!catch_up.go_on(pass(100), pass(128)), "at 2 x 64 frames the WAL is held for");
         let mut catch_up = CatchUp::new(64);
         assert!(catch_up.go_on(pass(64), pass(127)));
+    }
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn schedstat_counts_this_threads_time_on_a_cpu() {
+        // Spinning, the thread is on a CPU or waiting for one all the time: the two add up to the
+        // time spun (less what the kernel has not yet accounted: up to a tick).
+        let before = super::Schedstat::of_this_thread();
+        assert!(before.is_some(), "/proc/thread-self/schedstat is read");
+        let spin = std::time::Instant::now();
+        let mut x = 0u64;
+        while spin.elapsed() < std::time::Duration::from_millis(50) {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+        let (cpu_ms, runnable_ms) = super::Schedstat::since(before);
+        let spun_ms = spin.elapsed().as_secs_f64() * 1e3;
+        assert!(cpu_ms > 0.0 && runnable_ms >= 0.0, "{cpu_ms} ms on a CPU, {runnable_ms} ms runnable");
+        assert!(
+            (spun_ms / 2.0..=spun_ms + 1.0).contains(&(cpu_ms + runnable_ms)),
+            "{cpu_ms} ms on a CPU and {runnable_ms} ms runnable in {spun_ms} ms spinning"
+        );
     }
 
     #[test]
