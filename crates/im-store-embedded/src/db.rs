@@ -18,7 +18,10 @@ const MAX_GROUP: usize = 128;
 /// A write waiting for the writer thread: runs inside the group's transaction and returns
 /// whether it failed after changing something (then the group cannot commit), and what to do
 /// once the group's end is known.
-type Job = Box<dyn FnOnce(&Transaction<'_>) -> (bool, Completion) + Send>;
+type Job = (Writer, Box<dyn FnOnce(&Transaction<'_>) -> (bool, Completion) + Send>);
+/// What a write is, for the debug log of slow groups: the type name of its closure, which names
+/// the function that wrote it.
+type Writer = &'static str;
 /// Told `None` when the group committed, else why nothing of it was.
 type Completion = Box<dyn FnOnce(Option<&str>) + Send>;
 
@@ -228,7 +231,7 @@ impl Db {
         &self,
         f: impl FnOnce(&Transaction<'_>) -> Result<R, DomainError> + Send + 'static,
     ) -> Result<R, DomainError> {
-        self.submit(move |tx| {
+        self.submit(std::any::type_name_of_val(&f), move |tx| {
             let before = tx.total_changes();
             let outcome = f(tx);
             let half_written = outcome.is_err() && tx.total_changes() != before;
@@ -243,7 +246,7 @@ impl Db {
         &self,
         f: impl FnOnce(&Transaction<'_>) -> Result<R, DomainError> + Send + 'static,
     ) -> Result<R, DomainError> {
-        self.submit(move |tx| match in_savepoint(tx, f) {
+        self.submit(std::any::type_name_of_val(&f), move |tx| match in_savepoint(tx, f) {
             // The rollback to the savepoint failed: what it wrote is still there.
             Err(Rollback(e)) => (true, Err(e)),
             Ok(outcome) => (false, outcome),
@@ -253,21 +256,25 @@ impl Db {
 
     async fn submit<R: Send + 'static>(
         &self,
+        writer: Writer,
         run: impl FnOnce(&Transaction<'_>) -> (bool, Result<R, DomainError>) + Send + 'static,
     ) -> Result<R, DomainError> {
         let (done, result) = oneshot::channel::<Result<R, DomainError>>();
-        let job: Job = Box::new(move |tx| {
-            let (half_written, outcome) = run(tx);
-            let complete: Completion = Box::new(move |group_error: Option<&str>| {
-                let _ = done.send(match (group_error, outcome) {
-                    // A failed write keeps its own error: nothing of it is committed either way.
-                    (Some(_), Err(e)) | (None, Err(e)) => Err(e),
-                    (Some(e), Ok(_)) => Err(DomainError::unavailable(format!("embedded database: {e}"))),
-                    (None, Ok(value)) => Ok(value),
+        let job: Job = (
+            writer,
+            Box::new(move |tx| {
+                let (half_written, outcome) = run(tx);
+                let complete: Completion = Box::new(move |group_error: Option<&str>| {
+                    let _ = done.send(match (group_error, outcome) {
+                        // A failed write keeps its own error: nothing of it is committed either way.
+                        (Some(_), Err(e)) | (None, Err(e)) => Err(e),
+                        (Some(e), Ok(_)) => Err(DomainError::unavailable(format!("embedded database: {e}"))),
+                        (None, Ok(value)) => Ok(value),
+                    });
                 });
-            });
-            (half_written, complete)
-        });
+                (half_written, complete)
+            }),
+        );
         self.writes.lock().unwrap_or_else(|p| p.into_inner()).try_send(job).map_err(|e| match e {
             mpsc::TrySendError::Full(_) => DomainError::Unavailable {
                 reason: "the embedded database has too many writes waiting".into(),
@@ -320,7 +327,9 @@ fn write_loop(mut conn: Connection, jobs: &mpsc::Receiver<Job>, commits: &Atomic
         }
         let held = gate.for_write();
         let began = std::time::Instant::now();
-        let sched = tracing::enabled!(target: "im_store_embedded::groups", tracing::Level::DEBUG).then(Schedstat::of_this_thread).flatten();
+        let timed = tracing::enabled!(target: "im_store_embedded::groups", tracing::Level::DEBUG);
+        let sched = timed.then(Schedstat::of_this_thread).flatten();
+        let mut slowest: (Writer, Duration) = ("", Duration::ZERO);
         let size = group.len();
         let tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
             Ok(tx) => tx,
@@ -335,8 +344,14 @@ fn write_loop(mut conn: Connection, jobs: &mpsc::Receiver<Job>, commits: &Atomic
         let mut half_written = false;
         let completions: Vec<Completion> = group
             .into_iter()
-            .map(|job| {
+            .map(|(writer, job)| {
+                let started = timed.then(std::time::Instant::now);
                 let (failed_after_changes, complete) = job(&tx);
+                if let Some(took) = started.map(|s| s.elapsed())
+                    && took > slowest.1
+                {
+                    slowest = (writer, took);
+                }
                 half_written |= failed_after_changes;
                 complete
             })
@@ -361,6 +376,8 @@ fn write_loop(mut conn: Connection, jobs: &mpsc::Receiver<Job>, commits: &Atomic
                 took_ms = took.as_secs_f64() * 1e3,
                 cpu_ms,
                 runnable_ms,
+                slowest_write = slowest.0,
+                slowest_write_ms = slowest.1.as_secs_f64() * 1e3,
                 "embedded database: a slow group"
             );
         }
