@@ -403,8 +403,8 @@ fn write_loop(mut conn: Connection, jobs: &mpsc::Receiver<Job>, commits: &Atomic
 /// before it left (its time, writes held, is its two `fsync`s and the pages it writes: with the
 /// first pass alone before it, 6 to 10 ms at 4,000 deliveries a second, and the paced p99 of
 /// `make bench` 13 ms instead of 9 to 10), and the next write transaction starts the WAL over
-/// (unless a reader still reads an old snapshot of it: then a later pass does). The file is cut back to [`WAL_SIZE_LIMIT`]
-/// when it starts over after having grown past it.
+/// (unless a reader still reads an old snapshot of it: then a later pass does). The file is
+/// cut back to [`WAL_SIZE_LIMIT`] when it starts over after having grown past it.
 fn checkpoint_loop(conn: &Connection, commits: &AtomicU64, gate: &Gate, restart_frames: i64, stop: &mpsc::Receiver<()>) {
     let mut seen = 0;
     while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_EVERY) {
@@ -489,13 +489,14 @@ impl Schedstat {
         Some(Self { cpu_ns: fields.next()?.ok()?, runnable_ns: fields.next()?.ok()? })
     }
 
-    /// Milliseconds on a CPU and runnable since `before` (NaN when unknown).
+    /// Milliseconds on a CPU and runnable since `before` (NaN when unknown; nothing is read
+    /// without `before`, as when the logs are off).
     fn since(before: Option<Self>) -> (f64, f64) {
-        match (before, Self::of_this_thread()) {
-            (Some(before), Some(now)) => {
+        match before.and_then(|before| Some((before, Self::of_this_thread()?))) {
+            Some((before, now)) => {
                 (now.cpu_ns.saturating_sub(before.cpu_ns) as f64 / 1e6, now.runnable_ns.saturating_sub(before.runnable_ns) as f64 / 1e6)
             }
-            _ => (f64::NAN, f64::NAN),
+            None => (f64::NAN, f64::NAN),
         }
     }
 }

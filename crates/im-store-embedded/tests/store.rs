@@ -610,8 +610,10 @@ async fn the_wal_stays_bounded_under_a_steady_stream_of_writes() {
         .unwrap();
     // The WAL header's checkpoint sequence number (bytes 12 to 16), counted up at each start over.
     let sequence = |wal: &std::path::Path| {
-        let header = std::fs::read(wal).ok()?;
-        Some(u32::from_be_bytes(header.get(12..16)?.try_into().ok()?))
+        use std::io::Read;
+        let mut header = [0u8; 16];
+        std::fs::File::open(wal).and_then(|mut f| f.read_exact(&mut header)).ok()?;
+        Some(u32::from_be_bytes(header[12..16].try_into().ok()?))
     };
     // Eight writers back to back (the writer thread is never idle), each write a 4 KiB row:
     // at least a 4 KiB frame in the WAL each, until the WAL started over a few times (or 20 s).
