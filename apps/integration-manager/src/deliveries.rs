@@ -123,30 +123,13 @@ impl EventSubscriber for FanOut {
         Ok(())
     }
 
-    /// Fans out the events of a batch: at once when the queue lives in the store (each
-    /// tenant's endpoints listed once, its deliveries and jobs in one write), else concurrently
-    /// (each job then goes to the broker on its own). Fan-out is idempotent per event and
-    /// endpoint, so a failed batch is simply handled again.
+    /// Fans out the events of a batch, at most [`FAN_OUT_CONCURRENCY`] at once: each tenant's
+    /// endpoints are listed once, its deliveries written in one write (with their jobs when the
+    /// queue lives in the store; else their jobs go to the queue together after it). Fan-out is
+    /// idempotent per event and endpoint, so a failed batch is simply handled again.
     async fn handle_all(&self, events: &[DomainEvent]) -> Result<(), DomainError> {
-        if self.service.queue_in_store() {
-            for chunk in events.chunks(FAN_OUT_CONCURRENCY) {
-                if self.service.fan_out_all(chunk).await? > 0 {
-                    self.wake.notify_one();
-                }
-            }
-            return Ok(());
-        }
         for chunk in events.chunks(FAN_OUT_CONCURRENCY) {
-            let mut tasks = tokio::task::JoinSet::new();
-            for event in chunk {
-                let (service, event) = (self.service.clone(), event.clone());
-                tasks.spawn(async move { service.fan_out(&event).await });
-            }
-            let mut queued = 0;
-            while let Some(result) = tasks.join_next().await {
-                queued += result.map_err(|e| DomainError::Unexpected(anyhow::anyhow!("fan-out task failed: {e}")))??;
-            }
-            if queued > 0 {
+            if self.service.fan_out_all(chunk).await? > 0 {
                 self.wake.notify_one();
             }
         }
@@ -162,18 +145,21 @@ impl EventSubscriber for FanOut {
     }
 }
 
-/// Publishes to the broker, then hands the events to this process's subscribers (webhook
-/// fan-out), so both happen in every events mode; an event is marked published only when both
-/// took it.
-pub struct BrokerThenLocal {
+/// Publishes to the broker and hands the events to this process's subscribers (webhook
+/// fan-out) at the same time, so both happen in every events mode and neither waits for the
+/// other (a webhook's first attempt does not wait for the broker's confirm of its event); an
+/// event is marked published only when both took it. Both are at least once: when one fails,
+/// the batch is handed to both again (the fan-out is idempotent per event and endpoint; the
+/// broker's consumers see events at least once).
+pub struct BrokerAndLocal {
     pub broker: Arc<dyn EventPublisher>,
     pub local: Arc<dyn EventPublisher>,
 }
 
 #[async_trait]
-impl EventPublisher for BrokerThenLocal {
+impl EventPublisher for BrokerAndLocal {
     async fn publish(&self, events: &[DomainEvent]) -> Result<(), DomainError> {
-        self.broker.publish(events).await?;
-        self.local.publish(events).await
+        let (broker, local) = tokio::join!(self.broker.publish(events), self.local.publish(events));
+        broker.and(local)
     }
 }

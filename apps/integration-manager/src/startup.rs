@@ -45,7 +45,7 @@ use tokio_util::task::TaskTracker;
 use crate::api;
 use crate::audit::{AuditBacklogHealth, BufferedAudit, TracingAudit};
 use crate::config::{AuthMode, EventsBackend, PlatformBackend, SecretsBackend, Settings, StorageBackend};
-use crate::deliveries::{BrokerThenLocal, FanOut, spawn_dispatcher};
+use crate::deliveries::{BrokerAndLocal, FanOut, spawn_dispatcher};
 use crate::events::{OutboxHealth, WakeOnEvents};
 use crate::state::AppState;
 
@@ -413,7 +413,7 @@ fn events(
             if role.runs_workers() {
                 health.push(rabbit.clone());
             }
-            Arc::new(BrokerThenLocal { broker: rabbit, local: bus.clone() })
+            Arc::new(BrokerAndLocal { broker: rabbit, local: bus.clone() })
         }
     };
     if role.runs_workers() {

@@ -3,10 +3,15 @@
 //! pushes jobs ahead, and a take hands out those already here without a round trip per job. A
 //! job is acknowledged only once its attempt is recorded (manual ack): if the process dies, the
 //! broker gives its unacknowledged jobs (taken or only pushed) to another consumer.
+//! Jobs due now that are scheduled together (a fan-out's first attempts) travel together, up to
+//! [`JOBS_PER_MESSAGE`] in one message: one publish, one confirm, one delivery and one ack for
+//! them all. The message is acknowledged once each of its jobs is completed or rescheduled; if
+//! the process dies before, all of them come back, the completed ones too, which the delivery
+//! service drops as duplicates (it finds their deliveries final).
 //! Jobs due later wait in delay queues (one per delay bucket, with a queue-level TTL, so none
 //! blocks another) that dead-letter into the work queue when the time comes.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -19,7 +24,6 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer, PublisherConfirm};
-use serde_json::json;
 
 use secrecy::{ExposeSecret as _, SecretString};
 
@@ -40,10 +44,112 @@ struct Link {
 /// the most deliveries a second to ten endpoints of 32, 64 and 256 in `make bench`).
 pub const PREFETCH: u16 = 64;
 
+/// The most jobs one message carries (those due now of one [`DeliveryQueue::schedule_each`]).
+/// With the prefetch, up to `PREFETCH * JOBS_PER_MESSAGE` jobs may wait at one consumer.
+pub const JOBS_PER_MESSAGE: usize = 16;
+
 /// The consumer of the work queue, on the connection of `generation`.
 struct Consuming {
     generation: u64,
     consumer: std::pin::Pin<Box<Consumer>>,
+    /// Jobs of messages already received that a take could not hand out (beyond its `max`).
+    waiting: VecDeque<DeliveryJob>,
+}
+
+/// A job as a message carries it.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct JobBody<'a> {
+    #[serde(borrow)]
+    tenant_id: std::borrow::Cow<'a, str>,
+    delivery_id: uuid::Uuid,
+}
+
+impl<'a> From<&'a DeliveryJob> for JobBody<'a> {
+    fn from(job: &'a DeliveryJob) -> Self {
+        Self { tenant_id: job.tenant_id.as_str().into(), delivery_id: job.delivery_id }
+    }
+}
+
+/// A message of several jobs.
+#[derive(serde::Serialize)]
+struct Batch<'a> {
+    jobs: Vec<JobBody<'a>>,
+}
+
+/// A message of the work queue: one job (`{"tenantId", "deliveryId"}`), or several
+/// (`{"jobs": [...]}`).
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Message<'a> {
+    #[serde(borrow, default)]
+    jobs: Option<Vec<JobBody<'a>>>,
+    #[serde(borrow, default)]
+    tenant_id: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default)]
+    delivery_id: Option<uuid::Uuid>,
+}
+
+impl Message<'_> {
+    /// The jobs of a message body; `None` when it is not one.
+    fn jobs(data: &[u8]) -> Option<Vec<DeliveryJob>> {
+        let message: Message<'_> = serde_json::from_slice(data).ok()?;
+        let job = |tenant: &str, delivery_id| Some(DeliveryJob { tenant_id: TenantId::new(tenant).ok()?, delivery_id });
+        match message {
+            Message { jobs: Some(jobs), .. } => jobs.iter().map(|j| job(&j.tenant_id, j.delivery_id)).collect(),
+            Message { tenant_id: Some(tenant), delivery_id: Some(id), .. } => Some(vec![job(&tenant, id)?]),
+            _ => None,
+        }
+    }
+}
+
+/// The jobs this process holds and the messages they came in.
+#[derive(Default)]
+struct InFlight {
+    /// The message (delivery tag) of each job held, by delivery id.
+    tags: HashMap<uuid::Uuid, u64>,
+    /// How many of each message's jobs are still held: it is acknowledged when none is.
+    left: HashMap<u64, u32>,
+}
+
+impl InFlight {
+    fn clear(&mut self) {
+        self.tags.clear();
+        self.left.clear();
+    }
+
+    /// Message `tag` came with `jobs` jobs.
+    fn arrived(&mut self, tag: u64, jobs: u32) {
+        self.left.insert(tag, jobs);
+    }
+
+    /// Job `id` of message `tag` is held. A job already held (the same delivery came again: a
+    /// reschedule raced a redelivery) is not handed out a second time: its attempt, under way,
+    /// completes it through `tag` now. Returns whether it is new, and a message that no job
+    /// holds any more (to acknowledge).
+    fn hold(&mut self, id: uuid::Uuid, tag: u64) -> (bool, Option<u64>) {
+        match self.tags.insert(id, tag) {
+            Some(older) => (false, self.release(older)),
+            None => (true, None),
+        }
+    }
+
+    /// One job of message `tag` is done with; the message, when that was its last.
+    fn release(&mut self, tag: u64) -> Option<u64> {
+        let left = self.left.get_mut(&tag)?;
+        *left = left.saturating_sub(1);
+        if *left > 0 {
+            return None;
+        }
+        self.left.remove(&tag);
+        Some(tag)
+    }
+
+    /// Job `id` is completed (or rescheduled); the message to acknowledge, when it was its last.
+    fn complete(&mut self, id: uuid::Uuid) -> Option<u64> {
+        let tag = self.tags.remove(&id)?;
+        self.release(tag)
+    }
 }
 
 /// The delivery queue on RabbitMQ.
@@ -59,8 +165,8 @@ pub struct RabbitDeliveryQueue {
     generations: std::sync::atomic::AtomicU64,
     /// The work queue's consumer; taken by one take at a time.
     consuming: tokio::sync::Mutex<Option<Consuming>>,
-    /// Delivery tags of the jobs this process holds, by delivery id.
-    in_flight: Mutex<HashMap<uuid::Uuid, u64>>,
+    /// The jobs this process holds, and their messages.
+    in_flight: Mutex<InFlight>,
 }
 
 impl std::fmt::Debug for RabbitDeliveryQueue {
@@ -153,18 +259,22 @@ impl RabbitDeliveryQueue {
             FieldTable::default(),
         );
         let consumer = bounded(self.limit, consume).await.map_err(|e| unavailable("consume", e))?;
-        Ok(Consuming { generation, consumer: Box::pin(consumer) })
+        Ok(Consuming { generation, consumer: Box::pin(consumer), waiting: VecDeque::new() })
     }
 
     async fn publish(&self, channel: &Channel, queue: &str, job: &DeliveryJob) -> Result<(), DomainError> {
-        let confirm = self.send(channel, queue, job).await?;
+        let confirm = self.send(channel, queue, std::slice::from_ref(job)).await?;
         self.confirmed(confirm).await
     }
 
-    /// Publishes a job; the broker's confirm is awaited by [`Self::confirmed`].
-    async fn send(&self, channel: &Channel, queue: &str, job: &DeliveryJob) -> Result<PublisherConfirm, DomainError> {
-        let payload = serde_json::to_vec(&json!({"tenantId": job.tenant_id.as_str(), "deliveryId": job.delivery_id.to_string()}))
-            .map_err(|e| DomainError::Unexpected(e.into()))?;
+    /// Publishes a message of `jobs` (one, or up to [`JOBS_PER_MESSAGE`]); the broker's confirm
+    /// is awaited by [`Self::confirmed`].
+    async fn send(&self, channel: &Channel, queue: &str, jobs: &[DeliveryJob]) -> Result<PublisherConfirm, DomainError> {
+        let payload = match jobs {
+            [job] => serde_json::to_vec(&JobBody::from(job)),
+            jobs => serde_json::to_vec(&Batch { jobs: jobs.iter().map(JobBody::from).collect() }),
+        }
+        .map_err(|e| DomainError::Unexpected(e.into()))?;
         let publish = channel.basic_publish(
             "".into(),
             queue.into(),
@@ -205,7 +315,7 @@ impl RabbitDeliveryQueue {
     }
 
     async fn ack(&self, channel: &Channel, job: &DeliveryJob) -> Result<(), DomainError> {
-        let tag = self.in_flight.lock().unwrap_or_else(|p| p.into_inner()).remove(&job.delivery_id);
+        let tag = self.in_flight.lock().unwrap_or_else(|p| p.into_inner()).complete(job.delivery_id);
         if let Some(tag) = tag {
             bounded(self.limit, channel.basic_ack(tag, BasicAckOptions::default())).await.map_err(|e| unavailable("ack", e))?;
         }
@@ -223,19 +333,25 @@ impl DeliveryQueue for RabbitDeliveryQueue {
         self.ack(&channel, job).await
     }
 
-    /// Jobs due now are published together and their confirms awaited together (one round trip,
-    /// not one a job); jobs due later go one by one through their delay queues.
+    /// Jobs due now are published together, up to [`JOBS_PER_MESSAGE`] in a message, and the
+    /// confirms awaited together (one round trip, not one a job); jobs due later go one by one
+    /// through their delay queues.
     #[tracing::instrument(skip_all, name = "delivery_queue.schedule_each", fields(count = jobs.len()))]
     async fn schedule_each(&self, jobs: &[(DeliveryJob, time::OffsetDateTime)]) -> Result<(), DomainError> {
         let channel = self.channel().await?;
         let soon = time::OffsetDateTime::now_utc() + time::Duration::milliseconds(50);
-        let mut confirms = Vec::with_capacity(jobs.len());
+        let mut now = Vec::with_capacity(jobs.len());
         for (job, due) in jobs {
             if *due < soon {
-                confirms.push(self.send(&channel, &self.work_queue(), job).await?);
+                now.push(job.clone());
             } else {
                 self.publish_at(&channel, job, *due).await?;
             }
+        }
+        let work = self.work_queue();
+        let mut confirms = Vec::with_capacity(now.len().div_ceil(JOBS_PER_MESSAGE));
+        for together in now.chunks(JOBS_PER_MESSAGE) {
+            confirms.push(self.send(&channel, &work, together).await?);
         }
         for confirm in confirms {
             self.confirmed(confirm).await?;
@@ -259,10 +375,11 @@ impl DeliveryQueue for RabbitDeliveryQueue {
         if consuming.as_ref().is_none_or(|c| c.generation != generation) {
             *consuming = Some(self.consume(&channel, generation).await?);
         }
-        let Some(Consuming { consumer, .. }) = consuming.as_mut() else { return Ok(Vec::new()) };
-        let mut jobs = Vec::new();
-        let mut first = true;
-        while jobs.len() < max as usize {
+        let Some(Consuming { consumer, waiting, .. }) = consuming.as_mut() else { return Ok(Vec::new()) };
+        let max = max as usize;
+        let mut jobs: Vec<DeliveryJob> = waiting.drain(..waiting.len().min(max)).collect();
+        let mut first = jobs.is_empty();
+        while jobs.len() < max {
             let next = if std::mem::take(&mut first) {
                 match tokio::time::timeout(FIRST_JOB_WAIT, consumer.next()).await {
                     Ok(next) => next,
@@ -287,26 +404,31 @@ impl DeliveryQueue for RabbitDeliveryQueue {
                 }
             };
             let tag = delivery.delivery_tag;
-            let parsed: Option<DeliveryJob> = serde_json::from_slice::<serde_json::Value>(&delivery.data).ok().and_then(|v| {
-                Some(DeliveryJob {
-                    tenant_id: TenantId::new(v["tenantId"].as_str()?).ok()?,
-                    delivery_id: uuid::Uuid::parse_str(v["deliveryId"].as_str()?).ok()?,
-                })
-            });
-            match parsed {
-                Some(job) => {
-                    let duplicate = self.in_flight.lock().unwrap_or_else(|p| p.into_inner()).insert(job.delivery_id, tag);
-                    if let Some(older) = duplicate {
-                        // The same delivery twice (a reschedule raced a redelivery): keep one.
-                        let _ = bounded(self.limit, channel.basic_ack(older, BasicAckOptions::default())).await;
+            let Some(received) = Message::jobs(&delivery.data).filter(|jobs| !jobs.is_empty()) else {
+                tracing::warn!("dropping an unreadable delivery job");
+                bounded(self.limit, channel.basic_ack(tag, BasicAckOptions::default())).await.map_err(|e| unavailable("ack", e))?;
+                continue;
+            };
+            let mut done = Vec::new();
+            {
+                let mut in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+                in_flight.arrived(tag, u32::try_from(received.len()).unwrap_or(u32::MAX));
+                for job in received {
+                    let (new, finished) = in_flight.hold(job.delivery_id, tag);
+                    done.extend(finished);
+                    if !new {
                         continue;
                     }
-                    jobs.push(job);
+                    if jobs.len() < max {
+                        jobs.push(job);
+                    } else {
+                        waiting.push_back(job);
+                    }
                 }
-                None => {
-                    tracing::warn!("dropping an unreadable delivery job");
-                    bounded(self.limit, channel.basic_ack(tag, BasicAckOptions::default())).await.map_err(|e| unavailable("ack", e))?;
-                }
+            }
+            for tag in done {
+                // The messages whose jobs all came again in this one.
+                let _ = bounded(self.limit, channel.basic_ack(tag, BasicAckOptions::default())).await;
             }
         }
         Ok(jobs)
@@ -339,8 +461,48 @@ impl DeliveryQueue for RabbitDeliveryQueue {
 
 #[cfg(test)]
 mod tests {
-    use super::bucket;
+    use super::{Batch, InFlight, JobBody, Message, bucket};
+    use im_domain::TenantId;
+    use im_domain::webhooks::ports::DeliveryJob;
     use std::time::Duration;
+
+    fn job(tenant: &str) -> DeliveryJob {
+        DeliveryJob { tenant_id: TenantId::new(tenant).unwrap(), delivery_id: uuid::Uuid::new_v4() }
+    }
+
+    #[test]
+    fn a_message_carries_one_job_or_several() {
+        let (a, b) = (job("t-1"), job("t-2"));
+        let one = serde_json::to_vec(&JobBody::from(&a)).unwrap();
+        assert_eq!(Message::jobs(&one), Some(vec![a.clone()]));
+        // The form of one job is the one every earlier version wrote and reads.
+        let text = format!(r#"{{"tenantId":"t-1","deliveryId":"{}"}}"#, a.delivery_id);
+        assert_eq!(Message::jobs(text.as_bytes()), Some(vec![a.clone()]));
+        let both = serde_json::to_vec(&Batch { jobs: vec![JobBody::from(&a), JobBody::from(&b)] }).unwrap();
+        assert_eq!(Message::jobs(&both), Some(vec![a, b]));
+        for unreadable in [&b"not json"[..], br#"{"tenantId":"t-1"}"#, br#"{"jobs":[{"tenantId":"","deliveryId":"x"}]}"#, b"{}"] {
+            assert_eq!(Message::jobs(unreadable), None, "{}", String::from_utf8_lossy(unreadable));
+        }
+    }
+
+    #[test]
+    fn a_message_is_acknowledged_when_its_last_job_is_done() {
+        let mut in_flight = InFlight::default();
+        let (a, b, c) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+        in_flight.arrived(1, 3);
+        assert_eq!(in_flight.hold(a, 1), (true, None));
+        assert_eq!(in_flight.hold(b, 1), (true, None));
+        assert_eq!(in_flight.hold(c, 1), (true, None));
+        assert_eq!(in_flight.complete(a), None);
+        assert_eq!(in_flight.complete(a), None, "a job completed twice counts once");
+        assert_eq!(in_flight.complete(b), None);
+        // `c` comes again alone (a reschedule raced a redelivery): not handed out twice, and
+        // its first message, with no job left now, is acknowledged.
+        in_flight.arrived(2, 1);
+        assert_eq!(in_flight.hold(c, 2), (false, Some(1)));
+        assert_eq!(in_flight.complete(c), Some(2));
+        assert!(in_flight.tags.is_empty() && in_flight.left.is_empty());
+    }
 
     #[test]
     fn buckets() {

@@ -100,6 +100,7 @@ pub async fn contract(backend: &dyn QueueBackend) {
     a_taken_job_is_not_handed_out_again_while_leased(backend).await;
     a_delayed_job_is_due_at_its_time_not_before(backend).await;
     a_crashed_consumers_job_comes_back(backend).await;
+    jobs_scheduled_together_are_taken_and_completed_one_by_one(backend).await;
 }
 
 /// Due jobs are handed out (at most `max` per call), each once; a completed job is gone.
@@ -258,4 +259,52 @@ pub async fn a_duplicate_schedule_never_yields_two_concurrent_attempts(backend: 
     held.extend(watch(&[second.as_ref(), first.as_ref()], WATCH).await);
     let copies = held.iter().filter(|j| **j == job).count();
     assert_eq!(copies, 1, "a job scheduled twice while pending MUST be held by one consumer at a time, got {copies} copies");
+}
+
+/// Jobs scheduled together (a fan-out's first attempts) are handed out at most `max` per take
+/// and completed one by one: a completed one never comes back while the others are held; when
+/// their consumer dies with some of them not completed, those come back (a broker MAY also hand
+/// out again the completed ones that travelled with them; the delivery service drops those).
+pub async fn jobs_scheduled_together_are_taken_and_completed_one_by_one(backend: &dyn QueueBackend) {
+    let name = backend.fresh().await;
+    let jobs: Vec<_> = (0..5).map(|_| fresh_job()).collect();
+    let due: Vec<_> = jobs.iter().map(|j| (j.clone(), ago(Duration::from_secs(1)))).collect();
+    let lease = Duration::from_secs(1);
+    {
+        let doomed = backend.consumer(&name).await;
+        doomed.schedule_each(&due).await.unwrap_or_else(|e| panic!("schedule_each MUST succeed on a reachable queue: {e}"));
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        let mut taken = Vec::new();
+        while taken.len() < jobs.len() && tokio::time::Instant::now() < deadline {
+            let one = take(doomed.as_ref(), 1, lease).await;
+            assert!(one.len() <= 1, "take_due MUST hand out at most `max` jobs: {:?}", ids(&one));
+            taken.extend(one);
+        }
+        assert_eq!(
+            ids(&taken).into_iter().collect::<BTreeSet<_>>(),
+            ids(&jobs).into_iter().collect::<BTreeSet<_>>(),
+            "every job scheduled together MUST be handed out, once"
+        );
+        assert_eq!(taken.len(), jobs.len(), "every job scheduled together MUST be handed out once: {:?}", ids(&taken));
+        complete(doomed.as_ref(), &jobs[0]).await;
+        complete(doomed.as_ref(), &jobs[1]).await;
+        let again = watch(&[doomed.as_ref()], Duration::from_millis(500)).await;
+        assert!(again.is_empty(), "jobs completed or held MUST NOT be handed out again: {:?}", ids(&again));
+        // The consumer dies here with three of them held.
+    }
+    let survivor = backend.consumer(&name).await;
+    let deadline = tokio::time::Instant::now() + lease + PATIENCE;
+    let mut back = Vec::new();
+    while !jobs[2..].iter().all(|j| back.contains(j)) && tokio::time::Instant::now() < deadline {
+        back.extend(take(survivor.as_ref(), 10, HELD).await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for job in &jobs[2..] {
+        assert!(back.contains(job), "a job its crashed consumer did not complete MUST come back: {job:?} in {:?}", ids(&back));
+    }
+    for job in &back {
+        complete(survivor.as_ref(), job).await;
+    }
+    let after = watch(&[survivor.as_ref()], Duration::from_millis(500)).await;
+    assert!(after.is_empty(), "completed jobs MUST NOT come back: {:?}", ids(&after));
 }
