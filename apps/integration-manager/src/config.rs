@@ -890,6 +890,7 @@ mod tests {
                     ("IM_RABBITMQ__EXCHANGE", "amq.topic"),
                     ("IM_RABBITMQ__CONFIRM_TIMEOUT", "500ms"),
                     ("IM_RABBITMQ__OPERATION_TIMEOUT", "0s"),
+                    ("IM_RABBITMQ__JOBS_PER_MESSAGE", "0"),
                     ("IM_SECRETS__BACKEND", "http"),
                     ("IM_SECRETS__ATTEMPTS", "0"),
                     ("IM_AUTH__TOKEN_TTL", "0s"),
@@ -900,6 +901,7 @@ mod tests {
                 [
                     "rabbitmq.url",
                     "rabbitmq.exchange",
+                    "rabbitmq.jobs_per_message",
                     "rabbitmq.confirm_timeout",
                     "rabbitmq.operation_timeout",
                     "secrets.url",

@@ -150,7 +150,9 @@ impl EventSubscriber for FanOut {
 /// other (a webhook's first attempt does not wait for the broker's confirm of its event); an
 /// event is marked published only when both took it. Both are at least once: when one fails,
 /// the batch is handed to both again (the fan-out is idempotent per event and endpoint; the
-/// broker's consumers see events at least once).
+/// broker's consumers see events at least once). An event fanned out again queues one more job
+/// for each of its deliveries still pending, since a broker's queue cannot tell that one is
+/// queued: the attempts drop such copies (an attempt holds its delivery first).
 pub struct BrokerAndLocal {
     pub broker: Arc<dyn EventPublisher>,
     pub local: Arc<dyn EventPublisher>,

@@ -47,6 +47,10 @@ pub struct RabbitSettings {
     /// The durable work queue of webhook delivery jobs is `<prefix>.work`, its delay queues
     /// `<prefix>.delay.<ms>`.
     pub delivery_queue_prefix: String,
+    /// The most delivery jobs one message of the work queue carries (those due now of one
+    /// fan-out); 1 sends every job alone, as versions before messages of several jobs did, which
+    /// cannot read them (so 1 while such a version still consumes the queue).
+    pub jobs_per_message: usize,
 }
 
 impl RabbitSettings {
@@ -65,6 +69,9 @@ impl RabbitSettings {
                 problems.push((key, "must be 1 to 255 of letters, digits, '-', '_', '.', ':' and not start with 'amq.'".to_owned()));
             }
         }
+        if !(1..=256).contains(&self.jobs_per_message) {
+            problems.push(("jobs_per_message", "must be between 1 and 256".to_owned()));
+        }
         if self.confirm_timeout.get().as_secs() < 1 {
             problems.push(("confirm_timeout", "must be at least 1s".to_owned()));
         }
@@ -74,8 +81,8 @@ impl RabbitSettings {
         problems
     }
 
-    /// Settings for `url` with the default names, a 10 s confirm timeout and a 5 s operation
-    /// timeout.
+    /// Settings for `url` with the default names, a 10 s confirm timeout, a 5 s operation
+    /// timeout and [`queue::JOBS_PER_MESSAGE`] jobs a message at most.
     pub fn new(url: impl Into<String>) -> Self {
         Self {
             url: SecretString::from(url.into()),
@@ -83,6 +90,7 @@ impl RabbitSettings {
             confirm_timeout: HumanDuration(Duration::from_secs(10)),
             operation_timeout: HumanDuration(Duration::from_secs(5)),
             delivery_queue_prefix: "integration-manager.deliveries".into(),
+            jobs_per_message: queue::JOBS_PER_MESSAGE,
         }
     }
 }

@@ -4,7 +4,7 @@
 //! job is acknowledged only once its attempt is recorded (manual ack): if the process dies, the
 //! broker gives its unacknowledged jobs (taken or only pushed) to another consumer.
 //! Jobs due now that are scheduled together (a fan-out's first attempts) travel together, up to
-//! [`JOBS_PER_MESSAGE`] in one message: one publish, one confirm, one delivery and one ack for
+//! `jobs_per_message` ([`JOBS_PER_MESSAGE`] by default) in one message: one publish, one confirm, one delivery and one ack for
 //! them all. The message is acknowledged once each of its jobs is completed or rescheduled; if
 //! the process dies before, all of them come back, the completed ones too, which the delivery
 //! service drops as duplicates (it finds their deliveries final).
@@ -44,8 +44,9 @@ struct Link {
 /// the most deliveries a second to ten endpoints of 32, 64 and 256 in `make bench`).
 pub const PREFETCH: u16 = 64;
 
-/// The most jobs one message carries (those due now of one [`DeliveryQueue::schedule_each`]).
-/// With the prefetch, up to `PREFETCH * JOBS_PER_MESSAGE` jobs may wait at one consumer.
+/// The most jobs one message carries by default (those due now of one
+/// [`DeliveryQueue::schedule_each`]; `RabbitSettings::jobs_per_message`). With the prefetch, up
+/// to `PREFETCH * jobs_per_message` jobs may wait at one consumer.
 pub const JOBS_PER_MESSAGE: usize = 16;
 
 /// The consumer of the work queue, on the connection of `generation`.
@@ -53,7 +54,10 @@ struct Consuming {
     generation: u64,
     consumer: std::pin::Pin<Box<Consumer>>,
     /// Jobs of messages already received that a take could not hand out (beyond its `max`).
+    /// Held on this connection's channel: they outlive a consumer the broker cancelled.
     waiting: VecDeque<DeliveryJob>,
+    /// The broker cancelled this consumer, or it failed: the next take consumes again.
+    ended: bool,
 }
 
 /// A job as a message carries it.
@@ -145,6 +149,12 @@ impl InFlight {
         Some(tag)
     }
 
+    /// Job `id` is no longer held here; the message it came in, whose share it still counts
+    /// (to [`Self::release`] once its replacement is published).
+    fn let_go(&mut self, id: uuid::Uuid) -> Option<u64> {
+        self.tags.remove(&id)
+    }
+
     /// Job `id` is completed (or rescheduled); the message to acknowledge, when it was its last.
     fn complete(&mut self, id: uuid::Uuid) -> Option<u64> {
         let tag = self.tags.remove(&id)?;
@@ -160,6 +170,8 @@ pub struct RabbitDeliveryQueue {
     /// `confirm_timeout`.
     limit: Duration,
     confirm_timeout: Duration,
+    /// The most jobs one message carries (at least 1).
+    jobs_per_message: usize,
     link: tokio::sync::Mutex<Option<Link>>,
     /// Connections made so far.
     generations: std::sync::atomic::AtomicU64,
@@ -204,6 +216,7 @@ impl RabbitDeliveryQueue {
             prefix: settings.delivery_queue_prefix.clone(),
             limit: settings.operation_timeout.get(),
             confirm_timeout: settings.confirm_timeout.get(),
+            jobs_per_message: settings.jobs_per_message.max(1),
             link: tokio::sync::Mutex::new(None),
             generations: std::sync::atomic::AtomicU64::new(0),
             consuming: tokio::sync::Mutex::new(None),
@@ -259,7 +272,7 @@ impl RabbitDeliveryQueue {
             FieldTable::default(),
         );
         let consumer = bounded(self.limit, consume).await.map_err(|e| unavailable("consume", e))?;
-        Ok(Consuming { generation, consumer: Box::pin(consumer), waiting: VecDeque::new() })
+        Ok(Consuming { generation, consumer: Box::pin(consumer), waiting: VecDeque::new(), ended: false })
     }
 
     async fn publish(&self, channel: &Channel, queue: &str, job: &DeliveryJob) -> Result<(), DomainError> {
@@ -267,7 +280,7 @@ impl RabbitDeliveryQueue {
         self.confirmed(confirm).await
     }
 
-    /// Publishes a message of `jobs` (one, or up to [`JOBS_PER_MESSAGE`]); the broker's confirm
+    /// Publishes a message of `jobs` (one, or up to `jobs_per_message`); the broker's confirm
     /// is awaited by [`Self::confirmed`].
     async fn send(&self, channel: &Channel, queue: &str, jobs: &[DeliveryJob]) -> Result<PublisherConfirm, DomainError> {
         let payload = match jobs {
@@ -328,12 +341,32 @@ impl DeliveryQueue for RabbitDeliveryQueue {
     #[tracing::instrument(skip_all, name = "delivery_queue.schedule", fields(tenant = %job.tenant_id, delivery = %job.delivery_id))]
     async fn schedule(&self, job: &DeliveryJob, due: time::OffsetDateTime) -> Result<(), DomainError> {
         let channel = self.channel().await?;
-        self.publish_at(&channel, job, due).await?;
-        // A job rescheduled while held: the new message is safe, the old one can go.
-        self.ack(&channel, job).await
+        // A job rescheduled while held lets go of its message first: the new message may reach
+        // this process's consumer before the publish returns, and must then be handed out as a
+        // job of its own, not taken for a copy of the one held (which would complete it unrun).
+        let held = self.in_flight.lock().unwrap_or_else(|p| p.into_inner()).let_go(job.delivery_id);
+        let published = self.publish_at(&channel, job, due).await;
+        let done = {
+            let mut in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+            match (&published, held) {
+                // Not published: still held, unless the new message came anyway (a confirm
+                // that timed out): then that one stands for it.
+                (Err(_), Some(tag)) if !in_flight.tags.contains_key(&job.delivery_id) => {
+                    in_flight.tags.insert(job.delivery_id, tag);
+                    None
+                }
+                // The new message is safe: the old one can go.
+                (_, Some(tag)) => in_flight.release(tag),
+                (_, None) => None,
+            }
+        };
+        if let Some(tag) = done {
+            bounded(self.limit, channel.basic_ack(tag, BasicAckOptions::default())).await.map_err(|e| unavailable("ack", e))?;
+        }
+        published
     }
 
-    /// Jobs due now are published together, up to [`JOBS_PER_MESSAGE`] in a message, and the
+    /// Jobs due now are published together, up to `jobs_per_message` in a message, and the
     /// confirms awaited together (one round trip, not one a job); jobs due later go one by one
     /// through their delay queues.
     #[tracing::instrument(skip_all, name = "delivery_queue.schedule_each", fields(count = jobs.len()))]
@@ -349,8 +382,8 @@ impl DeliveryQueue for RabbitDeliveryQueue {
             }
         }
         let work = self.work_queue();
-        let mut confirms = Vec::with_capacity(now.len().div_ceil(JOBS_PER_MESSAGE));
-        for together in now.chunks(JOBS_PER_MESSAGE) {
+        let mut confirms = Vec::with_capacity(now.len().div_ceil(self.jobs_per_message));
+        for together in now.chunks(self.jobs_per_message) {
             confirms.push(self.send(&channel, &work, together).await?);
         }
         for confirm in confirms {
@@ -372,10 +405,15 @@ impl DeliveryQueue for RabbitDeliveryQueue {
     async fn take_due(&self, max: u32, _lease: Duration) -> Result<Vec<DeliveryJob>, DomainError> {
         let (channel, generation) = self.link().await?;
         let mut consuming = self.consuming.lock().await;
-        if consuming.as_ref().is_none_or(|c| c.generation != generation) {
-            *consuming = Some(self.consume(&channel, generation).await?);
+        if consuming.as_ref().is_none_or(|c| c.generation != generation || c.ended) {
+            let mut fresh = self.consume(&channel, generation).await?;
+            // Jobs waiting from a consumer of this same connection are still held here.
+            if let Some(old) = consuming.take().filter(|c| c.generation == generation) {
+                fresh.waiting = old.waiting;
+            }
+            *consuming = Some(fresh);
         }
-        let Some(Consuming { consumer, waiting, .. }) = consuming.as_mut() else { return Ok(Vec::new()) };
+        let Some(Consuming { consumer, waiting, ended, .. }) = consuming.as_mut() else { return Ok(Vec::new()) };
         let max = max as usize;
         let mut jobs: Vec<DeliveryJob> = waiting.drain(..waiting.len().min(max)).collect();
         let mut first = jobs.is_empty();
@@ -394,12 +432,12 @@ impl DeliveryQueue for RabbitDeliveryQueue {
             let delivery = match next {
                 Some(Ok(delivery)) => delivery,
                 Some(Err(e)) => {
-                    *consuming = None;
+                    *ended = true;
                     return if jobs.is_empty() { Err(unavailable("consume", e)) } else { Ok(jobs) };
                 }
                 None => {
                     // The broker cancelled the consumer (the queue was deleted, say): consume again next time.
-                    *consuming = None;
+                    *ended = true;
                     break;
                 }
             };
@@ -483,6 +521,23 @@ mod tests {
         for unreadable in [&b"not json"[..], br#"{"tenantId":"t-1"}"#, br#"{"jobs":[{"tenantId":"","deliveryId":"x"}]}"#, b"{}"] {
             assert_eq!(Message::jobs(unreadable), None, "{}", String::from_utf8_lossy(unreadable));
         }
+    }
+
+    #[test]
+    fn a_job_rescheduled_by_its_holder_is_handed_out_again_from_its_new_message() {
+        let mut in_flight = InFlight::default();
+        let (c, d) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+        in_flight.arrived(1, 2);
+        assert_eq!(in_flight.hold(c, 1), (true, None));
+        assert_eq!(in_flight.hold(d, 1), (true, None));
+        // `schedule` lets go of `c` before publishing its new message, which may arrive at once.
+        assert_eq!(in_flight.let_go(c), Some(1));
+        in_flight.arrived(2, 1);
+        assert_eq!(in_flight.hold(c, 2), (true, None), "the new message of a rescheduled job MUST be handed out, not dropped as a copy");
+        // Published: the old message's share goes; `d` still holds it.
+        assert_eq!(in_flight.release(1), None);
+        assert_eq!(in_flight.complete(d), Some(1));
+        assert_eq!(in_flight.complete(c), Some(2));
     }
 
     #[test]

@@ -269,7 +269,9 @@ pub async fn jobs_scheduled_together_are_taken_and_completed_one_by_one(backend:
     let name = backend.fresh().await;
     let jobs: Vec<_> = (0..5).map(|_| fresh_job()).collect();
     let due: Vec<_> = jobs.iter().map(|j| (j.clone(), ago(Duration::from_secs(1)))).collect();
-    let lease = Duration::from_secs(1);
+    // Long enough for the takes and the watch below on a loaded machine: a job whose lease ran
+    // out would be handed out again, rightly.
+    let lease = Duration::from_secs(4);
     {
         let doomed = backend.consumer(&name).await;
         doomed.schedule_each(&due).await.unwrap_or_else(|e| panic!("schedule_each MUST succeed on a reachable queue: {e}"));
