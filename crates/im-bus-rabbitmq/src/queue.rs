@@ -110,6 +110,9 @@ impl Message<'_> {
 /// The jobs this process holds and the messages they came in.
 #[derive(Default)]
 struct InFlight {
+    /// The connection whose channel the tags below are of: tags number the messages of one
+    /// channel, and a new connection's start over.
+    generation: u64,
     /// The message (delivery tag) of each job held, by delivery id.
     tags: HashMap<uuid::Uuid, u64>,
     /// How many of each message's jobs are still held: it is acknowledged when none is.
@@ -120,6 +123,12 @@ impl InFlight {
     fn clear(&mut self) {
         self.tags.clear();
         self.left.clear();
+    }
+
+    /// The connection of `generation` is the one now: the tags of earlier ones are forgotten.
+    fn reset(&mut self, generation: u64) {
+        self.clear();
+        self.generation = generation;
     }
 
     /// Message `tag` came with `jobs` jobs.
@@ -257,6 +266,7 @@ impl RabbitDeliveryQueue {
             );
             bounded(self.limit, declare).await.map_err(|e| unavailable("declare the work queue", e))?;
             let generation = self.generations.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+            self.in_flight.lock().unwrap_or_else(|p| p.into_inner()).reset(generation);
             *link = Some(Link { connection, channel, generation });
         }
         link.as_ref().map(|l| (l.channel.clone(), l.generation)).ok_or_else(|| unavailable("connect", "no channel"))
@@ -450,6 +460,13 @@ impl DeliveryQueue for RabbitDeliveryQueue {
             let mut done = Vec::new();
             {
                 let mut in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+                if in_flight.generation != generation {
+                    // Connected again meanwhile: this message's tag is of the old channel (whose
+                    // unacknowledged messages the broker requeues), not to be confused with the
+                    // new channel's tags.
+                    *ended = true;
+                    break;
+                }
                 in_flight.arrived(tag, u32::try_from(received.len()).unwrap_or(u32::MAX));
                 for job in received {
                     let (new, finished) = in_flight.hold(job.delivery_id, tag);
@@ -538,6 +555,19 @@ mod tests {
         assert_eq!(in_flight.release(1), None);
         assert_eq!(in_flight.complete(d), Some(1));
         assert_eq!(in_flight.complete(c), Some(2));
+    }
+
+    #[test]
+    fn a_new_connection_forgets_the_tags_of_the_old_one() {
+        let mut in_flight = InFlight::default();
+        in_flight.reset(1);
+        let a = uuid::Uuid::new_v4();
+        in_flight.arrived(7, 1);
+        assert_eq!(in_flight.hold(a, 7), (true, None));
+        in_flight.reset(2);
+        assert_eq!(in_flight.generation, 2);
+        // Tag 7 of the old channel is not acknowledged on the new one, where it names another message.
+        assert_eq!(in_flight.complete(a), None);
     }
 
     #[test]
