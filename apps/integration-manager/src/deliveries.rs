@@ -111,8 +111,8 @@ pub struct FanOut {
     pub wake: Arc<Notify>,
 }
 
-/// Events of one batch fanned out at once (concurrently, or in one write).
-const FAN_OUT_CONCURRENCY: usize = 128;
+/// Events of a relayed batch fanned out in one `fan_out_all` (each tenant's deliveries in one write).
+const FAN_OUT_BATCH: usize = 128;
 
 #[async_trait]
 impl EventSubscriber for FanOut {
@@ -123,12 +123,12 @@ impl EventSubscriber for FanOut {
         Ok(())
     }
 
-    /// Fans out the events of a batch, at most [`FAN_OUT_CONCURRENCY`] at once: each tenant's
+    /// Fans out the events of a batch, [`FAN_OUT_BATCH`] at a time: each tenant's
     /// endpoints are listed once, its deliveries written in one write (with their jobs when the
     /// queue lives in the store; else their jobs go to the queue together after it). Fan-out is
     /// idempotent per event and endpoint, so a failed batch is simply handled again.
     async fn handle_all(&self, events: &[DomainEvent]) -> Result<(), DomainError> {
-        for chunk in events.chunks(FAN_OUT_CONCURRENCY) {
+        for chunk in events.chunks(FAN_OUT_BATCH) {
             if self.service.fan_out_all(chunk).await? > 0 {
                 self.wake.notify_one();
             }

@@ -4,8 +4,8 @@
 //! job is acknowledged only once its attempt is recorded (manual ack): if the process dies, the
 //! broker gives its unacknowledged jobs (taken or only pushed) to another consumer.
 //! Jobs due now that are scheduled together (a fan-out's first attempts) travel together, up to
-//! `jobs_per_message` ([`JOBS_PER_MESSAGE`] by default) in one message: one publish, one confirm, one delivery and one ack for
-//! them all. The message is acknowledged once each of its jobs is completed or rescheduled; if
+//! `jobs_per_message` ([`JOBS_PER_MESSAGE`] by default) in one message: one publish, one
+//! confirm, one delivery and one ack for them all. The message is acknowledged once each of its jobs is completed or rescheduled; if
 //! the process dies before, all of them come back, the completed ones too, which the delivery
 //! service drops as duplicates (it finds their deliveries final).
 //! Jobs due later wait in delay queues (one per delay bucket, with a queue-level TTL, so none
@@ -107,6 +107,13 @@ impl Message<'_> {
     }
 }
 
+/// A job let go while its replacement is published: its message, on the connection of `generation`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct LetGo {
+    generation: u64,
+    tag: u64,
+}
+
 /// The jobs this process holds and the messages they came in.
 #[derive(Default)]
 struct InFlight {
@@ -158,10 +165,26 @@ impl InFlight {
         Some(tag)
     }
 
-    /// Job `id` is no longer held here; the message it came in, whose share it still counts
-    /// (to [`Self::release`] once its replacement is published).
-    fn let_go(&mut self, id: uuid::Uuid) -> Option<u64> {
-        self.tags.remove(&id)
+    /// Job `id` is no longer held here while its replacement is published (which may come back
+    /// to this process at once, and must then be handed out as a job of its own, not taken for a
+    /// copy); the message it came in still counts it until [`Self::replaced`].
+    fn let_go(&mut self, id: uuid::Uuid) -> Option<LetGo> {
+        self.tags.remove(&id).map(|tag| LetGo { generation: self.generation, tag })
+    }
+
+    /// The replacement of job `id`, let go as `held`, was `published` (or not): the old message
+    /// is done with it, and returned when that was its last job; if not published, the job is
+    /// held again, unless its new message came anyway (a confirm that timed out), which then
+    /// stands for it. Nothing changes when the connection changed meanwhile.
+    fn replaced(&mut self, id: uuid::Uuid, held: LetGo, published: bool) -> Option<u64> {
+        if held.generation != self.generation {
+            return None;
+        }
+        if !published && !self.tags.contains_key(&id) {
+            self.tags.insert(id, held.tag);
+            return None;
+        }
+        self.release(held.tag)
     }
 
     /// Job `id` is completed (or rescheduled); the message to acknowledge, when it was its last.
@@ -286,16 +309,16 @@ impl RabbitDeliveryQueue {
     }
 
     async fn publish(&self, channel: &Channel, queue: &str, job: &DeliveryJob) -> Result<(), DomainError> {
-        let confirm = self.send(channel, queue, std::slice::from_ref(job)).await?;
+        let confirm = self.send(channel, queue, &[job]).await?;
         self.confirmed(confirm).await
     }
 
     /// Publishes a message of `jobs` (one, or up to `jobs_per_message`); the broker's confirm
     /// is awaited by [`Self::confirmed`].
-    async fn send(&self, channel: &Channel, queue: &str, jobs: &[DeliveryJob]) -> Result<PublisherConfirm, DomainError> {
+    async fn send(&self, channel: &Channel, queue: &str, jobs: &[&DeliveryJob]) -> Result<PublisherConfirm, DomainError> {
         let payload = match jobs {
-            [job] => serde_json::to_vec(&JobBody::from(job)),
-            jobs => serde_json::to_vec(&Batch { jobs: jobs.iter().map(JobBody::from).collect() }),
+            [job] => serde_json::to_vec(&JobBody::from(*job)),
+            jobs => serde_json::to_vec(&Batch { jobs: jobs.iter().map(|job| JobBody::from(*job)).collect() }),
         }
         .map_err(|e| DomainError::Unexpected(e.into()))?;
         let publish = channel.basic_publish(
@@ -351,25 +374,12 @@ impl DeliveryQueue for RabbitDeliveryQueue {
     #[tracing::instrument(skip_all, name = "delivery_queue.schedule", fields(tenant = %job.tenant_id, delivery = %job.delivery_id))]
     async fn schedule(&self, job: &DeliveryJob, due: time::OffsetDateTime) -> Result<(), DomainError> {
         let channel = self.channel().await?;
-        // A job rescheduled while held lets go of its message first: the new message may reach
-        // this process's consumer before the publish returns, and must then be handed out as a
-        // job of its own, not taken for a copy of the one held (which would complete it unrun).
+        // A job rescheduled while held lets go of its message first (else its new message,
+        // taken for a copy, would be completed unrun by this reschedule).
         let held = self.in_flight.lock().unwrap_or_else(|p| p.into_inner()).let_go(job.delivery_id);
         let published = self.publish_at(&channel, job, due).await;
-        let done = {
-            let mut in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
-            match (&published, held) {
-                // Not published: still held, unless the new message came anyway (a confirm
-                // that timed out): then that one stands for it.
-                (Err(_), Some(tag)) if !in_flight.tags.contains_key(&job.delivery_id) => {
-                    in_flight.tags.insert(job.delivery_id, tag);
-                    None
-                }
-                // The new message is safe: the old one can go.
-                (_, Some(tag)) => in_flight.release(tag),
-                (_, None) => None,
-            }
-        };
+        let done = held
+            .and_then(|held| self.in_flight.lock().unwrap_or_else(|p| p.into_inner()).replaced(job.delivery_id, held, published.is_ok()));
         if let Some(tag) = done {
             bounded(self.limit, channel.basic_ack(tag, BasicAckOptions::default())).await.map_err(|e| unavailable("ack", e))?;
         }
@@ -386,7 +396,7 @@ impl DeliveryQueue for RabbitDeliveryQueue {
         let mut now = Vec::with_capacity(jobs.len());
         for (job, due) in jobs {
             if *due < soon {
-                now.push(job.clone());
+                now.push(job);
             } else {
                 self.publish_at(&channel, job, *due).await?;
             }
@@ -548,13 +558,32 @@ mod tests {
         assert_eq!(in_flight.hold(c, 1), (true, None));
         assert_eq!(in_flight.hold(d, 1), (true, None));
         // `schedule` lets go of `c` before publishing its new message, which may arrive at once.
-        assert_eq!(in_flight.let_go(c), Some(1));
+        let held = in_flight.let_go(c).expect("c is held");
         in_flight.arrived(2, 1);
         assert_eq!(in_flight.hold(c, 2), (true, None), "the new message of a rescheduled job MUST be handed out, not dropped as a copy");
         // Published: the old message's share goes; `d` still holds it.
-        assert_eq!(in_flight.release(1), None);
+        assert_eq!(in_flight.replaced(c, held, true), None);
         assert_eq!(in_flight.complete(d), Some(1));
         assert_eq!(in_flight.complete(c), Some(2));
+    }
+
+    #[test]
+    fn a_reschedule_that_was_not_published_leaves_the_job_held() {
+        let mut in_flight = InFlight::default();
+        let c = uuid::Uuid::new_v4();
+        in_flight.arrived(1, 1);
+        in_flight.hold(c, 1);
+        let held = in_flight.let_go(c).expect("c is held");
+        assert_eq!(in_flight.replaced(c, held, false), None, "a message whose job is still to run MUST NOT be acknowledged");
+        assert_eq!(in_flight.complete(c), Some(1));
+        // Across a new connection, the old message's tag means another message now.
+        in_flight.arrived(1, 1);
+        in_flight.hold(c, 1);
+        let held = in_flight.let_go(c).expect("c is held");
+        in_flight.reset(2);
+        in_flight.arrived(1, 2);
+        assert_eq!(in_flight.replaced(c, held, true), None);
+        assert_eq!(in_flight.left.get(&1), Some(&2), "the new channel's message 1 MUST keep its count");
     }
 
     #[test]
