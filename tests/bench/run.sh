@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Benchmarks, each measured against a baseline in the same run (ratios, not absolute claims):
 #  1. API on the embedded store: GET by id, list (50 items), create, against a bare actix-web
-#     handler returning JSON bodies of the same size; the same API on the Cosmos DB backend
+#     handler returning JSON bodies of the same size (the median of BENCH_API_ROUNDS rounds, 3 by
+#     default, that alternate the baselines and ours); the same API on the Cosmos DB backend
 #     (bounded by the Node.js test server: reported, not tuned to).
 #  2. Events: publish-with-confirms through the outbox relay against a bare lapin loop.
 #  3. Webhooks, end to end from API creates to a local receiver (tests/bench/webhooks.rs): 1 and
@@ -16,6 +17,7 @@ cd "$(dirname "$0")/../.."
 DURATION=${BENCH_DURATION:-10s}
 CONNECTIONS=${BENCH_CONNECTIONS:-64}
 THREADS=${BENCH_THREADS:-2}
+API_ROUNDS=${BENCH_API_ROUNDS:-3}
 AMQP_URL=${BENCH_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
 
 command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
@@ -87,11 +89,25 @@ wait_up "http://127.0.0.1:$BPORT/item"
 echo "warming up..." >&2
 wrk -t"$THREADS" -c"$CONNECTIONS" -d2s -s tests/bench/get.lua "$API/integrations/$ID" >/dev/null
 peak_rss "$SERVER_PID" & PIDS+=($!)
-RESULTS+=("$(run baseline-item "http://127.0.0.1:$BPORT/item")")
-RESULTS+=("$(run get-by-id "$API/integrations/$ID" tests/bench/get.lua)")
-RESULTS+=("$(run baseline-list "http://127.0.0.1:$BPORT/list")")
-RESULTS+=("$(run list-50 "$API/integrations?limit=50" tests/bench/get.lua)")
-RESULTS+=("$(run create "$API/integrations" tests/bench/post.lua)")
+# Rounds alternate the baselines and ours (the machine's speed drifts within minutes: single
+# runs of the bare handler gave 60,000 to 96,000 requests/s on one machine within the hour);
+# each scenario reports its median round, whose rate, p50 and p99 are one run's.
+declare -A ROUND_RUNS ROUND_ERRORS
+for _ in $(seq 1 "$API_ROUNDS"); do
+  for scenario in baseline-item get-by-id baseline-list list-50 create; do
+    case $scenario in
+      baseline-item) line=$(run "$scenario" "http://127.0.0.1:$BPORT/item") ;;
+      get-by-id) line=$(run "$scenario" "$API/integrations/$ID" tests/bench/get.lua) ;;
+      baseline-list) line=$(run "$scenario" "http://127.0.0.1:$BPORT/list") ;;
+      list-50) line=$(run "$scenario" "$API/integrations?limit=50" tests/bench/get.lua) ;;
+      create) line=$(run "$scenario" "$API/integrations" tests/bench/post.lua) ;;
+    esac
+    ROUND_RUNS[$scenario]+="$line"$'\n'
+    ROUND_ERRORS[$scenario]=$(( ${ROUND_ERRORS[$scenario]:-0} + $(awk '{print $5}' <<<"$line") ))
+  done
+done
+median_run() { printf '%s' "${ROUND_RUNS[$1]}" | sort -k2,2 -g | awk '{ runs[NR] = $0 } END { print runs[int((NR + 1) / 2)] }'; }
+for scenario in baseline-item get-by-id baseline-list list-50 create; do RESULTS+=("$(median_run "$scenario")"); done
 PEAK_RSS=$(cat "$WORK/peak")
 ITEM_BYTES=$(wc -c <"$WORK/item.json"); LIST_BYTES=$(wc -c <"$WORK/list.json")
 kill "$SERVER_PID"
@@ -125,6 +141,7 @@ for r in "${RESULTS[@]}"; do
     *get-by-id|*create) base=$base_item ;;
     *list-50) base=$base_list ;;
   esac
+  errors=${ROUND_ERRORS[$name]:-$errors} # every round's, not only the median's
   [ "$errors" != 0 ] && NON2XX="$NON2XX $name:$errors"
   case $name in cosmos-*) rss=- ;; *) rss=$((PEAK_RSS / 1024)) ;; esac
   ROWS+=("$(awk -v n="$name" -v a="$rps" -v b="$base" -v p50="$p50" -v p99="$p99" -v rss="$rss" \
@@ -177,7 +194,7 @@ for r in "${ROWS[@]}"; do
 done
 MODEL=$(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)
 NOTES="- $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores ($MODEL), load average at the end: $(cut -d' ' -f1-3 /proc/loadavg).
-- API rows: wrk, $CONNECTIONS connections, $THREADS threads, $DURATION per scenario; ours and baseline in requests/s; the baseline is a bare actix-web handler answering the same bodies ($ITEM_BYTES bytes for an item, $LIST_BYTES for the list of 50) in the same run: get-by-id and create against the item, list-50 against the list. RSS is the service's peak under these loads; idle after start: $((IDLE_RSS / 1024)) MB; cold start to ready: ${EMBEDDED_READY_MS} ms.${NON2XX:+ Non-2xx answers:$NON2XX.}"
+- API rows: wrk, $CONNECTIONS connections, $THREADS threads, $DURATION a run; each scenario the median of $API_ROUNDS rounds that alternate the baselines and ours (its rate, p50 and p99 are that run's); ours and baseline in requests/s; the baseline is a bare actix-web handler answering the same bodies ($ITEM_BYTES bytes for an item, $LIST_BYTES for the list of 50) in the same run: get-by-id and create against the item, list-50 against the list. RSS is the service's peak under these loads; idle after start: $((IDLE_RSS / 1024)) MB; cold start to ready: ${EMBEDDED_READY_MS} ms.${NON2XX:+ Non-2xx answers:$NON2XX.}"
 [ -n "$COSMOS" ] && NOTES="$NOTES
 - cosmos-* rows: the same API on the Cosmos DB backend, served by the Node.js test server on loopback (it bounds these figures)."
 NOTES="$NOTES
