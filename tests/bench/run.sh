@@ -92,22 +92,27 @@ peak_rss "$SERVER_PID" & PIDS+=($!)
 # Rounds alternate the baselines and ours (the machine's speed drifts within minutes: single
 # runs of the bare handler gave 60,000 to 96,000 requests/s on one machine within the hour);
 # each scenario reports its median round, whose rate, p50 and p99 are one run's.
+# name url [wrk script]; the order of RESULTS the rows below rely on (baselines at 0 and 2).
+API_SCENARIOS=(
+  "baseline-item http://127.0.0.1:$BPORT/item"
+  "get-by-id $API/integrations/$ID tests/bench/get.lua"
+  "baseline-list http://127.0.0.1:$BPORT/list"
+  "list-50 $API/integrations?limit=50 tests/bench/get.lua"
+  "create $API/integrations tests/bench/post.lua"
+)
 declare -A ROUND_RUNS ROUND_ERRORS
 for _ in $(seq 1 "$API_ROUNDS"); do
-  for scenario in baseline-item get-by-id baseline-list list-50 create; do
-    case $scenario in
-      baseline-item) line=$(run "$scenario" "http://127.0.0.1:$BPORT/item") ;;
-      get-by-id) line=$(run "$scenario" "$API/integrations/$ID" tests/bench/get.lua) ;;
-      baseline-list) line=$(run "$scenario" "http://127.0.0.1:$BPORT/list") ;;
-      list-50) line=$(run "$scenario" "$API/integrations?limit=50" tests/bench/get.lua) ;;
-      create) line=$(run "$scenario" "$API/integrations" tests/bench/post.lua) ;;
-    esac
-    ROUND_RUNS[$scenario]+="$line"$'\n'
-    ROUND_ERRORS[$scenario]=$(( ${ROUND_ERRORS[$scenario]:-0} + $(awk '{print $5}' <<<"$line") ))
+  for scenario in "${API_SCENARIOS[@]}"; do
+    read -r name url script <<<"$scenario"
+    line=$(run "$name" "$url" $script)
+    ROUND_RUNS[$name]+="$line"$'\n'
+    ROUND_ERRORS[$name]=$(( ${ROUND_ERRORS[$name]:-0} + $(awk '{print $5}' <<<"$line") ))
   done
 done
-median_run() { printf '%s' "${ROUND_RUNS[$1]}" | sort -k2,2 -g | awk '{ runs[NR] = $0 } END { print runs[int((NR + 1) / 2)] }'; }
-for scenario in baseline-item get-by-id baseline-list list-50 create; do RESULTS+=("$(median_run "$scenario")"); done
+for scenario in "${API_SCENARIOS[@]}"; do
+  read -r name _ <<<"$scenario"
+  RESULTS+=("$(printf '%s' "${ROUND_RUNS[$name]}" | sort -k2,2 -g | awk '{ runs[NR] = $0 } END { print runs[int((NR + 1) / 2)] }')")
+done
 PEAK_RSS=$(cat "$WORK/peak")
 ITEM_BYTES=$(wc -c <"$WORK/item.json"); LIST_BYTES=$(wc -c <"$WORK/list.json")
 kill "$SERVER_PID"

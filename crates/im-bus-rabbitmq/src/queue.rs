@@ -5,9 +5,10 @@
 //! broker gives its unacknowledged jobs (taken or only pushed) to another consumer.
 //! Jobs due now that are scheduled together (a fan-out's first attempts) travel together, up to
 //! `jobs_per_message` ([`JOBS_PER_MESSAGE`] by default) in one message: one publish, one
-//! confirm, one delivery and one ack for them all. The message is acknowledged once each of its jobs is completed or rescheduled; if
-//! the process dies before, all of them come back, the completed ones too, which the delivery
-//! service drops as duplicates (it finds their deliveries final).
+//! confirm, one delivery and one ack for them all. The message is acknowledged once each of its
+//! jobs is completed or rescheduled; if the process dies before, all of them come back, the
+//! completed ones too, which the delivery service drops as duplicates (it finds their deliveries
+//! final).
 //! Jobs due later wait in delay queues (one per delay bucket, with a queue-level TTL, so none
 //! blocks another) that dead-letter into the work queue when the time comes.
 
@@ -362,10 +363,15 @@ impl RabbitDeliveryQueue {
 
     async fn ack(&self, channel: &Channel, job: &DeliveryJob) -> Result<(), DomainError> {
         let tag = self.in_flight.lock().unwrap_or_else(|p| p.into_inner()).complete(job.delivery_id);
-        if let Some(tag) = tag {
-            bounded(self.limit, channel.basic_ack(tag, BasicAckOptions::default())).await.map_err(|e| unavailable("ack", e))?;
+        match tag {
+            Some(tag) => self.ack_message(channel, tag).await,
+            None => Ok(()),
         }
-        Ok(())
+    }
+
+    /// Acknowledges message `tag` of `channel`: the broker forgets it.
+    async fn ack_message(&self, channel: &Channel, tag: u64) -> Result<(), DomainError> {
+        bounded(self.limit, channel.basic_ack(tag, BasicAckOptions::default())).await.map_err(|e| unavailable("ack", e))
     }
 }
 
@@ -381,7 +387,7 @@ impl DeliveryQueue for RabbitDeliveryQueue {
         let done = held
             .and_then(|held| self.in_flight.lock().unwrap_or_else(|p| p.into_inner()).replaced(job.delivery_id, held, published.is_ok()));
         if let Some(tag) = done {
-            bounded(self.limit, channel.basic_ack(tag, BasicAckOptions::default())).await.map_err(|e| unavailable("ack", e))?;
+            self.ack_message(&channel, tag).await?;
         }
         published
     }
@@ -464,7 +470,7 @@ impl DeliveryQueue for RabbitDeliveryQueue {
             let tag = delivery.delivery_tag;
             let Some(received) = Message::jobs(&delivery.data).filter(|jobs| !jobs.is_empty()) else {
                 tracing::warn!("dropping an unreadable delivery job");
-                bounded(self.limit, channel.basic_ack(tag, BasicAckOptions::default())).await.map_err(|e| unavailable("ack", e))?;
+                self.ack_message(&channel, tag).await?;
                 continue;
             };
             let mut done = Vec::new();
@@ -493,7 +499,7 @@ impl DeliveryQueue for RabbitDeliveryQueue {
             }
             for tag in done {
                 // The messages whose jobs all came again in this one.
-                let _ = bounded(self.limit, channel.basic_ack(tag, BasicAckOptions::default())).await;
+                let _ = self.ack_message(&channel, tag).await;
             }
         }
         Ok(jobs)
