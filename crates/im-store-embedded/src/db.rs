@@ -1,5 +1,5 @@
-//! Connections: one writer behind a mutex, a small pool of readers (WAL lets them read while
-//! the writer writes), all used from tokio's blocking pool.
+//! Connections: one writer thread, a checkpointer thread, and a read connection per thread
+//! that reads (WAL lets them read while the writer writes).
 
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
@@ -29,7 +29,129 @@ static NEXT_DB_ID: AtomicU64 = AtomicU64::new(1);
 
 thread_local! {
     /// This thread's read connections, one per open database (keyed by [`Db::id`]).
-    static READERS: RefCell<Vec<(u64, Connection)>> = const { RefCell::new(Vec::new()) };
+    static READERS: RefCell<Vec<(u64, Arc<Mutex<Reader>>)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The first bytes of the WAL index (the `-shm` file), in SQLite's documented WAL-index format:
+/// the header twice (48 bytes each; every commit of any connection, in any process, rewrites
+/// it: its frame count, change counter and checksums), then `nBackfill` (a native-endian `u32`:
+/// the frames of the WAL already copied into the database file).
+const WAL_INDEX_HEADERS: usize = 96;
+const WAL_INDEX_READ: usize = WAL_INDEX_HEADERS + 4;
+/// Where the header's `mxFrame` (the frames committed to the WAL, native-endian `u32`) is.
+const MX_FRAME: usize = 16;
+
+/// A thread's read connection to one database.
+///
+/// Each read used to be a transaction of its own: taking and releasing a read mark of the WAL
+/// index, two `fcntl` locks under a mutex that every connection of the process shares (the two
+/// HTTP workers' reads met on it, and the one that waited slept: a seventh of a GET's time).
+/// Now, when the WAL is all copied into the database file (so that a snapshot reads the file
+/// alone: SQLite's read mark 0, which neither blocks the writer nor keeps the WAL from
+/// starting over), a reader keeps its read transaction open after the read, with the WAL
+/// index's header as it was just before the transaction began. The next read on this thread
+/// reads the header again (one `pread`, no lock) and uses the open transaction
+/// only if the header is the same byte for byte: no commit of any connection, in this process or
+/// another, came in between, so the snapshot is the latest (a read never sees less than what
+/// was committed before it began). Otherwise it ends the transaction and reads as before. The
+/// checkpointer (whose passes such a snapshot would keep from copying) ends every kept
+/// transaction of its database before each pass and every [`CHECKPOINT_EVERY`]
+/// ([`Snapshots::end_all`]), and so does dropping the database.
+struct Reader {
+    conn: Connection,
+    /// The WAL index, read to tell whether anything was committed; `None` when it could not be
+    /// opened (then every read is a transaction of its own).
+    index: Option<std::fs::File>,
+    /// The WAL index's headers read just before the kept transaction began; `None` when no
+    /// transaction is kept open.
+    kept: Option<[u8; WAL_INDEX_HEADERS]>,
+}
+
+impl Reader {
+    fn open(path: &Path) -> rusqlite::Result<Self> {
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI,
+        )?;
+        configure_connection(&conn)?;
+        // A first read maps the WAL index into this connection: from then on, as long as the
+        // connection is open, no connection (of any process) removes the file or makes a new
+        // one (SQLite does so only when closing the last connection to the database), so the
+        // file opened here stays the one every commit updates.
+        let _: i64 = conn.query_row("PRAGMA schema_version", [], |r| r.get(0))?;
+        let mut shm = path.as_os_str().to_owned();
+        shm.push("-shm");
+        Ok(Self { conn, index: std::fs::File::open(shm).ok(), kept: None })
+    }
+
+    fn read<R>(&mut self, f: impl FnOnce(&Connection) -> rusqlite::Result<R>) -> rusqlite::Result<R> {
+        use std::os::unix::fs::FileExt;
+        let Self { conn, index, kept } = self;
+        let Some(index) = index else { return f(conn) };
+        let mut before = [0u8; WAL_INDEX_READ];
+        let read = index.read_exact_at(&mut before, 0).is_ok();
+        if let Some(header) = kept {
+            if read && before[..WAL_INDEX_HEADERS] == header[..] {
+                let outcome = f(conn);
+                if matches!(outcome, Err(rusqlite::Error::SqliteFailure(..))) {
+                    end(conn, kept);
+                }
+                return outcome;
+            }
+            end(conn, kept);
+        }
+        let (copy, other) = before[..WAL_INDEX_HEADERS].split_at(WAL_INDEX_HEADERS / 2);
+        let word = |at: usize| u32::from_ne_bytes([before[at], before[at + 1], before[at + 2], before[at + 3]]);
+        let all_copied = copy == other && word(MX_FRAME) == word(WAL_INDEX_HEADERS);
+        if !read || !all_copied || conn.prepare_cached("BEGIN").and_then(|mut s| s.execute([])).is_err() {
+            return f(conn);
+        }
+        let outcome = f(conn);
+        let mut after = [0u8; WAL_INDEX_HEADERS];
+        // Unchanged from before the transaction began to after its read: the snapshot is of that
+        // state, read from the database file alone.
+        if outcome.is_ok() && index.read_exact_at(&mut after, 0).is_ok() && after[..] == before[..WAL_INDEX_HEADERS] {
+            *kept = Some(after);
+        } else {
+            end(conn, kept);
+        }
+        outcome
+    }
+}
+
+/// Ends the read transaction `conn` keeps open, if any.
+fn end(conn: &Connection, kept: &mut Option<[u8; WAL_INDEX_HEADERS]>) {
+    *kept = None;
+    if !conn.is_autocommit()
+        && let Err(e) = conn.prepare_cached("COMMIT").and_then(|mut s| s.execute([]))
+    {
+        tracing::warn!(error = %e, "embedded database: cannot end a read transaction");
+    }
+}
+
+/// The read connections of one database, on whichever threads they are, so that the
+/// checkpointer can end the read transactions they keep open ([`Reader`]).
+#[derive(Default)]
+struct Snapshots(Mutex<Vec<std::sync::Weak<Mutex<Reader>>>>);
+
+impl Snapshots {
+    fn add(&self, reader: &Arc<Mutex<Reader>>) {
+        let mut readers = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        readers.retain(|r| r.strong_count() > 0);
+        readers.push(Arc::downgrade(reader));
+    }
+
+    /// Ends every read transaction kept open (waiting for a read under way on it).
+    fn end_all(&self) {
+        let readers = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        for reader in readers.iter().filter_map(std::sync::Weak::upgrade) {
+            let mut reader = reader.lock().unwrap_or_else(PoisonError::into_inner);
+            let Reader { conn, kept, .. } = &mut *reader;
+            if kept.is_some() {
+                end(conn, kept);
+            }
+        }
+    }
 }
 
 /// The database: reads run at once on the calling thread (a point read from SQLite's page
@@ -49,6 +171,8 @@ pub struct Db {
     clock: Arc<dyn Clock>,
     /// Who reads the events written to the outbox, once told ([`Db::write_events_for`]).
     readers: std::sync::OnceLock<Arc<dyn EventReaders>>,
+    /// The read connections, whose kept read transactions the checkpointer ends.
+    snapshots: Arc<Snapshots>,
     /// Dropped with the database: the checkpointer thread then ends.
     _checkpoints: mpsc::Sender<()>,
 }
@@ -67,6 +191,14 @@ pub const WAL_RESTART_FRAMES: i64 = 16_384;
 /// old snapshot for long can keep it from starting over meanwhile). Above the size at which
 /// it is made to start over, so that a steady load does not cut and grow it again each time.
 const WAL_SIZE_LIMIT: i64 = 128 * 1024 * 1024;
+
+impl Drop for Db {
+    fn drop(&mut self) {
+        // The read connections outlive the database on their threads: none keeps a snapshot
+        // that would hold back the checkpoints of the file's next opening.
+        self.snapshots.end_all();
+    }
+}
 
 impl std::fmt::Debug for Db {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -170,15 +302,18 @@ impl Db {
         let (committed, writing) = (commits.clone(), gate.clone());
         std::thread::Builder::new().name("im-sqlite-writer".into()).spawn(move || write_loop(writer, &jobs, &committed, &writing))?;
         let (checkpoints, stop) = mpsc::channel::<()>();
+        let snapshots = Arc::new(Snapshots::default());
+        let kept = snapshots.clone();
         std::thread::Builder::new()
             .name("im-sqlite-ckpt".into())
-            .spawn(move || checkpoint_loop(&checkpointer, &commits, &gate, wal_restart_frames, &stop))?;
+            .spawn(move || checkpoint_loop(&checkpointer, &commits, &gate, &kept, wal_restart_frames, &stop))?;
         Ok(Self {
             id: NEXT_DB_ID.fetch_add(1, Ordering::Relaxed),
             path: path.to_owned(),
             writes: Mutex::new(writes),
             clock,
             readers: std::sync::OnceLock::new(),
+            snapshots,
             _checkpoints: checkpoints,
         })
     }
@@ -209,17 +344,14 @@ impl Db {
             let index = match readers.iter().position(|(id, _)| *id == self.id) {
                 Some(index) => index,
                 None => {
-                    let conn = Connection::open_with_flags(
-                        &self.path,
-                        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI,
-                    )
-                    .map_err(map_sqlite)?;
-                    configure_connection(&conn).map_err(map_sqlite)?;
-                    readers.push((self.id, conn));
+                    let reader = Arc::new(Mutex::new(Reader::open(&self.path).map_err(map_sqlite)?));
+                    self.snapshots.add(&reader);
+                    readers.push((self.id, reader));
                     readers.len() - 1
                 }
             };
-            f(&readers[index].1).map_err(map_sqlite)
+            let mut reader = readers[index].1.lock().unwrap_or_else(PoisonError::into_inner);
+            reader.read(f).map_err(map_sqlite)
         })
     }
 
@@ -405,9 +537,24 @@ fn write_loop(mut conn: Connection, jobs: &mpsc::Receiver<Job>, commits: &Atomic
 /// `make bench` 13 ms instead of 9 to 10), and the next write transaction starts the WAL over
 /// (unless a reader still reads an old snapshot of it: then a later pass does). The file is
 /// cut back to [`WAL_SIZE_LIMIT`] when it starts over after having grown past it.
-fn checkpoint_loop(conn: &Connection, commits: &AtomicU64, gate: &Gate, restart_frames: i64, stop: &mpsc::Receiver<()>) {
+fn checkpoint_loop(
+    conn: &Connection,
+    commits: &AtomicU64,
+    gate: &Gate,
+    snapshots: &Snapshots,
+    restart_frames: i64,
+    stop: &mpsc::Receiver<()>,
+) {
     let mut seen = 0;
+    // Each pass first ends the read transactions that readers keep open, whose snapshots
+    // (read mark 0) would keep it from copying anything.
+    let checkpoint = |conn: &Connection| {
+        snapshots.end_all();
+        checkpoint(conn)
+    };
     while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_EVERY) {
+        // Also when this process committed nothing: another process's checkpoints may wait.
+        snapshots.end_all();
         let now = commits.load(Ordering::Relaxed);
         if now == seen {
             continue;
@@ -628,6 +775,44 @@ mod tests {
             (spun_ms / 2.0..=spun_ms + 1.0).contains(&(cpu_ms + runnable_ms)),
             "{cpu_ms} ms on a CPU and {runnable_ms} ms runnable in {spun_ms} ms spinning"
         );
+    }
+
+    /// Whether this thread's reader of `db` keeps a read transaction open.
+    fn keeps(db: &super::Db) -> Option<bool> {
+        super::READERS.with(|readers| {
+            let readers = readers.borrow();
+            readers.iter().find(|(id, _)| *id == db.id).map(|(_, reader)| reader.lock().unwrap().kept.is_some())
+        })
+    }
+
+    #[tokio::test]
+    async fn a_reader_keeps_its_snapshot_only_while_the_wal_is_all_copied_and_unchanged() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("reads.db");
+        let db = super::Db::open(&path, std::sync::Arc::new(im_domain::SystemClock)).unwrap();
+        db.write(|tx| tx.execute_batch("CREATE TABLE t (k INTEGER PRIMARY KEY)").map_err(super::map_sqlite)).await.unwrap();
+        let count = || db.read(|c| c.query_row("SELECT count(*) FROM t", [], |r| r.get::<_, i64>(0)));
+        let other = rusqlite::Connection::open(&path).unwrap();
+        let checkpoint = || super::checkpoint(&other).unwrap();
+
+        assert_eq!(count().await.unwrap(), 0);
+        assert_eq!(keeps(&db), Some(false), "the WAL holds frames not yet copied: a transaction per read");
+        let pass = checkpoint();
+        assert_eq!(pass.copied, pass.log, "nothing keeps the checkpoint from copying everything");
+        assert_eq!(count().await.unwrap(), 0);
+        assert_eq!(keeps(&db), Some(true), "all copied: the snapshot is kept");
+        assert_eq!(count().await.unwrap(), 0);
+        assert_eq!(keeps(&db), Some(true), "nothing committed since: still kept");
+
+        other.execute("INSERT INTO t (k) VALUES (1)", []).unwrap();
+        assert_eq!(count().await.unwrap(), 1, "a commit of another connection ends the kept snapshot");
+        assert_eq!(keeps(&db), Some(false));
+
+        checkpoint();
+        assert_eq!(count().await.unwrap(), 1);
+        assert_eq!(keeps(&db), Some(true));
+        db.snapshots.end_all();
+        assert_eq!(keeps(&db), Some(false), "the checkpointer ends it");
     }
 
     #[test]

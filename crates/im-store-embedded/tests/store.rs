@@ -638,6 +638,18 @@ async fn the_wal_stays_bounded_under_a_steady_stream_of_writes() {
             })
         })
         .collect();
+    // Two readers all along: a snapshot a reader keeps must not keep the WAL from starting over.
+    let readers: Vec<_> = (0..2)
+        .map(|_| {
+            let (db, done) = (db.clone(), done.clone());
+            tokio::spawn(async move {
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _: i64 = db.read(|c| c.query_row("SELECT count(*) FROM t", [], |r| r.get(0))).await.unwrap();
+                    tokio::task::yield_now().await;
+                }
+            })
+        })
+        .collect();
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     let mut seen = Vec::new();
     while seen.len() <= STARTS_OVER && std::time::Instant::now() < deadline {
@@ -653,6 +665,9 @@ async fn the_wal_stays_bounded_under_a_steady_stream_of_writes() {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     done.store(true, std::sync::atomic::Ordering::Relaxed);
+    for r in readers {
+        r.await.unwrap();
+    }
     let mut written = 0;
     for w in writers {
         written += w.await.unwrap() * 4096;
@@ -665,4 +680,67 @@ async fn the_wal_stays_bounded_under_a_steady_stream_of_writes() {
     );
     let rows: i64 = db.read(|c| c.query_row("SELECT count(*) FROM t", [], |r| r.get(0))).await.unwrap();
     assert_eq!(rows, 400, "every write is in the database");
+}
+
+/// A read never sees less than what was committed before it began, also when the thread's
+/// reader keeps its read transaction open between reads (it does while the WAL is all copied
+/// into the database file): a commit of another connection in between (another process sharing
+/// the data directory, say) ends it. Each round commits a row through another connection, reads,
+/// copies the WAL into the file, reads again (a snapshot kept from here), then the next round's
+/// commit must be seen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_sees_every_commit_of_another_connection_made_before_it() {
+    use im_domain::DomainError;
+    use im_store_embedded::Db;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("reads.db");
+    let db = Arc::new(Db::open(&path, Arc::new(SystemClock)).unwrap());
+    db.write(|tx| tx.execute_batch("CREATE TABLE t (k INTEGER PRIMARY KEY)").map_err(|e| DomainError::Unexpected(e.into()))).await.unwrap();
+    let other = rusqlite::Connection::open(&path).unwrap();
+    // Two threads read, each with its reader; both must see every round's commit.
+    let count = |db: Arc<Db>| async move {
+        let count = || db.read(|c| c.query_row("SELECT count(*) FROM t", [], |r| r.get::<_, i64>(0)));
+        (count().await.unwrap(), count().await.unwrap())
+    };
+    for round in 1..=50i64 {
+        other.execute("INSERT INTO t (k) VALUES (?1)", [round]).unwrap();
+        for reads in [tokio::spawn(count(db.clone())), tokio::spawn(count(db.clone()))] {
+            assert_eq!(reads.await.unwrap(), (round, round), "round {round}, before the checkpoint");
+        }
+        other.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())).unwrap();
+        for reads in [tokio::spawn(count(db.clone())), tokio::spawn(count(db.clone()))] {
+            assert_eq!(reads.await.unwrap(), (round, round), "round {round}, after the checkpoint");
+        }
+    }
+}
+
+/// A reader that keeps its snapshot and then reads no more does not keep the checkpoints of
+/// another connection (another process) from copying the WAL for long: the database's
+/// checkpointer ends kept read transactions every 100 ms, whether or not it commits itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_snapshot_does_not_hold_back_the_checkpoints_of_others() {
+    use im_domain::DomainError;
+    use im_store_embedded::Db;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("reads.db");
+    let db = Db::open(&path, Arc::new(SystemClock)).unwrap();
+    db.write(|tx| tx.execute_batch("CREATE TABLE t (k INTEGER PRIMARY KEY)").map_err(|e| DomainError::Unexpected(e.into()))).await.unwrap();
+    // The database's checkpointer has copied its own commit: it has nothing more to copy.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let other = rusqlite::Connection::open(&path).unwrap();
+    let checkpoint = || other.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))).unwrap();
+    let (log, copied) = checkpoint();
+    assert_eq!(log, copied);
+    // Kept from here (the WAL is all copied), on this thread (a current-thread read).
+    let _: i64 = db.read(|c| c.query_row("SELECT count(*) FROM t", [], |r| r.get(0))).await.unwrap();
+    other.execute("INSERT INTO t (k) VALUES (1)", []).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        let (log, copied) = checkpoint();
+        if log == copied {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the WAL is still not copied after 2 s: {copied} of {log} frames");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
