@@ -44,19 +44,21 @@ const MX_FRAME: usize = 16;
 /// A thread's read connection to one database.
 ///
 /// Each read used to be a transaction of its own: taking and releasing a read mark of the WAL
-/// index, two `fcntl` locks under a mutex that every connection of the process shares (the two
-/// HTTP workers' reads met on it, and the one that waited slept: a seventh of a GET's time).
-/// Now, when the WAL is all copied into the database file (so that a snapshot reads the file
-/// alone: SQLite's read mark 0, which neither blocks the writer nor keeps the WAL from
-/// starting over), a reader keeps its read transaction open after the read, with the WAL
-/// index's header as it was just before the transaction began. The next read on this thread
-/// reads the header again (one `pread`, no lock) and uses the open transaction
-/// only if the header is the same byte for byte: no commit of any connection, in this process or
-/// another, came in between, so the snapshot is the latest (a read never sees less than what
-/// was committed before it began). Otherwise it ends the transaction and reads as before. The
-/// checkpointer (whose passes such a snapshot would keep from copying) ends every kept
-/// transaction of its database before each pass and every [`CHECKPOINT_EVERY`]
-/// ([`Snapshots::end_all`]), and so does dropping the database.
+/// index, two `fcntl` locks under a mutex that every connection of the process shares (the two HTTP
+/// workers' reads met on it, and the one that waited slept: a seventh of a GET's time). Now, when
+/// the WAL is all copied into the database file (so that a snapshot reads the file alone: SQLite's
+/// read mark 0, which neither blocks the writer nor keeps the WAL from starting over; in the
+/// instant a checkpoint or a recovery holds that mark, SQLite gives the snapshot another, which
+/// keeps the WAL from starting over until the snapshot ends), a reader keeps its read transaction
+/// open after the read, with the WAL index's header as it was just before the transaction began.
+/// The next read on this thread reads the header again (one `pread`, no lock) and uses the open
+/// transaction only if the header is the same byte for byte: no commit of any connection, in this
+/// process or another, came in between, so the snapshot is the latest (a read never sees less than
+/// what was committed before it began). Otherwise it ends the transaction and reads as before. The
+/// checkpointer (whose passes such a snapshot would keep from copying) ends every kept transaction
+/// of its database before each pass (before holding writes for the last one) and every
+/// [`CHECKPOINT_EVERY`] ([`Snapshots::end_all`]), and so does dropping the database. A read that
+/// panics leaves the transaction kept with the header read before it began, checked like any other.
 struct Reader {
     conn: Connection,
     /// The WAL index, read to tell whether anything was committed; `None` when it could not be
@@ -79,14 +81,18 @@ impl Reader {
         // one (SQLite does so only when closing the last connection to the database), so the
         // file opened here stays the one every commit updates.
         let _: i64 = conn.query_row("PRAGMA schema_version", [], |r| r.get(0))?;
-        let mut shm = path.as_os_str().to_owned();
-        shm.push("-shm");
-        Ok(Self { conn, index: std::fs::File::open(shm).ok(), kept: None })
+        // The file name SQLite resolved (symbolic links followed), as it names the WAL index.
+        let index = conn.path().and_then(|db| std::fs::File::open(format!("{db}-shm")).ok());
+        Ok(Self { conn, index, kept: None })
     }
 
     fn read<R>(&mut self, f: impl FnOnce(&Connection) -> rusqlite::Result<R>) -> rusqlite::Result<R> {
         use std::os::unix::fs::FileExt;
         let Self { conn, index, kept } = self;
+        if kept.is_none() && !conn.is_autocommit() {
+            // Left open by an end that failed: never read in it.
+            end(conn, kept);
+        }
         let Some(index) = index else { return f(conn) };
         let mut before = [0u8; WAL_INDEX_READ];
         let read = index.read_exact_at(&mut before, 0).is_ok();
@@ -106,25 +112,33 @@ impl Reader {
         if !read || !all_copied || conn.prepare_cached("BEGIN").and_then(|mut s| s.execute([])).is_err() {
             return f(conn);
         }
+        // Kept from here, with the header read before it began, also if `f` panics: the next
+        // read then checks the header as for any kept transaction.
+        let mut began = [0u8; WAL_INDEX_HEADERS];
+        began.copy_from_slice(&before[..WAL_INDEX_HEADERS]);
+        *kept = Some(began);
         let outcome = f(conn);
         let mut after = [0u8; WAL_INDEX_HEADERS];
         // Unchanged from before the transaction began to after its read: the snapshot is of that
-        // state, read from the database file alone.
-        if outcome.is_ok() && index.read_exact_at(&mut after, 0).is_ok() && after[..] == before[..WAL_INDEX_HEADERS] {
-            *kept = Some(after);
-        } else {
+        // state, read from the database file alone (read mark 0). A commit in between would not
+        // make a later read stale (the header differs from the one kept), but the snapshot would
+        // hold a read mark that keeps the WAL from starting over until the next read ends it.
+        if !(outcome.is_ok() && index.read_exact_at(&mut after, 0).is_ok() && after[..] == before[..WAL_INDEX_HEADERS]) {
             end(conn, kept);
         }
         outcome
     }
 }
 
-/// Ends the read transaction `conn` keeps open, if any.
+/// Ends the read transaction `conn` keeps open, if any (a read transaction changed nothing: a
+/// rollback, if the commit fails, ends it the same).
 fn end(conn: &Connection, kept: &mut Option<[u8; WAL_INDEX_HEADERS]>) {
     *kept = None;
-    if !conn.is_autocommit()
-        && let Err(e) = conn.prepare_cached("COMMIT").and_then(|mut s| s.execute([]))
-    {
+    if conn.is_autocommit() {
+        return;
+    }
+    let run = |sql: &str| conn.prepare_cached(sql).and_then(|mut s| s.execute([]));
+    if let Err(e) = run("COMMIT").or_else(|_| run("ROLLBACK")) {
         tracing::warn!(error = %e, "embedded database: cannot end a read transaction");
     }
 }
@@ -143,11 +157,11 @@ impl Snapshots {
 
     /// Ends every read transaction kept open (waiting for a read under way on it).
     fn end_all(&self) {
-        let readers = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        for reader in readers.iter().filter_map(std::sync::Weak::upgrade) {
+        let readers: Vec<_> = self.0.lock().unwrap_or_else(PoisonError::into_inner).iter().filter_map(std::sync::Weak::upgrade).collect();
+        for reader in readers {
             let mut reader = reader.lock().unwrap_or_else(PoisonError::into_inner);
             let Reader { conn, kept, .. } = &mut *reader;
-            if kept.is_some() {
+            if kept.is_some() || !conn.is_autocommit() {
                 end(conn, kept);
             }
         }
@@ -550,7 +564,7 @@ fn checkpoint_loop(
     // (read mark 0) would keep it from copying anything.
     let checkpoint = |conn: &Connection| {
         snapshots.end_all();
-        checkpoint(conn)
+        checkpoint_pass(conn)
     };
     while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_EVERY) {
         // Also when this process committed nothing: another process's checkpoints may wait.
@@ -587,12 +601,17 @@ fn checkpoint_loop(
                     continue;
                 }
                 let copied = started.elapsed();
+                // Before holding writes (not while: ending a snapshot waits for a read under way
+                // on its connection). A snapshot kept from here began with the WAL all copied;
+                // if writes came before the hold, it keeps this pass from copying them, and a
+                // later pass does.
+                snapshots.end_all();
                 let held = gate.for_checkpoint();
                 let holding = std::time::Instant::now();
                 let sched = tracing::enabled!(target: "im_store_embedded::checkpoints", tracing::Level::DEBUG)
                     .then(Schedstat::of_this_thread)
                     .flatten();
-                let last = checkpoint(conn);
+                let last = checkpoint_pass(conn);
                 let writes_held = holding.elapsed();
                 drop(held);
                 match last {
@@ -721,7 +740,7 @@ impl Pass {
 }
 
 /// A `PASSIVE` checkpoint.
-fn checkpoint(conn: &Connection) -> rusqlite::Result<Pass> {
+fn checkpoint_pass(conn: &Connection) -> rusqlite::Result<Pass> {
     conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| Ok(Pass { log: r.get(1)?, copied: r.get(2)? }))
 }
 
@@ -793,7 +812,7 @@ mod tests {
         db.write(|tx| tx.execute_batch("CREATE TABLE t (k INTEGER PRIMARY KEY)").map_err(super::map_sqlite)).await.unwrap();
         let count = || db.read(|c| c.query_row("SELECT count(*) FROM t", [], |r| r.get::<_, i64>(0)));
         let other = rusqlite::Connection::open(&path).unwrap();
-        let checkpoint = || super::checkpoint(&other).unwrap();
+        let checkpoint = || super::checkpoint_pass(&other).unwrap();
 
         assert_eq!(count().await.unwrap(), 0);
         assert_eq!(keeps(&db), Some(false), "the WAL holds frames not yet copied: a transaction per read");
@@ -813,6 +832,36 @@ mod tests {
         assert_eq!(keeps(&db), Some(true));
         db.snapshots.end_all();
         assert_eq!(keeps(&db), Some(false), "the checkpointer ends it");
+    }
+
+    #[tokio::test]
+    async fn a_read_that_panics_in_a_kept_transaction_leaves_no_stale_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("reads.db");
+        let db = std::sync::Arc::new(super::Db::open(&path, std::sync::Arc::new(im_domain::SystemClock)).unwrap());
+        db.write(|tx| tx.execute_batch("CREATE TABLE t (k INTEGER PRIMARY KEY)").map_err(super::map_sqlite)).await.unwrap();
+        let count = || db.read(|c| c.query_row("SELECT count(*) FROM t", [], |r| r.get::<_, i64>(0)));
+        let other = rusqlite::Connection::open(&path).unwrap();
+        assert_eq!(count().await.unwrap(), 0);
+        super::checkpoint_pass(&other).unwrap();
+
+        // On this thread (a current-thread runtime): the WAL is all copied, so the read begins a
+        // transaction to keep, and panics in it.
+        let reading = db.clone();
+        let read = tokio::spawn(async move {
+            reading
+                .read(|c| -> rusqlite::Result<()> {
+                    let _: i64 = c.query_row("SELECT count(*) FROM t", [], |r| r.get(0))?;
+                    panic!("a read that fails half-way")
+                })
+                .await
+        });
+        assert!(read.await.unwrap_err().is_panic());
+
+        other.execute("INSERT INTO t (k) VALUES (1)", []).unwrap();
+        assert_eq!(count().await.unwrap(), 1, "the commit made after the panic is seen");
+        let pass = super::checkpoint_pass(&other).unwrap();
+        assert_eq!(pass.copied, pass.log, "no snapshot left open holds back the checkpoint");
     }
 
     #[test]
