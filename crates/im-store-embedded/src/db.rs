@@ -114,9 +114,7 @@ impl Reader {
         }
         // Kept from here, with the header read before it began, also if `f` panics: the next
         // read then checks the header as for any kept transaction.
-        let mut began = [0u8; WAL_INDEX_HEADERS];
-        began.copy_from_slice(&before[..WAL_INDEX_HEADERS]);
-        *kept = Some(began);
+        *kept = before[..WAL_INDEX_HEADERS].try_into().ok();
         let outcome = f(conn);
         let mut after = [0u8; WAL_INDEX_HEADERS];
         // Unchanged from before the transaction began to after its read: the snapshot is of that
@@ -560,14 +558,10 @@ fn checkpoint_loop(
     stop: &mpsc::Receiver<()>,
 ) {
     let mut seen = 0;
-    // Each pass first ends the read transactions that readers keep open, whose snapshots
-    // (read mark 0) would keep it from copying anything.
-    let checkpoint = |conn: &Connection| {
-        snapshots.end_all();
-        checkpoint_pass(conn)
-    };
     while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_EVERY) {
-        // Also when this process committed nothing: another process's checkpoints may wait.
+        // Each pass first ends the read transactions that readers keep open, whose snapshots
+        // (read mark 0) would keep it from copying anything; this one also when this process
+        // committed nothing (another process's checkpoints may wait for them).
         snapshots.end_all();
         let now = commits.load(Ordering::Relaxed);
         if now == seen {
@@ -575,14 +569,15 @@ fn checkpoint_loop(
         }
         seen = now;
         let started = std::time::Instant::now();
-        match checkpoint(conn) {
+        match checkpoint_pass(conn) {
             Ok(mut pass) if pass.log >= restart_frames => {
                 // Catch up without holding writes: each pass copies what was written during
                 // the one before, until that is a few frames; the held pass then copies, and
                 // flushes to the disk, only those (its time grows with the pages it writes).
                 let mut catch_up = CatchUp::new(restart_frames);
                 for _ in 0..CATCH_UP_PASSES {
-                    match checkpoint(conn) {
+                    snapshots.end_all();
+                    match checkpoint_pass(conn) {
                         Ok(next) => {
                             let go_on = catch_up.go_on(pass, next);
                             pass = next;
