@@ -118,12 +118,29 @@ impl Delivery {
 
 /// The deterministic id of the delivery of `event_id` to `webhook`: fanning the same event out
 /// twice finds the delivery already there.
+///
+/// When the event id is a UUID version 7 (every event this service writes), the delivery id is
+/// one too, with the event's time: the rest is the hash of the webhook and the event. Ids then
+/// grow with time as the events' do, so a store's indexes of deliveries (and the embedded
+/// delivery queue's key) take the deliveries of a batch at their end, a few pages for many
+/// deliveries, instead of one page each at a random place (that was most of the disk writes of
+/// a fan-out). Other event ids give the hash alone.
 pub fn delivery_id(webhook: WebhookId, event_id: &str) -> Uuid {
     use sha2::Digest as _;
     let digest = sha2::Sha256::digest(format!("{webhook}/{event_id}").as_bytes());
-    let mut bytes = [0u8; 16];
-    bytes.copy_from_slice(&digest[..16]);
-    uuid::Builder::from_custom_bytes(bytes).into_uuid()
+    match Uuid::try_parse(event_id) {
+        Ok(event) if event.get_version_num() == 7 => {
+            let time = event.as_bytes()[..6].iter().fold(0u64, |ms, byte| (ms << 8) | u64::from(*byte));
+            let mut rest = [0u8; 10];
+            rest.copy_from_slice(&digest[..10]);
+            uuid::Builder::from_unix_timestamp_millis(time, &rest).into_uuid()
+        }
+        _ => {
+            let mut bytes = [0u8; 16];
+            bytes.copy_from_slice(&digest[..16]);
+            uuid::Builder::from_custom_bytes(bytes).into_uuid()
+        }
+    }
 }
 
 /// Filters of a delivery listing.
@@ -255,5 +272,23 @@ mod tests {
         let w = WebhookId(Uuid::nil());
         assert_eq!(delivery_id(w, "e1"), delivery_id(w, "e1"));
         assert_ne!(delivery_id(w, "e1"), delivery_id(w, "e2"));
+    }
+
+    #[test]
+    fn the_deliveries_of_a_time_ordered_event_are_ordered_by_its_time() {
+        let (w1, w2) = (WebhookId(Uuid::from_u128(1)), WebhookId(Uuid::from_u128(2)));
+        let at = |ms: u64| uuid::Builder::from_unix_timestamp_millis(ms, &[0xab; 10]).into_uuid().to_string();
+        let (earlier, later) = (at(1_764_000_000_000), at(1_764_000_000_001));
+        let id = delivery_id(w1, &earlier);
+        assert_eq!(id, delivery_id(w1, &earlier), "deterministic");
+        assert_ne!(id, delivery_id(w2, &earlier), "one per endpoint");
+        assert_eq!(id.get_version_num(), 7);
+        assert_eq!(id.as_bytes()[..6], Uuid::parse_str(&earlier).unwrap().as_bytes()[..6], "the event's time");
+        for w in [w1, w2] {
+            assert!(delivery_id(w, &earlier).to_string() < delivery_id(w1, &later).to_string(), "ordered as text too");
+            assert!(delivery_id(w, &earlier).to_string() < delivery_id(w2, &later).to_string());
+        }
+        let v4 = "6f1c2b9e-8d4a-4c3e-9b1a-2f3e4d5c6b7a";
+        assert_eq!(delivery_id(w1, v4).get_version_num(), 8, "other ids: the hash alone (a custom UUID), as before");
     }
 }
