@@ -128,14 +128,14 @@ impl Delivery {
 pub fn delivery_id(webhook: WebhookId, event_id: &str) -> Uuid {
     use sha2::Digest as _;
     let digest = sha2::Sha256::digest(format!("{webhook}/{event_id}").as_bytes());
-    match Uuid::try_parse(event_id) {
-        Ok(event) if event.get_version_num() == 7 => {
-            let time = event.as_bytes()[..6].iter().fold(0u64, |ms, byte| (ms << 8) | u64::from(*byte));
+    match Uuid::try_parse(event_id).ok().filter(|event| event.get_version_num() == 7).and_then(|event| event.get_timestamp()) {
+        Some(time) => {
+            let (seconds, nanos) = time.to_unix();
             let mut rest = [0u8; 10];
             rest.copy_from_slice(&digest[..10]);
-            uuid::Builder::from_unix_timestamp_millis(time, &rest).into_uuid()
+            uuid::Builder::from_unix_timestamp_millis(seconds * 1000 + u64::from(nanos / 1_000_000), &rest).into_uuid()
         }
-        _ => {
+        None => {
             let mut bytes = [0u8; 16];
             bytes.copy_from_slice(&digest[..16]);
             uuid::Builder::from_custom_bytes(bytes).into_uuid()
