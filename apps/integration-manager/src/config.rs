@@ -194,6 +194,9 @@ pub struct StorageSettings {
     pub backend: StorageBackend,
     pub data_dir: PathBuf,
     pub ttl_sweep_interval: HumanDuration,
+    /// The embedded database's WAL size, in MiB, past which it is copied back with writes held
+    /// for a moment so that it starts over.
+    pub wal_restart_mb: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -544,6 +547,9 @@ impl Settings {
         check(&mut problems, self.storage.ttl_sweep_interval.get().as_secs() >= 1, "storage.ttl_sweep_interval", &|| {
             "must be at least 1s".into()
         });
+        check(&mut problems, (8..=4096).contains(&self.storage.wal_restart_mb), "storage.wal_restart_mb", &|| {
+            "must be between 8 and 4096".into()
+        });
         check(&mut problems, (1..=10_000).contains(&self.events.relay_batch_size), "events.relay_batch_size", &|| {
             "must be between 1 and 10000".into()
         });
@@ -739,6 +745,10 @@ mod tests {
             jail.set_env("IM_SERVER__HOST", "not an address");
             assert_eq!(keys(Settings::load(None)), ["server.host"]);
             jail.set_env("IM_SERVER__HOST", "127.0.0.1");
+            jail.set_env("IM_STORAGE__WAL_RESTART_MB", "4");
+            assert_eq!(keys(Settings::load(None)), ["storage.wal_restart_mb"]);
+            jail.set_env("IM_STORAGE__WAL_RESTART_MB", "8");
+            assert!(Settings::load(None).is_ok());
             jail.set_env("IM_AUTH__HS256_KEY", "c2hvcnQ=");
             assert_eq!(keys(Settings::load(None)), ["auth.hs256_key"]);
             jail.set_env("IM_AUTH__HS256_KEY", "");

@@ -288,6 +288,13 @@ macro_rules! repositories_of {
     };
 }
 
+/// How the embedded database runs, from `storage`.
+fn embedded_options(settings: &Settings) -> im_store_embedded::DbOptions {
+    // 256 frames (4 KiB pages) a MiB.
+    let wal_restart_frames = i64::from(settings.storage.wal_restart_mb) * 256;
+    im_store_embedded::DbOptions { wal_restart_frames, ..im_store_embedded::DbOptions::default() }
+}
+
 /// Opens the configured store: the embedded one is migrated; Cosmos DB is provisioned when
 /// `provision` (the `migrate` command, or `cosmos_db.auto_provision`), then checked.
 ///
@@ -296,7 +303,7 @@ macro_rules! repositories_of {
 pub async fn open_storage(settings: &Settings, clock: Arc<dyn Clock>, provision: bool) -> anyhow::Result<Storage> {
     match settings.storage.backend {
         StorageBackend::Embedded => {
-            let store = EmbeddedStore::open(&settings.storage.data_dir, clock)?;
+            let store = EmbeddedStore::open_with(&settings.storage.data_dir, clock, embedded_options(settings))?;
             let migrated = store.migrate().await.context("migrating the embedded store")?;
             if !migrated.applied.is_empty() {
                 tracing::info!(applied = ?migrated.applied, version = migrated.version, "store migrated");
@@ -493,7 +500,7 @@ async fn embedded_store(settings: &Settings, storage: &Storage) -> anyhow::Resul
     match &storage.embedded {
         Some(store) => Ok(store.clone()),
         None => {
-            let store = EmbeddedStore::open(&settings.storage.data_dir, Arc::new(SystemClock))?;
+            let store = EmbeddedStore::open_with(&settings.storage.data_dir, Arc::new(SystemClock), embedded_options(settings))?;
             store.migrate().await.context("migrating the data directory's database")?;
             Ok(store)
         }

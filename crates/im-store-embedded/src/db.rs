@@ -192,17 +192,20 @@ pub struct Db {
 /// How often the checkpointer looks for commits to copy from the WAL into the database file.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 
-/// A WAL of at least this many frames (4 KiB pages: 64 MiB) after a checkpoint is
+/// A WAL of at least this many frames (4 KiB pages: 32 MiB) after a checkpoint is
 /// checkpointed once more with this process's writes held, so that it starts over
 /// ([`checkpoint_loop`]). Holding writes costs two `fsync`s (5 to 35 ms under a saturating load
-/// on a 2-core machine): at 1,024 frames that came every 100 ms and halved the deliveries a
-/// second; at this size it comes about once a second at saturation.
-pub const WAL_RESTART_FRAMES: i64 = 16_384;
+/// on a 2-core machine, up to 64 ms on a slow disk): at 1,024 frames that came every 100 ms and
+/// halved the deliveries a second. A larger WAL makes the held pass rarer but not shorter: on a
+/// slow disk each one waits behind the flush of more WAL, and with 16,384 frames (64 MiB) the
+/// paced p99 of 10 endpoints was 28 ms (median of nine runs) against 18 at 8,192 and 17 at
+/// 4,096, at the same rates; with 65,536, 140 to 160 ms. The service sets it from
+/// `storage.wal_restart_mb`.
+pub const WAL_RESTART_FRAMES: i64 = 8_192;
 
-/// A WAL file that grew past this is cut back to it when it starts over (a reader holding an
-/// old snapshot for long can keep it from starting over meanwhile). Above the size at which
-/// it is made to start over, so that a steady load does not cut and grow it again each time.
-const WAL_SIZE_LIMIT: i64 = 128 * 1024 * 1024;
+/// The size of a WAL frame, near enough (a page of the default size; each frame adds a
+/// 24-byte header).
+const FRAME_BYTES: i64 = 4096;
 
 impl Drop for Db {
     fn drop(&mut self) {
@@ -244,7 +247,7 @@ fn open_for_writing(path: &Path) -> anyhow::Result<Connection> {
 }
 
 /// The writer's settings of the file (WAL, durability, foreign keys).
-fn configure_writer(conn: &Connection) -> rusqlite::Result<()> {
+fn configure_writer(conn: &Connection, restart_frames: i64) -> rusqlite::Result<()> {
     // WAL: readers never block the writer; NORMAL sync is durable against a crash of the
     // process (a committed transaction is in the WAL before the call returns).
     conn.pragma_update(None, "journal_mode", "WAL")?;
@@ -254,7 +257,10 @@ fn configure_writer(conn: &Connection) -> rusqlite::Result<()> {
     // Checkpoints run on a thread of their own, not in the commit of a group (where the copy
     // and its fsyncs would hold every waiting write).
     conn.pragma_update(None, "wal_autocheckpoint", 0)?;
-    conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)?;
+    // A WAL file that grew past twice the size at which it is made to start over (a reader
+    // holding an old snapshot for long can keep it from starting over meanwhile) is cut back to
+    // that when it starts over; a steady load does not cut and grow it again each time.
+    conn.pragma_update(None, "journal_size_limit", restart_frames.saturating_mul(2 * FRAME_BYTES))?;
     Ok(())
 }
 
@@ -306,7 +312,7 @@ impl Db {
     pub fn open_with(path: &Path, clock: Arc<dyn Clock>, options: DbOptions) -> anyhow::Result<Self> {
         let DbOptions { write_queue: capacity, wal_restart_frames } = options;
         let writer = open_for_writing(path)?;
-        configure_writer(&writer)?;
+        configure_writer(&writer, wal_restart_frames)?;
         let checkpointer = open_for_writing(path)?;
         let commits = Arc::new(AtomicU64::new(0));
         let gate = Arc::new(Gate::default());
@@ -548,7 +554,7 @@ fn write_loop(mut conn: Connection, jobs: &mpsc::Receiver<Job>, commits: &Atomic
 /// first pass alone before it, 6 to 10 ms at 4,000 deliveries a second, and the paced p99 of
 /// `make bench` 13 ms instead of 9 to 10), and the next write transaction starts the WAL over
 /// (unless a reader still reads an old snapshot of it: then a later pass does). The file is
-/// cut back to [`WAL_SIZE_LIMIT`] when it starts over after having grown past it.
+/// cut back to twice `restart_frames` when it starts over after having grown past that.
 fn checkpoint_loop(
     conn: &Connection,
     commits: &AtomicU64,

@@ -66,9 +66,17 @@ impl EmbeddedStore {
     /// # Errors
     /// When the directory or the file cannot be created or opened.
     pub fn open(data_dir: &Path, clock: Arc<dyn Clock>) -> anyhow::Result<Self> {
+        Self::open_with(data_dir, clock, DbOptions::default())
+    }
+
+    /// [`EmbeddedStore::open`] with `options`.
+    ///
+    /// # Errors
+    /// As `open`.
+    pub fn open_with(data_dir: &Path, clock: Arc<dyn Clock>, options: DbOptions) -> anyhow::Result<Self> {
         std::fs::create_dir_all(data_dir).map_err(|e| anyhow::anyhow!("cannot create data directory {}: {e}", data_dir.display()))?;
         let path = data_dir.join(DATABASE_FILE);
-        let db = Db::open(&path, clock)?;
+        let db = Db::open_with(&path, clock, options)?;
         Ok(Self { db: Arc::new(db), path, leased: Arc::default() })
     }
 
