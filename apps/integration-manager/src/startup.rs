@@ -290,9 +290,7 @@ macro_rules! repositories_of {
 
 /// How the embedded database runs, from `storage`.
 fn embedded_options(settings: &Settings) -> im_store_embedded::DbOptions {
-    // 256 frames (4 KiB pages) a MiB.
-    let wal_restart_frames = i64::from(settings.storage.wal_restart_mb) * 256;
-    im_store_embedded::DbOptions { wal_restart_frames, ..im_store_embedded::DbOptions::default() }
+    im_store_embedded::DbOptions::default().with_wal_restart_mib(settings.storage.wal_restart_mb)
 }
 
 /// Opens the configured store: the embedded one is migrated; Cosmos DB is provisioned when

@@ -282,6 +282,14 @@ impl Default for DbOptions {
     }
 }
 
+impl DbOptions {
+    /// These options with the WAL made to start over past `mib` MiB.
+    #[must_use]
+    pub fn with_wal_restart_mib(self, mib: u32) -> Self {
+        Self { wal_restart_frames: i64::from(mib) * (1024 * 1024 / FRAME_BYTES), ..self }
+    }
+}
+
 /// Translates SQLite failures: a busy or locked database is temporary, everything else is a defect.
 pub(crate) fn map_sqlite(error: rusqlite::Error) -> DomainError {
     use rusqlite::ErrorCode;
@@ -751,6 +759,13 @@ mod tests {
 
     fn pass(log: i64) -> Pass {
         Pass { log, copied: log }
+    }
+
+    #[test]
+    fn the_wal_restart_size_in_mib_counts_4_kib_frames() {
+        // 32 MiB: the default of `storage.wal_restart_mb`, and the store's own.
+        assert_eq!(super::DbOptions::default().with_wal_restart_mib(32).wal_restart_frames, super::WAL_RESTART_FRAMES);
+        assert_eq!(super::DbOptions::default().with_wal_restart_mib(8).wal_restart_frames, 2_048);
     }
 
     #[test]
