@@ -403,8 +403,20 @@ fn events(
     health: &mut Vec<Arc<dyn HealthCheck>>,
 ) -> Events {
     let wake = Arc::new(tokio::sync::Notify::new());
-    let repository = Arc::new(WakeOnEvents { inner: storage.integrations.clone(), wake: wake.clone() });
-    let connections: Arc<dyn ConnectionRepository> = Arc::new(WakeOnEvents { inner: storage.connections.clone(), wake: wake.clone() });
+    let (repository, connections): (Arc<dyn IntegrationRepository>, Arc<dyn ConnectionRepository>) = match &storage.embedded {
+        // The embedded store wakes the relay itself, after the commits that wrote an event: not
+        // after the writes whose events it skipped (nobody reads them), whose wake-ups each cost
+        // the relay a look at an empty outbox.
+        Some(store) => {
+            let relay = wake.clone();
+            store.on_outbox_commit(Arc::new(move || relay.notify_one()));
+            (storage.integrations.clone(), storage.connections.clone())
+        }
+        None => (
+            Arc::new(WakeOnEvents { inner: storage.integrations.clone(), wake: wake.clone() }),
+            Arc::new(WakeOnEvents { inner: storage.connections.clone(), wake: wake.clone() }),
+        ),
+    };
     let integrations = IntegrationService::new(repository, storage.providers.clone(), clock, Arc::new(UuidV7), audit)
         .with_connections(storage.connections.clone())
         .with_url_policy(settings.webhooks.sender.url_policy())

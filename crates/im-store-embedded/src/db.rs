@@ -27,6 +27,21 @@ type Completion = Box<dyn FnOnce(Option<&str>) + Send>;
 
 static NEXT_DB_ID: AtomicU64 = AtomicU64::new(1);
 
+/// Called after a commit that wrote to the outbox ([`Db::on_outbox_commit`]).
+type OutboxWake = Arc<dyn Fn() + Send + Sync>;
+
+thread_local! {
+    /// Set on the writer thread by a write of the group under way that inserted into the
+    /// outbox ([`note_outbox_write`]); read and cleared once the group ends.
+    static OUTBOX_WRITTEN: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Tells the writer that the write under way inserted into the outbox: once its group commits,
+/// the callback of [`Db::on_outbox_commit`] runs.
+pub(crate) fn note_outbox_write() {
+    OUTBOX_WRITTEN.with(|written| written.set(true));
+}
+
 thread_local! {
     /// This thread's read connections, one per open database (keyed by [`Db::id`]).
     static READERS: RefCell<Vec<(u64, Arc<Mutex<Reader>>)>> = const { RefCell::new(Vec::new()) };
@@ -185,6 +200,8 @@ pub struct Db {
     readers: std::sync::OnceLock<Arc<dyn EventReaders>>,
     /// The read connections, whose kept read transactions the checkpointer ends.
     snapshots: Arc<Snapshots>,
+    /// Run by the writer after each commit that wrote to the outbox, once told.
+    outbox_wake: Arc<std::sync::OnceLock<OutboxWake>>,
     /// Dropped with the database: the checkpointer thread then ends.
     _checkpoints: mpsc::Sender<()>,
 }
@@ -326,7 +343,11 @@ impl Db {
         let gate = Arc::new(Gate::default());
         let (writes, jobs) = mpsc::sync_channel::<Job>(capacity);
         let (committed, writing) = (commits.clone(), gate.clone());
-        std::thread::Builder::new().name("im-sqlite-writer".into()).spawn(move || write_loop(writer, &jobs, &committed, &writing))?;
+        let outbox_wake = Arc::new(std::sync::OnceLock::<OutboxWake>::new());
+        let woken = outbox_wake.clone();
+        std::thread::Builder::new()
+            .name("im-sqlite-writer".into())
+            .spawn(move || write_loop(writer, &jobs, &committed, &writing, &woken))?;
         let (checkpoints, stop) = mpsc::channel::<()>();
         let snapshots = Arc::new(Snapshots::default());
         let kept = snapshots.clone();
@@ -340,6 +361,7 @@ impl Db {
             clock,
             readers: std::sync::OnceLock::new(),
             snapshots,
+            outbox_wake,
             _checkpoints: checkpoints,
         })
     }
@@ -351,6 +373,13 @@ impl Db {
     /// Only the first call counts.
     pub fn write_events_for(&self, readers: Arc<dyn EventReaders>) {
         let _ = self.readers.set(readers);
+    }
+
+    /// Runs `wake` (on the writer thread: it must not block) after every commit that wrote an
+    /// event to the outbox, and after no other: an event this store skipped (nobody reads it,
+    /// [`Db::write_events_for`]) wakes nobody. Only the first call counts.
+    pub fn on_outbox_commit(&self, wake: OutboxWake) {
+        let _ = self.outbox_wake.set(wake);
     }
 
     /// Who reads the events written to the outbox; `None`: anyone may.
@@ -474,8 +503,15 @@ fn in_savepoint<R>(
 /// The writer thread: takes every queued write (up to [`MAX_GROUP`]), runs them in one
 /// transaction, commits once, then answers each. Each transaction holds `gate` (the
 /// checkpointer's held pass waits for it). Ends when the database is dropped.
-fn write_loop(mut conn: Connection, jobs: &mpsc::Receiver<Job>, commits: &AtomicU64, gate: &Gate) {
+fn write_loop(
+    mut conn: Connection,
+    jobs: &mpsc::Receiver<Job>,
+    commits: &AtomicU64,
+    gate: &Gate,
+    outbox_wake: &std::sync::OnceLock<OutboxWake>,
+) {
     while let Ok(first) = jobs.recv() {
+        OUTBOX_WRITTEN.with(|written| written.set(false));
         let mut group = vec![first];
         while group.len() < MAX_GROUP {
             match jobs.try_recv() {
@@ -540,6 +576,12 @@ fn write_loop(mut conn: Connection, jobs: &mpsc::Receiver<Job>, commits: &Atomic
             );
         }
         commits.fetch_add(1, Ordering::Relaxed);
+        if commit_error.is_none()
+            && OUTBOX_WRITTEN.with(std::cell::Cell::take)
+            && let Some(wake) = outbox_wake.get()
+        {
+            wake();
+        }
         for complete in completions {
             complete(commit_error.as_deref());
         }

@@ -489,6 +489,7 @@ fn record_events(tx: &Transaction<'_>, rows: &[OutboxRow]) -> Result<(), DomainE
         tx.prepare_cached("INSERT INTO outbox (id, body, created_at) VALUES (?1, ?2, ?3)")
             .and_then(|mut s| s.execute(params![row.id, row.body, row.at]))
             .map_err(map_sqlite)?;
+        crate::db::note_outbox_write();
     }
     Ok(())
 }

@@ -88,6 +88,13 @@ impl EmbeddedStore {
         self.db.write_events_for(readers);
     }
 
+    /// Runs `wake` after every commit that wrote an event to the outbox (on the writer thread:
+    /// it must not block), so that a relay wakes for events this store recorded, not for those
+    /// it skipped ([`Db::on_outbox_commit`]).
+    pub fn on_outbox_commit(&self, wake: Arc<dyn Fn() + Send + Sync>) {
+        self.db.on_outbox_commit(wake);
+    }
+
     /// Applies the migrations that were not applied yet. Idempotent.
     ///
     /// # Errors

@@ -544,7 +544,8 @@ async fn idempotency_records_pass_the_conformance_suite() {
 
 /// Told who reads the events, the store does not write an event that only the webhook fan-out
 /// reads when its tenant has no webhook endpoint at the write; it writes it once the tenant has
-/// one, and always writes the events something else reads.
+/// one, and always writes the events something else reads. The relay is woken after the
+/// commits that wrote an event, not after those whose event was not written.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_only_the_webhook_fan_out_reads_need_a_tenant_with_webhooks() {
     use im_domain::events::EventType;
@@ -573,21 +574,34 @@ async fn events_only_the_webhook_fan_out_reads_need_a_tenant_with_webhooks() {
         integrations.create(&integration, &[event]).await.unwrap();
     };
     let tenant = im_testkit::fresh_tenant();
+    // The relay is woken after each commit that wrote an event, and after no other.
+    let wakes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let woken = wakes.clone();
+    store.on_outbox_commit(Arc::new(move || {
+        woken.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }));
+    let wakes = || wakes.load(std::sync::atomic::Ordering::SeqCst);
 
     create(&tenant, EventType::IntegrationCreated).await;
     assert_eq!(pending().await, 1, "until told its readers, the store writes every event");
+    assert_eq!(wakes(), 1, "an event written wakes the relay");
 
     store.write_events_for(Arc::new(FanOutReads));
     create(&tenant, EventType::IntegrationCreated).await;
     assert_eq!(pending().await, 1, "no webhook endpoint: not written");
+    assert_eq!(wakes(), 1, "an event not written wakes nobody");
     create(&tenant, EventType::SyncTaskPaused).await;
     assert_eq!(pending().await, 2, "read by something else: written");
+    assert_eq!(wakes(), 2);
 
     store.documents().create(containers::WEBHOOKS, tenant.to_string(), "wh-1".into(), "{}".into(), None).await.unwrap();
+    assert_eq!(wakes(), 2, "a write without events wakes nobody");
     create(&tenant, EventType::IntegrationCreated).await;
     assert_eq!(pending().await, 3, "the tenant has an endpoint now: written");
+    assert_eq!(wakes(), 3);
     create(&im_testkit::fresh_tenant(), EventType::IntegrationCreated).await;
     assert_eq!(pending().await, 3, "another tenant's endpoint does not count");
+    assert_eq!(wakes(), 3);
 }
 
 /// Under a steady stream of writes the WAL still starts over: the checkpointer holds this

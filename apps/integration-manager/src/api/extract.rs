@@ -6,6 +6,7 @@ use std::pin::Pin;
 use actix_web::dev::Payload;
 use actix_web::http::header;
 use actix_web::{FromRequest, HttpMessage as _, HttpRequest, web};
+use futures_util::StreamExt as _;
 use im_domain::auth::AuthError;
 use im_domain::{Caller, ETag};
 use serde_json::Value;
@@ -82,25 +83,42 @@ impl FromRequest for JsonBody {
     type Error = ApiError;
     type Future = Pin<Box<dyn Future<Output = Result<Self, ApiError>>>>;
 
+    /// Read here rather than by `web::Json`, which copies every body into a buffer of 8 KiB
+    /// (past the allocator's per-thread cache): a body that arrives in one chunk, as small ones
+    /// do, is parsed where it is; a longer one is gathered in a buffer of its own length.
     fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
         let limit = req.app_data::<web::Data<AppState>>().map_or(1024 * 1024, |s| s.body_limit);
-        let json = web::Json::<Value>::from_request(req, payload);
+        // As `web::Json` judges it: `application/json` or any `+json` type, nothing else.
+        let json = matches!(req.mime_type(), Ok(Some(mime)) if mime.subtype() == actix_web::mime::JSON || mime.suffix() == Some(actix_web::mime::JSON));
+        if !json {
+            return Box::pin(std::future::ready(Err(ApiError::UnsupportedMediaType)));
+        }
+        let length = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+        if length.is_some_and(|length| length > limit) {
+            return Box::pin(std::future::ready(Err(ApiError::PayloadTooLarge(limit))));
+        }
+        let mut payload = payload.take();
         Box::pin(async move {
-            match json.await {
-                Ok(json) => Ok(JsonBody(json.into_inner())),
-                Err(e) => Err(match e.as_error::<actix_web::error::JsonPayloadError>() {
-                    Some(actix_web::error::JsonPayloadError::ContentType) => ApiError::UnsupportedMediaType,
-                    Some(
-                        actix_web::error::JsonPayloadError::Overflow { .. }
-                        | actix_web::error::JsonPayloadError::OverflowKnownLength { .. },
-                    ) => ApiError::PayloadTooLarge(limit),
-                    Some(actix_web::error::JsonPayloadError::Deserialize(e)) => {
-                        ApiError::Malformed(format!("the body is not valid JSON: {e}"))
+            let (mut first, mut gathered) = (None::<web::Bytes>, web::BytesMut::new());
+            while let Some(chunk) = payload.next().await {
+                let chunk = chunk.map_err(|e| ApiError::Malformed(format!("the body could not be read: {e}")))?;
+                let read = first.as_ref().map_or(0, web::Bytes::len) + gathered.len() + chunk.len();
+                if read > limit {
+                    return Err(ApiError::PayloadTooLarge(limit));
+                }
+                match first.take() {
+                    None if gathered.is_empty() => first = Some(chunk),
+                    earlier => {
+                        if let Some(earlier) = earlier {
+                            gathered.reserve(length.unwrap_or(read).clamp(read, limit));
+                            gathered.extend_from_slice(&earlier);
+                        }
+                        gathered.extend_from_slice(&chunk);
                     }
-                    Some(other) => ApiError::Malformed(format!("the body could not be read: {other}")),
-                    None => ApiError::Malformed(e.to_string()),
-                }),
+                }
             }
+            let body = first.as_deref().unwrap_or(&gathered);
+            serde_json::from_slice(body).map(JsonBody).map_err(|e| ApiError::Malformed(format!("the body is not valid JSON: {e}")))
         })
     }
 }
