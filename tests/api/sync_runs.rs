@@ -79,16 +79,21 @@ async fn run(app: &TestApp, s: &Synced) -> Value {
     wait(app, s, execution["id"].as_str().unwrap()).await
 }
 
+/// Waits until the execution ended and its task was released: a run ends with two writes, the
+/// execution's final status, then the task's release (its `lastExecution` names the run), and a
+/// run queued in between is refused as the task is still held (409).
 async fn wait(app: &TestApp, s: &Synced, execution: &str) -> Value {
     let path = format!("/api/v1/sync-tasks/{}/executions/{execution}", s.task);
+    let task = format!("/api/v1/sync-tasks/{}", s.task);
     for _ in 0..1200 {
         let current: Value = app.get(&path, &s.token).await.json().await.unwrap();
-        if !["queued", "running"].contains(&current["status"].as_str().unwrap()) {
+        let ended = !["queued", "running"].contains(&current["status"].as_str().unwrap());
+        if ended && app.get(&task, &s.token).await.json::<Value>().await.unwrap()["lastExecution"]["id"] == execution {
             return current;
         }
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        tokio::time::sleep(Duration::from_millis(if ended { 10 } else { 250 })).await;
     }
-    panic!("the execution {execution} did not end in 5 minutes");
+    panic!("the execution {execution} did not end (and release its task) in 5 minutes");
 }
 
 /// The Shard Manager the app writes to: the embedded one in the app's data directory.
