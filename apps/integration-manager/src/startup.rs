@@ -85,11 +85,9 @@ pub fn build_app(
 ) -> App<
     impl ServiceFactory<ServiceRequest, Config = (), Response = ServiceResponse<impl MessageBody>, Error = actix_web::Error, InitError = ()>,
 > {
-    let limit = state.body_limit;
     let role = state.role;
     App::new()
         .app_data(state)
-        .app_data(web::JsonConfig::default().limit(limit))
         .configure(|cfg| if role.serves_api() { api::routes(cfg) } else { api::operation_routes(cfg) })
         .default_service(web::to(api::not_found))
         .wrap(from_fn(api::request_id::middleware))

@@ -32,7 +32,7 @@ type OutboxWake = Arc<dyn Fn() + Send + Sync>;
 
 thread_local! {
     /// Set on the writer thread by a write of the group under way that inserted into the
-    /// outbox ([`note_outbox_write`]); read and cleared once the group ends.
+    /// outbox ([`note_outbox_write`]); taken once the group ends.
     static OUTBOX_WRITTEN: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
@@ -511,7 +511,6 @@ fn write_loop(
     outbox_wake: &std::sync::OnceLock<OutboxWake>,
 ) {
     while let Ok(first) = jobs.recv() {
-        OUTBOX_WRITTEN.with(|written| written.set(false));
         let mut group = vec![first];
         while group.len() < MAX_GROUP {
             match jobs.try_recv() {
@@ -576,8 +575,10 @@ fn write_loop(
             );
         }
         commits.fetch_add(1, Ordering::Relaxed);
+        // Taken whatever the outcome: a group rolled back wrote nothing to wake anyone for.
+        let wrote_events = OUTBOX_WRITTEN.with(std::cell::Cell::take);
         if commit_error.is_none()
-            && OUTBOX_WRITTEN.with(std::cell::Cell::take)
+            && wrote_events
             && let Some(wake) = outbox_wake.get()
         {
             wake();

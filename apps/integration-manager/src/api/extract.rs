@@ -106,16 +106,15 @@ impl FromRequest for JsonBody {
                 if read > limit {
                     return Err(ApiError::PayloadTooLarge(limit));
                 }
-                match first.take() {
-                    None if gathered.is_empty() => first = Some(chunk),
-                    earlier => {
-                        if let Some(earlier) = earlier {
-                            gathered.reserve(length.unwrap_or(read).clamp(read, limit));
-                            gathered.extend_from_slice(&earlier);
-                        }
-                        gathered.extend_from_slice(&chunk);
-                    }
+                if first.is_none() && gathered.is_empty() {
+                    first = Some(chunk);
+                    continue;
                 }
+                if let Some(earlier) = first.take() {
+                    gathered.reserve(length.unwrap_or(read).clamp(read, limit));
+                    gathered.extend_from_slice(&earlier);
+                }
+                gathered.extend_from_slice(&chunk);
             }
             let body = first.as_deref().unwrap_or(&gathered);
             serde_json::from_slice(body).map(JsonBody).map_err(|e| ApiError::Malformed(format!("the body is not valid JSON: {e}")))
