@@ -128,6 +128,10 @@ impl SyncWorker {
                     "sync run finished"
                 );
             }
+            // Deleted once the execution had ended, before its release: nothing is left to release.
+            Err(DomainError::NotFound { .. }) => {
+                tracing::info!(status = status.as_str(), "sync run finished; its task was deleted meanwhile")
+            }
             // The lease was lost (this instance stalled past it): the execution is another's now.
             Err(error) => tracing::warn!(%error, "recording the end of a sync run failed"),
         }

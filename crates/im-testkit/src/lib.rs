@@ -83,6 +83,7 @@ macro_rules! store_suite {
         $crate::sync::run_all(store.sync_tasks().as_ref(), store.sync_executions().as_ref(), store.sync_states().as_ref()).await;
         $crate::sync::service(store.sync_tasks(), store.sync_executions(), store.sync_states()).await;
         $crate::sync::scheduler(store.sync_tasks(), store.sync_executions()).await;
+        $crate::sync::the_next_run_is_queued_as_the_last_ends(store.sync_tasks(), store.sync_executions(), store.sync_states()).await;
         $crate::audit::buffer(store.audit_buffer().as_ref()).await;
     }};
 }

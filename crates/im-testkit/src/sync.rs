@@ -630,3 +630,115 @@ pub async fn scheduler(tasks_repo: std::sync::Arc<dyn SyncTaskRepository>, execu
 fn mine_of(claims: &[im_domain::services::Claimed], id: SyncTaskId) -> Option<im_domain::services::Claimed> {
     claims.iter().find(|c| c.task.value.id == id).cloned()
 }
+
+/// A run ends with two writes, the execution's final status and then the task's release. A
+/// client that saw the execution end may queue the next run (or delete the task) at once,
+/// between the two: that request is accepted, and the release, which then finds the task written
+/// meanwhile, is made on its current version and keeps the queued run.
+pub async fn the_next_run_is_queued_as_the_last_ends(
+    tasks_repo: std::sync::Arc<dyn SyncTaskRepository>,
+    executions_repo: std::sync::Arc<dyn SyncExecutionRepository>,
+    states: std::sync::Arc<dyn SyncStateRepository>,
+) {
+    use im_domain::services::{SyncScheduler, SyncTaskService};
+    let clock = std::sync::Arc::new(im_domain::SystemClock);
+    let ids = std::sync::Arc::new(im_domain::UuidV7);
+    let audit = im_domain::audit::Audit::new(std::sync::Arc::new(AuditRecords::default()), clock.clone());
+    let service = SyncTaskService::new(tasks_repo.clone(), executions_repo.clone(), states, clock.clone(), ids.clone(), audit);
+    let tenant = fresh_tenant();
+    let member = caller(&tenant, vec![im_domain::Role::Member]);
+    let between = std::sync::Arc::new(Between {
+        inner: tasks_repo.clone(),
+        armed: Default::default(),
+        reached: Default::default(),
+        go: Default::default(),
+    });
+    let scheduler = SyncScheduler::new(between.clone(), executions_repo.clone(), clock, ids, "instance-a", Duration::from_secs(60));
+    let mut due = task(&tenant);
+    due.next_run_at = Some(timestamp());
+    tasks_repo.create(&due).await.expect("create");
+    let mut claimed = mine_of(&scheduler.claim_due(1000).await.expect("claim"), due.id).expect("claimed");
+    let ended = claimed.execution.value.id;
+    assert!(!scheduler.heartbeat(&mut claimed).await.expect("heartbeat"));
+    assert!(matches!(service.run(&member, due.id).await, Err(DomainError::Conflict(_))), "refused while the execution runs");
+
+    let (released, queued) = between_writes(&between, &scheduler, claimed, service.run(&member, due.id)).await;
+    let released = released.expect("released on the task's current version");
+    let queued = queued.expect("the next run is queued as soon as the execution has ended");
+    assert_eq!(queued.value.status, ExecutionStatus::Queued);
+    assert!(released.value.lease.is_none(), "{:?}", released.value);
+    assert_eq!(released.value.pending_execution, Some(queued.value.id), "the release keeps the queued run");
+    assert_eq!(released.value.last_execution.as_ref().map(|l| (l.id, l.status)), Some((ended, ExecutionStatus::Succeeded)));
+    assert!(released.value.next_run_at.is_some_and(|at| at <= time::OffsetDateTime::now_utc()), "due at once");
+    let mut next = mine_of(&scheduler.claim_due(1000).await.expect("claim"), due.id).expect("the queued run is claimed");
+    assert_eq!((next.execution.value.id, next.execution.value.trigger), (queued.value.id, Trigger::Manual));
+
+    // Deleted between the two writes: nothing is left to release, and that is what finish says.
+    assert!(!scheduler.heartbeat(&mut next).await.expect("heartbeat"));
+    let (gone, deleted) = between_writes(&between, &scheduler, next, service.delete(&member, due.id, None)).await;
+    assert!(matches!(deleted, Ok(())), "deleted as soon as the execution has ended: {deleted:?}");
+    assert!(matches!(gone, Err(DomainError::NotFound { .. })), "{gone:?}");
+    assert!(matches!(tasks_repo.get(&tenant, due.id).await, Err(DomainError::NotFound { .. })));
+}
+
+/// Ends `claimed` successfully while `request` is made between its two writes.
+async fn between_writes<T>(
+    between: &Between,
+    scheduler: &im_domain::services::SyncScheduler,
+    claimed: im_domain::services::Claimed,
+    request: impl Future<Output = T>,
+) -> (Result<im_domain::Stored<SyncTask>, DomainError>, T) {
+    between.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    let request = async {
+        between.reached.notified().await;
+        let out = request.await;
+        between.go.notify_one();
+        out
+    };
+    tokio::join!(scheduler.finish(claimed, ExecutionStatus::Succeeded, None, &[]), request)
+}
+
+/// A task repository that, once armed, stops before the next release of a task (a replace
+/// without a lease) until the test has made its request.
+struct Between {
+    inner: std::sync::Arc<dyn SyncTaskRepository>,
+    armed: std::sync::atomic::AtomicBool,
+    reached: tokio::sync::Notify,
+    go: tokio::sync::Notify,
+}
+
+#[async_trait::async_trait]
+impl SyncTaskRepository for Between {
+    async fn create(&self, task: &SyncTask) -> Result<ETag, DomainError> {
+        self.inner.create(task).await
+    }
+
+    async fn get(&self, tenant: &TenantId, id: SyncTaskId) -> Result<im_domain::Stored<SyncTask>, DomainError> {
+        self.inner.get(tenant, id).await
+    }
+
+    async fn list(&self, tenant: &TenantId, page: &PageRequest) -> Result<im_domain::Page<im_domain::Stored<SyncTask>>, DomainError> {
+        self.inner.list(tenant, page).await
+    }
+
+    async fn replace(
+        &self,
+        task: &SyncTask,
+        if_match: Option<ETag>,
+        events: &[im_domain::events::DomainEvent],
+    ) -> Result<ETag, DomainError> {
+        if task.lease.is_none() && self.armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            self.reached.notify_one();
+            self.go.notified().await;
+        }
+        self.inner.replace(task, if_match, events).await
+    }
+
+    async fn delete(&self, tenant: &TenantId, id: SyncTaskId, if_match: Option<ETag>) -> Result<(), DomainError> {
+        self.inner.delete(tenant, id, if_match).await
+    }
+
+    async fn due(&self, now: time::OffsetDateTime, limit: u32) -> Result<Vec<im_domain::Stored<SyncTask>>, DomainError> {
+        self.inner.due(now, limit).await
+    }
+}

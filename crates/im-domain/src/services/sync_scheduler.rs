@@ -174,9 +174,8 @@ impl SyncScheduler {
     pub async fn heartbeat(&self, claimed: &mut Claimed) -> Result<bool, DomainError> {
         let now = self.clock.now();
         let current = self.tasks.get(&claimed.task.value.tenant_id, claimed.task.value.id).await?;
-        let mine = current.value.lease.as_ref().is_some_and(|l| l.owner == self.owner && l.execution_id == claimed.execution.value.id);
-        if !mine {
-            return Err(DomainError::Conflict("the task is no longer held by this execution".into()));
+        if !self.holds(&current.value, claimed.execution.value.id) {
+            return Err(no_longer_held());
         }
         let mut task = current.value;
         task.checkpoints = claimed.execution.value.checkpoints_to.clone();
@@ -210,18 +209,46 @@ impl SyncScheduler {
         let mut all = events.to_vec();
         all.push(execution.completed_event());
         self.executions.replace(&execution, Some(claimed.execution.etag), &all).await?;
-        let mut task = claimed.task.value;
-        task.lease = None;
-        task.cancel_requested = false;
-        task.last_execution = Some(LastExecution { id: execution.id, status, ended_at: Some(now) });
-        let mut paused = None;
-        if status == ExecutionStatus::Failed {
-            paused = self.count_failure(&mut task, error.as_deref().unwrap_or_default(), execution.id, now);
-        } else {
-            task.consecutive_failures = 0;
+        // The task as the heartbeat left it; written since (a run queued once the execution read
+        // as ended, a pause, a change of settings), it is released in its current version as
+        // long as this execution still holds it.
+        let (tenant, id) = (claimed.task.value.tenant_id.clone(), claimed.task.value.id);
+        let mut current = claimed.task;
+        // A loop, not `retry::on_conflict`: its closure's borrows would keep this future from
+        // being `Send` (runs are spawned).
+        for attempt in 0..=super::UNCONDITIONAL_RETRIES {
+            if attempt > 0 {
+                current = self.tasks.get(&tenant, id).await?;
+                if !self.holds(&current.value, execution.id) {
+                    return Err(no_longer_held());
+                }
+            }
+            let mut task = current.value.clone();
+            task.lease = None;
+            task.cancel_requested = false;
+            task.last_execution = Some(LastExecution { id: execution.id, status, ended_at: Some(now) });
+            let mut paused = None;
+            if status == ExecutionStatus::Failed {
+                paused = self.count_failure(&mut task, error.as_deref().unwrap_or_default(), execution.id, now);
+            } else {
+                task.consecutive_failures = 0;
+            }
+            task.reschedule(now, now);
+            match self.tasks.replace(&task, Some(current.etag.clone()), paused.as_slice()).await {
+                Ok(etag) => return Ok(Stored { value: task, etag }),
+                Err(DomainError::PreconditionFailed) => {}
+                Err(e) => return Err(e),
+            }
         }
-        task.reschedule(now, now);
-        let etag = self.tasks.replace(&task, Some(claimed.task.etag), paused.as_slice()).await?;
-        Ok(Stored { value: task, etag })
+        Err(DomainError::PreconditionFailed)
     }
+
+    /// Whether `task` is held by this instance's run of `execution`.
+    fn holds(&self, task: &SyncTask, execution: uuid::Uuid) -> bool {
+        task.lease.as_ref().is_some_and(|l| l.owner == self.owner && l.execution_id == execution)
+    }
+}
+
+fn no_longer_held() -> DomainError {
+    DomainError::Conflict("the task is no longer held by this execution".into())
 }

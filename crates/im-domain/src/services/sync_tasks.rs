@@ -43,6 +43,13 @@ fn busy() -> DomainError {
     DomainError::Conflict("an execution of this task is queued or running".into())
 }
 
+/// Whether an execution is queued for the task or holds it, other than `ended` (see
+/// [`SyncTaskService::ended_holder`]).
+fn busy_but(task: &SyncTask, now: time::OffsetDateTime, ended: Option<Uuid>) -> bool {
+    let running = task.is_running(now) && task.lease.as_ref().map(|l| l.execution_id) != ended;
+    running || task.pending_execution.is_some()
+}
+
 impl SyncTaskService {
     pub fn new(
         tasks: Arc<dyn SyncTaskRepository>,
@@ -105,6 +112,26 @@ impl SyncTaskService {
         self.tasks.list(&caller.tenant_id, page).await
     }
 
+    /// The execution holding `task` when it has ended already. A run ends with two writes, the
+    /// execution's final status and then the task's release (which the scheduler retries on a
+    /// concurrent write for as long as the execution holds the task): a client that saw the
+    /// execution end and queues the next run, resets or deletes the task at once is not refused
+    /// in between.
+    async fn ended_holder(&self, task: &SyncTask, now: time::OffsetDateTime) -> Result<Option<Uuid>, DomainError> {
+        let Some(lease) = task.lease.as_ref().filter(|_| task.is_running(now)) else { return Ok(None) };
+        match self.executions.get(&task.tenant_id, lease.execution_id).await {
+            Ok(execution) if execution.value.status.is_final() => Ok(Some(lease.execution_id)),
+            Ok(_) | Err(DomainError::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// [`Self::ended_holder`] of the task as stored now.
+    async fn ended_holder_of(&self, caller: &Caller, id: SyncTaskId) -> Result<Option<Uuid>, DomainError> {
+        let task = self.tasks.get(&caller.tenant_id, id).await?;
+        self.ended_holder(&task.value, self.clock.now()).await
+    }
+
     /// Changes a task with `change` under `if_match` (or retried on a concurrent write).
     async fn modify(
         &self,
@@ -160,7 +187,8 @@ impl SyncTaskService {
         let result = async {
             caller.require(Role::Member)?;
             let current = self.tasks.get(&caller.tenant_id, id).await?;
-            if current.value.is_running(self.clock.now()) || current.value.pending_execution.is_some() {
+            let now = self.clock.now();
+            if busy_but(&current.value, now, self.ended_holder(&current.value, now).await?) {
                 return Err(busy());
             }
             self.tasks.delete(&caller.tenant_id, id, Some(if_match.unwrap_or(&current.etag).clone())).await?;
@@ -183,11 +211,12 @@ impl SyncTaskService {
 
     async fn run_unaudited(&self, caller: &Caller, id: SyncTaskId) -> Result<Stored<SyncExecution>, DomainError> {
         caller.require(Role::Member)?;
+        let ended = self.ended_holder_of(caller, id).await?;
         let now = self.clock.now();
         let execution_id = self.ids.new_uuid();
         let task = self
             .modify(caller, id, None, |task| {
-                if task.is_running(now) || task.pending_execution.is_some() {
+                if busy_but(task, now, ended) {
                     return Err(busy());
                 }
                 if task.status != TaskStatus::Active {
@@ -308,9 +337,11 @@ impl SyncTaskService {
     pub async fn reset(&self, caller: &Caller, id: SyncTaskId, scope: ResetScope) -> Result<Stored<SyncTask>, DomainError> {
         let now = self.clock.now();
         let result = async {
+            caller.require(Role::Member)?;
+            let ended = self.ended_holder_of(caller, id).await?;
             let task = self
                 .modify(caller, id, None, |task| {
-                    if task.is_running(now) || task.pending_execution.is_some() {
+                    if busy_but(task, now, ended) {
                         return Err(busy());
                     }
                     task.checkpoints = Checkpoints::default();
