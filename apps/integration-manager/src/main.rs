@@ -3,6 +3,11 @@ use std::process::ExitCode;
 use clap::Parser as _;
 use integration_manager::cli::{Cli, run};
 
+/// The service's allocator: mimalloc (docs/architecture.md, "Memory": faster than the system
+/// allocator on every request path, with the same memory at rest).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     run(Cli::parse()).await
