@@ -632,8 +632,8 @@ fn mine_of(claims: &[im_domain::services::Claimed], id: SyncTaskId) -> Option<im
 }
 
 /// A run ends with two writes, the execution's final status and then the task's release. A
-/// client that saw the execution end may queue the next run (or delete the task) at once,
-/// between the two: that request is accepted, and the release, which then finds the task written
+/// client that saw the execution end may queue the next run (or delete the task, or cancel) at
+/// once, between the two: that request is accepted (a cancel is told nothing runs), and the release, which then finds the task written
 /// meanwhile, is made on its current version and keeps the queued run.
 pub async fn the_next_run_is_queued_as_the_last_ends(
     tasks_repo: std::sync::Arc<dyn SyncTaskRepository>,
@@ -673,9 +673,20 @@ pub async fn the_next_run_is_queued_as_the_last_ends(
     let mut next = mine_of(&scheduler.claim_due(1000).await.expect("claim"), due.id).expect("the queued run is claimed");
     assert_eq!((next.execution.value.id, next.execution.value.trigger), (queued.value.id, Trigger::Manual));
 
-    // Deleted between the two writes: nothing is left to release, and that is what finish says.
+    // Cancelled between the two writes: nothing runs any more, nothing is queued.
     assert!(!scheduler.heartbeat(&mut next).await.expect("heartbeat"));
-    let (gone, deleted) = between_writes(&between, &scheduler, next, service.delete(&member, due.id, None)).await;
+    let (released, cancelled) = between_writes(&between, &scheduler, next.clone(), service.cancel(&member, due.id)).await;
+    assert!(matches!(cancelled, Err(DomainError::Conflict(_))), "nothing left to cancel: {cancelled:?}");
+    let released = released.expect("released");
+    assert!(!released.value.cancel_requested && released.value.lease.is_none(), "{:?}", released.value);
+    let execution = executions_repo.get(&tenant, next.execution.value.id).await.expect("execution");
+    assert_eq!(execution.value.status, ExecutionStatus::Succeeded, "the run's outcome stands");
+
+    // Deleted between the two writes: nothing is left to release, and that is what finish says.
+    service.run(&member, due.id).await.expect("run");
+    let mut last = mine_of(&scheduler.claim_due(1000).await.expect("claim"), due.id).expect("claimed");
+    assert!(!scheduler.heartbeat(&mut last).await.expect("heartbeat"));
+    let (gone, deleted) = between_writes(&between, &scheduler, last, service.delete(&member, due.id, None)).await;
     assert!(matches!(deleted, Ok(())), "deleted as soon as the execution has ended: {deleted:?}");
     assert!(matches!(gone, Err(DomainError::NotFound { .. })), "{gone:?}");
     assert!(matches!(tasks_repo.get(&tenant, due.id).await, Err(DomainError::NotFound { .. })));

@@ -116,7 +116,7 @@ impl SyncTaskService {
     /// execution's final status and then the task's release (which the scheduler retries on a
     /// concurrent write for as long as the execution holds the task): a client that saw the
     /// execution end and queues the next run, resets or deletes the task at once is not refused
-    /// in between.
+    /// in between, and one who cancels is told that nothing runs.
     async fn ended_holder(&self, task: &SyncTask, now: time::OffsetDateTime) -> Result<Option<Uuid>, DomainError> {
         let Some(lease) = task.lease.as_ref().filter(|_| task.is_running(now)) else { return Ok(None) };
         match self.executions.get(&task.tenant_id, lease.execution_id).await {
@@ -292,11 +292,15 @@ impl SyncTaskService {
     pub async fn cancel(&self, caller: &Caller, id: SyncTaskId) -> Result<Stored<SyncTask>, DomainError> {
         let now = self.clock.now();
         let result = async {
+            caller.require(Role::Member)?;
+            // An execution that has ended is not cancelled: its end is written, its task's
+            // release follows.
+            let ended = self.ended_holder_of(caller, id).await?;
             let mut queued = None;
             let task = self
                 .modify(caller, id, None, |task| {
                     queued = None;
-                    if task.is_running(now) {
+                    if task.is_running(now) && task.lease.as_ref().map(|l| l.execution_id) != ended {
                         task.cancel_requested = true;
                     } else if let Some(pending) = task.pending_execution.take() {
                         queued = Some(pending);
