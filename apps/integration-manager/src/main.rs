@@ -4,7 +4,7 @@ use clap::Parser as _;
 use integration_manager::cli::{Cli, run};
 
 /// The service's allocator: mimalloc (docs/architecture.md, "Memory": faster than the system
-/// allocator on every request path, with the same memory at rest).
+/// allocator on the write and delivery paths, with about the same memory at rest).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -213,17 +213,20 @@ impl SyncScheduler {
         // as ended, a pause, a change of settings), it is released in its current version as
         // long as this execution still holds it.
         let (tenant, id) = (claimed.task.value.tenant_id.clone(), claimed.task.value.id);
-        let mut current = claimed.task;
+        let mut held = Some(claimed.task);
         // A loop, not `retry::on_conflict`: its closure's borrows would keep this future from
         // being `Send` (runs are spawned).
-        for attempt in 0..=super::UNCONDITIONAL_RETRIES {
-            if attempt > 0 {
-                current = self.tasks.get(&tenant, id).await?;
-                if !self.holds(&current.value, execution.id) {
-                    return Err(no_longer_held());
+        for _ in 0..=super::UNCONDITIONAL_RETRIES {
+            let Stored { value: mut task, etag } = match held.take() {
+                Some(held) => held,
+                None => {
+                    let current = self.tasks.get(&tenant, id).await?;
+                    if !self.holds(&current.value, execution.id) {
+                        return Err(no_longer_held());
+                    }
+                    current
                 }
-            }
-            let mut task = current.value.clone();
+            };
             task.lease = None;
             task.cancel_requested = false;
             task.last_execution = Some(LastExecution { id: execution.id, status, ended_at: Some(now) });
@@ -234,7 +237,7 @@ impl SyncScheduler {
                 task.consecutive_failures = 0;
             }
             task.reschedule(now, now);
-            match self.tasks.replace(&task, Some(current.etag.clone()), paused.as_slice()).await {
+            match self.tasks.replace(&task, Some(etag), paused.as_slice()).await {
                 Ok(etag) => return Ok(Stored { value: task, etag }),
                 Err(DomainError::PreconditionFailed) => {}
                 Err(e) => return Err(e),

@@ -43,13 +43,6 @@ fn busy() -> DomainError {
     DomainError::Conflict("an execution of this task is queued or running".into())
 }
 
-/// Whether an execution is queued for the task or holds it, other than `ended` (see
-/// [`SyncTaskService::ended_holder`]).
-fn busy_but(task: &SyncTask, now: time::OffsetDateTime, ended: Option<Uuid>) -> bool {
-    let running = task.is_running(now) && task.lease.as_ref().map(|l| l.execution_id) != ended;
-    running || task.pending_execution.is_some()
-}
-
 impl SyncTaskService {
     pub fn new(
         tasks: Arc<dyn SyncTaskRepository>,
@@ -112,39 +105,36 @@ impl SyncTaskService {
         self.tasks.list(&caller.tenant_id, page).await
     }
 
-    /// The execution holding `task` when it has ended already. A run ends with two writes, the
-    /// execution's final status and then the task's release (which the scheduler retries on a
-    /// concurrent write for as long as the execution holds the task): a client that saw the
-    /// execution end and queues the next run, resets or deletes the task at once is not refused
-    /// in between, and one who cancels is told that nothing runs.
-    async fn ended_holder(&self, task: &SyncTask, now: time::OffsetDateTime) -> Result<Option<Uuid>, DomainError> {
-        let Some(lease) = task.lease.as_ref().filter(|_| task.is_running(now)) else { return Ok(None) };
+    /// Whether an execution runs `task` at `now`: its lease is current and the execution it
+    /// names has not ended. A run ends with two writes, the execution's final status and then the
+    /// task's release (which the scheduler makes on the task's current version for as long as
+    /// the execution holds it): a client that saw the execution end and queues the next run,
+    /// resets or deletes the task at once is not refused in between, and one who cancels is told
+    /// that nothing runs. The execution is read only while a lease is current.
+    async fn runs(&self, task: &SyncTask, now: time::OffsetDateTime) -> Result<bool, DomainError> {
+        let Some(lease) = task.lease.as_ref().filter(|_| task.is_running(now)) else { return Ok(false) };
         match self.executions.get(&task.tenant_id, lease.execution_id).await {
-            Ok(execution) if execution.value.status.is_final() => Ok(Some(lease.execution_id)),
-            Ok(_) | Err(DomainError::NotFound { .. }) => Ok(None),
+            Ok(execution) => Ok(!execution.value.status.is_final()),
+            Err(DomainError::NotFound { .. }) => Ok(true),
             Err(e) => Err(e),
         }
     }
 
-    /// [`Self::ended_holder`] of the task as stored now.
-    async fn ended_holder_of(&self, caller: &Caller, id: SyncTaskId) -> Result<Option<Uuid>, DomainError> {
-        let task = self.tasks.get(&caller.tenant_id, id).await?;
-        self.ended_holder(&task.value, self.clock.now()).await
-    }
-
-    /// Changes a task with `change` under `if_match` (or retried on a concurrent write).
+    /// Changes a task with `change` under `if_match` (or retried on a concurrent write);
+    /// `change` is told whether an execution runs the task ([`Self::runs`]).
     async fn modify(
         &self,
         caller: &Caller,
         id: SyncTaskId,
         if_match: Option<&ETag>,
-        mut change: impl FnMut(&mut SyncTask) -> Result<(), DomainError>,
+        mut change: impl FnMut(&mut SyncTask, bool) -> Result<(), DomainError>,
     ) -> Result<Stored<SyncTask>, DomainError> {
         caller.require(Role::Member)?;
         read_modify_write(if_match, async |token| {
             let current = matching(self.tasks.get(&caller.tenant_id, id).await?, token)?;
             let mut task = current.value;
-            change(&mut task)?;
+            let running = self.runs(&task, self.clock.now()).await?;
+            change(&mut task, running)?;
             task.updated_at = self.clock.now();
             task.updated_by = caller.user_id.clone();
             let etag = self.tasks.replace(&task, Some(token.unwrap_or(&current.etag).clone()), &[]).await?;
@@ -169,7 +159,7 @@ impl SyncTaskService {
             let settings = draft.validate()?;
             let now = self.clock.now();
             let by = caller.user_id.clone();
-            self.modify(caller, id, if_match, |task| {
+            self.modify(caller, id, if_match, |task, _| {
                 task.apply(settings.clone(), by.clone(), now);
                 Ok(())
             })
@@ -187,8 +177,7 @@ impl SyncTaskService {
         let result = async {
             caller.require(Role::Member)?;
             let current = self.tasks.get(&caller.tenant_id, id).await?;
-            let now = self.clock.now();
-            if busy_but(&current.value, now, self.ended_holder(&current.value, now).await?) {
+            if self.runs(&current.value, self.clock.now()).await? || current.value.pending_execution.is_some() {
                 return Err(busy());
             }
             self.tasks.delete(&caller.tenant_id, id, Some(if_match.unwrap_or(&current.etag).clone())).await?;
@@ -211,12 +200,11 @@ impl SyncTaskService {
 
     async fn run_unaudited(&self, caller: &Caller, id: SyncTaskId) -> Result<Stored<SyncExecution>, DomainError> {
         caller.require(Role::Member)?;
-        let ended = self.ended_holder_of(caller, id).await?;
         let now = self.clock.now();
         let execution_id = self.ids.new_uuid();
         let task = self
-            .modify(caller, id, None, |task| {
-                if busy_but(task, now, ended) {
+            .modify(caller, id, None, |task, running| {
+                if running || task.pending_execution.is_some() {
                     return Err(busy());
                 }
                 if task.status != TaskStatus::Active {
@@ -235,7 +223,7 @@ impl SyncTaskService {
             Err(e) => {
                 // Take the queued run back so the task is not held by an execution that does not exist.
                 let _ = self
-                    .modify(caller, id, None, |task| {
+                    .modify(caller, id, None, |task, _| {
                         if task.pending_execution == Some(execution_id) {
                             task.pending_execution = None;
                             task.reschedule(now, now);
@@ -253,7 +241,7 @@ impl SyncTaskService {
         let now = self.clock.now();
         let reason = format!("paused by {}", caller.user_id);
         let result = self
-            .modify(caller, id, if_match, |task| {
+            .modify(caller, id, if_match, |task, _| {
                 task.status = TaskStatus::Paused;
                 task.status_reason = Some(reason.clone());
                 task.reschedule(now, now);
@@ -270,7 +258,7 @@ impl SyncTaskService {
     pub async fn resume(&self, caller: &Caller, id: SyncTaskId, if_match: Option<&ETag>) -> Result<Stored<SyncTask>, DomainError> {
         let now = self.clock.now();
         let result = self
-            .modify(caller, id, if_match, |task| {
+            .modify(caller, id, if_match, |task, _| {
                 if task.status == TaskStatus::Disabled {
                     return Err(DomainError::Conflict("the task is disabled: set its status to active".into()));
                 }
@@ -292,15 +280,11 @@ impl SyncTaskService {
     pub async fn cancel(&self, caller: &Caller, id: SyncTaskId) -> Result<Stored<SyncTask>, DomainError> {
         let now = self.clock.now();
         let result = async {
-            caller.require(Role::Member)?;
-            // An execution that has ended is not cancelled: its end is written, its task's
-            // release follows.
-            let ended = self.ended_holder_of(caller, id).await?;
             let mut queued = None;
             let task = self
-                .modify(caller, id, None, |task| {
+                .modify(caller, id, None, |task, running| {
                     queued = None;
-                    if task.is_running(now) && task.lease.as_ref().map(|l| l.execution_id) != ended {
+                    if running {
                         task.cancel_requested = true;
                     } else if let Some(pending) = task.pending_execution.take() {
                         queued = Some(pending);
@@ -339,13 +323,10 @@ impl SyncTaskService {
     /// # Errors
     /// `Conflict` while an execution is queued or running.
     pub async fn reset(&self, caller: &Caller, id: SyncTaskId, scope: ResetScope) -> Result<Stored<SyncTask>, DomainError> {
-        let now = self.clock.now();
         let result = async {
-            caller.require(Role::Member)?;
-            let ended = self.ended_holder_of(caller, id).await?;
             let task = self
-                .modify(caller, id, None, |task| {
-                    if busy_but(task, now, ended) {
+                .modify(caller, id, None, |task, running| {
+                    if running || task.pending_execution.is_some() {
                         return Err(busy());
                     }
                     task.checkpoints = Checkpoints::default();
