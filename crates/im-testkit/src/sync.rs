@@ -633,8 +633,9 @@ fn mine_of(claims: &[im_domain::services::Claimed], id: SyncTaskId) -> Option<im
 
 /// A run ends with two writes, the execution's final status and then the task's release. A
 /// client that saw the execution end may queue the next run (or delete the task, or cancel) at
-/// once, between the two: that request is accepted (a cancel is told nothing runs), and the release, which then finds the task written
-/// meanwhile, is made on its current version and keeps the queued run.
+/// once, between the two: that request is accepted (a cancel is told nothing runs), and the
+/// release, which then finds the task written meanwhile, is made on its current version and
+/// keeps the queued run.
 pub async fn the_next_run_is_queued_as_the_last_ends(
     tasks_repo: std::sync::Arc<dyn SyncTaskRepository>,
     executions_repo: std::sync::Arc<dyn SyncExecutionRepository>,

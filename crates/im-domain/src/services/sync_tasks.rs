@@ -43,6 +43,12 @@ fn busy() -> DomainError {
     DomainError::Conflict("an execution of this task is queued or running".into())
 }
 
+/// `Conflict` when an execution runs the task (`running`, [`SyncTaskService::runs`]) or is
+/// queued for it.
+fn idle(task: &SyncTask, running: bool) -> Result<(), DomainError> {
+    if running || task.pending_execution.is_some() { Err(busy()) } else { Ok(()) }
+}
+
 impl SyncTaskService {
     pub fn new(
         tasks: Arc<dyn SyncTaskRepository>,
@@ -120,20 +126,33 @@ impl SyncTaskService {
         }
     }
 
-    /// Changes a task with `change` under `if_match` (or retried on a concurrent write);
-    /// `change` is told whether an execution runs the task ([`Self::runs`]).
+    /// Changes a task with `change` under `if_match` (or retried on a concurrent write).
     async fn modify(
         &self,
         caller: &Caller,
         id: SyncTaskId,
         if_match: Option<&ETag>,
+        mut change: impl FnMut(&mut SyncTask) -> Result<(), DomainError>,
+    ) -> Result<Stored<SyncTask>, DomainError> {
+        self.modify_seeing_runs(caller, id, if_match, false, |task, _| change(task)).await
+    }
+
+    /// [`Self::modify`] for a change that depends on whether an execution runs the task: with
+    /// `see_runs`, `change` is told so ([`Self::runs`], judged on the version it changes);
+    /// without, no execution is read and `change` is told `false`.
+    async fn modify_seeing_runs(
+        &self,
+        caller: &Caller,
+        id: SyncTaskId,
+        if_match: Option<&ETag>,
+        see_runs: bool,
         mut change: impl FnMut(&mut SyncTask, bool) -> Result<(), DomainError>,
     ) -> Result<Stored<SyncTask>, DomainError> {
         caller.require(Role::Member)?;
         read_modify_write(if_match, async |token| {
             let current = matching(self.tasks.get(&caller.tenant_id, id).await?, token)?;
             let mut task = current.value;
-            let running = self.runs(&task, self.clock.now()).await?;
+            let running = see_runs && self.runs(&task, self.clock.now()).await?;
             change(&mut task, running)?;
             task.updated_at = self.clock.now();
             task.updated_by = caller.user_id.clone();
@@ -159,7 +178,7 @@ impl SyncTaskService {
             let settings = draft.validate()?;
             let now = self.clock.now();
             let by = caller.user_id.clone();
-            self.modify(caller, id, if_match, |task, _| {
+            self.modify(caller, id, if_match, |task| {
                 task.apply(settings.clone(), by.clone(), now);
                 Ok(())
             })
@@ -177,9 +196,7 @@ impl SyncTaskService {
         let result = async {
             caller.require(Role::Member)?;
             let current = self.tasks.get(&caller.tenant_id, id).await?;
-            if self.runs(&current.value, self.clock.now()).await? || current.value.pending_execution.is_some() {
-                return Err(busy());
-            }
+            idle(&current.value, self.runs(&current.value, self.clock.now()).await?)?;
             self.tasks.delete(&caller.tenant_id, id, Some(if_match.unwrap_or(&current.etag).clone())).await?;
             // The task is gone: states left behind by a failure here are unreferenced.
             let _ = self.states.clear(&caller.tenant_id, id, true).await;
@@ -203,10 +220,8 @@ impl SyncTaskService {
         let now = self.clock.now();
         let execution_id = self.ids.new_uuid();
         let task = self
-            .modify(caller, id, None, |task, running| {
-                if running || task.pending_execution.is_some() {
-                    return Err(busy());
-                }
+            .modify_seeing_runs(caller, id, None, true, |task, running| {
+                idle(task, running)?;
                 if task.status != TaskStatus::Active {
                     return Err(DomainError::Conflict(format!("the task is {}: resume it first", task.status.as_str())));
                 }
@@ -223,7 +238,7 @@ impl SyncTaskService {
             Err(e) => {
                 // Take the queued run back so the task is not held by an execution that does not exist.
                 let _ = self
-                    .modify(caller, id, None, |task, _| {
+                    .modify(caller, id, None, |task| {
                         if task.pending_execution == Some(execution_id) {
                             task.pending_execution = None;
                             task.reschedule(now, now);
@@ -241,7 +256,7 @@ impl SyncTaskService {
         let now = self.clock.now();
         let reason = format!("paused by {}", caller.user_id);
         let result = self
-            .modify(caller, id, if_match, |task, _| {
+            .modify(caller, id, if_match, |task| {
                 task.status = TaskStatus::Paused;
                 task.status_reason = Some(reason.clone());
                 task.reschedule(now, now);
@@ -258,7 +273,7 @@ impl SyncTaskService {
     pub async fn resume(&self, caller: &Caller, id: SyncTaskId, if_match: Option<&ETag>) -> Result<Stored<SyncTask>, DomainError> {
         let now = self.clock.now();
         let result = self
-            .modify(caller, id, if_match, |task, _| {
+            .modify(caller, id, if_match, |task| {
                 if task.status == TaskStatus::Disabled {
                     return Err(DomainError::Conflict("the task is disabled: set its status to active".into()));
                 }
@@ -282,7 +297,7 @@ impl SyncTaskService {
         let result = async {
             let mut queued = None;
             let task = self
-                .modify(caller, id, None, |task, running| {
+                .modify_seeing_runs(caller, id, None, true, |task, running| {
                     queued = None;
                     if running {
                         task.cancel_requested = true;
@@ -325,10 +340,8 @@ impl SyncTaskService {
     pub async fn reset(&self, caller: &Caller, id: SyncTaskId, scope: ResetScope) -> Result<Stored<SyncTask>, DomainError> {
         let result = async {
             let task = self
-                .modify(caller, id, None, |task, running| {
-                    if running || task.pending_execution.is_some() {
-                        return Err(busy());
-                    }
+                .modify_seeing_runs(caller, id, None, true, |task, running| {
+                    idle(task, running)?;
                     task.checkpoints = Checkpoints::default();
                     Ok(())
                 })
