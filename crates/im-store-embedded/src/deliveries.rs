@@ -56,7 +56,50 @@ pub(crate) struct LeasedRecords {
     by_id: Mutex<HashMap<String, (Doc, Instant)>>,
     /// Endpoints by (tenant, id).
     webhooks: Mutex<HashMap<(String, String), LeasedWebhook>>,
+    /// Jobs leased as they were queued, for the next takes.
+    handoff: Mutex<Handoff>,
 }
+
+/// The jobs of new deliveries that the fan-out leases in the transaction that queues them, for
+/// this process's dispatcher to take without a write of its own: one commit less between an
+/// event and its first attempt, one write less a delivery. (The embedded queue has one
+/// consumer, this process: [`crate::EmbeddedStore::release_delivery_leases`].) Only as many
+/// as the last take asked for and did not get (the dispatcher's free attempts then), and only
+/// while takes come (the last within [`HANDOFF_IDLE_MS`]): a job does not wait here for a
+/// dispatcher that is busy or gone. A job whose lease has run half its time is not handed out
+/// (its lease ends, and a take leases it again). Jobs waiting in the table go first: a take
+/// reads the table at least every [`TABLE_READ_EVERY_MS`] while jobs are handed to it, and
+/// nothing is leased for the takes while the table's last read found as many due jobs as it
+/// was asked for.
+#[derive(Default)]
+struct Handoff {
+    jobs: std::collections::VecDeque<HandedJob>,
+    /// What the last take asked for and did not get, less what was leased for it since.
+    wanted: usize,
+    /// The lease the last take gave (ms).
+    lease_ms: i64,
+    /// When the last take asked, and when a take last read the table (unix ms; 0: never).
+    asked_at: i64,
+    read_at: i64,
+    /// Whether that read found fewer due jobs than it asked for: while it found as many (a
+    /// backlog in the table: retries due, jobs queued when there was no room here), nothing is
+    /// leased for the takes, which then read the table each time until it runs short.
+    table_short: bool,
+}
+
+/// A job leased as it was queued.
+struct HandedJob {
+    id: String,
+    tenant: String,
+    leased_until: i64,
+    lease_ms: i64,
+}
+
+/// A take within this long keeps the fan-out leasing jobs for the takes (the idle dispatcher
+/// takes at least every 500 ms).
+const HANDOFF_IDLE_MS: i64 = 2_000;
+/// While jobs are handed to the takes, one reads the table at least this often.
+const TABLE_READ_EVERY_MS: i64 = 100;
 
 /// An endpoint a take read: the document, the gets it still serves, when it was read.
 type LeasedWebhook = (Doc, u32, Instant);
@@ -151,6 +194,56 @@ impl LeasedRecords {
         if *uses == 0 { webhooks.remove(&key).map(|(doc, _, _)| doc) } else { Some(doc.clone()) }
     }
 
+    /// Room for up to `n` jobs queued now (unix ms `now`) to be leased for the takes: how many,
+    /// and until when their lease runs.
+    fn reserve_handoff(&self, n: usize, now: i64) -> (usize, i64) {
+        let mut handoff = self.handoff.lock().unwrap_or_else(|p| p.into_inner());
+        if n == 0 || handoff.asked_at == 0 || now.saturating_sub(handoff.asked_at) > HANDOFF_IDLE_MS {
+            return (0, 0);
+        }
+        let room = handoff.wanted.saturating_sub(handoff.jobs.len()).min(n);
+        handoff.wanted -= room;
+        (room, now.saturating_add(handoff.lease_ms))
+    }
+
+    fn hand_jobs(&self, jobs: Vec<HandedJob>) {
+        self.handoff.lock().unwrap_or_else(|p| p.into_inner()).jobs.extend(jobs);
+    }
+
+    /// Up to `max` handed jobs with at least half their lease left (the others are dropped: the
+    /// table hands them out when their lease ends), and whether the take is to read the table
+    /// too.
+    fn take_handed(&self, max: usize, now: i64) -> (Vec<(String, String)>, bool) {
+        let mut handoff = self.handoff.lock().unwrap_or_else(|p| p.into_inner());
+        let read_table = now.saturating_sub(handoff.read_at) >= TABLE_READ_EVERY_MS;
+        // One left for the table when it is due (a take of one then reads only the table).
+        let max = if read_table { max.saturating_sub(1) } else { max };
+        let mut taken = Vec::new();
+        while taken.len() < max
+            && let Some(job) = handoff.jobs.pop_front()
+        {
+            if job.leased_until.saturating_sub(now).saturating_mul(2) >= job.lease_ms {
+                taken.push((job.id, job.tenant));
+            }
+        }
+        let read_table = read_table || taken.is_empty();
+        (taken, read_table)
+    }
+
+    /// Notes a take at `now` that asked for `wanted` more jobs than it got, with a lease of
+    /// `lease_ms`, and, if it read the table, whether the table had fewer due jobs than it
+    /// asked of it.
+    fn note_take(&self, wanted: usize, lease_ms: i64, now: i64, table_short: Option<bool>) {
+        let mut handoff = self.handoff.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(short) = table_short {
+            handoff.read_at = now;
+            handoff.table_short = short;
+        }
+        handoff.wanted = if handoff.table_short { wanted } else { 0 };
+        handoff.lease_ms = lease_ms;
+        handoff.asked_at = now;
+    }
+
     pub(crate) fn forget_webhook(&self, tenant: &str, id: &str) {
         let mut webhooks = self.webhooks.lock().unwrap_or_else(|p| p.into_inner());
         if !webhooks.is_empty() {
@@ -202,13 +295,25 @@ impl SqliteDeliveries {
     /// its endpoint as this transaction reads it, is handed to the get of its first attempt
     /// (see [`LeasedRecords`]); the take does that with the queue here.
     async fn create_many(&self, deliveries: &[Delivery], queue: bool) -> Result<Vec<Result<ETag, DomainError>>, DomainError> {
+        // With the queue here, the jobs due now that the takes wait for are leased for them as
+        // they are queued, and their records and endpoints handed like the take's ([`Handoff`]).
+        let now_ms = now_millis();
+        let due_now =
+            |d: &Delivery| queue && d.status == DeliveryStatus::Pending && d.next_attempt_at.is_some_and(|at| millis(at) <= now_ms);
+        let (mut handing, leased_until) =
+            if queue { self.leased.reserve_handoff(deliveries.iter().filter(|d| due_now(d)).count(), now_ms) } else { (0, 0) };
+        let lease_ms = leased_until.saturating_sub(now_ms);
         let items = deliveries
             .iter()
             .map(|d| {
                 let pending = d.status == DeliveryStatus::Pending;
                 let due = d.next_attempt_at.filter(|_| queue && pending).map(millis);
-                let hand = (!queue && pending).then(|| d.webhook_id.to_string());
-                Ok((d.tenant_id.to_string(), d.id.to_string(), encode(d)?, due, hand))
+                let leased = (handing > 0 && due_now(d)).then(|| {
+                    handing -= 1;
+                    leased_until
+                });
+                let hand = ((!queue && pending) || leased.is_some()).then(|| d.webhook_id.to_string());
+                Ok((d.tenant_id.to_string(), d.id.to_string(), encode(d)?, due, leased, hand))
             })
             .collect::<Result<Vec<_>, DomainError>>()?;
         let (outcomes, handed) = self
@@ -218,11 +323,17 @@ impl SqliteDeliveries {
                 let mut outcomes = Vec::with_capacity(items.len());
                 let mut records = Vec::new();
                 let mut webhooks: Vec<(Doc, u32)> = Vec::new();
-                for (pk, id, body, due, hand) in items {
+                let mut jobs = Vec::new();
+                for (pk, id, body, due, leased, hand) in items {
                     match insert(tx, WEBHOOK_DELIVERIES, &pk, &id, &body, expires_at, now) {
                         Ok(etag) => {
                             if let Some(due) = due {
-                                put_job(tx, &id, &pk, due, SCHEDULE)?;
+                                match leased {
+                                    Some(until) if put_leased_job(tx, &id, &pk, due, until, now_ms)? => {
+                                        jobs.push(HandedJob { id: id.clone(), tenant: pk.clone(), leased_until: until, lease_ms });
+                                    }
+                                    _ => put_job(tx, &id, &pk, due, SCHEDULE)?,
+                                }
                             }
                             if let Some(webhook) = hand {
                                 match webhooks.iter_mut().find(|(doc, _)| doc.pk == pk && doc.id == webhook) {
@@ -240,15 +351,18 @@ impl SqliteDeliveries {
                         Err(e) => return Err(e),
                     }
                 }
-                Ok((outcomes, (records, webhooks)))
+                Ok((outcomes, (records, webhooks, jobs)))
             })
             .await?;
-        let (records, webhooks) = handed;
+        let (records, webhooks, jobs) = handed;
         if !records.is_empty() {
             self.leased.put(records);
         }
         if !webhooks.is_empty() {
             self.leased.put_webhooks(webhooks);
+        }
+        if !jobs.is_empty() {
+            self.leased.hand_jobs(jobs);
         }
         Ok(outcomes)
     }
@@ -266,6 +380,21 @@ const IF_ABSENT: &str =
 fn put_job(tx: &Transaction<'_>, id: &str, tenant: &str, due: i64, statement: &'static str) -> Result<(), DomainError> {
     tx.prepare_cached(statement).and_then(|mut s| s.execute(params![id, tenant, due])).map_err(map_sqlite)?;
     Ok(())
+}
+
+/// Queues the job of a new delivery leased until `until` (unix ms) for this process's takes:
+/// false, writing nothing, when a job of that delivery is there leased (then [`SCHEDULE`]
+/// moves it, as for any other).
+fn put_leased_job(tx: &Transaction<'_>, id: &str, tenant: &str, due: i64, until: i64, now: i64) -> Result<bool, DomainError> {
+    let changed = tx
+        .prepare_cached(
+            "INSERT INTO delivery_jobs (delivery_id, tenant_id, due_at, leased_until) VALUES (?1, ?2, ?3, ?4) \
+             ON CONFLICT (delivery_id) DO UPDATE SET due_at = excluded.due_at, leased_until = excluded.leased_until \
+             WHERE delivery_jobs.leased_until <= ?5",
+        )
+        .and_then(|mut s| s.execute(params![id, tenant, due, until, now]))
+        .map_err(map_sqlite)?;
+    Ok(changed > 0)
 }
 
 fn remove_job(tx: &Transaction<'_>, id: &str) -> Result<(), DomainError> {
@@ -443,48 +572,71 @@ impl DeliveryQueue for SqliteDeliveryQueue {
     #[tracing::instrument(skip_all, name = "delivery_queue.take_due", fields(max = max))]
     async fn take_due(&self, max: u32, lease: Duration) -> Result<Vec<DeliveryJob>, DomainError> {
         let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
-        let (read_records, today) = (self.leased.enabled(), self.db.now());
-        let (rows, records) = self
-            .db
-            .write(move |tx| {
-                let now = now_millis();
-                // One statement: the due jobs are found and leased together.
-                let rows: Vec<(String, String)> = tx
-                    .prepare_cached(
-                        "UPDATE delivery_jobs SET leased_until = ?3 WHERE delivery_id IN \
-                         (SELECT delivery_id FROM delivery_jobs WHERE due_at <= ?1 AND leased_until <= ?1 ORDER BY due_at LIMIT ?2) \
-                         RETURNING delivery_id, tenant_id",
-                    )
-                    .and_then(|mut s| {
-                        s.query_map(params![now, i64::from(max), now.saturating_add(lease_ms)], |r| Ok((r.get(0)?, r.get(1)?)))?.collect()
-                    })
-                    .map_err(map_sqlite)?;
-                let mut records = Vec::new();
-                let mut webhooks: Vec<(Doc, u32)> = Vec::new();
-                if read_records {
-                    for (id, tenant) in &rows {
-                        records.extend(read_one(tx, WEBHOOK_DELIVERIES, tenant.clone(), id.clone(), today).map_err(map_sqlite)?);
-                    }
-                    for webhook in records.iter().filter_map(|r| webhook_of(r).map(|w| (&r.pk, w))) {
-                        match webhooks.iter_mut().find(|(doc, _)| doc.pk == *webhook.0 && doc.id == webhook.1) {
-                            Some((_, uses)) => *uses += 1,
-                            None => {
-                                let doc = read_one(tx, WEBHOOKS, webhook.0.clone(), webhook.1, today).map_err(map_sqlite)?;
-                                webhooks.extend(doc.map(|d| (d, 1)));
+        let asked = usize::try_from(max).unwrap_or(usize::MAX);
+        // First the jobs the fan-out leased for the takes ([`Handoff`]), without a write.
+        let (mut rows, read_table) = self.leased.take_handed(asked, now_millis());
+        let read_table = read_table && rows.len() < asked;
+        let mut table_short = None;
+        if read_table {
+            let of_table = asked - rows.len();
+            let limit = i64::try_from(of_table).unwrap_or(i64::MAX);
+            let (read_records, today) = (self.leased.enabled(), self.db.now());
+            let read = self
+                .db
+                .write(move |tx| {
+                    let now = now_millis();
+                    // One statement: the due jobs are found and leased together.
+                    let rows: Vec<(String, String)> = tx
+                        .prepare_cached(
+                            "UPDATE delivery_jobs SET leased_until = ?3 WHERE delivery_id IN \
+                             (SELECT delivery_id FROM delivery_jobs WHERE due_at <= ?1 AND leased_until <= ?1 ORDER BY due_at LIMIT ?2) \
+                             RETURNING delivery_id, tenant_id",
+                        )
+                        .and_then(|mut s| {
+                            s.query_map(params![now, limit, now.saturating_add(lease_ms)], |r| Ok((r.get(0)?, r.get(1)?)))?.collect()
+                        })
+                        .map_err(map_sqlite)?;
+                    let mut records = Vec::new();
+                    let mut webhooks: Vec<(Doc, u32)> = Vec::new();
+                    if read_records {
+                        for (id, tenant) in &rows {
+                            records.extend(read_one(tx, WEBHOOK_DELIVERIES, tenant.clone(), id.clone(), today).map_err(map_sqlite)?);
+                        }
+                        for webhook in records.iter().filter_map(|r| webhook_of(r).map(|w| (&r.pk, w))) {
+                            match webhooks.iter_mut().find(|(doc, _)| doc.pk == *webhook.0 && doc.id == webhook.1) {
+                                Some((_, uses)) => *uses += 1,
+                                None => {
+                                    let doc = read_one(tx, WEBHOOKS, webhook.0.clone(), webhook.1, today).map_err(map_sqlite)?;
+                                    webhooks.extend(doc.map(|d| (d, 1)));
+                                }
                             }
                         }
                     }
+                    Ok((rows, (records, webhooks)))
+                })
+                .await;
+            let (taken, (records, webhooks)) = match read {
+                Ok(read) => {
+                    table_short = Some(read.0.len() < of_table);
+                    read
                 }
-                Ok((rows, (records, webhooks)))
-            })
-            .await?;
-        let (records, webhooks) = records;
-        if !records.is_empty() {
-            self.leased.put(records);
+                // The handed jobs are leased to this process: attempted now rather than when
+                // their lease ends.
+                Err(error) if !rows.is_empty() => {
+                    tracing::warn!(%error, "reading the delivery queue failed; the jobs leased as they were queued go on");
+                    (Vec::new(), (Vec::new(), Vec::new()))
+                }
+                Err(error) => return Err(error),
+            };
+            if !records.is_empty() {
+                self.leased.put(records);
+            }
+            if !webhooks.is_empty() {
+                self.leased.put_webhooks(webhooks);
+            }
+            rows.extend(taken);
         }
-        if !webhooks.is_empty() {
-            self.leased.put_webhooks(webhooks);
-        }
+        self.leased.note_take(asked.saturating_sub(rows.len()), lease_ms, now_millis(), table_short);
         rows.into_iter()
             .map(|(id, tenant)| {
                 Ok(DeliveryJob {

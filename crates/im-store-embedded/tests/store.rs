@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use im_domain::webhooks::ports::DeliveryQueue;
+use im_domain::webhooks::ports::{DeliveryJob, DeliveryQueue};
 use im_domain::{Clock, SystemClock};
 use im_store_embedded::{EmbeddedStore, containers};
 use time::OffsetDateTime;
@@ -120,6 +120,93 @@ async fn the_take_hands_the_records_it_read_to_the_next_get() {
     assert!(matches!(deliveries.get(&other, records[2].id).await, Err(im_domain::DomainError::NotFound { .. })));
     assert_ne!(deliveries.get(&tenant, records[2].id).await.unwrap().etag.as_str(), "rewritten", "kept for its own tenant");
     assert_eq!(deliveries.get(&tenant, records[2].id).await.unwrap().etag.as_str(), "rewritten");
+}
+
+/// Jobs leased in the table (a row's `leased_until` in the future), and those not.
+async fn leased_jobs(store: &EmbeddedStore) -> (i64, i64) {
+    store
+        .documents()
+        .transaction(|tx, _| {
+            tx.query_row(
+                "SELECT count(*) FILTER (WHERE leased_until > ?1), count(*) FILTER (WHERE leased_until <= ?1) FROM delivery_jobs",
+                [OffsetDateTime::now_utc().unix_timestamp() * 1000],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .map_err(|e| im_domain::DomainError::Unexpected(e.into()))
+        })
+        .await
+        .unwrap()
+}
+
+/// The fan-out leases, in the transaction that queues them, as many due jobs as the last take
+/// asked for and did not get, and the next takes get them without leasing them again; the
+/// others wait in the table as before. A handed job whose lease has run half its time is left
+/// to the table, which hands it out when its lease ends: nothing is lost or taken twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fan_out_leases_the_jobs_a_take_waits_for() {
+    use im_domain::webhooks::delivery::DeliveryStatus;
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(dir.path()).await;
+    let (deliveries, queue) = (store.deliveries_with_queue(), store.delivery_queue());
+    let tenant = im_testkit::fresh_tenant();
+    let created = |n: usize| {
+        let records: Vec<_> = (0..n).map(|_| im_testkit::deliveries::delivery(&tenant, DeliveryStatus::Pending)).collect();
+        let deliveries = deliveries.clone();
+        async move {
+            for outcome in deliveries.create_each_queued(&records).await.unwrap() {
+                outcome.unwrap();
+            }
+            records.into_iter().map(|d| d.id).collect::<Vec<_>>()
+        }
+    };
+    let lease = Duration::from_secs(60);
+
+    // Nothing asked for yet: queued unleased.
+    let first = created(1).await;
+    assert_eq!(leased_jobs(&store).await, (0, 1));
+    let taken = queue.take_due(3, lease).await.unwrap();
+    assert_eq!(taken.iter().map(|j| j.delivery_id).collect::<Vec<_>>(), first);
+    // That take asked for two more than it got: two of the next three are leased as queued.
+    let next = created(3).await;
+    assert_eq!(leased_jobs(&store).await, (3, 1), "the first job's lease, and two of the three new ones");
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        seen.extend(queue.take_due(10, lease).await.unwrap().into_iter().map(|j| j.delivery_id));
+    }
+    seen.sort();
+    let mut expected = next.clone();
+    expected.sort();
+    assert_eq!(seen, expected, "each new job taken once");
+    assert!(queue.take_due(10, lease).await.unwrap().is_empty());
+
+    // Jobs waiting in the table go first: while its last read found as many as it asked for,
+    // nothing is leased as it is queued.
+    let backlog: Vec<_> = (0..2).map(|_| DeliveryJob { tenant_id: tenant.clone(), delivery_id: uuid::Uuid::now_v7() }).collect();
+    for job in &backlog {
+        queue.schedule(job, OffsetDateTime::now_utc()).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(queue.take_due(1, lease).await.unwrap()[0].delivery_id, backlog[0].delivery_id);
+    let behind = created(1).await;
+    let (leased, waiting) = leased_jobs(&store).await;
+    assert_eq!(waiting, 2, "the backlog's second job and the new one wait in the table");
+    let mut rest: Vec<_> = queue.take_due(10, lease).await.unwrap().into_iter().map(|j| j.delivery_id).collect();
+    rest.sort();
+    let mut expected = vec![backlog[1].delivery_id, behind[0]];
+    expected.sort();
+    assert_eq!(rest, expected, "taken from the table");
+    assert_eq!(leased_jobs(&store).await, (leased + 2, 0));
+
+    // A job handed after half its lease is not taken; the table hands it out when it ends.
+    let short = Duration::from_millis(400);
+    assert!(queue.take_due(1, short).await.unwrap().is_empty());
+    let late = created(1).await;
+    assert_eq!(leased_jobs(&store).await.0, 8, "the new job is leased as it is queued");
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert!(queue.take_due(1, short).await.unwrap().is_empty(), "past half its lease: not handed, still leased in the table");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let again = queue.take_due(1, short).await.unwrap();
+    assert_eq!(again.iter().map(|j| j.delivery_id).collect::<Vec<_>>(), late, "taken from the table once its lease ended");
 }
 
 /// The take also reads the endpoints of the deliveries it leased, and hands each to as many
