@@ -66,11 +66,13 @@ pub(crate) struct LeasedRecords {
 /// consumer, this process: [`crate::EmbeddedStore::release_delivery_leases`].) Only as many
 /// as the last take asked for and did not get (the dispatcher's free attempts then), and only
 /// while takes come (the last within [`HANDOFF_IDLE_MS`]): a job does not wait here for a
-/// dispatcher that is busy or gone. A job whose lease has run half its time is not handed out
-/// (its lease ends, and a take leases it again). Jobs waiting in the table go first: a take
-/// reads the table at least every [`TABLE_READ_EVERY_MS`] while jobs are handed to it, and
-/// nothing is leased for the takes while the table's last read found as many due jobs as it
-/// was asked for.
+/// dispatcher that is busy or gone. A job handed out has its lease as fresh as a take's would
+/// be: one that waited here more than [`HANDED_MAX_AGE_MS`] (or half its lease) is not handed
+/// out but let go, its lease released by the next read of the table, which may take it at
+/// once. A write of a job's row (a retry scheduled, the job completed) or of its delivery
+/// through the repository drops it from here. Jobs waiting in the table go first: a take reads
+/// the table at least every [`TABLE_READ_EVERY_MS`] while jobs are handed to it, and nothing is
+/// leased for the takes while the table's last read found as many due jobs as it was asked for.
 #[derive(Default)]
 struct Handoff {
     jobs: std::collections::VecDeque<HandedJob>,
@@ -85,6 +87,29 @@ struct Handoff {
     /// backlog in the table: retries due, jobs queued when there was no room here), nothing is
     /// leased for the takes, which then read the table each time until it runs short.
     table_short: bool,
+    /// Jobs let go unhanded, whose leases (until then) the next read of the table releases.
+    stale: Vec<(String, i64)>,
+}
+
+impl Handoff {
+    /// Up to `max` jobs leased at most [`HANDED_MAX_AGE_MS`] ago with at least half their lease
+    /// left; the older ones on the way are let go (their leases released by the next read of
+    /// the table).
+    fn pop(&mut self, max: usize, now: i64) -> Vec<(String, String)> {
+        let mut taken = Vec::new();
+        while taken.len() < max
+            && let Some(job) = self.jobs.pop_front()
+        {
+            let left = job.leased_until.saturating_sub(now);
+            let age = job.lease_ms.saturating_sub(left);
+            if age <= HANDED_MAX_AGE_MS && left.saturating_mul(2) >= job.lease_ms {
+                taken.push((job.id, job.tenant));
+            } else {
+                self.stale.push((job.id, job.leased_until));
+            }
+        }
+        taken
+    }
 }
 
 /// A job leased as it was queued.
@@ -100,6 +125,8 @@ struct HandedJob {
 const HANDOFF_IDLE_MS: i64 = 2_000;
 /// While jobs are handed to the takes, one reads the table at least this often.
 const TABLE_READ_EVERY_MS: i64 = 100;
+/// How long a job may wait here to be handed out.
+const HANDED_MAX_AGE_MS: i64 = 1_000;
 
 /// An endpoint a take read: the document, the gets it still serves, when it was read.
 type LeasedWebhook = (Doc, u32, Instant);
@@ -201,7 +228,9 @@ impl LeasedRecords {
         if n == 0 || handoff.asked_at == 0 || now.saturating_sub(handoff.asked_at) > HANDOFF_IDLE_MS {
             return (0, 0);
         }
-        let room = handoff.wanted.saturating_sub(handoff.jobs.len()).min(n);
+        // What the last take did not get, less what was leased for it since (a take that got
+        // all it asked for left nothing wanted).
+        let room = handoff.wanted.min(n);
         handoff.wanted -= room;
         (room, now.saturating_add(handoff.lease_ms))
     }
@@ -210,24 +239,39 @@ impl LeasedRecords {
         self.handoff.lock().unwrap_or_else(|p| p.into_inner()).jobs.extend(jobs);
     }
 
-    /// Up to `max` handed jobs with at least half their lease left (the others are dropped: the
-    /// table hands them out when their lease ends), and whether the take is to read the table
-    /// too.
+    /// Up to `max` handed jobs, and whether the take is to read the table too (one of `max` is
+    /// left for the table when it is due).
     fn take_handed(&self, max: usize, now: i64) -> (Vec<(String, String)>, bool) {
         let mut handoff = self.handoff.lock().unwrap_or_else(|p| p.into_inner());
         let read_table = now.saturating_sub(handoff.read_at) >= TABLE_READ_EVERY_MS;
-        // One left for the table when it is due (a take of one then reads only the table).
-        let max = if read_table { max.saturating_sub(1) } else { max };
-        let mut taken = Vec::new();
-        while taken.len() < max
-            && let Some(job) = handoff.jobs.pop_front()
-        {
-            if job.leased_until.saturating_sub(now).saturating_mul(2) >= job.lease_ms {
-                taken.push((job.id, job.tenant));
-            }
-        }
+        let taken = handoff.pop(if read_table { max.saturating_sub(1) } else { max }, now);
         let read_table = read_table || taken.is_empty();
         (taken, read_table)
+    }
+
+    /// Up to `max` handed jobs (after a read of the table that left room).
+    fn pop_handed(&self, max: usize, now: i64) -> Vec<(String, String)> {
+        self.handoff.lock().unwrap_or_else(|p| p.into_inner()).pop(max, now)
+    }
+
+    /// The leases of the jobs let go unhanded, for the next read of the table to release.
+    fn stale_handed(&self) -> Vec<(String, i64)> {
+        std::mem::take(&mut self.handoff.lock().unwrap_or_else(|p| p.into_inner()).stale)
+    }
+
+    /// Leases to release at the next read of the table (after one that failed).
+    fn let_go(&self, stale: Vec<(String, i64)>) {
+        if !stale.is_empty() {
+            self.handoff.lock().unwrap_or_else(|p| p.into_inner()).stale.extend(stale);
+        }
+    }
+
+    /// Drops the handed job of delivery `id`, whose row or record is being written.
+    fn forget_handed(&self, id: &str) {
+        let mut handoff = self.handoff.lock().unwrap_or_else(|p| p.into_inner());
+        if !handoff.jobs.is_empty() {
+            handoff.jobs.retain(|job| job.id != id);
+        }
     }
 
     /// Notes a take at `now` that asked for `wanted` more jobs than it got, with a lease of
@@ -286,7 +330,9 @@ impl SqliteDeliveries {
     }
 
     fn forget_leased(&self, id: uuid::Uuid) {
-        self.leased.forget(&id.to_string());
+        let id = id.to_string();
+        self.leased.forget(&id);
+        self.leased.forget_handed(&id);
     }
 
     /// Creates each delivery in one transaction (a conflict fails its item alone); with
@@ -545,6 +591,7 @@ impl SqliteDeliveryQueue {
     /// Runs `statement` (`SCHEDULE` or `IF_ABSENT`) for the job's row.
     async fn insert(&self, job: &DeliveryJob, due: time::OffsetDateTime, statement: &'static str) -> Result<(), DomainError> {
         let (tenant, id, due) = (job.tenant_id.to_string(), job.delivery_id.to_string(), millis(due));
+        self.leased.forget_handed(&id);
         self.db.write(move |tx| put_job(tx, &id, &tenant, due, statement)).await
     }
 }
@@ -581,10 +628,18 @@ impl DeliveryQueue for SqliteDeliveryQueue {
             let of_table = asked - rows.len();
             let limit = i64::try_from(of_table).unwrap_or(i64::MAX);
             let (read_records, today) = (self.leased.enabled(), self.db.now());
+            let stale = self.leased.stale_handed();
+            let (released, unreleased) = (stale.clone(), &self.leased);
             let read = self
                 .db
                 .write(move |tx| {
                     let now = now_millis();
+                    // Jobs let go unhanded: released unless their rows were written since.
+                    for (id, until) in &released {
+                        tx.prepare_cached("UPDATE delivery_jobs SET leased_until = 0 WHERE delivery_id = ?1 AND leased_until = ?2")
+                            .and_then(|mut s| s.execute(params![id, until]))
+                            .map_err(map_sqlite)?;
+                    }
                     // One statement: the due jobs are found and leased together.
                     let rows: Vec<(String, String)> = tx
                         .prepare_cached(
@@ -620,13 +675,17 @@ impl DeliveryQueue for SqliteDeliveryQueue {
                     table_short = Some(read.0.len() < of_table);
                     read
                 }
-                // The handed jobs are leased to this process: attempted now rather than when
-                // their lease ends.
-                Err(error) if !rows.is_empty() => {
+                Err(error) => {
+                    unreleased.let_go(stale);
+                    // The handed jobs are leased to this process: attempted now rather than
+                    // when their lease ends.
+                    rows.extend(self.leased.pop_handed(asked - rows.len(), now_millis()));
+                    if rows.is_empty() {
+                        return Err(error);
+                    }
                     tracing::warn!(%error, "reading the delivery queue failed; the jobs leased as they were queued go on");
                     (Vec::new(), (Vec::new(), Vec::new()))
                 }
-                Err(error) => return Err(error),
             };
             if !records.is_empty() {
                 self.leased.put(records);
@@ -635,6 +694,10 @@ impl DeliveryQueue for SqliteDeliveryQueue {
                 self.leased.put_webhooks(webhooks);
             }
             rows.extend(taken);
+            // Room the table left: handed jobs (a take of one, whose one was the table's).
+            if rows.len() < asked {
+                rows.extend(self.leased.pop_handed(asked - rows.len(), now_millis()));
+            }
         }
         self.leased.note_take(asked.saturating_sub(rows.len()), lease_ms, now_millis(), table_short);
         rows.into_iter()
@@ -651,6 +714,7 @@ impl DeliveryQueue for SqliteDeliveryQueue {
     #[tracing::instrument(skip_all, name = "delivery_queue.complete", fields(tenant = %job.tenant_id, delivery = %job.delivery_id))]
     async fn complete(&self, job: &DeliveryJob) -> Result<(), DomainError> {
         let id = job.delivery_id.to_string();
+        self.leased.forget_handed(&id);
         self.db.write(move |tx| remove_job(tx, &id)).await
     }
 

@@ -138,10 +138,22 @@ async fn leased_jobs(store: &EmbeddedStore) -> (i64, i64) {
         .unwrap()
 }
 
+/// When the job of a delivery is leased until (unix ms).
+async fn lease_of(store: &EmbeddedStore, id: uuid::Uuid) -> i64 {
+    store
+        .documents()
+        .transaction(move |tx, _| {
+            tx.query_row("SELECT leased_until FROM delivery_jobs WHERE delivery_id = ?1", [id.to_string()], |r| r.get(0))
+                .map_err(|e| im_domain::DomainError::Unexpected(e.into()))
+        })
+        .await
+        .unwrap()
+}
+
 /// The fan-out leases, in the transaction that queues them, as many due jobs as the last take
 /// asked for and did not get, and the next takes get them without leasing them again; the
-/// others wait in the table as before. A handed job whose lease has run half its time is left
-/// to the table, which hands it out when its lease ends: nothing is lost or taken twice.
+/// others wait in the table as before. A handed job that waited more than a second is let go and
+/// leased again by the table's take; one whose row was written since is not handed out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_fan_out_leases_the_jobs_a_take_waits_for() {
     use im_domain::webhooks::delivery::DeliveryStatus;
@@ -197,16 +209,29 @@ async fn the_fan_out_leases_the_jobs_a_take_waits_for() {
     assert_eq!(rest, expected, "taken from the table");
     assert_eq!(leased_jobs(&store).await, (leased + 2, 0));
 
-    // A job handed after half its lease is not taken; the table hands it out when it ends.
-    let short = Duration::from_millis(400);
-    assert!(queue.take_due(1, short).await.unwrap().is_empty());
+    let ids = |jobs: Vec<DeliveryJob>| jobs.into_iter().map(|j| j.delivery_id).collect::<Vec<_>>();
+
+    // A take of one whose turn it is to read the table still gets a handed job.
+    assert!(queue.take_due(1, lease).await.unwrap().is_empty());
+    let one = created(1).await;
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(ids(queue.take_due(1, lease).await.unwrap()), one, "handed after the table's read");
+
+    // A job whose row was written since it was handed is not handed out: its row says when.
+    assert!(queue.take_due(2, lease).await.unwrap().is_empty());
+    let moved = created(1).await;
+    let later = DeliveryJob { tenant_id: tenant.clone(), delivery_id: moved[0] };
+    queue.schedule(&later, OffsetDateTime::now_utc() + time::Duration::hours(1)).await.unwrap();
+    assert!(queue.take_due(2, lease).await.unwrap().is_empty(), "due in an hour");
+
+    // A handed job's lease is as fresh as a take's: one that waited more than a second is let
+    // go, and the table's take leases it again at once.
+    assert!(queue.take_due(2, lease).await.unwrap().is_empty());
     let late = created(1).await;
-    assert_eq!(leased_jobs(&store).await.0, 8, "the new job is leased as it is queued");
-    tokio::time::sleep(Duration::from_millis(250)).await;
-    assert!(queue.take_due(1, short).await.unwrap().is_empty(), "past half its lease: not handed, still leased in the table");
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let again = queue.take_due(1, short).await.unwrap();
-    assert_eq!(again.iter().map(|j| j.delivery_id).collect::<Vec<_>>(), late, "taken from the table once its lease ended");
+    let first = lease_of(&store, late[0]).await;
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    assert_eq!(ids(queue.take_due(2, lease).await.unwrap()), late, "taken once");
+    assert!(lease_of(&store, late[0]).await > first, "with a new lease");
 }
 
 /// The take also reads the endpoints of the deliveries it leased, and hands each to as many
