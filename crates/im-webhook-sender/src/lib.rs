@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use im_domain::HumanDuration;
-use im_domain::webhooks::delivery::RESPONSE_EXCERPT_BYTES;
+use im_domain::webhooks::delivery::{ATTEMPT_LEASE, RESPONSE_EXCERPT_BYTES};
 use im_domain::webhooks::endpoint::{Cidr, UrlPolicy};
 use im_domain::webhooks::ports::{OutgoingRequest, SendResult, WebhookSender};
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
@@ -107,6 +107,16 @@ impl WebhookSenderSettings {
                 problems.push((key.into(), "must be positive".into()));
             }
         }
+        if self.request_timeout.get() > MAX_REQUEST_TIMEOUT {
+            problems.push((
+                "request_timeout".into(),
+                format!(
+                    "must be at most {}s: an attempt holds its delivery for {}s, and one that outlived its hold could be made twice",
+                    MAX_REQUEST_TIMEOUT.as_secs(),
+                    ATTEMPT_LEASE.as_secs()
+                ),
+            ));
+        }
         problems
     }
 
@@ -120,6 +130,11 @@ impl WebhookSenderSettings {
         }
     }
 }
+
+/// The longest `request_timeout`: half the time an attempt holds its delivery
+/// ([`ATTEMPT_LEASE`]), the rest left for signing (a read of the secret store) and recording
+/// the attempt, so that no attempt outlives its hold and another runs beside it.
+pub const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(ATTEMPT_LEASE.as_secs() / 2);
 
 /// Idle connections kept per destination host (closed after 90 s unused). More than the
 /// attempts in flight at once (`webhooks.concurrency`, 64 by default), so that endpoints on one
@@ -272,6 +287,10 @@ mod tests {
         let keys: Vec<String> = bad.problems().into_iter().map(|(key, _)| key).collect();
         assert_eq!(keys, ["allowed_private_cidrs[1]", "proxy", "request_timeout", "connect_timeout"]);
         assert!(settings("1s", &["127.0.0.0/8"], "http://proxy:3128").problems().is_empty());
+        assert!(settings("60s", &[], "").problems().is_empty());
+        let too_long = settings("61s", &[], "").problems();
+        assert_eq!(too_long.iter().map(|(key, _)| key.as_str()).collect::<Vec<_>>(), ["request_timeout"]);
+        assert!(too_long[0].1.contains("at most 60s"), "{}", too_long[0].1);
         assert_eq!(settings("1s", &["127.0.0.0/8", "nope"], "").url_policy().allowed_private, [Cidr::parse("127.0.0.0/8").unwrap()]);
         assert!(!format!("{bad:?}").contains("socks5"), "the proxy URL may carry credentials: it never prints");
     }
