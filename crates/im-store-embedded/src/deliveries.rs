@@ -296,6 +296,19 @@ impl LeasedRecords {
     }
 }
 
+/// Counts one more attempt of endpoint `id` of tenant `pk` among `webhooks`, reading it in
+/// `tx` the first time (an endpoint that is gone is not counted).
+fn count_webhook(tx: &Transaction<'_>, webhooks: &mut Vec<(Doc, u32)>, pk: &str, id: String, now: i64) -> Result<(), DomainError> {
+    match webhooks.iter_mut().find(|(doc, _)| doc.pk == pk && doc.id == id) {
+        Some((_, uses)) => *uses += 1,
+        None => {
+            let doc = read_one(tx, WEBHOOKS, pk.to_owned(), id, now).map_err(map_sqlite)?;
+            webhooks.extend(doc.map(|d| (d, 1)));
+        }
+    }
+    Ok(())
+}
+
 /// The endpoint a delivery record names.
 fn webhook_of(delivery: &Doc) -> Option<String> {
     #[derive(serde::Deserialize)]
@@ -382,13 +395,7 @@ impl SqliteDeliveries {
                                 }
                             }
                             if let Some(webhook) = hand {
-                                match webhooks.iter_mut().find(|(doc, _)| doc.pk == pk && doc.id == webhook) {
-                                    Some((_, uses)) => *uses += 1,
-                                    None => {
-                                        let doc = read_one(tx, WEBHOOKS, pk.clone(), webhook, now).map_err(map_sqlite)?;
-                                        webhooks.extend(doc.map(|d| (d, 1)));
-                                    }
-                                }
+                                count_webhook(tx, &mut webhooks, &pk, webhook, now)?;
                                 records.push(Doc { pk, id, etag: etag.clone(), body });
                             }
                             outcomes.push(Ok(etag));
@@ -657,14 +664,8 @@ impl DeliveryQueue for SqliteDeliveryQueue {
                         for (id, tenant) in &rows {
                             records.extend(read_one(tx, WEBHOOK_DELIVERIES, tenant.clone(), id.clone(), today).map_err(map_sqlite)?);
                         }
-                        for webhook in records.iter().filter_map(|r| webhook_of(r).map(|w| (&r.pk, w))) {
-                            match webhooks.iter_mut().find(|(doc, _)| doc.pk == *webhook.0 && doc.id == webhook.1) {
-                                Some((_, uses)) => *uses += 1,
-                                None => {
-                                    let doc = read_one(tx, WEBHOOKS, webhook.0.clone(), webhook.1, today).map_err(map_sqlite)?;
-                                    webhooks.extend(doc.map(|d| (d, 1)));
-                                }
-                            }
+                        for (pk, webhook) in records.iter().filter_map(|r| webhook_of(r).map(|w| (&r.pk, w))) {
+                            count_webhook(tx, &mut webhooks, pk, webhook, today)?;
                         }
                     }
                     Ok((rows, (records, webhooks)))

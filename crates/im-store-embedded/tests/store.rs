@@ -75,6 +75,27 @@ async fn deliveries_and_their_jobs_are_written_together() {
         .await;
 }
 
+/// Creates the deliveries with their jobs (each a new one).
+async fn queue_all(deliveries: &dyn im_domain::webhooks::ports::DeliveryRepository, records: &[im_domain::webhooks::delivery::Delivery]) {
+    for outcome in deliveries.create_each_queued(records).await.unwrap() {
+        outcome.unwrap();
+    }
+}
+
+/// The one row `sql` finds with the parameter `param`, read in a transaction of the store.
+async fn row<T: Send + 'static>(
+    store: &EmbeddedStore,
+    sql: &'static str,
+    param: impl rusqlite::ToSql + Send + 'static,
+    read: fn(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+) -> T {
+    store
+        .documents()
+        .transaction(move |tx, _| tx.query_row(sql, [param], read).map_err(|e| im_domain::DomainError::Unexpected(e.into())))
+        .await
+        .unwrap()
+}
+
 /// The take reads the records of the jobs it leases in its own transaction and hands each to
 /// the next get of that delivery (one read less per attempt); a write through the repository
 /// forgets it, and only the delivery's tenant is handed it.
@@ -86,9 +107,7 @@ async fn the_take_hands_the_records_it_read_to_the_next_get() {
     let (deliveries, queue) = (store.deliveries_with_queue(), store.delivery_queue());
     let tenant = im_testkit::fresh_tenant();
     let records: Vec<_> = (0..3).map(|_| im_testkit::deliveries::delivery(&tenant, DeliveryStatus::Pending)).collect();
-    for outcome in deliveries.create_each_queued(&records).await.unwrap() {
-        outcome.unwrap();
-    }
+    queue_all(deliveries.as_ref(), &records).await;
     assert_eq!(queue.take_due(10, Duration::from_secs(60)).await.unwrap().len(), 3);
     // Behind the repository's back, so that where each get's answer came from shows.
     let ids: Vec<String> = records.iter().map(|d| d.id.to_string()).collect();
@@ -124,30 +143,13 @@ async fn the_take_hands_the_records_it_read_to_the_next_get() {
 
 /// Jobs leased in the table (a row's `leased_until` in the future), and those not.
 async fn leased_jobs(store: &EmbeddedStore) -> (i64, i64) {
-    store
-        .documents()
-        .transaction(|tx, _| {
-            tx.query_row(
-                "SELECT count(*) FILTER (WHERE leased_until > ?1), count(*) FILTER (WHERE leased_until <= ?1) FROM delivery_jobs",
-                [OffsetDateTime::now_utc().unix_timestamp() * 1000],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .map_err(|e| im_domain::DomainError::Unexpected(e.into()))
-        })
-        .await
-        .unwrap()
+    let sql = "SELECT count(*) FILTER (WHERE leased_until > ?1), count(*) FILTER (WHERE leased_until <= ?1) FROM delivery_jobs";
+    row(store, sql, OffsetDateTime::now_utc().unix_timestamp() * 1000, |r| Ok((r.get(0)?, r.get(1)?))).await
 }
 
 /// When the job of a delivery is leased until (unix ms).
 async fn lease_of(store: &EmbeddedStore, id: uuid::Uuid) -> i64 {
-    store
-        .documents()
-        .transaction(move |tx, _| {
-            tx.query_row("SELECT leased_until FROM delivery_jobs WHERE delivery_id = ?1", [id.to_string()], |r| r.get(0))
-                .map_err(|e| im_domain::DomainError::Unexpected(e.into()))
-        })
-        .await
-        .unwrap()
+    row(store, "SELECT leased_until FROM delivery_jobs WHERE delivery_id = ?1", id.to_string(), |r| r.get(0)).await
 }
 
 /// The fan-out leases, in the transaction that queues them, as many due jobs as the last take
@@ -165,9 +167,7 @@ async fn the_fan_out_leases_the_jobs_a_take_waits_for() {
         let records: Vec<_> = (0..n).map(|_| im_testkit::deliveries::delivery(&tenant, DeliveryStatus::Pending)).collect();
         let deliveries = deliveries.clone();
         async move {
-            for outcome in deliveries.create_each_queued(&records).await.unwrap() {
-                outcome.unwrap();
-            }
+            queue_all(deliveries.as_ref(), &records).await;
             records.into_iter().map(|d| d.id).collect::<Vec<_>>()
         }
     };
@@ -255,11 +255,7 @@ async fn the_take_hands_the_endpoints_it_read_to_the_attempts() {
             })
             .collect();
         let deliveries = deliveries.clone();
-        async move {
-            for outcome in deliveries.create_each_queued(&records).await.unwrap() {
-                outcome.unwrap();
-            }
-        }
+        async move { queue_all(deliveries.as_ref(), &records).await }
     };
     // Behind the repository's back, so that where each get's answer came from shows.
     let rewrite = |etag: &'static str| {
