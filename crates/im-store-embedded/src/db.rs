@@ -12,6 +12,8 @@ use im_domain::{Clock, DomainError};
 use rusqlite::{Connection, OpenFlags, Transaction, TransactionBehavior};
 use tokio::sync::oneshot;
 
+use crate::wal_index::{HEADERS as WAL_INDEX_HEADERS, READ as WAL_INDEX_READ, WalIndex};
+
 /// Most writes committed together in one transaction (group commit).
 const MAX_GROUP: usize = 128;
 
@@ -47,13 +49,7 @@ thread_local! {
     static READERS: RefCell<Vec<(u64, Arc<Mutex<Reader>>)>> = const { RefCell::new(Vec::new()) };
 }
 
-/// The first bytes of the WAL index (the `-shm` file), in SQLite's documented WAL-index format:
-/// the header twice (48 bytes each; every commit of any connection, in any process, rewrites
-/// it: its frame count, change counter and checksums), then `nBackfill` (a native-endian `u32`:
-/// the frames of the WAL already copied into the database file).
-const WAL_INDEX_HEADERS: usize = 96;
-const WAL_INDEX_READ: usize = WAL_INDEX_HEADERS + 4;
-/// Where the header's `mxFrame` (the frames committed to the WAL, native-endian `u32`) is.
+/// Where the WAL index's header's `mxFrame` (the frames committed to the WAL, native-endian `u32`) is.
 const MX_FRAME: usize = 16;
 
 /// A thread's read connection to one database.
@@ -66,7 +62,8 @@ const MX_FRAME: usize = 16;
 /// instant a checkpoint or a recovery holds that mark, SQLite gives the snapshot another, which
 /// keeps the WAL from starting over until the snapshot ends), a reader keeps its read transaction
 /// open after the read, with the WAL index's header as it was just before the transaction began.
-/// The next read on this thread reads the header again (one `pread`, no lock) and uses the open
+/// The next read on this thread reads the header again (where SQLite reads it, in the file's
+/// shared mapping: [`WalIndex`], no system call, no lock) and uses the open
 /// transaction only if the header is the same byte for byte: no commit of any connection, in this
 /// process or another, came in between, so the snapshot is the latest (a read never sees less than
 /// what was committed before it began). Otherwise it ends the transaction and reads as before. The
@@ -78,7 +75,7 @@ struct Reader {
     conn: Connection,
     /// The WAL index, read to tell whether anything was committed; `None` when it could not be
     /// opened (then every read is a transaction of its own).
-    index: Option<std::fs::File>,
+    index: Option<WalIndex>,
     /// The WAL index's headers read just before the kept transaction began; `None` when no
     /// transaction is kept open.
     kept: Option<[u8; WAL_INDEX_HEADERS]>,
@@ -97,12 +94,11 @@ impl Reader {
         // file opened here stays the one every commit updates.
         let _: i64 = conn.query_row("PRAGMA schema_version", [], |r| r.get(0))?;
         // The file name SQLite resolved (symbolic links followed), as it names the WAL index.
-        let index = conn.path().and_then(|db| std::fs::File::open(format!("{db}-shm")).ok());
+        let index = conn.path().and_then(|db| WalIndex::open(&format!("{db}-shm")));
         Ok(Self { conn, index, kept: None })
     }
 
     fn read<R>(&mut self, f: impl FnOnce(&Connection) -> rusqlite::Result<R>) -> rusqlite::Result<R> {
-        use std::os::unix::fs::FileExt;
         let Self { conn, index, kept } = self;
         if kept.is_none() && !conn.is_autocommit() {
             // Left open by an end that failed: never read in it.
@@ -110,7 +106,7 @@ impl Reader {
         }
         let Some(index) = index else { return f(conn) };
         let mut before = [0u8; WAL_INDEX_READ];
-        let read = index.read_exact_at(&mut before, 0).is_ok();
+        let read = index.read(&mut before);
         if let Some(header) = kept {
             if read && before[..WAL_INDEX_HEADERS] == header[..] {
                 let outcome = f(conn);
@@ -131,12 +127,12 @@ impl Reader {
         // read then checks the header as for any kept transaction.
         *kept = before[..WAL_INDEX_HEADERS].try_into().ok();
         let outcome = f(conn);
-        let mut after = [0u8; WAL_INDEX_HEADERS];
+        let mut after = [0u8; WAL_INDEX_READ];
         // Unchanged from before the transaction began to after its read: the snapshot is of that
         // state, read from the database file alone (read mark 0). A commit in between would not
         // make a later read stale (the header differs from the one kept), but the snapshot would
         // hold a read mark that keeps the WAL from starting over until the next read ends it.
-        if !(outcome.is_ok() && index.read_exact_at(&mut after, 0).is_ok() && after[..] == before[..WAL_INDEX_HEADERS]) {
+        if !(outcome.is_ok() && index.read(&mut after) && after[..WAL_INDEX_HEADERS] == before[..WAL_INDEX_HEADERS]) {
             end(conn, kept);
         }
         outcome
@@ -875,6 +871,11 @@ mod tests {
 
         assert_eq!(count().await.unwrap(), 0);
         assert_eq!(keeps(&db), Some(false), "the WAL holds frames not yet copied: a transaction per read");
+        let mapped = super::READERS.with(|readers| {
+            let readers = readers.borrow();
+            readers.iter().any(|(id, reader)| *id == db.id && matches!(reader.lock().unwrap().index, Some(super::WalIndex::Mapped(_))))
+        });
+        assert!(mapped, "the reader reads the WAL index in place, not with a system call a read");
         let pass = checkpoint();
         assert_eq!(pass.copied, pass.log, "nothing keeps the checkpoint from copying everything");
         assert_eq!(count().await.unwrap(), 0);

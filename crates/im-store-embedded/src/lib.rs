@@ -18,6 +18,7 @@ mod providers;
 mod shards;
 mod support;
 mod sync;
+mod wal_index;
 mod webhooks;
 
 use std::path::{Path, PathBuf};
