@@ -51,6 +51,9 @@ thread_local! {
 
 /// Where the WAL index's header's `mxFrame` (the frames committed to the WAL, native-endian `u32`) is.
 const MX_FRAME: usize = 16;
+/// Where the header's `isInit` (non-zero once the index is built) is: a file just started over
+/// (zeros) is never taken for one all copied.
+const IS_INIT: usize = 12;
 
 /// A thread's read connection to one database.
 ///
@@ -75,7 +78,7 @@ struct Reader {
     conn: Connection,
     /// The WAL index, read to tell whether anything was committed; `None` when it could not be
     /// opened (then every read is a transaction of its own).
-    index: Option<WalIndex>,
+    index: Option<&'static WalIndex>,
     /// The WAL index's headers read just before the kept transaction began; `None` when no
     /// transaction is kept open.
     kept: Option<[u8; WAL_INDEX_HEADERS]>,
@@ -119,7 +122,7 @@ impl Reader {
         }
         let (copy, other) = before[..WAL_INDEX_HEADERS].split_at(WAL_INDEX_HEADERS / 2);
         let word = |at: usize| u32::from_ne_bytes([before[at], before[at + 1], before[at + 2], before[at + 3]]);
-        let all_copied = copy == other && word(MX_FRAME) == word(WAL_INDEX_HEADERS);
+        let all_copied = copy == other && before[IS_INIT] != 0 && word(MX_FRAME) == word(WAL_INDEX_HEADERS);
         if !read || !all_copied || conn.prepare_cached("BEGIN").and_then(|mut s| s.execute([])).is_err() {
             return f(conn);
         }
@@ -873,7 +876,7 @@ mod tests {
         assert_eq!(keeps(&db), Some(false), "the WAL holds frames not yet copied: a transaction per read");
         let mapped = super::READERS.with(|readers| {
             let readers = readers.borrow();
-            readers.iter().any(|(id, reader)| *id == db.id && matches!(reader.lock().unwrap().index, Some(super::WalIndex::Mapped(_))))
+            readers.iter().any(|(id, reader)| *id == db.id && reader.lock().unwrap().index.is_some_and(super::WalIndex::mapped))
         });
         assert!(mapped, "the reader reads the WAL index in place, not with a system call a read");
         let pass = checkpoint();

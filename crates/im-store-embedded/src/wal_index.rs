@@ -4,13 +4,15 @@
 //! A read connection compares them with what it read before ([`crate::db`]'s `Reader`) at every
 //! read, to tell whether anything was committed since (by any connection, in any process). Read
 //! with `pread`, that was one system call a read: a sixteenth of the CPU time of a `GET` by id.
-//! Mapped, it is a few loads from memory, as in SQLite itself. This module holds the only
+//! Mapped, it is a few loads from memory, where SQLite reads it too. This module holds the only
 //! `unsafe` code of the workspace: those loads.
 #![allow(unsafe_code)]
 
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
+use std::mem::ManuallyDrop;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, PoisonError};
 
 /// The bytes read: the header twice (48 bytes each; every commit of any connection rewrites it:
 /// its frame count, change counter and checksums), then `nBackfill` (a native-endian `u32`: the
@@ -20,29 +22,57 @@ pub(crate) const HEADERS: usize = 96;
 pub(crate) const READ: usize = HEADERS + 4;
 
 /// A database's WAL index, open for reading its first [`READ`] bytes.
-pub(crate) enum WalIndex {
-    /// Its first page, mapped shared, read and write (so that atomic loads of it are sound; it
-    /// is never written through).
-    Mapped(memmap2::MmapRaw),
-    /// Read with a system call each time: when the file cannot be opened for writing (then it
-    /// cannot be mapped so) or is shorter than what is read.
-    File(File),
+pub(crate) struct WalIndex {
+    /// Never closed: SQLite locks the file with POSIX `fcntl` locks, which belong to the
+    /// process, and closing any descriptor of the file drops all of them (those of every
+    /// connection of the process: the one that tells other processes the index is in use among
+    /// them, without which the next process to open the database would start it over under
+    /// this one's connections).
+    file: ManuallyDrop<File>,
+    /// Its first page, mapped shared, read and write (so that atomic loads of it are sound; it is
+    /// never written through); `None` when it cannot be mapped (the file is not writable for
+    /// this process, or shorter than what is read): then it is read with a system call.
+    map: Option<memmap2::MmapRaw>,
 }
 
+/// The WAL indexes this process opened, by device and inode: one descriptor a file for the
+/// life of the process, shared by every reader of it (as SQLite keeps one a file for all its
+/// connections). An inode's number is not reused while a descriptor of it is open, so a file
+/// found here by the numbers of the file at a path is that file.
+static OPENED: Mutex<Vec<((u64, u64), &'static WalIndex)>> = Mutex::new(Vec::new());
+
 impl WalIndex {
-    /// Opens the WAL index at `path` for a connection that has read the database (so SQLite has
-    /// sized the file: 32 KiB at least) and that stays open for as long as this is used: while
-    /// any connection has the file open, none (of any process) shortens or removes it (SQLite
-    /// does so only when opening it with no other connection on it, which it tells by a lock
-    /// every connection holds shared for as long as it has the file open).
-    pub(crate) fn open(path: &str) -> Option<Self> {
-        if let Ok(file) = OpenOptions::new().read(true).write(true).open(path)
-            && file.metadata().is_ok_and(|m| m.len() >= READ as u64)
-            && let Ok(map) = memmap2::MmapOptions::new().len(READ).map_raw(&file)
-        {
-            return Some(Self::Mapped(map));
+    /// The WAL index at `path`, for a connection that has read the database (so SQLite has
+    /// created and sized the file: 32 KiB at least) and that stays open while this is read: as
+    /// long as any connection has the file open, none (of any process) shortens or removes it
+    /// (SQLite does so only when opening it with no other connection on it, which it tells by a
+    /// lock every process holds shared while any of its connections has the file open; no
+    /// descriptor of it is ever closed here, which would drop that lock).
+    pub(crate) fn open(path: &str) -> Option<&'static Self> {
+        let mut opened = OPENED.lock().unwrap_or_else(PoisonError::into_inner);
+        let find = |opened: &[((u64, u64), &'static Self)], key| opened.iter().find(|(k, _)| *k == key).map(|(_, index)| *index);
+        let at_path = std::fs::metadata(path).ok()?;
+        if let Some(index) = find(&opened, (at_path.dev(), at_path.ino())) {
+            return Some(index);
         }
-        File::open(path).ok().map(Self::File)
+        let file = ManuallyDrop::new(OpenOptions::new().read(true).write(true).open(path).or_else(|_| File::open(path)).ok()?);
+        // Keyed by the file opened (the path may name another one since it was looked at).
+        let meta = file.metadata().ok()?;
+        let key = (meta.dev(), meta.ino());
+        if let Some(index) = find(&opened, key) {
+            // This descriptor stays open too (closing it would drop the process's locks).
+            return Some(index);
+        }
+        let map = (meta.len() >= READ as u64).then(|| memmap2::MmapOptions::new().len(READ).map_raw(&*file).ok()).flatten();
+        let index: &'static Self = Box::leak(Box::new(Self { file, map }));
+        opened.push((key, index));
+        Some(index)
+    }
+
+    /// Whether the file is read in place (mapped) rather than with a system call a read.
+    #[cfg(test)]
+    pub(crate) fn mapped(&self) -> bool {
+        self.map.is_some()
     }
 
     /// Reads the first [`READ`] bytes into `into`; false when they could not be read. Another
@@ -50,25 +80,24 @@ impl WalIndex {
     /// header, half the new), which only makes the comparison with a header read earlier fail,
     /// as it should.
     pub(crate) fn read(&self, into: &mut [u8; READ]) -> bool {
-        match self {
-            Self::Mapped(map) => {
-                let words = map.as_mut_ptr().cast::<u32>();
-                for (i, bytes) in into.chunks_exact_mut(4).enumerate() {
-                    // SAFETY: `words` is the start of a mapping (page-aligned) of at least `READ`
-                    // bytes, so `words.add(i)` (i < READ / 4) is in it and aligned for a `u32`;
-                    // the mapping is readable and writable and lives as long as `map`, borrowed
-                    // here; the file's pages behind it stay (the file is never shortened while
-                    // the connection that opened this has it open: `open`). Other connections
-                    // write these bytes concurrently, in this process and in others, as SQLite
-                    // does for every reader of the file; only atomic loads read them here, and a
-                    // torn result is handled by the caller.
-                    let word = unsafe { AtomicU32::from_ptr(words.add(i)) }.load(Ordering::Acquire);
-                    bytes.copy_from_slice(&word.to_ne_bytes());
-                }
-                true
-            }
-            Self::File(file) => file.read_exact_at(into, 0).is_ok(),
+        let Some(map) = &self.map else { return self.file.read_exact_at(into, 0).is_ok() };
+        let words = map.as_mut_ptr().cast::<u32>();
+        for (i, bytes) in into.chunks_exact_mut(4).enumerate() {
+            // SAFETY: `words` is the start of a mapping (page-aligned) of at least `READ` bytes,
+            // so `words.add(i)` (i < READ / 4) is in it and aligned for a `u32`; the mapping is
+            // readable and writable, and lives for the rest of the process (never unmapped);
+            // the file's page behind it stays (the file is never shortened while a connection
+            // of this process has it open: `open`; SQLite itself shortens it to 3 bytes, which
+            // keeps that page). Other connections rewrite these bytes at any time, in this
+            // process and in others: SQLite's C code, with plain stores and memory barriers,
+            // outside the language's memory model, as for any memory shared with another
+            // process. Only aligned 32-bit atomic loads read them here (which do not tear); a
+            // header read half before and half after a rewrite differs from both and only makes
+            // the caller's comparison fail.
+            let word = unsafe { AtomicU32::from_ptr(words.add(i)) }.load(Ordering::Acquire);
+            bytes.copy_from_slice(&word.to_ne_bytes());
         }
+        true
     }
 }
 
@@ -83,7 +112,8 @@ mod tests {
         let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
         file.set_len(32 * 1024).unwrap();
         let index = WalIndex::open(path.to_str().unwrap()).unwrap();
-        assert!(matches!(index, WalIndex::Mapped(_)));
+        assert!(index.mapped());
+        assert!(std::ptr::eq(index, WalIndex::open(path.to_str().unwrap()).unwrap()), "one a file");
         let mut read = [0u8; READ];
         assert!(index.read(&mut read));
         assert_eq!(read, [0u8; READ]);
@@ -100,7 +130,7 @@ mod tests {
         let path = dir.path().join("db-shm");
         std::fs::write(&path, [7u8; 10]).unwrap();
         let index = WalIndex::open(path.to_str().unwrap()).unwrap();
-        assert!(matches!(index, WalIndex::File(_)));
+        assert!(!index.mapped());
         let mut read = [0u8; READ];
         assert!(!index.read(&mut read), "a short file is not read as if it were long enough");
         assert!(WalIndex::open(dir.path().join("none").to_str().unwrap()).is_none());

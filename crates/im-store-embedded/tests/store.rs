@@ -836,6 +836,47 @@ async fn a_read_sees_every_commit_of_another_connection_made_before_it() {
     }
 }
 
+/// Reading keeps the process's hold on the WAL index: SQLite marks the index in use with a
+/// shared POSIX lock (byte 128 of the `-shm` file) that every process holds while any of its
+/// connections is open, and POSIX drops all of a process's locks on a file when any descriptor
+/// of it is closed. Were a reader to close one (when it opens, or when its thread ends), the
+/// next process to open the database would find the index unused and start it over under this
+/// process's connections. Another process (python's sqlite3 module, through `fcntl(F_GETLK)`)
+/// checks the lock after reads on threads that have ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reading_keeps_the_process_hold_on_the_wal_index() {
+    use im_domain::DomainError;
+    use im_store_embedded::Db;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("held.db");
+    let db = Arc::new(Db::open(&path, Arc::new(SystemClock)).unwrap());
+    db.write(|tx| tx.execute_batch("CREATE TABLE t (k INTEGER PRIMARY KEY)").map_err(|e| DomainError::Unexpected(e.into()))).await.unwrap();
+    for _ in 0..3 {
+        let db = db.clone();
+        std::thread::spawn(move || {
+            let read = db.read(|c| c.query_row("SELECT count(*) FROM t", [], |r| r.get::<_, i64>(0)));
+            assert_eq!(tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(read).unwrap(), 0);
+        })
+        .join()
+        .unwrap();
+    }
+    let _: i64 = db.read(|c| c.query_row("SELECT count(*) FROM t", [], |r| r.get(0))).await.unwrap();
+    let script = r#"
+import fcntl, struct, sys
+with open(sys.argv[1], "rb+") as f:
+    asked = struct.pack("hhqqii", fcntl.F_WRLCK, 0, 128, 1, 0, 0)
+    print(struct.unpack("hhqqii", fcntl.fcntl(f, fcntl.F_GETLK, asked))[0] == fcntl.F_UNLCK)
+"#;
+    let shm = format!("{}-shm", path.display());
+    let out = std::process::Command::new("python3").args(["-c", script, &shm]).output().expect("python3 runs the other process");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "False",
+        "another process could take the index's lock: this one dropped its hold"
+    );
+}
+
 /// A reader that keeps its snapshot and then reads no more does not keep the checkpoints of
 /// another connection (another process) from copying the WAL for long: the database's
 /// checkpointer ends kept read transactions every 100 ms, whether or not it commits itself.
