@@ -35,10 +35,11 @@ fn event(i: usize) -> DomainEvent {
 
 /// An exchange with a short bounded queue bound to it, so messages are routable and the broker
 /// does not accumulate them.
-async fn declare(url: &str, exchange: &str) -> Connection {
+async fn declare(url: &str, exchange: &str) -> (Connection, lapin::Channel) {
     let mut args = FieldTable::default();
     args.insert(ShortString::from("x-max-length"), AMQPValue::LongInt(1000));
-    im_testkit::rabbit::bound_queue(url, exchange, args).await.0
+    let (connection, channel, _) = im_testkit::rabbit::bound_queue(url, exchange, args).await;
+    (connection, channel)
 }
 
 async fn bare_loop(url: &str, exchange: &str, events: &[DomainEvent]) -> Duration {
@@ -79,7 +80,7 @@ async fn main() {
     let url = std::env::args().nth(1).unwrap_or_else(|| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
     let count: usize = std::env::args().nth(2).and_then(|n| n.parse().ok()).unwrap_or(20_000);
     let exchange = format!("im-bench-{}", uuid::Uuid::new_v4().simple());
-    let _keep = declare(&url, &exchange).await;
+    let (_keep, declared) = declare(&url, &exchange).await;
 
     // The relay's input: events committed to the outbox of an embedded store (not timed).
     let dir = std::env::temp_dir().join(format!("im-bench-events-{}", uuid::Uuid::new_v4().simple()));
@@ -137,6 +138,8 @@ async fn main() {
         "{count} events, batches of {BATCH}, persistent, mandatory, publisher confirms; relay includes outbox reads and deletes; median of {ROUNDS} alternating rounds"
     );
     println!("ROW events-relay {:.0} {:.0} {:.2} - - -", rate(through_relay), rate(bare), rate(through_relay) / rate(bare));
+    // The queue goes with the connection (exclusive); the exchange is deleted: a run leaves nothing.
+    let _ = declared.exchange_delete(exchange.as_str().into(), lapin::options::ExchangeDeleteOptions::default()).await;
 }
 
 mod fixtures {

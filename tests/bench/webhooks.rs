@@ -113,6 +113,8 @@ struct Service {
     token: String,
     data: std::path::PathBuf,
     log: std::path::PathBuf,
+    /// What names the exchange and queues the service declared on the broker (RabbitMQ mode).
+    broker_prefix: Option<String>,
 }
 
 impl Service {
@@ -139,13 +141,14 @@ async fn start_service(binary: &str, backend: &str, client: &reqwest::Client) ->
         ("IM_LOG__LEVEL", "warn".into()),
         ("IM_EVENTS__BACKEND", backend.to_owned()),
         ("IM_RABBITMQ__EXCHANGE", prefix.clone()),
-        ("IM_RABBITMQ__DELIVERY_QUEUE_PREFIX", prefix),
+        ("IM_RABBITMQ__DELIVERY_QUEUE_PREFIX", prefix.clone()),
         ("IM_WEBHOOKS__ALLOWED_PRIVATE_CIDRS", "[\"127.0.0.0/8\"]".into()),
         ("IM_WEBHOOKS__ALLOW_HTTP", "true".into()),
     ];
     let stderr = std::fs::File::create(&log).expect("log file");
     let child = Command::new(binary).arg("serve").envs(env.clone()).stdout(Stdio::null()).stderr(stderr).spawn().expect("service");
-    let mut service = Service { child, base: format!("http://127.0.0.1:{port}"), token: String::new(), data, log };
+    let broker_prefix = (backend == "rabbitmq").then_some(prefix);
+    let mut service = Service { child, base: format!("http://127.0.0.1:{port}"), token: String::new(), data, log, broker_prefix };
     let mut ready = false;
     for _ in 0..600 {
         if client.get(format!("{}/health/ready", service.base)).send().await.is_ok_and(|r| r.status().is_success()) {
@@ -369,4 +372,23 @@ async fn main() {
         service.fail("deliveries were lost (committed events that never reached the receiver)");
     }
     let _ = std::fs::remove_dir_all(&service.data);
+    if let Some(prefix) = &service.broker_prefix {
+        remove_broker_objects(prefix).await;
+    }
+}
+
+/// Deletes the work queue and the exchange the service declared for this run (the default
+/// broker of the service's configuration), so that runs leave nothing on the broker.
+async fn remove_broker_objects(prefix: &str) {
+    let url = "amqp://guest:guest@127.0.0.1:5672/%2f";
+    let Ok(connection) = lapin::Connection::connect(url, lapin::ConnectionProperties::default()).await else {
+        eprintln!("bench-webhooks: cannot reach the broker to delete {prefix}.work");
+        return;
+    };
+    if let Ok(channel) = connection.create_channel().await {
+        let work = format!("{prefix}.work");
+        let _ = channel.queue_delete(work.as_str().into(), lapin::options::QueueDeleteOptions::default()).await;
+        let _ = channel.exchange_delete(prefix.into(), lapin::options::ExchangeDeleteOptions::default()).await;
+    }
+    let _ = connection.close(0, "done".into()).await;
 }
