@@ -804,6 +804,15 @@ async fn the_wal_stays_bounded_under_a_steady_stream_of_writes() {
     assert_eq!(rows, 400, "every write is in the database");
 }
 
+/// A database `t.db` in a new directory, with one table `t (k INTEGER PRIMARY KEY)`.
+async fn table_t() -> (tempfile::TempDir, im_store_embedded::Db) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = im_store_embedded::Db::open(&dir.path().join("t.db"), Arc::new(SystemClock)).unwrap();
+    let create = |tx: &rusqlite::Transaction<'_>| tx.execute_batch("CREATE TABLE t (k INTEGER PRIMARY KEY)");
+    db.write(move |tx| create(tx).map_err(|e| im_domain::DomainError::Unexpected(e.into()))).await.unwrap();
+    (dir, db)
+}
+
 /// A read never sees less than what was committed before it began, also when the thread's
 /// reader keeps its read transaction open between reads (it does while the WAL is all copied
 /// into the database file): a commit of another connection in between (another process sharing
@@ -812,15 +821,11 @@ async fn the_wal_stays_bounded_under_a_steady_stream_of_writes() {
 /// commit must be seen.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_sees_every_commit_of_another_connection_made_before_it() {
-    use im_domain::DomainError;
-    use im_store_embedded::Db;
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("reads.db");
-    let db = Arc::new(Db::open(&path, Arc::new(SystemClock)).unwrap());
-    db.write(|tx| tx.execute_batch("CREATE TABLE t (k INTEGER PRIMARY KEY)").map_err(|e| DomainError::Unexpected(e.into()))).await.unwrap();
+    let (dir, db) = table_t().await;
+    let (db, path) = (Arc::new(db), dir.path().join("t.db"));
     let other = rusqlite::Connection::open(&path).unwrap();
     // Two threads read, each with its reader; both must see every round's commit.
-    let count = |db: Arc<Db>| async move {
+    let count = |db: Arc<im_store_embedded::Db>| async move {
         let count = || db.read(|c| c.query_row("SELECT count(*) FROM t", [], |r| r.get::<_, i64>(0)));
         (count().await.unwrap(), count().await.unwrap())
     };
@@ -845,12 +850,8 @@ async fn a_read_sees_every_commit_of_another_connection_made_before_it() {
 /// checks the lock after reads on threads that have ended.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reading_keeps_the_process_hold_on_the_wal_index() {
-    use im_domain::DomainError;
-    use im_store_embedded::Db;
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("held.db");
-    let db = Arc::new(Db::open(&path, Arc::new(SystemClock)).unwrap());
-    db.write(|tx| tx.execute_batch("CREATE TABLE t (k INTEGER PRIMARY KEY)").map_err(|e| DomainError::Unexpected(e.into()))).await.unwrap();
+    let (dir, db) = table_t().await;
+    let (db, path) = (Arc::new(db), dir.path().join("t.db"));
     for _ in 0..3 {
         let db = db.clone();
         std::thread::spawn(move || {
@@ -882,12 +883,8 @@ with open(sys.argv[1], "rb+") as f:
 /// checkpointer ends kept read transactions every 100 ms, whether or not it commits itself.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kept_snapshot_does_not_hold_back_the_checkpoints_of_others() {
-    use im_domain::DomainError;
-    use im_store_embedded::Db;
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("reads.db");
-    let db = Db::open(&path, Arc::new(SystemClock)).unwrap();
-    db.write(|tx| tx.execute_batch("CREATE TABLE t (k INTEGER PRIMARY KEY)").map_err(|e| DomainError::Unexpected(e.into()))).await.unwrap();
+    let (dir, db) = table_t().await;
+    let path = dir.path().join("t.db");
     // The database's checkpointer has copied its own commit: it has nothing more to copy.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let other = rusqlite::Connection::open(&path).unwrap();
