@@ -136,6 +136,7 @@ fi
 
 # --- rows: scenario ours baseline ratio p50 p99 rss_mb ---------------------------------------
 ROWS=()
+PACED_CPU=""
 base_item=$(awk '{print $2}' <<<"${RESULTS[0]}")
 base_list=$(awk '{print $2}' <<<"${RESULTS[2]}")
 # The bare handler's own latency in its median round (a p99 goal is read against it: on 2 cores
@@ -162,8 +163,9 @@ rabbit_up() { (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; }
 # command...: runs a benchmark tool, shows its report, keeps its ROW lines
 collect() {
   local out; out=$("$@") || { echo "$out"; echo "benchmark failed: $*" >&2; exit 1; }
-  grep -v '^ROW ' <<<"$out" || true
+  grep -v '^ROW \|^CPU_PACED ' <<<"$out" || true
   while read -r _ row; do ROWS+=("$row"); done < <(grep '^ROW ' <<<"$out")
+  while read -r _ name service broker load; do PACED_CPU+="${PACED_CPU:+; }${name#webhooks-} $service / $broker / $load"; done < <(grep '^CPU_PACED ' <<<"$out")
 }
 if rabbit_up; then
   collect target/release/bench-events "$AMQP_URL" "${BENCH_EVENTS:-20000}"
@@ -208,7 +210,7 @@ NOTES="- $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores ($MODEL), load average
 - cosmos-* rows: the same API on the Cosmos DB backend, served by the Node.js test server on loopback (it bounds these figures)."
 NOTES="$NOTES
 - events-relay: events/s through the outbox relay with publisher confirms, against a bare lapin publish-with-confirms loop to the same broker; each the median of three alternating rounds (the broker's speed drifts within seconds: single rounds gave 0.64x to 1.05x on one machine within the hour).
-- webhooks-*: end to end from API creates (64 writers) to a local receiver, signed, durable; ours in messages/s (1 endpoint) or deliveries/s (10 endpoints), from the first create to the last receipt; p50/p99 from the event's commit to its receipt. The baseline is the open-source Svix server (Postgres 15, memory queue) on this machine class as quoted by the performance issue (1,130 messages/s; 3,400 deliveries/s), not measured in this run. *-paced rows: once the service is at rest again (its outbox empty: with RabbitMQ, the saturation phase's \`webhook.delivered\` events published), creates at half the saturation rate of events (an open loop). Every run counts what the receiver got against what was committed and fails on a lost delivery."
+- webhooks-*: end to end from API creates (64 writers) to a local receiver, signed, durable; ours in messages/s (1 endpoint) or deliveries/s (10 endpoints), from the first create to the last receipt; p50/p99 from the event's commit to its receipt. The baseline is the open-source Svix server (Postgres 15, memory queue) on this machine class as quoted by the performance issue (1,130 messages/s; 3,400 deliveries/s), not measured in this run. *-paced rows: once the service is at rest again (its outbox empty: with RabbitMQ, the saturation phase's \`webhook.delivered\` events published), creates at half the saturation rate of events (an open loop); the machine's CPU while paced, in % of one core of the $(nproc) (the service / the broker / the load generator and receiver): ${PACED_CPU:-not measured}. Every run counts what the receiver got against what was committed and fails on a lost delivery."
 [ -f tests/bench/sync.sh ] && NOTES="$NOTES
 - sync-inbound: records/s from a fake provider through the provider client and the engine into the embedded Shard Manager (a state per record, a checkpoint per page), against a bare page-and-upsert loop over the same fakes in the same run (tests/bench/sync.sh). Its RSS is the anonymous memory the engine's run grew by; the process's peak, with the fake provider's records, was $(( ${SYNC_PEAK_KB:-0} / 1024 )) MB."
 

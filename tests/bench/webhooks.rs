@@ -7,7 +7,13 @@
 //!    per second from the first create to the last receipt (for 1 endpoint, messages/s);
 //! 2. paced: once the service is at rest again (its outbox empty: with RabbitMQ, the saturation
 //!    phase's `webhook.delivered` events published), creates at half the saturation rate of events for
-//!    `BENCH_PACED_SECS` (default 3 s), an open loop (each create starts on its own schedule).
+//!    `BENCH_PACED_SECS` (default 3 s), an open loop (each create starts on its own schedule);
+//!    `BENCH_LATENCY_LOG=FILE` writes there each of its receipts' commit time (ms since the
+//!    phase's first commit) and latency, in commit order.
+//!
+//! `BENCH_PACED_RATE=N` paces at N events/s instead (to compare two builds at one rate).
+//! `BENCH_SERVICE_LOG=FILE` keeps the service's log there, written at `BENCH_SERVICE_LOG_LEVEL`
+//! (a `log.level` filter, `warn` by default; `RUST_LOG`, when set, replaces it in the service).
 //!
 //! Latency is commit to receipt: the event's `time` (set when its change is written) to the
 //! receiver's clock. The receiver counts each (endpoint, `webhook-id`) it got against what was
@@ -39,6 +45,9 @@ const WRITERS: usize = 64;
 #[derive(Default)]
 struct Receipts {
     latencies_ms: Vec<f64>,
+    /// (commit time in seconds since the epoch, latency in ms) of each receipt, for
+    /// `BENCH_LATENCY_LOG`.
+    timeline: Vec<(f64, f64)>,
     /// (endpoint path, webhook-id) of every request received.
     seen: HashSet<(String, String)>,
     received: usize,
@@ -67,7 +76,9 @@ async fn start_receiver(receipts: Arc<Mutex<Receipts>>) -> u16 {
                 let id = request.headers().get("webhook-id").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
                 let mut r = receipts.lock().unwrap();
                 if let Some(sent) = sent {
-                    r.latencies_ms.push((now - sent).as_seconds_f64() * 1000.0);
+                    let latency = (now - sent).as_seconds_f64() * 1000.0;
+                    r.latencies_ms.push(latency);
+                    r.timeline.push(((sent - OffsetDateTime::UNIX_EPOCH).as_seconds_f64(), latency));
                 }
                 r.received += 1;
                 r.seen.insert((request.path().to_owned(), id));
@@ -82,6 +93,18 @@ async fn start_receiver(receipts: Arc<Mutex<Receipts>>) -> u16 {
     .run();
     tokio::spawn(server);
     port
+}
+
+/// Writes the paced phase's receipts, in commit order, as `ms_since_first_commit latency_ms`
+/// lines: where in the phase the slow ones fall (a stall shows as a run of them).
+fn write_timeline(path: &str, receipts: &Receipts) {
+    let mut timeline = receipts.timeline.clone();
+    timeline.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let first = timeline.first().map_or(0.0, |t| t.0);
+    let lines: String = timeline.iter().map(|(at, latency)| format!("{:.3} {latency:.3}\n", (at - first) * 1000.0)).collect();
+    if let Err(e) = std::fs::write(path, lines) {
+        eprintln!("bench-webhooks: cannot write {path}: {e}");
+    }
 }
 
 /// What one phase measured.
@@ -119,6 +142,7 @@ struct Service {
 
 impl Service {
     fn fail(&self, what: &str) -> ! {
+        self.keep_log();
         let log = std::fs::read_to_string(&self.log).unwrap_or_default();
         let tail: Vec<_> = log.lines().rev().take(30).collect();
         eprintln!("bench-webhooks: {what}; the service's log ends with:");
@@ -126,6 +150,15 @@ impl Service {
             eprintln!("  {line}");
         }
         std::process::exit(1);
+    }
+
+    /// Copies the service's log to `BENCH_SERVICE_LOG`, when set.
+    fn keep_log(&self) {
+        if let Ok(path) = std::env::var("BENCH_SERVICE_LOG")
+            && let Err(e) = std::fs::copy(&self.log, &path)
+        {
+            eprintln!("bench-webhooks: cannot copy the service's log to {path}: {e}");
+        }
     }
 }
 
@@ -138,7 +171,7 @@ async fn start_service(binary: &str, backend: &str, client: &reqwest::Client) ->
     let env = [
         ("IM_STORAGE__DATA_DIR", data.join("store").display().to_string()),
         ("IM_SERVER__PORT", port.to_string()),
-        ("IM_LOG__LEVEL", "warn".into()),
+        ("IM_LOG__LEVEL", std::env::var("BENCH_SERVICE_LOG_LEVEL").unwrap_or_else(|_| "warn".into())),
         ("IM_EVENTS__BACKEND", backend.to_owned()),
         ("IM_RABBITMQ__EXCHANGE", prefix.clone()),
         ("IM_RABBITMQ__DELIVERY_QUEUE_PREFIX", prefix.clone()),
@@ -178,6 +211,62 @@ fn rss_mb(pid: u32) -> f64 {
         .ok()
         .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
         .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// CPU time (user and system) a process has used so far, in seconds; 0 when it cannot be read.
+fn cpu_secs(pid: &str) -> f64 {
+    // Fields 14 and 15 of /proc/PID/stat, counted after the command name's closing parenthesis.
+    let ticks = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok().and_then(|stat| {
+        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        Some(fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?)
+    });
+    // The kernel reports in clock ticks, 100 a second on Linux.
+    ticks.map_or(0.0, |t| t / 100.0)
+}
+
+/// The broker's Erlang VM on this machine, if one runs (RabbitMQ mode), by its command name.
+fn broker_pid() -> Option<String> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|entry| {
+        let pid = entry.file_name().to_string_lossy().into_owned();
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+        (comm.trim() == "beam.smp").then_some(pid)
+    })
+}
+
+/// CPU used by the service, the broker and this process (load generator and receiver) since
+/// `since`, each in percent of one core over the time elapsed: how busy the machine was.
+#[derive(Clone, Copy)]
+struct Cpu {
+    at: Instant,
+    service: f64,
+    /// `None` when no broker is measured (embedded mode, or none found).
+    broker: Option<f64>,
+    load: f64,
+}
+
+impl Cpu {
+    fn now(service: u32, broker: Option<&str>) -> Self {
+        Cpu { at: Instant::now(), service: cpu_secs(&service.to_string()), broker: broker.map(cpu_secs), load: cpu_secs("self") }
+    }
+
+    /// The service's, the broker's and this process's CPU since `start`, in % of one core
+    /// (`-` for a broker not measured).
+    fn percent_since(&self, start: &Cpu) -> (String, String, String) {
+        let secs = (self.at - start.at).as_secs_f64().max(1e-3);
+        let pct = |a: f64, b: f64| format!("{:.0}", (a - b) / secs * 100.0);
+        let broker = match (self.broker, start.broker) {
+            (Some(now), Some(then)) => pct(now, then),
+            _ => "-".to_owned(),
+        };
+        (pct(self.service, start.service), broker, pct(self.load, start.load))
+    }
+
+    fn since(&self, start: &Cpu) -> String {
+        let (service, broker, load) = self.percent_since(start);
+        let secs = (self.at - start.at).as_secs_f64();
+        let broker = if broker == "-" { "not measured".to_owned() } else { format!("{broker}%") };
+        format!("service {service}%, broker {broker}, load generator and receiver {load}% of a core over {secs:.1} s")
+    }
 }
 
 /// Creates one integration; true when it was committed (201).
@@ -271,7 +360,9 @@ async fn main() {
         })
     };
 
+    let broker = (backend == "rabbitmq").then(broker_pid).flatten();
     // --- 1. saturation ---------------------------------------------------------------------
+    let cpu_start = Cpu::now(pid, broker.as_deref());
     let started = Instant::now();
     let next = Arc::new(AtomicUsize::new(0));
     let committed = Arc::new(AtomicUsize::new(0));
@@ -296,12 +387,24 @@ async fn main() {
     let saturated = std::mem::take(&mut *receipts.lock().unwrap());
     let elapsed = saturated.last.map_or(started.elapsed(), |l| l - started);
     let saturation = summarize(&saturated, committed, endpoints, elapsed);
+    let cpu_saturated = Cpu::now(pid, broker.as_deref());
 
     // --- 2. paced at half the saturation rate of events ---------------------------------------
     // Measured at rest, not while the service still publishes the saturation phase's
     // `webhook.delivered` events (RabbitMQ mode): the outbox is empty first.
     settle(&client, &service.base).await;
-    let paced_rate = (saturation.rate / endpoints as f64 / 2.0).max(1.0);
+    let settled = cpu_saturated.at.elapsed();
+    let cpu_paced_start = Cpu::now(pid, broker.as_deref());
+    let cpu_settling = cpu_paced_start.since(&cpu_saturated);
+    // `BENCH_PACED_RATE` (events/s) replaces half the saturation rate: runs of two builds then
+    // compare at one rate.
+    let fixed_rate = std::env::var("BENCH_PACED_RATE").ok().map(|r| {
+        r.parse::<f64>().unwrap_or_else(|_| {
+            eprintln!("bench-webhooks: BENCH_PACED_RATE={r} is not a number of events a second");
+            std::process::exit(2);
+        })
+    });
+    let paced_rate = fixed_rate.unwrap_or(saturation.rate / endpoints as f64 / 2.0).max(1.0);
     let paced_events = (paced_rate * paced_secs).round().max(1.0) as usize;
     let interval = Duration::from_secs_f64(1.0 / paced_rate);
     let paced_committed = Arc::new(AtomicUsize::new(0));
@@ -323,6 +426,10 @@ async fn main() {
     drain(&receipts, paced_committed * endpoints).await;
     let paced_receipts = std::mem::take(&mut *receipts.lock().unwrap());
     let paced = summarize(&paced_receipts, paced_committed, endpoints, paced_started.elapsed());
+    let cpu_paced = Cpu::now(pid, broker.as_deref());
+    if let Ok(path) = std::env::var("BENCH_LATENCY_LOG") {
+        write_timeline(&path, &paced_receipts);
+    }
     sampler.abort();
     let peak = peak_kb.load(Ordering::Relaxed) as f64 / 1024.0;
     let _ = service.child.kill();
@@ -360,6 +467,14 @@ async fn main() {
          peak RSS {peak:.0} MB; latency = event commit to receipt; Svix reference {baseline:.0} {unit}",
         committed as f64 / intake.as_secs_f64()
     );
+    println!("CPU saturation: {}", cpu_saturated.since(&cpu_start));
+    println!("CPU paced: {}", cpu_paced.since(&cpu_paced_start));
+    let (service_cpu, broker_cpu, load_cpu) = cpu_paced.percent_since(&cpu_paced_start);
+    println!("CPU_PACED {name} {service_cpu} {broker_cpu} {load_cpu}");
+    println!(
+        "settling after saturation (the outbox emptied: outcome events published): {:.2} s; CPU then: {cpu_settling}",
+        settled.as_secs_f64()
+    );
     println!(
         "ROW {name} {:.0} {baseline:.0} {:.2} {:.2} {:.2} {peak:.0}",
         saturation.rate,
@@ -371,6 +486,7 @@ async fn main() {
     if lost_any {
         service.fail("deliveries were lost (committed events that never reached the receiver)");
     }
+    service.keep_log();
     let _ = std::fs::remove_dir_all(&service.data);
     if let Some(prefix) = &service.broker_prefix {
         remove_broker_objects(prefix).await;
