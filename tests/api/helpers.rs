@@ -61,6 +61,83 @@ pub struct TestApp {
     pub dir: Arc<tempfile::TempDir>,
     /// The Secret Management fake the app keeps its secrets in, when it uses the HTTP secret store.
     pub secret_management: Option<SecretManagementFake>,
+    /// This app's use of the broker objects it declares (RabbitMQ events backend).
+    _broker: Option<BrokerObjects>,
+}
+
+/// The work queue and the exchange of a test's apps on the broker (names `im-api-test-*`),
+/// deleted once no app of the process uses them any more, so that test runs leave nothing on
+/// the broker (the delay queues expire by themselves, ten minutes after their last use). Each
+/// app holds one use; a restart holds one more across its stop.
+struct BrokerObjects {
+    url: String,
+    exchange: String,
+    queue_prefix: String,
+}
+
+/// Apps using each (exchange, queue prefix) of the broker.
+static BROKER_USERS: std::sync::LazyLock<std::sync::Mutex<std::collections::HashMap<(String, String), usize>>> =
+    std::sync::LazyLock::new(Default::default);
+
+impl BrokerObjects {
+    /// One more use of the objects `settings` name, when they are a test's own.
+    fn used_by(settings: &Settings) -> Option<Self> {
+        let rabbit = &settings.rabbitmq;
+        let ours = |name: &str| name.starts_with("im-api-test-");
+        if settings.events.backend != integration_manager::config::EventsBackend::Rabbitmq
+            || !(ours(&rabbit.exchange) || ours(&rabbit.delivery_queue_prefix))
+        {
+            return None;
+        }
+        // The broker itself, not the address the app was given (a test's proxy may be cut).
+        let url = im_testkit::services::amqp_url(im_testkit::services::rabbitmq_addr());
+        let objects = Self { url, exchange: rabbit.exchange.clone(), queue_prefix: rabbit.delivery_queue_prefix.clone() };
+        *BROKER_USERS.lock().unwrap().entry(objects.key()).or_default() += 1;
+        Some(objects)
+    }
+
+    fn key(&self) -> (String, String) {
+        (self.exchange.clone(), self.queue_prefix.clone())
+    }
+}
+
+impl Drop for BrokerObjects {
+    fn drop(&mut self) {
+        {
+            let mut users = BROKER_USERS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let left = users.get_mut(&self.key()).map(|n| {
+                *n -= 1;
+                *n
+            });
+            if left != Some(0) {
+                return;
+            }
+            users.remove(&self.key());
+        }
+        // Deleted on a thread of its own (a drop cannot wait for a future), bounded: a broker
+        // that is away (a test stopped it) leaves them, as a crash would.
+        let (url, exchange, prefix) = (self.url.clone(), self.exchange.clone(), self.queue_prefix.clone());
+        let deleting = std::thread::spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+            runtime.block_on(async move {
+                let delete = async {
+                    let connection = lapin::Connection::connect(&url, lapin::ConnectionProperties::default()).await.ok()?;
+                    let channel = connection.create_channel().await.ok()?;
+                    if prefix.starts_with("im-api-test-") {
+                        let work = format!("{prefix}.work");
+                        let _ = channel.queue_delete(work.as_str().into(), lapin::options::QueueDeleteOptions::default()).await;
+                    }
+                    if exchange.starts_with("im-api-test-") {
+                        let _ = channel.exchange_delete(exchange.as_str().into(), lapin::options::ExchangeDeleteOptions::default()).await;
+                    }
+                    let _ = connection.close(0, "done".into()).await;
+                    Some(())
+                };
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(3), delete).await;
+            });
+        });
+        let _ = deleting.join();
+    }
 }
 
 /// A Secret Management fake and the server it answers on (alive as long as this value).
@@ -173,13 +250,16 @@ async fn spawn_with(dir: Arc<tempfile::TempDir>, fake: Option<SecretManagementFa
     let shutdown = app.shutdown();
     let state = app.state();
     let running = tokio::spawn(app.run_until_stopped());
-    TestApp { address, state, client: test_client(), settings, shutdown, running, dir, secret_management: fake }
+    let broker = BrokerObjects::used_by(&settings);
+    TestApp { address, state, client: test_client(), settings, shutdown, running, dir, secret_management: fake, _broker: broker }
 }
 
 impl TestApp {
     /// Stops this instance and starts another on the same data directory.
     pub async fn restart(self) -> TestApp {
         let (settings, dir, fake) = (self.settings.clone(), self.dir.clone(), self.secret_management.clone());
+        // Its broker objects (and the jobs queued there) outlive the stop.
+        let _kept = BrokerObjects::used_by(&settings);
         self.stop().await;
         spawn_with(dir, fake, move |s| *s = settings).await
     }

@@ -17,8 +17,7 @@ pub fn in_ci() -> bool {
 /// # Panics
 /// In CI, when RabbitMQ cannot be reached.
 pub fn rabbitmq(test: &str) -> Option<SocketAddr> {
-    let addr: SocketAddr =
-        std::env::var("IM_TEST_RABBITMQ_ADDR").unwrap_or_else(|_| RABBITMQ_ADDR.into()).parse().expect("a socket address");
+    let addr = rabbitmq_addr();
     match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
         Ok(_) => Some(addr),
         Err(e) if in_ci() => panic!("{test}: RabbitMQ is required in CI and {addr} is unreachable: {e}"),
@@ -27,6 +26,14 @@ pub fn rabbitmq(test: &str) -> Option<SocketAddr> {
             None
         }
     }
+}
+
+/// Where the tests' RabbitMQ is: `IM_TEST_RABBITMQ_ADDR`, else [`RABBITMQ_ADDR`] (not probed).
+///
+/// # Panics
+/// When `IM_TEST_RABBITMQ_ADDR` is not a socket address.
+pub fn rabbitmq_addr() -> SocketAddr {
+    std::env::var("IM_TEST_RABBITMQ_ADDR").unwrap_or_else(|_| RABBITMQ_ADDR.into()).parse().expect("a socket address")
 }
 
 /// An AMQP URL for `addr` with the default guest account.
