@@ -68,7 +68,9 @@ pub struct TestApp {
 /// The work queue and the exchange of a test's apps on the broker (names `im-api-test-*`),
 /// deleted once no app of the process uses them any more, so that test runs leave nothing on
 /// the broker (the delay queues expire by themselves, ten minutes after their last use). Each
-/// app holds one use; a restart holds one more across its stop.
+/// app holds one use; a restart holds one more across its stop. Dropping a `TestApp` does not
+/// stop it: in a test on a multi-threaded runtime its workers may run on for a moment and
+/// declare the objects again (its next take or publish), which are then left as before.
 struct BrokerObjects {
     url: String,
     exchange: String,
