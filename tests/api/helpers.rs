@@ -77,6 +77,11 @@ struct BrokerObjects {
     queue_prefix: String,
 }
 
+/// Whether a broker object is one the API suite named (and may delete).
+fn ours(name: &str) -> bool {
+    name.starts_with("im-api-test-")
+}
+
 /// Apps using each (exchange, queue prefix) of the broker.
 static BROKER_USERS: std::sync::LazyLock<std::sync::Mutex<std::collections::HashMap<(String, String), usize>>> =
     std::sync::LazyLock::new(Default::default);
@@ -85,7 +90,6 @@ impl BrokerObjects {
     /// One more use of the objects `settings` name, when they are a test's own.
     fn used_by(settings: &Settings) -> Option<Self> {
         let rabbit = &settings.rabbitmq;
-        let ours = |name: &str| name.starts_with("im-api-test-");
         if settings.events.backend != integration_manager::config::EventsBackend::Rabbitmq
             || !(ours(&rabbit.exchange) || ours(&rabbit.delivery_queue_prefix))
         {
@@ -122,19 +126,11 @@ impl Drop for BrokerObjects {
         let deleting = std::thread::spawn(move || {
             let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
             runtime.block_on(async move {
-                let delete = async {
-                    let connection = lapin::Connection::connect(&url, lapin::ConnectionProperties::default()).await.ok()?;
-                    let channel = connection.create_channel().await.ok()?;
-                    if prefix.starts_with("im-api-test-") {
-                        let work = format!("{prefix}.work");
-                        let _ = channel.queue_delete(work.as_str().into(), lapin::options::QueueDeleteOptions::default()).await;
-                    }
-                    if exchange.starts_with("im-api-test-") {
-                        let _ = channel.exchange_delete(exchange.as_str().into(), lapin::options::ExchangeDeleteOptions::default()).await;
-                    }
-                    let _ = connection.close(0, "done".into()).await;
-                    Some(())
-                };
+                let delete = im_testkit::rabbit::delete_declared(
+                    &url,
+                    Some(prefix.as_str()).filter(|p| ours(p)),
+                    Some(exchange.as_str()).filter(|e| ours(e)),
+                );
                 let _ = tokio::time::timeout(std::time::Duration::from_secs(3), delete).await;
             });
         });

@@ -496,15 +496,8 @@ async fn main() {
 /// Deletes the work queue and the exchange the service declared for this run (the default
 /// broker of the service's configuration), so that runs leave nothing on the broker.
 async fn remove_broker_objects(prefix: &str) {
-    let url = "amqp://guest:guest@127.0.0.1:5672/%2f";
-    let Ok(connection) = lapin::Connection::connect(url, lapin::ConnectionProperties::default()).await else {
+    let url = im_testkit::services::amqp_url(im_testkit::services::rabbitmq_addr());
+    if im_testkit::rabbit::delete_declared(&url, Some(prefix), Some(prefix)).await.is_err() {
         eprintln!("bench-webhooks: cannot reach the broker to delete {prefix}.work");
-        return;
-    };
-    if let Ok(channel) = connection.create_channel().await {
-        let work = format!("{prefix}.work");
-        let _ = channel.queue_delete(work.as_str().into(), lapin::options::QueueDeleteOptions::default()).await;
-        let _ = channel.exchange_delete(prefix.into(), lapin::options::ExchangeDeleteOptions::default()).await;
     }
-    let _ = connection.close(0, "done".into()).await;
 }

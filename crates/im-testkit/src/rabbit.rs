@@ -93,3 +93,23 @@ impl TestQueue {
         out
     }
 }
+
+/// Deletes what a run declared on the broker at `url`: the work queue `{prefix}.work` and the
+/// exchange `exchange`, each when given. `Err` when the broker cannot be reached; a queue or an
+/// exchange already gone is not an error.
+///
+/// # Errors
+/// When the broker cannot be reached.
+pub async fn delete_declared(url: &str, queue_prefix: Option<&str>, exchange: Option<&str>) -> Result<(), lapin::Error> {
+    let connection = Connection::connect(url, ConnectionProperties::default()).await?;
+    let channel = connection.create_channel().await?;
+    if let Some(prefix) = queue_prefix {
+        let work = format!("{prefix}.work");
+        let _ = channel.queue_delete(work.as_str().into(), lapin::options::QueueDeleteOptions::default()).await;
+    }
+    if let Some(exchange) = exchange {
+        let _ = channel.exchange_delete(exchange.into(), lapin::options::ExchangeDeleteOptions::default()).await;
+    }
+    let _ = connection.close(0, "done".into()).await;
+    Ok(())
+}
