@@ -244,6 +244,7 @@ pub struct WebhookServiceSettings {
     pub disable_min_failures: u32,
     pub max_endpoints_per_tenant: usize,
     pub manual_sends_per_minute: u32,
+    pub first_attempt_in_fan_out: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

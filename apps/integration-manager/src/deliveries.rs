@@ -9,9 +9,10 @@ use im_domain::DomainError;
 use im_domain::events::{DomainEvent, EventType};
 use im_domain::ports::{EventPublisher, EventSubscriber};
 use im_domain::retry::Backoff;
-use im_domain::services::{AttemptReport, DeliveryService};
+use im_domain::services::{AttemptReport, DeliveryService, FirstAttempts, HeldAttempt};
 use im_domain::webhooks::delivery::AttemptTrigger;
-use tokio::sync::{Notify, Semaphore};
+use im_domain::webhooks::ports::DeliveryJob;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -29,17 +30,17 @@ const FAILING: Backoff = Backoff { attempts: u32::MAX, first: Duration::from_mil
 
 /// Runs until `shutdown`: then it takes no more jobs, and the attempts it started (tracked by
 /// `tasks`, so the app waits for them) finish and are recorded. `wake` is notified when new
-/// attempts are queued.
+/// attempts are queued. `permits` bound the attempts in flight (`webhooks.concurrency`),
+/// shared with the first attempts the fan-out makes itself ([`FirstHere`]).
 pub fn spawn_dispatcher(
     service: DeliveryService,
     wake: Arc<Notify>,
-    concurrency: usize,
+    permits: Arc<Semaphore>,
     shutdown: &CancellationToken,
     tasks: &TaskTracker,
 ) {
     let (shutdown, attempts) = (shutdown.clone(), tasks.clone());
     tasks.spawn(async move {
-        let permits = Arc::new(Semaphore::new(concurrency));
         // Empty takes and failed reads in a row: how far each backoff has grown.
         let (mut idle, mut failed) = (0u32, 0u32);
         while !shutdown.is_cancelled() {
@@ -55,22 +56,7 @@ pub fn spawn_dispatcher(
                         let service = service.clone();
                         attempts.spawn(async move {
                             let report = service.attempt(&job, AttemptTrigger::Scheduled).await;
-                            crate::metrics::record_attempt(&report);
-                            match report {
-                                Ok(AttemptReport::Postponed { at, reason }) => {
-                                    tracing::warn!(%reason, delivery_id = %job.delivery_id, %at, "delivery attempt postponed");
-                                }
-                                Ok(_) => {}
-                                Err(error) => {
-                                    // Never left held: the job comes back after a pause (a broker
-                                    // gets it back through a delay queue), or when its lease ends.
-                                    tracing::warn!(%error, delivery_id = %job.delivery_id, "delivery attempt failed to complete");
-                                    let again = time::OffsetDateTime::now_utc() + RETRY_INCOMPLETE;
-                                    if let Err(error) = service.queue().schedule(&job, again).await {
-                                        tracing::warn!(%error, delivery_id = %job.delivery_id, "rescheduling the attempt failed");
-                                    }
-                                }
-                            }
+                            after_attempt(&service, &job, report).await;
                             drop(permit);
                         });
                     }
@@ -105,10 +91,83 @@ pub fn spawn_dispatcher(
     });
 }
 
+/// Counts an attempt's outcome, and when it could not complete, schedules its job again.
+async fn after_attempt(service: &DeliveryService, job: &DeliveryJob, report: Result<AttemptReport, DomainError>) {
+    crate::metrics::record_attempt(&report);
+    match report {
+        Ok(AttemptReport::Postponed { at, reason }) => {
+            tracing::warn!(%reason, delivery_id = %job.delivery_id, %at, "delivery attempt postponed");
+        }
+        Ok(_) => {}
+        Err(error) => {
+            // Never left held: the job comes back after a pause (a broker gets it back through a
+            // delay queue), or when its lease ends.
+            tracing::warn!(%error, delivery_id = %job.delivery_id, "delivery attempt failed to complete");
+            let again = time::OffsetDateTime::now_utc() + RETRY_INCOMPLETE;
+            if let Err(error) = service.queue().schedule(job, again).await {
+                tracing::warn!(%error, delivery_id = %job.delivery_id, "rescheduling the attempt failed");
+            }
+        }
+    }
+}
+
 /// Fans events out to webhooks and wakes the dispatcher.
 pub struct FanOut {
     pub service: DeliveryService,
     pub wake: Arc<Notify>,
+    /// With the queue on a broker (`webhooks.first_attempt_in_fan_out`): the attempts in flight
+    /// (the dispatcher's permits) and where they are tracked; the fan-out then makes the first
+    /// attempts it has free permits for itself ([`DeliveryService::fan_out_holding`]).
+    pub first_here: Option<(Arc<Semaphore>, TaskTracker)>,
+}
+
+/// The first attempts a fan-out makes itself: one free permit of the dispatcher's each, taken
+/// before the deliveries are written held; the unused ones go back when this is dropped.
+struct FirstHere<'a> {
+    service: &'a DeliveryService,
+    permits: &'a Arc<Semaphore>,
+    tasks: &'a TaskTracker,
+    reserved: Vec<OwnedSemaphorePermit>,
+}
+
+impl FirstAttempts for FirstHere<'_> {
+    fn reserve(&mut self, pending: usize) -> usize {
+        let before = self.reserved.len();
+        while self.reserved.len() - before < pending {
+            match self.permits.clone().try_acquire_owned() {
+                Ok(permit) => self.reserved.push(permit),
+                Err(_) => break,
+            }
+        }
+        self.reserved.len() - before
+    }
+
+    fn start(&mut self, attempt: HeldAttempt) {
+        let Some(permit) = self.reserved.pop() else {
+            // Not reserved (never asked for): its fallback job makes it when the hold ends.
+            tracing::warn!(delivery_id = %attempt.job().delivery_id, "a first attempt came without a reserved permit");
+            return;
+        };
+        let service = self.service.clone();
+        self.tasks.spawn(async move {
+            let job = attempt.job().clone();
+            let report = service.attempt_held(attempt).await;
+            after_attempt(&service, &job, report).await;
+            drop(permit);
+        });
+    }
+}
+
+impl FanOut {
+    async fn fan_out(&self, events: &[DomainEvent]) -> Result<usize, DomainError> {
+        match &self.first_here {
+            Some((permits, tasks)) => {
+                let mut first = FirstHere { service: &self.service, permits, tasks, reserved: Vec::new() };
+                self.service.fan_out_holding(events, &mut first).await
+            }
+            None => self.service.fan_out_all(events).await,
+        }
+    }
 }
 
 /// Events of a relayed batch fanned out in one `fan_out_all` (each tenant's deliveries in one write).
@@ -117,7 +176,7 @@ const FAN_OUT_BATCH: usize = 128;
 #[async_trait]
 impl EventSubscriber for FanOut {
     async fn handle(&self, event: &DomainEvent) -> Result<(), DomainError> {
-        if self.service.fan_out(event).await? > 0 {
+        if self.fan_out(std::slice::from_ref(event)).await? > 0 {
             self.wake.notify_one();
         }
         Ok(())
@@ -129,7 +188,7 @@ impl EventSubscriber for FanOut {
     /// idempotent per event and endpoint, so a failed batch is simply handled again.
     async fn handle_all(&self, events: &[DomainEvent]) -> Result<(), DomainError> {
         for chunk in events.chunks(FAN_OUT_BATCH) {
-            if self.service.fan_out_all(chunk).await? > 0 {
+            if self.fan_out(chunk).await? > 0 {
                 self.wake.notify_one();
             }
         }

@@ -640,7 +640,11 @@ impl Application {
         let workers = Workers { shutdown: CancellationToken::new(), tasks: TaskTracker::new() };
         if role.runs_workers() {
             let dispatch = Arc::new(tokio::sync::Notify::new());
-            events.bus.subscribe(Arc::new(FanOut { service: deliveries.clone(), wake: dispatch.clone() }));
+            let permits = Arc::new(tokio::sync::Semaphore::new(settings.webhooks.service.concurrency));
+            // With the queue on a broker, the fan-out makes the first attempts it has permits for.
+            let first_here = (!deliveries.queue_in_store() && settings.webhooks.service.first_attempt_in_fan_out)
+                .then(|| (permits.clone(), workers.tasks.clone()));
+            events.bus.subscribe(Arc::new(FanOut { service: deliveries.clone(), wake: dispatch.clone(), first_here }));
             // With no broker, this process's subscribers read every event the store relays; an
             // event only the webhook fan-out reads is not written for a tenant without webhook
             // endpoints. (An instance without workers has none, and writes every event: the
@@ -650,7 +654,7 @@ impl Application {
             {
                 store.write_events_for(events.bus.clone());
             }
-            spawn_dispatcher(deliveries.clone(), dispatch, settings.webhooks.service.concurrency, &workers.shutdown, &workers.tasks);
+            spawn_dispatcher(deliveries.clone(), dispatch, permits, &workers.shutdown, &workers.tasks);
             // Only now, with every in-process subscriber registered, may events flow.
             crate::events::spawn_relay(events.relay, events.wake, settings.events.relay_batch_size, &workers.shutdown, &workers.tasks);
             if let Some(shipper) = audit_shipper {

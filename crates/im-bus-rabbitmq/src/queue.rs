@@ -343,22 +343,27 @@ impl RabbitDeliveryQueue {
 
     /// Publishes a job to the work queue, or to the delay queue of its wait.
     async fn publish_at(&self, channel: &Channel, job: &DeliveryJob, due: time::OffsetDateTime) -> Result<(), DomainError> {
+        let queue = self.queue_for(channel, due).await?;
+        self.publish(channel, &queue, job).await
+    }
+
+    /// The queue of a job due at `due`: the work queue when due now, else the delay queue of
+    /// its wait (declared first).
+    async fn queue_for(&self, channel: &Channel, due: time::OffsetDateTime) -> Result<String, DomainError> {
         let delay = (due - time::OffsetDateTime::now_utc()).try_into().unwrap_or(Duration::ZERO);
         if delay < Duration::from_millis(50) {
-            self.publish(channel, &self.work_queue(), job).await?;
-        } else {
-            let ms = bucket(delay);
-            let queue = format!("{}.delay.{ms}", self.prefix);
-            let mut args = FieldTable::default();
-            args.insert(ShortString::from("x-message-ttl"), AMQPValue::LongLongInt(ms as i64));
-            args.insert(ShortString::from("x-dead-letter-exchange"), AMQPValue::LongString("".into()));
-            args.insert(ShortString::from("x-dead-letter-routing-key"), AMQPValue::LongString(self.work_queue().into()));
-            args.insert(ShortString::from("x-expires"), AMQPValue::LongLongInt(ms as i64 + 600_000));
-            let declare = channel.queue_declare(queue.as_str().into(), QueueDeclareOptions { durable: true, ..Default::default() }, args);
-            bounded(self.limit, declare).await.map_err(|e| unavailable("declare a delay queue", e))?;
-            self.publish(channel, &queue, job).await?;
+            return Ok(self.work_queue());
         }
-        Ok(())
+        let ms = bucket(delay);
+        let queue = format!("{}.delay.{ms}", self.prefix);
+        let mut args = FieldTable::default();
+        args.insert(ShortString::from("x-message-ttl"), AMQPValue::LongLongInt(ms as i64));
+        args.insert(ShortString::from("x-dead-letter-exchange"), AMQPValue::LongString("".into()));
+        args.insert(ShortString::from("x-dead-letter-routing-key"), AMQPValue::LongString(self.work_queue().into()));
+        args.insert(ShortString::from("x-expires"), AMQPValue::LongLongInt(ms as i64 + 600_000));
+        let declare = channel.queue_declare(queue.as_str().into(), QueueDeclareOptions { durable: true, ..Default::default() }, args);
+        bounded(self.limit, declare).await.map_err(|e| unavailable("declare a delay queue", e))?;
+        Ok(queue)
     }
 
     async fn ack(&self, channel: &Channel, job: &DeliveryJob) -> Result<(), DomainError> {
@@ -392,25 +397,35 @@ impl DeliveryQueue for RabbitDeliveryQueue {
         published
     }
 
-    /// Jobs due now are published together, up to `jobs_per_message` in a message, and the
-    /// confirms awaited together (one round trip, not one a job); jobs due later go one by one
-    /// through their delay queues.
+    /// Jobs are published together, up to `jobs_per_message` in a message, those due now to the
+    /// work queue and those due later to the delay queue of their wait (declared once for
+    /// them), and the confirms awaited together (one round trip, not one a job).
     #[tracing::instrument(skip_all, name = "delivery_queue.schedule_each", fields(count = jobs.len()))]
     async fn schedule_each(&self, jobs: &[(DeliveryJob, time::OffsetDateTime)]) -> Result<(), DomainError> {
         let channel = self.channel().await?;
-        let soon = time::OffsetDateTime::now_utc() + time::Duration::milliseconds(50);
-        let mut now = Vec::with_capacity(jobs.len());
+        // Jobs by queue, in the order their queues first appear.
+        let mut by_queue: Vec<(String, Vec<&DeliveryJob>)> = Vec::new();
+        let (mut last_due, mut current) = (None, 0);
         for (job, due) in jobs {
-            if *due < soon {
-                now.push(job);
-            } else {
-                self.publish_at(&channel, job, *due).await?;
+            // A batch's jobs mostly share their due time: their queue is looked up once.
+            if last_due != Some(*due) {
+                let queue = self.queue_for(&channel, *due).await?;
+                current = match by_queue.iter().position(|(q, _)| *q == queue) {
+                    Some(at) => at,
+                    None => {
+                        by_queue.push((queue, Vec::new()));
+                        by_queue.len() - 1
+                    }
+                };
+                last_due = Some(*due);
             }
+            by_queue[current].1.push(job);
         }
-        let work = self.work_queue();
-        let mut confirms = Vec::with_capacity(now.len().div_ceil(self.jobs_per_message));
-        for together in now.chunks(self.jobs_per_message) {
-            confirms.push(self.send(&channel, &work, together).await?);
+        let mut confirms = Vec::with_capacity(jobs.len().div_ceil(self.jobs_per_message));
+        for (queue, of_queue) in &by_queue {
+            for together in of_queue.chunks(self.jobs_per_message) {
+                confirms.push(self.send(&channel, queue, together).await?);
+            }
         }
         for confirm in confirms {
             self.confirmed(confirm).await?;

@@ -94,9 +94,11 @@ impl TestQueue {
     }
 }
 
-/// Deletes what a run declared on the broker at `url`: the work queue `{prefix}.work` and the
-/// exchange `exchange`, each when given. `Err` when the broker cannot be reached; a queue or an
-/// exchange already gone is not an error.
+/// Deletes what a run declared on the broker at `url`: the work queue `{prefix}.work`, the
+/// delay queue where the fallback jobs of first attempts made in the fan-out wait (the others
+/// expire by themselves, ten minutes after their last use) and the exchange `exchange`, each
+/// when given. `Err` when the broker cannot be reached; a queue or an exchange already gone is
+/// not an error.
 ///
 /// # Errors
 /// When the broker cannot be reached.
@@ -104,8 +106,11 @@ pub async fn delete_declared(url: &str, queue_prefix: Option<&str>, exchange: Op
     let connection = Connection::connect(url, ConnectionProperties::default()).await?;
     let channel = connection.create_channel().await?;
     if let Some(prefix) = queue_prefix {
-        let work = format!("{prefix}.work");
-        let _ = channel.queue_delete(work.as_str().into(), lapin::options::QueueDeleteOptions::default()).await;
+        // A whole number of minutes: the fallbacks' wait is a delay bucket of its own.
+        let fallbacks = format!("{prefix}.delay.{}", im_domain::webhooks::delivery::ATTEMPT_LEASE.as_millis());
+        for queue in [format!("{prefix}.work"), fallbacks] {
+            let _ = channel.queue_delete(queue.as_str().into(), lapin::options::QueueDeleteOptions::default()).await;
+        }
     }
     if let Some(exchange) = exchange {
         let _ = channel.exchange_delete(exchange.into(), lapin::options::ExchangeDeleteOptions::default()).await;

@@ -137,6 +137,44 @@ enum Prepared {
     Ready(Box<(Stored<Delivery>, Stored<Webhook>)>),
 }
 
+/// Where [`DeliveryService::fan_out_holding`] hands the first attempts this process makes itself.
+pub trait FirstAttempts: Send {
+    /// How many of `pending` new deliveries of one write (at most) this process will attempt
+    /// itself now: the capacity is taken here, before they are written held.
+    fn reserve(&mut self, pending: usize) -> usize;
+    /// One of the reserved attempts, its delivery recorded held by this process: run it with
+    /// [`DeliveryService::attempt_held`]. Reserved attempts never started (a replayed event's
+    /// delivery exists already) are given back when the fan-out ends.
+    fn start(&mut self, attempt: HeldAttempt);
+}
+
+/// Makes no first attempt in the fan-out: every job goes to the queue.
+struct NoFirstAttempts;
+
+impl FirstAttempts for NoFirstAttempts {
+    fn reserve(&mut self, _pending: usize) -> usize {
+        0
+    }
+
+    fn start(&mut self, _attempt: HeldAttempt) {}
+}
+
+/// A first attempt handed out by [`DeliveryService::fan_out_holding`]: the delivery as it was
+/// created (held by this process), and its endpoint as the fan-out read it.
+pub struct HeldAttempt {
+    job: DeliveryJob,
+    delivery: Stored<Delivery>,
+    webhook: Webhook,
+}
+
+impl HeldAttempt {
+    /// The job that stands for this attempt (its fallback waits in the queue for the hold's end).
+    #[must_use]
+    pub fn job(&self) -> &DeliveryJob {
+        &self.job
+    }
+}
+
 /// What [`DeliveryService::attempt`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AttemptReport {
@@ -277,6 +315,24 @@ impl DeliveryService {
     /// queue lives in the same database (else each job is queued after its record). Idempotent
     /// by event id: returns how many first attempts were queued.
     pub async fn fan_out_all(&self, events: &[DomainEvent]) -> Result<usize, DomainError> {
+        self.fan_out_holding(events, &mut NoFirstAttempts).await
+    }
+
+    /// [`Self::fan_out_all`], where this process makes first attempts itself when the queue is
+    /// elsewhere (a broker): `first` says how many of each write's new pending deliveries it
+    /// will attempt now, those are created held by it (`lease_until`, [`ATTEMPT_LEASE`] ahead,
+    /// as an attempt's own hold), and each is handed to `first` as soon as the write is
+    /// committed, before the jobs are queued. Their jobs go to the queue as fallbacks due when
+    /// the hold ends: the attempt, recorded, drops its fallback (the delivery is final, or its
+    /// retry's own job is queued), and should this process die before recording it, the
+    /// fallback makes the attempt when the hold ends. No trip through the queue and no hold of
+    /// its own between the event and its first attempt. With the queue in the store, or when
+    /// `first` takes none, every job is queued for the dispatchers as before.
+    ///
+    /// # Errors
+    /// As [`Self::fan_out_all`]; attempts handed to `first` before an error stand (their
+    /// deliveries are recorded, and a fan-out handled again finds them).
+    pub async fn fan_out_holding(&self, events: &[DomainEvent], first: &mut dyn FirstAttempts) -> Result<usize, DomainError> {
         let mut tenants: Vec<(&TenantId, Vec<&DomainEvent>)> = Vec::new();
         for event in events.iter().filter(|e| crate::webhooks::endpoint::DELIVERABLE.contains(&e.event_type)) {
             match tenants.iter_mut().find(|(tenant, _)| **tenant == event.tenant_id) {
@@ -287,19 +343,32 @@ impl DeliveryService {
         let mut queued = 0;
         for (tenant, events) in tenants {
             let endpoints = self.all_endpoints(tenant).await?;
-            let deliveries: Vec<Delivery> = events
+            let mut deliveries: Vec<(Delivery, &Webhook)> = events
                 .iter()
                 .flat_map(|event| {
                     endpoints.iter().filter(|w| w.wants(event)).map(|webhook| {
                         let status =
                             if webhook.status == WebhookStatus::Enabled { DeliveryStatus::Pending } else { DeliveryStatus::Skipped };
-                        self.new_delivery(webhook, event.id.to_string(), event.event_type.as_str(), event.cloud_event(), status)
+                        (self.new_delivery(webhook, event.id.to_string(), event.event_type.as_str(), event.cloud_event(), status), webhook)
                     })
                 })
                 .collect();
             if deliveries.is_empty() {
                 continue;
             }
+            if !self.queue_in_store {
+                let pending = deliveries.iter().filter(|(d, _)| d.status == DeliveryStatus::Pending).count();
+                let mut held = first.reserve(pending).min(pending);
+                let until = self.clock.now() + time::Duration::try_from(ATTEMPT_LEASE).unwrap_or(time::Duration::MINUTE);
+                for (delivery, _) in deliveries.iter_mut().filter(|(d, _)| d.status == DeliveryStatus::Pending) {
+                    if held == 0 {
+                        break;
+                    }
+                    delivery.lease_until = Some(until);
+                    held -= 1;
+                }
+            }
+            let (deliveries, webhooks): (Vec<Delivery>, Vec<&Webhook>) = deliveries.into_iter().unzip();
             let outcomes = if self.queue_in_store {
                 self.deliveries.create_each_queued(&deliveries).await?
             } else {
@@ -312,30 +381,44 @@ impl DeliveryService {
                     deliveries.len()
                 )));
             }
-            // New deliveries' first jobs, sent together when the queue is elsewhere.
+            // New deliveries' first jobs (or, for those attempted here, their fallbacks), sent
+            // together when the queue is elsewhere.
             let mut first_jobs = Vec::new();
-            for (delivery, outcome) in deliveries.iter().zip(outcomes) {
+            let mut replayed = Vec::new();
+            for ((delivery, webhook), outcome) in deliveries.iter().zip(webhooks).zip(outcomes) {
                 let job = DeliveryJob { tenant_id: delivery.tenant_id.clone(), delivery_id: delivery.id };
                 match outcome {
-                    Ok(_) if delivery.status == DeliveryStatus::Pending => {
-                        if !self.queue_in_store {
-                            first_jobs.push((job, delivery.next_attempt_at.unwrap_or(delivery.created_at)));
-                        }
+                    Ok(etag) if delivery.status == DeliveryStatus::Pending => {
                         queued += 1;
+                        if self.queue_in_store {
+                            continue;
+                        }
+                        match delivery.lease_until {
+                            Some(until) => {
+                                first_jobs.push((job.clone(), until));
+                                first.start(HeldAttempt {
+                                    job,
+                                    delivery: Stored { value: delivery.clone(), etag },
+                                    webhook: webhook.clone(),
+                                });
+                            }
+                            None => first_jobs.push((job, delivery.next_attempt_at.unwrap_or(delivery.created_at))),
+                        }
                     }
                     Ok(_) => {}
-                    Err(DomainError::Conflict(_)) => {
-                        // Fanned out before (events arrive at least once). A crash may have come
-                        // between recording the delivery and queueing it (a queue elsewhere):
-                        // queue it if nothing is, at the time it waits for, without touching a
-                        // queued or running attempt.
-                        let existing = self.deliveries.get(&delivery.tenant_id, delivery.id).await?.value;
-                        if existing.status == DeliveryStatus::Pending {
-                            let due = existing.next_attempt_at.unwrap_or_else(|| self.clock.now());
-                            self.queue.schedule_if_absent(&job, due.max(existing.lease_until.unwrap_or(due))).await?;
-                        }
-                    }
+                    Err(DomainError::Conflict(_)) => replayed.push((delivery, job)),
                     Err(e) => return Err(e),
+                }
+            }
+            for (delivery, job) in replayed {
+                // Fanned out before (events arrive at least once). A crash may have come
+                // between recording the delivery and queueing it (a queue elsewhere): queue it
+                // if nothing is, at the time it waits for, without touching a queued or running
+                // attempt.
+                let existing = self.deliveries.get(&delivery.tenant_id, delivery.id).await?.value;
+                if existing.status == DeliveryStatus::Pending {
+                    let due = existing.next_attempt_at.unwrap_or_else(|| self.clock.now());
+                    self.queue.schedule_if_absent(&job, due.max(existing.lease_until.unwrap_or(due))).await?;
                 }
             }
             if !first_jobs.is_empty() {
@@ -343,6 +426,17 @@ impl DeliveryService {
             }
         }
         Ok(queued)
+    }
+
+    /// Makes a first attempt [`Self::fan_out_holding`] handed out: the delivery is held by this
+    /// process since its creation, so it is sent at once (or, over the endpoint's rate, held
+    /// until then and its job rescheduled) and recorded like any scheduled attempt.
+    ///
+    /// # Errors
+    /// As [`Self::attempt`]; the delivery then stays held until its fallback job comes.
+    pub async fn attempt_held(&self, held: HeldAttempt) -> Result<AttemptReport, DomainError> {
+        let HeldAttempt { job, delivery, webhook } = held;
+        self.hold_and_send(&job, AttemptTrigger::Scheduled, delivery.value, delivery.etag, webhook).await
     }
 
     fn over_rate(&self, webhook: &Webhook) -> Option<OffsetDateTime> {
@@ -411,18 +505,18 @@ impl DeliveryService {
                 self.queue.schedule(job, at).await.map_err(Failure::Permanent)?;
                 return Ok(AttemptReport::Throttled);
             }
-            return self.send_and_record(job, trigger, stored, webhook).await.map_err(Failure::Permanent);
+            return self.send_and_record(job, trigger, stored, webhook.value).await.map_err(Failure::Permanent);
         }
         if self.queue_in_store {
             // The job, leased to this worker by the take in the same database (one job per
             // delivery, never handed to two workers while leased), already holds the delivery:
             // no second write. Both leases are `ATTEMPT_LEASE` long.
-            return self.hold_and_send(job, trigger, stored.value, stored.etag, webhook).await.map_err(Failure::Permanent);
+            return self.hold_and_send(job, trigger, stored.value, stored.etag, webhook.value).await.map_err(Failure::Permanent);
         }
         let mut held = stored.value.clone();
         held.lease_until = Some(self.clock.now() + time::Duration::try_from(ATTEMPT_LEASE).unwrap_or(time::Duration::MINUTE));
         match self.deliveries.replace(&held, Some(stored.etag), &[]).await {
-            Ok(etag) => self.hold_and_send(job, trigger, held, etag, webhook).await.map_err(Failure::Permanent),
+            Ok(etag) => self.hold_and_send(job, trigger, held, etag, webhook.value).await.map_err(Failure::Permanent),
             // Another worker took it first: look again (it is held now, or done).
             Err(DomainError::PreconditionFailed) => {
                 Err(Failure::Transient(DomainError::unavailable(format!("delivery {} kept changing while being claimed", job.delivery_id))))
@@ -439,9 +533,9 @@ impl DeliveryService {
         trigger: AttemptTrigger,
         mut held: Delivery,
         etag: ETag,
-        webhook: Stored<Webhook>,
+        webhook: Webhook,
     ) -> Result<AttemptReport, DomainError> {
-        if let Some(at) = self.over_rate(&webhook.value) {
+        if let Some(at) = self.over_rate(&webhook) {
             held.lease_until = Some(at);
             self.deliveries.replace(&held, Some(etag), &[]).await?;
             self.queue.schedule(job, at).await?;
@@ -505,9 +599,9 @@ impl DeliveryService {
         job: &DeliveryJob,
         trigger: AttemptTrigger,
         stored: Stored<Delivery>,
-        webhook: Stored<Webhook>,
+        webhook: Webhook,
     ) -> Result<AttemptReport, DomainError> {
-        let result = match self.send(&webhook.value, &stored.value).await {
+        let result = match self.send(&webhook, &stored.value).await {
             Ok(result) => result,
             Err(DomainError::NotFound { .. }) => return self.fail_unsignable(job, stored).await,
             Err(error) if trigger == AttemptTrigger::Scheduled => return self.postpone(job, stored, &error).await,
@@ -527,7 +621,7 @@ impl DeliveryService {
         delivery.updated_at = now;
         let scheduled_attempts = delivery.attempts.iter().filter(|a| a.trigger == AttemptTrigger::Scheduled).count();
         let outcome = classify(result.status, result.retry_after);
-        let disabled_because = self.track_health(&webhook.value, &outcome).await?;
+        let disabled_because = self.track_health(&webhook, &outcome).await?;
         let (report, mut events) = match outcome {
             Outcome::Delivered => {
                 delivery.status = DeliveryStatus::Succeeded;
@@ -570,7 +664,7 @@ impl DeliveryService {
             .into_iter()
             .filter(|t| self.readers.reads(*t))
             .map(|t| match (t, &disabled_because) {
-                (EventType::WebhookEndpointDisabled, Some(reason)) => self.disabled_event(&webhook.value, reason),
+                (EventType::WebhookEndpointDisabled, Some(reason)) => self.disabled_event(&webhook, reason),
                 (t, _) => self.outcome_event(&delivery, t),
             })
             .collect();

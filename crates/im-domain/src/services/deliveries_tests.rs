@@ -205,9 +205,16 @@ struct World {
 }
 
 fn world(receiver_status: u16) -> World {
-    world_with(receiver_status, |secrets| {
-        secrets.expect_get().returning(|_| Ok(SecretValue(json!({"secret": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"}))));
-    })
+    world_with(receiver_status, signing_secret)
+}
+
+/// [`world`] with the delivery queue kept by the repository.
+fn world_with_queue_in_store(receiver_status: u16) -> World {
+    world_of(receiver_status, signing_secret, true)
+}
+
+fn signing_secret(secrets: &mut MockSecretStore) {
+    secrets.expect_get().returning(|_| Ok(SecretValue(json!({"secret": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"}))));
 }
 
 fn world_with(receiver_status: u16, secrets_answer: impl FnOnce(&mut MockSecretStore)) -> World {
@@ -431,13 +438,7 @@ fn manual_sends_of_an_endpoint_are_rate_limited_per_minute() {
 
 #[test]
 fn with_the_queue_in_the_store_a_batch_is_recorded_with_its_jobs_and_an_attempt_moves_or_removes_its_job() {
-    let w = world_of(
-        500,
-        |secrets| {
-            secrets.expect_get().returning(|_| Ok(SecretValue(json!({"secret": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"}))));
-        },
-        true,
-    );
+    let w = world_with_queue_in_store(500);
     let second = DomainEvent { id: Uuid::now_v7(), ..w.event.clone() };
     let second_id = delivery_id(w.webhook_id, &second.id.to_string());
 
@@ -456,4 +457,97 @@ fn with_the_queue_in_the_store_a_batch_is_recorded_with_its_jobs_and_an_attempt_
     assert_eq!(w.deliveries.value(w.delivery_id).next_attempt_at, Some(at));
     assert_eq!(w.deliveries.jobs.lock().unwrap()[&w.delivery_id], at, "the job waits for the retry");
     assert!(w.queue.dues().is_empty(), "nothing was scheduled on its own");
+}
+
+/// A process's capacity for first attempts in the fan-out; keeps what it is handed.
+#[derive(Default)]
+struct Here {
+    capacity: usize,
+    asked: usize,
+    started: Vec<HeldAttempt>,
+}
+
+impl FirstAttempts for Here {
+    fn reserve(&mut self, pending: usize) -> usize {
+        self.asked += 1;
+        let taken = pending.min(self.capacity);
+        self.capacity -= taken;
+        taken
+    }
+
+    fn start(&mut self, attempt: HeldAttempt) {
+        self.started.push(attempt);
+    }
+}
+
+fn second_event(w: &World) -> (DomainEvent, Uuid) {
+    let second = DomainEvent { id: Uuid::now_v7(), ..w.event.clone() };
+    let id = delivery_id(w.webhook_id, &second.id.to_string());
+    (second, id)
+}
+
+#[test]
+fn a_first_attempt_made_by_the_fan_out_goes_through_no_queue_and_its_fallback_job_is_dropped() {
+    let w = world(200);
+    let (second, second_id) = second_event(&w);
+    // Capacity for one of the two: the other is queued as before.
+    let mut here = Here { capacity: 1, ..Here::default() };
+
+    let queued = block_on(w.service.fan_out_holding(&[w.event.clone(), second], &mut here)).unwrap();
+
+    assert_eq!(queued, 2);
+    let held = w.deliveries.value(w.delivery_id);
+    let until = held.lease_until.expect("the delivery attempted here is created held");
+    assert_eq!(until, w.clock.now() + time::Duration::try_from(ATTEMPT_LEASE).unwrap(), "held as long as an attempt holds");
+    assert_eq!(w.deliveries.value(second_id).lease_until, None, "the other one is not held");
+    let mut dues = w.queue.dues();
+    dues.sort();
+    assert_eq!(dues, vec![w.clock.now(), until], "the other's job is due now; the held one's fallback when the hold ends");
+    assert_eq!(here.started.len(), 1, "one attempt handed out");
+    assert_eq!(here.started[0].job().delivery_id, w.delivery_id);
+
+    let report = block_on(w.service.attempt_held(here.started.pop().unwrap())).unwrap();
+    assert!(matches!(report, AttemptReport::Delivered { .. }), "{report:?}");
+    assert_eq!(w.sends(), 1);
+    let delivered = w.deliveries.value(w.delivery_id);
+    assert_eq!(delivered.status, DeliveryStatus::Succeeded);
+    assert_eq!(delivered.lease_until, None, "the attempt released its hold");
+
+    // The queued job and the fallback, taken when the hold has ended: one more send, for the other.
+    w.clock.advance(ATTEMPT_LEASE);
+    w.run_queued();
+    assert_eq!(w.sends(), 2, "the fallback made no second attempt");
+    assert_eq!(w.deliveries.value(second_id).status, DeliveryStatus::Succeeded);
+    assert!(w.queue.dues().is_empty(), "nothing left queued");
+}
+
+#[test]
+fn a_first_attempt_its_process_never_made_is_made_once_by_its_fallback_when_the_hold_ends() {
+    let w = world(200);
+    let mut here = Here { capacity: 4, ..Here::default() };
+    block_on(w.service.fan_out_holding(std::slice::from_ref(&w.event), &mut here)).unwrap();
+    let until = w.deliveries.value(w.delivery_id).lease_until.expect("created held");
+    drop(here); // The process died before the attempt.
+
+    // The event, relayed again (its relay was not marked done), queues no earlier job.
+    block_on(w.service.fan_out(&w.event)).unwrap();
+    assert!(w.queue.dues().iter().all(|due| *due >= until), "a job came before the hold's end: {:?}", w.queue.dues());
+    // Jobs taken early (a broker's clock ahead) wait for the hold.
+    w.run_queued();
+    assert_eq!(w.sends(), 0, "an attempt was made while the delivery was held");
+
+    w.clock.advance(ATTEMPT_LEASE + Duration::from_secs(1));
+    w.run_queued();
+    assert_eq!(w.sends(), 1, "the fallback made the attempt, once");
+    assert_eq!(w.deliveries.value(w.delivery_id).status, DeliveryStatus::Succeeded);
+}
+
+#[test]
+fn with_the_queue_in_the_store_the_fan_out_makes_no_first_attempt_itself() {
+    let w = world_with_queue_in_store(200);
+    let mut here = Here { capacity: 4, ..Here::default() };
+    block_on(w.service.fan_out_holding(std::slice::from_ref(&w.event), &mut here)).unwrap();
+    assert_eq!((here.asked, here.started.len()), (0, 0), "the store's take hands jobs out already");
+    assert_eq!(w.deliveries.value(w.delivery_id).lease_until, None);
+    assert_eq!(w.deliveries.jobs.lock().unwrap().get(&w.delivery_id), Some(&w.clock.now()), "queued with its record");
 }
