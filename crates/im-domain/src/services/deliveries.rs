@@ -513,9 +513,9 @@ impl DeliveryService {
             // no second write. Both leases are `ATTEMPT_LEASE` long.
             return self.hold_and_send(job, trigger, stored.value, stored.etag, webhook.value).await.map_err(Failure::Permanent);
         }
-        let mut held = stored.value.clone();
+        let Stored { value: mut held, etag } = stored;
         held.lease_until = Some(self.clock.now() + time::Duration::try_from(ATTEMPT_LEASE).unwrap_or(time::Duration::MINUTE));
-        match self.deliveries.replace(&held, Some(stored.etag), &[]).await {
+        match self.deliveries.replace(&held, Some(etag), &[]).await {
             Ok(etag) => self.hold_and_send(job, trigger, held, etag, webhook.value).await.map_err(Failure::Permanent),
             // Another worker took it first: look again (it is held now, or done).
             Err(DomainError::PreconditionFailed) => {
@@ -608,7 +608,7 @@ impl DeliveryService {
             Err(error) => return Err(error),
         };
         let now = self.clock.now();
-        let mut delivery = stored.value.clone();
+        let Stored { value: mut delivery, etag } = stored;
         delivery.lease_until = None;
         delivery.record(Attempt {
             at: now,
@@ -672,7 +672,7 @@ impl DeliveryService {
             AttemptReport::RetryAt(at) => JobAfter::RetryAt(at),
             _ => JobAfter::Complete,
         };
-        self.record(job, &delivery, stored.etag, &events, next).await?;
+        self.record(job, &delivery, etag, &events, next).await?;
         Ok(report)
     }
 
