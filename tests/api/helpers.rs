@@ -56,21 +56,21 @@ pub struct TestApp {
     pub client: reqwest::Client,
     pub settings: Settings,
     shutdown: integration_manager::startup::Shutdown,
-    running: tokio::task::JoinHandle<std::io::Result<()>>,
+    /// `None` once stopped.
+    running: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
     /// Keeps the data directory alive as long as the app (and across restarts).
     pub dir: Arc<tempfile::TempDir>,
     /// The Secret Management fake the app keeps its secrets in, when it uses the HTTP secret store.
     pub secret_management: Option<SecretManagementFake>,
     /// This app's use of the broker objects it declares (RabbitMQ events backend).
-    _broker: Option<BrokerObjects>,
+    broker: Option<BrokerObjects>,
 }
 
 /// The work queue and the exchange of a test's apps on the broker (names `im-api-test-*`),
 /// deleted once no app of the process uses them any more, so that test runs leave nothing on
 /// the broker (the delay queues expire by themselves, ten minutes after their last use). Each
-/// app holds one use; a restart holds one more across its stop. Dropping a `TestApp` does not
-/// stop it: in a test on a multi-threaded runtime its workers may run on for a moment and
-/// declare the objects again (its next take or publish), which are then left as before.
+/// app holds one use until it has stopped (a dropped `TestApp` is stopped first: see its
+/// `Drop`); a restart holds one more across its stop.
 struct BrokerObjects {
     url: String,
     exchange: String,
@@ -249,7 +249,23 @@ async fn spawn_with(dir: Arc<tempfile::TempDir>, fake: Option<SecretManagementFa
     let state = app.state();
     let running = tokio::spawn(app.run_until_stopped());
     let broker = BrokerObjects::used_by(&settings);
-    TestApp { address, state, client: test_client(), settings, shutdown, running, dir, secret_management: fake, _broker: broker }
+    TestApp { address, state, client: test_client(), settings, shutdown, running: Some(running), dir, secret_management: fake, broker }
+}
+
+/// A test that ends without `stop` stops its apps here: none keeps running (or declaring its
+/// broker objects again) once dropped, and its use of those objects ends when it has stopped
+/// (or when the test's runtime, ending, drops it).
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.shutdown.trigger();
+        let (running, broker) = (self.running.take(), self.broker.take());
+        if let (Some(running), Ok(runtime)) = (running, tokio::runtime::Handle::try_current()) {
+            runtime.spawn(async move {
+                let _ = running.await;
+                drop(broker);
+            });
+        }
+    }
 }
 
 impl TestApp {
@@ -263,9 +279,11 @@ impl TestApp {
     }
 
     /// Stops this instance as SIGTERM does and waits until it has drained.
-    pub async fn stop(self) {
+    pub async fn stop(mut self) {
         self.shutdown.trigger();
-        self.running.await.expect("the app task").expect("the app stops cleanly");
+        if let Some(running) = self.running.take() {
+            running.await.expect("the app task").expect("the app stops cleanly");
+        }
     }
 
     pub fn token(&self, tenant: &str, user: &str, roles: &[Role]) -> String {
