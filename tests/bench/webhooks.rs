@@ -262,8 +262,12 @@ impl Cpu {
     }
 
     fn since(&self, start: &Cpu) -> String {
-        let (service, broker, load) = self.percent_since(start);
         let secs = (self.at - start.at).as_secs_f64();
+        if secs < 0.2 {
+            // CPU time is counted in ticks of 10 ms: a share of so short a span means nothing.
+            return format!("not measured over {secs:.2} s");
+        }
+        let (service, broker, load) = self.percent_since(start);
         let broker = if broker == "-" { "not measured".to_owned() } else { format!("{broker}%") };
         format!("service {service}%, broker {broker}, load generator and receiver {load}% of a core over {secs:.1} s")
     }
