@@ -252,9 +252,10 @@ async fn spawn_with(dir: Arc<tempfile::TempDir>, fake: Option<SecretManagementFa
     TestApp { address, state, client: test_client(), settings, shutdown, running: Some(running), dir, secret_management: fake, broker }
 }
 
-/// A test that ends without `stop` stops its apps here: none keeps running (or declaring its
-/// broker objects again) once dropped, and its use of those objects ends when it has stopped
-/// (or when the test's runtime, ending, drops it).
+/// A test that ends without `stop` stops its apps here: on a multi-threaded runtime the app
+/// drains and its use of the broker objects ends when it has stopped; on the default
+/// current-thread runtime, ending with the test, the app and that use end with the runtime.
+/// Either way no app of an ended test declares the objects again after their deletion.
 impl Drop for TestApp {
     fn drop(&mut self) {
         self.shutdown.trigger();

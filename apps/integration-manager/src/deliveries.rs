@@ -100,8 +100,8 @@ async fn after_attempt(service: &DeliveryService, job: &DeliveryJob, report: Res
         }
         Ok(_) => {}
         Err(error) => {
-            // Never left held: the job comes back after a pause (a broker gets it back through a
-            // delay queue), or when its lease ends.
+            // The job comes back after a pause (a broker gets it back through a delay queue), or
+            // when its lease ends; a delivery the attempt still holds waits for the hold's end.
             tracing::warn!(%error, delivery_id = %job.delivery_id, "delivery attempt failed to complete");
             let again = time::OffsetDateTime::now_utc() + RETRY_INCOMPLETE;
             if let Err(error) = service.queue().schedule(job, again).await {
@@ -115,26 +115,39 @@ async fn after_attempt(service: &DeliveryService, job: &DeliveryJob, report: Res
 pub struct FanOut {
     pub service: DeliveryService,
     pub wake: Arc<Notify>,
-    /// With the queue on a broker (`webhooks.first_attempt_in_fan_out`): the attempts in flight
-    /// (the dispatcher's permits) and where they are tracked; the fan-out then makes the first
-    /// attempts it has free permits for itself ([`DeliveryService::fan_out_holding`]).
-    pub first_here: Option<(Arc<Semaphore>, TaskTracker)>,
+    /// With the queue on a broker (`webhooks.first_attempt_in_fan_out`), the fan-out makes the
+    /// first attempts it has free permits for itself ([`DeliveryService::fan_out_holding`]).
+    pub first_here: Option<FirstAttemptsHere>,
 }
 
-/// The first attempts a fan-out makes itself: one free permit of the dispatcher's each, taken
-/// before the deliveries are written held; the unused ones go back when this is dropped.
+/// What the fan-out needs to make first attempts itself.
+pub struct FirstAttemptsHere {
+    /// The attempts in flight: the dispatcher's permits.
+    pub permits: Arc<Semaphore>,
+    /// Where the attempts are tracked (a stop waits for them).
+    pub tasks: TaskTracker,
+    /// Cancelled when the app stops.
+    pub stopping: CancellationToken,
+}
+
+/// The first attempts of one fan-out: one free permit of the dispatcher's each, taken before
+/// the deliveries are written held; the unused ones go back after each write.
 struct FirstHere<'a> {
     service: &'a DeliveryService,
-    permits: &'a Arc<Semaphore>,
-    tasks: &'a TaskTracker,
+    here: &'a FirstAttemptsHere,
     reserved: Vec<OwnedSemaphorePermit>,
 }
 
 impl FirstAttempts for FirstHere<'_> {
     fn reserve(&mut self, pending: usize) -> usize {
+        // A stop is under way: the fan-out's deliveries go to the queue (another instance, or
+        // this one once started again, makes them), not held by a process about to end.
+        if self.here.stopping.is_cancelled() {
+            return 0;
+        }
         let before = self.reserved.len();
         while self.reserved.len() - before < pending {
-            match self.permits.clone().try_acquire_owned() {
+            match self.here.permits.clone().try_acquire_owned() {
                 Ok(permit) => self.reserved.push(permit),
                 Err(_) => break,
             }
@@ -149,20 +162,24 @@ impl FirstAttempts for FirstHere<'_> {
             return;
         };
         let service = self.service.clone();
-        self.tasks.spawn(async move {
+        self.here.tasks.spawn(async move {
             let job = attempt.job().clone();
             let report = service.attempt_held(attempt).await;
             after_attempt(&service, &job, report).await;
             drop(permit);
         });
     }
+
+    fn release_unused(&mut self) {
+        self.reserved.clear();
+    }
 }
 
 impl FanOut {
     async fn fan_out(&self, events: &[DomainEvent]) -> Result<usize, DomainError> {
         match &self.first_here {
-            Some((permits, tasks)) => {
-                let mut first = FirstHere { service: &self.service, permits, tasks, reserved: Vec::new() };
+            Some(here) => {
+                let mut first = FirstHere { service: &self.service, here, reserved: Vec::new() };
                 self.service.fan_out_holding(events, &mut first).await
             }
             None => self.service.fan_out_all(events).await,

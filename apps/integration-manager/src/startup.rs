@@ -45,7 +45,7 @@ use tokio_util::task::TaskTracker;
 use crate::api;
 use crate::audit::{AuditBacklogHealth, BufferedAudit, TracingAudit};
 use crate::config::{AuthMode, EventsBackend, PlatformBackend, SecretsBackend, Settings, StorageBackend};
-use crate::deliveries::{BrokerAndLocal, FanOut, spawn_dispatcher};
+use crate::deliveries::{BrokerAndLocal, FanOut, FirstAttemptsHere, spawn_dispatcher};
 use crate::events::{OutboxHealth, WakeOnEvents};
 use crate::state::AppState;
 
@@ -643,7 +643,7 @@ impl Application {
             let permits = Arc::new(tokio::sync::Semaphore::new(settings.webhooks.service.concurrency));
             // With the queue on a broker, the fan-out makes the first attempts it has permits for.
             let first_here = (!deliveries.queue_in_store() && settings.webhooks.service.first_attempt_in_fan_out)
-                .then(|| (permits.clone(), workers.tasks.clone()));
+                .then(|| FirstAttemptsHere { permits: permits.clone(), tasks: workers.tasks.clone(), stopping: workers.shutdown.clone() });
             events.bus.subscribe(Arc::new(FanOut { service: deliveries.clone(), wake: dispatch.clone(), first_here }));
             // With no broker, this process's subscribers read every event the store relays; an
             // event only the webhook fan-out reads is not written for a tenant without webhook

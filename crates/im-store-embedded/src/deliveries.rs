@@ -371,7 +371,8 @@ impl SqliteDeliveries {
                     handing -= 1;
                     leased_until
                 });
-                let hand = ((!queue && pending) || leased.is_some()).then(|| d.webhook_id.to_string());
+                // One created held is attempted by its creator with what it has in hand: no read to spare.
+                let hand = ((!queue && pending && d.lease_until.is_none()) || leased.is_some()).then(|| d.webhook_id.to_string());
                 Ok((d.tenant_id.to_string(), d.id.to_string(), encode(d)?, due, leased, hand))
             })
             .collect::<Result<Vec<_>, DomainError>>()?;

@@ -143,9 +143,11 @@ pub trait FirstAttempts: Send {
     /// itself now: the capacity is taken here, before they are written held.
     fn reserve(&mut self, pending: usize) -> usize;
     /// One of the reserved attempts, its delivery recorded held by this process: run it with
-    /// [`DeliveryService::attempt_held`]. Reserved attempts never started (a replayed event's
-    /// delivery exists already) are given back when the fan-out ends.
+    /// [`DeliveryService::attempt_held`].
     fn start(&mut self, attempt: HeldAttempt);
+    /// The write's attempts are all started: capacity reserved for it and not used (its
+    /// deliveries existed already, or were not created) is given back now.
+    fn release_unused(&mut self);
 }
 
 /// Makes no first attempt in the fan-out: every job goes to the queue.
@@ -157,6 +159,8 @@ impl FirstAttempts for NoFirstAttempts {
     }
 
     fn start(&mut self, _attempt: HeldAttempt) {}
+
+    fn release_unused(&mut self) {}
 }
 
 /// A first attempt handed out by [`DeliveryService::fan_out_holding`]: the delivery as it was
@@ -385,6 +389,10 @@ impl DeliveryService {
             // together when the queue is elsewhere.
             let mut first_jobs = Vec::new();
             let mut replayed = Vec::new();
+            // A store that creates one by one may fail partway: what it created is started or
+            // queued all the same (a held one would otherwise wait for its hold's end), and the
+            // failure is answered once that is done.
+            let mut failed = None;
             for ((delivery, webhook), outcome) in deliveries.iter().zip(webhooks).zip(outcomes) {
                 let job = DeliveryJob { tenant_id: delivery.tenant_id.clone(), delivery_id: delivery.id };
                 match outcome {
@@ -407,9 +415,13 @@ impl DeliveryService {
                     }
                     Ok(_) => {}
                     Err(DomainError::Conflict(_)) => replayed.push((delivery, job)),
-                    Err(e) => return Err(e),
+                    Err(e) => {
+                        failed.get_or_insert(e);
+                    }
                 }
             }
+            // Capacity reserved for deliveries that existed or failed goes back now.
+            first.release_unused();
             for (delivery, job) in replayed {
                 // Fanned out before (events arrive at least once). A crash may have come
                 // between recording the delivery and queueing it (a queue elsewhere): queue it
@@ -424,13 +436,18 @@ impl DeliveryService {
             if !first_jobs.is_empty() {
                 self.queue.schedule_each(&first_jobs).await?;
             }
+            if let Some(error) = failed {
+                return Err(error);
+            }
         }
         Ok(queued)
     }
 
     /// Makes a first attempt [`Self::fan_out_holding`] handed out: the delivery is held by this
     /// process since its creation, so it is sent at once (or, over the endpoint's rate, held
-    /// until then and its job rescheduled) and recorded like any scheduled attempt.
+    /// until then and its job rescheduled) and recorded like any scheduled attempt. The endpoint
+    /// is the one the fan-out read just before its write: one disabled or deleted in between
+    /// still gets this attempt, as it would one already taken by a dispatcher.
     ///
     /// # Errors
     /// As [`Self::attempt`]; the delivery then stays held until its fallback job comes.

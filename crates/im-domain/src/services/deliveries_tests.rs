@@ -36,6 +36,8 @@ struct Deliveries {
     /// with the record.
     keeps_queue: bool,
     jobs: Mutex<HashMap<Uuid, OffsetDateTime>>,
+    /// A delivery whose create fails (the store unavailable for it).
+    refuse: Mutex<Option<Uuid>>,
 }
 
 impl Deliveries {
@@ -47,6 +49,9 @@ impl Deliveries {
 #[async_trait]
 impl DeliveryRepository for Deliveries {
     async fn create(&self, delivery: &Delivery) -> Result<ETag, DomainError> {
+        if *self.refuse.lock().unwrap() == Some(delivery.id) {
+            return Err(DomainError::unavailable("the store is away"));
+        }
         let mut rows = self.rows.lock().unwrap();
         if rows.contains_key(&delivery.id) {
             return Err(DomainError::Conflict("exists".into()));
@@ -465,6 +470,8 @@ struct Here {
     capacity: usize,
     asked: usize,
     started: Vec<HeldAttempt>,
+    /// Writes after which unused capacity was given back.
+    released: usize,
 }
 
 impl FirstAttempts for Here {
@@ -477,6 +484,10 @@ impl FirstAttempts for Here {
 
     fn start(&mut self, attempt: HeldAttempt) {
         self.started.push(attempt);
+    }
+
+    fn release_unused(&mut self) {
+        self.released += 1;
     }
 }
 
@@ -550,4 +561,34 @@ fn with_the_queue_in_the_store_the_fan_out_makes_no_first_attempt_itself() {
     assert_eq!((here.asked, here.started.len()), (0, 0), "the store's take hands jobs out already");
     assert_eq!(w.deliveries.value(w.delivery_id).lease_until, None);
     assert_eq!(w.deliveries.jobs.lock().unwrap().get(&w.delivery_id), Some(&w.clock.now()), "queued with its record");
+}
+
+#[test]
+fn a_write_failing_partway_still_attempts_and_queues_what_it_created_and_fails_the_fan_out() {
+    let w = world(200);
+    let (second, second_id) = second_event(&w);
+    let (third, third_id) = second_event(&w);
+    *w.deliveries.refuse.lock().unwrap() = Some(second_id);
+    let mut here = Here { capacity: 3, ..Here::default() };
+
+    let batch = [w.event.clone(), second, third];
+    let result = block_on(w.service.fan_out_holding(&batch, &mut here));
+
+    assert!(matches!(result, Err(DomainError::Unavailable { .. })), "the relay must hand the batch again: {result:?}");
+    assert_eq!(here.started.len(), 1, "the delivery created before the failure is attempted");
+    assert_eq!(here.released, 1, "the capacity of the others is given back");
+    let until = w.deliveries.value(w.delivery_id).lease_until.expect("created held");
+    assert_eq!(w.queue.dues(), vec![until], "its fallback is queued");
+    assert!(!w.deliveries.rows.lock().unwrap().contains_key(&third_id), "nothing is created after the failure");
+    block_on(w.service.attempt_held(here.started.pop().unwrap())).unwrap();
+
+    // The relay hands the batch again: the missing ones are created and queued, once.
+    *w.deliveries.refuse.lock().unwrap() = None;
+    block_on(w.service.fan_out_all(&batch)).unwrap();
+    w.clock.advance(ATTEMPT_LEASE);
+    w.run_queued();
+    assert_eq!(w.sends(), 3, "each delivery was made once");
+    for id in [w.delivery_id, second_id, third_id] {
+        assert_eq!(w.deliveries.value(id).status, DeliveryStatus::Succeeded);
+    }
 }

@@ -86,18 +86,24 @@ pub trait DeliveryRepository: Send + Sync {
 
     /// Creates each delivery on its own terms, in one write where the store allows it (the
     /// embedded store: one transaction): an id that exists is `Err(Conflict)` for that item
-    /// alone, and the others are created. The outcomes come in the order of `deliveries`.
+    /// alone, and the others are created. The outcomes come in the order of `deliveries`. A
+    /// store that creates them one by one (this default) stops at the first other failure:
+    /// that item's outcome is the error, and each item after it `Err(Unavailable)`, not
+    /// created; those before it stand, so the caller still sees what was created.
     ///
     /// # Errors
     /// When the store cannot be written (then none was created).
     async fn create_each(&self, deliveries: &[super::delivery::Delivery]) -> Result<Vec<Result<ETag, DomainError>>, DomainError> {
         let mut outcomes = Vec::with_capacity(deliveries.len());
+        let mut failed = false;
         for delivery in deliveries {
-            match self.create(delivery).await {
-                Ok(etag) => outcomes.push(Ok(etag)),
-                Err(e @ DomainError::Conflict(_)) => outcomes.push(Err(e)),
-                Err(e) => return Err(e),
+            if failed {
+                outcomes.push(Err(DomainError::unavailable("not created: an earlier create of the same write failed")));
+                continue;
             }
+            let outcome = self.create(delivery).await;
+            failed = outcome.as_ref().is_err_and(|e| !matches!(e, DomainError::Conflict(_)));
+            outcomes.push(outcome);
         }
         Ok(outcomes)
     }
