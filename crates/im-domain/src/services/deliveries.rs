@@ -362,14 +362,10 @@ impl DeliveryService {
             }
             if !self.queue_in_store {
                 let pending = deliveries.iter().filter(|(d, _)| d.status == DeliveryStatus::Pending).count();
-                let mut held = first.reserve(pending).min(pending);
-                let until = self.clock.now() + time::Duration::try_from(ATTEMPT_LEASE).unwrap_or(time::Duration::MINUTE);
-                for (delivery, _) in deliveries.iter_mut().filter(|(d, _)| d.status == DeliveryStatus::Pending) {
-                    if held == 0 {
-                        break;
-                    }
+                let held = first.reserve(pending);
+                let until = self.hold_until();
+                for (delivery, _) in deliveries.iter_mut().filter(|(d, _)| d.status == DeliveryStatus::Pending).take(held) {
                     delivery.lease_until = Some(until);
-                    held -= 1;
                 }
             }
             let (deliveries, webhooks): (Vec<Delivery>, Vec<&Webhook>) = deliveries.into_iter().unzip();
@@ -420,8 +416,12 @@ impl DeliveryService {
                     }
                 }
             }
-            // Capacity reserved for deliveries that existed or failed goes back now.
+            // Capacity reserved for deliveries that existed or failed goes back now, and what
+            // was created is queued before the replayed ones are looked at.
             first.release_unused();
+            if !first_jobs.is_empty() {
+                self.queue.schedule_each(&first_jobs).await?;
+            }
             for (delivery, job) in replayed {
                 // Fanned out before (events arrive at least once). A crash may have come
                 // between recording the delivery and queueing it (a queue elsewhere): queue it
@@ -432,9 +432,6 @@ impl DeliveryService {
                     let due = existing.next_attempt_at.unwrap_or_else(|| self.clock.now());
                     self.queue.schedule_if_absent(&job, due.max(existing.lease_until.unwrap_or(due))).await?;
                 }
-            }
-            if !first_jobs.is_empty() {
-                self.queue.schedule_each(&first_jobs).await?;
             }
             if let Some(error) = failed {
                 return Err(error);
@@ -454,6 +451,11 @@ impl DeliveryService {
     pub async fn attempt_held(&self, held: HeldAttempt) -> Result<AttemptReport, DomainError> {
         let HeldAttempt { job, delivery, webhook } = held;
         self.hold_and_send(&job, AttemptTrigger::Scheduled, delivery.value, delivery.etag, webhook).await
+    }
+
+    /// When a hold taken now ends: [`ATTEMPT_LEASE`] ahead.
+    fn hold_until(&self) -> OffsetDateTime {
+        self.clock.now() + time::Duration::try_from(ATTEMPT_LEASE).unwrap_or(time::Duration::MINUTE)
     }
 
     fn over_rate(&self, webhook: &Webhook) -> Option<OffsetDateTime> {
@@ -531,7 +533,7 @@ impl DeliveryService {
             return self.hold_and_send(job, trigger, stored.value, stored.etag, webhook.value).await.map_err(Failure::Permanent);
         }
         let Stored { value: mut held, etag } = stored;
-        held.lease_until = Some(self.clock.now() + time::Duration::try_from(ATTEMPT_LEASE).unwrap_or(time::Duration::MINUTE));
+        held.lease_until = Some(self.hold_until());
         match self.deliveries.replace(&held, Some(etag), &[]).await {
             Ok(etag) => self.hold_and_send(job, trigger, held, etag, webhook.value).await.map_err(Failure::Permanent),
             // Another worker took it first: look again (it is held now, or done).
