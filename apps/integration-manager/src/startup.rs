@@ -642,7 +642,9 @@ impl Application {
             let dispatch = Arc::new(tokio::sync::Notify::new());
             let permits = Arc::new(tokio::sync::Semaphore::new(settings.webhooks.service.concurrency));
             // With the queue on a broker, the fan-out makes the first attempts it has permits for.
-            let first_here = (!deliveries.queue_in_store() && settings.webhooks.service.first_attempt_in_fan_out)
+            // (Only there: the embedded queue beside another store keeps one job a delivery, and a
+            // fallback scheduled after the attempt began could move that attempt's own reschedule.)
+            let first_here = (settings.events.backend == EventsBackend::Rabbitmq && settings.webhooks.service.first_attempt_in_fan_out)
                 .then(|| FirstAttemptsHere { permits: permits.clone(), tasks: workers.tasks.clone(), stopping: workers.shutdown.clone() });
             events.bus.subscribe(Arc::new(FanOut { service: deliveries.clone(), wake: dispatch.clone(), first_here }));
             // With no broker, this process's subscribers read every event the store relays; an
