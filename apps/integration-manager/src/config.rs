@@ -247,6 +247,19 @@ pub struct WebhookServiceSettings {
     pub first_attempt_in_fan_out: bool,
 }
 
+impl EventSettings {
+    /// Relay rounds that may be under way at once: as set, else 2 with RabbitMQ, whose rounds
+    /// wait for the broker's confirms (the events written meanwhile then go in a round of their
+    /// own, at light load), and 1 with the embedded bus, whose rounds wait for nothing of the
+    /// kind (a second lane there only made rounds smaller).
+    pub fn relay_lanes(&self) -> u32 {
+        self.relay_lanes.unwrap_or(match self.backend {
+            EventsBackend::Rabbitmq => 2,
+            EventsBackend::Embedded => 1,
+        })
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum EventsBackend {
@@ -258,6 +271,10 @@ pub enum EventsBackend {
 pub struct EventSettings {
     pub backend: EventsBackend,
     pub relay_batch_size: u32,
+    /// Relay rounds that may be under way at once; unset: 2 with RabbitMQ (a round waits for
+    /// the broker's confirms), 1 with the embedded bus ([`EventSettings::relay_lanes`]).
+    #[serde(default)]
+    pub relay_lanes: Option<u32>,
     pub outbox_max_age: HumanDuration,
     pub max_publish_attempts: u32,
 }
@@ -554,6 +571,9 @@ impl Settings {
         check(&mut problems, (1..=10_000).contains(&self.events.relay_batch_size), "events.relay_batch_size", &|| {
             "must be between 1 and 10000".into()
         });
+        check(&mut problems, self.events.relay_lanes.is_none_or(|lanes| (1..=16).contains(&lanes)), "events.relay_lanes", &|| {
+            "must be between 1 and 16".into()
+        });
         check(&mut problems, self.events.outbox_max_age.get().as_secs() >= 1, "events.outbox_max_age", &|| "must be at least 1s".into());
         check(&mut problems, (1..=1000).contains(&self.events.max_publish_attempts), "events.max_publish_attempts", &|| {
             "must be between 1 and 1000".into()
@@ -679,6 +699,22 @@ mod tests {
             assert_eq!(s.cosmos_db.request_timeout.get(), Duration::from_secs(10));
             assert_eq!(s.rabbitmq.confirm_timeout.get(), Duration::from_secs(10));
             assert_eq!(s.secrets.http.timeout.get(), Duration::from_secs(5));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn relay_lanes_default_by_backend_and_are_bounded() {
+        Jail::expect_with(|jail| {
+            let s = Settings::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(s.events.relay_lanes(), 1, "the embedded bus");
+            set_all(jail, &[("IM_EVENTS__BACKEND", "rabbitmq"), ("IM_RABBITMQ__URL", "amqp://guest:guest@127.0.0.1:5672/%2f")]);
+            let s = Settings::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(s.events.relay_lanes(), 2, "a broker");
+            jail.set_env("IM_EVENTS__RELAY_LANES", "3");
+            assert_eq!(Settings::load(None).map_err(|e| e.to_string())?.events.relay_lanes(), 3);
+            jail.set_env("IM_EVENTS__RELAY_LANES", "0");
+            assert_eq!(keys(Settings::load(None)), vec!["events.relay_lanes"]);
             Ok(())
         });
     }

@@ -2,6 +2,7 @@
 //! while the publisher is unavailable, and report how far behind the outbox is.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -10,7 +11,7 @@ use im_domain::events::DomainEvent;
 use im_domain::integration::{Integration, IntegrationFilter};
 use im_domain::ports::{DependencyHealth, HealthCheck, IntegrationRepository, Outbox};
 use im_domain::retry::Backoff;
-use im_domain::services::EventRelay;
+use im_domain::services::{EventRelay, Relayed};
 use im_domain::{DomainError, ETag, IntegrationId, JsonText, Page, PageRequest, Stored, TenantId};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -24,54 +25,166 @@ const IDLE_POLL: Duration = Duration::from_secs(1);
 /// Runs the relay until `shutdown`; a round in progress finishes (events it could not publish
 /// stay in the outbox for the next start). `wake` is notified after every commit that
 /// recorded events.
-pub fn spawn_relay(relay: EventRelay, wake: Arc<Notify>, batch: u32, shutdown: &CancellationToken, tasks: &TaskTracker) {
-    let shutdown = shutdown.clone();
-    tasks.spawn(async move {
-        let backoff = Backoff { attempts: u32::MAX, first: Duration::from_millis(100), max: MAX_BACKOFF };
-        let mut failures: u32 = 0;
-        let mut failing_since: Option<std::time::Instant> = None;
-        while !shutdown.is_cancelled() {
-            match relay.relay_once(batch).await {
-                Ok(round) => {
-                    if let Some(since) = failing_since.take() {
-                        tracing::info!(after_secs = since.elapsed().as_secs(), "event publishing recovered");
-                    }
-                    failures = 0;
-                    for id in &round.dead_letters {
-                        tracing::warn!(event_id = %id, "an outbox event failed too often and is now a dead letter; it blocks nothing");
-                    }
-                    // A full round of published events: more may wait. A round with failures
-                    // waits for the next poll, so failed tries are spread out.
-                    if round.claimed as u32 == batch && round.published == round.claimed {
-                        continue;
-                    }
-                    tokio::select! {
-                        () = shutdown.cancelled() => {}
-                        () = wake.notified() => {}
-                        () = tokio::time::sleep(IDLE_POLL) => {}
-                    }
+///
+/// With `lanes` above one, rounds overlap at light load: the relay's first lane works as a lone
+/// relay does (a round, then at once another while rounds come full, else a wait for a wake-up),
+/// and each other lane ([`EventRelay::lane`]: a relay of its own name, whose rounds claim other
+/// events) takes a round when woken while the first is busy, so the events written while a
+/// round waits for its publish (a broker's confirms, the fan-out's fallback jobs) do not wait
+/// for it. Under a heavier load (a round claimed more than [`OVERLAP_UP_TO`] events) the other
+/// lanes hand their wake-ups to the first one instead: larger rounds one after another publish
+/// more events for each write and each confirm than overlapping ones. Events of one process may then be published in another order
+/// than they were written, as with several instances.
+pub fn spawn_relay(relay: &EventRelay, lanes: u32, wake: &Arc<Notify>, batch: u32, shutdown: &CancellationToken, tasks: &TaskTracker) {
+    let shared = Arc::new(Lanes { wake: wake.clone(), to_first: Notify::new(), backlog: AtomicBool::new(false) });
+    for lane in 0..lanes.max(1) {
+        let (relay, shared, shutdown) = (relay.lane(), shared.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            if lane == 0 {
+                first_lane(&relay, &shared, batch, &shutdown).await;
+            } else {
+                other_lane(&relay, &shared, batch, &shutdown).await;
+            }
+        });
+    }
+}
+
+/// What the relay's lanes share.
+struct Lanes {
+    /// Notified after every commit that recorded events.
+    wake: Arc<Notify>,
+    /// Wakes the first lane for a round another lane left to it.
+    to_first: Notify,
+    /// A round came full or large ([`heavy`]): until the first lane's next round that does
+    /// not, the other lanes take no rounds.
+    backlog: AtomicBool,
+}
+
+/// Reports failed rounds and recoveries; how long to wait after a failure.
+struct Failures {
+    backoff: Backoff,
+    failures: u32,
+    failing_since: Option<std::time::Instant>,
+}
+
+impl Failures {
+    fn new() -> Self {
+        Self {
+            backoff: Backoff { attempts: u32::MAX, first: Duration::from_millis(100), max: MAX_BACKOFF },
+            failures: 0,
+            failing_since: None,
+        }
+    }
+
+    fn succeeded(&mut self, round: &Relayed) {
+        if let Some(since) = self.failing_since.take() {
+            tracing::info!(after_secs = since.elapsed().as_secs(), "event publishing recovered");
+        }
+        self.failures = 0;
+        for id in &round.dead_letters {
+            tracing::warn!(event_id = %id, "an outbox event failed too often and is now a dead letter; it blocks nothing");
+        }
+    }
+
+    /// Logs the failure; the wait before the next round.
+    async fn failed(&mut self, relay: &EventRelay, error: &DomainError) -> Duration {
+        self.failures = self.failures.saturating_add(1);
+        let wait = self.backoff.delay(self.failures);
+        let since = *self.failing_since.get_or_insert_with(std::time::Instant::now);
+        let stats = relay.outbox().stats().await.ok();
+        tracing::warn!(
+            %error,
+            pending = stats.map(|s| s.pending),
+            failing_for_secs = since.elapsed().as_secs(),
+            retry_in_ms = wait.as_millis() as u64,
+            "publishing events failed; they stay in the outbox"
+        );
+        wait
+    }
+}
+
+/// Whether `round` may have left events behind: it came full, all of it published.
+fn came_full(round: &Relayed, batch: u32) -> bool {
+    round.claimed as u32 == batch && round.published == round.claimed
+}
+
+/// Events a round may claim for the other lanes to go on taking rounds beside the first one:
+/// more, and the load is such that rounds one at a time, each taking more, publish more events
+/// for each write and each confirm (at saturation, overlapping rounds cost a tenth of the
+/// deliveries a second); fewer, and the events written during a round are better off not
+/// waiting for it.
+const OVERLAP_UP_TO: usize = 32;
+
+/// Whether the relay is under a load at which the other lanes leave the rounds to the first.
+fn heavy(round: &Relayed, batch: u32) -> bool {
+    round.claimed > OVERLAP_UP_TO || came_full(round, batch)
+}
+
+async fn first_lane(relay: &EventRelay, lanes: &Lanes, batch: u32, shutdown: &CancellationToken) {
+    let mut failures = Failures::new();
+    while !shutdown.is_cancelled() {
+        match relay.relay_once(batch).await {
+            Ok(round) => {
+                failures.succeeded(&round);
+                // A full round of published events: more may wait. A round with failures
+                // waits for the next poll, so failed tries are spread out.
+                lanes.backlog.store(heavy(&round, batch), Ordering::Release);
+                if came_full(&round, batch) {
+                    continue;
                 }
-                Err(error) => {
-                    failures = failures.saturating_add(1);
-                    let wait = backoff.delay(failures);
-                    let since = *failing_since.get_or_insert_with(std::time::Instant::now);
-                    let stats = relay.outbox().stats().await.ok();
-                    tracing::warn!(
-                        %error,
-                        pending = stats.map(|s| s.pending),
-                        failing_for_secs = since.elapsed().as_secs(),
-                        retry_in_ms = wait.as_millis() as u64,
-                        "publishing events failed; they stay in the outbox"
-                    );
-                    tokio::select! {
-                        () = shutdown.cancelled() => {}
-                        () = tokio::time::sleep(wait) => {}
-                    }
+                tokio::select! {
+                    () = shutdown.cancelled() => {}
+                    () = lanes.wake.notified() => {}
+                    () = lanes.to_first.notified() => {}
+                    () = tokio::time::sleep(IDLE_POLL) => {}
+                }
+            }
+            Err(error) => {
+                let wait = failures.failed(relay, &error).await;
+                tokio::select! {
+                    () = shutdown.cancelled() => {}
+                    () = tokio::time::sleep(wait) => {}
                 }
             }
         }
-        tracing::debug!("outbox relay stopped");
-    });
+    }
+    tracing::debug!("outbox relay stopped");
+}
+
+async fn other_lane(relay: &EventRelay, lanes: &Lanes, batch: u32, shutdown: &CancellationToken) {
+    let mut failures = Failures::new();
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = lanes.wake.notified() => {}
+        }
+        if lanes.backlog.load(Ordering::Acquire) {
+            // The first lane goes on with full rounds; the wake-up is its (a round it makes
+            // once more at worst), so that no event waits for the idle poll.
+            lanes.to_first.notify_one();
+            continue;
+        }
+        match relay.relay_once(batch).await {
+            Ok(round) => {
+                failures.succeeded(&round);
+                if heavy(&round, batch) {
+                    lanes.backlog.store(true, Ordering::Release);
+                }
+                if came_full(&round, batch) {
+                    lanes.to_first.notify_one();
+                }
+            }
+            Err(error) => {
+                let wait = failures.failed(relay, &error).await;
+                // The first lane retries with its own backoff; this one waits before it takes
+                // a wake-up again.
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
+    }
 }
 
 /// Readiness detail of the outbox: how many events wait and for how long, and how many are
@@ -220,5 +333,159 @@ impl ConnectionRepository for WakeOnEvents<dyn ConnectionRepository> {
         events: &[DomainEvent],
     ) -> Result<(), DomainError> {
         self.woke(self.inner.delete(tenant, integration, id, if_match, events).await, events)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+    use std::sync::Mutex;
+
+    use im_domain::events::EventType;
+    use im_domain::ports::EventPublisher;
+    use im_store_embedded::EmbeddedStore;
+    use im_testkit::integrations::integration;
+    use im_testkit::outbox::event;
+
+    use super::*;
+
+    /// A publisher like a broker whose confirms take a while: a batch holding a held event
+    /// waits until it is let go.
+    #[derive(Default)]
+    struct SlowPublisher {
+        published: Mutex<HashSet<uuid::Uuid>>,
+        held: Mutex<HashSet<uuid::Uuid>>,
+        let_go: Notify,
+    }
+
+    impl SlowPublisher {
+        fn has(&self, id: uuid::Uuid) -> bool {
+            self.published.lock().unwrap().contains(&id)
+        }
+
+        fn let_go(&self) {
+            self.held.lock().unwrap().clear();
+            self.let_go.notify_waiters();
+        }
+    }
+
+    #[async_trait]
+    impl EventPublisher for SlowPublisher {
+        async fn publish(&self, events: &[DomainEvent]) -> Result<(), DomainError> {
+            loop {
+                let waiting = self.let_go.notified();
+                if !events.iter().any(|e| self.held.lock().unwrap().contains(&e.id)) {
+                    break;
+                }
+                waiting.await;
+            }
+            self.published.lock().unwrap().extend(events.iter().map(|e| e.id));
+            Ok(())
+        }
+    }
+
+    struct Setup {
+        store: EmbeddedStore,
+        publisher: Arc<SlowPublisher>,
+        wake: Arc<Notify>,
+        shutdown: CancellationToken,
+        tasks: TaskTracker,
+        _dir: tempfile::TempDir,
+    }
+
+    async fn relaying(lanes: u32) -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path(), Arc::new(im_domain::SystemClock)).unwrap();
+        store.migrate().await.unwrap();
+        let publisher = Arc::new(SlowPublisher::default());
+        let (wake, shutdown, tasks) = (Arc::new(Notify::new()), CancellationToken::new(), TaskTracker::new());
+        let relay = EventRelay::new(store.outbox(), publisher.clone());
+        spawn_relay(&relay, lanes, &wake, 256, &shutdown, &tasks);
+        Setup { store, publisher, wake, shutdown, tasks, _dir: dir }
+    }
+
+    impl Setup {
+        /// Commits `count` events (one create each, the last `held`) and wakes the relay.
+        async fn write(&self, count: usize, held: bool) -> Vec<uuid::Uuid> {
+            let tenant = im_testkit::fresh_tenant();
+            let mut ids = Vec::new();
+            for i in 0..count {
+                let item = integration(&tenant, "github");
+                let created = event(&tenant, EventType::IntegrationCreated, &item.id.to_string());
+                if held && i + 1 == count {
+                    self.publisher.held.lock().unwrap().insert(created.id);
+                }
+                ids.push(created.id);
+                self.store.integrations().create(&item, std::slice::from_ref(&created)).await.unwrap();
+            }
+            self.wake.notify_one();
+            ids
+        }
+
+        async fn published_within(&self, id: uuid::Uuid, wait: Duration) -> bool {
+            let until = std::time::Instant::now() + wait;
+            while std::time::Instant::now() < until {
+                if self.publisher.has(id) {
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            self.publisher.has(id)
+        }
+
+        async fn stop(self) {
+            let pending = async {
+                while !self.store.outbox().pending(10).await.unwrap().is_empty() {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            };
+            tokio::time::timeout(Duration::from_secs(5), pending).await.expect("every event published and marked");
+            self.shutdown.cancel();
+            self.tasks.close();
+            self.tasks.wait().await;
+        }
+    }
+
+    /// With two lanes, an event written while a round waits for its publish goes out in a
+    /// round of its own; with one, it waits for that round.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn at_light_load_a_second_lane_publishes_what_a_waiting_round_would_hold_up() {
+        for lanes in [2, 1] {
+            let setup = relaying(lanes).await;
+            let slow = setup.write(1, true).await[0];
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            assert!(!setup.publisher.has(slow), "held until let go");
+            let next = setup.write(1, false).await[0];
+            let overlapped = setup.published_within(next, Duration::from_millis(if lanes == 2 { 3000 } else { 300 })).await;
+            assert_eq!(overlapped, lanes == 2, "{lanes} lane(s): the next event published while the first round waited");
+            setup.publisher.let_go();
+            for id in [slow, next] {
+                assert!(setup.published_within(id, Duration::from_secs(3)).await);
+            }
+            setup.stop().await;
+        }
+    }
+
+    /// After a large round (more than `OVERLAP_UP_TO` events), the other lanes leave the
+    /// rounds to the first one: an event written while its round waits goes out after it,
+    /// handed over (not left for the idle poll).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn under_load_the_rounds_are_left_to_the_first_lane() {
+        let setup = relaying(2).await;
+        let burst = setup.write(OVERLAP_UP_TO + 8, false).await;
+        for id in &burst {
+            assert!(setup.published_within(*id, Duration::from_secs(3)).await);
+        }
+        let slow = setup.write(1, true).await[0];
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let next = setup.write(1, false).await[0];
+        assert!(!setup.published_within(next, Duration::from_millis(300)).await, "no round beside the first lane's under load");
+        setup.publisher.let_go();
+        let started = std::time::Instant::now();
+        for id in [slow, next] {
+            assert!(setup.published_within(id, Duration::from_secs(3)).await);
+        }
+        assert!(started.elapsed() < IDLE_POLL / 2, "handed to the first lane, not left for its idle poll: {:?}", started.elapsed());
+        setup.stop().await;
     }
 }

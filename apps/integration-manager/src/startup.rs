@@ -658,7 +658,14 @@ impl Application {
             }
             spawn_dispatcher(deliveries.clone(), dispatch, permits, &workers.shutdown, &workers.tasks);
             // Only now, with every in-process subscriber registered, may events flow.
-            crate::events::spawn_relay(events.relay, events.wake, settings.events.relay_batch_size, &workers.shutdown, &workers.tasks);
+            crate::events::spawn_relay(
+                &events.relay,
+                settings.events.relay_lanes(),
+                &events.wake,
+                settings.events.relay_batch_size,
+                &workers.shutdown,
+                &workers.tasks,
+            );
             if let Some(shipper) = audit_shipper {
                 let shipping = &settings.logging.shipper;
                 crate::audit::spawn_shipper(shipper, shipping.batch_size, shipping.interval.get(), &workers.shutdown, &workers.tasks);

@@ -48,6 +48,14 @@ impl EventRelay {
         Self { outbox, publisher, owner: uuid::Uuid::new_v4().to_string(), max_attempts: DEFAULT_MAX_PUBLISH_ATTEMPTS }
     }
 
+    /// Another relay on the same outbox and publisher, with a name of its own: its rounds
+    /// claim other events than this one's, so both may have a round under way at once (as the
+    /// relays of two instances do).
+    #[must_use]
+    pub fn lane(&self) -> Self {
+        Self { owner: uuid::Uuid::new_v4().to_string(), ..self.clone() }
+    }
+
     /// Failed tries (at least 1) after which an entry becomes a dead letter.
     #[must_use]
     pub fn with_max_attempts(mut self, max_attempts: u32) -> Self {
