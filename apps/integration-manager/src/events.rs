@@ -153,16 +153,28 @@ async fn first_lane(relay: &EventRelay, lanes: &Lanes, batch: u32, shutdown: &Ca
 
 async fn other_lane(relay: &EventRelay, lanes: &Lanes, batch: u32, shutdown: &CancellationToken) {
     let mut failures = Failures::new();
+    // Set after a round that left events of its own claimed (it failed, or the publisher
+    // refused some): the next round comes after this wait, woken or not, and takes them again
+    // (a claim takes back its own relay's entries), as the first lane's would; otherwise they
+    // would wait for their claim to end (`CLAIM_LEASE`).
+    let mut again: Option<Duration> = None;
     loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            () = lanes.wake.notified() => {}
-        }
-        if lanes.backlog.load(Ordering::Acquire) {
-            // The first lane goes on with full rounds; the wake-up is its (a round it makes
-            // once more at worst), so that no event waits for the idle poll.
-            lanes.to_first.notify_one();
-            continue;
+        if let Some(wait) = again.take() {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(wait) => {}
+            }
+        } else {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = lanes.wake.notified() => {}
+            }
+            if lanes.backlog.load(Ordering::Acquire) {
+                // The first lane goes on with larger rounds; the wake-up is its (a round it
+                // makes once more at worst), so that no event waits for the idle poll.
+                lanes.to_first.notify_one();
+                continue;
+            }
         }
         match relay.relay_once(batch).await {
             Ok(round) => {
@@ -173,16 +185,12 @@ async fn other_lane(relay: &EventRelay, lanes: &Lanes, batch: u32, shutdown: &Ca
                 if came_full(&round, batch) {
                     lanes.to_first.notify_one();
                 }
-            }
-            Err(error) => {
-                let wait = failures.failed(relay, &error).await;
-                // The first lane retries with its own backoff; this one waits before it takes
-                // a wake-up again.
-                tokio::select! {
-                    () = shutdown.cancelled() => return,
-                    () = tokio::time::sleep(wait) => {}
+                // Failed tries are spread out as the first lane's are: at its idle poll.
+                if round.published < round.claimed {
+                    again = Some(IDLE_POLL);
                 }
             }
+            Err(error) => again = Some(failures.failed(relay, &error).await),
         }
     }
 }
@@ -356,6 +364,8 @@ mod tests {
         published: Mutex<HashSet<uuid::Uuid>>,
         held: Mutex<HashSet<uuid::Uuid>>,
         let_go: Notify,
+        /// Refuses every batch it does not hold, as a broker that is away.
+        down: AtomicBool,
     }
 
     impl SlowPublisher {
@@ -378,6 +388,9 @@ mod tests {
                     break;
                 }
                 waiting.await;
+            }
+            if self.down.load(Ordering::SeqCst) {
+                return Err(DomainError::unavailable("the broker is away"));
             }
             self.published.lock().unwrap().extend(events.iter().map(|e| e.id));
             Ok(())
@@ -464,6 +477,24 @@ mod tests {
             }
             setup.stop().await;
         }
+    }
+
+    /// A round of the other lane that failed is made again once the publisher is back, not
+    /// left claimed until its claim ends (`CLAIM_LEASE`, 30 s), and not only on a wake-up.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_round_of_another_lane_is_made_again() {
+        let setup = relaying(2).await;
+        let slow = setup.write(1, true).await[0];
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        setup.publisher.down.store(true, Ordering::SeqCst);
+        let next = setup.write(1, false).await[0];
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!setup.publisher.has(next), "refused while the broker is away");
+        setup.publisher.down.store(false, Ordering::SeqCst);
+        assert!(setup.published_within(next, Duration::from_secs(5)).await, "made again once the broker is back");
+        setup.publisher.let_go();
+        assert!(setup.published_within(slow, Duration::from_secs(3)).await);
+        setup.stop().await;
     }
 
     /// After a large round (more than `OVERLAP_UP_TO` events), the other lanes leave the
