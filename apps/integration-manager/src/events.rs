@@ -33,8 +33,8 @@ const IDLE_POLL: Duration = Duration::from_secs(1);
 /// round waits for its publish (a broker's confirms, the fan-out's fallback jobs) do not wait
 /// for it. Under a heavier load (a round claimed more than [`OVERLAP_UP_TO`] events) the other
 /// lanes hand their wake-ups to the first one instead: larger rounds one after another publish
-/// more events for each write and each confirm than overlapping ones. Events of one process may then be published in another order
-/// than they were written, as with several instances.
+/// more events for each write and each confirm than overlapping ones. Events of one process may
+/// then be published in another order than they were written, as with several instances.
 pub fn spawn_relay(relay: &EventRelay, lanes: u32, wake: &Arc<Notify>, batch: u32, shutdown: &CancellationToken, tasks: &TaskTracker) {
     let shared = Arc::new(Lanes { wake: wake.clone(), to_first: Notify::new(), backlog: AtomicBool::new(false) });
     for lane in 0..lanes.max(1) {
@@ -110,7 +110,7 @@ fn came_full(round: &Relayed, batch: u32) -> bool {
 
 /// Events a round may claim for the other lanes to go on taking rounds beside the first one:
 /// more, and the load is such that rounds one at a time, each taking more, publish more events
-/// for each write and each confirm (at saturation, overlapping rounds cost a tenth of the
+/// for each write and each confirm (at saturation, overlapping rounds cost a sixth of the
 /// deliveries a second); fewer, and the events written during a round are better off not
 /// waiting for it.
 const OVERLAP_UP_TO: usize = 32;
