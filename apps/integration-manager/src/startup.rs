@@ -20,6 +20,7 @@ use actix_web::{App, HttpServer, web};
 use anyhow::Context as _;
 use base64::Engine as _;
 use im_auth::{JwksAuthenticator, LocalJwt};
+use im_bus_rabbitmq::RabbitConnection;
 use im_bus_rabbitmq::RabbitDeliveryQueue;
 use im_bus_rabbitmq::RabbitPublisher;
 use im_domain::audit::Audit;
@@ -389,6 +390,8 @@ struct Events {
     integrations: IntegrationService,
     /// The connection repository whose writes wake the relay.
     connections: Arc<dyn ConnectionRepository>,
+    /// With RabbitMQ, the connection the publisher shares with the delivery queue.
+    broker: Option<RabbitConnection>,
 }
 
 fn events(
@@ -420,10 +423,14 @@ fn events(
         .with_url_policy(settings.webhooks.sender.url_policy())
         .with_secrets(secrets);
     let bus = Arc::new(InProcessBus::new());
-    let publisher: Arc<dyn EventPublisher> = match settings.events.backend {
-        EventsBackend::Embedded => bus.clone(),
-        EventsBackend::Rabbitmq => {
-            let rabbit = Arc::new(RabbitPublisher::new(settings.rabbitmq.clone()));
+    let broker = match settings.events.backend {
+        EventsBackend::Embedded => None,
+        EventsBackend::Rabbitmq => Some(RabbitConnection::new(&settings.rabbitmq)),
+    };
+    let publisher: Arc<dyn EventPublisher> = match &broker {
+        None => bus.clone(),
+        Some(connection) => {
+            let rabbit = Arc::new(RabbitPublisher::on(settings.rabbitmq.clone(), connection.clone()));
             // Only the relay publishes: the broker and the outbox are the workers' dependencies.
             if role.runs_workers() {
                 health.push(rabbit.clone());
@@ -435,7 +442,7 @@ fn events(
         health.push(Arc::new(OutboxHealth { outbox: storage.outbox.clone(), max_age: settings.events.outbox_max_age.get() }));
     }
     let relay = EventRelay::new(storage.outbox.clone(), publisher).with_max_attempts(settings.events.max_publish_attempts);
-    Events { bus, relay, wake, integrations, connections }
+    Events { bus, relay, wake, integrations, connections, broker }
 }
 
 /// The webhook step: endpoints, their delivery queue, the sender and the delivery service.
@@ -445,6 +452,7 @@ async fn webhooks(
     secrets: Arc<dyn SecretStore>,
     audit: Audit,
     role: ServeRole,
+    broker: Option<RabbitConnection>,
 ) -> anyhow::Result<(WebhookService, DeliveryService, Arc<dyn DeliveryQueue>)> {
     let webhooks = WebhookService::new(
         storage.webhooks.clone(),
@@ -458,7 +466,7 @@ async fn webhooks(
     )
     .with_max_endpoints(settings.webhooks.service.max_endpoints_per_tenant);
     let sender = HttpWebhookSender::new(&settings.webhooks.sender).map_err(|e| anyhow::anyhow!("webhook sender: {e}"))?;
-    let queue = delivery_queue(settings, storage, role).await?;
+    let queue = delivery_queue(settings, storage, role, broker).await?;
     // The embedded queue in the embedded store's own database: a record and its job are
     // written in one transaction.
     let records = match (&storage.embedded, settings.events.backend) {
@@ -488,7 +496,13 @@ async fn webhooks(
 /// Delivery jobs: a RabbitMQ work queue shared by every instance, or the embedded database of
 /// the data directory (whatever the store), whose leases the last stop left are released by a
 /// role that runs the dispatcher (an `api` instance must not release a running worker's leases).
-async fn delivery_queue(settings: &Settings, storage: &Storage, role: ServeRole) -> anyhow::Result<Arc<dyn DeliveryQueue>> {
+/// On RabbitMQ, on the event publisher's connection (`broker`) when given.
+async fn delivery_queue(
+    settings: &Settings,
+    storage: &Storage,
+    role: ServeRole,
+    broker: Option<RabbitConnection>,
+) -> anyhow::Result<Arc<dyn DeliveryQueue>> {
     match settings.events.backend {
         EventsBackend::Embedded => {
             let queue_store = embedded_store(settings, storage).await?;
@@ -498,7 +512,10 @@ async fn delivery_queue(settings: &Settings, storage: &Storage, role: ServeRole)
             }
             Ok(queue_store.delivery_queue())
         }
-        EventsBackend::Rabbitmq => Ok(Arc::new(RabbitDeliveryQueue::new(&settings.rabbitmq))),
+        EventsBackend::Rabbitmq => {
+            let connection = broker.unwrap_or_else(|| RabbitConnection::new(&settings.rabbitmq));
+            Ok(Arc::new(RabbitDeliveryQueue::on(&settings.rabbitmq, connection)))
+        }
     }
 }
 
@@ -629,7 +646,7 @@ impl Application {
             Arc::new(UuidV7),
             audit.clone(),
         );
-        let (webhooks, deliveries, queue) = webhooks(&settings, &storage, secrets, audit, role).await?;
+        let (webhooks, deliveries, queue) = webhooks(&settings, &storage, secrets, audit, role, events.broker.clone()).await?;
         // With no broker, the in-process subscribers are the only readers of events: an outcome
         // event none of them wants is not written.
         let deliveries = match settings.events.backend {

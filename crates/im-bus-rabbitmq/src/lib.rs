@@ -15,8 +15,8 @@ mod queue;
 pub use queue::RabbitDeliveryQueue;
 
 use std::fmt;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -169,14 +169,66 @@ impl UnroutableCounter {
     }
 }
 
+/// A connection to the broker that the event publisher and the delivery queue of one process
+/// share ([`RabbitPublisher::on`], [`RabbitDeliveryQueue::on`]), each on channels of its own.
+/// lapin reads and writes each connection's socket on a thread of its own: on one connection,
+/// an event's publish, a job's publish and their confirms cross one such thread, and wake it
+/// together when they come together, instead of two threads each woken for its share.
+/// Connects on first use and again on the first use after it dropped (a broker restart, or a
+/// publish that failed and closed it: the other user then finds its channel closed and opens
+/// one on the new connection, as after a restart).
+#[derive(Clone)]
+pub struct RabbitConnection {
+    shared: Arc<SharedConnection>,
+}
+
+struct SharedConnection {
+    url: SecretString,
+    limit: Duration,
+    current: tokio::sync::Mutex<Option<Arc<Connection>>>,
+}
+
+impl fmt::Debug for RabbitConnection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RabbitConnection").field("url", &redact(self.shared.url.expose_secret())).finish_non_exhaustive()
+    }
+}
+
+impl RabbitConnection {
+    /// Does not connect yet: the first use does.
+    pub fn new(settings: &RabbitSettings) -> Self {
+        Self {
+            shared: Arc::new(SharedConnection {
+                url: settings.url.clone(),
+                limit: settings.operation_timeout.get(),
+                current: tokio::sync::Mutex::new(None),
+            }),
+        }
+    }
+
+    /// The connection, made first when there is none or it is no longer connected (within the
+    /// operation timeout).
+    async fn get(&self) -> Result<Arc<Connection>, String> {
+        let mut current = self.shared.current.lock().await;
+        if let Some(connection) = current.as_ref().filter(|c| c.status().connected()) {
+            return Ok(connection.clone());
+        }
+        let properties = ConnectionProperties::default().with_connection_name("integration-manager".into());
+        let connection = Arc::new(bounded(self.shared.limit, Connection::connect(self.shared.url.expose_secret(), properties)).await?);
+        *current = Some(connection.clone());
+        Ok(connection)
+    }
+}
+
 struct Link {
-    connection: Connection,
+    connection: Arc<Connection>,
     channel: Channel,
 }
 
 /// Publishes events to RabbitMQ with publisher confirms.
 pub struct RabbitPublisher {
     settings: RabbitSettings,
+    connection: RabbitConnection,
     link: tokio::sync::Mutex<Option<Link>>,
     last_error: Mutex<Option<String>>,
     unroutable: UnroutableCounter,
@@ -193,9 +245,22 @@ fn unavailable(context: &str, error: impl fmt::Display) -> DomainError {
 }
 
 impl RabbitPublisher {
-    /// Does not connect yet: the first publish (or readiness check) does.
+    /// Does not connect yet: the first publish (or readiness check) does, on a connection of
+    /// its own.
     pub fn new(settings: RabbitSettings) -> Self {
-        Self { settings, link: tokio::sync::Mutex::new(None), last_error: Mutex::new(None), unroutable: UnroutableCounter::default() }
+        let connection = RabbitConnection::new(&settings);
+        Self::on(settings, connection)
+    }
+
+    /// Publishes on `connection` (shared with the delivery queue), on a channel of its own.
+    pub fn on(settings: RabbitSettings, connection: RabbitConnection) -> Self {
+        Self {
+            settings,
+            connection,
+            link: tokio::sync::Mutex::new(None),
+            last_error: Mutex::new(None),
+            unroutable: UnroutableCounter::default(),
+        }
     }
 
     /// Events the broker accepted but could route to no queue, since start.
@@ -205,10 +270,7 @@ impl RabbitPublisher {
 
     async fn connect(&self) -> Result<Link, DomainError> {
         let limit = self.settings.operation_timeout.get();
-        let properties = ConnectionProperties::default().with_connection_name("integration-manager".into());
-        let connection = bounded(limit, Connection::connect(self.settings.url.expose_secret(), properties))
-            .await
-            .map_err(|e| unavailable("connect", e))?;
+        let connection = self.connection.get().await.map_err(|e| unavailable("connect", e))?;
         let channel = bounded(limit, connection.create_channel()).await.map_err(|e| unavailable("open channel", e))?;
         bounded(limit, channel.confirm_select(ConfirmSelectOptions::default())).await.map_err(|e| unavailable("confirm mode", e))?;
         let declare = channel.exchange_declare(
@@ -223,9 +285,16 @@ impl RabbitPublisher {
     }
 
     async fn publish_on(&self, channel: &Channel, events: &[DomainEvent]) -> Result<(), DomainError> {
-        let mut confirms = Vec::with_capacity(events.len());
-        for event in events {
-            let payload = serde_json::to_vec(&event.cloud_event()).map_err(|e| DomainError::Unexpected(e.into()))?;
+        let payloads = events
+            .iter()
+            .map(|event| serde_json::to_vec(&event.cloud_event()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| DomainError::Unexpected(e.into()))?;
+        // Each publish resolves once lapin's I/O thread has written it: awaited one by one,
+        // every event of a round waited for a trip to that thread and back. Started together,
+        // in order (each takes its delivery tag and queues its frames when first polled, and
+        // `join_all` polls them in order), they go out in one write.
+        let publishes = events.iter().zip(&payloads).map(|(event, payload)| {
             let properties = BasicProperties::default()
                 .with_delivery_mode(2)
                 .with_content_type("application/cloudevents+json".into())
@@ -233,15 +302,21 @@ impl RabbitPublisher {
                 .with_type(event.event_type.as_str().into())
                 .with_app_id("integration-manager".into())
                 .with_timestamp(u64::try_from(event.time.unix_timestamp()).unwrap_or_default());
-            let publish = channel.basic_publish(
+            channel.basic_publish(
                 self.settings.exchange.as_str().into(),
                 event.event_type.as_str().into(),
                 BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() },
-                &payload,
+                payload,
                 properties,
-            );
-            let confirm = bounded(self.settings.operation_timeout.get(), publish).await.map_err(|e| unavailable("publish", e))?;
-            confirms.push((event, confirm));
+            )
+        });
+        let sent =
+            bounded(self.settings.operation_timeout.get(), async { Ok::<_, String>(futures_util::future::join_all(publishes).await) })
+                .await
+                .map_err(|e| unavailable("publish", e))?;
+        let mut confirms = Vec::with_capacity(events.len());
+        for (event, publish) in events.iter().zip(sent) {
+            confirms.push((event, publish.map_err(|e| unavailable("publish", e))?));
         }
         let deadline = Instant::now() + self.settings.confirm_timeout.get();
         for (event, confirm) in confirms {

@@ -13,7 +13,7 @@
 //! blocks another) that dead-letter into the work queue when the time comes.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -24,20 +24,20 @@ use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer, PublisherConfirm};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, Consumer, PublisherConfirm};
 
-use secrecy::{ExposeSecret as _, SecretString};
+use secrecy::ExposeSecret as _;
 
-use crate::{RabbitSettings, bounded, redact};
+use crate::{RabbitConnection, RabbitSettings, bounded, redact};
 
 fn unavailable(context: &str, error: impl std::fmt::Display) -> DomainError {
     DomainError::Unavailable { reason: format!("rabbitmq delivery queue: {context}: {error}"), retry_after: Some(Duration::from_secs(1)) }
 }
 
 struct Link {
-    connection: Connection,
+    connection: Arc<Connection>,
     channel: Channel,
-    /// Counts connections: a consumer of an earlier one is gone.
+    /// Counts channels: a consumer of an earlier one is gone.
     generation: u64,
 }
 
@@ -50,12 +50,12 @@ pub const PREFETCH: u16 = 64;
 /// to `PREFETCH * jobs_per_message` jobs may wait at one consumer.
 pub const JOBS_PER_MESSAGE: usize = 16;
 
-/// The consumer of the work queue, on the connection of `generation`.
+/// The consumer of the work queue, on the channel of `generation`.
 struct Consuming {
     generation: u64,
     consumer: std::pin::Pin<Box<Consumer>>,
     /// Jobs of messages already received that a take could not hand out (beyond its `max`).
-    /// Held on this connection's channel: they outlive a consumer the broker cancelled.
+    /// Held on this channel: they outlive a consumer the broker cancelled.
     waiting: VecDeque<DeliveryJob>,
     /// The broker cancelled this consumer, or it failed: the next take consumes again.
     ended: bool,
@@ -108,7 +108,7 @@ impl Message<'_> {
     }
 }
 
-/// A job let go while its replacement is published: its message, on the connection of `generation`.
+/// A job let go while its replacement is published: its message, on the channel of `generation`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct LetGo {
     generation: u64,
@@ -118,8 +118,8 @@ struct LetGo {
 /// The jobs this process holds and the messages they came in.
 #[derive(Default)]
 struct InFlight {
-    /// The connection whose channel the tags below are of: tags number the messages of one
-    /// channel, and a new connection's start over.
+    /// The channel the tags below are of: tags number the messages of one channel, and a new
+    /// channel's start over.
     generation: u64,
     /// The message (delivery tag) of each job held, by delivery id.
     tags: HashMap<uuid::Uuid, u64>,
@@ -133,7 +133,7 @@ impl InFlight {
         self.left.clear();
     }
 
-    /// The connection of `generation` is the one now: the tags of earlier ones are forgotten.
+    /// The channel of `generation` is the one now: the tags of earlier ones are forgotten.
     fn reset(&mut self, generation: u64) {
         self.clear();
         self.generation = generation;
@@ -176,7 +176,7 @@ impl InFlight {
     /// The replacement of job `id`, let go as `held`, was `published` (or not): the old message
     /// is done with it, and returned when that was its last job; if not published, the job is
     /// held again, unless its new message came anyway (a confirm that timed out), which then
-    /// stands for it. Nothing changes when the connection changed meanwhile.
+    /// stands for it. Nothing changes when the channel changed meanwhile.
     fn replaced(&mut self, id: uuid::Uuid, held: LetGo, published: bool) -> Option<u64> {
         if held.generation != self.generation {
             return None;
@@ -197,7 +197,7 @@ impl InFlight {
 
 /// The delivery queue on RabbitMQ.
 pub struct RabbitDeliveryQueue {
-    url: SecretString,
+    connection: RabbitConnection,
     prefix: String,
     /// How long one broker operation may take (`operation_timeout`); a confirm waits for
     /// `confirm_timeout`.
@@ -217,7 +217,7 @@ pub struct RabbitDeliveryQueue {
 impl std::fmt::Debug for RabbitDeliveryQueue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RabbitDeliveryQueue")
-            .field("url", &redact(self.url.expose_secret()))
+            .field("url", &redact(self.connection.shared.url.expose_secret()))
             .field("prefix", &self.prefix)
             .finish_non_exhaustive()
     }
@@ -242,10 +242,15 @@ fn bucket(delay: Duration) -> u64 {
 
 impl RabbitDeliveryQueue {
     /// The broker of `settings.url`; `settings.delivery_queue_prefix` names the queues:
-    /// `{prefix}.work` and `{prefix}.delay.{ms}`.
+    /// `{prefix}.work` and `{prefix}.delay.{ms}`. On a connection of its own.
     pub fn new(settings: &RabbitSettings) -> Self {
+        Self::on(settings, RabbitConnection::new(settings))
+    }
+
+    /// The queue on `connection` (shared with the event publisher), on a channel of its own.
+    pub fn on(settings: &RabbitSettings, connection: RabbitConnection) -> Self {
         Self {
-            url: settings.url.clone(),
+            connection,
             prefix: settings.delivery_queue_prefix.clone(),
             limit: settings.operation_timeout.get(),
             confirm_timeout: settings.confirm_timeout.get(),
@@ -267,7 +272,7 @@ impl RabbitDeliveryQueue {
         self.link().await.map(|(channel, _)| channel)
     }
 
-    /// The channel and the generation of its connection.
+    /// The channel and its generation.
     async fn link(&self) -> Result<(Channel, u64), DomainError> {
         let mut link = self.link.lock().await;
         if link.as_ref().is_some_and(|l| !l.connection.status().connected() || !l.channel.status().connected()) {
@@ -276,9 +281,7 @@ impl RabbitDeliveryQueue {
         if link.is_none() {
             // Tags of an old channel mean nothing now: the broker requeued those jobs.
             self.in_flight.lock().unwrap_or_else(|p| p.into_inner()).clear();
-            let connection = bounded(self.limit, Connection::connect(self.url.expose_secret(), ConnectionProperties::default()))
-                .await
-                .map_err(|e| unavailable("connect", e))?;
+            let connection = self.connection.get().await.map_err(|e| unavailable("connect", e))?;
             let channel = bounded(self.limit, connection.create_channel()).await.map_err(|e| unavailable("channel", e))?;
             bounded(self.limit, channel.confirm_select(ConfirmSelectOptions::default()))
                 .await
@@ -421,12 +424,11 @@ impl DeliveryQueue for RabbitDeliveryQueue {
             }
             by_queue[current].1.push(job);
         }
-        let mut confirms = Vec::with_capacity(jobs.len().div_ceil(self.jobs_per_message));
-        for (queue, of_queue) in &by_queue {
-            for together in of_queue.chunks(self.jobs_per_message) {
-                confirms.push(self.send(&channel, queue, together).await?);
-            }
-        }
+        // Sent together, in order (one trip to lapin's I/O thread for them all, not one each),
+        // then their confirms awaited.
+        let messages =
+            by_queue.iter().flat_map(|(queue, of_queue)| of_queue.chunks(self.jobs_per_message).map(move |together| (queue, together)));
+        let confirms = futures_util::future::try_join_all(messages.map(|(queue, together)| self.send(&channel, queue, together))).await?;
         for confirm in confirms {
             self.confirmed(confirm).await?;
         }
@@ -448,7 +450,7 @@ impl DeliveryQueue for RabbitDeliveryQueue {
         let mut consuming = self.consuming.lock().await;
         if consuming.as_ref().is_none_or(|c| c.generation != generation || c.ended) {
             let mut fresh = self.consume(&channel, generation).await?;
-            // Jobs waiting from a consumer of this same connection are still held here.
+            // Jobs waiting from a consumer of this same channel are still held here.
             if let Some(old) = consuming.take().filter(|c| c.generation == generation) {
                 fresh.waiting = old.waiting;
             }

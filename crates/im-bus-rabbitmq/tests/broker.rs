@@ -4,7 +4,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use im_bus_rabbitmq::{RabbitDeliveryQueue, RabbitPublisher, RabbitSettings};
+use im_bus_rabbitmq::{RabbitConnection, RabbitDeliveryQueue, RabbitPublisher, RabbitSettings};
 use im_domain::events::{DomainEvent, EventType};
 use im_domain::ports::{EventPublisher, HealthCheck};
 use im_domain::webhooks::ports::DeliveryQueue;
@@ -91,6 +91,53 @@ async fn recovers_after_a_broker_outage() {
     publisher.publish(std::slice::from_ref(&during)).await.expect("reconnects and publishes");
     let ids: Vec<_> = queue.drain(Duration::from_millis(500)).await.into_iter().filter_map(|m| m.message_id).collect();
     assert!(ids.contains(&first.id.to_string()) && ids.contains(&during.id.to_string()), "{ids:?}");
+}
+
+/// The publisher and the delivery queue of one process on one connection (one I/O thread of
+/// lapin's, one connection at the broker), each on its own channel; when it drops, both go on
+/// on one new connection, and the job held on the old one comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_publisher_and_the_queue_share_one_connection_and_recover_together() {
+    let Some(addr) = rabbitmq("the_publisher_and_the_queue_share_one_connection_and_recover_together") else { return };
+    let proxy = Proxy::start(addr).await;
+    let settings = RabbitSettings {
+        delivery_queue_prefix: format!("im-test-{}", uuid::Uuid::new_v4().simple()),
+        ..settings(format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port()))
+    };
+    let mut observer = TestQueue::bind(&amqp_url(addr), &settings.exchange).await;
+    let connection = RabbitConnection::new(&settings);
+    let publisher = RabbitPublisher::on(settings.clone(), connection.clone());
+    let queue = RabbitDeliveryQueue::on(&settings, connection);
+    let job = im_domain::webhooks::ports::DeliveryJob { tenant_id: TenantId::new("acme").unwrap(), delivery_id: uuid::Uuid::now_v7() };
+
+    let first = event(EventType::IntegrationCreated);
+    publisher.publish(std::slice::from_ref(&first)).await.expect("published");
+    queue.schedule(&job, time::OffsetDateTime::now_utc()).await.expect("scheduled");
+    let taken = queue.take_due(10, Duration::from_secs(30)).await.expect("taken");
+    assert_eq!(taken, vec![job.clone()]);
+    assert_eq!(proxy.connections(), 1, "the publisher and the queue MUST share one connection");
+
+    proxy.cut();
+    let during = event(EventType::IntegrationUpdated);
+    assert!(matches!(publisher.publish(std::slice::from_ref(&during)).await, Err(DomainError::Unavailable { .. })));
+    proxy.restore();
+    publisher.publish(std::slice::from_ref(&during)).await.expect("reconnects and publishes");
+    // The job taken on the old connection was never completed: the broker gives it again.
+    let mut again = Vec::new();
+    for _ in 0..20 {
+        again = queue.take_due(10, Duration::from_secs(30)).await.unwrap_or_default();
+        if !again.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(again, vec![job.clone()], "the job held on the dropped connection MUST come back");
+    queue.complete(&job).await.expect("completed");
+    assert_eq!(proxy.connections(), 2, "after the outage both MUST go on on one new connection");
+    let ids: Vec<_> = observer.drain(Duration::from_millis(500)).await.into_iter().filter_map(|m| m.message_id).collect();
+    assert!(ids.contains(&first.id.to_string()) && ids.contains(&during.id.to_string()), "{ids:?}");
+    im_testkit::rabbit::delete_declared(&amqp_url(addr), Some(&settings.delivery_queue_prefix), Some(&settings.exchange))
+        .await
+        .expect("clean up");
 }
 
 #[tokio::test]

@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -15,6 +15,8 @@ pub struct Proxy {
     port: u16,
     target: SocketAddr,
     up: Arc<AtomicBool>,
+    /// Connections forwarded so far.
+    forwarded: Arc<AtomicUsize>,
     cut: watch::Sender<u64>,
     listener: Option<JoinHandle<()>>,
 }
@@ -28,7 +30,8 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
         let port = listener.local_addr().expect("proxy address").port();
         let (cut, _) = watch::channel(0);
-        let mut proxy = Self { port, target, up: Arc::new(AtomicBool::new(true)), cut, listener: None };
+        let mut proxy =
+            Self { port, target, up: Arc::new(AtomicBool::new(true)), forwarded: Arc::new(AtomicUsize::new(0)), cut, listener: None };
         proxy.listener = Some(proxy.serve(listener));
         proxy
     }
@@ -37,8 +40,13 @@ impl Proxy {
         self.port
     }
 
+    /// How many connections it has forwarded (accepted while up), since it started.
+    pub fn connections(&self) -> usize {
+        self.forwarded.load(Ordering::SeqCst)
+    }
+
     fn serve(&self, listener: TcpListener) -> JoinHandle<()> {
-        let (target, up, cut) = (self.target, self.up.clone(), self.cut.clone());
+        let (target, up, cut, forwarded) = (self.target, self.up.clone(), self.cut.clone(), self.forwarded.clone());
         tokio::spawn(async move {
             loop {
                 let Ok((inbound, _)) = listener.accept().await else { return };
@@ -46,6 +54,7 @@ impl Proxy {
                     drop(inbound);
                     continue;
                 }
+                forwarded.fetch_add(1, Ordering::SeqCst);
                 let mut cut_rx = cut.subscribe();
                 tokio::spawn(async move {
                     let Ok(outbound) = TcpStream::connect(target).await else { return };

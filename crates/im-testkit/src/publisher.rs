@@ -58,9 +58,13 @@ pub async fn every_event_is_seen_in_batch_order(backend: &dyn PublisherBackend) 
         fresh_event(EventType::IntegrationDeleted),
     ];
     let second = vec![fresh_event(EventType::IntegrationCreated), fresh_event(EventType::IntegrationDeleted)];
+    // A batch as large as a busy relay's round: an adapter that sends a batch's events
+    // together keeps their order too.
+    let third: Vec<_> = (0..200).map(|_| fresh_event(EventType::IntegrationUpdated)).collect();
     publisher.publish(&first).await.unwrap_or_else(|e| panic!("publish MUST confirm a batch the destination takes: {e}"));
     publisher.publish(&second).await.unwrap_or_else(|e| panic!("publish MUST confirm the next batch: {e}"));
-    let expected: Vec<_> = first.iter().chain(&second).map(|e| e.id).collect();
+    publisher.publish(&third).await.unwrap_or_else(|e| panic!("publish MUST confirm a large batch: {e}"));
+    let expected: Vec<_> = first.iter().chain(&second).chain(&third).map(|e| e.id).collect();
     let seen = observer.received(expected.len(), Duration::from_secs(5)).await;
     assert_eq!(seen, expected, "the consumer MUST see every confirmed event once, in the order of its batch");
     let more = observer.received(1, Duration::from_millis(300)).await;
