@@ -190,7 +190,7 @@ struct SharedConnection {
 
 impl fmt::Debug for RabbitConnection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RabbitConnection").field("url", &redact(self.shared.url.expose_secret())).finish_non_exhaustive()
+        f.debug_struct("RabbitConnection").field("url", &self.redacted_url()).finish_non_exhaustive()
     }
 }
 
@@ -204,6 +204,11 @@ impl RabbitConnection {
                 current: tokio::sync::Mutex::new(None),
             }),
         }
+    }
+
+    /// The broker's URL without its password, for logs.
+    fn redacted_url(&self) -> String {
+        redact(self.shared.url.expose_secret())
     }
 
     /// The connection, made first when there is none or it is no longer connected (within the
@@ -293,7 +298,7 @@ impl RabbitPublisher {
         // Each publish resolves once lapin's I/O thread has written it: awaited one by one,
         // every event of a round waited for a trip to that thread and back. Started together,
         // in order (each takes its delivery tag and queues its frames when first polled, and
-        // `join_all` polls them in order), they go out in one write.
+        // `try_join_all` polls them in order), they go out in one write.
         let publishes = events.iter().zip(&payloads).map(|(event, payload)| {
             let properties = BasicProperties::default()
                 .with_delivery_mode(2)
@@ -310,14 +315,10 @@ impl RabbitPublisher {
                 properties,
             )
         });
-        let sent =
-            bounded(self.settings.operation_timeout.get(), async { Ok::<_, String>(futures_util::future::join_all(publishes).await) })
-                .await
-                .map_err(|e| unavailable("publish", e))?;
-        let mut confirms = Vec::with_capacity(events.len());
-        for (event, publish) in events.iter().zip(sent) {
-            confirms.push((event, publish.map_err(|e| unavailable("publish", e))?));
-        }
+        let sent = bounded(self.settings.operation_timeout.get(), futures_util::future::try_join_all(publishes))
+            .await
+            .map_err(|e| unavailable("publish", e))?;
+        let confirms = events.iter().zip(sent);
         let deadline = Instant::now() + self.settings.confirm_timeout.get();
         for (event, confirm) in confirms {
             let left = deadline.saturating_duration_since(Instant::now());

@@ -26,9 +26,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, Consumer, PublisherConfirm};
 
-use secrecy::ExposeSecret as _;
-
-use crate::{RabbitConnection, RabbitSettings, bounded, redact};
+use crate::{RabbitConnection, RabbitSettings, bounded};
 
 fn unavailable(context: &str, error: impl std::fmt::Display) -> DomainError {
     DomainError::Unavailable { reason: format!("rabbitmq delivery queue: {context}: {error}"), retry_after: Some(Duration::from_secs(1)) }
@@ -217,7 +215,7 @@ pub struct RabbitDeliveryQueue {
 impl std::fmt::Debug for RabbitDeliveryQueue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RabbitDeliveryQueue")
-            .field("url", &redact(self.connection.shared.url.expose_secret()))
+            .field("url", &self.connection.redacted_url())
             .field("prefix", &self.prefix)
             .finish_non_exhaustive()
     }
