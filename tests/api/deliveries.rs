@@ -398,6 +398,69 @@ async fn a_stop_lets_the_attempt_in_flight_finish_and_records_it() {
     assert!(deliveries(&app, &token, &id, "?status=pending").await.is_empty());
 }
 
+/// With RabbitMQ, an instance that fans an event out makes the first attempt itself, the
+/// delivery held by it and no job queued. Should it stop between that write and recording the
+/// attempt, the hold sweep of a running instance finds the delivery once its hold has ended
+/// (and the grace after it) and has its attempt made, once. Written here as such an instance
+/// leaves it: one delivery held until a minute ago, another whose hold ended 5 s ago (within
+/// the grace: left alone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_attempt_whose_instance_stopped_is_made_once_the_hold_sweep_finds_it() {
+    if !crate::helpers::events_on_rabbitmq() || crate::helpers::backend_is_cosmos() {
+        return; // The sweep runs with the broker's queue; this run writes to the embedded store.
+    }
+    let app = spawn_app_with(|s| {
+        s.webhooks.sender.allowed_private_cidrs = vec!["127.0.0.0/8".into()];
+        s.webhooks.sender.allow_http = true;
+        s.webhooks.service.hold_sweep_interval = integration_manager::config::HumanDuration::parse("200ms").unwrap();
+    })
+    .await;
+    let tenant = format!("t-{}", uuid::Uuid::new_v4().simple());
+    let token = app.token(&tenant, "alice", &[im_domain::Role::Member]);
+    let receiver = MockServer::start().await;
+    Mock::given(method("POST")).respond_with(ResponseTemplate::new(200)).mount(&receiver).await;
+    let (webhook, secret) = register(&app, &token, &format!("{}/hook", receiver.uri()), json!({})).await;
+    let webhook_id = im_domain::webhooks::endpoint::WebhookId(webhook.parse().unwrap());
+    let now = time::OffsetDateTime::now_utc();
+    let held = |held_until: time::OffsetDateTime| {
+        let message_id = uuid::Uuid::now_v7().to_string();
+        im_domain::webhooks::delivery::Delivery {
+            id: im_domain::webhooks::delivery::delivery_id(webhook_id, &message_id),
+            tenant_id: im_domain::TenantId::new(&tenant).unwrap(),
+            webhook_id,
+            payload: json!({"id": message_id, "type": "integration.created", "data": {"name": "held"}}),
+            message_id,
+            event_type: "integration.created".into(),
+            status: im_domain::webhooks::delivery::DeliveryStatus::Pending,
+            attempts: Vec::new(),
+            older_attempts: 0,
+            next_attempt_at: Some(held_until - time::Duration::minutes(2)),
+            lease_until: Some(held_until),
+            created_at: held_until - time::Duration::minutes(2),
+            updated_at: held_until - time::Duration::minutes(2),
+        }
+    };
+    let (ended, within_grace) = (held(now - time::Duration::minutes(1)), held(now - time::Duration::seconds(5)));
+    let store = im_store_embedded::EmbeddedStore::open(app.dir.path(), std::sync::Arc::new(im_domain::SystemClock)).expect("open");
+    for delivery in [&ended, &within_grace] {
+        store.deliveries().create(delivery).await.expect("a held delivery, as a stopped instance leaves it");
+    }
+
+    let received = wait_for(&receiver, 1).await;
+    assert_eq!(received.len(), 1, "the delivery whose hold ended was attempted");
+    assert_eq!(header(&received[0], "webhook-id"), ended.message_id);
+    verify(&received[0], vec![secret]);
+    let succeeded = wait_status(&app, &token, &webhook, "succeeded", 1).await;
+    assert_eq!(succeeded.len(), 1, "{succeeded:?}");
+    assert_eq!(succeeded[0]["id"], json!(ended.id.to_string()));
+    // Sweeps go on meanwhile: no second attempt, and the hold within its grace is left alone.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(receiver.received_requests().await.unwrap().len(), 1, "attempted once, and only the one whose hold ended");
+    let pending = deliveries(&app, &token, &webhook, "?status=pending").await;
+    assert_eq!(pending.len(), 1);
+    assert_eq!(pending[0]["id"], json!(within_grace.id.to_string()));
+}
+
 /// Custom header values are secrets: masked on every read, kept out of the database, sent for
 /// real; an update that sends the mask back keeps the stored value.
 #[tokio::test]

@@ -245,6 +245,7 @@ pub struct WebhookServiceSettings {
     pub max_endpoints_per_tenant: usize,
     pub manual_sends_per_minute: u32,
     pub first_attempt_in_fan_out: bool,
+    pub hold_sweep_interval: HumanDuration,
 }
 
 impl EventSettings {
@@ -590,6 +591,13 @@ impl Settings {
         check(&mut problems, (1..=256).contains(&sync.concurrency), "sync.concurrency", &|| "must be between 1 and 256".into());
         check(&mut problems, (1..=1000).contains(&sync.failure_limit), "sync.failure_limit", &|| "must be between 1 and 1000".into());
         check(&mut problems, (1..=1000).contains(&sync.page_size), "sync.page_size", &|| "must be between 1 and 1000".into());
+        check(
+            &mut problems,
+            (std::time::Duration::from_millis(100)..=std::time::Duration::from_secs(3600))
+                .contains(&self.webhooks.service.hold_sweep_interval.get()),
+            "webhooks.hold_sweep_interval",
+            &|| "must be between 100ms and 1h".into(),
+        );
         check(
             &mut problems,
             (1..=10_000).contains(&self.webhooks.service.max_endpoints_per_tenant),

@@ -91,6 +91,56 @@ pub fn spawn_dispatcher(
     });
 }
 
+/// Deliveries a sweep reads at a time; it reads again while reads come full, up to
+/// [`HOLD_SWEEP_READS`] times.
+const HOLD_SWEEP_BATCH: u32 = 200;
+const HOLD_SWEEP_READS: u32 = 10;
+
+/// With the delivery queue on a broker, where the fan-out may make first attempts itself (no
+/// job is queued for them), runs until `shutdown` the sweep that queues the attempts an
+/// instance held and never recorded (it stopped): every `every`
+/// (`webhooks.hold_sweep_interval`, each instance from a random point of it), so at most that
+/// plus [`im_domain::services::ENDED_HOLD_GRACE`] after their hold ended. Every instance
+/// sweeps; the store's conditional release keeps their work apart.
+pub fn spawn_hold_sweeper(service: DeliveryService, every: Duration, wake: Arc<Notify>, shutdown: &CancellationToken, tasks: &TaskTracker) {
+    let shutdown = shutdown.clone();
+    tasks.spawn(async move {
+        let every = every.max(Duration::from_millis(1));
+        let offset = Duration::from_millis(u64::from(uuid::Uuid::new_v4().as_u128() as u32) % every.as_millis().max(1) as u64);
+        let mut wait = offset;
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(wait) => {}
+            }
+            wait = every;
+            for _ in 0..HOLD_SWEEP_READS {
+                match service.requeue_ended_holds(HOLD_SWEEP_BATCH).await {
+                    Ok(jobs) => {
+                        if !jobs.is_empty() {
+                            crate::metrics::record_holds_requeued(jobs.len());
+                            let first: Vec<_> = jobs.iter().take(5).map(|j| j.delivery_id.to_string()).collect();
+                            tracing::warn!(
+                                count = jobs.len(),
+                                first = %first.join(","),
+                                "first attempts whose hold ended without a record (an instance stopped) were queued again"
+                            );
+                            wake.notify_one();
+                        }
+                        if (jobs.len() as u32) < HOLD_SWEEP_BATCH {
+                            break;
+                        }
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "looking for deliveries whose hold ended failed; the next sweep looks again");
+                        break;
+                    }
+                }
+            }
+        }
+    });
+}
+
 /// Counts an attempt's outcome, and when it could not complete, schedules its job again.
 async fn after_attempt(service: &DeliveryService, job: &DeliveryJob, report: Result<AttemptReport, DomainError>) {
     crate::metrics::record_attempt(&report);
@@ -116,7 +166,8 @@ pub struct FanOut {
     pub service: DeliveryService,
     pub wake: Arc<Notify>,
     /// With the queue on a broker (`webhooks.first_attempt_in_fan_out`), the fan-out makes the
-    /// first attempts it has free permits for itself ([`DeliveryService::fan_out_holding`]).
+    /// first attempts it has free permits for itself ([`DeliveryService::fan_out_holding`]);
+    /// [`spawn_hold_sweeper`] then runs beside it.
     pub first_here: Option<FirstAttemptsHere>,
 }
 
@@ -157,7 +208,7 @@ impl FirstAttempts for FirstHere<'_> {
 
     fn start(&mut self, attempt: HeldAttempt) {
         let Some(permit) = self.reserved.pop() else {
-            // Not reserved (never asked for): its fallback job makes it when the hold ends.
+            // Not reserved (never asked for): the hold sweep queues it once the hold has ended.
             tracing::warn!(delivery_id = %attempt.job().delivery_id, "a first attempt came without a reserved permit");
             return;
         };

@@ -30,7 +30,7 @@ const IDLE_POLL: Duration = Duration::from_secs(1);
 /// relay does (a round, then at once another while rounds come full, else a wait for a wake-up),
 /// and each other lane ([`EventRelay::lane`]: a relay of its own name, whose rounds claim other
 /// events) takes a round when woken while the first is busy, so the events written while a
-/// round waits for its publish (a broker's confirms, the fan-out's fallback jobs) do not wait
+/// round waits for its publish (a broker's confirms, of its events and the fan-out's jobs) do not wait
 /// for it. Under a heavier load (a round claimed more than [`OVERLAP_UP_TO`] events) the other
 /// lanes hand their wake-ups to the first one instead: larger rounds one after another publish
 /// more events for each write and each confirm than overlapping ones. Events of one process may

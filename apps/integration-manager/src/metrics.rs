@@ -163,6 +163,11 @@ pub fn record_attempt(report: &Result<AttemptReport, DomainError>) {
     metrics::counter!("webhook_delivery_attempts_total", "outcome" => outcome).increment(1);
 }
 
+/// Deliveries whose hold ended without their attempt recorded, queued again by a sweep.
+pub fn record_holds_requeued(count: usize) {
+    metrics::counter!("im_webhook_holds_requeued_total").increment(count as u64);
+}
+
 /// A finished sync execution, by status, and its records by direction and action.
 pub fn record_sync(status: im_domain::sync::ExecutionStatus, counts: &im_domain::sync::DirectionCounts) {
     metrics::counter!("im_sync_executions_total", "status" => status.as_str()).increment(1);

@@ -46,7 +46,7 @@ use tokio_util::task::TaskTracker;
 use crate::api;
 use crate::audit::{AuditBacklogHealth, BufferedAudit, TracingAudit};
 use crate::config::{AuthMode, EventsBackend, PlatformBackend, SecretsBackend, Settings, StorageBackend};
-use crate::deliveries::{BrokerAndLocal, FanOut, FirstAttemptsHere, spawn_dispatcher};
+use crate::deliveries::{BrokerAndLocal, FanOut, FirstAttemptsHere, spawn_dispatcher, spawn_hold_sweeper};
 use crate::events::{OutboxHealth, WakeOnEvents};
 use crate::state::AppState;
 
@@ -660,9 +660,16 @@ impl Application {
             let permits = Arc::new(tokio::sync::Semaphore::new(settings.webhooks.service.concurrency));
             // With the queue on a broker, the fan-out makes the first attempts it has permits for.
             // (Only there: the embedded queue beside another store keeps one job a delivery, and a
-            // fallback scheduled after the attempt began could move that attempt's own reschedule.)
+            // job queued again after the attempt began could move that attempt's own reschedule.)
+            // Those get no job: the hold sweep queues any whose instance stopped before recording
+            // it. It runs with the broker's queue even when this instance makes no first attempt
+            // (another instance, or this one before a restart, may have).
             let first_here = (settings.events.backend == EventsBackend::Rabbitmq && settings.webhooks.service.first_attempt_in_fan_out)
                 .then(|| FirstAttemptsHere { permits: permits.clone(), tasks: workers.tasks.clone(), stopping: workers.shutdown.clone() });
+            if settings.events.backend == EventsBackend::Rabbitmq {
+                let every = settings.webhooks.service.hold_sweep_interval.get();
+                spawn_hold_sweeper(deliveries.clone(), every, dispatch.clone(), &workers.shutdown, &workers.tasks);
+            }
             events.bus.subscribe(Arc::new(FanOut { service: deliveries.clone(), wake: dispatch.clone(), first_here }));
             // With no broker, this process's subscribers read every event the store relays; an
             // event only the webhook fan-out reads is not written for a tenant without webhook

@@ -6,7 +6,7 @@ use async_trait::async_trait;
 use azure_data_cosmos::options::{BatchReplaceOptions, ItemWriteOptions};
 use azure_data_cosmos::{Query, TransactionalBatch};
 use im_domain::events::DomainEvent;
-use im_domain::webhooks::delivery::{Delivery, DeliveryFilter};
+use im_domain::webhooks::delivery::{Delivery, DeliveryFilter, DeliveryStatus};
 use im_domain::webhooks::endpoint::WebhookId;
 use im_domain::webhooks::ports::DeliveryRepository;
 use im_domain::{DomainError, ETag, Page, PageRequest, Stored, TenantId};
@@ -108,6 +108,28 @@ impl DeliveryRepository for CosmosDeliveries {
             .map(|d| Ok(Stored { etag: d.etag.as_deref().map(etag_to_domain).ok_or_else(|| unexpected("no _etag"))?, value: d.delivery }))
             .collect::<Result<Vec<_>, DomainError>>()?;
         Ok(Page { items, continuation })
+    }
+
+    /// A query across partitions (every tenant's), by the hold's end as stored: RFC 3339 text
+    /// in UTC, compared with the second after `before` and then exactly on the decoded values,
+    /// which are put in order ([`im_domain::webhooks::delivery::hold_text_cutoff`]).
+    #[tracing::instrument(skip_all, name = "deliveries.holds_ended_before")]
+    async fn holds_ended_before(&self, before: time::OffsetDateTime, limit: u32) -> Result<Vec<Stored<Delivery>>, DomainError> {
+        let cutoff = im_domain::webhooks::delivery::hold_text_cutoff(before)?;
+        let query =
+            Query::from("SELECT * FROM c WHERE c.type = @type AND c.status = @pending AND c.leaseUntil <= @cutoff ORDER BY c.leaseUntil")
+                .with_parameter("@type", DeliveryDoc::TYPE)
+                .and_then(|q| q.with_parameter("@pending", DeliveryStatus::Pending.as_str()))
+                .and_then(|q| q.with_parameter("@cutoff", cutoff))
+                .map_err(unexpected)?;
+        let (docs, _) = self.store.query_page::<DeliveryDoc>(DELIVERIES, query, None, &PageRequest::first(limit.clamp(1, 1000))).await?;
+        let mut ended = docs
+            .into_iter()
+            .filter(|d| d.delivery.status == DeliveryStatus::Pending && d.delivery.lease_until.is_some_and(|until| until < before))
+            .map(|d| Ok(Stored { etag: d.etag.as_deref().map(etag_to_domain).ok_or_else(|| unexpected("no _etag"))?, value: d.delivery }))
+            .collect::<Result<Vec<_>, DomainError>>()?;
+        ended.sort_by_key(|d| d.value.lease_until);
+        Ok(ended)
     }
 
     #[tracing::instrument(skip_all, name = "deliveries.replace", fields(tenant = %delivery.tenant_id, delivery = %delivery.id, events = events.len()))]

@@ -530,6 +530,36 @@ impl DeliveryRepository for SqliteDeliveries {
             .await
     }
 
+    #[tracing::instrument(skip_all, name = "deliveries.holds_ended_before")]
+    async fn holds_ended_before(&self, before: time::OffsetDateTime, limit: u32) -> Result<Vec<Stored<Delivery>>, DomainError> {
+        // The index holds only pending deliveries with a hold, by its end as stored: RFC 3339
+        // text in UTC, where a fraction of a second sorts before the whole second (`.5Z` <
+        // `Z`). So the text is compared with the second after `before` (every hold that ends
+        // before it, and a few within that second), and the decoded holds exactly, in order.
+        let cutoff = im_domain::webhooks::delivery::hold_text_cutoff(before)?;
+        let live = self.docs.db().now();
+        let docs = self
+            .docs
+            .db()
+            .read(move |conn| {
+                let sql = "SELECT pk, id, etag, body FROM documents INDEXED BY deliveries_by_hold_end \
+                    WHERE container = 'integration_webhook_deliveries' AND json_extract(body, '$.status') = 'pending' \
+                    AND json_extract(body, '$.leaseUntil') IS NOT NULL AND json_extract(body, '$.leaseUntil') <= ?1 \
+                    AND (expires_at IS NULL OR expires_at > ?2) \
+                    ORDER BY json_extract(body, '$.leaseUntil') LIMIT ?3";
+                conn.prepare_cached(sql)?
+                    .query_map(params![cutoff, live, i64::from(limit)], |r| {
+                        Ok(Doc { pk: r.get(0)?, id: r.get(1)?, etag: ETag::new(r.get::<_, String>(2)?), body: r.get(3)? })
+                    })?
+                    .collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .await?;
+        let mut ended = docs.into_iter().map(decode::<Delivery>).collect::<Result<Vec<_>, _>>()?;
+        ended.retain(|d| d.value.lease_until.is_some_and(|until| until < before));
+        ended.sort_by_key(|d| d.value.lease_until);
+        Ok(ended)
+    }
+
     #[tracing::instrument(skip_all, name = "deliveries.create_each", fields(deliveries = deliveries.len()))]
     async fn create_each(&self, deliveries: &[Delivery]) -> Result<Vec<Result<ETag, DomainError>>, DomainError> {
         self.create_many(deliveries, false).await

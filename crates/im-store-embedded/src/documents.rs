@@ -79,6 +79,11 @@ impl Documents {
         Self { db }
     }
 
+    /// The database, for a query of its own.
+    pub(crate) fn db(&self) -> &Arc<Db> {
+        &self.db
+    }
+
     /// Creates a document; `ttl` makes it expire.
     ///
     /// # Errors

@@ -132,6 +132,18 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     CREATE INDEX shard_records_by_seq ON documents (pk, json_extract(body, '$.seq')) WHERE container = 'shard_records';
     "#,
     ),
+    (
+        9,
+        "deliveries_by_hold_end",
+        r#"
+    -- Pending deliveries held by an attempt, by the end of the hold: the sweep that queues
+    -- again the first attempts of an instance that stopped before recording them reads only
+    -- these (a handful), never the deliveries of the last 7 days.
+    CREATE INDEX deliveries_by_hold_end ON documents (json_extract(body, '$.leaseUntil'))
+        WHERE container = 'integration_webhook_deliveries' AND json_extract(body, '$.status') = 'pending'
+            AND json_extract(body, '$.leaseUntil') IS NOT NULL;
+    "#,
+    ),
 ];
 
 /// What [`crate::EmbeddedStore::migrate`] did.
@@ -195,7 +207,7 @@ mod tests {
 
         let report = apply(&tx).unwrap();
 
-        assert_eq!(report.applied, vec!["0008_documents_rowid".to_owned()]);
+        assert_eq!(report.applied, vec!["0008_documents_rowid".to_owned(), "0009_deliveries_by_hold_end".to_owned()]);
         let kept: Vec<(String, String)> = tx
             .prepare("SELECT id, body FROM documents ORDER BY id")
             .unwrap()

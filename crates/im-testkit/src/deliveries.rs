@@ -38,6 +38,63 @@ pub fn delivery(tenant: &im_domain::TenantId, status: DeliveryStatus) -> Deliver
 pub async fn contract(repo: &dyn DeliveryRepository) {
     create_get_and_conditional_replace(repo).await;
     create_each_creates_every_new_item_and_refuses_existing_ones_alone(repo).await;
+    holds_ended_before_lists_the_pending_deliveries_whose_hold_ended(repo).await;
+}
+
+/// Across tenants, the pending deliveries whose hold ended before the time asked, the earliest
+/// first: not one still held at that time, nor one without a hold, nor a final one. The holds
+/// are set in 2001, at a random second of it, so that other data in the store is later.
+pub async fn holds_ended_before_lists_the_pending_deliveries_whose_hold_ended(repo: &dyn DeliveryRepository) {
+    let spread = i64::from(uuid::Uuid::new_v4().as_u128() as u32 % 30_000_000);
+    let base = OffsetDateTime::from_unix_timestamp(978_307_200 + spread).expect("a time in 2001");
+    let at = |offset_ms: i64| Some(base + time::Duration::milliseconds(offset_ms));
+    let held = |tenant: &im_domain::TenantId, status: DeliveryStatus, until: Option<OffsetDateTime>| {
+        let mut d = delivery(tenant, status);
+        d.lease_until = until;
+        d
+    };
+    let (one, other) = (fresh_tenant(), fresh_tenant());
+    // Ended: a second before, half a second before (a fraction of the same second), and another
+    // tenant's ten seconds before.
+    let ended = [
+        held(&one, DeliveryStatus::Pending, at(-1_000)),
+        held(&one, DeliveryStatus::Pending, at(-500)),
+        held(&other, DeliveryStatus::Pending, at(-10_000)),
+    ];
+    let not_listed = [
+        held(&one, DeliveryStatus::Pending, at(0)),   // ends at the time asked
+        held(&one, DeliveryStatus::Pending, at(300)), // later within its second
+        held(&one, DeliveryStatus::Pending, at(60_000)),
+        held(&one, DeliveryStatus::Pending, None),
+        held(&one, DeliveryStatus::Succeeded, at(-2_000)),
+        held(&other, DeliveryStatus::Failed, at(-3_000)),
+    ];
+    for d in ended.iter().chain(&not_listed) {
+        repo.create(d).await.expect("create");
+    }
+    let before = base + time::Duration::milliseconds(0);
+
+    let listed = repo.holds_ended_before(before, 1000).await.expect("holds_ended_before MUST succeed on a reachable store");
+
+    let ids: Vec<_> = listed.iter().map(|d| d.value.id).collect();
+    let ours: Vec<_> = ids.iter().filter(|id| ended.iter().chain(&not_listed).any(|d| d.id == **id)).copied().collect();
+    assert_eq!(ours, vec![ended[2].id, ended[0].id, ended[1].id], "the ended holds, earliest first, and nothing else of ours");
+    assert!(
+        listed.iter().all(|d| d.value.status == DeliveryStatus::Pending && d.value.lease_until.is_some_and(|until| until < before)),
+        "only pending deliveries whose hold ended: {listed:?}"
+    );
+    assert!(listed.windows(2).all(|w| w[0].value.lease_until <= w[1].value.lease_until), "earliest ended first");
+    let first = listed.iter().find(|d| d.value.id == ended[2].id).unwrap();
+    let stored = repo.get(&other, ended[2].id).await.unwrap();
+    assert_eq!((&first.value, &first.etag), (&stored.value, &stored.etag), "listed as stored, with its etag");
+    assert!(repo.holds_ended_before(before, 1).await.unwrap().len() <= 1, "at most `limit`");
+
+    // A hold released (the attempt recorded, or the sweep) is no longer listed.
+    let mut released = stored.value.clone();
+    released.lease_until = None;
+    repo.replace(&released, Some(stored.etag), &[]).await.unwrap();
+    let again = repo.holds_ended_before(before, 1000).await.unwrap();
+    assert!(!again.iter().any(|d| d.value.id == ended[2].id), "a released hold is still listed");
 }
 
 pub async fn create_get_and_conditional_replace(repo: &dyn DeliveryRepository) {

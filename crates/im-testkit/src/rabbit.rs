@@ -95,8 +95,9 @@ impl TestQueue {
 }
 
 /// Deletes what a run declared on the broker at `url`: the work queue `{prefix}.work`, the
-/// delay queue where the fallback jobs of first attempts made in the fan-out wait (the others
-/// expire by themselves, ten minutes after their last use) and the exchange `exchange`, each
+/// delay queue of a hold's length (where a replayed event's job waits for its delivery's hold
+/// to end; the others expire by themselves, ten minutes after their last use) and the exchange
+/// `exchange`, each
 /// when given. `Err` when the broker cannot be reached; a queue or an exchange already gone is
 /// not an error.
 ///
@@ -106,9 +107,9 @@ pub async fn delete_declared(url: &str, queue_prefix: Option<&str>, exchange: Op
     let connection = Connection::connect(url, ConnectionProperties::default()).await?;
     let channel = connection.create_channel().await?;
     if let Some(prefix) = queue_prefix {
-        // A whole number of minutes: the fallbacks' wait is a delay bucket of its own.
-        let fallbacks = format!("{prefix}.delay.{}", im_domain::webhooks::delivery::ATTEMPT_LEASE.as_millis());
-        for queue in [format!("{prefix}.work"), fallbacks] {
+        // A whole number of minutes: a hold's length is a delay bucket of its own.
+        let holds = format!("{prefix}.delay.{}", im_domain::webhooks::delivery::ATTEMPT_LEASE.as_millis());
+        for queue in [format!("{prefix}.work"), holds] {
             let _ = channel.queue_delete(queue.as_str().into(), lapin::options::QueueDeleteOptions::default()).await;
         }
     }

@@ -40,6 +40,11 @@ pub struct DeliverySettings {
     pub user_agent: String,
 }
 
+/// How long after a hold's end [`DeliveryService::requeue_ended_holds`] queues the attempt of a
+/// delivery still held: a job that waits for the hold (an attempt's own, come back when its
+/// hold ends; a throttled one's) is left that long to take it first.
+pub const ENDED_HOLD_GRACE: Duration = Duration::from_secs(30);
+
 /// Fans events out to endpoints, makes signed attempts, records them, retries on schedule,
 /// and publishes `webhook.delivered` / `webhook.failed` through the outbox.
 #[derive(Clone)]
@@ -172,7 +177,8 @@ pub struct HeldAttempt {
 }
 
 impl HeldAttempt {
-    /// The job that stands for this attempt (its fallback waits in the queue for the hold's end).
+    /// The job that stands for this attempt (not queued: the hold sweep queues it should the
+    /// attempt never be recorded).
     #[must_use]
     pub fn job(&self) -> &DeliveryJob {
         &self.job
@@ -326,12 +332,12 @@ impl DeliveryService {
     /// elsewhere (a broker): `first` says how many of each write's new pending deliveries it
     /// will attempt now, those are created held by it (`lease_until`, [`ATTEMPT_LEASE`] ahead,
     /// as an attempt's own hold), and each is handed to `first` as soon as the write is
-    /// committed, before the jobs are queued. Their jobs go to the queue as fallbacks due when
-    /// the hold ends: the attempt, recorded, drops its fallback (the delivery is final, or its
-    /// retry's own job is queued), and should this process die before recording it, the
-    /// fallback makes the attempt when the hold ends. No trip through the queue and no hold of
-    /// its own between the event and its first attempt. With the queue in the store, or when
-    /// `first` takes none, every job is queued for the dispatchers as before.
+    /// committed, before the other jobs are queued. They get no job: the attempt, recorded,
+    /// releases the hold (the delivery is final, or its retry's own job is queued), and should
+    /// this process die before recording it, [`Self::requeue_ended_holds`] (any instance's)
+    /// queues its job once the hold has ended. No trip through the queue, no hold of its own
+    /// and no message to the broker between the event and its first attempt. With the queue in
+    /// the store, or when `first` takes none, every job is queued for the dispatchers as before.
     ///
     /// # Errors
     /// As [`Self::fan_out_all`]; attempts handed to `first` before an error stand (their
@@ -381,8 +387,8 @@ impl DeliveryService {
                     deliveries.len()
                 )));
             }
-            // New deliveries' first jobs (or, for those attempted here, their fallbacks), sent
-            // together when the queue is elsewhere.
+            // New deliveries' first jobs (none for those attempted here), sent together when the
+            // queue is elsewhere.
             let mut first_jobs = Vec::new();
             let mut replayed = Vec::new();
             // A store that creates one by one may fail partway: what it created is started or
@@ -397,16 +403,10 @@ impl DeliveryService {
                         if self.queue_in_store {
                             continue;
                         }
-                        match delivery.lease_until {
-                            Some(until) => {
-                                first_jobs.push((job.clone(), until));
-                                first.start(HeldAttempt {
-                                    job,
-                                    delivery: Stored { value: delivery.clone(), etag },
-                                    webhook: webhook.clone(),
-                                });
-                            }
-                            None => first_jobs.push((job, delivery.next_attempt_at.unwrap_or(delivery.created_at))),
+                        if delivery.lease_until.is_some() {
+                            first.start(HeldAttempt { job, delivery: Stored { value: delivery.clone(), etag }, webhook: webhook.clone() });
+                        } else {
+                            first_jobs.push((job, delivery.next_attempt_at.unwrap_or(delivery.created_at)));
                         }
                     }
                     Ok(_) => {}
@@ -447,10 +447,52 @@ impl DeliveryService {
     /// still gets this attempt, as it would one already taken by a dispatcher.
     ///
     /// # Errors
-    /// As [`Self::attempt`]; the delivery then stays held until its fallback job comes.
+    /// As [`Self::attempt`]; the delivery then stays held until its hold ends, and
+    /// [`Self::requeue_ended_holds`] queues its job.
     pub async fn attempt_held(&self, held: HeldAttempt) -> Result<AttemptReport, DomainError> {
         let HeldAttempt { job, delivery, webhook } = held;
         self.hold_and_send(&job, AttemptTrigger::Scheduled, delivery.value, delivery.etag, webhook).await
+    }
+
+    /// Queues the job of each pending delivery whose hold ended [`ENDED_HOLD_GRACE`] ago or
+    /// more (at most `limit` of them, the earliest ended first), and releases the hold: the
+    /// first attempts an instance took in its fan-out ([`Self::fan_out_holding`], which queues
+    /// no job for them) and died before recording. Every instance with workers calls this from
+    /// time to time; the grace leaves the deliveries a job of their own holds (an attempt's
+    /// job comes back when its hold ends, or a throttled one's when its rate allows) to that
+    /// job. Safe beside other instances and attempts: the release is conditional on the
+    /// version read, and a job queued twice finds its delivery held, done or not due the
+    /// second time (one chain of attempts per delivery). The job is queued before the hold is
+    /// released, so a crash in between leaves the delivery to be found again. Returns the jobs
+    /// queued. Nothing to do with the queue in the store (no delivery is held
+    /// without its job there).
+    ///
+    /// # Errors
+    /// When the store or the queue cannot be read or written (the rest waits for the next call).
+    pub async fn requeue_ended_holds(&self, limit: u32) -> Result<Vec<DeliveryJob>, DomainError> {
+        if self.queue_in_store {
+            return Ok(Vec::new());
+        }
+        let now = self.clock.now();
+        let before = now - time::Duration::try_from(ENDED_HOLD_GRACE).unwrap_or(time::Duration::MINUTE);
+        let mut requeued = Vec::new();
+        for Stored { value: mut delivery, etag } in self.deliveries.holds_ended_before(before, limit).await? {
+            // Judged again here: a store may compare the times as text.
+            if delivery.status != DeliveryStatus::Pending || delivery.lease_until.is_none_or(|until| until >= before) {
+                continue;
+            }
+            let job = DeliveryJob { tenant_id: delivery.tenant_id.clone(), delivery_id: delivery.id };
+            self.queue.schedule(&job, delivery.next_attempt_at.map_or(now, |at| at.max(now))).await?;
+            requeued.push(job);
+            delivery.lease_until = None;
+            match self.deliveries.replace(&delivery, Some(etag), &[]).await {
+                // Changed meanwhile (its job, or another instance's sweep, came first): the job
+                // queued here finds it held, done or not due.
+                Ok(_) | Err(DomainError::PreconditionFailed | DomainError::NotFound { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(requeued)
     }
 
     /// When a hold taken now ends: [`ATTEMPT_LEASE`] ahead.

@@ -38,6 +38,9 @@ struct Deliveries {
     jobs: Mutex<HashMap<Uuid, OffsetDateTime>>,
     /// A delivery whose create fails (the store unavailable for it).
     refuse: Mutex<Option<Uuid>>,
+    /// Set: each delivery `holds_ended_before` lists is held again until then right after it
+    /// was read (another worker's hold, written between the sweep's read and its release).
+    held_again_after_listing: Mutex<Option<OffsetDateTime>>,
 }
 
 impl Deliveries {
@@ -78,6 +81,25 @@ impl DeliveryRepository for Deliveries {
         }
         *row = (delivery.clone(), row.1 + 1);
         Ok(ETag::new(row.1.to_string()))
+    }
+
+    async fn holds_ended_before(&self, before: OffsetDateTime, limit: u32) -> Result<Vec<Stored<Delivery>>, DomainError> {
+        let mut rows = self.rows.lock().unwrap();
+        let mut ended: Vec<_> = rows
+            .values()
+            .filter(|(d, _)| d.status == DeliveryStatus::Pending && d.lease_until.is_some_and(|until| until < before))
+            .map(|(d, version)| Stored { value: d.clone(), etag: ETag::new(version.to_string()) })
+            .collect();
+        ended.sort_by_key(|d| d.value.lease_until);
+        ended.truncate(limit as usize);
+        if let Some(until) = *self.held_again_after_listing.lock().unwrap() {
+            for listed in &ended {
+                let row = rows.get_mut(&listed.value.id).unwrap();
+                row.0.lease_until = Some(until);
+                row.1 += 1;
+            }
+        }
+        Ok(ended)
     }
 
     fn keeps_queue(&self) -> bool {
@@ -498,7 +520,7 @@ fn second_event(w: &World) -> (DomainEvent, Uuid) {
 }
 
 #[test]
-fn a_first_attempt_made_by_the_fan_out_goes_through_no_queue_and_its_fallback_job_is_dropped() {
+fn a_first_attempt_made_by_the_fan_out_goes_through_no_queue_and_queues_no_job() {
     let w = world(200);
     let (second, second_id) = second_event(&w);
     // Capacity for one of the two: the other is queued as before.
@@ -511,9 +533,7 @@ fn a_first_attempt_made_by_the_fan_out_goes_through_no_queue_and_its_fallback_jo
     let until = held.lease_until.expect("the delivery attempted here is created held");
     assert_eq!(until, w.clock.now() + time::Duration::try_from(ATTEMPT_LEASE).unwrap(), "held as long as an attempt holds");
     assert_eq!(w.deliveries.value(second_id).lease_until, None, "the other one is not held");
-    let mut dues = w.queue.dues();
-    dues.sort();
-    assert_eq!(dues, vec![w.clock.now(), until], "the other's job is due now; the held one's fallback when the hold ends");
+    assert_eq!(w.queue.dues(), vec![w.clock.now()], "the other's job is due now; the held one has none");
     assert_eq!(here.started.len(), 1, "one attempt handed out");
     assert_eq!(here.started[0].job().delivery_id, w.delivery_id);
 
@@ -524,23 +544,56 @@ fn a_first_attempt_made_by_the_fan_out_goes_through_no_queue_and_its_fallback_jo
     assert_eq!(delivered.status, DeliveryStatus::Succeeded);
     assert_eq!(delivered.lease_until, None, "the attempt released its hold");
 
-    // The queued job and the fallback, taken when the hold has ended: one more send, for the other.
-    w.clock.advance(ATTEMPT_LEASE);
+    // The queued job: one more send, for the other. Once the hold would have ended, the
+    // sweep finds nothing to queue again.
     w.run_queued();
-    assert_eq!(w.sends(), 2, "the fallback made no second attempt");
+    assert_eq!(w.sends(), 2);
     assert_eq!(w.deliveries.value(second_id).status, DeliveryStatus::Succeeded);
+    w.clock.advance(ATTEMPT_LEASE + ENDED_HOLD_GRACE + Duration::from_secs(1));
+    assert!(block_on(w.service.requeue_ended_holds(100)).unwrap().is_empty(), "a recorded attempt leaves no hold behind");
     assert!(w.queue.dues().is_empty(), "nothing left queued");
 }
 
-#[test]
-fn a_first_attempt_its_process_never_made_is_made_once_by_its_fallback_when_the_hold_ends() {
+/// The event fanned out by a process that takes its first attempt and dies before making it:
+/// the world, and when the delivery's hold ends.
+fn fanned_out_held_and_abandoned() -> (World, OffsetDateTime) {
     let w = world(200);
     let mut here = Here { capacity: 4, ..Here::default() };
     block_on(w.service.fan_out_holding(std::slice::from_ref(&w.event), &mut here)).unwrap();
     let until = w.deliveries.value(w.delivery_id).lease_until.expect("created held");
-    drop(here); // The process died before the attempt.
+    drop(here);
+    (w, until)
+}
 
-    // The event, relayed again (its relay was not marked done), queues no earlier job.
+#[test]
+fn a_first_attempt_its_process_never_made_is_made_once_its_hold_has_ended() {
+    let (w, until) = fanned_out_held_and_abandoned(); // Its relay round marked the event done.
+    assert!(w.queue.dues().is_empty(), "no job was queued for the held delivery");
+
+    // While the hold lasts, and within the grace after it, the sweep leaves it alone.
+    assert!(block_on(w.service.requeue_ended_holds(100)).unwrap().is_empty());
+    w.clock.advance(ATTEMPT_LEASE + ENDED_HOLD_GRACE);
+    assert!(block_on(w.service.requeue_ended_holds(100)).unwrap().is_empty(), "queued within the grace");
+
+    w.clock.advance(Duration::from_secs(1));
+    let requeued = block_on(w.service.requeue_ended_holds(100)).unwrap();
+    assert_eq!(requeued.iter().map(|j| j.delivery_id).collect::<Vec<_>>(), vec![w.delivery_id]);
+    assert_eq!(w.queue.dues(), vec![w.clock.now()], "due at once");
+    assert_eq!(w.deliveries.value(w.delivery_id).lease_until, None, "the ended hold is released");
+    assert!(w.clock.now() > until);
+    // Another instance's sweep (or this one's next) finds nothing more.
+    assert!(block_on(w.service.requeue_ended_holds(100)).unwrap().is_empty(), "queued twice");
+
+    w.run_queued();
+    assert_eq!(w.sends(), 1, "the attempt was made, once");
+    assert_eq!(w.deliveries.value(w.delivery_id).status, DeliveryStatus::Succeeded);
+}
+
+#[test]
+fn a_held_first_attempt_whose_event_is_relayed_again_waits_for_the_hold() {
+    let (w, until) = fanned_out_held_and_abandoned(); // Before its relay round was marked.
+
+    // The event, relayed again, queues no earlier job.
     block_on(w.service.fan_out(&w.event)).unwrap();
     assert!(w.queue.dues().iter().all(|due| *due >= until), "a job came before the hold's end: {:?}", w.queue.dues());
     // Jobs taken early (a broker's clock ahead) wait for the hold.
@@ -549,8 +602,42 @@ fn a_first_attempt_its_process_never_made_is_made_once_by_its_fallback_when_the_
 
     w.clock.advance(ATTEMPT_LEASE + Duration::from_secs(1));
     w.run_queued();
-    assert_eq!(w.sends(), 1, "the fallback made the attempt, once");
+    assert_eq!(w.sends(), 1, "the replayed event's job made the attempt, once");
+    // The sweep, later, finds the delivery done.
+    w.clock.advance(ENDED_HOLD_GRACE * 2);
+    assert!(block_on(w.service.requeue_ended_holds(100)).unwrap().is_empty());
     assert_eq!(w.deliveries.value(w.delivery_id).status, DeliveryStatus::Succeeded);
+}
+
+#[test]
+fn a_hold_taken_again_between_the_sweeps_read_and_its_release_stands() {
+    let (w, _) = fanned_out_held_and_abandoned();
+    w.clock.advance(ATTEMPT_LEASE + ENDED_HOLD_GRACE + Duration::from_secs(1));
+    // Another worker (a replayed event's job, say) holds it again right after the sweep read it.
+    let again = w.clock.now() + time::Duration::MINUTE;
+    *w.deliveries.held_again_after_listing.lock().unwrap() = Some(again);
+
+    let requeued = block_on(w.service.requeue_ended_holds(100)).unwrap();
+
+    assert_eq!(requeued.len(), 1, "queued from what was read");
+    assert_eq!(w.deliveries.value(w.delivery_id).lease_until, Some(again), "the new hold is not released");
+    *w.deliveries.held_again_after_listing.lock().unwrap() = None;
+    // The job queued by the sweep finds it held, and waits for that hold instead of sending.
+    w.run_queued();
+    assert_eq!(w.sends(), 0, "an attempt beside the live hold");
+    assert_eq!(w.queue.dues(), vec![again]);
+}
+
+#[test]
+fn with_the_queue_in_the_store_the_sweep_does_nothing() {
+    let w = world_with_queue_in_store(200);
+    block_on(w.service.fan_out(&w.event)).unwrap();
+    let mut held = w.deliveries.value(w.delivery_id);
+    held.lease_until = Some(w.clock.now());
+    block_on(w.deliveries.replace(&held, None, &[])).unwrap();
+    w.clock.advance(ATTEMPT_LEASE + ENDED_HOLD_GRACE * 2);
+    assert!(block_on(w.service.requeue_ended_holds(100)).unwrap().is_empty(), "the store's queue holds its job");
+    assert_eq!(w.deliveries.value(w.delivery_id).lease_until, held.lease_until);
 }
 
 #[test]
@@ -577,8 +664,8 @@ fn a_write_failing_partway_still_attempts_and_queues_what_it_created_and_fails_t
     assert!(matches!(result, Err(DomainError::Unavailable { .. })), "the relay must hand the batch again: {result:?}");
     assert_eq!(here.started.len(), 1, "the delivery created before the failure is attempted");
     assert_eq!(here.released, 1, "the capacity of the others is given back");
-    let until = w.deliveries.value(w.delivery_id).lease_until.expect("created held");
-    assert_eq!(w.queue.dues(), vec![until], "its fallback is queued");
+    assert!(w.deliveries.value(w.delivery_id).lease_until.is_some(), "created held");
+    assert!(w.queue.dues().is_empty(), "no job for the held one");
     assert!(!w.deliveries.rows.lock().unwrap().contains_key(&third_id), "nothing is created after the failure");
     block_on(w.service.attempt_held(here.started.pop().unwrap())).unwrap();
 

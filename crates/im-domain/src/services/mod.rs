@@ -24,7 +24,9 @@ pub use connections::{
     AuthorizeSpec, CallbackOutcome, CallbackParams, ConnectionCredentials, ConnectionService, ConnectionTests, OAuth2Settings,
     SECRET_KIND as CONNECTION_SECRET_KIND, StartedAuthorization,
 };
-pub use deliveries::{AttemptReport, DEFAULT_MANUAL_SENDS_PER_MINUTE, DeliveryService, DeliverySettings, FirstAttempts, HeldAttempt};
+pub use deliveries::{
+    AttemptReport, DEFAULT_MANUAL_SENDS_PER_MINUTE, DeliveryService, DeliverySettings, ENDED_HOLD_GRACE, FirstAttempts, HeldAttempt,
+};
 pub use integrations::IntegrationService;
 pub use outbox::OutboxAdmin;
 pub use relay::{DEFAULT_MAX_PUBLISH_ATTEMPTS, EventRelay, Relayed};

@@ -13,6 +13,20 @@ pub const DELIVERY_TTL: std::time::Duration = std::time::Duration::from_secs(7 *
 /// How long a scheduled attempt holds its delivery: a worker that dies mid-attempt leaves it
 /// to another after this (longer than any attempt takes).
 pub const ATTEMPT_LEASE: std::time::Duration = std::time::Duration::from_secs(120);
+/// The text a store compares a stored hold's end (`leaseUntil`, RFC 3339 in UTC) with, `<=`,
+/// to find the holds that ended before `before`: the second after it, so that every such hold
+/// sorts at or before it as text (a fraction sorts before the whole second: `.5Z` < `Z`). A
+/// few that end within that second pass too: the store tells them apart on the decoded value.
+///
+/// # Errors
+/// When the time cannot be written as RFC 3339 (a year beyond 9999).
+pub fn hold_text_cutoff(before: OffsetDateTime) -> Result<String, crate::DomainError> {
+    let second_after =
+        before.to_offset(time::UtcOffset::UTC).replace_nanosecond(0).map_err(|e| crate::DomainError::Unexpected(e.into()))?
+            + time::Duration::SECOND;
+    second_after.format(&time::format_description::well_known::Rfc3339).map_err(|e| crate::DomainError::Unexpected(e.into()))
+}
+
 /// Attempts kept per delivery (each with at most a 4 KiB response excerpt).
 pub const ATTEMPTS_KEPT: usize = 50;
 /// Response bodies are recorded up to this many bytes.
@@ -272,6 +286,26 @@ mod tests {
         let w = WebhookId(Uuid::nil());
         assert_eq!(delivery_id(w, "e1"), delivery_id(w, "e1"));
         assert_ne!(delivery_id(w, "e1"), delivery_id(w, "e2"));
+    }
+
+    #[test]
+    fn every_hold_that_ended_before_a_time_sorts_at_or_before_its_cutoff_as_text() {
+        let text = |t: OffsetDateTime| t.format(&time::format_description::well_known::Rfc3339).unwrap();
+        let base = OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
+        for before_ns in [0i64, 1, 500_000_000, 999_999_999] {
+            let before = base + time::Duration::nanoseconds(before_ns);
+            let cutoff = hold_text_cutoff(before).unwrap();
+            for lease_ns in [-2_000_000_000i64, -1_000_000_000, -500_000_000, -1, 0, 1, 999_999_999, 1_000_000_000, 2_500_000_000] {
+                let lease = base + time::Duration::nanoseconds(lease_ns);
+                if lease < before {
+                    assert!(text(lease) <= cutoff, "{} ended before {} but sorts after {cutoff}", text(lease), text(before));
+                }
+                if lease >= before + time::Duration::SECOND * 2 {
+                    assert!(text(lease) > cutoff, "{} sorts before {cutoff}", text(lease));
+                }
+            }
+        }
+        assert_eq!(hold_text_cutoff(base).unwrap(), "2027-01-15T08:00:01Z");
     }
 
     #[test]

@@ -84,6 +84,17 @@ pub trait DeliveryRepository: Send + Sync {
         events: &[crate::events::DomainEvent],
     ) -> Result<ETag, DomainError>;
 
+    /// Pending deliveries of every tenant whose hold ([`super::delivery::Delivery::lease_until`])
+    /// ended before `before`, the earliest ended first, at most `limit`: the first attempts an
+    /// instance took in its fan-out and died before recording (see
+    /// [`crate::services::DeliveryService::requeue_ended_holds`]). A delivery that is final, or
+    /// holds no lease, or whose hold ends at `before` or later, MUST NOT be listed.
+    async fn holds_ended_before(
+        &self,
+        before: time::OffsetDateTime,
+        limit: u32,
+    ) -> Result<Vec<Stored<super::delivery::Delivery>>, DomainError>;
+
     /// Creates each delivery on its own terms, in one write where the store allows it (the
     /// embedded store: one transaction): an id that exists is `Err(Conflict)` for that item
     /// alone, and the others are created. The outcomes come in the order of `deliveries`. A
