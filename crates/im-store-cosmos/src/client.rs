@@ -144,8 +144,9 @@ pub struct ProvisionReport {
 }
 
 fn indexing_policy() -> IndexingPolicy {
-    // Everything is indexed (filters use providerId, status, authMode, type, recordedAt; lists
-    // order by id) except the large free-form values no query reads.
+    // Everything is indexed (filters use providerId, status, authMode, type, recordedAt, and the
+    // hold sweep a delivery's leaseUntil; lists order by id) except the large free-form values no
+    // query reads.
     let mut policy = IndexingPolicy::default();
     policy.automatic = true;
     policy
