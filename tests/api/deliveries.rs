@@ -402,8 +402,8 @@ async fn a_stop_lets_the_attempt_in_flight_finish_and_records_it() {
 /// delivery held by it and no job queued. Should it stop between that write and recording the
 /// attempt, the hold sweep of a running instance finds the delivery once its hold has ended
 /// (and the grace after it) and has its attempt made, once. Written here as such an instance
-/// leaves it: one delivery held until a minute ago, another whose hold ended 5 s ago (within
-/// the grace: left alone).
+/// leaves it: one delivery held until three minutes ago, another whose hold ended 5 s ago
+/// (within the grace: left alone).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_first_attempt_whose_instance_stopped_is_made_once_the_hold_sweep_finds_it() {
     if !crate::helpers::events_on_rabbitmq() || crate::helpers::backend_is_cosmos() {
@@ -440,7 +440,7 @@ async fn a_first_attempt_whose_instance_stopped_is_made_once_the_hold_sweep_find
             updated_at: held_until - time::Duration::minutes(2),
         }
     };
-    let (ended, within_grace) = (held(now - time::Duration::minutes(1)), held(now - time::Duration::seconds(5)));
+    let (ended, within_grace) = (held(now - time::Duration::minutes(3)), held(now - time::Duration::seconds(5)));
     let store = im_store_embedded::EmbeddedStore::open(app.dir.path(), std::sync::Arc::new(im_domain::SystemClock)).expect("open");
     for delivery in [&ended, &within_grace] {
         store.deliveries().create(delivery).await.expect("a held delivery, as a stopped instance leaves it");

@@ -101,7 +101,7 @@ const HOLD_SWEEP_READS: u32 = 10;
 /// instance held and never recorded (it stopped): every `every`
 /// (`webhooks.hold_sweep_interval`, each instance from a random point of it), so at most that
 /// plus [`im_domain::services::ENDED_HOLD_GRACE`] after their hold ended. Every instance
-/// sweeps; the store's conditional release keeps their work apart.
+/// sweeps; the store's conditional claim keeps their work apart.
 pub fn spawn_hold_sweeper(service: DeliveryService, every: Duration, wake: Arc<Notify>, shutdown: &CancellationToken, tasks: &TaskTracker) {
     let shutdown = shutdown.clone();
     tasks.spawn(async move {

@@ -129,6 +129,8 @@ impl DeliveryRepository for CosmosDeliveries {
             .map(|d| Ok(Stored { etag: d.etag.as_deref().map(etag_to_domain).ok_or_else(|| unexpected("no _etag"))?, value: d.delivery }))
             .collect::<Result<Vec<_>, DomainError>>()?;
         ended.sort_by_key(|d| d.value.lease_until);
+        // The page size is a hint per physical partition: a query across several may answer more.
+        ended.truncate(limit as usize);
         Ok(ended)
     }
 

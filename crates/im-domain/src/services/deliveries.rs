@@ -42,8 +42,10 @@ pub struct DeliverySettings {
 
 /// How long after a hold's end [`DeliveryService::requeue_ended_holds`] queues the attempt of a
 /// delivery still held: a job that waits for the hold (an attempt's own, come back when its
-/// hold ends; a throttled one's) is left that long to take it first.
-pub const ENDED_HOLD_GRACE: Duration = Duration::from_secs(30);
+/// hold ends; a throttled one's; a retry's) is left that long to take it first. A broker's
+/// delay queues round waits over a minute up to the next whole minute: such a job may come up
+/// to a minute late.
+pub const ENDED_HOLD_GRACE: Duration = Duration::from_secs(90);
 
 /// Fans events out to endpoints, makes signed attempts, records them, retries on schedule,
 /// and publishes `webhook.delivered` / `webhook.failed` through the outbox.
@@ -455,16 +457,18 @@ impl DeliveryService {
     }
 
     /// Queues the job of each pending delivery whose hold ended [`ENDED_HOLD_GRACE`] ago or
-    /// more (at most `limit` of them, the earliest ended first), and releases the hold: the
-    /// first attempts an instance took in its fan-out ([`Self::fan_out_holding`], which queues
-    /// no job for them) and died before recording. Every instance with workers calls this from
-    /// time to time; the grace leaves the deliveries a job of their own holds (an attempt's
-    /// job comes back when its hold ends, or a throttled one's when its rate allows) to that
-    /// job. Safe beside other instances and attempts: the release is conditional on the
-    /// version read, and a job queued twice finds its delivery held, done or not due the
-    /// second time (one chain of attempts per delivery). The job is queued before the hold is
-    /// released, so a crash in between leaves the delivery to be found again. Returns the jobs
-    /// queued. Nothing to do with the queue in the store (no delivery is held
+    /// more (at most `limit` of them, the earliest ended first): the first attempts an
+    /// instance took in its fan-out ([`Self::fan_out_holding`], which queues no job for them)
+    /// and died before recording, and the retries whose job was never queued (an attempt's
+    /// retry is recorded held until it is due, and its job queued after: the instance stopped
+    /// in between, or the broker refused it). Every instance with workers calls this from time
+    /// to time; the grace leaves a delivery whose own job waits for the hold (an attempt's job
+    /// come back when its hold ends, a throttled one's, a retry's) to that job. Each delivery
+    /// found is claimed first, by moving its hold's end to now with a write conditional on the
+    /// version read, and its job queued only then: of several instances sweeping together, one
+    /// queues it; one whose job or attempt changed it meanwhile is left to that. A crash (or a
+    /// refused publish) after the claim leaves the delivery to be found again after the grace.
+    /// Returns the jobs queued. Nothing to do with the queue in the store (no delivery is held
     /// without its job there).
     ///
     /// # Errors
@@ -477,20 +481,21 @@ impl DeliveryService {
         let before = now - time::Duration::try_from(ENDED_HOLD_GRACE).unwrap_or(time::Duration::MINUTE);
         let mut requeued = Vec::new();
         for Stored { value: mut delivery, etag } in self.deliveries.holds_ended_before(before, limit).await? {
-            // Judged again here: a store may compare the times as text.
+            // Judged again here, as the port promises.
             if delivery.status != DeliveryStatus::Pending || delivery.lease_until.is_none_or(|until| until >= before) {
                 continue;
+            }
+            delivery.lease_until = Some(now);
+            match self.deliveries.replace(&delivery, Some(etag), &[]).await {
+                Ok(_) => {}
+                // Changed meanwhile (its job, its attempt or another instance's sweep came
+                // first): left to that.
+                Err(DomainError::PreconditionFailed | DomainError::NotFound { .. }) => continue,
+                Err(e) => return Err(e),
             }
             let job = DeliveryJob { tenant_id: delivery.tenant_id.clone(), delivery_id: delivery.id };
             self.queue.schedule(&job, delivery.next_attempt_at.map_or(now, |at| at.max(now))).await?;
             requeued.push(job);
-            delivery.lease_until = None;
-            match self.deliveries.replace(&delivery, Some(etag), &[]).await {
-                // Changed meanwhile (its job, or another instance's sweep, came first): the job
-                // queued here finds it held, done or not due.
-                Ok(_) | Err(DomainError::PreconditionFailed | DomainError::NotFound { .. }) => {}
-                Err(e) => return Err(e),
-            }
         }
         Ok(requeued)
     }
@@ -623,14 +628,16 @@ impl DeliveryService {
                 self.queue.complete(job).await?;
                 return Ok(Prepared::Done(AttemptReport::Nothing));
             }
+            if delivery.next_attempt_at.is_some_and(|at| at > now + EARLY_SLACK) {
+                // The attempt due now was made already; the job for the next one is queued (a
+                // retry recorded with the queue elsewhere is held until it is due, so that the
+                // hold sweep queues it should that job be missing).
+                self.queue.complete(job).await?;
+                return Ok(Prepared::Done(AttemptReport::Nothing));
+            }
             if let Some(until) = delivery.lease_until.filter(|until| *until > now) {
                 // An attempt is in progress, or its worker died: look again when its hold ends.
                 self.queue.schedule(job, until).await?;
-                return Ok(Prepared::Done(AttemptReport::Nothing));
-            }
-            if delivery.next_attempt_at.is_some_and(|at| at > now + EARLY_SLACK) {
-                // The attempt due now was made already; the job for the next one is queued.
-                self.queue.complete(job).await?;
                 return Ok(Prepared::Done(AttemptReport::Nothing));
             }
         }
@@ -739,7 +746,9 @@ impl DeliveryService {
 
     /// Writes a delivery conditionally on `etag`, with `events`, and then its job: in one
     /// transaction when the queue lives in the same database, else the record first (a crash
-    /// in between leaves the job leased: it runs again and finds the delivery recorded).
+    /// in between leaves the job leased: it runs again and finds the delivery recorded; a
+    /// retry is recorded held until it is due, which the hold sweep covers should its job be
+    /// missing).
     async fn record(
         &self,
         job: &DeliveryJob,
@@ -752,10 +761,20 @@ impl DeliveryService {
             self.deliveries.replace_queued(delivery, Some(etag), events, next).await?;
             return Ok(());
         }
-        self.deliveries.replace(delivery, Some(etag), events).await?;
         match next {
-            JobAfter::RetryAt(at) => self.queue.schedule(job, at).await,
-            JobAfter::Complete => self.queue.complete(job).await,
+            JobAfter::RetryAt(at) => {
+                // Recorded held until it is due, as a throttled attempt is: should its job never
+                // be queued (this process stops before, or the queue refuses it; a first attempt
+                // made by the fan-out has no message of its own to come back), the hold sweep
+                // finds it once that hold has ended.
+                let held = Delivery { lease_until: Some(at), ..delivery.clone() };
+                self.deliveries.replace(&held, Some(etag), events).await?;
+                self.queue.schedule(job, at).await
+            }
+            JobAfter::Complete => {
+                self.deliveries.replace(delivery, Some(etag), events).await?;
+                self.queue.complete(job).await
+            }
         }
     }
 
@@ -941,7 +960,9 @@ impl DeliveryService {
                     let mut delivery = stored.value;
                     delivery.status = DeliveryStatus::Pending;
                     delivery.next_attempt_at = Some(self.clock.now());
-                    delivery.lease_until = None;
+                    // With the queue elsewhere, held until due (now), as a recorded retry is: the
+                    // hold sweep queues it should its job not reach the queue.
+                    delivery.lease_until = (!self.queue_in_store).then(|| self.clock.now());
                     delivery.updated_at = self.clock.now();
                     match self.deliveries.replace(&delivery, Some(stored.etag), &[]).await {
                         Ok(_) => {

@@ -139,6 +139,8 @@ impl DeliveryRepository for Deliveries {
 #[derive(Default)]
 struct Broker {
     messages: Mutex<Vec<(DeliveryJob, OffsetDateTime)>>,
+    /// Set: every schedule fails (the broker is away).
+    refuse: std::sync::atomic::AtomicBool,
 }
 
 impl Broker {
@@ -150,6 +152,9 @@ impl Broker {
 #[async_trait]
 impl DeliveryQueue for Broker {
     async fn schedule(&self, job: &DeliveryJob, due: OffsetDateTime) -> Result<(), DomainError> {
+        if self.refuse.load(Ordering::SeqCst) {
+            return Err(DomainError::unavailable("the broker is away"));
+        }
         self.messages.lock().unwrap().push((job.clone(), due));
         Ok(())
     }
@@ -363,7 +368,7 @@ fn a_duplicate_job_is_dropped_without_a_second_attempt() {
     assert_eq!(w.sends(), 1, "both jobs made an attempt");
     let delivery = w.deliveries.value(w.delivery_id);
     assert_eq!(delivery.attempts.len(), 1);
-    assert_eq!(delivery.lease_until, None, "the attempt released its hold");
+    assert_eq!(delivery.lease_until, delivery.next_attempt_at, "the attempt's hold now ends when the retry is due");
     assert_eq!(w.queue.dues(), vec![delivery.next_attempt_at.unwrap()], "exactly one job waits, for the retry");
 
     w.clock.advance(Duration::from_secs(400));
@@ -413,9 +418,9 @@ fn an_attempt_the_secret_store_cannot_sign_waits_for_the_schedule_released() {
     assert!(reason.contains("secret management is down"), "{reason}");
     assert_eq!(at, w.clock.now() + time::Duration::seconds(300), "the first step of the schedule");
     let delivery = w.deliveries.value(w.delivery_id);
-    assert_eq!((delivery.status, delivery.lease_until, delivery.next_attempt_at), (DeliveryStatus::Pending, None, Some(at)));
+    assert_eq!((delivery.status, delivery.lease_until, delivery.next_attempt_at), (DeliveryStatus::Pending, Some(at), Some(at)));
     assert!(delivery.attempts.is_empty(), "no request was sent");
-    assert_eq!(w.queue.dues(), vec![at], "the job waits in the queue, not held");
+    assert_eq!(w.queue.dues(), vec![at], "the job waits in the queue, the delivery held no longer than until then");
     assert_eq!(w.sends(), 0);
 }
 
@@ -579,7 +584,7 @@ fn a_first_attempt_its_process_never_made_is_made_once_its_hold_has_ended() {
     let requeued = block_on(w.service.requeue_ended_holds(100)).unwrap();
     assert_eq!(requeued.iter().map(|j| j.delivery_id).collect::<Vec<_>>(), vec![w.delivery_id]);
     assert_eq!(w.queue.dues(), vec![w.clock.now()], "due at once");
-    assert_eq!(w.deliveries.value(w.delivery_id).lease_until, None, "the ended hold is released");
+    assert_eq!(w.deliveries.value(w.delivery_id).lease_until, Some(w.clock.now()), "claimed: its hold ends at the sweep");
     assert!(w.clock.now() > until);
     // Another instance's sweep (or this one's next) finds nothing more.
     assert!(block_on(w.service.requeue_ended_holds(100)).unwrap().is_empty(), "queued twice");
@@ -610,7 +615,7 @@ fn a_held_first_attempt_whose_event_is_relayed_again_waits_for_the_hold() {
 }
 
 #[test]
-fn a_hold_taken_again_between_the_sweeps_read_and_its_release_stands() {
+fn a_hold_taken_again_between_the_sweeps_read_and_its_claim_stands() {
     let (w, _) = fanned_out_held_and_abandoned();
     w.clock.advance(ATTEMPT_LEASE + ENDED_HOLD_GRACE + Duration::from_secs(1));
     // Another worker (a replayed event's job, say) holds it again right after the sweep read it.
@@ -619,13 +624,34 @@ fn a_hold_taken_again_between_the_sweeps_read_and_its_release_stands() {
 
     let requeued = block_on(w.service.requeue_ended_holds(100)).unwrap();
 
-    assert_eq!(requeued.len(), 1, "queued from what was read");
-    assert_eq!(w.deliveries.value(w.delivery_id).lease_until, Some(again), "the new hold is not released");
-    *w.deliveries.held_again_after_listing.lock().unwrap() = None;
-    // The job queued by the sweep finds it held, and waits for that hold instead of sending.
+    assert!(requeued.is_empty(), "the claim failed: nothing is queued");
+    assert!(w.queue.dues().is_empty(), "a job beside the new holder's");
+    assert_eq!(w.deliveries.value(w.delivery_id).lease_until, Some(again), "the new hold stands");
+}
+
+#[test]
+fn a_retry_whose_job_the_queue_refused_is_queued_by_the_sweep_once_it_is_overdue() {
+    let w = world(500);
+    let mut here = Here { capacity: 4, ..Here::default() };
+    block_on(w.service.fan_out_holding(std::slice::from_ref(&w.event), &mut here)).unwrap();
+    w.queue.refuse.store(true, Ordering::SeqCst); // The broker is away when the retry is recorded.
+
+    let report = block_on(w.service.attempt_held(here.started.pop().unwrap()));
+
+    assert!(report.is_err(), "the retry's job could not be queued: {report:?}");
+    assert_eq!(w.sends(), 1);
+    let recorded = w.deliveries.value(w.delivery_id);
+    let at = recorded.next_attempt_at.expect("a retry");
+    assert_eq!((recorded.status, recorded.lease_until), (DeliveryStatus::Pending, Some(at)), "recorded held until the retry is due");
+    assert!(w.queue.dues().is_empty(), "no job anywhere for the retry");
+    w.queue.refuse.store(false, Ordering::SeqCst);
+
+    w.clock.advance(Duration::try_from(at - w.clock.now()).unwrap() + ENDED_HOLD_GRACE);
+    assert!(block_on(w.service.requeue_ended_holds(100)).unwrap().is_empty(), "queued within the grace");
+    w.clock.advance(Duration::from_secs(1));
+    assert_eq!(block_on(w.service.requeue_ended_holds(100)).unwrap().len(), 1, "the overdue retry is queued");
     w.run_queued();
-    assert_eq!(w.sends(), 0, "an attempt beside the live hold");
-    assert_eq!(w.queue.dues(), vec![again]);
+    assert_eq!(w.sends(), 2, "the retry was made");
 }
 
 #[test]
