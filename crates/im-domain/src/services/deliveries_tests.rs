@@ -69,8 +69,20 @@ impl DeliveryRepository for Deliveries {
         Ok(Stored { value: value.clone(), etag: ETag::new(version.to_string()) })
     }
 
-    async fn list(&self, _: &TenantId, _: WebhookId, _: &DeliveryFilter, _: &PageRequest) -> Result<Page<Stored<Delivery>>, DomainError> {
-        Ok(Page { items: Vec::new(), continuation: None })
+    async fn list(
+        &self,
+        _: &TenantId,
+        webhook: WebhookId,
+        filter: &DeliveryFilter,
+        _: &PageRequest,
+    ) -> Result<Page<Stored<Delivery>>, DomainError> {
+        let rows = self.rows.lock().unwrap();
+        let items = rows
+            .values()
+            .filter(|(d, _)| d.webhook_id == webhook && filter.matches(d))
+            .map(|(d, version)| Stored { value: d.clone(), etag: ETag::new(version.to_string()) })
+            .collect();
+        Ok(Page { items, continuation: None })
     }
 
     async fn replace(&self, delivery: &Delivery, if_match: Option<ETag>, _events: &[DomainEvent]) -> Result<ETag, DomainError> {
@@ -652,6 +664,32 @@ fn a_retry_whose_job_the_queue_refused_is_queued_by_the_sweep_once_it_is_overdue
     assert_eq!(block_on(w.service.requeue_ended_holds(100)).unwrap().len(), 1, "the overdue retry is queued");
     w.run_queued();
     assert_eq!(w.sends(), 2, "the retry was made");
+}
+
+#[test]
+fn a_recovered_delivery_whose_job_the_queue_refused_is_queued_by_the_sweep() {
+    let w = world(200);
+    block_on(w.service.fan_out(&w.event)).unwrap();
+    block_on(w.queue.take_due(10, ATTEMPT_LEASE)).unwrap(); // Its job ran while the endpoint was disabled:
+    w.deliveries.rows.lock().unwrap().get_mut(&w.delivery_id).unwrap().0.status = DeliveryStatus::Skipped;
+    let caller = Caller {
+        tenant_id: TenantId::new("tenant-a").unwrap(),
+        user_id: crate::common::UserId::new("u").unwrap(),
+        roles: vec![Role::Member],
+    };
+    w.queue.refuse.store(true, Ordering::SeqCst); // The broker is away when it is recovered.
+
+    let recovered = block_on(w.service.recover(&caller, w.webhook_id, w.clock.now() - time::Duration::HOUR));
+
+    assert!(recovered.is_err(), "its job could not be queued: {recovered:?}");
+    let delivery = w.deliveries.value(w.delivery_id);
+    assert_eq!((delivery.status, delivery.lease_until), (DeliveryStatus::Pending, Some(w.clock.now())), "pending, held until due (now)");
+    w.queue.refuse.store(false, Ordering::SeqCst);
+    w.clock.advance(ENDED_HOLD_GRACE + Duration::from_secs(1));
+    assert_eq!(block_on(w.service.requeue_ended_holds(100)).unwrap().len(), 1, "the sweep queues it");
+    w.run_queued();
+    assert_eq!(w.sends(), 1);
+    assert_eq!(w.deliveries.value(w.delivery_id).status, DeliveryStatus::Succeeded);
 }
 
 #[test]
