@@ -105,9 +105,8 @@ const HOLD_SWEEP_READS: u32 = 10;
 pub fn spawn_hold_sweeper(service: DeliveryService, every: Duration, wake: Arc<Notify>, shutdown: &CancellationToken, tasks: &TaskTracker) {
     let shutdown = shutdown.clone();
     tasks.spawn(async move {
-        let every = every.max(Duration::from_millis(1));
-        let offset = Duration::from_millis(u64::from(uuid::Uuid::new_v4().as_u128() as u32) % every.as_millis().max(1) as u64);
-        let mut wait = offset;
+        // `every` is at least 100 ms (the settings' check); the max only keeps the modulo defined.
+        let mut wait = Duration::from_millis(u64::from(uuid::Uuid::new_v4().as_u128() as u32) % every.as_millis().max(1) as u64);
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return,
@@ -123,7 +122,7 @@ pub fn spawn_hold_sweeper(service: DeliveryService, every: Duration, wake: Arc<N
                             tracing::warn!(
                                 count = jobs.len(),
                                 first = %first.join(","),
-                                "first attempts whose hold ended without a record (an instance stopped) were queued again"
+                                "deliveries whose hold ended without their attempt or its job (an instance stopped, or the broker refused the job) were queued again"
                             );
                             wake.notify_one();
                         }

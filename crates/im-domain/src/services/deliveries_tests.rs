@@ -454,15 +454,16 @@ fn a_delivery_whose_signing_secret_is_gone_fails_with_the_reason() {
     assert_eq!(w.sends(), 0);
 }
 
+/// A member of the world's tenant.
+fn member() -> Caller {
+    Caller { tenant_id: TenantId::new("tenant-a").unwrap(), user_id: crate::common::UserId::new("u").unwrap(), roles: vec![Role::Member] }
+}
+
 #[test]
 fn manual_sends_of_an_endpoint_are_rate_limited_per_minute() {
     let w = world(200);
     let service = w.service.clone().with_manual_sends_per_minute(2);
-    let caller = Caller {
-        tenant_id: TenantId::new("tenant-a").unwrap(),
-        user_id: crate::common::UserId::new("u").unwrap(),
-        roles: vec![Role::Member],
-    };
+    let caller = member();
     let test = block_on(service.test(&caller, w.webhook_id)).unwrap();
     w.clock.advance(Duration::from_secs(20));
     block_on(service.retry(&caller, w.webhook_id, test.value.id)).unwrap();
@@ -672,11 +673,7 @@ fn a_recovered_delivery_whose_job_the_queue_refused_is_queued_by_the_sweep() {
     block_on(w.service.fan_out(&w.event)).unwrap();
     block_on(w.queue.take_due(10, ATTEMPT_LEASE)).unwrap(); // Its job ran while the endpoint was disabled:
     w.deliveries.rows.lock().unwrap().get_mut(&w.delivery_id).unwrap().0.status = DeliveryStatus::Skipped;
-    let caller = Caller {
-        tenant_id: TenantId::new("tenant-a").unwrap(),
-        user_id: crate::common::UserId::new("u").unwrap(),
-        roles: vec![Role::Member],
-    };
+    let caller = member();
     w.queue.refuse.store(true, Ordering::SeqCst); // The broker is away when it is recovered.
 
     let recovered = block_on(w.service.recover(&caller, w.webhook_id, w.clock.now() - time::Duration::HOUR));
