@@ -373,7 +373,7 @@ impl SqliteDeliveries {
                 });
                 // One created held is attempted by its creator with what it has in hand: no read to spare.
                 let hand = ((!queue && pending && d.lease_until.is_none()) || leased.is_some()).then(|| d.webhook_id.to_string());
-                Ok((d.tenant_id.to_string(), d.id.to_string(), encode(d)?, due, leased, hand))
+                Ok((d.tenant_id.to_string(), d.id.to_string(), encode(d)?, hold_of(d)?, due, leased, hand))
             })
             .collect::<Result<Vec<_>, DomainError>>()?;
         let (outcomes, handed) = self
@@ -384,8 +384,8 @@ impl SqliteDeliveries {
                 let mut records = Vec::new();
                 let mut webhooks: Vec<(Doc, u32)> = Vec::new();
                 let mut jobs = Vec::new();
-                for (pk, id, body, due, leased, hand) in items {
-                    match insert(tx, WEBHOOK_DELIVERIES, &pk, &id, &body, expires_at, now) {
+                for (pk, id, body, hold, due, leased, hand) in items {
+                    match insert(tx, WEBHOOK_DELIVERIES, &pk, &id, &body, expires_at, hold.as_deref(), now) {
                         Ok(etag) => {
                             if let Some(due) = due {
                                 match leased {
@@ -451,6 +451,20 @@ fn put_leased_job(tx: &Transaction<'_>, id: &str, tenant: &str, due: i64, until:
     Ok(changed > 0)
 }
 
+/// The end of a pending delivery's hold as its record writes it (RFC 3339), kept in the row's
+/// `hold_until` for the index of held deliveries ([`DeliveryRepository::holds_ended_before`]):
+/// a column the delivery's writes set, where an index on the body's fields would parse each
+/// delivery's JSON at every write.
+fn hold_of(delivery: &Delivery) -> Result<Option<String>, DomainError> {
+    match delivery.lease_until {
+        Some(until) if delivery.status == DeliveryStatus::Pending => until
+            .format(&time::format_description::well_known::Rfc3339)
+            .map(Some)
+            .map_err(|e| DomainError::Unexpected(anyhow::Error::new(e).context("writing a delivery's hold"))),
+        _ => Ok(None),
+    }
+}
+
 fn remove_job(tx: &Transaction<'_>, id: &str) -> Result<(), DomainError> {
     tx.prepare_cached("DELETE FROM delivery_jobs WHERE delivery_id = ?1").and_then(|mut s| s.execute([id])).map_err(map_sqlite)?;
     Ok(())
@@ -460,8 +474,11 @@ fn remove_job(tx: &Transaction<'_>, id: &str) -> Result<(), DomainError> {
 impl DeliveryRepository for SqliteDeliveries {
     #[tracing::instrument(skip_all, name = "deliveries.create", fields(tenant = %delivery.tenant_id, delivery = %delivery.id))]
     async fn create(&self, delivery: &Delivery) -> Result<ETag, DomainError> {
+        let (pk, id, body, hold) = (delivery.tenant_id.to_string(), delivery.id.to_string(), encode(delivery)?, hold_of(delivery)?);
         self.docs
-            .create(WEBHOOK_DELIVERIES, delivery.tenant_id.to_string(), delivery.id.to_string(), encode(delivery)?, Some(DELIVERY_TTL))
+            .transaction(move |tx, now| {
+                insert(tx, WEBHOOK_DELIVERIES, &pk, &id, &body, expiry(now, Some(DELIVERY_TTL)), hold.as_deref(), now)
+            })
             .await
     }
 
@@ -516,7 +533,7 @@ impl DeliveryRepository for SqliteDeliveries {
         self.forget_leased(delivery.id);
         let pk = delivery.tenant_id.to_string();
         self.docs
-            .replace(
+            .replace_then(
                 WEBHOOK_DELIVERIES,
                 RESOURCE,
                 pk.clone(),
@@ -525,28 +542,29 @@ impl DeliveryRepository for SqliteDeliveries {
                 encode(delivery)?,
                 if_match,
                 Some(DELIVERY_TTL),
+                hold_of(delivery)?,
                 events,
+                |_| Ok(()),
             )
             .await
     }
 
     #[tracing::instrument(skip_all, name = "deliveries.holds_ended_before")]
     async fn holds_ended_before(&self, before: time::OffsetDateTime, limit: u32) -> Result<Vec<Stored<Delivery>>, DomainError> {
-        // The index holds only pending deliveries with a hold, by its end as stored: RFC 3339
-        // text in UTC, where a fraction of a second sorts before the whole second (`.5Z` <
-        // `Z`). So the text is compared with the second after `before` (every hold that ends
-        // before it, and a few within that second), and the decoded holds exactly, in order.
+        // The index holds only pending deliveries with a hold ([`hold_of`]), by its end as
+        // stored: RFC 3339 text in UTC, where a fraction of a second sorts before the whole
+        // second (`.5Z` < `Z`). So the text is compared with the second after `before` (every
+        // hold that ends before it, and a few within that second), and the decoded holds
+        // exactly, in order.
         let cutoff = im_domain::webhooks::delivery::hold_text_cutoff(before)?;
         let live = self.docs.db().now();
         let docs = self
             .docs
             .db()
             .read(move |conn| {
-                let sql = "SELECT pk, id, etag, body FROM documents INDEXED BY deliveries_by_hold_end \
-                    WHERE container = 'integration_webhook_deliveries' AND json_extract(body, '$.status') = 'pending' \
-                    AND json_extract(body, '$.leaseUntil') IS NOT NULL AND json_extract(body, '$.leaseUntil') <= ?1 \
-                    AND (expires_at IS NULL OR expires_at > ?2) \
-                    ORDER BY json_extract(body, '$.leaseUntil') LIMIT ?3";
+                let sql = "SELECT pk, id, etag, body FROM documents INDEXED BY deliveries_by_hold \
+                    WHERE hold_until IS NOT NULL AND hold_until <= ?1 AND container = 'integration_webhook_deliveries' \
+                    AND (expires_at IS NULL OR expires_at > ?2) ORDER BY hold_until LIMIT ?3";
                 conn.prepare_cached(sql)?
                     .query_map(params![cutoff, live, i64::from(limit)], |r| {
                         Ok(Doc { pk: r.get(0)?, id: r.get(1)?, etag: ETag::new(r.get::<_, String>(2)?), body: r.get(3)? })
@@ -555,7 +573,7 @@ impl DeliveryRepository for SqliteDeliveries {
             })
             .await?;
         let mut ended = docs.into_iter().map(decode::<Delivery>).collect::<Result<Vec<_>, _>>()?;
-        ended.retain(|d| d.value.lease_until.is_some_and(|until| until < before));
+        ended.retain(|d| d.value.status == DeliveryStatus::Pending && d.value.lease_until.is_some_and(|until| until < before));
         ended.sort_by_key(|d| d.value.lease_until);
         Ok(ended)
     }
@@ -602,6 +620,7 @@ impl DeliveryRepository for SqliteDeliveries {
                 encode(delivery)?,
                 if_match,
                 Some(DELIVERY_TTL),
+                hold_of(delivery)?,
                 events,
                 move |tx| match job {
                     JobAfter::Complete => remove_job(tx, &job_id),

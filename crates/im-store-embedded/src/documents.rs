@@ -143,7 +143,7 @@ impl Documents {
                 {
                     return Err(DomainError::PreconditionFailed);
                 }
-                let etag = insert(tx, container, &pk, &id, &body, expiry(now, ttl), now)?;
+                let etag = insert(tx, container, &pk, &id, &body, expiry(now, ttl), None, now)?;
                 record_events(tx, &rows)?;
                 Ok(etag)
             })
@@ -205,7 +205,7 @@ impl Documents {
                 let mut outcomes = Vec::with_capacity(items.len());
                 for (id, body, if_match) in items {
                     let outcome = match if_match {
-                        None => match insert(tx, container, &pk, &id, &body, None, now) {
+                        None => match insert(tx, container, &pk, &id, &body, None, None, now) {
                             Err(DomainError::Conflict(m)) => Err(DomainError::Conflict(m)),
                             Err(e) => return Err(e),
                             Ok(etag) => Ok(etag),
@@ -263,10 +263,11 @@ impl Documents {
         ttl: Option<Duration>,
         events: &[DomainEvent],
     ) -> Result<ETag, DomainError> {
-        self.replace_then(container, resource, pk, new_pk, id, body, if_match, ttl, events, |_| Ok(())).await
+        self.replace_then(container, resource, pk, new_pk, id, body, if_match, ttl, None, events, |_| Ok(())).await
     }
 
     /// [`Self::replace`], then `then` in the same transaction (a failure of `then` writes nothing).
+    /// `hold`: as [`insert`]'s (the column is written at every replace).
     ///
     /// # Errors
     /// As [`Self::replace`], or what `then` returns.
@@ -281,6 +282,7 @@ impl Documents {
         body: String,
         if_match: Option<ETag>,
         ttl: Option<Duration>,
+        hold: Option<String>,
         events: &[DomainEvent],
         then: impl FnOnce(&Transaction<'_>) -> Result<(), DomainError> + Send + 'static,
     ) -> Result<ETag, DomainError> {
@@ -293,14 +295,15 @@ impl Documents {
                 let etag = if new_pk == pk {
                     let etag = new_etag();
                     tx.prepare_cached(
-                        "UPDATE documents SET etag = ?4, body = ?5, expires_at = ?6 WHERE container = +?1 AND pk = ?2 AND id = ?3",
+                        "UPDATE documents SET etag = ?4, body = ?5, expires_at = ?6, hold_until = ?7 \
+                         WHERE container = +?1 AND pk = ?2 AND id = ?3",
                     )
-                    .and_then(|mut s| s.execute(params![container, pk, id, etag.as_str(), body, expiry(now, ttl)]))
+                    .and_then(|mut s| s.execute(params![container, pk, id, etag.as_str(), body, expiry(now, ttl), hold]))
                     .map_err(map_sqlite)?;
                     etag
                 } else {
                     remove(tx, container, &pk, &id)?;
-                    insert(tx, container, &new_pk, &id, &body, expiry(now, ttl), now)?
+                    insert(tx, container, &new_pk, &id, &body, expiry(now, ttl), hold.as_deref(), now)?
                 };
                 record_events(tx, &rows)?;
                 then(tx)?;
@@ -524,6 +527,9 @@ pub(crate) fn find(conn: &rusqlite::Connection, container: &str, id: &str, now: 
 }
 
 /// Inserts a document inside a transaction; an expired document with the same key is replaced.
+/// `hold`: the end of the hold of a pending delivery, kept beside its body for the index of
+/// held deliveries (`None` for any other document).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn insert(
     tx: &Transaction<'_>,
     container: &str,
@@ -531,14 +537,16 @@ pub(crate) fn insert(
     id: &str,
     body: &str,
     expires_at: Option<i64>,
+    hold: Option<&str>,
     now: i64,
 ) -> Result<ETag, DomainError> {
     let etag = new_etag();
     let add = || {
         tx.prepare_cached(
-            "INSERT INTO documents (container, pk, id, etag, body, expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT DO NOTHING",
+            "INSERT INTO documents (container, pk, id, etag, body, expires_at, hold_until) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
+             ON CONFLICT DO NOTHING",
         )
-        .and_then(|mut s| s.execute(params![container, pk, id, etag.as_str(), body, expires_at]))
+        .and_then(|mut s| s.execute(params![container, pk, id, etag.as_str(), body, expires_at, hold]))
         .map_err(map_sqlite)
     };
     // The insert first: a key is rarely taken, so the expired one is looked for only when it is.

@@ -144,6 +144,21 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
             AND json_extract(body, '$.leaseUntil') IS NOT NULL;
     "#,
     ),
+    (
+        10,
+        "deliveries_by_hold",
+        r#"
+    -- The end of a pending delivery's hold in a column of its own, written with the delivery:
+    -- an index on the body's fields parsed each delivery's JSON (old row and new) at every
+    -- write, to find the few that the sweep reads.
+    ALTER TABLE documents ADD COLUMN hold_until TEXT;  -- RFC 3339 (UTC); NULL but for held pending deliveries
+    DROP INDEX deliveries_by_hold_end;
+    UPDATE documents SET hold_until = json_extract(body, '$.leaseUntil')
+        WHERE container = 'integration_webhook_deliveries' AND json_extract(body, '$.status') = 'pending'
+            AND json_extract(body, '$.leaseUntil') IS NOT NULL;
+    CREATE INDEX deliveries_by_hold ON documents (hold_until) WHERE hold_until IS NOT NULL;
+    "#,
+    ),
 ];
 
 /// What [`crate::EmbeddedStore::migrate`] did.
@@ -207,7 +222,7 @@ mod tests {
 
         let report = apply(&tx).unwrap();
 
-        assert_eq!(report.applied, vec!["0008_documents_rowid".to_owned(), "0009_deliveries_by_hold_end".to_owned()]);
+        assert_eq!(report.applied[..2], ["0008_documents_rowid".to_owned(), "0009_deliveries_by_hold_end".to_owned()]);
         let kept: Vec<(String, String)> = tx
             .prepare("SELECT id, body FROM documents ORDER BY id")
             .unwrap()
@@ -226,5 +241,45 @@ mod tests {
             )
             .unwrap();
         assert_eq!(upserted, 1);
+    }
+
+    /// The deliveries held when the hold moved to its own column are found by its index: the
+    /// pending ones with a hold, and no other document.
+    #[test]
+    fn deliveries_held_before_the_hold_column_are_indexed_by_it() {
+        let mut conn = rusqlite::Connection::open_in_memory().unwrap();
+        let tx = conn.transaction().unwrap();
+        tx.execute_batch("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at INTEGER NOT NULL)")
+            .unwrap();
+        for (version, name, sql) in MIGRATIONS.iter().filter(|(v, _, _)| *v < 10) {
+            tx.execute_batch(sql).unwrap();
+            tx.execute("INSERT INTO schema_migrations (version, name, applied_at) VALUES (?1, ?2, 0)", rusqlite::params![version, name])
+                .unwrap();
+        }
+        let rows = [
+            ("integration_webhook_deliveries", "held", r#"{"status":"pending","leaseUntil":"2026-12-03T12:02:00.5Z"}"#),
+            ("integration_webhook_deliveries", "waiting", r#"{"status":"pending","nextAttemptAt":"2026-12-03T12:02:00Z"}"#),
+            ("integration_webhook_deliveries", "done", r#"{"status":"succeeded","leaseUntil":"2026-12-03T12:02:00Z"}"#),
+            ("integrations", "other", r#"{"status":"pending","leaseUntil":"2026-12-03T12:02:00Z"}"#),
+        ];
+        for (container, id, body) in rows {
+            tx.execute(
+                "INSERT INTO documents (container, pk, id, etag, body, expires_at) VALUES (?1, 'p', ?2, 'e', ?3, NULL)",
+                rusqlite::params![container, id, body],
+            )
+            .unwrap();
+        }
+
+        let report = apply(&tx).unwrap();
+
+        assert_eq!(report.applied, vec!["0010_deliveries_by_hold".to_owned()]);
+        let held: Vec<(String, String)> = tx
+            .prepare("SELECT id, hold_until FROM documents INDEXED BY deliveries_by_hold WHERE hold_until IS NOT NULL ORDER BY hold_until")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(held, vec![("held".to_owned(), "2026-12-03T12:02:00.5Z".to_owned())]);
     }
 }

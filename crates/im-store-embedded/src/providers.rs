@@ -44,7 +44,7 @@ impl ProviderRepository for SqliteProviders {
                 if find(tx, PROVIDERS, &id, now).map_err(map_sqlite)?.is_some() {
                     return Err(DomainError::Conflict(format!("a provider with id '{id}' already exists")));
                 }
-                insert(tx, PROVIDERS, &pk, &id, &body, None, now)
+                insert(tx, PROVIDERS, &pk, &id, &body, None, None, now)
             })
             .await
     }
@@ -129,7 +129,7 @@ impl ProviderRepository for SqliteProviders {
                     if find(tx, PROVIDERS, &id, now).map_err(map_sqlite)?.is_some() {
                         report.skipped += 1;
                     } else {
-                        insert(tx, PROVIDERS, &pk, &id, &body, None, now)?;
+                        insert(tx, PROVIDERS, &pk, &id, &body, None, None, now)?;
                         report.inserted += 1;
                     }
                 }
