@@ -904,3 +904,35 @@ async fn a_kept_snapshot_does_not_hold_back_the_checkpoints_of_others() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// A delivery whose body was written without its `hold_until` column (by an instance of the
+/// version before the column, during an upgrade) is passed over by the hold sweep's read, and
+/// does not take the place of one whose hold did end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_column_left_behind_by_a_body_only_write_is_passed_over() {
+    use im_domain::webhooks::delivery::DeliveryStatus;
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(dir.path()).await;
+    let repo = store.deliveries();
+    let tenant = im_testkit::fresh_tenant();
+    let ended = OffsetDateTime::now_utc() - Duration::from_secs(600);
+    let held = |minutes_ago: i64| {
+        let mut d = im_testkit::deliveries::delivery(&tenant, DeliveryStatus::Pending);
+        d.lease_until = Some(ended - time::Duration::minutes(minutes_ago));
+        d
+    };
+    let (done_elsewhere, still_held) = (held(5), held(1));
+    let etag = repo.create(&done_elsewhere).await.unwrap();
+    repo.create(&still_held).await.unwrap();
+    // The body alone rewritten as final, the column left as it was.
+    let mut done = done_elsewhere.clone();
+    done.status = DeliveryStatus::Succeeded;
+    done.lease_until = None;
+    let items = vec![(done.id.to_string(), serde_json::to_string(&done).unwrap(), Some(etag))];
+    let written = store.documents().write_each(containers::WEBHOOK_DELIVERIES, "delivery", tenant.to_string(), items).await.unwrap();
+    assert!(written[0].is_ok(), "{written:?}");
+
+    let listed = repo.holds_ended_before(OffsetDateTime::now_utc(), 1).await.unwrap();
+
+    assert_eq!(listed.iter().map(|d| d.value.id).collect::<Vec<_>>(), vec![still_held.id], "the held one, in the only place");
+}
