@@ -457,10 +457,15 @@ fn put_leased_job(tx: &Transaction<'_>, id: &str, tenant: &str, due: i64, until:
 /// delivery's JSON at every write.
 fn hold_of(delivery: &Delivery) -> Result<Option<String>, DomainError> {
     match delivery.lease_until {
-        Some(until) if delivery.status == DeliveryStatus::Pending => until
-            .format(&time::format_description::well_known::Rfc3339)
-            .map(Some)
-            .map_err(|e| DomainError::Unexpected(anyhow::Error::new(e).context("writing a delivery's hold"))),
+        Some(until) if delivery.status == DeliveryStatus::Pending => {
+            // Written as the body writes it (the two are compared as text): every hold is
+            // taken in UTC.
+            debug_assert!(until.offset().is_utc(), "a hold's end in UTC: {until}");
+            until
+                .format(&time::format_description::well_known::Rfc3339)
+                .map(Some)
+                .map_err(|e| DomainError::Unexpected(anyhow::Error::new(e).context("writing a delivery's hold")))
+        }
         _ => Ok(None),
     }
 }
@@ -551,24 +556,25 @@ impl DeliveryRepository for SqliteDeliveries {
 
     #[tracing::instrument(skip_all, name = "deliveries.holds_ended_before")]
     async fn holds_ended_before(&self, before: time::OffsetDateTime, limit: u32) -> Result<Vec<Stored<Delivery>>, DomainError> {
-        // The index holds only pending deliveries with a hold ([`hold_of`]), by its end as
-        // stored: RFC 3339 text in UTC, where a fraction of a second sorts before the whole
-        // second (`.5Z` < `Z`). So the text is compared with the second after `before` (every
-        // hold that ends before it, and a few within that second), and the decoded holds
-        // exactly, in order.
+        // The index holds the rows whose `hold_until` is set: the deliveries this repository
+        // wrote pending with a hold ([`hold_of`]), by its end as stored: RFC 3339 text in UTC,
+        // where a fraction of a second sorts before the whole second (`.5Z` < `Z`). So the text
+        // is compared with the second after `before` (every hold that ends before it, and a few
+        // within that second), and the decoded holds exactly, in order.
         let cutoff = im_domain::webhooks::delivery::hold_text_cutoff(before)?;
         let live = self.docs.db().now();
         let docs = self
             .docs
             .db()
             .read(move |conn| {
-                // The body is checked too, on these few rows only: a row whose body was written
-                // without its column (an instance of the version before it, during an upgrade)
-                // is passed over, not counted against `limit`.
+                // The body is checked too, on these few rows only: one made final by a write
+                // that left the column as it was (a binary from before the column) is passed
+                // over, not counted against `limit`; one still held is listed whatever its
+                // column says (decoded and judged by its body below; its claim sets the column).
                 let sql = "SELECT pk, id, etag, body FROM documents INDEXED BY deliveries_by_hold \
                     WHERE hold_until IS NOT NULL AND hold_until <= ?1 AND container = 'integration_webhook_deliveries' \
                     AND (expires_at IS NULL OR expires_at > ?2) \
-                    AND json_extract(body, '$.status') = 'pending' AND json_extract(body, '$.leaseUntil') = hold_until \
+                    AND json_extract(body, '$.status') = 'pending' AND json_extract(body, '$.leaseUntil') IS NOT NULL \
                     ORDER BY hold_until LIMIT ?3";
                 conn.prepare_cached(sql)?
                     .query_map(params![cutoff, live, i64::from(limit)], |r| {

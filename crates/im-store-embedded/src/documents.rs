@@ -68,7 +68,8 @@ pub(crate) fn expiry(now: i64, ttl: Option<Duration>) -> Option<i64> {
 /// repeat it, so that they are constant text for the statement cache).
 const LIVE: &str = "(expires_at IS NULL OR expires_at > ?)";
 
-/// Document operations on the embedded database.
+/// Document operations on the embedded database. Its writes leave a row's `hold_until` NULL:
+/// deliveries are written by their repository, which sets it ([`crate::deliveries`]).
 #[derive(Debug, Clone)]
 pub struct Documents {
     db: Arc<Db>,
@@ -216,7 +217,8 @@ impl Documents {
                             Ok(()) => {
                                 let etag = new_etag();
                                 tx.prepare_cached(
-                                    "UPDATE documents SET etag = ?4, body = ?5, expires_at = NULL WHERE container = +?1 AND pk = ?2 AND id = ?3",
+                                    "UPDATE documents SET etag = ?4, body = ?5, expires_at = NULL, hold_until = NULL \
+                                     WHERE container = +?1 AND pk = ?2 AND id = ?3",
                                 )
                                 .and_then(|mut s| s.execute(params![container, pk, id, etag.as_str(), body]))
                                 .map_err(map_sqlite)?;

@@ -152,10 +152,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     -- an index on the body's fields parsed each delivery's JSON (old row and new) at every
     -- write, to find the few that the sweep reads.
     ALTER TABLE documents ADD COLUMN hold_until TEXT;  -- RFC 3339 (UTC); NULL but for held pending deliveries
-    DROP INDEX deliveries_by_hold_end;
-    UPDATE documents SET hold_until = json_extract(body, '$.leaseUntil')
+    -- The held ones found by the index about to go (not by parsing every delivery of 7 days).
+    UPDATE documents INDEXED BY deliveries_by_hold_end SET hold_until = json_extract(body, '$.leaseUntil')
         WHERE container = 'integration_webhook_deliveries' AND json_extract(body, '$.status') = 'pending'
             AND json_extract(body, '$.leaseUntil') IS NOT NULL;
+    DROP INDEX deliveries_by_hold_end;
     CREATE INDEX deliveries_by_hold ON documents (hold_until) WHERE hold_until IS NOT NULL;
     "#,
     ),
@@ -180,6 +181,14 @@ pub(crate) fn apply(tx: &Transaction<'_>) -> Result<MigrationReport, DomainError
     )
     .map_err(map_sqlite)?;
     let current: i64 = tx.query_row("SELECT coalesce(max(version), 0) FROM schema_migrations", [], |r| r.get(0)).map_err(map_sqlite)?;
+    let known = MIGRATIONS.last().map_or(0, |(version, _, _)| *version);
+    if current > known {
+        // A release from before a migration would write the new schema the old way.
+        return Err(DomainError::Unexpected(anyhow::anyhow!(
+            "the database was migrated to schema version {current} by a newer release; this one knows up to {known}: \
+             run the newer release (or restore a backup taken before it)"
+        )));
+    }
     let mut report = MigrationReport { applied: Vec::new(), version: current };
     for (version, name, sql) in MIGRATIONS.iter().filter(|(v, _, _)| *v > current) {
         tx.execute_batch(sql).map_err(map_sqlite)?;
@@ -241,6 +250,20 @@ mod tests {
             )
             .unwrap();
         assert_eq!(upserted, 1);
+    }
+
+    /// A database a newer release migrated is refused, not written the old way.
+    #[test]
+    fn a_database_of_a_newer_release_is_refused() {
+        let mut conn = rusqlite::Connection::open_in_memory().unwrap();
+        let tx = conn.transaction().unwrap();
+        let latest = apply(&tx).unwrap().version;
+        tx.execute("INSERT INTO schema_migrations (version, name, applied_at) VALUES (?1, 'from_a_newer_release', 0)", [latest + 1])
+            .unwrap();
+
+        let refused = apply(&tx).unwrap_err().to_string();
+
+        assert!(refused.contains(&format!("schema version {}", latest + 1)), "{refused}");
     }
 
     /// The deliveries held when the hold moved to its own column are found by its index: the

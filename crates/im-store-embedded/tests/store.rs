@@ -905,11 +905,11 @@ async fn a_kept_snapshot_does_not_hold_back_the_checkpoints_of_others() {
     }
 }
 
-/// A delivery whose body was written without its `hold_until` column (by an instance of the
-/// version before the column, during an upgrade) is passed over by the hold sweep's read, and
-/// does not take the place of one whose hold did end.
+/// Rows whose body a binary from before the `hold_until` column rewrote, leaving the column as
+/// it was (during an upgrade): one made final is passed over by the hold sweep's read and takes
+/// no place in its page; one still held is listed, judged by its body.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_hold_column_left_behind_by_a_body_only_write_is_passed_over() {
+async fn a_hold_column_left_behind_by_a_body_only_write_is_judged_by_the_body() {
     use im_domain::webhooks::delivery::DeliveryStatus;
     let dir = tempfile::tempdir().unwrap();
     let store = store(dir.path()).await;
@@ -921,18 +921,41 @@ async fn a_hold_column_left_behind_by_a_body_only_write_is_passed_over() {
         d.lease_until = Some(ended - time::Duration::minutes(minutes_ago));
         d
     };
-    let (done_elsewhere, still_held) = (held(5), held(1));
-    let etag = repo.create(&done_elsewhere).await.unwrap();
-    repo.create(&still_held).await.unwrap();
-    // The body alone rewritten as final, the column left as it was.
+    let (done_elsewhere, held_again, still_held) = (held(5), held(4), held(1));
+    for d in [&done_elsewhere, &held_again, &still_held] {
+        repo.create(d).await.unwrap();
+    }
     let mut done = done_elsewhere.clone();
     done.status = DeliveryStatus::Succeeded;
     done.lease_until = None;
-    let items = vec![(done.id.to_string(), serde_json::to_string(&done).unwrap(), Some(etag))];
-    let written = store.documents().write_each(containers::WEBHOOK_DELIVERIES, "delivery", tenant.to_string(), items).await.unwrap();
-    assert!(written[0].is_ok(), "{written:?}");
+    let mut held_later = held_again.clone();
+    held_later.lease_until = Some(ended - time::Duration::minutes(2));
+    let rewrites = [
+        (done.id.to_string(), serde_json::to_string(&done).unwrap()),
+        (held_later.id.to_string(), serde_json::to_string(&held_later).unwrap()),
+    ];
+    store
+        .documents()
+        .transaction(move |tx, _| {
+            for (id, body) in &rewrites {
+                // The statement of a binary from before the column.
+                tx.execute(
+                    "UPDATE documents SET etag = 'old', body = ?2 WHERE container = 'integration_webhook_deliveries' AND id = ?1",
+                    [id, body],
+                )
+                .map_err(|e| im_domain::DomainError::Unexpected(e.into()))?;
+            }
+            Ok(())
+        })
+        .await
+        .unwrap();
+    let now = OffsetDateTime::now_utc();
 
-    let listed = repo.holds_ended_before(OffsetDateTime::now_utc(), 1).await.unwrap();
+    let first = repo.holds_ended_before(now, 1).await.unwrap();
+    let all = repo.holds_ended_before(now, 10).await.unwrap();
 
-    assert_eq!(listed.iter().map(|d| d.value.id).collect::<Vec<_>>(), vec![still_held.id], "the held one, in the only place");
+    let ids = |listed: &[im_domain::Stored<im_domain::webhooks::delivery::Delivery>]| listed.iter().map(|d| d.value.id).collect::<Vec<_>>();
+    assert_eq!(ids(&first), vec![held_again.id], "the final one takes no place: {first:?}");
+    assert_eq!(ids(&all), vec![held_again.id, still_held.id], "the held ones, as their bodies say");
+    assert_eq!(all[0].value.lease_until, held_later.lease_until, "judged by the body");
 }

@@ -86,7 +86,8 @@ pub trait DeliveryRepository: Send + Sync {
 
     /// Pending deliveries of every tenant whose hold ([`super::delivery::Delivery::lease_until`])
     /// ended before `before`, the earliest ended first, at most `limit`: the first attempts an
-    /// instance took in its fan-out and died before recording (see
+    /// instance took in its fan-out and died before recording, and the retries (or throttled
+    /// attempts) held until due whose job never reached the queue (see
     /// [`crate::services::DeliveryService::requeue_ended_holds`]). A delivery that is final, or
     /// holds no lease, or whose hold ends at `before` or later, MUST NOT be listed.
     async fn holds_ended_before(
