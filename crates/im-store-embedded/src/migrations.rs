@@ -207,19 +207,24 @@ pub(crate) fn apply(tx: &Transaction<'_>) -> Result<MigrationReport, DomainError
 mod tests {
     use super::*;
 
+    /// Applies and records the migrations before `version`, as a release from before it left
+    /// the database.
+    fn migrate_below(tx: &Transaction<'_>, version: i64) {
+        tx.execute_batch("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at INTEGER NOT NULL)")
+            .unwrap();
+        for (v, name, sql) in MIGRATIONS.iter().filter(|(v, _, _)| *v < version) {
+            tx.execute_batch(sql).unwrap();
+            tx.execute("INSERT INTO schema_migrations (version, name, applied_at) VALUES (?1, ?2, 0)", rusqlite::params![v, name]).unwrap();
+        }
+    }
+
     /// A database written before the documents moved to a rowid table keeps every document,
     /// and its key stays unique.
     #[test]
     fn documents_written_before_the_rowid_table_survive_it() {
         let mut conn = rusqlite::Connection::open_in_memory().unwrap();
         let tx = conn.transaction().unwrap();
-        tx.execute_batch("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at INTEGER NOT NULL)")
-            .unwrap();
-        for (version, name, sql) in MIGRATIONS.iter().filter(|(v, _, _)| *v < 8) {
-            tx.execute_batch(sql).unwrap();
-            tx.execute("INSERT INTO schema_migrations (version, name, applied_at) VALUES (?1, ?2, 0)", rusqlite::params![version, name])
-                .unwrap();
-        }
+        migrate_below(&tx, 8);
         let body = format!("{{\"text\":\"{}\"}}", "x".repeat(20_000));
         for id in ["a", "b"] {
             tx.execute(
@@ -272,13 +277,7 @@ mod tests {
     fn deliveries_held_before_the_hold_column_are_indexed_by_it() {
         let mut conn = rusqlite::Connection::open_in_memory().unwrap();
         let tx = conn.transaction().unwrap();
-        tx.execute_batch("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at INTEGER NOT NULL)")
-            .unwrap();
-        for (version, name, sql) in MIGRATIONS.iter().filter(|(v, _, _)| *v < 10) {
-            tx.execute_batch(sql).unwrap();
-            tx.execute("INSERT INTO schema_migrations (version, name, applied_at) VALUES (?1, ?2, 0)", rusqlite::params![version, name])
-                .unwrap();
-        }
+        migrate_below(&tx, 10);
         let rows = [
             ("integration_webhook_deliveries", "held", r#"{"status":"pending","leaseUntil":"2026-12-03T12:02:00.5Z"}"#),
             ("integration_webhook_deliveries", "waiting", r#"{"status":"pending","nextAttemptAt":"2026-12-03T12:02:00Z"}"#),
