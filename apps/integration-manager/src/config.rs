@@ -276,6 +276,9 @@ pub struct EventSettings {
     /// the broker's confirms), 1 with the embedded bus ([`EventSettings::relay_lanes`]).
     #[serde(default)]
     pub relay_lanes: Option<u32>,
+    /// Embedded store: events are handed to this process's relay at commit, claimed for it
+    /// ([`crate::events::spawn_handoff`]).
+    pub handoff: bool,
     pub outbox_max_age: HumanDuration,
     pub max_publish_attempts: u32,
 }

@@ -49,6 +49,74 @@ pub fn spawn_relay(relay: &EventRelay, lanes: u32, wake: &Arc<Notify>, batch: u3
     }
 }
 
+/// How long the store hands no events over after a round of them failed to publish: they and
+/// the ones written meanwhile go the relay's usual way, which backs off while the publisher is
+/// down.
+const HANDOFF_PAUSE: Duration = Duration::from_secs(5);
+
+/// Runs until `shutdown` the relay's rounds of the events the embedded store hands over claimed
+/// at commit ([`im_store_embedded::OutboxHandoff`]): each round publishes what arrived since
+/// the one before (up to `batch` events) and marks it, with no claim; up to `rounds` of them
+/// are under way at once. A round that fails releases its events to the relay's usual rounds
+/// (woken by `wake`), and the store hands nothing over for [`HANDOFF_PAUSE`]. At the stop, events
+/// handed over and not yet taken are released (any relay takes them at once); those of a
+/// process that died are taken once their claim ends.
+#[allow(clippy::too_many_arguments)]
+pub fn spawn_handoff(
+    relay: EventRelay,
+    handoff: Arc<im_store_embedded::OutboxHandoff>,
+    mut handed: tokio::sync::mpsc::UnboundedReceiver<Vec<DomainEvent>>,
+    rounds: u32,
+    batch: u32,
+    wake: Arc<Notify>,
+    shutdown: &CancellationToken,
+    tasks: &TaskTracker,
+) {
+    let (shutdown, round_tasks) = (shutdown.clone(), tasks.clone());
+    tasks.spawn(async move {
+        let relay = Arc::new(relay);
+        let permits = Arc::new(tokio::sync::Semaphore::new(rounds.max(1) as usize));
+        loop {
+            let first = tokio::select! {
+                () = shutdown.cancelled() => break,
+                got = handed.recv() => match got {
+                    Some(events) => events,
+                    None => break,
+                },
+            };
+            let Ok(permit) = permits.clone().acquire_owned().await else { break };
+            // What arrived while the rounds under way held every permit goes in this one.
+            let mut events = first;
+            while events.len() < batch as usize {
+                match handed.try_recv() {
+                    Ok(more) => events.extend(more),
+                    Err(_) => break,
+                }
+            }
+            let (relay, handoff, wake) = (relay.clone(), handoff.clone(), wake.clone());
+            round_tasks.spawn(async move {
+                if let Err(error) = relay.publish_claimed(&events).await {
+                    handoff.pause_for(HANDOFF_PAUSE);
+                    wake.notify_one();
+                    tracing::warn!(%error, count = events.len(), "publishing events handed over at commit failed; the relay's next rounds take them");
+                }
+                handoff.done(events.len());
+                drop(permit);
+            });
+        }
+        // Nothing more is handed over; what was and is not taken goes back to the outbox.
+        handoff.pause_for(Duration::from_secs(u64::from(u32::MAX)));
+        handed.close();
+        let mut left = Vec::new();
+        while let Ok(events) = handed.try_recv() {
+            left.extend(events.into_iter().map(|e| e.id));
+        }
+        if let Err(error) = relay.outbox().release(relay.owner(), &left).await {
+            tracing::warn!(%error, count = left.len(), "releasing the events handed over at the stop failed; they are taken once their claim ends");
+        }
+    });
+}
+
 /// What the relay's lanes share.
 struct Lanes {
     /// Notified after every commit that recorded events.

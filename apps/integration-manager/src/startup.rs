@@ -37,7 +37,7 @@ use im_domain::sync::ports::ShardManager;
 use im_domain::webhooks::ports::{DeliveryQueue, DeliveryRepository, OsEntropy, WebhookRepository};
 use im_domain::{Clock, SystemClock, UuidV7};
 use im_store_cosmos::CosmosStore;
-use im_store_embedded::EmbeddedStore;
+use im_store_embedded::{EmbeddedStore, OutboxHandoff};
 use im_webhook_sender::HttpWebhookSender;
 use secrecy::ExposeSecret as _;
 use tokio_util::sync::CancellationToken;
@@ -45,7 +45,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::api;
 use crate::audit::{AuditBacklogHealth, BufferedAudit, TracingAudit};
-use crate::config::{AuthMode, EventsBackend, PlatformBackend, SecretsBackend, Settings, StorageBackend};
+use crate::config::{AuthMode, EventSettings, EventsBackend, PlatformBackend, SecretsBackend, Settings, StorageBackend};
 use crate::deliveries::{BrokerAndLocal, FanOut, FirstAttemptsHere, spawn_dispatcher, spawn_hold_sweeper};
 use crate::events::{OutboxHealth, WakeOnEvents};
 use crate::state::AppState;
@@ -381,6 +381,34 @@ struct Workers {
     tasks: TaskTracker,
 }
 
+/// Events the embedded store may have handed to the relay and not yet seen published, for
+/// each event of a relay round (`events.relay_batch_size`).
+const HANDOFF_ROUNDS_AHEAD: usize = 8;
+
+/// The embedded store hands the events of this instance's writes to a lane of `relay` of its
+/// own, claimed for it at commit ([`crate::events::spawn_handoff`]).
+fn spawn_handoff(settings: &EventSettings, store: &EmbeddedStore, relay: &EventRelay, wake: &Arc<tokio::sync::Notify>, workers: &Workers) {
+    let lane = relay.lane();
+    let (sink, handed) = tokio::sync::mpsc::unbounded_channel();
+    let capacity = settings.relay_batch_size as usize * HANDOFF_ROUNDS_AHEAD;
+    // A send fails only once the lane stopped: the rows stay claimed until the claim ends.
+    let to_lane: im_store_embedded::HandoffSink = Box::new(move |events| {
+        let _ = sink.send(events);
+    });
+    let handoff = Arc::new(OutboxHandoff::new(lane.owner(), im_domain::services::CLAIM_LEASE, capacity, to_lane));
+    store.hand_off_events(handoff.clone());
+    crate::events::spawn_handoff(
+        lane,
+        handoff,
+        handed,
+        settings.relay_lanes(),
+        settings.relay_batch_size,
+        wake.clone(),
+        &workers.shutdown,
+        &workers.tasks,
+    );
+}
+
 /// The event step: the in-process bus, the publisher behind the outbox relay, the integration
 /// service whose writes wake the relay.
 struct Events {
@@ -682,6 +710,11 @@ impl Application {
             }
             spawn_dispatcher(deliveries.clone(), dispatch, permits, &workers.shutdown, &workers.tasks);
             // Only now, with every in-process subscriber registered, may events flow.
+            if settings.events.handoff
+                && let Some(store) = &storage.embedded
+            {
+                spawn_handoff(&settings.events, store, &events.relay, &events.wake, &workers);
+            }
             crate::events::spawn_relay(
                 &events.relay,
                 settings.events.relay_lanes(),

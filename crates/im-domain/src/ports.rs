@@ -224,6 +224,11 @@ pub trait Outbox: Send + Sync {
     /// idempotent, and MUST ignore ids it does not hold.
     async fn mark_published(&self, ids: &[uuid::Uuid]) -> Result<(), DomainError>;
 
+    /// Ends the holds `owner` has on these entries (a publish of them failed), so that any
+    /// relay's next claim may take them at once. MUST leave alone an entry another owner holds,
+    /// and ignore ids that are not in the outbox.
+    async fn release(&self, owner: &str, ids: &[uuid::Uuid]) -> Result<(), DomainError>;
+
     /// Counts one more failed try to read or publish the entry `id`, keeping `reason` (never
     /// the event's content). Once the count reaches `max_attempts` the entry MUST become a dead
     /// letter in the same conditional write; answers whether it did. MUST ignore (`Ok(false)`)

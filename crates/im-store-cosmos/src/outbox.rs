@@ -216,6 +216,22 @@ impl Outbox for CosmosOutbox {
         Ok(())
     }
 
+    #[tracing::instrument(skip_all, name = "outbox.release", fields(owner = %owner, count = ids.len()))]
+    async fn release(&self, owner: &str, ids: &[uuid::Uuid]) -> Result<(), DomainError> {
+        for id in ids {
+            self.change(id, |doc| {
+                if doc.claimed_by.as_deref() != Some(owner) {
+                    return Err(());
+                }
+                doc.claimed_by = None;
+                doc.claimed_until = None;
+                Ok(())
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
     #[tracing::instrument(skip_all, name = "outbox.record_failure", fields(event_id = %id))]
     async fn record_failure(&self, id: uuid::Uuid, reason: &str, max_attempts: u32) -> Result<bool, DomainError> {
         let dead = self

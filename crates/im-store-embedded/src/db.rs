@@ -12,6 +12,7 @@ use im_domain::{Clock, DomainError};
 use rusqlite::{Connection, OpenFlags, Transaction, TransactionBehavior};
 use tokio::sync::oneshot;
 
+use crate::handoff::OutboxHandoff;
 use crate::wal_index::{HEADERS as WAL_INDEX_HEADERS, READ as WAL_INDEX_READ, WalIndex};
 
 /// Most writes committed together in one transaction (group commit).
@@ -38,7 +39,7 @@ thread_local! {
     static OUTBOX_WRITTEN: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// Tells the writer that the write under way inserted into the outbox: once its group commits,
+/// Tells the writer that the write under way inserted into the outbox (unclaimed): once its group commits,
 /// the callback of [`Db::on_outbox_commit`] runs.
 pub(crate) fn note_outbox_write() {
     OUTBOX_WRITTEN.with(|written| written.set(true));
@@ -199,8 +200,10 @@ pub struct Db {
     readers: std::sync::OnceLock<Arc<dyn EventReaders>>,
     /// The read connections, whose kept read transactions the checkpointer ends.
     snapshots: Arc<Snapshots>,
-    /// Run by the writer after each commit that wrote to the outbox, once told.
+    /// Run by the writer after each commit that wrote to the outbox unclaimed, once told.
     outbox_wake: Arc<std::sync::OnceLock<OutboxWake>>,
+    /// This process's relay, handed the events written claimed for it, once told.
+    handoff: std::sync::OnceLock<Arc<OutboxHandoff>>,
     /// Dropped with the database: the checkpointer thread then ends.
     _checkpoints: mpsc::Sender<()>,
 }
@@ -361,6 +364,7 @@ impl Db {
             readers: std::sync::OnceLock::new(),
             snapshots,
             outbox_wake,
+            handoff: std::sync::OnceLock::new(),
             _checkpoints: checkpoints,
         })
     }
@@ -375,10 +379,23 @@ impl Db {
     }
 
     /// Runs `wake` (on the writer thread: it must not block) after every commit that wrote an
-    /// event to the outbox, and after no other: an event this store skipped (nobody reads it,
-    /// [`Db::write_events_for`]) wakes nobody. Only the first call counts.
+    /// event to the outbox unclaimed, and after no other: an event this store skipped (nobody
+    /// reads it, [`Db::write_events_for`]) or handed to the relay ([`Db::hand_off_events`])
+    /// wakes nobody. Only the first call counts.
     pub fn on_outbox_commit(&self, wake: OutboxWake) {
         let _ = self.outbox_wake.set(wake);
+    }
+
+    /// Writes the events of later writes claimed for `handoff`'s relay (while it has room and
+    /// is not paused) and hands them to it once they commit ([`crate::handoff`]). Only the first
+    /// call counts.
+    pub fn hand_off_events(&self, handoff: Arc<OutboxHandoff>) {
+        let _ = self.handoff.set(handoff);
+    }
+
+    /// The relay events are handed to, if any.
+    pub(crate) fn handoff(&self) -> Option<&Arc<OutboxHandoff>> {
+        self.handoff.get()
     }
 
     /// Who reads the events written to the outbox; `None`: anyone may.
@@ -450,6 +467,7 @@ impl Db {
             writer,
             Box::new(move |tx| {
                 let (half_written, outcome) = run(tx);
+                crate::handoff::write_ended(outcome.is_ok());
                 let complete: Completion = Box::new(move |group_error: Option<&str>| {
                     let _ = done.send(match (group_error, outcome) {
                         // A failed write keeps its own error: nothing of it is committed either way.
@@ -574,6 +592,7 @@ fn write_loop(
             );
         }
         commits.fetch_add(1, Ordering::Relaxed);
+        crate::handoff::group_ended(commit_error.is_none());
         // Taken whatever the outcome: a group rolled back wrote nothing to wake anyone for.
         let wrote_events = OUTBOX_WRITTEN.with(std::cell::Cell::take);
         if commit_error.is_none()

@@ -13,6 +13,7 @@ use rusqlite::types::Value as SqlValue;
 use rusqlite::{OptionalExtension, Transaction, params};
 
 use crate::db::{Db, map_sqlite};
+use crate::handoff::OutboxHandoff;
 
 /// A stored document.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -145,7 +146,7 @@ impl Documents {
                     return Err(DomainError::PreconditionFailed);
                 }
                 let etag = insert(tx, container, &pk, &id, &body, expiry(now, ttl), None, now)?;
-                record_events(tx, &rows)?;
+                record_events(tx, rows)?;
                 Ok(etag)
             })
             .await?;
@@ -307,7 +308,7 @@ impl Documents {
                     remove(tx, container, &pk, &id)?;
                     insert(tx, container, &new_pk, &id, &body, expiry(now, ttl), hold.as_deref(), now)?
                 };
-                record_events(tx, &rows)?;
+                record_events(tx, rows)?;
                 then(tx)?;
                 Ok(etag)
             })
@@ -334,7 +335,7 @@ impl Documents {
             .write(move |tx| {
                 check_current(tx, container, resource, &pk, &id, if_match.as_ref(), now)?;
                 remove(tx, container, &pk, &id)?;
-                record_events(tx, &rows)
+                record_events(tx, rows)
             })
             .await?;
         Ok(())
@@ -468,19 +469,24 @@ pub(crate) struct OutboxRow {
     /// Written only if this tenant has a webhook endpoint at the write: the event's readers
     /// act on it only for such tenants ([`Db::write_events_for`]).
     needs_webhooks_of: Option<String>,
+    /// The relay the event is handed to, if it has room then ([`Db::hand_off_events`]).
+    hand_off: Option<(Arc<OutboxHandoff>, DomainEvent)>,
 }
 
 impl Documents {
     /// The outbox rows of `events`.
     pub(crate) fn outbox_rows(&self, events: &[DomainEvent]) -> Result<Vec<OutboxRow>, DomainError> {
         let readers = self.db.event_readers();
+        let handoff = self.db.handoff();
         events
             .iter()
             .map(|e| {
                 let body = serde_json::to_string(e)
                     .map_err(|err| DomainError::Unexpected(anyhow::Error::new(err).context("encoding an event")))?;
                 let needs_webhooks_of = readers.filter(|r| r.only_for_tenants_with_webhooks(e.event_type)).map(|_| e.tenant_id.to_string());
-                Ok(OutboxRow { id: e.id.to_string(), body, at: (e.time.unix_timestamp_nanos() / 1_000_000) as i64, needs_webhooks_of })
+                let hand_off = handoff.map(|to| (to.clone(), e.clone()));
+                let at = (e.time.unix_timestamp_nanos() / 1_000_000) as i64;
+                Ok(OutboxRow { id: e.id.to_string(), body, at, needs_webhooks_of, hand_off })
             })
             .collect()
     }
@@ -488,18 +494,34 @@ impl Documents {
 
 /// Writes the rows to the outbox, but not an event whose readers act on it only for tenants
 /// with webhook endpoints when its tenant has none (seen in this transaction, so an endpoint
-/// committed before it is seen, and one committed after it receives only later events).
-fn record_events(tx: &Transaction<'_>, rows: &[OutboxRow]) -> Result<(), DomainError> {
+/// committed before it is seen, and one committed after it receives only later events). A row
+/// is written claimed for the relay it is handed to when that has room, else unclaimed.
+fn record_events(tx: &Transaction<'_>, rows: Vec<OutboxRow>) -> Result<(), DomainError> {
     for row in rows {
         if let Some(tenant) = &row.needs_webhooks_of
             && !has_webhooks(tx, tenant)?
         {
             continue;
         }
-        tx.prepare_cached("INSERT INTO outbox (id, body, created_at) VALUES (?1, ?2, ?3)")
-            .and_then(|mut s| s.execute(params![row.id, row.body, row.at]))
-            .map_err(map_sqlite)?;
-        crate::db::note_outbox_write();
+        let handed = row.hand_off.and_then(|(to, event)| Some((to.reserve(crate::handoff::now_ms())?, to, event)));
+        match handed {
+            Some((until, to, event)) => {
+                let inserted = tx
+                    .prepare_cached("INSERT INTO outbox (id, body, created_at, claimed_by, claimed_until) VALUES (?1, ?2, ?3, ?4, ?5)")
+                    .and_then(|mut s| s.execute(params![row.id, row.body, row.at, to.owner(), until]));
+                if let Err(e) = inserted {
+                    to.done(1);
+                    return Err(map_sqlite(e));
+                }
+                crate::handoff::note(&to, event);
+            }
+            None => {
+                tx.prepare_cached("INSERT INTO outbox (id, body, created_at) VALUES (?1, ?2, ?3)")
+                    .and_then(|mut s| s.execute(params![row.id, row.body, row.at]))
+                    .map_err(map_sqlite)?;
+                crate::db::note_outbox_write();
+            }
+        }
     }
     Ok(())
 }

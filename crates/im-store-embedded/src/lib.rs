@@ -10,6 +10,7 @@ mod connections;
 mod db;
 mod deliveries;
 pub mod documents;
+mod handoff;
 mod idempotency;
 mod integrations;
 mod migrations;
@@ -30,6 +31,7 @@ use im_domain::{Clock, DomainError};
 
 pub use db::{Db, DbOptions, WAL_RESTART_FRAMES};
 pub use documents::Documents;
+pub use handoff::{HandoffSink, OutboxHandoff};
 pub use migrations::MigrationReport;
 
 /// Containers, named as in Cosmos DB.
@@ -94,6 +96,14 @@ impl EmbeddedStore {
     /// it skipped ([`Db::on_outbox_commit`]).
     pub fn on_outbox_commit(&self, wake: Arc<dyn Fn() + Send + Sync>) {
         self.db.on_outbox_commit(wake);
+    }
+
+    /// Writes the events of later writes claimed for the relay of `handoff` (while it has room
+    /// and is not paused), and hands them to it in memory once they commit: its rounds take no
+    /// claim before publishing ([`OutboxHandoff`]). Only the first call counts; call it only
+    /// with a relay running in this process.
+    pub fn hand_off_events(&self, handoff: Arc<OutboxHandoff>) {
+        self.db.hand_off_events(handoff);
     }
 
     /// Applies the migrations that were not applied yet. Idempotent.

@@ -89,6 +89,26 @@ impl Outbox for SqliteOutbox {
         self.db.write(move |tx| OUTBOX.delete(tx, &ids)).await
     }
 
+    #[tracing::instrument(skip_all, name = "outbox.release", fields(owner = %owner, count = ids.len()))]
+    async fn release(&self, owner: &str, ids: &[uuid::Uuid]) -> Result<(), DomainError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let (owner, ids): (String, Vec<String>) = (owner.to_owned(), ids.iter().map(ToString::to_string).collect());
+        self.db
+            .write(move |tx| {
+                for chunk in ids.chunks(500) {
+                    let marks = vec!["?"; chunk.len()].join(",");
+                    let sql = format!("UPDATE outbox SET claimed_by = NULL, claimed_until = 0 WHERE claimed_by = ? AND id IN ({marks})");
+                    tx.execute(&sql, rusqlite::params_from_iter(std::iter::once(&owner).chain(chunk))).map_err(map_sqlite)?;
+                }
+                // Unclaimed now: a relay's next round takes them.
+                crate::db::note_outbox_write();
+                Ok(())
+            })
+            .await
+    }
+
     #[tracing::instrument(skip_all, name = "outbox.record_failure", fields(event_id = %id))]
     async fn record_failure(&self, id: uuid::Uuid, reason: &str, max_attempts: u32) -> Result<bool, DomainError> {
         let (id, reason) = (id.to_string(), reason.to_owned());

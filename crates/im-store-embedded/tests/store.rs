@@ -712,6 +712,70 @@ async fn events_only_the_webhook_fan_out_reads_need_a_tenant_with_webhooks() {
     assert_eq!(wakes(), 3);
 }
 
+/// With a relay told (`hand_off_events`), an event committed is handed to it in memory and its
+/// row is claimed for it: no other relay's claim takes it until the relay releases it or the
+/// claim ends; the relay is not woken for it. A write that fails hands nothing over. Beyond the
+/// relay's room, or while it is paused, rows are written unclaimed and wake the relay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_are_handed_to_the_relay_claimed_at_commit() {
+    use im_domain::DomainError;
+    use im_domain::events::{DomainEvent, EventType};
+    use im_store_embedded::OutboxHandoff;
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(dir.path()).await;
+    let (integrations, outbox) = (store.integrations(), store.outbox());
+    let handed: Arc<Mutex<Vec<DomainEvent>>> = Arc::default();
+    let sink = handed.clone();
+    let handoff =
+        Arc::new(OutboxHandoff::new("handed", Duration::from_secs(60), 2, Box::new(move |events| sink.lock().unwrap().extend(events))));
+    store.hand_off_events(handoff.clone());
+    let wakes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let woken = wakes.clone();
+    store.on_outbox_commit(Arc::new(move || {
+        woken.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }));
+    let wakes = || wakes.load(std::sync::atomic::Ordering::SeqCst);
+    let tenant = im_testkit::fresh_tenant();
+    let create = async || {
+        let integration = im_testkit::integrations::integration(&tenant, "github");
+        let event = im_testkit::outbox::event(&tenant, EventType::IntegrationCreated, &integration.id.to_string());
+        integrations.create(&integration, std::slice::from_ref(&event)).await.unwrap();
+        (integration, event)
+    };
+    let long = Duration::from_secs(60);
+
+    let (first, first_event) = create().await;
+    assert_eq!(*handed.lock().unwrap(), vec![first_event.clone()], "handed over at commit");
+    assert_eq!(wakes(), 0, "nobody else is woken for it");
+    assert!(outbox.claim("other", 10, long).await.unwrap().is_empty(), "claimed for the relay it was handed to");
+    assert_eq!(outbox.stats().await.unwrap().pending, 1, "and in the outbox until marked");
+
+    // A write that fails (the same id again) hands nothing over and keeps no room.
+    let again = im_testkit::outbox::event(&tenant, EventType::IntegrationCreated, &first.id.to_string());
+    assert!(matches!(integrations.create(&first, &[again]).await, Err(DomainError::Conflict(_))));
+    assert_eq!(handed.lock().unwrap().len(), 1);
+
+    let (_, second_event) = create().await;
+    assert_eq!(handed.lock().unwrap().len(), 2, "the room of two is used up");
+    let (_, third_event) = create().await;
+    assert_eq!(handed.lock().unwrap().len(), 2, "no room: not handed over");
+    assert_eq!(wakes(), 1, "written unclaimed, it wakes the relay");
+    assert_eq!(outbox.claim("other", 10, long).await.unwrap().events, vec![third_event.clone()], "any relay takes it");
+
+    // Done with the first: published and marked. The second failed: released to any relay.
+    outbox.mark_published(&[first_event.id, third_event.id]).await.unwrap();
+    outbox.release("handed", &[second_event.id]).await.unwrap();
+    handoff.done(2);
+    assert_eq!(outbox.claim("other", 10, long).await.unwrap().events, vec![second_event.clone()]);
+    outbox.mark_published(&[second_event.id]).await.unwrap();
+
+    handoff.pause_for(long);
+    let (_, paused_event) = create().await;
+    assert_eq!(handed.lock().unwrap().len(), 2, "paused: not handed over");
+    assert_eq!(outbox.claim("other", 10, long).await.unwrap().events, vec![paused_event]);
+}
+
 /// Under a steady stream of writes the WAL still starts over: the checkpointer holds this
 /// process's writes for a last pass once the WAL is past its limit, so the file stays bounded
 /// instead of growing by everything written (SQLite starts the WAL over only when a write

@@ -74,7 +74,8 @@ pub async fn events_are_recorded_atomically(repo: &dyn IntegrationRepository, ou
 }
 
 /// Relays of several instances never hold the same event at once: an event held by one is
-/// handed to another only once the hold ends; its own holder gets it again (a retry).
+/// handed to another only once the hold ends or its holder releases it; its own holder gets it
+/// again (a retry).
 /// (Run it alone against its outbox: it drains the outbox first.)
 pub async fn claims_are_exclusive(repo: &dyn IntegrationRepository, outbox: &dyn Outbox) {
     use std::time::Duration;
@@ -97,6 +98,15 @@ pub async fn claims_are_exclusive(repo: &dyn IntegrationRepository, outbox: &dyn
         outbox.claim("relay-a", 10, long).await.expect("claim").events,
         recorded[..2].to_vec(),
         "a holder gets its own events again"
+    );
+
+    outbox.release("relay-b", &[recorded[0].id, uuid::Uuid::new_v4()]).await.expect("release of another's hold, and of an unknown id");
+    assert!(outbox.claim("relay-c", 10, long).await.expect("claim").is_empty(), "a release ends only its owner's holds");
+    outbox.release("relay-a", &[recorded[1].id]).await.expect("release");
+    assert_eq!(
+        outbox.claim("relay-c", 10, long).await.expect("claim").events,
+        vec![recorded[1].clone()],
+        "a released event is taken at once"
     );
 
     outbox.mark_published(&[recorded[0].id, recorded[1].id]).await.expect("mark");

@@ -1,6 +1,7 @@
 use std::sync::Arc;
 
 use crate::error::DomainError;
+use crate::events::DomainEvent;
 use crate::ports::{EventPublisher, Outbox};
 
 /// How long a relay holds the events it took: longer than a publish takes; a relay that died
@@ -109,6 +110,30 @@ impl EventRelay {
         Ok(round)
     }
 
+    /// This relay's name in its claims.
+    pub fn owner(&self) -> &str {
+        &self.owner
+    }
+
+    /// Publishes events this relay already holds (a store claimed them for it in the write
+    /// that recorded them, and handed them over at commit), then marks them published.
+    ///
+    /// # Errors
+    /// When the publisher refuses the batch: the holds are released first (when the outbox is
+    /// reachable; else they end with their lease), so that the next round of any relay takes
+    /// the events, counts the failed tries of those refused for good, and backs off while the
+    /// publisher is down. When marking fails, the events stay held and are published again
+    /// once the hold ends (at least once).
+    pub async fn publish_claimed(&self, events: &[DomainEvent]) -> Result<(), DomainError> {
+        let ids: Vec<_> = events.iter().map(|e| e.id).collect();
+        if let Err(error) = self.publisher.publish(events).await {
+            // A release that fails leaves the holds to end on their own: nothing is lost.
+            let _ = self.outbox.release(&self.owner, &ids).await;
+            return Err(error);
+        }
+        self.outbox.mark_published(&ids).await
+    }
+
     async fn failed(&self, id: uuid::Uuid, reason: &str, round: &mut Relayed) -> Result<(), DomainError> {
         if self.outbox.record_failure(id, reason, self.max_attempts).await? {
             round.dead_letters.push(id);
@@ -166,6 +191,40 @@ mod tests {
         publisher.expect_publish().withf(move |published| published == events.as_slice()).times(1).returning(|_| Ok(()));
         let relay = EventRelay::new(Arc::new(outbox), Arc::new(publisher));
         assert_eq!(block_on(relay.relay_once(10)).unwrap().published, 2);
+    }
+
+    #[test]
+    fn events_handed_over_claimed_are_published_and_marked_without_a_claim() {
+        let events = vec![event(), event()];
+        let ids: Vec<_> = events.iter().map(|e| e.id).collect();
+        let mut outbox = MockOutbox::new();
+        outbox.expect_claim().never();
+        outbox.expect_release().never();
+        outbox.expect_mark_published().withf(move |marked| marked == ids.as_slice()).times(1).returning(|_| Ok(()));
+        let mut publisher = MockEventPublisher::new();
+        let published = events.clone();
+        publisher.expect_publish().withf(move |batch| batch == published.as_slice()).times(1).returning(|_| Ok(()));
+        let relay = EventRelay::new(Arc::new(outbox), Arc::new(publisher));
+        block_on(relay.publish_claimed(&events)).unwrap();
+    }
+
+    #[test]
+    fn events_handed_over_that_fail_to_publish_are_released_to_any_relay() {
+        let events = vec![event(), event()];
+        let ids: Vec<_> = events.iter().map(|e| e.id).collect();
+        let mut outbox = MockOutbox::new();
+        let relay_owner = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let seen = relay_owner.clone();
+        outbox.expect_release().withf(move |_, released| released == ids.as_slice()).times(1).returning(move |owner, _| {
+            *seen.lock().unwrap() = owner.to_owned();
+            Ok(())
+        });
+        outbox.expect_mark_published().never();
+        let mut publisher = MockEventPublisher::new();
+        publisher.expect_publish().returning(|_| Err(DomainError::unavailable("broker down")));
+        let relay = EventRelay::new(Arc::new(outbox), Arc::new(publisher));
+        assert!(matches!(block_on(relay.publish_claimed(&events)), Err(DomainError::Unavailable { .. })));
+        assert_eq!(*relay_owner.lock().unwrap(), relay.owner(), "the relay's own holds");
     }
 
     fn claimed(events: &[DomainEvent], unreadable: &[uuid::Uuid]) -> Claimed {
