@@ -213,7 +213,7 @@ mod tests {
         let events = vec![event(), event()];
         let ids: Vec<_> = events.iter().map(|e| e.id).collect();
         let mut outbox = MockOutbox::new();
-        let relay_owner = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let relay_owner = Arc::new(std::sync::Mutex::new(String::new()));
         let seen = relay_owner.clone();
         outbox.expect_release().withf(move |_, released| released == ids.as_slice()).times(1).returning(move |owner, _| {
             *seen.lock().unwrap() = owner.to_owned();
