@@ -65,7 +65,7 @@ const HANDOFF_PAUSE: Duration = Duration::from_secs(5);
 pub fn spawn_handoff(
     relay: EventRelay,
     handoff: Arc<im_store_embedded::OutboxHandoff>,
-    mut handed: tokio::sync::mpsc::UnboundedReceiver<Vec<DomainEvent>>,
+    mut handed: tokio::sync::mpsc::UnboundedReceiver<Vec<im_store_embedded::HandedEvent>>,
     rounds: u32,
     batch: u32,
     wake: Arc<Notify>,
@@ -95,12 +95,24 @@ pub fn spawn_handoff(
             }
             let (relay, handoff, wake) = (relay.clone(), handoff.clone(), wake.clone());
             round_tasks.spawn(async move {
-                if let Err(error) = relay.publish_claimed(&events).await {
+                let count = events.len();
+                let (events, unreadable) = decode_handed(events);
+                let published = if events.is_empty() { Ok(()) } else { relay.publish_claimed(&events).await };
+                if let Err(error) = &published {
                     handoff.pause_for(HANDOFF_PAUSE);
-                    wake.notify_one();
                     tracing::warn!(%error, count = events.len(), "publishing events handed over at commit failed; the relay's next rounds take them");
                 }
-                handoff.done(events.len());
+                // Not expected (the store wrote what it encoded): the usual rounds count it toward
+                // a dead letter, as any entry they cannot read.
+                if !unreadable.is_empty()
+                    && let Err(error) = relay.outbox().release(relay.owner(), &unreadable).await
+                {
+                    tracing::warn!(%error, count = unreadable.len(), "releasing unreadable events handed over failed; they are taken once their claim ends");
+                }
+                if published.is_err() || !unreadable.is_empty() {
+                    wake.notify_one();
+                }
+                handoff.done(count);
                 drop(permit);
             });
         }
@@ -109,12 +121,25 @@ pub fn spawn_handoff(
         handed.close();
         let mut left = Vec::new();
         while let Ok(events) = handed.try_recv() {
-            left.extend(events.into_iter().map(|e| e.id));
+            left.extend(events.into_iter().map(|(id, _)| id));
         }
         if let Err(error) = relay.outbox().release(relay.owner(), &left).await {
             tracing::warn!(%error, count = left.len(), "releasing the events handed over at the stop failed; they are taken once their claim ends");
         }
     });
+}
+
+/// The events handed over, decoded; the ids of those that could not be.
+fn decode_handed(handed: Vec<im_store_embedded::HandedEvent>) -> (Vec<DomainEvent>, Vec<uuid::Uuid>) {
+    let mut events = Vec::with_capacity(handed.len());
+    let mut unreadable = Vec::new();
+    for (id, body) in handed {
+        match serde_json::from_str::<DomainEvent>(&body) {
+            Ok(event) => events.push(event),
+            Err(_) => unreadable.push(id),
+        }
+    }
+    (events, unreadable)
 }
 
 /// What the relay's lanes share.

@@ -469,8 +469,9 @@ pub(crate) struct OutboxRow {
     /// Written only if this tenant has a webhook endpoint at the write: the event's readers
     /// act on it only for such tenants ([`Db::write_events_for`]).
     needs_webhooks_of: Option<String>,
+    event_id: uuid::Uuid,
     /// The relay the event is handed to, if it has room then ([`Db::hand_off_events`]).
-    hand_off: Option<(Arc<OutboxHandoff>, DomainEvent)>,
+    hand_off: Option<Arc<OutboxHandoff>>,
 }
 
 impl Documents {
@@ -484,9 +485,8 @@ impl Documents {
                 let body = serde_json::to_string(e)
                     .map_err(|err| DomainError::Unexpected(anyhow::Error::new(err).context("encoding an event")))?;
                 let needs_webhooks_of = readers.filter(|r| r.only_for_tenants_with_webhooks(e.event_type)).map(|_| e.tenant_id.to_string());
-                let hand_off = handoff.map(|to| (to.clone(), e.clone()));
                 let at = (e.time.unix_timestamp_nanos() / 1_000_000) as i64;
-                Ok(OutboxRow { id: e.id.to_string(), body, at, needs_webhooks_of, hand_off })
+                Ok(OutboxRow { id: e.id.to_string(), body, at, needs_webhooks_of, event_id: e.id, hand_off: handoff.cloned() })
             })
             .collect()
     }
@@ -503,9 +503,9 @@ fn record_events(tx: &Transaction<'_>, rows: Vec<OutboxRow>) -> Result<(), Domai
         {
             continue;
         }
-        let handed = row.hand_off.and_then(|(to, event)| Some((to.reserve(crate::handoff::now_ms())?, to, event)));
+        let handed = row.hand_off.and_then(|to| Some((to.reserve(crate::handoff::now_ms())?, to)));
         match handed {
-            Some((until, to, event)) => {
+            Some((until, to)) => {
                 let inserted = tx
                     .prepare_cached("INSERT INTO outbox (id, body, created_at, claimed_by, claimed_until) VALUES (?1, ?2, ?3, ?4, ?5)")
                     .and_then(|mut s| s.execute(params![row.id, row.body, row.at, to.owner(), until]));
@@ -513,7 +513,7 @@ fn record_events(tx: &Transaction<'_>, rows: Vec<OutboxRow>) -> Result<(), Domai
                     to.done(1);
                     return Err(map_sqlite(e));
                 }
-                crate::handoff::note(&to, event);
+                crate::handoff::note(&to, (row.event_id, row.body));
             }
             None => {
                 tx.prepare_cached("INSERT INTO outbox (id, body, created_at) VALUES (?1, ?2, ?3)")

@@ -31,7 +31,7 @@ use im_domain::{Clock, DomainError};
 
 pub use db::{Db, DbOptions, WAL_RESTART_FRAMES};
 pub use documents::Documents;
-pub use handoff::{HandoffSink, OutboxHandoff};
+pub use handoff::{HandedEvent, HandoffSink, OutboxHandoff};
 pub use migrations::MigrationReport;
 
 /// Containers, named as in Cosmos DB.

@@ -727,8 +727,15 @@ async fn events_are_handed_to_the_relay_claimed_at_commit() {
     let (integrations, outbox) = (store.integrations(), store.outbox());
     let handed: Arc<Mutex<Vec<DomainEvent>>> = Arc::default();
     let sink = handed.clone();
-    let handoff =
-        Arc::new(OutboxHandoff::new("handed", Duration::from_secs(60), 2, Box::new(move |events| sink.lock().unwrap().extend(events))));
+    let decoded = move |events: Vec<(uuid::Uuid, String)>| {
+        let events = events.into_iter().map(|(id, body)| {
+            let event: DomainEvent = serde_json::from_str(&body).unwrap();
+            assert_eq!(event.id, id);
+            event
+        });
+        sink.lock().unwrap().extend(events);
+    };
+    let handoff = Arc::new(OutboxHandoff::new("handed", Duration::from_secs(60), 2, Box::new(decoded)));
     store.hand_off_events(handoff.clone());
     let wakes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let woken = wakes.clone();
