@@ -59,8 +59,9 @@ const HANDOFF_PAUSE: Duration = Duration::from_secs(5);
 /// the one before (up to `batch` events) and marks it, with no claim; up to `rounds` of them
 /// are under way at once. A round that fails releases its events to the relay's usual rounds
 /// (woken by `wake`), and the store hands nothing over for [`HANDOFF_PAUSE`]. At the stop, events
-/// handed over and not yet taken are released (any relay takes them at once); those of a
-/// process that died are taken once their claim ends.
+/// handed over and not yet taken are released (any relay takes them at once); those of a group
+/// that commits after the lane stopped, and those of a process that died, are taken once their
+/// claim ends.
 #[allow(clippy::too_many_arguments)]
 pub fn spawn_handoff(
     relay: EventRelay,
