@@ -11,7 +11,7 @@ use im_domain::events::DomainEvent;
 use im_domain::integration::{Integration, IntegrationFilter};
 use im_domain::ports::{DependencyHealth, HealthCheck, IntegrationRepository, Outbox};
 use im_domain::retry::Backoff;
-use im_domain::services::{EventRelay, Relayed};
+use im_domain::services::{ClaimedNotPublished, EventRelay, Relayed};
 use im_domain::{DomainError, ETag, IntegrationId, JsonText, Page, PageRequest, Stored, TenantId};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -54,19 +54,26 @@ pub fn spawn_relay(relay: &EventRelay, lanes: u32, wake: &Arc<Notify>, batch: u3
 /// down.
 const HANDOFF_PAUSE: Duration = Duration::from_secs(5);
 
+/// Events handed over with less of their claim left than this are not published by the lane
+/// (a publish that took the rest of the claim could meet another relay's of the same events):
+/// they are released to the usual rounds. Only a lane that falls far behind meets such events.
+const HANDED_MIN_CLAIM_LEFT: Duration = Duration::from_secs(im_domain::services::CLAIM_LEASE.as_secs() / 3);
+
 /// Runs until `shutdown` the relay's rounds of the events the embedded store hands over claimed
 /// at commit ([`im_store_embedded::OutboxHandoff`]): each round publishes what arrived since
 /// the one before (up to `batch` events) and marks it, with no claim; up to `rounds` of them
 /// are under way at once. A round that fails releases its events to the relay's usual rounds
-/// (woken by `wake`), and the store hands nothing over for [`HANDOFF_PAUSE`]. At the stop, events
-/// handed over and not yet taken are released (any relay takes them at once); those of a group
-/// that commits after the lane stopped, and those of a process that died, are taken once their
-/// claim ends.
+/// (woken by `wake`), and the store hands nothing over for [`HANDOFF_PAUSE`]. At the stop the
+/// store hands nothing more over; once `settled` (a write queued after the pause) is answered,
+/// every group that could still hand events over has ended, and what was handed over and not
+/// yet taken is released (any relay takes it at once). Those of a process that died are taken
+/// once their claim ends.
 #[allow(clippy::too_many_arguments)]
 pub fn spawn_handoff(
     relay: EventRelay,
     handoff: Arc<im_store_embedded::OutboxHandoff>,
     mut handed: tokio::sync::mpsc::UnboundedReceiver<Vec<im_store_embedded::HandedEvent>>,
+    settled: std::pin::Pin<Box<dyn Future<Output = ()> + Send>>,
     rounds: u32,
     batch: u32,
     wake: Arc<Notify>,
@@ -79,6 +86,7 @@ pub fn spawn_handoff(
         let permits = Arc::new(tokio::sync::Semaphore::new(rounds.max(1) as usize));
         loop {
             let first = tokio::select! {
+                biased;
                 () = shutdown.cancelled() => break,
                 got = handed.recv() => match got {
                     Some(events) => events,
@@ -97,32 +105,42 @@ pub fn spawn_handoff(
             let (relay, handoff, wake) = (relay.clone(), handoff.clone(), wake.clone());
             round_tasks.spawn(async move {
                 let count = events.len();
-                let (events, unreadable) = decode_handed(events);
+                let Handed { events, left } = sort_handed(events, HANDED_MIN_CLAIM_LEFT);
                 let published = if events.is_empty() { Ok(()) } else { relay.publish_claimed(&events).await };
-                if let Err(error) = &published {
-                    handoff.pause_for(HANDOFF_PAUSE);
-                    tracing::warn!(%error, count = events.len(), "publishing events handed over at commit failed; the relay's next rounds take them");
+                match &published {
+                    Ok(()) => {}
+                    Err(ClaimedNotPublished::Refused(error)) => {
+                        handoff.pause_for(HANDOFF_PAUSE);
+                        tracing::warn!(%error, count = events.len(), "publishing events handed over at commit failed; the relay's next rounds take them");
+                    }
+                    Err(ClaimedNotPublished::NotMarked(error)) => tracing::warn!(
+                        %error,
+                        count = events.len(),
+                        "events handed over at commit were published but not marked; they are published again once their claim ends"
+                    ),
                 }
-                // Not expected (the store wrote what it encoded): the usual rounds count it toward
-                // a dead letter, as any entry they cannot read.
-                if !unreadable.is_empty()
-                    && let Err(error) = relay.outbox().release(relay.owner(), &unreadable).await
+                // Not expected: the usual rounds count an unreadable entry toward a dead letter,
+                // as any they cannot read, and publish those this lane came to too late.
+                if !left.is_empty()
+                    && let Err(error) = relay.outbox().release(relay.owner(), &left).await
                 {
-                    tracing::warn!(%error, count = unreadable.len(), "releasing unreadable events handed over failed; they are taken once their claim ends");
+                    tracing::warn!(%error, count = left.len(), "releasing events handed over failed; they are taken once their claim ends");
                 }
-                if published.is_err() || !unreadable.is_empty() {
+                if matches!(published, Err(ClaimedNotPublished::Refused(_))) || !left.is_empty() {
                     wake.notify_one();
                 }
                 handoff.done(count);
                 drop(permit);
             });
         }
-        // Nothing more is handed over; what was and is not taken goes back to the outbox.
+        // Nothing more is handed over; once the groups under way ended, what was and is not
+        // taken goes back to the outbox.
         handoff.pause_for(Duration::from_secs(u64::from(u32::MAX)));
+        settled.await;
         handed.close();
         let mut left = Vec::new();
         while let Ok(events) = handed.try_recv() {
-            left.extend(events.into_iter().map(|(id, _)| id));
+            left.extend(events.into_iter().map(|event| event.id));
         }
         if let Err(error) = relay.outbox().release(relay.owner(), &left).await {
             tracing::warn!(%error, count = left.len(), "releasing the events handed over at the stop failed; they are taken once their claim ends");
@@ -130,17 +148,31 @@ pub fn spawn_handoff(
     });
 }
 
-/// The events handed over, decoded; the ids of those that could not be.
-fn decode_handed(handed: Vec<im_store_embedded::HandedEvent>) -> (Vec<DomainEvent>, Vec<uuid::Uuid>) {
-    let mut events = Vec::with_capacity(handed.len());
-    let mut unreadable = Vec::new();
-    for (id, body) in handed {
-        match serde_json::from_str::<DomainEvent>(&body) {
-            Ok(event) => events.push(event),
-            Err(_) => unreadable.push(id),
+/// The events handed over that a lane publishes, and those it leaves to the usual rounds.
+#[derive(Debug, Default, PartialEq)]
+struct Handed {
+    /// Decoded, with at least the minimum of their claim left.
+    events: Vec<DomainEvent>,
+    /// Unreadable, or with too little of their claim left.
+    left: Vec<uuid::Uuid>,
+}
+
+/// Decodes the events handed over with at least `min_claim_left` of their claim left; the ids of
+/// the others.
+fn sort_handed(handed: Vec<im_store_embedded::HandedEvent>, min_claim_left: Duration) -> Handed {
+    let min_left_ms = i64::try_from(min_claim_left.as_millis()).unwrap_or(i64::MAX);
+    let mut sorted = Handed { events: Vec::with_capacity(handed.len()), left: Vec::new() };
+    for event in handed {
+        if event.claim_left_ms() < min_left_ms {
+            sorted.left.push(event.id);
+            continue;
+        }
+        match serde_json::from_str::<DomainEvent>(&event.body) {
+            Ok(decoded) => sorted.events.push(decoded),
+            Err(_) => sorted.left.push(event.id),
         }
     }
-    (events, unreadable)
+    sorted
 }
 
 /// What the relay's lanes share.
@@ -500,15 +532,21 @@ mod tests {
         _dir: tempfile::TempDir,
     }
 
-    async fn relaying(lanes: u32) -> Setup {
+    /// A fresh store and publisher; nothing running yet.
+    async fn set_up() -> Setup {
         let dir = tempfile::tempdir().unwrap();
         let store = EmbeddedStore::open(dir.path(), Arc::new(im_domain::SystemClock)).unwrap();
         store.migrate().await.unwrap();
         let publisher = Arc::new(SlowPublisher::default());
         let (wake, shutdown, tasks) = (Arc::new(Notify::new()), CancellationToken::new(), TaskTracker::new());
-        let relay = EventRelay::new(store.outbox(), publisher.clone());
-        spawn_relay(&relay, lanes, &wake, 256, &shutdown, &tasks);
         Setup { store, publisher, wake, shutdown, tasks, _dir: dir }
+    }
+
+    async fn relaying(lanes: u32) -> Setup {
+        let setup = set_up().await;
+        let relay = EventRelay::new(setup.store.outbox(), setup.publisher.clone());
+        spawn_relay(&relay, lanes, &setup.wake, 256, &setup.shutdown, &setup.tasks);
+        setup
     }
 
     impl Setup {
@@ -612,5 +650,103 @@ mod tests {
         }
         assert!(started.elapsed() < IDLE_POLL / 2, "handed to the first lane, not left for its idle poll: {:?}", started.elapsed());
         setup.stop().await;
+    }
+
+    /// The relay's lane of the events the store hands over (batches of `batch`, one round at
+    /// a time), its handoff claiming them for `lease`; no usual rounds.
+    async fn handing_over(lease: Duration, batch: u32) -> Setup {
+        let setup = set_up().await;
+        let (store, publisher) = (&setup.store, &setup.publisher);
+        let lane = EventRelay::new(store.outbox(), publisher.clone());
+        let (sink, handed) = tokio::sync::mpsc::unbounded_channel();
+        let handoff = Arc::new(im_store_embedded::OutboxHandoff::new(
+            lane.owner(),
+            lease,
+            64,
+            Box::new(move |events| {
+                let _ = sink.send(events);
+            }),
+        ));
+        store.hand_off_events(handoff.clone());
+        let barrier = store.clone();
+        let settled = Box::pin(async move { barrier.writes_settled().await.unwrap() });
+        spawn_handoff(lane, handoff, handed, settled, 1, batch, setup.wake.clone(), &setup.shutdown, &setup.tasks);
+        setup
+    }
+
+    async fn claimable_now(store: &EmbeddedStore) -> HashSet<uuid::Uuid> {
+        let claimed = store.outbox().claim("another relay", 100, Duration::from_secs(60)).await.unwrap();
+        claimed.events.iter().map(|e| e.id).collect()
+    }
+
+    /// The lane publishes what the store hands over; at the stop, what it was handed and had
+    /// not taken is released at once (not left claimed until the claim ends).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_lane_publishes_what_it_is_handed_and_the_stop_releases_the_rest() {
+        let setup = handing_over(im_domain::services::CLAIM_LEASE, 1).await;
+        let first = setup.write(1, false).await[0];
+        assert!(setup.published_within(first, Duration::from_secs(3)).await, "published by the lane");
+
+        // The lane's one round waits on a held event; the next waits for it; two more queue.
+        let held = setup.write(1, true).await[0];
+        let next = setup.write(1, false).await[0];
+        let queued: HashSet<_> = setup.write(2, false).await.into_iter().collect();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(claimable_now(&setup.store).await.is_empty(), "all of them claimed for the lane");
+        setup.shutdown.cancel();
+        setup.publisher.let_go();
+        setup.tasks.close();
+        setup.tasks.wait().await;
+        for id in [held, next] {
+            assert!(setup.publisher.has(id), "taken before the stop, published");
+        }
+        assert!(queued.iter().all(|id| !setup.publisher.has(*id)));
+        assert_eq!(claimable_now(&setup.store).await, queued, "released at the stop: any relay takes them at once");
+    }
+
+    /// Events handed over with too little of their claim left are not published by the lane
+    /// (another relay could take them during the publish): they are released to the usual
+    /// rounds, which are woken.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_lane_leaves_events_near_the_end_of_their_claim_to_the_usual_rounds() {
+        let setup = handing_over(HANDED_MIN_CLAIM_LEFT / 2, 16).await;
+        let woken = setup.wake.notified();
+        let ids: HashSet<_> = setup.write(3, false).await.into_iter().collect();
+        tokio::time::timeout(Duration::from_secs(3), woken).await.expect("the usual rounds woken");
+        let released = async {
+            loop {
+                let claimable = claimable_now(&setup.store).await;
+                if !claimable.is_empty() {
+                    return claimable;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        assert_eq!(tokio::time::timeout(Duration::from_secs(3), released).await.unwrap(), ids);
+        assert!(ids.iter().all(|id| !setup.publisher.has(*id)), "not published by the lane");
+        setup.shutdown.cancel();
+        setup.tasks.close();
+        setup.tasks.wait().await;
+    }
+
+    #[test]
+    fn handed_events_unreadable_or_near_the_end_of_their_claim_are_left() {
+        let tenant = im_testkit::fresh_tenant();
+        let now = time::OffsetDateTime::now_utc();
+        let until = |left: Duration| (now.unix_timestamp_nanos() / 1_000_000) as i64 + left.as_millis() as i64;
+        let good = event(&tenant, EventType::IntegrationCreated, "a");
+        let handed = |e: &DomainEvent, left| im_store_embedded::HandedEvent {
+            id: e.id,
+            body: serde_json::to_string(e).unwrap(),
+            claimed_until_ms: until(left),
+        };
+        let late = event(&tenant, EventType::IntegrationCreated, "b");
+        let unreadable =
+            im_store_embedded::HandedEvent { id: uuid::Uuid::new_v4(), body: "{".into(), claimed_until_ms: until(Duration::from_secs(30)) };
+        let sorted = sort_handed(
+            vec![handed(&good, Duration::from_secs(30)), handed(&late, Duration::from_secs(5)), unreadable.clone()],
+            Duration::from_secs(10),
+        );
+        assert_eq!(sorted, Handed { events: vec![good], left: vec![late.id, unreadable.id] });
     }
 }

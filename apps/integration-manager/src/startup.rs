@@ -391,16 +391,24 @@ fn spawn_handoff(settings: &EventSettings, store: &EmbeddedStore, relay: &EventR
     let lane = relay.lane();
     let (sink, handed) = tokio::sync::mpsc::unbounded_channel();
     let capacity = settings.relay_batch_size as usize * HANDOFF_ROUNDS_AHEAD;
-    // A send fails only once the lane stopped: the rows stay claimed until the claim ends.
+    // A send fails only once the lane stopped, after the stop's barrier (`writes_settled`):
+    // no group hands anything over then.
     let to_lane: im_store_embedded::HandoffSink = Box::new(move |events| {
         let _ = sink.send(events);
     });
     let handoff = Arc::new(OutboxHandoff::new(lane.owner(), im_domain::services::CLAIM_LEASE, capacity, to_lane));
     store.hand_off_events(handoff.clone());
+    let store = store.clone();
+    let settled = Box::pin(async move {
+        if let Err(error) = store.writes_settled().await {
+            tracing::warn!(%error, "the writes under way at the stop could not be waited for; events they hand over stay claimed until the claim ends");
+        }
+    });
     crate::events::spawn_handoff(
         lane,
         handoff,
         handed,
+        settled,
         settings.relay_lanes(),
         settings.relay_batch_size,
         wake.clone(),

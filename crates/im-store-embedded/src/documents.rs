@@ -513,7 +513,7 @@ fn record_events(tx: &Transaction<'_>, rows: Vec<OutboxRow>) -> Result<(), Domai
                     to.done(1);
                     return Err(map_sqlite(e));
                 }
-                crate::handoff::note(&to, (row.event_id, row.body));
+                crate::handoff::note(&to, crate::HandedEvent { id: row.event_id, body: row.body, claimed_until_ms: until });
             }
             None => {
                 tx.prepare_cached("INSERT INTO outbox (id, body, created_at) VALUES (?1, ?2, ?3)")

@@ -15,9 +15,23 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-/// An event handed over: its id and its JSON as written to the outbox (decoded by the relay,
-/// off the writer thread).
-pub type HandedEvent = (uuid::Uuid, String);
+/// An event handed over: its id, its JSON as written to the outbox (decoded by the relay, off
+/// the writer thread), and the end of the relay's claim on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandedEvent {
+    pub id: uuid::Uuid,
+    pub body: String,
+    /// Unix milliseconds; after this another relay may take the row, so the relay publishes
+    /// only while enough of the claim is left ([`HandedEvent::claim_left_ms`]).
+    pub claimed_until_ms: i64,
+}
+
+impl HandedEvent {
+    /// What is left of the relay's claim on the row, in milliseconds (negative: it ended).
+    pub fn claim_left_ms(&self) -> i64 {
+        self.claimed_until_ms.saturating_sub(now_ms())
+    }
+}
 
 /// Where the events handed over go, on the writer thread (it must not block).
 pub type HandoffSink = Box<dyn Fn(Vec<HandedEvent>) + Send + Sync>;
@@ -135,17 +149,17 @@ pub(crate) fn write_ended(succeeded: bool) {
 
 /// The group ended: when it committed, its events go to the relay; else none of it was written.
 pub(crate) fn group_ended(committed: bool) {
-    HANDED.with_borrow_mut(|handed| {
+    // Taken out of the thread's state before the sink sees them: it runs with nothing borrowed.
+    let committed_events = HANDED.with_borrow_mut(|handed| {
         if !committed {
             handed.drop_from(0);
         }
         handed.write_began = 0;
-        if !handed.events.is_empty()
-            && let Some(to) = &handed.to
-        {
-            (to.sink)(std::mem::take(&mut handed.events));
-        }
+        if handed.events.is_empty() { None } else { Some((handed.to.clone()?, std::mem::take(&mut handed.events))) }
     });
+    if let Some((to, events)) = committed_events {
+        (to.sink)(events);
+    }
 }
 
 #[cfg(test)]
@@ -154,7 +168,7 @@ mod tests {
     use std::sync::Mutex;
 
     fn event() -> HandedEvent {
-        (uuid::Uuid::new_v4(), "{}".to_owned())
+        HandedEvent { id: uuid::Uuid::new_v4(), body: "{}".to_owned(), claimed_until_ms: now_ms() + 30_000 }
     }
 
     #[test]
@@ -182,7 +196,7 @@ mod tests {
         for e in [&kept, &failed] {
             to.reserve(now_ms()).unwrap();
             note(&to, e.clone());
-            write_ended(e.0 == kept.0);
+            write_ended(e.id == kept.id);
         }
         assert_eq!(room(&to), 9, "the failed write's room is given back");
         group_ended(true);

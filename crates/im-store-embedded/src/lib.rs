@@ -161,6 +161,15 @@ impl EmbeddedStore {
         Arc::new(deliveries::SqliteDeliveries::with_queue(self.documents(), self.leased.clone()))
     }
 
+    /// Resolves once every write queued before it has ended (committed or rolled back) and the
+    /// events its group handed over went to the relay ([`Self::hand_off_events`]): a barrier.
+    ///
+    /// # Errors
+    /// When the writer cannot take a write (its queue full, or the database gone).
+    pub async fn writes_settled(&self) -> Result<(), DomainError> {
+        self.db.write(|_| Ok(())).await
+    }
+
     /// Releases every lease of the delivery queue. The embedded queue has one consumer, this
     /// process: at start, jobs a crashed predecessor had taken are due again at once.
     pub async fn release_delivery_leases(&self) -> Result<usize, DomainError> {

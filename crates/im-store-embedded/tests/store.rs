@@ -727,10 +727,12 @@ async fn events_are_handed_to_the_relay_claimed_at_commit() {
     let (integrations, outbox) = (store.integrations(), store.outbox());
     let handed: Arc<Mutex<Vec<DomainEvent>>> = Arc::default();
     let sink = handed.clone();
-    let decoded = move |events: Vec<(uuid::Uuid, String)>| {
-        let events = events.into_iter().map(|(id, body)| {
-            let event: DomainEvent = serde_json::from_str(&body).unwrap();
-            assert_eq!(event.id, id);
+    let decoded = move |events: Vec<im_store_embedded::HandedEvent>| {
+        let events = events.into_iter().map(|handed| {
+            let event: DomainEvent = serde_json::from_str(&handed.body).unwrap();
+            assert_eq!(event.id, handed.id);
+            let left = handed.claim_left_ms();
+            assert!((55_000..=60_000).contains(&left), "claimed for the handoff's lease: {left} ms left");
             event
         });
         sink.lock().unwrap().extend(events);

@@ -29,7 +29,7 @@ pub use deliveries::{
 };
 pub use integrations::IntegrationService;
 pub use outbox::OutboxAdmin;
-pub use relay::{CLAIM_LEASE, DEFAULT_MAX_PUBLISH_ATTEMPTS, EventRelay, Relayed};
+pub use relay::{CLAIM_LEASE, ClaimedNotPublished, DEFAULT_MAX_PUBLISH_ATTEMPTS, EventRelay, Relayed};
 pub use sync_engine::{EngineSettings, RunControl, SyncEngine, SyncSource, direction_problem};
 pub use sync_scheduler::{Claimed, DEFAULT_FAILURE_LIMIT, SyncScheduler};
 pub use sync_tasks::{ResetScope, SyncTaskService};

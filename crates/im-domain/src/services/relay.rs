@@ -22,6 +22,24 @@ pub struct Relayed {
     pub dead_letters: Vec<uuid::Uuid>,
 }
 
+/// Why events a relay already held were not published and marked ([`EventRelay::publish_claimed`]).
+#[derive(Debug)]
+pub enum ClaimedNotPublished {
+    /// The publisher refused them; the holds were released to the next round of any relay.
+    Refused(DomainError),
+    /// Published, but not marked: still held, they are published again once the hold ends.
+    NotMarked(DomainError),
+}
+
+impl ClaimedNotPublished {
+    /// The error underneath.
+    pub fn error(&self) -> &DomainError {
+        match self {
+            Self::Refused(error) | Self::NotMarked(error) => error,
+        }
+    }
+}
+
 /// Moves events from the outbox to the publisher: claim them (so that another instance's relay
 /// leaves them alone), publish, and only once that is confirmed, mark them published. A crash
 /// anywhere in between publishes again once the claim ends (at least once); nothing is ever lost.
@@ -119,19 +137,20 @@ impl EventRelay {
     /// that recorded them, and handed them over at commit), then marks them published.
     ///
     /// # Errors
-    /// When the publisher refuses the batch: the holds are released first (when the outbox is
-    /// reachable; else they end with their lease), so that the next round of any relay takes
-    /// the events, counts the failed tries of those refused for good, and backs off while the
-    /// publisher is down. When marking fails, the events stay held and are published again
-    /// once the hold ends (at least once).
-    pub async fn publish_claimed(&self, events: &[DomainEvent]) -> Result<(), DomainError> {
+    /// [`ClaimedNotPublished::Refused`] when the publisher refuses the batch: the holds are
+    /// released first (when the outbox is reachable; else they end with their lease), so that
+    /// the next round of any relay takes the events, counts the failed tries of those refused
+    /// for good, and backs off while the publisher is down.
+    /// [`ClaimedNotPublished::NotMarked`] when they were published but marking them failed: they
+    /// stay held and are published again once the hold ends (at least once).
+    pub async fn publish_claimed(&self, events: &[DomainEvent]) -> Result<(), ClaimedNotPublished> {
         let ids: Vec<_> = events.iter().map(|e| e.id).collect();
         if let Err(error) = self.publisher.publish(events).await {
             // A release that fails leaves the holds to end on their own: nothing is lost.
             let _ = self.outbox.release(&self.owner, &ids).await;
-            return Err(error);
+            return Err(ClaimedNotPublished::Refused(error));
         }
-        self.outbox.mark_published(&ids).await
+        self.outbox.mark_published(&ids).await.map_err(ClaimedNotPublished::NotMarked)
     }
 
     async fn failed(&self, id: uuid::Uuid, reason: &str, round: &mut Relayed) -> Result<(), DomainError> {
@@ -223,8 +242,21 @@ mod tests {
         let mut publisher = MockEventPublisher::new();
         publisher.expect_publish().returning(|_| Err(DomainError::unavailable("broker down")));
         let relay = EventRelay::new(Arc::new(outbox), Arc::new(publisher));
-        assert!(matches!(block_on(relay.publish_claimed(&events)), Err(DomainError::Unavailable { .. })));
+        assert!(matches!(block_on(relay.publish_claimed(&events)), Err(ClaimedNotPublished::Refused(DomainError::Unavailable { .. }))));
         assert_eq!(*relay_owner.lock().unwrap(), relay.owner(), "the relay's own holds");
+    }
+
+    #[test]
+    fn events_handed_over_published_but_not_marked_stay_held() {
+        let events = vec![event()];
+        let mut outbox = MockOutbox::new();
+        outbox.expect_release().never();
+        outbox.expect_mark_published().times(1).returning(|_| Err(DomainError::unavailable("store down")));
+        let mut publisher = MockEventPublisher::new();
+        publisher.expect_publish().times(1).returning(|_| Ok(()));
+        let relay = EventRelay::new(Arc::new(outbox), Arc::new(publisher));
+        let outcome = block_on(relay.publish_claimed(&events));
+        assert!(matches!(outcome, Err(ClaimedNotPublished::NotMarked(DomainError::Unavailable { .. }))), "{outcome:?}");
     }
 
     fn claimed(events: &[DomainEvent], unreadable: &[uuid::Uuid]) -> Claimed {
