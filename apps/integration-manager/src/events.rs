@@ -56,18 +56,19 @@ const HANDOFF_PAUSE: Duration = Duration::from_secs(5);
 
 /// Events handed over with less of their claim left than this are not published by the lane
 /// (a publish that took the rest of the claim could meet another relay's of the same events):
-/// they are released to the usual rounds. Only a lane that falls far behind meets such events.
+/// they are released to the usual rounds, and the store hands nothing over for
+/// [`HANDOFF_PAUSE`]. Only a lane that falls far behind meets such events.
 const HANDED_MIN_CLAIM_LEFT: Duration = Duration::from_secs(im_domain::services::CLAIM_LEASE.as_secs() / 3);
 
 /// Runs until `shutdown` the relay's rounds of the events the embedded store hands over claimed
 /// at commit ([`im_store_embedded::OutboxHandoff`]): each round publishes what arrived since
 /// the one before (up to `batch` events) and marks it, with no claim; up to `rounds` of them
 /// are under way at once. A round that fails releases its events to the relay's usual rounds
-/// (woken by `wake`), and the store hands nothing over for [`HANDOFF_PAUSE`]. At the stop the
-/// store hands nothing more over; once `settled` (a write queued after the pause) is answered,
-/// every group that could still hand events over has ended, and what was handed over and not
-/// yet taken is released (any relay takes it at once). Those of a process that died are taken
-/// once their claim ends.
+/// (woken by `wake`), and the store hands nothing over for [`HANDOFF_PAUSE`]. At the stop no
+/// round begins and the store hands nothing more over; once `settled` (a write queued after
+/// the pause) is answered, every group that could still hand events over has ended, and what
+/// was handed over and not yet taken is released (any relay takes it at once). Those of a
+/// process that died are taken once their claim ends.
 #[allow(clippy::too_many_arguments)]
 pub fn spawn_handoff(
     relay: EventRelay,
@@ -84,6 +85,8 @@ pub fn spawn_handoff(
     tasks.spawn(async move {
         let relay = Arc::new(relay);
         let permits = Arc::new(tokio::sync::Semaphore::new(rounds.max(1) as usize));
+        // Handed over, not taken by a round: released at the stop.
+        let mut left: Vec<uuid::Uuid> = Vec::new();
         loop {
             let first = tokio::select! {
                 biased;
@@ -93,7 +96,17 @@ pub fn spawn_handoff(
                     None => break,
                 },
             };
-            let Ok(permit) = permits.clone().acquire_owned().await else { break };
+            let permit = tokio::select! {
+                biased;
+                () = shutdown.cancelled() => {
+                    left.extend(first.into_iter().map(|event| event.id));
+                    break;
+                }
+                permit = permits.clone().acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => break,
+                },
+            };
             // What arrived while the rounds under way held every permit goes in this one.
             let mut events = first;
             while events.len() < batch as usize {
@@ -105,7 +118,12 @@ pub fn spawn_handoff(
             let (relay, handoff, wake) = (relay.clone(), handoff.clone(), wake.clone());
             round_tasks.spawn(async move {
                 let count = events.len();
-                let Handed { events, left } = sort_handed(events, HANDED_MIN_CLAIM_LEFT);
+                let Handed { events, left, late } = sort_handed(events, HANDED_MIN_CLAIM_LEFT);
+                if late {
+                    // Far behind: the usual rounds, in large batches, take what is written next.
+                    handoff.pause_for(HANDOFF_PAUSE);
+                    tracing::info!(count = left.len(), "the handoff lane fell behind; events go the relay's usual way for a while");
+                }
                 let published = if events.is_empty() { Ok(()) } else { relay.publish_claimed(&events).await };
                 match &published {
                     Ok(()) => {}
@@ -138,7 +156,6 @@ pub fn spawn_handoff(
         handoff.pause_for(Duration::from_secs(u64::from(u32::MAX)));
         settled.await;
         handed.close();
-        let mut left = Vec::new();
         while let Ok(events) = handed.try_recv() {
             left.extend(events.into_iter().map(|event| event.id));
         }
@@ -155,16 +172,19 @@ struct Handed {
     events: Vec<DomainEvent>,
     /// Unreadable, or with too little of their claim left.
     left: Vec<uuid::Uuid>,
+    /// Some had too little of their claim left.
+    late: bool,
 }
 
 /// Decodes the events handed over with at least `min_claim_left` of their claim left; the ids of
 /// the others.
 fn sort_handed(handed: Vec<im_store_embedded::HandedEvent>, min_claim_left: Duration) -> Handed {
     let min_left_ms = i64::try_from(min_claim_left.as_millis()).unwrap_or(i64::MAX);
-    let mut sorted = Handed { events: Vec::with_capacity(handed.len()), left: Vec::new() };
+    let mut sorted = Handed { events: Vec::with_capacity(handed.len()), left: Vec::new(), late: false };
     for event in handed {
         if event.claim_left_ms() < min_left_ms {
             sorted.left.push(event.id);
+            sorted.late = true;
             continue;
         }
         match serde_json::from_str::<DomainEvent>(&event.body) {
@@ -527,6 +547,10 @@ mod tests {
         store: EmbeddedStore,
         publisher: Arc<SlowPublisher>,
         wake: Arc<Notify>,
+        /// Woken by the handoff lane only (`handing_over`).
+        lane_wake: Arc<Notify>,
+        /// How long the handoff's sink blocks the writer thread before it sends (`handing_over`).
+        sink_delay_ms: Arc<std::sync::atomic::AtomicU64>,
         shutdown: CancellationToken,
         tasks: TaskTracker,
         _dir: tempfile::TempDir,
@@ -539,7 +563,8 @@ mod tests {
         store.migrate().await.unwrap();
         let publisher = Arc::new(SlowPublisher::default());
         let (wake, shutdown, tasks) = (Arc::new(Notify::new()), CancellationToken::new(), TaskTracker::new());
-        Setup { store, publisher, wake, shutdown, tasks, _dir: dir }
+        let (lane_wake, sink_delay_ms) = (Arc::new(Notify::new()), Arc::default());
+        Setup { store, publisher, wake, lane_wake, sink_delay_ms, shutdown, tasks, _dir: dir }
     }
 
     async fn relaying(lanes: u32) -> Setup {
@@ -659,19 +684,34 @@ mod tests {
         let (store, publisher) = (&setup.store, &setup.publisher);
         let lane = EventRelay::new(store.outbox(), publisher.clone());
         let (sink, handed) = tokio::sync::mpsc::unbounded_channel();
+        let delay = setup.sink_delay_ms.clone();
         let handoff = Arc::new(im_store_embedded::OutboxHandoff::new(
             lane.owner(),
             lease,
             64,
             Box::new(move |events| {
+                std::thread::sleep(Duration::from_millis(delay.load(Ordering::SeqCst)));
                 let _ = sink.send(events);
             }),
         ));
         store.hand_off_events(handoff.clone());
         let barrier = store.clone();
-        let settled = Box::pin(async move { barrier.writes_settled().await.unwrap() });
-        spawn_handoff(lane, handoff, handed, settled, 1, batch, setup.wake.clone(), &setup.shutdown, &setup.tasks);
+        let settled = Box::pin(async move { barrier.writes_settled(Duration::from_secs(5)).await.unwrap() });
+        spawn_handoff(lane, handoff, handed, settled, 1, batch, setup.lane_wake.clone(), &setup.shutdown, &setup.tasks);
         setup
+    }
+
+    /// Every event of `ids` any relay may claim, within `wait` (claimed then).
+    async fn claimable_within(store: &EmbeddedStore, ids: &HashSet<uuid::Uuid>, wait: Duration) -> HashSet<uuid::Uuid> {
+        let mut claimed = HashSet::new();
+        let until = std::time::Instant::now() + wait;
+        loop {
+            claimed.extend(claimable_now(store).await);
+            if ids.is_subset(&claimed) || std::time::Instant::now() >= until {
+                return claimed;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     async fn claimable_now(store: &EmbeddedStore) -> HashSet<uuid::Uuid> {
@@ -687,21 +727,41 @@ mod tests {
         let first = setup.write(1, false).await[0];
         assert!(setup.published_within(first, Duration::from_secs(3)).await, "published by the lane");
 
-        // The lane's one round waits on a held event; the next waits for it; two more queue.
+        // The lane's one round waits on a held event; the next event waits for the round to end
+        // (taken off the channel), two more wait on the channel.
         let held = setup.write(1, true).await[0];
-        let next = setup.write(1, false).await[0];
-        let queued: HashSet<_> = setup.write(2, false).await.into_iter().collect();
+        let left: HashSet<_> = setup.write(3, false).await.into_iter().collect();
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(claimable_now(&setup.store).await.is_empty(), "all of them claimed for the lane");
         setup.shutdown.cancel();
+        tokio::time::sleep(Duration::from_millis(50)).await;
         setup.publisher.let_go();
         setup.tasks.close();
         setup.tasks.wait().await;
-        for id in [held, next] {
-            assert!(setup.publisher.has(id), "taken before the stop, published");
-        }
-        assert!(queued.iter().all(|id| !setup.publisher.has(*id)));
-        assert_eq!(claimable_now(&setup.store).await, queued, "released at the stop: any relay takes them at once");
+        assert!(setup.publisher.has(held), "taken before the stop, published");
+        assert!(left.iter().all(|id| !setup.publisher.has(*id)), "no round begins after the stop");
+        assert_eq!(claimable_now(&setup.store).await, left, "released at the stop: any relay takes them at once");
+    }
+
+    /// At the stop, the lane waits for the group under way to hand its events over before it
+    /// releases what it was not taken: an event committed as the lane stops is not left claimed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_stop_waits_for_the_group_under_way_to_hand_its_events_over() {
+        let setup = Arc::new(handing_over(im_domain::services::CLAIM_LEASE, 16).await);
+        setup.sink_delay_ms.store(300, Ordering::SeqCst);
+        let writing = tokio::spawn({
+            let setup = setup.clone();
+            async move { setup.write(1, false).await[0] }
+        });
+        // The group committed; the writer thread is in the sink, not yet sent.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        setup.shutdown.cancel();
+        setup.tasks.close();
+        setup.tasks.wait().await;
+        let id = writing.await.unwrap();
+        assert!(!setup.publisher.has(id), "handed over after the stop: not published");
+        let ids = HashSet::from([id]);
+        assert_eq!(claimable_within(&setup.store, &ids, Duration::ZERO).await, ids, "released at the stop, not left claimed");
     }
 
     /// Events handed over with too little of their claim left are not published by the lane
@@ -710,19 +770,10 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_lane_leaves_events_near_the_end_of_their_claim_to_the_usual_rounds() {
         let setup = handing_over(HANDED_MIN_CLAIM_LEFT / 2, 16).await;
-        let woken = setup.wake.notified();
+        let woken = setup.lane_wake.notified();
         let ids: HashSet<_> = setup.write(3, false).await.into_iter().collect();
         tokio::time::timeout(Duration::from_secs(3), woken).await.expect("the usual rounds woken");
-        let released = async {
-            loop {
-                let claimable = claimable_now(&setup.store).await;
-                if !claimable.is_empty() {
-                    return claimable;
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        };
-        assert_eq!(tokio::time::timeout(Duration::from_secs(3), released).await.unwrap(), ids);
+        assert_eq!(claimable_within(&setup.store, &ids, Duration::from_secs(3)).await, ids, "released (or, paused, written unclaimed)");
         assert!(ids.iter().all(|id| !setup.publisher.has(*id)), "not published by the lane");
         setup.shutdown.cancel();
         setup.tasks.close();
@@ -747,6 +798,6 @@ mod tests {
             vec![handed(&good, Duration::from_secs(30)), handed(&late, Duration::from_secs(5)), unreadable.clone()],
             Duration::from_secs(10),
         );
-        assert_eq!(sorted, Handed { events: vec![good], left: vec![late.id, unreadable.id] });
+        assert_eq!(sorted, Handed { events: vec![good], left: vec![late.id, unreadable.id], late: true });
     }
 }

@@ -385,6 +385,9 @@ struct Workers {
 /// each event of a relay round (`events.relay_batch_size`).
 const HANDOFF_ROUNDS_AHEAD: usize = 8;
 
+/// How long the stop waits for the writer to take its barrier while its queue is full.
+const HANDOFF_STOP_PATIENCE: Duration = Duration::from_secs(5);
+
 /// The embedded store hands the events of this instance's writes to a lane of `relay` of its
 /// own, claimed for it at commit ([`crate::events::spawn_handoff`]).
 fn spawn_handoff(settings: &EventSettings, store: &EmbeddedStore, relay: &EventRelay, wake: &Arc<tokio::sync::Notify>, workers: &Workers) {
@@ -400,8 +403,8 @@ fn spawn_handoff(settings: &EventSettings, store: &EmbeddedStore, relay: &EventR
     store.hand_off_events(handoff.clone());
     let store = store.clone();
     let settled = Box::pin(async move {
-        if let Err(error) = store.writes_settled().await {
-            tracing::warn!(%error, "the writes under way at the stop could not be waited for; events they hand over stay claimed until the claim ends");
+        if let Err(error) = store.writes_settled(HANDOFF_STOP_PATIENCE).await {
+            tracing::warn!(%error, "the writes under way at the stop could not be waited for; events they hand over now stay claimed until the claim ends (30 s), then any relay takes them");
         }
     });
     crate::events::spawn_handoff(

@@ -24,6 +24,7 @@ mod webhooks;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use im_domain::ports::{DependencyHealth, HealthCheck, IntegrationRepository, Outbox, ProviderRepository};
@@ -163,11 +164,20 @@ impl EmbeddedStore {
 
     /// Resolves once every write queued before it has ended (committed or rolled back) and the
     /// events its group handed over went to the relay ([`Self::hand_off_events`]): a barrier.
+    /// While the writer's queue is full it tries again, for up to `patience`.
     ///
     /// # Errors
-    /// When the writer cannot take a write (its queue full, or the database gone).
-    pub async fn writes_settled(&self) -> Result<(), DomainError> {
-        self.db.write(|_| Ok(())).await
+    /// When the writer took no write within `patience`, or stopped.
+    pub async fn writes_settled(&self, patience: Duration) -> Result<(), DomainError> {
+        let until = std::time::Instant::now() + patience;
+        loop {
+            match self.db.write(|_| Ok(())).await {
+                Err(DomainError::Unavailable { .. }) if std::time::Instant::now() < until => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                settled => return settled,
+            }
+        }
     }
 
     /// Releases every lease of the delivery queue. The embedded queue has one consumer, this
