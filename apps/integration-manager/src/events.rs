@@ -86,7 +86,7 @@ pub fn spawn_handoff(
         let relay = Arc::new(relay);
         let permits = Arc::new(tokio::sync::Semaphore::new(rounds.max(1) as usize));
         // Handed over, not taken by a round: released at the stop.
-        let mut left: Vec<uuid::Uuid> = Vec::new();
+        let mut not_taken: Vec<uuid::Uuid> = Vec::new();
         loop {
             let first = tokio::select! {
                 biased;
@@ -99,7 +99,7 @@ pub fn spawn_handoff(
             let permit = tokio::select! {
                 biased;
                 () = shutdown.cancelled() => {
-                    left.extend(first.into_iter().map(|event| event.id));
+                    not_taken.extend(first.into_iter().map(|event| event.id));
                     break;
                 }
                 permit = permits.clone().acquire_owned() => match permit {
@@ -157,10 +157,10 @@ pub fn spawn_handoff(
         settled.await;
         handed.close();
         while let Ok(events) = handed.try_recv() {
-            left.extend(events.into_iter().map(|event| event.id));
+            not_taken.extend(events.into_iter().map(|event| event.id));
         }
-        if let Err(error) = relay.outbox().release(relay.owner(), &left).await {
-            tracing::warn!(%error, count = left.len(), "releasing the events handed over at the stop failed; they are taken once their claim ends");
+        if let Err(error) = relay.outbox().release(relay.owner(), &not_taken).await {
+            tracing::warn!(%error, count = not_taken.len(), "releasing the events handed over at the stop failed; they are taken once their claim ends");
         }
     });
 }

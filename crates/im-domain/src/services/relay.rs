@@ -31,15 +31,6 @@ pub enum ClaimedNotPublished {
     NotMarked(DomainError),
 }
 
-impl ClaimedNotPublished {
-    /// The error underneath.
-    pub fn error(&self) -> &DomainError {
-        match self {
-            Self::Refused(error) | Self::NotMarked(error) => error,
-        }
-    }
-}
-
 /// Moves events from the outbox to the publisher: claim them (so that another instance's relay
 /// leaves them alone), publish, and only once that is confirmed, mark them published. A crash
 /// anywhere in between publishes again once the claim ends (at least once); nothing is ever lost.
