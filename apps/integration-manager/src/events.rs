@@ -115,7 +115,7 @@ pub fn spawn_handoff(
                     Err(_) => break,
                 }
             }
-            let (relay, handoff, wake) = (relay.clone(), handoff.clone(), wake.clone());
+            let (relay, handoff, wake, round_shutdown) = (relay.clone(), handoff.clone(), wake.clone(), shutdown.clone());
             round_tasks.spawn(async move {
                 let count = events.len();
                 let Handed { events, left, late } = sort_handed(events, HANDED_MIN_CLAIM_LEFT);
@@ -131,11 +131,17 @@ pub fn spawn_handoff(
                         handoff.pause_for(HANDOFF_PAUSE);
                         tracing::warn!(%error, count = events.len(), "publishing events handed over at commit failed; the relay's next rounds take them");
                     }
-                    Err(ClaimedNotPublished::NotMarked(error)) => tracing::warn!(
-                        %error,
-                        count = events.len(),
-                        "events handed over at commit were published but not marked; they are published again once their claim ends"
-                    ),
+                    Err(ClaimedNotPublished::NotMarked(error)) => {
+                        let ids: Vec<_> = events.iter().map(|event| event.id).collect();
+                        match mark_again(relay.outbox().as_ref(), &ids, &round_shutdown).await {
+                            Ok(()) => tracing::info!(%error, count = ids.len(), "events handed over at commit were marked published at a later try"),
+                            Err(later) => tracing::warn!(
+                                error = %later.as_ref().unwrap_or(error),
+                                count = ids.len(),
+                                "events handed over at commit were published but not marked; they are published again once their claim ends"
+                            ),
+                        }
+                    }
                 }
                 // Not expected: the usual rounds count an unreadable entry toward a dead letter,
                 // as any they cannot read, and publish those this lane came to too late.
@@ -163,6 +169,33 @@ pub fn spawn_handoff(
             tracing::warn!(%error, count = not_taken.len(), "releasing the events handed over at the stop failed; they are taken once their claim ends");
         }
     });
+}
+
+/// The waits before each new try to mark published the events a lane published, when marking
+/// them failed (the store was busy or away). All of them end well within
+/// [`HANDED_MIN_CLAIM_LEFT`], so the events are still held by the lane while it tries.
+const MARK_RETRIES: [Duration; 3] = [Duration::from_millis(50), Duration::from_millis(250), Duration::from_secs(1)];
+
+/// Tries again to mark published events a lane published and could not mark, after each wait
+/// of [`MARK_RETRIES`] (none after the stop): a mark that fails for good leaves them held, and
+/// they are published again once their claim ends (at least once).
+///
+/// # Errors
+/// The last try's error; none when the stop came before any try.
+async fn mark_again(outbox: &dyn Outbox, ids: &[uuid::Uuid], shutdown: &CancellationToken) -> Result<(), Option<DomainError>> {
+    let mut last = None;
+    for wait in MARK_RETRIES {
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled() => break,
+            () = tokio::time::sleep(wait) => {}
+        }
+        match outbox.mark_published(ids).await {
+            Ok(()) => return Ok(()),
+            Err(error) => last = Some(error),
+        }
+    }
+    Err(last)
 }
 
 /// The events handed over that a lane publishes, and those it leaves to the usual rounds.
@@ -680,9 +713,14 @@ mod tests {
     /// The relay's lane of the events the store hands over (batches of `batch`, one round at
     /// a time), its handoff claiming them for `lease`; no usual rounds.
     async fn handing_over(lease: Duration, batch: u32) -> Setup {
+        handing_over_to(lease, batch, |outbox| outbox).await
+    }
+
+    /// [`handing_over`], the lane's outbox being the store's as `outbox` makes it.
+    async fn handing_over_to(lease: Duration, batch: u32, outbox: impl FnOnce(Arc<dyn Outbox>) -> Arc<dyn Outbox>) -> Setup {
         let setup = set_up().await;
         let (store, publisher) = (&setup.store, &setup.publisher);
-        let lane = EventRelay::new(store.outbox(), publisher.clone());
+        let lane = EventRelay::new(outbox(store.outbox()), publisher.clone());
         let (sink, handed) = tokio::sync::mpsc::unbounded_channel();
         let delay = setup.sink_delay_ms.clone();
         let handoff = Arc::new(im_store_embedded::OutboxHandoff::new(
@@ -778,6 +816,66 @@ mod tests {
         setup.shutdown.cancel();
         setup.tasks.close();
         setup.tasks.wait().await;
+    }
+
+    /// An outbox whose first `failing` marks fail, as a store too busy to take them.
+    struct FailingMarks {
+        outbox: Arc<dyn Outbox>,
+        failing: std::sync::atomic::AtomicU32,
+    }
+
+    #[async_trait]
+    impl Outbox for FailingMarks {
+        async fn pending(&self, limit: u32) -> Result<Vec<DomainEvent>, DomainError> {
+            self.outbox.pending(limit).await
+        }
+        async fn claim(&self, owner: &str, limit: u32, lease: Duration) -> Result<im_domain::events::Claimed, DomainError> {
+            self.outbox.claim(owner, limit, lease).await
+        }
+        async fn mark_published(&self, ids: &[uuid::Uuid]) -> Result<(), DomainError> {
+            if self.failing.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| left.checked_sub(1)).is_ok() {
+                return Err(DomainError::unavailable("the store is busy"));
+            }
+            self.outbox.mark_published(ids).await
+        }
+        async fn release(&self, owner: &str, ids: &[uuid::Uuid]) -> Result<(), DomainError> {
+            self.outbox.release(owner, ids).await
+        }
+        async fn record_failure(&self, id: uuid::Uuid, reason: &str, max_attempts: u32) -> Result<bool, DomainError> {
+            self.outbox.record_failure(id, reason, max_attempts).await
+        }
+        async fn dead_letters(&self, page: &PageRequest) -> Result<Page<im_domain::events::DeadLetter>, DomainError> {
+            self.outbox.dead_letters(page).await
+        }
+        async fn requeue(&self, id: uuid::Uuid) -> Result<(), DomainError> {
+            self.outbox.requeue(id).await
+        }
+        async fn stats(&self) -> Result<im_domain::events::OutboxStats, DomainError> {
+            self.outbox.stats().await
+        }
+    }
+
+    /// Events the lane published and could not mark are marked at a later try, not left held
+    /// until their claim ends (then published again); a mark failing at every try leaves them
+    /// held.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_lane_tries_again_to_mark_what_it_published() {
+        for failing in [2, MARK_RETRIES.len() as u32 + 1] {
+            let setup =
+                handing_over_to(im_domain::services::CLAIM_LEASE, 16, |outbox| Arc::new(FailingMarks { outbox, failing: failing.into() }))
+                    .await;
+            let id = setup.write(1, false).await[0];
+            assert!(setup.published_within(id, Duration::from_secs(3)).await, "published by the lane");
+            let tries: Duration = MARK_RETRIES.iter().sum();
+            tokio::time::sleep(tries + Duration::from_millis(500)).await;
+            let pending = setup.store.outbox().pending(10).await.unwrap();
+            let marked = pending.iter().all(|event| event.id != id);
+            assert_eq!(marked, failing <= MARK_RETRIES.len() as u32, "{failing} failed marks");
+            assert!(claimable_now(&setup.store).await.is_empty(), "{failing} failed marks: still held or marked, not taken again");
+            setup.shutdown.cancel();
+            setup.tasks.close();
+            setup.tasks.wait().await;
+        }
     }
 
     #[test]
