@@ -135,8 +135,8 @@ pub fn spawn_handoff(
                         let ids: Vec<_> = events.iter().map(|event| event.id).collect();
                         match mark_again(relay.outbox().as_ref(), &ids, &round_shutdown).await {
                             Ok(()) => tracing::info!(%error, count = ids.len(), "events handed over at commit were marked published at a later try"),
-                            Err(later) => tracing::warn!(
-                                error = %later.as_ref().unwrap_or(error),
+                            Err(error) => tracing::warn!(
+                                %error,
                                 count = ids.len(),
                                 "events handed over at commit were published but not marked; they are published again once their claim ends"
                             ),
@@ -177,25 +177,25 @@ pub fn spawn_handoff(
 const MARK_RETRIES: [Duration; 3] = [Duration::from_millis(50), Duration::from_millis(250), Duration::from_secs(1)];
 
 /// Tries again to mark published events a lane published and could not mark, after each wait
-/// of [`MARK_RETRIES`] (none after the stop): a mark that fails for good leaves them held, and
-/// they are published again once their claim ends (at least once).
+/// of [`MARK_RETRIES`]; the stop ends a wait at once, for a last try. A mark that fails for
+/// good leaves them held, and they are published again once their claim ends (at least once).
 ///
 /// # Errors
-/// The last try's error; none when the stop came before any try.
-async fn mark_again(outbox: &dyn Outbox, ids: &[uuid::Uuid], shutdown: &CancellationToken) -> Result<(), Option<DomainError>> {
-    let mut last = None;
+/// The last try's.
+async fn mark_again(outbox: &dyn Outbox, ids: &[uuid::Uuid], shutdown: &CancellationToken) -> Result<(), DomainError> {
+    let mut tried = Ok(());
     for wait in MARK_RETRIES {
-        tokio::select! {
+        let stopping = tokio::select! {
             biased;
-            () = shutdown.cancelled() => break,
-            () = tokio::time::sleep(wait) => {}
-        }
-        match outbox.mark_published(ids).await {
-            Ok(()) => return Ok(()),
-            Err(error) => last = Some(error),
+            () = shutdown.cancelled() => true,
+            () = tokio::time::sleep(wait) => false,
+        };
+        tried = outbox.mark_published(ids).await;
+        if tried.is_ok() || stopping {
+            break;
         }
     }
-    Err(last)
+    tried
 }
 
 /// The events handed over that a lane publishes, and those it leaves to the usual rounds.
@@ -602,12 +602,17 @@ mod tests {
 
     async fn relaying(lanes: u32) -> Setup {
         let setup = set_up().await;
-        let relay = EventRelay::new(setup.store.outbox(), setup.publisher.clone());
-        spawn_relay(&relay, lanes, &setup.wake, 256, &setup.shutdown, &setup.tasks);
+        setup.relay(lanes);
         setup
     }
 
     impl Setup {
+        /// Starts the relay's usual rounds, in `lanes` lanes.
+        fn relay(&self, lanes: u32) {
+            let relay = EventRelay::new(self.store.outbox(), self.publisher.clone());
+            spawn_relay(&relay, lanes, &self.wake, 256, &self.shutdown, &self.tasks);
+        }
+
         /// Commits `count` events (one create each, the last `held`) and wakes the relay.
         async fn write(&self, count: usize, held: bool) -> Vec<uuid::Uuid> {
             let tenant = im_testkit::fresh_tenant();
@@ -692,11 +697,27 @@ mod tests {
     /// handed over (not left for the idle poll).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn under_load_the_rounds_are_left_to_the_first_lane() {
-        let setup = relaying(2).await;
+        let setup = set_up().await;
+        // Written before the relay starts, so that the first lane's first round takes them all
+        // (on a slow machine, the idle poll during the writes would split them into rounds
+        // that are not large), and with the wake-up taken back (the other lane would take it,
+        // and perhaps the burst with it, and the first lane's empty round would then tell the
+        // load is light).
         let burst = setup.write(OVERLAP_UP_TO + 8, false).await;
+        setup.wake.notified().await;
+        setup.relay(2);
         for id in &burst {
             assert!(setup.published_within(*id, Duration::from_secs(3)).await);
         }
+        // The round ends once its events are marked: until then the other lane would take
+        // a wake-up as at light load.
+        let marked = async {
+            while !setup.store.outbox().pending(1).await.unwrap().is_empty() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(3), marked).await.expect("the burst marked");
+        tokio::time::sleep(Duration::from_millis(50)).await;
         let slow = setup.write(1, true).await[0];
         tokio::time::sleep(Duration::from_millis(100)).await;
         let next = setup.write(1, false).await[0];
@@ -876,6 +897,20 @@ mod tests {
             setup.tasks.close();
             setup.tasks.wait().await;
         }
+    }
+
+    /// The stop cuts the wait before a try short: the events are marked at once, not left held.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn at_the_stop_the_lane_tries_at_once_to_mark_what_it_published() {
+        let setup =
+            handing_over_to(im_domain::services::CLAIM_LEASE, 16, |outbox| Arc::new(FailingMarks { outbox, failing: 1.into() })).await;
+        let id = setup.write(1, false).await[0];
+        assert!(setup.published_within(id, Duration::from_secs(3)).await, "published by the lane");
+        setup.shutdown.cancel();
+        setup.tasks.close();
+        setup.tasks.wait().await;
+        let pending = setup.store.outbox().pending(10).await.unwrap();
+        assert!(pending.iter().all(|event| event.id != id), "marked at the stop");
     }
 
     #[test]
