@@ -22,9 +22,10 @@ AMQP_URL=${BENCH_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
 
 command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
 command -v curl >/dev/null || { apt-get update -qq && apt-get install -y -qq curl; }
-cargo build --release -q -p integration-manager -p im-system-tests --bin integration-manager --bin bench-baseline --bin bench-events --bin bench-webhooks
+cargo build --release -q -p integration-manager -p im-system-tests --bin integration-manager --bin bench-baseline --bin bench-plain --bin bench-events --bin bench-webhooks
 BIN=target/release/integration-manager
 BASELINE=target/release/bench-baseline
+PLAIN=target/release/bench-plain
 
 WORK=$(mktemp -d)
 PIDS=()
@@ -86,19 +87,26 @@ IDLE_RSS=$(rss_kb "$SERVER_PID")
 BPORT=$(free_port)
 $BASELINE "$BPORT" "$WORK/item.json" "$WORK/list.json" >/dev/null 2>&1 & PIDS+=($!)
 wait_up "http://127.0.0.1:$BPORT/item"
+# The plain implementation: a GET by id and a create on SQLite with the least work and no
+# tuning (tests/bench/plain.rs), holding the same item under the same id and token.
+PPORT=$(free_port)
+$PLAIN "$PPORT" "$WORK/plain" "$WORK/item.json" "$BENCH_TOKEN" >/dev/null 2>&1 & PIDS+=($!)
+wait_up "http://127.0.0.1:$PPORT/ready"
 echo "warming up..." >&2
 wrk -t"$THREADS" -c"$CONNECTIONS" -d2s -s tests/bench/get.lua "$API/integrations/$ID" >/dev/null
 peak_rss "$SERVER_PID" & PIDS+=($!)
 # Rounds alternate the baselines and ours (the machine's speed drifts within minutes: single
 # runs of the bare handler gave 60,000 to 96,000 requests/s on one machine within the hour);
 # each scenario reports its median round, whose rate, p50 and p99 are one run's.
-# name url [wrk script]; the order of RESULTS the rows below rely on (baselines at 0 and 2).
+# name url [wrk script]
 API_SCENARIOS=(
   "baseline-item http://127.0.0.1:$BPORT/item"
   "get-by-id $API/integrations/$ID tests/bench/get.lua"
+  "plain-get-by-id http://127.0.0.1:$PPORT/items/$ID tests/bench/get.lua"
   "baseline-list http://127.0.0.1:$BPORT/list"
   "list-50 $API/integrations?limit=50 tests/bench/get.lua"
   "create $API/integrations tests/bench/post.lua"
+  "plain-create http://127.0.0.1:$PPORT/items tests/bench/post.lua"
 )
 declare -A ROUND_RUNS ROUND_ERRORS
 for _ in $(seq 1 "$API_ROUNDS"); do
@@ -137,23 +145,28 @@ fi
 # --- rows: scenario ours baseline ratio p50 p99 rss_mb ---------------------------------------
 ROWS=()
 PACED_CPU=""
-base_item=$(awk '{print $2}' <<<"${RESULTS[0]}")
-base_list=$(awk '{print $2}' <<<"${RESULTS[2]}")
+# result NAME: the line of RESULTS whose scenario is NAME
+result() { local r; for r in "${RESULTS[@]}"; do [ "${r%% *}" = "$1" ] && { echo "$r"; return; }; done; }
+base_item=$(result baseline-item | awk '{print $2}')
+base_list=$(result baseline-list | awk '{print $2}')
 # The bare handler's own latency in its median round (a p99 goal is read against it: on 2 cores
 # shared with the load generator, the scheduler's tail is the bare handler's too).
-base_item_latency=$(awk '{printf "p50 %s ms, p99 %s ms", $3, $4}' <<<"${RESULTS[0]}")
-base_list_latency=$(awk '{printf "p50 %s ms, p99 %s ms", $3, $4}' <<<"${RESULTS[2]}")
+base_item_latency=$(result baseline-item | awk '{printf "p50 %s ms, p99 %s ms", $3, $4}')
+base_list_latency=$(result baseline-list | awk '{printf "p50 %s ms, p99 %s ms", $3, $4}')
+# Ours against the plain implementation, each scenario's median rounds.
+of_plain() { awk -v a="$(result "$1" | awk '{print $2}')" -v b="$(result "plain-$1" | awk '{print $2}')" 'BEGIN { printf "%.2f", a/b }'; }
+PLAIN_RATIOS="get-by-id $(of_plain get-by-id)x, create $(of_plain create)x"
 NON2XX=""
 for r in "${RESULTS[@]}"; do
   read -r name rps p50 p99 errors <<<"$r"
   case $name in
     baseline-*) continue ;;
-    *get-by-id|*create) base=$base_item ;;
+    *get-by-id|*create) base=$base_item ;; # the plain rows too
     *list-50) base=$base_list ;;
   esac
   errors=${ROUND_ERRORS[$name]:-$errors} # every round's, not only the median's
   [ "$errors" != 0 ] && NON2XX="$NON2XX $name:$errors"
-  case $name in cosmos-*) rss=- ;; *) rss=$((PEAK_RSS / 1024)) ;; esac
+  case $name in cosmos-*|plain-*) rss=- ;; *) rss=$((PEAK_RSS / 1024)) ;; esac
   ROWS+=("$(awk -v n="$name" -v a="$rps" -v b="$base" -v p50="$p50" -v p99="$p99" -v rss="$rss" \
     'BEGIN { printf "%s %.0f %.0f %.2f %.2f %.2f %s", n, a, b, a/b, p50, p99, rss }')")
 done
@@ -205,7 +218,7 @@ for r in "${ROWS[@]}"; do
 done
 MODEL=$(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)
 NOTES="- $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores ($MODEL), load average at the end: $(cut -d' ' -f1-3 /proc/loadavg).
-- API rows: wrk, $CONNECTIONS connections, $THREADS threads, $DURATION a run; each scenario the median of $API_ROUNDS rounds that alternate the baselines and ours (its rate, p50 and p99 are that run's); ours and baseline in requests/s; the baseline is a bare actix-web handler answering the same bodies ($ITEM_BYTES bytes for an item, $LIST_BYTES for the list of 50) in the same run: get-by-id and create against the item, list-50 against the list; the bare handler's own latency in its median round: $base_item_latency (item), $base_list_latency (list). RSS is the service's peak under these loads; idle after start: $((IDLE_RSS / 1024)) MB; cold start to ready: ${EMBEDDED_READY_MS} ms.${NON2XX:+ Non-2xx answers:$NON2XX.}"
+- API rows: wrk, $CONNECTIONS connections, $THREADS threads, $DURATION a run; each scenario the median of $API_ROUNDS rounds that alternate the baselines and ours (its rate, p50 and p99 are that run's); ours and baseline in requests/s; the baseline is a bare actix-web handler answering the same bodies ($ITEM_BYTES bytes for an item, $LIST_BYTES for the list of 50) in the same run: get-by-id and create against the item, list-50 against the list; the bare handler's own latency in its median round: $base_item_latency (item), $base_list_latency (list). plain-* rows: the same two requests on the same store, allocator and durability with the least work and no tuning (tests/bench/plain.rs: a verified token looked up; one row read by key in a read transaction of its own, or a JSON body parsed and one row inserted in a transaction of its own; no role, schema, provider version, event or metrics), against the same bare handler; ours against the plain implementation: $PLAIN_RATIOS. RSS is the service's peak under these loads; idle after start: $((IDLE_RSS / 1024)) MB; cold start to ready: ${EMBEDDED_READY_MS} ms.${NON2XX:+ Non-2xx answers:$NON2XX.}"
 [ -n "$COSMOS" ] && NOTES="$NOTES
 - cosmos-* rows: the same API on the Cosmos DB backend, served by the Node.js test server on loopback (it bounds these figures)."
 NOTES="$NOTES
