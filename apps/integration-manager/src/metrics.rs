@@ -69,7 +69,8 @@ type SeriesKey = (&'static str, &'static str, &'static str);
 thread_local! {
     /// This thread's handles of the request series, by (method, route, status): recording a
     /// request is two atomic updates instead of building and looking up two keys.
-    static SERIES: RefCell<HashMap<SeriesKey, (metrics::Counter, metrics::Histogram)>> = RefCell::new(HashMap::new());
+    static SERIES: RefCell<HashMap<SeriesKey, (metrics::Counter, metrics::Histogram), foldhash::fast::RandomState>> =
+        RefCell::new(HashMap::default());
 }
 
 /// One finished request. Labels are static text except the route template, which actix already

@@ -83,6 +83,58 @@ struct Reader {
     /// The WAL index's headers read just before the kept transaction began; `None` when no
     /// transaction is kept open.
     kept: Option<[u8; WAL_INDEX_HEADERS]>,
+    /// Rows read by key in a kept snapshot ([`Db::read_row`]).
+    rows: KeptRows,
+}
+
+/// A row read by key ([`Db::read_row`]): a document's concurrency token, body and expiry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct KeyedRow {
+    pub etag: String,
+    pub body: String,
+    /// Unix seconds; `None` = kept until deleted.
+    pub expires_at: Option<i64>,
+}
+
+/// The key of a [`KeyedRow`]: container, partition, id.
+pub(crate) type RowKey = (&'static str, String, String);
+
+/// Most rows a reader keeps, and most bytes of their bodies: beyond either, it starts over.
+const KEPT_ROWS: usize = 1024;
+const KEPT_ROW_BYTES: usize = 1 << 20;
+
+/// The rows a reader read by key in one kept snapshot, with the WAL index's headers of that
+/// snapshot. While a later read finds the headers unchanged (nothing committed since, by any
+/// connection of any process: [`Reader`]) and the snapshot still kept, the database is in the
+/// same state byte for byte, so a row read then is the row a new read would give: it is answered
+/// from here, without SQLite. Any other snapshot (other headers) finds none of them.
+#[derive(Default)]
+struct KeptRows {
+    of: Option<[u8; WAL_INDEX_HEADERS]>,
+    rows: std::collections::HashMap<RowKey, Option<KeyedRow>, foldhash::fast::RandomState>,
+    bytes: usize,
+}
+
+impl KeptRows {
+    fn get(&self, snapshot: &[u8; WAL_INDEX_HEADERS], key: &RowKey) -> Option<&Option<KeyedRow>> {
+        if self.of.as_ref() != Some(snapshot) {
+            return None;
+        }
+        self.rows.get(key)
+    }
+
+    fn put(&mut self, snapshot: [u8; WAL_INDEX_HEADERS], key: RowKey, row: Option<KeyedRow>) {
+        let size = row.as_ref().map_or(0, |r| r.body.len() + r.etag.len()) + key.1.len() + key.2.len();
+        if self.of != Some(snapshot) || self.rows.len() >= KEPT_ROWS || self.bytes + size > KEPT_ROW_BYTES {
+            self.rows.clear();
+            self.bytes = 0;
+            self.of = Some(snapshot);
+        }
+        if size <= KEPT_ROW_BYTES {
+            self.bytes += size;
+            self.rows.insert(key, row);
+        }
+    }
 }
 
 impl Reader {
@@ -99,11 +151,35 @@ impl Reader {
         let _: i64 = conn.query_row("PRAGMA schema_version", [], |r| r.get(0))?;
         // The file name SQLite resolved (symbolic links followed), as it names the WAL index.
         let index = conn.path().and_then(|db| WalIndex::open(&format!("{db}-shm")));
-        Ok(Self { conn, index, kept: None })
+        Ok(Self { conn, index, kept: None, rows: KeptRows::default() })
+    }
+
+    /// The row of `key`, from the rows kept for the current snapshot or read by `f` (as
+    /// [`Reader::read`] does), then kept if its snapshot is.
+    fn read_row(
+        &mut self,
+        key: RowKey,
+        f: impl FnOnce(&Connection, &RowKey) -> rusqlite::Result<Option<KeyedRow>>,
+    ) -> rusqlite::Result<(RowKey, Option<KeyedRow>)> {
+        if let (Some(index), Some(header)) = (self.index, &self.kept)
+            && let Some(row) = self.rows.get(header, &key)
+        {
+            let mut now = [0u8; WAL_INDEX_READ];
+            if index.read(&mut now) && now[..WAL_INDEX_HEADERS] == header[..] {
+                return Ok((key, row.clone()));
+            }
+        }
+        let row = self.read(|conn| f(conn, &key))?;
+        // Kept after the read: its snapshot is the state of the headers kept (`read` checked them
+        // before and, for a new snapshot, after the read too).
+        if let Some(header) = self.kept {
+            self.rows.put(header, key.clone(), row.clone());
+        }
+        Ok((key, row))
     }
 
     fn read<R>(&mut self, f: impl FnOnce(&Connection) -> rusqlite::Result<R>) -> rusqlite::Result<R> {
-        let Self { conn, index, kept } = self;
+        let Self { conn, index, kept, .. } = self;
         if kept.is_none() && !conn.is_autocommit() {
             // Left open by an end that failed: never read in it.
             end(conn, kept);
@@ -410,6 +486,22 @@ impl Db {
 
     /// Runs `f` on this thread's read connection to the database.
     pub async fn read<R>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<R>) -> Result<R, DomainError> {
+        self.with_reader(|reader| reader.read(f))
+    }
+
+    /// The row of `key` (given back with it) as `f` reads it on this thread's read connection, as
+    /// [`Db::read`] does; answered without SQLite when this thread read it in the same snapshot,
+    /// nothing having been committed since ([`KeptRows`]). `f` must read the row of `key` and
+    /// nothing else.
+    pub(crate) async fn read_row(
+        &self,
+        key: RowKey,
+        f: impl FnOnce(&Connection, &RowKey) -> rusqlite::Result<Option<KeyedRow>>,
+    ) -> Result<(RowKey, Option<KeyedRow>), DomainError> {
+        self.with_reader(|reader| reader.read_row(key, f))
+    }
+
+    fn with_reader<R>(&self, f: impl FnOnce(&mut Reader) -> rusqlite::Result<R>) -> Result<R, DomainError> {
         READERS.with(|cell| {
             let mut readers = cell.borrow_mut();
             let index = match readers.iter().position(|(id, _)| *id == self.id) {
@@ -422,7 +514,7 @@ impl Db {
                 }
             };
             let mut reader = readers[index].1.lock().unwrap_or_else(PoisonError::into_inner);
-            reader.read(f).map_err(map_sqlite)
+            f(&mut reader).map_err(map_sqlite)
         })
     }
 
@@ -944,6 +1036,98 @@ mod tests {
         assert_eq!(count().await.unwrap(), 1, "the commit made after the panic is seen");
         let pass = super::checkpoint_pass(&other).unwrap();
         assert_eq!(pass.copied, pass.log, "no snapshot left open holds back the checkpoint");
+    }
+
+    #[tokio::test]
+    async fn a_row_read_by_key_is_read_again_only_once_something_was_committed() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rows.db");
+        let db = super::Db::open(&path, std::sync::Arc::new(im_domain::SystemClock)).unwrap();
+        db.write(|tx| tx.execute_batch("CREATE TABLE t (k TEXT PRIMARY KEY, v TEXT NOT NULL)").map_err(super::map_sqlite)).await.unwrap();
+        let other = rusqlite::Connection::open(&path).unwrap();
+        other.execute("INSERT INTO t (k, v) VALUES ('a', 'one')", []).unwrap();
+        let queries = AtomicUsize::new(0);
+        let get = |k: &str| {
+            let key = ("t", String::new(), k.to_owned());
+            let (queries, db) = (&queries, &db);
+            async move {
+                let (_, row) = db
+                    .read_row(key, |conn, (_, _, k)| {
+                        queries.fetch_add(1, Ordering::SeqCst);
+                        conn.query_row("SELECT v FROM t WHERE k = ?1", [k], |r| r.get::<_, String>(0))
+                            .optional()
+                            .map(|v| v.map(|v| super::KeyedRow { etag: String::new(), body: v, expires_at: None }))
+                    })
+                    .await
+                    .unwrap();
+                row.map(|r| r.body)
+            }
+        };
+        use rusqlite::OptionalExtension;
+        let queried = || queries.load(Ordering::SeqCst);
+
+        assert_eq!(get("a").await.as_deref(), Some("one"));
+        assert_eq!(get("a").await.as_deref(), Some("one"));
+        assert_eq!(queried(), 2, "the WAL holds frames not yet copied (no kept snapshot): a query per read");
+
+        super::checkpoint_pass(&other).unwrap();
+        // The checkpointer thread ends kept snapshots every 100 ms (the rows stay: the next
+        // snapshot has the same headers), so a try may read a row twice; one of a few does not.
+        let mut read_once = false;
+        for _ in 0..20 {
+            let before = queried();
+            assert_eq!(get("a").await.as_deref(), Some("one"));
+            assert_eq!((get("a").await.as_deref(), get("b").await), (Some("one"), None));
+            assert_eq!(get("b").await, None);
+            if queried() - before <= 2 && get("a").await.is_some() && queried() - before <= 2 {
+                read_once = true;
+                break;
+            }
+        }
+        assert!(read_once, "in the kept snapshot, a row (or its absence) is read once");
+
+        other.execute("UPDATE t SET v = 'two' WHERE k = 'a'", []).unwrap();
+        let before = queried();
+        assert_eq!(get("a").await.as_deref(), Some("two"), "a commit of another connection is seen at the next read");
+        assert_eq!(queried(), before + 1);
+        super::checkpoint_pass(&other).unwrap();
+        assert_eq!(get("a").await.as_deref(), Some("two"));
+        assert_eq!(get("b").await, None);
+        other.execute("INSERT INTO t (k, v) VALUES ('b', 'three')", []).unwrap();
+        assert_eq!(get("b").await.as_deref(), Some("three"), "an absence is not kept past a commit either");
+        other.execute("DELETE FROM t WHERE k = 'a'", []).unwrap();
+        assert_eq!(get("a").await, None);
+
+        super::checkpoint_pass(&other).unwrap();
+        assert_eq!(get("b").await.as_deref(), Some("three"));
+        db.snapshots.end_all();
+        assert_eq!(keeps(&db), Some(false), "the checkpointer ends the snapshot");
+        let before = queried();
+        assert_eq!(get("b").await.as_deref(), Some("three"));
+        assert_eq!(queried(), before + 1, "a snapshot ended: the row is read again");
+    }
+
+    #[test]
+    fn kept_rows_start_over_beyond_their_bounds_and_for_another_snapshot() {
+        let row = |len: usize| Some(super::KeyedRow { etag: "e".into(), body: "x".repeat(len), expires_at: None });
+        let key = |i: usize| ("c", "p".to_owned(), i.to_string());
+        let (first, second) = ([1u8; super::WAL_INDEX_HEADERS], [2u8; super::WAL_INDEX_HEADERS]);
+        let mut kept = super::KeptRows::default();
+        for i in 0..super::KEPT_ROWS {
+            kept.put(first, key(i), row(10));
+        }
+        assert!(kept.get(&first, &key(0)).is_some() && kept.get(&second, &key(0)).is_none(), "kept for its snapshot only");
+        kept.put(first, key(super::KEPT_ROWS), row(10));
+        assert_eq!(kept.rows.len(), 1, "one row too many: it starts over");
+        kept.put(first, key(1), row(super::KEPT_ROW_BYTES));
+        assert!(kept.get(&first, &key(1)).is_none(), "a row larger than the bound is not kept");
+        kept.put(first, key(2), row(super::KEPT_ROW_BYTES / 2));
+        kept.put(first, key(3), row(super::KEPT_ROW_BYTES / 2));
+        assert!(kept.get(&first, &key(2)).is_none() && kept.get(&first, &key(3)).is_some(), "too many bytes: it starts over");
+        kept.put(second, key(4), row(1));
+        assert!(kept.get(&first, &key(3)).is_none() && kept.get(&second, &key(4)).is_some(), "another snapshot: it starts over");
+        assert_eq!(kept.rows.len(), 1);
     }
 
     #[test]

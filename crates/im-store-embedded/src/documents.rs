@@ -12,7 +12,7 @@ use im_domain::{DomainError, ETag, JsonTexts, PageRequest};
 use rusqlite::types::Value as SqlValue;
 use rusqlite::{OptionalExtension, Transaction, params};
 
-use crate::db::{Db, map_sqlite};
+use crate::db::{Db, KeyedRow, map_sqlite};
 use crate::handoff::OutboxHandoff;
 
 /// A stored document.
@@ -164,7 +164,11 @@ impl Documents {
 
     pub async fn get(&self, container: &'static str, pk: String, id: String) -> Result<Option<Doc>, DomainError> {
         let now = self.db.now();
-        self.db.read(move |conn| read_one(conn, container, pk, id, now)).await
+        // By key, answered from this thread's copy while nothing was committed since it was
+        // read ([`crate::db::Db::read_row`]); the expiry is judged here, at each read.
+        let ((_, pk, id), row) =
+            self.db.read_row((container, pk, id), |conn, (container, pk, id)| read_row(conn, container, pk, id)).await?;
+        Ok(row.filter(|r| r.expires_at.is_none_or(|at| at > now)).map(|r| Doc { pk, id, etag: ETag::new(r.etag), body: r.body }))
     }
 
     /// Several documents of one partition by id, in one statement: one answer per id, in the
@@ -615,6 +619,13 @@ fn remove(tx: &Transaction<'_>, container: &str, pk: &str, id: &str) -> Result<(
         .and_then(|mut s| s.execute(params![container, pk, id]))
         .map_err(map_sqlite)?;
     Ok(())
+}
+
+/// The row of the document `id` of a partition, live or expired.
+fn read_row(conn: &rusqlite::Connection, container: &str, pk: &str, id: &str) -> rusqlite::Result<Option<KeyedRow>> {
+    conn.prepare_cached("SELECT etag, body, expires_at FROM documents WHERE container = +?1 AND pk = ?2 AND id = ?3")?
+        .query_row(params![container, pk, id], |r| Ok(KeyedRow { etag: r.get(0)?, body: r.get(1)?, expires_at: r.get(2)? }))
+        .optional()
 }
 
 /// The live document `id` of a partition, on any connection (a reader, or the writer inside a

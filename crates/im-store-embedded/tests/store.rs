@@ -438,6 +438,44 @@ async fn documents_expire_after_their_ttl() {
     assert!(docs.get(containers::WEBHOOKS, "t1".into(), "w1".into()).await.unwrap().is_some(), "documents without TTL stay");
 }
 
+/// A document read again with nothing committed since is answered from the reader's copy: it
+/// still expires on time, and a change made by another connection (another instance) is seen.
+#[tokio::test]
+async fn a_document_read_again_expires_on_time_and_shows_changes_from_elsewhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock(Mutex::new(OffsetDateTime::now_utc())));
+    let store = EmbeddedStore::open(dir.path(), clock.clone()).unwrap();
+    store.migrate().await.unwrap();
+    let docs = store.documents();
+    docs.create(containers::WEBHOOK_DELIVERIES, "t1".into(), "d1".into(), "{}".into(), Some(Duration::from_secs(60))).await.unwrap();
+    docs.create(containers::WEBHOOKS, "t1".into(), "w1".into(), r#"{"v":1}"#.into(), None).await.unwrap();
+    let other = rusqlite::Connection::open(dir.path().join(im_store_embedded::DATABASE_FILE)).unwrap();
+    // Everything copied into the database file: reads keep their snapshot from here.
+    other.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())).unwrap();
+    let get = |container, id: &str| docs.get(container, "t1".into(), id.into());
+
+    for _ in 0..2 {
+        assert!(get(containers::WEBHOOK_DELIVERIES, "d1").await.unwrap().is_some());
+    }
+    *clock.0.lock().unwrap() += time::Duration::seconds(61);
+    assert!(get(containers::WEBHOOK_DELIVERIES, "d1").await.unwrap().is_none(), "expired, though nothing was committed");
+
+    let first = get(containers::WEBHOOKS, "w1").await.unwrap().unwrap();
+    assert_eq!(get(containers::WEBHOOKS, "w1").await.unwrap().unwrap().body, first.body);
+    other
+        .execute("UPDATE documents SET body = '{\"v\":2}', etag = 'e2' WHERE container = 'integration_webhooks' AND id = 'w1'", [])
+        .unwrap();
+    let changed = get(containers::WEBHOOKS, "w1").await.unwrap().unwrap();
+    assert_eq!((changed.body.as_str(), changed.etag.as_str()), (r#"{"v":2}"#, "e2"));
+    assert!(get(containers::WEBHOOKS, "w2").await.unwrap().is_none());
+    other.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())).unwrap();
+    assert!(get(containers::WEBHOOKS, "w2").await.unwrap().is_none());
+    other
+        .execute("INSERT INTO documents (container, pk, id, etag, body) VALUES ('integration_webhooks', 't1', 'w2', 'e3', '{}')", [])
+        .unwrap();
+    assert!(get(containers::WEBHOOKS, "w2").await.unwrap().is_some(), "a document created elsewhere is seen");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queueing_a_replayed_job_changes_neither_its_due_time_nor_its_lease() {
     use im_domain::webhooks::ports::DeliveryJob;
