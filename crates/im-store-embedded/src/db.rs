@@ -125,15 +125,17 @@ impl KeptRows {
 
     fn put(&mut self, snapshot: [u8; WAL_INDEX_HEADERS], key: RowKey, row: Option<KeyedRow>) {
         let size = row.as_ref().map_or(0, |r| r.body.len() + r.etag.len()) + key.1.len() + key.2.len();
+        if size > KEPT_ROW_BYTES {
+            // Never kept, and no reason to drop the others.
+            return;
+        }
         if self.of != Some(snapshot) || self.rows.len() >= KEPT_ROWS || self.bytes + size > KEPT_ROW_BYTES {
             self.rows.clear();
             self.bytes = 0;
             self.of = Some(snapshot);
         }
-        if size <= KEPT_ROW_BYTES {
-            self.bytes += size;
-            self.rows.insert(key, row);
-        }
+        self.bytes += size;
+        self.rows.insert(key, row);
     }
 }
 
@@ -1101,6 +1103,7 @@ mod tests {
 
         super::checkpoint_pass(&other).unwrap();
         assert_eq!(get("b").await.as_deref(), Some("three"));
+        assert_eq!(get("a").await, None, "a row kept in an earlier snapshot is not taken for this one's");
         db.snapshots.end_all();
         assert_eq!(keeps(&db), Some(false), "the checkpointer ends the snapshot");
         let before = queried();
@@ -1122,6 +1125,7 @@ mod tests {
         assert_eq!(kept.rows.len(), 1, "one row too many: it starts over");
         kept.put(first, key(1), row(super::KEPT_ROW_BYTES));
         assert!(kept.get(&first, &key(1)).is_none(), "a row larger than the bound is not kept");
+        assert!(kept.get(&first, &key(super::KEPT_ROWS)).is_some(), "and the others stay");
         kept.put(first, key(2), row(super::KEPT_ROW_BYTES / 2));
         kept.put(first, key(3), row(super::KEPT_ROW_BYTES / 2));
         assert!(kept.get(&first, &key(2)).is_none() && kept.get(&first, &key(3)).is_some(), "too many bytes: it starts over");
