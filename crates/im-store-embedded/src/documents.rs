@@ -168,7 +168,7 @@ impl Documents {
         // read ([`crate::db::Db::read_row`]); the expiry is judged here, at each read.
         let ((_, pk, id), row) =
             self.db.read_row((container, pk, id), |conn, (container, pk, id)| read_row(conn, container, pk, id)).await?;
-        Ok(row.filter(|r| r.expires_at.is_none_or(|at| at > now)).map(|r| Doc { pk, id, etag: ETag::new(r.etag), body: r.body }))
+        Ok(live(row, pk, id, now))
     }
 
     /// Several documents of one partition by id, in one statement: one answer per id, in the
@@ -628,16 +628,15 @@ fn read_row(conn: &rusqlite::Connection, container: &str, pk: &str, id: &str) ->
         .optional()
 }
 
+/// The document of `row` if it is live at `now` (unix seconds).
+fn live(row: Option<KeyedRow>, pk: String, id: String, now: i64) -> Option<Doc> {
+    row.filter(|r| r.expires_at.is_none_or(|at| at > now)).map(|r| Doc { pk, id, etag: ETag::new(r.etag), body: r.body })
+}
+
 /// The live document `id` of a partition, on any connection (a reader, or the writer inside a
 /// transaction); `now` in unix seconds decides expiry.
 pub(crate) fn read_one(conn: &rusqlite::Connection, container: &str, pk: String, id: String, now: i64) -> rusqlite::Result<Option<Doc>> {
-    conn.prepare_cached(
-        "SELECT etag, body FROM documents WHERE container = +?1 AND pk = ?2 AND id = ?3 \
-         AND (expires_at IS NULL OR expires_at > ?4)",
-    )?
-    .query_row(params![container, pk, id, now], |r| Ok((ETag::new(r.get::<_, String>(0)?), r.get(1)?)))
-    .optional()
-    .map(|found| found.map(|(etag, body)| Doc { pk, id, etag, body }))
+    Ok(live(read_row(conn, container, &pk, &id)?, pk, id, now))
 }
 
 #[cfg(test)]
