@@ -143,7 +143,7 @@ async fn events_fan_out_to_matching_endpoints_signed() {
     let skipped = wait_status(&app, &token, &disabled_id, "skipped", 2).await;
     assert_eq!(skipped.len(), 2, "a disabled endpoint's messages are kept as skipped");
     let delivered = published(&recorder, "webhook.delivered").await;
-    assert_eq!(delivered.data["status"], "succeeded");
+    assert_eq!(delivered.data.to_value()["status"], "succeeded");
     tokio::time::sleep(Duration::from_millis(200)).await;
     for request in all.received_requests().await.unwrap() {
         let body: Value = serde_json::from_slice(&request.body).unwrap();
@@ -200,7 +200,7 @@ async fn exhausted_retries_fail_and_gone_disables_the_endpoint() {
     assert!(endpoint["disabledReason"].as_str().unwrap().contains("410"));
     assert_eq!(gone.received_requests().await.unwrap().len(), 1, "410 is never retried");
     let failed = published(&recorder, "webhook.failed").await;
-    assert_eq!(failed.data["status"], "failed");
+    assert_eq!(failed.data.to_value()["status"], "failed");
     published(&recorder, "webhook.endpoint.disabled").await;
 }
 

@@ -88,7 +88,7 @@ async fn the_embedded_bus_gets_one_event_per_change() {
         "one event per committed change, none for refused ones"
     );
     assert!(events.iter().all(|e| e.subject == id));
-    assert_eq!(events[1].data["name"], "evented, renamed");
+    assert_eq!(events[1].data.to_value()["name"], "evented, renamed");
     assert_eq!(events.iter().map(|e| e.id).collect::<HashSet<_>>().len(), 3, "unique ids");
     for event in &events {
         assert_matches_schema(&event.cloud_event());

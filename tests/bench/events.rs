@@ -29,7 +29,8 @@ fn event(i: usize) -> DomainEvent {
         tenant_id: TenantId::new("bench").expect("tenant"),
         subject: uuid::Uuid::now_v7().to_string(),
         time: time::OffsetDateTime::now_utc(),
-        data: serde_json::json!({"id": i, "name": "benchmark integration", "providerId": "github", "config": {"organization": "acme"}}),
+        data: serde_json::json!({"id": i, "name": "benchmark integration", "providerId": "github", "config": {"organization": "acme"}})
+            .into(),
     }
 }
 
@@ -50,7 +51,7 @@ async fn bare_loop(url: &str, exchange: &str, events: &[DomainEvent]) -> Duratio
     for chunk in events.chunks(BATCH as usize) {
         let mut confirms = Vec::with_capacity(chunk.len());
         for e in chunk {
-            let payload = serde_json::to_vec(&e.cloud_event()).expect("json");
+            let payload = serde_json::to_vec(&e.envelope()).expect("json");
             let properties = BasicProperties::default()
                 .with_delivery_mode(2)
                 .with_content_type("application/cloudevents+json".into())

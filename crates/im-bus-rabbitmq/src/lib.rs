@@ -292,7 +292,7 @@ impl RabbitPublisher {
     async fn publish_on(&self, channel: &Channel, events: &[DomainEvent]) -> Result<(), DomainError> {
         let payloads = events
             .iter()
-            .map(|event| serde_json::to_vec(&event.cloud_event()))
+            .map(|event| serde_json::to_vec(&event.envelope()))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| DomainError::Unexpected(e.into()))?;
         // Each publish resolves once lapin's I/O thread has written it: awaited one by one,

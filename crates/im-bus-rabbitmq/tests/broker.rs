@@ -23,7 +23,7 @@ fn event(event_type: EventType) -> DomainEvent {
         tenant_id: TenantId::new("acme").unwrap(),
         subject: uuid::Uuid::now_v7().to_string(),
         time: time::OffsetDateTime::now_utc(),
-        data: serde_json::json!({"name": "x"}),
+        data: serde_json::json!({"name": "x"}).into(),
     }
 }
 

@@ -4,7 +4,8 @@
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::Value;
+use serde_json::value::RawValue;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -96,7 +97,79 @@ pub struct DomainEvent {
     #[serde(with = "time::serde::rfc3339")]
     pub time: OffsetDateTime,
     /// The event's payload (one of the types of [`payloads`]), as JSON; never secret values.
-    pub data: Value,
+    pub data: EventData,
+}
+
+/// An event's payload as JSON text, written once where the event is made: stored, published
+/// and delivered as that text, never built as a tree of values to be written out again (an
+/// event recorded with a create cost more than the create's own document did). Equality is
+/// that of the JSON values, whatever the spacing or the order of members.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct EventData(Box<RawValue>);
+
+impl EventData {
+    /// The JSON text of `data`.
+    ///
+    /// # Errors
+    /// As `serde_json::to_string` (a map with keys that are not strings, a failing `Serialize`).
+    pub fn of<T: Serialize + ?Sized>(data: &T) -> Result<Self, serde_json::Error> {
+        serde_json::value::to_raw_value(data).map(Self)
+    }
+
+    /// The JSON text.
+    #[must_use]
+    pub fn as_str(&self) -> &str {
+        self.0.get()
+    }
+
+    /// The payload as a JSON value (parsed at each call).
+    #[must_use]
+    pub fn to_value(&self) -> Value {
+        serde_json::from_str(self.0.get()).unwrap_or(Value::Null)
+    }
+
+    /// The string member `key` of a payload that is an object, if it has one (the members
+    /// other than that one are skipped, not built).
+    #[must_use]
+    pub fn str_member(&self, key: &str) -> Option<String> {
+        #[derive(Deserialize)]
+        struct Members<'a>(#[serde(borrow)] std::collections::HashMap<std::borrow::Cow<'a, str>, &'a RawValue>);
+        let Members(members) = serde_json::from_str(self.0.get()).ok()?;
+        serde_json::from_str::<String>(members.get(key)?.get()).ok()
+    }
+}
+
+impl Default for EventData {
+    /// `null`.
+    fn default() -> Self {
+        Self(RawValue::NULL.to_owned())
+    }
+}
+
+impl From<Value> for EventData {
+    fn from(value: Value) -> Self {
+        // A value's text: `to_raw_value` cannot fail on it (its map keys are strings).
+        Self::of(&value).unwrap_or_default()
+    }
+}
+
+impl PartialEq for EventData {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str() || self.to_value() == other.to_value()
+    }
+}
+
+impl PartialEq<Value> for EventData {
+    fn eq(&self, other: &Value) -> bool {
+        self.to_value() == *other
+    }
+}
+
+impl fmt::Debug for EventData {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// The CloudEvents `source` of every event of this service.
@@ -105,18 +178,40 @@ pub const EVENT_SOURCE: &str = "/integration-manager";
 impl DomainEvent {
     /// The event as a CloudEvents 1.0 structured-mode JSON document.
     pub fn cloud_event(&self) -> Value {
-        json!({
-            "specversion": "1.0",
-            "id": self.id.to_string(),
-            "source": EVENT_SOURCE,
-            "type": self.event_type.as_str(),
-            "subject": self.subject,
-            "time": self.time.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
-            "datacontenttype": "application/json",
-            "tenantid": self.tenant_id.as_str(),
-            "data": self.data,
-        })
+        serde_json::to_value(self.envelope()).unwrap_or(Value::Null)
     }
+
+    /// The event's CloudEvents 1.0 structured-mode document, to be written out as it is (its
+    /// data copied as text, not built as a tree first).
+    pub fn envelope(&self) -> CloudEvent<'_> {
+        CloudEvent {
+            specversion: "1.0",
+            id: self.id,
+            source: EVENT_SOURCE,
+            event_type: self.event_type.as_str(),
+            subject: &self.subject,
+            time: self.time,
+            datacontenttype: "application/json",
+            tenantid: self.tenant_id.as_str(),
+            data: &self.data,
+        }
+    }
+}
+
+/// A [`DomainEvent`] as a CloudEvents 1.0 structured-mode document ([`DomainEvent::envelope`]).
+#[derive(Debug, Serialize)]
+pub struct CloudEvent<'a> {
+    pub specversion: &'static str,
+    pub id: Uuid,
+    pub source: &'static str,
+    #[serde(rename = "type")]
+    pub event_type: &'static str,
+    pub subject: &'a str,
+    #[serde(with = "time::serde::rfc3339")]
+    pub time: OffsetDateTime,
+    pub datacontenttype: &'static str,
+    pub tenantid: &'a str,
+    pub data: &'a EventData,
 }
 
 /// Outbox statistics, for readiness and logs.
@@ -174,6 +269,7 @@ pub struct DeadLetter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn names_round_trip() {
@@ -183,21 +279,63 @@ mod tests {
         }
     }
 
-    #[test]
-    fn cloud_event_envelope() {
-        let event = DomainEvent {
+    fn event(data: EventData) -> DomainEvent {
+        DomainEvent {
             id: Uuid::nil(),
             event_type: EventType::IntegrationCreated,
             tenant_id: TenantId::new("acme").unwrap(),
             subject: "abc".into(),
             time: OffsetDateTime::UNIX_EPOCH,
-            data: json!({"id": "abc"}),
-        };
+            data,
+        }
+    }
+
+    #[test]
+    fn cloud_event_envelope() {
+        let event = event(json!({"id": "abc"}).into());
         let ce = event.cloud_event();
         assert_eq!(ce["specversion"], "1.0");
         assert_eq!(ce["type"], "integration.created");
         assert_eq!(ce["tenantid"], "acme");
         assert_eq!(ce["time"], "1970-01-01T00:00:00Z");
         assert_eq!(ce["data"]["id"], "abc");
+    }
+
+    #[test]
+    fn event_data_is_kept_as_written_and_compared_as_json() {
+        let data = EventData::of(&json!({"id": "abc", "n": 1.5, "nested": {"a": [1, 2]}})).unwrap();
+        assert_eq!(data.as_str(), r#"{"id":"abc","n":1.5,"nested":{"a":[1,2]}}"#);
+        let event = event(data);
+        // Written out with the text as it is, read back from text and from a value alike.
+        let text = serde_json::to_string(&event).unwrap();
+        assert!(text.contains(r#""data":{"id":"abc","n":1.5,"nested":{"a":[1,2]}}"#), "{text}");
+        let read: DomainEvent = serde_json::from_str(&text).unwrap();
+        assert_eq!(read.data.as_str(), event.data.as_str());
+        let from_value: DomainEvent = serde_json::from_value(serde_json::to_value(&event).unwrap()).unwrap();
+        assert_eq!(from_value, event);
+        let envelope = serde_json::to_string(&event.envelope()).unwrap();
+        assert_eq!(serde_json::from_str::<Value>(&envelope).unwrap(), event.cloud_event());
+        assert!(envelope.ends_with(r#","data":{"id":"abc","n":1.5,"nested":{"a":[1,2]}}}"#), "{envelope}");
+
+        // Equal as JSON values, whatever the spacing and the order of members.
+        let spaced: EventData = serde_json::from_str(r#"{ "nested": {"a": [1, 2]}, "n": 1.5, "id": "abc" }"#).unwrap();
+        assert_eq!(spaced, event.data);
+        assert_eq!(spaced, json!({"id": "abc", "n": 1.5, "nested": {"a": [1, 2]}}));
+        assert_ne!(spaced, EventData::from(json!({"id": "abd", "n": 1.5, "nested": {"a": [1, 2]}})));
+        assert_eq!(EventData::default(), Value::Null);
+    }
+
+    #[test]
+    fn a_member_of_event_data_is_read_as_a_string_only() {
+        let data: EventData =
+            serde_json::from_str(r#"{"id": "i-1", "integrationId": "with \"quotes\" \u00e9", "n": 2, "o": {"id": "inner"}}"#).unwrap();
+        assert_eq!(data.str_member("id").as_deref(), Some("i-1"));
+        assert_eq!(data.str_member("integrationId").as_deref(), Some("with \"quotes\" \u{e9}"));
+        assert_eq!(data.str_member("n"), None, "not a string");
+        assert_eq!(data.str_member("o"), None, "not a string");
+        assert_eq!(data.str_member("missing"), None);
+        let escaped_key: EventData = serde_json::from_str(r#"{"k\u0065y": "v", "id": "x"}"#).unwrap();
+        assert_eq!(escaped_key.str_member("key").as_deref(), Some("v"), "a key written with an escape");
+        assert_eq!(EventData::from(json!(["id"])).str_member("id"), None, "not an object");
     }
 }

@@ -41,7 +41,7 @@ fn event(connection: &Connection, event_type: EventType) -> DomainEvent {
         tenant_id: connection.tenant_id.clone(),
         subject: connection.id.to_string(),
         time: timestamp(),
-        data: serde_json::json!({"id": connection.id.to_string(), "integrationId": connection.integration_id.to_string()}),
+        data: serde_json::json!({"id": connection.id.to_string(), "integrationId": connection.integration_id.to_string()}).into(),
     }
 }
 

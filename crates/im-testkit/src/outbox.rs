@@ -14,7 +14,7 @@ pub fn event(tenant: &TenantId, event_type: EventType, subject: &str) -> DomainE
         tenant_id: tenant.clone(),
         subject: subject.to_owned(),
         time: crate::timestamp(),
-        data: serde_json::json!({"id": subject}),
+        data: serde_json::json!({"id": subject}).into(),
     }
 }
 

@@ -37,7 +37,7 @@ pub fn fresh_event(event_type: EventType) -> DomainEvent {
         tenant_id: fresh_tenant(),
         subject: uuid::Uuid::now_v7().to_string(),
         time: crate::timestamp(),
-        data: serde_json::json!({"name": "conformance"}),
+        data: serde_json::json!({"name": "conformance"}).into(),
     }
 }
 

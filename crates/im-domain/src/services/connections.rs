@@ -11,7 +11,7 @@ use crate::connection::{Connection, ConnectionId, ConnectionRepository, Connecti
 use crate::custom::CustomAuth;
 use crate::error::DomainError;
 use crate::events::payloads::ConnectionEventData;
-use crate::events::{DomainEvent, EventType};
+use crate::events::{DomainEvent, EventData, EventType};
 use crate::integration::Integration;
 use crate::ports::{IntegrationRepository, ProviderRepository};
 use crate::provider::{ApiKeyPlacement, AuthMode};
@@ -424,7 +424,7 @@ impl ConnectionService {
             tenant_id: connection.tenant_id.clone(),
             subject: connection.id.to_string(),
             time: self.clock.now(),
-            data: serde_json::to_value(ConnectionEventData::from(connection)).map_err(|e| DomainError::Unexpected(e.into()))?,
+            data: EventData::of(&ConnectionEventData::from(connection)).map_err(|e| DomainError::Unexpected(e.into()))?,
         })
     }
 }

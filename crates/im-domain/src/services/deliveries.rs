@@ -12,7 +12,7 @@ use crate::auth::{Caller, Role};
 use crate::common::{Clock, ETag, IdGenerator, Page, PageRequest, Stored, TenantId};
 use crate::error::DomainError;
 use crate::events::payloads::{DeliveryOutcomeData, EndpointDisabledData};
-use crate::events::{DomainEvent, EventType};
+use crate::events::{DomainEvent, EventData, EventType};
 use crate::ports::{AllEventsRead, EventReaders, EventSubscriber};
 use crate::retry::{Backoff, Failure, retry};
 use crate::webhooks::delivery::{
@@ -358,10 +358,13 @@ impl DeliveryService {
             let mut deliveries: Vec<(Delivery, &Webhook)> = events
                 .iter()
                 .flat_map(|event| {
-                    endpoints.iter().filter(|w| w.wants(event)).map(|webhook| {
+                    // The payload once an event (its data parsed once), cloned for each endpoint.
+                    let mut payload = None;
+                    endpoints.iter().filter(|w| w.wants(event)).map(move |webhook| {
                         let status =
                             if webhook.status == WebhookStatus::Enabled { DeliveryStatus::Pending } else { DeliveryStatus::Skipped };
-                        (self.new_delivery(webhook, event.id.to_string(), event.event_type.as_str(), event.cloud_event(), status), webhook)
+                        let payload = payload.get_or_insert_with(|| event.cloud_event()).clone();
+                        (self.new_delivery(webhook, event.id.to_string(), event.event_type.as_str(), payload, status), webhook)
                     })
                 })
                 .collect();
@@ -542,7 +545,7 @@ impl DeliveryService {
             tenant_id: delivery.tenant_id.clone(),
             subject: delivery.id.to_string(),
             time: self.clock.now(),
-            data: json!(DeliveryOutcomeData::from(delivery)),
+            data: EventData::of(&DeliveryOutcomeData::from(delivery)).unwrap_or_default(),
         }
     }
 
@@ -891,7 +894,7 @@ impl DeliveryService {
             tenant_id: webhook.tenant_id.clone(),
             subject: webhook.id.to_string(),
             time: self.clock.now(),
-            data: json!(EndpointDisabledData::new(webhook, reason)),
+            data: EventData::of(&EndpointDisabledData::new(webhook, reason)).unwrap_or_default(),
         }
     }
 
@@ -1442,7 +1445,7 @@ mod attempt_tests {
             assert_eq!((recorded.status, recorded.next_attempt_at), (DeliveryStatus::Failed, None));
             let types: Vec<_> = events.iter().map(|e| e.event_type).collect();
             assert_eq!(types, vec![EventType::WebhookFailed, EventType::WebhookEndpointDisabled]);
-            assert_eq!(events[1].data["webhookId"], webhook.id.to_string());
+            assert_eq!(events[1].data.to_value()["webhookId"], webhook.id.to_string());
             assert_eq!(seen.completed, vec![job(&delivery)]);
             assert!(seen.scheduled.is_empty(), "a 410 is never retried");
         });
@@ -1463,9 +1466,9 @@ mod attempt_tests {
             assert_eq!(recorded.attempts.len(), SCHEDULE.len() + 1);
             let types: Vec<_> = events.iter().map(|e| e.event_type).collect();
             assert_eq!(types, vec![EventType::WebhookFailed], "one outcome event with the record");
-            assert_eq!(events[0].data["status"], "failed");
-            assert_eq!(events[0].data["attempts"], SCHEDULE.len() + 1);
-            assert_eq!(events[0].data["lastStatusCode"], 500);
+            assert_eq!(events[0].data.to_value()["status"], "failed");
+            assert_eq!(events[0].data.to_value()["attempts"], SCHEDULE.len() + 1);
+            assert_eq!(events[0].data.to_value()["lastStatusCode"], 500);
             assert_eq!(seen.completed, vec![job(&delivery)]);
             assert!(seen.scheduled.is_empty());
         });

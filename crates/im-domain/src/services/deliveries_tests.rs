@@ -331,7 +331,7 @@ fn world_of(receiver_status: u16, secrets_answer: impl FnOnce(&mut MockSecretSto
         tenant_id: tenant,
         subject: "i".into(),
         time: start,
-        data: json!({"id": "i"}),
+        data: json!({"id": "i"}).into(),
     };
     let delivery_id = delivery_id(webhook_id, &event.id.to_string());
     World { service, deliveries, queue, receiver, clock, event, delivery_id, webhook_id, webhooks }

@@ -9,7 +9,7 @@ use crate::common::{Clock, ETag, IdGenerator, IntegrationId, JsonText, Page, Pag
 use crate::connection::ConnectionRepository;
 use crate::error::{DomainError, Violations};
 use crate::events::payloads::IntegrationEventData;
-use crate::events::{DomainEvent, EventType};
+use crate::events::{DomainEvent, EventData, EventType};
 use crate::integration::{Integration, IntegrationFilter, IntegrationOAuth2App, IntegrationSpec, IntegrationStatus, OAuth2AppSpec};
 use crate::ports::{IntegrationRepository, ProviderRepository};
 use crate::provider::{Provider, ProviderId};
@@ -485,7 +485,7 @@ impl IntegrationService {
             tenant_id: integration.tenant_id.clone(),
             subject: integration.id.to_string(),
             time: self.clock.now(),
-            data: serde_json::to_value(IntegrationEventData::from(integration)).map_err(|e| DomainError::Unexpected(e.into()))?,
+            data: EventData::of(&IntegrationEventData::from(integration)).map_err(|e| DomainError::Unexpected(e.into()))?,
         })
     }
 }

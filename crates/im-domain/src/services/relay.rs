@@ -171,7 +171,7 @@ mod tests {
             tenant_id: TenantId::new("t").unwrap(),
             subject: "s".into(),
             time: time::OffsetDateTime::UNIX_EPOCH,
-            data: serde_json::json!({}),
+            data: serde_json::json!({}).into(),
         }
     }
 

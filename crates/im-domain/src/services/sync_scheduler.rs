@@ -10,7 +10,7 @@ use time::OffsetDateTime;
 
 use crate::common::{Clock, IdGenerator, Stored};
 use crate::error::DomainError;
-use crate::events::{DomainEvent, EventType};
+use crate::events::{DomainEvent, EventData, EventType};
 use crate::sync::ports::{SyncExecutionRepository, SyncTaskRepository};
 use crate::sync::{ExecutionStatus, LastExecution, SyncExecution, SyncTask, TaskLease, TaskStatus, Trigger};
 
@@ -121,7 +121,7 @@ impl SyncScheduler {
             tenant_id: task.tenant_id.clone(),
             subject: task.id.to_string(),
             time: now,
-            data: serde_json::to_value(data).unwrap_or_default(),
+            data: EventData::of(&data).unwrap_or_default(),
         })
     }
 

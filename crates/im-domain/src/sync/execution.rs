@@ -242,7 +242,7 @@ impl SyncExecution {
             tenant_id: self.tenant_id.clone(),
             subject: self.task_id.to_string(),
             time: self.ended_at.unwrap_or(self.queued_at),
-            data: serde_json::to_value(data).unwrap_or_default(),
+            data: crate::events::EventData::of(&data).unwrap_or_default(),
         }
     }
 }

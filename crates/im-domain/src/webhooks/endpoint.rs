@@ -468,9 +468,8 @@ impl Webhook {
         let integration_ok = self.integration_ids.is_empty()
             || event
                 .data
-                .get("integrationId")
-                .or_else(|| event.data.get("id"))
-                .and_then(|v| v.as_str())
+                .str_member("integrationId")
+                .or_else(|| event.data.str_member("id"))
                 .is_some_and(|id| self.integration_ids.iter().any(|i| i.to_string() == id));
         deliverable && type_ok && integration_ok && event.tenant_id == self.tenant_id
     }
