@@ -129,14 +129,15 @@ impl EventData {
         serde_json::from_str(self.0.get()).unwrap_or(Value::Null)
     }
 
-    /// The string member `key` of a payload that is an object, if it has one (the members
-    /// other than that one are skipped, not built).
+    /// The member of a payload that is an object named by the first of `keys` it has, if that
+    /// member is a string (read in one pass; the other members are skipped, not built).
     #[must_use]
-    pub fn str_member(&self, key: &str) -> Option<String> {
+    pub fn str_member(&self, keys: &[&str]) -> Option<String> {
         #[derive(Deserialize)]
         struct Members<'a>(#[serde(borrow)] std::collections::HashMap<std::borrow::Cow<'a, str>, &'a RawValue>);
         let Members(members) = serde_json::from_str(self.0.get()).ok()?;
-        serde_json::from_str::<String>(members.get(key)?.get()).ok()
+        let member = keys.iter().find_map(|key| members.get(*key))?;
+        serde_json::from_str::<String>(member.get()).ok()
     }
 }
 
@@ -329,13 +330,14 @@ mod tests {
     fn a_member_of_event_data_is_read_as_a_string_only() {
         let data: EventData =
             serde_json::from_str(r#"{"id": "i-1", "integrationId": "with \"quotes\" \u00e9", "n": 2, "o": {"id": "inner"}}"#).unwrap();
-        assert_eq!(data.str_member("id").as_deref(), Some("i-1"));
-        assert_eq!(data.str_member("integrationId").as_deref(), Some("with \"quotes\" \u{e9}"));
-        assert_eq!(data.str_member("n"), None, "not a string");
-        assert_eq!(data.str_member("o"), None, "not a string");
-        assert_eq!(data.str_member("missing"), None);
+        assert_eq!(data.str_member(&["id"]).as_deref(), Some("i-1"));
+        assert_eq!(data.str_member(&["integrationId", "id"]).as_deref(), Some("with \"quotes\" \u{e9}"), "the first key it has");
+        assert_eq!(data.str_member(&["missing", "id"]).as_deref(), Some("i-1"), "the next key when the first is missing");
+        assert_eq!(data.str_member(&["n", "id"]), None, "the first key it has is not a string");
+        assert_eq!(data.str_member(&["o"]), None, "not a string");
+        assert_eq!(data.str_member(&["missing"]), None);
         let escaped_key: EventData = serde_json::from_str(r#"{"k\u0065y": "v", "id": "x"}"#).unwrap();
-        assert_eq!(escaped_key.str_member("key").as_deref(), Some("v"), "a key written with an escape");
-        assert_eq!(EventData::from(json!(["id"])).str_member("id"), None, "not an object");
+        assert_eq!(escaped_key.str_member(&["key"]).as_deref(), Some("v"), "a key written with an escape");
+        assert_eq!(EventData::from(json!(["id"])).str_member(&["id"]), None, "not an object");
     }
 }

@@ -466,11 +466,7 @@ impl Webhook {
         let type_ok = self.event_types.is_empty() || self.event_types.iter().any(|p| pattern_matches(p, event.event_type.as_str()));
         let deliverable = DELIVERABLE.contains(&event.event_type);
         let integration_ok = self.integration_ids.is_empty()
-            || event
-                .data
-                .str_member("integrationId")
-                .or_else(|| event.data.str_member("id"))
-                .is_some_and(|id| self.integration_ids.iter().any(|i| i.to_string() == id));
+            || event.data.str_member(&["integrationId", "id"]).is_some_and(|id| self.integration_ids.iter().any(|i| i.to_string() == id));
         deliverable && type_ok && integration_ok && event.tenant_id == self.tenant_id
     }
 }
