@@ -184,7 +184,7 @@ impl Reader {
         let Self { conn, index, kept, .. } = self;
         if kept.is_none() && !conn.is_autocommit() {
             // Left open by an end that failed: never read in it.
-            end(conn, kept);
+            ended(conn, kept)?;
         }
         let Some(index) = index else { return f(conn) };
         let mut before = [0u8; WAL_INDEX_READ];
@@ -197,7 +197,7 @@ impl Reader {
                 }
                 return outcome;
             }
-            end(conn, kept);
+            ended(conn, kept)?;
         }
         let (copy, other) = before[..WAL_INDEX_HEADERS].split_at(WAL_INDEX_HEADERS / 2);
         let word = |at: usize| u32::from_ne_bytes([before[at], before[at + 1], before[at + 2], before[at + 3]]);
@@ -232,6 +232,19 @@ fn end(conn: &Connection, kept: &mut Option<[u8; WAL_INDEX_HEADERS]>) {
     if let Err(e) = run("COMMIT").or_else(|_| run("ROLLBACK")) {
         tracing::warn!(error = %e, "embedded database: cannot end a read transaction");
     }
+}
+
+/// Ends the read transaction `conn` keeps open, as [`end`] does, or fails if it stays open: a
+/// read must not run in a snapshot it did not begin (it could be any age).
+fn ended(conn: &Connection, kept: &mut Option<[u8; WAL_INDEX_HEADERS]>) -> rusqlite::Result<()> {
+    end(conn, kept);
+    if conn.is_autocommit() {
+        return Ok(());
+    }
+    Err(rusqlite::Error::SqliteFailure(
+        rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY),
+        Some("a read transaction left open cannot be ended".into()),
+    ))
 }
 
 /// The read connections of one database, on whichever threads they are, so that the
@@ -1038,6 +1051,53 @@ mod tests {
         assert_eq!(count().await.unwrap(), 1, "the commit made after the panic is seen");
         let pass = super::checkpoint_pass(&other).unwrap();
         assert_eq!(pass.copied, pass.log, "no snapshot left open holds back the checkpoint");
+    }
+
+    #[tokio::test]
+    async fn a_read_never_runs_in_a_transaction_it_cannot_end() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("reads.db");
+        let db = super::Db::open(&path, std::sync::Arc::new(im_domain::SystemClock)).unwrap();
+        db.write(|tx| tx.execute_batch("CREATE TABLE t (k INTEGER PRIMARY KEY); INSERT INTO t VALUES (1), (2)").map_err(super::map_sqlite))
+            .await
+            .unwrap();
+
+        // A transaction on the reader's connection with a statement under way (its rows never
+        // dropped, so never reset: it goes back to the statement cache active), interrupted: its
+        // COMMIT and its ROLLBACK both fail while that statement is active.
+        db.read(|c| {
+            c.execute_batch("BEGIN")?;
+            let mut stmt = c.prepare_cached("SELECT k FROM t")?;
+            let mut rows = stmt.query([])?;
+            assert!(rows.next()?.is_some());
+            std::mem::forget(rows);
+            c.get_interrupt_handle().interrupt();
+            Ok(())
+        })
+        .await
+        .unwrap();
+        let other = rusqlite::Connection::open(&path).unwrap();
+        other.execute("INSERT INTO t (k) VALUES (3)", []).unwrap();
+
+        let ran = AtomicBool::new(false);
+        let refused = db
+            .read(|_| {
+                ran.store(true, Ordering::Relaxed);
+                Ok(())
+            })
+            .await;
+        assert!(matches!(refused, Err(im_domain::DomainError::Unavailable { .. })), "{refused:?}");
+        assert!(!ran.load(Ordering::Relaxed), "a read ran in the snapshot it could not end");
+
+        // The active statement finalized: the transaction can be ended again.
+        super::READERS.with(|readers| {
+            let readers = readers.borrow();
+            let (_, reader) = readers.iter().find(|(id, _)| *id == db.id).unwrap();
+            reader.lock().unwrap().conn.flush_prepared_statement_cache();
+        });
+        let count = db.read(|c| c.query_row("SELECT count(*) FROM t", [], |r| r.get::<_, i64>(0))).await.unwrap();
+        assert_eq!(count, 3, "once it can be ended, reads see the newest commit");
     }
 
     #[tokio::test]
