@@ -447,6 +447,16 @@ impl IntegrationRepository for WakeOnEvents<dyn IntegrationRepository> {
         self.woke(self.inner.create_for_provider(integration, provider_version, events).await, events)
     }
 
+    async fn create_encoded(
+        &self,
+        integration: &Integration,
+        text: &JsonText<Integration>,
+        provider_version: &Option<ETag>,
+        events: &[DomainEvent],
+    ) -> Result<ETag, DomainError> {
+        self.woke(self.inner.create_encoded(integration, text, provider_version, events).await, events)
+    }
+
     async fn get(&self, tenant: &TenantId, id: IntegrationId) -> Result<Stored<Integration>, DomainError> {
         self.inner.get(tenant, id).await
     }

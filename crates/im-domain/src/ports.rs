@@ -48,6 +48,27 @@ pub trait IntegrationRepository: Send + Sync {
         self.create(integration, events).await
     }
 
+    /// [`IntegrationRepository::create`], or [`IntegrationRepository::create_for_provider`] at
+    /// `provider_version` when one is given, with `text`: `integration`'s JSON text as
+    /// [`JsonText::encode`] writes it, which an adapter that stores integrations as that text
+    /// writes as is instead of writing the integration out again.
+    ///
+    /// # Errors
+    /// As `create`, or `create_for_provider` when `provider_version` is given.
+    async fn create_encoded(
+        &self,
+        integration: &Integration,
+        text: &JsonText<Integration>,
+        provider_version: &Option<ETag>,
+        events: &[DomainEvent],
+    ) -> Result<ETag, DomainError> {
+        let _ = text;
+        match provider_version {
+            Some(version) => self.create_for_provider(integration, version, events).await,
+            None => self.create(integration, events).await,
+        }
+    }
+
     /// Reads one integration of one tenant.
     ///
     /// # Errors

@@ -23,6 +23,20 @@ impl SqliteIntegrations {
         Self { docs }
     }
 
+    /// Writes `integration` as `body` (its JSON text), with `events`, only while its provider is
+    /// at `provider_version` when one is given.
+    async fn create_body(
+        &self,
+        integration: &Integration,
+        body: String,
+        provider_version: Option<&ETag>,
+        events: &[DomainEvent],
+    ) -> Result<ETag, DomainError> {
+        let provider = provider_version.map(|version| (PROVIDERS, integration.provider_id.to_string(), version.clone()));
+        let (tenant, id) = (integration.tenant_id.to_string(), integration.id.to_string());
+        self.docs.create_requiring(INTEGRATIONS, tenant, id, body, None, events, provider).await
+    }
+
     fn query(tenant: &TenantId, filter: &IntegrationFilter, page: &PageRequest) -> Query {
         let mut filters = Vec::new();
         if let Some(provider) = &filter.provider_id {
@@ -39,8 +53,7 @@ impl SqliteIntegrations {
 impl IntegrationRepository for SqliteIntegrations {
     #[tracing::instrument(skip_all, name = "integrations.create", fields(tenant = %integration.tenant_id, integration = %integration.id, events = events.len()))]
     async fn create(&self, integration: &Integration, events: &[DomainEvent]) -> Result<ETag, DomainError> {
-        let body = encode(integration)?;
-        self.docs.create_with_events(INTEGRATIONS, integration.tenant_id.to_string(), integration.id.to_string(), body, None, events).await
+        self.create_body(integration, encode(integration)?, None, events).await
     }
 
     fn checks_provider_in_write(&self) -> bool {
@@ -54,10 +67,19 @@ impl IntegrationRepository for SqliteIntegrations {
         provider_version: &ETag,
         events: &[DomainEvent],
     ) -> Result<ETag, DomainError> {
-        let body = encode(integration)?;
-        let provider = (PROVIDERS, integration.provider_id.to_string(), provider_version.clone());
-        let (tenant, id) = (integration.tenant_id.to_string(), integration.id.to_string());
-        self.docs.create_requiring(INTEGRATIONS, tenant, id, body, None, events, Some(provider)).await
+        self.create_body(integration, encode(integration)?, Some(provider_version), events).await
+    }
+
+    #[tracing::instrument(skip_all, name = "integrations.create", fields(tenant = %integration.tenant_id, integration = %integration.id, events = events.len()))]
+    async fn create_encoded(
+        &self,
+        integration: &Integration,
+        text: &JsonText<Integration>,
+        provider_version: &Option<ETag>,
+        events: &[DomainEvent],
+    ) -> Result<ETag, DomainError> {
+        // The document's body is this very text (see the module's doc).
+        self.create_body(integration, text.as_str().to_owned(), provider_version.as_ref(), events).await
     }
 
     #[tracing::instrument(skip_all, name = "integrations.get", fields(tenant = %tenant, integration = %id))]

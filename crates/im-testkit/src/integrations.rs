@@ -67,6 +67,23 @@ pub async fn duplicate_id_conflicts(repo: &dyn IntegrationRepository) {
     assert_eq!(repo.get(&tenant, item.id).await.expect("get").value.name, item.name, "a refused create writes nothing");
 }
 
+/// `create_encoded` writes the integration as `create` does (its text is the integration's own
+/// JSON text, read back as it was given), and a duplicate id is a conflict.
+pub async fn creates_from_its_text(repo: &dyn IntegrationRepository) {
+    let tenant = fresh_tenant();
+    let item = integration(&tenant, "github");
+    let text = JsonText::encode(&item).expect("encode");
+    let etag = repo.create_encoded(&item, &text, &None, &[]).await.expect("create from its text");
+    let read = repo.get(&tenant, item.id).await.expect("get after create");
+    assert_eq!((read.value, read.etag), (item.clone(), etag), "a read returns what was written");
+    assert_eq!(repo.get_json(&tenant, item.id).await.expect("get_json").value.as_str(), text.as_str());
+    let mut again = item.clone();
+    again.name = "Other".into();
+    let other = JsonText::encode(&again).expect("encode");
+    assert!(matches!(repo.create_encoded(&again, &other, &None, &[]).await, Err(DomainError::Conflict(_))), "a duplicate id is a conflict");
+    assert_eq!(repo.get(&tenant, item.id).await.expect("get").value.name, item.name, "a refused create writes nothing");
+}
+
 pub async fn stale_etag_is_refused(repo: &dyn IntegrationRepository) {
     let tenant = fresh_tenant();
     let mut item = integration(&tenant, "github");
@@ -209,9 +226,18 @@ pub async fn creates_for_a_provider_version(repo: &dyn IntegrationRepository, pr
     assert!(matches!(err, DomainError::PreconditionFailed), "{err:?}");
     assert!(matches!(repo.get(&tenant, stale.id).await, Err(DomainError::NotFound { .. })), "nothing written");
 
+    let encoded = JsonText::encode(&stale).expect("encode");
+    let err = repo.create_encoded(&stale, &encoded, &Some(first.clone()), &[]).await.expect_err("a stale provider version is refused");
+    assert!(matches!(err, DomainError::PreconditionFailed), "{err:?}");
+    assert!(matches!(repo.get(&tenant, stale.id).await, Err(DomainError::NotFound { .. })), "nothing written");
+
     let current = integration(&tenant, &provider_id);
     repo.create_for_provider(&current, &second, &[]).await.expect("the current provider version creates");
     assert_eq!(repo.get(&tenant, current.id).await.expect("written").value, current);
+    let from_text = integration(&tenant, &provider_id);
+    let encoded = JsonText::encode(&from_text).expect("encode");
+    repo.create_encoded(&from_text, &encoded, &Some(second.clone()), &[]).await.expect("the current provider version creates");
+    assert_eq!(repo.get(&tenant, from_text.id).await.expect("written").value, from_text);
 
     providers.delete(&provider.spec.id, None).await.expect("delete provider");
     let orphan = integration(&tenant, &provider_id);

@@ -48,6 +48,7 @@ pub fn timestamp() -> OffsetDateTime {
 pub async fn run_all(integrations: &dyn im_domain::ports::IntegrationRepository, providers: &dyn im_domain::ports::ProviderRepository) {
     integrations::crud(integrations).await;
     integrations::duplicate_id_conflicts(integrations).await;
+    integrations::creates_from_its_text(integrations).await;
     integrations::stale_etag_is_refused(integrations).await;
     integrations::tenants_are_isolated(integrations).await;
     integrations::pages_cover_everything_once(integrations).await;

@@ -218,18 +218,27 @@ fn path_id(raw: &str) -> ApiResult<IntegrationId> {
     IntegrationId::parse(raw).ok_or_else(|| ApiError::NotFound(format!("integration '{raw}' was not found")))
 }
 
-fn respond(mut builder: actix_web::HttpResponseBuilder, stored: &Stored<Integration>) -> ApiResult<HttpResponse> {
-    let body = view_body(&stored.value)?;
+/// Answers `stored` as its view; `text`, when given, is its JSON text ([`JsonText::encode`]).
+fn respond(
+    mut builder: actix_web::HttpResponseBuilder,
+    stored: &Stored<Integration>,
+    text: Option<JsonText<Integration>>,
+) -> ApiResult<HttpResponse> {
+    let body = view_body(&stored.value, text)?;
     Ok(builder.insert_header(etag_header(&stored.etag)).content_type(ContentType::json()).body(body))
 }
 
-/// The view's JSON of an integration: written from the integration itself when it has no
-/// custom definition and no OAuth app (the view is the domain's encoding then: no copy of its
-/// fields), else from its view.
-fn view_body(integration: &Integration) -> ApiResult<Vec<u8>> {
+/// The view's JSON of an integration whose JSON text is `text`, when given: that text, or written
+/// from the integration itself, when it has no custom definition and no OAuth app (the view is
+/// the domain's encoding then: no copy of its fields), else from its view.
+fn view_body(integration: &Integration, text: Option<JsonText<Integration>>) -> ApiResult<Vec<u8>> {
+    let plain = integration.custom_definition.is_none() && integration.oauth2_app.is_none();
+    if let (true, Some(text)) = (plain, text) {
+        return Ok(text.into_string().into_bytes());
+    }
     // Room for a typical integration, so that the text is not copied as it grows.
     let mut body = Vec::with_capacity(1024);
-    if integration.custom_definition.is_none() && integration.oauth2_app.is_none() {
+    if plain {
         serde_json::to_writer(&mut body, integration)
     } else {
         serde_json::to_writer(&mut body, &IntegrationView::from(integration))
@@ -292,8 +301,8 @@ pub async fn create(state: web::Data<AppState>, caller: Authenticated, body: Jso
     Box::pin(async move {
         state.integrations.authorize(&caller.0, AuditAction::Create).await?;
         let spec = read_spec(&state, body.0).await?;
-        let stored = state.integrations.create(&caller.0, spec).await?;
-        respond(created(format!("/api/v1/integrations/{}", stored.value.id)), &stored)
+        let (stored, text) = state.integrations.create_json(&caller.0, spec).await?;
+        respond(created(format!("/api/v1/integrations/{}", stored.value.id)), &stored, Some(text))
     })
     .await
 }
@@ -352,7 +361,7 @@ pub async fn update(state: web::Data<AppState>, write: Write, id: web::Path<Stri
     let id = path_id(&id)?;
     let spec = read_spec(&state, body.0).await?;
     let stored = state.integrations.update(&write.caller, id, spec, write.tag()).await?;
-    respond(HttpResponse::Ok(), &stored)
+    respond(HttpResponse::Ok(), &stored, None)
 }
 
 /// Delete an integration.
@@ -452,7 +461,9 @@ mod tests {
         for i in cases {
             let view = serde_json::to_string(&IntegrationView::from(&i)).unwrap();
             assert_eq!(view_json(JsonText::encode(&i).unwrap()).unwrap(), view, "the answer is not the view");
-            assert_eq!(String::from_utf8(view_body(&i).unwrap()).unwrap(), view, "the answer to a write is not the view");
+            assert_eq!(String::from_utf8(view_body(&i, None).unwrap()).unwrap(), view, "the answer to a write is not the view");
+            let text = JsonText::encode(&i).unwrap();
+            assert_eq!(String::from_utf8(view_body(&i, Some(text)).unwrap()).unwrap(), view, "the answer to a create is not the view");
         }
     }
 

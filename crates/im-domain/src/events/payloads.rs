@@ -6,9 +6,11 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 use time::OffsetDateTime;
 
-use crate::common::{IntegrationId, TenantId, UserId};
+use crate::common::{IntegrationId, JsonText, TenantId, UserId};
 use crate::connection::{Connection, ConnectionId, ConnectionStatus};
 use crate::custom::CustomApiDefinition;
+use crate::error::DomainError;
+use crate::events::EventData;
 use crate::integration::{Integration, IntegrationStatus};
 use crate::provider::{AuthMode, ProviderId};
 use crate::webhooks::delivery::Delivery;
@@ -37,6 +39,23 @@ pub struct IntegrationEventData<'a> {
     pub updated_at: OffsetDateTime,
     pub created_by: &'a UserId,
     pub updated_by: &'a UserId,
+}
+
+impl IntegrationEventData<'_> {
+    /// The event data of `integration` and its JSON text ([`JsonText::encode`]), written once
+    /// when they are the same text: when it has no OAuth app (whose data here leaves out where
+    /// its secret is kept). The fields are the same, in the same order, otherwise.
+    ///
+    /// # Errors
+    /// `Unexpected` when either cannot be written (a defect).
+    pub fn with_text(integration: &Integration) -> Result<(EventData, JsonText<Integration>), DomainError> {
+        let data = EventData::of(&IntegrationEventData::from(integration)).map_err(|e| DomainError::Unexpected(e.into()))?;
+        let text = match integration.oauth2_app {
+            None => JsonText::stored(data.as_str().to_owned()),
+            Some(_) => JsonText::encode(integration)?,
+        };
+        Ok((data, text))
+    }
 }
 
 /// An integration's OAuth app as events show it: the client id and the hint, never the secret
@@ -215,5 +234,34 @@ mod tests {
     fn integration_data_serialises_like_the_stored_integration() {
         let i = integration();
         assert_eq!(serde_json::to_value(IntegrationEventData::from(&i)).unwrap(), serde_json::to_value(&i).unwrap());
+    }
+
+    #[test]
+    fn an_integrations_data_and_text_are_each_what_they_would_be_written_alone() {
+        let mut custom = integration();
+        custom.custom_definition = Some(
+            serde_json::from_value(json!({
+                "baseUrl": "https://api.example.com/v2",
+                "auth": {"type": "bearer"},
+                "defaultHeaders": {"Accept": "application/json"},
+                "pagination": {"style": "offset", "offsetParam": "offset", "limitParam": "limit", "pageSize": 100},
+                "entities": [{"name": "ticket", "idField": "id", "list": {"method": "GET", "path": "/tickets", "itemsPath": "data"}}]
+            }))
+            .unwrap(),
+        );
+        let mut app = integration();
+        app.oauth2_app = Some(crate::integration::IntegrationOAuth2App {
+            client_id: "client-1".into(),
+            client_secret: crate::secrets::SecretRef {
+                secret_name: crate::secrets::SecretName::new(&TenantId::new("acme").unwrap(), "oauth2-app", "7"),
+                version: "3".into(),
+            },
+            client_secret_hint: Some("…wxyz".into()),
+        });
+        for i in [integration(), custom, app] {
+            let (data, text) = IntegrationEventData::with_text(&i).unwrap();
+            assert_eq!(data.as_str(), serde_json::to_string(&IntegrationEventData::from(&i)).unwrap());
+            assert_eq!(text.as_str(), JsonText::encode(&i).unwrap().as_str(), "the text is not the integration's own");
+        }
     }
 }

@@ -223,6 +223,20 @@ impl IntegrationService {
         caller: &'a Caller,
         spec: IntegrationSpec,
     ) -> impl Future<Output = Result<Stored<Integration>, DomainError>> + Send + 'a {
+        let created = self.create_json(caller, spec);
+        async move { created.await.map(|(stored, _)| stored) }
+    }
+
+    /// [`IntegrationService::create`], with the integration's JSON text ([`JsonText::encode`]),
+    /// for a caller that passes it on: it is the text the store wrote.
+    ///
+    /// # Errors
+    /// As `create`.
+    pub fn create_json<'a>(
+        &'a self,
+        caller: &'a Caller,
+        spec: IntegrationSpec,
+    ) -> impl Future<Output = Result<(Stored<Integration>, JsonText<Integration>), DomainError>> + Send + 'a {
         // Boxed, here and in `create_unaudited` (and not an `async fn`, whose future would keep
         // a slot for `spec`), so that no future of a create, the handler's included, is larger
         // than what the allocator's per-thread cache serves (1,032 bytes for glibc): a create's
@@ -231,7 +245,7 @@ impl IntegrationService {
         let unaudited = Box::pin(self.create_unaudited(caller, spec));
         async move {
             let result = unaudited.await;
-            Box::pin(self.audit.result(caller, AuditResource::Integration, AuditAction::Create, None, &result, |s| {
+            Box::pin(self.audit.result(caller, AuditResource::Integration, AuditAction::Create, None, &result, |(s, _)| {
                 (s.value.id.to_string(), Self::app_details(true, &s.value))
             }))
             .await;
@@ -239,7 +253,11 @@ impl IntegrationService {
         }
     }
 
-    async fn create_unaudited(&self, caller: &Caller, spec: IntegrationSpec) -> Result<Stored<Integration>, DomainError> {
+    async fn create_unaudited(
+        &self,
+        caller: &Caller,
+        spec: IntegrationSpec,
+    ) -> Result<(Stored<Integration>, JsonText<Integration>), DomainError> {
         caller.require(Role::Member)?;
         // A store that checks the provider's version in the write lets the config be checked
         // with the schema compiled last, unread: a version changed since is caught by the write.
@@ -280,21 +298,19 @@ impl IntegrationService {
         app: Option<OAuth2AppSpec>,
         mut version: Option<ETag>,
         in_write: bool,
-    ) -> impl Future<Output = Result<Stored<Integration>, DomainError>> + Send + '_ {
+    ) -> impl Future<Output = Result<(Stored<Integration>, JsonText<Integration>), DomainError>> + Send + '_ {
         async move {
             if let Some(app) = &app {
                 integration.oauth2_app = Box::pin(self.write_app_secret(&integration, app)).await?;
             }
-            let event = self.event(EventType::IntegrationCreated, &integration)?;
+            // The event's data and the integration's text, written out once when they are the
+            // same: the store writes the text as is, and the answer is made of it.
+            let (data, text) = IntegrationEventData::with_text(&integration)?;
+            let event = self.event_with(EventType::IntegrationCreated, &integration, data);
             let mut attempt = 1;
             let written = loop {
-                let result = match (&version, in_write) {
-                    (Some(version), true) => {
-                        self.integrations.create_for_provider(&integration, version, std::slice::from_ref(&event)).await
-                    }
-                    _ => self.integrations.create(&integration, std::slice::from_ref(&event)).await,
-                };
-                match result {
+                let checked = if in_write { &version } else { &None };
+                match self.integrations.create_encoded(&integration, &text, checked, std::slice::from_ref(&event)).await {
                     // The provider changed since its schema was compiled: check the config against
                     // its current version (read now), then write again.
                     Err(DomainError::PreconditionFailed) if attempt < PROVIDER_CHANGED_ATTEMPTS => {
@@ -315,7 +331,7 @@ impl IntegrationService {
                 }
             };
             match written {
-                Ok(etag) => Ok(Stored { value: integration, etag }),
+                Ok(etag) => Ok((Stored { value: integration, etag }, text)),
                 Err(e) => {
                     // Nothing references the secret just written.
                     if integration.oauth2_app.is_some()
@@ -479,14 +495,20 @@ impl IntegrationService {
 
     /// An event about `integration`, carrying it as the API returns it.
     fn event(&self, event_type: EventType, integration: &Integration) -> Result<DomainEvent, DomainError> {
-        Ok(DomainEvent {
+        let data = EventData::of(&IntegrationEventData::from(integration)).map_err(|e| DomainError::Unexpected(e.into()))?;
+        Ok(self.event_with(event_type, integration, data))
+    }
+
+    /// An event about `integration` carrying `data`, its [`IntegrationEventData`].
+    fn event_with(&self, event_type: EventType, integration: &Integration, data: EventData) -> DomainEvent {
+        DomainEvent {
             id: self.ids.new_uuid(),
             event_type,
             tenant_id: integration.tenant_id.clone(),
             subject: integration.id.to_string(),
             time: self.clock.now(),
-            data: EventData::of(&IntegrationEventData::from(integration)).map_err(|e| DomainError::Unexpected(e.into()))?,
-        })
+            data,
+        }
     }
 }
 
