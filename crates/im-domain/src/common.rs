@@ -156,15 +156,17 @@ pub struct Stored<T> {
 
 /// The JSON text of a `T`, exactly as `T`'s `Serialize` writes it, kept as text: what a store
 /// hands out when the reader only passes the value on (no parse, no re-encoding). Only
-/// [`JsonText::encode`] and an adapter that stores values as this very text make one.
+/// [`JsonText::encode`], an adapter that stores values as this very text, and a writer that
+/// wrote the same bytes otherwise ([`crate::events::payloads::IntegrationEventData::with_text`],
+/// tested against `encode`) make one.
 pub struct JsonText<T> {
     text: String,
     of: std::marker::PhantomData<fn() -> T>,
 }
 
 impl<T> JsonText<T> {
-    /// Text an adapter read back from where it stored [`JsonText::encode`]'s output unchanged.
-    /// The caller vouches that it is `T`'s current encoding.
+    /// Text an adapter read back from where it stored [`JsonText::encode`]'s output unchanged,
+    /// or the same bytes written otherwise. The caller vouches that it is `T`'s current encoding.
     pub fn stored(text: String) -> Self {
         Self { text, of: std::marker::PhantomData }
     }

@@ -465,9 +465,15 @@ impl Webhook {
     pub fn wants(&self, event: &DomainEvent) -> bool {
         let type_ok = self.event_types.is_empty() || self.event_types.iter().any(|p| pattern_matches(p, event.event_type.as_str()));
         let deliverable = DELIVERABLE.contains(&event.event_type);
-        let integration_ok = self.integration_ids.is_empty()
-            || event.data.str_member(&["integrationId", "id"]).is_some_and(|id| self.integration_ids.iter().any(|i| i.to_string() == id));
-        deliverable && type_ok && integration_ok && event.tenant_id == self.tenant_id
+        // The event's data is read last, only when everything else matches.
+        let integration_ok = || {
+            self.integration_ids.is_empty()
+                || event
+                    .data
+                    .str_member(&["integrationId", "id"])
+                    .is_some_and(|id| self.integration_ids.iter().any(|i| i.to_string() == id))
+        };
+        deliverable && type_ok && event.tenant_id == self.tenant_id && integration_ok()
     }
 }
 
