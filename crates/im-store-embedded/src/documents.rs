@@ -117,9 +117,8 @@ impl Documents {
         self.create_requiring(container, pk, id, body, ttl, events, None).await
     }
 
-    /// [`Documents::create_with_events`], only while the document `required.1` of container
-    /// `required.0` (any partition) is live at version `required.2`, checked in the same
-    /// transaction.
+    /// [`Documents::create_with_events`], only while the catalog's provider `required.0` is live
+    /// at version `required.1`, checked in the same transaction.
     ///
     /// # Errors
     /// As `create_with_events`; `PreconditionFailed` when the required document is at another
@@ -133,15 +132,15 @@ impl Documents {
         body: String,
         ttl: Option<Duration>,
         events: &[DomainEvent],
-        required: Option<(&'static str, String, ETag)>,
+        required: Option<(String, ETag)>,
     ) -> Result<ETag, DomainError> {
         let now = self.db.now();
         let rows = self.outbox_rows(events)?;
         let etag = self
             .db
             .write(move |tx| {
-                if let Some((container, id, version)) = &required
-                    && etag_of(tx, container, id, now).map_err(map_sqlite)?.as_ref() != Some(version)
+                if let Some((provider, version)) = &required
+                    && provider_etag(tx, provider, now).map_err(map_sqlite)?.as_ref() != Some(version)
                 {
                     return Err(DomainError::PreconditionFailed);
                 }
@@ -238,17 +237,17 @@ impl Documents {
             .await
     }
 
-    /// Finds a document by id in any partition of the container.
-    pub async fn find_by_id(&self, container: &'static str, id: String) -> Result<Option<Doc>, DomainError> {
+    /// Finds a provider of the catalog by id, in any category.
+    pub async fn find_provider(&self, id: String) -> Result<Option<Doc>, DomainError> {
         let now = self.db.now();
-        self.db.read(move |conn| find(conn, container, &id, now)).await
+        self.db.read(move |conn| find_provider(conn, &id, now)).await
     }
 
-    /// The concurrency token of a document found by id in any partition of the container,
+    /// The concurrency token of a provider of the catalog found by id, in any category,
     /// without reading its body.
-    pub async fn etag_by_id(&self, container: &'static str, id: String) -> Result<Option<ETag>, DomainError> {
+    pub async fn provider_etag(&self, id: String) -> Result<Option<ETag>, DomainError> {
         let now = self.db.now();
-        self.db.read(move |conn| etag_of(conn, container, &id, now)).await
+        self.db.read(move |conn| provider_etag(conn, &id, now)).await
     }
 
     /// Replaces a document, optionally moving it to partition `new_pk`, conditionally on
@@ -429,13 +428,22 @@ impl Documents {
 /// The SQL and arguments of a page of `query` after the id `after`, selecting `columns`: one
 /// row more than the page, so a next page shows.
 fn page_sql(query: Query, after: Option<String>, now: i64, columns: &str) -> (String, Vec<SqlValue>) {
-    let mut sql = format!("SELECT {columns} FROM documents WHERE container = +? AND ");
-    sql.push_str(LIVE);
-    let mut args: Vec<SqlValue> = vec![query.container.to_owned().into(), now.into()];
-    if let Some(pk) = query.pk {
-        sql.push_str(" AND pk = ?");
-        args.push(pk.into());
-    }
+    let mut args: Vec<SqlValue> = Vec::new();
+    let mut sql = match query.pk {
+        Some(pk) => {
+            args.extend([query.container.to_owned().into(), now.into(), pk.into()]);
+            format!("SELECT {columns} FROM documents WHERE container = +? AND {LIVE} AND pk = ?")
+        }
+        // Across partitions the container is written out, so that the statement implies the
+        // condition of the providers' index by id (the only container read this way; see
+        // `provider_etag`). A container's name is one of this crate's constants, never a
+        // caller's text.
+        None => {
+            debug_assert!(query.container.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'), "{}", query.container);
+            args.push(now.into());
+            format!("SELECT {columns} FROM documents WHERE container = '{}' AND {LIVE}", query.container)
+        }
+    };
     if let Some(after) = after {
         sql.push_str(" AND id > ?");
         args.push(after.into());
@@ -537,21 +545,32 @@ fn has_webhooks(tx: &Transaction<'_>, tenant: &str) -> Result<bool, DomainError>
         .map_err(map_sqlite)
 }
 
-/// The concurrency token of the live document `id` of a container, in any partition.
-fn etag_of(conn: &rusqlite::Connection, container: &str, id: &str, now: i64) -> rusqlite::Result<Option<ETag>> {
-    conn.prepare_cached("SELECT etag FROM documents WHERE container = +?1 AND id = ?2 AND (expires_at IS NULL OR expires_at > ?3) LIMIT 1")?
-        .query_row(params![container, id, now], |r| Ok(ETag::new(r.get::<_, String>(0)?)))
-        .optional()
+// The catalog's providers are the only documents read by id across partitions (a provider is
+// named without its category), and the only ones listed across partitions: the index by id,
+// `providers_by_id` (migration 11), holds them alone, so that no other write pays for it. Its
+// condition names the container as a literal, and so do the statements below, which SQLite
+// serves from it only when their text implies that condition (a bound container would not).
+
+/// The concurrency token of the live provider `?1`, in any category (`?2`: now).
+const PROVIDER_ETAG: &str = "SELECT etag FROM documents WHERE container = 'integration_providers' AND id = ?1 \
+     AND (expires_at IS NULL OR expires_at > ?2) LIMIT 1";
+
+/// The live provider `?1`, in any category (`?2`: now).
+const FIND_PROVIDER: &str = "SELECT pk, etag, body FROM documents WHERE container = 'integration_providers' AND id = ?1 \
+     AND (expires_at IS NULL OR expires_at > ?2) LIMIT 1";
+
+/// The concurrency token of the live provider `id`, in any category.
+fn provider_etag(conn: &rusqlite::Connection, id: &str, now: i64) -> rusqlite::Result<Option<ETag>> {
+    conn.prepare_cached(PROVIDER_ETAG)?.query_row(params![id, now], |r| Ok(ETag::new(r.get::<_, String>(0)?))).optional()
 }
 
-pub(crate) fn find(conn: &rusqlite::Connection, container: &str, id: &str, now: i64) -> rusqlite::Result<Option<Doc>> {
-    conn.prepare_cached(
-        "SELECT pk, etag, body FROM documents WHERE container = +?1 AND id = ?2 AND (expires_at IS NULL OR expires_at > ?3) LIMIT 1",
-    )?
-    .query_row(params![container, id, now], |r| {
-        Ok(Doc { pk: r.get(0)?, id: id.to_owned(), etag: ETag::new(r.get::<_, String>(1)?), body: r.get(2)? })
-    })
-    .optional()
+/// The live provider `id`, in any category.
+pub(crate) fn find_provider(conn: &rusqlite::Connection, id: &str, now: i64) -> rusqlite::Result<Option<Doc>> {
+    conn.prepare_cached(FIND_PROVIDER)?
+        .query_row(params![id, now], |r| {
+            Ok(Doc { pk: r.get(0)?, id: id.to_owned(), etag: ETag::new(r.get::<_, String>(1)?), body: r.get(2)? })
+        })
+        .optional()
 }
 
 /// Inserts a document inside a transaction; an expired document with the same key is replaced.
@@ -648,5 +667,86 @@ mod tests {
         assert_eq!(decode_token(&encode_token("abc")).unwrap(), "abc");
         assert!(decode_token("not-a-token!").is_err());
         assert!(decode_token(&URL_SAFE_NO_PAD.encode("v2:abc")).is_err());
+    }
+
+    /// SQLite's plan of `sql` (bound with `args`), one line a step.
+    fn plan(conn: &rusqlite::Connection, sql: &str, args: impl rusqlite::Params) -> String {
+        conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+            .unwrap()
+            .query_map(args, |r| r.get::<_, String>(3))
+            .unwrap()
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .unwrap()
+            .join("\n")
+    }
+
+    /// A provider named without its category is found through the index that holds the
+    /// providers alone: by the create's version check (from the index alone) and by a read,
+    /// never by a scan of the catalog. The statements name the providers' container as the
+    /// constant does.
+    #[test]
+    fn a_provider_is_found_by_id_through_its_own_index() {
+        let mut conn = rusqlite::Connection::open_in_memory().unwrap();
+        let tx = conn.transaction().unwrap();
+        crate::migrations::apply(&tx).unwrap();
+        let container = format!("container = '{}'", crate::containers::PROVIDERS);
+        // The version check reads the index alone; a read of the provider, its row too.
+        for (sql, served) in
+            [(PROVIDER_ETAG, "USING COVERING INDEX providers_by_id (id=?)"), (FIND_PROVIDER, "USING INDEX providers_by_id (id=?)")]
+        {
+            assert!(sql.contains(&container), "{sql}");
+            let plan = plan(&tx, sql, params!["github", 0]);
+            assert!(plan.contains(served), "{plan}");
+        }
+        for (category, id) in [("vcs", "github"), ("chat", "slack")] {
+            insert(&tx, crate::containers::PROVIDERS, category, id, "{}", None, None, 0).unwrap();
+        }
+        insert(&tx, crate::containers::INTEGRATIONS, "tenant", "github", "{}", None, None, 0).unwrap();
+        assert_eq!(find_provider(&tx, "github", 0).unwrap().map(|d| d.pk), Some("vcs".to_owned()));
+        assert!(provider_etag(&tx, "slack", 0).unwrap().is_some());
+        assert_eq!(provider_etag(&tx, "jira", 0).unwrap(), None);
+        let indexed: i64 = tx
+            .query_row("SELECT count(*) FROM documents INDEXED BY providers_by_id WHERE container = 'integration_providers'", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(indexed, 2, "the index holds the providers alone");
+    }
+
+    /// A page across partitions names its container as text and reads only that container's
+    /// documents, in id order.
+    #[test]
+    fn a_page_across_partitions_reads_its_container_alone() {
+        let mut conn = rusqlite::Connection::open_in_memory().unwrap();
+        let tx = conn.transaction().unwrap();
+        crate::migrations::apply(&tx).unwrap();
+        for (container, pk, id) in [
+            (crate::containers::PROVIDERS, "vcs", "github"),
+            (crate::containers::PROVIDERS, "chat", "slack"),
+            (crate::containers::PROVIDERS, "chat", "discord"),
+            (crate::containers::INTEGRATIONS, "tenant", "asana"),
+        ] {
+            insert(&tx, container, pk, id, "{}", None, None, 0).unwrap();
+        }
+        let query = |pk: Option<&str>| Query {
+            container: crate::containers::PROVIDERS,
+            pk: pk.map(str::to_owned),
+            filters: Vec::new(),
+            search: None,
+            contains: Vec::new(),
+            page: PageRequest::first(10),
+        };
+        let ids = |pk: Option<&str>, after: Option<&str>| -> Vec<String> {
+            let (sql, args) = page_sql(query(pk), after.map(str::to_owned), 0, "id");
+            tx.prepare(&sql)
+                .unwrap()
+                .query_map(rusqlite::params_from_iter(args), |r| r.get(0))
+                .unwrap()
+                .collect::<rusqlite::Result<_>>()
+                .unwrap()
+        };
+        assert_eq!(ids(None, None), ["discord", "github", "slack"]);
+        assert_eq!(ids(None, Some("github")), ["slack"]);
+        assert_eq!(ids(Some("chat"), None), ["discord", "slack"]);
     }
 }

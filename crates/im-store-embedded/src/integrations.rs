@@ -8,7 +8,7 @@ use im_domain::integration::{Integration, IntegrationFilter};
 use im_domain::ports::IntegrationRepository;
 use im_domain::{DomainError, ETag, IntegrationId, JsonText, Page, PageRequest, Stored, TenantId, TextPage};
 
-use crate::containers::{INTEGRATIONS, PROVIDERS};
+use crate::containers::INTEGRATIONS;
 use crate::documents::{Documents, Query};
 use crate::support::{decode_page, encode, get_decoded, partition_query};
 
@@ -32,7 +32,7 @@ impl SqliteIntegrations {
         provider_version: Option<&ETag>,
         events: &[DomainEvent],
     ) -> Result<ETag, DomainError> {
-        let provider = provider_version.map(|version| (PROVIDERS, integration.provider_id.to_string(), version.clone()));
+        let provider = provider_version.map(|version| (integration.provider_id.to_string(), version.clone()));
         let (tenant, id) = (integration.tenant_id.to_string(), integration.id.to_string());
         self.docs.create_requiring(INTEGRATIONS, tenant, id, body, None, events, provider).await
     }

@@ -160,6 +160,19 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     CREATE INDEX deliveries_by_hold ON documents (hold_until) WHERE hold_until IS NOT NULL;
     "#,
     ),
+    (
+        11,
+        "providers_by_id",
+        r#"
+    -- Documents by id in any partition: only the catalog's providers are read that way (a
+    -- provider is named without its category) or listed across partitions. The index over
+    -- every container cost each write of an integration, a delivery or a sync record one more
+    -- B-tree insert; it now holds the providers alone, with their expiry and version, so that
+    -- a create's check of its provider's version reads the index alone.
+    DROP INDEX documents_by_id;
+    CREATE INDEX providers_by_id ON documents (id, expires_at, etag) WHERE container = 'integration_providers';
+    "#,
+    ),
 ];
 
 /// What [`crate::EmbeddedStore::migrate`] did.
@@ -218,6 +231,15 @@ mod tests {
         }
     }
 
+    /// Writes a document that never expires, as a release of the schema at hand did.
+    fn put(tx: &Transaction<'_>, container: &str, pk: &str, id: &str, body: &str) {
+        tx.execute(
+            "INSERT INTO documents (container, pk, id, etag, body, expires_at) VALUES (?1, ?2, ?3, 'e', ?4, NULL)",
+            rusqlite::params![container, pk, id, body],
+        )
+        .unwrap();
+    }
+
     /// A database written before the documents moved to a rowid table keeps every document,
     /// and its key stays unique.
     #[test]
@@ -257,6 +279,29 @@ mod tests {
         assert_eq!(upserted, 1);
     }
 
+    /// A database from before the providers' own index by id keeps finding them by id, and no
+    /// other document is in that index any more.
+    #[test]
+    fn providers_written_before_their_own_index_are_in_it() {
+        let mut conn = rusqlite::Connection::open_in_memory().unwrap();
+        let tx = conn.transaction().unwrap();
+        migrate_below(&tx, 11);
+        for (container, pk, id) in [("integration_providers", "vcs", "github"), ("integration_integrations", "tenant", "one")] {
+            put(&tx, container, pk, id, "{}");
+        }
+
+        let report = apply(&tx).unwrap();
+
+        assert_eq!(report.applied[0], "0011_providers_by_id");
+        let column =
+            |sql: &str| -> Vec<String> { tx.prepare(sql).unwrap().query_map([], |r| r.get(0)).unwrap().collect::<Result<_, _>>().unwrap() };
+        let indexes = column("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'documents' ORDER BY name");
+        assert!(indexes.contains(&"providers_by_id".to_owned()) && !indexes.contains(&"documents_by_id".to_owned()), "{indexes:?}");
+        let indexed =
+            column("SELECT id FROM documents INDEXED BY providers_by_id WHERE container = 'integration_providers' AND id = 'github'");
+        assert_eq!(indexed, ["github"]);
+    }
+
     /// A database a newer release migrated is refused, not written the old way.
     #[test]
     fn a_database_of_a_newer_release_is_refused() {
@@ -285,16 +330,12 @@ mod tests {
             ("integrations", "other", r#"{"status":"pending","leaseUntil":"2026-12-03T12:02:00Z"}"#),
         ];
         for (container, id, body) in rows {
-            tx.execute(
-                "INSERT INTO documents (container, pk, id, etag, body, expires_at) VALUES (?1, 'p', ?2, 'e', ?3, NULL)",
-                rusqlite::params![container, id, body],
-            )
-            .unwrap();
+            put(&tx, container, "p", id, body);
         }
 
         let report = apply(&tx).unwrap();
 
-        assert_eq!(report.applied, vec!["0010_deliveries_by_hold".to_owned()]);
+        assert_eq!(report.applied[0], "0010_deliveries_by_hold");
         let held: Vec<(String, String)> = tx
             .prepare("SELECT id, hold_until FROM documents INDEXED BY deliveries_by_hold WHERE hold_until IS NOT NULL ORDER BY hold_until")
             .unwrap()

@@ -9,7 +9,7 @@ use rusqlite::{OptionalExtension, params};
 
 use crate::containers::PROVIDERS;
 use crate::db::map_sqlite;
-use crate::documents::{Documents, Query, find, insert};
+use crate::documents::{Documents, Query, find_provider, insert};
 use crate::support::{decode, encode};
 
 const RESOURCE: &str = "provider";
@@ -24,7 +24,7 @@ impl SqliteProviders {
     }
 
     async fn current_category(&self, id: &ProviderId) -> Result<String, DomainError> {
-        match self.docs.find_by_id(PROVIDERS, id.to_string()).await? {
+        match self.docs.find_provider(id.to_string()).await? {
             Some(doc) => Ok(doc.pk),
             None => Err(DomainError::not_found(RESOURCE, id)),
         }
@@ -41,7 +41,7 @@ impl ProviderRepository for SqliteProviders {
         // with another writer.
         self.docs
             .transaction(move |tx, now| {
-                if find(tx, PROVIDERS, &id, now).map_err(map_sqlite)?.is_some() {
+                if find_provider(tx, &id, now).map_err(map_sqlite)?.is_some() {
                     return Err(DomainError::Conflict(format!("a provider with id '{id}' already exists")));
                 }
                 insert(tx, PROVIDERS, &pk, &id, &body, None, None, now)
@@ -51,7 +51,7 @@ impl ProviderRepository for SqliteProviders {
 
     #[tracing::instrument(skip_all, name = "providers.get", fields(provider = %id))]
     async fn get(&self, id: &ProviderId) -> Result<Stored<Provider>, DomainError> {
-        match self.docs.find_by_id(PROVIDERS, id.to_string()).await? {
+        match self.docs.find_provider(id.to_string()).await? {
             Some(doc) => decode(doc),
             None => Err(DomainError::not_found(RESOURCE, id)),
         }
@@ -59,7 +59,7 @@ impl ProviderRepository for SqliteProviders {
 
     #[tracing::instrument(skip_all, name = "providers.etag", fields(provider = %id))]
     async fn etag(&self, id: &ProviderId) -> Result<ETag, DomainError> {
-        self.docs.etag_by_id(PROVIDERS, id.to_string()).await?.ok_or_else(|| DomainError::not_found(RESOURCE, id))
+        self.docs.provider_etag(id.to_string()).await?.ok_or_else(|| DomainError::not_found(RESOURCE, id))
     }
 
     #[tracing::instrument(skip_all, name = "providers.list")]
@@ -126,7 +126,7 @@ impl ProviderRepository for SqliteProviders {
                     tx.execute("INSERT INTO catalog_seed (provider_id, seeded_at) VALUES (?1, ?2)", params![id, now])
                         .map_err(map_sqlite)?;
                     // An administrator may have created the id before it was ever seeded: keep theirs.
-                    if find(tx, PROVIDERS, &id, now).map_err(map_sqlite)?.is_some() {
+                    if find_provider(tx, &id, now).map_err(map_sqlite)?.is_some() {
                         report.skipped += 1;
                     } else {
                         insert(tx, PROVIDERS, &pk, &id, &body, None, None, now)?;
