@@ -121,8 +121,8 @@ impl Documents {
     /// at version `required.1`, checked in the same transaction.
     ///
     /// # Errors
-    /// As `create_with_events`; `PreconditionFailed` when the required document is at another
-    /// version or gone (nothing is written).
+    /// As `create_with_events`; `PreconditionFailed` when the provider is at another version or
+    /// gone (nothing is written).
     #[allow(clippy::too_many_arguments)]
     pub async fn create_requiring(
         &self,

@@ -42,6 +42,14 @@ pub struct IntegrationEventData<'a> {
 }
 
 impl IntegrationEventData<'_> {
+    /// The event data of `integration`.
+    ///
+    /// # Errors
+    /// `Unexpected` when it cannot be written (a defect).
+    pub fn data(integration: &Integration) -> Result<EventData, DomainError> {
+        EventData::of(&IntegrationEventData::from(integration)).map_err(|e| DomainError::Unexpected(e.into()))
+    }
+
     /// The event data of `integration` and its JSON text ([`JsonText::encode`]), written once
     /// when they are the same text: when it has no OAuth app (whose data here leaves out where
     /// its secret is kept). The fields are the same, in the same order, otherwise.
@@ -49,7 +57,7 @@ impl IntegrationEventData<'_> {
     /// # Errors
     /// `Unexpected` when either cannot be written (a defect).
     pub fn with_text(integration: &Integration) -> Result<(EventData, JsonText<Integration>), DomainError> {
-        let data = EventData::of(&IntegrationEventData::from(integration)).map_err(|e| DomainError::Unexpected(e.into()))?;
+        let data = Self::data(integration)?;
         let text = match integration.oauth2_app {
             None => JsonText::stored(data.as_str().to_owned()),
             Some(_) => JsonText::encode(integration)?,

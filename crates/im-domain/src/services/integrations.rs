@@ -495,8 +495,7 @@ impl IntegrationService {
 
     /// An event about `integration`, carrying it as the API returns it.
     fn event(&self, event_type: EventType, integration: &Integration) -> Result<DomainEvent, DomainError> {
-        let data = EventData::of(&IntegrationEventData::from(integration)).map_err(|e| DomainError::Unexpected(e.into()))?;
-        Ok(self.event_with(event_type, integration, data))
+        Ok(self.event_with(event_type, integration, IntegrationEventData::data(integration)?))
     }
 
     /// An event about `integration` carrying `data`, its [`IntegrationEventData`].
