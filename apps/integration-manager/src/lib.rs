@@ -9,6 +9,7 @@ pub mod config;
 pub mod deliveries;
 pub mod events;
 pub mod keys;
+pub mod memory;
 pub mod metrics;
 pub mod startup;
 pub mod state;
