@@ -428,7 +428,7 @@ async fn a_first_attempt_whose_instance_stopped_is_made_once_the_hold_sweep_find
             id: im_domain::webhooks::delivery::delivery_id(webhook_id, &message_id),
             tenant_id: im_domain::TenantId::new(&tenant).unwrap(),
             webhook_id,
-            payload: json!({"id": message_id, "type": "integration.created", "data": {"name": "held"}}),
+            payload: json!({"id": message_id, "type": "integration.created", "data": {"name": "held"}}).into(),
             message_id,
             event_type: "integration.created".into(),
             status: im_domain::webhooks::delivery::DeliveryStatus::Pending,

@@ -182,6 +182,14 @@ impl DomainEvent {
         serde_json::to_value(self.envelope()).unwrap_or(Value::Null)
     }
 
+    /// The event as a CloudEvents 1.0 structured-mode document, as JSON text (its data copied
+    /// as text, not built as a tree first): the body of the event's webhook deliveries.
+    #[must_use]
+    pub fn cloud_event_text(&self) -> EventData {
+        // The envelope's members are strings, a time and JSON text: writing it cannot fail.
+        EventData::of(&self.envelope()).unwrap_or_default()
+    }
+
     /// The event's CloudEvents 1.0 structured-mode document, to be written out as it is (its
     /// data copied as text, not built as a tree first).
     pub fn envelope(&self) -> CloudEvent<'_> {

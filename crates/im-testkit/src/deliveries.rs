@@ -21,7 +21,7 @@ pub fn delivery(tenant: &im_domain::TenantId, status: DeliveryStatus) -> Deliver
         id: delivery_id(webhook_id, &message_id),
         tenant_id: tenant.clone(),
         webhook_id,
-        payload: serde_json::json!({"id": message_id, "type": "integration.created"}),
+        payload: serde_json::json!({"id": message_id, "type": "integration.created"}).into(),
         message_id,
         event_type: "integration.created".into(),
         status,

@@ -232,10 +232,12 @@ impl WebhookSender for HttpWebhookSender {
             error: Some(error),
             duration: started.elapsed(),
         };
-        if let Err(refusal) = self.policy.check_destination(&request.url) {
-            return failed(refusal.redacted(), started);
-        }
-        let mut builder = self.client.post(&request.url).body(request.body);
+        // The URL judged is the one called, parsed once.
+        let url = match self.policy.destination(&request.url) {
+            Ok(url) => url,
+            Err(refusal) => return failed(refusal.redacted(), started),
+        };
+        let mut builder = self.client.post(url).body(request.body);
         for (name, value) in &request.headers {
             builder = builder.header(name, value);
         }

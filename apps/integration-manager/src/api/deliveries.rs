@@ -1,11 +1,11 @@
 //! `/api/v1/webhooks/{id}/deliveries`, `/recover`, `/test`: the delivery log and its operations.
 
 use actix_web::{HttpRequest, HttpResponse, web};
+use im_domain::events::EventData;
 use im_domain::webhooks::delivery::{Attempt, AttemptTrigger, Delivery, DeliveryFilter, DeliveryStatus};
 use im_domain::webhooks::endpoint::WebhookId;
 use im_domain::{DomainError, FieldViolation, ViolationKind};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use utoipa::ToSchema;
@@ -108,7 +108,7 @@ pub struct DeliveryView {
     updated_at: String,
     /// The body that was (or will be) sent: the event's CloudEvents document.
     #[schema(value_type = Object)]
-    payload: Value,
+    payload: EventData,
 }
 
 impl From<Delivery> for DeliveryView {

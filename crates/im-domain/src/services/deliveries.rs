@@ -109,6 +109,18 @@ impl ManualSends {
     }
 }
 
+/// The `time` of a delivery's CloudEvents payload: when the event's change was committed (read
+/// in one pass over the text, the other members skipped, not built).
+fn committed_at(payload: &EventData) -> Option<OffsetDateTime> {
+    #[derive(serde::Deserialize)]
+    struct Time<'a> {
+        #[serde(borrow)]
+        time: Option<std::borrow::Cow<'a, str>>,
+    }
+    let Time { time } = serde_json::from_str(payload.as_str()).ok()?;
+    OffsetDateTime::parse(&time?, &time::format_description::well_known::Rfc3339).ok()
+}
+
 impl std::fmt::Debug for DeliveryService {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DeliveryService").field("settings", &self.settings).finish_non_exhaustive()
@@ -295,7 +307,7 @@ impl DeliveryService {
         webhook: &Webhook,
         message_id: String,
         event_type: &str,
-        payload: serde_json::Value,
+        payload: EventData,
         status: DeliveryStatus,
     ) -> Delivery {
         let now = self.clock.now();
@@ -358,12 +370,12 @@ impl DeliveryService {
             let mut deliveries: Vec<(Delivery, &Webhook)> = events
                 .iter()
                 .flat_map(|event| {
-                    // The payload once an event (its data parsed once), cloned for each endpoint.
+                    // The payload written out once an event, its text copied for each endpoint.
                     let mut payload = None;
                     endpoints.iter().filter(|w| w.wants(event)).map(move |webhook| {
                         let status =
                             if webhook.status == WebhookStatus::Enabled { DeliveryStatus::Pending } else { DeliveryStatus::Skipped };
-                        let payload = payload.get_or_insert_with(|| event.cloud_event()).clone();
+                        let payload = payload.get_or_insert_with(|| event.cloud_event_text()).clone();
                         (self.new_delivery(webhook, event.id.to_string(), event.event_type.as_str(), payload, status), webhook)
                     })
                 })
@@ -524,7 +536,7 @@ impl DeliveryService {
     /// Sends one signed attempt of a delivery and records it.
     async fn send(&self, webhook: &Webhook, delivery: &Delivery) -> Result<SendResult, DomainError> {
         let secrets = self.endpoints.signing_secrets(webhook).await?;
-        let body = serde_json::to_vec(&delivery.payload).map_err(|e| DomainError::Unexpected(e.into()))?;
+        let body = delivery.payload.as_str().as_bytes().to_vec();
         let timestamp = self.clock.now().unix_timestamp();
         let refs: Vec<_> = secrets.iter().collect();
         let mut headers = vec![
@@ -697,11 +709,7 @@ impl DeliveryService {
             Outcome::Delivered => {
                 delivery.status = DeliveryStatus::Succeeded;
                 delivery.next_attempt_at = None;
-                let committed_at = delivery
-                    .payload
-                    .get("time")
-                    .and_then(serde_json::Value::as_str)
-                    .and_then(|t| OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok());
+                let committed_at = committed_at(&delivery.payload);
                 (AttemptReport::Delivered { committed_at }, vec![EventType::WebhookDelivered])
             }
             Outcome::Gone => {
@@ -1012,7 +1020,7 @@ impl DeliveryService {
             "datacontenttype": "application/json", "tenantid": caller.tenant_id.as_str(),
             "data": {"message": "This is a test event from Integration Manager."}
         });
-        let delivery = self.new_delivery(&endpoint.value, message_id, TEST_EVENT_TYPE, payload, DeliveryStatus::Pending);
+        let delivery = self.new_delivery(&endpoint.value, message_id, TEST_EVENT_TYPE, payload.into(), DeliveryStatus::Pending);
         self.deliveries.create(&delivery).await?;
         let job = DeliveryJob { tenant_id: caller.tenant_id.clone(), delivery_id: delivery.id };
         self.attempt(&job, AttemptTrigger::Manual).await?;
@@ -1124,7 +1132,7 @@ mod attempt_tests {
             webhook_id: webhook.id,
             message_id: "event-1".into(),
             event_type: "integration.created".into(),
-            payload: json!({"id": "event-1", "type": "integration.created", "time": "2026-01-01T00:00:00Z"}),
+            payload: json!({"id": "event-1", "type": "integration.created", "time": "2026-01-01T00:00:00Z"}).into(),
             status: DeliveryStatus::Pending,
             attempts: vec![failed; scheduled_attempts],
             older_attempts: 0,
@@ -1296,11 +1304,23 @@ mod attempt_tests {
             assert_eq!(header("webhook-id"), "event-1");
             assert_eq!(header("webhook-timestamp"), now().unix_timestamp().to_string());
             assert_eq!(header("x-team"), "payments");
-            assert_eq!(serde_json::from_slice::<serde_json::Value>(&request.body).unwrap(), delivery.payload);
+            assert_eq!(request.body, delivery.payload.as_str().as_bytes(), "the body is the payload's text as stored");
             Verifier::new(vec![secret()])
                 .verify("event-1", header("webhook-timestamp"), header("webhook-signature"), &request.body, now().unix_timestamp())
                 .expect("signed with the endpoint's secret");
         });
+    }
+
+    #[test]
+    fn the_commit_time_is_read_from_the_payloads_text() {
+        let payload = |text: &str| serde_json::from_str::<EventData>(text).unwrap();
+        let at = OffsetDateTime::from_unix_timestamp(1_767_225_600).unwrap();
+        let read = committed_at(&payload(r#"{"id":"e","data":{"time":"no"},"time":"2026-01-01T00:00:00Z"}"#));
+        assert_eq!(read, Some(at), "the top level's member, after a nested one of the same name");
+        assert_eq!(committed_at(&payload(r#"{"time":"2026-01-01T00:00:00.5\u005A"}"#)), Some(at + time::Duration::milliseconds(500)));
+        for text in [r#"{"id":"e"}"#, r#"{"time":7}"#, r#"{"time":"yesterday"}"#, "null", "[1]"] {
+            assert_eq!(committed_at(&payload(text)), None, "{text}");
+        }
     }
 
     #[test]

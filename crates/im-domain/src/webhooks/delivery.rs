@@ -7,6 +7,7 @@ use uuid::Uuid;
 
 use super::endpoint::WebhookId;
 use crate::common::TenantId;
+use crate::events::EventData;
 
 /// How long delivery records are kept.
 pub const DELIVERY_TTL: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
@@ -92,8 +93,10 @@ pub struct Delivery {
     /// The `webhook-id` header: the event id, the same on every retry.
     pub message_id: String,
     pub event_type: String,
-    /// The CloudEvents document sent as the body.
-    pub payload: Value,
+    /// The CloudEvents document sent as the body, as the JSON text that is sent: stored, read
+    /// back and sent as that text, never built as a tree of values (a tree was parsed, cloned
+    /// for each endpoint, written out and dropped at every read and write of a delivery).
+    pub payload: EventData,
     pub status: DeliveryStatus,
     /// The newest [`ATTEMPTS_KEPT`] attempts, oldest first.
     pub attempts: Vec<Attempt>,
@@ -255,7 +258,7 @@ mod tests {
             webhook_id: WebhookId(Uuid::nil()),
             message_id: "m".into(),
             event_type: "integration.created".into(),
-            payload: Value::Null,
+            payload: EventData::default(),
             status: DeliveryStatus::Pending,
             attempts: Vec::new(),
             older_attempts: 0,

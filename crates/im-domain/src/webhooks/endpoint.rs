@@ -268,6 +268,15 @@ impl UrlPolicy {
     /// # Errors
     /// Why the URL is refused.
     pub fn check_destination(&self, url: &str) -> Result<(), UrlRefusal> {
+        self.destination(url).map(drop)
+    }
+
+    /// [`UrlPolicy::check_destination`], answering the URL it judged, parsed: a sender that
+    /// calls that very URL neither parses it again nor calls anything but what was judged.
+    ///
+    /// # Errors
+    /// Why the URL is refused.
+    pub fn destination(&self, url: &str) -> Result<url::Url, UrlRefusal> {
         let parsed = url::Url::parse(url).map_err(|e| UrlRefusal::Malformed(e.to_string()))?;
         match parsed.scheme() {
             "https" => {}
@@ -284,15 +293,15 @@ impl UrlPolicy {
                 // Names that always mean this machine (RFC 6761), with or without the root dot.
                 let name = name.trim_end_matches('.').to_ascii_lowercase();
                 if name == "localhost" || name.ends_with(".localhost") {
-                    return self
-                        .check_ip(IpAddr::V4(Ipv4Addr::LOCALHOST))
-                        .map_err(|class| UrlRefusal::Destination { address: IpAddr::V4(Ipv4Addr::LOCALHOST), class });
+                    IpAddr::V4(Ipv4Addr::LOCALHOST)
+                } else {
+                    return Ok(parsed);
                 }
-                return Ok(());
             }
             None => return Err(UrlRefusal::Malformed("no host".to_owned())),
         };
-        self.check_ip(address).map_err(|class| UrlRefusal::Destination { address, class })
+        self.check_ip(address).map_err(|class| UrlRefusal::Destination { address, class })?;
+        Ok(parsed)
     }
 
     /// Checks a URL the service will call (a webhook endpoint, a custom API's base or token URL)
