@@ -612,6 +612,27 @@ mod tests {
     }
 
     #[test]
+    fn the_destination_answered_is_the_url_judged_as_the_sender_reads_it() {
+        let policy = UrlPolicy { allow_http: true, allowed_private: vec![Cidr::parse("127.0.0.0/8").unwrap()] };
+        // Another spelling of an allowed address, a host in capitals, a path with dot segments:
+        // what is answered is the parsed URL, the one a client would have made of the text.
+        for (url, called) in [
+            ("http://0x7f.1:8080/a/../hook?x=1", "http://127.0.0.1:8080/hook?x=1"),
+            ("HTTPS://Hooks.Example.COM./in", "https://hooks.example.com./in"),
+            ("http://localhost.:9/h", "http://localhost.:9/h"),
+        ] {
+            let destination = policy.destination(url).unwrap_or_else(|e| panic!("{url}: {e:?}"));
+            assert_eq!(destination.as_str(), called, "{url}");
+            assert_eq!(destination, url::Url::parse(url).unwrap(), "{url}");
+        }
+        let strict = UrlPolicy::default();
+        for url in ["http://0x7f.1/", "https://localhost/", "https://u:p@example.com/", "https://[::1]/", "not a url"] {
+            assert_eq!(strict.destination(url).err(), strict.check_destination(url).err(), "{url}");
+            assert!(strict.destination(url).is_err(), "{url}");
+        }
+    }
+
+    #[test]
     fn events_show_urls_without_credentials() {
         assert_eq!(without_credentials("https://user:pw@hooks.example.com/a?b=c"), "https://hooks.example.com/a?b=c");
         assert_eq!(without_credentials("https://hooks.example.com/a"), "https://hooks.example.com/a");
