@@ -19,7 +19,7 @@ use crate::support::{precondition, run_batch, with_events};
 
 const RESOURCE: &str = "delivery";
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 struct DeliveryDoc {
     #[serde(rename = "type")]
@@ -29,6 +29,28 @@ struct DeliveryDoc {
     delivery: Delivery,
     #[serde(rename = "_etag", default, skip_serializing)]
     etag: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for DeliveryDoc {
+    /// Read through a JSON object rather than `#[serde(flatten)]`: a flattened delivery is read
+    /// through serde's own buffer, which cannot hand its payload over as the JSON text it is
+    /// kept as (`EventData`); a JSON value can.
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::Error as _;
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Envelope {
+            #[serde(rename = "type")]
+            kind: String,
+            schema_version: u32,
+            #[serde(rename = "_etag", default)]
+            etag: Option<String>,
+        }
+        let value = serde_json::Value::deserialize(deserializer)?;
+        let Envelope { kind, schema_version, etag } = Envelope::deserialize(&value).map_err(D::Error::custom)?;
+        let delivery = Delivery::deserialize(value).map_err(D::Error::custom)?;
+        Ok(Self { kind, schema_version, delivery, etag })
+    }
 }
 
 impl DeliveryDoc {
