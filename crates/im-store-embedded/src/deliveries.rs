@@ -309,14 +309,53 @@ fn count_webhook(tx: &Transaction<'_>, webhooks: &mut Vec<(Doc, u32)>, pk: &str,
     Ok(())
 }
 
-/// The endpoint a delivery record names.
+/// The endpoint a delivery record names. The record's members are read up to `webhookId` and
+/// no further: the rest, the payload among it, is not scanned (this runs in the writer's
+/// transaction, for every delivery a take leases; `webhookId` comes third in every version's
+/// records, its payload sixth).
 fn webhook_of(delivery: &Doc) -> Option<String> {
-    #[derive(serde::Deserialize)]
-    #[serde(rename_all = "camelCase")]
-    struct Named {
-        webhook_id: String,
+    use serde::de::{Deserializer as _, IgnoredAny, MapAccess, Visitor};
+
+    /// A member's name: `webhookId` or another, told apart without copying it.
+    struct IsWebhookId(bool);
+    impl<'de> serde::Deserialize<'de> for IsWebhookId {
+        fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+            struct Name;
+            impl Visitor<'_> for Name {
+                type Value = IsWebhookId;
+                fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                    f.write_str("a member's name")
+                }
+                fn visit_str<E: serde::de::Error>(self, name: &str) -> Result<IsWebhookId, E> {
+                    Ok(IsWebhookId(name == "webhookId"))
+                }
+            }
+            deserializer.deserialize_identifier(Name)
+        }
     }
-    serde_json::from_str::<Named>(&delivery.body).ok().map(|n| n.webhook_id)
+    /// Reads members until `webhookId`, which it keeps in `.0`.
+    struct UpToWebhookId<'a>(&'a mut Option<String>);
+    impl<'de> Visitor<'de> for UpToWebhookId<'_> {
+        type Value = ();
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a delivery record")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut members: A) -> Result<(), A::Error> {
+            while let Some(IsWebhookId(found)) = members.next_key()? {
+                if found {
+                    *self.0 = Some(members.next_value()?);
+                    return Ok(());
+                }
+                members.next_value::<IgnoredAny>()?;
+            }
+            Ok(())
+        }
+    }
+    let mut webhook = None;
+    // Stopping at the member leaves the object's end unread, which the parser then reports as an
+    // error: what was found before is kept all the same.
+    let _ = serde_json::Deserializer::from_str(&delivery.body).deserialize_map(UpToWebhookId(&mut webhook));
+    webhook
 }
 
 pub(crate) struct SqliteDeliveries {
@@ -794,5 +833,50 @@ impl DeliveryQueue for SqliteDeliveryQueue {
     async fn depth(&self) -> Result<Option<u64>, DomainError> {
         let jobs: i64 = self.db.read(|conn| conn.query_row("SELECT count(*) FROM delivery_jobs", [], |r| r.get(0))).await?;
         Ok(Some(u64::try_from(jobs).unwrap_or_default()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(body: &str) -> Doc {
+        Doc { pk: "t".into(), id: "d".into(), etag: ETag::new("e"), body: body.into() }
+    }
+
+    #[test]
+    fn the_endpoint_a_record_names_is_read_wherever_its_member_is() {
+        let payload = r#"{"specversion":"1.0","data":{"webhookId":"not this","n":[1,{"a":"\"}"}]}}"#;
+        let first = format!(r#"{{"id":"d","tenantId":"t","webhookId":"w-1","messageId":"m","payload":{payload},"status":"pending"}}"#);
+        assert_eq!(webhook_of(&record(&first)).as_deref(), Some("w-1"));
+        // After the payload (and a nested member of the same name), and written with an escape.
+        let last = format!(r#"{{"id":"d","payload":{payload},"attempts":[],"webhookId":"w-\u0032"}}"#);
+        assert_eq!(webhook_of(&record(&last)).as_deref(), Some("w-2"));
+        for body in [r#"{"id":"d","payload":{"webhookId":"nested"}}"#, r#"{"webhookId":7}"#, "[]", "not json", r#"{"id":"#] {
+            assert_eq!(webhook_of(&record(body)), None, "{body}");
+        }
+        // A delivery as this store writes it.
+        let delivery = a_delivery();
+        let text = encode(&delivery).unwrap();
+        assert_eq!(webhook_of(&record(&text)), Some(delivery.webhook_id.to_string()));
+    }
+
+    fn a_delivery() -> Delivery {
+        let at = time::OffsetDateTime::UNIX_EPOCH;
+        Delivery {
+            id: uuid::Uuid::from_u128(1),
+            tenant_id: TenantId::new("t").unwrap(),
+            webhook_id: WebhookId(uuid::Uuid::from_u128(2)),
+            message_id: "m".into(),
+            event_type: "integration.created".into(),
+            payload: serde_json::from_str(r#"{"webhookId":"in the payload"}"#).unwrap(),
+            status: DeliveryStatus::Pending,
+            attempts: Vec::new(),
+            older_attempts: 0,
+            next_attempt_at: Some(at),
+            lease_until: None,
+            created_at: at,
+            updated_at: at,
+        }
     }
 }
