@@ -130,14 +130,77 @@ impl EventData {
     }
 
     /// The member of a payload that is an object named by the first of `keys` it has, if that
-    /// member is a string (read in one pass; the other members are skipped, not built).
+    /// member is a string ([`str_member`]).
     #[must_use]
     pub fn str_member(&self, keys: &[&str]) -> Option<String> {
-        #[derive(Deserialize)]
-        struct Members<'a>(#[serde(borrow)] std::collections::HashMap<std::borrow::Cow<'a, str>, &'a RawValue>);
-        let Members(members) = serde_json::from_str(self.0.get()).ok()?;
-        let member = keys.iter().find_map(|key| members.get(*key))?;
-        serde_json::from_str::<String>(member.get()).ok()
+        str_member(self.0.get(), keys)
+    }
+}
+
+/// The member of the JSON object `text` named by the first of `keys` it has, if that member is
+/// a string. Read in one pass, the other members skipped, not built; the reading stops at a
+/// member named by the first key (none after it can rank higher), so what follows it, a
+/// payload say, is not scanned.
+#[must_use]
+pub fn str_member(text: &str, keys: &[&str]) -> Option<String> {
+    use serde::de::{DeserializeSeed, Deserializer as _, IgnoredAny, MapAccess, Visitor};
+
+    /// A member's name as its rank among the keys (`None`: not one of them), told without
+    /// copying the name.
+    struct Rank<'k>(&'k [&'k str]);
+    impl<'de> DeserializeSeed<'de> for Rank<'_> {
+        type Value = Option<usize>;
+        fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<Option<usize>, D::Error> {
+            deserializer.deserialize_identifier(self)
+        }
+    }
+    impl Visitor<'_> for Rank<'_> {
+        type Value = Option<usize>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a member's name")
+        }
+        fn visit_str<E: serde::de::Error>(self, name: &str) -> Result<Option<usize>, E> {
+            Ok(self.0.iter().position(|key| *key == name))
+        }
+    }
+    /// Reads the members, keeping the best-ranked one's rank and value (if a string) in `found`.
+    struct Members<'a, 'k> {
+        keys: &'k [&'k str],
+        found: &'a mut Option<(usize, Option<String>)>,
+    }
+    impl<'de> Visitor<'de> for Members<'_, '_> {
+        type Value = ();
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("an object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut members: A) -> Result<(), A::Error> {
+            while let Some(rank) = members.next_key_seed(Rank(self.keys))? {
+                match rank {
+                    Some(rank) if self.found.as_ref().is_none_or(|(best, _)| rank < *best) => {
+                        let value: &'de RawValue = members.next_value()?;
+                        *self.found = Some((rank, serde_json::from_str(value.get()).ok()));
+                        if rank == 0 {
+                            return Ok(());
+                        }
+                    }
+                    _ => {
+                        members.next_value::<IgnoredAny>()?;
+                    }
+                }
+            }
+            Ok(())
+        }
+    }
+    let mut found = None;
+    let read = serde_json::Deserializer::from_str(text).deserialize_map(Members { keys, found: &mut found });
+    match read {
+        Ok(()) => found.and_then(|(_, value)| value),
+        // Stopping at the first key's member leaves the object's end unread, which the parser
+        // then reports; any other failure is text that is not a whole JSON object.
+        Err(_) => match found {
+            Some((0, value)) => value,
+            _ => None,
+        },
     }
 }
 
@@ -347,5 +410,14 @@ mod tests {
         let escaped_key: EventData = serde_json::from_str(r#"{"k\u0065y": "v", "id": "x"}"#).unwrap();
         assert_eq!(escaped_key.str_member(&["key"]).as_deref(), Some("v"), "a key written with an escape");
         assert_eq!(EventData::from(json!(["id"])).str_member(&["id"]), None, "not an object");
+
+        // The first key's member ends the reading: what follows it is not read.
+        assert_eq!(str_member(r#"{"a": 1, "id": "i-2", "rest": [unread"#, &["id"]).as_deref(), Some("i-2"));
+        assert_eq!(str_member(r#"{"id": 5, "rest": [unread"#, &["id", "a"]), None, "the first key's member is not a string");
+        // Another key's member does not: the text is read to its end, and must be whole.
+        assert_eq!(str_member(r#"{"a": "x", "rest": 1}"#, &["id", "a"]).as_deref(), Some("x"));
+        assert_eq!(str_member(r#"{"a": "x", "rest": [unread"#, &["id", "a"]), None, "the text is not a whole object");
+        assert_eq!(str_member(r#"{"a": "x", "id": "i-3", "a": "y"}"#, &["id", "a"]).as_deref(), Some("i-3"), "a later first key wins");
+        assert_eq!(str_member("not json", &["id"]), None);
     }
 }

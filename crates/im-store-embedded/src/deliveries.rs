@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use im_domain::events::DomainEvent;
+use im_domain::events::{DomainEvent, str_member};
 use im_domain::webhooks::delivery::{DELIVERY_TTL, Delivery, DeliveryFilter, DeliveryStatus};
 use im_domain::webhooks::endpoint::WebhookId;
 use im_domain::webhooks::ports::{DeliveryJob, DeliveryQueue, DeliveryRepository, JobAfter};
@@ -309,53 +309,11 @@ fn count_webhook(tx: &Transaction<'_>, webhooks: &mut Vec<(Doc, u32)>, pk: &str,
     Ok(())
 }
 
-/// The endpoint a delivery record names. The record's members are read up to `webhookId` and
-/// no further: the rest, the payload among it, is not scanned (this runs in the writer's
-/// transaction, for every delivery a take leases; `webhookId` comes third in every version's
-/// records, its payload sixth).
+/// The endpoint a delivery record names, read up to its `webhookId` member and no further
+/// ([`str_member`]): this runs in the writer's transaction for every delivery a take leases,
+/// and the member comes third in every version's records, the payload sixth.
 fn webhook_of(delivery: &Doc) -> Option<String> {
-    use serde::de::{Deserializer as _, IgnoredAny, MapAccess, Visitor};
-
-    /// A member's name: `webhookId` or another, told apart without copying it.
-    struct IsWebhookId(bool);
-    impl<'de> serde::Deserialize<'de> for IsWebhookId {
-        fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-            struct Name;
-            impl Visitor<'_> for Name {
-                type Value = IsWebhookId;
-                fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                    f.write_str("a member's name")
-                }
-                fn visit_str<E: serde::de::Error>(self, name: &str) -> Result<IsWebhookId, E> {
-                    Ok(IsWebhookId(name == "webhookId"))
-                }
-            }
-            deserializer.deserialize_identifier(Name)
-        }
-    }
-    /// Reads members until `webhookId`, which it keeps in `.0`.
-    struct UpToWebhookId<'a>(&'a mut Option<String>);
-    impl<'de> Visitor<'de> for UpToWebhookId<'_> {
-        type Value = ();
-        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str("a delivery record")
-        }
-        fn visit_map<A: MapAccess<'de>>(self, mut members: A) -> Result<(), A::Error> {
-            while let Some(IsWebhookId(found)) = members.next_key()? {
-                if found {
-                    *self.0 = Some(members.next_value()?);
-                    return Ok(());
-                }
-                members.next_value::<IgnoredAny>()?;
-            }
-            Ok(())
-        }
-    }
-    let mut webhook = None;
-    // Stopping at the member leaves the object's end unread, which the parser then reports as an
-    // error: what was found before is kept all the same.
-    let _ = serde_json::Deserializer::from_str(&delivery.body).deserialize_map(UpToWebhookId(&mut webhook));
-    webhook
+    str_member(&delivery.body, &["webhookId"])
 }
 
 pub(crate) struct SqliteDeliveries {
