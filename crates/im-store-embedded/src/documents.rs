@@ -144,6 +144,7 @@ impl Documents {
                 {
                     return Err(DomainError::PreconditionFailed);
                 }
+                let rows = events_to_record(tx, rows)?;
                 let etag = insert(tx, container, &pk, &id, &body, expiry(now, ttl), None, now)?;
                 record_events(tx, rows)?;
                 Ok(etag)
@@ -298,6 +299,7 @@ impl Documents {
             .db
             .write(move |tx| {
                 check_current(tx, container, resource, &pk, &id, if_match.as_ref(), now)?;
+                let rows = events_to_record(tx, rows)?;
                 let etag = if new_pk == pk {
                     let etag = new_etag();
                     tx.prepare_cached(
@@ -337,6 +339,7 @@ impl Documents {
         self.db
             .write(move |tx| {
                 check_current(tx, container, resource, &pk, &id, if_match.as_ref(), now)?;
+                let rows = events_to_record(tx, rows)?;
                 remove(tx, container, &pk, &id)?;
                 record_events(tx, rows)
             })
@@ -474,8 +477,7 @@ fn page_sql(query: Query, after: Option<String>, now: i64, columns: &str) -> (St
 /// An event for the outbox table.
 pub(crate) struct OutboxRow {
     id: String,
-    /// The event, JSON.
-    body: String,
+    body: OutboxBody,
     /// Recorded at, in unix milliseconds.
     at: i64,
     /// Written only if this tenant has a webhook endpoint at the write: the event's readers
@@ -486,6 +488,28 @@ pub(crate) struct OutboxRow {
     hand_off: Option<Arc<OutboxHandoff>>,
 }
 
+/// An outbox row's event: written out before the write when it is written whatever the write
+/// finds, else only once the write has found it is to be written (an event for a tenant without
+/// webhook endpoints, which most are, is then never written out).
+enum OutboxBody {
+    Text(String),
+    Later(DomainEvent),
+}
+
+impl OutboxBody {
+    fn into_text(self) -> Result<String, DomainError> {
+        match self {
+            Self::Text(text) => Ok(text),
+            Self::Later(event) => encode_event(&event),
+        }
+    }
+}
+
+/// The outbox's JSON text of `event`.
+fn encode_event(event: &DomainEvent) -> Result<String, DomainError> {
+    serde_json::to_string(event).map_err(|err| DomainError::Unexpected(anyhow::Error::new(err).context("encoding an event")))
+}
+
 impl Documents {
     /// The outbox rows of `events`.
     pub(crate) fn outbox_rows(&self, events: &[DomainEvent]) -> Result<Vec<OutboxRow>, DomainError> {
@@ -494,9 +518,11 @@ impl Documents {
         events
             .iter()
             .map(|e| {
-                let body = serde_json::to_string(e)
-                    .map_err(|err| DomainError::Unexpected(anyhow::Error::new(err).context("encoding an event")))?;
                 let needs_webhooks_of = readers.filter(|r| r.only_for_tenants_with_webhooks(e.event_type)).map(|_| e.tenant_id.to_string());
+                let body = match needs_webhooks_of {
+                    Some(_) => OutboxBody::Later(e.clone()),
+                    None => OutboxBody::Text(encode_event(e)?),
+                };
                 let at = (e.time.unix_timestamp_nanos() / 1_000_000) as i64;
                 Ok(OutboxRow { id: e.id.to_string(), body, at, needs_webhooks_of, event_id: e.id, hand_off: handoff.cloned() })
             })
@@ -504,32 +530,44 @@ impl Documents {
     }
 }
 
-/// Writes the rows to the outbox, but not an event whose readers act on it only for tenants
-/// with webhook endpoints when its tenant has none (seen in this transaction, so an endpoint
-/// committed before it is seen, and one committed after it receives only later events). A row
-/// is written claimed for the relay it is handed to when that has room, else unclaimed.
-fn record_events(tx: &Transaction<'_>, rows: Vec<OutboxRow>) -> Result<(), DomainError> {
-    for row in rows {
+/// The rows to write to the outbox, each with its text: not an event whose readers act on it
+/// only for tenants with webhook endpoints when its tenant has none (seen in this transaction,
+/// so an endpoint committed before it is seen, and one committed after it receives only later
+/// events). Changes nothing: a write calls it before its first change, so that an event that
+/// cannot be written out fails the write alone.
+fn events_to_record(tx: &Transaction<'_>, rows: Vec<OutboxRow>) -> Result<Vec<(OutboxRow, String)>, DomainError> {
+    let mut ready = Vec::with_capacity(rows.len());
+    for mut row in rows {
         if let Some(tenant) = &row.needs_webhooks_of
             && !has_webhooks(tx, tenant)?
         {
             continue;
         }
+        let body = std::mem::replace(&mut row.body, OutboxBody::Text(String::new())).into_text()?;
+        ready.push((row, body));
+    }
+    Ok(ready)
+}
+
+/// Writes the rows [`events_to_record`] kept to the outbox. A row is written claimed for the
+/// relay it is handed to when that has room, else unclaimed.
+fn record_events(tx: &Transaction<'_>, rows: Vec<(OutboxRow, String)>) -> Result<(), DomainError> {
+    for (row, body) in rows {
         let handed = row.hand_off.and_then(|to| Some((to.reserve(crate::handoff::now_ms())?, to)));
         match handed {
             Some((until, to)) => {
                 let inserted = tx
                     .prepare_cached("INSERT INTO outbox (id, body, created_at, claimed_by, claimed_until) VALUES (?1, ?2, ?3, ?4, ?5)")
-                    .and_then(|mut s| s.execute(params![row.id, row.body, row.at, to.owner(), until]));
+                    .and_then(|mut s| s.execute(params![row.id, body, row.at, to.owner(), until]));
                 if let Err(e) = inserted {
                     to.done(1);
                     return Err(map_sqlite(e));
                 }
-                crate::handoff::note(&to, crate::HandedEvent { id: row.event_id, body: row.body, claimed_until_ms: until });
+                crate::handoff::note(&to, crate::HandedEvent { id: row.event_id, body, claimed_until_ms: until });
             }
             None => {
                 tx.prepare_cached("INSERT INTO outbox (id, body, created_at) VALUES (?1, ?2, ?3)")
-                    .and_then(|mut s| s.execute(params![row.id, row.body, row.at]))
+                    .and_then(|mut s| s.execute(params![row.id, body, row.at]))
                     .map_err(map_sqlite)?;
                 crate::db::note_outbox_write();
             }

@@ -717,7 +717,8 @@ async fn events_only_the_webhook_fan_out_reads_need_a_tenant_with_webhooks() {
     let create = async |tenant: &im_domain::TenantId, event_type: EventType| {
         let integration = im_testkit::integrations::integration(tenant, "github");
         let event = im_testkit::outbox::event(tenant, event_type, &integration.id.to_string());
-        integrations.create(&integration, &[event]).await.unwrap();
+        integrations.create(&integration, std::slice::from_ref(&event)).await.unwrap();
+        event
     };
     let tenant = im_testkit::fresh_tenant();
     // The relay is woken after each commit that wrote an event, and after no other.
@@ -742,9 +743,12 @@ async fn events_only_the_webhook_fan_out_reads_need_a_tenant_with_webhooks() {
 
     store.documents().create(containers::WEBHOOKS, tenant.to_string(), "wh-1".into(), "{}".into(), None).await.unwrap();
     assert_eq!(wakes(), 2, "a write without events wakes nobody");
-    create(&tenant, EventType::IntegrationCreated).await;
+    let event = create(&tenant, EventType::IntegrationCreated).await;
     assert_eq!(pending().await, 3, "the tenant has an endpoint now: written");
     assert_eq!(wakes(), 3);
+    // Written out in the write (once the endpoint was seen): the event as it was made.
+    let recorded = outbox.pending(10).await.unwrap();
+    assert_eq!(recorded.iter().find(|e| e.id == event.id), Some(&event));
     create(&im_testkit::fresh_tenant(), EventType::IntegrationCreated).await;
     assert_eq!(pending().await, 3, "another tenant's endpoint does not count");
     assert_eq!(wakes(), 3);
