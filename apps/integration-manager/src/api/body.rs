@@ -37,8 +37,15 @@ static REGISTRY: LazyLock<Result<jsonschema::Registry<'static>, String>> = LazyL
         .map_err(|e| e.to_string())
 });
 
-/// Compiled validators by schema name.
-static VALIDATORS: LazyLock<RwLock<HashMap<String, Arc<Validator>>>> = LazyLock::new(RwLock::default);
+/// What a body is read with, by schema name: built once a schema.
+static VALIDATORS: LazyLock<RwLock<HashMap<String, Arc<BodySchema>>>> = LazyLock::new(RwLock::default);
+
+/// A DTO's schema, compiled, and the fields it marks `readOnly` (found once, not looked up in
+/// the document at every body).
+struct BodySchema {
+    validator: Validator,
+    read_only: Vec<String>,
+}
 
 /// A DTO read from a body, with the value problems found by its schema. The caller merges those
 /// with the domain's own checks (so one answer lists every field) and writes nothing unless both
@@ -73,19 +80,23 @@ impl<T> Checked<T> {
     }
 }
 
-fn validator(name: &str) -> Result<Arc<Validator>, ApiError> {
+fn validator(name: &str) -> Result<Arc<BodySchema>, ApiError> {
     if let Some(found) = VALIDATORS.read().unwrap_or_else(|p| p.into_inner()).get(name) {
         return Ok(found.clone());
     }
     let broken =
         |e: &dyn std::fmt::Display| ApiError::Domain(DomainError::Unexpected(anyhow::anyhow!("the schema {name} does not compile: {e}")));
     let registry = REGISTRY.as_ref().map_err(|e| broken(e))?;
-    let compiled = jsonschema::options()
+    let validator = jsonschema::options()
         .with_draft(jsonschema::Draft::Draft202012)
         .with_registry(registry)
         .build(&json!({"$ref": format!("{DOCUMENT_URI}#/components/schemas/{name}")}))
         .map_err(|e| broken(&e))?;
-    let compiled = Arc::new(compiled);
+    let read_only = DOCUMENT["components"]["schemas"][name]["properties"]
+        .as_object()
+        .map(|properties| properties.iter().filter(|(_, p)| p["readOnly"] == true).map(|(field, _)| field.clone()).collect())
+        .unwrap_or_default();
+    let compiled = Arc::new(BodySchema { validator, read_only });
     VALIDATORS.write().unwrap_or_else(|p| p.into_inner()).insert(name.to_owned(), compiled.clone());
     // What this build freed on this thread goes back now: the first build, which also made the
     // document and its registry, freed about 7 MB.
@@ -302,10 +313,9 @@ fn structural(found: Vec<FieldViolation>) -> ApiError {
 
 /// `body` without the fields its schema marks `readOnly` (a resource's own fields, sent back by
 /// a client that read them: accepted, checked for their type, and ignored).
-fn without_read_only<T: ToSchema>(mut body: Value) -> Value {
-    let properties = DOCUMENT["components"]["schemas"][T::name().as_ref()]["properties"].as_object();
-    if let (Some(object), Some(properties)) = (body.as_object_mut(), properties) {
-        object.retain(|field, _| !properties.get(field).is_some_and(|p| p["readOnly"] == true));
+fn without_read_only(mut body: Value, read_only: &[String]) -> Value {
+    if let (Some(object), false) = (body.as_object_mut(), read_only.is_empty()) {
+        object.retain(|field, _| !read_only.contains(field));
     }
     body
 }
@@ -341,7 +351,8 @@ pub fn parse<T: DeserializeOwned + ToSchema>(mut body: Value) -> Result<Checked<
         return Err(ApiError::Malformed(format!("the body must be a JSON object, not {}", type_name(&body))));
     }
     whole_numbers_as_integers(&mut body);
-    let validator = validator(&T::name())?;
+    let schema = validator(&T::name())?;
+    let validator = &schema.validator;
     let mut found = Vec::new();
     // Most bodies are valid: the short-circuiting check is far cheaper than collecting errors.
     if !validator.is_valid(&body) {
@@ -351,7 +362,7 @@ pub fn parse<T: DeserializeOwned + ToSchema>(mut body: Value) -> Result<Checked<
     if found.iter().any(|v| v.kind.is_structural()) {
         return Err(structural(found));
     }
-    match serde_path_to_error::deserialize::<_, T>(without_read_only::<T>(body)) {
+    match serde_path_to_error::deserialize::<_, T>(without_read_only(body, &schema.read_only)) {
         Ok(value) => Ok(Checked { value, violations: found.into_iter().collect() }),
         Err(e) => {
             // The schema let through what the type refuses (a format the schema only annotates,
@@ -411,6 +422,18 @@ mod tests {
         assert_eq!(released(), 1);
         validator(name).unwrap();
         assert_eq!(released(), 1);
+    }
+
+    /// A schema's read-only fields are found when it is built, and a body keeps every other field.
+    #[test]
+    fn a_schemas_read_only_fields_are_dropped_from_a_body() {
+        let schema = validator("IntegrationInput").unwrap();
+        let mut found = schema.read_only.clone();
+        found.sort();
+        assert_eq!(found, ["createdAt", "createdBy", "id", "tenantId", "updatedAt", "updatedBy"]);
+        let body = json!({"name": "x", "id": "1", "createdAt": null, "config": {"id": "kept"}});
+        assert_eq!(without_read_only(body, &schema.read_only), json!({"name": "x", "config": {"id": "kept"}}));
+        assert!(validator("AuthorizeInput").unwrap().read_only.is_empty(), "a schema without read-only fields");
     }
 
     #[test]
