@@ -474,10 +474,9 @@ fn page_sql(query: Query, after: Option<String>, now: i64, columns: &str) -> (St
     (sql, args)
 }
 
-/// An event for the outbox table.
+/// An event for the outbox table, with its text ([`OutboxBody`]) beside it.
 pub(crate) struct OutboxRow {
     id: String,
-    body: OutboxBody,
     /// Recorded at, in unix milliseconds.
     at: i64,
     /// Written only if this tenant has a webhook endpoint at the write: the event's readers
@@ -491,7 +490,7 @@ pub(crate) struct OutboxRow {
 /// An outbox row's event: written out before the write when it is written whatever the write
 /// finds, else only once the write has found it is to be written (an event for a tenant without
 /// webhook endpoints, which most are, is then never written out).
-enum OutboxBody {
+pub(crate) enum OutboxBody {
     Text(String),
     Later(DomainEvent),
 }
@@ -512,7 +511,7 @@ fn encode_event(event: &DomainEvent) -> Result<String, DomainError> {
 
 impl Documents {
     /// The outbox rows of `events`.
-    pub(crate) fn outbox_rows(&self, events: &[DomainEvent]) -> Result<Vec<OutboxRow>, DomainError> {
+    pub(crate) fn outbox_rows(&self, events: &[DomainEvent]) -> Result<Vec<(OutboxRow, OutboxBody)>, DomainError> {
         let readers = self.db.event_readers();
         let handoff = self.db.handoff();
         events
@@ -524,7 +523,7 @@ impl Documents {
                     None => OutboxBody::Text(encode_event(e)?),
                 };
                 let at = (e.time.unix_timestamp_nanos() / 1_000_000) as i64;
-                Ok(OutboxRow { id: e.id.to_string(), body, at, needs_webhooks_of, event_id: e.id, hand_off: handoff.cloned() })
+                Ok((OutboxRow { id: e.id.to_string(), at, needs_webhooks_of, event_id: e.id, hand_off: handoff.cloned() }, body))
             })
             .collect()
     }
@@ -535,16 +534,15 @@ impl Documents {
 /// so an endpoint committed before it is seen, and one committed after it receives only later
 /// events). Changes nothing: a write calls it before its first change, so that an event that
 /// cannot be written out fails the write alone.
-fn events_to_record(tx: &Transaction<'_>, rows: Vec<OutboxRow>) -> Result<Vec<(OutboxRow, String)>, DomainError> {
+fn events_to_record(tx: &Transaction<'_>, rows: Vec<(OutboxRow, OutboxBody)>) -> Result<Vec<(OutboxRow, String)>, DomainError> {
     let mut ready = Vec::with_capacity(rows.len());
-    for mut row in rows {
+    for (row, body) in rows {
         if let Some(tenant) = &row.needs_webhooks_of
             && !has_webhooks(tx, tenant)?
         {
             continue;
         }
-        let body = std::mem::replace(&mut row.body, OutboxBody::Text(String::new())).into_text()?;
-        ready.push((row, body));
+        ready.push((row, body.into_text()?));
     }
     Ok(ready)
 }
