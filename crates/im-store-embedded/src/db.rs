@@ -659,6 +659,7 @@ fn write_loop(
             }
         };
         let mut half_written = false;
+        crate::group_reads::begin();
         let completions: Vec<Completion> = group
             .into_iter()
             .map(|(writer, job)| {
@@ -673,6 +674,7 @@ fn write_loop(
                 complete
             })
             .collect();
+        crate::group_reads::end();
         let commit_error = if half_written {
             let error = "a write of its group failed after changing rows; the group was rolled back".to_owned();
             tracing::error!(rollback = ?tx.rollback().err(), "embedded database: {error}");

@@ -140,7 +140,8 @@ impl Documents {
             .db
             .write(move |tx| {
                 if let Some((provider, version)) = &required
-                    && provider_etag(tx, provider, now).map_err(map_sqlite)?.as_ref() != Some(version)
+                    && crate::group_reads::provider_etag(provider, now, || provider_etag(tx, provider, now).map_err(map_sqlite))?.as_ref()
+                        != Some(version)
                 {
                     return Err(DomainError::PreconditionFailed);
                 }
@@ -220,6 +221,7 @@ impl Documents {
                             Err(e @ (DomainError::NotFound { .. } | DomainError::PreconditionFailed)) => Err(e),
                             Err(e) => return Err(e),
                             Ok(()) => {
+                                crate::group_reads::changed(Some(container));
                                 let etag = new_etag();
                                 tx.prepare_cached(
                                     "UPDATE documents SET etag = ?4, body = ?5, expires_at = NULL, hold_until = NULL \
@@ -248,7 +250,7 @@ impl Documents {
     /// without reading its body.
     pub async fn provider_etag(&self, id: String) -> Result<Option<ETag>, DomainError> {
         let now = self.db.now();
-        self.db.read(move |conn| provider_etag(conn, &id, now)).await
+        Ok(self.db.read(move |conn| provider_etag(conn, &id, now)).await?.map(|(etag, _)| etag))
     }
 
     /// Replaces a document, optionally moving it to partition `new_pk`, conditionally on
@@ -301,6 +303,7 @@ impl Documents {
                 check_current(tx, container, resource, &pk, &id, if_match.as_ref(), now)?;
                 let rows = events_to_record(tx, rows)?;
                 let etag = if new_pk == pk {
+                    crate::group_reads::changed(Some(container));
                     let etag = new_etag();
                     tx.prepare_cached(
                         "UPDATE documents SET etag = ?4, body = ?5, expires_at = ?6, hold_until = ?7 \
@@ -422,6 +425,7 @@ impl Documents {
         let now = self.db.now();
         self.db
             .write(move |tx| {
+                crate::group_reads::changed(None);
                 tx.execute("DELETE FROM documents WHERE expires_at IS NOT NULL AND expires_at <= ?1", [now]).map_err(map_sqlite)
             })
             .await
@@ -538,7 +542,7 @@ fn events_to_record(tx: &Transaction<'_>, rows: Vec<(OutboxRow, OutboxBody)>) ->
     let mut ready = Vec::with_capacity(rows.len());
     for (row, body) in rows {
         if let Some(tenant) = &row.needs_webhooks_of
-            && !has_webhooks(tx, tenant)?
+            && !crate::group_reads::has_webhooks(tenant, || has_webhooks(tx, tenant))?
         {
             continue;
         }
@@ -587,17 +591,17 @@ fn has_webhooks(tx: &Transaction<'_>, tenant: &str) -> Result<bool, DomainError>
 // condition names the container as a literal, and so do the statements below, which SQLite
 // serves from it only when their text implies that condition (a bound container would not).
 
-/// The concurrency token of the live provider `?1`, in any category (`?2`: now).
-const PROVIDER_ETAG: &str = "SELECT etag FROM documents WHERE container = 'integration_providers' AND id = ?1 \
+/// The concurrency token and expiry of the live provider `?1`, in any category (`?2`: now).
+const PROVIDER_ETAG: &str = "SELECT etag, expires_at FROM documents WHERE container = 'integration_providers' AND id = ?1 \
      AND (expires_at IS NULL OR expires_at > ?2) LIMIT 1";
 
 /// The live provider `?1`, in any category (`?2`: now).
 const FIND_PROVIDER: &str = "SELECT pk, etag, body FROM documents WHERE container = 'integration_providers' AND id = ?1 \
      AND (expires_at IS NULL OR expires_at > ?2) LIMIT 1";
 
-/// The concurrency token of the live provider `id`, in any category.
-fn provider_etag(conn: &rusqlite::Connection, id: &str, now: i64) -> rusqlite::Result<Option<ETag>> {
-    conn.prepare_cached(PROVIDER_ETAG)?.query_row(params![id, now], |r| Ok(ETag::new(r.get::<_, String>(0)?))).optional()
+/// The concurrency token and expiry of the live provider `id`, in any category.
+fn provider_etag(conn: &rusqlite::Connection, id: &str, now: i64) -> rusqlite::Result<crate::group_reads::LiveProvider> {
+    conn.prepare_cached(PROVIDER_ETAG)?.query_row(params![id, now], |r| Ok((ETag::new(r.get::<_, String>(0)?), r.get(1)?))).optional()
 }
 
 /// The live provider `id`, in any category.
@@ -623,6 +627,7 @@ pub(crate) fn insert(
     hold: Option<&str>,
     now: i64,
 ) -> Result<ETag, DomainError> {
+    crate::group_reads::changed(Some(container));
     let etag = new_etag();
     let add = || {
         tx.prepare_cached(
@@ -670,6 +675,7 @@ fn check_current(
 }
 
 fn remove(tx: &Transaction<'_>, container: &str, pk: &str, id: &str) -> Result<(), DomainError> {
+    crate::group_reads::changed(Some(container));
     tx.prepare_cached("DELETE FROM documents WHERE container = +?1 AND pk = ?2 AND id = ?3")
         .and_then(|mut s| s.execute(params![container, pk, id]))
         .map_err(map_sqlite)?;

@@ -688,6 +688,18 @@ async fn idempotency_records_pass_the_conformance_suite() {
     im_testkit::idempotency::service(store.idempotency()).await;
 }
 
+/// The deliverable events are read by the webhook fan-out alone; `sync.task.paused` by someone
+/// else too.
+struct FanOutReads;
+impl im_domain::ports::EventReaders for FanOutReads {
+    fn reads(&self, _: im_domain::events::EventType) -> bool {
+        true
+    }
+    fn only_for_tenants_with_webhooks(&self, event_type: im_domain::events::EventType) -> bool {
+        im_domain::webhooks::endpoint::DELIVERABLE.contains(&event_type) && event_type != im_domain::events::EventType::SyncTaskPaused
+    }
+}
+
 /// Told who reads the events, the store does not write an event that only the webhook fan-out
 /// reads when its tenant has no webhook endpoint at the write; it writes it once the tenant has
 /// one, and always writes the events something else reads. The relay is woken after the
@@ -695,20 +707,6 @@ async fn idempotency_records_pass_the_conformance_suite() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_only_the_webhook_fan_out_reads_need_a_tenant_with_webhooks() {
     use im_domain::events::EventType;
-    use im_domain::ports::EventReaders;
-    use im_domain::webhooks::endpoint::DELIVERABLE;
-
-    /// The deliverable events are read by the webhook fan-out alone; `sync.task.paused` by
-    /// someone else too.
-    struct FanOutReads;
-    impl EventReaders for FanOutReads {
-        fn reads(&self, _: EventType) -> bool {
-            true
-        }
-        fn only_for_tenants_with_webhooks(&self, event_type: EventType) -> bool {
-            DELIVERABLE.contains(&event_type) && event_type != EventType::SyncTaskPaused
-        }
-    }
 
     let dir = tempfile::tempdir().unwrap();
     let store = store(dir.path()).await;
@@ -752,6 +750,83 @@ async fn events_only_the_webhook_fan_out_reads_need_a_tenant_with_webhooks() {
     create(&im_testkit::fresh_tenant(), EventType::IntegrationCreated).await;
     assert_eq!(pending().await, 3, "another tenant's endpoint does not count");
     assert_eq!(wakes(), 3);
+}
+
+/// The writes of one group read whether a tenant has an endpoint, and a provider's version,
+/// once: a write of the group that changes either (an endpoint created, a provider replaced) is
+/// seen by the group's later writes, and a change committed by another connection between two
+/// groups by the next group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_writes_of_a_group_see_what_the_group_and_others_changed() {
+    use im_domain::events::EventType;
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(dir.path()).await;
+    store.write_events_for(Arc::new(FanOutReads));
+    let (integrations, providers, outbox, docs) = (store.integrations(), store.providers(), store.outbox(), store.documents());
+    let written = async |event: &im_domain::events::DomainEvent| outbox.pending(100).await.unwrap().iter().any(|e| e.id == event.id);
+    let provider_id = format!("grouped-{}", uuid::Uuid::now_v7().simple());
+    let provider = im_testkit::providers::provider(&provider_id, "grouped", im_domain::provider::AuthMode::Bearer);
+    let first = providers.create(&provider).await.unwrap();
+    let tenant = im_testkit::fresh_tenant();
+    let made = |tenant: &im_domain::TenantId| {
+        let integration = im_testkit::integrations::integration(tenant, &provider_id);
+        let event = im_testkit::outbox::event(tenant, EventType::IntegrationCreated, &integration.id.to_string());
+        (integration, event)
+    };
+
+    // The writer held by a write that waits, so that the writes submitted meanwhile make one
+    // group, in the order they were submitted (each is submitted at its first poll).
+    let (started, running) = std::sync::mpsc::channel();
+    let (release, held) = std::sync::mpsc::channel::<()>();
+    let holding = store.documents();
+    let holder = tokio::spawn(async move {
+        holding
+            .transaction(move |_, _| {
+                started.send(()).unwrap();
+                held.recv().unwrap();
+                Ok(())
+            })
+            .await
+    });
+    tokio::task::spawn_blocking(move || running.recv().unwrap()).await.unwrap();
+    let ((a, a_event), (b, b_event), (c, c_event)) = (made(&tenant), made(&tenant), made(&tenant));
+    let mut create_a = std::pin::pin!(integrations.create_for_provider(&a, &first, std::slice::from_ref(&a_event)));
+    let mut endpoint = std::pin::pin!(docs.create(containers::WEBHOOKS, tenant.to_string(), "wh-1".into(), "{}".into(), None));
+    let mut create_b = std::pin::pin!(integrations.create_for_provider(&b, &first, std::slice::from_ref(&b_event)));
+    let mut replaced = std::pin::pin!(providers.replace(&provider, Some(first.clone())));
+    let mut create_c = std::pin::pin!(integrations.create_for_provider(&c, &first, std::slice::from_ref(&c_event)));
+    assert!(tokio::time::timeout(Duration::ZERO, &mut create_a).await.is_err(), "submitted, waiting");
+    assert!(tokio::time::timeout(Duration::ZERO, &mut endpoint).await.is_err());
+    assert!(tokio::time::timeout(Duration::ZERO, &mut create_b).await.is_err());
+    assert!(tokio::time::timeout(Duration::ZERO, &mut replaced).await.is_err());
+    assert!(tokio::time::timeout(Duration::ZERO, &mut create_c).await.is_err());
+    release.send(()).unwrap();
+    holder.await.unwrap().unwrap();
+    create_a.await.expect("the provider's version when the group began");
+    endpoint.await.unwrap();
+    create_b.await.expect("the provider unchanged yet");
+    let second = replaced.await.unwrap();
+    let err = create_c.await.expect_err("the provider was replaced earlier in the group");
+    assert!(matches!(err, im_domain::DomainError::PreconditionFailed), "{err:?}");
+    assert!(!written(&a_event).await, "no endpoint yet when it was written");
+    assert!(written(&b_event).await, "the endpoint created earlier in the group is seen");
+
+    // Another connection (another process, say) creates an endpoint between two groups.
+    let other = im_testkit::fresh_tenant();
+    let (d, d_event) = made(&other);
+    integrations.create_for_provider(&d, &second, std::slice::from_ref(&d_event)).await.unwrap();
+    assert!(!written(&d_event).await);
+    let conn = rusqlite::Connection::open(store.path()).unwrap();
+    conn.busy_timeout(Duration::from_secs(5)).unwrap();
+    conn.execute(
+        "INSERT INTO documents (container, pk, id, etag, body) VALUES (?1, ?2, 'wh-2', 'e', '{}')",
+        rusqlite::params![containers::WEBHOOKS, other.to_string()],
+    )
+    .unwrap();
+    let (e, e_event) = made(&other);
+    integrations.create_for_provider(&e, &second, std::slice::from_ref(&e_event)).await.unwrap();
+    assert!(written(&e_event).await, "the endpoint another connection committed is seen");
 }
 
 /// With a relay told (`hand_off_events`), an event committed is handed to it in memory and its
