@@ -435,6 +435,24 @@ pub fn validate_redirect_url(value: &str, allow_http: bool) -> Result<(), FieldV
     }
 }
 
+/// The length in bytes of `value`'s JSON text, counted as it is written out and kept nowhere
+/// (`usize::MAX` if it cannot be written out): a size limit is judged on the text the value is
+/// stored and sent as, without allocating it.
+pub fn json_len(value: &impl Serialize) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0 += bytes.len();
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    serde_json::to_writer(&mut count, value).map_or(usize::MAX, |()| count.0)
+}
+
 /// Checks a human-readable text: trimmed, within `max` characters and free of control characters.
 pub fn validate_text(value: &str, min: usize, max: usize) -> Result<(), FieldViolation> {
     let chars = value.chars().count();
@@ -456,6 +474,27 @@ pub fn validate_text(value: &str, min: usize, max: usize) -> Result<(), FieldVio
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_json_length_is_that_of_the_text_written_out() {
+        let values = [
+            serde_json::json!({}),
+            serde_json::json!({"organization": "acme", "repositories": ["acme/api", "acme/web"], "n": 1.5, "none": null}),
+            serde_json::json!("quote \" backslash \\ control \u{1} é 😀"),
+            serde_json::json!([true, false, -12, 18_446_744_073_709_551_615_u64]),
+        ];
+        for value in values {
+            assert_eq!(json_len(&value), serde_json::to_string(&value).unwrap().len(), "{value}");
+        }
+        /// A value that cannot be written out is beyond every limit.
+        struct Unwritable;
+        impl Serialize for Unwritable {
+            fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+                Err(serde::ser::Error::custom("no"))
+            }
+        }
+        assert_eq!(json_len(&Unwritable), usize::MAX);
+    }
 
     #[test]
     fn json_texts_keep_each_text_apart() {

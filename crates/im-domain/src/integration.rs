@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use time::OffsetDateTime;
 
-use crate::common::{IntegrationId, TenantId, UserId, validate_text};
+use crate::common::{IntegrationId, TenantId, UserId, json_len, validate_text};
 use crate::custom::CustomApiDefinition;
 use crate::error::{DomainError, Violations};
 use crate::provider::ProviderId;
@@ -118,7 +118,7 @@ impl IntegrationSpec {
         if self.status == Some(IntegrationStatus::Error) && previous_status != Some(IntegrationStatus::Error) {
             v.invalid("status", "'error' is set by the service; use 'active' or 'inactive'");
         }
-        if serde_json::to_vec(&self.config).map_or(usize::MAX, |b| b.len()) > MAX_CONFIG_BYTES {
+        if json_len(&self.config) > MAX_CONFIG_BYTES {
             v.invalid("config", format!("must be at most {MAX_CONFIG_BYTES} bytes"));
         }
         match (&self.custom_definition, self.provider_id.is_custom()) {

@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use time::OffsetDateTime;
 
-use crate::common::{validate_text, validate_url};
+use crate::common::{json_len, validate_text, validate_url};
 use std::collections::BTreeMap;
 
 use crate::custom::{
@@ -214,7 +214,7 @@ impl BodyExpectation {
         if !self.pointer.starts_with('/') || self.pointer.len() > 256 || self.pointer.chars().any(char::is_control) {
             v.invalid("pointer", "must be a JSON pointer such as /ok, at most 256 characters");
         }
-        if self.equals.is_array() || self.equals.is_object() || self.equals.to_string().len() > 256 {
+        if self.equals.is_array() || self.equals.is_object() || json_len(&self.equals) > 256 {
             v.invalid("equals", "must be a string, number, boolean or null of at most 256 bytes of JSON");
         }
         v
@@ -231,7 +231,7 @@ impl VerificationRequest {
         let mut v = self.template().violations(&[HttpMethod::Get, HttpMethod::Post], false, false);
         match &self.body {
             Some(_) if self.method != HttpMethod::Post => v.invalid("body", "is only sent with POST"),
-            Some(body) if body.to_string().len() > 4096 => v.invalid("body", "must be at most 4096 bytes of JSON"),
+            Some(body) if json_len(body) > 4096 => v.invalid("body", "must be at most 4096 bytes of JSON"),
             _ => {}
         }
         if let Some(expect) = &self.expect {

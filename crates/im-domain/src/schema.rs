@@ -16,7 +16,7 @@ pub fn compile_config_schema(schema: &Value) -> Result<jsonschema::Validator, Ve
     let Some(object) = schema.as_object() else {
         return Err(vec![FieldViolation::invalid("", "must be a JSON Schema object")]);
     };
-    if serde_json::to_vec(schema).map_or(usize::MAX, |b| b.len()) > MAX_SCHEMA_BYTES {
+    if crate::common::json_len(schema) > MAX_SCHEMA_BYTES {
         return Err(vec![FieldViolation::invalid("", format!("must be at most {MAX_SCHEMA_BYTES} bytes"))]);
     }
     if object.get("type").and_then(Value::as_str) != Some("object") {

@@ -113,7 +113,7 @@ impl IntegrationService {
     /// version in the write.
     async fn validate(
         &self,
-        spec: &IntegrationSpec,
+        spec: &mut IntegrationSpec,
         previous_status: Option<IntegrationStatus>,
         stored: Option<Option<&IntegrationOAuth2App>>,
         trust_cache: bool,
@@ -125,16 +125,17 @@ impl IntegrationService {
             }
             app.check(&mut v, stored);
         }
-        let version = self.check_config(&spec.provider_id, &spec.config, &mut v, trust_cache).await?;
+        let version = self.check_config(&spec.provider_id, &mut spec.config, &mut v, trust_cache).await?;
         v.finish(|| version)
     }
 
     /// Checks `config` against the config schema of the provider (none for a custom
     /// integration), adding what it breaks to `v`; returns the provider version checked against.
+    /// `config` is lent to the check as a JSON value, and is as it was when the check returns.
     async fn check_config(
         &self,
         provider: &ProviderId,
-        config: &serde_json::Map<String, Value>,
+        config: &mut serde_json::Map<String, Value>,
         v: &mut Violations,
         trust_cache: bool,
     ) -> Result<Option<ETag>, DomainError> {
@@ -143,12 +144,16 @@ impl IntegrationService {
         }
         match self.config_validator(provider, trust_cache).await {
             Ok((version, validator)) => {
-                let config = Value::Object(config.clone());
+                // Moved into a value and back rather than copied (no await in between).
+                let lent = Value::Object(std::mem::take(config));
                 // The short-circuiting check first: most configs are valid.
-                if !validator.is_valid(&config)
-                    && let Err(violations) = validate_against(&validator, &config, "config")
+                if !validator.is_valid(&lent)
+                    && let Err(violations) = validate_against(&validator, &lent, "config")
                 {
                     violations.into_iter().for_each(|violation| v.push(violation));
+                }
+                if let Value::Object(map) = lent {
+                    *config = map;
                 }
                 Ok(Some(version))
             }
@@ -174,7 +179,7 @@ impl IntegrationService {
     /// # Errors
     /// `Validation` listing every offending field; `Unavailable` when the catalog cannot be read.
     pub async fn check(&self, spec: &IntegrationSpec) -> Result<(), DomainError> {
-        self.validate(spec, None, None, false).await.map(|_| ())
+        self.validate(&mut spec.clone(), None, None, false).await.map(|_| ())
     }
 
     fn secret_store(&self) -> Result<&Arc<dyn SecretStore>, DomainError> {
@@ -256,15 +261,15 @@ impl IntegrationService {
     async fn create_unaudited(
         &self,
         caller: &Caller,
-        spec: IntegrationSpec,
+        mut spec: IntegrationSpec,
     ) -> Result<(Stored<Integration>, JsonText<Integration>), DomainError> {
         caller.require(Role::Member)?;
         // A store that checks the provider's version in the write lets the config be checked
         // with the schema compiled last, unread: a version changed since is caught by the write.
         let in_write = self.integrations.checks_provider_in_write();
-        let version = match Box::pin(self.validate(&spec, None, Some(None), in_write)).await {
+        let version = match Box::pin(self.validate(&mut spec, None, Some(None), in_write)).await {
             // Refused by a schema compiled earlier: judged by the provider's current version.
-            Err(DomainError::Validation(_)) if in_write => Box::pin(self.validate(&spec, None, Some(None), false)).await?,
+            Err(DomainError::Validation(_)) if in_write => Box::pin(self.validate(&mut spec, None, Some(None), false)).await?,
             other => other?,
         };
         let IntegrationSpec { provider_id, name, description, status, config, custom_definition, oauth2_app } = spec;
@@ -316,7 +321,7 @@ impl IntegrationService {
                     Err(DomainError::PreconditionFailed) if attempt < PROVIDER_CHANGED_ATTEMPTS => {
                         attempt += 1;
                         let mut v = Violations::new();
-                        version = Box::pin(self.check_config(&integration.provider_id, &integration.config, &mut v, false)).await?;
+                        version = Box::pin(self.check_config(&integration.provider_id, &mut integration.config, &mut v, false)).await?;
                         if let Err(e) = v.finish(|| ()) {
                             break Err(e);
                         }
@@ -411,7 +416,7 @@ impl IntegrationService {
         &self,
         caller: &Caller,
         id: IntegrationId,
-        spec: IntegrationSpec,
+        mut spec: IntegrationSpec,
         if_match: Option<&ETag>,
     ) -> Result<Stored<Integration>, DomainError> {
         caller.require(Role::Member)?;
@@ -430,7 +435,7 @@ impl IntegrationService {
             if token.is_some_and(|t| *t != current.etag) {
                 return Err(DomainError::PreconditionFailed);
             }
-            self.validate(&spec, Some(current.value.status), Some(current.value.oauth2_app.as_ref()), false).await?;
+            self.validate(&mut spec, Some(current.value.status), Some(current.value.oauth2_app.as_ref()), false).await?;
             let oauth2_app = match &spec.oauth2_app {
                 None => current.value.oauth2_app.clone(),
                 Some(app) if app.client_secret.is_none() => current.value.oauth2_app.clone(),
