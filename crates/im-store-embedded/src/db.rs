@@ -617,6 +617,8 @@ fn in_savepoint<R>(
             Ok(Ok(value))
         }
         Err(e) => {
+            // What the group kept of reads made after the write's changes would outlive them.
+            crate::group_reads::changed(None);
             run("ROLLBACK TO write").map_err(Rollback)?;
             run("RELEASE write").map_err(Rollback)?;
             Ok(Err(e))
@@ -926,6 +928,25 @@ fn checkpoint_pass(conn: &Connection) -> rusqlite::Result<Pass> {
 #[cfg(test)]
 mod tests {
     use super::{CATCH_UP_FRAMES, CatchUp, Pass};
+
+    /// A write rolled back to its savepoint leaves nothing the group kept of what it read after
+    /// its changes (an endpoint it created and then found, here).
+    #[test]
+    fn a_write_rolled_back_to_its_savepoint_leaves_no_read_of_its_changes_kept() {
+        let mut conn = rusqlite::Connection::open_in_memory().unwrap();
+        let tx = conn.transaction().unwrap();
+        crate::migrations::apply(&tx).unwrap();
+        let has = |tx: &rusqlite::Transaction<'_>| crate::group_reads::has_webhooks("t", || crate::documents::has_webhooks(tx, "t"));
+        crate::group_reads::begin();
+        let outcome = super::in_savepoint(&tx, |tx| {
+            crate::documents::insert(tx, crate::containers::WEBHOOKS, "t", "wh", "{}", None, None, 0)?;
+            assert!(has(tx)?, "its own endpoint, seen");
+            Err::<(), _>(im_domain::DomainError::PreconditionFailed)
+        });
+        assert!(matches!(outcome, Ok(Err(im_domain::DomainError::PreconditionFailed))));
+        assert!(!has(&tx).unwrap(), "rolled back: no endpoint");
+        crate::group_reads::end();
+    }
 
     fn pass(log: i64) -> Pass {
         Pass { log, copied: log }

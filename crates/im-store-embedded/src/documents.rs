@@ -579,7 +579,7 @@ fn record_events(tx: &Transaction<'_>, rows: Vec<(OutboxRow, String)>) -> Result
 }
 
 /// Whether the tenant has a webhook endpoint (enabled or not).
-fn has_webhooks(tx: &Transaction<'_>, tenant: &str) -> Result<bool, DomainError> {
+pub(crate) fn has_webhooks(tx: &Transaction<'_>, tenant: &str) -> Result<bool, DomainError> {
     tx.prepare_cached("SELECT EXISTS (SELECT 1 FROM documents WHERE container = +?1 AND pk = ?2)")
         .and_then(|mut s| s.query_row(params![crate::containers::WEBHOOKS, tenant], |r| r.get(0)))
         .map_err(map_sqlite)

@@ -8,8 +8,9 @@
 //! or another, commits meanwhile, and every read of the group sees the database as it was at
 //! the start plus the group's own changes. So a read kept here stays what the transaction would
 //! read again until a write of the group changes what it read: every change to a document of
-//! the containers read here forgets what was kept of that container ([`changed`]; a change
-//! rolled back to its savepoint leaves only a read forgotten, never a stale one kept). What is
+//! the containers read here forgets what was kept of that container ([`changed`]), and a write
+//! rolled back to its savepoint forgets all of it (a read made after its changes would outlive
+//! them). What is
 //! kept lives from the start of a group ([`begin`]) to its end ([`end`]), so the next group,
 //! after which another process may have committed, reads afresh. Outside a group (a
 //! migration, a reader connection, a test's own transaction) nothing is kept.
