@@ -595,10 +595,9 @@ fn http_server(settings: &Settings, state: web::Data<AppState>) -> anyhow::Resul
 /// handler's (checks, a read or a queued write), so a worker that the kernel preempts (for the
 /// clients on the same cores, for the writer thread) holds every connection it serves; with
 /// twice the threads each holds half as many and another one runs meanwhile. Measured on 2
-/// cores at 64 connections (docs/benchmarks.md, "A thirty-seventh machine"): GET by id from
-/// 142,000 to 171,000-184,000 requests/s with p99 from 2-3 ms to under 1 ms, creates 0.2-4.5%
-/// more in 5 of 5 pairs; three or six workers were between, eight worse; the bare handler
-/// itself answers fewer with four workers than with two.
+/// cores at 64 connections (docs/benchmarks.md, "A thirty-seventh machine"): GETs by id about
+/// 25% more a second and creates a few percent more than with one a core; three, six or eight
+/// workers did worse than four.
 fn default_workers(cores: usize) -> usize {
     cores.saturating_mul(2)
 }

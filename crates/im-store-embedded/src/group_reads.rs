@@ -10,9 +10,8 @@
 //! read again until a write of the group changes what it read: every change to a document of
 //! the containers read here forgets what was kept of that container ([`changed`]), and a write
 //! rolled back to its savepoint forgets all of it (a read made after its changes would outlive
-//! them). What is
-//! kept lives from the start of a group ([`begin`]) to its end ([`end`]), so the next group,
-//! after which another process may have committed, reads afresh. Outside a group (a
+//! them). What is kept lives from the start of a group ([`begin`]) to its end ([`end`]), so the
+//! next group, after which another process may have committed, reads afresh. Outside a group (a
 //! migration, a reader connection, a test's own transaction) nothing is kept.
 
 use std::cell::RefCell;
