@@ -939,7 +939,7 @@ mod tests {
         let has = |tx: &rusqlite::Transaction<'_>| crate::group_reads::has_webhooks("t", || crate::documents::has_webhooks(tx, "t"));
         crate::group_reads::begin();
         let outcome = super::in_savepoint(&tx, |tx| {
-            crate::documents::insert(tx, crate::containers::WEBHOOKS, "t", "wh", "{}", None, None, 0)?;
+            crate::documents::insert(tx, crate::containers::WEBHOOKS, "t", "wh", "{}", None, None, 0, crate::documents::new_etag())?;
             assert!(has(tx)?, "its own endpoint, seen");
             Err::<(), _>(im_domain::DomainError::PreconditionFailed)
         });

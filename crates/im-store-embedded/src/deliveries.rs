@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use crate::containers::{WEBHOOK_DELIVERIES, WEBHOOKS};
 use crate::db::{Db, map_sqlite};
-use crate::documents::{Doc, Documents, Query, expiry, insert, read_one};
+use crate::documents::{Doc, Documents, Query, expiry, insert, new_etag, read_one};
 use crate::support::{decode, encode};
 
 const RESOURCE: &str = "delivery";
@@ -382,7 +382,7 @@ impl SqliteDeliveries {
                 let mut webhooks: Vec<(Doc, u32)> = Vec::new();
                 let mut jobs = Vec::new();
                 for (pk, id, body, hold, due, leased, hand) in items {
-                    match insert(tx, WEBHOOK_DELIVERIES, &pk, &id, &body, expires_at, hold.as_deref(), now) {
+                    match insert(tx, WEBHOOK_DELIVERIES, &pk, &id, &body, expires_at, hold.as_deref(), now, new_etag()) {
                         Ok(etag) => {
                             if let Some(due) = due {
                                 match leased {
@@ -479,7 +479,7 @@ impl DeliveryRepository for SqliteDeliveries {
         let (pk, id, body, hold) = (delivery.tenant_id.to_string(), delivery.id.to_string(), encode(delivery)?, hold_of(delivery)?);
         self.docs
             .transaction(move |tx, now| {
-                insert(tx, WEBHOOK_DELIVERIES, &pk, &id, &body, expiry(now, Some(DELIVERY_TTL)), hold.as_deref(), now)
+                insert(tx, WEBHOOK_DELIVERIES, &pk, &id, &body, expiry(now, Some(DELIVERY_TTL)), hold.as_deref(), now, new_etag())
             })
             .await
     }

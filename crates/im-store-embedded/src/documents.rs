@@ -52,7 +52,7 @@ pub(crate) fn decode_token(token: &str) -> Result<String, DomainError> {
     text.strip_prefix(TOKEN_PREFIX).map(str::to_owned).ok_or_else(invalid_continuation)
 }
 
-fn new_etag() -> ETag {
+pub(crate) fn new_etag() -> ETag {
     ETag::new(uuid::Uuid::new_v4().simple().to_string())
 }
 
@@ -150,7 +150,7 @@ impl Documents {
                     return Err(DomainError::PreconditionFailed);
                 }
                 let ready = events_to_record(tx, &mut rows)?;
-                insert_as(tx, container, &pk, &id, &body, expiry(now, ttl), None, now, &etag)?;
+                let etag = insert(tx, container, &pk, &id, &body, expiry(now, ttl), None, now, etag)?;
                 record_events(tx, ready)?;
                 Ok((etag, (pk, id, body, required, rows)))
             })
@@ -217,7 +217,7 @@ impl Documents {
                 let mut outcomes = Vec::with_capacity(items.len());
                 for (id, body, if_match) in items {
                     let outcome = match if_match {
-                        None => match insert(tx, container, &pk, &id, &body, None, None, now) {
+                        None => match insert(tx, container, &pk, &id, &body, None, None, now, new_etag()) {
                             Err(DomainError::Conflict(m)) => Err(DomainError::Conflict(m)),
                             Err(e) => return Err(e),
                             Ok(etag) => Ok(etag),
@@ -319,7 +319,7 @@ impl Documents {
                     etag
                 } else {
                     remove(tx, container, &pk, &id)?;
-                    insert(tx, container, &new_pk, &id, &body, expiry(now, ttl), hold.as_deref(), now)?
+                    insert(tx, container, &new_pk, &id, &body, expiry(now, ttl), hold.as_deref(), now, new_etag())?
                 };
                 record_events(tx, rows)?;
                 then(tx)?;
@@ -543,6 +543,7 @@ impl Documents {
 /// so an endpoint committed before it is seen, and one committed after it receives only later
 /// events). Changes nothing: a write calls it before its first change, so that an event that
 /// cannot be written out fails the write alone.
+///
 /// The rows kept are taken out of `rows`; those left there are not to be written.
 fn events_to_record(tx: &Transaction<'_>, rows: &mut Vec<(OutboxRow, OutboxBody)>) -> Result<Vec<(OutboxRow, String)>, DomainError> {
     let mut ready = Vec::with_capacity(rows.len());
@@ -622,9 +623,10 @@ pub(crate) fn find_provider(conn: &rusqlite::Connection, id: &str, now: i64) -> 
         .optional()
 }
 
-/// Inserts a document inside a transaction; an expired document with the same key is replaced.
-/// `hold`: the end of the hold of a pending delivery, kept beside its body for the index of
-/// held deliveries (`None` for any other document).
+/// Inserts a document at version `etag` (made by the caller, most often with [`new_etag`])
+/// inside a transaction, and returns that version; an expired document with the same key is
+/// replaced. `hold`: the end of the hold of a pending delivery, kept beside its body for the
+/// index of held deliveries (`None` for any other document).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn insert(
     tx: &Transaction<'_>,
@@ -635,25 +637,8 @@ pub(crate) fn insert(
     expires_at: Option<i64>,
     hold: Option<&str>,
     now: i64,
+    etag: ETag,
 ) -> Result<ETag, DomainError> {
-    let etag = new_etag();
-    insert_as(tx, container, pk, id, body, expires_at, hold, now, &etag)?;
-    Ok(etag)
-}
-
-/// [`insert`] with the version `etag`.
-#[allow(clippy::too_many_arguments)]
-fn insert_as(
-    tx: &Transaction<'_>,
-    container: &str,
-    pk: &str,
-    id: &str,
-    body: &str,
-    expires_at: Option<i64>,
-    hold: Option<&str>,
-    now: i64,
-    etag: &ETag,
-) -> Result<(), DomainError> {
     crate::group_reads::changed(Some(container));
     let add = || {
         tx.prepare_cached(
@@ -675,7 +660,7 @@ fn insert_as(
             return Err(DomainError::Conflict(format!("a document with id '{id}' already exists")));
         }
     }
-    Ok(())
+    Ok(etag)
 }
 
 fn check_current(
@@ -767,9 +752,9 @@ mod tests {
             assert!(plan.contains(served), "{plan}");
         }
         for (category, id) in [("vcs", "github"), ("chat", "slack")] {
-            insert(&tx, crate::containers::PROVIDERS, category, id, "{}", None, None, 0).unwrap();
+            insert(&tx, crate::containers::PROVIDERS, category, id, "{}", None, None, 0, new_etag()).unwrap();
         }
-        insert(&tx, crate::containers::INTEGRATIONS, "tenant", "github", "{}", None, None, 0).unwrap();
+        insert(&tx, crate::containers::INTEGRATIONS, "tenant", "github", "{}", None, None, 0, new_etag()).unwrap();
         assert_eq!(find_provider(&tx, "github", 0).unwrap().map(|d| d.pk), Some("vcs".to_owned()));
         assert!(provider_etag(&tx, "slack", 0).unwrap().is_some());
         assert_eq!(provider_etag(&tx, "jira", 0).unwrap(), None);
@@ -794,7 +779,7 @@ mod tests {
             (crate::containers::PROVIDERS, "chat", "discord"),
             (crate::containers::INTEGRATIONS, "tenant", "asana"),
         ] {
-            insert(&tx, container, pk, id, "{}", None, None, 0).unwrap();
+            insert(&tx, container, pk, id, "{}", None, None, 0, new_etag()).unwrap();
         }
         let query = |pk: Option<&str>| Query {
             container: crate::containers::PROVIDERS,

@@ -9,7 +9,7 @@ use rusqlite::{OptionalExtension, params};
 
 use crate::containers::PROVIDERS;
 use crate::db::map_sqlite;
-use crate::documents::{Documents, Query, find_provider, insert};
+use crate::documents::{Documents, Query, find_provider, insert, new_etag};
 use crate::support::{decode, encode};
 
 const RESOURCE: &str = "provider";
@@ -44,7 +44,7 @@ impl ProviderRepository for SqliteProviders {
                 if find_provider(tx, &id, now).map_err(map_sqlite)?.is_some() {
                     return Err(DomainError::Conflict(format!("a provider with id '{id}' already exists")));
                 }
-                insert(tx, PROVIDERS, &pk, &id, &body, None, None, now)
+                insert(tx, PROVIDERS, &pk, &id, &body, None, None, now, new_etag())
             })
             .await
     }
@@ -129,7 +129,7 @@ impl ProviderRepository for SqliteProviders {
                     if find_provider(tx, &id, now).map_err(map_sqlite)?.is_some() {
                         report.skipped += 1;
                     } else {
-                        insert(tx, PROVIDERS, &pk, &id, &body, None, None, now)?;
+                        insert(tx, PROVIDERS, &pk, &id, &body, None, None, now, new_etag())?;
                         report.inserted += 1;
                     }
                 }
