@@ -461,7 +461,8 @@ impl DeliveryService {
     /// [`Self::requeue_ended_holds`] queues its job.
     pub async fn attempt_held(&self, held: HeldAttempt) -> Result<AttemptReport, DomainError> {
         let HeldAttempt { job, delivery, webhook } = held;
-        self.hold_and_send(&job, AttemptTrigger::Scheduled, delivery.value, delivery.etag, webhook).await
+        // Boxed, as each try of `attempt` is: this future is spawned as a task.
+        Box::pin(self.hold_and_send(&job, AttemptTrigger::Scheduled, delivery.value, delivery.etag, webhook)).await
     }
 
     /// Queues the job of each pending delivery whose hold ended [`ENDED_HOLD_GRACE`] ago or
@@ -564,7 +565,10 @@ impl DeliveryService {
     /// delivery, never two. When the queue lives in the store, a scheduled job must have been
     /// taken from it (leased for [`ATTEMPT_LEASE`]): that lease is the hold, so no hold is written.
     pub async fn attempt(&self, job: &DeliveryJob, trigger: AttemptTrigger) -> Result<AttemptReport, DomainError> {
-        retry(Backoff::immediate(CLAIM_TRIES), |_| self.claim_and_attempt(job, trigger), |_| std::future::ready(())).await
+        // Each try boxed: it holds the delivery, its endpoint and the futures of the send and
+        // the record (about 5 KB), and this future is what a dispatcher spawns as a task, which
+        // copied it whole when it started, at its first poll and when it ended.
+        retry(Backoff::immediate(CLAIM_TRIES), |_| Box::pin(self.claim_and_attempt(job, trigger)), |_| std::future::ready(())).await
     }
 
     /// One try of [`Self::attempt`]. Losing the race for the hold is the one failure worth
