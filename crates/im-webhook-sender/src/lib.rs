@@ -16,13 +16,13 @@
 //!
 //! Errors stored in delivery attempts name the class of a refused address, never an address.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use im_domain::HumanDuration;
+use im_domain::cache::{self, BoundedCache};
 use im_domain::webhooks::delivery::{ATTEMPT_LEASE, RESPONSE_EXCERPT_BYTES};
 use im_domain::webhooks::endpoint::{Cidr, UrlPolicy, UrlRefusal};
 use im_domain::webhooks::ports::{OutgoingRequest, SendResult, WebhookSender};
@@ -142,9 +142,9 @@ pub const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(ATTEMPT_LEASE.as_s
 /// host do not close and open connections between bursts.
 const IDLE_PER_HOST: usize = 256;
 
-/// Endpoint URLs whose judgement a sender keeps ([`Judged`]); past that it starts over. Each
-/// costs twice its text (the key and the parsed URL's): about 150 KB in all for URLs of 60
-/// characters, 4 MB at most ([`im_domain::webhooks::endpoint::MAX_URL_CHARS`]).
+/// Endpoint URLs whose judgement a sender keeps ([`Judged`]); a full cache evicts the least
+/// used. Each costs twice its text (the key and the parsed URL's): about 150 KB in all for URLs
+/// of 60 characters, 4 MB at most ([`im_domain::webhooks::endpoint::MAX_URL_CHARS`]).
 const JUDGED_URLS: usize = 1024;
 
 /// Sends webhook requests.
@@ -159,28 +159,24 @@ pub struct HttpWebhookSender {
 /// same for a URL as long as the policy is the same, which it is for the sender's life, so a
 /// URL is judged and parsed once, not at every attempt to it (that WHATWG parse, with the IDNA
 /// mapping of a host name, was about 1.5% of a delivery's instructions). A refused URL is judged
-/// again each time (its attempts end there). At most [`JUDGED_URLS`]: when full, it is emptied.
-#[derive(Default)]
-struct Judged(Mutex<HashMap<String, reqwest::Url>>);
+/// again each time (its attempts end there). At most [`JUDGED_URLS`] ([`im_domain::cache`]);
+/// its `Debug` prints no URL (an endpoint's URL may carry a token in its query).
+#[derive(Debug)]
+struct Judged(BoundedCache<String, reqwest::Url>);
 
-/// How many URLs are kept, never which: an endpoint's URL may carry a token in its query.
-impl std::fmt::Debug for Judged {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Judged").field("urls", &self.0.lock().unwrap_or_else(PoisonError::into_inner).len()).finish()
+impl Default for Judged {
+    fn default() -> Self {
+        Self(cache::bounded(JUDGED_URLS))
     }
 }
 
 impl Judged {
     fn destination(&self, policy: &UrlPolicy, url: &str) -> Result<reqwest::Url, UrlRefusal> {
-        if let Some(parsed) = self.0.lock().unwrap_or_else(PoisonError::into_inner).get(url) {
-            return Ok(parsed.clone());
+        if let Some(parsed) = self.0.get(url) {
+            return Ok(parsed);
         }
         let parsed = policy.destination(url)?;
-        let mut judged = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        if judged.len() >= JUDGED_URLS {
-            judged.clear();
-        }
-        judged.insert(url.to_owned(), parsed.clone());
+        self.0.insert(url.to_owned(), parsed.clone());
         Ok(parsed)
     }
 }
@@ -342,24 +338,26 @@ mod tests {
     fn a_url_is_judged_once_while_allowed_and_every_time_while_refused() {
         let policy = settings("1s", &["127.0.0.0/8"], "").url_policy();
         let judged = Judged::default();
-        let kept = |judged: &Judged| judged.0.lock().unwrap().keys().cloned().collect::<Vec<_>>();
 
         let url = "https://hooks.example.com:8443/a/b?c=d";
         assert_eq!(judged.destination(&policy, url).unwrap(), policy.destination(url).unwrap());
         assert_eq!(judged.destination(&policy, url).unwrap().as_str(), url, "the kept judgement answers the same URL");
-        assert_eq!(kept(&judged), [url]);
+        assert_eq!((judged.0.len(), judged.0.get(url).map(|u| u.to_string())), (1, Some(url.to_owned())));
 
         for refused in ["https://10.0.0.1/hook", "ftp://hooks.example.com/", "https://user:pw@hooks.example.com/"] {
             assert!(judged.destination(&policy, refused).is_err(), "{refused}");
             assert!(judged.destination(&policy, refused).is_err(), "{refused}: refused the second time too");
         }
-        assert_eq!(kept(&judged), [url], "refusals are not kept");
+        assert_eq!(judged.0.len(), 1, "refusals are not kept");
 
-        for i in 0..JUDGED_URLS {
+        let last = format!("https://hooks.example.com/{JUDGED_URLS}");
+        for i in 1..=JUDGED_URLS {
             judged.destination(&policy, &format!("https://hooks.example.com/{i}")).unwrap();
         }
-        assert_eq!(kept(&judged).len(), 1, "full, it started over with the last URL judged");
-        assert_eq!(format!("{judged:?}"), "Judged { urls: 1 }", "the URLs kept are never printed");
+        assert!(judged.0.len() <= JUDGED_URLS, "bounded: {} kept", judged.0.len());
+        assert!(judged.0.get(last.as_str()).is_some(), "a full cache keeps the URL judged last");
+        let printed = format!("{judged:?}");
+        assert!(!printed.contains("example.com"), "the URLs kept are never printed: {printed}");
     }
 
     #[tokio::test]
