@@ -2,6 +2,7 @@
 //! that reads (WAL lets them read while the writer writes).
 
 use std::cell::RefCell;
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, mpsc};
@@ -305,7 +306,9 @@ const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 /// A WAL of at least this many frames (4 KiB pages: 32 MiB) after a checkpoint is
 /// checkpointed once more with this process's writes held, so that it starts over
 /// ([`checkpoint_loop`]). Holding writes costs two `fsync`s (5 to 35 ms under a saturating load
-/// on a 2-core machine, up to 64 ms on a slow disk): at 1,024 frames that came every 100 ms and
+/// on a 2-core machine, up to 64 ms on a slow disk, while the held pass's flush of the database
+/// file wrote every page copied since the WAL last started over; 2 to 7 ms since that is flushed
+/// before, on a disk where it had been 9 to 19 ms): at 1,024 frames that came every 100 ms and
 /// halved the deliveries a second. A larger WAL makes the held pass rarer but not shorter: on a
 /// slow disk each one waits behind the flush of more WAL, and with 16,384 frames (64 MiB) the
 /// paced p99 of 10 endpoints was 28 ms (median of nine runs) against 18 at 8,192 and 17 at
@@ -444,9 +447,10 @@ impl Db {
         let (checkpoints, stop) = mpsc::channel::<()>();
         let snapshots = Arc::new(Snapshots::default());
         let kept = snapshots.clone();
-        std::thread::Builder::new()
-            .name("im-sqlite-ckpt".into())
-            .spawn(move || checkpoint_loop(&checkpointer, &commits, &gate, &kept, wal_restart_frames, &stop))?;
+        std::thread::Builder::new().name("im-sqlite-ckpt".into()).spawn(move || {
+            let file = checkpointer.path().and_then(crate::kept_open::open).map(|(_, file)| file);
+            checkpoint_loop(&checkpointer, file, &commits, &gate, &kept, wal_restart_frames, &stop);
+        })?;
         Ok(Self {
             id: NEXT_DB_ID.fetch_add(1, Ordering::Relaxed),
             path: path.to_owned(),
@@ -726,17 +730,22 @@ fn write_loop(
 /// copied; under a steady stream of writes that never happens (each pass ends behind the
 /// writes made meanwhile), and the WAL file grew by the whole volume written (100 MB/s when
 /// delivering at saturation), never shrinking. So when a pass leaves at least
-/// `restart_frames` ([`WAL_RESTART_FRAMES`]) in the WAL, more passes copy what was written
+/// `restart_frames` ([`WAL_RESTART_FRAMES`]) in the WAL, the database file is flushed (`file`,
+/// kept open for the process's life: [`crate::kept_open`]), more passes copy what was written
 /// during the one before until that is a few frames ([`CatchUp`]: or until the writes outrun
 /// the copying, or the WAL holds twice `restart_frames`), and a last pass runs with `gate`
 /// held, so that no write of this process runs meanwhile: it copies only what the passes
 /// before it left (its time, writes held, is its two `fsync`s and the pages it writes: with the
 /// first pass alone before it, 6 to 10 ms at 4,000 deliveries a second, and the paced p99 of
-/// `make bench` 13 ms instead of 9 to 10), and the next write transaction starts the WAL over
+/// `make bench` 13 ms instead of 9 to 10; SQLite flushes the database file only in the pass
+/// that may let the WAL start over, so without the flush before, the held pass's flush wrote
+/// every page copied since the last one: 9 to 19 ms held on a slow disk, 2 to 7 with it), and
+/// the next write transaction starts the WAL over
 /// (unless a reader still reads an old snapshot of it: then a later pass does). The file is
 /// cut back to twice `restart_frames` when it starts over after having grown past that.
 fn checkpoint_loop(
     conn: &Connection,
+    file: Option<&File>,
     commits: &AtomicU64,
     gate: &Gate,
     snapshots: &Snapshots,
@@ -757,6 +766,11 @@ fn checkpoint_loop(
         let started = std::time::Instant::now();
         match checkpoint_pass(conn) {
             Ok(mut pass) if pass.log >= restart_frames => {
+                // The database file's pages copied since it was last flushed (by every pass since
+                // the WAL last started over: SQLite flushes the file only before it may start
+                // over) are flushed now, writes not held; the held pass's own flush then waits
+                // only for the few pages the passes after this one copy.
+                flush(file);
                 // Catch up without holding writes: each pass copies what was written during
                 // the one before, until that is a few frames; the held pass then copies, and
                 // flushes to the disk, only those (its time grows with the pages it writes).
@@ -917,6 +931,13 @@ struct Pass {
 impl Pass {
     fn behind(self) -> i64 {
         (self.log - self.copied).max(0)
+    }
+}
+
+/// Flushes the database file's written pages to the disk (`fdatasync`), when it is open here.
+fn flush(file: Option<&File>) {
+    if let Some(Err(e)) = file.map(File::sync_data) {
+        tracing::warn!(error = %e, "embedded database: flushing the database file failed");
     }
 }
 

@@ -14,6 +14,7 @@ mod group_reads;
 mod handoff;
 mod idempotency;
 mod integrations;
+mod kept_open;
 mod migrations;
 mod outbox;
 mod providers;

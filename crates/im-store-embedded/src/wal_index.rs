@@ -8,9 +8,8 @@
 //! `unsafe` code of the workspace: those loads.
 #![allow(unsafe_code)]
 
-use std::fs::{File, OpenOptions};
-use std::mem::ManuallyDrop;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, PoisonError};
 
@@ -23,22 +22,17 @@ pub(crate) const READ: usize = HEADERS + 4;
 
 /// A database's WAL index, open for reading its first [`READ`] bytes.
 pub(crate) struct WalIndex {
-    /// Never closed: SQLite locks the file with POSIX `fcntl` locks, which belong to the
-    /// process, and closing any descriptor of the file drops all of them (those of every
-    /// connection of the process: the one that tells other processes the index is in use among
-    /// them, without which the next process to open the database would start it over under
-    /// this one's connections).
-    file: ManuallyDrop<File>,
+    /// Never closed ([`crate::kept_open`]).
+    file: &'static File,
     /// Its first page, mapped shared, read and write (so that atomic loads of it are sound; it is
     /// never written through); `None` when it cannot be mapped (the file is not writable for
     /// this process, or shorter than what is read): then it is read with a system call.
     map: Option<memmap2::MmapRaw>,
 }
 
-/// The WAL indexes this process opened, by device and inode: one descriptor a file for the
-/// life of the process, shared by every reader of it (as SQLite keeps one a file for all its
-/// connections). An inode's number is not reused while a descriptor of it is open, so a file
-/// found here by the numbers of the file at a path is that file.
+/// The WAL indexes this process opened, by device and inode: one a file for the life of the
+/// process, shared by every reader of it (as SQLite keeps one descriptor a file for all its
+/// connections).
 static OPENED: Mutex<Vec<((u64, u64), &'static WalIndex)>> = Mutex::new(Vec::new());
 
 impl WalIndex {
@@ -47,23 +41,15 @@ impl WalIndex {
     /// long as any connection has the file open, none (of any process) shortens or removes it
     /// (SQLite does so only when opening it with no other connection on it, which it tells by a
     /// lock every process holds shared while any of its connections has the file open; no
-    /// descriptor of it is ever closed here, which would drop that lock).
+    /// descriptor of it is ever closed here, which would drop that lock: [`crate::kept_open`]).
     pub(crate) fn open(path: &str) -> Option<&'static Self> {
         let mut opened = OPENED.lock().unwrap_or_else(PoisonError::into_inner);
-        let find = |opened: &[((u64, u64), &'static Self)], key| opened.iter().find(|(k, _)| *k == key).map(|(_, index)| *index);
-        let at_path = std::fs::metadata(path).ok()?;
-        if let Some(index) = find(&opened, (at_path.dev(), at_path.ino())) {
+        let (key, file) = crate::kept_open::open(path)?;
+        if let Some((_, index)) = opened.iter().find(|(k, _)| *k == key) {
             return Some(index);
         }
-        let file = ManuallyDrop::new(OpenOptions::new().read(true).write(true).open(path).or_else(|_| File::open(path)).ok()?);
-        // Keyed by the file opened (the path may name another one since it was looked at).
-        let meta = file.metadata().ok()?;
-        let key = (meta.dev(), meta.ino());
-        if let Some(index) = find(&opened, key) {
-            // This descriptor stays open too (closing it would drop the process's locks).
-            return Some(index);
-        }
-        let map = (meta.len() >= READ as u64).then(|| memmap2::MmapOptions::new().len(READ).map_raw(&*file).ok()).flatten();
+        let len = file.metadata().ok()?.len();
+        let map = (len >= READ as u64).then(|| memmap2::MmapOptions::new().len(READ).map_raw(file).ok()).flatten();
         let index: &'static Self = Box::leak(Box::new(Self { file, map }));
         opened.push((key, index));
         Some(index)
@@ -104,6 +90,7 @@ impl WalIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs::OpenOptions;
 
     #[test]
     fn the_mapping_reads_what_the_file_holds_now() {
