@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use im_domain::ports::EventReaders;
 use im_domain::{Clock, DomainError};
-use rusqlite::{Connection, OpenFlags, Transaction, TransactionBehavior};
+use rusqlite::{Connection, OpenFlags};
 use tokio::sync::oneshot;
 
 use crate::handoff::OutboxHandoff;
@@ -22,7 +22,7 @@ const MAX_GROUP: usize = 128;
 /// A write waiting for the writer thread: runs inside the group's transaction and returns
 /// whether it failed after changing something (then the group cannot commit), and what to do
 /// once the group's end is known.
-type Job = (Writer, Box<dyn FnOnce(&Transaction<'_>) -> (bool, Completion) + Send>);
+type Job = (Writer, Box<dyn FnOnce(&Connection) -> (bool, Completion) + Send>);
 /// What a write is, for the debug log of slow groups: the type name of its closure, which names
 /// the function that wrote it.
 type Writer = &'static str;
@@ -286,7 +286,9 @@ impl Snapshots {
 pub struct Db {
     id: u64,
     path: PathBuf,
-    writes: Mutex<mpsc::SyncSender<Job>>,
+    /// Shared by every caller as it is (a channel's sender is `Sync`): a lock around it made
+    /// concurrent writers wait for each other, and sleep, just to queue.
+    writes: mpsc::SyncSender<Job>,
     clock: Arc<dyn Clock>,
     /// Who reads the events written to the outbox, once told ([`Db::write_events_for`]).
     readers: std::sync::OnceLock<Arc<dyn EventReaders>>,
@@ -454,7 +456,7 @@ impl Db {
         Ok(Self {
             id: NEXT_DB_ID.fetch_add(1, Ordering::Relaxed),
             path: path.to_owned(),
-            writes: Mutex::new(writes),
+            writes,
             clock,
             readers: std::sync::OnceLock::new(),
             snapshots,
@@ -543,7 +545,7 @@ impl Db {
     /// `Unavailable`). Resolves after the commit.
     pub async fn write<R: Send + 'static>(
         &self,
-        f: impl FnOnce(&Transaction<'_>) -> Result<R, DomainError> + Send + 'static,
+        f: impl FnOnce(&Connection) -> Result<R, DomainError> + Send + 'static,
     ) -> Result<R, DomainError> {
         self.submit(std::any::type_name_of_val(&f), move |tx| {
             let before = tx.total_changes();
@@ -558,7 +560,7 @@ impl Db {
     /// no row count shows): it runs in a savepoint of its own and rolls back alone.
     pub async fn write_in_savepoint<R: Send + 'static>(
         &self,
-        f: impl FnOnce(&Transaction<'_>) -> Result<R, DomainError> + Send + 'static,
+        f: impl FnOnce(&Connection) -> Result<R, DomainError> + Send + 'static,
     ) -> Result<R, DomainError> {
         self.submit(std::any::type_name_of_val(&f), move |tx| match in_savepoint(tx, f) {
             // The rollback to the savepoint failed: what it wrote is still there.
@@ -571,7 +573,7 @@ impl Db {
     async fn submit<R: Send + 'static>(
         &self,
         writer: Writer,
-        run: impl FnOnce(&Transaction<'_>) -> (bool, Result<R, DomainError>) + Send + 'static,
+        run: impl FnOnce(&Connection) -> (bool, Result<R, DomainError>) + Send + 'static,
     ) -> Result<R, DomainError> {
         let (done, result) = oneshot::channel::<Result<R, DomainError>>();
         let job: Job = (
@@ -590,7 +592,7 @@ impl Db {
                 (half_written, complete)
             }),
         );
-        self.writes.lock().unwrap_or_else(|p| p.into_inner()).try_send(job).map_err(|e| match e {
+        self.writes.try_send(job).map_err(|e| match e {
             mpsc::TrySendError::Full(_) => DomainError::Unavailable {
                 reason: "the embedded database has too many writes waiting".into(),
                 retry_after: Some(Duration::from_secs(1)),
@@ -606,13 +608,17 @@ impl Db {
     }
 }
 
+/// Runs one of the writer's transaction statements (`BEGIN IMMEDIATE`, `COMMIT`, `ROLLBACK`)
+/// from the connection's statement cache: rusqlite's `Transaction` prepares each anew
+/// (`execute_batch`), at every group.
+fn run_cached(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([]).map(drop)
+}
+
 /// A savepoint that could not be rolled back to.
 struct Rollback(DomainError);
 
-fn in_savepoint<R>(
-    tx: &Transaction<'_>,
-    f: impl FnOnce(&Transaction<'_>) -> Result<R, DomainError>,
-) -> Result<Result<R, DomainError>, Rollback> {
+fn in_savepoint<R>(tx: &Connection, f: impl FnOnce(&Connection) -> Result<R, DomainError>) -> Result<Result<R, DomainError>, Rollback> {
     let run = |sql: &str| tx.prepare_cached(sql).and_then(|mut s| s.execute([])).map_err(map_sqlite);
     run("SAVEPOINT write").map_err(Rollback)?;
     match f(tx) {
@@ -634,7 +640,7 @@ fn in_savepoint<R>(
 /// transaction, commits once, then answers each. Each transaction holds `gate` (the
 /// checkpointer's held pass waits for it). Ends when the database is dropped.
 fn write_loop(
-    mut conn: Connection,
+    conn: Connection,
     jobs: &mpsc::Receiver<Job>,
     commits: &AtomicU64,
     gate: &Gate,
@@ -654,23 +660,21 @@ fn write_loop(
         let sched = timed.then(Schedstat::of_this_thread).flatten();
         let mut slowest: (Writer, Duration) = ("", Duration::ZERO);
         let size = group.len();
-        let tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
-            Ok(tx) => tx,
-            Err(e) => {
-                let reason = e.to_string();
-                tracing::error!(error = %reason, "embedded database: cannot begin a transaction");
-                // Dropping the jobs unrun answers each waiting caller with an error.
-                drop(group);
-                continue;
-            }
-        };
+        if let Err(e) = run_cached(&conn, "BEGIN IMMEDIATE") {
+            let reason = e.to_string();
+            tracing::error!(error = %reason, "embedded database: cannot begin a transaction");
+            // Dropping the jobs unrun answers each waiting caller with an error.
+            drop(group);
+            continue;
+        }
+        let tx = &conn;
         let mut half_written = false;
         crate::group_reads::begin();
         let completions: Vec<Completion> = group
             .into_iter()
             .map(|(writer, job)| {
                 let started = timed.then(std::time::Instant::now);
-                let (failed_after_changes, complete) = job(&tx);
+                let (failed_after_changes, complete) = job(tx);
                 if let Some(took) = started.map(|s| s.elapsed())
                     && took > slowest.1
                 {
@@ -683,11 +687,18 @@ fn write_loop(
         crate::group_reads::end();
         let commit_error = if half_written {
             let error = "a write of its group failed after changing rows; the group was rolled back".to_owned();
-            tracing::error!(rollback = ?tx.rollback().err(), "embedded database: {error}");
+            // Run apart from the log line: its fields are evaluated only when it is logged.
+            let rollback = run_cached(tx, "ROLLBACK").err();
+            tracing::error!(rollback = ?rollback, "embedded database: {error}");
             Some(error)
         } else {
-            tx.commit().err().map(|e| format!("commit failed: {e}"))
+            run_cached(tx, "COMMIT").err().map(|e| format!("commit failed: {e}"))
         };
+        // A commit or a rollback that failed may leave the transaction open: nothing of it is
+        // kept, and the next group begins its own.
+        if !tx.is_autocommit() {
+            let _ = run_cached(tx, "ROLLBACK");
+        }
         if let Some(e) = commit_error.as_deref().filter(|_| !half_written) {
             tracing::error!(error = %e, "embedded database: commit failed");
         }
@@ -957,7 +968,7 @@ mod tests {
         let mut conn = rusqlite::Connection::open_in_memory().unwrap();
         let tx = conn.transaction().unwrap();
         crate::migrations::apply(&tx).unwrap();
-        let has = |tx: &rusqlite::Transaction<'_>| crate::group_reads::has_webhooks("t", || crate::documents::has_webhooks(tx, "t"));
+        let has = |tx: &rusqlite::Connection| crate::group_reads::has_webhooks("t", || crate::documents::has_webhooks(tx, "t"));
         crate::group_reads::begin();
         let outcome = super::in_savepoint(&tx, |tx| {
             crate::documents::insert(tx, crate::containers::WEBHOOKS, "t", "wh", "{}", None, None, 0, crate::documents::new_etag())?;

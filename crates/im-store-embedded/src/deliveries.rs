@@ -9,7 +9,7 @@ use im_domain::webhooks::delivery::{DELIVERY_TTL, Delivery, DeliveryFilter, Deli
 use im_domain::webhooks::endpoint::WebhookId;
 use im_domain::webhooks::ports::{DeliveryJob, DeliveryQueue, DeliveryRepository, JobAfter};
 use im_domain::{DomainError, ETag, Page, PageRequest, Stored, TenantId};
-use rusqlite::{Transaction, params};
+use rusqlite::{Connection, params};
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -298,7 +298,7 @@ impl LeasedRecords {
 
 /// Counts one more attempt of endpoint `id` of tenant `pk` among `webhooks`, reading it in
 /// `tx` the first time (an endpoint that is gone is not counted).
-fn count_webhook(tx: &Transaction<'_>, webhooks: &mut Vec<(Doc, u32)>, pk: &str, id: String, now: i64) -> Result<(), DomainError> {
+fn count_webhook(tx: &Connection, webhooks: &mut Vec<(Doc, u32)>, pk: &str, id: String, now: i64) -> Result<(), DomainError> {
     match webhooks.iter_mut().find(|(doc, _)| doc.pk == pk && doc.id == id) {
         Some((_, uses)) => *uses += 1,
         None => {
@@ -444,7 +444,7 @@ const IF_ABSENT: &str =
     "INSERT INTO delivery_jobs (delivery_id, tenant_id, due_at, leased_until) VALUES (?1, ?2, ?3, 0) ON CONFLICT (delivery_id) DO NOTHING";
 
 /// Runs `statement` (`SCHEDULE` or `IF_ABSENT`) for the job of a delivery inside a transaction.
-fn put_job(tx: &Transaction<'_>, id: &str, tenant: &str, due: i64, statement: &'static str) -> Result<(), DomainError> {
+fn put_job(tx: &Connection, id: &str, tenant: &str, due: i64, statement: &'static str) -> Result<(), DomainError> {
     tx.prepare_cached(statement).and_then(|mut s| s.execute(params![id, tenant, due])).map_err(map_sqlite)?;
     Ok(())
 }
@@ -452,7 +452,7 @@ fn put_job(tx: &Transaction<'_>, id: &str, tenant: &str, due: i64, statement: &'
 /// Queues the job of a new delivery leased until `until` (unix ms) for this process's takes:
 /// false, writing nothing, when a job of that delivery is there leased (then [`SCHEDULE`]
 /// moves it, as for any other).
-fn put_leased_job(tx: &Transaction<'_>, id: &str, tenant: &str, due: i64, until: i64, now: i64) -> Result<bool, DomainError> {
+fn put_leased_job(tx: &Connection, id: &str, tenant: &str, due: i64, until: i64, now: i64) -> Result<bool, DomainError> {
     let changed = tx
         .prepare_cached(
             "INSERT INTO delivery_jobs (delivery_id, tenant_id, due_at, leased_until) VALUES (?1, ?2, ?3, ?4) \
@@ -483,7 +483,7 @@ fn hold_of(delivery: &Delivery) -> Result<Option<String>, DomainError> {
     }
 }
 
-fn remove_job(tx: &Transaction<'_>, id: &str) -> Result<(), DomainError> {
+fn remove_job(tx: &Connection, id: &str) -> Result<(), DomainError> {
     tx.prepare_cached("DELETE FROM delivery_jobs WHERE delivery_id = ?1").and_then(|mut s| s.execute([id])).map_err(map_sqlite)?;
     Ok(())
 }

@@ -10,7 +10,7 @@ use im_domain::common::invalid_continuation;
 use im_domain::events::DomainEvent;
 use im_domain::{DomainError, ETag, JsonTexts, PageRequest};
 use rusqlite::types::Value as SqlValue;
-use rusqlite::{OptionalExtension, Transaction, params};
+use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::db::{Db, KeyedRow, map_sqlite};
 use crate::handoff::OutboxHandoff;
@@ -162,7 +162,7 @@ impl Documents {
     /// Runs several writes in one transaction (all or nothing).
     pub async fn transaction<R: Send + 'static>(
         &self,
-        f: impl FnOnce(&Transaction<'_>, i64) -> Result<R, DomainError> + Send + 'static,
+        f: impl FnOnce(&Connection, i64) -> Result<R, DomainError> + Send + 'static,
     ) -> Result<R, DomainError> {
         let now = self.db.now();
         self.db.write(move |tx| f(tx, now)).await
@@ -298,7 +298,7 @@ impl Documents {
         ttl: Option<Duration>,
         hold: Option<String>,
         events: &[DomainEvent],
-        then: impl FnOnce(&Transaction<'_>) -> Result<(), DomainError> + Send + 'static,
+        then: impl FnOnce(&Connection) -> Result<(), DomainError> + Send + 'static,
     ) -> Result<ETag, DomainError> {
         let now = self.db.now();
         let mut rows = self.outbox_rows(events)?;
@@ -545,7 +545,7 @@ impl Documents {
 /// cannot be written out fails the write alone.
 ///
 /// The rows kept are taken out of `rows`; those left there are not to be written.
-fn events_to_record(tx: &Transaction<'_>, rows: &mut Vec<(OutboxRow, OutboxBody)>) -> Result<Vec<(OutboxRow, String)>, DomainError> {
+fn events_to_record(tx: &Connection, rows: &mut Vec<(OutboxRow, OutboxBody)>) -> Result<Vec<(OutboxRow, String)>, DomainError> {
     let mut ready = Vec::with_capacity(rows.len());
     let mut next = 0;
     while let Some((row, _)) = rows.get(next) {
@@ -563,7 +563,7 @@ fn events_to_record(tx: &Transaction<'_>, rows: &mut Vec<(OutboxRow, OutboxBody)
 
 /// Writes the rows [`events_to_record`] kept to the outbox. A row is written claimed for the
 /// relay it is handed to when that has room, else unclaimed.
-fn record_events(tx: &Transaction<'_>, rows: Vec<(OutboxRow, String)>) -> Result<(), DomainError> {
+fn record_events(tx: &Connection, rows: Vec<(OutboxRow, String)>) -> Result<(), DomainError> {
     for (row, body) in rows {
         let handed = row.hand_off.and_then(|to| Some((to.reserve(crate::handoff::now_ms())?, to)));
         match handed {
@@ -589,7 +589,7 @@ fn record_events(tx: &Transaction<'_>, rows: Vec<(OutboxRow, String)>) -> Result
 }
 
 /// Whether the tenant has a webhook endpoint (enabled or not).
-pub(crate) fn has_webhooks(tx: &Transaction<'_>, tenant: &str) -> Result<bool, DomainError> {
+pub(crate) fn has_webhooks(tx: &Connection, tenant: &str) -> Result<bool, DomainError> {
     tx.prepare_cached("SELECT EXISTS (SELECT 1 FROM documents WHERE container = +?1 AND pk = ?2)")
         .and_then(|mut s| s.query_row(params![crate::containers::WEBHOOKS, tenant], |r| r.get(0)))
         .map_err(map_sqlite)
@@ -610,12 +610,12 @@ const FIND_PROVIDER: &str = "SELECT pk, etag, body FROM documents WHERE containe
      AND (expires_at IS NULL OR expires_at > ?2) LIMIT 1";
 
 /// The concurrency token and expiry of the live provider `id`, in any category.
-fn provider_etag(conn: &rusqlite::Connection, id: &str, now: i64) -> rusqlite::Result<crate::group_reads::LiveProvider> {
+fn provider_etag(conn: &Connection, id: &str, now: i64) -> rusqlite::Result<crate::group_reads::LiveProvider> {
     conn.prepare_cached(PROVIDER_ETAG)?.query_row(params![id, now], |r| Ok((ETag::new(r.get::<_, String>(0)?), r.get(1)?))).optional()
 }
 
 /// The live provider `id`, in any category.
-pub(crate) fn find_provider(conn: &rusqlite::Connection, id: &str, now: i64) -> rusqlite::Result<Option<Doc>> {
+pub(crate) fn find_provider(conn: &Connection, id: &str, now: i64) -> rusqlite::Result<Option<Doc>> {
     conn.prepare_cached(FIND_PROVIDER)?
         .query_row(params![id, now], |r| {
             Ok(Doc { pk: r.get(0)?, id: id.to_owned(), etag: ETag::new(r.get::<_, String>(1)?), body: r.get(2)? })
@@ -629,7 +629,7 @@ pub(crate) fn find_provider(conn: &rusqlite::Connection, id: &str, now: i64) -> 
 /// index of held deliveries (`None` for any other document).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn insert(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     container: &str,
     pk: &str,
     id: &str,
@@ -664,7 +664,7 @@ pub(crate) fn insert(
 }
 
 fn check_current(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     container: &str,
     resource: &'static str,
     pk: &str,
@@ -685,7 +685,7 @@ fn check_current(
     }
 }
 
-fn remove(tx: &Transaction<'_>, container: &str, pk: &str, id: &str) -> Result<(), DomainError> {
+fn remove(tx: &Connection, container: &str, pk: &str, id: &str) -> Result<(), DomainError> {
     crate::group_reads::changed(Some(container));
     tx.prepare_cached("DELETE FROM documents WHERE container = +?1 AND pk = ?2 AND id = ?3")
         .and_then(|mut s| s.execute(params![container, pk, id]))
@@ -694,7 +694,7 @@ fn remove(tx: &Transaction<'_>, container: &str, pk: &str, id: &str) -> Result<(
 }
 
 /// The row of the document `id` of a partition, live or expired.
-fn read_row(conn: &rusqlite::Connection, container: &str, pk: &str, id: &str) -> rusqlite::Result<Option<KeyedRow>> {
+fn read_row(conn: &Connection, container: &str, pk: &str, id: &str) -> rusqlite::Result<Option<KeyedRow>> {
     conn.prepare_cached("SELECT etag, body, expires_at FROM documents WHERE container = +?1 AND pk = ?2 AND id = ?3")?
         .query_row(params![container, pk, id], |r| Ok(KeyedRow { etag: r.get(0)?, body: r.get(1)?, expires_at: r.get(2)? }))
         .optional()
@@ -707,7 +707,7 @@ fn live(row: Option<KeyedRow>, pk: String, id: String, now: i64) -> Option<Doc> 
 
 /// The live document `id` of a partition, on any connection (a reader, or the writer inside a
 /// transaction); `now` in unix seconds decides expiry.
-pub(crate) fn read_one(conn: &rusqlite::Connection, container: &str, pk: String, id: String, now: i64) -> rusqlite::Result<Option<Doc>> {
+pub(crate) fn read_one(conn: &Connection, container: &str, pk: String, id: String, now: i64) -> rusqlite::Result<Option<Doc>> {
     Ok(live(read_row(conn, container, &pk, &id)?, pk, id, now))
 }
 
@@ -723,7 +723,7 @@ mod tests {
     }
 
     /// SQLite's plan of `sql` (bound with `args`), one line a step.
-    fn plan(conn: &rusqlite::Connection, sql: &str, args: impl rusqlite::Params) -> String {
+    fn plan(conn: &Connection, sql: &str, args: impl rusqlite::Params) -> String {
         conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
             .unwrap()
             .query_map(args, |r| r.get::<_, String>(3))
@@ -739,7 +739,7 @@ mod tests {
     /// constant does.
     #[test]
     fn a_provider_is_found_by_id_through_its_own_index() {
-        let mut conn = rusqlite::Connection::open_in_memory().unwrap();
+        let mut conn = Connection::open_in_memory().unwrap();
         let tx = conn.transaction().unwrap();
         crate::migrations::apply(&tx).unwrap();
         let container = format!("container = '{}'", crate::containers::PROVIDERS);
@@ -770,7 +770,7 @@ mod tests {
     /// documents, in id order.
     #[test]
     fn a_page_across_partitions_reads_its_container_alone() {
-        let mut conn = rusqlite::Connection::open_in_memory().unwrap();
+        let mut conn = Connection::open_in_memory().unwrap();
         let tx = conn.transaction().unwrap();
         crate::migrations::apply(&tx).unwrap();
         for (container, pk, id) in [

@@ -1,7 +1,7 @@
 //! Numbered schema migrations. A migration is never edited once released: add a new one.
 
 use im_domain::DomainError;
-use rusqlite::Transaction;
+use rusqlite::Connection;
 
 use crate::db::map_sqlite;
 
@@ -184,7 +184,7 @@ pub struct MigrationReport {
     pub version: i64,
 }
 
-pub(crate) fn apply(tx: &Transaction<'_>) -> Result<MigrationReport, DomainError> {
+pub(crate) fn apply(tx: &Connection) -> Result<MigrationReport, DomainError> {
     tx.execute_batch(
         "CREATE TABLE IF NOT EXISTS schema_migrations (
              version    INTEGER PRIMARY KEY,
@@ -222,7 +222,7 @@ mod tests {
 
     /// Applies and records the migrations before `version`, as a release from before it left
     /// the database.
-    fn migrate_below(tx: &Transaction<'_>, version: i64) {
+    fn migrate_below(tx: &Connection, version: i64) {
         tx.execute_batch("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at INTEGER NOT NULL)")
             .unwrap();
         for (v, name, sql) in MIGRATIONS.iter().filter(|(v, _, _)| *v < version) {
@@ -232,7 +232,7 @@ mod tests {
     }
 
     /// Writes a document that never expires, as a release of the schema at hand did.
-    fn put(tx: &Transaction<'_>, container: &str, pk: &str, id: &str, body: &str) {
+    fn put(tx: &Connection, container: &str, pk: &str, id: &str, body: &str) {
         tx.execute(
             "INSERT INTO documents (container, pk, id, etag, body, expires_at) VALUES (?1, ?2, ?3, 'e', ?4, NULL)",
             rusqlite::params![container, pk, id, body],
@@ -244,7 +244,7 @@ mod tests {
     /// and its key stays unique.
     #[test]
     fn documents_written_before_the_rowid_table_survive_it() {
-        let mut conn = rusqlite::Connection::open_in_memory().unwrap();
+        let mut conn = Connection::open_in_memory().unwrap();
         let tx = conn.transaction().unwrap();
         migrate_below(&tx, 8);
         let body = format!("{{\"text\":\"{}\"}}", "x".repeat(20_000));
@@ -283,7 +283,7 @@ mod tests {
     /// other document is in that index any more.
     #[test]
     fn providers_written_before_their_own_index_are_in_it() {
-        let mut conn = rusqlite::Connection::open_in_memory().unwrap();
+        let mut conn = Connection::open_in_memory().unwrap();
         let tx = conn.transaction().unwrap();
         migrate_below(&tx, 11);
         for (container, pk, id) in [("integration_providers", "vcs", "github"), ("integration_integrations", "tenant", "one")] {
@@ -305,7 +305,7 @@ mod tests {
     /// A database a newer release migrated is refused, not written the old way.
     #[test]
     fn a_database_of_a_newer_release_is_refused() {
-        let mut conn = rusqlite::Connection::open_in_memory().unwrap();
+        let mut conn = Connection::open_in_memory().unwrap();
         let tx = conn.transaction().unwrap();
         let latest = apply(&tx).unwrap().version;
         tx.execute("INSERT INTO schema_migrations (version, name, applied_at) VALUES (?1, 'from_a_newer_release', 0)", [latest + 1])
@@ -320,7 +320,7 @@ mod tests {
     /// pending ones with a hold, and no other document.
     #[test]
     fn deliveries_held_before_the_hold_column_are_indexed_by_it() {
-        let mut conn = rusqlite::Connection::open_in_memory().unwrap();
+        let mut conn = Connection::open_in_memory().unwrap();
         let tx = conn.transaction().unwrap();
         migrate_below(&tx, 10);
         let rows = [

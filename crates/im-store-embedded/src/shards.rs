@@ -92,7 +92,7 @@ fn record_doc(write: &ShardWrite) -> RecordDoc {
 }
 
 /// The partition's last change number (0 before the first).
-fn last_seq(tx: &rusqlite::Transaction<'_>, pk: &str) -> Result<i64, DomainError> {
+fn last_seq(tx: &rusqlite::Connection, pk: &str) -> Result<i64, DomainError> {
     // The container is written out so the partial index `shard_records_by_seq` serves it.
     let last: Option<i64> = tx
         .prepare_cached("SELECT max(json_extract(body, '$.seq')) FROM documents WHERE container = 'shard_records' AND pk = ?1")
@@ -104,7 +104,7 @@ fn last_seq(tx: &rusqlite::Transaction<'_>, pk: &str) -> Result<i64, DomainError
 /// Writes `doc` as change number `seq` inside the writer's transaction, conditionally on
 /// `if_match` (the current live version); writes nothing when the condition fails.
 fn write_in(
-    tx: &rusqlite::Transaction<'_>,
+    tx: &rusqlite::Connection,
     pk: &str,
     key: &str,
     mut doc: RecordDoc,

@@ -3,7 +3,7 @@
 //! way.
 
 use im_domain::{DomainError, Page, PageRequest, Stored};
-use rusqlite::{Transaction, params, params_from_iter};
+use rusqlite::{Connection, params};
 
 use crate::db::map_sqlite;
 use crate::documents::{Doc, Documents, Query};
@@ -22,7 +22,7 @@ impl LeasedQueue {
     /// one row; answers their `(id, body)`, oldest first.
     pub(crate) fn claim(
         &self,
-        tx: &Transaction<'_>,
+        tx: &Connection,
         owner: &str,
         limit: u32,
         now_ms: i64,
@@ -48,12 +48,14 @@ impl LeasedQueue {
         Ok(rows.into_iter().map(|(_, id, body)| (id, body)).collect())
     }
 
-    /// Deletes the rows of these ids (done with), in statements of at most 500 ids.
-    pub(crate) fn delete(&self, tx: &Transaction<'_>, ids: &[String]) -> Result<(), DomainError> {
-        for chunk in ids.chunks(500) {
-            let marks = vec!["?"; chunk.len()].join(",");
-            tx.execute(&format!("DELETE FROM {} WHERE id IN ({marks})", self.table), params_from_iter(chunk)).map_err(map_sqlite)?;
-        }
+    /// Deletes the rows of these ids (done with), in one statement that takes them as a JSON
+    /// array, the same text whatever their count: prepared once per connection (a statement
+    /// with a mark per id was prepared anew at each call, the relay's every round).
+    pub(crate) fn delete(&self, tx: &Connection, ids: &[String]) -> Result<(), DomainError> {
+        let ids = serde_json::to_string(ids).map_err(|e| DomainError::Unexpected(anyhow::Error::new(e).context("encoding ids")))?;
+        tx.prepare_cached(&format!("DELETE FROM {} WHERE id IN (SELECT value FROM json_each(?1))", self.table))
+            .and_then(|mut s| s.execute([ids]))
+            .map_err(map_sqlite)?;
         Ok(())
     }
 }
@@ -99,4 +101,29 @@ pub(crate) fn decode_page<T: serde::de::DeserializeOwned>(
     (docs, continuation): (Vec<Doc>, Option<String>),
 ) -> Result<Page<Stored<T>>, DomainError> {
     Ok(Page { items: docs.into_iter().map(decode).collect::<Result<_, _>>()?, continuation })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The ids given, and only those, are deleted, however many (more than SQLite's marks per
+    /// statement once allowed), with ids that need escaping in JSON and ids that are absent.
+    #[test]
+    fn a_queue_deletes_exactly_the_ids_given() {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch("CREATE TABLE q (seq INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE)").unwrap();
+        let ids: Vec<String> = (0..40_000).map(|i| format!("id-{i}")).chain(["a \"quoted\" \\ id".to_owned()]).collect();
+        for id in &ids {
+            conn.execute("INSERT INTO q (id) VALUES (?1)", [id]).unwrap();
+        }
+        let queue = LeasedQueue { table: "q", eligible: "TRUE" };
+        let gone: Vec<String> = ids.iter().filter(|id| !id.ends_with('7')).cloned().chain(["absent".to_owned()]).collect();
+        queue.delete(&conn, &gone).unwrap();
+        queue.delete(&conn, &[]).unwrap();
+        let left: Vec<String> =
+            conn.prepare("SELECT id FROM q ORDER BY seq").unwrap().query_map([], |r| r.get(0)).unwrap().map(Result::unwrap).collect();
+        let kept: Vec<String> = ids.iter().filter(|id| id.ends_with('7')).cloned().collect();
+        assert_eq!(left, kept);
+    }
 }

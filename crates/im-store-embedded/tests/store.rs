@@ -544,7 +544,7 @@ async fn a_write_failing_after_changes_never_commits_half_of_it() {
     let dir = tempfile::tempdir().unwrap();
     let db = Arc::new(im_store_embedded::Db::open(&dir.path().join("groups.db"), Arc::new(SystemClock)).unwrap());
     db.write(|tx| tx.execute_batch("CREATE TABLE t (v TEXT PRIMARY KEY)").map_err(|e| DomainError::Unexpected(e.into()))).await.unwrap();
-    let insert = |tx: &rusqlite::Transaction<'_>, v: &str| {
+    let insert = |tx: &rusqlite::Connection, v: &str| {
         tx.execute("INSERT INTO t (v) VALUES (?1)", [v]).map(|_| ()).map_err(|e| DomainError::Unexpected(e.into()))
     };
     let refused = || DomainError::Conflict("refused".into());
@@ -561,7 +561,7 @@ async fn a_write_failing_after_changes_never_commits_half_of_it() {
             let mut answers = Vec::new();
             for (value, fail, savepoint) in writes {
                 let db = db.clone();
-                let job = move |tx: &rusqlite::Transaction<'_>| {
+                let job = move |tx: &rusqlite::Connection| {
                     if value != "-" {
                         insert(tx, value)?;
                     }
@@ -998,7 +998,7 @@ async fn the_wal_stays_bounded_under_a_steady_stream_of_writes() {
 async fn table_t() -> (tempfile::TempDir, im_store_embedded::Db) {
     let dir = tempfile::tempdir().unwrap();
     let db = im_store_embedded::Db::open(&dir.path().join("t.db"), Arc::new(SystemClock)).unwrap();
-    let create = |tx: &rusqlite::Transaction<'_>| tx.execute_batch("CREATE TABLE t (k INTEGER PRIMARY KEY)");
+    let create = |tx: &rusqlite::Connection| tx.execute_batch("CREATE TABLE t (k INTEGER PRIMARY KEY)");
     db.write(move |tx| create(tx).map_err(|e| im_domain::DomainError::Unexpected(e.into()))).await.unwrap();
     (dir, db)
 }
