@@ -608,9 +608,9 @@ impl Db {
     }
 }
 
-/// Runs one of the writer's transaction statements (`BEGIN IMMEDIATE`, `COMMIT`, `ROLLBACK`)
-/// from the connection's statement cache: rusqlite's `Transaction` prepares each anew
-/// (`execute_batch`), at every group.
+/// Runs one of the writer's transaction statements (`BEGIN IMMEDIATE`, `COMMIT`, `ROLLBACK`,
+/// and a write's savepoint) from the connection's statement cache: rusqlite's `Transaction`
+/// prepares each anew (`execute_batch`), at every group.
 fn run_cached(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
     conn.prepare_cached(sql)?.execute([]).map(drop)
 }
@@ -619,7 +619,7 @@ fn run_cached(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
 struct Rollback(DomainError);
 
 fn in_savepoint<R>(tx: &Connection, f: impl FnOnce(&Connection) -> Result<R, DomainError>) -> Result<Result<R, DomainError>, Rollback> {
-    let run = |sql: &str| tx.prepare_cached(sql).and_then(|mut s| s.execute([])).map_err(map_sqlite);
+    let run = |sql: &str| run_cached(tx, sql).map_err(map_sqlite);
     run("SAVEPOINT write").map_err(Rollback)?;
     match f(tx) {
         Ok(value) => {
