@@ -11,7 +11,7 @@ use im_domain::{DomainError, ETag, Page, PageRequest, Stored, TenantId};
 use crate::containers::WEBHOOKS;
 use crate::deliveries::LeasedRecords;
 use crate::documents::Documents;
-use crate::support::{decode, decode_page, encode, get_decoded, partition_query};
+use crate::support::{decode_page, encode, get_decoded, partition_query};
 
 const RESOURCE: &str = "webhook";
 
@@ -46,8 +46,8 @@ impl WebhookRepository for SqliteWebhooks {
     #[tracing::instrument(skip_all, name = "webhooks.get", fields(tenant = %tenant, webhook = %id))]
     async fn get(&self, tenant: &TenantId, id: WebhookId) -> Result<Stored<Webhook>, DomainError> {
         let pk = tenant.to_string();
-        if let Some(doc) = self.leased.take_webhook(&pk, id) {
-            return decode(doc);
+        if let Some(webhook) = self.leased.take_webhook(&pk, id) {
+            return Ok(webhook);
         }
         get_decoded(&self.docs, WEBHOOKS, RESOURCE, pk, id).await
     }

@@ -194,6 +194,10 @@ impl HttpWebhookSender {
             .connect_timeout(settings.connect_timeout.get())
             .timeout(settings.request_timeout.get())
             .redirect(reqwest::redirect::Policy::none())
+            // An attempt is one request: retries are the delivery schedule's to decide. The
+            // client's own retries (of HTTP/2 refusals, which this HTTP/1.1 client never gets)
+            // copied every request, headers and all, in case one were needed: none is kept now.
+            .retry(reqwest::retry::never().max_retries_per_request(0))
             .dns_resolver(Arc::new(SafeResolver { policy: policy.clone() }))
             .pool_max_idle_per_host(IDLE_PER_HOST)
             .build()
