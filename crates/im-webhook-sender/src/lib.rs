@@ -1,5 +1,6 @@
-//! The outbound HTTP adapter: the [`WebhookSender`] port on reqwest, and the provider client
-//! ([`provider::HttpProviderClient`], the `ProviderClient` port) on the same SSRF-safe path.
+//! The outbound HTTP adapter: the [`WebhookSender`] port on hyper's client ([`direct`]; on
+//! reqwest through a configured proxy), and the provider client ([`provider::HttpProviderClient`],
+//! the `ProviderClient` port) on reqwest, on the same SSRF-safe path.
 //!
 //! SSRF protection: the URL is judged by [`UrlPolicy::check_destination`], which parses it with
 //! the same WHATWG parser reqwest uses, so an address host in any spelling (`127.1`, `0x7f.1`,
@@ -24,12 +25,13 @@ use async_trait::async_trait;
 use im_domain::HumanDuration;
 use im_domain::cache::{self, BoundedCache};
 use im_domain::webhooks::delivery::{ATTEMPT_LEASE, RESPONSE_EXCERPT_BYTES};
-use im_domain::webhooks::endpoint::{Cidr, UrlPolicy, UrlRefusal};
+use im_domain::webhooks::endpoint::{Cidr, UrlPolicy};
 use im_domain::webhooks::ports::{OutgoingRequest, SendResult, WebhookSender};
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 use secrecy::{ExposeSecret as _, SecretString};
 use serde::Deserialize;
 
+mod direct;
 pub mod oauth2;
 pub mod provider;
 
@@ -39,36 +41,40 @@ pub struct SafeResolver {
     policy: Arc<UrlPolicy>,
 }
 
+impl SafeResolver {
+    /// The addresses `host` resolves to that the policy allows; none: an error naming the
+    /// classes refused, never an address.
+    async fn allowed(&self, host: &str) -> Result<Vec<SocketAddr>, String> {
+        let resolved: Vec<SocketAddr> = tokio::net::lookup_host((host, 0)).await.map_err(|_| format!("{host} did not resolve"))?.collect();
+        let mut refused: Vec<&'static str> = Vec::new();
+        let allowed: Vec<SocketAddr> = resolved
+            .into_iter()
+            .filter(|addr| match self.policy.check_ip(addr.ip()) {
+                Ok(()) => true,
+                Err(class) => {
+                    if !refused.contains(&class) {
+                        refused.push(class);
+                    }
+                    false
+                }
+            })
+            .collect();
+        if allowed.is_empty() {
+            return Err(if refused.is_empty() {
+                format!("{host} did not resolve")
+            } else {
+                format!("destination refused: {host} resolves to {} addresses only", refused.join(", "))
+            });
+        }
+        Ok(allowed)
+    }
+}
+
+/// The resolver as reqwest's connector calls it (the provider client, a proxied sender).
 impl Resolve for SafeResolver {
     fn resolve(&self, name: Name) -> Resolving {
-        let policy = self.policy.clone();
-        Box::pin(async move {
-            let host = name.as_str().to_owned();
-            let resolved: Vec<SocketAddr> =
-                tokio::net::lookup_host((host.as_str(), 0)).await.map_err(|_| format!("{host} did not resolve"))?.collect();
-            let mut refused: Vec<&'static str> = Vec::new();
-            let allowed: Vec<SocketAddr> = resolved
-                .into_iter()
-                .filter(|addr| match policy.check_ip(addr.ip()) {
-                    Ok(()) => true,
-                    Err(class) => {
-                        if !refused.contains(&class) {
-                            refused.push(class);
-                        }
-                        false
-                    }
-                })
-                .collect();
-            if allowed.is_empty() {
-                let reason = if refused.is_empty() {
-                    format!("{host} did not resolve")
-                } else {
-                    format!("destination refused: {host} resolves to {} addresses only", refused.join(", "))
-                };
-                return Err(reason.into());
-            }
-            Ok(Box::new(allowed.into_iter()) as Addrs)
-        })
+        let resolver = self.clone();
+        Box::pin(async move { Ok(Box::new(resolver.allowed(name.as_str()).await?.into_iter()) as Addrs) })
     }
 }
 
@@ -143,26 +149,38 @@ pub const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(ATTEMPT_LEASE.as_s
 const IDLE_PER_HOST: usize = 256;
 
 /// Endpoint URLs whose judgement a sender keeps ([`Judged`]); a full cache evicts the least
-/// used. Each costs twice its text (the key and the parsed URL's): about 150 KB in all for URLs
+/// used. Each costs twice its text (the key and the parsed URI's): about 150 KB in all for URLs
 /// of 60 characters, 4 MB at most ([`im_domain::webhooks::endpoint::MAX_URL_CHARS`]).
 const JUDGED_URLS: usize = 1024;
 
 /// Sends webhook requests.
 #[derive(Debug, Clone)]
 pub struct HttpWebhookSender {
-    client: reqwest::Client,
+    transport: Transport,
     policy: Arc<UrlPolicy>,
     judged: Arc<Judged>,
 }
 
-/// The URLs the policy allowed, parsed, by their text: [`UrlPolicy::destination`] answers the
-/// same for a URL as long as the policy is the same, which it is for the sender's life, so a
-/// URL is judged and parsed once, not at every attempt to it (that WHATWG parse, with the IDNA
-/// mapping of a host name, was about 1.5% of a delivery's instructions). A refused URL is judged
-/// again each time (its attempts end there). At most [`JUDGED_URLS`] ([`im_domain::cache`]);
-/// its `Debug` prints no URL (an endpoint's URL may carry a token in its query).
+/// How attempts' requests go out.
+#[derive(Debug, Clone)]
+enum Transport {
+    /// Straight to the destination, on hyper's client ([`direct`]).
+    Direct(Box<direct::DirectClient>),
+    /// Through the configured proxy, on reqwest (its `CONNECT` tunnels and absolute-form
+    /// requests).
+    Proxied(reqwest::Client),
+}
+
+/// The URLs the policy allowed, as the URIs requested, by their text: [`UrlPolicy::destination`]
+/// answers the same for a URL as long as the policy is the same, which it is for the sender's
+/// life, so a URL is judged and parsed once, not at every attempt to it (that WHATWG parse, with
+/// the IDNA mapping of a host name, was about 1.5% of a delivery's instructions). The URI is the
+/// parsed URL's serialization, parsed by `http`: what is requested is what was judged. A refused
+/// URL is judged again each time (its attempts end there). At most [`JUDGED_URLS`]
+/// ([`im_domain::cache`]); its `Debug` prints no URL (an endpoint's URL may carry a token in its
+/// query).
 #[derive(Debug)]
-struct Judged(BoundedCache<String, reqwest::Url>);
+struct Judged(BoundedCache<String, hyper::Uri>);
 
 impl Default for Judged {
     fn default() -> Self {
@@ -171,13 +189,14 @@ impl Default for Judged {
 }
 
 impl Judged {
-    fn destination(&self, policy: &UrlPolicy, url: &str) -> Result<reqwest::Url, UrlRefusal> {
-        if let Some(parsed) = self.0.get(url) {
-            return Ok(parsed);
+    fn destination(&self, policy: &UrlPolicy, url: &str) -> Result<hyper::Uri, String> {
+        if let Some(uri) = self.0.get(url) {
+            return Ok(uri);
         }
-        let parsed = policy.destination(url)?;
-        self.0.insert(url.to_owned(), parsed.clone());
-        Ok(parsed)
+        let parsed = policy.destination(url).map_err(|refusal| refusal.redacted())?;
+        let uri = hyper::Uri::try_from(parsed.as_str()).map_err(|_| "the URL cannot be requested".to_owned())?;
+        self.0.insert(url.to_owned(), uri.clone());
+        Ok(uri)
     }
 }
 
@@ -186,47 +205,81 @@ impl HttpWebhookSender {
     /// When the HTTP client cannot be built.
     pub fn new(settings: &WebhookSenderSettings) -> Result<Self, String> {
         let policy = Arc::new(settings.url_policy());
-        let builder = match settings.proxy.expose_secret() {
-            "" => reqwest::Client::builder().no_proxy(),
-            proxy => reqwest::Client::builder().proxy(reqwest::Proxy::all(proxy).map_err(|e| format!("webhooks.proxy: {e}"))?),
+        let resolver = SafeResolver { policy: policy.clone() };
+        let transport = match settings.proxy.expose_secret() {
+            "" => Transport::Direct(Box::new(direct::DirectClient::new(
+                resolver,
+                settings.connect_timeout.get(),
+                settings.request_timeout.get(),
+                IDLE_PER_HOST,
+            )?)),
+            proxy => Transport::Proxied(
+                reqwest::Client::builder()
+                    .proxy(reqwest::Proxy::all(proxy).map_err(|e| format!("webhooks.proxy: {e}"))?)
+                    .connect_timeout(settings.connect_timeout.get())
+                    .timeout(settings.request_timeout.get())
+                    .redirect(reqwest::redirect::Policy::none())
+                    // An attempt is one request: retries are the delivery schedule's to decide.
+                    .retry(reqwest::retry::never().max_retries_per_request(0))
+                    .dns_resolver(Arc::new(resolver))
+                    .pool_max_idle_per_host(IDLE_PER_HOST)
+                    .build()
+                    .map_err(|e| e.to_string())?,
+            ),
         };
-        let client = builder
-            .connect_timeout(settings.connect_timeout.get())
-            .timeout(settings.request_timeout.get())
-            .redirect(reqwest::redirect::Policy::none())
-            // An attempt is one request: retries are the delivery schedule's to decide. The
-            // client's own retries (of HTTP/2 refusals, which this HTTP/1.1 client never gets)
-            // copied every request, headers and all, in case one were needed: none is kept now.
-            .retry(reqwest::retry::never().max_retries_per_request(0))
-            .dns_resolver(Arc::new(SafeResolver { policy: policy.clone() }))
-            .pool_max_idle_per_host(IDLE_PER_HOST)
-            .build()
-            .map_err(|e| e.to_string())?;
-        Ok(Self { client, policy, judged: Arc::default() })
+        Ok(Self { transport, policy, judged: Arc::default() })
     }
-}
 
-fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
-    headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?.trim().parse::<u64>().ok().map(Duration::from_secs)
+    /// An attempt through the proxy, on reqwest.
+    async fn post_proxied(
+        client: &reqwest::Client,
+        uri: &hyper::Uri,
+        headers: &[(String, String)],
+        body: Vec<u8>,
+    ) -> Result<direct::Answer, String> {
+        let mut builder = client.post(uri.to_string()).body(body);
+        for (name, value) in headers {
+            builder = builder.header(name, value);
+        }
+        let mut response = builder.send().await.map_err(|e| describe(&e))?;
+        let status = response.status().as_u16();
+        let retry_after = direct::retry_after(response.headers());
+        let mut excerpt = Vec::new();
+        while excerpt.len() < RESPONSE_EXCERPT_BYTES {
+            match response.chunk().await {
+                Ok(Some(chunk)) => excerpt.extend_from_slice(&chunk),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        excerpt.truncate(RESPONSE_EXCERPT_BYTES);
+        Ok(direct::Answer { status, retry_after, excerpt })
+    }
 }
 
 /// The error chain of a failed request, without the URL (it may carry credentials).
 fn describe(error: &reqwest::Error) -> String {
-    let mut text = if error.is_timeout() {
-        "timed out".to_owned()
+    let head = if error.is_timeout() {
+        "timed out"
     } else if error.is_connect() {
-        "could not connect".to_owned()
+        "could not connect"
     } else {
-        "request failed".to_owned()
+        "request failed"
     };
-    let mut source = std::error::Error::source(error);
+    error_chain(head, error, error.url().map(reqwest::Url::as_str))
+}
+
+/// `head`, then the texts of `error`'s sources (its own names the request), with `url` taken
+/// out and then every address.
+fn error_chain(head: &str, error: &(dyn std::error::Error + 'static), url: Option<&str>) -> String {
+    let mut text = head.to_owned();
+    let mut source = error.source();
     while let Some(inner) = source {
         text.push_str(": ");
         text.push_str(&inner.to_string());
         source = inner.source();
     }
-    if let Some(url) = error.url() {
-        text = text.replace(url.as_str(), "<url>");
+    if let Some(url) = url {
+        text = text.replace(url, "<url>");
     }
     redact_addresses(&text)
 }
@@ -270,29 +323,19 @@ impl WebhookSender for HttpWebhookSender {
             duration: started.elapsed(),
         };
         // The URL judged is the one called, parsed once.
-        let url = match self.judged.destination(&self.policy, &request.url) {
-            Ok(url) => url,
-            Err(refusal) => return failed(refusal.redacted(), started),
+        let uri = match self.judged.destination(&self.policy, &request.url) {
+            Ok(uri) => uri,
+            Err(refusal) => return failed(refusal, started),
         };
-        let mut builder = self.client.post(url).body(request.body);
-        for (name, value) in &request.headers {
-            builder = builder.header(name, value);
-        }
-        let mut response = match builder.send().await {
-            Ok(response) => response,
-            Err(e) => return failed(describe(&e), started),
+        let answer = match &self.transport {
+            Transport::Direct(client) => client.post(uri, &request.headers, request.body).await,
+            Transport::Proxied(client) => Self::post_proxied(client, &uri, &request.headers, request.body).await,
         };
-        let status = response.status().as_u16();
-        let retry_after = retry_after(response.headers());
-        let mut body = Vec::new();
-        while body.len() < RESPONSE_EXCERPT_BYTES {
-            match response.chunk().await {
-                Ok(Some(chunk)) => body.extend_from_slice(&chunk),
-                Ok(None) | Err(_) => break,
-            }
-        }
-        body.truncate(RESPONSE_EXCERPT_BYTES);
-        let excerpt = (!body.is_empty()).then(|| String::from_utf8_lossy(&body).into_owned());
+        let direct::Answer { status, retry_after, excerpt } = match answer {
+            Ok(answer) => answer,
+            Err(error) => return failed(error, started),
+        };
+        let excerpt = (!excerpt.is_empty()).then(|| String::from_utf8_lossy(&excerpt).into_owned());
         let error = (!(200..300).contains(&status)).then(|| format!("the receiver answered {status}"));
         SendResult { status: Some(status), retry_after, body_excerpt: excerpt, error, duration: started.elapsed() }
     }
@@ -301,7 +344,7 @@ impl WebhookSender for HttpWebhookSender {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use wiremock::matchers::{header, method};
+    use wiremock::matchers::{header, method, path};
     use wiremock::{Mock, MockServer, ResponseTemplate};
 
     fn settings(request_timeout: &str, allowed_private_cidrs: &[&str], proxy: &str) -> WebhookSenderSettings {
@@ -344,8 +387,8 @@ mod tests {
         let judged = Judged::default();
 
         let url = "https://hooks.example.com:8443/a/b?c=d";
-        assert_eq!(judged.destination(&policy, url).unwrap(), policy.destination(url).unwrap());
-        assert_eq!(judged.destination(&policy, url).unwrap().as_str(), url, "the kept judgement answers the same URL");
+        assert_eq!(judged.destination(&policy, url).unwrap().to_string(), policy.destination(url).unwrap().as_str());
+        assert_eq!(judged.destination(&policy, url).unwrap().to_string(), url, "the kept judgement answers the same URL");
         assert_eq!((judged.0.len(), judged.0.get(url).map(|u| u.to_string())), (1, Some(url.to_owned())));
 
         for refused in ["https://10.0.0.1/hook", "ftp://hooks.example.com/", "https://user:pw@hooks.example.com/"] {
@@ -495,6 +538,24 @@ mod tests {
         let error = result.error.unwrap();
         assert!(error.starts_with("could not connect"), "{error}");
         assert!(!error.contains("127.0.0.1") && !error.contains(&format!(":{port}")), "{error}");
+    }
+
+    /// `https` goes through TLS: a receiver that answers in plain HTTP (or with a certificate
+    /// no public root signed) gets no request, and the error names no address.
+    #[tokio::test]
+    async fn https_destinations_are_reached_through_tls_only() {
+        let server = MockServer::start().await;
+        Mock::given(method("POST")).and(path("/tls")).respond_with(ResponseTemplate::new(200)).expect(0).mount(&server).await;
+        let port = server.address().port();
+        for host in ["127.0.0.1", "localhost"] {
+            let result = sender(true).send(request(format!("https://{host}:{port}/tls"))).await;
+            assert_eq!(result.status, None, "{host}");
+            let error = result.error.unwrap();
+            assert!(error.starts_with("could not connect"), "{host}: {error}");
+            assert!(!error.contains("127.0.0.1") && !error.contains(&format!(":{port}")), "{host}: {error}");
+        }
+        let result = sender(true).send(request(format!("http://127.0.0.1:{port}/plain"))).await;
+        assert_eq!(result.error.unwrap_or_default(), "the receiver answered 404", "plain http still reaches the same receiver");
     }
 
     #[test]
