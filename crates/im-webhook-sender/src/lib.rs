@@ -344,7 +344,7 @@ impl WebhookSender for HttpWebhookSender {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use wiremock::matchers::{header, method, path};
+    use wiremock::matchers::{body_string, header, method, path, query_param};
     use wiremock::{Mock, MockServer, ResponseTemplate};
 
     fn settings(request_timeout: &str, allowed_private_cidrs: &[&str], proxy: &str) -> WebhookSenderSettings {
@@ -410,12 +410,19 @@ mod tests {
     #[tokio::test]
     async fn posts_and_records_status_body_and_retry_after() {
         let server = MockServer::start().await;
+        // The endpoint's path and query reach the receiver as written (in origin form), with
+        // the request's headers and its body.
         Mock::given(method("POST"))
+            .and(path("/hook/a%20b"))
+            .and(query_param("token", "t k"))
             .and(header("webhook-id", "msg_1"))
+            .and(header("host", format!("127.0.0.1:{}", server.address().port())))
+            .and(body_string("{}"))
             .respond_with(ResponseTemplate::new(429).insert_header("retry-after", "7").set_body_string("x".repeat(10_000)))
+            .expect(1)
             .mount(&server)
             .await;
-        let result = sender(true).send(request(format!("{}/hook", server.uri()))).await;
+        let result = sender(true).send(request(format!("{}/hook/a b?token=t%20k", server.uri()))).await;
         assert_eq!(result.status, Some(429));
         assert_eq!(result.retry_after, Some(Duration::from_secs(7)));
         assert_eq!(result.body_excerpt.map(|b| b.len()), Some(RESPONSE_EXCERPT_BYTES));
