@@ -222,21 +222,14 @@ impl Documents {
                             Err(e) => return Err(e),
                             Ok(etag) => Ok(etag),
                         },
-                        Some(etag) => match check_current(tx, container, resource, &pk, &id, Some(&etag), now) {
-                            Err(e @ (DomainError::NotFound { .. } | DomainError::PreconditionFailed)) => Err(e),
-                            Err(e) => return Err(e),
-                            Ok(()) => {
-                                crate::group_reads::changed(Some(container));
-                                let etag = new_etag();
-                                tx.prepare_cached(
-                                    "UPDATE documents SET etag = ?4, body = ?5, expires_at = NULL, hold_until = NULL \
-                                     WHERE container = +?1 AND pk = ?2 AND id = ?3",
-                                )
-                                .and_then(|mut s| s.execute(params![container, pk, id, etag.as_str(), body]))
-                                .map_err(map_sqlite)?;
-                                Ok(etag)
+                        Some(etag) => {
+                            let key = Key { container, resource, pk: &pk, id: &id };
+                            match update_current(tx, &key, Some(&etag), now, &body, None, None) {
+                                Err(e @ (DomainError::NotFound { .. } | DomainError::PreconditionFailed)) => Err(e),
+                                Err(e) => return Err(e),
+                                Ok(etag) => Ok(etag),
                             }
-                        },
+                        }
                     };
                     outcomes.push(outcome);
                 }
@@ -305,18 +298,14 @@ impl Documents {
         let etag = self
             .db
             .write(move |tx| {
-                check_current(tx, container, resource, &pk, &id, if_match.as_ref(), now)?;
+                // Everything that may fail before anything changes (the writer's rule).
+                if new_pk != pk {
+                    check_current(tx, container, resource, &pk, &id, if_match.as_ref(), now)?;
+                }
                 let rows = events_to_record(tx, &mut rows)?;
                 let etag = if new_pk == pk {
-                    crate::group_reads::changed(Some(container));
-                    let etag = new_etag();
-                    tx.prepare_cached(
-                        "UPDATE documents SET etag = ?4, body = ?5, expires_at = ?6, hold_until = ?7 \
-                         WHERE container = +?1 AND pk = ?2 AND id = ?3",
-                    )
-                    .and_then(|mut s| s.execute(params![container, pk, id, etag.as_str(), body, expiry(now, ttl), hold]))
-                    .map_err(map_sqlite)?;
-                    etag
+                    let key = Key { container, resource, pk: &pk, id: &id };
+                    update_current(tx, &key, if_match.as_ref(), now, &body, expiry(now, ttl), hold.as_deref())?
                 } else {
                     remove(tx, container, &pk, &id)?;
                     insert(tx, container, &new_pk, &id, &body, expiry(now, ttl), hold.as_deref(), now, new_etag())?
@@ -663,6 +652,47 @@ pub(crate) fn insert(
     Ok(etag)
 }
 
+/// A document's place, and what it is called in errors.
+struct Key<'a> {
+    container: &'static str,
+    resource: &'static str,
+    pk: &'a str,
+    id: &'a str,
+}
+
+/// Replaces the live document at `key` in place, conditionally on `if_match`, in one statement
+/// that finds it, checks it and writes it; only when it changes nothing does a read tell which
+/// error it is: `NotFound` (absent or expired) or `PreconditionFailed` (stale). Either way the
+/// write failed before changing anything, as the writer requires. A check read before every
+/// such write was 2.8% of the service's samples delivering to ten endpoints, on the writer.
+fn update_current(
+    tx: &Connection,
+    key: &Key<'_>,
+    if_match: Option<&ETag>,
+    now: i64,
+    body: &str,
+    expires_at: Option<i64>,
+    hold: Option<&str>,
+) -> Result<ETag, DomainError> {
+    crate::group_reads::changed(Some(key.container));
+    let etag = new_etag();
+    let changed = tx
+        .prepare_cached(
+            "UPDATE documents SET etag = ?4, body = ?5, expires_at = ?6, hold_until = ?7 \
+             WHERE container = +?1 AND pk = ?2 AND id = ?3 AND (expires_at IS NULL OR expires_at > ?8) \
+             AND (?9 IS NULL OR etag = ?9)",
+        )
+        .and_then(|mut s| {
+            s.execute(params![key.container, key.pk, key.id, etag.as_str(), body, expires_at, hold, now, if_match.map(ETag::as_str)])
+        })
+        .map_err(map_sqlite)?;
+    if changed == 0 {
+        check_current(tx, key.container, key.resource, key.pk, key.id, if_match, now)?;
+        return Err(DomainError::Unexpected(anyhow::anyhow!("a live, current {} was not updated", key.resource)));
+    }
+    Ok(etag)
+}
+
 fn check_current(
     tx: &Connection,
     container: &str,
@@ -764,6 +794,41 @@ mod tests {
             })
             .unwrap();
         assert_eq!(indexed, 2, "the index holds the providers alone");
+    }
+
+    /// A replace in place writes only a live document whose version matches (any version
+    /// without `if_match`), and each failure is told apart (absent or expired: not found;
+    /// another version: stale) without a row changed, as the writer requires of a failing write.
+    #[test]
+    fn a_replace_in_place_writes_the_current_version_only_and_fails_without_a_change() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        let tx = conn.transaction().unwrap();
+        crate::migrations::apply(&tx).unwrap();
+        let container = crate::containers::INTEGRATIONS;
+        let first = insert(&tx, container, "t", "live", "{\"v\":1}", None, None, 100, new_etag()).unwrap();
+        insert(&tx, container, "t", "expired", "{}", Some(150), None, 100, new_etag()).unwrap();
+        let key = |id| Key { container, resource: "integration", pk: "t", id };
+        let body =
+            |id: &str| -> String { tx.query_row("SELECT body FROM documents WHERE pk = 't' AND id = ?1", [id], |r| r.get(0)).unwrap() };
+        let changes = || tx.total_changes();
+
+        let second = update_current(&tx, &key("live"), Some(&first), 120, "{\"v\":2}", None, Some("hold")).unwrap();
+        assert_ne!(second, first, "a new version");
+        assert_eq!(body("live"), "{\"v\":2}");
+        let before = changes();
+        for (id, if_match, now) in [("live", Some(&first), 120), ("missing", None, 120), ("expired", None, 200), ("expired", None, 150)] {
+            let outcome = update_current(&tx, &key(id), if_match, now, "{\"v\":3}", None, None);
+            match (id, outcome) {
+                ("live", Err(DomainError::PreconditionFailed)) | ("missing" | "expired", Err(DomainError::NotFound { .. })) => {}
+                (id, other) => panic!("{id} at {now}: {other:?}"),
+            }
+        }
+        assert_eq!(changes(), before, "no failing replace changed a row");
+        assert_eq!(body("live"), "{\"v\":2}");
+        update_current(&tx, &key("live"), None, 120, "{\"v\":4}", None, None).unwrap();
+        assert_eq!(body("live"), "{\"v\":4}", "without if_match, any version is replaced");
+        update_current(&tx, &key("expired"), None, 149, "{\"v\":5}", Some(300), None).unwrap();
+        assert_eq!(body("expired"), "{\"v\":5}", "a document is live until its expiry");
     }
 
     /// A page across partitions names its container as text and reads only that container's
