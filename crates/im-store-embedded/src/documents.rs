@@ -301,6 +301,17 @@ impl Documents {
                 // Everything that may fail before anything changes (the writer's rule).
                 if new_pk != pk {
                     check_current(tx, container, resource, &pk, &id, if_match.as_ref(), now)?;
+                    // The target checked free too: the move deletes before it inserts.
+                    let taken = tx
+                        .prepare_cached(
+                            "SELECT 1 FROM documents WHERE container = +?1 AND pk = ?2 AND id = ?3 \
+                             AND (expires_at IS NULL OR expires_at > ?4)",
+                        )
+                        .and_then(|mut s| s.exists(params![container, new_pk, id, now]))
+                        .map_err(map_sqlite)?;
+                    if taken {
+                        return Err(DomainError::Conflict(format!("a document with id '{id}' already exists")));
+                    }
                 }
                 let rows = events_to_record(tx, &mut rows)?;
                 let etag = if new_pk == pk {
@@ -812,9 +823,16 @@ mod tests {
             |id: &str| -> String { tx.query_row("SELECT body FROM documents WHERE pk = 't' AND id = ?1", [id], |r| r.get(0)).unwrap() };
         let changes = || tx.total_changes();
 
-        let second = update_current(&tx, &key("live"), Some(&first), 120, "{\"v\":2}", None, Some("hold")).unwrap();
+        let second = update_current(&tx, &key("live"), Some(&first), 120, "{\"v\":2}", Some(900), Some("hold")).unwrap();
         assert_ne!(second, first, "a new version");
         assert_eq!(body("live"), "{\"v\":2}");
+        let columns = |id: &str| -> (String, Option<i64>, Option<String>) {
+            tx.query_row("SELECT etag, expires_at, hold_until FROM documents WHERE pk = 't' AND id = ?1", [id], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .unwrap()
+        };
+        assert_eq!(columns("live"), (second.as_str().to_owned(), Some(900), Some("hold".to_owned())));
         let before = changes();
         for (id, if_match, now) in [("live", Some(&first), 120), ("missing", None, 120), ("expired", None, 200), ("expired", None, 150)] {
             let outcome = update_current(&tx, &key(id), if_match, now, "{\"v\":3}", None, None);

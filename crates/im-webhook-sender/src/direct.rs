@@ -1,5 +1,6 @@
 //! The webhook sender's direct transport: hyper's pooled HTTP/1.1 client (`hyper-util`'s), over
-//! rustls for `https`, with names resolved by the [`SafeResolver`].
+//! rustls for `https`, with names resolved by the [`SafeResolver`]; the connect timeout bounds
+//! the whole connection (resolution, TCP, TLS handshake), the request timeout the whole exchange.
 //!
 //! reqwest runs the same hyper client under layers an attempt does not need: a retry layer, a
 //! redirect layer that parses every request's URI into a URL again, a URL made again of each
@@ -31,11 +32,50 @@ use crate::SafeResolver;
 /// How long an idle connection is kept (reqwest's default too).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
+/// TCP keepalive of pooled connections (reqwest's defaults: first probe after 15 s idle, then
+/// every 15 s, 3 probes).
+const KEEPALIVE: Duration = Duration::from_secs(15);
+const KEEPALIVE_PROBES: u32 = 3;
+
 /// hyper's client with the [`SafeResolver`] and TLS; cheap to clone (one pool).
 #[derive(Clone)]
 pub(crate) struct DirectClient {
-    client: Client<HttpsConnector<HttpConnector<SafeResolver>>, Full<Bytes>>,
+    client: Client<TimedConnect<HttpsConnector<HttpConnector<SafeResolver>>>, Full<Bytes>>,
     request_timeout: Duration,
+}
+
+/// A connector whose whole connection (the name resolved, TCP, the TLS handshake) must be
+/// made within `timeout`: the TCP connector's own timeout bounds each address tried, not a
+/// slow resolver or a handshake that stalls.
+#[derive(Clone)]
+pub(crate) struct TimedConnect<C> {
+    inner: C,
+    timeout: Duration,
+}
+
+impl<C> tower_service::Service<hyper::Uri> for TimedConnect<C>
+where
+    C: tower_service::Service<hyper::Uri>,
+    C::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    C::Future: Send + 'static,
+{
+    type Response = C::Response;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, uri: hyper::Uri) -> Self::Future {
+        let (connecting, timeout) = (self.inner.call(uri), self.timeout);
+        Box::pin(async move {
+            match tokio::time::timeout(timeout, connecting).await {
+                Ok(connected) => connected.map_err(Into::into),
+                Err(_) => Err(format!("the connection was not made within {}s", timeout.as_secs_f64()).into()),
+            }
+        })
+    }
 }
 
 impl std::fmt::Debug for DirectClient {
@@ -64,6 +104,9 @@ impl DirectClient {
         http.enforce_http(false);
         http.set_nodelay(true);
         http.set_connect_timeout(Some(connect_timeout));
+        http.set_keepalive(Some(KEEPALIVE));
+        http.set_keepalive_interval(Some(KEEPALIVE));
+        http.set_keepalive_retries(Some(KEEPALIVE_PROBES));
         let roots = rustls::RootCertStore::from_iter(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
         let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
             .with_safe_default_protocol_versions()
@@ -75,7 +118,7 @@ impl DirectClient {
             .pool_max_idle_per_host(idle_per_host)
             .pool_idle_timeout(IDLE_TIMEOUT)
             .pool_timer(TokioTimer::new())
-            .build(https);
+            .build(TimedConnect { inner: https, timeout: connect_timeout });
         Ok(Self { client, request_timeout })
     }
 

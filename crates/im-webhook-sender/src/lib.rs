@@ -565,6 +565,42 @@ mod tests {
         assert_eq!(result.error.unwrap_or_default(), "the receiver answered 404", "plain http still reaches the same receiver");
     }
 
+    /// The connect timeout bounds the whole connection, TLS handshake included: a receiver that
+    /// accepts TCP and never answers the handshake fails the attempt at the connect timeout,
+    /// not at the request timeout.
+    #[tokio::test]
+    async fn a_stalled_handshake_is_bounded_by_the_connect_timeout() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                held.push(stream);
+            }
+        });
+        let mut slow = settings("5s", &["127.0.0.0/8"], "");
+        slow.connect_timeout = HumanDuration::parse("300ms").unwrap();
+        let result = HttpWebhookSender::new(&slow).unwrap().send(request(format!("https://127.0.0.1:{port}/h"))).await;
+        let error = result.error.unwrap();
+        assert!(error.starts_with("could not connect") && error.contains("not made within 0.3s"), "{error}");
+        assert!(result.duration < Duration::from_secs(3), "took {:?}: the request timeout, not the connect timeout", result.duration);
+    }
+
+    /// The resolver under hyper's connector keeps only the addresses the policy allows, and
+    /// says which classes it refused without naming an address.
+    #[tokio::test]
+    async fn the_connectors_resolver_keeps_only_allowed_addresses() {
+        use tower_service::Service as _;
+        let name = || "localhost".parse::<hyper_util::client::legacy::connect::dns::Name>().unwrap();
+        let mut strict = SafeResolver { policy: Arc::new(settings("1s", &[], "").url_policy()) };
+        let refused = strict.call(name()).await.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(refused.starts_with("destination refused: localhost resolves to loopback"), "{refused}");
+        assert!(!refused.contains("127.0.0.1") && !refused.contains("::1"), "{refused}");
+        let mut local = SafeResolver { policy: Arc::new(settings("1s", &["127.0.0.0/8"], "").url_policy()) };
+        let allowed: Vec<SocketAddr> = local.call(name()).await.unwrap().collect();
+        assert!(!allowed.is_empty() && allowed.iter().all(|a| a.ip().is_loopback() && a.is_ipv4()), "{allowed:?}");
+    }
+
     #[test]
     fn addresses_are_redacted_from_error_texts() {
         assert_eq!(
