@@ -849,6 +849,34 @@ mod tests {
         assert_eq!(body("expired"), "{\"v\":5}", "a document is live until its expiry");
     }
 
+    /// A move to another partition whose id is taken there fails before anything changes: the
+    /// original stays where it was, and a write queued in the same group commits.
+    #[tokio::test]
+    async fn a_move_onto_a_taken_id_fails_before_deleting_the_original() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::EmbeddedStore::open(dir.path(), Arc::new(im_domain::SystemClock)).unwrap();
+        store.migrate().await.unwrap();
+        let docs = store.documents();
+        let container = crate::containers::PROVIDERS;
+        let (s, o) = (|v: &str| v.to_owned(), |v: &str| Some(v.to_owned()));
+        let etag = docs.create(container, s("vcs"), s("github"), s("{\"at\":\"vcs\"}"), None).await.unwrap();
+        docs.create(container, s("chat"), s("github"), s("{\"at\":\"chat\"}"), None).await.unwrap();
+        let (moved, other) = tokio::join!(
+            docs.replace(container, "provider", s("vcs"), s("chat"), s("github"), s("{}"), Some(etag), None, &[]),
+            docs.create(container, s("chat"), s("slack"), s("{}"), None),
+        );
+        assert!(matches!(moved, Err(DomainError::Conflict(_))), "{moved:?}");
+        other.unwrap();
+        let body = |pk: &str, id: &str| {
+            let docs = docs.clone();
+            let (pk, id) = (s(pk), s(id));
+            async move { docs.get(container, pk, id).await.unwrap().map(|d| d.body) }
+        };
+        assert_eq!(body("vcs", "github").await, o("{\"at\":\"vcs\"}"), "the original was not deleted");
+        assert_eq!(body("chat", "github").await, o("{\"at\":\"chat\"}"));
+        assert!(body("chat", "slack").await.is_some(), "the other write of the group committed");
+    }
+
     /// A page across partitions names its container as text and reads only that container's
     /// documents, in id order.
     #[test]
