@@ -301,16 +301,12 @@ impl Documents {
                 // Everything that may fail before anything changes (the writer's rule).
                 if new_pk != pk {
                     check_current(tx, container, resource, &pk, &id, if_match.as_ref(), now)?;
-                    // The target checked free too: the move deletes before it inserts.
-                    let taken = tx
-                        .prepare_cached(
-                            "SELECT 1 FROM documents WHERE container = +?1 AND pk = ?2 AND id = ?3 \
-                             AND (expires_at IS NULL OR expires_at > ?4)",
-                        )
-                        .and_then(|mut s| s.exists(params![container, new_pk, id, now]))
-                        .map_err(map_sqlite)?;
-                    if taken {
-                        return Err(DomainError::Conflict(format!("a document with id '{id}' already exists")));
+                    // The target checked free too (no live document there): the move deletes
+                    // before it inserts.
+                    match check_current(tx, container, resource, &new_pk, &id, None, now) {
+                        Err(DomainError::NotFound { .. }) => {}
+                        Ok(()) => return Err(DomainError::Conflict(format!("a document with id '{id}' already exists"))),
+                        Err(e) => return Err(e),
                     }
                 }
                 let rows = events_to_record(tx, &mut rows)?;
@@ -685,7 +681,6 @@ fn update_current(
     expires_at: Option<i64>,
     hold: Option<&str>,
 ) -> Result<ETag, DomainError> {
-    crate::group_reads::changed(Some(key.container));
     let etag = new_etag();
     let changed = tx
         .prepare_cached(
@@ -701,6 +696,7 @@ fn update_current(
         check_current(tx, key.container, key.resource, key.pk, key.id, if_match, now)?;
         return Err(DomainError::Unexpected(anyhow::anyhow!("a live, current {} was not updated", key.resource)));
     }
+    crate::group_reads::changed(Some(key.container));
     Ok(etag)
 }
 
