@@ -354,9 +354,14 @@ fn configure_connection(conn: &Connection) -> rusqlite::Result<()> {
     Ok(())
 }
 
-/// A read-write connection to the file.
-fn open_for_writing(path: &Path) -> anyhow::Result<Connection> {
-    let conn = Connection::open(path).map_err(|e| anyhow::anyhow!("cannot open database {}: {e}", path.display()))?;
+/// A read-write connection to the file; the writer's gathers each commit's WAL frames into one
+/// write (`gather`: [`crate::gathered_wal`]).
+fn open_for_writing(path: &Path, gather: bool) -> anyhow::Result<Connection> {
+    let opened = match crate::gathered_wal::name().filter(|_| gather) {
+        Some(vfs) => Connection::open_with_flags_and_vfs(path, OpenFlags::default(), vfs),
+        None => Connection::open(path),
+    };
+    let conn = opened.map_err(|e| anyhow::anyhow!("cannot open database {}: {e}", path.display()))?;
     configure_connection(&conn)?;
     Ok(conn)
 }
@@ -434,9 +439,9 @@ impl Db {
     /// Opens the database with `options`.
     pub fn open_with(path: &Path, clock: Arc<dyn Clock>, options: DbOptions) -> anyhow::Result<Self> {
         let DbOptions { write_queue: capacity, wal_restart_frames } = options;
-        let writer = open_for_writing(path)?;
+        let writer = open_for_writing(path, true)?;
         configure_writer(&writer, wal_restart_frames)?;
-        let checkpointer = open_for_writing(path)?;
+        let checkpointer = open_for_writing(path, false)?;
         let commits = Arc::new(AtomicU64::new(0));
         let gate = Arc::new(Gate::default());
         let (writes, jobs) = mpsc::sync_channel::<Job>(capacity);

@@ -10,6 +10,7 @@ mod connections;
 mod db;
 mod deliveries;
 pub mod documents;
+mod gathered_wal;
 mod group_reads;
 mod handoff;
 mod idempotency;

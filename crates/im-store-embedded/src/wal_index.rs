@@ -4,8 +4,8 @@
 //! A read connection compares them with what it read before ([`crate::db`]'s `Reader`) at every
 //! read, to tell whether anything was committed since (by any connection, in any process). Read
 //! with `pread`, that was one system call a read: a sixteenth of the CPU time of a `GET` by id.
-//! Mapped, it is a few loads from memory, where SQLite reads it too. This module holds the only
-//! `unsafe` code of the workspace: those loads.
+//! Mapped, it is a few loads from memory, where SQLite reads it too. This module holds `unsafe`
+//! code (as do [`crate::gathered_wal`] and the binary's call to its allocator): those loads.
 #![allow(unsafe_code)]
 
 use std::fs::File;

@@ -1,0 +1,542 @@
+//! The writer's WAL writes, gathered: one `pwrite` a commit instead of two a page.
+//!
+//! SQLite appends each page of a commit to the WAL with two writes, the frame's 24-byte header
+//! and then the page, each a system call, and each touching the file's cache pages (a frame of a
+//! 4 KiB page spans two). Delivering to ten endpoints, that was 7.7 `pwrite`s an attempt and the
+//! largest part of the writer's time in the kernel. This VFS is the default one (`unix`) with the
+//! WAL's writes gathered in memory while a commit's frames are written, then written with one
+//! call when its last frame (the one that carries the commit mark) is complete: before the
+//! commit returns and before SQLite makes it visible to readers (it publishes a commit by
+//! rewriting the WAL index's header after the frames are written). So what is on disk (in the
+//! file, as far as the operating system is concerned) when a commit returns is what it was:
+//! durability and what a crash leaves are unchanged, and a failed write fails the commit.
+//!
+//! Rules, for the WAL file of a connection opened with this VFS:
+//! - a write that continues the gathered bytes is added to them; any other write first writes
+//!   them out;
+//! - when the page of a commit frame is added (a frame header's "database size" field, bytes 4
+//!   to 8, is not zero only in a commit's last frame), the gathered bytes are written out, and
+//!   further writes go straight through until the commit is published (SQLite then calls the
+//!   database file's memory barrier, `xShmBarrier`): the frame headers that SQLite rewrites
+//!   after its last frame (checksums of frames overwritten in the same transaction) are not held;
+//! - every other operation on the WAL file (read, size, truncate, sync, file control, close)
+//!   first writes out what was gathered, and so does the database file's barrier (so nothing
+//!   gathered is ever published unwritten; a write that fails there, where SQLite takes no
+//!   error, ends the process before the commit could be published: what a crash leaves);
+//! - at most [`GATHERED_MAX`] bytes are held.
+//!
+//! Only the writer's connection uses it ([`crate::db`]); readers and the checkpointer use the
+//! default VFS. This module holds `unsafe` code: a VFS is a table of C callbacks.
+#![allow(unsafe_code)]
+
+use std::ffi::{CStr, c_char, c_int, c_void};
+use std::ptr;
+use std::sync::OnceLock;
+
+use rusqlite::ffi;
+
+/// The VFS's registered name.
+pub(crate) const NAME: &CStr = c"im-gathered-wal";
+
+/// The most bytes gathered before they are written out (a commit of more frames is written in
+/// several calls): the default VFS writes at most 128 KiB - 1 bytes a call (it masks the length
+/// with `0x1ffff`; a longer write would be cut short, and fail as a full disk).
+const GATHERED_MAX: usize = 120 * 1024;
+
+/// A WAL frame header's size.
+const FRAME_HEADER: usize = 24;
+
+/// The VFS this one wraps (SQLite's default), once registered.
+struct Registered {
+    inner: *mut ffi::sqlite3_vfs,
+}
+
+// SAFETY: the pointer is to SQLite's default VFS object, which lives (unchanged) as long as the
+// process; SQLite calls its methods from any thread.
+unsafe impl Send for Registered {}
+unsafe impl Sync for Registered {}
+
+static REGISTERED: OnceLock<Option<Registered>> = OnceLock::new();
+
+/// Registers the VFS (once a process); its name, or `None` when SQLite has no default VFS to
+/// wrap (then connections use the default VFS itself).
+pub(crate) fn name() -> Option<&'static CStr> {
+    REGISTERED.get_or_init(register).as_ref().map(|_| NAME)
+}
+
+fn register() -> Option<Registered> {
+    // SAFETY: `sqlite3_vfs_find` initializes SQLite and returns the default VFS (or null); the
+    // copy made of it is leaked, so it lives as long as SQLite may use it.
+    unsafe {
+        let inner = ffi::sqlite3_vfs_find(ptr::null());
+        if inner.is_null() {
+            return None;
+        }
+        let inner_size = usize::try_from((*inner).szOsFile).ok()?;
+        let mut vfs: ffi::sqlite3_vfs = *inner;
+        vfs.pNext = ptr::null_mut();
+        vfs.zName = NAME.as_ptr();
+        vfs.szOsFile = c_int::try_from(INNER_OFFSET + inner_size).ok()?;
+        vfs.xOpen = Some(open);
+        let vfs = Box::leak(Box::new(vfs));
+        if ffi::sqlite3_vfs_register(vfs, 0) != ffi::SQLITE_OK {
+            return None;
+        }
+        Some(Registered { inner })
+    }
+}
+
+/// What a file opened through this VFS is to it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    MainDb,
+    Wal,
+    Other,
+}
+
+/// A WAL file's gathered writes.
+#[derive(Default)]
+struct Gathered {
+    /// The file offset of `bytes[0]`.
+    start: i64,
+    bytes: Vec<u8>,
+    /// The last write added was a commit frame's header: the next (its page) completes it.
+    commit_header: bool,
+    /// A commit's frames were written out and it is not published yet: writes go straight through.
+    through: bool,
+    /// Calls made to the default VFS's write for this file (for tests).
+    #[cfg(test)]
+    writes: u64,
+}
+
+/// The file object SQLite allocates (`szOsFile` bytes): this, then the default VFS's own file.
+#[repr(C)]
+struct Wrapped {
+    /// What SQLite sees: `pMethods` is [`METHODS`].
+    base: ffi::sqlite3_file,
+    kind: Kind,
+    /// A main database file: its WAL's object while that is open.
+    wal: *mut Wrapped,
+    /// A WAL file: its main database file's object.
+    db: *mut Wrapped,
+    /// A WAL file: its gathered writes.
+    gathered: Option<Box<Gathered>>,
+}
+
+/// Where the default VFS's file starts in the allocation (aligned for any of its fields).
+const INNER_OFFSET: usize = size_of::<Wrapped>().next_multiple_of(16);
+
+impl Wrapped {
+    /// The default VFS's file in the same allocation.
+    fn inner(&mut self) -> *mut ffi::sqlite3_file {
+        // SAFETY: SQLite allocated `szOsFile` = INNER_OFFSET + the default's size for this file.
+        unsafe { ptr::from_mut(self).cast::<u8>().add(INNER_OFFSET).cast() }
+    }
+
+    /// The default VFS's methods of this file.
+    fn methods(&mut self) -> &'static ffi::sqlite3_io_methods {
+        // SAFETY: set by the default VFS's open, which succeeded (else this object has no
+        // methods and SQLite calls none), and static in it.
+        unsafe { &*(*self.inner()).pMethods }
+    }
+
+    /// Writes the gathered bytes out; SQLite's result code.
+    fn write_out(&mut self) -> c_int {
+        let inner = self.inner();
+        let write = self.methods().xWrite;
+        let Some(gathered) = self.gathered.as_deref_mut() else { return ffi::SQLITE_OK };
+        gathered.commit_header = false;
+        if gathered.bytes.is_empty() {
+            return ffi::SQLITE_OK;
+        }
+        let Ok(amount) = c_int::try_from(gathered.bytes.len()) else { return ffi::SQLITE_IOERR_WRITE };
+        #[cfg(test)]
+        {
+            gathered.writes += 1;
+        }
+        // SAFETY: the default VFS's write of its own open file, with a buffer of `amount` bytes.
+        let rc = unsafe { write.map_or(ffi::SQLITE_IOERR_WRITE, |w| w(inner, gathered.bytes.as_ptr().cast(), amount, gathered.start)) };
+        gathered.bytes.clear();
+        rc
+    }
+
+    /// A WAL write: gathered or written (see the module's rules).
+    fn write(&mut self, data: &[u8], offset: i64) -> c_int {
+        let Some(gathered) = self.gathered.as_deref() else { return ffi::SQLITE_IOERR_WRITE };
+        let follows = gathered.start + gathered.bytes.len() as i64 == offset;
+        let through = gathered.through || data.len() > GATHERED_MAX;
+        if through || !follows || gathered.bytes.len() + data.len() > GATHERED_MAX {
+            let rc = self.write_out();
+            if rc != ffi::SQLITE_OK {
+                return rc;
+            }
+        }
+        if through {
+            let inner = self.inner();
+            let write = self.methods().xWrite;
+            #[cfg(test)]
+            if let Some(gathered) = self.gathered.as_deref_mut() {
+                gathered.writes += 1;
+            }
+            let Ok(amount) = c_int::try_from(data.len()) else { return ffi::SQLITE_IOERR_WRITE };
+            // SAFETY: the default VFS's write of its own open file, with `data`.
+            return unsafe { write.map_or(ffi::SQLITE_IOERR_WRITE, |w| w(inner, data.as_ptr().cast(), amount, offset)) };
+        }
+        let Some(gathered) = self.gathered.as_deref_mut() else { return ffi::SQLITE_IOERR_WRITE };
+        if gathered.bytes.is_empty() {
+            gathered.start = offset;
+        }
+        gathered.bytes.extend_from_slice(data);
+        if data.len() == FRAME_HEADER {
+            gathered.commit_header = data[4..8] != [0, 0, 0, 0];
+            return ffi::SQLITE_OK;
+        }
+        if !gathered.commit_header {
+            return ffi::SQLITE_OK;
+        }
+        let rc = self.write_out();
+        if let Some(gathered) = self.gathered.as_deref_mut() {
+            gathered.through = true;
+        }
+        rc
+    }
+}
+
+/// The object of `file`.
+///
+/// # Safety
+/// `file` is a file SQLite opened through this VFS (its methods are [`METHODS`]) and no other
+/// reference to it is live (SQLite calls a file's methods from one thread at a time).
+unsafe fn wrapped<'a>(file: *mut ffi::sqlite3_file) -> &'a mut Wrapped {
+    // SAFETY: the caller's.
+    unsafe { &mut *file.cast::<Wrapped>() }
+}
+
+unsafe extern "C" fn open(
+    _vfs: *mut ffi::sqlite3_vfs,
+    name: ffi::sqlite3_filename,
+    file: *mut ffi::sqlite3_file,
+    flags: c_int,
+    out_flags: *mut c_int,
+) -> c_int {
+    let Some(Some(registered)) = REGISTERED.get() else { return ffi::SQLITE_CANTOPEN };
+    let kind = if flags & ffi::SQLITE_OPEN_MAIN_DB != 0 {
+        Kind::MainDb
+    } else if flags & ffi::SQLITE_OPEN_WAL != 0 {
+        Kind::Wal
+    } else {
+        Kind::Other
+    };
+    // SAFETY: SQLite allocated `szOsFile` bytes at `file`, for this object then the default
+    // VFS's file; both are initialized here before any method can be called.
+    unsafe {
+        ptr::write(
+            file.cast::<Wrapped>(),
+            Wrapped {
+                base: ffi::sqlite3_file { pMethods: ptr::null() },
+                kind,
+                wal: ptr::null_mut(),
+                db: ptr::null_mut(),
+                gathered: (kind == Kind::Wal).then(Box::default),
+            },
+        );
+        let this = wrapped(file);
+        let inner = this.inner();
+        let Some(inner_open) = (*registered.inner).xOpen else { return ffi::SQLITE_CANTOPEN };
+        let rc = inner_open(registered.inner, name, inner, flags, out_flags);
+        if (*inner).pMethods.is_null() {
+            // Nothing to close: SQLite calls no method of a file without methods.
+            this.gathered = None;
+            return rc;
+        }
+        this.base.pMethods = &METHODS;
+        if kind == Kind::Wal && !name.is_null() {
+            let db = ffi::sqlite3_database_file_object(name.cast::<c_char>());
+            if !db.is_null() && ptr::eq((*db).pMethods, &METHODS) {
+                let db = db.cast::<Wrapped>();
+                (*db).wal = this;
+                this.db = db;
+            }
+        }
+        rc
+    }
+}
+
+static METHODS: ffi::sqlite3_io_methods = ffi::sqlite3_io_methods {
+    iVersion: 3,
+    xClose: Some(close),
+    xRead: Some(read),
+    xWrite: Some(write),
+    xTruncate: Some(truncate),
+    xSync: Some(sync),
+    xFileSize: Some(file_size),
+    xLock: Some(lock),
+    xUnlock: Some(unlock),
+    xCheckReservedLock: Some(check_reserved_lock),
+    xFileControl: Some(file_control),
+    xSectorSize: Some(sector_size),
+    xDeviceCharacteristics: Some(device_characteristics),
+    xShmMap: Some(shm_map),
+    xShmLock: Some(shm_lock),
+    xShmBarrier: Some(shm_barrier),
+    xShmUnmap: Some(shm_unmap),
+    xFetch: Some(fetch),
+    xUnfetch: Some(unfetch),
+};
+
+/// Calls the default VFS's method `$m` of the file, with `$args` after the file (an error when
+/// it has none), after writing out what was gathered when `$flush` (an error there is returned).
+macro_rules! forward {
+    ($file:expr, $m:ident, $flush:expr $(, $arg:expr)*) => {{
+        // SAFETY: called by SQLite for a file opened through this VFS.
+        let this = unsafe { wrapped($file) };
+        let rc = if $flush { this.write_out() } else { ffi::SQLITE_OK };
+        if rc != ffi::SQLITE_OK {
+            rc
+        } else {
+            let inner = this.inner();
+            // SAFETY: the default VFS's method of its own open file, with SQLite's arguments.
+            this.methods().$m.map_or(ffi::SQLITE_IOERR, |m| unsafe { m(inner $(, $arg)*) })
+        }
+    }};
+}
+
+unsafe extern "C" fn close(file: *mut ffi::sqlite3_file) -> c_int {
+    // SAFETY: called by SQLite for a file opened through this VFS, which it closes.
+    let this = unsafe { wrapped(file) };
+    let written = this.write_out();
+    let inner = this.inner();
+    // SAFETY: the default VFS's close of its own open file.
+    let rc = this.methods().xClose.map_or(ffi::SQLITE_OK, |m| unsafe { m(inner) });
+    // SAFETY: a linked database file is open while its WAL is (SQLite closes the WAL first), and
+    // the other way round.
+    unsafe {
+        if !this.db.is_null() {
+            (*this.db).wal = ptr::null_mut();
+        }
+        if !this.wal.is_null() {
+            (*this.wal).db = ptr::null_mut();
+        }
+    }
+    this.gathered = None;
+    this.base.pMethods = ptr::null();
+    if written != ffi::SQLITE_OK { written } else { rc }
+}
+
+unsafe extern "C" fn read(file: *mut ffi::sqlite3_file, buf: *mut c_void, amount: c_int, offset: i64) -> c_int {
+    forward!(file, xRead, true, buf, amount, offset)
+}
+
+unsafe extern "C" fn write(file: *mut ffi::sqlite3_file, buf: *const c_void, amount: c_int, offset: i64) -> c_int {
+    // SAFETY: called by SQLite for a file opened through this VFS.
+    let this = unsafe { wrapped(file) };
+    if this.kind != Kind::Wal || buf.is_null() || amount < 0 {
+        let inner = this.inner();
+        // SAFETY: the default VFS's write of its own open file, with SQLite's arguments.
+        return this.methods().xWrite.map_or(ffi::SQLITE_IOERR_WRITE, |m| unsafe { m(inner, buf, amount, offset) });
+    }
+    // SAFETY: SQLite passes `amount` readable bytes at `buf`.
+    let data = unsafe { std::slice::from_raw_parts(buf.cast::<u8>(), amount as usize) };
+    this.write(data, offset)
+}
+
+unsafe extern "C" fn truncate(file: *mut ffi::sqlite3_file, size: i64) -> c_int {
+    forward!(file, xTruncate, true, size)
+}
+
+unsafe extern "C" fn sync(file: *mut ffi::sqlite3_file, flags: c_int) -> c_int {
+    forward!(file, xSync, true, flags)
+}
+
+unsafe extern "C" fn file_size(file: *mut ffi::sqlite3_file, size: *mut i64) -> c_int {
+    forward!(file, xFileSize, true, size)
+}
+
+unsafe extern "C" fn lock(file: *mut ffi::sqlite3_file, level: c_int) -> c_int {
+    forward!(file, xLock, false, level)
+}
+
+unsafe extern "C" fn unlock(file: *mut ffi::sqlite3_file, level: c_int) -> c_int {
+    forward!(file, xUnlock, false, level)
+}
+
+unsafe extern "C" fn check_reserved_lock(file: *mut ffi::sqlite3_file, out: *mut c_int) -> c_int {
+    forward!(file, xCheckReservedLock, false, out)
+}
+
+unsafe extern "C" fn file_control(file: *mut ffi::sqlite3_file, op: c_int, arg: *mut c_void) -> c_int {
+    forward!(file, xFileControl, true, op, arg)
+}
+
+unsafe extern "C" fn sector_size(file: *mut ffi::sqlite3_file) -> c_int {
+    forward!(file, xSectorSize, false)
+}
+
+unsafe extern "C" fn device_characteristics(file: *mut ffi::sqlite3_file) -> c_int {
+    forward!(file, xDeviceCharacteristics, false)
+}
+
+unsafe extern "C" fn shm_map(file: *mut ffi::sqlite3_file, page: c_int, size: c_int, extend: c_int, out: *mut *mut c_void) -> c_int {
+    forward!(file, xShmMap, false, page, size, extend, out)
+}
+
+unsafe extern "C" fn shm_lock(file: *mut ffi::sqlite3_file, offset: c_int, n: c_int, flags: c_int) -> c_int {
+    forward!(file, xShmLock, false, offset, n, flags)
+}
+
+unsafe extern "C" fn shm_barrier(file: *mut ffi::sqlite3_file) {
+    // SAFETY: called by SQLite for a file opened through this VFS; its WAL's object, when
+    // linked, is open (see `close`) and used by the same connection, so by this thread.
+    let this = unsafe { wrapped(file) };
+    if !this.wal.is_null() {
+        // SAFETY: as above.
+        let wal = unsafe { &mut *this.wal };
+        if wal.write_out() != ffi::SQLITE_OK {
+            // SQLite is about to publish frames that could not be written; it takes no error
+            // here. Ending the process before it does leaves what a crash leaves: the commit was
+            // not answered, and recovery keeps only complete commits.
+            tracing::error!("could not write the WAL's gathered frames before a commit's publication; stopping");
+            std::process::abort();
+        }
+        if let Some(gathered) = wal.gathered.as_deref_mut() {
+            gathered.through = false;
+        }
+    }
+    let inner = this.inner();
+    if let Some(m) = this.methods().xShmBarrier {
+        // SAFETY: the default VFS's barrier of its own open file.
+        unsafe { m(inner) }
+    }
+}
+
+unsafe extern "C" fn shm_unmap(file: *mut ffi::sqlite3_file, delete: c_int) -> c_int {
+    forward!(file, xShmUnmap, false, delete)
+}
+
+unsafe extern "C" fn fetch(file: *mut ffi::sqlite3_file, offset: i64, amount: c_int, out: *mut *mut c_void) -> c_int {
+    forward!(file, xFetch, true, offset, amount, out)
+}
+
+unsafe extern "C" fn unfetch(file: *mut ffi::sqlite3_file, offset: i64, page: *mut c_void) -> c_int {
+    forward!(file, xUnfetch, false, offset, page)
+}
+
+/// The calls made to the default VFS's write for the WAL of `conn` (opened through this VFS).
+#[cfg(test)]
+pub(crate) fn wal_writes(conn: &rusqlite::Connection) -> u64 {
+    let mut file: *mut ffi::sqlite3_file = ptr::null_mut();
+    // SAFETY: the file control returns the connection's main database file object, which this
+    // VFS opened; its WAL's object is linked while open; the connection is not in use meanwhile.
+    unsafe {
+        let rc =
+            ffi::sqlite3_file_control(conn.handle(), c"main".as_ptr(), ffi::SQLITE_FCNTL_FILE_POINTER, ptr::from_mut(&mut file).cast());
+        assert_eq!(rc, ffi::SQLITE_OK);
+        assert!(ptr::eq((*file).pMethods, &METHODS), "the connection was not opened through the gathering VFS");
+        let db = wrapped(file);
+        assert!(!db.wal.is_null(), "the connection has no WAL open");
+        (*db.wal).gathered.as_ref().map_or(0, |g| g.writes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rusqlite::{Connection, OpenFlags};
+
+    use super::*;
+
+    fn open(path: &std::path::Path) -> Connection {
+        let conn = Connection::open_with_flags_and_vfs(path, OpenFlags::default(), name().expect("registered")).unwrap();
+        conn.pragma_update(None, "journal_mode", "WAL").unwrap();
+        conn.pragma_update(None, "synchronous", "NORMAL").unwrap();
+        conn.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
+        conn
+    }
+
+    fn rows(conn: &Connection) -> Vec<(i64, Vec<u8>)> {
+        let mut statement = conn.prepare("SELECT id, body FROM t ORDER BY id").unwrap();
+        statement.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap().map(Result::unwrap).collect()
+    }
+
+    fn body(id: i64, len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i as i64 * 31 + id * 7) as u8).collect()
+    }
+
+    #[test]
+    fn a_commit_writes_its_frames_with_one_call() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let conn = open(&path);
+        conn.execute_batch("CREATE TABLE t (id INTEGER PRIMARY KEY, body BLOB NOT NULL)").unwrap();
+        for round in 0..20 {
+            let before = wal_writes(&conn);
+            let tx = conn.unchecked_transaction().unwrap();
+            // About ten pages a commit.
+            for id in 0..10 {
+                tx.execute("INSERT INTO t (id, body) VALUES (?1, ?2)", (round * 10 + id, body(round * 10 + id, 3000))).unwrap();
+            }
+            tx.commit().unwrap();
+            assert_eq!(wal_writes(&conn) - before, 1, "commit {round}");
+        }
+        // Another connection, on the default VFS, reads every commit.
+        let reader = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+        let expected: Vec<_> = (0..200).map(|id| (id, body(id, 3000))).collect();
+        assert_eq!(rows(&reader), expected);
+        let check: String = reader.query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap();
+        assert_eq!(check, "ok");
+    }
+
+    #[test]
+    fn every_commit_is_visible_to_another_connection_when_it_returns() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let conn = open(&path);
+        conn.execute_batch("CREATE TABLE t (id INTEGER PRIMARY KEY, body BLOB NOT NULL)").unwrap();
+        let reader = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+        for id in 0..100 {
+            conn.execute("INSERT INTO t (id, body) VALUES (?1, ?2)", (id, body(id, 100 + id as usize * 50))).unwrap();
+            let seen: i64 = reader.query_row("SELECT count(*) FROM t", [], |r| r.get(0)).unwrap();
+            assert_eq!(seen, id + 1);
+            let last: Vec<u8> = reader.query_row("SELECT body FROM t WHERE id = ?1", [id], |r| r.get(0)).unwrap();
+            assert_eq!(last, body(id, 100 + id as usize * 50));
+        }
+    }
+
+    #[test]
+    fn a_transaction_larger_than_the_cache_rolls_back_and_commits_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let conn = open(&path);
+        // A tiny cache: a transaction's pages spill into the WAL before its commit, and its
+        // commit overwrites frames it wrote (SQLite then rewrites their checksums).
+        conn.pragma_update(None, "cache_size", 10).unwrap();
+        conn.execute_batch("CREATE TABLE t (id INTEGER PRIMARY KEY, body BLOB NOT NULL)").unwrap();
+        let tx = conn.unchecked_transaction().unwrap();
+        for id in 0..300 {
+            tx.execute("INSERT INTO t (id, body) VALUES (?1, ?2)", (id, body(id, 2000))).unwrap();
+        }
+        tx.rollback().unwrap();
+        assert!(rows(&conn).is_empty());
+        let tx = conn.unchecked_transaction().unwrap();
+        for id in 0..300 {
+            tx.execute("INSERT INTO t (id, body) VALUES (?1, ?2)", (id, body(id, 2000))).unwrap();
+        }
+        for id in (0..300).step_by(3) {
+            tx.execute("UPDATE t SET body = ?2 WHERE id = ?1", (id, body(id + 1, 2500))).unwrap();
+        }
+        tx.commit().unwrap();
+        let expected: Vec<_> = (0..300).map(|id| (id, if id % 3 == 0 { body(id + 1, 2500) } else { body(id, 2000) })).collect();
+        let reader = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+        assert_eq!(rows(&reader), expected);
+        drop(reader);
+        // What the WAL holds is what a process that opens the database afresh recovers.
+        let copy = dir.path().join("copy");
+        for suffix in ["", "-wal"] {
+            std::fs::copy(format!("{}{suffix}", path.display()), format!("{}{suffix}", copy.display())).unwrap();
+        }
+        let recovered = Connection::open(&copy).unwrap();
+        assert_eq!(rows(&recovered), expected);
+        let check: String = recovered.query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap();
+        assert_eq!(check, "ok");
+        drop(conn);
+    }
+}
