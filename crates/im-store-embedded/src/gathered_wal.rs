@@ -98,7 +98,7 @@ fn register() -> Option<Registered> {
     }
 }
 
-/// What a file opened through this VFS is to it.
+/// What a file being opened through this VFS is to it.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
     MainDb,
@@ -152,12 +152,11 @@ struct Wrapped {
     base: ffi::sqlite3_file,
     /// The default VFS's file, at [`INNER_OFFSET`] in the same allocation.
     inner: *mut ffi::sqlite3_file,
-    kind: Kind,
     /// A main database file: its WAL's object while that is open.
     wal: *mut Wrapped,
     /// A WAL file: its main database file's object.
     db: *mut Wrapped,
-    /// A WAL file: its gathered writes.
+    /// A WAL file's gathered writes (`None` for any other file).
     gathered: Option<Box<Gathered>>,
 }
 
@@ -300,7 +299,6 @@ unsafe extern "C" fn open(
             Wrapped {
                 base: ffi::sqlite3_file { pMethods: ptr::null() },
                 inner: file.cast::<u8>().add(INNER_OFFSET).cast(),
-                kind,
                 wal: ptr::null_mut(),
                 db: ptr::null_mut(),
                 gathered: (kind == Kind::Wal).then(Box::default),
@@ -405,7 +403,7 @@ unsafe extern "C" fn read(file: *mut ffi::sqlite3_file, buf: *mut c_void, amount
 unsafe extern "C" fn write(file: *mut ffi::sqlite3_file, buf: *const c_void, amount: c_int, offset: i64) -> c_int {
     // SAFETY: called by SQLite for a file opened through this VFS.
     let this = unsafe { wrapped(file) };
-    if this.kind != Kind::Wal || buf.is_null() || amount < 0 {
+    if this.gathered.is_none() || buf.is_null() || amount < 0 {
         // SAFETY: the default VFS's write of its own open file, with SQLite's arguments.
         return this.methods().xWrite.map_or(ffi::SQLITE_IOERR_WRITE, |m| unsafe { m(this.inner, buf, amount, offset) });
     }
