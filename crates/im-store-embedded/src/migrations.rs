@@ -173,6 +173,45 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     CREATE INDEX providers_by_id ON documents (id, expires_at, etag) WHERE container = 'integration_providers';
     "#,
     ),
+    (
+        12,
+        "queues_without_autoincrement",
+        r#"
+    -- The outbox and the audit buffer number their rows without AUTOINCREMENT. `seq` only orders
+    -- the rows there (each is deleted once published or acknowledged): a new row takes one more
+    -- than the largest left, after every row waiting, as before. AUTOINCREMENT also kept the
+    -- largest number ever given in `sqlite_sequence`, read and written again by every insert:
+    -- one more page in each commit that wrote an event (a delivery's outcome writes one).
+    -- The rows, their numbers and their claims are kept as they are.
+    CREATE TABLE outbox_next (
+        seq           INTEGER PRIMARY KEY,        -- publication order
+        id            TEXT    NOT NULL UNIQUE,    -- the event id
+        body          TEXT    NOT NULL,           -- the event, JSON
+        created_at    INTEGER NOT NULL,           -- unix milliseconds
+        claimed_by    TEXT,
+        claimed_until INTEGER NOT NULL DEFAULT 0,
+        attempts      INTEGER NOT NULL DEFAULT 0,
+        last_error    TEXT,
+        dead_at       INTEGER
+    );
+    INSERT INTO outbox_next (seq, id, body, created_at, claimed_by, claimed_until, attempts, last_error, dead_at)
+        SELECT seq, id, body, created_at, claimed_by, claimed_until, attempts, last_error, dead_at FROM outbox;
+    DROP TABLE outbox;
+    ALTER TABLE outbox_next RENAME TO outbox;
+    CREATE TABLE audit_buffer_next (
+        seq           INTEGER PRIMARY KEY,
+        id            TEXT    NOT NULL UNIQUE,
+        recorded_at   INTEGER NOT NULL,   -- the record's timestamp, unix milliseconds
+        body          TEXT    NOT NULL,   -- the record in its wire form (JSON)
+        claimed_by    TEXT,
+        claimed_until INTEGER NOT NULL DEFAULT 0
+    );
+    INSERT INTO audit_buffer_next (seq, id, recorded_at, body, claimed_by, claimed_until)
+        SELECT seq, id, recorded_at, body, claimed_by, claimed_until FROM audit_buffer;
+    DROP TABLE audit_buffer;
+    ALTER TABLE audit_buffer_next RENAME TO audit_buffer;
+    "#,
+    ),
 ];
 
 /// What [`crate::EmbeddedStore::migrate`] did.
@@ -300,6 +339,58 @@ mod tests {
         let indexed =
             column("SELECT id FROM documents INDEXED BY providers_by_id WHERE container = 'integration_providers' AND id = 'github'");
         assert_eq!(indexed, ["github"]);
+    }
+
+    /// The outbox's and the audit buffer's rows waiting when AUTOINCREMENT went keep their
+    /// numbers, claims and order; a new row comes after them; no insert writes
+    /// `sqlite_sequence` any more.
+    #[test]
+    fn queued_rows_outlive_the_queues_without_autoincrement() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        let tx = conn.transaction().unwrap();
+        migrate_below(&tx, 12);
+        for (seq, id) in [(3, "a"), (7, "b"), (9, "gone")] {
+            tx.execute(
+                "INSERT INTO outbox (seq, id, body, created_at, claimed_by, claimed_until, attempts, last_error) \
+                 VALUES (?1, ?2, '{}', 1, 'relay', 5, 2, 'refused')",
+                rusqlite::params![seq, id],
+            )
+            .unwrap();
+            tx.execute(
+                "INSERT INTO audit_buffer (seq, id, recorded_at, body, claimed_by, claimed_until) VALUES (?1, ?2, 1, '{}', 'shipper', 5)",
+                rusqlite::params![seq, id],
+            )
+            .unwrap();
+        }
+        tx.execute_batch("DELETE FROM outbox WHERE id = 'gone'; DELETE FROM audit_buffer WHERE id = 'gone';").unwrap();
+
+        let report = apply(&tx).unwrap();
+
+        assert_eq!(report.applied[0], "0012_queues_without_autoincrement");
+        let kept: Vec<String> = tx
+            .prepare(
+                "SELECT format('%d %s %s %d %d %s', seq, id, claimed_by, claimed_until, attempts, last_error) FROM outbox ORDER BY seq",
+            )
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(kept, ["3 a relay 5 2 refused", "7 b relay 5 2 refused"]);
+        for table in ["outbox", "audit_buffer"] {
+            let sql: String = tx.query_row("SELECT sql FROM sqlite_master WHERE name = ?1", [table], |r| r.get(0)).unwrap();
+            let before: i64 = tx.query_row(&format!("SELECT max(seq) FROM {table}"), [], |r| r.get(0)).unwrap();
+            assert!(!sql.contains("AUTOINCREMENT"), "{sql}");
+            assert_eq!(before, 7, "{table}: the rows waiting keep their numbers");
+        }
+        tx.execute("INSERT INTO outbox (id, body, created_at) VALUES ('c', '{}', 2)", []).unwrap();
+        tx.execute("INSERT INTO audit_buffer (id, recorded_at, body) VALUES ('c', 2, '{}')", []).unwrap();
+        for table in ["outbox", "audit_buffer"] {
+            let last: String = tx.query_row(&format!("SELECT id FROM {table} ORDER BY seq DESC LIMIT 1"), [], |r| r.get(0)).unwrap();
+            assert_eq!(last, "c", "{table}: a new row comes after every row waiting");
+        }
+        let sequences: i64 = tx.query_row("SELECT count(*) FROM sqlite_sequence", [], |r| r.get(0)).unwrap_or(0);
+        assert_eq!(sequences, 0, "no insert numbers its row through sqlite_sequence");
     }
 
     /// A database a newer release migrated is refused, not written the old way.
