@@ -341,19 +341,20 @@ mod tests {
         assert_eq!(indexed, ["github"]);
     }
 
-    /// The outbox's and the audit buffer's rows waiting when AUTOINCREMENT went keep their
-    /// numbers, claims and order; a new row comes after them; no insert writes
-    /// `sqlite_sequence` any more.
+    /// The outbox's and the audit buffer's columns, constraints and rows waiting when
+    /// AUTOINCREMENT went are kept as they were (numbers, claims, failures, dead letters); a new
+    /// row comes after them, numbered from the rows left (not from a number kept for the table);
+    /// no insert writes `sqlite_sequence` any more.
     #[test]
     fn queued_rows_outlive_the_queues_without_autoincrement() {
         let mut conn = Connection::open_in_memory().unwrap();
         let tx = conn.transaction().unwrap();
         migrate_below(&tx, 12);
-        for (seq, id) in [(3, "a"), (7, "b"), (9, "gone")] {
+        for (seq, id, dead_at) in [(3, "a", None), (7, "b", Some(4)), (9, "gone", None)] {
             tx.execute(
-                "INSERT INTO outbox (seq, id, body, created_at, claimed_by, claimed_until, attempts, last_error) \
-                 VALUES (?1, ?2, '{}', 1, 'relay', 5, 2, 'refused')",
-                rusqlite::params![seq, id],
+                "INSERT INTO outbox (seq, id, body, created_at, claimed_by, claimed_until, attempts, last_error, dead_at) \
+                 VALUES (?1, ?2, '{\"n\":1}', 1, 'relay', 5, 2, 'refused', ?3)",
+                rusqlite::params![seq, id, dead_at],
             )
             .unwrap();
             tx.execute(
@@ -363,31 +364,38 @@ mod tests {
             .unwrap();
         }
         tx.execute_batch("DELETE FROM outbox WHERE id = 'gone'; DELETE FROM audit_buffer WHERE id = 'gone';").unwrap();
+        let text = |sql: &str, table: &str| -> Vec<String> {
+            tx.prepare(&sql.replace("{table}", table)).unwrap().query_map([], |r| r.get(0)).unwrap().collect::<Result<_, _>>().unwrap()
+        };
+        // Every column with its type, NOT NULL, default and key; every index with its columns
+        // and whether it is unique; every row, each column.
+        let schema = "SELECT format('%s %s %d %s %d', name, type, \"notnull\", dflt_value, pk) FROM pragma_table_info('{table}') \
+             UNION ALL SELECT format('index %d %s', il.\"unique\", ii.name) FROM pragma_index_list('{table}') il, pragma_index_info(il.name) ii";
+        let rows = "SELECT json_group_array(json_array(seq, id, body, created_at, claimed_by, claimed_until, attempts, last_error, dead_at)) \
+             FROM (SELECT * FROM outbox ORDER BY seq)";
+        let audit_rows = "SELECT json_group_array(json_array(seq, id, recorded_at, body, claimed_by, claimed_until)) \
+             FROM (SELECT * FROM audit_buffer ORDER BY seq)";
+        let before = [text(schema, "outbox"), text(schema, "audit_buffer"), text(rows, ""), text(audit_rows, "")];
 
         let report = apply(&tx).unwrap();
 
         assert_eq!(report.applied[0], "0012_queues_without_autoincrement");
-        let kept: Vec<String> = tx
-            .prepare(
-                "SELECT format('%d %s %s %d %d %s', seq, id, claimed_by, claimed_until, attempts, last_error) FROM outbox ORDER BY seq",
-            )
-            .unwrap()
-            .query_map([], |r| r.get(0))
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap();
-        assert_eq!(kept, ["3 a relay 5 2 refused", "7 b relay 5 2 refused"]);
+        let after = [text(schema, "outbox"), text(schema, "audit_buffer"), text(rows, ""), text(audit_rows, "")];
+        assert_eq!(after, before);
+        assert!(after[0].contains(&"index 1 id".to_owned()), "the event id stays unique: {:?}", after[0]);
+        assert_eq!(after[2], [r#"[[3,"a","{\"n\":1}",1,"relay",5,2,"refused",null],[7,"b","{\"n\":1}",1,"relay",5,2,"refused",4]]"#]);
         for table in ["outbox", "audit_buffer"] {
             let sql: String = tx.query_row("SELECT sql FROM sqlite_master WHERE name = ?1", [table], |r| r.get(0)).unwrap();
-            let before: i64 = tx.query_row(&format!("SELECT max(seq) FROM {table}"), [], |r| r.get(0)).unwrap();
             assert!(!sql.contains("AUTOINCREMENT"), "{sql}");
-            assert_eq!(before, 7, "{table}: the rows waiting keep their numbers");
         }
         tx.execute("INSERT INTO outbox (id, body, created_at) VALUES ('c', '{}', 2)", []).unwrap();
         tx.execute("INSERT INTO audit_buffer (id, recorded_at, body) VALUES ('c', 2, '{}')", []).unwrap();
         for table in ["outbox", "audit_buffer"] {
-            let last: String = tx.query_row(&format!("SELECT id FROM {table} ORDER BY seq DESC LIMIT 1"), [], |r| r.get(0)).unwrap();
-            assert_eq!(last, "c", "{table}: a new row comes after every row waiting");
+            let last: (i64, String) = tx
+                .query_row(&format!("SELECT seq, id FROM {table} ORDER BY seq DESC LIMIT 1"), [], |r| Ok((r.get(0)?, r.get(1)?)))
+                .unwrap();
+            // With AUTOINCREMENT it would be 10, after the deleted 9.
+            assert_eq!(last, (8, "c".to_owned()), "{table}: a new row comes next after the rows waiting");
         }
         let sequences: i64 = tx.query_row("SELECT count(*) FROM sqlite_sequence", [], |r| r.get(0)).unwrap_or(0);
         assert_eq!(sequences, 0, "no insert numbers its row through sqlite_sequence");
