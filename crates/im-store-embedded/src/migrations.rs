@@ -181,7 +181,8 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     -- the rows there (each is deleted once published or acknowledged): a new row takes one more
     -- than the largest left, after every row waiting, as before. AUTOINCREMENT also kept the
     -- largest number ever given in `sqlite_sequence`, read and written again by every insert:
-    -- one more page in each commit that wrote an event (a delivery's outcome writes one).
+    -- one more page in each commit that wrote an event (a change's; with RabbitMQ, a delivery's
+    -- outcome's too) or an audit record.
     -- The rows, their numbers and their claims are kept as they are.
     CREATE TABLE outbox_next (
         seq           INTEGER PRIMARY KEY,        -- publication order
