@@ -1,5 +1,5 @@
 # Integration Manager: every target is a one-liner that mirrors CI.
-.PHONY: run test lint fmt fmt-check bench openapi build chaos fuzz image
+.PHONY: run test lint fmt fmt-check bench bench-instructions openapi build chaos fuzz image
 
 IMAGE ?= integration-manager:0.1.0
 
@@ -39,3 +39,7 @@ fuzz:       ## schema-driven fuzzing of the served OpenAPI document (schemathesi
 
 bench:      ## API, events, webhook delivery and sync benchmarks against baselines (release build, wrk); writes docs/benchmarks.md
 	bash tests/bench/run.sh
+
+bench-instructions: ## instructions a request (valgrind's callgrind) of GET by id and create: ours, the plain implementation, the bare handler
+	cargo build --release -q -p integration-manager -p im-system-tests --bin integration-manager --bin bench-baseline --bin bench-plain
+	bash tests/bench/instructions.sh
