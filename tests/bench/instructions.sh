@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Instructions a request, counted by valgrind's callgrind: the API's GET by id and create, ours
-# beside the plain implementation (tests/bench/plain.rs) and the bare handler
+# Instructions a request, counted by valgrind's callgrind: the API's GET by id, list of 50 and
+# create, ours beside the plain implementation (tests/bench/plain.rs) and the bare handler
 # (tests/bench/baseline.rs), each under the same wrk load. A count does not depend on how fast
 # or busy the machine is: two builds compare within a fraction of a percent where timed runs on
 # this machine class drift by tens of percent (docs/benchmarks.md, "Instructions a request").
@@ -8,10 +8,11 @@
 # It measures user-space instructions only: the kernel's side (sockets, page cache, locks) and
 # time spent waiting are not in it. It complements `make bench`, it does not replace it.
 #
-# Usage: tests/bench/instructions.sh [SCENARIO...]   (scenarios: bare-get get plain-get create
-#        plain-create; all by default)
+# Usage: tests/bench/instructions.sh [SCENARIO...]   (scenarios: bare-get get plain-get bare-list
+#        list create plain-create; all by default)
 # Environment: BENCH_BIN, BENCH_PLAIN, BENCH_BASELINE (the binaries, target/release/* by
-# default: build them first, as `make bench` does), BENCH_CONNECTIONS (16), BENCH_SECONDS (5).
+# default: build them first, as `make bench` does), BENCH_CONNECTIONS (16), BENCH_SECONDS (5),
+# BENCH_CALLGRIND_DIR (keeps each scenario's callgrind file there, for callgrind_annotate).
 # Prints one line a scenario: requests counted, instructions a request, of them libc's memset
 # (counted once a byte by callgrind: actix's header arrays, cleared at every parse, weigh far
 # more here than they cost), the embedded store's writer thread and its checkpointer.
@@ -24,7 +25,7 @@ BASELINE=${BENCH_BASELINE:-target/release/bench-baseline}
 CONNECTIONS=${BENCH_CONNECTIONS:-16}
 SECONDS_RUN=${BENCH_SECONDS:-5}
 SCENARIOS=("$@")
-[ ${#SCENARIOS[@]} -gt 0 ] || SCENARIOS=(bare-get get plain-get create plain-create)
+[ ${#SCENARIOS[@]} -gt 0 ] || SCENARIOS=(bare-get get plain-get bare-list list create plain-create)
 
 for tool in valgrind callgrind_control callgrind_annotate wrk curl python3; do
   command -v "$tool" >/dev/null || { echo "instructions.sh needs $tool" >&2; exit 1; }
@@ -59,6 +60,8 @@ for _ in $(seq 1 50); do
     -H 'Content-Type: application/json' -d "$BODY" >"$WORK/item.json"
 done
 ID=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["id"])' "$WORK/item.json")
+curl -sf "http://127.0.0.1:$SEED_PORT/api/v1/integrations/$ID" -H "Authorization: Bearer $BENCH_TOKEN" >"$WORK/item.json"
+curl -sf "http://127.0.0.1:$SEED_PORT/api/v1/integrations?limit=50" -H "Authorization: Bearer $BENCH_TOKEN" >"$WORK/list.json"
 kill "$SEED_PID"; wait "$SEED_PID" 2>/dev/null || true
 
 # callgrind_annotate's count for FILE: the total, or with a function name its inclusive count.
@@ -77,15 +80,19 @@ for scenario in "${SCENARIOS[@]}"; do
   out="$WORK/callgrind.$scenario"
   vg=(valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$out")
   case $scenario in
-    bare-get)
-      "${vg[@]}" "$BASELINE" "$port" "$WORK/item.json" "$WORK/item.json" >"$WORK/$scenario.log" 2>&1 &
-      ready="http://127.0.0.1:$port/item"; url=$ready; script=get.lua ;;
-    get | create)
+    bare-get | bare-list)
+      "${vg[@]}" "$BASELINE" "$port" "$WORK/item.json" "$WORK/list.json" >"$WORK/$scenario.log" 2>&1 &
+      ready="http://127.0.0.1:$port/item"; script=get.lua
+      if [ "$scenario" = bare-get ]; then url=$ready; else url="http://127.0.0.1:$port/list"; fi ;;
+    get | list | create)
       cp -r "$WORK/seed" "$WORK/data-$scenario"
       IM_STORAGE__DATA_DIR="$WORK/data-$scenario" IM_LOG__LEVEL=warn IM_SERVER__PORT="$port" "${vg[@]}" "$BIN" serve >"$WORK/$scenario.log" 2>&1 &
       ready="http://127.0.0.1:$port/health/ready"
-      if [ "$scenario" = get ]; then url="http://127.0.0.1:$port/api/v1/integrations/$ID"; script=get.lua
-      else url="http://127.0.0.1:$port/api/v1/integrations"; script=post.lua; fi ;;
+      case $scenario in
+        get) url="http://127.0.0.1:$port/api/v1/integrations/$ID"; script=get.lua ;;
+        list) url="http://127.0.0.1:$port/api/v1/integrations?limit=50"; script=get.lua ;;
+        create) url="http://127.0.0.1:$port/api/v1/integrations"; script=post.lua ;;
+      esac ;;
     plain-get | plain-create)
       "${vg[@]}" "$PLAIN" "$port" "$WORK/plain-$scenario" "$WORK/item.json" "$BENCH_TOKEN" >"$WORK/$scenario.log" 2>&1 &
       ready="http://127.0.0.1:$port/ready"
@@ -111,6 +118,7 @@ for scenario in "${SCENARIOS[@]}"; do
   memset=$(callgrind_annotate "$file" 2>/dev/null | awk '/:__memset_/ { gsub(",", "", $1); s += $1 } END { print s + 0 }')
   writer=$(count "$file" "im_store_embedded::db::write_loop ")
   checkpoints=$(count "$file" "im_store_embedded::db::checkpoint_pass ")
+  [ -z "${BENCH_CALLGRIND_DIR:-}" ] || { mkdir -p "$BENCH_CALLGRIND_DIR"; cp "$file" "$BENCH_CALLGRIND_DIR/callgrind.$scenario"; }
   awk -v s="$scenario" -v n="$requests" -v t="$total" -v m="$memset" -v w="$writer" -v c="$checkpoints" \
     'BEGIN { printf "%-14s %9d %12.0f %12.0f %12.0f %12.0f\n", s, n, t / n, m / n, w / n, c / n }'
 done
