@@ -40,6 +40,6 @@ fuzz:       ## schema-driven fuzzing of the served OpenAPI document (schemathesi
 bench:      ## API, events, webhook delivery and sync benchmarks against baselines (release build, wrk); writes docs/benchmarks.md
 	bash tests/bench/run.sh
 
-bench-instructions: ## instructions a request (valgrind's callgrind) of GET by id, list of 50 and create: ours, the plain implementation, the bare handler
+bench-instructions: ## instructions a request (valgrind's callgrind): ours, the plain implementation and the bare handler; SCENARIOS="get create" picks some
 	cargo build --release -q -p integration-manager -p im-system-tests --bin integration-manager --bin bench-baseline --bin bench-plain
-	bash tests/bench/instructions.sh
+	bash tests/bench/instructions.sh $(SCENARIOS)
