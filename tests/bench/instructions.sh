@@ -28,20 +28,19 @@
 # more here than they cost), the embedded store's writer thread and its checkpointer.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+source tests/bench/lib.sh
 
 BIN=${BENCH_BIN:-target/release/integration-manager}
 PLAIN=${BENCH_PLAIN:-target/release/bench-plain}
 BASELINE=${BENCH_BASELINE:-target/release/bench-baseline}
 CONNECTIONS=${BENCH_CONNECTIONS:-16}
 SECONDS_RUN=${BENCH_SECONDS:-5}
+ALL=(bare-get get plain-get bare-list list create plain-create)
 SCENARIOS=("$@")
-[ ${#SCENARIOS[@]} -gt 0 ] || SCENARIOS=(bare-get get plain-get bare-list list create plain-create)
+[ ${#SCENARIOS[@]} -gt 0 ] || SCENARIOS=("${ALL[@]}")
 declare -A NAMED
 for scenario in "${SCENARIOS[@]}"; do
-  case $scenario in
-    bare-get | get | plain-get | bare-list | list | create | plain-create) ;;
-    *) echo "unknown scenario $scenario (bare-get get plain-get bare-list list create plain-create)" >&2; exit 2 ;;
-  esac
+  [[ " ${ALL[*]} " == *" $scenario "* ]] || { echo "unknown scenario $scenario (${ALL[*]})" >&2; exit 2; }
   [ -z "${NAMED[$scenario]:-}" ] || { echo "scenario $scenario named twice" >&2; exit 2; }
   NAMED[$scenario]=1
 done
@@ -68,41 +67,26 @@ stop() {
   PIDS=("${kept[@]}")
 }
 trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_up() { # url pid
-  for _ in $(seq 1 1200); do
-    curl -sf "$1" >/dev/null && return 0
-    kill -0 "$2" 2>/dev/null || break
-    sleep 0.1
-  done
-  fail "not up: $1"
-}
+WAIT_UP_TRIES=2400 # 120 s: a service starts slowly under valgrind
 
 # The item, the list and the token: from a service run without valgrind, whose data directory
 # each run of ours then starts from (a copy).
 SEED_PORT=$(free_port)
 IM_STORAGE__DATA_DIR="$WORK/seed" IM_LOG__LEVEL=warn IM_SERVER__PORT="$SEED_PORT" "$BIN" serve >"$WORK/seed.log" 2>&1 & SEED_PID=$!
 PIDS+=("$SEED_PID")
-wait_up "http://127.0.0.1:$SEED_PORT/health/ready" "$SEED_PID"
+WAIT_UP_LOG="$WORK/seed.log" wait_up "http://127.0.0.1:$SEED_PORT/health/ready" "$SEED_PID"
 export BENCH_TOKEN
 BENCH_TOKEN=$(IM_STORAGE__DATA_DIR="$WORK/seed" "$BIN" token --tenant bench --user bench --roles member --ttl 3600)
-BODY='{"providerId":"github","name":"bench","description":"created by make bench","config":{"organization":"acme","repositories":["acme/api","acme/web"]}}'
-for _ in $(seq 1 50); do
-  curl -sf -X POST "http://127.0.0.1:$SEED_PORT/api/v1/integrations" -H "Authorization: Bearer $BENCH_TOKEN" \
-    -H 'Content-Type: application/json' -d "$BODY" >"$WORK/item.json"
-done
-ID=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["id"])' "$WORK/item.json")
-curl -sf "http://127.0.0.1:$SEED_PORT/api/v1/integrations/$ID" -H "Authorization: Bearer $BENCH_TOKEN" >"$WORK/item.json"
-curl -sf "http://127.0.0.1:$SEED_PORT/api/v1/integrations?limit=50" -H "Authorization: Bearer $BENCH_TOKEN" >"$WORK/list.json"
+seed_items "http://127.0.0.1:$SEED_PORT/api/v1" "$BENCH_TOKEN" "$WORK"
 stop "$SEED_PID"
 
-# callgrind_annotate's count for FILE: the total, or with a function name its inclusive count.
+# From callgrind_annotate's listing on stdin: the total (no name), or the first count of the
+# function named (0 when absent).
 count() {
-  if [ $# -eq 1 ]; then
-    callgrind_annotate "$1" | awk '/[0-9] \(100\.0%\)  PROGRAM TOTALS/ && !found { gsub(",", "", $1); print $1; found = 1 }'
+  if [ $# -eq 0 ]; then
+    awk '/[0-9] \(100\.0%\)  PROGRAM TOTALS/ && !found { gsub(",", "", $1); print $1; found = 1 }'
   else
-    callgrind_annotate --inclusive=yes --threshold=100 "$1" \
-      | awk -v f="$2" 'index($0, f) && !found { gsub(",", "", $1); print $1; found = 1 } END { if (!found) print 0 }'
+    awk -v f="$1" 'index($0, f) && !found { gsub(",", "", $1); print $1; found = 1 } END { if (!found) print 0 }'
   fi
 }
 
@@ -133,7 +117,7 @@ for scenario in "${SCENARIOS[@]}"; do
   esac
   pid=$!
   PIDS+=("$pid")
-  wait_up "$ready" "$pid"
+  WAIT_UP_LOG="$WORK/$scenario.log" wait_up "$ready" "$pid"
   # Warmed up uncounted (caches, statements, the allocator's pages), then counted.
   wrk -t1 -c"$CONNECTIONS" -d3s -s "tests/bench/$script" "$url" >/dev/null
   callgrind_control -i on "$pid" >"$WORK/control.log" 2>&1 || fail "$scenario: callgrind_control could not reach the process: $(cat "$WORK/control.log")"
@@ -148,11 +132,13 @@ for scenario in "${SCENARIOS[@]}"; do
   ! grep -q 'Socket errors' <<<"$result" || fail "$scenario: wrk saw socket errors: $(grep 'Socket errors' <<<"$result")"
   file="$out.1" # the dump's (the file written at exit holds nothing counted)
   [ -s "$file" ] || fail "$scenario: callgrind wrote no dump ($file)"
-  total=$(count "$file")
+  callgrind_annotate "$file" >"$WORK/self.txt"
+  callgrind_annotate --inclusive=yes --threshold=100 "$file" >"$WORK/inclusive.txt"
+  total=$(count <"$WORK/self.txt")
   [ -n "$total" ] || fail "$scenario: no total in $file (callgrind_annotate's format?)"
-  memset=$(callgrind_annotate "$file" | awk '/:__memset_/ { gsub(",", "", $1); s += $1 } END { print s + 0 }')
-  writer=$(count "$file" "im_store_embedded::db::write_loop ")
-  checkpoints=$(count "$file" "im_store_embedded::db::checkpoint_pass ")
+  memset=$(awk '/:__memset_/ { gsub(",", "", $1); s += $1 } END { print s + 0 }' "$WORK/self.txt")
+  writer=$(count "im_store_embedded::db::write_loop " <"$WORK/inclusive.txt")
+  checkpoints=$(count "im_store_embedded::db::checkpoint_pass " <"$WORK/inclusive.txt")
   if [ -n "${BENCH_CALLGRIND_DIR:-}" ]; then mkdir -p "$BENCH_CALLGRIND_DIR"; cp "$file" "$BENCH_CALLGRIND_DIR/callgrind.$scenario"; fi
   awk -v s="$scenario" -v n="$requests" -v t="$total" -v m="$memset" -v w="$writer" -v c="$checkpoints" \
     'BEGIN { printf "%-14s %9d %12.0f %12.0f %12.0f %12.0f\n", s, n, t / n, m / n, w / n, c / n }'

@@ -13,6 +13,7 @@
 # and the machine, into docs/benchmarks.md between its bench markers.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+source tests/bench/lib.sh
 
 DURATION=${BENCH_DURATION:-10s}
 CONNECTIONS=${BENCH_CONNECTIONS:-64}
@@ -31,19 +32,7 @@ WORK=$(mktemp -d)
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$WORK"; }
 trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-# url [pid]: waits until the url answers; on failure shows the end of the service's log.
-wait_up() {
-  for _ in $(seq 1 600); do
-    curl -sf "$1" >/dev/null && return 0
-    if [ -n "${2:-}" ] && ! kill -0 "$2" 2>/dev/null; then break; fi
-    sleep 0.05
-  done
-  echo "not up: $1" >&2
-  [ -f "$WORK/server.log" ] && { echo "--- the end of $WORK/server.log:" >&2; tail -n 40 "$WORK/server.log" >&2; }
-  exit 1
-}
+WAIT_UP_LOG="$WORK/server.log" # what wait_up shows when the service does not come up
 ms() { awk -v v="$1" 'BEGIN { if (v ~ /us$/) { sub(/us$/,"",v); print v/1000 } else if (v ~ /ms$/) { sub(/ms$/,"",v); print v+0 } else if (v ~ /s$/) { sub(/s$/,"",v); print v*1000 } else print v }'; }
 run() { # name url [script] -> "name rps p50 p99 non2xx"
   local out; out=$(wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency ${3:+-s "$3"} "$2")
@@ -66,11 +55,7 @@ start_service() {
   READY_MS=$(( ($(date +%s%N) - start) / 1000000 ))
   API="http://127.0.0.1:$port/api/v1"
   export BENCH_TOKEN; BENCH_TOKEN=$(env "$@" $BIN token --tenant "bench-$port" --user bench --roles member --ttl 3600)
-  local body='{"providerId":"github","name":"bench","description":"created by make bench","config":{"organization":"acme","repositories":["acme/api","acme/web"]}}'
-  for _ in $(seq 1 50); do curl -sf -X POST "$API/integrations" -H "Authorization: Bearer $BENCH_TOKEN" -H 'Content-Type: application/json' -d "$body" >"$WORK/item.json"; done
-  ID=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["id"])' "$WORK/item.json")
-  curl -sf "$API/integrations/$ID" -H "Authorization: Bearer $BENCH_TOKEN" >"$WORK/item.json"
-  curl -sf "$API/integrations?limit=50" -H "Authorization: Bearer $BENCH_TOKEN" >"$WORK/list.json"
+  seed_items "$API" "$BENCH_TOKEN" "$WORK"
 }
 
 peak_rss() { # pid -> samples the peak RSS into $WORK/peak while the pid lives
