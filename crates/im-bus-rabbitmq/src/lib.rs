@@ -318,20 +318,22 @@ impl RabbitPublisher {
         let sent = bounded(self.settings.operation_timeout.get(), futures_util::future::try_join_all(publishes))
             .await
             .map_err(|e| unavailable("publish", e))?;
-        let confirms = events.iter().zip(sent);
-        let deadline = Instant::now() + self.settings.confirm_timeout.get();
-        for (event, confirm) in confirms {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match tokio::time::timeout(left, confirm).await {
-                Err(_) => return Err(unavailable("confirm", "the broker did not confirm in time")),
-                Ok(Err(e)) => return Err(unavailable("confirm", e)),
-                Ok(Ok(Confirmation::Nack(_))) => return Err(unavailable("confirm", format!("the broker refused event {}", event.id))),
-                Ok(Ok(Confirmation::Ack(Some(_)))) => self.unroutable.record(event.event_type.as_str()),
-                Ok(Ok(Confirmation::NotRequested)) => return Err(unavailable("confirm", "the channel is not in confirm mode")),
-                Ok(Ok(Confirmation::Ack(None))) => {}
+        // One timer for the batch's confirms, not one registered and cancelled per event.
+        let confirmed = async {
+            for (event, confirm) in events.iter().zip(sent) {
+                match confirm.await {
+                    Err(e) => return Err(unavailable("confirm", e)),
+                    Ok(Confirmation::Nack(_)) => return Err(unavailable("confirm", format!("the broker refused event {}", event.id))),
+                    Ok(Confirmation::Ack(Some(_))) => self.unroutable.record(event.event_type.as_str()),
+                    Ok(Confirmation::NotRequested) => return Err(unavailable("confirm", "the channel is not in confirm mode")),
+                    Ok(Confirmation::Ack(None)) => {}
+                }
             }
-        }
-        Ok(())
+            Ok(())
+        };
+        tokio::time::timeout(self.settings.confirm_timeout.get(), confirmed)
+            .await
+            .unwrap_or_else(|_| Err(unavailable("confirm", "the broker did not confirm in time")))
     }
 
     fn record(&self, error: Option<String>) {

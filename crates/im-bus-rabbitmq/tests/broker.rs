@@ -93,6 +93,48 @@ async fn recovers_after_a_broker_outage() {
     assert!(ids.contains(&first.id.to_string()) && ids.contains(&during.id.to_string()), "{ids:?}");
 }
 
+/// A broker that takes a batch and never confirms it: the publish fails once the confirm
+/// timeout has passed (one deadline for the whole batch), and the next one, on a new
+/// connection, goes through. The unconfirmed batch may have reached the broker: the relay
+/// publishes it again (at least once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_never_confirmed_fails_after_the_confirm_timeout() {
+    let Some(addr) = rabbitmq("a_batch_never_confirmed_fails_after_the_confirm_timeout") else { return };
+    let proxy = Proxy::start(addr).await;
+    let settings = RabbitSettings {
+        confirm_timeout: im_domain::HumanDuration(Duration::from_secs(1)),
+        operation_timeout: im_domain::HumanDuration(Duration::from_secs(1)),
+        ..settings(format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port()))
+    };
+    let mut queue = TestQueue::bind(&amqp_url(addr), &settings.exchange).await;
+    let publisher = RabbitPublisher::new(settings);
+    publisher.publish(&[event(EventType::IntegrationCreated)]).await.expect("published while the broker answers");
+    let connections = proxy.connections();
+
+    proxy.mute();
+    let batch: Vec<_> = (0..20).map(|_| event(EventType::IntegrationUpdated)).collect();
+    let started = std::time::Instant::now();
+    let result = tokio::time::timeout(Duration::from_secs(20), publisher.publish(&batch)).await.expect("the publish gives up");
+    match &result {
+        Err(e @ DomainError::Unavailable { .. }) => assert!(e.to_string().contains("confirm"), "{e}"),
+        other => panic!("an unconfirmed batch is reported unavailable: {other:?}"),
+    }
+    assert!(started.elapsed() >= Duration::from_secs(1), "not before the confirm timeout: {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "within the confirm timeout and the bound on closing the connection: {:?}",
+        started.elapsed()
+    );
+
+    proxy.unmute();
+    publisher.publish(&batch).await.expect("published again once the broker answers");
+    assert!(proxy.connections() > connections, "on a new connection");
+    let ids: Vec<_> = queue.drain(Duration::from_millis(500)).await.into_iter().filter_map(|m| m.message_id).collect();
+    for sent in &batch {
+        assert!(ids.contains(&sent.id.to_string()), "every event of the batch reached the queue: {ids:?}");
+    }
+}
+
 /// The publisher and the delivery queue of one process on one connection (one I/O thread of
 /// lapin's, one connection at the broker), each on its own channel; when it drops, both go on
 /// on one new connection, and the job held on the old one comes back.

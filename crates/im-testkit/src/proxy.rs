@@ -1,10 +1,13 @@
 //! A TCP proxy on loopback that a test can cut and restore, to play a broker or database
-//! outage without stopping the real service (which other tests share).
+//! outage without stopping the real service (which other tests share), or mute, to play a
+//! server that takes everything and answers nothing.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -15,6 +18,8 @@ pub struct Proxy {
     port: u16,
     target: SocketAddr,
     up: Arc<AtomicBool>,
+    /// While set, what the target sends is read and dropped, not forwarded.
+    muted: Arc<AtomicBool>,
     /// Connections forwarded so far.
     forwarded: Arc<AtomicUsize>,
     cut: watch::Sender<u64>,
@@ -30,8 +35,15 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
         let port = listener.local_addr().expect("proxy address").port();
         let (cut, _) = watch::channel(0);
-        let mut proxy =
-            Self { port, target, up: Arc::new(AtomicBool::new(true)), forwarded: Arc::new(AtomicUsize::new(0)), cut, listener: None };
+        let mut proxy = Self {
+            port,
+            target,
+            up: Arc::new(AtomicBool::new(true)),
+            muted: Arc::new(AtomicBool::new(false)),
+            forwarded: Arc::new(AtomicUsize::new(0)),
+            cut,
+            listener: None,
+        };
         proxy.listener = Some(proxy.serve(listener));
         proxy
     }
@@ -46,7 +58,8 @@ impl Proxy {
     }
 
     fn serve(&self, listener: TcpListener) -> JoinHandle<()> {
-        let (target, up, cut, forwarded) = (self.target, self.up.clone(), self.cut.clone(), self.forwarded.clone());
+        let (target, up, muted, cut, forwarded) =
+            (self.target, self.up.clone(), self.muted.clone(), self.cut.clone(), self.forwarded.clone());
         tokio::spawn(async move {
             loop {
                 let Ok((inbound, _)) = listener.accept().await else { return };
@@ -56,13 +69,14 @@ impl Proxy {
                 }
                 forwarded.fetch_add(1, Ordering::SeqCst);
                 let mut cut_rx = cut.subscribe();
+                let muted = muted.clone();
                 tokio::spawn(async move {
                     let Ok(outbound) = TcpStream::connect(target).await else { return };
                     let (mut ri, mut wi) = inbound.into_split();
                     let (mut ro, mut wo) = outbound.into_split();
                     tokio::select! {
                         _ = tokio::io::copy(&mut ri, &mut wo) => {}
-                        _ = tokio::io::copy(&mut ro, &mut wi) => {}
+                        _ = answers(&mut ro, &mut wi, &muted) => {}
                         _ = cut_rx.changed() => {}
                     }
                 });
@@ -78,6 +92,30 @@ impl Proxy {
 
     pub fn restore(&self) {
         self.up.store(true, Ordering::SeqCst);
+    }
+
+    /// From now on, every connection's answers from the target are dropped (what the client
+    /// sends still reaches it), until [`Proxy::unmute`].
+    pub fn mute(&self) {
+        self.muted.store(true, Ordering::SeqCst);
+    }
+
+    pub fn unmute(&self) {
+        self.muted.store(false, Ordering::SeqCst);
+    }
+}
+
+/// Copies what the target sends to the client, dropping it while `muted`.
+async fn answers(from: &mut OwnedReadHalf, to: &mut OwnedWriteHalf, muted: &AtomicBool) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if !muted.load(Ordering::SeqCst) && to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
     }
 }
 
