@@ -95,7 +95,8 @@ impl Proxy {
     }
 
     /// From now on, every connection's answers from the target are dropped (what the client
-    /// sends still reaches it), until [`Proxy::unmute`].
+    /// sends still reaches it), until [`Proxy::unmute`]. Meant for connections made after the
+    /// unmute: one muted mid-stream resumes mid-stream, with what was dropped missing.
     pub fn mute(&self) {
         self.muted.store(true, Ordering::SeqCst);
     }
