@@ -124,21 +124,25 @@ async fn the_take_hands_the_records_it_read_to_the_next_get() {
         .await
         .unwrap();
 
-    let first = deliveries.get(&tenant, records[0].id).await.unwrap();
-    assert_ne!(first.etag.as_str(), "rewritten", "the get after the take is the take's read");
+    // Other reads (the API's) read the database, and leave the record waiting.
+    assert_eq!(deliveries.get(&tenant, records[0].id).await.unwrap().etag.as_str(), "rewritten", "a get is not handed it");
+    let first = deliveries.get_for_attempt(&tenant, records[0].id).await.unwrap();
+    assert_ne!(first.etag.as_str(), "rewritten", "the attempt's read after the take is the take's read");
     assert_eq!(first.value, records[0]);
-    assert_eq!(deliveries.get(&tenant, records[0].id).await.unwrap().etag.as_str(), "rewritten", "handed once, then read");
+    let again = deliveries.get_for_attempt(&tenant, records[0].id).await.unwrap();
+    assert_eq!(again.etag.as_str(), "rewritten", "handed once, then read");
 
     let mut done = records[1].clone();
     done.status = DeliveryStatus::Succeeded;
     deliveries.replace(&done, None, &[]).await.unwrap();
-    let after_write = deliveries.get(&tenant, records[1].id).await.unwrap();
+    let after_write = deliveries.get_for_attempt(&tenant, records[1].id).await.unwrap();
     assert_eq!(after_write.value.status, DeliveryStatus::Succeeded, "a write forgets what the take read");
 
     let other = im_testkit::fresh_tenant();
-    assert!(matches!(deliveries.get(&other, records[2].id).await, Err(im_domain::DomainError::NotFound { .. })));
-    assert_ne!(deliveries.get(&tenant, records[2].id).await.unwrap().etag.as_str(), "rewritten", "kept for its own tenant");
-    assert_eq!(deliveries.get(&tenant, records[2].id).await.unwrap().etag.as_str(), "rewritten");
+    assert!(matches!(deliveries.get_for_attempt(&other, records[2].id).await, Err(im_domain::DomainError::NotFound { .. })));
+    let kept = deliveries.get_for_attempt(&tenant, records[2].id).await.unwrap();
+    assert_ne!(kept.etag.as_str(), "rewritten", "kept for its own tenant");
+    assert_eq!(deliveries.get_for_attempt(&tenant, records[2].id).await.unwrap().etag.as_str(), "rewritten");
 }
 
 /// Jobs leased in the table (a row's `leased_until` in the future), and those not.
@@ -326,14 +330,16 @@ async fn the_fan_out_hands_its_records_and_endpoints_to_the_first_attempts() {
         outcome.unwrap();
     }
     rewrite().await;
-    assert!(deliveries.get(&im_testkit::fresh_tenant(), created[0].id).await.is_err(), "never to another tenant");
+    assert!(deliveries.get_for_attempt(&im_testkit::fresh_tenant(), created[0].id).await.is_err(), "never to another tenant");
     for pending in &created[..2] {
-        let handed = deliveries.get(&tenant, pending.id).await.unwrap();
+        assert_eq!(deliveries.get(&tenant, pending.id).await.unwrap().etag.as_str(), "rewritten", "a get reads the database");
+        let handed = deliveries.get_for_attempt(&tenant, pending.id).await.unwrap();
         assert_ne!(handed.etag.as_str(), "rewritten", "the first attempt gets the record as written");
         assert_eq!(&handed.value, pending);
-        assert_eq!(deliveries.get(&tenant, pending.id).await.unwrap().etag.as_str(), "rewritten", "then it is read");
+        assert_eq!(deliveries.get_for_attempt(&tenant, pending.id).await.unwrap().etag.as_str(), "rewritten", "then it is read");
     }
-    assert_eq!(deliveries.get(&tenant, created[2].id).await.unwrap().etag.as_str(), "rewritten", "a skipped one is not attempted");
+    let skipped = deliveries.get_for_attempt(&tenant, created[2].id).await.unwrap();
+    assert_eq!(skipped.etag.as_str(), "rewritten", "a skipped one is not attempted");
     for _ in 0..2 {
         let handed = webhooks.get(&tenant, webhook.id).await.unwrap();
         assert_ne!(handed.etag.as_str(), "rewritten", "each first attempt gets the endpoint as the fan-out read it");
@@ -347,7 +353,7 @@ async fn the_fan_out_hands_its_records_and_endpoints_to_the_first_attempts() {
     let mut changed = mine.clone();
     changed.status = DeliveryStatus::Succeeded;
     deliveries.replace(&changed, None, &[]).await.unwrap();
-    assert_eq!(deliveries.get(&tenant, mine.id).await.unwrap().value, changed);
+    assert_eq!(deliveries.get_for_attempt(&tenant, mine.id).await.unwrap().value, changed);
 
     // Another instance on the same database attempts the delivery first: the handed version's
     // conditional write fails, and the attempt reads the delivery again.
@@ -358,7 +364,8 @@ async fn the_fan_out_hands_its_records_and_endpoints_to_the_first_attempts() {
     let mut delivered = theirs.clone();
     delivered.status = DeliveryStatus::Succeeded;
     other.replace(&delivered, Some(current.etag), &[]).await.unwrap();
-    let handed = deliveries.get(&tenant, theirs.id).await.unwrap();
+    assert_eq!(deliveries.get(&tenant, theirs.id).await.unwrap().value.status, DeliveryStatus::Succeeded, "a get reads the database");
+    let handed = deliveries.get_for_attempt(&tenant, theirs.id).await.unwrap();
     assert_eq!(handed.value.status, DeliveryStatus::Pending, "handed as the fan-out wrote it");
     let mut held = handed.value.clone();
     held.lease_until = Some(OffsetDateTime::now_utc());

@@ -575,7 +575,15 @@ impl DeliveryService {
     /// One try of [`Self::attempt`]. Losing the race for the hold is the one failure worth
     /// looking again for (transient); every other error ends the attempt as it is.
     async fn claim_and_attempt(&self, job: &DeliveryJob, trigger: AttemptTrigger) -> Result<AttemptReport, Failure<DomainError>> {
-        let (stored, webhook) = match self.prepare(job, trigger).await.map_err(Failure::Permanent)? {
+        let prepared = self.prepare(job, trigger).await.map_err(|e| match e {
+            // The delivery it read was out of date (a version a store handed it, which another
+            // writer changed since): read it again.
+            DomainError::PreconditionFailed => {
+                Failure::Transient(DomainError::unavailable(format!("delivery {} changed while being prepared", job.delivery_id)))
+            }
+            e => Failure::Permanent(e),
+        })?;
+        let (stored, webhook) = match prepared {
             Prepared::Done(report) => return Ok(report),
             Prepared::Ready(ready) => *ready,
         };
@@ -626,7 +634,7 @@ impl DeliveryService {
     /// Decides whether the job's attempt is to be made now, and completes or reschedules the
     /// job when it is not.
     async fn prepare(&self, job: &DeliveryJob, trigger: AttemptTrigger) -> Result<Prepared, DomainError> {
-        let stored = match self.deliveries.get(&job.tenant_id, job.delivery_id).await {
+        let stored = match self.deliveries.get_for_attempt(&job.tenant_id, job.delivery_id).await {
             Ok(stored) => stored,
             Err(DomainError::NotFound { .. }) => {
                 self.queue.complete(job).await?;
@@ -1200,7 +1208,7 @@ mod attempt_tests {
         let mut deliveries = MockDeliveryRepository::new();
         deliveries.expect_keeps_queue().return_const(false);
         let stored = delivery.clone();
-        deliveries.expect_get().returning(move |_, _| Ok(Stored { value: stored.clone(), etag: ETag::new("d1") }));
+        deliveries.expect_get_for_attempt().returning(move |_, _| Ok(Stored { value: stored.clone(), etag: ETag::new("d1") }));
         // First the attempt holds its delivery (a conditional write of the lease), then it
         // records the outcome on the version it holds.
         deliveries

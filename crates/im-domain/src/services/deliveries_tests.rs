@@ -38,6 +38,9 @@ struct Deliveries {
     jobs: Mutex<HashMap<Uuid, OffsetDateTime>>,
     /// A delivery whose create fails (the store unavailable for it).
     refuse: Mutex<Option<Uuid>>,
+    /// A version handed to the next attempt's read of its delivery, as a store may hand the
+    /// version it wrote (out of date once another writer changed it).
+    handed: Mutex<Option<Stored<Delivery>>>,
     /// Set: each delivery `holds_ended_before` lists is held again until then right after it
     /// was read (another worker's hold, written between the sweep's read and its release).
     held_again_after_listing: Mutex<Option<OffsetDateTime>>,
@@ -67,6 +70,14 @@ impl DeliveryRepository for Deliveries {
         let rows = self.rows.lock().unwrap();
         let (value, version) = rows.get(&id).ok_or_else(|| DomainError::not_found("delivery", id))?;
         Ok(Stored { value: value.clone(), etag: ETag::new(version.to_string()) })
+    }
+
+    async fn get_for_attempt(&self, tenant: &TenantId, id: Uuid) -> Result<Stored<Delivery>, DomainError> {
+        let handed = self.handed.lock().unwrap().take_if(|handed| handed.value.id == id);
+        match handed {
+            Some(handed) => Ok(handed),
+            None => self.get(tenant, id).await,
+        }
     }
 
     async fn list(
@@ -387,6 +398,34 @@ fn a_duplicate_job_is_dropped_without_a_second_attempt() {
     w.run_queued();
     assert_eq!(w.sends(), 2, "the retry ran once");
     assert_eq!(w.queue.dues().len(), 1, "one chain of attempts");
+}
+
+#[test]
+fn an_attempt_handed_an_out_of_date_record_reads_it_again() {
+    // The endpoint disabled: the attempt skips the delivery, a write conditional on the version
+    // it read.
+    let w = world(200);
+    block_on(w.service.fan_out(&w.event)).unwrap();
+    let as_written = block_on(w.deliveries.get(&w.event.tenant_id, w.delivery_id)).unwrap();
+    // Another writer changed it since (its version moved on), and the endpoint was disabled.
+    block_on(w.deliveries.replace(&as_written.value, None, &[])).unwrap();
+    w.webhooks.0.lock().unwrap()[0].status = WebhookStatus::Disabled;
+    *w.deliveries.handed.lock().unwrap() = Some(as_written.clone());
+    w.run_queued();
+    assert!(w.deliveries.handed.lock().unwrap().is_none(), "the attempt read the handed version");
+    assert_eq!(w.deliveries.value(w.delivery_id).status, DeliveryStatus::Skipped, "skipped at once, not rescheduled");
+    assert_eq!(w.sends(), 0);
+    assert!(w.queue.dues().is_empty(), "its job is done: {:?}", w.queue.dues());
+
+    // The endpoint enabled: the attempt's hold fails the same way, and it is made once.
+    let w = world(200);
+    block_on(w.service.fan_out(&w.event)).unwrap();
+    let as_written = block_on(w.deliveries.get(&w.event.tenant_id, w.delivery_id)).unwrap();
+    block_on(w.deliveries.replace(&as_written.value, None, &[])).unwrap();
+    *w.deliveries.handed.lock().unwrap() = Some(as_written);
+    w.run_queued();
+    assert!(w.deliveries.handed.lock().unwrap().is_none(), "the attempt read the handed version");
+    assert_eq!((w.sends(), w.deliveries.value(w.delivery_id).status), (1, DeliveryStatus::Succeeded));
 }
 
 #[test]

@@ -64,6 +64,19 @@ pub trait DeliveryRepository: Send + Sync {
     /// MUST return [`DomainError::NotFound`] when absent, expired or another tenant's.
     async fn get(&self, tenant: &TenantId, id: uuid::Uuid) -> Result<Stored<super::delivery::Delivery>, DomainError>;
 
+    /// The delivery as an attempt about to make it reads it (the attempts' reads alone; the
+    /// API's use [`Self::get`]). A store may answer with the version it handed over when it
+    /// wrote or queued the delivery moments ago, sparing a read: that version may be out of
+    /// date (another instance's write since), and every write the attempt then makes is
+    /// conditional on it, so a stale one fails [`DomainError::PreconditionFailed`] and the
+    /// attempt reads again.
+    ///
+    /// # Errors
+    /// As [`Self::get`].
+    async fn get_for_attempt(&self, tenant: &TenantId, id: uuid::Uuid) -> Result<Stored<super::delivery::Delivery>, DomainError> {
+        self.get(tenant, id).await
+    }
+
     /// One endpoint's deliveries matching `filter`, oldest first, paged.
     async fn list(
         &self,
