@@ -34,10 +34,12 @@ const RESOURCE: &str = "delivery";
 ///
 /// What an attempt is handed is what that transaction wrote or saw: any later write of the
 /// delivery through [`SqliteDeliveries`] forgets the record first, and the job's lease (the
-/// embedded queue) keeps other workers off it. With a queue elsewhere, another instance may
-/// attempt the delivery meanwhile: the attempt's writes are conditional on the handed version,
-/// so the first fails and the attempt reads the delivery again from the database. A record
-/// handed late therefore costs at most that failed write and a read, and may wait longer than
+/// embedded queue, whose one consumer is this process) keeps other workers off it. With a
+/// queue elsewhere, another instance may attempt the delivery meanwhile: a scheduled attempt's
+/// first write (its hold, or the skip) is conditional on the handed version, so it fails and
+/// the attempt reads the delivery again from the database (manual attempts, which send
+/// before they write, are never handed records). A record handed late therefore costs at
+/// most that failed write and a read, and may wait longer than
 /// a job usually waits behind a backlog in a broker's queue (`make bench`, ten endpoints at
 /// saturation with RabbitMQ: from commit to receipt 0.53 to 0.68 s at the median, 0.88 to
 /// 1.17 s at p99): up to [`RECORD_MAX_AGE`]. Bounded: past [`LEASED_RECORDS_MAX`] waiting
@@ -188,7 +190,8 @@ impl Waiting {
                 continue;
             }
             self.bytes += doc.body.len();
-            self.oldest.get_or_insert(now);
+            // `now` may be earlier than another put's before it (taken before the lock).
+            self.oldest = Some(self.oldest.map_or(now, |oldest| oldest.min(now)));
             self.by_id.insert(doc.id.clone(), (doc, now));
         }
         if self.by_id.is_empty() {
@@ -211,7 +214,7 @@ const RECORD_MAX_AGE: Duration = Duration::from_secs(5);
 /// How long an endpoint read for the attempts that follow may be handed to their gets.
 const WEBHOOK_MAX_AGE: Duration = Duration::from_secs(1);
 
-/// Records waiting for their `get`, at most; and at most this much of their text (16 MiB).
+/// Records waiting for their `get_for_attempt`, at most; and at most this much of their text (16 MiB).
 const LEASED_RECORDS_MAX: usize = 16_384;
 const LEASED_RECORD_BYTES_MAX: usize = 16 << 20;
 
@@ -453,7 +456,7 @@ impl SqliteDeliveries {
     /// Creates each delivery in one transaction (a conflict fails its item alone); with
     /// `queue`, each created pending delivery's job is queued at its `next_attempt_at` in the
     /// same transaction. Without (the queue is elsewhere), each created pending record, and
-    /// its endpoint as this transaction reads it, is handed to the get of its first attempt
+    /// its endpoint as this transaction reads it, is handed to the `get_for_attempt` of its first attempt
     /// (see [`LeasedRecords`]); the take does that with the queue here.
     async fn create_many(&self, deliveries: &[Delivery], queue: bool) -> Result<Vec<Result<ETag, DomainError>>, DomainError> {
         // With the queue here, the jobs due now that the takes wait for are leased for them as
@@ -998,6 +1001,23 @@ mod tests {
         waiting.put(vec![doc(7, 3)], start);
         waiting.put(vec![doc(7, 5)], start);
         assert_eq!((waiting.by_id.len(), waiting.bytes), (1, 5));
+
+        // Partly expired: the scan keeps the younger ones and starts the next scan from them.
+        let mut waiting = Waiting::default();
+        let half = LEASED_RECORDS_MAX / 2;
+        waiting.put((0..half).map(|i| doc(i, 1)).collect(), start);
+        let later = start + Duration::from_secs(3);
+        waiting.put((half..LEASED_RECORDS_MAX).map(|i| doc(i, 1)).collect(), later);
+        let past_first = start + RECORD_MAX_AGE + Duration::from_millis(1);
+        waiting.put(vec![doc(LEASED_RECORDS_MAX, 1)], past_first);
+        assert_eq!((waiting.by_id.len(), waiting.bytes), (LEASED_RECORDS_MAX - half + 1, LEASED_RECORDS_MAX - half + 1));
+        assert_eq!(waiting.oldest, Some(later));
+        waiting.put((0..half).map(|i| doc(i, 1)).collect(), past_first);
+        assert_eq!(waiting.by_id.len(), LEASED_RECORDS_MAX, "refilled");
+        let past_second = later + RECORD_MAX_AGE + Duration::from_millis(1);
+        waiting.put(vec![doc(LEASED_RECORDS_MAX + 1, 1)], past_second);
+        assert_eq!(waiting.by_id.len(), half + 1, "the second batch expired in its turn");
+        assert!(waiting.by_id.contains_key(&format!("d{}", LEASED_RECORDS_MAX + 1)));
 
         // A record found too old when its attempt asks is not handed, and leaves.
         let leased = LeasedRecords::default();

@@ -97,8 +97,9 @@ async fn row<T: Send + 'static>(
 }
 
 /// The take reads the records of the jobs it leases in its own transaction and hands each to
-/// the next get of that delivery (one read less per attempt); a write through the repository
-/// forgets it, and only the delivery's tenant is handed it.
+/// the next attempt's read of that delivery (`get_for_attempt`: one read less per attempt; a
+/// `get` reads the database); a write through the repository forgets it, and only the
+/// delivery's tenant is handed it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_take_hands_the_records_it_read_to_the_next_get() {
     use im_domain::webhooks::delivery::DeliveryStatus;
@@ -296,7 +297,7 @@ async fn the_take_hands_the_endpoints_it_read_to_the_attempts() {
 }
 
 /// With the delivery queue elsewhere (RabbitMQ), the records the fan-out creates, and their
-/// endpoints, are handed to the gets of the first attempts, once each; what another instance
+/// endpoints, are handed to the first attempts' reads, once each; what another instance
 /// writes meanwhile makes the handed version's conditional write fail, never overwritten.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_fan_out_hands_its_records_and_endpoints_to_the_first_attempts() {

@@ -117,7 +117,18 @@ pub async fn create_get_and_conditional_replace(repo: &dyn DeliveryRepository) {
         "replace MUST return PreconditionFailed on a stale etag"
     );
     let stored = repo.get(&tenant, created.id).await.unwrap();
-    assert_eq!((stored.value, stored.etag), (changed, newer), "a refused replace MUST write nothing");
+    assert_eq!((stored.value, stored.etag), (changed.clone(), newer.clone()), "a refused replace MUST write nothing");
+    // What an attempt reads: the current version (nothing was handed since the replace).
+    let for_attempt = repo.get_for_attempt(&tenant, created.id).await.expect("an attempt MUST read a created delivery");
+    assert_eq!((for_attempt.value, for_attempt.etag), (changed, newer), "an attempt MUST read the current version after a write");
+    assert!(
+        matches!(repo.get_for_attempt(&fresh_tenant(), created.id).await, Err(DomainError::NotFound { .. })),
+        "another tenant's delivery MUST be NotFound to an attempt"
+    );
+    assert!(
+        matches!(repo.get_for_attempt(&tenant, uuid::Uuid::now_v7()).await, Err(DomainError::NotFound { .. })),
+        "a missing delivery MUST be NotFound to an attempt"
+    );
 }
 
 pub async fn create_each_creates_every_new_item_and_refuses_existing_ones_alone(repo: &dyn DeliveryRepository) {

@@ -572,7 +572,8 @@ impl DeliveryService {
         retry(Backoff::immediate(CLAIM_TRIES), |_| Box::pin(self.claim_and_attempt(job, trigger)), |_| std::future::ready(())).await
     }
 
-    /// One try of [`Self::attempt`]. Losing the race for the hold is the one failure worth
+    /// One try of [`Self::attempt`]. Losing the race for the hold, or finding the delivery
+    /// changed while preparing (the skip's conditional write failed), are the failures worth
     /// looking again for (transient); every other error ends the attempt as it is.
     async fn claim_and_attempt(&self, job: &DeliveryJob, trigger: AttemptTrigger) -> Result<AttemptReport, Failure<DomainError>> {
         let prepared = self.prepare(job, trigger).await.map_err(|e| match e {
@@ -634,7 +635,14 @@ impl DeliveryService {
     /// Decides whether the job's attempt is to be made now, and completes or reschedules the
     /// job when it is not.
     async fn prepare(&self, job: &DeliveryJob, trigger: AttemptTrigger) -> Result<Prepared, DomainError> {
-        let stored = match self.deliveries.get_for_attempt(&job.tenant_id, job.delivery_id).await {
+        // A scheduled attempt may be handed the version its store wrote or queued moments ago:
+        // its first write, the hold (or the skip), is conditional on it. A manual one sends
+        // before it writes: it reads the current version.
+        let read = match trigger {
+            AttemptTrigger::Scheduled => self.deliveries.get_for_attempt(&job.tenant_id, job.delivery_id).await,
+            AttemptTrigger::Manual => self.deliveries.get(&job.tenant_id, job.delivery_id).await,
+        };
+        let stored = match read {
             Ok(stored) => stored,
             Err(DomainError::NotFound { .. }) => {
                 self.queue.complete(job).await?;

@@ -426,6 +426,17 @@ fn an_attempt_handed_an_out_of_date_record_reads_it_again() {
     w.run_queued();
     assert!(w.deliveries.handed.lock().unwrap().is_none(), "the attempt read the handed version");
     assert_eq!((w.sends(), w.deliveries.value(w.delivery_id).status), (1, DeliveryStatus::Succeeded));
+
+    // A manual attempt sends before it writes: it reads the current version, never a handed one.
+    let w = world(500);
+    block_on(w.service.fan_out(&w.event)).unwrap();
+    w.run_queued();
+    let failed_once = block_on(w.deliveries.get(&w.event.tenant_id, w.delivery_id)).unwrap();
+    block_on(w.deliveries.replace(&failed_once.value, None, &[])).unwrap();
+    *w.deliveries.handed.lock().unwrap() = Some(failed_once);
+    block_on(w.service.retry(&member(), w.webhook_id, w.delivery_id)).unwrap();
+    assert!(w.deliveries.handed.lock().unwrap().is_some(), "a manual attempt took the handed version");
+    assert_eq!((w.sends(), w.deliveries.value(w.delivery_id).attempts.len()), (2, 2), "sent and recorded");
 }
 
 #[test]

@@ -64,12 +64,14 @@ pub trait DeliveryRepository: Send + Sync {
     /// MUST return [`DomainError::NotFound`] when absent, expired or another tenant's.
     async fn get(&self, tenant: &TenantId, id: uuid::Uuid) -> Result<Stored<super::delivery::Delivery>, DomainError>;
 
-    /// The delivery as an attempt about to make it reads it (the attempts' reads alone; the
-    /// API's use [`Self::get`]). A store may answer with the version it handed over when it
-    /// wrote or queued the delivery moments ago, sparing a read: that version may be out of
-    /// date (another instance's write since), and every write the attempt then makes is
-    /// conditional on it, so a stale one fails [`DomainError::PreconditionFailed`] and the
-    /// attempt reads again.
+    /// The delivery as a scheduled attempt about to make it reads it (those reads alone; the
+    /// API's and manual attempts' use [`Self::get`]). A store may answer with the version it
+    /// handed over when it wrote or queued the delivery moments ago, sparing a read. That
+    /// version may be out of date only where another instance can write the delivery
+    /// meanwhile (a queue elsewhere): there the attempt's first write, its hold or the skip,
+    /// is conditional on it and fails [`DomainError::PreconditionFailed`], and the attempt
+    /// reads again. Where the store keeps the queue, the job's lease keeps others off the
+    /// delivery, and the store MUST hand only a version still current.
     ///
     /// # Errors
     /// As [`Self::get`].
