@@ -39,10 +39,10 @@ const RESOURCE: &str = "delivery";
 /// first write (its hold, or the skip) is conditional on the handed version, so it fails and
 /// the attempt reads the delivery again from the database (manual attempts, which send
 /// before they write, are never handed records). A record handed late therefore costs at
-/// most that failed write and a read, and may wait longer than
-/// a job usually waits behind a backlog in a broker's queue (`make bench`, ten endpoints at
-/// saturation with RabbitMQ: from commit to receipt 0.53 to 0.68 s at the median, 0.88 to
-/// 1.17 s at p99): up to [`RECORD_MAX_AGE`]. Bounded: past [`LEASED_RECORDS_MAX`] waiting
+/// most that failed write and a read, and may wait longer than a job usually waits behind a
+/// backlog in a broker's queue (`make bench`, ten endpoints at saturation with RabbitMQ: from
+/// commit to receipt 0.53 to 0.68 s at the median, 0.88 to 1.17 s at p99): up to
+/// [`RECORD_MAX_AGE`]. Bounded: past [`LEASED_RECORDS_MAX`] waiting
 /// records (or [`LEASED_RECORD_BYTES_MAX`] of their text) those older than that are dropped and
 /// no more are kept until there is room (before, past 4,096 all were dropped); the others'
 /// attempts read the database.
@@ -214,7 +214,8 @@ const RECORD_MAX_AGE: Duration = Duration::from_secs(5);
 /// How long an endpoint read for the attempts that follow may be handed to their gets.
 const WEBHOOK_MAX_AGE: Duration = Duration::from_secs(1);
 
-/// Records waiting for their `get_for_attempt`, at most; and at most this much of their text (16 MiB).
+/// Records waiting for their `get_for_attempt`, at most; and at most this much of their text
+/// (16 MiB).
 const LEASED_RECORDS_MAX: usize = 16_384;
 const LEASED_RECORD_BYTES_MAX: usize = 16 << 20;
 
@@ -456,8 +457,8 @@ impl SqliteDeliveries {
     /// Creates each delivery in one transaction (a conflict fails its item alone); with
     /// `queue`, each created pending delivery's job is queued at its `next_attempt_at` in the
     /// same transaction. Without (the queue is elsewhere), each created pending record, and
-    /// its endpoint as this transaction reads it, is handed to the `get_for_attempt` of its first attempt
-    /// (see [`LeasedRecords`]); the take does that with the queue here.
+    /// its endpoint as this transaction reads it, is handed to the `get_for_attempt` of its
+    /// first attempt (see [`LeasedRecords`]); the take does that with the queue here.
     async fn create_many(&self, deliveries: &[Delivery], queue: bool) -> Result<Vec<Result<ETag, DomainError>>, DomainError> {
         // With the queue here, the jobs due now that the takes wait for are leased for them as
         // they are queued, and their records and endpoints handed like the take's ([`Handoff`]).
@@ -1021,12 +1022,10 @@ mod tests {
 
         // A record found too old when its attempt asks is not handed, and leaves.
         let leased = LeasedRecords::default();
-        if let Some(long_ago) = Instant::now().checked_sub(RECORD_MAX_AGE + Duration::from_secs(1)) {
-            let _ = leased.records.lock().unwrap().put(vec![doc(8, 5)], long_ago);
-            assert!(leased.take("t", "d8").is_none());
-            let records = leased.records.lock().unwrap();
-            assert_eq!((records.by_id.len(), records.bytes), (0, 0));
-        }
+        let long_ago = Instant::now().checked_sub(RECORD_MAX_AGE + Duration::from_secs(1)).expect("the monotonic clock has run 6 s");
+        let _ = leased.records.lock().unwrap().put(vec![doc(8, 5)], long_ago);
+        assert!(leased.take("t", "d8").is_none());
+        assert_eq!(leased.records.lock().map(|r| (r.by_id.len(), r.bytes)).unwrap(), (0, 0));
         leased.put(vec![doc(9, 5)]);
         assert!(leased.take("other tenant", "d9").is_none(), "never to another tenant");
         assert_eq!(leased.take("t", "d9").map(|d| d.body.len()), Some(5));
