@@ -40,6 +40,9 @@ pub fn spawn_dispatcher(
     tasks: &TaskTracker,
 ) {
     let (shutdown, attempts) = (shutdown.clone(), tasks.clone());
+    // Shared by the attempts: each takes one reference, not a copy of the service (a count for
+    // each of its shared parts, and its settings' schedule and user agent copied).
+    let service = Arc::new(service);
     tasks.spawn(async move {
         // Empty takes and failed reads in a row: how far each backoff has grown.
         let (mut idle, mut failed) = (0u32, 0u32);
@@ -53,7 +56,7 @@ pub fn spawn_dispatcher(
                     // Jobs taken are leased to us: each is attempted, even when a stop comes now.
                     for job in jobs {
                         let Ok(permit) = permits.clone().acquire_owned().await else { return };
-                        let service = service.clone();
+                        let service = Arc::clone(&service);
                         attempts.spawn(async move {
                             let report = service.attempt(&job, AttemptTrigger::Scheduled).await;
                             after_attempt(&service, &job, report).await;
@@ -162,7 +165,8 @@ async fn after_attempt(service: &DeliveryService, job: &DeliveryJob, report: Res
 
 /// Fans events out to webhooks and wakes the dispatcher.
 pub struct FanOut {
-    pub service: DeliveryService,
+    /// Shared with the first attempts it starts ([`FirstHere`]).
+    pub service: Arc<DeliveryService>,
     pub wake: Arc<Notify>,
     /// With the queue on a broker (`webhooks.first_attempt_in_fan_out`), the fan-out makes the
     /// first attempts it has free permits for itself ([`DeliveryService::fan_out_holding`]);
@@ -183,7 +187,7 @@ pub struct FirstAttemptsHere {
 /// The first attempts of one fan-out: one free permit of the dispatcher's each, taken before
 /// the deliveries are written held; the unused ones go back after each write.
 struct FirstHere<'a> {
-    service: &'a DeliveryService,
+    service: &'a Arc<DeliveryService>,
     here: &'a FirstAttemptsHere,
     reserved: Vec<OwnedSemaphorePermit>,
 }
@@ -211,7 +215,7 @@ impl FirstAttempts for FirstHere<'_> {
             tracing::warn!(delivery_id = %attempt.job().delivery_id, "a first attempt came without a reserved permit");
             return;
         };
-        let service = self.service.clone();
+        let service = Arc::clone(self.service);
         self.here.tasks.spawn(async move {
             let job = attempt.job().clone();
             let report = service.attempt_held(attempt).await;

@@ -723,7 +723,7 @@ impl Application {
                 let every = settings.webhooks.service.hold_sweep_interval.get();
                 spawn_hold_sweeper(deliveries.clone(), every, dispatch.clone(), &workers.shutdown, &workers.tasks);
             }
-            events.bus.subscribe(Arc::new(FanOut { service: deliveries.clone(), wake: dispatch.clone(), first_here }));
+            events.bus.subscribe(Arc::new(FanOut { service: Arc::new(deliveries.clone()), wake: dispatch.clone(), first_here }));
             // With no broker, this process's subscribers read every event the store relays; an
             // event only the webhook fan-out reads is not written for a tenant without webhook
             // endpoints. (An instance without workers has none, and writes every event: the

@@ -405,7 +405,8 @@ impl DeliveryService {
             // queued all the same (a held one would otherwise wait for its hold's end), and the
             // failure is answered once that is done.
             let mut failed = None;
-            for ((delivery, webhook), outcome) in deliveries.iter().zip(webhooks).zip(outcomes) {
+            // The records move to their first attempts (and to the replayed ones' checks), not copied.
+            for ((delivery, webhook), outcome) in deliveries.into_iter().zip(webhooks).zip(outcomes) {
                 let job = DeliveryJob { tenant_id: delivery.tenant_id.clone(), delivery_id: delivery.id };
                 match outcome {
                     Ok(etag) if delivery.status == DeliveryStatus::Pending => {
@@ -414,7 +415,7 @@ impl DeliveryService {
                             continue;
                         }
                         if delivery.lease_until.is_some() {
-                            first.start(HeldAttempt { job, delivery: Stored { value: delivery.clone(), etag }, webhook: webhook.clone() });
+                            first.start(HeldAttempt { job, delivery: Stored { value: delivery, etag }, webhook: webhook.clone() });
                         } else {
                             first_jobs.push((job, delivery.next_attempt_at.unwrap_or(delivery.created_at)));
                         }
