@@ -101,7 +101,7 @@ async fn row<T: Send + 'static>(
 /// `get` reads the database); a write through the repository forgets it, and only the
 /// delivery's tenant is handed it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_take_hands_the_records_it_read_to_the_next_get() {
+async fn the_take_hands_the_records_it_read_to_the_next_attempts_read() {
     use im_domain::webhooks::delivery::DeliveryStatus;
     let dir = tempfile::tempdir().unwrap();
     let store = store(dir.path()).await;
