@@ -682,16 +682,29 @@ fn update_current(
     hold: Option<&str>,
 ) -> Result<ETag, DomainError> {
     let etag = new_etag();
-    let changed = tx
-        .prepare_cached(
+    let update = |sql: &str| {
+        tx.prepare_cached(sql)
+            .and_then(|mut s| {
+                s.execute(params![key.container, key.pk, key.id, etag.as_str(), body, expires_at, hold, now, if_match.map(ETag::as_str)])
+            })
+            .map_err(map_sqlite)
+    };
+    // First with the expiry left as it is, when it is the one to write (no TTL, or a write
+    // within the same second as the last: a delivery's outcome, mostly). SQLite rewrites the
+    // index entry of every column an UPDATE sets, even to the value it holds: setting the
+    // expiry again cost each such write an entry deleted and inserted in the expiry's index.
+    let mut changed = update(
+        "UPDATE documents SET etag = ?4, body = ?5, hold_until = ?7 \
+         WHERE container = +?1 AND pk = ?2 AND id = ?3 AND expires_at IS ?6 AND (expires_at IS NULL OR expires_at > ?8) \
+         AND (?9 IS NULL OR etag = ?9)",
+    )?;
+    if changed == 0 {
+        changed = update(
             "UPDATE documents SET etag = ?4, body = ?5, expires_at = ?6, hold_until = ?7 \
              WHERE container = +?1 AND pk = ?2 AND id = ?3 AND (expires_at IS NULL OR expires_at > ?8) \
              AND (?9 IS NULL OR etag = ?9)",
-        )
-        .and_then(|mut s| {
-            s.execute(params![key.container, key.pk, key.id, etag.as_str(), body, expires_at, hold, now, if_match.map(ETag::as_str)])
-        })
-        .map_err(map_sqlite)?;
+        )?;
+    }
     if changed == 0 {
         check_current(tx, key.container, key.resource, key.pk, key.id, if_match, now)?;
         return Err(DomainError::Unexpected(anyhow::anyhow!("a live, current {} was not updated", key.resource)));

@@ -446,6 +446,54 @@ async fn documents_expire_after_their_ttl() {
     assert!(docs.get(containers::WEBHOOKS, "t1".into(), "w1".into()).await.unwrap().is_some(), "documents without TTL stay");
 }
 
+/// A replace moves the expiry to its own write's: in the same second as the write before (the
+/// expiry is then left as it is) and later (it is then written). Either way a stale version and
+/// an expired document are refused, and nothing is changed by them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replace_moves_the_expiry_to_its_own_write() {
+    use im_domain::{DomainError, ETag};
+    let dir = tempfile::tempdir().unwrap();
+    let start = OffsetDateTime::now_utc();
+    let clock = Arc::new(ManualClock(Mutex::new(start)));
+    let store = EmbeddedStore::open(dir.path(), clock.clone()).unwrap();
+    store.migrate().await.unwrap();
+    let docs = store.documents();
+    let day = Duration::from_secs(24 * 3600);
+    let (deliveries, webhooks) = (containers::WEBHOOK_DELIVERIES, containers::WEBHOOKS);
+    let replace = |container, body: &str, if_match: Option<ETag>, ttl| {
+        docs.replace(container, "document", "t1".into(), "t1".into(), "d1".into(), body.into(), if_match, ttl, &[])
+    };
+    let body = || async { docs.get(deliveries, "t1".into(), "d1".into()).await.unwrap().map(|d| d.body) };
+    let set_clock = |at: OffsetDateTime| *clock.0.lock().unwrap() = at;
+
+    let first = docs.create(deliveries, "t1".into(), "d1".into(), r#"{"v":1}"#.into(), Some(day)).await.unwrap();
+    let second = replace(deliveries, r#"{"v":2}"#, Some(first.clone()), Some(day)).await.unwrap();
+    assert_ne!(first, second, "a new version");
+    for stale in [Some(first.clone()), Some(ETag::new("other"))] {
+        assert!(matches!(replace(deliveries, r#"{"v":0}"#, stale, Some(day)).await, Err(DomainError::PreconditionFailed)));
+    }
+    assert_eq!(body().await.as_deref(), Some(r#"{"v":2}"#), "the refused writes changed nothing");
+
+    // Twelve hours on: the expiry moves a day past this write.
+    set_clock(start + time::Duration::hours(12));
+    assert!(matches!(replace(deliveries, r#"{"v":0}"#, Some(first), Some(day)).await, Err(DomainError::PreconditionFailed)));
+    replace(deliveries, r#"{"v":3}"#, Some(second), Some(day)).await.unwrap();
+    set_clock(start + time::Duration::hours(36) - time::Duration::seconds(1));
+    assert_eq!(body().await.as_deref(), Some(r#"{"v":3}"#), "alive a day after the last write, not the first");
+    let fourth = replace(deliveries, r#"{"v":4}"#, None, Some(day)).await.unwrap();
+    set_clock(start + time::Duration::hours(60) - time::Duration::seconds(2));
+    assert_eq!(body().await.as_deref(), Some(r#"{"v":4}"#));
+    set_clock(start + time::Duration::hours(60) + time::Duration::seconds(1));
+    assert_eq!(body().await, None, "gone a day after the last write");
+    assert!(matches!(replace(deliveries, r#"{"v":5}"#, Some(fourth), Some(day)).await, Err(DomainError::NotFound { .. })));
+
+    // Without a TTL, a document is kept however often it is replaced.
+    let kept = docs.create(webhooks, "t1".into(), "d1".into(), "{}".into(), None).await.unwrap();
+    replace(webhooks, r#"{"v":1}"#, Some(kept), None).await.unwrap();
+    set_clock(start + time::Duration::days(400));
+    assert!(docs.get(webhooks, "t1".into(), "d1".into()).await.unwrap().is_some());
+}
+
 /// A document read again with nothing committed since is answered from the reader's copy: it
 /// still expires on time, and a change made by another connection (another instance) is seen.
 #[tokio::test]
