@@ -447,8 +447,8 @@ async fn documents_expire_after_their_ttl() {
 }
 
 /// A replace moves the expiry to its own write's: in the same second as the write before (the
-/// expiry is then left as it is) and later (it is then written). Either way a stale version and
-/// an expired document are refused, and nothing is changed by them.
+/// expiry is then left as it is) and later (it is then written). Either way a stale version is
+/// refused and changes nothing; a document past its expiry is not found.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replace_moves_the_expiry_to_its_own_write() {
     use im_domain::{DomainError, ETag};
@@ -487,7 +487,7 @@ async fn a_replace_moves_the_expiry_to_its_own_write() {
     assert_eq!(body().await, None, "gone a day after the last write");
     assert!(matches!(replace(deliveries, r#"{"v":5}"#, Some(fourth), Some(day)).await, Err(DomainError::NotFound { .. })));
 
-    // Without a TTL, a document is kept however often it is replaced.
+    // Without a TTL, a replaced document is still kept.
     let kept = docs.create(webhooks, "t1".into(), "d1".into(), "{}".into(), None).await.unwrap();
     replace(webhooks, r#"{"v":1}"#, Some(kept), None).await.unwrap();
     set_clock(start + time::Duration::days(400));
