@@ -80,7 +80,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// `im_audit_oldest_age_seconds` after every round.
 pub fn spawn_shipper(shipper: AuditShipper, batch: u32, interval: Duration, shutdown: &CancellationToken, tasks: &TaskTracker) {
     let shutdown = shutdown.clone();
-    tasks.spawn(async move {
+    tasks.spawn(im_store_embedded::as_worker(async move {
         let backoff = Backoff { attempts: u32::MAX, first: interval, max: MAX_BACKOFF.max(interval) };
         let mut failures: u32 = 0;
         while !shutdown.is_cancelled() {
@@ -116,7 +116,7 @@ pub fn spawn_shipper(shipper: AuditShipper, batch: u32, interval: Duration, shut
             }
         }
         tracing::debug!("audit shipper stopped");
-    });
+    }));
 }
 
 /// `(count, age of the oldest in seconds)` of the buffer, also set as the backlog gauges.

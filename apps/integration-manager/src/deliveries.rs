@@ -43,7 +43,7 @@ pub fn spawn_dispatcher(
     // Shared by the attempts: each takes one reference, not a copy of the service (a count for
     // each of its shared parts, and its settings' schedule and user agent copied).
     let service = Arc::new(service);
-    tasks.spawn(async move {
+    tasks.spawn(im_store_embedded::as_worker(async move {
         // Empty takes and failed reads in a row: how far each backoff has grown.
         let (mut idle, mut failed) = (0u32, 0u32);
         while !shutdown.is_cancelled() {
@@ -57,11 +57,11 @@ pub fn spawn_dispatcher(
                     for job in jobs {
                         let Ok(permit) = permits.clone().acquire_owned().await else { return };
                         let service = Arc::clone(&service);
-                        attempts.spawn(async move {
+                        attempts.spawn(im_store_embedded::as_worker(async move {
                             let report = service.attempt(&job, AttemptTrigger::Scheduled).await;
                             after_attempt(&service, &job, report).await;
                             drop(permit);
-                        });
+                        }));
                     }
                 }
                 Ok(_) => {
@@ -91,7 +91,7 @@ pub fn spawn_dispatcher(
             }
         }
         tracing::debug!("delivery dispatcher stopped; attempts in flight finish");
-    });
+    }));
 }
 
 /// Deliveries a sweep reads at a time; it reads again while reads come full, up to
@@ -107,7 +107,7 @@ const HOLD_SWEEP_READS: u32 = 10;
 /// sweeps; the store's conditional claim keeps their work apart.
 pub fn spawn_hold_sweeper(service: DeliveryService, every: Duration, wake: Arc<Notify>, shutdown: &CancellationToken, tasks: &TaskTracker) {
     let shutdown = shutdown.clone();
-    tasks.spawn(async move {
+    tasks.spawn(im_store_embedded::as_worker(async move {
         // `every` is at least 100 ms (the settings' check); the max only keeps the modulo defined.
         let mut wait = Duration::from_millis(u64::from(uuid::Uuid::new_v4().as_u128() as u32) % every.as_millis().max(1) as u64);
         loop {
@@ -140,7 +140,7 @@ pub fn spawn_hold_sweeper(service: DeliveryService, every: Duration, wake: Arc<N
                 }
             }
         }
-    });
+    }));
 }
 
 /// Counts an attempt's outcome, and when it could not complete, schedules its job again.
@@ -216,12 +216,12 @@ impl FirstAttempts for FirstHere<'_> {
             return;
         };
         let service = Arc::clone(self.service);
-        self.here.tasks.spawn(async move {
+        self.here.tasks.spawn(im_store_embedded::as_worker(async move {
             let job = attempt.job().clone();
             let report = service.attempt_held(attempt).await;
             after_attempt(&service, &job, report).await;
             drop(permit);
-        });
+        }));
     }
 
     fn release_unused(&mut self) {

@@ -39,13 +39,13 @@ pub fn spawn_relay(relay: &EventRelay, lanes: u32, wake: &Arc<Notify>, batch: u3
     let shared = Arc::new(Lanes { wake: wake.clone(), to_first: Notify::new(), backlog: AtomicBool::new(false) });
     for lane in 0..lanes.max(1) {
         let (relay, shared, shutdown) = (relay.lane(), shared.clone(), shutdown.clone());
-        tasks.spawn(async move {
+        tasks.spawn(im_store_embedded::as_worker(async move {
             if lane == 0 {
                 first_lane(&relay, &shared, batch, &shutdown).await;
             } else {
                 other_lane(&relay, &shared, batch, &shutdown).await;
             }
-        });
+        }));
     }
 }
 
@@ -82,7 +82,7 @@ pub fn spawn_handoff(
     tasks: &TaskTracker,
 ) {
     let (shutdown, round_tasks) = (shutdown.clone(), tasks.clone());
-    tasks.spawn(async move {
+    tasks.spawn(im_store_embedded::as_worker(async move {
         let relay = Arc::new(relay);
         let permits = Arc::new(tokio::sync::Semaphore::new(rounds.max(1) as usize));
         // Handed over, not taken by a round: released at the stop.
@@ -116,7 +116,7 @@ pub fn spawn_handoff(
                 }
             }
             let (relay, handoff, wake, round_shutdown) = (relay.clone(), handoff.clone(), wake.clone(), shutdown.clone());
-            round_tasks.spawn(async move {
+            round_tasks.spawn(im_store_embedded::as_worker(async move {
                 let count = events.len();
                 let Handed { events, left, late } = sort_handed(events, HANDED_MIN_CLAIM_LEFT);
                 if late {
@@ -155,7 +155,7 @@ pub fn spawn_handoff(
                 }
                 handoff.done(count);
                 drop(permit);
-            });
+            }));
         }
         // Nothing more is handed over; once the groups under way ended, what was and is not
         // taken goes back to the outbox.
@@ -168,7 +168,7 @@ pub fn spawn_handoff(
         if let Err(error) = relay.outbox().release(relay.owner(), &not_taken).await {
             tracing::warn!(%error, count = not_taken.len(), "releasing the events handed over at the stop failed; they are taken once their claim ends");
         }
-    });
+    }));
 }
 
 /// The waits before each new try to mark published the events a lane published, when marking
@@ -601,8 +601,13 @@ mod tests {
 
     /// A fresh store and publisher; nothing running yet.
     async fn set_up() -> Setup {
+        set_up_with(im_store_embedded::DbOptions::default()).await
+    }
+
+    /// [`set_up`], the store's database opened with `options`.
+    async fn set_up_with(options: im_store_embedded::DbOptions) -> Setup {
         let dir = tempfile::tempdir().unwrap();
-        let store = EmbeddedStore::open(dir.path(), Arc::new(im_domain::SystemClock)).unwrap();
+        let store = EmbeddedStore::open_with(dir.path(), Arc::new(im_domain::SystemClock), options).unwrap();
         store.migrate().await.unwrap();
         let publisher = Arc::new(SlowPublisher::default());
         let (wake, shutdown, tasks) = (Arc::new(Notify::new()), CancellationToken::new(), TaskTracker::new());
@@ -749,7 +754,11 @@ mod tests {
 
     /// [`handing_over`], the lane's outbox being the store's as `outbox` makes it.
     async fn handing_over_to(lease: Duration, batch: u32, outbox: impl FnOnce(Arc<dyn Outbox>) -> Arc<dyn Outbox>) -> Setup {
-        let setup = set_up().await;
+        handing_over_with(set_up().await, lease, batch, outbox)
+    }
+
+    /// [`handing_over_to`] on `setup`.
+    fn handing_over_with(setup: Setup, lease: Duration, batch: u32, outbox: impl FnOnce(Arc<dyn Outbox>) -> Arc<dyn Outbox>) -> Setup {
         let (store, publisher) = (&setup.store, &setup.publisher);
         let lane = EventRelay::new(outbox(store.outbox()), publisher.clone());
         let (sink, handed) = tokio::sync::mpsc::unbounded_channel();
@@ -844,6 +853,52 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(3), woken).await.expect("the usual rounds woken");
         assert_eq!(claimable_within(&setup.store, &ids, Duration::from_secs(3)).await, ids, "released (or, paused, written unclaimed)");
         assert!(ids.iter().all(|id| !setup.publisher.has(*id)), "not published by the lane");
+        setup.shutdown.cancel();
+        setup.tasks.close();
+        setup.tasks.wait().await;
+    }
+
+    /// When requests have filled the store's write queue, the lane's writes still get in: events
+    /// whose publish was refused are released at once (any relay takes them), not left held
+    /// until their claim ends.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_queue_full_of_requests_does_not_keep_the_lane_from_releasing() {
+        const QUEUE: usize = 4;
+        let options = im_store_embedded::DbOptions { write_queue: QUEUE, ..im_store_embedded::DbOptions::default() };
+        let setup = handing_over_with(set_up_with(options).await, im_domain::services::CLAIM_LEASE, 16, |outbox| outbox);
+        setup.publisher.down.store(true, Ordering::SeqCst);
+        let refused = setup.write(1, true).await[0];
+        // The writer thread is held in the handoff's sink after the next commit while requests
+        // fill the queue.
+        setup.sink_delay_ms.store(1_000, Ordering::SeqCst);
+        let holding = tokio::spawn({
+            let store = setup.store.clone();
+            let tenant = im_testkit::fresh_tenant();
+            let item = integration(&tenant, "github");
+            let created = event(&tenant, EventType::IntegrationCreated, &item.id.to_string());
+            async move { store.integrations().create(&item, &[created]).await }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        setup.sink_delay_ms.store(0, Ordering::SeqCst);
+        let tenant = im_testkit::fresh_tenant();
+        let requests: Vec<_> = (0..QUEUE)
+            .map(|_| {
+                let (store, item) = (setup.store.clone(), integration(&tenant, "github"));
+                tokio::spawn(async move { store.integrations().create(&item, &[]).await })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let full = setup.store.integrations().create(&integration(&tenant, "github"), &[]).await;
+        assert!(matches!(full, Err(DomainError::Unavailable { .. })), "the queue is full of requests: {full:?}");
+        // The lane's publish is refused now, and it releases the event while the queue is full.
+        setup.publisher.let_go();
+        holding.await.unwrap().unwrap();
+        for request in requests {
+            request.await.unwrap().unwrap();
+        }
+        let ids = HashSet::from([refused]);
+        assert_eq!(claimable_within(&setup.store, &ids, Duration::from_secs(2)).await, ids, "released, not held until its claim ends");
+        assert!(!setup.publisher.has(refused));
         setup.shutdown.cancel();
         setup.tasks.close();
         setup.tasks.wait().await;

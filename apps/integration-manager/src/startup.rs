@@ -912,7 +912,7 @@ fn spawn_metrics_upkeep(handle: metrics_exporter_prometheus::PrometheusHandle, s
 /// Deletes expired documents of the embedded store every `every`, until `shutdown`.
 fn spawn_ttl_sweeper(store: EmbeddedStore, every: Duration, shutdown: &CancellationToken, tasks: &TaskTracker) {
     let shutdown = shutdown.clone();
-    tasks.spawn(async move {
+    tasks.spawn(im_store_embedded::as_worker(async move {
         let mut interval = tokio::time::interval(every);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -926,7 +926,7 @@ fn spawn_ttl_sweeper(store: EmbeddedStore, every: Duration, shutdown: &Cancellat
                 Err(e) => tracing::warn!(error = %e, "purging expired documents failed"),
             }
         }
-    });
+    }));
 }
 
 /// Asks the server on this machine's `port` for its liveness, with plain HTTP/1.1 over a socket

@@ -37,7 +37,7 @@ pub struct SyncWorker {
 /// checkpoints saved, the execution `cancelled` with the reason) and are waited for by `tasks`.
 pub fn spawn_sync_worker(worker: SyncWorker, shutdown: &CancellationToken, tasks: &TaskTracker) {
     let (shutdown, runs) = (shutdown.clone(), tasks.clone());
-    tasks.spawn(async move {
+    tasks.spawn(im_store_embedded::as_worker(async move {
         let permits = Arc::new(Semaphore::new(worker.concurrency.max(1)));
         while !shutdown.is_cancelled() {
             let available = u32::try_from(permits.available_permits()).unwrap_or(1);
@@ -47,10 +47,10 @@ pub fn spawn_sync_worker(worker: SyncWorker, shutdown: &CancellationToken, tasks
                     for claim in claimed {
                         let Ok(permit) = permits.clone().acquire_owned().await else { return };
                         let (worker, stop) = (worker.clone(), shutdown.clone());
-                        runs.spawn(async move {
+                        runs.spawn(im_store_embedded::as_worker(async move {
                             worker.run(claim, stop).await;
                             drop(permit);
-                        });
+                        }));
                     }
                 }
                 Err(error) => tracing::warn!(%error, "claiming due sync tasks failed"),
@@ -61,7 +61,7 @@ pub fn spawn_sync_worker(worker: SyncWorker, shutdown: &CancellationToken, tasks
             }
         }
         tracing::debug!("sync worker stopped; runs in flight stop at their next page");
-    });
+    }));
 }
 
 /// The run's hold on its task: every page saves the checkpoints and renews the lease.

@@ -4,7 +4,7 @@
 use std::cell::RefCell;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, mpsc};
 use std::time::Duration;
 
@@ -307,6 +307,11 @@ pub struct Db {
     /// Shared by every caller as it is (a channel's sender is `Sync`): a lock around it made
     /// concurrent writers wait for each other, and sleep, just to queue.
     writes: mpsc::SyncSender<Job>,
+    /// Writes sent and not yet taken by the writer thread (it counts them off a group at a time).
+    queued: Arc<AtomicUsize>,
+    /// Writes that may wait before a request's are refused ([`DbOptions::write_queue`]); a
+    /// worker's may wait beyond that, in [`WORKER_ROOM`] more.
+    capacity: usize,
     clock: Arc<dyn Clock>,
     /// Who reads the events written to the outbox, once told ([`Db::write_events_for`]).
     readers: std::sync::OnceLock<Arc<dyn EventReaders>>,
@@ -405,6 +410,32 @@ fn configure_writer(conn: &Connection, restart_frames: i64) -> rusqlite::Result<
 /// Writes that may wait for the writer thread before new ones are refused.
 pub const WRITE_QUEUE: usize = 4096;
 
+/// Room in the write queue beyond [`DbOptions::write_queue`] for the writes of background
+/// workers ([`as_worker`]): when requests fill the queue, they are refused (`503`, to be tried
+/// again), but a worker's write still gets in: the webhook fan-out of events already committed,
+/// the release of events a relay could not publish, a delivery's outcome. Refused, such a write
+/// leaves its work held until a claim ends (30 s) instead of pushing back on anyone. A worker's
+/// write that finds even this room full waits for it ([`WORKER_WAIT`]).
+pub const WORKER_ROOM: usize = 1024;
+
+/// How long a background worker's write waits for room in a full queue before it is refused,
+/// and how often it looks.
+const WORKER_WAIT: Duration = Duration::from_secs(10);
+const WORKER_POLL: Duration = Duration::from_millis(2);
+
+tokio::task_local! {
+    /// Set for the futures of background workers ([`as_worker`]).
+    static WORKER: ();
+}
+
+/// Runs `work` as a background worker's: its writes to the embedded database are not refused
+/// when requests have filled the write queue ([`WORKER_ROOM`]). Requests are refused there so
+/// that their clients try again later; a worker refused would leave what it holds (events
+/// claimed, a delivery leased) until its claim ends.
+pub async fn as_worker<F: Future>(work: F) -> F::Output {
+    WORKER.scope((), work).await
+}
+
 /// How the database runs.
 #[derive(Debug, Clone, Copy)]
 pub struct DbOptions {
@@ -462,13 +493,14 @@ impl Db {
         let checkpointer = open_for_writing(path, false)?;
         let commits = Arc::new(AtomicU64::new(0));
         let gate = Arc::new(Gate::default());
-        let (writes, jobs) = mpsc::sync_channel::<Job>(capacity);
-        let (committed, writing) = (commits.clone(), gate.clone());
+        let (writes, jobs) = mpsc::sync_channel::<Job>(capacity + WORKER_ROOM);
+        let queued = Arc::new(AtomicUsize::new(0));
+        let (committed, writing, taken) = (commits.clone(), gate.clone(), queued.clone());
         let outbox_wake = Arc::new(std::sync::OnceLock::<OutboxWake>::new());
         let woken = outbox_wake.clone();
         std::thread::Builder::new()
             .name("im-sqlite-writer".into())
-            .spawn(move || write_loop(writer, &jobs, &committed, &writing, &woken))?;
+            .spawn(move || write_loop(writer, &jobs, &taken, &committed, &writing, &woken))?;
         let (checkpoints, stop) = mpsc::channel::<()>();
         let snapshots = Arc::new(Snapshots::default());
         let kept = snapshots.clone();
@@ -480,6 +512,8 @@ impl Db {
             id: NEXT_DB_ID.fetch_add(1, Ordering::Relaxed),
             path: path.to_owned(),
             writes,
+            queued,
+            capacity,
             clock,
             readers: std::sync::OnceLock::new(),
             snapshots,
@@ -615,12 +649,14 @@ impl Db {
                 (half_written, complete)
             }),
         );
-        self.writes.try_send(job).map_err(|e| match e {
-            mpsc::TrySendError::Full(_) => DomainError::Unavailable {
-                reason: "the embedded database has too many writes waiting".into(),
-                retry_after: Some(Duration::from_secs(1)),
-            },
-            mpsc::TrySendError::Disconnected(_) => DomainError::Unexpected(anyhow::anyhow!("the embedded database writer has stopped")),
+        self.make_room().await?;
+        self.writes.try_send(job).map_err(|e| {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+            match e {
+                // Not expected: `make_room` counted a place for it.
+                mpsc::TrySendError::Full(_) => too_many_waiting(),
+                mpsc::TrySendError::Disconnected(_) => DomainError::Unexpected(anyhow::anyhow!("the embedded database writer has stopped")),
+            }
         })?;
         // Unanswered: the writer could not begin a transaction (the database stayed busy past its
         // timeout, or failed); temporary as far as the caller can tell.
@@ -628,6 +664,41 @@ impl Db {
             reason: "the embedded database could not begin a write (busy past its timeout)".into(),
             retry_after: Some(Duration::from_secs(1)),
         })?
+    }
+}
+
+fn too_many_waiting() -> DomainError {
+    DomainError::Unavailable {
+        reason: "the embedded database has too many writes waiting".into(),
+        retry_after: Some(Duration::from_secs(1)),
+    }
+}
+
+impl Db {
+    /// Writes queued and not yet taken by the writer thread (requests' and workers').
+    #[must_use]
+    pub fn queued_writes(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
+    }
+
+    /// Counts a place in the write queue for the caller's write: a request's fits below
+    /// `capacity` or is refused; a background worker's ([`as_worker`]) fits below `capacity`
+    /// plus [`WORKER_ROOM`], or waits for that (up to [`WORKER_WAIT`]).
+    async fn make_room(&self) -> Result<(), DomainError> {
+        let worker = WORKER.try_with(|()| ()).is_ok();
+        let limit = if worker { self.capacity + WORKER_ROOM } else { self.capacity };
+        let mut waited = Duration::ZERO;
+        loop {
+            if self.queued.fetch_add(1, Ordering::Relaxed) < limit {
+                return Ok(());
+            }
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+            if !worker || waited >= WORKER_WAIT {
+                return Err(too_many_waiting());
+            }
+            tokio::time::sleep(WORKER_POLL).await;
+            waited += WORKER_POLL;
+        }
     }
 }
 
@@ -683,12 +754,14 @@ fn take_group<T>(first: T, jobs: &mpsc::Receiver<T>, gather_until: Option<std::t
 fn write_loop(
     conn: Connection,
     jobs: &mpsc::Receiver<Job>,
+    queued: &AtomicUsize,
     commits: &AtomicU64,
     gate: &Gate,
     outbox_wake: &std::sync::OnceLock<OutboxWake>,
 ) {
     while let Ok(first) = jobs.recv() {
         let group = take_group(first, jobs, gate.disk_behind().then(|| std::time::Instant::now() + GATHER_WAIT));
+        queued.fetch_sub(group.len(), Ordering::Relaxed);
         let held = gate.for_write();
         let began = std::time::Instant::now();
         let timed = tracing::enabled!(target: "im_store_embedded::groups", tracing::Level::DEBUG);

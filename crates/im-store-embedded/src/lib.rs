@@ -33,7 +33,7 @@ use async_trait::async_trait;
 use im_domain::ports::{DependencyHealth, HealthCheck, IntegrationRepository, Outbox, ProviderRepository};
 use im_domain::{Clock, DomainError};
 
-pub use db::{Db, DbOptions, WAL_RESTART_FRAMES};
+pub use db::{Db, DbOptions, WAL_RESTART_FRAMES, WORKER_ROOM, as_worker};
 pub use documents::Documents;
 pub use handoff::{HandedEvent, HandoffSink, OutboxHandoff};
 pub use migrations::MigrationReport;

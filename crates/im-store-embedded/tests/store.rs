@@ -584,9 +584,31 @@ async fn a_full_write_queue_pushes_back_as_unavailable() {
     let refused = db.write(|_| Ok(())).await;
     assert!(matches!(refused, Err(DomainError::Unavailable { retry_after: Some(_), .. })), "{refused:?}");
 
+    // A background worker's writes still get in, in the room kept for them; one past that room
+    // waits for it instead of being refused.
+    let worker_write = || {
+        let db = db.clone();
+        tokio::spawn(im_store_embedded::as_worker(async move { db.write(|_| Ok(())).await }))
+    };
+    let in_room: Vec<_> = (0..im_store_embedded::WORKER_ROOM).map(|_| worker_write()).collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for write in &in_room {
+        assert!(!write.is_finished(), "a worker's write was answered before the writer took it: refused");
+    }
+    assert_eq!(db.queued_writes(), 1 + im_store_embedded::WORKER_ROOM, "the workers' writes are queued, not waiting for room");
+    let past_room = worker_write();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!past_room.is_finished(), "a worker's write past its room waits, not refused");
+    let refused = db.write(|_| Ok(())).await;
+    assert!(matches!(refused, Err(DomainError::Unavailable { .. })), "a request's write is still refused: {refused:?}");
+
     release.send(()).unwrap();
     holding.await.unwrap().unwrap();
     waiting.await.unwrap().unwrap();
+    for write in in_room {
+        write.await.unwrap().expect("a worker's write in its room");
+    }
+    past_room.await.unwrap().expect("a worker's write that waited for room");
     db.write(|_| Ok(())).await.expect("room again once the writer caught up");
 }
 
