@@ -131,6 +131,24 @@ pub fn spawn_handoff(
                         handoff.pause_for(HANDOFF_PAUSE);
                         tracing::warn!(%error, count = events.len(), "publishing events handed over at commit failed; the relay's next rounds take them");
                     }
+                    Err(ClaimedNotPublished::NotReleased { refused, release }) => {
+                        handoff.pause_for(HANDOFF_PAUSE);
+                        let ids: Vec<_> = events.iter().map(|event| event.id).collect();
+                        match again(&round_shutdown, || relay.outbox().release(relay.owner(), &ids)).await {
+                            Ok(()) => tracing::warn!(
+                                error = %refused,
+                                %release,
+                                count = ids.len(),
+                                "publishing events handed over at commit failed; released at a later try, the relay's next rounds take them"
+                            ),
+                            Err(release) => tracing::warn!(
+                                error = %refused,
+                                %release,
+                                count = ids.len(),
+                                "publishing events handed over at commit failed, and releasing them too; they are taken once their claim ends"
+                            ),
+                        }
+                    }
                     Err(ClaimedNotPublished::NotMarked(error)) => {
                         let ids: Vec<_> = events.iter().map(|event| event.id).collect();
                         match mark_again(relay.outbox().as_ref(), &ids, &round_shutdown).await {
@@ -146,11 +164,11 @@ pub fn spawn_handoff(
                 // Not expected: the usual rounds count an unreadable entry toward a dead letter,
                 // as any they cannot read, and publish those this lane came to too late.
                 if !left.is_empty()
-                    && let Err(error) = relay.outbox().release(relay.owner(), &left).await
+                    && let Err(error) = release_again(relay.as_ref(), &left, &round_shutdown).await
                 {
                     tracing::warn!(%error, count = left.len(), "releasing events handed over failed; they are taken once their claim ends");
                 }
-                if matches!(published, Err(ClaimedNotPublished::Refused(_))) || !left.is_empty() {
+                if matches!(published, Err(ClaimedNotPublished::Refused(_) | ClaimedNotPublished::NotReleased { .. })) || !left.is_empty() {
                     wake.notify_one();
                 }
                 handoff.done(count);
@@ -171,18 +189,42 @@ pub fn spawn_handoff(
     }));
 }
 
-/// The waits before each new try to mark published the events a lane published, when marking
-/// them failed (the store was busy or away). All of them end well within
+/// The waits before each new try to mark published the events a lane published, or to release
+/// those it did not, when that failed (the store was busy or away). All of them end well within
 /// [`HANDED_MIN_CLAIM_LEFT`], so the events are still held by the lane while it tries.
 const MARK_RETRIES: [Duration; 3] = [Duration::from_millis(50), Duration::from_millis(250), Duration::from_secs(1)];
 
-/// Tries again to mark published events a lane published and could not mark, after each wait
-/// of [`MARK_RETRIES`]; the stop ends a wait at once, for a last try. A mark that fails for
-/// good leaves them held, and they are published again once their claim ends (at least once).
+/// Tries again to mark published events a lane published and could not mark. A mark that fails
+/// for good leaves them held, and they are published again once their claim ends (at least once).
 ///
 /// # Errors
 /// The last try's.
 async fn mark_again(outbox: &dyn Outbox, ids: &[uuid::Uuid], shutdown: &CancellationToken) -> Result<(), DomainError> {
+    again(shutdown, || outbox.mark_published(ids)).await
+}
+
+/// Releases events the lane holds and will not publish, trying again when that fails. A release
+/// that fails for good leaves them held until their claim ends; then any relay takes them.
+///
+/// # Errors
+/// The last try's.
+async fn release_again(relay: &EventRelay, ids: &[uuid::Uuid], shutdown: &CancellationToken) -> Result<(), DomainError> {
+    let first = relay.outbox().release(relay.owner(), ids).await;
+    if first.is_ok() {
+        return first;
+    }
+    again(shutdown, || relay.outbox().release(relay.owner(), ids)).await
+}
+
+/// Runs `write` after each wait of [`MARK_RETRIES`] until it succeeds; the stop ends a wait at
+/// once, for a last try.
+///
+/// # Errors
+/// The last try's.
+async fn again<'a, F>(shutdown: &CancellationToken, mut write: impl FnMut() -> F) -> Result<(), DomainError>
+where
+    F: Future<Output = Result<(), DomainError>> + 'a,
+{
     let mut tried = Ok(());
     for wait in MARK_RETRIES {
         let stopping = tokio::select! {
@@ -190,7 +232,7 @@ async fn mark_again(outbox: &dyn Outbox, ids: &[uuid::Uuid], shutdown: &Cancella
             () = shutdown.cancelled() => true,
             () = tokio::time::sleep(wait) => false,
         };
-        tried = outbox.mark_published(ids).await;
+        tried = write().await;
         if tried.is_ok() || stopping {
             break;
         }
@@ -869,8 +911,9 @@ mod tests {
         setup.publisher.down.store(true, Ordering::SeqCst);
         let refused = setup.write(1, true).await[0];
         // The writer thread is held in the handoff's sink after the next commit while requests
-        // fill the queue.
-        setup.sink_delay_ms.store(1_000, Ordering::SeqCst);
+        // fill the queue, for longer than the lane's tries of a release take.
+        let held_for = MARK_RETRIES.iter().sum::<Duration>() + Duration::from_millis(700);
+        setup.sink_delay_ms.store(held_for.as_millis() as u64, Ordering::SeqCst);
         let holding = tokio::spawn({
             let store = setup.store.clone();
             let tenant = im_testkit::fresh_tenant();
@@ -897,17 +940,26 @@ mod tests {
             request.await.unwrap().unwrap();
         }
         let ids = HashSet::from([refused]);
-        assert_eq!(claimable_within(&setup.store, &ids, Duration::from_secs(2)).await, ids, "released, not held until its claim ends");
+        // The event written while the writer was held goes the same way, or is written unclaimed
+        // (the handoff paused): either way any relay may take it too.
+        let claimable = claimable_within(&setup.store, &ids, Duration::from_secs(2)).await;
+        assert!(ids.is_subset(&claimable), "released, not held until its claim ends: {claimable:?}");
         assert!(!setup.publisher.has(refused));
         setup.shutdown.cancel();
         setup.tasks.close();
         setup.tasks.wait().await;
     }
 
-    /// An outbox whose first `failing` marks fail, as a store too busy to take them.
+    /// An outbox whose first `failing` marks and first `failing_releases` releases fail, as a
+    /// store too busy to take them.
     struct FailingMarks {
         outbox: Arc<dyn Outbox>,
         failing: std::sync::atomic::AtomicU32,
+        failing_releases: std::sync::atomic::AtomicU32,
+    }
+
+    fn fails_first(failing: &std::sync::atomic::AtomicU32) -> bool {
+        failing.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| left.checked_sub(1)).is_ok()
     }
 
     #[async_trait]
@@ -919,12 +971,15 @@ mod tests {
             self.outbox.claim(owner, limit, lease).await
         }
         async fn mark_published(&self, ids: &[uuid::Uuid]) -> Result<(), DomainError> {
-            if self.failing.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| left.checked_sub(1)).is_ok() {
+            if fails_first(&self.failing) {
                 return Err(DomainError::unavailable("the store is busy"));
             }
             self.outbox.mark_published(ids).await
         }
         async fn release(&self, owner: &str, ids: &[uuid::Uuid]) -> Result<(), DomainError> {
+            if fails_first(&self.failing_releases) {
+                return Err(DomainError::unavailable("the store is busy"));
+            }
             self.outbox.release(owner, ids).await
         }
         async fn record_failure(&self, id: uuid::Uuid, reason: &str, max_attempts: u32) -> Result<bool, DomainError> {
@@ -947,9 +1002,10 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_lane_tries_again_to_mark_what_it_published() {
         for failing in [2, MARK_RETRIES.len() as u32 + 1] {
-            let setup =
-                handing_over_to(im_domain::services::CLAIM_LEASE, 16, |outbox| Arc::new(FailingMarks { outbox, failing: failing.into() }))
-                    .await;
+            let setup = handing_over_to(im_domain::services::CLAIM_LEASE, 16, |outbox| {
+                Arc::new(FailingMarks { outbox, failing: failing.into(), failing_releases: 0.into() })
+            })
+            .await;
             let id = setup.write(1, false).await[0];
             assert!(setup.published_within(id, Duration::from_secs(3)).await, "published by the lane");
             let tries: Duration = MARK_RETRIES.iter().sum();
@@ -964,11 +1020,34 @@ mod tests {
         }
     }
 
+    /// Events whose publish was refused, and whose release failed, are released at a later try
+    /// (any relay takes them at once), not left held until their claim ends; a release failing
+    /// at every try leaves them held.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_lane_tries_again_to_release_what_it_could_not_publish() {
+        for failing in [2, MARK_RETRIES.len() as u32 + 1] {
+            let setup = handing_over_to(im_domain::services::CLAIM_LEASE, 16, |outbox| {
+                Arc::new(FailingMarks { outbox, failing: 0.into(), failing_releases: failing.into() })
+            })
+            .await;
+            setup.publisher.down.store(true, Ordering::SeqCst);
+            let ids = HashSet::from([setup.write(1, false).await[0]]);
+            let tries: Duration = MARK_RETRIES.iter().sum();
+            let released = claimable_within(&setup.store, &ids, tries + Duration::from_millis(500)).await;
+            assert_eq!(released == ids, failing <= MARK_RETRIES.len() as u32, "{failing} failed releases");
+            setup.shutdown.cancel();
+            setup.tasks.close();
+            setup.tasks.wait().await;
+        }
+    }
+
     /// The stop cuts the wait before a try short: the events are marked at once, not left held.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn at_the_stop_the_lane_tries_at_once_to_mark_what_it_published() {
-        let setup =
-            handing_over_to(im_domain::services::CLAIM_LEASE, 16, |outbox| Arc::new(FailingMarks { outbox, failing: 1.into() })).await;
+        let setup = handing_over_to(im_domain::services::CLAIM_LEASE, 16, |outbox| {
+            Arc::new(FailingMarks { outbox, failing: 1.into(), failing_releases: 0.into() })
+        })
+        .await;
         let id = setup.write(1, false).await[0];
         assert!(setup.published_within(id, Duration::from_secs(3)).await, "published by the lane");
         setup.shutdown.cancel();

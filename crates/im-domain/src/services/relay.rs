@@ -29,6 +29,9 @@ pub enum ClaimedNotPublished {
     Refused(DomainError),
     /// Published, but not marked: still held, they are published again once the hold ends.
     NotMarked(DomainError),
+    /// The publisher refused them (`refused`) and releasing the holds failed (`release`): still
+    /// held, any relay takes them once the hold ends, unless they are released at a later try.
+    NotReleased { refused: DomainError, release: DomainError },
 }
 
 /// Moves events from the outbox to the publisher: claim them (so that another instance's relay
@@ -129,17 +132,20 @@ impl EventRelay {
     ///
     /// # Errors
     /// [`ClaimedNotPublished::Refused`] when the publisher refuses the batch: the holds are
-    /// released first (when the outbox is reachable; else they end with their lease), so that
-    /// the next round of any relay takes the events, counts the failed tries of those refused
-    /// for good, and backs off while the publisher is down.
+    /// released first, so that the next round of any relay takes the events, counts the failed
+    /// tries of those refused for good, and backs off while the publisher is down;
+    /// [`ClaimedNotPublished::NotReleased`] when that release failed (the holds end with their
+    /// lease, unless the caller releases them at a later try).
     /// [`ClaimedNotPublished::NotMarked`] when they were published but marking them failed: they
     /// stay held and are published again once the hold ends (at least once).
     pub async fn publish_claimed(&self, events: &[DomainEvent]) -> Result<(), ClaimedNotPublished> {
         let ids: Vec<_> = events.iter().map(|e| e.id).collect();
-        if let Err(error) = self.publisher.publish(events).await {
+        if let Err(refused) = self.publisher.publish(events).await {
             // A release that fails leaves the holds to end on their own: nothing is lost.
-            let _ = self.outbox.release(&self.owner, &ids).await;
-            return Err(ClaimedNotPublished::Refused(error));
+            return Err(match self.outbox.release(&self.owner, &ids).await {
+                Ok(()) => ClaimedNotPublished::Refused(refused),
+                Err(release) => ClaimedNotPublished::NotReleased { refused, release },
+            });
         }
         self.outbox.mark_published(&ids).await.map_err(ClaimedNotPublished::NotMarked)
     }
@@ -235,6 +241,19 @@ mod tests {
         let relay = EventRelay::new(Arc::new(outbox), Arc::new(publisher));
         assert!(matches!(block_on(relay.publish_claimed(&events)), Err(ClaimedNotPublished::Refused(DomainError::Unavailable { .. }))));
         assert_eq!(*relay_owner.lock().unwrap(), relay.owner(), "the relay's own holds");
+    }
+
+    #[test]
+    fn events_handed_over_refused_and_not_released_say_so() {
+        let events = vec![event()];
+        let mut outbox = MockOutbox::new();
+        outbox.expect_release().times(1).returning(|_, _| Err(DomainError::unavailable("store busy")));
+        outbox.expect_mark_published().never();
+        let mut publisher = MockEventPublisher::new();
+        publisher.expect_publish().returning(|_| Err(DomainError::unavailable("broker down")));
+        let relay = EventRelay::new(Arc::new(outbox), Arc::new(publisher));
+        let outcome = block_on(relay.publish_claimed(&events));
+        assert!(matches!(outcome, Err(ClaimedNotPublished::NotReleased { .. })), "{outcome:?}");
     }
 
     #[test]
