@@ -221,9 +221,9 @@ async fn release_again(relay: &EventRelay, ids: &[uuid::Uuid], shutdown: &Cancel
 ///
 /// # Errors
 /// The last try's.
-async fn again<'a, F>(shutdown: &CancellationToken, mut write: impl FnMut() -> F) -> Result<(), DomainError>
+async fn again<F>(shutdown: &CancellationToken, mut write: impl FnMut() -> F) -> Result<(), DomainError>
 where
-    F: Future<Output = Result<(), DomainError>> + 'a,
+    F: Future<Output = Result<(), DomainError>>,
 {
     let mut tried = Ok(());
     for wait in MARK_RETRIES {

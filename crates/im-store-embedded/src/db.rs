@@ -665,16 +665,7 @@ impl Db {
             retry_after: Some(Duration::from_secs(1)),
         })?
     }
-}
 
-fn too_many_waiting() -> DomainError {
-    DomainError::Unavailable {
-        reason: "the embedded database has too many writes waiting".into(),
-        retry_after: Some(Duration::from_secs(1)),
-    }
-}
-
-impl Db {
     /// Writes queued and not yet taken by the writer thread (requests' and workers').
     #[must_use]
     pub fn queued_writes(&self) -> usize {
@@ -699,6 +690,13 @@ impl Db {
             tokio::time::sleep(WORKER_POLL).await;
             waited += WORKER_POLL;
         }
+    }
+}
+
+fn too_many_waiting() -> DomainError {
+    DomainError::Unavailable {
+        reason: "the embedded database has too many writes waiting".into(),
+        retry_after: Some(Duration::from_secs(1)),
     }
 }
 
