@@ -16,12 +16,160 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use crate::containers::{WEBHOOK_DELIVERIES, WEBHOOKS};
+use crate::containers::{WEBHOOK_DELIVERIES, WEBHOOK_PAYLOADS, WEBHOOKS};
 use crate::db::{Db, map_sqlite};
 use crate::documents::{Doc, Documents, Query, expiry, insert, new_etag, read_one};
 use crate::support::{decode, encode};
 
 const RESOURCE: &str = "delivery";
+
+/// How much longer than the record that keeps it alive an event's payload kept apart lives
+/// when it is written: longer than every delivery's retries last, so that an outcome (a
+/// write within that time) finds the payload's expiry later than its record's and does not
+/// write the payload's row again. A record written later than that moves the payload's expiry
+/// with it ([`keep_payload_alive`]).
+const PAYLOAD_SLACK: Duration = Duration::from_secs(3 * 24 * 3600);
+
+/// The member that a delivery's record writes its payload in. A record is its `Delivery`
+/// written out (`encode`): the first place this text is found is that member, for the members
+/// before it are ids, names and a type, JSON strings in which a quote is always escaped.
+const PAYLOAD_MEMBER: &str = ",\"payload\":";
+
+/// The text a record stores when its event's payload is kept apart: its text `full` with
+/// `null` in place of `payload`. Only an object is kept apart (a payload is a CloudEvents
+/// document): a record that reads `null` there names its payload by its tenant and event id.
+/// Also gives where the payload is in `full`.
+fn without_payload(full: &str, payload: &str) -> Option<(String, std::ops::Range<usize>)> {
+    if !payload.starts_with('{') {
+        return None;
+    }
+    let at = full.find(PAYLOAD_MEMBER)? + PAYLOAD_MEMBER.len();
+    full[at..].starts_with(payload).then(|| {
+        let mut stored = String::with_capacity(full.len() - payload.len() + 4);
+        stored.push_str(&full[..at]);
+        stored.push_str("null");
+        stored.push_str(&full[at + payload.len()..]);
+        (stored, at..at + payload.len())
+    })
+}
+
+/// A record to be stored without its payload, kept apart for its event.
+struct Apart {
+    /// The event id: the payload's id in its tenant's partition.
+    event: String,
+    /// The record's text without the payload ([`without_payload`]).
+    stored: String,
+    /// Where the payload is in the record's full text.
+    payload: std::ops::Range<usize>,
+}
+
+/// Where a stored record has `null` in place of a payload kept apart.
+fn payload_left_out(body: &str) -> Option<usize> {
+    let at = body.find(PAYLOAD_MEMBER)? + PAYLOAD_MEMBER.len();
+    body[at..].starts_with("null,").then_some(at)
+}
+
+/// Puts back into each record of `docs` that was stored without its payload the payload kept
+/// apart, read with `conn` (in the snapshot the records were read in, or the writer's
+/// transaction): a record's payload lives at least as long as the record. A payload not found
+/// (never, but for a bug) leaves the record's `null`, and is logged.
+fn join_payloads(conn: &Connection, docs: &mut [Doc], now: i64) -> rusqlite::Result<()> {
+    let mut read: HashMap<(String, String), Option<String>> = HashMap::new();
+    for doc in docs {
+        let Some(at) = payload_left_out(&doc.body) else { continue };
+        let Some(event) = str_member(&doc.body, &["messageId"]) else { continue };
+        let payload = match read.entry((doc.pk.clone(), event)) {
+            Entry::Occupied(kept) => kept.into_mut(),
+            Entry::Vacant(new) => {
+                let (pk, event) = new.key().clone();
+                let found = read_one(conn, WEBHOOK_PAYLOADS, pk, event, now)?.map(|payload| payload.body);
+                new.insert(found)
+            }
+        };
+        match payload {
+            Some(payload) => {
+                let mut full = String::with_capacity(doc.body.len() + payload.len());
+                full.push_str(&doc.body[..at]);
+                full.push_str(payload);
+                full.push_str(&doc.body[at + "null".len()..]);
+                doc.body = full;
+            }
+            None => tracing::error!(tenant = %doc.pk, delivery = %doc.id, "a delivery's payload kept apart is missing"),
+        }
+    }
+    Ok(())
+}
+
+/// The expiry of a payload kept apart for a record that expires at `record` (unix seconds).
+fn payload_expiry(record: i64) -> i64 {
+    expiry(record, Some(PAYLOAD_SLACK)).unwrap_or(i64::MAX)
+}
+
+/// Keeps `payload`, the payload of event `event` of tenant `pk`, apart for the records of its
+/// deliveries, the first of which expires at `record`: true when it is kept (written now, or
+/// the same text already there, kept alive as long as that record); false when another text
+/// is kept under that event id (the record then keeps its payload itself).
+fn keep_payload(tx: &Connection, pk: &str, event: &str, payload: &str, record: i64, now: i64) -> Result<bool, DomainError> {
+    match insert(tx, WEBHOOK_PAYLOADS, pk, event, payload, Some(payload_expiry(record)), None, now, new_etag()) {
+        Ok(_) => Ok(true),
+        Err(DomainError::Conflict(_)) => {
+            let kept = read_one(tx, WEBHOOK_PAYLOADS, pk.to_owned(), event.to_owned(), now).map_err(map_sqlite)?;
+            if kept.is_some_and(|kept| kept.body == payload) {
+                keep_payload_alive(tx, pk, event, record)?;
+                Ok(true)
+            } else {
+                Ok(false)
+            }
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Keeps the payload kept apart for event `event` of tenant `pk`, if there is one, at least as
+/// long as a record that expires at `record`: when it would expire before, its expiry moves to
+/// [`payload_expiry`] of it. One read of the key's index when it would not (an outcome's
+/// write, mostly).
+fn keep_payload_alive(tx: &Connection, pk: &str, event: &str, record: i64) -> Result<(), DomainError> {
+    tx.prepare_cached("UPDATE documents SET expires_at = ?5 WHERE container = +?1 AND pk = ?2 AND id = ?3 AND expires_at < ?4")
+        .and_then(|mut s| s.execute(params![WEBHOOK_PAYLOADS, pk, event, record, payload_expiry(record)]))
+        .map_err(map_sqlite)
+        .map(|changed| {
+            if changed > 0 {
+                crate::group_reads::changed(Some(WEBHOOK_PAYLOADS));
+            }
+        })
+}
+
+/// For a replace of `delivery` (`Documents::replace_then`): the text its record stores, chosen
+/// in the writer's transaction (without its payload when the same payload is kept apart for
+/// its event, else in full), and what then keeps that payload alive as long as the record.
+#[allow(clippy::type_complexity)]
+fn stored_with_payload(
+    delivery: &Delivery,
+) -> Result<
+    (
+        impl FnOnce(&Connection, i64) -> Result<String, DomainError> + Send + 'static,
+        impl FnOnce(&Connection, i64) -> Result<(), DomainError> + Send + 'static,
+    ),
+    DomainError,
+> {
+    let full = encode(delivery)?;
+    let apart = without_payload(&full, delivery.payload.as_str());
+    let (pk, event) = (delivery.tenant_id.to_string(), delivery.message_id.clone());
+    let alive = apart.as_ref().map(|_| (pk.clone(), event.clone()));
+    let body = move |tx: &Connection, now: i64| match apart {
+        Some((stored, payload)) => {
+            let kept = read_one(tx, WEBHOOK_PAYLOADS, pk, event, now).map_err(map_sqlite)?;
+            Ok(if kept.is_some_and(|kept| kept.body == full[payload]) { stored } else { full })
+        }
+        None => Ok(full),
+    };
+    let then = move |tx: &Connection, now: i64| match alive {
+        Some((pk, event)) => keep_payload_alive(tx, &pk, &event, expiry(now, Some(DELIVERY_TTL)).unwrap_or(i64::MAX)),
+        None => Ok(()),
+    };
+    Ok((body, then))
+}
 
 /// Records of the deliveries whose first attempts come next, each handed to the next
 /// `get_for_attempt` of its delivery (the attempts' reads; the API's `get` reads the database):
@@ -443,9 +591,25 @@ impl SqliteDeliveries {
     /// Reads delivery `id` of tenant `pk` from the database.
     async fn read(&self, pk: String, id: uuid::Uuid) -> Result<Stored<Delivery>, DomainError> {
         match self.docs.get(WEBHOOK_DELIVERIES, pk, id.to_string()).await? {
-            Some(doc) => decode(doc),
+            Some(doc) => self.joined(vec![doc]).await?.pop().map_or_else(|| Err(DomainError::not_found(RESOURCE, id)), decode),
             None => Err(DomainError::not_found(RESOURCE, id)),
         }
+    }
+
+    /// `docs`, records read from the database, with the payloads kept apart put back
+    /// ([`join_payloads`]), read in one read transaction when any is.
+    async fn joined(&self, mut docs: Vec<Doc>) -> Result<Vec<Doc>, DomainError> {
+        if docs.iter().all(|doc| payload_left_out(&doc.body).is_none()) {
+            return Ok(docs);
+        }
+        let now = self.docs.db().now();
+        self.docs
+            .db()
+            .read(move |conn| {
+                join_payloads(conn, &mut docs, now)?;
+                Ok(docs)
+            })
+            .await
     }
 
     fn forget_leased(&self, id: uuid::Uuid) {
@@ -479,7 +643,13 @@ impl SqliteDeliveries {
                 });
                 // One created held is attempted by its creator with what it has in hand: no read to spare.
                 let hand = ((!queue && pending && d.lease_until.is_none()) || leased.is_some()).then(|| d.webhook_id.to_string());
-                Ok((d.tenant_id.to_string(), d.id.to_string(), encode(d)?, hold_of(d)?, due, leased, hand))
+                let full = encode(d)?;
+                let apart = without_payload(&full, d.payload.as_str()).map(|(stored, payload)| Apart {
+                    event: d.message_id.clone(),
+                    stored,
+                    payload,
+                });
+                Ok((d.tenant_id.to_string(), d.id.to_string(), full, apart, hold_of(d)?, due, leased, hand))
             })
             .collect::<Result<Vec<_>, DomainError>>()?;
         let (outcomes, handed) = self
@@ -490,8 +660,26 @@ impl SqliteDeliveries {
                 let mut records = Vec::new();
                 let mut webhooks: Vec<(Doc, u32)> = Vec::new();
                 let mut jobs = Vec::new();
-                for (pk, id, body, hold, due, leased, hand) in items {
-                    match insert(tx, WEBHOOK_DELIVERIES, &pk, &id, &body, expires_at, hold.as_deref(), now, new_etag()) {
+                // The payload kept apart for each event of this transaction (None: another
+                // text was there, and the records of this one keep theirs themselves).
+                let mut kept: HashMap<(String, String), Option<String>> = HashMap::new();
+                for (pk, id, body, apart, hold, due, leased, hand) in items {
+                    let stored = match &apart {
+                        Some(apart) => {
+                            let payload = &body[apart.payload.clone()];
+                            let same = match kept.entry((pk.clone(), apart.event.clone())) {
+                                Entry::Occupied(first) => first.get().as_deref() == Some(payload),
+                                Entry::Vacant(first) => {
+                                    let is_kept = keep_payload(tx, &pk, &apart.event, payload, expires_at.unwrap_or(i64::MAX), now)?;
+                                    first.insert(is_kept.then(|| payload.to_owned()));
+                                    is_kept
+                                }
+                            };
+                            if same { &apart.stored } else { &body }
+                        }
+                        None => &body,
+                    };
+                    match insert(tx, WEBHOOK_DELIVERIES, &pk, &id, stored, expires_at, hold.as_deref(), now, new_etag()) {
                         Ok(etag) => {
                             if let Some(due) = due {
                                 match leased {
@@ -634,7 +822,9 @@ impl DeliveryRepository for SqliteDeliveries {
             page: page.clone(),
         };
         let (docs, continuation) = self.docs.query(query).await?;
-        let items = docs
+        let items = self
+            .joined(docs)
+            .await?
             .into_iter()
             .map(decode::<Delivery>)
             .filter(|d| d.as_ref().map_or(true, |d| filter.matches(&d.value)))
@@ -646,6 +836,7 @@ impl DeliveryRepository for SqliteDeliveries {
     async fn replace(&self, delivery: &Delivery, if_match: Option<ETag>, events: &[DomainEvent]) -> Result<ETag, DomainError> {
         self.forget_leased(delivery.id);
         let pk = delivery.tenant_id.to_string();
+        let (body, then) = stored_with_payload(delivery)?;
         self.docs
             .replace_then(
                 WEBHOOK_DELIVERIES,
@@ -653,12 +844,12 @@ impl DeliveryRepository for SqliteDeliveries {
                 pk.clone(),
                 pk,
                 delivery.id.to_string(),
-                encode(delivery)?,
+                body,
                 if_match,
                 Some(DELIVERY_TTL),
                 hold_of(delivery)?,
                 events,
-                |_| Ok(()),
+                then,
             )
             .await
     }
@@ -685,11 +876,14 @@ impl DeliveryRepository for SqliteDeliveries {
                     AND (expires_at IS NULL OR expires_at > ?2) \
                     AND json_extract(body, '$.status') = 'pending' AND json_extract(body, '$.leaseUntil') IS NOT NULL \
                     ORDER BY hold_until LIMIT ?3";
-                conn.prepare_cached(sql)?
+                let mut docs = conn
+                    .prepare_cached(sql)?
                     .query_map(params![cutoff, live, i64::from(limit)], |r| {
                         Ok(Doc { pk: r.get(0)?, id: r.get(1)?, etag: ETag::new(r.get::<_, String>(2)?), body: r.get(3)? })
                     })?
-                    .collect::<rusqlite::Result<Vec<_>>>()
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                join_payloads(conn, &mut docs, live)?;
+                Ok(docs)
             })
             .await?;
         let mut ended = docs.into_iter().map(decode::<Delivery>).collect::<Result<Vec<_>, _>>()?;
@@ -730,6 +924,7 @@ impl DeliveryRepository for SqliteDeliveries {
         let pk = delivery.tenant_id.to_string();
         let id = delivery.id.to_string();
         let (job_id, job_tenant) = (id.clone(), pk.clone());
+        let (body, payload_alive) = stored_with_payload(delivery)?;
         self.docs
             .replace_then(
                 WEBHOOK_DELIVERIES,
@@ -737,14 +932,17 @@ impl DeliveryRepository for SqliteDeliveries {
                 pk.clone(),
                 pk,
                 id,
-                encode(delivery)?,
+                body,
                 if_match,
                 Some(DELIVERY_TTL),
                 hold_of(delivery)?,
                 events,
-                move |tx| match job {
-                    JobAfter::Complete => remove_job(tx, &job_id),
-                    JobAfter::RetryAt(at) => put_job(tx, &job_id, &job_tenant, millis(at), SCHEDULE),
+                move |tx, now| {
+                    payload_alive(tx, now)?;
+                    match job {
+                        JobAfter::Complete => remove_job(tx, &job_id),
+                        JobAfter::RetryAt(at) => put_job(tx, &job_id, &job_tenant, millis(at), SCHEDULE),
+                    }
                 },
             )
             .await
@@ -834,6 +1032,7 @@ impl DeliveryQueue for SqliteDeliveryQueue {
                         for (id, tenant) in &rows {
                             records.extend(read_one(tx, WEBHOOK_DELIVERIES, tenant.clone(), id.clone(), today).map_err(map_sqlite)?);
                         }
+                        join_payloads(tx, &mut records, today).map_err(map_sqlite)?;
                         for (pk, webhook) in records.iter().filter_map(|r| webhook_of(r).map(|w| (&r.pk, w))) {
                             count_webhook(tx, &mut webhooks, pk, webhook, today)?;
                         }

@@ -56,8 +56,17 @@ pub(crate) fn new_etag() -> ETag {
     ETag::new(uuid::Uuid::new_v4().simple().to_string())
 }
 
+/// When a document written at `now` (unix seconds) with `ttl` expires: at the end of the
+/// minute in which its TTL ends (at most 59 s later). The writes of one minute share their
+/// expiry, so a document written again within the minute of its last write (a delivery's
+/// outcome, mostly, a few seconds after the fan-out that made it) leaves its entry in the index
+/// by expiry where it is: SQLite moves an entry whose value changes, a page or more a commit
+/// (two and a half of the sixteen pages of a commit of outcomes to ten endpoints).
 pub(crate) fn expiry(now: i64, ttl: Option<Duration>) -> Option<i64> {
-    ttl.map(|ttl| now.saturating_add(i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX)))
+    ttl.map(|ttl| {
+        let ends = now.saturating_add(i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX));
+        ends.saturating_add(59).div_euclid(60).saturating_mul(60).max(ends)
+    })
 }
 
 // The container is compared as `+?`, not `?`: a partial index on `container = '<literal>'`
@@ -270,11 +279,13 @@ impl Documents {
         ttl: Option<Duration>,
         events: &[DomainEvent],
     ) -> Result<ETag, DomainError> {
-        self.replace_then(container, resource, pk, new_pk, id, body, if_match, ttl, None, events, |_| Ok(())).await
+        self.replace_then(container, resource, pk, new_pk, id, move |_, _| Ok(body), if_match, ttl, None, events, |_, _| Ok(())).await
     }
 
-    /// [`Self::replace`], then `then` in the same transaction (a failure of `then` writes nothing).
-    /// `hold`: as [`insert`]'s (the column is written at every replace).
+    /// [`Self::replace`] with the body `body` gives in the transaction (it reads, never
+    /// writes: it runs before anything changes), then `then` in the same transaction (a
+    /// failure of `then` writes nothing). Both are given the transaction and its time (unix
+    /// seconds). `hold`: as [`insert`]'s (the column is written at every replace).
     ///
     /// # Errors
     /// As [`Self::replace`], or what `then` returns.
@@ -286,12 +297,12 @@ impl Documents {
         pk: String,
         new_pk: String,
         id: String,
-        body: String,
+        body: impl FnOnce(&Connection, i64) -> Result<String, DomainError> + Send + 'static,
         if_match: Option<ETag>,
         ttl: Option<Duration>,
         hold: Option<String>,
         events: &[DomainEvent],
-        then: impl FnOnce(&Connection) -> Result<(), DomainError> + Send + 'static,
+        then: impl FnOnce(&Connection, i64) -> Result<(), DomainError> + Send + 'static,
     ) -> Result<ETag, DomainError> {
         let now = self.db.now();
         let mut rows = self.outbox_rows(events)?;
@@ -310,6 +321,7 @@ impl Documents {
                     }
                 }
                 let rows = events_to_record(tx, &mut rows)?;
+                let body = body(tx, now)?;
                 let etag = if new_pk == pk {
                     let key = Key { container, resource, pk: &pk, id: &id };
                     update_current(tx, &key, if_match.as_ref(), now, &body, expiry(now, ttl), hold.as_deref())?
@@ -318,7 +330,7 @@ impl Documents {
                     insert(tx, container, &new_pk, &id, &body, expiry(now, ttl), hold.as_deref(), now, new_etag())?
                 };
                 record_events(tx, rows)?;
-                then(tx)?;
+                then(tx, now)?;
                 Ok(etag)
             })
             .await?;

@@ -45,6 +45,9 @@ pub mod containers {
     pub const CONNECTIONS: &str = "integration_connections";
     pub const WEBHOOKS: &str = "integration_webhooks";
     pub const WEBHOOK_DELIVERIES: &str = "integration_webhook_deliveries";
+    /// The payloads that the deliveries of one event share, one per tenant and event id
+    /// (embedded store only: Cosmos keeps each delivery's payload in its document).
+    pub const WEBHOOK_PAYLOADS: &str = "integration_webhook_payloads";
     pub const SYNC_TASKS: &str = "integration_sync_tasks";
     pub const SYNC_EXECUTIONS: &str = "integration_sync_executions";
     /// Per-record sync states (embedded store only: Cosmos keeps them in `integration_sync_tasks`).

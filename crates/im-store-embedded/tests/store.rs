@@ -419,10 +419,17 @@ impl Clock for ManualClock {
     }
 }
 
+/// The start of the minute of `at`, and that minute's second `second`.
+fn in_minute(at: OffsetDateTime, second: u8) -> OffsetDateTime {
+    at.replace_nanosecond(0).and_then(|at| at.replace_second(second)).unwrap()
+}
+
+/// A document expires at the end of the minute in which its TTL ends: alive until then, gone
+/// after it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn documents_expire_after_their_ttl() {
     let dir = tempfile::tempdir().unwrap();
-    let clock = Arc::new(ManualClock(Mutex::new(OffsetDateTime::now_utc())));
+    let clock = Arc::new(ManualClock(Mutex::new(in_minute(OffsetDateTime::now_utc(), 20))));
     let store = EmbeddedStore::open(dir.path(), clock.clone()).unwrap();
     store.migrate().await.unwrap();
     let docs = store.documents();
@@ -433,9 +440,9 @@ async fn documents_expire_after_their_ttl() {
         .unwrap();
     docs.create(containers::WEBHOOKS, "t1".into(), "w1".into(), "{}".into(), None).await.unwrap();
 
-    *clock.0.lock().unwrap() += time::Duration::days(7) - time::Duration::seconds(1);
-    assert!(docs.get(containers::WEBHOOK_DELIVERIES, "t1".into(), "d1".into()).await.unwrap().is_some(), "alive just before 7 days");
-    *clock.0.lock().unwrap() += time::Duration::seconds(2);
+    *clock.0.lock().unwrap() += time::Duration::days(7) + time::Duration::seconds(39);
+    assert!(docs.get(containers::WEBHOOK_DELIVERIES, "t1".into(), "d1".into()).await.unwrap().is_some(), "alive to the minute's end");
+    *clock.0.lock().unwrap() += time::Duration::seconds(1);
     assert!(docs.get(containers::WEBHOOK_DELIVERIES, "t1".into(), "d1".into()).await.unwrap().is_none(), "gone after 7 days");
     assert!(docs.get(containers::SYNC_EXECUTIONS, "t1".into(), "e1".into()).await.unwrap().is_some(), "executions live 30 days");
     // An expired id can be used again.
@@ -453,7 +460,9 @@ async fn documents_expire_after_their_ttl() {
 async fn a_replace_moves_the_expiry_to_its_own_write() {
     use im_domain::{DomainError, ETag};
     let dir = tempfile::tempdir().unwrap();
-    let start = OffsetDateTime::now_utc();
+    // At the start of a minute: the writes' expiries, rounded up to whole minutes, fall where
+    // their TTLs end.
+    let start = in_minute(OffsetDateTime::now_utc(), 0);
     let clock = Arc::new(ManualClock(Mutex::new(start)));
     let store = EmbeddedStore::open(dir.path(), clock.clone()).unwrap();
     store.migrate().await.unwrap();
@@ -499,7 +508,7 @@ async fn a_replace_moves_the_expiry_to_its_own_write() {
 #[tokio::test]
 async fn a_document_read_again_expires_on_time_and_shows_changes_from_elsewhere() {
     let dir = tempfile::tempdir().unwrap();
-    let clock = Arc::new(ManualClock(Mutex::new(OffsetDateTime::now_utc())));
+    let clock = Arc::new(ManualClock(Mutex::new(in_minute(OffsetDateTime::now_utc(), 0))));
     let store = EmbeddedStore::open(dir.path(), clock.clone()).unwrap();
     store.migrate().await.unwrap();
     let docs = store.documents();
@@ -1226,4 +1235,105 @@ async fn a_hold_column_left_behind_by_a_body_only_write_is_judged_by_the_body() 
     assert_eq!(ids(&first), vec![held_again.id], "the final one takes no place: {first:?}");
     assert_eq!(ids(&all), vec![held_again.id, still_held.id], "the held ones, as their bodies say");
     assert_eq!(all[0].value.lease_until, held_later.lease_until, "judged by the body");
+}
+
+/// An event's payload is stored once for the deliveries of its fan-out: each record stores
+/// `null` in its place, and every read (a get, a listing, the take's, the hold sweep's) gives
+/// the delivery back whole. A record written later than its payload's slack moves the
+/// payload's expiry with it; a record whose event id names another payload, and a record
+/// written whole (by a single create), keep their payloads themselves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_events_payload_is_stored_once_for_its_deliveries() {
+    use im_domain::webhooks::delivery::{DeliveryFilter, DeliveryStatus, delivery_id};
+    use im_domain::webhooks::endpoint::WebhookId;
+    use im_domain::webhooks::ports::JobAfter;
+    use im_domain::{PageRequest, TenantId};
+    let dir = tempfile::tempdir().unwrap();
+    let start = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
+    let clock = Arc::new(ManualClock(Mutex::new(start)));
+    let store = EmbeddedStore::open(dir.path(), clock.clone()).unwrap();
+    store.migrate().await.unwrap();
+    let repo = store.deliveries_with_queue();
+    let tenant = TenantId::new("payloads").unwrap();
+    let event = |payload: serde_json::Value| {
+        let mut d = im_testkit::deliveries::delivery(&tenant, DeliveryStatus::Pending);
+        d.payload = payload.into();
+        d.next_attempt_at = Some(start + time::Duration::hours(1));
+        d.created_at = start;
+        d.updated_at = start;
+        d
+    };
+    let to = |d: &im_domain::webhooks::delivery::Delivery, webhook: u128| {
+        let mut d = d.clone();
+        d.webhook_id = WebhookId(uuid::Uuid::from_u128(webhook));
+        d.id = delivery_id(d.webhook_id, &d.message_id);
+        d
+    };
+    let first = event(serde_json::json!({"specversion": "1.0", "data": {"n": 1, "text": "a \"quoted\" ,\"payload\":null, text"}}));
+    let (a, b) = (to(&first, 1), to(&first, 2));
+    // The same event id with another payload, and another event.
+    let mut other_text = to(&first, 3);
+    other_text.payload = serde_json::json!({"specversion": "1.0", "data": {"n": 2}}).into();
+    let second = to(&event(serde_json::json!({"specversion": "1.0", "data": {"n": 3}})), 1);
+    let all = [a.clone(), b.clone(), other_text.clone(), second.clone()];
+    queue_all(repo.as_ref(), &all).await;
+    // One made by a single create is written whole.
+    let single = to(&event(serde_json::json!({"specversion": "1.0", "data": {"n": 4}})), 4);
+    repo.create(&single).await.unwrap();
+
+    let stored = |id: uuid::Uuid| {
+        row(&store, "SELECT body FROM documents WHERE container = 'integration_webhook_deliveries' AND id = ?1", id.to_string(), |r| {
+            r.get::<_, String>(0)
+        })
+    };
+    let payloads =
+        || row(&store, "SELECT count(*) FROM documents WHERE container = ?1", containers::WEBHOOK_PAYLOADS, |r| r.get::<_, i64>(0));
+    assert_eq!(payloads().await, 2, "one payload for each event");
+    for d in [&a, &b, &second] {
+        let body = stored(d.id).await;
+        assert!(body.contains(r#","payload":null,"#) && !body.contains("specversion"), "{body}");
+    }
+    for d in [&other_text, &single] {
+        assert!(stored(d.id).await.contains("specversion"), "kept whole: {}", stored(d.id).await);
+    }
+
+    // Every read gives each delivery whole.
+    for d in &all {
+        assert_eq!(repo.get(&tenant, d.id).await.unwrap().value, *d);
+    }
+    let listed = repo.list(&tenant, a.webhook_id, &DeliveryFilter::default(), &PageRequest::new(None, None).unwrap()).await.unwrap();
+    let listed: HashMap<_, _> = listed.items.into_iter().map(|d| (d.value.id, d.value)).collect();
+    assert_eq!((listed.get(&a.id), listed.get(&second.id)), (Some(&a), Some(&second)));
+    // Their jobs due now: the take reads the records from the table.
+    let queue = store.delivery_queue();
+    for d in all.iter().chain([&single]) {
+        let job = DeliveryJob { tenant_id: tenant.clone(), delivery_id: d.id };
+        queue.schedule(&job, OffsetDateTime::now_utc() - time::Duration::seconds(1)).await.unwrap();
+    }
+    let taken = queue.take_due(10, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(taken.len(), 5);
+    for d in &all {
+        assert_eq!(repo.get_for_attempt(&tenant, d.id).await.unwrap().value, *d, "the take's read");
+    }
+    let mut held = b.clone();
+    held.lease_until = Some(start + time::Duration::hours(2));
+    let version = repo.get(&tenant, b.id).await.unwrap().etag;
+    repo.replace(&held, Some(version), &[]).await.unwrap();
+    let ended = repo.holds_ended_before(start + time::Duration::hours(3), 10).await.unwrap();
+    assert_eq!(ended.into_iter().map(|d| d.value).collect::<Vec<_>>(), vec![held.clone()], "the hold sweep's read");
+
+    // An outcome six days on: the record lives 7 days from then, its payload with it.
+    *clock.0.lock().unwrap() = start + time::Duration::days(6);
+    let mut done = a.clone();
+    done.status = DeliveryStatus::Succeeded;
+    done.next_attempt_at = None;
+    let version = repo.get(&tenant, a.id).await.unwrap().etag;
+    repo.replace_queued(&done, Some(version), &[], JobAfter::Complete).await.unwrap();
+    assert!(stored(a.id).await.contains(r#","payload":null,"#), "still stored without its payload");
+    *clock.0.lock().unwrap() = start + time::Duration::days(12);
+    assert_eq!(store.purge_expired().await.unwrap(), 5, "the other records and the second event's payload");
+    assert_eq!(repo.get(&tenant, a.id).await.unwrap().value, done, "its payload lives as long as it does");
+    assert_eq!(payloads().await, 1);
+    *clock.0.lock().unwrap() = start + time::Duration::days(30);
+    assert_eq!(store.purge_expired().await.unwrap(), 2, "the record and its payload");
 }
