@@ -632,6 +632,12 @@ impl SqliteDeliveries {
         let (mut handing, leased_until) =
             if queue { self.leased.reserve_handoff(deliveries.iter().filter(|d| due_now(d)).count(), now_ms) } else { (0, 0) };
         let lease_ms = leased_until.saturating_sub(now_ms);
+        // A payload is kept apart only for an event with several deliveries here: for one
+        // alone it would be a row more to write and read.
+        let mut per_event: HashMap<(&TenantId, &str), usize> = HashMap::new();
+        for d in deliveries {
+            *per_event.entry((&d.tenant_id, d.message_id.as_str())).or_default() += 1;
+        }
         let items = deliveries
             .iter()
             .map(|d| {
@@ -644,7 +650,8 @@ impl SqliteDeliveries {
                 // One created held is attempted by its creator with what it has in hand: no read to spare.
                 let hand = ((!queue && pending && d.lease_until.is_none()) || leased.is_some()).then(|| d.webhook_id.to_string());
                 let full = encode(d)?;
-                let apart = without_payload(&full, d.payload.as_str()).map(|(stored, payload)| Apart {
+                let shared = per_event.get(&(&d.tenant_id, d.message_id.as_str())).is_some_and(|n| *n > 1);
+                let apart = without_payload(&full, d.payload.as_str()).filter(|_| shared).map(|(stored, payload)| Apart {
                     event: d.message_id.clone(),
                     stored,
                     payload,

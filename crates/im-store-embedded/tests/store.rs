@@ -1240,8 +1240,8 @@ async fn a_hold_column_left_behind_by_a_body_only_write_is_judged_by_the_body() 
 /// An event's payload is stored once for the deliveries of its fan-out: each record stores
 /// `null` in its place, and every read (a get, a listing, the take's, the hold sweep's) gives
 /// the delivery back whole. A record written later than its payload's slack moves the
-/// payload's expiry with it; a record whose event id names another payload, and a record
-/// written whole (by a single create), keep their payloads themselves.
+/// payload's expiry with it; a record whose event id names another payload, the one delivery
+/// of an event, and a record written whole (by a single create) keep their payloads themselves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_events_payload_is_stored_once_for_its_deliveries() {
     use im_domain::webhooks::delivery::{DeliveryFilter, DeliveryStatus, delivery_id};
@@ -1274,8 +1274,11 @@ async fn an_events_payload_is_stored_once_for_its_deliveries() {
     // The same event id with another payload, and another event.
     let mut other_text = to(&first, 3);
     other_text.payload = serde_json::json!({"specversion": "1.0", "data": {"n": 2}}).into();
-    let second = to(&event(serde_json::json!({"specversion": "1.0", "data": {"n": 3}})), 1);
-    let all = [a.clone(), b.clone(), other_text.clone(), second.clone()];
+    let next = event(serde_json::json!({"specversion": "1.0", "data": {"n": 3}}));
+    let (second, second_too) = (to(&next, 1), to(&next, 2));
+    // An event with one delivery alone keeps its payload in its record.
+    let lone = to(&event(serde_json::json!({"specversion": "1.0", "data": {"n": 5}})), 1);
+    let all = [a.clone(), b.clone(), other_text.clone(), second.clone(), second_too.clone(), lone.clone()];
     queue_all(repo.as_ref(), &all).await;
     // One made by a single create is written whole.
     let single = to(&event(serde_json::json!({"specversion": "1.0", "data": {"n": 4}})), 4);
@@ -1289,11 +1292,11 @@ async fn an_events_payload_is_stored_once_for_its_deliveries() {
     let payloads =
         || row(&store, "SELECT count(*) FROM documents WHERE container = ?1", containers::WEBHOOK_PAYLOADS, |r| r.get::<_, i64>(0));
     assert_eq!(payloads().await, 2, "one payload for each event");
-    for d in [&a, &b, &second] {
+    for d in [&a, &b, &second, &second_too] {
         let body = stored(d.id).await;
         assert!(body.contains(r#","payload":null,"#) && !body.contains("specversion"), "{body}");
     }
-    for d in [&other_text, &single] {
+    for d in [&other_text, &single, &lone] {
         assert!(stored(d.id).await.contains("specversion"), "kept whole: {}", stored(d.id).await);
     }
 
@@ -1311,7 +1314,7 @@ async fn an_events_payload_is_stored_once_for_its_deliveries() {
         queue.schedule(&job, OffsetDateTime::now_utc() - time::Duration::seconds(1)).await.unwrap();
     }
     let taken = queue.take_due(10, Duration::from_secs(30)).await.unwrap();
-    assert_eq!(taken.len(), 5);
+    assert_eq!(taken.len(), 7);
     for d in &all {
         assert_eq!(repo.get_for_attempt(&tenant, d.id).await.unwrap().value, *d, "the take's read");
     }
@@ -1331,7 +1334,7 @@ async fn an_events_payload_is_stored_once_for_its_deliveries() {
     repo.replace_queued(&done, Some(version), &[], JobAfter::Complete).await.unwrap();
     assert!(stored(a.id).await.contains(r#","payload":null,"#), "still stored without its payload");
     *clock.0.lock().unwrap() = start + time::Duration::days(12);
-    assert_eq!(store.purge_expired().await.unwrap(), 5, "the other records and the second event's payload");
+    assert_eq!(store.purge_expired().await.unwrap(), 7, "the other records and the second event's payload");
     assert_eq!(repo.get(&tenant, a.id).await.unwrap().value, done, "its payload lives as long as it does");
     assert_eq!(payloads().await, 1);
     *clock.0.lock().unwrap() = start + time::Duration::days(30);
