@@ -44,13 +44,16 @@ fn without_payload(full: &str, payload: &str) -> Option<(String, std::ops::Range
         return None;
     }
     let at = full.find(PAYLOAD_MEMBER)? + PAYLOAD_MEMBER.len();
-    full[at..].starts_with(payload).then(|| {
-        let mut stored = String::with_capacity(full.len() - payload.len() + 4);
-        stored.push_str(&full[..at]);
-        stored.push_str("null");
-        stored.push_str(&full[at + payload.len()..]);
-        (stored, at..at + payload.len())
-    })
+    full[at..].starts_with(payload).then(|| (spliced(full, at..at + payload.len(), "null"), at..at + payload.len()))
+}
+
+/// `text` with `with` in place of its bytes `at`.
+fn spliced(text: &str, at: std::ops::Range<usize>, with: &str) -> String {
+    let mut out = String::with_capacity(text.len() - at.len() + with.len());
+    out.push_str(&text[..at.start]);
+    out.push_str(with);
+    out.push_str(&text[at.end..]);
+    out
 }
 
 /// A record to be stored without its payload, kept apart for its event.
@@ -87,13 +90,7 @@ fn join_payloads(conn: &Connection, docs: &mut [Doc], now: i64) -> rusqlite::Res
             }
         };
         match payload {
-            Some(payload) => {
-                let mut full = String::with_capacity(doc.body.len() + payload.len());
-                full.push_str(&doc.body[..at]);
-                full.push_str(payload);
-                full.push_str(&doc.body[at + "null".len()..]);
-                doc.body = full;
-            }
+            Some(payload) => doc.body = spliced(&doc.body, at..at + "null".len(), payload),
             None => tracing::error!(tenant = %doc.pk, delivery = %doc.id, "a delivery's payload kept apart is missing"),
         }
     }
