@@ -143,8 +143,8 @@ impl WebhookSenderSettings {
 /// the attempt, so that no attempt outlives its hold and another runs beside it.
 pub const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(ATTEMPT_LEASE.as_secs() / 2);
 
-/// Idle connections kept per destination host (closed after 90 s unused). More than the
-/// attempts in flight at once (`webhooks.concurrency`, 64 by default), so that endpoints on one
+/// Idle connections kept per destination host (closed after 90 s unused). As many as the
+/// attempts in flight at once (`webhooks.concurrency`, 256 by default), so that endpoints on one
 /// host do not close and open connections between bursts.
 const IDLE_PER_HOST: usize = 256;
 
