@@ -9,6 +9,8 @@
 #     10 endpoints, embedded and RabbitMQ mode, at saturation and paced at half of it; the
 #     reference column is the open-source Svix server's figure quoted by the performance issue.
 #  4. Sync (tests/bench/sync.sh, when present).
+# Scenarios 2 to 4 each start on a quiet disk: the API's stores are removed once its rows are
+# measured, and what is still waiting in the page cache is written out before each (`sync`).
 # The table (scenario, ours, baseline, ratio, p50, p99, RSS) goes to stdout and, with the date
 # and the machine, into docs/benchmarks.md between its bench markers.
 set -euo pipefail
@@ -71,11 +73,13 @@ EMBEDDED_READY_MS=$READY_MS
 IDLE_RSS=$(rss_kb "$SERVER_PID")
 BPORT=$(free_port)
 $BASELINE "$BPORT" "$WORK/item.json" "$WORK/list.json" >/dev/null 2>&1 & PIDS+=($!)
+BASELINE_PID=$!
 wait_up "http://127.0.0.1:$BPORT/item"
 # The plain implementation: a GET by id and a create on SQLite with the least work and no
 # tuning (tests/bench/plain.rs), holding the same item under the same id and token.
 PPORT=$(free_port)
 $PLAIN "$PPORT" "$WORK/plain" "$WORK/item.json" "$BENCH_TOKEN" >/dev/null 2>&1 & PIDS+=($!)
+PLAIN_PID=$!
 wait_up "http://127.0.0.1:$PPORT/ready"
 echo "warming up..." >&2
 wrk -t"$THREADS" -c"$CONNECTIONS" -d2s -s tests/bench/get.lua "$API/integrations/$ID" >/dev/null
@@ -108,7 +112,12 @@ for scenario in "${API_SCENARIOS[@]}"; do
 done
 PEAK_RSS=$(cat "$WORK/peak")
 ITEM_BYTES=$(wc -c <"$WORK/item.json"); LIST_BYTES=$(wc -c <"$WORK/list.json")
-kill "$SERVER_PID"
+# The API's stores (ours and the plain one, each holding what the create rounds wrote: hundreds
+# of thousands of rows) are not used again: removed once their processes ended, their pages
+# still waiting in the page cache are dropped instead of written out while later scenarios run.
+kill "$SERVER_PID" "$PLAIN_PID" "$BASELINE_PID"
+wait "$SERVER_PID" "$PLAIN_PID" "$BASELINE_PID" 2>/dev/null || true
+rm -rf "$DATA" "$WORK/plain"
 
 # --- Cosmos DB backend (the Node.js test server) -------------------------------------------
 COSMOS=""
@@ -158,6 +167,16 @@ done
 
 # --- events --------------------------------------------------------------------------------
 rabbit_up() { (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; }
+# settle_disk NAME: before a scenario that writes durably, what earlier ones left in the page
+# cache (the broker's message store, the stores of runs that ended) is written out, so the
+# scenario's fsyncs do not wait behind it: on a disk slower than the machine writes (80 MB/s,
+# say), that backlog takes tens of seconds to drain. How long each flush took goes in the notes.
+SETTLED=""
+settle_disk() {
+  local start; start=$(date +%s%N)
+  sync
+  SETTLED+="${SETTLED:+, }$1 $(( ($(date +%s%N) - start) / 1000000 )) ms"
+}
 # command...: runs a benchmark tool, shows its report, keeps its ROW lines
 collect() {
   local out; out=$("$@") || { echo "$out"; echo "benchmark failed: $*" >&2; exit 1; }
@@ -166,16 +185,21 @@ collect() {
   while read -r _ name service broker load; do PACED_CPU+="${PACED_CPU:+; }${name#webhooks-} $service / $broker / $load"; done < <(grep '^CPU_PACED ' <<<"$out")
 }
 if rabbit_up; then
+  settle_disk events
   collect target/release/bench-events "$AMQP_URL" "${BENCH_EVENTS:-20000}"
 else
   echo "events benchmark not run: RabbitMQ is not listening on 127.0.0.1:5672"
 fi
 
 # --- webhooks ------------------------------------------------------------------------------
+settle_disk 1ep-embedded
 collect target/release/bench-webhooks "$BIN" "${BENCH_WEBHOOK_EVENTS:-6000}" 1 embedded
+settle_disk 10ep-embedded
 collect target/release/bench-webhooks "$BIN" "${BENCH_WEBHOOK_FANOUT_EVENTS:-1500}" 10 embedded
 if rabbit_up; then
+  settle_disk 1ep-rabbitmq
   collect target/release/bench-webhooks "$BIN" "${BENCH_WEBHOOK_EVENTS:-6000}" 1 rabbitmq
+  settle_disk 10ep-rabbitmq
   collect target/release/bench-webhooks "$BIN" "${BENCH_WEBHOOK_FANOUT_EVENTS:-1500}" 10 rabbitmq
 else
   echo "webhook benchmark in RabbitMQ mode not run: RabbitMQ is not listening on 127.0.0.1:5672"
@@ -183,6 +207,7 @@ fi
 
 # --- sync ----------------------------------------------------------------------------------
 if [ -f tests/bench/sync.sh ]; then
+  settle_disk sync
   out=$(bash tests/bench/sync.sh) || { echo "$out"; echo "benchmark failed: tests/bench/sync.sh" >&2; exit 1; }
   grep -v '^sync-inbound ' <<<"$out" || true
   read -r name ours base ratio SYNC_PEAK_KB < <(grep '^sync-inbound ' <<<"$out" | tail -n 1)
@@ -208,7 +233,8 @@ NOTES="- $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores ($MODEL), load average
 - cosmos-* rows: the same API on the Cosmos DB backend, served by the Node.js test server on loopback (it bounds these figures)."
 NOTES="$NOTES
 - events-relay: events/s through the outbox relay with publisher confirms, against a bare lapin publish-with-confirms loop to the same broker; each the median of three alternating rounds (the broker's speed drifts within seconds: single rounds gave 0.64x to 1.05x on one machine within the hour).
-- webhooks-*: end to end from API creates (64 writers) to a local receiver, signed, durable; ours in messages/s (1 endpoint) or deliveries/s (10 endpoints), from the first create to the last receipt; p50/p99 from the event's commit to its receipt. The baseline is the open-source Svix server (Postgres 15, memory queue) on this machine class as quoted by the performance issue (1,130 messages/s; 3,400 deliveries/s), not measured in this run. *-paced rows: once the service is at rest again (its outbox empty: with RabbitMQ, the saturation phase's \`webhook.delivered\` events published), creates at half the saturation rate of events (an open loop); the machine's CPU while paced, in % of one core of the $(nproc) (the service / the broker / the load generator and receiver): ${PACED_CPU:-not measured}. Every run counts what the receiver got against what was committed and fails on a lost delivery."
+- webhooks-*: end to end from API creates (64 writers) to a local receiver, signed, durable; ours in messages/s (1 endpoint) or deliveries/s (10 endpoints), from the first create to the last receipt; p50/p99 from the event's commit to its receipt. The baseline is the open-source Svix server (Postgres 15, memory queue) on this machine class as quoted by the performance issue (1,130 messages/s; 3,400 deliveries/s), not measured in this run. *-paced rows: once the service is at rest again (its outbox empty: with RabbitMQ, the saturation phase's \`webhook.delivered\` events published), creates at half the saturation rate of events (an open loop); the machine's CPU while paced, in % of one core of the $(nproc) (the service / the broker / the load generator and receiver): ${PACED_CPU:-not measured}. Every run counts what the receiver got against what was committed and fails on a lost delivery.
+- Before each of the events, webhooks and sync scenarios, what the earlier ones left in the page cache was written out (\`sync\`), which took: ${SETTLED:-nothing flushed}."
 [ -f tests/bench/sync.sh ] && NOTES="$NOTES
 - sync-inbound: records/s from a fake provider through the provider client and the engine into the embedded Shard Manager (a state per record, a checkpoint per page), against a bare page-and-upsert loop over the same fakes in the same run (tests/bench/sync.sh). Its RSS is the anonymous memory the engine's run grew by; the process's peak, with the fake provider's records, was $(( ${SYNC_PEAK_KB:-0} / 1024 )) MB."
 
