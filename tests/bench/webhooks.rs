@@ -9,7 +9,7 @@
 //!    phase's `webhook.delivered` events published), creates at half the saturation rate of events for
 //!    `BENCH_PACED_SECS` (default 3 s), an open loop (each create starts on its own schedule);
 //!    `BENCH_LATENCY_LOG=FILE` writes there each of its receipts' commit time (ms since the
-//!    phase's first commit) and latency, in commit order.
+//!    phase's first commit, whose Unix time heads the file) and latency, in commit order.
 //!
 //! `BENCH_PACED_RATE=N` paces at N events/s instead (to compare two builds at one rate).
 //! `BENCH_SERVICE_LOG=FILE` keeps the service's log there, written at `BENCH_SERVICE_LOG_LEVEL`
@@ -96,12 +96,17 @@ async fn start_receiver(receipts: Arc<Mutex<Receipts>>) -> u16 {
 }
 
 /// Writes the paced phase's receipts, in commit order, as `ms_since_first_commit latency_ms`
-/// lines: where in the phase the slow ones fall (a stall shows as a run of them).
+/// lines: where in the phase the slow ones fall (a stall shows as a run of them). A first line,
+/// `# first commit at SECONDS`, gives that commit's time since the Unix epoch, to set the
+/// timeline beside the service's log or a sampler's.
 fn write_timeline(path: &str, receipts: &Receipts) {
     let mut timeline = receipts.timeline.clone();
     timeline.sort_by(|a, b| a.0.total_cmp(&b.0));
     let first = timeline.first().map_or(0.0, |t| t.0);
-    let lines: String = timeline.iter().map(|(at, latency)| format!("{:.3} {latency:.3}\n", (at - first) * 1000.0)).collect();
+    let header = format!("# first commit at {first:.6}\n");
+    let lines: String = std::iter::once(header)
+        .chain(timeline.iter().map(|(at, latency)| format!("{:.3} {latency:.3}\n", (at - first) * 1000.0)))
+        .collect();
     if let Err(e) = std::fs::write(path, lines) {
         eprintln!("bench-webhooks: cannot write {path}: {e}");
     }
@@ -224,6 +229,17 @@ fn cpu_secs(pid: &str) -> f64 {
     ticks.map_or(0.0, |t| t / 100.0)
 }
 
+/// Time the host took from this machine's CPUs (the `steal` column of `/proc/stat`'s `cpu`
+/// line, all CPUs together), in seconds; 0 when it cannot be read. A virtual machine's vCPU that
+/// the host runs something else on is stalled: everything on it waits, ours and the baseline's.
+fn stolen_secs() -> f64 {
+    let ticks = std::fs::read_to_string("/proc/stat").ok().and_then(|stat| {
+        let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+        line.split_whitespace().nth(8)?.parse::<f64>().ok()
+    });
+    ticks.map_or(0.0, |t| t / 100.0)
+}
+
 /// The broker's Erlang VM on this machine, if one runs (RabbitMQ mode), by its command name.
 fn broker_pid() -> Option<String> {
     std::fs::read_dir("/proc").ok()?.flatten().find_map(|entry| {
@@ -242,23 +258,31 @@ struct Cpu {
     /// `None` when no broker is measured (embedded mode, or none found).
     broker: Option<f64>,
     load: f64,
+    /// Taken by the host from the machine's CPUs (`stolen_secs`).
+    stolen: f64,
 }
 
 impl Cpu {
     fn now(service: u32, broker: Option<&str>) -> Self {
-        Cpu { at: Instant::now(), service: cpu_secs(&service.to_string()), broker: broker.map(cpu_secs), load: cpu_secs("self") }
+        Cpu {
+            at: Instant::now(),
+            service: cpu_secs(&service.to_string()),
+            broker: broker.map(cpu_secs),
+            load: cpu_secs("self"),
+            stolen: stolen_secs(),
+        }
     }
 
-    /// The service's, the broker's and this process's CPU since `start`, in % of one core
-    /// (`-` for a broker not measured).
-    fn percent_since(&self, start: &Cpu) -> (String, String, String) {
+    /// The service's, the broker's and this process's CPU since `start`, and what the host
+    /// took, in % of one core (`-` for a broker not measured).
+    fn percent_since(&self, start: &Cpu) -> (String, String, String, String) {
         let secs = (self.at - start.at).as_secs_f64().max(1e-3);
         let pct = |a: f64, b: f64| format!("{:.0}", (a - b) / secs * 100.0);
         let broker = match (self.broker, start.broker) {
             (Some(now), Some(then)) => pct(now, then),
             _ => "-".to_owned(),
         };
-        (pct(self.service, start.service), broker, pct(self.load, start.load))
+        (pct(self.service, start.service), broker, pct(self.load, start.load), pct(self.stolen, start.stolen))
     }
 
     fn since(&self, start: &Cpu) -> String {
@@ -267,9 +291,12 @@ impl Cpu {
             // CPU time is counted in ticks of 10 ms: a share of so short a span means nothing.
             return format!("not measured over {secs:.2} s");
         }
-        let (service, broker, load) = self.percent_since(start);
+        let (service, broker, load, stolen) = self.percent_since(start);
         let broker = if broker == "-" { "not measured".to_owned() } else { format!("{broker}%") };
-        format!("service {service}%, broker {broker}, load generator and receiver {load}% of a core over {secs:.1} s")
+        format!(
+            "service {service}%, broker {broker}, load generator and receiver {load}% of a core over {secs:.1} s; \
+             taken by the host (steal) {stolen}%"
+        )
     }
 }
 
@@ -473,8 +500,8 @@ async fn main() {
     );
     println!("CPU saturation: {}", cpu_saturated.since(&cpu_start));
     println!("CPU paced: {}", cpu_paced.since(&cpu_paced_start));
-    let (service_cpu, broker_cpu, load_cpu) = cpu_paced.percent_since(&cpu_paced_start);
-    println!("CPU_PACED {name} {service_cpu} {broker_cpu} {load_cpu}");
+    let (service_cpu, broker_cpu, load_cpu, stolen) = cpu_paced.percent_since(&cpu_paced_start);
+    println!("CPU_PACED {name} {service_cpu} {broker_cpu} {load_cpu} {stolen}");
     println!(
         "settling after saturation (the outbox emptied: outcome events published): {:.2} s; CPU then: {cpu_settling}",
         settled.as_secs_f64()
