@@ -192,15 +192,28 @@ else
 fi
 
 # --- webhooks ------------------------------------------------------------------------------
-settle_disk 1ep-embedded
-collect target/release/bench-webhooks "$BIN" "${BENCH_WEBHOOK_EVENTS:-6000}" 1 embedded
-settle_disk 10ep-embedded
-collect target/release/bench-webhooks "$BIN" "${BENCH_WEBHOOK_FANOUT_EVENTS:-1500}" 10 embedded
+# EVENTS ENDPOINTS MODE: one scenario on a quiet disk. With BENCH_LOG_DIR set, its paced phase's
+# receipts (commit time and latency, in commit order) and the service's log (at
+# BENCH_SERVICE_LOG_LEVEL, by default the embedded store's slow groups and held checkpoint
+# passes) are kept there, as <endpoints>ep-<mode>.latency and .service.log: a paced tail seen in
+# the table can then be lined up with what the service did at that moment.
+webhooks() {
+  local name="$2ep-$3"
+  settle_disk "$name"
+  if [ -n "${BENCH_LOG_DIR:-}" ]; then
+    mkdir -p "$BENCH_LOG_DIR"
+    BENCH_LATENCY_LOG="$BENCH_LOG_DIR/$name.latency" BENCH_SERVICE_LOG="$BENCH_LOG_DIR/$name.service.log" \
+      BENCH_SERVICE_LOG_LEVEL="${BENCH_SERVICE_LOG_LEVEL:-warn,im_store_embedded=debug}" \
+      collect target/release/bench-webhooks "$BIN" "$1" "$2" "$3"
+  else
+    collect target/release/bench-webhooks "$BIN" "$1" "$2" "$3"
+  fi
+}
+webhooks "${BENCH_WEBHOOK_EVENTS:-6000}" 1 embedded
+webhooks "${BENCH_WEBHOOK_FANOUT_EVENTS:-1500}" 10 embedded
 if rabbit_up; then
-  settle_disk 1ep-rabbitmq
-  collect target/release/bench-webhooks "$BIN" "${BENCH_WEBHOOK_EVENTS:-6000}" 1 rabbitmq
-  settle_disk 10ep-rabbitmq
-  collect target/release/bench-webhooks "$BIN" "${BENCH_WEBHOOK_FANOUT_EVENTS:-1500}" 10 rabbitmq
+  webhooks "${BENCH_WEBHOOK_EVENTS:-6000}" 1 rabbitmq
+  webhooks "${BENCH_WEBHOOK_FANOUT_EVENTS:-1500}" 10 rabbitmq
 else
   echo "webhook benchmark in RabbitMQ mode not run: RabbitMQ is not listening on 127.0.0.1:5672"
 fi
