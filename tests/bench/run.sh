@@ -200,14 +200,13 @@ fi
 webhooks() {
   local name="$2ep-$3"
   settle_disk "$name"
+  local logs=()
   if [ -n "${BENCH_LOG_DIR:-}" ]; then
     mkdir -p "$BENCH_LOG_DIR"
-    BENCH_LATENCY_LOG="$BENCH_LOG_DIR/$name.latency" BENCH_SERVICE_LOG="$BENCH_LOG_DIR/$name.service.log" \
-      BENCH_SERVICE_LOG_LEVEL="${BENCH_SERVICE_LOG_LEVEL:-warn,im_store_embedded=debug}" \
-      collect target/release/bench-webhooks "$BIN" "$1" "$2" "$3"
-  else
-    collect target/release/bench-webhooks "$BIN" "$1" "$2" "$3"
+    logs=(env "BENCH_LATENCY_LOG=$BENCH_LOG_DIR/$name.latency" "BENCH_SERVICE_LOG=$BENCH_LOG_DIR/$name.service.log"
+      "BENCH_SERVICE_LOG_LEVEL=${BENCH_SERVICE_LOG_LEVEL:-warn,im_store_embedded=debug}")
   fi
+  collect "${logs[@]}" target/release/bench-webhooks "$BIN" "$1" "$2" "$3"
 }
 webhooks "${BENCH_WEBHOOK_EVENTS:-6000}" 1 embedded
 webhooks "${BENCH_WEBHOOK_FANOUT_EVENTS:-1500}" 10 embedded
